@@ -1,0 +1,1 @@
+"""The cloudburst-grpc runtime: CLI, configuration, composition and shared server plumbing."""

@@ -1,0 +1,217 @@
+"""Configuration: frozen dataclasses, layered defaults < TOML file < environment < flags.
+
+:func:`load_config` is the only reader of ``os.environ``; everything else takes
+a config object, so tests pass explicit configs. Environment variables are
+named ``CBGRPC_<SECTION>_<FIELD>``, e.g. ``CBGRPC_SERVER_PORT=7600`` or
+``CBGRPC_KVS_ENGINE=memory``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudburst.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+
+#: The port `cbgrpc serve` listens on unless told otherwise.
+DEFAULT_PORT = 7600
+
+
+def default_data_dir() -> Path:
+    """Return ``$XDG_DATA_HOME/cloudburst-grpc`` (``~/.local/share/cloudburst-grpc``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cloudburst-grpc"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the gRPC server listens."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; 127.0.0.1 keeps the server private to this machine."""
+    port: int = DEFAULT_PORT
+    """Port to bind; 0 picks a free one (printed at start-up)."""
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    """Largest serialized value (argument, result or stored object) accepted."""
+    grace_seconds: float = 5.0
+    """How long shutdown waits for in-flight calls before cancelling them."""
+
+
+@dataclass(frozen=True)
+class KvsConfig:
+    """The lattice key-value store."""
+
+    engine: str = "sqlite"
+    """Storage engine: ``sqlite`` (durable, in data_dir) or ``memory`` (lost on exit)."""
+    data_dir: Path = field(default_factory=default_data_dir)
+    """Directory of the durable engine's files."""
+    sync: str = "normal"
+    """SQLite synchronous mode: ``normal`` survives a process crash, ``full`` also power loss."""
+    max_wait_seconds: float = 60.0
+    """Longest a waiting GetValue waits when the caller set no shorter deadline."""
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """The executors that run user code."""
+
+    count: int = 2
+    """Executors started by ``cbgrpc serve``."""
+    threads: int = 8
+    """Threads per executor that run user functions concurrently."""
+    max_queue: int = 1024
+    """Calls an executor accepts beyond its running ones before refusing with QUEUE_FULL."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler that registers functions and places calls."""
+
+    call_timeout_seconds: float = 300.0
+    """Longest a call may run (and a direct response be waited for) when the caller set no deadline."""
+    pin_replicas: int = 2
+    """Executors each function of a registered DAG is pinned on."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one process."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The gRPC server."""
+    kvs: KvsConfig = field(default_factory=KvsConfig)
+    """The key-value store."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """The executors."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """The scheduler."""
+
+    def validate(self) -> Config:
+        """Return self, or raise ConfigError naming the bad value."""
+        checks = [
+            (0 <= self.server.port <= 65535, "server.port must be between 0 and 65535"),
+            (self.server.max_payload_bytes > 0, "server.max_payload_bytes must be positive"),
+            (self.server.grace_seconds >= 0, "server.grace_seconds must not be negative"),
+            (self.kvs.engine in ("sqlite", "memory"), "kvs.engine must be 'sqlite' or 'memory'"),
+            (self.kvs.sync in ("normal", "full"), "kvs.sync must be 'normal' or 'full'"),
+            (self.kvs.max_wait_seconds > 0, "kvs.max_wait_seconds must be positive"),
+            (self.executor.count >= 1, "executor.count must be at least 1"),
+            (self.executor.threads >= 1, "executor.threads must be at least 1"),
+            (self.executor.max_queue >= 1, "executor.max_queue must be at least 1"),
+            (self.scheduler.call_timeout_seconds > 0, "scheduler.call_timeout_seconds must be positive"),
+            (self.scheduler.pin_replicas >= 1, "scheduler.pin_replicas must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _convert(raw: Any, kind: Any, name: str) -> Any:
+    if isinstance(kind, str):
+        kind = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}[kind]
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is Path:
+            return Path(str(raw)).expanduser()
+        if kind is int and isinstance(raw, float):
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _apply(config: Config, values: Mapping[str, Mapping[str, Any]], source: str) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    updates: dict[str, Any] = {}
+    for section_name, fields in values.items():
+        if section_name not in sections:
+            raise ConfigError(f"{source}: unknown section [{section_name}]; known: {', '.join(sections)}")
+        current = getattr(config, section_name)
+        types_ = _section_types(type(current))
+        changes = {}
+        for key, raw in fields.items():
+            if key not in types_:
+                raise ConfigError(
+                    f"{source}: unknown setting {section_name}.{key}; known: {', '.join(types_)}"
+                )
+            kind = types_[key]
+            if isinstance(kind, types.UnionType):  # pragma: no cover - no optional fields yet
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            changes[key] = _convert(raw, kind, f"{source}: {section_name}.{key}")
+        updates[section_name] = dataclasses.replace(current, **changes)
+    return dataclasses.replace(config, **updates)
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    sections = {f.name for f in dataclasses.fields(Config)}
+    values: dict[str, dict[str, str]] = {}
+    for name, raw in environ.items():
+        if not name.startswith("CBGRPC_"):
+            continue
+        rest = name.removeprefix("CBGRPC_").lower()
+        section, _, key = rest.partition("_")
+        if section in sections and key:
+            values.setdefault(section, {})[key] = raw
+    return values
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration: defaults < TOML file < ``CBGRPC_*`` env < overrides (flags).
+
+    Args:
+        path: A TOML file with ``[server]``, ``[kvs]``, ``[executor]``, ``[scheduler]`` tables.
+        overrides: Values from command-line flags, by section and field.
+        environ: The environment; ``os.environ`` when None.
+
+    Raises:
+        ConfigError: A value is unknown or malformed; the message names it.
+    """
+    environ = os.environ if environ is None else environ
+    config = Config()
+    if path is None and environ.get("CBGRPC_CONFIG"):
+        path = Path(environ["CBGRPC_CONFIG"])
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, fields in data.items():
+            if not isinstance(fields, dict):
+                raise ConfigError(f"{path}: {section} must be a table like [{section}]")
+        config = _apply(config, data, str(path))
+    config = _apply(config, _env_values(environ), "environment")
+    if overrides:
+        cleaned = {s: {k: v for k, v in f.items() if v is not None} for s, f in overrides.items()}
+        config = _apply(config, {s: f for s, f in cleaned.items() if f}, "command line")
+    return config.validate()

@@ -1,0 +1,126 @@
+"""Server interceptors shared by every service.
+
+:class:`ErrorMappingInterceptor` is the one place where exceptions become gRPC
+statuses: a :class:`~cloudburst.errors.CloudburstError` is sent with its code,
+message and a ``google.rpc.ErrorInfo`` detail; anything else is a bug, logged
+with its traceback and sent as a generic ``INTERNAL``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from cloudburst.errors import DOMAIN, CloudburstError, NoExecutorError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a client should wait before retrying an UNAVAILABLE error.
+RETRY_DELAY_SECONDS = 1
+
+
+def error_to_status(error: CloudburstError) -> status_pb2.Status:
+    """Build the ``google.rpc.Status`` of a cloudburst error, with ErrorInfo (and RetryInfo)."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    details = [detail]
+    if isinstance(error, UnavailableError | NoExecutorError):
+        retry = any_pb2.Any()
+        retry.Pack(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_SECONDS))
+        )
+        details.append(retry)
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    if isinstance(exc, CloudburstError):
+        status = rpc_status.to_status(error_to_status(exc))
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    logger.exception("internal error in %s", type(exc).__name__, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, "internal error; the details are in the service's log"
+    )
+
+
+def _wrap_unary(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except (CloudburstError, Exception) as exc:
+            if _is_abort(exc):
+                raise
+            await _abort(context, exc)
+
+    return wrapped
+
+
+def _wrap_stream(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except (CloudburstError, Exception) as exc:
+            if _is_abort(exc):
+                raise
+            await _abort(context, exc)
+
+    return wrapped
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises grpc.aio.AbortError; it must pass through untouched.
+    return isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError"
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns exceptions raised by servicers into gRPC statuses (all four RPC shapes)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        """Wrap the handler's behaviour so raised errors become statuses."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+__all__ = ["ErrorMappingInterceptor", "error_to_status"]

@@ -1,0 +1,67 @@
+"""Building gRPC servers with the shared interceptors, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloudburst_grpc.interceptors import ErrorMappingInterceptor
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of protocol overhead allowed on top of the payload limit in one message.
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024
+
+
+def channel_options(max_payload_bytes: int) -> list[tuple[str, int]]:
+    """Options for servers and channels that carry values up to ``max_payload_bytes``.
+
+    The transport limit sits above the payload limit so that an oversized value
+    reaches the service and is refused with a message that names the limit.
+    """
+    limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def create_server(max_payload_bytes: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """Create an aio server with error mapping and a health service (NOT yet started)."""
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[*channel_options(max_payload_bytes), ("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+    """Serve gRPC reflection for the given full service names and the health service."""
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind an insecure port and return the port actually bound (port 0 picks one).
+
+    Raises:
+        OSError: The address cannot be bound, with a message that says which.
+    """
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}; is another process using it?") from exc
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}; is another process using the port?")
+    return bound

@@ -1,0 +1,92 @@
+"""Turning gRPC errors back into cloudburst exceptions on the client side."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from cloudburst.errors import (
+    DOMAIN,
+    CloudburstError,
+    CloudburstTimeoutError,
+    PayloadTooLargeError,
+    UnavailableError,
+    error_class,
+)
+from cloudburst.v1 import error_pb2
+
+T = TypeVar("T")
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstError:
+    """Return the cloudburst exception that a failed RPC carries.
+
+    The ``ErrorInfo`` detail, when present, picks the class; otherwise the
+    status code does, with a message that says what to check.
+    """
+    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    details: str = exc.details() or ""  # type: ignore[attr-defined]
+    reason: str | None = None
+    metadata: dict[str, str] = {}
+    trailing = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in trailing:
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    if info.domain == DOMAIN:
+                        reason = info.reason
+                        metadata = dict(info.metadata)
+    if reason is None:
+        if code == grpc.StatusCode.UNAVAILABLE:
+            details = (
+                f"{what} failed: the service is unavailable ({details}); check that "
+                "`cbgrpc serve` (or the scheduler) is running at the address given"
+            )
+            return UnavailableError(details)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return CloudburstTimeoutError(f"{what} did not finish before its deadline")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return PayloadTooLargeError(
+                f"{what} was refused by the transport: {details}; the message is larger "
+                "than the server accepts (see max_payload_bytes)"
+            )
+    cls = error_class(reason, code)
+    error = cls(details or f"{what} failed with {code.name}", metadata)
+    return error
+
+
+def error_from_call_error(error: error_pb2.CallError) -> CloudburstError:
+    """Return the cloudburst exception of an error answered on a stream."""
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    reason = error_pb2.ErrorReason.Name(error.reason).removeprefix("ERROR_REASON_")
+    return error_class(reason, code)(error.message, dict(error.metadata))
+
+
+def error_to_call_error(error: CloudburstError) -> error_pb2.CallError:
+    """Describe a cloudburst exception for a stream answer."""
+    try:
+        reason = error_pb2.ErrorReason.Value(f"ERROR_REASON_{error.reason}")
+    except ValueError:
+        reason = error_pb2.ERROR_REASON_UNSPECIFIED
+    return error_pb2.CallError(
+        code=error.code.value[0], message=error.message, reason=reason, metadata=error.metadata
+    )
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+async def call(what: str, rpc: Callable[[], Awaitable[T]]) -> T:
+    """Await an RPC, raising its error as a cloudburst exception."""
+    try:
+        return await rpc()
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc, what=what) from None

@@ -1,0 +1,168 @@
+"""Conversion between Python values and ``cloudburst.v1.Value`` messages.
+
+Bytes and strings travel as ``SERIALIZER_BYTES`` and ``SERIALIZER_STRING`` so
+that clients in other languages can read and write them; everything else is
+pickled with cloudpickle. A failure raised by user code is stored as
+``SERIALIZER_FAILURE`` and raises :class:`~cloudburst.errors.RemoteFunctionError`
+when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import traceback
+import uuid
+from typing import Any
+
+import cloudpickle
+
+from cloudburst.errors import PayloadTooLargeError, RemoteFunctionError, SerializationError
+from cloudburst.v1 import lattice_pb2, value_pb2
+
+#: The default largest serialized value, in bytes (16 MiB).
+DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+
+def serialize(obj: Any, *, what: str = "value", limit: int | None = None) -> value_pb2.Value:
+    """Serialize a Python value.
+
+    Args:
+        obj: The value.
+        what: How to name the value in an error, e.g. ``"argument 1 of 'incr'"``.
+        limit: The largest allowed size in bytes, or None for no check.
+
+    Raises:
+        SerializationError: The value cannot be pickled.
+        PayloadTooLargeError: The serialized value is larger than ``limit``.
+    """
+    if isinstance(obj, bytes):
+        value = value_pb2.Value(data=obj, serializer=value_pb2.SERIALIZER_BYTES)
+    elif isinstance(obj, str):
+        value = value_pb2.Value(data=obj.encode(), serializer=value_pb2.SERIALIZER_STRING)
+    else:
+        try:
+            data = cloudpickle.dumps(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot serialize {what} of type {type(obj).__qualname__}: "
+                f"{type(exc).__name__}: {exc}. Pass a value cloudpickle can pickle "
+                "(no open sockets, locks, generators or similar).",
+                {"what": what, "type": type(obj).__qualname__},
+            ) from exc
+        value = value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE)
+    check_size(value, what=what, limit=limit)
+    return value
+
+
+def check_size(value: value_pb2.Value, *, what: str, limit: int | None) -> None:
+    """Raise PayloadTooLargeError when ``value`` is larger than ``limit`` bytes."""
+    if limit is not None and len(value.data) > limit:
+        raise PayloadTooLargeError(
+            f"{what} is {len(value.data)} bytes serialized, over the limit of {limit} bytes; "
+            "store large data in smaller pieces or raise the limit (max_payload_bytes).",
+            {"what": what, "size": str(len(value.data)), "limit": str(limit)},
+        )
+
+
+def deserialize(value: value_pb2.Value) -> Any:
+    """Return the Python value of a ``Value``; a stored failure raises it.
+
+    Raises:
+        RemoteFunctionError: The value is a failure of a user function.
+        SerializationError: The bytes cannot be read.
+    """
+    kind = value.serializer
+    try:
+        if kind == value_pb2.SERIALIZER_CLOUDPICKLE:
+            return cloudpickle.loads(value.data)
+        if kind == value_pb2.SERIALIZER_BYTES:
+            return bytes(value.data)
+        if kind == value_pb2.SERIALIZER_STRING:
+            return value.data.decode()
+        if kind == value_pb2.SERIALIZER_JSON:
+            return json.loads(value.data)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot deserialize a {value_pb2.Serializer.Name(kind)} value: "
+            f"{type(exc).__name__}: {exc}. A pickled value needs the same modules "
+            "importable where it is read.",
+        ) from exc
+    if kind == value_pb2.SERIALIZER_FAILURE:
+        failure = value_pb2.Failure.FromString(value.data)
+        raise failure_to_error(failure)
+    raise SerializationError(f"unknown serializer {kind}; upgrade the client")
+
+
+def failure_from_exception(exc: BaseException, function_name: str) -> value_pb2.Failure:
+    """Describe an exception raised by user code."""
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return value_pb2.Failure(
+        type=name,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        function_name=function_name,
+    )
+
+
+def failure_to_error(failure: value_pb2.Failure) -> RemoteFunctionError:
+    """Return the client-side exception of a failure."""
+    return RemoteFunctionError(
+        failure.type, failure.message, failure.traceback, failure.function_name
+    )
+
+
+def failure_value(failure: value_pb2.Failure) -> value_pb2.Value:
+    """Wrap a failure as a storable ``Value``."""
+    return value_pb2.Value(
+        data=failure.SerializeToString(), serializer=value_pb2.SERIALIZER_FAILURE
+    )
+
+
+class LwwClock:
+    """Makes last-writer-wins timestamps that strictly increase for one writer.
+
+    Wall-clock nanoseconds order writes across writers; a per-writer counter
+    keeps them increasing when the clock stands still or steps back, and the
+    writer id breaks ties deterministically.
+    """
+
+    def __init__(self, writer_id: str | None = None) -> None:
+        self.writer_id = writer_id or f"{uuid.uuid4().hex[:16]}-{os.getpid()}"
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def now(self) -> lattice_pb2.LwwTimestamp:
+        """Return a timestamp greater than every one this clock returned before."""
+        with self._lock:
+            self._last = max(time.time_ns(), self._last + 1)
+            return lattice_pb2.LwwTimestamp(time_ns=self._last, writer_id=self.writer_id)
+
+
+def lww(value: value_pb2.Value, clock: LwwClock) -> lattice_pb2.Lattice:
+    """Wrap a value in a last-writer-wins lattice stamped by ``clock``."""
+    return lattice_pb2.Lattice(lww=lattice_pb2.LwwLattice(timestamp=clock.now(), value=value))
+
+
+def lattice_value(lattice: lattice_pb2.Lattice) -> Any:
+    """Return the Python value a user sees for a stored lattice.
+
+    A last-writer-wins lattice gives its value; a set lattice gives a list of
+    its values.
+    """
+    kind = lattice.WhichOneof("kind")
+    if kind == "lww":
+        return deserialize(lattice.lww.value)
+    if kind == "set":
+        return [deserialize(v) for v in lattice.set.values]
+    return None
+
+
+
+
+def new_call_id() -> str:
+    """Return a unique id for a call; it is also the default response key."""
+    return uuid.uuid4().hex

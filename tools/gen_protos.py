@@ -1,0 +1,54 @@
+"""Generate the Python code for protos/ into sdk/python/cloudburst/v1.
+
+Run from anywhere: ``python tools/gen_protos.py``. The output is committed; CI
+runs this script again and fails when ``git diff`` shows a difference.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+OUT = ROOT / "sdk" / "python"
+PACKAGE = OUT / "cloudburst" / "v1"
+
+INIT = '''"""Generated gRPC and protobuf code for the cloudburst.v1 API (do not edit).
+
+Regenerate with ``python tools/gen_protos.py``.
+"""
+'''
+
+
+def main() -> int:
+    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "cloudburst" / "v1").glob("*.proto"))
+    if PACKAGE.exists():
+        shutil.rmtree(PACKAGE)
+    PACKAGE.mkdir(parents=True)
+    well_known = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTOS}",
+        f"-I{well_known}",
+        f"--python_out={OUT}",
+        f"--grpc_python_out={OUT}",
+        f"--mypy_out={OUT}",
+        f"--mypy_grpc_out={OUT}",
+        *sources,
+    ]
+    code = protoc.main(args)
+    if code != 0:
+        print(f"protoc failed with exit code {code}", file=sys.stderr)
+        return int(code)
+    (PACKAGE / "__init__.py").write_text(INIT)
+    (PACKAGE / "py.typed").write_text("")
+    print(f"generated {len(sources)} protos into {PACKAGE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
