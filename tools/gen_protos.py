@@ -6,6 +6,7 @@ runs this script again and fails when ``git diff`` shows a difference.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ def main() -> int:
     if PACKAGE.exists():
         shutil.rmtree(PACKAGE)
     PACKAGE.mkdir(parents=True)
+    # protoc finds protoc-gen-mypy on PATH; it is installed beside this interpreter.
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     well_known = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",

@@ -19,9 +19,19 @@ from typing import Any
 
 import cloudpickle
 
-from cloudburst.errors import PayloadTooLargeError, RemoteFunctionError, SerializationError
+import grpc
+
+from cloudburst.errors import (
+    CloudburstError,
+    PayloadTooLargeError,
+    RemoteFunctionError,
+    SerializationError,
+    error_class,
+)
 from cloudburst.v1 import lattice_pb2, value_pb2
 
+#: The type prefix of runtime errors stored as failures.
+RUNTIME_ERROR_PREFIX = "cloudburst.errors."
 #: The default largest serialized value, in bytes (16 MiB).
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
@@ -108,8 +118,15 @@ def failure_from_exception(exc: BaseException, function_name: str) -> value_pb2.
     )
 
 
-def failure_to_error(failure: value_pb2.Failure) -> RemoteFunctionError:
-    """Return the client-side exception of a failure."""
+def failure_to_error(failure: value_pb2.Failure) -> CloudburstError:
+    """Return the client-side exception of a failure.
+
+    A runtime error stored as a result (type ``cloudburst.errors.<REASON>``, e.g.
+    a function deleted before its call ran) comes back as its own class.
+    """
+    if failure.type.startswith(RUNTIME_ERROR_PREFIX) and not failure.traceback:
+        reason = failure.type.removeprefix(RUNTIME_ERROR_PREFIX)
+        return error_class(reason, grpc.StatusCode.UNKNOWN)(failure.message)
     return RemoteFunctionError(
         failure.type, failure.message, failure.traceback, failure.function_name
     )

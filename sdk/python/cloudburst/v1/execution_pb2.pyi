@@ -9,6 +9,7 @@ from cloudburst.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -155,6 +156,7 @@ class DagSchedule(_message.Message):
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     DIRECT_RESPONSE_FIELD_NUMBER: _builtins.int
     REPLY_TO_FIELD_NUMBER: _builtins.int
+    DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     response_key: _builtins.str
@@ -183,6 +185,10 @@ class DagSchedule(_message.Message):
     def function_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """The registered version of each function, so warm executors reload changed ones."""
 
+    @_builtins.property
+    def deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When the call gives up; executors drop the call's pending stages after it."""
+
     def __init__(
         self,
         *,
@@ -195,10 +201,11 @@ class DagSchedule(_message.Message):
         response_key: _builtins.str = ...,
         direct_response: _builtins.bool = ...,
         reply_to: _builtins.str = ...,
+        deadline_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dag", b"dag"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dag", b"dag", "deadline_time", b"deadline_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "dag", b"dag", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_to", b"reply_to", "response_key", b"response_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_to", b"reply_to", "response_key", b"response_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

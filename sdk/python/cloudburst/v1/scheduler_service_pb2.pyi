@@ -587,8 +587,11 @@ class StreamCallsRequest(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     CALL_FUNCTION_FIELD_NUMBER: _builtins.int
     CALL_DAG_FIELD_NUMBER: _builtins.int
+    STREAM_OUTCOME_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
+    stream_outcome: _builtins.bool
+    """Also send the outcome in a second answer once the call finishes; the result is still stored."""
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The W3C trace context of the call."""
@@ -608,10 +611,11 @@ class StreamCallsRequest(_message.Message):
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         call_function: Global___CallFunctionRequest | None = ...,
         call_dag: Global___CallDagRequest | None = ...,
+        stream_outcome: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "sequence", b"sequence", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["call_function", "call_dag"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
@@ -621,7 +625,7 @@ Global___StreamCallsRequest: _TypeAlias = StreamCallsRequest  # noqa: Y015
 
 @_typing.final
 class StreamCallsResponse(_message.Message):
-    """StreamCallsResponse answers one StreamCallsRequest."""
+    """StreamCallsResponse answers one StreamCallsRequest: once when accepted, again with the outcome if asked."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

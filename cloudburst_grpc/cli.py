@@ -1,0 +1,199 @@
+"""The ``cbgrpc`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cloudburst_grpc.config import DEFAULT_PORT, Config, ConfigError, load_config
+
+logger = logging.getLogger("cbgrpc")
+
+DESCRIPTION = """\
+cloudburst-grpc: stateful functions-as-a-service over gRPC.
+
+Register Python functions and classes, compose them into DAGs, call them,
+and share state through a lattice key-value store, with the Cloudburst API:
+
+    from cloudburst import CloudburstConnection
+    cloud = CloudburstConnection("127.0.0.1")
+
+Settings come from defaults < a TOML file (--config or CBGRPC_CONFIG) <
+CBGRPC_<SECTION>_<FIELD> environment variables < flags.
+"""
+
+SERVE_HELP = """\
+Run everything (KVS, scheduler, executors) in this process on one port.
+Data is stored durably in --data-dir (SQLite) unless --storage memory is given.
+The server prints 'listening on HOST:PORT' once it accepts calls, and shuts
+down gracefully on SIGINT or SIGTERM.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="a TOML config file ([server], [kvs], [executor], [scheduler])")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, help=f"port to bind; 0 picks a free one (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--max-payload-bytes", type=int, help="largest serialized value accepted (default 16 MiB)"
+    )
+    parser.add_argument("--grace", type=float, help="seconds shutdown waits for in-flight calls (default 5)")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level"
+    )
+
+
+def _storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        choices=["sqlite", "memory"],
+        help="sqlite: durable in --data-dir (default); memory: lost when the process exits",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="directory of the durable store (default $XDG_DATA_HOME/cloudburst-grpc, "
+        "i.e. ~/.local/share/cloudburst-grpc)",
+    )
+    parser.add_argument(
+        "--sync",
+        choices=["normal", "full"],
+        help="normal: writes survive a process crash (default); full: also power loss, slower",
+    )
+
+
+def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
+    if count:
+        parser.add_argument("--executors", type=int, help="executors to run (default 2)")
+    parser.add_argument("--threads", type=int, help="threads per executor for user code (default 8)")
+    parser.add_argument("--call-timeout", type=float, help="longest a call may run, in seconds (default 300)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cbgrpc``."""
+    parser = argparse.ArgumentParser(
+        prog="cbgrpc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser(
+        "serve", help="run everything in one process (local mode)", description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(serve)
+    _storage(serve)
+    _executors(serve, count=True)
+
+    kvs = commands.add_parser(
+        "kvs", help="run the KVS service alone", description="Run the lattice KVS service alone."
+    )
+    _common(kvs)
+    _storage(kvs)
+
+    executor = commands.add_parser(
+        "executor", help="run one executor", description="Run one executor that uses the KVS at --kvs."
+    )
+    _common(executor)
+    _executors(executor, count=False)
+    executor.add_argument("--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service")
+    executor.add_argument("--id", dest="executor_id", help="executor id (default: a random one)")
+
+    scheduler = commands.add_parser(
+        "scheduler",
+        help="run a scheduler over executors at fixed addresses",
+        description="Run a scheduler that places calls on the executors given with --executor; "
+        "it also forwards KvsService calls to --kvs, so clients need only its address.",
+    )
+    _common(scheduler)
+    scheduler.add_argument("--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service")
+    scheduler.add_argument(
+        "--executor", action="append", default=[], metavar="HOST:PORT", dest="executor_addresses",
+        help="address of an executor (repeat for each)",
+    )
+    scheduler.add_argument("--call-timeout", type=float, help="longest a call may run, in seconds (default 300)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the configuration from flags, environment and config file."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731
+    overrides: dict[str, dict[str, Any]] = {
+        "server": {
+            "host": get("host"),
+            "port": get("port"),
+            "max_payload_bytes": get("max_payload_bytes"),
+            "grace_seconds": get("grace"),
+        },
+        "kvs": {"engine": get("storage"), "data_dir": get("data_dir"), "sync": get("sync")},
+        "executor": {"count": get("executors"), "threads": get("threads")},
+        "scheduler": {"call_timeout_seconds": get("call_timeout")},
+    }
+    return load_config(get("config"), overrides)
+
+
+async def _run_until_signal(start: Callable[[], Awaitable[Any]], label: str) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on POSIX
+            pass
+    try:
+        node = await start()
+        print(f"{label}: listening on {node.address}", flush=True)
+        try:
+            await stop.wait()
+            logger.info("signal received; shutting down")
+        finally:
+            await node.stop()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cbgrpc``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.exit(2, f"cbgrpc: configuration error: {exc}\n")
+    from cloudburst_grpc import local
+
+    starters: dict[str, Callable[[], Awaitable[Any]]] = {
+        "serve": lambda: local.start_local(config),
+        "kvs": lambda: local.start_kvs_node(config),
+        "executor": lambda: local.start_executor_node(config, args.kvs, args.executor_id),
+        "scheduler": lambda: local.start_scheduler_node(config, args.kvs, args.executor_addresses),
+    }
+    try:
+        return asyncio.run(_run_until_signal(starters[args.command], f"cbgrpc {args.command}"))
+    except OSError as exc:
+        print(f"cbgrpc {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a start-up failure: say what, not a traceback
+        from cloudburst.errors import CloudburstError
+
+        if isinstance(exc, CloudburstError):
+            print(f"cbgrpc {args.command}: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""Reaching executors: the peer interface, its gRPC implementation and a directory.
+
+The scheduler and executors talk to executors through :class:`ExecutorPeer`.
+In one process the peer calls the executor directly; across processes
+:class:`RemoteExecutorPeer` keeps one long-lived ``StreamTriggers`` stream per
+executor, because a message on an open stream costs a fraction of a unary call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import grpc
+
+from cloudburst.errors import CloudburstTimeoutError, UnavailableError
+from cloudburst.rpc import call
+from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
+from cloudburst_grpc.server import channel_options
+
+logger = logging.getLogger(__name__)
+
+
+class ExecutorPeer(Protocol):
+    """One executor, as its callers see it."""
+
+    executor_id: str
+    address: str
+
+    async def execute(
+        self, request: executor_service_pb2.ExecuteFunctionRequest, timeout: float
+    ) -> executor_service_pb2.ExecuteFunctionResponse:
+        """Run one function call and return when it has finished."""
+        ...
+
+    async def trigger(self, trigger: execution_pb2.Trigger) -> None:
+        """Send a DAG trigger; triggers to one peer arrive in the order sent."""
+        ...
+
+    def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
+        """Ask for the direct-response result of ``call_id``, whose sink runs on this peer.
+
+        Must be called before the call's sources are triggered.
+        """
+        ...
+
+    async def pin(self, function_name: str, version: int) -> None:
+        """Pin a function."""
+        ...
+
+    async def unpin(self, function_name: str) -> None:
+        """Unpin a function."""
+        ...
+
+    async def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
+        """Return the executor's status."""
+        ...
+
+    async def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+class RemoteExecutorPeer:
+    """An executor in another process, reached over one long-lived bidirectional stream.
+
+    The stream opens on first use and reopens after it breaks; answers still
+    outstanding when it breaks fail with UnavailableError, so nothing waits past
+    its deadline.
+    """
+
+    def __init__(self, executor_id: str, address: str, peer_id: str, max_payload_bytes: int) -> None:
+        self.executor_id = executor_id
+        self.address = address
+        self._peer_id = peer_id
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_payload_bytes))
+        self._stub = executor_service_pb2_grpc.ExecutorServiceStub(self._channel)
+        self._outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._sequence = itertools.count(1)
+        self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}
+        self._results: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
+        self._closed = False
+
+    def _ensure_stream(self) -> asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None]:
+        if self._closed:
+            raise UnavailableError(f"connection to executor {self.executor_id} is closed")
+        if self._outbox is None:
+            outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] = asyncio.Queue()
+            outbox.put_nowait(
+                executor_service_pb2.StreamTriggersRequest(
+                    hello=executor_service_pb2.TriggerHello(peer_id=self._peer_id)
+                )
+            )
+            self._outbox = outbox
+            self._reader = asyncio.create_task(self._run_stream(outbox))
+        return self._outbox
+
+    async def _requests(
+        self, outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None]
+    ) -> AsyncIterator[executor_service_pb2.StreamTriggersRequest]:
+        while (frame := await outbox.get()) is not None:
+            yield frame
+
+    async def _run_stream(
+        self, outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None]
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            stream = self._stub.StreamTriggers(self._requests(outbox))
+            async for frame in stream:
+                kind = frame.WhichOneof("frame")
+                if kind == "execute_function":
+                    answer = self._answers.pop(frame.sequence, None)
+                    if answer is not None and not answer.done():
+                        answer.set_result(frame.execute_function)
+                elif kind == "dag_result":
+                    result = self._results.pop(frame.dag_result.call_id, None)
+                    if result is not None and not result.done():
+                        result.set_result(frame.dag_result.outcome)
+        except grpc.RpcError as exc:
+            error = exc
+            logger.warning("trigger stream to executor %s broke: %s", self.executor_id, exc.code())
+        except asyncio.CancelledError:
+            error = UnavailableError("stream closed")
+            raise
+        finally:
+            if self._outbox is outbox:
+                self._outbox = None
+            failure = UnavailableError(
+                f"lost the connection to executor {self.executor_id} at {self.address}"
+                + (f" ({error})" if error and not isinstance(error, UnavailableError) else "")
+            )
+            for pending in [*self._answers.values(), *self._results.values()]:
+                if not pending.done():
+                    pending.set_exception(failure)
+            self._answers.clear()
+            self._results.clear()
+
+    async def execute(
+        self, request: executor_service_pb2.ExecuteFunctionRequest, timeout: float
+    ) -> executor_service_pb2.ExecuteFunctionResponse:
+        """Run one call over the stream and wait for its answer."""
+        outbox = self._ensure_stream()
+        sequence = next(self._sequence)
+        answer: asyncio.Future[executor_service_pb2.ExecuteFunctionResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._answers[sequence] = answer
+        outbox.put_nowait(
+            executor_service_pb2.StreamTriggersRequest(sequence=sequence, execute_function=request)
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                return await answer
+        except TimeoutError:
+            raise CloudburstTimeoutError(
+                f"call of {request.function_name!r} did not finish within {timeout:.1f}s"
+            ) from None
+        finally:
+            self._answers.pop(sequence, None)
+
+    async def trigger(self, trigger: execution_pb2.Trigger) -> None:
+        """Queue a trigger on the stream."""
+        self._ensure_stream().put_nowait(executor_service_pb2.StreamTriggersRequest(trigger=trigger))
+
+    def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
+        """Register for the sink's result and tell the executor to route it here."""
+        outbox = self._ensure_stream()
+        result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
+        self._results[call_id] = result
+        outbox.put_nowait(
+            executor_service_pb2.StreamTriggersRequest(
+                expect_result=executor_service_pb2.ExpectResult(call_id=call_id)
+            )
+        )
+        return result
+
+    async def pin(self, function_name: str, version: int) -> None:
+        """Pin a function (unary)."""
+        request = executor_service_pb2.PinFunctionRequest(
+            function_name=function_name, function_version=version
+        )
+        await call(f"pin {function_name!r}", lambda: self._stub.PinFunction(request, timeout=30))
+
+    async def unpin(self, function_name: str) -> None:
+        """Unpin a function (unary)."""
+        request = executor_service_pb2.UnpinFunctionRequest(function_name=function_name)
+        await call(f"unpin {function_name!r}", lambda: self._stub.UnpinFunction(request, timeout=30))
+
+    async def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
+        """Fetch the executor's status (unary)."""
+        request = executor_service_pb2.GetExecutorStatusRequest()
+        return await call("executor status", lambda: self._stub.GetExecutorStatus(request, timeout=5))
+
+    async def close(self) -> None:
+        """End the stream and close the channel; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._channel.close()
+
+
+class PeerDirectory:
+    """Finds the peer for an executor id: in-process peers first, else a cached remote one."""
+
+    def __init__(
+        self,
+        remote_factory: Callable[[str, str], ExecutorPeer],
+    ) -> None:
+        self._local: dict[str, ExecutorPeer] = {}
+        self._remote: dict[str, ExecutorPeer] = {}
+        self._remote_factory = remote_factory
+
+    def add_local(self, peer: ExecutorPeer) -> None:
+        """Register an executor that runs in this process."""
+        self._local[peer.executor_id] = peer
+
+    def get(self, executor_id: str, address: str) -> ExecutorPeer:
+        """Return the peer for an executor, opening a remote one on first use."""
+        local = self._local.get(executor_id)
+        if local is not None:
+            return local
+        peer = self._remote.get(executor_id)
+        if peer is None or peer.address != address:
+            peer = self._remote_factory(executor_id, address)
+            self._remote[executor_id] = peer
+        return peer
+
+    async def forget(self, executor_id: str) -> None:
+        """Drop and close the remote peer of an executor that left."""
+        peer = self._remote.pop(executor_id, None)
+        if peer is not None:
+            await peer.close()
+
+    async def close(self) -> None:
+        """Close every remote peer."""
+        peers = list(self._remote.values())
+        self._remote.clear()
+        await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)

@@ -1,0 +1,50 @@
+"""The KVS operations the scheduler and executors need, independent of transport.
+
+In one process (``cbgrpc serve``) they are served by the store directly; across
+processes by ``kvs.client.KvsClient`` over gRPC. Both satisfy :class:`KvsAccess`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cloudburst.v1 import lattice_pb2
+
+USER = lattice_pb2.KEYSPACE_USER
+SYSTEM = lattice_pb2.KEYSPACE_SYSTEM
+
+
+class KvsAccess(Protocol):
+    """Async access to the lattice KVS."""
+
+    async def get(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> lattice_pb2.Lattice | None:
+        """Return the key's lattice or None; with ``wait``, wait up to ``timeout`` for it."""
+        ...
+
+    async def put(
+        self,
+        key: str,
+        lattice: lattice_pb2.Lattice,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+    ) -> lattice_pb2.Lattice:
+        """Merge ``lattice`` into the key durably and return the merged lattice."""
+        ...
+
+    async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
+        """Delete the key; return whether it existed."""
+        ...
+
+    async def list_keys(
+        self,
+        prefix: str = "",
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+    ) -> list[str]:
+        """Return every key of the keyspace that starts with ``prefix``, sorted."""
+        ...

@@ -1,0 +1,87 @@
+"""A KvsService that forwards to the KVS tier, so clients need only a scheduler's address."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
+
+Context = grpc.aio.ServicerContext
+
+
+def _timeout(context: Context[object, object]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(float(remaining), 0.0)
+
+
+async def _forward(call: grpc.aio.UnaryUnaryCall, context: Context[object, object]) -> object:  # type: ignore[type-arg]
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        # Pass the KVS's status, with its ErrorInfo details, through unchanged.
+        await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+        raise
+
+
+class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
+    """Forwards every KvsService call to another server."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+
+    async def GetValue(
+        self,
+        request: kvs_service_pb2.GetValueRequest,
+        context: Context[kvs_service_pb2.GetValueRequest, kvs_service_pb2.GetValueResponse],
+    ) -> kvs_service_pb2.GetValueResponse:
+        """Forward GetValue."""
+        return await _forward(self._stub.GetValue(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+
+    async def PutValue(
+        self,
+        request: kvs_service_pb2.PutValueRequest,
+        context: Context[kvs_service_pb2.PutValueRequest, kvs_service_pb2.PutValueResponse],
+    ) -> kvs_service_pb2.PutValueResponse:
+        """Forward PutValue."""
+        return await _forward(self._stub.PutValue(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+
+    async def DeleteValue(
+        self,
+        request: kvs_service_pb2.DeleteValueRequest,
+        context: Context[kvs_service_pb2.DeleteValueRequest, kvs_service_pb2.DeleteValueResponse],
+    ) -> kvs_service_pb2.DeleteValueResponse:
+        """Forward DeleteValue."""
+        return await _forward(self._stub.DeleteValue(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+
+    async def BatchGetValues(
+        self,
+        request: kvs_service_pb2.BatchGetValuesRequest,
+        context: Context[kvs_service_pb2.BatchGetValuesRequest, kvs_service_pb2.BatchGetValuesResponse],
+    ) -> kvs_service_pb2.BatchGetValuesResponse:
+        """Forward BatchGetValues."""
+        return await _forward(self._stub.BatchGetValues(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+
+    async def ListKeys(
+        self,
+        request: kvs_service_pb2.ListKeysRequest,
+        context: Context[kvs_service_pb2.ListKeysRequest, kvs_service_pb2.ListKeysResponse],
+    ) -> kvs_service_pb2.ListKeysResponse:
+        """Forward ListKeys."""
+        return await _forward(self._stub.ListKeys(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+
+    async def WatchValues(
+        self,
+        request: kvs_service_pb2.WatchValuesRequest,
+        context: Context[kvs_service_pb2.WatchValuesRequest, kvs_service_pb2.WatchValuesResponse],
+    ) -> AsyncIterator[kvs_service_pb2.WatchValuesResponse]:
+        """Forward WatchValues until the caller cancels."""
+        call = self._stub.WatchValues(request, timeout=_timeout(context))
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+        finally:
+            call.cancel()

@@ -1,0 +1,311 @@
+"""Composition: starting the services, in one process on one port or as separate servers.
+
+``cbgrpc serve`` calls :func:`start_local`; the integration tests call the same
+functions, so what is tested is what runs. Each function returns a
+:class:`Node` whose :meth:`Node.stop` shuts down in reverse order of start-up:
+health NOT_SERVING, then the server (with a grace period), then the
+components, then the store (which flushes its writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from cloudburst.errors import UnavailableError
+from cloudburst.v1 import (
+    executor_service_pb2,
+    lattice_pb2,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
+from cloudburst_grpc.config import Config
+from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteExecutorPeer
+from cloudburst_grpc.kvs_access import USER, KvsAccess
+from cloudburst_grpc.kvs_proxy import KvsProxyServicer
+from cloudburst_grpc.scheduler.core import Scheduler
+from cloudburst_grpc.scheduler.pool import ExecutorPool
+from cloudburst_grpc.scheduler.servicer import SchedulerServicer
+from cloudburst_grpc.server import bind, channel_options, create_server, enable_reflection
+from cloudburst.v1 import executor_service_pb2_grpc, kvs_service_pb2_grpc
+from executors.executor import Executor
+from executors.servicer import ExecutorServicer, LocalExecutorPeer
+from kvs.client import KvsClient
+from kvs.local import add_kvs_to_server, open_store
+from kvs.store import LatticeStore
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_SERVICE = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+EXECUTOR_SERVICE = executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+KVS_SERVICE = "cloudburst.v1.KvsService"
+
+
+class InProcessKvs:
+    """:class:`KvsAccess` served by a store in this process: no serialization, no network."""
+
+    def __init__(self, store: LatticeStore, max_wait_seconds: float) -> None:
+        self._store = store
+        self._max_wait = max_wait_seconds
+
+    async def get(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> lattice_pb2.Lattice | None:
+        """Read a key, optionally waiting for it."""
+        if wait:
+            return await self._store.wait_for(keyspace, key, self._max_wait if timeout is None else timeout)
+        return self._store.get(keyspace, key)
+
+    async def put(
+        self,
+        key: str,
+        lattice: lattice_pb2.Lattice,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+    ) -> lattice_pb2.Lattice:
+        """Merge a lattice durably."""
+        return await self._store.put(keyspace, key, lattice)
+
+    async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
+        """Delete a key."""
+        return await self._store.delete(keyspace, key)
+
+    async def list_keys(
+        self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> list[str]:
+        """List keys by prefix, every page."""
+        keys: list[str] = []
+        token = ""
+        while True:
+            page, token = self._store.list_keys(keyspace, prefix, 1000, token)
+            keys.extend(page)
+            if not token:
+                return keys
+
+
+@dataclass
+class Node:
+    """A running server and the components it serves."""
+
+    role: str
+    """What it runs: ``serve``, ``kvs``, ``scheduler`` or ``executor``."""
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    """The port bound (useful when 0 was asked for)."""
+    host: str
+    config: Config
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    scheduler: Scheduler | None = None
+    executors: list[Executor] = field(default_factory=list)
+    store: LatticeStore | None = None
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to reach the node."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Shut down in reverse order of start-up; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.server.grace_seconds if grace is None else grace)
+        await self.stack.aclose()
+        logger.info("%s on port %d stopped", self.role, self.port)
+
+
+async def _serve(node: Node, services: list[str]) -> None:
+    enable_reflection(node.server, services)
+    await node.server.start()
+    for service in ["", *services]:
+        await node.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+
+def _new_server(config: Config, role: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    server, health_servicer = create_server(config.server.max_payload_bytes)
+    port = bind(server, config.server.host, config.server.port)
+    return server, health_servicer, port
+
+
+async def _open_store(config: Config, stack: contextlib.AsyncExitStack) -> LatticeStore:
+    store = open_store(config.kvs, config.server.max_payload_bytes)
+    await store.start()
+    stack.push_async_callback(store.close)
+    return store
+
+
+def _remote_factory(peer_id: str, config: Config) -> PeerDirectory:
+    def factory(executor_id: str, address: str) -> ExecutorPeer:
+        return RemoteExecutorPeer(executor_id, address, peer_id, config.server.max_payload_bytes)
+
+    return PeerDirectory(factory)
+
+
+async def start_local(config: Config) -> Node:
+    """Start the KVS, scheduler and executors in this process, served on one port."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        store = await _open_store(config, stack)
+        kvs = InProcessKvs(store, config.kvs.max_wait_seconds)
+        server, health_servicer, port = _new_server(config, "serve")
+        node = Node("serve", server, health_servicer, port, config.server.host, config, stack, store=store)
+        peers = _remote_factory("scheduler-local", config)
+        stack.push_async_callback(peers.close)
+        pool = ExecutorPool(peers)
+        for index in range(config.executor.count):
+            executor = Executor(
+                f"executor-{index}",
+                f"local:executor-{index}",
+                config.executor,
+                kvs,
+                peers,
+                config.server.max_payload_bytes,
+                config.scheduler.call_timeout_seconds,
+            )
+            stack.push_async_callback(executor.close)
+            node.executors.append(executor)
+            peers.add_local(LocalExecutorPeer(executor))
+            pool.add(executor.executor_id, executor.address)
+        scheduler = Scheduler("scheduler-local", kvs, pool, config.scheduler)
+        stack.push_async_callback(scheduler.close)
+        node.scheduler = scheduler
+        await scheduler.restore_pins()
+        add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
+        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(scheduler), server
+        )
+        await _serve(node, [SCHEDULER_SERVICE, KVS_SERVICE])
+    except BaseException:
+        await stack.aclose()
+        raise
+    logger.info(
+        "cbgrpc serve listening on %s:%d (%d executors, %s storage)",
+        config.server.host, port, config.executor.count, config.kvs.engine,
+    )
+    return node
+
+
+async def start_kvs_node(config: Config) -> Node:
+    """Start a server that runs only the KVS."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        store = await _open_store(config, stack)
+        server, health_servicer, port = _new_server(config, "kvs")
+        node = Node("kvs", server, health_servicer, port, config.server.host, config, stack, store=store)
+        add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
+        await _serve(node, [KVS_SERVICE])
+    except BaseException:
+        await stack.aclose()
+        raise
+    logger.info("kvs listening on %s:%d", config.server.host, port)
+    return node
+
+
+async def _kvs_channel(config: Config, kvs_address: str, stack: contextlib.AsyncExitStack) -> grpc.aio.Channel:
+    channel = grpc.aio.insecure_channel(kvs_address, options=channel_options(config.server.max_payload_bytes))
+    stack.push_async_callback(channel.close)
+    return channel
+
+
+async def start_executor_node(config: Config, kvs_address: str, executor_id: str | None = None) -> Node:
+    """Start a server that runs one executor, using the KVS at ``kvs_address``."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        channel = await _kvs_channel(config, kvs_address, stack)
+        kvs: KvsAccess = KvsClient(channel)  # type: ignore[assignment]
+        server, health_servicer, port = _new_server(config, "executor")
+        node = Node("executor", server, health_servicer, port, config.server.host, config, stack)
+        executor_id = executor_id or f"executor-{uuid.uuid4().hex[:8]}"
+        peers = _remote_factory(executor_id, config)
+        stack.push_async_callback(peers.close)
+        executor = Executor(
+            executor_id,
+            node.address,
+            config.executor,
+            kvs,
+            peers,
+            config.server.max_payload_bytes,
+            config.scheduler.call_timeout_seconds,
+        )
+        stack.push_async_callback(executor.close)
+        node.executors.append(executor)
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
+        await _serve(node, [EXECUTOR_SERVICE])
+    except BaseException:
+        await stack.aclose()
+        raise
+    logger.info("executor %s listening on %s", executor_id, node.address)
+    return node
+
+
+async def start_scheduler_node(
+    config: Config,
+    kvs_address: str,
+    executor_addresses: list[str],
+    scheduler_id: str | None = None,
+    connect_timeout: float = 30.0,
+) -> Node:
+    """Start a server that runs a scheduler over executors at fixed addresses.
+
+    The scheduler also serves KvsService by forwarding to the KVS, so clients
+    need only the scheduler's address.
+    """
+    stack = contextlib.AsyncExitStack()
+    try:
+        channel = await _kvs_channel(config, kvs_address, stack)
+        kvs: KvsAccess = KvsClient(channel)  # type: ignore[assignment]
+        server, health_servicer, port = _new_server(config, "scheduler")
+        node = Node("scheduler", server, health_servicer, port, config.server.host, config, stack)
+        scheduler_id = scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
+        peers = _remote_factory(scheduler_id, config)
+        stack.push_async_callback(peers.close)
+        pool = ExecutorPool(peers)
+        for address in executor_addresses:
+            status = await _executor_status(config, address, connect_timeout)
+            pool.add(status.executor_id, address)
+        scheduler = Scheduler(scheduler_id, kvs, pool, config.scheduler)
+        stack.push_async_callback(scheduler.close)
+        node.scheduler = scheduler
+        await scheduler.restore_pins()
+        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(scheduler), server)
+        kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(KvsProxyServicer(channel), server)
+        await _serve(node, [SCHEDULER_SERVICE, KVS_SERVICE])
+    except BaseException:
+        await stack.aclose()
+        raise
+    logger.info("scheduler %s listening on %s", scheduler_id, node.address)
+    return node
+
+
+async def _executor_status(
+    config: Config, address: str, timeout: float
+) -> executor_service_pb2.GetExecutorStatusResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
+        try:
+            return await stub.GetExecutorStatus(
+                executor_service_pb2.GetExecutorStatusRequest(), timeout=timeout, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise UnavailableError(
+                f"cannot reach the executor at {address} within {timeout:.0f}s: {exc.details()}"
+            ) from None
+
+
+async def wait_forever(stop: asyncio.Event) -> None:
+    """Wait until ``stop`` is set."""
+    await stop.wait()

@@ -1,0 +1,1 @@
+"""The scheduler: function and DAG registration, validation, and placement of calls."""

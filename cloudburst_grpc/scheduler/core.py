@@ -1,0 +1,326 @@
+"""The scheduler's orchestration: registration, pinning, and placing calls.
+
+It owns no durable state: definitions live in the KVS (see ``registry``). For
+a DAG call it places every function, then sends start triggers to the sources;
+the executors take it from there. For a direct response it asks the sink's
+executor for the result before triggering anything, so the result cannot
+arrive unexpected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+from cloudburst.errors import (
+    CloudburstError,
+    DagAlreadyExistsError,
+    DagNotFoundError,
+    FunctionInUseError,
+    FunctionNotFoundError,
+    InvalidArgumentError,
+)
+from cloudburst.rpc import error_to_call_error
+from cloudburst.serialization import LwwClock, new_call_id
+from cloudburst.v1 import (
+    execution_pb2,
+    executor_service_pb2,
+    function_pb2,
+    scheduler_service_pb2,
+    value_pb2,
+)
+from cloudburst_grpc.config import SchedulerConfig
+from cloudburst_grpc.kvs_access import KvsAccess
+from cloudburst_grpc.scheduler import dag as dag_rules
+from cloudburst_grpc.scheduler import policy
+from cloudburst_grpc.scheduler.pool import ExecutorPool
+from cloudburst_grpc.scheduler.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 256
+
+
+@dataclass
+class Accepted:
+    """A call the scheduler accepted: where its result goes, and the outcome if awaited."""
+
+    response_key: str
+    outcome: Awaitable[execution_pb2.Outcome] | None
+
+
+def check_name(kind: str, name: str) -> None:
+    """Reject empty, over-long or control-character names."""
+    if not name:
+        raise InvalidArgumentError(f"a {kind} name must not be empty")
+    if len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
+        raise InvalidArgumentError(
+            f"{kind} name {name[:40]!r} must be at most {MAX_NAME_LENGTH} printable characters"
+        )
+
+
+class Scheduler:
+    """Registers functions and DAGs, and places calls on the executor pool."""
+
+    def __init__(
+        self,
+        scheduler_id: str,
+        kvs: KvsAccess,
+        pool: ExecutorPool,
+        config: SchedulerConfig,
+    ) -> None:
+        self.scheduler_id = scheduler_id
+        self.pool = pool
+        self.config = config
+        self._clock = LwwClock(f"scheduler-{scheduler_id}")
+        self.registry = Registry(kvs, self._clock)
+        self._last_version = 0
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    def _next_version(self) -> int:
+        self._last_version = max(time.time_ns(), self._last_version + 1)
+        return self._last_version
+
+    # -- functions -----------------------------------------------------------------
+
+    async def create_function(
+        self, function: function_pb2.Function, replace_existing: bool
+    ) -> function_pb2.Function:
+        """Register a function; warm executors reload it on their next call."""
+        check_name("function", function.name)
+        if function.kind == function_pb2.FUNCTION_KIND_UNSPECIFIED:
+            raise InvalidArgumentError("function.kind must be FUNCTION or CLASS")
+        if function.body.serializer != value_pb2.SERIALIZER_CLOUDPICKLE:
+            raise InvalidArgumentError("function.body must be a SERIALIZER_CLOUDPICKLE value")
+        existing = await self.registry.get_function(function.name)
+        if existing is not None and not replace_existing:
+            from cloudburst.errors import AlreadyExistsError
+
+            raise AlreadyExistsError(
+                f"function {function.name!r} is already registered; set replace_existing",
+                {"function": function.name},
+            )
+        stored = function_pb2.Function()
+        stored.CopyFrom(function)
+        stored.version = self._next_version()
+        await self.registry.put_function(stored)
+        # A pinned class keeps its instance until told: reload it wherever pinned.
+        for executor_id in self.pool.pinned_on(stored.name):
+            await self._pin(executor_id, stored.name, stored.version)
+        logger.info("registered function %s (version %d)", stored.name, stored.version)
+        return stored
+
+    async def get_function(self, name: str) -> function_pb2.Function:
+        """Return a registered function or raise FunctionNotFoundError."""
+        check_name("function", name)
+        function = await self.registry.get_function(name)
+        if function is None:
+            raise FunctionNotFoundError(
+                f"function {name!r} is not registered; register it first", {"function": name}
+            )
+        return function
+
+    async def delete_function(self, name: str) -> None:
+        """Delete a function that no DAG uses."""
+        await self.get_function(name)
+        users = [d.name for d in await self.registry.dags() if name in d.functions]
+        if users:
+            raise FunctionInUseError(
+                f"function {name!r} is used by DAG(s) {', '.join(users)}; delete them first",
+                {"function": name, "dags": ",".join(users)},
+            )
+        for executor_id in self.pool.pinned_on(name):
+            await self._unpin(executor_id, name)
+        await self.registry.delete_function(name)
+        logger.info("deleted function %s", name)
+
+    # -- DAGs ----------------------------------------------------------------------
+
+    async def create_dag(self, dag: function_pb2.Dag) -> function_pb2.Dag:
+        """Validate, store and pin a DAG."""
+        check_name("DAG", dag.name)
+        if await self.registry.get_dag(dag.name) is not None:
+            raise DagAlreadyExistsError(
+                f"a DAG named {dag.name!r} already exists; delete it first or pick another name",
+                {"dag": dag.name},
+            )
+        functions = list(dag.functions)
+        registered = {f for f in functions if await self.registry.get_function(f) is not None}
+        dag_rules.validate(functions, [(c.upstream, c.downstream) for c in dag.connections], registered)
+        stored = function_pb2.Dag()
+        stored.CopyFrom(dag)
+        stored.version = self._next_version()
+        await self.registry.put_dag(stored)
+        for name in functions:
+            function = await self.get_function(name)
+            for executor_id in policy.choose_pins(
+                name, self.pool.views(), self.config.pin_replicas
+            ):
+                await self._pin(executor_id, name, function.version)
+        logger.info("registered DAG %s with %d functions", stored.name, len(functions))
+        return stored
+
+    async def get_dag(self, name: str) -> function_pb2.Dag:
+        """Return a registered DAG or raise DagNotFoundError."""
+        check_name("DAG", name)
+        dag = await self.registry.get_dag(name)
+        if dag is None:
+            raise DagNotFoundError(f"DAG {name!r} is not registered", {"dag": name})
+        return dag
+
+    async def delete_dag(self, name: str) -> None:
+        """Delete a DAG and unpin functions no other DAG uses."""
+        dag = await self.get_dag(name)
+        await self.registry.delete_dag(name)
+        still_used = {f for d in await self.registry.dags() for f in d.functions}
+        for function in dag.functions:
+            if function not in still_used:
+                for executor_id in self.pool.pinned_on(function):
+                    await self._unpin(executor_id, function)
+        logger.info("deleted DAG %s", name)
+
+    async def restore_pins(self) -> None:
+        """Pin the functions of every stored DAG again (after a restart, or on new executors)."""
+        for dag in await self.registry.dags():
+            for name in dag.functions:
+                function = await self.registry.get_function(name)
+                if function is None:
+                    continue
+                for executor_id in policy.choose_pins(
+                    name, self.pool.views(), self.config.pin_replicas
+                ):
+                    if executor_id not in self.pool.pinned_on(name):
+                        await self._pin(executor_id, name, function.version)
+
+    async def _pin(self, executor_id: str, function: str, version: int) -> None:
+        try:
+            await self.pool.peer(executor_id).pin(function, version)
+        except CloudburstError as exc:
+            logger.warning("cannot pin %s on %s: %s", function, executor_id, exc)
+            return
+        self.pool.note_pinned(executor_id, function, True)
+
+    async def _unpin(self, executor_id: str, function: str) -> None:
+        self.pool.note_pinned(executor_id, function, False)
+        try:
+            await self.pool.peer(executor_id).unpin(function)
+        except CloudburstError as exc:
+            logger.warning("cannot unpin %s on %s: %s", function, executor_id, exc)
+
+    # -- calls ---------------------------------------------------------------------
+
+    async def call_function(
+        self,
+        request: scheduler_service_pb2.CallFunctionRequest,
+        want_outcome: bool,
+        timeout: float | None,
+    ) -> Accepted:
+        """Place a one-shot call; its outcome is awaitable when ``want_outcome``."""
+        function = await self.get_function(request.name)
+        _check_arguments(request.arguments, f"call of {request.name!r}")
+        keys = [a.reference.key for a in request.arguments if a.HasField("reference")]
+        view = policy.place(request.name, keys, self.pool.views())
+        call_id = new_call_id()
+        response_key = request.response_key or call_id
+        limit = self._timeout(timeout)
+        execute = executor_service_pb2.ExecuteFunctionRequest(
+            call_id=call_id,
+            function_name=request.name,
+            function_version=function.version,
+            arguments=request.arguments,
+            response_key=response_key,
+            direct_response=want_outcome,
+        )
+        peer = self.pool.peer(view.executor_id)
+        self.pool.started(view.executor_id)
+
+        async def run() -> execution_pb2.Outcome:
+            try:
+                response = await peer.execute(execute, limit)
+                return response.outcome
+            except CloudburstError as exc:
+                return execution_pb2.Outcome(error=error_to_call_error(exc))
+            finally:
+                self.pool.finished(view.executor_id)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+        return Accepted(response_key, task if want_outcome else None)
+
+    async def call_dag(
+        self,
+        request: scheduler_service_pb2.CallDagRequest,
+        want_outcome: bool,
+        timeout: float | None,
+    ) -> Accepted:
+        """Place every function of a DAG call and trigger its sources."""
+        dag = await self.get_dag(request.name)
+        functions = list(dag.functions)
+        topo = dag_rules.topology(functions, [(c.upstream, c.downstream) for c in dag.connections])
+        unknown = [f for f in request.function_arguments if f not in functions]
+        if unknown:
+            raise InvalidArgumentError(
+                f"arguments given for {', '.join(map(repr, unknown))}, which DAG "
+                f"{request.name!r} does not contain; its functions are {', '.join(functions)}",
+                {"dag": request.name},
+            )
+        call_id = new_call_id()
+        limit = self._timeout(timeout)
+        schedule = execution_pb2.DagSchedule(
+            call_id=call_id,
+            dag=dag,
+            response_key=request.response_key or ("" if request.direct_response else call_id),
+            direct_response=want_outcome,
+            reply_to=self.scheduler_id,
+        )
+        schedule.deadline_time.FromNanoseconds(int((time.time() + limit) * 1e9))
+        views = self.pool.views()
+        for name in functions:
+            function = await self.get_function(name)
+            arguments = request.function_arguments.get(name)
+            if arguments is not None:
+                _check_arguments(arguments.arguments, f"arguments of {name!r}")
+                schedule.function_arguments[name].CopyFrom(arguments)
+            else:
+                schedule.function_arguments[name].SetInParent()
+            schedule.function_versions[name] = function.version
+            keys = [a.reference.key for a in schedule.function_arguments[name].arguments
+                    if a.HasField("reference")]
+            pinned = [v for v in views if name in v.pinned and not v.overloaded]
+            view = policy.place(name, keys, pinned or views)
+            schedule.placements[name] = view.executor_id
+            schedule.executor_addresses[view.executor_id] = view.address
+        outcome: Awaitable[execution_pb2.Outcome] | None = None
+        if want_outcome:
+            outcome = self.pool.peer(schedule.placements[topo.sink]).expect_result(call_id, limit)
+        for source in topo.sources:
+            executor_id = schedule.placements[source]
+            trigger = execution_pb2.Trigger(schedule=schedule, target_function=source)
+            await self.pool.peer(executor_id).trigger(trigger)
+        return Accepted(schedule.response_key or call_id, outcome)
+
+    def _timeout(self, timeout: float | None) -> float:
+        limit = self.config.call_timeout_seconds
+        return limit if timeout is None else max(0.0, min(timeout, limit))
+
+    async def close(self) -> None:
+        """Cancel calls still being placed or awaited; idempotent."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_arguments(arguments: object, what: str) -> None:
+    for index, argument in enumerate(arguments):  # type: ignore[call-overload]
+        kind = argument.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgumentError(f"{what}: argument {index + 1} is empty")
+        if kind == "value" and argument.value.serializer == value_pb2.SERIALIZER_UNSPECIFIED:
+            raise InvalidArgumentError(f"{what}: argument {index + 1} has no serializer")
+        if kind == "reference" and not argument.reference.key:
+            raise InvalidArgumentError(f"{what}: argument {index + 1} references an empty key")

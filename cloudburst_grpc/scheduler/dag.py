@@ -1,0 +1,145 @@
+"""DAG validation and topology, as pure code.
+
+A valid DAG has at least one function, no duplicate names, only registered
+functions, only edges between its own functions, no cycle, exactly one sink,
+and (when it has more than one function) no function without an edge.
+
+At a join, a function receives its static arguments first, then one result
+per upstream in the order its upstreams appear in the DAG's ``functions``
+list (never in arrival order). A tuple result spreads into several arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+from cloudburst.errors import InvalidDagError
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The shape of a valid DAG."""
+
+    functions: tuple[str, ...]
+    """The functions, in registration order."""
+    upstreams: dict[str, tuple[str, ...]]
+    """Each function's upstreams, in the order of ``functions``."""
+    downstreams: dict[str, tuple[str, ...]]
+    """Each function's downstreams, in the order of ``functions``."""
+    sources: tuple[str, ...]
+    """Functions without upstreams."""
+    sink: str
+    """The one function without downstreams; its result is the DAG's result."""
+
+
+def topology(functions: Sequence[str], connections: Iterable[tuple[str, str]]) -> Topology:
+    """Compute the topology of a DAG, or raise InvalidDagError saying what is wrong.
+
+    This checks the graph's shape only; :func:`validate` also checks that the
+    functions are registered.
+    """
+    if not functions:
+        raise InvalidDagError("a DAG needs at least one function")
+    order = {name: i for i, name in enumerate(functions)}
+    duplicates = sorted({f for f in functions if list(functions).count(f) > 1})
+    if duplicates:
+        raise InvalidDagError(
+            f"function(s) {', '.join(map(repr, duplicates))} listed more than once",
+            {"functions": ",".join(duplicates)},
+        )
+    if any(not name for name in functions):
+        raise InvalidDagError("a DAG function name must not be empty")
+    ups: dict[str, set[str]] = {f: set() for f in functions}
+    downs: dict[str, set[str]] = {f: set() for f in functions}
+    for upstream, downstream in connections:
+        for end in (upstream, downstream):
+            if end not in order:
+                raise InvalidDagError(
+                    f"connection ({upstream!r}, {downstream!r}) names {end!r}, which is not "
+                    "in the DAG's function list; add it to the list",
+                    {"function": end},
+                )
+        if upstream == downstream:
+            raise InvalidDagError(f"function {upstream!r} is connected to itself (a cycle)")
+        ups[downstream].add(upstream)
+        downs[upstream].add(downstream)
+
+    cycle = _find_cycle(functions, downs)
+    if cycle:
+        raise InvalidDagError(
+            f"the DAG has a cycle: {' -> '.join(cycle)}", {"cycle": ",".join(cycle)}
+        )
+    if len(functions) > 1:
+        unconnected = [f for f in functions if not ups[f] and not downs[f]]
+        if unconnected:
+            raise InvalidDagError(
+                f"function(s) {', '.join(map(repr, unconnected))} have no connection; "
+                "connect them or leave them out",
+                {"functions": ",".join(unconnected)},
+            )
+    sinks = [f for f in functions if not downs[f]]
+    if len(sinks) != 1:
+        raise InvalidDagError(
+            f"a DAG must have exactly one sink (a function nothing depends on); this one has "
+            f"{len(sinks)}: {', '.join(map(repr, sinks))}",
+            {"sinks": ",".join(sinks)},
+        )
+
+    def ordered(names: set[str]) -> tuple[str, ...]:
+        return tuple(sorted(names, key=order.__getitem__))
+
+    return Topology(
+        functions=tuple(functions),
+        upstreams={f: ordered(ups[f]) for f in functions},
+        downstreams={f: ordered(downs[f]) for f in functions},
+        sources=tuple(f for f in functions if not ups[f]),
+        sink=sinks[0],
+    )
+
+
+def validate(
+    functions: Sequence[str],
+    connections: Iterable[tuple[str, str]],
+    registered: Collection[str],
+) -> Topology:
+    """Validate a DAG against the registered functions and return its topology."""
+    missing = [f for f in functions if f not in registered]
+    if missing:
+        raise InvalidDagError(
+            f"function(s) {', '.join(map(repr, missing))} are not registered; "
+            "register them before the DAG",
+            {"functions": ",".join(missing)},
+        )
+    return topology(functions, connections)
+
+
+def _find_cycle(functions: Sequence[str], downs: dict[str, set[str]]) -> list[str]:
+    """Return one cycle as a path (first node repeated at the end), or []."""
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(functions, white)
+    parent: dict[str, str] = {}
+    for root in functions:
+        if color[root] != white:
+            continue
+        stack = [(root, iter(sorted(downs[root])))]
+        color[root] = grey
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                color[node] = black
+                stack.pop()
+            elif color[child] == grey:
+                path = [child]
+                walk = node
+                while walk != child:
+                    path.append(walk)
+                    walk = parent[walk]
+                path.append(child)
+                return list(reversed(path))
+            elif color[child] == white:
+                parent[child] = node
+                color[child] = grey
+                stack.append((child, iter(sorted(downs[child]))))
+    return []

@@ -1,0 +1,82 @@
+"""Placement policy, as pure code.
+
+An executor scores higher when it has the function pinned (warm code, and a
+live class instance), when it caches keys the call's arguments reference
+(data locality), and lower the more calls it is running. Ties go to the
+executor with fewer calls, then to a random pick, so load spreads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from cloudburst.errors import NoExecutorError
+
+PINNED_WEIGHT = 4.0
+"""Score for having the function pinned: worth about four queued calls."""
+KEY_WEIGHT = 1.0
+"""Score per referenced key held in the executor's cache."""
+LOAD_WEIGHT = 1.0
+"""Penalty per call running or queued on the executor."""
+
+
+@dataclass(frozen=True)
+class ExecutorView:
+    """What the scheduler knows about one executor."""
+
+    executor_id: str
+    """The executor's id."""
+    address: str
+    """Its gRPC address, or an in-process name."""
+    pinned: frozenset[str] = frozenset()
+    """Functions pinned there."""
+    cached_keys: frozenset[str] = frozenset()
+    """User keys in its cache."""
+    load: int = 0
+    """Calls running or queued there."""
+    overloaded: bool = False
+    """Whether it refuses new work (queue full)."""
+
+
+def score(view: ExecutorView, function: str, keys: Collection[str]) -> float:
+    """Return how well ``view`` suits a call of ``function`` that references ``keys``."""
+    pinned = PINNED_WEIGHT if function in view.pinned else 0.0
+    local = KEY_WEIGHT * sum(1 for k in keys if k in view.cached_keys)
+    return pinned + local - LOAD_WEIGHT * view.load
+
+
+def place(
+    function: str,
+    keys: Collection[str],
+    executors: Sequence[ExecutorView],
+    rng: random.Random | None = None,
+) -> ExecutorView:
+    """Choose the executor for one call.
+
+    Raises:
+        NoExecutorError: No executor is available (none known, or all overloaded).
+    """
+    candidates = [e for e in executors if not e.overloaded]
+    if not candidates:
+        detail = "all executors are overloaded" if executors else "no executor is registered"
+        raise NoExecutorError(
+            f"cannot place {function!r}: {detail}; retry shortly or add executors",
+            {"function": function},
+        )
+    rng = rng or random
+    best = max(score(e, function, keys) for e in candidates)
+    top = [e for e in candidates if score(e, function, keys) == best]
+    fewest = min(e.load for e in top)
+    top = [e for e in top if e.load == fewest]
+    return top[0] if len(top) == 1 else rng.choice(top)
+
+
+def choose_pins(function: str, executors: Sequence[ExecutorView], replicas: int) -> list[str]:
+    """Choose executors to pin ``function`` on: those that already have it, then the least loaded."""
+    ordered = sorted(
+        executors,
+        key=lambda e: (function not in e.pinned, len(e.pinned), e.load, e.executor_id),
+    )
+    return [e.executor_id for e in ordered[: max(1, replicas)]]

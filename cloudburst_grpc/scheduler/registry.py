@@ -1,0 +1,100 @@
+"""Function and DAG definitions, stored in the KVS's system keyspace.
+
+The system keyspace is separate from users' keys, so no user key can collide
+with a definition. Definitions are protobuf messages stored as raw bytes in a
+last-writer-wins lattice, readable by any client.
+"""
+
+from __future__ import annotations
+
+from cloudburst.serialization import LwwClock, lww
+from cloudburst.v1 import function_pb2, lattice_pb2, value_pb2
+from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
+
+FUNCTION_PREFIX = "function/"
+DAG_PREFIX = "dag/"
+
+
+def function_key(name: str) -> str:
+    """The system key of a function definition."""
+    return FUNCTION_PREFIX + name
+
+
+def dag_key(name: str) -> str:
+    """The system key of a DAG definition."""
+    return DAG_PREFIX + name
+
+
+class Registry:
+    """Reads and writes definitions, with a cache kept current by this scheduler's own writes."""
+
+    def __init__(self, kvs: KvsAccess, clock: LwwClock) -> None:
+        self._kvs = kvs
+        self._clock = clock
+        self._functions: dict[str, function_pb2.Function] = {}
+        self._dags: dict[str, function_pb2.Dag] = {}
+
+    async def get_function(self, name: str) -> function_pb2.Function | None:
+        """Return the function, or None when it is not registered."""
+        cached = self._functions.get(name)
+        if cached is not None:
+            return cached
+        lattice = await self._kvs.get(function_key(name), SYSTEM)
+        if lattice is None:
+            return None
+        function = function_pb2.Function.FromString(lattice.lww.value.data)
+        self._functions[name] = function
+        return function
+
+    async def put_function(self, function: function_pb2.Function) -> None:
+        """Store a function durably."""
+        await self._kvs.put(function_key(function.name), self._lattice(function), SYSTEM)
+        self._functions[function.name] = function
+
+    async def delete_function(self, name: str) -> bool:
+        """Delete a function; return whether it existed."""
+        self._functions.pop(name, None)
+        return await self._kvs.delete(function_key(name), SYSTEM)
+
+    async def function_names(self, prefix: str = "") -> list[str]:
+        """Return the registered function names starting with ``prefix``, sorted."""
+        keys = await self._kvs.list_keys(FUNCTION_PREFIX + prefix, SYSTEM)
+        return [k.removeprefix(FUNCTION_PREFIX) for k in keys]
+
+    async def get_dag(self, name: str) -> function_pb2.Dag | None:
+        """Return the DAG, or None when it is not registered."""
+        cached = self._dags.get(name)
+        if cached is not None:
+            return cached
+        lattice = await self._kvs.get(dag_key(name), SYSTEM)
+        if lattice is None:
+            return None
+        dag = function_pb2.Dag.FromString(lattice.lww.value.data)
+        self._dags[name] = dag
+        return dag
+
+    async def put_dag(self, dag: function_pb2.Dag) -> None:
+        """Store a DAG durably."""
+        await self._kvs.put(dag_key(dag.name), self._lattice(dag), SYSTEM)
+        self._dags[dag.name] = dag
+
+    async def delete_dag(self, name: str) -> bool:
+        """Delete a DAG; return whether it existed."""
+        self._dags.pop(name, None)
+        return await self._kvs.delete(dag_key(name), SYSTEM)
+
+    async def dag_names(self, prefix: str = "") -> list[str]:
+        """Return the registered DAG names starting with ``prefix``, sorted."""
+        keys = await self._kvs.list_keys(DAG_PREFIX + prefix, SYSTEM)
+        return [k.removeprefix(DAG_PREFIX) for k in keys]
+
+    async def dags(self) -> list[function_pb2.Dag]:
+        """Return every registered DAG."""
+        found = [await self.get_dag(name) for name in await self.dag_names()]
+        return [d for d in found if d is not None]
+
+    def _lattice(self, message: function_pb2.Function | function_pb2.Dag) -> lattice_pb2.Lattice:
+        value = value_pb2.Value(
+            data=message.SerializeToString(), serializer=value_pb2.SERIALIZER_BYTES
+        )
+        return lww(value, self._clock)

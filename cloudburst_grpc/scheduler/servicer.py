@@ -1,0 +1,249 @@
+"""The SchedulerService servicer: validate, delegate to :class:`Scheduler`, convert."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cloudburst.errors import CloudburstError, InvalidArgumentError
+from cloudburst.rpc import error_to_call_error
+from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
+from cloudburst_grpc.scheduler.core import Accepted, Scheduler
+
+logger = logging.getLogger(__name__)
+
+MAX_PAGE_SIZE = 1000
+
+Context = grpc.aio.ServicerContext
+
+
+def _page(names: list[str], page_size: int, page_token: str) -> tuple[list[str], str]:
+    if page_size < 0:
+        raise InvalidArgumentError("page_size must not be negative")
+    size = min(page_size or MAX_PAGE_SIZE, MAX_PAGE_SIZE)
+    start = 0
+    if page_token:
+        start = next((i for i, n in enumerate(names) if n > page_token), len(names))
+    page = names[start : start + size]
+    more = start + size < len(names)
+    return page, (page[-1] if more and page else "")
+
+
+def _remaining(context: Context[object, object]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else float(remaining)
+
+
+class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
+    """Serves SchedulerService over a :class:`Scheduler`."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    async def CreateFunction(
+        self,
+        request: scheduler_service_pb2.CreateFunctionRequest,
+        context: Context[
+            scheduler_service_pb2.CreateFunctionRequest, scheduler_service_pb2.CreateFunctionResponse
+        ],
+    ) -> scheduler_service_pb2.CreateFunctionResponse:
+        """Register a function."""
+        stored = await self._scheduler.create_function(request.function, request.replace_existing)
+        return scheduler_service_pb2.CreateFunctionResponse(function=stored)
+
+    async def GetFunction(
+        self,
+        request: scheduler_service_pb2.GetFunctionRequest,
+        context: Context[
+            scheduler_service_pb2.GetFunctionRequest, scheduler_service_pb2.GetFunctionResponse
+        ],
+    ) -> scheduler_service_pb2.GetFunctionResponse:
+        """Return a function."""
+        function = await self._scheduler.get_function(request.name)
+        return scheduler_service_pb2.GetFunctionResponse(function=function)
+
+    async def ListFunctions(
+        self,
+        request: scheduler_service_pb2.ListFunctionsRequest,
+        context: Context[
+            scheduler_service_pb2.ListFunctionsRequest, scheduler_service_pb2.ListFunctionsResponse
+        ],
+    ) -> scheduler_service_pb2.ListFunctionsResponse:
+        """List function names."""
+        names = await self._scheduler.registry.function_names(request.prefix)
+        page, token = _page(names, request.page_size, request.page_token)
+        return scheduler_service_pb2.ListFunctionsResponse(names=page, next_page_token=token)
+
+    async def DeleteFunction(
+        self,
+        request: scheduler_service_pb2.DeleteFunctionRequest,
+        context: Context[
+            scheduler_service_pb2.DeleteFunctionRequest, scheduler_service_pb2.DeleteFunctionResponse
+        ],
+    ) -> scheduler_service_pb2.DeleteFunctionResponse:
+        """Delete a function."""
+        await self._scheduler.delete_function(request.name)
+        return scheduler_service_pb2.DeleteFunctionResponse()
+
+    async def CreateDag(
+        self,
+        request: scheduler_service_pb2.CreateDagRequest,
+        context: Context[scheduler_service_pb2.CreateDagRequest, scheduler_service_pb2.CreateDagResponse],
+    ) -> scheduler_service_pb2.CreateDagResponse:
+        """Register a DAG."""
+        return scheduler_service_pb2.CreateDagResponse(dag=await self._scheduler.create_dag(request.dag))
+
+    async def GetDag(
+        self,
+        request: scheduler_service_pb2.GetDagRequest,
+        context: Context[scheduler_service_pb2.GetDagRequest, scheduler_service_pb2.GetDagResponse],
+    ) -> scheduler_service_pb2.GetDagResponse:
+        """Return a DAG."""
+        return scheduler_service_pb2.GetDagResponse(dag=await self._scheduler.get_dag(request.name))
+
+    async def ListDags(
+        self,
+        request: scheduler_service_pb2.ListDagsRequest,
+        context: Context[scheduler_service_pb2.ListDagsRequest, scheduler_service_pb2.ListDagsResponse],
+    ) -> scheduler_service_pb2.ListDagsResponse:
+        """List DAG names."""
+        names = await self._scheduler.registry.dag_names(request.prefix)
+        page, token = _page(names, request.page_size, request.page_token)
+        return scheduler_service_pb2.ListDagsResponse(names=page, next_page_token=token)
+
+    async def DeleteDag(
+        self,
+        request: scheduler_service_pb2.DeleteDagRequest,
+        context: Context[scheduler_service_pb2.DeleteDagRequest, scheduler_service_pb2.DeleteDagResponse],
+    ) -> scheduler_service_pb2.DeleteDagResponse:
+        """Delete a DAG."""
+        await self._scheduler.delete_dag(request.name)
+        return scheduler_service_pb2.DeleteDagResponse()
+
+    async def CallFunction(
+        self,
+        request: scheduler_service_pb2.CallFunctionRequest,
+        context: Context[
+            scheduler_service_pb2.CallFunctionRequest, scheduler_service_pb2.CallFunctionResponse
+        ],
+    ) -> scheduler_service_pb2.CallFunctionResponse:
+        """Call a function; with direct_response, wait for and return its outcome."""
+        accepted = await self._scheduler.call_function(
+            request, request.direct_response, _remaining(context)
+        )
+        response = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
+        if accepted.outcome is not None:
+            response.outcome.CopyFrom(await _await_outcome(accepted))
+        return response
+
+    async def CallDag(
+        self,
+        request: scheduler_service_pb2.CallDagRequest,
+        context: Context[scheduler_service_pb2.CallDagRequest, scheduler_service_pb2.CallDagResponse],
+    ) -> scheduler_service_pb2.CallDagResponse:
+        """Call a DAG; with direct_response, wait for and return its outcome."""
+        accepted = await self._scheduler.call_dag(request, request.direct_response, _remaining(context))
+        response = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
+        if accepted.outcome is not None:
+            response.outcome.CopyFrom(await _await_outcome(accepted))
+        return response
+
+    async def StreamCalls(
+        self,
+        request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],
+        context: Context[scheduler_service_pb2.StreamCallsRequest, scheduler_service_pb2.StreamCallsResponse],
+    ) -> AsyncIterator[scheduler_service_pb2.StreamCallsResponse]:
+        """Serve many calls over one stream; each is answered when accepted (and finished)."""
+        answers: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] = asyncio.Queue()
+        calls: set[asyncio.Task[None]] = set()
+
+        async def serve(frame: scheduler_service_pb2.StreamCallsRequest) -> None:
+            try:
+                await self._serve_frame(frame, answers)
+            except CloudburstError as exc:
+                answers.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=frame.sequence, error=error_to_call_error(exc)
+                    )
+                )
+            except Exception:
+                logger.exception("stream call %d failed", frame.sequence)
+                answers.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=frame.sequence,
+                        error=error_to_call_error(
+                            CloudburstError("internal error; the details are in the scheduler's log")
+                        ),
+                    )
+                )
+
+        async def read() -> None:
+            try:
+                async for frame in request_iterator:
+                    task = asyncio.create_task(serve(frame))
+                    calls.add(task)
+                    task.add_done_callback(calls.discard)
+            finally:
+                if calls:
+                    await asyncio.gather(*calls, return_exceptions=True)
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in list(calls):
+                task.cancel()
+            await asyncio.gather(reader, *calls, return_exceptions=True)
+
+    async def _serve_frame(
+        self,
+        frame: scheduler_service_pb2.StreamCallsRequest,
+        answers: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None],
+    ) -> None:
+        kind = frame.WhichOneof("call")
+        if kind == "call_function":
+            request = frame.call_function
+            direct = request.direct_response
+            accepted = await self._scheduler.call_function(
+                request, direct or frame.stream_outcome, None
+            )
+            first = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
+            if not direct:
+                answers.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_function=first)
+                )
+            if accepted.outcome is not None:
+                first.outcome.CopyFrom(await _await_outcome(accepted))
+                answers.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_function=first)
+                )
+        elif kind == "call_dag":
+            dag_request = frame.call_dag
+            direct = dag_request.direct_response
+            accepted = await self._scheduler.call_dag(dag_request, direct or frame.stream_outcome, None)
+            dag_answer = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
+            if not direct:
+                answers.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_dag=dag_answer)
+                )
+            if accepted.outcome is not None:
+                dag_answer.outcome.CopyFrom(await _await_outcome(accepted))
+                answers.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_dag=dag_answer)
+                )
+        else:
+            raise InvalidArgumentError("a StreamCallsRequest must carry call_function or call_dag")
+
+
+async def _await_outcome(accepted: Accepted) -> execution_pb2.Outcome:
+    assert accepted.outcome is not None
+    try:
+        return await accepted.outcome
+    except CloudburstError as exc:
+        return execution_pb2.Outcome(error=error_to_call_error(exc))

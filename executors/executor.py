@@ -1,0 +1,511 @@
+"""The executor core: resolves arguments, runs user code on threads, drives DAG stages.
+
+A DAG call arrives as triggers that each carry the whole schedule, so a stage
+never waits for the schedule separately. A stage runs once every upstream's
+trigger has arrived; it then triggers its downstreams directly on their
+executors (the scheduler is out of the data path), and the sink stores the
+result in the KVS and/or hands it to the scheduler waiting for a direct
+response. A failure upstream skips the stages below it and becomes the call's
+result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudburst.errors import (
+    CloudburstError,
+    CloudburstTimeoutError,
+    FunctionNotFoundError,
+    QueueFullError,
+)
+from cloudburst.rpc import error_to_call_error
+from cloudburst.serialization import (
+    LwwClock,
+    deserialize,
+    failure_from_exception,
+    failure_value,
+    lattice_value,
+    lww,
+    serialize,
+)
+from cloudburst.v1 import (
+    error_pb2,
+    execution_pb2,
+    executor_service_pb2,
+    function_pb2,
+    lattice_pb2,
+    value_pb2,
+)
+from cloudburst_grpc.config import ExecutorConfig
+from cloudburst_grpc.executor_client import PeerDirectory
+from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
+from cloudburst_grpc.scheduler.dag import Topology, topology
+from cloudburst_grpc.scheduler.registry import function_key
+from executors import runner
+from executors.library import LoopBridge, UserLibrary
+
+logger = logging.getLogger(__name__)
+
+#: Values larger than this are (de)serialized on a worker thread, not the event loop.
+LARGE_VALUE_BYTES = 64 * 1024
+
+
+@dataclass
+class _Stage:
+    """Inputs collected so far for one function of one DAG call."""
+
+    schedule: execution_pb2.DagSchedule
+    outcomes: dict[str, execution_pb2.Outcome] = field(default_factory=dict)
+    expiry: asyncio.TimerHandle | None = None
+
+
+class ResultRouter:
+    """Meets a sink's direct-response result with the scheduler waiting for it.
+
+    The two can arrive in either order across streams: a result that comes
+    first is parked until its waiter registers or its call's deadline passes.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
+        self._parked: dict[str, execution_pb2.Outcome] = {}
+
+    def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
+        """Return a future for the call's result; it fails after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
+        parked = self._parked.pop(call_id, None)
+        if parked is not None:
+            future.set_result(parked)
+            return future
+        self._waiters[call_id] = future
+
+        def expire() -> None:
+            if self._waiters.get(call_id) is future:
+                del self._waiters[call_id]
+            if not future.done():
+                future.set_exception(
+                    CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
+                )
+
+        handle = loop.call_later(timeout, expire)
+        future.add_done_callback(lambda _: handle.cancel())
+        return future
+
+    def deliver(self, call_id: str, outcome: execution_pb2.Outcome, keep_for: float) -> None:
+        """Hand a result to its waiter, or park it for up to ``keep_for`` seconds."""
+        future = self._waiters.pop(call_id, None)
+        if future is not None:
+            if not future.done():
+                future.set_result(outcome)
+            return
+        self._parked[call_id] = outcome
+        asyncio.get_running_loop().call_later(max(keep_for, 0.0), self._parked.pop, call_id, None)
+
+    def __len__(self) -> int:
+        return len(self._waiters) + len(self._parked)
+
+
+class Executor:
+    """One executor: a thread pool for user code plus the state of pinned functions and stages."""
+
+    def __init__(
+        self,
+        executor_id: str,
+        address: str,
+        config: ExecutorConfig,
+        kvs: KvsAccess,
+        peers: PeerDirectory,
+        max_payload_bytes: int,
+        call_timeout: float,
+    ) -> None:
+        self.executor_id = executor_id
+        self.address = address
+        self.config = config
+        self._kvs = kvs
+        self._peers = peers
+        self._limit = max_payload_bytes
+        self._call_timeout = call_timeout
+        self._clock = LwwClock(f"executor-{executor_id}")
+        self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix=f"cb-{executor_id}")
+        self._functions: dict[str, runner.LoadedFunction] = {}
+        self._loading: dict[str, asyncio.Future[runner.LoadedFunction]] = {}
+        self.pinned: set[str] = set()
+        self._stages: dict[tuple[str, str], _Stage] = {}
+        self._topologies: dict[tuple[str, int], Topology] = {}
+        self.results = ResultRouter()
+        self.active_calls = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop accepting work, wait for running tasks briefly, stop the threads; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for stage in self._stages.values():
+            if stage.expiry:
+                stage.expiry.cancel()
+        self._stages.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
+        """Report pinned functions and load."""
+        return executor_service_pb2.GetExecutorStatusResponse(
+            executor_id=self.executor_id,
+            pinned_functions=sorted(self.pinned),
+            active_calls=self.active_calls,
+            threads=self.config.threads,
+        )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("executor %s task failed", self.executor_id, exc_info=task.exception())
+
+    # -- functions -----------------------------------------------------------------
+
+    async def _function(self, name: str, version: int) -> runner.LoadedFunction:
+        """Return the loaded function, reloading it when the cached copy is older than ``version``."""
+        cached = self._functions.get(name)
+        if cached is not None and cached.version >= version:
+            return cached
+        pending = self._loading.get(name)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[name] = pending
+            try:
+                lattice = await self._kvs.get(function_key(name), SYSTEM)
+                if lattice is None:
+                    raise FunctionNotFoundError(
+                        f"function {name!r} is not registered (it may have been deleted)",
+                        {"function": name},
+                    )
+                proto = function_pb2.Function.FromString(lattice.lww.value.data)
+                loaded = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, runner.load, proto
+                )
+                self._functions[name] = loaded
+                pending.set_result(loaded)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                raise
+            finally:
+                self._loading.pop(name, None)
+                if not pending.done():
+                    pending.cancel()
+                # Retrieve the exception so an unawaited future does not warn.
+                if pending.done() and not pending.cancelled():
+                    pending.exception()
+            return loaded
+        return await pending
+
+    async def pin(self, name: str, version: int) -> None:
+        """Pin a function: keep it loaded here and keep its class instance alive."""
+        await self._function(name, version)
+        self.pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        """Unpin a function and drop its class instance."""
+        self.pinned.discard(name)
+        loaded = self._functions.get(name)
+        if loaded is not None:
+            loaded.instance = None
+
+    # -- calls ---------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self._closed:
+            raise CloudburstError(f"executor {self.executor_id} is shutting down")
+        if self.active_calls >= self.config.threads + self.config.max_queue:
+            raise QueueFullError(
+                f"executor {self.executor_id} has {self.active_calls} calls in progress; "
+                "retry shortly or add executors",
+                {"executor": self.executor_id},
+            )
+
+    async def execute(
+        self, request: executor_service_pb2.ExecuteFunctionRequest
+    ) -> executor_service_pb2.ExecuteFunctionResponse:
+        """Run a one-shot call; store its outcome under the response key and/or return it."""
+        self._admit()
+        self.active_calls += 1
+        try:
+            outcome = await self._run(
+                request.call_id,
+                request.function_name,
+                request.function_version,
+                request.arguments,
+                (),
+                pinned=False,
+            )
+            if request.response_key:
+                await self._store(request.response_key, outcome)
+        finally:
+            self.active_calls -= 1
+        response = executor_service_pb2.ExecuteFunctionResponse()
+        if request.direct_response:
+            response.outcome.CopyFrom(outcome)
+        return response
+
+    async def _resolve(self, argument: value_pb2.Argument, timeout: float) -> Any:
+        kind = argument.WhichOneof("kind")
+        if kind == "value":
+            return await self._deserialize(argument.value)
+        if kind == "reference":
+            ref = argument.reference
+            lattice = await self._kvs.get(ref.key, wait=ref.wait, timeout=timeout)
+            if lattice is None:
+                if ref.wait:
+                    raise CloudburstTimeoutError(
+                        f"the result at {ref.key!r} passed as an argument was not ready within "
+                        f"{timeout:.1f}s",
+                        {"key": ref.key},
+                    )
+                return None
+            return lattice_value(lattice)
+        return None
+
+    async def _deserialize(self, value: value_pb2.Value) -> Any:
+        if len(value.data) > LARGE_VALUE_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, deserialize, value)
+        return deserialize(value)
+
+    async def _run(
+        self,
+        call_id: str,
+        name: str,
+        version: int,
+        arguments: Sequence[value_pb2.Argument],
+        extra: tuple[Any, ...],
+        pinned: bool,
+    ) -> execution_pb2.Outcome:
+        """Resolve arguments, run the function on a thread, and describe what happened."""
+        deadline = time.monotonic() + self._call_timeout
+        try:
+            loaded = await self._function(name, version)
+            args = [await self._resolve(a, deadline - time.monotonic()) for a in arguments]
+            args.extend(extra)
+        except CloudburstError as exc:
+            if isinstance(exc, _RemoteFailure):
+                return exc.outcome
+            from cloudburst.errors import RemoteFunctionError
+
+            if isinstance(exc, RemoteFunctionError):
+                return _failure_outcome_of(exc)
+            return execution_pb2.Outcome(error=error_to_call_error(exc))
+        library = UserLibrary(
+            LoopBridge(asyncio.get_running_loop(), self._call_timeout),
+            self._kvs,
+            self._clock,
+            self._limit,
+            call_id,
+        )
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool,
+            context.run,
+            self._invoke,
+            loaded,
+            library,
+            tuple(args),
+            pinned and name in self.pinned,
+        )
+
+    def _invoke(
+        self, loaded: runner.LoadedFunction, library: UserLibrary, args: tuple[Any, ...], pinned: bool
+    ) -> execution_pb2.Outcome:
+        """Run user code and serialize its result (on an executor thread)."""
+        try:
+            result = runner.invoke(loaded, library, args, pinned)
+        except Exception as exc:
+            return execution_pb2.Outcome(failure=failure_from_exception(exc, loaded.name))
+        try:
+            value = serialize(result, what=f"the result of {loaded.name!r}", limit=self._limit)
+        except CloudburstError as exc:
+            return execution_pb2.Outcome(failure=failure_from_exception(exc, loaded.name))
+        return execution_pb2.Outcome(value=value)
+
+    async def _store(self, key: str, outcome: execution_pb2.Outcome) -> None:
+        await self._kvs.put(key, lww(outcome_value(outcome), self._clock))
+
+    # -- DAG stages ----------------------------------------------------------------
+
+    def _topology(self, dag: function_pb2.Dag) -> Topology:
+        key = (dag.name, dag.version)
+        topo = self._topologies.get(key)
+        if topo is None:
+            topo = topology(list(dag.functions), [(c.upstream, c.downstream) for c in dag.connections])
+            self._topologies[key] = topo
+        return topo
+
+    def trigger(self, trigger: execution_pb2.Trigger) -> None:
+        """Accept a trigger; run the stage once every upstream has reported."""
+        if self._closed:
+            logger.warning("executor %s dropped a trigger while shutting down", self.executor_id)
+            return
+        schedule = trigger.schedule
+        target = trigger.target_function
+        topo = self._topology(schedule.dag)
+        upstreams = topo.upstreams[target]
+        if not trigger.upstream_function:
+            self._spawn(self._run_stage(schedule, target, {}))
+            return
+        key = (schedule.call_id, target)
+        stage = self._stages.get(key)
+        if stage is None:
+            stage = _Stage(schedule)
+            self._stages[key] = stage
+            remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
+            stage.expiry = asyncio.get_running_loop().call_later(
+                max(remaining, 0.0), self._expire_stage, key
+            )
+        stage.outcomes[trigger.upstream_function] = trigger.outcome
+        if all(u in stage.outcomes for u in upstreams):
+            del self._stages[key]
+            if stage.expiry:
+                stage.expiry.cancel()
+            self._spawn(self._run_stage(schedule, target, stage.outcomes))
+
+    def _expire_stage(self, key: tuple[str, str]) -> None:
+        stage = self._stages.pop(key, None)
+        if stage is not None:
+            missing = [
+                u
+                for u in self._topology(stage.schedule.dag).upstreams[key[1]]
+                if u not in stage.outcomes
+            ]
+            logger.warning(
+                "call %s: stage %s gave up waiting for %s", key[0], key[1], ", ".join(missing)
+            )
+
+    async def _run_stage(
+        self,
+        schedule: execution_pb2.DagSchedule,
+        function: str,
+        outcomes: dict[str, execution_pb2.Outcome],
+    ) -> None:
+        topo = self._topology(schedule.dag)
+        self.active_calls += 1
+        try:
+            outcome = None
+            extra: list[Any] = []
+            for upstream in topo.upstreams[function]:
+                received = outcomes[upstream]
+                if received.WhichOneof("result") != "value":
+                    outcome = received
+                    break
+                value = await self._deserialize(received.value)
+                if isinstance(value, tuple):
+                    extra.extend(value)
+                else:
+                    extra.append(value)
+            if outcome is None:
+                arguments = schedule.function_arguments[function].arguments
+                outcome = await self._run(
+                    schedule.call_id,
+                    function,
+                    schedule.function_versions[function],
+                    arguments,
+                    tuple(extra),
+                    pinned=True,
+                )
+        except Exception as exc:
+            logger.exception("call %s: stage %s failed in the runtime", schedule.call_id, function)
+            outcome = execution_pb2.Outcome(
+                error=error_pb2.CallError(
+                    code=13, message=f"internal error running {function!r}: {type(exc).__name__}"
+                )
+            )
+        finally:
+            self.active_calls -= 1
+        if function == topo.sink:
+            await self._finish(schedule, outcome)
+            return
+        for downstream in topo.downstreams[function]:
+            await self._send_trigger(schedule, downstream, function, outcome)
+
+    async def _send_trigger(
+        self,
+        schedule: execution_pb2.DagSchedule,
+        target: str,
+        upstream: str,
+        outcome: execution_pb2.Outcome,
+    ) -> None:
+        trigger = execution_pb2.Trigger(
+            schedule=schedule, target_function=target, upstream_function=upstream
+        )
+        trigger.outcome.CopyFrom(outcome)
+        executor_id = schedule.placements[target]
+        if executor_id == self.executor_id:
+            self.trigger(trigger)
+            return
+        try:
+            peer = self._peers.get(executor_id, schedule.executor_addresses[executor_id])
+            await peer.trigger(trigger)
+        except CloudburstError as exc:
+            logger.warning("call %s: cannot reach %s: %s", schedule.call_id, executor_id, exc)
+            await self._finish(schedule, execution_pb2.Outcome(error=error_to_call_error(exc)))
+
+    async def _finish(self, schedule: execution_pb2.DagSchedule, outcome: execution_pb2.Outcome) -> None:
+        """Deliver the sink's outcome: store it and/or route it to the waiting scheduler."""
+        if schedule.response_key:
+            try:
+                await self._store(schedule.response_key, outcome)
+            except CloudburstError:
+                logger.exception("call %s: cannot store the result", schedule.call_id)
+        if schedule.direct_response:
+            remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
+            self.results.deliver(schedule.call_id, outcome, keep_for=remaining)
+
+
+class _RemoteFailure(CloudburstError):
+    def __init__(self, outcome: execution_pb2.Outcome) -> None:
+        super().__init__("upstream failure")
+        self.outcome = outcome
+
+
+def _failure_outcome_of(exc: Any) -> execution_pb2.Outcome:
+    failure = value_pb2.Failure(
+        type=exc.remote_type,
+        message=exc.remote_message,
+        traceback=exc.remote_traceback,
+        function_name=exc.function_name,
+    )
+    return execution_pb2.Outcome(failure=failure)
+
+
+def outcome_value(outcome: execution_pb2.Outcome) -> value_pb2.Value:
+    """The value stored in the KVS for an outcome: the value, or the failure as a failure value."""
+    kind = outcome.WhichOneof("result")
+    if kind == "value":
+        return outcome.value
+    if kind == "failure":
+        return failure_value(outcome.failure)
+    error = outcome.error
+    reason = error_pb2.ErrorReason.Name(error.reason).removeprefix("ERROR_REASON_")
+    return failure_value(
+        value_pb2.Failure(type=f"cloudburst.errors.{reason}", message=error.message)
+    )
+
+
+__all__ = ["Executor", "ResultRouter", "lattice_pb2", "outcome_value"]

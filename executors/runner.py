@@ -1,0 +1,101 @@
+"""Loading user code and calling it by the runtime's rules.
+
+Functions receive the user library first, always. Classes are registered as
+``(Class, init_args)``; ``run`` is called per request. Whether a class's
+``__init__`` and ``run`` receive the user library first is decided per method
+by its signature: the library is passed exactly when the method cannot accept
+the arguments without it but can with it. So the user guide's
+``__init__(self, arg)`` / ``run(self, arg)`` get no library, and classes
+written for the original system, ``__init__(self, cloudburst, arg)`` /
+``run(self, cloudburst, arg)``, get it. A class can force the choice with a
+class attribute ``cloudburst_user_library = True`` (or ``False``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudburst.errors import InvalidArgumentError
+from cloudburst.serialization import deserialize
+from cloudburst.v1 import function_pb2
+
+
+@dataclass
+class LoadedFunction:
+    """A registered function or class, unpickled and ready to call."""
+
+    name: str
+    version: int
+    kind: int
+    target: Any
+    init_args: tuple[Any, ...] = ()
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Serializes calls into one pinned class instance."""
+    instance: Any = None
+    """The live class instance while the function is pinned."""
+
+
+def load(function: function_pb2.Function) -> LoadedFunction:
+    """Unpickle a registered function (blocking; call it off the event loop)."""
+    target = deserialize(function.body)
+    init_args = tuple(deserialize(v) for v in function.init_arguments)
+    if function.kind == function_pb2.FUNCTION_KIND_CLASS:
+        if not inspect.isclass(target) or not callable(getattr(target, "run", None)):
+            raise InvalidArgumentError(
+                f"{function.name!r} is registered as a class but has no run method"
+            )
+    elif not callable(target):
+        raise InvalidArgumentError(f"{function.name!r} is not callable")
+    return LoadedFunction(function.name, function.version, function.kind, target, init_args)
+
+
+def passes_library(cls: type, method: str, args: tuple[Any, ...]) -> bool:
+    """Whether ``cls.method`` takes the user library before ``args`` (see module docs)."""
+    forced = getattr(cls, "cloudburst_user_library", None)
+    if forced is not None:
+        return bool(forced)
+    try:
+        signature = inspect.signature(getattr(cls, method))
+    except (TypeError, ValueError):
+        return False
+    def fits(count: int) -> bool:
+        try:
+            signature.bind(None, *([None] * count))
+        except TypeError:
+            return False
+        return True
+
+    return not fits(len(args)) and fits(len(args) + 1)
+
+
+def instantiate(loaded: LoadedFunction, library: Any) -> Any:
+    """Build a class instance with its init arguments (blocking)."""
+    cls = loaded.target
+    args = loaded.init_args
+    if passes_library(cls, "__init__", args):
+        return cls(library, *args)
+    return cls(*args)
+
+
+def invoke(loaded: LoadedFunction, library: Any, args: tuple[Any, ...], pinned: bool) -> Any:
+    """Call the function, or a class's ``run`` (blocking; runs on an executor thread).
+
+    A pinned class keeps one instance, built on first use, and its calls are
+    serialized; otherwise each call builds a fresh instance.
+    """
+    if loaded.kind != function_pb2.FUNCTION_KIND_CLASS:
+        return loaded.target(library, *args)
+    cls = loaded.target
+    with_library = passes_library(cls, "run", args)
+    if not pinned:
+        instance = instantiate(loaded, library)
+        return instance.run(library, *args) if with_library else instance.run(*args)
+    with loaded.lock:
+        if loaded.instance is None:
+            loaded.instance = instantiate(loaded, library)
+        instance = loaded.instance
+        return instance.run(library, *args) if with_library else instance.run(*args)
+

@@ -1,0 +1,189 @@
+"""The ExecutorService servicer, and the in-process peer that skips the network."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from cloudburst.errors import CloudburstError, InvalidArgumentError
+from cloudburst.rpc import error_to_call_error
+from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
+from executors.executor import Executor
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext
+
+
+class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
+    """Serves ExecutorService over one :class:`Executor`."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+
+    async def ExecuteFunction(
+        self,
+        request: executor_service_pb2.ExecuteFunctionRequest,
+        context: Context[
+            executor_service_pb2.ExecuteFunctionRequest, executor_service_pb2.ExecuteFunctionResponse
+        ],
+    ) -> executor_service_pb2.ExecuteFunctionResponse:
+        """Run one call."""
+        if not request.function_name or not request.call_id:
+            raise InvalidArgumentError("function_name and call_id are required")
+        return await self._executor.execute(request)
+
+    async def StreamTriggers(
+        self,
+        request_iterator: AsyncIterator[executor_service_pb2.StreamTriggersRequest],
+        context: Context[
+            executor_service_pb2.StreamTriggersRequest, executor_service_pb2.StreamTriggersResponse
+        ],
+    ) -> AsyncIterator[executor_service_pb2.StreamTriggersResponse]:
+        """Accept triggers, calls and result routes from one peer; answer on the same stream."""
+        answers: asyncio.Queue[executor_service_pb2.StreamTriggersResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Future[object]] = set()
+        executor = self._executor
+
+        def track(future: asyncio.Future[object]) -> None:
+            pending.add(future)
+            future.add_done_callback(pending.discard)
+
+        async def run_call(sequence: int, request: executor_service_pb2.ExecuteFunctionRequest) -> None:
+            try:
+                response = await executor.execute(request)
+            except CloudburstError as exc:
+                response = executor_service_pb2.ExecuteFunctionResponse(
+                    outcome=execution_pb2.Outcome(error=error_to_call_error(exc))
+                )
+            answers.put_nowait(
+                executor_service_pb2.StreamTriggersResponse(sequence=sequence, execute_function=response)
+            )
+
+        def route(call_id: str, future: asyncio.Future[execution_pb2.Outcome]) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is not None:
+                outcome = execution_pb2.Outcome(
+                    error=error_to_call_error(
+                        error if isinstance(error, CloudburstError) else CloudburstError(str(error))
+                    )
+                )
+            else:
+                outcome = future.result()
+            answers.put_nowait(
+                executor_service_pb2.StreamTriggersResponse(
+                    dag_result=executor_service_pb2.DagResult(call_id=call_id, outcome=outcome)
+                )
+            )
+
+        async def read() -> None:
+            try:
+                first = True
+                async for frame in request_iterator:
+                    kind = frame.WhichOneof("frame")
+                    if first and kind != "hello":
+                        raise InvalidArgumentError("the first StreamTriggers frame must be hello")
+                    first = False
+                    if kind == "trigger":
+                        executor.trigger(frame.trigger)
+                    elif kind == "execute_function":
+                        track(asyncio.ensure_future(run_call(frame.sequence, frame.execute_function)))
+                    elif kind == "expect_result":
+                        call_id = frame.expect_result.call_id
+                        future = executor.results.expect(call_id, executor._call_timeout)
+                        future.add_done_callback(lambda f, c=call_id: route(c, f))
+                        track(future)  # type: ignore[arg-type]
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # re-raise a protocol error from the reader
+        finally:
+            reader.cancel()
+            for future in list(pending):
+                future.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def PinFunction(
+        self,
+        request: executor_service_pb2.PinFunctionRequest,
+        context: Context[executor_service_pb2.PinFunctionRequest, executor_service_pb2.PinFunctionResponse],
+    ) -> executor_service_pb2.PinFunctionResponse:
+        """Pin a function."""
+        await self._executor.pin(request.function_name, request.function_version)
+        return executor_service_pb2.PinFunctionResponse()
+
+    async def UnpinFunction(
+        self,
+        request: executor_service_pb2.UnpinFunctionRequest,
+        context: Context[
+            executor_service_pb2.UnpinFunctionRequest, executor_service_pb2.UnpinFunctionResponse
+        ],
+    ) -> executor_service_pb2.UnpinFunctionResponse:
+        """Unpin a function."""
+        self._executor.unpin(request.function_name)
+        return executor_service_pb2.UnpinFunctionResponse()
+
+    async def GetExecutorStatus(
+        self,
+        request: executor_service_pb2.GetExecutorStatusRequest,
+        context: Context[
+            executor_service_pb2.GetExecutorStatusRequest, executor_service_pb2.GetExecutorStatusResponse
+        ],
+    ) -> executor_service_pb2.GetExecutorStatusResponse:
+        """Report status."""
+        return self._executor.status()
+
+
+class LocalExecutorPeer:
+    """An executor in this process, called directly: no serialization, no network."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self.executor_id = executor.executor_id
+        self.address = executor.address
+
+    async def execute(
+        self, request: executor_service_pb2.ExecuteFunctionRequest, timeout: float
+    ) -> executor_service_pb2.ExecuteFunctionResponse:
+        """Run a call in this process, bounded by ``timeout``."""
+        from cloudburst.errors import CloudburstTimeoutError
+
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._executor.execute(request)
+        except TimeoutError:
+            raise CloudburstTimeoutError(
+                f"call of {request.function_name!r} did not finish within {timeout:.1f}s"
+            ) from None
+
+    async def trigger(self, trigger: execution_pb2.Trigger) -> None:
+        """Hand a trigger to the executor."""
+        self._executor.trigger(trigger)
+
+    def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
+        """Register for a direct-response result."""
+        return self._executor.results.expect(call_id, timeout)
+
+    async def pin(self, function_name: str, version: int) -> None:
+        """Pin a function."""
+        await self._executor.pin(function_name, version)
+
+    async def unpin(self, function_name: str) -> None:
+        """Unpin a function."""
+        self._executor.unpin(function_name)
+
+    async def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
+        """Report status."""
+        return self._executor.status()
+
+    async def close(self) -> None:
+        """Nothing to release."""

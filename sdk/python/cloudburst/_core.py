@@ -1,0 +1,207 @@
+"""The asynchronous core of the SDK: one channel, stubs, and a long-lived call stream.
+
+Calls travel over one ``StreamCalls`` stream (a message on an open stream costs
+a fraction of a unary call). Each call is answered once it is accepted, and
+again with its outcome when that was asked for. If the stream breaks,
+outstanding calls fail with UnavailableError and the next call reopens it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
+from cloudburst.rpc import call, error_from_call_error, error_from_rpc
+from cloudburst.v1 import (
+    execution_pb2,
+    kvs_service_pb2,
+    kvs_service_pb2_grpc,
+    lattice_pb2,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
+
+#: Bytes of protocol overhead allowed on top of the payload limit in one message.
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024
+
+
+@dataclass
+class PendingCall:
+    """The two answers of one streamed call."""
+
+    accepted: asyncio.Future[str]
+    outcome: asyncio.Future[execution_pb2.Outcome] | None
+    response_key: str = field(default="")
+
+
+class Core:
+    """Channel, stubs and the call stream; lives on the SDK's loop thread."""
+
+    def __init__(self, target: str, max_payload_bytes: int) -> None:
+        limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
+        self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
+        self._outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, PendingCall] = {}
+        self._sequence = itertools.count(1)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel connects, or raise UnavailableError saying where it tried."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.channel.channel_ready()
+        except TimeoutError:
+            raise UnavailableError(
+                f"cannot reach a cloudburst scheduler at {self.target} within {timeout:.0f}s; "
+                "check the address and that `cbgrpc serve` (or the cluster) is running"
+            ) from None
+
+    # -- the call stream -----------------------------------------------------------
+
+    def _stream(self) -> asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]:
+        if self._outbox is None:
+            outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None] = asyncio.Queue()
+            self._outbox = outbox
+            self._reader = asyncio.create_task(self._read(outbox))
+        return self._outbox
+
+    async def _frames(
+        self, outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]
+    ) -> AsyncIterator[scheduler_service_pb2.StreamCallsRequest]:
+        while (frame := await outbox.get()) is not None:
+            yield frame
+
+    async def _read(self, outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]) -> None:
+        failure: CloudburstError = UnavailableError(f"the call stream to {self.target} closed")
+        try:
+            async for answer in self.scheduler.StreamCalls(self._frames(outbox)):
+                self._dispatch(answer)
+        except grpc.RpcError as exc:
+            failure = error_from_rpc(exc, what="the call stream")
+        finally:
+            if self._outbox is outbox:
+                self._outbox = None
+            for pending in self._pending.values():
+                for future in (pending.accepted, pending.outcome):
+                    if future is not None and not future.done():
+                        future.set_exception(failure)
+            self._pending.clear()
+
+    def _dispatch(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
+        pending = self._pending.get(answer.sequence)
+        if pending is None:
+            return
+        kind = answer.WhichOneof("answer")
+        if kind == "error":
+            error = error_from_call_error(answer.error)
+            for future in (pending.accepted, pending.outcome):
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            del self._pending[answer.sequence]
+            return
+        body = answer.call_function if kind == "call_function" else answer.call_dag
+        if not pending.accepted.done():
+            pending.accepted.set_result(body.response_key)
+        if body.HasField("outcome"):
+            if pending.outcome is not None and not pending.outcome.done():
+                pending.outcome.set_result(body.outcome)
+            del self._pending[answer.sequence]
+        elif pending.outcome is None:
+            del self._pending[answer.sequence]
+
+    async def stream_call(
+        self, frame: scheduler_service_pb2.StreamCallsRequest, want_outcome: bool
+    ) -> PendingCall:
+        """Send a call; return once it is accepted, with its outcome future if asked for."""
+        loop = asyncio.get_running_loop()
+        frame.sequence = next(self._sequence)
+        pending = PendingCall(
+            accepted=loop.create_future(),
+            outcome=loop.create_future() if want_outcome else None,
+        )
+        if pending.outcome is not None:
+            # Read the exception even if nobody waits for the outcome, to keep asyncio quiet.
+            pending.outcome.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending[frame.sequence] = pending
+        self._stream().put_nowait(frame)
+        pending.response_key = await pending.accepted
+        return pending
+
+    async def await_outcome(self, pending: PendingCall, timeout: float) -> execution_pb2.Outcome:
+        """Wait for a streamed call's outcome."""
+        assert pending.outcome is not None
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(pending.outcome)
+        except TimeoutError:
+            raise CloudburstTimeoutError(
+                f"the result at {pending.response_key!r} was not ready within {timeout:.1f}s"
+            ) from None
+
+    # -- KVS -----------------------------------------------------------------------
+
+    async def get(
+        self, key: str, wait: bool = False, timeout: float = 30.0
+    ) -> lattice_pb2.Lattice | None:
+        """Read a user key; with ``wait``, wait up to ``timeout`` seconds for it to exist."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER, wait=wait)
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            try:
+                response = await self.kvs.GetValue(request, timeout=remaining)
+            except grpc.RpcError as exc:
+                if wait and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                    return None
+                raise error_from_rpc(exc, what=f"reading key {key!r}") from None
+            if response.found:
+                return response.lattice
+            if not wait:
+                return None
+            # The server ends a wait at its own limit; keep waiting until ours.
+
+    async def put(self, key: str, lattice: lattice_pb2.Lattice, timeout: float) -> None:
+        """Merge a lattice into a user key."""
+        request = kvs_service_pb2.PutValueRequest(
+            key=key, keyspace=lattice_pb2.KEYSPACE_USER, lattice=lattice
+        )
+        await call(f"writing key {key!r}", lambda: self.kvs.PutValue(request, timeout=timeout))
+
+    async def delete(self, key: str, timeout: float) -> bool:
+        """Delete a user key."""
+        request = kvs_service_pb2.DeleteValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER)
+        response = await call(
+            f"deleting key {key!r}", lambda: self.kvs.DeleteValue(request, timeout=timeout)
+        )
+        return response.existed
+
+    async def close(self) -> None:
+        """End the stream and close the channel."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await asyncio.shield(self._reader)
+            except (TimeoutError, asyncio.CancelledError):
+                self._reader.cancel()
+        await self.channel.close()

@@ -1,0 +1,497 @@
+"""CloudburstConnection: the user's entry point, with the original Cloudburst API."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+
+from cloudburst._core import Core
+from cloudburst._loop import LoopThread
+from cloudburst.errors import (
+    CloudburstError,
+    InvalidArgumentError,
+    NotFoundError,
+    RemoteFunctionError,
+    SerializationError,
+)
+from cloudburst.function import CloudburstFunction
+from cloudburst.future import CloudburstFuture
+from cloudburst.reference import CloudburstReference
+from cloudburst.rpc import call, error_from_call_error
+from cloudburst.serialization import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    LwwClock,
+    deserialize,
+    failure_to_error,
+    lattice_value,
+    lww,
+    serialize,
+)
+from cloudburst.v1 import (
+    execution_pb2,
+    function_pb2,
+    lattice_pb2,
+    scheduler_service_pb2,
+    value_pb2,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The port ``cbgrpc serve`` listens on by default.
+DEFAULT_PORT = 7600
+#: Seconds ``future.get()`` and other waits last when not told otherwise.
+DEFAULT_TIMEOUT = 300.0
+#: Seconds to wait for the first connection.
+CONNECT_TIMEOUT = 10.0
+
+
+def parse_address(address: str) -> str:
+    """Turn ``host``, ``host:port`` or ``[v6]:port`` (stray spaces allowed) into a gRPC target."""
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidArgumentError(
+            f"the address must be a host or host:port string, not {address!r}"
+        )
+    text = address.strip()
+    for scheme in ("grpc://", "http://", "tcp://"):
+        text = text.removeprefix(scheme)
+    if text.startswith("["):
+        return text if "]:" in text else f"{text}:{DEFAULT_PORT}"
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgumentError(f"the port in {address!r} must be a number from 1 to 65535")
+        return f"{host.strip()}:{int(port)}"
+    if ":" in text:  # a bare IPv6 address
+        return f"[{text}]:{DEFAULT_PORT}"
+    return f"{text}:{DEFAULT_PORT}"
+
+
+_INSTALLED = {
+    str(Path(p).resolve())
+    for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+}
+
+
+def _installed(module: ModuleType) -> bool:
+    """Whether a module comes from the interpreter or site-packages (so servers can import it)."""
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return True  # built-in
+    resolved = str(Path(path).resolve())
+    return any(resolved.startswith(root) for root in _INSTALLED)
+
+
+@contextlib.contextmanager
+def _by_value(objects: Sequence[Any]) -> Iterator[None]:
+    """Pickle user modules by value, so code from scripts and test files travels with it."""
+    registered = []
+    for obj in objects:
+        name = getattr(obj, "__module__", None) or type(obj).__module__
+        module = sys.modules.get(name)
+        if module is None or name == "__main__" or _installed(module):
+            continue
+        if name in cloudpickle.list_registry_pickle_by_value():
+            continue
+        cloudpickle.register_pickle_by_value(module)
+        registered.append(module)
+    try:
+        yield
+    finally:
+        for module in registered:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+_pickle_lock = threading.Lock()
+
+
+def _serialize(obj: Any, what: str, limit: int) -> value_pb2.Value:
+    with _pickle_lock, _by_value([obj, type(obj)]):
+        return serialize(obj, what=what, limit=limit)
+
+
+class CloudburstConnection:
+    """A connection to a cloudburst scheduler (``cbgrpc serve``, or a cluster's load balancer).
+
+    Args:
+        func_addr: ``host`` or ``host:port`` of the scheduler (default port 7600);
+            stray spaces are ignored.
+        ip: Accepted for compatibility with the original API; not needed.
+        tid: Accepted for compatibility; not needed.
+        local: Accepted for compatibility; not needed.
+        timeout: Seconds that waits (``future.get()``, direct responses, each
+            request) last when not given; 300 by default.
+        max_payload_bytes: The largest serialized argument, result or object.
+
+    The connection is thread-safe. Close it with :meth:`close` or use it in a
+    ``with`` block.
+    """
+
+    def __init__(
+        self,
+        func_addr: str,
+        ip: str | None = None,
+        tid: int = 0,
+        local: bool = False,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.address = parse_address(func_addr)
+        self.timeout = float(timeout)
+        self.max_payload_bytes = max_payload_bytes
+        self.last_error: CloudburstError | None = None
+        """The error of the last ``register_dag``/``delete_dag`` that returned False."""
+        self._clock = LwwClock()
+        self._loop = LoopThread()
+        self._closed = False
+        try:
+            self._core: Core = self._loop.run(
+                self._make_core(connect_timeout), connect_timeout + 5, "connecting"
+            )
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    async def _make_core(self, connect_timeout: float) -> Core:
+        core = Core(self.address, self.max_payload_bytes)
+        try:
+            await core.wait_ready(connect_timeout)
+        except BaseException:
+            await core.close()
+            raise
+        return core
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._loop.run(self._core.close(), 10, "closing")
+        self._loop.stop()
+
+    def __enter__(self) -> CloudburstConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Any, what: str, timeout: float | None = None) -> Any:
+        if self._closed:
+            raise CloudburstError("the connection is closed; create a new CloudburstConnection")
+        limit = self.timeout if timeout is None else timeout
+        return self._loop.run(coro, limit + 5, what)
+
+    # -- functions -----------------------------------------------------------------
+
+    def register(self, function: Any, name: str) -> CloudburstFunction:
+        """Register a function, or a class as ``(Class, init_args)``, under ``name``.
+
+        Registering again under the same name replaces the function; warm
+        executors pick up the new code on their next call. A function's first
+        parameter is the user library. A class needs a ``run`` method; see the
+        README for when its ``__init__`` and ``run`` receive the user library.
+
+        Returns:
+            A handle; calling it returns a :class:`CloudburstFuture`.
+
+        Raises:
+            SerializationError: The function or an init argument cannot be pickled.
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"a function name must be a non-empty string, not {name!r}")
+        proto = function_pb2.Function(name=name)
+        if isinstance(function, tuple):
+            if len(function) != 2 or not inspect.isclass(function[0]):
+                raise InvalidArgumentError(
+                    f"register {name!r}: a class is registered as (Class, init_args)"
+                )
+            cls, init_args = function
+            init = init_args if isinstance(init_args, tuple) else (init_args,)
+            body: Any = cls
+            proto.kind = function_pb2.FUNCTION_KIND_CLASS
+            for index, arg in enumerate(init):
+                proto.init_arguments.append(
+                    _serialize(arg, f"init argument {index + 1} of {name!r}", self.max_payload_bytes)
+                )
+        elif inspect.isclass(function):
+            body = function
+            proto.kind = function_pb2.FUNCTION_KIND_CLASS
+        elif callable(function):
+            body = function
+            proto.kind = function_pb2.FUNCTION_KIND_FUNCTION
+        else:
+            raise InvalidArgumentError(
+                f"register {name!r}: expected a function or (Class, init_args), "
+                f"got {type(function).__name__}"
+            )
+        if proto.kind == function_pb2.FUNCTION_KIND_CLASS and not callable(getattr(body, "run", None)):
+            raise InvalidArgumentError(f"register {name!r}: class {body.__name__} has no run method")
+        try:
+            with _pickle_lock, _by_value([body]):
+                data = cloudpickle.dumps(body)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot serialize function {name!r}: {type(exc).__name__}: {exc}. Functions "
+                "must not capture unpicklable objects (sockets, locks, open files).",
+                {"function": name},
+            ) from exc
+        proto.body.CopyFrom(value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE))
+        request = scheduler_service_pb2.CreateFunctionRequest(function=proto, replace_existing=True)
+        self._run(
+            call(
+                f"registering {name!r}",
+                lambda: self._core.scheduler.CreateFunction(request, timeout=self.timeout),
+            ),
+            f"registering {name!r}",
+        )
+        return CloudburstFunction(name, self)
+
+    def get_function(self, name: str) -> CloudburstFunction | None:
+        """Return a handle to a registered function, or None when there is none."""
+        request = scheduler_service_pb2.GetFunctionRequest(name=name)
+        try:
+            self._run(
+                call(f"getting {name!r}", lambda: self._core.scheduler.GetFunction(request, timeout=self.timeout)),
+                f"getting {name!r}",
+            )
+        except NotFoundError:
+            return None
+        return CloudburstFunction(name, self)
+
+    def list(self, prefix: str | None = None) -> list[str]:
+        """Return the names of registered functions, optionally only those starting with ``prefix``."""
+        names: list[str] = []
+        token = ""
+        while True:
+            request = scheduler_service_pb2.ListFunctionsRequest(prefix=prefix or "", page_token=token)
+            response = self._run(
+                call("listing functions", lambda r=request: self._core.scheduler.ListFunctions(r, timeout=self.timeout)),
+                "listing functions",
+            )
+            names.extend(response.names)
+            token = response.next_page_token
+            if not token:
+                return names
+
+    def delete_function(self, name: str) -> None:
+        """Delete a function that no DAG uses.
+
+        Raises:
+            FunctionNotFoundError: No such function.
+            FunctionInUseError: A DAG uses it; delete the DAG first.
+        """
+        request = scheduler_service_pb2.DeleteFunctionRequest(name=name)
+        self._run(
+            call(f"deleting {name!r}", lambda: self._core.scheduler.DeleteFunction(request, timeout=self.timeout)),
+            f"deleting {name!r}",
+        )
+
+    def exec_func(self, name: str, args: Sequence[Any] = ()) -> CloudburstFuture:
+        """Call a registered function with ``args``; returns a future of its result.
+
+        Raises:
+            FunctionNotFoundError: No function has that name.
+            SerializationError: An argument cannot be pickled (the message names it).
+            PayloadTooLargeError: An argument is larger than ``max_payload_bytes``.
+        """
+        if not isinstance(args, (list, tuple)):
+            args = (args,)
+        arguments = [self._argument(a, f"argument {i + 1} of {name!r}") for i, a in enumerate(args)]
+        frame = scheduler_service_pb2.StreamCallsRequest(
+            call_function=scheduler_service_pb2.CallFunctionRequest(name=name, arguments=arguments),
+            stream_outcome=True,
+        )
+        pending = self._run(self._core.stream_call(frame, True), f"calling {name!r}")
+        return CloudburstFuture(pending.response_key, self, pending)
+
+    # -- DAGs ----------------------------------------------------------------------
+
+    def register_dag(
+        self,
+        name: str,
+        functions: Sequence[str],
+        connections: Sequence[tuple[str, str]],
+        *,
+        strict: bool = False,
+    ) -> bool:
+        """Register a DAG of registered functions; edges are ``(upstream, downstream)`` pairs.
+
+        Returns:
+            True on success. False when registration fails (an unknown function, a
+            cycle, more than one sink, an unconnected function, a taken name); the
+            reason is then in :attr:`last_error` (and logged). With ``strict=True``
+            the error is raised instead.
+        """
+        dag = function_pb2.Dag(name=name)
+        try:
+            for function in functions:
+                dag.functions.append(function[0] if isinstance(function, tuple) else function)
+            for pair in connections:
+                upstream, downstream = pair
+                dag.connections.append(function_pb2.Connection(upstream=upstream, downstream=downstream))
+        except (TypeError, ValueError) as exc:
+            error: CloudburstError = InvalidArgumentError(
+                f"register_dag {name!r}: functions must be names and connections "
+                f"(upstream, downstream) pairs ({exc})"
+            )
+            return self._failed(error, strict)
+        request = scheduler_service_pb2.CreateDagRequest(dag=dag)
+        try:
+            self._run(
+                call(f"registering DAG {name!r}", lambda: self._core.scheduler.CreateDag(request, timeout=self.timeout)),
+                f"registering DAG {name!r}",
+            )
+        except (InvalidArgumentError, NotFoundError, CloudburstError) as exc:
+            if not isinstance(exc, InvalidArgumentError | NotFoundError) and exc.reason not in (
+                "DAG_ALREADY_EXISTS",
+            ):
+                raise
+            return self._failed(exc, strict)
+        self.last_error = None
+        return True
+
+    def _failed(self, error: CloudburstError, strict: bool) -> bool:
+        if strict:
+            raise error
+        self.last_error = error
+        logger.warning("%s", error)
+        return False
+
+    def delete_dag(self, name: str, *, strict: bool = False) -> bool:
+        """Delete a DAG; returns False (reason in :attr:`last_error`) when there is none."""
+        request = scheduler_service_pb2.DeleteDagRequest(name=name)
+        try:
+            self._run(
+                call(f"deleting DAG {name!r}", lambda: self._core.scheduler.DeleteDag(request, timeout=self.timeout)),
+                f"deleting DAG {name!r}",
+            )
+        except NotFoundError as exc:
+            return self._failed(exc, strict)
+        self.last_error = None
+        return True
+
+    def list_dags(self, prefix: str | None = None) -> list[str]:
+        """Return the names of registered DAGs."""
+        request = scheduler_service_pb2.ListDagsRequest(prefix=prefix or "")
+        names: list[str] = []
+        while True:
+            response = self._run(
+                call("listing DAGs", lambda r=request: self._core.scheduler.ListDags(r, timeout=self.timeout)),
+                "listing DAGs",
+            )
+            names.extend(response.names)
+            if not response.next_page_token:
+                return names
+            request = scheduler_service_pb2.ListDagsRequest(
+                prefix=prefix or "", page_token=response.next_page_token
+            )
+
+    def call_dag(
+        self,
+        dname: str,
+        arg_map: Mapping[str, Any],
+        direct_response: bool = False,
+        consistency: Any = None,
+        output_key: str | None = None,
+        client_id: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call a DAG. ``arg_map`` maps function names to one argument or a list of them.
+
+        Returns:
+            A :class:`CloudburstFuture` of the sink's result; with
+            ``direct_response=True``, the result itself.
+
+        Raises:
+            DagNotFoundError: No DAG has that name.
+            RemoteFunctionError: With ``direct_response``, a function raised.
+            CloudburstTimeoutError: With ``direct_response``, no result within the timeout.
+        """
+        request = scheduler_service_pb2.CallDagRequest(
+            name=dname, direct_response=direct_response, response_key=output_key or ""
+        )
+        for function, args in (arg_map or {}).items():
+            values = args if isinstance(args, list) else [args]
+            entry = request.function_arguments[function]
+            entry.SetInParent()
+            for index, arg in enumerate(values):
+                entry.arguments.append(self._argument(arg, f"argument {index + 1} of {function!r}"))
+        frame = scheduler_service_pb2.StreamCallsRequest(
+            call_dag=request, stream_outcome=not direct_response
+        )
+        limit = self.timeout if timeout is None else timeout
+        if direct_response:
+            pending = self._run(self._core.stream_call(frame, True), f"calling DAG {dname!r}", limit)
+            outcome = self._run(self._core.await_outcome(pending, limit), f"calling DAG {dname!r}", limit)
+            return self._decode(outcome)
+        pending = self._run(self._core.stream_call(frame, True), f"calling DAG {dname!r}", limit)
+        return CloudburstFuture(pending.response_key, self, pending)
+
+    # -- KVS -----------------------------------------------------------------------
+
+    def get_object(self, key: str | CloudburstFuture) -> Any:
+        """Return the value stored at ``key``, or None when there is none."""
+        key = self._key(key)
+        lattice = self._run(self._core.get(key, timeout=self.timeout), f"get_object({key!r})")
+        return None if lattice is None else self._decode_lattice(lattice)
+
+    def put_object(self, key: str, value: Any) -> bool:
+        """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
+        key = self._key(key)
+        data = _serialize(value, f"value for key {key!r}", self.max_payload_bytes)
+        self._run(self._core.put(key, lww(data, self._clock), self.timeout), f"put_object({key!r})")
+        return True
+
+    def delete_object(self, key: str) -> bool:
+        """Delete ``key``; returns whether it existed."""
+        key = self._key(key)
+        return bool(self._run(self._core.delete(key, self.timeout), f"delete_object({key!r})"))
+
+    # -- helpers -------------------------------------------------------------------
+
+    @staticmethod
+    def _key(key: str | CloudburstFuture) -> str:
+        if isinstance(key, CloudburstFuture):
+            return key.obj_id
+        if not isinstance(key, str) or not key:
+            raise InvalidArgumentError(f"a KVS key must be a non-empty string, not {key!r}")
+        return key
+
+    def _argument(self, arg: Any, what: str) -> value_pb2.Argument:
+        if isinstance(arg, CloudburstFuture):
+            return value_pb2.Argument(reference=value_pb2.Reference(key=arg.obj_id, wait=True))
+        if isinstance(arg, CloudburstReference):
+            return value_pb2.Argument(reference=value_pb2.Reference(key=arg.key, wait=False))
+        return value_pb2.Argument(value=_serialize(arg, what, self.max_payload_bytes))
+
+    def _decode(self, outcome: execution_pb2.Outcome) -> Any:
+        kind = outcome.WhichOneof("result")
+        if kind == "value":
+            return deserialize(outcome.value)
+        if kind == "failure":
+            raise failure_to_error(outcome.failure)
+        if kind == "error":
+            raise error_from_call_error(outcome.error)
+        return None
+
+    @staticmethod
+    def _decode_lattice(lattice: lattice_pb2.Lattice) -> Any:
+        return lattice_value(lattice)
+
+
+__all__ = ["DEFAULT_PORT", "CloudburstConnection", "RemoteFunctionError"]

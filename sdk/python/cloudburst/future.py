@@ -1,0 +1,74 @@
+"""Futures: the handle to a call's result."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cloudburst.errors import CloudburstTimeoutError, UnavailableError
+
+if TYPE_CHECKING:
+    from cloudburst._core import PendingCall
+    from cloudburst.connection import CloudburstConnection
+
+_UNSET: Any = object()
+
+
+class CloudburstFuture:
+    """The result of a call, stored in the KVS under :attr:`obj_id`.
+
+    ``get()`` waits for it (never by polling) and returns the value, or raises
+    the error the function raised as :class:`~cloudburst.errors.RemoteFunctionError`.
+    A future can be passed as an argument to another call; the runtime waits
+    for its result there.
+    """
+
+    def __init__(
+        self,
+        obj_id: str,
+        connection: CloudburstConnection,
+        pending: PendingCall | None = None,
+    ) -> None:
+        self.obj_id = obj_id
+        self._connection = connection
+        self._pending = pending
+        self._value: Any = _UNSET
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the result and return it.
+
+        Args:
+            timeout: Seconds to wait; the connection's ``timeout`` (default 300) when None.
+
+        Raises:
+            CloudburstTimeoutError: The result was not ready in time.
+            RemoteFunctionError: The function raised; carries its type, message and traceback.
+        """
+        if self._value is not _UNSET:
+            return self._value
+        conn = self._connection
+        limit = conn.timeout if timeout is None else timeout
+        if self._pending is not None:
+            try:
+                outcome = conn._loop.run(
+                    conn._core.await_outcome(self._pending, limit), limit + 5, "get()"
+                )
+            except UnavailableError:
+                # The stream broke; the result is still stored under obj_id.
+                self._pending = None
+            else:
+                self._value = conn._decode(outcome)
+                return self._value
+        lattice = conn._loop.run(
+            conn._core.get(self.obj_id, wait=True, timeout=limit), limit + 5, "get()"
+        )
+        if lattice is None:
+            raise CloudburstTimeoutError(
+                f"the result at {self.obj_id!r} was not ready within {limit:.1f}s; "
+                "pass a longer get(timeout=...) if the function is still running",
+                {"key": self.obj_id},
+            )
+        self._value = conn._decode_lattice(lattice)
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"CloudburstFuture({self.obj_id!r})"

@@ -1,0 +1,1 @@
+"""The original system's ``cloudburst.shared`` import paths."""
