@@ -109,8 +109,8 @@ class RemoteExecutorPeer:
         self, outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None]
     ) -> None:
         error: BaseException | None = None
+        stream = self._stub.StreamTriggers(self._requests(outbox))
         try:
-            stream = self._stub.StreamTriggers(self._requests(outbox))
             async for frame in stream:
                 kind = frame.WhichOneof("frame")
                 if kind == "execute_function":
@@ -128,6 +128,7 @@ class RemoteExecutorPeer:
             error = UnavailableError("stream closed")
             raise
         finally:
+            stream.cancel()
             if self._outbox is outbox:
                 self._outbox = None
             failure = UnavailableError(
@@ -202,10 +203,14 @@ class RemoteExecutorPeer:
             return
         self._closed = True
         if self._outbox is not None:
-            self._outbox.put_nowait(None)
+            self._outbox.put_nowait(None)  # half-close: the executor ends its side
         if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            try:
+                async with asyncio.timeout(2):
+                    await asyncio.shield(self._reader)
+            except (TimeoutError, asyncio.CancelledError):
+                self._reader.cancel()
+                await asyncio.gather(self._reader, return_exceptions=True)
         await self._channel.close()
 
 

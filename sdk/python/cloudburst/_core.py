@@ -89,12 +89,14 @@ class Core:
 
     async def _read(self, outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]) -> None:
         failure: CloudburstError = UnavailableError(f"the call stream to {self.target} closed")
+        stream = self.scheduler.StreamCalls(self._frames(outbox))
         try:
-            async for answer in self.scheduler.StreamCalls(self._frames(outbox)):
+            async for answer in stream:
                 self._dispatch(answer)
         except grpc.RpcError as exc:
             failure = error_from_rpc(exc, what="the call stream")
         finally:
+            stream.cancel()
             if self._outbox is outbox:
                 self._outbox = None
             for pending in self._pending.values():
@@ -204,4 +206,5 @@ class Core:
                     await asyncio.shield(self._reader)
             except (TimeoutError, asyncio.CancelledError):
                 self._reader.cancel()
+                await asyncio.gather(self._reader, return_exceptions=True)
         await self.channel.close()

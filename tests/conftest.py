@@ -1,0 +1,80 @@
+"""Fixtures shared by every test; each stops what it started, also when the test fails."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+from harness import Cluster, LoopThread, ServeProcess, make_config
+
+from cloudburst_grpc.local import (
+    Node,
+    start_executor_node,
+    start_kvs_node,
+    start_local,
+    start_scheduler_node,
+)
+
+
+@pytest.fixture
+def server_loop() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def start_node(server_loop: LoopThread) -> Iterator[Callable[..., Node]]:
+    """Start nodes by calling this; all are stopped (in reverse) at teardown."""
+    started: list[Node] = []
+
+    def start(coro: Coroutine[Any, Any, Node]) -> Node:
+        node = server_loop.run(coro)
+        started.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in reversed(started):
+            server_loop.run(node.stop(0.5))
+
+
+@pytest.fixture
+def local_node(start_node: Callable[..., Node]) -> Node:
+    """`cbgrpc serve`'s composition, in memory, on a free port."""
+    return start_node(start_local(make_config()))
+
+
+@pytest.fixture
+def cluster(start_node: Callable[..., Node], server_loop: LoopThread) -> Cluster:
+    """One KVS, two executors and one scheduler, each its own gRPC server."""
+    config = make_config(scheduler={"pin_replicas": 1})
+    kvs = start_node(start_kvs_node(config))
+    executors = [
+        start_node(start_executor_node(config, kvs.address, f"executor-{i}")) for i in range(2)
+    ]
+    scheduler = start_node(
+        start_scheduler_node(config, kvs.address, [e.address for e in executors])
+    )
+    return Cluster(server_loop, kvs, executors, scheduler)
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """Start `cbgrpc serve` subprocesses; each is killed at teardown if still running."""
+    procs: list[ServeProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+        proc = ServeProcess(*args, env=env)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()

@@ -1,0 +1,117 @@
+"""`cbgrpc serve` as a user runs it: durability across restarts and crashes, CLI behaviour."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import ServeProcess
+
+from cloudburst import CloudburstConnection
+
+
+def double(_: object, x: int) -> int:
+    return 2 * x
+
+
+def test_registrations_and_values_survive_a_restart(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = serve_process("--data-dir", str(data))
+    with CloudburstConnection(first.address) as cloud:
+        cloud.register(double, "double")
+        cloud.register(lambda _, x: x + 1, "incr")
+        assert cloud.register_dag("pipeline", ["incr", "double"], [("incr", "double")])
+        assert cloud.put_object("greeting", {"hello": "world"})
+        stored = cloud.call_dag("pipeline", {"incr": 4})
+        assert stored.get(timeout=30) == 10
+    assert first.stop(signal.SIGTERM) == 0
+
+    second = serve_process("--data-dir", str(data))
+    with CloudburstConnection(second.address) as cloud:
+        assert sorted(cloud.list()) == ["double", "incr"]
+        assert cloud.get_object("greeting") == {"hello": "world"}
+        assert cloud.get_object(stored.obj_id) == 10
+        assert cloud.call_dag("pipeline", {"incr": 1}, direct_response=True) == 4
+        assert cloud.exec_func("double", [21]).get(timeout=30) == 42
+
+
+def test_acknowledged_writes_survive_sigkill(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    first = serve_process("--data-dir", str(data))
+    with CloudburstConnection(first.address) as cloud:
+        cloud.register(double, "double")
+        for i in range(50):
+            assert cloud.put_object(f"key-{i}", i)
+    first.stop(signal.SIGKILL)
+
+    second = serve_process("--data-dir", str(data))
+    with CloudburstConnection(second.address) as cloud:
+        assert [cloud.get_object(f"key-{i}") for i in range(50)] == list(range(50))
+        assert cloud.exec_func("double", [5]).get(timeout=30) == 10
+
+
+def test_memory_storage_forgets_on_restart(serve_process: Callable[..., ServeProcess]) -> None:
+    first = serve_process("--storage", "memory")
+    with CloudburstConnection(first.address) as cloud:
+        cloud.put_object("k", 1)
+    assert first.stop() == 0
+    second = serve_process("--storage", "memory")
+    with CloudburstConnection(second.address) as cloud:
+        assert cloud.get_object("k") is None
+
+
+def cbgrpc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_help_explains_commands_and_options() -> None:
+    top = cbgrpc("--help")
+    assert top.returncode == 0
+    for command in ("serve", "kvs", "executor", "scheduler"):
+        assert command in top.stdout
+    serve = cbgrpc("serve", "--help")
+    assert serve.returncode == 0
+    for option in ("--port", "--host", "--storage", "--data-dir", "--executors", "--threads", "--config"):
+        assert option in serve.stdout
+
+
+def test_bad_configuration_is_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[kvs]\nengine = 'redis'\n")
+    result = cbgrpc("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert "kvs.engine must be 'sqlite' or 'memory'" in result.stderr
+    result = cbgrpc("serve", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_port_in_use_is_reported(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cbgrpc("serve", "--port", str(port), "--storage", "memory")
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "another process" in result.stderr
+
+
+def test_unreachable_server_gives_a_clear_error() -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    import pytest
+
+    from cloudburst.errors import UnavailableError
+
+    with pytest.raises(UnavailableError, match="cbgrpc serve"):
+        CloudburstConnection(f"127.0.0.1:{port}", connect_timeout=1)
