@@ -37,15 +37,24 @@ down gracefully on SIGINT or SIGTERM.
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="a TOML config file ([server], [kvs], [executor], [scheduler])")
+    parser.add_argument(
+        "--config", type=Path, help="a TOML config file ([server], [kvs], [executor], [scheduler])"
+    )
     parser.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, help=f"port to bind; 0 picks a free one (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port", type=int, help=f"port to bind; 0 picks a free one (default {DEFAULT_PORT})"
+    )
     parser.add_argument(
         "--max-payload-bytes", type=int, help="largest serialized value accepted (default 16 MiB)"
     )
-    parser.add_argument("--grace", type=float, help="seconds shutdown waits for in-flight calls (default 5)")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level"
+        "--grace", type=float, help="seconds shutdown waits for in-flight calls (default 5)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level",
     )
 
 
@@ -71,8 +80,12 @@ def _storage(parser: argparse.ArgumentParser) -> None:
 def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
     if count:
         parser.add_argument("--executors", type=int, help="executors to run (default 2)")
-    parser.add_argument("--threads", type=int, help="threads per executor for user code (default 8)")
-    parser.add_argument("--call-timeout", type=float, help="longest a call may run, in seconds (default 300)")
+    parser.add_argument(
+        "--threads", type=int, help="threads per executor for user code (default 8)"
+    )
+    parser.add_argument(
+        "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     serve = commands.add_parser(
-        "serve", help="run everything in one process (local mode)", description=SERVE_HELP,
+        "serve",
+        help="run everything in one process (local mode)",
+        description=SERVE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(serve)
@@ -98,11 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     _storage(kvs)
 
     executor = commands.add_parser(
-        "executor", help="run one executor", description="Run one executor that uses the KVS at --kvs."
+        "executor",
+        help="run one executor",
+        description="Run one executor that uses the KVS at --kvs.",
     )
     _common(executor)
     _executors(executor, count=False)
-    executor.add_argument("--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service")
+    executor.add_argument(
+        "--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service"
+    )
     executor.add_argument("--id", dest="executor_id", help="executor id (default: a random one)")
 
     scheduler = commands.add_parser(
@@ -112,18 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
         "it also forwards KvsService calls to --kvs, so clients need only its address.",
     )
     _common(scheduler)
-    scheduler.add_argument("--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service")
     scheduler.add_argument(
-        "--executor", action="append", default=[], metavar="HOST:PORT", dest="executor_addresses",
+        "--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service"
+    )
+    scheduler.add_argument(
+        "--executor",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        dest="executor_addresses",
         help="address of an executor (repeat for each)",
     )
-    scheduler.add_argument("--call-timeout", type=float, help="longest a call may run, in seconds (default 300)")
+    scheduler.add_argument(
+        "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the configuration from flags, environment and config file."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731
+
+    def get(name: str) -> Any:
+        return getattr(args, name, None)
+
     overrides: dict[str, dict[str, Any]] = {
         "server": {
             "host": get("host"),
@@ -167,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         config = config_from_args(args)

@@ -79,7 +79,7 @@ class SchedulerConfig:
     """The scheduler that registers functions and places calls."""
 
     call_timeout_seconds: float = 300.0
-    """Longest a call may run (and a direct response be waited for) when the caller set no deadline."""
+    """Longest a call (or a wait for its direct response) may last without a caller deadline."""
     pin_replicas: int = 2
     """Executors each function of a registered DAG is pinned on."""
 
@@ -109,7 +109,10 @@ class Config:
             (self.executor.count >= 1, "executor.count must be at least 1"),
             (self.executor.threads >= 1, "executor.threads must be at least 1"),
             (self.executor.max_queue >= 1, "executor.max_queue must be at least 1"),
-            (self.scheduler.call_timeout_seconds > 0, "scheduler.call_timeout_seconds must be positive"),
+            (
+                self.scheduler.call_timeout_seconds > 0,
+                "scheduler.call_timeout_seconds must be positive",
+            ),
             (self.scheduler.pin_replicas >= 1, "scheduler.pin_replicas must be at least 1"),
         ]
         for ok, message in checks:
@@ -150,7 +153,9 @@ def _apply(config: Config, values: Mapping[str, Mapping[str, Any]], source: str)
     updates: dict[str, Any] = {}
     for section_name, fields in values.items():
         if section_name not in sections:
-            raise ConfigError(f"{source}: unknown section [{section_name}]; known: {', '.join(sections)}")
+            raise ConfigError(
+                f"{source}: unknown section [{section_name}]; known: {', '.join(sections)}"
+            )
         current = getattr(config, section_name)
         types_ = _section_types(type(current))
         changes = {}

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import grpc
-
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
+
 from cloudburst_grpc.server import channel_options
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,15 @@ class RemoteExecutorPeer:
     its deadline.
     """
 
-    def __init__(self, executor_id: str, address: str, peer_id: str, max_payload_bytes: int) -> None:
+    def __init__(
+        self, executor_id: str, address: str, peer_id: str, max_payload_bytes: int
+    ) -> None:
         self.executor_id = executor_id
         self.address = address
         self._peer_id = peer_id
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_payload_bytes))
+        self._channel = grpc.aio.insecure_channel(
+            address, options=channel_options(max_payload_bytes)
+        )
         self._stub = executor_service_pb2_grpc.ExecutorServiceStub(self._channel)
         self._outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -89,7 +93,9 @@ class RemoteExecutorPeer:
         if self._closed:
             raise UnavailableError(f"connection to executor {self.executor_id} is closed")
         if self._outbox is None:
-            outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] = asyncio.Queue()
+            outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] = (
+                asyncio.Queue()
+            )
             outbox.put_nowait(
                 executor_service_pb2.StreamTriggersRequest(
                     hello=executor_service_pb2.TriggerHello(peer_id=self._peer_id)
@@ -135,9 +141,12 @@ class RemoteExecutorPeer:
                 f"lost the connection to executor {self.executor_id} at {self.address}"
                 + (f" ({error})" if error and not isinstance(error, UnavailableError) else "")
             )
-            for pending in [*self._answers.values(), *self._results.values()]:
-                if not pending.done():
-                    pending.set_exception(failure)
+            for answer in self._answers.values():
+                if not answer.done():
+                    answer.set_exception(failure)
+            for result in self._results.values():
+                if not result.done():
+                    result.set_exception(failure)
             self._answers.clear()
             self._results.clear()
 
@@ -166,7 +175,9 @@ class RemoteExecutorPeer:
 
     async def trigger(self, trigger: execution_pb2.Trigger) -> None:
         """Queue a trigger on the stream."""
-        self._ensure_stream().put_nowait(executor_service_pb2.StreamTriggersRequest(trigger=trigger))
+        self._ensure_stream().put_nowait(
+            executor_service_pb2.StreamTriggersRequest(trigger=trigger)
+        )
 
     def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Register for the sink's result and tell the executor to route it here."""
@@ -190,12 +201,16 @@ class RemoteExecutorPeer:
     async def unpin(self, function_name: str) -> None:
         """Unpin a function (unary)."""
         request = executor_service_pb2.UnpinFunctionRequest(function_name=function_name)
-        await call(f"unpin {function_name!r}", lambda: self._stub.UnpinFunction(request, timeout=30))
+        await call(
+            f"unpin {function_name!r}", lambda: self._stub.UnpinFunction(request, timeout=30)
+        )
 
     async def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
         """Fetch the executor's status (unary)."""
         request = executor_service_pb2.GetExecutorStatusRequest()
-        return await call("executor status", lambda: self._stub.GetExecutorStatus(request, timeout=5))
+        return await call(
+            "executor status", lambda: self._stub.GetExecutorStatus(request, timeout=5)
+        )
 
     async def close(self) -> None:
         """End the stream and close the channel; idempotent."""

@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from cloudburst.errors import DOMAIN, CloudburstError, NoExecutorError, UnavailableError
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
-from cloudburst.errors import DOMAIN, CloudburstError, NoExecutorError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,9 @@ def error_to_status(error: CloudburstError) -> status_pb2.Status:
     if isinstance(error, UnavailableError | NoExecutorError):
         retry = any_pb2.Any()
         retry.Pack(
-            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_SECONDS))
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_SECONDS)
+            )
         )
         details.append(retry)
     return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
@@ -67,7 +68,9 @@ def _wrap_unary(
 def _wrap_stream(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def wrapped(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         try:
             async for response in behavior(request, context):
                 yield response
@@ -81,10 +84,10 @@ def _wrap_stream(
 
 def _is_abort(exc: BaseException) -> bool:
     # context.abort() raises grpc.aio.AbortError; it must pass through untouched.
-    return isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError"
+    return isinstance(exc, grpc.aio.AbortError)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions raised by servicers into gRPC statuses (all four RPC shapes)."""
 
     async def intercept_service(

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
-
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext
+AnyContext = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 
-def _timeout(context: Context[object, object]) -> float | None:
+def _timeout(context: AnyContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else max(float(remaining), 0.0)
 
 
-async def _forward(call: grpc.aio.UnaryUnaryCall, context: Context[object, object]) -> object:  # type: ignore[type-arg]
+async def _forward(call: Awaitable[T], context: AnyContext) -> T:
     try:
         return await call
     except grpc.aio.AioRpcError as exc:
@@ -37,7 +39,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.GetValueRequest, kvs_service_pb2.GetValueResponse],
     ) -> kvs_service_pb2.GetValueResponse:
         """Forward GetValue."""
-        return await _forward(self._stub.GetValue(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+        return await _forward(self._stub.GetValue(request, timeout=_timeout(context)), context)
 
     async def PutValue(
         self,
@@ -45,7 +47,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.PutValueRequest, kvs_service_pb2.PutValueResponse],
     ) -> kvs_service_pb2.PutValueResponse:
         """Forward PutValue."""
-        return await _forward(self._stub.PutValue(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+        return await _forward(self._stub.PutValue(request, timeout=_timeout(context)), context)
 
     async def DeleteValue(
         self,
@@ -53,15 +55,19 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.DeleteValueRequest, kvs_service_pb2.DeleteValueResponse],
     ) -> kvs_service_pb2.DeleteValueResponse:
         """Forward DeleteValue."""
-        return await _forward(self._stub.DeleteValue(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+        return await _forward(self._stub.DeleteValue(request, timeout=_timeout(context)), context)
 
     async def BatchGetValues(
         self,
         request: kvs_service_pb2.BatchGetValuesRequest,
-        context: Context[kvs_service_pb2.BatchGetValuesRequest, kvs_service_pb2.BatchGetValuesResponse],
+        context: Context[
+            kvs_service_pb2.BatchGetValuesRequest, kvs_service_pb2.BatchGetValuesResponse
+        ],
     ) -> kvs_service_pb2.BatchGetValuesResponse:
         """Forward BatchGetValues."""
-        return await _forward(self._stub.BatchGetValues(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+        return await _forward(
+            self._stub.BatchGetValues(request, timeout=_timeout(context)), context
+        )
 
     async def ListKeys(
         self,
@@ -69,7 +75,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.ListKeysRequest, kvs_service_pb2.ListKeysResponse],
     ) -> kvs_service_pb2.ListKeysResponse:
         """Forward ListKeys."""
-        return await _forward(self._stub.ListKeys(request, timeout=_timeout(context)), context)  # type: ignore[return-value]
+        return await _forward(self._stub.ListKeys(request, timeout=_timeout(context)), context)
 
     async def WatchValues(
         self,

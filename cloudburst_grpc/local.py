@@ -16,15 +16,17 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2
-
 from cloudburst.errors import UnavailableError
 from cloudburst.v1 import (
     executor_service_pb2,
+    executor_service_pb2_grpc,
+    kvs_service_pb2_grpc,
     lattice_pb2,
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
+from grpc_health.v1 import health, health_pb2
+
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteExecutorPeer
 from cloudburst_grpc.kvs_access import USER, KvsAccess
@@ -33,7 +35,6 @@ from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from cloudburst_grpc.server import bind, channel_options, create_server, enable_reflection
-from cloudburst.v1 import executor_service_pb2_grpc, kvs_service_pb2_grpc
 from executors.executor import Executor
 from executors.servicer import ExecutorServicer, LocalExecutorPeer
 from kvs.client import KvsClient
@@ -64,7 +65,9 @@ class InProcessKvs:
     ) -> lattice_pb2.Lattice | None:
         """Read a key, optionally waiting for it."""
         if wait:
-            return await self._store.wait_for(keyspace, key, self._max_wait if timeout is None else timeout)
+            return await self._store.wait_for(
+                keyspace, key, self._max_wait if timeout is None else timeout
+            )
         return self._store.get(keyspace, key)
 
     async def put(
@@ -135,7 +138,9 @@ async def _serve(node: Node, services: list[str]) -> None:
         await node.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
-def _new_server(config: Config, role: str) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+def _new_server(
+    config: Config, role: str
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     server, health_servicer = create_server(config.server.max_payload_bytes)
     port = bind(server, config.server.host, config.server.port)
     return server, health_servicer, port
@@ -162,7 +167,9 @@ async def start_local(config: Config) -> Node:
         store = await _open_store(config, stack)
         kvs = InProcessKvs(store, config.kvs.max_wait_seconds)
         server, health_servicer, port = _new_server(config, "serve")
-        node = Node("serve", server, health_servicer, port, config.server.host, config, stack, store=store)
+        node = Node(
+            "serve", server, health_servicer, port, config.server.host, config, stack, store=store
+        )
         peers = _remote_factory("scheduler-local", config)
         stack.push_async_callback(peers.close)
         pool = ExecutorPool(peers)
@@ -194,7 +201,10 @@ async def start_local(config: Config) -> Node:
         raise
     logger.info(
         "cbgrpc serve listening on %s:%d (%d executors, %s storage)",
-        config.server.host, port, config.executor.count, config.kvs.engine,
+        config.server.host,
+        port,
+        config.executor.count,
+        config.kvs.engine,
     )
     return node
 
@@ -205,7 +215,9 @@ async def start_kvs_node(config: Config) -> Node:
     try:
         store = await _open_store(config, stack)
         server, health_servicer, port = _new_server(config, "kvs")
-        node = Node("kvs", server, health_servicer, port, config.server.host, config, stack, store=store)
+        node = Node(
+            "kvs", server, health_servicer, port, config.server.host, config, stack, store=store
+        )
         add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
         await _serve(node, [KVS_SERVICE])
     except BaseException:
@@ -215,18 +227,24 @@ async def start_kvs_node(config: Config) -> Node:
     return node
 
 
-async def _kvs_channel(config: Config, kvs_address: str, stack: contextlib.AsyncExitStack) -> grpc.aio.Channel:
-    channel = grpc.aio.insecure_channel(kvs_address, options=channel_options(config.server.max_payload_bytes))
+async def _kvs_channel(
+    config: Config, kvs_address: str, stack: contextlib.AsyncExitStack
+) -> grpc.aio.Channel:
+    channel = grpc.aio.insecure_channel(
+        kvs_address, options=channel_options(config.server.max_payload_bytes)
+    )
     stack.push_async_callback(channel.close)
     return channel
 
 
-async def start_executor_node(config: Config, kvs_address: str, executor_id: str | None = None) -> Node:
+async def start_executor_node(
+    config: Config, kvs_address: str, executor_id: str | None = None
+) -> Node:
     """Start a server that runs one executor, using the KVS at ``kvs_address``."""
     stack = contextlib.AsyncExitStack()
     try:
         channel = await _kvs_channel(config, kvs_address, stack)
-        kvs: KvsAccess = KvsClient(channel)  # type: ignore[assignment]
+        kvs: KvsAccess = KvsClient(channel)
         server, health_servicer, port = _new_server(config, "executor")
         node = Node("executor", server, health_servicer, port, config.server.host, config, stack)
         executor_id = executor_id or f"executor-{uuid.uuid4().hex[:8]}"
@@ -243,7 +261,9 @@ async def start_executor_node(config: Config, kvs_address: str, executor_id: str
         )
         stack.push_async_callback(executor.close)
         node.executors.append(executor)
-        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(executor), server)
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
+            ExecutorServicer(executor), server
+        )
         await _serve(node, [EXECUTOR_SERVICE])
     except BaseException:
         await stack.aclose()
@@ -267,7 +287,7 @@ async def start_scheduler_node(
     stack = contextlib.AsyncExitStack()
     try:
         channel = await _kvs_channel(config, kvs_address, stack)
-        kvs: KvsAccess = KvsClient(channel)  # type: ignore[assignment]
+        kvs: KvsAccess = KvsClient(channel)
         server, health_servicer, port = _new_server(config, "scheduler")
         node = Node("scheduler", server, health_servicer, port, config.server.host, config, stack)
         scheduler_id = scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
@@ -281,7 +301,9 @@ async def start_scheduler_node(
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
         await scheduler.restore_pins()
-        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(scheduler), server)
+        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(scheduler), server
+        )
         kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(KvsProxyServicer(channel), server)
         await _serve(node, [SCHEDULER_SERVICE, KVS_SERVICE])
     except BaseException:
@@ -298,7 +320,9 @@ async def _executor_status(
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
         try:
             return await stub.GetExecutorStatus(
-                executor_service_pb2.GetExecutorStatusRequest(), timeout=timeout, wait_for_ready=True
+                executor_service_pb2.GetExecutorStatusRequest(),
+                timeout=timeout,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             raise UnavailableError(

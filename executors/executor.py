@@ -44,6 +44,7 @@ from cloudburst.v1 import (
     lattice_pb2,
     value_pb2,
 )
+
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.executor_client import PeerDirectory
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
@@ -185,7 +186,7 @@ class Executor:
     # -- functions -----------------------------------------------------------------
 
     async def _function(self, name: str, version: int) -> runner.LoadedFunction:
-        """Return the loaded function, reloading it when the cached copy is older than ``version``."""
+        """Return the loaded function, reloading a cached copy older than ``version``."""
         cached = self._functions.get(name)
         if cached is not None and cached.version >= version:
             return cached
@@ -332,7 +333,11 @@ class Executor:
         )
 
     def _invoke(
-        self, loaded: runner.LoadedFunction, library: UserLibrary, args: tuple[Any, ...], pinned: bool
+        self,
+        loaded: runner.LoadedFunction,
+        library: UserLibrary,
+        args: tuple[Any, ...],
+        pinned: bool,
     ) -> execution_pb2.Outcome:
         """Run user code and serialize its result (on an executor thread)."""
         try:
@@ -354,7 +359,9 @@ class Executor:
         key = (dag.name, dag.version)
         topo = self._topologies.get(key)
         if topo is None:
-            topo = topology(list(dag.functions), [(c.upstream, c.downstream) for c in dag.connections])
+            topo = topology(
+                list(dag.functions), [(c.upstream, c.downstream) for c in dag.connections]
+            )
             self._topologies[key] = topo
         return topo
 
@@ -466,7 +473,9 @@ class Executor:
             logger.warning("call %s: cannot reach %s: %s", schedule.call_id, executor_id, exc)
             await self._finish(schedule, execution_pb2.Outcome(error=error_to_call_error(exc)))
 
-    async def _finish(self, schedule: execution_pb2.DagSchedule, outcome: execution_pb2.Outcome) -> None:
+    async def _finish(
+        self, schedule: execution_pb2.DagSchedule, outcome: execution_pb2.Outcome
+    ) -> None:
         """Deliver the sink's outcome: store it and/or route it to the waiting scheduler."""
         if schedule.response_key:
             try:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
+
 from cloudburst_grpc.kvs_access import KvsAccess
 
 T = TypeVar("T")

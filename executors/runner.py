@@ -61,6 +61,7 @@ def passes_library(cls: type, method: str, args: tuple[Any, ...]) -> bool:
         signature = inspect.signature(getattr(cls, method))
     except (TypeError, ValueError):
         return False
+
     def fits(count: int) -> bool:
         try:
             signature.bind(None, *([None] * count))
@@ -98,4 +99,3 @@ def invoke(loaded: LoadedFunction, library: Any, args: tuple[Any, ...], pinned: 
             loaded.instance = instantiate(loaded, library)
         instance = loaded.instance
         return instance.run(library, *args) if with_library else instance.run(*args)
-

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
-
 from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.rpc import error_to_call_error
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
+
 from executors.executor import Executor
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self,
         request: executor_service_pb2.ExecuteFunctionRequest,
         context: Context[
-            executor_service_pb2.ExecuteFunctionRequest, executor_service_pb2.ExecuteFunctionResponse
+            executor_service_pb2.ExecuteFunctionRequest,
+            executor_service_pb2.ExecuteFunctionResponse,
         ],
     ) -> executor_service_pb2.ExecuteFunctionResponse:
         """Run one call."""
@@ -52,7 +54,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             pending.add(future)
             future.add_done_callback(pending.discard)
 
-        async def run_call(sequence: int, request: executor_service_pb2.ExecuteFunctionRequest) -> None:
+        async def run_call(
+            sequence: int, request: executor_service_pb2.ExecuteFunctionRequest
+        ) -> None:
             try:
                 response = await executor.execute(request)
             except CloudburstError as exc:
@@ -60,7 +64,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     outcome=execution_pb2.Outcome(error=error_to_call_error(exc))
                 )
             answers.put_nowait(
-                executor_service_pb2.StreamTriggersResponse(sequence=sequence, execute_function=response)
+                executor_service_pb2.StreamTriggersResponse(
+                    sequence=sequence, execute_function=response
+                )
             )
 
         def route(call_id: str, future: asyncio.Future[execution_pb2.Outcome]) -> None:
@@ -92,11 +98,13 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     if kind == "trigger":
                         executor.trigger(frame.trigger)
                     elif kind == "execute_function":
-                        track(asyncio.ensure_future(run_call(frame.sequence, frame.execute_function)))
+                        track(
+                            asyncio.ensure_future(run_call(frame.sequence, frame.execute_function))
+                        )
                     elif kind == "expect_result":
                         call_id = frame.expect_result.call_id
                         future = executor.results.expect(call_id, executor._call_timeout)
-                        future.add_done_callback(lambda f, c=call_id: route(c, f))
+                        future.add_done_callback(functools.partial(route, call_id))
                         track(future)  # type: ignore[arg-type]
             finally:
                 answers.put_nowait(None)
@@ -115,7 +123,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def PinFunction(
         self,
         request: executor_service_pb2.PinFunctionRequest,
-        context: Context[executor_service_pb2.PinFunctionRequest, executor_service_pb2.PinFunctionResponse],
+        context: Context[
+            executor_service_pb2.PinFunctionRequest, executor_service_pb2.PinFunctionResponse
+        ],
     ) -> executor_service_pb2.PinFunctionResponse:
         """Pin a function."""
         await self._executor.pin(request.function_name, request.function_version)
@@ -136,7 +146,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self,
         request: executor_service_pb2.GetExecutorStatusRequest,
         context: Context[
-            executor_service_pb2.GetExecutorStatusRequest, executor_service_pb2.GetExecutorStatusResponse
+            executor_service_pb2.GetExecutorStatusRequest,
+            executor_service_pb2.GetExecutorStatusResponse,
         ],
     ) -> executor_service_pb2.GetExecutorStatusResponse:
         """Report status."""

@@ -18,8 +18,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst._loop import _drain as drain
+
+from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst_grpc.local import Node
 
 T = TypeVar("T")
@@ -33,7 +34,9 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="test-servers", daemon=True
+        )
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = STARTUP_TIMEOUT) -> T:
@@ -50,7 +53,11 @@ class LoopThread:
 def make_config(tmp_path: Path | None = None, **sections: Any) -> Config:
     """A config for tests: port 0, in-memory storage (or SQLite in tmp_path), small pools."""
     server = ServerConfig(host="127.0.0.1", port=0, grace_seconds=1.0)
-    kvs = KvsConfig(engine="memory") if tmp_path is None else KvsConfig(engine="sqlite", data_dir=tmp_path)
+    kvs = (
+        KvsConfig(engine="memory")
+        if tmp_path is None
+        else KvsConfig(engine="sqlite", data_dir=tmp_path)
+    )
     config = Config(
         server=server,
         kvs=kvs,
@@ -58,7 +65,9 @@ def make_config(tmp_path: Path | None = None, **sections: Any) -> Config:
         scheduler=SchedulerConfig(call_timeout_seconds=30.0),
     )
     for name, changes in sections.items():
-        config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **changes)})
+        config = dataclasses.replace(
+            config, **{name: dataclasses.replace(getattr(config, name), **changes)}
+        )
     return config.validate()
 
 
@@ -74,7 +83,6 @@ class Cluster:
     @property
     def address(self) -> str:
         return self.scheduler.address
-
 
 
 class ServeProcess:
@@ -125,4 +133,3 @@ class ServeProcess:
 
     def stderr(self) -> str:
         return self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
-

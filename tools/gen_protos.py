@@ -26,7 +26,9 @@ Regenerate with ``python tools/gen_protos.py``.
 
 
 def main() -> int:
-    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "cloudburst" / "v1").glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTOS)) for p in (PROTOS / "cloudburst" / "v1").glob("*.proto")
+    )
     if PACKAGE.exists():
         shutil.rmtree(PACKAGE)
     PACKAGE.mkdir(parents=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 from cloudburst.errors import (
@@ -32,6 +32,7 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     value_pb2,
 )
+
 from cloudburst_grpc.config import SchedulerConfig
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.scheduler import dag as dag_rules
@@ -78,7 +79,7 @@ class Scheduler:
         self._clock = LwwClock(f"scheduler-{scheduler_id}")
         self.registry = Registry(kvs, self._clock)
         self._last_version = 0
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
 
     def _next_version(self) -> int:
         self._last_version = max(time.time_ns(), self._last_version + 1)
@@ -149,7 +150,9 @@ class Scheduler:
             )
         functions = list(dag.functions)
         registered = {f for f in functions if await self.registry.get_function(f) is not None}
-        dag_rules.validate(functions, [(c.upstream, c.downstream) for c in dag.connections], registered)
+        dag_rules.validate(
+            functions, [(c.upstream, c.downstream) for c in dag.connections], registered
+        )
         stored = function_pb2.Dag()
         stored.CopyFrom(dag)
         stored.version = self._next_version()
@@ -247,8 +250,8 @@ class Scheduler:
                 self.pool.finished(view.executor_id)
 
         task = asyncio.create_task(run())
-        self._tasks.add(task)  # type: ignore[arg-type]
-        task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return Accepted(response_key, task if want_outcome else None)
 
     async def call_dag(
@@ -288,8 +291,11 @@ class Scheduler:
             else:
                 schedule.function_arguments[name].SetInParent()
             schedule.function_versions[name] = function.version
-            keys = [a.reference.key for a in schedule.function_arguments[name].arguments
-                    if a.HasField("reference")]
+            keys = [
+                a.reference.key
+                for a in schedule.function_arguments[name].arguments
+                if a.HasField("reference")
+            ]
             pinned = [v for v in views if name in v.pinned and not v.overloaded]
             view = policy.place(name, keys, pinned or views)
             schedule.placements[name] = view.executor_id
@@ -315,8 +321,8 @@ class Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _check_arguments(arguments: object, what: str) -> None:
-    for index, argument in enumerate(arguments):  # type: ignore[call-overload]
+def _check_arguments(arguments: Iterable[value_pb2.Argument], what: str) -> None:
+    for index, argument in enumerate(arguments):
         kind = argument.WhichOneof("kind")
         if kind is None:
             raise InvalidArgumentError(f"{what}: argument {index + 1} is empty")

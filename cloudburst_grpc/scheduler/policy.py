@@ -65,16 +65,16 @@ def place(
             f"cannot place {function!r}: {detail}; retry shortly or add executors",
             {"function": function},
         )
-    rng = rng or random
+    pick = rng.choice if rng is not None else random.choice
     best = max(score(e, function, keys) for e in candidates)
     top = [e for e in candidates if score(e, function, keys) == best]
     fewest = min(e.load for e in top)
     top = [e for e in top if e.load == fewest]
-    return top[0] if len(top) == 1 else rng.choice(top)
+    return top[0] if len(top) == 1 else pick(top)
 
 
 def choose_pins(function: str, executors: Sequence[ExecutorView], replicas: int) -> list[str]:
-    """Choose executors to pin ``function`` on: those that already have it, then the least loaded."""
+    """Choose executors to pin ``function`` on: those already pinning it, then the least loaded."""
     ordered = sorted(
         executors,
         key=lambda e: (function not in e.pinned, len(e.pinned), e.load, e.executor_id),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-
 from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.rpc import error_to_call_error
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
+
 from cloudburst_grpc.scheduler.core import Accepted, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _page(names: list[str], page_size: int, page_token: str) -> tuple[list[str],
     return page, (page[-1] if more and page else "")
 
 
-def _remaining(context: Context[object, object]) -> float | None:
+def _remaining(context: Context[Any, Any]) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else float(remaining)
 
@@ -47,7 +48,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         self,
         request: scheduler_service_pb2.CreateFunctionRequest,
         context: Context[
-            scheduler_service_pb2.CreateFunctionRequest, scheduler_service_pb2.CreateFunctionResponse
+            scheduler_service_pb2.CreateFunctionRequest,
+            scheduler_service_pb2.CreateFunctionResponse,
         ],
     ) -> scheduler_service_pb2.CreateFunctionResponse:
         """Register a function."""
@@ -81,7 +83,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         self,
         request: scheduler_service_pb2.DeleteFunctionRequest,
         context: Context[
-            scheduler_service_pb2.DeleteFunctionRequest, scheduler_service_pb2.DeleteFunctionResponse
+            scheduler_service_pb2.DeleteFunctionRequest,
+            scheduler_service_pb2.DeleteFunctionResponse,
         ],
     ) -> scheduler_service_pb2.DeleteFunctionResponse:
         """Delete a function."""
@@ -91,10 +94,14 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     async def CreateDag(
         self,
         request: scheduler_service_pb2.CreateDagRequest,
-        context: Context[scheduler_service_pb2.CreateDagRequest, scheduler_service_pb2.CreateDagResponse],
+        context: Context[
+            scheduler_service_pb2.CreateDagRequest, scheduler_service_pb2.CreateDagResponse
+        ],
     ) -> scheduler_service_pb2.CreateDagResponse:
         """Register a DAG."""
-        return scheduler_service_pb2.CreateDagResponse(dag=await self._scheduler.create_dag(request.dag))
+        return scheduler_service_pb2.CreateDagResponse(
+            dag=await self._scheduler.create_dag(request.dag)
+        )
 
     async def GetDag(
         self,
@@ -107,7 +114,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     async def ListDags(
         self,
         request: scheduler_service_pb2.ListDagsRequest,
-        context: Context[scheduler_service_pb2.ListDagsRequest, scheduler_service_pb2.ListDagsResponse],
+        context: Context[
+            scheduler_service_pb2.ListDagsRequest, scheduler_service_pb2.ListDagsResponse
+        ],
     ) -> scheduler_service_pb2.ListDagsResponse:
         """List DAG names."""
         names = await self._scheduler.registry.dag_names(request.prefix)
@@ -117,7 +126,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     async def DeleteDag(
         self,
         request: scheduler_service_pb2.DeleteDagRequest,
-        context: Context[scheduler_service_pb2.DeleteDagRequest, scheduler_service_pb2.DeleteDagResponse],
+        context: Context[
+            scheduler_service_pb2.DeleteDagRequest, scheduler_service_pb2.DeleteDagResponse
+        ],
     ) -> scheduler_service_pb2.DeleteDagResponse:
         """Delete a DAG."""
         await self._scheduler.delete_dag(request.name)
@@ -142,10 +153,14 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     async def CallDag(
         self,
         request: scheduler_service_pb2.CallDagRequest,
-        context: Context[scheduler_service_pb2.CallDagRequest, scheduler_service_pb2.CallDagResponse],
+        context: Context[
+            scheduler_service_pb2.CallDagRequest, scheduler_service_pb2.CallDagResponse
+        ],
     ) -> scheduler_service_pb2.CallDagResponse:
         """Call a DAG; with direct_response, wait for and return its outcome."""
-        accepted = await self._scheduler.call_dag(request, request.direct_response, _remaining(context))
+        accepted = await self._scheduler.call_dag(
+            request, request.direct_response, _remaining(context)
+        )
         response = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
         if accepted.outcome is not None:
             response.outcome.CopyFrom(await _await_outcome(accepted))
@@ -154,7 +169,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     async def StreamCalls(
         self,
         request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],
-        context: Context[scheduler_service_pb2.StreamCallsRequest, scheduler_service_pb2.StreamCallsResponse],
+        context: Context[
+            scheduler_service_pb2.StreamCallsRequest, scheduler_service_pb2.StreamCallsResponse
+        ],
     ) -> AsyncIterator[scheduler_service_pb2.StreamCallsResponse]:
         """Serve many calls over one stream; each is answered when accepted (and finished)."""
         answers: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] = asyncio.Queue()
@@ -175,7 +192,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                     scheduler_service_pb2.StreamCallsResponse(
                         sequence=frame.sequence,
                         error=error_to_call_error(
-                            CloudburstError("internal error; the details are in the scheduler's log")
+                            CloudburstError(
+                                "internal error; the details are in the scheduler's log"
+                            )
                         ),
                     )
                 )
@@ -216,26 +235,36 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             first = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
             if not direct:
                 answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_function=first)
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=frame.sequence, call_function=first
+                    )
                 )
             if accepted.outcome is not None:
                 first.outcome.CopyFrom(await _await_outcome(accepted))
                 answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_function=first)
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=frame.sequence, call_function=first
+                    )
                 )
         elif kind == "call_dag":
             dag_request = frame.call_dag
             direct = dag_request.direct_response
-            accepted = await self._scheduler.call_dag(dag_request, direct or frame.stream_outcome, None)
+            accepted = await self._scheduler.call_dag(
+                dag_request, direct or frame.stream_outcome, None
+            )
             dag_answer = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
             if not direct:
                 answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_dag=dag_answer)
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=frame.sequence, call_dag=dag_answer
+                    )
                 )
             if accepted.outcome is not None:
                 dag_answer.outcome.CopyFrom(await _await_outcome(accepted))
                 answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_dag=dag_answer)
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=frame.sequence, call_dag=dag_answer
+                    )
                 )
         else:
             raise InvalidArgumentError("a StreamCallsRequest must carry call_function or call_dag")

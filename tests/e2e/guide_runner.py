@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Any
 
 FENCE = re.compile(r"```[a-z0-9]*\n(.*?)```", re.S)
 
@@ -68,11 +69,13 @@ def main() -> int:
         elif "class " in block:
             namespace["cloud"] = namespace["cloudburst"]
             exec(compile(block, "<guide>", "exec"), namespace)
-    cloud = namespace["cloudburst"]
+    cloud: Any = namespace["cloudburst"]
     # The class example, called one-shot and inside a DAG.
-    assert cloud.exec_func("expensive_class", [1]).get(timeout=30) == "work done"  # type: ignore[attr-defined]
-    assert cloud.register_dag("class_dag", ["incr", "expensive_class"], [("incr", "expensive_class")])  # type: ignore[attr-defined]
-    assert cloud.call_dag("class_dag", {"incr": 1}, direct_response=True) == "work done"  # type: ignore[attr-defined]
+    assert cloud.exec_func("expensive_class", [1]).get(timeout=30) == "work done"
+    assert cloud.register_dag(
+        "class_dag", ["incr", "expensive_class"], [("incr", "expensive_class")]
+    )
+    assert cloud.call_dag("class_dag", {"incr": 1}, direct_response=True) == "work done"
     print(f"guide ok: {checked} outputs checked")
     return 0
 

@@ -9,9 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import ServeProcess
-
 from cloudburst import CloudburstConnection
+from harness import ServeProcess
 
 
 def double(_: object, x: int) -> int:
@@ -81,7 +80,15 @@ def test_help_explains_commands_and_options() -> None:
         assert command in top.stdout
     serve = cbgrpc("serve", "--help")
     assert serve.returncode == 0
-    for option in ("--port", "--host", "--storage", "--data-dir", "--executors", "--threads", "--config"):
+    for option in (
+        "--port",
+        "--host",
+        "--storage",
+        "--data-dir",
+        "--executors",
+        "--threads",
+        "--config",
+    ):
         assert option in serve.stdout
 
 
@@ -110,7 +117,6 @@ def test_unreachable_server_gives_a_clear_error() -> None:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     import pytest
-
     from cloudburst.errors import UnavailableError
 
     with pytest.raises(UnavailableError, match="cbgrpc serve"):

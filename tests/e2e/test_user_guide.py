@@ -39,7 +39,9 @@ def test_guide_examples_run_as_written(
     text = GUIDE.read_text()
     assert "from cloudburst.client.client import CloudburstConnection" in text
     guide = tmp_path / "guide.md"
-    guide.write_text(text.replace("from cloudburst.client.client import CloudburstConnection", import_line))
+    guide.write_text(
+        text.replace("from cloudburst.client.client import CloudburstConnection", import_line)
+    )
     output = run_guide(guide, server.address)
     # incr(1) -> 2, square(2) -> 4, register_dag -> True, call_dag(...).get() -> 4
     assert "guide ok: 4 outputs checked" in output

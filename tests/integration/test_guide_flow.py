@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from cloudburst import CloudburstConnection
 from harness import Cluster
 
-from cloudburst import CloudburstConnection
 from cloudburst_grpc.local import Node
 
 

@@ -87,7 +87,9 @@ class Core:
         while (frame := await outbox.get()) is not None:
             yield frame
 
-    async def _read(self, outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]) -> None:
+    async def _read(
+        self, outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]
+    ) -> None:
         failure: CloudburstError = UnavailableError(f"the call stream to {self.target} closed")
         stream = self.scheduler.StreamCalls(self._frames(outbox))
         try:
@@ -164,7 +166,9 @@ class Core:
         """Read a user key; with ``wait``, wait up to ``timeout`` seconds for it to exist."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER, wait=wait)
+        request = kvs_service_pb2.GetValueRequest(
+            key=key, keyspace=lattice_pb2.KEYSPACE_USER, wait=wait
+        )
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -172,7 +176,7 @@ class Core:
             try:
                 response = await self.kvs.GetValue(request, timeout=remaining)
             except grpc.RpcError as exc:
-                if wait and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                if wait and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return None
                 raise error_from_rpc(exc, what=f"reading key {key!r}") from None
             if response.found:

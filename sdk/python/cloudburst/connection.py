@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import functools
 import inspect
 import logging
 import sys
@@ -225,7 +227,9 @@ class CloudburstConnection:
             proto.kind = function_pb2.FUNCTION_KIND_CLASS
             for index, arg in enumerate(init):
                 proto.init_arguments.append(
-                    _serialize(arg, f"init argument {index + 1} of {name!r}", self.max_payload_bytes)
+                    _serialize(
+                        arg, f"init argument {index + 1} of {name!r}", self.max_payload_bytes
+                    )
                 )
         elif inspect.isclass(function):
             body = function
@@ -238,8 +242,12 @@ class CloudburstConnection:
                 f"register {name!r}: expected a function or (Class, init_args), "
                 f"got {type(function).__name__}"
             )
-        if proto.kind == function_pb2.FUNCTION_KIND_CLASS and not callable(getattr(body, "run", None)):
-            raise InvalidArgumentError(f"register {name!r}: class {body.__name__} has no run method")
+        if proto.kind == function_pb2.FUNCTION_KIND_CLASS and not callable(
+            getattr(body, "run", None)
+        ):
+            raise InvalidArgumentError(
+                f"register {name!r}: class {body.__name__} has no run method"
+            )
         try:
             with _pickle_lock, _by_value([body]):
                 data = cloudpickle.dumps(body)
@@ -265,7 +273,10 @@ class CloudburstConnection:
         request = scheduler_service_pb2.GetFunctionRequest(name=name)
         try:
             self._run(
-                call(f"getting {name!r}", lambda: self._core.scheduler.GetFunction(request, timeout=self.timeout)),
+                call(
+                    f"getting {name!r}",
+                    lambda: self._core.scheduler.GetFunction(request, timeout=self.timeout),
+                ),
                 f"getting {name!r}",
             )
         except NotFoundError:
@@ -273,13 +284,20 @@ class CloudburstConnection:
         return CloudburstFunction(name, self)
 
     def list(self, prefix: str | None = None) -> list[str]:
-        """Return the names of registered functions, optionally only those starting with ``prefix``."""
+        """Return the registered function names, optionally only those starting with ``prefix``."""
         names: list[str] = []
         token = ""
         while True:
-            request = scheduler_service_pb2.ListFunctionsRequest(prefix=prefix or "", page_token=token)
+            request = scheduler_service_pb2.ListFunctionsRequest(
+                prefix=prefix or "", page_token=token
+            )
             response = self._run(
-                call("listing functions", lambda r=request: self._core.scheduler.ListFunctions(r, timeout=self.timeout)),
+                call(
+                    "listing functions",
+                    functools.partial(
+                        self._core.scheduler.ListFunctions, request, timeout=self.timeout
+                    ),
+                ),
                 "listing functions",
             )
             names.extend(response.names)
@@ -296,7 +314,10 @@ class CloudburstConnection:
         """
         request = scheduler_service_pb2.DeleteFunctionRequest(name=name)
         self._run(
-            call(f"deleting {name!r}", lambda: self._core.scheduler.DeleteFunction(request, timeout=self.timeout)),
+            call(
+                f"deleting {name!r}",
+                lambda: self._core.scheduler.DeleteFunction(request, timeout=self.timeout),
+            ),
             f"deleting {name!r}",
         )
 
@@ -342,7 +363,9 @@ class CloudburstConnection:
                 dag.functions.append(function[0] if isinstance(function, tuple) else function)
             for pair in connections:
                 upstream, downstream = pair
-                dag.connections.append(function_pb2.Connection(upstream=upstream, downstream=downstream))
+                dag.connections.append(
+                    function_pb2.Connection(upstream=upstream, downstream=downstream)
+                )
         except (TypeError, ValueError) as exc:
             error: CloudburstError = InvalidArgumentError(
                 f"register_dag {name!r}: functions must be names and connections "
@@ -352,7 +375,10 @@ class CloudburstConnection:
         request = scheduler_service_pb2.CreateDagRequest(dag=dag)
         try:
             self._run(
-                call(f"registering DAG {name!r}", lambda: self._core.scheduler.CreateDag(request, timeout=self.timeout)),
+                call(
+                    f"registering DAG {name!r}",
+                    lambda: self._core.scheduler.CreateDag(request, timeout=self.timeout),
+                ),
                 f"registering DAG {name!r}",
             )
         except (InvalidArgumentError, NotFoundError, CloudburstError) as exc:
@@ -376,7 +402,10 @@ class CloudburstConnection:
         request = scheduler_service_pb2.DeleteDagRequest(name=name)
         try:
             self._run(
-                call(f"deleting DAG {name!r}", lambda: self._core.scheduler.DeleteDag(request, timeout=self.timeout)),
+                call(
+                    f"deleting DAG {name!r}",
+                    lambda: self._core.scheduler.DeleteDag(request, timeout=self.timeout),
+                ),
                 f"deleting DAG {name!r}",
             )
         except NotFoundError as exc:
@@ -384,13 +413,16 @@ class CloudburstConnection:
         self.last_error = None
         return True
 
-    def list_dags(self, prefix: str | None = None) -> list[str]:
+    def list_dags(self, prefix: str | None = None) -> builtins.list[str]:
         """Return the names of registered DAGs."""
         request = scheduler_service_pb2.ListDagsRequest(prefix=prefix or "")
-        names: list[str] = []
+        names: builtins.list[str] = []
         while True:
             response = self._run(
-                call("listing DAGs", lambda r=request: self._core.scheduler.ListDags(r, timeout=self.timeout)),
+                call(
+                    "listing DAGs",
+                    functools.partial(self._core.scheduler.ListDags, request, timeout=self.timeout),
+                ),
                 "listing DAGs",
             )
             names.extend(response.names)
@@ -436,8 +468,12 @@ class CloudburstConnection:
         )
         limit = self.timeout if timeout is None else timeout
         if direct_response:
-            pending = self._run(self._core.stream_call(frame, True), f"calling DAG {dname!r}", limit)
-            outcome = self._run(self._core.await_outcome(pending, limit), f"calling DAG {dname!r}", limit)
+            pending = self._run(
+                self._core.stream_call(frame, True), f"calling DAG {dname!r}", limit
+            )
+            outcome = self._run(
+                self._core.await_outcome(pending, limit), f"calling DAG {dname!r}", limit
+            )
             return self._decode(outcome)
         pending = self._run(self._core.stream_call(frame, True), f"calling DAG {dname!r}", limit)
         return CloudburstFuture(pending.response_key, self, pending)

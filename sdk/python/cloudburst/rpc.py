@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -29,11 +29,13 @@ def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstEr
     The ``ErrorInfo`` detail, when present, picks the class; otherwise the
     status code does, with a message that says what to check.
     """
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    details: str = exc.details() or ""  # type: ignore[attr-defined]
+    # grpc.RpcError declares none of these; every error a call raises implements them.
+    rpc: Any = exc
+    code: grpc.StatusCode = rpc.code()
+    details: str = rpc.details() or ""
     reason: str | None = None
     metadata: dict[str, str] = {}
-    trailing = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    trailing = rpc.trailing_metadata() or ()
     for key, value in trailing:
         if key == _DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)

@@ -18,7 +18,6 @@ import uuid
 from typing import Any
 
 import cloudpickle
-
 import grpc
 
 from cloudburst.errors import (
@@ -109,7 +108,9 @@ def deserialize(value: value_pb2.Value) -> Any:
 def failure_from_exception(exc: BaseException, function_name: str) -> value_pb2.Failure:
     """Describe an exception raised by user code."""
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
     return value_pb2.Failure(
         type=name,
         message=str(exc),
@@ -176,8 +177,6 @@ def lattice_value(lattice: lattice_pb2.Lattice) -> Any:
     if kind == "set":
         return [deserialize(v) for v in lattice.set.values]
     return None
-
-
 
 
 def new_call_id() -> str:

@@ -1,1 +1,1 @@
-"""The original system's import path: ``from cloudburst.client.client import CloudburstConnection``."""
+"""The original system's import path, ``cloudburst.client.client``."""

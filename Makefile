@@ -1,0 +1,59 @@
+# The two commands of the README:
+#   make serve   set everything up and run `cbgrpc serve` (ARGS="--port 7700" to pass flags)
+#   make test    set everything up and run every check and the whole test suite (CI runs this)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BUF := tools/buf/node_modules/.bin/buf
+ARGS ?=
+
+.PHONY: setup serve test check lint typecheck protos-lint protos-check unit integration e2e
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
+	$(PY) -m pip install --quiet -e . --group dev
+	touch $@
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	npm ci --prefix tools/buf --no-audit --no-fund --loglevel=error
+	touch $@
+
+serve: setup
+	$(VENV)/bin/cbgrpc serve $(ARGS)
+
+# Lint the contract, check the generated code is current, lint and type-check, then test.
+test: check
+	$(PY) -m pytest -q -p no:cacheprovider
+
+check: protos-lint protos-check lint typecheck
+
+protos-lint: $(BUF)
+	$(BUF) lint protos
+
+protos-check: setup
+	$(PY) tools/gen_protos.py
+	git diff --exit-code -- sdk/python/cloudburst/v1 || \
+	  (echo "sdk/python/cloudburst/v1 is out of date: run '$(PY) tools/gen_protos.py' and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- sdk/python/cloudburst/v1)" || \
+	  (echo "untracked generated files in sdk/python/cloudburst/v1: commit them" && exit 1)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q tests/integration
+
+e2e: setup
+	$(PY) -m pytest -q tests/e2e
