@@ -126,6 +126,9 @@ class Node:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        if self.store is not None:
+            # Watches never end by themselves; end them so stop() need not wait out its grace.
+            self.store.end_watches()
         await self.server.stop(self.config.server.grace_seconds if grace is None else grace)
         await self.stack.aclose()
         logger.info("%s on port %d stopped", self.role, self.port)

@@ -1,0 +1,273 @@
+"""Typed async access to a remote KVS over a ``grpc.aio`` channel.
+
+Every call raises cloudburst exceptions (through :func:`cloudburst.rpc.call`),
+never raw gRPC errors, and a ``timeout`` becomes the call's gRPC deadline.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+
+import grpc
+from cloudburst.errors import CloudburstTimeoutError
+from cloudburst.rpc import call, error_from_rpc
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
+
+from kvs.store import Keyspace, WatchEvent
+
+logger = logging.getLogger(__name__)
+
+#: The most keys the service takes in one BatchGetValues; larger batches are split.
+BATCH_CHUNK = 1000
+
+_USER = lattice_pb2.KEYSPACE_USER
+
+
+class KvsClient:
+    """Calls the KvsService of a server reachable over ``channel``.
+
+    The channel belongs to the caller, who closes it.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        """Create a client; no call is made until a method is awaited."""
+        self._stub: kvs_service_pb2_grpc.KvsServiceAsyncStub = (
+            kvs_service_pb2_grpc.KvsServiceStub(channel)
+        )
+
+    async def get(
+        self,
+        key: str,
+        keyspace: Keyspace = _USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> lattice_pb2.Lattice | None:
+        """Return the key's lattice, or None when it does not exist.
+
+        Args:
+            key: The key.
+            keyspace: The key's keyspace.
+            wait: Wait until the key exists (up to ``timeout`` and the server's wait limit).
+            timeout: Seconds before the call's deadline; None for no deadline.
+
+        Returns:
+            The lattice, or None when the key does not exist or, with ``wait``, did
+            not appear before the timeout.
+
+        Raises:
+            CloudburstTimeoutError: The deadline passed for a call that did not wait.
+        """
+        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=keyspace, wait=wait)
+        try:
+            response = await call(
+                f"GetValue of key {key!r}", lambda: self._stub.GetValue(request, timeout=timeout)
+            )
+        except CloudburstTimeoutError:
+            # The deadline racing the server's own "not found yet" answer is the
+            # expected end of a wait, so both read the same to the caller.
+            if wait:
+                return None
+            raise
+        return response.lattice if response.found else None
+
+    async def put(
+        self,
+        key: str,
+        lattice: lattice_pb2.Lattice,
+        keyspace: Keyspace = _USER,
+        *,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> lattice_pb2.Lattice:
+        """Merge ``lattice`` into the key and return the stored lattice after the merge.
+
+        A last-writer-wins lattice without a timestamp is stamped by the server.
+        A retry with the same ``request_id`` is not merged twice.
+        """
+        request = kvs_service_pb2.PutValueRequest(
+            key=key, keyspace=keyspace, lattice=lattice, request_id=request_id
+        )
+        response = await call(
+            f"PutValue of key {key!r}", lambda: self._stub.PutValue(request, timeout=timeout)
+        )
+        return response.lattice
+
+    async def delete(
+        self,
+        key: str,
+        keyspace: Keyspace = _USER,
+        *,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> bool:
+        """Delete the key and return whether it existed."""
+        request = kvs_service_pb2.DeleteValueRequest(
+            key=key, keyspace=keyspace, request_id=request_id
+        )
+        response = await call(
+            f"DeleteValue of key {key!r}", lambda: self._stub.DeleteValue(request, timeout=timeout)
+        )
+        return response.existed
+
+    async def batch_get(
+        self,
+        keys: Sequence[str],
+        keyspace: Keyspace = _USER,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, lattice_pb2.Lattice | None]:
+        """Return the lattice (or None) of every key; more than 1000 keys take several calls.
+
+        ``timeout`` applies to each call.
+        """
+        result: dict[str, lattice_pb2.Lattice | None] = {}
+        for start in range(0, len(keys), BATCH_CHUNK):
+            request = kvs_service_pb2.BatchGetValuesRequest(
+                keys=keys[start : start + BATCH_CHUNK], keyspace=keyspace
+            )
+            response = await call(
+                f"BatchGetValues of {len(request.keys)} keys",
+                functools.partial(self._stub.BatchGetValues, request, timeout=timeout),
+            )
+            for entry in response.entries:
+                result[entry.key] = entry.lattice if entry.found else None
+        return result
+
+    async def list_keys(
+        self,
+        prefix: str = "",
+        keyspace: Keyspace = _USER,
+        *,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Return every key that starts with ``prefix``, ascending, reading all pages.
+
+        ``page_size`` (0 for the server's default) and ``timeout`` apply to each page.
+        """
+        keys: list[str] = []
+        token = ""
+        while True:
+            request = kvs_service_pb2.ListKeysRequest(
+                keyspace=keyspace, prefix=prefix, page_size=page_size, page_token=token
+            )
+            response = await call(
+                f"ListKeys of prefix {prefix!r}",
+                functools.partial(self._stub.ListKeys, request, timeout=timeout),
+            )
+            keys.extend(response.keys)
+            token = response.next_page_token
+            if not token:
+                return keys
+
+    async def watch(
+        self,
+        keys: Iterable[str] = (),
+        keyspace: Keyspace = _USER,
+        *,
+        prefix: str = "",
+        timeout: float | None = None,
+    ) -> WatchStream:
+        """Start watching keys and/or a key prefix; returns once the server is watching.
+
+        No change committed after this returns is missed. Iterate the returned
+        stream for :class:`~kvs.store.WatchEvent` items, and close it (or use it
+        as an async context manager) to stop.
+
+        Args:
+            keys: The keys to watch.
+            keyspace: Their keyspace.
+            prefix: Also watch every key that starts with it, when not empty.
+            timeout: Seconds after which the whole stream ends; None to watch until closed.
+        """
+        request = kvs_service_pb2.WatchValuesRequest(
+            keys=list(keys), keyspace=keyspace, key_prefix=prefix
+        )
+        stream = WatchStream(self._stub.WatchValues(request, timeout=timeout))
+        try:
+            await stream._started()
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+
+class WatchStream:
+    """The changes streamed by a WatchValues call, as an async iterator of WatchEvent."""
+
+    _WHAT = "WatchValues"
+
+    def __init__(
+        self,
+        rpc: grpc.aio.UnaryStreamCall[
+            kvs_service_pb2.WatchValuesRequest, kvs_service_pb2.WatchValuesResponse
+        ],
+    ) -> None:
+        self._rpc = rpc
+        self._first: kvs_service_pb2.WatchValuesResponse | None = None
+        self._ended = False
+
+    async def _started(self) -> None:
+        # The server sends its headers once it registered the watch.
+        try:
+            await self._rpc.initial_metadata()
+        except grpc.RpcError as exc:
+            self._ended = True
+            raise error_from_rpc(exc, what=self._WHAT) from None
+        if self._rpc.done():
+            # Refused or ended at once (bad request, server shutting down): say so
+            # now rather than at the first read.
+            self._first = await self._read()
+
+    async def _read(self) -> kvs_service_pb2.WatchValuesResponse | None:
+        try:
+            item = await self._rpc.read()
+        except grpc.RpcError as exc:
+            self._ended = True
+            raise error_from_rpc(exc, what=self._WHAT) from None
+        if not isinstance(item, kvs_service_pb2.WatchValuesResponse):  # grpc.aio.EOF
+            self._ended = True
+            return None
+        return item
+
+    def __aiter__(self) -> WatchStream:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        response, self._first = self._first, None
+        if response is None:
+            if self._ended:
+                raise StopAsyncIteration
+            response = await self._read()
+            if response is None:
+                raise StopAsyncIteration
+        entry = response.entry
+        lattice = entry.lattice if entry.found and not response.deleted else None
+        return WatchEvent(entry.key, lattice, response.deleted)
+
+    def close(self) -> None:
+        """Stop watching (cancels the call); idempotent."""
+        self._ended = True
+        self._rpc.cancel()
+
+    async def aclose(self) -> None:
+        """Stop watching; same as :meth:`close`."""
+        self.close()
+
+    async def __aenter__(self) -> WatchStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+__all__ = ["BATCH_CHUNK", "KvsClient", "WatchStream"]

@@ -1,0 +1,43 @@
+"""Wiring of the KVS into a server, used by the composition roots and the tests."""
+
+from __future__ import annotations
+
+import grpc
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
+
+from cloudburst_grpc.config import KvsConfig
+from kvs.servicer import KvsServicer
+from kvs.storage import open_engine
+from kvs.store import LatticeStore
+
+#: The full name of the KVS gRPC service, for health and reflection.
+SERVICE_NAME: str = kvs_service_pb2.DESCRIPTOR.services_by_name["KvsService"].full_name
+
+
+def open_store(kvs_config: KvsConfig, max_payload_bytes: int) -> LatticeStore:
+    """Create (not start) the store the configuration describes.
+
+    Args:
+        kvs_config: Engine, data directory and sync mode.
+        max_payload_bytes: The most user data one key may hold after a merge.
+
+    Raises:
+        kvs.storage.StorageError: The SQLite database cannot be opened.
+    """
+    engine = open_engine(kvs_config.engine, kvs_config.data_dir, kvs_config.sync)
+    return LatticeStore(engine, max_lattice_bytes=max_payload_bytes)
+
+
+def add_kvs_to_server(
+    server: grpc.aio.Server,
+    store: LatticeStore,
+    kvs_config: KvsConfig,
+    max_payload_bytes: int,
+) -> None:
+    """Register the KvsService, serving ``store``, on a (not yet started) server."""
+    kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(
+        KvsServicer(store, kvs_config, max_payload_bytes), server
+    )
+
+
+__all__ = ["SERVICE_NAME", "add_kvs_to_server", "open_store"]

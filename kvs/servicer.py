@@ -1,0 +1,179 @@
+"""The ``cloudburst.v1.KvsService`` servicer: validate, delegate to the store, convert.
+
+Errors are raised as cloudburst exceptions and turned into gRPC statuses by
+:class:`~cloudburst_grpc.interceptors.ErrorMappingInterceptor`; nothing here
+catches them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+from cloudburst.errors import InvalidArgumentError, PayloadTooLargeError
+from cloudburst.serialization import LwwClock
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
+
+from cloudburst_grpc.config import KvsConfig
+from kvs import lattices
+from kvs.store import LatticeStore, WatchEvent, check_key, normalize_keyspace
+
+logger = logging.getLogger(__name__)
+
+#: The most keys one BatchGetValues request may name.
+MAX_BATCH_KEYS = 1000
+
+
+class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
+    """Serves a :class:`~kvs.store.LatticeStore` over gRPC."""
+
+    def __init__(self, store: LatticeStore, kvs_config: KvsConfig, max_payload_bytes: int) -> None:
+        """Serve ``store``.
+
+        Args:
+            store: The started store to delegate to.
+            kvs_config: Gives the longest a waiting GetValue waits.
+            max_payload_bytes: The most user data one PutValue may carry.
+        """
+        self._store = store
+        self._max_wait_seconds = kvs_config.max_wait_seconds
+        self._max_payload_bytes = max_payload_bytes
+        # One clock per servicer: timestamps it assigns strictly increase, so two
+        # unstamped puts from one client are ordered as they arrived.
+        self._clock = LwwClock()
+
+    async def GetValue(
+        self,
+        request: kvs_service_pb2.GetValueRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.GetValueRequest, kvs_service_pb2.GetValueResponse
+        ],
+    ) -> kvs_service_pb2.GetValueResponse:
+        """Read one key, waiting for it when asked (within the deadline and the wait limit)."""
+        check_key(request.key)
+        keyspace = normalize_keyspace(request.keyspace)
+        if request.wait:
+            remaining = context.time_remaining()
+            deadline = math.inf if remaining is None else remaining
+            timeout = min(deadline, self._max_wait_seconds)
+            lattice = await self._store.wait_for(keyspace, request.key, timeout)
+        else:
+            lattice = self._store.get(keyspace, request.key)
+        if lattice is None:
+            return kvs_service_pb2.GetValueResponse(found=False)
+        return kvs_service_pb2.GetValueResponse(found=True, lattice=lattice)
+
+    async def PutValue(
+        self,
+        request: kvs_service_pb2.PutValueRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.PutValueRequest, kvs_service_pb2.PutValueResponse
+        ],
+    ) -> kvs_service_pb2.PutValueResponse:
+        """Merge a lattice into a key, stamping an unstamped last-writer-wins write."""
+        check_key(request.key)
+        keyspace = normalize_keyspace(request.keyspace)
+        lattices.validate(request.lattice)
+        size = lattices.lattice_size(request.lattice)
+        if size > self._max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"the lattice for key {request.key!r} holds {size} bytes of data, over the "
+                f"limit of {self._max_payload_bytes} bytes; store large data in smaller pieces "
+                "or raise the limit (max_payload_bytes)",
+                {
+                    "key": request.key,
+                    "size": str(size),
+                    "limit": str(self._max_payload_bytes),
+                },
+            )
+        lattice = lattices.stamp(request.lattice, self._clock)
+        merged = await self._store.put(
+            keyspace, request.key, lattice, request_id=request.request_id
+        )
+        return kvs_service_pb2.PutValueResponse(lattice=merged)
+
+    async def DeleteValue(
+        self,
+        request: kvs_service_pb2.DeleteValueRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.DeleteValueRequest, kvs_service_pb2.DeleteValueResponse
+        ],
+    ) -> kvs_service_pb2.DeleteValueResponse:
+        """Delete a key; deleting a missing key succeeds with ``existed=False``."""
+        check_key(request.key)
+        existed = await self._store.delete(
+            normalize_keyspace(request.keyspace), request.key, request_id=request.request_id
+        )
+        return kvs_service_pb2.DeleteValueResponse(existed=existed)
+
+    async def BatchGetValues(
+        self,
+        request: kvs_service_pb2.BatchGetValuesRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.BatchGetValuesRequest, kvs_service_pb2.BatchGetValuesResponse
+        ],
+    ) -> kvs_service_pb2.BatchGetValuesResponse:
+        """Read up to 1000 keys, answering in request order."""
+        if len(request.keys) > MAX_BATCH_KEYS:
+            raise InvalidArgumentError(
+                f"BatchGetValues takes at most {MAX_BATCH_KEYS} keys, got {len(request.keys)}; "
+                "split the request",
+                {"field": "keys", "limit": str(MAX_BATCH_KEYS)},
+            )
+        keyspace = normalize_keyspace(request.keyspace)
+        for index, key in enumerate(request.keys):
+            check_key(key, what=f"keys[{index}]")
+        return kvs_service_pb2.BatchGetValuesResponse(
+            entries=[_key_value(key, self._store.get(keyspace, key)) for key in request.keys]
+        )
+
+    async def ListKeys(
+        self,
+        request: kvs_service_pb2.ListKeysRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.ListKeysRequest, kvs_service_pb2.ListKeysResponse
+        ],
+    ) -> kvs_service_pb2.ListKeysResponse:
+        """List one page of the keys that start with a prefix."""
+        keys, token = self._store.list_keys(
+            normalize_keyspace(request.keyspace),
+            request.prefix,
+            request.page_size,
+            request.page_token,
+        )
+        return kvs_service_pb2.ListKeysResponse(keys=keys, next_page_token=token)
+
+    async def WatchValues(
+        self,
+        request: kvs_service_pb2.WatchValuesRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.WatchValuesRequest, kvs_service_pb2.WatchValuesResponse
+        ],
+    ) -> AsyncIterator[kvs_service_pb2.WatchValuesResponse]:
+        """Stream every change to the watched keys until the client cancels."""
+        subscription = self._store.watch(
+            normalize_keyspace(request.keyspace), request.keys, request.key_prefix
+        )
+        async with subscription:
+            # Headers go out only now that the subscription exists: a client that
+            # waits for them knows that no later change can be missed.
+            await context.send_initial_metadata(())
+            async for event in subscription:
+                yield _watch_response(event)
+
+
+def _key_value(key: str, lattice: lattice_pb2.Lattice | None) -> kvs_service_pb2.KeyValue:
+    if lattice is None:
+        return kvs_service_pb2.KeyValue(key=key, found=False)
+    return kvs_service_pb2.KeyValue(key=key, found=True, lattice=lattice)
+
+
+def _watch_response(event: WatchEvent) -> kvs_service_pb2.WatchValuesResponse:
+    return kvs_service_pb2.WatchValuesResponse(
+        entry=_key_value(event.key, event.lattice), deleted=event.deleted
+    )
+
+
+__all__ = ["MAX_BATCH_KEYS", "KvsServicer"]
