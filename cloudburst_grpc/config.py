@@ -72,6 +72,10 @@ class ExecutorConfig:
     """Threads per executor that run user functions concurrently."""
     max_queue: int = 1024
     """Calls an executor accepts beyond its running ones before refusing with QUEUE_FULL."""
+    mailbox_capacity: int = 1024
+    """Unread messages a function's mailbox holds before senders wait."""
+    send_timeout_seconds: float = 10.0
+    """How long ``send`` waits for space in a full mailbox before raising QueueFullError."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,11 @@ class Config:
             (self.executor.count >= 1, "executor.count must be at least 1"),
             (self.executor.threads >= 1, "executor.threads must be at least 1"),
             (self.executor.max_queue >= 1, "executor.max_queue must be at least 1"),
+            (self.executor.mailbox_capacity >= 1, "executor.mailbox_capacity must be at least 1"),
+            (
+                self.executor.send_timeout_seconds > 0,
+                "executor.send_timeout_seconds must be positive",
+            ),
             (
                 self.scheduler.call_timeout_seconds > 0,
                 "scheduler.call_timeout_seconds must be positive",
@@ -136,6 +145,8 @@ def _convert(raw: Any, kind: Any, name: str) -> Any:
             raise ValueError(raw)
         if kind is Path:
             return Path(str(raw)).expanduser()
+        if kind in (int, float) and isinstance(raw, bool):
+            raise ValueError(raw)
         if kind is int and isinstance(raw, float):
             raise ValueError(raw)
         return kind(raw)

@@ -22,6 +22,8 @@ from cloudburst.v1 import (
     executor_service_pb2_grpc,
     kvs_service_pb2_grpc,
     lattice_pb2,
+    messaging_service_pb2,
+    messaging_service_pb2_grpc,
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
@@ -31,6 +33,8 @@ from cloudburst_grpc.config import Config
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteExecutorPeer
 from cloudburst_grpc.kvs_access import USER, KvsAccess
 from cloudburst_grpc.kvs_proxy import KvsProxyServicer
+from cloudburst_grpc.messaging.mailbox import MailboxRouter
+from cloudburst_grpc.messaging.service import MessagingPeers, MessagingServicer
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
@@ -46,6 +50,7 @@ logger = logging.getLogger(__name__)
 SCHEDULER_SERVICE = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 EXECUTOR_SERVICE = executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 KVS_SERVICE = "cloudburst.v1.KvsService"
+MESSAGING_SERVICE = messaging_service_pb2.DESCRIPTOR.services_by_name["MessagingService"].full_name
 
 
 class InProcessKvs:
@@ -163,6 +168,23 @@ def _remote_factory(peer_id: str, config: Config) -> PeerDirectory:
     return PeerDirectory(factory)
 
 
+def _messaging(node: Node, peer_id: str) -> MailboxRouter:
+    """Serve MessagingService on the node and return its mailbox router."""
+    config = node.config
+    peers = MessagingPeers(peer_id, config.server.max_payload_bytes)
+    node.stack.push_async_callback(peers.close)
+    router = MailboxRouter(
+        node.address,
+        peers.forward,
+        config.executor.mailbox_capacity,
+        config.executor.send_timeout_seconds,
+    )
+    messaging_service_pb2_grpc.add_MessagingServiceServicer_to_server(
+        MessagingServicer(router), node.server
+    )
+    return router
+
+
 async def start_local(config: Config) -> Node:
     """Start the KVS, scheduler and executors in this process, served on one port."""
     stack = contextlib.AsyncExitStack()
@@ -175,6 +197,7 @@ async def start_local(config: Config) -> Node:
         )
         peers = _remote_factory("scheduler-local", config)
         stack.push_async_callback(peers.close)
+        router = _messaging(node, "serve")
         pool = ExecutorPool(peers)
         for index in range(config.executor.count):
             executor = Executor(
@@ -185,12 +208,15 @@ async def start_local(config: Config) -> Node:
                 peers,
                 config.server.max_payload_bytes,
                 config.scheduler.call_timeout_seconds,
+                router,
             )
             stack.push_async_callback(executor.close)
             node.executors.append(executor)
             peers.add_local(LocalExecutorPeer(executor))
             pool.add(executor.executor_id, executor.address)
-        scheduler = Scheduler("scheduler-local", kvs, pool, config.scheduler)
+        scheduler = Scheduler(
+            "scheduler-local", kvs, pool, config.scheduler, config.server.max_payload_bytes
+        )
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
         await scheduler.restore_pins()
@@ -198,7 +224,7 @@ async def start_local(config: Config) -> Node:
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(scheduler), server
         )
-        await _serve(node, [SCHEDULER_SERVICE, KVS_SERVICE])
+        await _serve(node, [SCHEDULER_SERVICE, KVS_SERVICE, MESSAGING_SERVICE])
     except BaseException:
         await stack.aclose()
         raise
@@ -253,6 +279,7 @@ async def start_executor_node(
         executor_id = executor_id or f"executor-{uuid.uuid4().hex[:8]}"
         peers = _remote_factory(executor_id, config)
         stack.push_async_callback(peers.close)
+        router = _messaging(node, executor_id)
         executor = Executor(
             executor_id,
             node.address,
@@ -261,13 +288,14 @@ async def start_executor_node(
             peers,
             config.server.max_payload_bytes,
             config.scheduler.call_timeout_seconds,
+            router,
         )
         stack.push_async_callback(executor.close)
         node.executors.append(executor)
         executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
             ExecutorServicer(executor), server
         )
-        await _serve(node, [EXECUTOR_SERVICE])
+        await _serve(node, [EXECUTOR_SERVICE, MESSAGING_SERVICE])
     except BaseException:
         await stack.aclose()
         raise
@@ -300,7 +328,9 @@ async def start_scheduler_node(
         for address in executor_addresses:
             status = await _executor_status(config, address, connect_timeout)
             pool.add(status.executor_id, address)
-        scheduler = Scheduler(scheduler_id, kvs, pool, config.scheduler)
+        scheduler = Scheduler(
+            scheduler_id, kvs, pool, config.scheduler, config.server.max_payload_bytes
+        )
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
         await scheduler.restore_pins()

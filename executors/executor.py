@@ -26,7 +26,7 @@ from cloudburst.errors import (
     FunctionNotFoundError,
     QueueFullError,
 )
-from cloudburst.rpc import error_to_call_error
+from cloudburst.rpc import error_to_call_error, reason_name
 from cloudburst.serialization import (
     LwwClock,
     deserialize,
@@ -48,6 +48,7 @@ from cloudburst.v1 import (
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.executor_client import PeerDirectory
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
+from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.scheduler.dag import Topology, topology
 from cloudburst_grpc.scheduler.registry import function_key
 from executors import runner
@@ -127,8 +128,10 @@ class Executor:
         peers: PeerDirectory,
         max_payload_bytes: int,
         call_timeout: float,
+        router: MailboxRouter | None = None,
     ) -> None:
         self.executor_id = executor_id
+        self._router = router
         self.address = address
         self.config = config
         self._kvs = kvs
@@ -320,17 +323,21 @@ class Executor:
             self._clock,
             self._limit,
             call_id,
+            self._router,
         )
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool,
-            context.run,
-            self._invoke,
-            loaded,
-            library,
-            tuple(args),
-            pinned and name in self.pinned,
-        )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool,
+                context.run,
+                self._invoke,
+                loaded,
+                library,
+                tuple(args),
+                pinned and name in self.pinned,
+            )
+        finally:
+            library.close()
 
     def _invoke(
         self,
@@ -347,7 +354,8 @@ class Executor:
         try:
             value = serialize(result, what=f"the result of {loaded.name!r}", limit=self._limit)
         except CloudburstError as exc:
-            return execution_pb2.Outcome(failure=failure_from_exception(exc, loaded.name))
+            # The runtime's own error (too large, unpicklable), not the function's.
+            return execution_pb2.Outcome(error=error_to_call_error(exc))
         return execution_pb2.Outcome(value=value)
 
     async def _store(self, key: str, outcome: execution_pb2.Outcome) -> None:
@@ -511,7 +519,7 @@ def outcome_value(outcome: execution_pb2.Outcome) -> value_pb2.Value:
     if kind == "failure":
         return failure_value(outcome.failure)
     error = outcome.error
-    reason = error_pb2.ErrorReason.Name(error.reason).removeprefix("ERROR_REASON_")
+    reason = reason_name(error.reason)
     return failure_value(
         value_pb2.Failure(type=f"cloudburst.errors.{reason}", message=error.message)
     )

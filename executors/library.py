@@ -11,10 +11,12 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from cloudburst.errors import CloudburstTimeoutError
-from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
+from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
+from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, serialize
+from cloudburst.v1 import messaging_service_pb2
 
 from cloudburst_grpc.kvs_access import KvsAccess
+from cloudburst_grpc.messaging.mailbox import MailboxRouter, Message
 
 T = TypeVar("T")
 
@@ -45,6 +47,7 @@ class UserLibrary:
     """What a function can do besides compute: read and write the KVS, message peers.
 
     The original system's names ``get``, ``put`` and ``getid`` are aliases.
+    One library serves one invocation; its mailbox closes when the invocation ends.
     """
 
     def __init__(
@@ -54,17 +57,32 @@ class UserLibrary:
         clock: LwwClock,
         max_payload_bytes: int,
         call_id: str,
+        router: MailboxRouter | None = None,
     ) -> None:
         self._bridge = bridge
         self._kvs = kvs
         self._clock = clock
         self._limit = max_payload_bytes
         self._call_id = call_id
+        self._router = router
+        self._mailbox_id: str | None = None
+        self._sent = 0
 
-    def get_object(self, key: str) -> Any:
-        """Return the value stored at ``key``, or None when the key does not exist."""
+    def get_object(self, key: str, timeout: float | None = None) -> Any:
+        """Return the value stored at ``key``, or None when the key does not exist.
+
+        Args:
+            key: The key.
+            timeout: If given, wait up to this many seconds for the key to exist
+                (a rendezvous with another function), then return None.
+        """
         _check_key(key)
-        lattice = self._bridge.run(self._kvs.get(key), f"get_object({key!r})")
+        wait = timeout is not None and timeout > 0
+        lattice = self._bridge.run(
+            self._kvs.get(key, wait=wait, timeout=timeout if wait else None),
+            f"get_object({key!r})",
+            None if timeout is None else timeout + 10,
+        )
         return None if lattice is None else lattice_value(lattice)
 
     def put_object(self, key: str, value: Any) -> bool:
@@ -77,29 +95,70 @@ class UserLibrary:
     get = get_object
     put = put_object
 
+    def _messaging(self) -> MailboxRouter:
+        if self._router is None:
+            raise UnavailableError("messaging is not enabled on this executor")
+        return self._router
+
     def get_id(self) -> str:
-        """Return this invocation's messaging id (see the messaging service)."""
-        raise NotImplementedError(
-            "messaging (get_id/send/recv) is not available in this version of cloudburst-grpc"
-        )
+        """Return this invocation's mailbox id; other functions ``send`` to it."""
+        if self._mailbox_id is None:
+            router = self._messaging()
+
+            async def open_mailbox() -> str:
+                return router.open().id
+
+            self._mailbox_id = self._bridge.run(open_mailbox(), "get_id()")
+        return self._mailbox_id
 
     getid = get_id
 
     def send(self, dest: str, msg: Any) -> None:
-        """Send ``msg`` to the function whose id is ``dest``."""
-        raise NotImplementedError(
-            "messaging (get_id/send/recv) is not available in this version of cloudburst-grpc"
+        """Send ``msg`` (any Python value) to the function whose id is ``dest``.
+
+        Returns once the message is in the receiver's mailbox. Messages from one
+        sender to one receiver arrive in order.
+
+        Raises:
+            MailboxNotFoundError: No such id, or its function has finished.
+            QueueFullError: The receiver's mailbox stayed full.
+        """
+        if not isinstance(dest, str) or not dest:
+            raise InvalidArgumentError(f"send needs a mailbox id from get_id(), not {dest!r}")
+        router = self._messaging()
+        sender = self.get_id()
+        self._sent += 1
+        envelope = messaging_service_pb2.MessageEnvelope(
+            message_number=self._sent,
+            sender_id=sender,
+            recipient_id=dest,
+            payload=serialize(msg, what=f"message to {dest}", limit=self._limit),
         )
+        self._bridge.run(router.send(envelope), f"send to {dest}", router.send_timeout + 15)
 
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
-        """Return the messages received so far."""
-        raise NotImplementedError(
-            "messaging (get_id/send/recv) is not available in this version of cloudburst-grpc"
-        )
+        """Return the messages received so far as ``(sender_id, msg)`` pairs.
+
+        Without ``timeout`` it never waits (an empty list when nothing came);
+        with ``timeout`` it waits up to that many seconds for at least one.
+        """
+        router = self._messaging()
+        mailbox_id = self.get_id()
+        wait = max(timeout or 0.0, 0.0)
+
+        async def take() -> list[Message]:
+            mailbox = router.get(mailbox_id)
+            return await mailbox.receive(wait) if wait else mailbox.drain()
+
+        messages = self._bridge.run(take(), "recv()", wait + 10)
+        return [(m.sender_id, deserialize(m.payload)) for m in messages]
+
+    def close(self) -> None:
+        """End the invocation's mailbox, discarding unread messages (on the loop thread)."""
+        if self._mailbox_id is not None and self._router is not None:
+            self._router.close(self._mailbox_id)
 
 
 def _check_key(key: object) -> None:
     if not isinstance(key, str) or not key:
-        from cloudburst.errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"a KVS key must be a non-empty string, not {key!r}")

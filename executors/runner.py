@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudburst import _source
 from cloudburst.errors import InvalidArgumentError
 from cloudburst.serialization import deserialize
 from cloudburst.v1 import function_pb2
@@ -41,6 +42,7 @@ class LoadedFunction:
 def load(function: function_pb2.Function) -> LoadedFunction:
     """Unpickle a registered function (blocking; call it off the event loop)."""
     target = deserialize(function.body)
+    _source.restore(target, list(function.sources))
     init_args = tuple(deserialize(v) for v in function.init_arguments)
     if function.kind == function_pb2.FUNCTION_KIND_CLASS:
         if not inspect.isclass(target) or not callable(getattr(target, "run", None)):
@@ -61,10 +63,14 @@ def passes_library(cls: type, method: str, args: tuple[Any, ...]) -> bool:
         signature = inspect.signature(getattr(cls, method))
     except (TypeError, ValueError):
         return False
+    # Looked up on the class, a plain method still has its self slot; a
+    # staticmethod or classmethod does not.
+    static = isinstance(inspect.getattr_static(cls, method, None), staticmethod | classmethod)
+    bound_self: tuple[None, ...] = () if static else (None,)
 
     def fits(count: int) -> bool:
         try:
-            signature.bind(None, *([None] * count))
+            signature.bind(*bound_self, *([None] * count))
         except TypeError:
             return False
         return True

@@ -6,7 +6,14 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from harness import Cluster, LoopThread, ServeProcess, make_config
+from harness import (
+    CbgrpcProcess,
+    Cluster,
+    LoopThread,
+    ProcessCluster,
+    ServeProcess,
+    make_config,
+)
 
 from cloudburst_grpc.local import (
     Node,
@@ -77,4 +84,29 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
         yield start
     finally:
         for proc in procs:
+            proc.kill()
+
+
+@pytest.fixture
+def process_cluster() -> Iterator[ProcessCluster]:
+    """One KVS, two executors and a scheduler as separate `cbgrpc` processes (memory storage).
+
+    Each function of a DAG is pinned on one executor, so the functions of a
+    DAG spread over both processes.
+    """
+    env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
+    started: list[CbgrpcProcess] = []
+    try:
+        kvs = CbgrpcProcess("kvs", "--storage", "memory", env=env)
+        started.append(kvs)
+        executors = []
+        for name in ("executor-a", "executor-b"):
+            executors.append(CbgrpcProcess("executor", "--kvs", kvs.address, "--id", name, env=env))
+            started.append(executors[-1])
+        flags = [arg for e in executors for arg in ("--executor", e.address)]
+        scheduler = CbgrpcProcess("scheduler", "--kvs", kvs.address, *flags, env=env)
+        started.append(scheduler)
+        yield ProcessCluster(kvs, executors, scheduler)
+    finally:
+        for proc in reversed(started):
             proc.kill()

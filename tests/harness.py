@@ -85,13 +85,14 @@ class Cluster:
         return self.scheduler.address
 
 
-class ServeProcess:
-    """A `cbgrpc serve` subprocess; its address is read from its first line of output."""
+class CbgrpcProcess:
+    """A `cbgrpc COMMAND` subprocess; its address is read from its first line of output."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.command = command
         self.args = args
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cloudburst_grpc", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "cloudburst_grpc", command, "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -113,7 +114,7 @@ class ServeProcess:
         if "listening on" not in line:
             self.kill()
             stderr = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"cbgrpc serve did not start: {line!r}\n{stderr}")
+            raise RuntimeError(f"cbgrpc {self.command} did not start: {line!r}\n{stderr}")
         return line.rsplit(" ", 1)[1].strip()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -133,3 +134,26 @@ class ServeProcess:
 
     def stderr(self) -> str:
         return self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
+
+
+class ServeProcess(CbgrpcProcess):
+    """A `cbgrpc serve` subprocess."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__("serve", *args, env=env)
+
+
+@dataclasses.dataclass
+class ProcessCluster:
+    """A KVS, executors and a scheduler, each its own `cbgrpc` process."""
+
+    kvs: CbgrpcProcess
+    executors: list[CbgrpcProcess]
+    scheduler: CbgrpcProcess
+
+    @property
+    def address(self) -> str:
+        return self.scheduler.address
+
+    def all(self) -> list[CbgrpcProcess]:
+        return [self.scheduler, *self.executors, self.kvs]

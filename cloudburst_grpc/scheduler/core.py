@@ -24,7 +24,12 @@ from cloudburst.errors import (
     InvalidArgumentError,
 )
 from cloudburst.rpc import error_to_call_error
-from cloudburst.serialization import LwwClock, new_call_id
+from cloudburst.serialization import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    LwwClock,
+    check_size,
+    new_call_id,
+)
 from cloudburst.v1 import (
     execution_pb2,
     executor_service_pb2,
@@ -72,10 +77,12 @@ class Scheduler:
         kvs: KvsAccess,
         pool: ExecutorPool,
         config: SchedulerConfig,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         self.scheduler_id = scheduler_id
         self.pool = pool
         self.config = config
+        self.max_payload_bytes = max_payload_bytes
         self._clock = LwwClock(f"scheduler-{scheduler_id}")
         self.registry = Registry(kvs, self._clock)
         self._last_version = 0
@@ -96,6 +103,13 @@ class Scheduler:
             raise InvalidArgumentError("function.kind must be FUNCTION or CLASS")
         if function.body.serializer != value_pb2.SERIALIZER_CLOUDPICKLE:
             raise InvalidArgumentError("function.body must be a SERIALIZER_CLOUDPICKLE value")
+        check_size(function.body, what=f"function {function.name!r}", limit=self.max_payload_bytes)
+        for index, value in enumerate(function.init_arguments):
+            check_size(
+                value,
+                what=f"init argument {index + 1} of {function.name!r}",
+                limit=self.max_payload_bytes,
+            )
         existing = await self.registry.get_function(function.name)
         if existing is not None and not replace_existing:
             from cloudburst.errors import AlreadyExistsError
@@ -223,7 +237,7 @@ class Scheduler:
     ) -> Accepted:
         """Place a one-shot call; its outcome is awaitable when ``want_outcome``."""
         function = await self.get_function(request.name)
-        _check_arguments(request.arguments, f"call of {request.name!r}")
+        _check_arguments(request.arguments, f"call of {request.name!r}", self.max_payload_bytes)
         keys = [a.reference.key for a in request.arguments if a.HasField("reference")]
         view = policy.place(request.name, keys, self.pool.views())
         call_id = new_call_id()
@@ -286,7 +300,9 @@ class Scheduler:
             function = await self.get_function(name)
             arguments = request.function_arguments.get(name)
             if arguments is not None:
-                _check_arguments(arguments.arguments, f"arguments of {name!r}")
+                _check_arguments(
+                    arguments.arguments, f"arguments of {name!r}", self.max_payload_bytes
+                )
                 schedule.function_arguments[name].CopyFrom(arguments)
             else:
                 schedule.function_arguments[name].SetInParent()
@@ -321,12 +337,18 @@ class Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _check_arguments(arguments: Iterable[value_pb2.Argument], what: str) -> None:
+def _check_arguments(
+    arguments: Iterable[value_pb2.Argument], what: str, max_payload_bytes: int
+) -> None:
     for index, argument in enumerate(arguments):
         kind = argument.WhichOneof("kind")
         if kind is None:
             raise InvalidArgumentError(f"{what}: argument {index + 1} is empty")
-        if kind == "value" and argument.value.serializer == value_pb2.SERIALIZER_UNSPECIFIED:
-            raise InvalidArgumentError(f"{what}: argument {index + 1} has no serializer")
+        if kind == "value":
+            if argument.value.serializer == value_pb2.SERIALIZER_UNSPECIFIED:
+                raise InvalidArgumentError(f"{what}: argument {index + 1} has no serializer")
+            check_size(
+                argument.value, what=f"{what}: argument {index + 1}", limit=max_payload_bytes
+            )
         if kind == "reference" and not argument.reference.key:
             raise InvalidArgumentError(f"{what}: argument {index + 1} references an empty key")

@@ -74,9 +74,15 @@ def place(
 
 
 def choose_pins(function: str, executors: Sequence[ExecutorView], replicas: int) -> list[str]:
-    """Choose executors to pin ``function`` on: those already pinning it, then the least loaded."""
+    """Choose executors to pin ``function`` on.
+
+    Executors that already pin it come first; then pins are spread (fewest
+    pinned functions first), then the least loaded; overloaded ones are skipped
+    unless nothing else is available.
+    """
+    available = [e for e in executors if not e.overloaded] or list(executors)
     ordered = sorted(
-        executors,
+        available,
         key=lambda e: (function not in e.pinned, len(e.pinned), e.load, e.executor_id),
     )
     return [e.executor_id for e in ordered[: max(1, replicas)]]

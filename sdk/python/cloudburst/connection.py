@@ -17,6 +17,7 @@ from typing import Any
 
 import cloudpickle
 
+from cloudburst import _source
 from cloudburst._core import Core
 from cloudburst._loop import LoopThread
 from cloudburst.errors import (
@@ -67,15 +68,22 @@ def parse_address(address: str) -> str:
     for scheme in ("grpc://", "http://", "tcp://"):
         text = text.removeprefix(scheme)
     if text.startswith("["):
-        return text if "]:" in text else f"{text}:{DEFAULT_PORT}"
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidArgumentError(f"the port in {address!r} must be a number from 1 to 65535")
-        return f"{host.strip()}:{int(port)}"
-    if ":" in text:  # a bare IPv6 address
-        return f"[{text}]:{DEFAULT_PORT}"
-    return f"{text}:{DEFAULT_PORT}"
+        host, sep, port = text.partition("]")
+        host += "]"
+        if not sep or len(host) <= 2 or (port and not port.startswith(":")):
+            raise InvalidArgumentError(f"{address!r} is not a valid [IPv6]:port address")
+        port = port.removeprefix(":") if port else str(DEFAULT_PORT)
+    elif text.count(":") == 1:
+        host, port = (part.strip() for part in text.split(":"))
+    elif ":" in text:  # a bare IPv6 address
+        host, port = f"[{text}]", str(DEFAULT_PORT)
+    else:
+        host, port = text, str(DEFAULT_PORT)
+    if not host:
+        raise InvalidArgumentError(f"{address!r} has no host; use host or host:port")
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise InvalidArgumentError(f"the port in {address!r} must be a number from 1 to 65535")
+    return f"{host}:{int(port)}"
 
 
 _INSTALLED = {
@@ -258,6 +266,7 @@ class CloudburstConnection:
                 {"function": name},
             ) from exc
         proto.body.CopyFrom(value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE))
+        proto.sources.extend(_source.collect(body))
         request = scheduler_service_pb2.CreateFunctionRequest(function=proto, replace_existing=True)
         self._run(
             call(

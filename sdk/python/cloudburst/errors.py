@@ -60,6 +60,12 @@ class KeyNotFoundError(NotFoundError):
     reason = "KEY_NOT_FOUND"
 
 
+class MailboxNotFoundError(NotFoundError):
+    """No mailbox has the id: it never existed or its invocation has finished."""
+
+    reason = "MAILBOX_NOT_FOUND"
+
+
 class AlreadyExistsError(CloudburstError):
     """A name is already taken."""
 
@@ -187,14 +193,17 @@ _BY_CODE: dict[grpc.StatusCode, type[CloudburstError]] = {}
 
 def _register(cls: type[CloudburstError]) -> None:
     for sub in cls.__subclasses__():
-        if sub.reason != "UNSPECIFIED":
-            _BY_REASON.setdefault(sub.reason, sub)
-        _BY_CODE.setdefault(sub.code, sub)
+        # RemoteFunctionError is built from a Failure, never from a status.
+        if sub is not RemoteFunctionError:
+            if sub.reason != "UNSPECIFIED":
+                _BY_REASON.setdefault(sub.reason, sub)
+            _BY_CODE.setdefault(sub.code, sub)
         _register(sub)
 
 
 _register(CloudburstError)
 # Generic classes win over their first-registered subclasses for a bare code.
+_BY_CODE[grpc.StatusCode.UNKNOWN] = CloudburstError
 for _generic in (
     NotFoundError,
     AlreadyExistsError,

@@ -68,8 +68,15 @@ def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstEr
 def error_from_call_error(error: error_pb2.CallError) -> CloudburstError:
     """Return the cloudburst exception of an error answered on a stream."""
     code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
-    reason = error_pb2.ErrorReason.Name(error.reason).removeprefix("ERROR_REASON_")
-    return error_class(reason, code)(error.message, dict(error.metadata))
+    return error_class(reason_name(error.reason), code)(error.message, dict(error.metadata))
+
+
+def reason_name(reason: int) -> str:
+    """The ErrorInfo reason of an ErrorReason number; "UNSPECIFIED" for one this client lacks."""
+    try:
+        return error_pb2.ErrorReason.Name(reason).removeprefix("ERROR_REASON_")  # type: ignore[arg-type]
+    except ValueError:
+        return "UNSPECIFIED"
 
 
 def error_to_call_error(error: CloudburstError) -> error_pb2.CallError:

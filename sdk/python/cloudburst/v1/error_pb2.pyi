@@ -55,6 +55,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A peer service could not be reached."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 14
     """A bug in the service; details are in its log."""
+    ERROR_REASON_MAILBOX_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """No mailbox has the id: it never existed or its invocation has finished."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the reason carried in google.rpc.ErrorInfo (without the ERROR_REASON_ prefix)."""
@@ -89,6 +91,8 @@ ERROR_REASON_PEER_UNAVAILABLE: ErrorReason.ValueType  # 13
 """A peer service could not be reached."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 14
 """A bug in the service; details are in its log."""
+ERROR_REASON_MAILBOX_NOT_FOUND: ErrorReason.ValueType  # 15
+"""No mailbox has the id: it never existed or its invocation has finished."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

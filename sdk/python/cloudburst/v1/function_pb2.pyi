@@ -55,6 +55,7 @@ class Function(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     INIT_ARGUMENTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The unique name callers use."""
     kind: Global___FunctionKind.ValueType
@@ -69,6 +70,10 @@ class Function(_message.Message):
     def init_arguments(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Value]:
         """Arguments for the class's __init__; empty for functions."""
 
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceFile]:
+        """Source files of the registered code, so remote tracebacks show the lines that raised."""
+
     def __init__(
         self,
         *,
@@ -77,14 +82,47 @@ class Function(_message.Message):
         kind: Global___FunctionKind.ValueType = ...,
         init_arguments: _abc.Iterable[_value_pb2.Value] | None = ...,
         version: _builtins.int = ...,
+        sources: _abc.Iterable[Global___SourceFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "init_arguments", b"init_arguments", "kind", b"kind", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "init_arguments", b"init_arguments", "kind", b"kind", "name", b"name", "sources", b"sources", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Function: _TypeAlias = Function  # noqa: Y015
+
+@_typing.final
+class SourceFile(_message.Message):
+    """SourceFile is the text of one file that registered code came from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    CODE_KEYS_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The file's path on the registering machine, as tracebacks print it."""
+    text: _builtins.str
+    """The file's text."""
+    @_builtins.property
+    def code_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The code objects defined in this file, each as "name:first_line"."""
+
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        text: _builtins.str = ...,
+        code_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_keys", b"code_keys", "path", b"path", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceFile: _TypeAlias = SourceFile  # noqa: Y015
 
 @_typing.final
 class Dag(_message.Message):

@@ -1,0 +1,1 @@
+"""Function-to-function messaging: mailboxes per invocation, routed by mailbox id."""

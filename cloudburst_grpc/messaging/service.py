@@ -1,0 +1,207 @@
+"""The MessagingService servicer and the client side of peer streams."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from cloudburst.errors import (
+    CloudburstError,
+    CloudburstTimeoutError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from cloudburst.rpc import error_from_call_error, error_to_call_error
+from cloudburst.v1 import messaging_service_pb2, messaging_service_pb2_grpc
+
+from cloudburst_grpc.messaging.mailbox import MailboxRouter
+from cloudburst_grpc.server import channel_options
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext
+
+#: How often a send is retried on a fresh stream after its stream broke.
+RESEND_ATTEMPTS = 2
+
+
+class MessagingServicer(messaging_service_pb2_grpc.MessagingServiceServicer):
+    """Delivers messages arriving from other processes into this process's mailboxes.
+
+    Frames of one stream are delivered in order, one at a time, so messages
+    from one sender to one mailbox keep their order.
+    """
+
+    def __init__(self, router: MailboxRouter) -> None:
+        self._router = router
+
+    async def StreamMessages(
+        self,
+        request_iterator: AsyncIterator[messaging_service_pb2.StreamMessagesRequest],
+        context: Context[
+            messaging_service_pb2.StreamMessagesRequest,
+            messaging_service_pb2.StreamMessagesResponse,
+        ],
+    ) -> AsyncIterator[messaging_service_pb2.StreamMessagesResponse]:
+        """Deliver each sent message and answer when it is in the mailbox (or cannot be)."""
+        first = True
+        async for frame in request_iterator:
+            kind = frame.WhichOneof("frame")
+            if first:
+                if kind != "hello":
+                    raise InvalidArgumentError("the first StreamMessages frame must be hello")
+                first = False
+                continue
+            if kind != "send":
+                continue
+            answer = messaging_service_pb2.StreamMessagesResponse(sequence=frame.sequence)
+            try:
+                await self._router.deliver(frame.send)
+            except CloudburstError as exc:
+                answer.error.CopyFrom(error_to_call_error(exc))
+            yield answer
+
+
+class MessagingPeer:
+    """One long-lived stream to another process's MessagingService."""
+
+    def __init__(self, address: str, peer_id: str, max_payload_bytes: int) -> None:
+        self.address = address
+        self._peer_id = peer_id
+        self._channel = grpc.aio.insecure_channel(
+            address, options=channel_options(max_payload_bytes)
+        )
+        self._stub = messaging_service_pb2_grpc.MessagingServiceStub(self._channel)
+        self._outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None] | None = (
+            None
+        )
+        self._reader: asyncio.Task[None] | None = None
+        self._answers: dict[int, asyncio.Future[messaging_service_pb2.StreamMessagesResponse]] = {}
+        self._sequence = itertools.count(1)
+        self._closed = False
+
+    def _stream(self) -> asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None]:
+        if self._closed:
+            raise UnavailableError(f"the messaging connection to {self.address} is closed")
+        if self._outbox is None:
+            outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None] = (
+                asyncio.Queue()
+            )
+            outbox.put_nowait(
+                messaging_service_pb2.StreamMessagesRequest(
+                    hello=messaging_service_pb2.MessagingHello(peer_id=self._peer_id)
+                )
+            )
+            self._outbox = outbox
+            self._reader = asyncio.create_task(self._read(outbox))
+        return self._outbox
+
+    async def _frames(
+        self, outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None]
+    ) -> AsyncIterator[messaging_service_pb2.StreamMessagesRequest]:
+        while (frame := await outbox.get()) is not None:
+            yield frame
+
+    async def _read(
+        self, outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None]
+    ) -> None:
+        stream = self._stub.StreamMessages(self._frames(outbox))
+        reason = "closed"
+        try:
+            async for answer in stream:
+                future = self._answers.pop(answer.sequence, None)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        except grpc.RpcError as exc:
+            reason = str(exc.code())
+            logger.warning("messaging stream to %s broke: %s", self.address, reason)
+        finally:
+            stream.cancel()
+            if self._outbox is outbox:
+                self._outbox = None
+            failure = _StreamBroken(f"the messaging stream to {self.address} broke ({reason})")
+            for future in self._answers.values():
+                if not future.done():
+                    future.set_exception(failure)
+            self._answers.clear()
+
+    async def send(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
+        """Deliver one message and wait for the receiver's answer.
+
+        A stream that breaks is reopened and the message sent again; the
+        receiver drops it if the first copy had arrived, so it is delivered once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout + 5
+        for attempt in range(RESEND_ATTEMPTS + 1):
+            sequence = next(self._sequence)
+            future: asyncio.Future[messaging_service_pb2.StreamMessagesResponse] = (
+                loop.create_future()
+            )
+            self._answers[sequence] = future
+            self._stream().put_nowait(
+                messaging_service_pb2.StreamMessagesRequest(sequence=sequence, send=envelope)
+            )
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 0)):
+                    answer = await future
+            except TimeoutError:
+                self._answers.pop(sequence, None)
+                raise CloudburstTimeoutError(
+                    f"no answer from {self.address} for a message to {envelope.recipient_id}"
+                ) from None
+            except _StreamBroken as exc:
+                if attempt == RESEND_ATTEMPTS:
+                    raise UnavailableError(str(exc), {"address": self.address}) from None
+                continue
+            if answer.HasField("error"):
+                raise error_from_call_error(answer.error)
+            return
+
+    async def close(self) -> None:
+        """End the stream and close the channel; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            try:
+                async with asyncio.timeout(2):
+                    await asyncio.shield(self._reader)
+            except (TimeoutError, asyncio.CancelledError):
+                self._reader.cancel()
+                await asyncio.gather(self._reader, return_exceptions=True)
+        await self._channel.close()
+
+
+class _StreamBroken(UnavailableError):
+    """The stream ended before the answer came."""
+
+
+class MessagingPeers:
+    """One :class:`MessagingPeer` per remote process, opened on first use."""
+
+    def __init__(self, peer_id: str, max_payload_bytes: int) -> None:
+        self._peer_id = peer_id
+        self._max_payload_bytes = max_payload_bytes
+        self._peers: dict[str, MessagingPeer] = {}
+
+    async def forward(
+        self, address: str, envelope: messaging_service_pb2.MessageEnvelope, timeout: float
+    ) -> None:
+        """Send to the process at ``address``."""
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = MessagingPeer(address, self._peer_id, self._max_payload_bytes)
+            self._peers[address] = peer
+        await peer.send(envelope, timeout)
+
+    async def close(self) -> None:
+        """Close every peer stream."""
+        peers = list(self._peers.values())
+        self._peers.clear()
+        await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)

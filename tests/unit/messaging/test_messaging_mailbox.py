@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cloudburst.errors import InvalidArgumentError, MailboxNotFoundError, QueueFullError
+from cloudburst.v1 import messaging_service_pb2, value_pb2
+from cloudburst_grpc.messaging.mailbox import MailboxRouter, mailbox_address
+
+Envelope = messaging_service_pb2.MessageEnvelope
+
+
+def envelope(recipient: str, number: int, sender: str = "s@here", text: str = "") -> Envelope:
+    payload = value_pb2.Value(
+        data=(text or str(number)).encode(), serializer=value_pb2.SERIALIZER_STRING
+    )
+    return Envelope(
+        message_number=number, sender_id=sender, recipient_id=recipient, payload=payload
+    )
+
+
+async def no_forward(address: str, message: Envelope, timeout: float) -> None:
+    raise AssertionError(f"nothing should be forwarded, got one for {address}")
+
+
+def test_mailbox_ids_name_their_process() -> None:
+    router = MailboxRouter("10.0.0.1:7600", no_forward)
+    mailbox = router.open()
+    assert mailbox_address(mailbox.id) == "10.0.0.1:7600"
+    with pytest.raises(InvalidArgumentError):
+        mailbox_address("not-an-id")
+
+
+async def test_messages_arrive_in_order_and_drain_empties() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    mailbox = router.open()
+    for n in range(1, 101):
+        await router.send(envelope(mailbox.id, n))
+    received = mailbox.drain()
+    assert [m.payload.data.decode() for m in received] == [str(n) for n in range(1, 101)]
+    assert mailbox.drain() == []
+
+
+async def test_a_resent_message_is_delivered_once() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    mailbox = router.open()
+    await router.deliver(envelope(mailbox.id, 1))
+    await router.deliver(envelope(mailbox.id, 1))
+    await router.deliver(envelope(mailbox.id, 2))
+    assert [m.payload.data for m in mailbox.drain()] == [b"1", b"2"]
+
+
+async def test_sending_to_an_unknown_or_closed_mailbox_fails_clearly() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    with pytest.raises(MailboxNotFoundError, match="unknown or its function has finished"):
+        await router.send(envelope("nobody@here:1", 1))
+    mailbox = router.open()
+    router.close(mailbox.id)
+    with pytest.raises(MailboxNotFoundError):
+        await router.send(envelope(mailbox.id, 1))
+    assert len(router) == 0
+
+
+async def test_closing_discards_unread_messages() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    mailbox = router.open()
+    await router.send(envelope(mailbox.id, 1))
+    router.close(mailbox.id)
+    assert len(mailbox) == 0
+
+
+async def test_a_full_mailbox_makes_the_sender_wait_then_fail() -> None:
+    router = MailboxRouter("here:1", no_forward, capacity=2, send_timeout=0.05)
+    mailbox = router.open()
+    await router.send(envelope(mailbox.id, 1))
+    await router.send(envelope(mailbox.id, 2))
+    with pytest.raises(QueueFullError, match="is full"):
+        await router.send(envelope(mailbox.id, 3))
+    assert len(mailbox) == 2
+
+
+async def test_a_waiting_sender_proceeds_when_the_receiver_reads() -> None:
+    router = MailboxRouter("here:1", no_forward, capacity=1, send_timeout=30)
+    mailbox = router.open()
+    await router.send(envelope(mailbox.id, 1))
+    blocked = asyncio.create_task(router.send(envelope(mailbox.id, 2)))
+    await asyncio.sleep(0)  # let the sender start waiting
+    assert not blocked.done()
+    assert [m.payload.data for m in mailbox.drain()] == [b"1"]
+    await asyncio.wait_for(blocked, 5)
+    assert [m.payload.data for m in mailbox.drain()] == [b"2"]
+
+
+async def test_receive_waits_for_a_message_and_times_out_empty() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    mailbox = router.open()
+    assert await mailbox.receive(0.01) == []
+    waiting = asyncio.create_task(mailbox.receive(30))
+    await asyncio.sleep(0)
+    await router.send(envelope(mailbox.id, 7))
+    received = await asyncio.wait_for(waiting, 5)
+    assert [m.payload.data for m in received] == [b"7"]
+
+
+async def test_messages_for_other_processes_are_forwarded() -> None:
+    forwarded: list[tuple[str, Envelope]] = []
+
+    async def forward(address: str, message: Envelope, timeout: float) -> None:
+        forwarded.append((address, message))
+
+    router = MailboxRouter("here:1", forward)
+    await router.send(envelope("abc@there:2", 1))
+    assert [(a, m.recipient_id) for a, m in forwarded] == [("there:2", "abc@there:2")]

@@ -1,0 +1,57 @@
+"""Address parsing of the SDK connection (cloudburst.connection.parse_address), no sockets."""
+
+from __future__ import annotations
+
+import pytest
+from cloudburst.connection import DEFAULT_PORT, parse_address
+from cloudburst.errors import InvalidArgumentError
+
+
+@pytest.mark.parametrize(
+    ("address", "target"),
+    [
+        ("127.0.0.1 ", "127.0.0.1:7600"),
+        ("  localhost\n", "localhost:7600"),
+        ("host:1234", "host:1234"),
+        (" host:1 ", "host:1"),
+        ("host:65535", "host:65535"),
+        ("host:007", "host:7"),
+        ("[::1]:5", "[::1]:5"),
+        ("[::1]", "[::1]:7600"),
+        ("::1", "[::1]:7600"),
+        ("fe80::1:2", "[fe80::1:2]:7600"),
+        ("grpc://host:9", "host:9"),
+        ("http://host", "host:7600"),
+        ("tcp://[::1]:8", "[::1]:8"),
+    ],
+)
+def test_parse_address(address: str, target: str) -> None:
+    assert parse_address(address) == target
+
+
+def test_default_port_is_the_servers_default() -> None:
+    assert DEFAULT_PORT == 7600
+    assert parse_address("h") == f"h:{DEFAULT_PORT}"
+
+
+@pytest.mark.parametrize("address", ["host:abc", "host:0", "host:65536", "host:", "host:-1"])
+def test_bad_port_raises_invalid_argument(address: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="must be a number from 1 to 65535"):
+        parse_address(address)
+
+
+@pytest.mark.parametrize("address", ["", "   ", "\t\n"])
+def test_empty_address_raises_invalid_argument(address: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="must be a host or host:port"):
+        parse_address(address)
+
+
+def test_non_string_address_raises_invalid_argument() -> None:
+    with pytest.raises(InvalidArgumentError):
+        parse_address(7600)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("address", ["[::1]:abc", "[::1]:0", "[::1]:70000", "[::1]:"])
+def test_bad_port_after_bracketed_ipv6_raises_invalid_argument(address: str) -> None:
+    with pytest.raises(InvalidArgumentError):
+        parse_address(address)
