@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import grpc
+
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
-
 from cloudburst_grpc.server import channel_options
 
 logger = logging.getLogger(__name__)

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from cloudburst.errors import DOMAIN, CloudburstError, NoExecutorError, UnavailableError
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from cloudburst.errors import DOMAIN, CloudburstError, NoExecutorError, UnavailableError
 
 logger = logging.getLogger(__name__)
 

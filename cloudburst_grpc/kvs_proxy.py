@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import grpc
+
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2
+
 from cloudburst.errors import UnavailableError
 from cloudburst.v1 import (
     executor_service_pb2,
@@ -27,8 +29,6 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
-from grpc_health.v1 import health, health_pb2
-
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteExecutorPeer
 from cloudburst_grpc.kvs_access import USER, KvsAccess

@@ -44,7 +44,6 @@ from cloudburst.v1 import (
     lattice_pb2,
     value_pb2,
 )
-
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.executor_client import PeerDirectory
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess

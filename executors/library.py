@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
 from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, serialize
 from cloudburst.v1 import messaging_service_pb2
-
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.messaging.mailbox import MailboxRouter, Message
 

@@ -8,10 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
 from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.rpc import error_to_call_error
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
-
 from executors.executor import Executor
 
 logger = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 import grpc
+
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.rpc import call, error_from_rpc
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
-
 from kvs.store import Keyspace, WatchEvent
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ class KvsClient:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         """Create a client; no call is made until a method is awaited."""
-        self._stub: kvs_service_pb2_grpc.KvsServiceAsyncStub = (
-            kvs_service_pb2_grpc.KvsServiceStub(channel)
+        self._stub: kvs_service_pb2_grpc.KvsServiceAsyncStub = kvs_service_pb2_grpc.KvsServiceStub(
+            channel
         )
 
     async def get(

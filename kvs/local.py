@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 from cloudburst_grpc.config import KvsConfig
 from kvs.servicer import KvsServicer
 from kvs.storage import open_engine

@@ -12,10 +12,10 @@ import math
 from collections.abc import AsyncIterator
 
 import grpc
+
 from cloudburst.errors import InvalidArgumentError, PayloadTooLargeError
 from cloudburst.serialization import LwwClock
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
-
 from cloudburst_grpc.config import KvsConfig
 from kvs import lattices
 from kvs.store import LatticeStore, WatchEvent, check_key, normalize_keyspace

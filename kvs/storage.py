@@ -174,9 +174,7 @@ class SqliteEngine:
                 except sqlite3.Error:
                     logger.exception("cannot roll back a failed write to %s", self.path)
             if isinstance(exc, sqlite3.Error):
-                raise StorageError(
-                    f"cannot write to the KVS database {self.path}: {exc}"
-                ) from exc
+                raise StorageError(f"cannot write to the KVS database {self.path}: {exc}") from exc
             raise
 
     def close(self) -> None:

@@ -47,7 +47,6 @@ from cloudburst.errors import (
     UnavailableError,
 )
 from cloudburst.v1 import lattice_pb2
-
 from kvs import lattices
 from kvs.storage import Row, StorageEngine
 
@@ -72,9 +71,7 @@ MAX_WRITES_PER_COMMIT = 10_000
 #: How many recent request ids are remembered to answer retried puts and deletes.
 REQUEST_ID_MEMORY = 4096
 
-_KNOWN_KEYSPACES = frozenset(
-    {lattice_pb2.KEYSPACE_USER, lattice_pb2.KEYSPACE_SYSTEM}
-)
+_KNOWN_KEYSPACES = frozenset({lattice_pb2.KEYSPACE_USER, lattice_pb2.KEYSPACE_SYSTEM})
 
 
 def normalize_keyspace(keyspace: int) -> Keyspace:

@@ -6,14 +6,6 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from harness import (
-    CbgrpcProcess,
-    Cluster,
-    LoopThread,
-    ProcessCluster,
-    ServeProcess,
-    make_config,
-)
 
 from cloudburst_grpc.local import (
     Node,
@@ -21,6 +13,14 @@ from cloudburst_grpc.local import (
     start_kvs_node,
     start_local,
     start_scheduler_node,
+)
+from harness import (
+    CbgrpcProcess,
+    Cluster,
+    LoopThread,
+    ProcessCluster,
+    ServeProcess,
+    make_config,
 )
 
 

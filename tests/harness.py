@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cloudburst._loop import _drain as drain
-
 from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst_grpc.local import Node
 

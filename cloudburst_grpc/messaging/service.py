@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
 from cloudburst.errors import (
     CloudburstError,
     CloudburstTimeoutError,
@@ -16,7 +17,6 @@ from cloudburst.errors import (
 )
 from cloudburst.rpc import error_from_call_error, error_to_call_error
 from cloudburst.v1 import messaging_service_pb2, messaging_service_pb2_grpc
-
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.server import channel_options
 

@@ -37,7 +37,6 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     value_pb2,
 )
-
 from cloudburst_grpc.config import SchedulerConfig
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.scheduler import dag as dag_rules
@@ -121,6 +120,14 @@ class Scheduler:
         stored = function_pb2.Function()
         stored.CopyFrom(function)
         stored.version = self._next_version()
+        if stored.sources and stored.ByteSize() > self.max_payload_bytes:
+            # Source text only improves tracebacks: drop it rather than refuse the function.
+            del stored.sources[:]
+        check_size(
+            value_pb2.Value(data=stored.SerializeToString()),
+            what=f"function {function.name!r} with its init arguments",
+            limit=self.max_payload_bytes,
+        )
         await self.registry.put_function(stored)
         # A pinned class keeps its instance until told: reload it wherever pinned.
         for executor_id in self.pool.pinned_on(stored.name):

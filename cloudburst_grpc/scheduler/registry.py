@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from cloudburst.serialization import LwwClock, lww
 from cloudburst.v1 import function_pb2, lattice_pb2, value_pb2
-
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
 
 FUNCTION_PREFIX = "function/"

@@ -117,6 +117,7 @@ def test_unreachable_server_gives_a_clear_error() -> None:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     import pytest
+
     from cloudburst.errors import UnavailableError
 
     with pytest.raises(UnavailableError, match="cbgrpc serve"):

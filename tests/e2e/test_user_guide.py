@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from harness import ServeProcess
 
 HERE = Path(__file__).resolve().parent

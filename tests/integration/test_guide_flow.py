@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from cloudburst import CloudburstConnection
-from harness import Cluster
 
+from cloudburst import CloudburstConnection
 from cloudburst_grpc.local import Node
+from harness import Cluster
 
 
 def run_guide(address: str) -> None:

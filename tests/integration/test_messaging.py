@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from harness import Cluster, ProcessCluster, make_config
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import MailboxNotFoundError, QueueFullError, RemoteFunctionError
 from cloudburst_grpc.local import Node, start_local
+from harness import Cluster, ProcessCluster, make_config
 
 ROUNDS = 50
 
@@ -18,7 +18,7 @@ def ping(cloudburst: Any, rounds: int) -> dict[str, Any]:
     me = cloudburst.get_id()
     cloudburst.put_object("ping-id", me)
     peer = cloudburst.get_object("pong-id", timeout=20)
-    log = []
+    log: list[Any] = []
     for i in range(rounds):
         cloudburst.send(peer, ("ping", i))
         replies = cloudburst.recv(timeout=20)

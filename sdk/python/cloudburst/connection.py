@@ -266,7 +266,10 @@ class CloudburstConnection:
                 {"function": name},
             ) from exc
         proto.body.CopyFrom(value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE))
-        proto.sources.extend(_source.collect(body))
+        sources = _source.collect(body)
+        # Source text only improves remote tracebacks; never let it push a function over the limit.
+        if sum(len(s.text) for s in sources) + proto.ByteSize() <= self.max_payload_bytes // 2:
+            proto.sources.extend(sources)
         request = scheduler_service_pb2.CreateFunctionRequest(function=proto, replace_existing=True)
         self._run(
             call(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from cloudburst.errors import (
     CloudburstTimeoutError,
     InvalidArgumentError,
@@ -19,7 +20,6 @@ from cloudburst.errors import (
 )
 from cloudburst.rpc import call
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
-
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.server import bind, channel_options, create_server
 from kvs.client import KvsClient
@@ -93,9 +93,7 @@ async def start_kvs(tmp_path: Path) -> AsyncIterator[StartKvs]:
                 max_wait_seconds=max_wait_seconds,
             )
             # What kvs.local.open_store builds, in a store the test can observe.
-            store = ObservedStore(
-                open_engine(config.engine, config.data_dir, config.sync), LIMIT
-            )
+            store = ObservedStore(open_engine(config.engine, config.data_dir, config.sync), LIMIT)
             started.append(store)
             await store.start()
             stack.push_async_callback(store.close)
@@ -104,9 +102,7 @@ async def start_kvs(tmp_path: Path) -> AsyncIterator[StartKvs]:
             port = bind(server, "127.0.0.1", 0)
             await server.start()
             stack.push_async_callback(server.stop, None)
-            channel = grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", options=channel_options(LIMIT)
-            )
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(LIMIT))
             stack.push_async_callback(channel.close)
             return Kvs(KvsClient(channel), kvs_service_pb2_grpc.KvsServiceStub(channel), store)
 

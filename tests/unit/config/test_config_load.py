@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cloudburst.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 
+from cloudburst.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from cloudburst_grpc import config as cfg
 from cloudburst_grpc.config import Config, ConfigError, load_config
 
@@ -179,8 +179,18 @@ def test_malformed_float_in_environment_is_an_error() -> None:
 # No Config field is a bool yet, so the bool rule is checked on the converter itself.
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("1", True), ("TRUE", True), (" yes ", True), ("on", True), (True, True),
-     ("0", False), ("false", False), ("No", False), ("off", False), (False, False)],
+    [
+        ("1", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("on", True),
+        (True, True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        (False, False),
+    ],
 )
 def test_bool_conversion_accepts_common_spellings(raw: object, expected: bool) -> None:
     assert cfg._convert(raw, bool, "x.flag") is expected

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pytest
+
 from cloudburst.errors import InvalidArgumentError
 from cloudburst.serialization import serialize
 from cloudburst.v1 import function_pb2
-
 from executors import runner
 
 LIBRARY = object()
@@ -183,7 +183,10 @@ def test_invoke_decides_per_method() -> None:
 
 def test_invoke_forced_library() -> None:
     assert runner.invoke(_loaded(ForcedOn, (1,)), LIBRARY, (2,), pinned=False) == (
-        LIBRARY, 1, LIBRARY, 2,
+        LIBRARY,
+        1,
+        LIBRARY,
+        2,
     )
     assert runner.invoke(_loaded(ForcedOff), LIBRARY, ("a",), pinned=False) == ("a", None)
 

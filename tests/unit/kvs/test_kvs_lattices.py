@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from cloudburst.errors import InvalidArgumentError, LatticeTypeMismatchError
-from cloudburst.serialization import LwwClock
-from cloudburst.v1 import lattice_pb2, value_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cloudburst.errors import InvalidArgumentError, LatticeTypeMismatchError
+from cloudburst.serialization import LwwClock
+from cloudburst.v1 import lattice_pb2, value_pb2
 from kvs import lattices
 
 # Small domains on purpose: equal timestamps, equal writers and equal data must

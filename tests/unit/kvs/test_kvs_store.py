@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+
 from cloudburst.errors import (
     InvalidArgumentError,
     LatticeTypeMismatchError,
@@ -19,7 +20,6 @@ from cloudburst.errors import (
     UnavailableError,
 )
 from cloudburst.v1 import lattice_pb2, value_pb2
-
 from kvs.storage import (
     SQLITE_FILE_NAME,
     MemoryEngine,
@@ -410,9 +410,7 @@ async def test_group_commit_acknowledges_puts_only_after_their_commit(tmp_path: 
     async with LatticeStore(engine) as store:
         first = asyncio.create_task(store.put(USER, "k0", lww(b"v")))
         assert await asyncio.to_thread(engine.entered.wait, WAIT)
-        rest = [
-            asyncio.create_task(store.put(USER, f"k{i}", lww(b"v"))) for i in range(1, count)
-        ]
+        rest = [asyncio.create_task(store.put(USER, f"k{i}", lww(b"v"))) for i in range(1, count)]
         await run_ready_tasks()
         # Every write is queued and visible to reads, but none is acknowledged:
         # the writer thread is still inside the first commit.

@@ -6,10 +6,10 @@ import graphlib
 import itertools
 
 import pytest
-from cloudburst.errors import InvalidArgumentError, InvalidDagError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cloudburst.errors import InvalidArgumentError, InvalidDagError
 from cloudburst_grpc.scheduler import dag
 
 Edge = tuple[str, str]

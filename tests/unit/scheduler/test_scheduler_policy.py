@@ -6,8 +6,8 @@ import random
 from collections import Counter
 
 import pytest
-from cloudburst.errors import NoExecutorError, UnavailableError
 
+from cloudburst.errors import NoExecutorError, UnavailableError
 from cloudburst_grpc.scheduler import policy
 from cloudburst_grpc.scheduler.policy import ExecutorView
 

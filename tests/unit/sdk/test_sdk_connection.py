@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cloudburst.connection import DEFAULT_PORT, parse_address
 from cloudburst.errors import InvalidArgumentError
 

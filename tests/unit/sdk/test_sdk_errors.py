@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from cloudburst import errors, rpc
-from cloudburst.errors import CloudburstError
-from cloudburst.v1 import error_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from cloudburst import errors, rpc
+from cloudburst.errors import CloudburstError
+from cloudburst.v1 import error_pb2
 from cloudburst_grpc import interceptors
 from cloudburst_grpc.interceptors import error_to_status
 
@@ -106,9 +106,7 @@ def test_reason_wins_over_code() -> None:
         (grpc.StatusCode.PERMISSION_DENIED, errors.CloudburstError),
     ],
 )
-def test_error_class_falls_back_by_code(
-    code: grpc.StatusCode, cls: type[CloudburstError]
-) -> None:
+def test_error_class_falls_back_by_code(code: grpc.StatusCode, cls: type[CloudburstError]) -> None:
     assert errors.error_class(None, code) is cls
     assert errors.error_class("", code) is cls
     assert errors.error_class("NOT_A_REASON", code) is cls

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+
 from cloudburst import serialization
 from cloudburst.errors import (
     CloudburstError,
@@ -287,4 +288,3 @@ def test_new_call_ids_are_unique_hex() -> None:
     ids = {serialization.new_call_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(int(i, 16) >= 0 and len(i) == 32 for i in ids)
-

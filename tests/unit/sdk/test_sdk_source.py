@@ -60,7 +60,7 @@ def test_restore_covers_class_methods() -> None:
     loaded = by_value(Model)
     assert isinstance(loaded, type)
     _source.restore(loaded, sources)
-    assert loaded.run.__code__.co_filename == __file__
+    assert loaded.run.__code__.co_filename == __file__  # type: ignore[attr-defined]
 
 
 def test_restore_without_sources_changes_nothing() -> None:
