@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cloudburst.errors import CloudburstError
 from cloudburst_grpc.config import DEFAULT_PORT, Config, ConfigError, load_config
 
 logger = logging.getLogger("cbgrpc")
@@ -51,6 +52,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--grace", type=float, help="seconds shutdown waits for in-flight calls (default 5)"
     )
     parser.add_argument(
+        "--advertise-host",
+        help="host other processes reach this one at (default: --host; 127.0.0.1 if a wildcard)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -88,6 +93,21 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
     )
 
 
+def _consul(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--consul",
+        metavar="ADDRESS",
+        help="Consul agent (host:port or https://host:port) for discovery; default "
+        "$CONSUL_HTTP_ADDR; token, TLS and CA from CONSUL_HTTP_TOKEN, CONSUL_CACERT, ...",
+    )
+    parser.add_argument(
+        "--consul-check-interval",
+        type=float,
+        metavar="SECONDS",
+        help="how often Consul health-checks this service (default 2)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cbgrpc``."""
     parser = argparse.ArgumentParser(
@@ -107,32 +127,42 @@ def build_parser() -> argparse.ArgumentParser:
     _executors(serve, count=True)
 
     kvs = commands.add_parser(
-        "kvs", help="run the KVS service alone", description="Run the lattice KVS service alone."
+        "kvs",
+        help="run the KVS service alone",
+        description="Run the lattice KVS service alone; with Consul, register it there.",
     )
     _common(kvs)
     _storage(kvs)
+    _consul(kvs)
+    kvs.add_argument("--id", dest="service_id", help="Consul service id (default: kvs-HOST-PORT)")
 
     executor = commands.add_parser(
         "executor",
         help="run one executor",
-        description="Run one executor that uses the KVS at --kvs.",
+        description="Run one executor. It uses the KVS at --kvs, or discovers the KVS through "
+        "Consul; with Consul it registers itself so schedulers find it.",
     )
     _common(executor)
     _executors(executor, count=False)
+    _consul(executor)
     executor.add_argument(
-        "--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service"
+        "--kvs", metavar="HOST:PORT", help="address of the KVS service (default: from Consul)"
     )
-    executor.add_argument("--id", dest="executor_id", help="executor id (default: a random one)")
+    executor.add_argument(
+        "--id", dest="service_id", help="executor id, unique in the cluster (default: random)"
+    )
 
     scheduler = commands.add_parser(
         "scheduler",
-        help="run a scheduler over executors at fixed addresses",
-        description="Run a scheduler that places calls on the executors given with --executor; "
-        "it also forwards KvsService calls to --kvs, so clients need only its address.",
+        help="run a scheduler",
+        description="Run a scheduler that places calls on the executors given with --executor, "
+        "or on the passing executors Consul knows (kept current as they join and leave). It "
+        "also forwards KvsService calls to the KVS, so clients need only its address.",
     )
     _common(scheduler)
+    _consul(scheduler)
     scheduler.add_argument(
-        "--kvs", required=True, metavar="HOST:PORT", help="address of the KVS service"
+        "--kvs", metavar="HOST:PORT", help="address of the KVS service (default: from Consul)"
     )
     scheduler.add_argument(
         "--executor",
@@ -140,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST:PORT",
         dest="executor_addresses",
-        help="address of an executor (repeat for each)",
+        help="address of an executor (repeat for each; default: from Consul)",
     )
+    scheduler.add_argument("--id", dest="service_id", help="scheduler id (default: random)")
     scheduler.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
@@ -160,6 +191,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "port": get("port"),
             "max_payload_bytes": get("max_payload_bytes"),
             "grace_seconds": get("grace"),
+            "advertise_host": get("advertise_host"),
+        },
+        "consul": {
+            "address": get("consul"),
+            "check_interval_seconds": get("consul_check_interval"),
         },
         "kvs": {"engine": get("storage"), "data_dir": get("data_dir"), "sync": get("sync")},
         "executor": {"count": get("executors"), "threads": get("threads")},
@@ -209,22 +245,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     starters: dict[str, Callable[[], Awaitable[Any]]] = {
         "serve": lambda: local.start_local(config),
-        "kvs": lambda: local.start_kvs_node(config),
-        "executor": lambda: local.start_executor_node(config, args.kvs, args.executor_id),
-        "scheduler": lambda: local.start_scheduler_node(config, args.kvs, args.executor_addresses),
+        "kvs": lambda: local.start_kvs_node(config, args.service_id),
+        "executor": lambda: local.start_executor_node(config, args.kvs, args.service_id),
+        "scheduler": lambda: local.start_scheduler_node(
+            config, args.kvs, args.executor_addresses, args.service_id
+        ),
     }
     try:
         return asyncio.run(_run_until_signal(starters[args.command], f"cbgrpc {args.command}"))
     except OSError as exc:
         print(f"cbgrpc {args.command}: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # a start-up failure: say what, not a traceback
-        from cloudburst.errors import CloudburstError
-
-        if isinstance(exc, CloudburstError):
-            print(f"cbgrpc {args.command}: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except ConfigError as exc:
+        print(f"cbgrpc {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CloudburstError as exc:  # a start-up failure: say what, not a traceback
+        print(f"cbgrpc {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class ServerConfig:
     """Largest serialized value (argument, result or stored object) accepted."""
     grace_seconds: float = 5.0
     """How long shutdown waits for in-flight calls before cancelling them."""
+    advertise_host: str = ""
+    """The host other processes reach this one at; empty: ``host`` (127.0.0.1 if a wildcard)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,42 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ConsulConfig:
+    """Service discovery through Consul; off unless an address is set.
+
+    Consul's standard variables fill these: ``CONSUL_HTTP_ADDR``,
+    ``CONSUL_HTTP_TOKEN``, ``CONSUL_HTTP_SSL``, ``CONSUL_HTTP_SSL_VERIFY``,
+    ``CONSUL_CACERT``, ``CONSUL_CLIENT_CERT``, ``CONSUL_CLIENT_KEY``.
+    """
+
+    address: str = ""
+    """``host:port`` or ``scheme://host:port`` of the Consul agent; empty turns discovery off."""
+    token: str = ""
+    """ACL token sent with every request."""
+    ssl: bool = False
+    """Use HTTPS (implied by an ``https://`` address)."""
+    verify: bool = True
+    """Verify the agent's TLS certificate."""
+    ca_file: str = ""
+    """CA bundle that signed the agent's certificate."""
+    cert_file: str = ""
+    """Client certificate for mutual TLS."""
+    key_file: str = ""
+    """Client key for mutual TLS."""
+    check_interval_seconds: float = 2.0
+    """How often Consul runs the gRPC health check of each service."""
+    deregister_after_seconds: float = 60.0
+    """Consul removes a service whose check stays critical this long (a backstop for crashes)."""
+    retry_max_seconds: float = 10.0
+    """Longest pause between retries while Consul cannot be reached."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether discovery through Consul is on."""
+        return bool(self.address)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one process."""
 
@@ -100,6 +138,8 @@ class Config:
     """The executors."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """The scheduler."""
+    consul: ConsulConfig = field(default_factory=ConsulConfig)
+    """Service discovery."""
 
     def validate(self) -> Config:
         """Return self, or raise ConfigError naming the bad value."""
@@ -123,6 +163,15 @@ class Config:
                 "scheduler.call_timeout_seconds must be positive",
             ),
             (self.scheduler.pin_replicas >= 1, "scheduler.pin_replicas must be at least 1"),
+            (
+                self.consul.check_interval_seconds > 0,
+                "consul.check_interval_seconds must be positive",
+            ),
+            (
+                self.consul.deregister_after_seconds >= 60,
+                "consul.deregister_after_seconds must be at least 60 (Consul's minimum)",
+            ),
+            (self.consul.retry_max_seconds > 0, "consul.retry_max_seconds must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -196,12 +245,32 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return values
 
 
+#: Consul's standard environment variables and the settings they fill.
+CONSUL_ENV = {
+    "CONSUL_HTTP_ADDR": "address",
+    "CONSUL_HTTP_TOKEN": "token",
+    "CONSUL_HTTP_SSL": "ssl",
+    "CONSUL_HTTP_SSL_VERIFY": "verify",
+    "CONSUL_CACERT": "ca_file",
+    "CONSUL_CLIENT_CERT": "cert_file",
+    "CONSUL_CLIENT_KEY": "key_file",
+}
+
+
+def _consul_env(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    values = {field: environ[name] for name, field in CONSUL_ENV.items() if environ.get(name)}
+    return {"consul": values} if values else {}
+
+
 def load_config(
     path: Path | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build the configuration: defaults < TOML file < ``CBGRPC_*`` env < overrides (flags).
+    """Build the configuration.
+
+    Precedence: defaults < TOML file < Consul's ``CONSUL_*`` variables <
+    ``CBGRPC_*`` variables < overrides (flags).
 
     Args:
         path: A TOML file with ``[server]``, ``[kvs]``, ``[executor]``, ``[scheduler]`` tables.
@@ -226,6 +295,7 @@ def load_config(
             if not isinstance(fields, dict):
                 raise ConfigError(f"{path}: {section} must be a table like [{section}]")
         config = _apply(config, data, str(path))
+    config = _apply(config, _consul_env(environ), "Consul environment")
     config = _apply(config, _env_values(environ), "environment")
     if overrides:
         cleaned = {s: {k: v for k, v in f.items() if v is not None} for s, f in overrides.items()}

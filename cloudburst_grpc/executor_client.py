@@ -73,8 +73,14 @@ class RemoteExecutorPeer:
     """
 
     def __init__(
-        self, executor_id: str, address: str, peer_id: str, max_payload_bytes: int
+        self,
+        executor_id: str,
+        address: str,
+        peer_id: str,
+        max_payload_bytes: int,
+        on_broken: Callable[[str, str], None] | None = None,
     ) -> None:
+        self._on_broken = on_broken
         self.executor_id = executor_id
         self.address = address
         self._peer_id = peer_id
@@ -130,6 +136,8 @@ class RemoteExecutorPeer:
         except grpc.RpcError as exc:
             error = exc
             logger.warning("trigger stream to executor %s broke: %s", self.executor_id, exc.code())
+            if self._on_broken is not None and not self._closed:
+                self._on_broken(self.executor_id, f"its stream broke ({exc.code()})")
         except asyncio.CancelledError:
             error = UnavailableError("stream closed")
             raise

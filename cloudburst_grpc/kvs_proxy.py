@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -29,10 +29,19 @@ async def _forward(call: Awaitable[T], context: AnyContext) -> T:
 
 
 class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
-    """Forwards every KvsService call to another server."""
+    """Forwards every KvsService call to the KVS tier (whichever instance is current)."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+    def __init__(self, channel: Callable[[], Awaitable[grpc.aio.Channel]]) -> None:
+        self._channel = channel
+        self._stubs: dict[int, kvs_service_pb2_grpc.KvsServiceAsyncStub] = {}
+
+    async def _stub(self) -> kvs_service_pb2_grpc.KvsServiceAsyncStub:
+        channel = await self._channel()
+        stub = self._stubs.get(id(channel))
+        if stub is None:
+            self._stubs = {id(channel): kvs_service_pb2_grpc.KvsServiceStub(channel)}
+            stub = self._stubs[id(channel)]
+        return stub
 
     async def GetValue(
         self,
@@ -40,7 +49,9 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.GetValueRequest, kvs_service_pb2.GetValueResponse],
     ) -> kvs_service_pb2.GetValueResponse:
         """Forward GetValue."""
-        return await _forward(self._stub.GetValue(request, timeout=_timeout(context)), context)
+        return await _forward(
+            (await self._stub()).GetValue(request, timeout=_timeout(context)), context
+        )
 
     async def PutValue(
         self,
@@ -48,7 +59,9 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.PutValueRequest, kvs_service_pb2.PutValueResponse],
     ) -> kvs_service_pb2.PutValueResponse:
         """Forward PutValue."""
-        return await _forward(self._stub.PutValue(request, timeout=_timeout(context)), context)
+        return await _forward(
+            (await self._stub()).PutValue(request, timeout=_timeout(context)), context
+        )
 
     async def DeleteValue(
         self,
@@ -56,7 +69,9 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.DeleteValueRequest, kvs_service_pb2.DeleteValueResponse],
     ) -> kvs_service_pb2.DeleteValueResponse:
         """Forward DeleteValue."""
-        return await _forward(self._stub.DeleteValue(request, timeout=_timeout(context)), context)
+        return await _forward(
+            (await self._stub()).DeleteValue(request, timeout=_timeout(context)), context
+        )
 
     async def BatchGetValues(
         self,
@@ -67,7 +82,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     ) -> kvs_service_pb2.BatchGetValuesResponse:
         """Forward BatchGetValues."""
         return await _forward(
-            self._stub.BatchGetValues(request, timeout=_timeout(context)), context
+            (await self._stub()).BatchGetValues(request, timeout=_timeout(context)), context
         )
 
     async def ListKeys(
@@ -76,7 +91,9 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.ListKeysRequest, kvs_service_pb2.ListKeysResponse],
     ) -> kvs_service_pb2.ListKeysResponse:
         """Forward ListKeys."""
-        return await _forward(self._stub.ListKeys(request, timeout=_timeout(context)), context)
+        return await _forward(
+            (await self._stub()).ListKeys(request, timeout=_timeout(context)), context
+        )
 
     async def WatchValues(
         self,
@@ -84,7 +101,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.WatchValuesRequest, kvs_service_pb2.WatchValuesResponse],
     ) -> AsyncIterator[kvs_service_pb2.WatchValuesResponse]:
         """Forward WatchValues until the caller cancels."""
-        call = self._stub.WatchValues(request, timeout=_timeout(context))
+        call = (await self._stub()).WatchValues(request, timeout=_timeout(context))
         try:
             async for response in call:
                 yield response

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,9 +30,18 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
-from cloudburst_grpc.config import Config
+from cloudburst_grpc.config import Config, ConfigError
+from cloudburst_grpc.discovery.consul import (
+    EXECUTOR_SERVICE,
+    KVS_SERVICE,
+    SCHEDULER_SERVICE,
+    ConsulClient,
+    Instance,
+    Registration,
+    ServiceWatch,
+)
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteExecutorPeer
-from cloudburst_grpc.kvs_access import USER, KvsAccess
+from cloudburst_grpc.kvs_access import USER
 from cloudburst_grpc.kvs_proxy import KvsProxyServicer
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.messaging.service import MessagingPeers, MessagingServicer
@@ -47,10 +57,16 @@ from kvs.store import LatticeStore
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER_SERVICE = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
-EXECUTOR_SERVICE = executor_service_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
-KVS_SERVICE = "cloudburst.v1.KvsService"
-MESSAGING_SERVICE = messaging_service_pb2.DESCRIPTOR.services_by_name["MessagingService"].full_name
+SCHEDULER_SERVICE_NAME = scheduler_service_pb2.DESCRIPTOR.services_by_name[
+    "SchedulerService"
+].full_name
+EXECUTOR_SERVICE_NAME = executor_service_pb2.DESCRIPTOR.services_by_name[
+    "ExecutorService"
+].full_name
+KVS_SERVICE_NAME = "cloudburst.v1.KvsService"
+MESSAGING_SERVICE_NAME = messaging_service_pb2.DESCRIPTOR.services_by_name[
+    "MessagingService"
+].full_name
 
 
 class InProcessKvs:
@@ -117,24 +133,43 @@ class Node:
     scheduler: Scheduler | None = None
     executors: list[Executor] = field(default_factory=list)
     store: LatticeStore | None = None
+    registration: Registration | None = None
+    """The node's Consul registration, when discovery is on."""
     _stopped: bool = False
+
+    @property
+    def advertise_host(self) -> str:
+        """The host other processes reach this node at."""
+        if self.config.server.advertise_host:
+            return self.config.server.advertise_host
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def address(self) -> str:
         """``host:port`` to reach the node."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = self.advertise_host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Shut down in reverse order of start-up; idempotent."""
+        """Shut down in reverse order of start-up; idempotent.
+
+        Health turns NOT_SERVING (Consul stops routing here), the node leaves
+        Consul, running user code gets the grace period to finish, then the
+        server stops and the components close.
+        """
         if self._stopped:
             return
         self._stopped = True
+        limit = self.config.server.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.registration is not None:
+            await self.registration.stop()
+        if self.executors:
+            await asyncio.gather(*(e.drain(limit) for e in self.executors))
         if self.store is not None:
             # Watches never end by themselves; end them so stop() need not wait out its grace.
             self.store.end_watches()
-        await self.server.stop(self.config.server.grace_seconds if grace is None else grace)
+        await self.server.stop(limit)
         await self.stack.aclose()
         logger.info("%s on port %d stopped", self.role, self.port)
 
@@ -161,9 +196,13 @@ async def _open_store(config: Config, stack: contextlib.AsyncExitStack) -> Latti
     return store
 
 
-def _remote_factory(peer_id: str, config: Config) -> PeerDirectory:
+def _remote_factory(
+    peer_id: str, config: Config, on_broken: Callable[[str, str], None] | None = None
+) -> PeerDirectory:
     def factory(executor_id: str, address: str) -> ExecutorPeer:
-        return RemoteExecutorPeer(executor_id, address, peer_id, config.server.max_payload_bytes)
+        return RemoteExecutorPeer(
+            executor_id, address, peer_id, config.server.max_payload_bytes, on_broken
+        )
 
     return PeerDirectory(factory)
 
@@ -224,7 +263,7 @@ async def start_local(config: Config) -> Node:
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(scheduler), server
         )
-        await _serve(node, [SCHEDULER_SERVICE, KVS_SERVICE, MESSAGING_SERVICE])
+        await _serve(node, [SCHEDULER_SERVICE_NAME, KVS_SERVICE_NAME, MESSAGING_SERVICE_NAME])
     except BaseException:
         await stack.aclose()
         raise
@@ -238,8 +277,142 @@ async def start_local(config: Config) -> Node:
     return node
 
 
-async def start_kvs_node(config: Config) -> Node:
-    """Start a server that runs only the KVS."""
+class KvsEndpoint:
+    """Where the KVS tier is: a fixed address, or the passing instances Consul knows.
+
+    With discovery, the channel follows the instances: when the one in use
+    leaves, the next call goes to another.
+    """
+
+    def __init__(self, config: Config, address: str | None, watch: ServiceWatch | None) -> None:
+        if address is None and watch is None:
+            raise ValueError("a KVS endpoint needs an address or a Consul watch")
+        self._config = config
+        self._fixed = address
+        self._watch = watch
+        self._address: str | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._client: KvsClient | None = None
+        self._retired: list[grpc.aio.Channel] = []
+
+    async def channel(self) -> grpc.aio.Channel:
+        """The channel to a current KVS instance (waits for one to be known)."""
+        if self._fixed is not None:
+            address = self._fixed
+        else:
+            assert self._watch is not None
+            instances = self._watch.instances or await self._watch.wait_for(bool, 30.0)
+            addresses = [i.address for i in instances]
+            address = self._address if self._address in addresses else addresses[0]
+        if address != self._address or self._channel is None:
+            if self._channel is not None:
+                self._retired.append(self._channel)
+                logger.info("KVS moved from %s to %s", self._address, address)
+            self._address = address
+            self._channel = grpc.aio.insecure_channel(
+                address, options=channel_options(self._config.server.max_payload_bytes)
+            )
+            self._client = KvsClient(self._channel)
+        return self._channel
+
+    async def client(self) -> KvsClient:
+        """A KVS client on the current channel."""
+        await self.channel()
+        assert self._client is not None
+        return self._client
+
+    async def close(self) -> None:
+        """Close every channel opened."""
+        channels = [*self._retired, *([self._channel] if self._channel else [])]
+        self._channel = None
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+
+class EndpointKvs:
+    """:class:`KvsAccess` over a :class:`KvsEndpoint`."""
+
+    def __init__(self, endpoint: KvsEndpoint) -> None:
+        self._endpoint = endpoint
+
+    async def get(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> lattice_pb2.Lattice | None:
+        """Read a key."""
+        client = await self._endpoint.client()
+        return await client.get(key, keyspace, wait=wait, timeout=timeout)
+
+    async def put(
+        self,
+        key: str,
+        lattice: lattice_pb2.Lattice,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+    ) -> lattice_pb2.Lattice:
+        """Merge a lattice."""
+        return await (await self._endpoint.client()).put(key, lattice, keyspace)
+
+    async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
+        """Delete a key."""
+        return await (await self._endpoint.client()).delete(key, keyspace)
+
+    async def list_keys(
+        self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> list[str]:
+        """List keys."""
+        return await (await self._endpoint.client()).list_keys(prefix, keyspace)
+
+
+async def _consul(node: Node) -> ConsulClient | None:
+    """The node's Consul client when discovery is on (closed with the node)."""
+    if not node.config.consul.enabled:
+        return None
+    client = ConsulClient(node.config.consul)
+    node.stack.push_async_callback(client.close)
+    return client
+
+
+def _register(node: Node, client: ConsulClient | None, name: str, service_id: str) -> None:
+    """Register the (serving) node in Consul in the background, retrying until it answers."""
+    if client is None:
+        return
+    node.registration = Registration(
+        client, name, service_id, node.advertise_host, node.port, {"role": node.role}
+    )
+    node.registration.start()
+
+
+async def _watch(
+    node: Node,
+    client: ConsulClient,
+    name: str,
+    on_change: Callable[[list[Instance]], Awaitable[None] | None] | None = None,
+) -> ServiceWatch:
+    watch = ServiceWatch(client, name, on_change)
+    watch.start()
+    node.stack.push_async_callback(watch.stop)
+    return watch
+
+
+async def _kvs_endpoint(
+    node: Node, client: ConsulClient | None, kvs_address: str | None
+) -> KvsEndpoint:
+    if kvs_address is None and client is None:
+        raise ConfigError(
+            "no KVS to use: give its address (--kvs HOST:PORT) or a Consul agent "
+            "(--consul HOST:PORT or CONSUL_HTTP_ADDR) to discover it"
+        )
+    watch = None if kvs_address is not None else await _watch(node, client, KVS_SERVICE)  # type: ignore[arg-type]
+    endpoint = KvsEndpoint(node.config, kvs_address, watch)
+    node.stack.push_async_callback(endpoint.close)
+    return endpoint
+
+
+async def start_kvs_node(config: Config, kvs_id: str | None = None) -> Node:
+    """Start a server that runs only the KVS (registered in Consul when discovery is on)."""
     stack = contextlib.AsyncExitStack()
     try:
         store = await _open_store(config, stack)
@@ -247,35 +420,31 @@ async def start_kvs_node(config: Config) -> Node:
         node = Node(
             "kvs", server, health_servicer, port, config.server.host, config, stack, store=store
         )
+        consul = await _consul(node)
         add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
-        await _serve(node, [KVS_SERVICE])
+        await _serve(node, [KVS_SERVICE_NAME])
+        _register(node, consul, KVS_SERVICE, kvs_id or f"kvs-{node.advertise_host}-{port}")
     except BaseException:
         await stack.aclose()
         raise
-    logger.info("kvs listening on %s:%d", config.server.host, port)
+    logger.info("kvs listening on %s", node.address)
     return node
 
 
-async def _kvs_channel(
-    config: Config, kvs_address: str, stack: contextlib.AsyncExitStack
-) -> grpc.aio.Channel:
-    channel = grpc.aio.insecure_channel(
-        kvs_address, options=channel_options(config.server.max_payload_bytes)
-    )
-    stack.push_async_callback(channel.close)
-    return channel
-
-
 async def start_executor_node(
-    config: Config, kvs_address: str, executor_id: str | None = None
+    config: Config, kvs_address: str | None = None, executor_id: str | None = None
 ) -> Node:
-    """Start a server that runs one executor, using the KVS at ``kvs_address``."""
+    """Start a server that runs one executor.
+
+    It uses the KVS at ``kvs_address``, or the passing KVS instances in Consul
+    when no address is given; with discovery on it registers itself.
+    """
     stack = contextlib.AsyncExitStack()
     try:
-        channel = await _kvs_channel(config, kvs_address, stack)
-        kvs: KvsAccess = KvsClient(channel)
         server, health_servicer, port = _new_server(config, "executor")
         node = Node("executor", server, health_servicer, port, config.server.host, config, stack)
+        consul = await _consul(node)
+        endpoint = await _kvs_endpoint(node, consul, kvs_address)
         executor_id = executor_id or f"executor-{uuid.uuid4().hex[:8]}"
         peers = _remote_factory(executor_id, config)
         stack.push_async_callback(peers.close)
@@ -284,7 +453,7 @@ async def start_executor_node(
             executor_id,
             node.address,
             config.executor,
-            kvs,
+            EndpointKvs(endpoint),
             peers,
             config.server.max_payload_bytes,
             config.scheduler.call_timeout_seconds,
@@ -295,7 +464,8 @@ async def start_executor_node(
         executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
             ExecutorServicer(executor), server
         )
-        await _serve(node, [EXECUTOR_SERVICE, MESSAGING_SERVICE])
+        await _serve(node, [EXECUTOR_SERVICE_NAME, MESSAGING_SERVICE_NAME])
+        _register(node, consul, EXECUTOR_SERVICE, executor_id)
     except BaseException:
         await stack.aclose()
         raise
@@ -305,40 +475,70 @@ async def start_executor_node(
 
 async def start_scheduler_node(
     config: Config,
-    kvs_address: str,
-    executor_addresses: list[str],
+    kvs_address: str | None = None,
+    executor_addresses: list[str] | None = None,
     scheduler_id: str | None = None,
     connect_timeout: float = 30.0,
 ) -> Node:
-    """Start a server that runs a scheduler over executors at fixed addresses.
+    """Start a server that runs a scheduler.
 
-    The scheduler also serves KvsService by forwarding to the KVS, so clients
-    need only the scheduler's address.
+    Executors come from ``executor_addresses``, or, when none are given, from
+    the passing executors in Consul, kept current as they join and leave. The
+    scheduler also serves KvsService by forwarding to the KVS, so clients need
+    only its address.
     """
     stack = contextlib.AsyncExitStack()
     try:
-        channel = await _kvs_channel(config, kvs_address, stack)
-        kvs: KvsAccess = KvsClient(channel)
         server, health_servicer, port = _new_server(config, "scheduler")
         node = Node("scheduler", server, health_servicer, port, config.server.host, config, stack)
+        consul = await _consul(node)
+        endpoint = await _kvs_endpoint(node, consul, kvs_address)
         scheduler_id = scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
-        peers = _remote_factory(scheduler_id, config)
+        pool_ref: list[ExecutorPool] = []
+
+        def broken(executor_id: str, reason: str) -> None:
+            if pool_ref:
+                pool_ref[0].set_aside(executor_id, reason)
+
+        peers = _remote_factory(scheduler_id, config, broken)
         stack.push_async_callback(peers.close)
         pool = ExecutorPool(peers)
-        for address in executor_addresses:
-            status = await _executor_status(config, address, connect_timeout)
-            pool.add(status.executor_id, address)
+        pool_ref.append(pool)
         scheduler = Scheduler(
-            scheduler_id, kvs, pool, config.scheduler, config.server.max_payload_bytes
+            scheduler_id,
+            EndpointKvs(endpoint),
+            pool,
+            config.scheduler,
+            config.server.max_payload_bytes,
         )
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
-        await scheduler.restore_pins()
+        if executor_addresses:
+            for address in executor_addresses:
+                status = await _executor_status(config, address, connect_timeout)
+                pool.add(status.executor_id, address)
+            await scheduler.restore_pins()
+        elif consul is not None:
+
+            async def membership(instances: list[Instance]) -> None:
+                added = await pool.sync((i.service_id, i.address) for i in instances)
+                if added:
+                    await scheduler.restore_pins()
+
+            await _watch(node, consul, EXECUTOR_SERVICE, membership)
+        else:
+            raise ConfigError(
+                "no executors to use: give their addresses (--executor HOST:PORT, repeated) or a "
+                "Consul agent (--consul HOST:PORT or CONSUL_HTTP_ADDR) to discover them"
+            )
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(scheduler), server
         )
-        kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(KvsProxyServicer(channel), server)
-        await _serve(node, [SCHEDULER_SERVICE, KVS_SERVICE])
+        kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(
+            KvsProxyServicer(endpoint.channel), server
+        )
+        await _serve(node, [SCHEDULER_SERVICE_NAME, KVS_SERVICE_NAME])
+        _register(node, consul, SCHEDULER_SERVICE, scheduler_id)
     except BaseException:
         await stack.aclose()
         raise
@@ -361,8 +561,3 @@ async def _executor_status(
             raise UnavailableError(
                 f"cannot reach the executor at {address} within {timeout:.0f}s: {exc.details()}"
             ) from None
-
-
-async def wait_forever(stop: asyncio.Event) -> None:
-    """Wait until ``stop`` is set."""
-    await stop.wait()

@@ -166,6 +166,14 @@ class Executor:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for running calls to finish (shutdown's grace)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        busy = [t for t in self._tasks if not t.done()]
+        if busy:
+            await asyncio.wait(busy, timeout=max(deadline - loop.time(), 0))
+
     def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
         """Report pinned functions and load."""
         return executor_service_pb2.GetExecutorStatusResponse(

@@ -22,6 +22,7 @@ from cloudburst.errors import (
     FunctionInUseError,
     FunctionNotFoundError,
     InvalidArgumentError,
+    UnavailableError,
 )
 from cloudburst.rpc import error_to_call_error
 from cloudburst.serialization import (
@@ -266,6 +267,8 @@ class Scheduler:
                 response = await peer.execute(execute, limit)
                 return response.outcome
             except CloudburstError as exc:
+                if isinstance(exc, UnavailableError):
+                    self.pool.set_aside(view.executor_id, str(exc))
                 return execution_pb2.Outcome(error=error_to_call_error(exc))
             finally:
                 self.pool.finished(view.executor_id)

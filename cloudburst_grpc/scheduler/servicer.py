@@ -166,6 +166,31 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             response.outcome.CopyFrom(await _await_outcome(accepted))
         return response
 
+    async def ListExecutors(
+        self,
+        request: scheduler_service_pb2.ListExecutorsRequest,
+        context: Context[
+            scheduler_service_pb2.ListExecutorsRequest, scheduler_service_pb2.ListExecutorsResponse
+        ],
+    ) -> scheduler_service_pb2.ListExecutorsResponse:
+        """List the pool; with min_version, wait for a change first (until the deadline nears)."""
+        pool = self._scheduler.pool
+        if request.min_version:
+            remaining = _remaining(context)
+            limit = 30.0 if remaining is None else max(remaining - 0.5, 0.0)
+            await pool.wait_newer(request.min_version, limit)
+        response = scheduler_service_pb2.ListExecutorsResponse(version=pool.version)
+        for view in pool.views():
+            if view.overloaded:
+                continue
+            response.executors.add(
+                executor_id=view.executor_id,
+                address=view.address,
+                pinned_functions=sorted(view.pinned),
+                load=view.load,
+            )
+        return response
+
     async def StreamCalls(
         self,
         request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],

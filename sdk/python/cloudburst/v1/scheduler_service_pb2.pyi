@@ -558,6 +558,92 @@ class CallDagResponse(_message.Message):
 Global___CallDagResponse: _TypeAlias = CallDagResponse  # noqa: Y015
 
 @_typing.final
+class ListExecutorsRequest(_message.Message):
+    """ListExecutorsRequest asks for the executor membership, like a Consul blocking query."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_VERSION_FIELD_NUMBER: _builtins.int
+    min_version: _builtins.int
+    """Answer only once the membership version exceeds this (or the RPC deadline nears); 0 answers at once."""
+    def __init__(
+        self,
+        *,
+        min_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_version", b"min_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutorsRequest: _TypeAlias = ListExecutorsRequest  # noqa: Y015
+
+@_typing.final
+class ListExecutorsResponse(_message.Message):
+    """ListExecutorsResponse is the executor membership as this scheduler sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    EXECUTORS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Increases whenever an executor joins, leaves or is set aside."""
+    @_builtins.property
+    def executors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutorInfo]:
+        """The executors work may be placed on."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        executors: _abc.Iterable[Global___ExecutorInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutorsResponse: _TypeAlias = ListExecutorsResponse  # noqa: Y015
+
+@_typing.final
+class ExecutorInfo(_message.Message):
+    """ExecutorInfo describes one executor of a scheduler's pool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTOR_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    PINNED_FUNCTIONS_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
+    executor_id: _builtins.str
+    """The executor id."""
+    address: _builtins.str
+    """Its gRPC address."""
+    load: _builtins.int
+    """Calls this scheduler placed there that have not finished."""
+    @_builtins.property
+    def pinned_functions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The functions pinned there."""
+
+    def __init__(
+        self,
+        *,
+        executor_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        pinned_functions: _abc.Iterable[_builtins.str] | None = ...,
+        load: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "executor_id", b"executor_id", "load", b"load", "pinned_functions", b"pinned_functions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutorInfo: _TypeAlias = ExecutorInfo  # noqa: Y015
+
+@_typing.final
 class StreamCallsRequest(_message.Message):
     """StreamCallsRequest is one frame from the caller on a call stream."""
 

@@ -90,6 +90,11 @@ class SchedulerServiceStub:
                 request_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.StreamCallsRequest.SerializeToString,
                 response_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.StreamCallsResponse.FromString,
                 _registered_method=True)
+        self.ListExecutors = channel.unary_unary(
+                '/cloudburst.v1.SchedulerService/ListExecutors',
+                request_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -173,6 +178,13 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExecutors(self, request, context):
+        """ListExecutors lists the executors this scheduler places work on, optionally waiting for a change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +242,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.StreamCalls,
                     request_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.StreamCallsRequest.FromString,
                     response_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.StreamCallsResponse.SerializeToString,
+            ),
+            'ListExecutors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecutors,
+                    request_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +547,33 @@ class SchedulerService:
             '/cloudburst.v1.SchedulerService/StreamCalls',
             cloudburst_dot_v1_dot_scheduler__service__pb2.StreamCallsRequest.SerializeToString,
             cloudburst_dot_v1_dot_scheduler__service__pb2.StreamCallsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecutors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudburst.v1.SchedulerService/ListExecutors',
+            cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsRequest.SerializeToString,
+            cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

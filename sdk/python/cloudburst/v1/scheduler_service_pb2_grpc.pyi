@@ -55,6 +55,8 @@ class SchedulerServiceStub:
     """CallDag calls a DAG."""
     StreamCalls: _grpc.StreamStreamMultiCallable[_scheduler_service_pb2.StreamCallsRequest, _scheduler_service_pb2.StreamCallsResponse]
     """StreamCalls carries many calls over one long-lived stream, the low-latency path."""
+    ListExecutors: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListExecutorsRequest, _scheduler_service_pb2.ListExecutorsResponse]
+    """ListExecutors lists the executors this scheduler places work on, optionally waiting for a change."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -83,6 +85,8 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """CallDag calls a DAG."""
     StreamCalls: _aio.StreamStreamMultiCallable[_scheduler_service_pb2.StreamCallsRequest, _scheduler_service_pb2.StreamCallsResponse]  # type: ignore[assignment]
     """StreamCalls carries many calls over one long-lived stream, the low-latency path."""
+    ListExecutors: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListExecutorsRequest, _scheduler_service_pb2.ListExecutorsResponse]  # type: ignore[assignment]
+    """ListExecutors lists the executors this scheduler places work on, optionally waiting for a change."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService registers functions and DAGs and places calls on executors."""
@@ -174,5 +178,13 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.StreamCallsResponse], _abc.AsyncIterator[_scheduler_service_pb2.StreamCallsResponse]]:
         """StreamCalls carries many calls over one long-lived stream, the low-latency path."""
+
+    @_abc_1.abstractmethod
+    def ListExecutors(
+        self,
+        request: _scheduler_service_pb2.ListExecutorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.ListExecutorsResponse, _abc.Awaitable[_scheduler_service_pb2.ListExecutorsResponse]]:
+        """ListExecutors lists the executors this scheduler places work on, optionally waiting for a change."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

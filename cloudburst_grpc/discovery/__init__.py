@@ -1,0 +1,1 @@
+"""Service discovery: registering services and watching their healthy instances."""
