@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BUF := tools/buf/node_modules/.bin/buf
 ARGS ?=
 
-.PHONY: setup serve test check lint typecheck protos-lint protos-check unit integration e2e
+.PHONY: setup serve test check lint typecheck protos-lint protos-check unit integration e2e consul
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,13 @@ serve: setup
 	$(VENV)/bin/cbgrpc serve $(ARGS)
 
 # Lint the contract, check the generated code is current, lint and type-check, then test.
-test: check
+test: check consul
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# A real Consul for the cluster tests, built from the Go module proxy and cached outside the
+# repository by version (a cold build takes a few minutes; later runs reuse it).
+consul:
+	bash tools/consul/build.sh >/dev/null
 
 check: protos-lint protos-check lint typecheck
 
@@ -55,5 +60,5 @@ unit: setup
 integration: setup
 	$(PY) -m pytest -q tests/integration
 
-e2e: setup
+e2e: setup consul
 	$(PY) -m pytest -q tests/e2e

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,11 +89,19 @@ class Cluster:
 
 
 class CbgrpcProcess:
-    """A `cbgrpc COMMAND` subprocess; its address is read from its first line of output."""
+    """A `cbgrpc COMMAND` subprocess; its address is read from its first line of output.
+
+    Both output streams are read on threads for the life of the process (so a
+    chatty process never blocks on a full pipe) and kept in ``stdout_lines`` and
+    ``stderr_lines``.
+    """
 
     def __init__(self, command: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.command = command
         self.args = args
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._stderr_changed = threading.Condition()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cloudburst_grpc", command, "--port", "0", *args],
             stdout=subprocess.PIPE,
@@ -97,24 +109,56 @@ class CbgrpcProcess:
             text=True,
             env={**os.environ, **(env or {})},
         )
-        self.address = self._read_address()
+        first_line = threading.Event()
 
-    def _read_address(self) -> str:
-        result: list[str] = []
-
-        def read() -> None:
+        def read_stdout() -> None:
             assert self.proc.stdout is not None
-            result.append(self.proc.stdout.readline())
+            for line in self.proc.stdout:
+                self.stdout_lines.append(line)
+                first_line.set()
+            first_line.set()
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(STARTUP_TIMEOUT)
-        line = result[0] if result else ""
+        def read_stderr() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                with self._stderr_changed:
+                    self.stderr_lines.append(line)
+                    self._stderr_changed.notify_all()
+            with self._stderr_changed:
+                self._stderr_changed.notify_all()
+
+        self._readers = [
+            threading.Thread(target=read_stdout, daemon=True),
+            threading.Thread(target=read_stderr, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        first_line.wait(STARTUP_TIMEOUT)
+        line = self.stdout_lines[0] if self.stdout_lines else ""
         if "listening on" not in line:
             self.kill()
-            stderr = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"cbgrpc {self.command} did not start: {line!r}\n{stderr}")
-        return line.rsplit(" ", 1)[1].strip()
+            raise RuntimeError(
+                f"cbgrpc {command} did not start: {line!r}\n{''.join(self.stderr_lines[-40:])}"
+            )
+        self.address = line.rsplit(" ", 1)[1].strip()
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> str:
+        """Wait until a line containing ``text`` appears on stderr; returns the line."""
+        deadline = time.monotonic() + timeout
+        with self._stderr_changed:
+            while True:
+                for line in self.stderr_lines:
+                    if text in line:
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (
+                    self.proc.poll() is not None and not self._readers[1].is_alive()
+                ):
+                    raise TimeoutError(
+                        f"{text!r} not logged by cbgrpc {self.command}:\n"
+                        + "".join(self.stderr_lines[-40:])
+                    )
+                self._stderr_changed.wait(remaining)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for exit; returns the exit code."""
@@ -132,7 +176,7 @@ class CbgrpcProcess:
             self.proc.wait(10)
 
     def stderr(self) -> str:
-        return self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
+        return "".join(self.stderr_lines)
 
 
 class ServeProcess(CbgrpcProcess):
@@ -156,3 +200,114 @@ class ProcessCluster:
 
     def all(self) -> list[CbgrpcProcess]:
         return [self.scheduler, *self.executors, self.kvs]
+
+
+def consul_binary() -> str:
+    """The path of the `consul` binary, built from the Go module proxy if not cached yet."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "tools" / "consul" / "build.sh")],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"building consul failed:\n{result.stderr[-4000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now, for programs (like Consul) that cannot report what they bound."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class ConsulAgent:
+    """A real `consul agent -dev` bound to loopback ports chosen at run time."""
+
+    def __init__(self, binary: str, http_port: int | None = None) -> None:
+        ports = free_ports(4)
+        self.http_port = http_port or ports[0]
+        self.address = f"127.0.0.1:{self.http_port}"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+                "-http-port",
+                str(self.http_port),
+                "-grpc-port",
+                "-1",
+                "-grpc-tls-port",
+                "-1",
+                "-dns-port",
+                "-1",
+                "-serf-lan-port",
+                str(ports[1]),
+                "-serf-wan-port",
+                str(ports[2]),
+                "-server-port",
+                str(ports[3]),
+                "-log-level",
+                "info",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.log: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.log.append(line)
+                if "cluster leadership acquired" in line or "Synced node info" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(STARTUP_TIMEOUT) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("consul agent did not start:\n" + "".join(self.log[-30:]))
+
+    def get(self, path: str, timeout: float = 40.0) -> tuple[str, Any]:
+        """GET an HTTP API path; returns (X-Consul-Index, decoded JSON)."""
+        with urllib.request.urlopen(f"http://{self.address}{path}", timeout=timeout) as response:
+            return response.headers.get("X-Consul-Index", "0"), json.load(response)
+
+    def wait(self, path: str, predicate: Any, timeout: float = 60.0) -> Any:
+        """Blocking-query ``path`` until ``predicate(body)`` holds; Consul holds each call."""
+        deadline = time.monotonic() + timeout
+        index = "0"
+        separator = "&" if "?" in path else "?"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{path} never satisfied the condition within {timeout}s")
+            wait = max(1, int(min(remaining, 30)))
+            index, body = self.get(
+                f"{path}{separator}index={index}&wait={wait}s", timeout=wait + 10
+            )
+            if predicate(body):
+                return body
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

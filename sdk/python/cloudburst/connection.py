@@ -6,10 +6,14 @@ import builtins
 import contextlib
 import functools
 import inspect
+import json
 import logging
+import os
+import random
 import sys
 import sysconfig
 import threading
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +30,7 @@ from cloudburst.errors import (
     NotFoundError,
     RemoteFunctionError,
     SerializationError,
+    UnavailableError,
 )
 from cloudburst.function import CloudburstFunction
 from cloudburst.future import CloudburstFuture
@@ -56,6 +61,46 @@ DEFAULT_PORT = 7600
 DEFAULT_TIMEOUT = 300.0
 #: Seconds to wait for the first connection.
 CONNECT_TIMEOUT = 10.0
+
+
+#: The Consul service name schedulers register under.
+SCHEDULER_SERVICE = "cloudburst-scheduler"
+
+
+def discover_scheduler(consul_address: str, timeout: float) -> str:
+    """Return the address of a passing scheduler registered in Consul.
+
+    ``consul_address`` is ``host:port`` or ``http(s)://host:port`` of a Consul
+    agent; ``CONSUL_HTTP_TOKEN`` is sent when set.
+
+    Raises:
+        UnavailableError: Consul cannot be reached or knows no passing scheduler.
+    """
+    base = consul_address if "://" in consul_address else f"http://{consul_address}"
+    url = f"{base.rstrip('/')}/v1/health/service/{SCHEDULER_SERVICE}?passing=true"
+    request = urllib.request.Request(url)
+    token = os.environ.get("CONSUL_HTTP_TOKEN")
+    if token:
+        request.add_header("X-Consul-Token", token)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            nodes = json.load(response)
+    except (OSError, ValueError) as exc:
+        raise UnavailableError(
+            f"cannot ask Consul at {base} for schedulers: {exc}; check the address and token"
+        ) from None
+    addresses = []
+    for node in nodes:
+        service = node["Service"]
+        host = service.get("Address") or node["Node"]["Address"]
+        addresses.append(
+            f"[{host}]:{service['Port']}" if ":" in host else f"{host}:{service['Port']}"
+        )
+    if not addresses:
+        raise UnavailableError(
+            f"Consul at {base} knows no passing {SCHEDULER_SERVICE}; is a scheduler running?"
+        )
+    return random.choice(addresses)
 
 
 def parse_address(address: str) -> str:
@@ -133,8 +178,9 @@ class CloudburstConnection:
     """A connection to a cloudburst scheduler (``cbgrpc serve``, or a cluster's load balancer).
 
     Args:
-        func_addr: ``host`` or ``host:port`` of the scheduler (default port 7600);
-            stray spaces are ignored.
+        func_addr: ``host`` or ``host:port`` of the scheduler or its load balancer
+            (default port 7600), or ``consul://host:port`` to use a passing
+            scheduler registered in that Consul agent; stray spaces are ignored.
         ip: Accepted for compatibility with the original API; not needed.
         tid: Accepted for compatibility; not needed.
         local: Accepted for compatibility; not needed.
@@ -157,7 +203,11 @@ class CloudburstConnection:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        self.address = parse_address(func_addr)
+        if isinstance(func_addr, str) and func_addr.strip().startswith("consul://"):
+            consul = func_addr.strip().removeprefix("consul://")
+            self.address = parse_address(discover_scheduler(consul, connect_timeout))
+        else:
+            self.address = parse_address(func_addr)
         self.timeout = float(timeout)
         self.max_payload_bytes = max_payload_bytes
         self.last_error: CloudburstError | None = None
