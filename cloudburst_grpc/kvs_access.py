@@ -6,6 +6,7 @@ processes by ``kvs.client.KvsClient`` over gRPC. Both satisfy :class:`KvsAccess`
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from cloudburst.v1 import lattice_pb2
@@ -39,6 +40,12 @@ class KvsAccess(Protocol):
 
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete the key; return whether it existed."""
+        ...
+
+    def watch_keys(
+        self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> AsyncIterator[str]:
+        """Yield ``""`` once watching, then the key of every change under ``prefix``."""
         ...
 
     async def list_keys(

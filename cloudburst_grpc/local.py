@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -103,6 +103,18 @@ class InProcessKvs:
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete a key."""
         return await self._store.delete(keyspace, key)
+
+    async def watch_keys(
+        self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> AsyncIterator[str]:
+        """Yield "" once watching, then each changed key under ``prefix``."""
+        subscription = self._store.watch(keyspace, prefix=prefix)
+        try:
+            yield ""
+            async for event in subscription:
+                yield event.key
+        finally:
+            await subscription.aclose()
 
     async def list_keys(
         self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
@@ -258,6 +270,7 @@ async def start_local(config: Config) -> Node:
         )
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
+        await scheduler.start()
         await scheduler.restore_pins()
         add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
@@ -358,6 +371,19 @@ class EndpointKvs:
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete a key."""
         return await (await self._endpoint.client()).delete(key, keyspace)
+
+    async def watch_keys(
+        self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> AsyncIterator[str]:
+        """Yield "" once watching, then each changed key under ``prefix``."""
+        client = await self._endpoint.client()
+        stream = await client.watch(keyspace=keyspace, prefix=prefix)
+        try:
+            yield ""
+            async for event in stream:
+                yield event.key
+        finally:
+            await stream.aclose()
 
     async def list_keys(
         self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
@@ -513,6 +539,7 @@ async def start_scheduler_node(
         )
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
+        await scheduler.start()
         if executor_addresses:
             for address in executor_addresses:
                 status = await _executor_status(config, address, connect_timeout)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from cloudburst.errors import (
     CloudburstError,
@@ -87,6 +88,7 @@ class Scheduler:
         self.registry = Registry(kvs, self._clock)
         self._last_version = 0
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
+        self._background: asyncio.Task[None] | None = None
 
     def _next_version(self) -> int:
         self._last_version = max(time.time_ns(), self._last_version + 1)
@@ -206,6 +208,11 @@ class Scheduler:
                 for executor_id in self.pool.pinned_on(function):
                     await self._unpin(executor_id, function)
         logger.info("deleted DAG %s", name)
+
+    async def start(self) -> None:
+        """Follow definition changes made through other schedulers (until :meth:`close`)."""
+        task = asyncio.create_task(self.registry.follow())
+        self._background = task
 
     async def restore_pins(self) -> None:
         """Pin the functions of every stored DAG again (after a restart, or on new executors)."""
@@ -341,7 +348,10 @@ class Scheduler:
 
     async def close(self) -> None:
         """Cancel calls still being placed or awaited; idempotent."""
-        tasks = list(self._tasks)
+        tasks: list[asyncio.Task[Any]] = list(self._tasks)
+        if self._background is not None:
+            tasks.append(self._background)
+            self._background = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

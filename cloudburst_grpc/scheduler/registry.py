@@ -7,9 +7,15 @@ last-writer-wins lattice, readable by any client.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Any
+
 from cloudburst.serialization import LwwClock, lww
 from cloudburst.v1 import function_pb2, lattice_pb2, value_pb2
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
+
+logger = logging.getLogger(__name__)
 
 FUNCTION_PREFIX = "function/"
 DAG_PREFIX = "dag/"
@@ -26,13 +32,42 @@ def dag_key(name: str) -> str:
 
 
 class Registry:
-    """Reads and writes definitions, with a cache kept current by this scheduler's own writes."""
+    """Reads and writes definitions through a cache.
+
+    The cache is kept current by this scheduler's writes and, once
+    :meth:`follow` runs, by a watch on the system keyspace, so writes made
+    through other schedulers are seen too.
+    """
 
     def __init__(self, kvs: KvsAccess, clock: LwwClock) -> None:
         self._kvs = kvs
         self._clock = clock
         self._functions: dict[str, function_pb2.Function] = {}
         self._dags: dict[str, function_pb2.Dag] = {}
+
+    async def follow(self) -> None:
+        """Drop cached definitions as they change anywhere (runs until cancelled)."""
+        await asyncio.gather(
+            self._follow(FUNCTION_PREFIX, self._functions), self._follow(DAG_PREFIX, self._dags)
+        )
+
+    async def _follow(self, prefix: str, cache: dict[str, Any]) -> None:
+        attempt = 0
+        while True:
+            try:
+                async for key in self._kvs.watch_keys(prefix, SYSTEM):
+                    if not key:  # (re)established: anything cached before may be stale
+                        cache.clear()
+                        attempt = 0
+                    else:
+                        cache.pop(key.removeprefix(prefix), None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("watch on %s definitions ended (%s); re-establishing", prefix, exc)
+            cache.clear()
+            attempt += 1
+            await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
 
     async def get_function(self, name: str) -> function_pb2.Function | None:
         """Return the function, or None when it is not registered."""
