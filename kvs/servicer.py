@@ -56,8 +56,10 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         keyspace = normalize_keyspace(request.keyspace)
         if request.wait:
             remaining = context.time_remaining()
-            deadline = math.inf if remaining is None else remaining
-            timeout = min(deadline, self._max_wait_seconds)
+            # End the wait a little before the caller's deadline, so the caller gets a
+            # "not found" answer (after the waiter is gone) rather than DEADLINE_EXCEEDED.
+            deadline = math.inf if remaining is None else remaining - min(remaining * 0.1, 0.05)
+            timeout = max(min(deadline, self._max_wait_seconds), 0.0)
             lattice = await self._store.wait_for(keyspace, request.key, timeout)
         else:
             lattice = self._store.get(keyspace, request.key)
