@@ -1,0 +1,673 @@
+"""Run the benchmark suite and write report.md, report.json, latencies.json and latency.png.
+
+Usage (from the repository root): ``python -m bench.run [--quick] [--out DIR]``
+(``make bench`` installs the bench requirements and runs this).
+
+One run, one machine, so ratios hold on a noisy machine: the floor servers,
+`cbgrpc serve` and the process cluster all run at once, and the latency
+measurement visits every workload in turn, in several rounds (interleaved
+blocks), so a slow spell of the machine hits them all alike. Ray runs after,
+in its own process. The memory check runs last, on a fresh `cbgrpc serve`
+with nothing else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+if not __package__:  # run as `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import diagnose, floor, memory, profiling, report, systems
+from bench.diagnose import U_TO_LOOP, U_TO_POOL
+from bench.floor import (
+    F_BIDI,
+    F_GET_LARGE,
+    F_HOP3_STREAM,
+    F_HOP3_UNARY,
+    F_PUT_LARGE,
+    F_UNARY,
+)
+from bench.measure import AioLoop, AioWorkload, SyncWorkload, Workload, summarize
+from bench.procs import ROOT, Processes, interrupt_on_sigterm, log
+
+#: Which floor and which Ray workload each cloudburst workload is compared with.
+FLOOR_OF = {
+    systems.CALL: F_UNARY,
+    systems.DAG_DIRECT: F_HOP3_STREAM,
+    systems.DAG_GET: F_HOP3_STREAM,
+    systems.FAN: F_HOP3_STREAM,
+    systems.PUT_SMALL: F_UNARY,
+    systems.GET_SMALL: F_UNARY,
+    systems.PUT_LARGE: F_PUT_LARGE,
+    systems.GET_LARGE: F_GET_LARGE,
+    systems.MESSAGE: F_BIDI,
+}
+RAY_OF = {
+    systems.CALL: "task incr.remote(1)",
+    systems.DAG_DIRECT: "chain square.remote(incr.remote(1))",
+    systems.DAG_GET: "chain square.remote(incr.remote(1))",
+    systems.FAN: "fan-out/fan-in (1->4->1)",
+    systems.PUT_SMALL: "ray.put 100 B",
+    systems.GET_SMALL: "ray.get 100 B",
+    systems.PUT_LARGE: "ray.put 1 MiB",
+    systems.GET_LARGE: "ray.get 1 MiB",
+}
+TOTAL_BUDGET_SECONDS = 570.0  # the issue asks for under 10 minutes on two cores
+
+
+@dataclass
+class Settings:
+    quick: bool
+    out: Path
+    calls: int
+    blocks: int
+    warmup: int
+    callers: int
+    tp_seconds: float
+    tp_rounds: int
+    memory_calls: int
+    ray: bool
+    profile: str
+    """auto (where a target is missed), always or never."""
+    profile_seconds: float
+
+
+@dataclass
+class Record:
+    """Everything measured for one workload."""
+
+    workload: Workload
+    latencies: list[float] = field(default_factory=list)
+    tp_calls: int = 0
+    tp_seconds: float = 0.0
+    tp_latencies: list[float] = field(default_factory=list)
+    measure_throughput: bool = True
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="cloudburst-grpc benchmarks: latency and throughput against the gRPC "
+        "floor and Ray, in one run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="few calls: a smoke run")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results", help="output directory"
+    )
+    parser.add_argument("--calls", type=int, help="timed calls per workload (default 1000)")
+    parser.add_argument("--callers", type=int, default=8, help="concurrent callers (default 8)")
+    parser.add_argument(
+        "--memory-calls", type=int, help="calls for the memory check (default 100000)"
+    )
+    parser.add_argument("--no-ray", action="store_true", help="skip Ray")
+    parser.add_argument(
+        "--profile",
+        choices=["auto", "always", "never"],
+        default=None,
+        help="profile with py-spy: when a target is missed (auto, the default; never with "
+        "--quick), always, or never",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    return Settings(
+        quick=quick,
+        out=args.out,
+        calls=args.calls or (200 if quick else 1000),
+        blocks=2 if quick else 4,
+        warmup=30 if quick else 200,
+        callers=args.callers,
+        tp_seconds=0.4 if quick else 1.25,
+        tp_rounds=2,
+        memory_calls=args.memory_calls or (5000 if quick else 100_000),
+        ray=not args.no_ray,
+        profile=args.profile or ("never" if quick else "auto"),
+        profile_seconds=3.0 if quick else 5.0,
+    )
+
+
+# -- workloads -----------------------------------------------------------------------
+
+
+def floor_workloads(client: floor.FloorClient, aio: AioLoop) -> list[Record]:
+    """The floor, from an asyncio client and from a thread driving that loop (as the SDK does)."""
+
+    def check(size: int) -> Any:
+        return lambda n: n == size
+
+    small, large = floor.SMALL_PAYLOAD, 1024 * 1024
+    records = [
+        Record(AioWorkload("floor", F_UNARY, client.unary_rtt, aio, check=check(small))),
+        Record(AioWorkload("floor", F_BIDI, client.bidi_rtt, aio, check=check(small))),
+        Record(AioWorkload("floor", F_HOP3_STREAM, client.hop3_stream, aio, check=check(small))),
+        Record(AioWorkload("floor", F_HOP3_UNARY, client.hop3_unary, aio, check=check(small))),
+        Record(AioWorkload("floor", F_PUT_LARGE, client.unary_put_1mb, aio, check=check(2))),
+        Record(AioWorkload("floor", F_GET_LARGE, client.unary_get_1mb, aio, check=check(large))),
+    ]
+    for name, op in (
+        (F_UNARY, client.unary_rtt),
+        (F_BIDI, client.bidi_rtt),
+        (F_HOP3_STREAM, client.hop3_stream),
+        (F_HOP3_UNARY, client.hop3_unary),
+    ):
+        records.append(
+            Record(
+                SyncWorkload(
+                    "floor-sync", name, lambda op=op: aio.run(op(), 60), check=check(small)
+                )
+            )
+        )
+    return records
+
+
+def unit_workloads(aio: AioLoop, pool: concurrent.futures.ThreadPoolExecutor) -> list[Record]:
+    """Cost units: one handoff between threads, as the SDK and the executors make them."""
+
+    async def noop() -> int:
+        return 1
+
+    def to_pool() -> asyncio.Future[int]:
+        return asyncio.get_running_loop().run_in_executor(pool, int, "1")
+
+    return [
+        Record(
+            SyncWorkload("unit", U_TO_LOOP, lambda: aio.run(noop(), 60)), measure_throughput=False
+        ),
+        Record(AioWorkload("unit", U_TO_POOL, to_pool, aio), measure_throughput=False),
+    ]
+
+
+def diagnosis_workloads(serve: systems.System, inproc: diagnose.InProcessServer) -> list[Record]:
+    """The serve calls with parts taken away (see bench/diagnose.py); latency only."""
+    found: list[Workload] = []
+    try:
+        found += diagnose.sdk_workloads(serve)
+    except Exception as exc:
+        log(f"diagnosis: SDK internals not usable ({type(exc).__name__}: {exc}); skipping them")
+    try:
+        diagnose.register(inproc.start())
+        found += inproc.workloads()
+    except Exception as exc:
+        log(f"diagnosis: in-process server not usable ({type(exc).__name__}: {exc}); skipping it")
+    return [Record(w, measure_throughput=False) for w in found]
+
+
+def measure_latency(records: list[Record], settings: Settings, deadline: float) -> None:
+    """Warm every workload up, then time it in interleaved rounds."""
+    for record in records:
+        _guard(record, lambda r=record: r.workload.block(settings.warmup), "warm-up")
+    per_block = max(1, settings.calls // settings.blocks)
+    for round_index in range(settings.blocks):
+        log(f"latency round {round_index + 1}/{settings.blocks} ({per_block} calls per workload)")
+        for record in records:
+            if record.error is None:
+                got = _guard(record, lambda r=record: r.workload.block(per_block), "latency")
+                if got is not None:
+                    record.latencies.extend(got)
+        if time.monotonic() > deadline:
+            log("latency: out of time budget; stopping early")
+            for record in records:
+                record.notes.append(f"latency: stopped early after round {round_index + 1}")
+            break
+
+
+def measure_throughput(records: list[Record], settings: Settings) -> None:
+    for round_index in range(settings.tp_rounds):
+        log(
+            f"throughput round {round_index + 1}/{settings.tp_rounds} "
+            f"({settings.callers} callers, {settings.tp_seconds:.2f} s per workload)"
+        )
+        for record in records:
+            if record.error is None and record.measure_throughput:
+                got = _guard(
+                    record,
+                    lambda r=record: r.workload.throughput(settings.callers, settings.tp_seconds),
+                    "throughput",
+                )
+                if got is not None:
+                    record.tp_calls += got.calls
+                    record.tp_seconds += got.seconds
+                    record.tp_latencies.extend(got.latencies)
+
+
+def _guard(record: Record, action: Any, what: str) -> Any:
+    try:
+        return action()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        record.error = f"{what}: {type(exc).__name__}: {exc}"[:500]
+        log(f"{record.workload.key} failed: {record.error}")
+        return None
+
+
+# -- Ray -----------------------------------------------------------------------------
+
+
+def run_ray(procs: Processes, settings: Settings) -> dict[str, Any]:
+    if not settings.ray:
+        return {"available": False, "reason": "skipped (--no-ray)"}
+    if importlib.util.find_spec("ray") is None:
+        return {
+            "available": False,
+            "reason": "ray is not installed (it is optional: "
+            "`.venv/bin/pip install -r bench/requirements-ray.txt`)",
+        }
+    out = settings.out / "ray.json"
+    out.unlink(missing_ok=True)
+    argv = [
+        sys.executable, "-m", "bench.ray_bench",
+        "--calls", str(settings.calls), "--blocks", str(settings.blocks),
+        "--warmup", str(settings.warmup), "--callers", str(settings.callers),
+        "--seconds", str(settings.tp_seconds * settings.tp_rounds), "--out", str(out),
+    ]  # fmt: skip
+    log("ray: starting a local Ray in its own process")
+    child = procs.start("ray", argv, wait_for_address=False)
+    try:
+        child.proc.wait(120 if settings.quick else 240)
+    except Exception:
+        log("ray: out of time; stopping it")
+    procs.stop(child, grace=20)
+    try:
+        result: dict[str, Any] = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {
+            "available": False,
+            "reason": f"the Ray run ended without a result; its log:\n{child.log_tail(10)}",
+        }
+    if not result.get("available"):
+        log(f"ray: not available: {result.get('reason')}")
+    return result
+
+
+# -- targets -------------------------------------------------------------------------
+
+
+def _median(records: dict[str, Record], key: str) -> float | None:
+    record = records.get(key)
+    if record is None or not record.latencies:
+        return None
+    return summarize(record.latencies)["median_ms"]
+
+
+def _throughput(records: dict[str, Record], key: str) -> float | None:
+    record = records.get(key)
+    if record is None or record.tp_seconds <= 0:
+        return None
+    return record.tp_calls / record.tp_seconds
+
+
+def _ray_median(ray: dict[str, Any], name: str) -> float | None:
+    entry = ray.get("workloads", {}).get(name) if ray.get("available") else None
+    if not entry or not entry.get("latencies"):
+        return None
+    return summarize(entry["latencies"])["median_ms"]
+
+
+def evaluate_targets(
+    records: dict[str, Record], ray: dict[str, Any], mem: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Each target of the issue: what was measured, the bound, and whether it is met."""
+    targets: list[dict[str, Any]] = []
+
+    def add(
+        ident: str, text: str, value: float | None, bound: float, *, at_most: bool, unit: str,
+        detail: str, why_none: str = "not measured",
+    ) -> None:  # fmt: skip
+        met = None if value is None else (value <= bound if at_most else value >= bound)
+        targets.append(
+            {
+                "id": ident,
+                "target": text,
+                "value": value,
+                "bound": bound,
+                "comparison": "<=" if at_most else ">=",
+                "unit": unit,
+                "met": met,
+                "detail": detail if value is not None else why_none,
+            }
+        )
+
+    dag = _median(records, f"serve/{systems.DAG_DIRECT}")
+    hop3 = _median(records, f"floor/{F_HOP3_STREAM}")
+    add(
+        "T1",
+        "DAG incr->square, direct_response, `cbgrpc serve`: median <= 1.3x the 3-hop stream floor",
+        None if dag is None or hop3 is None else dag / hop3,
+        1.3,
+        at_most=True,
+        unit="x floor",
+        detail=f"{_ms(dag)} vs floor {_ms(hop3)}",
+    )
+    ray_chain = _ray_median(ray, RAY_OF[systems.DAG_DIRECT])
+    add(
+        "T2",
+        "Same DAG: at least 4x faster than Ray's chain `square.remote(incr.remote(1))` (medians)",
+        None if dag is None or ray_chain is None else ray_chain / dag,
+        4.0,
+        at_most=False,
+        unit="x faster",
+        detail=f"Ray {_ms(ray_chain)} vs {_ms(dag)}",
+        why_none="Ray not available: " + str(ray.get("reason", ""))[:200]
+        if not ray.get("available")
+        else "not measured",
+    )
+    dag_tp = _throughput(records, f"serve/{systems.DAG_DIRECT}")
+    hop3_tp = _throughput(records, f"floor/{F_HOP3_STREAM}")
+    add(
+        "T3",
+        "Same DAG, throughput with 8 callers: >= 0.6x the 3-hop stream floor's throughput",
+        None if dag_tp is None or not hop3_tp else dag_tp / hop3_tp,
+        0.6,
+        at_most=False,
+        unit="x floor",
+        detail=f"{_rate(dag_tp)} vs floor {_rate(hop3_tp)}",
+    )
+    call = _median(records, f"serve/{systems.CALL}")
+    unary = _median(records, f"floor/{F_UNARY}")
+    add(
+        "T4",
+        "One function call `incr(1).get()`, `cbgrpc serve`: median <= 1.5x a bare unary round trip",
+        None if call is None or unary is None else call / unary,
+        1.5,
+        at_most=True,
+        unit="x floor",
+        detail=f"{_ms(call)} vs floor {_ms(unary)}",
+    )
+    if mem is not None and not mem.get("error") and mem.get("rss_after_first_1000_bytes"):
+        calls = mem["calls"]
+        detail = (
+            f"{mem['rss_after_first_1000_bytes'] / 2**20:.1f} MiB after 1,000 calls, peak "
+            f"{mem['rss_peak_bytes'] / 2**20:.1f} MiB over {calls:,} calls"
+        )
+        if mem["stopped_by_budget"]:
+            detail += f" (only {calls:,} of {mem['target_calls']:,} calls fit the time budget)"
+        value: float | None = mem["peak_over_first_1000"]
+    else:
+        value, detail = None, ""
+    add(
+        "T5",
+        f"Peak RSS of `cbgrpc serve` over {(mem or {}).get('target_calls', 100_000):,} calls "
+        "<= 1.5x its RSS after the first 1,000",
+        value,
+        1.5,
+        at_most=True,
+        unit="x",
+        detail=detail,
+        why_none=f"memory check failed: {mem.get('error')}" if mem else "not run",
+    )
+    message = _median(records, f"cluster/{systems.MESSAGE}")
+    bidi = _median(records, f"floor/{F_BIDI}")
+    crossed = records.get(f"cluster/{systems.MESSAGE}")
+    where = ""
+    if crossed is not None and isinstance(crossed.workload, systems.MessagingWorkload):
+        flag = crossed.workload.crossed_processes()
+        where = (
+            "; ping and pong ran on different executor processes"
+            if flag
+            else "; WARNING: ping and pong did not always run on different processes"
+        )
+    add(
+        "T6",
+        "send/recv round trip between two functions on different executor processes (cluster): "
+        "median <= 2x a bare gRPC bidi-stream round trip between two processes",
+        None if message is None or bidi is None else message / bidi,
+        2.0,
+        at_most=True,
+        unit="x floor",
+        detail=f"{_ms(message)} vs floor {_ms(bidi)}{where}",
+    )
+    return targets
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} ms"
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}/s"
+
+
+# -- profiling -----------------------------------------------------------------------
+
+
+def profile_misses(
+    targets: list[dict[str, Any]],
+    records: dict[str, Record],
+    deployments: dict[str, systems.System],
+    settings: Settings,
+) -> list[dict[str, Any]]:
+    """Profile the product (and the bench's own client process) where a target is missed."""
+    wanted: list[tuple[str, str]] = []  # (label, record key)
+    missed = {t["id"] for t in targets if t["met"] is False}
+    if settings.profile == "always":
+        missed |= {"T1", "T4", "T6"}
+    if missed & {"T1", "T2", "T3"}:
+        wanted.append(("T1-T3 DAG direct_response on serve", f"serve/{systems.DAG_DIRECT}"))
+    if "T4" in missed:
+        wanted.append(("T4 incr(1).get() on serve", f"serve/{systems.CALL}"))
+    if "T6" in missed:
+        wanted.append(("T6 send/recv on the cluster", f"cluster/{systems.MESSAGE}"))
+    # Workloads far off their floor (no target of their own) are worth a look too.
+    for key, record in records.items():
+        system, _, name = key.partition("/")
+        if system != "serve" or name not in FLOOR_OF or not record.latencies:
+            continue
+        mine, base = _median(records, key), _median(records, f"floor/{FLOOR_OF[name]}")
+        if mine and base and mine / base > 4 and all(k != key for _, k in wanted):
+            wanted.append((f"{name} on serve ({mine / base:.1f}x its floor)", key))
+    results: list[dict[str, Any]] = []
+    for label, key in wanted[:5]:
+        record = records[key]
+        deployment = deployments[record.workload.system]
+        targets_pids = {**deployment.pids(), "bench client (this process)": os.getpid()}
+        if record.workload.system == "cluster":
+            targets_pids.pop("cluster-kvs", None)
+        log(f"profiling: {label}")
+        workload = record.workload
+        block = 1 if isinstance(workload, systems.MessagingWorkload) else 20
+        rounds = 200 if isinstance(workload, systems.MessagingWorkload) else block
+
+        def drive(w: Workload = workload, n: int = rounds) -> None:
+            w.block(n)
+
+        profiles = profiling.record(
+            label,
+            targets_pids,
+            drive,
+            settings.profile_seconds,
+            settings.out / "profiles",
+        )
+        results.append(
+            {
+                "label": label,
+                "workload": key,
+                "profiles": [p.__dict__ for p in profiles],
+            }
+        )
+    return results
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    import google.protobuf
+    import grpc
+
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "platform": platform.platform(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    try:
+        import psutil
+
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    return info
+
+
+def git_info() -> dict[str, Any]:
+    """The commit measured, and whether product code had uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "cloudburst_grpc", "executors", "kvs", "sdk")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "product_files_changed": len(changed.splitlines()) if changed else 0,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    interrupt_on_sigterm()
+    settings.out.mkdir(parents=True, exist_ok=True)
+    (settings.out / "logs").mkdir(exist_ok=True)
+    # The in-process server (bench/diagnose.py) logs here, not over the progress lines.
+    logging.basicConfig(
+        filename=settings.out / "logs" / "bench-process.log",
+        filemode="w",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    began = time.monotonic()
+    deadline = began + TOTAL_BUDGET_SECONDS
+    log(f"bench: {'quick' if settings.quick else 'full'} run, results in {settings.out}")
+    meta = machine_info()
+    meta["mode"] = "quick" if settings.quick else "full"
+    meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    meta.update(git_info())
+    aio = AioLoop()
+    pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="bench-unit")
+    deployments: dict[str, systems.System] = {}
+    client: floor.FloorClient | None = None
+    inproc: diagnose.InProcessServer | None = None
+    records: list[Record] = []
+    ray: dict[str, Any] = {}
+    mem: dict[str, Any] | None = None
+    profiles: list[dict[str, Any]] = []
+    targets: list[dict[str, Any]] = []
+    try:
+        with Processes(settings.out / "logs") as procs:
+            log("starting the floor servers, `cbgrpc serve` and the process cluster")
+            echo = procs.start(
+                "floor-echo", [sys.executable, "-m", "bench.floor", "--role", "echo"]
+            )
+            hop_b = procs.start("floor-b", [sys.executable, "-m", "bench.floor", "--role", "b"])
+            hop_a = procs.start(
+                "floor-a",
+                [sys.executable, "-m", "bench.floor", "--role", "a", "--next", hop_b.address],
+            )
+            client = floor.FloorClient(echo.address, hop_a.address, hop_b.address)
+            aio.run(client.start(), 60)
+            deployments["serve"] = systems.start_serve(procs)
+            deployments["cluster"] = systems.start_cluster(procs)
+            for deployment in deployments.values():
+                systems.describe_start(deployment)
+                systems.register_all(systems.connect(deployment))
+            records = floor_workloads(client, aio) + unit_workloads(aio, pool)
+            for deployment in deployments.values():
+                records += [Record(w) for w in systems.workloads(deployment)]
+            records += diagnosis_workloads(
+                deployments["serve"], inproc := diagnose.InProcessServer()
+            )
+            by_key = {r.workload.key: r for r in records}
+
+            measure_latency(records, settings, deadline - 300)
+            measure_throughput(records, settings)
+            log(f"cloudburst and floor measured in {time.monotonic() - began:.0f} s")
+            ray = run_ray(procs, settings)
+            targets = evaluate_targets(by_key, ray, None)
+            if settings.profile != "never":
+                profiles = profile_misses(targets, by_key, deployments, settings)
+            for deployment in deployments.values():
+                deployment.close()
+            aio.run(client.close(), 30)
+            client = None
+            inproc.stop()
+            inproc = None
+            procs.stop_all()
+            remaining = deadline - time.monotonic() - 15
+            log(
+                f"memory: up to {settings.memory_calls:,} calls with {settings.callers} callers "
+                f"on a fresh `cbgrpc serve` (budget {max(remaining, 20):.0f} s)"
+            )
+            mem = memory.as_dict(
+                memory.run(procs, settings.memory_calls, settings.callers, max(remaining, 20))
+            )
+            targets = evaluate_targets(by_key, ray, mem)
+    except KeyboardInterrupt:
+        log("interrupted: stopping everything this run started")
+        return 130
+    finally:
+        for deployment in deployments.values():
+            deployment.close()
+        if client is not None:
+            try:
+                aio.run(client.close(), 10)
+            except Exception:
+                traceback.print_exc()
+        if inproc is not None:
+            try:
+                inproc.stop()
+            except Exception:
+                traceback.print_exc()
+        aio.stop()
+        pool.shutdown(wait=False)
+    meta["seconds"] = time.monotonic() - began
+    meta["load_average_at_end"] = list(os.getloadavg())
+    data = report.build(
+        meta, settings.__dict__, records, FLOOR_OF, RAY_OF, ray, targets, mem, profiles
+    )
+    paths = report.write(settings.out, data, records, ray)
+    log(f"done in {meta['seconds']:.0f} s: " + ", ".join(str(p) for p in paths))
+    for target in targets:
+        verdict = {True: "PASS", False: "MISS", None: "n/a"}[target["met"]]
+        print(f"{target['id']} {verdict}: {target['target']} ({target['detail']})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
