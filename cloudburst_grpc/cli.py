@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudburst.errors import CloudburstError
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import DEFAULT_PORT, Config, ConfigError, load_config
 
 logger = logging.getLogger("cbgrpc")
@@ -50,6 +52,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--grace", type=float, help="seconds shutdown waits for in-flight calls (default 5)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (0 picks one; default: none)",
     )
     parser.add_argument(
         "--advertise-host",
@@ -124,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(serve)
     _storage(serve)
+    serve.add_argument(
+        "--timings",
+        type=int,
+        metavar="N",
+        help="keep the timing breakdown of the last N calls for `cbgrpc timing` (default: off)",
+    )
     _executors(serve, count=True)
 
     kvs = commands.add_parser(
@@ -176,7 +190,46 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
+    timing = commands.add_parser(
+        "timing",
+        help="print where the time of a recent call went",
+        description="Print the timing breakdown of a recent call of a `cbgrpc serve --timings N`: "
+        "each step (placement, each function run, KVS accesses, messages) with its start "
+        "offset, duration, executor and outcome. CALL_ID is a future's obj_id or a call id.",
+    )
+    timing.add_argument("call_id", metavar="CALL_ID")
+    timing.add_argument(
+        "--address",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        metavar="HOST:PORT",
+        help=f"the cbgrpc serve to ask (default 127.0.0.1:{DEFAULT_PORT})",
+    )
+    timing.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     return parser
+
+
+def _timing(call_id: str, address: str) -> int:
+    import grpc
+
+    from cloudburst.rpc import error_from_rpc
+    from cloudburst.v1 import diagnostics_service_pb2, diagnostics_service_pb2_grpc
+    from cloudburst_grpc.diagnostics import format_timing
+
+    with grpc.insecure_channel(address) as channel:
+        stub = diagnostics_service_pb2_grpc.DiagnosticsServiceStub(channel)
+        try:
+            response = stub.GetCallTiming(
+                diagnostics_service_pb2.GetCallTimingRequest(call_id=call_id), timeout=10
+            )
+        except grpc.RpcError as exc:
+            print(
+                f"cbgrpc timing: {error_from_rpc(exc, what=f'asking {address}')}", file=sys.stderr
+            )
+            return 1
+    print(format_timing(response))
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -192,6 +245,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "max_payload_bytes": get("max_payload_bytes"),
             "grace_seconds": get("grace"),
             "advertise_host": get("advertise_host"),
+            "metrics_port": get("metrics_port"),
+            "timings": get("timings"),
         },
         "consul": {
             "address": get("consul"),
@@ -204,7 +259,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(get("config"), overrides)
 
 
-async def _run_until_signal(start: Callable[[], Awaitable[Any]], label: str) -> int:
+async def _run_until_signal(
+    start: Callable[[], Awaitable[Any]], label: str, tracing: telemetry.Telemetry
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed = []
@@ -217,6 +274,9 @@ async def _run_until_signal(start: Callable[[], Awaitable[Any]], label: str) -> 
     try:
         node = await start()
         print(f"{label}: listening on {node.address}", flush=True)
+        if tracing.metrics_port is not None:
+            host = node.advertise_host
+            print(f"{label}: metrics on http://{host}:{tracing.metrics_port}/metrics", flush=True)
         try:
             await stop.wait()
             logger.info("signal received; shutting down")
@@ -237,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "timing":
+        return _timing(args.call_id, args.address)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -252,7 +314,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     }
     try:
-        return asyncio.run(_run_until_signal(starters[args.command], f"cbgrpc {args.command}"))
+        tracing = telemetry.setup(
+            f"cloudburst-{args.command}",
+            os.environ,
+            None if config.server.metrics_port < 0 else config.server.metrics_port,
+            config.server.host,
+            config.server.timings,
+        )
+        try:
+            return asyncio.run(
+                _run_until_signal(starters[args.command], f"cbgrpc {args.command}", tracing)
+            )
+        finally:
+            tracing.shutdown()  # flush spans last, after the node stopped
     except OSError as exc:
         print(f"cbgrpc {args.command}: {exc}", file=sys.stderr)
         return 1

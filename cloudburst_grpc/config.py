@@ -46,6 +46,10 @@ class ServerConfig:
     """Largest serialized value (argument, result or stored object) accepted."""
     grace_seconds: float = 5.0
     """How long shutdown waits for in-flight calls before cancelling them."""
+    metrics_port: int = -1
+    """Serve Prometheus metrics on this port; 0 picks a free one, -1 (the default) serves none."""
+    timings: int = 0
+    """Keep the timing breakdown of this many recent calls for ``cbgrpc timing`` (0: off)."""
     advertise_host: str = ""
     """The host other processes reach this one at; empty: ``host`` (127.0.0.1 if a wildcard)."""
 
@@ -146,6 +150,8 @@ class Config:
         checks = [
             (0 <= self.server.port <= 65535, "server.port must be between 0 and 65535"),
             (self.server.max_payload_bytes > 0, "server.max_payload_bytes must be positive"),
+            (-1 <= self.server.metrics_port <= 65535, "server.metrics_port must be -1 to 65535"),
+            (self.server.timings >= 0, "server.timings must not be negative"),
             (self.server.grace_seconds >= 0, "server.grace_seconds must not be negative"),
             (self.kvs.engine in ("sqlite", "memory"), "kvs.engine must be 'sqlite' or 'memory'"),
             (self.kvs.sync in ("normal", "full"), "kvs.sync must be 'normal' or 'full'"),

@@ -19,7 +19,7 @@ import grpc
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
-from cloudburst_grpc.server import channel_options
+from cloudburst_grpc.server import insecure_channel
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ class RemoteExecutorPeer:
         self.executor_id = executor_id
         self.address = address
         self._peer_id = peer_id
-        self._channel = grpc.aio.insecure_channel(
-            address, options=channel_options(max_payload_bytes)
-        )
+        self._channel = insecure_channel(address, max_payload_bytes)
         self._stub = executor_service_pb2_grpc.ExecutorServiceStub(self._channel)
         self._outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] | None = None
         self._reader: asyncio.Task[None] | None = None

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2
 
 from cloudburst.errors import UnavailableError
 from cloudburst.v1 import (
+    diagnostics_service_pb2_grpc,
     executor_service_pb2,
     executor_service_pb2_grpc,
     kvs_service_pb2_grpc,
@@ -31,6 +32,7 @@ from cloudburst.v1 import (
     scheduler_service_pb2_grpc,
 )
 from cloudburst_grpc.config import Config, ConfigError
+from cloudburst_grpc.diagnostics import DiagnosticsServicer
 from cloudburst_grpc.discovery.consul import (
     EXECUTOR_SERVICE,
     KVS_SERVICE,
@@ -48,7 +50,12 @@ from cloudburst_grpc.messaging.service import MessagingPeers, MessagingServicer
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
-from cloudburst_grpc.server import bind, channel_options, create_server, enable_reflection
+from cloudburst_grpc.server import (
+    bind,
+    create_server,
+    enable_reflection,
+    insecure_channel,
+)
 from executors.executor import Executor
 from executors.servicer import ExecutorServicer, LocalExecutorPeer
 from kvs.client import KvsClient
@@ -64,6 +71,7 @@ EXECUTOR_SERVICE_NAME = executor_service_pb2.DESCRIPTOR.services_by_name[
     "ExecutorService"
 ].full_name
 KVS_SERVICE_NAME = "cloudburst.v1.KvsService"
+DIAGNOSTICS_SERVICE_NAME = "cloudburst.v1.DiagnosticsService"
 MESSAGING_SERVICE_NAME = messaging_service_pb2.DESCRIPTOR.services_by_name[
     "MessagingService"
 ].full_name
@@ -276,7 +284,18 @@ async def start_local(config: Config) -> Node:
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(scheduler), server
         )
-        await _serve(node, [SCHEDULER_SERVICE_NAME, KVS_SERVICE_NAME, MESSAGING_SERVICE_NAME])
+        diagnostics_service_pb2_grpc.add_DiagnosticsServiceServicer_to_server(
+            DiagnosticsServicer(), server
+        )
+        await _serve(
+            node,
+            [
+                SCHEDULER_SERVICE_NAME,
+                KVS_SERVICE_NAME,
+                MESSAGING_SERVICE_NAME,
+                DIAGNOSTICS_SERVICE_NAME,
+            ],
+        )
     except BaseException:
         await stack.aclose()
         raise
@@ -322,9 +341,7 @@ class KvsEndpoint:
                 self._retired.append(self._channel)
                 logger.info("KVS moved from %s to %s", self._address, address)
             self._address = address
-            self._channel = grpc.aio.insecure_channel(
-                address, options=channel_options(self._config.server.max_payload_bytes)
-            )
+            self._channel = insecure_channel(address, self._config.server.max_payload_bytes)
             self._client = KvsClient(self._channel)
         return self._channel
 

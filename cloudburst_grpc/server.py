@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.interceptors import ErrorMappingInterceptor
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,20 @@ def channel_options(max_payload_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def insecure_channel(address: str, max_payload_bytes: int) -> grpc.aio.Channel:
+    """A channel to another service, traced when tracing is on."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=channel_options(max_payload_bytes),
+        interceptors=telemetry.client_interceptors(),
+    )
+
+
 def create_server(max_payload_bytes: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Create an aio server with error mapping and a health service (NOT yet started)."""
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
+        # Tracing outermost, so a span also covers the error mapping.
+        interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor()],
         options=[*channel_options(max_payload_bytes), ("grpc.so_reuseport", 0)],
     )
     health_servicer = health.aio.HealthServicer()

@@ -25,6 +25,7 @@ from cloudburst.errors import (
     CloudburstTimeoutError,
     FunctionNotFoundError,
     QueueFullError,
+    RemoteFunctionError,
 )
 from cloudburst.rpc import error_to_call_error, reason_name
 from cloudburst.serialization import (
@@ -44,6 +45,7 @@ from cloudburst.v1 import (
     lattice_pb2,
     value_pb2,
 )
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.executor_client import PeerDirectory
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
@@ -65,6 +67,8 @@ class _Stage:
 
     schedule: execution_pb2.DagSchedule
     outcomes: dict[str, execution_pb2.Outcome] = field(default_factory=dict)
+    contexts: dict[str, dict[str, str]] = field(default_factory=dict)
+    """The trace context each upstream's trigger carried."""
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -148,6 +152,7 @@ class Executor:
         self.active_calls = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        telemetry.observe_executor(self)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -260,15 +265,20 @@ class Executor:
         """Run a one-shot call; store its outcome under the response key and/or return it."""
         self._admit()
         self.active_calls += 1
+        attributes = self._attributes(request.function_name, request.call_id)
         try:
-            outcome = await self._run(
-                request.call_id,
-                request.function_name,
-                request.function_version,
-                request.arguments,
-                (),
-                pinned=False,
-            )
+            with telemetry.span(
+                f"run {request.function_name}", request.trace_context, attributes
+            ) as current:
+                outcome = await self._run(
+                    request.call_id,
+                    request.function_name,
+                    request.function_version,
+                    request.arguments,
+                    (),
+                    pinned=False,
+                )
+                _annotate(current, outcome)
             if request.response_key:
                 await self._store(request.response_key, outcome)
         finally:
@@ -311,19 +321,18 @@ class Executor:
         pinned: bool,
     ) -> execution_pb2.Outcome:
         """Resolve arguments, run the function on a thread, and describe what happened."""
-        deadline = time.monotonic() + self._call_timeout
+        started = time.monotonic()
+        deadline = started + self._call_timeout
         try:
             loaded = await self._function(name, version)
             args = [await self._resolve(a, deadline - time.monotonic()) for a in arguments]
             args.extend(extra)
+        except RemoteFunctionError as exc:  # a future argument whose function failed
+            return self._measured(name, started, _failure_outcome_of(exc))
         except CloudburstError as exc:
-            if isinstance(exc, _RemoteFailure):
-                return exc.outcome
-            from cloudburst.errors import RemoteFunctionError
-
-            if isinstance(exc, RemoteFunctionError):
-                return _failure_outcome_of(exc)
-            return execution_pb2.Outcome(error=error_to_call_error(exc))
+            return self._measured(
+                name, started, execution_pb2.Outcome(error=error_to_call_error(exc))
+            )
         library = UserLibrary(
             LoopBridge(asyncio.get_running_loop(), self._call_timeout),
             self._kvs,
@@ -332,9 +341,11 @@ class Executor:
             call_id,
             self._router,
         )
+        # The copied context carries the current span into the thread, so the user
+        # library's spans are children of this run.
         context = contextvars.copy_context()
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            outcome = await asyncio.get_running_loop().run_in_executor(
                 self._pool,
                 context.run,
                 self._invoke,
@@ -345,6 +356,23 @@ class Executor:
             )
         finally:
             library.close()
+        return self._measured(name, started, outcome)
+
+    @staticmethod
+    def _measured(
+        name: str, started: float, outcome: execution_pb2.Outcome
+    ) -> execution_pb2.Outcome:
+        labels = {"function": name}
+        telemetry.FUNCTION_DURATION.record(time.monotonic() - started, labels)
+        telemetry.FUNCTION_CALLS.add(1, {**labels, "outcome": outcome.WhichOneof("result") or ""})
+        return outcome
+
+    def _attributes(self, function: str, call_id: str) -> dict[str, str]:
+        return {
+            "cloudburst.function": function,
+            "cloudburst.executor": self.executor_id,
+            "cloudburst.call_id": call_id,
+        }
 
     def _invoke(
         self,
@@ -390,7 +418,7 @@ class Executor:
         topo = self._topology(schedule.dag)
         upstreams = topo.upstreams[target]
         if not trigger.upstream_function:
-            self._spawn(self._run_stage(schedule, target, {}))
+            self._spawn(self._run_stage(schedule, target, {}, {"": dict(trigger.trace_context)}))
             return
         key = (schedule.call_id, target)
         stage = self._stages.get(key)
@@ -402,11 +430,12 @@ class Executor:
                 max(remaining, 0.0), self._expire_stage, key
             )
         stage.outcomes[trigger.upstream_function] = trigger.outcome
+        stage.contexts[trigger.upstream_function] = dict(trigger.trace_context)
         if all(u in stage.outcomes for u in upstreams):
             del self._stages[key]
             if stage.expiry:
                 stage.expiry.cancel()
-            self._spawn(self._run_stage(schedule, target, stage.outcomes))
+            self._spawn(self._run_stage(schedule, target, stage.outcomes, stage.contexts))
 
     def _expire_stage(self, key: tuple[str, str]) -> None:
         stage = self._stages.pop(key, None)
@@ -425,8 +454,34 @@ class Executor:
         schedule: execution_pb2.DagSchedule,
         function: str,
         outcomes: dict[str, execution_pb2.Outcome],
+        contexts: dict[str, dict[str, str]],
     ) -> None:
         topo = self._topology(schedule.dag)
+        # The first upstream (in the DAG's order) is the parent; the others of a join are links.
+        ordered = [contexts[u] for u in topo.upstreams[function] if u in contexts] or [
+            contexts.get("", {})
+        ]
+        links = [link for c in ordered[1:] if (link := telemetry.link_to(c)) is not None]
+        attributes = {
+            **self._attributes(function, schedule.call_id),
+            "cloudburst.dag": schedule.dag.name,
+        }
+        with telemetry.span(f"run {function}", ordered[0], attributes, links) as current:
+            outcome = await self._stage_outcome(schedule, topo, function, outcomes)
+            _annotate(current, outcome)
+            if function == topo.sink:
+                await self._finish(schedule, outcome)
+                return
+            for downstream in topo.downstreams[function]:
+                await self._send_trigger(schedule, downstream, function, outcome)
+
+    async def _stage_outcome(
+        self,
+        schedule: execution_pb2.DagSchedule,
+        topo: Topology,
+        function: str,
+        outcomes: dict[str, execution_pb2.Outcome],
+    ) -> execution_pb2.Outcome:
         self.active_calls += 1
         try:
             outcome = None
@@ -460,11 +515,7 @@ class Executor:
             )
         finally:
             self.active_calls -= 1
-        if function == topo.sink:
-            await self._finish(schedule, outcome)
-            return
-        for downstream in topo.downstreams[function]:
-            await self._send_trigger(schedule, downstream, function, outcome)
+        return outcome
 
     async def _send_trigger(
         self,
@@ -477,6 +528,7 @@ class Executor:
             schedule=schedule, target_function=target, upstream_function=upstream
         )
         trigger.outcome.CopyFrom(outcome)
+        telemetry.inject(trigger.trace_context)
         executor_id = schedule.placements[target]
         if executor_id == self.executor_id:
             self.trigger(trigger)
@@ -492,6 +544,12 @@ class Executor:
         self, schedule: execution_pb2.DagSchedule, outcome: execution_pb2.Outcome
     ) -> None:
         """Deliver the sink's outcome: store it and/or route it to the waiting scheduler."""
+        if schedule.HasField("start_time"):
+            elapsed = time.time() - schedule.start_time.ToNanoseconds() / 1e9
+            telemetry.DAG_DURATION.record(max(elapsed, 0.0), {"dag": schedule.dag.name})
+        telemetry.DAG_CALLS.add(
+            1, {"dag": schedule.dag.name, "outcome": outcome.WhichOneof("result") or ""}
+        )
         if schedule.response_key:
             try:
                 await self._store(schedule.response_key, outcome)
@@ -502,13 +560,20 @@ class Executor:
             self.results.deliver(schedule.call_id, outcome, keep_for=remaining)
 
 
-class _RemoteFailure(CloudburstError):
-    def __init__(self, outcome: execution_pb2.Outcome) -> None:
-        super().__init__("upstream failure")
-        self.outcome = outcome
+def _annotate(current: Any, outcome: execution_pb2.Outcome) -> None:
+    """Record a run's outcome on its span; a failure or error marks it failed."""
+    if current is None:
+        return
+    kind = outcome.WhichOneof("result") or ""
+    current.set_attribute("cloudburst.outcome", kind)
+    if kind == "failure":
+        failure = outcome.failure
+        telemetry.record_failure(current, failure.type, failure.message, failure.traceback)
+    elif kind == "error":
+        telemetry.fail(current, None, outcome.error.message)
 
 
-def _failure_outcome_of(exc: Any) -> execution_pb2.Outcome:
+def _failure_outcome_of(exc: RemoteFunctionError) -> execution_pb2.Outcome:
     failure = value_pb2.Failure(
         type=exc.remote_type,
         message=exc.remote_message,

@@ -8,12 +8,14 @@ no call waits forever.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
 from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, serialize
 from cloudburst.v1 import messaging_service_pb2
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.messaging.mailbox import MailboxRouter, Message
 
@@ -77,18 +79,26 @@ class UserLibrary:
         """
         _check_key(key)
         wait = timeout is not None and timeout > 0
-        lattice = self._bridge.run(
-            self._kvs.get(key, wait=wait, timeout=timeout if wait else None),
-            f"get_object({key!r})",
-            None if timeout is None else timeout + 10,
-        )
+        with telemetry.span("kvs get", attributes={"cloudburst.key": key}) as current:
+            started = time.monotonic()
+            lattice = self._bridge.run(
+                self._kvs.get(key, wait=wait, timeout=timeout if wait else None),
+                f"get_object({key!r})",
+                None if timeout is None else timeout + 10,
+            )
+            telemetry.KVS_DURATION.record(time.monotonic() - started, {"operation": "get"})
+            if current is not None:
+                current.set_attribute("cloudburst.found", lattice is not None)
         return None if lattice is None else lattice_value(lattice)
 
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
         _check_key(key)
         data = serialize(value, what=f"value for key {key!r}", limit=self._limit)
-        self._bridge.run(self._kvs.put(key, lww(data, self._clock)), f"put_object({key!r})")
+        with telemetry.span("kvs put", attributes={"cloudburst.key": key}):
+            started = time.monotonic()
+            self._bridge.run(self._kvs.put(key, lww(data, self._clock)), f"put_object({key!r})")
+            telemetry.KVS_DURATION.record(time.monotonic() - started, {"operation": "put"})
         return True
 
     get = get_object
@@ -133,7 +143,10 @@ class UserLibrary:
             recipient_id=dest,
             payload=serialize(msg, what=f"message to {dest}", limit=self._limit),
         )
-        self._bridge.run(router.send(envelope), f"send to {dest}", router.send_timeout + 15)
+        attributes = {"cloudburst.sender": sender, "cloudburst.recipient": dest}
+        with telemetry.span("send", attributes=attributes):
+            telemetry.inject(envelope.trace_context)
+            self._bridge.run(router.send(envelope), f"send to {dest}", router.send_timeout + 15)
 
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Return the messages received so far as ``(sender_id, msg)`` pairs.
@@ -149,7 +162,14 @@ class UserLibrary:
             mailbox = router.get(mailbox_id)
             return await mailbox.receive(wait) if wait else mailbox.drain()
 
-        messages = self._bridge.run(take(), "recv()", wait + 10)
+        with telemetry.span("recv", attributes={"cloudburst.recipient": mailbox_id}) as current:
+            messages = self._bridge.run(take(), "recv()", wait + 10)
+            if current is not None:
+                current.set_attribute("cloudburst.messages", len(messages))
+                for message in messages:
+                    link = telemetry.link_to(message.trace_context)
+                    if link is not None:
+                        current.add_link(link.context)
         return [(m.sender_id, deserialize(m.payload)) for m in messages]
 
     def close(self) -> None:

@@ -7,15 +7,19 @@ catches them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
 from cloudburst.errors import InvalidArgumentError, PayloadTooLargeError
 from cloudburst.serialization import LwwClock
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import KvsConfig
 from kvs import lattices
 from kvs.store import LatticeStore, WatchEvent, check_key, normalize_keyspace
@@ -24,6 +28,28 @@ logger = logging.getLogger(__name__)
 
 #: The most keys one BatchGetValues request may name.
 MAX_BATCH_KEYS = 1000
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _timed(operation: str) -> Callable[[_Method], _Method]:
+    """Record the method's latency in the KVS operation histogram."""
+
+    def decorate(method: _Method) -> _Method:
+        labels = {"operation": operation}
+
+        @functools.wraps(method)
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                telemetry.KVS_DURATION.record(time.monotonic() - started, labels)
+
+        return timed  # type: ignore[return-value]
+
+    return decorate
 
 
 class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
@@ -44,6 +70,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         # unstamped puts from one client are ordered as they arrived.
         self._clock = LwwClock()
 
+    @_timed("get")
     async def GetValue(
         self,
         request: kvs_service_pb2.GetValueRequest,
@@ -67,6 +94,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             return kvs_service_pb2.GetValueResponse(found=False)
         return kvs_service_pb2.GetValueResponse(found=True, lattice=lattice)
 
+    @_timed("put")
     async def PutValue(
         self,
         request: kvs_service_pb2.PutValueRequest,
@@ -96,6 +124,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         )
         return kvs_service_pb2.PutValueResponse(lattice=merged)
 
+    @_timed("delete")
     async def DeleteValue(
         self,
         request: kvs_service_pb2.DeleteValueRequest,
@@ -110,6 +139,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         )
         return kvs_service_pb2.DeleteValueResponse(existed=existed)
 
+    @_timed("batch_get")
     async def BatchGetValues(
         self,
         request: kvs_service_pb2.BatchGetValuesRequest,
@@ -131,6 +161,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             entries=[_key_value(key, self._store.get(keyspace, key)) for key in request.keys]
         )
 
+    @_timed("list")
     async def ListKeys(
         self,
         request: kvs_service_pb2.ListKeysRequest,

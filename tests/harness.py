@@ -114,9 +114,13 @@ class CbgrpcProcess:
         def read_stdout() -> None:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
-                self.stdout_lines.append(line)
+                with self._stderr_changed:
+                    self.stdout_lines.append(line)
+                    self._stderr_changed.notify_all()
                 first_line.set()
             first_line.set()
+            with self._stderr_changed:
+                self._stderr_changed.notify_all()
 
         def read_stderr() -> None:
             assert self.proc.stderr is not None
@@ -142,12 +146,13 @@ class CbgrpcProcess:
             )
         self.address = line.rsplit(" ", 1)[1].strip()
 
-    def wait_for_log(self, text: str, timeout: float = 60.0) -> str:
-        """Wait until a line containing ``text`` appears on stderr; returns the line."""
+    def wait_for_log(self, text: str, timeout: float = 60.0, stdout: bool = False) -> str:
+        """Wait until a line containing ``text`` appears on stderr (or stdout); returns it."""
         deadline = time.monotonic() + timeout
+        lines = self.stdout_lines if stdout else self.stderr_lines
         with self._stderr_changed:
             while True:
-                for line in self.stderr_lines:
+                for line in lines:
                     if text in line:
                         return line
                 remaining = deadline - time.monotonic()
@@ -230,9 +235,25 @@ def free_ports(count: int) -> list[int]:
 
 
 class ConsulAgent:
-    """A real `consul agent -dev` bound to loopback ports chosen at run time."""
+    """A real `consul agent -dev` bound to loopback ports chosen at run time.
+
+    Consul cannot bind port 0 and report it, so ports are chosen free just
+    before it starts; if one was taken in between, it starts again on others.
+    """
+
+    ATTEMPTS = 3
 
     def __init__(self, binary: str, http_port: int | None = None) -> None:
+        for attempt in range(self.ATTEMPTS):
+            try:
+                self._start(binary, http_port)
+                return
+            except RuntimeError as exc:
+                in_use = "address already in use" in str(exc)
+                if not in_use or http_port is not None or attempt == self.ATTEMPTS - 1:
+                    raise
+
+    def _start(self, binary: str, http_port: int | None) -> None:
         ports = free_ports(4)
         self.http_port = http_port or ports[0]
         self.address = f"127.0.0.1:{self.http_port}"

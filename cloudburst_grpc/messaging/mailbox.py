@@ -33,6 +33,8 @@ class Message:
 
     sender_id: str
     payload: value_pb2.Value
+    trace_context: dict[str, str]
+    """The sending span's trace context."""
 
 
 def mailbox_address(mailbox_id: str) -> str:
@@ -95,7 +97,9 @@ class Mailbox:
                     await self._changed.wait()
             except TimeoutError:
                 continue
-        self._messages.append(Message(envelope.sender_id, envelope.payload))
+        self._messages.append(
+            Message(envelope.sender_id, envelope.payload, dict(envelope.trace_context))
+        )
         if envelope.message_number:
             self._last_number[envelope.sender_id] = envelope.message_number
         self._changed.set()

@@ -18,7 +18,7 @@ from cloudburst.errors import (
 from cloudburst.rpc import error_from_call_error, error_to_call_error
 from cloudburst.v1 import messaging_service_pb2, messaging_service_pb2_grpc
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
-from cloudburst_grpc.server import channel_options
+from cloudburst_grpc.server import insecure_channel
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +71,7 @@ class MessagingPeer:
     def __init__(self, address: str, peer_id: str, max_payload_bytes: int) -> None:
         self.address = address
         self._peer_id = peer_id
-        self._channel = grpc.aio.insecure_channel(
-            address, options=channel_options(max_payload_bytes)
-        )
+        self._channel = insecure_channel(address, max_payload_bytes)
         self._stub = messaging_service_pb2_grpc.MessagingServiceStub(self._channel)
         self._outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None] | None = (
             None

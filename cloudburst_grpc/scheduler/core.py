@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     value_pb2,
 )
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import SchedulerConfig
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.scheduler import dag as dag_rules
@@ -249,23 +250,33 @@ class Scheduler:
         request: scheduler_service_pb2.CallFunctionRequest,
         want_outcome: bool,
         timeout: float | None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> Accepted:
         """Place a one-shot call; its outcome is awaitable when ``want_outcome``."""
-        function = await self.get_function(request.name)
-        _check_arguments(request.arguments, f"call of {request.name!r}", self.max_payload_bytes)
-        keys = [a.reference.key for a in request.arguments if a.HasField("reference")]
-        view = policy.place(request.name, keys, self.pool.views())
         call_id = new_call_id()
         response_key = request.response_key or call_id
-        limit = self._timeout(timeout)
-        execute = executor_service_pb2.ExecuteFunctionRequest(
-            call_id=call_id,
-            function_name=request.name,
-            function_version=function.version,
-            arguments=request.arguments,
-            response_key=response_key,
-            direct_response=want_outcome,
-        )
+        attributes = {
+            "cloudburst.function": request.name,
+            "cloudburst.call_id": call_id,
+            "cloudburst.response_key": response_key,
+        }
+        with telemetry.span(f"schedule {request.name}", trace_context, attributes) as current:
+            function = await self.get_function(request.name)
+            _check_arguments(request.arguments, f"call of {request.name!r}", self.max_payload_bytes)
+            keys = [a.reference.key for a in request.arguments if a.HasField("reference")]
+            view = policy.place(request.name, keys, self.pool.views())
+            if current is not None:
+                current.set_attribute("cloudburst.executor", view.executor_id)
+            limit = self._timeout(timeout)
+            execute = executor_service_pb2.ExecuteFunctionRequest(
+                call_id=call_id,
+                function_name=request.name,
+                function_version=function.version,
+                arguments=request.arguments,
+                response_key=response_key,
+                direct_response=want_outcome,
+            )
+            telemetry.inject(execute.trace_context)
         peer = self.pool.peer(view.executor_id)
         self.pool.started(view.executor_id)
 
@@ -290,8 +301,45 @@ class Scheduler:
         request: scheduler_service_pb2.CallDagRequest,
         want_outcome: bool,
         timeout: float | None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> Accepted:
         """Place every function of a DAG call and trigger its sources."""
+        call_id = new_call_id()
+        response_key = request.response_key or ("" if request.direct_response else call_id)
+        attributes = {
+            "cloudburst.dag": request.name,
+            "cloudburst.call_id": call_id,
+            "cloudburst.response_key": response_key or call_id,
+        }
+        with telemetry.span(f"schedule {request.name}", trace_context, attributes):
+            schedule, sink = await self._place_dag(
+                request, call_id, response_key, want_outcome, self._timeout(timeout)
+            )
+            outcome: Awaitable[execution_pb2.Outcome] | None = None
+            if want_outcome:
+                outcome = self.pool.peer(schedule.placements[sink]).expect_result(
+                    call_id, self._timeout(timeout)
+                )
+            for source in self._sources(schedule):
+                executor_id = schedule.placements[source]
+                trigger = execution_pb2.Trigger(schedule=schedule, target_function=source)
+                telemetry.inject(trigger.trace_context)
+                await self.pool.peer(executor_id).trigger(trigger)
+        return Accepted(response_key or call_id, outcome)
+
+    @staticmethod
+    def _sources(schedule: execution_pb2.DagSchedule) -> list[str]:
+        downstreams = {c.downstream for c in schedule.dag.connections}
+        return [f for f in schedule.dag.functions if f not in downstreams]
+
+    async def _place_dag(
+        self,
+        request: scheduler_service_pb2.CallDagRequest,
+        call_id: str,
+        response_key: str,
+        want_outcome: bool,
+        limit: float,
+    ) -> tuple[execution_pb2.DagSchedule, str]:
         dag = await self.get_dag(request.name)
         functions = list(dag.functions)
         topo = dag_rules.topology(functions, [(c.upstream, c.downstream) for c in dag.connections])
@@ -302,16 +350,16 @@ class Scheduler:
                 f"{request.name!r} does not contain; its functions are {', '.join(functions)}",
                 {"dag": request.name},
             )
-        call_id = new_call_id()
-        limit = self._timeout(timeout)
         schedule = execution_pb2.DagSchedule(
             call_id=call_id,
             dag=dag,
-            response_key=request.response_key or ("" if request.direct_response else call_id),
+            response_key=response_key,
             direct_response=want_outcome,
             reply_to=self.scheduler_id,
         )
-        schedule.deadline_time.FromNanoseconds(int((time.time() + limit) * 1e9))
+        now = time.time()
+        schedule.start_time.FromNanoseconds(int(now * 1e9))
+        schedule.deadline_time.FromNanoseconds(int((now + limit) * 1e9))
         views = self.pool.views()
         for name in functions:
             function = await self.get_function(name)
@@ -333,14 +381,7 @@ class Scheduler:
             view = policy.place(name, keys, pinned or views)
             schedule.placements[name] = view.executor_id
             schedule.executor_addresses[view.executor_id] = view.address
-        outcome: Awaitable[execution_pb2.Outcome] | None = None
-        if want_outcome:
-            outcome = self.pool.peer(schedule.placements[topo.sink]).expect_result(call_id, limit)
-        for source in topo.sources:
-            executor_id = schedule.placements[source]
-            trigger = execution_pb2.Trigger(schedule=schedule, target_function=source)
-            await self.pool.peer(executor_id).trigger(trigger)
-        return Accepted(schedule.response_key or call_id, outcome)
+        return schedule, topo.sink
 
     def _timeout(self, timeout: float | None) -> float:
         limit = self.config.call_timeout_seconds

@@ -255,7 +255,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             request = frame.call_function
             direct = request.direct_response
             accepted = await self._scheduler.call_function(
-                request, direct or frame.stream_outcome, None
+                request, direct or frame.stream_outcome, None, frame.trace_context
             )
             first = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
             if not direct:
@@ -275,7 +275,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             dag_request = frame.call_dag
             direct = dag_request.direct_response
             accepted = await self._scheduler.call_dag(
-                dag_request, direct or frame.stream_outcome, None
+                dag_request, direct or frame.stream_outcome, None, frame.trace_context
             )
             dag_answer = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
             if not direct:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from cloudburst import _tracing
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.v1 import (
@@ -53,6 +54,7 @@ class Core:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
+            interceptors=_tracing.client_interceptors(),
         )
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
         self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)

@@ -21,8 +21,8 @@ from typing import Any
 
 import cloudpickle
 
-from cloudburst import _source
-from cloudburst._core import Core
+from cloudburst import _source, _tracing
+from cloudburst._core import Core, PendingCall
 from cloudburst._loop import LoopThread
 from cloudburst.errors import (
     CloudburstError,
@@ -398,8 +398,30 @@ class CloudburstConnection:
             call_function=scheduler_service_pb2.CallFunctionRequest(name=name, arguments=arguments),
             stream_outcome=True,
         )
-        pending = self._run(self._core.stream_call(frame, True), f"calling {name!r}")
+        pending = self._traced_call(
+            frame, f"calling {name!r}", f"call {name}", {"cloudburst.function": name}
+        )
         return CloudburstFuture(pending.response_key, self, pending)
+
+    def _traced_call(
+        self,
+        frame: scheduler_service_pb2.StreamCallsRequest,
+        what: str,
+        span_name: str,
+        attributes: dict[str, str],
+        timeout: float | None = None,
+    ) -> PendingCall:
+        """Send a call frame under a call span that ends when the outcome arrives."""
+        span = _tracing.start(span_name, attributes, frame.trace_context)
+        try:
+            pending: PendingCall = self._run(self._core.stream_call(frame, True), what, timeout)
+        except BaseException as exc:
+            _tracing.finish(span, exc)
+            raise
+        if span is not None:
+            span.set_attribute("cloudburst.response_key", pending.response_key)
+        _tracing.end_with(span, self._loop.loop, pending.outcome)
+        return pending
 
     # -- DAGs ----------------------------------------------------------------------
 
@@ -529,15 +551,14 @@ class CloudburstConnection:
             call_dag=request, stream_outcome=not direct_response
         )
         limit = self.timeout if timeout is None else timeout
+        pending = self._traced_call(
+            frame, f"calling DAG {dname!r}", f"call_dag {dname}", {"cloudburst.dag": dname}, limit
+        )
         if direct_response:
-            pending = self._run(
-                self._core.stream_call(frame, True), f"calling DAG {dname!r}", limit
-            )
             outcome = self._run(
                 self._core.await_outcome(pending, limit), f"calling DAG {dname!r}", limit
             )
             return self._decode(outcome)
-        pending = self._run(self._core.stream_call(frame, True), f"calling DAG {dname!r}", limit)
         return CloudburstFuture(pending.response_key, self, pending)
 
     # -- KVS -----------------------------------------------------------------------

@@ -157,6 +157,7 @@ class DagSchedule(_message.Message):
     DIRECT_RESPONSE_FIELD_NUMBER: _builtins.int
     REPLY_TO_FIELD_NUMBER: _builtins.int
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     response_key: _builtins.str
@@ -189,6 +190,10 @@ class DagSchedule(_message.Message):
     def deadline_time(self) -> _timestamp_pb2.Timestamp:
         """When the call gives up; executors drop the call's pending stages after it."""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the scheduler accepted the call; the sink measures the DAG's duration from it."""
+
     def __init__(
         self,
         *,
@@ -202,10 +207,11 @@ class DagSchedule(_message.Message):
         direct_response: _builtins.bool = ...,
         reply_to: _builtins.str = ...,
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dag", b"dag", "deadline_time", b"deadline_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dag", b"dag", "deadline_time", b"deadline_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_to", b"reply_to", "response_key", b"response_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_to", b"reply_to", "response_key", b"response_key", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,10 +223,31 @@ class Trigger(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCHEDULE_FIELD_NUMBER: _builtins.int
     TARGET_FUNCTION_FIELD_NUMBER: _builtins.int
     UPSTREAM_FUNCTION_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     target_function: _builtins.str
     """The function the trigger is for."""
     upstream_function: _builtins.str
@@ -233,6 +260,10 @@ class Trigger(_message.Message):
     def outcome(self) -> Global___Outcome:
         """The upstream's outcome; unset for a start trigger."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The W3C trace context of the span that sent the trigger (the upstream stage or the scheduler)."""
+
     def __init__(
         self,
         *,
@@ -240,10 +271,11 @@ class Trigger(_message.Message):
         target_function: _builtins.str = ...,
         upstream_function: _builtins.str = ...,
         outcome: Global___Outcome | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "schedule", b"schedule", "target_function", b"target_function", "upstream_function", b"upstream_function"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "schedule", b"schedule", "target_function", b"target_function", "trace_context", b"trace_context", "upstream_function", b"upstream_function"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

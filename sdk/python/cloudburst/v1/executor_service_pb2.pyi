@@ -26,12 +26,33 @@ class ExecuteFunctionRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CALL_ID_FIELD_NUMBER: _builtins.int
     FUNCTION_NAME_FIELD_NUMBER: _builtins.int
     FUNCTION_VERSION_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     DIRECT_RESPONSE_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     function_name: _builtins.str
@@ -46,6 +67,10 @@ class ExecuteFunctionRequest(_message.Message):
     def arguments(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Argument]:
         """The positional arguments after the user library."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The W3C trace context of the scheduler's span for the call."""
+
     def __init__(
         self,
         *,
@@ -55,10 +80,11 @@ class ExecuteFunctionRequest(_message.Message):
         arguments: _abc.Iterable[_value_pb2.Argument] | None = ...,
         response_key: _builtins.str = ...,
         direct_response: _builtins.bool = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -94,38 +120,13 @@ class StreamTriggersRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class TraceContextEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     SEQUENCE_FIELD_NUMBER: _builtins.int
-    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     HELLO_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
     EXPECT_RESULT_FIELD_NUMBER: _builtins.int
     EXECUTE_FUNCTION_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the sender; answers echo it."""
-    @_builtins.property
-    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The W3C trace context of the call the frame belongs to."""
-
     @_builtins.property
     def hello(self) -> Global___TriggerHello:
         """Identifies the sender; must be the first frame."""
@@ -146,7 +147,6 @@ class StreamTriggersRequest(_message.Message):
         self,
         *,
         sequence: _builtins.int = ...,
-        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hello: Global___TriggerHello | None = ...,
         trigger: _execution_pb2.Trigger | None = ...,
         expect_result: Global___ExpectResult | None = ...,
@@ -154,7 +154,7 @@ class StreamTriggersRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trace_context", b"trace_context", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "expect_result", "execute_function"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
