@@ -9,9 +9,11 @@ outstanding calls fail with UnavailableError and the next call reopens it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -33,17 +35,59 @@ MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 
 @dataclass
 class PendingCall:
-    """The two answers of one streamed call."""
+    """The two answers of one streamed call.
 
-    accepted: asyncio.Future[str]
-    outcome: asyncio.Future[execution_pb2.Outcome] | None
+    They are thread-safe futures that the stream reader settles directly, so
+    a caller thread waits on them without a round trip through the loop.
+    """
+
+    accepted: concurrent.futures.Future[str]
+    outcome: concurrent.futures.Future[execution_pb2.Outcome] | None
     response_key: str = field(default="")
+
+    def wait_accepted(self, timeout: float) -> str:
+        """Wait until the scheduler accepted the call; returns the response key."""
+        try:
+            self.response_key = self.accepted.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise CloudburstTimeoutError(
+                f"the call was not accepted within {timeout:.1f}s"
+            ) from None
+        return self.response_key
+
+    def wait_outcome(self, timeout: float) -> execution_pb2.Outcome:
+        """Wait for the call's outcome."""
+        assert self.outcome is not None
+        try:
+            return self.outcome.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise CloudburstTimeoutError(
+                f"the result at {self.response_key!r} was not ready within {timeout:.1f}s"
+            ) from None
+
+
+def _settle(
+    future: concurrent.futures.Future[Any] | None,
+    value: Any = None,
+    error: BaseException | None = None,
+) -> None:
+    """Resolve a future the caller may have given up on meanwhile."""
+    if future is None or future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by a caller that timed out
 
 
 class Core:
     """Channel, stubs and the call stream; lives on the SDK's loop thread."""
 
     def __init__(self, target: str, max_payload_bytes: int) -> None:
+        self.loop = asyncio.get_running_loop()
         limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
         self.target = target
         self.channel = grpc.aio.insecure_channel(
@@ -104,9 +148,8 @@ class Core:
             if self._outbox is outbox:
                 self._outbox = None
             for pending in self._pending.values():
-                for future in (pending.accepted, pending.outcome):
-                    if future is not None and not future.done():
-                        future.set_exception(failure)
+                _settle(pending.accepted, error=failure)
+                _settle(pending.outcome, error=failure)
             self._pending.clear()
 
     def _dispatch(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
@@ -116,49 +159,33 @@ class Core:
         kind = answer.WhichOneof("answer")
         if kind == "error":
             error = error_from_call_error(answer.error)
-            for future in (pending.accepted, pending.outcome):
-                if future is not None and not future.done():
-                    future.set_exception(error)
+            _settle(pending.accepted, error=error)
+            _settle(pending.outcome, error=error)
             del self._pending[answer.sequence]
             return
         body = answer.call_function if kind == "call_function" else answer.call_dag
-        if not pending.accepted.done():
-            pending.accepted.set_result(body.response_key)
+        _settle(pending.accepted, body.response_key)
         if body.HasField("outcome"):
-            if pending.outcome is not None and not pending.outcome.done():
-                pending.outcome.set_result(body.outcome)
+            _settle(pending.outcome, body.outcome)
             del self._pending[answer.sequence]
         elif pending.outcome is None:
             del self._pending[answer.sequence]
 
-    async def stream_call(
+    def send_call(
         self, frame: scheduler_service_pb2.StreamCallsRequest, want_outcome: bool
     ) -> PendingCall:
-        """Send a call; return once it is accepted, with its outcome future if asked for."""
-        loop = asyncio.get_running_loop()
-        frame.sequence = next(self._sequence)
+        """Send a call from any thread; wait on the returned futures for its answers."""
         pending = PendingCall(
-            accepted=loop.create_future(),
-            outcome=loop.create_future() if want_outcome else None,
+            accepted=concurrent.futures.Future(),
+            outcome=concurrent.futures.Future() if want_outcome else None,
         )
-        if pending.outcome is not None:
-            # Read the exception even if nobody waits for the outcome, to keep asyncio quiet.
-            pending.outcome.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._pending[frame.sequence] = pending
-        self._stream().put_nowait(frame)
-        pending.response_key = await pending.accepted
+        self.loop.call_soon_threadsafe(self._send, frame, pending)
         return pending
 
-    async def await_outcome(self, pending: PendingCall, timeout: float) -> execution_pb2.Outcome:
-        """Wait for a streamed call's outcome."""
-        assert pending.outcome is not None
-        try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(pending.outcome)
-        except TimeoutError:
-            raise CloudburstTimeoutError(
-                f"the result at {pending.response_key!r} was not ready within {timeout:.1f}s"
-            ) from None
+    def _send(self, frame: scheduler_service_pb2.StreamCallsRequest, pending: PendingCall) -> None:
+        frame.sequence = next(self._sequence)
+        self._pending[frame.sequence] = pending
+        self._stream().put_nowait(frame)
 
     # -- KVS -----------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ call frame's ``trace_context``; the span ends when the outcome arrives.
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -59,9 +59,7 @@ def finish(span: Any, error: BaseException | None = None, failed: str = "") -> N
     span.end()
 
 
-def end_with(
-    span: Any, loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[Any] | None
-) -> None:
+def end_with(span: Any, outcome: concurrent.futures.Future[Any] | None) -> None:
     """End ``span`` when the streamed ``outcome`` arrives (or now, when there is none)."""
     if span is None:
         return
@@ -69,7 +67,7 @@ def end_with(
         finish(span)
         return
 
-    def done(future: asyncio.Future[Any]) -> None:
+    def done(future: concurrent.futures.Future[Any]) -> None:
         if future.cancelled():
             finish(span, failed="cancelled")
         elif future.exception() is not None:
@@ -78,4 +76,4 @@ def end_with(
             kind = future.result().WhichOneof("result")
             finish(span, failed="" if kind == "value" else f"the call ended with a {kind}")
 
-    loop.call_soon_threadsafe(outcome.add_done_callback, done)
+    outcome.add_done_callback(done)

@@ -414,13 +414,16 @@ class CloudburstConnection:
         """Send a call frame under a call span that ends when the outcome arrives."""
         span = _tracing.start(span_name, attributes, frame.trace_context)
         try:
-            pending: PendingCall = self._run(self._core.stream_call(frame, True), what, timeout)
+            if self._closed:
+                raise CloudburstError("the connection is closed; create a new CloudburstConnection")
+            pending = self._core.send_call(frame, True)
+            pending.wait_accepted(self.timeout if timeout is None else timeout)
         except BaseException as exc:
             _tracing.finish(span, exc)
             raise
         if span is not None:
             span.set_attribute("cloudburst.response_key", pending.response_key)
-        _tracing.end_with(span, self._loop.loop, pending.outcome)
+        _tracing.end_with(span, pending.outcome)
         return pending
 
     # -- DAGs ----------------------------------------------------------------------
@@ -555,10 +558,7 @@ class CloudburstConnection:
             frame, f"calling DAG {dname!r}", f"call_dag {dname}", {"cloudburst.dag": dname}, limit
         )
         if direct_response:
-            outcome = self._run(
-                self._core.await_outcome(pending, limit), f"calling DAG {dname!r}", limit
-            )
-            return self._decode(outcome)
+            return self._decode(pending.wait_outcome(limit))
         return CloudburstFuture(pending.response_key, self, pending)
 
     # -- KVS -----------------------------------------------------------------------

@@ -49,9 +49,7 @@ class CloudburstFuture:
         limit = conn.timeout if timeout is None else timeout
         if self._pending is not None:
             try:
-                outcome = conn._loop.run(
-                    conn._core.await_outcome(self._pending, limit), limit + 5, "get()"
-                )
+                outcome = self._pending.wait_outcome(limit)
             except UnavailableError:
                 # The stream broke; the result is still stored under obj_id.
                 self._pending = None
