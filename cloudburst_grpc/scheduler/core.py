@@ -90,6 +90,7 @@ class Scheduler:
         self._last_version = 0
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
         self._background: asyncio.Task[None] | None = None
+        self._topologies: dict[tuple[str, int], dag_rules.Topology] = {}
 
     def _next_version(self) -> int:
         self._last_version = max(time.time_ns(), self._last_version + 1)
@@ -327,10 +328,21 @@ class Scheduler:
                 await self.pool.peer(executor_id).trigger(trigger)
         return Accepted(response_key or call_id, outcome)
 
-    @staticmethod
-    def _sources(schedule: execution_pb2.DagSchedule) -> list[str]:
-        downstreams = {c.downstream for c in schedule.dag.connections}
-        return [f for f in schedule.dag.functions if f not in downstreams]
+    def _sources(self, schedule: execution_pb2.DagSchedule) -> tuple[str, ...]:
+        return self._topology(schedule.dag).sources
+
+    def _topology(self, dag: function_pb2.Dag) -> dag_rules.Topology:
+        """The topology of a DAG version, computed once (DAGs are immutable per version)."""
+        key = (dag.name, dag.version)
+        topo = self._topologies.get(key)
+        if topo is None:
+            if len(self._topologies) > 4096:
+                self._topologies.clear()
+            topo = dag_rules.topology(
+                list(dag.functions), [(c.upstream, c.downstream) for c in dag.connections]
+            )
+            self._topologies[key] = topo
+        return topo
 
     async def _place_dag(
         self,
@@ -342,7 +354,7 @@ class Scheduler:
     ) -> tuple[execution_pb2.DagSchedule, str]:
         dag = await self.get_dag(request.name)
         functions = list(dag.functions)
-        topo = dag_rules.topology(functions, [(c.upstream, c.downstream) for c in dag.connections])
+        topo = self._topology(dag)
         unknown = [f for f in request.function_arguments if f not in functions]
         if unknown:
             raise InvalidArgumentError(
