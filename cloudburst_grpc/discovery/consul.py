@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudburst.errors import UnavailableError
-from cloudburst_grpc.config import ConsulConfig
+from cloudburst_grpc.config import ConfigError, ConsulConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,20 @@ class ConsulClient:
         self.where = f"{scheme}://{host}:{port}"
         verify: bool | str = config.ca_file or config.verify
         cert = (config.cert_file, config.key_file) if config.cert_file else None
-        self._consul: Any = consul.aio.Consul(
-            host=host,
-            port=port,
-            scheme=scheme,
-            token=config.token or None,
-            verify=verify,
-            cert=cert,
-        )
+        try:
+            self._consul: Any = consul.aio.Consul(
+                host=host,
+                port=port,
+                scheme=scheme,
+                token=config.token or None,
+                verify=verify,
+                cert=cert,
+            )
+        except (OSError, ValueError) as exc:  # unreadable CA, certificate or key files
+            raise ConfigError(
+                f"cannot use the Consul TLS files (consul.ca_file / cert_file / key_file, or "
+                f"CONSUL_CACERT / CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY): {exc}"
+            ) from None
 
     async def register(
         self, name: str, service_id: str, host: str, port: int, meta: dict[str, str]
