@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
 
+from cloudburst._stream import OutboxStream
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
@@ -83,90 +84,61 @@ class RemoteExecutorPeer:
         self._on_broken = on_broken
         self.executor_id = executor_id
         self.address = address
-        self._peer_id = peer_id
         self._channel = insecure_channel(address, max_payload_bytes)
         self._stub = executor_service_pb2_grpc.ExecutorServiceStub(self._channel)
-        self._outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._sequence = itertools.count(1)
         self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}
         self._results: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
-        self._closed = False
+        self._stream: OutboxStream[
+            executor_service_pb2.StreamTriggersRequest, executor_service_pb2.StreamTriggersResponse
+        ] = OutboxStream(
+            f"executor {executor_id} at {address}",
+            self._stub.StreamTriggers,
+            self._answered,
+            self._ended,
+            lambda: executor_service_pb2.StreamTriggersRequest(
+                hello=executor_service_pb2.TriggerHello(peer_id=peer_id)
+            ),
+        )
 
-    def _ensure_stream(self) -> asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None]:
-        if self._closed:
-            raise UnavailableError(f"connection to executor {self.executor_id} is closed")
-        if self._outbox is None:
-            outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] = (
-                asyncio.Queue()
-            )
-            outbox.put_nowait(
-                executor_service_pb2.StreamTriggersRequest(
-                    hello=executor_service_pb2.TriggerHello(peer_id=self._peer_id)
-                )
-            )
-            self._outbox = outbox
-            self._reader = asyncio.create_task(self._run_stream(outbox))
-        return self._outbox
+    def _answered(self, frame: executor_service_pb2.StreamTriggersResponse) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "execute_function":
+            answer = self._answers.pop(frame.sequence, None)
+            if answer is not None and not answer.done():
+                answer.set_result(frame.execute_function)
+        elif kind == "dag_result":
+            result = self._results.pop(frame.dag_result.call_id, None)
+            if result is not None and not result.done():
+                result.set_result(frame.dag_result.outcome)
 
-    async def _requests(
-        self, outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None]
-    ) -> AsyncIterator[executor_service_pb2.StreamTriggersRequest]:
-        while (frame := await outbox.get()) is not None:
-            yield frame
-
-    async def _run_stream(
-        self, outbox: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None]
-    ) -> None:
-        error: BaseException | None = None
-        stream = self._stub.StreamTriggers(self._requests(outbox))
-        try:
-            async for frame in stream:
-                kind = frame.WhichOneof("frame")
-                if kind == "execute_function":
-                    answer = self._answers.pop(frame.sequence, None)
-                    if answer is not None and not answer.done():
-                        answer.set_result(frame.execute_function)
-                elif kind == "dag_result":
-                    result = self._results.pop(frame.dag_result.call_id, None)
-                    if result is not None and not result.done():
-                        result.set_result(frame.dag_result.outcome)
-        except grpc.RpcError as exc:
-            error = exc
-            logger.warning("trigger stream to executor %s broke: %s", self.executor_id, exc.code())
-            if self._on_broken is not None and not self._closed:
-                self._on_broken(self.executor_id, f"its stream broke ({exc.code()})")
-        except asyncio.CancelledError:
-            error = UnavailableError("stream closed")
-            raise
-        finally:
-            stream.cancel()
-            if self._outbox is outbox:
-                self._outbox = None
-            failure = UnavailableError(
-                f"lost the connection to executor {self.executor_id} at {self.address}"
-                + (f" ({error})" if error and not isinstance(error, UnavailableError) else "")
-            )
-            for answer in self._answers.values():
-                if not answer.done():
-                    answer.set_exception(failure)
-            for result in self._results.values():
-                if not result.done():
-                    result.set_exception(failure)
-            self._answers.clear()
-            self._results.clear()
+    def _ended(self, error: grpc.RpcError | None) -> None:
+        code = error.code() if error is not None else None
+        if code is not None and self._on_broken is not None:
+            self._on_broken(self.executor_id, f"its stream broke ({code})")
+        failure = UnavailableError(
+            f"lost the connection to executor {self.executor_id} at {self.address}"
+            + (f" ({code})" if code is not None else "")
+        )
+        for answer in self._answers.values():
+            if not answer.done():
+                answer.set_exception(failure)
+        for result in self._results.values():
+            if not result.done():
+                result.set_exception(failure)
+        self._answers.clear()
+        self._results.clear()
 
     async def execute(
         self, request: executor_service_pb2.ExecuteFunctionRequest, timeout: float
     ) -> executor_service_pb2.ExecuteFunctionResponse:
         """Run one call over the stream and wait for its answer."""
-        outbox = self._ensure_stream()
         sequence = next(self._sequence)
         answer: asyncio.Future[executor_service_pb2.ExecuteFunctionResponse] = (
             asyncio.get_running_loop().create_future()
         )
         self._answers[sequence] = answer
-        outbox.put_nowait(
+        self._stream.send(
             executor_service_pb2.StreamTriggersRequest(sequence=sequence, execute_function=request)
         )
         try:
@@ -181,16 +153,13 @@ class RemoteExecutorPeer:
 
     async def trigger(self, trigger: execution_pb2.Trigger) -> None:
         """Queue a trigger on the stream."""
-        self._ensure_stream().put_nowait(
-            executor_service_pb2.StreamTriggersRequest(trigger=trigger)
-        )
+        self._stream.send(executor_service_pb2.StreamTriggersRequest(trigger=trigger))
 
     def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Register for the sink's result and tell the executor to route it here."""
-        outbox = self._ensure_stream()
         result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
         self._results[call_id] = result
-        outbox.put_nowait(
+        self._stream.send(
             executor_service_pb2.StreamTriggersRequest(
                 expect_result=executor_service_pb2.ExpectResult(call_id=call_id)
             )
@@ -220,18 +189,9 @@ class RemoteExecutorPeer:
 
     async def close(self) -> None:
         """End the stream and close the channel; idempotent."""
-        if self._closed:
+        if self._stream.closed:
             return
-        self._closed = True
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)  # half-close: the executor ends its side
-        if self._reader is not None:
-            try:
-                async with asyncio.timeout(2):
-                    await asyncio.shield(self._reader)
-            except (TimeoutError, asyncio.CancelledError):
-                self._reader.cancel()
-                await asyncio.gather(self._reader, return_exceptions=True)
+        await self._stream.close()
         await self._channel.close()
 
 

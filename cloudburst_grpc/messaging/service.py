@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from cloudburst._stream import OutboxStream
 from cloudburst.errors import (
     CloudburstError,
     CloudburstTimeoutError,
@@ -70,61 +71,35 @@ class MessagingPeer:
 
     def __init__(self, address: str, peer_id: str, max_payload_bytes: int) -> None:
         self.address = address
-        self._peer_id = peer_id
         self._channel = insecure_channel(address, max_payload_bytes)
-        self._stub = messaging_service_pb2_grpc.MessagingServiceStub(self._channel)
-        self._outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None] | None = (
-            None
-        )
-        self._reader: asyncio.Task[None] | None = None
+        stub = messaging_service_pb2_grpc.MessagingServiceStub(self._channel)
         self._answers: dict[int, asyncio.Future[messaging_service_pb2.StreamMessagesResponse]] = {}
         self._sequence = itertools.count(1)
-        self._closed = False
+        self._stream: OutboxStream[
+            messaging_service_pb2.StreamMessagesRequest,
+            messaging_service_pb2.StreamMessagesResponse,
+        ] = OutboxStream(
+            f"messaging at {address}",
+            stub.StreamMessages,
+            self._answered,
+            self._ended,
+            lambda: messaging_service_pb2.StreamMessagesRequest(
+                hello=messaging_service_pb2.MessagingHello(peer_id=peer_id)
+            ),
+        )
 
-    def _stream(self) -> asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None]:
-        if self._closed:
-            raise UnavailableError(f"the messaging connection to {self.address} is closed")
-        if self._outbox is None:
-            outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None] = (
-                asyncio.Queue()
-            )
-            outbox.put_nowait(
-                messaging_service_pb2.StreamMessagesRequest(
-                    hello=messaging_service_pb2.MessagingHello(peer_id=self._peer_id)
-                )
-            )
-            self._outbox = outbox
-            self._reader = asyncio.create_task(self._read(outbox))
-        return self._outbox
+    def _answered(self, answer: messaging_service_pb2.StreamMessagesResponse) -> None:
+        future = self._answers.pop(answer.sequence, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
 
-    async def _frames(
-        self, outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None]
-    ) -> AsyncIterator[messaging_service_pb2.StreamMessagesRequest]:
-        while (frame := await outbox.get()) is not None:
-            yield frame
-
-    async def _read(
-        self, outbox: asyncio.Queue[messaging_service_pb2.StreamMessagesRequest | None]
-    ) -> None:
-        stream = self._stub.StreamMessages(self._frames(outbox))
-        reason = "closed"
-        try:
-            async for answer in stream:
-                future = self._answers.pop(answer.sequence, None)
-                if future is not None and not future.done():
-                    future.set_result(answer)
-        except grpc.RpcError as exc:
-            reason = str(exc.code())
-            logger.warning("messaging stream to %s broke: %s", self.address, reason)
-        finally:
-            stream.cancel()
-            if self._outbox is outbox:
-                self._outbox = None
-            failure = _StreamBroken(f"the messaging stream to {self.address} broke ({reason})")
-            for future in self._answers.values():
-                if not future.done():
-                    future.set_exception(failure)
-            self._answers.clear()
+    def _ended(self, error: grpc.RpcError | None) -> None:
+        reason = str(error.code()) if error is not None else "closed"
+        failure = _StreamBroken(f"the messaging stream to {self.address} broke ({reason})")
+        for future in self._answers.values():
+            if not future.done():
+                future.set_exception(failure)
+        self._answers.clear()
 
     async def send(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
         """Deliver one message and wait for the receiver's answer.
@@ -140,7 +115,7 @@ class MessagingPeer:
                 loop.create_future()
             )
             self._answers[sequence] = future
-            self._stream().put_nowait(
+            self._stream.send(
                 messaging_service_pb2.StreamMessagesRequest(sequence=sequence, send=envelope)
             )
             try:
@@ -161,18 +136,9 @@ class MessagingPeer:
 
     async def close(self) -> None:
         """End the stream and close the channel; idempotent."""
-        if self._closed:
+        if self._stream.closed:
             return
-        self._closed = True
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
-        if self._reader is not None:
-            try:
-                async with asyncio.timeout(2):
-                    await asyncio.shield(self._reader)
-            except (TimeoutError, asyncio.CancelledError):
-                self._reader.cancel()
-                await asyncio.gather(self._reader, return_exceptions=True)
+        await self._stream.close()
         await self._channel.close()
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from cloudburst import _tracing
+from cloudburst._stream import OutboxStream
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.v1 import (
@@ -102,8 +102,11 @@ class Core:
         )
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
         self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
-        self._outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None] | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._stream: OutboxStream[
+            scheduler_service_pb2.StreamCallsRequest, scheduler_service_pb2.StreamCallsResponse
+        ] = OutboxStream(
+            f"the scheduler at {target}", self.scheduler.StreamCalls, self._dispatch, self._ended
+        )
         self._pending: dict[int, PendingCall] = {}
         self._sequence = itertools.count(1)
 
@@ -120,37 +123,16 @@ class Core:
 
     # -- the call stream -----------------------------------------------------------
 
-    def _stream(self) -> asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]:
-        if self._outbox is None:
-            outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None] = asyncio.Queue()
-            self._outbox = outbox
-            self._reader = asyncio.create_task(self._read(outbox))
-        return self._outbox
-
-    async def _frames(
-        self, outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]
-    ) -> AsyncIterator[scheduler_service_pb2.StreamCallsRequest]:
-        while (frame := await outbox.get()) is not None:
-            yield frame
-
-    async def _read(
-        self, outbox: asyncio.Queue[scheduler_service_pb2.StreamCallsRequest | None]
-    ) -> None:
-        failure: CloudburstError = UnavailableError(f"the call stream to {self.target} closed")
-        stream = self.scheduler.StreamCalls(self._frames(outbox))
-        try:
-            async for answer in stream:
-                self._dispatch(answer)
-        except grpc.RpcError as exc:
-            failure = error_from_rpc(exc, what="the call stream")
-        finally:
-            stream.cancel()
-            if self._outbox is outbox:
-                self._outbox = None
-            for pending in self._pending.values():
-                _settle(pending.accepted, error=failure)
-                _settle(pending.outcome, error=failure)
-            self._pending.clear()
+    def _ended(self, error: grpc.RpcError | None) -> None:
+        failure: CloudburstError = (
+            error_from_rpc(error, what="the call stream")
+            if error is not None
+            else UnavailableError(f"the call stream to {self.target} closed")
+        )
+        for pending in self._pending.values():
+            _settle(pending.accepted, error=failure)
+            _settle(pending.outcome, error=failure)
+        self._pending.clear()
 
     def _dispatch(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
         pending = self._pending.get(answer.sequence)
@@ -185,7 +167,12 @@ class Core:
     def _send(self, frame: scheduler_service_pb2.StreamCallsRequest, pending: PendingCall) -> None:
         frame.sequence = next(self._sequence)
         self._pending[frame.sequence] = pending
-        self._stream().put_nowait(frame)
+        try:
+            self._stream.send(frame)
+        except UnavailableError as exc:
+            del self._pending[frame.sequence]
+            _settle(pending.accepted, error=exc)
+            _settle(pending.outcome, error=exc)
 
     # -- KVS -----------------------------------------------------------------------
 
@@ -231,13 +218,5 @@ class Core:
 
     async def close(self) -> None:
         """End the stream and close the channel."""
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
-        if self._reader is not None:
-            try:
-                async with asyncio.timeout(5):
-                    await asyncio.shield(self._reader)
-            except (TimeoutError, asyncio.CancelledError):
-                self._reader.cancel()
-                await asyncio.gather(self._reader, return_exceptions=True)
+        await self._stream.close(grace=5.0)
         await self.channel.close()
