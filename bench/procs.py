@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -78,9 +79,14 @@ class Processes:
         argv: list[str],
         *,
         env: dict[str, str] | None = None,
+        unset: Collection[str] = (),
         wait_for_address: bool = True,
     ) -> Child:
-        """Start ``argv``; unless told otherwise, wait for its "listening on ADDR" line."""
+        """Start ``argv``; unless told otherwise, wait for its "listening on ADDR" line.
+
+        The child inherits this process's environment without the variables in
+        ``unset``, plus ``env``.
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("w")
@@ -91,7 +97,7 @@ class Processes:
             stdout=subprocess.PIPE if wait_for_address else log_file,
             stderr=log_file,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**{k: v for k, v in os.environ.items() if k not in unset}, **(env or {})},
             # Own session: a Ctrl-C in the terminal reaches only the bench, which then
             # stops its children in order (connections first, servers after).
             start_new_session=True,
@@ -127,11 +133,16 @@ class Processes:
         return line.rsplit(" ", 1)[1].strip()
 
     def start_cbgrpc(
-        self, name: str, command: str, *args: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        command: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        unset: Collection[str] = (),
     ) -> Child:
         """Start `cbgrpc COMMAND --port 0 ARGS` (the CLI of this checkout)."""
         argv = [sys.executable, "-m", "cloudburst_grpc", command, "--port", "0", *args]
-        return self.start(name, argv, env=env)
+        return self.start(name, argv, env=env, unset=unset)
 
     def stop(self, child: Child, grace: float = 10.0) -> int | None:
         """SIGTERM the child by PID, SIGKILL it after ``grace`` seconds; returns its exit code."""

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench import diagnose, floor, systems
+from bench import diagnose, floor, systems, tracing
 from bench.measure import summarize
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ SYSTEM_TITLES = {
     "serve": "`cbgrpc serve`",
     "cluster": "process cluster",
     "ray": "Ray",
+    **tracing.TITLES,
 }
 COLORS = {
     "floor": "#4c72b0",
@@ -30,6 +31,10 @@ COLORS = {
     "serve": "#dd8452",
     "cluster": "#c44e52",
     "ray": "#55a868",
+    "trace-off-a": "#dd8452",
+    "trace-off-b": "#dd8452",
+    "trace-on": "#8172b3",
+    "trace-disabled": "#dd8452",
 }
 
 FLOOR_DEFINITIONS = """\
@@ -101,6 +106,7 @@ def build(
     targets: list[dict[str, Any]],
     memory: dict[str, Any] | None,
     profiles: list[dict[str, Any]],
+    tracing_overhead: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every figure of the run, as one JSON-ready dict."""
     rows: list[dict[str, Any]] = []
@@ -182,6 +188,7 @@ def build(
         "workloads": rows,
         "ray": {k: v for k, v in ray.items() if k != "workloads"},
         "memory": memory,
+        "tracing_overhead": tracing_overhead,
         "profiles": profiles,
     }
 
@@ -325,6 +332,7 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
             "small object reads the driver's in-process store.",
         ]
     lines += _breakdown_section(data)
+    lines += _tracing_section(data.get("tracing_overhead"), settings)
     lines += ["", *(f"![{name}]({name})" for name in plots)]
     lines += ["", "## What each floor measures", "", FLOOR_DEFINITIONS]
     lines += _memory_section(data.get("memory"))
@@ -423,6 +431,185 @@ def _breakdown_section(data: dict[str, Any]) -> list[str]:
         "A DAG call of two functions on `cbgrpc serve` crosses threads twice in the client "
         "and runs each function through `run_in_executor` (two pool round trips).",
     ]
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}%"
+
+
+def _tracing_section(summary: dict[str, Any] | None, settings: dict[str, Any]) -> list[str]:
+    """Tracing off, off again, on and disabled: the same `cbgrpc serve`, side by side."""
+    lines = ["", "## Tracing overhead", ""]
+    if not summary:
+        return [*lines, "Not run."]
+    if summary.get("error") and not any("noise_band" in e for e in summary["workloads"].values()):
+        return [*lines, f"Not measured: {summary['error']}"]
+    tolerance = 100 * summary["min_tolerance"]
+    lines += [
+        "Four more `cbgrpc serve --storage memory --port 0` processes, running next to "
+        "everything else and timed in the same interleaved rounds; within a round the four "
+        "variants of a workload take turns in small sub-blocks, in a rotating order. "
+        f"{settings['tracing_calls']} timed calls per variant and workload after "
+        f"{settings['warmup']} "
+        "warm-up calls, one caller. Each server starts without any `OTEL_*` variable of the "
+        "bench's environment"
+        + (
+            f" (removed: {', '.join(summary['otel_variables_removed'])})"
+            if summary.get("otel_variables_removed")
+            else " (none was set)"
+        )
+        + "; whether tracing is on is checked in each, by its log and by asking its "
+        "DiagnosticsService (`cbgrpc timing`) for the spans of a call.",
+        "",
+        "| | server | started with (besides `--storage memory --port 0`) | tracing, as checked "
+        "| spans kept for one call (GetCallTiming) |",
+        "|---|---|---|---|---|",
+    ]
+    for v in summary["variants"]:
+        ch = v.get("check") or {}
+        flags = " ".join([*(f"{k}={val}" for k, val in v["env"].items()), *v["args"]])
+        state = "on" if ch.get("tracing_on") else "off"
+        if ch.get("log_says_tracing_on"):
+            state += ' (log: "tracing on")'
+        if ch.get("log_says_otel_disabled"):
+            state += " (log: OpenTelemetry disabled)"
+        if not ch.get("as_expected", False):
+            state = f"**{state}: NOT AS INTENDED**"
+        lines.append(
+            f"| ({v['tag']}) | {v['label']} | {f'`{flags}`' if flags else 'defaults'} | "
+            f"{state} | {ch.get('timings_answer', 'n/a')} |"
+        )
+    lines += [
+        "",
+        "Milliseconds; *vs (a)* compares medians.",
+        "",
+        "| workload | server | median | p90 | p99 | n | vs (a) | calls/s, 8 callers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in summary["workloads"].items():
+        a = entry["latency"]["a"].get("median_ms")
+        for tag, lat in entry["latency"].items():
+            median = lat.get("median_ms")
+            vs = _pct(median / a - 1) if median and a else "n/a"
+            lines.append(
+                f"| {name} | ({tag}) | {_fmt(median)} | {_fmt(lat.get('p90_ms'))} | "
+                f"{_fmt(lat.get('p99_ms'))} | {lat.get('n', 0)} | {vs} | "
+                f"{_rate(entry['throughput_per_s'].get(tag))} |"
+            )
+    lines += [
+        "",
+        f"Noise band = |(b) - (a)| / (a), medians; a difference counts as *within noise* when "
+        f"it is at most max(noise band, {tolerance:.0f}%).",
+        "",
+        "| workload | noise band | tolerance | tracing disabled vs off | verdict | "
+        "tracing on vs off (overhead) | |",
+        "|---|---:|---:|---|---|---|---|",
+    ]
+    for name, entry in summary["workloads"].items():
+        if "noise_band" not in entry:
+            lines.append(f"| {name} | n/a | | | not measured | | |")
+            continue
+        compared = entry["disabled_compared"]
+        verdict = "**within noise**" if entry["disabled_within_noise"] else "**NOT within noise**"
+        if not entry.get("valid"):
+            verdict += " (a server's tracing state was not as intended: not valid)"
+        enabled = (
+            f"(c) vs (a): {_pct(entry.get('enabled_overhead'))} "
+            f"({entry.get('enabled_overhead_ms', 0) * 1000:+.0f} us); vs (b): "
+            f"{_pct(entry.get('enabled_overhead_vs_b'))}"
+            if "enabled_overhead" in entry
+            else "n/a"
+        )
+        beyond = (
+            "within noise"
+            if entry.get("enabled_within_noise")
+            else "beyond noise"
+            if "enabled_overhead" in entry
+            else ""
+        )
+        lines.append(
+            f"| {name} | {100 * entry['noise_band']:.1f}% | {100 * entry['tolerance']:.1f}% | "
+            f"({compared}) vs (a): {_pct(entry['disabled_vs_off'])} | {verdict} | {enabled} | "
+            f"{beyond} |"
+        )
+    rounds = []
+    for name, entry in summary["workloads"].items():
+        per = entry.get("round_medians_ms", {})
+        if per.get("a") and per.get("c"):
+            overheads = [
+                f"{100 * (c / a - 1):+.0f}%"
+                for a, c in zip(per["a"], per["c"], strict=False)
+                if a and c
+            ]
+            noise = [
+                f"{100 * (b / a - 1):+.0f}%"
+                for a, b in zip(per["a"], per.get("b", []), strict=False)
+                if a and b
+            ]
+            rounds.append(
+                f"{name}: (c) vs (a) {', '.join(overheads)}; (b) vs (a) {', '.join(noise)}"
+            )
+    if rounds:
+        lines += ["", "Per round (medians of each round): " + "; ".join(rounds) + "."]
+    rates = [
+        f"{name}: (c) vs (a) {_pct(e['throughput_enabled_change'])}, noise band "
+        f"{100 * e['throughput_noise_band']:.1f}%"
+        for name, e in summary["workloads"].items()
+        if e.get("throughput_enabled_change") is not None
+    ]
+    if rates:
+        lines += [
+            "",
+            f"Throughput, {settings['callers']} callers ({settings['tp_rounds']} rounds of "
+            f"{settings['tp_seconds']} s per server, in rotating halves; coarser than the "
+            "latencies): " + "; ".join(rates) + ".",
+        ]
+    off = summary.get("off_path") or {}
+    estimates = [
+        f"{name}: {e['span_sites']} span sites x {off['span_us']:.2f} us = "
+        f"{e['off_path_estimate_us']:.1f} us, {100 * e['off_path_estimate_share']:.2f}% of (a)"
+        for name, e in summary["workloads"].items()
+        if e.get("off_path_estimate_us") is not None
+    ]
+    client = summary.get("client_tracing")
+    lines += [
+        "",
+        "**What is compared.** There is no build of the product without the instrumentation, "
+        "so *tracing off* is not compared with un-instrumented code: (a), (b) and (d) all run "
+        "the instrumented code with tracing off, where each span site on the hot path is one "
+        "call of `telemetry.span()` that checks a module boolean and yields (context "
+        "propagation, `inject`/`extract`, checks the same boolean), and no gRPC tracing "
+        "interceptor is installed. (d), `OTEL_SDK_DISABLED=true`, takes the same hot path as "
+        "(a) and only skips OpenTelemetry's set-up at start: *disabled vs off* therefore "
+        "checks that the two off configurations are indistinguishable, and it cannot by "
+        "itself see the cost of the boolean checks, which both contain. That cost is bounded "
+        "instead by timing the off-path call in the bench process: "
+        + (
+            f"`span()` with tracing off {off['span_us']:.2f} us per call, `inject()` "
+            f"{off['inject_us']:.3f} us"
+            + (f"; per call of the workloads: {'; '.join(estimates)}" if estimates else "")
+            + " (span sites counted from the spans (c) kept for one call; the DAG's count from "
+            "the same DAG called with `.get()`)."
+            if off.get("span_us")
+            else f"not available ({off.get('error', 'not run')})."
+        ),
+        "",
+        "(c) records every span in memory (`--timings`: a `TracerProvider` with the in-memory "
+        "span processor, and the gRPC server interceptor), with no exporter: exporting "
+        "(OTLP, console) costs more, in a batch thread. "
+        + (
+            "The bench's client does not trace (no tracer provider in the SDK's process), "
+            "so each call's trace starts in the server and the SDK's own call span is not "
+            "part of the overhead measured."
+            if client is False
+            else "Client-side tracing state: "
+            + ("on" if client else "unknown")
+            + " (the SDK's call span is then part of every variant alike)."
+        ),
+    ]
+    if summary.get("error"):
+        lines += ["", f"Error: {summary['error']}"]
     return lines
 
 

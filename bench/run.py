@@ -32,7 +32,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 if not __package__:  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import diagnose, floor, memory, profiling, report, systems
+from bench import diagnose, floor, memory, profiling, report, systems, tracing
 from bench.diagnose import U_TO_LOOP, U_TO_POOL
 from bench.floor import (
     F_BIDI,
@@ -75,6 +75,8 @@ class Settings:
     quick: bool
     out: Path
     calls: int
+    tracing_calls: int
+    """Timed calls per tracing-overhead variant and workload (bench/tracing.py)."""
     blocks: int
     warmup: int
     callers: int
@@ -99,6 +101,10 @@ class Record:
     measure_throughput: bool = True
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    group: str | None = None
+    """Records of one group take turns in small sub-blocks within each round."""
+    rounds: list[list[float]] = field(default_factory=list)
+    """The latencies of each round."""
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -112,6 +118,11 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--out", type=Path, default=ROOT / "bench" / "results", help="output directory"
     )
     parser.add_argument("--calls", type=int, help="timed calls per workload (default 1000)")
+    parser.add_argument(
+        "--tracing-calls",
+        type=int,
+        help="timed calls per server of the tracing-overhead comparison (default 2000)",
+    )
     parser.add_argument("--callers", type=int, default=8, help="concurrent callers (default 8)")
     parser.add_argument(
         "--memory-calls", type=int, help="calls for the memory check (default 100000)"
@@ -130,6 +141,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         quick=quick,
         out=args.out,
         calls=args.calls or (200 if quick else 1000),
+        tracing_calls=args.tracing_calls or (200 if quick else 2000),
         blocks=2 if quick else 4,
         warmup=30 if quick else 200,
         callers=args.callers,
@@ -208,18 +220,39 @@ def diagnosis_workloads(serve: systems.System, inproc: diagnose.InProcessServer)
     return [Record(w, measure_throughput=False) for w in found]
 
 
+#: Sub-blocks per round for the records of a group (see Record.group).
+GROUP_SUB_BLOCKS = 5
+
+
 def measure_latency(records: list[Record], settings: Settings, deadline: float) -> None:
-    """Warm every workload up, then time it in interleaved rounds."""
+    """Warm every workload up, then time it in interleaved rounds.
+
+    Records of one group (the tracing variants of one workload) are timed
+    together where the first of them stands: in :data:`GROUP_SUB_BLOCKS`
+    sub-blocks per round, each visiting them in a rotated order, so that
+    neither a slow spell of the machine nor the position in the round favours
+    one of them.
+    """
     for record in records:
         _guard(record, lambda r=record: r.workload.block(settings.warmup), "warm-up")
     per_block = max(1, settings.calls // settings.blocks)
+    group_block = max(1, settings.tracing_calls // settings.blocks)
+    groups = _groups(records)
     for round_index in range(settings.blocks):
         log(f"latency round {round_index + 1}/{settings.blocks} ({per_block} calls per workload)")
         for record in records:
-            if record.error is None:
-                got = _guard(record, lambda r=record: r.workload.block(per_block), "latency")
-                if got is not None:
-                    record.latencies.extend(got)
+            record.rounds.append([])
+        for record in records:
+            if record.group is None:
+                _time_block(record, per_block)
+            elif record is groups[record.group][0]:
+                members = groups[record.group]
+                subs = min(GROUP_SUB_BLOCKS, group_block)
+                sizes = [group_block // subs + (i < group_block % subs) for i in range(subs)]
+                for sub, size in enumerate(sizes):
+                    shift = (round_index * subs + sub) % len(members)
+                    for member in members[shift:] + members[:shift]:
+                        _time_block(member, size)
         if time.monotonic() > deadline:
             log("latency: out of time budget; stopping early")
             for record in records:
@@ -227,23 +260,104 @@ def measure_latency(records: list[Record], settings: Settings, deadline: float) 
             break
 
 
+def _groups(records: list[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        if record.group is not None:
+            groups.setdefault(record.group, []).append(record)
+    return groups
+
+
+def _time_block(record: Record, n: int) -> None:
+    if record.error is None:
+        got = _guard(record, lambda: record.workload.block(n), "latency")
+        if got is not None:
+            record.latencies.extend(got)
+            record.rounds[-1].extend(got)
+
+
+def start_tracing_variants(
+    procs: Processes, deployments: dict[str, systems.System]
+) -> tuple[list[tracing.Started], list[Record], str | None]:
+    """The tracing-overhead servers (bench/tracing.py) and their records; an error stops them."""
+    started: list[tracing.Started] = []
+    try:
+        log("tracing overhead: starting four more `cbgrpc serve` (off, off, on, disabled)")
+        started = tracing.start(procs)
+        for one in started:
+            deployments[one.variant.system] = one.system
+            one.check = tracing.check(one)
+            log(
+                f"{one.variant.system}: tracing {'on' if one.check['tracing_on'] else 'off'} "
+                f"(log; timings: {one.check['timings_answer'][:80]})"
+                + ("" if one.check["as_expected"] else " -- NOT AS INTENDED")
+            )
+        by_name: dict[str, list[Record]] = {name: [] for name in tracing.WORKLOADS}
+        for one in started:
+            for workload in tracing.workloads(one):
+                by_name[workload.name].append(
+                    Record(
+                        workload,
+                        measure_throughput=workload.name == tracing.WORKLOADS[0],
+                        group=f"tracing/{workload.name}",
+                    )
+                )
+        return started, [r for name in tracing.WORKLOADS for r in by_name[name]], None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        log(f"tracing overhead: not measured ({error})")
+        for one in started:
+            one.system.close()
+            deployments.pop(one.variant.system, None)
+            for child in one.system.children:
+                procs.stop(child)
+        return [], [], error
+
+
+def tracing_summary(
+    started: list[tracing.Started], records: list[Record], error: str | None
+) -> dict[str, Any]:
+    mine = [r for r in records if r.group is not None and r.group.startswith("tracing/")]
+    summary = tracing.summarize_overhead(
+        started,
+        {r.workload.key: r.latencies for r in mine},
+        {r.workload.key: r.rounds for r in mine},
+        {r.workload.key: r.tp_calls / r.tp_seconds if r.tp_seconds > 0 else None for r in mine},
+        tracing.off_path_cost() if started else {},
+        error or next((f"{r.workload.key}: {r.error}" for r in mine if r.error), None),
+    )
+    tracing.log_summary(summary)
+    return summary
+
+
 def measure_throughput(records: list[Record], settings: Settings) -> None:
+    groups = _groups(records)
     for round_index in range(settings.tp_rounds):
         log(
             f"throughput round {round_index + 1}/{settings.tp_rounds} "
             f"({settings.callers} callers, {settings.tp_seconds:.2f} s per workload)"
         )
         for record in records:
-            if record.error is None and record.measure_throughput:
-                got = _guard(
-                    record,
-                    lambda r=record: r.workload.throughput(settings.callers, settings.tp_seconds),
-                    "throughput",
-                )
-                if got is not None:
-                    record.tp_calls += got.calls
-                    record.tp_seconds += got.seconds
-                    record.tp_latencies.extend(got.latencies)
+            if record.group is None:
+                _time_throughput(record, settings, settings.tp_seconds)
+            elif record is groups[record.group][0]:
+                # A group's records take turns in two halves, in a rotating order.
+                members = [r for r in groups[record.group] if r.measure_throughput]
+                for half in range(2):
+                    shift = (round_index * 2 + half) % max(len(members), 1)
+                    for member in members[shift:] + members[:shift]:
+                        _time_throughput(member, settings, settings.tp_seconds / 2)
+
+
+def _time_throughput(record: Record, settings: Settings, seconds: float) -> None:
+    if record.error is None and record.measure_throughput:
+        got = _guard(
+            record, lambda: record.workload.throughput(settings.callers, seconds), "throughput"
+        )
+        if got is not None:
+            record.tp_calls += got.calls
+            record.tp_seconds += got.seconds
+            record.tp_latencies.extend(got.latencies)
 
 
 def _guard(record: Record, action: Any, what: str) -> Any:
@@ -587,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[Record] = []
     ray: dict[str, Any] = {}
     mem: dict[str, Any] | None = None
+    overhead: dict[str, Any] | None = None
     profiles: list[dict[str, Any]] = []
     targets: list[dict[str, Any]] = []
     try:
@@ -610,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
             records = floor_workloads(client, aio) + unit_workloads(aio, pool)
             for deployment in deployments.values():
                 records += [Record(w) for w in systems.workloads(deployment)]
+            traced, traced_records, traced_error = start_tracing_variants(procs, deployments)
+            records += traced_records
             records += diagnosis_workloads(
                 deployments["serve"], inproc := diagnose.InProcessServer()
             )
@@ -617,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
 
             measure_latency(records, settings, deadline - 300)
             measure_throughput(records, settings)
+            overhead = tracing_summary(traced, records, traced_error)
             log(f"cloudburst and floor measured in {time.monotonic() - began:.0f} s")
             ray = run_ray(procs, settings)
             targets = evaluate_targets(by_key, ray, None)
@@ -659,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["seconds"] = time.monotonic() - began
     meta["load_average_at_end"] = list(os.getloadavg())
     data = report.build(
-        meta, settings.__dict__, records, FLOOR_OF, RAY_OF, ray, targets, mem, profiles
+        meta, settings.__dict__, records, FLOOR_OF, RAY_OF, ray, targets, mem, profiles, overhead
     )
     paths = report.write(settings.out, data, records, ray)
     log(f"done in {meta['seconds']:.0f} s: " + ", ".join(str(p) for p in paths))
