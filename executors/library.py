@@ -17,7 +17,7 @@ from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, 
 from cloudburst.v1 import messaging_service_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
-from cloudburst_grpc.messaging.mailbox import MailboxRouter, Message
+from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter
 
 T = TypeVar("T")
 
@@ -67,6 +67,7 @@ class UserLibrary:
         self._call_id = call_id
         self._router = router
         self._mailbox_id: str | None = None
+        self._mailbox: Mailbox | None = None
         self._sent = 0
 
     def get_object(self, key: str, timeout: float | None = None) -> Any:
@@ -114,10 +115,11 @@ class UserLibrary:
         if self._mailbox_id is None:
             router = self._messaging()
 
-            async def open_mailbox() -> str:
-                return router.open().id
+            async def open_mailbox() -> Mailbox:
+                return router.open()
 
-            self._mailbox_id = self._bridge.run(open_mailbox(), "get_id()")
+            self._mailbox = self._bridge.run(open_mailbox(), "get_id()")
+            self._mailbox_id = self._mailbox.id
         return self._mailbox_id
 
     getid = get_id
@@ -154,16 +156,13 @@ class UserLibrary:
         Without ``timeout`` it never waits (an empty list when nothing came);
         with ``timeout`` it waits up to that many seconds for at least one.
         """
-        router = self._messaging()
         mailbox_id = self.get_id()
+        mailbox = self._mailbox
+        assert mailbox is not None
         wait = max(timeout or 0.0, 0.0)
-
-        async def take() -> list[Message]:
-            mailbox = router.get(mailbox_id)
-            return await mailbox.receive(wait) if wait else mailbox.drain()
-
         with telemetry.span("recv", attributes={"cloudburst.recipient": mailbox_id}) as current:
-            messages = self._bridge.run(take(), "recv()", wait + 10)
+            # Read (and wait) in this thread: arrivals notify the mailbox's condition.
+            messages = mailbox.take(wait) if wait else mailbox.drain()
             if current is not None:
                 current.set_attribute("cloudburst.messages", len(messages))
                 for message in messages:

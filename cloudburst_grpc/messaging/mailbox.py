@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,18 +50,43 @@ def mailbox_address(mailbox_id: str) -> str:
 
 
 class Mailbox:
-    """A bounded, ordered queue of messages for one invocation."""
+    """A bounded, ordered queue of messages for one invocation.
+
+    Messages arrive on the event loop; the function reads them from its own
+    thread with :meth:`take`, which waits on a condition the arrival notifies,
+    so a reader needs no round trip through the loop.
+    """
 
     def __init__(self, mailbox_id: str, capacity: int) -> None:
         self.id = mailbox_id
         self.capacity = capacity
         self._messages: collections.deque[Message] = collections.deque()
         self._last_number: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._changed = asyncio.Event()
+        """Set on the loop when messages arrive or are taken (wakes loop-side waiters)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def __len__(self) -> int:
-        return len(self._messages)
+        with self._lock:
+            return len(self._messages)
+
+    def _notify_loop(self) -> None:
+        """Wake loop-side waiters (senders waiting for space), from any thread."""
+        loop = self._loop
+        if loop is None:
+            self._changed.set()
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._changed.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._changed.set)
 
     async def put(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
         """Add a message, waiting up to ``timeout`` seconds for space.
@@ -73,6 +99,7 @@ class Mailbox:
             QueueFullError: It stayed full for ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
+        self._loop = loop
         deadline = loop.time() + timeout
         while True:
             if self.closed:
@@ -81,7 +108,7 @@ class Mailbox:
                 envelope.sender_id, 0
             ):
                 return
-            if len(self._messages) < self.capacity:
+            if len(self) < self.capacity:
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -97,26 +124,34 @@ class Mailbox:
                     await self._changed.wait()
             except TimeoutError:
                 continue
-        self._messages.append(
-            Message(envelope.sender_id, envelope.payload, dict(envelope.trace_context))
-        )
+        message = Message(envelope.sender_id, envelope.payload, dict(envelope.trace_context))
+        with self._arrived:
+            self._messages.append(message)
+            self._arrived.notify_all()
         if envelope.message_number:
             self._last_number[envelope.sender_id] = envelope.message_number
         self._changed.set()
 
     def drain(self) -> list[Message]:
-        """Take every message received so far (never waits)."""
-        messages = list(self._messages)
-        self._messages.clear()
+        """Take every message received so far (never waits; any thread)."""
+        with self._lock:
+            messages = list(self._messages)
+            self._messages.clear()
         if messages:
-            self._changed.set()
+            self._notify_loop()
         return messages
+
+    def take(self, timeout: float) -> list[Message]:
+        """Take the messages, waiting in this thread up to ``timeout`` seconds for one."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: bool(self._messages) or self.closed, timeout)
+        return self.drain()
 
     async def receive(self, timeout: float) -> list[Message]:
         """Take the messages, waiting up to ``timeout`` seconds for at least one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not self._messages and not self.closed:
+        while not len(self) and not self.closed:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -130,9 +165,11 @@ class Mailbox:
 
     def close(self) -> None:
         """Discard unread messages and refuse new ones."""
-        self.closed = True
-        self._messages.clear()
-        self._changed.set()
+        with self._arrived:
+            self.closed = True
+            self._messages.clear()
+            self._arrived.notify_all()
+        self._notify_loop()
 
 
 def _gone(mailbox_id: str) -> MailboxNotFoundError:

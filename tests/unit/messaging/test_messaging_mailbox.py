@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -112,3 +113,42 @@ async def test_messages_for_other_processes_are_forwarded() -> None:
     router = MailboxRouter("here:1", forward)
     await router.send(envelope("abc@there:2", 1))
     assert [(a, m.recipient_id) for a, m in forwarded] == [("there:2", "abc@there:2")]
+
+
+async def test_a_reader_thread_waits_for_a_message_without_the_loop() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    mailbox = router.open()
+    taken: list[list[bytes]] = []
+    started = threading.Event()
+
+    def reader() -> None:
+        started.set()
+        taken.append([m.payload.data for m in mailbox.take(30)])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    started.wait(10)
+    await router.send(envelope(mailbox.id, 5))
+    await asyncio.to_thread(thread.join, 10)
+    assert taken == [[b"5"]]
+
+
+async def test_a_reader_thread_frees_space_for_a_waiting_sender() -> None:
+    router = MailboxRouter("here:1", no_forward, capacity=1, send_timeout=30)
+    mailbox = router.open()
+    await router.send(envelope(mailbox.id, 1))
+    blocked = asyncio.create_task(router.send(envelope(mailbox.id, 2)))
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    first = await asyncio.to_thread(mailbox.take, 5)
+    await asyncio.wait_for(blocked, 5)
+    second = await asyncio.to_thread(mailbox.take, 5)
+    assert [m.payload.data for m in first + second] == [b"1", b"2"]
+
+
+def test_take_times_out_empty_and_a_closed_mailbox_wakes_its_reader() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    mailbox = router.open()
+    assert mailbox.take(0.01) == []
+    mailbox.close()
+    assert mailbox.take(30) == []  # returns at once: nothing more can arrive
