@@ -58,7 +58,7 @@ def _wrap_unary(
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await behavior(request, context)
-        except (CloudburstError, Exception) as exc:
+        except Exception as exc:
             if _is_abort(exc):
                 raise
             await _abort(context, exc)
@@ -75,7 +75,7 @@ def _wrap_stream(
         try:
             async for response in behavior(request, context):
                 yield response
-        except (CloudburstError, Exception) as exc:
+        except Exception as exc:
             if _is_abort(exc):
                 raise
             await _abort(context, exc)

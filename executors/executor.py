@@ -42,7 +42,6 @@ from cloudburst.v1 import (
     execution_pb2,
     executor_service_pb2,
     function_pb2,
-    lattice_pb2,
     value_pb2,
 )
 from cloudburst_grpc import telemetry
@@ -595,6 +594,3 @@ def outcome_value(outcome: execution_pb2.Outcome) -> value_pb2.Value:
     return failure_value(
         value_pb2.Failure(type=f"cloudburst.errors.{reason}", message=error.message)
     )
-
-
-__all__ = ["Executor", "ResultRouter", "lattice_pb2", "outcome_value"]

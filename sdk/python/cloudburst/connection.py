@@ -26,9 +26,9 @@ from cloudburst._core import Core, PendingCall
 from cloudburst._loop import LoopThread
 from cloudburst.errors import (
     CloudburstError,
+    DagAlreadyExistsError,
     InvalidArgumentError,
     NotFoundError,
-    RemoteFunctionError,
     SerializationError,
     UnavailableError,
 )
@@ -468,11 +468,8 @@ class CloudburstConnection:
                 ),
                 f"registering DAG {name!r}",
             )
-        except (InvalidArgumentError, NotFoundError, CloudburstError) as exc:
-            if not isinstance(exc, InvalidArgumentError | NotFoundError) and exc.reason not in (
-                "DAG_ALREADY_EXISTS",
-            ):
-                raise
+        except (InvalidArgumentError, NotFoundError, DagAlreadyExistsError) as exc:
+            # What the DAG itself gets wrong is a False; anything else (unreachable) raises.
             return self._failed(exc, strict)
         self.last_error = None
         return True
@@ -611,6 +608,3 @@ class CloudburstConnection:
     @staticmethod
     def _decode_lattice(lattice: lattice_pb2.Lattice) -> Any:
         return lattice_value(lattice)
-
-
-__all__ = ["DEFAULT_PORT", "CloudburstConnection", "RemoteFunctionError"]
