@@ -117,6 +117,19 @@ class ConsulClient:
             instances.append(Instance(service["ID"], address, dict(service.get("Meta") or {})))
         return str(new_index), sorted(instances, key=lambda i: i.service_id)
 
+    async def pause_after(self, what: str, exc: BaseException, attempt: int) -> None:
+        """Log a failed Consul request and wait the back-off before its next attempt."""
+        delay = _backoff(attempt, self.config.retry_max_seconds)
+        logger.warning(
+            "cannot %s in Consul at %s (%s: %s); retrying in %.1fs",
+            what,
+            self.where,
+            type(exc).__name__,
+            exc,
+            delay,
+        )
+        await asyncio.sleep(delay)
+
     async def close(self) -> None:
         """Close the HTTP session."""
         await self._consul.close()
@@ -159,17 +172,8 @@ class Registration:
                     self.name, self.service_id, self._host, self._port, self._meta
                 )
             except Exception as exc:
-                delay = _backoff(attempt, self._client.config.retry_max_seconds)
-                logger.warning(
-                    "cannot register %s in Consul at %s (%s: %s); retrying in %.1fs",
-                    self.service_id,
-                    self._client.where,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
+                await self._client.pause_after(f"register {self.service_id}", exc, attempt)
                 attempt += 1
-                await asyncio.sleep(delay)
                 continue
             logger.info(
                 "registered %s (%s) in Consul at %s", self.service_id, self.name, self._client.where
@@ -221,17 +225,8 @@ class ServiceWatch:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                delay = _backoff(attempt, self._client.config.retry_max_seconds)
-                logger.warning(
-                    "cannot watch %s in Consul at %s (%s: %s); retrying in %.1fs",
-                    self.name,
-                    self._client.where,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
+                await self._client.pause_after(f"watch {self.name}", exc, attempt)
                 attempt += 1
-                await asyncio.sleep(delay)
                 continue
             attempt = 0
             if index is not None and new_index < index:
