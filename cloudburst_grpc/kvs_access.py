@@ -6,7 +6,7 @@ processes by ``kvs.client.KvsClient`` over gRPC. Both satisfy :class:`KvsAccess`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from cloudburst.v1 import lattice_pb2
@@ -40,6 +40,12 @@ class KvsAccess(Protocol):
 
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete the key; return whether it existed."""
+        ...
+
+    async def delete_many(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> int:
+        """Delete the keys; return how many existed."""
         ...
 
     def watch_keys(

@@ -85,6 +85,18 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             (await self._stub()).BatchGetValues(request, timeout=_timeout(context)), context
         )
 
+    async def BatchDeleteValues(
+        self,
+        request: kvs_service_pb2.BatchDeleteValuesRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.BatchDeleteValuesRequest, kvs_service_pb2.BatchDeleteValuesResponse
+        ],
+    ) -> kvs_service_pb2.BatchDeleteValuesResponse:
+        """Forward BatchDeleteValues."""
+        return await _forward(
+            (await self._stub()).BatchDeleteValues(request, timeout=_timeout(context)), context
+        )
+
     async def ListKeys(
         self,
         request: kvs_service_pb2.ListKeysRequest,

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -111,6 +111,12 @@ class InProcessKvs:
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete a key."""
         return await self._store.delete(keyspace, key)
+
+    async def delete_many(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> int:
+        """Delete several keys."""
+        return await self._store.delete_many(keyspace, keys)
 
     async def watch_keys(
         self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
@@ -388,6 +394,12 @@ class EndpointKvs:
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete a key."""
         return await (await self._endpoint.client()).delete(key, keyspace)
+
+    async def delete_many(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> int:
+        """Delete several keys."""
+        return await (await self._endpoint.client()).batch_delete(keys, keyspace)
 
     async def watch_keys(
         self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER

@@ -140,6 +140,11 @@ DAG_CALLS = METER.create_counter(
 DAG_DURATION = METER.create_histogram(
     "cloudburst.dag.duration", unit="s", description="Time from placement to sink result, by DAG"
 )
+RESULTS_RELEASED = METER.create_counter(
+    "cloudburst.results.released",
+    unit="{result}",
+    description="Call results deleted because their caller released them",
+)
 KVS_DURATION = METER.create_histogram(
     "cloudburst.kvs.operation.duration", unit="s", description="KVS operation latency, by operation"
 )

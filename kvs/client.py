@@ -137,6 +137,29 @@ class KvsClient:
                 result[entry.key] = entry.lattice if entry.found else None
         return result
 
+    async def batch_delete(
+        self,
+        keys: Sequence[str],
+        keyspace: Keyspace = _USER,
+        *,
+        timeout: float | None = None,
+    ) -> int:
+        """Delete every key and return how many existed; more than 1000 keys take several calls.
+
+        ``timeout`` applies to each call.
+        """
+        deleted = 0
+        for start in range(0, len(keys), BATCH_CHUNK):
+            request = kvs_service_pb2.BatchDeleteValuesRequest(
+                keys=keys[start : start + BATCH_CHUNK], keyspace=keyspace
+            )
+            response = await call(
+                f"BatchDeleteValues of {len(request.keys)} keys",
+                functools.partial(self._stub.BatchDeleteValues, request, timeout=timeout),
+            )
+            deleted += response.deleted
+        return deleted
+
     async def list_keys(
         self,
         prefix: str = "",

@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -148,18 +148,24 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> kvs_service_pb2.BatchGetValuesResponse:
         """Read up to 1000 keys, answering in request order."""
-        if len(request.keys) > MAX_BATCH_KEYS:
-            raise InvalidArgumentError(
-                f"BatchGetValues takes at most {MAX_BATCH_KEYS} keys, got {len(request.keys)}; "
-                "split the request",
-                {"field": "keys", "limit": str(MAX_BATCH_KEYS)},
-            )
+        _check_batch("BatchGetValues", request.keys)
         keyspace = normalize_keyspace(request.keyspace)
-        for index, key in enumerate(request.keys):
-            check_key(key, what=f"keys[{index}]")
         return kvs_service_pb2.BatchGetValuesResponse(
             entries=[_key_value(key, self._store.get(keyspace, key)) for key in request.keys]
         )
+
+    @_timed("batch_delete")
+    async def BatchDeleteValues(
+        self,
+        request: kvs_service_pb2.BatchDeleteValuesRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.BatchDeleteValuesRequest, kvs_service_pb2.BatchDeleteValuesResponse
+        ],
+    ) -> kvs_service_pb2.BatchDeleteValuesResponse:
+        """Delete up to 1000 keys; answers once every delete is durable."""
+        _check_batch("BatchDeleteValues", request.keys)
+        deleted = await self._store.delete_many(normalize_keyspace(request.keyspace), request.keys)
+        return kvs_service_pb2.BatchDeleteValuesResponse(deleted=deleted)
 
     @_timed("list")
     async def ListKeys(
@@ -207,6 +213,17 @@ def _watch_response(event: WatchEvent) -> kvs_service_pb2.WatchValuesResponse:
     return kvs_service_pb2.WatchValuesResponse(
         entry=_key_value(event.key, event.lattice), deleted=event.deleted
     )
+
+
+def _check_batch(method: str, keys: Sequence[str]) -> None:
+    """Refuse a batch of more than MAX_BATCH_KEYS keys, or with an empty key."""
+    if len(keys) > MAX_BATCH_KEYS:
+        raise InvalidArgumentError(
+            f"{method} takes at most {MAX_BATCH_KEYS} keys, got {len(keys)}; split the request",
+            {"field": "keys", "limit": str(MAX_BATCH_KEYS)},
+        )
+    for index, key in enumerate(keys):
+        check_key(key, what=f"keys[{index}]")
 
 
 __all__ = ["MAX_BATCH_KEYS", "KvsServicer"]

@@ -598,6 +598,20 @@ class LatticeStore:
             self._remember(request, existed)
         return existed
 
+    async def delete_many(self, keyspace: int, keys: Iterable[str]) -> int:
+        """Delete several keys, committed together; return how many existed.
+
+        Raises:
+            InvalidArgumentError: A key is empty.
+            UnavailableError: The store is closing, or the deletes could not be made durable.
+        """
+        self._check_usable()
+        ks = normalize_keyspace(keyspace)
+        keys = list(keys)
+        for key in keys:
+            check_key(key)
+        return sum(await asyncio.gather(*(self.delete(ks, key) for key in keys)))
+
     def _check_size(self, key: str, merged: lattice_pb2.Lattice) -> None:
         limit = self._max_lattice_bytes
         if limit is None:

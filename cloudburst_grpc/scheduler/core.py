@@ -46,6 +46,7 @@ from cloudburst_grpc.scheduler import dag as dag_rules
 from cloudburst_grpc.scheduler import policy
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.registry import Registry
+from cloudburst_grpc.scheduler.release import ResultReleaser
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Scheduler:
         self.max_payload_bytes = max_payload_bytes
         self._clock = LwwClock(f"scheduler-{scheduler_id}")
         self.registry = Registry(kvs, self._clock)
+        self.releaser = ResultReleaser(kvs)
         self._last_version = 0
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
         self._background: asyncio.Task[None] | None = None
@@ -408,6 +410,7 @@ class Scheduler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.releaser.close()
 
 
 def _check_arguments(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -201,10 +201,12 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         """Serve many calls over one stream; each is answered when accepted (and finished)."""
         answers: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] = asyncio.Queue()
         calls: set[asyncio.Task[None]] = set()
+        # Result keys this stream's caller may release: chosen here, answered, marked releasable.
+        releasable: set[str] = set()
 
         async def serve(frame: scheduler_service_pb2.StreamCallsRequest) -> None:
             try:
-                await self._serve_frame(frame, answers)
+                await self._serve_frame(frame, answers, releasable)
             except CloudburstError as exc:
                 answers.put_nowait(
                     scheduler_service_pb2.StreamCallsResponse(
@@ -227,6 +229,10 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         async def read() -> None:
             try:
                 async for frame in request_iterator:
+                    if frame.release_keys:
+                        self._release(frame.release_keys, releasable)
+                    if frame.WhichOneof("call") is None and frame.release_keys:
+                        continue
                     task = asyncio.create_task(serve(frame))
                     calls.add(task)
                     task.add_done_callback(calls.discard)
@@ -245,10 +251,17 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 task.cancel()
             await asyncio.gather(reader, *calls, return_exceptions=True)
 
+    def _release(self, keys: Iterable[str], releasable: set[str]) -> None:
+        """Delete the results a caller released, if they are its to release."""
+        owned = [key for key in keys if key in releasable]
+        releasable.difference_update(owned)
+        self._scheduler.releaser.release(owned)
+
     async def _serve_frame(
         self,
         frame: scheduler_service_pb2.StreamCallsRequest,
         answers: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None],
+        releasable: set[str],
     ) -> None:
         kind = frame.WhichOneof("call")
         if kind == "call_function":
@@ -266,6 +279,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 )
             if accepted.outcome is not None:
                 first.outcome.CopyFrom(await _await_outcome(accepted))
+                if frame.releasable and not direct and not request.response_key:
+                    releasable.add(accepted.response_key)
                 answers.put_nowait(
                     scheduler_service_pb2.StreamCallsResponse(
                         sequence=frame.sequence, call_function=first
@@ -286,6 +301,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 )
             if accepted.outcome is not None:
                 dag_answer.outcome.CopyFrom(await _await_outcome(accepted))
+                if frame.releasable and not direct and not dag_request.response_key:
+                    releasable.add(accepted.response_key)
                 answers.put_nowait(
                     scheduler_service_pb2.StreamCallsResponse(
                         sequence=frame.sequence, call_dag=dag_answer

@@ -4,12 +4,18 @@ Calls travel over one ``StreamCalls`` stream (a message on an open stream costs
 a fraction of a unary call). Each call is answered once it is accepted, and
 again with its outcome when that was asked for. If the stream breaks,
 outstanding calls fail with UnavailableError and the next call reopens it.
+
+Results released by their futures (see :meth:`Core.release_when_done`) ride
+on the next call frame, or on a frame of their own after ``RELEASE_DELAY``
+when no call comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +38,12 @@ from cloudburst.v1 import (
 #: Bytes of protocol overhead allowed on top of the payload limit in one message.
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 
+#: Seconds a released result waits for a call frame to ride on before it gets its own.
+RELEASE_DELAY = 0.05
+
+#: The most released keys one frame carries.
+RELEASES_PER_FRAME = 1000
+
 
 @dataclass
 class PendingCall:
@@ -44,6 +56,8 @@ class PendingCall:
     accepted: concurrent.futures.Future[str]
     outcome: concurrent.futures.Future[execution_pb2.Outcome] | None
     response_key: str = field(default="")
+    #: Futures passed as arguments, kept alive (so not released) until the outcome arrives.
+    holds: tuple[Any, ...] = ()
 
     def wait_accepted(self, timeout: float) -> str:
         """Wait until the scheduler accepted the call; returns the response key."""
@@ -109,6 +123,8 @@ class Core:
         )
         self._pending: dict[int, PendingCall] = {}
         self._sequence = itertools.count(1)
+        self._released: collections.deque[str] = collections.deque()
+        self._release_scheduled = False
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the channel connects, or raise UnavailableError saying where it tried."""
@@ -129,10 +145,14 @@ class Core:
             if error is not None
             else UnavailableError(f"the call stream to {self.target} closed")
         )
-        for pending in self._pending.values():
+        pending_calls = list(self._pending.values())
+        self._pending.clear()
+        # Releases queued for this stream mean nothing to the next one.
+        self._released.clear()
+        for pending in pending_calls:
             _settle(pending.accepted, error=failure)
             _settle(pending.outcome, error=failure)
-        self._pending.clear()
+            pending.holds = ()
 
     def _dispatch(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
         pending = self._pending.get(answer.sequence)
@@ -141,25 +161,34 @@ class Core:
         kind = answer.WhichOneof("answer")
         if kind == "error":
             error = error_from_call_error(answer.error)
+            del self._pending[answer.sequence]
             _settle(pending.accepted, error=error)
             _settle(pending.outcome, error=error)
-            del self._pending[answer.sequence]
+            pending.holds = ()
             return
         body = answer.call_function if kind == "call_function" else answer.call_dag
         _settle(pending.accepted, body.response_key)
         if body.HasField("outcome"):
-            _settle(pending.outcome, body.outcome)
             del self._pending[answer.sequence]
+            _settle(pending.outcome, body.outcome)
+            pending.holds = ()
         elif pending.outcome is None:
             del self._pending[answer.sequence]
 
     def send_call(
-        self, frame: scheduler_service_pb2.StreamCallsRequest, want_outcome: bool
+        self,
+        frame: scheduler_service_pb2.StreamCallsRequest,
+        want_outcome: bool,
+        holds: tuple[Any, ...] = (),
     ) -> PendingCall:
-        """Send a call from any thread; wait on the returned futures for its answers."""
+        """Send a call from any thread; wait on the returned futures for its answers.
+
+        ``holds`` (the futures among the arguments) stay alive until the outcome arrives.
+        """
         pending = PendingCall(
             accepted=concurrent.futures.Future(),
             outcome=concurrent.futures.Future() if want_outcome else None,
+            holds=holds,
         )
         self.loop.call_soon_threadsafe(self._send, frame, pending)
         return pending
@@ -167,12 +196,54 @@ class Core:
     def _send(self, frame: scheduler_service_pb2.StreamCallsRequest, pending: PendingCall) -> None:
         frame.sequence = next(self._sequence)
         self._pending[frame.sequence] = pending
+        if self._released:
+            if self._stream.is_open:
+                frame.release_keys.extend(self._take_releases())
+            else:
+                self._released.clear()  # they were the last stream's to release
         try:
             self._stream.send(frame)
         except UnavailableError as exc:
             del self._pending[frame.sequence]
             _settle(pending.accepted, error=exc)
             _settle(pending.outcome, error=exc)
+
+    # -- releasing results ---------------------------------------------------------
+
+    def release_when_done(self, key: str, pending: PendingCall) -> None:
+        """Release the result at ``key`` once its call's outcome arrived; from any thread.
+
+        The scheduler then deletes it. Call when nothing can read the result any
+        more (its future is gone).
+        """
+        if pending.outcome is not None:
+            pending.outcome.add_done_callback(functools.partial(self._queue_release, key))
+
+    def _queue_release(self, key: str, _outcome: object) -> None:
+        self._released.append(key)
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self.loop.call_later, RELEASE_DELAY, self._flush)
+            except RuntimeError:
+                pass  # the loop is closed: the connection is gone
+
+    def _take_releases(self) -> list[str]:
+        keys: list[str] = []
+        while self._released and len(keys) < RELEASES_PER_FRAME:
+            keys.append(self._released.popleft())
+        return keys
+
+    def _flush(self) -> None:
+        """Send the releases no call frame carried, in frames of their own."""
+        self._release_scheduled = False
+        while self._released:
+            if not self._stream.is_open:
+                self._released.clear()  # a new stream would ignore them
+                return
+            frame = scheduler_service_pb2.StreamCallsRequest()
+            frame.release_keys.extend(self._take_releases())
+            self._stream.send(frame)
 
     # -- KVS -----------------------------------------------------------------------
 
@@ -217,6 +288,7 @@ class Core:
         return response.existed
 
     async def close(self) -> None:
-        """End the stream and close the channel."""
+        """Send the queued releases, end the stream and close the channel."""
+        self._flush()
         await self._stream.close(grace=5.0)
         await self.channel.close()

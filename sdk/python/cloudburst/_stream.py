@@ -53,6 +53,11 @@ class OutboxStream(Generic[Request, Response]):
         self._reader: asyncio.Task[None] | None = None
         self.closed = False
 
+    @property
+    def is_open(self) -> bool:
+        """Whether a stream is open (frames sent now go on it, not on a new one)."""
+        return self._outbox is not None and not self.closed
+
     def send(self, frame: Request) -> None:
         """Queue a frame, opening the stream if needed (call on the loop).
 

@@ -169,6 +169,11 @@ def _by_value(objects: Sequence[Any]) -> Iterator[None]:
 _pickle_lock = threading.Lock()
 
 
+def _futures(args: Sequence[Any]) -> tuple[CloudburstFuture, ...]:
+    """The futures among call arguments."""
+    return tuple(arg for arg in args if isinstance(arg, CloudburstFuture))
+
+
 def _serialize(obj: Any, what: str, limit: int) -> value_pb2.Value:
     with _pickle_lock, _by_value([obj, type(obj)]):
         return serialize(obj, what=what, limit=limit)
@@ -187,6 +192,9 @@ class CloudburstConnection:
         timeout: Seconds that waits (``future.get()``, direct responses, each
             request) last when not given; 300 by default.
         max_payload_bytes: The largest serialized argument, result or object.
+        keep_results: Keep every call's result in the KVS until it is deleted. By
+            default a result stored under a key the runtime chose is deleted once
+            its future is garbage-collected after the call finished.
 
     The connection is thread-safe. Close it with :meth:`close` or use it in a
     ``with`` block.
@@ -202,6 +210,7 @@ class CloudburstConnection:
         timeout: float = DEFAULT_TIMEOUT,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
+        keep_results: bool = False,
     ) -> None:
         if isinstance(func_addr, str) and func_addr.strip().startswith("consul://"):
             consul = func_addr.strip().removeprefix("consul://")
@@ -210,6 +219,7 @@ class CloudburstConnection:
             self.address = parse_address(func_addr)
         self.timeout = float(timeout)
         self.max_payload_bytes = max_payload_bytes
+        self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
         self._clock = LwwClock()
@@ -397,11 +407,16 @@ class CloudburstConnection:
         frame = scheduler_service_pb2.StreamCallsRequest(
             call_function=scheduler_service_pb2.CallFunctionRequest(name=name, arguments=arguments),
             stream_outcome=True,
+            releasable=not self.keep_results,
         )
         pending = self._traced_call(
-            frame, f"calling {name!r}", f"call {name}", {"cloudburst.function": name}
+            frame,
+            f"calling {name!r}",
+            f"call {name}",
+            {"cloudburst.function": name},
+            holds=_futures(args),
         )
-        return CloudburstFuture(pending.response_key, self, pending)
+        return CloudburstFuture(pending.response_key, self, pending, owned=frame.releasable)
 
     def _traced_call(
         self,
@@ -410,13 +425,14 @@ class CloudburstConnection:
         span_name: str,
         attributes: dict[str, str],
         timeout: float | None = None,
+        holds: tuple[CloudburstFuture, ...] = (),
     ) -> PendingCall:
         """Send a call frame under a call span that ends when the outcome arrives."""
         span = _tracing.start(span_name, attributes, frame.trace_context)
         try:
             if self._closed:
                 raise CloudburstError("the connection is closed; create a new CloudburstConnection")
-            pending = self._core.send_call(frame, True)
+            pending = self._core.send_call(frame, True, holds)
             pending.wait_accepted(self.timeout if timeout is None else timeout)
         except BaseException as exc:
             _tracing.finish(span, exc)
@@ -548,15 +564,27 @@ class CloudburstConnection:
             for index, arg in enumerate(values):
                 entry.arguments.append(self._argument(arg, f"argument {index + 1} of {function!r}"))
         frame = scheduler_service_pb2.StreamCallsRequest(
-            call_dag=request, stream_outcome=not direct_response
+            call_dag=request,
+            stream_outcome=not direct_response,
+            releasable=not (direct_response or output_key or self.keep_results),
         )
         limit = self.timeout if timeout is None else timeout
+        holds = tuple(
+            future
+            for args in (arg_map or {}).values()
+            for future in _futures(args if isinstance(args, list) else [args])
+        )
         pending = self._traced_call(
-            frame, f"calling DAG {dname!r}", f"call_dag {dname}", {"cloudburst.dag": dname}, limit
+            frame,
+            f"calling DAG {dname!r}",
+            f"call_dag {dname}",
+            {"cloudburst.dag": dname},
+            limit,
+            holds,
         )
         if direct_response:
             return self._decode(pending.wait_outcome(limit))
-        return CloudburstFuture(pending.response_key, self, pending)
+        return CloudburstFuture(pending.response_key, self, pending, owned=frame.releasable)
 
     # -- KVS -----------------------------------------------------------------------
 

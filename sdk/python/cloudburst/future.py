@@ -20,6 +20,12 @@ class CloudburstFuture:
     the error the function raised as :class:`~cloudburst.errors.RemoteFunctionError`.
     A future can be passed as an argument to another call; the runtime waits
     for its result there.
+
+    A result stored under a key the runtime chose belongs to its future: once
+    the future is garbage-collected (and the call finished), the result is
+    deleted from the KVS. Keep the future, or copy the value with
+    ``put_object``, to keep the result; ``CloudburstConnection(keep_results=True)``
+    keeps every result until it is deleted.
     """
 
     def __init__(
@@ -27,11 +33,22 @@ class CloudburstFuture:
         obj_id: str,
         connection: CloudburstConnection,
         pending: PendingCall | None = None,
+        *,
+        owned: bool = False,
     ) -> None:
         self.obj_id = obj_id
         self._connection = connection
         self._pending = pending
+        self._owned = owned
         self._value: Any = _UNSET
+
+    def __del__(self) -> None:
+        pending = self._pending
+        if self._owned and pending is not None:
+            try:
+                self._connection._core.release_when_done(self.obj_id, pending)
+            except Exception:  # a finaliser must not raise; the result is then kept
+                pass
 
     def get(self, timeout: float | None = None) -> Any:
         """Wait for the result and return it.

@@ -150,6 +150,28 @@ async def test_batch_get_splits_large_batches(kvs: Kvs) -> None:
     assert [k for k, v in found.items() if v is not None] == ["k1500"]
 
 
+async def test_batch_delete_removes_existing_keys_and_splits_large_batches(kvs: Kvs) -> None:
+    for key in ("k3", "k1200", "k2400"):
+        await kvs.client.put(key, lww(b"v"))
+    await kvs.client.put("kept", lww(b"v"))
+    keys = [f"k{i}" for i in range(2500)]
+    assert await kvs.client.batch_delete(keys) == 3
+    assert [k for k, v in (await kvs.client.batch_get([*keys, "kept"])).items() if v] == ["kept"]
+
+
+async def test_batch_delete_refuses_oversized_and_empty_keys(kvs: Kvs) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as too_many:
+        await kvs.stub.BatchDeleteValues(
+            kvs_service_pb2.BatchDeleteValuesRequest(keys=[f"k{i}" for i in range(1001)])
+        )
+    assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1000 keys" in (too_many.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await kvs.stub.BatchDeleteValues(kvs_service_pb2.BatchDeleteValuesRequest(keys=["a", ""]))
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "keys[1]" in (empty.value.details() or "")
+
+
 async def test_wait_is_resolved_by_a_concurrent_put(kvs: Kvs) -> None:
     waiting = asyncio.create_task(kvs.client.get("future", wait=True, timeout=WAIT))
     async with asyncio.timeout(WAIT):

@@ -242,6 +242,56 @@ class BatchGetValuesResponse(_message.Message):
 Global___BatchGetValuesResponse: _TypeAlias = BatchGetValuesResponse  # noqa: Y015
 
 @_typing.final
+class BatchDeleteValuesRequest(_message.Message):
+    """BatchDeleteValuesRequest names the keys to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    KEYSPACE_FIELD_NUMBER: _builtins.int
+    keyspace: _lattice_pb2.Keyspace.ValueType
+    """The keyspace of every key."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys, at most 1000."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        keyspace: _lattice_pb2.Keyspace.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "keyspace", b"keyspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDeleteValuesRequest: _TypeAlias = BatchDeleteValuesRequest  # noqa: Y015
+
+@_typing.final
+class BatchDeleteValuesResponse(_message.Message):
+    """BatchDeleteValuesResponse acknowledges that every delete is durable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    """How many of the keys existed."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDeleteValuesResponse: _TypeAlias = BatchDeleteValuesResponse  # noqa: Y015
+
+@_typing.final
 class ListKeysRequest(_message.Message):
     """ListKeysRequest selects keys by prefix, a page at a time."""
 

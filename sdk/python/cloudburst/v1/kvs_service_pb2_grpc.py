@@ -55,6 +55,11 @@ class KvsServiceStub:
                 request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchGetValuesRequest.SerializeToString,
                 response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchGetValuesResponse.FromString,
                 _registered_method=True)
+        self.BatchDeleteValues = channel.unary_unary(
+                '/cloudburst.v1.KvsService/BatchDeleteValues',
+                request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchDeleteValuesRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchDeleteValuesResponse.FromString,
+                _registered_method=True)
         self.ListKeys = channel.unary_unary(
                 '/cloudburst.v1.KvsService/ListKeys',
                 request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.ListKeysRequest.SerializeToString,
@@ -99,6 +104,13 @@ class KvsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchDeleteValues(self, request, context):
+        """BatchDeleteValues removes several keys at once; missing keys are skipped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListKeys(self, request, context):
         """ListKeys lists the keys of a keyspace that start with a prefix.
         """
@@ -135,6 +147,11 @@ def add_KvsServiceServicer_to_server(servicer, server):
                     servicer.BatchGetValues,
                     request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchGetValuesRequest.FromString,
                     response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchGetValuesResponse.SerializeToString,
+            ),
+            'BatchDeleteValues': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchDeleteValues,
+                    request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchDeleteValuesRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.BatchDeleteValuesResponse.SerializeToString,
             ),
             'ListKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListKeys,
@@ -256,6 +273,33 @@ class KvsService:
             '/cloudburst.v1.KvsService/BatchGetValues',
             cloudburst_dot_v1_dot_kvs__service__pb2.BatchGetValuesRequest.SerializeToString,
             cloudburst_dot_v1_dot_kvs__service__pb2.BatchGetValuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchDeleteValues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudburst.v1.KvsService/BatchDeleteValues',
+            cloudburst_dot_v1_dot_kvs__service__pb2.BatchDeleteValuesRequest.SerializeToString,
+            cloudburst_dot_v1_dot_kvs__service__pb2.BatchDeleteValuesResponse.FromString,
             options,
             channel_credentials,
             insecure,

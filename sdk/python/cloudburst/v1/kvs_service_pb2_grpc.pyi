@@ -41,6 +41,8 @@ class KvsServiceStub:
     """DeleteValue removes a key; deleting a missing key succeeds."""
     BatchGetValues: _grpc.UnaryUnaryMultiCallable[_kvs_service_pb2.BatchGetValuesRequest, _kvs_service_pb2.BatchGetValuesResponse]
     """BatchGetValues reads several keys at once."""
+    BatchDeleteValues: _grpc.UnaryUnaryMultiCallable[_kvs_service_pb2.BatchDeleteValuesRequest, _kvs_service_pb2.BatchDeleteValuesResponse]
+    """BatchDeleteValues removes several keys at once; missing keys are skipped."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_kvs_service_pb2.ListKeysRequest, _kvs_service_pb2.ListKeysResponse]
     """ListKeys lists the keys of a keyspace that start with a prefix."""
     WatchValues: _grpc.UnaryStreamMultiCallable[_kvs_service_pb2.WatchValuesRequest, _kvs_service_pb2.WatchValuesResponse]
@@ -59,6 +61,8 @@ class KvsServiceAsyncStub(KvsServiceStub):
     """DeleteValue removes a key; deleting a missing key succeeds."""
     BatchGetValues: _aio.UnaryUnaryMultiCallable[_kvs_service_pb2.BatchGetValuesRequest, _kvs_service_pb2.BatchGetValuesResponse]  # type: ignore[assignment]
     """BatchGetValues reads several keys at once."""
+    BatchDeleteValues: _aio.UnaryUnaryMultiCallable[_kvs_service_pb2.BatchDeleteValuesRequest, _kvs_service_pb2.BatchDeleteValuesResponse]  # type: ignore[assignment]
+    """BatchDeleteValues removes several keys at once; missing keys are skipped."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_kvs_service_pb2.ListKeysRequest, _kvs_service_pb2.ListKeysResponse]  # type: ignore[assignment]
     """ListKeys lists the keys of a keyspace that start with a prefix."""
     WatchValues: _aio.UnaryStreamMultiCallable[_kvs_service_pb2.WatchValuesRequest, _kvs_service_pb2.WatchValuesResponse]  # type: ignore[assignment]
@@ -98,6 +102,14 @@ class KvsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kvs_service_pb2.BatchGetValuesResponse, _abc.Awaitable[_kvs_service_pb2.BatchGetValuesResponse]]:
         """BatchGetValues reads several keys at once."""
+
+    @_abc_1.abstractmethod
+    def BatchDeleteValues(
+        self,
+        request: _kvs_service_pb2.BatchDeleteValuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvs_service_pb2.BatchDeleteValuesResponse, _abc.Awaitable[_kvs_service_pb2.BatchDeleteValuesResponse]]:
+        """BatchDeleteValues removes several keys at once; missing keys are skipped."""
 
     @_abc_1.abstractmethod
     def ListKeys(

@@ -674,10 +674,16 @@ class StreamCallsRequest(_message.Message):
     CALL_FUNCTION_FIELD_NUMBER: _builtins.int
     CALL_DAG_FIELD_NUMBER: _builtins.int
     STREAM_OUTCOME_FIELD_NUMBER: _builtins.int
+    RELEASE_KEYS_FIELD_NUMBER: _builtins.int
+    RELEASABLE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
     stream_outcome: _builtins.bool
     """Also send the outcome in a second answer once the call finishes; the result is still stored."""
+    releasable: _builtins.bool
+    """The caller will name this call's result in `release_keys` once it no longer needs it. Only
+    applies when the scheduler chooses the response key and the outcome is streamed.
+    """
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The W3C trace context of the call."""
@@ -690,6 +696,13 @@ class StreamCallsRequest(_message.Message):
     def call_dag(self) -> Global___CallDagRequest:
         """A DAG call."""
 
+    @_builtins.property
+    def release_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Results this caller no longer needs: response keys of earlier calls on this stream that were
+        sent with `releasable` and whose outcome was answered. Their values are deleted from the KVS;
+        other keys are ignored. A frame may carry only releases (no call); it is not answered.
+        """
+
     def __init__(
         self,
         *,
@@ -698,10 +711,12 @@ class StreamCallsRequest(_message.Message):
         call_function: Global___CallFunctionRequest | None = ...,
         call_dag: Global___CallDagRequest | None = ...,
         stream_outcome: _builtins.bool = ...,
+        release_keys: _abc.Iterable[_builtins.str] | None = ...,
+        releasable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["call_function", "call_dag"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015

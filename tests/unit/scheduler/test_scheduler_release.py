@@ -1,0 +1,76 @@
+"""Batching of released results (cloudburst_grpc.scheduler.release), against a recording KVS."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from cloudburst.errors import UnavailableError
+from cloudburst_grpc.scheduler.release import BATCH_LIMIT, ResultReleaser
+
+
+class RecordingKvs:
+    """Records delete_many batches; the first one waits until ``go`` is set."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[str]] = []
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+        self.fail = fail
+
+    async def delete_many(self, keys: Sequence[str], keyspace: int = 0) -> int:
+        self.batches.append(list(keys))
+        self.started.set()
+        await self.go.wait()
+        if self.fail:
+            raise UnavailableError("the KVS is down")
+        return len(keys)
+
+
+async def test_keys_released_during_a_batch_form_the_next_batch() -> None:
+    kvs = RecordingKvs()
+    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser.release(["a", "b"])
+    async with asyncio.timeout(5):
+        await kvs.started.wait()
+    releaser.release(["c"])
+    releaser.release(["d"])
+    assert releaser.backlog == 4
+    kvs.go.set()
+    await releaser.close(timeout=5)
+    assert kvs.batches == [["a", "b"], ["c", "d"]]
+    assert releaser.backlog == 0
+
+
+async def test_a_large_release_is_split_into_bounded_batches() -> None:
+    kvs = RecordingKvs()
+    kvs.go.set()
+    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser.release(f"k{i}" for i in range(BATCH_LIMIT * 2 + 5))
+    await releaser.close(timeout=5)
+    assert [len(b) for b in kvs.batches] == [BATCH_LIMIT, BATCH_LIMIT, 5]
+
+
+async def test_a_failed_batch_is_logged_and_the_next_still_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kvs = RecordingKvs(fail=True)
+    kvs.go.set()
+    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser.release(["a"])
+    await releaser.close(timeout=5)
+    releaser.release(["b"])
+    await releaser.close(timeout=5)
+    assert kvs.batches == [["a"], ["b"]]
+    assert "cannot delete 1 released results (they stay stored)" in caplog.text
+
+
+async def test_close_gives_up_after_its_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    kvs = RecordingKvs()
+    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser.release(["a"])
+    releaser.release(["b"])
+    await releaser.close(timeout=0.05)
+    assert "2 released results not deleted at shutdown" in caplog.text
