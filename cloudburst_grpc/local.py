@@ -243,6 +243,7 @@ def _messaging(node: Node, peer_id: str) -> MailboxRouter:
         peers.forward,
         config.executor.mailbox_capacity,
         config.executor.send_timeout_seconds,
+        peers.post,
     )
     messaging_service_pb2_grpc.add_MessagingServiceServicer_to_server(
         MessagingServicer(router), node.server

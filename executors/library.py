@@ -146,9 +146,20 @@ class UserLibrary:
             payload=serialize(msg, what=f"message to {dest}", limit=self._limit),
         )
         attributes = {"cloudburst.sender": sender, "cloudburst.recipient": dest}
+        limit = router.send_timeout + 15
         with telemetry.span("send", attributes=attributes):
             telemetry.inject(envelope.trace_context)
-            self._bridge.run(router.send(envelope), f"send to {dest}", router.send_timeout + 15)
+            try:
+                delivered = router.submit(envelope, self._bridge.loop)
+            except RuntimeError:
+                raise UnavailableError("the executor is shutting down") from None
+            try:
+                delivered.result(limit)
+            except TimeoutError:
+                delivered.cancel()
+                raise CloudburstTimeoutError(
+                    f"send to {dest} did not finish within {limit:.1f}s"
+                ) from None
 
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Return the messages received so far as ``(sender_id, msg)`` pairs.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,8 @@ class Mailbox:
         self._changed = asyncio.Event()
         """Set on the loop when messages arrive or are taken (wakes loop-side waiters)."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._space_waiters = 0
+        """Senders waiting on the loop for space; readers wake the loop only for them."""
         self.closed = False
 
     def __len__(self) -> int:
@@ -118,12 +121,17 @@ class Mailbox:
                     "recv more often",
                     {"mailbox": self.id},
                 )
-            self._changed.clear()
+            self._space_waiters += 1
             try:
+                self._changed.clear()
+                if len(self) < self.capacity:
+                    continue  # a reader took messages before it could see this waiter
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
             except TimeoutError:
                 continue
+            finally:
+                self._space_waiters -= 1
         message = Message(envelope.sender_id, envelope.payload, dict(envelope.trace_context))
         with self._arrived:
             self._messages.append(message)
@@ -137,7 +145,7 @@ class Mailbox:
         with self._lock:
             messages = list(self._messages)
             self._messages.clear()
-        if messages:
+        if messages and self._space_waiters:
             self._notify_loop()
         return messages
 
@@ -180,6 +188,7 @@ def _gone(mailbox_id: str) -> MailboxNotFoundError:
 
 
 Forward = Callable[[str, messaging_service_pb2.MessageEnvelope, float], Awaitable[None]]
+Post = Callable[[str, messaging_service_pb2.MessageEnvelope, concurrent.futures.Future[None]], None]
 
 
 class MailboxRouter:
@@ -190,6 +199,10 @@ class MailboxRouter:
         forward: Delivers an envelope to another process's address.
         capacity: Messages a mailbox holds before senders wait.
         send_timeout: Seconds a send waits for space before failing.
+        post: Starts delivering an envelope to another process's address (on the
+            loop) and settles the future given when it is there; lets
+            :meth:`submit` skip a coroutine per message. Without it, ``forward``
+            is used.
     """
 
     def __init__(
@@ -198,9 +211,11 @@ class MailboxRouter:
         forward: Forward,
         capacity: int = DEFAULT_CAPACITY,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
+        post: Post | None = None,
     ) -> None:
         self.address = address
         self._forward = forward
+        self._post = post
         self.capacity = capacity
         self.send_timeout = send_timeout
         self._mailboxes: dict[str, Mailbox] = {}
@@ -238,3 +253,19 @@ class MailboxRouter:
             await self.deliver(envelope)
         else:
             await self._forward(address, envelope, self.send_timeout)
+
+    def submit(
+        self, envelope: messaging_service_pb2.MessageEnvelope, loop: asyncio.AbstractEventLoop
+    ) -> concurrent.futures.Future[None]:
+        """Start delivering a message from any thread; the future settles once it is there.
+
+        Raises:
+            InvalidArgumentError: The recipient is not a mailbox id.
+            RuntimeError: The loop is closed.
+        """
+        address = mailbox_address(envelope.recipient_id)
+        if address != self.address and self._post is not None:
+            delivered: concurrent.futures.Future[None] = concurrent.futures.Future()
+            loop.call_soon_threadsafe(self._post, address, envelope, delivered)
+            return delivered
+        return asyncio.run_coroutine_threadsafe(self.send(envelope), loop)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
-from cloudburst._stream import OutboxStream
+from cloudburst._stream import OutboxStream, settle
 from cloudburst.errors import (
     CloudburstError,
     CloudburstTimeoutError,
@@ -25,8 +27,10 @@ logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext
 
-#: How often a send is retried on a fresh stream after its stream broke.
+#: How often a message is sent again on a fresh stream after its stream broke.
 RESEND_ATTEMPTS = 2
+#: Unanswered messages per peer above which those whose senders gave up are forgotten.
+PRUNE_ABOVE = 1024
 
 
 class MessagingServicer(messaging_service_pb2_grpc.MessagingServiceServicer):
@@ -67,13 +71,20 @@ class MessagingServicer(messaging_service_pb2_grpc.MessagingServiceServicer):
 
 
 class MessagingPeer:
-    """One long-lived stream to another process's MessagingService."""
+    """One long-lived stream to another process's MessagingService.
+
+    Senders wait on thread-safe futures that the stream's reader settles when
+    the receiver answers, so a function thread waits for its message to land
+    without a round trip through the event loop. When the stream breaks, the
+    messages still unanswered are sent again, in order, on a new stream; the
+    receiver drops a copy it already has, so each is delivered once.
+    """
 
     def __init__(self, address: str, peer_id: str, max_payload_bytes: int) -> None:
         self.address = address
         self._channel = insecure_channel(address, max_payload_bytes)
         stub = messaging_service_pb2_grpc.MessagingServiceStub(self._channel)
-        self._answers: dict[int, asyncio.Future[messaging_service_pb2.StreamMessagesResponse]] = {}
+        self._waiting: dict[int, _Unanswered] = {}
         self._sequence = itertools.count(1)
         self._stream: OutboxStream[
             messaging_service_pb2.StreamMessagesRequest,
@@ -88,51 +99,66 @@ class MessagingPeer:
             ),
         )
 
-    def _answered(self, answer: messaging_service_pb2.StreamMessagesResponse) -> None:
-        future = self._answers.pop(answer.sequence, None)
-        if future is not None and not future.done():
-            future.set_result(answer)
+    def post(
+        self,
+        envelope: messaging_service_pb2.MessageEnvelope,
+        delivered: concurrent.futures.Future[None],
+        resends: int = RESEND_ATTEMPTS,
+    ) -> None:
+        """Send one message (on the loop); ``delivered`` settles with the receiver's answer.
 
-    def _ended(self, error: grpc.RpcError | None) -> None:
-        reason = str(error.code()) if error is not None else "closed"
-        failure = _StreamBroken(f"the messaging stream to {self.address} broke ({reason})")
-        for future in self._answers.values():
-            if not future.done():
-                future.set_exception(failure)
-        self._answers.clear()
-
-    async def send(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
-        """Deliver one message and wait for the receiver's answer.
-
-        A stream that breaks is reopened and the message sent again; the
-        receiver drops it if the first copy had arrived, so it is delivered once.
+        It fails with the receiver's error (no such mailbox, mailbox full), or
+        with UnavailableError when the stream broke more than ``resends`` times.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout + 5
-        for attempt in range(RESEND_ATTEMPTS + 1):
-            sequence = next(self._sequence)
-            future: asyncio.Future[messaging_service_pb2.StreamMessagesResponse] = (
-                loop.create_future()
-            )
-            self._answers[sequence] = future
+        if len(self._waiting) >= PRUNE_ABOVE:
+            # Forget messages whose senders gave up waiting (their futures are cancelled).
+            for sequence in [q for q, w in self._waiting.items() if w.delivered.done()]:
+                del self._waiting[sequence]
+        sequence = next(self._sequence)
+        self._waiting[sequence] = _Unanswered(envelope, delivered, resends)
+        try:
             self._stream.send(
                 messaging_service_pb2.StreamMessagesRequest(sequence=sequence, send=envelope)
             )
-            try:
-                async with asyncio.timeout(max(deadline - loop.time(), 0)):
-                    answer = await future
-            except TimeoutError:
-                self._answers.pop(sequence, None)
-                raise CloudburstTimeoutError(
-                    f"no answer from {self.address} for a message to {envelope.recipient_id}"
-                ) from None
-            except _StreamBroken as exc:
-                if attempt == RESEND_ATTEMPTS:
-                    raise UnavailableError(str(exc), {"address": self.address}) from None
-                continue
-            if answer.HasField("error"):
-                raise error_from_call_error(answer.error)
+        except UnavailableError as exc:  # closed for good: this process is shutting down
+            del self._waiting[sequence]
+            settle(delivered, error=exc)
+
+    async def send(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
+        """Deliver one message and wait up to ``timeout`` seconds for the receiver's answer."""
+        delivered: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.post(envelope, delivered)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(delivered), timeout)
+        except TimeoutError:
+            raise CloudburstTimeoutError(
+                f"no answer from {self.address} for a message to {envelope.recipient_id}"
+            ) from None
+
+    def _answered(self, answer: messaging_service_pb2.StreamMessagesResponse) -> None:
+        waiting = self._waiting.pop(answer.sequence, None)
+        if waiting is None:
             return
+        if answer.HasField("error"):
+            settle(waiting.delivered, error=error_from_call_error(answer.error))
+        else:
+            settle(waiting.delivered)
+
+    def _ended(self, error: grpc.RpcError | None) -> None:
+        reason = str(error.code()) if error is not None else "closed"
+        waiting = sorted(self._waiting.items())
+        self._waiting.clear()
+        for _, unanswered in waiting:
+            if unanswered.delivered.done():
+                continue  # its sender gave up
+            if unanswered.resends > 0 and not self._stream.closed:
+                self.post(unanswered.envelope, unanswered.delivered, unanswered.resends - 1)
+            else:
+                failure = UnavailableError(
+                    f"the messaging stream to {self.address} broke ({reason})",
+                    {"address": self.address},
+                )
+                settle(unanswered.delivered, error=failure)
 
     async def close(self) -> None:
         """End the stream and close the channel; idempotent."""
@@ -142,8 +168,14 @@ class MessagingPeer:
         await self._channel.close()
 
 
-class _StreamBroken(UnavailableError):
-    """The stream ended before the answer came."""
+@dataclass
+class _Unanswered:
+    """A message sent and not yet answered."""
+
+    envelope: messaging_service_pb2.MessageEnvelope
+    delivered: concurrent.futures.Future[None]
+    resends: int
+    """How many more times it may be sent on a new stream."""
 
 
 class MessagingPeers:
@@ -154,15 +186,27 @@ class MessagingPeers:
         self._max_payload_bytes = max_payload_bytes
         self._peers: dict[str, MessagingPeer] = {}
 
-    async def forward(
-        self, address: str, envelope: messaging_service_pb2.MessageEnvelope, timeout: float
-    ) -> None:
-        """Send to the process at ``address``."""
+    def _peer(self, address: str) -> MessagingPeer:
         peer = self._peers.get(address)
         if peer is None:
             peer = MessagingPeer(address, self._peer_id, self._max_payload_bytes)
             self._peers[address] = peer
-        await peer.send(envelope, timeout)
+        return peer
+
+    async def forward(
+        self, address: str, envelope: messaging_service_pb2.MessageEnvelope, timeout: float
+    ) -> None:
+        """Send to the process at ``address``."""
+        await self._peer(address).send(envelope, timeout)
+
+    def post(
+        self,
+        address: str,
+        envelope: messaging_service_pb2.MessageEnvelope,
+        delivered: concurrent.futures.Future[None],
+    ) -> None:
+        """Send to the process at ``address`` (on the loop); see :meth:`MessagingPeer.post`."""
+        self._peer(address).post(envelope, delivered)
 
     async def close(self) -> None:
         """Close every peer stream."""

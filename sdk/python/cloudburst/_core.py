@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from cloudburst import _tracing
-from cloudburst._stream import OutboxStream
+from cloudburst._stream import OutboxStream, settle
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.v1 import (
@@ -80,23 +80,6 @@ class PendingCall:
             ) from None
 
 
-def _settle(
-    future: concurrent.futures.Future[Any] | None,
-    value: Any = None,
-    error: BaseException | None = None,
-) -> None:
-    """Resolve a future the caller may have given up on meanwhile."""
-    if future is None or future.done():
-        return
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled by a caller that timed out
-
-
 class Core:
     """Channel, stubs and the call stream; lives on the SDK's loop thread."""
 
@@ -150,8 +133,8 @@ class Core:
         # Releases queued for this stream mean nothing to the next one.
         self._released.clear()
         for pending in pending_calls:
-            _settle(pending.accepted, error=failure)
-            _settle(pending.outcome, error=failure)
+            settle(pending.accepted, error=failure)
+            settle(pending.outcome, error=failure)
             pending.holds = ()
 
     def _dispatch(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
@@ -162,15 +145,15 @@ class Core:
         if kind == "error":
             error = error_from_call_error(answer.error)
             del self._pending[answer.sequence]
-            _settle(pending.accepted, error=error)
-            _settle(pending.outcome, error=error)
+            settle(pending.accepted, error=error)
+            settle(pending.outcome, error=error)
             pending.holds = ()
             return
         body = answer.call_function if kind == "call_function" else answer.call_dag
-        _settle(pending.accepted, body.response_key)
+        settle(pending.accepted, body.response_key)
         if body.HasField("outcome"):
             del self._pending[answer.sequence]
-            _settle(pending.outcome, body.outcome)
+            settle(pending.outcome, body.outcome)
             pending.holds = ()
         elif pending.outcome is None:
             del self._pending[answer.sequence]
@@ -205,8 +188,8 @@ class Core:
             self._stream.send(frame)
         except UnavailableError as exc:
             del self._pending[frame.sequence]
-            _settle(pending.accepted, error=exc)
-            _settle(pending.outcome, error=exc)
+            settle(pending.accepted, error=exc)
+            settle(pending.outcome, error=exc)
 
     # -- releasing results ---------------------------------------------------------
 

@@ -10,6 +10,7 @@ close half-closes so the peer ends its side before the channel goes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
@@ -22,6 +23,27 @@ logger = logging.getLogger(__name__)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+
+
+def settle(
+    future: concurrent.futures.Future[Any] | None,
+    value: Any = None,
+    error: BaseException | None = None,
+) -> None:
+    """Resolve a thread-safe future that its waiter may have given up on meanwhile.
+
+    Stream readers settle the futures that caller threads wait on directly, so
+    an answer reaches its caller without a round trip through the event loop.
+    """
+    if future is None or future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by a caller that timed out
 
 
 class OutboxStream(Generic[Request, Response]):
