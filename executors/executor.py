@@ -12,6 +12,7 @@ result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -69,6 +70,18 @@ class _Stage:
     contexts: dict[str, dict[str, str]] = field(default_factory=dict)
     """The trace context each upstream's trigger carried."""
     expiry: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Chain:
+    """A DAG stage about to run, and the chain of stages its thread runs after it."""
+
+    schedule: execution_pb2.DagSchedule
+    topology: Topology
+    last: str
+    """The function that ran last (the stage's own until the chain goes on)."""
+    started: float = 0.0
+    """When the stage started (monotonic), for its duration metric."""
 
 
 class ResultRouter:
@@ -141,6 +154,8 @@ class Executor:
         self._limit = max_payload_bytes
         self._call_timeout = call_timeout
         self._clock = LwwClock(f"executor-{executor_id}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop the executor runs on, known from its first call."""
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix=f"cb-{executor_id}")
         self._functions: dict[str, runner.LoadedFunction] = {}
         self._loading: dict[str, asyncio.Future[runner.LoadedFunction]] = {}
@@ -318,10 +333,17 @@ class Executor:
         arguments: Sequence[value_pb2.Argument],
         extra: tuple[Any, ...],
         pinned: bool,
+        stage: _Chain | None = None,
     ) -> execution_pb2.Outcome:
-        """Resolve arguments, run the function on a thread, and describe what happened."""
+        """Resolve arguments, run the function on a thread, and describe what happened.
+
+        With ``stage`` (a DAG stage), the thread goes on to run the downstream
+        stages it can run at once (see :meth:`_next_in_chain`) and ``stage.last``
+        names the function whose outcome is returned.
+        """
         started = time.monotonic()
         deadline = started + self._call_timeout
+        self._loop = asyncio.get_running_loop()
         try:
             loaded = await self._function(name, version)
             args = [await self._resolve(a, deadline - time.monotonic()) for a in arguments]
@@ -332,27 +354,26 @@ class Executor:
             return self._measured(
                 name, started, execution_pb2.Outcome(error=error_to_call_error(exc))
             )
-        library = UserLibrary(
-            LoopBridge(asyncio.get_running_loop(), self._call_timeout),
-            self._kvs,
-            self._clock,
-            self._limit,
-            call_id,
-            self._router,
-        )
+        library = self._library(call_id)
         # The copied context carries the current span into the thread, so the user
         # library's spans are children of this run.
         context = contextvars.copy_context()
         try:
-            outcome = await asyncio.get_running_loop().run_in_executor(
-                self._pool,
-                context.run,
-                self._invoke,
-                loaded,
-                library,
-                tuple(args),
-                pinned and name in self.pinned,
-            )
+            if stage is None:
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self._pool,
+                    context.run,
+                    self._invoke,
+                    loaded,
+                    library,
+                    tuple(args),
+                    pinned and name in self.pinned,
+                )
+            else:
+                stage.started = started
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, context.run, self._invoke_chain, stage, loaded, library, tuple(args)
+                )
         finally:
             library.close()
         return self._measured(name, started, outcome)
@@ -391,6 +412,87 @@ class Executor:
             # The runtime's own error (too large, unpicklable), not the function's.
             return execution_pb2.Outcome(error=error_to_call_error(exc))
         return execution_pb2.Outcome(value=value)
+
+    def _invoke_chain(
+        self,
+        stage: _Chain,
+        loaded: runner.LoadedFunction,
+        library: UserLibrary,
+        args: tuple[Any, ...],
+    ) -> execution_pb2.Outcome:
+        """Run a DAG stage, then each downstream stage it can run at once (on a thread).
+
+        Each function of a chain ``a -> b`` whose ``b`` waits for nothing else
+        and is placed here runs straight after ``a`` on the same thread, sparing
+        a return to the loop, a trigger and a thread hand-off per stage.
+        """
+        outcome = self._invoke(loaded, library, args, stage.last in self.pinned)
+        self._measured(stage.last, stage.started, outcome)
+        while (ready := self._next_in_chain(stage, outcome)) is not None:
+            loaded, args = ready
+            library = self._library(stage.schedule.call_id)
+            started = time.monotonic()
+            try:
+                outcome = self._invoke(loaded, library, args, stage.last in self.pinned)
+            finally:
+                assert self._loop is not None
+                with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
+                    self._loop.call_soon_threadsafe(library.close)
+            self._measured(stage.last, started, outcome)
+        return outcome
+
+    def _next_in_chain(
+        self, stage: _Chain, outcome: execution_pb2.Outcome
+    ) -> tuple[runner.LoadedFunction, tuple[Any, ...]] | None:
+        """The downstream stage to run next on this thread, with its arguments, if any.
+
+        Only the simple case qualifies: one downstream that waits for this stage
+        alone, placed here, loaded at the version the call wants, with small
+        static arguments and no KVS references, a small value to pass on, and no
+        tracing (whose spans are opened on the loop). Anything else goes through
+        a trigger as usual. Sets ``stage.last`` to the function chosen.
+        """
+        if telemetry.tracing() or self._closed or outcome.WhichOneof("result") != "value":
+            return None
+        topo, schedule = stage.topology, stage.schedule
+        downstreams = topo.downstreams.get(stage.last, ())
+        if len(downstreams) != 1:
+            return None
+        target = downstreams[0]
+        if topo.upstreams[target] != (stage.last,):
+            return None
+        if schedule.placements[target] != self.executor_id:
+            return None
+        loaded = self._functions.get(target)
+        if loaded is None or loaded.version < schedule.function_versions[target]:
+            return None
+        if len(outcome.value.data) > LARGE_VALUE_BYTES:
+            return None
+        arguments = schedule.function_arguments[target].arguments
+        if any(
+            a.WhichOneof("kind") != "value" or len(a.value.data) > LARGE_VALUE_BYTES
+            for a in arguments
+        ):
+            return None
+        try:
+            static = [deserialize(a.value) for a in arguments]
+            value = deserialize(outcome.value)
+        except Exception:
+            return None  # the trigger path reports it, naming the stage
+        static.extend(value if isinstance(value, tuple) else (value,))
+        stage.last = target
+        return loaded, tuple(static)
+
+    def _library(self, call_id: str) -> UserLibrary:
+        assert self._loop is not None
+        return UserLibrary(
+            LoopBridge(self._loop, self._call_timeout),
+            self._kvs,
+            self._clock,
+            self._limit,
+            call_id,
+            self._router,
+        )
 
     async def _store(self, key: str, outcome: execution_pb2.Outcome) -> None:
         await self._kvs.put(key, lww(outcome_value(outcome), self._clock))
@@ -466,13 +568,13 @@ class Executor:
             "cloudburst.dag": schedule.dag.name,
         }
         with telemetry.span(f"run {function}", ordered[0], attributes, links) as current:
-            outcome = await self._stage_outcome(schedule, topo, function, outcomes)
+            last, outcome = await self._stage_outcome(schedule, topo, function, outcomes)
             _annotate(current, outcome)
-            if function == topo.sink:
+            if last == topo.sink:
                 await self._finish(schedule, outcome)
                 return
-            for downstream in topo.downstreams[function]:
-                await self._send_trigger(schedule, downstream, function, outcome)
+            for downstream in topo.downstreams[last]:
+                await self._send_trigger(schedule, downstream, last, outcome)
 
     async def _stage_outcome(
         self,
@@ -480,7 +582,9 @@ class Executor:
         topo: Topology,
         function: str,
         outcomes: dict[str, execution_pb2.Outcome],
-    ) -> execution_pb2.Outcome:
+    ) -> tuple[str, execution_pb2.Outcome]:
+        """Run a stage and the chain after it; return the function that ran last, its outcome."""
+        stage = _Chain(schedule, topo, function)
         self.active_calls += 1
         try:
             outcome = None
@@ -504,6 +608,7 @@ class Executor:
                     arguments,
                     tuple(extra),
                     pinned=True,
+                    stage=stage,
                 )
         except Exception as exc:
             logger.exception("call %s: stage %s failed in the runtime", schedule.call_id, function)
@@ -514,7 +619,7 @@ class Executor:
             )
         finally:
             self.active_calls -= 1
-        return outcome
+        return stage.last, outcome
 
     async def _send_trigger(
         self,

@@ -375,7 +375,7 @@ class Scheduler:
         schedule.start_time.FromNanoseconds(int(now * 1e9))
         schedule.deadline_time.FromNanoseconds(int((now + limit) * 1e9))
         views = self.pool.views()
-        for name in functions:
+        for name in topo.upstream_first:
             function = await self.get_function(name)
             arguments = request.function_arguments.get(name)
             if arguments is not None:
@@ -392,7 +392,9 @@ class Scheduler:
                 if a.HasField("reference")
             ]
             pinned = [v for v in views if name in v.pinned and not v.overloaded]
-            view = policy.place(name, keys, pinned or views)
+            upstreams = topo.upstreams[name]
+            near = schedule.placements[upstreams[0]] if upstreams else None
+            view = policy.place(name, keys, pinned or views, near=near)
             schedule.placements[name] = view.executor_id
             schedule.executor_addresses[view.executor_id] = view.address
         return schedule, topo.sink

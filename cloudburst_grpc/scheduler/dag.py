@@ -31,6 +31,8 @@ class Topology:
     """Functions without upstreams."""
     sink: str
     """The one function without downstreams; its result is the DAG's result."""
+    upstream_first: tuple[str, ...] = ()
+    """The functions in an order where each comes after its upstreams (ties: as listed)."""
 
 
 def topology(functions: Sequence[str], connections: Iterable[tuple[str, str]]) -> Topology:
@@ -95,7 +97,21 @@ def topology(functions: Sequence[str], connections: Iterable[tuple[str, str]]) -
         downstreams={f: ordered(downs[f]) for f in functions},
         sources=tuple(f for f in functions if not ups[f]),
         sink=sinks[0],
+        upstream_first=_upstream_first(functions, ups),
     )
+
+
+def _upstream_first(functions: Sequence[str], ups: dict[str, set[str]]) -> tuple[str, ...]:
+    """Order an acyclic graph so every function follows its upstreams, else as listed."""
+    placed: list[str] = []
+    done: set[str] = set()
+    while len(placed) < len(functions):
+        for name in functions:
+            if name not in done and ups[name] <= done:
+                placed.append(name)
+                done.add(name)
+                break
+    return tuple(placed)
 
 
 def validate(

@@ -20,6 +20,9 @@ KEY_WEIGHT = 1.0
 """Score per referenced key held in the executor's cache."""
 LOAD_WEIGHT = 1.0
 """Penalty per call running or queued on the executor."""
+NEAR_WEIGHT = 2.0
+"""Score for the executor the function's upstream runs on (its input stays in the
+process, and a chain of stages can run on one thread): worth about two queued calls."""
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,17 @@ class ExecutorView:
     """Whether it refuses new work (queue full)."""
 
 
-def score(view: ExecutorView, function: str, keys: Collection[str]) -> float:
-    """Return how well ``view`` suits a call of ``function`` that references ``keys``."""
+def score(
+    view: ExecutorView, function: str, keys: Collection[str], near: str | None = None
+) -> float:
+    """Return how well ``view`` suits a call of ``function`` that references ``keys``.
+
+    ``near`` is the executor the function's (first) upstream in a DAG runs on.
+    """
     pinned = PINNED_WEIGHT if function in view.pinned else 0.0
     local = KEY_WEIGHT * sum(1 for k in keys if k in view.cached_keys)
-    return pinned + local - LOAD_WEIGHT * view.load
+    nearby = NEAR_WEIGHT if near is not None and view.executor_id == near else 0.0
+    return pinned + local + nearby - LOAD_WEIGHT * view.load
 
 
 def place(
@@ -52,8 +61,9 @@ def place(
     keys: Collection[str],
     executors: Sequence[ExecutorView],
     rng: random.Random | None = None,
+    near: str | None = None,
 ) -> ExecutorView:
-    """Choose the executor for one call.
+    """Choose the executor for one call (``near``: see :func:`score`).
 
     Raises:
         NoExecutorError: No executor is available (none known, or all overloaded).
@@ -66,8 +76,9 @@ def place(
             {"function": function},
         )
     pick = rng.choice if rng is not None else random.choice
-    best = max(score(e, function, keys) for e in candidates)
-    top = [e for e in candidates if score(e, function, keys) == best]
+    scores = [score(e, function, keys, near) for e in candidates]
+    best = max(scores)
+    top = [e for e, s in zip(candidates, scores, strict=True) if s == best]
     fewest = min(e.load for e in top)
     top = [e for e in top if e.load == fewest]
     return top[0] if len(top) == 1 else pick(top)

@@ -262,3 +262,11 @@ def test_reported_cycles_are_real_and_only_acyclic_graphs_pass_the_cycle_check(
             assert acyclic, f"cyclic graph not reported as a cycle: {error}"
     else:
         assert acyclic
+
+
+def test_upstream_first_puts_every_function_after_its_upstreams() -> None:
+    functions = ["sink", "right", "left", "source"]
+    connections = [("source", "left"), ("source", "right"), ("left", "sink"), ("right", "sink")]
+    topo = dag.topology(functions, connections)
+    assert topo.upstream_first == ("source", "right", "left", "sink")
+    assert dag.topology(["a"], []).upstream_first == ("a",)

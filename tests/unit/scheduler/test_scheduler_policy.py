@@ -166,3 +166,22 @@ def test_choose_pins_without_executors_is_empty() -> None:
 def test_choose_pins_equal_executors_break_ties_by_id() -> None:
     executors = [_view("c"), _view("a"), _view("b")]
     assert policy.choose_pins("f", executors, 2) == ["a", "b"]
+
+
+# --- placing next to the upstream -----------------------------------------------------------
+
+
+def test_place_prefers_the_executor_its_upstream_runs_on() -> None:
+    executors = [_view(name, pinned={"f"}) for name in ("a", "b", "c")]
+    for seed in range(20):
+        assert policy.place("f", [], executors, random.Random(seed), near="b").executor_id == "b"
+
+
+def test_place_leaves_the_upstreams_executor_when_it_is_busier() -> None:
+    executors = [_view("a", pinned={"f"}), _view("b", pinned={"f"}, load=3)]
+    assert policy.place("f", [], executors, random.Random(0), near="b").executor_id == "a"
+
+
+def test_score_counts_nearness_only_on_the_upstreams_executor() -> None:
+    assert policy.score(_view("e"), "f", [], near="e") == policy.NEAR_WEIGHT
+    assert policy.score(_view("e"), "f", [], near="other") == 0.0
