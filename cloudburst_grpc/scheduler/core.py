@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from cloudburst_grpc.scheduler.release import ResultReleaser
 logger = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 256
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 
 
 @dataclass
@@ -65,7 +67,7 @@ def check_name(kind: str, name: str) -> None:
     """Reject empty, over-long or control-character names."""
     if not name:
         raise InvalidArgumentError(f"a {kind} name must not be empty")
-    if len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
+    if len(name) > MAX_NAME_LENGTH or _CONTROL_CHARACTER.search(name):
         raise InvalidArgumentError(
             f"{kind} name {name[:40]!r} must be at most {MAX_NAME_LENGTH} printable characters"
         )

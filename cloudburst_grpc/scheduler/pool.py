@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory
 from cloudburst_grpc.scheduler.policy import ExecutorView
@@ -16,7 +16,8 @@ from cloudburst_grpc.scheduler.policy import ExecutorView
 class _Member:
     executor_id: str
     address: str
-    pinned: set[str] = field(default_factory=set)
+    pinned: frozenset[str] = frozenset()
+    """Functions pinned there (replaced, not mutated, so views can share it)."""
     reported_load: int = 0
     placed: int = 0
     """Calls this scheduler placed there that have not finished yet."""
@@ -112,7 +113,7 @@ class ExecutorPool:
             ExecutorView(
                 executor_id=m.executor_id,
                 address=m.address,
-                pinned=frozenset(m.pinned),
+                pinned=m.pinned,
                 load=max(m.placed, m.reported_load),
                 overloaded=m.set_aside_until > now,
             )
@@ -132,7 +133,7 @@ class ExecutorPool:
         """Record a pin or unpin."""
         member = self._members.get(executor_id)
         if member is not None:
-            (member.pinned.add if pinned else member.pinned.discard)(function)
+            member.pinned = (member.pinned | {function}) if pinned else (member.pinned - {function})
 
     def pinned_on(self, function: str) -> list[str]:
         """The executors a function is pinned on."""

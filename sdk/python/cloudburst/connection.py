@@ -137,6 +137,7 @@ _INSTALLED = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def _installed(module: ModuleType) -> bool:
     """Whether a module comes from the interpreter or site-packages (so servers can import it)."""
     path = getattr(module, "__file__", None)
@@ -174,7 +175,13 @@ def _futures(args: Sequence[Any]) -> tuple[CloudburstFuture, ...]:
     return tuple(arg for arg in args if isinstance(arg, CloudburstFuture))
 
 
+#: Types whose values pickle without any module of the caller's.
+_PLAIN_TYPES = frozenset({int, float, bool, str, bytes, type(None)})
+
+
 def _serialize(obj: Any, what: str, limit: int) -> value_pb2.Value:
+    if type(obj) in _PLAIN_TYPES:
+        return serialize(obj, what=what, limit=limit)
     with _pickle_lock, _by_value([obj, type(obj)]):
         return serialize(obj, what=what, limit=limit)
 
