@@ -192,6 +192,9 @@ class Node:
             await self.registration.stop()
         if self.executors:
             await asyncio.gather(*(e.drain(limit) for e in self.executors))
+        if self.scheduler is not None:
+            # It would take the end of its watch for a lost KVS and try again.
+            await self.scheduler.stop_following()
         if self.store is not None:
             # Watches never end by themselves; end them so stop() need not wait out its grace.
             self.store.end_watches()

@@ -405,12 +405,17 @@ class Scheduler:
         limit = self.config.call_timeout_seconds
         return limit if timeout is None else max(0.0, min(timeout, limit))
 
+    async def stop_following(self) -> None:
+        """Stop following definition changes (before the KVS ends its watches); idempotent."""
+        task, self._background = self._background, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel calls still being placed or awaited; idempotent."""
+        await self.stop_following()
         tasks: list[asyncio.Task[Any]] = list(self._tasks)
-        if self._background is not None:
-            tasks.append(self._background)
-            self._background = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
