@@ -7,7 +7,9 @@ invocation ends. A mailbox id names the process that hosts it
 directory. A mailbox is bounded: a sender that outruns its receiver waits for
 space, and gets ``QueueFullError`` if none frees up in time.
 
-Everything here runs on the event loop thread.
+Everything here runs on the event loop thread, except what a function's own
+thread calls: :meth:`Mailbox.take`, :meth:`Mailbox.drain` and
+:meth:`MailboxRouter.submit`.
 """
 
 from __future__ import annotations

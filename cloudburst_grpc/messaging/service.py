@@ -29,6 +29,8 @@ Context = grpc.aio.ServicerContext
 
 #: How often a message is sent again on a fresh stream after its stream broke.
 RESEND_ATTEMPTS = 2
+#: Seconds a sender waits for an answer beyond the time the receiver may take.
+ANSWER_SLACK = 5.0
 #: Unanswered messages per peer above which those whose senders gave up are forgotten.
 PRUNE_ABOVE = 1024
 
@@ -125,11 +127,16 @@ class MessagingPeer:
             settle(delivered, error=exc)
 
     async def send(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
-        """Deliver one message and wait up to ``timeout`` seconds for the receiver's answer."""
+        """Deliver one message and wait for the receiver's answer.
+
+        ``timeout`` is how long the receiver may wait for space in the mailbox;
+        the answer is awaited a little longer, so a full mailbox is reported
+        as such rather than as a timeout here.
+        """
         delivered: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.post(envelope, delivered)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(delivered), timeout)
+            await asyncio.wait_for(asyncio.wrap_future(delivered), timeout + ANSWER_SLACK)
         except TimeoutError:
             raise CloudburstTimeoutError(
                 f"no answer from {self.address} for a message to {envelope.recipient_id}"
