@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cloudburst import CloudburstConnection, CloudburstFuture, InvalidDagError
-from cloudburst.errors import DagAlreadyExistsError, DagNotFoundError
+from cloudburst.errors import DagAlreadyExistsError, DagNotFoundError, RemoteFunctionError
 from cloudburst_grpc.local import Node
 from executors.library import UserLibrary
 
@@ -304,3 +304,57 @@ def test_concurrent_direct_responses_are_not_mixed_up(local_node: Node) -> None:
         with ThreadPoolExecutor(10) as pool:
             results = list(pool.map(call, range(20)))
         assert all(result == i for i, result in results)
+
+
+# -- chains of stages on one executor ------------------------------------------------------------
+
+
+class Counter:
+    """A class whose instance counts the calls it served."""
+
+    def __init__(self, start: int) -> None:
+        self.calls = start
+
+    def run(self, x: int) -> tuple[int, int]:
+        self.calls += 1
+        return x, self.calls
+
+
+def test_a_chain_keeps_its_static_arguments_spreads_tuples_and_reuses_class_instances(
+    local_node: Node,
+) -> None:
+    with CloudburstConnection(local_node.address) as cloud:
+        cloud.register(lambda _, x: x + 1, "first")
+        cloud.register((Counter, 100), "count")
+        cloud.register(lambda _, label, x, calls: f"{label}:{x}:{calls}", "label")
+        assert cloud.register_dag(
+            "counted", ["first", "count", "label"], [("first", "count"), ("count", "label")]
+        )
+        results = [
+            cloud.call_dag("counted", {"first": 1, "label": "n"}, direct_response=True)
+            for _ in range(6)
+        ]
+    # The pinned instance persists (its count grows), whichever executor ran it.
+    assert all(r.startswith("n:2:") for r in results)
+    counts = [int(r.rsplit(":", 1)[1]) for r in results]
+    assert all(c > 100 for c in counts) and max(counts) >= 103
+
+
+def test_a_failure_in_the_middle_of_a_chain_stops_it(local_node: Node) -> None:
+    def middle(cloudburst: UserLibrary, x: int) -> int:
+        if x > 10:
+            raise ValueError(f"too big: {x}")
+        return x
+
+    with CloudburstConnection(local_node.address) as cloud:
+        cloud.register(lambda _, x: x * 10, "grow")
+        cloud.register(middle, "middle")
+        cloud.register(lambda cb, x: cb.put_object("chain-end-ran", x) and x, "end")
+        assert cloud.register_dag(
+            "stops", ["grow", "middle", "end"], [("grow", "middle"), ("middle", "end")]
+        )
+        with pytest.raises(RemoteFunctionError, match="too big: 20"):
+            cloud.call_dag("stops", {"grow": 2}, direct_response=True)
+        assert cloud.get_object("chain-end-ran") is None
+        assert cloud.call_dag("stops", {"grow": 1}, direct_response=True) == 10
+        assert cloud.get_object("chain-end-ran") == 10
