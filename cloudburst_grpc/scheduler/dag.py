@@ -111,6 +111,8 @@ def _upstream_first(functions: Sequence[str], ups: dict[str, set[str]]) -> tuple
                 placed.append(name)
                 done.add(name)
                 break
+        else:  # unreachable: topology() rejects cycles first
+            raise InvalidDagError("the DAG has a cycle")
     return tuple(placed)
 
 
