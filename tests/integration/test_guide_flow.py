@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst_grpc.local import Node
-from harness import Cluster
+from cloudburst_grpc.local import Node, start_local
+from harness import Cluster, make_config
 
 
 def run_guide(address: str) -> None:
@@ -42,3 +44,12 @@ def test_dag_result_crosses_executors(cluster: Cluster, direct: bool) -> None:
         for i in range(20):
             result = cloud.call_dag("chain", {"incr": i}, direct_response=direct)
             assert (result if direct else result.get(timeout=10)) == (i + 1) * 10
+
+
+async def test_an_orderly_stop_logs_no_lost_watch(caplog: pytest.LogCaptureFixture) -> None:
+    node = await start_local(make_config())
+    with caplog.at_level(logging.INFO):
+        await node.stop(1.0)
+    assert "serve on port" in caplog.text, "the stop itself is logged"
+    assert "re-establishing" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
