@@ -435,9 +435,12 @@ class Executor:
             try:
                 outcome = self._invoke(loaded, library, args, stage.last in self.pinned)
             finally:
-                assert self._loop is not None
-                with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
-                    self._loop.call_soon_threadsafe(library.close)
+                # Only a mailbox needs ending, on the loop; waking the loop for
+                # nothing would cost every chained stage a thread hand-off.
+                if library.has_mailbox:
+                    assert self._loop is not None
+                    with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
+                        self._loop.call_soon_threadsafe(library.close)
             self._measured(stage.last, started, outcome)
         return outcome
 

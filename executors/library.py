@@ -182,6 +182,11 @@ class UserLibrary:
                         current.add_link(link.context)
         return [(m.sender_id, deserialize(m.payload)) for m in messages]
 
+    @property
+    def has_mailbox(self) -> bool:
+        """Whether the invocation opened a mailbox, which :meth:`close` must then end."""
+        return self._mailbox_id is not None
+
     def close(self) -> None:
         """End the invocation's mailbox, discarding unread messages (on the loop thread)."""
         if self._mailbox_id is not None and self._router is not None:

@@ -358,3 +358,20 @@ def test_a_failure_in_the_middle_of_a_chain_stops_it(local_node: Node) -> None:
         assert cloud.get_object("chain-end-ran") is None
         assert cloud.call_dag("stops", {"grow": 1}, direct_response=True) == 10
         assert cloud.get_object("chain-end-ran") == 10
+
+
+def test_a_chained_stage_that_opened_a_mailbox_closes_it_when_it_ends(local_node: Node) -> None:
+    def send_to(cloudburst: UserLibrary, peer: str) -> bool:
+        cloudburst.send(peer, "late")
+        return True
+
+    with CloudburstConnection(local_node.address) as cloud:
+        cloud.register(lambda _, x: x, "start")
+        cloud.register(lambda cb, x: str(cb.get_id()), "take_id")
+        cloud.register(lambda _, mailbox: mailbox, "pass_on")
+        assert cloud.register_dag(
+            "ids", ["start", "take_id", "pass_on"], [("start", "take_id"), ("take_id", "pass_on")]
+        )
+        mailbox = cloud.call_dag("ids", {"start": 1}, direct_response=True)
+        with pytest.raises(RemoteFunctionError, match="has finished"):
+            cloud.register(send_to, "send_to")(mailbox).get(timeout=30)
