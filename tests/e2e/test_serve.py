@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from cloudburst import CloudburstConnection
 from harness import ServeProcess
@@ -116,9 +119,37 @@ def test_unreachable_server_gives_a_clear_error() -> None:
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    import pytest
-
     from cloudburst.errors import UnavailableError
 
     with pytest.raises(UnavailableError, match="cbgrpc serve"):
         CloudburstConnection(f"127.0.0.1:{port}", connect_timeout=1)
+
+
+def _allowed_cpus(pid: int, tid: str) -> str:
+    with open(f"/proc/{pid}/task/{tid}/status") as status:
+        for line in status:
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for thread {tid} of {pid}")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_cpus_pins_every_thread_of_the_server(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    served = serve_process("--storage", "memory", "--cpus", str(cpu))
+    with CloudburstConnection(served.address) as cloud:
+        # Calls start the executor threads; they must be pinned too.
+        assert cloud.register(double, "double")(21).get(timeout=30) == 42
+    pid = served.proc.pid
+    threads = os.listdir(f"/proc/{pid}/task")
+    assert len(threads) > 3
+    assert {_allowed_cpus(pid, tid) for tid in threads} == {str(cpu)}
+    assert f"pinned to CPU {cpu}" in served.stderr()
+
+
+def test_cpus_naming_a_missing_cpu_is_a_configuration_error() -> None:
+    result = cbgrpc("serve", "--storage", "memory", "--port", "0", "--cpus", "4096")
+    assert result.returncode == 2
+    assert "server.cpus: CPU 4096 is not available to this process" in result.stderr
