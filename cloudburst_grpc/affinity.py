@@ -53,6 +53,8 @@ def pin(text: str) -> frozenset[int]:
     """Pin every thread of this process, and the threads it starts later, to the CPUs listed.
 
     Call it before the process starts its servers, so that no thread escapes.
+    The list may name CPUs outside the affinity this process inherited (as
+    ``taskset`` may), but not CPUs that do not exist or that its cgroup forbids.
 
     Raises:
         ValueError: The list is malformed, names a CPU this process may not use,
@@ -61,23 +63,38 @@ def pin(text: str) -> frozenset[int]:
     cpus = parse_cpus(text)
     if not hasattr(os, "sched_setaffinity"):
         raise ValueError("pinning to CPUs (server.cpus, --cpus) needs Linux; leave it unset")
-    allowed = os.sched_getaffinity(0)
-    missing = cpus - allowed
-    if missing:
+    existing = frozenset(range(os.cpu_count() or 1))
+    if cpus - existing:
         raise ValueError(
-            f"CPU {format_cpus(missing)} is not available to this process "
-            f"(available: {format_cpus(allowed)}); choose among those"
+            f"CPU {format_cpus(cpus - existing)} does not exist on this machine "
+            f"(it has CPU {format_cpus(existing)})"
+        )
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot pin to CPU {format_cpus(cpus)} ({exc.strerror}); "
+            f"this process may use CPU {format_cpus(before)}"
+        ) from None
+    granted = os.sched_getaffinity(0)
+    if granted != cpus:  # a cpuset cgroup left some out
+        os.sched_setaffinity(0, before)
+        raise ValueError(
+            f"CPU {format_cpus(cpus - granted)} is not available to this process "
+            f"(its cgroup allows CPU {format_cpus(granted | (before - cpus))} at most); "
+            "choose among those"
         )
     # A new thread inherits its creator's affinity; threads already running
     # (started by imported libraries) are pinned one by one.
     try:
         threads = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
-        threads = [0]
+        threads = []
     for tid in threads:
         try:
             os.sched_setaffinity(tid, cpus)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass  # the thread ended meanwhile
     logger.info("pinned to CPU %s", format_cpus(cpus))
     return cpus
