@@ -37,6 +37,8 @@ from typing import Any
 
 import grpc
 
+from bench.procs import pin_from_environment
+
 SERVICE = "bench.Floor"
 SMALL_PAYLOAD = 100
 OPTIONS = [
@@ -327,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=["echo", "a", "b"], required=True)
     parser.add_argument("--next", dest="next_address", help="B's address (role a)")
     args = parser.parse_args(argv)
+    pin_from_environment()
     asyncio.run(serve(args.role, args.next_address))
     return 0
 

@@ -8,6 +8,7 @@ on an exception or Ctrl-C. Nothing here ever signals a process it did not start.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from types import TracebackType
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 60.0
+#: Set for a child of the bench: the CPU list it pins itself to when it starts.
+CPUS_VARIABLE = "BENCH_CPUS"
 
 
 def log(message: str) -> None:
@@ -53,11 +56,71 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+class Cores:
+    """The core each process of the bench runs on, when pinning is on.
+
+    As `cbgrpc --cpus` recommends for latency, every process gets a core of its
+    own: the bench process (every client, floor or SDK) the first, each server
+    one of the others in turn, so that a client and the server it calls never
+    share a core; the executors of a cluster are spread over all cores, one
+    per core. Processes the bench does not control (Ray's) keep every core.
+    The floor servers are placed by the same rule as cloudburst's, so the
+    ratios compare like with like. Off (or on one core), the kernel places
+    everything.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.available = available
+        """The bench's CPUs before pinning."""
+        self.cpus = available if enabled and len(available) >= 2 else []
+        self._turn = itertools.count()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cpus)
+
+    def client(self) -> int | None:
+        """The bench process's core."""
+        return self.cpus[0] if self.cpus else None
+
+    def server(self) -> int | None:
+        """The core of the next server: the cores after the client's, in turn."""
+        if not self.cpus:
+            return None
+        return self.cpus[1 + next(self._turn) % (len(self.cpus) - 1)]
+
+    def spread(self, index: int) -> int | None:
+        """The core of the ``index``-th executor of a cluster: one per core."""
+        return self.cpus[index % len(self.cpus)] if self.cpus else None
+
+    def describe(self) -> str:
+        if not self.cpus:
+            why = "one CPU" if len(self.available) < 2 else "--no-pin"
+            return f"off ({why}): the kernel places every process"
+        return (
+            f"each process pinned to one core: the bench process (all clients) to CPU "
+            f"{self.cpus[0]}, every server (floor or cloudburst) to one of CPU "
+            f"{', '.join(map(str, self.cpus[1:]))} in turn, the cluster's executors one "
+            "per core; Ray's processes unpinned"
+        )
+
+
+def pin_from_environment() -> None:
+    """Pin this process as the bench asked (``BENCH_CPUS``), if it did; for bench children."""
+    cpus = os.environ.get(CPUS_VARIABLE)
+    if cpus:
+        from cloudburst_grpc.affinity import pin
+
+        pin(cpus)
+
+
 class Processes:
     """Starts processes and stops every one of them, by PID, when the block ends."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, cores: Cores | None = None) -> None:
         self.log_dir = log_dir
+        self.cores = cores or Cores(enabled=False)
         self.children: list[Child] = []
         self._lock = threading.Lock()
         atexit.register(self.stop_all)
@@ -81,12 +144,17 @@ class Processes:
         env: dict[str, str] | None = None,
         unset: Collection[str] = (),
         wait_for_address: bool = True,
+        cpu: int | None = None,
     ) -> Child:
         """Start ``argv``; unless told otherwise, wait for its "listening on ADDR" line.
 
         The child inherits this process's environment without the variables in
-        ``unset``, plus ``env``.
+        ``unset``, plus ``env``. With pinning on, ``BENCH_CPUS`` tells it its core
+        (``cpu``), or, without one, every CPU the bench had before it pinned itself.
         """
+        if self.cores.enabled:
+            cpus = str(cpu) if cpu is not None else ",".join(map(str, self.cores.available))
+            env = {**(env or {}), CPUS_VARIABLE: cpus}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("w")
@@ -139,10 +207,13 @@ class Processes:
         *args: str,
         env: dict[str, str] | None = None,
         unset: Collection[str] = (),
+        cpu: int | None = None,
     ) -> Child:
-        """Start `cbgrpc COMMAND --port 0 ARGS` (the CLI of this checkout)."""
+        """Start `cbgrpc COMMAND --port 0 ARGS` (the CLI of this checkout), on core ``cpu``."""
         argv = [sys.executable, "-m", "cloudburst_grpc", command, "--port", "0", *args]
-        return self.start(name, argv, env=env, unset=unset)
+        if self.cores.enabled and cpu is not None:
+            argv += ["--cpus", str(cpu)]
+        return self.start(name, argv, env=env, unset=unset, cpu=cpu)
 
     def stop(self, child: Child, grace: float = 10.0) -> int | None:
         """SIGTERM the child by PID, SIGKILL it after ``grace`` seconds; returns its exit code."""

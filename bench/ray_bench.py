@@ -22,7 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from bench.measure import SyncWorkload, Workload
-from bench.procs import interrupt_on_sigterm
+from bench.procs import interrupt_on_sigterm, pin_from_environment
 
 CALL = "task incr.remote(1)"
 CHAIN = "chain square.remote(incr.remote(1))"
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    pin_from_environment()  # every CPU again: Ray places its own processes
     interrupt_on_sigterm()  # so that ray.shutdown() runs when the bench stops us
     try:
         result = run(args)

@@ -242,6 +242,7 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
         + ", at end "
         + "/".join(f"{x:.2f}" for x in meta.get("load_average_at_end", []))
         + "."
+        + (f" Pinning: {meta['pinning']}." if meta.get("pinning") else "")
         + f" Code: commit {meta.get('commit', 'unknown')}"
         + (
             f" with uncommitted changes in {meta['product_files_changed']} product files"

@@ -43,7 +43,8 @@ from bench.floor import (
     F_UNARY,
 )
 from bench.measure import AioLoop, AioWorkload, SyncWorkload, Workload, summarize
-from bench.procs import ROOT, Processes, interrupt_on_sigterm, log
+from bench.procs import ROOT, Cores, Processes, interrupt_on_sigterm, log
+from cloudburst_grpc.affinity import pin
 
 #: Which floor and which Ray workload each cloudburst workload is compared with.
 FLOOR_OF = {
@@ -84,6 +85,8 @@ class Settings:
     tp_rounds: int
     memory_calls: int
     ray: bool
+    pin: bool
+    """Pin every process to a core of its own (see bench.procs.Cores)."""
     profile: str
     """auto (where a target is missed), always or never."""
     profile_seconds: float
@@ -129,6 +132,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--no-ray", action="store_true", help="skip Ray")
     parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin processes to cores (by default each gets one, as `cbgrpc --cpus` "
+        "recommends for latency, floor servers alike)",
+    )
+    parser.add_argument(
         "--profile",
         choices=["auto", "always", "never"],
         default=None,
@@ -149,6 +158,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         tp_rounds=2,
         memory_calls=args.memory_calls or (5000 if quick else 100_000),
         ray=not args.no_ray,
+        pin=not args.no_pin,
         profile=args.profile or ("never" if quick else "auto"),
         profile_seconds=3.0 if quick else 5.0,
     )
@@ -689,7 +699,12 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     deadline = began + TOTAL_BUDGET_SECONDS
     log(f"bench: {'quick' if settings.quick else 'full'} run, results in {settings.out}")
+    cores = Cores(settings.pin)
+    if cores.enabled:
+        # Before this process starts any thread, so that all of them stay on its core.
+        pin(str(cores.client()))
     meta = machine_info()
+    meta["pinning"] = cores.describe()
     meta["mode"] = "quick" if settings.quick else "full"
     meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     meta.update(git_info())
@@ -705,15 +720,13 @@ def main(argv: list[str] | None = None) -> int:
     profiles: list[dict[str, Any]] = []
     targets: list[dict[str, Any]] = []
     try:
-        with Processes(settings.out / "logs") as procs:
+        with Processes(settings.out / "logs", cores) as procs:
             log("starting the floor servers, `cbgrpc serve` and the process cluster")
-            echo = procs.start(
-                "floor-echo", [sys.executable, "-m", "bench.floor", "--role", "echo"]
-            )
-            hop_b = procs.start("floor-b", [sys.executable, "-m", "bench.floor", "--role", "b"])
+            floor_argv = [sys.executable, "-m", "bench.floor", "--role"]
+            echo = procs.start("floor-echo", [*floor_argv, "echo"], cpu=cores.server())
+            hop_b = procs.start("floor-b", [*floor_argv, "b"], cpu=cores.server())
             hop_a = procs.start(
-                "floor-a",
-                [sys.executable, "-m", "bench.floor", "--role", "a", "--next", hop_b.address],
+                "floor-a", [*floor_argv, "a", "--next", hop_b.address], cpu=cores.server()
             )
             client = floor.FloorClient(echo.address, hop_a.address, hop_b.address)
             aio.run(client.start(), 60)

@@ -44,7 +44,7 @@ class System:
 
 def start_serve(procs: Processes, name: str = "serve") -> System:
     """`cbgrpc serve --storage memory --port 0`, defaults otherwise."""
-    child = procs.start_cbgrpc(name, "serve", "--storage", "memory")
+    child = procs.start_cbgrpc(name, "serve", "--storage", "memory", cpu=procs.cores.server())
     return System("serve", child.address, [child])
 
 
@@ -56,7 +56,9 @@ def start_cluster(procs: Processes) -> System:
     and messages cross processes.
     """
     env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
-    kvs = procs.start_cbgrpc("cluster-kvs", "kvs", "--storage", "memory", env=env)
+    kvs = procs.start_cbgrpc(
+        "cluster-kvs", "kvs", "--storage", "memory", env=env, cpu=procs.cores.server()
+    )
     executors = [
         procs.start_cbgrpc(
             f"cluster-executor-{tag}",
@@ -66,12 +68,19 @@ def start_cluster(procs: Processes) -> System:
             "--id",
             f"executor-{tag}",
             env=env,
+            cpu=procs.cores.spread(index),
         )
-        for tag in ("a", "b")
+        for index, tag in enumerate(("a", "b"))
     ]
     flags = [arg for e in executors for arg in ("--executor", e.address)]
     scheduler = procs.start_cbgrpc(
-        "cluster-scheduler", "scheduler", "--kvs", kvs.address, *flags, env=env
+        "cluster-scheduler",
+        "scheduler",
+        "--kvs",
+        kvs.address,
+        *flags,
+        env=env,
+        cpu=procs.cores.server(),
     )
     return System("cluster", scheduler.address, [scheduler, *executors, kvs])
 

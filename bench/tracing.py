@@ -105,6 +105,7 @@ def start(procs: Processes) -> list[Started]:
             *variant.args,
             env=dict(variant.env),
             unset=unset,
+            cpu=procs.cores.server(),
         )
         system = systems.System(variant.system, child.address, [child])
         systems.describe_start(system)
