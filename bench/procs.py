@@ -65,8 +65,8 @@ class Cores:
     share a core; the executors of a cluster are spread over all cores, one
     per core. Processes the bench does not control (Ray's) keep every core.
     The floor servers are placed by the same rule as cloudburst's, so the
-    ratios compare like with like. Off (or on one core), the kernel places
-    everything.
+    ratios compare like with like. Off (the default; always on one core), the
+    kernel places everything.
     """
 
     def __init__(self, enabled: bool) -> None:
@@ -96,8 +96,9 @@ class Cores:
 
     def describe(self) -> str:
         if not self.cpus:
-            why = "one CPU" if len(self.available) < 2 else "--no-pin"
-            return f"off ({why}): the kernel places every process"
+            if len(self.available) < 2:
+                return "off (one CPU): the kernel places every process"
+            return "off (no --pin): the kernel places every process"
         return (
             f"each process pinned to one core: the bench process (all clients) to CPU "
             f"{self.cpus[0]}, every server (floor or cloudburst) to one of CPU "

@@ -132,10 +132,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--no-ray", action="store_true", help="skip Ray")
     parser.add_argument(
-        "--no-pin",
+        "--pin",
         action="store_true",
-        help="do not pin processes to cores (by default each gets one, as `cbgrpc --cpus` "
-        "recommends for latency, floor servers alike)",
+        help="pin every process to a core of its own, as `cbgrpc --cpus` recommends for "
+        "latency, floor servers alike (default: the kernel places every process)",
     )
     parser.add_argument(
         "--profile",
@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         tp_rounds=2,
         memory_calls=args.memory_calls or (5000 if quick else 100_000),
         ray=not args.no_ray,
-        pin=not args.no_pin,
+        pin=args.pin,
         profile=args.profile or ("never" if quick else "auto"),
         profile_seconds=3.0 if quick else 5.0,
     )
