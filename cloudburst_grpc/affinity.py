@@ -82,8 +82,7 @@ def pin(text: str) -> frozenset[int]:
         os.sched_setaffinity(0, before)
         raise ValueError(
             f"CPU {format_cpus(cpus - granted)} is not available to this process "
-            f"(its cgroup allows CPU {format_cpus(granted | (before - cpus))} at most); "
-            "choose among those"
+            "(its cgroup's cpuset leaves it out); choose CPUs the cpuset allows"
         )
     # A new thread inherits its creator's affinity; threads already running
     # (started by imported libraries) are pinned one by one.

@@ -343,7 +343,7 @@ class Executor:
         """
         started = time.monotonic()
         deadline = started + self._call_timeout
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             loaded = await self._function(name, version)
             args = [await self._resolve(a, deadline - time.monotonic()) for a in arguments]
@@ -360,7 +360,7 @@ class Executor:
         context = contextvars.copy_context()
         try:
             if stage is None:
-                outcome = await asyncio.get_running_loop().run_in_executor(
+                outcome = await loop.run_in_executor(
                     self._pool,
                     context.run,
                     self._invoke,
@@ -371,7 +371,7 @@ class Executor:
                 )
             else:
                 stage.started = started
-                return await asyncio.get_running_loop().run_in_executor(
+                return await loop.run_in_executor(
                     self._pool, context.run, self._invoke_chain, stage, loaded, library, tuple(args)
                 )
         finally:
