@@ -104,6 +104,13 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
         "--threads", type=int, help="threads per executor for user code (default 8)"
     )
     parser.add_argument(
+        "--inline-max-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="functions that never use the user library and whose runs take at most this "
+        "long run on the executor's event loop, not a thread (default 0.0002; 0: never)",
+    )
+    parser.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
 
@@ -261,7 +268,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "check_interval_seconds": get("consul_check_interval"),
         },
         "kvs": {"engine": get("storage"), "data_dir": get("data_dir"), "sync": get("sync")},
-        "executor": {"count": get("executors"), "threads": get("threads")},
+        "executor": {
+            "count": get("executors"),
+            "threads": get("threads"),
+            "inline_max_seconds": get("inline_max_seconds"),
+        },
         "scheduler": {"call_timeout_seconds": get("call_timeout")},
     }
     return load_config(get("config"), overrides)

@@ -53,6 +53,7 @@ from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.scheduler.dag import Topology, topology
 from cloudburst_grpc.scheduler.registry import function_key
 from executors import runner
+from executors.inline import InlineGate
 from executors.library import LoopBridge, UserLibrary
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class Executor:
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop the executor runs on, known from its first call."""
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix=f"cb-{executor_id}")
+        self._inline = InlineGate(config.inline_max_seconds)
         self._functions: dict[str, runner.LoadedFunction] = {}
         self._loading: dict[str, asyncio.Future[runner.LoadedFunction]] = {}
         self.pinned: set[str] = set()
@@ -335,11 +337,13 @@ class Executor:
         pinned: bool,
         stage: _Chain | None = None,
     ) -> execution_pb2.Outcome:
-        """Resolve arguments, run the function on a thread, and describe what happened.
+        """Resolve arguments, run the function, and describe what happened.
 
-        With ``stage`` (a DAG stage), the thread goes on to run the downstream
-        stages it can run at once (see :meth:`_next_in_chain`) and ``stage.last``
-        names the function whose outcome is returned.
+        The function runs on a worker thread, or on the loop when it has shown
+        itself quick and library-free (see :mod:`executors.inline`). With
+        ``stage`` (a DAG stage), the run goes on to the downstream stages it
+        can run at once (see :meth:`_next_in_chain`) and ``stage.last`` names
+        the function whose outcome is returned.
         """
         started = time.monotonic()
         deadline = started + self._call_timeout
@@ -358,21 +362,38 @@ class Executor:
         # The copied context carries the current span into the thread, so the user
         # library's spans are children of this run.
         context = contextvars.copy_context()
+        on_loop = loaded.runs.on_loop
         try:
             if stage is None:
-                outcome = await loop.run_in_executor(
+                pinned = pinned and name in self.pinned
+                if on_loop:
+                    outcome = context.run(self._invoke, loaded, library, tuple(args), pinned, True)
+                else:
+                    outcome = await loop.run_in_executor(
+                        self._pool,
+                        context.run,
+                        self._invoke,
+                        loaded,
+                        library,
+                        tuple(args),
+                        pinned,
+                        False,
+                    )
+            else:
+                stage.started = started
+                if on_loop:
+                    return context.run(
+                        self._invoke_chain, stage, loaded, library, tuple(args), True
+                    )
+                return await loop.run_in_executor(
                     self._pool,
                     context.run,
-                    self._invoke,
+                    self._invoke_chain,
+                    stage,
                     loaded,
                     library,
                     tuple(args),
-                    pinned and name in self.pinned,
-                )
-            else:
-                stage.started = started
-                return await loop.run_in_executor(
-                    self._pool, context.run, self._invoke_chain, stage, loaded, library, tuple(args)
+                    False,
                 )
         finally:
             library.close()
@@ -400,8 +421,27 @@ class Executor:
         library: UserLibrary,
         args: tuple[Any, ...],
         pinned: bool,
+        on_loop: bool,
     ) -> execution_pb2.Outcome:
-        """Run user code and serialize its result (on an executor thread)."""
+        """Run user code and serialize its result (on a worker thread, or ``on_loop``)."""
+        began = time.perf_counter()
+        try:
+            outcome = self._outcome(loaded, library, args, pinned)
+        finally:
+            took = time.perf_counter() - began
+            if on_loop:
+                self._inline.ran_on_loop(loaded.name, loaded.runs, took)
+            else:
+                self._inline.ran_on_thread(loaded.name, loaded.target, loaded.runs, took)
+        return outcome
+
+    def _outcome(
+        self,
+        loaded: runner.LoadedFunction,
+        library: UserLibrary,
+        args: tuple[Any, ...],
+        pinned: bool,
+    ) -> execution_pb2.Outcome:
         try:
             result = runner.invoke(loaded, library, args, pinned)
         except Exception as exc:
@@ -419,21 +459,23 @@ class Executor:
         loaded: runner.LoadedFunction,
         library: UserLibrary,
         args: tuple[Any, ...],
+        on_loop: bool,
     ) -> execution_pb2.Outcome:
-        """Run a DAG stage, then each downstream stage it can run at once (on a thread).
+        """Run a DAG stage, then each downstream stage it can run at once.
 
         Each function of a chain ``a -> b`` whose ``b`` waits for nothing else
-        and is placed here runs straight after ``a`` on the same thread, sparing
-        a return to the loop, a trigger and a thread hand-off per stage.
+        and is placed here runs straight after ``a`` on the same thread (on a
+        worker thread, or ``on_loop`` while each function may run there),
+        sparing a return to the loop, a trigger and a thread hand-off per stage.
         """
-        outcome = self._invoke(loaded, library, args, stage.last in self.pinned)
+        outcome = self._invoke(loaded, library, args, stage.last in self.pinned, on_loop)
         self._measured(stage.last, stage.started, outcome)
-        while (ready := self._next_in_chain(stage, outcome)) is not None:
+        while (ready := self._next_in_chain(stage, outcome, on_loop)) is not None:
             loaded, args = ready
             library = self._library(stage.schedule.call_id)
             started = time.monotonic()
             try:
-                outcome = self._invoke(loaded, library, args, stage.last in self.pinned)
+                outcome = self._invoke(loaded, library, args, stage.last in self.pinned, on_loop)
             finally:
                 # Only a mailbox needs ending, on the loop; waking the loop for
                 # nothing would cost every chained stage a thread hand-off.
@@ -445,15 +487,16 @@ class Executor:
         return outcome
 
     def _next_in_chain(
-        self, stage: _Chain, outcome: execution_pb2.Outcome
+        self, stage: _Chain, outcome: execution_pb2.Outcome, on_loop: bool = False
     ) -> tuple[runner.LoadedFunction, tuple[Any, ...]] | None:
         """The downstream stage to run next on this thread, with its arguments, if any.
 
         Only the simple case qualifies: one downstream that waits for this stage
         alone, placed here, loaded at the version the call wants, with small
         static arguments and no KVS references, a small value to pass on, and no
-        tracing (whose spans are opened on the loop). Anything else goes through
-        a trigger as usual. Sets ``stage.last`` to the function chosen.
+        tracing (whose spans are opened on the loop); ``on_loop``, it must also
+        be a function that runs on the loop. Anything else goes through a
+        trigger as usual. Sets ``stage.last`` to the function chosen.
         """
         if telemetry.tracing() or self._closed or outcome.WhichOneof("result") != "value":
             return None
@@ -468,6 +511,8 @@ class Executor:
             return None
         loaded = self._functions.get(target)
         if loaded is None or loaded.version < schedule.function_versions[target]:
+            return None
+        if on_loop and not loaded.runs.on_loop:
             return None
         if len(outcome.value.data) > LARGE_VALUE_BYTES:
             return None

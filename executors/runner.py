@@ -22,6 +22,7 @@ from cloudburst import _source
 from cloudburst.errors import InvalidArgumentError
 from cloudburst.serialization import deserialize
 from cloudburst.v1 import function_pb2
+from executors.inline import RunRecord
 
 
 @dataclass
@@ -37,6 +38,8 @@ class LoadedFunction:
     """Serializes calls into one pinned class instance."""
     instance: Any = None
     """The live class instance while the function is pinned."""
+    runs: RunRecord = field(default_factory=RunRecord)
+    """How its runs went, for running it on the event loop (see executors.inline)."""
 
 
 def load(function: function_pb2.Function) -> LoadedFunction:

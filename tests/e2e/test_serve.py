@@ -90,6 +90,7 @@ def test_help_explains_commands_and_options() -> None:
         "--data-dir",
         "--executors",
         "--threads",
+        "--inline-max-seconds",
         "--config",
     ):
         assert option in serve.stdout
@@ -103,6 +104,9 @@ def test_bad_configuration_is_reported(tmp_path: Path) -> None:
     assert "kvs.engine must be 'sqlite' or 'memory'" in result.stderr
     result = cbgrpc("serve", "--config", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+    result = cbgrpc("serve", "--inline-max-seconds", "-1")
+    assert result.returncode == 2
+    assert "executor.inline_max_seconds must be between 0 (off) and 0.1" in result.stderr
 
 
 def test_port_in_use_is_reported(tmp_path: Path) -> None:

@@ -215,6 +215,8 @@ def test_bool_conversion_rejects_other_values(raw: str) -> None:
         ({"CBGRPC_EXECUTOR_COUNT": "0"}, "executor.count must be at least 1"),
         ({"CBGRPC_EXECUTOR_THREADS": "0"}, "executor.threads must be at least 1"),
         ({"CBGRPC_EXECUTOR_MAX_QUEUE": "0"}, "executor.max_queue must be at least 1"),
+        ({"CBGRPC_EXECUTOR_INLINE_MAX_SECONDS": "-1"}, "inline_max_seconds must be between 0"),
+        ({"CBGRPC_EXECUTOR_INLINE_MAX_SECONDS": "1"}, "inline_max_seconds must be between 0"),
         ({"CBGRPC_SCHEDULER_CALL_TIMEOUT_SECONDS": "0"}, "call_timeout_seconds must be positive"),
         ({"CBGRPC_SCHEDULER_PIN_REPLICAS": "0"}, "pin_replicas must be at least 1"),
     ],

@@ -1,0 +1,135 @@
+"""Running quick functions on the executor's event loop instead of a thread.
+
+Handing a call to a worker thread and its result back to the loop costs two
+thread wake-ups, about a hundred microseconds on a busy machine: more than a
+small function itself takes. A function that provably never touches the user
+library (so it cannot wait on the loop it would be blocking) and whose recent
+runs on threads were all quick runs on the loop directly.
+
+The loop must not be held up for long, so the gate is earned and lost:
+
+- a function qualifies after :data:`QUICK_RUNS` consecutive runs on threads,
+  each within ``max_seconds`` (the run itself: user code and serializing its
+  result, not the hand-offs);
+- a run on the loop that takes over :data:`SLOW_FACTOR` times ``max_seconds``
+  sends it back to threads, and it must earn its place again with four times
+  as many quick runs; after :data:`MAX_STRIKES` such runs it stays on threads
+  for the life of the process (a new version of the function starts afresh).
+
+Classes never run on the loop: a pinned instance's lock may be held by a
+thread that is itself waiting on the loop.
+"""
+
+from __future__ import annotations
+
+import dis
+import inspect
+import logging
+import types
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Consecutive quick runs on threads before a function runs on the loop.
+QUICK_RUNS = 8
+#: A run on the loop longer than this many times the limit sends the function back to threads.
+SLOW_FACTOR = 5
+#: Slow runs on the loop after which a function never runs there again.
+MAX_STRIKES = 3
+
+# Generators and coroutines return before their code runs.
+_SUSPENDS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+# Names through which code could reach a parameter without loading it by name.
+_INTROSPECTION = frozenset({"locals", "vars", "eval", "exec", "_getframe", "currentframe"})
+
+
+def library_unused(target: Any) -> bool:
+    """Whether ``target`` is a plain function that never reads its first parameter.
+
+    The runtime passes the user library first; code that never loads that
+    parameter (directly, from a nested function, or through ``locals()`` and
+    the like) cannot call into the library. Anything else that is callable
+    (a class, a ``functools.partial``, a builtin, ``*args`` first) is assumed
+    to use it.
+    """
+    if not isinstance(target, types.FunctionType):
+        return False
+    code = target.__code__
+    if code.co_argcount < 1 or code.co_flags & _SUSPENDS:
+        return False
+    name = code.co_varnames[0]
+    if name in code.co_cellvars or _INTROSPECTION & set(code.co_names):
+        return False
+    for instruction in dis.get_instructions(code):
+        if instruction.opname.startswith(("LOAD_FAST", "LOAD_CLOSURE", "LOAD_DEREF")):
+            loaded = instruction.argval
+            if loaded == name or (isinstance(loaded, tuple) and name in loaded):
+                return False
+    return True
+
+
+@dataclass
+class RunRecord:
+    """What the gate knows about one loaded function."""
+
+    on_loop: bool = False
+    """Whether its calls run on the loop now."""
+    quick_runs: int = 0
+    """Consecutive quick runs on threads so far."""
+    strikes: int = 0
+    """Slow runs it had on the loop."""
+    eligible: bool | None = None
+    """Whether it may ever run on the loop (None until first looked at)."""
+
+
+class InlineGate:
+    """Decides, per loaded function, whether its calls run on the event loop.
+
+    Args:
+        max_seconds: The longest a run may take to count as quick; 0 turns running
+            on the loop off.
+    """
+
+    def __init__(self, max_seconds: float) -> None:
+        self.max_seconds = max_seconds
+
+    def allows(self, record: RunRecord) -> bool:
+        """Whether the next call of the function runs on the loop."""
+        return record.on_loop
+
+    def ran_on_thread(self, name: str, target: Any, record: RunRecord, seconds: float) -> None:
+        """Account a run on a worker thread (called on that thread)."""
+        if record.eligible is None:
+            record.eligible = self.max_seconds > 0 and library_unused(target)
+        if not record.eligible:
+            return
+        if seconds > self.max_seconds:
+            record.quick_runs = 0
+            return
+        record.quick_runs += 1
+        if record.quick_runs >= QUICK_RUNS << (2 * record.strikes):
+            record.on_loop = True
+            logger.debug("function %r runs on the event loop from now on", name)
+
+    def ran_on_loop(self, name: str, record: RunRecord, seconds: float) -> None:
+        """Account a run on the loop; a slow one sends the function back to threads."""
+        if seconds <= self.max_seconds * SLOW_FACTOR:
+            return
+        record.on_loop = False
+        record.quick_runs = 0
+        record.strikes += 1
+        if record.strikes >= MAX_STRIKES:
+            record.eligible = False
+            then = "it runs on worker threads from now on"
+        else:
+            runs = QUICK_RUNS << (2 * record.strikes)
+            then = f"it runs on worker threads until {runs} runs in a row are quick again"
+        logger.warning(
+            "function %r took %.2f ms on the executor's event loop (over %.2f ms), holding up "
+            "other calls; %s (executor.inline_max_seconds sets the limit, 0 turns this off)",
+            name,
+            seconds * 1e3,
+            self.max_seconds * SLOW_FACTOR * 1e3,
+            then,
+        )

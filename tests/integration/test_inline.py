@@ -1,0 +1,95 @@
+"""Quick, library-free functions run on the executor's event loop; others stay on threads.
+
+Each function reports the thread it ran on: executor worker threads are named
+``cb-<executor id>_<n>``, anything else is the executor's event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cloudburst import CloudburstConnection
+from cloudburst_grpc.local import Node, start_local
+from executors.inline import QUICK_RUNS
+from harness import make_config
+
+# A generous limit, so that no run of these tiny functions on a busy machine counts as slow;
+# SLOW_FACTOR times it (0.25 s) is what a run on the loop may take before it is sent back.
+LIMIT = 0.05
+
+
+def where(_: Any, delay: float = 0.0) -> str:
+    if delay:
+        time.sleep(delay)
+    return threading.current_thread().name
+
+
+def where_with_library(cloudburst: Any, key: str) -> str:
+    cloudburst.put_object(key, 1)
+    return threading.current_thread().name
+
+
+def on_a_worker(thread_name: str) -> bool:
+    return thread_name.startswith("cb-")
+
+
+@pytest.fixture
+def node(start_node: Callable[..., Node]) -> Node:
+    return start_node(start_local(make_config(executor={"inline_max_seconds": LIMIT, "count": 1})))
+
+
+def test_a_quick_library_free_function_moves_to_the_loop_and_back_after_a_slow_run(
+    node: Node,
+) -> None:
+    with CloudburstConnection(node.address) as cloud:
+        fn = cloud.register(where, "where")
+        first = [fn().get() for _ in range(QUICK_RUNS)]
+        assert all(map(on_a_worker, first)), first
+        assert not on_a_worker(fn().get()), "after enough quick runs it runs on the loop"
+        # A run far over the limit still finishes (on the loop), then sends it back to threads.
+        assert not on_a_worker(fn(0.3).get())
+        assert on_a_worker(fn().get())
+
+
+def test_a_function_that_uses_the_library_always_runs_on_a_worker(node: Node) -> None:
+    with CloudburstConnection(node.address) as cloud:
+        fn = cloud.register(where_with_library, "where_with_library")
+        names = [fn(f"inline/{i}").get() for i in range(QUICK_RUNS * 3)]
+        assert all(map(on_a_worker, names)), names
+        assert cloud.get_object(f"inline/{QUICK_RUNS * 3 - 1}") == 1
+
+
+def test_a_chain_runs_on_the_loop_only_as_far_as_its_functions_may(node: Node) -> None:
+    with CloudburstConnection(node.address) as cloud:
+        cloud.register(lambda _, a: (a + 1, threading.current_thread().name), "incr")
+        cloud.register(
+            lambda cloudburst, a, incr_thread: (
+                a * a,
+                incr_thread,
+                cloudburst.get_id() and threading.current_thread().name,
+            ),
+            "square",
+        )
+        cloud.register_dag("chain", ["incr", "square"], [("incr", "square")])
+        results = [
+            cloud.call_dag("chain", {"incr": 3}, direct_response=True)
+            for _ in range(QUICK_RUNS + 2)
+        ]
+    assert {value for value, _, _ in results} == {16}
+    assert not on_a_worker(results[-1][1]), "incr earned the loop"
+    assert all(on_a_worker(square) for _, _, square in results), "square reads the library"
+
+
+def test_a_limit_of_zero_keeps_every_function_on_a_worker(
+    start_node: Callable[..., Node],
+) -> None:
+    node = start_node(start_local(make_config(executor={"inline_max_seconds": 0.0})))
+    with CloudburstConnection(node.address) as cloud:
+        fn = cloud.register(where, "where")
+        names = [fn().get() for _ in range(QUICK_RUNS * 3)]
+    assert all(map(on_a_worker, names)), names

@@ -1,0 +1,159 @@
+"""Which functions may run on the executor's event loop, and when they earn and lose it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import pytest
+
+from executors.inline import MAX_STRIKES, QUICK_RUNS, SLOW_FACTOR, InlineGate, RunRecord
+from executors.inline import library_unused as unused
+
+# -- the static check: does the code ever read the user library? ----------------------------------
+
+
+def ignores(cloudburst: Any, a: int) -> int:
+    return a + 1
+
+
+def reads(cloudburst: Any, key: str) -> Any:
+    return cloudburst.get(key)
+
+
+def reads_on_a_rare_branch(cloudburst: Any, a: int) -> int:
+    if a < 0:
+        cloudburst.put("negative", a)
+    return a
+
+
+def passes_it_on(cloudburst: Any, a: int) -> int:
+    return helper(cloudburst, a)
+
+
+def helper(library: Any, a: int) -> int:
+    return a
+
+
+def closes_over_it(cloudburst: Any, a: int) -> Any:
+    return (lambda: cloudburst)()
+
+
+def rebinds_it(cloudburst: Any, a: int) -> Any:
+    cloudburst = a  # stored, then read: it is the library no longer, but we do not track that
+    return cloudburst
+
+
+def looks_at_locals(cloudburst: Any, a: int) -> Any:
+    return locals()["cloudburst"]
+
+
+def star_args(*args: Any) -> Any:
+    return args[1]
+
+
+def generator(cloudburst: Any, a: int) -> Any:
+    yield a
+
+
+async def coroutine(cloudburst: Any, a: int) -> int:
+    return a
+
+
+class CallableObject:
+    def __call__(self, cloudburst: Any, a: int) -> int:
+        return a
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (ignores, True),
+        (lambda _, a: a * a, True),
+        (reads, False),
+        (reads_on_a_rare_branch, False),
+        (passes_it_on, False),
+        (closes_over_it, False),
+        (rebinds_it, False),
+        (looks_at_locals, False),
+        (star_args, False),
+        (generator, False),
+        (coroutine, False),
+        (CallableObject(), False),
+        (CallableObject, False),
+        (functools.partial(ignores, None), False),
+        (len, False),
+    ],
+    ids=lambda v: getattr(v, "__name__", type(v).__name__) if not isinstance(v, bool) else "",
+)
+def test_only_plain_functions_that_never_read_the_library_qualify(
+    target: Any, expected: bool
+) -> None:
+    assert unused(target) is expected
+
+
+# -- the gate: earned by quick runs on threads, lost by a slow run on the loop ------------------
+
+LIMIT = 0.001
+
+
+def earn(gate: InlineGate, record: RunRecord, runs: int, target: Any = ignores) -> None:
+    for _ in range(runs):
+        gate.ran_on_thread("f", target, record, LIMIT / 2)
+
+
+def test_a_function_runs_on_the_loop_after_enough_quick_runs_in_a_row() -> None:
+    gate, record = InlineGate(LIMIT), RunRecord()
+    earn(gate, record, QUICK_RUNS - 1)
+    assert not gate.allows(record)
+    gate.ran_on_thread("f", ignores, record, LIMIT * 2)  # one slow run starts the count again
+    earn(gate, record, QUICK_RUNS - 1)
+    assert not gate.allows(record)
+    earn(gate, record, 1)
+    assert gate.allows(record)
+
+
+def test_a_function_that_reads_the_library_never_runs_on_the_loop() -> None:
+    gate, record = InlineGate(LIMIT), RunRecord()
+    earn(gate, record, QUICK_RUNS * 10, target=reads)
+    assert not gate.allows(record)
+    assert record.eligible is False
+
+
+def test_a_limit_of_zero_turns_running_on_the_loop_off() -> None:
+    gate, record = InlineGate(0.0), RunRecord()
+    for _ in range(QUICK_RUNS * 10):
+        gate.ran_on_thread("f", ignores, record, 0.0)
+    assert not gate.allows(record)
+
+
+def test_a_slow_run_on_the_loop_sends_it_back_and_it_must_earn_its_place_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate, record = InlineGate(LIMIT), RunRecord()
+    earn(gate, record, QUICK_RUNS)
+    gate.ran_on_loop("f", record, LIMIT * SLOW_FACTOR)  # at the bound: still fine
+    assert gate.allows(record)
+    with caplog.at_level(logging.WARNING, logger="executors.inline"):
+        gate.ran_on_loop("f", record, LIMIT * SLOW_FACTOR * 2)
+    assert not gate.allows(record)
+    assert "'f' took" in caplog.text and "inline_max_seconds" in caplog.text
+    earn(gate, record, QUICK_RUNS)
+    assert not gate.allows(record), "after a strike, more quick runs are needed"
+    earn(gate, record, QUICK_RUNS * 3)
+    assert gate.allows(record)
+
+
+def test_after_too_many_slow_runs_on_the_loop_it_stays_on_threads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate, record = InlineGate(LIMIT), RunRecord()
+    for strike in range(MAX_STRIKES):
+        earn(gate, record, QUICK_RUNS << (2 * strike))
+        assert gate.allows(record), f"earned back after {strike} strikes"
+        with caplog.at_level(logging.WARNING, logger="executors.inline"):
+            gate.ran_on_loop("f", record, 1.0)
+    assert "from now on" in caplog.text
+    earn(gate, record, QUICK_RUNS << (2 * (MAX_STRIKES + 1)))
+    assert not gate.allows(record)
