@@ -12,9 +12,14 @@ The loop must not be held up for long, so the gate is earned and lost:
   each within ``max_seconds`` (the run itself: user code and serializing its
   result, not the hand-offs);
 - a run on the loop that takes over :data:`SLOW_FACTOR` times ``max_seconds``
-  sends it back to threads, and it must earn its place again with four times
-  as many quick runs; after :data:`MAX_STRIKES` such runs it stays on threads
-  for the life of the process (a new version of the function starts afresh).
+  (wall time: blocking counts) sends it back to threads with a strike, and it
+  must earn its place again with four times as many quick runs per strike,
+  up to :data:`MAX_STRIKES` (8,192 runs in a row). A function that is slow
+  once in a thousand runs so stays on threads, while one hit by a rare stall
+  it did not cause (the process descheduled, a garbage collection) soon
+  earns its place back.
+
+A new version of a function starts afresh.
 
 Classes never run on the loop: a pinned instance's lock may be held by a
 thread that is itself waiting on the loop.
@@ -35,8 +40,8 @@ logger = logging.getLogger(__name__)
 QUICK_RUNS = 8
 #: A run on the loop longer than this many times the limit sends the function back to threads.
 SLOW_FACTOR = 5
-#: Slow runs on the loop after which a function never runs there again.
-MAX_STRIKES = 3
+#: The most strikes a function carries: each one fourfolds the quick runs it needs.
+MAX_STRIKES = 5
 
 # Generators and coroutines return before their code runs.
 _SUSPENDS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
@@ -78,7 +83,7 @@ class RunRecord:
     quick_runs: int = 0
     """Consecutive quick runs on threads so far."""
     strikes: int = 0
-    """Slow runs it had on the loop."""
+    """Slow runs it had on the loop (at most MAX_STRIKES)."""
     eligible: bool | None = None
     """Whether it may ever run on the loop (None until first looked at)."""
 
@@ -108,8 +113,9 @@ class InlineGate:
             record.quick_runs = 0
             return
         record.quick_runs += 1
-        if record.quick_runs >= QUICK_RUNS << (2 * record.strikes):
+        if record.quick_runs >= _needed(record.strikes):
             record.on_loop = True
+            record.quick_runs = 0
             logger.debug("function %r runs on the event loop from now on", name)
 
     def ran_on_loop(self, name: str, record: RunRecord, seconds: float) -> None:
@@ -118,18 +124,18 @@ class InlineGate:
             return
         record.on_loop = False
         record.quick_runs = 0
-        record.strikes += 1
-        if record.strikes >= MAX_STRIKES:
-            record.eligible = False
-            then = "it runs on worker threads from now on"
-        else:
-            runs = QUICK_RUNS << (2 * record.strikes)
-            then = f"it runs on worker threads until {runs} runs in a row are quick again"
-        logger.warning(
+        record.strikes = min(record.strikes + 1, MAX_STRIKES)
+        logger.info(
             "function %r took %.2f ms on the executor's event loop (over %.2f ms), holding up "
-            "other calls; %s (executor.inline_max_seconds sets the limit, 0 turns this off)",
+            "other calls; it runs on worker threads until %d runs in a row are quick again "
+            "(executor.inline_max_seconds sets the limit, 0 turns this off)",
             name,
             seconds * 1e3,
             self.max_seconds * SLOW_FACTOR * 1e3,
-            then,
+            _needed(record.strikes),
         )
+
+
+def _needed(strikes: int) -> int:
+    """Quick runs in a row on threads that earn a place on the loop."""
+    return QUICK_RUNS << (2 * strikes)
