@@ -12,12 +12,13 @@ The loop must not be held up for long, so the gate is earned and lost:
   each within ``max_seconds`` (the run itself: user code and serializing its
   result, not the hand-offs);
 - a run on the loop that takes over :data:`SLOW_FACTOR` times ``max_seconds``
-  (wall time: blocking counts) sends it back to threads with a strike, and it
-  must earn its place again with four times as many quick runs per strike,
-  up to :data:`MAX_STRIKES` (8,192 runs in a row). A function that is slow
-  once in a thousand runs so stays on threads, while one hit by a rare stall
-  it did not cause (the process descheduled, a garbage collection) soon
-  earns its place back.
+  sends it back to threads with a strike, unless it only took that long
+  because the operating system ran other processes meanwhile (its own CPU
+  time was short and it never blocked; Linux tells). It must then earn its
+  place again with four times as many quick runs per strike, up to
+  :data:`MAX_STRIKES` (8,192 runs in a row). A function that is slow once in
+  a thousand runs so stays on threads, while one hit by a rare stall it did
+  not cause (a garbage collection, say) soon earns its place back.
 
 A new version of a function starts afresh.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dis
 import inspect
 import logging
+import resource
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,8 @@ SLOW_FACTOR = 5
 #: The most strikes a function carries: each one fourfolds the quick runs it needs.
 MAX_STRIKES = 5
 
+# Per-thread resource usage: CPU time and context switches (Linux).
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
 # Generators and coroutines return before their code runs.
 _SUSPENDS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 # Names through which code could reach a parameter without loading it by name.
@@ -118,10 +122,33 @@ class InlineGate:
             record.quick_runs = 0
             logger.debug("function %r runs on the event loop from now on", name)
 
-    def ran_on_loop(self, name: str, record: RunRecord, seconds: float) -> None:
-        """Account a run on the loop; a slow one sends the function back to threads."""
-        if seconds <= self.max_seconds * SLOW_FACTOR:
+    @staticmethod
+    def usage() -> resource.struct_rusage | None:
+        """This thread's resource usage, taken before a run on the loop (None if unknown)."""
+        return None if _RUSAGE_THREAD is None else resource.getrusage(_RUSAGE_THREAD)
+
+    def ran_on_loop(
+        self,
+        name: str,
+        record: RunRecord,
+        seconds: float,
+        before: resource.struct_rusage | None = None,
+    ) -> None:
+        """Account a run on the loop; a slow one sends the function back to threads.
+
+        ``before`` is :meth:`usage` taken when the run began: with it, a run that
+        was slow only because this thread was made to wait for the CPU (short
+        CPU time, no blocking) does not count against the function.
+        """
+        limit = self.max_seconds * SLOW_FACTOR
+        if seconds <= limit:
             return
+        if before is not None and _RUSAGE_THREAD is not None:
+            after = resource.getrusage(_RUSAGE_THREAD)
+            cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+            if cpu <= limit and after.ru_nvcsw == before.ru_nvcsw:
+                logger.debug("function %r was descheduled for %.2f ms", name, seconds * 1e3)
+                return
         record.on_loop = False
         record.quick_runs = 0
         record.strikes = min(record.strikes + 1, MAX_STRIKES)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import resource
+import time
 from typing import Any
 
 import pytest
@@ -155,3 +157,35 @@ def test_each_strike_fourfolds_the_runs_needed_up_to_a_cap() -> None:
         assert gate.allows(record), f"{needed} quick runs after {strike} strikes"
         gate.ran_on_loop("f", record, 1.0)
     assert record.strikes == MAX_STRIKES
+
+
+def on_the_loop() -> tuple[InlineGate, RunRecord]:
+    gate, record = InlineGate(LIMIT), RunRecord()
+    earn(gate, record, QUICK_RUNS)
+    assert gate.allows(record)
+    return gate, record
+
+
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="per-thread usage is Linux's")
+def test_a_run_slow_only_because_the_thread_waited_for_the_cpu_is_no_strike() -> None:
+    gate, record = on_the_loop()
+    # Far over the limit by the clock, but no CPU time spent and no blocking since `before`.
+    gate.ran_on_loop("f", record, LIMIT * SLOW_FACTOR * 10, gate.usage())
+    assert gate.allows(record) and record.strikes == 0
+
+
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="per-thread usage is Linux's")
+def test_a_run_that_blocked_or_computed_too_long_is_a_strike() -> None:
+    gate, record = on_the_loop()
+    before = gate.usage()
+    time.sleep(LIMIT)  # blocking: a voluntary context switch
+    gate.ran_on_loop("f", record, LIMIT * SLOW_FACTOR * 2, before)
+    assert not gate.allows(record) and record.strikes == 1
+
+    gate, record = on_the_loop()
+    before = gate.usage()
+    started = time.thread_time()
+    while time.thread_time() - started < LIMIT * SLOW_FACTOR * 2:
+        pass  # computing: CPU time over the bound
+    gate.ran_on_loop("f", record, LIMIT * SLOW_FACTOR * 2, before)
+    assert not gate.allows(record) and record.strikes == 1
