@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,7 @@ class Accepted:
     """A call the scheduler accepted: where its result goes, and the outcome if awaited."""
 
     response_key: str
-    outcome: Awaitable[execution_pb2.Outcome] | None
+    outcome: asyncio.Future[execution_pb2.Outcome] | None
 
 
 def check_name(kind: str, name: str) -> None:
@@ -320,7 +320,7 @@ class Scheduler:
             schedule, sink = await self._place_dag(
                 request, call_id, response_key, want_outcome, self._timeout(timeout)
             )
-            outcome: Awaitable[execution_pb2.Outcome] | None = None
+            outcome: asyncio.Future[execution_pb2.Outcome] | None = None
             if want_outcome:
                 outcome = self.pool.peer(schedule.placements[sink]).expect_result(
                     call_id, self._timeout(timeout)

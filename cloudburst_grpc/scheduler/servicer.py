@@ -264,52 +264,44 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         releasable: set[str],
     ) -> None:
         kind = frame.WhichOneof("call")
+        body: scheduler_service_pb2.CallFunctionResponse | scheduler_service_pb2.CallDagResponse
         if kind == "call_function":
             request = frame.call_function
-            direct = request.direct_response
+            direct, named = request.direct_response, bool(request.response_key)
             accepted = await self._scheduler.call_function(
                 request, direct or frame.stream_outcome, None, frame.trace_context
             )
-            first = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
-            if not direct:
-                answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=frame.sequence, call_function=first
-                    )
-                )
-            if accepted.outcome is not None:
-                first.outcome.CopyFrom(await _await_outcome(accepted))
-                if frame.releasable and not direct and not request.response_key:
-                    releasable.add(accepted.response_key)
-                answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=frame.sequence, call_function=first
-                    )
-                )
+            body = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
         elif kind == "call_dag":
             dag_request = frame.call_dag
-            direct = dag_request.direct_response
+            direct, named = dag_request.direct_response, bool(dag_request.response_key)
             accepted = await self._scheduler.call_dag(
                 dag_request, direct or frame.stream_outcome, None, frame.trace_context
             )
-            dag_answer = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
-            if not direct:
-                answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=frame.sequence, call_dag=dag_answer
-                    )
-                )
-            if accepted.outcome is not None:
-                dag_answer.outcome.CopyFrom(await _await_outcome(accepted))
-                if frame.releasable and not direct and not dag_request.response_key:
-                    releasable.add(accepted.response_key)
-                answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=frame.sequence, call_dag=dag_answer
-                    )
-                )
+            body = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
         else:
             raise InvalidArgumentError("a StreamCallsRequest must carry call_function or call_dag")
+
+        def answer() -> scheduler_service_pb2.StreamCallsResponse:
+            if isinstance(body, scheduler_service_pb2.CallFunctionResponse):
+                return scheduler_service_pb2.StreamCallsResponse(
+                    sequence=frame.sequence, call_function=body
+                )
+            return scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_dag=body)
+
+        once = direct
+        if not once and accepted.outcome is not None:
+            # A call that finishes at once (its functions ran on the executor's loop) is
+            # answered once, with its outcome, rather than accepted now and answered again.
+            await asyncio.sleep(0)
+            once = accepted.outcome.done()
+        if not once:
+            answers.put_nowait(answer())
+        if accepted.outcome is not None:
+            body.outcome.CopyFrom(await _await_outcome(accepted))
+            if frame.releasable and not direct and not named:
+                releasable.add(accepted.response_key)
+            answers.put_nowait(answer())
 
 
 async def _await_outcome(accepted: Accepted) -> execution_pb2.Outcome:

@@ -11,9 +11,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
+from cloudburst.serialization import deserialize, serialize
+from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc, value_pb2
 from cloudburst_grpc.local import Node, start_local
 from executors.inline import QUICK_RUNS
 from harness import make_config
@@ -93,3 +96,37 @@ def test_a_limit_of_zero_keeps_every_function_on_a_worker(
         fn = cloud.register(where, "where")
         names = [fn().get() for _ in range(QUICK_RUNS * 3)]
     assert all(map(on_a_worker, names)), names
+
+
+def test_a_call_that_finishes_at_once_is_answered_once_on_the_call_stream(node: Node) -> None:
+    """A streamed call is accepted, then answered with its outcome; when its function ran
+    on the loop, the one answer carries both."""
+    with CloudburstConnection(node.address) as cloud:
+        quick = cloud.register(where, "quick")
+        cloud.register(where, "slow")
+        for _ in range(QUICK_RUNS):
+            quick().get()
+
+    def call(sequence: int, name: str, *args: Any) -> scheduler_service_pb2.StreamCallsRequest:
+        request = scheduler_service_pb2.CallFunctionRequest(
+            name=name,
+            arguments=[
+                value_pb2.Argument(value=serialize(a, what="argument", limit=1 << 20)) for a in args
+            ],
+        )
+        return scheduler_service_pb2.StreamCallsRequest(
+            sequence=sequence, call_function=request, stream_outcome=True
+        )
+
+    with grpc.insecure_channel(node.address) as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        # The slow call's outcome comes last, so every answer to the quick one is in by then.
+        answers = list(stub.StreamCalls(iter([call(1, "quick"), call(2, "slow", 0.2)]), timeout=60))
+    by_call: dict[int, list[bool]] = {}
+    for answer in answers:
+        body = answer.call_function
+        assert body.response_key
+        by_call.setdefault(answer.sequence, []).append(body.HasField("outcome"))
+    assert by_call == {1: [True], 2: [False, True]}, by_call
+    (first,) = [a.call_function for a in answers if a.sequence == 1]
+    assert not on_a_worker(deserialize(first.outcome.value)), "quick ran on the loop"

@@ -679,7 +679,9 @@ class StreamCallsRequest(_message.Message):
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
     stream_outcome: _builtins.bool
-    """Also send the outcome in a second answer once the call finishes; the result is still stored."""
+    """Also send the outcome once the call finishes; the result is still stored. A call that
+    finishes at once is answered only once, with its response key and outcome together.
+    """
     releasable: _builtins.bool
     """The caller will name this call's result in `release_keys` once it no longer needs it. Only
     applies when the scheduler chooses the response key and the outcome is streamed.
@@ -726,7 +728,9 @@ Global___StreamCallsRequest: _TypeAlias = StreamCallsRequest  # noqa: Y015
 
 @_typing.final
 class StreamCallsResponse(_message.Message):
-    """StreamCallsResponse answers one StreamCallsRequest: once when accepted, again with the outcome if asked."""
+    """StreamCallsResponse answers one StreamCallsRequest: once when accepted, again with the outcome if
+    asked; or once with both, when the call finished by the time it was accepted.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
