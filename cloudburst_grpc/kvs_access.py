@@ -34,8 +34,8 @@ class KvsAccess(Protocol):
         key: str,
         lattice: lattice_pb2.Lattice,
         keyspace: lattice_pb2.Keyspace.ValueType = USER,
-    ) -> lattice_pb2.Lattice:
-        """Merge ``lattice`` into the key durably and return the merged lattice."""
+    ) -> None:
+        """Merge ``lattice`` into the key durably."""
         ...
 
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:

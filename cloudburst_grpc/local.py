@@ -104,9 +104,9 @@ class InProcessKvs:
         key: str,
         lattice: lattice_pb2.Lattice,
         keyspace: lattice_pb2.Keyspace.ValueType = USER,
-    ) -> lattice_pb2.Lattice:
+    ) -> None:
         """Merge a lattice durably."""
-        return await self._store.put(keyspace, key, lattice)
+        await self._store.put(keyspace, key, lattice)
 
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete a key."""
@@ -391,9 +391,9 @@ class EndpointKvs:
         key: str,
         lattice: lattice_pb2.Lattice,
         keyspace: lattice_pb2.Keyspace.ValueType = USER,
-    ) -> lattice_pb2.Lattice:
-        """Merge a lattice."""
-        return await (await self._endpoint.client()).put(key, lattice, keyspace)
+    ) -> None:
+        """Merge a lattice (the KVS does not send it back)."""
+        await (await self._endpoint.client()).merge(key, lattice, keyspace)
 
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete a key."""

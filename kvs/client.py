@@ -88,13 +88,42 @@ class KvsClient:
         A last-writer-wins lattice without a timestamp is stamped by the server.
         A retry with the same ``request_id`` is not merged twice.
         """
+        response = await self._put(key, lattice, keyspace, request_id, timeout, omit=False)
+        return response.lattice
+
+    async def merge(
+        self,
+        key: str,
+        lattice: lattice_pb2.Lattice,
+        keyspace: Keyspace = _USER,
+        *,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> None:
+        """Merge ``lattice`` into the key, as :meth:`put`, without reading the result back.
+
+        The server then answers without the stored lattice, which for a large
+        value halves what travels.
+        """
+        await self._put(key, lattice, keyspace, request_id, timeout, omit=True)
+
+    async def _put(
+        self,
+        key: str,
+        lattice: lattice_pb2.Lattice,
+        keyspace: Keyspace,
+        request_id: str,
+        timeout: float | None,
+        omit: bool,
+    ) -> kvs_service_pb2.PutValueResponse:
         request = kvs_service_pb2.PutValueRequest(
-            key=key, keyspace=keyspace, lattice=lattice, request_id=request_id
+            key=key, keyspace=keyspace, request_id=request_id, omit_lattice=omit
         )
-        response = await call(
+        request.lattice.CopyFrom(lattice)  # one copy; a nested constructor copies at each level
+        response: kvs_service_pb2.PutValueResponse = await call(
             f"PutValue of key {key!r}", lambda: self._stub.PutValue(request, timeout=timeout)
         )
-        return response.lattice
+        return response
 
     async def delete(
         self,

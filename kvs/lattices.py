@@ -87,14 +87,14 @@ def _clean_value(value: value_pb2.Value) -> value_pb2.Value:
 
 
 def _clean_lww(lww: lattice_pb2.LwwLattice) -> lattice_pb2.Lattice:
-    return lattice_pb2.Lattice(
-        lww=lattice_pb2.LwwLattice(
-            timestamp=lattice_pb2.LwwTimestamp(
-                time_ns=lww.timestamp.time_ns, writer_id=lww.timestamp.writer_id
-            ),
-            value=_clean_value(lww.value),
-        )
-    )
+    # Filled in place: building it from nested temporaries copies a large value
+    # into fresh memory at every level (over a millisecond per MiB).
+    clean = lattice_pb2.Lattice()
+    clean.lww.timestamp.time_ns = lww.timestamp.time_ns
+    clean.lww.timestamp.writer_id = lww.timestamp.writer_id
+    clean.lww.value.data = lww.value.data
+    clean.lww.value.serializer = lww.value.serializer
+    return clean
 
 
 def _set_of(values: dict[tuple[int, bytes], value_pb2.Value]) -> lattice_pb2.Lattice:

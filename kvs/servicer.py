@@ -92,7 +92,9 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             lattice = self._store.get(keyspace, request.key)
         if lattice is None:
             return kvs_service_pb2.GetValueResponse(found=False)
-        return kvs_service_pb2.GetValueResponse(found=True, lattice=lattice)
+        response = kvs_service_pb2.GetValueResponse(found=True)
+        response.lattice.CopyFrom(lattice)
+        return response
 
     @_timed("put")
     async def PutValue(
@@ -122,7 +124,10 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         merged = await self._store.put(
             keyspace, request.key, lattice, request_id=request.request_id
         )
-        return kvs_service_pb2.PutValueResponse(lattice=merged)
+        response = kvs_service_pb2.PutValueResponse()
+        if not request.omit_lattice:
+            response.lattice.CopyFrom(merged)
+        return response
 
     @_timed("delete")
     async def DeleteValue(

@@ -259,8 +259,9 @@ class Core:
     async def put(self, key: str, lattice: lattice_pb2.Lattice, timeout: float) -> None:
         """Merge a lattice into a user key."""
         request = kvs_service_pb2.PutValueRequest(
-            key=key, keyspace=lattice_pb2.KEYSPACE_USER, lattice=lattice
+            key=key, keyspace=lattice_pb2.KEYSPACE_USER, omit_lattice=True
         )
+        request.lattice.CopyFrom(lattice)
         await call(f"writing key {key!r}", lambda: self.kvs.PutValue(request, timeout=timeout))
 
     async def delete(self, key: str, timeout: float) -> bool:

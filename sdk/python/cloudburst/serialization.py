@@ -163,7 +163,11 @@ class LwwClock:
 
 def lww(value: value_pb2.Value, clock: LwwClock) -> lattice_pb2.Lattice:
     """Wrap a value in a last-writer-wins lattice stamped by ``clock``."""
-    return lattice_pb2.Lattice(lww=lattice_pb2.LwwLattice(timestamp=clock.now(), value=value))
+    # Filled in place: nested constructors would copy a large value once per level.
+    lattice = lattice_pb2.Lattice()
+    lattice.lww.timestamp.CopyFrom(clock.now())
+    lattice.lww.value.CopyFrom(value)
+    return lattice
 
 
 def lattice_value(lattice: lattice_pb2.Lattice) -> Any:

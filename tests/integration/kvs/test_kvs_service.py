@@ -130,6 +130,24 @@ async def test_put_get_roundtrip(kvs: Kvs) -> None:
     assert [v.data for v in merged.set.values] == [b"a", b"b"]
 
 
+async def test_a_put_that_omits_the_lattice_is_answered_without_it(kvs: Kvs) -> None:
+    big = b"v" * (LIMIT // 2)
+    request = kvs_service_pb2.PutValueRequest(key="big", lattice=lww(big), omit_lattice=True)
+    response = await kvs.stub.PutValue(request, timeout=10)
+    assert not response.HasField("lattice"), "the value is not sent back"
+    stored = await kvs.client.get("big")
+    assert stored is not None and stored.lww.value.data == big
+    # KvsClient.merge is put without reading back; a later write still wins.
+    await kvs.client.merge("big", lww(b"small"))
+    stored = await kvs.client.get("big")
+    assert stored is not None and stored.lww.value.data == b"small"
+    # Without the flag the merged lattice comes back, as before.
+    echoed = await kvs.stub.PutValue(
+        kvs_service_pb2.PutValueRequest(key="big", lattice=lww(b"last")), timeout=10
+    )
+    assert echoed.lattice.lww.value.data == b"last"
+
+
 async def test_delete_and_batch_get(kvs: Kvs) -> None:
     await kvs.client.put("a", lww(b"1"))
     await kvs.client.put("b", lww(b"2"))

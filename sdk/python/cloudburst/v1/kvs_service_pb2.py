@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cloudburst.v1 import lattice_pb2 as cloudburst_dot_v1_dot_lattice__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x1b\x63loudburst/v1/lattice.proto\"W\n\x0fGetValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"J\n\x10GetValueResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\'\n\x07lattice\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\"\x86\x01\n\x0fPutValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x12\n\nrequest_id\x18\x04 \x01(\t\";\n\x10PutValueResponse\x12\'\n\x07lattice\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\"`\n\x12\x44\x65leteValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x13\x44\x65leteValueResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"P\n\x15\x42\x61tchGetValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\"B\n\x16\x42\x61tchGetValuesResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.cloudburst.v1.KeyValue\"S\n\x18\x42\x61tchDeleteValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\",\n\x19\x42\x61tchDeleteValuesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"s\n\x0fListKeysRequest\x12)\n\x08keyspace\x18\x01 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"9\n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x12WatchValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"N\n\x13WatchValuesResponse\x12&\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x17.cloudburst.v1.KeyValue\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"O\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice2\xe8\x04\n\nKvsService\x12K\n\x08GetValue\x12\x1e.cloudburst.v1.GetValueRequest\x1a\x1f.cloudburst.v1.GetValueResponse\x12K\n\x08PutValue\x12\x1e.cloudburst.v1.PutValueRequest\x1a\x1f.cloudburst.v1.PutValueResponse\x12T\n\x0b\x44\x65leteValue\x12!.cloudburst.v1.DeleteValueRequest\x1a\".cloudburst.v1.DeleteValueResponse\x12]\n\x0e\x42\x61tchGetValues\x12$.cloudburst.v1.BatchGetValuesRequest\x1a%.cloudburst.v1.BatchGetValuesResponse\x12\x66\n\x11\x42\x61tchDeleteValues\x12\'.cloudburst.v1.BatchDeleteValuesRequest\x1a(.cloudburst.v1.BatchDeleteValuesResponse\x12K\n\x08ListKeys\x12\x1e.cloudburst.v1.ListKeysRequest\x1a\x1f.cloudburst.v1.ListKeysResponse\x12V\n\x0bWatchValues\x12!.cloudburst.v1.WatchValuesRequest\x1a\".cloudburst.v1.WatchValuesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x1b\x63loudburst/v1/lattice.proto\"W\n\x0fGetValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"J\n\x10GetValueResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\'\n\x07lattice\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\"\x9c\x01\n\x0fPutValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0comit_lattice\x18\x05 \x01(\x08\";\n\x10PutValueResponse\x12\'\n\x07lattice\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\"`\n\x12\x44\x65leteValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x13\x44\x65leteValueResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"P\n\x15\x42\x61tchGetValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\"B\n\x16\x42\x61tchGetValuesResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.cloudburst.v1.KeyValue\"S\n\x18\x42\x61tchDeleteValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\",\n\x19\x42\x61tchDeleteValuesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"s\n\x0fListKeysRequest\x12)\n\x08keyspace\x18\x01 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"9\n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x12WatchValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"N\n\x13WatchValuesResponse\x12&\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x17.cloudburst.v1.KeyValue\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"O\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice2\xe8\x04\n\nKvsService\x12K\n\x08GetValue\x12\x1e.cloudburst.v1.GetValueRequest\x1a\x1f.cloudburst.v1.GetValueResponse\x12K\n\x08PutValue\x12\x1e.cloudburst.v1.PutValueRequest\x1a\x1f.cloudburst.v1.PutValueResponse\x12T\n\x0b\x44\x65leteValue\x12!.cloudburst.v1.DeleteValueRequest\x1a\".cloudburst.v1.DeleteValueResponse\x12]\n\x0e\x42\x61tchGetValues\x12$.cloudburst.v1.BatchGetValuesRequest\x1a%.cloudburst.v1.BatchGetValuesResponse\x12\x66\n\x11\x42\x61tchDeleteValues\x12\'.cloudburst.v1.BatchDeleteValuesRequest\x1a(.cloudburst.v1.BatchDeleteValuesResponse\x12K\n\x08ListKeys\x12\x1e.cloudburst.v1.ListKeysRequest\x1a\x1f.cloudburst.v1.ListKeysResponse\x12V\n\x0bWatchValues\x12!.cloudburst.v1.WatchValuesRequest\x1a\".cloudburst.v1.WatchValuesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVALUERESPONSE']._serialized_start=168
   _globals['_GETVALUERESPONSE']._serialized_end=242
   _globals['_PUTVALUEREQUEST']._serialized_start=245
-  _globals['_PUTVALUEREQUEST']._serialized_end=379
-  _globals['_PUTVALUERESPONSE']._serialized_start=381
-  _globals['_PUTVALUERESPONSE']._serialized_end=440
-  _globals['_DELETEVALUEREQUEST']._serialized_start=442
-  _globals['_DELETEVALUEREQUEST']._serialized_end=538
-  _globals['_DELETEVALUERESPONSE']._serialized_start=540
-  _globals['_DELETEVALUERESPONSE']._serialized_end=578
-  _globals['_BATCHGETVALUESREQUEST']._serialized_start=580
-  _globals['_BATCHGETVALUESREQUEST']._serialized_end=660
-  _globals['_BATCHGETVALUESRESPONSE']._serialized_start=662
-  _globals['_BATCHGETVALUESRESPONSE']._serialized_end=728
-  _globals['_BATCHDELETEVALUESREQUEST']._serialized_start=730
-  _globals['_BATCHDELETEVALUESREQUEST']._serialized_end=813
-  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_start=815
-  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_end=859
-  _globals['_LISTKEYSREQUEST']._serialized_start=861
-  _globals['_LISTKEYSREQUEST']._serialized_end=976
-  _globals['_LISTKEYSRESPONSE']._serialized_start=978
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1035
-  _globals['_WATCHVALUESREQUEST']._serialized_start=1037
-  _globals['_WATCHVALUESREQUEST']._serialized_end=1134
-  _globals['_WATCHVALUESRESPONSE']._serialized_start=1136
-  _globals['_WATCHVALUESRESPONSE']._serialized_end=1214
-  _globals['_KEYVALUE']._serialized_start=1216
-  _globals['_KEYVALUE']._serialized_end=1295
-  _globals['_KVSSERVICE']._serialized_start=1298
-  _globals['_KVSSERVICE']._serialized_end=1914
+  _globals['_PUTVALUEREQUEST']._serialized_end=401
+  _globals['_PUTVALUERESPONSE']._serialized_start=403
+  _globals['_PUTVALUERESPONSE']._serialized_end=462
+  _globals['_DELETEVALUEREQUEST']._serialized_start=464
+  _globals['_DELETEVALUEREQUEST']._serialized_end=560
+  _globals['_DELETEVALUERESPONSE']._serialized_start=562
+  _globals['_DELETEVALUERESPONSE']._serialized_end=600
+  _globals['_BATCHGETVALUESREQUEST']._serialized_start=602
+  _globals['_BATCHGETVALUESREQUEST']._serialized_end=682
+  _globals['_BATCHGETVALUESRESPONSE']._serialized_start=684
+  _globals['_BATCHGETVALUESRESPONSE']._serialized_end=750
+  _globals['_BATCHDELETEVALUESREQUEST']._serialized_start=752
+  _globals['_BATCHDELETEVALUESREQUEST']._serialized_end=835
+  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_start=837
+  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_end=881
+  _globals['_LISTKEYSREQUEST']._serialized_start=883
+  _globals['_LISTKEYSREQUEST']._serialized_end=998
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1000
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1057
+  _globals['_WATCHVALUESREQUEST']._serialized_start=1059
+  _globals['_WATCHVALUESREQUEST']._serialized_end=1156
+  _globals['_WATCHVALUESRESPONSE']._serialized_start=1158
+  _globals['_WATCHVALUESRESPONSE']._serialized_end=1236
+  _globals['_KEYVALUE']._serialized_start=1238
+  _globals['_KEYVALUE']._serialized_end=1317
+  _globals['_KVSSERVICE']._serialized_start=1320
+  _globals['_KVSSERVICE']._serialized_end=1936
 # @@protoc_insertion_point(module_scope)

@@ -87,12 +87,17 @@ class PutValueRequest(_message.Message):
     KEYSPACE_FIELD_NUMBER: _builtins.int
     LATTICE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OMIT_LATTICE_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key; must not be empty."""
     keyspace: _lattice_pb2.Keyspace.ValueType
     """The keyspace of the key."""
     request_id: _builtins.str
     """An optional id that makes retries of the same put safe."""
+    omit_lattice: _builtins.bool
+    """Answer without the merged lattice, for writers that do not read it: a large value is then
+    not sent back.
+    """
     @_builtins.property
     def lattice(self) -> _lattice_pb2.Lattice:
         """The lattice to merge into the stored one."""
@@ -104,10 +109,11 @@ class PutValueRequest(_message.Message):
         keyspace: _lattice_pb2.Keyspace.ValueType = ...,
         lattice: _lattice_pb2.Lattice | None = ...,
         request_id: _builtins.str = ...,
+        omit_lattice: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lattice", b"lattice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "keyspace", b"keyspace", "lattice", b"lattice", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "keyspace", b"keyspace", "lattice", b"lattice", "omit_lattice", b"omit_lattice", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,7 +128,7 @@ class PutValueResponse(_message.Message):
     LATTICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lattice(self) -> _lattice_pb2.Lattice:
-        """The lattice stored after the merge."""
+        """The lattice stored after the merge (empty when the request set `omit_lattice`)."""
 
     def __init__(
         self,
