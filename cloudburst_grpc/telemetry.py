@@ -134,6 +134,12 @@ FUNCTION_CALLS = METER.create_counter(
 FUNCTION_DURATION = METER.create_histogram(
     "cloudburst.function.duration", unit="s", description="Time a function run took, by function"
 )
+LOOP_STALLS = METER.create_counter(
+    "cloudburst.function.loop_stalls",
+    unit="{run}",
+    description="Runs of a function on an executor's event loop that held it up (each sends "
+    "the function back to worker threads), by function",
+)
 DAG_CALLS = METER.create_counter(
     "cloudburst.dag.calls", unit="{call}", description="DAG calls finished, by DAG and outcome"
 )

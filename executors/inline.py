@@ -36,6 +36,8 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
+from cloudburst_grpc import telemetry
+
 logger = logging.getLogger(__name__)
 
 #: Consecutive quick runs on threads before a function runs on the loop.
@@ -152,6 +154,7 @@ class InlineGate:
         record.on_loop = False
         record.quick_runs = 0
         record.strikes = min(record.strikes + 1, MAX_STRIKES)
+        telemetry.LOOP_STALLS.add(1, {"function": name})
         logger.info(
             "function %r took %.2f ms on the executor's event loop (over %.2f ms), holding up "
             "other calls; it runs on worker threads until %d runs in a row are quick again "

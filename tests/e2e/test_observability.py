@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import RemoteFunctionError
+from executors.inline import QUICK_RUNS
 from harness import ServeProcess
 
 
@@ -70,6 +73,37 @@ def test_prometheus_counters_move(serve_process: Callable[..., ServeProcess]) ->
         assert any(k.startswith(gauge + "{") for k in after), gauge
     # Labels are names, never call ids.
     assert not any(re.search(r"[0-9a-f]{32}", key) for key in after)
+
+
+def where(_: Any, delay: float) -> str:
+    time.sleep(delay)
+    return threading.current_thread().name
+
+
+def test_a_function_that_holds_up_the_event_loop_is_counted(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    server = serve_process(
+        "--storage",
+        "memory",
+        "--metrics-port",
+        "0",
+        "--inline-max-seconds",
+        "0.05",
+        "--executors",
+        "1",  # each executor keeps its own record of a function's runs
+    )
+    url = server.wait_for_log("metrics on http://", stdout=True).rsplit(" ", 1)[1].strip()
+    with CloudburstConnection(server.address) as cloud:
+        fn = cloud.register(where, "where")
+        threads = [fn(0).get(timeout=30) for _ in range(QUICK_RUNS + 1)]
+        assert not threads[-1].startswith("cb-"), "quick runs earned it the event loop"
+        stalls = "cloudburst_function_loop_stalls_total"
+        assert metric(scrape(url), stalls, function="where") == 0
+        fn(0.3).get(timeout=30)  # blocks the loop for 0.3 s: over 5x the limit
+        assert metric(scrape(url), stalls, function="where") == 1
+        assert fn(0).get(timeout=30).startswith("cb-"), "back on worker threads"
+    assert "'where' took" in server.stderr()
 
 
 def cbgrpc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
