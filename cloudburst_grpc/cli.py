@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudburst.errors import CloudburstError
-from cloudburst_grpc import affinity, telemetry
+from cloudburst_grpc import affinity, malloc, telemetry
 from cloudburst_grpc.config import DEFAULT_PORT, Config, ConfigError, load_config
 
 logger = logging.getLogger("cbgrpc")
@@ -328,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             affinity.pin(config.server.cpus)
         except ValueError as exc:
             parser.exit(2, f"cbgrpc: configuration error: server.cpus: {exc}\n")
+    # Large values reuse memory instead of faulting in fresh pages (see malloc.py).
+    malloc.tune()
     from cloudburst_grpc import local
 
     starters: dict[str, Callable[[], Awaitable[Any]]] = {

@@ -163,3 +163,30 @@ def test_cpus_naming_a_missing_cpu_is_a_configuration_error() -> None:
     result = cbgrpc("serve", "--storage", "memory", "--port", "0", "--cpus", "4096")
     assert result.returncode == 2
     assert "server.cpus: CPU 4096 does not exist on this machine" in result.stderr
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_large_values_reuse_memory_instead_of_faulting_in_fresh_pages(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    """A 1 MiB put maps no fresh memory once warm (256 pages would fault per copy);
+    glibc's own MALLOC_* variables, when set, are left to rule."""
+    value = b"v" * (1 << 20)
+
+    def faults_per_put(server: ServeProcess) -> float:
+        with CloudburstConnection(server.address) as cloud:
+            for _ in range(10):
+                cloud.put_object("big", value)
+            before = _minor_faults(server.proc.pid)
+            for _ in range(20):
+                cloud.put_object("big", value)
+            return (_minor_faults(server.proc.pid) - before) / 20
+
+    assert faults_per_put(serve_process("--storage", "memory")) < 64
+    fixed = serve_process("--storage", "memory", env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert faults_per_put(fixed) > 256, "the user's setting: every 1 MiB block freshly mapped"
