@@ -24,7 +24,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,14 +73,13 @@ def link_to(carrier: Mapping[str, str]) -> trace.Link | None:
     return trace.Link(span_context) if span_context.is_valid else None
 
 
-@contextmanager
 def span(
     name: str,
     parent: Mapping[str, str] | None = None,
     attributes: Mapping[str, Any] | None = None,
     links: Sequence[trace.Link] = (),
     kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-) -> Iterator[trace.Span | None]:
+) -> AbstractContextManager[trace.Span | None]:
     """A span (current while the block runs), or None and no work at all while tracing is off.
 
     ``parent`` is a message's ``trace_context`` map to continue. An empty map
@@ -89,8 +88,21 @@ def span(
     at all (None) the current context is the parent.
     """
     if not _tracing:
-        yield None
-        return
+        return _NO_SPAN  # a shared object: hot paths pay no generator per span
+    return _span(name, parent, attributes, links, kind)
+
+
+_NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
+@contextmanager
+def _span(
+    name: str,
+    parent: Mapping[str, str] | None,
+    attributes: Mapping[str, Any] | None,
+    links: Sequence[trace.Link],
+    kind: trace.SpanKind,
+) -> Iterator[trace.Span | None]:
     ctx: otel_context.Context | None = None
     if parent is not None:
         if parent:

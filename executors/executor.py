@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -607,6 +608,25 @@ class Executor:
         contexts: dict[str, dict[str, str]],
     ) -> None:
         topo = self._topology(schedule.dag)
+        with self._stage_span(schedule, topo, function, contexts) as current:
+            last, outcome = await self._stage_outcome(schedule, topo, function, outcomes)
+            _annotate(current, outcome)
+            if last == topo.sink:
+                await self._finish(schedule, outcome)
+                return
+            for downstream in topo.downstreams[last]:
+                await self._send_trigger(schedule, downstream, last, outcome)
+
+    def _stage_span(
+        self,
+        schedule: execution_pb2.DagSchedule,
+        topo: Topology,
+        function: str,
+        contexts: dict[str, dict[str, str]],
+    ) -> AbstractContextManager[Any]:
+        """A stage's ``run`` span (built only while tracing is on)."""
+        if not telemetry.tracing():
+            return telemetry.span(function)  # no span, and nothing built for one
         # The first upstream (in the DAG's order) is the parent; the others of a join are links.
         ordered = [contexts[u] for u in topo.upstreams[function] if u in contexts] or [
             contexts.get("", {})
@@ -616,14 +636,7 @@ class Executor:
             **self._attributes(function, schedule.call_id),
             "cloudburst.dag": schedule.dag.name,
         }
-        with telemetry.span(f"run {function}", ordered[0], attributes, links) as current:
-            last, outcome = await self._stage_outcome(schedule, topo, function, outcomes)
-            _annotate(current, outcome)
-            if last == topo.sink:
-                await self._finish(schedule, outcome)
-                return
-            for downstream in topo.downstreams[last]:
-                await self._send_trigger(schedule, downstream, last, outcome)
+        return telemetry.span(f"run {function}", ordered[0], attributes, links)
 
     async def _stage_outcome(
         self,

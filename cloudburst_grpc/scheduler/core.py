@@ -95,6 +95,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
         self._background: asyncio.Task[None] | None = None
         self._topologies: dict[tuple[str, int], dag_rules.Topology] = {}
+        self._plans: dict[str, _Plan] = {}
 
     def _next_version(self) -> int:
         self._last_version = max(time.time_ns(), self._last_version + 1)
@@ -311,11 +312,15 @@ class Scheduler:
         """Place every function of a DAG call and trigger its sources."""
         call_id = new_call_id()
         response_key = request.response_key or ("" if request.direct_response else call_id)
-        attributes = {
-            "cloudburst.dag": request.name,
-            "cloudburst.call_id": call_id,
-            "cloudburst.response_key": response_key or call_id,
-        }
+        attributes = (
+            {
+                "cloudburst.dag": request.name,
+                "cloudburst.call_id": call_id,
+                "cloudburst.response_key": response_key or call_id,
+            }
+            if telemetry.tracing()
+            else None
+        )
         with telemetry.span(f"schedule {request.name}", trace_context, attributes):
             schedule, sink = await self._place_dag(
                 request, call_id, response_key, want_outcome, self._timeout(timeout)
@@ -357,42 +362,34 @@ class Scheduler:
         limit: float,
     ) -> tuple[execution_pb2.DagSchedule, str]:
         dag = await self.get_dag(request.name)
-        functions = list(dag.functions)
         topo = self._topology(dag)
-        unknown = [f for f in request.function_arguments if f not in functions]
+        functions = tuple([await self.get_function(name) for name in topo.upstream_first])
+        unknown = [f for f in request.function_arguments if f not in topo.upstreams]
         if unknown:
             raise InvalidArgumentError(
                 f"arguments given for {', '.join(map(repr, unknown))}, which DAG "
-                f"{request.name!r} does not contain; its functions are {', '.join(functions)}",
+                f"{request.name!r} does not contain; its functions are {', '.join(dag.functions)}",
                 {"dag": request.name},
             )
-        schedule = execution_pb2.DagSchedule(
-            call_id=call_id,
-            dag=dag,
-            response_key=response_key,
-            direct_response=want_outcome,
-            reply_to=self.scheduler_id,
-        )
+        schedule = execution_pb2.DagSchedule()
+        schedule.CopyFrom(self._plan(dag, topo, functions).template)
+        schedule.call_id = call_id
+        schedule.response_key = response_key
+        schedule.direct_response = want_outcome
+        schedule.reply_to = self.scheduler_id
         now = time.time()
         schedule.start_time.FromNanoseconds(int(now * 1e9))
         schedule.deadline_time.FromNanoseconds(int((now + limit) * 1e9))
         views = self.pool.views()
         for name in topo.upstream_first:
-            function = await self.get_function(name)
             arguments = request.function_arguments.get(name)
+            keys: list[str] = []
             if arguments is not None:
                 _check_arguments(
                     arguments.arguments, f"arguments of {name!r}", self.max_payload_bytes
                 )
                 schedule.function_arguments[name].CopyFrom(arguments)
-            else:
-                schedule.function_arguments[name].SetInParent()
-            schedule.function_versions[name] = function.version
-            keys = [
-                a.reference.key
-                for a in schedule.function_arguments[name].arguments
-                if a.HasField("reference")
-            ]
+                keys = [a.reference.key for a in arguments.arguments if a.HasField("reference")]
             pinned = [v for v in views if name in v.pinned and not v.overloaded]
             upstreams = topo.upstreams[name]
             near = schedule.placements[upstreams[0]] if upstreams else None
@@ -400,6 +397,31 @@ class Scheduler:
             schedule.placements[name] = view.executor_id
             schedule.executor_addresses[view.executor_id] = view.address
         return schedule, topo.sink
+
+    def _plan(
+        self,
+        dag: function_pb2.Dag,
+        topo: dag_rules.Topology,
+        functions: tuple[function_pb2.Function, ...],
+    ) -> _Plan:
+        """What every call of this DAG shares, built once per version of it and its functions."""
+        plan = self._plans.get(dag.name)
+        if (
+            plan is not None
+            and plan.dag is dag
+            and len(plan.functions) == len(functions)
+            and all(a is b for a, b in zip(plan.functions, functions, strict=True))
+        ):
+            return plan
+        template = execution_pb2.DagSchedule()
+        template.dag.CopyFrom(dag)
+        for name, function in zip(topo.upstream_first, functions, strict=True):
+            template.function_arguments[name].SetInParent()
+            template.function_versions[name] = function.version
+        if len(self._plans) > 4096:
+            self._plans.clear()
+        plan = self._plans[dag.name] = _Plan(dag, functions, template)
+        return plan
 
     def _timeout(self, timeout: float | None) -> float:
         limit = self.config.call_timeout_seconds
@@ -420,6 +442,21 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.releaser.close()
+
+
+@dataclass
+class _Plan:
+    """The part of a DAG call's schedule every call shares, for one version of the definitions.
+
+    The definitions are the registry's cached objects: a new version of the DAG
+    or of one of its functions is a new object, and gets a new plan.
+    """
+
+    dag: function_pb2.Dag
+    functions: tuple[function_pb2.Function, ...]
+    """The DAG's functions, upstream first."""
+    template: execution_pb2.DagSchedule
+    """The DAG, its functions' versions and an empty argument list for each."""
 
 
 def _check_arguments(
