@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -32,6 +33,8 @@ from cloudburst.v1 import lattice_pb2, value_pb2
 
 #: The type prefix of runtime errors stored as failures.
 RUNTIME_ERROR_PREFIX = "cloudburst.errors."
+#: Types pickled the same by pickle and cloudpickle (no code, no classes of their own).
+_SCALARS = frozenset({int, float, bool, complex, type(None)})
 #: The default largest serialized value, in bytes (16 MiB).
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
@@ -52,6 +55,10 @@ def serialize(obj: Any, *, what: str = "value", limit: int | None = None) -> val
         value = value_pb2.Value(data=obj, serializer=value_pb2.SERIALIZER_BYTES)
     elif isinstance(obj, str):
         value = value_pb2.Value(data=obj.encode(), serializer=value_pb2.SERIALIZER_STRING)
+    elif type(obj) in _SCALARS:
+        # The same bytes cloudpickle writes, without its pickler's set-up (~1.3 us).
+        data = pickle.dumps(obj, protocol=cloudpickle.DEFAULT_PROTOCOL)
+        value = value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE)
     else:
         try:
             data = cloudpickle.dumps(obj)

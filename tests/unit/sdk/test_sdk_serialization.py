@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import cloudpickle
 import pytest
 
 from cloudburst import serialization
@@ -309,3 +310,12 @@ def test_call_ids_are_unique_hex_and_differ_in_a_forked_child() -> None:
     parent_id = new_call_id()
     assert len(child_id) == 32
     assert child_id[:20] != parent_id[:20], "a forked child must draw its own prefix"
+
+
+@pytest.mark.parametrize("scalar", [0, -7, 2**70, 1.5, float("inf"), True, False, None, 1 + 2j])
+def test_scalars_are_pickled_exactly_as_cloudpickle_would(scalar: object) -> None:
+    value = serialize(scalar, what="a scalar", limit=1 << 20)
+    assert value.serializer == value_pb2.SERIALIZER_CLOUDPICKLE
+    assert value.data == cloudpickle.dumps(scalar)
+    restored = deserialize(value)
+    assert restored == scalar and type(restored) is type(scalar)
