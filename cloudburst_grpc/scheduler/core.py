@@ -381,6 +381,7 @@ class Scheduler:
         schedule.start_time.FromNanoseconds(int(now * 1e9))
         schedule.deadline_time.FromNanoseconds(int((now + limit) * 1e9))
         views = self.pool.views()
+        placed: dict[str, str] = {}
         for name in topo.upstream_first:
             arguments = request.function_arguments.get(name)
             keys: list[str] = []
@@ -392,10 +393,12 @@ class Scheduler:
                 keys = [a.reference.key for a in arguments.arguments if a.HasField("reference")]
             pinned = [v for v in views if name in v.pinned and not v.overloaded]
             upstreams = topo.upstreams[name]
-            near = schedule.placements[upstreams[0]] if upstreams else None
+            near = placed[upstreams[0]] if upstreams else None
             view = policy.place(name, keys, pinned or views, near=near)
-            schedule.placements[name] = view.executor_id
-            schedule.executor_addresses[view.executor_id] = view.address
+            placed[name] = view.executor_id
+            if view.executor_id not in schedule.executor_addresses:
+                schedule.executor_addresses[view.executor_id] = view.address
+        schedule.placements.update(placed)
         return schedule, topo.sink
 
     def _plan(

@@ -51,7 +51,7 @@ def score(
     ``near`` is the executor the function's (first) upstream in a DAG runs on.
     """
     pinned = PINNED_WEIGHT if function in view.pinned else 0.0
-    local = KEY_WEIGHT * sum(1 for k in keys if k in view.cached_keys)
+    local = KEY_WEIGHT * sum(1 for k in keys if k in view.cached_keys) if keys else 0.0
     nearby = NEAR_WEIGHT if near is not None and view.executor_id == near else 0.0
     return pinned + local + nearby - LOAD_WEIGHT * view.load
 
@@ -68,20 +68,26 @@ def place(
     Raises:
         NoExecutorError: No executor is available (none known, or all overloaded).
     """
-    candidates = [e for e in executors if not e.overloaded]
-    if not candidates:
+    # One pass: the best score, then the least load among the best, then a random pick.
+    top: list[ExecutorView] = []
+    best = fewest = 0.0
+    for executor in executors:
+        if executor.overloaded:
+            continue
+        rank = score(executor, function, keys, near)
+        if not top or rank > best or (rank == best and executor.load < fewest):
+            top, best, fewest = [executor], rank, executor.load
+        elif rank == best and executor.load == fewest:
+            top.append(executor)
+    if not top:
         detail = "all executors are overloaded" if executors else "no executor is registered"
         raise NoExecutorError(
             f"cannot place {function!r}: {detail}; retry shortly or add executors",
             {"function": function},
         )
-    pick = rng.choice if rng is not None else random.choice
-    scores = [score(e, function, keys, near) for e in candidates]
-    best = max(scores)
-    top = [e for e, s in zip(candidates, scores, strict=True) if s == best]
-    fewest = min(e.load for e in top)
-    top = [e for e in top if e.load == fewest]
-    return top[0] if len(top) == 1 else pick(top)
+    if len(top) == 1:
+        return top[0]
+    return (rng.choice if rng is not None else random.choice)(top)
 
 
 def choose_pins(function: str, executors: Sequence[ExecutorView], replicas: int) -> list[str]:
