@@ -427,11 +427,14 @@ class Executor:
         """Run user code and serialize its result (on a worker thread, or ``on_loop``)."""
         usage = self._inline.usage() if on_loop else None
         began = time.perf_counter()
+        if on_loop:
+            self._inline.started(loaded.name, began)
         try:
             outcome = self._outcome(loaded, library, args, pinned)
         finally:
             took = time.perf_counter() - began
             if on_loop:
+                self._inline.stopped()
                 self._inline.ran_on_loop(loaded.name, loaded.runs, took, usage)
             else:
                 self._inline.ran_on_thread(loaded.name, loaded.target, loaded.runs, took)

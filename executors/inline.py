@@ -23,7 +23,9 @@ The loop must not be held up for long, so the gate is earned and lost:
 A new version of a function starts afresh.
 
 Classes never run on the loop: a pinned instance's lock may be held by a
-thread that is itself waiting on the loop.
+thread that is itself waiting on the loop. A run that holds the loop for
+:data:`STALL_WARNING` seconds (say, waiting for something only another call
+could do) is reported in the log while it lasts, by a watchdog thread.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ import dis
 import inspect
 import logging
 import resource
+import threading
+import time
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +51,8 @@ QUICK_RUNS = 8
 SLOW_FACTOR = 5
 #: The most strikes a function carries: each one fourfolds the quick runs it needs.
 MAX_STRIKES = 5
+#: Seconds a run may hold the loop before the watchdog reports it (while it lasts).
+STALL_WARNING = 1.0
 
 # Per-thread resource usage: CPU time and context switches (Linux).
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
@@ -104,6 +111,20 @@ class InlineGate:
 
     def __init__(self, max_seconds: float) -> None:
         self.max_seconds = max_seconds
+        self.running: tuple[str, float] | None = None
+        """The function running on the loop now and when it began (perf_counter)."""
+        self._watched = False
+
+    def started(self, name: str, began: float) -> None:
+        """A run on the loop began (on the loop); the watchdog keeps an eye on it."""
+        self.running = (name, began)
+        if not self._watched:
+            self._watched = True
+            _watchdog.watch(self)
+
+    def stopped(self) -> None:
+        """The run on the loop ended."""
+        self.running = None
 
     def allows(self, record: RunRecord) -> bool:
         """Whether the next call of the function runs on the loop."""
@@ -164,6 +185,53 @@ class InlineGate:
             self.max_seconds * SLOW_FACTOR * 1e3,
             _needed(record.strikes),
         )
+
+
+class _Watchdog:
+    """One daemon thread that reports runs holding an event loop too long.
+
+    It only reads what the loops write (the running function and its start),
+    so it costs a run on the loop nothing but two attribute writes.
+    """
+
+    def __init__(self) -> None:
+        self._gates: weakref.WeakSet[InlineGate] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, gate: InlineGate) -> None:
+        with self._lock:
+            self._gates.add(gate)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="cloudburst-inline-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        reported: dict[int, float] = {}
+        while True:
+            time.sleep(STALL_WARNING / 4)
+            now = time.perf_counter()
+            for gate in list(self._gates):
+                running = gate.running
+                if running is None:
+                    continue
+                name, began = running
+                if now - began < STALL_WARNING or reported.get(id(gate)) == began:
+                    continue
+                reported[id(gate)] = began
+                logger.warning(
+                    "function %r has held an executor's event loop for %.1f s: no other call "
+                    "on that executor makes progress until it returns, and if it waits for "
+                    "something only another call can do it never will; set "
+                    "executor.inline_max_seconds = 0 to run every function on a thread",
+                    name,
+                    now - began,
+                )
+
+
+_watchdog = _Watchdog()
 
 
 def _needed(strikes: int) -> int:

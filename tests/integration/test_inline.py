@@ -6,6 +6,7 @@ Each function reports the thread it ran on: executor worker threads are named
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.serialization import deserialize, serialize
 from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc, value_pb2
 from cloudburst_grpc.local import Node, start_local
-from executors.inline import QUICK_RUNS
+from executors.inline import QUICK_RUNS, STALL_WARNING
 from harness import make_config
 
 # A generous limit, so that no run of these tiny functions on a busy machine counts as slow;
@@ -130,3 +131,16 @@ def test_a_call_that_finishes_at_once_is_answered_once_on_the_call_stream(node: 
     assert by_call == {1: [True], 2: [False, True]}, by_call
     (first,) = [a.call_function for a in answers if a.sequence == 1]
     assert not on_a_worker(deserialize(first.outcome.value)), "quick ran on the loop"
+
+
+def test_a_run_holding_the_loop_is_reported_while_it_lasts(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    with CloudburstConnection(node.address) as cloud:
+        fn = cloud.register(where, "where")
+        for _ in range(QUICK_RUNS):
+            fn().get()
+        with caplog.at_level(logging.WARNING, logger="executors.inline"):
+            # On the loop, and long enough for the watchdog (it looks every STALL_WARNING / 4).
+            assert not on_a_worker(fn(STALL_WARNING * 1.6).get())
+    assert "'where' has held an executor's event loop" in caplog.text
