@@ -32,7 +32,6 @@ from cloudburst.errors import (
 from cloudburst.rpc import error_to_call_error, reason_name
 from cloudburst.serialization import (
     LwwClock,
-    deserialize,
     failure_from_exception,
     failure_value,
     lattice_value,
@@ -325,8 +324,10 @@ class Executor:
 
     async def _deserialize(self, value: value_pb2.Value) -> Any:
         if len(value.data) > LARGE_VALUE_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, deserialize, value)
-        return deserialize(value)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, runner.unpickle, value
+            )
+        return runner.unpickle(value)
 
     async def _run(
         self,
@@ -449,13 +450,15 @@ class Executor:
     ) -> execution_pb2.Outcome:
         try:
             result = runner.invoke(loaded, library, args, pinned)
-        except Exception as exc:
+        except BaseException as exc:  # even sys.exit() in user code only fails its call
             return execution_pb2.Outcome(failure=failure_from_exception(exc, loaded.name))
         try:
             value = serialize(result, what=f"the result of {loaded.name!r}", limit=self._limit)
         except CloudburstError as exc:
             # The runtime's own error (too large, unpicklable), not the function's.
             return execution_pb2.Outcome(error=error_to_call_error(exc))
+        except BaseException as exc:  # the result's own pickling hook exiting
+            return execution_pb2.Outcome(failure=failure_from_exception(exc, loaded.name))
         return execution_pb2.Outcome(value=value)
 
     def _invoke_chain(
@@ -528,8 +531,8 @@ class Executor:
         ):
             return None
         try:
-            static = [deserialize(a.value) for a in arguments]
-            value = deserialize(outcome.value)
+            static = [runner.unpickle(a.value) for a in arguments]
+            value = runner.unpickle(outcome.value)
         except Exception:
             return None  # the trigger path reports it, naming the stage
         static.extend(value if isinstance(value, tuple) else (value,))

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudburst import _source
-from cloudburst.errors import InvalidArgumentError
+from cloudburst.errors import InvalidArgumentError, SerializationError
 from cloudburst.serialization import deserialize
-from cloudburst.v1 import function_pb2
+from cloudburst.v1 import function_pb2, value_pb2
 from executors.inline import RunRecord
 
 
@@ -42,11 +42,31 @@ class LoadedFunction:
     """How its runs went, for running it on the event loop (see executors.inline)."""
 
 
+def unpickle(value: value_pb2.Value) -> Any:
+    """Deserialize a value without letting user code in it stop the process.
+
+    Unpickling runs user code (``__reduce__`` and friends); even its
+    ``sys.exit()`` must only fail the read.
+
+    Raises:
+        SerializationError: Also when that code raised SystemExit or KeyboardInterrupt.
+        RemoteFunctionError: The value is a stored failure.
+    """
+    try:
+        return deserialize(value)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise SerializationError(
+            f"reading a value ran code that raised {type(exc).__name__}({exc})"
+        ) from exc
+
+
 def load(function: function_pb2.Function) -> LoadedFunction:
     """Unpickle a registered function (blocking; call it off the event loop)."""
-    target = deserialize(function.body)
+    target = unpickle(function.body)
     _source.restore(target, list(function.sources))
-    init_args = tuple(deserialize(v) for v in function.init_arguments)
+    init_args = tuple(unpickle(v) for v in function.init_arguments)
     if function.kind == function_pb2.FUNCTION_KIND_CLASS:
         if not inspect.isclass(target) or not callable(getattr(target, "run", None)):
             raise InvalidArgumentError(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -258,3 +260,50 @@ def test_failing_branch_of_a_join_fails_the_dag(local_node: Node) -> None:
         _assert_boom(info.value, 9, "explode")
         assert cloud.get_object("join-ran") is None
         assert cloud.call_dag("join-dag", {"fine": 1, "explode": 0}, direct_response=True) == 10
+
+
+# -- user code that tries to stop the process -----------------------------------------------
+
+
+def quits(_: UserLibrary, code: int) -> int:
+    sys.exit(code)
+
+
+def interrupts(_: UserLibrary) -> int:
+    raise KeyboardInterrupt
+
+
+class ExitsWhenRead:
+    """An argument whose unpickling, on the executor, calls sys.exit()."""
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[int]]:
+        return (sys.exit, (4,))
+
+
+def test_sys_exit_or_keyboard_interrupt_in_a_function_fails_only_its_call(
+    local_node: Node,
+) -> None:
+    with CloudburstConnection(local_node.address, timeout=30) as cloud:
+        incr = cloud.register(lambda _, a: a + 1, "incr")
+        fn = cloud.register(quits, "quits")
+        cloud.register_dag("quits_dag", ["quits"], [])
+        for _ in range(10):  # on threads, then (library-free and quick) on the loop
+            with pytest.raises(RemoteFunctionError, match="SystemExit"):
+                fn(3).get()
+        with pytest.raises(RemoteFunctionError, match="SystemExit"):
+            cloud.call_dag("quits_dag", {"quits": 5}, direct_response=True)
+        with pytest.raises(RemoteFunctionError, match="KeyboardInterrupt"):
+            cloud.register(interrupts, "interrupts")().get()
+        assert incr(1).get() == 2, "the server still serves"
+
+
+def test_an_argument_that_exits_when_read_fails_only_its_call(local_node: Node) -> None:
+    with CloudburstConnection(local_node.address, timeout=30) as cloud:
+        ident = cloud.register(lambda _, a: a, "ident")
+        cloud.register_dag("ident_dag", ["ident"], [])
+        # Refused as a bad argument (the executor could not read it), naming what happened.
+        with pytest.raises(InvalidArgumentError, match="SystemExit"):
+            ident(ExitsWhenRead()).get()
+        with pytest.raises(InvalidArgumentError, match="SystemExit"):
+            cloud.call_dag("ident_dag", {"ident": ExitsWhenRead()}, direct_response=True)
+        assert ident(7).get() == 7, "the server still serves"
