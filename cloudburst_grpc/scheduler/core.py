@@ -322,17 +322,21 @@ class Scheduler:
             else None
         )
         with telemetry.span(f"schedule {request.name}", trace_context, attributes):
-            schedule, sink = await self._place_dag(
-                request, call_id, response_key, want_outcome, self._timeout(timeout)
+            # The schedule is placed straight into the first source's trigger (one copy less).
+            first = execution_pb2.Trigger()
+            schedule = first.schedule
+            sink = await self._place_dag(
+                request, call_id, response_key, want_outcome, self._timeout(timeout), schedule
             )
             outcome: asyncio.Future[execution_pb2.Outcome] | None = None
             if want_outcome:
                 outcome = self.pool.peer(schedule.placements[sink]).expect_result(
                     call_id, self._timeout(timeout)
                 )
-            for source in self._sources(schedule):
+            for index, source in enumerate(self._sources(schedule)):
                 executor_id = schedule.placements[source]
-                trigger = execution_pb2.Trigger(schedule=schedule, target_function=source)
+                trigger = first if index == 0 else execution_pb2.Trigger(schedule=schedule)
+                trigger.target_function = source
                 telemetry.inject(trigger.trace_context)
                 await self.pool.peer(executor_id).trigger(trigger)
         return Accepted(response_key or call_id, outcome)
@@ -360,7 +364,9 @@ class Scheduler:
         response_key: str,
         want_outcome: bool,
         limit: float,
-    ) -> tuple[execution_pb2.DagSchedule, str]:
+        schedule: execution_pb2.DagSchedule,
+    ) -> str:
+        """Fill ``schedule`` with a DAG call's placement; return the DAG's sink."""
         dag = await self.get_dag(request.name)
         topo = self._topology(dag)
         functions = tuple([await self.get_function(name) for name in topo.upstream_first])
@@ -371,7 +377,6 @@ class Scheduler:
                 f"{request.name!r} does not contain; its functions are {', '.join(dag.functions)}",
                 {"dag": request.name},
             )
-        schedule = execution_pb2.DagSchedule()
         schedule.CopyFrom(self._plan(dag, topo, functions).template)
         schedule.call_id = call_id
         schedule.response_key = response_key
@@ -399,7 +404,7 @@ class Scheduler:
             if view.executor_id not in schedule.executor_addresses:
                 schedule.executor_addresses[view.executor_id] = view.address
         schedule.placements.update(placed)
-        return schedule, topo.sink
+        return topo.sink
 
     def _plan(
         self,
