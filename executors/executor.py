@@ -93,7 +93,9 @@ class ResultRouter:
     """
 
     def __init__(self) -> None:
-        self._waiters: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
+        self._waiters: dict[
+            str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
+        ] = {}
         self._parked: dict[str, execution_pb2.Outcome] = {}
 
     def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
@@ -104,24 +106,26 @@ class ResultRouter:
         if parked is not None:
             future.set_result(parked)
             return future
-        self._waiters[call_id] = future
 
         def expire() -> None:
-            if self._waiters.get(call_id) is future:
+            # Also forgets a waiter that was cancelled meanwhile.
+            waiting = self._waiters.get(call_id)
+            if waiting is not None and waiting[0] is future:
                 del self._waiters[call_id]
             if not future.done():
                 future.set_exception(
                     CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
                 )
 
-        handle = loop.call_later(timeout, expire)
-        future.add_done_callback(lambda _: handle.cancel())
+        self._waiters[call_id] = (future, loop.call_later(timeout, expire))
         return future
 
     def deliver(self, call_id: str, outcome: execution_pb2.Outcome, keep_for: float) -> None:
         """Hand a result to its waiter, or park it for up to ``keep_for`` seconds."""
-        future = self._waiters.pop(call_id, None)
-        if future is not None:
+        waiting = self._waiters.pop(call_id, None)
+        if waiting is not None:
+            future, expiry = waiting
+            expiry.cancel()
             if not future.done():
                 future.set_result(outcome)
             return
