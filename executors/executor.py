@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,7 +367,7 @@ class Executor:
         # The copied context carries the current span into the thread, so the user
         # library's spans are children of this run.
         context = contextvars.copy_context()
-        on_loop = loaded.runs.on_loop
+        on_loop = self._inline.allows(loaded.runs)
         try:
             if stage is None:
                 pinned = pinned and name in self.pinned
@@ -524,7 +523,7 @@ class Executor:
         loaded = self._functions.get(target)
         if loaded is None or loaded.version < schedule.function_versions[target]:
             return None
-        if on_loop and not loaded.runs.on_loop:
+        if on_loop and not self._inline.allows(loaded.runs):
             return None
         if len(outcome.value.data) > LARGE_VALUE_BYTES:
             return None
@@ -633,7 +632,7 @@ class Executor:
         topo: Topology,
         function: str,
         contexts: dict[str, dict[str, str]],
-    ) -> AbstractContextManager[Any]:
+    ) -> contextlib.AbstractContextManager[Any]:
         """A stage's ``run`` span (built only while tracing is on)."""
         if not telemetry.tracing():
             return telemetry.span(function)  # no span, and nothing built for one

@@ -270,7 +270,7 @@ class Scheduler:
         }
         with telemetry.span(f"schedule {request.name}", trace_context, attributes) as current:
             function = await self.get_function(request.name)
-            _check_arguments(request.arguments, request.name, self.max_payload_bytes)
+            _check_arguments(request.arguments, f"call of {request.name!r}", self.max_payload_bytes)
             keys = [a.reference.key for a in request.arguments if a.HasField("reference")]
             view = policy.place(request.name, keys, self.pool.views())
             if current is not None:
@@ -393,7 +393,9 @@ class Scheduler:
             arguments = request.function_arguments.get(name)
             keys: list[str] = []
             if arguments is not None:
-                _check_arguments(arguments.arguments, name, self.max_payload_bytes, dag=True)
+                _check_arguments(
+                    arguments.arguments, f"arguments of {name!r}", self.max_payload_bytes
+                )
                 schedule.function_arguments[name].CopyFrom(arguments)
                 keys = [a.reference.key for a in arguments.arguments if a.HasField("reference")]
             pinned = [v for v in views if name in v.pinned and not v.overloaded]
@@ -473,33 +475,17 @@ def _set_time(stamp: timestamp_pb2.Timestamp, ns: int) -> None:
 
 
 def _check_arguments(
-    arguments: Iterable[value_pb2.Argument], name: str, max_payload_bytes: int, dag: bool = False
+    arguments: Iterable[value_pb2.Argument], what: str, max_payload_bytes: int
 ) -> None:
-    """Refuse empty, unlabelled, oversized or dangling arguments of ``name``'s call.
-
-    Messages are built only for a refusal: this runs for every call.
-    """
     for index, argument in enumerate(arguments):
         kind = argument.WhichOneof("kind")
-        problem = ""
         if kind is None:
-            problem = "is empty"
-        elif kind == "value":
+            raise InvalidArgumentError(f"{what}: argument {index + 1} is empty")
+        if kind == "value":
             if argument.value.serializer == value_pb2.SERIALIZER_UNSPECIFIED:
-                problem = "has no serializer"
-            elif len(argument.value.data) > max_payload_bytes:
-                check_size(
-                    argument.value,
-                    what=f"{_arguments_of(name, dag)}: argument {index + 1}",
-                    limit=max_payload_bytes,
-                )
-        elif kind == "reference" and not argument.reference.key:
-            problem = "references an empty key"
-        if problem:
-            raise InvalidArgumentError(
-                f"{_arguments_of(name, dag)}: argument {index + 1} {problem}"
+                raise InvalidArgumentError(f"{what}: argument {index + 1} has no serializer")
+            check_size(
+                argument.value, what=f"{what}: argument {index + 1}", limit=max_payload_bytes
             )
-
-
-def _arguments_of(name: str, dag: bool) -> str:
-    return f"arguments of {name!r}" if dag else f"call of {name!r}"
+        if kind == "reference" and not argument.reference.key:
+            raise InvalidArgumentError(f"{what}: argument {index + 1} references an empty key")
