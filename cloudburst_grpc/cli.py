@@ -107,8 +107,9 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
         "--inline-max-seconds",
         type=float,
         metavar="SECONDS",
-        help="functions that never use the user library and whose runs take at most this "
-        "long run on the executor's event loop, not a thread (default 0.0002; 0: never)",
+        help="functions whose runs (or, when they use the user library, whose stretches of "
+        "code between library calls) take at most this long run on the executor's event "
+        "loop, not a thread (default 0.0002; 0: never)",
     )
     parser.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"

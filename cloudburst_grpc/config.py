@@ -90,9 +90,10 @@ class ExecutorConfig:
     send_timeout_seconds: float = 10.0
     """How long ``send`` waits for space in a full mailbox before raising QueueFullError."""
     inline_max_seconds: float = 0.0002
-    """Functions that never use the user library and whose runs take at most this long
-    run on the executor's event loop instead of a thread, sparing two thread hand-offs
-    per call; 0 runs every function on a thread (see ``executors/inline.py``)."""
+    """Functions whose stretches of code (the whole run, or the code between two user-library
+    calls) take at most this long run on the executor's event loop instead of a thread,
+    sparing two thread hand-offs per call and per library call: directly, or in a greenlet
+    when they use the library; 0 runs every function on a thread (see ``executors/inline.py``)."""
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +52,8 @@ from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.scheduler.dag import Topology, topology
 from cloudburst_grpc.scheduler.registry import function_key
-from executors import runner
-from executors.inline import InlineGate
+from executors import cooperative, runner
+from executors.inline import GREENLET, LOOP, THREAD, InlineGate, Where
 from executors.library import LoopBridge, UserLibrary
 
 logger = logging.getLogger(__name__)
@@ -367,12 +368,16 @@ class Executor:
         # The copied context carries the current span into the thread, so the user
         # library's spans are children of this run.
         context = contextvars.copy_context()
-        on_loop = self._inline.allows(loaded.runs)
+        where = self._inline.where(loaded.runs, loop)
         try:
             if stage is None:
                 pinned = pinned and name in self.pinned
-                if on_loop:
-                    outcome = context.run(self._invoke, loaded, library, tuple(args), pinned, True)
+                if where == LOOP:
+                    outcome = context.run(self._invoke, loaded, library, tuple(args), pinned, LOOP)
+                elif where == GREENLET:
+                    outcome = await self._in_greenlet(
+                        context, loaded, self._invoke, loaded, library, tuple(args), pinned, where
+                    )
                 else:
                     outcome = await loop.run_in_executor(
                         self._pool,
@@ -382,13 +387,24 @@ class Executor:
                         library,
                         tuple(args),
                         pinned,
-                        False,
+                        THREAD,
                     )
             else:
                 stage.started = started
-                if on_loop:
+                if where == LOOP:
                     return context.run(
-                        self._invoke_chain, stage, loaded, library, tuple(args), True
+                        self._invoke_chain, stage, loaded, library, tuple(args), LOOP
+                    )
+                if where == GREENLET:
+                    return await self._in_greenlet(
+                        context,
+                        loaded,
+                        self._invoke_chain,
+                        stage,
+                        loaded,
+                        library,
+                        tuple(args),
+                        where,
                     )
                 return await loop.run_in_executor(
                     self._pool,
@@ -398,11 +414,28 @@ class Executor:
                     loaded,
                     library,
                     tuple(args),
-                    False,
+                    THREAD,
                 )
         finally:
             library.close()
         return self._measured(name, started, outcome)
+
+    async def _in_greenlet(
+        self,
+        context: contextvars.Context,
+        loaded: runner.LoadedFunction,
+        function: Callable[..., execution_pb2.Outcome],
+        *args: Any,
+    ) -> execution_pb2.Outcome:
+        """Run ``function(*args)`` in a greenlet on the loop (see executors.cooperative)."""
+        stretches = self._inline.stretches(loaded.name, loaded.runs)
+        try:
+            outcome: execution_pb2.Outcome = await cooperative.drive(
+                functools.partial(function, *args), context, stretches
+            )
+        finally:
+            self._inline.greenlet_run = None
+        return outcome
 
     @staticmethod
     def _measured(
@@ -426,23 +459,31 @@ class Executor:
         library: UserLibrary,
         args: tuple[Any, ...],
         pinned: bool,
-        on_loop: bool,
+        where: Where,
     ) -> execution_pb2.Outcome:
-        """Run user code and serialize its result (on a worker thread, or ``on_loop``)."""
-        usage = self._inline.usage() if on_loop else None
+        """Run user code and serialize its result, ``where`` the gate chose."""
+        if where == THREAD:
+            bridge = library.bridge
+            bridge.begin(self._inline.max_seconds)
+            try:
+                return self._outcome(loaded, library, args, pinned)
+            finally:
+                bridge.end()
+                self._inline.ran_on_thread(
+                    loaded.name, loaded.target, loaded.runs, bridge.streak, bridge.broken
+                )
+        if where == GREENLET:  # the greenlet's driver accounts each stretch
+            self._inline.entered(loaded.name, loaded.runs)
+            return self._outcome(loaded, library, args, pinned)
+        usage = self._inline.usage()
         began = time.perf_counter()
-        if on_loop:
-            self._inline.started(loaded.name, began)
+        self._inline.started(loaded.name, began)
         try:
-            outcome = self._outcome(loaded, library, args, pinned)
+            return self._outcome(loaded, library, args, pinned)
         finally:
             took = time.perf_counter() - began
-            if on_loop:
-                self._inline.stopped()
-                self._inline.ran_on_loop(loaded.name, loaded.runs, took, usage)
-            else:
-                self._inline.ran_on_thread(loaded.name, loaded.target, loaded.runs, took)
-        return outcome
+            self._inline.stopped()
+            self._inline.ran_on_loop(loaded.name, loaded.runs, took, usage)
 
     def _outcome(
         self,
@@ -470,23 +511,23 @@ class Executor:
         loaded: runner.LoadedFunction,
         library: UserLibrary,
         args: tuple[Any, ...],
-        on_loop: bool,
+        where: Where,
     ) -> execution_pb2.Outcome:
         """Run a DAG stage, then each downstream stage it can run at once.
 
         Each function of a chain ``a -> b`` whose ``b`` waits for nothing else
-        and is placed here runs straight after ``a`` on the same thread (on a
-        worker thread, or ``on_loop`` while each function may run there),
+        and is placed here runs straight after ``a`` in the same place (a
+        worker thread, or the loop while each function may run there),
         sparing a return to the loop, a trigger and a thread hand-off per stage.
         """
-        outcome = self._invoke(loaded, library, args, stage.last in self.pinned, on_loop)
+        outcome = self._invoke(loaded, library, args, stage.last in self.pinned, where)
         self._measured(stage.last, stage.started, outcome)
-        while (ready := self._next_in_chain(stage, outcome, on_loop)) is not None:
+        while (ready := self._next_in_chain(stage, outcome, where)) is not None:
             loaded, args = ready
             library = self._library(stage.schedule.call_id)
             started = time.monotonic()
             try:
-                outcome = self._invoke(loaded, library, args, stage.last in self.pinned, on_loop)
+                outcome = self._invoke(loaded, library, args, stage.last in self.pinned, where)
             finally:
                 # Only a mailbox needs ending, on the loop; waking the loop for
                 # nothing would cost every chained stage a thread hand-off.
@@ -498,15 +539,16 @@ class Executor:
         return outcome
 
     def _next_in_chain(
-        self, stage: _Chain, outcome: execution_pb2.Outcome, on_loop: bool = False
+        self, stage: _Chain, outcome: execution_pb2.Outcome, where: Where = THREAD
     ) -> tuple[runner.LoadedFunction, tuple[Any, ...]] | None:
         """The downstream stage to run next on this thread, with its arguments, if any.
 
         Only the simple case qualifies: one downstream that waits for this stage
         alone, placed here, loaded at the version the call wants, with small
         static arguments and no KVS references, a small value to pass on, and no
-        tracing (whose spans are opened on the loop); ``on_loop``, it must also
-        be a function that runs on the loop. Anything else goes through a
+        tracing (whose spans are opened on the loop); on the loop, it must also
+        be a function that runs there, and one that never uses the user library
+        unless the chain runs in a greenlet. Anything else goes through a
         trigger as usual. Sets ``stage.last`` to the function chosen.
         """
         if telemetry.tracing() or self._closed or outcome.WhichOneof("result") != "value":
@@ -523,7 +565,7 @@ class Executor:
         loaded = self._functions.get(target)
         if loaded is None or loaded.version < schedule.function_versions[target]:
             return None
-        if on_loop and not self._inline.allows(loaded.runs):
+        if where != THREAD and not self._inline.follows(loaded.runs, where):
             return None
         if len(outcome.value.data) > LARGE_VALUE_BYTES:
             return None

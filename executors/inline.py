@@ -2,34 +2,41 @@
 
 Handing a call to a worker thread and its result back to the loop costs two
 thread wake-ups, about a hundred microseconds on a busy machine: more than a
-small function itself takes. A function that provably never touches the user
-library (so it cannot wait on the loop it would be blocking) and whose recent
-runs on threads were all quick runs on the loop directly.
+small function itself takes. So do each of its calls into the user library
+from a thread, which wait on the loop. Functions that have shown themselves
+quick run on the loop instead: one that provably never touches the user
+library (checked in its bytecode) runs there directly; one that may use it
+runs in a greenlet there, which switches back to the loop at each library
+call (see :mod:`executors.cooperative`).
 
-The loop must not be held up for long, so the gate is earned and lost:
+What must be quick is each *stretch* of user code that holds the loop: the
+whole run (user code and serializing its result) for a library-free
+function, the code between two library calls otherwise. The loop must not
+be held up for long, so the gate is earned and lost:
 
-- a function qualifies after :data:`QUICK_RUNS` consecutive runs on threads,
-  each within ``max_seconds`` (the run itself: user code and serializing its
-  result, not the hand-offs);
-- a run on the loop that takes over :data:`SLOW_FACTOR` times ``max_seconds``
-  sends it back to threads with a strike, unless it only took that long
-  because the operating system ran other processes meanwhile (its own CPU
-  time was short and it never blocked; Linux tells). It must then earn its
-  place again with four times as many quick runs per strike, up to
-  :data:`MAX_STRIKES` (8,192 runs in a row). A function that is slow once in
-  a thousand runs so stays on threads, while one hit by a rare stall it did
-  not cause (a garbage collection, say) soon earns its place back.
+- a function qualifies after :data:`QUICK_RUNS` quick stretches in a row
+  on threads, each within ``max_seconds``;
+- a stretch on the loop that takes over :data:`SLOW_FACTOR` times
+  ``max_seconds`` sends it back to threads with a strike, unless it only
+  took that long because the operating system ran other processes
+  meanwhile (its own CPU time was short and it never blocked; Linux tells).
+  It must then earn its place again with four times as many quick stretches
+  per strike, up to :data:`MAX_STRIKES` (8,192 in a row). A function that is
+  slow once in a thousand runs so stays on threads, while one hit by a rare
+  stall it did not cause (a garbage collection, say) soon earns its place
+  back. A greenlet run struck mid-way finishes on the loop.
 
 A new version of a function starts afresh.
 
 Classes never run on the loop: a pinned instance's lock may be held by a
-thread that is itself waiting on the loop. A run that holds the loop for
+thread that is itself waiting on the loop. A stretch that holds the loop for
 :data:`STALL_WARNING` seconds (say, waiting for something only another call
 could do) is reported in the log while it lasts, by a watchdog thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dis
 import inspect
 import logging
@@ -39,9 +46,10 @@ import time
 import types
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cloudburst_grpc import telemetry
+from executors import cooperative
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +62,29 @@ MAX_STRIKES = 5
 #: Seconds a run may hold the loop before the watchdog reports it (while it lasts).
 STALL_WARNING = 1.0
 
+#: Where a run goes: a worker thread, the event loop itself, or a greenlet on it.
+Where = Literal["thread", "loop", "greenlet"]
+THREAD: Where = "thread"
+LOOP: Where = "loop"
+GREENLET: Where = "greenlet"
+
 # Per-thread resource usage: CPU time and context switches (Linux).
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
 # Generators and coroutines return before their code runs.
 _SUSPENDS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 # Names through which code could reach a parameter without loading it by name.
 _INTROSPECTION = frozenset({"locals", "vars", "eval", "exec", "_getframe", "currentframe"})
+
+
+def plain_function(target: Any) -> bool:
+    """Whether ``target`` is a plain function that takes the user library first.
+
+    Generator and coroutine functions are not: they return before their code runs.
+    """
+    if not isinstance(target, types.FunctionType):
+        return False
+    code = target.__code__
+    return code.co_argcount >= 1 and not code.co_flags & _SUSPENDS
 
 
 def library_unused(target: Any) -> bool:
@@ -71,11 +96,9 @@ def library_unused(target: Any) -> bool:
     (a class, a ``functools.partial``, a builtin, ``*args`` first) is assumed
     to use it.
     """
-    if not isinstance(target, types.FunctionType):
+    if not plain_function(target):
         return False
     code = target.__code__
-    if code.co_argcount < 1 or code.co_flags & _SUSPENDS:
-        return False
     name = code.co_varnames[0]
     if name in code.co_cellvars or _INTROSPECTION & set(code.co_names):
         return False
@@ -94,11 +117,15 @@ class RunRecord:
     on_loop: bool = False
     """Whether its calls run on the loop now."""
     quick_runs: int = 0
-    """Consecutive quick runs on threads so far."""
+    """Consecutive quick runs on threads so far: quick stretches between library
+    calls, for a function that calls the library."""
     strikes: int = 0
     """Slow runs it had on the loop (at most MAX_STRIKES)."""
     eligible: bool | None = None
     """Whether it may ever run on the loop (None until first looked at)."""
+    uses_library: bool = True
+    """Whether it may call the user library, and so runs on the loop as a greenlet
+    (see :mod:`executors.cooperative`); known once ``eligible`` is."""
 
 
 class InlineGate:
@@ -114,6 +141,8 @@ class InlineGate:
         self.running: tuple[str, float] | None = None
         """The function running on the loop now and when it began (perf_counter)."""
         self._watched = False
+        self.greenlet_run: LoopStretches | None = None
+        """The accounting of this executor's greenlet run in progress, if any."""
 
     def started(self, name: str, began: float) -> None:
         """A run on the loop began (on the loop); the watchdog keeps an eye on it."""
@@ -126,20 +155,50 @@ class InlineGate:
         """The run on the loop ended."""
         self.running = None
 
-    def allows(self, record: RunRecord) -> bool:
-        """Whether the next call of the function runs on the loop."""
-        return record.on_loop
+    def stretches(self, name: str, record: RunRecord) -> LoopStretches:
+        """The accounting of a greenlet run of the function ``name`` on the loop."""
+        self.greenlet_run = LoopStretches(self, name, record)
+        return self.greenlet_run
 
-    def ran_on_thread(self, name: str, target: Any, record: RunRecord, seconds: float) -> None:
-        """Account a run on a worker thread (called on that thread)."""
+    def entered(self, name: str, record: RunRecord) -> None:
+        """A greenlet run goes on to the next function of its chain."""
+        if self.greenlet_run is not None:
+            self.greenlet_run.name, self.greenlet_run.record = name, record
+
+    def allows(self, record: RunRecord, loop: asyncio.AbstractEventLoop | None = None) -> bool:
+        """Whether the next call of the function runs on ``loop``.
+
+        Not while a greenlet run is in progress there: see :mod:`executors.cooperative`.
+        """
+        return record.on_loop and (loop is None or not cooperative.loop_busy(loop))
+
+    def where(self, record: RunRecord, loop: asyncio.AbstractEventLoop | None = None) -> Where:
+        """Where the next call of the function runs: a thread, the loop, or a greenlet on it."""
+        if not self.allows(record, loop):
+            return THREAD
+        return GREENLET if record.uses_library else LOOP
+
+    @staticmethod
+    def follows(record: RunRecord, where: Where) -> bool:
+        """Whether a function may run next in a chain running ``where`` (the loop or a greenlet)."""
+        return record.on_loop and (where == GREENLET or not record.uses_library)
+
+    def ran_on_thread(
+        self, name: str, target: Any, record: RunRecord, streak: int, broken: bool
+    ) -> None:
+        """Account a run on a worker thread (called on that thread).
+
+        The run's stretches of user code between calls into the user library
+        (one stretch, for a function that made none) were timed against
+        ``max_seconds``: ``streak`` quick ones in a row ended it, after a slow
+        one if ``broken``.
+        """
         if record.eligible is None:
-            record.eligible = self.max_seconds > 0 and library_unused(target)
+            record.eligible = self.max_seconds > 0 and plain_function(target)
+            record.uses_library = not library_unused(target)
         if not record.eligible:
             return
-        if seconds > self.max_seconds:
-            record.quick_runs = 0
-            return
-        record.quick_runs += 1
+        record.quick_runs = streak if broken else record.quick_runs + streak
         if record.quick_runs >= _needed(record.strikes):
             record.on_loop = True
             record.quick_runs = 0
@@ -185,6 +244,32 @@ class InlineGate:
             self.max_seconds * SLOW_FACTOR * 1e3,
             _needed(record.strikes),
         )
+
+
+class LoopStretches(cooperative.Segments):
+    """Accounts each stretch of a greenlet run on the loop as if it were a whole run.
+
+    The watchdog watches it, and a slow one is a strike (see :meth:`InlineGate.ran_on_loop`).
+    """
+
+    def __init__(self, gate: InlineGate, name: str, record: RunRecord) -> None:
+        self._gate = gate
+        self.name = name
+        self.record = record
+        self._began = 0.0
+        self._usage: resource.struct_rusage | None = None
+
+    def begin(self) -> None:
+        """A stretch begins: note the time and this thread's CPU usage."""
+        self._usage = self._gate.usage()
+        self._began = time.perf_counter()
+        self._gate.started(self.name, self._began)
+
+    def end(self) -> None:
+        """The stretch ended: a slow one sends the function back to threads."""
+        took = time.perf_counter() - self._began
+        self._gate.stopped()
+        self._gate.ran_on_loop(self.name, self.record, took, self._usage)
 
 
 class _Watchdog:

@@ -1,13 +1,17 @@
 """The user library: the first argument every function receives.
 
-User code runs on executor threads; each library call hands a coroutine to the
-event loop and waits for it with a deadline, so the loop is never blocked and
-no call waits forever.
+User code runs on an executor thread or in a greenlet on the event loop (see
+:mod:`executors.cooperative`). Each library call has the loop run a coroutine
+and waits for it with a deadline: from a thread by handing the coroutine to
+the loop, from a greenlet by switching to the loop, which awaits it. Either
+way the loop is never blocked and no call waits forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -17,17 +21,56 @@ from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, 
 from cloudburst.v1 import messaging_service_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
-from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter
+from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter, Message
+from executors import cooperative
 
 T = TypeVar("T")
 
 
 class LoopBridge:
-    """Runs coroutines on the event loop from user threads, with a deadline."""
+    """Runs coroutines on the event loop for user code, with a deadline.
+
+    On a worker thread it also times the stretches of user code between
+    library calls (from :meth:`begin` to :meth:`end`), which decide whether the
+    function may run on the loop (see :mod:`executors.inline`).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
         self.timeout = timeout
+        self.streak = 0
+        """Quick stretches of user code in a row, up to the latest."""
+        self.broken = False
+        """Whether a slow stretch came before them."""
+        self._limit = 0.0
+        self._mark = 0.0
+        """When the current stretch began (perf_counter), or 0 when not measuring."""
+
+    @property
+    def cooperative(self) -> bool:
+        """Whether the caller is user code in a greenlet on the loop."""
+        return cooperative.inside()
+
+    def begin(self, limit: float) -> None:
+        """User code starts running on this thread: measure its stretches against ``limit``."""
+        self.streak, self.broken, self._limit = 0, False, limit
+        self._mark = time.perf_counter()
+
+    def end(self) -> None:
+        """User code ended: count its last stretch and stop measuring."""
+        self._pause()
+        self._mark = 0.0
+
+    def _pause(self) -> None:
+        if self._mark:
+            if time.perf_counter() - self._mark > self._limit:
+                self.streak, self.broken = 0, True
+            else:
+                self.streak += 1
+
+    def _resume(self) -> None:
+        if self._mark:
+            self._mark = time.perf_counter()
 
     def run(self, coro: Coroutine[Any, Any, T], what: str, timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and return its result.
@@ -36,12 +79,42 @@ class LoopBridge:
             CloudburstTimeoutError: It did not finish within the timeout.
         """
         limit = self.timeout if timeout is None else timeout
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        if cooperative.inside():
+            result: T = cooperative.suspend(coro, limit, what)
+            return result
+        return self.wait(asyncio.run_coroutine_threadsafe(coro, self.loop), what, limit)
+
+    def wait(self, future: concurrent.futures.Future[T], what: str, limit: float) -> T:
+        """Wait on this thread for ``future``, which the loop settles.
+
+        Raises:
+            CloudburstTimeoutError: It did not settle within ``limit`` seconds.
+        """
+        self._pause()
         try:
             return future.result(limit)
         except TimeoutError:
             future.cancel()
             raise CloudburstTimeoutError(f"{what} did not finish within {limit:.1f}s") from None
+        finally:
+            self._resume()
+
+    def blocking(self) -> contextlib.AbstractContextManager[None]:
+        """Marks a wait on this thread that is not user code (see :meth:`begin`)."""
+        return _Blocking(self)
+
+
+class _Blocking:
+    __slots__ = ("_bridge",)
+
+    def __init__(self, bridge: LoopBridge) -> None:
+        self._bridge = bridge
+
+    def __enter__(self) -> None:
+        self._bridge._pause()
+
+    def __exit__(self, *exc: object) -> None:
+        self._bridge._resume()
 
 
 class UserLibrary:
@@ -105,6 +178,11 @@ class UserLibrary:
     get = get_object
     put = put_object
 
+    @property
+    def bridge(self) -> LoopBridge:
+        """How this invocation's library calls reach the loop."""
+        return self._bridge
+
     def _messaging(self) -> MailboxRouter:
         if self._router is None:
             raise UnavailableError("messaging is not enabled on this executor")
@@ -114,11 +192,14 @@ class UserLibrary:
         """Return this invocation's mailbox id; other functions ``send`` to it."""
         if self._mailbox_id is None:
             router = self._messaging()
+            if self._bridge.cooperative:
+                self._mailbox = router.open()  # on the loop's thread already
+            else:
 
-            async def open_mailbox() -> Mailbox:
-                return router.open()
+                async def open_mailbox() -> Mailbox:
+                    return router.open()
 
-            self._mailbox = self._bridge.run(open_mailbox(), "get_id()")
+                self._mailbox = self._bridge.run(open_mailbox(), "get_id()")
             self._mailbox_id = self._mailbox.id
         return self._mailbox_id
 
@@ -149,17 +230,14 @@ class UserLibrary:
         limit = router.send_timeout + 15
         with telemetry.span("send", attributes=attributes):
             telemetry.inject(envelope.trace_context)
+            if self._bridge.cooperative:
+                self._bridge.run(router.send(envelope), f"send to {dest}", limit)
+                return
             try:
                 delivered = router.submit(envelope, self._bridge.loop)
             except RuntimeError:
                 raise UnavailableError("the executor is shutting down") from None
-            try:
-                delivered.result(limit)
-            except TimeoutError:
-                delivered.cancel()
-                raise CloudburstTimeoutError(
-                    f"send to {dest} did not finish within {limit:.1f}s"
-                ) from None
+            self._bridge.wait(delivered, f"send to {dest}", limit)
 
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Return the messages received so far as ``(sender_id, msg)`` pairs.
@@ -172,8 +250,17 @@ class UserLibrary:
         assert mailbox is not None
         wait = max(timeout or 0.0, 0.0)
         with telemetry.span("recv", attributes={"cloudburst.recipient": mailbox_id}) as current:
-            # Read (and wait) in this thread: arrivals notify the mailbox's condition.
-            messages = mailbox.take(wait) if wait else mailbox.drain()
+            if self._bridge.cooperative:
+                # Even without a wait, let the loop run: a function polling recv()
+                # must not keep it from delivering what it polls for.
+                messages = self._bridge.run(
+                    mailbox.receive(wait) if wait else _after_a_turn(mailbox), "recv()", wait + 10
+                )
+            else:
+                # Wait in this thread: arrivals notify the mailbox's condition. Even
+                # without a wait this ends a stretch of user code, as in a greenlet.
+                with self._bridge.blocking():
+                    messages = mailbox.take(wait) if wait else mailbox.drain()
             if current is not None:
                 current.set_attribute("cloudburst.messages", len(messages))
                 for message in messages:
@@ -191,6 +278,12 @@ class UserLibrary:
         """End the invocation's mailbox, discarding unread messages (on the loop thread)."""
         if self._mailbox_id is not None and self._router is not None:
             self._router.close(self._mailbox_id)
+
+
+async def _after_a_turn(mailbox: Mailbox) -> list[Message]:
+    """The mailbox's messages once the loop has run whatever else was ready."""
+    await asyncio.sleep(0)
+    return mailbox.drain()
 
 
 def _check_key(key: object) -> None:

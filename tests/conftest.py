@@ -15,12 +15,12 @@ from cloudburst_grpc.local import (
     start_scheduler_node,
 )
 from harness import (
-    CbgrpcProcess,
     Cluster,
     LoopThread,
     ProcessCluster,
     ServeProcess,
     make_config,
+    running_process_cluster,
 )
 
 
@@ -94,19 +94,5 @@ def process_cluster() -> Iterator[ProcessCluster]:
     Each function of a DAG is pinned on one executor, so the functions of a
     DAG spread over both processes.
     """
-    env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
-    started: list[CbgrpcProcess] = []
-    try:
-        kvs = CbgrpcProcess("kvs", "--storage", "memory", env=env)
-        started.append(kvs)
-        executors = []
-        for name in ("executor-a", "executor-b"):
-            executors.append(CbgrpcProcess("executor", "--kvs", kvs.address, "--id", name, env=env))
-            started.append(executors[-1])
-        flags = [arg for e in executors for arg in ("--executor", e.address)]
-        scheduler = CbgrpcProcess("scheduler", "--kvs", kvs.address, *flags, env=env)
-        started.append(scheduler)
-        yield ProcessCluster(kvs, executors, scheduler)
-    finally:
-        for proc in reversed(started):
-            proc.kill()
+    with running_process_cluster() as cluster:
+        yield cluster

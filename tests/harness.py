@@ -8,6 +8,7 @@ started, also when the test fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -205,6 +206,34 @@ class ProcessCluster:
 
     def all(self) -> list[CbgrpcProcess]:
         return [self.scheduler, *self.executors, self.kvs]
+
+
+@contextlib.contextmanager
+def running_process_cluster(*executor_args: str) -> Iterator[ProcessCluster]:
+    """Start a :class:`ProcessCluster` (memory storage), its executors given ``executor_args``.
+
+    Each function of a DAG is pinned on one executor, so the functions of a
+    DAG spread over both executor processes. Every process is killed on exit.
+    """
+    env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
+    started: list[CbgrpcProcess] = []
+    try:
+        kvs = CbgrpcProcess("kvs", "--storage", "memory", env=env)
+        started.append(kvs)
+        executors = []
+        for name in ("executor-a", "executor-b"):
+            executor = CbgrpcProcess(
+                "executor", "--kvs", kvs.address, "--id", name, *executor_args, env=env
+            )
+            started.append(executor)
+            executors.append(executor)
+        flags = [arg for e in executors for arg in ("--executor", e.address)]
+        scheduler = CbgrpcProcess("scheduler", "--kvs", kvs.address, *flags, env=env)
+        started.append(scheduler)
+        yield ProcessCluster(kvs, executors, scheduler)
+    finally:
+        for proc in reversed(started):
+            proc.kill()
 
 
 def consul_binary() -> str:

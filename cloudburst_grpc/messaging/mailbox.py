@@ -190,7 +190,14 @@ def _gone(mailbox_id: str) -> MailboxNotFoundError:
 
 
 Forward = Callable[[str, messaging_service_pb2.MessageEnvelope, float], Awaitable[None]]
-Post = Callable[[str, messaging_service_pb2.MessageEnvelope, concurrent.futures.Future[None]], None]
+Post = Callable[
+    [
+        str,
+        messaging_service_pb2.MessageEnvelope,
+        concurrent.futures.Future[None] | asyncio.Future[None],
+    ],
+    None,
+]
 
 
 class MailboxRouter:

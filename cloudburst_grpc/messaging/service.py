@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext
 
+#: What a sender waits on: thread-safe on a worker thread, an asyncio future on the loop.
+Delivered = concurrent.futures.Future[None] | asyncio.Future[None]
+
 #: How often a message is sent again on a fresh stream after its stream broke.
 RESEND_ATTEMPTS = 2
 #: Seconds a sender waits for an answer beyond the time the receiver may take.
@@ -104,10 +107,13 @@ class MessagingPeer:
     def post(
         self,
         envelope: messaging_service_pb2.MessageEnvelope,
-        delivered: concurrent.futures.Future[None],
+        delivered: Delivered,
         resends: int = RESEND_ATTEMPTS,
     ) -> None:
         """Send one message (on the loop); ``delivered`` settles with the receiver's answer.
+
+        ``delivered`` is a thread-safe future for a sender on another thread, or
+        an asyncio future for one on the loop.
 
         It fails with the receiver's error (no such mailbox, mailbox full), or
         with UnavailableError when the stream broke more than ``resends`` times.
@@ -133,10 +139,10 @@ class MessagingPeer:
         the answer is awaited a little longer, so a full mailbox is reported
         as such rather than as a timeout here.
         """
-        delivered: concurrent.futures.Future[None] = concurrent.futures.Future()
+        delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.post(envelope, delivered)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(delivered), timeout + ANSWER_SLACK)
+            await asyncio.wait_for(delivered, timeout + ANSWER_SLACK)
         except TimeoutError:
             raise CloudburstTimeoutError(
                 f"no answer from {self.address} for a message to {envelope.recipient_id}"
@@ -180,7 +186,7 @@ class _Unanswered:
     """A message sent and not yet answered."""
 
     envelope: messaging_service_pb2.MessageEnvelope
-    delivered: concurrent.futures.Future[None]
+    delivered: Delivered
     resends: int
     """How many more times it may be sent on a new stream."""
 
@@ -210,7 +216,7 @@ class MessagingPeers:
         self,
         address: str,
         envelope: messaging_service_pb2.MessageEnvelope,
-        delivered: concurrent.futures.Future[None],
+        delivered: Delivered,
     ) -> None:
         """Send to the process at ``address`` (on the loop); see :meth:`MessagingPeer.post`."""
         self._peer(address).post(envelope, delivered)

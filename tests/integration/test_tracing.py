@@ -27,6 +27,7 @@ from cloudburst_grpc.local import (
     start_local,
     start_scheduler_node,
 )
+from executors.inline import QUICK_RUNS
 from harness import make_config
 
 
@@ -269,3 +270,26 @@ def test_context_crosses_servers_over_trigger_streams(
     )
     assert parent_of(run_square, ended) is run_incr
     one_trace(named(ended, "call_dag test_dag"), run_incr, run_square)
+
+
+def test_library_spans_of_a_greenlet_run_are_children_of_its_run(
+    spans: Spans, start_node: Callable[..., Node]
+) -> None:
+    """A function that earned the loop runs in a greenlet; its context goes with it."""
+
+    def store(cloudburst: Any, key: str) -> str:
+        cloudburst.put_object(key, 1)
+        return threading.current_thread().name
+
+    node = start_node(start_local(make_config(executor={"inline_max_seconds": 0.05, "count": 1})))
+    with CloudburstConnection(node.address) as cloud:
+        fn = cloud.register(store, "store")
+        for i in range(QUICK_RUNS):
+            fn(f"warm/{i}").get(timeout=30)
+        spans.wait_for(["run store"] * QUICK_RUNS)
+        spans.clear()
+        assert not fn("traced").get(timeout=30).startswith("cb-"), "it ran on the loop"
+    ended = spans.wait_for(["call store", "run store", "kvs put"])
+    run, put = named(ended, "run store"), named(ended, "kvs put")
+    assert parent_of(put, ended) is run
+    one_trace(named(ended, "call store"), run, put)

@@ -26,14 +26,15 @@ Response = TypeVar("Response")
 
 
 def settle(
-    future: concurrent.futures.Future[Any] | None,
+    future: concurrent.futures.Future[Any] | asyncio.Future[Any] | None,
     value: Any = None,
     error: BaseException | None = None,
 ) -> None:
-    """Resolve a thread-safe future that its waiter may have given up on meanwhile.
+    """Resolve a future that its waiter may have given up on meanwhile.
 
     Stream readers settle the futures that caller threads wait on directly, so
     an answer reaches its caller without a round trip through the event loop.
+    An asyncio future (of a waiter on the loop) works too; settle it on the loop.
     """
     if future is None or future.done():
         return
@@ -42,7 +43,7 @@ def settle(
             future.set_exception(error)
         else:
             future.set_result(value)
-    except concurrent.futures.InvalidStateError:
+    except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
         pass  # cancelled by a caller that timed out
 
 

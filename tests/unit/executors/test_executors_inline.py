@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import resource
@@ -10,8 +11,18 @@ from typing import Any
 
 import pytest
 
-from executors.inline import MAX_STRIKES, QUICK_RUNS, SLOW_FACTOR, InlineGate, RunRecord
+from executors.inline import (
+    GREENLET,
+    LOOP,
+    MAX_STRIKES,
+    QUICK_RUNS,
+    SLOW_FACTOR,
+    THREAD,
+    InlineGate,
+    RunRecord,
+)
 from executors.inline import library_unused as unused
+from executors.library import LoopBridge
 
 # -- the static check: does the code ever read the user library? ----------------------------------
 
@@ -102,31 +113,90 @@ LIMIT = 0.001
 
 def earn(gate: InlineGate, record: RunRecord, runs: int, target: Any = ignores) -> None:
     for _ in range(runs):
-        gate.ran_on_thread("f", target, record, LIMIT / 2)
+        gate.ran_on_thread("f", target, record, 1, False)
 
 
 def test_a_function_runs_on_the_loop_after_enough_quick_runs_in_a_row() -> None:
     gate, record = InlineGate(LIMIT), RunRecord()
     earn(gate, record, QUICK_RUNS - 1)
     assert not gate.allows(record)
-    gate.ran_on_thread("f", ignores, record, LIMIT * 2)  # one slow run starts the count again
+    gate.ran_on_thread("f", ignores, record, 0, True)  # one slow run starts the count again
     earn(gate, record, QUICK_RUNS - 1)
     assert not gate.allows(record)
     earn(gate, record, 1)
     assert gate.allows(record)
 
 
-def test_a_function_that_reads_the_library_never_runs_on_the_loop() -> None:
+def test_a_function_that_reads_the_library_runs_on_the_loop_as_a_greenlet() -> None:
     gate, record = InlineGate(LIMIT), RunRecord()
-    earn(gate, record, QUICK_RUNS * 10, target=reads)
-    assert not gate.allows(record)
+    earn(gate, record, QUICK_RUNS - 1, target=reads)
+    assert gate.where(record) == THREAD
+    earn(gate, record, 1, target=reads)
+    assert gate.where(record) == GREENLET
+    assert record.uses_library
+
+
+def test_a_library_free_function_runs_on_the_loop_itself() -> None:
+    gate, record = InlineGate(LIMIT), RunRecord()
+    earn(gate, record, QUICK_RUNS)
+    assert gate.where(record) == LOOP and not record.uses_library
+
+
+def test_stretches_between_library_calls_count_as_quick_runs() -> None:
+    """One run of a function that calls the library often shows enough quick stretches."""
+    gate, record = InlineGate(LIMIT), RunRecord()
+    gate.ran_on_thread("f", reads, record, QUICK_RUNS, False)
+    assert gate.where(record) == GREENLET
+    other = RunRecord()
+    earn(gate, other, QUICK_RUNS - 1, target=reads)
+    gate.ran_on_thread("f", reads, other, 2, True)
+    assert gate.where(other) == THREAD, "a slow stretch restarts the count after it"
+    gate.ran_on_thread("f", reads, other, QUICK_RUNS - 2, False)
+    assert gate.where(other) == GREENLET
+
+
+def test_the_bridge_times_user_code_between_library_calls_not_the_waits() -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()  # never used: the bridge only times here
+    bridge = LoopBridge(loop, 1.0)
+    bridge.begin(0.05)
+    with bridge.blocking():
+        time.sleep(0.1)  # waiting for the library is not user code
+    bridge.end()
+    assert (bridge.streak, bridge.broken) == (2, False)
+    bridge.begin(0.01)
+    time.sleep(0.05)  # user code over the limit
+    with bridge.blocking():
+        pass
+    bridge.end()
+    assert (bridge.streak, bridge.broken) == (1, True)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [generator, coroutine, CallableObject(), CallableObject, functools.partial(reads, None)],
+)
+def test_only_plain_functions_ever_run_on_the_loop(target: Any) -> None:
+    gate, record = InlineGate(LIMIT), RunRecord()
+    earn(gate, record, QUICK_RUNS * 10, target=target)
+    assert gate.where(record) == THREAD
     assert record.eligible is False
+
+
+def test_chains_go_on_in_greenlets_with_any_function_and_on_the_loop_without_the_library() -> None:
+    gate, free, user = InlineGate(LIMIT), RunRecord(), RunRecord()
+    earn(gate, free, QUICK_RUNS)
+    earn(gate, user, QUICK_RUNS, target=reads)
+    assert gate.follows(free, LOOP) and gate.follows(free, GREENLET)
+    assert not gate.follows(user, LOOP), "no library calls on the loop outside a greenlet"
+    assert gate.follows(user, GREENLET)
+    assert not gate.follows(RunRecord(), GREENLET)
 
 
 def test_a_limit_of_zero_turns_running_on_the_loop_off() -> None:
     gate, record = InlineGate(0.0), RunRecord()
     for _ in range(QUICK_RUNS * 10):
-        gate.ran_on_thread("f", ignores, record, 0.0)
+        gate.ran_on_thread("f", ignores, record, 1, False)
     assert not gate.allows(record)
 
 

@@ -1,0 +1,151 @@
+"""Running functions that use the user library on the event loop, as greenlets.
+
+A function that calls ``get_object``, ``send``, ``recv`` and the like waits
+on the loop for each of those calls. On a worker thread, every such wait is
+two thread hand-offs (the thread wakes the loop, the loop wakes the thread),
+which dominate a message round trip between two functions. Run instead in a
+greenlet on the loop's own thread, user code that reaches a library call
+switches back to :func:`drive`, which awaits the call on the loop and
+switches back in with its result: a few microseconds, and the loop serves
+everything else while the function waits.
+
+Only the stretches of user code between library calls hold the loop, so
+:mod:`executors.inline` admits a function by the length of those stretches
+rather than of whole runs. Two rules keep one function from wedging the
+others:
+
+- only one greenlet run is in progress per event loop at a time; while it
+  is, every other call on that loop runs on worker threads. Two greenlets
+  could otherwise deadlock the loop for good: one holding a lock of its own
+  across a library call while the other waits for that lock on the loop's
+  thread. (A worker thread that holds such a lock gives it up when its
+  library call times out, so the loop is freed in the end.)
+- every library call switches out, even ``recv()`` without a timeout, so a
+  function polling for messages lets the loop deliver them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import greenlet
+
+from cloudburst.errors import CloudburstTimeoutError
+
+
+class UserGreenlet(greenlet.greenlet):
+    """User code running on an event loop's thread; library calls switch out of it."""
+
+
+@dataclass(slots=True)
+class Wait:
+    """What user code asks :func:`drive` to await for it."""
+
+    awaitable: Awaitable[Any]
+    timeout: float
+    what: str
+
+
+def inside() -> bool:
+    """Whether the caller is user code running in a greenlet on the loop."""
+    return isinstance(greenlet.getcurrent(), UserGreenlet)
+
+
+def suspend(awaitable: Awaitable[Any], timeout: float, what: str) -> Any:
+    """Have the loop await ``awaitable`` for the user code calling this, and return its result.
+
+    Call only when :func:`inside` is true.
+
+    Raises:
+        CloudburstTimeoutError: It did not finish within ``timeout`` seconds.
+        Whatever the awaitable raised.
+    """
+    driver = greenlet.getcurrent().parent
+    assert driver is not None, "suspend() outside a greenlet run"
+    return driver.switch(Wait(awaitable, timeout, what))
+
+
+class Segments:
+    """Told when each stretch of user code on the loop begins and ends."""
+
+    def begin(self) -> None:
+        """A stretch begins (user code is switched in)."""
+
+    def end(self) -> None:
+        """The stretch ended (user code called the library, returned or raised)."""
+
+
+async def drive(
+    function: Callable[[], Any], context: contextvars.Context, segments: Segments
+) -> Any:
+    """Run ``function`` in a greenlet on this loop's thread and return what it returns.
+
+    Each library call it makes is awaited here, with its deadline. If this
+    task is cancelled while the function waits, the cancellation is raised
+    in the function at its library call, and again here once it has ended.
+    """
+    run = UserGreenlet(function)
+    run.gr_context = context
+    loop = asyncio.get_running_loop()
+    slot = _slot(loop)
+    slot.busy = True
+    try:
+        segments.begin()
+        try:
+            request = run.switch()
+        finally:
+            segments.end()
+        cancelled: asyncio.CancelledError | None = None
+        while not run.dead:
+            result: Any = None
+            error: BaseException | None = None
+            deadline = asyncio.timeout(request.timeout)
+            try:
+                async with deadline:
+                    result = await request.awaitable
+            except TimeoutError as exc:
+                error = exc
+                if deadline.expired():
+                    error = CloudburstTimeoutError(
+                        f"{request.what} did not finish within {request.timeout:.1f}s"
+                    )
+            except asyncio.CancelledError as exc:
+                cancelled = cancelled or exc
+                error = exc
+            except BaseException as exc:
+                error = exc
+            segments.begin()
+            try:
+                request = run.throw(error) if error is not None else run.switch(result)
+            finally:
+                segments.end()
+        if cancelled is not None:
+            raise cancelled
+        return request
+    finally:
+        slot.busy = False
+
+
+def loop_busy(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a greenlet run is in progress on ``loop`` (other calls then use threads)."""
+    slot = _slots.get(loop)
+    return slot is not None and slot.busy
+
+
+class _Slot:
+    busy = False
+
+
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slot] = weakref.WeakKeyDictionary()
+
+
+def _slot(loop: asyncio.AbstractEventLoop) -> _Slot:
+    slot = _slots.get(loop)
+    if slot is None:
+        slot = _slots[loop] = _Slot()
+    return slot
