@@ -37,6 +37,10 @@ import greenlet
 
 from cloudburst.errors import CloudburstTimeoutError
 
+_get_running_loop = asyncio.events._get_running_loop
+#: Restores the loop :func:`hide_loop` hid.
+restore_loop = _set_running_loop = asyncio.events._set_running_loop
+
 
 class UserGreenlet(greenlet.greenlet):
     """User code running on an event loop's thread; library calls switch out of it."""
@@ -92,13 +96,15 @@ async def drive(
     run = UserGreenlet(function)
     run.gr_context = context
     loop = asyncio.get_running_loop()
-    slot = _slot(loop)
-    slot.busy = True
+    running = slot(loop)
+    running.busy = True
     try:
         segments.begin()
+        hidden = hide_loop()
         try:
             request = run.switch()
         finally:
+            _set_running_loop(hidden)
             segments.end()
         cancelled: asyncio.CancelledError | None = None
         while not run.dead:
@@ -120,32 +126,51 @@ async def drive(
             except BaseException as exc:
                 error = exc
             segments.begin()
+            hidden = hide_loop()
             try:
                 request = run.throw(error) if error is not None else run.switch(result)
             finally:
+                _set_running_loop(hidden)
                 segments.end()
         if cancelled is not None:
             raise cancelled
         return request
     finally:
-        slot.busy = False
+        running.busy = False
+
+
+def hide_loop() -> asyncio.AbstractEventLoop | None:
+    """Make asyncio see no running loop on this thread; return the loop to restore.
+
+    User code on the loop's thread so sees what it would on a worker thread,
+    and may run event loops of its own (``asyncio.run``) just the same.
+    :func:`restore_loop` puts the returned loop back.
+    """
+    running = _get_running_loop()
+    _set_running_loop(None)
+    return running
 
 
 def loop_busy(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether a greenlet run is in progress on ``loop`` (other calls then use threads)."""
-    slot = _slots.get(loop)
-    return slot is not None and slot.busy
+    return slot(loop).busy
 
 
-class _Slot:
-    busy = False
+class Slot:
+    """Whether a greenlet run is in progress on one event loop."""
+
+    __slots__ = ("busy",)
+
+    def __init__(self) -> None:
+        self.busy = False
 
 
-_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Slot] = weakref.WeakKeyDictionary()
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Slot] = weakref.WeakKeyDictionary()
 
 
-def _slot(loop: asyncio.AbstractEventLoop) -> _Slot:
-    slot = _slots.get(loop)
-    if slot is None:
-        slot = _slots[loop] = _Slot()
-    return slot
+def slot(loop: asyncio.AbstractEventLoop) -> Slot:
+    """The :class:`Slot` of ``loop``, which every executor on it shares."""
+    found = _slots.get(loop)
+    if found is None:
+        found = _slots[loop] = Slot()
+    return found

@@ -478,9 +478,11 @@ class Executor:
         usage = self._inline.usage()
         began = time.perf_counter()
         self._inline.started(loaded.name, began)
+        hidden = cooperative.hide_loop()  # user code sees the thread as a worker's
         try:
             return self._outcome(loaded, library, args, pinned)
         finally:
+            cooperative.restore_loop(hidden)
             took = time.perf_counter() - began
             self._inline.stopped()
             self._inline.ran_on_loop(loaded.name, loaded.runs, took, usage)

@@ -143,6 +143,9 @@ class InlineGate:
         self._watched = False
         self.greenlet_run: LoopStretches | None = None
         """The accounting of this executor's greenlet run in progress, if any."""
+        self._slot_loop: asyncio.AbstractEventLoop | None = None
+        self._slot = cooperative.Slot()
+        """Whether a greenlet run is in progress on ``_slot_loop``."""
 
     def started(self, name: str, began: float) -> None:
         """A run on the loop began (on the loop); the watchdog keeps an eye on it."""
@@ -166,16 +169,22 @@ class InlineGate:
             self.greenlet_run.name, self.greenlet_run.record = name, record
 
     def allows(self, record: RunRecord, loop: asyncio.AbstractEventLoop | None = None) -> bool:
-        """Whether the next call of the function runs on ``loop``.
-
-        Not while a greenlet run is in progress there: see :mod:`executors.cooperative`.
-        """
-        return record.on_loop and (loop is None or not cooperative.loop_busy(loop))
+        """Whether the next call of the function runs on ``loop`` (directly or in a greenlet)."""
+        return self.where(record, loop) != THREAD
 
     def where(self, record: RunRecord, loop: asyncio.AbstractEventLoop | None = None) -> Where:
-        """Where the next call of the function runs: a thread, the loop, or a greenlet on it."""
-        if not self.allows(record, loop):
+        """Where the next call of the function runs: a thread, the loop, or a greenlet on it.
+
+        Never the loop while a greenlet run is in progress there: see
+        :mod:`executors.cooperative`.
+        """
+        if not record.on_loop:
             return THREAD
+        if loop is not None:
+            if loop is not self._slot_loop:
+                self._slot_loop, self._slot = loop, cooperative.slot(loop)
+            if self._slot.busy:
+                return THREAD
         return GREENLET if record.uses_library else LOOP
 
     @staticmethod

@@ -65,6 +65,15 @@ def poller(cloudburst: Any, key: str, seconds: float) -> tuple[str, Any, int]:
             return threading.current_thread().name, messages, polls
 
 
+def put_with_its_own_loop(cloudburst: Any, key: str, value: int) -> tuple[str, Any]:
+    async def later() -> int:
+        await asyncio.sleep(0)
+        return value
+
+    cloudburst.put_object(key, asyncio.run(later()))
+    return threading.current_thread().name, cloudburst.get_object(key)
+
+
 def await_key(cloudburst: Any, key: str) -> Any:
     return cloudburst.get_object(key, timeout=30)
 
@@ -167,6 +176,15 @@ def test_polling_recv_without_a_timeout_lets_the_loop_deliver(
     assert not on_a_worker(name), "the poller ran in a greenlet on the loop"
     assert messages == [(sent_from, "found you")]
     assert polls > 1
+
+
+def test_code_in_a_greenlet_may_run_an_event_loop_of_its_own(
+    cloud: CloudburstConnection,
+) -> None:
+    fn = cloud.register(put_with_its_own_loop, "put_with_its_own_loop")
+    results = [fn("coop/own-loop", i).get() for i in range(QUICK_RUNS)]
+    assert [value for _, value in results] == list(range(QUICK_RUNS))
+    assert not on_a_worker(results[-1][0]), "the last runs were in a greenlet on the loop"
 
 
 def test_library_errors_reach_the_function_in_its_greenlet(

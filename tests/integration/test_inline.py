@@ -8,6 +8,7 @@ Each function reports the thread it ran on: executor worker threads are named
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -33,6 +34,14 @@ def where(_: Any, delay: float = 0.0) -> str:
     if delay:
         time.sleep(delay)
     return threading.current_thread().name
+
+
+def runs_its_own_loop(_: Any, a: int) -> tuple[str, int]:
+    async def double() -> int:
+        await asyncio.sleep(0)
+        return a * 2
+
+    return threading.current_thread().name, asyncio.run(double())
 
 
 def on_a_worker(thread_name: str) -> bool:
@@ -79,6 +88,15 @@ def test_a_chain_runs_on_the_loop_only_as_far_as_its_functions_may(node: Node) -
     # square reads the library: the chain on the loop stops before it, and it runs in a
     # greenlet of its own once its stretches between library calls were quick.
     assert on_a_worker(results[0][2]) and not on_a_worker(results[-1][2])
+
+
+def test_code_on_the_loop_may_run_an_event_loop_of_its_own(node: Node) -> None:
+    """asyncio.run() works on a worker thread; it must on the executor's loop too."""
+    with CloudburstConnection(node.address) as cloud:
+        fn = cloud.register(runs_its_own_loop, "runs_its_own_loop")
+        results = [fn(i).get() for i in range(QUICK_RUNS + 2)]
+    assert [value for _, value in results] == [i * 2 for i in range(QUICK_RUNS + 2)]
+    assert not on_a_worker(results[-1][0]), "the last runs were on the loop"
 
 
 def test_a_limit_of_zero_keeps_every_function_on_a_worker(
