@@ -470,11 +470,21 @@ class Executor:
             finally:
                 bridge.end()
                 self._inline.ran_on_thread(
-                    loaded.name, loaded.target, loaded.runs, bridge.streak, bridge.broken
+                    loaded.name,
+                    loaded.target,
+                    loaded.runs,
+                    bridge.streak,
+                    bridge.broken,
+                    bridge.foreign,
                 )
         if where == GREENLET:  # the greenlet's driver accounts each stretch
             self._inline.entered(loaded.name, loaded.runs)
-            return self._outcome(loaded, library, args, pinned)
+            library.bridge.own()
+            try:
+                return self._outcome(loaded, library, args, pinned)
+            finally:
+                if library.bridge.foreign:
+                    self._inline.keep_off_loop(loaded.name, loaded.runs)
         usage = self._inline.usage()
         began = time.perf_counter()
         self._inline.started(loaded.name, began)

@@ -29,7 +29,8 @@ be held up for long, so the gate is earned and lost:
 A new version of a function starts afresh.
 
 Classes never run on the loop: a pinned instance's lock may be held by a
-thread that is itself waiting on the loop. A stretch that holds the loop for
+thread that is itself waiting on the loop. Nor does a function that called
+the library from threads it started itself, for the same reason. A stretch that holds the loop for
 :data:`STALL_WARNING` seconds (say, waiting for something only another call
 could do) is reported in the log while it lasts, by a watchdog thread.
 """
@@ -193,18 +194,27 @@ class InlineGate:
         return record.on_loop and (where == GREENLET or not record.uses_library)
 
     def ran_on_thread(
-        self, name: str, target: Any, record: RunRecord, streak: int, broken: bool
+        self,
+        name: str,
+        target: Any,
+        record: RunRecord,
+        streak: int,
+        broken: bool,
+        foreign: bool = False,
     ) -> None:
         """Account a run on a worker thread (called on that thread).
 
         The run's stretches of user code between calls into the user library
         (one stretch, for a function that made none) were timed against
         ``max_seconds``: ``streak`` quick ones in a row ended it, after a slow
-        one if ``broken``.
+        one if ``broken``. ``foreign``: threads the function started called
+        the library (see :meth:`keep_off_loop`).
         """
         if record.eligible is None:
             record.eligible = self.max_seconds > 0 and plain_function(target)
             record.uses_library = not library_unused(target)
+        if foreign:
+            self.keep_off_loop(name, record)
         if not record.eligible:
             return
         record.quick_runs = streak if broken else record.quick_runs + streak
@@ -212,6 +222,16 @@ class InlineGate:
             record.on_loop = True
             record.quick_runs = 0
             logger.debug("function %r runs on the event loop from now on", name)
+
+    @staticmethod
+    def keep_off_loop(name: str, record: RunRecord) -> None:
+        """The function called the library from threads of its own: never run it on the loop.
+
+        On the loop it would wait for those threads while they wait for the loop.
+        """
+        if record.eligible is not False:
+            logger.debug("function %r calls the library from its own threads: threads only", name)
+        record.eligible = record.on_loop = False
 
     @staticmethod
     def usage() -> resource.struct_rusage | None:

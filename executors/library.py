@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -45,6 +46,10 @@ class LoopBridge:
         self._limit = 0.0
         self._mark = 0.0
         """When the current stretch began (perf_counter), or 0 when not measuring."""
+        self._owner: int | None = None
+        """The thread running the user code, once known."""
+        self.foreign = False
+        """Whether another thread (one the user code started) called the library."""
 
     @property
     def cooperative(self) -> bool:
@@ -54,7 +59,12 @@ class LoopBridge:
     def begin(self, limit: float) -> None:
         """User code starts running on this thread: measure its stretches against ``limit``."""
         self.streak, self.broken, self._limit = 0, False, limit
+        self.own()
         self._mark = time.perf_counter()
+
+    def own(self) -> None:
+        """User code runs on this thread: calls from any other are :attr:`foreign`."""
+        self._owner = threading.get_ident()
 
     def end(self) -> None:
         """User code ended: count its last stretch and stop measuring."""
@@ -62,6 +72,9 @@ class LoopBridge:
         self._mark = 0.0
 
     def _pause(self) -> None:
+        if self._owner is not None and threading.get_ident() != self._owner:
+            self.foreign = True
+            return
         if self._mark:
             if time.perf_counter() - self._mark > self._limit:
                 self.streak, self.broken = 0, True
@@ -69,7 +82,7 @@ class LoopBridge:
                 self.streak += 1
 
     def _resume(self) -> None:
-        if self._mark:
+        if self._mark and threading.get_ident() == self._owner:
             self._mark = time.perf_counter()
 
     def run(self, coro: Coroutine[Any, Any, T], what: str, timeout: float | None = None) -> T:

@@ -74,6 +74,15 @@ def put_with_its_own_loop(cloudburst: Any, key: str, value: int) -> tuple[str, A
     return threading.current_thread().name, cloudburst.get_object(key)
 
 
+def get_from_a_thread(cloudburst: Any, key: str) -> tuple[str, Any]:
+    """Reads the KVS from a thread of its own, and waits for it."""
+    found: list[Any] = []
+    reader = threading.Thread(target=lambda: found.append(cloudburst.get_object(key)))
+    reader.start()
+    reader.join(30)
+    return threading.current_thread().name, found
+
+
 def await_key(cloudburst: Any, key: str) -> Any:
     return cloudburst.get_object(key, timeout=30)
 
@@ -185,6 +194,17 @@ def test_code_in_a_greenlet_may_run_an_event_loop_of_its_own(
     results = [fn("coop/own-loop", i).get() for i in range(QUICK_RUNS)]
     assert [value for _, value in results] == list(range(QUICK_RUNS))
     assert not on_a_worker(results[-1][0]), "the last runs were in a greenlet on the loop"
+
+
+def test_a_function_calling_the_library_from_its_own_threads_stays_on_threads(
+    cloud: CloudburstConnection,
+) -> None:
+    """On the loop it would wait for its thread while that thread waits for the loop."""
+    cloud.put_object("coop/threaded", 5)
+    fn = cloud.register(get_from_a_thread, "get_from_a_thread")
+    results = [fn("coop/threaded").get(timeout=60) for _ in range(QUICK_RUNS * 2)]
+    assert all(found == [5] for _, found in results), results
+    assert all(on_a_worker(name) for name, _ in results), results
 
 
 def test_library_errors_reach_the_function_in_its_greenlet(
