@@ -255,7 +255,8 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
     lines += [
         "",
         f"Latency: {settings['calls']} timed calls per workload after {settings['warmup']} "
-        f"warm-up calls, in {settings['blocks']} interleaved rounds. Throughput: "
+        f"warm-up calls, in {settings['blocks']} interleaved rounds; within each round a "
+        "target's workload and its floor take turns in five sub-blocks. Throughput: "
         f"{settings['callers']} concurrent callers, {settings['tp_rounds']} rounds of "
         f"{settings['tp_seconds']} s per workload.",
         "",

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -67,6 +68,14 @@ RAY_OF = {
     systems.GET_SMALL: "ray.get 100 B",
     systems.PUT_LARGE: "ray.put 1 MiB",
     systems.GET_LARGE: "ray.get 1 MiB",
+}
+#: Each latency target's workload and the floor it is held to. The two take turns
+#: in sub-blocks within every round (see Record.group), so that a slow spell of
+#: the machine falls on both alike rather than on whichever was timed then.
+TARGET_PAIRS = {
+    "T1": (f"serve/{systems.DAG_DIRECT}", f"floor/{F_HOP3_STREAM}"),
+    "T4": (f"serve/{systems.CALL}", f"floor/{F_UNARY}"),
+    "T6": (f"cluster/{systems.MESSAGE}", f"floor/{F_BIDI}"),
 }
 TOTAL_BUDGET_SECONDS = 570.0  # the issue asks for under 10 minutes on two cores
 
@@ -237,16 +246,15 @@ GROUP_SUB_BLOCKS = 5
 def measure_latency(records: list[Record], settings: Settings, deadline: float) -> None:
     """Warm every workload up, then time it in interleaved rounds.
 
-    Records of one group (the tracing variants of one workload) are timed
-    together where the first of them stands: in :data:`GROUP_SUB_BLOCKS`
-    sub-blocks per round, each visiting them in a rotated order, so that
-    neither a slow spell of the machine nor the position in the round favours
-    one of them.
+    Records of one group (the tracing variants of one workload, or a target's
+    workload and its floor) are timed together where the first of them
+    stands: in :data:`GROUP_SUB_BLOCKS` sub-blocks per round, each visiting
+    them in a rotated order, so that neither a slow spell of the machine nor
+    the position in the round favours one of them.
     """
     for record in records:
         _guard(record, lambda r=record: r.workload.block(settings.warmup), "warm-up")
     per_block = max(1, settings.calls // settings.blocks)
-    group_block = max(1, settings.tracing_calls // settings.blocks)
     groups = _groups(records)
     for round_index in range(settings.blocks):
         log(f"latency round {round_index + 1}/{settings.blocks} ({per_block} calls per workload)")
@@ -257,6 +265,8 @@ def measure_latency(records: list[Record], settings: Settings, deadline: float) 
                 _time_block(record, per_block)
             elif record is groups[record.group][0]:
                 members = groups[record.group]
+                calls = settings.tracing_calls if record.group.startswith("tracing/") else None
+                group_block = max(1, (calls or settings.calls) // settings.blocks)
                 subs = min(GROUP_SUB_BLOCKS, group_block)
                 sizes = [group_block // subs + (i < group_block % subs) for i in range(subs)]
                 for sub, size in enumerate(sizes):
@@ -268,6 +278,16 @@ def measure_latency(records: list[Record], settings: Settings, deadline: float) 
             for record in records:
                 record.notes.append(f"latency: stopped early after round {round_index + 1}")
             break
+
+
+def pair_targets(records: dict[str, Record]) -> None:
+    """Group each target's workload with its floor (see :data:`TARGET_PAIRS`)."""
+    for ident, keys in TARGET_PAIRS.items():
+        pair = [records.get(key) for key in keys]
+        if all(r is not None and r.group is None for r in pair):
+            for record in pair:
+                assert record is not None
+                record.group = f"target/{ident}"
 
 
 def _groups(records: list[Record]) -> dict[str, list[Record]]:
@@ -477,7 +497,7 @@ def evaluate_targets(
         1.3,
         at_most=True,
         unit="x floor",
-        detail=f"{_ms(dag)} vs floor {_ms(hop3)}",
+        detail=f"{_ms(dag)} vs floor {_ms(hop3)}{_per_round(records, 'T1')}",
     )
     ray_chain = _ray_median(ray, RAY_OF[systems.DAG_DIRECT])
     add(
@@ -512,7 +532,7 @@ def evaluate_targets(
         1.5,
         at_most=True,
         unit="x floor",
-        detail=f"{_ms(call)} vs floor {_ms(unary)}",
+        detail=f"{_ms(call)} vs floor {_ms(unary)}{_per_round(records, 'T4')}",
     )
     if mem is not None and not mem.get("error") and mem.get("rss_after_first_1000_bytes"):
         calls = mem["calls"]
@@ -555,9 +575,25 @@ def evaluate_targets(
         2.0,
         at_most=True,
         unit="x floor",
-        detail=f"{_ms(message)} vs floor {_ms(bidi)}{where}",
+        detail=f"{_ms(message)} vs floor {_ms(bidi)}{_per_round(records, 'T6')}{where}",
     )
     return targets
+
+
+def _per_round(records: dict[str, Record], ident: str) -> str:
+    """The target's ratio in each round, lowest to highest: how much the run varied."""
+    pair = [records.get(key) for key in TARGET_PAIRS[ident]]
+    if any(r is None for r in pair):
+        return ""
+    mine, floor_ = (r.rounds for r in pair if r is not None)
+    ratios = sorted(
+        statistics.median(a) / statistics.median(b)
+        for a, b in zip(mine, floor_, strict=True)
+        if a and b
+    )
+    if len(ratios) < 2:
+        return ""
+    return f"; per round {', '.join(f'{r:.2f}' for r in ratios)}x"
 
 
 def _ms(value: float | None) -> str:
@@ -744,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
                 deployments["serve"], inproc := diagnose.InProcessServer()
             )
             by_key = {r.workload.key: r for r in records}
+            pair_targets(by_key)
 
             measure_latency(records, settings, deadline - 300)
             measure_throughput(records, settings)
