@@ -46,7 +46,7 @@ from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteE
 from cloudburst_grpc.kvs_access import USER
 from cloudburst_grpc.kvs_proxy import KvsProxyServicer
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
-from cloudburst_grpc.messaging.service import MessagingPeers, MessagingServicer
+from cloudburst_grpc.messaging.service import AnswerOutbox, MessagingPeers, MessagingServicer
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
@@ -161,6 +161,8 @@ class Node:
     store: LatticeStore | None = None
     registration: Registration | None = None
     """The node's Consul registration, when discovery is on."""
+    answers: AnswerOutbox | None = None
+    """Answers to messages from other processes, held to ride on messages back."""
     _stopped: bool = False
 
     @property
@@ -239,7 +241,9 @@ def _remote_factory(
 def _messaging(node: Node, peer_id: str) -> MailboxRouter:
     """Serve MessagingService on the node and return its mailbox router."""
     config = node.config
-    peers = MessagingPeers(peer_id, config.server.max_payload_bytes)
+    # Answers to messages from a process ride on messages going back to it.
+    outbox = node.answers = AnswerOutbox()
+    peers = MessagingPeers(peer_id, config.server.max_payload_bytes, node.address, outbox)
     node.stack.push_async_callback(peers.close)
     router = MailboxRouter(
         node.address,
@@ -249,7 +253,7 @@ def _messaging(node: Node, peer_id: str) -> MailboxRouter:
         peers.post,
     )
     messaging_service_pb2_grpc.add_MessagingServiceServicer_to_server(
-        MessagingServicer(router), node.server
+        MessagingServicer(router, outbox, peers.answered), node.server
     )
     return router
 

@@ -13,7 +13,12 @@ import pytest
 from cloudburst.errors import MailboxNotFoundError, UnavailableError
 from cloudburst.v1 import messaging_service_pb2, messaging_service_pb2_grpc, value_pb2
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
-from cloudburst_grpc.messaging.service import MessagingPeer, MessagingServicer
+from cloudburst_grpc.messaging.service import (
+    AnswerOutbox,
+    MessagingPeer,
+    MessagingPeers,
+    MessagingServicer,
+)
 
 Envelope = messaging_service_pb2.MessageEnvelope
 
@@ -107,3 +112,63 @@ async def test_the_receivers_error_reaches_the_sender() -> None:
     finally:
         await peer.close()
         await server.stop(0)
+
+
+class Process:
+    """One process's messaging, wired as an executor wires it: answers may ride back."""
+
+    def __init__(self) -> None:
+        self.server = grpc.aio.server()
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.answers = AnswerOutbox()
+        self.peers = MessagingPeers("p", 1 << 20, self.address, self.answers)
+        self.router = MailboxRouter(
+            self.address, self.peers.forward, post=self.peers.post, send_timeout=10
+        )
+        messaging_service_pb2_grpc.add_MessagingServiceServicer_to_server(
+            MessagingServicer(self.router, self.answers, self.peers.answered), self.server
+        )
+
+    async def close(self) -> None:
+        await self.peers.close()
+        await self.server.stop(0)
+
+
+async def test_an_answer_rides_on_a_message_going_back_and_goes_alone_otherwise() -> None:
+    here, there = Process(), Process()
+    await here.server.start()
+    await there.server.start()
+    try:
+        asker, replier = here.router.open(), there.router.open()
+
+        async def reply() -> None:
+            (message,) = await replier.receive(10)
+            # As a function waiting on the loop would: reply at once.
+            await there.router.send(envelope(message.sender_id, 1))
+
+        replying = asyncio.create_task(reply())
+        question = envelope(replier.id, 1)
+        question.sender_id = asker.id
+        await asyncio.wait_for(here.router.send(question), 10)
+        await asyncio.wait_for(replying, 10)
+        assert [int(m.payload.data) for m in await asker.receive(10)] == [1]
+        assert there.answers.riding == 1, "the answer to the question rode on the reply"
+        assert here.answers.alone == 1, "nothing went back: the answer to the reply went alone"
+        assert here.answers.riding == there.answers.alone == 0
+    finally:
+        await here.close()
+        await there.close()
+
+
+async def test_answers_on_a_frame_that_cannot_be_sent_go_alone() -> None:
+    answers = AnswerOutbox()
+    fallback: asyncio.Queue[Any] = asyncio.Queue()
+    answers.hold("there:1", messaging_service_pb2.StreamMessagesResponse(sequence=7), fallback)
+    peer = MessagingPeer("there:1", "p", 1 << 20, "here:1", answers)
+    await peer.close()  # closed for good: the frame is never sent
+    delivered = concurrent.futures.Future[None]()
+    peer.post(envelope("box@there:1", 1), delivered)
+    with pytest.raises(UnavailableError):
+        delivered.result(0)
+    assert fallback.get_nowait().sequence == 7
+    assert answers.alone == 1

@@ -29,6 +29,7 @@ class StreamMessagesRequest(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     HELLO_FIELD_NUMBER: _builtins.int
     SEND_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the sender, unique on the stream; the answer echoes it."""
     @_builtins.property
@@ -39,16 +40,24 @@ class StreamMessagesRequest(_message.Message):
     def send(self) -> Global___MessageEnvelope:
         """A message to deliver."""
 
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamMessagesResponse]:
+        """Answers to messages the receiving process sent to this one, riding on this
+        frame instead of on their own (see MessagingHello.address): each names the
+        sequence of the answered frame on the receiving process's stream to this one.
+        """
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         hello: Global___MessagingHello | None = ...,
         send: Global___MessageEnvelope | None = ...,
+        answers: _abc.Iterable[Global___StreamMessagesResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "hello", b"hello", "send", b"send"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "hello", b"hello", "send", b"send", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "frame", b"frame", "hello", b"hello", "send", b"send", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "send"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
@@ -91,16 +100,24 @@ class MessagingHello(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PEER_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     peer_id: _builtins.str
     """The id of the sending process (an executor id)."""
+    address: _builtins.str
+    """The sending process's own MessagingService address (host:port, as its mailbox
+    ids name it), if it takes answers on its frames to it. Its sends here may then
+    be answered on the frames this process sends there (StreamMessagesRequest.answers),
+    and on this stream only when none goes there soon.
+    """
     def __init__(
         self,
         *,
         peer_id: _builtins.str = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer_id", b"peer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "peer_id", b"peer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
