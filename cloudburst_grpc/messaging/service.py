@@ -228,6 +228,20 @@ class MessagingPeer:
         It fails with the receiver's error (no such mailbox, mailbox full), or
         with UnavailableError when the stream broke more than ``resends`` times.
         """
+        frame = self._frame(envelope, delivered, resends, riding)
+        try:
+            self._stream.send(frame)
+        except UnavailableError as exc:  # closed for good: this process is shutting down
+            self._unsent(frame, exc)
+
+    def _frame(
+        self,
+        envelope: messaging_service_pb2.MessageEnvelope,
+        delivered: Delivered,
+        resends: int,
+        riding: list[tuple[Answer, Fallback]] | None,
+    ) -> messaging_service_pb2.StreamMessagesRequest:
+        """The frame that sends ``envelope``, registered to await its answer."""
         if len(self._waiting) >= PRUNE_ABOVE:
             # Forget messages whose senders gave up waiting (their futures are cancelled).
             for sequence in [q for q, w in self._waiting.items() if w.delivered.done()]:
@@ -240,12 +254,13 @@ class MessagingPeer:
         frame = messaging_service_pb2.StreamMessagesRequest(sequence=sequence, send=envelope)
         if riding:
             frame.answers.extend(answer for answer, _ in riding)
-        try:
-            self._stream.send(frame)
-        except UnavailableError as exc:  # closed for good: this process is shutting down
-            del self._waiting[sequence]
-            settle(delivered, error=exc)
-            self._lost(riding)
+        return frame
+
+    def _unsent(self, frame: messaging_service_pb2.StreamMessagesRequest, exc: Exception) -> None:
+        """The stream is closed for good: fail the frame's message, send its answers alone."""
+        unanswered = self._waiting.pop(frame.sequence)
+        settle(unanswered.delivered, error=exc)
+        self._lost(unanswered.riding)
 
     def _lost(self, riding: list[tuple[Answer, Fallback]] | None) -> None:
         """Answers whose frame never arrived go on their own streams after all."""
@@ -260,7 +275,11 @@ class MessagingPeer:
         as such rather than as a timeout here.
         """
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.post(envelope, delivered)
+        frame = self._frame(envelope, delivered, RESEND_ATTEMPTS, None)
+        try:
+            await self._stream.write(frame)  # at once, not a turn of the loop later
+        except UnavailableError as exc:
+            self._unsent(frame, exc)
         try:
             await asyncio.wait_for(delivered, timeout + ANSWER_SLACK)
         except TimeoutError:

@@ -1,4 +1,4 @@
-"""One long-lived bidirectional gRPC stream fed by a queue.
+"""One long-lived bidirectional gRPC stream that frames are written to as they come.
 
 Hot paths send many small messages to one peer; a message on an open stream
 costs a fraction of a unary call. :class:`OutboxStream` opens the stream on
@@ -10,9 +10,10 @@ close half-closes so the peer ends its side before the channel goes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -47,12 +48,31 @@ def settle(
         pass  # cancelled by a caller that timed out
 
 
+class _Outgoing(Generic[Request]):
+    """One open stream's call and the frames waiting to be written on it."""
+
+    __slots__ = ("backlog", "busy", "call")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.backlog: collections.deque[Request | None] = collections.deque()
+        """Frames to write once the write in progress is done; None half-closes."""
+        self.busy = False
+        """Whether a write is in progress (whoever started it writes the backlog too)."""
+
+
 class OutboxStream(Generic[Request, Response]):
-    """A bidirectional stream that sends whatever is queued and dispatches what comes back.
+    """A bidirectional stream that writes whatever is sent and dispatches what comes back.
+
+    Frames are written in the order they are sent. :meth:`write` (from a
+    coroutine) starts the write at once when none is in progress, sparing a
+    turn of the event loop; :meth:`send` (from a callback) hands the write to a
+    task. Either way, a frame sent while a write is in progress is written
+    right after it, by whoever is writing.
 
     Args:
         name: What the stream connects to, for messages (e.g. "executor ex-1 at host:port").
-        open_call: Starts the RPC given the request iterator (a stub's stream method).
+        open_call: Starts the RPC (a stub's stream method, called without arguments).
         on_answer: Called on the loop with every response.
         on_end: Called on the loop when the stream ends, with the gRPC error that
             ended it (None when it ended cleanly or was closed).
@@ -62,7 +82,7 @@ class OutboxStream(Generic[Request, Response]):
     def __init__(
         self,
         name: str,
-        open_call: Callable[[AsyncIterator[Request]], Any],
+        open_call: Callable[[], Any],
         on_answer: Callable[[Response], None],
         on_end: Callable[[grpc.RpcError | None], None],
         first_frame: Callable[[], Request] | None = None,
@@ -72,38 +92,81 @@ class OutboxStream(Generic[Request, Response]):
         self._on_answer = on_answer
         self._on_end = on_end
         self._first_frame = first_frame
-        self._outbox: asyncio.Queue[Request | None] | None = None
+        self._outgoing: _Outgoing[Request] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
         self.closed = False
 
     @property
     def is_open(self) -> bool:
         """Whether a stream is open (frames sent now go on it, not on a new one)."""
-        return self._outbox is not None and not self.closed
+        return self._outgoing is not None and not self.closed
+
+    def _open(self) -> _Outgoing[Request]:
+        if self.closed:
+            raise UnavailableError(f"the stream to {self.name} is closed")
+        outgoing = self._outgoing
+        if outgoing is None:
+            outgoing = self._outgoing = _Outgoing(self._open_call())
+            self._reader = asyncio.create_task(self._read(outgoing))
+            if self._first_frame is not None:
+                self._hand_off(outgoing, self._first_frame())
+        return outgoing
 
     def send(self, frame: Request) -> None:
-        """Queue a frame, opening the stream if needed (call on the loop).
+        """Send a frame, opening the stream if needed (call on the loop).
 
         Raises:
             UnavailableError: The stream was closed for good.
         """
-        if self.closed:
-            raise UnavailableError(f"the stream to {self.name} is closed")
-        if self._outbox is None:
-            outbox: asyncio.Queue[Request | None] = asyncio.Queue()
-            if self._first_frame is not None:
-                outbox.put_nowait(self._first_frame())
-            self._outbox = outbox
-            self._reader = asyncio.create_task(self._read(outbox))
-        self._outbox.put_nowait(frame)
+        self._hand_off(self._open(), frame)
 
-    @staticmethod
-    async def _frames(outbox: asyncio.Queue[Request | None]) -> AsyncIterator[Request]:
-        while (frame := await outbox.get()) is not None:
-            yield frame
+    async def write(self, frame: Request) -> None:
+        """Send a frame, writing it now if no write is in progress (call on the loop).
 
-    async def _read(self, outbox: asyncio.Queue[Request | None]) -> None:
-        call = self._open_call(self._frames(outbox))
+        Returns once it is written or queued behind the write in progress; a
+        stream that broke meanwhile is not an error here (``on_end`` reports it).
+
+        Raises:
+            UnavailableError: The stream was closed for good.
+        """
+        outgoing = self._open()
+        outgoing.backlog.append(frame)
+        if not outgoing.busy:
+            outgoing.busy = True
+            await self._write(outgoing)
+
+    def _hand_off(self, outgoing: _Outgoing[Request], frame: Request | None) -> None:
+        outgoing.backlog.append(frame)
+        if not outgoing.busy:
+            outgoing.busy = True
+            writer = asyncio.create_task(self._write(outgoing))
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+
+    async def _write(self, outgoing: _Outgoing[Request]) -> None:
+        """Write the backlog, in order (``outgoing.busy`` is set).
+
+        A writer cancelled mid-write cancels the call (gRPC does): the stream
+        breaks, and its senders send again what was not answered.
+        """
+        try:
+            while outgoing.backlog:
+                frame = outgoing.backlog.popleft()
+                if frame is None:
+                    await outgoing.call.done_writing()
+                    outgoing.backlog.clear()
+                    return
+                await outgoing.call.write(frame)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            # The stream ended: its reader reports it, and what was not written is
+            # the sender's to send again on the next stream.
+            outgoing.backlog.clear()
+        finally:
+            outgoing.busy = False
+
+    async def _read(self, outgoing: _Outgoing[Request]) -> None:
+        call = outgoing.call
         error: grpc.RpcError | None = None
         try:
             async for answer in call:
@@ -114,8 +177,8 @@ class OutboxStream(Generic[Request, Response]):
                 logger.warning("stream to %s broke: %s", self.name, exc.code())
         finally:
             call.cancel()
-            if self._outbox is outbox:
-                self._outbox = None
+            if self._outgoing is outgoing:
+                self._outgoing = None
             self._on_end(None if self.closed else error)
 
     async def close(self, grace: float = 2.0) -> None:
@@ -123,8 +186,8 @@ class OutboxStream(Generic[Request, Response]):
         if self.closed:
             return
         self.closed = True
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
+        if self._outgoing is not None:
+            self._hand_off(self._outgoing, None)
         if self._reader is not None:
             try:
                 async with asyncio.timeout(grace):
@@ -132,3 +195,6 @@ class OutboxStream(Generic[Request, Response]):
             except (TimeoutError, asyncio.CancelledError):
                 self._reader.cancel()
                 await asyncio.gather(self._reader, return_exceptions=True)
+        for writer in list(self._writers):
+            writer.cancel()
+        await asyncio.gather(*self._writers, return_exceptions=True)
