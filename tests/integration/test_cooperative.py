@@ -244,10 +244,10 @@ async def greenlet_in_progress() -> bool:
 # -- across executor processes ----------------------------------------------------------
 
 
-def ping(cloudburst: Any, rounds: int) -> dict[str, Any]:
+def ping(cloudburst: Any, tag: str, rounds: int) -> dict[str, Any]:
     me = cloudburst.get_id()
-    cloudburst.put_object("coop/ping", me)
-    peer = cloudburst.get_object("coop/pong", timeout=20)
+    cloudburst.put_object(f"{tag}/ping", me)
+    peer = cloudburst.get_object(f"{tag}/pong", timeout=20)
     log: list[int] = []
     for i in range(rounds):
         cloudburst.send(peer, i)
@@ -255,11 +255,14 @@ def ping(cloudburst: Any, rounds: int) -> dict[str, Any]:
     return {"log": log, "thread": threading.current_thread().name, "me": me, "peer": peer}
 
 
-def pong(cloudburst: Any, rounds: int) -> str:
-    cloudburst.put_object("coop/pong", cloudburst.get_id())
+def pong(cloudburst: Any, tag: str, rounds: int) -> str:
+    cloudburst.put_object(f"{tag}/pong", cloudburst.get_id())
     answered = 0
     while answered < rounds:
-        for sender, message in cloudburst.recv(timeout=20):
+        messages = cloudburst.recv(timeout=20)
+        if not messages:
+            raise TimeoutError(f"no ping after {answered} rounds")
+        for sender, message in messages:
             cloudburst.send(sender, message)
             answered += 1
     return threading.current_thread().name
@@ -287,9 +290,15 @@ def test_ping_pong_runs_in_greenlets_across_executor_processes(
         assert cloud.register_dag(
             "pp", ["ping", "pong", "both"], [("ping", "both"), ("pong", "both")]
         )
+        # Each exchange meets through keys of its own: never a finished pong's id.
         results = [
-            cloud.call_dag("pp", {"ping": rounds, "pong": rounds}, direct_response=True, timeout=60)
-            for _ in range(2)
+            cloud.call_dag(
+                "pp",
+                {"ping": [f"coop/pp/{i}", rounds], "pong": [f"coop/pp/{i}", rounds]},
+                direct_response=True,
+                timeout=60,
+            )
+            for i in range(2)
         ]
     for result in results:
         assert result["log"] == list(range(rounds))
