@@ -139,12 +139,12 @@ class RemoteExecutorPeer:
         )
         self._answers[sequence] = answer
         try:
-            await self._stream.write(
-                executor_service_pb2.StreamTriggersRequest(
-                    sequence=sequence, execute_function=request
+            async with asyncio.timeout(timeout):  # the write too: the peer may not read
+                await self._stream.write(
+                    executor_service_pb2.StreamTriggersRequest(
+                        sequence=sequence, execute_function=request
+                    )
                 )
-            )
-            async with asyncio.timeout(timeout):
                 return await answer
         except TimeoutError:
             raise CloudburstTimeoutError(
@@ -154,8 +154,8 @@ class RemoteExecutorPeer:
             self._answers.pop(sequence, None)
 
     async def trigger(self, trigger: execution_pb2.Trigger) -> None:
-        """Send a trigger on the stream."""
-        await self._stream.write(executor_service_pb2.StreamTriggersRequest(trigger=trigger))
+        """Queue a trigger on the stream (never waits on a peer that stopped reading)."""
+        self._stream.send(executor_service_pb2.StreamTriggersRequest(trigger=trigger))
 
     def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Register for the sink's result and tell the executor to route it here."""

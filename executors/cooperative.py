@@ -27,6 +27,7 @@ others:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import weakref
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,10 @@ _get_running_loop = asyncio.events._get_running_loop
 restore_loop = _set_running_loop = asyncio.events._set_running_loop
 
 
+#: The deadline of an awaitable that has one of its own: none here.
+_UNBOUNDED = contextlib.nullcontext()
+
+
 class UserGreenlet(greenlet.greenlet):
     """User code running on an event loop's thread; library calls switch out of it."""
 
@@ -51,7 +56,8 @@ class Wait:
     """What user code asks :func:`drive` to await for it."""
 
     awaitable: Awaitable[Any]
-    timeout: float
+    timeout: float | None
+    """Seconds to wait for it; None when it has a deadline of its own."""
     what: str
 
 
@@ -60,7 +66,7 @@ def inside() -> bool:
     return isinstance(greenlet.getcurrent(), UserGreenlet)
 
 
-def suspend(awaitable: Awaitable[Any], timeout: float, what: str) -> Any:
+def suspend(awaitable: Awaitable[Any], timeout: float | None, what: str) -> Any:
     """Have the loop await ``awaitable`` for the user code calling this, and return its result.
 
     Call only when :func:`inside` is true.
@@ -110,13 +116,13 @@ async def drive(
         while not run.dead:
             result: Any = None
             error: BaseException | None = None
-            deadline = asyncio.timeout(request.timeout)
+            deadline = None if request.timeout is None else asyncio.timeout(request.timeout)
             try:
-                async with deadline:
+                async with deadline or _UNBOUNDED:
                     result = await request.awaitable
             except TimeoutError as exc:
                 error = exc
-                if deadline.expired():
+                if deadline is not None and deadline.expired():
                     error = CloudburstTimeoutError(
                         f"{request.what} did not finish within {request.timeout:.1f}s"
                     )

@@ -85,15 +85,24 @@ class LoopBridge:
         if self._mark and threading.get_ident() == self._owner:
             self._mark = time.perf_counter()
 
-    def run(self, coro: Coroutine[Any, Any, T], what: str, timeout: float | None = None) -> T:
+    def run(
+        self,
+        coro: Coroutine[Any, Any, T],
+        what: str,
+        timeout: float | None = None,
+        bounded: bool = False,
+    ) -> T:
         """Run ``coro`` on the loop and return its result.
+
+        ``bounded``: the coroutine has a deadline of its own (shorter than
+        ``timeout``), which a greenlet run then relies on alone.
 
         Raises:
             CloudburstTimeoutError: It did not finish within the timeout.
         """
         limit = self.timeout if timeout is None else timeout
         if cooperative.inside():
-            result: T = cooperative.suspend(coro, limit, what)
+            result: T = cooperative.suspend(coro, None if bounded else limit, what)
             return result
         return self.wait(asyncio.run_coroutine_threadsafe(coro, self.loop), what, limit)
 
@@ -239,12 +248,17 @@ class UserLibrary:
             recipient_id=dest,
             payload=serialize(msg, what=f"message to {dest}", limit=self._limit),
         )
-        attributes = {"cloudburst.sender": sender, "cloudburst.recipient": dest}
+        attributes = (
+            {"cloudburst.sender": sender, "cloudburst.recipient": dest}
+            if telemetry.tracing()
+            else None
+        )
         limit = router.send_timeout + 15
         with telemetry.span("send", attributes=attributes):
             telemetry.inject(envelope.trace_context)
             if self._bridge.cooperative:
-                self._bridge.run(router.send(envelope), f"send to {dest}", limit)
+                # Bounded: a full mailbox waits send_timeout, an answer that slack more.
+                self._bridge.run(router.send(envelope), f"send to {dest}", limit, bounded=True)
                 return
             try:
                 delivered = router.submit(envelope, self._bridge.loop)
@@ -262,12 +276,16 @@ class UserLibrary:
         mailbox = self._mailbox
         assert mailbox is not None
         wait = max(timeout or 0.0, 0.0)
-        with telemetry.span("recv", attributes={"cloudburst.recipient": mailbox_id}) as current:
+        attributes = {"cloudburst.recipient": mailbox_id} if telemetry.tracing() else None
+        with telemetry.span("recv", attributes=attributes) as current:
             if self._bridge.cooperative:
                 # Even without a wait, let the loop run: a function polling recv()
                 # must not keep it from delivering what it polls for.
                 messages = self._bridge.run(
-                    mailbox.receive(wait) if wait else _after_a_turn(mailbox), "recv()", wait + 10
+                    mailbox.receive(wait) if wait else _after_a_turn(mailbox),
+                    "recv()",
+                    wait + 10,
+                    bounded=True,  # by ``wait``
                 )
             else:
                 # Wait in this thread: arrivals notify the mailbox's condition. Even

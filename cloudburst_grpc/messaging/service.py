@@ -277,11 +277,13 @@ class MessagingPeer:
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         frame = self._frame(envelope, delivered, RESEND_ATTEMPTS, None)
         try:
-            await self._stream.write(frame)  # at once, not a turn of the loop later
-        except UnavailableError as exc:
-            self._unsent(frame, exc)
-        try:
-            await asyncio.wait_for(delivered, timeout + ANSWER_SLACK)
+            # The write too: a peer that stopped reading holds it up.
+            async with asyncio.timeout(timeout + ANSWER_SLACK):
+                try:
+                    await self._stream.write(frame)  # at once, not a loop turn later
+                except UnavailableError as exc:
+                    self._unsent(frame, exc)
+                await delivered
         except TimeoutError:
             raise CloudburstTimeoutError(
                 f"no answer from {self.address} for a message to {envelope.recipient_id}"
