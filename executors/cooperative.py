@@ -105,13 +105,7 @@ async def drive(
     running = slot(loop)
     running.busy = True
     try:
-        segments.begin()
-        hidden = hide_loop()
-        try:
-            request = run.switch()
-        finally:
-            _set_running_loop(hidden)
-            segments.end()
+        request = _step(run, segments)
         cancelled: asyncio.CancelledError | None = None
         while not run.dead:
             result: Any = None
@@ -131,18 +125,32 @@ async def drive(
                 error = exc
             except BaseException as exc:
                 error = exc
-            segments.begin()
-            hidden = hide_loop()
-            try:
-                request = run.throw(error) if error is not None else run.switch(result)
-            finally:
-                _set_running_loop(hidden)
-                segments.end()
+            request = _step(run, segments, (result,), error)
         if cancelled is not None:
             raise cancelled
         return request
     finally:
         running.busy = False
+
+
+def _step(
+    run: UserGreenlet,
+    segments: Segments,
+    args: tuple[Any, ...] = (),
+    error: BaseException | None = None,
+) -> Any:
+    """Run user code until its next library call (the Wait it makes) or its end (what it returns).
+
+    It is switched in with ``args`` (none at the start, then a call's result),
+    or has ``error`` raised at its library call.
+    """
+    segments.begin()
+    hidden = hide_loop()
+    try:
+        return run.throw(error) if error is not None else run.switch(*args)
+    finally:
+        _set_running_loop(hidden)
+        segments.end()
 
 
 def hide_loop() -> asyncio.AbstractEventLoop | None:

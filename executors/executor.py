@@ -369,73 +369,29 @@ class Executor:
         # library's spans are children of this run.
         context = contextvars.copy_context()
         where = self._inline.where(loaded.runs, loop)
+        # A one-shot call runs its function; a DAG stage, the chain it can run at once.
+        function: Callable[..., execution_pb2.Outcome]
+        call: tuple[Any, ...]
+        if stage is None:
+            pinned = pinned and name in self.pinned
+            function, call = self._invoke, (loaded, library, tuple(args), pinned, where)
+        else:
+            stage.started = started
+            function, call = self._invoke_chain, (stage, loaded, library, tuple(args), where)
         try:
-            if stage is None:
-                pinned = pinned and name in self.pinned
-                if where == LOOP:
-                    outcome = context.run(self._invoke, loaded, library, tuple(args), pinned, LOOP)
-                elif where == GREENLET:
-                    outcome = await self._in_greenlet(
-                        context, loaded, self._invoke, loaded, library, tuple(args), pinned, where
-                    )
-                else:
-                    outcome = await loop.run_in_executor(
-                        self._pool,
-                        context.run,
-                        self._invoke,
-                        loaded,
-                        library,
-                        tuple(args),
-                        pinned,
-                        THREAD,
+            if where == LOOP:
+                outcome = context.run(function, *call)
+            elif where == GREENLET:
+                with self._inline.greenlet_run(loaded.name, loaded.runs) as stretches:
+                    outcome = await cooperative.drive(
+                        functools.partial(function, *call), context, stretches
                     )
             else:
-                stage.started = started
-                if where == LOOP:
-                    return context.run(
-                        self._invoke_chain, stage, loaded, library, tuple(args), LOOP
-                    )
-                if where == GREENLET:
-                    return await self._in_greenlet(
-                        context,
-                        loaded,
-                        self._invoke_chain,
-                        stage,
-                        loaded,
-                        library,
-                        tuple(args),
-                        where,
-                    )
-                return await loop.run_in_executor(
-                    self._pool,
-                    context.run,
-                    self._invoke_chain,
-                    stage,
-                    loaded,
-                    library,
-                    tuple(args),
-                    THREAD,
-                )
+                outcome = await loop.run_in_executor(self._pool, context.run, function, *call)
         finally:
             library.close()
-        return self._measured(name, started, outcome)
-
-    async def _in_greenlet(
-        self,
-        context: contextvars.Context,
-        loaded: runner.LoadedFunction,
-        function: Callable[..., execution_pb2.Outcome],
-        *args: Any,
-    ) -> execution_pb2.Outcome:
-        """Run ``function(*args)`` in a greenlet on the loop (see executors.cooperative)."""
-        stretches = self._inline.stretches(loaded.name, loaded.runs)
-        try:
-            outcome: execution_pb2.Outcome = await cooperative.drive(
-                functools.partial(function, *args), context, stretches
-            )
-        finally:
-            self._inline.greenlet_run = None
-        return outcome
+        # A stage's chain measured each of its functions itself.
+        return outcome if stage is not None else self._measured(name, started, outcome)
 
     @staticmethod
     def _measured(

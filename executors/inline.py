@@ -38,6 +38,7 @@ could do) is reported in the log while it lasts, by a watchdog thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dis
 import inspect
 import logging
@@ -46,6 +47,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -142,7 +144,7 @@ class InlineGate:
         self.running: tuple[str, float] | None = None
         """The function running on the loop now and when it began (perf_counter)."""
         self._watched = False
-        self.greenlet_run: LoopStretches | None = None
+        self._greenlet_run: LoopStretches | None = None
         """The accounting of this executor's greenlet run in progress, if any."""
         self._slot_loop: asyncio.AbstractEventLoop | None = None
         self._slot = cooperative.Slot()
@@ -159,15 +161,19 @@ class InlineGate:
         """The run on the loop ended."""
         self.running = None
 
-    def stretches(self, name: str, record: RunRecord) -> LoopStretches:
-        """The accounting of a greenlet run of the function ``name`` on the loop."""
-        self.greenlet_run = LoopStretches(self, name, record)
-        return self.greenlet_run
+    @contextlib.contextmanager
+    def greenlet_run(self, name: str, record: RunRecord) -> Iterator[LoopStretches]:
+        """The accounting of a greenlet run of the function ``name`` on the loop, while it lasts."""
+        self._greenlet_run = LoopStretches(self, name, record)
+        try:
+            yield self._greenlet_run
+        finally:
+            self._greenlet_run = None
 
     def entered(self, name: str, record: RunRecord) -> None:
         """A greenlet run goes on to the next function of its chain."""
-        if self.greenlet_run is not None:
-            self.greenlet_run.name, self.greenlet_run.record = name, record
+        if self._greenlet_run is not None:
+            self._greenlet_run.name, self._greenlet_run.record = name, record
 
     def allows(self, record: RunRecord, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         """Whether the next call of the function runs on ``loop`` (directly or in a greenlet)."""
