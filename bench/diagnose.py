@@ -4,11 +4,10 @@ These workloads reach into the SDK's and the server's internals (read-only:
 they call them, they change nothing), so they may break when those change;
 a failure only costs their rows in the report.
 
-- *SDK, one crossing*: the frames ``call_dag``/``exec_func`` + ``get()`` send,
-  sent by the SDK's own core, but from one coroutine: the calling thread
-  crosses to the SDK's loop once instead of twice.
-- *SDK core from asyncio*: the same, timed inside the SDK's loop (no thread
-  crossing at all): what a grpc.aio client of the same protocol would see.
+- *SDK core from asyncio*: the frames ``call_dag``/``exec_func`` + ``get()``
+  send, sent by the SDK's own core from a coroutine and timed inside the SDK's
+  loop, without the synchronous API around them: what a grpc.aio client of
+  the same protocol would see.
 - *server pipeline only*: the scheduler and executors of a `cbgrpc serve`
   composition (``start_local``) running in this process, called directly on
   their loop, no gRPC and no client: the server's own share of a call.
@@ -20,14 +19,12 @@ import asyncio
 from typing import Any
 
 from bench import systems
-from bench.measure import AioLoop, AioWorkload, SyncWorkload, Workload
+from bench.measure import AioLoop, AioWorkload, Workload
 
 SYSTEM = "diagnosis"
-DAG_ONE = "serve DAG direct_response, SDK internals, one thread crossing"
-DAG_NONE = "serve DAG direct_response, SDK core from asyncio, no crossing"
+DAG_NONE = "serve DAG direct_response, SDK core from asyncio, no synchronous API"
 DAG_SERVER = "DAG direct_response, server pipeline only (in-process, no gRPC)"
-CALL_ONE = "serve incr(1) + get(), SDK internals, one thread crossing"
-CALL_NONE = "serve incr(1) + get(), SDK core from asyncio, no crossing"
+CALL_NONE = "serve incr(1) + get(), SDK core from asyncio, no synchronous API"
 CALL_SERVER = "incr(1) + outcome, server pipeline only (in-process, no gRPC)"
 # Cost units (measured by bench.run): one handoff between threads, no I/O.
 U_TO_LOOP = "thread -> asyncio loop -> thread (run_coroutine_threadsafe)"
@@ -45,7 +42,7 @@ class _SdkLoop:
 
 
 def sdk_workloads(serve: systems.System) -> list[Workload]:
-    """The serve workloads without the SDK's second thread crossing, and without any."""
+    """The serve workloads sent by the SDK's core from a coroutine on its loop."""
     from cloudburst.v1 import scheduler_service_pb2 as sched
 
     conn: Any = serve.conn
@@ -60,12 +57,6 @@ def sdk_workloads(serve: systems.System) -> list[Workload]:
         request = sched.CallFunctionRequest(name="incr", arguments=[conn._argument(1, "arg 1")])
         return sched.StreamCallsRequest(call_function=request, stream_outcome=True)
 
-    def send(frame: Any) -> Any:
-        # The SDK's own path: one hand-off to the loop, then a wait on thread-safe futures.
-        pending = core.send_call(frame, True)
-        pending.wait_accepted(60)
-        return conn._decode(pending.wait_outcome(60))
-
     async def send_from_loop(frame: Any) -> Any:
         pending = core.send_call(frame, True)
         await asyncio.wrap_future(pending.accepted)
@@ -79,9 +70,7 @@ def sdk_workloads(serve: systems.System) -> list[Workload]:
 
     loop = _SdkLoop(conn)
     return [
-        SyncWorkload(SYSTEM, DAG_ONE, lambda: send(dag_frame()), check=lambda r: r == 4),
         AioWorkload(SYSTEM, DAG_NONE, dag, loop, check=lambda r: r == 4),
-        SyncWorkload(SYSTEM, CALL_ONE, lambda: send(call_frame()), check=lambda r: r == 2),
         AioWorkload(SYSTEM, CALL_NONE, call, loop, check=lambda r: r == 2),
     ]
 

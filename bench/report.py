@@ -365,33 +365,29 @@ def _breakdown_section(data: dict[str, Any]) -> list[str]:
         (
             "DAG incr->square, direct_response",
             systems.DAG_DIRECT,
-            diagnose.DAG_ONE,
             diagnose.DAG_NONE,
             diagnose.DAG_SERVER,
         ),
         (
             "incr(1).get()",
             systems.CALL,
-            diagnose.CALL_ONE,
             diagnose.CALL_NONE,
             diagnose.CALL_SERVER,
         ),
     ]
-    if not any(median("diagnosis", c[2]) or median("diagnosis", c[4]) for c in columns):
+    if not any(median("diagnosis", c[2]) or median("diagnosis", c[3]) for c in columns):
         return []
     values = {
         title: {
             "sdk": median("serve", user),
-            "one": median("diagnosis", one),
             "none": median("diagnosis", none),
             "server": median("diagnosis", server),
         }
-        for title, user, one, none, server in columns
+        for title, user, none, server in columns
     }
     rows = [
-        ("SDK as users call it (two thread crossings)", "sdk"),
-        ("same frames, one thread crossing", "one"),
-        ("same frames from asyncio on the SDK's loop, no crossing", "none"),
+        ("SDK as users call it (the calling thread runs the SDK's loop)", "sdk"),
+        ("same frames from a coroutine on the SDK's loop, no synchronous API", "none"),
         ("server pipeline only: in-process scheduler + executors, no gRPC, no client", "server"),
     ]
     lines = [
@@ -411,13 +407,10 @@ def _breakdown_section(data: dict[str, Any]) -> list[str]:
         return "n/a" if x is None or y is None else f"{x - y:.3f}"
 
     lines += [
-        "| *the SDK's second thread crossing (first row - second)* | "
-        + " | ".join(diff(t, "sdk", "one") for t, *_ in columns)
-        + " |",
-        "| *all client thread crossings (first row - third)* | "
+        "| *the synchronous API (first row - second)* | "
         + " | ".join(diff(t, "sdk", "none") for t, *_ in columns)
         + " |",
-        "| *gRPC, the stream protocol and the client (third row - fourth)* | "
+        "| *gRPC, the stream protocol and the client (second row - third)* | "
         + " | ".join(diff(t, "none", "server") for t, *_ in columns)
         + " |",
     ]
@@ -430,8 +423,9 @@ def _breakdown_section(data: dict[str, Any]) -> list[str]:
         f"For scale: a bare bidi-stream round trip {_fmt(bidi)} ms, the 3-hop stream floor "
         f"{_fmt(hop3)} ms; one thread -> loop -> thread handoff {_fmt(to_loop)} ms, one "
         f"loop -> thread pool -> loop handoff {_fmt(to_pool)} ms (idle, uncontended). "
-        "A DAG call of two functions on `cbgrpc serve` crosses threads twice in the client "
-        "and runs each function through `run_in_executor` (two pool round trips).",
+        "A DAG call of two quick functions on `cbgrpc serve` runs both on the executor's "
+        "event loop, and the SDK's caller runs the client's loop itself: no handoff of either "
+        "kind on the way, unless other threads call at the same time.",
     ]
     return lines
 

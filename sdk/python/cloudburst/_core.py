@@ -18,8 +18,9 @@ import collections
 import concurrent.futures
 import functools
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -45,15 +46,28 @@ RELEASE_DELAY = 0.05
 #: The most released keys one frame carries.
 RELEASES_PER_FRAME = 1000
 
+T = TypeVar("T")
+
+
+class Driver(Protocol):
+    """How callers on other threads reach the loop (see :class:`cloudburst._loop.DrivenLoop`)."""
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        """Run ``callback(*args)`` on the loop soon; from any thread."""
+
+    def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
+        """Wait for a future the loop settles (raises concurrent.futures.TimeoutError)."""
+
 
 @dataclass
 class PendingCall:
     """The two answers of one streamed call.
 
-    They are thread-safe futures that the stream reader settles directly, so
-    a caller thread waits on them without a round trip through the loop.
+    They are thread-safe futures that the stream reader settles directly; the
+    caller waiting on them runs the loop meanwhile when no other thread does.
     """
 
+    driver: Driver
     accepted: concurrent.futures.Future[str]
     outcome: concurrent.futures.Future[execution_pb2.Outcome] | None
     response_key: str = field(default="")
@@ -63,7 +77,7 @@ class PendingCall:
     def wait_accepted(self, timeout: float) -> str:
         """Wait until the scheduler accepted the call; returns the response key."""
         try:
-            self.response_key = self.accepted.result(timeout)
+            self.response_key = self.driver.wait(self.accepted, timeout)
         except concurrent.futures.TimeoutError:
             raise CloudburstTimeoutError(
                 f"the call was not accepted within {timeout:.1f}s"
@@ -74,7 +88,7 @@ class PendingCall:
         """Wait for the call's outcome."""
         assert self.outcome is not None
         try:
-            return self.outcome.result(timeout)
+            return self.driver.wait(self.outcome, timeout)
         except concurrent.futures.TimeoutError:
             raise CloudburstTimeoutError(
                 f"the result at {self.response_key!r} was not ready within {timeout:.1f}s"
@@ -82,10 +96,11 @@ class PendingCall:
 
 
 class Core:
-    """Channel, stubs and the call stream; lives on the SDK's loop thread."""
+    """Channel, stubs and the call stream; lives on the SDK's loop, which ``driver`` runs."""
 
-    def __init__(self, target: str, max_payload_bytes: int) -> None:
+    def __init__(self, target: str, max_payload_bytes: int, driver: Driver) -> None:
         self.loop = asyncio.get_running_loop()
+        self.driver = driver
         limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
         self.target = target
         self.channel = grpc.aio.insecure_channel(
@@ -170,11 +185,12 @@ class Core:
         ``holds`` (the futures among the arguments) stay alive until the outcome arrives.
         """
         pending = PendingCall(
+            driver=self.driver,
             accepted=concurrent.futures.Future(),
             outcome=concurrent.futures.Future() if want_outcome else None,
             holds=holds,
         )
-        self.loop.call_soon_threadsafe(self._send, frame, pending)
+        self.driver.call_soon(self._send, frame, pending)
         return pending
 
     def _send(self, frame: scheduler_service_pb2.StreamCallsRequest, pending: PendingCall) -> None:

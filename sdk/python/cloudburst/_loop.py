@@ -1,33 +1,90 @@
-"""A private event loop on a daemon thread, so a synchronous API can drive grpc.aio."""
+"""The event loop behind the synchronous API, run by the threads that wait on it.
+
+grpc.aio needs an asyncio loop; the SDK's API is synchronous. With the loop
+on a thread of its own, every call would cost two thread wake-ups: the caller
+wakes the loop's thread to send, and the loop's thread wakes the caller with
+the answer. On a virtual machine a wake-up costs tens of microseconds, a good
+part of a call's round trip. So the thread that waits for a result runs the
+loop itself until the result is in:
+
+- a caller that finds the loop free runs it (:meth:`DrivenLoop.wait`); a
+  thread that already runs an event loop of its own (as in Jupyter) never does;
+- a caller that finds another thread running the loop waits for its result
+  while that thread runs it; when the runner leaves while others still wait,
+  the helper thread takes over until nobody waits;
+- when nobody has run the loop for :data:`IDLE_AFTER` seconds, the helper runs
+  it, so timers and what the server sends between calls are handled; the next
+  caller gets its answer from the helper and asks it to leave the loop to the
+  callers again.
+
+Ctrl-C while a caller on the main thread runs the loop stops the loop between
+two callbacks, then raises KeyboardInterrupt in the caller, so no callback (of
+this package or of grpc) is cut off halfway.
+"""
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C half: no enum wrapping per call
 import asyncio
 import concurrent.futures
 import contextlib
+import math
+import signal
+import sys
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from cloudburst.errors import CloudburstTimeoutError
 
 T = TypeVar("T")
 
+#: Seconds without a caller running the loop before the helper thread runs it.
+IDLE_AFTER = 0.1
+#: The longest single wait (an unbounded one is a series of these).
+_LONGEST_WAIT = 3600.0
+#: The helper's thread ident while it runs the loop (no thread has ident -1).
+_HELPER = -1
 
-class LoopThread:
-    """Runs an asyncio loop on its own thread until :meth:`stop`."""
+
+class DrivenLoop:
+    """An asyncio loop run by the threads waiting on it, and by a helper in between."""
 
     def __init__(self, name: str = "cloudburst-sdk") -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._runner = 0
+        """The ident of the thread running the loop (``_HELPER`` for the helper), 0 when none."""
+        self._waiters = 0
+        """Threads waiting for a result while another thread runs the loop."""
+        self._yield_asked = False
+        """A caller asked the helper to leave the loop once nobody waits on it."""
+        self._last_run = time.monotonic()
+        """When a caller last stopped running the loop."""
+        self._wake = threading.Event()
+        self._stopping = False
+        self._interrupted = False
+        self._can_step = callable(getattr(self.loop, "_run_once", None))
+        """Whether callers can run the loop a turn at a time (else the helper runs it)."""
+        self._helper = threading.Thread(target=self._help, name=name, daemon=True)
+        self._helper.start()
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+    # -- the API -------------------------------------------------------------------
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        """Run ``callback(*args)`` on the loop soon; from any thread."""
+        with self._lock:
+            if self._runner == 0:
+                # Nobody waits in the loop's selector, so there is nobody to wake:
+                # whoever runs the loop next (the lock orders it after this) finds
+                # the callback ready.
+                self.loop.call_soon(callback, *args)
+                return
+        self.loop.call_soon_threadsafe(callback, *args)
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedule ``coro`` on the loop."""
+        """Schedule ``coro`` on the loop; :meth:`wait` for the result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
@@ -36,26 +93,179 @@ class LoopThread:
         Raises:
             CloudburstTimeoutError: It did not finish in time (it is cancelled).
         """
-        if threading.current_thread() is self._thread:
+        if self._runner == threading.get_ident():
+            coro.close()
             raise RuntimeError("the synchronous cloudburst API cannot be called from its own loop")
         future = self.submit(coro)
         try:
-            return future.result(timeout)
+            return self.wait(future, timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise CloudburstTimeoutError(f"{what} did not finish within {timeout:.1f}s") from None
 
+    def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
+        """Wait up to ``timeout`` seconds for a future the loop settles, running it meanwhile.
+
+        Returns the future's result (or raises its exception).
+
+        Raises:
+            concurrent.futures.TimeoutError: It was not settled in time.
+        """
+        if future.done():
+            return future.result()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        me = threading.get_ident()
+        if self._runner == me:
+            raise RuntimeError("the synchronous cloudburst API cannot be called from its own loop")
+        while not future.done():
+            remaining = min(deadline - time.monotonic(), _LONGEST_WAIT)
+            if remaining <= 0:
+                raise concurrent.futures.TimeoutError()
+            may_run = self._can_step and not self._stopping and asyncio._get_running_loop() is None
+            with self._lock:
+                runner = self._runner
+                if runner == 0 and may_run:
+                    self._runner = me
+                else:
+                    self._waiters += 1
+                    if runner == 0:
+                        self._wake.set()  # this thread may not run the loop: the helper must
+                    elif runner == _HELPER and may_run and self._waiters == 1:
+                        self._yield_asked = True
+            if runner == 0 and may_run:
+                try:
+                    self._run_until(future, remaining)
+                finally:
+                    self._leave()
+                continue
+            try:
+                concurrent.futures.wait([future], remaining)
+            finally:
+                self._stop_waiting()
+        return future.result()
+
     def stop(self) -> None:
-        """Stop the loop and join its thread; idempotent."""
-        if self.loop.is_closed():
+        """Cancel what is left on the loop, stop the helper and close the loop; idempotent."""
+        if self.loop.is_closed() or self._stopping:
             return
-        if self._thread.is_alive():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(_drain(self.loop), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
+        with contextlib.suppress(Exception):
+            self.run(_drain(self.loop), 10, "stopping")
+        with self._lock:
+            self._stopping = True
+            if self._runner == _HELPER:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+        self._wake.set()
+        self._helper.join(timeout=10)
+        with self._lock:
+            idle = self._runner == 0
+        if idle and not self._helper.is_alive():
             self.loop.close()
+
+    # -- callers running the loop --------------------------------------------------
+
+    def _run_until(self, future: concurrent.futures.Future[Any], seconds: float) -> None:
+        """Run the loop on this thread until ``future`` is settled or ``seconds`` pass."""
+        loop = self.loop
+        with self._interruptible():
+            # One turn of the loop at a time (what run_forever does, without its
+            # per-run set-up): the caller checks its future after every turn.
+            step: Callable[[], None] = loop._run_once  # type: ignore[attr-defined]
+            deadline = loop.time() + seconds
+            timer = loop.call_at(deadline, _nothing)  # wakes the selector at the deadline
+            hooks = sys.get_asyncgen_hooks()
+            sys.set_asyncgen_hooks(
+                firstiter=loop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
+                finalizer=loop._asyncgen_finalizer_hook,  # type: ignore[attr-defined]
+            )
+            loop._thread_id = threading.get_ident()  # type: ignore[attr-defined]
+            asyncio.events._set_running_loop(loop)
+            try:
+                while not future.done() and not self._interrupted and loop.time() < deadline:
+                    step()
+            finally:
+                asyncio.events._set_running_loop(None)
+                loop._thread_id = None  # type: ignore[attr-defined]
+                sys.set_asyncgen_hooks(*hooks)
+                timer.cancel()
+
+    @contextlib.contextmanager
+    def _interruptible(self) -> Any:
+        """On the main thread, let Ctrl-C stop the loop between callbacks, then raise."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = _signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:
+            yield  # the application handles Ctrl-C itself
+            return
+
+        def interrupt(signum: int, frame: Any) -> None:
+            self._interrupted = True
+            self.loop.call_soon_threadsafe(_nothing)  # end the selector's wait
+
+        _signal.signal(signal.SIGINT, interrupt)
+        try:
+            yield
+        finally:
+            _signal.signal(signal.SIGINT, previous)
+        if self._interrupted:
+            self._interrupted = False
+            raise KeyboardInterrupt
+
+    def _leave(self) -> None:
+        """Stop running the loop; the helper takes over if others still wait on it."""
+        with self._lock:
+            self._runner = 0
+            self._last_run = time.monotonic()
+            waiting = self._waiters
+        if waiting:
+            self._wake.set()
+
+    def _stop_waiting(self) -> None:
+        with self._lock:
+            self._waiters -= 1
+            release = self._waiters == 0 and self._yield_asked and self._runner == _HELPER
+            if release:
+                self._yield_asked = False
+        if release:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                self.loop.call_soon_threadsafe(self._helper_leaves)
+
+    # -- the helper thread ---------------------------------------------------------
+
+    def _help(self) -> None:
+        """Run the loop for waiters nobody runs it for, and while no caller has for a while."""
+        while True:
+            self._wake.clear()  # before looking, so that a wake-up meanwhile is not lost
+            with self._lock:
+                if self._stopping:
+                    return
+                idle = time.monotonic() - self._last_run
+                free = self._runner == 0
+                take = free and (self._waiters > 0 or idle >= IDLE_AFTER)
+                if take:
+                    self._runner = _HELPER
+            if not take:
+                # A caller that stops running the loop wakes the helper only when
+                # others wait; otherwise the helper looks again once it may be idle.
+                self._wake.wait(IDLE_AFTER - idle if free else IDLE_AFTER)
+                continue
+            try:
+                self.loop.run_forever()
+            finally:
+                with self._lock:
+                    self._runner = 0
+                    self._last_run = time.monotonic()
+
+    def _helper_leaves(self) -> None:
+        """On the loop: the helper stops running it if nobody waits on it any more."""
+        with self._lock:
+            if self._runner == _HELPER and self._waiters == 0:
+                self.loop.stop()
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _drain(loop: asyncio.AbstractEventLoop) -> None:

@@ -23,7 +23,7 @@ import cloudpickle
 
 from cloudburst import _source, _tracing
 from cloudburst._core import Core, PendingCall
-from cloudburst._loop import LoopThread
+from cloudburst._loop import DrivenLoop
 from cloudburst.errors import (
     CloudburstError,
     DagAlreadyExistsError,
@@ -230,7 +230,7 @@ class CloudburstConnection:
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
         self._clock = LwwClock()
-        self._loop = LoopThread()
+        self._loop = DrivenLoop()
         self._closed = False
         try:
             self._core: Core = self._loop.run(
@@ -241,7 +241,7 @@ class CloudburstConnection:
             raise
 
     async def _make_core(self, connect_timeout: float) -> Core:
-        core = Core(self.address, self.max_payload_bytes)
+        core = Core(self.address, self.max_payload_bytes, self._loop)
         try:
             await core.wait_ready(connect_timeout)
         except BaseException:
