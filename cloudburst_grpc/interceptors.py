@@ -8,6 +8,7 @@ with its traceback and sent as a generic ``INTERNAL``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -66,7 +67,17 @@ def _wrap_unary(
     return wrapped
 
 
-def _wrap_stream(
+def _wrap_stream(behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]) -> Any:
+    """Wrap a streaming handler: an async generator, or a coroutine that writes itself.
+
+    gRPC tells the two apart by their function type, so each keeps its own.
+    """
+    if inspect.iscoroutinefunction(behavior):
+        return _wrap_unary(behavior)
+    return _wrap_generator(behavior)
+
+
+def _wrap_generator(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def wrapped(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ import grpc
 from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.rpc import error_to_call_error
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.scheduler.core import Accepted, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -19,6 +21,8 @@ logger = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 1000
 
 Context = grpc.aio.ServicerContext
+Answer = scheduler_service_pb2.StreamCallsResponse
+Emit = Callable[[Answer], Awaitable[None]]
 
 
 def _page(names: list[str], page_size: int, page_token: str) -> tuple[list[str], str]:
@@ -43,6 +47,12 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
+        if not telemetry.tracing():
+            # Each call's task writes its answers itself (gRPC's reader-writer API): a
+            # loop turn and a queue sooner than through a response generator. The
+            # tracing interceptor only wraps generators, so with tracing on the
+            # generator stays.
+            self.StreamCalls = self._stream_calls_written  # type: ignore[method-assign,assignment]
 
     async def CreateFunction(
         self,
@@ -194,51 +204,19 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     async def StreamCalls(
         self,
         request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],
-        context: Context[
-            scheduler_service_pb2.StreamCallsRequest, scheduler_service_pb2.StreamCallsResponse
-        ],
-    ) -> AsyncIterator[scheduler_service_pb2.StreamCallsResponse]:
+        context: Context[scheduler_service_pb2.StreamCallsRequest, Answer],
+    ) -> AsyncIterator[Answer]:
         """Serve many calls over one stream; each is answered when accepted (and finished)."""
-        answers: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[Answer | None] = asyncio.Queue()
         calls: set[asyncio.Task[None]] = set()
-        # Result keys this stream's caller may release: chosen here, answered, marked releasable.
-        releasable: set[str] = set()
 
-        async def serve(frame: scheduler_service_pb2.StreamCallsRequest) -> None:
-            try:
-                await self._serve_frame(frame, answers, releasable)
-            except CloudburstError as exc:
-                answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=frame.sequence, error=error_to_call_error(exc)
-                    )
-                )
-            except Exception:
-                logger.exception("stream call %d failed", frame.sequence)
-                answers.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=frame.sequence,
-                        error=error_to_call_error(
-                            CloudburstError(
-                                "internal error; the details are in the scheduler's log"
-                            )
-                        ),
-                    )
-                )
+        async def emit(answer: Answer) -> None:
+            answers.put_nowait(answer)
 
         async def read() -> None:
             try:
-                async for frame in request_iterator:
-                    if frame.release_keys:
-                        self._release(frame.release_keys, releasable)
-                    if frame.WhichOneof("call") is None and frame.release_keys:
-                        continue
-                    task = asyncio.create_task(serve(frame))
-                    calls.add(task)
-                    task.add_done_callback(calls.discard)
+                await self._read_calls(request_iterator, emit, calls)
             finally:
-                if calls:
-                    await asyncio.gather(*calls, return_exceptions=True)
                 answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
@@ -251,6 +229,62 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 task.cancel()
             await asyncio.gather(reader, *calls, return_exceptions=True)
 
+    async def _stream_calls_written(
+        self,
+        request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],
+        context: Context[scheduler_service_pb2.StreamCallsRequest, Answer],
+    ) -> None:
+        """:meth:`StreamCalls` with each answer written by the task of the call it answers."""
+        writer = _AnswerWriter(context)
+        calls: set[asyncio.Task[None]] = set()
+        try:
+            await self._read_calls(request_iterator, writer.write, calls)
+        finally:
+            for task in list(calls):
+                task.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _read_calls(
+        self,
+        request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],
+        emit: Emit,
+        calls: set[asyncio.Task[None]],
+    ) -> None:
+        """Serve every frame of a stream in a task of its own; return once all are answered."""
+        # Result keys this stream's caller may release: chosen here, answered, marked releasable.
+        releasable: set[str] = set()
+        try:
+            async for frame in request_iterator:
+                if frame.release_keys:
+                    self._release(frame.release_keys, releasable)
+                if frame.WhichOneof("call") is None and frame.release_keys:
+                    continue
+                task = asyncio.create_task(self._serve(frame, emit, releasable))
+                calls.add(task)
+                task.add_done_callback(calls.discard)
+        finally:
+            if calls:
+                await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _serve(
+        self, frame: scheduler_service_pb2.StreamCallsRequest, emit: Emit, releasable: set[str]
+    ) -> None:
+        """Answer one frame, with an error answer when the call fails."""
+        try:
+            await self._serve_frame(frame, emit, releasable)
+        except CloudburstError as exc:
+            await emit(Answer(sequence=frame.sequence, error=error_to_call_error(exc)))
+        except Exception:
+            logger.exception("stream call %d failed", frame.sequence)
+            await emit(
+                Answer(
+                    sequence=frame.sequence,
+                    error=error_to_call_error(
+                        CloudburstError("internal error; the details are in the scheduler's log")
+                    ),
+                )
+            )
+
     def _release(self, keys: Iterable[str], releasable: set[str]) -> None:
         """Delete the results a caller released, if they are its to release."""
         owned = [key for key in keys if key in releasable]
@@ -258,10 +292,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         self._scheduler.releaser.release(owned)
 
     async def _serve_frame(
-        self,
-        frame: scheduler_service_pb2.StreamCallsRequest,
-        answers: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None],
-        releasable: set[str],
+        self, frame: scheduler_service_pb2.StreamCallsRequest, emit: Emit, releasable: set[str]
     ) -> None:
         kind = frame.WhichOneof("call")
         body: scheduler_service_pb2.CallFunctionResponse | scheduler_service_pb2.CallDagResponse
@@ -296,12 +327,12 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             await asyncio.sleep(0)
             once = accepted.outcome.done()
         if not once:
-            answers.put_nowait(answer())
+            await emit(answer())
         if accepted.outcome is not None:
             body.outcome.CopyFrom(await _await_outcome(accepted))
             if frame.releasable and not direct and not named:
                 releasable.add(accepted.response_key)
-            answers.put_nowait(answer())
+            await emit(answer())
 
 
 async def _await_outcome(accepted: Accepted) -> execution_pb2.Outcome:
@@ -310,3 +341,35 @@ async def _await_outcome(accepted: Accepted) -> execution_pb2.Outcome:
         return await accepted.outcome
     except CloudburstError as exc:
         return execution_pb2.Outcome(error=error_to_call_error(exc))
+
+
+class _AnswerWriter:
+    """Writes a stream's answers in the order they come, one write at a time.
+
+    Whichever call's task has an answer while no write is in progress writes
+    it, and then the answers that came meanwhile. Once the stream is gone
+    (the caller left), answers are dropped: nobody could read them.
+    """
+
+    def __init__(self, context: Context[Any, Answer]) -> None:
+        self._context = context
+        self._backlog: collections.deque[Answer] = collections.deque()
+        self._busy = False
+        self._gone = False
+
+    async def write(self, answer: Answer) -> None:
+        if self._gone:
+            return
+        self._backlog.append(answer)
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            while self._backlog:
+                await self._context.write(self._backlog.popleft())
+        except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
+            logger.debug("a call stream ended before its answers: %r", exc)
+            self._gone = True
+            self._backlog.clear()
+        finally:
+            self._busy = False

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import pytest
 
 from cloudburst import CloudburstConnection, CloudburstFuture, InvalidDagError
 from cloudburst.errors import DagAlreadyExistsError, DagNotFoundError, RemoteFunctionError
+from cloudburst.serialization import serialize
+from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc.local import Node
 from executors.library import UserLibrary
 
@@ -375,3 +380,39 @@ def test_a_chained_stage_that_opened_a_mailbox_closes_it_when_it_ends(local_node
         mailbox = cloud.call_dag("ids", {"start": 1}, direct_response=True)
         with pytest.raises(RemoteFunctionError, match="has finished"):
             cloud.register(send_to, "send_to")(mailbox).get(timeout=30)
+
+
+def test_a_caller_that_leaves_mid_call_leaves_the_stream_server_healthy(
+    local_node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call stream cancelled with calls in flight: no failure logged, other callers go on."""
+    with CloudburstConnection(local_node.address) as cloud:
+        cloud.register(slow_upstream, "slow")
+        cloud.register(lambda _, d: d["x"], "unwrap")
+        assert cloud.register_dag("left-behind", ["slow", "unwrap"], [("slow", "unwrap")])
+
+    async def leave_mid_call() -> None:
+        async with grpc.aio.insecure_channel(local_node.address) as channel:
+            call = scheduler_service_pb2_grpc.SchedulerServiceStub(channel).StreamCalls()
+            for i in range(4):
+                request = scheduler_service_pb2.CallDagRequest(
+                    name="left-behind", direct_response=True
+                )
+                request.function_arguments["slow"].arguments.add(
+                    value=serialize(i, what="argument", limit=1 << 20)
+                )
+                await call.write(scheduler_service_pb2.StreamCallsRequest(
+                    sequence=i + 1, call_dag=request
+                ))  # fmt: skip
+            call.cancel()
+
+    asyncio.run(leave_mid_call())
+    executors = local_node.executors
+    deadline = time.monotonic() + 30
+    while any(e.active_calls for e in executors):  # the four calls run on without a reader
+        assert time.monotonic() < deadline, "the abandoned calls never finished"
+        time.sleep(0.01)
+    with CloudburstConnection(local_node.address) as cloud:
+        assert cloud.call_dag("left-behind", {"slow": 7}, direct_response=True, timeout=30) == 7
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures
