@@ -18,7 +18,7 @@ import collections
 import concurrent.futures
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -54,6 +54,9 @@ class Driver(Protocol):
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop soon; from any thread."""
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task on the loop; from any thread."""
 
     def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
         """Wait for a future the loop settles (raises concurrent.futures.TimeoutError)."""
@@ -190,10 +193,13 @@ class Core:
             outcome=concurrent.futures.Future() if want_outcome else None,
             holds=holds,
         )
-        self.driver.call_soon(self._send, frame, pending)
+        # A task, not a callback that starts a writer task: its first step writes.
+        self.driver.start(self._send(frame, pending))
         return pending
 
-    def _send(self, frame: scheduler_service_pb2.StreamCallsRequest, pending: PendingCall) -> None:
+    async def _send(
+        self, frame: scheduler_service_pb2.StreamCallsRequest, pending: PendingCall
+    ) -> None:
         frame.sequence = next(self._sequence)
         self._pending[frame.sequence] = pending
         if self._released:
@@ -202,9 +208,9 @@ class Core:
             else:
                 self._released.clear()  # they were the last stream's to release
         try:
-            self._stream.send(frame)
+            await self._stream.write(frame)
         except UnavailableError as exc:
-            del self._pending[frame.sequence]
+            self._pending.pop(frame.sequence, None)
             settle(pending.accepted, error=exc)
             settle(pending.outcome, error=exc)
 

@@ -63,6 +63,7 @@ class DrivenLoop:
         self._last_run = time.monotonic()
         """When a caller last stopped running the loop."""
         self._wake = threading.Event()
+        self._started: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._interrupted = False
         self._can_step = callable(getattr(self.loop, "_run_once", None))
@@ -82,6 +83,26 @@ class DrivenLoop:
                 self.loop.call_soon(callback, *args)
                 return
         self.loop.call_soon_threadsafe(callback, *args)
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task on the loop; from any thread.
+
+        Like :meth:`call_soon`, without a callback in between: the task's first
+        step is the loop's first callback for it.
+        """
+        with self._lock:
+            if self._runner == 0:
+                self._keep(self.loop.create_task(coro))  # see call_soon: nobody to wake
+                return
+        self.loop.call_soon_threadsafe(self._create, coro)
+
+    def _create(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._keep(self.loop.create_task(coro))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a started task until it ends (the loop holds tasks only weakly)."""
+        self._started.add(task)
+        task.add_done_callback(self._started.discard)
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the loop; :meth:`wait` for the result."""
