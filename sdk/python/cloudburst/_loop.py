@@ -44,6 +44,10 @@ T = TypeVar("T")
 IDLE_AFTER = 0.1
 #: The longest single wait (an unbounded one is a series of these).
 _LONGEST_WAIT = 3600.0
+#: SIGINT handlers under which the main thread may run the loop: Python's own
+#: (replaced by one that stops the loop first), the system's default (the
+#: process ends) and ignoring the signal.
+_SAFE_SIGINT = (signal.default_int_handler, signal.SIG_DFL, signal.SIG_IGN)
 #: The helper's thread ident while it runs the loop (no thread has ident -1).
 _HELPER = -1
 
@@ -142,7 +146,7 @@ class DrivenLoop:
             remaining = min(deadline - time.monotonic(), _LONGEST_WAIT)
             if remaining <= 0:
                 raise concurrent.futures.TimeoutError()
-            may_run = self._can_step and not self._stopping and asyncio._get_running_loop() is None
+            may_run = self._may_run()
             with self._lock:
                 runner = self._runner
                 if runner == 0 and may_run:
@@ -209,6 +213,19 @@ class DrivenLoop:
                 sys.set_asyncgen_hooks(*hooks)
                 timer.cancel()
 
+    def _may_run(self) -> bool:
+        """Whether this thread may run the loop now.
+
+        Not when it runs an event loop of its own, and not on the main thread
+        while the application has a SIGINT handler of its own: that handler
+        could raise in the middle of a callback of the loop.
+        """
+        if not self._can_step or self._stopping or asyncio._get_running_loop() is not None:
+            return False
+        if threading.current_thread() is not threading.main_thread():
+            return True
+        return _signal.getsignal(signal.SIGINT) in _SAFE_SIGINT
+
     @contextlib.contextmanager
     def _interruptible(self) -> Any:
         """On the main thread, let Ctrl-C stop the loop between callbacks, then raise."""
@@ -217,7 +234,7 @@ class DrivenLoop:
             return
         previous = _signal.getsignal(signal.SIGINT)
         if previous is not signal.default_int_handler:
-            yield  # the application handles Ctrl-C itself
+            yield  # Ctrl-C ends the process or is ignored: nothing raises in the loop
             return
 
         def interrupt(signum: int, frame: Any) -> None:

@@ -59,6 +59,26 @@ def test_a_thread_running_its_own_event_loop_is_served_by_the_helper(driven: Dri
     assert ran_on != threading.get_ident()
 
 
+def test_the_main_thread_leaves_the_loop_alone_under_an_application_sigint_handler(
+    driven: DrivenLoop,
+) -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise RuntimeError("the application's own Ctrl-C")
+
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        ran_on = driven.run(_ident(), 10, "test")
+        assert signal.getsignal(signal.SIGINT) is handler, "the handler is left as it was"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ran_on != threading.get_ident(), "the helper ran the call, not the main thread"
+    # With Python's handler back, the main thread runs the loop again once the helper,
+    # which answered meanwhile, has been asked to leave it (the next call asks).
+    runners = [driven.run(_ident(), 10, "test") for _ in range(50)]
+    assert runners[-1] == threading.get_ident()
+
+
 def test_a_waiter_is_served_after_the_runner_leaves(driven: DrivenLoop) -> None:
     """B waits while A runs the loop; A's call ends first, and the helper finishes B's."""
     b_result: concurrent.futures.Future[int] = concurrent.futures.Future()
