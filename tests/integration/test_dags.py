@@ -414,5 +414,11 @@ def test_a_caller_that_leaves_mid_call_leaves_the_stream_server_healthy(
         time.sleep(0.01)
     with CloudburstConnection(local_node.address) as cloud:
         assert cloud.call_dag("left-behind", {"slow": 7}, direct_response=True, timeout=30) == 7
-    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    # (asyncio may log grpc's events for the leaver's loop, closed by then: not the server's.)
+    ours = ("cloudburst", "executors", "kvs")
+    failures = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith(ours)
+    ]
     assert not failures

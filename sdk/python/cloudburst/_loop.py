@@ -58,12 +58,16 @@ class DrivenLoop:
     def __init__(self, name: str = "cloudburst-sdk") -> None:
         self.loop = asyncio.new_event_loop()
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        """Notified when a waiter's result is in, and when the loop is left free."""
         self._runner = 0
         """The ident of the thread running the loop (``_HELPER`` for the helper), 0 when none."""
         self._waiters = 0
         """Threads waiting for a result while another thread runs the loop."""
+        self._passive = 0
+        """Those of the waiters that may not run the loop themselves (the helper must)."""
         self._yield_asked = False
-        """A caller asked the helper to leave the loop once nobody waits on it."""
+        """A caller asked the helper to leave the loop to it."""
         self._last_run = time.monotonic()
         """When a caller last stopped running the loop."""
         self._wake = threading.Event()
@@ -153,21 +157,46 @@ class DrivenLoop:
                     self._runner = me
                 else:
                     self._waiters += 1
-                    if runner == 0:
-                        self._wake.set()  # this thread may not run the loop: the helper must
-                    elif runner == _HELPER and may_run and self._waiters == 1:
+                    if not may_run:
+                        self._passive += 1
+                        if runner == 0:
+                            self._wake.set()  # this thread may not run the loop: the helper must
+                    elif runner == _HELPER and not self._yield_asked and not self.loop.is_closed():
                         self._yield_asked = True
+                        self.loop.call_soon_threadsafe(self._helper_leaves)
             if runner == 0 and may_run:
                 try:
                     self._run_until(future, remaining)
                 finally:
                     self._leave()
                 continue
-            try:
-                concurrent.futures.wait([future], remaining)
-            finally:
-                self._stop_waiting()
+            self._wait_while_others_run(future, remaining, may_run)
         return future.result()
+
+    def _wait_while_others_run(
+        self, future: concurrent.futures.Future[Any], seconds: float, may_run: bool
+    ) -> None:
+        """Wait until ``future`` is settled or, if this thread may run the loop, it is free.
+
+        (Registered as a waiter by :meth:`wait`, this unregisters.)
+        """
+        future.add_done_callback(self._result_in)
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            try:
+                while not future.done() and not (may_run and self._runner == 0):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._freed.wait(left)
+            finally:
+                self._waiters -= 1
+                if not may_run:
+                    self._passive -= 1
+
+    def _result_in(self, _future: object) -> None:
+        with self._lock:
+            self._freed.notify_all()
 
     def stop(self) -> None:
         """Cancel what is left on the loop, stop the helper and close the loop; idempotent."""
@@ -251,23 +280,15 @@ class DrivenLoop:
             raise KeyboardInterrupt
 
     def _leave(self) -> None:
-        """Stop running the loop; the helper takes over if others still wait on it."""
+        """Stop running the loop: a waiter that may run it takes over, else the helper."""
         with self._lock:
             self._runner = 0
             self._last_run = time.monotonic()
-            waiting = self._waiters
-        if waiting:
+            if self._waiters:
+                self._freed.notify_all()
+            passive = self._passive
+        if passive:
             self._wake.set()
-
-    def _stop_waiting(self) -> None:
-        with self._lock:
-            self._waiters -= 1
-            release = self._waiters == 0 and self._yield_asked and self._runner == _HELPER
-            if release:
-                self._yield_asked = False
-        if release:
-            with contextlib.suppress(RuntimeError):  # closed meanwhile
-                self.loop.call_soon_threadsafe(self._helper_leaves)
 
     # -- the helper thread ---------------------------------------------------------
 
@@ -280,7 +301,8 @@ class DrivenLoop:
                     return
                 idle = time.monotonic() - self._last_run
                 free = self._runner == 0
-                take = free and (self._waiters > 0 or idle >= IDLE_AFTER)
+                # Waiters that may run the loop take it themselves when it is freed.
+                take = free and (self._passive > 0 or (idle >= IDLE_AFTER and not self._waiters))
                 if take:
                     self._runner = _HELPER
             if not take:
@@ -293,12 +315,18 @@ class DrivenLoop:
             finally:
                 with self._lock:
                     self._runner = 0
+                    self._yield_asked = False
                     self._last_run = time.monotonic()
+                    self._freed.notify_all()
 
     def _helper_leaves(self) -> None:
-        """On the loop: the helper stops running it if nobody waits on it any more."""
+        """On the loop: the helper leaves it to the caller that asked for it."""
         with self._lock:
-            if self._runner == _HELPER and self._waiters == 0:
+            if self._runner != _HELPER or not self._yield_asked:
+                return
+            if self._passive:
+                self._yield_asked = False  # it serves them; the next caller asks again
+            else:
                 self.loop.stop()
 
 

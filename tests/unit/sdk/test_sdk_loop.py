@@ -46,8 +46,12 @@ async def _until(condition: object, timeout: float = 10.0) -> None:
 
 
 def test_a_caller_runs_the_loop_on_its_own_thread(driven: DrivenLoop) -> None:
-    assert driven.run(_ident(), 10, "test") == threading.get_ident()
-    assert driven.run(_ident(), 10, "test") == threading.get_ident()
+    def call_from_a_thread() -> tuple[int, int]:
+        return driven.run(_ident(), 10, "test"), threading.get_ident()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ran_on, caller = pool.submit(call_from_a_thread).result(20)
+    assert ran_on == caller
 
 
 def test_a_thread_running_its_own_event_loop_is_served_by_the_helper(driven: DrivenLoop) -> None:
@@ -70,21 +74,23 @@ def test_the_main_thread_leaves_the_loop_alone_under_an_application_sigint_handl
     try:
         ran_on = driven.run(_ident(), 10, "test")
         assert signal.getsignal(signal.SIGINT) is handler, "the handler is left as it was"
+        # With Python's own handler, the main thread runs the loop again once the
+        # helper, which answered meanwhile, has been asked to leave it (the next call asks).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        runners = [driven.run(_ident(), 10, "test") for _ in range(50)]
     finally:
         signal.signal(signal.SIGINT, previous)
     assert ran_on != threading.get_ident(), "the helper ran the call, not the main thread"
-    # With Python's handler back, the main thread runs the loop again once the helper,
-    # which answered meanwhile, has been asked to leave it (the next call asks).
-    runners = [driven.run(_ident(), 10, "test") for _ in range(50)]
     assert runners[-1] == threading.get_ident()
 
 
-def test_a_waiter_is_served_after_the_runner_leaves(driven: DrivenLoop) -> None:
-    """B waits while A runs the loop; A's call ends first, and the helper finishes B's."""
+def test_a_waiter_takes_the_loop_over_when_the_runner_leaves(driven: DrivenLoop) -> None:
+    """B waits while A runs the loop; A's call ends first, and B runs the loop for its own."""
     b_result: concurrent.futures.Future[int] = concurrent.futures.Future()
 
     async def a_call() -> int:
-        # Keep the loop until B waits on it (B cannot run it while A does).
+        # B calls only now that A runs the loop, and A keeps it until B waits on it.
+        b_thread.start()
         await _until(lambda: driven._waiters == 1)
         return threading.get_ident()
 
@@ -98,20 +104,19 @@ def test_a_waiter_is_served_after_the_runner_leaves(driven: DrivenLoop) -> None:
         except BaseException as exc:
             b_result.set_exception(exc)
 
-    a_thread = threading.get_ident()
-    future = driven.submit(a_call())
-    thread = threading.Thread(target=b)
+    b_thread = threading.Thread(target=b)
 
-    async def start_b() -> None:
-        thread.start()
+    def a() -> tuple[int, int]:
+        return driven.run(a_call(), 10, "a"), threading.get_ident()
 
-    driven.submit(start_b())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        a_ran_on, a_thread = pool.submit(a).result(20)
     try:
-        assert driven.wait(future, 10) == a_thread
-        ran_on = b_result.result(10)
+        b_ran_on = b_result.result(10)
     finally:
-        thread.join(10)
-    assert ran_on not in (a_thread, thread.ident), "the helper ran B's call"
+        b_thread.join(10)
+    assert a_ran_on == a_thread
+    assert b_ran_on == b_thread.ident
 
 
 def test_callers_on_many_threads_all_finish(driven: DrivenLoop) -> None:
