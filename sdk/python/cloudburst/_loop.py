@@ -161,7 +161,13 @@ class DrivenLoop:
                         self._passive += 1
                         if runner == 0:
                             self._wake.set()  # this thread may not run the loop: the helper must
-                    elif runner == _HELPER and not self._yield_asked and not self.loop.is_closed():
+                    elif (
+                        runner == _HELPER
+                        and self._waiters == 1
+                        and not self._yield_asked
+                        and not self.loop.is_closed()
+                    ):
+                        # Alone, this caller does better running the loop itself.
                         self._yield_asked = True
                         self.loop.call_soon_threadsafe(self._helper_leaves)
             if runner == 0 and may_run:
@@ -184,7 +190,9 @@ class DrivenLoop:
         deadline = time.monotonic() + seconds
         with self._lock:
             try:
-                while not future.done() and not (may_run and self._runner == 0):
+                while not future.done() and not (
+                    may_run and self._runner == 0 and self._waiters == 1
+                ):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
@@ -193,6 +201,10 @@ class DrivenLoop:
                 self._waiters -= 1
                 if not may_run:
                     self._passive -= 1
+                if self._runner == 0 and self._waiters:
+                    # This waiter gave up while the loop was free: whoever waits on takes it.
+                    self._freed.notify_all()
+                    self._wake.set()
 
     def _result_in(self, _future: object) -> None:
         with self._lock:
@@ -280,14 +292,19 @@ class DrivenLoop:
             raise KeyboardInterrupt
 
     def _leave(self) -> None:
-        """Stop running the loop: a waiter that may run it takes over, else the helper."""
+        """Stop running the loop: a lone waiter that may run it takes over, else the helper.
+
+        With several callers waiting, the helper runs the loop for all of them
+        without a break, rather than each handing it to the next in turn.
+        """
         with self._lock:
             self._runner = 0
             self._last_run = time.monotonic()
-            if self._waiters:
+            if self._waiters == 1 and not self._passive:
                 self._freed.notify_all()
-            passive = self._passive
-        if passive:
+                return
+            waiting = self._waiters
+        if waiting:
             self._wake.set()
 
     # -- the helper thread ---------------------------------------------------------
@@ -301,10 +318,15 @@ class DrivenLoop:
                     return
                 idle = time.monotonic() - self._last_run
                 free = self._runner == 0
-                # Waiters that may run the loop take it themselves when it is freed.
-                take = free and (self._passive > 0 or (idle >= IDLE_AFTER and not self._waiters))
+                # A lone waiter that may run the loop takes it itself when it is freed.
+                lone = self._waiters == 1 and not self._passive
+                take = free and (
+                    (self._waiters > 0 and not lone) or (idle >= IDLE_AFTER and not self._waiters)
+                )
                 if take:
                     self._runner = _HELPER
+                elif free and lone:
+                    self._freed.notify_all()  # in case it was waiting for the helper meanwhile
             if not take:
                 # A caller that stops running the loop wakes the helper only when
                 # others wait; otherwise the helper looks again once it may be idle.
@@ -324,8 +346,8 @@ class DrivenLoop:
         with self._lock:
             if self._runner != _HELPER or not self._yield_asked:
                 return
-            if self._passive:
-                self._yield_asked = False  # it serves them; the next caller asks again
+            if self._passive or self._waiters > 1:
+                self._yield_asked = False  # it serves them; the next lone caller asks again
             else:
                 self.loop.stop()
 

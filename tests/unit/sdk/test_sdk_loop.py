@@ -119,6 +119,20 @@ def test_a_waiter_takes_the_loop_over_when_the_runner_leaves(driven: DrivenLoop)
     assert b_ran_on == b_thread.ident
 
 
+def test_back_to_back_calls_take_the_loop_back_from_the_idle_helper(driven: DrivenLoop) -> None:
+    deadline = time.monotonic() + _loop.IDLE_AFTER + 10
+    while driven._runner != _loop._HELPER:  # the helper runs an idle loop
+        assert time.monotonic() < deadline, "the helper never ran the idle loop"
+        time.sleep(0.005)
+
+    def calls() -> tuple[list[int], int]:
+        return [driven.run(_ident(), 10, "call") for _ in range(20)], threading.get_ident()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        runners, caller = pool.submit(calls).result(30)
+    assert runners[-1] == caller, "once asked, the helper leaves the loop to the caller"
+
+
 def test_callers_on_many_threads_all_finish(driven: DrivenLoop) -> None:
     calls, threads = 200, 8
     runners: set[int] = set()
