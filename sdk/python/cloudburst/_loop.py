@@ -8,14 +8,16 @@ part of a call's round trip. So the thread that waits for a result runs the
 loop itself until the result is in:
 
 - a caller that finds the loop free runs it (:meth:`DrivenLoop.wait`); a
-  thread that already runs an event loop of its own (as in Jupyter) never does;
+  thread that already runs an event loop of its own (as in Jupyter), or the
+  main thread while the application has a SIGINT handler of its own, never
+  does: the helper thread runs the loop for it;
 - a caller that finds another thread running the loop waits for its result
-  while that thread runs it; when the runner leaves while others still wait,
-  the helper thread takes over until nobody waits;
+  while that thread runs it; when the runner leaves, a caller waiting alone
+  runs the loop itself, and several waiting ones leave it to the helper,
+  which runs it for them without a break until a caller waits alone again;
 - when nobody has run the loop for :data:`IDLE_AFTER` seconds, the helper runs
   it, so timers and what the server sends between calls are handled; the next
-  caller gets its answer from the helper and asks it to leave the loop to the
-  callers again.
+  caller gets its answer from the helper and asks it to leave the loop to it.
 
 Ctrl-C while a caller on the main thread runs the loop stops the loop between
 two callbacks, then raises KeyboardInterrupt in the caller, so no callback (of
