@@ -143,6 +143,11 @@ class DrivenLoop:
             concurrent.futures.TimeoutError: It was not settled in time.
         """
         if future.done():
+            if self._runner == _HELPER and self._may_run():
+                # The helper answered before this caller waited (it runs an idle loop):
+                # a caller back so soon does better running the loop itself next time.
+                with self._lock:
+                    self._ask_helper_to_leave()
             return future.result()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         me = threading.get_ident()
@@ -163,15 +168,8 @@ class DrivenLoop:
                         self._passive += 1
                         if runner == 0:
                             self._wake.set()  # this thread may not run the loop: the helper must
-                    elif (
-                        runner == _HELPER
-                        and self._waiters == 1
-                        and not self._yield_asked
-                        and not self.loop.is_closed()
-                    ):
-                        # Alone, this caller does better running the loop itself.
-                        self._yield_asked = True
-                        self.loop.call_soon_threadsafe(self._helper_leaves)
+                    elif runner == _HELPER:
+                        self._ask_helper_to_leave()
             if runner == 0 and may_run:
                 try:
                     self._run_until(future, remaining)
@@ -180,6 +178,18 @@ class DrivenLoop:
                 continue
             self._wait_while_others_run(future, remaining, may_run)
         return future.result()
+
+    def _ask_helper_to_leave(self) -> None:
+        """Ask the helper to leave the loop to this caller, if it waits alone (lock held)."""
+        if (
+            self._runner == _HELPER
+            and self._waiters <= 1
+            and not self._passive
+            and not self._yield_asked
+            and not self.loop.is_closed()
+        ):
+            self._yield_asked = True
+            self.loop.call_soon_threadsafe(self._helper_leaves)
 
     def _wait_while_others_run(
         self, future: concurrent.futures.Future[Any], seconds: float, may_run: bool
