@@ -18,7 +18,7 @@ import collections
 import concurrent.futures
 import functools
 import itertools
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -51,9 +51,6 @@ T = TypeVar("T")
 
 class Driver(Protocol):
     """How callers on other threads reach the loop (see :class:`cloudburst._loop.DrivenLoop`)."""
-
-    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
-        """Run ``callback(*args)`` on the loop soon; from any thread."""
 
     def start(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in a task on the loop; from any thread."""

@@ -83,26 +83,18 @@ class DrivenLoop:
 
     # -- the API -------------------------------------------------------------------
 
-    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
-        """Run ``callback(*args)`` on the loop soon; from any thread."""
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task on the loop; from any thread.
+
+        The task's first step is the loop's first callback for it, with no
+        callback before it that creates the task.
+        """
         with self._lock:
             if self._runner == 0:
                 # Nobody waits in the loop's selector, so there is nobody to wake:
                 # whoever runs the loop next (the lock orders it after this) finds
-                # the callback ready.
-                self.loop.call_soon(callback, *args)
-                return
-        self.loop.call_soon_threadsafe(callback, *args)
-
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in a task on the loop; from any thread.
-
-        Like :meth:`call_soon`, without a callback in between: the task's first
-        step is the loop's first callback for it.
-        """
-        with self._lock:
-            if self._runner == 0:
-                self._keep(self.loop.create_task(coro))  # see call_soon: nobody to wake
+                # the task's first step ready.
+                self._keep(self.loop.create_task(coro))
                 return
         self.loop.call_soon_threadsafe(self._create, coro)
 

@@ -181,7 +181,11 @@ def test_a_wait_on_a_future_nobody_settles_times_out(driven: DrivenLoop) -> None
 
 def test_timers_fire_while_no_caller_runs_the_loop(driven: DrivenLoop) -> None:
     fired = threading.Event()
-    driven.call_soon(driven.loop.call_later, 0.01, fired.set)
+
+    async def set_a_timer() -> None:
+        asyncio.get_running_loop().call_later(0.01, fired.set)
+
+    driven.start(set_a_timer())
     assert fired.wait(_loop.IDLE_AFTER + 10), "the helper ran the loop when it was idle"
 
 
@@ -189,7 +193,10 @@ def test_a_callback_from_another_thread_reaches_a_running_caller(driven: DrivenL
     arrived = asyncio.Event()
 
     async def wait_for_callback() -> bool:
-        threading.Thread(target=driven.call_soon, args=(arrived.set,)).start()
+        async def arrive() -> None:
+            arrived.set()
+
+        threading.Thread(target=driven.start, args=(arrive(),)).start()
         await asyncio.wait_for(arrived.wait(), 10)
         return True
 
