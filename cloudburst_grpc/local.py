@@ -31,6 +31,8 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
+from cloudburst_executors.executor import Executor
+from cloudburst_executors.servicer import ExecutorServicer, LocalExecutorPeer
 from cloudburst_grpc.config import Config, ConfigError
 from cloudburst_grpc.diagnostics import DiagnosticsServicer
 from cloudburst_grpc.discovery.consul import (
@@ -56,11 +58,9 @@ from cloudburst_grpc.server import (
     enable_reflection,
     insecure_channel,
 )
-from executors.executor import Executor
-from executors.servicer import ExecutorServicer, LocalExecutorPeer
-from kvs.client import KvsClient
-from kvs.local import add_kvs_to_server, open_store
-from kvs.store import LatticeStore
+from cloudburst_kvs.client import KvsClient
+from cloudburst_kvs.local import add_kvs_to_server, open_store
+from cloudburst_kvs.store import LatticeStore
 
 logger = logging.getLogger(__name__)
 

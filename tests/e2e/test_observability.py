@@ -15,7 +15,7 @@ import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import RemoteFunctionError
-from executors.inline import QUICK_RUNS
+from cloudburst_executors.inline import QUICK_RUNS
 from harness import ServeProcess
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cloudburst import CloudburstConnection, RemoteFunctionError
-from executors.library import UserLibrary
+from cloudburst_executors.library import UserLibrary
 from harness import Cluster
 
 

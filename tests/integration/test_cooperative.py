@@ -19,9 +19,9 @@ import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstError, MailboxNotFoundError
+from cloudburst_executors import cooperative
+from cloudburst_executors.inline import QUICK_RUNS
 from cloudburst_grpc.local import Node, start_local
-from executors import cooperative
-from executors.inline import QUICK_RUNS
 from harness import LoopThread, ProcessCluster, make_config, running_process_cluster
 
 # Generous, so that no stretch of these tiny functions on a busy machine counts as slow;

@@ -19,8 +19,8 @@ from cloudburst import (
     SerializationError,
 )
 from cloudburst.errors import InvalidArgumentError
+from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node, start_local
-from executors.library import UserLibrary
 from harness import make_config
 
 #: A small payload limit for the limit tests (smaller than this file, whose text the SDK

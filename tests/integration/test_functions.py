@@ -16,8 +16,8 @@ from cloudburst import (
     RemoteFunctionError,
 )
 from cloudburst.errors import FunctionInUseError
+from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node
-from executors.library import UserLibrary
 
 # -- user code, defined at module level (pickled by value with the test module) ------------------
 

@@ -21,8 +21,8 @@ import pytest
 from cloudburst import CloudburstConnection
 from cloudburst.serialization import deserialize, serialize
 from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc, value_pb2
+from cloudburst_executors.inline import QUICK_RUNS, STALL_WARNING
 from cloudburst_grpc.local import Node, start_local
-from executors.inline import QUICK_RUNS, STALL_WARNING
 from harness import make_config
 
 # A generous limit, so that no run of these tiny functions on a busy machine counts as slow;
@@ -150,7 +150,7 @@ def test_a_run_holding_the_loop_is_reported_while_it_lasts(
         fn = cloud.register(where, "where")
         for _ in range(QUICK_RUNS):
             fn().get()
-        with caplog.at_level(logging.WARNING, logger="executors.inline"):
+        with caplog.at_level(logging.WARNING, logger="cloudburst_executors.inline"):
             # On the loop, and long enough for the watchdog (it looks every STALL_WARNING / 4).
             assert not on_a_worker(fn(STALL_WARNING * 1.6).get())
     assert "'where' has held an executor's event loop" in caplog.text

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cloudburst import CloudburstConnection
+from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node
-from executors.library import UserLibrary
 
 
 class Version1:

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 from cloudburst import CloudburstConnection
 from cloudburst.v1 import lattice_pb2
+from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node
-from executors.library import UserLibrary
 from harness import Cluster, LoopThread
 
 USER = lattice_pb2.KEYSPACE_USER

@@ -19,6 +19,7 @@ from opentelemetry.util._once import Once
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import RemoteFunctionError
+from cloudburst_executors.inline import QUICK_RUNS
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.local import (
     Node,
@@ -27,7 +28,6 @@ from cloudburst_grpc.local import (
     start_local,
     start_scheduler_node,
 )
-from executors.inline import QUICK_RUNS
 from harness import make_config
 
 

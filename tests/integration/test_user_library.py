@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from cloudburst import CloudburstConnection, RemoteFunctionError
+from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node
-from executors.library import UserLibrary
 
 
 @dataclass

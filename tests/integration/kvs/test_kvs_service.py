@@ -21,10 +21,10 @@ from cloudburst.rpc import call
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.server import bind, channel_options, create_server
-from kvs.client import KvsClient
-from kvs.local import add_kvs_to_server
-from kvs.storage import StorageEngine, open_engine
-from kvs.store import LatticeStore, Subscription, WatchEvent
+from cloudburst_kvs.client import KvsClient
+from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_kvs.storage import StorageEngine, open_engine
+from cloudburst_kvs.store import LatticeStore, Subscription, WatchEvent
 
 USER = lattice_pb2.KEYSPACE_USER
 SYSTEM = lattice_pb2.KEYSPACE_SYSTEM
@@ -91,7 +91,7 @@ async def start_kvs(tmp_path: Path) -> AsyncIterator[StartKvs]:
                 data_dir=tmp_path / f"kvs-{len(started)}",
                 max_wait_seconds=max_wait_seconds,
             )
-            # What kvs.local.open_store builds, in a store the test can observe.
+            # What cloudburst_kvs.local.open_store builds, in a store the test can observe.
             store = ObservedStore(open_engine(config.engine, config.data_dir, config.sync), LIMIT)
             started.append(store)
             await store.start()

@@ -9,10 +9,10 @@ import pytest
 
 from cloudburst.serialization import serialize
 from cloudburst.v1 import execution_pb2, function_pb2, value_pb2
+from cloudburst_executors import runner
+from cloudburst_executors.executor import LARGE_VALUE_BYTES, Executor, _Chain
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.scheduler.dag import topology
-from executors import runner
-from executors.executor import LARGE_VALUE_BYTES, Executor, _Chain
 
 HERE = "executor-here"
 

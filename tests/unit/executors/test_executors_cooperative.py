@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cloudburst.errors import CloudburstTimeoutError
-from executors import cooperative
+from cloudburst_executors import cooperative
 
 REQUEST = contextvars.ContextVar("REQUEST", default="none")
 

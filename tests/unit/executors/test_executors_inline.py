@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from executors.inline import (
+from cloudburst_executors.inline import (
     GREENLET,
     LOOP,
     MAX_STRIKES,
@@ -21,8 +21,8 @@ from executors.inline import (
     InlineGate,
     RunRecord,
 )
-from executors.inline import library_unused as unused
-from executors.library import LoopBridge
+from cloudburst_executors.inline import library_unused as unused
+from cloudburst_executors.library import LoopBridge
 
 # -- the static check: does the code ever read the user library? ----------------------------------
 
@@ -207,7 +207,7 @@ def test_a_slow_run_on_the_loop_sends_it_back_and_it_must_earn_its_place_again(
     earn(gate, record, QUICK_RUNS)
     gate.ran_on_loop("f", record, LIMIT * SLOW_FACTOR)  # at the bound: still fine
     assert gate.allows(record)
-    with caplog.at_level(logging.INFO, logger="executors.inline"):
+    with caplog.at_level(logging.INFO, logger="cloudburst_executors.inline"):
         gate.ran_on_loop("f", record, LIMIT * SLOW_FACTOR * 2)
     assert not gate.allows(record)
     assert "'f' took" in caplog.text and "inline_max_seconds" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 from cloudburst.errors import InvalidArgumentError
 from cloudburst.serialization import serialize
 from cloudburst.v1 import function_pb2
-from executors import runner
+from cloudburst_executors import runner
 
 LIBRARY = object()
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from cloudburst.errors import InvalidArgumentError, LatticeTypeMismatchError
 from cloudburst.serialization import LwwClock
 from cloudburst.v1 import lattice_pb2, value_pb2
-from kvs import lattices
+from cloudburst_kvs import lattices
 
 # Small domains on purpose: equal timestamps, equal writers and equal data must
 # be common, because that is where a tie-break bug would show.

@@ -20,7 +20,7 @@ from cloudburst.errors import (
     UnavailableError,
 )
 from cloudburst.v1 import lattice_pb2, value_pb2
-from kvs.storage import (
+from cloudburst_kvs.storage import (
     SQLITE_FILE_NAME,
     MemoryEngine,
     Row,
@@ -29,7 +29,7 @@ from kvs.storage import (
     StorageError,
     open_engine,
 )
-from kvs.store import LatticeStore, WatchEvent
+from cloudburst_kvs.store import LatticeStore, WatchEvent
 
 USER = lattice_pb2.KEYSPACE_USER
 SYSTEM = lattice_pb2.KEYSPACE_SYSTEM
@@ -442,8 +442,8 @@ async def test_concurrent_puts_are_all_durable(tmp_path: Path) -> None:
 CRASH_SCRIPT = """
 import asyncio, os, signal, sys
 from cloudburst.v1 import lattice_pb2, value_pb2
-from kvs.storage import SqliteEngine
-from kvs.store import LatticeStore
+from cloudburst_kvs.storage import SqliteEngine
+from cloudburst_kvs.store import LatticeStore
 
 async def main(path, count):
     store = LatticeStore(SqliteEngine(path))

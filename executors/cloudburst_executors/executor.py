@@ -45,6 +45,9 @@ from cloudburst.v1 import (
     function_pb2,
     value_pb2,
 )
+from cloudburst_executors import cooperative, runner
+from cloudburst_executors.inline import GREENLET, LOOP, THREAD, InlineGate, Where
+from cloudburst_executors.library import LoopBridge, UserLibrary
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.executor_client import PeerDirectory
@@ -52,9 +55,6 @@ from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.scheduler.dag import Topology, topology
 from cloudburst_grpc.scheduler.registry import function_key
-from executors import cooperative, runner
-from executors.inline import GREENLET, LOOP, THREAD, InlineGate, Where
-from executors.library import LoopBridge, UserLibrary
 
 logger = logging.getLogger(__name__)
 

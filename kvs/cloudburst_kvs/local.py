@@ -6,9 +6,9 @@ import grpc
 
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 from cloudburst_grpc.config import KvsConfig
-from kvs.servicer import KvsServicer
-from kvs.storage import open_engine
-from kvs.store import LatticeStore
+from cloudburst_kvs.servicer import KvsServicer
+from cloudburst_kvs.storage import open_engine
+from cloudburst_kvs.store import LatticeStore
 
 #: The full name of the KVS gRPC service, for health and reflection.
 SERVICE_NAME: str = kvs_service_pb2.DESCRIPTOR.services_by_name["KvsService"].full_name

@@ -16,7 +16,7 @@ import grpc
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.rpc import call, error_from_rpc
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
-from kvs.store import Keyspace, WatchEvent
+from cloudburst_kvs.store import Keyspace, WatchEvent
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from cloudburst.serialization import LwwClock
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import KvsConfig
-from kvs import lattices
-from kvs.store import LatticeStore, WatchEvent, check_key, normalize_keyspace
+from cloudburst_kvs import lattices
+from cloudburst_kvs.store import LatticeStore, WatchEvent, check_key, normalize_keyspace
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from cloudburst.errors import (
     UnavailableError,
 )
 from cloudburst.v1 import lattice_pb2
-from kvs import lattices
-from kvs.storage import Row, StorageEngine
+from cloudburst_kvs import lattices
+from cloudburst_kvs.storage import Row, StorageEngine
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from cloudburst import _source
 from cloudburst.errors import InvalidArgumentError, SerializationError
 from cloudburst.serialization import deserialize
 from cloudburst.v1 import function_pb2, value_pb2
-from executors.inline import RunRecord
+from cloudburst_executors.inline import RunRecord
 
 
 @dataclass

@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
 from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, serialize
 from cloudburst.v1 import messaging_service_pb2
+from cloudburst_executors import cooperative
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter, Message
-from executors import cooperative
 
 T = TypeVar("T")
 

@@ -51,8 +51,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cloudburst_executors import cooperative
 from cloudburst_grpc import telemetry
-from executors import cooperative
 
 logger = logging.getLogger(__name__)
 
