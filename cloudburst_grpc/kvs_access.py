@@ -1,7 +1,7 @@
 """The KVS operations the scheduler and executors need, independent of transport.
 
 In one process (``cbgrpc serve``) they are served by the store directly; across
-processes by ``kvs.client.KvsClient`` over gRPC. Both satisfy :class:`KvsAccess`.
+processes over gRPC. ``cloudburst_kvs.access`` holds both adapters.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,7 +25,6 @@ from cloudburst.v1 import (
     executor_service_pb2,
     executor_service_pb2_grpc,
     kvs_service_pb2_grpc,
-    lattice_pb2,
     messaging_service_pb2,
     messaging_service_pb2_grpc,
     scheduler_service_pb2,
@@ -45,7 +44,6 @@ from cloudburst_grpc.discovery.consul import (
     ServiceWatch,
 )
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteExecutorPeer
-from cloudburst_grpc.kvs_access import USER
 from cloudburst_grpc.kvs_proxy import KvsProxyServicer
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.messaging.service import AnswerOutbox, MessagingPeers, MessagingServicer
@@ -56,9 +54,8 @@ from cloudburst_grpc.server import (
     bind,
     create_server,
     enable_reflection,
-    insecure_channel,
 )
-from cloudburst_kvs.client import KvsClient
+from cloudburst_kvs.access import EndpointKvs, InProcessKvs, KvsEndpoint
 from cloudburst_kvs.local import add_kvs_to_server, open_store
 from cloudburst_kvs.store import LatticeStore
 
@@ -75,72 +72,6 @@ DIAGNOSTICS_SERVICE_NAME = "cloudburst.v1.DiagnosticsService"
 MESSAGING_SERVICE_NAME = messaging_service_pb2.DESCRIPTOR.services_by_name[
     "MessagingService"
 ].full_name
-
-
-class InProcessKvs:
-    """:class:`KvsAccess` served by a store in this process: no serialization, no network."""
-
-    def __init__(self, store: LatticeStore, max_wait_seconds: float) -> None:
-        self._store = store
-        self._max_wait = max_wait_seconds
-
-    async def get(
-        self,
-        key: str,
-        keyspace: lattice_pb2.Keyspace.ValueType = USER,
-        *,
-        wait: bool = False,
-        timeout: float | None = None,
-    ) -> lattice_pb2.Lattice | None:
-        """Read a key, optionally waiting for it."""
-        if wait:
-            return await self._store.wait_for(
-                keyspace, key, self._max_wait if timeout is None else timeout
-            )
-        return self._store.get(keyspace, key)
-
-    async def put(
-        self,
-        key: str,
-        lattice: lattice_pb2.Lattice,
-        keyspace: lattice_pb2.Keyspace.ValueType = USER,
-    ) -> None:
-        """Merge a lattice durably."""
-        await self._store.put(keyspace, key, lattice)
-
-    async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
-        """Delete a key."""
-        return await self._store.delete(keyspace, key)
-
-    async def delete_many(
-        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
-    ) -> int:
-        """Delete several keys."""
-        return await self._store.delete_many(keyspace, keys)
-
-    async def watch_keys(
-        self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
-    ) -> AsyncIterator[str]:
-        """Yield "" once watching, then each changed key under ``prefix``."""
-        subscription = self._store.watch(keyspace, prefix=prefix)
-        try:
-            yield ""
-            async for event in subscription:
-                yield event.key
-        finally:
-            await subscription.aclose()
-
-    async def list_keys(
-        self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
-    ) -> list[str]:
-        """List keys by prefix, every page."""
-        keys: list[str] = []
-        token = ""
-        while True:
-            page, token = self._store.list_keys(keyspace, prefix, 1000, token)
-            keys.extend(page)
-            if not token:
-                return keys
 
 
 @dataclass
@@ -321,112 +252,6 @@ async def start_local(config: Config) -> Node:
         config.kvs.engine,
     )
     return node
-
-
-class KvsEndpoint:
-    """Where the KVS tier is: a fixed address, or the passing instances Consul knows.
-
-    With discovery, the channel follows the instances: when the one in use
-    leaves, the next call goes to another.
-    """
-
-    def __init__(self, config: Config, address: str | None, watch: ServiceWatch | None) -> None:
-        if address is None and watch is None:
-            raise ValueError("a KVS endpoint needs an address or a Consul watch")
-        self._config = config
-        self._fixed = address
-        self._watch = watch
-        self._address: str | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._client: KvsClient | None = None
-        self._retired: list[grpc.aio.Channel] = []
-
-    async def channel(self) -> grpc.aio.Channel:
-        """The channel to a current KVS instance (waits for one to be known)."""
-        if self._fixed is not None:
-            address = self._fixed
-        else:
-            assert self._watch is not None
-            instances = self._watch.instances or await self._watch.wait_for(bool, 30.0)
-            addresses = [i.address for i in instances]
-            address = self._address if self._address in addresses else addresses[0]
-        if address != self._address or self._channel is None:
-            if self._channel is not None:
-                self._retired.append(self._channel)
-                logger.info("KVS moved from %s to %s", self._address, address)
-            self._address = address
-            self._channel = insecure_channel(address, self._config.server.max_payload_bytes)
-            self._client = KvsClient(self._channel)
-        return self._channel
-
-    async def client(self) -> KvsClient:
-        """A KVS client on the current channel."""
-        await self.channel()
-        assert self._client is not None
-        return self._client
-
-    async def close(self) -> None:
-        """Close every channel opened."""
-        channels = [*self._retired, *([self._channel] if self._channel else [])]
-        self._channel = None
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
-
-
-class EndpointKvs:
-    """:class:`KvsAccess` over a :class:`KvsEndpoint`."""
-
-    def __init__(self, endpoint: KvsEndpoint) -> None:
-        self._endpoint = endpoint
-
-    async def get(
-        self,
-        key: str,
-        keyspace: lattice_pb2.Keyspace.ValueType = USER,
-        *,
-        wait: bool = False,
-        timeout: float | None = None,
-    ) -> lattice_pb2.Lattice | None:
-        """Read a key."""
-        client = await self._endpoint.client()
-        return await client.get(key, keyspace, wait=wait, timeout=timeout)
-
-    async def put(
-        self,
-        key: str,
-        lattice: lattice_pb2.Lattice,
-        keyspace: lattice_pb2.Keyspace.ValueType = USER,
-    ) -> None:
-        """Merge a lattice (the KVS does not send it back)."""
-        await (await self._endpoint.client()).merge(key, lattice, keyspace)
-
-    async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
-        """Delete a key."""
-        return await (await self._endpoint.client()).delete(key, keyspace)
-
-    async def delete_many(
-        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
-    ) -> int:
-        """Delete several keys."""
-        return await (await self._endpoint.client()).batch_delete(keys, keyspace)
-
-    async def watch_keys(
-        self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
-    ) -> AsyncIterator[str]:
-        """Yield "" once watching, then each changed key under ``prefix``."""
-        client = await self._endpoint.client()
-        stream = await client.watch(keyspace=keyspace, prefix=prefix)
-        try:
-            yield ""
-            async for event in stream:
-                yield event.key
-        finally:
-            await stream.aclose()
-
-    async def list_keys(
-        self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
-    ) -> list[str]:
-        """List keys."""
-        return await (await self._endpoint.client()).list_keys(prefix, keyspace)
 
 
 async def _consul(node: Node) -> ConsulClient | None:

@@ -18,7 +18,6 @@ class _Member:
     address: str
     pinned: frozenset[str] = frozenset()
     """Functions pinned there (replaced, not mutated, so views can share it)."""
-    reported_load: int = 0
     placed: int = 0
     """Calls this scheduler placed there that have not finished yet."""
     set_aside_until: float = 0.0
@@ -114,7 +113,7 @@ class ExecutorPool:
                 executor_id=m.executor_id,
                 address=m.address,
                 pinned=m.pinned,
-                load=max(m.placed, m.reported_load),
+                load=m.placed,
                 overloaded=m.set_aside_until > now,
             )
             for m in self._members.values()
@@ -150,9 +149,3 @@ class ExecutorPool:
         member = self._members.get(executor_id)
         if member is not None and member.placed > 0:
             member.placed -= 1
-
-    def report_load(self, executor_id: str, load: int) -> None:
-        """Record the load an executor reported."""
-        member = self._members.get(executor_id)
-        if member is not None:
-            member.reported_load = load

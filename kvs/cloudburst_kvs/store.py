@@ -140,14 +140,14 @@ class Subscription:
         keyspace: int,
         keys: frozenset[str],
         prefix: str,
-        limit: int,
+        max_queued: int,
     ) -> None:
         self.keyspace = keyspace
         self.keys = keys
         self.prefix = prefix
         self._store = store
-        self._limit = limit
-        # Unbounded on purpose: _offer bounds it at `limit` itself, so the end
+        self._max_queued = max_queued
+        # Unbounded on purpose: _offer bounds it at `max_queued` itself, so the end
         # marker always fits even when the backlog is full.
         self._queue: asyncio.Queue[WatchEvent | _End] = asyncio.Queue()
         self._ended = False
@@ -155,12 +155,12 @@ class Subscription:
     def _offer(self, event: WatchEvent) -> None:
         if self._ended:
             return
-        if self._queue.qsize() >= self._limit:
+        if self._queue.qsize() >= self._max_queued:
             self._end(
                 QueueFullError(
-                    f"the watch fell more than {self._limit} changes behind and was ended; "
+                    f"the watch fell more than {self._max_queued} changes behind and was ended; "
                     "read the changes faster, then watch again and re-read the keys",
-                    {"limit": str(self._limit)},
+                    {"limit": str(self._max_queued)},
                 ),
                 drop_backlog=True,
             )
