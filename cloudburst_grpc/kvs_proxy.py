@@ -7,11 +7,15 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cloudburst.errors import UnavailableError
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext
 AnyContext = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
+
+#: The trailing-metadata key of a status's details (where ErrorInfo travels).
+_DETAILS_KEY = "grpc-status-details-bin"
 
 
 def _timeout(context: AnyContext) -> float | None:
@@ -23,9 +27,22 @@ async def _forward(call: Awaitable[T], context: AnyContext) -> T:
     try:
         return await call
     except grpc.aio.AioRpcError as exc:
-        # Pass the KVS's status, with its ErrorInfo details, through unchanged.
-        await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+        await _pass_on(exc, context)
         raise
+
+
+async def _pass_on(exc: grpc.aio.AioRpcError, context: AnyContext) -> None:
+    """End the call with the KVS's status, its ErrorInfo details unchanged."""
+    trailing = tuple(exc.trailing_metadata() or ())
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
+        key == _DETAILS_KEY for key, _ in trailing
+    ):
+        # The transport's own error: say which hop failed (the client reached this scheduler).
+        raise UnavailableError(
+            f"this scheduler cannot reach the KVS tier ({exc.details()}); check that "
+            "`cbgrpc kvs` is running and reachable from the scheduler"
+        )
+    await context.abort(exc.code(), exc.details() or "", trailing)
 
 
 class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
@@ -118,6 +135,6 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata())
+            await _pass_on(exc, context)
         finally:
             call.cancel()
