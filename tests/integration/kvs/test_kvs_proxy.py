@@ -8,7 +8,7 @@ ErrorInfo reason and metadata as when it asks the KVS directly.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -28,8 +28,9 @@ from harness import Cluster, make_config
 #: Small enough that a value over it still fits in one gRPC message.
 LIMIT = 64 * 1024
 
-Stub = kvs_service_pb2_grpc.KvsServiceAsyncStub
-Call = Callable[[Stub], Awaitable[Any]]
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    Stub = kvs_service_pb2_grpc.KvsServiceAsyncStub
+    Call = Callable[[Stub], Awaitable[Any]]
 
 
 def _put(key: str, size: int) -> Call:
