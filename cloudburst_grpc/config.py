@@ -73,6 +73,9 @@ class KvsConfig:
     """SQLite synchronous mode: ``normal`` survives a process crash, ``full`` also power loss."""
     max_wait_seconds: float = 60.0
     """Longest a waiting GetValue waits when the caller set no shorter deadline."""
+    max_clock_skew_seconds: float = 60.0
+    """How far ahead of the KVS's clock a last-writer-wins timestamp may be; writes stamped
+    further in the future are refused (they would win every later write)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,10 @@ class Config:
             (self.kvs.engine in ("sqlite", "memory"), "kvs.engine must be 'sqlite' or 'memory'"),
             (self.kvs.sync in ("normal", "full"), "kvs.sync must be 'normal' or 'full'"),
             (self.kvs.max_wait_seconds > 0, "kvs.max_wait_seconds must be positive"),
+            (
+                self.kvs.max_clock_skew_seconds > 0,
+                "kvs.max_clock_skew_seconds must be positive",
+            ),
             (self.executor.count >= 1, "executor.count must be at least 1"),
             (self.executor.threads >= 1, "executor.threads must be at least 1"),
             (self.executor.max_queue >= 1, "executor.max_queue must be at least 1"),

@@ -162,6 +162,30 @@ def stamp(lattice: lattice_pb2.Lattice, clock: LwwClock) -> lattice_pb2.Lattice:
     return stamped
 
 
+def check_not_ahead(lattice: lattice_pb2.Lattice, now_ns: int, max_skew_ns: int) -> None:
+    """Refuse a last-writer-wins write stamped more than ``max_skew_ns`` after ``now_ns``.
+
+    A timestamp far in the future (a writer whose clock runs fast, or a forged
+    2^64-1) would win every later write to the key for as long as it stays in
+    the future: such writes would succeed and stay invisible. Refusing it
+    keeps the lattice's order meaningful; an unstamped write (``time_ns`` 0)
+    is stamped by the KVS and never refused.
+    """
+    if lattice.WhichOneof("kind") != "lww":
+        return
+    ahead_ns = lattice.lww.timestamp.time_ns - now_ns
+    if ahead_ns > max_skew_ns:
+        raise InvalidArgumentError(
+            f"the write's timestamp is {ahead_ns / 1e9:.3f}s ahead of the KVS's clock, more "
+            f"than the allowed clock skew of {max_skew_ns / 1e9:g}s; check the writer's clock "
+            "(NTP), or leave the timestamp 0 for the KVS to stamp the write",
+            {
+                "field": "lattice.lww.timestamp.time_ns",
+                "max_skew_seconds": f"{max_skew_ns / 1e9:g}",
+            },
+        )
+
+
 def lattice_size(lattice: lattice_pb2.Lattice) -> int:
     """Return the bytes of user data a lattice holds (what the payload limit applies to)."""
     kind = lattice.WhichOneof("kind")

@@ -60,12 +60,14 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
 
         Args:
             store: The started store to delegate to.
-            kvs_config: Gives the longest a waiting GetValue waits.
+            kvs_config: Gives the longest a waiting GetValue waits and how far ahead of
+                this process's clock a write's timestamp may be.
             max_payload_bytes: The most user data one PutValue may carry.
         """
         self._store = store
         self._max_wait_seconds = kvs_config.max_wait_seconds
         self._max_payload_bytes = max_payload_bytes
+        self._max_skew_ns = int(kvs_config.max_clock_skew_seconds * 1e9)
         # One clock per servicer: timestamps it assigns strictly increase, so two
         # unstamped puts from one client are ordered as they arrived.
         self._clock = LwwClock()
@@ -120,6 +122,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
                     "limit": str(self._max_payload_bytes),
                 },
             )
+        lattices.check_not_ahead(request.lattice, time.time_ns(), self._max_skew_ns)
         lattice = lattices.stamp(request.lattice, self._clock)
         merged = await self._store.put(
             keyspace, request.key, lattice, request_id=request.request_id

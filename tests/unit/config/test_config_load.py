@@ -212,6 +212,7 @@ def test_bool_conversion_rejects_other_values(raw: str) -> None:
         ({"CBGRPC_SERVER_MAX_PAYLOAD_BYTES": "0"}, "max_payload_bytes must be positive"),
         ({"CBGRPC_SERVER_GRACE_SECONDS": "-0.1"}, "grace_seconds must not be negative"),
         ({"CBGRPC_KVS_MAX_WAIT_SECONDS": "0"}, "max_wait_seconds must be positive"),
+        ({"CBGRPC_KVS_MAX_CLOCK_SKEW_SECONDS": "0"}, "max_clock_skew_seconds must be positive"),
         ({"CBGRPC_EXECUTOR_COUNT": "0"}, "executor.count must be at least 1"),
         ({"CBGRPC_EXECUTOR_THREADS": "0"}, "executor.threads must be at least 1"),
         ({"CBGRPC_EXECUTOR_MAX_QUEUE": "0"}, "executor.max_queue must be at least 1"),

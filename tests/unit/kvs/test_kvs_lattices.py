@@ -181,3 +181,27 @@ def test_lattice_size_counts_user_data() -> None:
     assert lattices.lattice_size(_lww(1, "a-long-writer-id", a)) == 3
     assert lattices.lattice_size(_set([a, b])) == 5
     assert lattices.lattice_size(lattice_pb2.Lattice()) == 0
+
+
+NOW = 1_700_000_000 * 10**9
+SKEW = 60 * 10**9
+
+
+@pytest.mark.parametrize(
+    "time_ns",
+    [2**64 - 1, NOW + 3600 * 10**9, NOW + SKEW + 1],
+    ids=["max-uint64", "an-hour-fast", "just-over"],
+)
+def test_a_write_stamped_too_far_ahead_is_refused(time_ns: int) -> None:
+    with pytest.raises(InvalidArgumentError, match="ahead of the KVS's clock") as info:
+        lattices.check_not_ahead(_lww(time_ns, "w", value_pb2.Value()), NOW, SKEW)
+    assert info.value.metadata["max_skew_seconds"] == "60"
+
+
+@pytest.mark.parametrize("time_ns", [0, 1, NOW - 3600 * 10**9, NOW, NOW + SKEW])
+def test_writes_within_the_skew_or_unstamped_pass(time_ns: int) -> None:
+    lattices.check_not_ahead(_lww(time_ns, "w", value_pb2.Value()), NOW, SKEW)
+
+
+def test_sets_carry_no_timestamp_to_check() -> None:
+    lattices.check_not_ahead(_set([value_pb2.Value(data=b"a")]), NOW, SKEW)
