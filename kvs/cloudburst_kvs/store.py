@@ -90,10 +90,22 @@ def normalize_keyspace(keyspace: int) -> Keyspace:
     return lattice_pb2.Keyspace.ValueType(keyspace)
 
 
+#: The longest key, in UTF-8 bytes. Keys travel in every listing, watch event and error,
+#: so they stay small; values carry the data.
+MAX_KEY_BYTES = 4096
+
+
 def check_key(key: str, *, what: str = "key") -> None:
-    """Raise InvalidArgumentError when a key is empty."""
+    """Raise InvalidArgumentError when a key is empty or longer than :data:`MAX_KEY_BYTES`."""
     if not key:
         raise InvalidArgumentError(f"{what} must not be empty", {"field": what})
+    # A character is at most 4 bytes in UTF-8: only long keys need encoding to be measured.
+    if len(key) * 4 > MAX_KEY_BYTES and len(key.encode()) > MAX_KEY_BYTES:
+        raise InvalidArgumentError(
+            f"{what} is {len(key.encode())} bytes long (it starts {key[:40]!r}), over the limit "
+            f"of {MAX_KEY_BYTES} bytes; use a shorter key (a hash of a long name, say)",
+            {"field": what, "limit": str(MAX_KEY_BYTES)},
+        )
 
 
 class WatchEvent(NamedTuple):
@@ -809,6 +821,7 @@ def _decode_page_token(token: str, keyspace: int, prefix: str) -> str:
 
 
 __all__ = [
+    "MAX_KEY_BYTES",
     "MAX_PAGE_SIZE",
     "WATCH_QUEUE_LIMIT",
     "Keyspace",
