@@ -227,7 +227,7 @@ class KvsClient:
         """Start watching keys and/or a key prefix; returns once the server is watching.
 
         No change committed after this returns is missed. Iterate the returned
-        stream for :class:`~kvs.store.WatchEvent` items, and close it (or use it
+        stream for :class:`~cloudburst_kvs.store.WatchEvent` items, and close it (or use it
         as an async context manager) to stop.
 
         Args:

@@ -53,7 +53,7 @@ def _timed(operation: str) -> Callable[[_Method], _Method]:
 
 
 class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
-    """Serves a :class:`~kvs.store.LatticeStore` over gRPC."""
+    """Serves a :class:`~cloudburst_kvs.store.LatticeStore` over gRPC."""
 
     def __init__(self, store: LatticeStore, kvs_config: KvsConfig, max_payload_bytes: int) -> None:
         """Serve ``store``.
