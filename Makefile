@@ -63,8 +63,8 @@ integration: setup
 e2e: setup consul
 	$(PY) -m pytest -q tests/e2e
 
-# Benchmarks: latency and throughput against the gRPC floor and Ray, in one run (README,
-# "Benchmarks"). Report in bench/results/; `make bench ARGS=--quick` for a smoke run.
+# Benchmarks: latency and throughput against the gRPC floor and Ray, in one run
+# (bench/README.md). Report in bench/results/; `make bench ARGS=--quick` for a smoke run.
 .PHONY: bench
 bench: setup
 	$(PY) -m pip install --quiet -r bench/requirements.txt

@@ -280,7 +280,8 @@ class CloudburstConnection:
         Registering again under the same name replaces the function; warm
         executors pick up the new code on their next call. A function's first
         parameter is the user library. A class needs a ``run`` method; see the
-        README for when its ``__init__`` and ``run`` receive the user library.
+        user guide (docs/user-guide.md, "Classes") for when its ``__init__``
+        and ``run`` receive the user library.
 
         Returns:
             A handle; calling it returns a :class:`CloudburstFuture`.
