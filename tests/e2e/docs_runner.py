@@ -2,9 +2,9 @@
 
 Usage: ``python docs_runner.py FILE.md [OLD=NEW ...]``
 
-Every ```python block of the file runs, in order, in one namespace that is
-this script's ``__main__`` (so functions defined in the examples travel by
-value, as a user's do). Before that, each ``OLD=NEW`` pair replaces OLD with
+Every ```python block of the file runs, in order, in one fresh namespace
+named ``__main__`` (so functions defined in the examples travel by value, as
+a user's script's do). Before that, each ``OLD=NEW`` pair replaces OLD with
 NEW in the text: this is how the examples' server address (``127.0.0.1:7600``,
 what ``make serve`` listens on) becomes the test server's.
 
@@ -71,7 +71,7 @@ def main() -> int:
         old, new = pair.split("=", 1)
         text = text.replace(old, new)
     blocks = python_blocks(text)
-    namespace = globals()
+    namespace: dict[str, object] = {"__name__": "__main__"}
     checked = 0
     for i, block in enumerate(blocks, 1):
         checked += run_block(block, f"<{path} block {i}>", namespace)
