@@ -8,5 +8,7 @@
 * :mod:`cloudburst_kvs.servicer`: the ``KvsService`` gRPC servicer (convert and delegate).
 * :mod:`cloudburst_kvs.client`: :class:`~cloudburst_kvs.client.KvsClient`, typed async calls
   to a remote KVS.
+* :mod:`cloudburst_kvs.access`: how the scheduler and executors reach the KVS, in this
+  process or over gRPC.
 * :mod:`cloudburst_kvs.local`: wiring used by the composition roots.
 """
