@@ -18,13 +18,13 @@ import collections
 import concurrent.futures
 import functools
 import itertools
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import grpc
 
 from cloudburst import _tracing
+from cloudburst._loop import LoopDriver
 from cloudburst._stream import OutboxStream, settle
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
@@ -46,18 +46,6 @@ RELEASE_DELAY = 0.05
 #: The most released keys one frame carries.
 RELEASES_PER_FRAME = 1000
 
-T = TypeVar("T")
-
-
-class Driver(Protocol):
-    """How callers on other threads reach the loop (see :class:`cloudburst._loop.DrivenLoop`)."""
-
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in a task on the loop; from any thread."""
-
-    def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
-        """Wait for a future the loop settles (raises concurrent.futures.TimeoutError)."""
-
 
 @dataclass
 class PendingCall:
@@ -67,7 +55,7 @@ class PendingCall:
     caller waiting on them runs the loop meanwhile when no other thread does.
     """
 
-    driver: Driver
+    driver: LoopDriver
     accepted: concurrent.futures.Future[str]
     outcome: concurrent.futures.Future[execution_pb2.Outcome] | None
     response_key: str = field(default="")
@@ -98,7 +86,7 @@ class PendingCall:
 class Core:
     """Channel, stubs and the call stream; lives on the SDK's loop, which ``driver`` runs."""
 
-    def __init__(self, target: str, max_payload_bytes: int, driver: Driver) -> None:
+    def __init__(self, target: str, max_payload_bytes: int, driver: LoopDriver) -> None:
         self.loop = asyncio.get_running_loop()
         self.driver = driver
         limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES

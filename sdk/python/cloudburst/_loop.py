@@ -1,11 +1,26 @@
-"""The event loop behind the synchronous API, run by the threads that wait on it.
+"""The event loop behind the synchronous API, and the two drivers that run it.
 
-grpc.aio needs an asyncio loop; the SDK's API is synchronous. With the loop
-on a thread of its own, every call would cost two thread wake-ups: the caller
-wakes the loop's thread to send, and the loop's thread wakes the caller with
-the answer. On a virtual machine a wake-up costs tens of microseconds, a good
-part of a call's round trip. So the thread that waits for a result runs the
-loop itself until the result is in:
+grpc.aio needs an asyncio loop; the SDK's API is synchronous. A driver runs the
+loop and lets callers on any thread wait for what it computes
+(:class:`LoopDriver`). There are two:
+
+- ``"caller"`` (the default, :class:`DrivenLoop`): the threads that wait for a
+  result run the loop themselves, and a helper thread runs it in between;
+- ``"thread"`` (:class:`ThreadedLoop`): the loop runs on a thread of its own,
+  and callers wait for it to answer.
+
+Pick one with ``CloudburstConnection(..., loop_driver="thread")`` or the
+environment variable ``CLOUDBURST_LOOP_DRIVER=thread``; the argument wins.
+The caller-driven driver uses private asyncio and CPython names (all of them
+in :mod:`cloudburst._loop_internals`); where one is missing, as on a loop from
+an event loop policy such as uvloop's, the SDK uses the loop-thread driver.
+
+Why callers run the loop: with the loop on a thread of its own, every call
+costs two thread wake-ups: the caller wakes the loop's thread to send, and the
+loop's thread wakes the caller with the answer. On a virtual machine a wake-up
+costs tens of microseconds, a good part of a call's round trip. So with the
+caller-driven driver the thread that waits for a result runs the loop itself
+until the result is in:
 
 - a caller that finds the loop free runs it (:meth:`DrivenLoop.wait`); a
   thread that already runs an event loop of its own (as in Jupyter), or the
@@ -21,27 +36,37 @@ loop itself until the result is in:
 
 Ctrl-C while a caller on the main thread runs the loop stops the loop between
 two callbacks, then raises KeyboardInterrupt in the caller, so no callback (of
-this package or of grpc) is cut off halfway.
+this package or of grpc) is cut off halfway. Under either driver, Ctrl-C while
+a caller waits in :meth:`LoopDriver.run` cancels the coroutine it waits for.
 """
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # signal's C half: no enum wrapping per call
+import abc
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import math
+import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from cloudburst.errors import CloudburstTimeoutError
+from cloudburst import _loop_internals
+from cloudburst._loop_internals import get_running_loop, getsignal, setsignal
+from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: The environment variable that picks the driver when the connection is not told.
+DRIVER_ENV = "CLOUDBURST_LOOP_DRIVER"
+#: The drivers' names, the default first.
+DRIVERS = ("caller", "thread")
 #: Seconds without a caller running the loop before the helper thread runs it.
 IDLE_AFTER = 0.1
 #: The longest single wait (an unbounded one is a series of these).
@@ -52,13 +77,175 @@ _LONGEST_WAIT = 3600.0
 _SAFE_SIGINT = (signal.default_int_handler, signal.SIG_DFL, signal.SIG_IGN)
 #: The helper's thread ident while it runs the loop (no thread has ident -1).
 _HELPER = -1
+_REENTERED = "the synchronous cloudburst API cannot be called from its own loop"
+_reported_fallbacks: set[tuple[str, ...]] = set()
 
 
-class DrivenLoop:
-    """An asyncio loop run by the threads waiting on it, and by a helper in between."""
+def new_driver(choice: str | None = None, name: str = "cloudburst-sdk") -> LoopDriver:
+    """A started loop driver: ``choice``, else ``$CLOUDBURST_LOOP_DRIVER``, else ``"caller"``.
 
-    def __init__(self, name: str = "cloudburst-sdk") -> None:
-        self.loop = asyncio.new_event_loop()
+    ``"caller"`` gives the loop-thread driver instead where this Python (or
+    the loop its event loop policy makes) lacks a private name it needs.
+
+    Raises:
+        InvalidArgumentError: The choice (a ValueError) is not one of :data:`DRIVERS`.
+    """
+    if choice is None:
+        choice = os.environ.get(DRIVER_ENV, "").strip().lower() or DRIVERS[0]
+        source = DRIVER_ENV
+    else:
+        source = "loop_driver"
+    if choice not in DRIVERS:
+        raise InvalidArgumentError(
+            f"{source}={choice!r} is not a loop driver; use one of "
+            + ", ".join(repr(d) for d in DRIVERS)
+        )
+    loop = asyncio.new_event_loop()
+    if choice == "caller":
+        absent = _loop_internals.missing(loop)
+        if not absent:
+            return DrivenLoop(name, loop)
+        if absent not in _reported_fallbacks:
+            _reported_fallbacks.add(absent)
+            logger.info(
+                "the caller-driven loop needs %s, which this Python or its %s lacks; "
+                "using the loop-thread driver",
+                ", ".join(absent),
+                type(loop).__name__,
+            )
+    return ThreadedLoop(name, loop)
+
+
+class LoopDriver(abc.ABC):
+    """Runs the SDK's asyncio loop and lets callers on any thread wait for it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = asyncio.new_event_loop() if loop is None else loop
+        self._started: set[asyncio.Task[None]] = set()
+
+    @abc.abstractmethod
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task on the loop; from any thread."""
+
+    @abc.abstractmethod
+    def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
+        """Wait up to ``timeout`` seconds for a future the loop settles.
+
+        Returns the future's result (or raises its exception).
+
+        Raises:
+            concurrent.futures.TimeoutError: It was not settled in time.
+        """
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Cancel what is left on the loop, stop running it and close it; idempotent."""
+
+    @abc.abstractmethod
+    def _on_loop(self) -> bool:
+        """Whether this thread is running the loop now."""
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
+        """Run ``coro`` on the loop and wait for it, at most ``timeout`` seconds.
+
+        Ctrl-C while waiting cancels ``coro`` and raises KeyboardInterrupt.
+
+        Raises:
+            CloudburstTimeoutError: It did not finish in time (it is cancelled).
+        """
+        if self._on_loop():
+            coro.close()
+            raise RuntimeError(_REENTERED)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return self.wait(future, timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise CloudburstTimeoutError(f"{what} did not finish within {timeout:.1f}s") from None
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+
+    def _create(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._keep(self.loop.create_task(coro))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a started task until it ends (the loop holds tasks only weakly)."""
+        self._started.add(task)
+        task.add_done_callback(self._started.discard)
+
+
+class ThreadedLoop(LoopDriver):
+    """An asyncio loop on a daemon thread of its own; callers wait for its answers.
+
+    It uses asyncio's public API only.
+    """
+
+    def __init__(
+        self, name: str = "cloudburst-sdk", loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        super().__init__(loop)
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task on the loop; from any thread."""
+        self.loop.call_soon_threadsafe(self._create, coro)
+
+    def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
+        """Wait up to ``timeout`` seconds for a future the loop settles.
+
+        Returns the future's result (or raises its exception).
+
+        Raises:
+            concurrent.futures.TimeoutError: It was not settled in time.
+        """
+        if not future.done() and self._on_loop():
+            raise RuntimeError(_REENTERED)
+        return future.result(timeout)
+
+    def _on_loop(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def stop(self) -> None:
+        """Cancel what is left on the loop, stop its thread and close it; idempotent."""
+        if self._on_loop():
+            raise RuntimeError(_REENTERED)
+        with self._lock:
+            if self._stopping or self.loop.is_closed():
+                return
+            self._stopping = True
+        with contextlib.suppress(Exception):
+            self.run(_drain(self.loop), 10, "stopping")
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class DrivenLoop(LoopDriver):
+    """An asyncio loop run by the threads waiting on it, and by a helper in between.
+
+    Raises:
+        RuntimeError: This Python, or ``loop``, lacks a private name it needs
+            (see :mod:`cloudburst._loop_internals`); :func:`new_driver` checks first.
+    """
+
+    def __init__(
+        self, name: str = "cloudburst-sdk", loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        super().__init__(loop)
+        absent = _loop_internals.missing(self.loop)
+        if absent:
+            if loop is None:
+                self.loop.close()
+            raise RuntimeError(
+                f"the caller-driven loop needs {', '.join(absent)}, which this Python or its "
+                f"{type(self.loop).__name__} lacks; use the loop driver 'thread'"
+            )
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
         """Notified when a waiter's result is in, and when the loop is left free."""
@@ -73,11 +260,8 @@ class DrivenLoop:
         self._last_run = time.monotonic()
         """When a caller last stopped running the loop."""
         self._wake = threading.Event()
-        self._started: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._interrupted = False
-        self._can_step = callable(getattr(self.loop, "_run_once", None))
-        """Whether callers can run the loop a turn at a time (else the helper runs it)."""
         self._helper = threading.Thread(target=self._help, name=name, daemon=True)
         self._helper.start()
 
@@ -98,33 +282,8 @@ class DrivenLoop:
                 return
         self.loop.call_soon_threadsafe(self._create, coro)
 
-    def _create(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._keep(self.loop.create_task(coro))
-
-    def _keep(self, task: asyncio.Task[None]) -> None:
-        """Hold a started task until it ends (the loop holds tasks only weakly)."""
-        self._started.add(task)
-        task.add_done_callback(self._started.discard)
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedule ``coro`` on the loop; :meth:`wait` for the result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
-        """Run ``coro`` on the loop and wait for it, at most ``timeout`` seconds.
-
-        Raises:
-            CloudburstTimeoutError: It did not finish in time (it is cancelled).
-        """
-        if self._runner == threading.get_ident():
-            coro.close()
-            raise RuntimeError("the synchronous cloudburst API cannot be called from its own loop")
-        future = self.submit(coro)
-        try:
-            return self.wait(future, timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise CloudburstTimeoutError(f"{what} did not finish within {timeout:.1f}s") from None
+    def _on_loop(self) -> bool:
+        return self._runner == threading.get_ident()
 
     def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
         """Wait up to ``timeout`` seconds for a future the loop settles, running it meanwhile.
@@ -144,7 +303,7 @@ class DrivenLoop:
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         me = threading.get_ident()
         if self._runner == me:
-            raise RuntimeError("the synchronous cloudburst API cannot be called from its own loop")
+            raise RuntimeError(_REENTERED)
         while not future.done():
             remaining = min(deadline - time.monotonic(), _LONGEST_WAIT)
             if remaining <= 0:
@@ -239,23 +398,14 @@ class DrivenLoop:
         with self._interruptible():
             # One turn of the loop at a time (what run_forever does, without its
             # per-run set-up): the caller checks its future after every turn.
-            step: Callable[[], None] = loop._run_once  # type: ignore[attr-defined]
             deadline = loop.time() + seconds
             timer = loop.call_at(deadline, _nothing)  # wakes the selector at the deadline
-            hooks = sys.get_asyncgen_hooks()
-            sys.set_asyncgen_hooks(
-                firstiter=loop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
-                finalizer=loop._asyncgen_finalizer_hook,  # type: ignore[attr-defined]
-            )
-            loop._thread_id = threading.get_ident()  # type: ignore[attr-defined]
-            asyncio.events._set_running_loop(loop)
+            step, saved = _loop_internals.enter(loop)
             try:
                 while not future.done() and not self._interrupted and loop.time() < deadline:
                     step()
             finally:
-                asyncio.events._set_running_loop(None)
-                loop._thread_id = None  # type: ignore[attr-defined]
-                sys.set_asyncgen_hooks(*hooks)
+                _loop_internals.leave(loop, saved)
                 timer.cancel()
 
     def _may_run(self) -> bool:
@@ -265,11 +415,11 @@ class DrivenLoop:
         while the application has a SIGINT handler of its own: that handler
         could raise in the middle of a callback of the loop.
         """
-        if not self._can_step or self._stopping or asyncio._get_running_loop() is not None:
+        if self._stopping or get_running_loop() is not None:
             return False
         if threading.current_thread() is not threading.main_thread():
             return True
-        return _signal.getsignal(signal.SIGINT) in _SAFE_SIGINT
+        return getsignal(signal.SIGINT) in _SAFE_SIGINT
 
     @contextlib.contextmanager
     def _interruptible(self) -> Any:
@@ -277,7 +427,7 @@ class DrivenLoop:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = _signal.getsignal(signal.SIGINT)
+        previous = getsignal(signal.SIGINT)
         if previous is not signal.default_int_handler:
             yield  # Ctrl-C ends the process or is ignored: nothing raises in the loop
             return
@@ -286,11 +436,11 @@ class DrivenLoop:
             self._interrupted = True
             self.loop.call_soon_threadsafe(_nothing)  # end the selector's wait
 
-        _signal.signal(signal.SIGINT, interrupt)
+        setsignal(signal.SIGINT, interrupt)
         try:
             yield
         finally:
-            _signal.signal(signal.SIGINT, previous)
+            setsignal(signal.SIGINT, previous)
         if self._interrupted:
             self._interrupted = False
             raise KeyboardInterrupt

@@ -23,7 +23,7 @@ import cloudpickle
 
 from cloudburst import _source, _tracing
 from cloudburst._core import Core, PendingCall
-from cloudburst._loop import DrivenLoop
+from cloudburst._loop import new_driver
 from cloudburst.errors import (
     CloudburstError,
     DagAlreadyExistsError,
@@ -202,6 +202,13 @@ class CloudburstConnection:
         keep_results: Keep every call's result in the KVS until it is deleted. By
             default a result stored under a key the runtime chose is deleted once
             its future is garbage-collected after the call finished.
+        loop_driver: How the connection's event loop runs: ``"caller"`` (the
+            default), by the threads that wait for results, or ``"thread"``, on
+            a thread of its own, using only asyncio's public API. When not given,
+            the environment variable ``CLOUDBURST_LOOP_DRIVER`` decides. Where
+            this Python lacks a private asyncio name ``"caller"`` needs, the
+            connection uses ``"thread"``. Any other value raises
+            InvalidArgumentError, a ValueError. See :mod:`cloudburst._loop`.
 
     The connection is thread-safe. Close it with :meth:`close` or use it in a
     ``with`` block.
@@ -218,6 +225,7 @@ class CloudburstConnection:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         connect_timeout: float = CONNECT_TIMEOUT,
         keep_results: bool = False,
+        loop_driver: str | None = None,
     ) -> None:
         if isinstance(func_addr, str) and func_addr.strip().startswith("consul://"):
             consul = func_addr.strip().removeprefix("consul://")
@@ -230,7 +238,7 @@ class CloudburstConnection:
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
         self._clock = LwwClock()
-        self._loop = DrivenLoop()
+        self._loop = new_driver(loop_driver)
         self._closed = False
         try:
             self._core: Core = self._loop.run(

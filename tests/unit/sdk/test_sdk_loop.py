@@ -1,9 +1,14 @@
-"""The SDK's event loop (cloudburst._loop.DrivenLoop): who runs it, and that every wait ends."""
+"""The SDK's event loop drivers (cloudburst._loop): who runs the loop, and that every wait ends.
+
+Tests taking ``driver`` run under both drivers; those taking ``driven``, under
+the caller-driven one only.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import signal
 import subprocess
@@ -13,14 +18,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from cloudburst import _loop
-from cloudburst._loop import DrivenLoop
-from cloudburst.errors import CloudburstTimeoutError
+from cloudburst import _loop, _loop_internals
+from cloudburst._loop import DrivenLoop, LoopDriver, ThreadedLoop, new_driver
+from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError
 
 SDK = Path(__file__).resolve().parents[3] / "sdk" / "python"
+DRIVER_CLASSES: dict[str, type[LoopDriver]] = {"caller": DrivenLoop, "thread": ThreadedLoop}
 
 
 @pytest.fixture
@@ -30,6 +38,21 @@ def driven() -> Iterator[DrivenLoop]:
         yield loop
     finally:
         loop.stop()
+
+
+@pytest.fixture(params=_loop.DRIVERS)
+def driver(request: pytest.FixtureRequest) -> Iterator[LoopDriver]:
+    loop = new_driver(request.param, "test-sdk-loop")
+    assert isinstance(loop, DRIVER_CLASSES[request.param])
+    try:
+        yield loop
+    finally:
+        loop.stop()
+
+
+@pytest.fixture
+def no_driver_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_loop.DRIVER_ENV, raising=False)
 
 
 async def _ident() -> int:
@@ -55,10 +78,10 @@ def test_a_caller_runs_the_loop_on_its_own_thread(driven: DrivenLoop) -> None:
     assert ran_on.count(caller) >= len(ran_on) // 2
 
 
-def test_a_thread_running_its_own_event_loop_is_served_by_the_helper(driven: DrivenLoop) -> None:
+def test_a_thread_running_its_own_event_loop_is_served_by_another(driver: LoopDriver) -> None:
     async def inside() -> int:
         # A blocking call from a coroutine (as in Jupyter): this thread's loop is busy.
-        return driven.run(_ident(), 10, "test")
+        return driver.run(_ident(), 10, "test")
 
     ran_on = asyncio.run(inside())
     assert ran_on != threading.get_ident()
@@ -137,7 +160,7 @@ def test_back_to_back_calls_take_the_loop_back_from_the_idle_helper(driven: Driv
     assert runners.count(caller) >= len(runners) // 2, "asked, the helper leaves the loop"
 
 
-def test_callers_on_many_threads_all_finish(driven: DrivenLoop) -> None:
+def test_callers_on_many_threads_all_finish(driver: LoopDriver) -> None:
     calls, threads = 200, 8
     runners: set[int] = set()
 
@@ -147,7 +170,7 @@ def test_callers_on_many_threads_all_finish(driven: DrivenLoop) -> None:
         return n * 2
 
     def caller(offset: int) -> list[int]:
-        return [driven.run(work(offset + i), 10, "work") for i in range(calls)]
+        return [driver.run(work(offset + i), 10, "work") for i in range(calls)]
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(caller, [k * calls for k in range(threads)]))
@@ -155,7 +178,7 @@ def test_callers_on_many_threads_all_finish(driven: DrivenLoop) -> None:
     assert runners, "somebody ran the loop"
 
 
-def test_a_timeout_cancels_the_coroutine_and_the_loop_stays_usable(driven: DrivenLoop) -> None:
+def test_a_timeout_cancels_the_coroutine_and_the_loop_stays_usable(driver: LoopDriver) -> None:
     cancelled = threading.Event()
 
     async def slow() -> None:
@@ -167,92 +190,132 @@ def test_a_timeout_cancels_the_coroutine_and_the_loop_stays_usable(driven: Drive
 
     began = time.monotonic()
     with pytest.raises(CloudburstTimeoutError, match=r"slow call did not finish within 0\.2s"):
-        driven.run(slow(), 0.2, "slow call")
+        driver.run(slow(), 0.2, "slow call")
     assert time.monotonic() - began < 5
-    assert driven.run(_ident(), 10, "next") > 0, "the loop still answers"
+    assert driver.run(_ident(), 10, "next") > 0, "the loop still answers"
     assert cancelled.wait(10), "the timed-out coroutine was cancelled"
 
 
-def test_a_wait_on_a_future_nobody_settles_times_out(driven: DrivenLoop) -> None:
+def test_a_wait_on_a_future_nobody_settles_times_out(driver: LoopDriver) -> None:
     never: concurrent.futures.Future[int] = concurrent.futures.Future()
     with pytest.raises(concurrent.futures.TimeoutError):
-        driven.wait(never, 0.05)
+        driver.wait(never, 0.05)
 
 
-def test_timers_fire_while_no_caller_runs_the_loop(driven: DrivenLoop) -> None:
+def test_timers_fire_while_no_caller_runs_the_loop(driver: LoopDriver) -> None:
     fired = threading.Event()
 
     async def set_a_timer() -> None:
         asyncio.get_running_loop().call_later(0.01, fired.set)
 
-    driven.start(set_a_timer())
-    assert fired.wait(_loop.IDLE_AFTER + 10), "the helper ran the loop when it was idle"
+    driver.start(set_a_timer())
+    assert fired.wait(_loop.IDLE_AFTER + 10), "the loop ran while no caller waited"
 
 
-def test_a_callback_from_another_thread_reaches_a_running_caller(driven: DrivenLoop) -> None:
+def test_a_callback_from_another_thread_reaches_a_running_caller(driver: LoopDriver) -> None:
     arrived = asyncio.Event()
 
     async def wait_for_callback() -> bool:
         async def arrive() -> None:
             arrived.set()
 
-        threading.Thread(target=driven.start, args=(arrive(),)).start()
+        threading.Thread(target=driver.start, args=(arrive(),)).start()
         await asyncio.wait_for(arrived.wait(), 10)
         return True
 
-    assert driven.run(wait_for_callback(), 20, "callback")
+    assert driver.run(wait_for_callback(), 20, "callback")
 
 
-def test_calling_the_api_from_the_loop_itself_is_refused(driven: DrivenLoop) -> None:
+def test_calling_the_api_from_the_loop_itself_is_refused(driver: LoopDriver) -> None:
     async def reenter() -> str:
         never: concurrent.futures.Future[int] = concurrent.futures.Future()
         with pytest.raises(RuntimeError, match="cannot be called from its own loop"):
-            driven.wait(never, 1)
+            driver.wait(never, 1)
         coro = _ident()
         with pytest.raises(RuntimeError, match="cannot be called from its own loop"):
-            driven.run(coro, 1, "inner")
+            driver.run(coro, 1, "inner")
         return "refused"
 
-    assert driven.run(reenter(), 10, "outer") == "refused"
+    assert driver.run(reenter(), 10, "outer") == "refused"
 
 
-def test_stop_closes_the_loop_and_ends_the_helper() -> None:
-    driven = DrivenLoop("test-stop")
-    driven.run(_ident(), 10, "test")
-    helper = driven._helper
-    driven.stop()
-    assert driven.loop.is_closed()
-    assert not helper.is_alive()
-    driven.stop()  # idempotent
+def test_errors_of_the_coroutine_reach_the_caller(driver: LoopDriver) -> None:
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise LookupError("from the loop")
+
+    with pytest.raises(LookupError, match="from the loop"):
+        driver.run(fails(), 10, "failing call")
+    failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+    failed.set_exception(KeyError("settled"))
+    with pytest.raises(KeyError, match="settled"):
+        driver.wait(failed, 1)
+    assert driver.run(_ident(), 10, "next") > 0, "the loop still answers"
 
 
-def test_ctrl_c_while_the_main_thread_runs_the_loop() -> None:
-    """SIGINT stops the loop between callbacks: KeyboardInterrupt, and the loop still works."""
+def test_a_wait_returns_once_another_thread_settles_the_future(driver: LoopDriver) -> None:
+    future: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+    async def settle_soon() -> None:
+        await asyncio.sleep(0.01)
+        future.set_result("settled")
+
+    driver.start(settle_soon())
+    assert driver.wait(future, 10) == "settled"
+
+
+@pytest.mark.parametrize("choice", _loop.DRIVERS)
+def test_stop_closes_the_loop_and_ends_its_threads(choice: str) -> None:
+    name = f"test-stop-{choice}"
+    driver = new_driver(choice, name)
+    assert driver.run(_ident(), 10, "test") > 0
+    assert any(t.name == name for t in threading.enumerate())
+    driver.stop()
+    assert driver.loop.is_closed()
+    assert not any(t.name == name for t in threading.enumerate()), "its thread ended"
+    driver.stop()  # idempotent
+
+
+@pytest.mark.parametrize("choice", _loop.DRIVERS)
+def test_ctrl_c_while_the_main_thread_waits(choice: str) -> None:
+    """SIGINT: KeyboardInterrupt in the caller, the coroutine is cancelled, the loop still works.
+
+    With the caller-driven driver the main thread runs the loop and stops it
+    between two callbacks; with the loop-thread driver it waits for the loop's
+    thread.
+    """
     script = textwrap.dedent(
         """
-        import asyncio, signal, sys
-        from cloudburst._loop import DrivenLoop
+        import asyncio, signal, sys, threading
+        from cloudburst._loop import new_driver
 
-        driven = DrivenLoop()
+        driver = new_driver()
+        print(type(driver).__name__, flush=True)
+        cancelled = threading.Event()
 
         async def long_call():
             print("running", flush=True)
-            await asyncio.sleep(60)
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
 
         async def answer():
             return 42
 
         try:
-            driven.run(long_call(), 120, "long call")
+            driver.run(long_call(), 120, "long call")
         except KeyboardInterrupt:
             print("interrupted", flush=True)
         print("handler restored", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-        print("then", driven.run(answer(), 10, "next call"), flush=True)
-        driven.stop()
+        print("then", driver.run(answer(), 10, "next call"), flush=True)
+        print("cancelled", cancelled.wait(10), flush=True)
+        driver.stop()
         """
     )
     path = os.pathsep.join([str(SDK), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
+    env = {**os.environ, "PYTHONPATH": path, _loop.DRIVER_ENV: choice}
     child = subprocess.Popen(
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
@@ -262,6 +325,7 @@ def test_ctrl_c_while_the_main_thread_runs_the_loop() -> None:
     )
     try:
         assert child.stdout is not None
+        assert child.stdout.readline().strip() == DRIVER_CLASSES[choice].__name__
         assert child.stdout.readline().strip() == "running"
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=30)
@@ -270,4 +334,95 @@ def test_ctrl_c_while_the_main_thread_runs_the_loop() -> None:
             child.kill()
             child.wait(10)
     assert child.returncode == 0, err
-    assert out.splitlines() == ["interrupted", "handler restored True", "then 42"], err
+    assert out.splitlines() == [
+        "interrupted",
+        "handler restored True",
+        "then 42",
+        "cancelled True",
+    ], err
+
+
+# -- choosing a driver -------------------------------------------------------------------------
+
+
+def _drivers_made(*args: str | None) -> list[type[LoopDriver]]:
+    made = [new_driver(arg) for arg in args]
+    for driver in made:
+        driver.stop()
+    return [type(driver) for driver in made]
+
+
+@pytest.mark.usefixtures("no_driver_env")
+def test_the_caller_driven_loop_is_the_default_and_an_argument_picks_a_driver() -> None:
+    assert _drivers_made(None, "caller", "thread") == [DrivenLoop, DrivenLoop, ThreadedLoop]
+
+
+def test_the_environment_picks_a_driver_and_the_argument_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(_loop.DRIVER_ENV, " Thread ")
+    assert _drivers_made(None, "caller") == [ThreadedLoop, DrivenLoop]
+    monkeypatch.setenv(_loop.DRIVER_ENV, "caller")
+    assert _drivers_made(None, "thread") == [DrivenLoop, ThreadedLoop]
+    monkeypatch.setenv(_loop.DRIVER_ENV, "")
+    assert _drivers_made(None) == [DrivenLoop]
+
+
+def test_an_unknown_driver_is_refused_naming_the_valid_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads = set(threading.enumerate())
+    with pytest.raises(ValueError, match=r"loop_driver='fast' is not a loop driver") as raised:
+        new_driver("fast")
+    assert isinstance(raised.value, InvalidArgumentError)
+    assert "'caller', 'thread'" in str(raised.value)
+    monkeypatch.setenv(_loop.DRIVER_ENV, "uv")
+    with pytest.raises(InvalidArgumentError, match=r"CLOUDBURST_LOOP_DRIVER='uv' .*'thread'"):
+        new_driver()
+    assert set(threading.enumerate()) <= threads, "nothing was started"
+
+
+@pytest.mark.usefixtures("no_driver_env")
+def test_a_missing_private_name_makes_the_loop_thread_driver_the_choice(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_loop_internals, "missing", lambda loop: ("loop._run_once",))
+    monkeypatch.setattr(_loop, "_reported_fallbacks", set())
+    with caplog.at_level(logging.INFO, logger=_loop.__name__):
+        assert _drivers_made(None, "caller", None) == [ThreadedLoop] * 3
+    said = [r.getMessage() for r in caplog.records if r.name == _loop.__name__]
+    assert len(said) == 1, "said once"
+    assert "loop._run_once" in said[0] and "loop-thread driver" in said[0]
+    with pytest.raises(RuntimeError, match=r"needs loop\._run_once"):
+        DrivenLoop("test-no-step")
+
+
+def test_the_internals_resolver_names_what_a_loop_lacks() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        assert _loop_internals.missing(loop) == (), "CPython's own loop has all of them"
+    finally:
+        loop.close()
+    assert _loop_internals.missing(SimpleNamespace()) == (  # type: ignore[arg-type]
+        "loop._run_once",
+        "loop._asyncgen_firstiter_hook",
+        "loop._asyncgen_finalizer_hook",
+        "loop._thread_id",
+    )
+
+
+def test_the_loop_thread_driver_uses_no_private_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    def private(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a private name was used")
+
+    for name in ("getsignal", "setsignal", "get_running_loop"):
+        monkeypatch.setattr(_loop, name, private)
+    for name in ("enter", "leave", "missing"):
+        monkeypatch.setattr(_loop_internals, name, private)
+    driver = new_driver("thread")
+    try:
+        assert [driver.run(_ident(), 10, "call") for _ in range(3)]
+        with pytest.raises(CloudburstTimeoutError):
+            driver.run(asyncio.sleep(30), 0.05, "slow call")
+    finally:
+        driver.stop()
