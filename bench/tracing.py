@@ -302,10 +302,10 @@ def _spans_of(started: list[Started], name: str) -> int | None:
 
 def _client_tracing() -> bool | None:
     try:
-        from cloudburst import _tracing
+        from cloudburst import tracing as sdk_tracing
     except ImportError:
         return None
-    return bool(_tracing.enabled())
+    return bool(sdk_tracing.enabled())
 
 
 def log_summary(summary: dict[str, Any]) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from cloudburst.errors import CloudburstError
+from cloudburst.transport import DEFAULT_PORT
 from cloudburst_grpc import affinity, malloc, telemetry
-from cloudburst_grpc.config import DEFAULT_PORT, Config, ConfigError, load_config
+from cloudburst_grpc.config import Config, ConfigError, load_config
 
 logger = logging.getLogger("cbgrpc")
 

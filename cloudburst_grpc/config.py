@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cloudburst.serialization import DEFAULT_MAX_PAYLOAD_BYTES
+from cloudburst.transport import DEFAULT_PORT
 from cloudburst_grpc.affinity import parse_cpus
-
-#: The port `cbgrpc serve` listens on unless told otherwise.
-DEFAULT_PORT = 7600
 
 
 def default_data_dir() -> Path:

@@ -16,9 +16,9 @@ from typing import Protocol
 
 import grpc
 
-from cloudburst._stream import OutboxStream
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
+from cloudburst.streams import OutboxStream
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
 from cloudburst_grpc.server import insecure_channel
 

@@ -20,7 +20,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from cloudburst.errors import UnavailableError
+from cloudburst.transport import SCHEDULER_SERVICE
 from cloudburst.v1 import (
+    diagnostics_service_pb2,
     diagnostics_service_pb2_grpc,
     executor_service_pb2,
     executor_service_pb2_grpc,
@@ -37,7 +39,6 @@ from cloudburst_grpc.diagnostics import DiagnosticsServicer
 from cloudburst_grpc.discovery.consul import (
     EXECUTOR_SERVICE,
     KVS_SERVICE,
-    SCHEDULER_SERVICE,
     ConsulClient,
     Instance,
     Registration,
@@ -56,6 +57,7 @@ from cloudburst_grpc.server import (
     enable_reflection,
 )
 from cloudburst_kvs.access import EndpointKvs, InProcessKvs, KvsEndpoint
+from cloudburst_kvs.local import SERVICE_NAME as KVS_SERVICE_NAME
 from cloudburst_kvs.local import add_kvs_to_server, open_store
 from cloudburst_kvs.store import LatticeStore
 
@@ -67,8 +69,9 @@ SCHEDULER_SERVICE_NAME = scheduler_service_pb2.DESCRIPTOR.services_by_name[
 EXECUTOR_SERVICE_NAME = executor_service_pb2.DESCRIPTOR.services_by_name[
     "ExecutorService"
 ].full_name
-KVS_SERVICE_NAME = "cloudburst.v1.KvsService"
-DIAGNOSTICS_SERVICE_NAME = "cloudburst.v1.DiagnosticsService"
+DIAGNOSTICS_SERVICE_NAME = diagnostics_service_pb2.DESCRIPTOR.services_by_name[
+    "DiagnosticsService"
+].full_name
 MESSAGING_SERVICE_NAME = messaging_service_pb2.DESCRIPTOR.services_by_name[
     "MessagingService"
 ].full_name

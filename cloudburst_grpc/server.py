@@ -9,30 +9,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloudburst.transport import channel_options, server_options
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.interceptors import ErrorMappingInterceptor
 
 logger = logging.getLogger(__name__)
-
-#: Bytes of protocol overhead allowed on top of the payload limit in one message.
-MESSAGE_OVERHEAD_BYTES = 1024 * 1024
-
-
-def channel_options(max_payload_bytes: int) -> list[tuple[str, int]]:
-    """Options for servers and channels that carry values up to ``max_payload_bytes``.
-
-    The transport limit sits above the payload limit so that an oversized value
-    reaches the service and is refused with a message that names the limit.
-    """
-    limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
-    return [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 def insecure_channel(address: str, max_payload_bytes: int) -> grpc.aio.Channel:
@@ -49,7 +30,7 @@ def create_server(max_payload_bytes: int) -> tuple[grpc.aio.Server, health.aio.H
     server = grpc.aio.server(
         # Tracing outermost, so a span also covers the error mapping.
         interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor()],
-        options=[*channel_options(max_payload_bytes), ("grpc.so_reuseport", 0)],
+        options=[*server_options(max_payload_bytes), ("grpc.so_reuseport", 0)],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

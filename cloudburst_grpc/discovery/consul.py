@@ -22,9 +22,9 @@ from cloudburst_grpc.config import ConfigError, ConsulConfig
 
 logger = logging.getLogger(__name__)
 
-#: Consul service names of the three roles.
+#: Consul service names of the roles clients never look up (schedulers register
+#: under :data:`cloudburst.transport.SCHEDULER_SERVICE`, which the SDK discovers).
 KVS_SERVICE = "cloudburst-kvs"
-SCHEDULER_SERVICE = "cloudburst-scheduler"
 EXECUTOR_SERVICE = "cloudburst-executor"
 
 #: How long one blocking query waits on the Consul side.

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 import grpc
 
-from cloudburst._stream import OutboxStream, settle
 from cloudburst.errors import (
     CloudburstError,
     CloudburstTimeoutError,
     InvalidArgumentError,
     UnavailableError,
 )
-from cloudburst.rpc import error_from_call_error, error_to_call_error
+from cloudburst.rpc import error_from_call_error
+from cloudburst.streams import OutboxStream, settle
 from cloudburst.v1 import messaging_service_pb2, messaging_service_pb2_grpc
+from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.server import insecure_channel
 

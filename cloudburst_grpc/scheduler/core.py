@@ -28,12 +28,10 @@ from cloudburst.errors import (
     InvalidArgumentError,
     UnavailableError,
 )
-from cloudburst.rpc import error_to_call_error
 from cloudburst.serialization import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     LwwClock,
     check_size,
-    new_call_id,
 )
 from cloudburst.v1 import (
     execution_pb2,
@@ -43,7 +41,9 @@ from cloudburst.v1 import (
     value_pb2,
 )
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.call_ids import new_call_id
 from cloudburst_grpc.config import SchedulerConfig
+from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.scheduler import dag as dag_rules
 from cloudburst_grpc.scheduler import policy

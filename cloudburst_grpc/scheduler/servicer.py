@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 
 from cloudburst.errors import CloudburstError, InvalidArgumentError
-from cloudburst.rpc import error_to_call_error
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.scheduler.core import Accepted, Scheduler
 
 logger = logging.getLogger(__name__)

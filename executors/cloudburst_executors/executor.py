@@ -29,15 +29,8 @@ from cloudburst.errors import (
     QueueFullError,
     RemoteFunctionError,
 )
-from cloudburst.rpc import error_to_call_error, reason_name
-from cloudburst.serialization import (
-    LwwClock,
-    failure_from_exception,
-    failure_value,
-    lattice_value,
-    lww,
-    serialize,
-)
+from cloudburst.rpc import reason_name
+from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
 from cloudburst.v1 import (
     error_pb2,
     execution_pb2,
@@ -51,6 +44,12 @@ from cloudburst_executors.library import LoopBridge, UserLibrary
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.executor_client import PeerDirectory
+from cloudburst_grpc.failures import (
+    error_to_call_error,
+    failure_from_exception,
+    failure_value,
+    runtime_failure,
+)
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.scheduler.dag import Topology, topology
@@ -777,6 +776,4 @@ def outcome_value(outcome: execution_pb2.Outcome) -> value_pb2.Value:
         return failure_value(outcome.failure)
     error = outcome.error
     reason = reason_name(error.reason)
-    return failure_value(
-        value_pb2.Failure(type=f"cloudburst.errors.{reason}", message=error.message)
-    )
+    return failure_value(runtime_failure(reason, error.message))

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudburst import _source
+from cloudburst import sources
 from cloudburst.errors import InvalidArgumentError, SerializationError
 from cloudburst.serialization import deserialize
 from cloudburst.v1 import function_pb2, value_pb2
@@ -65,7 +65,7 @@ def unpickle(value: value_pb2.Value) -> Any:
 def load(function: function_pb2.Function) -> LoadedFunction:
     """Unpickle a registered function (blocking; call it off the event loop)."""
     target = unpickle(function.body)
-    _source.restore(target, list(function.sources))
+    sources.restore(target, list(function.sources))
     init_args = tuple(unpickle(v) for v in function.init_arguments)
     if function.kind == function_pb2.FUNCTION_KIND_CLASS:
         if not inspect.isclass(target) or not callable(getattr(target, "run", None)):

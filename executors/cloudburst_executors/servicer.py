@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from cloudburst.errors import CloudburstError, InvalidArgumentError
-from cloudburst.rpc import error_to_call_error
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
 from cloudburst_executors.executor import Executor
+from cloudburst_grpc.failures import error_to_call_error
 
 logger = logging.getLogger(__name__)
 

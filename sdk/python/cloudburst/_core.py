@@ -23,11 +23,12 @@ from typing import Any
 
 import grpc
 
-from cloudburst import _tracing
+from cloudburst import tracing
 from cloudburst._loop import LoopDriver
-from cloudburst._stream import OutboxStream, settle
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
+from cloudburst.streams import OutboxStream, settle
+from cloudburst.transport import channel_options
 from cloudburst.v1 import (
     execution_pb2,
     kvs_service_pb2,
@@ -36,9 +37,6 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
-
-#: Bytes of protocol overhead allowed on top of the payload limit in one message.
-MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 
 #: Seconds a released result waits for a call frame to ride on before it gets its own.
 RELEASE_DELAY = 0.05
@@ -89,17 +87,11 @@ class Core:
     def __init__(self, target: str, max_payload_bytes: int, driver: LoopDriver) -> None:
         self.loop = asyncio.get_running_loop()
         self.driver = driver
-        limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
         self.target = target
         self.channel = grpc.aio.insecure_channel(
             target,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-            interceptors=_tracing.client_interceptors(),
+            options=channel_options(max_payload_bytes),
+            interceptors=tracing.client_interceptors(),
         )
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
         self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)

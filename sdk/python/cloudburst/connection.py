@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from cloudburst import _source, _tracing
+from cloudburst import sources, tracing
 from cloudburst._core import Core, PendingCall
 from cloudburst._loop import new_driver
 from cloudburst.errors import (
@@ -45,6 +45,7 @@ from cloudburst.serialization import (
     lww,
     serialize,
 )
+from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE
 from cloudburst.v1 import (
     execution_pb2,
     function_pb2,
@@ -55,16 +56,10 @@ from cloudburst.v1 import (
 
 logger = logging.getLogger(__name__)
 
-#: The port ``cbgrpc serve`` listens on by default.
-DEFAULT_PORT = 7600
 #: Seconds ``future.get()`` and other waits last when not told otherwise.
 DEFAULT_TIMEOUT = 300.0
 #: Seconds to wait for the first connection.
 CONNECT_TIMEOUT = 10.0
-
-
-#: The Consul service name schedulers register under.
-SCHEDULER_SERVICE = "cloudburst-scheduler"
 
 
 def discover_scheduler(consul_address: str, timeout: float) -> str:
@@ -342,10 +337,10 @@ class CloudburstConnection:
                 {"function": name},
             ) from exc
         proto.body.CopyFrom(value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE))
-        sources = _source.collect(body)
+        shipped = sources.collect(body)
         # Source text only improves remote tracebacks; never let it push a function over the limit.
-        if sum(len(s.text) for s in sources) + proto.ByteSize() <= self.max_payload_bytes // 2:
-            proto.sources.extend(sources)
+        if sum(len(s.text) for s in shipped) + proto.ByteSize() <= self.max_payload_bytes // 2:
+            proto.sources.extend(shipped)
         request = scheduler_service_pb2.CreateFunctionRequest(function=proto, replace_existing=True)
         self._run(
             call(
@@ -444,18 +439,18 @@ class CloudburstConnection:
         holds: tuple[CloudburstFuture, ...] = (),
     ) -> PendingCall:
         """Send a call frame under a call span that ends when the outcome arrives."""
-        span = _tracing.start(span_name, attributes, frame.trace_context)
+        span = tracing.start(span_name, attributes, frame.trace_context)
         try:
             if self._closed:
                 raise CloudburstError("the connection is closed; create a new CloudburstConnection")
             pending = self._core.send_call(frame, True, holds)
             pending.wait_accepted(self.timeout if timeout is None else timeout)
         except BaseException as exc:
-            _tracing.finish(span, exc)
+            tracing.finish(span, exc)
             raise
         if span is not None:
             span.set_attribute("cloudburst.response_key", pending.response_key)
-        _tracing.end_with(span, pending.outcome)
+        tracing.end_with(span, pending.outcome)
         return pending
 
     # -- DAGs ----------------------------------------------------------------------

@@ -79,17 +79,6 @@ def reason_name(reason: int) -> str:
         return "UNSPECIFIED"
 
 
-def error_to_call_error(error: CloudburstError) -> error_pb2.CallError:
-    """Describe a cloudburst exception for a stream answer."""
-    try:
-        reason = error_pb2.ErrorReason.Value(f"ERROR_REASON_{error.reason}")
-    except ValueError:
-        reason = error_pb2.ERROR_REASON_UNSPECIFIED
-    return error_pb2.CallError(
-        code=error.code.value[0], message=error.message, reason=reason, metadata=error.metadata
-    )
-
-
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 

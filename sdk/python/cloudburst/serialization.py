@@ -9,13 +9,11 @@ when read.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pickle
 import threading
 import time
-import traceback
 import uuid
 from typing import Any
 
@@ -31,7 +29,7 @@ from cloudburst.errors import (
 )
 from cloudburst.v1 import lattice_pb2, value_pb2
 
-#: The type prefix of runtime errors stored as failures.
+#: The type prefix of runtime errors stored as failures (a reason follows, e.g. ``QUEUE_FULL``).
 RUNTIME_ERROR_PREFIX = "cloudburst.errors."
 #: Types pickled the same by pickle and cloudpickle (no code, no classes of their own).
 _SCALARS = frozenset({int, float, bool, complex, type(None)})
@@ -113,20 +111,6 @@ def deserialize(value: value_pb2.Value) -> Any:
     raise SerializationError(f"unknown serializer {kind}; upgrade the client")
 
 
-def failure_from_exception(exc: BaseException, function_name: str) -> value_pb2.Failure:
-    """Describe an exception raised by user code."""
-    cls = type(exc)
-    name = (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
-    return value_pb2.Failure(
-        type=name,
-        message=str(exc),
-        traceback="".join(traceback.format_exception(exc)),
-        function_name=function_name,
-    )
-
-
 def failure_to_error(failure: value_pb2.Failure) -> CloudburstError:
     """Return the client-side exception of a failure.
 
@@ -138,13 +122,6 @@ def failure_to_error(failure: value_pb2.Failure) -> CloudburstError:
         return error_class(reason, grpc.StatusCode.UNKNOWN)(failure.message)
     return RemoteFunctionError(
         failure.type, failure.message, failure.traceback, failure.function_name
-    )
-
-
-def failure_value(failure: value_pb2.Failure) -> value_pb2.Value:
-    """Wrap a failure as a storable ``Value``."""
-    return value_pb2.Value(
-        data=failure.SerializeToString(), serializer=value_pb2.SERIALIZER_FAILURE
     )
 
 
@@ -189,25 +166,3 @@ def lattice_value(lattice: lattice_pb2.Lattice) -> Any:
     if kind == "set":
         return [deserialize(v) for v in lattice.set.values]
     return None
-
-
-class _CallIds:
-    """Unique ids without a system call each: 80 random bits per process, then a counter.
-
-    A forked child draws a prefix of its own, so parent and child never share ids.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.prefix = os.urandom(10).hex()
-        self.counter = itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self.prefix}{next(self.counter):012x}"
-
-
-new_call_id = _CallIds()
-"""Return a unique id for a call (32 hex digits); it is also the default response key."""

@@ -18,9 +18,10 @@ from cloudburst.errors import (
     PayloadTooLargeError,
 )
 from cloudburst.rpc import call
+from cloudburst.transport import channel_options
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
 from cloudburst_grpc.config import KvsConfig
-from cloudburst_grpc.server import bind, channel_options, create_server
+from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.client import KvsClient
 from cloudburst_kvs.local import add_kvs_to_server
 from cloudburst_kvs.storage import StorageEngine, open_engine

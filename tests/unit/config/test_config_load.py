@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudburst import transport
 from cloudburst.serialization import DEFAULT_MAX_PAYLOAD_BYTES
 from cloudburst_grpc import config as cfg
 from cloudburst_grpc.config import Config, ConfigError, load_config
@@ -20,7 +21,7 @@ def _toml(tmp_path: Path, text: str, name: str = "cbgrpc.toml") -> Path:
 def test_defaults_without_file_env_or_overrides() -> None:
     config = load_config(environ={})
     assert config.server.host == "127.0.0.1"
-    assert config.server.port == cfg.DEFAULT_PORT == 7600
+    assert config.server.port == transport.DEFAULT_PORT == 7600
     assert config.server.max_payload_bytes == DEFAULT_MAX_PAYLOAD_BYTES
     assert config.kvs.engine == "sqlite"
     assert config.kvs.sync == "normal"

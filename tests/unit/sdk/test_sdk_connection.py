@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cloudburst.connection import DEFAULT_PORT, parse_address
+from cloudburst.connection import parse_address
 from cloudburst.errors import InvalidArgumentError
+from cloudburst.transport import DEFAULT_PORT
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Error classes and their wire forms (cloudburst.errors, cloudburst.rpc, interceptors)."""
+"""Error classes and their wire forms (cloudburst.errors, cloudburst.rpc, the runtime's writers)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from cloudburst import errors, rpc
 from cloudburst.errors import CloudburstError
 from cloudburst.v1 import error_pb2
 from cloudburst_grpc import interceptors
+from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.interceptors import error_to_status
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -141,7 +142,7 @@ def test_error_hierarchy_lets_users_catch_builtin_kinds() -> None:
 @pytest.mark.parametrize("cls", REASONED, ids=lambda c: c.__name__)
 def test_call_error_round_trips_class_message_and_metadata(cls: type[CloudburstError]) -> None:
     original = cls(f"{cls.__name__} happened; do something", {"function": "f", "key": "k"})
-    wire = rpc.error_to_call_error(original)
+    wire = error_to_call_error(original)
     assert wire.code == cls.code.value[0]
     assert error_pb2.ErrorReason.Name(wire.reason) == f"ERROR_REASON_{cls.reason}"
     back = rpc.error_from_call_error(error_pb2.CallError.FromString(wire.SerializeToString()))
@@ -151,7 +152,7 @@ def test_call_error_round_trips_class_message_and_metadata(cls: type[CloudburstE
 
 
 def test_serialization_error_round_trips_as_invalid_argument() -> None:
-    back = rpc.error_from_call_error(rpc.error_to_call_error(errors.SerializationError("bad")))
+    back = rpc.error_from_call_error(error_to_call_error(errors.SerializationError("bad")))
     assert type(back) is errors.InvalidArgumentError
     assert back.message == "bad"
 
@@ -165,7 +166,7 @@ def test_call_error_without_reason_falls_back_by_code() -> None:
 
 def test_call_error_of_unspecified_reason_round_trips() -> None:
     original = errors.CloudburstError("generic failure", {"a": "b"})
-    back = rpc.error_from_call_error(rpc.error_to_call_error(original))
+    back = rpc.error_from_call_error(error_to_call_error(original))
     assert isinstance(back, CloudburstError)
     assert back.message == "generic failure"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from cloudburst.errors import (
     RemoteFunctionError,
     SerializationError,
 )
-from cloudburst.serialization import LwwClock, deserialize, new_call_id, serialize
+from cloudburst.serialization import LwwClock, deserialize, serialize
 from cloudburst.v1 import lattice_pb2, value_pb2
+from cloudburst_grpc.failures import failure_value
 
 
 class Point:
@@ -144,43 +144,6 @@ def test_unpicklable_object_raises_serialization_error_naming_what() -> None:
 # --- failures -----------------------------------------------------------------------------
 
 
-def _raised(exc: BaseException) -> BaseException:
-    try:
-        raise exc
-    except BaseException as caught:
-        return caught
-
-
-def test_failure_of_builtin_exception_round_trips_as_remote_function_error() -> None:
-    failure = serialization.failure_from_exception(_raised(ValueError("bad input")), "parse")
-    assert failure.type == "ValueError"
-    assert failure.function_name == "parse"
-    assert "Traceback" in failure.traceback
-    with pytest.raises(RemoteFunctionError) as info:
-        deserialize(serialization.failure_value(failure))
-    error = info.value
-    assert error.remote_type == "ValueError"
-    assert error.remote_message == "bad input"
-    assert error.remote_traceback == failure.traceback
-    assert "ValueError: bad input" in error.remote_traceback
-    assert error.function_name == "parse"
-    assert "in function 'parse'" in str(error)
-    assert error.metadata == {"function": "parse", "type": "ValueError"}
-
-
-def test_failure_of_custom_exception_has_a_qualified_type() -> None:
-    failure = serialization.failure_from_exception(_raised(CustomError("boom")), "f")
-    assert failure.type == f"{__name__}.CustomError"
-    assert failure.message == "boom"
-
-
-def test_failure_value_uses_the_failure_serializer() -> None:
-    failure = value_pb2.Failure(type="KeyError", message="'k'", traceback="tb")
-    value = serialization.failure_value(failure)
-    assert value.serializer == value_pb2.SERIALIZER_FAILURE
-    assert value_pb2.Failure.FromString(value.data) == failure
-
-
 def test_runtime_failure_without_traceback_decodes_to_its_own_class() -> None:
     failure = value_pb2.Failure(
         type="cloudburst.errors.FUNCTION_NOT_FOUND", message="function 'gone' is not registered"
@@ -189,7 +152,7 @@ def test_runtime_failure_without_traceback_decodes_to_its_own_class() -> None:
     assert type(error) is FunctionNotFoundError
     assert error.message == "function 'gone' is not registered"
     with pytest.raises(FunctionNotFoundError):
-        deserialize(serialization.failure_value(failure))
+        deserialize(failure_value(failure))
 
 
 def test_runtime_failure_of_other_reason_decodes_to_its_class() -> None:
@@ -281,35 +244,9 @@ def test_lattice_value_of_empty_lattice_is_none() -> None:
 
 def test_lattice_value_of_stored_failure_raises() -> None:
     failure = value_pb2.Failure(type="ZeroDivisionError", message="division by zero", traceback="t")
-    lattice = serialization.lww(serialization.failure_value(failure), LwwClock("w"))
+    lattice = serialization.lww(failure_value(failure), LwwClock("w"))
     with pytest.raises(RemoteFunctionError, match="ZeroDivisionError: division by zero"):
         serialization.lattice_value(lattice)
-
-
-def test_new_call_ids_are_unique_hex() -> None:
-    ids = {serialization.new_call_id() for _ in range(100)}
-    assert len(ids) == 100
-    assert all(int(i, 16) >= 0 and len(i) == 32 for i in ids)
-
-
-def test_call_ids_are_unique_hex_and_differ_in_a_forked_child() -> None:
-    ids = {new_call_id() for _ in range(10_000)}
-    assert len(ids) == 10_000
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report one id and leave at once
-        os.write(write_end, new_call_id().encode())
-        os._exit(0)
-    os.close(write_end)
-    try:
-        child_id = os.read(read_end, 64).decode()
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    parent_id = new_call_id()
-    assert len(child_id) == 32
-    assert child_id[:20] != parent_id[:20], "a forked child must draw its own prefix"
 
 
 @pytest.mark.parametrize("scalar", [0, -7, 2**70, 1.5, float("inf"), True, False, None, 1 + 2j])

@@ -6,7 +6,7 @@ import types
 
 import cloudpickle
 
-from cloudburst import _source
+from cloudburst import sources
 
 
 def helper(x: int) -> int:
@@ -40,12 +40,12 @@ def test_by_value_code_loses_its_file_name_without_sources() -> None:
 
 
 def test_restore_brings_back_file_names_and_source_lines_of_function_and_helpers() -> None:
-    sources = _source.collect(uses_helper)
-    assert [s.path for s in sources] == [__file__]
-    assert "uses_helper:" + str(uses_helper.__code__.co_firstlineno) in sources[0].code_keys
+    shipped = sources.collect(uses_helper)
+    assert [s.path for s in shipped] == [__file__]
+    assert "uses_helper:" + str(uses_helper.__code__.co_firstlineno) in shipped[0].code_keys
     loaded = by_value(uses_helper)
     assert isinstance(loaded, types.FunctionType)
-    _source.restore(loaded, sources)
+    sources.restore(loaded, shipped)
     assert loaded.__code__.co_filename == __file__
     try:
         loaded(None, -1)
@@ -56,21 +56,21 @@ def test_restore_brings_back_file_names_and_source_lines_of_function_and_helpers
 
 
 def test_restore_covers_class_methods() -> None:
-    sources = _source.collect(Model)
+    shipped = sources.collect(Model)
     loaded = by_value(Model)
     assert isinstance(loaded, type)
-    _source.restore(loaded, sources)
+    sources.restore(loaded, shipped)
     assert loaded.run.__code__.co_filename == __file__  # type: ignore[attr-defined]
 
 
 def test_restore_without_sources_changes_nothing() -> None:
     loaded = by_value(uses_helper)
     assert isinstance(loaded, types.FunctionType)
-    _source.restore(loaded, [])
+    sources.restore(loaded, [])
     assert loaded.__code__.co_filename == "<dynamic-code>"
 
 
 def test_code_from_an_interactive_session_ships_no_source() -> None:
     namespace: dict[str, object] = {}
     exec(compile("def f(x):\n    return x\n", "<stdin-like>", "exec"), namespace)
-    assert _source.collect(namespace["f"]) == []
+    assert sources.collect(namespace["f"]) == []

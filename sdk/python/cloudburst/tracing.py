@@ -1,8 +1,12 @@
 """The SDK's call spans: the root of each call's trace, when the application traces.
 
-OpenTelemetry is optional for the SDK. When the application has configured a
-tracer provider, every call gets a CLIENT span whose context travels in the
-call frame's ``trace_context``; the span ends when the outcome arrives.
+OpenTelemetry is optional for the SDK: install the ``tracing`` extra
+(``pip install 'cloudburst-grpc-sdk[tracing]'``, which brings
+``opentelemetry-api`` and the gRPC instrumentation) and configure a tracer
+provider in the application (with ``opentelemetry-sdk``). Every call then gets
+a CLIENT span whose context travels in the call frame's ``trace_context``; the
+span ends when the outcome arrives. Without OpenTelemetry, or without a
+configured provider, these functions do nothing and :func:`enabled` says so.
 """
 
 from __future__ import annotations

@@ -1,10 +1,16 @@
-"""One long-lived bidirectional gRPC stream that frames are written to as they come.
+"""Long-lived bidirectional gRPC streams that frames are written to as they come.
 
 Hot paths send many small messages to one peer; a message on an open stream
 costs a fraction of a unary call. :class:`OutboxStream` opens the stream on
 the first send (with an optional first frame, such as a hello), hands every
 answer to a callback, reopens on the next send after the stream ends, and on
 close half-closes so the peer ends its side before the channel goes.
+:func:`settle` resolves the future a caller waits on from a stream's reader.
+
+This module is public: the SDK's call stream to the scheduler is built on it,
+and so are the runtime's streams between schedulers, executors and messaging
+peers, so that every hot path behaves the same way. Both classes work with any
+``grpc.aio`` stub method and message types.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ so a traceback raised on an executor would show no source lines. The SDK
 therefore ships the text of the files the registered code came from, with the
 code objects each defines (by name and first line); the executor puts the
 real file names back and lets :mod:`linecache` find the lines.
+
+This module is public because both sides use it: the SDK calls :func:`collect`
+when it registers a function (filling ``Function.sources``), and an executor
+calls :func:`restore` on the unpickled function before it runs it. A client in
+another language may leave ``sources`` empty; tracebacks then lack the lines.
 """
 
 from __future__ import annotations
