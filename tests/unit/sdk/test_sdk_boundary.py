@@ -1,0 +1,66 @@
+"""The line between the SDK and the runtime, read from the source: imports only cross it one way.
+
+The SDK (``cloudburst``) installs alone, so it imports nothing of the runtime;
+the runtime uses only the SDK's public modules, so the SDK's private ones can
+change freely.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+from harness import ROOT
+
+SDK = ROOT / "sdk" / "python" / "cloudburst"
+RUNTIME = [
+    ROOT / "cloudburst_grpc",
+    ROOT / "executors" / "cloudburst_executors",
+    ROOT / "kvs" / "cloudburst_kvs",
+]
+RUNTIME_PACKAGES = ("cloudburst_grpc", "cloudburst_executors", "cloudburst_kvs")
+
+
+def _imports(root: Path) -> Iterator[tuple[Path, str]]:
+    """Every module imported under ``root``, as a dotted name (``from a import b`` gives a.b)."""
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield path, alias.name
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                yield path, node.module
+                for alias in node.names:
+                    yield path, f"{node.module}.{alias.name}"
+
+
+def _private(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] == "cloudburst" and any(part.startswith("_") for part in parts[1:])
+
+
+def test_the_runtime_imports_no_private_sdk_module() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for root in RUNTIME
+        for path, name in _imports(root)
+        if _private(name)
+    ]
+    assert found == []
+
+
+def test_the_sdk_imports_nothing_of_the_runtime() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path, name in _imports(SDK)
+        if name.split(".")[0] in RUNTIME_PACKAGES
+    ]
+    assert found == []
+
+
+def test_the_checks_see_the_imports_they_look_for() -> None:
+    names = {name for root in RUNTIME for _, name in _imports(root)}
+    assert "cloudburst.streams.OutboxStream" in names
+    assert _private("cloudburst._loop") and _private("cloudburst._core.Core")
+    assert not _private("cloudburst.v1.value_pb2") and not _private("cloudburst_grpc._x")
