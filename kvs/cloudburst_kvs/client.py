@@ -16,12 +16,9 @@ import grpc
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.rpc import call, error_from_rpc
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
-from cloudburst_kvs.store import Keyspace, WatchEvent
+from cloudburst_kvs.store import MAX_BATCH_KEYS, Keyspace, WatchEvent
 
 logger = logging.getLogger(__name__)
-
-#: The most keys the service takes in one BatchGetValues; larger batches are split.
-BATCH_CHUNK = 1000
 
 _USER = lattice_pb2.KEYSPACE_USER
 
@@ -154,9 +151,9 @@ class KvsClient:
         ``timeout`` applies to each call.
         """
         result: dict[str, lattice_pb2.Lattice | None] = {}
-        for start in range(0, len(keys), BATCH_CHUNK):
+        for start in range(0, len(keys), MAX_BATCH_KEYS):
             request = kvs_service_pb2.BatchGetValuesRequest(
-                keys=keys[start : start + BATCH_CHUNK], keyspace=keyspace
+                keys=keys[start : start + MAX_BATCH_KEYS], keyspace=keyspace
             )
             response = await call(
                 f"BatchGetValues of {len(request.keys)} keys",
@@ -178,9 +175,9 @@ class KvsClient:
         ``timeout`` applies to each call.
         """
         deleted = 0
-        for start in range(0, len(keys), BATCH_CHUNK):
+        for start in range(0, len(keys), MAX_BATCH_KEYS):
             request = kvs_service_pb2.BatchDeleteValuesRequest(
-                keys=keys[start : start + BATCH_CHUNK], keyspace=keyspace
+                keys=keys[start : start + MAX_BATCH_KEYS], keyspace=keyspace
             )
             response = await call(
                 f"BatchDeleteValues of {len(request.keys)} keys",
@@ -322,4 +319,4 @@ class WatchStream:
         self.close()
 
 
-__all__ = ["BATCH_CHUNK", "KvsClient", "WatchStream"]
+__all__ = ["KvsClient", "WatchStream"]

@@ -22,12 +22,15 @@ from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_kvs import lattices
-from cloudburst_kvs.store import LatticeStore, WatchEvent, check_key, normalize_keyspace
+from cloudburst_kvs.store import (
+    MAX_BATCH_KEYS,
+    LatticeStore,
+    WatchEvent,
+    check_key,
+    normalize_keyspace,
+)
 
 logger = logging.getLogger(__name__)
-
-#: The most keys one BatchGetValues request may name.
-MAX_BATCH_KEYS = 1000
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
@@ -234,4 +237,4 @@ def _check_batch(method: str, keys: Sequence[str]) -> None:
         check_key(key, what=f"keys[{index}]")
 
 
-__all__ = ["MAX_BATCH_KEYS", "KvsServicer"]
+__all__ = ["KvsServicer"]

@@ -61,6 +61,9 @@ StoreKey = tuple[int, str]
 #: The most keys one ListKeys page returns (also the page size when 0 is asked for).
 MAX_PAGE_SIZE = 1000
 
+#: The most keys one batch request (BatchGetValues, BatchDeleteValues) may name.
+MAX_BATCH_KEYS = 1000
+
 #: How many undelivered events a watcher may fall behind before its stream is ended.
 WATCH_QUEUE_LIMIT = 1000
 
@@ -821,6 +824,7 @@ def _decode_page_token(token: str, keyspace: int, prefix: str) -> str:
 
 
 __all__ = [
+    "MAX_BATCH_KEYS",
     "MAX_KEY_BYTES",
     "MAX_PAGE_SIZE",
     "WATCH_QUEUE_LIMIT",
