@@ -23,7 +23,6 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cloudburst._loop import _drain as drain
 from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst_grpc.local import Node
 
@@ -31,6 +30,16 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 60.0
+
+
+async def drain(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel every task still on the loop and wait for them, so none is destroyed pending."""
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks(loop) if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await loop.shutdown_asyncgens()
 
 
 class LoopThread:

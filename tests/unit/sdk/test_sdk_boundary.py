@@ -1,8 +1,8 @@
 """The line between the SDK and the runtime, read from the source: imports only cross it one way.
 
 The SDK (``cloudburst``) installs alone, so it imports nothing of the runtime;
-the runtime uses only the SDK's public modules, so the SDK's private ones can
-change freely.
+the runtime, the benchmarks and the tests of anything but the SDK use only the
+SDK's public modules, so the SDK's private ones can change freely.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-from harness import ROOT
-
+ROOT = Path(__file__).resolve().parents[3]
 SDK = ROOT / "sdk" / "python" / "cloudburst"
 RUNTIME = [
     ROOT / "cloudburst_grpc",
@@ -46,6 +45,17 @@ def test_the_runtime_imports_no_private_sdk_module() -> None:
         for root in RUNTIME
         for path, name in _imports(root)
         if _private(name)
+    ]
+    assert found == []
+
+
+def test_only_the_sdk_tests_import_private_sdk_modules() -> None:
+    sdk_tests = ROOT / "tests" / "unit" / "sdk"
+    found = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for root in (ROOT / "tests", ROOT / "bench")
+        for path, name in _imports(root)
+        if _private(name) and not path.is_relative_to(sdk_tests)
     ]
     assert found == []
 
