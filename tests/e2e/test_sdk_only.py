@@ -21,6 +21,9 @@ HERE = Path(__file__).resolve().parent
 GUIDE = HERE / "data" / "function-execution.md"
 SDK = ROOT / "sdk" / "python"
 
+# The first test also builds the environment: pip may download the SDK's dependencies.
+pytestmark = pytest.mark.timeout(600)
+
 #: Distributions only the server needs (the root's dependencies beyond the SDK's).
 SERVER_DISTRIBUTIONS = {
     "cloudburst-grpc",
