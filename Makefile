@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BUF := tools/buf/node_modules/.bin/buf
 ARGS ?=
 
-.PHONY: setup serve test check lint typecheck protos-lint protos-check unit integration e2e consul
+.PHONY: setup serve test check lint typecheck protos-lint protos-check unit integration e2e consul valkey
 
 setup: $(VENV)/.installed
 
@@ -31,13 +31,18 @@ serve: setup
 	$(VENV)/bin/cbgrpc serve $(ARGS)
 
 # Lint the contract, check the generated code is current, lint and type-check, then test.
-test: check consul
+test: check consul valkey
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # A real Consul for the cluster tests, built from the Go module proxy and cached outside the
 # repository by version (a cold build takes a few minutes; later runs reuse it).
 consul:
 	bash tools/consul/build.sh >/dev/null
+
+# A real Valkey server for the KVS's Valkey engine and its tests, from Debian's packages
+# (bookworm-backports; Redis 7 from bookworm main if Valkey is missing). Skips when installed.
+valkey:
+	bash tools/valkey/install.sh
 
 check: protos-lint protos-check lint typecheck
 
@@ -61,7 +66,7 @@ typecheck: setup
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
-integration: setup
+integration: setup valkey
 	$(PY) -m pytest -q tests/integration
 
 e2e: setup consul

@@ -79,12 +79,34 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _storage(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage",
-        choices=["sqlite", "memory"],
-        help="sqlite: durable in --data-dir (default); memory: lost when the process exits",
-    )
+def _storage(parser: argparse.ArgumentParser, valkey: bool = False) -> None:
+    if valkey:
+        parser.add_argument(
+            "--engine",
+            "--storage",
+            dest="storage",
+            choices=["sqlite", "memory", "valkey"],
+            help="sqlite: durable in --data-dir (default); memory: lost when the process exits; "
+            "valkey: the Valkey Cluster at --valkey-url, shared by any number of KVS processes",
+        )
+        parser.add_argument(
+            "--valkey-url",
+            metavar="URL",
+            help="the Valkey Cluster of --engine valkey: redis://HOST:PORT[,HOST:PORT...]",
+        )
+        parser.add_argument(
+            "--durable-writes",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="with --engine valkey, acknowledge a write only once a replica has it "
+            "(default: on)",
+        )
+    else:
+        parser.add_argument(
+            "--storage",
+            choices=["sqlite", "memory"],
+            help="sqlite: durable in --data-dir (default); memory: lost when the process exits",
+        )
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -162,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the lattice KVS service alone; with Consul, register it there.",
     )
     _common(kvs)
-    _storage(kvs)
+    _storage(kvs, valkey=True)
     _consul(kvs)
     kvs.add_argument("--id", dest="service_id", help="Consul service id (default: kvs-HOST-PORT)")
 
@@ -269,7 +291,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "address": get("consul"),
             "check_interval_seconds": get("consul_check_interval"),
         },
-        "kvs": {"engine": get("storage"), "data_dir": get("data_dir"), "sync": get("sync")},
+        "kvs": {
+            "engine": get("storage"),
+            "data_dir": get("data_dir"),
+            "sync": get("sync"),
+            "valkey_url": get("valkey_url"),
+            "durable_writes": get("durable_writes"),
+        },
         "executor": {
             "count": get("executors"),
             "threads": get("threads"),

@@ -64,7 +64,8 @@ class KvsConfig:
     """The lattice key-value store."""
 
     engine: str = "sqlite"
-    """Storage engine: ``sqlite`` (durable, in data_dir) or ``memory`` (lost on exit)."""
+    """Storage engine: ``sqlite`` (durable, in data_dir), ``memory`` (lost on exit) or ``valkey``
+    (a Valkey Cluster at ``valkey_url``, shared by any number of ``cbgrpc kvs`` processes)."""
     data_dir: Path = field(default_factory=default_data_dir)
     """Directory of the durable engine's files."""
     sync: str = "normal"
@@ -74,6 +75,15 @@ class KvsConfig:
     max_clock_skew_seconds: float = 60.0
     """How far ahead of the KVS's clock a last-writer-wins timestamp may be; writes stamped
     further in the future are refused (they would win every later write)."""
+    valkey_url: str = ""
+    """The Valkey Cluster of the ``valkey`` engine: ``redis://host:port[,host:port...]`` (any
+    nodes of it; ``rediss://`` for TLS; ``user:password@`` before the hosts when needed)."""
+    durable_writes: bool = True
+    """With the ``valkey`` engine, acknowledge a write only once a replica has it (``WAIT 1``);
+    off, a primary that dies may lose its last acknowledged writes."""
+    engine_timeout_seconds: float = 10.0
+    """With the ``valkey`` engine, how long an operation keeps retrying while the cluster fails
+    over before it fails with UNAVAILABLE."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,15 @@ class Config:
             (-1 <= self.server.metrics_port <= 65535, "server.metrics_port must be -1 to 65535"),
             (self.server.timings >= 0, "server.timings must not be negative"),
             (self.server.grace_seconds >= 0, "server.grace_seconds must not be negative"),
-            (self.kvs.engine in ("sqlite", "memory"), "kvs.engine must be 'sqlite' or 'memory'"),
+            (
+                self.kvs.engine in ("sqlite", "memory", "valkey"),
+                "kvs.engine must be 'sqlite', 'memory' or 'valkey'",
+            ),
+            (
+                self.kvs.engine != "valkey" or bool(self.kvs.valkey_url),
+                "kvs.engine 'valkey' needs kvs.valkey_url (redis://host:port of a cluster node)",
+            ),
+            (self.kvs.engine_timeout_seconds > 0, "kvs.engine_timeout_seconds must be positive"),
             (self.kvs.sync in ("normal", "full"), "kvs.sync must be 'normal' or 'full'"),
             (self.kvs.max_wait_seconds > 0, "kvs.max_wait_seconds must be positive"),
             (

@@ -57,8 +57,9 @@ from cloudburst_grpc.server import (
     enable_reflection,
 )
 from cloudburst_kvs.access import EndpointKvs, InProcessKvs, KvsEndpoint
+from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.local import SERVICE_NAME as KVS_SERVICE_NAME
-from cloudburst_kvs.local import add_kvs_to_server, open_store
+from cloudburst_kvs.local import add_kvs_to_server, open_backend, open_store
 from cloudburst_kvs.store import LatticeStore
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Node:
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     scheduler: Scheduler | None = None
     executors: list[Executor] = field(default_factory=list)
-    store: LatticeStore | None = None
+    store: LatticeBackend | None = None
     registration: Registration | None = None
     """The node's Consul registration, when discovery is on."""
     answers: AnswerOutbox | None = None
@@ -156,6 +157,13 @@ def _new_server(
 
 async def _open_store(config: Config, stack: contextlib.AsyncExitStack) -> LatticeStore:
     store = open_store(config.kvs, config.server.max_payload_bytes)
+    await store.start()
+    stack.push_async_callback(store.close)
+    return store
+
+
+async def _open_backend(config: Config, stack: contextlib.AsyncExitStack) -> LatticeBackend:
+    store = open_backend(config.kvs, config.server.max_payload_bytes)
     await store.start()
     stack.push_async_callback(store.close)
     return store
@@ -306,7 +314,7 @@ async def start_kvs_node(config: Config, kvs_id: str | None = None) -> Node:
     """Start a server that runs only the KVS (registered in Consul when discovery is on)."""
     stack = contextlib.AsyncExitStack()
     try:
-        store = await _open_store(config, stack)
+        store = await _open_backend(config, stack)
         server, health_servicer, port = _new_server(config, "kvs")
         node = Node(
             "kvs", server, health_servicer, port, config.server.host, config, stack, store=store

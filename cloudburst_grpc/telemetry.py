@@ -166,6 +166,11 @@ RESULTS_RELEASED = METER.create_counter(
 KVS_DURATION = METER.create_histogram(
     "cloudburst.kvs.operation.duration", unit="s", description="KVS operation latency, by operation"
 )
+KVS_ENGINE_DURATION = METER.create_histogram(
+    "cloudburst.kvs.engine.duration",
+    unit="s",
+    description="Round trips to the KVS's storage engine (Valkey), retries included, by operation",
+)
 
 _executors: weakref.WeakSet[Any] = weakref.WeakSet()
 

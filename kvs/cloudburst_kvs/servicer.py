@@ -22,13 +22,8 @@ from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_kvs import lattices
-from cloudburst_kvs.store import (
-    MAX_BATCH_KEYS,
-    LatticeStore,
-    WatchEvent,
-    check_key,
-    normalize_keyspace,
-)
+from cloudburst_kvs.backend import LatticeBackend
+from cloudburst_kvs.store import MAX_BATCH_KEYS, WatchEvent, check_key, normalize_keyspace
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +51,11 @@ def _timed(operation: str) -> Callable[[_Method], _Method]:
 
 
 class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
-    """Serves a :class:`~cloudburst_kvs.store.LatticeStore` over gRPC."""
+    """Serves a :class:`~cloudburst_kvs.backend.LatticeBackend` over gRPC."""
 
-    def __init__(self, store: LatticeStore, kvs_config: KvsConfig, max_payload_bytes: int) -> None:
+    def __init__(
+        self, store: LatticeBackend, kvs_config: KvsConfig, max_payload_bytes: int
+    ) -> None:
         """Serve ``store``.
 
         Args:
@@ -94,7 +91,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             timeout = max(min(deadline, self._max_wait_seconds), 0.0)
             lattice = await self._store.wait_for(keyspace, request.key, timeout)
         else:
-            lattice = self._store.get(keyspace, request.key)
+            lattice = await self._store.read(keyspace, request.key)
         if lattice is None:
             return kvs_service_pb2.GetValueResponse(found=False)
         response = kvs_service_pb2.GetValueResponse(found=True)
@@ -161,8 +158,11 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         """Read up to 1000 keys, answering in request order."""
         _check_batch("BatchGetValues", request.keys)
         keyspace = normalize_keyspace(request.keyspace)
+        found = await self._store.read_many(keyspace, list(request.keys))
         return kvs_service_pb2.BatchGetValuesResponse(
-            entries=[_key_value(key, self._store.get(keyspace, key)) for key in request.keys]
+            entries=[
+                _key_value(key, lattice) for key, lattice in zip(request.keys, found, strict=True)
+            ]
         )
 
     @_timed("batch_delete")
@@ -187,7 +187,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> kvs_service_pb2.ListKeysResponse:
         """List one page of the keys that start with a prefix."""
-        keys, token = self._store.list_keys(
+        keys, token = await self._store.list_page(
             normalize_keyspace(request.keyspace),
             request.prefix,
             request.page_size,
@@ -203,7 +203,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> AsyncIterator[kvs_service_pb2.WatchValuesResponse]:
         """Stream every change to the watched keys until the client cancels."""
-        subscription = self._store.watch(
+        subscription = await self._store.subscribe(
             normalize_keyspace(request.keyspace), request.keys, request.key_prefix
         )
         async with subscription:

@@ -34,7 +34,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, TypeAlias, cast
@@ -509,32 +509,38 @@ class LatticeStore:
                 one this listing returned.
         """
         ks = normalize_keyspace(keyspace)
-        if page_size < 0:
-            raise InvalidArgumentError(
-                f"page_size must not be negative, got {page_size}", {"field": "page_size"}
-            )
-        size = MAX_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
-        keys = self._sorted_keys(ks)
-        if page_token:
-            last = _decode_page_token(page_token, ks, prefix)
-            index = bisect.bisect_right(keys, last)
-        else:
-            index = bisect.bisect_left(keys, prefix)
-        page: list[str] = []
-        # Keys with a common prefix are contiguous in sorted order, so the page
-        # ends at the first key without it.
-        while index < len(keys) and len(page) < size and keys[index].startswith(prefix):
-            page.append(keys[index])
-            index += 1
-        more = index < len(keys) and keys[index].startswith(prefix)
-        token = _encode_page_token(ks, prefix, page[-1]) if more and page else ""
-        return page, token
+        return page_of(self._sorted_keys(ks), ks, prefix, page_size, page_token)
 
     def _sorted_keys(self, keyspace: int) -> list[str]:
         keys = self._sorted.get(keyspace)
         if keys is None:
             keys = self._sorted[keyspace] = sorted(self._keys.get(keyspace, ()))
         return keys
+
+    # The async interface (cloudburst_kvs.backend.LatticeBackend); the methods above
+    # stay synchronous for callers in this process that want no await.
+
+    async def read(self, keyspace: int, key: str) -> lattice_pb2.Lattice | None:
+        """Return the key's lattice, or None when it does not exist."""
+        return self.get(keyspace, key)
+
+    async def read_many(
+        self, keyspace: int, keys: Sequence[str]
+    ) -> list[lattice_pb2.Lattice | None]:
+        """Return the lattices of several keys, in the order asked (None where missing)."""
+        return [self.get(keyspace, key) for key in keys]
+
+    async def list_page(
+        self, keyspace: int, prefix: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[str], str]:
+        """Return one page of keys, as :meth:`list_keys` does."""
+        return self.list_keys(keyspace, prefix, page_size, page_token)
+
+    async def subscribe(
+        self, keyspace: int, keys: Iterable[str] = (), prefix: str = ""
+    ) -> Subscription:
+        """Start watching, as :meth:`watch` does."""
+        return self.watch(keyspace, keys, prefix)
 
     # Writes
 
@@ -787,6 +793,36 @@ class LatticeStore:
         return len(active)
 
 
+def page_of(
+    keys: Sequence[str], keyspace: int, prefix: str, page_size: int, page_token: str
+) -> tuple[list[str], str]:
+    """Return one page of the sorted ``keys`` that start with ``prefix``, and the next token.
+
+    Raises:
+        InvalidArgumentError: ``page_size`` is negative or ``page_token`` is not
+            one this listing returned.
+    """
+    if page_size < 0:
+        raise InvalidArgumentError(
+            f"page_size must not be negative, got {page_size}", {"field": "page_size"}
+        )
+    size = MAX_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+    if page_token:
+        last = _decode_page_token(page_token, keyspace, prefix)
+        index = bisect.bisect_right(keys, last)
+    else:
+        index = bisect.bisect_left(keys, prefix)
+    page: list[str] = []
+    # Keys with a common prefix are contiguous in sorted order, so the page
+    # ends at the first key without it.
+    while index < len(keys) and len(page) < size and keys[index].startswith(prefix):
+        page.append(keys[index])
+        index += 1
+    more = index < len(keys) and keys[index].startswith(prefix)
+    token = _encode_page_token(keyspace, prefix, page[-1]) if more and page else ""
+    return page, token
+
+
 def _consume_exception(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
@@ -835,4 +871,5 @@ __all__ = [
     "WatchEvent",
     "check_key",
     "normalize_keyspace",
+    "page_of",
 ]

@@ -17,6 +17,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.v1 import lattice_pb2
 from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node
+from cloudburst_kvs.store import LatticeStore
 from harness import Cluster, LoopThread
 
 USER = lattice_pb2.KEYSPACE_USER
@@ -32,14 +33,14 @@ def add(_: UserLibrary, a: int, b: float) -> float:
 
 
 def stored(node: Node, key: str) -> bool:
-    assert node.store is not None
+    assert isinstance(node.store, LatticeStore)
     return node.store.get(USER, key) is not None
 
 
 def wait_deleted(node: Node, loop: LoopThread, keys: Iterable[str], timeout: float = 20) -> None:
     """Wait until every key is gone from the node's store."""
     store = node.store
-    assert store is not None
+    assert isinstance(store, LatticeStore)
     wanted = set(keys)
 
     async def wait() -> None:
