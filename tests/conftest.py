@@ -22,6 +22,7 @@ from harness import (
     make_config,
     running_process_cluster,
 )
+from valkey_cluster import ValkeyCluster, start_cluster
 
 
 @pytest.fixture
@@ -96,3 +97,16 @@ def process_cluster() -> Iterator[ProcessCluster]:
     """
     with running_process_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """A real Valkey Cluster (3 primaries x 2 replicas) on loopback, shared by the session.
+
+    Tests that kill nodes start their own cluster instead.
+    """
+    cluster = start_cluster(tmp_path_factory.mktemp("valkey"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -515,7 +515,9 @@ class ValkeyStore:
             blob = codec.encode_lww(normalized.lww)
             header = codec.lww_header(normalized.lww)
             commands: list[tuple[Any, ...]]
-            if len(blob) <= self._inline_limit:
+            # System keys (functions, DAGs) always go inline, so that their change
+            # messages carry the value and watchers see every registration in order.
+            if len(blob) <= self._inline_limit or ks == lattice_pb2.KEYSPACE_SYSTEM:
                 commands = [
                     (
                         "FCALL",
@@ -893,15 +895,11 @@ class _Notifier:
 
     async def _shard(self, node: ClusterNode) -> _ShardSubscriber:
         shard = self._shards.get(node.name)
-        if shard is not None and not shard.lost:
-            return shard
-        shard = _ShardSubscriber(self, node)
-        self._shards[node.name] = shard
-        try:
-            await shard.connect()
-        except BaseException:
-            shard.lost = True
-            raise
+        if shard is None or shard.lost:
+            shard = _ShardSubscriber(self, node)
+            self._shards[node.name] = shard
+            shard.start_connecting()
+        await shard.connected()
         return shard
 
     def deliver(self, chan: bytes, message: bytes) -> None:
@@ -974,22 +972,34 @@ class _ShardSubscriber:
         self._connection = Connection(**kwargs)
         self._subscribed: set[bytes] = set()
         self._confirmations: dict[bytes, asyncio.Future[None]] = {}
-        self._unsubscribing: set[bytes] = set()
+        # Unsubscribes sent and not yet confirmed, per channel.
+        self._unsubscribing: collections.Counter[bytes] = collections.Counter()
         self._reader: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self.lost = False
 
-    async def connect(self) -> None:
-        await self._connection.connect()  # type: ignore[no-untyped-call]
+    def start_connecting(self) -> None:
+        self._connecting = asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            await self._connection.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            self.lost = True
+            raise
         self._reader = asyncio.ensure_future(self._read())
         self._pinger = asyncio.ensure_future(self._ping())
+
+    async def connected(self) -> None:
+        assert self._connecting is not None
+        await asyncio.shield(self._connecting)
 
     async def subscribe(self, chan: bytes) -> None:
         if self.lost:
             raise RedisConnectionError(f"the subscriber connection to {self.name} is lost")
-        if chan in self._subscribed:
+        if chan in self._subscribed and not self._unsubscribing[chan]:
             return
-        self._unsubscribing.discard(chan)
         future = self._confirmations.get(chan)
         if future is None:
             future = self._confirmations[chan] = asyncio.get_running_loop().create_future()
@@ -999,7 +1009,7 @@ class _ShardSubscriber:
     def unsubscribe(self, chan: bytes) -> None:
         if self.lost or chan not in self._subscribed:
             return
-        self._unsubscribing.add(chan)
+        self._unsubscribing[chan] += 1
         task = asyncio.ensure_future(self._send("SUNSUBSCRIBE", chan))
         task.add_done_callback(_ignore_result)
 
@@ -1031,8 +1041,10 @@ class _ShardSubscriber:
                 elif kind == b"sunsubscribe":
                     chan = reply[1]
                     self._subscribed.discard(chan)
-                    if chan in self._unsubscribing:
-                        self._unsubscribing.discard(chan)
+                    if self._unsubscribing[chan] > 0:
+                        self._unsubscribing[chan] -= 1
+                        if not self._unsubscribing[chan]:
+                            del self._unsubscribing[chan]
                     else:
                         # The server dropped it: its slot moved to another primary.
                         self._notifier.lost(self, "a slot moved", [chan])
@@ -1060,12 +1072,11 @@ class _ShardSubscriber:
 
     async def close(self) -> None:
         self.lost = True
-        for task in (self._reader, self._pinger):
+        for task in (self._connecting, self._reader, self._pinger):
             if task is not None:
                 task.cancel()
-        await asyncio.gather(
-            *(t for t in (self._reader, self._pinger) if t is not None), return_exceptions=True
-        )
+        tasks = [t for t in (self._connecting, self._reader, self._pinger) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
             await self._connection.disconnect()
 
