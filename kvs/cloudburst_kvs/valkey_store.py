@@ -880,7 +880,7 @@ class _Notifier:
                     await shard.subscribe(chan)
                 return
             except (*_RETRYABLE, TimeoutError) as exc:
-                if self._channel_shard.get(chan) is shard:
+                if shard is not None and self._channel_shard.get(chan) is shard:
                     del self._channel_shard[chan]
                 if self._closed:
                     raise UnavailableError("the KVS is shutting down") from exc

@@ -10,21 +10,50 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from test_cluster_consul import CHECK, executors_of, passing_scheduler
 
 from cloudburst import CloudburstConnection
-from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
+from cloudburst.v1 import (
+    kvs_service_pb2,
+    kvs_service_pb2_grpc,
+    lattice_pb2,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+    value_pb2,
+)
 from harness import CbgrpcProcess, ConsulAgent, consul_binary
 from valkey_cluster import ValkeyCluster
 
 HERE = Path(__file__).resolve().parent
 GUIDE = HERE / "data" / "function-execution.md"
+
+#: Fast health checks so failures are noticed within seconds.
+CHECK = ["--consul-check-interval", "1"]
+
+
+def executors_of(scheduler: str, predicate: Any, timeout: float = 60) -> Any:
+    """Wait (blocking on the scheduler's ListExecutors) until its pool satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout
+    version = 0
+    with grpc.insecure_channel(scheduler) as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the scheduler's pool never matched (last version {version})")
+            response = stub.ListExecutors(
+                scheduler_service_pb2.ListExecutorsRequest(min_version=version),
+                timeout=min(remaining, 20),
+            )
+            if predicate({e.address for e in response.executors}):
+                return response
+            version = response.version
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +86,13 @@ class Deployment:
         self.scheduler = self.start("scheduler")
         wanted = {e.address for e in self.executors}
         executors_of(self.scheduler.address, lambda pool: pool == wanted)
-        passing_scheduler(consul, self.scheduler)
+        address = self.scheduler.address
+        consul.wait(
+            "/v1/health/service/cloudburst-scheduler?passing=true",
+            lambda body: (
+                address in {f"{e['Service']['Address']}:{e['Service']['Port']}" for e in body}
+            ),
+        )
 
     def start(self, command: str, *args: str) -> CbgrpcProcess:
         proc = CbgrpcProcess(command, *CHECK, *args, env=self.env)
