@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
-from cloudburst_grpc.config import KvsConfig
+from cloudburst_grpc.config import ConfigError, KvsConfig
 from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.servicer import KvsServicer
 from cloudburst_kvs.storage import open_engine
@@ -23,11 +23,11 @@ def open_store(kvs_config: KvsConfig, max_payload_bytes: int) -> LatticeStore:
         max_payload_bytes: The most user data one key may hold after a merge.
 
     Raises:
-        ValueError: The engine is not one of a store in this process (``valkey``).
+        ConfigError: The engine is not one of a store in this process (``valkey``).
         kvs.storage.StorageError: The SQLite database cannot be opened.
     """
     if kvs_config.engine == "valkey":
-        raise ValueError(
+        raise ConfigError(
             "kvs.engine 'valkey' serves only `cbgrpc kvs` processes; `cbgrpc serve` keeps its "
             "data in memory or SQLite"
         )

@@ -55,6 +55,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -100,6 +101,7 @@ MAX_BACKOFF = 0.5
 
 _RETRYABLE = (
     RedisConnectionError,
+    RedisClusterException,  # a slot not covered, no node reachable: mid-failover
     RedisTimeoutError,
     ClusterDownError,
     TryAgainError,
@@ -217,7 +219,7 @@ class ValkeyStore:
                 await cluster.initialize()
                 for node in cluster.get_primaries():
                     await _load_functions(node)
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 await cluster.aclose()
                 raise UnavailableError(
                     f"cannot reach the Valkey cluster at {self._url}: {exc}; check "
@@ -354,7 +356,7 @@ class ValkeyStore:
             node.release(connection)
 
     async def _refresh(self, cluster: RedisCluster) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await cluster.nodes_manager.initialize()
 
     # Reads
@@ -890,7 +892,7 @@ class _Notifier:
                         "retry later"
                     ) from exc
                 await asyncio.sleep(min(0.05 * attempt, MAX_BACKOFF))
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
                     await self._cluster.nodes_manager.initialize()
 
     async def _shard(self, node: ClusterNode) -> _ShardSubscriber:

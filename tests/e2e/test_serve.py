@@ -101,7 +101,15 @@ def test_bad_configuration_is_reported(tmp_path: Path) -> None:
     bad.write_text("[kvs]\nengine = 'redis'\n")
     result = cbgrpc("serve", "--config", str(bad))
     assert result.returncode == 2
-    assert "kvs.engine must be 'sqlite' or 'memory'" in result.stderr
+    assert "kvs.engine must be 'sqlite', 'memory' or 'valkey'" in result.stderr
+    valkey = tmp_path / "valkey.toml"
+    valkey.write_text("[kvs]\nengine = 'valkey'\nvalkey_url = 'redis://127.0.0.1:1'\n")
+    result = cbgrpc("serve", "--config", str(valkey))
+    assert result.returncode == 2
+    assert "'valkey' serves only `cbgrpc kvs` processes" in result.stderr
+    result = cbgrpc("kvs", "--config", str(valkey))
+    assert result.returncode == 1
+    assert "cannot reach the Valkey cluster at redis://127.0.0.1:1" in result.stderr
     result = cbgrpc("serve", "--config", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "does not exist" in result.stderr
     result = cbgrpc("serve", "--inline-max-seconds", "-1")

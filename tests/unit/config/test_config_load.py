@@ -206,7 +206,9 @@ def test_bool_conversion_rejects_other_values(raw: str) -> None:
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"CBGRPC_KVS_ENGINE": "redis"}, "kvs.engine must be 'sqlite' or 'memory'"),
+        ({"CBGRPC_KVS_ENGINE": "redis"}, "kvs.engine must be 'sqlite', 'memory' or 'valkey'"),
+        ({"CBGRPC_KVS_ENGINE": "valkey"}, "kvs.engine 'valkey' needs kvs.valkey_url"),
+        ({"CBGRPC_KVS_ENGINE_TIMEOUT_SECONDS": "0"}, "engine_timeout_seconds must be positive"),
         ({"CBGRPC_KVS_SYNC": "off"}, "kvs.sync must be 'normal' or 'full'"),
         ({"CBGRPC_SERVER_PORT": "65536"}, "server.port must be between 0 and 65535"),
         ({"CBGRPC_SERVER_PORT": "-1"}, "server.port must be between 0 and 65535"),
@@ -230,7 +232,7 @@ def test_invalid_choices_and_ranges_are_errors(environ: dict[str, str], message:
 
 def test_invalid_engine_in_toml_is_an_error(tmp_path: Path) -> None:
     path = _toml(tmp_path, '[kvs]\nengine = "redis"\n')
-    with pytest.raises(ConfigError, match=r"kvs\.engine must be 'sqlite' or 'memory'"):
+    with pytest.raises(ConfigError, match=r"kvs\.engine must be 'sqlite', 'memory' or 'valkey'"):
         load_config(path, environ={})
 
 
