@@ -73,10 +73,13 @@ e2e: setup consul
 	$(PY) -m pytest -q tests/e2e
 
 # Benchmarks: latency and throughput against the gRPC floor and Ray, in one run
-# (bench/README.md). Report in bench/results/; `make bench ARGS=--quick` for a smoke run.
+# (bench/README.md), then the KVS over Valkey against the bare engine (bench/valkey.py).
+# Reports in bench/results/; `make bench ARGS=--quick` for a smoke run.
 .PHONY: bench
 bench: setup
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) -m pip install --quiet -r bench/requirements-ray.txt || \
 	  echo "bench: Ray could not be installed; it is optional and the report will say so"
 	$(PY) -m bench.run $(ARGS)
+	bash tools/valkey/install.sh
+	$(PY) -m bench.valkey $(ARGS)
