@@ -7,10 +7,12 @@ use whichever Consul names.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,11 @@ class Deployment:
         self.env = {"CONSUL_HTTP_ADDR": consul.address, "CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
         self.procs: list[CbgrpcProcess] = []
         self.kvs = [
-            self.start("kvs", "--engine", "valkey", "--valkey-url", valkey.url, "--id", f"kvs-{i}")
+            self.start(
+                "kvs",
+                *("--engine", "valkey", "--valkey-url", valkey.url, "--id", f"kvs-{i}"),
+                *("--metrics-port", "0"),
+            )
             for i in range(2)
         ]
         self.wait_kvs(lambda ids: ids == {"kvs-0", "kvs-1"})
@@ -154,6 +160,18 @@ def test_user_guide_on_two_kvs_processes_over_valkey(deployment: Deployment) -> 
     first, second = (k.address for k in deployment.kvs)
     put_value(first, "shared", b"one store")
     assert get_value(second, "shared") == b"one store"
+    # Each KVS process reports the engine's latency per operation.
+    for kvs in deployment.kvs:
+        url = kvs.wait_for_log("metrics on http://", stdout=True).rsplit(" ", 1)[1].strip()
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        counts = re.findall(
+            r'^cloudburst_kvs_engine_duration_seconds_count\{[^}]*operation="(\w+)"[^}]*\} (\S+)',
+            text,
+            re.M,
+        )
+        operations = {operation for operation, count in counts if float(count) > 0}
+        assert {"put", "get"} & operations, text[-2000:]
 
 
 def where(cloudburst: Any) -> str:
