@@ -170,3 +170,30 @@ async def test_durable_writes_are_not_acknowledged_without_a_replica(
     finally:
         await durable.close()
         await relaxed.close()
+
+
+async def test_lost_subscriber_connections_are_replaced_and_keys_read_again(
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    kvs = ValkeyStore(valkey_cluster.url, operation_timeout=10.0)
+    await kvs.start()
+    try:
+        waiter = asyncio.ensure_future(kvs.wait_for(USER, "reconnect-key", 30.0))
+        watch = await kvs.subscribe(SYSTEM, prefix="reconnect/")
+        await kvs.put(SYSTEM, "reconnect/before", lww(b"before", 1))
+        async with asyncio.timeout(10):
+            assert (await watch.__anext__()).key == "reconnect/before"
+        # The server drops every subscriber connection, as a restart or a network blip would.
+        for node in valkey_cluster.primaries():
+            valkey_cluster.command(node, "CLIENT", "KILL", "TYPE", "pubsub")
+        await kvs.put(USER, "reconnect-key", lww(b"after", 1))
+        await kvs.put(SYSTEM, "reconnect/after", lww(b"after", 1))
+        async with asyncio.timeout(10):
+            assert await waiter == lww(b"after", 1)
+            # Announced by its message, or found by the reading-again after re-subscribing.
+            while (event := await watch.__anext__()).key != "reconnect/after":
+                pass
+        assert event.lattice == lww(b"after", 1)
+        await watch.aclose()
+    finally:
+        await kvs.close()
