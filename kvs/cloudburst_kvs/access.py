@@ -23,16 +23,20 @@ from cloudburst_grpc.config import Config
 from cloudburst_grpc.discovery.consul import ServiceWatch
 from cloudburst_grpc.kvs_access import USER
 from cloudburst_grpc.server import insecure_channel
+from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.client import KvsClient
-from cloudburst_kvs.store import LatticeStore
 
 logger = logging.getLogger(__name__)
 
 
 class InProcessKvs:
-    """:class:`KvsAccess` served by a store in this process: no serialization, no network."""
+    """:class:`KvsAccess` served by a store in this process: no serialization, no network.
 
-    def __init__(self, store: LatticeStore, max_wait_seconds: float) -> None:
+    The store is any :class:`~cloudburst_kvs.backend.LatticeBackend`; ``cbgrpc serve``
+    passes its memory or SQLite store.
+    """
+
+    def __init__(self, store: LatticeBackend, max_wait_seconds: float) -> None:
         self._store = store
         self._max_wait = max_wait_seconds
 
@@ -49,7 +53,7 @@ class InProcessKvs:
             return await self._store.wait_for(
                 keyspace, key, self._max_wait if timeout is None else timeout
             )
-        return self._store.get(keyspace, key)
+        return await self._store.read(keyspace, key)
 
     async def put(
         self,
@@ -74,7 +78,7 @@ class InProcessKvs:
         self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
     ) -> AsyncIterator[str]:
         """Yield "" once watching, then each changed key under ``prefix``."""
-        subscription = self._store.watch(keyspace, prefix=prefix)
+        subscription = await self._store.subscribe(keyspace, prefix=prefix)
         try:
             yield ""
             async for event in subscription:
@@ -89,7 +93,7 @@ class InProcessKvs:
         keys: list[str] = []
         token = ""
         while True:
-            page, token = self._store.list_keys(keyspace, prefix, 1000, token)
+            page, token = await self._store.list_page(keyspace, prefix, 1000, token)
             keys.extend(page)
             if not token:
                 return keys
