@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if not __package__:  # run as `python bench/valkey.py`
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the cluster and process helpers of the tests
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' cluster and process modules
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster  # noqa: E402
 

@@ -101,7 +101,7 @@ def process_cluster() -> Iterator[ProcessCluster]:
 
 @pytest.fixture(scope="session")
 def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
-    """A real Valkey Cluster (3 primaries x 2 replicas) on loopback, shared by the session.
+    """A real Valkey Cluster (3 primaries x 2 replicas) on loopback, shared by the whole test run.
 
     Tests that kill nodes start their own cluster instead.
     """

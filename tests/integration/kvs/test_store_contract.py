@@ -1,6 +1,6 @@
 """One contract, every back end: memory, SQLite and Valkey (inline and staged values).
 
-The Valkey back ends run against the session's real cluster (3 primaries x 2
+The Valkey back ends run against the test run's real cluster (3 primaries x 2
 replicas on loopback); it is emptied before each test.
 """
 
