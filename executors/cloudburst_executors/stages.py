@@ -36,7 +36,7 @@ Schedule = execution_pb2.DagSchedule
 Outcome = execution_pb2.Outcome
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunStage:
     """Instruction: run ``function`` of the call now; every upstream has reported."""
 
@@ -62,7 +62,7 @@ class RunStage:
         return self.inputs, None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forward:
     """Instruction: trigger ``target`` on ``executor_id`` with the outcome of ``upstream``."""
 
@@ -75,7 +75,7 @@ class Forward:
     """Whether ``executor_id`` is this executor."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """Instruction: the sink ran; deliver ``outcome`` as the call's result."""
 
@@ -83,7 +83,7 @@ class Deliver:
     outcome: Outcome
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Expired:
     """Instruction (to log): a stage gave up waiting for ``missing`` at its call's deadline."""
 
