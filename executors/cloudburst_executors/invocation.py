@@ -114,10 +114,9 @@ class Invoker:
         except CloudburstError as exc:
             return measured(name, started, execution_pb2.Outcome(error=error_to_call_error(exc)))
         if chain is None:
-            outcome = await self.run(call_id, loaded, tuple(args), pinned=False)
-            return measured(name, started, outcome)
+            return measured(name, started, await self._run(call_id, loaded, tuple(args)))
         chain.started = started  # the chain measures each of its functions itself
-        return await self.run(call_id, loaded, tuple(args), True, chain)
+        return await self._run(call_id, loaded, tuple(args), chain)
 
     async def _resolve(self, argument: value_pb2.Argument, timeout: float) -> Any:
         kind = argument.WhichOneof("kind")
@@ -145,19 +144,17 @@ class Invoker:
             )
         return runner.unpickle(value)
 
-    async def run(
+    async def _run(
         self,
         call_id: str,
         loaded: runner.LoadedFunction,
         args: tuple[Any, ...],
-        pinned: bool,
         chain: Chain | None = None,
     ) -> execution_pb2.Outcome:
-        """Run a function (a one-shot call's, or a DAG stage's and its ``chain``).
+        """Run a one-shot call's function (a fresh class instance), or a DAG stage's and its chain.
 
         With ``chain``, ``chain.last`` names the function whose outcome is
-        returned, and each function's duration was measured; a one-shot call's
-        is the caller's to measure.
+        returned, and each function's duration was measured.
         """
         loop = self._loop = asyncio.get_running_loop()
         placement = self._gate.place(loaded, loop)
@@ -167,9 +164,8 @@ class Invoker:
         context = contextvars.copy_context()
         try:
             if chain is None:
-                pinned = pinned and loaded.name in self._pinned
                 return await placement.run(
-                    self._pool, context, self._invoke, placement, loaded, library, args, pinned
+                    self._pool, context, self._invoke, placement, loaded, library, args, False
                 )
             return await placement.run(
                 self._pool, context, self._invoke_chain, placement, chain, loaded, library, args

@@ -36,9 +36,9 @@ class LoopBridge:
     Every wait of a library call is one of this class's methods, so that a run
     in a greenlet (:class:`cooperative.GreenletBridge`) can wait differently.
 
-    It also times the stretches of user code between
-    library calls (from :meth:`begin` to :meth:`end`), which decide whether the
-    function may run on the loop (see :mod:`executors.inline`).
+    It also times the stretches of user code between library calls (from
+    :meth:`begin` to :meth:`end`), which decide whether the function may run
+    on the loop (see :mod:`executors.inline`).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
