@@ -253,7 +253,7 @@ class Executor:
         with _stage_span(self.executor_id, ready) as current:
             last, outcome = await self._stage_outcome(ready)
             _annotate(current, outcome)
-            after = self._stages.ran(schedule, last, outcome)
+            after = self._stages.ran(ready, last, outcome)
             if isinstance(after, list):
                 for forward in after:
                     await self._forward(forward)
@@ -263,14 +263,16 @@ class Executor:
     async def _stage_outcome(self, ready: RunStage) -> tuple[str, execution_pb2.Outcome]:
         """Run a stage and the chain after it; return the function that ran last, its outcome."""
         schedule, function = ready.schedule, ready.function
-        chain = Chain(schedule, self._stages.topology(schedule), function)
+        chain = Chain(schedule, ready.topology, function)
         self.active_calls += 1
         try:
-            values, failed = ready.upstream_values()
-            upstream = [await self._invoker.deserialize(v.value) for v in values]
-            if failed is not None:  # not run on: the failure goes on downstream
-                return chain.last, failed
-            extra = dags.join_arguments((), upstream)
+            extra: tuple[Any, ...] = ()
+            if ready.inputs:
+                values, failed = ready.upstream_values()
+                upstream = [await self._invoker.deserialize(v.value) for v in values]
+                if failed is not None:  # not run on: the failure goes on downstream
+                    return chain.last, failed
+                extra = dags.join_arguments((), upstream)
             arguments = schedule.function_arguments[function].arguments
             version = schedule.function_versions[function]
             outcome = await self._invoker.call(

@@ -320,11 +320,12 @@ class Placement:
 
     def __init__(self, gate: InlineGate, loop: asyncio.AbstractEventLoop) -> None:
         self._gate = gate
-        self._loop = loop
+        self.loop = loop
+        """The loop the run belongs to."""
 
-    def bridge(self, timeout: float) -> LoopBridge:
-        """A bridge to the loop for one function's user library (library calls time out)."""
-        return LoopBridge(self._loop, timeout)
+    bridge: type[LoopBridge] = LoopBridge
+    """The bridge to the loop for each function's user library in this run:
+    ``bridge(loop, timeout)``, whose library calls time out after ``timeout``."""
 
     async def run(
         self,
@@ -364,7 +365,7 @@ class OnThread(Placement):
         *args: Any,
     ) -> T:
         """Call ``function(*args)`` on a worker thread."""
-        return await self._loop.run_in_executor(pool, context.run, function, *args)
+        return await self.loop.run_in_executor(pool, context.run, function, *args)
 
     def invoke(
         self,
@@ -429,6 +430,10 @@ class OnLoop(Placement):
             gate.stopped()
             gate.ran_on_loop(function.name, function.runs, took, usage)
 
+    def admits(self, record: RunRecord) -> bool:
+        """Only a function that runs on the loop and never uses the library."""
+        return record.on_loop and not record.uses_library
+
 
 class InGreenlet(Placement, cooperative.Segments):
     """A run in a greenlet on the loop: each stretch between library calls is accounted.
@@ -449,9 +454,8 @@ class InGreenlet(Placement, cooperative.Segments):
         self._began = 0.0
         self._usage: resource.struct_rusage | None = None
 
-    def bridge(self, timeout: float) -> LoopBridge:
-        """A bridge whose library calls switch to the loop."""
-        return cooperative.GreenletBridge(self._loop, timeout)
+    bridge = cooperative.GreenletBridge
+    """Library calls switch to the loop."""
 
     async def run(
         self,

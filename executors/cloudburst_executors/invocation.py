@@ -99,24 +99,41 @@ class Invoker:
         extra: tuple[Any, ...],
         chain: Chain | None = None,
     ) -> execution_pb2.Outcome:
-        """Load the function, resolve its arguments, run it (a DAG stage: its ``chain``).
+        """Load the function, resolve its arguments, run it where the gate places it.
 
-        Whatever goes wrong before the function runs becomes the outcome.
+        A DAG stage's run goes on along its ``chain``: ``chain.last`` then names
+        the function whose outcome is returned, and each function's duration
+        was measured. Whatever goes wrong before the function runs becomes the
+        outcome.
         """
         started = time.monotonic()
         deadline = started + self._timeout
         try:
             loaded = await self._load(name, version)
-            args = [await self._resolve(a, deadline - time.monotonic()) for a in arguments]
-            args.extend(extra)
+            resolved = [await self._resolve(a, deadline - time.monotonic()) for a in arguments]
+            args = (*resolved, *extra)
         except RemoteFunctionError as exc:  # a future argument whose function failed
             return measured(name, started, _failure_outcome_of(exc))
         except CloudburstError as exc:
             return measured(name, started, execution_pb2.Outcome(error=error_to_call_error(exc)))
-        if chain is None:
-            return measured(name, started, await self._run(call_id, loaded, tuple(args)))
-        chain.started = started  # the chain measures each of its functions itself
-        return await self._run(call_id, loaded, tuple(args), chain)
+        loop = self._loop = asyncio.get_running_loop()
+        placement = self._gate.place(loaded, loop)
+        library = self._library(call_id, placement)
+        # The copied context carries the current span into the thread, so the user
+        # library's spans are children of this run.
+        context = contextvars.copy_context()
+        try:
+            if chain is None:  # a one-shot call: a class gets a fresh instance
+                outcome = await placement.run(
+                    self._pool, context, self._invoke, placement, loaded, library, args, False
+                )
+                return measured(name, started, outcome)
+            chain.started = started  # the chain measures each of its functions itself
+            return await placement.run(
+                self._pool, context, self._invoke_chain, placement, chain, loaded, library, args
+            )
+        finally:
+            library.close()
 
     async def _resolve(self, argument: value_pb2.Argument, timeout: float) -> Any:
         kind = argument.WhichOneof("kind")
@@ -143,35 +160,6 @@ class Invoker:
                 self._pool, runner.unpickle, value
             )
         return runner.unpickle(value)
-
-    async def _run(
-        self,
-        call_id: str,
-        loaded: runner.LoadedFunction,
-        args: tuple[Any, ...],
-        chain: Chain | None = None,
-    ) -> execution_pb2.Outcome:
-        """Run a one-shot call's function (a fresh class instance), or a DAG stage's and its chain.
-
-        With ``chain``, ``chain.last`` names the function whose outcome is
-        returned, and each function's duration was measured.
-        """
-        loop = self._loop = asyncio.get_running_loop()
-        placement = self._gate.place(loaded, loop)
-        library = self._library(call_id, placement)
-        # The copied context carries the current span into the thread, so the user
-        # library's spans are children of this run.
-        context = contextvars.copy_context()
-        try:
-            if chain is None:
-                return await placement.run(
-                    self._pool, context, self._invoke, placement, loaded, library, args, False
-                )
-            return await placement.run(
-                self._pool, context, self._invoke_chain, placement, chain, loaded, library, args
-            )
-        finally:
-            library.close()
 
     def _invoke(
         self,
@@ -215,14 +203,20 @@ class Invoker:
         args: tuple[Any, ...],
     ) -> execution_pb2.Outcome:
         """Run a DAG stage, then each downstream stage it can run at once."""
-        outcome = self._invoke(placement, loaded, library, args, chain.last in self._pinned)
+        pinned = chain.last in self._pinned
+        outcome = placement.invoke(
+            loaded, library.bridge, self._outcome, loaded, library, args, pinned
+        )
         measured(chain.last, chain.started, outcome)
         while (ready := self._next_in_chain(chain, outcome, placement)) is not None:
             loaded, args = ready
             library = self._library(chain.schedule.call_id, placement)
             started = time.monotonic()
             try:
-                outcome = self._invoke(placement, loaded, library, args, chain.last in self._pinned)
+                pinned = chain.last in self._pinned
+                outcome = placement.invoke(
+                    loaded, library.bridge, self._outcome, loaded, library, args, pinned
+                )
             finally:
                 # Only a mailbox needs ending, on the loop; waking the loop for
                 # nothing would cost every chained stage a thread hand-off.
@@ -265,7 +259,7 @@ class Invoker:
 
     def _library(self, call_id: str, placement: Placement) -> UserLibrary:
         return UserLibrary(
-            placement.bridge(self._timeout),
+            placement.bridge(placement.loop, self._timeout),
             self._kvs,
             self._clock,
             self._limit,

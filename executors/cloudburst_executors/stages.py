@@ -41,6 +41,8 @@ class RunStage:
     """Instruction: run ``function`` of the call now; every upstream has reported."""
 
     schedule: Schedule
+    topology: Topology
+    """The topology of the schedule's DAG."""
     function: str
     inputs: tuple[Outcome, ...]
     """One outcome per upstream, in the DAG's order (none for a source)."""
@@ -120,10 +122,6 @@ class StageState:
         """A heap of (deadline, serial, key) per join opened; stale entries are skipped."""
         self._serials = itertools.count()
 
-    def topology(self, schedule: Schedule) -> Topology:
-        """The topology of the schedule's DAG."""
-        return self.topologies.get(schedule.dag)
-
     def trigger(self, trigger: execution_pb2.Trigger) -> RunStage | None:
         """A trigger arrived: the stage to run now, or None while it waits for more.
 
@@ -135,13 +133,15 @@ class StageState:
             KeyError: The trigger names a function its DAG does not have.
         """
         schedule = trigger.schedule
+        topo = self.topologies.get(schedule.dag)
         target = trigger.target_function
         upstream = trigger.upstream_function
         if not upstream:
-            return RunStage(schedule, target, (), (dict(trigger.trace_context),))
-        upstreams = self.topology(schedule).upstreams[target]
+            return RunStage(schedule, topo, target, (), (dict(trigger.trace_context),))
+        upstreams = topo.upstreams[target]
         if upstreams == (upstream,):  # waits for nothing else
-            return RunStage(schedule, target, (trigger.outcome,), (dict(trigger.trace_context),))
+            context = dict(trigger.trace_context)
+            return RunStage(schedule, topo, target, (trigger.outcome,), (context,))
         key = (schedule.call_id, target)
         join = self._joins.get(key)
         if join is None:
@@ -155,6 +155,7 @@ class StageState:
         del self._joins[key]
         return RunStage(
             schedule,
+            topo,
             target,
             tuple(join.outcomes[u] for u in upstreams),
             tuple(join.contexts[u] for u in upstreams),
@@ -185,9 +186,9 @@ class StageState:
             expired.append(Expired(key[0], key[1], missing))
         return expired
 
-    def ran(self, schedule: Schedule, last: str, outcome: Outcome) -> Deliver | list[Forward]:
-        """A stage (and its chain, ending with ``last``) ran: where its outcome goes."""
-        topo = self.topology(schedule)
+    def ran(self, stage: RunStage, last: str, outcome: Outcome) -> Deliver | list[Forward]:
+        """``stage`` (and its chain, ending with ``last``) ran: where its outcome goes."""
+        schedule, topo = stage.schedule, stage.topology
         if last == topo.sink:
             return Deliver(schedule, outcome)
         placements = schedule.placements
@@ -237,7 +238,7 @@ def chain_next(
     the version the call wants and has only small static arguments (no KVS
     references). Anything else goes through a trigger as usual.
     """
-    if outcome.WhichOneof("result") != "value" or len(outcome.value.data) > LARGE_VALUE_BYTES:
+    if outcome.WhichOneof("result") != "value":
         return None
     downstreams = topo.downstreams.get(last, ())
     if len(downstreams) != 1:
@@ -247,6 +248,8 @@ def chain_next(
         return None
     function = loaded.get(target)
     if function is None or function.version < schedule.function_versions[target]:
+        return None
+    if len(outcome.value.data) > LARGE_VALUE_BYTES:
         return None
     for argument in schedule.function_arguments[target].arguments:
         if argument.WhichOneof("kind") != "value" or len(argument.value.data) > LARGE_VALUE_BYTES:

@@ -45,7 +45,7 @@ async def run_quickly(gate: InlineGate, function: Function, times: int) -> None:
     with ThreadPoolExecutor(1) as pool:
         for _ in range(times):
             placement = gate.place(function, loop)
-            bridge = placement.bridge(5.0)
+            bridge = placement.bridge(loop, 5.0)
             await placement.run(
                 pool, contextvars.copy_context(), placement.invoke, function, bridge, lambda: None
             )
@@ -59,8 +59,8 @@ async def test_a_run_goes_to_a_thread_until_the_function_earned_the_loop() -> No
     await run_quickly(gate, user, QUICK_RUNS)
     assert gate.place(free, loop).where == LOOP
     assert gate.place(user, loop).where == GREENLET
-    assert isinstance(gate.place(user, loop).bridge(5.0), cooperative.GreenletBridge)
-    assert not isinstance(gate.place(free, loop).bridge(5.0), cooperative.GreenletBridge)
+    assert isinstance(gate.place(user, loop).bridge(loop, 5.0), cooperative.GreenletBridge)
+    assert not isinstance(gate.place(free, loop).bridge(loop, 5.0), cooperative.GreenletBridge)
 
 
 async def test_a_placement_runs_the_call_where_it_says() -> None:
@@ -76,7 +76,7 @@ async def test_a_placement_runs_the_call_where_it_says() -> None:
     with ThreadPoolExecutor(1, thread_name_prefix="worker") as pool:
         for key, function in (("thread", Function("new", ignores)), ("loop", free), ("g", user)):
             placement = gate.place(function, loop)
-            bridge = placement.bridge(5.0)
+            bridge = placement.bridge(loop, 5.0)
             context = contextvars.copy_context()
             await placement.run(pool, context, placement.invoke, function, bridge, body, key)
     here = threading.current_thread().name
@@ -100,7 +100,12 @@ async def test_a_slow_run_on_the_loop_sends_the_function_back_to_threads() -> No
 
     with ThreadPoolExecutor(1) as pool:
         await placement.run(
-            pool, contextvars.copy_context(), placement.invoke, free, placement.bridge(5.0), slow
+            pool,
+            contextvars.copy_context(),
+            placement.invoke,
+            free,
+            placement.bridge(loop, 5.0),
+            slow,
         )
     assert gate.place(free, loop).where == THREAD and free.runs.strikes == 1
 

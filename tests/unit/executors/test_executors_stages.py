@@ -70,7 +70,9 @@ def state() -> StageState:
 def test_a_source_runs_at_once_with_its_own_trigger_as_its_parent(state: StageState) -> None:
     built = schedule(*FAN_IN)
     ready = state.trigger(trigger(built, "a", context="from the scheduler"))
-    assert ready == RunStage(built, "a", (), ({"traceparent": "from the scheduler"},))
+    assert ready == RunStage(
+        built, state.topologies.get(built.dag), "a", (), ({"traceparent": "from the scheduler"},)
+    )
     assert len(state) == 0
 
 
@@ -162,11 +164,14 @@ def test_after_a_stage_its_outcome_goes_to_each_downstream_here_or_elsewhere(
         [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
         placements={"c": OTHER},
     )
-    assert state.ran(built, "a", ok(1)) == [
+    source = state.trigger(trigger(built, "a"))
+    assert source is not None
+    assert state.ran(source, "a", ok(1)) == [
         Forward(built, "b", "a", ok(1), HERE, local=True),
         Forward(built, "c", "a", ok(1), OTHER, local=False),
     ]
-    assert state.ran(built, "d", failed("x")) == Deliver(built, failed("x")), "the sink delivers"
+    # A chain that went on from a to the sink delivers.
+    assert state.ran(source, "d", failed("x")) == Deliver(built, failed("x"))
 
 
 def test_a_trigger_for_a_function_the_dag_lacks_is_refused(state: StageState) -> None:
