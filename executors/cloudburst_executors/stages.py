@@ -98,7 +98,6 @@ class Expired:
 class _Join:
     """The upstream outcomes one stage has received so far."""
 
-    schedule: Schedule
     upstreams: tuple[str, ...]
     serial: int
     """Tells this join from a later one of the same (call, function) in the deadline heap."""
@@ -145,7 +144,7 @@ class StageState:
         key = (schedule.call_id, target)
         join = self._joins.get(key)
         if join is None:
-            join = self._joins[key] = _Join(schedule, upstreams, next(self._serials))
+            join = self._joins[key] = _Join(upstreams, next(self._serials))
             deadline = schedule.deadline_time.ToNanoseconds() / 1e9
             heapq.heappush(self._deadlines, (deadline, join.serial, key))
         join.outcomes[upstream] = trigger.outcome
