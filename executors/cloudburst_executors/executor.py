@@ -269,7 +269,9 @@ class Executor:
             extra: tuple[Any, ...] = ()
             if ready.inputs:
                 values, failed = ready.upstream_values()
-                upstream = [await self._invoker.deserialize(v.value) for v in values]
+                upstream = []
+                for received in values:
+                    upstream.append(await self._invoker.deserialize(received.value))
                 if failed is not None:  # not run on: the failure goes on downstream
                     return chain.last, failed
                 extra = dags.join_arguments((), upstream)

@@ -53,7 +53,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
@@ -327,13 +327,13 @@ class Placement:
     """The bridge to the loop for each function's user library in this run:
     ``bridge(loop, timeout)``, whose library calls time out after ``timeout``."""
 
-    async def run(
+    def run(
         self,
         pool: Executor,
         context: contextvars.Context,
         function: Callable[..., T],
         *args: Any,
-    ) -> T:
+    ) -> Awaitable[T]:
         """Call ``function(*args)`` in ``context``, here; ``pool`` has the worker threads."""
         raise NotImplementedError
 
@@ -357,15 +357,15 @@ class OnThread(Placement):
 
     where = THREAD
 
-    async def run(
+    def run(
         self,
         pool: Executor,
         context: contextvars.Context,
         function: Callable[..., T],
         *args: Any,
-    ) -> T:
+    ) -> Awaitable[T]:
         """Call ``function(*args)`` on a worker thread."""
-        return await self.loop.run_in_executor(pool, context.run, function, *args)
+        return self.loop.run_in_executor(pool, context.run, function, *args)
 
     def invoke(
         self,
@@ -399,15 +399,15 @@ class OnLoop(Placement):
 
     where = LOOP
 
-    async def run(
+    def run(
         self,
         pool: Executor,
         context: contextvars.Context,
         function: Callable[..., T],
         *args: Any,
-    ) -> T:
+    ) -> Awaitable[T]:
         """Call ``function(*args)`` right here, on the loop."""
-        return context.run(function, *args)
+        return _done(context.run(function, *args))
 
     def invoke(
         self,
@@ -457,16 +457,16 @@ class InGreenlet(Placement, cooperative.Segments):
     bridge = cooperative.GreenletBridge
     """Library calls switch to the loop."""
 
-    async def run(
+    def run(
         self,
         pool: Executor,
         context: contextvars.Context,
         function: Callable[..., T],
         *args: Any,
-    ) -> T:
+    ) -> Awaitable[T]:
         """Call ``function(*args)`` in a greenlet on the loop."""
-        result: T = await cooperative.drive(functools.partial(function, *args), context, self)
-        return result
+        driven: Awaitable[T] = cooperative.drive(functools.partial(function, *args), context, self)
+        return driven
 
     def invoke(
         self,
@@ -495,6 +495,11 @@ class InGreenlet(Placement, cooperative.Segments):
         took = time.perf_counter() - self._began
         self._gate.stopped()
         self._gate.ran_on_loop(self._name, self._record, took, self._usage)
+
+
+async def _done(value: T) -> T:
+    """``value``, awaitable."""
+    return value
 
 
 class _Watchdog:

@@ -110,7 +110,15 @@ class Invoker:
         deadline = started + self._timeout
         try:
             loaded = await self._load(name, version)
-            resolved = [await self._resolve(a, deadline - time.monotonic()) for a in arguments]
+            resolved = []
+            for argument in arguments:
+                # A small value (most arguments) needs no turn of the loop.
+                if argument.WhichOneof("kind") == "value":
+                    value = argument.value
+                    if len(value.data) <= LARGE_VALUE_BYTES:
+                        resolved.append(runner.unpickle(value))
+                        continue
+                resolved.append(await self._resolve(argument, deadline - time.monotonic()))
             args = (*resolved, *extra)
         except RemoteFunctionError as exc:  # a future argument whose function failed
             return measured(name, started, _failure_outcome_of(exc))

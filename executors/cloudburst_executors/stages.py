@@ -46,7 +46,7 @@ class RunStage:
     function: str
     inputs: tuple[Outcome, ...]
     """One outcome per upstream, in the DAG's order (none for a source)."""
-    contexts: tuple[dict[str, str], ...]
+    contexts: tuple[Mapping[str, str], ...]
     """The trace contexts the triggers carried, in the same order; a source's own
     trigger's for a source. The first is the stage's parent, the others links."""
 
@@ -102,7 +102,7 @@ class _Join:
     serial: int
     """Tells this join from a later one of the same (call, function) in the deadline heap."""
     outcomes: dict[str, Outcome] = field(default_factory=dict)
-    contexts: dict[str, dict[str, str]] = field(default_factory=dict)
+    contexts: dict[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 class StageState:
@@ -136,10 +136,10 @@ class StageState:
         target = trigger.target_function
         upstream = trigger.upstream_function
         if not upstream:
-            return RunStage(schedule, topo, target, (), (dict(trigger.trace_context),))
+            return RunStage(schedule, topo, target, (), (trigger.trace_context,))
         upstreams = topo.upstreams[target]
         if upstreams == (upstream,):  # waits for nothing else
-            context = dict(trigger.trace_context)
+            context = trigger.trace_context
             return RunStage(schedule, topo, target, (trigger.outcome,), (context,))
         key = (schedule.call_id, target)
         join = self._joins.get(key)
@@ -148,7 +148,7 @@ class StageState:
             deadline = schedule.deadline_time.ToNanoseconds() / 1e9
             heapq.heappush(self._deadlines, (deadline, join.serial, key))
         join.outcomes[upstream] = trigger.outcome
-        join.contexts[upstream] = dict(trigger.trace_context)
+        join.contexts[upstream] = trigger.trace_context
         if any(u not in join.outcomes for u in upstreams):
             return None
         del self._joins[key]

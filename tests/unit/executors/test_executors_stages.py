@@ -9,7 +9,7 @@ import pytest
 
 from cloudburst.serialization import serialize
 from cloudburst.v1 import execution_pb2, function_pb2
-from cloudburst_executors.stages import Deliver, Expired, Forward, RunStage, StageState
+from cloudburst_executors.stages import Deliver, Expired, Forward, StageState
 
 HERE = "executor-here"
 OTHER = "executor-other"
@@ -70,9 +70,10 @@ def state() -> StageState:
 def test_a_source_runs_at_once_with_its_own_trigger_as_its_parent(state: StageState) -> None:
     built = schedule(*FAN_IN)
     ready = state.trigger(trigger(built, "a", context="from the scheduler"))
-    assert ready == RunStage(
-        built, state.topologies.get(built.dag), "a", (), ({"traceparent": "from the scheduler"},)
-    )
+    assert ready is not None
+    assert (ready.schedule, ready.function, ready.inputs) == (built, "a", ())
+    assert ready.topology is state.topologies.get(built.dag)
+    assert [dict(c) for c in ready.contexts] == [{"traceparent": "from the scheduler"}]
     assert len(state) == 0
 
 
