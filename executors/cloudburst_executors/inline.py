@@ -317,15 +317,14 @@ class Placement:
     """
 
     where: Where
+    bridge: type[LoopBridge] = LoopBridge
+    """The bridge to the loop for each function's user library in this run:
+    ``bridge(loop, timeout)``, whose library calls time out after ``timeout``."""
 
     def __init__(self, gate: InlineGate, loop: asyncio.AbstractEventLoop) -> None:
         self._gate = gate
         self.loop = loop
         """The loop the run belongs to."""
-
-    bridge: type[LoopBridge] = LoopBridge
-    """The bridge to the loop for each function's user library in this run:
-    ``bridge(loop, timeout)``, whose library calls time out after ``timeout``."""
 
     def run(
         self,
