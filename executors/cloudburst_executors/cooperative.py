@@ -118,10 +118,10 @@ class GreenletBridge(LoopBridge):
     ) -> None:
         """Deliver a message, the loop awaiting it (see :meth:`LoopBridge.send`)."""
         if not inside():
-            return super().send(router, envelope, limit)
+            super().send(router, envelope, limit)
+            return
         # Bounded: a full mailbox waits send_timeout, an answer that slack more.
         self.run(router.send(envelope), f"send to {envelope.recipient_id}", limit, bounded=True)
-        return None
 
     def receive(self, mailbox: Mailbox, wait: float) -> list[Message]:
         """The mailbox's messages, the loop awaiting them (see :meth:`LoopBridge.receive`)."""
