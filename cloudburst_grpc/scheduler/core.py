@@ -40,12 +40,12 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     value_pb2,
 )
+from cloudburst_grpc import dags as dag_rules
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.call_ids import new_call_id
 from cloudburst_grpc.config import SchedulerConfig
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.kvs_access import KvsAccess
-from cloudburst_grpc.scheduler import dag as dag_rules
 from cloudburst_grpc.scheduler import policy
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.registry import Registry
@@ -96,7 +96,7 @@ class Scheduler:
         self._last_version = 0
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
         self._background: asyncio.Task[None] | None = None
-        self._topologies: dict[tuple[str, int], dag_rules.Topology] = {}
+        self._topologies = dag_rules.TopologyCache()
         self._plans: dict[str, _Plan] = {}
 
     def _next_version(self) -> int:
@@ -348,16 +348,7 @@ class Scheduler:
 
     def _topology(self, dag: function_pb2.Dag) -> dag_rules.Topology:
         """The topology of a DAG version, computed once (DAGs are immutable per version)."""
-        key = (dag.name, dag.version)
-        topo = self._topologies.get(key)
-        if topo is None:
-            if len(self._topologies) > 4096:
-                self._topologies.clear()
-            topo = dag_rules.topology(
-                list(dag.functions), [(c.upstream, c.downstream) for c in dag.connections]
-            )
-            self._topologies[key] = topo
-        return topo
+        return self._topologies.get(dag)
 
     async def _place_dag(
         self,

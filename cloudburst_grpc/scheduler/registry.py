@@ -13,22 +13,10 @@ from typing import Any
 
 from cloudburst.serialization import LwwClock, lww
 from cloudburst.v1 import function_pb2, lattice_pb2, value_pb2
+from cloudburst_grpc.dags import DAG_PREFIX, FUNCTION_PREFIX, dag_key, function_key
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
 
 logger = logging.getLogger(__name__)
-
-FUNCTION_PREFIX = "function/"
-DAG_PREFIX = "dag/"
-
-
-def function_key(name: str) -> str:
-    """The system key of a function definition."""
-    return FUNCTION_PREFIX + name
-
-
-def dag_key(name: str) -> str:
-    """The system key of a DAG definition."""
-    return DAG_PREFIX + name
 
 
 class Registry:

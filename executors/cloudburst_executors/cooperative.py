@@ -5,9 +5,9 @@ on the loop for each of those calls. On a worker thread, every such wait is
 two thread hand-offs (the thread wakes the loop, the loop wakes the thread),
 which dominate a message round trip between two functions. Run instead in a
 greenlet on the loop's own thread, user code that reaches a library call
-switches back to :func:`drive`, which awaits the call on the loop and
-switches back in with its result: a few microseconds, and the loop serves
-everything else while the function waits.
+switches back to :func:`drive` (through its :class:`GreenletBridge`), which
+awaits the call on the loop and switches back in with its result: a few
+microseconds, and the loop serves everything else while the function waits.
 
 Only the stretches of user code between library calls hold the loop, so
 :mod:`executors.inline` admits a function by the length of those stretches
@@ -30,13 +30,18 @@ import asyncio
 import contextlib
 import contextvars
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import greenlet
 
 from cloudburst.errors import CloudburstTimeoutError
+from cloudburst.v1 import messaging_service_pb2
+from cloudburst_executors.library import LoopBridge
+from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter, Message
+
+T = TypeVar("T")
 
 _get_running_loop = asyncio.events._get_running_loop
 #: Restores the loop :func:`hide_loop` hid.
@@ -78,6 +83,64 @@ def suspend(awaitable: Awaitable[Any], timeout: float | None, what: str) -> Any:
     driver = greenlet.getcurrent().parent
     assert driver is not None, "suspend() outside a greenlet run"
     return driver.switch(Wait(awaitable, timeout, what))
+
+
+class GreenletBridge(LoopBridge):
+    """How the library calls of user code in a greenlet reach the loop: by switching to it.
+
+    Each wait switches out to :func:`drive`, which awaits it on the loop. A call
+    from a thread that the user code started itself waits as on a worker
+    thread, and so is :attr:`LoopBridge.foreign`.
+    """
+
+    def run(
+        self,
+        coro: Coroutine[Any, Any, T],
+        what: str,
+        timeout: float | None = None,
+        bounded: bool = False,
+    ) -> T:
+        """Have the loop await ``coro`` and return its result (see :meth:`LoopBridge.run`)."""
+        if not inside():
+            return super().run(coro, what, timeout, bounded)
+        limit = self.timeout if timeout is None else timeout
+        result: T = suspend(coro, None if bounded else limit, what)
+        return result
+
+    def on_loop(self, function: Callable[[], T], what: str) -> T:
+        """Call ``function``: the greenlet runs on the loop's thread already."""
+        if not inside():
+            return super().on_loop(function, what)
+        return function()
+
+    def send(
+        self, router: MailboxRouter, envelope: messaging_service_pb2.MessageEnvelope, limit: float
+    ) -> None:
+        """Deliver a message, the loop awaiting it (see :meth:`LoopBridge.send`)."""
+        if not inside():
+            super().send(router, envelope, limit)
+            return
+        # Bounded: a full mailbox waits send_timeout, an answer that slack more.
+        self.run(router.send(envelope), f"send to {envelope.recipient_id}", limit, bounded=True)
+
+    def receive(self, mailbox: Mailbox, wait: float) -> list[Message]:
+        """The mailbox's messages, the loop awaiting them (see :meth:`LoopBridge.receive`)."""
+        if not inside():
+            return super().receive(mailbox, wait)
+        # Even without a wait, let the loop run: a function polling recv()
+        # must not keep it from delivering what it polls for.
+        return self.run(
+            mailbox.receive(wait) if wait else _after_a_turn(mailbox),
+            "recv()",
+            wait + 10,
+            bounded=True,  # by ``wait``
+        )
+
+
+async def _after_a_turn(mailbox: Mailbox) -> list[Message]:
+    """The mailbox's messages once the loop has run whatever else was ready."""
+    await asyncio.sleep(0)
+    return mailbox.drain()
 
 
 class Segments:

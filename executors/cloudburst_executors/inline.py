@@ -28,6 +28,11 @@ be held up for long, so the gate is earned and lost:
 
 A new version of a function starts afresh.
 
+The executor asks the gate once per run: :meth:`InlineGate.place` returns a
+:class:`Placement` that runs the call where it goes, hands each function of
+the run its bridge to the loop (see :mod:`executors.library`), and does the
+gate's accounting of each function's user code.
+
 Classes never run on the loop: a pinned instance's lock may be held by a
 thread that is itself waiting on the loop. Nor does a function that called
 the library from threads it started itself, for the same reason. A stretch that holds the loop for
@@ -38,8 +43,9 @@ could do) is reported in the log while it lasts, by a watchdog thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import dis
+import functools
 import inspect
 import logging
 import resource
@@ -47,11 +53,13 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from cloudburst_executors import cooperative
+from cloudburst_executors.library import LoopBridge
 from cloudburst_grpc import telemetry
 
 logger = logging.getLogger(__name__)
@@ -70,6 +78,8 @@ Where = Literal["thread", "loop", "greenlet"]
 THREAD: Where = "thread"
 LOOP: Where = "loop"
 GREENLET: Where = "greenlet"
+
+T = TypeVar("T")
 
 # Per-thread resource usage: CPU time and context switches (Linux).
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
@@ -131,6 +141,25 @@ class RunRecord:
     (see :mod:`executors.cooperative`); known once ``eligible`` is."""
 
 
+class Runnable(Protocol):
+    """A loaded function, as the gate sees it."""
+
+    @property
+    def name(self) -> str:
+        """Its registered name."""
+        ...
+
+    @property
+    def target(self) -> Any:
+        """What is called: the function, or the class."""
+        ...
+
+    @property
+    def runs(self) -> RunRecord:
+        """How its runs went."""
+        ...
+
+
 class InlineGate:
     """Decides, per loaded function, whether its calls run on the event loop.
 
@@ -144,8 +173,7 @@ class InlineGate:
         self.running: tuple[str, float] | None = None
         """The function running on the loop now and when it began (perf_counter)."""
         self._watched = False
-        self._greenlet_run: LoopStretches | None = None
-        """The accounting of this executor's greenlet run in progress, if any."""
+        self._placements: tuple[asyncio.AbstractEventLoop, OnThread, OnLoop] | None = None
         self._slot_loop: asyncio.AbstractEventLoop | None = None
         self._slot = cooperative.Slot()
         """Whether a greenlet run is in progress on ``_slot_loop``."""
@@ -161,19 +189,18 @@ class InlineGate:
         """The run on the loop ended."""
         self.running = None
 
-    @contextlib.contextmanager
-    def greenlet_run(self, name: str, record: RunRecord) -> Iterator[LoopStretches]:
-        """The accounting of a greenlet run of the function ``name`` on the loop, while it lasts."""
-        self._greenlet_run = LoopStretches(self, name, record)
-        try:
-            yield self._greenlet_run
-        finally:
-            self._greenlet_run = None
+    def place(self, function: Runnable, loop: asyncio.AbstractEventLoop) -> Placement:
+        """Where the next call of ``function`` runs on ``loop``.
 
-    def entered(self, name: str, record: RunRecord) -> None:
-        """A greenlet run goes on to the next function of its chain."""
-        if self._greenlet_run is not None:
-            self._greenlet_run.name, self._greenlet_run.record = name, record
+        The placement runs the call there and does this gate's accounting of it.
+        """
+        where = self.where(function.runs, loop)
+        if where == GREENLET:
+            return InGreenlet(self, loop, function)
+        placements = self._placements
+        if placements is None or placements[0] is not loop:
+            placements = self._placements = (loop, OnThread(self, loop), OnLoop(self, loop))
+        return placements[1] if where == THREAD else placements[2]
 
     def allows(self, record: RunRecord, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         """Whether the next call of the function runs on ``loop`` (directly or in a greenlet)."""
@@ -281,30 +308,197 @@ class InlineGate:
         )
 
 
-class LoopStretches(cooperative.Segments):
-    """Accounts each stretch of a greenlet run on the loop as if it were a whole run.
+class Placement:
+    """Where one run goes (see :meth:`InlineGate.place`), and the gate's accounting of it.
 
-    The watchdog watches it, and a slow one is a strike (see :meth:`InlineGate.ran_on_loop`).
+    A run is one function, or a DAG stage and the chain of stages after it
+    (each of which must be :meth:`admitted <admits>`). The executor calls
+    :meth:`run` once, and :meth:`invoke` around each function's user code.
     """
 
-    def __init__(self, gate: InlineGate, name: str, record: RunRecord) -> None:
+    where: Where
+    bridge: type[LoopBridge] = LoopBridge
+    """The bridge to the loop for each function's user library in this run:
+    ``bridge(loop, timeout)``, whose library calls time out after ``timeout``."""
+
+    def __init__(self, gate: InlineGate, loop: asyncio.AbstractEventLoop) -> None:
         self._gate = gate
-        self.name = name
-        self.record = record
+        self.loop = loop
+        """The loop the run belongs to."""
+
+    def run(
+        self,
+        pool: Executor,
+        context: contextvars.Context,
+        function: Callable[..., T],
+        *args: Any,
+    ) -> Awaitable[T]:
+        """Call ``function(*args)`` in ``context``, here; ``pool`` has the worker threads."""
+        raise NotImplementedError
+
+    def invoke(
+        self,
+        function: Runnable,
+        bridge: LoopBridge,
+        body: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """Call ``body(*args)``, the user code of ``function``, accounting how it went."""
+        raise NotImplementedError
+
+    def admits(self, record: RunRecord) -> bool:
+        """Whether a function may run next in this run's chain."""
+        return self._gate.follows(record, self.where)
+
+
+class OnThread(Placement):
+    """A run on a worker thread, which times the stretches of user code."""
+
+    where = THREAD
+
+    def run(
+        self,
+        pool: Executor,
+        context: contextvars.Context,
+        function: Callable[..., T],
+        *args: Any,
+    ) -> Awaitable[T]:
+        """Call ``function(*args)`` on a worker thread."""
+        return self.loop.run_in_executor(pool, context.run, function, *args)
+
+    def invoke(
+        self,
+        function: Runnable,
+        bridge: LoopBridge,
+        body: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """Run ``body`` timing its stretches of user code; they may earn a place on the loop."""
+        bridge.begin(self._gate.max_seconds)
+        try:
+            return body(*args)
+        finally:
+            bridge.end()
+            self._gate.ran_on_thread(
+                function.name,
+                function.target,
+                function.runs,
+                bridge.streak,
+                bridge.broken,
+                bridge.foreign,
+            )
+
+    def admits(self, record: RunRecord) -> bool:
+        """Any function may run next on a thread."""
+        return True
+
+
+class OnLoop(Placement):
+    """A run on the event loop itself, of functions that never use the user library."""
+
+    where = LOOP
+
+    def run(
+        self,
+        pool: Executor,
+        context: contextvars.Context,
+        function: Callable[..., T],
+        *args: Any,
+    ) -> Awaitable[T]:
+        """Call ``function(*args)`` right here, on the loop."""
+        return _done(context.run(function, *args))
+
+    def invoke(
+        self,
+        function: Runnable,
+        bridge: LoopBridge,
+        body: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """Run ``body`` watched; a slow run sends the function back to threads."""
+        gate = self._gate
+        usage = gate.usage()
+        began = time.perf_counter()
+        gate.started(function.name, began)
+        hidden = cooperative.hide_loop()  # user code sees the thread as a worker's
+        try:
+            return body(*args)
+        finally:
+            cooperative.restore_loop(hidden)
+            took = time.perf_counter() - began
+            gate.stopped()
+            gate.ran_on_loop(function.name, function.runs, took, usage)
+
+    def admits(self, record: RunRecord) -> bool:
+        """Only a function that runs on the loop and never uses the library."""
+        return record.on_loop and not record.uses_library
+
+
+class InGreenlet(Placement, cooperative.Segments):
+    """A run in a greenlet on the loop: each stretch between library calls is accounted.
+
+    The watchdog watches each stretch, and a slow one is a strike (see
+    :meth:`InlineGate.ran_on_loop`), as if it were a whole run on the loop.
+    """
+
+    where = GREENLET
+
+    def __init__(
+        self, gate: InlineGate, loop: asyncio.AbstractEventLoop, function: Runnable
+    ) -> None:
+        super().__init__(gate, loop)
+        self._name = function.name
+        self._record = function.runs
+        """The function running now (a chain goes on to others)."""
         self._began = 0.0
         self._usage: resource.struct_rusage | None = None
+
+    bridge = cooperative.GreenletBridge
+    """Library calls switch to the loop."""
+
+    def run(
+        self,
+        pool: Executor,
+        context: contextvars.Context,
+        function: Callable[..., T],
+        *args: Any,
+    ) -> Awaitable[T]:
+        """Call ``function(*args)`` in a greenlet on the loop."""
+        driven: Awaitable[T] = cooperative.drive(functools.partial(function, *args), context, self)
+        return driven
+
+    def invoke(
+        self,
+        function: Runnable,
+        bridge: LoopBridge,
+        body: Callable[..., T],
+        *args: Any,
+    ) -> T:
+        """Run ``body``; the driver accounts each stretch (see :meth:`begin`)."""
+        self._name, self._record = function.name, function.runs
+        bridge.own()
+        try:
+            return body(*args)
+        finally:
+            if bridge.foreign:
+                self._gate.keep_off_loop(function.name, function.runs)
 
     def begin(self) -> None:
         """A stretch begins: note the time and this thread's CPU usage."""
         self._usage = self._gate.usage()
         self._began = time.perf_counter()
-        self._gate.started(self.name, self._began)
+        self._gate.started(self._name, self._began)
 
     def end(self) -> None:
         """The stretch ended: a slow one sends the function back to threads."""
         took = time.perf_counter() - self._began
         self._gate.stopped()
-        self._gate.ran_on_loop(self.name, self.record, took, self._usage)
+        self._gate.ran_on_loop(self._name, self._record, took, self._usage)
+
+
+async def _done(value: T) -> T:
+    """``value``, awaitable."""
+    return value
 
 
 class _Watchdog:

@@ -1,10 +1,13 @@
 """The user library: the first argument every function receives.
 
 User code runs on an executor thread or in a greenlet on the event loop (see
-:mod:`executors.cooperative`). Each library call has the loop run a coroutine
-and waits for it with a deadline: from a thread by handing the coroutine to
-the loop, from a greenlet by switching to the loop, which awaits it. Either
-way the loop is never blocked and no call waits forever.
+:mod:`executors.cooperative`). The library does not care which: each of its
+calls that needs the loop goes through the run's *bridge*, chosen once per run
+by where the run goes. :class:`LoopBridge` serves code on a thread: it hands
+each coroutine to the loop and waits for it with a deadline;
+:class:`cooperative.GreenletBridge` serves a greenlet: it switches to the loop,
+which awaits the coroutine. Either way the loop is never blocked and no call
+waits forever.
 """
 
 from __future__ import annotations
@@ -14,13 +17,12 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
 from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, serialize
 from cloudburst.v1 import messaging_service_pb2
-from cloudburst_executors import cooperative
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter, Message
@@ -29,11 +31,14 @@ T = TypeVar("T")
 
 
 class LoopBridge:
-    """Runs coroutines on the event loop for user code, with a deadline.
+    """How the library calls of user code on a worker thread reach the event loop.
 
-    On a worker thread it also times the stretches of user code between
-    library calls (from :meth:`begin` to :meth:`end`), which decide whether the
-    function may run on the loop (see :mod:`executors.inline`).
+    Every wait of a library call is one of this class's methods, so that a run
+    in a greenlet (:class:`cooperative.GreenletBridge`) can wait differently.
+
+    It also times the stretches of user code between library calls (from
+    :meth:`begin` to :meth:`end`), which decide whether the function may run
+    on the loop (see :mod:`executors.inline`).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
@@ -50,11 +55,6 @@ class LoopBridge:
         """The thread running the user code, once known."""
         self.foreign = False
         """Whether another thread (one the user code started) called the library."""
-
-    @property
-    def cooperative(self) -> bool:
-        """Whether the caller is user code in a greenlet on the loop."""
-        return cooperative.inside()
 
     def begin(self, limit: float) -> None:
         """User code starts running on this thread: measure its stretches against ``limit``."""
@@ -101,10 +101,36 @@ class LoopBridge:
             CloudburstTimeoutError: It did not finish within the timeout.
         """
         limit = self.timeout if timeout is None else timeout
-        if cooperative.inside():
-            result: T = cooperative.suspend(coro, None if bounded else limit, what)
-            return result
         return self.wait(asyncio.run_coroutine_threadsafe(coro, self.loop), what, limit)
+
+    def on_loop(self, function: Callable[[], T], what: str) -> T:
+        """Call ``function`` on the loop's thread and return what it returns."""
+
+        async def call() -> T:
+            return function()
+
+        return self.run(call(), what)
+
+    def send(
+        self, router: MailboxRouter, envelope: messaging_service_pb2.MessageEnvelope, limit: float
+    ) -> None:
+        """Deliver a message through ``router``; returns once it is in the recipient's mailbox.
+
+        Raises:
+            CloudburstTimeoutError: It was not delivered within ``limit`` seconds.
+        """
+        try:
+            delivered = router.submit(envelope, self.loop)
+        except RuntimeError:
+            raise UnavailableError("the executor is shutting down") from None
+        self.wait(delivered, f"send to {envelope.recipient_id}", limit)
+
+    def receive(self, mailbox: Mailbox, wait: float) -> list[Message]:
+        """The mailbox's messages; without any, wait up to ``wait`` seconds for one."""
+        # Wait in this thread: arrivals notify the mailbox's condition. Even
+        # without a wait this ends a stretch of user code, as in a greenlet.
+        with self.blocking():
+            return mailbox.take(wait) if wait else mailbox.drain()
 
     def wait(self, future: concurrent.futures.Future[T], what: str, limit: float) -> T:
         """Wait on this thread for ``future``, which the loop settles.
@@ -213,15 +239,7 @@ class UserLibrary:
     def get_id(self) -> str:
         """Return this invocation's mailbox id; other functions ``send`` to it."""
         if self._mailbox_id is None:
-            router = self._messaging()
-            if self._bridge.cooperative:
-                self._mailbox = router.open()  # on the loop's thread already
-            else:
-
-                async def open_mailbox() -> Mailbox:
-                    return router.open()
-
-                self._mailbox = self._bridge.run(open_mailbox(), "get_id()")
+            self._mailbox = self._bridge.on_loop(self._messaging().open, "get_id()")
             self._mailbox_id = self._mailbox.id
         return self._mailbox_id
 
@@ -256,15 +274,7 @@ class UserLibrary:
         limit = router.send_timeout + 15
         with telemetry.span("send", attributes=attributes):
             telemetry.inject(envelope.trace_context)
-            if self._bridge.cooperative:
-                # Bounded: a full mailbox waits send_timeout, an answer that slack more.
-                self._bridge.run(router.send(envelope), f"send to {dest}", limit, bounded=True)
-                return
-            try:
-                delivered = router.submit(envelope, self._bridge.loop)
-            except RuntimeError:
-                raise UnavailableError("the executor is shutting down") from None
-            self._bridge.wait(delivered, f"send to {dest}", limit)
+            self._bridge.send(router, envelope, limit)
 
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Return the messages received so far as ``(sender_id, msg)`` pairs.
@@ -278,20 +288,7 @@ class UserLibrary:
         wait = max(timeout or 0.0, 0.0)
         attributes = {"cloudburst.recipient": mailbox_id} if telemetry.tracing() else None
         with telemetry.span("recv", attributes=attributes) as current:
-            if self._bridge.cooperative:
-                # Even without a wait, let the loop run: a function polling recv()
-                # must not keep it from delivering what it polls for.
-                messages = self._bridge.run(
-                    mailbox.receive(wait) if wait else _after_a_turn(mailbox),
-                    "recv()",
-                    wait + 10,
-                    bounded=True,  # by ``wait``
-                )
-            else:
-                # Wait in this thread: arrivals notify the mailbox's condition. Even
-                # without a wait this ends a stretch of user code, as in a greenlet.
-                with self._bridge.blocking():
-                    messages = mailbox.take(wait) if wait else mailbox.drain()
+            messages = self._bridge.receive(mailbox, wait)
             if current is not None:
                 current.set_attribute("cloudburst.messages", len(messages))
                 for message in messages:
@@ -309,12 +306,6 @@ class UserLibrary:
         """End the invocation's mailbox, discarding unread messages (on the loop thread)."""
         if self._mailbox_id is not None and self._router is not None:
             self._router.close(self._mailbox_id)
-
-
-async def _after_a_turn(mailbox: Mailbox) -> list[Message]:
-    """The mailbox's messages once the loop has run whatever else was ready."""
-    await asyncio.sleep(0)
-    return mailbox.drain()
 
 
 def _check_key(key: object) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.v1 import execution_pb2
-from cloudburst_executors.executor import ResultRouter
+from cloudburst_executors.results import ResultRouter
 
 
 def outcome(text: str) -> execution_pb2.Outcome:

@@ -1,4 +1,4 @@
-"""DAG validation and topology (cloudburst_grpc.scheduler.dag), pure code."""
+"""DAG validation and topology (cloudburst_grpc.dags), pure code."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cloudburst.errors import InvalidArgumentError, InvalidDagError
-from cloudburst_grpc.scheduler import dag
+from cloudburst.v1 import function_pb2
+from cloudburst_grpc import dags as dag
 
 Edge = tuple[str, str]
 
@@ -270,3 +271,41 @@ def test_upstream_first_puts_every_function_after_its_upstreams() -> None:
     topo = dag.topology(functions, connections)
     assert topo.upstream_first == ("source", "right", "left", "sink")
     assert dag.topology(["a"], []).upstream_first == ("a",)
+
+
+# -- shared rules: keys, join order, the topology cache ------------------------------------------
+
+
+def test_definitions_have_their_own_system_keys() -> None:
+    assert dag.function_key("f") == "function/f"
+    assert dag.dag_key("f") == "dag/f"
+
+
+def test_join_arguments_put_static_arguments_first_and_spread_tuple_results() -> None:
+    assert dag.join_arguments([1], [(2, 3), [4], 5]) == (1, 2, 3, [4], 5)
+    assert dag.join_arguments((), [()]) == (), "an empty tuple result adds no argument"
+
+
+def _dag(name: str, version: int) -> function_pb2.Dag:
+    built = function_pb2.Dag(name=name, version=version, functions=["a", "b"])
+    built.connections.add(upstream="a", downstream="b")
+    return built
+
+
+def test_the_topology_cache_keeps_one_topology_per_dag_version_up_to_its_size() -> None:
+    cache = dag.TopologyCache(size=2)
+    first = cache.get(_dag("d", 1))
+    assert cache.get(_dag("d", 1)) is first, "computed once per version"
+    second = cache.get(_dag("d", 2))
+    assert second is not first
+    cache.get(_dag("d", 1))  # now the most recently used
+    cache.get(_dag("e", 1))  # evicts ("d", 2), the least recently used
+    assert len(cache) == 2
+    assert cache.get(_dag("d", 1)) is first
+    assert cache.get(_dag("d", 2)) is not second, "computed again after its eviction"
+    assert first.sink == "b"
+
+
+def test_a_topology_cache_needs_room() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        dag.TopologyCache(size=0)

@@ -1,4 +1,7 @@
-"""DAG validation and topology, as pure code.
+"""The rules of DAGs, as pure code: validation, topology, keys and join order.
+
+Both the scheduler (which validates and places DAGs) and the executors (which
+run their stages) follow these rules, so they live here, once.
 
 A valid DAG has at least one function, no duplicate names, only registered
 functions, only edges between its own functions, no cycle, exactly one sink,
@@ -6,15 +9,51 @@ and (when it has more than one function) no function without an edge.
 
 At a join, a function receives its static arguments first, then one result
 per upstream in the order its upstreams appear in the DAG's ``functions``
-list (never in arrival order). A tuple result spreads into several arguments.
+list (never in arrival order). A tuple result spreads into several arguments
+(:func:`join_arguments`).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cloudburst.errors import InvalidDagError
+from cloudburst.v1 import function_pb2
+
+#: Where function definitions live in the KVS's system keyspace.
+FUNCTION_PREFIX = "function/"
+#: Where DAG definitions live in the KVS's system keyspace.
+DAG_PREFIX = "dag/"
+#: Topologies a :class:`TopologyCache` keeps by default: one per DAG version in use,
+#: a few hundred bytes each.
+TOPOLOGY_CACHE_SIZE = 1024
+
+
+def function_key(name: str) -> str:
+    """The system key of a function definition."""
+    return FUNCTION_PREFIX + name
+
+
+def dag_key(name: str) -> str:
+    """The system key of a DAG definition."""
+    return DAG_PREFIX + name
+
+
+def join_arguments(static: Iterable[Any], results: Iterable[Any]) -> tuple[Any, ...]:
+    """A stage's arguments: its static arguments, then each upstream result in DAG order.
+
+    A tuple result spreads into several arguments; anything else is one argument.
+    """
+    arguments = list(static)
+    for result in results:
+        if isinstance(result, tuple):
+            arguments.extend(result)
+        else:
+            arguments.append(result)
+    return tuple(arguments)
 
 
 @dataclass(frozen=True)
@@ -161,3 +200,33 @@ def _find_cycle(functions: Sequence[str], downs: dict[str, set[str]]) -> list[st
                 color[child] = grey
                 stack.append((child, iter(sorted(downs[child]))))
     return []
+
+
+class TopologyCache:
+    """The topologies of DAG versions, computed once each, the least recently used dropped.
+
+    A DAG never changes within a version, so its topology is cached by
+    ``(name, version)``; at most ``size`` versions are kept.
+    """
+
+    def __init__(self, size: int = TOPOLOGY_CACHE_SIZE) -> None:
+        if size < 1:
+            raise ValueError(f"a topology cache needs room for at least one DAG, not {size}")
+        self.size = size
+        self._topologies: OrderedDict[tuple[str, int], Topology] = OrderedDict()
+
+    def get(self, dag: function_pb2.Dag) -> Topology:
+        """The topology of ``dag`` (a valid DAG, as stored by a scheduler)."""
+        key = (dag.name, dag.version)
+        topo = self._topologies.get(key)
+        if topo is not None:
+            self._topologies.move_to_end(key)
+            return topo
+        topo = topology(list(dag.functions), [(c.upstream, c.downstream) for c in dag.connections])
+        self._topologies[key] = topo
+        if len(self._topologies) > self.size:
+            self._topologies.popitem(last=False)
+        return topo
+
+    def __len__(self) -> int:
+        return len(self._topologies)

@@ -1,0 +1,109 @@
+"""Delivering a DAG call's result: to the KVS and/or to the scheduler waiting for it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from cloudburst.errors import CloudburstError, CloudburstTimeoutError
+from cloudburst.rpc import reason_name
+from cloudburst.serialization import LwwClock, lww
+from cloudburst.v1 import execution_pb2, value_pb2
+from cloudburst_grpc import telemetry
+from cloudburst_grpc.failures import failure_value, runtime_failure
+from cloudburst_grpc.kvs_access import KvsAccess
+
+logger = logging.getLogger(__name__)
+
+
+class ResultRouter:
+    """Meets a sink's direct-response result with the scheduler waiting for it.
+
+    The two can arrive in either order across streams: a result that comes
+    first is parked until its waiter registers or its call's deadline passes.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[
+            str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
+        ] = {}
+        self._parked: dict[str, execution_pb2.Outcome] = {}
+
+    def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
+        """Return a future for the call's result; it fails after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
+        parked = self._parked.pop(call_id, None)
+        if parked is not None:
+            future.set_result(parked)
+            return future
+
+        def expire() -> None:
+            # Also forgets a waiter that was cancelled meanwhile.
+            waiting = self._waiters.get(call_id)
+            if waiting is not None and waiting[0] is future:
+                del self._waiters[call_id]
+            if not future.done():
+                future.set_exception(
+                    CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
+                )
+
+        self._waiters[call_id] = (future, loop.call_later(timeout, expire))
+        return future
+
+    def deliver(self, call_id: str, outcome: execution_pb2.Outcome, keep_for: float) -> None:
+        """Hand a result to its waiter, or park it for up to ``keep_for`` seconds."""
+        waiting = self._waiters.pop(call_id, None)
+        if waiting is not None:
+            future, expiry = waiting
+            expiry.cancel()
+            if not future.done():
+                future.set_result(outcome)
+            return
+        self._parked[call_id] = outcome
+        asyncio.get_running_loop().call_later(max(keep_for, 0.0), self._parked.pop, call_id, None)
+
+    def __len__(self) -> int:
+        return len(self._waiters) + len(self._parked)
+
+
+async def store(kvs: KvsAccess, clock: LwwClock, key: str, outcome: execution_pb2.Outcome) -> None:
+    """Store an outcome at ``key`` as its call's result (see :func:`outcome_value`)."""
+    await kvs.put(key, lww(outcome_value(outcome), clock))
+
+
+async def deliver(
+    schedule: execution_pb2.DagSchedule,
+    outcome: execution_pb2.Outcome,
+    kvs: KvsAccess,
+    clock: LwwClock,
+    results: ResultRouter,
+) -> None:
+    """Deliver a DAG sink's outcome: store it and/or route it to the waiting scheduler."""
+    if schedule.HasField("start_time"):
+        elapsed = time.time() - schedule.start_time.ToNanoseconds() / 1e9
+        telemetry.DAG_DURATION.record(max(elapsed, 0.0), {"dag": schedule.dag.name})
+    telemetry.DAG_CALLS.add(
+        1, {"dag": schedule.dag.name, "outcome": outcome.WhichOneof("result") or ""}
+    )
+    if schedule.response_key:
+        try:
+            await store(kvs, clock, schedule.response_key, outcome)
+        except CloudburstError:
+            logger.exception("call %s: cannot store the result", schedule.call_id)
+    if schedule.direct_response:
+        remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
+        results.deliver(schedule.call_id, outcome, keep_for=remaining)
+
+
+def outcome_value(outcome: execution_pb2.Outcome) -> value_pb2.Value:
+    """The value stored in the KVS for an outcome: the value, or the failure as a failure value."""
+    kind = outcome.WhichOneof("result")
+    if kind == "value":
+        return outcome.value
+    if kind == "failure":
+        return failure_value(outcome.failure)
+    error = outcome.error
+    reason = reason_name(error.reason)
+    return failure_value(runtime_failure(reason, error.message))
