@@ -10,7 +10,7 @@ awaits the call on the loop and switches back in with its result: a few
 microseconds, and the loop serves everything else while the function waits.
 
 Only the stretches of user code between library calls hold the loop, so
-:mod:`executors.inline` admits a function by the length of those stretches
+:mod:`cloudburst_executors.inline` admits a function by the length of those stretches
 rather than of whole runs. Two rules keep one function from wedging the
 others:
 

@@ -7,7 +7,7 @@ from a thread, which wait on the loop. Functions that have shown themselves
 quick run on the loop instead: one that provably never touches the user
 library (checked in its bytecode) runs there directly; one that may use it
 runs in a greenlet there, which switches back to the loop at each library
-call (see :mod:`executors.cooperative`).
+call (see :mod:`cloudburst_executors.cooperative`).
 
 What must be quick is each *stretch* of user code that holds the loop: the
 whole run (user code and serializing its result) for a library-free
@@ -30,7 +30,7 @@ A new version of a function starts afresh.
 
 The executor asks the gate once per run: :meth:`InlineGate.place` returns a
 :class:`Placement` that runs the call where it goes, hands each function of
-the run its bridge to the loop (see :mod:`executors.library`), and does the
+the run its bridge to the loop (see :mod:`cloudburst_executors.library`), and does the
 gate's accounting of each function's user code.
 
 Classes never run on the loop: a pinned instance's lock may be held by a
@@ -138,7 +138,7 @@ class RunRecord:
     """Whether it may ever run on the loop (None until first looked at)."""
     uses_library: bool = True
     """Whether it may call the user library, and so runs on the loop as a greenlet
-    (see :mod:`executors.cooperative`); known once ``eligible`` is."""
+    (see :mod:`cloudburst_executors.cooperative`); known once ``eligible`` is."""
 
 
 class Runnable(Protocol):
@@ -210,7 +210,7 @@ class InlineGate:
         """Where the next call of the function runs: a thread, the loop, or a greenlet on it.
 
         Never the loop while a greenlet run is in progress there: see
-        :mod:`executors.cooperative`.
+        :mod:`cloudburst_executors.cooperative`.
         """
         if not record.on_loop:
             return THREAD

@@ -1,6 +1,6 @@
 """Running a call: its function loaded, its arguments resolved, its code where the gate says.
 
-A run goes where :meth:`InlineGate.place <executors.inline.InlineGate.place>`
+A run goes where :meth:`InlineGate.place <cloudburst_executors.inline.InlineGate.place>`
 says: a worker thread, the event loop, or a greenlet on it. A DAG stage's run
 goes on to each downstream stage that :func:`executors.stages.chain_next`
 allows, in the same place (a worker thread, or the loop while each function
@@ -83,7 +83,7 @@ class Invoker:
         self._pinned = pinned
         self._kvs = kvs
         self._clock = clock
-        self._limit = max_payload_bytes
+        self._max_payload_bytes = max_payload_bytes
         self._timeout = timeout
         self._router = router
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,7 +194,9 @@ class Invoker:
         except BaseException as exc:  # even sys.exit() in user code only fails its call
             return execution_pb2.Outcome(failure=failure_from_exception(exc, loaded.name))
         try:
-            value = serialize(result, what=f"the result of {loaded.name!r}", limit=self._limit)
+            value = serialize(
+                result, what=f"the result of {loaded.name!r}", limit=self._max_payload_bytes
+            )
         except CloudburstError as exc:
             # The runtime's own error (too large, unpicklable), not the function's.
             return execution_pb2.Outcome(error=error_to_call_error(exc))
@@ -270,7 +272,7 @@ class Invoker:
             placement.bridge(placement.loop, self._timeout),
             self._kvs,
             self._clock,
-            self._limit,
+            self._max_payload_bytes,
             call_id,
             self._router,
         )

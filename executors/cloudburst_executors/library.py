@@ -1,7 +1,7 @@
 """The user library: the first argument every function receives.
 
 User code runs on an executor thread or in a greenlet on the event loop (see
-:mod:`executors.cooperative`). The library does not care which: each of its
+:mod:`cloudburst_executors.cooperative`). The library does not care which: each of its
 calls that needs the loop goes through the run's *bridge*, chosen once per run
 by where the run goes. :class:`LoopBridge` serves code on a thread: it hands
 each coroutine to the loop and waits for it with a deadline;
@@ -38,7 +38,7 @@ class LoopBridge:
 
     It also times the stretches of user code between library calls (from
     :meth:`begin` to :meth:`end`), which decide whether the function may run
-    on the loop (see :mod:`executors.inline`).
+    on the loop (see :mod:`cloudburst_executors.inline`).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
@@ -48,7 +48,7 @@ class LoopBridge:
         """Quick stretches of user code in a row, up to the latest."""
         self.broken = False
         """Whether a slow stretch came before them."""
-        self._limit = 0.0
+        self._max_stretch_seconds = 0.0
         self._mark = 0.0
         """When the current stretch began (perf_counter), or 0 when not measuring."""
         self._owner: int | None = None
@@ -56,9 +56,9 @@ class LoopBridge:
         self.foreign = False
         """Whether another thread (one the user code started) called the library."""
 
-    def begin(self, limit: float) -> None:
-        """User code starts running on this thread: measure its stretches against ``limit``."""
-        self.streak, self.broken, self._limit = 0, False, limit
+    def begin(self, max_stretch_seconds: float) -> None:
+        """User code starts running on this thread: measure its stretches against the limit."""
+        self.streak, self.broken, self._max_stretch_seconds = 0, False, max_stretch_seconds
         self.own()
         self._mark = time.perf_counter()
 
@@ -76,7 +76,7 @@ class LoopBridge:
             self.foreign = True
             return
         if self._mark:
-            if time.perf_counter() - self._mark > self._limit:
+            if time.perf_counter() - self._mark > self._max_stretch_seconds:
                 self.streak, self.broken = 0, True
             else:
                 self.streak += 1
@@ -184,7 +184,7 @@ class UserLibrary:
         self._bridge = bridge
         self._kvs = kvs
         self._clock = clock
-        self._limit = max_payload_bytes
+        self._max_payload_bytes = max_payload_bytes
         self._call_id = call_id
         self._router = router
         self._mailbox_id: str | None = None
@@ -216,7 +216,7 @@ class UserLibrary:
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
         _check_key(key)
-        data = serialize(value, what=f"value for key {key!r}", limit=self._limit)
+        data = serialize(value, what=f"value for key {key!r}", limit=self._max_payload_bytes)
         with telemetry.span("kvs put", attributes={"cloudburst.key": key}):
             started = time.monotonic()
             self._bridge.run(self._kvs.put(key, lww(data, self._clock)), f"put_object({key!r})")
@@ -264,7 +264,7 @@ class UserLibrary:
             message_number=self._sent,
             sender_id=sender,
             recipient_id=dest,
-            payload=serialize(msg, what=f"message to {dest}", limit=self._limit),
+            payload=serialize(msg, what=f"message to {dest}", limit=self._max_payload_bytes),
         )
         attributes = (
             {"cloudburst.sender": sender, "cloudburst.recipient": dest}

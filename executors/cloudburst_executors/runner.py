@@ -39,7 +39,7 @@ class LoadedFunction:
     instance: Any = None
     """The live class instance while the function is pinned."""
     runs: RunRecord = field(default_factory=RunRecord)
-    """How its runs went, for running it on the event loop (see executors.inline)."""
+    """How its runs went, for running it on the event loop (see cloudburst_executors.inline)."""
 
 
 def unpickle(value: value_pb2.Value) -> Any:

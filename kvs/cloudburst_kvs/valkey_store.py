@@ -715,13 +715,18 @@ class ValkeyWatch:
     """
 
     def __init__(
-        self, store: ValkeyStore, keyspace: int, keys: frozenset[str], prefix: str, limit: int
+        self,
+        store: ValkeyStore,
+        keyspace: int,
+        keys: frozenset[str],
+        prefix: str,
+        max_queued: int,
     ) -> None:
         self.keyspace = keyspace
         self.keys = keys
         self.prefix = prefix
         self._store = store
-        self._limit = limit
+        self._max_queued = max_queued
         self._queue: asyncio.Queue[WatchEvent | _Reread | _Relist | _End] = asyncio.Queue()
         self._pending: collections.deque[WatchEvent | _Reread] = collections.deque()
         self._ended = False
@@ -755,12 +760,12 @@ class ValkeyWatch:
             self._offer(_Reread(change.key))
 
     def _offer(self, item: WatchEvent | _Reread | _Relist) -> None:
-        if self._queue.qsize() >= self._limit:
+        if self._queue.qsize() >= self._max_queued:
             self._end(
                 QueueFullError(
-                    f"the watch fell more than {self._limit} changes behind and was ended; "
+                    f"the watch fell more than {self._max_queued} changes behind and was ended; "
                     "read the changes faster, then watch again and re-read the keys",
-                    {"limit": str(self._limit)},
+                    {"limit": str(self._max_queued)},
                 ),
                 drop_backlog=True,
             )
