@@ -163,6 +163,11 @@ RESULTS_RELEASED = METER.create_counter(
     unit="{result}",
     description="Call results deleted because their caller released them",
 )
+MESSAGES_DROPPED = METER.create_counter(
+    "cloudburst.messaging.dropped",
+    unit="{message}",
+    description="Messages dropped because their mailbox had closed (its function finished)",
+)
 KVS_DURATION = METER.create_histogram(
     "cloudburst.kvs.operation.duration", unit="s", description="KVS operation latency, by operation"
 )

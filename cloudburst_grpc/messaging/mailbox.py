@@ -3,9 +3,25 @@
 A mailbox belongs to one function invocation: it opens when the invocation
 first asks for its id and closes, discarding unread messages, when the
 invocation ends. A mailbox id names the process that hosts it
-(``<invocation>@<host:port>``), so any process can route to it without a
-directory. A mailbox is bounded: a sender that outruns its receiver waits for
-space, and gets ``QueueFullError`` if none frees up in time.
+(``<incarnation>-<number>@<host:port>``), so any process can route to it
+without a directory. A mailbox is bounded: a sender that outruns its receiver
+waits for space, and gets ``QueueFullError`` if none frees up in time.
+
+A message to a mailbox that existed and has closed is dropped, as the
+original system dropped it: functions that gossip with random peers and no
+final barrier send to peers that have already returned, and that must not
+fail the sender. ``send`` then answers False (True when delivered), and the
+drop is counted. An id that never named a mailbox, or a malformed one, still
+fails with ``MailboxNotFoundError``: that is a bug in the caller.
+
+Telling "closed" from "never existed" needs no record of closed ids. Each
+router draws a random incarnation token when it starts and numbers the
+mailboxes it opens 1, 2, 3, ...; so "this id is closed" is exactly "it
+carries my token, its number is one I have issued, and it is not open". The
+memory used is one counter, however many mailboxes come and go, and nothing
+has to be forgotten. An id of an earlier process at the same address (its
+token differs) counts as unknown: this process cannot tell whether it was
+ever issued.
 
 Everything here runs on the event loop thread, except what a function's own
 thread calls: :meth:`Mailbox.take`, :meth:`Mailbox.drain` and
@@ -17,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import secrets
 import threading
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from cloudburst.errors import InvalidArgumentError, MailboxNotFoundError, QueueFullError
+from cloudburst.errors import MailboxNotFoundError, QueueFullError
 from cloudburst.v1 import messaging_service_pb2, value_pb2
+from cloudburst_grpc import telemetry
 
 #: Messages a mailbox holds before senders wait.
 DEFAULT_CAPACITY = 1024
@@ -45,7 +62,7 @@ def mailbox_address(mailbox_id: str) -> str:
     """The ``host:port`` of the process hosting a mailbox."""
     invocation, sep, address = mailbox_id.rpartition("@")
     if not sep or not invocation or not address:
-        raise InvalidArgumentError(
+        raise MailboxNotFoundError(
             f"{mailbox_id!r} is not a mailbox id; use the value get_id() returned",
             {"mailbox": mailbox_id},
         )
@@ -93,14 +110,18 @@ class Mailbox:
         elif not loop.is_closed():
             loop.call_soon_threadsafe(self._changed.set)
 
-    async def put(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
+    async def put(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> bool:
         """Add a message, waiting up to ``timeout`` seconds for space.
 
-        A resent message (a number already seen from its sender) is dropped, so
-        each message is delivered once.
+        A resent message (a number already seen from its sender) is not added
+        again, so each message is delivered once.
+
+        Returns:
+            True once the message is in the mailbox (or was already), False
+            when the mailbox is closed (or closes while the sender waits), so
+            the message is dropped.
 
         Raises:
-            MailboxNotFoundError: The mailbox closed.
             QueueFullError: It stayed full for ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
@@ -108,11 +129,11 @@ class Mailbox:
         deadline = loop.time() + timeout
         while True:
             if self.closed:
-                raise _gone(self.id)
+                return False
             if envelope.message_number and envelope.message_number <= self._last_number.get(
                 envelope.sender_id, 0
             ):
-                return
+                return True
             if len(self) < self.capacity:
                 break
             remaining = deadline - loop.time()
@@ -141,6 +162,7 @@ class Mailbox:
         if envelope.message_number:
             self._last_number[envelope.sender_id] = envelope.message_number
         self._changed.set()
+        return True
 
     def drain(self) -> list[Message]:
         """Take every message received so far (never waits; any thread)."""
@@ -182,19 +204,22 @@ class Mailbox:
         self._notify_loop()
 
 
-def _gone(mailbox_id: str) -> MailboxNotFoundError:
+def _unknown(mailbox_id: str) -> MailboxNotFoundError:
     return MailboxNotFoundError(
-        f"no mailbox {mailbox_id}: the id is unknown or its function has finished",
+        f"no mailbox {mailbox_id}: no function was ever given this id (use the value "
+        "get_id() returned)",
         {"mailbox": mailbox_id},
     )
 
 
-Forward = Callable[[str, messaging_service_pb2.MessageEnvelope, float], Awaitable[None]]
+#: Delivers an envelope to another process's address within a timeout; True when
+#: delivered, False when the mailbox there has closed and the message was dropped.
+Forward = Callable[[str, messaging_service_pb2.MessageEnvelope, float], Awaitable[bool]]
 Post = Callable[
     [
         str,
         messaging_service_pb2.MessageEnvelope,
-        concurrent.futures.Future[None] | asyncio.Future[None],
+        concurrent.futures.Future[bool] | asyncio.Future[bool],
     ],
     None,
 ]
@@ -228,12 +253,31 @@ class MailboxRouter:
         self.capacity = capacity
         self.send_timeout = send_timeout
         self._mailboxes: dict[str, Mailbox] = {}
+        self._incarnation = secrets.token_hex(8)
+        self._issued = 0
+        """How many mailboxes this router has opened (the number of the latest)."""
+        self.dropped = 0
+        """Messages dropped because their mailbox had closed (also a metric)."""
 
     def open(self) -> Mailbox:
         """Open a mailbox for a new invocation."""
-        mailbox = Mailbox(f"{uuid.uuid4().hex}@{self.address}", self.capacity)
+        self._issued += 1
+        mailbox = Mailbox(f"{self._incarnation}-{self._issued}@{self.address}", self.capacity)
         self._mailboxes[mailbox.id] = mailbox
         return mailbox
+
+    def closed(self, mailbox_id: str) -> bool:
+        """Whether this router issued ``mailbox_id`` and it is no longer open."""
+        if mailbox_id in self._mailboxes:
+            return False
+        invocation, _, address = mailbox_id.rpartition("@")
+        incarnation, _, number = invocation.rpartition("-")
+        return (
+            address == self.address
+            and incarnation == self._incarnation
+            and number.isdigit()
+            and 1 <= int(number) <= self._issued
+        )
 
     def close(self, mailbox_id: str) -> None:
         """Close a mailbox, discarding what it still holds."""
@@ -242,39 +286,73 @@ class MailboxRouter:
             mailbox.close()
 
     def get(self, mailbox_id: str) -> Mailbox:
-        """The open mailbox with this id."""
+        """The open mailbox with this id.
+
+        Raises:
+            MailboxNotFoundError: No mailbox with this id is open.
+        """
         mailbox = self._mailboxes.get(mailbox_id)
         if mailbox is None:
-            raise _gone(mailbox_id)
+            if self.closed(mailbox_id):
+                raise MailboxNotFoundError(
+                    f"mailbox {mailbox_id} has closed: its function has finished",
+                    {"mailbox": mailbox_id},
+                )
+            raise _unknown(mailbox_id)
         return mailbox
 
     def __len__(self) -> int:
         return len(self._mailboxes)
 
-    async def deliver(self, envelope: messaging_service_pb2.MessageEnvelope) -> None:
-        """Put a message into one of this process's mailboxes."""
-        await self.get(envelope.recipient_id).put(envelope, self.send_timeout)
+    async def deliver(self, envelope: messaging_service_pb2.MessageEnvelope) -> bool:
+        """Put a message into one of this process's mailboxes.
 
-    async def send(self, envelope: messaging_service_pb2.MessageEnvelope) -> None:
-        """Deliver a message to its mailbox, here or in another process."""
+        Returns:
+            True when it is in the mailbox; False when the mailbox existed and
+            has closed, so the message was dropped (and counted).
+
+        Raises:
+            MailboxNotFoundError: This process never issued the id.
+            QueueFullError: The mailbox stayed full.
+        """
+        recipient = envelope.recipient_id
+        mailbox = self._mailboxes.get(recipient)
+        if mailbox is None:
+            if not self.closed(recipient):
+                raise _unknown(recipient)
+            delivered = False
+        else:
+            delivered = await mailbox.put(envelope, self.send_timeout)
+        if not delivered:
+            self.dropped += 1
+            telemetry.MESSAGES_DROPPED.add(1)
+        return delivered
+
+    async def send(self, envelope: messaging_service_pb2.MessageEnvelope) -> bool:
+        """Deliver a message to its mailbox, here or in another process.
+
+        Returns:
+            True when delivered, False when dropped because the mailbox has closed.
+        """
         address = mailbox_address(envelope.recipient_id)
         if address == self.address:
-            await self.deliver(envelope)
-        else:
-            await self._forward(address, envelope, self.send_timeout)
+            return await self.deliver(envelope)
+        return await self._forward(address, envelope, self.send_timeout)
 
     def submit(
         self, envelope: messaging_service_pb2.MessageEnvelope, loop: asyncio.AbstractEventLoop
-    ) -> concurrent.futures.Future[None]:
+    ) -> concurrent.futures.Future[bool]:
         """Start delivering a message from any thread; the future settles once it is there.
 
+        The future's result is what :meth:`send` returns.
+
         Raises:
-            InvalidArgumentError: The recipient is not a mailbox id.
+            MailboxNotFoundError: The recipient is not a mailbox id.
             RuntimeError: The loop is closed.
         """
         address = mailbox_address(envelope.recipient_id)
         if address != self.address and self._post is not None:
-            delivered: concurrent.futures.Future[None] = concurrent.futures.Future()
+            delivered: concurrent.futures.Future[bool] = concurrent.futures.Future()
             loop.call_soon_threadsafe(self._post, address, envelope, delivered)
             return delivered
         return asyncio.run_coroutine_threadsafe(self.send(envelope), loop)

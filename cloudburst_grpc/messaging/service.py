@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext
 
 #: What a sender waits on: thread-safe on a worker thread, an asyncio future on the loop.
-Delivered = concurrent.futures.Future[None] | asyncio.Future[None]
+#: Its result is True when the message is in the mailbox, False when the mailbox had
+#: closed and the message was dropped.
+Delivered = concurrent.futures.Future[bool] | asyncio.Future[bool]
 
 #: How often a message is sent again on a fresh stream after its stream broke.
 RESEND_ATTEMPTS = 2
@@ -151,7 +153,7 @@ class MessagingServicer(messaging_service_pb2_grpc.MessagingServiceServicer):
     async def _answer(self, frame: messaging_service_pb2.StreamMessagesRequest) -> Answer:
         answer = Answer(sequence=frame.sequence)
         try:
-            await self._router.deliver(frame.send)
+            answer.dropped = not await self._router.deliver(frame.send)
         except CloudburstError as exc:
             answer.error.CopyFrom(error_to_call_error(exc))
         return answer
@@ -226,8 +228,10 @@ class MessagingPeer:
         an asyncio future for one on the loop. Answers held for the receiving
         process ride along (``riding``: those of an earlier try of this frame).
 
-        It fails with the receiver's error (no such mailbox, mailbox full), or
-        with UnavailableError when the stream broke more than ``resends`` times.
+        It settles True when the message is in the mailbox, False when the
+        mailbox there had closed (the message was dropped). It fails with the
+        receiver's error (no such mailbox, mailbox full), or with
+        UnavailableError when the stream broke more than ``resends`` times.
         """
         frame = self._frame(envelope, delivered, resends, riding)
         try:
@@ -268,14 +272,17 @@ class MessagingPeer:
         if riding and self._outbox is not None:
             self._outbox.send_alone(riding)
 
-    async def send(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> None:
+    async def send(self, envelope: messaging_service_pb2.MessageEnvelope, timeout: float) -> bool:
         """Deliver one message and wait for the receiver's answer.
 
         ``timeout`` is how long the receiver may wait for space in the mailbox;
         the answer is awaited a little longer, so a full mailbox is reported
         as such rather than as a timeout here.
+
+        Returns:
+            True when delivered, False when the mailbox had closed (dropped).
         """
-        delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        delivered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         frame = self._frame(envelope, delivered, RESEND_ATTEMPTS, None)
         try:
             # The write too: a peer that stopped reading holds it up.
@@ -284,7 +291,7 @@ class MessagingPeer:
                     await self._stream.write(frame)  # at once, not a loop turn later
                 except UnavailableError as exc:
                     self._unsent(frame, exc)
-                await delivered
+                return await delivered
         except TimeoutError:
             raise CloudburstTimeoutError(
                 f"no answer from {self.address} for a message to {envelope.recipient_id}"
@@ -301,7 +308,7 @@ class MessagingPeer:
         if answer.HasField("error"):
             settle(waiting.delivered, error=error_from_call_error(answer.error))
         else:
-            settle(waiting.delivered)
+            settle(waiting.delivered, not answer.dropped)
 
     def _ended(self, error: grpc.RpcError | None) -> None:
         reason = str(error.code()) if error is not None else "closed"
@@ -380,9 +387,9 @@ class MessagingPeers:
 
     async def forward(
         self, address: str, envelope: messaging_service_pb2.MessageEnvelope, timeout: float
-    ) -> None:
-        """Send to the process at ``address``."""
-        await self._peer(address).send(envelope, timeout)
+    ) -> bool:
+        """Send to the process at ``address``; False when its mailbox had closed."""
+        return await self._peer(address).send(envelope, timeout)
 
     def post(
         self,

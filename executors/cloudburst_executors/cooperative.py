@@ -115,13 +115,14 @@ class GreenletBridge(LoopBridge):
 
     def send(
         self, router: MailboxRouter, envelope: messaging_service_pb2.MessageEnvelope, limit: float
-    ) -> None:
+    ) -> bool:
         """Deliver a message, the loop awaiting it (see :meth:`LoopBridge.send`)."""
         if not inside():
-            super().send(router, envelope, limit)
-            return
+            return super().send(router, envelope, limit)
         # Bounded: a full mailbox waits send_timeout, an answer that slack more.
-        self.run(router.send(envelope), f"send to {envelope.recipient_id}", limit, bounded=True)
+        return self.run(
+            router.send(envelope), f"send to {envelope.recipient_id}", limit, bounded=True
+        )
 
     def receive(self, mailbox: Mailbox, wait: float) -> list[Message]:
         """The mailbox's messages, the loop awaiting them (see :meth:`LoopBridge.receive`)."""

@@ -113,8 +113,11 @@ class LoopBridge:
 
     def send(
         self, router: MailboxRouter, envelope: messaging_service_pb2.MessageEnvelope, limit: float
-    ) -> None:
+    ) -> bool:
         """Deliver a message through ``router``; returns once it is in the recipient's mailbox.
+
+        Returns:
+            True when delivered, False when the recipient's mailbox had closed (dropped).
 
         Raises:
             CloudburstTimeoutError: It was not delivered within ``limit`` seconds.
@@ -123,7 +126,7 @@ class LoopBridge:
             delivered = router.submit(envelope, self.loop)
         except RuntimeError:
             raise UnavailableError("the executor is shutting down") from None
-        self.wait(delivered, f"send to {envelope.recipient_id}", limit)
+        return self.wait(delivered, f"send to {envelope.recipient_id}", limit)
 
     def receive(self, mailbox: Mailbox, wait: float) -> list[Message]:
         """The mailbox's messages; without any, wait up to ``wait`` seconds for one."""
@@ -245,14 +248,16 @@ class UserLibrary:
 
     getid = get_id
 
-    def send(self, dest: str, msg: Any) -> None:
+    def send(self, dest: str, msg: Any) -> bool:
         """Send ``msg`` (any Python value) to the function whose id is ``dest``.
 
-        Returns once the message is in the receiver's mailbox. Messages from one
+        Returns True once the message is in the receiver's mailbox, or False
+        when the receiver has finished (its mailbox closed): the message is
+        then dropped, as the original system dropped it. Messages from one
         sender to one receiver arrive in order.
 
         Raises:
-            MailboxNotFoundError: No such id, or its function has finished.
+            MailboxNotFoundError: No function was ever given this id, or it is malformed.
             QueueFullError: The receiver's mailbox stayed full.
         """
         if not isinstance(dest, str) or not dest:
@@ -274,7 +279,7 @@ class UserLibrary:
         limit = router.send_timeout + 15
         with telemetry.span("send", attributes=attributes):
             telemetry.inject(envelope.trace_context)
-            self._bridge.send(router, envelope, limit)
+            return self._bridge.send(router, envelope, limit)
 
     def recv(self, timeout: float | None = None) -> list[tuple[str, Any]]:
         """Return the messages received so far as ``(sender_id, msg)`` pairs.

@@ -64,7 +64,7 @@ def envelope(recipient: str, number: int) -> Envelope:
     )
 
 
-async def no_forward(address: str, message: Envelope, timeout: float) -> None:
+async def no_forward(address: str, message: Envelope, timeout: float) -> bool:
     raise AssertionError(f"the receiver forwards nothing, got a message for {address}")
 
 
@@ -76,7 +76,7 @@ async def test_a_broken_stream_is_reopened_and_every_message_arrives_once_in_ord
     mailbox = receiver.open()
     peer = MessagingPeer(address, "sender", 1 << 20)
     try:
-        delivered = [concurrent.futures.Future[None]() for _ in range(total)]
+        delivered = [concurrent.futures.Future[bool]() for _ in range(total)]
         for number, future in enumerate(delivered, start=1):
             peer.post(envelope(mailbox.id, number), future)
         await asyncio.wait_for(
@@ -166,7 +166,7 @@ async def test_answers_on_a_frame_that_cannot_be_sent_go_alone() -> None:
     answers.hold("there:1", messaging_service_pb2.StreamMessagesResponse(sequence=7), fallback)
     peer = MessagingPeer("there:1", "p", 1 << 20, "here:1", answers)
     await peer.close()  # closed for good: the frame is never sent
-    delivered = concurrent.futures.Future[None]()
+    delivered = concurrent.futures.Future[bool]()
     peer.post(envelope("box@there:1", 1), delivered)
     with pytest.raises(UnavailableError):
         delivered.result(0)

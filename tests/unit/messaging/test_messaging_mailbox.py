@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from cloudburst.errors import InvalidArgumentError, MailboxNotFoundError, QueueFullError
+from cloudburst.errors import MailboxNotFoundError, QueueFullError
 from cloudburst.v1 import messaging_service_pb2, value_pb2
 from cloudburst_grpc.messaging.mailbox import MailboxRouter, mailbox_address
 
@@ -21,7 +21,7 @@ def envelope(recipient: str, number: int, sender: str = "s@here", text: str = ""
     )
 
 
-async def no_forward(address: str, message: Envelope, timeout: float) -> None:
+async def no_forward(address: str, message: Envelope, timeout: float) -> bool:
     raise AssertionError(f"nothing should be forwarded, got one for {address}")
 
 
@@ -29,7 +29,7 @@ def test_mailbox_ids_name_their_process() -> None:
     router = MailboxRouter("10.0.0.1:7600", no_forward)
     mailbox = router.open()
     assert mailbox_address(mailbox.id) == "10.0.0.1:7600"
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(MailboxNotFoundError, match="not a mailbox id"):
         mailbox_address("not-an-id")
 
 
@@ -52,15 +52,56 @@ async def test_a_resent_message_is_delivered_once() -> None:
     assert [m.payload.data for m in mailbox.drain()] == [b"1", b"2"]
 
 
-async def test_sending_to_an_unknown_or_closed_mailbox_fails_clearly() -> None:
+async def test_sending_to_an_id_that_never_named_a_mailbox_fails_clearly() -> None:
     router = MailboxRouter("here:1", no_forward)
-    with pytest.raises(MailboxNotFoundError, match="unknown or its function has finished"):
-        await router.send(envelope("nobody@here:1", 1))
+    opened = router.open()
+    incarnation = opened.id.split("-")[0]
+    never = [
+        "nobody@here:1",
+        f"{incarnation}-2@here:1",  # a number not issued yet
+        f"{incarnation}-0@here:1",
+        f"{incarnation}-x@here:1",
+        "0123456789abcdef-1@here:1",  # another process's (an earlier one at this address)
+    ]
+    for mailbox_id in never:
+        with pytest.raises(MailboxNotFoundError, match="no function was ever given this id"):
+            await router.send(envelope(mailbox_id, 1))
+    with pytest.raises(MailboxNotFoundError, match="not a mailbox id"):
+        await router.send(envelope("malformed", 1))
+    assert router.dropped == 0
+
+
+async def test_a_message_to_a_closed_mailbox_is_dropped_and_counted() -> None:
+    router = MailboxRouter("here:1", no_forward)
+    first, second = router.open(), router.open()
+    router.close(first.id)
+    assert await router.send(envelope(first.id, 1)) is False
+    assert await router.send(envelope(second.id, 1)) is True
+    router.close(second.id)
+    assert await router.send(envelope(second.id, 2)) is False
+    assert router.dropped == 2
+    assert len(router) == 0
+    assert router.closed(first.id) and not router.closed(router.open().id)
+
+
+async def test_a_sender_waiting_for_space_is_dropped_when_the_mailbox_closes() -> None:
+    router = MailboxRouter("here:1", no_forward, capacity=1, send_timeout=30)
+    mailbox = router.open()
+    await router.send(envelope(mailbox.id, 1))
+    blocked = asyncio.create_task(router.send(envelope(mailbox.id, 2)))
+    await asyncio.sleep(0)  # let the sender start waiting
+    assert not blocked.done()
+    router.close(mailbox.id)
+    assert await asyncio.wait_for(blocked, 5) is False
+    assert router.dropped == 1
+
+
+def test_getting_a_closed_mailbox_says_its_function_finished() -> None:
+    router = MailboxRouter("here:1", no_forward)
     mailbox = router.open()
     router.close(mailbox.id)
-    with pytest.raises(MailboxNotFoundError):
-        await router.send(envelope(mailbox.id, 1))
-    assert len(router) == 0
+    with pytest.raises(MailboxNotFoundError, match="has finished"):
+        router.get(mailbox.id)
 
 
 async def test_closing_discards_unread_messages() -> None:
@@ -107,8 +148,9 @@ async def test_receive_waits_for_a_message_and_times_out_empty() -> None:
 async def test_messages_for_other_processes_are_forwarded() -> None:
     forwarded: list[tuple[str, Envelope]] = []
 
-    async def forward(address: str, message: Envelope, timeout: float) -> None:
+    async def forward(address: str, message: Envelope, timeout: float) -> bool:
         forwarded.append((address, message))
+        return True
 
     router = MailboxRouter("here:1", forward)
     await router.send(envelope("abc@there:2", 1))

@@ -26,7 +26,7 @@ from cloudburst.v1 import error_pb2 as cloudburst_dot_v1_dot_error__pb2
 from cloudburst.v1 import value_pb2 as cloudburst_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%cloudburst/v1/messaging_service.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/error.proto\x1a\x19\x63loudburst/v1/value.proto\"\xca\x01\n\x15StreamMessagesRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\x05hello\x18\x02 \x01(\x0b\x32\x1d.cloudburst.v1.MessagingHelloH\x00\x12.\n\x04send\x18\x03 \x01(\x0b\x32\x1e.cloudburst.v1.MessageEnvelopeH\x00\x12\x36\n\x07\x61nswers\x18\x04 \x03(\x0b\x32%.cloudburst.v1.StreamMessagesResponseB\x07\n\x05\x66rame\"S\n\x16StreamMessagesResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.CallError\"2\n\x0eMessagingHello\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xf7\x01\n\x0fMessageEnvelope\x12\x16\n\x0emessage_number\x18\x01 \x01(\x04\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x14\n\x0crecipient_id\x18\x03 \x01(\t\x12%\n\x07payload\x18\x04 \x01(\x0b\x32\x14.cloudburst.v1.Value\x12G\n\rtrace_context\x18\x05 \x03(\x0b\x32\x30.cloudburst.v1.MessageEnvelope.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32u\n\x10MessagingService\x12\x61\n\x0eStreamMessages\x12$.cloudburst.v1.StreamMessagesRequest\x1a%.cloudburst.v1.StreamMessagesResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%cloudburst/v1/messaging_service.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/error.proto\x1a\x19\x63loudburst/v1/value.proto\"\xca\x01\n\x15StreamMessagesRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\x05hello\x18\x02 \x01(\x0b\x32\x1d.cloudburst.v1.MessagingHelloH\x00\x12.\n\x04send\x18\x03 \x01(\x0b\x32\x1e.cloudburst.v1.MessageEnvelopeH\x00\x12\x36\n\x07\x61nswers\x18\x04 \x03(\x0b\x32%.cloudburst.v1.StreamMessagesResponseB\x07\n\x05\x66rame\"d\n\x16StreamMessagesResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.CallError\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x08\"2\n\x0eMessagingHello\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xf7\x01\n\x0fMessageEnvelope\x12\x16\n\x0emessage_number\x18\x01 \x01(\x04\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x14\n\x0crecipient_id\x18\x03 \x01(\t\x12%\n\x07payload\x18\x04 \x01(\x0b\x32\x14.cloudburst.v1.Value\x12G\n\rtrace_context\x18\x05 \x03(\x0b\x32\x30.cloudburst.v1.MessageEnvelope.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32u\n\x10MessagingService\x12\x61\n\x0eStreamMessages\x12$.cloudburst.v1.StreamMessagesRequest\x1a%.cloudburst.v1.StreamMessagesResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMMESSAGESREQUEST']._serialized_start=111
   _globals['_STREAMMESSAGESREQUEST']._serialized_end=313
   _globals['_STREAMMESSAGESRESPONSE']._serialized_start=315
-  _globals['_STREAMMESSAGESRESPONSE']._serialized_end=398
-  _globals['_MESSAGINGHELLO']._serialized_start=400
-  _globals['_MESSAGINGHELLO']._serialized_end=450
-  _globals['_MESSAGEENVELOPE']._serialized_start=453
-  _globals['_MESSAGEENVELOPE']._serialized_end=700
-  _globals['_MESSAGEENVELOPE_TRACECONTEXTENTRY']._serialized_start=649
-  _globals['_MESSAGEENVELOPE_TRACECONTEXTENTRY']._serialized_end=700
-  _globals['_MESSAGINGSERVICE']._serialized_start=702
-  _globals['_MESSAGINGSERVICE']._serialized_end=819
+  _globals['_STREAMMESSAGESRESPONSE']._serialized_end=415
+  _globals['_MESSAGINGHELLO']._serialized_start=417
+  _globals['_MESSAGINGHELLO']._serialized_end=467
+  _globals['_MESSAGEENVELOPE']._serialized_start=470
+  _globals['_MESSAGEENVELOPE']._serialized_end=717
+  _globals['_MESSAGEENVELOPE_TRACECONTEXTENTRY']._serialized_start=666
+  _globals['_MESSAGEENVELOPE_TRACECONTEXTENTRY']._serialized_end=717
+  _globals['_MESSAGINGSERVICE']._serialized_start=719
+  _globals['_MESSAGINGSERVICE']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

@@ -73,21 +73,29 @@ class StreamMessagesResponse(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request frame answered."""
+    dropped: _builtins.bool
+    """The recipient mailbox existed and has closed (its invocation finished): the
+    message was discarded, which is not an error; the sender's send() returns False.
+    """
     @_builtins.property
     def error(self) -> _error_pb2.CallError:
-        """Set when the message could not be delivered; absent means it is in the mailbox."""
+        """Set when the message could not be delivered; absent means it is in the mailbox
+        (or, with dropped, that it was discarded).
+        """
 
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         error: _error_pb2.CallError | None = ...,
+        dropped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "error", b"error", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
