@@ -8,8 +8,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from cloudburst.errors import CloudburstError
@@ -38,6 +40,11 @@ Data is stored durably in --data-dir (SQLite) unless --storage memory is given.
 The server prints 'listening on HOST:PORT' once it accepts calls, and shuts
 down gracefully on SIGINT or SIGTERM.
 """
+
+#: Seconds beyond the grace period a stopping process waits before it exits regardless.
+EXIT_SLACK = 3.0
+#: Seconds a forced exit waits for the KVS to commit what it has queued.
+STORE_CLOSE_TIMEOUT = 2.0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -308,20 +315,106 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(get("config"), overrides)
 
 
+class Stopper:
+    """Makes SIGINT and SIGTERM stop the process within its grace period plus a few seconds.
+
+    User code runs on threads that cannot be stopped, and code that never
+    yields can hold up the event loop itself; neither may keep the process
+    alive. The signal handler is a plain Python one, not the loop's: it runs on
+    the main thread even while user code holds up the loop there. It asks the
+    loop to shut down and starts a watchdog that, if the process is still here
+    :data:`EXIT_SLACK` seconds after the grace period, names the calls it
+    abandons, closes the KVS store and exits. A second signal exits at once
+    the same way. When the shutdown itself finishes but user functions still
+    run, :func:`main` names them and exits without waiting for their threads.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, grace: float) -> None:
+        self._loop = loop
+        self._stop = stop
+        self._grace = grace
+        self.node: Any = None
+        """The running node (a :class:`cloudburst_grpc.local.Node`), once started."""
+        self.abandoned: list[tuple[str, str]] = []
+        """(call id, function name) of the user functions shutdown left running."""
+        self._signalled = False
+        self._forcing = threading.Lock()
+
+    def install(self) -> list[tuple[signal.Signals, Any]]:
+        """Handle SIGINT and SIGTERM; returns each signal handled with its previous handler."""
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                installed.append((sig, signal.signal(sig, self.handle)))
+            except (ValueError, OSError):  # pragma: no cover - not the main thread
+                pass
+        return installed
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: start a graceful shutdown, or force one on a second signal."""
+        if self._signalled:
+            self.force(f"{signal.Signals(signum).name} received again")
+            return
+        self._signalled = True
+        self._loop.call_soon_threadsafe(self._stop.set)
+        threading.Thread(target=self._watch, name="cbgrpc-exit-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        threading.Event().wait(self._grace + EXIT_SLACK)
+        self.force(
+            f"shutdown did not finish within the grace period ({self._grace:.1f}s) "
+            f"plus {EXIT_SLACK:.0f}s"
+        )
+
+    def name_abandoned(self) -> None:
+        """Log each user function still running, which the process will not wait for."""
+        if self.node is None:
+            return
+        # What stop() found after the grace period, or (stop still under way) what runs now.
+        self.abandoned = self.node.abandoned or self.node.running_calls()
+        for call_id, function in self.abandoned:
+            logger.warning(
+                "abandoning call %s (function %r): still running after the grace period",
+                call_id,
+                function,
+            )
+
+    def force(self, why: str) -> None:
+        """Name the abandoned calls, close the KVS store and exit now (any thread)."""
+        if not self._forcing.acquire(blocking=False):
+            return  # another thread is exiting already
+        try:
+            logger.error("%s; exiting now", why)
+            self.name_abandoned()
+            store = getattr(self.node, "store", None)
+            if store is not None:
+                store.close_blocking(STORE_CLOSE_TIMEOUT)
+        except Exception:
+            logger.exception("forced exit: cleaning up failed")
+        finally:
+            exit_now(1)
+
+
+def exit_now(code: int) -> None:
+    """Flush the logs and end the process without waiting for any thread."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 async def _run_until_signal(
-    start: Callable[[], Awaitable[Any]], label: str, tracing: telemetry.Telemetry
-) -> int:
+    start: Callable[[], Awaitable[Any]],
+    label: str,
+    tracing: telemetry.Telemetry,
+    grace: float,
+) -> Stopper:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on POSIX
-            pass
+    stopper = Stopper(loop, stop, grace)
+    installed = stopper.install()
     try:
-        node = await start()
+        node = stopper.node = await start()
         print(f"{label}: listening on {node.address}", flush=True)
         if tracing.metrics_port is not None:
             host = node.advertise_host
@@ -331,10 +424,11 @@ async def _run_until_signal(
             logger.info("signal received; shutting down")
         finally:
             await node.stop()
+            stopper.name_abandoned()
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-    return 0
+        for sig, previous in installed:
+            signal.signal(sig, previous)
+    return stopper
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,12 +472,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.server.host,
             config.server.timings,
         )
+        stopper: Stopper | None = None
         try:
-            return asyncio.run(
-                _run_until_signal(starters[args.command], f"cbgrpc {args.command}", tracing)
+            stopper = asyncio.run(
+                _run_until_signal(
+                    starters[args.command],
+                    f"cbgrpc {args.command}",
+                    tracing,
+                    config.server.grace_seconds,
+                )
             )
         finally:
             tracing.shutdown()  # flush spans last, after the node stopped
+        if stopper.abandoned:
+            # Their threads never end; exiting normally would wait for them forever.
+            exit_now(0)
+        return 0
     except OSError as exc:
         print(f"cbgrpc {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -98,6 +98,12 @@ class Node:
     """The node's Consul registration, when discovery is on."""
     answers: AnswerOutbox | None = None
     """Answers to messages from other processes, held to ride on messages back."""
+    router: MailboxRouter | None = None
+    """The mailboxes of the node's functions, when it runs executors."""
+    abandoned: list[tuple[str, str]] = field(default_factory=list)
+    """(call id, function name) of the user functions still running when :meth:`stop`
+    ended the grace period: their threads cannot be stopped, so the process exits
+    without them."""
     _stopped: bool = False
 
     @property
@@ -118,26 +124,42 @@ class Node:
 
         Health turns NOT_SERVING (Consul stops routing here), the node leaves
         Consul, running user code gets the grace period to finish, then the
-        server stops and the components close.
+        server stops and the components close. Draining the executors and
+        stopping the server share the one grace period, so user code that
+        never returns holds up neither for longer (see :meth:`abandoned`).
         """
         if self._stopped:
             return
         self._stopped = True
         limit = self.config.server.grace_seconds if grace is None else grace
+        deadline = asyncio.get_running_loop().time() + limit
         await self.health.enter_graceful_shutdown()
         if self.registration is not None:
             await self.registration.stop()
         if self.executors:
             await asyncio.gather(*(e.drain(limit) for e in self.executors))
+            self.abandoned = self.running_calls()
         if self.scheduler is not None:
             # It would take the end of its watch for a lost KVS and try again.
             await self.scheduler.stop_following()
         if self.store is not None:
             # Watches never end by themselves; end them so stop() need not wait out its grace.
             self.store.end_watches()
-        await self.server.stop(limit)
+        await self.server.stop(max(deadline - asyncio.get_running_loop().time(), 0.0))
         await self.stack.aclose()
         logger.info("%s on port %d stopped", self.role, self.port)
+
+    def running_calls(self) -> list[tuple[str, str]]:
+        """(call id, function name) of the user functions running now; any thread."""
+        calls: list[tuple[str, str]] = []
+        for executor in self.executors:
+            for _ in range(3):  # the loop may change the dict meanwhile: copy again
+                try:
+                    calls.extend(list(executor.running.values()))
+                    break
+                except RuntimeError:
+                    continue
+        return sorted(calls)
 
 
 async def _serve(node: Node, services: list[str]) -> None:
@@ -194,6 +216,7 @@ def _messaging(node: Node, peer_id: str) -> MailboxRouter:
         config.executor.send_timeout_seconds,
         peers.post,
     )
+    node.router = router
     messaging_service_pb2_grpc.add_MessagingServiceServicer_to_server(
         MessagingServicer(router, outbox, peers.answered), node.server
     )

@@ -107,6 +107,11 @@ class Executor:
         if busy:
             await asyncio.wait(busy, timeout=max(timeout, 0))
 
+    @property
+    def running(self) -> dict[int, tuple[str, str]]:
+        """(call id, function name) of each function running now, for shutdown to name."""
+        return self._invoker.running
+
     def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
         """Report pinned functions and load."""
         return executor_service_pb2.GetExecutorStatusResponse(

@@ -89,6 +89,8 @@ class Invoker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         """Set when the executor shuts down: chains stop going on."""
+        self.running: dict[int, tuple[str, str]] = {}
+        """(call id, function name) of each function running now, for shutdown to name."""
 
     async def call(
         self,
@@ -130,6 +132,7 @@ class Invoker:
         # The copied context carries the current span into the thread, so the user
         # library's spans are children of this run.
         context = contextvars.copy_context()
+        self.running[id(library)] = (call_id, name)
         try:
             if chain is None:  # a one-shot call: a class gets a fresh instance
                 outcome = await placement.run(
@@ -141,6 +144,7 @@ class Invoker:
                 self._pool, context, self._invoke_chain, placement, chain, loaded, library, args
             )
         finally:
+            del self.running[id(library)]
             library.close()
 
     async def _resolve(self, argument: value_pb2.Argument, timeout: float) -> Any:

@@ -249,8 +249,13 @@ class _Writer:
         """Ask the thread to commit what is queued, then exit."""
         self._queue.put(None)
 
-    def join(self) -> None:
-        self._thread.join()
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is still running."""
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         stopping = False
@@ -418,6 +423,24 @@ class LatticeStore:
         await asyncio.to_thread(self._engine.close)
         if self._started:
             logger.info("KVS store closed")
+
+    def close_blocking(self, timeout: float) -> None:
+        """Commit queued writes and close the engine from any thread, without the loop.
+
+        For a process that must exit while its event loop is held up (by user
+        code that never yields): the writer commits what it has queued, waiting
+        up to ``timeout`` seconds, and the engine closes. Acknowledged writes
+        were durable already; this also leaves the database file tidy.
+        """
+        self._closing = True
+        writer = self._writer
+        if writer is not None:
+            writer.stop()
+            writer.join(timeout)
+            if writer.alive:
+                logger.warning("the KVS writer did not finish within %.1fs", timeout)
+                return  # it still uses the engine; its writes were never acknowledged
+        self._engine.close()
 
     async def __aenter__(self) -> LatticeStore:
         await self.start()
