@@ -29,6 +29,12 @@ class KvsAccess(Protocol):
         """Return the key's lattice or None; with ``wait``, wait up to ``timeout`` for it."""
         ...
 
+    async def get_many(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> dict[str, lattice_pb2.Lattice | None]:
+        """Return every key's lattice (None for a missing key), read in one batch."""
+        ...
+
     async def put(
         self,
         key: str,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, RemoteFunctionError
-from cloudburst.serialization import LwwClock, lattice_value, serialize
+from cloudburst.serialization import LwwClock, lattice_bytes, lattice_value, serialize
 from cloudburst.v1 import execution_pb2, value_pb2
 from cloudburst_executors import runner, stages
 from cloudburst_executors.inline import InlineGate, Placement
@@ -162,7 +162,7 @@ class Invoker:
                         {"key": ref.key},
                     )
                 return None
-            return lattice_value(lattice)
+            return lattice_bytes(lattice) if ref.raw else lattice_value(lattice)
         return None
 
     async def deserialize(self, value: value_pb2.Value) -> Any:

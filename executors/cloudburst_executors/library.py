@@ -21,7 +21,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
-from cloudburst.serialization import LwwClock, deserialize, lattice_value, lww, serialize
+from cloudburst.serialization import (
+    LwwClock,
+    deserialize,
+    lattice_bytes,
+    lattice_value,
+    lww,
+    serialize,
+)
 from cloudburst.v1 import messaging_service_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
@@ -194,14 +201,21 @@ class UserLibrary:
         self._mailbox: Mailbox | None = None
         self._sent = 0
 
-    def get_object(self, key: str, timeout: float | None = None) -> Any:
+    def get_object(
+        self, key: str | list[str], timeout: float | None = None, deserialize: bool = True
+    ) -> Any:
         """Return the value stored at ``key``, or None when the key does not exist.
 
         Args:
-            key: The key.
+            key: The key, or a list of keys: then a dict maps each key to its
+                value or None, read in one batch (``timeout`` does not apply).
             timeout: If given, wait up to this many seconds for the key to exist
                 (a rendezvous with another function), then return None.
+            deserialize: False returns the stored bytes as they are.
         """
+        decode = lattice_value if deserialize else lattice_bytes
+        if isinstance(key, list):
+            return self._get_many(key, decode)
         _check_key(key)
         wait = timeout is not None and timeout > 0
         with telemetry.span("kvs get", attributes={"cloudburst.key": key}) as current:
@@ -214,7 +228,16 @@ class UserLibrary:
             telemetry.KVS_DURATION.record(time.monotonic() - started, {"operation": "get"})
             if current is not None:
                 current.set_attribute("cloudburst.found", lattice is not None)
-        return None if lattice is None else lattice_value(lattice)
+        return None if lattice is None else decode(lattice)
+
+    def _get_many(self, keys: list[str], decode: Any) -> dict[str, Any]:
+        for key in keys:
+            _check_key(key)
+        with telemetry.span("kvs get", attributes={"cloudburst.keys": len(keys)}):
+            started = time.monotonic()
+            found = self._bridge.run(self._kvs.get_many(keys), f"get_object of {len(keys)} keys")
+            telemetry.KVS_DURATION.record(time.monotonic() - started, {"operation": "get"})
+        return {key: None if found[key] is None else decode(found[key]) for key in keys}
 
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""

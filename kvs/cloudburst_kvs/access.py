@@ -55,6 +55,12 @@ class InProcessKvs:
             )
         return await self._store.read(keyspace, key)
 
+    async def get_many(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> dict[str, lattice_pb2.Lattice | None]:
+        """Read several keys at once."""
+        return {key: self._store.get(keyspace, key) for key in keys}
+
     async def put(
         self,
         key: str,
@@ -165,6 +171,12 @@ class EndpointKvs:
         """Read a key."""
         client = await self._endpoint.client()
         return await client.get(key, keyspace, wait=wait, timeout=timeout)
+
+    async def get_many(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> dict[str, lattice_pb2.Lattice | None]:
+        """Read several keys in one BatchGetValues (per 1000 keys)."""
+        return await (await self._endpoint.client()).batch_get(keys, keyspace)
 
     async def put(
         self,

@@ -44,6 +44,9 @@ RELEASE_DELAY = 0.05
 #: The most released keys one frame carries.
 RELEASES_PER_FRAME = 1000
 
+#: The most keys one BatchGetValues names (the service's limit); more take several.
+BATCH_KEYS = 1000
+
 
 @dataclass
 class PendingCall:
@@ -254,6 +257,23 @@ class Core:
             if not wait:
                 return None
             # The server ends a wait at its own limit; keep waiting until ours.
+
+    async def get_many(
+        self, keys: list[str], timeout: float
+    ) -> dict[str, lattice_pb2.Lattice | None]:
+        """Read user keys in one BatchGetValues per :data:`BATCH_KEYS` keys."""
+        result: dict[str, lattice_pb2.Lattice | None] = {}
+        for start in range(0, len(keys), BATCH_KEYS):
+            request = kvs_service_pb2.BatchGetValuesRequest(
+                keys=keys[start : start + BATCH_KEYS], keyspace=lattice_pb2.KEYSPACE_USER
+            )
+            response = await call(
+                f"reading {len(request.keys)} keys",
+                functools.partial(self.kvs.BatchGetValues, request, timeout=timeout),
+            )
+            for entry in response.entries:
+                result[entry.key] = entry.lattice if entry.found else None
+        return result
 
     async def put(self, key: str, lattice: lattice_pb2.Lattice, timeout: float) -> None:
         """Merge a lattice into a user key."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from cloudburst import sources, tracing
+from cloudburst import _original, sources, tracing
 from cloudburst._core import Core, PendingCall
 from cloudburst._loop import new_driver
 from cloudburst.errors import (
@@ -41,6 +41,7 @@ from cloudburst.serialization import (
     LwwClock,
     deserialize,
     failure_to_error,
+    lattice_bytes,
     lattice_value,
     lww,
     serialize,
@@ -462,15 +463,31 @@ class CloudburstConnection:
         connections: Sequence[tuple[str, str]],
         *,
         strict: bool = False,
+        gpu_functions: Sequence[str] | None = None,
+        batching_functions: Sequence[str] | None = None,
+        colocated: Sequence[str] | None = None,
     ) -> bool:
         """Register a DAG of registered functions; edges are ``(upstream, downstream)`` pairs.
+
+        ``gpu_functions``, ``batching_functions`` and ``colocated`` are the
+        original's; they are accepted when empty.
 
         Returns:
             True on success. False when registration fails (an unknown function, a
             cycle, more than one sink, an unconnected function, a taken name); the
             reason is then in :attr:`last_error` (and logged). With ``strict=True``
             the error is raised instead.
+
+        Raises:
+            NotSupportedError: ``gpu_functions``, ``batching_functions`` or
+                ``colocated`` is not empty.
         """
+        _original.reject_unsupported(
+            "register_dag",
+            gpu_functions=gpu_functions,
+            batching_functions=batching_functions,
+            colocated=colocated,
+        )
         dag = function_pb2.Dag(name=name)
         try:
             for function in functions:
@@ -551,10 +568,15 @@ class CloudburstConnection:
         consistency: Any = None,
         output_key: str | None = None,
         client_id: str | None = None,
+        dry_run: bool = False,
+        continuation: Any = None,
         *,
         timeout: float | None = None,
     ) -> Any:
         """Call a DAG. ``arg_map`` maps function names to one argument or a list of them.
+
+        ``consistency``, ``client_id``, ``dry_run`` and ``continuation`` are the
+        original's: the default consistency (None or NORMAL) is the only one.
 
         Returns:
             A :class:`CloudburstFuture` of the sink's result; with
@@ -564,7 +586,10 @@ class CloudburstConnection:
             DagNotFoundError: No DAG has that name.
             RemoteFunctionError: With ``direct_response``, a function raised.
             CloudburstTimeoutError: With ``direct_response``, no result within the timeout.
+            NotSupportedError: Another consistency mode, ``dry_run`` or a ``continuation``.
         """
+        _original.check_consistency("call_dag", consistency)
+        _original.reject_unsupported("call_dag", dry_run=dry_run, continuation=continuation)
         request = scheduler_service_pb2.CallDagRequest(
             name=dname, direct_response=direct_response, response_key=output_key or ""
         )
@@ -599,11 +624,30 @@ class CloudburstConnection:
 
     # -- KVS -----------------------------------------------------------------------
 
-    def get_object(self, key: str | CloudburstFuture) -> Any:
-        """Return the value stored at ``key``, or None when there is none."""
+    def get_object(
+        self,
+        key: str | CloudburstFuture | builtins.list[Any],
+        deserialize: bool = True,
+    ) -> Any:
+        """Return the value stored at ``key``, or None when there is none.
+
+        Args:
+            key: A key (or a future, for its result), or a list of them: then a
+                dict maps each key to its value or None, read in one batch.
+            deserialize: False returns the stored bytes as they are.
+        """
+        decode = self._decode_lattice if deserialize else lattice_bytes
+        if isinstance(key, builtins.list):
+            keys = [self._key(k) for k in key]
+            found = self._run(
+                self._core.get_many(keys, timeout=self.timeout), f"get_object of {len(keys)} keys"
+            )
+            return {k: None if found[k] is None else decode(found[k]) for k in keys}
         key = self._key(key)
         lattice = self._run(self._core.get(key, timeout=self.timeout), f"get_object({key!r})")
-        return None if lattice is None else self._decode_lattice(lattice)
+        return None if lattice is None else decode(lattice)
+
+    get = get_object
 
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
@@ -631,7 +675,9 @@ class CloudburstConnection:
         if isinstance(arg, CloudburstFuture):
             return value_pb2.Argument(reference=value_pb2.Reference(key=arg.obj_id, wait=True))
         if isinstance(arg, CloudburstReference):
-            return value_pb2.Argument(reference=value_pb2.Reference(key=arg.key, wait=False))
+            return value_pb2.Argument(
+                reference=value_pb2.Reference(key=arg.key, wait=False, raw=not arg.deserialize)
+            )
         return value_pb2.Argument(value=_serialize(arg, what, self.max_payload_bytes))
 
     def _decode(self, outcome: execution_pb2.Outcome) -> Any:

@@ -95,6 +95,16 @@ class SerializationError(InvalidArgumentError, TypeError):
     """A value could not be serialized or deserialized."""
 
 
+class NotSupportedError(CloudburstError, NotImplementedError):
+    """An argument of the original Cloudburst API that this implementation does not offer.
+
+    Raised in the caller, before anything is sent, and naming the argument,
+    so that a ported program fails clearly instead of running differently.
+    """
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class FailedPreconditionError(CloudburstError):
     """The system is not in a state that allows the request."""
 

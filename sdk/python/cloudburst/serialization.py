@@ -166,3 +166,17 @@ def lattice_value(lattice: lattice_pb2.Lattice) -> Any:
     if kind == "set":
         return [deserialize(v) for v in lattice.set.values]
     return None
+
+
+def lattice_bytes(lattice: lattice_pb2.Lattice) -> Any:
+    """Return the stored bytes of a lattice as they are, without deserializing them.
+
+    A last-writer-wins lattice gives its value's bytes; a set lattice gives a
+    list of its values' bytes. (``deserialize=False`` in the original API.)
+    """
+    kind = lattice.WhichOneof("kind")
+    if kind == "lww":
+        return bytes(lattice.lww.value.data)
+    if kind == "set":
+        return [bytes(v.data) for v in lattice.set.values]
+    return None

@@ -123,19 +123,23 @@ class Reference(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The user key to read."""
     wait: _builtins.bool
     """Whether to wait until the key exists (futures); otherwise a missing key is passed as None."""
+    raw: _builtins.bool
+    """Pass the stored bytes as they are instead of the value they encode (deserialize=False)."""
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         wait: _builtins.bool = ...,
+        raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "raw", b"raw", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
