@@ -61,7 +61,11 @@ class KeyNotFoundError(NotFoundError):
 
 
 class MailboxNotFoundError(NotFoundError):
-    """No mailbox has the id: it never existed or its invocation has finished."""
+    """No mailbox ever had the id, or it is not a mailbox id.
+
+    (A send to a mailbox whose function has finished is dropped and returns
+    False instead; see docs/porting.md.)
+    """
 
     reason = "MAILBOX_NOT_FOUND"
 

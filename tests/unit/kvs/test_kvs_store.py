@@ -386,6 +386,19 @@ async def test_sqlite_values_survive_close_and_reopen(tmp_path: Path) -> None:
         assert len(store) == 2
 
 
+async def test_closing_without_the_loop_keeps_what_was_stored(tmp_path: Path) -> None:
+    """The forced exit of a process whose loop is held up closes the store from a thread."""
+    path = tmp_path / "kvs.sqlite3"
+    store = LatticeStore(SqliteEngine(path))
+    await store.start()
+    await store.put(USER, "k", lww(b"v"))
+    await asyncio.to_thread(store.close_blocking, 10.0)
+    with pytest.raises(UnavailableError):
+        await store.put(USER, "after", lww(b"v"))
+    async with LatticeStore(SqliteEngine(path)) as reopened:
+        assert reopened.get(USER, "k") == lww(b"v")
+
+
 class GatedEngine(SqliteEngine):
     """A SQLite engine whose first write blocks until the test opens the gate."""
 

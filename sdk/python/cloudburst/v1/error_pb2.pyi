@@ -56,7 +56,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 14
     """A bug in the service; details are in its log."""
     ERROR_REASON_MAILBOX_NOT_FOUND: _ErrorReason.ValueType  # 15
-    """No mailbox has the id: it never existed or its invocation has finished."""
+    """No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the reason carried in google.rpc.ErrorInfo (without the ERROR_REASON_ prefix)."""
@@ -92,7 +92,7 @@ ERROR_REASON_PEER_UNAVAILABLE: ErrorReason.ValueType  # 13
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 14
 """A bug in the service; details are in its log."""
 ERROR_REASON_MAILBOX_NOT_FOUND: ErrorReason.ValueType  # 15
-"""No mailbox has the id: it never existed or its invocation has finished."""
+"""No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
