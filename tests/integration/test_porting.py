@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -98,18 +96,3 @@ def test_call_dag_names_an_argument_it_does_not_implement(
             cloud.call_dag("one", {"passed": 3}, False, 0, None, None, False, None).get(timeout=30)
             == 3
         )
-
-
-def test_the_porting_guide_examples_run(local_node: Node) -> None:
-    text = (Path(__file__).parents[2] / "docs" / "porting.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
-    assert len(blocks) >= 4
-    source = "\n".join(blocks).replace(
-        'CloudburstConnection("127.0.0.1")', f"CloudburstConnection({local_node.address!r})"
-    )
-    namespace: dict[str, Any] = {"__name__": "porting_guide"}
-    try:
-        exec(compile(source, "docs/porting.md", "exec"), namespace)
-    finally:
-        if "cloud" in namespace:
-            namespace["cloud"].close()
