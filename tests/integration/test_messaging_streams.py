@@ -172,3 +172,44 @@ async def test_answers_on_a_frame_that_cannot_be_sent_go_alone() -> None:
         delivered.result(0)
     assert fallback.get_nowait().sequence == 7
     assert answers.alone == 1
+
+
+async def test_the_receiver_answers_that_a_message_to_a_closed_mailbox_was_dropped() -> None:
+    receiver = MailboxRouter("receiver:1", no_forward)
+    server, address = await serve(MessagingServicer(receiver))
+    peer = MessagingPeer(address, "sender", 1 << 20)
+    try:
+        open_box, closed_box = receiver.open(), receiver.open()
+        receiver.close(closed_box.id)
+        assert await peer.send(envelope(open_box.id, 1), timeout=30) is True
+        assert await peer.send(envelope(closed_box.id, 1), timeout=30) is False
+        delivered = concurrent.futures.Future[bool]()
+        peer.post(envelope(closed_box.id, 2), delivered)
+        assert await asyncio.wait_for(asyncio.wrap_future(delivered), 30) is False
+        with pytest.raises(MailboxNotFoundError, match="never"):
+            await peer.send(envelope("never-1@receiver:1", 1), timeout=30)
+        assert receiver.dropped == 2
+        assert [int(m.payload.data) for m in open_box.drain()] == [1]
+    finally:
+        await peer.close()
+        await server.stop(0)
+
+
+async def test_a_drop_is_reported_between_processes_wired_as_executors() -> None:
+    here, there = Process(), Process()
+    await here.server.start()
+    await there.server.start()
+    try:
+        asker, finished = here.router.open(), there.router.open()
+        there.router.close(finished.id)
+        late = envelope(finished.id, 1)
+        late.sender_id = asker.id
+        assert await asyncio.wait_for(here.router.send(late), 10) is False
+        # With a message going back meanwhile, the answer may ride on it: still a drop.
+        sending = asyncio.create_task(here.router.send(envelope(finished.id, 2)))
+        assert await asyncio.wait_for(there.router.send(envelope(asker.id, 1)), 10) is True
+        assert await asyncio.wait_for(sending, 10) is False
+        assert there.router.dropped == 2 and here.router.dropped == 0
+    finally:
+        await here.close()
+        await there.close()
