@@ -126,7 +126,7 @@ class Node:
         Consul, running user code gets the grace period to finish, then the
         server stops and the components close. Draining the executors and
         stopping the server share the one grace period, so user code that
-        never returns holds up neither for longer (see :meth:`abandoned`).
+        never returns holds up neither for longer (see :attr:`abandoned`).
         """
         if self._stopped:
             return
