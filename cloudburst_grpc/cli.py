@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +43,8 @@ The server prints 'listening on HOST:PORT' once it accepts calls, and shuts
 down gracefully on SIGINT or SIGTERM.
 """
 
+#: The signals that stop a process.
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Seconds beyond the grace period a stopping process waits before it exits regardless.
 EXIT_SLACK = 3.0
 #: Seconds a forced exit waits for the KVS to commit what it has queued.
@@ -321,7 +325,9 @@ class Stopper:
     User code runs on threads that cannot be stopped, and code that never
     yields can hold up the event loop itself; neither may keep the process
     alive. The signal handler is a plain Python one, not the loop's: it runs on
-    the main thread even while user code holds up the loop there. It asks the
+    the main thread even while user code holds up the loop there. (A signal
+    that lands on another thread wakes the main thread through a wakeup file
+    descriptor the loop watches, as the loop's own handlers do.) It asks the
     loop to shut down and starts a watchdog that, if the process is still here
     :data:`EXIT_SLACK` seconds after the grace period, names the calls it
     abandons, closes the KVS store and exits. A second signal exits at once
@@ -339,16 +345,35 @@ class Stopper:
         """(call id, function name) of the user functions shutdown left running."""
         self._signalled = False
         self._forcing = threading.Lock()
+        self._previous: list[tuple[int, Any]] = []
+        self._previous_wakeup = -1
+        self._wakeup = socket.socketpair()
+        """Written to by the C-level signal handler on any thread; the loop watches it."""
+        for end in self._wakeup:
+            end.setblocking(False)
 
-    def install(self) -> list[tuple[signal.Signals, Any]]:
-        """Handle SIGINT and SIGTERM; returns each signal handled with its previous handler."""
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                installed.append((sig, signal.signal(sig, self.handle)))
-            except (ValueError, OSError):  # pragma: no cover - not the main thread
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM (on the main thread, while the loop runs)."""
+        self._loop.add_reader(self._wakeup[0].fileno(), self._drain_wakeup)
+        self._previous_wakeup = signal.set_wakeup_fd(
+            self._wakeup[1].fileno(), warn_on_full_buffer=False
+        )
+        self._previous = [(sig, signal.signal(sig, self.handle)) for sig in SIGNALS]
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        for sig, previous in self._previous:
+            signal.signal(sig, previous)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        self._loop.remove_reader(self._wakeup[0].fileno())
+        for end in self._wakeup:
+            end.close()
+
+    def _drain_wakeup(self) -> None:
+        # The bytes only woke the main thread; the Python handler does the work.
+        with contextlib.suppress(OSError):
+            while self._wakeup[0].recv(512):
                 pass
-        return installed
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         """The signal handler: start a graceful shutdown, or force one on a second signal."""
@@ -412,7 +437,7 @@ async def _run_until_signal(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stopper = Stopper(loop, stop, grace)
-    installed = stopper.install()
+    stopper.install()
     try:
         node = stopper.node = await start()
         print(f"{label}: listening on {node.address}", flush=True)
@@ -426,8 +451,7 @@ async def _run_until_signal(
             await node.stop()
             stopper.name_abandoned()
     finally:
-        for sig, previous in installed:
-            signal.signal(sig, previous)
+        stopper.uninstall()
     return stopper
 
 
