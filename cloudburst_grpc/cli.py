@@ -411,9 +411,11 @@ class Stopper:
         try:
             logger.error("%s; exiting now", why)
             self.name_abandoned()
-            store = getattr(self.node, "store", None)
-            if store is not None:
-                store.close_blocking(STORE_CLOSE_TIMEOUT)
+            # The local store (memory or SQLite) commits and closes; a remote one
+            # (Valkey) has every acknowledged write already.
+            close_blocking = getattr(getattr(self.node, "store", None), "close_blocking", None)
+            if close_blocking is not None:
+                close_blocking(STORE_CLOSE_TIMEOUT)
         except Exception:
             logger.exception("forced exit: cleaning up failed")
         finally:

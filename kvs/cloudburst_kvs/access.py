@@ -59,7 +59,7 @@ class InProcessKvs:
         self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
     ) -> dict[str, lattice_pb2.Lattice | None]:
         """Read several keys at once."""
-        return {key: self._store.get(keyspace, key) for key in keys}
+        return dict(zip(keys, await self._store.read_many(keyspace, keys), strict=True))
 
     async def put(
         self,
