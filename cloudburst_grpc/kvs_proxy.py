@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -12,7 +12,6 @@ from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 
 Context = grpc.aio.ServicerContext
 AnyContext = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
 
 #: The trailing-metadata key of a status's details (where ErrorInfo travels).
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -23,20 +22,17 @@ def _timeout(context: AnyContext) -> float | None:
     return None if remaining is None else max(float(remaining), 0.0)
 
 
-async def _forward(call: Awaitable[T], context: AnyContext) -> T:
-    try:
-        return await call
-    except grpc.aio.AioRpcError as exc:
-        await _pass_on(exc, context)
-        raise
+def _transport_unavailable(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the KVS could not be reached at all (not an error the KVS answered)."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
+        key == _DETAILS_KEY for key, _ in tuple(exc.trailing_metadata() or ())
+    )
 
 
 async def _pass_on(exc: grpc.aio.AioRpcError, context: AnyContext) -> None:
     """End the call with the KVS's status, its ErrorInfo details unchanged."""
     trailing = tuple(exc.trailing_metadata() or ())
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
-        key == _DETAILS_KEY for key, _ in trailing
-    ):
+    if _transport_unavailable(exc):
         # The transport's own error: say which hop failed (the client reached this scheduler).
         raise UnavailableError(
             f"this scheduler cannot reach the KVS tier ({exc.details()}); check that "
@@ -46,19 +42,42 @@ async def _pass_on(exc: grpc.aio.AioRpcError, context: AnyContext) -> None:
 
 
 class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
-    """Forwards every KvsService call to the KVS tier (whichever instance is current)."""
+    """Forwards every KvsService call to the KVS tier (whichever instance is current).
 
-    def __init__(self, channel: Callable[[], Awaitable[grpc.aio.Channel]]) -> None:
+    A unary call whose KVS instance cannot be reached is tried once more on
+    another instance when ``unreachable`` (given the channel that failed) says
+    there is one: every unary KvsService call is idempotent.
+    """
+
+    def __init__(
+        self,
+        channel: Callable[[], Awaitable[grpc.aio.Channel]],
+        unreachable: Callable[[grpc.aio.Channel], bool] = lambda _: False,
+    ) -> None:
         self._channel = channel
+        self._unreachable = unreachable
         self._stubs: dict[int, kvs_service_pb2_grpc.KvsServiceAsyncStub] = {}
 
-    async def _stub(self) -> kvs_service_pb2_grpc.KvsServiceAsyncStub:
-        channel = await self._channel()
+    def _stub(self, channel: grpc.aio.Channel) -> kvs_service_pb2_grpc.KvsServiceAsyncStub:
         stub = self._stubs.get(id(channel))
-        if stub is None:
+        if stub is None:  # one channel at a time: the KVS instance in use
             self._stubs = {id(channel): kvs_service_pb2_grpc.KvsServiceStub(channel)}
             stub = self._stubs[id(channel)]
         return stub
+
+    async def _unary(self, method: str, request: Any, context: AnyContext) -> Any:
+        for attempt in (1, 2):
+            channel = await self._channel()
+            try:
+                return await getattr(self._stub(channel), method)(
+                    request, timeout=_timeout(context)
+                )
+            except grpc.aio.AioRpcError as exc:
+                if attempt == 1 and _transport_unavailable(exc) and self._unreachable(channel):
+                    continue
+                await _pass_on(exc, context)
+                raise
+        raise AssertionError("unreachable")
 
     async def GetValue(
         self,
@@ -66,9 +85,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.GetValueRequest, kvs_service_pb2.GetValueResponse],
     ) -> kvs_service_pb2.GetValueResponse:
         """Forward GetValue."""
-        return await _forward(
-            (await self._stub()).GetValue(request, timeout=_timeout(context)), context
-        )
+        return await self._unary("GetValue", request, context)  # type: ignore[no-any-return]
 
     async def PutValue(
         self,
@@ -76,9 +93,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.PutValueRequest, kvs_service_pb2.PutValueResponse],
     ) -> kvs_service_pb2.PutValueResponse:
         """Forward PutValue."""
-        return await _forward(
-            (await self._stub()).PutValue(request, timeout=_timeout(context)), context
-        )
+        return await self._unary("PutValue", request, context)  # type: ignore[no-any-return]
 
     async def DeleteValue(
         self,
@@ -86,9 +101,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.DeleteValueRequest, kvs_service_pb2.DeleteValueResponse],
     ) -> kvs_service_pb2.DeleteValueResponse:
         """Forward DeleteValue."""
-        return await _forward(
-            (await self._stub()).DeleteValue(request, timeout=_timeout(context)), context
-        )
+        return await self._unary("DeleteValue", request, context)  # type: ignore[no-any-return]
 
     async def BatchGetValues(
         self,
@@ -98,9 +111,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> kvs_service_pb2.BatchGetValuesResponse:
         """Forward BatchGetValues."""
-        return await _forward(
-            (await self._stub()).BatchGetValues(request, timeout=_timeout(context)), context
-        )
+        return await self._unary("BatchGetValues", request, context)  # type: ignore[no-any-return]
 
     async def BatchDeleteValues(
         self,
@@ -110,9 +121,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> kvs_service_pb2.BatchDeleteValuesResponse:
         """Forward BatchDeleteValues."""
-        return await _forward(
-            (await self._stub()).BatchDeleteValues(request, timeout=_timeout(context)), context
-        )
+        return await self._unary("BatchDeleteValues", request, context)  # type: ignore[no-any-return]
 
     async def ListKeys(
         self,
@@ -120,9 +129,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.ListKeysRequest, kvs_service_pb2.ListKeysResponse],
     ) -> kvs_service_pb2.ListKeysResponse:
         """Forward ListKeys."""
-        return await _forward(
-            (await self._stub()).ListKeys(request, timeout=_timeout(context)), context
-        )
+        return await self._unary("ListKeys", request, context)  # type: ignore[no-any-return]
 
     async def WatchValues(
         self,
@@ -130,11 +137,14 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         context: Context[kvs_service_pb2.WatchValuesRequest, kvs_service_pb2.WatchValuesResponse],
     ) -> AsyncIterator[kvs_service_pb2.WatchValuesResponse]:
         """Forward WatchValues until the caller cancels."""
-        call = (await self._stub()).WatchValues(request, timeout=_timeout(context))
+        channel = await self._channel()
+        call = self._stub(channel).WatchValues(request, timeout=_timeout(context))
         try:
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as exc:
+            if _transport_unavailable(exc):
+                self._unreachable(channel)  # the caller's next watch goes elsewhere
             await _pass_on(exc, context)
         finally:
             call.cancel()

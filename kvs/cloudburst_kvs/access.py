@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
+from cloudburst.errors import UnavailableError
 from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.discovery.consul import ServiceWatch
@@ -27,6 +30,11 @@ from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.client import KvsClient
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long an instance found unreachable is passed over while others pass.
+SET_ASIDE_SECONDS = 10.0
 
 
 class InProcessKvs:
@@ -109,7 +117,10 @@ class KvsEndpoint:
     """Where the KVS tier is: a fixed address, or the passing instances Consul knows.
 
     With discovery, the channel follows the instances: when the one in use
-    leaves, the next call goes to another.
+    leaves, the next call goes to another. An instance that a call found
+    unreachable is set aside for :data:`SET_ASIDE_SECONDS` while others pass,
+    so callers move on at once instead of waiting for Consul's health check to
+    fail it.
     """
 
     def __init__(self, config: Config, address: str | None, watch: ServiceWatch | None) -> None:
@@ -122,6 +133,7 @@ class KvsEndpoint:
         self._channel: grpc.aio.Channel | None = None
         self._client: KvsClient | None = None
         self._retired: list[grpc.aio.Channel] = []
+        self._set_aside: dict[str, float] = {}
 
     async def channel(self) -> grpc.aio.Channel:
         """The channel to a current KVS instance (waits for one to be known)."""
@@ -130,7 +142,10 @@ class KvsEndpoint:
         else:
             assert self._watch is not None
             instances = self._watch.instances or await self._watch.wait_for(bool, 30.0)
-            addresses = [i.address for i in instances]
+            now = time.monotonic()
+            addresses = [
+                i.address for i in instances if self._set_aside.get(i.address, 0.0) <= now
+            ] or [i.address for i in instances]
             address = self._address if self._address in addresses else addresses[0]
         if address != self._address or self._channel is None:
             if self._channel is not None:
@@ -147,6 +162,21 @@ class KvsEndpoint:
         assert self._client is not None
         return self._client
 
+    def unreachable(self, channel: grpc.aio.Channel) -> bool:
+        """Set the instance behind ``channel`` aside; return whether another one passes.
+
+        Only a discovered tier has another instance to move to; with a fixed
+        address this returns False and the caller reports the error.
+        """
+        if self._watch is None or channel is not self._channel or self._address is None:
+            return False
+        others = [i for i in self._watch.instances if i.address != self._address]
+        if not others:
+            return False
+        self._set_aside[self._address] = time.monotonic() + SET_ASIDE_SECONDS
+        logger.warning("KVS at %s is unreachable; using another instance", self._address)
+        return True
+
     async def close(self) -> None:
         """Close every channel opened."""
         channels = [*self._retired, *([self._channel] if self._channel else [])]
@@ -155,10 +185,24 @@ class KvsEndpoint:
 
 
 class EndpointKvs:
-    """:class:`KvsAccess` over a :class:`KvsEndpoint`."""
+    """:class:`KvsAccess` over a :class:`KvsEndpoint`.
+
+    Every operation here is idempotent (a merge applied twice is applied once),
+    so one that finds its KVS instance unreachable is tried once more on
+    another instance of the tier.
+    """
 
     def __init__(self, endpoint: KvsEndpoint) -> None:
         self._endpoint = endpoint
+
+    async def _once_more_elsewhere(self, operation: Callable[[KvsClient], Awaitable[T]]) -> T:
+        channel = await self._endpoint.channel()
+        try:
+            return await operation(await self._endpoint.client())
+        except UnavailableError:
+            if not self._endpoint.unreachable(channel):
+                raise
+        return await operation(await self._endpoint.client())
 
     async def get(
         self,
@@ -169,14 +213,15 @@ class EndpointKvs:
         timeout: float | None = None,
     ) -> lattice_pb2.Lattice | None:
         """Read a key."""
-        client = await self._endpoint.client()
-        return await client.get(key, keyspace, wait=wait, timeout=timeout)
+        return await self._once_more_elsewhere(
+            lambda client: client.get(key, keyspace, wait=wait, timeout=timeout)
+        )
 
     async def get_many(
         self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
     ) -> dict[str, lattice_pb2.Lattice | None]:
         """Read several keys in one BatchGetValues (per 1000 keys)."""
-        return await (await self._endpoint.client()).batch_get(keys, keyspace)
+        return await self._once_more_elsewhere(lambda client: client.batch_get(keys, keyspace))
 
     async def put(
         self,
@@ -185,33 +230,42 @@ class EndpointKvs:
         keyspace: lattice_pb2.Keyspace.ValueType = USER,
     ) -> None:
         """Merge a lattice (the KVS does not send it back)."""
-        await (await self._endpoint.client()).merge(key, lattice, keyspace)
+        await self._once_more_elsewhere(lambda client: client.merge(key, lattice, keyspace))
 
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
         """Delete a key."""
-        return await (await self._endpoint.client()).delete(key, keyspace)
+        return await self._once_more_elsewhere(lambda client: client.delete(key, keyspace))
 
     async def delete_many(
         self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
     ) -> int:
         """Delete several keys."""
-        return await (await self._endpoint.client()).batch_delete(keys, keyspace)
+        return await self._once_more_elsewhere(lambda client: client.batch_delete(keys, keyspace))
 
     async def watch_keys(
         self, prefix: str, keyspace: lattice_pb2.Keyspace.ValueType = USER
     ) -> AsyncIterator[str]:
-        """Yield "" once watching, then each changed key under ``prefix``."""
+        """Yield "" once watching, then each changed key under ``prefix``.
+
+        A watch whose instance becomes unreachable ends with the error, and
+        that instance is set aside, so the watcher's next watch goes elsewhere.
+        """
+        channel = await self._endpoint.channel()
         client = await self._endpoint.client()
-        stream = await client.watch(keyspace=keyspace, prefix=prefix)
         try:
-            yield ""
-            async for event in stream:
-                yield event.key
-        finally:
-            await stream.aclose()
+            stream = await client.watch(keyspace=keyspace, prefix=prefix)
+            try:
+                yield ""
+                async for event in stream:
+                    yield event.key
+            finally:
+                await stream.aclose()
+        except UnavailableError:
+            self._endpoint.unreachable(channel)
+            raise
 
     async def list_keys(
         self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
     ) -> list[str]:
         """List keys."""
-        return await (await self._endpoint.client()).list_keys(prefix, keyspace)
+        return await self._once_more_elsewhere(lambda client: client.list_keys(prefix, keyspace))

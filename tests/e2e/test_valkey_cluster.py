@@ -203,13 +203,17 @@ def test_get_object_rendezvous_across_executors(deployment: Deployment) -> None:
 def test_a_killed_kvs_process_leaves_the_other_serving(deployment: Deployment) -> None:
     with CloudburstConnection(deployment.scheduler.address) as cloud:
         cloud.put_object("before", 1)
+        incr = cloud.register(lambda cb, key: cb.put_object(key, cb.get_object(key) + 1), "bump")
+        # Every process uses the first passing instance, kvs-0: kill it.
         victim, survivor = deployment.kvs
         victim.stop(signal.SIGKILL)
-        deployment.wait_kvs(lambda ids: ids == {"kvs-1"})
-        # Everything written before is still there, through the other process.
+        # Calls keep succeeding at once, before Consul's health check notices: each
+        # process that finds kvs-0 unreachable moves to kvs-1 and tries once more there.
         assert cloud.get_object("before") == 1
-        incr = cloud.register(lambda cb, key: cb.put_object(key, cb.get_object(key) + 1), "bump")
         for _ in range(10):
             incr("before").get(timeout=30)
         assert cloud.get_object("before") == 11
+        deployment.wait_kvs(lambda ids: ids == {"kvs-1"})
+        incr("before").get(timeout=30)
+        assert cloud.get_object("before") == 12
         assert get_value(survivor.address, "missing") is None
