@@ -191,13 +191,24 @@ def publish(cloudburst: Any, key: str, value: int) -> str:
 def test_get_object_rendezvous_across_executors(deployment: Deployment) -> None:
     with CloudburstConnection(deployment.scheduler.address) as cloud:
         waiter = cloud.register(rendezvous, "rendezvous")
-        writer = cloud.register(publish, "publish")
+        cloud.put_object("probe", -1)
+        _, waiter_on = waiter("probe").get(timeout=30)
+        # Each function is pinned on one executor: find a writer pinned on the other one.
+        writers = {}
+        for k in range(6):
+            writer = cloud.register(publish, f"publish-{k}")
+            writers[writer("probe", -1).get(timeout=30)] = writer
+        assert waiter_on in writers and len(writers) == 2, f"placements: {sorted(writers)}"
+        writer = next(w for address, w in writers.items() if address != waiter_on)
         waiting = [waiter(f"meet-{i}") for i in range(4)]
-        writers = {writer(f"meet-{i}", i).get(timeout=30) for i in range(4)}
+        written_on = [writer(f"meet-{i}", i).get(timeout=30) for i in range(4)]
         results = [w.get(timeout=40) for w in waiting]
     assert [value for value, _ in results] == [0, 1, 2, 3]
-    ran_on = writers | {address for _, address in results}
-    assert ran_on <= {e.address for e in deployment.executors}
+    pairs = [
+        (read_on, wrote_on) for (_, read_on), wrote_on in zip(results, written_on, strict=True)
+    ]
+    assert any(read_on != wrote_on for read_on, wrote_on in pairs), pairs
+    assert set(writers) == {e.address for e in deployment.executors}
 
 
 def test_a_killed_kvs_process_leaves_the_other_serving(deployment: Deployment) -> None:
