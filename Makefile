@@ -6,9 +6,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BUF := tools/buf/node_modules/.bin/buf
+TS_DEPS := sdk/typescript/node_modules/.installed
 ARGS ?=
 
 .PHONY: setup serve test check lint typecheck protos-lint protos-check unit integration e2e consul valkey
+.PHONY: clients clients-check clients-lint
 
 setup: $(VENV)/.installed
 
@@ -27,11 +29,15 @@ $(BUF): tools/buf/package.json tools/buf/package-lock.json
 	npm ci --prefix tools/buf --no-audit --no-fund --loglevel=error
 	touch $@
 
+$(TS_DEPS): sdk/typescript/package.json sdk/typescript/package-lock.json
+	npm ci --prefix sdk/typescript --no-audit --no-fund --loglevel=error
+	touch $@
+
 serve: setup
 	$(VENV)/bin/cbgrpc serve $(ARGS)
 
 # Lint the contract, check the generated code is current, lint and type-check, then test.
-test: check consul valkey
+test: check consul valkey clients
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # A real Consul for the cluster tests, built from the Go module proxy and cached outside the
@@ -44,7 +50,7 @@ consul:
 valkey:
 	bash tools/valkey/install.sh
 
-check: protos-lint protos-check lint typecheck
+check: protos-lint protos-check clients-check lint typecheck clients-lint
 
 protos-lint: $(BUF)
 	$(BUF) lint protos
@@ -55,6 +61,24 @@ protos-check: setup
 	  (echo "sdk/python/cloudburst/v1 is out of date: run '$(PY) tools/gen_protos.py' and commit" && exit 1)
 	@test -z "$$(git status --porcelain -- sdk/python/cloudburst/v1)" || \
 	  (echo "untracked generated files in sdk/python/cloudburst/v1: commit them" && exit 1)
+
+# The Go and TypeScript clients: generated code current (buf with the plugins pinned in
+# tools/codegen/go.mod and sdk/typescript/package.json), `go vet` and `tsc --strict` clean.
+clients-check: $(BUF) $(TS_DEPS)
+	bash tools/gen_clients.sh
+	git diff --exit-code -- sdk/go sdk/typescript/src/gen || \
+	  (echo "the generated Go/TypeScript code is out of date: run 'tools/gen_clients.sh' and commit" && exit 1)
+	@test -z "$$(git status --porcelain -- sdk/go sdk/typescript/src/gen)" || \
+	  (echo "untracked generated files in sdk/go or sdk/typescript/src/gen: commit them" && exit 1)
+
+clients-lint: $(TS_DEPS)
+	cd sdk/go && go vet ./...
+	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript --noEmit
+
+# Build what the client tests run: the Go test programs and the compiled TypeScript.
+clients: $(TS_DEPS)
+	cd sdk/go && go build ./...
+	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript
 
 lint: setup
 	$(VENV)/bin/ruff check .

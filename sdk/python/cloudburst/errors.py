@@ -98,6 +98,8 @@ class InvalidDagError(InvalidArgumentError):
 class SerializationError(InvalidArgumentError, TypeError):
     """A value could not be serialized or deserialized."""
 
+    reason = "SERIALIZATION_FAILED"
+
 
 class NotSupportedError(CloudburstError, NotImplementedError):
     """An argument of the original Cloudburst API that this implementation does not offer.

@@ -52,7 +52,7 @@ def _details(status: status_pb2.Status) -> tuple[error_details_pb2.ErrorInfo, li
     return info, names
 
 
-# Every class that owns a reason (SerializationError shares INVALID_ARGUMENT, see below).
+# Every class that owns a reason.
 REASONED: list[type[CloudburstError]] = [
     errors.FunctionNotFoundError,
     errors.DagNotFoundError,
@@ -60,6 +60,7 @@ REASONED: list[type[CloudburstError]] = [
     errors.DagAlreadyExistsError,
     errors.InvalidArgumentError,
     errors.InvalidDagError,
+    errors.SerializationError,
     errors.LatticeTypeMismatchError,
     errors.FunctionInUseError,
     errors.PayloadTooLargeError,
@@ -151,9 +152,12 @@ def test_call_error_round_trips_class_message_and_metadata(cls: type[CloudburstE
     assert back.metadata == original.metadata
 
 
-def test_serialization_error_round_trips_as_invalid_argument() -> None:
-    back = rpc.error_from_call_error(error_to_call_error(errors.SerializationError("bad")))
-    assert type(back) is errors.InvalidArgumentError
+def test_serialization_error_keeps_the_invalid_argument_code() -> None:
+    wire = error_to_call_error(errors.SerializationError("bad"))
+    assert wire.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    back = rpc.error_from_call_error(wire)
+    assert type(back) is errors.SerializationError
+    assert isinstance(back, errors.InvalidArgumentError)
     assert back.message == "bad"
 
 

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cloudburst/v1/diagnostics_service.proto\x12\rcloudburst.v1\x1a\x1egoogle/protobuf/duration.proto\"\'\n\x14GetCallTimingRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"R\n\x15GetCallTimingResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12(\n\x05spans\x18\x02 \x03(\x0b\x32\x19.cloudburst.v1.SpanTiming\"\x88\x02\n\nSpanTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12/\n\x0cstart_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12=\n\nattributes\x18\x05 \x03(\x0b\x32).cloudburst.v1.SpanTiming.AttributesEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32p\n\x12\x44iagnosticsService\x12Z\n\rGetCallTiming\x12#.cloudburst.v1.GetCallTimingRequest\x1a$.cloudburst.v1.GetCallTimingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'cloudburst/v1/diagnostics_service.proto\x12\rcloudburst.v1\x1a\x1egoogle/protobuf/duration.proto\"\'\n\x14GetCallTimingRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"R\n\x15GetCallTimingResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12(\n\x05spans\x18\x02 \x03(\x0b\x32\x19.cloudburst.v1.SpanTiming\"\x88\x02\n\nSpanTiming\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12/\n\x0cstart_offset\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12=\n\nattributes\x18\x05 \x03(\x0b\x32).cloudburst.v1.SpanTiming.AttributesEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\x08\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32p\n\x12\x44iagnosticsService\x12Z\n\rGetCallTiming\x12#.cloudburst.v1.GetCallTimingRequest\x1a$.cloudburst.v1.GetCallTimingResponseB\x98\x01\n\x11\x63om.cloudburst.v1B\x17\x44iagnosticsServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudburst.v1.diagnostics_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\021com.cloudburst.v1B\027DiagnosticsServiceProtoP\001Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\242\002\003CXX\252\002\rCloudburst.V1\312\002\rCloudburst\\V1\352\002\016Cloudburst::V1'
   _globals['_SPANTIMING_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_SPANTIMING_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_GETCALLTIMINGREQUEST']._serialized_start=90

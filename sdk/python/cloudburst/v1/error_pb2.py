@@ -24,17 +24,18 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63loudburst/v1/error.proto\x12\rcloudburst.v1\"\xc1\x01\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.cloudburst.v1.ErrorReason\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.cloudburst.v1.CallError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa5\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x45RROR_REASON_FUNCTION_NOT_FOUND\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_DAG_NOT_FOUND\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_KEY_NOT_FOUND\x10\x03\x12#\n\x1f\x45RROR_REASON_DAG_ALREADY_EXISTS\x10\x04\x12\x1c\n\x18\x45RROR_REASON_INVALID_DAG\x10\x05\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x06\x12\"\n\x1e\x45RROR_REASON_PAYLOAD_TOO_LARGE\x10\x07\x12\x1c\n\x18\x45RROR_REASON_NO_EXECUTOR\x10\x08\x12&\n\"ERROR_REASON_LATTICE_TYPE_MISMATCH\x10\t\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\n\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x0b\x12 \n\x1c\x45RROR_REASON_FUNCTION_IN_USE\x10\x0c\x12!\n\x1d\x45RROR_REASON_PEER_UNAVAILABLE\x10\r\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0e\x12\"\n\x1e\x45RROR_REASON_MAILBOX_NOT_FOUND\x10\x0f\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63loudburst/v1/error.proto\x12\rcloudburst.v1\"\xc1\x01\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.cloudburst.v1.ErrorReason\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.cloudburst.v1.CallError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xcc\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x45RROR_REASON_FUNCTION_NOT_FOUND\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_DAG_NOT_FOUND\x10\x02\x12\x1e\n\x1a\x45RROR_REASON_KEY_NOT_FOUND\x10\x03\x12#\n\x1f\x45RROR_REASON_DAG_ALREADY_EXISTS\x10\x04\x12\x1c\n\x18\x45RROR_REASON_INVALID_DAG\x10\x05\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x06\x12\"\n\x1e\x45RROR_REASON_PAYLOAD_TOO_LARGE\x10\x07\x12\x1c\n\x18\x45RROR_REASON_NO_EXECUTOR\x10\x08\x12&\n\"ERROR_REASON_LATTICE_TYPE_MISMATCH\x10\t\x12\"\n\x1e\x45RROR_REASON_DEADLINE_EXCEEDED\x10\n\x12\x1b\n\x17\x45RROR_REASON_QUEUE_FULL\x10\x0b\x12 \n\x1c\x45RROR_REASON_FUNCTION_IN_USE\x10\x0c\x12!\n\x1d\x45RROR_REASON_PEER_UNAVAILABLE\x10\r\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0e\x12\"\n\x1e\x45RROR_REASON_MAILBOX_NOT_FOUND\x10\x0f\x12%\n!ERROR_REASON_SERIALIZATION_FAILED\x10\x10\x42\x8b\x01\n\x11\x63om.cloudburst.v1B\nErrorProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudburst.v1.error_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\021com.cloudburst.v1B\nErrorProtoP\001Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\242\002\003CXX\252\002\rCloudburst.V1\312\002\rCloudburst\\V1\352\002\016Cloudburst::V1'
   _globals['_CALLERROR_METADATAENTRY']._loaded_options = None
   _globals['_CALLERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ERRORREASON']._serialized_start=241
-  _globals['_ERRORREASON']._serialized_end=790
+  _globals['_ERRORREASON']._serialized_end=829
   _globals['_CALLERROR']._serialized_start=45
   _globals['_CALLERROR']._serialized_end=238
   _globals['_CALLERROR_METADATAENTRY']._serialized_start=191

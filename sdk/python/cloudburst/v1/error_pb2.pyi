@@ -57,6 +57,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A bug in the service; details are in its log."""
     ERROR_REASON_MAILBOX_NOT_FOUND: _ErrorReason.ValueType  # 15
     """No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead)."""
+    ERROR_REASON_SERIALIZATION_FAILED: _ErrorReason.ValueType  # 16
+    """A value cannot be encoded with any serializer the caller accepts, or cannot be read."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the reason carried in google.rpc.ErrorInfo (without the ERROR_REASON_ prefix)."""
@@ -93,6 +95,8 @@ ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 14
 """A bug in the service; details are in its log."""
 ERROR_REASON_MAILBOX_NOT_FOUND: ErrorReason.ValueType  # 15
 """No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead)."""
+ERROR_REASON_SERIALIZATION_FAILED: ErrorReason.ValueType  # 16
+"""A value cannot be encoded with any serializer the caller accepts, or cannot be read."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

@@ -158,6 +158,7 @@ class DagSchedule(_message.Message):
     REPLY_TO_FIELD_NUMBER: _builtins.int
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    ACCEPT_SERIALIZERS_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     response_key: _builtins.str
@@ -194,6 +195,10 @@ class DagSchedule(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the scheduler accepted the call; the sink measures the DAG's duration from it."""
 
+    @_builtins.property
+    def accept_serializers(self) -> _containers.RepeatedScalarFieldContainer[_value_pb2.Serializer.ValueType]:
+        """The serializers the caller accepts for the sink's result, in order of preference; empty accepts all."""
+
     def __init__(
         self,
         *,
@@ -208,10 +213,11 @@ class DagSchedule(_message.Message):
         reply_to: _builtins.str = ...,
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        accept_serializers: _abc.Iterable[_value_pb2.Serializer.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dag", b"dag", "deadline_time", b"deadline_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_to", b"reply_to", "response_key", b"response_key", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_to", b"reply_to", "response_key", b"response_key", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -53,6 +53,7 @@ class ExecuteFunctionRequest(_message.Message):
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     DIRECT_RESPONSE_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    ACCEPT_SERIALIZERS_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     function_name: _builtins.str
@@ -71,6 +72,10 @@ class ExecuteFunctionRequest(_message.Message):
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The W3C trace context of the scheduler's span for the call."""
 
+    @_builtins.property
+    def accept_serializers(self) -> _containers.RepeatedScalarFieldContainer[_value_pb2.Serializer.ValueType]:
+        """The serializers the caller accepts for the result, in order of preference; empty accepts all."""
+
     def __init__(
         self,
         *,
@@ -81,10 +86,11 @@ class ExecuteFunctionRequest(_message.Message):
         response_key: _builtins.str = ...,
         direct_response: _builtins.bool = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        accept_serializers: _abc.Iterable[_value_pb2.Serializer.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "arguments", b"arguments", "call_id", b"call_id", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from cloudburst.v1 import value_pb2 as cloudburst_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63loudburst/v1/lattice.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/value.proto\"e\n\x07Lattice\x12(\n\x03lww\x18\x01 \x01(\x0b\x32\x19.cloudburst.v1.LwwLatticeH\x00\x12(\n\x03set\x18\x02 \x01(\x0b\x32\x19.cloudburst.v1.SetLatticeH\x00\x42\x06\n\x04kind\"a\n\nLwwLattice\x12.\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1b.cloudburst.v1.LwwTimestamp\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.cloudburst.v1.Value\"2\n\x0cLwwTimestamp\x12\x0f\n\x07time_ns\x18\x01 \x01(\x04\x12\x11\n\twriter_id\x18\x02 \x01(\t\"2\n\nSetLattice\x12$\n\x06values\x18\x01 \x03(\x0b\x32\x14.cloudburst.v1.Value*L\n\x08Keyspace\x12\x18\n\x14KEYSPACE_UNSPECIFIED\x10\x00\x12\x11\n\rKEYSPACE_USER\x10\x01\x12\x13\n\x0fKEYSPACE_SYSTEM\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63loudburst/v1/lattice.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/value.proto\"e\n\x07Lattice\x12(\n\x03lww\x18\x01 \x01(\x0b\x32\x19.cloudburst.v1.LwwLatticeH\x00\x12(\n\x03set\x18\x02 \x01(\x0b\x32\x19.cloudburst.v1.SetLatticeH\x00\x42\x06\n\x04kind\"a\n\nLwwLattice\x12.\n\ttimestamp\x18\x01 \x01(\x0b\x32\x1b.cloudburst.v1.LwwTimestamp\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.cloudburst.v1.Value\"2\n\x0cLwwTimestamp\x12\x0f\n\x07time_ns\x18\x01 \x01(\x04\x12\x11\n\twriter_id\x18\x02 \x01(\t\"2\n\nSetLattice\x12$\n\x06values\x18\x01 \x03(\x0b\x32\x14.cloudburst.v1.Value*L\n\x08Keyspace\x12\x18\n\x14KEYSPACE_UNSPECIFIED\x10\x00\x12\x11\n\rKEYSPACE_USER\x10\x01\x12\x13\n\x0fKEYSPACE_SYSTEM\x10\x02\x42\x8d\x01\n\x11\x63om.cloudburst.v1B\x0cLatticeProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudburst.v1.lattice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\021com.cloudburst.v1B\014LatticeProtoP\001Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\242\002\003CXX\252\002\rCloudburst.V1\312\002\rCloudburst\\V1\352\002\016Cloudburst::V1'
   _globals['_KEYSPACE']._serialized_start=379
   _globals['_KEYSPACE']._serialized_end=455
   _globals['_LATTICE']._serialized_start=73

@@ -418,15 +418,23 @@ class CallFunctionRequest(_message.Message):
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     DIRECT_RESPONSE_FIELD_NUMBER: _builtins.int
+    ACCEPT_SERIALIZERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The function name."""
     response_key: _builtins.str
     """The user key to store the result under; the scheduler picks one when empty."""
     direct_response: _builtins.bool
-    """Whether to return the result in the response instead of storing it."""
+    """Whether to return the result in the response instead of storing it; nothing is then stored."""
     @_builtins.property
     def arguments(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Argument]:
         """The positional arguments after the user library."""
+
+    @_builtins.property
+    def accept_serializers(self) -> _containers.RepeatedScalarFieldContainer[_value_pb2.Serializer.ValueType]:
+        """The serializers the caller can read a result in, in order of preference; empty accepts all.
+        A result is re-encoded with the first listed serializer that can represent it, or becomes a
+        SERIALIZATION_FAILED error when none can (docs/protocol.md has the table).
+        """
 
     def __init__(
         self,
@@ -435,10 +443,11 @@ class CallFunctionRequest(_message.Message):
         arguments: _abc.Iterable[_value_pb2.Argument] | None = ...,
         response_key: _builtins.str = ...,
         direct_response: _builtins.bool = ...,
+        accept_serializers: _abc.Iterable[_value_pb2.Serializer.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "direct_response", b"direct_response", "name", b"name", "response_key", b"response_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "arguments", b"arguments", "direct_response", b"direct_response", "name", b"name", "response_key", b"response_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -453,7 +462,7 @@ class CallFunctionResponse(_message.Message):
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     response_key: _builtins.str
-    """The user key the result is stored under."""
+    """The user key the result is stored under; empty with direct_response (nothing is stored)."""
     @_builtins.property
     def outcome(self) -> _execution_pb2.Outcome:
         """The outcome when direct_response was set."""
@@ -503,15 +512,23 @@ class CallDagRequest(_message.Message):
     FUNCTION_ARGUMENTS_FIELD_NUMBER: _builtins.int
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     DIRECT_RESPONSE_FIELD_NUMBER: _builtins.int
+    ACCEPT_SERIALIZERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The DAG name."""
     response_key: _builtins.str
     """The user key to store the result under; the scheduler picks one when empty."""
     direct_response: _builtins.bool
-    """Whether to return the result in the response instead of storing it."""
+    """Whether to return the result in the response instead of storing it; nothing is then stored."""
     @_builtins.property
     def function_arguments(self) -> _containers.MessageMap[_builtins.str, _value_pb2.ArgumentList]:
         """The static arguments of each function, passed before upstream results."""
+
+    @_builtins.property
+    def accept_serializers(self) -> _containers.RepeatedScalarFieldContainer[_value_pb2.Serializer.ValueType]:
+        """The serializers the caller can read the result in, in order of preference; empty accepts all.
+        A result is re-encoded with the first listed serializer that can represent it, or becomes a
+        SERIALIZATION_FAILED error when none can (docs/protocol.md has the table).
+        """
 
     def __init__(
         self,
@@ -520,10 +537,11 @@ class CallDagRequest(_message.Message):
         function_arguments: _abc.Mapping[_builtins.str, _value_pb2.ArgumentList] | None = ...,
         response_key: _builtins.str = ...,
         direct_response: _builtins.bool = ...,
+        accept_serializers: _abc.Iterable[_value_pb2.Serializer.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct_response", b"direct_response", "function_arguments", b"function_arguments", "name", b"name", "response_key", b"response_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "direct_response", b"direct_response", "function_arguments", b"function_arguments", "name", b"name", "response_key", b"response_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -538,7 +556,7 @@ class CallDagResponse(_message.Message):
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     response_key: _builtins.str
-    """The user key the result is stored under."""
+    """The user key the result is stored under; empty with direct_response (nothing is stored)."""
     @_builtins.property
     def outcome(self) -> _execution_pb2.Outcome:
         """The outcome when direct_response was set."""
@@ -556,6 +574,56 @@ class CallDagResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallDagResponse: _TypeAlias = CallDagResponse  # noqa: Y015
+
+@_typing.final
+class GetResultRequest(_message.Message):
+    """GetResultRequest names the stored result to wait for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_KEY_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    response_key: _builtins.str
+    """The response key of the call, as CallFunction, CallDag or StreamCalls answered it."""
+    release: _builtins.bool
+    """Delete the stored result once it is returned; later requests for the key then wait again."""
+    def __init__(
+        self,
+        *,
+        response_key: _builtins.str = ...,
+        release: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["release", b"release", "response_key", b"response_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultRequest: _TypeAlias = GetResultRequest  # noqa: Y015
+
+@_typing.final
+class GetResultResponse(_message.Message):
+    """GetResultResponse carries the outcome of the call whose result was stored under the key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcome(self) -> _execution_pb2.Outcome:
+        """The value, the failure user code raised, or the runtime error that kept the call from running."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _execution_pb2.Outcome | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultResponse: _TypeAlias = GetResultResponse  # noqa: Y015
 
 @_typing.final
 class ListExecutorsRequest(_message.Message):

@@ -95,6 +95,11 @@ class SchedulerServiceStub:
                 request_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsRequest.SerializeToString,
                 response_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsResponse.FromString,
                 _registered_method=True)
+        self.GetResult = channel.unary_unary(
+                '/cloudburst.v1.SchedulerService/GetResult',
+                request_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.GetResultRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.GetResultResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -185,6 +190,13 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResult(self, request, context):
+        """GetResult waits for the stored result of a call, by its response key, and returns its outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +259,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ListExecutors,
                     request_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsRequest.FromString,
                     response_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsResponse.SerializeToString,
+            ),
+            'GetResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResult,
+                    request_deserializer=cloudburst_dot_v1_dot_scheduler__service__pb2.GetResultRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_scheduler__service__pb2.GetResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -574,6 +591,33 @@ class SchedulerService:
             '/cloudburst.v1.SchedulerService/ListExecutors',
             cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsRequest.SerializeToString,
             cloudburst_dot_v1_dot_scheduler__service__pb2.ListExecutorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudburst.v1.SchedulerService/GetResult',
+            cloudburst_dot_v1_dot_scheduler__service__pb2.GetResultRequest.SerializeToString,
+            cloudburst_dot_v1_dot_scheduler__service__pb2.GetResultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,8 @@ class SchedulerServiceStub:
     """StreamCalls carries many calls over one long-lived stream, the low-latency path."""
     ListExecutors: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListExecutorsRequest, _scheduler_service_pb2.ListExecutorsResponse]
     """ListExecutors lists the executors this scheduler places work on, optionally waiting for a change."""
+    GetResult: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetResultRequest, _scheduler_service_pb2.GetResultResponse]
+    """GetResult waits for the stored result of a call, by its response key, and returns its outcome."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -87,6 +89,8 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """StreamCalls carries many calls over one long-lived stream, the low-latency path."""
     ListExecutors: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListExecutorsRequest, _scheduler_service_pb2.ListExecutorsResponse]  # type: ignore[assignment]
     """ListExecutors lists the executors this scheduler places work on, optionally waiting for a change."""
+    GetResult: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetResultRequest, _scheduler_service_pb2.GetResultResponse]  # type: ignore[assignment]
+    """GetResult waits for the stored result of a call, by its response key, and returns its outcome."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService registers functions and DAGs and places calls on executors."""
@@ -186,5 +190,13 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.ListExecutorsResponse, _abc.Awaitable[_scheduler_service_pb2.ListExecutorsResponse]]:
         """ListExecutors lists the executors this scheduler places work on, optionally waiting for a change."""
+
+    @_abc_1.abstractmethod
+    def GetResult(
+        self,
+        request: _scheduler_service_pb2.GetResultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.GetResultResponse, _abc.Awaitable[_scheduler_service_pb2.GetResultResponse]]:
+        """GetResult waits for the stored result of a call, by its response key, and returns its outcome."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
