@@ -115,6 +115,9 @@ class SchedulerConfig:
     """Longest a call (or a wait for its direct response) may last without a caller deadline."""
     pin_replicas: int = 2
     """Executors each function of a registered DAG is pinned on."""
+    result_ttl_seconds: float = 600.0
+    """How long a result stored under a key the scheduler chose stays once its call's longest
+    life (call_timeout_seconds) is over, unless its caller releases it first; 0 keeps it."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,10 @@ class Config:
                 "scheduler.call_timeout_seconds must be positive",
             ),
             (self.scheduler.pin_replicas >= 1, "scheduler.pin_replicas must be at least 1"),
+            (
+                self.scheduler.result_ttl_seconds >= 0,
+                "scheduler.result_ttl_seconds must not be negative (0 keeps results)",
+            ),
             (
                 self.consul.check_interval_seconds > 0,
                 "consul.check_interval_seconds must be positive",

@@ -21,17 +21,21 @@ from google.protobuf import timestamp_pb2
 
 from cloudburst.errors import (
     CloudburstError,
+    CloudburstTimeoutError,
     DagAlreadyExistsError,
     DagNotFoundError,
     FunctionInUseError,
     FunctionNotFoundError,
     InvalidArgumentError,
+    RemoteFunctionError,
     UnavailableError,
 )
 from cloudburst.serialization import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     LwwClock,
+    check_accept,
     check_size,
+    failure_to_error,
 )
 from cloudburst.v1 import (
     execution_pb2,
@@ -92,7 +96,10 @@ class Scheduler:
         self.max_payload_bytes = max_payload_bytes
         self._clock = LwwClock(f"scheduler-{scheduler_id}")
         self.registry = Registry(kvs, self._clock)
-        self.releaser = ResultReleaser(kvs)
+        self._kvs = kvs
+        # An uncollected result under a key chosen here goes once its call's longest life
+        # (call_timeout_seconds) and then result_ttl_seconds have passed.
+        self.releaser = ResultReleaser(kvs, config.result_ttl_seconds, config.call_timeout_seconds)
         self._last_version = 0
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
         self._background: asyncio.Task[None] | None = None
@@ -259,10 +266,16 @@ class Scheduler:
         want_outcome: bool,
         timeout: float | None,
         trace_context: Mapping[str, str] | None = None,
+        expire: bool = True,
     ) -> Accepted:
-        """Place a one-shot call; its outcome is awaitable when ``want_outcome``."""
+        """Place a one-shot call; its outcome is awaitable when ``want_outcome``.
+
+        A result stored under a key chosen here expires unless ``expire`` is False.
+        """
         call_id = new_call_id()
-        response_key = request.response_key or call_id
+        _check_delivery(request)
+        # direct_response returns the result and stores nothing.
+        response_key = "" if request.direct_response else (request.response_key or call_id)
         attributes = {
             "cloudburst.function": request.name,
             "cloudburst.call_id": call_id,
@@ -283,6 +296,7 @@ class Scheduler:
                 arguments=request.arguments,
                 response_key=response_key,
                 direct_response=want_outcome,
+                accept_serializers=request.accept_serializers,
             )
             telemetry.inject(execute.trace_context)
         peer = self.pool.peer(view.executor_id)
@@ -302,6 +316,8 @@ class Scheduler:
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if expire and response_key and not request.response_key:
+            self.releaser.expire_later(response_key)
         return Accepted(response_key, task if want_outcome else None)
 
     async def call_dag(
@@ -310,10 +326,15 @@ class Scheduler:
         want_outcome: bool,
         timeout: float | None,
         trace_context: Mapping[str, str] | None = None,
+        expire: bool = True,
     ) -> Accepted:
-        """Place every function of a DAG call and trigger its sources."""
+        """Place every function of a DAG call and trigger its sources.
+
+        A result stored under a key chosen here expires unless ``expire`` is False.
+        """
         call_id = new_call_id()
-        response_key = request.response_key or ("" if request.direct_response else call_id)
+        _check_delivery(request)
+        response_key = "" if request.direct_response else (request.response_key or call_id)
         attributes = (
             {
                 "cloudburst.dag": request.name,
@@ -341,7 +362,38 @@ class Scheduler:
                 trigger.target_function = source
                 telemetry.inject(trigger.trace_context)
                 await self.pool.peer(executor_id).trigger(trigger)
-        return Accepted(response_key or call_id, outcome)
+        if expire and response_key and not request.response_key:
+            self.releaser.expire_later(response_key)
+        return Accepted(response_key, outcome)
+
+    async def get_result(
+        self, response_key: str, release: bool, timeout: float | None
+    ) -> execution_pb2.Outcome:
+        """Wait (up to ``timeout``) for the result stored under a response key; its outcome.
+
+        With ``release``, the stored result is deleted once read.
+
+        Raises:
+            InvalidArgumentError: The key is empty, or holds something other than a result.
+            CloudburstTimeoutError: No result was stored under the key in time.
+        """
+        if not response_key:
+            raise InvalidArgumentError("response_key must not be empty")
+        limit = self._timeout(timeout)
+        lattice = await self._kvs.get(response_key, wait=True, timeout=limit)
+        if lattice is None:
+            raise CloudburstTimeoutError(
+                f"no result was stored under {response_key!r} within {limit:.1f}s; "
+                "the call may still be running, or the key may be wrong or already released",
+                {"key": response_key},
+            )
+        if lattice.WhichOneof("kind") != "lww":
+            raise InvalidArgumentError(
+                f"{response_key!r} holds a set, not a call's result", {"key": response_key}
+            )
+        if release:
+            self.releaser.release([response_key])
+        return outcome_of(lattice.lww.value)
 
     def _sources(self, schedule: execution_pb2.DagSchedule) -> tuple[str, ...]:
         return self._topology(schedule.dag).sources
@@ -375,6 +427,7 @@ class Scheduler:
         schedule.response_key = response_key
         schedule.direct_response = want_outcome
         schedule.reply_to = self.scheduler_id
+        schedule.accept_serializers.extend(request.accept_serializers)
         now = time.time_ns()
         _set_time(schedule.start_time, now)
         _set_time(schedule.deadline_time, now + int(limit * 1e9))
@@ -458,6 +511,31 @@ class _Plan:
     """The DAG's functions, upstream first."""
     template: execution_pb2.DagSchedule
     """The DAG, its functions' versions and an empty argument list for each."""
+
+
+def outcome_of(value: value_pb2.Value) -> execution_pb2.Outcome:
+    """The outcome a stored result stands for: its value, a failure, or a runtime error."""
+    if value.serializer != value_pb2.SERIALIZER_FAILURE:
+        return execution_pb2.Outcome(value=value)
+    failure = value_pb2.Failure.FromString(value.data)
+    error = failure_to_error(failure)
+    if isinstance(error, RemoteFunctionError):
+        return execution_pb2.Outcome(failure=failure)
+    # The executor stores a runtime error (e.g. the function was deleted) as a failure.
+    return execution_pb2.Outcome(error=error_to_call_error(error))
+
+
+def _check_delivery(
+    request: scheduler_service_pb2.CallFunctionRequest | scheduler_service_pb2.CallDagRequest,
+) -> None:
+    """Reject a call that asks for a result both returned directly and stored."""
+    if request.direct_response and request.response_key:
+        raise InvalidArgumentError(
+            "direct_response returns the result and stores nothing, so response_key must be "
+            "empty; drop one of them",
+            {"response_key": request.response_key},
+        )
+    check_accept(request.accept_serializers)
 
 
 def _set_time(stamp: timestamp_pb2.Timestamp, ns: int) -> None:

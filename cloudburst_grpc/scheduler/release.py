@@ -6,13 +6,20 @@ later frame of its call stream; the scheduler deletes those keys here, one
 ``delete_many`` at a time, collecting the keys released meanwhile into the
 next batch. A failed batch is logged and dropped: its results stay stored,
 which loses nothing.
+
+A result under a key the scheduler chose that nobody releases expires: once
+the call's longest life and then the result time-to-live have passed, it is
+deleted the same way, so a caller that never reads cannot fill the store.
+Expiry is kept in this scheduler's memory; a restart forgets what was due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from cloudburst.errors import CloudburstError
 from cloudburst_grpc import telemetry
@@ -27,11 +34,59 @@ BATCH_LIMIT = 1000
 class ResultReleaser:
     """Deletes released result keys from the KVS in the background."""
 
-    def __init__(self, kvs: KvsAccess) -> None:
+    def __init__(
+        self,
+        kvs: KvsAccess,
+        ttl: float = 0.0,
+        hold: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Delete from ``kvs``; expire tracked keys ``hold + ttl`` seconds on (``ttl`` 0: never)."""
         self._kvs = kvs
         self._queued: list[str] = []
         self._in_flight = 0
         self._task: asyncio.Task[None] | None = None
+        self._ttl = ttl
+        self._hold = hold
+        self._clock = clock
+        # Keys due to expire, in the order they are due (every key waits the same time).
+        self._due: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def expiring(self) -> int:
+        """Keys that will expire unless released first."""
+        return len(self._due)
+
+    def expire_later(self, key: str) -> None:
+        """Delete ``key`` once the hold and the time-to-live are over, unless released before."""
+        if self._ttl <= 0:
+            return
+        self._due[key] = self._clock() + self._hold + self._ttl
+        if self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        if not self._due:
+            self._timer = None
+            return
+        first = next(iter(self._due.values()))
+        delay = max(first - self._clock(), 0.0)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        expired: list[str] = []
+        while self._due:
+            key, due = next(iter(self._due.items()))
+            if due > now:
+                break
+            self._due.popitem(last=False)
+            expired.append(key)
+        if expired:
+            logger.debug("%d uncollected results expired", len(expired))
+            self._queue(expired)
+        self._arm()
 
     @property
     def backlog(self) -> int:
@@ -40,6 +95,13 @@ class ResultReleaser:
 
     def release(self, keys: Iterable[str]) -> None:
         """Queue keys for deletion (call on the loop); returns at once."""
+        keys = list(keys)
+        if self._due:
+            for key in keys:
+                self._due.pop(key, None)
+        self._queue(keys)
+
+    def _queue(self, keys: list[str]) -> None:
         self._queued.extend(keys)
         if self._queued and self._task is None:
             self._task = asyncio.create_task(self._drain())
@@ -64,7 +126,13 @@ class ResultReleaser:
             self._task = None
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Finish deleting what was released, waiting at most ``timeout`` seconds."""
+        """Finish deleting what was released, waiting at most ``timeout`` seconds.
+
+        Results not yet expired stay stored.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         task = self._task
         if task is None:
             return

@@ -176,6 +176,19 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             response.outcome.CopyFrom(await _await_outcome(accepted))
         return response
 
+    async def GetResult(
+        self,
+        request: scheduler_service_pb2.GetResultRequest,
+        context: Context[
+            scheduler_service_pb2.GetResultRequest, scheduler_service_pb2.GetResultResponse
+        ],
+    ) -> scheduler_service_pb2.GetResultResponse:
+        """Wait for a stored result; with release, delete it once read."""
+        outcome = await self._scheduler.get_result(
+            request.response_key, request.release, _remaining(context)
+        )
+        return scheduler_service_pb2.GetResultResponse(outcome=outcome)
+
     async def ListExecutors(
         self,
         request: scheduler_service_pb2.ListExecutorsRequest,
@@ -296,18 +309,20 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     ) -> None:
         kind = frame.WhichOneof("call")
         body: scheduler_service_pb2.CallFunctionResponse | scheduler_service_pb2.CallDagResponse
+        # A caller that had the outcome streamed and will not release the result keeps it.
+        expire = frame.releasable or not frame.stream_outcome
         if kind == "call_function":
             request = frame.call_function
             direct, named = request.direct_response, bool(request.response_key)
             accepted = await self._scheduler.call_function(
-                request, direct or frame.stream_outcome, None, frame.trace_context
+                request, direct or frame.stream_outcome, None, frame.trace_context, expire
             )
             body = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
         elif kind == "call_dag":
             dag_request = frame.call_dag
             direct, named = dag_request.direct_response, bool(dag_request.response_key)
             accepted = await self._scheduler.call_dag(
-                dag_request, direct or frame.stream_outcome, None, frame.trace_context
+                dag_request, direct or frame.stream_outcome, None, frame.trace_context, expire
             )
             body = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
         else:

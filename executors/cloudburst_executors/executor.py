@@ -58,6 +58,7 @@ class Executor:
         self._kvs = kvs
         self._peers = peers
         self._call_timeout = call_timeout
+        self._max_payload_bytes = max_payload_bytes
         self._clock = LwwClock(f"executor-{executor_id}")
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix=f"cb-{executor_id}")
         self._functions: dict[str, runner.LoadedFunction] = {}
@@ -210,6 +211,14 @@ class Executor:
                     (),
                 )
                 _annotate(current, outcome)
+            if request.accept_serializers:
+                outcome = await results.for_caller(
+                    outcome,
+                    request.accept_serializers,
+                    request.function_name,
+                    self._pool,
+                    self._max_payload_bytes,
+                )
             if request.response_key:
                 await results.store(self._kvs, self._clock, request.response_key, outcome)
         finally:
@@ -263,7 +272,21 @@ class Executor:
                 for forward in after:
                     await self._forward(forward)
             else:
-                await results.deliver(schedule, outcome, self._kvs, self._clock, self.results)
+                await self._deliver(schedule, outcome)
+
+    async def _deliver(
+        self, schedule: execution_pb2.DagSchedule, outcome: execution_pb2.Outcome
+    ) -> None:
+        """Deliver a sink's outcome, in a serializer its caller accepts."""
+        if schedule.accept_serializers:
+            outcome = await results.for_caller(
+                outcome,
+                schedule.accept_serializers,
+                schedule.dag.name,
+                self._pool,
+                self._max_payload_bytes,
+            )
+        await results.deliver(schedule, outcome, self._kvs, self._clock, self.results)
 
     async def _stage_outcome(self, ready: RunStage) -> tuple[str, execution_pb2.Outcome]:
         """Run a stage and the chain after it; return the function that ran last, its outcome."""
@@ -314,7 +337,7 @@ class Executor:
         except CloudburstError as exc:
             logger.warning("call %s: cannot reach %s: %s", schedule.call_id, executor_id, exc)
             outcome = execution_pb2.Outcome(error=error_to_call_error(exc))
-            await results.deliver(schedule, outcome, self._kvs, self._clock, self.results)
+            await self._deliver(schedule, outcome)
 
 
 def _stage_span(executor_id: str, ready: RunStage) -> contextlib.AbstractContextManager[Any]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
 
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError
 from cloudburst.rpc import reason_name
-from cloudburst.serialization import LwwClock, lww
+from cloudburst.serialization import LwwClock, lww, serialize_as
 from cloudburst.v1 import execution_pb2, value_pb2
+from cloudburst_executors import runner
+from cloudburst_executors.stages import LARGE_VALUE_BYTES
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.failures import failure_value, runtime_failure
+from cloudburst_grpc.failures import error_to_call_error, failure_value, runtime_failure
 from cloudburst_grpc.kvs_access import KvsAccess
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,37 @@ class ResultRouter:
 
     def __len__(self) -> int:
         return len(self._waiters) + len(self._parked)
+
+
+async def for_caller(
+    outcome: execution_pb2.Outcome,
+    accept: Sequence[value_pb2.Serializer.ValueType],
+    name: str,
+    pool: Executor,
+    max_payload_bytes: int,
+) -> execution_pb2.Outcome:
+    """The outcome with its value in a serializer the caller accepts (``accept``; empty: any).
+
+    A value no accepted serializer can carry becomes a SERIALIZATION_FAILED error.
+    Large values are re-encoded on ``pool``, not the loop.
+    """
+    if not accept or outcome.WhichOneof("result") != "value":
+        return outcome
+    if outcome.value.serializer in accept:
+        return outcome
+
+    def encode() -> value_pb2.Value:
+        obj = runner.unpickle(outcome.value)
+        return serialize_as(obj, accept, what=f"the result of {name!r}", limit=max_payload_bytes)
+
+    try:
+        if len(outcome.value.data) > LARGE_VALUE_BYTES:
+            value = await asyncio.get_running_loop().run_in_executor(pool, encode)
+        else:
+            value = encode()
+    except CloudburstError as exc:
+        return execution_pb2.Outcome(error=error_to_call_error(exc))
+    return execution_pb2.Outcome(value=value)
 
 
 async def store(kvs: KvsAccess, clock: LwwClock, key: str, outcome: execution_pb2.Outcome) -> None:

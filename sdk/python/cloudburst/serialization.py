@@ -2,19 +2,23 @@
 
 Bytes and strings travel as ``SERIALIZER_BYTES`` and ``SERIALIZER_STRING`` so
 that clients in other languages can read and write them; everything else is
-pickled with cloudpickle. A failure raised by user code is stored as
-``SERIALIZER_FAILURE`` and raises :class:`~cloudburst.errors.RemoteFunctionError`
-when read.
+pickled with cloudpickle. A caller that cannot read pickles lists the
+serializers it accepts, and :func:`encode_for` re-encodes a result for it
+(JSON for None, bool, int, float, str, lists and string-keyed dicts). A
+failure raised by user code is stored as ``SERIALIZER_FAILURE`` and raises
+:class:`~cloudburst.errors.RemoteFunctionError` when read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
@@ -22,6 +26,7 @@ import grpc
 
 from cloudburst.errors import (
     CloudburstError,
+    InvalidArgumentError,
     PayloadTooLargeError,
     RemoteFunctionError,
     SerializationError,
@@ -70,6 +75,144 @@ def serialize(obj: Any, *, what: str = "value", limit: int | None = None) -> val
         value = value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE)
     check_size(value, what=what, limit=limit)
     return value
+
+
+#: Serializers a caller may list as accepted for results.
+RESULT_SERIALIZERS = frozenset(
+    {
+        value_pb2.SERIALIZER_CLOUDPICKLE,
+        value_pb2.SERIALIZER_BYTES,
+        value_pb2.SERIALIZER_STRING,
+        value_pb2.SERIALIZER_JSON,
+    }
+)
+
+
+def check_accept(accept: Sequence[value_pb2.Serializer.ValueType]) -> None:
+    """Reject an accepted-serializers list that names no result serializer.
+
+    Raises:
+        InvalidArgumentError: An entry is unspecified, FAILURE (always accepted) or unknown.
+    """
+    for kind in accept:
+        if kind not in RESULT_SERIALIZERS:
+            known = kind in value_pb2.Serializer.values()
+            name = value_pb2.Serializer.Name(kind) if known else str(kind)
+            raise InvalidArgumentError(
+                f"accept_serializers lists {name}; list only SERIALIZER_CLOUDPICKLE, "
+                "SERIALIZER_BYTES, SERIALIZER_STRING or SERIALIZER_JSON (failures are always sent)",
+                {"serializer": name},
+            )
+
+
+def encode_for(
+    value: value_pb2.Value,
+    accept: Sequence[value_pb2.Serializer.ValueType],
+    *,
+    what: str,
+    limit: int | None = None,
+) -> value_pb2.Value:
+    """Return ``value`` in a serializer the caller accepts (``accept``; empty accepts all).
+
+    A value whose serializer is accepted, and any failure, is returned as it
+    is; otherwise it is read and encoded with the first accepted serializer
+    that can represent it.
+
+    Raises:
+        SerializationError: No accepted serializer can represent the value, or it cannot be read.
+        PayloadTooLargeError: The re-encoded value is larger than ``limit``.
+    """
+    if not accept or value.serializer in accept or value.serializer == value_pb2.SERIALIZER_FAILURE:
+        return value
+    return serialize_as(deserialize(value), accept, what=what, limit=limit)
+
+
+def serialize_as(
+    obj: Any,
+    accept: Sequence[value_pb2.Serializer.ValueType],
+    *,
+    what: str = "value",
+    limit: int | None = None,
+) -> value_pb2.Value:
+    """Serialize ``obj`` with the first serializer of ``accept`` that can represent it.
+
+    Raises:
+        SerializationError: None of them can.
+        PayloadTooLargeError: The serialized value is larger than ``limit``.
+    """
+    reasons: list[str] = []
+    for kind in accept:
+        if kind == value_pb2.SERIALIZER_CLOUDPICKLE:
+            value = serialize(obj, what=what)
+            if value.serializer != value_pb2.SERIALIZER_CLOUDPICKLE:
+                value = value_pb2.Value(
+                    data=cloudpickle.dumps(obj), serializer=value_pb2.SERIALIZER_CLOUDPICKLE
+                )
+            check_size(value, what=what, limit=limit)
+            return value
+        if kind == value_pb2.SERIALIZER_BYTES:
+            if isinstance(obj, bytes | bytearray):
+                value = value_pb2.Value(data=bytes(obj), serializer=kind)
+                check_size(value, what=what, limit=limit)
+                return value
+            reasons.append("BYTES carries only bytes")
+        elif kind == value_pb2.SERIALIZER_STRING:
+            if isinstance(obj, str):
+                value = value_pb2.Value(data=obj.encode(), serializer=kind)
+                check_size(value, what=what, limit=limit)
+                return value
+            reasons.append("STRING carries only str")
+        elif kind == value_pb2.SERIALIZER_JSON:
+            problem = json_problem(obj, "")
+            if problem is None:
+                data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+                value = value_pb2.Value(data=data.encode(), serializer=kind)
+                check_size(value, what=what, limit=limit)
+                return value
+            reasons.append(f"JSON cannot carry it: {problem}")
+    accepted = ", ".join(value_pb2.Serializer.Name(k).removeprefix("SERIALIZER_") for k in accept)
+    raise SerializationError(
+        f"{what} of type {type(obj).__qualname__} cannot be sent in any serializer the caller "
+        f"accepts ({accepted}): {'; '.join(reasons)}. Return JSON-representable values "
+        "(None, bool, int, float, str, list, dict with str keys) to callers in other languages.",
+        {"what": what, "type": type(obj).__qualname__, "accepted": accepted},
+    )
+
+
+#: The most nesting :func:`json_problem` follows (json.dumps itself recurses).
+_JSON_MAX_DEPTH = 500
+
+
+def json_problem(obj: Any, path: str, depth: int = 0) -> str | None:
+    """Say why ``obj`` is not JSON-representable (naming where), or None when it is.
+
+    JSON here means None, bool, int, float (finite), str, list or tuple, and
+    dict with str keys, nested; nothing else, so that every value reads back
+    the same in any language.
+    """
+    where = path or "the value"
+    if depth > _JSON_MAX_DEPTH:
+        return f"{where} is nested more than {_JSON_MAX_DEPTH} levels deep"
+    if obj is None or type(obj) in (bool, int, str):
+        return None
+    if type(obj) is float:
+        return None if math.isfinite(obj) else f"{where} is {obj!r}, which JSON has no number for"
+    if type(obj) in (list, tuple):
+        for index, item in enumerate(obj):
+            problem = json_problem(item, f"{path}[{index}]", depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    if type(obj) is dict:
+        for key, item in obj.items():
+            if type(key) is not str:
+                kind = type(key).__qualname__
+                return f"{where} has a key of type {kind} ({key!r}); keys must be str"
+            problem = json_problem(item, f"{path}[{key!r}]", depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    return f"{where} is of type {type(obj).__qualname__}"
 
 
 def check_size(value: value_pb2.Value, *, what: str, limit: int | None) -> None:
