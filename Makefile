@@ -72,6 +72,7 @@ clients-check: $(BUF) $(TS_DEPS)
 	  (echo "untracked generated files in sdk/go or sdk/typescript/src/gen: commit them" && exit 1)
 
 clients-lint: $(TS_DEPS)
+	@test -z "$$(cd sdk/go && gofmt -l .)" || (cd sdk/go && gofmt -l . && echo "run gofmt -w sdk/go" && exit 1)
 	cd sdk/go && go vet ./...
 	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript --noEmit
 

@@ -1,0 +1,182 @@
+// Package cloudburst is a thin, idiomatic Go client for cloudburst-grpc.
+//
+// Functions and DAGs are written and registered in Python; from Go you call them with native
+// values and read native values back, read and write the KVS, and wait for stored results.
+// Values travel as JSON (strings as STRING and []byte as BYTES), so they read the same in Python
+// and in Go. The generated stubs are in the v1 subpackage for anything this layer does not cover.
+// docs/protocol.md in the repository describes the wire protocol.
+package cloudburst
+
+import (
+	"context"
+	"fmt"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	cloudburstv1 "cloudburst-grpc/sdk/go/cloudburst/v1"
+)
+
+// Accepted is the serializers this client reads results in, in order of preference: a string
+// result comes as STRING, bytes as BYTES, anything else as JSON.
+var Accepted = []cloudburstv1.Serializer{
+	cloudburstv1.Serializer_SERIALIZER_JSON,
+	cloudburstv1.Serializer_SERIALIZER_STRING,
+	cloudburstv1.Serializer_SERIALIZER_BYTES,
+}
+
+// Client talks to one scheduler (or a load balancer in front of several). It is safe for
+// concurrent use.
+type Client struct {
+	conn *grpc.ClientConn
+	// Scheduler is the generated SchedulerService stub, for calls this layer does not wrap.
+	Scheduler cloudburstv1.SchedulerServiceClient
+	// Kvs is the generated KvsService stub.
+	Kvs cloudburstv1.KvsServiceClient
+}
+
+// Dial connects to a scheduler at address ("host:port"). Without options the connection is
+// plaintext, which suits loopback and trusted networks; pass grpc.WithTransportCredentials for TLS.
+func Dial(address string, opts ...grpc.DialOption) (*Client, error) {
+	if len(opts) == 0 {
+		opts = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	}
+	conn, err := grpc.NewClient(address, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("cloudburst: cannot connect to %q: %w", address, err)
+	}
+	return &Client{
+		conn:      conn,
+		Scheduler: cloudburstv1.NewSchedulerServiceClient(conn),
+		Kvs:       cloudburstv1.NewKvsServiceClient(conn),
+	}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error {
+	return c.conn.Close()
+}
+
+// CallFunction calls a registered function with args and waits for its result. A function that
+// raises returns a *FunctionError; a runtime error returns an *Error.
+func (c *Client) CallFunction(ctx context.Context, name string, args ...any) (*Result, error) {
+	arguments, err := encodeArguments(args, name)
+	if err != nil {
+		return nil, err
+	}
+	response, err := c.Scheduler.CallFunction(ctx, &cloudburstv1.CallFunctionRequest{
+		Name:              name,
+		Arguments:         arguments,
+		DirectResponse:    true,
+		AcceptSerializers: Accepted,
+	})
+	if err != nil {
+		return nil, errorFromRPC(err)
+	}
+	return resultOf(response.GetOutcome())
+}
+
+// CallDag calls a registered DAG and waits for its sink's result. args maps a function of the
+// DAG to its arguments (passed before the results of its upstream functions).
+func (c *Client) CallDag(ctx context.Context, name string, args map[string][]any) (*Result, error) {
+	request, err := dagRequest(name, args)
+	if err != nil {
+		return nil, err
+	}
+	request.DirectResponse = true
+	response, err := c.Scheduler.CallDag(ctx, request)
+	if err != nil {
+		return nil, errorFromRPC(err)
+	}
+	return resultOf(response.GetOutcome())
+}
+
+// StartDag calls a DAG without waiting: its result is stored, and the returned response key
+// reads it with WaitResult. A result nobody reads expires after the scheduler's result time-to-live.
+func (c *Client) StartDag(ctx context.Context, name string, args map[string][]any) (string, error) {
+	request, err := dagRequest(name, args)
+	if err != nil {
+		return "", err
+	}
+	response, err := c.Scheduler.CallDag(ctx, request)
+	if err != nil {
+		return "", errorFromRPC(err)
+	}
+	return response.GetResponseKey(), nil
+}
+
+// WaitResult waits (until ctx is done) for the result stored under a response key. With
+// release, the stored result is deleted once read.
+func (c *Client) WaitResult(ctx context.Context, responseKey string, release bool) (*Result, error) {
+	response, err := c.Scheduler.GetResult(ctx, &cloudburstv1.GetResultRequest{
+		ResponseKey: responseKey,
+		Release:     release,
+	})
+	if err != nil {
+		return nil, errorFromRPC(err)
+	}
+	return resultOf(response.GetOutcome())
+}
+
+// Put stores value under a user key (last writer wins).
+func (c *Client) Put(ctx context.Context, key string, value any) error {
+	encoded, err := Encode(value)
+	if err != nil {
+		return err
+	}
+	_, err = c.Kvs.PutValue(ctx, &cloudburstv1.PutValueRequest{
+		Key:         key,
+		Keyspace:    cloudburstv1.Keyspace_KEYSPACE_USER,
+		Lattice:     &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{Value: encoded}}},
+		OmitLattice: true,
+	})
+	return errorFromRPC(err)
+}
+
+// Get reads the value stored under a user key; found is false when there is none. A value
+// written by Python must be JSON, a string or bytes to be read here (see docs/protocol.md).
+func (c *Client) Get(ctx context.Context, key string) (result *Result, found bool, err error) {
+	response, err := c.Kvs.GetValue(ctx, &cloudburstv1.GetValueRequest{
+		Key:      key,
+		Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER,
+	})
+	if err != nil {
+		return nil, false, errorFromRPC(err)
+	}
+	if !response.GetFound() {
+		return nil, false, nil
+	}
+	lww := response.GetLattice().GetLww()
+	if lww == nil {
+		return nil, true, &Error{Reason: "UNSUPPORTED", Message: fmt.Sprintf("key %q holds a set lattice; read it with the Kvs stub", key)}
+	}
+	return &Result{Value: lww.GetValue()}, true, nil
+}
+
+func dagRequest(name string, args map[string][]any) (*cloudburstv1.CallDagRequest, error) {
+	request := &cloudburstv1.CallDagRequest{
+		Name:              name,
+		FunctionArguments: map[string]*cloudburstv1.ArgumentList{},
+		AcceptSerializers: Accepted,
+	}
+	for function, values := range args {
+		arguments, err := encodeArguments(values, function)
+		if err != nil {
+			return nil, err
+		}
+		request.FunctionArguments[function] = &cloudburstv1.ArgumentList{Arguments: arguments}
+	}
+	return request, nil
+}
+
+func encodeArguments(args []any, function string) ([]*cloudburstv1.Argument, error) {
+	arguments := make([]*cloudburstv1.Argument, 0, len(args))
+	for index, arg := range args {
+		value, err := Encode(arg)
+		if err != nil {
+			return nil, fmt.Errorf("cloudburst: argument %d of %q: %w", index+1, function, err)
+		}
+		arguments = append(arguments, &cloudburstv1.Argument{Kind: &cloudburstv1.Argument_Value{Value: value}})
+	}
+	return arguments, nil
+}
