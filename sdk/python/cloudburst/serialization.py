@@ -109,7 +109,7 @@ def encode_for(
     value: value_pb2.Value,
     accept: Sequence[value_pb2.Serializer.ValueType],
     *,
-    what: str,
+    what: str = "value",
     limit: int | None = None,
 ) -> value_pb2.Value:
     """Return ``value`` in a serializer the caller accepts (``accept``; empty accepts all).
@@ -190,7 +190,7 @@ def json_problem(obj: Any, path: str, depth: int = 0) -> str | None:
     dict with str keys, nested; nothing else, so that every value reads back
     the same in any language.
     """
-    where = path or "the value"
+    where = f"the value{path}"
     if depth > _JSON_MAX_DEPTH:
         return f"{where} is nested more than {_JSON_MAX_DEPTH} levels deep"
     if obj is None or type(obj) in (bool, int, str):

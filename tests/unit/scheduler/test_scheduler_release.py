@@ -74,3 +74,42 @@ async def test_close_gives_up_after_its_timeout(caplog: pytest.LogCaptureFixture
     releaser.release(["b"])
     await releaser.close(timeout=0.05)
     assert "2 released results not deleted at shutdown" in caplog.text
+
+
+async def test_a_tracked_result_expires_after_hold_and_ttl() -> None:
+    kvs = RecordingKvs()
+    kvs.go.set()
+    releaser = ResultReleaser(kvs, ttl=0.02, hold=0.01)  # type: ignore[arg-type]
+    releaser.expire_later("a")
+    releaser.expire_later("b")
+    assert releaser.expiring == 2
+    async with asyncio.timeout(5):
+        await kvs.started.wait()
+    await releaser.close(timeout=5)
+    assert sorted(key for batch in kvs.batches for key in batch) == ["a", "b"]
+    assert releaser.expiring == 0
+
+
+async def test_a_released_result_does_not_expire_again() -> None:
+    kvs = RecordingKvs()
+    kvs.go.set()
+    releaser = ResultReleaser(kvs, ttl=0.02)  # type: ignore[arg-type]
+    releaser.expire_later("a")
+    releaser.release(["a"])
+    assert releaser.expiring == 0
+    releaser.expire_later("b")
+    async with asyncio.timeout(5):
+        while ["b"] not in kvs.batches:
+            kvs.started.clear()
+            await kvs.started.wait()
+    await releaser.close(timeout=5)
+    assert kvs.batches == [["a"], ["b"]]
+
+
+async def test_a_zero_ttl_keeps_results() -> None:
+    kvs = RecordingKvs()
+    releaser = ResultReleaser(kvs, ttl=0.0)  # type: ignore[arg-type]
+    releaser.expire_later("a")
+    assert releaser.expiring == 0
+    await releaser.close(timeout=5)
+    assert kvs.batches == []

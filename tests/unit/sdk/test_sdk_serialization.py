@@ -256,3 +256,89 @@ def test_scalars_are_pickled_exactly_as_cloudpickle_would(scalar: object) -> Non
     assert value.data == cloudpickle.dumps(scalar)
     restored = deserialize(value)
     assert restored == scalar and type(restored) is type(scalar)
+
+
+# --- serializers a caller accepts ----------------------------------------------------------
+
+JSON = value_pb2.SERIALIZER_JSON
+STRING = value_pb2.SERIALIZER_STRING
+BYTES = value_pb2.SERIALIZER_BYTES
+PICKLE = value_pb2.SERIALIZER_CLOUDPICKLE
+
+
+@pytest.mark.parametrize(
+    ("obj", "data"),
+    [
+        (None, b"null"),
+        (True, b"true"),
+        (-3, b"-3"),
+        (2**70, b"1180591620717411303424"),
+        (0.5, b"0.5"),
+        ("é", '"é"'.encode()),
+        ([1, [2, {"k": None}]], b'[1,[2,{"k":null}]]'),
+        ((1, "a"), b'[1,"a"]'),
+        ({}, b"{}"),
+    ],
+)
+def test_json_carries_json_representable_values(obj: object, data: bytes) -> None:
+    value = serialization.serialize_as(obj, [JSON])
+    assert value.serializer == JSON
+    assert value.data == data
+    back = deserialize(value)
+    assert back == (list(obj) if isinstance(obj, tuple) else obj)
+
+
+@pytest.mark.parametrize(
+    ("obj", "says"),
+    [
+        ({1, 2}, "the value is of type set"),
+        ({"a": [1, b"x"]}, "the value['a'][1] is of type bytes"),
+        ({1: "x"}, "has a key of type int"),
+        (float("inf"), "JSON has no number"),
+        (Point(1, 2), "is of type Point"),
+        (1 + 2j, "is of type complex"),
+    ],
+)
+def test_a_value_json_cannot_carry_raises_naming_where(obj: object, says: str) -> None:
+    with pytest.raises(SerializationError) as caught:
+        serialization.serialize_as(obj, [JSON], what="the result of 'f'")
+    assert says in str(caught.value)
+    assert "the result of 'f'" in str(caught.value)
+    assert caught.value.reason == "SERIALIZATION_FAILED"
+
+
+def test_the_first_accepted_serializer_that_fits_wins() -> None:
+    assert serialization.serialize_as("s", [JSON, STRING]).serializer == JSON
+    assert serialization.serialize_as("s", [STRING, JSON]).serializer == STRING
+    assert serialization.serialize_as(b"b", [STRING, BYTES]).serializer == BYTES
+    assert serialization.serialize_as({1}, [JSON, PICKLE]).serializer == PICKLE
+    assert deserialize(serialization.serialize_as("s", [PICKLE])) == "s"
+    with pytest.raises(SerializationError, match=r"\(STRING, BYTES\)"):
+        serialization.serialize_as(1, [STRING, BYTES])
+
+
+def test_encode_for_keeps_accepted_values_and_failures_as_they_are() -> None:
+    pickled = serialize(Point(1, 2))
+    assert serialization.encode_for(pickled, []) is pickled
+    assert serialization.encode_for(pickled, [PICKLE]) is pickled
+    failure = serialization.failure_value(value_pb2.Failure(type="ValueError"))
+    assert serialization.encode_for(failure, [JSON]) is failure
+    number = serialize(5)
+    assert serialization.encode_for(number, [JSON]).data == b"5"
+    with pytest.raises(PayloadTooLargeError):
+        serialization.encode_for(serialize(list(range(100))), [JSON], what="v", limit=10)
+
+
+@pytest.mark.parametrize(
+    "bad", [value_pb2.SERIALIZER_UNSPECIFIED, value_pb2.SERIALIZER_FAILURE, 99]
+)
+def test_accept_lists_only_result_serializers(bad: int) -> None:
+    serialization.check_accept([JSON, STRING, BYTES, PICKLE])
+    with pytest.raises(CloudburstError, match="accept_serializers lists"):
+        serialization.check_accept([JSON, bad])  # type: ignore[list-item]
+
+
+def test_json_and_string_values_read_as_natural_python_values() -> None:
+    assert deserialize(value_pb2.Value(data=b'{"a": [1, 2.5]}', serializer=JSON)) == {"a": [1, 2.5]}
+    assert deserialize(value_pb2.Value(data="é".encode(), serializer=STRING)) == "é"
+    assert deserialize(value_pb2.Value(data=b"\x00", serializer=BYTES)) == b"\x00"
