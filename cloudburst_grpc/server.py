@@ -7,10 +7,9 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from cloudburst.transport import channel_options, server_options
-from cloudburst_grpc import telemetry
+from cloudburst_grpc import reflection, telemetry
 from cloudburst_grpc.interceptors import ErrorMappingInterceptor
 
 logger = logging.getLogger(__name__)
@@ -38,9 +37,9 @@ def create_server(max_payload_bytes: int) -> tuple[grpc.aio.Server, health.aio.H
 
 
 def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
-    """Serve gRPC reflection for the given full service names and the health service."""
+    """Serve gRPC reflection (v1 and v1alpha, with comments) for the services and health."""
     names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    reflection.enable_reflection(server, names)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:

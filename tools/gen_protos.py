@@ -1,7 +1,9 @@
 """Generate the Python code for protos/ into sdk/python/cloudburst/v1.
 
-Run from anywhere: ``python tools/gen_protos.py``. The output is committed; CI
-runs this script again and fails when ``git diff`` shows a difference.
+Also writes cloudburst_grpc/cloudburst_v1.binpb, the descriptor set with source
+information (comments) that the servers' reflection serves. Run from anywhere:
+``python tools/gen_protos.py``. The output is committed; CI runs this script
+again and fails when ``git diff`` shows a difference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "sdk" / "python"
 PACKAGE = OUT / "cloudburst" / "v1"
+DESCRIPTOR_SET = ROOT / "cloudburst_grpc" / "cloudburst_v1.binpb"
 
 INIT = '''"""Generated gRPC and protobuf code for the cloudburst.v1 API (do not edit).
 
@@ -49,6 +52,20 @@ def main() -> int:
     code = protoc.main(args)
     if code != 0:
         print(f"protoc failed with exit code {code}", file=sys.stderr)
+        return int(code)
+    code = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"-I{well_known}",
+            "--include_source_info",
+            "--include_imports",
+            f"--descriptor_set_out={DESCRIPTOR_SET}",
+            *sources,
+        ]
+    )
+    if code != 0:
+        print(f"protoc failed to write the descriptor set, exit code {code}", file=sys.stderr)
         return int(code)
     (PACKAGE / "__init__.py").write_text(INIT)
     (PACKAGE / "py.typed").write_text("")
