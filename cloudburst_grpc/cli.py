@@ -150,6 +150,15 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
     )
 
 
+def _result_ttl(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--result-ttl",
+        type=float,
+        help="seconds an uncollected result under a scheduler-chosen key stays after its call's "
+        "longest life (default 600; 0 keeps results)",
+    )
+
+
 def _consul(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--consul",
@@ -188,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the timing breakdown of the last N calls for `cbgrpc timing` (default: off)",
     )
     _executors(serve, count=True)
+    _result_ttl(serve)
 
     kvs = commands.add_parser(
         "kvs",
@@ -239,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
+    _result_ttl(scheduler)
     timing = commands.add_parser(
         "timing",
         help="print where the time of a recent call went",
@@ -314,7 +325,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "threads": get("threads"),
             "inline_max_seconds": get("inline_max_seconds"),
         },
-        "scheduler": {"call_timeout_seconds": get("call_timeout")},
+        "scheduler": {
+            "call_timeout_seconds": get("call_timeout"),
+            "result_ttl_seconds": get("result_ttl"),
+        },
     }
     return load_config(get("config"), overrides)
 

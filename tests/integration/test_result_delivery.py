@@ -284,3 +284,42 @@ def test_uncollected_results_expire_but_named_ones_stay(
             stub.GetResult(scheduler_service_pb2.GetResultRequest(response_key=key), timeout=30)
         wait_deleted(node, server_loop, [chosen])
         assert stored(node, named)
+
+
+def test_stream_frames_negotiate_serializers_and_half_close_answers_every_call(
+    stub: Stub, local_node: Node
+) -> None:
+    before = user_keys(local_node.address)
+    frames = [
+        scheduler_service_pb2.StreamCallsRequest(
+            sequence=1,
+            call_function=scheduler_service_pb2.CallFunctionRequest(
+                name="returns",
+                arguments=[json_value("nested")],
+                direct_response=True,
+                accept_serializers=[JSON],
+            ),
+        ),
+        scheduler_service_pb2.StreamCallsRequest(
+            sequence=2,
+            call_function=scheduler_service_pb2.CallFunctionRequest(
+                name="returns", arguments=[json_value("set")], accept_serializers=[JSON]
+            ),
+            stream_outcome=True,
+            releasable=True,
+        ),
+    ]
+    # The request iterator ends after the frames: the stream is half-closed at once, and the
+    # scheduler still answers both calls before it ends the stream.
+    answers = list(stub.StreamCalls(iter(frames), timeout=30))
+    by_sequence: dict[int, list[Any]] = {}
+    for answer in answers:
+        by_sequence.setdefault(answer.sequence, []).append(answer.call_function)
+    (direct,) = by_sequence[1]
+    assert direct.response_key == ""
+    assert json.loads(direct.outcome.value.data) == {"a": [1, 2.5, None, True, {"b": "c"}]}
+    final = by_sequence[2][-1]
+    assert final.response_key
+    assert final.outcome.error.reason == error_pb2.ERROR_REASON_SERIALIZATION_FAILED
+    # Only the stored call left a key behind (the direct one stored nothing).
+    assert user_keys(local_node.address) == sorted([*before, final.response_key])

@@ -262,3 +262,11 @@ def test_config_is_frozen() -> None:
 def test_validate_returns_the_same_object() -> None:
     config = Config()
     assert config.validate() is config
+
+
+def test_result_ttl_comes_from_the_environment_and_must_not_be_negative() -> None:
+    assert load_config(environ={}).scheduler.result_ttl_seconds == 600.0
+    env = {"CBGRPC_SCHEDULER_RESULT_TTL_SECONDS": "0"}
+    assert load_config(environ=env).scheduler.result_ttl_seconds == 0.0
+    with pytest.raises(ConfigError, match="result_ttl_seconds must not be negative"):
+        load_config(environ={"CBGRPC_SCHEDULER_RESULT_TTL_SECONDS": "-1"})
