@@ -74,11 +74,12 @@ clients-check: $(BUF) $(TS_DEPS)
 clients-lint: $(TS_DEPS)
 	@test -z "$$(cd sdk/go && gofmt -l .)" || (cd sdk/go && gofmt -l . && echo "run gofmt -w sdk/go" && exit 1)
 	cd sdk/go && go vet ./...
-	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript --noEmit
+	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript --noEmit --strict
 
-# Build what the client tests run: the Go test programs and the compiled TypeScript.
+# Build what the client tests run (the Go programs, the compiled TypeScript) and run the Go
+# client's own unit tests.
 clients: $(TS_DEPS)
-	cd sdk/go && go build ./...
+	cd sdk/go && go build ./... && go test ./...
 	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript
 
 lint: setup
