@@ -321,7 +321,7 @@ def test_encode_for_keeps_accepted_values_and_failures_as_they_are() -> None:
     pickled = serialize(Point(1, 2))
     assert serialization.encode_for(pickled, []) is pickled
     assert serialization.encode_for(pickled, [PICKLE]) is pickled
-    failure = serialization.failure_value(value_pb2.Failure(type="ValueError"))
+    failure = failure_value(value_pb2.Failure(type="ValueError"))
     assert serialization.encode_for(failure, [JSON]) is failure
     number = serialize(5)
     assert serialization.encode_for(number, [JSON]).data == b"5"
