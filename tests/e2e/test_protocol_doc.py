@@ -79,7 +79,7 @@ def test_every_recipe_runs_as_documented(serve_process: Callable[..., ServeProce
         cloud.register(lambda _, x: x * x, "square")
         assert cloud.register_dag("pipeline", ["incr", "square"], [("incr", "square")])
         for recipe in recipes():
-            args = [server.address if a == "localhost:7700" else a for a in recipe.command[1:]]
+            args = [server.address if a == "127.0.0.1:7600" else a for a in recipe.command[1:]]
             command = [binary, *args]
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
             output = done.stdout + done.stderr

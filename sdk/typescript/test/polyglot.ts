@@ -3,7 +3,7 @@
 // Prints one JSON object with what it saw; exits non-zero at the first check that fails. The
 // repository's tests run it (compiled) against `cbgrpc serve`:
 //
-//   node dist/test/polyglot.js 127.0.0.1:7700 poly_pipeline
+//   node dist/test/polyglot.js 127.0.0.1:7600 poly_pipeline
 import { deepStrictEqual } from "node:assert/strict";
 import { CloudburstError, connect, type Json } from "../src/index.js";
 

@@ -3,7 +3,7 @@
 // given as its first argument. It prints one JSON object with what it saw and exits non-zero at
 // the first check that fails. The repository's tests run it against `cbgrpc serve`.
 //
-//	go run ./examples/polyglot 127.0.0.1:7700 poly_pipeline
+//	go run ./examples/polyglot 127.0.0.1:7600 poly_pipeline
 package main
 
 import (
