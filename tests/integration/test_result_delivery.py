@@ -25,6 +25,7 @@ from cloudburst.v1 import (
     value_pb2,
 )
 from cloudburst_grpc.local import Node
+from cloudburst_kvs.store import LatticeStore
 from harness import LoopThread, make_config
 
 USER = lattice_pb2.KEYSPACE_USER
@@ -35,14 +36,14 @@ Stub = scheduler_service_pb2_grpc.SchedulerServiceStub
 
 
 def stored(node: Node, key: str) -> bool:
-    assert node.store is not None
+    assert isinstance(node.store, LatticeStore)
     return node.store.get(USER, key) is not None
 
 
 def wait_deleted(node: Node, loop: LoopThread, keys: Iterable[str], timeout: float = 20) -> None:
     """Wait until every key is gone from the node's store (watching it, not polling)."""
     store = node.store
-    assert store is not None
+    assert isinstance(store, LatticeStore)
     wanted = set(keys)
 
     async def wait() -> None:
