@@ -76,11 +76,12 @@ clients-lint: $(TS_DEPS)
 	cd sdk/go && go vet ./...
 	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript --noEmit --strict
 
-# Build what the client tests run (the Go programs, the compiled TypeScript) and run the Go
+# Build what the client tests run (the Go programs, the compiled TypeScript) and run each
 # client's own unit tests.
 clients: $(TS_DEPS)
 	cd sdk/go && go build ./... && go test ./...
 	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript
+	node --test sdk/typescript/dist/test/unit.test.js
 
 lint: setup
 	$(VENV)/bin/ruff check .
