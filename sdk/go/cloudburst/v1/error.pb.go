@@ -55,7 +55,7 @@ const (
 	ErrorReason_ERROR_REASON_PEER_UNAVAILABLE ErrorReason = 13
 	// A bug in the service; details are in its log.
 	ErrorReason_ERROR_REASON_INTERNAL ErrorReason = 14
-	// No mailbox has the id: it never existed or its invocation has finished.
+	// No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead).
 	ErrorReason_ERROR_REASON_MAILBOX_NOT_FOUND ErrorReason = 15
 	// A value cannot be encoded with any serializer the caller accepts, or cannot be read.
 	ErrorReason_ERROR_REASON_SERIALIZATION_FAILED ErrorReason = 16

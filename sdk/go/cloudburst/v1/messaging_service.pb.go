@@ -133,8 +133,12 @@ type StreamMessagesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The sequence of the request frame answered.
 	Sequence uint64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
-	// Set when the message could not be delivered; absent means it is in the mailbox.
-	Error         *CallError `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// Set when the message could not be delivered; absent means it is in the mailbox
+	// (or, with dropped, that it was discarded).
+	Error *CallError `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// The recipient mailbox existed and has closed (its invocation finished): the
+	// message was discarded, which is not an error; the sender's send() returns False.
+	Dropped       bool `protobuf:"varint,3,opt,name=dropped,proto3" json:"dropped,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -181,6 +185,13 @@ func (x *StreamMessagesResponse) GetError() *CallError {
 		return x.Error
 	}
 	return nil
+}
+
+func (x *StreamMessagesResponse) GetDropped() bool {
+	if x != nil {
+		return x.Dropped
+	}
+	return false
 }
 
 // MessagingHello identifies the sending peer of a stream.
@@ -333,10 +344,11 @@ const file_cloudburst_v1_messaging_service_proto_rawDesc = "" +
 	"\x05hello\x18\x02 \x01(\v2\x1d.cloudburst.v1.MessagingHelloH\x00R\x05hello\x124\n" +
 	"\x04send\x18\x03 \x01(\v2\x1e.cloudburst.v1.MessageEnvelopeH\x00R\x04send\x12?\n" +
 	"\aanswers\x18\x04 \x03(\v2%.cloudburst.v1.StreamMessagesResponseR\aanswersB\a\n" +
-	"\x05frame\"d\n" +
+	"\x05frame\"~\n" +
 	"\x16StreamMessagesResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12.\n" +
-	"\x05error\x18\x02 \x01(\v2\x18.cloudburst.v1.CallErrorR\x05error\"C\n" +
+	"\x05error\x18\x02 \x01(\v2\x18.cloudburst.v1.CallErrorR\x05error\x12\x18\n" +
+	"\adropped\x18\x03 \x01(\bR\adropped\"C\n" +
 	"\x0eMessagingHello\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\"\xc0\x02\n" +

@@ -220,7 +220,9 @@ type Reference struct {
 	// The user key to read.
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// Whether to wait until the key exists (futures); otherwise a missing key is passed as None.
-	Wait          bool `protobuf:"varint,2,opt,name=wait,proto3" json:"wait,omitempty"`
+	Wait bool `protobuf:"varint,2,opt,name=wait,proto3" json:"wait,omitempty"`
+	// Pass the stored bytes as they are instead of the value they encode (deserialize=False).
+	Raw           bool `protobuf:"varint,3,opt,name=raw,proto3" json:"raw,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -265,6 +267,13 @@ func (x *Reference) GetKey() string {
 func (x *Reference) GetWait() bool {
 	if x != nil {
 		return x.Wait
+	}
+	return false
+}
+
+func (x *Reference) GetRaw() bool {
+	if x != nil {
+		return x.Raw
 	}
 	return false
 }
@@ -416,10 +425,11 @@ const file_cloudburst_v1_value_proto_rawDesc = "" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
 	"\ttraceback\x18\x03 \x01(\tR\ttraceback\x12#\n" +
-	"\rfunction_name\x18\x04 \x01(\tR\ffunctionName\"1\n" +
+	"\rfunction_name\x18\x04 \x01(\tR\ffunctionName\"C\n" +
 	"\tReference\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
-	"\x04wait\x18\x02 \x01(\bR\x04wait\"z\n" +
+	"\x04wait\x18\x02 \x01(\bR\x04wait\x12\x10\n" +
+	"\x03raw\x18\x03 \x01(\bR\x03raw\"z\n" +
 	"\bArgument\x12,\n" +
 	"\x05value\x18\x01 \x01(\v2\x14.cloudburst.v1.ValueH\x00R\x05value\x128\n" +
 	"\treference\x18\x02 \x01(\v2\x18.cloudburst.v1.ReferenceH\x00R\treferenceB\x06\n" +

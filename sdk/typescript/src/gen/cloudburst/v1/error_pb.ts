@@ -166,7 +166,7 @@ export enum ErrorReason {
   INTERNAL = 14,
 
   /**
-   * No mailbox has the id: it never existed or its invocation has finished.
+   * No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead).
    *
    * @generated from enum value: ERROR_REASON_MAILBOX_NOT_FOUND = 15;
    */
