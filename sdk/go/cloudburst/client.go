@@ -148,7 +148,7 @@ func (c *Client) Get(ctx context.Context, key string) (result *Result, found boo
 	}
 	lww := response.GetLattice().GetLww()
 	if lww == nil {
-		return nil, true, &Error{Reason: "UNSUPPORTED", Message: fmt.Sprintf("key %q holds a set lattice; read it with the Kvs stub", key)}
+		return nil, true, fmt.Errorf("cloudburst: key %q holds a set lattice; read it with the Kvs stub", key)
 	}
 	return &Result{Value: lww.GetValue()}, true, nil
 }

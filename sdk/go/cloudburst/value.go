@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 
+	"google.golang.org/grpc/codes"
+
 	cloudburstv1 "cloudburst-grpc/sdk/go/cloudburst/v1"
 )
 
@@ -94,5 +96,5 @@ func resultOf(outcome *cloudburstv1.Outcome) (*Result, error) {
 	case *cloudburstv1.Outcome_Error:
 		return nil, errorFromCallError(kind.Error)
 	}
-	return nil, &Error{Reason: "INTERNAL", Message: "the scheduler answered an empty outcome"}
+	return nil, &Error{Code: codes.Internal, Reason: "INTERNAL", Message: "the scheduler answered an empty outcome"}
 }
