@@ -1,0 +1,4 @@
+terraform {
+  # Provider-free: `tofu test` runs this module for real with no provider installed.
+  required_version = ">= 1.8.0"
+}
