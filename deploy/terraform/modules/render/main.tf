@@ -185,7 +185,6 @@ locals {
       "cloudburst-${var.role}.service" = <<-EOT
         [Unit]
         Description=cloudburst-grpc ${var.role}
-        Documentation=https://github.com/cloudburst-grpc/cloudburst-grpc
         Wants=network-online.target
         Requires=cloudburst-bootstrap.service
         After=network-online.target cloudburst-bootstrap.service consul.service
