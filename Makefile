@@ -110,3 +110,20 @@ bench: setup
 	$(PY) -m bench.run $(ARGS)
 	bash tools/valkey/install.sh
 	$(PY) -m bench.valkey $(ARGS)
+
+# deploy/terraform's checks (tests/deploy): OpenTofu, tflint and its AWS ruleset from the Go
+# module proxy, checkov from PyPI, and cloud-init's schema from Debian's package (unpacked,
+# not installed), each cached outside the repository by version: only a fresh machine pays.
+.PHONY: terraform-tools terraform-e2e
+test: terraform-tools
+terraform-tools:
+	bash tools/tofu/build.sh >/dev/null
+	bash tools/tflint/build.sh >/dev/null
+	bash tools/checkov/install.sh >/dev/null
+	bash tools/cloud-init/install.sh >/dev/null
+
+# Optional, never in CI (deploy/terraform/README.md): builds the AWS provider from the Go
+# module proxy (~25 minutes and ~10 GB of memory when cold), then validates and tests the
+# whole tree with it, and plans, applies and destroys the example against a moto server.
+terraform-e2e: setup terraform-tools
+	bash deploy/terraform/e2e/run.sh

@@ -36,7 +36,9 @@ from terraform_harness import (
     PROVIDER_FREE_MODULES,
     TERRAFORM,
     Tofu,
+    checkov_binary,
     cloud_init_binary,
+    tflint_paths,
     tofu_binary,
 )
 
@@ -180,6 +182,60 @@ def test_provider_free_module_tests_pass(tofu: Tofu, module: str) -> None:
     # Every run block ran (none skipped, none failed).
     runs = re.findall(r'run "([^"]+)"\.\.\. (\w+)', output)
     assert runs and all(status == "pass" for _, status in runs), output
+
+
+# -- linters ------------------------------------------------------------------------------------
+
+
+def run_tflint(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    tflint, plugin_dir = tflint_paths()
+    return subprocess.run(
+        [tflint, *args],
+        cwd=directory,
+        env={**os.environ, "TFLINT_PLUGIN_DIR": plugin_dir},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_tflint_with_the_aws_ruleset_passes_on_every_module() -> None:
+    config = TERRAFORM / ".tflint.hcl"
+    version = run_tflint(TERRAFORM, "--version", f"--config={config}")
+    assert "ruleset.aws (0.48.0)" in version.stdout, version.stdout + version.stderr
+    result = run_tflint(TERRAFORM, "--recursive", f"--config={config}", "--format=compact")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tflint_catches_what_the_aws_ruleset_knows(tmp_path: Path) -> None:
+    """The check above can fail: the AWS ruleset knows instance types."""
+    (tmp_path / "main.tf").write_text(
+        'resource "aws_instance" "x" {\n  ami           = "ami-12345678"\n'
+        '  instance_type = "t9.enormous"\n}\n'
+    )
+    result = run_tflint(tmp_path, f"--config={TERRAFORM / '.tflint.hcl'}", "--format=compact")
+    assert result.returncode != 0 and "aws_instance_invalid_type" in result.stdout
+
+
+def test_checkov_passes_with_every_skip_justified() -> None:
+    result = subprocess.run(
+        [checkov_binary(), "--config-file", str(TERRAFORM / ".checkov.yaml")],
+        cwd=TERRAFORM,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    report = result.stdout
+    assert "Passed checks:" in report and "Failed checks: 0" in report, report[-4000:]
+    # Every inline skip carries a reason after the check id.
+    for path in TERRAFORM.rglob("*.tf"):
+        for line in path.read_text().splitlines():
+            if "checkov:skip=" in line:
+                reason = line.split("checkov:skip=", 1)[1].partition(":")[2]
+                assert reason.strip(), f"{path.name}: a skip without a reason: {line.strip()}"
 
 
 # -- the rendered artefacts, through the real tools ---------------------------------------------

@@ -92,6 +92,11 @@ variable "consul_servers" {
   description = "Number of Consul servers (odd)."
   type        = number
   default     = 3
+
+  validation {
+    condition     = var.consul_servers >= 1 && var.consul_servers % 2 == 1
+    error_message = "consul_servers must be odd (1, 3, 5, ...) so that a majority exists."
+  }
 }
 
 variable "schedulers" {

@@ -153,6 +153,7 @@ resource "aws_flow_log" "this" {
 }
 
 resource "aws_security_group" "this" {
+  # checkov:skip=CKV2_AWS_5: attached in other modules (launch templates, load balancer, Valkey), which checkov does not follow from here.
   for_each    = toset(var.security_groups)
   name        = "${var.cluster_name}-${replace(each.key, "_", "-")}"
   description = "cloudburst ${replace(each.key, "_", " ")}: only the ports it serves, to the roles that call it"

@@ -78,7 +78,7 @@ variable "internet_egress" {
 variable "flow_log_retention_days" {
   description = "Days to keep the VPC flow log (rejected traffic) in CloudWatch Logs."
   type        = number
-  default     = 30
+  default     = 365
 }
 
 variable "kms_key_arn" {

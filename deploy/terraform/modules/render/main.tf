@@ -5,8 +5,7 @@
 # and start them on loopback.
 
 locals {
-  is_server   = var.role == "consul_server"
-  cbgrpc_role = local.is_server ? "" : var.role
+  is_server = var.role == "consul_server"
   # Consul service names (cloudburst_grpc/discovery/consul.py).
   service_names = {
     scheduler = "cloudburst-scheduler"

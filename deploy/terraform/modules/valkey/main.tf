@@ -12,7 +12,7 @@ resource "aws_elasticache_subnet_group" "this" {
 
 resource "aws_cloudwatch_log_group" "slow" {
   name              = "/cloudburst/${var.name}/valkey-slow-log"
-  retention_in_days = 30
+  retention_in_days = 365
   kms_key_id        = var.kms_key_arn
   tags              = var.tags
 }
@@ -22,6 +22,9 @@ resource "aws_elasticache_replication_group" "this" {
   description          = "cloudburst KVS storage"
   engine               = "valkey"
   engine_version       = var.engine_version
+  # The engine's defaults are what the KVS needs (functions, sharded pub/sub and WAIT are on
+  # by default); a custom group is only for tuning.
+  # tflint-ignore: aws_elasticache_replication_group_default_parameter_group
   parameter_group_name = "default.valkey${split(".", var.engine_version)[0]}.cluster.on"
   node_type            = var.node_type
   port                 = var.port
