@@ -48,10 +48,21 @@ SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
 ROLES = ("consul_server", "scheduler", "executor", "kvs")
 CBGRPC_ROLES = ("scheduler", "executor", "kvs")
 
-#: Flags the rendered commands use that belong to work not in the CLI yet: the KVS's Valkey
-#: engine (`--engine valkey --valkey-url URL`) and service TLS (`--tls consul`). Each takes
-#: one value. On loopback they are replaced by the in-memory engine and plain gRPC.
-PENDING_FLAGS = {"--engine": 1, "--valkey-url": 1, "--tls": 1}
+#: Flags the rendered commands use that belong to work not in this revision's CLI yet, with
+#: the number of values each takes: the KVS's Valkey engine (`--engine valkey --valkey-url
+#: URL`) and security (mutual TLS from files, client tokens, Consul intentions, and the
+#: explicit `--insecure` a non-loopback bind without TLS needs). On loopback, those the CLI
+#: does not accept are dropped and the KVS keeps its data in memory.
+PENDING_FLAGS = {
+    "--engine": 1,
+    "--valkey-url": 1,
+    "--insecure": 0,
+    "--tls-cert": 1,
+    "--tls-key": 1,
+    "--tls-ca": 1,
+    "--tokens-file": 1,
+    "--consul-intentions": 0,
+}
 
 #: The scratch root that renders every role twice (on AWS; on loopback).
 RENDER_ROOT = """
@@ -79,6 +90,21 @@ module "aws" {
   metrics = { autoscaling_group = "demo-executor" }
 }
 
+module "aws_tls" {
+  source           = "MODULE"
+  for_each         = toset(["scheduler", "executor", "kvs"])
+  role             = each.key
+  cluster_name     = "demo"
+  region           = "eu-west-1"
+  parameter_prefix = "/cloudburst/demo"
+  consul = {
+    join_tag = { key = "cloudburst:consul-join", value = "demo" }
+  }
+  ports    = { scheduler = 7600, executor = 7601, kvs = 7602, metrics = 9464 }
+  valkey   = { enabled = each.key == "kvs", endpoint = "clustercfg.demo.euw1.cache.amazonaws.com" }
+  tls_mode = "files"
+}
+
 module "loopback" {
   source           = "MODULE"
   for_each         = local.roles
@@ -104,6 +130,10 @@ output "aws" {
   value = module.aws
 }
 
+output "aws_tls" {
+  value = module.aws_tls
+}
+
 output "loopback" {
   value = module.loopback
 }
@@ -115,6 +145,7 @@ class Rendered:
     """The render module's outputs for every role, in both variants."""
 
     aws: dict[str, dict[str, Any]]
+    aws_tls: dict[str, dict[str, Any]]
     loopback: dict[str, dict[str, Any]]
     loopback_inputs: dict[str, Any]
     scratch: Path
@@ -160,7 +191,9 @@ def rendered(tofu: Tofu, tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     var_file = scratch / "loopback.tfvars.json"
     var_file.write_text(json.dumps({"loopback": inputs}))
     outputs = tofu.apply_outputs(root, var_file)
-    return Rendered(outputs["aws"], outputs["loopback"], inputs, scratch, consul)
+    return Rendered(
+        outputs["aws"], outputs["aws_tls"], outputs["loopback"], inputs, scratch, consul
+    )
 
 
 # -- OpenTofu itself ---------------------------------------------------------------------------
@@ -405,12 +438,13 @@ def exec_start(unit: str) -> list[str]:
 def test_rendered_commands_use_only_flags_the_cli_accepts_or_pending_ones(
     rendered: Rendered, role: str
 ) -> None:
-    command = rendered.aws[role]["command"]
-    assert exec_start(rendered.aws[role]["units"][f"cloudburst-{role}.service"]) == command
-    assert command[1] == role
-    flags = {arg for arg in command[2:] if arg.startswith("--")}
-    unknown = flags - accepted_flags(role)
-    assert unknown <= set(PENDING_FLAGS), f"flags neither accepted nor pending: {unknown}"
+    for variant in (rendered.aws, rendered.aws_tls):
+        command = variant[role]["command"]
+        assert exec_start(variant[role]["units"][f"cloudburst-{role}.service"]) == command
+        assert command[1] == role
+        flags = {arg for arg in command[2:] if arg.startswith("--")}
+        unknown = flags - accepted_flags(role)
+        assert unknown <= set(PENDING_FLAGS), f"flags neither accepted nor pending: {unknown}"
 
 
 def loopback_argv(command: list[str], role: str) -> list[str]:

@@ -34,17 +34,31 @@ locals {
     { for r in local.cbgrpc_roles : r => uuidv5("url", "cloudburst-grpc:${var.consul_management_token}:${r}") },
   )
 
+  # TLS files per role (tls_mode = "files"): the CA, the role's certificate and key, and the
+  # schedulers' client tokens.
+  tls = var.tls_mode == "files"
+  tls_files = {
+    for r in local.cbgrpc_roles : r => concat(
+      ["ca.pem", "${r}.pem", "${r}-key.pem"], r == "scheduler" ? ["tokens"] : []
+    )
+  }
+  tls_secrets = {
+    for f in distinct(flatten(values(local.tls_files))) :
+    "tls/${f}" => f == "tokens" ? file(var.client_tokens_file) : file("${var.tls_certs_dir}/${f}") if local.tls
+  }
+
   # Which parameters each role may read.
   role_parameters = {
     consul_server = concat(["consul/gossip-key", "consul/agent-token", "consul/management-token"], [for r in local.cbgrpc_roles : "consul/token/${r}"])
-    scheduler     = ["consul/gossip-key", "consul/agent-token", "consul/token/scheduler"]
-    executor      = ["consul/gossip-key", "consul/agent-token", "consul/token/executor"]
-    kvs           = concat(["consul/gossip-key", "consul/agent-token", "consul/token/kvs"], var.valkey_enabled ? ["valkey/auth-token"] : [])
+    scheduler     = concat(["consul/gossip-key", "consul/agent-token", "consul/token/scheduler"], local.tls ? [for f in local.tls_files.scheduler : "tls/${f}"] : [])
+    executor      = concat(["consul/gossip-key", "consul/agent-token", "consul/token/executor"], local.tls ? [for f in local.tls_files.executor : "tls/${f}"] : [])
+    kvs           = concat(["consul/gossip-key", "consul/agent-token", "consul/token/kvs"], var.valkey_enabled ? ["valkey/auth-token"] : [], local.tls ? [for f in local.tls_files.kvs : "tls/${f}"] : [])
   }
   secret_names = concat(
     ["consul/gossip-key", "consul/management-token", "consul/agent-token"],
     [for r in local.cbgrpc_roles : "consul/token/${r}"],
     var.valkey_enabled ? ["valkey/auth-token"] : [],
+    local.tls ? [for f in distinct(flatten(values(local.tls_files))) : "tls/${f}"] : [],
   )
   secrets = merge(
     {
@@ -54,6 +68,7 @@ locals {
     },
     { for r in local.cbgrpc_roles : "consul/token/${r}" => local.tokens[r] },
     var.valkey_enabled ? { "valkey/auth-token" = var.valkey_auth_token } : {},
+    local.tls_secrets,
   )
 
   sizes = {
@@ -131,6 +146,13 @@ resource "aws_ssm_parameter" "secret" {
   type     = "SecureString"
   key_id   = aws_kms_key.cluster.arn
   value    = local.secrets[each.key]
+
+  lifecycle {
+    precondition {
+      condition     = !local.tls || (var.tls_certs_dir != "" && var.client_tokens_file != "")
+      error_message = "tls_mode = \"files\" needs tls_certs_dir (from `cbgrpc certs`) and client_tokens_file."
+    }
+  }
 }
 
 module "network" {

@@ -203,9 +203,26 @@ variable "valkey_auth_token" {
 }
 
 variable "tls_mode" {
-  description = "Service-to-service TLS: \"consul-connect\" (certificates from Consul's CA) or \"none\"."
+  description = "\"files\": mutual TLS with the certificates in tls_certs_dir and client tokens; \"none\": plain gRPC inside the VPC (--insecure)."
   type        = string
   default     = "none"
+
+  validation {
+    condition     = contains(["none", "files"], var.tls_mode)
+    error_message = "tls_mode must be \"none\" or \"files\"."
+  }
+}
+
+variable "tls_certs_dir" {
+  description = "With tls_mode = \"files\": the directory `cbgrpc certs` wrote (ca.pem, <role>.pem, <role>-key.pem)."
+  type        = string
+  default     = ""
+}
+
+variable "client_tokens_file" {
+  description = "With tls_mode = \"files\": the schedulers' tokens file (lines from `cbgrpc token`)."
+  type        = string
+  default     = ""
 }
 
 variable "otel_endpoint" {

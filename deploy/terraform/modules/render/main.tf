@@ -104,7 +104,21 @@ locals {
   # The command line. The KVS stores lattices in Valkey; --engine/--valkey-url are the KVS
   # engine's flags, and the URL (with its credentials) comes from the environment file.
   engine_args = var.role == "kvs" && var.valkey.enabled ? ["--engine", "valkey", "--valkey-url", "$${VALKEY_URL}"] : []
-  tls_args    = !local.is_server && var.tls_mode == "consul-connect" ? ["--tls", "consul"] : []
+  # Security flags: certificate files written by the boot script, or an explicit --insecure.
+  tls_dir = "${var.paths.config_dir}/tls"
+  tls_files = local.is_server || var.tls_mode != "files" ? [] : concat(
+    ["ca.pem", "${var.role}.pem", "${var.role}-key.pem"],
+    var.role == "scheduler" ? ["tokens"] : [],
+  )
+  tls_args = local.is_server ? [] : var.tls_mode == "files" ? concat(
+    [
+      "--tls-cert", "${local.tls_dir}/${var.role}.pem",
+      "--tls-key", "${local.tls_dir}/${var.role}-key.pem",
+      "--tls-ca", "${local.tls_dir}/ca.pem",
+      "--consul-intentions",
+    ],
+    var.role == "scheduler" ? ["--tokens-file", "${local.tls_dir}/tokens"] : [],
+  ) : ["--insecure"]
   command = local.is_server ? [] : concat(
     [local.cbgrpc_bin, var.role, "--config", local.config_path],
     local.engine_args,
@@ -259,6 +273,8 @@ locals {
         consul_config_dir = var.paths.consul_config_dir
         config_dir        = var.paths.config_dir
         valkey            = var.role == "kvs" ? var.valkey : { enabled = false, endpoint = "", port = 0 }
+        tls_dir           = local.tls_dir
+        tls_files         = local.tls_files
       })
       "/usr/local/sbin/cloudburst-install" = templatefile("${path.module}/templates/install.sh.tftpl", {
         region       = var.region

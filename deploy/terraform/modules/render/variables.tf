@@ -113,16 +113,17 @@ variable "valkey" {
 
 variable "tls_mode" {
   description = <<-EOT
-    How cbgrpc services authenticate each other: "consul-connect" (certificates from Consul's
-    service-mesh CA through the local agent) or "none" (plain gRPC inside the VPC). Consul's CA
-    is enabled either way.
+    Security of the cbgrpc services: "files" (mutual TLS with the certificates `cbgrpc certs`
+    makes, fetched from Parameter Store at boot; client tokens on the schedulers; Consul
+    intentions decide which roles may call which) or "none" (plain gRPC inside the VPC, which
+    a non-loopback bind must acknowledge with --insecure).
   EOT
   type        = string
   default     = "none"
 
   validation {
-    condition     = contains(["none", "consul-connect"], var.tls_mode)
-    error_message = "tls_mode must be \"none\" or \"consul-connect\"."
+    condition     = contains(["none", "files"], var.tls_mode)
+    error_message = "tls_mode must be \"none\" or \"files\"."
   }
 }
 

@@ -71,7 +71,7 @@ run "scheduler" {
   }
 
   assert {
-    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "scheduler", "--config", "/etc/cloudburst-grpc/scheduler.toml"])
+    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "scheduler", "--config", "/etc/cloudburst-grpc/scheduler.toml", "--insecure"])
     error_message = "command: ${jsonencode(output.command)}"
   }
   assert {
@@ -83,7 +83,7 @@ run "scheduler" {
     error_message = "the schedulers' agent answers the load balancer's health check on the private address"
   }
   assert {
-    condition     = strcontains(output.units["cloudburst-scheduler.service"], "ExecStart=/opt/cloudburst-grpc/bin/cbgrpc scheduler --config /etc/cloudburst-grpc/scheduler.toml\n")
+    condition     = strcontains(output.units["cloudburst-scheduler.service"], "ExecStart=/opt/cloudburst-grpc/bin/cbgrpc scheduler --config /etc/cloudburst-grpc/scheduler.toml --insecure\n")
     error_message = "the unit runs the command"
   }
   assert {
@@ -137,7 +137,7 @@ run "kvs_on_valkey" {
   }
 
   assert {
-    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "kvs", "--config", "/etc/cloudburst-grpc/kvs.toml", "--engine", "valkey", "--valkey-url", "$${VALKEY_URL}"])
+    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "kvs", "--config", "/etc/cloudburst-grpc/kvs.toml", "--engine", "valkey", "--valkey-url", "$${VALKEY_URL}", "--insecure"])
     error_message = "command: ${jsonencode(output.command)}"
   }
   assert {
@@ -155,17 +155,35 @@ run "kvs_tls_and_wheel" {
 
   variables {
     role     = "kvs"
-    tls_mode = "consul-connect"
+    tls_mode = "files"
     package  = { requirement = "cloudburst-grpc[consul,otlp]==0.1.0", wheel_s3_uri = "s3://demo-artifacts/cloudburst_grpc-0.1.0-py3-none-any.whl" }
   }
 
   assert {
-    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "kvs", "--config", "/etc/cloudburst-grpc/kvs.toml", "--tls", "consul"])
+    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "kvs", "--config", "/etc/cloudburst-grpc/kvs.toml", "--tls-cert", "/etc/cloudburst-grpc/tls/kvs.pem", "--tls-key", "/etc/cloudburst-grpc/tls/kvs-key.pem", "--tls-ca", "/etc/cloudburst-grpc/tls/ca.pem", "--consul-intentions"])
     error_message = "command: ${jsonencode(output.command)}"
   }
   assert {
     condition     = strcontains(output.scripts["/usr/local/sbin/cloudburst-install"], "pip install --quiet \"$wheel[consul,otlp]\"")
     error_message = "install: ${output.scripts["/usr/local/sbin/cloudburst-install"]}"
+  }
+}
+
+run "scheduler_with_tls_files_and_client_tokens" {
+  command = apply
+
+  variables {
+    role     = "scheduler"
+    tls_mode = "files"
+  }
+
+  assert {
+    condition     = jsonencode(slice(output.command, 4, length(output.command))) == jsonencode(["--tls-cert", "/etc/cloudburst-grpc/tls/scheduler.pem", "--tls-key", "/etc/cloudburst-grpc/tls/scheduler-key.pem", "--tls-ca", "/etc/cloudburst-grpc/tls/ca.pem", "--consul-intentions", "--tokens-file", "/etc/cloudburst-grpc/tls/tokens"])
+    error_message = "command: ${jsonencode(output.command)}"
+  }
+  assert {
+    condition     = strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "for name in ca.pem scheduler.pem scheduler-key.pem tokens; do")
+    error_message = "the boot script fetches the scheduler's certificate, key, CA and tokens"
   }
 }
 
