@@ -251,6 +251,7 @@ def test_tflint_catches_what_the_aws_ruleset_knows(tmp_path: Path) -> None:
     assert result.returncode != 0 and "aws_instance_invalid_type" in result.stdout
 
 
+@pytest.mark.timeout(600)  # checkov takes ~15 s alone, a minute on a busy machine
 def test_checkov_passes_with_every_skip_justified() -> None:
     result = subprocess.run(
         [checkov_binary(), "--config-file", str(TERRAFORM / ".checkov.yaml")],
@@ -288,6 +289,23 @@ def test_user_data_passes_cloud_init_schema(rendered: Rendered, role: str) -> No
     assert result.returncode == 0 and "Valid cloud-config" in result.stdout, (
         result.stdout + result.stderr
     )
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_rendered_script_is_valid_bash(rendered: Rendered, role: str) -> None:
+    scripts = rendered.aws[role]["scripts"]
+    assert "/usr/local/sbin/cloudburst-bootstrap" in scripts
+    for path, content in scripts.items():
+        assert content.startswith("#!/bin/bash\n"), path
+        result = subprocess.run(
+            ["bash", "-n"], input=content, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, f"{path}: {result.stderr}"
+    for path, content in rendered.aws_tls.get(role, {}).get("scripts", {}).items():
+        result = subprocess.run(
+            ["bash", "-n"], input=content, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, f"{path} (tls files): {result.stderr}"
 
 
 def test_cloud_init_schema_catches_a_broken_user_data(rendered: Rendered) -> None:
@@ -609,6 +627,7 @@ def loopback_cluster(rendered: Rendered) -> Iterator[LoopbackCluster]:
             process.stop()
 
 
+@pytest.mark.timeout(300)
 def test_rendered_roles_form_a_working_cluster(
     rendered: Rendered, loopback_cluster: LoopbackCluster
 ) -> None:
