@@ -146,13 +146,6 @@ resource "aws_ssm_parameter" "secret" {
   type     = "SecureString"
   key_id   = aws_kms_key.cluster.arn
   value    = local.secrets[each.key]
-
-  lifecycle {
-    precondition {
-      condition     = !local.tls || (var.tls_certs_dir != "" && var.client_tokens_file != "")
-      error_message = "tls_mode = \"files\" needs tls_certs_dir (from `cbgrpc certs`) and client_tokens_file."
-    }
-  }
 }
 
 module "network" {

@@ -217,12 +217,22 @@ variable "tls_certs_dir" {
   description = "With tls_mode = \"files\": the directory `cbgrpc certs` wrote (ca.pem, <role>.pem, <role>-key.pem)."
   type        = string
   default     = ""
+
+  validation {
+    condition     = var.tls_mode != "files" || var.tls_certs_dir != ""
+    error_message = "tls_mode = \"files\" needs tls_certs_dir: the directory `cbgrpc certs` wrote."
+  }
 }
 
 variable "client_tokens_file" {
   description = "With tls_mode = \"files\": the schedulers' tokens file (lines from `cbgrpc token`)."
   type        = string
   default     = ""
+
+  validation {
+    condition     = var.tls_mode != "files" || var.client_tokens_file != ""
+    error_message = "tls_mode = \"files\" needs client_tokens_file: the schedulers' tokens file."
+  }
 }
 
 variable "otel_endpoint" {

@@ -146,3 +146,32 @@ run "an_even_number_of_consul_servers_is_refused" {
 
   expect_failures = [var.consul_servers]
 }
+
+run "tls_from_files" {
+  command = plan
+
+  variables {
+    tls_mode           = "files"
+    tls_certs_dir      = "tests/certs"
+    client_tokens_file = "tests/certs/tokens"
+  }
+
+  assert {
+    condition     = length(aws_ssm_parameter.secret) == 7 + 8
+    error_message = "the CA, three certificates, three keys and the tokens file are stored"
+  }
+  assert {
+    condition     = strcontains(module.render["scheduler"].units["cloudburst-scheduler.service"], "--tokens-file /etc/cloudburst-grpc/tls/tokens")
+    error_message = "the schedulers read the client tokens"
+  }
+}
+
+run "tls_from_files_needs_the_files" {
+  command = plan
+
+  variables {
+    tls_mode = "files"
+  }
+
+  expect_failures = [var.tls_certs_dir, var.client_tokens_file]
+}
