@@ -58,6 +58,11 @@ run "consul_server" {
     error_message = "user data is a cloud-config"
   }
   assert {
+    # EC2 takes at most 16 KiB of user data (before base64).
+    condition     = length(output.user_data) < 16384
+    error_message = "user data is ${length(output.user_data)} bytes"
+  }
+  assert {
     condition     = yamldecode(output.user_data).runcmd[2] == ["systemctl", "enable", "--now", "cloudburst-bootstrap.service", "consul.service", "consul-acl-init.service"]
     error_message = "first boot starts bootstrap, Consul, then the ACL set-up"
   }
@@ -121,6 +126,10 @@ run "executor_with_telemetry" {
   assert {
     condition     = strcontains(output.scripts["/usr/local/sbin/cloudburst-publish-metrics"], "--dimensions 'AutoScalingGroupName=demo-executor'")
     error_message = "the utilization metric carries the executors' group"
+  }
+  assert {
+    condition     = length(output.user_data) < 16384
+    error_message = "user data is ${length(output.user_data)} bytes: EC2 takes at most 16 KiB"
   }
   assert {
     condition     = contains(keys(output.units), "cloudburst-publish-metrics.timer")
