@@ -5,7 +5,7 @@ variable "region" {
 }
 
 variable "cluster_name" {
-  description = "Name of the cluster: 3-32 lower-case letters, digits and '-'."
+  description = "Name of the cluster: 3-26 lower-case letters, digits and '-'."
   type        = string
   default     = "cloudburst"
 }

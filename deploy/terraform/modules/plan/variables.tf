@@ -3,8 +3,9 @@ variable "cluster_name" {
   type        = string
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,30}[a-z0-9]$", var.cluster_name))
-    error_message = "cluster_name must be 3-32 characters of lower-case letters, digits and '-', starting with a letter."
+    # 26 at most: the load balancer's name, "<cluster_name>-sched", may have 32.
+    condition     = can(regex("^[a-z][a-z0-9-]{1,24}[a-z0-9]$", var.cluster_name))
+    error_message = "cluster_name must be 3-26 characters of lower-case letters, digits and '-', starting with a letter."
   }
 }
 

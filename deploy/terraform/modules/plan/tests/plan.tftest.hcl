@@ -133,3 +133,13 @@ run "consul_ports_are_refused" {
 
   expect_failures = [var.ports]
 }
+
+run "a_name_too_long_for_the_load_balancer_is_refused" {
+  command = plan
+
+  variables {
+    cluster_name = "abcdefghijklmnopqrstuvwxyz0"
+  }
+
+  expect_failures = [var.cluster_name]
+}
