@@ -116,20 +116,10 @@ data "aws_iam_policy_document" "key" {
       identifiers = ["logs.${var.region}.amazonaws.com"]
     }
   }
-  # Autoscaling launches instances with volumes encrypted by it.
-  statement {
-    sid       = "AutoscalingEncryptsVolumes"
-    actions   = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey", "kms:CreateGrant"]
-    resources = ["*"]
-    principals {
-      type        = "AWS"
-      identifiers = ["arn:aws:iam::${data.aws_caller_identity.current.account_id}:role/aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling"]
-    }
-  }
 }
 
 resource "aws_kms_key" "cluster" {
-  description             = "${var.cluster_name}: secrets, volumes, logs and the Valkey cluster"
+  description             = "${var.cluster_name}: secrets, logs and the Valkey cluster"
   enable_key_rotation     = true
   deletion_window_in_days = 14
   policy                  = data.aws_iam_policy_document.key.json
@@ -282,7 +272,6 @@ module "group" {
   min_size              = local.sizes[each.key].min
   max_size              = local.sizes[each.key].max
   desired_capacity      = local.sizes[each.key].min
-  kms_key_arn           = aws_kms_key.cluster.arn
   target_group_arns     = each.key == "scheduler" ? [module.load_balancer.target_group_arn] : []
   parameter_arns        = [for p in local.role_parameters[each.key] : aws_ssm_parameter.secret[p].arn]
   parameter_kms_key_arn = aws_kms_key.cluster.arn

@@ -51,8 +51,12 @@ variable "root_volume_gb" {
 }
 
 variable "kms_key_arn" {
-  description = "KMS key encrypting the root volumes."
+  description = <<-EOT
+    KMS key encrypting the root volumes; null: the account's default EBS key. A key of your
+    own must let the autoscaling service-linked role use it (grants for EBS).
+  EOT
   type        = string
+  default     = null
 }
 
 variable "target_group_arns" {
