@@ -41,6 +41,7 @@ from terraform_harness import (
     tflint_paths,
     tofu_binary,
 )
+from valkey_cluster import ValkeyCluster
 
 #: The host's systemd units, copied into the root that `systemd-analyze verify` checks.
 SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
@@ -48,11 +49,11 @@ SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
 ROLES = ("consul_server", "scheduler", "executor", "kvs")
 CBGRPC_ROLES = ("scheduler", "executor", "kvs")
 
-#: Flags the rendered commands use that belong to work not in this revision's CLI yet, with
-#: the number of values each takes: the KVS's Valkey engine (`--engine valkey --valkey-url
-#: URL`) and security (mutual TLS from files, client tokens, Consul intentions, and the
-#: explicit `--insecure` a non-loopback bind without TLS needs). On loopback, those the CLI
-#: does not accept are dropped and the KVS keeps its data in memory.
+#: Flags the rendered commands use that belong to work that may not be in this revision's CLI
+#: yet, with the number of values each takes: the KVS's Valkey engine (`--engine valkey
+#: --valkey-url URL`) and security (mutual TLS from files, client tokens, Consul intentions,
+#: and the explicit `--insecure` a non-loopback bind without TLS needs). On loopback, those
+#: the CLI does not accept are dropped.
 PENDING_FLAGS = {
     "--engine": 1,
     "--valkey-url": 1,
@@ -465,29 +466,19 @@ def test_rendered_commands_use_only_flags_the_cli_accepts_or_pending_ones(
         assert unknown <= set(PENDING_FLAGS), f"flags neither accepted nor pending: {unknown}"
 
 
-def loopback_argv(command: list[str], role: str) -> list[str]:
-    """The rendered command, with the pending flags the CLI does not accept yet replaced."""
+def loopback_argv(command: list[str], role: str, env: dict[str, str]) -> list[str]:
+    """The rendered command as systemd runs it (``${VAR}`` from the environment file),
+    less the pending flags this revision's CLI does not accept."""
     accepted = accepted_flags(role)
     argv: list[str] = []
     i = 0
-    dropped_engine = False
     while i < len(command):
         arg = command[i]
         if arg in PENDING_FLAGS and arg not in accepted:
-            dropped_engine |= arg == "--engine"
             i += 1 + PENDING_FLAGS[arg]
             continue
-        if arg == "--engine":  # the engine's flags exist now: keep the cluster on loopback
-            argv += ["--engine", "memory"]
-            i += 2
-            continue
-        if arg == "--valkey-url":
-            i += 2
-            continue
-        argv.append(arg)
+        argv.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], arg))
         i += 1
-    if dropped_engine:
-        argv += ["--storage", "memory"]
     return argv
 
 
@@ -629,11 +620,12 @@ def loopback_cluster(rendered: Rendered) -> Iterator[LoopbackCluster]:
 
 @pytest.mark.timeout(300)
 def test_rendered_roles_form_a_working_cluster(
-    rendered: Rendered, loopback_cluster: LoopbackCluster
+    rendered: Rendered, loopback_cluster: LoopbackCluster, valkey_cluster: ValkeyCluster
 ) -> None:
     """Consul from its rendered configuration and unit, its ACLs from the rendered script,
     then each cbgrpc role from its rendered command and config file with the token the
-    script created for it; a client then runs functions through the scheduler."""
+    script created for it, the KVS on a real Valkey cluster; a client then runs functions
+    and stores a value through the scheduler."""
     cluster = loopback_cluster
     inputs = rendered.loopback_inputs
     prefix = "/cloudburst/loopback"
@@ -685,9 +677,13 @@ def test_rendered_roles_form_a_working_cluster(
             "CBGRPC_SERVER_ADVERTISE_HOST": "127.0.0.1",
             "CONSUL_HTTP_TOKEN": cluster.params[f"{prefix}/consul/token/{role}"],
         }
-        argv = loopback_argv(exec_start(out["units"][f"cloudburst-{role}.service"]), role)
+        if role == "kvs":  # what the boot script writes: the Valkey cluster's URL
+            role_env["VALKEY_URL"] = valkey_cluster.url
+        argv = loopback_argv(exec_start(out["units"][f"cloudburst-{role}.service"]), role, role_env)
         started[role] = cluster.start(argv, role_env, role)
         started[role].wait_for("listening on")
+    # The KVS stores into the Valkey cluster, as the rendered --engine valkey says.
+    started["kvs"].wait_for("KVS store started on the Valkey cluster")
 
     scheduler_address = f"127.0.0.1:{inputs['ports']['scheduler']}"
     # Wait (Consul blocking queries, anonymous token) until the scheduler passes its check...

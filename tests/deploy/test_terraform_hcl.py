@@ -14,11 +14,8 @@ from typing import Any
 import hcl2
 import pytest
 
-from cloudburst_grpc.discovery.consul import (
-    EXECUTOR_SERVICE,
-    KVS_SERVICE,
-    SCHEDULER_SERVICE,
-)
+from cloudburst.transport import SCHEDULER_SERVICE
+from cloudburst_grpc.discovery.consul import EXECUTOR_SERVICE, KVS_SERVICE
 from terraform_harness import MODULES, TERRAFORM
 
 EXAMPLE = TERRAFORM / "examples" / "aws-cluster"
