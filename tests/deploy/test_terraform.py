@@ -2,8 +2,8 @@
 the rendered artefacts through `consul validate`, `cloud-init schema` and
 `systemd-analyze verify`, and finally the rendered roles started on loopback as a cluster.
 
-The provider-free modules (plan, render) hold the logic; a scratch root renders every role
-twice: as on AWS, and with loopback addresses, free ports and this machine's paths.
+The provider-free modules (plan, render) hold the logic; scratch roots render every role as
+on AWS, and again with loopback addresses, free ports and this machine's paths.
 """
 
 from __future__ import annotations
@@ -65,12 +65,8 @@ PENDING_FLAGS = {
     "--consul-intentions": 0,
 }
 
-#: The scratch root that renders every role twice (on AWS; on loopback).
+#: The scratch root that renders every role as on AWS (and the cbgrpc roles with TLS files).
 RENDER_ROOT = """
-variable "loopback" {
-  type = any
-}
-
 locals {
   roles = toset(["consul_server", "scheduler", "executor", "kvs"])
 }
@@ -106,6 +102,28 @@ module "aws_tls" {
   tls_mode = "files"
 }
 
+output "aws" {
+  value = module.aws
+}
+
+output "aws_tls" {
+  value = module.aws_tls
+}
+
+"""
+
+
+#: The scratch root that renders every role for this machine: loopback addresses, ports free
+#: just before the cluster starts, and this machine's paths.
+LOOPBACK_ROOT = """
+variable "loopback" {
+  type = any
+}
+
+locals {
+  roles = toset(["consul_server", "scheduler", "executor", "kvs"])
+}
+
 module "loopback" {
   source           = "MODULE"
   for_each         = local.roles
@@ -127,14 +145,6 @@ module "loopback" {
   paths     = var.loopback.paths
 }
 
-output "aws" {
-  value = module.aws
-}
-
-output "aws_tls" {
-  value = module.aws_tls
-}
-
 output "loopback" {
   value = module.loopback
 }
@@ -143,12 +153,10 @@ output "loopback" {
 
 @dataclass
 class Rendered:
-    """The render module's outputs for every role, in both variants."""
+    """The render module's outputs for every role as on AWS (plain, and with TLS files)."""
 
     aws: dict[str, dict[str, Any]]
     aws_tls: dict[str, dict[str, Any]]
-    loopback: dict[str, dict[str, Any]]
-    loopback_inputs: dict[str, Any]
     scratch: Path
     consul: str
 
@@ -164,8 +172,16 @@ def rendered(tofu: Tofu, tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     root = scratch / "root"
     root.mkdir()
     (root / "main.tf").write_text(RENDER_ROOT.replace("MODULE", str(MODULES / "render")))
-    consul = consul_binary()
-    ports = free_ports(11)
+    outputs = tofu.apply_outputs(root)
+    return Rendered(outputs["aws"], outputs["aws_tls"], scratch, consul_binary())
+
+
+def render_loopback(scratch: Path, consul: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Render every role for this machine, on ports free right now; (outputs, inputs)."""
+    root = scratch / "root"
+    root.mkdir(parents=True)
+    (root / "main.tf").write_text(LOOPBACK_ROOT.replace("MODULE", str(MODULES / "render")))
+    ports = free_ports(10)
     inputs = {
         "consul_ports": {
             "server_rpc": ports[0],
@@ -191,10 +207,8 @@ def rendered(tofu: Tofu, tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     }
     var_file = scratch / "loopback.tfvars.json"
     var_file.write_text(json.dumps({"loopback": inputs}))
-    outputs = tofu.apply_outputs(root, var_file)
-    return Rendered(
-        outputs["aws"], outputs["aws_tls"], outputs["loopback"], inputs, scratch, consul
-    )
+    outputs = Tofu(tofu_binary(), scratch).apply_outputs(root, var_file)
+    return outputs["loopback"], inputs
 
 
 # -- OpenTofu itself ---------------------------------------------------------------------------
@@ -540,16 +554,25 @@ class Process:
                 self.proc.wait(10)
 
 
+class PortTaken(Exception):
+    """A port chosen free was taken before the process bound it: start again on others."""
+
+
 @dataclass
 class LoopbackCluster:
+    """The rendered roles running on this machine; every process is stopped by PID."""
+
     rendered: Rendered
+    loopback: dict[str, dict[str, Any]]
+    inputs: dict[str, Any]
+    scratch: Path
     params: dict[str, str]
     management: str
     processes: list[Process] = field(default_factory=list)
 
     @property
     def http(self) -> str:
-        return f"127.0.0.1:{self.rendered.loopback_inputs['consul_ports']['http']}"
+        return f"127.0.0.1:{self.inputs['consul_ports']['http']}"
 
     def consul_get(self, path: str, token: str | None = None, timeout: float = 10) -> Any:
         request = urllib.request.Request(f"http://{self.http}{path}")
@@ -558,10 +581,21 @@ class LoopbackCluster:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
 
-    def start(self, argv: list[str], env: dict[str, str], name: str) -> Process:
+    def start(self, argv: list[str], env: dict[str, str], name: str, ready: str) -> Process:
+        """Start a process and wait for ``ready`` in its output."""
         process = Process(argv, env, name)
         self.processes.append(process)
+        try:
+            process.wait_for(ready)
+        except AssertionError:
+            if any("address already in use" in line.lower() for line in process.lines):
+                raise PortTaken(name) from None
+            raise
         return process
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
 
 
 def fake_aws_cli(directory: Path, params: dict[str, str], calls: Path) -> Path:
@@ -601,56 +635,37 @@ def run_script(content: str, path: Path, env: dict[str, str], timeout: float) ->
     return result.stdout + result.stderr
 
 
-@pytest.fixture
-def loopback_cluster(rendered: Rendered) -> Iterator[LoopbackCluster]:
+PREFIX = "/cloudburst/loopback"
+
+
+def start_loopback(
+    rendered: Rendered, scratch: Path, valkey_url: str, started: list[LoopbackCluster]
+) -> LoopbackCluster:
+    """Render for this machine and start Consul, its ACLs and the three roles, as the
+    instances' units and boot scripts would (the `aws` CLI answered by a stand-in)."""
+    loopback, inputs = render_loopback(scratch, rendered.consul)
     management = str(uuid.uuid4())
-    prefix = "/cloudburst/loopback"
     params = {
-        f"{prefix}/consul/management-token": management,
-        f"{prefix}/consul/agent-token": str(uuid.uuid4()),
-        **{f"{prefix}/consul/token/{r}": str(uuid.uuid4()) for r in CBGRPC_ROLES},
+        f"{PREFIX}/consul/management-token": management,
+        f"{PREFIX}/consul/agent-token": str(uuid.uuid4()),
+        **{f"{PREFIX}/consul/token/{r}": str(uuid.uuid4()) for r in CBGRPC_ROLES},
     }
-    cluster = LoopbackCluster(rendered, params, management)
-    try:
-        yield cluster
-    finally:
-        for process in reversed(cluster.processes):
-            process.stop()
-
-
-@pytest.mark.timeout(300)
-def test_rendered_roles_form_a_working_cluster(
-    rendered: Rendered, loopback_cluster: LoopbackCluster, valkey_cluster: ValkeyCluster
-) -> None:
-    """Consul from its rendered configuration and unit, its ACLs from the rendered script,
-    then each cbgrpc role from its rendered command and config file with the token the
-    script created for it, the KVS on a real Valkey cluster; a client then runs functions
-    and stores a value through the scheduler."""
-    cluster = loopback_cluster
-    inputs = rendered.loopback_inputs
-    prefix = "/cloudburst/loopback"
-    scratch = rendered.scratch / "cluster"
-    scratch.mkdir(exist_ok=True)
-    metric_calls = scratch / "metric-calls.jsonl"
-    bin_dir = fake_aws_cli(scratch, cluster.params, metric_calls)
+    cluster = LoopbackCluster(rendered, loopback, inputs, scratch, params, management)
+    started.append(cluster)
+    bin_dir = fake_aws_cli(scratch, params, scratch / "metric-calls.jsonl")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CBGRPC_CONFIG"):
         env.pop(name, None)
 
     # Consul: configuration and secrets where the unit reads them, then its ExecStart.
-    server = rendered.loopback["consul_server"]
+    server = loopback["consul_server"]
     config_dir = Path(inputs["paths"]["consul_config_dir"])
     config_dir.mkdir(parents=True)
     Path(inputs["paths"]["consul_data_dir"]).mkdir(parents=True)
     (config_dir / "consul.json").write_text(server["consul_config"])
-    write_secrets(
-        config_dir,
-        rendered.consul,
-        cluster.management,
-        cluster.params[f"{prefix}/consul/agent-token"],
-    )
-    consul = cluster.start(exec_start(server["units"]["consul.service"]), env, "consul")
-    consul.wait_for("cluster leadership acquired")
+    write_secrets(config_dir, rendered.consul, management, params[f"{PREFIX}/consul/agent-token"])
+    argv = exec_start(server["units"]["consul.service"])
+    cluster.start(argv, env, "consul", "cluster leadership acquired")
 
     # The ACL set-up script, as every server runs it (policy files where it reads them).
     acl_script = server["scripts"]["/usr/local/sbin/consul-acl-init"]
@@ -663,27 +678,63 @@ def test_rendered_roles_form_a_working_cluster(
     assert "policies and tokens in place" in output
     # It is idempotent: a second server running it changes nothing and succeeds.
     run_script(acl_script, scratch / "consul-acl-init", env, timeout=120)
-    policies = {p["Name"] for p in cluster.consul_get("/v1/acl/policies", cluster.management)}
+    policies = {p["Name"] for p in cluster.consul_get("/v1/acl/policies", management)}
     assert set(server["acl_policies"]) <= policies
 
     # The cbgrpc roles: config file where --config points, the env file the boot script writes.
     Path(inputs["paths"]["config_dir"]).mkdir(parents=True)
-    started = {}
     for role in ("kvs", "executor", "scheduler"):
-        out = rendered.loopback[role]
+        out = loopback[role]
         Path(out["config_path"]).write_text(out["cbgrpc_config"])
         role_env = {
             **env,
             "CBGRPC_SERVER_ADVERTISE_HOST": "127.0.0.1",
-            "CONSUL_HTTP_TOKEN": cluster.params[f"{prefix}/consul/token/{role}"],
+            "CONSUL_HTTP_TOKEN": params[f"{PREFIX}/consul/token/{role}"],
         }
         if role == "kvs":  # what the boot script writes: the Valkey cluster's URL
-            role_env["VALKEY_URL"] = valkey_cluster.url
+            role_env["VALKEY_URL"] = valkey_url
         argv = loopback_argv(exec_start(out["units"][f"cloudburst-{role}.service"]), role, role_env)
-        started[role] = cluster.start(argv, role_env, role)
-        started[role].wait_for("listening on")
-    # The KVS stores into the Valkey cluster, as the rendered --engine valkey says.
-    started["kvs"].wait_for("KVS store started on the Valkey cluster")
+        process = cluster.start(argv, role_env, role, "listening on")
+        if role == "kvs":  # it stores into the Valkey cluster, as --engine valkey says
+            process.wait_for("KVS store started on the Valkey cluster")
+    return cluster
+
+
+@pytest.fixture
+def loopback_cluster(
+    rendered: Rendered, valkey_cluster: ValkeyCluster, tmp_path: Path
+) -> Iterator[LoopbackCluster]:
+    """The rendered cluster, started on ports free just before; again on others if one
+    was taken in between."""
+    started: list[LoopbackCluster] = []
+    try:
+        for attempt in range(3):
+            try:
+                cluster = start_loopback(
+                    rendered, tmp_path / f"attempt-{attempt}", valkey_cluster.url, started
+                )
+                break
+            except PortTaken:
+                started[-1].stop()
+                if attempt == 2:
+                    raise
+        yield cluster
+    finally:
+        for each in started:
+            each.stop()
+
+
+@pytest.mark.timeout(300)
+def test_rendered_roles_form_a_working_cluster(loopback_cluster: LoopbackCluster) -> None:
+    """Consul from its rendered configuration and unit, its ACLs from the rendered script,
+    then each cbgrpc role from its rendered command and config file with the token the
+    script created for it, the KVS on a real Valkey cluster; a client then runs functions
+    and stores a value through the scheduler."""
+    cluster = loopback_cluster
+    inputs = cluster.inputs
+    scratch = cluster.scratch
+    env = {**os.environ, "PATH": f"{scratch}:{os.environ['PATH']}"}
+    metric_calls = scratch / "metric-calls.jsonl"
 
     scheduler_address = f"127.0.0.1:{inputs['ports']['scheduler']}"
     # Wait (Consul blocking queries, anonymous token) until the scheduler passes its check...
@@ -715,7 +766,7 @@ def test_rendered_roles_form_a_working_cluster(
         assert cloud.get_object("deploy-key") == "stored"
 
     # The executors' autoscaling metric: the rendered publisher reads the gauge and sends it.
-    publish = rendered.loopback["executor"]["scripts"]["/usr/local/sbin/cloudburst-publish-metrics"]
+    publish = cluster.loopback["executor"]["scripts"]["/usr/local/sbin/cloudburst-publish-metrics"]
     run_script(publish, scratch / "publish-metrics", env, timeout=60)
     calls = [json.loads(line) for line in metric_calls.read_text().splitlines()]
     assert len(calls) == 1, calls
@@ -725,7 +776,7 @@ def test_rendered_roles_form_a_working_cluster(
     assert 0.0 <= float(call[call.index("--value") + 1]) <= 1.0
 
     # A role's token may register only its own service.
-    kvs_token = cluster.params[f"{prefix}/consul/token/kvs"]
+    kvs_token = cluster.params[f"{PREFIX}/consul/token/kvs"]
     request = urllib.request.Request(
         f"http://{cluster.http}/v1/agent/service/register",
         data=json.dumps({"Name": "cloudburst-scheduler", "ID": "impostor", "Port": 1}).encode(),
