@@ -189,3 +189,29 @@ def test_secrets_are_sensitive_variables() -> None:
     }
     for name in ("consul_gossip_key", "consul_management_token", "valkey_auth_token"):
         assert variables[name].get("sensitive") is True, name
+
+
+def test_executors_publish_the_metric_their_group_scales_on() -> None:
+    """The publisher's metric and dimension are the ones the group's target tracking reads."""
+    doc = load_dir(EXAMPLE)
+    root = modules(doc)
+    metric = locals_of(doc)["scaling_metric"]
+    assert metric == {"namespace": "Cloudburst", "metric_name": "ExecutorUtilization"}
+    # The publisher sends local.scaling_metric with the executors' group name...
+    assert root["render"]["metrics"] == (
+        '${merge(local.scaling_metric, {autoscaling_group = "${var.cluster_name}-executor"})}'
+    )
+    # ...which is the name the instance-group module gives the executors' group...
+    assert root["group"]["name"] == '${var.cluster_name}-${replace(each.key, "_", "-")}'
+    group = resources(load_dir(MODULES / "instance-group"), "aws_autoscaling_group")["this"]
+    assert group["name"] == "${var.name}"
+    # ...and the group tracks that same metric, dimensioned by its own name.
+    assert "merge(local.scaling_metric" in root["group"]["target_tracking"]
+    (policy,) = resources(load_dir(MODULES / "instance-group"), "aws_autoscaling_policy").values()
+    (tracking,) = policy["target_tracking_configuration"]
+    (custom,) = tracking["customized_metric_specification"]
+    assert custom["namespace"] == "${var.target_tracking.namespace}"
+    assert custom["metric_name"] == "${var.target_tracking.metric_name}"
+    (dimension,) = custom["metric_dimension"]
+    assert dimension["name"] == "AutoScalingGroupName"
+    assert dimension["value"] == "${aws_autoscaling_group.this.name}"
