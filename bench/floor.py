@@ -16,6 +16,10 @@ Each server role is its own process (``python -m bench.floor --role ROLE``):
   the client's own server (``Deliver``), ``HopStream`` delivers onto the
   client's long-lived ``Results`` stream.
 
+:class:`EngineFloor` is the one floor that is not a server: the storage
+engine the KVS runs with, called directly in the bench process (no gRPC, no
+event loop), for the floor of the KVS's 100 B reads and writes.
+
 So a three-hop call is client -> A -> B -> client: three one-way transfers,
 each between two processes, each over a unary call (``hop3_unary``) or over a
 message on an already open stream (``hop3_stream``). :class:`FloorClient` is
@@ -30,14 +34,17 @@ import asyncio
 import itertools
 import os
 import signal
+import sqlite3
 import struct
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bench.procs import pin_from_environment
+from cloudburst_kvs.storage import SQLITE_FILE_NAME, open_engine
 
 SERVICE = "bench.Floor"
 SMALL_PAYLOAD = 100
@@ -54,6 +61,8 @@ F_HOP3_STREAM = "3 hops over open streams (client->A->B->client)"
 F_HOP3_UNARY = "3 hops over unary calls (client->A->B->client)"
 F_PUT_LARGE = "unary call, 1 MiB request"
 F_GET_LARGE = "unary call, 1 MiB response"
+F_ENGINE_READ = "storage engine read, 100 B (in-process)"
+F_ENGINE_WRITE = "storage engine write, 100 B (in-process)"
 
 
 def _method(name: str) -> str:
@@ -322,6 +331,53 @@ class FloorClient:
         for channel in (self._echo_ch, self._a_ch, self._b_ch):
             await channel.close()
         await self._sink.stop(0)
+
+
+# -- the storage engine -----------------------------------------------------------------
+
+
+class EngineFloor:
+    """The storage engine the KVS runs with, called directly in this process.
+
+    - ``write``: the engine's write of one 100 B row (``StorageEngine.write``
+      with one put: for SQLite one transaction, ``synchronous=NORMAL`` as the
+      KVS's default; for the memory engine a call that keeps nothing).
+    - ``read``: the engine's own point read of that row: for SQLite a
+      ``SELECT`` by primary key on a connection of its own to the same
+      database file; for the memory engine, which keeps no copy, a lookup in
+      a dict (where the KVS keeps every value, whatever its engine).
+    """
+
+    def __init__(self, storage: str, directory: Path) -> None:
+        self.storage = storage
+        self.key = "bench/engine/small"
+        self.row = (0, self.key, os.urandom(SMALL_PAYLOAD))
+        self.engine = open_engine(storage, directory)
+        self.engine.write([self.row], [])
+        self._rows = {(0, self.key): self.row[2]}
+        self._reader: sqlite3.Connection | None = None
+        if storage == "sqlite":
+            self._reader = sqlite3.connect(directory / SQLITE_FILE_NAME, check_same_thread=False)
+
+    def read(self) -> int:
+        """Read the row back; returns its size."""
+        if self._reader is None:
+            return len(self._rows[(0, self.key)])
+        row = self._reader.execute(
+            "SELECT lattice FROM lattices WHERE keyspace = ? AND key = ?", (0, self.key)
+        ).fetchone()
+        return len(row[0])
+
+    def write(self) -> int:
+        """Write the row (replacing it); returns its size."""
+        self.engine.write([self.row], [])
+        return len(self.row[2])
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self.engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:

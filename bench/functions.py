@@ -80,3 +80,11 @@ def pong(cloudburst: Any, tag: str, total: int) -> int:
 
 def pingpong_report(cloudburst: Any, exchange: dict[str, Any], answered: int) -> dict[str, Any]:
     return {**exchange, "answered": answered}
+
+
+def locality_read(
+    cloudburst: Any, a0: Any, a1: Any, a2: Any, a3: Any, a4: Any,
+    a5: Any, a6: Any, a7: Any, a8: Any, a9: Any,
+) -> int:  # fmt: skip
+    """Read ten references (to one array in the KVS); the total number of items seen."""
+    return sum(len(a) for a in (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9))

@@ -16,26 +16,33 @@ if TYPE_CHECKING:
 SYSTEM_TITLES = {
     "floor": "floor (grpc.aio client)",
     "floor-sync": "floor (SDK-style client: thread -> loop)",
+    "floor-engine": "floor (storage engine, in-process)",
     "unit": "cost units (one handoff, no I/O)",
     "diagnosis": "diagnosis (parts taken away)",
     "serve": "`cbgrpc serve`",
-    "cluster": "process cluster",
+    systems.CLUSTER_STATIC: "process cluster, static addresses",
+    systems.CLUSTER_CONSUL: "process cluster, Consul discovery",
     "ray": "Ray",
     **tracing.TITLES,
 }
 COLORS = {
     "floor": "#4c72b0",
     "floor-sync": "#8da0cb",
+    "floor-engine": "#64b5cd",
     "unit": "#999999",
     "diagnosis": "#e5ae38",
     "serve": "#dd8452",
-    "cluster": "#c44e52",
+    systems.CLUSTER_STATIC: "#c44e52",
+    systems.CLUSTER_CONSUL: "#937860",
     "ray": "#55a868",
     "trace-off-a": "#dd8452",
     "trace-off-b": "#dd8452",
     "trace-on": "#8172b3",
     "trace-disabled": "#dd8452",
 }
+
+#: The systems under test (their rows are compared with the floor and Ray).
+CLOUDBURST = (systems.SERVE, *systems.CLUSTERS)
 
 FLOOR_DEFINITIONS = """\
 Every floor server is a bare `grpc.aio` server in its own process (no interceptors, no
@@ -59,6 +66,15 @@ payload (100 B unless said otherwise). All run on this machine at the same time 
   A's answer.
 - **unary call, 1 MiB request / 1 MiB response**: one unary call carrying 1 MiB up (answered
   with 2 bytes), or asking for 1 MiB down: the floor of the 1 MiB `put_object`/`get_object`.
+- **storage engine read / write, 100 B (in-process)**: the storage engine the clusters' KVS
+  runs with (`--storage`; the report's header names it), called directly in the bench process:
+  no gRPC, no event loop, no lattice. *write*: the engine's `write` of one 100 B row (for
+  SQLite one transaction with `synchronous=NORMAL`, the KVS's default, in a database of its
+  own on the same disk; for the memory engine a call that keeps nothing). *read*: the engine's
+  own point read of that row (for SQLite a `SELECT` by primary key; for the memory engine,
+  which keeps no copy, a dict lookup, which is where the KVS keeps every value whatever its
+  engine). The 100 B `get_object`/`put_object` targets (C4) are held to the sum of the unary
+  round trip and the engine's read or write, each measured in the same rounds.
 
 Client styles: **floor (grpc.aio client)** times each call inside the client's asyncio loop,
 as a grpc.aio program would; its 8 concurrent callers are coroutines sharing one channel
@@ -76,9 +92,15 @@ in an executor costs, `run_in_executor`).
 
 cloudburst workloads use the SDK (`CloudburstConnection`, shared by the 8 caller threads),
 against `cbgrpc serve --storage memory` (defaults otherwise: 2 executors, 8 threads each)
-and against a cluster of separate processes (`cbgrpc kvs`, two `cbgrpc executor`,
-`cbgrpc scheduler`; memory storage; `pin_replicas = 1`, so the two functions of a DAG run
-on different executor processes). The messaging round trip is timed inside the `ping`
+and against two clusters of separate processes (`cbgrpc kvs`, two `cbgrpc executor`,
+`cbgrpc scheduler`; the KVS with the storage named in the header; `pin_replicas = 1`, so
+the two functions of a DAG run on different executor processes): **cluster-static**, whose
+processes are given each other's addresses on the command line, and **cluster-consul**,
+whose processes find each other through a real Consul agent (`consul agent -dev`), the SDK
+too (`consul://`). The locality workload (clusters only) stores an 8 MiB array
+(`array('d')`) under a new key, then calls a function with ten `CloudburstReference`s to
+it twice in a row: the first call (cold) and the repeat are timed, the store is not; one
+pair per sample, the clusters taking turns. The messaging round trip is timed inside the `ping`
 function (send() until recv() returns), between `ping` and `pong` of one DAG call; the
 first 20 round trips of each block are not counted. Latency: one caller, calls one after
 another, warmed up first. Throughput: 8 concurrent callers in a closed loop for a fixed
@@ -89,6 +111,8 @@ time; calls completed / wall time.
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "n/a"
+    if 0 < abs(value) < 0.01:
+        return f"{value:.2g}"  # e.g. an in-process engine call, in ms
     return f"{value:.{digits}f}"
 
 
@@ -131,7 +155,7 @@ def build(
                 "notes": list(record.notes),
             }
         )
-        if w.system in ("serve", "cluster") and hasattr(w, "crossed_processes"):
+        if w.system in CLOUDBURST and hasattr(w, "crossed_processes"):
             crossed = w.crossed_processes()
             if crossed is not None:
                 rows[-1]["notes"].append(
@@ -160,7 +184,7 @@ def build(
             )
     index = {(r["system"], r["workload"]): r for r in rows}
     for row in rows:
-        if row["system"] not in ("serve", "cluster"):
+        if row["system"] not in CLOUDBURST:
             continue
         floor_name = floor_of.get(row["workload"])
         base = index.get(("floor", floor_name)) if floor_name else None
@@ -232,6 +256,7 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
     lines = ["# cloudburst-grpc benchmarks", ""]
     lines.append(
         f"Run {meta.get('started', '')}, {meta.get('mode', '')} mode, "
+        f"clusters' KVS storage: {meta.get('storage', 'memory')}, "
         f"{meta.get('seconds', 0):.0f} s. Machine: {meta.get('cpus')} CPUs "
         f"({meta.get('cpu_model')}), {meta.get('memory_gib', '?')} GiB, "
         f"{meta.get('platform')}; Python {meta.get('python')}, grpcio {meta.get('grpcio')}, "
@@ -262,16 +287,43 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
         "",
         "## Targets",
         "",
-        "| | target | measured | bound | result |",
-        "|---|---|---|---|---|",
+        "T1-T6: `cbgrpc serve` (T6: the cluster with static addresses). C1-C7: the process "
+        "clusters, with static addresses (cluster-static) and with Consul discovery "
+        "(cluster-consul); C5 also `cbgrpc serve`.",
+        "",
+        "| | system | target | measured | bound | result |",
+        "|---|---|---|---|---|---|",
     ]
     for t in data["targets"]:
         verdict = {True: "**PASS**", False: "**MISS**", None: "n/a"}[t["met"]]
         value = "n/a" if t["value"] is None else f"{t['value']:.2f}{_unit(t['unit'])}"
         lines.append(
-            f"| {t['id']} | {t['target']} | {value} ({t['detail']}) | "
-            f"{t['comparison']} {t['bound']}{_unit(t['unit'])} | {verdict} |"
+            f"| {t['id'].split(' ')[0]} | {t.get('system', '')} | {t['target']} | {value} "
+            f"({t['detail']}) | {t['comparison']} {t['bound']}{_unit(t['unit'])} | {verdict} |"
         )
+    cluster = [t for t in data["targets"] if t["id"].startswith("C")]
+    if cluster:
+        names = sorted({t["id"].split(" ")[0] for t in cluster}, key=target_order)
+        columns = [s for s in CLOUDBURST if any(t.get("system") == s for t in cluster)]
+        lines += [
+            "",
+            "The C targets by system:",
+            "",
+            "| | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for name in names:
+            cells = []
+            for column in columns:
+                t = next((t for t in cluster if t["id"] == f"{name} {column}"), None)
+                if t is None:
+                    cells.append("")
+                elif t["value"] is None:
+                    cells.append("n/a")
+                else:
+                    verdict = "PASS" if t["met"] else "MISS"
+                    cells.append(f"{t['value']:.2f}{_unit(t['unit'])} {verdict}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     missed = [t["id"] for t in data["targets"] if t["met"] is False]
     if missed:
         lines += [
@@ -609,6 +661,11 @@ def _tracing_section(summary: dict[str, Any] | None, settings: dict[str, Any]) -
     return lines
 
 
+def target_order(name: str) -> tuple[int, str]:
+    """Sort key of a target id such as ``C4-get``: by number, then by name."""
+    return (int(name[1:].split("-")[0]), name)
+
+
 def _unit(unit: str) -> str:
     return "x" if unit.startswith("x") else f" {unit}"
 
@@ -641,7 +698,7 @@ def _memory_section(memory: dict[str, Any] | None) -> list[str]:
     if memory.get("stopped_by_budget"):
         lines.append(
             f"Only {memory['calls']:,} of the {memory['target_calls']:,} calls asked for fit in "
-            "the run's time budget (10 minutes on two cores); the figure covers those."
+            "the run's time budget (15 minutes on two cores); the figure covers those."
         )
     return lines
 

@@ -1,18 +1,33 @@
-"""The systems under test, `cbgrpc serve` and a cluster of `cbgrpc` processes; their workloads."""
+"""The systems under test and their workloads.
+
+- ``serve``: `cbgrpc serve`, everything in one process;
+- ``cluster-static``: a cluster of `cbgrpc` processes (one KVS, two executors,
+  one scheduler) given each other's addresses on the command line;
+- ``cluster-consul``: the same cluster, whose processes find each other through
+  a real Consul agent (the client too: it connects with ``consul://``).
+"""
 
 from __future__ import annotations
 
+import array
+import json
 import os
+import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 from bench import functions
 from bench.measure import SyncWorkload, Throughput, Workload
-from bench.procs import Child, Processes, log
-from cloudburst import CloudburstConnection
+from bench.procs import ROOT, STARTUP_TIMEOUT, Child, Processes, log
+from cloudburst import CloudburstConnection, CloudburstReference
+from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 
 SMALL = 100
 LARGE = 1024 * 1024
@@ -22,13 +37,22 @@ PINGPONG_DAG = "bench_pingpong"
 FAN_FUNCTIONS = ["fan_1", "fan_2", "fan_3", "fan_4"]
 
 
+SERVE = "serve"
+CLUSTER_STATIC = "cluster-static"
+CLUSTER_CONSUL = "cluster-consul"
+CLUSTERS = (CLUSTER_STATIC, CLUSTER_CONSUL)
+#: Storage engines the bench can run the KVS with (``--storage``).
+STORAGE_ENGINES = ("memory", "sqlite")
+
+
 @dataclass
 class System:
     """A running deployment and a connection to it."""
 
     name: str
-    """``serve`` or ``cluster``."""
+    """``serve``, ``cluster-static`` or ``cluster-consul`` (or a tracing variant)."""
     address: str
+    """What the SDK connects to: ``host:port``, or ``consul://host:port``."""
     children: list[Child]
     conn: CloudburstConnection | None = None
     notes: list[str] = field(default_factory=list)
@@ -42,47 +66,190 @@ class System:
             self.conn = None
 
 
-def start_serve(procs: Processes, name: str = "serve") -> System:
+def start_serve(procs: Processes, name: str = SERVE) -> System:
     """`cbgrpc serve --storage memory --port 0`, defaults otherwise."""
     child = procs.start_cbgrpc(name, "serve", "--storage", "memory", cpu=procs.cores.server())
-    return System("serve", child.address, [child])
+    return System(SERVE, child.address, [child])
 
 
-def start_cluster(procs: Processes) -> System:
-    """A KVS, two executors and a scheduler, each its own `cbgrpc` process (memory storage).
+def storage_args(storage: str, data_dir: Path) -> list[str]:
+    """The `cbgrpc kvs` flags for ``storage`` (SQLite in a fresh directory under ``data_dir``)."""
+    if storage == "memory":
+        return ["--storage", "memory"]
+    return ["--storage", storage, "--data-dir", str(data_dir)]
+
+
+def start_cluster(
+    procs: Processes,
+    name: str = CLUSTER_STATIC,
+    *,
+    storage: str = "memory",
+    data_dir: Path | None = None,
+    consul: str | None = None,
+) -> System:
+    """A KVS, two executors and a scheduler, each its own `cbgrpc` process.
 
     Each function is pinned on one executor (``pin_replicas = 1``), so the
     functions of a DAG spread over both executor processes and its triggers
-    and messages cross processes.
+    and messages cross processes. Without ``consul`` every process is given
+    the addresses it needs on its command line; with it (a Consul agent's
+    ``host:port``) they find each other there, the client included. The KVS
+    stores with ``storage`` (``memory``, or ``sqlite`` in ``data_dir``).
     """
     env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
+    if consul is not None:
+        env["CONSUL_HTTP_ADDR"] = consul
+    kvs_dir = (data_dir or procs.log_dir) / f"{name}-kvs-data"
     kvs = procs.start_cbgrpc(
-        "cluster-kvs", "kvs", "--storage", "memory", env=env, cpu=procs.cores.server()
+        f"{name}-kvs",
+        "kvs",
+        *storage_args(storage, kvs_dir),
+        env=env,
+        cpu=procs.cores.server(),
     )
+    to_kvs = [] if consul else ["--kvs", kvs.address]
     executors = [
         procs.start_cbgrpc(
-            f"cluster-executor-{tag}",
+            f"{name}-executor-{tag}",
             "executor",
-            "--kvs",
-            kvs.address,
+            *to_kvs,
             "--id",
-            f"executor-{tag}",
+            f"{name}-executor-{tag}",
             env=env,
             cpu=procs.cores.spread(index),
         )
         for index, tag in enumerate(("a", "b"))
     ]
-    flags = [arg for e in executors for arg in ("--executor", e.address)]
+    flags = [] if consul else [arg for e in executors for arg in ("--executor", e.address)]
     scheduler = procs.start_cbgrpc(
-        "cluster-scheduler",
+        f"{name}-scheduler",
         "scheduler",
-        "--kvs",
-        kvs.address,
+        *to_kvs,
         *flags,
         env=env,
         cpu=procs.cores.server(),
     )
-    return System("cluster", scheduler.address, [scheduler, *executors, kvs])
+    children = [scheduler, *executors, kvs]
+    if consul is None:
+        return System(name, scheduler.address, children)
+    try:
+        wait_for_executors(scheduler.address, {e.address for e in executors})
+        wait_for_passing(consul, "cloudburst-scheduler", scheduler.address)
+    except BaseException:
+        for child in children:
+            procs.stop(child)
+        raise
+    return System(name, f"consul://{consul}", children)
+
+
+def wait_for_executors(scheduler: str, wanted: set[str], timeout: float = STARTUP_TIMEOUT) -> None:
+    """Wait (blocking on the scheduler's ListExecutors) until its pool is ``wanted``."""
+    deadline = time.monotonic() + timeout
+    version = 0
+    with grpc.insecure_channel(scheduler) as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(
+                    f"the scheduler at {scheduler} never saw the executors {sorted(wanted)} "
+                    f"through Consul within {timeout:.0f} s"
+                )
+            response = stub.ListExecutors(
+                scheduler_service_pb2.ListExecutorsRequest(min_version=version),
+                timeout=min(remaining, 20),
+            )
+            if {e.address for e in response.executors} == wanted:
+                return
+            version = response.version
+
+
+def wait_for_passing(
+    consul: str, service: str, address: str, timeout: float = STARTUP_TIMEOUT
+) -> None:
+    """Wait until Consul reports ``address`` passing for ``service`` (blocking queries)."""
+    deadline = time.monotonic() + timeout
+    index = "0"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"Consul never reported {service} at {address} passing")
+        url = (
+            f"http://{consul}/v1/health/service/{service}?passing=true&index={index}"
+            f"&wait={max(1, int(min(remaining, 10)))}s"
+        )
+        try:
+            with urllib.request.urlopen(url, timeout=min(remaining, 10) + 5) as response:
+                index = response.headers.get("X-Consul-Index", "0")
+                body = json.load(response)
+        except OSError:
+            time.sleep(0.2)  # Consul not answering yet; ask again (bounded by the deadline)
+            continue
+        if address in {f"{e['Service']['Address']}:{e['Service']['Port']}" for e in body}:
+            return
+
+
+def consul_binary() -> str:
+    """The Consul binary `tools/consul/build.sh` keeps (building it first if not cached).
+
+    Raises:
+        RuntimeError: There is no binary and it cannot be built; the message says why.
+    """
+    try:
+        done = subprocess.run(
+            ["bash", str(ROOT / "tools" / "consul" / "build.sh")],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"tools/consul/build.sh did not finish: {exc}") from exc
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"tools/consul/build.sh failed: {done.stderr.strip()[-600:]}")
+    return lines[-1]
+
+
+def start_consul(procs: Processes, binary: str) -> tuple[Child, str]:
+    """A `consul agent -dev` on loopback ports; returns it and its HTTP ``host:port``.
+
+    Consul cannot bind port 0 and say which port it got, so its ports are
+    chosen free just before it starts.
+    """
+    http, serf_lan, serf_wan, server = _free_ports(4)
+    argv = [
+        binary, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+        "-http-port", str(http), "-grpc-port", "-1", "-grpc-tls-port", "-1",
+        "-dns-port", "-1", "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan),
+        "-server-port", str(server), "-log-level", "warn",
+    ]  # fmt: skip
+    child = procs.start("consul", argv, wait_for_address=False)
+    address = f"127.0.0.1:{http}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{address}/v1/status/leader", timeout=5) as r:
+                if json.load(r):
+                    return child, address
+        except (OSError, ValueError):
+            pass
+        if not child.alive() or time.monotonic() > deadline:
+            procs.stop(child)
+            raise RuntimeError(f"consul agent did not start; its log:\n{child.log_tail()}")
+        time.sleep(0.1)
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def connect(system: System) -> CloudburstConnection:
@@ -101,6 +268,7 @@ def register_all(conn: CloudburstConnection) -> None:
         "ping",
         "pong",
         "pingpong_report",
+        "locality_read",
     ):
         conn.register(getattr(functions, name), name)
     conn.register_dag(CHAIN_DAG, ["incr", "square"], [("incr", "square")], strict=True)
@@ -233,6 +401,51 @@ class MessagingWorkload(Workload):
         if not self.placements:
             return None
         return all(me != peer for me, peer in self.placements)
+
+
+#: The locality workload: a function reading ten references to one array of this many bytes.
+LOCALITY_BYTES = 8 * 1024 * 1024
+LOCALITY_REFERENCES = 10
+LOCALITY_COLD = "locality: first call, 10 references to one 8 MiB array (cold)"
+LOCALITY_REPEAT = "locality: the same call repeated"
+
+
+class LocalityProbe:
+    """The locality workload on one system: a cold call of ``locality_read`` and its repeat.
+
+    Each sample stores a new 8 MiB array (``array('d')`` of 1,048,576 floats)
+    under a new key (not timed), then calls ``locality_read`` with ten
+    references to that key twice, one call after the other: the first call is
+    the cold one, the second may be served from wherever the first left the
+    value (with ``pin_replicas = 1`` both run on the same executor). Each key
+    is deleted after its sample.
+    """
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.items = LOCALITY_BYTES // 8
+        self.value = array.array("d", bytes(LOCALITY_BYTES))
+
+    def sample(self) -> tuple[float, float]:
+        """One sample: (seconds of the cold call, seconds of the repeat)."""
+        conn = self.system.conn
+        assert conn is not None
+        key = f"bench/locality/{uuid.uuid4().hex}"
+        conn.put_object(key, self.value)
+        try:
+            handle = conn.get_function("locality_read")
+            assert handle is not None
+            refs = [CloudburstReference(key) for _ in range(LOCALITY_REFERENCES)]
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                result = handle(*refs).get()
+                times.append(time.perf_counter() - start)
+                if result != LOCALITY_REFERENCES * self.items:
+                    raise AssertionError(f"locality_read returned {result!r:.80}")
+        finally:
+            conn.delete_object(key)
+        return times[0], times[1]
 
 
 def describe_start(system: System) -> None:

@@ -1,0 +1,120 @@
+"""The bench's cluster workloads, floors and targets, run once against real processes (not timed).
+
+The bench itself (``make bench``) is where speed is judged; these tests only
+check that its code paths work: the process cluster it starts, every workload
+it times there, the locality workload, the storage-engine floor, and how the
+targets are computed from what was measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import floor, report, run, systems
+from bench.measure import SyncWorkload
+from bench.procs import Processes
+
+
+def test_every_cluster_workload_runs_once_against_a_real_cluster(tmp_path: Path) -> None:
+    with Processes(tmp_path / "logs") as procs:
+        system = systems.start_cluster(
+            procs, systems.CLUSTER_STATIC, storage="sqlite", data_dir=tmp_path
+        )
+        try:
+            assert len(system.children) == 4 and all(c.alive() for c in system.children)
+            assert (tmp_path / f"{systems.CLUSTER_STATIC}-kvs-data").is_dir()
+            systems.register_all(systems.connect(system))
+            workloads = {w.name: w for w in systems.workloads(system)}
+            assert set(workloads) >= {
+                systems.CALL,
+                systems.DAG_DIRECT,
+                systems.DAG_GET,
+                systems.GET_SMALL,
+                systems.PUT_SMALL,
+                systems.GET_LARGE,
+                systems.PUT_LARGE,
+                systems.MESSAGE,
+            }
+            for workload in workloads.values():
+                latencies = workload.block(1)  # each checks its call's result
+                assert len(latencies) == 1 and latencies[0] > 0, workload.key
+            got = workloads[systems.DAG_DIRECT].throughput(2, 0.2)
+            assert got.calls >= 2 and got.seconds > 0
+
+            probe = systems.LocalityProbe(system)
+            cold, repeat = probe.sample()  # checks the function saw ten 8 MiB arrays
+            assert cold > 0 and repeat > 0
+            assert system.conn is not None
+            assert system.conn.list() and "locality_read" in system.conn.list()
+        finally:
+            system.close()
+    assert not procs.children  # every process was stopped, by its PID
+    assert all(not c.alive() for c in system.children)
+
+
+@pytest.mark.parametrize("storage", systems.STORAGE_ENGINES)
+def test_the_storage_engine_floor_reads_and_writes_100_bytes(tmp_path: Path, storage: str) -> None:
+    engine = floor.EngineFloor(storage, tmp_path / "engine")
+    try:
+        assert engine.write() == floor.SMALL_PAYLOAD
+        assert engine.read() == floor.SMALL_PAYLOAD
+        assert (tmp_path / "engine").exists() == (storage == "sqlite")
+    finally:
+        engine.close()
+
+
+def _record(system: str, name: str, latencies: list[float], rate: float = 0.0) -> run.Record:
+    record = run.Record(SyncWorkload(system, name, lambda: None), latencies=latencies)
+    record.rounds = [latencies]
+    record.tp_calls, record.tp_seconds = int(rate), 1.0
+    return record
+
+
+def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> None:
+    ms = 0.001
+    static = systems.CLUSTER_STATIC
+    records = [
+        _record("floor", floor.F_HOP3_STREAM, [1 * ms], rate=1000),
+        _record("floor", floor.F_UNARY, [0.5 * ms]),
+        _record(run.ENGINE, floor.F_ENGINE_READ, [0.1 * ms]),
+        _record(run.ENGINE, floor.F_ENGINE_WRITE, [0.5 * ms]),
+        _record("floor", floor.F_PUT_LARGE, [2 * ms]),
+        _record(static, systems.DAG_DIRECT, [1.3 * ms], rate=500),
+        _record(static, systems.CALL, [1.5 * ms]),
+        _record(static, systems.GET_SMALL, [0.8 * ms]),  # 0.8 / (0.5 + 0.1) = 1.33
+        _record(static, systems.PUT_SMALL, [1.6 * ms]),  # 1.6 / (0.5 + 0.5) = 1.6
+        _record(static, systems.PUT_LARGE, [3 * ms]),
+        _record(static, systems.LOCALITY_COLD, [200 * ms]),
+        _record(static, systems.LOCALITY_REPEAT, [50 * ms]),
+    ]
+    by_key = {r.workload.key: r for r in records}
+    targets = run.evaluate_targets(by_key, {}, None, {systems.CLUSTER_CONSUL: "no consul"})
+    found = {t["id"]: t for t in targets}
+
+    def check(ident: str, value: float, met: bool) -> None:
+        assert found[ident]["value"] == pytest.approx(value), ident
+        assert found[ident]["met"] is met, ident
+        assert found[ident]["system"] == static
+
+    check(f"C1 {static}", 1.3, True)
+    check(f"C2 {static}", 1.5, False)
+    check(f"C4-get {static}", 0.8 / 0.6, True)
+    check(f"C4-put {static}", 1.6, False)
+    check(f"C5-put {static}", 1.5, True)
+    check(f"C6 {static}", 0.5, False)
+    check(f"C7 {static}", 4.0, False)
+    assert found[f"C3 {static}"]["value"] is None  # not measured: no verdict
+    consul = found[f"C1 {systems.CLUSTER_CONSUL}"]
+    assert consul["met"] is None and "no consul" in consul["detail"]
+    ids = [t["id"] for t in targets]
+    assert ids.index("T6") < ids.index(f"C1 {static}") < ids.index(f"C7 {static}")
+
+    data = report.build({}, {"callers": 8}, records, run.FLOOR_OF, run.RAY_OF, {}, targets,
+                        None, [])  # fmt: skip
+    settings = {"calls": 1, "warmup": 0, "blocks": 1, "callers": 8, "tp_rounds": 1,
+                "tp_seconds": 1}  # fmt: skip
+    text = report.markdown({**data, "settings": settings}, [])
+    assert f"| C4-put | {static} |" in text
+    assert "| C4-put |  | 1.60x MISS | n/a |" in text  # the table by system
