@@ -100,9 +100,10 @@ whose processes find each other through a real Consul agent (`consul agent -dev`
 too (`consul://`). The locality workload (clusters only) stores an 8 MiB array
 (`array('d')`) under a new key, then calls a function with ten `CloudburstReference`s to
 it twice in a row: the first call (cold) and the repeat are timed, the store is not; one
-pair per sample, the clusters taking turns. The messaging round trip is timed inside the `ping`
-function (send() until recv() returns), between `ping` and `pong` of one DAG call; the
-first 20 round trips of each block are not counted. Latency: one caller, calls one after
+pair per sample, the clusters taking turns, after one sample each that is not counted.
+The messaging round trip is timed inside the `ping` function (send() until recv()
+returns), between `ping` and `pong` of one DAG call; the first 20 round trips of each
+block are not counted. Latency: one caller, calls one after
 another, warmed up first. Throughput: 8 concurrent callers in a closed loop for a fixed
 time; calls completed / wall time.
 """
