@@ -16,8 +16,8 @@ Each server role is its own process (``python -m bench.floor --role ROLE``):
   the client's own server (``Deliver``), ``HopStream`` delivers onto the
   client's long-lived ``Results`` stream.
 
-:class:`EngineFloor` is the one floor that is not a server: the storage
-engine the KVS runs with, called directly in the bench process (no gRPC, no
+:class:`EngineFloor` is the one floor that is not a gRPC server: the storage
+engine the KVS runs with, called directly from the bench process (no gRPC, no
 event loop), for the floor of the KVS's 100 B reads and writes.
 
 So a three-hop call is client -> A -> B -> client: three one-way transfers,
@@ -345,22 +345,41 @@ class EngineFloor:
     - ``read``: the engine's own point read of that row: for SQLite a
       ``SELECT`` by primary key on a connection of its own to the same
       database file; for the memory engine, which keeps no copy, a lookup in
-      a dict (where the KVS keeps every value, whatever its engine).
+      a dict (where a memory or SQLite KVS keeps every value).
+
+    For Valkey (``valkey_url``, the cluster the KVS uses) both are one round
+    trip from this process to the key's primary: ``SET`` and ``GET`` of 100 B
+    through the synchronous cluster client, without the ``WAIT`` for a replica
+    that the KVS's durable writes add.
     """
 
-    def __init__(self, storage: str, directory: Path) -> None:
+    def __init__(self, storage: str, directory: Path, valkey_url: str | None = None) -> None:
         self.storage = storage
         self.key = "bench/engine/small"
         self.row = (0, self.key, os.urandom(SMALL_PAYLOAD))
-        self.engine = open_engine(storage, directory)
-        self.engine.write([self.row], [])
         self._rows = {(0, self.key): self.row[2]}
         self._reader: sqlite3.Connection | None = None
+        self._valkey: Any = None
+        if storage == "valkey":
+            from redis.cluster import ClusterNode, RedisCluster
+
+            if not valkey_url:
+                raise ValueError("the valkey engine floor needs the URL of a Valkey Cluster")
+            seeds = valkey_url.split("://", 1)[1].split(",")
+            nodes = [ClusterNode(h, int(p)) for h, _, p in (s.rpartition(":") for s in seeds)]
+            self._valkey = RedisCluster(startup_nodes=nodes)
+            self.engine: Any = None
+            self.write()
+            return
+        self.engine = open_engine(storage, directory)
+        self.engine.write([self.row], [])
         if storage == "sqlite":
             self._reader = sqlite3.connect(directory / SQLITE_FILE_NAME, check_same_thread=False)
 
     def read(self) -> int:
         """Read the row back; returns its size."""
+        if self._valkey is not None:
+            return len(self._valkey.get(self.key))
         if self._reader is None:
             return len(self._rows[(0, self.key)])
         row = self._reader.execute(
@@ -370,14 +389,21 @@ class EngineFloor:
 
     def write(self) -> int:
         """Write the row (replacing it); returns its size."""
-        self.engine.write([self.row], [])
+        if self._valkey is not None:
+            self._valkey.set(self.key, self.row[2])
+        else:
+            self.engine.write([self.row], [])
         return len(self.row[2])
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        self.engine.close()
+        if self._valkey is not None:
+            self._valkey.close()
+            self._valkey = None
+        if self.engine is not None:
+            self.engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:

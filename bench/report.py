@@ -72,8 +72,11 @@ payload (100 B unless said otherwise). All run on this machine at the same time 
   SQLite one transaction with `synchronous=NORMAL`, the KVS's default, in a database of its
   own on the same disk; for the memory engine a call that keeps nothing). *read*: the engine's
   own point read of that row (for SQLite a `SELECT` by primary key; for the memory engine,
-  which keeps no copy, a dict lookup, which is where the KVS keeps every value whatever its
-  engine). The 100 B `get_object`/`put_object` targets (C4) are held to the sum of the unary
+  which keeps no copy, a dict lookup, which is where a memory or SQLite KVS keeps every
+  value). With Valkey (a Valkey Cluster of 3 primaries with a replica each per cloudburst
+  cluster) both are one round trip from the bench process to the key's primary, `SET` and
+  `GET` of 100 B, without the `WAIT` for a replica that the KVS's durable writes add.
+  The 100 B `get_object`/`put_object` targets (C4) are held to the sum of the unary
   round trip and the engine's read or write, each measured in the same rounds.
 
 Client styles: **floor (grpc.aio client)** times each call inside the client's asyncio loop,

@@ -970,6 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     client: floor.FloorClient | None = None
     inproc: diagnose.InProcessServer | None = None
     engine: floor.EngineFloor | None = None
+    valkeys: dict[str, Any] = {}
     scratch = tempfile.TemporaryDirectory(prefix="cbgrpc-bench-")
     missing: dict[str, str] = {}
     records: list[Record] = []
@@ -989,18 +990,27 @@ def main(argv: list[str] | None = None) -> int:
             )
             client = floor.FloorClient(echo.address, hop_a.address, hop_b.address)
             aio.run(client.start(), 60)
-            engine = floor.EngineFloor(settings.storage, Path(scratch.name) / "engine-floor")
+            if settings.storage == "valkey":
+                # One Valkey Cluster per cloudburst cluster: they must not share state.
+                log("starting a Valkey Cluster (3 primaries, 1 replica each) per cluster")
+                for name in (STATIC, CONSUL) if settings.consul else (STATIC,):
+                    valkeys[name] = systems.start_valkey(Path(scratch.name) / f"valkey-{name}")
+            urls = {name: cluster.url for name, cluster in valkeys.items()}
+            engine = floor.EngineFloor(
+                settings.storage, Path(scratch.name) / "engine-floor", urls.get(STATIC)
+            )
             deployments[SERVE] = systems.start_serve(procs)
             deployments[STATIC] = systems.start_cluster(
-                procs, STATIC, storage=settings.storage, data_dir=Path(scratch.name)
-            )
+                procs, STATIC, storage=settings.storage, data_dir=Path(scratch.name),
+                valkey_url=urls.get(STATIC),
+            )  # fmt: skip
             if settings.consul:
                 try:
                     consul_child, consul = systems.start_consul(procs, systems.consul_binary())
                     log(f"consul: pid {consul_child.pid} at {consul}")
                     deployments[CONSUL] = systems.start_cluster(
                         procs, CONSUL, storage=settings.storage, data_dir=Path(scratch.name),
-                        consul=consul,
+                        consul=consul, valkey_url=urls.get(CONSUL),
                     )  # fmt: skip
                 except Exception as exc:
                     missing[CONSUL] = f"{type(exc).__name__}: {exc}"[:500]
@@ -1039,6 +1049,11 @@ def main(argv: list[str] | None = None) -> int:
             inproc.stop()
             inproc = None
             procs.stop_all()
+            engine.close()
+            engine = None
+            for cluster in valkeys.values():
+                cluster.stop()
+            valkeys.clear()
             remaining = deadline - time.monotonic() - 15
             log(
                 f"memory: up to {settings.memory_calls:,} calls with {settings.callers} callers "
@@ -1066,6 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
         if engine is not None:
             engine.close()
+        for cluster in valkeys.values():
+            cluster.stop()
         scratch.cleanup()
         aio.stop()
         pool.shutdown(wait=False)

@@ -41,8 +41,8 @@ SERVE = "serve"
 CLUSTER_STATIC = "cluster-static"
 CLUSTER_CONSUL = "cluster-consul"
 CLUSTERS = (CLUSTER_STATIC, CLUSTER_CONSUL)
-#: Storage engines the bench can run the KVS with (``--storage``).
-STORAGE_ENGINES = ("memory", "sqlite")
+#: Storage engines the bench can run the clusters' KVS with (``--storage``).
+STORAGE_ENGINES = ("memory", "sqlite", "valkey")
 
 
 @dataclass
@@ -72,11 +72,41 @@ def start_serve(procs: Processes, name: str = SERVE) -> System:
     return System(SERVE, child.address, [child])
 
 
-def storage_args(storage: str, data_dir: Path) -> list[str]:
-    """The `cbgrpc kvs` flags for ``storage`` (SQLite in a fresh directory under ``data_dir``)."""
+def storage_args(storage: str, data_dir: Path, valkey_url: str | None = None) -> list[str]:
+    """The `cbgrpc kvs` flags for ``storage``.
+
+    SQLite keeps its database in ``data_dir``; Valkey uses the cluster at
+    ``valkey_url`` with the KVS's defaults (durable writes on).
+    """
     if storage == "memory":
         return ["--storage", "memory"]
+    if storage == "valkey":
+        if not valkey_url:
+            raise ValueError("the valkey engine needs the URL of a Valkey Cluster")
+        return ["--engine", "valkey", "--valkey-url", valkey_url]
     return ["--storage", storage, "--data-dir", str(data_dir)]
+
+
+def start_valkey(directory: Path) -> Any:
+    """A Valkey Cluster on loopback (3 primaries with a replica each), as the tests start one.
+
+    One replica per primary is what the KVS's durable writes (``WAIT 1``) need.
+
+    Returns the tests' ``ValkeyCluster`` (``url``, ``stop()``); the caller stops it.
+
+    Raises:
+        RuntimeError: valkey-server is not installed (``tools/valkey/install.sh``) or the
+            cluster did not form.
+    """
+    import sys
+
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from valkey_cluster import start_cluster as start_valkey_cluster
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return start_valkey_cluster(directory, replicas=1)
 
 
 def start_cluster(
@@ -86,6 +116,7 @@ def start_cluster(
     storage: str = "memory",
     data_dir: Path | None = None,
     consul: str | None = None,
+    valkey_url: str | None = None,
 ) -> System:
     """A KVS, two executors and a scheduler, each its own `cbgrpc` process.
 
@@ -94,7 +125,8 @@ def start_cluster(
     and messages cross processes. Without ``consul`` every process is given
     the addresses it needs on its command line; with it (a Consul agent's
     ``host:port``) they find each other there, the client included. The KVS
-    stores with ``storage`` (``memory``, or ``sqlite`` in ``data_dir``).
+    stores with ``storage`` (``memory``, ``sqlite`` in ``data_dir``, or
+    ``valkey`` in the Valkey Cluster at ``valkey_url``).
     """
     env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
     if consul is not None:
@@ -103,7 +135,7 @@ def start_cluster(
     kvs = procs.start_cbgrpc(
         f"{name}-kvs",
         "kvs",
-        *storage_args(storage, kvs_dir),
+        *storage_args(storage, kvs_dir, valkey_url),
         env=env,
         cpu=procs.cores.server(),
     )

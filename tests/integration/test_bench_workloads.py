@@ -17,14 +17,26 @@ from bench.measure import SyncWorkload
 from bench.procs import Processes
 
 
-def test_every_cluster_workload_runs_once_against_a_real_cluster(tmp_path: Path) -> None:
+def _valkey_url(request: pytest.FixtureRequest, storage: str) -> str | None:
+    return request.getfixturevalue("valkey_cluster").url if storage == "valkey" else None
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "valkey"])
+def test_every_cluster_workload_runs_once_against_a_real_cluster(
+    tmp_path: Path, storage: str, request: pytest.FixtureRequest
+) -> None:
     with Processes(tmp_path / "logs") as procs:
         system = systems.start_cluster(
-            procs, systems.CLUSTER_STATIC, storage="sqlite", data_dir=tmp_path
+            procs,
+            systems.CLUSTER_STATIC,
+            storage=storage,
+            data_dir=tmp_path,
+            valkey_url=_valkey_url(request, storage),
         )
         try:
             assert len(system.children) == 4 and all(c.alive() for c in system.children)
-            assert (tmp_path / f"{systems.CLUSTER_STATIC}-kvs-data").is_dir()
+            kvs_data = tmp_path / f"{systems.CLUSTER_STATIC}-kvs-data"
+            assert kvs_data.is_dir() == (storage == "sqlite")
             systems.register_all(systems.connect(system))
             workloads = {w.name: w for w in systems.workloads(system)}
             assert set(workloads) >= {
@@ -55,8 +67,10 @@ def test_every_cluster_workload_runs_once_against_a_real_cluster(tmp_path: Path)
 
 
 @pytest.mark.parametrize("storage", systems.STORAGE_ENGINES)
-def test_the_storage_engine_floor_reads_and_writes_100_bytes(tmp_path: Path, storage: str) -> None:
-    engine = floor.EngineFloor(storage, tmp_path / "engine")
+def test_the_storage_engine_floor_reads_and_writes_100_bytes(
+    tmp_path: Path, storage: str, request: pytest.FixtureRequest
+) -> None:
+    engine = floor.EngineFloor(storage, tmp_path / "engine", _valkey_url(request, storage))
     try:
         assert engine.write() == floor.SMALL_PAYLOAD
         assert engine.read() == floor.SMALL_PAYLOAD
