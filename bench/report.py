@@ -702,7 +702,7 @@ def _memory_section(memory: dict[str, Any] | None) -> list[str]:
     if memory.get("stopped_by_budget"):
         lines.append(
             f"Only {memory['calls']:,} of the {memory['target_calls']:,} calls asked for fit in "
-            "the run's time budget (15 minutes on two cores); the figure covers those."
+            "the run's time budget (13 minutes on two cores); the figure covers those."
         )
     return lines
 
