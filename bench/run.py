@@ -710,13 +710,13 @@ def evaluate_targets(
             )  # fmt: skip
     # T1-T6 as they were; then the cluster targets in order, each over its systems.
     order = {name: i for i, name in enumerate((SERVE, *systems.CLUSTERS))}
-    targets.sort(
-        key=lambda t: (
-            t["id"].startswith("C"),
-            report.target_order(t["id"].split(" ")[0]) if t["id"].startswith("C") else (0, ""),
-            order.get(t["system"], -1),
-        )
-    )
+
+    def place(t: dict[str, Any]) -> tuple[bool, tuple[int, str], int]:
+        if not t["id"].startswith("C"):
+            return (False, (0, ""), 0)  # a stable sort keeps T1-T6 in their order
+        return (True, report.target_order(t["id"].split(" ")[0]), order[t["system"]])
+
+    targets.sort(key=place)
     return targets
 
 
