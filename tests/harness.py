@@ -340,6 +340,20 @@ class ConsulAgent:
         if not ready.wait(STARTUP_TIMEOUT) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("consul agent did not start:\n" + "".join(self.log[-30:]))
+        # The log line can come before the HTTP API listens: wait until it answers with a leader.
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                if self.get("/v1/status/leader", timeout=5)[1]:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    "consul agent's HTTP API never answered:\n" + "".join(self.log[-30:])
+                )
+            time.sleep(0.05)
 
     def get(self, path: str, timeout: float = 40.0) -> tuple[str, Any]:
         """GET an HTTP API path; returns (X-Consul-Index, decoded JSON)."""
