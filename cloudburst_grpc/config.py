@@ -118,6 +118,12 @@ class SchedulerConfig:
     result_ttl_seconds: float = 600.0
     """How long a result stored under a key the scheduler chose stays once its call's longest
     life (call_timeout_seconds) is over, unless its caller releases it first; 0 keeps it."""
+    health_interval_seconds: float = 1.0
+    """How often the scheduler checks that each executor answers."""
+    health_timeout_seconds: float = 2.0
+    """An executor that does not answer a health check this fast is set aside until it does."""
+    max_unanswered_calls: int = 4096
+    """Calls one ``StreamCalls`` stream may have in flight; it reads no more until some end."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,18 @@ class Config:
             (
                 self.scheduler.result_ttl_seconds >= 0,
                 "scheduler.result_ttl_seconds must not be negative (0 keeps results)",
+            ),
+            (
+                self.scheduler.health_interval_seconds > 0,
+                "scheduler.health_interval_seconds must be positive",
+            ),
+            (
+                self.scheduler.health_timeout_seconds > 0,
+                "scheduler.health_timeout_seconds must be positive",
+            ),
+            (
+                self.scheduler.max_unanswered_calls >= 1,
+                "scheduler.max_unanswered_calls must be at least 1",
             ),
             (
                 self.consul.check_interval_seconds > 0,

@@ -25,6 +25,21 @@ from cloudburst_grpc.server import insecure_channel
 logger = logging.getLogger(__name__)
 
 
+class NotDeliveredError(UnavailableError):
+    """A request never reached its executor (the connection could not be made).
+
+    Nothing of it ran there, so it is safe to send it elsewhere.
+    """
+
+
+def _never_connected(error: grpc.RpcError | None) -> bool:
+    """Whether a stream ended because its connection could not be made at all."""
+    if error is None or error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (error.details() or "").lower()
+    return "failed to connect" in details or "connection refused" in details
+
+
 class ExecutorPeer(Protocol):
     """One executor, as its callers see it."""
 
@@ -114,12 +129,13 @@ class RemoteExecutorPeer:
 
     def _ended(self, error: grpc.RpcError | None) -> None:
         code = error.code() if error is not None else None
-        if code is not None and self._on_broken is not None:
-            self._on_broken(self.executor_id, f"its stream broke ({code})")
-        failure = UnavailableError(
+        kind = NotDeliveredError if _never_connected(error) else UnavailableError
+        failure = kind(
             f"lost the connection to executor {self.executor_id} at {self.address}"
-            + (f" ({code})" if code is not None else "")
+            + (f" ({code})" if code is not None else ""),
+            {"executor": self.executor_id},
         )
+        # Answers first: a caller told of the broken stream below still sees its answer's error.
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(failure)
@@ -128,6 +144,8 @@ class RemoteExecutorPeer:
                 result.set_exception(failure)
         self._answers.clear()
         self._results.clear()
+        if code is not None and self._on_broken is not None:
+            self._on_broken(self.executor_id, f"its stream broke ({code})")
 
     async def execute(
         self, request: executor_service_pb2.ExecuteFunctionRequest, timeout: float

@@ -41,6 +41,7 @@ from cloudburst.v1 import (
     execution_pb2,
     executor_service_pb2,
     function_pb2,
+    lattice_pb2,
     scheduler_service_pb2,
     value_pb2,
 )
@@ -48,7 +49,8 @@ from cloudburst_grpc import dags as dag_rules
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.call_ids import new_call_id
 from cloudburst_grpc.config import SchedulerConfig
-from cloudburst_grpc.failures import error_to_call_error
+from cloudburst_grpc.executor_client import NotDeliveredError
+from cloudburst_grpc.failures import error_to_call_error, failure_value, runtime_failure
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.scheduler import policy
 from cloudburst_grpc.scheduler.pool import ExecutorPool
@@ -103,6 +105,8 @@ class Scheduler:
         self._last_version = 0
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
         self._background: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stores: set[asyncio.Task[None]] = set()
         self._topologies = dag_rules.TopologyCache()
         self._plans: dict[str, _Plan] = {}
 
@@ -226,9 +230,14 @@ class Scheduler:
         logger.info("deleted DAG %s", name)
 
     async def start(self) -> None:
-        """Follow definition changes made through other schedulers (until :meth:`close`)."""
+        """Follow definition changes and check executors' health (until :meth:`close`)."""
         task = asyncio.create_task(self.registry.follow())
         self._background = task
+        self._monitor = asyncio.create_task(
+            self.pool.monitor(
+                self.config.health_interval_seconds, self.config.health_timeout_seconds
+            )
+        )
 
     async def restore_pins(self) -> None:
         """Pin the functions of every stored DAG again (after a restart, or on new executors)."""
@@ -299,19 +308,21 @@ class Scheduler:
                 accept_serializers=request.accept_serializers,
             )
             telemetry.inject(execute.trace_context)
-        peer = self.pool.peer(view.executor_id)
-        self.pool.started(view.executor_id)
 
         async def run() -> execution_pb2.Outcome:
             try:
-                response = await peer.execute(execute, limit)
-                return response.outcome
+                try:
+                    return await self._execute(view.executor_id, execute, limit)
+                except NotDeliveredError as exc:
+                    # It never reached the executor: place it once more, elsewhere.
+                    logger.info("call %s never reached its executor (%s); retrying", call_id, exc)
+                    retry = policy.place(request.name, keys, self.pool.views())
+                    return await self._execute(retry.executor_id, execute, limit)
             except CloudburstError as exc:
-                if isinstance(exc, UnavailableError):
-                    self.pool.set_aside(view.executor_id, str(exc))
-                return execution_pb2.Outcome(error=error_to_call_error(exc))
-            finally:
-                self.pool.finished(view.executor_id)
+                outcome = execution_pb2.Outcome(error=error_to_call_error(exc))
+                if isinstance(exc, UnavailableError) and not want_outcome:
+                    self._store_failure(response_key, str(exc))
+                return outcome
 
         task = asyncio.create_task(run())
         self._tasks.add(task)
@@ -319,6 +330,75 @@ class Scheduler:
         if expire and response_key and not request.response_key:
             self.releaser.expire_later(response_key)
         return Accepted(response_key, task if want_outcome else None)
+
+    async def _execute(
+        self,
+        executor_id: str,
+        execute: executor_service_pb2.ExecuteFunctionRequest,
+        limit: float,
+    ) -> execution_pb2.Outcome:
+        """Run a one-shot call on an executor; losing the executor fails the call at once.
+
+        Raises:
+            UnavailableError: The executor was lost before the call finished
+                (:class:`NotDeliveredError` when the call never reached it).
+        """
+        peer = self.pool.peer(executor_id)
+        task = asyncio.current_task()
+        assert task is not None
+        lost: list[str] = []
+        finished = False
+
+        def cancel() -> None:
+            # Deferred a turn: an answer that arrived with the loss still wins.
+            if not finished:
+                task.cancel()
+
+        def on_lost(reason: str) -> None:
+            lost.append(reason)
+            asyncio.get_running_loop().call_soon(cancel)
+
+        self.pool.started(executor_id)
+        watch = self.pool.track((executor_id,), on_lost)
+        try:
+            response = await peer.execute(execute, limit)
+            return response.outcome
+        except asyncio.CancelledError:
+            if not lost or task.uncancel() > 0:
+                raise
+            raise UnavailableError(
+                f"call of {execute.function_name!r} ({execute.call_id}) did not finish: {lost[0]}",
+                {"executor": executor_id},
+            ) from None
+        except UnavailableError as exc:
+            self.pool.set_aside(executor_id, str(exc))
+            raise
+        finally:
+            finished = True
+            self.pool.untrack(watch)
+            self.pool.finished(executor_id)
+
+    def _store_failure(self, response_key: str, message: str) -> None:
+        """Store an UNAVAILABLE failure as a call's result, unless its real result is stored.
+
+        The failure carries the lowest possible timestamp, so it never replaces
+        a result and any result stored later replaces it: a caller waiting on
+        the key learns at once that its call cannot finish.
+        """
+        lattice = lattice_pb2.Lattice()
+        lattice.lww.timestamp.time_ns = 1
+        lattice.lww.timestamp.writer_id = self._clock.writer_id
+        lattice.lww.value.CopyFrom(failure_value(runtime_failure(UnavailableError.reason, message)))
+
+        async def store() -> None:
+            try:
+                await self._kvs.put(response_key, lattice)
+            except CloudburstError as exc:
+                logger.warning("cannot store the failure of %s: %s", response_key, exc)
+
+        task = asyncio.create_task(store())
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
 
     async def call_dag(
         self,
@@ -351,11 +431,9 @@ class Scheduler:
             sink = await self._place_dag(
                 request, call_id, response_key, want_outcome, self._timeout(timeout), schedule
             )
-            outcome: asyncio.Future[execution_pb2.Outcome] | None = None
-            if want_outcome:
-                outcome = self.pool.peer(schedule.placements[sink]).expect_result(
-                    call_id, self._timeout(timeout)
-                )
+            outcome = self._follow_dag(
+                request.name, schedule, sink, response_key, want_outcome, self._timeout(timeout)
+            )
             for index, source in enumerate(self._sources(schedule)):
                 executor_id = schedule.placements[source]
                 trigger = first if index == 0 else execution_pb2.Trigger(schedule=schedule)
@@ -364,7 +442,7 @@ class Scheduler:
                 await self.pool.peer(executor_id).trigger(trigger)
         if expire and response_key and not request.response_key:
             self.releaser.expire_later(response_key)
-        return Accepted(response_key, outcome)
+        return Accepted(response_key, outcome if want_outcome else None)
 
     async def get_result(
         self, response_key: str, release: bool, timeout: float | None
@@ -394,6 +472,50 @@ class Scheduler:
         if release:
             self.releaser.release([response_key])
         return outcome_of(lattice.lww.value)
+
+    def _follow_dag(
+        self,
+        name: str,
+        schedule: execution_pb2.DagSchedule,
+        sink: str,
+        response_key: str,
+        want_outcome: bool,
+        limit: float,
+    ) -> asyncio.Future[execution_pb2.Outcome]:
+        """The outcome of a DAG call, which fails at once if one of its executors is lost.
+
+        The sink reports every call's end here (``direct_response`` is always
+        set), so the scheduler knows which calls are still running where. A
+        call that loses an executor ends with an UNAVAILABLE error, also stored
+        under its response key for a caller waiting there.
+        """
+        result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
+        call_id = schedule.call_id
+
+        def fail(error: CloudburstError) -> None:
+            if result.done():
+                return
+            result.set_result(execution_pb2.Outcome(error=error_to_call_error(error)))
+            if response_key and not want_outcome:
+                self._store_failure(response_key, str(error))
+
+        def on_lost(reason: str) -> None:
+            fail(UnavailableError(f"DAG call {call_id} of {name!r} cannot finish: {reason}"))
+
+        def on_sink(future: asyncio.Future[execution_pb2.Outcome]) -> None:
+            self.pool.untrack(watch)
+            if future.cancelled():
+                fail(UnavailableError(f"DAG call {call_id} of {name!r} was cancelled"))
+            elif (error := future.exception()) is not None:
+                fail(error if isinstance(error, CloudburstError) else CloudburstError(str(error)))
+            elif not result.done():
+                result.set_result(future.result())
+
+        watch = self.pool.track(schedule.placements.values(), on_lost)
+        self.pool.peer(schedule.placements[sink]).expect_result(call_id, limit).add_done_callback(
+            on_sink
+        )
+        return result
 
     def _sources(self, schedule: execution_pb2.DagSchedule) -> tuple[str, ...]:
         return self._topology(schedule.dag).sources
@@ -425,7 +547,8 @@ class Scheduler:
         schedule.CopyFrom(self._plan(dag, topo, functions).template)
         schedule.call_id = call_id
         schedule.response_key = response_key
-        schedule.direct_response = want_outcome
+        # The sink always reports the end of the call, so the scheduler knows what still runs.
+        schedule.direct_response = True
         schedule.reply_to = self.scheduler_id
         schedule.accept_serializers.extend(request.accept_serializers)
         now = time.time_ns()
@@ -491,7 +614,10 @@ class Scheduler:
     async def close(self) -> None:
         """Cancel calls still being placed or awaited; idempotent."""
         await self.stop_following()
-        tasks: list[asyncio.Task[Any]] = list(self._tasks)
+        monitor, self._monitor = self._monitor, None
+        tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._stores]
+        if monitor is not None:
+            tasks.append(monitor)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

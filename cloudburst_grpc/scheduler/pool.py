@@ -1,15 +1,27 @@
-"""The executors a scheduler can place work on, and what it knows of their load."""
+"""The executors a scheduler can place work on, and what it knows of their liveness and load."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
+from cloudburst.errors import CloudburstError
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory
 from cloudburst_grpc.scheduler.policy import ExecutorView
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Watch:
+    """Work placed on some executors, told if one of them is lost (see ``ExecutorPool.track``)."""
+
+    executor_ids: tuple[str, ...]
+    on_lost: Callable[[str], None]
+    """Called once, on the loop, with why an executor it runs on was lost."""
+    active: bool = True
 
 
 @dataclass
@@ -20,24 +32,23 @@ class _Member:
     """Functions pinned there (replaced, not mutated, so views can share it)."""
     placed: int = 0
     """Calls this scheduler placed there that have not finished yet."""
-    set_aside_until: float = 0.0
-    """Monotonic time until which no work is placed there (it just failed)."""
+    down: str = ""
+    """Why no work is placed there (it failed a call or a health check); empty when up.
 
-
-logger = logging.getLogger(__name__)
-
-#: Seconds an executor that failed a call is left out of placement (unless discovery re-adds it).
-SET_ASIDE_SECONDS = 30.0
+    A member that is down comes back only when it answers a health check again.
+    """
+    watches: set[Watch] = field(default_factory=set)
+    """Work in flight there, told when the executor is lost."""
 
 
 class ExecutorPool:
-    """Membership (static, or fed by discovery) plus pins and load per executor."""
+    """Membership (static, or fed by discovery) plus liveness, pins and load per executor."""
 
     def __init__(self, peers: PeerDirectory) -> None:
         self.peers = peers
         self._members: dict[str, _Member] = {}
         self.version = 1
-        """Increases whenever membership changes or an executor is set aside."""
+        """Increases whenever membership changes or an executor goes down or comes back."""
         self._changed: asyncio.Condition | None = None
 
     def _bump(self) -> None:
@@ -62,21 +73,27 @@ class ExecutorPool:
             return
 
     def add(self, executor_id: str, address: str) -> bool:
-        """Add (or re-address) an executor; returns whether it is new."""
+        """Add (or re-address) an executor; returns whether it is new.
+
+        An executor that is down stays down until it answers a health check,
+        also when discovery lists it again.
+        """
         member = self._members.get(executor_id)
         if member is None:
             self._members[executor_id] = _Member(executor_id, address)
             self._bump()
             return True
-        if member.address != address or member.set_aside_until:
+        if member.address != address:
+            self.set_aside(executor_id, f"it moved to {address}")
             member.address = address
-            member.set_aside_until = 0.0
             self._bump()
         return False
 
     async def remove(self, executor_id: str) -> None:
-        """Forget an executor that left."""
-        if self._members.pop(executor_id, None) is not None:
+        """Forget an executor that left; work in flight there is told it was lost."""
+        member = self._members.pop(executor_id, None)
+        if member is not None:
+            self._lost(member, "it left the pool")
             self._bump()
         await self.peers.forget(executor_id)
 
@@ -92,29 +109,121 @@ class ExecutorPool:
         return added
 
     def set_aside(self, executor_id: str, reason: str) -> None:
-        """Place no work on an executor for a while, after it failed a call."""
+        """Place no work on an executor until it answers a health check again.
+
+        Work in flight there is told at once that the executor was lost.
+        """
         member = self._members.get(executor_id)
-        if member is not None and member.set_aside_until <= time.monotonic():
+        if member is None:
+            return
+        if not member.down:
             logger.warning(
-                "setting executor %s aside for %.0fs: %s", executor_id, SET_ASIDE_SECONDS, reason
+                "executor %s is down (%s); no work goes there until it answers again",
+                executor_id,
+                reason,
             )
-            member.set_aside_until = time.monotonic() + SET_ASIDE_SECONDS
+            member.down = reason
             self._bump()
+        self._lost(member, reason)
+
+    def _lost(self, member: _Member, reason: str) -> None:
+        watches, member.watches = member.watches, set()
+        message = f"executor {member.executor_id} at {member.address} was lost: {reason}"
+        for watch in watches:
+            if watch.active:
+                self.untrack(watch)
+                watch.on_lost(message)
+
+    def is_down(self, executor_id: str) -> bool:
+        """Whether an executor is down (unknown ones count as down)."""
+        member = self._members.get(executor_id)
+        return member is None or bool(member.down)
+
+    def track(self, executor_ids: Iterable[str], on_lost: Callable[[str], None]) -> Watch:
+        """Watch work placed on ``executor_ids``: ``on_lost`` is called if one is lost first.
+
+        Call :meth:`untrack` when the work ends. Work placed on an executor that
+        is already down or unknown is told at once.
+        """
+        watch = Watch(tuple(dict.fromkeys(executor_ids)), on_lost)
+        for executor_id in watch.executor_ids:
+            member = self._members.get(executor_id)
+            if member is None or member.down:
+                reason = member.down if member is not None else "it left the pool"
+                watch.active = False
+                for other in watch.executor_ids:
+                    known = self._members.get(other)
+                    if known is not None:
+                        known.watches.discard(watch)
+                on_lost(f"executor {executor_id} was lost: {reason}")
+                return watch
+            member.watches.add(watch)
+        return watch
+
+    def untrack(self, watch: Watch) -> None:
+        """Stop watching work (it ended); idempotent."""
+        if not watch.active:
+            return
+        watch.active = False
+        for executor_id in watch.executor_ids:
+            member = self._members.get(executor_id)
+            if member is not None:
+                member.watches.discard(watch)
+
+    async def check_health(self, timeout: float) -> None:
+        """Ask every executor for its status once, at most ``timeout`` seconds each.
+
+        One that does not answer in time is set aside; one that was down and
+        answers comes back.
+        """
+        members = list(self._members.values())
+        results = await asyncio.gather(
+            *(self._probe(self.peer(m.executor_id), timeout) for m in members)
+        )
+        for member, failure in zip(members, results, strict=True):
+            if self._members.get(member.executor_id) is not member:
+                continue  # it left meanwhile
+            if failure:
+                self.set_aside(member.executor_id, failure)
+            elif member.down:
+                logger.info("executor %s answers again; placing work there", member.executor_id)
+                member.down = ""
+                self._bump()
+
+    @staticmethod
+    async def _probe(peer: ExecutorPeer, timeout: float) -> str:
+        """Empty when the peer answered a status request in time, else why not."""
+        try:
+            async with asyncio.timeout(timeout):
+                await peer.status()
+        except TimeoutError:
+            return f"it did not answer a health check within {timeout:.1f}s"
+        except CloudburstError as exc:
+            return f"its health check failed: {exc}"
+        return ""
+
+    async def monitor(self, interval: float, timeout: float) -> None:
+        """Check every executor's health every ``interval`` seconds, until cancelled."""
+        while True:
+            try:
+                await self.check_health(timeout)
+            except Exception:
+                logger.exception("executor health check failed")
+            await asyncio.sleep(interval)
 
     def ids(self) -> list[str]:
         """The known executor ids."""
         return sorted(self._members)
 
     def views(self) -> list[ExecutorView]:
-        """A snapshot for the placement policy (executors set aside count as overloaded)."""
-        now = time.monotonic()
+        """A snapshot for the placement policy (executors that are down count as overloaded)."""
         return [
             ExecutorView(
                 executor_id=m.executor_id,
                 address=m.address,
                 pinned=m.pinned,
                 load=m.placed,
-                overloaded=m.set_aside_until > now,
+                overloaded=bool(m.down),
             )
             for m in self._members.values()
         ]

@@ -24,6 +24,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
 
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
+        self._detached: set[asyncio.Task[None]] = set()
+        """Calls whose stream ended before they did: they still run and store their results."""
 
     async def ExecuteFunction(
         self,
@@ -98,9 +100,13 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     if kind == "trigger":
                         executor.trigger(frame.trigger)
                     elif kind == "execute_function":
-                        track(
-                            asyncio.ensure_future(run_call(frame.sequence, frame.execute_function))
+                        # Not tracked: a call outlives its caller's stream (the caller, e.g.
+                        # a scheduler that died, may wait on the stored result instead).
+                        call = asyncio.ensure_future(
+                            run_call(frame.sequence, frame.execute_function)
                         )
+                        self._detached.add(call)
+                        call.add_done_callback(self._detached.discard)
                     elif kind == "expect_result":
                         call_id = frame.expect_result.call_id
                         future = executor.results.expect(call_id, executor._call_timeout)
@@ -159,6 +165,8 @@ class LocalExecutorPeer:
 
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
+        self._detached: set[asyncio.Task[None]] = set()
+        """Calls whose stream ended before they did: they still run and store their results."""
         self.executor_id = executor.executor_id
         self.address = executor.address
 
