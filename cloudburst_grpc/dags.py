@@ -15,7 +15,7 @@ list (never in arrival order). A tuple result spreads into several arguments
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +56,22 @@ def join_arguments(static: Iterable[Any], results: Iterable[Any]) -> tuple[Any, 
     return tuple(arguments)
 
 
+#: The most names an error message or its metadata lists (errors stay small on the wire).
+MAX_NAMES_LISTED = 10
+
+
+def _listed(names: Sequence[str]) -> str:
+    """Up to :data:`MAX_NAMES_LISTED` names, quoted, and how many more there are."""
+    shown = ", ".join(repr(n[:80]) for n in names[:MAX_NAMES_LISTED])
+    more = len(names) - MAX_NAMES_LISTED
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _joined(names: Sequence[str]) -> str:
+    """Up to :data:`MAX_NAMES_LISTED` names for error metadata."""
+    return ",".join(n[:80] for n in names[:MAX_NAMES_LISTED])
+
+
 @dataclass(frozen=True)
 class Topology:
     """The shape of a valid DAG."""
@@ -83,11 +99,11 @@ def topology(functions: Sequence[str], connections: Iterable[tuple[str, str]]) -
     if not functions:
         raise InvalidDagError("a DAG needs at least one function")
     order = {name: i for i, name in enumerate(functions)}
-    duplicates = sorted({f for f in functions if list(functions).count(f) > 1})
+    duplicates = sorted(f for f, count in Counter(functions).items() if count > 1)
     if duplicates:
         raise InvalidDagError(
-            f"function(s) {', '.join(map(repr, duplicates))} listed more than once",
-            {"functions": ",".join(duplicates)},
+            f"function(s) {_listed(duplicates)} listed more than once",
+            {"functions": _joined(duplicates)},
         )
     if any(not name for name in functions):
         raise InvalidDagError("a DAG function name must not be empty")
@@ -109,22 +125,24 @@ def topology(functions: Sequence[str], connections: Iterable[tuple[str, str]]) -
     cycle = _find_cycle(functions, downs)
     if cycle:
         raise InvalidDagError(
-            f"the DAG has a cycle: {' -> '.join(cycle)}", {"cycle": ",".join(cycle)}
+            f"the DAG has a cycle: {' -> '.join(cycle[:MAX_NAMES_LISTED])}"
+            + (" -> ..." if len(cycle) > MAX_NAMES_LISTED else ""),
+            {"cycle": _joined(cycle)},
         )
     if len(functions) > 1:
         unconnected = [f for f in functions if not ups[f] and not downs[f]]
         if unconnected:
             raise InvalidDagError(
-                f"function(s) {', '.join(map(repr, unconnected))} have no connection; "
+                f"function(s) {_listed(unconnected)} have no connection; "
                 "connect them or leave them out",
-                {"functions": ",".join(unconnected)},
+                {"functions": _joined(unconnected)},
             )
     sinks = [f for f in functions if not downs[f]]
     if len(sinks) != 1:
         raise InvalidDagError(
             f"a DAG must have exactly one sink (a function nothing depends on); this one has "
-            f"{len(sinks)}: {', '.join(map(repr, sinks))}",
-            {"sinks": ",".join(sinks)},
+            f"{len(sinks)}: {_listed(sinks)}",
+            {"sinks": _joined(sinks)},
         )
 
     def ordered(names: set[str]) -> tuple[str, ...]:
@@ -164,9 +182,8 @@ def validate(
     missing = [f for f in functions if f not in registered]
     if missing:
         raise InvalidDagError(
-            f"function(s) {', '.join(map(repr, missing))} are not registered; "
-            "register them before the DAG",
-            {"functions": ",".join(missing)},
+            f"function(s) {_listed(missing)} are not registered; register them before the DAG",
+            {"functions": _joined(missing)},
         )
     return topology(functions, connections)
 

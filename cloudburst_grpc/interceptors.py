@@ -3,7 +3,9 @@
 :class:`ErrorMappingInterceptor` is the one place where exceptions become gRPC
 statuses: a :class:`~cloudburst.errors.CloudburstError` is sent with its code,
 message and a ``google.rpc.ErrorInfo`` detail; anything else is a bug, logged
-with its traceback and sent as a generic ``INTERNAL``.
+with its traceback and sent as a generic ``INTERNAL``. A request (or a frame of
+a request stream) that is not a valid message is ``INVALID_ARGUMENT``: gRPC
+itself would report a failed deserialization as ``INTERNAL``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from cloudburst.errors import DOMAIN, CloudburstError, NoExecutorError, UnavailableError
+from cloudburst.errors import (
+    DOMAIN,
+    CloudburstError,
+    InvalidArgumentError,
+    NoExecutorError,
+    UnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +61,55 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     )
 
 
+class _Malformed:
+    """Stands for a request that could not be parsed, so the servicer side can refuse it."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def error(self, what: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"{what} is not a valid message: {self.problem}")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns :class:`_Malformed` instead of raising."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError
+            return _Malformed(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    return parse
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Malformed):
+        raise request.error("the request")
+    return request
+
+
+async def _checked_frames(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise request.error("a frame of the request stream")
+        yield request
+
+
 def _wrap_unary(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+    streaming_request: bool = False,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if streaming_request:
+                request = _checked_frames(request)
+            else:
+                _checked(request)
             return await behavior(request, context)
         except Exception as exc:
             if _is_abort(exc):
@@ -67,23 +119,31 @@ def _wrap_unary(
     return wrapped
 
 
-def _wrap_stream(behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]) -> Any:
+def _wrap_stream(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any],
+    streaming_request: bool = False,
+) -> Any:
     """Wrap a streaming handler: an async generator, or a coroutine that writes itself.
 
     gRPC tells the two apart by their function type, so each keeps its own.
     """
     if inspect.iscoroutinefunction(behavior):
-        return _wrap_unary(behavior)
-    return _wrap_generator(behavior)
+        return _wrap_unary(behavior, streaming_request)
+    return _wrap_generator(behavior, streaming_request)
 
 
 def _wrap_generator(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+    streaming_request: bool = False,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         try:
+            if streaming_request:
+                request = _checked_frames(request)
+            else:
+                _checked(request)
             async for response in behavior(request, context):
                 yield response
         except Exception as exc:
@@ -111,28 +171,29 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(handler.stream_unary, streaming_request=True),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(handler.stream_stream, streaming_request=True),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -27,6 +27,7 @@ from cloudburst.errors import (
     FunctionInUseError,
     FunctionNotFoundError,
     InvalidArgumentError,
+    InvalidDagError,
     RemoteFunctionError,
     UnavailableError,
 )
@@ -60,6 +61,8 @@ from cloudburst_grpc.scheduler.release import ResultReleaser
 logger = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 256
+#: The most functions one DAG may list.
+MAX_DAG_FUNCTIONS = 1000
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 
 
@@ -193,6 +196,12 @@ class Scheduler:
                 {"dag": dag.name},
             )
         functions = list(dag.functions)
+        if len(functions) > MAX_DAG_FUNCTIONS:
+            raise InvalidDagError(
+                f"DAG {dag.name!r} lists {len(functions)} functions; at most "
+                f"{MAX_DAG_FUNCTIONS} are allowed",
+                {"dag": dag.name, "limit": str(MAX_DAG_FUNCTIONS)},
+            )
         registered = {f for f in functions if await self.registry.get_function(f) is not None}
         dag_rules.validate(
             functions, [(c.upstream, c.downstream) for c in dag.connections], registered

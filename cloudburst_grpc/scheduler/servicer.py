@@ -222,13 +222,14 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         """Serve many calls over one stream; each is answered when accepted (and finished)."""
         answers: asyncio.Queue[Answer | None] = asyncio.Queue()
         calls: set[asyncio.Task[None]] = set()
+        room = asyncio.Event()
 
         async def emit(answer: Answer) -> None:
             answers.put_nowait(answer)
 
         async def read() -> None:
             try:
-                await self._read_calls(request_iterator, emit, calls)
+                await self._read_calls(request_iterator, emit, calls, answers.qsize, room)
             finally:
                 answers.put_nowait(None)
 
@@ -236,6 +237,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                room.set()
         finally:
             reader.cancel()
             for task in list(calls):
@@ -248,10 +250,11 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         context: Context[scheduler_service_pb2.StreamCallsRequest, Answer],
     ) -> None:
         """:meth:`StreamCalls` with each answer written by the task of the call it answers."""
-        writer = _AnswerWriter(context)
+        room = asyncio.Event()
+        writer = _AnswerWriter(context, room)
         calls: set[asyncio.Task[None]] = set()
         try:
-            await self._read_calls(request_iterator, writer.write, calls)
+            await self._read_calls(request_iterator, writer.write, calls, writer.backlog, room)
         finally:
             for task in list(calls):
                 task.cancel()
@@ -262,8 +265,23 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],
         emit: Emit,
         calls: set[asyncio.Task[None]],
+        backlog: Callable[[], int],
+        room: asyncio.Event,
     ) -> None:
-        """Serve every frame of a stream in a task of its own; return once all are answered."""
+        """Serve every frame of a stream in a task of its own; return once all are answered.
+
+        Flow control: while the stream has ``max_unanswered_calls`` calls running
+        or answers not yet written (``backlog``), no further frame is read, so a
+        caller that sends faster than it reads is held back by gRPC's own flow
+        control instead of growing this process. ``room`` is set whenever a call
+        ends or an answer is written.
+        """
+        limit = self._scheduler.config.max_unanswered_calls
+
+        def ended(task: asyncio.Task[None]) -> None:
+            calls.discard(task)
+            room.set()
+
         # Result keys this stream's caller may release: chosen here, answered, marked releasable.
         releasable: set[str] = set()
         try:
@@ -274,7 +292,10 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                     continue
                 task = asyncio.create_task(self._serve(frame, emit, releasable))
                 calls.add(task)
-                task.add_done_callback(calls.discard)
+                task.add_done_callback(ended)
+                while len(calls) + backlog() >= limit:
+                    room.clear()
+                    await room.wait()
         finally:
             if calls:
                 await asyncio.gather(*calls, return_exceptions=True)
@@ -366,11 +387,16 @@ class _AnswerWriter:
     (the caller left), answers are dropped: nobody could read them.
     """
 
-    def __init__(self, context: Context[Any, Answer]) -> None:
+    def __init__(self, context: Context[Any, Answer], room: asyncio.Event) -> None:
         self._context = context
+        self._room = room
         self._backlog: collections.deque[Answer] = collections.deque()
         self._busy = False
         self._gone = False
+
+    def backlog(self) -> int:
+        """Answers waiting to be written, counting the one being written."""
+        return len(self._backlog) + self._busy
 
     async def write(self, answer: Answer) -> None:
         if self._gone:
@@ -382,9 +408,11 @@ class _AnswerWriter:
         try:
             while self._backlog:
                 await self._context.write(self._backlog.popleft())
+                self._room.set()
         except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
             logger.debug("a call stream ended before its answers: %r", exc)
             self._gone = True
             self._backlog.clear()
         finally:
             self._busy = False
+            self._room.set()

@@ -249,7 +249,12 @@ def deserialize(value: value_pb2.Value) -> Any:
             "importable where it is read.",
         ) from exc
     if kind == value_pb2.SERIALIZER_FAILURE:
-        failure = value_pb2.Failure.FromString(value.data)
+        try:
+            failure = value_pb2.Failure.FromString(value.data)
+        except Exception as exc:  # protobuf's DecodeError
+            raise SerializationError(
+                f"a SERIALIZER_FAILURE value does not hold a Failure message ({exc})"
+            ) from None
         raise failure_to_error(failure)
     raise SerializationError(f"unknown serializer {kind}; upgrade the client")
 
