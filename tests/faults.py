@@ -26,6 +26,8 @@ def register_workload(conn: CloudburstConnection) -> None:
 
     ``stage(tag)`` returns ``tag``; a ``slow*`` tag marks the call started (key
     ``started-TAG``) and then runs long. ``sink(value)`` returns ``done-VALUE``.
+    ``gated(tag)`` marks itself started, runs until the key ``go-TAG`` exists,
+    and returns ``gated-TAG``.
     Both are defined here, inside a function, so they are pickled by value.
     """
 
@@ -38,8 +40,16 @@ def register_workload(conn: CloudburstConnection) -> None:
     def sink(_: Any, value: str) -> str:
         return f"done-{value}"
 
+    def gated(cloudburst: Any, tag: str) -> str:
+        cloudburst.put_object(f"started-{tag}", True)
+        deadline = time.monotonic() + 60
+        while cloudburst.get_object(f"go-{tag}") is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the workload: runs until the test opens its gate
+        return f"gated-{tag}"
+
     conn.register(stage, "stage")
     conn.register(sink, "sink")
+    conn.register(gated, "gated")
     assert conn.register_dag("pipeline", ["stage", "sink"], [("stage", "sink")])
 
 

@@ -14,7 +14,7 @@ import sys
 import sysconfig
 import threading
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -61,10 +61,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 300.0
 #: Seconds to wait for the first connection.
 CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for each other scheduler when the one in use is lost.
+FAILOVER_CONNECT_TIMEOUT = 3.0
 
 
-def discover_scheduler(consul_address: str, timeout: float) -> str:
-    """Return the address of a passing scheduler registered in Consul.
+def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
+    """Return the addresses of the passing schedulers registered in Consul, in random order.
 
     ``consul_address`` is ``host:port`` or ``http(s)://host:port`` of a Consul
     agent; ``CONSUL_HTTP_TOKEN`` is sent when set.
@@ -96,7 +98,13 @@ def discover_scheduler(consul_address: str, timeout: float) -> str:
         raise UnavailableError(
             f"Consul at {base} knows no passing {SCHEDULER_SERVICE}; is a scheduler running?"
         )
-    return random.choice(addresses)
+    random.shuffle(addresses)
+    return addresses
+
+
+def discover_scheduler(consul_address: str, timeout: float) -> str:
+    """Return the address of a passing scheduler registered in Consul (see above)."""
+    return discover_schedulers(consul_address, timeout)[0]
 
 
 def parse_address(address: str) -> str:
@@ -187,8 +195,14 @@ class CloudburstConnection:
 
     Args:
         func_addr: ``host`` or ``host:port`` of the scheduler or its load balancer
-            (default port 7600), or ``consul://host:port`` to use a passing
-            scheduler registered in that Consul agent; stray spaces are ignored.
+            (default port 7600), several of them separated by commas, or
+            ``consul://host:port`` to use a passing scheduler registered in that
+            Consul agent; stray spaces are ignored. With several schedulers (a
+            list, or Consul), losing the one in use moves the connection to
+            another: idempotent operations (reads and writes of objects,
+            registering and listing functions, ``future.get()``) retry there
+            once by themselves; a call that was in flight raises
+            UnavailableError and the next call goes to the new scheduler.
         ip: Accepted for compatibility with the original API; not needed.
         tid: Accepted for compatibility; not needed.
         local: Accepted for compatibility; not needed.
@@ -223,11 +237,21 @@ class CloudburstConnection:
         keep_results: bool = False,
         loop_driver: str | None = None,
     ) -> None:
+        self._consul: str | None = None
+        self._targets: list[str] = []
+        """The schedulers given (empty with Consul, which is asked again at each failover)."""
         if isinstance(func_addr, str) and func_addr.strip().startswith("consul://"):
-            consul = func_addr.strip().removeprefix("consul://")
-            self.address = parse_address(discover_scheduler(consul, connect_timeout))
+            self._consul = func_addr.strip().removeprefix("consul://")
+            candidates = [
+                parse_address(a) for a in discover_schedulers(self._consul, connect_timeout)
+            ]
+        elif isinstance(func_addr, str) and "," in func_addr:
+            self._targets = [parse_address(a) for a in func_addr.split(",") if a.strip()]
+            candidates = list(self._targets)
         else:
-            self.address = parse_address(func_addr)
+            candidates = self._targets = [parse_address(func_addr)]
+        self.address = candidates[0]
+        self._switch_lock = threading.Lock()
         self.timeout = float(timeout)
         self.max_payload_bytes = max_payload_bytes
         self.keep_results = keep_results
@@ -237,21 +261,88 @@ class CloudburstConnection:
         self._loop = new_driver(loop_driver)
         self._closed = False
         try:
-            self._core: Core = self._loop.run(
-                self._make_core(connect_timeout), connect_timeout + 5, "connecting"
-            )
+            self._core: Core = self._connect(candidates, connect_timeout)
         except BaseException:
             self._loop.stop()
             raise
 
-    async def _make_core(self, connect_timeout: float) -> Core:
-        core = Core(self.address, self.max_payload_bytes, self._loop)
+    async def _make_core(self, target: str, connect_timeout: float) -> Core:
+        core = Core(target, self.max_payload_bytes, self._loop)
         try:
             await core.wait_ready(connect_timeout)
         except BaseException:
             await core.close()
             raise
         return core
+
+    def _connect(self, candidates: Sequence[str], connect_timeout: float) -> Core:
+        """Connect to the first of ``candidates`` that answers (each gets its share of time)."""
+        each = connect_timeout if len(candidates) == 1 else FAILOVER_CONNECT_TIMEOUT
+        error: UnavailableError | None = None
+        for target in candidates:
+            try:
+                core: Core = self._loop.run(
+                    self._make_core(target, each), each + 5, f"connecting to {target}"
+                )
+            except UnavailableError as exc:
+                error = exc
+                continue
+            self.address = target
+            return core
+        assert error is not None
+        if len(candidates) > 1:
+            raise UnavailableError(
+                f"no cloudburst scheduler answers at any of {', '.join(candidates)}"
+            ) from None
+        raise error
+
+    def _fail_over(self, lost: Core) -> bool:
+        """Move to another scheduler after ``lost`` became unreachable; returns whether it did.
+
+        Only the first thread to notice moves; the others find the new core in place.
+        """
+        with self._switch_lock:
+            if self._core is not lost:
+                return True
+            try:
+                found = (
+                    discover_schedulers(self._consul, FAILOVER_CONNECT_TIMEOUT)
+                    if self._consul is not None
+                    else self._targets
+                )
+            except UnavailableError:
+                return False
+            others = [t for t in map(parse_address, found) if t != lost.target]
+            if self._consul is None and others:
+                # A list is tried in its order, starting after the scheduler lost.
+                start = self._targets.index(lost.target) if lost.target in self._targets else -1
+                others = [*self._targets[start + 1 :], *self._targets[: max(start, 0)]]
+            if not others:
+                return False
+            try:
+                self._core = self._connect(others, FAILOVER_CONNECT_TIMEOUT)
+            except UnavailableError:
+                return False
+            logger.warning(
+                "the scheduler at %s is unavailable; continuing at %s", lost.target, self.address
+            )
+        with contextlib.suppress(Exception):
+            self._loop.start(lost.close())
+        return True
+
+    def _retrying(self, make: Callable[[], Any], what: str, timeout: float | None = None) -> Any:
+        """Run an idempotent operation; if its scheduler is lost, once more on another.
+
+        ``make`` builds the operation's coroutine against the current core.
+        """
+        core = self._core
+        try:
+            return self._run(make(), what, timeout)
+        except UnavailableError as exc:
+            # Only a lost scheduler: "no executor" and the like are answers of a live one.
+            if type(exc) is not UnavailableError or not self._fail_over(core):
+                raise
+        return self._run(make(), what, timeout)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -343,8 +434,8 @@ class CloudburstConnection:
         if sum(len(s.text) for s in shipped) + proto.ByteSize() <= self.max_payload_bytes // 2:
             proto.sources.extend(shipped)
         request = scheduler_service_pb2.CreateFunctionRequest(function=proto, replace_existing=True)
-        self._run(
-            call(
+        self._retrying(
+            lambda: call(
                 f"registering {name!r}",
                 lambda: self._core.scheduler.CreateFunction(request, timeout=self.timeout),
             ),
@@ -356,8 +447,8 @@ class CloudburstConnection:
         """Return a handle to a registered function, or None when there is none."""
         request = scheduler_service_pb2.GetFunctionRequest(name=name)
         try:
-            self._run(
-                call(
+            self._retrying(
+                lambda: call(
                     f"getting {name!r}",
                     lambda: self._core.scheduler.GetFunction(request, timeout=self.timeout),
                 ),
@@ -375,12 +466,13 @@ class CloudburstConnection:
             request = scheduler_service_pb2.ListFunctionsRequest(
                 prefix=prefix or "", page_token=token
             )
-            response = self._run(
-                call(
-                    "listing functions",
-                    functools.partial(
-                        self._core.scheduler.ListFunctions, request, timeout=self.timeout
+            response = self._retrying(
+                functools.partial(
+                    lambda r: call(
+                        "listing functions",
+                        lambda: self._core.scheduler.ListFunctions(r, timeout=self.timeout),
                     ),
+                    request,
                 ),
                 "listing functions",
             )
@@ -444,8 +536,15 @@ class CloudburstConnection:
         try:
             if self._closed:
                 raise CloudburstError("the connection is closed; create a new CloudburstConnection")
-            pending = self._core.send_call(frame, True, holds)
-            pending.wait_accepted(self.timeout if timeout is None else timeout)
+            core = self._core
+            pending = core.send_call(frame, True, holds)
+            try:
+                pending.wait_accepted(self.timeout if timeout is None else timeout)
+            except UnavailableError as exc:
+                # The call may have reached the scheduler: not retried, but the next goes elsewhere.
+                if type(exc) is UnavailableError:
+                    self._fail_over(core)
+                raise
         except BaseException as exc:
             tracing.finish(span, exc)
             raise
@@ -546,10 +645,13 @@ class CloudburstConnection:
         request = scheduler_service_pb2.ListDagsRequest(prefix=prefix or "")
         names: builtins.list[str] = []
         while True:
-            response = self._run(
-                call(
-                    "listing DAGs",
-                    functools.partial(self._core.scheduler.ListDags, request, timeout=self.timeout),
+            response = self._retrying(
+                functools.partial(
+                    lambda r: call(
+                        "listing DAGs",
+                        lambda: self._core.scheduler.ListDags(r, timeout=self.timeout),
+                    ),
+                    request,
                 ),
                 "listing DAGs",
             )
@@ -639,12 +741,15 @@ class CloudburstConnection:
         decode = self._decode_lattice if deserialize else lattice_bytes
         if isinstance(key, builtins.list):
             keys = [self._key(k) for k in key]
-            found = self._run(
-                self._core.get_many(keys, timeout=self.timeout), f"get_object of {len(keys)} keys"
+            found = self._retrying(
+                lambda: self._core.get_many(keys, timeout=self.timeout),
+                f"get_object of {len(keys)} keys",
             )
             return {k: None if found[k] is None else decode(found[k]) for k in keys}
         key = self._key(key)
-        lattice = self._run(self._core.get(key, timeout=self.timeout), f"get_object({key!r})")
+        lattice = self._retrying(
+            lambda: self._core.get(key, timeout=self.timeout), f"get_object({key!r})"
+        )
         return None if lattice is None else decode(lattice)
 
     get = get_object
@@ -653,7 +758,8 @@ class CloudburstConnection:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
         key = self._key(key)
         data = _serialize(value, f"value for key {key!r}", self.max_payload_bytes)
-        self._run(self._core.put(key, lww(data, self._clock), self.timeout), f"put_object({key!r})")
+        lattice = lww(data, self._clock)  # one timestamp: a retry merges as the same write
+        self._retrying(lambda: self._core.put(key, lattice, self.timeout), f"put_object({key!r})")
         return True
 
     def delete_object(self, key: str) -> bool:

@@ -73,8 +73,9 @@ class CloudburstFuture:
             else:
                 self._value = conn._decode(outcome)
                 return self._value
-        lattice = conn._loop.run(
-            conn._core.get(self.obj_id, wait=True, timeout=limit), limit + 5, "get()"
+        # The call's executor stores the result also when the scheduler is lost meanwhile.
+        lattice = conn._retrying(
+            lambda: conn._core.get(self.obj_id, wait=True, timeout=limit), "get()", limit
         )
         if lattice is None:
             raise CloudburstTimeoutError(
