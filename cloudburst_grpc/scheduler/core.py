@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 MAX_NAME_LENGTH = 256
 #: The most functions one DAG may list.
 MAX_DAG_FUNCTIONS = 1000
+#: The most times a call may run again after losing its executor (``retries`` at registration).
+MAX_RETRIES = 10
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 
 
@@ -126,6 +128,8 @@ class Scheduler:
         check_name("function", function.name)
         if function.kind == function_pb2.FUNCTION_KIND_UNSPECIFIED:
             raise InvalidArgumentError("function.kind must be FUNCTION or CLASS")
+        if function.retries > MAX_RETRIES:
+            raise InvalidArgumentError(f"function.retries must be at most {MAX_RETRIES}")
         if function.body.serializer != value_pb2.SERIALIZER_CLOUDPICKLE:
             raise InvalidArgumentError("function.body must be a SERIALIZER_CLOUDPICKLE value")
         check_size(function.body, what=f"function {function.name!r}", limit=self.max_payload_bytes)
@@ -196,6 +200,8 @@ class Scheduler:
                 {"dag": dag.name},
             )
         functions = list(dag.functions)
+        if dag.retries > MAX_RETRIES:
+            raise InvalidArgumentError(f"dag.retries must be at most {MAX_RETRIES}")
         if len(functions) > MAX_DAG_FUNCTIONS:
             raise InvalidDagError(
                 f"DAG {dag.name!r} lists {len(functions)} functions; at most "
@@ -319,14 +325,28 @@ class Scheduler:
             telemetry.inject(execute.trace_context)
 
         async def run() -> execution_pb2.Outcome:
+            executor_id, retries, redelivered = view.executor_id, function.retries, False
             try:
-                try:
-                    return await self._execute(view.executor_id, execute, limit)
-                except NotDeliveredError as exc:
-                    # It never reached the executor: place it once more, elsewhere.
-                    logger.info("call %s never reached its executor (%s); retrying", call_id, exc)
-                    retry = policy.place(request.name, keys, self.pool.views())
-                    return await self._execute(retry.executor_id, execute, limit)
+                while True:
+                    try:
+                        return await self._execute(executor_id, execute, limit)
+                    except NotDeliveredError as exc:
+                        # It never reached the executor: placing it elsewhere is always safe.
+                        if redelivered:
+                            raise
+                        redelivered = True
+                        logger.info(
+                            "call %s never reached its executor (%s); retrying", call_id, exc
+                        )
+                    except UnavailableError as exc:
+                        # It may have run there: again only where the function opted in.
+                        if type(exc) is not UnavailableError or retries <= 0:
+                            raise
+                        retries -= 1
+                        logger.warning(
+                            "call %s runs again (%d retries left): %s", call_id, retries, exc
+                        )
+                    executor_id = policy.place(request.name, keys, self.pool.views()).executor_id
             except CloudburstError as exc:
                 outcome = execution_pb2.Outcome(error=error_to_call_error(exc))
                 if isinstance(exc, UnavailableError) and not want_outcome:
@@ -405,9 +425,7 @@ class Scheduler:
             except CloudburstError as exc:
                 logger.warning("cannot store the failure of %s: %s", response_key, exc)
 
-        task = asyncio.create_task(store())
-        self._stores.add(task)
-        task.add_done_callback(self._stores.discard)
+        self._background_task(store())
 
     async def call_dag(
         self,
@@ -424,34 +442,16 @@ class Scheduler:
         call_id = new_call_id()
         _check_delivery(request)
         response_key = "" if request.direct_response else (request.response_key or call_id)
-        attributes = (
-            {
-                "cloudburst.dag": request.name,
-                "cloudburst.call_id": call_id,
-                "cloudburst.response_key": response_key or call_id,
-            }
-            if telemetry.tracing()
-            else None
+        result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
+        await self._start_dag(
+            _DagCall(request, response_key, want_outcome, self._timeout(timeout), trace_context),
+            call_id,
+            result,
+            None,
         )
-        with telemetry.span(f"schedule {request.name}", trace_context, attributes):
-            # The schedule is placed straight into the first source's trigger (one copy less).
-            first = execution_pb2.Trigger()
-            schedule = first.schedule
-            sink = await self._place_dag(
-                request, call_id, response_key, want_outcome, self._timeout(timeout), schedule
-            )
-            outcome = self._follow_dag(
-                request.name, schedule, sink, response_key, want_outcome, self._timeout(timeout)
-            )
-            for index, source in enumerate(self._sources(schedule)):
-                executor_id = schedule.placements[source]
-                trigger = first if index == 0 else execution_pb2.Trigger(schedule=schedule)
-                trigger.target_function = source
-                telemetry.inject(trigger.trace_context)
-                await self.pool.peer(executor_id).trigger(trigger)
         if expire and response_key and not request.response_key:
             self.releaser.expire_later(response_key)
-        return Accepted(response_key, outcome if want_outcome else None)
+        return Accepted(response_key, result if want_outcome else None)
 
     async def get_result(
         self, response_key: str, release: bool, timeout: float | None
@@ -482,31 +482,77 @@ class Scheduler:
             self.releaser.release([response_key])
         return outcome_of(lattice.lww.value)
 
+    async def _start_dag(
+        self,
+        call: _DagCall,
+        call_id: str,
+        result: asyncio.Future[execution_pb2.Outcome],
+        retries: int | None,
+    ) -> None:
+        """Place and trigger one run of a DAG call whose outcome goes to ``result``.
+
+        ``retries`` is how many more runs a lost executor may cost (None: the DAG's ``retries``).
+        """
+        request = call.request
+        attributes = (
+            {
+                "cloudburst.dag": request.name,
+                "cloudburst.call_id": call_id,
+                "cloudburst.response_key": call.response_key or call_id,
+            }
+            if telemetry.tracing()
+            else None
+        )
+        with telemetry.span(f"schedule {request.name}", call.trace_context, attributes):
+            # The schedule is placed straight into the first source's trigger (one copy less).
+            first = execution_pb2.Trigger()
+            schedule = first.schedule
+            sink = await self._place_dag(
+                request, call_id, call.response_key, call.want_outcome, call.limit, schedule
+            )
+            self._follow_dag(
+                call, schedule, sink, result, schedule.dag.retries if retries is None else retries
+            )
+            for index, source in enumerate(self._sources(schedule)):
+                executor_id = schedule.placements[source]
+                trigger = first if index == 0 else execution_pb2.Trigger(schedule=schedule)
+                trigger.target_function = source
+                telemetry.inject(trigger.trace_context)
+                await self.pool.peer(executor_id).trigger(trigger)
+
     def _follow_dag(
         self,
-        name: str,
+        call: _DagCall,
         schedule: execution_pb2.DagSchedule,
         sink: str,
-        response_key: str,
-        want_outcome: bool,
-        limit: float,
-    ) -> asyncio.Future[execution_pb2.Outcome]:
-        """The outcome of a DAG call, which fails at once if one of its executors is lost.
+        result: asyncio.Future[execution_pb2.Outcome],
+        retries: int,
+    ) -> None:
+        """Settle ``result`` with the DAG call's outcome, at once if one of its executors is lost.
 
         The sink reports every call's end here (``direct_response`` is always
         set), so the scheduler knows which calls are still running where. A
-        call that loses an executor ends with an UNAVAILABLE error, also stored
-        under its response key for a caller waiting there.
+        call that loses an executor runs again from the start while ``retries``
+        last (the DAG opted into at-least-once runs); otherwise it ends with an
+        UNAVAILABLE error, also stored under its response key for a caller
+        waiting there.
         """
-        result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
-        call_id = schedule.call_id
+        call_id, name = schedule.call_id, call.request.name
 
         def fail(error: CloudburstError) -> None:
             if result.done():
                 return
-            result.set_result(execution_pb2.Outcome(error=error_to_call_error(error)))
-            if response_key and not want_outcome:
-                self._store_failure(response_key, str(error))
+            if retries > 0 and type(error) is UnavailableError:
+                logger.warning(
+                    "DAG call %s of %s runs again (%d retries left): %s",
+                    call_id,
+                    name,
+                    retries,
+                    error,
+                )
+                self._background_task(self._retry_dag(call, result, retries - 1))
+                return
+            self._settle_failed(call, result, error)
 
         def on_lost(reason: str) -> None:
             fail(UnavailableError(f"DAG call {call_id} of {name!r} cannot finish: {reason}"))
@@ -514,17 +560,41 @@ class Scheduler:
         def on_sink(future: asyncio.Future[execution_pb2.Outcome]) -> None:
             self.pool.untrack(watch)
             if future.cancelled():
-                fail(UnavailableError(f"DAG call {call_id} of {name!r} was cancelled"))
+                fail(CloudburstError(f"DAG call {call_id} of {name!r} was cancelled"))
             elif (error := future.exception()) is not None:
                 fail(error if isinstance(error, CloudburstError) else CloudburstError(str(error)))
             elif not result.done():
                 result.set_result(future.result())
 
         watch = self.pool.track(schedule.placements.values(), on_lost)
-        self.pool.peer(schedule.placements[sink]).expect_result(call_id, limit).add_done_callback(
-            on_sink
-        )
-        return result
+        self.pool.peer(schedule.placements[sink]).expect_result(
+            call_id, call.limit
+        ).add_done_callback(on_sink)
+
+    async def _retry_dag(
+        self, call: _DagCall, result: asyncio.Future[execution_pb2.Outcome], retries: int
+    ) -> None:
+        try:
+            await self._start_dag(call, new_call_id(), result, retries)
+        except CloudburstError as exc:
+            self._settle_failed(call, result, exc)
+
+    def _settle_failed(
+        self,
+        call: _DagCall,
+        result: asyncio.Future[execution_pb2.Outcome],
+        error: CloudburstError,
+    ) -> None:
+        if result.done():
+            return
+        result.set_result(execution_pb2.Outcome(error=error_to_call_error(error)))
+        if call.response_key and not call.want_outcome and isinstance(error, UnavailableError):
+            self._store_failure(call.response_key, str(error))
+
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
 
     def _sources(self, schedule: execution_pb2.DagSchedule) -> tuple[str, ...]:
         return self._topology(schedule.dag).sources
@@ -631,6 +701,17 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.releaser.close()
+
+
+@dataclass
+class _DagCall:
+    """What every run of one DAG call shares (a retried call runs again under a new id)."""
+
+    request: scheduler_service_pb2.CallDagRequest
+    response_key: str
+    want_outcome: bool
+    limit: float
+    trace_context: Mapping[str, str] | None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import concurrent.futures
 import os
 import signal
 import time
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,41 @@ def test_calls_on_a_lost_executor_end_fast_and_the_survivor_serves(fault: str) -
             if victim.proc.poll() is None:
                 os.kill(victim.proc.pid, signal.SIGCONT)
                 victim.kill()
+
+
+def first_run_hangs(cloudburst: Any, tag: str) -> str:
+    """Hangs on its first run for ``tag`` (marking it started); later runs return at once."""
+    if cloudburst.get_object(f"attempted-{tag}") is None:
+        cloudburst.put_object(f"attempted-{tag}", True)
+        cloudburst.put_object(f"started-{tag}", True)
+        time.sleep(120)  # the workload: busy until the test kills its process
+    return f"again-{tag}"
+
+
+def test_calls_registered_with_retries_run_again_on_the_survivor() -> None:
+    with (
+        running_process_cluster() as cluster,
+        CloudburstConnection(cluster.address) as conn,
+        concurrent.futures.ThreadPoolExecutor(1) as background,
+    ):
+        conn.register(first_run_hangs, "first", retries=1)
+        conn.register(lambda _, value: f"done-{value}", "last")
+        assert conn.register_dag("retried", ["first", "last"], [("first", "last")], retries=1)
+        pins = pool_of(cluster.address, lambda pool: len(pool) == 2)
+        (victim_id,) = [eid for eid, pinned in pins.items() if "first" in pinned]
+        victim = next(e for e in cluster.executors if f"--id {victim_id}" in " ".join(e.args))
+        try:
+            via_key = conn.call_dag("retried", {"first": "get"})
+            direct = background.submit(
+                conn.call_dag, "retried", {"first": "direct"}, direct_response=True
+            )
+            one_shot = conn.exec_func("first", ["one-shot"])
+            for tag in ("get", "direct", "one-shot"):
+                wait_started(conn, tag)
+            victim.kill()
+            # At-least-once: each runs again on the survivor, where its first run is recorded.
+            assert via_key.get(timeout=30) == "done-again-get"
+            assert direct.result(timeout=30) == "done-again-direct"
+            assert one_shot.get(timeout=30) == "again-one-shot"
+        finally:
+            victim.kill()

@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 300.0
 #: Seconds to wait for the first connection.
 CONNECT_TIMEOUT = 10.0
+#: The most times a call may run again after losing its executor (``retries=``).
+MAX_RETRIES = 10
 #: Seconds to wait for each other scheduler when the one in use is lost.
 FAILOVER_CONNECT_TIMEOUT = 3.0
 
@@ -369,7 +371,7 @@ class CloudburstConnection:
 
     # -- functions -----------------------------------------------------------------
 
-    def register(self, function: Any, name: str) -> CloudburstFunction:
+    def register(self, function: Any, name: str, *, retries: int = 0) -> CloudburstFunction:
         """Register a function, or a class as ``(Class, init_args)``, under ``name``.
 
         Registering again under the same name replaces the function; warm
@@ -377,6 +379,12 @@ class CloudburstConnection:
         parameter is the user library. A class needs a ``run`` method; see the
         user guide (docs/user-guide.md, "Classes") for when its ``__init__``
         and ``run`` receive the user library.
+
+        ``retries`` (0 to 10) opts the function into at-least-once runs: a call
+        whose executor is lost while it runs is run again elsewhere, up to that
+        many times, so it may run more than once. Use it only for work that is
+        safe to repeat. Without it such a call ends with UnavailableError (a call
+        that never reached its executor is placed elsewhere either way).
 
         Returns:
             A handle; calling it returns a :class:`CloudburstFuture`.
@@ -386,7 +394,11 @@ class CloudburstConnection:
         """
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"a function name must be a non-empty string, not {name!r}")
-        proto = function_pb2.Function(name=name)
+        if not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+            raise InvalidArgumentError(
+                f"register {name!r}: retries must be an int from 0 to {MAX_RETRIES}"
+            )
+        proto = function_pb2.Function(name=name, retries=retries)
         if isinstance(function, tuple):
             if len(function) != 2 or not inspect.isclass(function[0]):
                 raise InvalidArgumentError(
@@ -565,11 +577,15 @@ class CloudburstConnection:
         gpu_functions: Sequence[str] | None = None,
         batching_functions: Sequence[str] | None = None,
         colocated: Sequence[str] | None = None,
+        retries: int = 0,
     ) -> bool:
         """Register a DAG of registered functions; edges are ``(upstream, downstream)`` pairs.
 
         ``gpu_functions``, ``batching_functions`` and ``colocated`` are the
-        original's; they are accepted when empty.
+        original's; they are accepted when empty. ``retries`` (0 to 10) opts the
+        DAG into at-least-once runs: a call that loses one of its executors runs
+        again from the start, up to that many times, so its functions may run
+        more than once. Without it such a call ends with UnavailableError.
 
         Returns:
             True on success. False when registration fails (an unknown function, a
@@ -587,7 +603,14 @@ class CloudburstConnection:
             batching_functions=batching_functions,
             colocated=colocated,
         )
-        dag = function_pb2.Dag(name=name)
+        if not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+            return self._failed(
+                InvalidArgumentError(
+                    f"register_dag {name!r}: retries must be an int from 0 to {MAX_RETRIES}"
+                ),
+                strict,
+            )
+        dag = function_pb2.Dag(name=name, retries=retries)
         try:
             for function in functions:
                 dag.functions.append(function[0] if isinstance(function, tuple) else function)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cloudburst.v1 import value_pb2 as cloudburst_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63loudburst/v1/function.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/value.proto\"\xd2\x01\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.cloudburst.v1.Value\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.cloudburst.v1.FunctionKind\x12,\n\x0einit_arguments\x18\x04 \x03(\x0b\x32\x14.cloudburst.v1.Value\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12*\n\x07sources\x18\x06 \x03(\x0b\x32\x19.cloudburst.v1.SourceFile\";\n\nSourceFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\tcode_keys\x18\x03 \x03(\t\"g\n\x03\x44\x61g\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tfunctions\x18\x02 \x03(\t\x12.\n\x0b\x63onnections\x18\x03 \x03(\x0b\x32\x19.cloudburst.v1.Connection\x12\x0f\n\x07version\x18\x04 \x01(\x04\"2\n\nConnection\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x12\n\ndownstream\x18\x02 \x01(\t*b\n\x0c\x46unctionKind\x12\x1d\n\x19\x46UNCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46UNCTION_KIND_FUNCTION\x10\x01\x12\x17\n\x13\x46UNCTION_KIND_CLASS\x10\x02\x42\x8e\x01\n\x11\x63om.cloudburst.v1B\rFunctionProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63loudburst/v1/function.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/value.proto\"\xe3\x01\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.cloudburst.v1.Value\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.cloudburst.v1.FunctionKind\x12,\n\x0einit_arguments\x18\x04 \x03(\x0b\x32\x14.cloudburst.v1.Value\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12*\n\x07sources\x18\x06 \x03(\x0b\x32\x19.cloudburst.v1.SourceFile\x12\x0f\n\x07retries\x18\x07 \x01(\r\";\n\nSourceFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\tcode_keys\x18\x03 \x03(\t\"x\n\x03\x44\x61g\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tfunctions\x18\x02 \x03(\t\x12.\n\x0b\x63onnections\x18\x03 \x03(\x0b\x32\x19.cloudburst.v1.Connection\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x0f\n\x07retries\x18\x05 \x01(\r\"2\n\nConnection\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x12\n\ndownstream\x18\x02 \x01(\t*b\n\x0c\x46unctionKind\x12\x1d\n\x19\x46UNCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46UNCTION_KIND_FUNCTION\x10\x01\x12\x17\n\x13\x46UNCTION_KIND_CLASS\x10\x02\x42\x8e\x01\n\x11\x63om.cloudburst.v1B\rFunctionProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudburst.v1.function_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021com.cloudburst.v1B\rFunctionProtoP\001Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\242\002\003CXX\252\002\rCloudburst.V1\312\002\rCloudburst\\V1\352\002\016Cloudburst::V1'
-  _globals['_FUNCTIONKIND']._serialized_start=505
-  _globals['_FUNCTIONKIND']._serialized_end=603
+  _globals['_FUNCTIONKIND']._serialized_start=539
+  _globals['_FUNCTIONKIND']._serialized_end=637
   _globals['_FUNCTION']._serialized_start=75
-  _globals['_FUNCTION']._serialized_end=285
-  _globals['_SOURCEFILE']._serialized_start=287
-  _globals['_SOURCEFILE']._serialized_end=346
-  _globals['_DAG']._serialized_start=348
-  _globals['_DAG']._serialized_end=451
-  _globals['_CONNECTION']._serialized_start=453
-  _globals['_CONNECTION']._serialized_end=503
+  _globals['_FUNCTION']._serialized_end=302
+  _globals['_SOURCEFILE']._serialized_start=304
+  _globals['_SOURCEFILE']._serialized_end=363
+  _globals['_DAG']._serialized_start=365
+  _globals['_DAG']._serialized_end=485
+  _globals['_CONNECTION']._serialized_start=487
+  _globals['_CONNECTION']._serialized_end=537
 # @@protoc_insertion_point(module_scope)

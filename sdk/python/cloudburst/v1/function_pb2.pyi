@@ -56,12 +56,15 @@ class Function(_message.Message):
     INIT_ARGUMENTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The unique name callers use."""
     kind: Global___FunctionKind.ValueType
     """Whether body is a function or a class."""
     version: _builtins.int
     """Increases on every registration under the name, so warm executors reload."""
+    retries: _builtins.int
+    """Times a call is run again elsewhere after its executor was lost mid-run (at-least-once)."""
     @_builtins.property
     def body(self) -> _value_pb2.Value:
         """The cloudpickled function or class."""
@@ -83,10 +86,11 @@ class Function(_message.Message):
         init_arguments: _abc.Iterable[_value_pb2.Value] | None = ...,
         version: _builtins.int = ...,
         sources: _abc.Iterable[Global___SourceFile] | None = ...,
+        retries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "init_arguments", b"init_arguments", "kind", b"kind", "name", b"name", "sources", b"sources", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "init_arguments", b"init_arguments", "kind", b"kind", "name", b"name", "retries", b"retries", "sources", b"sources", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -134,10 +138,13 @@ class Dag(_message.Message):
     FUNCTIONS_FIELD_NUMBER: _builtins.int
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The unique name callers use."""
     version: _builtins.int
     """Increases on every registration under the name."""
+    retries: _builtins.int
+    """Times a call is run again from the start after one of its executors was lost (at-least-once)."""
     @_builtins.property
     def functions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The functions of the DAG; their order sets the order of upstream results at a join."""
@@ -153,10 +160,11 @@ class Dag(_message.Message):
         functions: _abc.Iterable[_builtins.str] | None = ...,
         connections: _abc.Iterable[Global___Connection] | None = ...,
         version: _builtins.int = ...,
+        retries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "functions", b"functions", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "functions", b"functions", "name", b"name", "retries", b"retries", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
