@@ -3,16 +3,18 @@ waits on what the scheduler reports, each with a deadline."""
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+import pytest
 
 from cloudburst import CloudburstConnection
+from cloudburst.errors import UnavailableError
 from cloudburst.future import CloudburstFuture
 from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 from harness import CbgrpcProcess
@@ -85,12 +87,65 @@ def pool_of(
             version = response.version
 
 
-@contextlib.contextmanager
-def stopped(proc: CbgrpcProcess) -> Iterator[None]:
-    """SIGSTOP a process this test started; SIGCONT it on the way out, whatever happens."""
-    os.kill(proc.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        if proc.proc.poll() is None:
-            os.kill(proc.proc.pid, signal.SIGCONT)
+def process_of(executors: list[CbgrpcProcess], executor_id: str) -> CbgrpcProcess:
+    """The executor process started with ``--id executor_id``."""
+    return next(e for e in executors if f"--id {executor_id}" in " ".join(e.args))
+
+
+def lose_an_executor_under_load(
+    scheduler: str, executors: list[CbgrpcProcess], fault: str, client_address: str = ""
+) -> None:
+    """SIGKILL (``fault="kill"``) or SIGSTOP (``"stop"``) the executor that runs calls.
+
+    Calls in flight there (a DAG call read with ``.get()``, one with a direct
+    response, both losing their first, non-sink stage, and a one-shot call)
+    must end with UnavailableError within :data:`BOUND`; the executor leaves
+    the pool, calls placed afterwards succeed on the survivor, and a stopped
+    executor comes back once it answers health checks again.
+    """
+    with (
+        CloudburstConnection(client_address or scheduler) as conn,
+        concurrent.futures.ThreadPoolExecutor(1) as background,
+    ):
+        register_workload(conn)
+        pins = pool_of(scheduler, lambda pool: len(pool) == 2)
+        # One replica per function: the first stage and the sink run on different executors.
+        (victim_id,) = [eid for eid, pinned in pins.items() if "stage" in pinned]
+        assert "sink" not in pins[victim_id]
+        victim = process_of(executors, victim_id)
+        survivor_id = next(eid for eid in pins if eid != victim_id)
+
+        via_key = conn.call_dag("pipeline", {"stage": "slow-get"})
+        direct = background.submit(
+            conn.call_dag, "pipeline", {"stage": "slow-direct"}, direct_response=True
+        )
+        one_shot = conn.exec_func("stage", ["slow-one-shot"])
+        for tag in ("slow-get", "slow-direct", "slow-one-shot"):
+            wait_started(conn, tag)
+        try:
+            os.kill(victim.proc.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+            lost_at = time.monotonic()
+            # Each wait is bounded: a call that hung would raise a timeout error instead.
+            with pytest.raises(UnavailableError, match=victim_id):
+                via_key.get(timeout=BOUND)
+            with pytest.raises(UnavailableError, match=victim_id):
+                direct.result(timeout=max(BOUND - (time.monotonic() - lost_at), 0.1))
+            with pytest.raises(UnavailableError):
+                one_shot.get(timeout=BOUND)
+
+            # The lost executor is out of the pool; new calls run on the survivor.
+            pool_of(scheduler, lambda pool: set(pool) == {survivor_id}, timeout=BOUND)
+            assert conn.call_dag("pipeline", {"stage": "fast"}).get(timeout=30) == "done-fast"
+            assert conn.call_dag("pipeline", {"stage": "again"}, direct_response=True) == (
+                "done-again"
+            )
+            assert conn.exec_func("stage", ["quick"]).get(timeout=30) == "quick"
+
+            if fault == "stop":
+                # Back in the pool only once it answers health checks again.
+                os.kill(victim.proc.pid, signal.SIGCONT)
+                pool_of(scheduler, lambda pool: victim_id in pool, timeout=30)
+        finally:
+            if victim.proc.poll() is None:
+                os.kill(victim.proc.pid, signal.SIGCONT)
+                victim.kill()

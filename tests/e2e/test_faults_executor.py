@@ -10,75 +10,20 @@ Static addresses here; with Consul in ``test_faults_consul.py``.
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
 import time
 from typing import Any
 
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst.errors import UnavailableError
-from faults import BOUND, pool_of, register_workload, wait_started
+from faults import lose_an_executor_under_load, pool_of, process_of, wait_started
 from harness import running_process_cluster
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_calls_on_a_lost_executor_end_fast_and_the_survivor_serves(fault: str) -> None:
-    with (
-        running_process_cluster() as cluster,
-        CloudburstConnection(cluster.address) as conn,
-        concurrent.futures.ThreadPoolExecutor(1) as background,
-    ):
-        register_workload(conn)
-        pins = pool_of(cluster.address, lambda pool: len(pool) == 2)
-        # One replica per function: the first stage and the sink run on different executors.
-        (victim_id,) = [eid for eid, pinned in pins.items() if "stage" in pinned]
-        assert "sink" not in pins[victim_id]
-        victim = next(e for e in cluster.executors if f"--id {victim_id}" in " ".join(e.args))
-        survivor_id = next(eid for eid in pins if eid != victim_id)
-
-        via_key = conn.call_dag("pipeline", {"stage": "slow-get"})
-        direct = background.submit(
-            conn.call_dag, "pipeline", {"stage": "slow-direct"}, direct_response=True
-        )
-        one_shot = conn.exec_func("stage", ["slow-one-shot"])
-        for tag in ("slow-get", "slow-direct", "slow-one-shot"):
-            wait_started(conn, tag)
-
-        def lose() -> None:
-            if fault == "kill":
-                victim.kill()
-            else:
-                os.kill(victim.proc.pid, signal.SIGSTOP)
-
-        try:
-            lose()
-            lost_at = time.monotonic()
-            # Each wait is bounded: a call that hung would raise a timeout error instead.
-            with pytest.raises(UnavailableError, match=victim_id):
-                via_key.get(timeout=BOUND)
-            with pytest.raises(UnavailableError, match=victim_id):
-                direct.result(timeout=max(BOUND - (time.monotonic() - lost_at), 0.1))
-            with pytest.raises(UnavailableError):
-                one_shot.get(timeout=BOUND)
-
-            # The lost executor is out of the pool; new calls run on the survivor.
-            pool_of(cluster.address, lambda pool: set(pool) == {survivor_id}, timeout=BOUND)
-            assert conn.call_dag("pipeline", {"stage": "fast"}).get(timeout=30) == "done-fast"
-            assert conn.call_dag("pipeline", {"stage": "again"}, direct_response=True) == (
-                "done-again"
-            )
-            assert conn.exec_func("stage", ["quick"]).get(timeout=30) == "quick"
-
-            if fault == "stop":
-                # Back in the pool only once it answers health checks again.
-                os.kill(victim.proc.pid, signal.SIGCONT)
-                pool_of(cluster.address, lambda pool: victim_id in pool, timeout=30)
-        finally:
-            if victim.proc.poll() is None:
-                os.kill(victim.proc.pid, signal.SIGCONT)
-                victim.kill()
+    with running_process_cluster() as cluster:
+        lose_an_executor_under_load(cluster.address, cluster.executors, fault)
 
 
 def first_run_hangs(cloudburst: Any, tag: str) -> str:
@@ -101,7 +46,7 @@ def test_calls_registered_with_retries_run_again_on_the_survivor() -> None:
         assert conn.register_dag("retried", ["first", "last"], [("first", "last")], retries=1)
         pins = pool_of(cluster.address, lambda pool: len(pool) == 2)
         (victim_id,) = [eid for eid, pinned in pins.items() if "first" in pinned]
-        victim = next(e for e in cluster.executors if f"--id {victim_id}" in " ".join(e.args))
+        victim = process_of(cluster.executors, victim_id)
         try:
             via_key = conn.call_dag("retried", {"first": "get"})
             direct = background.submit(
