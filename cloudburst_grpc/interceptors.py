@@ -34,9 +34,27 @@ logger = logging.getLogger(__name__)
 RETRY_DELAY_SECONDS = 1
 
 
+#: Bounds on what an error sends, so its status always fits in gRPC's trailing metadata.
+MAX_MESSAGE_CHARS = 2048
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_VALUE_CHARS = 256
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
+
+
 def error_to_status(error: CloudburstError) -> status_pb2.Status:
-    """Build the ``google.rpc.Status`` of a cloudburst error, with ErrorInfo (and RetryInfo)."""
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    """Build the ``google.rpc.Status`` of a cloudburst error, with ErrorInfo (and RetryInfo).
+
+    The message and metadata are clipped (see the bounds above): an error
+    naming many things must still reach the caller.
+    """
+    metadata = {
+        _clip(key, 64): _clip(value, MAX_METADATA_VALUE_CHARS)
+        for key, value in list(error.metadata.items())[:MAX_METADATA_ENTRIES]
+    }
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     details = [detail]
@@ -48,7 +66,11 @@ def error_to_status(error: CloudburstError) -> status_pb2.Status:
             )
         )
         details.append(retry)
-    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+    return status_pb2.Status(
+        code=error.code.value[0],
+        message=_clip(error.message, MAX_MESSAGE_CHARS),
+        details=details,
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:

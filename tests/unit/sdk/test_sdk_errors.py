@@ -290,3 +290,17 @@ def test_error_from_rpc_unknown_status_without_details_is_a_cloudburst_error() -
     error = rpc.error_from_rpc(exc)
     assert isinstance(error, CloudburstError)
     assert "boom" in error.message
+
+
+def test_an_error_naming_many_things_stays_small_on_the_wire() -> None:
+    names = ",".join(f"function-{i}" for i in range(10_000))
+    metadata = {"functions": names, **{f"extra-{i}": "x" for i in range(100)}}
+    error = errors.InvalidDagError(f"unknown: {names}", metadata)
+    status = error_to_status(error)
+    info, _ = _details(status)
+    assert status.ByteSize() < 8192
+    assert len(status.message) < 2100 and status.message.startswith("unknown: function-0,")
+    assert info.metadata["functions"].startswith("function-0,function-1,")
+    assert len(info.metadata) == interceptors.MAX_METADATA_ENTRIES
+    # The client still gets the error's class and reason.
+    assert isinstance(rpc.error_from_rpc(_rpc_error_of(error), what="x"), errors.InvalidDagError)
