@@ -24,7 +24,8 @@ BOUND = 5.0
 
 
 def register_workload(conn: CloudburstConnection) -> None:
-    """Register ``stage`` and ``sink`` and the DAG ``pipeline`` (stage -> sink).
+    """Register ``stage``, ``sink``, ``gated`` and the DAGs ``pipeline`` (stage -> sink)
+    and ``gated-pipeline`` (gated -> sink).
 
     ``stage(tag)`` returns ``tag``; a ``slow*`` tag marks the call started (key
     ``started-TAG``) and then runs long. ``sink(value)`` returns ``done-VALUE``.
@@ -53,6 +54,7 @@ def register_workload(conn: CloudburstConnection) -> None:
     conn.register(sink, "sink")
     conn.register(gated, "gated")
     assert conn.register_dag("pipeline", ["stage", "sink"], [("stage", "sink")])
+    assert conn.register_dag("gated-pipeline", ["gated", "sink"], [("gated", "sink")])
 
 
 def wait_started(conn: CloudburstConnection, tag: str, timeout: float = 60.0) -> None:

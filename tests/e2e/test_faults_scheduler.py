@@ -1,10 +1,10 @@
 """Fault suite, scheduler role: SIGKILL the scheduler a client uses, with another one running.
 
 The client (given both addresses) moves to the survivor: idempotent operations
-retry there by themselves, a one-shot call that was in flight still has its
-result stored by its executor and read by its future, no acknowledged write
-is lost, and new calls and DAG calls succeed. With Consul in
-``test_faults_consul.py``.
+retry there by themselves, a one-shot call and a DAG call that were in flight
+still have their results stored by their executors and read by their futures,
+no acknowledged write is lost, and new calls and DAG calls succeed. With
+Consul in ``test_faults_consul.py``.
 """
 
 from __future__ import annotations
@@ -49,16 +49,20 @@ def test_a_client_moves_to_the_surviving_scheduler(
         for key, value in written.items():
             assert conn.put_object(key, value)
         in_flight = conn.exec_func("gated", ["one-shot"])
+        dag_in_flight = conn.call_dag("gated-pipeline", {"gated": "dag"})
         wait_started(conn, "one-shot")
+        wait_started(conn, "dag")
 
         first.kill()
 
         # Idempotent operations go on at the survivor, each retried there once at most.
         assert conn.put_object("go-one-shot", True)
+        assert conn.put_object("go-dag", True)
         assert conn.address == second.address
         assert {key: conn.get_object(key) for key in written} == written
         # The call in flight when its scheduler died: its executor stored the result.
         assert in_flight.get(timeout=BOUND + 10) == "gated-one-shot"
+        assert dag_in_flight.get(timeout=BOUND + 10) == "done-gated-dag"
         assert conn.exec_func("stage", ["after"]).get(timeout=30) == "after"
         assert conn.call_dag("pipeline", {"stage": "after"}).get(timeout=30) == "done-after"
         assert conn.call_dag("pipeline", {"stage": "direct"}, direct_response=True) == (
