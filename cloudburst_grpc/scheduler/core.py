@@ -348,10 +348,10 @@ class Scheduler:
                         )
                     executor_id = policy.place(request.name, keys, self.pool.views()).executor_id
             except CloudburstError as exc:
-                outcome = execution_pb2.Outcome(error=error_to_call_error(exc))
-                if isinstance(exc, UnavailableError) and not want_outcome:
+                if isinstance(exc, UnavailableError):
+                    # Also for whoever waits on the key (a call given this one's future).
                     self._store_failure(response_key, str(exc))
-                return outcome
+                return execution_pb2.Outcome(error=error_to_call_error(exc))
 
         task = asyncio.create_task(run())
         self._tasks.add(task)
@@ -444,7 +444,7 @@ class Scheduler:
         response_key = "" if request.direct_response else (request.response_key or call_id)
         result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
         await self._start_dag(
-            _DagCall(request, response_key, want_outcome, self._timeout(timeout), trace_context),
+            _DagCall(request, response_key, self._timeout(timeout), trace_context),
             call_id,
             result,
             None,
@@ -507,9 +507,7 @@ class Scheduler:
             # The schedule is placed straight into the first source's trigger (one copy less).
             first = execution_pb2.Trigger()
             schedule = first.schedule
-            sink = await self._place_dag(
-                request, call_id, call.response_key, call.want_outcome, call.limit, schedule
-            )
+            sink = await self._place_dag(request, call_id, call.response_key, call.limit, schedule)
             self._follow_dag(
                 call, schedule, sink, result, schedule.dag.retries if retries is None else retries
             )
@@ -538,10 +536,13 @@ class Scheduler:
         waiting there.
         """
         call_id, name = schedule.call_id, call.request.name
+        failed = False
 
         def fail(error: CloudburstError) -> None:
-            if result.done():
-                return
+            nonlocal failed
+            if failed or result.done():
+                return  # this run failed already (and may have been run again)
+            failed = True
             if retries > 0 and type(error) is UnavailableError:
                 logger.warning(
                     "DAG call %s of %s runs again (%d retries left): %s",
@@ -588,7 +589,7 @@ class Scheduler:
         if result.done():
             return
         result.set_result(execution_pb2.Outcome(error=error_to_call_error(error)))
-        if call.response_key and not call.want_outcome and isinstance(error, UnavailableError):
+        if call.response_key and isinstance(error, UnavailableError):
             self._store_failure(call.response_key, str(error))
 
     def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -608,7 +609,6 @@ class Scheduler:
         request: scheduler_service_pb2.CallDagRequest,
         call_id: str,
         response_key: str,
-        want_outcome: bool,
         limit: float,
         schedule: execution_pb2.DagSchedule,
     ) -> str:
@@ -709,7 +709,6 @@ class _DagCall:
 
     request: scheduler_service_pb2.CallDagRequest
     response_key: str
-    want_outcome: bool
     limit: float
     trace_context: Mapping[str, str] | None
 
