@@ -73,6 +73,55 @@ def test_a_stream_reads_no_more_calls_while_its_bound_is_unanswered(
         pass
 
 
+_answered_calls = [0]
+"""Calls of ``bulky`` so far (a list, so the function can count in place)."""
+_answered_changed = threading.Condition()
+
+
+def bulky(_: Any, n: int) -> bytes:
+    """Counts itself, and answers with a value large enough to fill flow-control windows."""
+    here = sys.modules[MODULE]
+    with here._answered_changed:
+        here._answered_calls[0] += 1
+        here._answered_changed.notify_all()
+    return b"x" * 16384
+
+
+def test_a_caller_that_never_reads_its_answers_is_held_back(
+    start_node: Callable[..., Node],
+) -> None:
+    _answered_calls[0] = 0
+    sent = 2000
+    node = start_node(start_local(make_config(scheduler={"max_unanswered_calls": 8})))
+    with CloudburstConnection(node.address) as conn:
+        conn.register(bulky, "bulky")
+    frames = (
+        scheduler_service_pb2.StreamCallsRequest(
+            sequence=n + 1,
+            stream_outcome=True,
+            call_function=scheduler_service_pb2.CallFunctionRequest(
+                name="bulky",
+                arguments=[
+                    value_pb2.Argument(
+                        value=value_pb2.Value(data=b"1", serializer=value_pb2.SERIALIZER_JSON)
+                    )
+                ],
+            ),
+        )
+        for n in range(sent)
+    )
+    with grpc.insecure_channel(node.address) as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        answers = stub.StreamCalls(frames, timeout=60)  # never read
+        try:
+            with _answered_changed:
+                assert _answered_changed.wait_for(lambda: _answered_calls[0] >= 8, timeout=30)
+                # Answers pile up only until the windows are full: then nothing more runs.
+                assert not _answered_changed.wait_for(lambda: _answered_calls[0] >= sent, timeout=5)
+        finally:
+            answers.cancel()
+
+
 def test_malformed_frames_and_requests_are_invalid_arguments(local_node: Node) -> None:
     with grpc.insecure_channel(local_node.address) as channel:
         stream = channel.stream_stream(
