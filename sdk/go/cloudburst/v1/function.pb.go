@@ -88,7 +88,9 @@ type Function struct {
 	// Increases on every registration under the name, so warm executors reload.
 	Version uint64 `protobuf:"varint,5,opt,name=version,proto3" json:"version,omitempty"`
 	// Source files of the registered code, so remote tracebacks show the lines that raised.
-	Sources       []*SourceFile `protobuf:"bytes,6,rep,name=sources,proto3" json:"sources,omitempty"`
+	Sources []*SourceFile `protobuf:"bytes,6,rep,name=sources,proto3" json:"sources,omitempty"`
+	// Times a call is run again elsewhere after its executor was lost mid-run (at-least-once).
+	Retries       uint32 `protobuf:"varint,7,opt,name=retries,proto3" json:"retries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -165,6 +167,13 @@ func (x *Function) GetSources() []*SourceFile {
 	return nil
 }
 
+func (x *Function) GetRetries() uint32 {
+	if x != nil {
+		return x.Retries
+	}
+	return 0
+}
+
 // SourceFile is the text of one file that registered code came from.
 type SourceFile struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -239,7 +248,9 @@ type Dag struct {
 	// The edges; a function's result flows from upstream to downstream.
 	Connections []*Connection `protobuf:"bytes,3,rep,name=connections,proto3" json:"connections,omitempty"`
 	// Increases on every registration under the name.
-	Version       uint64 `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
+	Version uint64 `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
+	// Times a call is run again from the start after one of its executors was lost (at-least-once).
+	Retries       uint32 `protobuf:"varint,5,opt,name=retries,proto3" json:"retries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -298,6 +309,13 @@ func (x *Dag) GetConnections() []*Connection {
 func (x *Dag) GetVersion() uint64 {
 	if x != nil {
 		return x.Version
+	}
+	return 0
+}
+
+func (x *Dag) GetRetries() uint32 {
+	if x != nil {
+		return x.Retries
 	}
 	return 0
 }
@@ -361,24 +379,26 @@ var File_cloudburst_v1_function_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_function_proto_rawDesc = "" +
 	"\n" +
-	"\x1ccloudburst/v1/function.proto\x12\rcloudburst.v1\x1a\x19cloudburst/v1/value.proto\"\x85\x02\n" +
+	"\x1ccloudburst/v1/function.proto\x12\rcloudburst.v1\x1a\x19cloudburst/v1/value.proto\"\x9f\x02\n" +
 	"\bFunction\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
 	"\x04body\x18\x02 \x01(\v2\x14.cloudburst.v1.ValueR\x04body\x12/\n" +
 	"\x04kind\x18\x03 \x01(\x0e2\x1b.cloudburst.v1.FunctionKindR\x04kind\x12;\n" +
 	"\x0einit_arguments\x18\x04 \x03(\v2\x14.cloudburst.v1.ValueR\rinitArguments\x12\x18\n" +
 	"\aversion\x18\x05 \x01(\x04R\aversion\x123\n" +
-	"\asources\x18\x06 \x03(\v2\x19.cloudburst.v1.SourceFileR\asources\"Q\n" +
+	"\asources\x18\x06 \x03(\v2\x19.cloudburst.v1.SourceFileR\asources\x12\x18\n" +
+	"\aretries\x18\a \x01(\rR\aretries\"Q\n" +
 	"\n" +
 	"SourceFile\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x1b\n" +
-	"\tcode_keys\x18\x03 \x03(\tR\bcodeKeys\"\x8e\x01\n" +
+	"\tcode_keys\x18\x03 \x03(\tR\bcodeKeys\"\xa8\x01\n" +
 	"\x03Dag\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tfunctions\x18\x02 \x03(\tR\tfunctions\x12;\n" +
 	"\vconnections\x18\x03 \x03(\v2\x19.cloudburst.v1.ConnectionR\vconnections\x12\x18\n" +
-	"\aversion\x18\x04 \x01(\x04R\aversion\"H\n" +
+	"\aversion\x18\x04 \x01(\x04R\aversion\x12\x18\n" +
+	"\aretries\x18\x05 \x01(\rR\aretries\"H\n" +
 	"\n" +
 	"Connection\x12\x1a\n" +
 	"\bupstream\x18\x01 \x01(\tR\bupstream\x12\x1e\n" +

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cloudburst/v1/function.proto.
  */
 export const file_cloudburst_v1_function: GenFile = /*@__PURE__*/
-  fileDesc("ChxjbG91ZGJ1cnN0L3YxL2Z1bmN0aW9uLnByb3RvEg1jbG91ZGJ1cnN0LnYxItIBCghGdW5jdGlvbhIMCgRuYW1lGAEgASgJEiIKBGJvZHkYAiABKAsyFC5jbG91ZGJ1cnN0LnYxLlZhbHVlEikKBGtpbmQYAyABKA4yGy5jbG91ZGJ1cnN0LnYxLkZ1bmN0aW9uS2luZBIsCg5pbml0X2FyZ3VtZW50cxgEIAMoCzIULmNsb3VkYnVyc3QudjEuVmFsdWUSDwoHdmVyc2lvbhgFIAEoBBIqCgdzb3VyY2VzGAYgAygLMhkuY2xvdWRidXJzdC52MS5Tb3VyY2VGaWxlIjsKClNvdXJjZUZpbGUSDAoEcGF0aBgBIAEoCRIMCgR0ZXh0GAIgASgJEhEKCWNvZGVfa2V5cxgDIAMoCSJnCgNEYWcSDAoEbmFtZRgBIAEoCRIRCglmdW5jdGlvbnMYAiADKAkSLgoLY29ubmVjdGlvbnMYAyADKAsyGS5jbG91ZGJ1cnN0LnYxLkNvbm5lY3Rpb24SDwoHdmVyc2lvbhgEIAEoBCIyCgpDb25uZWN0aW9uEhAKCHVwc3RyZWFtGAEgASgJEhIKCmRvd25zdHJlYW0YAiABKAkqYgoMRnVuY3Rpb25LaW5kEh0KGUZVTkNUSU9OX0tJTkRfVU5TUEVDSUZJRUQQABIaChZGVU5DVElPTl9LSU5EX0ZVTkNUSU9OEAESFwoTRlVOQ1RJT05fS0lORF9DTEFTUxACQo4BChFjb20uY2xvdWRidXJzdC52MUINRnVuY3Rpb25Qcm90b1ABWjFjbG91ZGJ1cnN0LWdycGMvc2RrL2dvL2Nsb3VkYnVyc3QvdjE7Y2xvdWRidXJzdHYxogIDQ1hYqgINQ2xvdWRidXJzdC5WMcoCDUNsb3VkYnVyc3RcVjHqAg5DbG91ZGJ1cnN0OjpWMWIGcHJvdG8z", [file_cloudburst_v1_value]);
+  fileDesc("ChxjbG91ZGJ1cnN0L3YxL2Z1bmN0aW9uLnByb3RvEg1jbG91ZGJ1cnN0LnYxIuMBCghGdW5jdGlvbhIMCgRuYW1lGAEgASgJEiIKBGJvZHkYAiABKAsyFC5jbG91ZGJ1cnN0LnYxLlZhbHVlEikKBGtpbmQYAyABKA4yGy5jbG91ZGJ1cnN0LnYxLkZ1bmN0aW9uS2luZBIsCg5pbml0X2FyZ3VtZW50cxgEIAMoCzIULmNsb3VkYnVyc3QudjEuVmFsdWUSDwoHdmVyc2lvbhgFIAEoBBIqCgdzb3VyY2VzGAYgAygLMhkuY2xvdWRidXJzdC52MS5Tb3VyY2VGaWxlEg8KB3JldHJpZXMYByABKA0iOwoKU291cmNlRmlsZRIMCgRwYXRoGAEgASgJEgwKBHRleHQYAiABKAkSEQoJY29kZV9rZXlzGAMgAygJIngKA0RhZxIMCgRuYW1lGAEgASgJEhEKCWZ1bmN0aW9ucxgCIAMoCRIuCgtjb25uZWN0aW9ucxgDIAMoCzIZLmNsb3VkYnVyc3QudjEuQ29ubmVjdGlvbhIPCgd2ZXJzaW9uGAQgASgEEg8KB3JldHJpZXMYBSABKA0iMgoKQ29ubmVjdGlvbhIQCgh1cHN0cmVhbRgBIAEoCRISCgpkb3duc3RyZWFtGAIgASgJKmIKDEZ1bmN0aW9uS2luZBIdChlGVU5DVElPTl9LSU5EX1VOU1BFQ0lGSUVEEAASGgoWRlVOQ1RJT05fS0lORF9GVU5DVElPThABEhcKE0ZVTkNUSU9OX0tJTkRfQ0xBU1MQAkKOAQoRY29tLmNsb3VkYnVyc3QudjFCDUZ1bmN0aW9uUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_value]);
 
 /**
  * Function is a registered Python function or class.
@@ -61,6 +61,13 @@ export type Function = Message<"cloudburst.v1.Function"> & {
    * @generated from field: repeated cloudburst.v1.SourceFile sources = 6;
    */
   sources: SourceFile[];
+
+  /**
+   * Times a call is run again elsewhere after its executor was lost mid-run (at-least-once).
+   *
+   * @generated from field: uint32 retries = 7;
+   */
+  retries: number;
 };
 
 /**
@@ -138,6 +145,13 @@ export type Dag = Message<"cloudburst.v1.Dag"> & {
    * @generated from field: uint64 version = 4;
    */
   version: bigint;
+
+  /**
+   * Times a call is run again from the start after one of its executors was lost (at-least-once).
+   *
+   * @generated from field: uint32 retries = 5;
+   */
+  retries: number;
 };
 
 /**
