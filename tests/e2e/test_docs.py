@@ -5,7 +5,9 @@ listens, as a user's would; the test replaces that text with the address of a
 ``cbgrpc serve --storage memory`` subprocess of its own (one per Markdown
 file, so each file starts from an empty server) and runs the file's
 ```python blocks in order, in one namespace, as a user's script
-(``docs_runner.py``). A top-level expression ending in a literal comment
+(``docs_runner.py``). The example load balancer address of docs/aws.md
+(:data:`EXAMPLE_LOAD_BALANCER`) is replaced the same way. A top-level
+expression ending in a literal comment
 (``incr(1).get()  # 2``) must produce that value. An example that connects
 through Consul (``consul://127.0.0.1:8500``) runs against a real Consul agent
 and a cluster of ``cbgrpc`` processes registered in it instead.
@@ -36,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXAMPLE_ADDRESS = "127.0.0.1:7600"
 EXAMPLE_CONSUL = "consul://127.0.0.1:8500"
+EXAMPLE_LOAD_BALANCER = "cloudburst-sched-0123.elb.eu-west-1.amazonaws.com:7600"
 SYNOPSIS = re.compile(r"^```text\n(cbgrpc (\w+) \[.*?)^```", re.S | re.M)
 OPTION = re.compile(r"--[a-z][a-z-]*")
 
@@ -64,7 +67,11 @@ def test_examples_run_against_cbgrpc_serve(
     serve_process: Callable[..., ServeProcess], path: Path
 ) -> None:
     server = serve_process("--storage", "memory")
-    output = run_examples(path, f"{EXAMPLE_ADDRESS}={server.address}")
+    output = run_examples(
+        path,
+        f"{EXAMPLE_ADDRESS}={server.address}",
+        f"{EXAMPLE_LOAD_BALANCER}={server.address}",
+    )
     assert re.search(r"docs ok: [1-9]\d* blocks, [1-9]\d* values checked", output), output
     assert server.stop() == 0
 
