@@ -93,7 +93,11 @@ class ExecutorConfig:
     count: int = 2
     """Executors started by ``cbgrpc serve``."""
     threads: int = 8
-    """Threads per executor that run user functions concurrently."""
+    """Functions per executor that run user code on threads at once (runnable slots); a
+    function waiting in a user-library call gives its slot up while it waits."""
+    max_threads: int = 1024
+    """Most threads per executor, running or waiting in library calls; calls beyond it are
+    refused with QUEUE_FULL."""
     max_queue: int = 1024
     """Calls an executor accepts beyond its running ones before refusing with QUEUE_FULL."""
     mailbox_capacity: int = 1024
@@ -203,6 +207,10 @@ class Config:
             (self.executor.count >= 1, "executor.count must be at least 1"),
             (self.executor.threads >= 1, "executor.threads must be at least 1"),
             (self.executor.max_queue >= 1, "executor.max_queue must be at least 1"),
+            (
+                self.executor.max_threads >= self.executor.threads,
+                "executor.max_threads must be at least executor.threads",
+            ),
             (self.executor.mailbox_capacity >= 1, "executor.mailbox_capacity must be at least 1"),
             (
                 self.executor.send_timeout_seconds > 0,

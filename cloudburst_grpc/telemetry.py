@@ -152,6 +152,11 @@ LOOP_STALLS = METER.create_counter(
     description="Runs of a function on an executor's event loop that held it up (each sends "
     "the function back to worker threads), by function",
 )
+QUEUED_CALLS = METER.create_counter(
+    "cloudburst.executor.queued_calls",
+    unit="{call}",
+    description="Times a function waited for a free thread (every slot busy), by executor",
+)
 DAG_CALLS = METER.create_counter(
     "cloudburst.dag.calls", unit="{call}", description="DAG calls finished, by DAG and outcome"
 )
@@ -182,23 +187,32 @@ _executors: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def _queue_depth(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
     for executor in list(_executors):
-        waiting = max(executor.active_calls - executor.config.threads, 0)
-        yield metrics.Observation(waiting, {"executor": executor.executor_id})
+        yield metrics.Observation(executor.slots.queued, {"executor": executor.executor_id})
+
+
+def _waiting(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    for executor in list(_executors):
+        yield metrics.Observation(executor.slots.waiting, {"executor": executor.executor_id})
 
 
 def _utilisation(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
     for executor in list(_executors):
-        busy = min(executor.active_calls, executor.config.threads)
-        yield metrics.Observation(
-            busy / executor.config.threads, {"executor": executor.executor_id}
-        )
+        slots = executor.slots
+        yield metrics.Observation(slots.running / slots.size, {"executor": executor.executor_id})
 
 
 METER.create_observable_gauge(
     "cloudburst.executor.queue_depth",
     [_queue_depth],
     unit="{call}",
-    description="Calls waiting for a thread, by executor",
+    description="Calls waiting for a free thread (every runnable slot busy), by executor",
+)
+METER.create_observable_gauge(
+    "cloudburst.executor.waiting_calls",
+    [_waiting],
+    unit="{call}",
+    description="Functions waiting in user-library calls (their threads' slots given up), by "
+    "executor",
 )
 METER.create_observable_gauge(
     "cloudburst.executor.utilization",

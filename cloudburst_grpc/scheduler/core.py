@@ -322,6 +322,7 @@ class Scheduler:
                 direct_response=want_outcome,
                 accept_serializers=request.accept_serializers,
             )
+            _set_time(execute.deadline_time, time.time_ns() + int(limit * 1e9))
             telemetry.inject(execute.trace_context)
 
         async def run() -> execution_pb2.Outcome:

@@ -20,8 +20,15 @@ others:
   across a library call while the other waits for that lock on the loop's
   thread. (A worker thread that holds such a lock gives it up when its
   library call times out, so the loop is freed in the end.)
-- every library call switches out, even ``recv()`` without a timeout, so a
-  function polling for messages lets the loop deliver them.
+- every library call switches out and gives the loop a turn before the
+  function goes on, even when its answer was ready at once (``recv()``
+  without a timeout, a read of the in-process KVS of ``cbgrpc serve``): a
+  function polling for a key or a message lets the loop run whatever will
+  write or send it.
+- a function that holds the loop too much of the time across many quick
+  library calls (polling) loses its place there for good, and the rest of
+  its run pauses briefly at each library call (see
+  :mod:`cloudburst_executors.inline`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -103,15 +111,19 @@ class GreenletBridge(LoopBridge):
         """Have the loop await ``coro`` and return its result (see :meth:`LoopBridge.run`)."""
         if not inside():
             return super().run(coro, what, timeout, bounded)
-        limit = self.timeout if timeout is None else timeout
-        result: T = suspend(coro, None if bounded else limit, what)
+        try:
+            limit = self.left(what, self.timeout if timeout is None else timeout)
+        except CloudburstTimeoutError:
+            coro.close()
+            raise
+        result: T = suspend(coro, limit, what)
         return result
 
     def on_loop(self, function: Callable[[], T], what: str) -> T:
-        """Call ``function``: the greenlet runs on the loop's thread already."""
+        """Call ``function`` on the loop, which gets a turn too (as at every library call)."""
         if not inside():
             return super().on_loop(function, what)
-        return function()
+        return self.run(_called(function), what)
 
     def send(
         self, router: MailboxRouter, envelope: messaging_service_pb2.MessageEnvelope, limit: float
@@ -130,22 +142,26 @@ class GreenletBridge(LoopBridge):
             return super().receive(mailbox, wait)
         # Even without a wait, let the loop run: a function polling recv()
         # must not keep it from delivering what it polls for.
+        if wait:
+            wait = self.left("recv()", wait)
         return self.run(
-            mailbox.receive(wait) if wait else _after_a_turn(mailbox),
+            mailbox.receive(wait) if wait else _called(mailbox.drain),
             "recv()",
             wait + 10,
             bounded=True,  # by ``wait``
         )
 
 
-async def _after_a_turn(mailbox: Mailbox) -> list[Message]:
-    """The mailbox's messages once the loop has run whatever else was ready."""
-    await asyncio.sleep(0)
-    return mailbox.drain()
+async def _called(function: Callable[[], T]) -> T:
+    """What ``function()`` returns, awaitable."""
+    return function()
 
 
 class Segments:
-    """Told when each stretch of user code on the loop begins and ends."""
+    """Told when each stretch of user code on the loop begins and ends, and each wait."""
+
+    pause = 0.0
+    """Seconds to let the loop run without the function after each library call."""
 
     def begin(self) -> None:
         """A stretch begins (user code is switched in)."""
@@ -153,14 +169,18 @@ class Segments:
     def end(self) -> None:
         """The stretch ended (user code called the library, returned or raised)."""
 
+    def waited(self, seconds: float) -> None:
+        """A library call's await took ``seconds``, the loop's turn after it not counted."""
+
 
 async def drive(
     function: Callable[[], Any], context: contextvars.Context, segments: Segments
 ) -> Any:
     """Run ``function`` in a greenlet on this loop's thread and return what it returns.
 
-    Each library call it makes is awaited here, with its deadline. If this
-    task is cancelled while the function waits, the cancellation is raised
+    Each library call it makes is awaited here, with its deadline, and then the
+    loop gets a turn (``segments.pause`` long) before the function goes on. If
+    this task is cancelled while the function waits, the cancellation is raised
     in the function at its library call, and again here once it has ended.
     """
     run = UserGreenlet(function)
@@ -175,6 +195,7 @@ async def drive(
             result: Any = None
             error: BaseException | None = None
             deadline = None if request.timeout is None else asyncio.timeout(request.timeout)
+            began = time.perf_counter()
             try:
                 async with deadline or _UNBOUNDED:
                     result = await request.awaitable
@@ -189,6 +210,14 @@ async def drive(
                 error = exc
             except BaseException as exc:
                 error = exc
+            segments.waited(time.perf_counter() - began)
+            # The answer may have been ready without the loop taking a turn (an
+            # in-process KVS): give it one, or a polling function starves it.
+            try:
+                await asyncio.sleep(segments.pause)
+            except asyncio.CancelledError as exc:
+                cancelled = cancelled or exc
+                error = error or exc
             request = _step(run, segments, (result,), error)
         if cancelled is not None:
             raise cancelled

@@ -25,6 +25,7 @@ from cloudburst_executors import results, runner
 from cloudburst_executors.inline import InlineGate
 from cloudburst_executors.invocation import Chain, Invoker
 from cloudburst_executors.results import ResultRouter
+from cloudburst_executors.slots import RunSlots
 from cloudburst_executors.stages import Forward, RunStage, StageState
 from cloudburst_grpc import dags, telemetry
 from cloudburst_grpc.config import ExecutorConfig
@@ -60,14 +61,16 @@ class Executor:
         self._call_timeout = call_timeout
         self._max_payload_bytes = max_payload_bytes
         self._clock = LwwClock(f"executor-{executor_id}")
-        self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix=f"cb-{executor_id}")
+        # Threads beyond ``threads`` serve functions waiting in library calls (see slots).
+        self._pool = ThreadPoolExecutor(config.max_threads, thread_name_prefix=f"cb-{executor_id}")
+        self.slots = RunSlots(config.threads, executor_id)
         self._functions: dict[str, runner.LoadedFunction] = {}
         self._loading: dict[str, asyncio.Future[runner.LoadedFunction]] = {}
         self.pinned: set[str] = set()
         self._invoker = Invoker(
             executor_id,
             self._pool,
-            InlineGate(config.inline_max_seconds),
+            InlineGate(config.inline_max_seconds, self.slots),
             self._function,
             self._functions,
             self.pinned,
@@ -99,6 +102,7 @@ class Executor:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        self.slots.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -185,7 +189,16 @@ class Executor:
     def _admit(self) -> None:
         if self._closed:
             raise CloudburstError(f"executor {self.executor_id} is shutting down")
-        if self.active_calls >= self.config.threads + self.config.max_queue:
+        if self.active_calls >= self.config.max_threads:
+            raise QueueFullError(
+                f"executor {self.executor_id} has {self.active_calls} calls in progress, as many "
+                f"as its threads may number (executor.max_threads = {self.config.max_threads}), "
+                f"{self.slots.waiting} of them waiting in library calls; retry shortly or add "
+                "executors",
+                {"executor": self.executor_id},
+            )
+        # Functions waiting in library calls hold no runnable slot (see slots).
+        if self.active_calls - self.slots.waiting >= self.config.threads + self.config.max_queue:
             raise QueueFullError(
                 f"executor {self.executor_id} has {self.active_calls} calls in progress; "
                 "retry shortly or add executors",
@@ -209,6 +222,11 @@ class Executor:
                     request.function_version,
                     request.arguments,
                     (),
+                    deadline_time=(
+                        request.deadline_time.seconds + request.deadline_time.nanos / 1e9
+                        if request.HasField("deadline_time")
+                        else None
+                    ),
                 )
                 _annotate(current, outcome)
             if request.accept_serializers:
@@ -305,8 +323,13 @@ class Executor:
                 extra = dags.join_arguments((), upstream)
             arguments = schedule.function_arguments[function].arguments
             version = schedule.function_versions[function]
+            deadline_time = (
+                schedule.deadline_time.seconds + schedule.deadline_time.nanos / 1e9
+                if schedule.HasField("deadline_time")
+                else None
+            )
             outcome = await self._invoker.call(
-                schedule.call_id, function, version, arguments, extra, chain
+                schedule.call_id, function, version, arguments, extra, chain, deadline_time
             )
         except Exception as exc:
             logger.exception("call %s: stage %s failed in the runtime", schedule.call_id, function)

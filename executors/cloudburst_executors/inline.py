@@ -28,6 +28,17 @@ be held up for long, so the gate is earned and lost:
 
 A new version of a function starts afresh.
 
+Short stretches are not enough: a function polling the KVS in a loop
+(``while get_object(key) is None``) has only short ones, yet holds the loop
+nearly all the time, its quick library calls included (the in-process KVS
+of ``cbgrpc serve`` answers them on the loop). So a greenlet run also counts
+the share of each :data:`HOG_WINDOW` during which it held the loop (its
+stretches and its library calls that answered within ``max_seconds`` times
+:data:`SLOW_FACTOR`); over :data:`HOG_SHARE` of a window loses the function
+its place on the loop for good: it runs on threads from then on, and the
+rest of the run lets the loop run for :data:`HOG_PAUSE` seconds after each
+of its library calls.
+
 The executor asks the gate once per run: :meth:`InlineGate.place` returns a
 :class:`Placement` that runs the call where it goes, hands each function of
 the run its bridge to the loop (see :mod:`cloudburst_executors.library`), and does the
@@ -60,6 +71,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from cloudburst_executors import cooperative
 from cloudburst_executors.library import LoopBridge
+from cloudburst_executors.slots import RunSlots
 from cloudburst_grpc import telemetry
 
 logger = logging.getLogger(__name__)
@@ -72,6 +84,12 @@ SLOW_FACTOR = 5
 MAX_STRIKES = 5
 #: Seconds a run may hold the loop before the watchdog reports it (while it lasts).
 STALL_WARNING = 1.0
+#: Seconds over which a greenlet run's share of the loop is measured.
+HOG_WINDOW = 0.25
+#: The share of a window beyond which a greenlet run hogs the loop.
+HOG_SHARE = 0.5
+#: Seconds the rest of a hogging run lets the loop run after each library call.
+HOG_PAUSE = 0.001
 
 #: Where a run goes: a worker thread, the event loop itself, or a greenlet on it.
 Where = Literal["thread", "loop", "greenlet"]
@@ -166,10 +184,13 @@ class InlineGate:
     Args:
         max_seconds: The longest a run may take to count as quick; 0 turns running
             on the loop off.
+        slots: The runnable slots that runs on threads take (see
+            :mod:`cloudburst_executors.slots`); None: unbounded.
     """
 
-    def __init__(self, max_seconds: float) -> None:
+    def __init__(self, max_seconds: float, slots: RunSlots | None = None) -> None:
         self.max_seconds = max_seconds
+        self.slots = slots
         self.running: tuple[str, float] | None = None
         """The function running on the loop now and when it began (perf_counter)."""
         self._watched = False
@@ -265,6 +286,18 @@ class InlineGate:
         if record.eligible is not False:
             logger.debug("function %r calls the library from its own threads: threads only", name)
         record.eligible = record.on_loop = False
+
+    def hogged(self, name: str, record: RunRecord, held: float, window: float) -> None:
+        """A greenlet run held the loop ``held`` of ``window`` seconds: threads from now on."""
+        record.eligible = record.on_loop = False
+        telemetry.LOOP_STALLS.add(1, {"function": name})
+        logger.info(
+            "function %r held the executor's event loop for %.0f ms of %.0f ms across quick "
+            "library calls (polling?); it runs on worker threads from now on",
+            name,
+            held * 1e3,
+            window * 1e3,
+        )
 
     @staticmethod
     def usage() -> resource.struct_rusage | None:
@@ -373,12 +406,22 @@ class OnThread(Placement):
         body: Callable[..., T],
         *args: Any,
     ) -> T:
-        """Run ``body`` timing its stretches of user code; they may earn a place on the loop."""
+        """Run ``body`` timing its stretches of user code; they may earn a place on the loop.
+
+        It holds a runnable slot while it runs (see :mod:`cloudburst_executors.slots`).
+        """
+        slots = self._gate.slots
+        if slots is not None:
+            slots.acquire()
+            bridge.hold(slots)
         bridge.begin(self._gate.max_seconds)
         try:
             return body(*args)
         finally:
             bridge.end()
+            if slots is not None:
+                bridge.let_go()
+                slots.release()
             self._gate.ran_on_thread(
                 function.name,
                 function.target,
@@ -439,6 +482,8 @@ class InGreenlet(Placement, cooperative.Segments):
 
     The watchdog watches each stretch, and a slow one is a strike (see
     :meth:`InlineGate.ran_on_loop`), as if it were a whole run on the loop.
+    The run's share of the loop over each :data:`HOG_WINDOW` is counted too
+    (see the module's docs).
     """
 
     where = GREENLET
@@ -452,6 +497,11 @@ class InGreenlet(Placement, cooperative.Segments):
         """The function running now (a chain goes on to others)."""
         self._began = 0.0
         self._usage: resource.struct_rusage | None = None
+        self._window = 0.0
+        """When the current window began (perf_counter; 0 before the first stretch)."""
+        self._held = 0.0
+        """Seconds the run held the loop in the current window."""
+        self.pause = 0.0
 
     bridge = cooperative.GreenletBridge
     """Library calls switch to the loop."""
@@ -487,13 +537,36 @@ class InGreenlet(Placement, cooperative.Segments):
         """A stretch begins: note the time and this thread's CPU usage."""
         self._usage = self._gate.usage()
         self._began = time.perf_counter()
+        if not self._window:
+            self._window = self._began
         self._gate.started(self._name, self._began)
 
     def end(self) -> None:
         """The stretch ended: a slow one sends the function back to threads."""
-        took = time.perf_counter() - self._began
+        now = time.perf_counter()
+        took = now - self._began
         self._gate.stopped()
         self._gate.ran_on_loop(self._name, self._record, took, self._usage)
+        self._held += took
+        self._weigh(now)
+
+    def waited(self, seconds: float) -> None:
+        """A library call answered: a quick answer counts as holding the loop."""
+        if seconds <= self._gate.max_seconds * SLOW_FACTOR:
+            self._held += seconds
+
+    def _weigh(self, now: float) -> None:
+        """Judge the run's share of the loop once its window is over (or already too much)."""
+        if self.pause:
+            return
+        span = now - self._window
+        if self._held > HOG_SHARE * HOG_WINDOW or (
+            span >= HOG_WINDOW and self._held > HOG_SHARE * span
+        ):
+            self.pause = HOG_PAUSE
+            self._gate.hogged(self._name, self._record, self._held, span)
+        elif span >= HOG_WINDOW:
+            self._window, self._held = now, 0.0
 
 
 async def _done(value: T) -> T:

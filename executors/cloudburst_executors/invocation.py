@@ -100,16 +100,21 @@ class Invoker:
         arguments: Sequence[value_pb2.Argument],
         extra: tuple[Any, ...],
         chain: Chain | None = None,
+        deadline_time: float | None = None,
     ) -> execution_pb2.Outcome:
         """Load the function, resolve its arguments, run it where the gate places it.
 
         A DAG stage's run goes on along its ``chain``: ``chain.last`` then names
         the function whose outcome is returned, and each function's duration
         was measured. Whatever goes wrong before the function runs becomes the
-        outcome.
+        outcome. ``deadline_time`` (seconds since the epoch) is when the caller
+        stops waiting; none: the executor's timeout from now. Past it, the
+        function's library calls raise.
         """
         started = time.monotonic()
         deadline = started + self._timeout
+        if deadline_time is not None:
+            deadline = started + (deadline_time - time.time())
         try:
             loaded = await self._load(name, version)
             resolved = []
@@ -128,7 +133,7 @@ class Invoker:
             return measured(name, started, execution_pb2.Outcome(error=error_to_call_error(exc)))
         loop = self._loop = asyncio.get_running_loop()
         placement = self._gate.place(loaded, loop)
-        library = self._library(call_id, placement)
+        library = self._library(call_id, placement, deadline)
         # The copied context carries the current span into the thread, so the user
         # library's spans are children of this run.
         context = contextvars.copy_context()
@@ -224,7 +229,7 @@ class Invoker:
         measured(chain.last, chain.started, outcome)
         while (ready := self._next_in_chain(chain, outcome, placement)) is not None:
             loaded, args = ready
-            library = self._library(chain.schedule.call_id, placement)
+            library = self._library(chain.schedule.call_id, placement, library.bridge.deadline)
             started = time.monotonic()
             try:
                 pinned = chain.last in self._pinned
@@ -271,9 +276,9 @@ class Invoker:
         chain.last = target
         return loaded, dags.join_arguments(static, (value,))
 
-    def _library(self, call_id: str, placement: Placement) -> UserLibrary:
+    def _library(self, call_id: str, placement: Placement, deadline: float) -> UserLibrary:
         return UserLibrary(
-            placement.bridge(placement.loop, self._timeout),
+            placement.bridge(placement.loop, self._timeout, deadline),
             self._kvs,
             self._clock,
             self._max_payload_bytes,

@@ -8,6 +8,17 @@ each coroutine to the loop and waits for it with a deadline;
 :class:`cooperative.GreenletBridge` serves a greenlet: it switches to the loop,
 which awaits the coroutine. Either way the loop is never blocked and no call
 waits forever.
+
+Each run knows its call's deadline (when the caller stops waiting). No
+library call waits past it, and once it has passed every library call raises
+:class:`~cloudburst.errors.CloudburstTimeoutError` in the function: a
+function polling the KVS for something that never comes ends with its call,
+and gives its thread back, instead of polling on for nobody.
+
+A function on a worker thread holds one of the executor's runnable slots
+(see :mod:`cloudburst_executors.slots`) while its code runs, and gives it up
+while it waits in a library call: functions waiting for each other never
+starve the ones they wait for of threads.
 """
 
 from __future__ import annotations
@@ -15,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
 from cloudburst.serialization import (
@@ -34,6 +46,9 @@ from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter, Message
 
+if TYPE_CHECKING:
+    from cloudburst_executors.slots import RunSlots
+
 T = TypeVar("T")
 
 
@@ -48,9 +63,15 @@ class LoopBridge:
     on the loop (see :mod:`cloudburst_executors.inline`).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, deadline: float = math.inf
+    ) -> None:
         self.loop = loop
         self.timeout = timeout
+        self.deadline = deadline
+        """When the call's caller stops waiting (time.monotonic())."""
+        self._slots: RunSlots | None = None
+        """The runnable slots, while the user code on the owner thread holds one."""
         self.streak = 0
         """Quick stretches of user code in a row, up to the latest."""
         self.broken = False
@@ -73,22 +94,52 @@ class LoopBridge:
         """User code runs on this thread: calls from any other are :attr:`foreign`."""
         self._owner = threading.get_ident()
 
+    def hold(self, slots: RunSlots) -> None:
+        """The user code on this thread holds one of ``slots``: give it up in each wait."""
+        self._slots = slots
+
+    def let_go(self) -> None:
+        """The user code ended (its slot is released by the caller)."""
+        self._slots = None
+
+    def left(self, what: str, limit: float) -> float:
+        """Seconds ``what`` may wait: ``limit``, or less if the call's deadline is nearer.
+
+        Raises:
+            CloudburstTimeoutError: The call's deadline has passed.
+        """
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise CloudburstTimeoutError(
+                f"{what}: the call's deadline passed {-left:.1f}s ago (its caller stopped "
+                "waiting), so every library call of the function fails from now on"
+            )
+        return min(limit, left)
+
     def end(self) -> None:
         """User code ended: count its last stretch and stop measuring."""
         self._pause()
         self._mark = 0.0
 
-    def _pause(self) -> None:
+    def _pause(self) -> RunSlots | None:
+        """A wait begins: end the stretch; give the slot up (returned, to take back)."""
         if self._owner is not None and threading.get_ident() != self._owner:
             self.foreign = True
-            return
+            return None
         if self._mark:
             if time.perf_counter() - self._mark > self._max_stretch_seconds:
                 self.streak, self.broken = 0, True
             else:
                 self.streak += 1
+        slots = self._slots
+        if slots is not None:
+            slots.wait_begins()
+        return slots
 
-    def _resume(self) -> None:
+    def _resume(self, slots: RunSlots | None) -> None:
+        """The wait ended: take a slot again (see :meth:`_pause`); a new stretch begins."""
+        if slots is not None:
+            slots.wait_ends()
         if self._mark and threading.get_ident() == self._owner:
             self._mark = time.perf_counter()
 
@@ -107,7 +158,11 @@ class LoopBridge:
         Raises:
             CloudburstTimeoutError: It did not finish within the timeout.
         """
-        limit = self.timeout if timeout is None else timeout
+        try:
+            limit = self.left(what, self.timeout if timeout is None else timeout)
+        except CloudburstTimeoutError:
+            coro.close()
+            raise
         return self.wait(asyncio.run_coroutine_threadsafe(coro, self.loop), what, limit)
 
     def on_loop(self, function: Callable[[], T], what: str) -> T:
@@ -129,16 +184,20 @@ class LoopBridge:
         Raises:
             CloudburstTimeoutError: It was not delivered within ``limit`` seconds.
         """
+        what = f"send to {envelope.recipient_id}"
+        limit = self.left(what, limit)
         try:
             delivered = router.submit(envelope, self.loop)
         except RuntimeError:
             raise UnavailableError("the executor is shutting down") from None
-        return self.wait(delivered, f"send to {envelope.recipient_id}", limit)
+        return self.wait(delivered, what, limit)
 
     def receive(self, mailbox: Mailbox, wait: float) -> list[Message]:
         """The mailbox's messages; without any, wait up to ``wait`` seconds for one."""
         # Wait in this thread: arrivals notify the mailbox's condition. Even
         # without a wait this ends a stretch of user code, as in a greenlet.
+        if wait:
+            wait = self.left("recv()", wait)
         with self.blocking():
             return mailbox.take(wait) if wait else mailbox.drain()
 
@@ -148,14 +207,15 @@ class LoopBridge:
         Raises:
             CloudburstTimeoutError: It did not settle within ``limit`` seconds.
         """
-        self._pause()
+        slots = self._pause()
         try:
             return future.result(limit)
         except TimeoutError:
             future.cancel()
+            self.left(what, math.inf)  # the deadline passed: say so
             raise CloudburstTimeoutError(f"{what} did not finish within {limit:.1f}s") from None
         finally:
-            self._resume()
+            self._resume(slots)
 
     def blocking(self) -> contextlib.AbstractContextManager[None]:
         """Marks a wait on this thread that is not user code (see :meth:`begin`)."""
@@ -163,16 +223,17 @@ class LoopBridge:
 
 
 class _Blocking:
-    __slots__ = ("_bridge",)
+    __slots__ = ("_bridge", "_slots")
 
     def __init__(self, bridge: LoopBridge) -> None:
         self._bridge = bridge
+        self._slots: RunSlots | None = None
 
     def __enter__(self) -> None:
-        self._bridge._pause()
+        self._slots = self._bridge._pause()
 
     def __exit__(self, *exc: object) -> None:
-        self._bridge._resume()
+        self._bridge._resume(self._slots)
 
 
 class UserLibrary:

@@ -8,6 +8,7 @@ from cloudburst.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -54,6 +55,7 @@ class ExecuteFunctionRequest(_message.Message):
     DIRECT_RESPONSE_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     ACCEPT_SERIALIZERS_FIELD_NUMBER: _builtins.int
+    DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     function_name: _builtins.str
@@ -76,6 +78,12 @@ class ExecuteFunctionRequest(_message.Message):
     def accept_serializers(self) -> _containers.RepeatedScalarFieldContainer[_value_pb2.Serializer.ValueType]:
         """The serializers the caller accepts for the result, in order of preference; empty accepts all."""
 
+    @_builtins.property
+    def deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When the caller stops waiting; once it has passed, the function's next user-library call
+        raises. Unset: the executor's own call timeout from when the call arrived.
+        """
+
     def __init__(
         self,
         *,
@@ -87,10 +95,11 @@ class ExecuteFunctionRequest(_message.Message):
         direct_response: _builtins.bool = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         accept_serializers: _abc.Iterable[_value_pb2.Serializer.ValueType] | None = ...,
+        deadline_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline_time", b"deadline_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "arguments", b"arguments", "call_id", b"call_id", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "arguments", b"arguments", "call_id", b"call_id", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
