@@ -118,19 +118,25 @@ class LoopBridge:
 
     def end(self) -> None:
         """User code ended: count its last stretch and stop measuring."""
-        self._pause()
+        self._stretch_ends()
         self._mark = 0.0
 
-    def _pause(self) -> RunSlots | None:
-        """A wait begins: end the stretch; give the slot up (returned, to take back)."""
+    def _stretch_ends(self) -> bool:
+        """Count the stretch of user code that ends; False when called from a foreign thread."""
         if self._owner is not None and threading.get_ident() != self._owner:
             self.foreign = True
-            return None
+            return False
         if self._mark:
             if time.perf_counter() - self._mark > self._max_stretch_seconds:
                 self.streak, self.broken = 0, True
             else:
                 self.streak += 1
+        return True
+
+    def _pause(self) -> RunSlots | None:
+        """A wait begins: end the stretch; give the slot up (returned, to take back)."""
+        if not self._stretch_ends():
+            return None
         slots = self._slots
         if slots is not None:
             slots.wait_begins()
