@@ -218,8 +218,12 @@ class ProcessCluster:
 
 
 @contextlib.contextmanager
-def running_process_cluster(*executor_args: str) -> Iterator[ProcessCluster]:
+def running_process_cluster(
+    *executor_args: str, scheduler_args: tuple[str, ...] = ()
+) -> Iterator[ProcessCluster]:
     """Start a :class:`ProcessCluster` (memory storage), its executors given ``executor_args``.
+
+    The scheduler is given ``scheduler_args``.
 
     Each function of a DAG is pinned on one executor, so the functions of a
     DAG spread over both executor processes. Every process is killed on exit.
@@ -237,7 +241,9 @@ def running_process_cluster(*executor_args: str) -> Iterator[ProcessCluster]:
             started.append(executor)
             executors.append(executor)
         flags = [arg for e in executors for arg in ("--executor", e.address)]
-        scheduler = CbgrpcProcess("scheduler", "--kvs", kvs.address, *flags, env=env)
+        scheduler = CbgrpcProcess(
+            "scheduler", "--kvs", kvs.address, *flags, *scheduler_args, env=env
+        )
         started.append(scheduler)
         yield ProcessCluster(kvs, executors, scheduler)
     finally:
