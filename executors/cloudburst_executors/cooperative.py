@@ -20,11 +20,11 @@ others:
   across a library call while the other waits for that lock on the loop's
   thread. (A worker thread that holds such a lock gives it up when its
   library call times out, so the loop is freed in the end.)
-- every library call switches out and gives the loop a turn before the
-  function goes on, even when its answer was ready at once (``recv()``
-  without a timeout, a read of the in-process KVS of ``cbgrpc serve``): a
-  function polling for a key or a message lets the loop run whatever will
-  write or send it.
+- every library call switches out, and the loop takes a turn between any two
+  of them, even when answers are ready at once (``recv()`` without a
+  timeout, a read of the in-process KVS of ``cbgrpc serve``): a function
+  polling for a key or a message lets the loop run whatever will write or
+  send it.
 - a function that holds the loop too much of the time across many quick
   library calls (polling) loses its place there for good, and the rest of
   its run pauses briefly at each library call (see
@@ -178,9 +178,10 @@ async def drive(
 ) -> Any:
     """Run ``function`` in a greenlet on this loop's thread and return what it returns.
 
-    Each library call it makes is awaited here, with its deadline, and then the
-    loop gets a turn (``segments.pause`` long) before the function goes on. If
-    this task is cancelled while the function waits, the cancellation is raised
+    Each library call it makes is awaited here, with its deadline. Between two
+    library calls the loop always takes a turn: if the first was answered
+    without one, the loop gets it (``segments.pause`` long) before the second
+    is awaited; a run's last call costs nothing more. If this task is cancelled while the function waits, the cancellation is raised
     in the function at its library call, and again here once it has ended.
     """
     run = UserGreenlet(function)
@@ -191,39 +192,58 @@ async def drive(
     try:
         request = _step(run, segments)
         cancelled: asyncio.CancelledError | None = None
+        turned = True  # the loop turned to start this run
         while not run.dead:
             result: Any = None
             error: BaseException | None = None
-            deadline = None if request.timeout is None else asyncio.timeout(request.timeout)
-            began = time.perf_counter()
-            try:
-                async with deadline or _UNBOUNDED:
-                    result = await request.awaitable
-            except TimeoutError as exc:
-                error = exc
-                if deadline is not None and deadline.expired():
-                    error = CloudburstTimeoutError(
-                        f"{request.what} did not finish within {request.timeout:.1f}s"
-                    )
-            except asyncio.CancelledError as exc:
-                cancelled = cancelled or exc
-                error = exc
-            except BaseException as exc:
-                error = exc
-            segments.waited(time.perf_counter() - began)
-            # The answer may have been ready without the loop taking a turn (an
-            # in-process KVS): give it one, or a polling function starves it.
-            try:
-                await asyncio.sleep(segments.pause)
-            except asyncio.CancelledError as exc:
-                cancelled = cancelled or exc
-                error = error or exc
+            # A call answered without the loop taking a turn (the in-process KVS
+            # does that) is followed by one before the next call, or a function
+            # polling in a loop would starve whatever it polls for.
+            if segments.pause or not turned:
+                try:
+                    await asyncio.sleep(segments.pause)
+                except asyncio.CancelledError as exc:
+                    cancelled = error = cancelled or exc
+            if error is None:
+                turns: list[bool] = []
+                loop.call_soon(turns.append, True)
+                began = time.perf_counter()
+                result, error = await _await(request)
+                segments.waited(time.perf_counter() - began)
+                turned = bool(turns)
+                if isinstance(error, asyncio.CancelledError):
+                    cancelled = cancelled or error
+            else:
+                _discard(request.awaitable)
             request = _step(run, segments, (result,), error)
         if cancelled is not None:
             raise cancelled
         return request
     finally:
         running.busy = False
+
+
+async def _await(request: Wait) -> tuple[Any, BaseException | None]:
+    """Await what user code asked for, with its deadline: (its result, None) or (None, error)."""
+    deadline = None if request.timeout is None else asyncio.timeout(request.timeout)
+    try:
+        async with deadline or _UNBOUNDED:
+            return await request.awaitable, None
+    except TimeoutError as exc:
+        if deadline is not None and deadline.expired():
+            return None, CloudburstTimeoutError(
+                f"{request.what} did not finish within {request.timeout:.1f}s"
+            )
+        return None, exc
+    except BaseException as exc:  # a cancellation too: raised in the function
+        return None, exc
+
+
+def _discard(awaitable: Awaitable[Any]) -> None:
+    """Close a coroutine that is not awaited after all (so it does not warn)."""
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()
 
 
 def _step(

@@ -126,3 +126,38 @@ async def test_user_code_sees_no_running_loop_and_its_context_goes_with_it() -> 
     assert hidden_before is None and hidden_after is None
     assert request == "the caller's"
     assert asyncio.get_running_loop() is loop, "restored for the loop's own code"
+
+
+async def answered_at_once(value: Any) -> Any:
+    return value  # never suspends, like the in-process KVS
+
+
+async def test_the_loop_turns_between_two_calls_answered_at_once() -> None:
+    flag = asyncio.Event()
+
+    def poll() -> int:
+        polls = 0
+        while not cooperative.suspend(answered_at_once(flag.is_set()), 5.0, "poll"):
+            polls += 1
+            assert polls < 1000, "the loop never ran the task that sets the flag"
+        return polls
+
+    async def setter() -> None:
+        flag.set()
+
+    task = asyncio.get_running_loop().create_task(setter())
+    assert await drive(poll) >= 1
+    await task
+
+
+async def test_a_run_with_one_call_answered_at_once_takes_no_extra_turn() -> None:
+    ran: list[str] = []
+
+    def function() -> Any:
+        value = cooperative.suspend(answered_at_once(7), 5.0, "get")
+        ran.append("function")
+        return value
+
+    asyncio.get_running_loop().call_soon(ran.append, "other")
+    assert await drive(function) == 7
+    assert ran == ["function"]  # finished before the loop's next turn
