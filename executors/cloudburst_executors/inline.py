@@ -36,8 +36,8 @@ the share of each :data:`HOG_WINDOW` during which it held the loop (its
 stretches and its library calls that answered within ``max_seconds`` times
 :data:`SLOW_FACTOR`); over :data:`HOG_SHARE` of a window loses the function
 its place on the loop for good: it runs on threads from then on, and the
-rest of the run lets the loop run for :data:`HOG_PAUSE` seconds after each
-of its library calls.
+rest of the run lets the loop run for :data:`HOG_PAUSE` seconds between its
+library calls.
 
 The executor asks the gate once per run: :meth:`InlineGate.place` returns a
 :class:`Placement` that runs the call where it goes, hands each function of
@@ -88,7 +88,7 @@ STALL_WARNING = 1.0
 HOG_WINDOW = 0.25
 #: The share of a window beyond which a greenlet run hogs the loop.
 HOG_SHARE = 0.5
-#: Seconds the rest of a hogging run lets the loop run after each library call.
+#: Seconds the rest of a hogging run lets the loop run between its library calls.
 HOG_PAUSE = 0.001
 
 #: Where a run goes: a worker thread, the event loop itself, or a greenlet on it.
