@@ -181,8 +181,9 @@ async def drive(
     Each library call it makes is awaited here, with its deadline. Between two
     library calls the loop always takes a turn: if the first was answered
     without one, the loop gets it (``segments.pause`` long) before the second
-    is awaited; a run's last call costs nothing more. If this task is cancelled while the function waits, the cancellation is raised
-    in the function at its library call, and again here once it has ended.
+    is awaited; a run's last call costs nothing more. If this task is
+    cancelled while the function waits, the cancellation is raised in the
+    function at its library call, and again here once it has ended.
     """
     run = UserGreenlet(function)
     run.gr_context = context

@@ -189,19 +189,23 @@ class Executor:
     def _admit(self) -> None:
         if self._closed:
             raise CloudburstError(f"executor {self.executor_id} is shutting down")
+        self._check_threads()
+        # Functions waiting in library calls hold no runnable slot (see slots).
+        if self.active_calls - self.slots.waiting >= self.config.threads + self.config.max_queue:
+            raise QueueFullError(
+                f"executor {self.executor_id} has {self.active_calls} calls in progress; "
+                "retry shortly or add executors",
+                {"executor": self.executor_id},
+            )
+
+    def _check_threads(self) -> None:
+        """Refuse a run that would need more threads than ``executor.max_threads``."""
         if self.active_calls >= self.config.max_threads:
             raise QueueFullError(
                 f"executor {self.executor_id} has {self.active_calls} calls in progress, as many "
                 f"as its threads may number (executor.max_threads = {self.config.max_threads}), "
                 f"{self.slots.waiting} of them waiting in library calls; retry shortly or add "
                 "executors",
-                {"executor": self.executor_id},
-            )
-        # Functions waiting in library calls hold no runnable slot (see slots).
-        if self.active_calls - self.slots.waiting >= self.config.threads + self.config.max_queue:
-            raise QueueFullError(
-                f"executor {self.executor_id} has {self.active_calls} calls in progress; "
-                "retry shortly or add executors",
                 {"executor": self.executor_id},
             )
 
@@ -310,6 +314,10 @@ class Executor:
         """Run a stage and the chain after it; return the function that ran last, its outcome."""
         schedule, function = ready.schedule, ready.function
         chain = Chain(schedule, ready.topology, function)
+        try:
+            self._check_threads()
+        except QueueFullError as exc:
+            return chain.last, execution_pb2.Outcome(error=error_to_call_error(exc))
         self.active_calls += 1
         try:
             extra: tuple[Any, ...] = ()

@@ -19,6 +19,7 @@ import pytest
 
 import waiting
 from cloudburst import CloudburstConnection
+from cloudburst.errors import QueueFullError
 from cloudburst_executors.inline import HOG_WINDOW
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.local import Node, start_local
@@ -94,3 +95,19 @@ def test_calls_past_their_deadline_give_their_threads_back(
             cloud, lambda: all(e.active_calls == 0 for e in node.executors)
         )
     assert all(e.slots.running == e.slots.waiting == e.slots.queued == 0 for e in node.executors)
+
+
+def test_calls_beyond_max_threads_are_refused_naming_the_limit(
+    serve: Callable[..., Node],
+) -> None:
+    node = serve(executor={"count": 1, "threads": 1, "max_threads": 1})
+    missing = f"missing-{uuid.uuid4().hex}"
+    with CloudburstConnection(node.address) as cloud:
+        pending = cloud.register(waiting.poll, "poll")(missing)
+        executor = node.executors[0]
+        waiting.wait_until(lambda: executor.active_calls == 1, "the poller runs")
+        with pytest.raises(QueueFullError, match=r"executor.max_threads = 1"):
+            cloud.register(waiting.square, "square")(2).get(timeout=30)
+        cloud.put_object(missing, 1)
+        assert pending.get(timeout=30) == 1
+        assert cloud.register(waiting.square, "square")(3).get(timeout=30) == 9
