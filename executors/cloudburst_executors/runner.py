@@ -13,8 +13,10 @@ class attribute ``cloudburst_user_library = True`` (or ``False``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,8 +125,29 @@ def invoke(loaded: LoadedFunction, library: Any, args: tuple[Any, ...], pinned: 
     if not pinned:
         instance = instantiate(loaded, library)
         return instance.run(library, *args) if with_library else instance.run(*args)
-    with loaded.lock:
+    with _holding(loaded.lock, library):
         if loaded.instance is None:
             loaded.instance = instantiate(loaded, library)
         instance = loaded.instance
         return instance.run(library, *args) if with_library else instance.run(*args)
+
+
+@contextlib.contextmanager
+def _holding(lock: threading.Lock, library: Any) -> Iterator[None]:
+    """Hold ``lock``; waiting for it is a wait, like a library call's.
+
+    The run gives its runnable slot up while it waits (see
+    :mod:`cloudburst_executors.slots`): the run holding the lock may be
+    waiting in a library call, and needs a slot to go on.
+    """
+    if not lock.acquire(blocking=False):
+        bridge = getattr(library, "bridge", None)
+        if bridge is None:
+            lock.acquire()
+        else:
+            with bridge.blocking():
+                lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -9,6 +9,12 @@ messages) never deadlock for want of threads: the thread pool grows past
 ``threads`` while they wait, up to ``executor.max_threads``, beyond which
 the executor refuses calls with QUEUE_FULL and says why.
 
+A run waiting for its pinned class instance (whose lock another run may
+hold across a library call) gives its slot up too (see
+:mod:`cloudburst_executors.runner`). A lock of the user's own held across a
+library call is not seen: ``threads`` runs blocked on it can keep its holder
+from getting a slot back, so such a lock wants more threads or ``recv``.
+
 A call that finds every slot busy waits for one on its thread; the first
 time that happens the executor logs it with the numbers, and the metrics
 ``cloudburst.executor.queue_depth`` and ``cloudburst.executor.queued_calls``

@@ -111,3 +111,27 @@ def test_calls_beyond_max_threads_are_refused_naming_the_limit(
         cloud.put_object(missing, 1)
         assert pending.get(timeout=30) == 1
         assert cloud.register(waiting.square, "square")(3).get(timeout=30) == 9
+
+
+class Waiter:
+    """A class whose runs wait in the library while holding their pinned instance's lock."""
+
+    def run(self, cloudburst: Any, key: str) -> Any:
+        return cloudburst.get_object(key, timeout=60)
+
+
+def test_a_run_waiting_for_its_pinned_instance_frees_its_slot(
+    serve: Callable[..., Node],
+) -> None:
+    # One slot: the run holding the instance must get it back from the one waiting for it.
+    node = serve(executor={"count": 1, "threads": 1})
+    first, second = f"first-{uuid.uuid4().hex}", f"second-{uuid.uuid4().hex}"
+    with CloudburstConnection(node.address) as cloud:
+        cloud.register((Waiter, ()), "waiter")
+        assert cloud.register_dag("waiters", ["waiter"], [])
+        futures = [cloud.call_dag("waiters", {"waiter": key}) for key in (first, second)]
+        executor = node.executors[0]
+        waiting.wait_until(lambda: executor.active_calls == 2, "both runs started")
+        cloud.put_object(first, 1)
+        cloud.put_object(second, 2)
+        assert [f.get(timeout=60) for f in futures] == [1, 2]
