@@ -13,7 +13,8 @@ A run waiting for its pinned class instance (whose lock another run may
 hold across a library call) gives its slot up too (see
 :mod:`cloudburst_executors.runner`). A lock of the user's own held across a
 library call is not seen: ``threads`` runs blocked on it can keep its holder
-from getting a slot back, so such a lock wants more threads or ``recv``.
+from getting a slot back, so such code needs more ``threads`` than runs that
+may block on the lock at once.
 
 A call that finds every slot busy waits for one on its thread; the first
 time that happens the executor logs it with the numbers, and the metrics
