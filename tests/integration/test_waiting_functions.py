@@ -4,7 +4,7 @@ A function busy-polling the KVS must not wedge the executor's event loop;
 more functions waiting for each other than there are threads must all
 finish; and a function still polling when its call's deadline passes must
 end there and give its thread back. The scenarios live in ``waiting.py``;
-``tests/e2e/test_waiting_functions.py`` runs them on subprocesses.
+``tests/e2e/test_waiting_processes.py`` runs them on subprocesses.
 """
 
 from __future__ import annotations
