@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,6 +12,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cloudburst.transport import channel_options, server_options
 from cloudburst_grpc import reflection, telemetry
 from cloudburst_grpc.interceptors import ErrorMappingInterceptor
+
+if TYPE_CHECKING:
+    from cloudburst_grpc.security.tls import TlsSource
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +28,37 @@ def insecure_channel(address: str, max_payload_bytes: int) -> grpc.aio.Channel:
     )
 
 
-def create_server(max_payload_bytes: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """Create an aio server with error mapping and a health service (NOT yet started)."""
+def peer_channel(
+    address: str, max_payload_bytes: int, tls: TlsSource | None, role: str
+) -> grpc.aio.Channel:
+    """A channel to a peer service of ``role``: mutual TLS when ``tls`` is given.
+
+    With TLS the peer must prove ``role`` with its certificate, and this
+    service shows its own.
+    """
+    if tls is None:
+        return insecure_channel(address, max_payload_bytes)
+    return grpc.aio.secure_channel(
+        address,
+        tls.channel_credentials(),
+        options=[*channel_options(max_payload_bytes), *tls.peer_options(role)],
+        interceptors=telemetry.client_interceptors(),
+    )
+
+
+def create_server(
+    max_payload_bytes: int, auth: grpc.aio.ServerInterceptor | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """Create an aio server with error mapping and a health service (NOT yet started).
+
+    ``auth``, when given, authorizes every call before the servicer sees it.
+    """
+    interceptors: list[Any] = [*telemetry.server_interceptors()]
+    if auth is not None:
+        interceptors.append(auth)
     server = grpc.aio.server(
-        # Tracing outermost, so a span also covers the error mapping.
-        interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor()],
+        # Tracing outermost, so a span also covers authorization and the error mapping.
+        interceptors=[*interceptors, ErrorMappingInterceptor()],
         options=[*server_options(max_payload_bytes), ("grpc.so_reuseport", 0)],
     )
     health_servicer = health.aio.HealthServicer()
@@ -42,15 +72,23 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
     reflection.enable_reflection(server, names)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind an insecure port and return the port actually bound (port 0 picks one).
+def bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Bind a port (TLS with ``credentials``) and return the port bound (port 0 picks one).
 
     Raises:
         OSError: The address cannot be bound, with a message that says which.
     """
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}; is another process using it?") from exc
     if bound == 0:
