@@ -20,7 +20,9 @@ from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.streams import OutboxStream
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
-from cloudburst_grpc.server import insecure_channel
+from cloudburst_grpc.security.identity import EXECUTOR
+from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.server import peer_channel
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +97,13 @@ class RemoteExecutorPeer:
         peer_id: str,
         max_payload_bytes: int,
         on_broken: Callable[[str, str], None] | None = None,
+        *,
+        tls: TlsSource | None = None,
     ) -> None:
         self._on_broken = on_broken
         self.executor_id = executor_id
         self.address = address
-        self._channel = insecure_channel(address, max_payload_bytes)
+        self._channel = peer_channel(address, max_payload_bytes, tls, EXECUTOR)
         self._stub = executor_service_pb2_grpc.ExecutorServiceStub(self._channel)
         self._sequence = itertools.count(1)
         self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}

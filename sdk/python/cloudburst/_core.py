@@ -25,6 +25,7 @@ import grpc
 
 from cloudburst import tracing
 from cloudburst._loop import LoopDriver
+from cloudburst._security import ClientSecurity
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, settle
@@ -87,15 +88,28 @@ class PendingCall:
 class Core:
     """Channel, stubs and the call stream; lives on the SDK's loop, which ``driver`` runs."""
 
-    def __init__(self, target: str, max_payload_bytes: int, driver: LoopDriver) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_payload_bytes: int,
+        driver: LoopDriver,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.driver = driver
         self.target = target
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=channel_options(max_payload_bytes),
-            interceptors=tracing.client_interceptors(),
-        )
+        options = channel_options(max_payload_bytes)
+        if security is not None and security.tls:
+            self.channel = grpc.aio.secure_channel(
+                target,
+                security.credentials(),
+                options=[*options, *security.options()],
+                interceptors=tracing.client_interceptors(),
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(
+                target, options=options, interceptors=tracing.client_interceptors()
+            )
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
         self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
         self._stream: OutboxStream[

@@ -24,6 +24,7 @@ import cloudpickle
 from cloudburst import _original, sources, tracing
 from cloudburst._core import Core, PendingCall
 from cloudburst._loop import new_driver
+from cloudburst._security import ClientSecurity
 from cloudburst.errors import (
     CloudburstError,
     DagAlreadyExistsError,
@@ -221,6 +222,15 @@ class CloudburstConnection:
             this Python lacks a private asyncio name ``"caller"`` needs, the
             connection uses ``"thread"``. Any other value raises
             InvalidArgumentError, a ValueError. See :mod:`cloudburst._loop`.
+        tls: Connect with TLS even without the settings below (trusting the
+            system's CA roots); any of them turns TLS on. See docs/security.md.
+        tls_ca: PEM CA bundle the server's certificate must chain to.
+        token: Bearer token sent with every call; its role decides what the
+            connection may do.
+        tls_cert: PEM client certificate, to authenticate with instead of a token.
+        tls_key: PEM key of ``tls_cert``.
+        tls_server_name: Verify the server's certificate against this name
+            instead of the host dialled.
 
     The connection is thread-safe. Close it with :meth:`close` or use it in a
     ``with`` block.
@@ -238,6 +248,12 @@ class CloudburstConnection:
         connect_timeout: float = CONNECT_TIMEOUT,
         keep_results: bool = False,
         loop_driver: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str = "",
+        token: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_server_name: str = "",
     ) -> None:
         self._consul: str | None = None
         self._targets: list[str] = []
@@ -259,6 +275,9 @@ class CloudburstConnection:
         self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
+        self._security = ClientSecurity(
+            tls_ca, token, tls_cert, tls_key, tls_server_name, enabled=bool(tls)
+        )
         self._clock = LwwClock()
         self._loop = new_driver(loop_driver)
         self._closed = False
@@ -269,7 +288,7 @@ class CloudburstConnection:
             raise
 
     async def _make_core(self, target: str, connect_timeout: float) -> Core:
-        core = Core(target, self.max_payload_bytes, self._loop)
+        core = Core(target, self.max_payload_bytes, self._loop, self._security)
         try:
             await core.wait_ready(connect_timeout)
         except BaseException:
