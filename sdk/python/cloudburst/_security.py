@@ -2,17 +2,31 @@
 
 A cluster secured as docs/security.md describes accepts clients that connect
 with TLS (trusting the cluster's CA) and present a bearer token, or a client
-certificate signed by that CA.
+certificate signed by that CA. Settings not given as arguments come from
+the environment (``CLOUDBURST_TLS_CA``, ``CLOUDBURST_TOKEN``,
+``CLOUDBURST_TLS_CERT``, ``CLOUDBURST_TLS_KEY``, ``CLOUDBURST_TLS_SERVER_NAME``),
+so a program written for an open server runs unchanged against a secured one.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from cloudburst.errors import CloudburstError
+
+#: Environment variables and the settings they fill when no argument gives them.
+ENVIRONMENT = {
+    "ca_file": "CLOUDBURST_TLS_CA",
+    "token": "CLOUDBURST_TOKEN",
+    "cert_file": "CLOUDBURST_TLS_CERT",
+    "key_file": "CLOUDBURST_TLS_KEY",
+    "server_name": "CLOUDBURST_TLS_SERVER_NAME",
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,25 @@ class ClientSecurity:
     """The name to verify the server's certificate against, when not the dialled host."""
     enabled: bool = False
     """Use TLS even when no file or token is given (the system's roots)."""
+
+    @classmethod
+    def resolve(
+        cls,
+        tls: bool | None,
+        environ: Mapping[str, str] | None = None,
+        **given: str,
+    ) -> ClientSecurity:
+        """Settings from the arguments given, else from the environment.
+
+        ``tls=False`` turns TLS off whatever the environment says.
+        """
+        if tls is False:
+            return cls()
+        environ = os.environ if environ is None else environ
+        values = {
+            name: given.get(name) or environ.get(var, "") for name, var in ENVIRONMENT.items()
+        }
+        return cls(**values, enabled=bool(tls))
 
     @property
     def tls(self) -> bool:

@@ -223,7 +223,10 @@ class CloudburstConnection:
             connection uses ``"thread"``. Any other value raises
             InvalidArgumentError, a ValueError. See :mod:`cloudburst._loop`.
         tls: Connect with TLS even without the settings below (trusting the
-            system's CA roots); any of them turns TLS on. See docs/security.md.
+            system's CA roots); any of them turns TLS on, and False turns it off.
+            Settings not given come from ``CLOUDBURST_TLS_CA``,
+            ``CLOUDBURST_TOKEN``, ``CLOUDBURST_TLS_CERT``, ``CLOUDBURST_TLS_KEY``
+            and ``CLOUDBURST_TLS_SERVER_NAME``. See docs/security.md.
         tls_ca: PEM CA bundle the server's certificate must chain to.
         token: Bearer token sent with every call; its role decides what the
             connection may do.
@@ -275,8 +278,13 @@ class CloudburstConnection:
         self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
-        self._security = ClientSecurity(
-            tls_ca, token, tls_cert, tls_key, tls_server_name, enabled=bool(tls)
+        self._security = ClientSecurity.resolve(
+            tls,
+            ca_file=tls_ca,
+            token=token,
+            cert_file=tls_cert,
+            key_file=tls_key,
+            server_name=tls_server_name,
         )
         self._clock = LwwClock()
         self._loop = new_driver(loop_driver)
