@@ -111,6 +111,12 @@ def _security(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="allow a non-loopback --host without TLS (anyone who reaches it can run code)",
     )
+    group.add_argument(
+        "--consul-intentions",
+        action="store_true",
+        default=None,
+        help="with Consul: let its intentions decide which services may call this one",
+    )
 
 
 def _storage(parser: argparse.ArgumentParser, valkey: bool = False) -> None:
@@ -428,6 +434,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "tls_ca": get("tls_ca"),
             "tokens_file": get("tokens_file"),
             "insecure": get("insecure"),
+            "consul_intentions": get("consul_intentions"),
         },
     }
     return load_config(get("config"), overrides)

@@ -187,6 +187,8 @@ class SecurityConfig:
     """Allow listening on a non-loopback address without TLS (warns at start)."""
     max_auth_failures: int = 10
     """Refused calls a peer address may cause per minute before it is refused outright."""
+    consul_intentions: bool = False
+    """Also ask the Consul agent (intentions) whether a calling service may reach this one."""
 
     @property
     def tls(self) -> bool:
@@ -288,6 +290,10 @@ class Config:
                 "tokens must not travel in clear",
             ),
             (self.security.max_auth_failures >= 1, "security.max_auth_failures must be at least 1"),
+            (
+                not self.security.consul_intentions or (self.security.tls and self.consul.enabled),
+                "security.consul_intentions needs TLS (the caller's identity) and consul.address",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -26,6 +26,9 @@ from cloudburst_grpc.server import peer_channel
 
 logger = logging.getLogger(__name__)
 
+#: Stream endings whose details name a security refusal worth showing the caller.
+_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
 
 class NotDeliveredError(UnavailableError):
     """A request never reached its executor (the connection could not be made).
@@ -134,9 +137,13 @@ class RemoteExecutorPeer:
     def _ended(self, error: grpc.RpcError | None) -> None:
         code = error.code() if error is not None else None
         kind = NotDeliveredError if _never_connected(error) else UnavailableError
+        why = ""
+        if error is not None and code in _REFUSALS:
+            # A refusal says what is missing (a role, an intention); pass it on.
+            why = f": {error.details()}"
         failure = kind(
             f"lost the connection to executor {self.executor_id} at {self.address}"
-            + (f" ({code})" if code is not None else ""),
+            + (f" ({code}){why}" if code is not None else ""),
             {"executor": self.executor_id},
         )
         # Answers first: a caller told of the broken stream below still sees its answer's error.

@@ -53,6 +53,7 @@ from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from cloudburst_grpc.security.identity import EXECUTOR, KVS
+from cloudburst_grpc.security.intentions import IntentionCheck
 from cloudburst_grpc.security.node import NodeSecurity
 from cloudburst_grpc.server import (
     bind,
@@ -312,11 +313,17 @@ async def start_local(config: Config) -> Node:
 
 
 async def _consul(node: Node) -> ConsulClient | None:
-    """The node's Consul client when discovery is on (closed with the node)."""
+    """The node's Consul client when discovery is on (closed with the node).
+
+    With ``security.consul_intentions``, calls from other services are also
+    checked against Consul's intentions from here on.
+    """
     if not node.config.consul.enabled:
         return None
     client = ConsulClient(node.config.consul)
     node.stack.push_async_callback(client.close)
+    if node.config.security.consul_intentions and node.security is not None:
+        node.security.use_intentions(IntentionCheck(client, node.role))
     return client
 
 

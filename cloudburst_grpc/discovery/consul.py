@@ -156,6 +156,28 @@ class ConsulClient:
         )
         await asyncio.sleep(delay)
 
+    async def mesh_identity(self) -> tuple[str, str]:
+        """The service-mesh trust domain of the cluster and the agent's datacenter."""
+        roots = await self._consul.agent.connect.ca.roots()
+        agent = await self._consul.agent.self()
+        return str(roots["TrustDomain"]), str(agent["Config"]["Datacenter"])
+
+    async def authorize(self, target: str, client_uri: str, client_serial: str) -> tuple[bool, str]:
+        """Ask the agent whether intentions let ``client_uri`` reach service ``target``."""
+        import json
+
+        from consul.callback import CB
+
+        # The agent takes POST; py-consul's authorize() sends PUT, which it refuses.
+        payload = {"Target": target, "ClientCertURI": client_uri, "ClientCertSerial": client_serial}
+        answer = await self._consul.http.post(
+            CB.json(),
+            "/v1/agent/connect/authorize",
+            headers=self._consul.prepare_headers(None),
+            data=json.dumps(payload),
+        )
+        return bool(answer["Authorized"]), str(answer.get("Reason", ""))
+
     async def close(self) -> None:
         """Close the HTTP session."""
         await self._consul.close()

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -36,6 +36,9 @@ from cloudburst_grpc.security.identity import (
     uris_from_auth_context,
 )
 from cloudburst_grpc.security.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from cloudburst_grpc.security.intentions import IntentionCheck
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +314,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         """Use ``authenticator`` to identify callers; ``limiter`` bounds failures per peer."""
         self.authenticator = authenticator
         self.limiter = limiter or FailureLimiter()
+        self.intentions: IntentionCheck | None = None
+        """When set, calls from the cluster's services also need Consul's intentions."""
+
+    async def _intention_denial(self, identity: Identity) -> Denied | None:
+        if self.intentions is None or identity.source != "certificate":
+            return None
+        reason = await self.intentions.denial(identity)
+        if reason is None:
+            return None
+        return Denied(grpc.StatusCode.PERMISSION_DENIED, reason, "intention")
 
     async def _deny(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, denied: Denied
@@ -338,6 +351,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             identity = await self.authenticator.identify(context)
             check_method(method, identity)
+            denial = await self._intention_denial(identity)
+            if denial is not None:
+                raise denial
         except Denied as denied:
             await self._deny(context, method, denied)
             raise  # not reached: abort raises
@@ -391,6 +407,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 denial = self._check(context, method, identity, frame)
                 if denial is not None:
                     await denial
+                # An intention changed while the stream is open applies to it too.
+                denied = await self._intention_denial(identity)
+                if denied is not None:
+                    await self._deny(context, method, denied)
                 yield frame
 
         return checked()

@@ -17,6 +17,7 @@ import grpc
 from cloudburst_grpc.config import ConfigError, SecurityConfig
 from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, FailureLimiter
 from cloudburst_grpc.security.identity import EXECUTOR, KVS
+from cloudburst_grpc.security.intentions import IntentionCheck
 from cloudburst_grpc.security.tls import TlsError, TlsSource
 from cloudburst_grpc.security.tokens import TokenFileError, TokenStore
 
@@ -43,6 +44,7 @@ class NodeSecurity:
     config: SecurityConfig
     tls: TlsSource | None = None
     tokens: TokenStore | None = None
+    _interceptor: AuthInterceptor | None = None
 
     @classmethod
     def from_config(cls, config: SecurityConfig) -> NodeSecurity:
@@ -98,10 +100,18 @@ class NodeSecurity:
         """The authorization interceptor; None without TLS (nothing to authenticate with)."""
         if self.tls is None:
             return None
-        return AuthInterceptor(
-            Authenticator(self.tokens, (self.config.trust_domain,)),
-            FailureLimiter(self.config.max_auth_failures),
-        )
+        if self._interceptor is None:
+            self._interceptor = AuthInterceptor(
+                Authenticator(self.tokens, (self.config.trust_domain,)),
+                FailureLimiter(self.config.max_auth_failures),
+            )
+        return self._interceptor
+
+    def use_intentions(self, check: IntentionCheck) -> None:
+        """Also require Consul's intentions for calls from the cluster's services."""
+        interceptor = self.interceptor()
+        if interceptor is not None:
+            interceptor.intentions = check
 
     def check_kind(self, role: str) -> str:
         """The Consul health check that can reach a node of ``role``."""
