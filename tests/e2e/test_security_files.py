@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +188,48 @@ def test_a_wildcard_bind_without_tls_refuses_to_start_unless_insecure() -> None:
         proc.wait_for_log("INSECURE")
     finally:
         proc.kill()
+
+
+def test_secrets_appear_in_no_log_trace_metric_or_error(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    assert cbgrpc("certs", str(certs)).returncode == 0
+    made = cbgrpc("token", "admin")
+    token = made.stdout.strip()
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(made.stderr.strip().removeprefix("add to the tokens file: ") + "\n")
+    wrong = "cbt_wrong-but-secret-looking-token"
+    key_text = (certs / "serve-key.pem").read_text().splitlines()[1]  # a line of the key
+    server = CbgrpcProcess(
+        "serve",
+        "--storage",
+        "memory",
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "DEBUG",
+        "--tokens-file",
+        str(tokens_file),
+        *tls_flags(certs, "serve"),
+        env={"OTEL_TRACES_EXPORTER": "console"},
+    )
+    try:
+        ca = str(certs / "ca.pem")
+        with CloudburstConnection(server.address, tls_ca=ca, token=token) as cloud:
+            incr = cloud.register(lambda _, x: x + 1, "incr")
+            assert incr(1).get() == 2
+        with CloudburstConnection(server.address, tls_ca=ca, token=wrong) as cloud:
+            with pytest.raises(UnauthenticatedError) as raised:
+                cloud.list()
+        server.wait_for_log("refused /cloudburst.v1.SchedulerService/ListFunctions")
+        url = server.wait_for_log("metrics on http://", stdout=True).rsplit(" ", 1)[1].strip()
+        with urllib.request.urlopen(url, timeout=10) as response:
+            metrics = response.read().decode()
+        assert "cloudburst_auth_failures" in metrics
+        server.wait_for_log('"name": "/cloudburst.v1.SchedulerService/ListFunctions"', stdout=True)
+    finally:
+        server.stop()
+    everything = "\n".join(
+        [server.stderr(), "".join(server.stdout_lines), metrics, str(raised.value)]
+    )
+    for secret in (token, wrong, key_text):
+        assert secret not in everything
