@@ -314,6 +314,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         """Use ``authenticator`` to identify callers; ``limiter`` bounds failures per peer."""
         self.authenticator = authenticator
         self.limiter = limiter or FailureLimiter()
+        self._logged = FailureLimiter(self.limiter.limit, self.limiter.window)
         self.intentions: IntentionCheck | None = None
         """When set, calls from the cluster's services also need Consul's intentions."""
 
@@ -329,14 +330,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, denied: Denied
     ) -> None:
         peer = peer_host(context.peer() or "")
-        count = self.limiter.failed(peer)
         AUTH_FAILURES.add(1, {"reason": denied.reason, "rpc.method": method})
-        if count <= self.limiter.limit:
+        # Every refusal is logged, up to the limit per peer and minute (no flooding).
+        if self._logged.failed(peer) <= self._logged.limit:
             logger.warning(
                 "refused %s from %s (%s): %s", method, peer, denied.reason, denied.message
             )
-        if count == self.limiter.limit:
-            logger.warning("too many refused calls from %s; refusing it for a while", peer)
+        # Only failed authentication (guessing) blocks a peer; a caller that proved who it
+        # is and lacks a role is refused call by call, so it recovers once allowed.
+        if denied.code == grpc.StatusCode.UNAUTHENTICATED:
+            if self.limiter.failed(peer) == self.limiter.limit:
+                logger.warning(
+                    "%d failed authentications from %s within %.0fs; refusing it for a while",
+                    self.limiter.limit,
+                    peer,
+                    self.limiter.window,
+                )
         await context.abort(denied.code, denied.message)
 
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:

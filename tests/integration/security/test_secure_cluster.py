@@ -319,3 +319,28 @@ def test_insecure_mode_warns(
         node = start_node(start_kvs_node(config))
     assert "INSECURE" in caplog.text
     assert node.security is not None and node.security.insecure_warning
+
+
+def test_failed_authentication_blocks_the_peer_but_a_missing_role_does_not(
+    secure: SecureCluster,
+) -> None:
+    with secure.channel(secure.scheduler.address, token=TOKENS["invoker"]) as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        for _ in range(12):
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.DeleteDag(scheduler_service_pb2.DeleteDagRequest(name="x"), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        stub.ListFunctions(scheduler_service_pb2.ListFunctionsRequest(), timeout=10)
+    with secure.channel(secure.scheduler.address, token="cbt_guess") as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        for _ in range(10):
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ListFunctions(scheduler_service_pb2.ListFunctionsRequest(), timeout=10)
+            assert raised.value.details() == "the bearer token is not valid"
+    # This address is now refused without its token being looked at, even a good one.
+    with secure.channel(secure.scheduler.address, token=TOKENS["admin"]) as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ListFunctions(scheduler_service_pb2.ListFunctionsRequest(), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "too many failed attempts from this address" in (raised.value.details() or "")
