@@ -502,7 +502,8 @@ def _mtls_section(summary: dict[str, Any] | None) -> list[str]:
         "",
         "## Mutual TLS overhead",
         "",
-        "The process cluster again, every hop mutual TLS with certificates from "
+        "The static process cluster (cluster-static) again, every hop mutual TLS with "
+        "certificates from "
         "`cbgrpc certs` and the client authenticated by its certificate, against the "
         f"plaintext cluster; aim: within {aim:.0%} on the DAG.",
         "",
