@@ -137,8 +137,8 @@ class ConsulConfig:
 
     address: str = ""
     """``host:port`` or ``scheme://host:port`` of the Consul agent; empty turns discovery off."""
-    token: str = ""
-    """ACL token sent with every request."""
+    token: str = field(default="", repr=False)
+    """ACL token sent with every request (never shown by repr, so never in a log line)."""
     ssl: bool = False
     """Use HTTPS (implied by an ``https://`` address)."""
     verify: bool = True

@@ -89,3 +89,9 @@ def test_security_settings_are_checked() -> None:
                 }
             ).security
         )
+
+
+def test_the_consul_token_is_not_shown_by_repr() -> None:
+    config = load_config(environ={"CONSUL_HTTP_TOKEN": "acl-secret-123"})
+    assert config.consul.token == "acl-secret-123"
+    assert "acl-secret-123" not in repr(config)
