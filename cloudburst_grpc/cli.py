@@ -336,19 +336,48 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the cbgrpc serve to ask (default 127.0.0.1:{DEFAULT_PORT})",
     )
     timing.add_argument(
+        "--tls-ca",
+        default="",
+        metavar="FILE",
+        help="connect with TLS, trusting this CA (default: $CLOUDBURST_TLS_CA; none: plaintext)",
+    )
+    timing.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding an admin token (default: $CLOUDBURST_TOKEN)",
+    )
+    timing.add_argument(
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
 
 
-def _timing(call_id: str, address: str) -> int:
+def _timing(call_id: str, address: str, tls_ca: str = "", token_file: Path | None = None) -> int:
     import grpc
 
+    from cloudburst._security import ClientSecurity
+    from cloudburst.errors import CloudburstError
     from cloudburst.rpc import error_from_rpc
     from cloudburst.v1 import diagnostics_service_pb2, diagnostics_service_pb2_grpc
     from cloudburst_grpc.diagnostics import format_timing
 
-    with grpc.insecure_channel(address) as channel:
+    try:
+        token = token_file.read_text().strip() if token_file is not None else ""
+    except OSError as exc:
+        print(f"cbgrpc timing: cannot read {token_file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    security = ClientSecurity.resolve(None, ca_file=tls_ca, token=token)
+    try:
+        channel = (
+            grpc.secure_channel(address, security.credentials(), options=security.options())
+            if security.tls
+            else grpc.insecure_channel(address)
+        )
+    except CloudburstError as exc:
+        print(f"cbgrpc timing: {exc}", file=sys.stderr)
+        return 1
+    with channel:
         stub = diagnostics_service_pb2_grpc.DiagnosticsServiceStub(channel)
         try:
             response = stub.GetCallTiming(
@@ -588,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "timing":
-        return _timing(args.call_id, args.address)
+        return _timing(args.call_id, args.address, args.tls_ca, args.token_file)
     if args.command == "certs":
         return _certs(args)
     if args.command == "token":

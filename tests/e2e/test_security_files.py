@@ -207,6 +207,8 @@ def test_secrets_appear_in_no_log_trace_metric_or_error(tmp_path: Path) -> None:
         "0",
         "--log-level",
         "DEBUG",
+        "--timings",
+        "10",
         "--tokens-file",
         str(tokens_file),
         *tls_flags(certs, "serve"),
@@ -216,7 +218,23 @@ def test_secrets_appear_in_no_log_trace_metric_or_error(tmp_path: Path) -> None:
         ca = str(certs / "ca.pem")
         with CloudburstConnection(server.address, tls_ca=ca, token=token) as cloud:
             incr = cloud.register(lambda _, x: x + 1, "incr")
-            assert incr(1).get() == 2
+            future = incr(1)
+            assert future.get() == 2
+        # `cbgrpc timing` reaches a secured server with the CA and an admin token.
+        token_file = tmp_path / "admin.token"
+        token_file.write_text(token + "\n")
+        timing = cbgrpc(
+            "timing",
+            future.obj_id,
+            "--address",
+            server.address,
+            "--tls-ca",
+            ca,
+            "--token-file",
+            str(token_file),
+        )
+        assert timing.returncode == 0, timing.stderr
+        assert "incr" in timing.stdout
         with CloudburstConnection(server.address, tls_ca=ca, token=wrong) as cloud:
             with pytest.raises(UnauthenticatedError) as raised:
                 cloud.list()
@@ -229,7 +247,13 @@ def test_secrets_appear_in_no_log_trace_metric_or_error(tmp_path: Path) -> None:
     finally:
         server.stop()
     everything = "\n".join(
-        [server.stderr(), "".join(server.stdout_lines), metrics, str(raised.value)]
+        [
+            server.stderr(),
+            "".join(server.stdout_lines),
+            metrics,
+            str(raised.value),
+            timing.stdout + timing.stderr,
+        ]
     )
     for secret in (token, wrong, key_text):
         assert secret not in everything
