@@ -356,9 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _timing(call_id: str, address: str, tls_ca: str = "", token_file: Path | None = None) -> int:
     import grpc
 
-    from cloudburst._security import ClientSecurity
     from cloudburst.errors import CloudburstError
     from cloudburst.rpc import error_from_rpc
+    from cloudburst.transport import ClientSecurity
     from cloudburst.v1 import diagnostics_service_pb2, diagnostics_service_pb2_grpc
     from cloudburst_grpc.diagnostics import format_timing
 
@@ -369,14 +369,16 @@ def _timing(call_id: str, address: str, tls_ca: str = "", token_file: Path | Non
         return 1
     security = ClientSecurity.resolve(None, ca_file=tls_ca, token=token)
     try:
-        channel = (
-            grpc.secure_channel(address, security.credentials(), options=security.options())
-            if security.tls
-            else grpc.insecure_channel(address)
-        )
+        credentials = security.channel_credentials()
     except CloudburstError as exc:
         print(f"cbgrpc timing: {exc}", file=sys.stderr)
         return 1
+    options = [("grpc.ssl_target_name_override", security.server_name)]
+    channel = (
+        grpc.secure_channel(address, credentials, options if security.server_name else None)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
     with channel:
         stub = diagnostics_service_pb2_grpc.DiagnosticsServiceStub(channel)
         try:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cloudburst.transport import channel_options, server_options
+from cloudburst.transport import open_channel, server_options
 from cloudburst_grpc import reflection, telemetry
 from cloudburst_grpc.interceptors import ErrorMappingInterceptor
 
@@ -21,11 +21,7 @@ logger = logging.getLogger(__name__)
 
 def insecure_channel(address: str, max_payload_bytes: int) -> grpc.aio.Channel:
     """A channel to another service, traced when tracing is on."""
-    return grpc.aio.insecure_channel(
-        address,
-        options=channel_options(max_payload_bytes),
-        interceptors=telemetry.client_interceptors(),
-    )
+    return open_channel(address, max_payload_bytes, interceptors=telemetry.client_interceptors())
 
 
 def peer_channel(
@@ -38,11 +34,12 @@ def peer_channel(
     """
     if tls is None:
         return insecure_channel(address, max_payload_bytes)
-    return grpc.aio.secure_channel(
+    return open_channel(
         address,
+        max_payload_bytes,
         tls.channel_credentials(),
-        options=[*channel_options(max_payload_bytes), *tls.peer_options(role)],
-        interceptors=telemetry.client_interceptors(),
+        tls.peer_name(role),
+        telemetry.client_interceptors(),
     )
 
 

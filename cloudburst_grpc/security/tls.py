@@ -144,10 +144,9 @@ class TlsSource:
         material = self.current()
         return grpc.ssl_channel_credentials(material.ca_pem, material.key_pem, material.cert_pem)
 
-    def peer_options(self, role: str) -> list[tuple[str, str]]:
-        """Channel options that make the peer prove it holds ``role``.
+    def peer_name(self, role: str) -> str:
+        """The name a peer of ``role`` must prove, verified instead of the address dialled.
 
-        Service certificates carry ``<role>.<trust domain>`` as a DNS name; the
-        channel verifies that name instead of the address it dials.
+        Service certificates carry ``<role>.<trust domain>`` as a DNS name.
         """
-        return [("grpc.ssl_target_name_override", role_dns_name(role, self.trust_domain))]
+        return role_dns_name(role, self.trust_domain)

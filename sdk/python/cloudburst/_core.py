@@ -25,11 +25,10 @@ import grpc
 
 from cloudburst import tracing
 from cloudburst._loop import LoopDriver
-from cloudburst._security import ClientSecurity
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, settle
-from cloudburst.transport import channel_options
+from cloudburst.transport import ClientSecurity, open_channel
 from cloudburst.v1 import (
     execution_pb2,
     kvs_service_pb2,
@@ -98,18 +97,14 @@ class Core:
         self.loop = asyncio.get_running_loop()
         self.driver = driver
         self.target = target
-        options = channel_options(max_payload_bytes)
-        if security is not None and security.tls:
-            self.channel = grpc.aio.secure_channel(
-                target,
-                security.credentials(),
-                options=[*options, *security.options()],
-                interceptors=tracing.client_interceptors(),
-            )
-        else:
-            self.channel = grpc.aio.insecure_channel(
-                target, options=options, interceptors=tracing.client_interceptors()
-            )
+        security = security or ClientSecurity()
+        self.channel = open_channel(
+            target,
+            max_payload_bytes,
+            security.channel_credentials(),
+            security.server_name,
+            tracing.client_interceptors(),
+        )
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
         self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
         self._stream: OutboxStream[

@@ -24,7 +24,6 @@ import cloudpickle
 from cloudburst import _original, sources, tracing
 from cloudburst._core import Core, PendingCall
 from cloudburst._loop import new_driver
-from cloudburst._security import ClientSecurity
 from cloudburst.errors import (
     CloudburstError,
     DagAlreadyExistsError,
@@ -47,7 +46,7 @@ from cloudburst.serialization import (
     lww,
     serialize,
 )
-from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE
+from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE, ClientSecurity
 from cloudburst.v1 import (
     execution_pb2,
     function_pb2,
