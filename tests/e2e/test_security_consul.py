@@ -124,3 +124,16 @@ def test_intentions_decide_whether_schedulers_reach_executors(
                 break
             except CloudburstError:
                 assert time.monotonic() < deadline, "traffic did not resume after allow"
+
+
+def test_an_insecure_service_says_so_in_its_consul_registration(
+    consul: ConsulAgent, procs: list[CbgrpcProcess]
+) -> None:
+    env = {"CONSUL_HTTP_ADDR": consul.address}
+    kvs = CbgrpcProcess(
+        "kvs", "--storage", "memory", "--host", "0.0.0.0", "--insecure", *CHECK, env=env
+    )
+    procs.append(kvs)
+    kvs.wait_for_log("INSECURE")
+    body = consul.wait("/v1/health/service/cloudburst-kvs?passing=true", lambda b: len(b) == 1)
+    assert "insecure" in body[0]["Service"]["Meta"]["security"]
