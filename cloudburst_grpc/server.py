@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from cloudburst_grpc.security.tls import TlsSource
 
 logger = logging.getLogger(__name__)
+
+Stub = TypeVar("Stub")
 
 
 def insecure_channel(address: str, max_payload_bytes: int) -> grpc.aio.Channel:
@@ -41,6 +43,52 @@ def peer_channel(
         tls.peer_name(role),
         telemetry.client_interceptors(),
     )
+
+
+class PeerChannel(Generic[Stub]):
+    """A channel to a peer and its stub, made again once this node's certificate changed.
+
+    gRPC fixes a channel's credentials when it is made, so a channel would show
+    its first certificate on every reconnection, even after that one expired.
+    :meth:`stub` (called whenever a call or stream starts) makes a new channel
+    after the TLS files changed; calls in flight finish on the old one, which
+    is closed with this object.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        max_payload_bytes: int,
+        tls: TlsSource | None,
+        role: str,
+        stub_type: Callable[[grpc.aio.Channel], Stub],
+    ) -> None:
+        """Open the first channel to the peer of ``role`` at ``address``."""
+        self._args = (address, max_payload_bytes, tls, role)
+        self._tls = tls
+        self._stub_type = stub_type
+        self._generation = tls.generation if tls is not None else 0
+        self.channel = peer_channel(address, max_payload_bytes, tls, role)
+        self._stub = stub_type(self.channel)
+        self._retired: list[grpc.aio.Channel] = []
+
+    def stub(self) -> Stub:
+        """The stub of the current channel (a new one after a certificate change)."""
+        if self._tls is not None:
+            self._tls.current()  # notices changed files
+            if self._tls.generation != self._generation:
+                self._generation = self._tls.generation
+                self._retired.append(self.channel)
+                self.channel = peer_channel(*self._args)
+                self._stub = self._stub_type(self.channel)
+                logger.info("new channel to %s with the new certificate", self._args[0])
+        return self._stub
+
+    async def close(self) -> None:
+        """Close the current channel and the retired ones."""
+        for channel in [*self._retired, self.channel]:
+            await channel.close()
+        self._retired.clear()
 
 
 def create_server(

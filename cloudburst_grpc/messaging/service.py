@@ -24,7 +24,7 @@ from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.security.identity import EXECUTOR
 from cloudburst_grpc.security.tls import TlsSource
-from cloudburst_grpc.server import peer_channel
+from cloudburst_grpc.server import PeerChannel
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +200,13 @@ class MessagingPeer:
     ) -> None:
         self.address = address
         self._outbox = outbox
-        self._channel = peer_channel(address, max_payload_bytes, tls, EXECUTOR)
-        stub = messaging_service_pb2_grpc.MessagingServiceStub(self._channel)
+        self._peer = PeerChannel(
+            address,
+            max_payload_bytes,
+            tls,
+            EXECUTOR,
+            messaging_service_pb2_grpc.MessagingServiceStub,
+        )
         self._waiting: dict[int, _Unanswered] = {}
         self._sequence = itertools.count(1)
         self._stream: OutboxStream[
@@ -209,7 +214,7 @@ class MessagingPeer:
             messaging_service_pb2.StreamMessagesResponse,
         ] = OutboxStream(
             f"messaging at {address}",
-            stub.StreamMessages,
+            lambda: self._peer.stub().StreamMessages(),
             self._answered,
             self._ended,
             lambda: messaging_service_pb2.StreamMessagesRequest(
@@ -342,7 +347,7 @@ class MessagingPeer:
         if self._stream.closed:
             return
         await self._stream.close()
-        await self._channel.close()
+        await self._peer.close()
 
 
 @dataclass

@@ -77,6 +77,7 @@ class TlsSource:
         self._check_seconds = check_seconds
         self._lock = threading.Lock()
         self._next_check = 0.0
+        self._next_poll = 0.0
         self._stamp = self._stat()
         self._material = self._read()
         self.generation = 1
@@ -116,6 +117,18 @@ class TlsSource:
             except TlsError as exc:
                 logger.warning("keeping the current TLS certificate: %s", exc)
             return self._material
+
+    def poll(self, interval: float = 1.0) -> int:
+        """The generation, after looking at the files at most once per ``interval`` seconds.
+
+        For hot paths that must notice a change but should not stat files on
+        every call.
+        """
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + interval
+            self.current()
+        return self.generation
 
     def server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
         """Server credentials that pick up new files for new connections."""

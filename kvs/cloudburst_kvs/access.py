@@ -144,6 +144,7 @@ class KvsEndpoint:
         self._client: KvsClient | None = None
         self._retired: list[grpc.aio.Channel] = []
         self._set_aside: dict[str, float] = {}
+        self._generation = 0
 
     async def channel(self) -> grpc.aio.Channel:
         """The channel to a current KVS instance (waits for one to be known)."""
@@ -157,11 +158,15 @@ class KvsEndpoint:
                 i.address for i in instances if self._set_aside.get(i.address, 0.0) <= now
             ] or [i.address for i in instances]
             address = self._address if self._address in addresses else addresses[0]
-        if address != self._address or self._channel is None:
+        # A channel keeps the certificate it was made with: after a change, make a new one.
+        generation = self._tls.poll() if self._tls is not None else 0
+        if address != self._address or self._channel is None or generation != self._generation:
             if self._channel is not None:
                 self._retired.append(self._channel)
-                logger.info("KVS moved from %s to %s", self._address, address)
+                if address != self._address:
+                    logger.info("KVS moved from %s to %s", self._address, address)
             self._address = address
+            self._generation = generation
             self._channel = peer_channel(
                 address, self._config.server.max_payload_bytes, self._tls, KVS
             )

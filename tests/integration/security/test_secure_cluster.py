@@ -30,7 +30,9 @@ from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.config import ConfigError
 from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
 from cloudburst_grpc.security.certs import Issued, create_bundle, create_ca, issue, write_issued
+from cloudburst_grpc.security.tls import TlsSource
 from cloudburst_grpc.security.tokens import hash_token
+from cloudburst_grpc.server import PeerChannel
 from harness import LoopThread, make_config
 
 TOKENS = {
@@ -344,3 +346,40 @@ def test_failed_authentication_blocks_the_peer_but_a_missing_role_does_not(
             stub.ListFunctions(scheduler_service_pb2.ListFunctionsRequest(), timeout=10)
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "too many failed attempts from this address" in (raised.value.details() or "")
+
+
+def test_peer_channels_take_a_rewritten_certificate(
+    secure: SecureCluster, server_loop: LoopThread, tmp_path: Path
+) -> None:
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("scheduler.pem", "scheduler-key.pem", "ca.pem"):
+        (own / name).write_bytes((secure.certs / name).read_bytes())
+    tls = TlsSource(own / "scheduler.pem", own / "scheduler-key.pem", own / "ca.pem")
+    request = executor_service_pb2.GetExecutorStatusRequest()
+
+    async def scenario() -> tuple[bool, str, str]:
+        peer = PeerChannel(
+            secure.executors[0].address,
+            1024 * 1024,
+            tls,
+            "executor",
+            executor_service_pb2_grpc.ExecutorServiceStub,
+        )
+        try:
+            first = peer.channel
+            before = await peer.stub().GetExecutorStatus(request, timeout=10)
+            ca = Issued(
+                (secure.certs / "ca.pem").read_bytes(), (secure.certs / "ca-key.pem").read_bytes()
+            )
+            fresh = issue(ca, "scheduler")
+            (own / "scheduler-key.pem").write_bytes(fresh.key_pem)
+            (own / "scheduler.pem").write_bytes(fresh.cert_pem)
+            after = await peer.stub().GetExecutorStatus(request, timeout=10)
+            return peer.channel is not first, before.executor_id, after.executor_id
+        finally:
+            await peer.close()
+
+    changed, before, after = server_loop.run(scenario())
+    assert changed
+    assert before == after == "executor-0"
