@@ -98,6 +98,7 @@ class Core:
         self.driver = driver
         self.target = target
         security = security or ClientSecurity()
+        self._tls = security.tls
         self.channel = open_channel(
             target,
             max_payload_bytes,
@@ -123,10 +124,29 @@ class Core:
             async with asyncio.timeout(timeout):
                 await self.channel.channel_ready()
         except TimeoutError:
+            hint = "check the address and that `cbgrpc serve` (or the cluster) is running"
+            if self._tls:
+                hint += (
+                    "; with TLS, also that tls_ca is the cluster's CA and that the server "
+                    "accepts your client certificate (one from another CA, or expired, is "
+                    f"refused in the handshake). Last error: {await self._last_error()}"
+                )
             raise UnavailableError(
                 f"cannot reach a cloudburst scheduler at {self.target} within {timeout:.0f}s; "
-                "check the address and that `cbgrpc serve` (or the cluster) is running"
+                + hint
             ) from None
+
+    async def _last_error(self) -> str:
+        """What the channel's last connection attempt ended with (one quick call)."""
+        try:
+            await self.scheduler.ListFunctions(
+                scheduler_service_pb2.ListFunctionsRequest(), timeout=2
+            )
+        except grpc.RpcError as exc:
+            # Every error a call raises has details(); grpc.RpcError does not declare it.
+            rpc: Any = exc
+            return str(rpc.details())
+        return "none"
 
     # -- the call stream -----------------------------------------------------------
 

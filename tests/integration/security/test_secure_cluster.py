@@ -285,7 +285,7 @@ def test_a_client_certificate_authenticates_where_no_tokens_are_configured(
     ours = Issued((certs / "ca.pem").read_bytes(), (certs / "ca-key.pem").read_bytes())
     write_issued(tmp_path / "expired", "client-admin", issue(ours, "admin", days=-1))
     for bad in ("foreign", "expired"):
-        with pytest.raises(UnavailableError):
+        with pytest.raises(UnavailableError, match="refused in the handshake"):
             CloudburstConnection(
                 scheduler.address,
                 tls_ca=ca,
@@ -293,6 +293,16 @@ def test_a_client_certificate_authenticates_where_no_tokens_are_configured(
                 tls_key=str(tmp_path / bad / "client-admin-key.pem"),
                 connect_timeout=3,
             ).list()
+    # A client that trusts another CA says why it cannot connect.
+    (tmp_path / "other-ca.pem").write_bytes(foreign_ca.cert_pem)
+    with pytest.raises(UnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
+        CloudburstConnection(
+            scheduler.address,
+            tls_ca=str(tmp_path / "other-ca.pem"),
+            tls_cert=str(certs / "client-admin.pem"),
+            tls_key=str(certs / "client-admin-key.pem"),
+            connect_timeout=3,
+        )
 
 
 def test_tokens_are_rotated_without_a_restart(secure: SecureCluster) -> None:
