@@ -137,3 +137,37 @@ def test_an_insecure_service_says_so_in_its_consul_registration(
     kvs.wait_for_log("INSECURE")
     body = consul.wait("/v1/health/service/cloudburst-kvs?passing=true", lambda b: len(b) == 1)
     assert "insecure" in body[0]["Service"]["Meta"]["security"]
+
+
+def test_consul_health_checks_reach_tls_ports(
+    consul: ConsulAgent, procs: list[CbgrpcProcess], tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    made = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", "certs", str(certs)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    token = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", "token", "admin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token.stderr.strip().removeprefix("add to the tokens file: ") + "\n")
+    env = {"CONSUL_HTTP_ADDR": consul.address}
+    procs.append(CbgrpcProcess("kvs", "--storage", "memory", *tls_flags(certs, "kvs"), env=env))
+    procs.append(
+        CbgrpcProcess(
+            "scheduler", *tls_flags(certs, "scheduler"), "--tokens-file", str(tokens), env=env
+        )
+    )
+    # A port that demands client certificates gets a TCP check; a scheduler that takes
+    # tokens a gRPC health check over TLS. Both pass.
+    for name, kind in (("cloudburst-kvs", "tcp"), ("cloudburst-scheduler", "grpc")):
+        body = consul.wait(f"/v1/health/service/{name}?passing=true", lambda b: len(b) == 1)
+        checks = [c for c in body[0]["Checks"] if c["ServiceName"] == name]
+        assert [c["Type"] for c in checks] == [kind]
