@@ -95,3 +95,31 @@ def test_the_consul_token_is_not_shown_by_repr() -> None:
     config = load_config(environ={"CONSUL_HTTP_TOKEN": "acl-secret-123"})
     assert config.consul.token == "acl-secret-123"
     assert "acl-secret-123" not in repr(config)
+
+
+def test_which_ports_demand_client_certificates_and_how_consul_checks_them(
+    tmp_path: Path,
+) -> None:
+    certs = bundle(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("")
+    environ = {
+        "CBGRPC_SECURITY_TLS_CERT": str(certs / "scheduler.pem"),
+        "CBGRPC_SECURITY_TLS_KEY": str(certs / "scheduler-key.pem"),
+        "CBGRPC_SECURITY_TLS_CA": str(certs / "ca.pem"),
+    }
+    certificates_only = NodeSecurity.from_config(load_config(environ=environ).security)
+    with_tokens = NodeSecurity.from_config(
+        load_config(environ={**environ, "CBGRPC_SECURITY_TOKENS_FILE": str(tokens)}).security
+    )
+    plain = NodeSecurity.from_config(load_config(environ={}).security)
+    assert [with_tokens.check_kind(r) for r in ("scheduler", "serve", "executor", "kvs")] == [
+        "grpc-tls",
+        "grpc-tls",
+        "tcp",
+        "tcp",
+    ]
+    assert certificates_only.check_kind("scheduler") == "tcp"
+    assert plain.check_kind("executor") == "grpc"
+    assert plain.server_credentials("executor") is None
+    assert with_tokens.server_credentials("scheduler") is not None
