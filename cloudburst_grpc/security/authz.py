@@ -71,6 +71,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
             "GetDag",
             "ListDags",
             "ListExecutors",
+            "GetResult",
             "CallFunction",
             "CallDag",
             "StreamCalls",
