@@ -135,6 +135,7 @@ def build(
     memory: dict[str, Any] | None,
     profiles: list[dict[str, Any]],
     tracing_overhead: dict[str, Any] | None = None,
+    mtls_overhead: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every figure of the run, as one JSON-ready dict."""
     rows: list[dict[str, Any]] = []
@@ -217,6 +218,7 @@ def build(
         "ray": {k: v for k, v in ray.items() if k != "workloads"},
         "memory": memory,
         "tracing_overhead": tracing_overhead,
+        "mtls_overhead": mtls_overhead,
         "profiles": profiles,
     }
 
@@ -391,6 +393,7 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
         ]
     lines += _breakdown_section(data)
     lines += _tracing_section(data.get("tracing_overhead"), settings)
+    lines += _mtls_section(data.get("mtls_overhead"))
     lines += ["", *(f"![{name}]({name})" for name in plots)]
     lines += ["", "## What each floor measures", "", FLOOR_DEFINITIONS]
     lines += _memory_section(data.get("memory"))
@@ -488,6 +491,33 @@ def _breakdown_section(data: dict[str, Any]) -> list[str]:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.1f}%"
+
+
+def _mtls_section(summary: dict[str, Any] | None) -> list[str]:
+    """The cost of mutual TLS on the process cluster (same run, interleaved rounds)."""
+    if not summary or not summary.get("workloads"):
+        return []
+    aim = summary["aim"]
+    lines = [
+        "",
+        "## Mutual TLS overhead",
+        "",
+        "The static process cluster (cluster-static) again, every hop mutual TLS with "
+        "certificates from "
+        "`cbgrpc certs` and the client authenticated by its certificate, against the "
+        f"plaintext cluster; aim: within {aim:.0%} on the DAG.",
+        "",
+        "| workload | plaintext median (ms) | mTLS median (ms) | overhead | aim |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summary["workloads"]:
+        overhead = row.get("overhead")
+        verdict = "n/a" if overhead is None else ("PASS" if overhead <= aim else "MISS")
+        lines.append(
+            f"| {row['workload']} | {_fmt(row['plain_median_ms'])} | "
+            f"{_fmt(row['mtls_median_ms'])} | {_pct(overhead)} | {verdict} |"
+        )
+    return lines
 
 
 def _tracing_section(summary: dict[str, Any] | None, settings: dict[str, Any]) -> list[str]:

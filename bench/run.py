@@ -939,6 +939,32 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: The aim for mutual TLS: the cluster's DAG latency within this fraction of plaintext.
+MTLS_AIM = 0.10
+
+
+def mtls_summary(records: list[Record]) -> dict[str, Any]:
+    """Medians of the mutual-TLS cluster against the plaintext static one, per workload."""
+    by_key = {r.workload.key: r for r in records}
+    rows = []
+    for name in (systems.DAG_DIRECT, systems.DAG_GET, systems.CALL):
+        plain = by_key.get(f"{STATIC}/{name}")
+        secure = by_key.get(f"{systems.MTLS}/{name}")
+        if plain is None or secure is None or not plain.latencies or not secure.latencies:
+            continue
+        base = summarize(plain.latencies)["median_ms"]
+        tls = summarize(secure.latencies)["median_ms"]
+        rows.append(
+            {
+                "workload": name,
+                "plain_median_ms": base,
+                "mtls_median_ms": tls,
+                "overhead": tls / base - 1 if base else None,
+            }
+        )
+    return {"aim": MTLS_AIM, "workloads": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     interrupt_on_sigterm()
@@ -1004,6 +1030,11 @@ def main(argv: list[str] | None = None) -> int:
                 procs, STATIC, storage=settings.storage, data_dir=Path(scratch.name),
                 valkey_url=urls.get(STATIC),
             )  # fmt: skip
+            if settings.storage != "valkey":  # a Valkey Cluster serves one cluster only
+                deployments[systems.MTLS] = systems.start_cluster(
+                    procs, systems.MTLS, storage=settings.storage, data_dir=Path(scratch.name),
+                    certs=Path(scratch.name) / "certs",
+                )  # fmt: skip
             if settings.consul:
                 try:
                     consul_child, consul = systems.start_consul(procs, systems.consul_binary())
@@ -1021,8 +1052,11 @@ def main(argv: list[str] | None = None) -> int:
                 systems.describe_start(deployment)
                 systems.register_all(systems.connect(deployment))
             records = floor_workloads(client, aio, engine) + unit_workloads(aio, pool)
-            for deployment in deployments.values():
-                records += [Record(w) for w in systems.workloads(deployment)]
+            for name, deployment in deployments.items():
+                chosen = (systems.mtls_workloads if name == systems.MTLS else systems.workloads)(
+                    deployment
+                )
+                records += [Record(w) for w in chosen]
             traced, traced_records, traced_error = start_tracing_variants(procs, deployments)
             records += traced_records
             records += diagnosis_workloads(
@@ -1089,7 +1123,17 @@ def main(argv: list[str] | None = None) -> int:
     meta["seconds"] = time.monotonic() - began
     meta["load_average_at_end"] = list(os.getloadavg())
     data = report.build(
-        meta, settings.__dict__, records, FLOOR_OF, RAY_OF, ray, targets, mem, profiles, overhead
+        meta,
+        settings.__dict__,
+        records,
+        FLOOR_OF,
+        RAY_OF,
+        ray,
+        targets,
+        mem,
+        profiles,
+        overhead,
+        mtls_summary(records),
     )
     paths = report.write(settings.out, data, records, ray)
     log(f"done in {meta['seconds']:.0f} s: " + ", ".join(str(p) for p in paths))

@@ -13,6 +13,7 @@ import array
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -41,6 +42,8 @@ SERVE = "serve"
 CLUSTER_STATIC = "cluster-static"
 CLUSTER_CONSUL = "cluster-consul"
 CLUSTERS = (CLUSTER_STATIC, CLUSTER_CONSUL)
+#: The static cluster again with every hop mutual TLS: its figures against the static ones.
+MTLS = "cluster-mtls"
 #: Storage engines the bench can run the clusters' KVS with (``--storage``).
 STORAGE_ENGINES = ("memory", "sqlite", "valkey")
 
@@ -56,6 +59,8 @@ class System:
     children: list[Child]
     conn: CloudburstConnection | None = None
     notes: list[str] = field(default_factory=list)
+    client_options: dict[str, str] = field(default_factory=dict)
+    """Keyword arguments of CloudburstConnection beyond the address (TLS settings)."""
 
     def pids(self) -> dict[str, int]:
         return {child.name: child.pid for child in self.children}
@@ -109,6 +114,15 @@ def start_valkey(directory: Path) -> Any:
     return start_valkey_cluster(directory, replicas=1)
 
 
+def _tls(certs: Path | None, role: str) -> list[str]:
+    if certs is None:
+        return []
+    return [
+        *("--tls-cert", str(certs / f"{role}.pem"), "--tls-key", str(certs / f"{role}-key.pem")),
+        *("--tls-ca", str(certs / "ca.pem")),
+    ]
+
+
 def start_cluster(
     procs: Processes,
     name: str = CLUSTER_STATIC,
@@ -117,6 +131,7 @@ def start_cluster(
     data_dir: Path | None = None,
     consul: str | None = None,
     valkey_url: str | None = None,
+    certs: Path | None = None,
 ) -> System:
     """A KVS, two executors and a scheduler, each its own `cbgrpc` process.
 
@@ -126,9 +141,24 @@ def start_cluster(
     the addresses it needs on its command line; with it (a Consul agent's
     ``host:port``) they find each other there, the client included. The KVS
     stores with ``storage`` (``memory``, ``sqlite`` in ``data_dir``, or
-    ``valkey`` in the Valkey Cluster at ``valkey_url``).
+    ``valkey`` in the Valkey Cluster at ``valkey_url``). With ``certs`` (and no
+    Consul), `cbgrpc certs` writes a CA and certificates there and every hop is
+    mutual TLS, the client showing an admin certificate.
     """
     env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
+    options: dict[str, str] = {}
+    if certs is not None:
+        subprocess.run(
+            [sys.executable, "-m", "cloudburst_grpc", "certs", str(certs), "--client", "admin"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        options = {
+            "tls_ca": str(certs / "ca.pem"),
+            "tls_cert": str(certs / "client-admin.pem"),
+            "tls_key": str(certs / "client-admin-key.pem"),
+        }
     if consul is not None:
         env["CONSUL_HTTP_ADDR"] = consul
     kvs_dir = (data_dir or procs.log_dir) / f"{name}-kvs-data"
@@ -136,6 +166,7 @@ def start_cluster(
         f"{name}-kvs",
         "kvs",
         *storage_args(storage, kvs_dir, valkey_url),
+        *_tls(certs, "kvs"),
         env=env,
         cpu=procs.cores.server(),
     )
@@ -147,6 +178,7 @@ def start_cluster(
             *to_kvs,
             "--id",
             f"{name}-executor-{tag}",
+            *_tls(certs, "executor"),
             env=env,
             cpu=procs.cores.spread(index),
         )
@@ -158,12 +190,13 @@ def start_cluster(
         "scheduler",
         *to_kvs,
         *flags,
+        *_tls(certs, "scheduler"),
         env=env,
         cpu=procs.cores.server(),
     )
     children = [scheduler, *executors, kvs]
     if consul is None:
-        return System(name, scheduler.address, children)
+        return System(name, scheduler.address, children, client_options=options)
     try:
         wait_for_executors(scheduler.address, {e.address for e in executors})
         wait_for_passing(consul, "cloudburst-scheduler", scheduler.address)
@@ -285,7 +318,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 def connect(system: System) -> CloudburstConnection:
-    system.conn = CloudburstConnection(system.address, timeout=120)
+    system.conn = CloudburstConnection(system.address, timeout=120, **system.client_options)  # type: ignore[arg-type]
     return system.conn
 
 
@@ -478,6 +511,12 @@ class LocalityProbe:
         finally:
             conn.delete_object(key)
         return times[0], times[1]
+
+
+def mtls_workloads(system: System) -> list[Workload]:
+    """The workloads the mutual-TLS cluster is compared on: a call and the chain DAG."""
+    names = {CALL, DAG_DIRECT, DAG_GET}
+    return [w for w in workloads(system) if w.name in names]
 
 
 def describe_start(system: System) -> None:

@@ -90,6 +90,35 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _security(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "security", "mutual TLS with service identities and client tokens (docs/security.md)"
+    )
+    group.add_argument("--tls-cert", metavar="FILE", help="PEM certificate of this service")
+    group.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    group.add_argument(
+        "--tls-ca", metavar="FILE", help="PEM CA bundle that peers and clients must chain to"
+    )
+    group.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help="client tokens, one 'ROLE HASH [NAME]' per line (see `cbgrpc token`); "
+        "re-read when it changes",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host without TLS (anyone who reaches it can run code)",
+    )
+    group.add_argument(
+        "--consul-intentions",
+        action="store_true",
+        default=None,
+        help="with Consul: let its intentions decide which services may call this one",
+    )
+
+
 def _storage(parser: argparse.ArgumentParser, valkey: bool = False) -> None:
     if valkey:
         parser.add_argument(
@@ -189,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(serve)
+    _security(serve)
     _storage(serve)
     serve.add_argument(
         "--timings",
@@ -205,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the lattice KVS service alone; with Consul, register it there.",
     )
     _common(kvs)
+    _security(kvs)
     _storage(kvs, valkey=True)
     _consul(kvs)
     kvs.add_argument("--id", dest="service_id", help="Consul service id (default: kvs-HOST-PORT)")
@@ -216,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Consul; with Consul it registers itself so schedulers find it.",
     )
     _common(executor)
+    _security(executor)
     _executors(executor, count=False)
     _consul(executor)
     executor.add_argument(
@@ -233,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "also forwards KvsService calls to the KVS, so clients need only its address.",
     )
     _common(scheduler)
+    _security(scheduler)
     _consul(scheduler)
     scheduler.add_argument(
         "--kvs", metavar="HOST:PORT", help="address of the KVS service (default: from Consul)"
@@ -250,6 +283,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
     _result_ttl(scheduler)
+    certs = commands.add_parser(
+        "certs",
+        help="create a development CA and certificates for a cluster",
+        description="Create a CA (or reuse the one in DIR) and sign a certificate for each "
+        "service role (scheduler, executor, kvs, serve), valid for the given hosts, and client "
+        "certificates. Each names its role in a URI SAN (spiffe://DOMAIN/role/ROLE). Keys are "
+        "written readable by their owner only.",
+    )
+    certs.add_argument("directory", type=Path, metavar="DIR", help="where to write the files")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        dest="hosts",
+        metavar="HOST",
+        help="a host name or IP address clients use to reach the services (repeat; "
+        "127.0.0.1 and localhost are always included)",
+    )
+    certs.add_argument(
+        "--client",
+        action="append",
+        dest="clients",
+        metavar="ROLE",
+        help="a client certificate to issue: admin, invoker or invoker-restricted (repeat; "
+        "default: admin and invoker)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    certs.add_argument(
+        "--trust-domain", default="cloudburst.local", help="SPIFFE trust domain of the URI SANs"
+    )
+    token = commands.add_parser(
+        "token",
+        help="create a client token and the line for the tokens file",
+        description="Print a new random token for ROLE on stdout, and on stderr the line to "
+        "add to the tokens file (the token's salted hash; the token itself is not stored).",
+    )
+    token.add_argument("role", choices=["admin", "invoker", "invoker-restricted"])
+    token.add_argument("--name", default="", help="a name for logs (no spaces)")
     timing = commands.add_parser(
         "timing",
         help="print where the time of a recent call went",
@@ -265,19 +336,50 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the cbgrpc serve to ask (default 127.0.0.1:{DEFAULT_PORT})",
     )
     timing.add_argument(
+        "--tls-ca",
+        default="",
+        metavar="FILE",
+        help="connect with TLS, trusting this CA (default: $CLOUDBURST_TLS_CA; none: plaintext)",
+    )
+    timing.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding an admin token (default: $CLOUDBURST_TOKEN)",
+    )
+    timing.add_argument(
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return parser
 
 
-def _timing(call_id: str, address: str) -> int:
+def _timing(call_id: str, address: str, tls_ca: str = "", token_file: Path | None = None) -> int:
     import grpc
 
+    from cloudburst.errors import CloudburstError
     from cloudburst.rpc import error_from_rpc
+    from cloudburst.transport import ClientSecurity
     from cloudburst.v1 import diagnostics_service_pb2, diagnostics_service_pb2_grpc
     from cloudburst_grpc.diagnostics import format_timing
 
-    with grpc.insecure_channel(address) as channel:
+    try:
+        token = token_file.read_text().strip() if token_file is not None else ""
+    except OSError as exc:
+        print(f"cbgrpc timing: cannot read {token_file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    security = ClientSecurity.resolve(None, ca_file=tls_ca, token=token)
+    try:
+        credentials = security.channel_credentials()
+    except CloudburstError as exc:
+        print(f"cbgrpc timing: {exc}", file=sys.stderr)
+        return 1
+    options = [("grpc.ssl_target_name_override", security.server_name)]
+    channel = (
+        grpc.secure_channel(address, credentials, options if security.server_name else None)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         stub = diagnostics_service_pb2_grpc.DiagnosticsServiceStub(channel)
         try:
             response = stub.GetCallTiming(
@@ -289,6 +391,34 @@ def _timing(call_id: str, address: str) -> int:
             )
             return 1
     print(format_timing(response))
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from cloudburst_grpc.security.certs import create_bundle
+
+    hosts = list(dict.fromkeys(["127.0.0.1", "localhost", *args.hosts]))
+    try:
+        clients = args.clients or ["admin", "invoker"]
+        written = create_bundle(args.directory, hosts, clients, args.trust_domain, args.days)
+    except (OSError, ValueError) as exc:
+        print(f"cbgrpc certs: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+def _token(role: str, name: str) -> int:
+    from cloudburst_grpc.security.tokens import hash_token, new_token
+
+    if any(c.isspace() for c in name):
+        print("cbgrpc token: --name must not contain spaces", file=sys.stderr)
+        return 2
+    token = new_token()
+    line = f"{role} {hash_token(token)}" + (f" {name}" if name else "")
+    print(token)
+    print(f"add to the tokens file: {line}", file=sys.stderr)
     return 0
 
 
@@ -328,6 +458,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "scheduler": {
             "call_timeout_seconds": get("call_timeout"),
             "result_ttl_seconds": get("result_ttl"),
+        },
+        "security": {
+            "tls_cert": get("tls_cert"),
+            "tls_key": get("tls_key"),
+            "tls_ca": get("tls_ca"),
+            "tokens_file": get("tokens_file"),
+            "insecure": get("insecure"),
+            "consul_intentions": get("consul_intentions"),
         },
     }
     return load_config(get("config"), overrides)
@@ -476,12 +614,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level,
+        level=getattr(args, "log_level", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command == "timing":
-        return _timing(args.call_id, args.address)
+        return _timing(args.call_id, args.address, args.tls_ca, args.token_file)
+    if args.command == "certs":
+        return _certs(args)
+    if args.command == "token":
+        return _token(args.role, args.name)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

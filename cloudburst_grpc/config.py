@@ -141,8 +141,8 @@ class ConsulConfig:
 
     address: str = ""
     """``host:port`` or ``scheme://host:port`` of the Consul agent; empty turns discovery off."""
-    token: str = ""
-    """ACL token sent with every request."""
+    token: str = field(default="", repr=False)
+    """ACL token sent with every request (never shown by repr, so never in a log line)."""
     ssl: bool = False
     """Use HTTPS (implied by an ``https://`` address)."""
     verify: bool = True
@@ -167,6 +167,40 @@ class ConsulConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """TLS, service identities and client tokens (see docs/security.md).
+
+    With ``tls_cert``, ``tls_key`` and ``tls_ca`` set, every connection is TLS:
+    the cluster's services prove their role with their certificates, and
+    clients with a bearer token from ``tokens_file`` or a client certificate.
+    The files are re-read when they change.
+    """
+
+    tls_cert: str = ""
+    """PEM certificate (chain) of this service; with tls_key and tls_ca it turns TLS on."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    tls_ca: str = ""
+    """PEM CA bundle that peers' and clients' certificates must chain to."""
+    tokens_file: str = ""
+    """Client tokens, one ``ROLE HASH [NAME]`` per line (``cbgrpc token``); needs TLS.
+    Without it, clients authenticate with certificates."""
+    trust_domain: str = "cloudburst.local"
+    """The SPIFFE trust domain of the URI SANs that name roles."""
+    insecure: bool = False
+    """Allow listening on a non-loopback address without TLS (warns at start)."""
+    max_auth_failures: int = 10
+    """Refused calls a peer address may cause per minute before it is refused outright."""
+    consul_intentions: bool = False
+    """Also ask the Consul agent (intentions) whether a calling service may reach this one."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether TLS is configured."""
+        return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one process."""
 
@@ -180,6 +214,8 @@ class Config:
     """The scheduler."""
     consul: ConsulConfig = field(default_factory=ConsulConfig)
     """Service discovery."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Transport security and authorization."""
 
     def validate(self) -> Config:
         """Return self, or raise ConfigError naming the bad value."""
@@ -250,6 +286,22 @@ class Config:
                 "consul.deregister_after_seconds must be at least 60 (Consul's minimum)",
             ),
             (self.consul.retry_max_seconds > 0, "consul.retry_max_seconds must be positive"),
+            (
+                bool(self.security.tls_cert)
+                == bool(self.security.tls_key)
+                == bool(self.security.tls_ca),
+                "security.tls_cert, tls_key and tls_ca go together: give all three or none",
+            ),
+            (
+                self.security.tls or not self.security.tokens_file,
+                "security.tokens_file needs TLS (tls_cert, tls_key, tls_ca): "
+                "tokens must not travel in clear",
+            ),
+            (self.security.max_auth_failures >= 1, "security.max_auth_failures must be at least 1"),
+            (
+                not self.security.consul_intentions or (self.security.tls and self.consul.enabled),
+                "security.consul_intentions needs TLS (the caller's identity) and consul.address",
+            ),
         ]
         for ok, message in checks:
             if not ok:

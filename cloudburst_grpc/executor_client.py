@@ -20,9 +20,14 @@ from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.streams import OutboxStream
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
-from cloudburst_grpc.server import insecure_channel
+from cloudburst_grpc.security.identity import EXECUTOR
+from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.server import PeerChannel
 
 logger = logging.getLogger(__name__)
+
+#: Stream endings whose details name a security refusal worth showing the caller.
+_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 
 
 class NotDeliveredError(UnavailableError):
@@ -95,12 +100,15 @@ class RemoteExecutorPeer:
         peer_id: str,
         max_payload_bytes: int,
         on_broken: Callable[[str, str], None] | None = None,
+        *,
+        tls: TlsSource | None = None,
     ) -> None:
         self._on_broken = on_broken
         self.executor_id = executor_id
         self.address = address
-        self._channel = insecure_channel(address, max_payload_bytes)
-        self._stub = executor_service_pb2_grpc.ExecutorServiceStub(self._channel)
+        self._peer = PeerChannel(
+            address, max_payload_bytes, tls, EXECUTOR, executor_service_pb2_grpc.ExecutorServiceStub
+        )
         self._sequence = itertools.count(1)
         self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}
         self._results: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
@@ -108,7 +116,7 @@ class RemoteExecutorPeer:
             executor_service_pb2.StreamTriggersRequest, executor_service_pb2.StreamTriggersResponse
         ] = OutboxStream(
             f"executor {executor_id} at {address}",
-            self._stub.StreamTriggers,
+            lambda: self._peer.stub().StreamTriggers(),
             self._answered,
             self._ended,
             lambda: executor_service_pb2.StreamTriggersRequest(
@@ -130,9 +138,13 @@ class RemoteExecutorPeer:
     def _ended(self, error: grpc.RpcError | None) -> None:
         code = error.code() if error is not None else None
         kind = NotDeliveredError if _never_connected(error) else UnavailableError
+        why = ""
+        if error is not None and code in _REFUSALS:
+            # A refusal says what is missing (a role, an intention); pass it on.
+            why = f": {error.details()}"
         failure = kind(
             f"lost the connection to executor {self.executor_id} at {self.address}"
-            + (f" ({code})" if code is not None else ""),
+            + (f" ({code}){why}" if code is not None else ""),
             {"executor": self.executor_id},
         )
         # Answers first: a caller told of the broken stream below still sees its answer's error.
@@ -191,20 +203,22 @@ class RemoteExecutorPeer:
         request = executor_service_pb2.PinFunctionRequest(
             function_name=function_name, function_version=version
         )
-        await call(f"pin {function_name!r}", lambda: self._stub.PinFunction(request, timeout=30))
+        await call(
+            f"pin {function_name!r}", lambda: self._peer.stub().PinFunction(request, timeout=30)
+        )
 
     async def unpin(self, function_name: str) -> None:
         """Unpin a function (unary)."""
         request = executor_service_pb2.UnpinFunctionRequest(function_name=function_name)
         await call(
-            f"unpin {function_name!r}", lambda: self._stub.UnpinFunction(request, timeout=30)
+            f"unpin {function_name!r}", lambda: self._peer.stub().UnpinFunction(request, timeout=30)
         )
 
     async def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
         """Fetch the executor's status (unary)."""
         request = executor_service_pb2.GetExecutorStatusRequest()
         return await call(
-            "executor status", lambda: self._stub.GetExecutorStatus(request, timeout=5)
+            "executor status", lambda: self._peer.stub().GetExecutorStatus(request, timeout=5)
         )
 
     async def close(self) -> None:
@@ -212,7 +226,7 @@ class RemoteExecutorPeer:
         if self._stream.closed:
             return
         await self._stream.close()
-        await self._channel.close()
+        await self._peer.close()
 
 
 class PeerDirectory:

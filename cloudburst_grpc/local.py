@@ -37,6 +37,7 @@ from cloudburst_executors.servicer import ExecutorServicer, LocalExecutorPeer
 from cloudburst_grpc.config import Config, ConfigError
 from cloudburst_grpc.diagnostics import DiagnosticsServicer
 from cloudburst_grpc.discovery.consul import (
+    CHECK_GRPC,
     EXECUTOR_SERVICE,
     KVS_SERVICE,
     ConsulClient,
@@ -51,10 +52,14 @@ from cloudburst_grpc.messaging.service import AnswerOutbox, MessagingPeers, Mess
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
+from cloudburst_grpc.security.identity import EXECUTOR, KVS
+from cloudburst_grpc.security.intentions import IntentionCheck
+from cloudburst_grpc.security.node import NodeSecurity
 from cloudburst_grpc.server import (
     bind,
     create_server,
     enable_reflection,
+    peer_channel,
 )
 from cloudburst_kvs.access import EndpointKvs, InProcessKvs, KvsEndpoint
 from cloudburst_kvs.backend import LatticeBackend
@@ -104,6 +109,8 @@ class Node:
     """(call id, function name) of the user functions still running when :meth:`stop`
     ended the grace period: their threads cannot be stopped, so the process exits
     without them."""
+    security: NodeSecurity | None = None
+    """TLS material and authorization of this node (off without TLS)."""
     _stopped: bool = False
 
     @property
@@ -171,10 +178,12 @@ async def _serve(node: Node, services: list[str]) -> None:
 
 def _new_server(
     config: Config, role: str
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    server, health_servicer = create_server(config.server.max_payload_bytes)
-    port = bind(server, config.server.host, config.server.port)
-    return server, health_servicer, port
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int, NodeSecurity]:
+    security = NodeSecurity.from_config(config.security)
+    security.check_bind(config.server.host)
+    server, health_servicer = create_server(config.server.max_payload_bytes, security.interceptor())
+    port = bind(server, config.server.host, config.server.port, security.server_credentials(role))
+    return server, health_servicer, port, security
 
 
 async def _open_store(config: Config, stack: contextlib.AsyncExitStack) -> LatticeStore:
@@ -192,11 +201,19 @@ async def _open_backend(config: Config, stack: contextlib.AsyncExitStack) -> Lat
 
 
 def _remote_factory(
-    peer_id: str, config: Config, on_broken: Callable[[str, str], None] | None = None
+    peer_id: str,
+    config: Config,
+    security: NodeSecurity,
+    on_broken: Callable[[str, str], None] | None = None,
 ) -> PeerDirectory:
     def factory(executor_id: str, address: str) -> ExecutorPeer:
         return RemoteExecutorPeer(
-            executor_id, address, peer_id, config.server.max_payload_bytes, on_broken
+            executor_id,
+            address,
+            peer_id,
+            config.server.max_payload_bytes,
+            on_broken,
+            tls=security.tls,
         )
 
     return PeerDirectory(factory)
@@ -207,7 +224,13 @@ def _messaging(node: Node, peer_id: str) -> MailboxRouter:
     config = node.config
     # Answers to messages from a process ride on messages going back to it.
     outbox = node.answers = AnswerOutbox()
-    peers = MessagingPeers(peer_id, config.server.max_payload_bytes, node.address, outbox)
+    peers = MessagingPeers(
+        peer_id,
+        config.server.max_payload_bytes,
+        node.address,
+        outbox,
+        tls=node.security.tls if node.security else None,
+    )
     node.stack.push_async_callback(peers.close)
     router = MailboxRouter(
         node.address,
@@ -229,11 +252,12 @@ async def start_local(config: Config) -> Node:
     try:
         store = await _open_store(config, stack)
         kvs = InProcessKvs(store, config.kvs.max_wait_seconds)
-        server, health_servicer, port = _new_server(config, "serve")
+        server, health_servicer, port, security = _new_server(config, "serve")
         node = Node(
             "serve", server, health_servicer, port, config.server.host, config, stack, store=store
         )
-        peers = _remote_factory("scheduler-local", config)
+        node.security = security
+        peers = _remote_factory("scheduler-local", config, security)
         stack.push_async_callback(peers.close)
         router = _messaging(node, "serve")
         pool = ExecutorPool(peers)
@@ -289,11 +313,17 @@ async def start_local(config: Config) -> Node:
 
 
 async def _consul(node: Node) -> ConsulClient | None:
-    """The node's Consul client when discovery is on (closed with the node)."""
+    """The node's Consul client when discovery is on (closed with the node).
+
+    With ``security.consul_intentions``, calls from other services are also
+    checked against Consul's intentions from here on.
+    """
     if not node.config.consul.enabled:
         return None
     client = ConsulClient(node.config.consul)
     node.stack.push_async_callback(client.close)
+    if node.config.security.consul_intentions and node.security is not None:
+        node.security.use_intentions(IntentionCheck(client, node.role))
     return client
 
 
@@ -301,8 +331,17 @@ def _register(node: Node, client: ConsulClient | None, name: str, service_id: st
     """Register the (serving) node in Consul in the background, retrying until it answers."""
     if client is None:
         return
+    meta = {"role": node.role}
+    if node.security is not None and node.security.insecure_warning:
+        meta["security"] = node.security.insecure_warning
     node.registration = Registration(
-        client, name, service_id, node.advertise_host, node.port, {"role": node.role}
+        client,
+        name,
+        service_id,
+        node.advertise_host,
+        node.port,
+        meta,
+        node.security.check_kind(node.role) if node.security is not None else CHECK_GRPC,
     )
     node.registration.start()
 
@@ -328,7 +367,9 @@ async def _kvs_endpoint(
             "(--consul HOST:PORT or CONSUL_HTTP_ADDR) to discover it"
         )
     watch = None if kvs_address is not None else await _watch(node, client, KVS_SERVICE)  # type: ignore[arg-type]
-    endpoint = KvsEndpoint(node.config, kvs_address, watch)
+    endpoint = KvsEndpoint(
+        node.config, kvs_address, watch, tls=node.security.tls if node.security else None
+    )
     node.stack.push_async_callback(endpoint.close)
     return endpoint
 
@@ -338,10 +379,11 @@ async def start_kvs_node(config: Config, kvs_id: str | None = None) -> Node:
     stack = contextlib.AsyncExitStack()
     try:
         store = await _open_backend(config, stack)
-        server, health_servicer, port = _new_server(config, "kvs")
+        server, health_servicer, port, security = _new_server(config, KVS)
         node = Node(
             "kvs", server, health_servicer, port, config.server.host, config, stack, store=store
         )
+        node.security = security
         consul = await _consul(node)
         add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
         await _serve(node, [KVS_SERVICE_NAME])
@@ -363,12 +405,13 @@ async def start_executor_node(
     """
     stack = contextlib.AsyncExitStack()
     try:
-        server, health_servicer, port = _new_server(config, "executor")
+        server, health_servicer, port, security = _new_server(config, EXECUTOR)
         node = Node("executor", server, health_servicer, port, config.server.host, config, stack)
+        node.security = security
         consul = await _consul(node)
         endpoint = await _kvs_endpoint(node, consul, kvs_address)
         executor_id = executor_id or f"executor-{uuid.uuid4().hex[:8]}"
-        peers = _remote_factory(executor_id, config)
+        peers = _remote_factory(executor_id, config, security)
         stack.push_async_callback(peers.close)
         router = _messaging(node, executor_id)
         executor = Executor(
@@ -411,8 +454,9 @@ async def start_scheduler_node(
     """
     stack = contextlib.AsyncExitStack()
     try:
-        server, health_servicer, port = _new_server(config, "scheduler")
+        server, health_servicer, port, security = _new_server(config, "scheduler")
         node = Node("scheduler", server, health_servicer, port, config.server.host, config, stack)
+        node.security = security
         consul = await _consul(node)
         endpoint = await _kvs_endpoint(node, consul, kvs_address)
         scheduler_id = scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
@@ -422,7 +466,7 @@ async def start_scheduler_node(
             if pool_ref:
                 pool_ref[0].set_aside(executor_id, reason)
 
-        peers = _remote_factory(scheduler_id, config, broken)
+        peers = _remote_factory(scheduler_id, config, security, broken)
         stack.push_async_callback(peers.close)
         pool = ExecutorPool(peers)
         pool_ref.append(pool)
@@ -438,7 +482,7 @@ async def start_scheduler_node(
         await scheduler.start()
         if executor_addresses:
             for address in executor_addresses:
-                status = await _executor_status(config, address, connect_timeout)
+                status = await _executor_status(config, security, address, connect_timeout)
                 pool.add(status.executor_id, address)
             await scheduler.restore_pins()
         elif consul is not None:
@@ -470,9 +514,10 @@ async def start_scheduler_node(
 
 
 async def _executor_status(
-    config: Config, address: str, timeout: float
+    config: Config, security: NodeSecurity, address: str, timeout: float
 ) -> executor_service_pb2.GetExecutorStatusResponse:
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = peer_channel(address, config.server.max_payload_bytes, security.tls, EXECUTOR)
+    async with channel:
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
         try:
             return await stub.GetExecutorStatus(

@@ -22,6 +22,11 @@ from cloudburst_grpc.config import ConfigError, ConsulConfig
 
 logger = logging.getLogger(__name__)
 
+#: Health checks: gRPC health in plaintext, over TLS, or a TCP connect.
+CHECK_GRPC = "grpc"
+CHECK_GRPC_TLS = "grpc-tls"
+CHECK_TCP = "tcp"
+
 #: Consul service names of the roles clients never look up (schedulers register
 #: under :data:`cloudburst.transport.SCHEDULER_SERVICE`, which the SDK discovers).
 KVS_SERVICE = "cloudburst-kvs"
@@ -85,17 +90,38 @@ class ConsulClient:
             ) from None
 
     async def register(
-        self, name: str, service_id: str, host: str, port: int, meta: dict[str, str]
+        self,
+        name: str,
+        service_id: str,
+        host: str,
+        port: int,
+        meta: dict[str, str],
+        check_kind: str = CHECK_GRPC,
     ) -> None:
-        """Register a service with a gRPC health check (one attempt)."""
+        """Register a service with a health check (one attempt).
+
+        ``check_kind`` is :data:`CHECK_GRPC` (gRPC health over plaintext),
+        :data:`CHECK_GRPC_TLS` (over TLS; the agent shows no client
+        certificate) or :data:`CHECK_TCP` (a port that demands client
+        certificates, which Consul's checks cannot show).
+        """
         from consul import Check
 
-        check = Check.grpc(
-            f"{host}:{port}",
-            interval=f"{self.config.check_interval_seconds}s",
-            timeout=f"{max(self.config.check_interval_seconds, 1.0)}s",
-            deregister=f"{int(self.config.deregister_after_seconds)}s",
-        )
+        interval = f"{self.config.check_interval_seconds}s"
+        timeout = f"{max(self.config.check_interval_seconds, 1.0)}s"
+        deregister = f"{int(self.config.deregister_after_seconds)}s"
+        if check_kind == CHECK_TCP:
+            check = Check.tcp(host, port, interval, timeout=timeout, deregister=deregister)
+        else:
+            check = Check.grpc(
+                f"{host}:{port}",
+                interval=interval,
+                use_tls=True if check_kind == CHECK_GRPC_TLS else None,
+                # Consul verifies names against the address; the service's identity is its URI.
+                tls_skip_verify=True if check_kind == CHECK_GRPC_TLS else None,
+                timeout=timeout,
+                deregister=deregister,
+            )
         await self._consul.agent.service.register(
             name, service_id=service_id, address=host, port=port, meta=meta, check=check
         )
@@ -130,6 +156,28 @@ class ConsulClient:
         )
         await asyncio.sleep(delay)
 
+    async def mesh_identity(self) -> tuple[str, str]:
+        """The service-mesh trust domain of the cluster and the agent's datacenter."""
+        roots = await self._consul.agent.connect.ca.roots()
+        agent = await self._consul.agent.self()
+        return str(roots["TrustDomain"]), str(agent["Config"]["Datacenter"])
+
+    async def authorize(self, target: str, client_uri: str, client_serial: str) -> tuple[bool, str]:
+        """Ask the agent whether intentions let ``client_uri`` reach service ``target``."""
+        import json
+
+        from consul.callback import CB
+
+        # The agent takes POST; py-consul's authorize() sends PUT, which it refuses.
+        payload = {"Target": target, "ClientCertURI": client_uri, "ClientCertSerial": client_serial}
+        answer = await self._consul.http.post(
+            CB.json(),
+            "/v1/agent/connect/authorize",
+            headers=self._consul.prepare_headers(None),
+            data=json.dumps(payload),
+        )
+        return bool(answer["Authorized"]), str(answer.get("Reason", ""))
+
     async def close(self) -> None:
         """Close the HTTP session."""
         await self._consul.close()
@@ -150,7 +198,9 @@ class Registration:
         host: str,
         port: int,
         meta: dict[str, str],
+        check_kind: str = "grpc",
     ) -> None:
+        self._check_kind = check_kind
         self._client = client
         self.name = name
         self.service_id = service_id
@@ -169,7 +219,7 @@ class Registration:
         while True:
             try:
                 await self._client.register(
-                    self.name, self.service_id, self._host, self._port, self._meta
+                    self.name, self.service_id, self._host, self._port, self._meta, self._check_kind
                 )
             except Exception as exc:
                 await self._client.pause_after(f"register {self.service_id}", exc, attempt)

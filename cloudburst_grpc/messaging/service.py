@@ -22,7 +22,9 @@ from cloudburst.streams import OutboxStream, settle
 from cloudburst.v1 import messaging_service_pb2, messaging_service_pb2_grpc
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
-from cloudburst_grpc.server import insecure_channel
+from cloudburst_grpc.security.identity import EXECUTOR
+from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.server import PeerChannel
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +195,18 @@ class MessagingPeer:
         max_payload_bytes: int,
         own_address: str = "",
         outbox: AnswerOutbox | None = None,
+        *,
+        tls: TlsSource | None = None,
     ) -> None:
         self.address = address
         self._outbox = outbox
-        self._channel = insecure_channel(address, max_payload_bytes)
-        stub = messaging_service_pb2_grpc.MessagingServiceStub(self._channel)
+        self._peer = PeerChannel(
+            address,
+            max_payload_bytes,
+            tls,
+            EXECUTOR,
+            messaging_service_pb2_grpc.MessagingServiceStub,
+        )
         self._waiting: dict[int, _Unanswered] = {}
         self._sequence = itertools.count(1)
         self._stream: OutboxStream[
@@ -205,7 +214,7 @@ class MessagingPeer:
             messaging_service_pb2.StreamMessagesResponse,
         ] = OutboxStream(
             f"messaging at {address}",
-            stub.StreamMessages,
+            lambda: self._peer.stub().StreamMessages(),
             self._answered,
             self._ended,
             lambda: messaging_service_pb2.StreamMessagesRequest(
@@ -338,7 +347,7 @@ class MessagingPeer:
         if self._stream.closed:
             return
         await self._stream.close()
-        await self._channel.close()
+        await self._peer.close()
 
 
 @dataclass
@@ -362,7 +371,10 @@ class MessagingPeers:
         max_payload_bytes: int,
         own_address: str = "",
         outbox: AnswerOutbox | None = None,
+        *,
+        tls: TlsSource | None = None,
     ) -> None:
+        self._tls = tls
         self._peer_id = peer_id
         self._max_payload_bytes = max_payload_bytes
         self._own_address = own_address
@@ -373,7 +385,12 @@ class MessagingPeers:
         peer = self._peers.get(address)
         if peer is None:
             peer = MessagingPeer(
-                address, self._peer_id, self._max_payload_bytes, self._own_address, self._outbox
+                address,
+                self._peer_id,
+                self._max_payload_bytes,
+                self._own_address,
+                self._outbox,
+                tls=self._tls,
             )
             self._peers[address] = peer
         return peer

@@ -25,7 +25,9 @@ from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.discovery.consul import ServiceWatch
 from cloudburst_grpc.kvs_access import USER
-from cloudburst_grpc.server import insecure_channel
+from cloudburst_grpc.security.identity import KVS
+from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.server import peer_channel
 from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.client import KvsClient
 
@@ -123,10 +125,18 @@ class KvsEndpoint:
     fail it.
     """
 
-    def __init__(self, config: Config, address: str | None, watch: ServiceWatch | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        address: str | None,
+        watch: ServiceWatch | None,
+        *,
+        tls: TlsSource | None = None,
+    ) -> None:
         if address is None and watch is None:
             raise ValueError("a KVS endpoint needs an address or a Consul watch")
         self._config = config
+        self._tls = tls
         self._fixed = address
         self._watch = watch
         self._address: str | None = None
@@ -134,6 +144,7 @@ class KvsEndpoint:
         self._client: KvsClient | None = None
         self._retired: list[grpc.aio.Channel] = []
         self._set_aside: dict[str, float] = {}
+        self._generation = 0
 
     async def channel(self) -> grpc.aio.Channel:
         """The channel to a current KVS instance (waits for one to be known)."""
@@ -147,12 +158,18 @@ class KvsEndpoint:
                 i.address for i in instances if self._set_aside.get(i.address, 0.0) <= now
             ] or [i.address for i in instances]
             address = self._address if self._address in addresses else addresses[0]
-        if address != self._address or self._channel is None:
+        # A channel keeps the certificate it was made with: after a change, make a new one.
+        generation = self._tls.poll() if self._tls is not None else 0
+        if address != self._address or self._channel is None or generation != self._generation:
             if self._channel is not None:
                 self._retired.append(self._channel)
-                logger.info("KVS moved from %s to %s", self._address, address)
+                if address != self._address:
+                    logger.info("KVS moved from %s to %s", self._address, address)
             self._address = address
-            self._channel = insecure_channel(address, self._config.server.max_payload_bytes)
+            self._generation = generation
+            self._channel = peer_channel(
+                address, self._config.server.max_payload_bytes, self._tls, KVS
+            )
             self._client = KvsClient(self._channel)
         return self._channel
 

@@ -28,7 +28,7 @@ from cloudburst._loop import LoopDriver
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, settle
-from cloudburst.transport import channel_options
+from cloudburst.transport import ClientSecurity, open_channel
 from cloudburst.v1 import (
     execution_pb2,
     kvs_service_pb2,
@@ -87,14 +87,24 @@ class PendingCall:
 class Core:
     """Channel, stubs and the call stream; lives on the SDK's loop, which ``driver`` runs."""
 
-    def __init__(self, target: str, max_payload_bytes: int, driver: LoopDriver) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_payload_bytes: int,
+        driver: LoopDriver,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.driver = driver
         self.target = target
-        self.channel = grpc.aio.insecure_channel(
+        security = security or ClientSecurity()
+        self._tls = security.tls
+        self.channel = open_channel(
             target,
-            options=channel_options(max_payload_bytes),
-            interceptors=tracing.client_interceptors(),
+            max_payload_bytes,
+            security.channel_credentials(),
+            security.server_name,
+            tracing.client_interceptors(),
         )
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
         self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
@@ -114,10 +124,29 @@ class Core:
             async with asyncio.timeout(timeout):
                 await self.channel.channel_ready()
         except TimeoutError:
+            hint = "check the address and that `cbgrpc serve` (or the cluster) is running"
+            if self._tls:
+                hint += (
+                    "; with TLS, also that tls_ca is the cluster's CA and that the server "
+                    "accepts your client certificate (one from another CA, or expired, is "
+                    f"refused in the handshake). Last error: {await self._last_error()}"
+                )
             raise UnavailableError(
                 f"cannot reach a cloudburst scheduler at {self.target} within {timeout:.0f}s; "
-                "check the address and that `cbgrpc serve` (or the cluster) is running"
+                + hint
             ) from None
+
+    async def _last_error(self) -> str:
+        """What the channel's last connection attempt ended with (one quick call)."""
+        try:
+            await self.scheduler.ListFunctions(
+                scheduler_service_pb2.ListFunctionsRequest(), timeout=2
+            )
+        except grpc.RpcError as exc:
+            # Every error a call raises has details(); grpc.RpcError does not declare it.
+            rpc: Any = exc
+            return str(rpc.details())
+        return "none"
 
     # -- the call stream -----------------------------------------------------------
 

@@ -46,7 +46,7 @@ from cloudburst.serialization import (
     lww,
     serialize,
 )
-from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE
+from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE, ClientSecurity
 from cloudburst.v1 import (
     execution_pb2,
     function_pb2,
@@ -221,6 +221,18 @@ class CloudburstConnection:
             this Python lacks a private asyncio name ``"caller"`` needs, the
             connection uses ``"thread"``. Any other value raises
             InvalidArgumentError, a ValueError. See :mod:`cloudburst._loop`.
+        tls: Connect with TLS even without the settings below (trusting the
+            system's CA roots); any of them turns TLS on, and False turns it off.
+            Settings not given come from ``CLOUDBURST_TLS_CA``,
+            ``CLOUDBURST_TOKEN``, ``CLOUDBURST_TLS_CERT``, ``CLOUDBURST_TLS_KEY``
+            and ``CLOUDBURST_TLS_SERVER_NAME``. See docs/security.md.
+        tls_ca: PEM CA bundle the server's certificate must chain to.
+        token: Bearer token sent with every call; its role decides what the
+            connection may do.
+        tls_cert: PEM client certificate, to authenticate with instead of a token.
+        tls_key: PEM key of ``tls_cert``.
+        tls_server_name: Verify the server's certificate against this name
+            instead of the host dialled.
 
     The connection is thread-safe. Close it with :meth:`close` or use it in a
     ``with`` block.
@@ -238,6 +250,12 @@ class CloudburstConnection:
         connect_timeout: float = CONNECT_TIMEOUT,
         keep_results: bool = False,
         loop_driver: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str = "",
+        token: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_server_name: str = "",
     ) -> None:
         self._consul: str | None = None
         self._targets: list[str] = []
@@ -259,6 +277,14 @@ class CloudburstConnection:
         self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
+        self._security = ClientSecurity.resolve(
+            tls,
+            ca_file=tls_ca,
+            token=token,
+            cert_file=tls_cert,
+            key_file=tls_key,
+            server_name=tls_server_name,
+        )
         self._clock = LwwClock()
         self._loop = new_driver(loop_driver)
         self._closed = False
@@ -269,7 +295,7 @@ class CloudburstConnection:
             raise
 
     async def _make_core(self, target: str, connect_timeout: float) -> Core:
-        core = Core(target, self.max_payload_bytes, self._loop)
+        core = Core(target, self.max_payload_bytes, self._loop, self._security)
         try:
             await core.wait_ready(connect_timeout)
         except BaseException:

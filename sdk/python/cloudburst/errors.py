@@ -160,6 +160,18 @@ class NoExecutorError(UnavailableError):
     reason = "NO_EXECUTOR"
 
 
+class UnauthenticatedError(CloudburstError):
+    """The caller showed no valid credentials (token or client certificate)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(CloudburstError):
+    """The caller's role may not do this; the message names the role needed."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class CloudburstTimeoutError(CloudburstError, TimeoutError):
     """A deadline passed before the work finished."""
 

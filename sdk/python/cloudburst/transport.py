@@ -1,13 +1,32 @@
 """What clients and servers agree on to reach each other.
 
-The default port, the Consul service name schedulers register under, and the
-gRPC channel options (message size limits, keepalive) are defined here once:
-the SDK uses them to connect, and the runtime (``cbgrpc``) uses the same values
-to listen, register and connect its own services, so the two cannot drift
-apart.
+The default port, the Consul service name schedulers register under, the
+gRPC channel options (message size limits, keepalive) and how a channel is
+secured are defined here once: the SDK uses them to connect, and the runtime
+(``cbgrpc``) uses the same values to listen, register and connect its own
+services, so the two cannot drift apart.
+
+A secured cluster (docs/security.md) accepts clients that connect with TLS
+(trusting the cluster's CA) and present a bearer token, or a client
+certificate signed by that CA: :class:`ClientSecurity`. Settings not given as
+arguments come from the environment (``CLOUDBURST_TLS_CA``,
+``CLOUDBURST_TOKEN``, ``CLOUDBURST_TLS_CERT``, ``CLOUDBURST_TLS_KEY``,
+``CLOUDBURST_TLS_SERVER_NAME``), so a program written for an open server runs
+unchanged against a secured one. :func:`open_channel` builds every channel,
+the SDK's and the runtime's, plaintext or TLS.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cloudburst.errors import CloudburstError
 
 #: The port ``cbgrpc serve`` listens on, and the SDK connects to, by default.
 DEFAULT_PORT = 7600
@@ -62,3 +81,114 @@ def server_options(
         *channel_options(max_payload_bytes, keepalive_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
     ]
+
+
+def open_channel(
+    target: str,
+    max_payload_bytes: int,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
+    interceptors: Sequence[Any] | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel with the agreed options: plaintext, or TLS with ``credentials``.
+
+    ``server_name``, with TLS, is the name the server's certificate must carry
+    instead of the dialled host (the runtime's peers check a role this way).
+    """
+    options: list[tuple[str, Any]] = list(channel_options(max_payload_bytes))
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+
+#: Environment variables and the settings they fill when no argument gives them.
+ENVIRONMENT = {
+    "ca_file": "CLOUDBURST_TLS_CA",
+    "token": "CLOUDBURST_TOKEN",
+    "cert_file": "CLOUDBURST_TLS_CERT",
+    "key_file": "CLOUDBURST_TLS_KEY",
+    "server_name": "CLOUDBURST_TLS_SERVER_NAME",
+}
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """TLS settings of a connection; all empty means plaintext (a loopback `cbgrpc serve`)."""
+
+    ca_file: str = ""
+    """PEM CA bundle to trust; empty: the system's roots."""
+    token: str = ""
+    """Bearer token sent with every call."""
+    cert_file: str = ""
+    """PEM client certificate (instead of, or beside, a token)."""
+    key_file: str = ""
+    """PEM key of cert_file."""
+    server_name: str = ""
+    """The name to verify the server's certificate against, when not the dialled host."""
+    enabled: bool = False
+    """Use TLS even when no file or token is given (the system's roots)."""
+
+    @classmethod
+    def resolve(
+        cls,
+        tls: bool | None,
+        environ: Mapping[str, str] | None = None,
+        **given: str,
+    ) -> ClientSecurity:
+        """Settings from the arguments given, else from the environment.
+
+        ``tls=False`` turns TLS off whatever the environment says.
+        """
+        if tls is False:
+            return cls()
+        environ = os.environ if environ is None else environ
+        values = {
+            name: given.get(name) or environ.get(var, "") for name, var in ENVIRONMENT.items()
+        }
+        return cls(**values, enabled=bool(tls))
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection uses TLS."""
+        return self.enabled or bool(self.ca_file or self.token or self.cert_file)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials: TLS, plus the token on every call.
+
+        Raises:
+            CloudburstError: A file cannot be read, or a certificate lacks its key.
+        """
+        if bool(self.cert_file) != bool(self.key_file):
+            raise CloudburstError("a client certificate needs its key: give both or neither")
+
+        def read(path: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                return Path(path).expanduser().read_bytes()
+            except OSError as exc:
+                raise CloudburstError(f"cannot read TLS file {path}: {exc.strerror}") from None
+
+        credentials = grpc.ssl_channel_credentials(
+            read(self.ca_file), read(self.key_file), read(self.cert_file)
+        )
+        if self.token:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(self.token)
+            )
+        return credentials
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """The credentials of :func:`open_channel`: None for plaintext."""
+        return self.credentials() if self.tls else None
+
+    def __repr__(self) -> str:
+        """Never show the token."""
+        token = "<set>" if self.token else ""
+        return (
+            f"ClientSecurity(ca_file={self.ca_file!r}, token={token!r}, "
+            f"cert_file={self.cert_file!r}, key_file={self.key_file!r}, "
+            f"server_name={self.server_name!r})"
+        )

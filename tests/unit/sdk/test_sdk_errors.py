@@ -105,7 +105,8 @@ def test_reason_wins_over_code() -> None:
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.CloudburstTimeoutError),
         (grpc.StatusCode.INTERNAL, errors.InternalError),
         (grpc.StatusCode.CANCELLED, errors.CloudburstError),
-        (grpc.StatusCode.PERMISSION_DENIED, errors.CloudburstError),
+        (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDeniedError),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.UnauthenticatedError),
     ],
 )
 def test_error_class_falls_back_by_code(code: grpc.StatusCode, cls: type[CloudburstError]) -> None:
