@@ -49,22 +49,6 @@ SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
 ROLES = ("consul_server", "scheduler", "executor", "kvs")
 CBGRPC_ROLES = ("scheduler", "executor", "kvs")
 
-#: Flags the rendered commands use that belong to work that may not be in this revision's CLI
-#: yet, with the number of values each takes: the KVS's Valkey engine (`--engine valkey
-#: --valkey-url URL`) and security (mutual TLS from files, client tokens, Consul intentions,
-#: and the explicit `--insecure` a non-loopback bind without TLS needs). On loopback, those
-#: the CLI does not accept are dropped.
-PENDING_FLAGS = {
-    "--engine": 1,
-    "--valkey-url": 1,
-    "--insecure": 0,
-    "--tls-cert": 1,
-    "--tls-key": 1,
-    "--tls-ca": 1,
-    "--tokens-file": 1,
-    "--consul-intentions": 0,
-}
-
 #: The scratch root that renders every role as on AWS (and the cbgrpc roles with TLS files).
 RENDER_ROOT = """
 locals {
@@ -468,32 +452,19 @@ def exec_start(unit: str) -> list[str]:
 
 
 @pytest.mark.parametrize("role", CBGRPC_ROLES)
-def test_rendered_commands_use_only_flags_the_cli_accepts_or_pending_ones(
-    rendered: Rendered, role: str
-) -> None:
+def test_rendered_commands_use_only_flags_the_cli_accepts(rendered: Rendered, role: str) -> None:
     for variant in (rendered.aws, rendered.aws_tls):
         command = variant[role]["command"]
         assert exec_start(variant[role]["units"][f"cloudburst-{role}.service"]) == command
         assert command[1] == role
         flags = {arg for arg in command[2:] if arg.startswith("--")}
         unknown = flags - accepted_flags(role)
-        assert unknown <= set(PENDING_FLAGS), f"flags neither accepted nor pending: {unknown}"
+        assert not unknown, f"flags `cbgrpc {role} --help` does not list: {unknown}"
 
 
-def loopback_argv(command: list[str], role: str, env: dict[str, str]) -> list[str]:
-    """The rendered command as systemd runs it (``${VAR}`` from the environment file),
-    less the pending flags this revision's CLI does not accept."""
-    accepted = accepted_flags(role)
-    argv: list[str] = []
-    i = 0
-    while i < len(command):
-        arg = command[i]
-        if arg in PENDING_FLAGS and arg not in accepted:
-            i += 1 + PENDING_FLAGS[arg]
-            continue
-        argv.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], arg))
-        i += 1
-    return argv
+def loopback_argv(command: list[str], env: dict[str, str]) -> list[str]:
+    """The rendered command as systemd runs it (``${VAR}`` from the environment file)."""
+    return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], arg) for arg in command]
 
 
 def test_the_rendered_toml_files_load_with_the_projects_config_loader(rendered: Rendered) -> None:
@@ -693,7 +664,7 @@ def start_loopback(
         }
         if role == "kvs":  # what the boot script writes: the Valkey cluster's URL
             role_env["VALKEY_URL"] = valkey_url
-        argv = loopback_argv(exec_start(out["units"][f"cloudburst-{role}.service"]), role, role_env)
+        argv = loopback_argv(exec_start(out["units"][f"cloudburst-{role}.service"]), role_env)
         process = cluster.start(argv, role_env, role, "listening on")
         if role == "kvs":  # it stores into the Valkey cluster, as --engine valkey says
             process.wait_for("KVS store started on the Valkey cluster")
