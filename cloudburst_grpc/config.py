@@ -109,6 +109,10 @@ class ExecutorConfig:
     calls) take at most this long run on the executor's event loop instead of a thread,
     sparing two thread hand-offs per call and per library call: directly, or in a greenlet
     when they use the library; 0 runs every function on a thread (see ``executors/inline.py``)."""
+    cache_max_bytes: int = 268435456
+    """Memory budget of an executor's cache of KVS values (user keys its functions read), kept
+    fresh through the KVS's change stream; 0 turns the cache off. Only executors that reach the
+    KVS over the network cache (``cbgrpc executor``); ``cbgrpc serve`` reads its store directly."""
 
 
 @dataclass(frozen=True)

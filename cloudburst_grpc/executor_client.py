@@ -102,8 +102,10 @@ class RemoteExecutorPeer:
         on_broken: Callable[[str, str], None] | None = None,
         *,
         tls: TlsSource | None = None,
+        on_cache_report: Callable[[str, executor_service_pb2.CacheReport], None] | None = None,
     ) -> None:
         self._on_broken = on_broken
+        self._on_cache_report = on_cache_report
         self.executor_id = executor_id
         self.address = address
         self._peer = PeerChannel(
@@ -134,6 +136,8 @@ class RemoteExecutorPeer:
             result = self._results.pop(frame.dag_result.call_id, None)
             if result is not None and not result.done():
                 result.set_result(frame.dag_result.outcome)
+        elif kind == "cache_report" and self._on_cache_report is not None:
+            self._on_cache_report(self.executor_id, frame.cache_report)
 
     def _ended(self, error: grpc.RpcError | None) -> None:
         code = error.code() if error is not None else None

@@ -32,6 +32,7 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
+from cloudburst_executors.cache import ValueCache
 from cloudburst_executors.executor import Executor
 from cloudburst_executors.servicer import ExecutorServicer, LocalExecutorPeer
 from cloudburst_grpc.config import Config, ConfigError
@@ -46,6 +47,7 @@ from cloudburst_grpc.discovery.consul import (
     ServiceWatch,
 )
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory, RemoteExecutorPeer
+from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.kvs_proxy import KvsProxyServicer
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.messaging.service import AnswerOutbox, MessagingPeers, MessagingServicer
@@ -205,6 +207,7 @@ def _remote_factory(
     config: Config,
     security: NodeSecurity,
     on_broken: Callable[[str, str], None] | None = None,
+    on_cache_report: Callable[[str, executor_service_pb2.CacheReport], None] | None = None,
 ) -> PeerDirectory:
     def factory(executor_id: str, address: str) -> ExecutorPeer:
         return RemoteExecutorPeer(
@@ -214,6 +217,7 @@ def _remote_factory(
             config.server.max_payload_bytes,
             on_broken,
             tls=security.tls,
+            on_cache_report=on_cache_report,
         )
 
     return PeerDirectory(factory)
@@ -414,11 +418,14 @@ async def start_executor_node(
         peers = _remote_factory(executor_id, config, security)
         stack.push_async_callback(peers.close)
         router = _messaging(node, executor_id)
+        kvs: KvsAccess = EndpointKvs(endpoint)
+        if config.executor.cache_max_bytes > 0:
+            kvs = ValueCache(EndpointKvs(endpoint), config.executor.cache_max_bytes, executor_id)
         executor = Executor(
             executor_id,
             node.address,
             config.executor,
-            EndpointKvs(endpoint),
+            kvs,
             peers,
             config.server.max_payload_bytes,
             config.scheduler.call_timeout_seconds,
@@ -466,7 +473,11 @@ async def start_scheduler_node(
             if pool_ref:
                 pool_ref[0].set_aside(executor_id, reason)
 
-        peers = _remote_factory(scheduler_id, config, security, broken)
+        def cached(executor_id: str, report: executor_service_pb2.CacheReport) -> None:
+            if pool_ref:
+                pool_ref[0].note_cached(executor_id, report.added, report.removed, report.full)
+
+        peers = _remote_factory(scheduler_id, config, security, broken, cached)
         stack.push_async_callback(peers.close)
         pool = ExecutorPool(peers)
         pool_ref.append(pool)

@@ -227,6 +227,37 @@ def observe_executor(executor: Any) -> None:
     _executors.add(executor)
 
 
+CACHE_READS = METER.create_counter(
+    "cloudburst.executor.cache.reads",
+    unit="{read}",
+    description="Reads of user keys through an executor's value cache, by result (hit, miss)",
+)
+CACHE_EVICTIONS = METER.create_counter(
+    "cloudburst.executor.cache.evictions",
+    unit="{entry}",
+    description="Values an executor's cache dropped to stay within its memory budget",
+)
+_caches: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _cache_bytes(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    for cache in list(_caches):
+        yield metrics.Observation(cache.bytes, {"executor": cache.name})
+
+
+METER.create_observable_gauge(
+    "cloudburst.executor.cache.bytes",
+    [_cache_bytes],
+    unit="By",
+    description="Bytes of values an executor's cache holds",
+)
+
+
+def observe_cache(cache: Any) -> None:
+    """Report the bytes an executor's value cache holds."""
+    _caches.add(cache)
+
+
 # -- the in-memory breakdown of recent calls ---------------------------------------------------
 
 

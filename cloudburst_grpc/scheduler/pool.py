@@ -39,6 +39,8 @@ class _Member:
     """
     watches: set[Watch] = field(default_factory=set)
     """Work in flight there, told when the executor is lost."""
+    cached_keys: frozenset[str] = frozenset()
+    """User keys its value cache holds, as it last reported (replaced, not mutated)."""
 
 
 class ExecutorPool:
@@ -222,6 +224,7 @@ class ExecutorPool:
                 executor_id=m.executor_id,
                 address=m.address,
                 pinned=m.pinned,
+                cached_keys=m.cached_keys,
                 load=m.placed,
                 overloaded=bool(m.down),
             )
@@ -242,6 +245,15 @@ class ExecutorPool:
         member = self._members.get(executor_id)
         if member is not None:
             member.pinned = (member.pinned | {function}) if pinned else (member.pinned - {function})
+
+    def note_cached(
+        self, executor_id: str, added: Iterable[str], removed: Iterable[str], full: bool
+    ) -> None:
+        """Record an executor's report of the keys its cache holds (all of them when ``full``)."""
+        member = self._members.get(executor_id)
+        if member is not None:
+            known = frozenset() if full else member.cached_keys
+            member.cached_keys = (known - frozenset(removed)) | frozenset(added)
 
     def pinned_on(self, function: str) -> list[str]:
         """The executors a function is pinned on."""

@@ -211,6 +211,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 address=view.address,
                 pinned_functions=sorted(view.pinned),
                 load=view.load,
+                cached_keys=sorted(view.cached_keys),
             )
         return response
 

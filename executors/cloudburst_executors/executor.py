@@ -22,6 +22,7 @@ from cloudburst.errors import CloudburstError, FunctionNotFoundError, QueueFullE
 from cloudburst.serialization import LwwClock
 from cloudburst.v1 import error_pb2, execution_pb2, executor_service_pb2, function_pb2
 from cloudburst_executors import results, runner
+from cloudburst_executors.cache import ValueCache
 from cloudburst_executors.inline import InlineGate
 from cloudburst_executors.invocation import Chain, Invoker
 from cloudburst_executors.results import ResultRouter
@@ -53,6 +54,8 @@ class Executor:
         router: MailboxRouter | None = None,
     ) -> None:
         self.executor_id = executor_id
+        self.cache = kvs if isinstance(kvs, ValueCache) else None
+        """The cache of KVS values, when ``kvs`` is one (see :mod:`executors.cache`)."""
         self.address = address
         self.config = config
         self._router = router
@@ -104,6 +107,8 @@ class Executor:
             task.cancel()
         self.slots.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.cache is not None:
+            await self.cache.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, timeout: float) -> None:
@@ -118,13 +123,17 @@ class Executor:
         return self._invoker.running
 
     def status(self) -> executor_service_pb2.GetExecutorStatusResponse:
-        """Report pinned functions and load."""
-        return executor_service_pb2.GetExecutorStatusResponse(
+        """Report pinned functions, load and the value cache."""
+        status = executor_service_pb2.GetExecutorStatusResponse(
             executor_id=self.executor_id,
             pinned_functions=sorted(self.pinned),
             active_calls=self.active_calls,
             threads=self.config.threads,
         )
+        if self.cache is not None:
+            status.cached_keys.extend(self.cache.keys())
+            status.cache.CopyFrom(self.cache.stats())
+        return status
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -23,6 +23,7 @@ from cloudburst.errors import CloudburstError, CloudburstTimeoutError, RemoteFun
 from cloudburst.serialization import LwwClock, lattice_bytes, lattice_value, serialize
 from cloudburst.v1 import execution_pb2, value_pb2
 from cloudburst_executors import runner, stages
+from cloudburst_executors.cache import read_reference
 from cloudburst_executors.inline import InlineGate, Placement
 from cloudburst_executors.library import UserLibrary
 from cloudburst_executors.stages import LARGE_VALUE_BYTES
@@ -158,7 +159,7 @@ class Invoker:
             return await self.deserialize(argument.value)
         if kind == "reference":
             ref = argument.reference
-            lattice = await self._kvs.get(ref.key, wait=ref.wait, timeout=timeout)
+            lattice = await read_reference(self._kvs, ref, timeout)
             if lattice is None:
                 if ref.wait:
                     raise CloudburstTimeoutError(

@@ -115,12 +115,21 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             finally:
                 answers.put_nowait(None)
 
+        def report(cache_report: executor_service_pb2.CacheReport) -> None:
+            answers.put_nowait(
+                executor_service_pb2.StreamTriggersResponse(cache_report=cache_report)
+            )
+
+        # The opener learns which keys are cached here (for placement by data locality).
+        stop_reports = executor.cache.listen(report) if executor.cache is not None else None
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
             await reader  # re-raise a protocol error from the reader
         finally:
+            if stop_reports is not None:
+                stop_reports()
             reader.cancel()
             for future in list(pending):
                 future.cancel()

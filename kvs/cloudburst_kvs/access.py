@@ -102,6 +102,21 @@ class InProcessKvs:
         finally:
             await subscription.aclose()
 
+    async def watch_values(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> AsyncIterator[tuple[str, lattice_pb2.Lattice | None]]:
+        """Yield ``("", None)`` once watching, then each change: the key and its lattice after it.
+
+        A deleted key comes with None. Both storage engines watch keys by name.
+        """
+        subscription = await self._store.subscribe(keyspace, keys=keys)
+        try:
+            yield "", None
+            async for event in subscription:
+                yield event.key, None if event.deleted else event.lattice
+        finally:
+            await subscription.aclose()
+
     async def list_keys(
         self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
     ) -> list[str]:
@@ -280,6 +295,22 @@ class EndpointKvs:
         except UnavailableError:
             self._endpoint.unreachable(channel)
             raise
+
+    async def watch_values(
+        self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
+    ) -> AsyncIterator[tuple[str, lattice_pb2.Lattice | None]]:
+        """Yield ``("", None)`` once watching, then each change: the key and its lattice after it.
+
+        A deleted key comes with None.
+        """
+        client = await self._endpoint.client()
+        stream = await client.watch(keys, keyspace)
+        try:
+            yield "", None
+            async for event in stream:
+                yield event.key, None if event.deleted else event.lattice
+        finally:
+            await stream.aclose()
 
     async def list_keys(
         self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER

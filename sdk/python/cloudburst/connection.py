@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import functools
 import inspect
@@ -65,6 +66,8 @@ CONNECT_TIMEOUT = 10.0
 MAX_RETRIES = 10
 #: Seconds to wait for each other scheduler when the one in use is lost.
 FAILOVER_CONNECT_TIMEOUT = 3.0
+#: How many of its latest writes a connection remembers, for read-your-writes through caches.
+_WRITES_REMEMBERED = 4096
 
 
 def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
@@ -286,6 +289,8 @@ class CloudburstConnection:
             server_name=tls_server_name,
         )
         self._clock = LwwClock()
+        self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
+        """When this connection last wrote each key (the newest ones), for read-your-writes."""
         self._loop = new_driver(loop_driver)
         self._closed = False
         try:
@@ -809,12 +814,22 @@ class CloudburstConnection:
         data = _serialize(value, f"value for key {key!r}", self.max_payload_bytes)
         lattice = lww(data, self._clock)  # one timestamp: a retry merges as the same write
         self._retrying(lambda: self._core.put(key, lattice, self.timeout), f"put_object({key!r})")
+        self._wrote(key, lattice.lww.timestamp.time_ns)
         return True
+
+    def _wrote(self, key: str, time_ns: int) -> None:
+        """Remember a write, so that a reference to its key is never served an older value."""
+        self._written[key] = time_ns
+        self._written.move_to_end(key)
+        if len(self._written) > _WRITES_REMEMBERED:
+            self._written.popitem(last=False)
 
     def delete_object(self, key: str) -> bool:
         """Delete ``key``; returns whether it existed."""
         key = self._key(key)
-        return bool(self._run(self._core.delete(key, self.timeout), f"delete_object({key!r})"))
+        existed = self._run(self._core.delete(key, self.timeout), f"delete_object({key!r})")
+        self._wrote(key, self._clock.now().time_ns)  # a cached value from before is stale
+        return bool(existed)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -830,9 +845,13 @@ class CloudburstConnection:
         if isinstance(arg, CloudburstFuture):
             return value_pb2.Argument(reference=value_pb2.Reference(key=arg.obj_id, wait=True))
         if isinstance(arg, CloudburstReference):
-            return value_pb2.Argument(
-                reference=value_pb2.Reference(key=arg.key, wait=False, raw=not arg.deserialize)
+            reference = value_pb2.Reference(
+                key=arg.key,
+                wait=False,
+                raw=not arg.deserialize,
+                not_before_ns=self._written.get(arg.key, 0),
             )
+            return value_pb2.Argument(reference=reference)
         return value_pb2.Argument(value=_serialize(arg, what, self.max_payload_bytes))
 
     def _decode(self, outcome: execution_pb2.Outcome) -> Any:

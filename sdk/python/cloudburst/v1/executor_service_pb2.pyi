@@ -186,6 +186,7 @@ class StreamTriggersResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     DAG_RESULT_FIELD_NUMBER: _builtins.int
     EXECUTE_FUNCTION_FIELD_NUMBER: _builtins.int
+    CACHE_REPORT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request frame answered."""
     @_builtins.property
@@ -196,18 +197,23 @@ class StreamTriggersResponse(_message.Message):
     def execute_function(self) -> Global___ExecuteFunctionResponse:
         """The answer to an execute_function frame."""
 
+    @_builtins.property
+    def cache_report(self) -> Global___CacheReport:
+        """The user keys this executor's value cache holds, for data-locality placement."""
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         dag_result: Global___DagResult | None = ...,
         execute_function: Global___ExecuteFunctionResponse | None = ...,
+        cache_report: Global___CacheReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["dag_result", "execute_function"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["dag_result", "execute_function", "cache_report"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -395,6 +401,7 @@ class GetExecutorStatusResponse(_message.Message):
     ACTIVE_CALLS_FIELD_NUMBER: _builtins.int
     THREADS_FIELD_NUMBER: _builtins.int
     CACHED_KEYS_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
     """The executor's id."""
     active_calls: _builtins.int
@@ -409,6 +416,10 @@ class GetExecutorStatusResponse(_message.Message):
     def cached_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """User keys held in the local value cache."""
 
+    @_builtins.property
+    def cache(self) -> Global___CacheStats:
+        """The value cache's counters (all zero when the cache is off)."""
+
     def __init__(
         self,
         *,
@@ -417,11 +428,88 @@ class GetExecutorStatusResponse(_message.Message):
         active_calls: _builtins.int = ...,
         threads: _builtins.int = ...,
         cached_keys: _abc.Iterable[_builtins.str] | None = ...,
+        cache: Global___CacheStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_calls", b"active_calls", "cached_keys", b"cached_keys", "executor_id", b"executor_id", "pinned_functions", b"pinned_functions", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_calls", b"active_calls", "cache", b"cache", "cached_keys", b"cached_keys", "executor_id", b"executor_id", "pinned_functions", b"pinned_functions", "threads", b"threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExecutorStatusResponse: _TypeAlias = GetExecutorStatusResponse  # noqa: Y015
+
+@_typing.final
+class CacheReport(_message.Message):
+    """CacheReport tells a stream's opener which user keys the executor's value cache holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FULL_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    full: _builtins.bool
+    """Whether `added` lists every cached key, replacing what the opener knew."""
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys cached since the last report."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys dropped since the last report."""
+
+    def __init__(
+        self,
+        *,
+        full: _builtins.bool = ...,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "full", b"full", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheReport: _TypeAlias = CacheReport  # noqa: Y015
+
+@_typing.final
+class CacheStats(_message.Message):
+    """CacheStats counts what an executor's value cache did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    hits: _builtins.int
+    """Reads served from the cache."""
+    misses: _builtins.int
+    """Reads that went to the KVS."""
+    evictions: _builtins.int
+    """Entries dropped to stay within the memory budget."""
+    bytes: _builtins.int
+    """Bytes of values cached now."""
+    entries: _builtins.int
+    """Entries cached now."""
+    max_bytes: _builtins.int
+    """The memory budget in bytes (0: the cache is off)."""
+    def __init__(
+        self,
+        *,
+        hits: _builtins.int = ...,
+        misses: _builtins.int = ...,
+        evictions: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        entries: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "entries", b"entries", "evictions", b"evictions", "hits", b"hits", "max_bytes", b"max_bytes", "misses", b"misses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheStats: _TypeAlias = CacheStats  # noqa: Y015

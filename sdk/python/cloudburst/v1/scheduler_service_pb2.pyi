@@ -685,6 +685,7 @@ class ExecutorInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     PINNED_FUNCTIONS_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    CACHED_KEYS_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
     """The executor id."""
     address: _builtins.str
@@ -695,6 +696,10 @@ class ExecutorInfo(_message.Message):
     def pinned_functions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The functions pinned there."""
 
+    @_builtins.property
+    def cached_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The user keys its value cache holds, as last reported to this scheduler."""
+
     def __init__(
         self,
         *,
@@ -702,10 +707,11 @@ class ExecutorInfo(_message.Message):
         address: _builtins.str = ...,
         pinned_functions: _abc.Iterable[_builtins.str] | None = ...,
         load: _builtins.int = ...,
+        cached_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "executor_id", b"executor_id", "load", b"load", "pinned_functions", b"pinned_functions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cached_keys", b"cached_keys", "executor_id", b"executor_id", "load", b"load", "pinned_functions", b"pinned_functions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63loudburst/v1/value.proto\x12\rcloudburst.v1\"D\n\x05Value\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12-\n\nserializer\x18\x02 \x01(\x0e\x32\x19.cloudburst.v1.Serializer\"R\n\x07\x46\x61ilure\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x15\n\rfunction_name\x18\x04 \x01(\t\"3\n\tReference\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x0b\n\x03raw\x18\x03 \x01(\x08\"h\n\x08\x41rgument\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x14.cloudburst.v1.ValueH\x00\x12-\n\treference\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.ReferenceH\x00\x42\x06\n\x04kind\":\n\x0c\x41rgumentList\x12*\n\targuments\x18\x01 \x03(\x0b\x32\x17.cloudburst.v1.Argument*\x9e\x01\n\nSerializer\x12\x1a\n\x16SERIALIZER_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERIALIZER_CLOUDPICKLE\x10\x01\x12\x14\n\x10SERIALIZER_BYTES\x10\x02\x12\x15\n\x11SERIALIZER_STRING\x10\x03\x12\x13\n\x0fSERIALIZER_JSON\x10\x04\x12\x16\n\x12SERIALIZER_FAILURE\x10\x05\x42\x8b\x01\n\x11\x63om.cloudburst.v1B\nValueProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63loudburst/v1/value.proto\x12\rcloudburst.v1\"D\n\x05Value\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12-\n\nserializer\x18\x02 \x01(\x0e\x32\x19.cloudburst.v1.Serializer\"R\n\x07\x46\x61ilure\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x15\n\rfunction_name\x18\x04 \x01(\t\"J\n\tReference\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x15\n\rnot_before_ns\x18\x04 \x01(\x04\"h\n\x08\x41rgument\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x14.cloudburst.v1.ValueH\x00\x12-\n\treference\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.ReferenceH\x00\x42\x06\n\x04kind\":\n\x0c\x41rgumentList\x12*\n\targuments\x18\x01 \x03(\x0b\x32\x17.cloudburst.v1.Argument*\x9e\x01\n\nSerializer\x12\x1a\n\x16SERIALIZER_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERIALIZER_CLOUDPICKLE\x10\x01\x12\x14\n\x10SERIALIZER_BYTES\x10\x02\x12\x15\n\x11SERIALIZER_STRING\x10\x03\x12\x13\n\x0fSERIALIZER_JSON\x10\x04\x12\x16\n\x12SERIALIZER_FAILURE\x10\x05\x42\x8b\x01\n\x11\x63om.cloudburst.v1B\nValueProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,16 +32,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudburst.v1.value_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021com.cloudburst.v1B\nValueProtoP\001Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\242\002\003CXX\252\002\rCloudburst.V1\312\002\rCloudburst\\V1\352\002\016Cloudburst::V1'
-  _globals['_SERIALIZER']._serialized_start=418
-  _globals['_SERIALIZER']._serialized_end=576
+  _globals['_SERIALIZER']._serialized_start=441
+  _globals['_SERIALIZER']._serialized_end=599
   _globals['_VALUE']._serialized_start=44
   _globals['_VALUE']._serialized_end=112
   _globals['_FAILURE']._serialized_start=114
   _globals['_FAILURE']._serialized_end=196
   _globals['_REFERENCE']._serialized_start=198
-  _globals['_REFERENCE']._serialized_end=249
-  _globals['_ARGUMENT']._serialized_start=251
-  _globals['_ARGUMENT']._serialized_end=355
-  _globals['_ARGUMENTLIST']._serialized_start=357
-  _globals['_ARGUMENTLIST']._serialized_end=415
+  _globals['_REFERENCE']._serialized_end=272
+  _globals['_ARGUMENT']._serialized_start=274
+  _globals['_ARGUMENT']._serialized_end=378
+  _globals['_ARGUMENTLIST']._serialized_start=380
+  _globals['_ARGUMENTLIST']._serialized_end=438
 # @@protoc_insertion_point(module_scope)

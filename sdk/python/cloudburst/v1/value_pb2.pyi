@@ -124,22 +124,28 @@ class Reference(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_NS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The user key to read."""
     wait: _builtins.bool
     """Whether to wait until the key exists (futures); otherwise a missing key is passed as None."""
     raw: _builtins.bool
     """Pass the stored bytes as they are instead of the value they encode (deserialize=False)."""
+    not_before_ns: _builtins.int
+    """The time (Unix nanoseconds) of the caller's own last write of the key, or 0: an executor serves
+    the key from its cache only when the cached write is at least this recent.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         wait: _builtins.bool = ...,
         raw: _builtins.bool = ...,
+        not_before_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "raw", b"raw", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "not_before_ns", b"not_before_ns", "raw", b"raw", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
