@@ -175,6 +175,13 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
         "loop, not a thread (default 0.0002; 0: never)",
     )
     parser.add_argument(
+        "--cache-max-bytes",
+        type=int,
+        metavar="BYTES",
+        help="memory budget of an executor's cache of KVS values, kept fresh through the "
+        "KVS's change stream (cbgrpc executor only; default 268435456; 0: off)",
+    )
+    parser.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
 
@@ -454,6 +461,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "count": get("executors"),
             "threads": get("threads"),
             "inline_max_seconds": get("inline_max_seconds"),
+            "cache_max_bytes": get("cache_max_bytes"),
         },
         "scheduler": {
             "call_timeout_seconds": get("call_timeout"),
