@@ -68,6 +68,14 @@ class ExecutorPeer(Protocol):
         """
         ...
 
+    def expect_stored(self, response_key: str) -> asyncio.Future[None]:
+        """A future that settles once a direct call's result is stored at ``response_key``.
+
+        Call before the call is sent. It also settles when the stored result can no
+        longer be reported (the connection ended).
+        """
+        ...
+
     async def pin(self, function_name: str, version: int) -> None:
         """Pin a function."""
         ...
@@ -114,6 +122,7 @@ class RemoteExecutorPeer:
         self._sequence = itertools.count(1)
         self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}
         self._results: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
+        self._stored: dict[str, asyncio.Future[None]] = {}
         self._stream: OutboxStream[
             executor_service_pb2.StreamTriggersRequest, executor_service_pb2.StreamTriggersResponse
         ] = OutboxStream(
@@ -136,6 +145,10 @@ class RemoteExecutorPeer:
             result = self._results.pop(frame.dag_result.call_id, None)
             if result is not None and not result.done():
                 result.set_result(frame.dag_result.outcome)
+        elif kind == "result_stored":
+            stored = self._stored.pop(frame.result_stored.response_key, None)
+            if stored is not None and not stored.done():
+                stored.set_result(None)
         elif kind == "cache_report" and self._on_cache_report is not None:
             self._on_cache_report(self.executor_id, frame.cache_report)
 
@@ -158,10 +171,14 @@ class RemoteExecutorPeer:
         for result in self._results.values():
             if not result.done():
                 result.set_exception(failure)
+        for stored in self._stored.values():
+            if not stored.done():
+                stored.set_result(None)  # nothing more will be reported
         self._answers.clear()
         self._results.clear()
         if code is not None and self._on_broken is not None:
             self._on_broken(self.executor_id, f"its stream broke ({code})")
+        self._stored.clear()
 
     async def execute(
         self, request: executor_service_pb2.ExecuteFunctionRequest, timeout: float
@@ -201,6 +218,17 @@ class RemoteExecutorPeer:
             )
         )
         return result
+
+    def expect_stored(self, response_key: str) -> asyncio.Future[None]:
+        """Settles when the executor reports the result stored, or the stream ends."""
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stored[response_key] = stored
+        stored.add_done_callback(lambda _: self._forget_stored(response_key, stored))
+        return stored
+
+    def _forget_stored(self, response_key: str, stored: asyncio.Future[None]) -> None:
+        if self._stored.get(response_key) is stored:
+            del self._stored[response_key]
 
     async def pin(self, function_name: str, version: int) -> None:
         """Pin a function (unary)."""

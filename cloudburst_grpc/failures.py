@@ -13,8 +13,9 @@ from __future__ import annotations
 import traceback
 
 from cloudburst.errors import CloudburstError
+from cloudburst.rpc import reason_name
 from cloudburst.serialization import RUNTIME_ERROR_PREFIX
-from cloudburst.v1 import error_pb2, value_pb2
+from cloudburst.v1 import error_pb2, execution_pb2, value_pb2
 
 
 def failure_from_exception(exc: BaseException, function_name: str) -> value_pb2.Failure:
@@ -55,3 +56,15 @@ def error_to_call_error(error: CloudburstError) -> error_pb2.CallError:
     return error_pb2.CallError(
         code=error.code.value[0], message=error.message, reason=reason, metadata=error.metadata
     )
+
+
+def outcome_value(outcome: execution_pb2.Outcome) -> value_pb2.Value:
+    """The value stored in the KVS for an outcome: the value, or the failure as a failure value."""
+    kind = outcome.WhichOneof("result")
+    if kind == "value":
+        return outcome.value
+    if kind == "failure":
+        return failure_value(outcome.failure)
+    error = outcome.error
+    reason = reason_name(error.reason)
+    return failure_value(runtime_failure(reason, error.message))

@@ -10,6 +10,7 @@ arrive unexpected.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -325,12 +326,19 @@ class Scheduler:
             _set_time(execute.deadline_time, time.time_ns() + int(limit * 1e9))
             telemetry.inject(execute.trace_context)
 
+        # A caller waiting for the outcome is answered before the executor stores it; a
+        # release of the result waits until it is stored (a delete must not come first).
+        stored: asyncio.Future[None] | None = None
+        if want_outcome and response_key:
+            stored = asyncio.get_running_loop().create_future()
+            self.releaser.storing(response_key, stored)
+
         async def run() -> execution_pb2.Outcome:
             executor_id, retries, redelivered = view.executor_id, function.retries, False
             try:
                 while True:
                     try:
-                        return await self._execute(executor_id, execute, limit)
+                        return await self._execute(executor_id, execute, limit, stored)
                     except NotDeliveredError as exc:
                         # It never reached the executor: placing it elsewhere is always safe.
                         if redelivered:
@@ -352,6 +360,8 @@ class Scheduler:
                 if isinstance(exc, UnavailableError):
                     # Also for whoever waits on the key (a call given this one's future).
                     self._store_failure(response_key, str(exc))
+                if stored is not None and not stored.done():
+                    stored.set_result(None)  # no executor will report a store any more
                 return execution_pb2.Outcome(error=error_to_call_error(exc))
 
         task = asyncio.create_task(run())
@@ -366,8 +376,11 @@ class Scheduler:
         executor_id: str,
         execute: executor_service_pb2.ExecuteFunctionRequest,
         limit: float,
+        stored: asyncio.Future[None] | None = None,
     ) -> execution_pb2.Outcome:
         """Run a one-shot call on an executor; losing the executor fails the call at once.
+
+        ``stored`` settles once the executor that answered reports the result stored.
 
         Raises:
             UnavailableError: The executor was lost before the call finished
@@ -390,8 +403,12 @@ class Scheduler:
 
         self.pool.started(executor_id)
         watch = self.pool.track((executor_id,), on_lost)
+        attempt = peer.expect_stored(execute.response_key) if stored is not None else None
         try:
             response = await peer.execute(execute, limit)
+            if attempt is not None and stored is not None:
+                attempt.add_done_callback(functools.partial(_settle, stored))
+                attempt = None
             return response.outcome
         except asyncio.CancelledError:
             if not lost or task.uncancel() > 0:
@@ -405,6 +422,8 @@ class Scheduler:
             raise
         finally:
             finished = True
+            if attempt is not None:
+                attempt.cancel()  # this attempt failed: nothing to wait for from it
             self.pool.untrack(watch)
             self.pool.finished(executor_id)
 
@@ -774,3 +793,8 @@ def _check_arguments(
             )
         if kind == "reference" and not argument.reference.key:
             raise InvalidArgumentError(f"{what}: argument {index + 1} references an empty key")
+
+
+def _settle(future: asyncio.Future[None], _: object) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -52,6 +52,10 @@ class ResultReleaser:
         # Keys due to expire, in the order they are due (every key waits the same time).
         self._due: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
+        self._storing: dict[str, asyncio.Future[None]] = {}
+        """Result keys still being stored: a release of one waits for its store."""
+        self._held: set[str] = set()
+        """Keys released while being stored."""
 
     @property
     def expiring(self) -> int:
@@ -93,13 +97,31 @@ class ResultReleaser:
         """Keys released and not deleted yet."""
         return len(self._queued) + self._in_flight
 
+    def storing(self, key: str, stored: asyncio.Future[None]) -> None:
+        """Hold releases of ``key`` until ``stored`` settles (its result is being stored)."""
+        self._storing[key] = stored
+        stored.add_done_callback(lambda _: self._stored(key, stored))
+
+    def _stored(self, key: str, stored: asyncio.Future[None]) -> None:
+        if self._storing.get(key) is stored:
+            del self._storing[key]
+        if key in self._held:
+            self._held.discard(key)
+            self.release([key])
+
     def release(self, keys: Iterable[str]) -> None:
         """Queue keys for deletion (call on the loop); returns at once."""
         keys = list(keys)
         if self._due:
             for key in keys:
                 self._due.pop(key, None)
-        self._queue(keys)
+        ready = []
+        for key in keys:
+            if key in self._storing:
+                self._held.add(key)  # deleted once stored
+            else:
+                ready.append(key)
+        self._queue(ready)
 
     def _queue(self, keys: list[str]) -> None:
         self._queued.extend(keys)

@@ -89,6 +89,8 @@ class Executor:
         self.results = ResultRouter()
         self.active_calls = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.storing: dict[str, asyncio.Future[None]] = {}
+        """Results of direct calls answered already and being stored, by response key."""
         self._closed = False
         telemetry.observe_executor(self)
 
@@ -250,7 +252,9 @@ class Executor:
                     self._pool,
                     self._max_payload_bytes,
                 )
-            if request.response_key:
+            if request.response_key and request.direct_response:
+                self._store_after(request.response_key, outcome)
+            elif request.response_key:
                 await results.store(self._kvs, self._clock, request.response_key, outcome)
         finally:
             self.active_calls -= 1
@@ -258,6 +262,27 @@ class Executor:
         if request.direct_response:
             response.outcome.CopyFrom(outcome)
         return response
+
+    def _store_after(self, key: str, outcome: execution_pb2.Outcome) -> None:
+        """Store a direct call's outcome once it is answered (see :attr:`storing`)."""
+        task = asyncio.ensure_future(self._store(key, outcome))
+        self.storing[key] = task
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Future[None]) -> None:
+            if self.storing.get(key) is finished:
+                del self.storing[key]
+            self._task_done(task)
+
+        task.add_done_callback(done)
+
+    async def _store(self, key: str, outcome: execution_pb2.Outcome) -> None:
+        try:
+            await results.store(self._kvs, self._clock, key, outcome)
+        except CloudburstError as exc:
+            logger.warning(
+                "executor %s cannot store the result at %r: %s", self.executor_id, key, exc
+            )
 
     # -- DAG stages ----------------------------------------------------------------
 

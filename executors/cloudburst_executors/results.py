@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError
-from cloudburst.rpc import reason_name
 from cloudburst.serialization import LwwClock, lww, serialize_as
 from cloudburst.v1 import execution_pb2, value_pb2
 from cloudburst_executors import runner
 from cloudburst_executors.stages import LARGE_VALUE_BYTES
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.failures import error_to_call_error, failure_value, runtime_failure
+from cloudburst_grpc.failures import error_to_call_error, outcome_value
 from cloudburst_grpc.kvs_access import KvsAccess
 
 logger = logging.getLogger(__name__)
@@ -132,13 +131,4 @@ async def deliver(
         results.deliver(schedule.call_id, outcome, keep_for=remaining)
 
 
-def outcome_value(outcome: execution_pb2.Outcome) -> value_pb2.Value:
-    """The value stored in the KVS for an outcome: the value, or the failure as a failure value."""
-    kind = outcome.WhichOneof("result")
-    if kind == "value":
-        return outcome.value
-    if kind == "failure":
-        return failure_value(outcome.failure)
-    error = outcome.error
-    reason = reason_name(error.reason)
-    return failure_value(runtime_failure(reason, error.message))
+__all__ = ["ResultRouter", "deliver", "outcome_value", "store"]

@@ -70,6 +70,18 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     sequence=sequence, execute_function=response
                 )
             )
+            key = request.response_key
+            if request.direct_response and key:
+                # Answered first, stored after: the opener holds deletes of the key until now.
+                storing = executor.storing.get(key)
+                if storing is not None:
+                    await asyncio.wait([storing])
+                answers.put_nowait(
+                    executor_service_pb2.StreamTriggersResponse(
+                        sequence=sequence,
+                        result_stored=executor_service_pb2.ResultStored(response_key=key),
+                    )
+                )
 
         def route(call_id: str, future: asyncio.Future[execution_pb2.Outcome]) -> None:
             if future.cancelled():
@@ -176,6 +188,7 @@ class LocalExecutorPeer:
         self._executor = executor
         self._detached: set[asyncio.Task[None]] = set()
         """Calls whose stream ended before they did: they still run and store their results."""
+        self._stored: dict[str, asyncio.Future[None]] = {}
         self.executor_id = executor.executor_id
         self.address = executor.address
 
@@ -192,6 +205,20 @@ class LocalExecutorPeer:
             raise CloudburstTimeoutError(
                 f"call of {request.function_name!r} did not finish within {timeout:.1f}s"
             ) from None
+        finally:
+            stored = self._stored.pop(request.response_key, None)
+            if stored is not None:
+                storing = self._executor.storing.get(request.response_key)
+                if storing is None:
+                    _settle(stored, None)
+                else:
+                    storing.add_done_callback(functools.partial(_settle, stored))
+
+    def expect_stored(self, response_key: str) -> asyncio.Future[None]:
+        """Settles once the call's result is stored (after its answer)."""
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stored[response_key] = stored
+        return stored
 
     async def trigger(self, trigger: execution_pb2.Trigger) -> None:
         """Hand a trigger to the executor."""
@@ -215,3 +242,8 @@ class LocalExecutorPeer:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _settle(future: asyncio.Future[None], _: object) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -66,8 +66,10 @@ def test_a_result_is_deleted_once_its_future_is_gone(
         future = incr(1)
         key = future.obj_id
         assert future.get(timeout=30) == 2
+        # Readable by key while the future lives (the read waits for the store that
+        # follows the answer).
+        assert cloud.get_object(key) == 2
         assert stored(local_node, key)
-        assert cloud.get_object(key) == 2  # readable by key while the future lives
         del future
         gc.collect()
         wait_deleted(local_node, server_loop, [key])
@@ -98,8 +100,8 @@ def test_a_live_future_keeps_its_result(local_node: Node, server_loop: LoopThrea
         assert dropped.get(timeout=30) == 3
         del dropped
         wait_deleted(local_node, server_loop, [dropped_key])
-        assert stored(local_node, kept.obj_id)
         assert cloud.get_object(kept.obj_id) == 2
+        assert stored(local_node, kept.obj_id)
 
 
 def test_keep_results_keeps_results_after_their_futures(

@@ -68,6 +68,8 @@ MAX_RETRIES = 10
 FAILOVER_CONNECT_TIMEOUT = 3.0
 #: How many of its latest writes a connection remembers, for read-your-writes through caches.
 _WRITES_REMEMBERED = 4096
+#: Longest ``get_object`` waits for a result answered directly to be stored.
+RESULT_STORE_SECONDS = 10.0
 
 
 def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
@@ -291,6 +293,9 @@ class CloudburstConnection:
         self._clock = LwwClock()
         self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
         """When this connection last wrote each key (the newest ones), for read-your-writes."""
+        self._answered: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Result keys of calls answered directly, which executors store just after answering."""
+        self._answered_lock = threading.Lock()
         self._loop = new_driver(loop_driver)
         self._closed = False
         try:
@@ -563,7 +568,23 @@ class CloudburstConnection:
             {"cloudburst.function": name},
             holds=_futures(args),
         )
+        if pending.outcome is not None:
+            pending.outcome.add_done_callback(functools.partial(self._was_answered, pending))
         return CloudburstFuture(pending.response_key, self, pending, owned=frame.releasable)
+
+    def _was_answered(self, pending: PendingCall, _: object) -> None:
+        """Remember a result key answered directly: reads of it wait until it is stored."""
+        with self._answered_lock:
+            self._answered[pending.response_key] = None
+            if len(self._answered) > _WRITES_REMEMBERED:
+                self._answered.popitem(last=False)
+
+    def _stored_soon(self, key: str, forget: bool = False) -> bool:
+        """Whether ``key`` holds a result answered directly (``forget``: stop waiting for it)."""
+        with self._answered_lock:
+            if forget:
+                return self._answered.pop(key, 0) is None
+            return key in self._answered
 
     def _traced_call(
         self,
@@ -799,14 +820,32 @@ class CloudburstConnection:
                 lambda: self._core.get_many(keys, timeout=self.timeout),
                 f"get_object of {len(keys)} keys",
             )
+            for k in keys:  # results answered directly and not stored yet: wait for them
+                if found[k] is None and self._stored_soon(k):
+                    found[k] = self._retrying(
+                        functools.partial(self._stored_result, k), f"get_object({k!r})"
+                    )
             return {k: None if found[k] is None else decode(found[k]) for k in keys}
         key = self._key(key)
-        lattice = self._retrying(
-            lambda: self._core.get(key, timeout=self.timeout), f"get_object({key!r})"
-        )
+        if self._stored_soon(key):
+            # The executor stores a result just after answering it: wait (briefly) for that.
+            lattice = self._retrying(lambda: self._stored_result(key), f"get_object({key!r})")
+        else:
+            lattice = self._retrying(
+                lambda: self._core.get(key, timeout=self.timeout), f"get_object({key!r})"
+            )
         return None if lattice is None else decode(lattice)
 
     get = get_object
+
+    async def _stored_result(self, key: str) -> lattice_pb2.Lattice | None:
+        """Read a result answered directly, waiting (briefly) for the store that follows."""
+        lattice = await self._core.get(
+            key, wait=True, timeout=min(self.timeout, RESULT_STORE_SECONDS)
+        )
+        if lattice is not None:
+            self._stored_soon(key, forget=True)
+        return lattice
 
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
@@ -827,6 +866,7 @@ class CloudburstConnection:
     def delete_object(self, key: str) -> bool:
         """Delete ``key``; returns whether it existed."""
         key = self._key(key)
+        self._stored_soon(key, forget=True)
         existed = self._run(self._core.delete(key, self.timeout), f"delete_object({key!r})")
         self._wrote(key, self._clock.now().time_ns)  # a cached value from before is stale
         return bool(existed)
@@ -847,7 +887,7 @@ class CloudburstConnection:
         if isinstance(arg, CloudburstReference):
             reference = value_pb2.Reference(
                 key=arg.key,
-                wait=False,
+                wait=self._stored_soon(arg.key),  # a result being stored: wait for it
                 raw=not arg.deserialize,
                 not_before_ns=self._written.get(arg.key, 0),
             )

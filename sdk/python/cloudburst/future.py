@@ -46,6 +46,7 @@ class CloudburstFuture:
         pending = self._pending
         if self._owned and pending is not None:
             try:
+                self._connection._stored_soon(self.obj_id, forget=True)
                 self._connection._core.release_when_done(self.obj_id, pending)
             except Exception:  # a finaliser must not raise; the result is then kept
                 pass

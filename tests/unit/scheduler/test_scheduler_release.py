@@ -113,3 +113,18 @@ async def test_a_zero_ttl_keeps_results() -> None:
     assert releaser.expiring == 0
     await releaser.close(timeout=5)
     assert kvs.batches == []
+
+
+async def test_a_release_waits_for_the_results_store() -> None:
+    kvs = RecordingKvs()
+    kvs.go.set()
+    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    releaser.storing("result", stored)
+    releaser.release(["result", "other"])
+    await releaser.close(timeout=5)
+    assert kvs.batches == [["other"]], "a result still being stored is not deleted yet"
+    stored.set_result(None)
+    await asyncio.sleep(0)  # the store's callback releases the key
+    await releaser.close(timeout=5)
+    assert kvs.batches == [["other"], ["result"]]

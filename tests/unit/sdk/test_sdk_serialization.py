@@ -168,7 +168,7 @@ def test_runtime_prefixed_failure_with_traceback_stays_a_remote_function_error()
 
 
 def test_runtime_failure_of_unspecified_reason_decodes_to_a_cloudburst_error() -> None:
-    # executors.results.outcome_value stores error outcomes like this; a CallError whose
+    # cloudburst_grpc.failures.outcome_value stores error outcomes like this; a CallError whose
     # reason is ERROR_REASON_UNSPECIFIED becomes type "cloudburst.errors.UNSPECIFIED".
     failure = value_pb2.Failure(type="cloudburst.errors.UNSPECIFIED", message="upstream failed")
     error = serialization.failure_to_error(failure)

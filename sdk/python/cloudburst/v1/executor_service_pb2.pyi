@@ -187,6 +187,7 @@ class StreamTriggersResponse(_message.Message):
     DAG_RESULT_FIELD_NUMBER: _builtins.int
     EXECUTE_FUNCTION_FIELD_NUMBER: _builtins.int
     CACHE_REPORT_FIELD_NUMBER: _builtins.int
+    RESULT_STORED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request frame answered."""
     @_builtins.property
@@ -201,6 +202,10 @@ class StreamTriggersResponse(_message.Message):
     def cache_report(self) -> Global___CacheReport:
         """The user keys this executor's value cache holds, for data-locality placement."""
 
+    @_builtins.property
+    def result_stored(self) -> Global___ResultStored:
+        """A direct call answered earlier on this stream has its result stored now (or never will)."""
+
     def __init__(
         self,
         *,
@@ -208,16 +213,41 @@ class StreamTriggersResponse(_message.Message):
         dag_result: Global___DagResult | None = ...,
         execute_function: Global___ExecuteFunctionResponse | None = ...,
         cache_report: Global___CacheReport | None = ...,
+        result_stored: Global___ResultStored | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "result_stored", b"result_stored"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "result_stored", b"result_stored", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["dag_result", "execute_function", "cache_report"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["dag_result", "execute_function", "cache_report", "result_stored"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
 Global___StreamTriggersResponse: _TypeAlias = StreamTriggersResponse  # noqa: Y015
+
+@_typing.final
+class ResultStored(_message.Message):
+    """ResultStored follows the answer to a direct call that also names a response key: the executor
+    answers first and stores after, so that the caller does not wait for the store.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_KEY_FIELD_NUMBER: _builtins.int
+    response_key: _builtins.str
+    """The response key of the call."""
+    def __init__(
+        self,
+        *,
+        response_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response_key", b"response_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResultStored: _TypeAlias = ResultStored  # noqa: Y015
 
 @_typing.final
 class TriggerHello(_message.Message):
