@@ -113,6 +113,8 @@ class ExecutorConfig:
     """Memory budget of an executor's cache of KVS values (user keys its functions read), kept
     fresh through the KVS's change stream; 0 turns the cache off. Only executors that reach the
     KVS over the network cache (``cbgrpc executor``); ``cbgrpc serve`` reads its store directly."""
+    cache_max_entries: int = 4096
+    """Most keys an executor's cache holds (each is one watch stream on the KVS)."""
 
 
 @dataclass(frozen=True)

@@ -420,7 +420,12 @@ async def start_executor_node(
         router = _messaging(node, executor_id)
         kvs: KvsAccess = EndpointKvs(endpoint)
         if config.executor.cache_max_bytes > 0:
-            kvs = ValueCache(EndpointKvs(endpoint), config.executor.cache_max_bytes, executor_id)
+            kvs = ValueCache(
+                EndpointKvs(endpoint),
+                config.executor.cache_max_bytes,
+                executor_id,
+                config.executor.cache_max_entries,
+            )
         executor = Executor(
             executor_id,
             node.address,

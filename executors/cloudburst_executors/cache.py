@@ -78,11 +78,15 @@ class ValueCache:
         inner: The KVS access to read through and watch.
         max_bytes: The memory budget for cached values; 0 turns caching off.
         name: Names the cache in metrics (the executor's id).
+        max_entries: The most keys cached (and watched) at once.
     """
 
-    def __init__(self, inner: WatchingKvs, max_bytes: int, name: str = "") -> None:
+    def __init__(
+        self, inner: WatchingKvs, max_bytes: int, name: str = "", max_entries: int = 4096
+    ) -> None:
         self._inner = inner
         self.max_bytes = max_bytes
+        self.max_entries = max(max_entries, 1)
         self.name = name
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.bytes = 0
@@ -163,7 +167,9 @@ class ValueCache:
         return {key: found[key] for key in keys}
 
     def _watch(self, key: str) -> _Entry:
-        """Create the key's entry and start watching it."""
+        """Create the key's entry and start watching it (making room for it first)."""
+        while len(self._entries) >= self.max_entries:
+            self._evict()
         entry = _Entry(key, asyncio.get_running_loop().create_future())
         self._entries[key] = entry
         entry.task = asyncio.create_task(self._follow(entry))
@@ -280,10 +286,14 @@ class ValueCache:
         elif lattice is None and had:
             self._report(entry.key, False)
         while self.bytes > self.max_bytes and self._entries:
-            oldest = next(iter(self._entries.values()))
-            self.evictions += 1
-            telemetry.CACHE_EVICTIONS.add(1)
-            self._drop(oldest)
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used entry to make room."""
+        oldest = next(iter(self._entries.values()))
+        self.evictions += 1
+        telemetry.CACHE_EVICTIONS.add(1)
+        self._drop(oldest)
 
     def _drop(self, entry: _Entry) -> None:
         """Forget an entry and stop watching its key."""

@@ -231,3 +231,16 @@ async def test_a_batch_read_takes_cached_keys_from_memory(
     assert [None if v is None else lattice_value(v) for v in found.values()] == ["B", "A", None]
     stats = cache.stats()
     assert (stats.hits, stats.misses) == (1, 3)
+
+
+async def test_the_number_of_keys_is_bounded_too(kvs: CountingKvs, store: LatticeStore) -> None:
+    cache = ValueCache(kvs, max_bytes=1 << 20, name="few", max_entries=2)
+    try:
+        for key in ("a", "b", "c"):
+            await store.put(USER, key, value_of(key))
+            await read(cache, key)
+        assert cache.keys() == ["b", "c"]
+        assert cache.stats().evictions == 1
+        assert len(cache._entries) == 2, "an evicted key is no longer watched"
+    finally:
+        await cache.close()
