@@ -197,9 +197,8 @@ class ValueCache:
                 if self._entries.get(entry.key) is not entry:
                     break
                 if lattice is None or lattice.WhichOneof("kind") != "lww":
-                    self._set(entry, None)  # deleted (or not a cacheable kind)
-                else:
-                    self._merge(entry, lattice)
+                    break  # deleted (or not a cacheable kind): stop watching, drop the entry
+                self._merge(entry, lattice)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
