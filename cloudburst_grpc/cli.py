@@ -174,13 +174,14 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
         "code between library calls) take at most this long run on the executor's event "
         "loop, not a thread (default 0.0002; 0: never)",
     )
-    parser.add_argument(
-        "--cache-max-bytes",
-        type=int,
-        metavar="BYTES",
-        help="memory budget of an executor's cache of KVS values, kept fresh through the "
-        "KVS's change stream (cbgrpc executor only; default 268435456; 0: off)",
-    )
+    if not count:  # `cbgrpc serve` reads its store in-process: nothing to cache
+        parser.add_argument(
+            "--cache-max-bytes",
+            type=int,
+            metavar="BYTES",
+            help="memory budget of the executor's cache of KVS values, kept fresh through the "
+            "KVS's change stream (default 268435456; 0: off)",
+        )
     parser.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
