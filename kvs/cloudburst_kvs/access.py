@@ -301,16 +301,22 @@ class EndpointKvs:
     ) -> AsyncIterator[tuple[str, lattice_pb2.Lattice | None]]:
         """Yield ``("", None)`` once watching, then each change: the key and its lattice after it.
 
-        A deleted key comes with None.
+        A deleted key comes with None. A watch whose instance becomes unreachable
+        ends with the error, and that instance is set aside, as in :meth:`watch_keys`.
         """
+        channel = await self._endpoint.channel()
         client = await self._endpoint.client()
-        stream = await client.watch(keys, keyspace)
         try:
-            yield "", None
-            async for event in stream:
-                yield event.key, None if event.deleted else event.lattice
-        finally:
-            await stream.aclose()
+            stream = await client.watch(keys, keyspace)
+            try:
+                yield "", None
+                async for event in stream:
+                    yield event.key, None if event.deleted else event.lattice
+            finally:
+                await stream.aclose()
+        except UnavailableError:
+            self._endpoint.unreachable(channel)
+            raise
 
     async def list_keys(
         self, prefix: str = "", keyspace: lattice_pb2.Keyspace.ValueType = USER
