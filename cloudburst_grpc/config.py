@@ -75,6 +75,10 @@ class KvsConfig:
     max_clock_skew_seconds: float = 60.0
     """How far ahead of the KVS's clock a last-writer-wins timestamp may be; writes stamped
     further in the future are refused (they would win every later write)."""
+    max_value_bytes: int = 1073741824
+    """The largest value one key may hold; values larger than one message
+    (``server.max_payload_bytes``) move between processes in chunks. Clients learn it from the
+    KVS (through a scheduler)."""
     valkey_url: str = ""
     """The Valkey Cluster of the ``valkey`` engine: ``redis://host:port[,host:port...]`` (any
     nodes of it; ``rediss://`` for TLS; ``user:password@`` before the hosts when needed)."""

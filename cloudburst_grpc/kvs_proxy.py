@@ -148,3 +148,49 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             await _pass_on(exc, context)
         finally:
             call.cancel()
+
+    async def GetValueChunks(
+        self,
+        request: kvs_service_pb2.GetValueChunksRequest,
+        context: Context[
+            kvs_service_pb2.GetValueChunksRequest, kvs_service_pb2.GetValueChunksResponse
+        ],
+    ) -> AsyncIterator[kvs_service_pb2.GetValueChunksResponse]:
+        """Forward GetValueChunks, a chunk at a time (never the whole value at once)."""
+        channel = await self._channel()
+        call = self._stub(channel).GetValueChunks(request, timeout=_timeout(context))
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            if _transport_unavailable(exc):
+                self._unreachable(channel)
+            await _pass_on(exc, context)
+        finally:
+            call.cancel()
+
+    async def PutValueChunks(
+        self,
+        request_iterator: AsyncIterator[kvs_service_pb2.PutValueChunksRequest],
+        context: Context[
+            kvs_service_pb2.PutValueChunksRequest, kvs_service_pb2.PutValueChunksResponse
+        ],
+    ) -> kvs_service_pb2.PutValueChunksResponse:
+        """Forward PutValueChunks, a chunk at a time as the caller sends them."""
+        channel = await self._channel()
+        call = self._stub(channel).PutValueChunks(request_iterator, timeout=_timeout(context))
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            if _transport_unavailable(exc):
+                self._unreachable(channel)
+            await _pass_on(exc, context)
+            raise
+
+    async def GetLimits(
+        self,
+        request: kvs_service_pb2.GetLimitsRequest,
+        context: Context[kvs_service_pb2.GetLimitsRequest, kvs_service_pb2.GetLimitsResponse],
+    ) -> kvs_service_pb2.GetLimitsResponse:
+        """Forward GetLimits."""
+        return await self._unary("GetLimits", request, context)  # type: ignore[no-any-return]

@@ -13,6 +13,7 @@ from types import TracebackType
 
 import grpc
 
+from cloudburst import chunks
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.rpc import call, error_from_rpc
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
@@ -69,7 +70,13 @@ class KvsClient:
             if wait:
                 return None
             raise
+        if response.chunked:  # too large for one message
+            return await chunks.read_chunks(self._stub, key, keyspace, timeout)
         return response.lattice if response.found else None
+
+    async def limits(self, timeout: float | None = 10.0) -> kvs_service_pb2.GetLimitsResponse:
+        """The KVS tier's limits: the largest value, the largest message."""
+        return await chunks.get_limits(self._stub, timeout)
 
     async def put(
         self,
@@ -100,8 +107,11 @@ class KvsClient:
         """Merge ``lattice`` into the key, as :meth:`put`, without reading the result back.
 
         The server then answers without the stored lattice, which for a large
-        value halves what travels.
+        value halves what travels. A large value goes in chunks.
         """
+        if chunks.needs_chunks(lattice):
+            await chunks.write_chunks(self._stub, key, lattice, keyspace, timeout, request_id)
+            return
         await self._put(key, lattice, keyspace, request_id, timeout, omit=True)
 
     async def _put(

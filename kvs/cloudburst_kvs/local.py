@@ -32,7 +32,9 @@ def open_store(kvs_config: KvsConfig, max_payload_bytes: int) -> LatticeStore:
             "data in memory or SQLite"
         )
     engine = open_engine(kvs_config.engine, kvs_config.data_dir, kvs_config.sync)
-    return LatticeStore(engine, max_lattice_bytes=max_payload_bytes)
+    return LatticeStore(
+        engine, max_lattice_bytes=max(max_payload_bytes, kvs_config.max_value_bytes)
+    )
 
 
 def open_backend(kvs_config: KvsConfig, max_payload_bytes: int) -> LatticeBackend:
@@ -50,7 +52,7 @@ def open_backend(kvs_config: KvsConfig, max_payload_bytes: int) -> LatticeBacken
             kvs_config.valkey_url,
             durable_writes=kvs_config.durable_writes,
             operation_timeout=kvs_config.engine_timeout_seconds,
-            max_lattice_bytes=max_payload_bytes,
+            max_lattice_bytes=max(max_payload_bytes, kvs_config.max_value_bytes),
         )
     return open_store(kvs_config, max_payload_bytes)
 

@@ -27,6 +27,11 @@ from cloudburst_kvs.store import MAX_BATCH_KEYS, WatchEvent, check_key, normaliz
 
 logger = logging.getLogger(__name__)
 
+#: The bytes of a value per chunk of GetValueChunks (and of the clients' PutValueChunks).
+CHUNK_BYTES = 1 << 20
+#: Room left in a message for everything besides a value (at most an eighth of it).
+MESSAGE_MARGIN_BYTES = 64 << 10
+
 
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
@@ -67,6 +72,10 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         self._store = store
         self._max_wait_seconds = kvs_config.max_wait_seconds
         self._max_payload_bytes = max_payload_bytes
+        self._max_value_bytes = max(kvs_config.max_value_bytes, max_payload_bytes)
+        # A lattice larger than this does not fit in one message (with room for the rest).
+        margin = min(MESSAGE_MARGIN_BYTES, max_payload_bytes // 8)
+        self._max_inline_bytes = max_payload_bytes - margin
         self._max_skew_ns = int(kvs_config.max_clock_skew_seconds * 1e9)
         # One clock per servicer: timestamps it assigns strictly increase, so two
         # unstamped puts from one client are ordered as they arrived.
@@ -94,9 +103,96 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             lattice = await self._store.read(keyspace, request.key)
         if lattice is None:
             return kvs_service_pb2.GetValueResponse(found=False)
+        if lattices.lattice_size(lattice) > self._max_inline_bytes:
+            return kvs_service_pb2.GetValueResponse(found=True, chunked=True)
         response = kvs_service_pb2.GetValueResponse(found=True)
         response.lattice.CopyFrom(lattice)
         return response
+
+    async def GetValueChunks(
+        self,
+        request: kvs_service_pb2.GetValueChunksRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.GetValueChunksRequest, kvs_service_pb2.GetValueChunksResponse
+        ],
+    ) -> AsyncIterator[kvs_service_pb2.GetValueChunksResponse]:
+        """Read one key: its lattice without the value's bytes, then the bytes in chunks."""
+        check_key(request.key)
+        lattice = await self._store.read(normalize_keyspace(request.keyspace), request.key)
+        if lattice is None:
+            return
+        if lattice.WhichOneof("kind") != "lww":
+            yield kvs_service_pb2.GetValueChunksResponse(lattice=lattice)
+            return
+        data = lattice.lww.value.data
+        header = kvs_service_pb2.GetValueChunksResponse()
+        header.lattice.lww.timestamp.CopyFrom(lattice.lww.timestamp)
+        header.lattice.lww.value.serializer = lattice.lww.value.serializer
+        yield header
+        view = memoryview(data)
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield kvs_service_pb2.GetValueChunksResponse(
+                chunk=bytes(view[start : start + CHUNK_BYTES])
+            )
+
+    @_timed("put")
+    async def PutValueChunks(
+        self,
+        request_iterator: AsyncIterator[kvs_service_pb2.PutValueChunksRequest],
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.PutValueChunksRequest, kvs_service_pb2.PutValueChunksResponse
+        ],
+    ) -> kvs_service_pb2.PutValueChunksResponse:
+        """Merge a last-writer-wins value sent as a header frame and then chunks of its bytes."""
+        put: kvs_service_pb2.PutValueRequest | None = None
+        data = bytearray()
+        async for frame in request_iterator:
+            kind = frame.WhichOneof("frame")
+            if put is None:
+                if kind != "put":
+                    raise InvalidArgumentError("the first PutValueChunks frame must be the put")
+                put = frame.put
+                check_key(put.key)
+                if put.lattice.WhichOneof("kind") != "lww":
+                    raise InvalidArgumentError(
+                        "PutValueChunks carries last-writer-wins values only",
+                        {"field": "put.lattice"},
+                    )
+                continue
+            if kind != "chunk":
+                raise InvalidArgumentError("after the put, PutValueChunks frames are chunks")
+            data += frame.chunk
+            if len(data) > self._max_value_bytes:
+                raise PayloadTooLargeError(
+                    f"the value for key {put.key!r} is over the limit of "
+                    f"{self._max_value_bytes} bytes (kvs.max_value_bytes)",
+                    {"key": put.key, "limit": str(self._max_value_bytes)},
+                )
+        if put is None:
+            raise InvalidArgumentError("PutValueChunks received no put")
+        lattice = put.lattice
+        lattice.lww.value.data = bytes(data)
+        del data
+        lattices.validate(lattice)
+        lattices.check_not_ahead(lattice, time.time_ns(), self._max_skew_ns)
+        stamped = lattices.stamp(lattice, self._clock)
+        size = len(stamped.lww.value.data)
+        await self._store.put(
+            normalize_keyspace(put.keyspace), put.key, stamped, request_id=put.request_id
+        )
+        return kvs_service_pb2.PutValueChunksResponse(size=size)
+
+    async def GetLimits(
+        self,
+        request: kvs_service_pb2.GetLimitsRequest,
+        context: grpc.aio.ServicerContext[
+            kvs_service_pb2.GetLimitsRequest, kvs_service_pb2.GetLimitsResponse
+        ],
+    ) -> kvs_service_pb2.GetLimitsResponse:
+        """Report the largest value and the largest message."""
+        return kvs_service_pb2.GetLimitsResponse(
+            max_value_bytes=self._max_value_bytes, max_message_bytes=self._max_payload_bytes
+        )
 
     @_timed("put")
     async def PutValue(
@@ -211,7 +307,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             # waits for them knows that no later change can be missed.
             await context.send_initial_metadata(())
             async for event in subscription:
-                yield _watch_response(event)
+                yield _watch_response(event, self._max_inline_bytes)
 
 
 def _key_value(key: str, lattice: lattice_pb2.Lattice | None) -> kvs_service_pb2.KeyValue:
@@ -220,9 +316,16 @@ def _key_value(key: str, lattice: lattice_pb2.Lattice | None) -> kvs_service_pb2
     return kvs_service_pb2.KeyValue(key=key, found=True, lattice=lattice)
 
 
-def _watch_response(event: WatchEvent) -> kvs_service_pb2.WatchValuesResponse:
+def _watch_response(
+    event: WatchEvent, max_inline_bytes: int
+) -> kvs_service_pb2.WatchValuesResponse:
+    lattice = event.lattice
+    if lattice is not None and lattices.lattice_size(lattice) > max_inline_bytes:
+        return kvs_service_pb2.WatchValuesResponse(
+            entry=kvs_service_pb2.KeyValue(key=event.key, found=True), value_omitted=True
+        )
     return kvs_service_pb2.WatchValuesResponse(
-        entry=_key_value(event.key, event.lattice), deleted=event.deleted
+        entry=_key_value(event.key, lattice), deleted=event.deleted
     )
 
 

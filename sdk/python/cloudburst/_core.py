@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from cloudburst import tracing
+from cloudburst import chunks, tracing
 from cloudburst._loop import LoopDriver
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
@@ -281,6 +281,10 @@ class Core:
                 if wait and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return None
                 raise error_from_rpc(exc, what=f"reading key {key!r}") from None
+            if response.chunked:  # too large for one message
+                return await chunks.read_chunks(
+                    self.kvs, key, lattice_pb2.KEYSPACE_USER, max(deadline - loop.time(), 1.0)
+                )
             if response.found:
                 return response.lattice
             if not wait:
@@ -305,7 +309,10 @@ class Core:
         return result
 
     async def put(self, key: str, lattice: lattice_pb2.Lattice, timeout: float) -> None:
-        """Merge a lattice into a user key."""
+        """Merge a lattice into a user key (a large value in chunks)."""
+        if chunks.needs_chunks(lattice):
+            await chunks.write_chunks(self.kvs, key, lattice, lattice_pb2.KEYSPACE_USER, timeout)
+            return
         request = kvs_service_pb2.PutValueRequest(
             key=key, keyspace=lattice_pb2.KEYSPACE_USER, omit_lattice=True
         )

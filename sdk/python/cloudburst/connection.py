@@ -22,7 +22,7 @@ from typing import Any
 
 import cloudpickle
 
-from cloudburst import _original, sources, tracing
+from cloudburst import _original, chunks, sources, tracing
 from cloudburst._core import Core, PendingCall
 from cloudburst._loop import new_driver
 from cloudburst.errors import (
@@ -279,6 +279,8 @@ class CloudburstConnection:
         self._switch_lock = threading.Lock()
         self.timeout = float(timeout)
         self.max_payload_bytes = max_payload_bytes
+        self.max_value_bytes = max_payload_bytes
+        """The largest value ``put_object`` stores: the KVS tier's limit, learned on connecting."""
         self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
@@ -311,6 +313,13 @@ class CloudburstConnection:
         except BaseException:
             await core.close()
             raise
+        try:  # the KVS tier's limit on a value (larger than a message: values move in chunks)
+            limits = await chunks.get_limits(core.kvs, connect_timeout)
+            self.max_value_bytes = max(int(limits.max_value_bytes), self.max_payload_bytes)
+        except CloudburstError as exc:
+            logger.debug(
+                "the server did not report its limits (%s); values stay in one message", exc
+            )
         return core
 
     def _connect(self, candidates: Sequence[str], connect_timeout: float) -> Core:
@@ -850,7 +859,7 @@ class CloudburstConnection:
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
         key = self._key(key)
-        data = _serialize(value, f"value for key {key!r}", self.max_payload_bytes)
+        data = _serialize(value, f"value for key {key!r}", self.max_value_bytes)
         lattice = lww(data, self._clock)  # one timestamp: a retry merges as the same write
         self._retrying(lambda: self._core.put(key, lattice, self.timeout), f"put_object({key!r})")
         self._wrote(key, lattice.lww.timestamp.time_ns)

@@ -57,21 +57,25 @@ class GetValueResponse(_message.Message):
 
     FOUND_FIELD_NUMBER: _builtins.int
     LATTICE_FIELD_NUMBER: _builtins.int
+    CHUNKED_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """Whether the key exists."""
+    chunked: _builtins.bool
+    """The value is too large for one message: read it with GetValueChunks."""
     @_builtins.property
     def lattice(self) -> _lattice_pb2.Lattice:
-        """The stored lattice when found."""
+        """The stored lattice when found (unset when `chunked`)."""
 
     def __init__(
         self,
         *,
         found: _builtins.bool = ...,
         lattice: _lattice_pb2.Lattice | None = ...,
+        chunked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lattice", b"lattice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "lattice", b"lattice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked", b"chunked", "found", b"found", "lattice", b"lattice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,8 +403,11 @@ class WatchValuesResponse(_message.Message):
 
     ENTRY_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
+    VALUE_OMITTED_FIELD_NUMBER: _builtins.int
     deleted: _builtins.bool
     """Whether the change was a delete."""
+    value_omitted: _builtins.bool
+    """The lattice after the change is too large for one message and left out: read it if needed."""
     @_builtins.property
     def entry(self) -> Global___KeyValue:
         """The key and its lattice after the change."""
@@ -410,10 +417,11 @@ class WatchValuesResponse(_message.Message):
         *,
         entry: Global___KeyValue | None = ...,
         deleted: _builtins.bool = ...,
+        value_omitted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "entry", b"entry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "entry", b"entry", "value_omitted", b"value_omitted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,3 +458,206 @@ class KeyValue(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyValue: _TypeAlias = KeyValue  # noqa: Y015
+
+@_typing.final
+class GetValueChunksRequest(_message.Message):
+    """GetValueChunksRequest names the key to read in chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    KEYSPACE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key; must not be empty."""
+    keyspace: _lattice_pb2.Keyspace.ValueType
+    """The keyspace of the key."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        keyspace: _lattice_pb2.Keyspace.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "keyspace", b"keyspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetValueChunksRequest: _TypeAlias = GetValueChunksRequest  # noqa: Y015
+
+@_typing.final
+class GetValueChunksResponse(_message.Message):
+    """GetValueChunksResponse is one frame of a chunked read: the lattice first, then its value's bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    LATTICE_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next piece of the value's bytes, in order."""
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The W3C trace context of the frame."""
+
+    @_builtins.property
+    def lattice(self) -> _lattice_pb2.Lattice:
+        """The stored lattice with its value's bytes left out (the first frame); absent when not found."""
+
+    def __init__(
+        self,
+        *,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        lattice: _lattice_pb2.Lattice | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "lattice", b"lattice"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "lattice", b"lattice", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["lattice", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___GetValueChunksResponse: _TypeAlias = GetValueChunksResponse  # noqa: Y015
+
+@_typing.final
+class PutValueChunksRequest(_message.Message):
+    """PutValueChunksRequest is one frame of a chunked write: the write first, then its value's bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next piece of the value's bytes, in order."""
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The W3C trace context of the frame."""
+
+    @_builtins.property
+    def put(self) -> Global___PutValueRequest:
+        """The key and a last-writer-wins lattice with its value's bytes left out (the first frame)."""
+
+    def __init__(
+        self,
+        *,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        put: Global___PutValueRequest | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "put", b"put"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "put", b"put", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["put", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___PutValueChunksRequest: _TypeAlias = PutValueChunksRequest  # noqa: Y015
+
+@_typing.final
+class PutValueChunksResponse(_message.Message):
+    """PutValueChunksResponse acknowledges a durable chunked merge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """The total bytes of the value received."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutValueChunksResponse: _TypeAlias = PutValueChunksResponse  # noqa: Y015
+
+@_typing.final
+class GetLimitsRequest(_message.Message):
+    """GetLimitsRequest asks for the KVS tier's limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLimitsRequest: _TypeAlias = GetLimitsRequest  # noqa: Y015
+
+@_typing.final
+class GetLimitsResponse(_message.Message):
+    """GetLimitsResponse reports the KVS tier's limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_VALUE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    max_value_bytes: _builtins.int
+    """The largest value one key may hold (chunked reads and writes carry values up to this)."""
+    max_message_bytes: _builtins.int
+    """The largest message a call may carry (values above it move in chunks)."""
+    def __init__(
+        self,
+        *,
+        max_value_bytes: _builtins.int = ...,
+        max_message_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_message_bytes", b"max_message_bytes", "max_value_bytes", b"max_value_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLimitsResponse: _TypeAlias = GetLimitsResponse  # noqa: Y015

@@ -70,6 +70,21 @@ class KvsServiceStub:
                 request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.WatchValuesRequest.SerializeToString,
                 response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.WatchValuesResponse.FromString,
                 _registered_method=True)
+        self.GetValueChunks = channel.unary_stream(
+                '/cloudburst.v1.KvsService/GetValueChunks',
+                request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetValueChunksRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetValueChunksResponse.FromString,
+                _registered_method=True)
+        self.PutValueChunks = channel.stream_unary(
+                '/cloudburst.v1.KvsService/PutValueChunks',
+                request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.PutValueChunksRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.PutValueChunksResponse.FromString,
+                _registered_method=True)
+        self.GetLimits = channel.unary_unary(
+                '/cloudburst.v1.KvsService/GetLimits',
+                request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class KvsServiceServicer:
@@ -125,6 +140,27 @@ class KvsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetValueChunks(self, request, context):
+        """GetValueChunks reads one key whose value is too large for one message, in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutValueChunks(self, request_iterator, context):
+        """PutValueChunks merges a last-writer-wins value too large for one message, sent in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLimits(self, request, context):
+        """GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +198,21 @@ def add_KvsServiceServicer_to_server(servicer, server):
                     servicer.WatchValues,
                     request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.WatchValuesRequest.FromString,
                     response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.WatchValuesResponse.SerializeToString,
+            ),
+            'GetValueChunks': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetValueChunks,
+                    request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetValueChunksRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetValueChunksResponse.SerializeToString,
+            ),
+            'PutValueChunks': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutValueChunks,
+                    request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.PutValueChunksRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.PutValueChunksResponse.SerializeToString,
+            ),
+            'GetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimits,
+                    request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +405,87 @@ class KvsService:
             '/cloudburst.v1.KvsService/WatchValues',
             cloudburst_dot_v1_dot_kvs__service__pb2.WatchValuesRequest.SerializeToString,
             cloudburst_dot_v1_dot_kvs__service__pb2.WatchValuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetValueChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cloudburst.v1.KvsService/GetValueChunks',
+            cloudburst_dot_v1_dot_kvs__service__pb2.GetValueChunksRequest.SerializeToString,
+            cloudburst_dot_v1_dot_kvs__service__pb2.GetValueChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutValueChunks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cloudburst.v1.KvsService/PutValueChunks',
+            cloudburst_dot_v1_dot_kvs__service__pb2.PutValueChunksRequest.SerializeToString,
+            cloudburst_dot_v1_dot_kvs__service__pb2.PutValueChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudburst.v1.KvsService/GetLimits',
+            cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsRequest.SerializeToString,
+            cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

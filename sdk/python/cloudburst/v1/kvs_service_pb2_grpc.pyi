@@ -47,6 +47,12 @@ class KvsServiceStub:
     """ListKeys lists the keys of a keyspace that start with a prefix."""
     WatchValues: _grpc.UnaryStreamMultiCallable[_kvs_service_pb2.WatchValuesRequest, _kvs_service_pb2.WatchValuesResponse]
     """WatchValues streams every change to the watched keys until the caller cancels."""
+    GetValueChunks: _grpc.UnaryStreamMultiCallable[_kvs_service_pb2.GetValueChunksRequest, _kvs_service_pb2.GetValueChunksResponse]
+    """GetValueChunks reads one key whose value is too large for one message, in chunks."""
+    PutValueChunks: _grpc.StreamUnaryMultiCallable[_kvs_service_pb2.PutValueChunksRequest, _kvs_service_pb2.PutValueChunksResponse]
+    """PutValueChunks merges a last-writer-wins value too large for one message, sent in chunks."""
+    GetLimits: _grpc.UnaryUnaryMultiCallable[_kvs_service_pb2.GetLimitsRequest, _kvs_service_pb2.GetLimitsResponse]
+    """GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits."""
 
 @_typing.type_check_only
 class KvsServiceAsyncStub(KvsServiceStub):
@@ -67,6 +73,12 @@ class KvsServiceAsyncStub(KvsServiceStub):
     """ListKeys lists the keys of a keyspace that start with a prefix."""
     WatchValues: _aio.UnaryStreamMultiCallable[_kvs_service_pb2.WatchValuesRequest, _kvs_service_pb2.WatchValuesResponse]  # type: ignore[assignment]
     """WatchValues streams every change to the watched keys until the caller cancels."""
+    GetValueChunks: _aio.UnaryStreamMultiCallable[_kvs_service_pb2.GetValueChunksRequest, _kvs_service_pb2.GetValueChunksResponse]  # type: ignore[assignment]
+    """GetValueChunks reads one key whose value is too large for one message, in chunks."""
+    PutValueChunks: _aio.StreamUnaryMultiCallable[_kvs_service_pb2.PutValueChunksRequest, _kvs_service_pb2.PutValueChunksResponse]  # type: ignore[assignment]
+    """PutValueChunks merges a last-writer-wins value too large for one message, sent in chunks."""
+    GetLimits: _aio.UnaryUnaryMultiCallable[_kvs_service_pb2.GetLimitsRequest, _kvs_service_pb2.GetLimitsResponse]  # type: ignore[assignment]
+    """GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits."""
 
 class KvsServiceServicer(metaclass=_abc_1.ABCMeta):
     """KvsService stores lattices by key and merges concurrent writes."""
@@ -126,5 +138,29 @@ class KvsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_kvs_service_pb2.WatchValuesResponse], _abc.AsyncIterator[_kvs_service_pb2.WatchValuesResponse]]:
         """WatchValues streams every change to the watched keys until the caller cancels."""
+
+    @_abc_1.abstractmethod
+    def GetValueChunks(
+        self,
+        request: _kvs_service_pb2.GetValueChunksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kvs_service_pb2.GetValueChunksResponse], _abc.AsyncIterator[_kvs_service_pb2.GetValueChunksResponse]]:
+        """GetValueChunks reads one key whose value is too large for one message, in chunks."""
+
+    @_abc_1.abstractmethod
+    def PutValueChunks(
+        self,
+        request_iterator: _MaybeAsyncIterator[_kvs_service_pb2.PutValueChunksRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvs_service_pb2.PutValueChunksResponse, _abc.Awaitable[_kvs_service_pb2.PutValueChunksResponse]]:
+        """PutValueChunks merges a last-writer-wins value too large for one message, sent in chunks."""
+
+    @_abc_1.abstractmethod
+    def GetLimits(
+        self,
+        request: _kvs_service_pb2.GetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvs_service_pb2.GetLimitsResponse, _abc.Awaitable[_kvs_service_pb2.GetLimitsResponse]]:
+        """GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits."""
 
 def add_KvsServiceServicer_to_server(servicer: KvsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
