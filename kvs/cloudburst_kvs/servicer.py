@@ -171,8 +171,10 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         if put is None:
             raise InvalidArgumentError("PutValueChunks received no put")
         lattice = put.lattice
-        lattice.lww.value.data = bytes(data)
-        del data
+        payload = bytes(data)
+        data.clear()  # at most two copies at a time: this one and the message's
+        lattice.lww.value.data = payload
+        del payload
         lattices.validate(lattice)
         lattices.check_not_ahead(lattice, time.time_ns(), self._max_skew_ns)
         stamped = lattices.stamp(lattice, self._clock)

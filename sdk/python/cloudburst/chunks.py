@@ -80,7 +80,9 @@ async def read_chunks(
     finally:
         stream.cancel()
     if lattice is not None and lattice.WhichOneof("kind") == "lww":
-        lattice.lww.value.data = bytes(data)
+        payload = bytes(data)
+        data.clear()  # at most two copies at a time: this one and the message's
+        lattice.lww.value.data = payload
     return lattice
 
 
