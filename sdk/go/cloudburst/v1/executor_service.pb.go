@@ -9,7 +9,6 @@ package cloudburstv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
-	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -41,11 +40,8 @@ type ExecuteFunctionRequest struct {
 	TraceContext map[string]string `protobuf:"bytes,7,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// The serializers the caller accepts for the result, in order of preference; empty accepts all.
 	AcceptSerializers []Serializer `protobuf:"varint,8,rep,packed,name=accept_serializers,json=acceptSerializers,proto3,enum=cloudburst.v1.Serializer" json:"accept_serializers,omitempty"`
-	// When the caller stops waiting; once it has passed, the function's next user-library call
-	// raises. Unset: the executor's own call timeout from when the call arrived.
-	DeadlineTime  *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=deadline_time,json=deadlineTime,proto3" json:"deadline_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *ExecuteFunctionRequest) Reset() {
@@ -130,13 +126,6 @@ func (x *ExecuteFunctionRequest) GetTraceContext() map[string]string {
 func (x *ExecuteFunctionRequest) GetAcceptSerializers() []Serializer {
 	if x != nil {
 		return x.AcceptSerializers
-	}
-	return nil
-}
-
-func (x *ExecuteFunctionRequest) GetDeadlineTime() *timestamppb.Timestamp {
-	if x != nil {
-		return x.DeadlineTime
 	}
 	return nil
 }
@@ -328,6 +317,8 @@ type StreamTriggersResponse struct {
 	//
 	//	*StreamTriggersResponse_DagResult
 	//	*StreamTriggersResponse_ExecuteFunction
+	//	*StreamTriggersResponse_CacheReport
+	//	*StreamTriggersResponse_ResultStored
 	Frame         isStreamTriggersResponse_Frame `protobuf_oneof:"frame"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -395,6 +386,24 @@ func (x *StreamTriggersResponse) GetExecuteFunction() *ExecuteFunctionResponse {
 	return nil
 }
 
+func (x *StreamTriggersResponse) GetCacheReport() *CacheReport {
+	if x != nil {
+		if x, ok := x.Frame.(*StreamTriggersResponse_CacheReport); ok {
+			return x.CacheReport
+		}
+	}
+	return nil
+}
+
+func (x *StreamTriggersResponse) GetResultStored() *ResultStored {
+	if x != nil {
+		if x, ok := x.Frame.(*StreamTriggersResponse_ResultStored); ok {
+			return x.ResultStored
+		}
+	}
+	return nil
+}
+
 type isStreamTriggersResponse_Frame interface {
 	isStreamTriggersResponse_Frame()
 }
@@ -409,9 +418,70 @@ type StreamTriggersResponse_ExecuteFunction struct {
 	ExecuteFunction *ExecuteFunctionResponse `protobuf:"bytes,3,opt,name=execute_function,json=executeFunction,proto3,oneof"`
 }
 
+type StreamTriggersResponse_CacheReport struct {
+	// The user keys this executor's value cache holds, for data-locality placement.
+	CacheReport *CacheReport `protobuf:"bytes,4,opt,name=cache_report,json=cacheReport,proto3,oneof"`
+}
+
+type StreamTriggersResponse_ResultStored struct {
+	// A direct call answered earlier on this stream has its result stored now (or never will).
+	ResultStored *ResultStored `protobuf:"bytes,5,opt,name=result_stored,json=resultStored,proto3,oneof"`
+}
+
 func (*StreamTriggersResponse_DagResult) isStreamTriggersResponse_Frame() {}
 
 func (*StreamTriggersResponse_ExecuteFunction) isStreamTriggersResponse_Frame() {}
+
+func (*StreamTriggersResponse_CacheReport) isStreamTriggersResponse_Frame() {}
+
+func (*StreamTriggersResponse_ResultStored) isStreamTriggersResponse_Frame() {}
+
+// ResultStored follows the answer to a direct call that also names a response key: the executor
+// answers first and stores after, so that the caller does not wait for the store.
+type ResultStored struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The response key of the call.
+	ResponseKey   string `protobuf:"bytes,1,opt,name=response_key,json=responseKey,proto3" json:"response_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResultStored) Reset() {
+	*x = ResultStored{}
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResultStored) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResultStored) ProtoMessage() {}
+
+func (x *ResultStored) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResultStored.ProtoReflect.Descriptor instead.
+func (*ResultStored) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ResultStored) GetResponseKey() string {
+	if x != nil {
+		return x.ResponseKey
+	}
+	return ""
+}
 
 // TriggerHello identifies the opener of a trigger stream.
 type TriggerHello struct {
@@ -424,7 +494,7 @@ type TriggerHello struct {
 
 func (x *TriggerHello) Reset() {
 	*x = TriggerHello{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[4]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -436,7 +506,7 @@ func (x *TriggerHello) String() string {
 func (*TriggerHello) ProtoMessage() {}
 
 func (x *TriggerHello) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[4]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -449,7 +519,7 @@ func (x *TriggerHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TriggerHello.ProtoReflect.Descriptor instead.
 func (*TriggerHello) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{4}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TriggerHello) GetPeerId() string {
@@ -470,7 +540,7 @@ type ExpectResult struct {
 
 func (x *ExpectResult) Reset() {
 	*x = ExpectResult{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -482,7 +552,7 @@ func (x *ExpectResult) String() string {
 func (*ExpectResult) ProtoMessage() {}
 
 func (x *ExpectResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -495,7 +565,7 @@ func (x *ExpectResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpectResult.ProtoReflect.Descriptor instead.
 func (*ExpectResult) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{5}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ExpectResult) GetCallId() string {
@@ -518,7 +588,7 @@ type DagResult struct {
 
 func (x *DagResult) Reset() {
 	*x = DagResult{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -530,7 +600,7 @@ func (x *DagResult) String() string {
 func (*DagResult) ProtoMessage() {}
 
 func (x *DagResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -543,7 +613,7 @@ func (x *DagResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DagResult.ProtoReflect.Descriptor instead.
 func (*DagResult) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{6}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DagResult) GetCallId() string {
@@ -573,7 +643,7 @@ type PinFunctionRequest struct {
 
 func (x *PinFunctionRequest) Reset() {
 	*x = PinFunctionRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -585,7 +655,7 @@ func (x *PinFunctionRequest) String() string {
 func (*PinFunctionRequest) ProtoMessage() {}
 
 func (x *PinFunctionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -598,7 +668,7 @@ func (x *PinFunctionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinFunctionRequest.ProtoReflect.Descriptor instead.
 func (*PinFunctionRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{7}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PinFunctionRequest) GetFunctionName() string {
@@ -624,7 +694,7 @@ type PinFunctionResponse struct {
 
 func (x *PinFunctionResponse) Reset() {
 	*x = PinFunctionResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -636,7 +706,7 @@ func (x *PinFunctionResponse) String() string {
 func (*PinFunctionResponse) ProtoMessage() {}
 
 func (x *PinFunctionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -649,7 +719,7 @@ func (x *PinFunctionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinFunctionResponse.ProtoReflect.Descriptor instead.
 func (*PinFunctionResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{8}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{9}
 }
 
 // UnpinFunctionRequest names the function to unpin.
@@ -663,7 +733,7 @@ type UnpinFunctionRequest struct {
 
 func (x *UnpinFunctionRequest) Reset() {
 	*x = UnpinFunctionRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -675,7 +745,7 @@ func (x *UnpinFunctionRequest) String() string {
 func (*UnpinFunctionRequest) ProtoMessage() {}
 
 func (x *UnpinFunctionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -688,7 +758,7 @@ func (x *UnpinFunctionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinFunctionRequest.ProtoReflect.Descriptor instead.
 func (*UnpinFunctionRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{9}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UnpinFunctionRequest) GetFunctionName() string {
@@ -707,7 +777,7 @@ type UnpinFunctionResponse struct {
 
 func (x *UnpinFunctionResponse) Reset() {
 	*x = UnpinFunctionResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +789,7 @@ func (x *UnpinFunctionResponse) String() string {
 func (*UnpinFunctionResponse) ProtoMessage() {}
 
 func (x *UnpinFunctionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +802,7 @@ func (x *UnpinFunctionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinFunctionResponse.ProtoReflect.Descriptor instead.
 func (*UnpinFunctionResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{10}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{11}
 }
 
 // GetExecutorStatusRequest asks for an executor's status.
@@ -744,7 +814,7 @@ type GetExecutorStatusRequest struct {
 
 func (x *GetExecutorStatusRequest) Reset() {
 	*x = GetExecutorStatusRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -756,7 +826,7 @@ func (x *GetExecutorStatusRequest) String() string {
 func (*GetExecutorStatusRequest) ProtoMessage() {}
 
 func (x *GetExecutorStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -769,7 +839,7 @@ func (x *GetExecutorStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExecutorStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetExecutorStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{11}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{12}
 }
 
 // GetExecutorStatusResponse reports an executor's status.
@@ -784,14 +854,16 @@ type GetExecutorStatusResponse struct {
 	// The size of the thread pool that runs user code.
 	Threads uint32 `protobuf:"varint,4,opt,name=threads,proto3" json:"threads,omitempty"`
 	// User keys held in the local value cache.
-	CachedKeys    []string `protobuf:"bytes,5,rep,name=cached_keys,json=cachedKeys,proto3" json:"cached_keys,omitempty"`
+	CachedKeys []string `protobuf:"bytes,5,rep,name=cached_keys,json=cachedKeys,proto3" json:"cached_keys,omitempty"`
+	// The value cache's counters (all zero when the cache is off).
+	Cache         *CacheStats `protobuf:"bytes,6,opt,name=cache,proto3" json:"cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetExecutorStatusResponse) Reset() {
 	*x = GetExecutorStatusResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -803,7 +875,7 @@ func (x *GetExecutorStatusResponse) String() string {
 func (*GetExecutorStatusResponse) ProtoMessage() {}
 
 func (x *GetExecutorStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -816,7 +888,7 @@ func (x *GetExecutorStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExecutorStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetExecutorStatusResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{12}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetExecutorStatusResponse) GetExecutorId() string {
@@ -854,11 +926,173 @@ func (x *GetExecutorStatusResponse) GetCachedKeys() []string {
 	return nil
 }
 
+func (x *GetExecutorStatusResponse) GetCache() *CacheStats {
+	if x != nil {
+		return x.Cache
+	}
+	return nil
+}
+
+// CacheReport tells a stream's opener which user keys the executor's value cache holds.
+type CacheReport struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Whether `added` lists every cached key, replacing what the opener knew.
+	Full bool `protobuf:"varint,1,opt,name=full,proto3" json:"full,omitempty"`
+	// Keys cached since the last report.
+	Added []string `protobuf:"bytes,2,rep,name=added,proto3" json:"added,omitempty"`
+	// Keys dropped since the last report.
+	Removed       []string `protobuf:"bytes,3,rep,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CacheReport) Reset() {
+	*x = CacheReport{}
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CacheReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CacheReport) ProtoMessage() {}
+
+func (x *CacheReport) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CacheReport.ProtoReflect.Descriptor instead.
+func (*CacheReport) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *CacheReport) GetFull() bool {
+	if x != nil {
+		return x.Full
+	}
+	return false
+}
+
+func (x *CacheReport) GetAdded() []string {
+	if x != nil {
+		return x.Added
+	}
+	return nil
+}
+
+func (x *CacheReport) GetRemoved() []string {
+	if x != nil {
+		return x.Removed
+	}
+	return nil
+}
+
+// CacheStats counts what an executor's value cache did.
+type CacheStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Reads served from the cache.
+	Hits uint64 `protobuf:"varint,1,opt,name=hits,proto3" json:"hits,omitempty"`
+	// Reads that went to the KVS.
+	Misses uint64 `protobuf:"varint,2,opt,name=misses,proto3" json:"misses,omitempty"`
+	// Entries dropped to stay within the memory budget.
+	Evictions uint64 `protobuf:"varint,3,opt,name=evictions,proto3" json:"evictions,omitempty"`
+	// Bytes of values cached now.
+	Bytes uint64 `protobuf:"varint,4,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// Entries cached now.
+	Entries uint32 `protobuf:"varint,5,opt,name=entries,proto3" json:"entries,omitempty"`
+	// The memory budget in bytes (0: the cache is off).
+	MaxBytes      uint64 `protobuf:"varint,6,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CacheStats) Reset() {
+	*x = CacheStats{}
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CacheStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CacheStats) ProtoMessage() {}
+
+func (x *CacheStats) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CacheStats.ProtoReflect.Descriptor instead.
+func (*CacheStats) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *CacheStats) GetHits() uint64 {
+	if x != nil {
+		return x.Hits
+	}
+	return 0
+}
+
+func (x *CacheStats) GetMisses() uint64 {
+	if x != nil {
+		return x.Misses
+	}
+	return 0
+}
+
+func (x *CacheStats) GetEvictions() uint64 {
+	if x != nil {
+		return x.Evictions
+	}
+	return 0
+}
+
+func (x *CacheStats) GetBytes() uint64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+func (x *CacheStats) GetEntries() uint32 {
+	if x != nil {
+		return x.Entries
+	}
+	return 0
+}
+
+func (x *CacheStats) GetMaxBytes() uint64 {
+	if x != nil {
+		return x.MaxBytes
+	}
+	return 0
+}
+
 var File_cloudburst_v1_executor_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\n" +
-	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x04\n" +
+	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a\x19cloudburst/v1/value.proto\"\xed\x03\n" +
 	"\x16ExecuteFunctionRequest\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12#\n" +
 	"\rfunction_name\x18\x02 \x01(\tR\ffunctionName\x12)\n" +
@@ -867,8 +1101,7 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\fresponse_key\x18\x05 \x01(\tR\vresponseKey\x12'\n" +
 	"\x0fdirect_response\x18\x06 \x01(\bR\x0edirectResponse\x12\\\n" +
 	"\rtrace_context\x18\a \x03(\v27.cloudburst.v1.ExecuteFunctionRequest.TraceContextEntryR\ftraceContext\x12H\n" +
-	"\x12accept_serializers\x18\b \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x12?\n" +
-	"\rdeadline_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\fdeadlineTime\x1a?\n" +
+	"\x12accept_serializers\x18\b \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"K\n" +
@@ -880,13 +1113,17 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\atrigger\x18\x04 \x01(\v2\x16.cloudburst.v1.TriggerH\x00R\atrigger\x12B\n" +
 	"\rexpect_result\x18\x05 \x01(\v2\x1b.cloudburst.v1.ExpectResultH\x00R\fexpectResult\x12R\n" +
 	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunctionB\a\n" +
-	"\x05frameJ\x04\b\x02\x10\x03R\rtrace_context\"\xcd\x01\n" +
+	"\x05frameJ\x04\b\x02\x10\x03R\rtrace_context\"\xd2\x02\n" +
 	"\x16StreamTriggersResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x129\n" +
 	"\n" +
 	"dag_result\x18\x02 \x01(\v2\x18.cloudburst.v1.DagResultH\x00R\tdagResult\x12S\n" +
-	"\x10execute_function\x18\x03 \x01(\v2&.cloudburst.v1.ExecuteFunctionResponseH\x00R\x0fexecuteFunctionB\a\n" +
-	"\x05frame\"'\n" +
+	"\x10execute_function\x18\x03 \x01(\v2&.cloudburst.v1.ExecuteFunctionResponseH\x00R\x0fexecuteFunction\x12?\n" +
+	"\fcache_report\x18\x04 \x01(\v2\x1a.cloudburst.v1.CacheReportH\x00R\vcacheReport\x12B\n" +
+	"\rresult_stored\x18\x05 \x01(\v2\x1b.cloudburst.v1.ResultStoredH\x00R\fresultStoredB\a\n" +
+	"\x05frame\"1\n" +
+	"\fResultStored\x12!\n" +
+	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\"'\n" +
 	"\fTriggerHello\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\tR\x06peerId\"'\n" +
 	"\fExpectResult\x12\x17\n" +
@@ -901,7 +1138,7 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\x14UnpinFunctionRequest\x12#\n" +
 	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\"\x17\n" +
 	"\x15UnpinFunctionResponse\"\x1a\n" +
-	"\x18GetExecutorStatusRequest\"\xc5\x01\n" +
+	"\x18GetExecutorStatusRequest\"\xf6\x01\n" +
 	"\x19GetExecutorStatusResponse\x12\x1f\n" +
 	"\vexecutor_id\x18\x01 \x01(\tR\n" +
 	"executorId\x12)\n" +
@@ -909,7 +1146,20 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\factive_calls\x18\x03 \x01(\rR\vactiveCalls\x12\x18\n" +
 	"\athreads\x18\x04 \x01(\rR\athreads\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
-	"cachedKeys2\xf0\x03\n" +
+	"cachedKeys\x12/\n" +
+	"\x05cache\x18\x06 \x01(\v2\x19.cloudburst.v1.CacheStatsR\x05cache\"Q\n" +
+	"\vCacheReport\x12\x12\n" +
+	"\x04full\x18\x01 \x01(\bR\x04full\x12\x14\n" +
+	"\x05added\x18\x02 \x03(\tR\x05added\x12\x18\n" +
+	"\aremoved\x18\x03 \x03(\tR\aremoved\"\xa3\x01\n" +
+	"\n" +
+	"CacheStats\x12\x12\n" +
+	"\x04hits\x18\x01 \x01(\x04R\x04hits\x12\x16\n" +
+	"\x06misses\x18\x02 \x01(\x04R\x06misses\x12\x1c\n" +
+	"\tevictions\x18\x03 \x01(\x04R\tevictions\x12\x14\n" +
+	"\x05bytes\x18\x04 \x01(\x04R\x05bytes\x12\x18\n" +
+	"\aentries\x18\x05 \x01(\rR\aentries\x12\x1b\n" +
+	"\tmax_bytes\x18\x06 \x01(\x04R\bmaxBytes2\xf0\x03\n" +
 	"\x0fExecutorService\x12`\n" +
 	"\x0fExecuteFunction\x12%.cloudburst.v1.ExecuteFunctionRequest\x1a&.cloudburst.v1.ExecuteFunctionResponse\x12a\n" +
 	"\x0eStreamTriggers\x12$.cloudburst.v1.StreamTriggersRequest\x1a%.cloudburst.v1.StreamTriggersResponse(\x010\x01\x12T\n" +
@@ -930,56 +1180,60 @@ func file_cloudburst_v1_executor_service_proto_rawDescGZIP() []byte {
 	return file_cloudburst_v1_executor_service_proto_rawDescData
 }
 
-var file_cloudburst_v1_executor_service_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_cloudburst_v1_executor_service_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_cloudburst_v1_executor_service_proto_goTypes = []any{
 	(*ExecuteFunctionRequest)(nil),    // 0: cloudburst.v1.ExecuteFunctionRequest
 	(*ExecuteFunctionResponse)(nil),   // 1: cloudburst.v1.ExecuteFunctionResponse
 	(*StreamTriggersRequest)(nil),     // 2: cloudburst.v1.StreamTriggersRequest
 	(*StreamTriggersResponse)(nil),    // 3: cloudburst.v1.StreamTriggersResponse
-	(*TriggerHello)(nil),              // 4: cloudburst.v1.TriggerHello
-	(*ExpectResult)(nil),              // 5: cloudburst.v1.ExpectResult
-	(*DagResult)(nil),                 // 6: cloudburst.v1.DagResult
-	(*PinFunctionRequest)(nil),        // 7: cloudburst.v1.PinFunctionRequest
-	(*PinFunctionResponse)(nil),       // 8: cloudburst.v1.PinFunctionResponse
-	(*UnpinFunctionRequest)(nil),      // 9: cloudburst.v1.UnpinFunctionRequest
-	(*UnpinFunctionResponse)(nil),     // 10: cloudburst.v1.UnpinFunctionResponse
-	(*GetExecutorStatusRequest)(nil),  // 11: cloudburst.v1.GetExecutorStatusRequest
-	(*GetExecutorStatusResponse)(nil), // 12: cloudburst.v1.GetExecutorStatusResponse
-	nil,                               // 13: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
-	(*Argument)(nil),                  // 14: cloudburst.v1.Argument
-	(Serializer)(0),                   // 15: cloudburst.v1.Serializer
-	(*timestamppb.Timestamp)(nil),     // 16: google.protobuf.Timestamp
-	(*Outcome)(nil),                   // 17: cloudburst.v1.Outcome
-	(*Trigger)(nil),                   // 18: cloudburst.v1.Trigger
+	(*ResultStored)(nil),              // 4: cloudburst.v1.ResultStored
+	(*TriggerHello)(nil),              // 5: cloudburst.v1.TriggerHello
+	(*ExpectResult)(nil),              // 6: cloudburst.v1.ExpectResult
+	(*DagResult)(nil),                 // 7: cloudburst.v1.DagResult
+	(*PinFunctionRequest)(nil),        // 8: cloudburst.v1.PinFunctionRequest
+	(*PinFunctionResponse)(nil),       // 9: cloudburst.v1.PinFunctionResponse
+	(*UnpinFunctionRequest)(nil),      // 10: cloudburst.v1.UnpinFunctionRequest
+	(*UnpinFunctionResponse)(nil),     // 11: cloudburst.v1.UnpinFunctionResponse
+	(*GetExecutorStatusRequest)(nil),  // 12: cloudburst.v1.GetExecutorStatusRequest
+	(*GetExecutorStatusResponse)(nil), // 13: cloudburst.v1.GetExecutorStatusResponse
+	(*CacheReport)(nil),               // 14: cloudburst.v1.CacheReport
+	(*CacheStats)(nil),                // 15: cloudburst.v1.CacheStats
+	nil,                               // 16: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
+	(*Argument)(nil),                  // 17: cloudburst.v1.Argument
+	(Serializer)(0),                   // 18: cloudburst.v1.Serializer
+	(*Outcome)(nil),                   // 19: cloudburst.v1.Outcome
+	(*Trigger)(nil),                   // 20: cloudburst.v1.Trigger
 }
 var file_cloudburst_v1_executor_service_proto_depIdxs = []int32{
-	14, // 0: cloudburst.v1.ExecuteFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
-	13, // 1: cloudburst.v1.ExecuteFunctionRequest.trace_context:type_name -> cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
-	15, // 2: cloudburst.v1.ExecuteFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
-	16, // 3: cloudburst.v1.ExecuteFunctionRequest.deadline_time:type_name -> google.protobuf.Timestamp
-	17, // 4: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
-	4,  // 5: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
-	18, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
-	5,  // 7: cloudburst.v1.StreamTriggersRequest.expect_result:type_name -> cloudburst.v1.ExpectResult
-	0,  // 8: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
-	6,  // 9: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
-	1,  // 10: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
-	17, // 11: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
-	0,  // 12: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
-	2,  // 13: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
-	7,  // 14: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
-	9,  // 15: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
-	11, // 16: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
-	1,  // 17: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
-	3,  // 18: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
-	8,  // 19: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
-	10, // 20: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
-	12, // 21: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
-	17, // [17:22] is the sub-list for method output_type
-	12, // [12:17] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	17, // 0: cloudburst.v1.ExecuteFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
+	16, // 1: cloudburst.v1.ExecuteFunctionRequest.trace_context:type_name -> cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
+	18, // 2: cloudburst.v1.ExecuteFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
+	19, // 3: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
+	5,  // 4: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
+	20, // 5: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
+	6,  // 6: cloudburst.v1.StreamTriggersRequest.expect_result:type_name -> cloudburst.v1.ExpectResult
+	0,  // 7: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
+	7,  // 8: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
+	1,  // 9: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
+	14, // 10: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
+	4,  // 11: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
+	19, // 12: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
+	15, // 13: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
+	0,  // 14: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
+	2,  // 15: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
+	8,  // 16: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
+	10, // 17: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
+	12, // 18: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
+	1,  // 19: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
+	3,  // 20: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
+	9,  // 21: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
+	11, // 22: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
+	13, // 23: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
+	19, // [19:24] is the sub-list for method output_type
+	14, // [14:19] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_executor_service_proto_init() }
@@ -998,6 +1252,8 @@ func file_cloudburst_v1_executor_service_proto_init() {
 	file_cloudburst_v1_executor_service_proto_msgTypes[3].OneofWrappers = []any{
 		(*StreamTriggersResponse_DagResult)(nil),
 		(*StreamTriggersResponse_ExecuteFunction)(nil),
+		(*StreamTriggersResponse_CacheReport)(nil),
+		(*StreamTriggersResponse_ResultStored)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1005,7 +1261,7 @@ func file_cloudburst_v1_executor_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cloudburst_v1_executor_service_proto_rawDesc), len(file_cloudburst_v1_executor_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -90,8 +90,10 @@ type GetValueResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Whether the key exists.
 	Found bool `protobuf:"varint,1,opt,name=found,proto3" json:"found,omitempty"`
-	// The stored lattice when found.
-	Lattice       *Lattice `protobuf:"bytes,2,opt,name=lattice,proto3" json:"lattice,omitempty"`
+	// The stored lattice when found (unset when `chunked`).
+	Lattice *Lattice `protobuf:"bytes,2,opt,name=lattice,proto3" json:"lattice,omitempty"`
+	// The value is too large for one message: read it with GetValueChunks.
+	Chunked       bool `protobuf:"varint,3,opt,name=chunked,proto3" json:"chunked,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -138,6 +140,13 @@ func (x *GetValueResponse) GetLattice() *Lattice {
 		return x.Lattice
 	}
 	return nil
+}
+
+func (x *GetValueResponse) GetChunked() bool {
+	if x != nil {
+		return x.Chunked
+	}
+	return false
 }
 
 // PutValueRequest carries a lattice to merge.
@@ -779,7 +788,9 @@ type WatchValuesResponse struct {
 	// The key and its lattice after the change.
 	Entry *KeyValue `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
 	// Whether the change was a delete.
-	Deleted       bool `protobuf:"varint,2,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	Deleted bool `protobuf:"varint,2,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	// The lattice after the change is too large for one message and left out: read it if needed.
+	ValueOmitted  bool `protobuf:"varint,3,opt,name=value_omitted,json=valueOmitted,proto3" json:"value_omitted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -824,6 +835,13 @@ func (x *WatchValuesResponse) GetEntry() *KeyValue {
 func (x *WatchValuesResponse) GetDeleted() bool {
 	if x != nil {
 		return x.Deleted
+	}
+	return false
+}
+
+func (x *WatchValuesResponse) GetValueOmitted() bool {
+	if x != nil {
+		return x.ValueOmitted
 	}
 	return false
 }
@@ -892,6 +910,391 @@ func (x *KeyValue) GetLattice() *Lattice {
 	return nil
 }
 
+// GetValueChunksRequest names the key to read in chunks.
+type GetValueChunksRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key; must not be empty.
+	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// The keyspace of the key.
+	Keyspace      Keyspace `protobuf:"varint,2,opt,name=keyspace,proto3,enum=cloudburst.v1.Keyspace" json:"keyspace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetValueChunksRequest) Reset() {
+	*x = GetValueChunksRequest{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetValueChunksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetValueChunksRequest) ProtoMessage() {}
+
+func (x *GetValueChunksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetValueChunksRequest.ProtoReflect.Descriptor instead.
+func (*GetValueChunksRequest) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *GetValueChunksRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *GetValueChunksRequest) GetKeyspace() Keyspace {
+	if x != nil {
+		return x.Keyspace
+	}
+	return Keyspace_KEYSPACE_UNSPECIFIED
+}
+
+// GetValueChunksResponse is one frame of a chunked read: the lattice first, then its value's bytes.
+type GetValueChunksResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The W3C trace context of the frame.
+	TraceContext map[string]string `protobuf:"bytes,1,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The frame.
+	//
+	// Types that are valid to be assigned to Frame:
+	//
+	//	*GetValueChunksResponse_Lattice
+	//	*GetValueChunksResponse_Chunk
+	Frame         isGetValueChunksResponse_Frame `protobuf_oneof:"frame"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetValueChunksResponse) Reset() {
+	*x = GetValueChunksResponse{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetValueChunksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetValueChunksResponse) ProtoMessage() {}
+
+func (x *GetValueChunksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetValueChunksResponse.ProtoReflect.Descriptor instead.
+func (*GetValueChunksResponse) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *GetValueChunksResponse) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
+}
+
+func (x *GetValueChunksResponse) GetFrame() isGetValueChunksResponse_Frame {
+	if x != nil {
+		return x.Frame
+	}
+	return nil
+}
+
+func (x *GetValueChunksResponse) GetLattice() *Lattice {
+	if x != nil {
+		if x, ok := x.Frame.(*GetValueChunksResponse_Lattice); ok {
+			return x.Lattice
+		}
+	}
+	return nil
+}
+
+func (x *GetValueChunksResponse) GetChunk() []byte {
+	if x != nil {
+		if x, ok := x.Frame.(*GetValueChunksResponse_Chunk); ok {
+			return x.Chunk
+		}
+	}
+	return nil
+}
+
+type isGetValueChunksResponse_Frame interface {
+	isGetValueChunksResponse_Frame()
+}
+
+type GetValueChunksResponse_Lattice struct {
+	// The stored lattice with its value's bytes left out (the first frame); absent when not found.
+	Lattice *Lattice `protobuf:"bytes,2,opt,name=lattice,proto3,oneof"`
+}
+
+type GetValueChunksResponse_Chunk struct {
+	// The next piece of the value's bytes, in order.
+	Chunk []byte `protobuf:"bytes,3,opt,name=chunk,proto3,oneof"`
+}
+
+func (*GetValueChunksResponse_Lattice) isGetValueChunksResponse_Frame() {}
+
+func (*GetValueChunksResponse_Chunk) isGetValueChunksResponse_Frame() {}
+
+// PutValueChunksRequest is one frame of a chunked write: the write first, then its value's bytes.
+type PutValueChunksRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The W3C trace context of the frame.
+	TraceContext map[string]string `protobuf:"bytes,1,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The frame.
+	//
+	// Types that are valid to be assigned to Frame:
+	//
+	//	*PutValueChunksRequest_Put
+	//	*PutValueChunksRequest_Chunk
+	Frame         isPutValueChunksRequest_Frame `protobuf_oneof:"frame"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutValueChunksRequest) Reset() {
+	*x = PutValueChunksRequest{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutValueChunksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutValueChunksRequest) ProtoMessage() {}
+
+func (x *PutValueChunksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutValueChunksRequest.ProtoReflect.Descriptor instead.
+func (*PutValueChunksRequest) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *PutValueChunksRequest) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
+}
+
+func (x *PutValueChunksRequest) GetFrame() isPutValueChunksRequest_Frame {
+	if x != nil {
+		return x.Frame
+	}
+	return nil
+}
+
+func (x *PutValueChunksRequest) GetPut() *PutValueRequest {
+	if x != nil {
+		if x, ok := x.Frame.(*PutValueChunksRequest_Put); ok {
+			return x.Put
+		}
+	}
+	return nil
+}
+
+func (x *PutValueChunksRequest) GetChunk() []byte {
+	if x != nil {
+		if x, ok := x.Frame.(*PutValueChunksRequest_Chunk); ok {
+			return x.Chunk
+		}
+	}
+	return nil
+}
+
+type isPutValueChunksRequest_Frame interface {
+	isPutValueChunksRequest_Frame()
+}
+
+type PutValueChunksRequest_Put struct {
+	// The key and a last-writer-wins lattice with its value's bytes left out (the first frame).
+	Put *PutValueRequest `protobuf:"bytes,2,opt,name=put,proto3,oneof"`
+}
+
+type PutValueChunksRequest_Chunk struct {
+	// The next piece of the value's bytes, in order.
+	Chunk []byte `protobuf:"bytes,3,opt,name=chunk,proto3,oneof"`
+}
+
+func (*PutValueChunksRequest_Put) isPutValueChunksRequest_Frame() {}
+
+func (*PutValueChunksRequest_Chunk) isPutValueChunksRequest_Frame() {}
+
+// PutValueChunksResponse acknowledges a durable chunked merge.
+type PutValueChunksResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The total bytes of the value received.
+	Size          uint64 `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutValueChunksResponse) Reset() {
+	*x = PutValueChunksResponse{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutValueChunksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutValueChunksResponse) ProtoMessage() {}
+
+func (x *PutValueChunksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutValueChunksResponse.ProtoReflect.Descriptor instead.
+func (*PutValueChunksResponse) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *PutValueChunksResponse) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+// GetLimitsRequest asks for the KVS tier's limits.
+type GetLimitsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLimitsRequest) Reset() {
+	*x = GetLimitsRequest{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLimitsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLimitsRequest) ProtoMessage() {}
+
+func (x *GetLimitsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLimitsRequest.ProtoReflect.Descriptor instead.
+func (*GetLimitsRequest) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{19}
+}
+
+// GetLimitsResponse reports the KVS tier's limits.
+type GetLimitsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The largest value one key may hold (chunked reads and writes carry values up to this).
+	MaxValueBytes uint64 `protobuf:"varint,1,opt,name=max_value_bytes,json=maxValueBytes,proto3" json:"max_value_bytes,omitempty"`
+	// The largest message a call may carry (values above it move in chunks).
+	MaxMessageBytes uint64 `protobuf:"varint,2,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *GetLimitsResponse) Reset() {
+	*x = GetLimitsResponse{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLimitsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLimitsResponse) ProtoMessage() {}
+
+func (x *GetLimitsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLimitsResponse.ProtoReflect.Descriptor instead.
+func (*GetLimitsResponse) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *GetLimitsResponse) GetMaxValueBytes() uint64 {
+	if x != nil {
+		return x.MaxValueBytes
+	}
+	return 0
+}
+
+func (x *GetLimitsResponse) GetMaxMessageBytes() uint64 {
+	if x != nil {
+		return x.MaxMessageBytes
+	}
+	return 0
+}
+
 var File_cloudburst_v1_kvs_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
@@ -900,10 +1303,11 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x0fGetValueRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x123\n" +
 	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\x12\x12\n" +
-	"\x04wait\x18\x03 \x01(\bR\x04wait\"Z\n" +
+	"\x04wait\x18\x03 \x01(\bR\x04wait\"t\n" +
 	"\x10GetValueResponse\x12\x14\n" +
 	"\x05found\x18\x01 \x01(\bR\x05found\x120\n" +
-	"\alattice\x18\x02 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice\"\xcc\x01\n" +
+	"\alattice\x18\x02 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice\x12\x18\n" +
+	"\achunked\x18\x03 \x01(\bR\achunked\"\xcc\x01\n" +
 	"\x0fPutValueRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x123\n" +
 	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\x120\n" +
@@ -943,14 +1347,40 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x04keys\x18\x01 \x03(\tR\x04keys\x123\n" +
 	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\x12\x1d\n" +
 	"\n" +
-	"key_prefix\x18\x03 \x01(\tR\tkeyPrefix\"^\n" +
+	"key_prefix\x18\x03 \x01(\tR\tkeyPrefix\"\x83\x01\n" +
 	"\x13WatchValuesResponse\x12-\n" +
 	"\x05entry\x18\x01 \x01(\v2\x17.cloudburst.v1.KeyValueR\x05entry\x12\x18\n" +
-	"\adeleted\x18\x02 \x01(\bR\adeleted\"d\n" +
+	"\adeleted\x18\x02 \x01(\bR\adeleted\x12#\n" +
+	"\rvalue_omitted\x18\x03 \x01(\bR\fvalueOmitted\"d\n" +
 	"\bKeyValue\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05found\x18\x02 \x01(\bR\x05found\x120\n" +
-	"\alattice\x18\x03 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice2\xe8\x04\n" +
+	"\alattice\x18\x03 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice\"^\n" +
+	"\x15GetValueChunksRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x123\n" +
+	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\"\x8c\x02\n" +
+	"\x16GetValueChunksResponse\x12\\\n" +
+	"\rtrace_context\x18\x01 \x03(\v27.cloudburst.v1.GetValueChunksResponse.TraceContextEntryR\ftraceContext\x122\n" +
+	"\alattice\x18\x02 \x01(\v2\x16.cloudburst.v1.LatticeH\x00R\alattice\x12\x16\n" +
+	"\x05chunk\x18\x03 \x01(\fH\x00R\x05chunk\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\a\n" +
+	"\x05frame\"\x8a\x02\n" +
+	"\x15PutValueChunksRequest\x12[\n" +
+	"\rtrace_context\x18\x01 \x03(\v26.cloudburst.v1.PutValueChunksRequest.TraceContextEntryR\ftraceContext\x122\n" +
+	"\x03put\x18\x02 \x01(\v2\x1e.cloudburst.v1.PutValueRequestH\x00R\x03put\x12\x16\n" +
+	"\x05chunk\x18\x03 \x01(\fH\x00R\x05chunk\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\a\n" +
+	"\x05frame\",\n" +
+	"\x16PutValueChunksResponse\x12\x12\n" +
+	"\x04size\x18\x01 \x01(\x04R\x04size\"\x12\n" +
+	"\x10GetLimitsRequest\"g\n" +
+	"\x11GetLimitsResponse\x12&\n" +
+	"\x0fmax_value_bytes\x18\x01 \x01(\x04R\rmaxValueBytes\x12*\n" +
+	"\x11max_message_bytes\x18\x02 \x01(\x04R\x0fmaxMessageBytes2\xfa\x06\n" +
 	"\n" +
 	"KvsService\x12K\n" +
 	"\bGetValue\x12\x1e.cloudburst.v1.GetValueRequest\x1a\x1f.cloudburst.v1.GetValueResponse\x12K\n" +
@@ -959,7 +1389,10 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x0eBatchGetValues\x12$.cloudburst.v1.BatchGetValuesRequest\x1a%.cloudburst.v1.BatchGetValuesResponse\x12f\n" +
 	"\x11BatchDeleteValues\x12'.cloudburst.v1.BatchDeleteValuesRequest\x1a(.cloudburst.v1.BatchDeleteValuesResponse\x12K\n" +
 	"\bListKeys\x12\x1e.cloudburst.v1.ListKeysRequest\x1a\x1f.cloudburst.v1.ListKeysResponse\x12V\n" +
-	"\vWatchValues\x12!.cloudburst.v1.WatchValuesRequest\x1a\".cloudburst.v1.WatchValuesResponse0\x01B\x90\x01\n" +
+	"\vWatchValues\x12!.cloudburst.v1.WatchValuesRequest\x1a\".cloudburst.v1.WatchValuesResponse0\x01\x12_\n" +
+	"\x0eGetValueChunks\x12$.cloudburst.v1.GetValueChunksRequest\x1a%.cloudburst.v1.GetValueChunksResponse0\x01\x12_\n" +
+	"\x0ePutValueChunks\x12$.cloudburst.v1.PutValueChunksRequest\x1a%.cloudburst.v1.PutValueChunksResponse(\x01\x12N\n" +
+	"\tGetLimits\x12\x1f.cloudburst.v1.GetLimitsRequest\x1a .cloudburst.v1.GetLimitsResponseB\x90\x01\n" +
 	"\x11com.cloudburst.v1B\x0fKvsServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03CXX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0eCloudburst::V1b\x06proto3"
 
 var (
@@ -974,7 +1407,7 @@ func file_cloudburst_v1_kvs_service_proto_rawDescGZIP() []byte {
 	return file_cloudburst_v1_kvs_service_proto_rawDescData
 }
 
-var file_cloudburst_v1_kvs_service_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_cloudburst_v1_kvs_service_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_cloudburst_v1_kvs_service_proto_goTypes = []any{
 	(*GetValueRequest)(nil),           // 0: cloudburst.v1.GetValueRequest
 	(*GetValueResponse)(nil),          // 1: cloudburst.v1.GetValueResponse
@@ -991,42 +1424,61 @@ var file_cloudburst_v1_kvs_service_proto_goTypes = []any{
 	(*WatchValuesRequest)(nil),        // 12: cloudburst.v1.WatchValuesRequest
 	(*WatchValuesResponse)(nil),       // 13: cloudburst.v1.WatchValuesResponse
 	(*KeyValue)(nil),                  // 14: cloudburst.v1.KeyValue
-	(Keyspace)(0),                     // 15: cloudburst.v1.Keyspace
-	(*Lattice)(nil),                   // 16: cloudburst.v1.Lattice
+	(*GetValueChunksRequest)(nil),     // 15: cloudburst.v1.GetValueChunksRequest
+	(*GetValueChunksResponse)(nil),    // 16: cloudburst.v1.GetValueChunksResponse
+	(*PutValueChunksRequest)(nil),     // 17: cloudburst.v1.PutValueChunksRequest
+	(*PutValueChunksResponse)(nil),    // 18: cloudburst.v1.PutValueChunksResponse
+	(*GetLimitsRequest)(nil),          // 19: cloudburst.v1.GetLimitsRequest
+	(*GetLimitsResponse)(nil),         // 20: cloudburst.v1.GetLimitsResponse
+	nil,                               // 21: cloudburst.v1.GetValueChunksResponse.TraceContextEntry
+	nil,                               // 22: cloudburst.v1.PutValueChunksRequest.TraceContextEntry
+	(Keyspace)(0),                     // 23: cloudburst.v1.Keyspace
+	(*Lattice)(nil),                   // 24: cloudburst.v1.Lattice
 }
 var file_cloudburst_v1_kvs_service_proto_depIdxs = []int32{
-	15, // 0: cloudburst.v1.GetValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	16, // 1: cloudburst.v1.GetValueResponse.lattice:type_name -> cloudburst.v1.Lattice
-	15, // 2: cloudburst.v1.PutValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	16, // 3: cloudburst.v1.PutValueRequest.lattice:type_name -> cloudburst.v1.Lattice
-	16, // 4: cloudburst.v1.PutValueResponse.lattice:type_name -> cloudburst.v1.Lattice
-	15, // 5: cloudburst.v1.DeleteValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	15, // 6: cloudburst.v1.BatchGetValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	23, // 0: cloudburst.v1.GetValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	24, // 1: cloudburst.v1.GetValueResponse.lattice:type_name -> cloudburst.v1.Lattice
+	23, // 2: cloudburst.v1.PutValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	24, // 3: cloudburst.v1.PutValueRequest.lattice:type_name -> cloudburst.v1.Lattice
+	24, // 4: cloudburst.v1.PutValueResponse.lattice:type_name -> cloudburst.v1.Lattice
+	23, // 5: cloudburst.v1.DeleteValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	23, // 6: cloudburst.v1.BatchGetValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
 	14, // 7: cloudburst.v1.BatchGetValuesResponse.entries:type_name -> cloudburst.v1.KeyValue
-	15, // 8: cloudburst.v1.BatchDeleteValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	15, // 9: cloudburst.v1.ListKeysRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	15, // 10: cloudburst.v1.WatchValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	23, // 8: cloudburst.v1.BatchDeleteValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	23, // 9: cloudburst.v1.ListKeysRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	23, // 10: cloudburst.v1.WatchValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
 	14, // 11: cloudburst.v1.WatchValuesResponse.entry:type_name -> cloudburst.v1.KeyValue
-	16, // 12: cloudburst.v1.KeyValue.lattice:type_name -> cloudburst.v1.Lattice
-	0,  // 13: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
-	2,  // 14: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
-	4,  // 15: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
-	6,  // 16: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
-	8,  // 17: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
-	10, // 18: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
-	12, // 19: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
-	1,  // 20: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
-	3,  // 21: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
-	5,  // 22: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
-	7,  // 23: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
-	9,  // 24: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
-	11, // 25: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
-	13, // 26: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
-	20, // [20:27] is the sub-list for method output_type
-	13, // [13:20] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	24, // 12: cloudburst.v1.KeyValue.lattice:type_name -> cloudburst.v1.Lattice
+	23, // 13: cloudburst.v1.GetValueChunksRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	21, // 14: cloudburst.v1.GetValueChunksResponse.trace_context:type_name -> cloudburst.v1.GetValueChunksResponse.TraceContextEntry
+	24, // 15: cloudburst.v1.GetValueChunksResponse.lattice:type_name -> cloudburst.v1.Lattice
+	22, // 16: cloudburst.v1.PutValueChunksRequest.trace_context:type_name -> cloudburst.v1.PutValueChunksRequest.TraceContextEntry
+	2,  // 17: cloudburst.v1.PutValueChunksRequest.put:type_name -> cloudburst.v1.PutValueRequest
+	0,  // 18: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
+	2,  // 19: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
+	4,  // 20: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
+	6,  // 21: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
+	8,  // 22: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
+	10, // 23: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
+	12, // 24: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
+	15, // 25: cloudburst.v1.KvsService.GetValueChunks:input_type -> cloudburst.v1.GetValueChunksRequest
+	17, // 26: cloudburst.v1.KvsService.PutValueChunks:input_type -> cloudburst.v1.PutValueChunksRequest
+	19, // 27: cloudburst.v1.KvsService.GetLimits:input_type -> cloudburst.v1.GetLimitsRequest
+	1,  // 28: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
+	3,  // 29: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
+	5,  // 30: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
+	7,  // 31: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
+	9,  // 32: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
+	11, // 33: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
+	13, // 34: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
+	16, // 35: cloudburst.v1.KvsService.GetValueChunks:output_type -> cloudburst.v1.GetValueChunksResponse
+	18, // 36: cloudburst.v1.KvsService.PutValueChunks:output_type -> cloudburst.v1.PutValueChunksResponse
+	20, // 37: cloudburst.v1.KvsService.GetLimits:output_type -> cloudburst.v1.GetLimitsResponse
+	28, // [28:38] is the sub-list for method output_type
+	18, // [18:28] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_kvs_service_proto_init() }
@@ -1035,13 +1487,21 @@ func file_cloudburst_v1_kvs_service_proto_init() {
 		return
 	}
 	file_cloudburst_v1_lattice_proto_init()
+	file_cloudburst_v1_kvs_service_proto_msgTypes[16].OneofWrappers = []any{
+		(*GetValueChunksResponse_Lattice)(nil),
+		(*GetValueChunksResponse_Chunk)(nil),
+	}
+	file_cloudburst_v1_kvs_service_proto_msgTypes[17].OneofWrappers = []any{
+		(*PutValueChunksRequest_Put)(nil),
+		(*PutValueChunksRequest_Chunk)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cloudburst_v1_kvs_service_proto_rawDesc), len(file_cloudburst_v1_kvs_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,9 @@ const (
 	KvsService_BatchDeleteValues_FullMethodName = "/cloudburst.v1.KvsService/BatchDeleteValues"
 	KvsService_ListKeys_FullMethodName          = "/cloudburst.v1.KvsService/ListKeys"
 	KvsService_WatchValues_FullMethodName       = "/cloudburst.v1.KvsService/WatchValues"
+	KvsService_GetValueChunks_FullMethodName    = "/cloudburst.v1.KvsService/GetValueChunks"
+	KvsService_PutValueChunks_FullMethodName    = "/cloudburst.v1.KvsService/PutValueChunks"
+	KvsService_GetLimits_FullMethodName         = "/cloudburst.v1.KvsService/GetLimits"
 )
 
 // KvsServiceClient is the client API for KvsService service.
@@ -48,6 +51,12 @@ type KvsServiceClient interface {
 	ListKeys(ctx context.Context, in *ListKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error)
 	// WatchValues streams every change to the watched keys until the caller cancels.
 	WatchValues(ctx context.Context, in *WatchValuesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchValuesResponse], error)
+	// GetValueChunks reads one key whose value is too large for one message, in chunks.
+	GetValueChunks(ctx context.Context, in *GetValueChunksRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetValueChunksResponse], error)
+	// PutValueChunks merges a last-writer-wins value too large for one message, sent in chunks.
+	PutValueChunks(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutValueChunksRequest, PutValueChunksResponse], error)
+	// GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
+	GetLimits(ctx context.Context, in *GetLimitsRequest, opts ...grpc.CallOption) (*GetLimitsResponse, error)
 }
 
 type kvsServiceClient struct {
@@ -137,6 +146,48 @@ func (c *kvsServiceClient) WatchValues(ctx context.Context, in *WatchValuesReque
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type KvsService_WatchValuesClient = grpc.ServerStreamingClient[WatchValuesResponse]
 
+func (c *kvsServiceClient) GetValueChunks(ctx context.Context, in *GetValueChunksRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetValueChunksResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KvsService_ServiceDesc.Streams[1], KvsService_GetValueChunks_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GetValueChunksRequest, GetValueChunksResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KvsService_GetValueChunksClient = grpc.ServerStreamingClient[GetValueChunksResponse]
+
+func (c *kvsServiceClient) PutValueChunks(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutValueChunksRequest, PutValueChunksResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KvsService_ServiceDesc.Streams[2], KvsService_PutValueChunks_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[PutValueChunksRequest, PutValueChunksResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KvsService_PutValueChunksClient = grpc.ClientStreamingClient[PutValueChunksRequest, PutValueChunksResponse]
+
+func (c *kvsServiceClient) GetLimits(ctx context.Context, in *GetLimitsRequest, opts ...grpc.CallOption) (*GetLimitsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetLimitsResponse)
+	err := c.cc.Invoke(ctx, KvsService_GetLimits_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KvsServiceServer is the server API for KvsService service.
 // All implementations must embed UnimplementedKvsServiceServer
 // for forward compatibility.
@@ -157,6 +208,12 @@ type KvsServiceServer interface {
 	ListKeys(context.Context, *ListKeysRequest) (*ListKeysResponse, error)
 	// WatchValues streams every change to the watched keys until the caller cancels.
 	WatchValues(*WatchValuesRequest, grpc.ServerStreamingServer[WatchValuesResponse]) error
+	// GetValueChunks reads one key whose value is too large for one message, in chunks.
+	GetValueChunks(*GetValueChunksRequest, grpc.ServerStreamingServer[GetValueChunksResponse]) error
+	// PutValueChunks merges a last-writer-wins value too large for one message, sent in chunks.
+	PutValueChunks(grpc.ClientStreamingServer[PutValueChunksRequest, PutValueChunksResponse]) error
+	// GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
+	GetLimits(context.Context, *GetLimitsRequest) (*GetLimitsResponse, error)
 	mustEmbedUnimplementedKvsServiceServer()
 }
 
@@ -187,6 +244,15 @@ func (UnimplementedKvsServiceServer) ListKeys(context.Context, *ListKeysRequest)
 }
 func (UnimplementedKvsServiceServer) WatchValues(*WatchValuesRequest, grpc.ServerStreamingServer[WatchValuesResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchValues not implemented")
+}
+func (UnimplementedKvsServiceServer) GetValueChunks(*GetValueChunksRequest, grpc.ServerStreamingServer[GetValueChunksResponse]) error {
+	return status.Error(codes.Unimplemented, "method GetValueChunks not implemented")
+}
+func (UnimplementedKvsServiceServer) PutValueChunks(grpc.ClientStreamingServer[PutValueChunksRequest, PutValueChunksResponse]) error {
+	return status.Error(codes.Unimplemented, "method PutValueChunks not implemented")
+}
+func (UnimplementedKvsServiceServer) GetLimits(context.Context, *GetLimitsRequest) (*GetLimitsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetLimits not implemented")
 }
 func (UnimplementedKvsServiceServer) mustEmbedUnimplementedKvsServiceServer() {}
 func (UnimplementedKvsServiceServer) testEmbeddedByValue()                    {}
@@ -328,6 +394,42 @@ func _KvsService_WatchValues_Handler(srv interface{}, stream grpc.ServerStream) 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type KvsService_WatchValuesServer = grpc.ServerStreamingServer[WatchValuesResponse]
 
+func _KvsService_GetValueChunks_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(GetValueChunksRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(KvsServiceServer).GetValueChunks(m, &grpc.GenericServerStream[GetValueChunksRequest, GetValueChunksResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KvsService_GetValueChunksServer = grpc.ServerStreamingServer[GetValueChunksResponse]
+
+func _KvsService_PutValueChunks_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(KvsServiceServer).PutValueChunks(&grpc.GenericServerStream[PutValueChunksRequest, PutValueChunksResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KvsService_PutValueChunksServer = grpc.ClientStreamingServer[PutValueChunksRequest, PutValueChunksResponse]
+
+func _KvsService_GetLimits_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetLimitsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KvsServiceServer).GetLimits(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KvsService_GetLimits_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KvsServiceServer).GetLimits(ctx, req.(*GetLimitsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KvsService_ServiceDesc is the grpc.ServiceDesc for KvsService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -359,12 +461,26 @@ var KvsService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "ListKeys",
 			Handler:    _KvsService_ListKeys_Handler,
 		},
+		{
+			MethodName: "GetLimits",
+			Handler:    _KvsService_GetLimits_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "WatchValues",
 			Handler:       _KvsService_WatchValues_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "GetValueChunks",
+			Handler:       _KvsService_GetValueChunks_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "PutValueChunks",
+			Handler:       _KvsService_PutValueChunks_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "cloudburst/v1/kvs_service.proto",

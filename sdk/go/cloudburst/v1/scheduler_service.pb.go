@@ -1292,7 +1292,9 @@ type ExecutorInfo struct {
 	// The functions pinned there.
 	PinnedFunctions []string `protobuf:"bytes,3,rep,name=pinned_functions,json=pinnedFunctions,proto3" json:"pinned_functions,omitempty"`
 	// Calls this scheduler placed there that have not finished.
-	Load          uint32 `protobuf:"varint,4,opt,name=load,proto3" json:"load,omitempty"`
+	Load uint32 `protobuf:"varint,4,opt,name=load,proto3" json:"load,omitempty"`
+	// The user keys its value cache holds, as last reported to this scheduler.
+	CachedKeys    []string `protobuf:"bytes,5,rep,name=cached_keys,json=cachedKeys,proto3" json:"cached_keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1353,6 +1355,13 @@ func (x *ExecutorInfo) GetLoad() uint32 {
 		return x.Load
 	}
 	return 0
+}
+
+func (x *ExecutorInfo) GetCachedKeys() []string {
+	if x != nil {
+		return x.CachedKeys
+	}
+	return nil
 }
 
 // StreamCallsRequest is one frame from the caller on a call stream.
@@ -1680,13 +1689,15 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"minVersion\"l\n" +
 	"\x15ListExecutorsResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x129\n" +
-	"\texecutors\x18\x02 \x03(\v2\x1b.cloudburst.v1.ExecutorInfoR\texecutors\"\x88\x01\n" +
+	"\texecutors\x18\x02 \x03(\v2\x1b.cloudburst.v1.ExecutorInfoR\texecutors\"\xa9\x01\n" +
 	"\fExecutorInfo\x12\x1f\n" +
 	"\vexecutor_id\x18\x01 \x01(\tR\n" +
 	"executorId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12)\n" +
 	"\x10pinned_functions\x18\x03 \x03(\tR\x0fpinnedFunctions\x12\x12\n" +
-	"\x04load\x18\x04 \x01(\rR\x04load\"\xc4\x03\n" +
+	"\x04load\x18\x04 \x01(\rR\x04load\x12\x1f\n" +
+	"\vcached_keys\x18\x05 \x03(\tR\n" +
+	"cachedKeys\"\xc4\x03\n" +
 	"\x12StreamCallsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12X\n" +
 	"\rtrace_context\x18\x02 \x03(\v23.cloudburst.v1.StreamCallsRequest.TraceContextEntryR\ftraceContext\x12I\n" +

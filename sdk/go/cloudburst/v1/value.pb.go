@@ -222,7 +222,10 @@ type Reference struct {
 	// Whether to wait until the key exists (futures); otherwise a missing key is passed as None.
 	Wait bool `protobuf:"varint,2,opt,name=wait,proto3" json:"wait,omitempty"`
 	// Pass the stored bytes as they are instead of the value they encode (deserialize=False).
-	Raw           bool `protobuf:"varint,3,opt,name=raw,proto3" json:"raw,omitempty"`
+	Raw bool `protobuf:"varint,3,opt,name=raw,proto3" json:"raw,omitempty"`
+	// The time (Unix nanoseconds) of the caller's own last write of the key, or 0: an executor serves
+	// the key from its cache only when the cached write is at least this recent.
+	NotBeforeNs   uint64 `protobuf:"varint,4,opt,name=not_before_ns,json=notBeforeNs,proto3" json:"not_before_ns,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -276,6 +279,13 @@ func (x *Reference) GetRaw() bool {
 		return x.Raw
 	}
 	return false
+}
+
+func (x *Reference) GetNotBeforeNs() uint64 {
+	if x != nil {
+		return x.NotBeforeNs
+	}
+	return 0
 }
 
 // Argument is one positional argument of a call.
@@ -425,11 +435,12 @@ const file_cloudburst_v1_value_proto_rawDesc = "" +
 	"\x04type\x18\x01 \x01(\tR\x04type\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
 	"\ttraceback\x18\x03 \x01(\tR\ttraceback\x12#\n" +
-	"\rfunction_name\x18\x04 \x01(\tR\ffunctionName\"C\n" +
+	"\rfunction_name\x18\x04 \x01(\tR\ffunctionName\"g\n" +
 	"\tReference\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
 	"\x04wait\x18\x02 \x01(\bR\x04wait\x12\x10\n" +
-	"\x03raw\x18\x03 \x01(\bR\x03raw\"z\n" +
+	"\x03raw\x18\x03 \x01(\bR\x03raw\x12\"\n" +
+	"\rnot_before_ns\x18\x04 \x01(\x04R\vnotBeforeNs\"z\n" +
 	"\bArgument\x12,\n" +
 	"\x05value\x18\x01 \x01(\v2\x14.cloudburst.v1.ValueH\x00R\x05value\x128\n" +
 	"\treference\x18\x02 \x01(\v2\x18.cloudburst.v1.ReferenceH\x00R\treferenceB\x06\n" +

@@ -8,15 +8,13 @@ import type { Outcome, Trigger } from "./execution_pb.js";
 import { file_cloudburst_v1_execution } from "./execution_pb.js";
 import type { Argument, Serializer } from "./value_pb.js";
 import { file_cloudburst_v1_value } from "./value_pb.js";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file cloudburst/v1/executor_service.proto.
  */
 export const file_cloudburst_v1_executor_service: GenFile = /*@__PURE__*/
-  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEipAMKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEjEKDWRlYWRsaW5lX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiQgoXRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USJwoHb3V0Y29tZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZSKZAgoVU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0EhAKCHNlcXVlbmNlGAEgASgEEiwKBWhlbGxvGAMgASgLMhsuY2xvdWRidXJzdC52MS5UcmlnZ2VySGVsbG9IABIpCgd0cmlnZ2VyGAQgASgLMhYuY2xvdWRidXJzdC52MS5UcmlnZ2VySAASNAoNZXhwZWN0X3Jlc3VsdBgFIAEoCzIbLmNsb3VkYnVyc3QudjEuRXhwZWN0UmVzdWx0SAASQQoQZXhlY3V0ZV9mdW5jdGlvbhgGIAEoCzIlLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVxdWVzdEgAQgcKBWZyYW1lSgQIAhADUg10cmFjZV9jb250ZXh0IqcBChZTdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEi4KCmRhZ19yZXN1bHQYAiABKAsyGC5jbG91ZGJ1cnN0LnYxLkRhZ1Jlc3VsdEgAEkIKEGV4ZWN1dGVfZnVuY3Rpb24YAyABKAsyJi5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlc3BvbnNlSABCBwoFZnJhbWUiHwoMVHJpZ2dlckhlbGxvEg8KB3BlZXJfaWQYASABKAkiHwoMRXhwZWN0UmVzdWx0Eg8KB2NhbGxfaWQYASABKAkiRQoJRGFnUmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSJwoHb3V0Y29tZRgCIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZSJFChJQaW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCRIYChBmdW5jdGlvbl92ZXJzaW9uGAIgASgEIhUKE1BpbkZ1bmN0aW9uUmVzcG9uc2UiLQoUVW5waW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCSIXChVVbnBpbkZ1bmN0aW9uUmVzcG9uc2UiGgoYR2V0RXhlY3V0b3JTdGF0dXNSZXF1ZXN0IoYBChlHZXRFeGVjdXRvclN0YXR1c1Jlc3BvbnNlEhMKC2V4ZWN1dG9yX2lkGAEgASgJEhgKEHBpbm5lZF9mdW5jdGlvbnMYAiADKAkSFAoMYWN0aXZlX2NhbGxzGAMgASgNEg8KB3RocmVhZHMYBCABKA0SEwoLY2FjaGVkX2tleXMYBSADKAky8AMKD0V4ZWN1dG9yU2VydmljZRJgCg9FeGVjdXRlRnVuY3Rpb24SJS5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QaJi5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlc3BvbnNlEmEKDlN0cmVhbVRyaWdnZXJzEiQuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1JlcXVlc3QaJS5jbG91ZGJ1cnN0LnYxLlN0cmVhbVRyaWdnZXJzUmVzcG9uc2UoATABElQKC1BpbkZ1bmN0aW9uEiEuY2xvdWRidXJzdC52MS5QaW5GdW5jdGlvblJlcXVlc3QaIi5jbG91ZGJ1cnN0LnYxLlBpbkZ1bmN0aW9uUmVzcG9uc2USWgoNVW5waW5GdW5jdGlvbhIjLmNsb3VkYnVyc3QudjEuVW5waW5GdW5jdGlvblJlcXVlc3QaJC5jbG91ZGJ1cnN0LnYxLlVucGluRnVuY3Rpb25SZXNwb25zZRJmChFHZXRFeGVjdXRvclN0YXR1cxInLmNsb3VkYnVyc3QudjEuR2V0RXhlY3V0b3JTdGF0dXNSZXF1ZXN0GiguY2xvdWRidXJzdC52MS5HZXRFeGVjdXRvclN0YXR1c1Jlc3BvbnNlQpUBChFjb20uY2xvdWRidXJzdC52MUIURXhlY3V0b3JTZXJ2aWNlUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_execution, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
+  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEi8QIKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiQgoXRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USJwoHb3V0Y29tZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZSKZAgoVU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0EhAKCHNlcXVlbmNlGAEgASgEEiwKBWhlbGxvGAMgASgLMhsuY2xvdWRidXJzdC52MS5UcmlnZ2VySGVsbG9IABIpCgd0cmlnZ2VyGAQgASgLMhYuY2xvdWRidXJzdC52MS5UcmlnZ2VySAASNAoNZXhwZWN0X3Jlc3VsdBgFIAEoCzIbLmNsb3VkYnVyc3QudjEuRXhwZWN0UmVzdWx0SAASQQoQZXhlY3V0ZV9mdW5jdGlvbhgGIAEoCzIlLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVxdWVzdEgAQgcKBWZyYW1lSgQIAhADUg10cmFjZV9jb250ZXh0IpECChZTdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEi4KCmRhZ19yZXN1bHQYAiABKAsyGC5jbG91ZGJ1cnN0LnYxLkRhZ1Jlc3VsdEgAEkIKEGV4ZWN1dGVfZnVuY3Rpb24YAyABKAsyJi5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlc3BvbnNlSAASMgoMY2FjaGVfcmVwb3J0GAQgASgLMhouY2xvdWRidXJzdC52MS5DYWNoZVJlcG9ydEgAEjQKDXJlc3VsdF9zdG9yZWQYBSABKAsyGy5jbG91ZGJ1cnN0LnYxLlJlc3VsdFN0b3JlZEgAQgcKBWZyYW1lIiQKDFJlc3VsdFN0b3JlZBIUCgxyZXNwb25zZV9rZXkYASABKAkiHwoMVHJpZ2dlckhlbGxvEg8KB3BlZXJfaWQYASABKAkiHwoMRXhwZWN0UmVzdWx0Eg8KB2NhbGxfaWQYASABKAkiRQoJRGFnUmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSJwoHb3V0Y29tZRgCIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZSJFChJQaW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCRIYChBmdW5jdGlvbl92ZXJzaW9uGAIgASgEIhUKE1BpbkZ1bmN0aW9uUmVzcG9uc2UiLQoUVW5waW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCSIXChVVbnBpbkZ1bmN0aW9uUmVzcG9uc2UiGgoYR2V0RXhlY3V0b3JTdGF0dXNSZXF1ZXN0IrABChlHZXRFeGVjdXRvclN0YXR1c1Jlc3BvbnNlEhMKC2V4ZWN1dG9yX2lkGAEgASgJEhgKEHBpbm5lZF9mdW5jdGlvbnMYAiADKAkSFAoMYWN0aXZlX2NhbGxzGAMgASgNEg8KB3RocmVhZHMYBCABKA0SEwoLY2FjaGVkX2tleXMYBSADKAkSKAoFY2FjaGUYBiABKAsyGS5jbG91ZGJ1cnN0LnYxLkNhY2hlU3RhdHMiOwoLQ2FjaGVSZXBvcnQSDAoEZnVsbBgBIAEoCBINCgVhZGRlZBgCIAMoCRIPCgdyZW1vdmVkGAMgAygJInAKCkNhY2hlU3RhdHMSDAoEaGl0cxgBIAEoBBIOCgZtaXNzZXMYAiABKAQSEQoJZXZpY3Rpb25zGAMgASgEEg0KBWJ5dGVzGAQgASgEEg8KB2VudHJpZXMYBSABKA0SEQoJbWF4X2J5dGVzGAYgASgEMvADCg9FeGVjdXRvclNlcnZpY2USYAoPRXhlY3V0ZUZ1bmN0aW9uEiUuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXF1ZXN0GiYuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXNwb25zZRJhCg5TdHJlYW1UcmlnZ2VycxIkLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlKAEwARJUCgtQaW5GdW5jdGlvbhIhLmNsb3VkYnVyc3QudjEuUGluRnVuY3Rpb25SZXF1ZXN0GiIuY2xvdWRidXJzdC52MS5QaW5GdW5jdGlvblJlc3BvbnNlEloKDVVucGluRnVuY3Rpb24SIy5jbG91ZGJ1cnN0LnYxLlVucGluRnVuY3Rpb25SZXF1ZXN0GiQuY2xvdWRidXJzdC52MS5VbnBpbkZ1bmN0aW9uUmVzcG9uc2USZgoRR2V0RXhlY3V0b3JTdGF0dXMSJy5jbG91ZGJ1cnN0LnYxLkdldEV4ZWN1dG9yU3RhdHVzUmVxdWVzdBooLmNsb3VkYnVyc3QudjEuR2V0RXhlY3V0b3JTdGF0dXNSZXNwb25zZUKVAQoRY29tLmNsb3VkYnVyc3QudjFCFEV4ZWN1dG9yU2VydmljZVByb3RvUAFaMWNsb3VkYnVyc3QtZ3JwYy9zZGsvZ28vY2xvdWRidXJzdC92MTtjbG91ZGJ1cnN0djGiAgNDWFiqAg1DbG91ZGJ1cnN0LlYxygINQ2xvdWRidXJzdFxWMeoCDkNsb3VkYnVyc3Q6OlYxYgZwcm90bzM", [file_cloudburst_v1_execution, file_cloudburst_v1_value]);
 
 /**
  * ExecuteFunctionRequest is one function call.
@@ -79,14 +77,6 @@ export type ExecuteFunctionRequest = Message<"cloudburst.v1.ExecuteFunctionReque
    * @generated from field: repeated cloudburst.v1.Serializer accept_serializers = 8;
    */
   acceptSerializers: Serializer[];
-
-  /**
-   * When the caller stops waiting; once it has passed, the function's next user-library call
-   * raises. Unset: the executor's own call timeout from when the call arrived.
-   *
-   * @generated from field: google.protobuf.Timestamp deadline_time = 9;
-   */
-  deadlineTime?: Timestamp | undefined;
 };
 
 /**
@@ -211,6 +201,22 @@ export type StreamTriggersResponse = Message<"cloudburst.v1.StreamTriggersRespon
      */
     value: ExecuteFunctionResponse;
     case: "executeFunction";
+  } | {
+    /**
+     * The user keys this executor's value cache holds, for data-locality placement.
+     *
+     * @generated from field: cloudburst.v1.CacheReport cache_report = 4;
+     */
+    value: CacheReport;
+    case: "cacheReport";
+  } | {
+    /**
+     * A direct call answered earlier on this stream has its result stored now (or never will).
+     *
+     * @generated from field: cloudburst.v1.ResultStored result_stored = 5;
+     */
+    value: ResultStored;
+    case: "resultStored";
   } | { case: undefined; value?: undefined };
 };
 
@@ -220,6 +226,28 @@ export type StreamTriggersResponse = Message<"cloudburst.v1.StreamTriggersRespon
  */
 export const StreamTriggersResponseSchema: GenMessage<StreamTriggersResponse> = /*@__PURE__*/
   messageDesc(file_cloudburst_v1_executor_service, 3);
+
+/**
+ * ResultStored follows the answer to a direct call that also names a response key: the executor
+ * answers first and stores after, so that the caller does not wait for the store.
+ *
+ * @generated from message cloudburst.v1.ResultStored
+ */
+export type ResultStored = Message<"cloudburst.v1.ResultStored"> & {
+  /**
+   * The response key of the call.
+   *
+   * @generated from field: string response_key = 1;
+   */
+  responseKey: string;
+};
+
+/**
+ * Describes the message cloudburst.v1.ResultStored.
+ * Use `create(ResultStoredSchema)` to create a new message.
+ */
+export const ResultStoredSchema: GenMessage<ResultStored> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_executor_service, 4);
 
 /**
  * TriggerHello identifies the opener of a trigger stream.
@@ -240,7 +268,7 @@ export type TriggerHello = Message<"cloudburst.v1.TriggerHello"> & {
  * Use `create(TriggerHelloSchema)` to create a new message.
  */
 export const TriggerHelloSchema: GenMessage<TriggerHello> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 4);
+  messageDesc(file_cloudburst_v1_executor_service, 5);
 
 /**
  * ExpectResult routes a direct-response result to the stream it arrives on.
@@ -261,7 +289,7 @@ export type ExpectResult = Message<"cloudburst.v1.ExpectResult"> & {
  * Use `create(ExpectResultSchema)` to create a new message.
  */
 export const ExpectResultSchema: GenMessage<ExpectResult> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 5);
+  messageDesc(file_cloudburst_v1_executor_service, 6);
 
 /**
  * DagResult is the sink's outcome of a direct-response DAG call.
@@ -289,7 +317,7 @@ export type DagResult = Message<"cloudburst.v1.DagResult"> & {
  * Use `create(DagResultSchema)` to create a new message.
  */
 export const DagResultSchema: GenMessage<DagResult> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 6);
+  messageDesc(file_cloudburst_v1_executor_service, 7);
 
 /**
  * PinFunctionRequest names the function to pin.
@@ -317,7 +345,7 @@ export type PinFunctionRequest = Message<"cloudburst.v1.PinFunctionRequest"> & {
  * Use `create(PinFunctionRequestSchema)` to create a new message.
  */
 export const PinFunctionRequestSchema: GenMessage<PinFunctionRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 7);
+  messageDesc(file_cloudburst_v1_executor_service, 8);
 
 /**
  * PinFunctionResponse acknowledges the pin.
@@ -332,7 +360,7 @@ export type PinFunctionResponse = Message<"cloudburst.v1.PinFunctionResponse"> &
  * Use `create(PinFunctionResponseSchema)` to create a new message.
  */
 export const PinFunctionResponseSchema: GenMessage<PinFunctionResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 8);
+  messageDesc(file_cloudburst_v1_executor_service, 9);
 
 /**
  * UnpinFunctionRequest names the function to unpin.
@@ -353,7 +381,7 @@ export type UnpinFunctionRequest = Message<"cloudburst.v1.UnpinFunctionRequest">
  * Use `create(UnpinFunctionRequestSchema)` to create a new message.
  */
 export const UnpinFunctionRequestSchema: GenMessage<UnpinFunctionRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 9);
+  messageDesc(file_cloudburst_v1_executor_service, 10);
 
 /**
  * UnpinFunctionResponse acknowledges the unpin.
@@ -368,7 +396,7 @@ export type UnpinFunctionResponse = Message<"cloudburst.v1.UnpinFunctionResponse
  * Use `create(UnpinFunctionResponseSchema)` to create a new message.
  */
 export const UnpinFunctionResponseSchema: GenMessage<UnpinFunctionResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 10);
+  messageDesc(file_cloudburst_v1_executor_service, 11);
 
 /**
  * GetExecutorStatusRequest asks for an executor's status.
@@ -383,7 +411,7 @@ export type GetExecutorStatusRequest = Message<"cloudburst.v1.GetExecutorStatusR
  * Use `create(GetExecutorStatusRequestSchema)` to create a new message.
  */
 export const GetExecutorStatusRequestSchema: GenMessage<GetExecutorStatusRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 11);
+  messageDesc(file_cloudburst_v1_executor_service, 12);
 
 /**
  * GetExecutorStatusResponse reports an executor's status.
@@ -425,6 +453,13 @@ export type GetExecutorStatusResponse = Message<"cloudburst.v1.GetExecutorStatus
    * @generated from field: repeated string cached_keys = 5;
    */
   cachedKeys: string[];
+
+  /**
+   * The value cache's counters (all zero when the cache is off).
+   *
+   * @generated from field: cloudburst.v1.CacheStats cache = 6;
+   */
+  cache?: CacheStats | undefined;
 };
 
 /**
@@ -432,7 +467,98 @@ export type GetExecutorStatusResponse = Message<"cloudburst.v1.GetExecutorStatus
  * Use `create(GetExecutorStatusResponseSchema)` to create a new message.
  */
 export const GetExecutorStatusResponseSchema: GenMessage<GetExecutorStatusResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 12);
+  messageDesc(file_cloudburst_v1_executor_service, 13);
+
+/**
+ * CacheReport tells a stream's opener which user keys the executor's value cache holds.
+ *
+ * @generated from message cloudburst.v1.CacheReport
+ */
+export type CacheReport = Message<"cloudburst.v1.CacheReport"> & {
+  /**
+   * Whether `added` lists every cached key, replacing what the opener knew.
+   *
+   * @generated from field: bool full = 1;
+   */
+  full: boolean;
+
+  /**
+   * Keys cached since the last report.
+   *
+   * @generated from field: repeated string added = 2;
+   */
+  added: string[];
+
+  /**
+   * Keys dropped since the last report.
+   *
+   * @generated from field: repeated string removed = 3;
+   */
+  removed: string[];
+};
+
+/**
+ * Describes the message cloudburst.v1.CacheReport.
+ * Use `create(CacheReportSchema)` to create a new message.
+ */
+export const CacheReportSchema: GenMessage<CacheReport> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_executor_service, 14);
+
+/**
+ * CacheStats counts what an executor's value cache did.
+ *
+ * @generated from message cloudburst.v1.CacheStats
+ */
+export type CacheStats = Message<"cloudburst.v1.CacheStats"> & {
+  /**
+   * Reads served from the cache.
+   *
+   * @generated from field: uint64 hits = 1;
+   */
+  hits: bigint;
+
+  /**
+   * Reads that went to the KVS.
+   *
+   * @generated from field: uint64 misses = 2;
+   */
+  misses: bigint;
+
+  /**
+   * Entries dropped to stay within the memory budget.
+   *
+   * @generated from field: uint64 evictions = 3;
+   */
+  evictions: bigint;
+
+  /**
+   * Bytes of values cached now.
+   *
+   * @generated from field: uint64 bytes = 4;
+   */
+  bytes: bigint;
+
+  /**
+   * Entries cached now.
+   *
+   * @generated from field: uint32 entries = 5;
+   */
+  entries: number;
+
+  /**
+   * The memory budget in bytes (0: the cache is off).
+   *
+   * @generated from field: uint64 max_bytes = 6;
+   */
+  maxBytes: bigint;
+};
+
+/**
+ * Describes the message cloudburst.v1.CacheStats.
+ * Use `create(CacheStatsSchema)` to create a new message.
+ */
+export const CacheStatsSchema: GenMessage<CacheStats> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_executor_service, 15);
 
 /**
  * ExecutorService runs user functions and DAG stages.

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cloudburst/v1/kvs_service.proto.
  */
 export const file_cloudburst_v1_kvs_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9jbG91ZGJ1cnN0L3YxL2t2c19zZXJ2aWNlLnByb3RvEg1jbG91ZGJ1cnN0LnYxIlcKD0dldFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEgwKBHdhaXQYAyABKAgiSgoQR2V0VmFsdWVSZXNwb25zZRINCgVmb3VuZBgBIAEoCBInCgdsYXR0aWNlGAIgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlIpwBCg9QdXRWYWx1ZVJlcXVlc3QSCwoDa2V5GAEgASgJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZRInCgdsYXR0aWNlGAMgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlEhIKCnJlcXVlc3RfaWQYBCABKAkSFAoMb21pdF9sYXR0aWNlGAUgASgIIjsKEFB1dFZhbHVlUmVzcG9uc2USJwoHbGF0dGljZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuTGF0dGljZSJgChJEZWxldGVWYWx1ZVJlcXVlc3QSCwoDa2V5GAEgASgJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZRISCgpyZXF1ZXN0X2lkGAMgASgJIiYKE0RlbGV0ZVZhbHVlUmVzcG9uc2USDwoHZXhpc3RlZBgBIAEoCCJQChVCYXRjaEdldFZhbHVlc1JlcXVlc3QSDAoEa2V5cxgBIAMoCRIpCghrZXlzcGFjZRgCIAEoDjIXLmNsb3VkYnVyc3QudjEuS2V5c3BhY2UiQgoWQmF0Y2hHZXRWYWx1ZXNSZXNwb25zZRIoCgdlbnRyaWVzGAEgAygLMhcuY2xvdWRidXJzdC52MS5LZXlWYWx1ZSJTChhCYXRjaERlbGV0ZVZhbHVlc1JlcXVlc3QSDAoEa2V5cxgBIAMoCRIpCghrZXlzcGFjZRgCIAEoDjIXLmNsb3VkYnVyc3QudjEuS2V5c3BhY2UiLAoZQmF0Y2hEZWxldGVWYWx1ZXNSZXNwb25zZRIPCgdkZWxldGVkGAEgASgNInMKD0xpc3RLZXlzUmVxdWVzdBIpCghrZXlzcGFjZRgBIAEoDjIXLmNsb3VkYnVyc3QudjEuS2V5c3BhY2USDgoGcHJlZml4GAIgASgJEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIjkKEExpc3RLZXlzUmVzcG9uc2USDAoEa2V5cxgBIAMoCRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiYQoSV2F0Y2hWYWx1ZXNSZXF1ZXN0EgwKBGtleXMYASADKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEhIKCmtleV9wcmVmaXgYAyABKAkiTgoTV2F0Y2hWYWx1ZXNSZXNwb25zZRImCgVlbnRyeRgBIAEoCzIXLmNsb3VkYnVyc3QudjEuS2V5VmFsdWUSDwoHZGVsZXRlZBgCIAEoCCJPCghLZXlWYWx1ZRILCgNrZXkYASABKAkSDQoFZm91bmQYAiABKAgSJwoHbGF0dGljZRgDIAEoCzIWLmNsb3VkYnVyc3QudjEuTGF0dGljZTLoBAoKS3ZzU2VydmljZRJLCghHZXRWYWx1ZRIeLmNsb3VkYnVyc3QudjEuR2V0VmFsdWVSZXF1ZXN0Gh8uY2xvdWRidXJzdC52MS5HZXRWYWx1ZVJlc3BvbnNlEksKCFB1dFZhbHVlEh4uY2xvdWRidXJzdC52MS5QdXRWYWx1ZVJlcXVlc3QaHy5jbG91ZGJ1cnN0LnYxLlB1dFZhbHVlUmVzcG9uc2USVAoLRGVsZXRlVmFsdWUSIS5jbG91ZGJ1cnN0LnYxLkRlbGV0ZVZhbHVlUmVxdWVzdBoiLmNsb3VkYnVyc3QudjEuRGVsZXRlVmFsdWVSZXNwb25zZRJdCg5CYXRjaEdldFZhbHVlcxIkLmNsb3VkYnVyc3QudjEuQmF0Y2hHZXRWYWx1ZXNSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5CYXRjaEdldFZhbHVlc1Jlc3BvbnNlEmYKEUJhdGNoRGVsZXRlVmFsdWVzEicuY2xvdWRidXJzdC52MS5CYXRjaERlbGV0ZVZhbHVlc1JlcXVlc3QaKC5jbG91ZGJ1cnN0LnYxLkJhdGNoRGVsZXRlVmFsdWVzUmVzcG9uc2USSwoITGlzdEtleXMSHi5jbG91ZGJ1cnN0LnYxLkxpc3RLZXlzUmVxdWVzdBofLmNsb3VkYnVyc3QudjEuTGlzdEtleXNSZXNwb25zZRJWCgtXYXRjaFZhbHVlcxIhLmNsb3VkYnVyc3QudjEuV2F0Y2hWYWx1ZXNSZXF1ZXN0GiIuY2xvdWRidXJzdC52MS5XYXRjaFZhbHVlc1Jlc3BvbnNlMAFCkAEKEWNvbS5jbG91ZGJ1cnN0LnYxQg9LdnNTZXJ2aWNlUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_lattice]);
+  fileDesc("Ch9jbG91ZGJ1cnN0L3YxL2t2c19zZXJ2aWNlLnByb3RvEg1jbG91ZGJ1cnN0LnYxIlcKD0dldFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEgwKBHdhaXQYAyABKAgiWwoQR2V0VmFsdWVSZXNwb25zZRINCgVmb3VuZBgBIAEoCBInCgdsYXR0aWNlGAIgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlEg8KB2NodW5rZWQYAyABKAginAEKD1B1dFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEicKB2xhdHRpY2UYAyABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2USEgoKcmVxdWVzdF9pZBgEIAEoCRIUCgxvbWl0X2xhdHRpY2UYBSABKAgiOwoQUHV0VmFsdWVSZXNwb25zZRInCgdsYXR0aWNlGAEgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlImAKEkRlbGV0ZVZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEhIKCnJlcXVlc3RfaWQYAyABKAkiJgoTRGVsZXRlVmFsdWVSZXNwb25zZRIPCgdleGlzdGVkGAEgASgIIlAKFUJhdGNoR2V0VmFsdWVzUmVxdWVzdBIMCgRrZXlzGAEgAygJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSJCChZCYXRjaEdldFZhbHVlc1Jlc3BvbnNlEigKB2VudHJpZXMYASADKAsyFy5jbG91ZGJ1cnN0LnYxLktleVZhbHVlIlMKGEJhdGNoRGVsZXRlVmFsdWVzUmVxdWVzdBIMCgRrZXlzGAEgAygJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSIsChlCYXRjaERlbGV0ZVZhbHVlc1Jlc3BvbnNlEg8KB2RlbGV0ZWQYASABKA0icwoPTGlzdEtleXNSZXF1ZXN0EikKCGtleXNwYWNlGAEgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZRIOCgZwcmVmaXgYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiOQoQTGlzdEtleXNSZXNwb25zZRIMCgRrZXlzGAEgAygJEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJhChJXYXRjaFZhbHVlc1JlcXVlc3QSDAoEa2V5cxgBIAMoCRIpCghrZXlzcGFjZRgCIAEoDjIXLmNsb3VkYnVyc3QudjEuS2V5c3BhY2USEgoKa2V5X3ByZWZpeBgDIAEoCSJlChNXYXRjaFZhbHVlc1Jlc3BvbnNlEiYKBWVudHJ5GAEgASgLMhcuY2xvdWRidXJzdC52MS5LZXlWYWx1ZRIPCgdkZWxldGVkGAIgASgIEhUKDXZhbHVlX29taXR0ZWQYAyABKAgiTwoIS2V5VmFsdWUSCwoDa2V5GAEgASgJEg0KBWZvdW5kGAIgASgIEicKB2xhdHRpY2UYAyABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2UiTwoVR2V0VmFsdWVDaHVua3NSZXF1ZXN0EgsKA2tleRgBIAEoCRIpCghrZXlzcGFjZRgCIAEoDjIXLmNsb3VkYnVyc3QudjEuS2V5c3BhY2Ui4gEKFkdldFZhbHVlQ2h1bmtzUmVzcG9uc2USTgoNdHJhY2VfY29udGV4dBgBIAMoCzI3LmNsb3VkYnVyc3QudjEuR2V0VmFsdWVDaHVua3NSZXNwb25zZS5UcmFjZUNvbnRleHRFbnRyeRIpCgdsYXR0aWNlGAIgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlSAASDwoFY2h1bmsYAyABKAxIABozChFUcmFjZUNvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBWZyYW1lIuQBChVQdXRWYWx1ZUNodW5rc1JlcXVlc3QSTQoNdHJhY2VfY29udGV4dBgBIAMoCzI2LmNsb3VkYnVyc3QudjEuUHV0VmFsdWVDaHVua3NSZXF1ZXN0LlRyYWNlQ29udGV4dEVudHJ5Ei0KA3B1dBgCIAEoCzIeLmNsb3VkYnVyc3QudjEuUHV0VmFsdWVSZXF1ZXN0SAASDwoFY2h1bmsYAyABKAxIABozChFUcmFjZUNvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBWZyYW1lIiYKFlB1dFZhbHVlQ2h1bmtzUmVzcG9uc2USDAoEc2l6ZRgBIAEoBCISChBHZXRMaW1pdHNSZXF1ZXN0IkcKEUdldExpbWl0c1Jlc3BvbnNlEhcKD21heF92YWx1ZV9ieXRlcxgBIAEoBBIZChFtYXhfbWVzc2FnZV9ieXRlcxgCIAEoBDL6BgoKS3ZzU2VydmljZRJLCghHZXRWYWx1ZRIeLmNsb3VkYnVyc3QudjEuR2V0VmFsdWVSZXF1ZXN0Gh8uY2xvdWRidXJzdC52MS5HZXRWYWx1ZVJlc3BvbnNlEksKCFB1dFZhbHVlEh4uY2xvdWRidXJzdC52MS5QdXRWYWx1ZVJlcXVlc3QaHy5jbG91ZGJ1cnN0LnYxLlB1dFZhbHVlUmVzcG9uc2USVAoLRGVsZXRlVmFsdWUSIS5jbG91ZGJ1cnN0LnYxLkRlbGV0ZVZhbHVlUmVxdWVzdBoiLmNsb3VkYnVyc3QudjEuRGVsZXRlVmFsdWVSZXNwb25zZRJdCg5CYXRjaEdldFZhbHVlcxIkLmNsb3VkYnVyc3QudjEuQmF0Y2hHZXRWYWx1ZXNSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5CYXRjaEdldFZhbHVlc1Jlc3BvbnNlEmYKEUJhdGNoRGVsZXRlVmFsdWVzEicuY2xvdWRidXJzdC52MS5CYXRjaERlbGV0ZVZhbHVlc1JlcXVlc3QaKC5jbG91ZGJ1cnN0LnYxLkJhdGNoRGVsZXRlVmFsdWVzUmVzcG9uc2USSwoITGlzdEtleXMSHi5jbG91ZGJ1cnN0LnYxLkxpc3RLZXlzUmVxdWVzdBofLmNsb3VkYnVyc3QudjEuTGlzdEtleXNSZXNwb25zZRJWCgtXYXRjaFZhbHVlcxIhLmNsb3VkYnVyc3QudjEuV2F0Y2hWYWx1ZXNSZXF1ZXN0GiIuY2xvdWRidXJzdC52MS5XYXRjaFZhbHVlc1Jlc3BvbnNlMAESXwoOR2V0VmFsdWVDaHVua3MSJC5jbG91ZGJ1cnN0LnYxLkdldFZhbHVlQ2h1bmtzUmVxdWVzdBolLmNsb3VkYnVyc3QudjEuR2V0VmFsdWVDaHVua3NSZXNwb25zZTABEl8KDlB1dFZhbHVlQ2h1bmtzEiQuY2xvdWRidXJzdC52MS5QdXRWYWx1ZUNodW5rc1JlcXVlc3QaJS5jbG91ZGJ1cnN0LnYxLlB1dFZhbHVlQ2h1bmtzUmVzcG9uc2UoARJOCglHZXRMaW1pdHMSHy5jbG91ZGJ1cnN0LnYxLkdldExpbWl0c1JlcXVlc3QaIC5jbG91ZGJ1cnN0LnYxLkdldExpbWl0c1Jlc3BvbnNlQpABChFjb20uY2xvdWRidXJzdC52MUIPS3ZzU2VydmljZVByb3RvUAFaMWNsb3VkYnVyc3QtZ3JwYy9zZGsvZ28vY2xvdWRidXJzdC92MTtjbG91ZGJ1cnN0djGiAgNDWFiqAg1DbG91ZGJ1cnN0LlYxygINQ2xvdWRidXJzdFxWMeoCDkNsb3VkYnVyc3Q6OlYxYgZwcm90bzM", [file_cloudburst_v1_lattice]);
 
 /**
  * GetValueRequest names the key to read.
@@ -63,11 +63,18 @@ export type GetValueResponse = Message<"cloudburst.v1.GetValueResponse"> & {
   found: boolean;
 
   /**
-   * The stored lattice when found.
+   * The stored lattice when found (unset when `chunked`).
    *
    * @generated from field: cloudburst.v1.Lattice lattice = 2;
    */
   lattice?: Lattice | undefined;
+
+  /**
+   * The value is too large for one message: read it with GetValueChunks.
+   *
+   * @generated from field: bool chunked = 3;
+   */
+  chunked: boolean;
 };
 
 /**
@@ -426,6 +433,13 @@ export type WatchValuesResponse = Message<"cloudburst.v1.WatchValuesResponse"> &
    * @generated from field: bool deleted = 2;
    */
   deleted: boolean;
+
+  /**
+   * The lattice after the change is too large for one message and left out: read it if needed.
+   *
+   * @generated from field: bool value_omitted = 3;
+   */
+  valueOmitted: boolean;
 };
 
 /**
@@ -469,6 +483,186 @@ export type KeyValue = Message<"cloudburst.v1.KeyValue"> & {
  */
 export const KeyValueSchema: GenMessage<KeyValue> = /*@__PURE__*/
   messageDesc(file_cloudburst_v1_kvs_service, 14);
+
+/**
+ * GetValueChunksRequest names the key to read in chunks.
+ *
+ * @generated from message cloudburst.v1.GetValueChunksRequest
+ */
+export type GetValueChunksRequest = Message<"cloudburst.v1.GetValueChunksRequest"> & {
+  /**
+   * The key; must not be empty.
+   *
+   * @generated from field: string key = 1;
+   */
+  key: string;
+
+  /**
+   * The keyspace of the key.
+   *
+   * @generated from field: cloudburst.v1.Keyspace keyspace = 2;
+   */
+  keyspace: Keyspace;
+};
+
+/**
+ * Describes the message cloudburst.v1.GetValueChunksRequest.
+ * Use `create(GetValueChunksRequestSchema)` to create a new message.
+ */
+export const GetValueChunksRequestSchema: GenMessage<GetValueChunksRequest> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 15);
+
+/**
+ * GetValueChunksResponse is one frame of a chunked read: the lattice first, then its value's bytes.
+ *
+ * @generated from message cloudburst.v1.GetValueChunksResponse
+ */
+export type GetValueChunksResponse = Message<"cloudburst.v1.GetValueChunksResponse"> & {
+  /**
+   * The W3C trace context of the frame.
+   *
+   * @generated from field: map<string, string> trace_context = 1;
+   */
+  traceContext: { [key: string]: string };
+
+  /**
+   * The frame.
+   *
+   * @generated from oneof cloudburst.v1.GetValueChunksResponse.frame
+   */
+  frame: {
+    /**
+     * The stored lattice with its value's bytes left out (the first frame); absent when not found.
+     *
+     * @generated from field: cloudburst.v1.Lattice lattice = 2;
+     */
+    value: Lattice;
+    case: "lattice";
+  } | {
+    /**
+     * The next piece of the value's bytes, in order.
+     *
+     * @generated from field: bytes chunk = 3;
+     */
+    value: Uint8Array;
+    case: "chunk";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message cloudburst.v1.GetValueChunksResponse.
+ * Use `create(GetValueChunksResponseSchema)` to create a new message.
+ */
+export const GetValueChunksResponseSchema: GenMessage<GetValueChunksResponse> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 16);
+
+/**
+ * PutValueChunksRequest is one frame of a chunked write: the write first, then its value's bytes.
+ *
+ * @generated from message cloudburst.v1.PutValueChunksRequest
+ */
+export type PutValueChunksRequest = Message<"cloudburst.v1.PutValueChunksRequest"> & {
+  /**
+   * The W3C trace context of the frame.
+   *
+   * @generated from field: map<string, string> trace_context = 1;
+   */
+  traceContext: { [key: string]: string };
+
+  /**
+   * The frame.
+   *
+   * @generated from oneof cloudburst.v1.PutValueChunksRequest.frame
+   */
+  frame: {
+    /**
+     * The key and a last-writer-wins lattice with its value's bytes left out (the first frame).
+     *
+     * @generated from field: cloudburst.v1.PutValueRequest put = 2;
+     */
+    value: PutValueRequest;
+    case: "put";
+  } | {
+    /**
+     * The next piece of the value's bytes, in order.
+     *
+     * @generated from field: bytes chunk = 3;
+     */
+    value: Uint8Array;
+    case: "chunk";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message cloudburst.v1.PutValueChunksRequest.
+ * Use `create(PutValueChunksRequestSchema)` to create a new message.
+ */
+export const PutValueChunksRequestSchema: GenMessage<PutValueChunksRequest> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 17);
+
+/**
+ * PutValueChunksResponse acknowledges a durable chunked merge.
+ *
+ * @generated from message cloudburst.v1.PutValueChunksResponse
+ */
+export type PutValueChunksResponse = Message<"cloudburst.v1.PutValueChunksResponse"> & {
+  /**
+   * The total bytes of the value received.
+   *
+   * @generated from field: uint64 size = 1;
+   */
+  size: bigint;
+};
+
+/**
+ * Describes the message cloudburst.v1.PutValueChunksResponse.
+ * Use `create(PutValueChunksResponseSchema)` to create a new message.
+ */
+export const PutValueChunksResponseSchema: GenMessage<PutValueChunksResponse> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 18);
+
+/**
+ * GetLimitsRequest asks for the KVS tier's limits.
+ *
+ * @generated from message cloudburst.v1.GetLimitsRequest
+ */
+export type GetLimitsRequest = Message<"cloudburst.v1.GetLimitsRequest"> & {
+};
+
+/**
+ * Describes the message cloudburst.v1.GetLimitsRequest.
+ * Use `create(GetLimitsRequestSchema)` to create a new message.
+ */
+export const GetLimitsRequestSchema: GenMessage<GetLimitsRequest> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 19);
+
+/**
+ * GetLimitsResponse reports the KVS tier's limits.
+ *
+ * @generated from message cloudburst.v1.GetLimitsResponse
+ */
+export type GetLimitsResponse = Message<"cloudburst.v1.GetLimitsResponse"> & {
+  /**
+   * The largest value one key may hold (chunked reads and writes carry values up to this).
+   *
+   * @generated from field: uint64 max_value_bytes = 1;
+   */
+  maxValueBytes: bigint;
+
+  /**
+   * The largest message a call may carry (values above it move in chunks).
+   *
+   * @generated from field: uint64 max_message_bytes = 2;
+   */
+  maxMessageBytes: bigint;
+};
+
+/**
+ * Describes the message cloudburst.v1.GetLimitsResponse.
+ * Use `create(GetLimitsResponseSchema)` to create a new message.
+ */
+export const GetLimitsResponseSchema: GenMessage<GetLimitsResponse> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 20);
 
 /**
  * KvsService stores lattices by key and merges concurrent writes.
@@ -545,6 +739,36 @@ export const KvsService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchValuesRequestSchema;
     output: typeof WatchValuesResponseSchema;
+  },
+  /**
+   * GetValueChunks reads one key whose value is too large for one message, in chunks.
+   *
+   * @generated from rpc cloudburst.v1.KvsService.GetValueChunks
+   */
+  getValueChunks: {
+    methodKind: "server_streaming";
+    input: typeof GetValueChunksRequestSchema;
+    output: typeof GetValueChunksResponseSchema;
+  },
+  /**
+   * PutValueChunks merges a last-writer-wins value too large for one message, sent in chunks.
+   *
+   * @generated from rpc cloudburst.v1.KvsService.PutValueChunks
+   */
+  putValueChunks: {
+    methodKind: "client_streaming";
+    input: typeof PutValueChunksRequestSchema;
+    output: typeof PutValueChunksResponseSchema;
+  },
+  /**
+   * GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
+   *
+   * @generated from rpc cloudburst.v1.KvsService.GetLimits
+   */
+  getLimits: {
+    methodKind: "unary";
+    input: typeof GetLimitsRequestSchema;
+    output: typeof GetLimitsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cloudburst_v1_kvs_service, 0);
