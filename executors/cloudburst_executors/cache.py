@@ -14,7 +14,7 @@ dropped at once, before it could be served stale. Writes through the executor
 (``put_object``) are merged into the cached value before the write returns, so
 a call reads its own writes; a reference argument carries the time of the
 caller's own last write of its key (``not_before_ns``), and an older cached
-value is not served for it, so a client session reads its own writes too.
+value is not served for it, so a client reads its own writes too.
 
 Set lattices, the system keyspace and waiting reads of keys not cached yet go
 to the KVS every time.

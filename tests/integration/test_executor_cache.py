@@ -111,15 +111,15 @@ def test_a_repeat_call_reads_its_references_from_the_executor_that_cached_them(
             assert "cache/array" not in other.cached_keys
 
 
-def test_a_session_reads_its_own_writes_through_a_cache(cache_cluster: ProcessCluster) -> None:
-    key = "cache/session"
+def test_a_client_reads_its_own_writes_through_a_cache(cache_cluster: ProcessCluster) -> None:
+    key = "cache/own-client"
     with CloudburstConnection(cache_cluster.address) as cloud:
         reader = cloud.register(read_ref, "read_ref")
         cloud.put_object(key, 1)
         assert reader(CloudburstReference(key)).get(timeout=60) == 1
         cached_on = holder(cache_cluster, key)
         for value in range(2, 12):
-            # Each reference carries the session's last write of the key: never served older.
+            # Each reference carries the connection's last write of the key: never served older.
             cloud.put_object(key, value)
             assert reader(CloudburstReference(key)).get(timeout=60) == value
         assert holder(cache_cluster, key) == cached_on
@@ -145,7 +145,7 @@ def test_a_call_reads_its_own_write_of_a_cached_key(cache_cluster: ProcessCluste
         assert statuses(cache_cluster)[cached_on].cache.hits >= hits + 10
 
 
-def test_another_sessions_write_reaches_the_cache_without_a_read(
+def test_another_clients_write_reaches_the_cache_without_a_read(
     cache_cluster: ProcessCluster,
 ) -> None:
     key = "cache/shared"
@@ -168,6 +168,6 @@ def test_another_sessions_write_reaches_the_cache_without_a_read(
         # The change notification updates the cached value: a bounded wait, no read.
         until(
             lambda: reader(anchor, key).get(timeout=60) == "after",
-            "another session's write is seen",
+            "another client's write is seen",
         )
         assert statuses(cache_cluster)[cached_on].cache.misses == misses
