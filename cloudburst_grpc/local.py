@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from cloudburst.errors import UnavailableError
+from cloudburst.errors import CloudburstError, UnavailableError
 from cloudburst.transport import SCHEDULER_SERVICE
 from cloudburst.v1 import (
     diagnostics_service_pb2,
@@ -276,6 +276,7 @@ async def start_local(config: Config) -> Node:
                 config.scheduler.call_timeout_seconds,
                 router,
             )
+            executor.allow_values(config.kvs.max_value_bytes)
             stack.push_async_callback(executor.close)
             node.executors.append(executor)
             peers.add_local(LocalExecutorPeer(executor))
@@ -438,6 +439,13 @@ async def start_executor_node(
         )
         stack.push_async_callback(executor.close)
         node.executors.append(executor)
+        try:  # functions may store values as large as the KVS tier takes (in chunks)
+            limits = await (await endpoint.client()).limits(timeout=10.0)
+            executor.allow_values(int(limits.max_value_bytes))
+        except CloudburstError as exc:
+            logger.warning(
+                "the KVS did not report its limits (%s): values stay in one message", exc
+            )
         executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
             ExecutorServicer(executor), server
         )

@@ -137,6 +137,10 @@ class Executor:
             status.cache.CopyFrom(self.cache.stats())
         return status
 
+    def allow_values(self, max_value_bytes: int) -> None:
+        """Let functions store values up to ``max_value_bytes`` (the KVS tier's limit)."""
+        self._invoker.max_value_bytes = max(max_value_bytes, self._max_payload_bytes)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)

@@ -90,6 +90,8 @@ class Invoker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         """Set when the executor shuts down: chains stop going on."""
+        self.max_value_bytes: int | None = None
+        """The largest value ``put_object`` stores, when the KVS tier allows more than a message."""
         self.running: dict[int, tuple[str, str]] = {}
         """(call id, function name) of each function running now, for shutdown to name."""
 
@@ -285,6 +287,7 @@ class Invoker:
             self._max_payload_bytes,
             call_id,
             self._router,
+            max_value_bytes=self.max_value_bytes,
         )
 
 

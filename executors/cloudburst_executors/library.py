@@ -257,11 +257,14 @@ class UserLibrary:
         max_payload_bytes: int,
         call_id: str,
         router: MailboxRouter | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
         self._bridge = bridge
         self._kvs = kvs
         self._clock = clock
         self._max_payload_bytes = max_payload_bytes
+        self._max_value_bytes = max_value_bytes or max_payload_bytes
+        """The largest value ``put_object`` stores (the KVS tier's; large ones go in chunks)."""
         self._call_id = call_id
         self._router = router
         self._mailbox_id: str | None = None
@@ -309,7 +312,7 @@ class UserLibrary:
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
         _check_key(key)
-        data = serialize(value, what=f"value for key {key!r}", limit=self._max_payload_bytes)
+        data = serialize(value, what=f"value for key {key!r}", limit=self._max_value_bytes)
         with telemetry.span("kvs put", attributes={"cloudburst.key": key}):
             started = time.monotonic()
             self._bridge.run(self._kvs.put(key, lww(data, self._clock)), f"put_object({key!r})")

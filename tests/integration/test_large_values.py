@@ -20,6 +20,12 @@ def digest(_: Any, data: bytes) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+def store_large(cloudburst: Any, key: str, size: int) -> tuple[int, str]:
+    data = big(size)
+    cloudburst.put_object(key, data)
+    return digest(cloudburst, cloudburst.get_object(key))
+
+
 def big(size: int) -> bytes:
     return bytes(range(256)) * (size // 256)
 
@@ -37,6 +43,10 @@ def test_a_value_over_a_message_goes_through_a_cluster_and_into_a_function(
         ref = CloudburstReference("large/model")
         assert summarize(ref).get(timeout=120) == expected
         assert summarize(ref).get(timeout=120) == expected  # again (now cached there)
+        writer = cloud.register(store_large, "store_large")
+        written = writer("large/written", 24 * MIB).get(timeout=120)
+        assert written == (24 * MIB, hashlib.sha256(big(24 * MIB)).hexdigest())
+        assert cloud.get_object("large/written") == big(24 * MIB)
         cloud.put_object("large/model", value[: 20 * MIB])
         half = value[: 20 * MIB]
         assert summarize(ref).get(timeout=120) == (len(half), hashlib.sha256(half).hexdigest())
