@@ -9,6 +9,7 @@ package cloudburstv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -40,8 +41,11 @@ type ExecuteFunctionRequest struct {
 	TraceContext map[string]string `protobuf:"bytes,7,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// The serializers the caller accepts for the result, in order of preference; empty accepts all.
 	AcceptSerializers []Serializer `protobuf:"varint,8,rep,packed,name=accept_serializers,json=acceptSerializers,proto3,enum=cloudburst.v1.Serializer" json:"accept_serializers,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// When the caller stops waiting; once it has passed, the function's next user-library call
+	// raises. Unset: the executor's own call timeout from when the call arrived.
+	DeadlineTime  *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=deadline_time,json=deadlineTime,proto3" json:"deadline_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecuteFunctionRequest) Reset() {
@@ -126,6 +130,13 @@ func (x *ExecuteFunctionRequest) GetTraceContext() map[string]string {
 func (x *ExecuteFunctionRequest) GetAcceptSerializers() []Serializer {
 	if x != nil {
 		return x.AcceptSerializers
+	}
+	return nil
+}
+
+func (x *ExecuteFunctionRequest) GetDeadlineTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeadlineTime
 	}
 	return nil
 }
@@ -1092,7 +1103,7 @@ var File_cloudburst_v1_executor_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\n" +
-	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a\x19cloudburst/v1/value.proto\"\xed\x03\n" +
+	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x04\n" +
 	"\x16ExecuteFunctionRequest\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12#\n" +
 	"\rfunction_name\x18\x02 \x01(\tR\ffunctionName\x12)\n" +
@@ -1101,7 +1112,8 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\fresponse_key\x18\x05 \x01(\tR\vresponseKey\x12'\n" +
 	"\x0fdirect_response\x18\x06 \x01(\bR\x0edirectResponse\x12\\\n" +
 	"\rtrace_context\x18\a \x03(\v27.cloudburst.v1.ExecuteFunctionRequest.TraceContextEntryR\ftraceContext\x12H\n" +
-	"\x12accept_serializers\x18\b \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x1a?\n" +
+	"\x12accept_serializers\x18\b \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x12?\n" +
+	"\rdeadline_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\fdeadlineTime\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"K\n" +
@@ -1201,39 +1213,41 @@ var file_cloudburst_v1_executor_service_proto_goTypes = []any{
 	nil,                               // 16: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
 	(*Argument)(nil),                  // 17: cloudburst.v1.Argument
 	(Serializer)(0),                   // 18: cloudburst.v1.Serializer
-	(*Outcome)(nil),                   // 19: cloudburst.v1.Outcome
-	(*Trigger)(nil),                   // 20: cloudburst.v1.Trigger
+	(*timestamppb.Timestamp)(nil),     // 19: google.protobuf.Timestamp
+	(*Outcome)(nil),                   // 20: cloudburst.v1.Outcome
+	(*Trigger)(nil),                   // 21: cloudburst.v1.Trigger
 }
 var file_cloudburst_v1_executor_service_proto_depIdxs = []int32{
 	17, // 0: cloudburst.v1.ExecuteFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
 	16, // 1: cloudburst.v1.ExecuteFunctionRequest.trace_context:type_name -> cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
 	18, // 2: cloudburst.v1.ExecuteFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
-	19, // 3: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
-	5,  // 4: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
-	20, // 5: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
-	6,  // 6: cloudburst.v1.StreamTriggersRequest.expect_result:type_name -> cloudburst.v1.ExpectResult
-	0,  // 7: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
-	7,  // 8: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
-	1,  // 9: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
-	14, // 10: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
-	4,  // 11: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
-	19, // 12: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
-	15, // 13: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
-	0,  // 14: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
-	2,  // 15: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
-	8,  // 16: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
-	10, // 17: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
-	12, // 18: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
-	1,  // 19: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
-	3,  // 20: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
-	9,  // 21: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
-	11, // 22: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
-	13, // 23: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
-	19, // [19:24] is the sub-list for method output_type
-	14, // [14:19] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	19, // 3: cloudburst.v1.ExecuteFunctionRequest.deadline_time:type_name -> google.protobuf.Timestamp
+	20, // 4: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
+	5,  // 5: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
+	21, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
+	6,  // 7: cloudburst.v1.StreamTriggersRequest.expect_result:type_name -> cloudburst.v1.ExpectResult
+	0,  // 8: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
+	7,  // 9: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
+	1,  // 10: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
+	14, // 11: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
+	4,  // 12: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
+	20, // 13: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
+	15, // 14: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
+	0,  // 15: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
+	2,  // 16: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
+	8,  // 17: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
+	10, // 18: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
+	12, // 19: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
+	1,  // 20: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
+	3,  // 21: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
+	9,  // 22: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
+	11, // 23: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
+	13, // 24: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
+	20, // [20:25] is the sub-list for method output_type
+	15, // [15:20] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_executor_service_proto_init() }
