@@ -98,6 +98,9 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
             "BatchDeleteValues",
             "ListKeys",
             "WatchValues",
+            "GetValueChunks",
+            "PutValueChunks",
+            "GetLimits",
         )
     },
     "/cloudburst.v1.DiagnosticsService/GetCallTiming": _ADMIN,
@@ -108,7 +111,9 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 #: Methods any authenticated caller may use.
 ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
 
-_KVS_WRITES = frozenset({_K + "PutValue", _K + "DeleteValue", _K + "BatchDeleteValues"})
+_KVS_WRITES = frozenset(
+    {_K + "PutValue", _K + "PutValueChunks", _K + "DeleteValue", _K + "BatchDeleteValues"}
+)
 #: Serializers a restricted invoker may send: none of them runs code when read.
 SAFE_SERIALIZERS = frozenset(
     {value_pb2.SERIALIZER_BYTES, value_pb2.SERIALIZER_STRING, value_pb2.SERIALIZER_JSON}
@@ -168,6 +173,8 @@ def _values_of_request(method: str, request: Any) -> Iterable[value_pb2.Value]:
         elif request.HasField("call_dag"):
             for argument_list in request.call_dag.function_arguments.values():
                 yield from _values_of_arguments(argument_list.arguments)
+    elif name == "PutValueChunks" and request.HasField("put"):  # the first frame
+        yield request.put.lattice.lww.value
     elif name == "PutValue":
         lattice: lattice_pb2.Lattice = request.lattice
         if lattice.HasField("lww"):
@@ -183,8 +190,12 @@ def check_request(method: str, identity: Identity, request: Any) -> None:
     read it; a restricted invoker's values must use a serializer that runs no
     code when read.
     """
-    if method.startswith(_K) and hasattr(request, "keyspace"):
-        if request.keyspace == lattice_pb2.KEYSPACE_SYSTEM:
+    if method == _K + "PutValueChunks" and request.HasField("put"):
+        keyspace = request.put.keyspace  # the first frame names the key; chunks name nothing
+    else:
+        keyspace = getattr(request, "keyspace", None)
+    if method.startswith(_K) and keyspace is not None:
+        if keyspace == lattice_pb2.KEYSPACE_SYSTEM:
             allowed = _SYSTEM_WRITERS if method in _KVS_WRITES else _SYSTEM_READERS
             if identity.role not in allowed:
                 action = "writing" if method in _KVS_WRITES else "reading"
