@@ -10,14 +10,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import UnavailableError
 from cloudburst.future import CloudburstFuture
-from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
-from harness import CbgrpcProcess
+from harness import CbgrpcProcess, wait_for_pool
 
 #: The bound the fault suite holds every call to once a node is lost (seconds).
 BOUND = 5.0
@@ -71,22 +69,12 @@ def pool_of(
 
     Only executors work may be placed on are listed (not those set aside).
     """
-    deadline = time.monotonic() + timeout
-    version = 0
-    with grpc.insecure_channel(scheduler) as channel:
-        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"the scheduler's pool never matched (version {version})")
-            response = stub.ListExecutors(
-                scheduler_service_pb2.ListExecutorsRequest(min_version=version),
-                timeout=min(remaining, 20),
-            )
-            pool = {e.executor_id: set(e.pinned_functions) for e in response.executors}
-            if predicate(pool):
-                return pool
-            version = response.version
+    response = wait_for_pool(
+        scheduler,
+        lambda r: predicate({e.executor_id: set(e.pinned_functions) for e in r.executors}),
+        timeout,
+    )
+    return {e.executor_id: set(e.pinned_functions) for e in response.executors}
 
 
 def process_of(executors: list[CbgrpcProcess], executor_id: str) -> CbgrpcProcess:

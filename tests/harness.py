@@ -19,10 +19,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+
+from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst_grpc.local import Node
 
@@ -390,3 +393,39 @@ class ConsulAgent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def wait_for_pool(
+    scheduler: str,
+    predicate: Callable[[scheduler_service_pb2.ListExecutorsResponse], bool],
+    timeout: float = 60.0,
+) -> scheduler_service_pb2.ListExecutorsResponse:
+    """Block on the scheduler's ListExecutors until its answer satisfies ``predicate``.
+
+    Each call waits for the pool's next version, so nothing polls; only
+    executors that work may be placed on are listed (not those set aside).
+    """
+    deadline = time.monotonic() + timeout
+    version = 0
+    with grpc.insecure_channel(scheduler) as channel:
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the scheduler's pool never matched (version {version})")
+            response = stub.ListExecutors(
+                scheduler_service_pb2.ListExecutorsRequest(min_version=version),
+                timeout=min(remaining, 20),
+            )
+            if predicate(response):
+                return response
+            version = response.version
+
+
+def executors_of(
+    scheduler: str, predicate: Callable[[set[str]], bool], timeout: float = 60.0
+) -> scheduler_service_pb2.ListExecutorsResponse:
+    """Wait until the set of the scheduler's executor addresses satisfies ``predicate``."""
+    return wait_for_pool(
+        scheduler, lambda response: predicate({e.address for e in response.executors}), timeout
+    )

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import UnavailableError
-from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
-from harness import CbgrpcProcess, ConsulAgent, consul_binary, free_ports
+from harness import CbgrpcProcess, ConsulAgent, consul_binary, executors_of, free_ports
 
 #: Fast health checks so failures are noticed within seconds.
 CHECK = ["--consul-check-interval", "1"]
@@ -62,25 +60,6 @@ def cluster(consul: ConsulAgent) -> Iterator[Cluster]:
         yield procs
     finally:
         procs.close()
-
-
-def executors_of(scheduler: str, predicate: Callable[[set[str]], bool], timeout: float = 60) -> Any:
-    """Wait (blocking on the scheduler's ListExecutors) until its pool satisfies ``predicate``."""
-    deadline = time.monotonic() + timeout
-    version = 0
-    with grpc.insecure_channel(scheduler) as channel:
-        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"the scheduler's pool never matched (last version {version})")
-            response = stub.ListExecutors(
-                scheduler_service_pb2.ListExecutorsRequest(min_version=version),
-                timeout=min(remaining, 20),
-            )
-            if predicate({e.address for e in response.executors}):
-                return response
-            version = response.version
 
 
 def where(cloudburst: Any, _: int) -> str:

@@ -23,16 +23,20 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
-from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
-from harness import ROOT, CbgrpcProcess, ConsulAgent, ServeProcess, consul_binary
+from harness import (
+    ROOT,
+    CbgrpcProcess,
+    ConsulAgent,
+    ServeProcess,
+    consul_binary,
+    executors_of,
+)
 
 HERE = Path(__file__).resolve().parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -91,7 +95,8 @@ def consul_cluster() -> Iterator[tuple[ConsulAgent, CbgrpcProcess]]:
             procs.append(CbgrpcProcess("executor", "--id", name, env=env))
         scheduler = CbgrpcProcess("scheduler", env=env)
         procs.append(scheduler)
-        wait_for_pool(scheduler.address, {p.address for p in procs[1:3]})
+        wanted = {p.address for p in procs[1:3]}
+        executors_of(scheduler.address, lambda pool: pool == wanted)
         agent.wait(
             "/v1/health/service/cloudburst-scheduler?passing=true",
             lambda body: len(body) == 1,
@@ -101,25 +106,6 @@ def consul_cluster() -> Iterator[tuple[ConsulAgent, CbgrpcProcess]]:
         for proc in reversed(procs):
             proc.kill()
         agent.stop()
-
-
-def wait_for_pool(scheduler: str, wanted: set[str], timeout: float = 60.0) -> None:
-    """Block on the scheduler's ListExecutors until its pool is ``wanted``."""
-    deadline = time.monotonic() + timeout
-    version = 0
-    with grpc.insecure_channel(scheduler) as channel:
-        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"the scheduler's pool never became {wanted}")
-            response = stub.ListExecutors(
-                scheduler_service_pb2.ListExecutorsRequest(min_version=version),
-                timeout=min(remaining, 20),
-            )
-            if {e.address for e in response.executors} == wanted:
-                return
-            version = response.version
 
 
 @pytest.mark.parametrize(

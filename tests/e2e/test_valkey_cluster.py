@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +24,9 @@ from cloudburst.v1 import (
     kvs_service_pb2,
     kvs_service_pb2_grpc,
     lattice_pb2,
-    scheduler_service_pb2,
-    scheduler_service_pb2_grpc,
     value_pb2,
 )
-from harness import CbgrpcProcess, ConsulAgent, consul_binary
+from harness import CbgrpcProcess, ConsulAgent, consul_binary, executors_of
 from valkey_cluster import ValkeyCluster
 
 HERE = Path(__file__).resolve().parent
@@ -37,25 +34,6 @@ GUIDE = HERE / "data" / "function-execution.md"
 
 #: Fast health checks so failures are noticed within seconds.
 CHECK = ["--consul-check-interval", "1"]
-
-
-def executors_of(scheduler: str, predicate: Any, timeout: float = 60) -> Any:
-    """Wait (blocking on the scheduler's ListExecutors) until its pool satisfies ``predicate``."""
-    deadline = time.monotonic() + timeout
-    version = 0
-    with grpc.insecure_channel(scheduler) as channel:
-        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"the scheduler's pool never matched (last version {version})")
-            response = stub.ListExecutors(
-                scheduler_service_pb2.ListExecutorsRequest(min_version=version),
-                timeout=min(remaining, 20),
-            )
-            if predicate({e.address for e in response.executors}):
-                return response
-            version = response.version
 
 
 @pytest.fixture(scope="module")
