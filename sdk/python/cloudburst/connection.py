@@ -14,6 +14,7 @@ import random
 import sys
 import sysconfig
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -72,6 +73,34 @@ _WRITES_REMEMBERED = 4096
 RESULT_STORE_SECONDS = 10.0
 
 
+CONSUL_DEFAULT_PORTS = {"http": 8500, "https": 8501}
+"""The ports a Consul agent serves its HTTP API on when an address names none."""
+
+
+def consul_base_url(consul_address: str) -> str:
+    """Return ``scheme://host:port`` for a Consul agent given as ``host[:port]`` or a URL.
+
+    The scheme defaults to ``http``; the port to Consul's own default for the
+    scheme (8500 for ``http``, 8501 for ``https``), never to the web's 80/443.
+
+    Raises:
+        UnavailableError: the address is not ``host[:port]`` or ``scheme://host[:port]``.
+    """
+    text = consul_address.strip()
+    parsed = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if parsed.scheme not in CONSUL_DEFAULT_PORTS or not parsed.hostname or port == -1:
+        raise UnavailableError(
+            f"{consul_address!r} is not a Consul address; give host:port or "
+            "http(s)://host:port, as in consul://127.0.0.1:8500"
+        )
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{parsed.scheme}://{host}:{port or CONSUL_DEFAULT_PORTS[parsed.scheme]}"
+
+
 def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
     """Return the addresses of the passing schedulers registered in Consul, in random order.
 
@@ -81,7 +110,7 @@ def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
     Raises:
         UnavailableError: Consul cannot be reached or knows no passing scheduler.
     """
-    base = consul_address if "://" in consul_address else f"http://{consul_address}"
+    base = consul_base_url(consul_address)
     url = f"{base.rstrip('/')}/v1/health/service/{SCHEDULER_SERVICE}?passing=true"
     request = urllib.request.Request(url)
     token = os.environ.get("CONSUL_HTTP_TOKEN")

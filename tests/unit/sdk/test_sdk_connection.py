@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cloudburst.connection import parse_address
-from cloudburst.errors import InvalidArgumentError
+from cloudburst.connection import consul_base_url, parse_address
+from cloudburst.errors import InvalidArgumentError, UnavailableError
 from cloudburst.transport import DEFAULT_PORT
 
 
@@ -57,3 +57,23 @@ def test_non_string_address_raises_invalid_argument() -> None:
 def test_bad_port_after_bracketed_ipv6_raises_invalid_argument(address: str) -> None:
     with pytest.raises(InvalidArgumentError):
         parse_address(address)
+
+
+@pytest.mark.parametrize(
+    ("address", "base"),
+    [
+        ("127.0.0.1:8500", "http://127.0.0.1:8500"),
+        ("consul.internal", "http://consul.internal:8500"),
+        ("https://consul.internal", "https://consul.internal:8501"),
+        ("http://10.0.0.5:18500/", "http://10.0.0.5:18500"),
+        ("[::1]", "http://[::1]:8500"),
+    ],
+)
+def test_consul_address_defaults_to_consuls_ports(address: str, base: str) -> None:
+    assert consul_base_url(address) == base
+
+
+@pytest.mark.parametrize("address", ["", "ftp://consul", "consul:notaport", "http://"])
+def test_bad_consul_address_names_the_expected_form(address: str) -> None:
+    with pytest.raises(UnavailableError, match="host:port"):
+        consul_base_url(address)
