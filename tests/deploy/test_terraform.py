@@ -460,6 +460,10 @@ def test_rendered_commands_use_only_flags_the_cli_accepts(rendered: Rendered, ro
         flags = {arg for arg in command[2:] if arg.startswith("--")}
         unknown = flags - accepted_flags(role)
         assert not unknown, f"flags `cbgrpc {role} --help` does not list: {unknown}"
+        # Secrets (the Valkey URL holds its AUTH token) come from the environment file: a
+        # command line is readable by every user of the host through /proc.
+        assert "--valkey-url" not in flags, command
+        assert not any("${" in arg for arg in command), command
 
 
 def loopback_argv(command: list[str], env: dict[str, str]) -> list[str]:
@@ -663,7 +667,7 @@ def start_loopback(
             "CONSUL_HTTP_TOKEN": params[f"{PREFIX}/consul/token/{role}"],
         }
         if role == "kvs":  # what the boot script writes: the Valkey cluster's URL
-            role_env["VALKEY_URL"] = valkey_url
+            role_env["CBGRPC_KVS_VALKEY_URL"] = valkey_url
         argv = loopback_argv(exec_start(out["units"][f"cloudburst-{role}.service"]), role_env)
         process = cluster.start(argv, role_env, role, "listening on")
         if role == "kvs":  # it stores into the Valkey cluster, as --engine valkey says

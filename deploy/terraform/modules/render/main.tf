@@ -103,7 +103,7 @@ locals {
 
   # The command line. The KVS stores lattices in Valkey; --engine/--valkey-url are the KVS
   # engine's flags, and the URL (with its credentials) comes from the environment file.
-  engine_args = var.role == "kvs" && var.valkey.enabled ? ["--engine", "valkey", "--valkey-url", "$${VALKEY_URL}"] : []
+  engine_args = var.role == "kvs" && var.valkey.enabled ? ["--engine", "valkey"] : []
   # Security flags: certificate files written by the boot script, or an explicit --insecure.
   tls_dir = "${var.paths.config_dir}/tls"
   tls_files = local.is_server || var.tls_mode != "files" ? [] : concat(

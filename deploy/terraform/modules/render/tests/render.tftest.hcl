@@ -146,11 +146,11 @@ run "kvs_on_valkey" {
   }
 
   assert {
-    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "kvs", "--config", "/etc/cloudburst-grpc/kvs.toml", "--engine", "valkey", "--valkey-url", "$${VALKEY_URL}", "--insecure"])
+    condition     = jsonencode(output.command) == jsonencode(["/opt/cloudburst-grpc/bin/cbgrpc", "kvs", "--config", "/etc/cloudburst-grpc/kvs.toml", "--engine", "valkey", "--insecure"])
     error_message = "command: ${jsonencode(output.command)}"
   }
   assert {
-    condition     = strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "VALKEY_URL=rediss://:%s@%s:%s") && strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "'clustercfg.demo.abc123.euw1.cache.amazonaws.com' '6379'")
+    condition     = strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "CBGRPC_KVS_VALKEY_URL=rediss://:%s@%s:%s") && strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "'clustercfg.demo.abc123.euw1.cache.amazonaws.com' '6379'")
     error_message = "the boot script writes a TLS Valkey URL with the auth token"
   }
   assert {
