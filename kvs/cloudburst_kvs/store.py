@@ -43,11 +43,11 @@ from cloudburst.errors import (
     CloudburstError,
     InvalidArgumentError,
     PayloadTooLargeError,
-    QueueFullError,
     UnavailableError,
 )
 from cloudburst.v1 import lattice_pb2
 from cloudburst_kvs import lattices
+from cloudburst_kvs.backlog import Backlog
 from cloudburst_kvs.storage import Row, StorageEngine
 
 logger = logging.getLogger(__name__)
@@ -133,12 +133,6 @@ class _Write:
     done: asyncio.Future[None] | None  # None when the engine is not durable
 
 
-class _End(NamedTuple):
-    """Marks the end of a watch stream, with the error that ended it, if any."""
-
-    error: CloudburstError | None
-
-
 class Subscription:
     """The changes to a set of keys and/or a key prefix, as an async iterator of WatchEvent.
 
@@ -161,50 +155,22 @@ class Subscription:
         self.keys = keys
         self.prefix = prefix
         self._store = store
-        self._max_queued = max_queued
-        # Unbounded on purpose: _offer bounds it at `max_queued` itself, so the end
-        # marker always fits even when the backlog is full.
-        self._queue: asyncio.Queue[WatchEvent | _End] = asyncio.Queue()
-        self._ended = False
+        self._backlog: Backlog[WatchEvent] = Backlog(max_queued, self._stop_listening)
+
+    def _stop_listening(self, drop_backlog: bool) -> None:
+        self._store._unsubscribe(self)
 
     def _offer(self, event: WatchEvent) -> None:
-        if self._ended:
-            return
-        if self._queue.qsize() >= self._max_queued:
-            self._end(
-                QueueFullError(
-                    f"the watch fell more than {self._max_queued} changes behind and was ended; "
-                    "read the changes faster, then watch again and re-read the keys",
-                    {"limit": str(self._max_queued)},
-                ),
-                drop_backlog=True,
-            )
-            return
-        self._queue.put_nowait(event)
+        self._backlog.offer(event)
 
     def _end(self, error: CloudburstError | None, *, drop_backlog: bool) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        self._store._unsubscribe(self)
-        if drop_backlog:
-            # The point of ending a slow watcher is to free its backlog now.
-            while not self._queue.empty():
-                self._queue.get_nowait()
-        self._queue.put_nowait(_End(error))
+        self._backlog.end(error, drop_backlog=drop_backlog)
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> WatchEvent:
-        item = await self._queue.get()
-        if isinstance(item, _End):
-            # Leave an error-free end marker so later calls stop instead of blocking.
-            self._queue.put_nowait(_End(None))
-            if item.error is not None:
-                raise item.error
-            raise StopAsyncIteration
-        return item
+        return await self._backlog.next()
 
     async def aclose(self) -> None:
         """Stop watching; events not yet read are dropped. Idempotent."""

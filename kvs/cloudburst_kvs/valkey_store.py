@@ -68,7 +68,6 @@ from cloudburst.errors import (
     InvalidArgumentError,
     LatticeTypeMismatchError,
     PayloadTooLargeError,
-    QueueFullError,
     UnavailableError,
 )
 from cloudburst.v1 import lattice_pb2
@@ -76,6 +75,7 @@ from cloudburst_grpc import telemetry
 from cloudburst_kvs import lattices
 from cloudburst_kvs import valkey_codec as codec
 from cloudburst_kvs import valkey_functions as functions
+from cloudburst_kvs.backlog import Backlog
 from cloudburst_kvs.store import (
     WATCH_QUEUE_LIMIT,
     WatchEvent,
@@ -702,10 +702,6 @@ class _Relist(NamedTuple):
     prefix: str
 
 
-class _End(NamedTuple):
-    error: CloudburstError | None
-
-
 class ValkeyWatch:
     """The changes to watched keys, as an async iterator of WatchEvent.
 
@@ -726,10 +722,15 @@ class ValkeyWatch:
         self.keys = keys
         self.prefix = prefix
         self._store = store
-        self._max_queued = max_queued
-        self._queue: asyncio.Queue[WatchEvent | _Reread | _Relist | _End] = asyncio.Queue()
+        self._backlog: Backlog[WatchEvent | _Reread | _Relist] = Backlog(
+            max_queued, self._stop_listening
+        )
         self._pending: collections.deque[WatchEvent | _Reread] = collections.deque()
-        self._ended = False
+
+    def _stop_listening(self, drop_backlog: bool) -> None:
+        self._store._forget(self)
+        if drop_backlog:
+            self._pending.clear()
 
     def channels(self) -> set[bytes]:
         """The channels this watch listens on."""
@@ -741,7 +742,7 @@ class ValkeyWatch:
         return key in self.keys or (bool(self.prefix) and key.startswith(self.prefix))
 
     def _on_change(self, change: codec.Change | None) -> None:
-        if self._ended:
+        if self._backlog.ended:
             return
         if change is None:
             # Re-subscribed after a lost connection: anything may have changed.
@@ -760,28 +761,10 @@ class ValkeyWatch:
             self._offer(_Reread(change.key))
 
     def _offer(self, item: WatchEvent | _Reread | _Relist) -> None:
-        if self._queue.qsize() >= self._max_queued:
-            self._end(
-                QueueFullError(
-                    f"the watch fell more than {self._max_queued} changes behind and was ended; "
-                    "read the changes faster, then watch again and re-read the keys",
-                    {"limit": str(self._max_queued)},
-                ),
-                drop_backlog=True,
-            )
-            return
-        self._queue.put_nowait(item)
+        self._backlog.offer(item)
 
     def _end(self, error: CloudburstError | None, *, drop_backlog: bool) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        self._store._forget(self)
-        if drop_backlog:
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self._pending.clear()
-        self._queue.put_nowait(_End(error))
+        self._backlog.end(error, drop_backlog=drop_backlog)
 
     def __aiter__(self) -> ValkeyWatch:
         return self
@@ -789,14 +772,9 @@ class ValkeyWatch:
     async def __anext__(self) -> WatchEvent:
         while True:
             if self._pending:
-                item: WatchEvent | _Reread | _Relist | _End = self._pending.popleft()
+                item: WatchEvent | _Reread | _Relist = self._pending.popleft()
             else:
-                item = await self._queue.get()
-            if isinstance(item, _End):
-                self._queue.put_nowait(_End(None))
-                if item.error is not None:
-                    raise item.error
-                raise StopAsyncIteration
+                item = await self._backlog.next()
             if isinstance(item, WatchEvent):
                 return item
             if isinstance(item, _Relist):
