@@ -117,6 +117,19 @@ def _security(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with Consul: let its intentions decide which services may call this one",
     )
+    group.add_argument(
+        "--tls-source",
+        choices=["files", "consul"],
+        help="where this service's certificate comes from: files (--tls-cert, --tls-key, "
+        "--tls-ca; the default) or consul (Consul's service-mesh CA signs it, renewed "
+        "and rotated without a restart)",
+    )
+    group.add_argument(
+        "--consul-grpc",
+        metavar="ADDRESS",
+        help="Consul's gRPC API for --tls-source consul: HOST:PORT, or https://HOST:PORT for "
+        "TLS (default: the Consul host, port 8502)",
+    )
 
 
 def _storage(parser: argparse.ArgumentParser, valkey: bool = False) -> None:
@@ -475,6 +488,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "tokens_file": get("tokens_file"),
             "insecure": get("insecure"),
             "consul_intentions": get("consul_intentions"),
+            "tls_source": get("tls_source"),
+            "consul_grpc_address": get("consul_grpc"),
         },
     }
     return load_config(get("config"), overrides)

@@ -203,11 +203,18 @@ class SecurityConfig:
     """Refused calls a peer address may cause per minute before it is refused outright."""
     consul_intentions: bool = False
     """Also ask the Consul agent (intentions) whether a calling service may reach this one."""
+    tls_source: str = "files"
+    """Where certificates come from: ``files`` (tls_cert, tls_key, tls_ca) or ``consul``
+    (Consul's service-mesh CA signs this service's certificate; needs consul.address)."""
+    consul_grpc_address: str = ""
+    """Consul's gRPC API for ``tls_source = "consul"``: ``host:port`` (plaintext) or
+    ``https://host:port`` (TLS, trusting consul.ca_file). Default: consul.address's host
+    and port 8502, or 8503 over TLS when consul.address is https."""
 
     @property
     def tls(self) -> bool:
         """Whether TLS is configured."""
-        return bool(self.tls_cert)
+        return bool(self.tls_cert) or self.tls_source == "consul"
 
 
 @dataclass(frozen=True)
@@ -308,6 +315,19 @@ class Config:
                 "tokens must not travel in clear",
             ),
             (self.security.max_auth_failures >= 1, "security.max_auth_failures must be at least 1"),
+            (
+                self.security.tls_source in ("files", "consul"),
+                "security.tls_source must be 'files' or 'consul'",
+            ),
+            (
+                self.security.tls_source != "consul" or self.consul.enabled,
+                "security.tls_source 'consul' needs consul.address (--consul or CONSUL_HTTP_ADDR)",
+            ),
+            (
+                self.security.tls_source != "consul" or not self.security.tls_cert,
+                "security.tls_source 'consul' takes its certificates from Consul: "
+                "leave out tls_cert, tls_key and tls_ca",
+            ),
             (
                 not self.security.consul_intentions or (self.security.tls and self.consul.enabled),
                 "security.consul_intentions needs TLS (the caller's identity) and consul.address",

@@ -21,7 +21,7 @@ from cloudburst.rpc import call
 from cloudburst.streams import OutboxStream
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
 from cloudburst_grpc.security.identity import EXECUTOR
-from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.security.tls import CertificateSource
 from cloudburst_grpc.server import PeerChannel
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class RemoteExecutorPeer:
         max_payload_bytes: int,
         on_broken: Callable[[str, str], None] | None = None,
         *,
-        tls: TlsSource | None = None,
+        tls: CertificateSource | None = None,
         on_cache_report: Callable[[str, executor_service_pb2.CacheReport], None] | None = None,
     ) -> None:
         self._on_broken = on_broken

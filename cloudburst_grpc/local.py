@@ -54,9 +54,11 @@ from cloudburst_grpc.messaging.service import AnswerOutbox, MessagingPeers, Mess
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
-from cloudburst_grpc.security.identity import EXECUTOR, KVS
+from cloudburst_grpc.security.consul_ca import ConsulCaSource, default_grpc_address
+from cloudburst_grpc.security.identity import EXECUTOR, KVS, SCHEDULER, role_dns_name
 from cloudburst_grpc.security.intentions import IntentionCheck
 from cloudburst_grpc.security.node import NodeSecurity
+from cloudburst_grpc.security.tls import CertificateSource, TlsError
 from cloudburst_grpc.server import (
     bind,
     create_server,
@@ -178,10 +180,49 @@ async def _serve(node: Node, services: list[str]) -> None:
         await node.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
+async def _consul_certificates(
+    config: Config, role: str, service: str, stack: contextlib.AsyncExitStack
+) -> ConsulCaSource | None:
+    """With ``security.tls_source = "consul"``: this node's certificate from Consul's CA.
+
+    The certificate names the role's DNS name (which peers verify), the
+    advertised and bound hosts and loopback; it is renewed and follows CA
+    rotations until the node stops.
+
+    Raises:
+        ConfigError: No certificate before the start deadline; the message says why.
+    """
+    security = config.security
+    if security.tls_source != "consul" or not config.consul.enabled:
+        return None
+    client = ConsulClient(config.consul)
+    stack.push_async_callback(client.close)
+    host = config.server.host
+    hosts = [role_dns_name(role, security.trust_domain)]
+    if config.server.advertise_host:
+        hosts.append(config.server.advertise_host)
+    if host not in ("0.0.0.0", "::", ""):
+        hosts.append(host)
+    hosts += ["127.0.0.1", "localhost"]
+    source = ConsulCaSource(
+        client,
+        service,
+        hosts,
+        security.consul_grpc_address or default_grpc_address(config.consul),
+        security.trust_domain,
+    )
+    try:
+        await source.start()
+    except TlsError as exc:
+        raise ConfigError(f"security: {exc}") from None
+    stack.push_async_callback(source.close)
+    return source
+
+
 def _new_server(
-    config: Config, role: str
+    config: Config, role: str, certificates: CertificateSource | None = None
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int, NodeSecurity]:
-    security = NodeSecurity.from_config(config.security)
+    security = NodeSecurity.from_config(config.security, certificates)
     security.check_bind(config.server.host)
     server, health_servicer = create_server(config.server.max_payload_bytes, security.interceptor())
     port = bind(server, config.server.host, config.server.port, security.server_credentials(role))
@@ -384,7 +425,8 @@ async def start_kvs_node(config: Config, kvs_id: str | None = None) -> Node:
     stack = contextlib.AsyncExitStack()
     try:
         store = await _open_backend(config, stack)
-        server, health_servicer, port, security = _new_server(config, KVS)
+        certificates = await _consul_certificates(config, KVS, KVS_SERVICE, stack)
+        server, health_servicer, port, security = _new_server(config, KVS, certificates)
         node = Node(
             "kvs", server, health_servicer, port, config.server.host, config, stack, store=store
         )
@@ -410,7 +452,8 @@ async def start_executor_node(
     """
     stack = contextlib.AsyncExitStack()
     try:
-        server, health_servicer, port, security = _new_server(config, EXECUTOR)
+        certificates = await _consul_certificates(config, EXECUTOR, EXECUTOR_SERVICE, stack)
+        server, health_servicer, port, security = _new_server(config, EXECUTOR, certificates)
         node = Node("executor", server, health_servicer, port, config.server.host, config, stack)
         node.security = security
         consul = await _consul(node)
@@ -474,7 +517,8 @@ async def start_scheduler_node(
     """
     stack = contextlib.AsyncExitStack()
     try:
-        server, health_servicer, port, security = _new_server(config, "scheduler")
+        certificates = await _consul_certificates(config, SCHEDULER, SCHEDULER_SERVICE, stack)
+        server, health_servicer, port, security = _new_server(config, SCHEDULER, certificates)
         node = Node("scheduler", server, health_servicer, port, config.server.host, config, stack)
         node.security = security
         consul = await _consul(node)

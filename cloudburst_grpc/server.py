@@ -14,7 +14,7 @@ from cloudburst_grpc import reflection, telemetry
 from cloudburst_grpc.interceptors import ErrorMappingInterceptor
 
 if TYPE_CHECKING:
-    from cloudburst_grpc.security.tls import TlsSource
+    from cloudburst_grpc.security.tls import CertificateSource
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def insecure_channel(address: str, max_payload_bytes: int) -> grpc.aio.Channel:
 
 
 def peer_channel(
-    address: str, max_payload_bytes: int, tls: TlsSource | None, role: str
+    address: str, max_payload_bytes: int, tls: CertificateSource | None, role: str
 ) -> grpc.aio.Channel:
     """A channel to a peer service of ``role``: mutual TLS when ``tls`` is given.
 
@@ -59,7 +59,7 @@ class PeerChannel(Generic[Stub]):
         self,
         address: str,
         max_payload_bytes: int,
-        tls: TlsSource | None,
+        tls: CertificateSource | None,
         role: str,
         stub_type: Callable[[grpc.aio.Channel], Stub],
     ) -> None:

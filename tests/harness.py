@@ -290,20 +290,22 @@ class ConsulAgent:
 
     ATTEMPTS = 3
 
-    def __init__(self, binary: str, http_port: int | None = None) -> None:
+    def __init__(self, binary: str, http_port: int | None = None, grpc: bool = False) -> None:
+        """Start the agent; with ``grpc``, also its plaintext gRPC API (Connect CA, ...)."""
         for attempt in range(self.ATTEMPTS):
             try:
-                self._start(binary, http_port)
+                self._start(binary, http_port, grpc)
                 return
             except RuntimeError as exc:
                 in_use = "address already in use" in str(exc)
                 if not in_use or http_port is not None or attempt == self.ATTEMPTS - 1:
                     raise
 
-    def _start(self, binary: str, http_port: int | None) -> None:
-        ports = free_ports(4)
+    def _start(self, binary: str, http_port: int | None, grpc: bool) -> None:
+        ports = free_ports(5)
         self.http_port = http_port or ports[0]
         self.address = f"127.0.0.1:{self.http_port}"
+        self.grpc_address = f"127.0.0.1:{ports[4]}" if grpc else ""
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -316,7 +318,7 @@ class ConsulAgent:
                 "-http-port",
                 str(self.http_port),
                 "-grpc-port",
-                "-1",
+                str(ports[4]) if grpc else "-1",
                 "-grpc-tls-port",
                 "-1",
                 "-dns-port",

@@ -1,7 +1,9 @@
 """Generate the Python code for protos/ into sdk/python/cloudburst/v1.
 
 Also writes cloudburst_grpc/cloudburst_v1.binpb, the descriptor set with source
-information (comments) that the servers' reflection serves. Run from anywhere:
+information (comments) that the servers' reflection serves, and the Python code
+for the one call of Consul's gRPC API the runtime makes
+(cloudburst_grpc/security/consul_connectca.proto, beside it). Run from anywhere:
 ``python tools/gen_protos.py``. The output is committed; CI runs this script
 again and fails when ``git diff`` shows a difference.
 """
@@ -20,6 +22,8 @@ PROTOS = ROOT / "protos"
 OUT = ROOT / "sdk" / "python"
 PACKAGE = OUT / "cloudburst" / "v1"
 DESCRIPTOR_SET = ROOT / "cloudburst_grpc" / "cloudburst_v1.binpb"
+#: Consul's Connect CA call, generated beside its .proto (Python only; not part of our API).
+CONSUL_PROTO = "cloudburst_grpc/security/consul_connectca.proto"
 
 INIT = '''"""Generated gRPC and protobuf code for the cloudburst.v1 API (do not edit).
 
@@ -66,6 +70,20 @@ def main() -> int:
     )
     if code != 0:
         print(f"protoc failed to write the descriptor set, exit code {code}", file=sys.stderr)
+        return int(code)
+    code = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{ROOT}",
+            f"--python_out={ROOT}",
+            f"--grpc_python_out={ROOT}",
+            f"--mypy_out={ROOT}",
+            f"--mypy_grpc_out={ROOT}",
+            CONSUL_PROTO,
+        ]
+    )
+    if code != 0:
+        print(f"protoc failed on {CONSUL_PROTO}, exit code {code}", file=sys.stderr)
         return int(code)
     (PACKAGE / "__init__.py").write_text(INIT)
     (PACKAGE / "py.typed").write_text("")

@@ -162,6 +162,36 @@ class ConsulClient:
         agent = await self._consul.agent.self()
         return str(roots["TrustDomain"]), str(agent["Config"]["Datacenter"])
 
+    async def ca_roots(self, index: str | None, wait: float) -> tuple[str, dict[str, Any]]:
+        """The service-mesh CA's roots and trust domain; with ``index``, waits until they change.
+
+        Consul holds a blocking query for up to ``wait`` seconds; this call
+        gives up ten seconds after that.
+        """
+        from consul.callback import CB
+
+        params = [("index", index), ("wait", f"{max(int(wait), 1)}s")] if index else []
+        new_index, body = await asyncio.wait_for(
+            self._consul.http.get(
+                CB.json(index=True),
+                "/v1/connect/ca/roots",
+                params=params,
+                headers=self._consul.prepare_headers(None),
+            ),
+            wait + 10.0,
+        )
+        if not isinstance(body, dict) or not body.get("Roots"):
+            raise UnavailableError(
+                f"Consul at {self.where} has no service-mesh CA roots: is Connect enabled "
+                "(connect { enabled = true } on its servers)?"
+            )
+        return str(new_index), body
+
+    async def datacenter(self) -> str:
+        """The local agent's datacenter."""
+        agent = await self._consul.agent.self()
+        return str(agent["Config"]["Datacenter"])
+
     async def authorize(self, target: str, client_uri: str, client_serial: str) -> tuple[bool, str]:
         """Ask the agent whether intentions let ``client_uri`` reach service ``target``."""
         import json

@@ -23,7 +23,7 @@ from cloudburst.v1 import messaging_service_pb2, messaging_service_pb2_grpc
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.security.identity import EXECUTOR
-from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.security.tls import CertificateSource
 from cloudburst_grpc.server import PeerChannel
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class MessagingPeer:
         own_address: str = "",
         outbox: AnswerOutbox | None = None,
         *,
-        tls: TlsSource | None = None,
+        tls: CertificateSource | None = None,
     ) -> None:
         self.address = address
         self._outbox = outbox
@@ -372,7 +372,7 @@ class MessagingPeers:
         own_address: str = "",
         outbox: AnswerOutbox | None = None,
         *,
-        tls: TlsSource | None = None,
+        tls: CertificateSource | None = None,
     ) -> None:
         self._tls = tls
         self._peer_id = peer_id

@@ -18,7 +18,7 @@ from cloudburst_grpc.config import ConfigError, SecurityConfig
 from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, FailureLimiter
 from cloudburst_grpc.security.identity import EXECUTOR, KVS
 from cloudburst_grpc.security.intentions import IntentionCheck
-from cloudburst_grpc.security.tls import TlsError, TlsSource
+from cloudburst_grpc.security.tls import CertificateSource, TlsError, TlsSource
 from cloudburst_grpc.security.tokens import TokenFileError, TokenStore
 
 logger = logging.getLogger(__name__)
@@ -42,21 +42,32 @@ class NodeSecurity:
     """TLS material, tokens and authorization of one node; all off without TLS."""
 
     config: SecurityConfig
-    tls: TlsSource | None = None
+    tls: CertificateSource | None = None
     tokens: TokenStore | None = None
     _interceptor: AuthInterceptor | None = None
 
     @classmethod
-    def from_config(cls, config: SecurityConfig) -> NodeSecurity:
+    def from_config(
+        cls, config: SecurityConfig, certificates: CertificateSource | None = None
+    ) -> NodeSecurity:
         """Read the TLS and token files named in ``config``.
+
+        ``certificates`` is the source of TLS material when it does not come
+        from files (``security.tls_source = "consul"``).
 
         Raises:
             ConfigError: A file is missing or malformed; the message names it.
         """
         if not config.tls:
             return cls(config)
+        if config.tls_source == "consul" and certificates is None:
+            raise ConfigError(
+                "security.tls_source 'consul' is for the cluster's services (cbgrpc kvs, "
+                "executor, scheduler), which have Consul service names; give cbgrpc serve "
+                "certificate files"
+            )
         try:
-            tls = TlsSource(
+            tls = certificates or TlsSource(
                 Path(config.tls_cert).expanduser(),
                 Path(config.tls_key).expanduser(),
                 Path(config.tls_ca).expanduser(),

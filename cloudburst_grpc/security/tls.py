@@ -1,10 +1,12 @@
-"""TLS material from files, reloaded when the files change.
+"""TLS material, and its source of files reloaded when the files change.
 
-A :class:`TlsSource` reads a certificate chain, its key and the CA bundle
-that peers' certificates must chain to. Servers built from it take new
+A :class:`CertificateSource` holds a certificate chain, its key and the CA
+bundle that peers' certificates must chain to. Servers built from it take new
 material for new connections without a restart (gRPC's dynamic server
 credentials ask before every handshake); channels built after a change use
-the new material.
+the new material. :class:`TlsSource` reads the material from files;
+:class:`~cloudburst_grpc.security.consul_ca.ConsulCaSource` from Consul's
+service-mesh CA.
 """
 
 from __future__ import annotations
@@ -52,7 +54,69 @@ def check_material(material: TlsMaterial, what: str) -> None:
         raise TlsError(f"{what}: the key does not belong to the certificate")
 
 
-class TlsSource:
+class CertificateSource:
+    """Where a service's TLS material comes from; :meth:`current` is always consistent.
+
+    Subclasses keep :attr:`generation` increasing whenever :meth:`current`
+    returns new material.
+    """
+
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    generation: int = 1
+    _next_poll: float = 0.0
+
+    def current(self) -> TlsMaterial:
+        """The newest consistent material."""
+        raise NotImplementedError
+
+    def poll(self, interval: float = 1.0) -> int:
+        """The generation, after looking for new material at most once per ``interval`` seconds.
+
+        For hot paths that must notice a change but should not stat files on
+        every call.
+        """
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + interval
+            self.current()
+        return self.generation
+
+    def server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
+        """Server credentials that pick up new material for new connections."""
+        served = [self.generation]
+
+        def configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(material.key_pem, material.cert_pem)], root_certificates=material.ca_pem
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            material = self.current()
+            if self.generation == served[0]:
+                return None
+            served[0] = self.generation
+            return configuration(material)
+
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(self.current()),
+            fetch,  # type: ignore[arg-type]  # None means "keep", as gRPC documents
+            require_client_authentication=require_client_cert,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials of a channel to a peer: this service's certificate, the CA to trust."""
+        material = self.current()
+        return grpc.ssl_channel_credentials(material.ca_pem, material.key_pem, material.cert_pem)
+
+    def peer_name(self, role: str) -> str:
+        """The name a peer of ``role`` must prove, verified instead of the address dialled.
+
+        Service certificates carry ``<role>.<trust domain>`` as a DNS name.
+        """
+        return role_dns_name(role, self.trust_domain)
+
+
+class TlsSource(CertificateSource):
     """Certificate, key and CA read from files and re-read when they change.
 
     A change that leaves the files inconsistent (a certificate written but not
@@ -117,49 +181,3 @@ class TlsSource:
             except TlsError as exc:
                 logger.warning("keeping the current TLS certificate: %s", exc)
             return self._material
-
-    def poll(self, interval: float = 1.0) -> int:
-        """The generation, after looking at the files at most once per ``interval`` seconds.
-
-        For hot paths that must notice a change but should not stat files on
-        every call.
-        """
-        now = time.monotonic()
-        if now >= self._next_poll:
-            self._next_poll = now + interval
-            self.current()
-        return self.generation
-
-    def server_credentials(self, require_client_cert: bool) -> grpc.ServerCredentials:
-        """Server credentials that pick up new files for new connections."""
-        served = [self.generation]
-
-        def configuration(material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
-            return grpc.ssl_server_certificate_configuration(
-                [(material.key_pem, material.cert_pem)], root_certificates=material.ca_pem
-            )
-
-        def fetch() -> grpc.ServerCertificateConfiguration | None:
-            material = self.current()
-            if self.generation == served[0]:
-                return None
-            served[0] = self.generation
-            return configuration(material)
-
-        return grpc.dynamic_ssl_server_credentials(
-            configuration(self.current()),
-            fetch,  # type: ignore[arg-type]  # None means "keep", as gRPC documents
-            require_client_authentication=require_client_cert,
-        )
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Credentials of a channel to a peer: this service's certificate, the CA to trust."""
-        material = self.current()
-        return grpc.ssl_channel_credentials(material.ca_pem, material.key_pem, material.cert_pem)
-
-    def peer_name(self, role: str) -> str:
-        """The name a peer of ``role`` must prove, verified instead of the address dialled.
-
-        Service certificates carry ``<role>.<trust domain>`` as a DNS name.
-        """
-        return role_dns_name(role, self.trust_domain)

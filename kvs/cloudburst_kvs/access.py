@@ -26,7 +26,7 @@ from cloudburst_grpc.config import Config
 from cloudburst_grpc.discovery.consul import ServiceWatch
 from cloudburst_grpc.kvs_access import USER
 from cloudburst_grpc.security.identity import KVS
-from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.security.tls import CertificateSource
 from cloudburst_grpc.server import peer_channel
 from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.client import KvsClient
@@ -146,7 +146,7 @@ class KvsEndpoint:
         address: str | None,
         watch: ServiceWatch | None,
         *,
-        tls: TlsSource | None = None,
+        tls: CertificateSource | None = None,
     ) -> None:
         if address is None and watch is None:
             raise ValueError("a KVS endpoint needs an address or a Consul watch")

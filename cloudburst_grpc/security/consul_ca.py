@@ -1,0 +1,330 @@
+"""Certificates from Consul's service-mesh (Connect) CA, renewed and rotated in the background.
+
+A service makes its own key and a certificate signing request naming its
+Consul service in a SPIFFE URI (``spiffe://<trust domain>/ns/default/dc/<dc>/
+svc/cloudburst-executor``, which Consul checks against the ACL token) and the
+DNS names and addresses peers and clients dial it by (Consul copies those into
+the certificate, so gRPC clients can verify them). A Consul server signs it
+through its gRPC API (``ConnectCAService.Sign``); the CA roots and the trust
+domain come from the HTTP API (``/v1/connect/ca/roots``) with blocking
+queries, so a new root is seen at once. The leaf is signed again at half its
+lifetime and whenever the active root changes; servers and peer channels pick
+up the new material as they do changed files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cloudburst_grpc.config import ConsulConfig
+from cloudburst_grpc.discovery.consul import ConsulClient
+from cloudburst_grpc.security import consul_connectca_pb2, consul_connectca_pb2_grpc
+from cloudburst_grpc.security.identity import DEFAULT_TRUST_DOMAIN
+from cloudburst_grpc.security.tls import CertificateSource, TlsError, TlsMaterial, check_material
+
+logger = logging.getLogger(__name__)
+
+#: Consul's default gRPC ports: plaintext, and TLS.
+GRPC_PORT = 8502
+GRPC_TLS_PORT = 8503
+#: Seconds a start waits for Consul's CA before it gives up.
+START_SECONDS = 60.0
+#: Seconds one Sign call may take.
+SIGN_SECONDS = 15.0
+#: Longest blocking query on the roots, and longest pause between retries.
+WATCH_SECONDS = 30.0
+RETRY_MAX_SECONDS = 10.0
+#: The leaf is renewed once this fraction of its lifetime has passed.
+RENEW_FRACTION = 0.5
+
+
+def default_grpc_address(consul: ConsulConfig) -> str:
+    """Consul's gRPC API beside its HTTP API: the same host, port 8502 (8503 for https)."""
+    text = consul.address if "//" in consul.address else "//" + consul.address
+    parsed = urllib.parse.urlparse(text)
+    host = parsed.hostname or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    if parsed.scheme == "https" or (not parsed.scheme and consul.ssl):
+        return f"https://{host}:{GRPC_TLS_PORT}"
+    return f"{host}:{GRPC_PORT}"
+
+
+@dataclass(frozen=True)
+class Roots:
+    """The CA roots Consul reports."""
+
+    trust_domain: str
+    active_id: str
+    ca_pem: bytes
+    """Every root with its intermediates: peers' leaves from before a rotation still verify."""
+
+
+def parse_roots(body: dict[str, Any]) -> Roots:
+    """Roots from the body of ``/v1/connect/ca/roots``."""
+    pems: list[str] = []
+    for root in body.get("Roots") or []:
+        pems.append(str(root["RootCert"]).strip() + "\n")
+        pems.extend(str(cert).strip() + "\n" for cert in root.get("IntermediateCerts") or [])
+    return Roots(str(body["TrustDomain"]), str(body["ActiveRootID"]), "".join(pems).encode())
+
+
+def service_uri(trust_domain: str, datacenter: str, service: str) -> str:
+    """The SPIFFE id Consul issues to ``service`` (default namespace)."""
+    return f"spiffe://{trust_domain}/ns/default/dc/{datacenter}/svc/{service}"
+
+
+def make_csr(uri: str, hosts: Sequence[str]) -> tuple[bytes, bytes]:
+    """A new P-256 key and a CSR for it with ``uri`` and ``hosts`` (DNS names or IPs) as SANs.
+
+    Returns:
+        (key PEM, CSR PEM).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+    for host in dict.fromkeys(hosts):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _explain(exc: BaseException, grpc_address: str, service: str) -> str:
+    """A sentence for a failed request to Consul that says what to check."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return (
+                f"Consul refused to sign a certificate for {service}: the ACL token "
+                f"(consul.token / CONSUL_HTTP_TOKEN) needs service:write on {service} "
+                f"({exc.details()})"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return (
+                f"cannot reach Consul's gRPC API at {grpc_address} (a Consul server's "
+                "-grpc-port, 8502 by default; set security.consul_grpc_address / "
+                f"--consul-grpc): {exc.details()}"
+            )
+        return f"Consul's CA at {grpc_address} answered {code.name}: {exc.details()}"
+    if isinstance(exc, TimeoutError):
+        return "Consul did not answer in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ConsulCaSource(CertificateSource):
+    """This service's certificate from Consul's CA, kept current by a background task.
+
+    :meth:`start` obtains the first certificate (or raises after its
+    deadline); :meth:`close` stops the task. :meth:`current` never waits.
+    """
+
+    def __init__(
+        self,
+        consul: ConsulClient,
+        service: str,
+        hosts: Sequence[str],
+        grpc_address: str,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        renew_fraction: float = RENEW_FRACTION,
+    ) -> None:
+        """Prepare to obtain certificates for Consul service ``service``.
+
+        Args:
+            consul: The Consul HTTP client (roots, datacenter; its token signs too).
+            service: The Consul service name, e.g. ``cloudburst-executor``.
+            hosts: DNS names and IP addresses the certificate names besides the
+                URI (the role's ``<role>.<trust_domain>`` that peers verify, the
+                advertised host, loopback).
+            grpc_address: Consul's gRPC API, ``host:port`` or ``https://host:port``.
+            trust_domain: The domain of the role DNS names peers verify (not Consul's).
+            renew_fraction: Part of a leaf's lifetime after which it is renewed.
+        """
+        self.consul = consul
+        self.service = service
+        self.hosts = list(hosts)
+        self.grpc_address = grpc_address
+        self.trust_domain = trust_domain
+        self._renew_fraction = renew_fraction
+        self._lock = threading.Lock()
+        self._material: TlsMaterial | None = None
+        self._roots: Roots | None = None
+        self._renew_at = 0.0
+        self._datacenter = ""
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.generation = 0
+        self.mesh_trust_domain = ""
+        """Consul's trust domain (``<cluster id>.consul``), once known."""
+
+    def current(self) -> TlsMaterial:
+        """The newest certificate, key and roots.
+
+        Raises:
+            TlsError: Before :meth:`start` succeeded.
+        """
+        material = self._material
+        if material is None:
+            raise TlsError("no certificate from Consul's CA yet")
+        return material
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        address = self.grpc_address
+        if address.startswith("https://"):
+            ca = self.consul.config.ca_file
+            roots = None
+            if ca:
+                with open(ca, "rb") as handle:
+                    roots = handle.read()
+            return grpc.aio.secure_channel(
+                address.removeprefix("https://"), grpc.ssl_channel_credentials(roots)
+            )
+        return grpc.aio.insecure_channel(address.removeprefix("http://"))
+
+    async def _sign(self, roots: Roots) -> None:
+        """Have Consul sign a new key's CSR; install it with ``roots``."""
+        if not self._datacenter:
+            self._datacenter = await asyncio.wait_for(self.consul.datacenter(), SIGN_SECONDS)
+        uri = service_uri(roots.trust_domain, self._datacenter, self.service)
+        key_pem, csr_pem = make_csr(uri, self.hosts)
+        if self._channel is None:
+            self._channel = self._open_channel()
+        stub = consul_connectca_pb2_grpc.ConnectCAServiceStub(self._channel)
+        token = self.consul.config.token
+        metadata = (("x-consul-token", token),) if token else None
+        response = await stub.Sign(
+            consul_connectca_pb2.SignRequest(csr=csr_pem.decode()),
+            timeout=SIGN_SECONDS,
+            metadata=metadata,
+        )
+        cert_pem = response.cert_pem.encode()
+        material = TlsMaterial(cert_pem, key_pem, roots.ca_pem)
+        check_material(material, f"the certificate Consul signed for {self.service}")
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+        start = leaf.not_valid_before_utc.timestamp()
+        end = leaf.not_valid_after_utc.timestamp()
+        renew_wall = start + (end - start) * self._renew_fraction
+        now_wall = datetime.now(UTC).timestamp()
+        with self._lock:
+            self._material = material
+            self._roots = roots
+            self._renew_at = time.monotonic() + max(renew_wall - now_wall, 1.0)
+            self.mesh_trust_domain = roots.trust_domain
+            self.generation += 1
+        logger.info(
+            "certificate for %s from Consul's CA (root %s), valid until %s; renewing in %.0fs",
+            uri,
+            roots.active_id,
+            leaf.not_valid_after_utc.isoformat(),
+            self._renew_at - time.monotonic(),
+        )
+
+    def _install_roots(self, roots: Roots) -> None:
+        """Trust a changed set of roots with the current leaf (a root added or pruned)."""
+        with self._lock:
+            if self._material is None:
+                return
+            self._material = TlsMaterial(
+                self._material.cert_pem, self._material.key_pem, roots.ca_pem
+            )
+            self._roots = roots
+            self.generation += 1
+        logger.info("Consul's CA roots changed; trusting %s", roots.active_id)
+
+    async def start(self, deadline_seconds: float = START_SECONDS) -> None:
+        """Obtain the first certificate, retrying with back-off, then follow changes.
+
+        Raises:
+            TlsError: No certificate within ``deadline_seconds``; says why.
+        """
+        deadline = time.monotonic() + deadline_seconds
+        attempt = 0
+        while True:
+            try:
+                _, body = await self.consul.ca_roots(None, SIGN_SECONDS)
+                await self._sign(parse_roots(body))
+                break
+            except (Exception, TimeoutError) as exc:
+                reason = _explain(exc, self.grpc_address, self.service)
+                delay = min(RETRY_MAX_SECONDS, 0.25 * 2.0**attempt)
+                if time.monotonic() + delay > deadline:
+                    raise TlsError(
+                        f"no certificate from Consul's CA within {deadline_seconds:.0f}s: {reason}"
+                    ) from None
+                logger.warning(
+                    "cannot get a certificate from Consul's CA (%s); retrying in %.1fs",
+                    reason,
+                    delay,
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+        self._task = asyncio.create_task(self._follow(), name=f"consul-ca-{self.service}")
+
+    async def _follow(self) -> None:
+        """Renew the leaf at half its life and on a new active root; follow root changes."""
+        index: str | None = None
+        attempt = 0
+        while True:
+            try:
+                roots = self._roots
+                assert roots is not None
+                if time.monotonic() >= self._renew_at:
+                    await self._sign(roots)
+                wait = min(WATCH_SECONDS, max(self._renew_at - time.monotonic(), 1.0))
+                index, body = await self.consul.ca_roots(index, wait)
+                new = parse_roots(body)
+                if new.active_id != roots.active_id or new.trust_domain != roots.trust_domain:
+                    logger.info("Consul's CA has a new active root %s; renewing", new.active_id)
+                    await self._sign(new)
+                elif new.ca_pem != roots.ca_pem:
+                    self._install_roots(new)
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except (Exception, TimeoutError) as exc:
+                index = None
+                delay = min(RETRY_MAX_SECONDS, 0.25 * 2.0**attempt)
+                attempt += 1
+                logger.warning(
+                    "cannot renew the certificate from Consul's CA (%s); keeping the current "
+                    "one, retrying in %.1fs",
+                    _explain(exc, self.grpc_address, self.service),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Stop following Consul and close the gRPC channel."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

@@ -1,0 +1,195 @@
+"""A cluster whose certificates come from Consul's service-mesh CA, through rotation.
+
+Each service obtains its certificate from a real Consul agent's Connect CA
+(gRPC ``ConnectCAService.Sign``) and follows its roots; clients trust
+Consul's roots and show a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from cloudburst import CloudburstConnection
+from cloudburst.errors import CloudburstError
+from cloudburst_grpc.config import ConsulConfig
+from cloudburst_grpc.discovery.consul import ConsulClient
+from cloudburst_grpc.security.consul_ca import ConsulCaSource
+from cloudburst_grpc.security.tls import TlsError
+from harness import CbgrpcProcess, ConsulAgent, consul_binary
+
+FLAGS = ["--tls-source", "consul", "--consul-intentions", "--consul-check-interval", "1"]
+
+
+@pytest.fixture
+def consul() -> Iterator[ConsulAgent]:
+    agent = ConsulAgent(consul_binary(), grpc=True)
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[CbgrpcProcess]]:
+    started: list[CbgrpcProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in reversed(started):
+            proc.kill()
+
+
+def consul_request(consul: ConsulAgent, method: str, path: str, body: object) -> None:
+    request = urllib.request.Request(
+        f"http://{consul.address}{path}", data=json.dumps(body).encode(), method=method
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+def write_roots(consul: ConsulAgent, path: Path) -> str:
+    """Write Consul's CA roots to ``path``; returns the active root's id."""
+    _, body = consul.get("/v1/connect/ca/roots")
+    path.write_text("".join(root["RootCert"].strip() + "\n" for root in body["Roots"]))
+    return str(body["ActiveRootID"])
+
+
+def served_issuer(address: str) -> str:
+    """The issuer of the certificate a TLS server presents now (a fresh handshake)."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).issuer.rfc4514_string()
+
+
+def test_a_cluster_runs_on_consul_certificates_through_a_ca_rotation(
+    consul: ConsulAgent, procs: list[CbgrpcProcess], tmp_path: Path
+) -> None:
+    token = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", "token", "admin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert token.returncode == 0, token.stderr
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token.stderr.strip().removeprefix("add to the tokens file: ") + "\n")
+    env = {
+        "CONSUL_HTTP_ADDR": consul.address,
+        "CBGRPC_SECURITY_CONSUL_GRPC_ADDRESS": consul.grpc_address,
+        "CBGRPC_SCHEDULER_PIN_REPLICAS": "1",
+    }
+    procs.append(CbgrpcProcess("kvs", "--storage", "memory", *FLAGS, env=env))
+    for index in range(2):
+        procs.append(CbgrpcProcess("executor", "--id", f"executor-{index}", *FLAGS, env=env))
+    scheduler = CbgrpcProcess("scheduler", *FLAGS, "--tokens-file", str(tokens), env=env)
+    procs.append(scheduler)
+    consul.wait("/v1/health/service/cloudburst-executor?passing=true", lambda body: len(body) == 2)
+    consul.wait("/v1/health/service/cloudburst-scheduler?passing=true", lambda body: len(body) == 1)
+    roots = tmp_path / "consul-ca.pem"
+    first_root = write_roots(consul, roots)
+    first_issuer = served_issuer(scheduler.address)
+
+    def connect() -> CloudburstConnection:
+        return CloudburstConnection(
+            scheduler.address, tls_ca=str(roots), token=token.stdout.strip(), timeout=20
+        )
+
+    def call_until_it_works(cloud: CloudburstConnection, what: str, arg: int) -> object:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return cloud.exec_func("incr", [arg]).get(timeout=20)
+            except CloudburstError:
+                assert time.monotonic() < deadline, what
+
+    # The user guide's basic calls: a function, a DAG, the KVS.
+    with connect() as cloud:
+        incr = cloud.register(lambda _, a: a + 1, "incr")
+        cloud.register(lambda _, a: a * 2, "double")
+        assert incr(1).get(timeout=30) == 2
+        assert cloud.register_dag("incr_double", ["incr", "double"], [("incr", "double")])
+        assert cloud.call_dag("incr_double", {"incr": 3}).get(timeout=30) == 8
+        assert cloud.put_object("greeting", "hello")
+        assert cloud.get_object("greeting") == "hello"
+
+    # A new root: every service signs a new certificate without a restart.
+    consul_request(
+        consul,
+        "PUT",
+        "/v1/connect/ca/configuration",
+        {"Provider": "consul", "Config": {"PrivateKeyType": "ec", "PrivateKeyBits": 384}},
+    )
+    new_root = consul.wait("/v1/connect/ca/roots", lambda body: body["ActiveRootID"] != first_root)[
+        "ActiveRootID"
+    ]
+    for proc in procs:
+        proc.wait_for_log(f"(root {new_root})", timeout=90)
+    write_roots(consul, roots)
+    # The next handshake gets the new certificate: it names the new root as its issuer.
+    assert served_issuer(scheduler.address) != first_issuer
+    with connect() as cloud:
+        assert call_until_it_works(cloud, "calls failed after the rotation", 5) == 6
+        assert cloud.call_dag("incr_double", {"incr": 4}).get(timeout=30) == 10
+        assert cloud.get_object("greeting") == "hello"
+
+    # Intentions still decide who calls whom, on Consul's certificates.
+    consul_request(
+        consul,
+        "PUT",
+        "/v1/connect/intentions/exact?source=cloudburst-scheduler&destination=cloudburst-executor",
+        {"Action": "deny"},
+    )
+    with connect() as cloud:
+        deadline = time.monotonic() + 30
+        error: CloudburstError | None = None
+        while error is None:
+            assert time.monotonic() < deadline, "the denied intention never took effect"
+            try:
+                cloud.exec_func("incr", [1]).get(timeout=10)
+            except CloudburstError as exc:
+                error = exc
+    assert "Consul intentions deny cloudburst-scheduler -> cloudburst-executor" in str(error)
+
+
+def test_without_consuls_grpc_api_a_service_says_where_it_looked(tmp_path: Path) -> None:
+    agent = ConsulAgent(consul_binary())  # no gRPC port
+    try:
+
+        async def start() -> str:
+            client = ConsulClient(ConsulConfig(address=agent.address))
+            source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], "127.0.0.1:1")
+            try:
+                await source.start(deadline_seconds=3)
+            except TlsError as exc:
+                return str(exc)
+            finally:
+                await source.close()
+                await client.close()
+            return ""
+
+        message = asyncio.run(start())
+    finally:
+        agent.stop()
+    assert "no certificate from Consul's CA within 3s" in message
+    assert "cannot reach Consul's gRPC API at 127.0.0.1:1" in message
