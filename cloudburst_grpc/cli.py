@@ -90,7 +90,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _security(parser: argparse.ArgumentParser) -> None:
+def _security(parser: argparse.ArgumentParser, consul_ca: bool = True) -> None:
     group = parser.add_argument_group(
         "security", "mutual TLS with service identities and client tokens (docs/security.md)"
     )
@@ -117,6 +117,8 @@ def _security(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with Consul: let its intentions decide which services may call this one",
     )
+    if not consul_ca:  # cbgrpc serve has no Consul service name to be issued a certificate for
+        return
     group.add_argument(
         "--tls-source",
         choices=["files", "consul"],
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(serve)
-    _security(serve)
+    _security(serve, consul_ca=False)
     _storage(serve)
     serve.add_argument(
         "--timings",

@@ -178,6 +178,7 @@ class ConsulCaSource(CertificateSource):
         self._datacenter = ""
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
         self.generation = 0
         self.mesh_trust_domain = ""
         """Consul's trust domain (``<cluster id>.consul``), once known."""
@@ -236,6 +237,8 @@ class ConsulCaSource(CertificateSource):
             self._renew_at = time.monotonic() + max(renew_wall - now_wall, 1.0)
             self.mesh_trust_domain = roots.trust_domain
             self.generation += 1
+        async with self._changed:
+            self._changed.notify_all()
         logger.info(
             "certificate for %s from Consul's CA (root %s), valid until %s; renewing in %.0fs",
             uri,
@@ -255,6 +258,12 @@ class ConsulCaSource(CertificateSource):
             self._roots = roots
             self.generation += 1
         logger.info("Consul's CA roots changed; trusting %s", roots.active_id)
+
+    async def wait_beyond(self, generation: int) -> int:
+        """Wait until a certificate newer than ``generation`` is in use; returns its generation."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.generation > generation)
+        return self.generation
 
     async def start(self, deadline_seconds: float = START_SECONDS) -> None:
         """Obtain the first certificate, retrying with back-off, then follow changes.

@@ -172,6 +172,30 @@ def test_a_cluster_runs_on_consul_certificates_through_a_ca_rotation(
     assert "Consul intentions deny cloudburst-scheduler -> cloudburst-executor" in str(error)
 
 
+def test_a_certificate_is_renewed_before_it_expires(consul: ConsulAgent) -> None:
+    # Consul's leaves live 72 hours; renewing after a tiny part of that is after about a second.
+    async def renewals() -> tuple[int, bytes, bytes]:
+        client = ConsulClient(ConsulConfig(address=consul.address))
+        source = ConsulCaSource(
+            client, "cloudburst-kvs", ["127.0.0.1"], consul.grpc_address, renew_fraction=1e-5
+        )
+        try:
+            await source.start(deadline_seconds=60)
+            first = source.current().cert_pem
+            generation = await asyncio.wait_for(source.wait_beyond(source.generation), 60)
+            return generation, first, source.current().cert_pem
+        finally:
+            await source.close()
+            await client.close()
+
+    generation, first, renewed = asyncio.run(renewals())
+    assert generation >= 2
+    assert renewed != first
+    assert x509.load_pem_x509_certificate(renewed).serial_number != (
+        x509.load_pem_x509_certificate(first).serial_number
+    )
+
+
 def test_without_consuls_grpc_api_a_service_says_where_it_looked(tmp_path: Path) -> None:
     agent = ConsulAgent(consul_binary())  # no gRPC port
     try:

@@ -1,0 +1,121 @@
+"""Consul CA pieces that need no Consul: addresses, CSRs, roots, configuration."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cloudburst_grpc.config import ConfigError, ConsulConfig, SecurityConfig, load_config
+from cloudburst_grpc.security.certs import create_bundle
+from cloudburst_grpc.security.consul_ca import (
+    default_grpc_address,
+    make_csr,
+    parse_roots,
+    service_uri,
+)
+from cloudburst_grpc.security.node import NodeSecurity
+
+
+@pytest.mark.parametrize(
+    ("address", "ssl", "expected"),
+    [
+        ("127.0.0.1:8500", False, "127.0.0.1:8502"),
+        ("consul.internal", False, "consul.internal:8502"),
+        ("http://10.0.0.2:8500", False, "10.0.0.2:8502"),
+        ("https://consul.internal:8501", False, "https://consul.internal:8503"),
+        ("consul.internal:8501", True, "https://consul.internal:8503"),
+        ("[::1]:8500", False, "[::1]:8502"),
+    ],
+)
+def test_consuls_grpc_api_defaults_to_the_http_host(address: str, ssl: bool, expected: str) -> None:
+    assert default_grpc_address(ConsulConfig(address=address, ssl=ssl)) == expected
+
+
+def test_the_csr_names_the_service_uri_and_every_host_once() -> None:
+    uri = service_uri("1234.consul", "dc1", "cloudburst-executor")
+    assert uri == "spiffe://1234.consul/ns/default/dc/dc1/svc/cloudburst-executor"
+    key_pem, csr_pem = make_csr(
+        uri, ["executor.cloudburst.local", "10.0.0.5", "localhost", "10.0.0.5"]
+    )
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert csr.is_signature_valid
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert csr.public_key() == key.public_key()
+    names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    # Consul accepts exactly one URI and no e-mail address.
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [uri]
+    assert names.get_values_for_type(x509.RFC822Name) == []
+    assert names.get_values_for_type(x509.DNSName) == ["executor.cloudburst.local", "localhost"]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+
+
+def test_every_root_and_intermediate_is_trusted() -> None:
+    body = {
+        "TrustDomain": "1234.consul",
+        "ActiveRootID": "b",
+        "Roots": [
+            {"ID": "a", "RootCert": "ROOT-A", "IntermediateCerts": None},
+            {"ID": "b", "RootCert": "ROOT-B\n", "IntermediateCerts": ["INTER-B"]},
+        ],
+    }
+    roots = parse_roots(body)
+    assert roots.trust_domain == "1234.consul"
+    assert roots.active_id == "b"
+    assert roots.ca_pem == b"ROOT-A\nROOT-B\nINTER-B\n"
+
+
+def test_consul_certificates_need_a_consul_address_and_no_files() -> None:
+    with pytest.raises(ConfigError, match=r"tls_source 'consul' needs consul\.address"):
+        load_config(overrides={"security": {"tls_source": "consul"}}, environ={})
+    with pytest.raises(ConfigError, match="leave out tls_cert, tls_key and tls_ca"):
+        load_config(
+            overrides={
+                "consul": {"address": "127.0.0.1:8500"},
+                "security": {
+                    "tls_source": "consul",
+                    "tls_cert": "a.pem",
+                    "tls_key": "a-key.pem",
+                    "tls_ca": "ca.pem",
+                },
+            },
+            environ={},
+        )
+    with pytest.raises(ConfigError, match="tls_source must be 'files' or 'consul'"):
+        load_config(overrides={"security": {"tls_source": "vault"}}, environ={})
+    config = load_config(
+        overrides={"consul": {"address": "127.0.0.1:8500"}, "security": {"tls_source": "consul"}},
+        environ={},
+    )
+    assert config.security.tls
+    # Tokens need TLS; Consul's certificates are TLS.
+    assert load_config(
+        overrides={
+            "consul": {"address": "127.0.0.1:8500"},
+            "security": {"tls_source": "consul", "tokens_file": "tokens"},
+        },
+        environ={},
+    ).security.tokens_file
+
+
+def test_serve_cannot_take_consul_certificates() -> None:
+    # cbgrpc serve has no Consul service name; it is refused with a reason.
+    with pytest.raises(ConfigError, match="tls_source 'consul' is for the cluster's services"):
+        NodeSecurity.from_config(SecurityConfig(tls_source="consul"))
+
+
+def test_file_certificates_are_unchanged(tmp_path: Path) -> None:
+    directory = tmp_path
+    create_bundle(directory, hosts=[], clients=[])
+    security = NodeSecurity.from_config(
+        SecurityConfig(
+            tls_cert=str(directory / "kvs.pem"),
+            tls_key=str(directory / "kvs-key.pem"),
+            tls_ca=str(directory / "ca.pem"),
+        )
+    )
+    assert security.tls is not None
+    assert security.tls.peer_name("executor") == "executor.cloudburst.local"
