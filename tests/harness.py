@@ -290,18 +290,27 @@ class ConsulAgent:
 
     ATTEMPTS = 3
 
-    def __init__(self, binary: str, http_port: int | None = None, grpc: bool = False) -> None:
-        """Start the agent; with ``grpc``, also its plaintext gRPC API (Connect CA, ...)."""
+    def __init__(
+        self,
+        binary: str,
+        http_port: int | None = None,
+        grpc: bool = False,
+        hcl: str = "",
+    ) -> None:
+        """Start the agent; with ``grpc``, also its plaintext gRPC API (Connect CA, ...).
+
+        ``hcl`` is extra configuration, e.g. ACLs.
+        """
         for attempt in range(self.ATTEMPTS):
             try:
-                self._start(binary, http_port, grpc)
+                self._start(binary, http_port, grpc, hcl)
                 return
             except RuntimeError as exc:
                 in_use = "address already in use" in str(exc)
                 if not in_use or http_port is not None or attempt == self.ATTEMPTS - 1:
                     raise
 
-    def _start(self, binary: str, http_port: int | None, grpc: bool) -> None:
+    def _start(self, binary: str, http_port: int | None, grpc: bool, hcl: str) -> None:
         ports = free_ports(5)
         self.http_port = http_port or ports[0]
         self.address = f"127.0.0.1:{self.http_port}"
@@ -331,6 +340,7 @@ class ConsulAgent:
                 str(ports[3]),
                 "-log-level",
                 "info",
+                *(["-hcl", hcl] if hcl else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

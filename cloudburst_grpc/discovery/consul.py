@@ -158,9 +158,8 @@ class ConsulClient:
 
     async def mesh_identity(self) -> tuple[str, str]:
         """The service-mesh trust domain of the cluster and the agent's datacenter."""
-        roots = await self._consul.agent.connect.ca.roots()
-        agent = await self._consul.agent.self()
-        return str(roots["TrustDomain"]), str(agent["Config"]["Datacenter"])
+        _, roots = await self.ca_roots(None, 10.0)
+        return str(roots["TrustDomain"]), await self.datacenter()
 
     async def ca_roots(self, index: str | None, wait: float) -> tuple[str, dict[str, Any]]:
         """The service-mesh CA's roots and trust domain; with ``index``, waits until they change.
@@ -188,8 +187,13 @@ class ConsulClient:
         return str(new_index), body
 
     async def datacenter(self) -> str:
-        """The local agent's datacenter."""
-        agent = await self._consul.agent.self()
+        """The local agent's datacenter (the token needs ``agent:read``)."""
+        from consul.callback import CB
+
+        # py-consul's agent.self() sends no token, which ACLs refuse.
+        agent = await self._consul.http.get(
+            CB.json(), "/v1/agent/self", headers=self._consul.prepare_headers(None)
+        )
         return str(agent["Config"]["Datacenter"])
 
     async def authorize(self, target: str, client_uri: str, client_serial: str) -> tuple[bool, str]:

@@ -217,3 +217,63 @@ def test_without_consuls_grpc_api_a_service_says_where_it_looked(tmp_path: Path)
         agent.stop()
     assert "no certificate from Consul's CA within 3s" in message
     assert "cannot reach Consul's gRPC API at 127.0.0.1:1" in message
+
+
+ACLS = (
+    'acl { enabled = true, default_policy = "deny", '
+    'tokens { initial_management = "root", agent = "root" } }'
+)
+
+
+def acl_token(consul: ConsulAgent, rules: str) -> str:
+    """A new Consul ACL token whose policy is ``rules``."""
+
+    def put(path: str, body: object) -> dict[str, str]:
+        request = urllib.request.Request(
+            f"http://{consul.address}{path}",
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={"X-Consul-Token": "root"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer: dict[str, str] = json.load(response)
+            return answer
+
+    name = f"policy-{len(rules)}-{time.monotonic_ns()}"
+    put("/v1/acl/policy", {"Name": name, "Rules": rules})
+    return put("/v1/acl/token", {"Policies": [{"Name": name}]})["SecretID"]
+
+
+def test_with_acls_a_token_must_be_allowed_to_write_the_service() -> None:
+    agent = ConsulAgent(consul_binary(), grpc=True, hcl=ACLS)
+    try:
+        allowed = acl_token(
+            agent,
+            'service "cloudburst-kvs" { policy = "write" } agent_prefix "" { policy = "read" }',
+        )
+        other = acl_token(
+            agent,
+            'service "something-else" { policy = "write" } agent_prefix "" { policy = "read" }',
+        )
+
+        async def start(token: str) -> str:
+            client = ConsulClient(ConsulConfig(address=agent.address, token=token))
+            source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], agent.grpc_address)
+            try:
+                await source.start(deadline_seconds=3)
+                leaf = x509.load_pem_x509_certificate(source.current().cert_pem)
+                names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                return str(names.value.get_values_for_type(x509.UniformResourceIdentifier)[0])
+            except TlsError as exc:
+                return str(exc)
+            finally:
+                await source.close()
+                await client.close()
+
+        signed = asyncio.run(start(allowed))
+        refused = asyncio.run(start(other))
+    finally:
+        agent.stop()
+    assert signed.endswith("/svc/cloudburst-kvs")
+    assert "Consul refused to sign a certificate for cloudburst-kvs" in refused
+    assert "needs service:write on cloudburst-kvs" in refused
