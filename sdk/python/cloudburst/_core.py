@@ -23,9 +23,15 @@ from typing import Any
 
 import grpc
 
+from cloudburst import _client_cert as client_cert
 from cloudburst import chunks, tracing
 from cloudburst._loop import LoopDriver
-from cloudburst.errors import CloudburstError, CloudburstTimeoutError, UnavailableError
+from cloudburst.errors import (
+    CloudburstError,
+    CloudburstTimeoutError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, settle
 from cloudburst.transport import ClientSecurity, open_channel
@@ -98,6 +104,7 @@ class Core:
         self.driver = driver
         self.target = target
         security = security or ClientSecurity()
+        self._security = security
         self._tls = security.tls
         self.channel = open_channel(
             target,
@@ -119,17 +126,39 @@ class Core:
         self._release_scheduled = False
 
     async def wait_ready(self, timeout: float) -> None:
-        """Wait until the channel connects, or raise UnavailableError saying where it tried."""
+        """Wait until the channel connects, or raise saying why it did not.
+
+        Raises:
+            UnauthenticatedError: The client certificate is expired or not yet
+                valid, or the server refused it in the TLS handshake.
+            UnavailableError: No server answered; the message says where it tried.
+        """
+        cert_file = self._security.cert_file
+        problem = client_cert.validity_problem(cert_file) if cert_file else None
+        if problem:
+            raise UnauthenticatedError(
+                f"{problem}; servers refuse it in the TLS handshake: {client_cert.ADVICE}"
+            )
         try:
             async with asyncio.timeout(timeout):
                 await self.channel.channel_ready()
         except TimeoutError:
             hint = "check the address and that `cbgrpc serve` (or the cluster) is running"
             if self._tls:
+                last = await self._last_error()
+                if cert_file and client_cert.refused_in_handshake(last):
+                    cause = client_cert.issuer_problem(cert_file, self._security.ca_file) or (
+                        "it is not signed by a CA the server trusts for clients"
+                    )
+                    raise UnauthenticatedError(
+                        f"the server at {self.target} refused this client's certificate "
+                        f"{cert_file} in the TLS handshake: {cause}; {client_cert.ADVICE} "
+                        f"(gRPC's last error: {last})"
+                    ) from None
                 hint += (
                     "; with TLS, also that tls_ca is the cluster's CA and that the server "
                     "accepts your client certificate (one from another CA, or expired, is "
-                    f"refused in the handshake). Last error: {await self._last_error()}"
+                    f"refused in the handshake). Last error: {last}"
                 )
             raise UnavailableError(
                 f"cannot reach a cloudburst scheduler at {self.target} within {timeout:.0f}s; "
