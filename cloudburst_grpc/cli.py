@@ -90,7 +90,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _security(parser: argparse.ArgumentParser, consul_ca: bool = True) -> None:
+def _security(
+    parser: argparse.ArgumentParser, consul_ca: bool = True, client_cert_port: bool = False
+) -> None:
     group = parser.add_argument_group(
         "security", "mutual TLS with service identities and client tokens (docs/security.md)"
     )
@@ -111,6 +113,14 @@ def _security(parser: argparse.ArgumentParser, consul_ca: bool = True) -> None:
         default=None,
         help="allow a non-loopback --host without TLS (anyone who reaches it can run code)",
     )
+    if client_cert_port:
+        group.add_argument(
+            "--client-cert-port",
+            type=int,
+            metavar="PORT",
+            help="with --tokens-file: also listen on PORT for clients that authenticate with "
+            "a client certificate (0 picks one; default: none)",
+        )
     group.add_argument(
         "--consul-intentions",
         action="store_true",
@@ -288,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         "also forwards KvsService calls to the KVS, so clients need only its address.",
     )
     _common(scheduler)
-    _security(scheduler)
+    _security(scheduler, client_cert_port=True)
     _consul(scheduler)
     scheduler.add_argument(
         "--kvs", metavar="HOST:PORT", help="address of the KVS service (default: from Consul)"
@@ -492,6 +502,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "consul_intentions": get("consul_intentions"),
             "tls_source": get("tls_source"),
             "consul_grpc_address": get("consul_grpc"),
+            "client_cert_port": get("client_cert_port"),
         },
     }
     return load_config(get("config"), overrides)

@@ -210,6 +210,10 @@ class SecurityConfig:
     """Consul's gRPC API for ``tls_source = "consul"``: ``host:port`` (plaintext) or
     ``https://host:port`` (TLS, trusting consul.ca_file). Default: consul.address's host
     and port 8502, or 8503 over TLS when consul.address is https."""
+    client_cert_port: int = -1
+    """A scheduler with tokens_file also listens here for clients that show a client
+    certificate (its main port, which takes tokens, cannot ask for one). -1: no such
+    port; 0 picks a free one."""
 
     @property
     def tls(self) -> bool:
@@ -315,6 +319,15 @@ class Config:
                 "tokens must not travel in clear",
             ),
             (self.security.max_auth_failures >= 1, "security.max_auth_failures must be at least 1"),
+            (
+                -1 <= self.security.client_cert_port <= 65535,
+                "security.client_cert_port must be -1 (none) to 65535",
+            ),
+            (
+                self.security.client_cert_port < 0 or bool(self.security.tokens_file),
+                "security.client_cert_port is for a scheduler with security.tokens_file: "
+                "without tokens its port already takes client certificates",
+            ),
             (
                 self.security.tls_source in ("files", "consul"),
                 "security.tls_source must be 'files' or 'consul'",

@@ -226,6 +226,12 @@ def _new_server(
     security.check_bind(config.server.host)
     server, health_servicer = create_server(config.server.max_payload_bytes, security.interceptor())
     port = bind(server, config.server.host, config.server.port, security.server_credentials(role))
+    wanted = config.security.client_cert_port
+    if role == SCHEDULER and wanted >= 0 and security.tls is not None:
+        # The main port takes tokens and so cannot ask for certificates (gRPC Python either
+        # requires one in every handshake or asks for none); this one requires them.
+        credentials = security.tls.server_credentials(require_client_cert=True)
+        security.client_cert_port = bind(server, config.server.host, wanted, credentials)
     return server, health_servicer, port, security
 
 
@@ -578,6 +584,13 @@ async def start_scheduler_node(
         await stack.aclose()
         raise
     logger.info("scheduler %s listening on %s", scheduler_id, node.address)
+    if security.client_cert_port is not None:
+        logger.info(
+            "scheduler %s takes clients with certificates on %s:%d",
+            scheduler_id,
+            node.advertise_host,
+            security.client_cert_port,
+        )
     return node
 
 

@@ -44,6 +44,8 @@ class NodeSecurity:
     config: SecurityConfig
     tls: CertificateSource | None = None
     tokens: TokenStore | None = None
+    client_cert_port: int | None = None
+    """The scheduler's port for clients with certificates (``security.client_cert_port``)."""
     _interceptor: AuthInterceptor | None = None
 
     @classmethod

@@ -312,6 +312,54 @@ def test_a_client_certificate_authenticates_where_no_tokens_are_configured(
         )
 
 
+def test_one_scheduler_takes_tokens_and_client_certificates(
+    start_node: Callable[..., Node], certs: Path, tokens_file: Path, secure: SecureCluster
+) -> None:
+    security = {**security_for(certs, "scheduler", tokens_file), "client_cert_port": 0}
+    scheduler = start_node(
+        start_scheduler_node(
+            make_config(security=security),
+            secure.kvs.address,
+            [e.address for e in secure.executors],
+        )
+    )
+    assert scheduler.security is not None
+    cert_port = scheduler.security.client_cert_port
+    assert cert_port is not None and cert_port != scheduler.port
+    ca = str(certs / "ca.pem")
+    with CloudburstConnection(
+        scheduler.address, tls_ca=ca, token=TOKENS["admin"], connect_timeout=10, timeout=20
+    ) as cloud:
+        cloud.register(double, "double")
+        assert cloud.exec_func("double", [2]).get() == 4
+    with CloudburstConnection(
+        f"127.0.0.1:{cert_port}",
+        tls_ca=ca,
+        tls_cert=str(certs / "client-invoker.pem"),
+        tls_key=str(certs / "client-invoker-key.pem"),
+        connect_timeout=10,
+        timeout=20,
+    ) as cloud:
+        assert cloud.exec_func("double", [5]).get() == 10
+        # The certificate's role holds there: an invoker may not register.
+        with pytest.raises(PermissionDeniedError):
+            cloud.register(double, "double2")
+    # Without a certificate, the certificate port refuses the handshake; with neither
+    # certificate nor token, the token port refuses the call.
+    with pytest.raises(UnavailableError):
+        CloudburstConnection(
+            f"127.0.0.1:{cert_port}", tls_ca=ca, token=TOKENS["admin"], connect_timeout=3
+        ).list()
+    with pytest.raises(UnauthenticatedError, match="bearer token"):
+        with CloudburstConnection(scheduler.address, tls_ca=ca, connect_timeout=10) as cloud:
+            cloud.list()
+
+
+def test_a_client_cert_port_needs_tokens(certs: Path) -> None:
+    with pytest.raises(ConfigError, match="client_cert_port is for a scheduler with"):
+        make_config(security={**security_for(certs, "scheduler"), "client_cert_port": 0})
+
+
 def test_tokens_are_rotated_without_a_restart(secure: SecureCluster) -> None:
     fresh = "cbt_fresh-rotated-token-0123456789"
     with secure.connect(token=TOKENS["admin"]) as cloud:
