@@ -278,7 +278,7 @@ class ConsulCaSource(CertificateSource):
                 _, body = await self.consul.ca_roots(None, SIGN_SECONDS)
                 await self._sign(parse_roots(body))
                 break
-            except (Exception, TimeoutError) as exc:
+            except Exception as exc:  # anything Consul or the network does: retry
                 reason = _explain(exc, self.grpc_address, self.service)
                 delay = min(RETRY_MAX_SECONDS, 0.25 * 2.0**attempt)
                 if time.monotonic() + delay > deadline:
@@ -306,6 +306,8 @@ class ConsulCaSource(CertificateSource):
                     await self._sign(roots)
                 wait = min(WATCH_SECONDS, max(self._renew_at - time.monotonic(), 1.0))
                 index, body = await self.consul.ca_roots(index, wait)
+                if not index.isdigit() or int(index) < 1:
+                    index = "1"  # Consul's advice for an index that cannot block
                 new = parse_roots(body)
                 if new.active_id != roots.active_id or new.trust_domain != roots.trust_domain:
                     logger.info("Consul's CA has a new active root %s; renewing", new.active_id)
@@ -313,9 +315,7 @@ class ConsulCaSource(CertificateSource):
                 elif new.ca_pem != roots.ca_pem:
                     self._install_roots(new)
                 attempt = 0
-            except asyncio.CancelledError:
-                raise
-            except (Exception, TimeoutError) as exc:
+            except Exception as exc:  # keep the certificate we have; try again
                 index = None
                 delay = min(RETRY_MAX_SECONDS, 0.25 * 2.0**attempt)
                 attempt += 1
