@@ -91,11 +91,14 @@ class CertificateSource:
             )
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
-            material = self.current()
-            if self.generation == served[0]:
+            self.current()  # notices changed files
+            # The generation before the material: material changed in between is newer, never
+            # older, than the generation recorded (sources update the material first).
+            generation = self.generation
+            if generation == served[0]:
                 return None
-            served[0] = self.generation
-            return configuration(material)
+            served[0] = generation
+            return configuration(self.current())
 
         return grpc.dynamic_ssl_server_credentials(
             configuration(self.current()),
