@@ -134,6 +134,11 @@ def _explain(exc: BaseException, grpc_address: str, service: str) -> str:
         return f"Consul's CA at {grpc_address} answered {code.name}: {exc.details()}"
     if isinstance(exc, TimeoutError):
         return "Consul did not answer in time"
+    if "Connect must be enabled" in str(exc):
+        return (
+            "Consul's service-mesh CA is off: enable Connect on the Consul servers "
+            "(connect { enabled = true })"
+        )
     return f"{type(exc).__name__}: {exc}"
 
 

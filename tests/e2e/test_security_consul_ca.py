@@ -196,27 +196,47 @@ def test_a_certificate_is_renewed_before_it_expires(consul: ConsulAgent) -> None
     )
 
 
+def start_source(consul_address: str, grpc_address: str, token: str = "") -> str:
+    """Start a Consul CA source for cloudburst-kvs (3 s deadline).
+
+    Returns:
+        The certificate's URI SAN, or the start error's message.
+    """
+
+    async def start() -> str:
+        client = ConsulClient(ConsulConfig(address=consul_address, token=token))
+        source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], grpc_address)
+        try:
+            await source.start(deadline_seconds=3)
+            leaf = x509.load_pem_x509_certificate(source.current().cert_pem)
+            names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            return str(names.value.get_values_for_type(x509.UniformResourceIdentifier)[0])
+        except TlsError as exc:
+            return str(exc)
+        finally:
+            await source.close()
+            await client.close()
+
+    return asyncio.run(start())
+
+
 def test_without_consuls_grpc_api_a_service_says_where_it_looked(tmp_path: Path) -> None:
     agent = ConsulAgent(consul_binary())  # no gRPC port
     try:
-
-        async def start() -> str:
-            client = ConsulClient(ConsulConfig(address=agent.address))
-            source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], "127.0.0.1:1")
-            try:
-                await source.start(deadline_seconds=3)
-            except TlsError as exc:
-                return str(exc)
-            finally:
-                await source.close()
-                await client.close()
-            return ""
-
-        message = asyncio.run(start())
+        message = start_source(agent.address, "127.0.0.1:1")
     finally:
         agent.stop()
     assert "no certificate from Consul's CA within 3s" in message
     assert "cannot reach Consul's gRPC API at 127.0.0.1:1" in message
+
+
+def test_without_connect_a_service_says_to_enable_it() -> None:
+    agent = ConsulAgent(consul_binary(), grpc=True, hcl="connect { enabled = false }")
+    try:
+        message = start_source(agent.address, agent.grpc_address)
+    finally:
+        agent.stop()
+    assert "Consul's service-mesh CA is off: enable Connect" in message
 
 
 ACLS = (
@@ -255,23 +275,8 @@ def test_with_acls_a_token_must_be_allowed_to_write_the_service() -> None:
             agent,
             'service "something-else" { policy = "write" } agent_prefix "" { policy = "read" }',
         )
-
-        async def start(token: str) -> str:
-            client = ConsulClient(ConsulConfig(address=agent.address, token=token))
-            source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], agent.grpc_address)
-            try:
-                await source.start(deadline_seconds=3)
-                leaf = x509.load_pem_x509_certificate(source.current().cert_pem)
-                names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                return str(names.value.get_values_for_type(x509.UniformResourceIdentifier)[0])
-            except TlsError as exc:
-                return str(exc)
-            finally:
-                await source.close()
-                await client.close()
-
-        signed = asyncio.run(start(allowed))
-        refused = asyncio.run(start(other))
+        signed = start_source(agent.address, agent.grpc_address, allowed)
+        refused = start_source(agent.address, agent.grpc_address, other)
     finally:
         agent.stop()
     assert signed.endswith("/svc/cloudburst-kvs")
