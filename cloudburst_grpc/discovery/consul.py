@@ -187,14 +187,23 @@ class ConsulClient:
         return str(new_index), body
 
     async def datacenter(self) -> str:
-        """The local agent's datacenter (the token needs ``agent:read``)."""
+        """The local agent's datacenter (the token needs ``node:read`` on some node).
+
+        Read from the catalog's nodes, which are the agent's datacenter's, rather
+        than from ``/v1/agent/self``, which needs ``agent:read``.
+        """
         from consul.callback import CB
 
-        # py-consul's agent.self() sends no token, which ACLs refuse.
-        agent = await self._consul.http.get(
-            CB.json(), "/v1/agent/self", headers=self._consul.prepare_headers(None)
+        nodes = await self._consul.http.get(
+            CB.json(), "/v1/catalog/nodes", headers=self._consul.prepare_headers(None)
         )
-        return str(agent["Config"]["Datacenter"])
+        for node in nodes or []:
+            if node.get("Datacenter"):
+                return str(node["Datacenter"])
+        raise UnavailableError(
+            f"Consul at {self.where} shows no node, so its datacenter is unknown: the ACL "
+            "token (consul.token / CONSUL_HTTP_TOKEN) needs node:read"
+        )
 
     async def authorize(self, target: str, client_uri: str, client_serial: str) -> tuple[bool, str]:
         """Ask the agent whether intentions let ``client_uri`` reach service ``target``."""

@@ -263,11 +263,11 @@ def test_with_acls_a_token_must_be_allowed_to_write_the_service() -> None:
     try:
         allowed = acl_token(
             agent,
-            'service "cloudburst-kvs" { policy = "write" } agent_prefix "" { policy = "read" }',
+            'service "cloudburst-kvs" { policy = "write" } node_prefix "" { policy = "read" }',
         )
         other = acl_token(
             agent,
-            'service "something-else" { policy = "write" } agent_prefix "" { policy = "read" }',
+            'service "something-else" { policy = "write" } node_prefix "" { policy = "read" }',
         )
         signed = start_source(agent.address, agent.grpc_address, allowed)
         refused = start_source(agent.address, agent.grpc_address, other)
