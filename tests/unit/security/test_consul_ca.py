@@ -17,6 +17,7 @@ from cloudburst_grpc.security.consul_ca import (
     parse_roots,
     service_uri,
 )
+from cloudburst_grpc.security.identity import role_from_uri
 from cloudburst_grpc.security.node import NodeSecurity
 
 
@@ -51,6 +52,18 @@ def test_the_csr_names_the_service_uri_and_every_host_once() -> None:
     assert names.get_values_for_type(x509.RFC822Name) == []
     assert names.get_values_for_type(x509.DNSName) == ["executor.cloudburst.local", "localhost"]
     assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+
+
+def test_the_uri_consul_signs_names_the_role() -> None:
+    # The id in the CSR is the one Consul puts in the certificate; callers are known by it.
+    for service, role in (
+        ("cloudburst-scheduler", "scheduler"),
+        ("cloudburst-executor", "executor"),
+        ("cloudburst-kvs", "kvs"),
+    ):
+        uri = service_uri("b4c047af-937a-8cd8-3ad4-4761b1e6931b.consul", "dc1", service)
+        assert role_from_uri(uri) == role
+    assert role_from_uri(service_uri("x.consul", "dc1", "web")) is None
 
 
 def test_every_root_and_intermediate_is_trusted() -> None:
