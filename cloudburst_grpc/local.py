@@ -211,11 +211,11 @@ async def _consul_certificates(
         security.consul_grpc_address or default_grpc_address(config.consul),
         security.trust_domain,
     )
+    stack.push_async_callback(source.close)  # also when the start fails: its channel
     try:
         await source.start()
     except TlsError as exc:
         raise ConfigError(f"security: {exc}") from None
-    stack.push_async_callback(source.close)
     return source
 
 
