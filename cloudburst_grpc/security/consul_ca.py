@@ -185,8 +185,6 @@ class ConsulCaSource(CertificateSource):
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self.generation = 0
-        self.mesh_trust_domain = ""
-        """Consul's trust domain (``<cluster id>.consul``), once known."""
 
     def current(self) -> TlsMaterial:
         """The newest certificate, key and roots.
@@ -240,7 +238,6 @@ class ConsulCaSource(CertificateSource):
             self._material = material
             self._roots = roots
             self._renew_at = time.monotonic() + max(renew_wall - now_wall, 1.0)
-            self.mesh_trust_domain = roots.trust_domain
             self.generation += 1
         async with self._changed:
             self._changed.notify_all()
@@ -280,8 +277,10 @@ class ConsulCaSource(CertificateSource):
         attempt = 0
         while True:
             try:
-                _, body = await self.consul.ca_roots(None, SIGN_SECONDS)
-                await self._sign(parse_roots(body))
+                # One attempt never outlasts the deadline either.
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                    _, body = await self.consul.ca_roots(None, SIGN_SECONDS)
+                    await self._sign(parse_roots(body))
                 break
             except Exception as exc:  # anything Consul or the network does: retry
                 reason = _explain(exc, self.grpc_address, self.service)

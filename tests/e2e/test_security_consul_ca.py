@@ -25,7 +25,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstError
 from cloudburst_grpc.config import ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient
-from cloudburst_grpc.security.consul_ca import ConsulCaSource
+from cloudburst_grpc.security.consul_ca import SIGN_SECONDS, ConsulCaSource
 from cloudburst_grpc.security.tls import TlsError
 from harness import CbgrpcProcess, ConsulAgent, consul_binary
 
@@ -222,6 +222,30 @@ def test_without_consuls_grpc_api_a_service_says_where_it_looked(tmp_path: Path)
         agent.stop()
     assert "no certificate from Consul's CA within 3s" in message
     assert "cannot reach Consul's gRPC API at 127.0.0.1:1" in message
+
+
+def test_a_consul_that_never_answers_does_not_hold_up_a_start(consul: ConsulAgent) -> None:
+    # A port that accepts connections and never speaks: each Sign would wait its own timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+
+        async def start() -> str:
+            client = ConsulClient(ConsulConfig(address=consul.address))
+            source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], address)
+            try:
+                # Without the start's deadline, the first Sign alone would wait SIGN_SECONDS.
+                await asyncio.wait_for(source.start(deadline_seconds=2), SIGN_SECONDS - 5)
+            except TlsError as exc:
+                return str(exc)
+            finally:
+                await source.close()
+                await client.close()
+            return ""
+
+        message = asyncio.run(start())
+    assert "no certificate from Consul's CA within 2s" in message
 
 
 def test_without_connect_a_service_says_to_enable_it() -> None:
