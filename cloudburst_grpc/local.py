@@ -185,7 +185,8 @@ async def _consul_certificates(
 ) -> ConsulCaSource | None:
     """With ``security.tls_source = "consul"``: this node's certificate from Consul's CA.
 
-    The certificate names the role's DNS name (which peers verify), the
+    A scheduler must then take tokens: no client can have a certificate from
+    that CA. The certificate names the role's DNS name (which peers verify), the
     advertised and bound hosts and loopback; it is renewed and follows CA
     rotations until the node stops.
 
@@ -195,6 +196,12 @@ async def _consul_certificates(
     security = config.security
     if security.tls_source != "consul" or not config.consul.enabled:
         return None
+    if role == SCHEDULER and not security.tokens_file:
+        raise ConfigError(
+            "a scheduler with certificates from Consul's CA needs --tokens-file "
+            "(security.tokens_file): Consul's CA issues no client certificates, so clients "
+            "must show tokens"
+        )
     client = ConsulClient(config.consul)
     stack.push_async_callback(client.close)
     host = config.server.host

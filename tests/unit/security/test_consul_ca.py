@@ -114,6 +114,20 @@ def test_consul_certificates_need_a_consul_address_and_no_files() -> None:
     ).security.tokens_file
 
 
+def test_a_scheduler_on_consul_certificates_needs_tokens() -> None:
+    import asyncio
+
+    from cloudburst_grpc.local import start_scheduler_node
+
+    config = load_config(
+        overrides={"consul": {"address": "127.0.0.1:1"}, "security": {"tls_source": "consul"}},
+        environ={},
+    )
+    # Refused before Consul is asked anything (nothing listens at 127.0.0.1:1).
+    with pytest.raises(ConfigError, match="needs --tokens-file"):
+        asyncio.run(start_scheduler_node(config))
+
+
 def test_serve_cannot_take_consul_certificates() -> None:
     # cbgrpc serve has no Consul service name; it is refused with a reason.
     with pytest.raises(ConfigError, match="tls_source 'consul' is for the cluster's services"):
