@@ -19,6 +19,15 @@ value is not served for it, so a client reads its own writes too.
 Set lattices, the system keyspace and waiting reads of keys not cached yet go
 to the KVS every time.
 
+A large cached value can also keep its decoded Python value (:meth:`ValueCache.keep`),
+so that a repeat call reading it is not given the cost of unpickling it again. Each
+call still gets a value of its own, which it may change without another call seeing
+it: only values that can be handed out again cheaply are kept (see :func:`handout`),
+immutable ones as they are and flat buffers (``bytearray``, ``array.array``, a NumPy
+array of numbers) as a memory copy; anything else is decoded for each call. A kept
+value is dropped with the cached value it was decoded from, so it is exactly as fresh,
+and counts against the memory budget.
+
 The cache reports the keys it holds (:meth:`ValueCache.listen`), which the
 executor forwards to the schedulers on their trigger streams so that placement
 prefers executors holding a call's referenced keys.
@@ -26,13 +35,16 @@ prefers executors holding a call's referenced keys.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import copy
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cloudburst.v1 import executor_service_pb2, lattice_pb2, value_pb2
 from cloudburst_grpc import telemetry
@@ -68,7 +80,10 @@ class _Entry:
     """Settles once the key's watch has started (or failed to)."""
     lattice: lattice_pb2.Lattice | None = None
     size: int = 0
+    """Bytes counted for the entry: its key, value and kept decoded value, and overhead."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    kept: Callable[[], Any] | None = field(default=None, repr=False)
+    """Hands out the value decoded from ``lattice`` again (see :meth:`ValueCache.keep`)."""
 
 
 class ValueCache:
@@ -165,6 +180,36 @@ class ValueCache:
             telemetry.CACHE_READS.add(len(missing), {"result": "miss"})
             found.update(await self._inner.get_many(missing, keyspace))
         return {key: found[key] for key in keys}
+
+    def kept(self, key: str, lattice: lattice_pb2.Lattice) -> Callable[[], Any] | None:
+        """What hands out the decoded value kept for ``lattice``, the key's cached value.
+
+        None when no decoded value is kept for it (``lattice`` is not, or no longer,
+        the cached value, or it was never kept). The callable may run on any thread.
+        """
+        entry = self._entries.get(key)
+        if entry is None or entry.lattice is not lattice:
+            return None
+        return entry.kept
+
+    def keep(
+        self, key: str, lattice: lattice_pb2.Lattice, kept: Callable[[], Any], size: int
+    ) -> None:
+        """Keep what hands out the value decoded from ``lattice``, while it is the cached value.
+
+        ``size`` (bytes of the kept value) counts against the budget; a value that
+        would not fit is not kept.
+        """
+        entry = self._entries.get(key)
+        if entry is None or entry.lattice is not lattice or entry.kept is not None:
+            return
+        if entry.size + size > self.max_bytes:
+            return
+        entry.kept = kept
+        entry.size += size
+        self.bytes += size
+        while self.bytes > self.max_bytes and self._entries:
+            self._evict()
 
     def _watch(self, key: str) -> _Entry:
         """Create the key's entry and start watching it (making room for it first)."""
@@ -278,6 +323,7 @@ class ValueCache:
         if size > self.max_bytes:
             self._drop(entry)  # too large to cache at all
             return
+        entry.kept = None  # decoded from the value replaced
         self.bytes += size - entry.size
         entry.lattice, entry.size = lattice, size
         if lattice is not None and not had:
@@ -301,7 +347,7 @@ class ValueCache:
         self.bytes -= entry.size
         if entry.lattice is not None:
             self._report(entry.key, False)
-        entry.lattice, entry.size = None, 0
+        entry.lattice, entry.size, entry.kept = None, 0, None
         if entry.task is not None:
             entry.task.cancel()
             entry.task = None
@@ -380,6 +426,34 @@ async def read_reference(
             not_before_ns=reference.not_before_ns,
         )
     return await kvs.get(reference.key, wait=reference.wait, timeout=timeout)
+
+
+def handout(value: Any) -> tuple[Callable[[], Any], int] | None:
+    """How to give a decoded value to later calls without decoding it again, and its bytes.
+
+    Each call must get a value it may change on its own. Immutable values
+    (``bytes``, ``str``) are handed out as they are; flat buffers of numbers
+    (``bytearray``, ``array.array``, a NumPy ``ndarray`` without Python objects in
+    it) as a copy of a private one, which is a plain memory copy. Anything else
+    may hold objects a function can change, so it is not kept (None); it is
+    decoded again for each call.
+
+    Call it on a worker thread: the private copy of a large buffer takes a while.
+    """
+    kind = type(value)
+    if kind is bytes or kind is str:
+        return functools.partial(_same, value), len(value)
+    if kind is bytearray or kind is array.array:
+        private = copy.copy(value)
+        return functools.partial(copy.copy, private), memoryview(private).nbytes
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not value.dtype.hasobject:
+        private = value.copy()
+        return private.copy, int(private.nbytes)
+    return None
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _later(a: lattice_pb2.LwwLattice, b: lattice_pb2.LwwLattice) -> bool:

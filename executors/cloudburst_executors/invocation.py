@@ -21,9 +21,9 @@ from typing import Any
 
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, RemoteFunctionError
 from cloudburst.serialization import LwwClock, lattice_bytes, lattice_value, serialize
-from cloudburst.v1 import execution_pb2, value_pb2
+from cloudburst.v1 import execution_pb2, lattice_pb2, value_pb2
 from cloudburst_executors import runner, stages
-from cloudburst_executors.cache import read_reference
+from cloudburst_executors.cache import ValueCache, handout, read_reference
 from cloudburst_executors.inline import InlineGate, Placement
 from cloudburst_executors.library import UserLibrary
 from cloudburst_executors.stages import LARGE_VALUE_BYTES
@@ -121,13 +121,26 @@ class Invoker:
         try:
             loaded = await self._load(name, version)
             resolved = []
+            # References repeated in one call read and deserialize their key once and
+            # pass the same object, as the original runtime does.
+            references: dict[tuple[str, bool, bool, int], Any] = {}
             for argument in arguments:
+                kind = argument.WhichOneof("kind")
                 # A small value (most arguments) needs no turn of the loop.
-                if argument.WhichOneof("kind") == "value":
+                if kind == "value":
                     value = argument.value
                     if len(value.data) <= LARGE_VALUE_BYTES:
                         resolved.append(runner.unpickle(value))
                         continue
+                elif kind == "reference":
+                    ref = argument.reference
+                    same = (ref.key, ref.raw, ref.wait, ref.not_before_ns)
+                    if same not in references:
+                        references[same] = await self._resolve(
+                            argument, deadline - time.monotonic()
+                        )
+                    resolved.append(references[same])
+                    continue
                 resolved.append(await self._resolve(argument, deadline - time.monotonic()))
             args = (*resolved, *extra)
         except RemoteFunctionError as exc:  # a future argument whose function failed
@@ -170,8 +183,32 @@ class Invoker:
                         {"key": ref.key},
                     )
                 return None
-            return lattice_bytes(lattice) if ref.raw else lattice_value(lattice)
+            if ref.raw:
+                return lattice_bytes(lattice)
+            return await self._value_of(ref.key, lattice)
         return None
+
+    async def _value_of(self, key: str, lattice: lattice_pb2.Lattice) -> Any:
+        """The value of a reference argument: a large one decoded on a worker thread.
+
+        Through a cache, a large value decoded once is handed out again to later
+        calls (each its own copy) while it stays the key's cached value.
+        """
+        cache = self._kvs if isinstance(self._kvs, ValueCache) else None
+        if cache is not None and (kept := cache.kept(key, lattice)) is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, kept)
+        if not _large(lattice):
+            return lattice_value(lattice)
+        if cache is None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, lattice_value, lattice
+            )
+        value, kept_value = await asyncio.get_running_loop().run_in_executor(
+            self._pool, _decode_and_keep, lattice
+        )
+        if kept_value is not None:
+            cache.keep(key, lattice, *kept_value)
+        return value
 
     async def deserialize(self, value: value_pb2.Value) -> Any:
         """Deserialize a value: a large one on a worker thread."""
@@ -289,6 +326,21 @@ class Invoker:
             self._router,
             max_value_bytes=self.max_value_bytes,
         )
+
+
+def _large(lattice: lattice_pb2.Lattice) -> bool:
+    """Whether a stored value is large enough to be decoded off the event loop."""
+    if lattice.WhichOneof("kind") == "lww":
+        return len(lattice.lww.value.data) > LARGE_VALUE_BYTES
+    return lattice.ByteSize() > LARGE_VALUE_BYTES
+
+
+def _decode_and_keep(
+    lattice: lattice_pb2.Lattice,
+) -> tuple[Any, tuple[Callable[[], Any], int] | None]:
+    """Decode a stored value, and say how to hand it out again (on a worker thread)."""
+    value = lattice_value(lattice)
+    return value, handout(value)
 
 
 def _failure_outcome_of(exc: RemoteFunctionError) -> execution_pb2.Outcome:

@@ -7,6 +7,7 @@ of them (ListExecutors), so every claim is about real reads, not timings.
 
 from __future__ import annotations
 
+import array
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,6 +43,13 @@ def write_then_read(cloudburst: Any, current: Any, key: str, value: Any) -> tupl
 
 def read_by_name(cloudburst: Any, _ref: Any, key: str) -> Any:
     return cloudburst.get_object(key)
+
+
+def change_in_place(_: Any, first: Any, second: Any) -> tuple[bool, float, float]:
+    """Change the array it was given; whether both references gave one object; before/after."""
+    seen = first[0]
+    first[0] += 1.0
+    return first is second, seen, second[0]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +110,9 @@ def test_a_repeat_call_reads_its_references_from_the_executor_that_cached_them(
         for _ in range(3):
             assert summed(*refs).get(timeout=60) == 10 * len(array)
         after = statuses(cache_cluster)
-    # Placed where the array is, and not read from the KVS again: thirty hits, no misses.
-    assert after[first].cache.hits - before[first].cache.hits == 30
+    # Placed where the array is, and not read from the KVS again: the ten references to
+    # one key are read once per call, three hits in all, and no misses.
+    assert after[first].cache.hits - before[first].cache.hits == 3
     assert after[first].cache.misses == before[first].cache.misses
     for executor_id, other in after.items():
         if executor_id != first:
@@ -171,3 +180,25 @@ def test_another_clients_write_reaches_the_cache_without_a_read(
             "another client's write is seen",
         )
         assert statuses(cache_cluster)[cached_on].cache.misses == misses
+
+
+def test_a_large_value_read_again_is_each_calls_own_and_follows_writes(
+    cache_cluster: ProcessCluster,
+) -> None:
+    key = "cache/large-array"
+    numbers = array.array("d", [5.0]) * 65536  # 512 KiB: decoded once, then copied per call
+    with CloudburstConnection(cache_cluster.address) as cloud:
+        cloud.put_object(key, numbers)
+        change = cloud.register(change_in_place, "change_in_place")
+        refs = [CloudburstReference(key), CloudburstReference(key)]
+        # Both references of a call give one object, as in the original runtime; what a
+        # call changes in it is its own: every later call sees the stored value.
+        for _ in range(4):
+            assert change(*refs).get(timeout=60) == (True, 5.0, 6.0)
+        cached_on = holder(cache_cluster, key)
+        hits = statuses(cache_cluster)[cached_on].cache.hits
+        numbers[0] = 7.0
+        cloud.put_object(key, numbers)
+        assert change(*refs).get(timeout=60) == (True, 7.0, 8.0), "the new value, not a kept one"
+        assert change(*refs).get(timeout=60) == (True, 7.0, 8.0)
+        assert statuses(cache_cluster)[cached_on].cache.hits > hits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
@@ -10,7 +11,7 @@ import pytest
 
 from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
 from cloudburst.v1 import executor_service_pb2, lattice_pb2, value_pb2
-from cloudburst_executors.cache import ValueCache, read_reference
+from cloudburst_executors.cache import ValueCache, handout, read_reference
 from cloudburst_grpc.kvs_access import SYSTEM, USER
 from cloudburst_kvs.access import InProcessKvs
 from cloudburst_kvs.storage import MemoryEngine
@@ -160,6 +161,77 @@ async def test_least_recently_used_values_go_first_within_the_budget(
         assert "huge" not in cache.keys(), "a value over the whole budget is not cached"
     finally:
         await cache.close()
+
+
+async def test_a_kept_decoded_value_lasts_as_long_as_its_cached_value(
+    cache: ValueCache, store: LatticeStore
+) -> None:
+    await store.put(USER, "k", value_of(b"old" * 1000))
+    lattice = await cache.get("k")
+    assert lattice is not None
+    before = cache.stats().bytes
+    kept = handout(lattice_value(lattice))
+    assert kept is not None
+    cache.keep("k", lattice, *kept)
+    assert cache.stats().bytes == before + 3000, "the kept value counts against the budget"
+    again = await cache.get("k")
+    assert again is lattice
+    hand_out = cache.kept("k", again)
+    assert hand_out is not None and hand_out() == b"old" * 1000
+    await store.put(USER, "k", value_of(b"new"))
+    await until(lambda: cache._entries["k"].lattice is not lattice)
+    newer = await cache.get("k")
+    assert newer is not None
+    assert cache.kept("k", newer) is None, "a new value is decoded anew"
+    assert cache.kept("k", lattice) is None
+    assert cache.stats().bytes < before
+
+
+async def test_a_kept_value_that_does_not_fit_the_budget_is_not_kept(
+    kvs: CountingKvs, store: LatticeStore
+) -> None:
+    cache = ValueCache(kvs, max_bytes=3000, name="small")
+    try:
+        await store.put(USER, "k", value_of(b"x" * 2000))
+        lattice = await cache.get("k")
+        assert lattice is not None
+        cache.keep("k", lattice, lambda: b"x" * 2000, 2000)
+        assert cache.kept("k", lattice) is None
+        assert cache.keys() == ["k"], "the cached value itself stays"
+    finally:
+        await cache.close()
+
+
+def test_only_values_each_call_can_own_cheaply_are_handed_out_again() -> None:
+    assert handout([1, 2]) is None, "a list may hold objects a function changes"
+    assert handout({"a": 1}) is None
+    text = handout("text")
+    assert text is not None and text[0]() == "text"
+    buffer = bytearray(b"abc")
+    given = handout(buffer)
+    assert given is not None
+    buffer[0] = ord("z")  # the original belongs to the call that decoded it
+    first, second = given[0](), given[0]()
+    assert first == second == bytearray(b"abc")
+    first[1] = ord("y")
+    assert given[0]() == bytearray(b"abc"), "each call gets a copy of its own"
+    numbers = array.array("d", [1.0, 2.0])
+    handed = handout(numbers)
+    assert handed is not None and handed[1] == 16
+    copy_of = handed[0]()
+    copy_of[0] = 9.0
+    assert handed[0]() == array.array("d", [1.0, 2.0])
+
+
+def test_numpy_arrays_of_numbers_are_copied_and_of_objects_not_kept() -> None:
+    numpy = pytest.importorskip("numpy")
+    values = numpy.arange(4, dtype="float64")
+    handed = handout(values)
+    assert handed is not None and handed[1] == 32
+    mine = handed[0]()
+    mine[0] = 7.0
+    assert handed[0]()[0] == 0.0
+    assert handout(numpy.array([[1], "a"], dtype=object)) is None
 
 
 async def test_listeners_hear_every_key_then_the_changes(
