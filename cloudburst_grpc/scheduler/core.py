@@ -462,13 +462,18 @@ class Scheduler:
         call_id = new_call_id()
         _check_delivery(request)
         response_key = "" if request.direct_response else (request.response_key or call_id)
-        result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
-        await self._start_dag(
-            _DagCall(request, response_key, self._timeout(timeout), trace_context),
-            call_id,
-            result,
-            None,
-        )
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
+        call = _DagCall(request, response_key, self._timeout(timeout), trace_context)
+        if want_outcome and response_key:
+            # The sink answers before it stores; a release of the result waits for the store.
+            call.stored = loop.create_future()
+            self.releaser.storing(response_key, call.stored)
+        try:
+            await self._start_dag(call, call_id, result, None)
+        except BaseException:
+            call.settle_stored()  # nothing will be stored
+            raise
         if expire and response_key and not request.response_key:
             self.releaser.expire_later(response_key)
         return Accepted(response_key, result if want_outcome else None)
@@ -563,6 +568,9 @@ class Scheduler:
             if failed or result.done():
                 return  # this run failed already (and may have been run again)
             failed = True
+            attempt, call.attempt = call.attempt, None  # this run's sink will report no store
+            if attempt is not None:
+                attempt.cancel()
             if retries > 0 and type(error) is UnavailableError:
                 logger.warning(
                     "DAG call %s of %s runs again (%d retries left): %s",
@@ -588,9 +596,16 @@ class Scheduler:
                 result.set_result(future.result())
 
         watch = self.pool.track(schedule.placements.values(), on_lost)
-        self.pool.peer(schedule.placements[sink]).expect_result(
-            call_id, call.limit
-        ).add_done_callback(on_sink)
+        peer = self.pool.peer(schedule.placements[sink])
+        if call.stored is not None:
+            attempt = call.attempt = peer.expect_stored(call.response_key)
+
+            def on_stored(_: object) -> None:
+                if call.attempt is attempt:  # not a run that failed meanwhile
+                    call.settle_stored()
+
+            attempt.add_done_callback(on_stored)
+        peer.expect_result(call_id, call.limit).add_done_callback(on_sink)
 
     async def _retry_dag(
         self, call: _DagCall, result: asyncio.Future[execution_pb2.Outcome], retries: int
@@ -606,6 +621,7 @@ class Scheduler:
         result: asyncio.Future[execution_pb2.Outcome],
         error: CloudburstError,
     ) -> None:
+        call.settle_stored()  # no sink will report a store any more
         if result.done():
             return
         result.set_result(execution_pb2.Outcome(error=error_to_call_error(error)))
@@ -731,6 +747,15 @@ class _DagCall:
     response_key: str
     limit: float
     trace_context: Mapping[str, str] | None
+    stored: asyncio.Future[None] | None = None
+    """Set when the caller may release the result: settles once it is stored (or cannot be)."""
+    attempt: asyncio.Future[None] | None = None
+    """The current run's sink's report of the store."""
+
+    def settle_stored(self) -> None:
+        """The result is stored, or will not be: releases of it need not wait any more."""
+        if self.stored is not None and not self.stored.done():
+            self.stored.set_result(None)
 
 
 @dataclass

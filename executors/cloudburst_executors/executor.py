@@ -90,7 +90,7 @@ class Executor:
         self.active_calls = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.storing: dict[str, asyncio.Future[None]] = {}
-        """Results of direct calls answered already and being stored, by response key."""
+        """Results answered already and being stored (direct calls, DAG sinks), by response key."""
         self._closed = False
         telemetry.observe_executor(self)
 
@@ -268,7 +268,7 @@ class Executor:
         return response
 
     def _store_after(self, key: str, outcome: execution_pb2.Outcome) -> None:
-        """Store a direct call's outcome once it is answered (see :attr:`storing`)."""
+        """Store an outcome answered first (see :attr:`storing`)."""
         task = asyncio.ensure_future(self._store(key, outcome))
         self.storing[key] = task
         self._tasks.add(task)
@@ -346,7 +346,9 @@ class Executor:
                 self._pool,
                 self._max_payload_bytes,
             )
-        await results.deliver(schedule, outcome, self._kvs, self._clock, self.results)
+        await results.deliver(
+            schedule, outcome, self._kvs, self._clock, self.results, self._store_after
+        )
 
     async def _stage_outcome(self, ready: RunStage) -> tuple[str, execution_pb2.Outcome]:
         """Run a stage and the chain after it; return the function that ran last, its outcome."""

@@ -1,11 +1,16 @@
-"""Delivering a DAG call's result: to the KVS and/or to the scheduler waiting for it."""
+"""Delivering a DAG call's result: to the KVS and/or to the scheduler waiting for it.
+
+A result both stored and awaited is answered first and stored right after, as a
+one-shot call's is: the scheduler learns of the store from a ``ResultStored``
+frame (see :meth:`ResultRouter.stored_key`) and holds deletes of the key until then.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError
@@ -32,6 +37,8 @@ class ResultRouter:
             str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
         ] = {}
         self._parked: dict[str, execution_pb2.Outcome] = {}
+        self._stored_keys: dict[str, str] = {}
+        """Response keys of results answered before being stored, by call id."""
 
     def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Return a future for the call's result; it fails after ``timeout`` seconds."""
@@ -55,17 +62,41 @@ class ResultRouter:
         self._waiters[call_id] = (future, loop.call_later(timeout, expire))
         return future
 
-    def deliver(self, call_id: str, outcome: execution_pb2.Outcome, keep_for: float) -> None:
-        """Hand a result to its waiter, or park it for up to ``keep_for`` seconds."""
+    def deliver(
+        self,
+        call_id: str,
+        outcome: execution_pb2.Outcome,
+        keep_for: float,
+        stored_key: str = "",
+    ) -> None:
+        """Hand a result to its waiter, or park it for up to ``keep_for`` seconds.
+
+        ``stored_key``: the result is being stored there (see :meth:`stored_key`).
+        """
         waiting = self._waiters.pop(call_id, None)
         if waiting is not None:
             future, expiry = waiting
             expiry.cancel()
             if not future.done():
+                if stored_key:
+                    self._stored_keys[call_id] = stored_key
                 future.set_result(outcome)
             return
+        if stored_key:
+            self._stored_keys[call_id] = stored_key
         self._parked[call_id] = outcome
-        asyncio.get_running_loop().call_later(max(keep_for, 0.0), self._parked.pop, call_id, None)
+        asyncio.get_running_loop().call_later(max(keep_for, 0.0), self._forget, call_id)
+
+    def _forget(self, call_id: str) -> None:
+        self._parked.pop(call_id, None)
+        self._stored_keys.pop(call_id, None)
+
+    def stored_key(self, call_id: str) -> str:
+        """Once: where the result of ``call_id``, answered first, is being stored ("" if not).
+
+        Whoever routed the result to its waiter reports the store to it.
+        """
+        return self._stored_keys.pop(call_id, "")
 
     def __len__(self) -> int:
         return len(self._waiters) + len(self._parked)
@@ -113,17 +144,28 @@ async def deliver(
     kvs: KvsAccess,
     clock: LwwClock,
     results: ResultRouter,
+    store_after: Callable[[str, execution_pb2.Outcome], None] | None = None,
 ) -> None:
-    """Deliver a DAG sink's outcome: store it and/or route it to the waiting scheduler."""
+    """Deliver a DAG sink's outcome: store it and/or route it to the waiting scheduler.
+
+    With ``store_after``, a result also awaited is routed first and handed to
+    ``store_after`` to be stored (and reported stored) after.
+    """
     if schedule.HasField("start_time"):
         elapsed = time.time() - schedule.start_time.ToNanoseconds() / 1e9
         telemetry.DAG_DURATION.record(max(elapsed, 0.0), {"dag": schedule.dag.name})
     telemetry.DAG_CALLS.add(
         1, {"dag": schedule.dag.name, "outcome": outcome.WhichOneof("result") or ""}
     )
-    if schedule.response_key:
+    key = schedule.response_key
+    if key and schedule.direct_response and store_after is not None:
+        remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
+        store_after(key, outcome)  # registered as being stored before anyone hears of it
+        results.deliver(schedule.call_id, outcome, keep_for=remaining, stored_key=key)
+        return
+    if key:
         try:
-            await store(kvs, clock, schedule.response_key, outcome)
+            await store(kvs, clock, key, outcome)
         except CloudburstError:
             logger.exception("call %s: cannot store the result", schedule.call_id)
     if schedule.direct_response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -98,6 +98,17 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             answers.put_nowait(
                 executor_service_pb2.StreamTriggersResponse(
                     dag_result=executor_service_pb2.DagResult(call_id=call_id, outcome=outcome)
+                )
+            )
+            key = executor.results.stored_key(call_id)
+            if key:
+                # Answered first, stored after: the opener holds deletes of the key until now.
+                when_stored(executor, key, functools.partial(report_stored, key))
+
+        def report_stored(key: str) -> None:
+            answers.put_nowait(
+                executor_service_pb2.StreamTriggersResponse(
+                    result_stored=executor_service_pb2.ResultStored(response_key=key)
                 )
             )
 
@@ -218,7 +229,12 @@ class LocalExecutorPeer:
         """Settles once the call's result is stored (after its answer)."""
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._stored[response_key] = stored
+        stored.add_done_callback(functools.partial(self._forget_stored, response_key))
         return stored
+
+    def _forget_stored(self, response_key: str, stored: asyncio.Future[None]) -> None:
+        if self._stored.get(response_key) is stored:
+            del self._stored[response_key]
 
     async def trigger(self, trigger: execution_pb2.Trigger) -> None:
         """Hand a trigger to the executor."""
@@ -226,7 +242,15 @@ class LocalExecutorPeer:
 
     def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Register for a direct-response result."""
-        return self._executor.results.expect(call_id, timeout)
+        future = self._executor.results.expect(call_id, timeout)
+        future.add_done_callback(functools.partial(self._routed, call_id))
+        return future
+
+    def _routed(self, call_id: str, _: object) -> None:
+        key = self._executor.results.stored_key(call_id)
+        stored = self._stored.pop(key, None) if key else None
+        if stored is not None:
+            when_stored(self._executor, key, lambda: _settle(stored, None))
 
     async def pin(self, function_name: str, version: int) -> None:
         """Pin a function."""
@@ -247,3 +271,12 @@ class LocalExecutorPeer:
 def _settle(future: asyncio.Future[None], _: object) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def when_stored(executor: Executor, key: str, then: Callable[[], None]) -> None:
+    """Run ``then`` once the result being stored at ``key`` is stored (at once if it is)."""
+    storing = executor.storing.get(key)
+    if storing is None or storing.done():
+        then()
+    else:
+        storing.add_done_callback(lambda _: then())

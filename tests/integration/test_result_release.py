@@ -12,6 +12,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from cloudburst import CloudburstConnection
 from cloudburst.v1 import lattice_pb2
@@ -209,3 +210,48 @@ def test_results_are_released_in_a_cluster_of_servers(cluster: Cluster) -> None:
         del future
         wait_deleted(cluster.kvs, cluster.loop, keys)
         assert cloud.get_object(kept.obj_id) == 1
+
+
+def test_a_dag_result_released_before_it_is_stored_is_deleted_after_the_store(
+    cluster: Cluster,
+) -> None:
+    """The sink answers first; a release that overtakes the store waits for it."""
+    scheduler = cluster.scheduler.scheduler
+    assert scheduler is not None
+    gate = asyncio.Event()
+
+    def slow_stores(executor: Any) -> None:
+        store = executor._store
+
+        async def after_the_gate(key: str, outcome: Any) -> None:
+            await gate.wait()
+            await store(key, outcome)
+
+        executor._store = after_the_gate
+
+    for node in cluster.executors:
+        for executor in node.executors:
+            slow_stores(executor)
+    with CloudburstConnection(cluster.scheduler.address) as cloud:
+        cloud.register(lambda _, a: a + 1, "incr")
+        cloud.register(lambda _, a: a * a, "square")
+        cloud.register_dag("chain", ["incr", "square"], [("incr", "square")])
+        future = cloud.call_dag("chain", {"incr": 1})
+        key = future.obj_id
+        assert future.get(timeout=30) == 4, "answered while its store waits"
+        del future
+        gc.collect()
+        deadline = time.monotonic() + 20
+        while key not in scheduler.releaser._held:
+            assert time.monotonic() < deadline, "the release was not held for the store"
+            time.sleep(0.01)
+        assert not stored(cluster.kvs, key)
+        cluster.loop.loop.call_soon_threadsafe(gate.set)
+
+        def storing() -> bool:
+            return any(e.storing for node in cluster.executors for e in node.executors)
+
+        deadline = time.monotonic() + 20
+        while storing() or stored(cluster.kvs, key):  # stored, then deleted
+            assert time.monotonic() < deadline, "the result was not deleted after its store"
+            time.sleep(0.01)

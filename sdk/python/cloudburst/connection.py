@@ -835,6 +835,8 @@ class CloudburstConnection:
         )
         if direct_response:
             return self._decode(pending.wait_outcome(limit))
+        if pending.outcome is not None:
+            pending.outcome.add_done_callback(functools.partial(self._was_answered, pending))
         return CloudburstFuture(pending.response_key, self, pending, owned=frame.releasable)
 
     # -- KVS -----------------------------------------------------------------------
