@@ -66,6 +66,8 @@ MAX_NAME_LENGTH = 256
 MAX_DAG_FUNCTIONS = 1000
 #: The most times a call may run again after losing its executor (``retries`` at registration).
 MAX_RETRIES = 10
+#: Seconds past a DAG call's deadline after which its result will not be stored any more.
+STORE_GRACE_SECONDS = 10.0
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 
 
@@ -466,9 +468,12 @@ class Scheduler:
         result: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
         call = _DagCall(request, response_key, self._timeout(timeout), trace_context)
         if want_outcome and response_key:
-            # The sink answers before it stores; a release of the result waits for the store.
+            # The sink answers before it stores; a release of the result waits for the store,
+            # at most until a while after the call's deadline (a sink that never delivered).
             call.stored = loop.create_future()
             self.releaser.storing(response_key, call.stored)
+            timer = loop.call_later(call.limit + STORE_GRACE_SECONDS, call.settle_stored)
+            call.stored.add_done_callback(lambda _: timer.cancel())
         try:
             await self._start_dag(call, call_id, result, None)
         except BaseException:
