@@ -41,6 +41,7 @@ import contextlib
 import copy
 import functools
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -442,7 +443,7 @@ def handout(value: Any) -> tuple[Callable[[], Any], int] | None:
     """
     kind = type(value)
     if kind is bytes or kind is str:
-        return functools.partial(_same, value), len(value)
+        return functools.partial(_same, value), sys.getsizeof(value)
     if kind is bytearray or kind is array.array:
         private = copy.copy(value)
         return functools.partial(copy.copy, private), memoryview(private).nbytes

@@ -173,7 +173,7 @@ async def test_a_kept_decoded_value_lasts_as_long_as_its_cached_value(
     kept = handout(lattice_value(lattice))
     assert kept is not None
     cache.keep("k", lattice, *kept)
-    assert cache.stats().bytes == before + 3000, "the kept value counts against the budget"
+    assert cache.stats().bytes >= before + 3000, "the kept value counts against the budget"
     again = await cache.get("k")
     assert again is lattice
     hand_out = cache.kept("k", again)
