@@ -20,6 +20,7 @@ from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.streams import OutboxStream
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
+from cloudburst_grpc.schedules import SentSchedules
 from cloudburst_grpc.security.identity import EXECUTOR
 from cloudburst_grpc.security.tls import CertificateSource
 from cloudburst_grpc.server import PeerChannel
@@ -57,8 +58,14 @@ class ExecutorPeer(Protocol):
         """Run one function call and return when it has finished."""
         ...
 
-    async def trigger(self, trigger: execution_pb2.Trigger) -> None:
-        """Send a DAG trigger; triggers to one peer arrive in the order sent."""
+    async def trigger(
+        self, trigger: execution_pb2.Trigger, schedule: execution_pb2.DagSchedule
+    ) -> None:
+        """Send a DAG trigger (without a schedule) of the call ``schedule`` places.
+
+        Triggers to one peer arrive in the order sent. Across processes the
+        schedule crosses each stream once per call (see :mod:`cloudburst_grpc.schedules`).
+        """
         ...
 
     def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
@@ -123,6 +130,10 @@ class RemoteExecutorPeer:
         self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}
         self._results: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
         self._stored: dict[str, asyncio.Future[None]] = {}
+        self.schedules = SentSchedules()
+        """The schedules the current stream carried (triggers after the first refer to them)."""
+        self._schedules_stream = 0
+        """The number of the stream ``schedules`` is about."""
         self._stream: OutboxStream[
             executor_service_pb2.StreamTriggersRequest, executor_service_pb2.StreamTriggersResponse
         ] = OutboxStream(
@@ -204,9 +215,22 @@ class RemoteExecutorPeer:
         finally:
             self._answers.pop(sequence, None)
 
-    async def trigger(self, trigger: execution_pb2.Trigger) -> None:
-        """Queue a trigger on the stream (never waits on a peer that stopped reading)."""
-        self._stream.send(executor_service_pb2.StreamTriggersRequest(trigger=trigger))
+    async def trigger(
+        self, trigger: execution_pb2.Trigger, schedule: execution_pb2.DagSchedule
+    ) -> None:
+        """Queue a trigger on the stream (never waits on a peer that stopped reading).
+
+        It carries ``schedule`` the first time the call goes on the current stream
+        and refers to it by call id after that.
+        """
+        stream = self._stream.open()
+        if stream != self._schedules_stream:
+            self._schedules_stream = stream
+            self.schedules.reset()
+        frame = executor_service_pb2.StreamTriggersRequest()
+        frame.trigger.CopyFrom(trigger)
+        self.schedules.fill(frame.trigger, schedule)
+        self._stream.send(frame)
 
     def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Register for the sink's result and tell the executor to route it here."""

@@ -62,8 +62,8 @@ from cloudburst_grpc.scheduler.release import ResultReleaser
 logger = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 256
-#: The most functions one DAG may list.
-MAX_DAG_FUNCTIONS = 1000
+#: The most functions one DAG may list (a call's cost grows linearly with them).
+MAX_DAG_FUNCTIONS = 10_000
 #: The most times a call may run again after losing its executor (``retries`` at registration).
 MAX_RETRIES = 10
 #: Seconds past a DAG call's deadline after which its result will not be stored any more.
@@ -534,19 +534,17 @@ class Scheduler:
             else None
         )
         with telemetry.span(f"schedule {request.name}", call.trace_context, attributes):
-            # The schedule is placed straight into the first source's trigger (one copy less).
-            first = execution_pb2.Trigger()
-            schedule = first.schedule
+            schedule = execution_pb2.DagSchedule()
             sink = await self._place_dag(request, call_id, call.response_key, call.limit, schedule)
             self._follow_dag(
                 call, schedule, sink, result, schedule.dag.retries if retries is None else retries
             )
-            for index, source in enumerate(self._sources(schedule)):
-                executor_id = schedule.placements[source]
-                trigger = first if index == 0 else execution_pb2.Trigger(schedule=schedule)
-                trigger.target_function = source
+            # Each peer sends the schedule once per stream (a source's trigger refers to it
+            # after that), so many sources on one executor do not each carry the whole DAG.
+            for source in self._sources(schedule):
+                trigger = execution_pb2.Trigger(target_function=source, call_id=call_id)
                 telemetry.inject(trigger.trace_context)
-                await self.pool.peer(executor_id).trigger(trigger)
+                await self.pool.peer(schedule.placements[source]).trigger(trigger, schedule)
 
     def _follow_dag(
         self,

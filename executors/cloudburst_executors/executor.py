@@ -1,8 +1,9 @@
 """The executor: loads functions, admits calls and drives DAG stages over the network.
 
 A one-shot call resolves its arguments, runs (see :mod:`executors.invocation`)
-and stores or returns its outcome. A DAG call arrives as triggers that each
-carry the whole schedule; :mod:`executors.stages` decides when a stage runs
+and stores or returns its outcome. A DAG call arrives as triggers, each with
+the call's schedule (carried once per stream and call, referred to after: see
+:mod:`cloudburst_grpc.schedules`); :mod:`executors.stages` decides when a stage runs
 and where its outcome goes, and this module does what it says: runs the
 stage, triggers the downstreams directly on their executors (the scheduler is
 out of the data path), and has the sink deliver the result (see
@@ -290,12 +291,19 @@ class Executor:
 
     # -- DAG stages ----------------------------------------------------------------
 
-    def trigger(self, trigger: execution_pb2.Trigger) -> None:
-        """Accept a trigger; run the stage once every upstream has reported."""
+    def trigger(
+        self,
+        trigger: execution_pb2.Trigger,
+        schedule: execution_pb2.DagSchedule | None = None,
+    ) -> None:
+        """Accept a trigger of the call ``schedule`` places (by default the trigger's own).
+
+        The stage runs once every upstream has reported.
+        """
         if self._closed:
             logger.warning("executor %s dropped a trigger while shutting down", self.executor_id)
             return
-        ready = self._stages.trigger(trigger)
+        ready = self._stages.trigger(trigger, schedule)
         if ready is not None:
             self._spawn(self._run_stage(ready))
             return
@@ -393,18 +401,15 @@ class Executor:
     async def _forward(self, forward: Forward) -> None:
         """Trigger a downstream stage, here or on its executor."""
         schedule = forward.schedule
-        trigger = execution_pb2.Trigger(
-            schedule=schedule, target_function=forward.target, upstream_function=forward.upstream
-        )
-        trigger.outcome.CopyFrom(forward.outcome)
+        trigger = forward.trigger()
         telemetry.inject(trigger.trace_context)
         if forward.local:
-            self.trigger(trigger)
+            self.trigger(trigger, schedule)
             return
         executor_id = forward.executor_id
         try:
             peer = self._peers.get(executor_id, schedule.executor_addresses[executor_id])
-            await peer.trigger(trigger)
+            await peer.trigger(trigger, schedule)
         except CloudburstError as exc:
             logger.warning("call %s: cannot reach %s: %s", schedule.call_id, executor_id, exc)
             outcome = execution_pb2.Outcome(error=error_to_call_error(exc))

@@ -13,6 +13,7 @@ from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
 from cloudburst_executors.executor import Executor
 from cloudburst_grpc.failures import error_to_call_error
+from cloudburst_grpc.schedules import ReceivedSchedules
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         answers: asyncio.Queue[executor_service_pb2.StreamTriggersResponse | None] = asyncio.Queue()
         pending: set[asyncio.Future[object]] = set()
         executor = self._executor
+        schedules = ReceivedSchedules()
+        """The schedules this stream carried, for the triggers that refer to them."""
 
         def track(future: asyncio.Future[object]) -> None:
             pending.add(future)
@@ -121,7 +124,15 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                         raise InvalidArgumentError("the first StreamTriggers frame must be hello")
                     first = False
                     if kind == "trigger":
-                        executor.trigger(frame.trigger)
+                        schedule = schedules.resolve(frame.trigger)
+                        if schedule is None:
+                            logger.warning(
+                                "call %s: a trigger for %s came after the call's deadline; dropped",
+                                frame.trigger.call_id,
+                                frame.trigger.target_function,
+                            )
+                        else:
+                            executor.trigger(frame.trigger, schedule)
                     elif kind == "execute_function":
                         # Not tracked: a call outlives its caller's stream (the caller, e.g.
                         # a scheduler that died, may wait on the stored result instead).
@@ -236,9 +247,11 @@ class LocalExecutorPeer:
         if self._stored.get(response_key) is stored:
             del self._stored[response_key]
 
-    async def trigger(self, trigger: execution_pb2.Trigger) -> None:
-        """Hand a trigger to the executor."""
-        self._executor.trigger(trigger)
+    async def trigger(
+        self, trigger: execution_pb2.Trigger, schedule: execution_pb2.DagSchedule
+    ) -> None:
+        """Hand a trigger and its call's schedule to the executor (neither is copied)."""
+        self._executor.trigger(trigger, schedule)
 
     def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Register for a direct-response result."""

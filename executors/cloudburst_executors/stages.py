@@ -1,6 +1,7 @@
 """The DAG stages of one executor, as pure code: joins, expiry, routing and chains.
 
-A DAG call arrives as triggers, each carrying the whole schedule. A stage runs
+A DAG call arrives as triggers, each with the call's schedule (which the
+trigger carries, or refers to: see :mod:`cloudburst_grpc.schedules`). A stage runs
 once every upstream's trigger has arrived (a source at once); when it has run,
 its outcome goes to each downstream, or, from the sink, to the caller. A
 failure upstream is not run on: it becomes the stage's outcome and so, in the
@@ -76,6 +77,21 @@ class Forward:
     local: bool
     """Whether ``executor_id`` is this executor."""
 
+    def trigger(self) -> execution_pb2.Trigger:
+        """The trigger to send, without the schedule, which goes along by reference.
+
+        Copying the schedule into every trigger would cost the size of the DAG per
+        stage; a remote peer sends it once per stream and call instead (see
+        :mod:`cloudburst_grpc.schedules`).
+        """
+        made = execution_pb2.Trigger(
+            target_function=self.target,
+            upstream_function=self.upstream,
+            call_id=self.schedule.call_id,
+        )
+        made.outcome.CopyFrom(self.outcome)
+        return made
+
 
 @dataclass(slots=True)
 class Deliver:
@@ -121,17 +137,22 @@ class StageState:
         """A heap of (deadline, serial, key) per join opened; stale entries are skipped."""
         self._serials = itertools.count()
 
-    def trigger(self, trigger: execution_pb2.Trigger) -> RunStage | None:
+    def trigger(
+        self, trigger: execution_pb2.Trigger, schedule: Schedule | None = None
+    ) -> RunStage | None:
         """A trigger arrived: the stage to run now, or None while it waits for more.
 
-        A trigger without an upstream starts a source. A repeated trigger from
-        an upstream replaces the earlier one until the stage runs; one that
-        comes after opens a new wait, which expires.
+        ``schedule`` is the call's schedule (by default the one the trigger
+        carries); it is kept by reference, never copied, so the work per trigger
+        does not grow with the DAG. A trigger without an upstream starts a
+        source. A repeated trigger from an upstream replaces the earlier one
+        until the stage runs; one that comes after opens a new wait, which expires.
 
         Raises:
             KeyError: The trigger names a function its DAG does not have.
         """
-        schedule = trigger.schedule
+        if schedule is None:
+            schedule = trigger.schedule
         topo = self.topologies.get(schedule.dag)
         target = trigger.target_function
         upstream = trigger.upstream_function

@@ -102,6 +102,8 @@ class OutboxStream(Generic[Request, Response]):
         self._reader: asyncio.Task[None] | None = None
         self._writers: set[asyncio.Task[None]] = set()
         self.closed = False
+        self.opened = 0
+        """How many streams were opened so far (the number of the current one, while open)."""
 
     @property
     def is_open(self) -> bool:
@@ -114,10 +116,23 @@ class OutboxStream(Generic[Request, Response]):
         outgoing = self._outgoing
         if outgoing is None:
             outgoing = self._outgoing = _Outgoing(self._open_call())
+            self.opened += 1
             self._reader = asyncio.create_task(self._read(outgoing))
             if self._first_frame is not None:
                 self._hand_off(outgoing, self._first_frame())
         return outgoing
+
+    def open(self) -> int:
+        """Open a stream unless one is open; return its number (see :attr:`opened`).
+
+        Frames sent before the caller next awaits go on that stream, so a sender
+        can tell which stream carried what (it starts from nothing on a new one).
+
+        Raises:
+            UnavailableError: The stream was closed for good.
+        """
+        self._open()
+        return self.opened
 
     def send(self, frame: Request) -> None:
         """Send a frame, opening the stream if needed (call on the loop).

@@ -126,7 +126,9 @@ func (*Outcome_Failure) isOutcome_Result() {}
 
 func (*Outcome_Error) isOutcome_Result() {}
 
-// DagSchedule is a placed DAG call; it travels with every trigger so no stage waits for it separately.
+// DagSchedule is a placed DAG call. It travels with the first trigger of the call on each trigger
+// stream, so no stage waits for it separately; later triggers of the call on that stream name it
+// by call_id (see Trigger).
 type DagSchedule struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The unique id of the call.
@@ -274,7 +276,9 @@ func (x *DagSchedule) GetAcceptSerializers() []Serializer {
 // Trigger starts or feeds one stage of a DAG call.
 type Trigger struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The call the trigger belongs to.
+	// The call the trigger belongs to. Set in the first trigger of the call on a trigger stream, and
+	// whenever the sender no longer counts the schedule as remembered (see docs/protocol.md); unset
+	// otherwise, and then call_id names a schedule sent earlier on the same stream.
 	Schedule *DagSchedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
 	// The function the trigger is for.
 	TargetFunction string `protobuf:"bytes,2,opt,name=target_function,json=targetFunction,proto3" json:"target_function,omitempty"`
@@ -283,7 +287,10 @@ type Trigger struct {
 	// The upstream's outcome; unset for a start trigger.
 	Outcome *Outcome `protobuf:"bytes,4,opt,name=outcome,proto3" json:"outcome,omitempty"`
 	// The W3C trace context of the span that sent the trigger (the upstream stage or the scheduler).
-	TraceContext  map[string]string `protobuf:"bytes,5,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	TraceContext map[string]string `protobuf:"bytes,5,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The id of the call; required when schedule is unset (a reference to the schedule sent
+	// earlier on the same stream), and equal to schedule.call_id when both are set.
+	CallId        string `protobuf:"bytes,6,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -353,6 +360,13 @@ func (x *Trigger) GetTraceContext() map[string]string {
 	return nil
 }
 
+func (x *Trigger) GetCallId() string {
+	if x != nil {
+		return x.CallId
+	}
+	return ""
+}
+
 var File_cloudburst_v1_execution_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_execution_proto_rawDesc = "" +
@@ -391,13 +405,14 @@ const file_cloudburst_v1_execution_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\v2\x1b.cloudburst.v1.ArgumentListR\x05value:\x028\x01\x1aC\n" +
 	"\x15FunctionVersionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xd9\x02\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xf2\x02\n" +
 	"\aTrigger\x126\n" +
 	"\bschedule\x18\x01 \x01(\v2\x1a.cloudburst.v1.DagScheduleR\bschedule\x12'\n" +
 	"\x0ftarget_function\x18\x02 \x01(\tR\x0etargetFunction\x12+\n" +
 	"\x11upstream_function\x18\x03 \x01(\tR\x10upstreamFunction\x120\n" +
 	"\aoutcome\x18\x04 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\x12M\n" +
-	"\rtrace_context\x18\x05 \x03(\v2(.cloudburst.v1.Trigger.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\rtrace_context\x18\x05 \x03(\v2(.cloudburst.v1.Trigger.TraceContextEntryR\ftraceContext\x12\x17\n" +
+	"\acall_id\x18\x06 \x01(\tR\x06callId\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x8f\x01\n" +

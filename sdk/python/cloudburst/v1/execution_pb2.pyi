@@ -62,7 +62,10 @@ Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
 class DagSchedule(_message.Message):
-    """DagSchedule is a placed DAG call; it travels with every trigger so no stage waits for it separately."""
+    """DagSchedule is a placed DAG call. It travels with the first trigger of the call on each trigger
+    stream, so no stage waits for it separately; later triggers of the call on that stream name it
+    by call_id (see Trigger).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -254,13 +257,21 @@ class Trigger(_message.Message):
     UPSTREAM_FUNCTION_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
     target_function: _builtins.str
     """The function the trigger is for."""
     upstream_function: _builtins.str
     """The upstream function that produced outcome; empty for a source's start trigger."""
+    call_id: _builtins.str
+    """The id of the call; required when schedule is unset (a reference to the schedule sent
+    earlier on the same stream), and equal to schedule.call_id when both are set.
+    """
     @_builtins.property
     def schedule(self) -> Global___DagSchedule:
-        """The call the trigger belongs to."""
+        """The call the trigger belongs to. Set in the first trigger of the call on a trigger stream, and
+        whenever the sender no longer counts the schedule as remembered (see docs/protocol.md); unset
+        otherwise, and then call_id names a schedule sent earlier on the same stream.
+        """
 
     @_builtins.property
     def outcome(self) -> Global___Outcome:
@@ -278,10 +289,11 @@ class Trigger(_message.Message):
         upstream_function: _builtins.str = ...,
         outcome: Global___Outcome | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "schedule", b"schedule", "target_function", b"target_function", "trace_context", b"trace_context", "upstream_function", b"upstream_function"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "outcome", b"outcome", "schedule", b"schedule", "target_function", b"target_function", "trace_context", b"trace_context", "upstream_function", b"upstream_function"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

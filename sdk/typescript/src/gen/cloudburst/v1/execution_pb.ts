@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cloudburst/v1/execution.proto.
  */
 export const file_cloudburst_v1_execution: GenFile = /*@__PURE__*/
-  fileDesc("Ch1jbG91ZGJ1cnN0L3YxL2V4ZWN1dGlvbi5wcm90bxINY2xvdWRidXJzdC52MSKQAQoHT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIULmNsb3VkYnVyc3QudjEuVmFsdWVIABIpCgdmYWlsdXJlGAIgASgLMhYuY2xvdWRidXJzdC52MS5GYWlsdXJlSAASKQoFZXJyb3IYAyABKAsyGC5jbG91ZGJ1cnN0LnYxLkNhbGxFcnJvckgAQggKBnJlc3VsdCLCBgoLRGFnU2NoZWR1bGUSDwoHY2FsbF9pZBgBIAEoCRIfCgNkYWcYAiABKAsyEi5jbG91ZGJ1cnN0LnYxLkRhZxI+CgpwbGFjZW1lbnRzGAMgAygLMiouY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5QbGFjZW1lbnRzRW50cnkSTQoSZXhlY3V0b3JfYWRkcmVzc2VzGAQgAygLMjEuY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5FeGVjdXRvckFkZHJlc3Nlc0VudHJ5Ek0KEmZ1bmN0aW9uX2FyZ3VtZW50cxgFIAMoCzIxLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25Bcmd1bWVudHNFbnRyeRJLChFmdW5jdGlvbl92ZXJzaW9ucxgGIAMoCzIwLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25WZXJzaW9uc0VudHJ5EhQKDHJlc3BvbnNlX2tleRgHIAEoCRIXCg9kaXJlY3RfcmVzcG9uc2UYCCABKAgSEAoIcmVwbHlfdG8YCSABKAkSMQoNZGVhZGxpbmVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAwgAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyGjEKD1BsYWNlbWVudHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjgKFkV4ZWN1dG9yQWRkcmVzc2VzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARpVChZGdW5jdGlvbkFyZ3VtZW50c0VudHJ5EgsKA2tleRgBIAEoCRIqCgV2YWx1ZRgCIAEoCzIbLmNsb3VkYnVyc3QudjEuQXJndW1lbnRMaXN0OgI4ARo3ChVGdW5jdGlvblZlcnNpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgEOgI4ASKKAgoHVHJpZ2dlchIsCghzY2hlZHVsZRgBIAEoCzIaLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUSFwoPdGFyZ2V0X2Z1bmN0aW9uGAIgASgJEhkKEXVwc3RyZWFtX2Z1bmN0aW9uGAMgASgJEicKB291dGNvbWUYBCABKAsyFi5jbG91ZGJ1cnN0LnYxLk91dGNvbWUSPwoNdHJhY2VfY29udGV4dBgFIAMoCzIoLmNsb3VkYnVyc3QudjEuVHJpZ2dlci5UcmFjZUNvbnRleHRFbnRyeRozChFUcmFjZUNvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQo8BChFjb20uY2xvdWRidXJzdC52MUIORXhlY3V0aW9uUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_error, file_cloudburst_v1_function, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
+  fileDesc("Ch1jbG91ZGJ1cnN0L3YxL2V4ZWN1dGlvbi5wcm90bxINY2xvdWRidXJzdC52MSKQAQoHT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIULmNsb3VkYnVyc3QudjEuVmFsdWVIABIpCgdmYWlsdXJlGAIgASgLMhYuY2xvdWRidXJzdC52MS5GYWlsdXJlSAASKQoFZXJyb3IYAyABKAsyGC5jbG91ZGJ1cnN0LnYxLkNhbGxFcnJvckgAQggKBnJlc3VsdCLCBgoLRGFnU2NoZWR1bGUSDwoHY2FsbF9pZBgBIAEoCRIfCgNkYWcYAiABKAsyEi5jbG91ZGJ1cnN0LnYxLkRhZxI+CgpwbGFjZW1lbnRzGAMgAygLMiouY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5QbGFjZW1lbnRzRW50cnkSTQoSZXhlY3V0b3JfYWRkcmVzc2VzGAQgAygLMjEuY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5FeGVjdXRvckFkZHJlc3Nlc0VudHJ5Ek0KEmZ1bmN0aW9uX2FyZ3VtZW50cxgFIAMoCzIxLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25Bcmd1bWVudHNFbnRyeRJLChFmdW5jdGlvbl92ZXJzaW9ucxgGIAMoCzIwLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25WZXJzaW9uc0VudHJ5EhQKDHJlc3BvbnNlX2tleRgHIAEoCRIXCg9kaXJlY3RfcmVzcG9uc2UYCCABKAgSEAoIcmVwbHlfdG8YCSABKAkSMQoNZGVhZGxpbmVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAwgAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyGjEKD1BsYWNlbWVudHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjgKFkV4ZWN1dG9yQWRkcmVzc2VzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARpVChZGdW5jdGlvbkFyZ3VtZW50c0VudHJ5EgsKA2tleRgBIAEoCRIqCgV2YWx1ZRgCIAEoCzIbLmNsb3VkYnVyc3QudjEuQXJndW1lbnRMaXN0OgI4ARo3ChVGdW5jdGlvblZlcnNpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgEOgI4ASKbAgoHVHJpZ2dlchIsCghzY2hlZHVsZRgBIAEoCzIaLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUSFwoPdGFyZ2V0X2Z1bmN0aW9uGAIgASgJEhkKEXVwc3RyZWFtX2Z1bmN0aW9uGAMgASgJEicKB291dGNvbWUYBCABKAsyFi5jbG91ZGJ1cnN0LnYxLk91dGNvbWUSPwoNdHJhY2VfY29udGV4dBgFIAMoCzIoLmNsb3VkYnVyc3QudjEuVHJpZ2dlci5UcmFjZUNvbnRleHRFbnRyeRIPCgdjYWxsX2lkGAYgASgJGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCjwEKEWNvbS5jbG91ZGJ1cnN0LnYxQg5FeGVjdXRpb25Qcm90b1ABWjFjbG91ZGJ1cnN0LWdycGMvc2RrL2dvL2Nsb3VkYnVyc3QvdjE7Y2xvdWRidXJzdHYxogIDQ1hYqgINQ2xvdWRidXJzdC5WMcoCDUNsb3VkYnVyc3RcVjHqAg5DbG91ZGJ1cnN0OjpWMWIGcHJvdG8z", [file_cloudburst_v1_error, file_cloudburst_v1_function, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
 
 /**
  * Outcome is what a call produced: a value, or the failure user code raised.
@@ -66,7 +66,9 @@ export const OutcomeSchema: GenMessage<Outcome> = /*@__PURE__*/
   messageDesc(file_cloudburst_v1_execution, 0);
 
 /**
- * DagSchedule is a placed DAG call; it travels with every trigger so no stage waits for it separately.
+ * DagSchedule is a placed DAG call. It travels with the first trigger of the call on each trigger
+ * stream, so no stage waits for it separately; later triggers of the call on that stream name it
+ * by call_id (see Trigger).
  *
  * @generated from message cloudburst.v1.DagSchedule
  */
@@ -170,7 +172,9 @@ export const DagScheduleSchema: GenMessage<DagSchedule> = /*@__PURE__*/
  */
 export type Trigger = Message<"cloudburst.v1.Trigger"> & {
   /**
-   * The call the trigger belongs to.
+   * The call the trigger belongs to. Set in the first trigger of the call on a trigger stream, and
+   * whenever the sender no longer counts the schedule as remembered (see docs/protocol.md); unset
+   * otherwise, and then call_id names a schedule sent earlier on the same stream.
    *
    * @generated from field: cloudburst.v1.DagSchedule schedule = 1;
    */
@@ -203,6 +207,14 @@ export type Trigger = Message<"cloudburst.v1.Trigger"> & {
    * @generated from field: map<string, string> trace_context = 5;
    */
   traceContext: { [key: string]: string };
+
+  /**
+   * The id of the call; required when schedule is unset (a reference to the schedule sent
+   * earlier on the same stream), and equal to schedule.call_id when both are set.
+   *
+   * @generated from field: string call_id = 6;
+   */
+  callId: string;
 };
 
 /**
