@@ -15,6 +15,7 @@ list (never in arrival order). A tuple result spreads into several arguments
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -159,17 +160,29 @@ def topology(functions: Sequence[str], connections: Iterable[tuple[str, str]]) -
 
 
 def _upstream_first(functions: Sequence[str], ups: dict[str, set[str]]) -> tuple[str, ...]:
-    """Order an acyclic graph so every function follows its upstreams, else as listed."""
+    """Order an acyclic graph so every function follows its upstreams, else as listed.
+
+    Of the functions whose upstreams are all placed, the one listed first goes
+    next; a heap keeps this O(n log n) in the size of the DAG.
+    """
+    order = {name: i for i, name in enumerate(functions)}
+    waiting = {name: len(ups[name]) for name in functions}
+    downs: dict[str, list[str]] = {name: [] for name in functions}
+    for name in functions:
+        for upstream in ups[name]:
+            downs[upstream].append(name)
+    ready = [order[name] for name in functions if not waiting[name]]
+    heapq.heapify(ready)
     placed: list[str] = []
-    done: set[str] = set()
-    while len(placed) < len(functions):
-        for name in functions:
-            if name not in done and ups[name] <= done:
-                placed.append(name)
-                done.add(name)
-                break
-        else:  # unreachable: topology() rejects cycles first
-            raise InvalidDagError("the DAG has a cycle")
+    while ready:
+        name = functions[heapq.heappop(ready)]
+        placed.append(name)
+        for downstream in downs[name]:
+            waiting[downstream] -= 1
+            if not waiting[downstream]:
+                heapq.heappush(ready, order[downstream])
+    if len(placed) < len(functions):  # unreachable: topology() rejects cycles first
+        raise InvalidDagError("the DAG has a cycle")
     return tuple(placed)
 
 

@@ -20,6 +20,7 @@ from cloudburst.v1 import (
     value_pb2,
 )
 from cloudburst_grpc.local import Node, start_local
+from cloudburst_grpc.scheduler.core import MAX_DAG_FUNCTIONS
 from harness import make_config
 
 #: The stream bound the flow-control test configures.
@@ -163,7 +164,7 @@ def test_a_garbage_failure_argument_is_an_invalid_argument(local_node: Node) -> 
     assert "Failure" in response.outcome.error.message
 
 
-@pytest.mark.parametrize("count", [500, 10_000])
+@pytest.mark.parametrize("count", [500, 5_000, MAX_DAG_FUNCTIONS + 1])
 def test_a_dag_of_many_unknown_functions_is_refused_with_a_short_reason(
     local_node: Node, count: int
 ) -> None:
@@ -175,7 +176,7 @@ def test_a_dag_of_many_unknown_functions_is_refused_with_a_short_reason(
     assert isinstance(error, InvalidDagError)
     assert len(str(error)) < 1000
     assert sum(len(k) + len(v) for k, v in error.metadata.items()) < 1000
-    if count <= 1000:
+    if count <= MAX_DAG_FUNCTIONS:
         assert "'unknown-00000'" in str(error) and f"and {count - 10} more" in str(error)
     else:
-        assert "at most 1000" in str(error)
+        assert f"at most {MAX_DAG_FUNCTIONS}" in str(error)
