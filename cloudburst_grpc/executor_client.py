@@ -311,6 +311,10 @@ class PeerDirectory:
             self._remote[executor_id] = peer
         return peer
 
+    def remote(self, executor_id: str) -> ExecutorPeer | None:
+        """The remote peer of an executor, if one was opened (nothing is opened here)."""
+        return self._remote.get(executor_id)
+
     async def forget(self, executor_id: str) -> None:
         """Drop and close the remote peer of an executor that left."""
         peer = self._remote.pop(executor_id, None)

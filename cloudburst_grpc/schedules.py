@@ -86,6 +86,10 @@ class SentSchedules:
     def __init__(self, max_calls: int = MAX_SCHEDULES, max_bytes: int = MAX_SCHEDULE_BYTES) -> None:
         self._limits = (max_calls, max_bytes)
         self._account = ScheduleAccount(max_calls, max_bytes)
+        self.carried = 0
+        """Triggers filled so far that carried their schedule."""
+        self.referred = 0
+        """Triggers filled so far that referred to their schedule by call id."""
 
     def reset(self) -> None:
         """A new stream: it carried nothing yet."""
@@ -95,7 +99,9 @@ class SentSchedules:
         """Make ``trigger`` (without a schedule) carry ``schedule`` or refer to it by call id."""
         trigger.call_id = schedule.call_id
         if self._account.touch(schedule.call_id):
+            self.referred += 1
             return
+        self.carried += 1
         trigger.schedule.CopyFrom(schedule)
         self._account.add(schedule.call_id, schedule.ByteSize())
 
