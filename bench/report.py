@@ -104,6 +104,9 @@ too (`consul://`). The locality workload (clusters only) stores an 8 MiB array
 (`array('d')`) under a new key, then calls a function with ten `CloudburstReference`s to
 it twice in a row: the first call (cold) and the repeat are timed, the store is not; one
 pair per sample, the clusters taking turns, after one sample each that is not counted.
+The long-chain workload (cluster-static only) registers 4,000 copies of `incr` and the
+chain of them (not timed), then times a few calls with a direct response after one that
+is not counted.
 The messaging round trip is timed inside the `ping` function (send() until recv()
 returns), between `ping` and `pong` of one DAG call; the first 20 round trips of each
 block are not counted. Latency: one caller, calls one after
@@ -295,7 +298,7 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
         "",
         "T1-T6: `cbgrpc serve` (T6: the cluster with static addresses). C1-C7: the process "
         "clusters, with static addresses (cluster-static) and with Consul discovery "
-        "(cluster-consul); C5 also `cbgrpc serve`.",
+        "(cluster-consul); C5 also `cbgrpc serve`; C8 the cluster with static addresses.",
         "",
         "| | system | target | measured | bound | result |",
         "|---|---|---|---|---|---|",

@@ -513,6 +513,48 @@ class LocalityProbe:
         return times[0], times[1]
 
 
+LONG_CHAIN_FUNCTIONS = 4000
+LONG_CHAIN_DAG = "bench_long_chain"
+LONG_CHAIN = f"DAG chain of {LONG_CHAIN_FUNCTIONS:,} incr functions, direct response"
+
+
+class LongChainProbe:
+    """A DAG call whose cost grows with its length: a chain of thousands of ``incr`` functions.
+
+    :meth:`register` registers ``length`` copies of ``incr`` and the chain of
+    them (with ``pin_replicas = 1`` the functions spread over both executors,
+    so most hops cross between processes); each :meth:`sample` is one call
+    with a direct response, checked.
+    """
+
+    def __init__(self, system: System, length: int = LONG_CHAIN_FUNCTIONS) -> None:
+        self.system = system
+        self.length = length
+        self.names = [f"long_incr_{i:05d}" for i in range(length)]
+
+    def register(self) -> float:
+        """Register the functions and the DAG; return the seconds it took (not a target)."""
+        conn = self.system.conn
+        assert conn is not None
+        start = time.perf_counter()
+        for name in self.names:
+            conn.register(functions.incr, name)
+        edges = list(zip(self.names, self.names[1:], strict=False))
+        conn.register_dag(LONG_CHAIN_DAG, self.names, edges, strict=True)
+        return time.perf_counter() - start
+
+    def sample(self) -> float:
+        """One call: its seconds."""
+        conn = self.system.conn
+        assert conn is not None
+        start = time.perf_counter()
+        result = conn.call_dag(LONG_CHAIN_DAG, {self.names[0]: 1}, direct_response=True)
+        seconds = time.perf_counter() - start
+        if result != 1 + self.length:
+            raise AssertionError(f"the chain returned {result!r:.80}")
+        return seconds
+
+
 def mtls_workloads(system: System) -> list[Workload]:
     """The workloads the mutual-TLS cluster is compared on: a call and the chain DAG."""
     names = {CALL, DAG_DIRECT, DAG_GET}

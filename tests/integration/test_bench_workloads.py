@@ -60,6 +60,10 @@ def test_every_cluster_workload_runs_once_against_a_real_cluster(
             assert cold > 0 and repeat > 0
             assert system.conn is not None
             assert system.conn.list() and "locality_read" in system.conn.list()
+
+            chain = systems.LongChainProbe(system, length=30)  # C8's workload, shorter
+            assert chain.register() > 0
+            assert chain.sample() > 0  # checks the chain's result
         finally:
             system.close()
     assert not procs.children  # every process was stopped, by its PID
@@ -102,6 +106,7 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
         _record(static, systems.PUT_LARGE, [3 * ms]),
         _record(static, systems.LOCALITY_COLD, [200 * ms]),
         _record(static, systems.LOCALITY_REPEAT, [50 * ms]),
+        _record(static, systems.LONG_CHAIN, [2.5, 2.5, 1.5]),  # seconds per call
     ]
     by_key = {r.workload.key: r for r in records}
     targets = run.evaluate_targets(by_key, {}, None, {systems.CLUSTER_CONSUL: "no consul"})
@@ -119,6 +124,8 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
     check(f"C5-put {static}", 1.5, True)
     check(f"C6 {static}", 0.5, False)
     check(f"C7 {static}", 4.0, False)
+    check(f"C8 {static}", 2.5, False)
+    assert f"C8 {systems.CLUSTER_CONSUL}" not in found  # the static cluster only
     assert found[f"C3 {static}"]["value"] is None  # not measured: no verdict
     consul = found[f"C1 {systems.CLUSTER_CONSUL}"]
     assert consul["met"] is None and "no consul" in consul["detail"]
@@ -126,6 +133,7 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
     assert ids[:6] == ["T1", "T2", "T3", "T4", "T5", "T6"]
     assert ids.index(f"C1 {static}") < ids.index(f"C1 {systems.CLUSTER_CONSUL}")
     assert ids.index(f"C1 {systems.CLUSTER_CONSUL}") < ids.index(f"C7 {static}")
+    assert ids.index(f"C7 {systems.CLUSTER_CONSUL}") < ids.index(f"C8 {static}")
 
     data = report.build({}, {"callers": 8}, records, run.FLOOR_OF, run.RAY_OF, {}, targets,
                         None, [])  # fmt: skip
