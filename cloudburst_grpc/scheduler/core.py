@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 MAX_NAME_LENGTH = 256
 #: The most functions one DAG may list (a call's cost grows linearly with them).
 MAX_DAG_FUNCTIONS = 10_000
+#: Pins of one DAG's functions in flight at once while it registers.
+PINS_AT_ONCE = 16
 #: The most times a call may run again after losing its executor (``retries`` at registration).
 MAX_RETRIES = 10
 #: Seconds past a DAG call's deadline after which its result will not be stored any more.
@@ -219,12 +221,24 @@ class Scheduler:
         stored.CopyFrom(dag)
         stored.version = self._next_version()
         await self.registry.put_dag(stored)
+        # Chosen one after another (each choice counts the ones before it, so pins spread),
+        # then pinned a few at a time: a DAG of thousands of functions registers in seconds.
+        pins: list[tuple[str, str, int]] = []
         for name in functions:
             function = await self.get_function(name)
             for executor_id in policy.choose_pins(
                 name, self.pool.views(), self.config.pin_replicas
             ):
-                await self._pin(executor_id, name, function.version)
+                self.pool.note_pinned(executor_id, name, True)
+                pins.append((executor_id, name, function.version))
+        lanes = asyncio.Semaphore(PINS_AT_ONCE)
+
+        async def pin(executor_id: str, name: str, version: int) -> None:
+            async with lanes:
+                if not await self._pin(executor_id, name, version):
+                    self.pool.note_pinned(executor_id, name, False)  # counted above
+
+        await asyncio.gather(*(pin(*p) for p in pins))
         logger.info("registered DAG %s with %d functions", stored.name, len(functions))
         return stored
 
@@ -270,13 +284,15 @@ class Scheduler:
                     if executor_id not in self.pool.pinned_on(name):
                         await self._pin(executor_id, name, function.version)
 
-    async def _pin(self, executor_id: str, function: str, version: int) -> None:
+    async def _pin(self, executor_id: str, function: str, version: int) -> bool:
+        """Pin a function on an executor; whether it worked (a failure is logged)."""
         try:
             await self.pool.peer(executor_id).pin(function, version)
         except CloudburstError as exc:
             logger.warning("cannot pin %s on %s: %s", function, executor_id, exc)
-            return
+            return False
         self.pool.note_pinned(executor_id, function, True)
+        return True
 
     async def _unpin(self, executor_id: str, function: str) -> None:
         self.pool.note_pinned(executor_id, function, False)
