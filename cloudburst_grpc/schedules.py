@@ -28,7 +28,7 @@ from cloudburst.v1 import execution_pb2
 #: The most calls whose schedules one stream remembers.
 MAX_SCHEDULES = 1024
 #: The most bytes of schedules (as serialized) one stream remembers.
-MAX_SCHEDULE_BYTES = 64 * 1024 * 1024
+MAX_SCHEDULE_BYTES = 16 * 1024 * 1024
 
 
 class ScheduleAccount:
