@@ -746,7 +746,8 @@ def evaluate_targets(
         2.0,
         at_most=True,
         unit="s",
-        detail=f"{_ms(chain)} ({len(chain_record.latencies) if chain_record else 0} calls)",
+        detail=f"{(chain or 0) / 1000:.2f} s per call "
+        f"({len(chain_record.latencies) if chain_record else 0} calls)",
         why_none="not measured"
         + (f": {chain_record.error}" if chain_record and chain_record.error else ""),
         system=STATIC,

@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
+from cloudburst.errors import UnavailableError
 from cloudburst.serialization import deserialize, serialize
 from cloudburst.v1 import (
     execution_pb2,
@@ -86,17 +87,19 @@ def test_a_chain_sends_its_schedule_once_per_stream_whatever_its_length(
             assert referred > 0
 
 
-def test_a_trigger_refers_to_the_schedule_its_stream_carried(cluster: Cluster) -> None:
+def join_by_hand(cluster: Cluster, call_id: str) -> execution_pb2.DagSchedule:
+    """A schedule placed by hand on the first executor: ``left(1)`` and ``right(10)`` join."""
     with CloudburstConnection(cluster.address) as cloud:
-        cloud.register(incr, "left")
-        cloud.register(incr, "right")
-        cloud.register(collect, "both")
+        if "both" not in cloud.list():
+            cloud.register(incr, "left")
+            cloud.register(incr, "right")
+            cloud.register(collect, "both")
     executor = cluster.executors[0]
     executor_id = executor.executors[0].executor_id
     dag = function_pb2.Dag(name="by-hand", version=1, functions=["left", "right", "both"])
     dag.connections.add(upstream="left", downstream="both")
     dag.connections.add(upstream="right", downstream="both")
-    schedule = execution_pb2.DagSchedule(call_id="by-hand-1", dag=dag, direct_response=True)
+    schedule = execution_pb2.DagSchedule(call_id=call_id, dag=dag, direct_response=True)
     for function, argument in (("left", 1), ("right", 10), ("both", None)):
         schedule.placements[function] = executor_id
         schedule.function_arguments[function].SetInParent()
@@ -106,6 +109,12 @@ def test_a_trigger_refers_to_the_schedule_its_stream_carried(cluster: Cluster) -
             )
     schedule.executor_addresses[executor_id] = executor.address
     schedule.deadline_time.FromNanoseconds(time.time_ns() + int(DEADLINE * 1e9))
+    return schedule
+
+
+def test_a_trigger_refers_to_the_schedule_its_stream_carried(cluster: Cluster) -> None:
+    executor = cluster.executors[0]
+    schedule = join_by_hand(cluster, "by-hand-1")
 
     frames: queue.Queue[executor_service_pb2.StreamTriggersRequest | None] = queue.Queue()
 
@@ -154,3 +163,40 @@ def test_a_chain_of_thousands_of_functions_on_separate_processes(
             else:
                 result = cloud.call_dag(f"long-{direct}", {names[0]: start}).get(timeout=DEADLINE)
             assert result == start + length
+
+
+def test_a_new_stream_carries_the_schedule_again(cluster: Cluster) -> None:
+    """After a stream ends, the peer's next trigger of a call opens one that starts afresh."""
+    executor = cluster.executors[0]
+    first, second = join_by_hand(cluster, "first"), join_by_hand(cluster, "second")
+
+    async def run(peer: RemoteExecutorPeer, schedule: execution_pb2.DagSchedule) -> Any:
+        result = peer.expect_result(schedule.call_id, DEADLINE)
+        for source in ("left", "right"):
+            trigger = execution_pb2.Trigger(target_function=source, call_id=schedule.call_id)
+            await peer.trigger(trigger, schedule)
+        return deserialize((await result).value)
+
+    async def scenario() -> None:
+        peer = RemoteExecutorPeer(
+            executor.executors[0].executor_id, executor.address, "test", 1 << 22
+        )
+        try:
+            assert await run(peer, first) == [2, 11]
+            assert (peer.schedules.carried, peer.schedules.referred) == (1, 1)
+            # A frame that breaks the protocol ends the stream (and fails what waits on it).
+            doomed = peer.expect_result("doomed", DEADLINE)
+            peer._stream.send(
+                executor_service_pb2.StreamTriggersRequest(
+                    trigger=execution_pb2.Trigger(call_id="never-sent", target_function="left")
+                )
+            )
+            with pytest.raises(UnavailableError):
+                await doomed
+            assert await run(peer, second) == [2, 11]
+            assert peer._stream.opened == 2
+            assert (peer.schedules.carried, peer.schedules.referred) == (2, 2)
+        finally:
+            await peer.close()
+
+    cluster.loop.run(scenario(), timeout=DEADLINE)
