@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import graphlib
 import itertools
+import random
 
 import pytest
 from hypothesis import given
@@ -271,6 +272,42 @@ def test_upstream_first_puts_every_function_after_its_upstreams() -> None:
     topo = dag.topology(functions, connections)
     assert topo.upstream_first == ("source", "right", "left", "sink")
     assert dag.topology(["a"], []).upstream_first == ("a",)
+
+
+def _first_ready_order(functions: list[str], connections: list[tuple[str, str]]) -> list[str]:
+    """The rule, spelled out: next comes the first listed function whose upstreams are placed."""
+    placed: list[str] = []
+    while len(placed) < len(functions):
+        placed.append(
+            next(
+                f
+                for f in functions
+                if f not in placed and all(u in placed for u, d in connections if d == f)
+            )
+        )
+    return placed
+
+
+def test_upstream_first_takes_the_first_listed_function_that_is_ready() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        functions = [f"f{i}" for i in range(rng.randint(1, 12))]
+        rank = {f: rng.random() for f in functions}  # edges follow a hidden order: no cycle
+        connections = [
+            (a, b) for a in functions for b in functions if rank[a] < rank[b] and rng.random() < 0.3
+        ]
+        sink = max(functions, key=rank.__getitem__)  # one sink: every other end feeds it
+        ends = {f for f in functions if f != sink and all(a != f for a, _ in connections)}
+        connections += [(f, sink) for f in sorted(ends)]
+        topo = dag.topology(functions, connections)
+        assert list(topo.upstream_first) == _first_ready_order(functions, connections)
+
+
+def test_a_chain_of_thousands_listed_backwards_is_ordered_upstream_first() -> None:
+    names = [f"c{i:05d}" for i in range(10_000)]
+    topo = dag.topology(names[::-1], list(itertools.pairwise(names)))
+    assert topo.upstream_first == tuple(names)
+    assert topo.sources == ("c00000",) and topo.sink == "c09999"
 
 
 # -- shared rules: keys, join order, the topology cache ------------------------------------------
