@@ -117,6 +117,8 @@ class _Join:
     upstreams: tuple[str, ...]
     serial: int
     """Tells this join from a later one of the same (call, function) in the deadline heap."""
+    expected: frozenset[str] = frozenset()
+    """``upstreams`` as a set: each trigger's check costs the same however wide the join."""
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     contexts: dict[str, Mapping[str, str]] = field(default_factory=dict)
 
@@ -165,12 +167,14 @@ class StageState:
         key = (schedule.call_id, target)
         join = self._joins.get(key)
         if join is None:
-            join = self._joins[key] = _Join(upstreams, next(self._serials))
+            join = self._joins[key] = _Join(upstreams, next(self._serials), frozenset(upstreams))
             deadline = schedule.deadline_time.ToNanoseconds() / 1e9
             heapq.heappush(self._deadlines, (deadline, join.serial, key))
+        if upstream not in join.expected:
+            return None  # not an upstream of the target: nothing it waits for
         join.outcomes[upstream] = trigger.outcome
         join.contexts[upstream] = trigger.trace_context
-        if any(u not in join.outcomes for u in upstreams):
+        if len(join.outcomes) < len(upstreams):
             return None
         del self._joins[key]
         return RunStage(

@@ -123,6 +123,24 @@ def test_a_repeated_trigger_replaces_the_earlier_until_the_stage_runs(state: Sta
     assert state.expire(DEADLINE) == [Expired("call-1", "d", ("b", "c"))]
 
 
+def test_a_trigger_from_a_function_that_is_no_upstream_does_not_count(state: StageState) -> None:
+    built = schedule(*FAN_IN)
+    assert state.trigger(trigger(built, "d", "a", ok("a"))) is None
+    assert state.trigger(trigger(built, "d", "stranger", ok("?"))) is None
+    assert state.trigger(trigger(built, "d", "b", ok("b"))) is None, "still waiting for c"
+    ready = state.trigger(trigger(built, "d", "c", ok("c")))
+    assert ready is not None and ready.inputs == (ok("a"), ok("b"), ok("c"))
+
+
+def test_a_wide_join_runs_once_every_upstream_reported(state: StageState) -> None:
+    sources = [f"s{i:04d}" for i in range(2000)]
+    built = schedule([*sources, "sink"], [(s, "sink") for s in sources])
+    for source in sources[:-1]:
+        assert state.trigger(trigger(built, "sink", source, ok(source))) is None
+    ready = state.trigger(trigger(built, "sink", sources[-1], ok(sources[-1])))
+    assert ready is not None and ready.inputs == tuple(ok(s) for s in sources)
+
+
 def test_an_upstream_failure_is_passed_on_after_the_values_before_it(state: StageState) -> None:
     built = schedule(*FAN_IN)
     state.trigger(trigger(built, "d", "c", ok("c")))
