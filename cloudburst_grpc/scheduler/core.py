@@ -220,6 +220,14 @@ class Scheduler:
         stored = function_pb2.Dag()
         stored.CopyFrom(dag)
         stored.version = self._next_version()
+        schedule = self._schedule_bytes(stored)
+        if schedule > self.max_payload_bytes:
+            raise InvalidDagError(
+                f"DAG {dag.name!r} is too large to call: the schedule each of its calls sends "
+                f"would take about {schedule:,} bytes, more than server.max_payload_bytes "
+                f"({self.max_payload_bytes:,}); use fewer functions or shorter names",
+                {"dag": dag.name, "limit": str(self.max_payload_bytes)},
+            )
         await self.registry.put_dag(stored)
         # Chosen one after another (each choice counts the ones before it, so pins spread),
         # then pinned a few at a time: a DAG of thousands of functions registers in seconds.
@@ -241,6 +249,23 @@ class Scheduler:
         await asyncio.gather(*(pin(*p) for p in pins))
         logger.info("registered DAG %s with %d functions", stored.name, len(functions))
         return stored
+
+    def _schedule_bytes(self, dag: function_pb2.Dag) -> int:
+        """About the size of a call's schedule of ``dag`` without static arguments (serialized).
+
+        Placements are counted at the longest executor id of the pool, versions at
+        their largest size.
+        """
+        views = self.pool.views()
+        executor_id = "x" * max((len(v.executor_id) for v in views), default=64)
+        schedule = execution_pb2.DagSchedule(call_id=new_call_id(), dag=dag)
+        for name in dag.functions:
+            schedule.placements[name] = executor_id
+            schedule.function_versions[name] = 2**64 - 1
+            schedule.function_arguments[name].SetInParent()
+        for view in views:
+            schedule.executor_addresses[view.executor_id] = view.address
+        return schedule.ByteSize()
 
     async def get_dag(self, name: str) -> function_pb2.Dag:
         """Return a registered DAG or raise DagNotFoundError."""

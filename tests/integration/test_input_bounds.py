@@ -180,3 +180,20 @@ def test_a_dag_of_many_unknown_functions_is_refused_with_a_short_reason(
         assert "'unknown-00000'" in str(error) and f"and {count - 10} more" in str(error)
     else:
         assert f"at most {MAX_DAG_FUNCTIONS}" in str(error)
+
+
+def test_a_dag_whose_schedule_would_not_fit_a_message_is_refused(
+    start_node: Callable[..., Node],
+) -> None:
+    limit = 64 * 1024
+    node = start_node(start_local(make_config(server={"max_payload_bytes": limit})))
+    names = [f"{i:03d}-".ljust(200, "f") for i in range(120)]  # about 120 KB of schedule
+    with CloudburstConnection(node.address) as conn:
+        for name in names:
+            conn.register(lambda _, x: x, name)
+        assert conn.register_dag("fits", names[:20], list(itertools.pairwise(names[:20])))
+        assert conn.register_dag("large", names, list(itertools.pairwise(names))) is False
+        error = conn.last_error
+        assert "large" not in conn.list_dags()
+    assert isinstance(error, InvalidDagError)
+    assert "too large to call" in str(error) and f"({limit:,})" in str(error)
