@@ -142,10 +142,13 @@ class ReceivedSchedules:
             if self._account.touch(call_id):  # counted (not larger than the byte bound)
                 deadline = schedule.deadline_time.ToNanoseconds() / 1e9
                 if deadline > now:
-                    self._schedules[call_id] = schedule
+                    # A copy: the trigger's own would keep its whole frame (its outcome) alive.
+                    kept = execution_pb2.DagSchedule()
+                    kept.CopyFrom(schedule)
+                    self._schedules[call_id] = kept
                     self._watch(deadline, call_id)
-                else:
-                    self._schedules.pop(call_id, None)
+                    return kept
+                self._schedules.pop(call_id, None)
             return schedule
         call_id = trigger.call_id
         if not call_id:

@@ -203,3 +203,12 @@ def test_the_account_drops_the_least_recently_used_first() -> None:
     assert account.add("d", 85) == ["a"]  # over the byte bound: the oldest goes
     assert (len(account), account.bytes) == (2, 95)
     assert account.add("e", 101) == [] and not account.touch("e")
+
+
+def test_a_kept_schedule_does_not_keep_its_first_trigger_alive() -> None:
+    received = ReceivedSchedules()
+    schedule = chain_schedule(3, "call-1", time.time() + 60)
+    first = execution_pb2.Trigger(schedule=schedule, outcome=value(1))
+    kept = received.resolve(first)
+    assert kept == schedule and kept is not first.schedule  # a copy, apart from the frame
+    assert received.resolve(execution_pb2.Trigger(call_id="call-1")) is kept
