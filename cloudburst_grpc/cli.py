@@ -19,7 +19,7 @@ from typing import Any
 from cloudburst.errors import CloudburstError
 from cloudburst.transport import DEFAULT_PORT
 from cloudburst_grpc import affinity, malloc, telemetry
-from cloudburst_grpc.config import Config, ConfigError, load_config
+from cloudburst_grpc.config import ISOLATIONS, Config, ConfigError, load_config
 
 logger = logging.getLogger("cbgrpc")
 
@@ -37,7 +37,8 @@ CBGRPC_<SECTION>_<FIELD> environment variables < flags.
 """
 
 SERVE_HELP = """\
-Run everything (KVS, scheduler, executors) in this process on one port.
+Run everything (KVS, scheduler, executors) on one port. The executors, which run
+user code, are child processes this one supervises (--isolation none: threads here).
 Data is stored durably in --data-dir (SQLite) unless --storage memory is given.
 The server prints 'listening on HOST:PORT' once it accepts calls, and shuts
 down gracefully on SIGINT or SIGTERM.
@@ -188,6 +189,20 @@ def _storage(parser: argparse.ArgumentParser, valkey: bool = False) -> None:
 def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
     if count:
         parser.add_argument("--executors", type=int, help="executors to run (default 2)")
+        parser.add_argument(
+            "--isolation",
+            choices=list(ISOLATIONS),
+            help="process: run each executor in a child process, restarted if it dies, so user "
+            "code that blocks, crashes or exhausts memory cannot stop the server (default); "
+            "none: run them in this process, faster but unprotected",
+        )
+    parser.add_argument(
+        "--memory-limit-bytes",
+        type=int,
+        metavar="BYTES",
+        help="data memory an executor process may use (RLIMIT_DATA); a function that needs "
+        "more gets a MemoryError or ends its process, not the server (default 0: no limit)",
+    )
     parser.add_argument(
         "--threads", type=int, help="threads per executor for user code (default 8)"
     )
@@ -199,14 +214,13 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
         "code between library calls) take at most this long run on the executor's event "
         "loop, not a thread (default 0.0002; 0: never)",
     )
-    if not count:  # `cbgrpc serve` reads its store in-process: nothing to cache
-        parser.add_argument(
-            "--cache-max-bytes",
-            type=int,
-            metavar="BYTES",
-            help="memory budget of the executor's cache of KVS values, kept fresh through the "
-            "KVS's change stream (default 268435456; 0: off)",
-        )
+    parser.add_argument(
+        "--cache-max-bytes",
+        type=int,
+        metavar="BYTES",
+        help="memory budget of an executor process's cache of KVS values, kept fresh through "
+        "the KVS's change stream (default 268435456; 0: off)",
+    )
     parser.add_argument(
         "--call-timeout", type=float, help="longest a call may run, in seconds (default 300)"
     )
@@ -485,6 +499,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         },
         "executor": {
             "count": get("executors"),
+            "isolation": get("isolation"),
+            "memory_limit_bytes": get("memory_limit_bytes"),
             "threads": get("threads"),
             "inline_max_seconds": get("inline_max_seconds"),
             "cache_max_bytes": get("cache_max_bytes"),
@@ -673,6 +689,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"cbgrpc: configuration error: server.cpus: {exc}\n")
     # Large values reuse memory instead of faulting in fresh pages (see malloc.py).
     malloc.tune()
+    if args.command == "executor":
+        from cloudburst_grpc import supervisor
+
+        if os.environ.get(supervisor.PARENT_ENV, "").isdigit():  # a child of `cbgrpc serve`
+            supervisor.follow_parent(int(os.environ[supervisor.PARENT_ENV]))
+        try:
+            supervisor.limit_memory(config.executor.memory_limit_bytes)
+        except (OSError, ValueError) as exc:
+            parser.exit(2, f"cbgrpc: configuration error: executor.memory_limit_bytes: {exc}\n")
     from cloudburst_grpc import local
 
     starters: dict[str, Callable[[], Awaitable[Any]]] = {

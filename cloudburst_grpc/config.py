@@ -29,6 +29,10 @@ def default_data_dir() -> Path:
     return Path(base) / "cloudburst-grpc"
 
 
+#: The values of ``executor.isolation``; the first is the default.
+ISOLATIONS = ("process", "none")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or malformed."""
 
@@ -96,6 +100,17 @@ class ExecutorConfig:
 
     count: int = 2
     """Executors started by ``cbgrpc serve``."""
+    isolation: str = "process"
+    """How ``cbgrpc serve`` runs its executors: ``process`` (each in a child process it
+    supervises and restarts, so user code that blocks, crashes or exhausts memory cannot stop
+    the KVS or the scheduler) or ``none`` (in the server's own process: lower latency, but a
+    user function or argument that blocks or kills the process stops the whole service)."""
+    memory_limit_bytes: int = 0
+    """Data memory (heap and thread stacks, ``RLIMIT_DATA``) an executor process may use, so a
+    memory bomb ends in a MemoryError or a dead child rather than a dead server; 0: no limit.
+    Leave room for the runtime's threads (a few hundred MiB at least)."""
+    start_timeout_seconds: float = 60.0
+    """How long ``cbgrpc serve`` waits for an executor process to start listening."""
     threads: int = 8
     """Functions per executor that run user code on threads at once (runnable slots); a
     function waiting in a user-library call gives its slot up while it waits."""
@@ -263,6 +278,18 @@ class Config:
             ),
             (self.executor.count >= 1, "executor.count must be at least 1"),
             (self.executor.threads >= 1, "executor.threads must be at least 1"),
+            (
+                self.executor.isolation in ISOLATIONS,
+                "executor.isolation must be 'process' or 'none'",
+            ),
+            (
+                self.executor.memory_limit_bytes >= 0,
+                "executor.memory_limit_bytes must not be negative (0: no limit)",
+            ),
+            (
+                self.executor.start_timeout_seconds > 0,
+                "executor.start_timeout_seconds must be positive",
+            ),
             (self.executor.max_queue >= 1, "executor.max_queue must be at least 1"),
             (
                 self.executor.max_threads >= self.executor.threads,

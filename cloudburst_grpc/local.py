@@ -65,6 +65,7 @@ from cloudburst_grpc.server import (
     enable_reflection,
     peer_channel,
 )
+from cloudburst_grpc.supervisor import Supervisor
 from cloudburst_kvs.access import EndpointKvs, InProcessKvs, KvsEndpoint
 from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.local import SERVICE_NAME as KVS_SERVICE_NAME
@@ -115,6 +116,10 @@ class Node:
     without them."""
     security: NodeSecurity | None = None
     """TLS material and authorization of this node (off without TLS)."""
+    end_streams: Callable[[float], Awaitable[None]] | None = None
+    """Ends the streams peers keep open to the node's executor, once its calls answered."""
+    supervisor: Supervisor | None = None
+    """The executor processes of a ``cbgrpc serve`` that isolates user code."""
     _stopped: bool = False
 
     @property
@@ -150,6 +155,11 @@ class Node:
         if self.executors:
             await asyncio.gather(*(e.drain(limit) for e in self.executors))
             self.abandoned = self.running_calls()
+        if self.end_streams is not None:
+            await self.end_streams(deadline - asyncio.get_running_loop().time())
+        if self.supervisor is not None:
+            # Each child drains its own calls for the grace period (naming those it abandons).
+            await self.supervisor.stop(limit)
         if self.scheduler is not None:
             # It would take the end of its watch for a lost KVS and try again.
             await self.scheduler.stop_following()
@@ -159,6 +169,12 @@ class Node:
         await self.server.stop(max(deadline - asyncio.get_running_loop().time(), 0.0))
         await self.stack.aclose()
         logger.info("%s on port %d stopped", self.role, self.port)
+
+    def executor_addresses(self) -> list[str]:
+        """The addresses of the node's executor processes (none when they run in-process)."""
+        if self.supervisor is None:
+            return []
+        return [c.address for c in self.supervisor.children if c.address]
 
     def running_calls(self) -> list[tuple[str, str]]:
         """(call id, function name) of the user functions running now; any thread."""
@@ -305,7 +321,19 @@ def _messaging(node: Node, peer_id: str) -> MailboxRouter:
 
 
 async def start_local(config: Config) -> Node:
-    """Start the KVS, scheduler and executors in this process, served on one port."""
+    """Start the KVS and scheduler in this process, served on one port, and the executors.
+
+    With ``executor.isolation = "process"`` each executor is a child process
+    (see :mod:`cloudburst_grpc.supervisor`); with ``"none"`` they run here.
+    """
+    isolated = config.executor.isolation == "process"
+    if isolated and config.security.tls:
+        # Executor processes would need certificates of their own role; not supported yet.
+        logger.warning(
+            "executor.isolation 'process' is not available with TLS yet: executors run in "
+            "this process, where user code that blocks or crashes stops the whole server"
+        )
+        isolated = False
     stack = contextlib.AsyncExitStack()
     try:
         store = await _open_store(config, stack)
@@ -315,11 +343,22 @@ async def start_local(config: Config) -> Node:
             "serve", server, health_servicer, port, config.server.host, config, stack, store=store
         )
         node.security = security
-        peers = _remote_factory("scheduler-local", config, security)
+        pool_ref: list[ExecutorPool] = []
+
+        def broken(executor_id: str, reason: str) -> None:
+            if pool_ref:
+                pool_ref[0].set_aside(executor_id, reason)
+
+        def cached(executor_id: str, report: executor_service_pb2.CacheReport) -> None:
+            if pool_ref:
+                pool_ref[0].note_cached(executor_id, report.added, report.removed, report.full)
+
+        peers = _remote_factory("scheduler-local", config, security, broken, cached)
         stack.push_async_callback(peers.close)
         router = _messaging(node, "serve")
         pool = ExecutorPool(peers)
-        for index in range(config.executor.count):
+        pool_ref.append(pool)
+        for index in range(0 if isolated else config.executor.count):
             executor = Executor(
                 f"executor-{index}",
                 f"local:executor-{index}",
@@ -341,31 +380,44 @@ async def start_local(config: Config) -> Node:
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
         await scheduler.start()
-        await scheduler.restore_pins()
         add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(scheduler), server
         )
         diagnostics_service_pb2_grpc.add_DiagnosticsServiceServicer_to_server(
-            DiagnosticsServicer(), server
+            DiagnosticsServicer(node.executor_addresses, config.server.max_payload_bytes), server
         )
-        await _serve(
-            node,
-            [
-                SCHEDULER_SERVICE_NAME,
-                KVS_SERVICE_NAME,
-                MESSAGING_SERVICE_NAME,
-                DIAGNOSTICS_SERVICE_NAME,
-            ],
-        )
+        services = [
+            SCHEDULER_SERVICE_NAME,
+            KVS_SERVICE_NAME,
+            MESSAGING_SERVICE_NAME,
+            DIAGNOSTICS_SERVICE_NAME,
+        ]
+        if isolated:
+            # The children use this server's KVS: it serves before they start, but reports
+            # SERVING only once they have joined the pool.
+            enable_reflection(server, services)
+            await server.start()
+            supervisor = node.supervisor = Supervisor(
+                config, node.address, pool, scheduler.restore_pins
+            )
+            stack.push_async_callback(supervisor.stop, 0.0)
+            await supervisor.start()
+            await scheduler.restore_pins()
+            for service in ["", *services]:
+                await node.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        else:
+            await scheduler.restore_pins()
+            await _serve(node, services)
     except BaseException:
         await stack.aclose()
         raise
     logger.info(
-        "cbgrpc serve listening on %s:%d (%d executors, %s storage)",
+        "cbgrpc serve listening on %s:%d (%d executors%s, %s storage)",
         config.server.host,
         port,
         config.executor.count,
+        " in child processes" if isolated else " in this process",
         config.kvs.engine,
     )
     return node
@@ -502,10 +554,16 @@ async def start_executor_node(
             logger.warning(
                 "the KVS did not report its limits (%s): values stay in one message", exc
             )
-        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(
-            ExecutorServicer(executor), server
-        )
-        await _serve(node, [EXECUTOR_SERVICE_NAME, MESSAGING_SERVICE_NAME])
+        servicer = ExecutorServicer(executor)
+        node.end_streams = servicer.end_streams
+        executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
+        services = [EXECUTOR_SERVICE_NAME, MESSAGING_SERVICE_NAME]
+        if config.server.timings > 0:  # its part of `cbgrpc timing`, for a supervising serve
+            diagnostics_service_pb2_grpc.add_DiagnosticsServiceServicer_to_server(
+                DiagnosticsServicer(), server
+            )
+            services.append(DIAGNOSTICS_SERVICE_NAME)
+        await _serve(node, services)
         _register(node, consul, EXECUTOR_SERVICE, executor_id)
     except BaseException:
         await stack.aclose()

@@ -77,7 +77,8 @@ def make_config(tmp_path: Path | None = None, **sections: Any) -> Config:
     config = Config(
         server=server,
         kvs=kvs,
-        executor=ExecutorConfig(count=2, threads=4),
+        # In-process executors: these tests reach into them; tests of isolation ask for it.
+        executor=ExecutorConfig(count=2, threads=4, isolation="none"),
         scheduler=SchedulerConfig(call_timeout_seconds=30.0),
     )
     for name, changes in sections.items():

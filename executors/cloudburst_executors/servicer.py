@@ -27,6 +27,23 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self._executor = executor
         self._detached: set[asyncio.Task[None]] = set()
         """Calls whose stream ended before they did: they still run and store their results."""
+        self._streams: set[asyncio.Queue[executor_service_pb2.StreamTriggersResponse | None]] = (
+            set()
+        )
+        """The answer queues of the open StreamTriggers streams."""
+        self._closing = False
+
+    async def end_streams(self, timeout: float) -> None:
+        """At shutdown: let calls started from streams answer (up to ``timeout``), then end them.
+
+        Peers keep their streams open for as long as the executor lives, so the
+        server would otherwise wait out its whole grace period for them.
+        """
+        self._closing = True
+        if self._detached:
+            await asyncio.wait(list(self._detached), timeout=max(timeout, 0))
+        for answers in list(self._streams):
+            answers.put_nowait(None)
 
     async def ExecuteFunction(
         self,
@@ -54,6 +71,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         executor = self._executor
         schedules = ReceivedSchedules()
         """The schedules this stream carried, for the triggers that refer to them."""
+        self._streams.add(answers)
 
         def track(future: asyncio.Future[object]) -> None:
             pending.add(future)
@@ -160,8 +178,10 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
-            await reader  # re-raise a protocol error from the reader
+            if not self._closing:
+                await reader  # re-raise a protocol error from the reader
         finally:
+            self._streams.discard(answers)
             if stop_reports is not None:
                 stop_reports()
             reader.cancel()
