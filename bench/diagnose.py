@@ -83,11 +83,13 @@ class InProcessServer:
         self.node: Any = None
 
     def start(self) -> str:
-        from cloudburst_grpc.config import Config, KvsConfig, ServerConfig
+        from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, ServerConfig
         from cloudburst_grpc.local import start_local
 
         config = Config(
-            server=ServerConfig(host="127.0.0.1", port=0), kvs=KvsConfig(engine="memory")
+            server=ServerConfig(host="127.0.0.1", port=0),
+            kvs=KvsConfig(engine="memory"),
+            executor=ExecutorConfig(isolation="none"),  # the pipeline itself, in this process
         ).validate()
         self.node = self.loop.run(start_local(config), 60)
         return str(self.node.address)

@@ -31,6 +31,19 @@ class MemoryResult:
         return self.rss_peak / self.rss_after_first_1000 if self.rss_after_first_1000 else 0.0
 
 
+def tree_rss(server: Any) -> int:
+    """RSS of the server (a ``psutil.Process``) and its executor processes, summed."""
+    import psutil
+
+    total = int(server.memory_info().rss)
+    for child in server.children(recursive=True):
+        try:
+            total += int(child.memory_info().rss)
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
 def run(procs: Processes, target_calls: int, callers: int, budget_seconds: float) -> MemoryResult:
     """Drive ``incr(1).get()`` calls with ``callers`` threads on a new `cbgrpc serve`.
 
@@ -42,7 +55,7 @@ def run(procs: Processes, target_calls: int, callers: int, budget_seconds: float
 
     result = MemoryResult(target_calls, callers)
     system = systems.start_serve(procs, name="serve-memory")
-    process = psutil.Process(system.children[0].pid)
+    server = psutil.Process(system.children[0].pid)
     try:
         conn = systems.connect(system)
         handle = conn.register(functions.incr, "incr")
@@ -73,7 +86,7 @@ def run(procs: Processes, target_calls: int, callers: int, budget_seconds: float
                 raise errors[0]
 
         phase(min(1000, target_calls))
-        result.rss_after_first_1000 = process.memory_info().rss
+        result.rss_after_first_1000 = tree_rss(server)
         result.samples.append((sum(done), result.rss_after_first_1000))
         log(f"memory: RSS after {sum(done)} calls {result.rss_after_first_1000 / 2**20:.1f} MiB")
         tickets = itertools.count(sum(done))
@@ -82,7 +95,7 @@ def run(procs: Processes, target_calls: int, callers: int, budget_seconds: float
         def sample() -> None:
             next_log = time.monotonic() + 15
             while not stop_sampling.wait(0.25):
-                result.samples.append((sum(done), process.memory_info().rss))
+                result.samples.append((sum(done), tree_rss(server)))
                 if time.monotonic() >= next_log:
                     next_log += 15
                     log(f"memory: {sum(done)} calls, RSS {result.samples[-1][1] / 2**20:.1f} MiB")
@@ -96,7 +109,7 @@ def run(procs: Processes, target_calls: int, callers: int, budget_seconds: float
             sampler.join()
         result.calls = sum(done)
         result.seconds = time.monotonic() - began
-        result.rss_end = process.memory_info().rss
+        result.rss_end = tree_rss(server)
         result.samples.append((result.calls, result.rss_end))
         result.rss_peak = max(rss for _, rss in result.samples)
         result.stopped_by_budget = result.calls < target_calls

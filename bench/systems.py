@@ -1,6 +1,8 @@
 """The systems under test and their workloads.
 
-- ``serve``: `cbgrpc serve`, everything in one process;
+- ``serve``: `cbgrpc serve`, its executors child processes (the default isolation);
+- ``serve-inprocess``: `cbgrpc serve --isolation none`, everything in one process
+  (only the latency workloads of targets T1-T4, to keep the run short);
 - ``cluster-static``: a cluster of `cbgrpc` processes (one KVS, two executors,
   one scheduler) given each other's addresses on the command line;
 - ``cluster-consul``: the same cluster, whose processes find each other through
@@ -39,6 +41,8 @@ FAN_FUNCTIONS = ["fan_1", "fan_2", "fan_3", "fan_4"]
 
 
 SERVE = "serve"
+#: `cbgrpc serve` with its executors in its own process (``--isolation none``).
+SERVE_INPROCESS = "serve-inprocess"
 CLUSTER_STATIC = "cluster-static"
 CLUSTER_CONSUL = "cluster-consul"
 CLUSTERS = (CLUSTER_STATIC, CLUSTER_CONSUL)
@@ -71,10 +75,22 @@ class System:
             self.conn = None
 
 
-def start_serve(procs: Processes, name: str = SERVE) -> System:
-    """`cbgrpc serve --storage memory --port 0`, defaults otherwise."""
-    child = procs.start_cbgrpc(name, "serve", "--storage", "memory", cpu=procs.cores.server())
-    return System(SERVE, child.address, [child])
+def start_serve(procs: Processes, name: str = SERVE, *args: str) -> System:
+    """`cbgrpc serve --storage memory --port 0`, ``args`` and defaults otherwise."""
+    child = procs.start_cbgrpc(
+        name, "serve", "--storage", "memory", *args, cpu=procs.cores.server()
+    )
+    return System(name, child.address, [child])
+
+
+def start_serve_inprocess(procs: Processes) -> System:
+    """`cbgrpc serve --isolation none`: the executors in the server's process."""
+    return start_serve(procs, SERVE_INPROCESS, "--isolation", "none")
+
+
+def inprocess_workloads(system: System) -> list[Workload]:
+    """The workloads of serve's latency targets (T1-T4), for ``serve-inprocess``."""
+    return [w for w in workloads(system) if w.name in (CALL, DAG_DIRECT)]
 
 
 def storage_args(storage: str, data_dir: Path, valkey_url: str | None = None) -> list[str]:

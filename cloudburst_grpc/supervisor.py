@@ -39,6 +39,8 @@ PARENT_ENV = "CBGRPC_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
 #: Longest pause between two attempts to restart a child that keeps failing.
 MAX_BACKOFF = 10.0
+#: How long a child told to stop a second time may take to exit before it is killed.
+FORCE_SECONDS = 1.5
 #: A child that ran at least this long restarts at once when it exits.
 STABLE_SECONDS = 10.0
 #: Settings the children do not take from the parent (their own address, ports, pinning).
@@ -279,10 +281,17 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
         if running:
-            # A child drains for the grace period, then stops its server: allow a little more.
-            _, pending = await asyncio.wait(
-                [asyncio.create_task(p.wait()) for p in running], timeout=grace + 1.0
-            )
+            waits = [asyncio.create_task(p.wait()) for p in running]
+            # A child drains for the grace period, then stops its server.
+            _, pending = await asyncio.wait(waits, timeout=grace + 0.5)
+            if pending:
+                # A second SIGTERM makes a child name the calls it abandons and exit at once
+                # (user code may hold up its event loop, so it may not stop by itself).
+                for process in running:
+                    if process.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            process.send_signal(signal.SIGTERM)
+                _, pending = await asyncio.wait(pending, timeout=FORCE_SECONDS)
             for process in running:
                 if process.returncode is None:
                     logger.warning(
