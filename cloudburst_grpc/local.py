@@ -35,6 +35,7 @@ from cloudburst.v1 import (
 from cloudburst_executors.cache import ValueCache
 from cloudburst_executors.executor import Executor
 from cloudburst_executors.servicer import ExecutorServicer, LocalExecutorPeer
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import Config, ConfigError
 from cloudburst_grpc.diagnostics import DiagnosticsServicer
 from cloudburst_grpc.discovery.consul import (
@@ -403,6 +404,8 @@ async def start_local(config: Config) -> Node:
             )
             stack.push_async_callback(supervisor.stop, 0.0)
             await supervisor.start()
+            if config.server.metrics_port >= 0:
+                telemetry.add_metrics_source(supervisor.metrics_urls)
             await scheduler.restore_pins()
             for service in ["", *services]:
                 await node.health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -72,6 +72,8 @@ def child_environment(config: Config, environ: Mapping[str, str]) -> dict[str, s
                 continue
             name = f"CBGRPC_{section.upper()}_{item.name.upper()}"
             env[name] = _text(getattr(values, item.name))
+    if config.server.metrics_port >= 0:  # the server's endpoint includes the children's
+        env["CBGRPC_SERVER_METRICS_PORT"] = "0"
     env[PARENT_ENV] = str(os.getpid())
     return env
 
@@ -121,6 +123,8 @@ class Child:
     executor_id: str
     process: asyncio.subprocess.Process | None = None
     address: str = ""
+    metrics_url: str = ""
+    """Where it serves Prometheus metrics, when the server does."""
     started: float = 0.0
     """``time.monotonic()`` when it started listening."""
     failures: int = 0
@@ -164,6 +168,12 @@ class Supervisor:
             for c in self.children
             if c.process is not None and c.process.returncode is None
         ]
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Executor id -> where its process serves its metrics (none once stopping)."""
+        if self._stopping:
+            return {}
+        return {c.executor_id: c.metrics_url for c in self.children if c.metrics_url}
 
     async def start(self) -> None:
         """Start every child, wait until each listens and add it to the pool.
@@ -218,8 +228,13 @@ class Supervisor:
                         )
                     if "listening on" in line:
                         child.address = line.rsplit(" ", 1)[1].strip()
+                        if self._config.server.metrics_port < 0:
+                            break
+                    elif "metrics on http://" in line:
+                        child.metrics_url = line.rsplit(" ", 1)[1].strip()
                         break
-                    _forward(line)
+                    else:
+                        _forward(line)
         except TimeoutError:
             _kill(process)
             await process.wait()

@@ -22,8 +22,9 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import urllib.request
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -348,6 +349,75 @@ def _exporters(environ: Mapping[str, str]) -> list[str]:
     return [n for n in names if n != "none"]
 
 
+#: Where other processes serve metrics this one's endpoint includes (``add_metrics_source``).
+_metric_sources: list[Callable[[], dict[str, str]]] = []
+#: How long a scrape waits for another process's metrics.
+OTHER_METRICS_TIMEOUT = 2.0
+
+
+def add_metrics_source(urls: Callable[[], dict[str, str]]) -> None:
+    """Serve, with this process's metrics, those of other processes (serve's executors).
+
+    ``urls()`` maps a name for each process to the URL of its metrics; its
+    samples get the label ``process`` with that name. Families of the same
+    name are merged, so the endpoint stays valid exposition: one block per
+    metric.
+    """
+    _metric_sources.append(urls)
+
+
+class _MergedCollector:
+    """This process's metrics plus those of the processes in ``_metric_sources``."""
+
+    def __init__(self, own: Any) -> None:
+        self._own = own
+
+    def describe(self) -> list[Any]:
+        """Nothing: registering must not collect (the reader has no meter provider yet)."""
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families: dict[tuple[str, str], Any] = {}
+
+        def add(family: Any) -> None:
+            existing = families.get((family.name, family.type))
+            if existing is None:
+                families[(family.name, family.type)] = family
+            else:
+                existing.samples.extend(family.samples)
+
+        for family in self._own.collect():
+            add(family)
+        for source in list(_metric_sources):
+            for process, url in source().items():
+                try:
+                    with urllib.request.urlopen(url, timeout=OTHER_METRICS_TIMEOUT) as response:
+                        text = response.read().decode()
+                except OSError:
+                    continue  # a process restarting: its metrics are back at the next scrape
+                for family in text_string_to_metric_families(text):
+                    if family.name == "target_info":
+                        continue
+                    family.samples = [
+                        sample._replace(labels={**sample.labels, "process": process})
+                        for sample in family.samples
+                    ]
+                    add(family)
+        return list(families.values())
+
+
+def _merge_other_processes(reader: Any) -> None:
+    from prometheus_client import REGISTRY
+
+    own = getattr(reader, "_collector", None)
+    if own is None:  # pragma: no cover - another exporter version: own metrics only
+        return
+    REGISTRY.unregister(own)
+    REGISTRY.register(_MergedCollector(own))
+
+
 def setup(
     service_name: str,
     environ: Mapping[str, str],
@@ -412,6 +482,7 @@ def setup(
         from prometheus_client import start_http_server
 
         reader = PrometheusMetricReader()
+        _merge_other_processes(reader)
         meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
         metrics.set_meter_provider(meter_provider)
         server, _thread = start_http_server(metrics_port, addr=metrics_host)
