@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +45,35 @@ def identity(_: Any, value: Any) -> Any:
 
 def die(_: Any, code: int) -> None:
     os._exit(code)
+
+
+def pong(cloudburst: Any) -> int:
+    """Answer each message with ten times it, until "stop"; returns how many it answered."""
+    cloudburst.put_object("pong", (cloudburst.get_id(), os.getpid()))
+    answered = 0
+    while True:
+        for sender, message in cloudburst.recv(timeout=60):
+            if message == "stop":
+                return answered
+            cloudburst.send(sender, message * 10)
+            answered += 1
+
+
+def ping(cloudburst: Any, value: int) -> tuple[int, int]:
+    """Send ``value`` to pong; its answer and this process's pid."""
+    peer, _ = cloudburst.get_object("pong", timeout=60)
+    cloudburst.send(peer, value)
+    replies = cloudburst.recv(timeout=60)
+    return replies[0][1], os.getpid()
+
+
+def stored(cloud: CloudburstConnection, key: str, timeout: float = 60.0) -> Any:
+    """The value of ``key`` once a function has stored it."""
+    deadline = time.monotonic() + timeout
+    while (value := cloud.get_object(key)) is None:
+        assert time.monotonic() < deadline, f"{key!r} never stored"
+        time.sleep(0.05)
+    return value
 
 
 def children_of(server: ServeProcess) -> dict[str, int]:
@@ -131,6 +162,9 @@ def test_a_killed_executor_process_is_started_again(
     server = serve_process("--storage", "memory", "--executors", "1")
     with CloudburstConnection(server.address) as cloud:
         cloud.register(identity, "identity")
+        cloud.register(lambda _, a: a + 1, "incr")
+        cloud.register(lambda _, a: a * a, "square")
+        assert cloud.register_dag("dag", ["incr", "square"], [("incr", "square")])
         first = children_of(server)["executor-0"]
         os.kill(first, signal.SIGKILL)
         server.wait_for_log("executor executor-0 (process")
@@ -139,6 +173,8 @@ def test_a_killed_executor_process_is_started_again(
         assert children_of(server)["executor-0"] != first
         wait_for_pool(server.address, lambda pool: len(pool.executors) == 1)
         assert cloud.exec_func("identity", [3]).get(timeout=60) == 3
+        # The DAG's functions are pinned on the new process again.
+        assert cloud.call_dag("dag", {"incr": 2}).get(timeout=60) == 9
 
 
 def test_no_executor_process_outlives_the_server(
@@ -165,6 +201,42 @@ def test_a_memory_limit_turns_a_memory_bomb_into_an_error(
             cloud.exec_func("allocate", [8 << 30]).get(timeout=60)
         assert cloud.exec_func("allocate", [1 << 20]).get(timeout=60) == 1 << 20
     assert server.proc.poll() is None
+
+
+def test_functions_on_different_executor_processes_exchange_messages(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    server = serve_process("--storage", "memory", "--executors", "2")
+    with CloudburstConnection(server.address) as cloud:
+        cloud.register(pong, "pong")
+        cloud.register(ping, "ping")
+        answering = cloud.exec_func("pong", [])
+        _, pong_pid = stored(cloud, "pong")
+        assert pong_pid in children_of(server).values()
+        pids = set()
+        for value in range(1, 7):
+            reply, pid = cloud.exec_func("ping", [value]).get(timeout=60)
+            assert reply == value * 10
+            pids.add(pid)
+            if pid != pong_pid:
+                break
+        assert pids - {pong_pid}, "no ping ran on the other executor process"
+        peer, _ = cloud.get_object("pong")
+        cloud.register(lambda cb, to: cb.send(to, "stop"), "stop")
+        cloud.exec_func("stop", [peer]).get(timeout=60)
+        assert answering.get(timeout=60) == len(pids)
+
+
+def test_an_executor_process_that_cannot_start_is_reported() -> None:
+    # Too little memory for the executor process even to start.
+    result = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", "serve", "--port", "0", "--storage", "memory",
+         "--memory-limit-bytes", "1000"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "executor process executor-" in result.stderr
+    assert "ended at start-up" in result.stderr
 
 
 def test_isolation_none_runs_the_executors_in_the_server(
