@@ -403,7 +403,11 @@ async def start_local(config: Config) -> Node:
                 config, node.address, pool, scheduler.restore_pins
             )
             stack.push_async_callback(supervisor.stop, 0.0)
-            await supervisor.start()
+            try:
+                await supervisor.start()
+            except BaseException:
+                await server.stop(0)
+                raise
             if config.server.metrics_port >= 0:
                 telemetry.add_metrics_source(supervisor.metrics_urls)
             await scheduler.restore_pins()
