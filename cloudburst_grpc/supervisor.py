@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: Set in a child's environment to the supervising process's pid.
 PARENT_ENV = "CBGRPC_SUPERVISOR_PID"
+#: The variable that asks a child to serve metrics (on a port of its choosing).
+METRICS_ENV = "CBGRPC_SERVER_METRICS_PORT"
 #: Linux prctl option: the signal a process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
 #: Longest pause between two attempts to restart a child that keeps failing.
@@ -72,8 +74,9 @@ def child_environment(config: Config, environ: Mapping[str, str]) -> dict[str, s
                 continue
             name = f"CBGRPC_{section.upper()}_{item.name.upper()}"
             env[name] = _text(getattr(values, item.name))
-    if config.server.metrics_port >= 0:  # the server's endpoint includes the children's
-        env["CBGRPC_SERVER_METRICS_PORT"] = "0"
+    disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    if config.server.metrics_port >= 0 and not disabled:
+        env[METRICS_ENV] = "0"  # the server's endpoint includes the children's
     env[PARENT_ENV] = str(os.getpid())
     return env
 
@@ -161,14 +164,6 @@ class Supervisor:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
-    def pids(self) -> list[int]:
-        """The pids of the children running now."""
-        return [
-            c.process.pid
-            for c in self.children
-            if c.process is not None and c.process.returncode is None
-        ]
-
     def metrics_urls(self) -> dict[str, str]:
         """Executor id -> where its process serves its metrics (none once stopping)."""
         if self._stopping:
@@ -228,7 +223,7 @@ class Supervisor:
                         )
                     if "listening on" in line:
                         child.address = line.rsplit(" ", 1)[1].strip()
-                        if self._config.server.metrics_port < 0:
+                        if METRICS_ENV not in self._env:
                             break
                     elif "metrics on http://" in line:
                         child.metrics_url = line.rsplit(" ", 1)[1].strip()

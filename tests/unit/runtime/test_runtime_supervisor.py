@@ -40,6 +40,9 @@ def test_a_child_serves_metrics_when_the_server_does() -> None:
     config = dataclasses.replace(Config(), server=ServerConfig(metrics_port=9100))
     env = child_environment(config, {})
     assert env["CBGRPC_SERVER_METRICS_PORT"] == "0"
+    # Unless OpenTelemetry is off, in which case nobody serves metrics.
+    env = child_environment(config, {"OTEL_SDK_DISABLED": "true"})
+    assert "CBGRPC_SERVER_METRICS_PORT" not in env
 
 
 def test_exits_are_named_by_code_or_signal() -> None:
