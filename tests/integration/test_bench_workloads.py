@@ -131,6 +131,10 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
     assert consul["met"] is None and "no consul" in consul["detail"]
     ids = [t["id"] for t in targets]
     assert ids[:6] == ["T1", "T2", "T3", "T4", "T5", "T6"]
+    # serve with in-process executors: shown after serve's own, never counted as missed.
+    inprocess = systems.SERVE_INPROCESS
+    assert ids[6:8] == [f"T1 {inprocess}", f"T4 {inprocess}"]
+    assert all(t["informational"] is (t["system"] == inprocess) for t in targets)
     assert ids.index(f"C1 {static}") < ids.index(f"C1 {systems.CLUSTER_CONSUL}")
     assert ids.index(f"C1 {systems.CLUSTER_CONSUL}") < ids.index(f"C7 {static}")
     assert ids.index(f"C7 {systems.CLUSTER_CONSUL}") < ids.index(f"C8 {static}")
