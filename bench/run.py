@@ -644,6 +644,7 @@ def evaluate_targets(
                 "unit": unit,
                 "met": met,
                 "detail": detail if value is not None else why_none,
+                "informational": system == INPROCESS,
             }
         )
 
@@ -739,8 +740,6 @@ def evaluate_targets(
         system=STATIC,
     )
     _inprocess_targets(records, add)  # after T1-T6: shown, not held
-    for target in targets:
-        target["informational"] = target["system"] == INPROCESS
     for system in systems.CLUSTERS:
         _cluster_targets(records, system, add)
     chain = _median(records, f"{STATIC}/{systems.LONG_CHAIN}")
