@@ -325,8 +325,10 @@ def _kill(process: asyncio.subprocess.Process) -> None:
 
 
 def _forward(line: str) -> None:
-    sys.stdout.write(line)
-    sys.stdout.flush()
+    # Output nobody reads any more is dropped: a child must never block on a full pipe.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 async def _copy(stream: asyncio.StreamReader) -> None:
