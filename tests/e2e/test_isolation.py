@@ -119,7 +119,10 @@ def test_an_argument_that_blocks_while_unpickled_holds_up_only_its_executor(
     server = serve_process("--storage", "memory", "--executors", "2")
     with CloudburstConnection(server.address) as cloud:
         cloud.register(identity, "identity")
-        code = f"print('unpickling-started', flush=True); import time; time.sleep({BLOCK_SECONDS})"
+        code = (
+            "import time; print('unpickling-started', flush=True); "
+            f"time.sleep({BLOCK_SECONDS}); print('unpickling-ended', flush=True)"
+        )
         slow = cloud.exec_func("identity", [Runs(code)])
         server.wait_for_log("unpickling-started", stdout=True)
         # The KVS and the scheduler answer while the argument still blocks its executor.
@@ -128,6 +131,7 @@ def test_an_argument_that_blocks_while_unpickled_holds_up_only_its_executor(
         # Its executor stops answering health checks and is set aside; the other one serves.
         wait_for_pool(server.address, lambda pool: len(pool.executors) == 1)
         assert cloud.exec_func("identity", [1]).get(timeout=60) == 1
+        # All of that happened while the argument was still being unpickled.
         assert not any("unpickling-ended" in line for line in server.stdout_lines)
         del slow
     assert server.proc.poll() is None
