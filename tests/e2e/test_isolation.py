@@ -76,8 +76,14 @@ def stored(cloud: CloudburstConnection, key: str, timeout: float = 60.0) -> Any:
     return value
 
 
-def children_of(server: ServeProcess) -> dict[str, int]:
-    """Executor id -> pid of the executor processes the server says it started (latest)."""
+def children_of(server: ServeProcess, at_least: int = 0) -> dict[str, int]:
+    """Executor id -> pid of the executor processes the server says it started (latest).
+
+    With ``at_least``, first wait until the server has logged that many executor ids
+    (its log is read on a thread of its own, so a line may lag the server's address).
+    """
+    for index in range(at_least):
+        server.wait_for_log(f"executor executor-{index} runs in process")
     children: dict[str, int] = {}
     for line in server.stderr_lines:
         match = re.search(r"executor (\S+) runs in process (\d+)", line)
@@ -169,7 +175,7 @@ def test_a_killed_executor_process_is_started_again(
         cloud.register(lambda _, a: a + 1, "incr")
         cloud.register(lambda _, a: a * a, "square")
         assert cloud.register_dag("dag", ["incr", "square"], [("incr", "square")])
-        first = children_of(server)["executor-0"]
+        first = children_of(server, 1)["executor-0"]
         os.kill(first, signal.SIGKILL)
         server.wait_for_log("executor executor-0 (process")
         assert "signal SIGKILL" in server.wait_for_log("exited with signal SIGKILL")
@@ -186,7 +192,7 @@ def test_no_executor_process_outlives_the_server(
 ) -> None:
     stopped = serve_process("--storage", "memory", "--executors", "2")
     killed = serve_process("--storage", "memory", "--executors", "2")
-    pids = [*children_of(stopped).values(), *children_of(killed).values()]
+    pids = [*children_of(stopped, 2).values(), *children_of(killed, 2).values()]
     assert len(pids) == 4
     assert stopped.stop(signal.SIGTERM) == 0
     killed.stop(signal.SIGKILL)
@@ -216,7 +222,7 @@ def test_functions_on_different_executor_processes_exchange_messages(
         cloud.register(ping, "ping")
         answering = cloud.exec_func("pong", [])
         _, pong_pid = stored(cloud, "pong")
-        assert pong_pid in children_of(server).values()
+        assert pong_pid in children_of(server, 2).values()
         pids = set()
         for value in range(1, 7):
             reply, pid = cloud.exec_func("ping", [value]).get(timeout=60)
