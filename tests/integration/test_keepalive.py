@@ -1,20 +1,25 @@
-"""Keepalive: client and server options (cloudburst.transport) agree, so idle streams live.
+"""Keepalive: client and server options (cloudburst.transport) agree, so idle streams live, and a
+peer that stops answering is noticed within seconds.
 
 Clients ping every keepalive interval, also without data; a gRPC server with
 default settings ends such a connection ("too_many_pings") after a few pings.
-The interval is shortened here so that the idle time covers several pings.
+A peer that stops answering (a hung process: ``SIGSTOP``, a stalled VM) keeps
+its connections open; only unanswered pings and connection attempts tell the
+caller, which then gets UNAVAILABLE rather than waiting out its deadline. A
+proxy that stops passing bytes on plays that peer here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 
-from cloudburst.transport import channel_options, server_options
+from cloudburst.transport import KEEPALIVE_MS, channel_options, server_options
 
-KEEPALIVE_MS = 1000
 #: Without the server's permission the stream breaks after about four intervals.
 IDLE_SECONDS = 6 * KEEPALIVE_MS / 1000
 LIMIT = 1024 * 1024
@@ -25,20 +30,33 @@ async def _echo(requests: AsyncIterator[bytes], context: object) -> AsyncIterato
         yield request
 
 
-async def test_an_idle_stream_outlives_many_keepalive_pings() -> None:
-    server = grpc.aio.server(options=server_options(LIMIT, keepalive_ms=KEEPALIVE_MS))
+def _server(started: asyncio.Event | None = None) -> grpc.aio.Server:
+    async def slow(request: bytes, context: object) -> bytes:
+        if started is not None:
+            started.set()
+        await asyncio.sleep(float(request.decode()))  # a call that takes this long to answer
+        return request
+
+    server = grpc.aio.server(options=server_options(LIMIT))
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                "test.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(_echo)}
+                "test.Echo",
+                {
+                    "Echo": grpc.stream_stream_rpc_method_handler(_echo),
+                    "Slow": grpc.unary_unary_rpc_method_handler(slow),
+                },
             ),
         )
     )
+    return server
+
+
+async def test_an_idle_stream_outlives_many_keepalive_pings() -> None:
+    server = _server()
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=channel_options(LIMIT, keepalive_ms=KEEPALIVE_MS)
-    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(LIMIT))
     try:
         call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream("/test.Echo/Echo")()
         await call.write(b"first")
@@ -52,4 +70,90 @@ async def test_an_idle_stream_outlives_many_keepalive_pings() -> None:
         await call.done_writing()
     finally:
         await channel.close()
+        await server.stop(0)
+
+
+class FreezingProxy:
+    """A TCP proxy to ``port`` that can stop passing bytes on, like a hung peer.
+
+    While frozen it still accepts connections (as the kernel does for a
+    stopped process) but forwards nothing, either way; thawed, it passes on
+    what it held.
+    """
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accepted, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        self._thawed.clear()
+
+    def thaw(self) -> None:
+        self._thawed.set()
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        await self._thawed.wait()
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._writers.append(upstream_writer)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            task = asyncio.ensure_future(self._pump(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                await self._thawed.wait()  # frozen: hold the bytes, as a hung process would
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_a_peer_that_stops_answering_is_given_up_within_seconds() -> None:
+    started = asyncio.Event()
+    server = _server(started)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    proxy = FreezingProxy(port)
+    await proxy.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}", options=channel_options(LIMIT))
+    slow: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Echo/Slow")
+    try:
+        assert await slow(b"0", timeout=30) == b"0"
+        in_flight = asyncio.ensure_future(slow(b"60", timeout=30))
+        await asyncio.wait_for(started.wait(), 30)
+        proxy.freeze()
+        # Without keepalive pings (or with a ping timeout as long) the call would end with
+        # DEADLINE_EXCEEDED after its 30 s; it ends UNAVAILABLE, the peer given up for lost.
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await in_flight
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lost.value
+        # A new connection is accepted but never answered: given up well within the deadline.
+        with pytest.raises(grpc.aio.AioRpcError) as unanswered:
+            await slow(b"0", timeout=15)
+        assert unanswered.value.code() == grpc.StatusCode.UNAVAILABLE, unanswered.value
+        proxy.thaw()
+        assert await slow(b"0", timeout=30, wait_for_ready=True) == b"0"
+    finally:
+        await channel.close()
+        await proxy.close()
         await server.stop(0)

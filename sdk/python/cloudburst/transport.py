@@ -38,10 +38,17 @@ SCHEDULER_SERVICE = "cloudburst-scheduler"
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 
 #: Milliseconds between keepalive pings on every connection, idle or not.
-KEEPALIVE_MS = 30_000
+KEEPALIVE_MS = 1_000
 
-#: Milliseconds a keepalive ping may go unanswered before the peer is taken for lost.
-KEEPALIVE_TIMEOUT_MS = 10_000
+#: Milliseconds a ping may go unanswered before the peer is taken for lost: a hung
+#: process (``SIGSTOP``, a stalled VM) keeps its connections open, and this is how a
+#: caller waiting on it learns within seconds that it will not answer.
+KEEPALIVE_TIMEOUT_MS = 2_000
+
+#: Milliseconds a new connection may take to be answered (TCP, TLS and the peer's
+#: HTTP/2 settings); the kernel accepts connections for a hung process, which then
+#: never answers them.
+CONNECT_TIMEOUT_MS = 3_000
 
 #: The longest wait between two attempts to reconnect to a lost peer. gRPC's own
 #: default grows to 120 s, so a peer back after a minute's outage would stay
@@ -57,8 +64,11 @@ def channel_options(
     The transport limit sits above the payload limit so that an oversized value
     reaches the service and is refused with a message that names the limit.
     Keepalive pings go every ``keepalive_ms``, also on a connection that is
-    idle, so a lost peer is noticed within seconds even by a caller that only
-    waits; servers built with :func:`server_options` accept them.
+    idle; a peer that does not answer one within :data:`KEEPALIVE_TIMEOUT_MS`
+    is taken for lost, and every call on the connection ends with
+    ``UNAVAILABLE``. A live peer answers pings however long its calls run, so
+    only dead or hung peers are cut off. Servers built with
+    :func:`server_options` accept pings this often.
     """
     limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
     return [
@@ -66,8 +76,12 @@ def channel_options(
         ("grpc.max_receive_message_length", limit),
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Keepalive pings may share a ping already in flight, which this bounds.
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Also the time allowed to one connection attempt.
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
 
@@ -81,7 +95,7 @@ def server_options(
     often on a connection that carries no data: by default a gRPC server
     allows one such ping every five minutes and ends the connection (GOAWAY
     "too_many_pings") after a few quicker ones, which would break an idle
-    stream, and every call waiting on it, after about two minutes.
+    stream, and every call waiting on it, within seconds.
     """
     return [
         *channel_options(max_payload_bytes, keepalive_ms),
