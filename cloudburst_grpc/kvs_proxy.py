@@ -29,14 +29,17 @@ def _transport_unavailable(exc: grpc.aio.AioRpcError) -> bool:
     )
 
 
-async def _pass_on(exc: grpc.aio.AioRpcError, context: AnyContext) -> None:
-    """End the call with the KVS's status, its ErrorInfo details unchanged."""
+async def _pass_on(exc: grpc.aio.AioRpcError, context: AnyContext, where: str) -> None:
+    """End the call with the KVS's status, its ErrorInfo details unchanged.
+
+    ``where`` names the KVS instance the call went to.
+    """
     trailing = tuple(exc.trailing_metadata() or ())
     if _transport_unavailable(exc):
         # The transport's own error: say which hop failed (the client reached this scheduler).
         raise UnavailableError(
-            f"this scheduler cannot reach the KVS tier ({exc.details()}); check that "
-            "`cbgrpc kvs` is running and reachable from the scheduler"
+            f"this scheduler cannot reach the KVS at {where} ({exc.details()}); check that "
+            "`cbgrpc kvs` is running there, answering, and reachable from the scheduler"
         )
     await context.abort(exc.code(), exc.details() or "", trailing)
 
@@ -46,16 +49,19 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
 
     A unary call whose KVS instance cannot be reached is tried once more on
     another instance when ``unreachable`` (given the channel that failed) says
-    there is one: every unary KvsService call is idempotent.
+    there is one: every unary KvsService call is idempotent. ``where`` names
+    the instance in use, for the error of one that cannot be reached.
     """
 
     def __init__(
         self,
         channel: Callable[[], Awaitable[grpc.aio.Channel]],
         unreachable: Callable[[grpc.aio.Channel], bool] = lambda _: False,
+        where: Callable[[], str] = lambda: "the KVS tier",
     ) -> None:
         self._channel = channel
         self._unreachable = unreachable
+        self._where = where
         self._stubs: dict[int, kvs_service_pb2_grpc.KvsServiceAsyncStub] = {}
 
     def _stub(self, channel: grpc.aio.Channel) -> kvs_service_pb2_grpc.KvsServiceAsyncStub:
@@ -75,7 +81,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             except grpc.aio.AioRpcError as exc:
                 if attempt == 1 and _transport_unavailable(exc) and self._unreachable(channel):
                     continue
-                await _pass_on(exc, context)
+                await _pass_on(exc, context, self._where())
                 raise
         raise AssertionError("unreachable")
 
@@ -145,7 +151,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if _transport_unavailable(exc):
                 self._unreachable(channel)  # the caller's next watch goes elsewhere
-            await _pass_on(exc, context)
+            await _pass_on(exc, context, self._where())
         finally:
             call.cancel()
 
@@ -165,7 +171,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if _transport_unavailable(exc):
                 self._unreachable(channel)
-            await _pass_on(exc, context)
+            await _pass_on(exc, context, self._where())
         finally:
             call.cancel()
 
@@ -184,7 +190,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if _transport_unavailable(exc):
                 self._unreachable(channel)
-            await _pass_on(exc, context)
+            await _pass_on(exc, context, self._where())
             raise
 
     async def GetLimits(

@@ -648,7 +648,8 @@ async def start_scheduler_node(
             SchedulerServicer(scheduler), server
         )
         kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(
-            KvsProxyServicer(endpoint.channel, endpoint.unreachable), server
+            KvsProxyServicer(endpoint.channel, endpoint.unreachable, lambda: endpoint.address),
+            server,
         )
         await _serve(node, [SCHEDULER_SERVICE_NAME, KVS_SERVICE_NAME])
         _register(node, consul, SCHEDULER_SERVICE, scheduler_id)

@@ -188,6 +188,11 @@ class KvsEndpoint:
             self._client = KvsClient(self._channel)
         return self._channel
 
+    @property
+    def address(self) -> str:
+        """The address of the KVS instance in use ("the KVS tier" before one is chosen)."""
+        return self._address or self._fixed or "the KVS tier"
+
     async def client(self) -> KvsClient:
         """A KVS client on the current channel."""
         await self.channel()
@@ -231,10 +236,19 @@ class EndpointKvs:
         channel = await self._endpoint.channel()
         try:
             return await operation(await self._endpoint.client())
-        except UnavailableError:
+        except UnavailableError as exc:
             if not self._endpoint.unreachable(channel):
-                raise
-        return await operation(await self._endpoint.client())
+                raise self._naming_the_kvs(exc) from None
+        try:
+            return await operation(await self._endpoint.client())
+        except UnavailableError as exc:
+            raise self._naming_the_kvs(exc) from None
+
+    def _naming_the_kvs(self, exc: UnavailableError) -> UnavailableError:
+        """The error of a KVS that did not answer (dead, hung, unreachable), naming it."""
+        if type(exc) is not UnavailableError:
+            return exc
+        return UnavailableError(f"the KVS at {self._endpoint.address} is unavailable: {exc}")
 
     async def get(
         self,
