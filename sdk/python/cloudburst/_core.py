@@ -181,7 +181,7 @@ class Core:
 
     def _ended(self, error: grpc.RpcError | None) -> None:
         failure: CloudburstError = (
-            error_from_rpc(error, what="the call stream")
+            error_from_rpc(error, what=f"the call stream to the scheduler at {self.target}")
             if error is not None
             else UnavailableError(f"the call stream to {self.target} closed")
         )
