@@ -21,6 +21,13 @@ from harness import CbgrpcProcess, wait_for_pool
 BOUND = 5.0
 
 
+def resume_and_kill(process: CbgrpcProcess) -> None:
+    """Kill a process that may be stopped: continue it first (a stopped one ignores SIGTERM)."""
+    if process.proc.poll() is None:
+        os.kill(process.proc.pid, signal.SIGCONT)
+        process.kill()
+
+
 def register_workload(conn: CloudburstConnection) -> None:
     """Register ``stage``, ``sink``, ``gated`` and the DAGs ``pipeline`` (stage -> sink)
     and ``gated-pipeline`` (gated -> sink).
@@ -136,6 +143,4 @@ def lose_an_executor_under_load(
                 os.kill(victim.proc.pid, signal.SIGCONT)
                 pool_of(scheduler, lambda pool: victim_id in pool, timeout=30)
         finally:
-            if victim.proc.poll() is None:
-                os.kill(victim.proc.pid, signal.SIGCONT)
-                victim.kill()
+            resume_and_kill(victim)

@@ -2,20 +2,30 @@
 
 - An executor SIGKILLed or SIGSTOPped: the same bounds as with static
   addresses (``test_faults_executor.py``).
-- Two schedulers: a ``consul://`` client whose scheduler is SIGKILLed moves to
-  the other; idempotent operations retry there by themselves.
+- Two schedulers: a ``consul://`` client whose scheduler is SIGKILLed or
+  SIGSTOPped moves to the other; idempotent operations retry there by
+  themselves.
 - The Consul agent SIGKILLed: the cluster goes on serving from what each
   process cached; nothing acknowledged is lost.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from cloudburst import CloudburstConnection
-from faults import BOUND, lose_an_executor_under_load, pool_of, register_workload, wait_started
+from faults import (
+    BOUND,
+    lose_an_executor_under_load,
+    pool_of,
+    register_workload,
+    resume_and_kill,
+    wait_started,
+)
 from harness import CbgrpcProcess, ConsulAgent, consul_binary
 
 #: Fast Consul health checks, so Consul notices a lost process within seconds.
@@ -60,7 +70,7 @@ class Processes:
 
     def close(self) -> None:
         for proc in reversed(self.procs):
-            proc.kill()
+            resume_and_kill(proc)
 
 
 @pytest.fixture
@@ -85,12 +95,14 @@ def test_a_lost_executor_with_consul(processes: Processes, fault: str) -> None:
     lose_an_executor_under_load(scheduler.address, workers, fault)
 
 
+@pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_a_consul_client_moves_to_the_other_scheduler(
-    processes: Processes, consul: ConsulAgent
+    processes: Processes, consul: ConsulAgent, fault: str
 ) -> None:
     schedulers, _ = processes.cluster(schedulers=2)
     passing_schedulers(consul, 2)
-    with CloudburstConnection(f"consul://{consul.address}") as conn:
+    # A request that waited on a stopped scheduler would run into this deadline and fail.
+    with CloudburstConnection(f"consul://{consul.address}", timeout=30) as conn:
         register_workload(conn)
         written = {f"acked-{i}": i for i in range(20)}
         for key, value in written.items():
@@ -98,7 +110,10 @@ def test_a_consul_client_moves_to_the_other_scheduler(
         in_flight = conn.exec_func("gated", ["one-shot"])
         wait_started(conn, "one-shot")
         used = next(s for s in schedulers if s.address == conn.address)
-        used.kill()
+        if fault == "kill":
+            used.kill()
+        else:
+            os.kill(used.proc.pid, signal.SIGSTOP)
 
         assert conn.put_object("go-one-shot", True)
         assert conn.address != used.address
