@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from cloudburst.errors import CloudburstError
+from cloudburst.errors import CloudburstError, InvalidArgumentError
 
 #: The port ``cbgrpc serve`` listens on, and the SDK connects to, by default.
 DEFAULT_PORT = 7600
@@ -44,6 +44,13 @@ KEEPALIVE_MS = 1_000
 #: process (``SIGSTOP``, a stalled VM) keeps its connections open, and this is how a
 #: caller waiting on it learns within seconds that it will not answer.
 KEEPALIVE_TIMEOUT_MS = 2_000
+
+#: The environment variable that replaces :data:`KEEPALIVE_TIMEOUT_MS` (in seconds) in
+#: every process it is set for. A ping's answer queues behind the data its peer sends
+#: first, so on a slow link with deep buffers (a home uplink, say) a large transfer can
+#: hold it back longer than 2 s; a longer timeout keeps such transfers up, at the cost
+#: of noticing hung peers later. Only the pings' interval needs the servers' consent.
+PING_TIMEOUT_ENV = "CLOUDBURST_PING_TIMEOUT_SECONDS"
 
 #: Milliseconds a new connection may take to be answered (TCP, TLS and the peer's
 #: HTTP/2 settings); the kernel accepts connections for a hung process, which then
@@ -71,19 +78,40 @@ def channel_options(
     :func:`server_options` accept pings this often.
     """
     limit = max_payload_bytes * 2 + MESSAGE_OVERHEAD_BYTES
+    ping_timeout = ping_timeout_ms()
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
         ("grpc.keepalive_time_ms", keepalive_ms),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_timeout_ms", ping_timeout),
         # Keepalive pings may share a ping already in flight, which this bounds.
-        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", ping_timeout),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         # Also the time allowed to one connection attempt.
         ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
+
+
+def ping_timeout_ms(environ: Mapping[str, str] | None = None) -> int:
+    """Milliseconds a ping may go unanswered: :data:`PING_TIMEOUT_ENV` if set, else the default.
+
+    Raises:
+        InvalidArgumentError: The variable is not a positive number of seconds.
+    """
+    raw = (os.environ if environ is None else environ).get(PING_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return KEEPALIVE_TIMEOUT_MS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 86_400:
+        raise InvalidArgumentError(
+            f"{PING_TIMEOUT_ENV} must be a positive number of seconds (below a day), not {raw!r}"
+        )
+    return max(int(seconds * 1000), 1)
 
 
 def server_options(
