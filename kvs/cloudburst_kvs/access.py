@@ -21,6 +21,7 @@ from typing import TypeVar
 import grpc
 
 from cloudburst.errors import UnavailableError
+from cloudburst.rpc import UNAVAILABLE_HINT
 from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.discovery.consul import ServiceWatch
@@ -248,7 +249,11 @@ class EndpointKvs:
         """The error of a KVS that did not answer (dead, hung, unreachable), naming it."""
         if type(exc) is not UnavailableError:
             return exc
-        return UnavailableError(f"the KVS at {self._endpoint.address} is unavailable: {exc}")
+        reason = str(exc).removesuffix(f"; {UNAVAILABLE_HINT}")
+        return UnavailableError(
+            f"the KVS at {self._endpoint.address} is unavailable ({reason}); check that "
+            "`cbgrpc kvs` is running and answering there"
+        )
 
     async def get(
         self,

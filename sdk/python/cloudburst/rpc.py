@@ -22,6 +22,9 @@ T = TypeVar("T")
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
+#: What an UNAVAILABLE error without details of its own asks the user to check.
+UNAVAILABLE_HINT = "check that `cbgrpc serve` (or the scheduler) is running at the address given"
+
 
 def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstError:
     """Return the cloudburst exception that a failed RPC carries.
@@ -48,10 +51,7 @@ def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstEr
                         metadata = dict(info.metadata)
     if reason is None:
         if code == grpc.StatusCode.UNAVAILABLE:
-            details = (
-                f"{what} failed: the service is unavailable ({details}); check that "
-                "`cbgrpc serve` (or the scheduler) is running at the address given"
-            )
+            details = f"{what} failed: the service is unavailable ({details}); {UNAVAILABLE_HINT}"
             return UnavailableError(details)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return CloudburstTimeoutError(f"{what} did not finish before its deadline")
