@@ -19,6 +19,7 @@ class FreezingProxy:
         self._thawed = asyncio.Event()
         self._thawed.set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -41,6 +42,9 @@ class FreezingProxy:
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
         await self._thawed.wait()
+        if self._closed:  # woken by close(): nothing to connect
+            writer.close()
+            return
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
         self._writers.append(upstream_writer)
         for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
@@ -64,3 +68,7 @@ class FreezingProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Connections still waiting for a thaw end now (cancelling them would be logged).
+        self._closed = True
+        self._thawed.set()
+        await asyncio.sleep(0)  # lets them run their last step
