@@ -153,6 +153,12 @@ class SchedulerConfig:
     """An executor that does not answer a health check this fast is set aside until it does."""
     max_unanswered_calls: int = 4096
     """Calls one ``StreamCalls`` stream may have in flight; it reads no more until some end."""
+    direct_kvs: bool = True
+    """Tell clients the KVS's address, so that they read and write objects there directly
+    (one hop); false sends them through this scheduler (docs/security.md: with TLS, only
+    clients with a certificate can)."""
+    direct_kvs_address: str = ""
+    """``host:port`` clients dial for the KVS, when not the address this scheduler uses."""
 
 
 @dataclass(frozen=True)

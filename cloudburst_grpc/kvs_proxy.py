@@ -1,14 +1,21 @@
-"""A KvsService that forwards to the KVS tier, so clients need only a scheduler's address."""
+"""A KvsService that forwards to the KVS tier, so clients need only a scheduler's address.
+
+Clients that can reach the KVS themselves call it directly: the scheduler's
+``GetLimits`` answer names the KVS instance in use (``kvs_addresses``), and the
+SDK goes there, coming back here when that address does not answer.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
 from cloudburst.errors import UnavailableError
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
+from cloudburst_grpc.security.authz import peer_host
+from cloudburst_grpc.security.node import is_loopback
 
 Context = grpc.aio.ServicerContext
 AnyContext = grpc.aio.ServicerContext[Any, Any]
@@ -20,6 +27,21 @@ _DETAILS_KEY = "grpc-status-details-bin"
 def _timeout(context: AnyContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else max(float(remaining), 0.0)
+
+
+def _host(address: str) -> str:
+    """The host of ``host:port`` or ``[v6]:port``."""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+def addresses_for(peer: str, addresses: Iterable[str]) -> list[str]:
+    """The KVS addresses to tell the client at ``peer`` (a gRPC peer string).
+
+    A loopback address goes only to a client on loopback: any other client
+    would dial a KVS of its own machine.
+    """
+    local_client = is_loopback(peer_host(peer))
+    return [a for a in addresses if local_client or not is_loopback(_host(a))]
 
 
 def _transport_unavailable(exc: grpc.aio.AioRpcError) -> bool:
@@ -51,6 +73,9 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     another instance when ``unreachable`` (given the channel that failed) says
     there is one: every unary KvsService call is idempotent. ``where`` names
     the instance in use, for the error of one that cannot be reached.
+
+    ``direct_addresses``, when given, returns the KVS addresses that
+    ``GetLimits`` tells clients to call directly (see :func:`addresses_for`).
     """
 
     def __init__(
@@ -58,10 +83,12 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         channel: Callable[[], Awaitable[grpc.aio.Channel]],
         unreachable: Callable[[grpc.aio.Channel], bool] = lambda _: False,
         where: Callable[[], str] = lambda: "the KVS tier",
+        direct_addresses: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
         self._channel = channel
         self._unreachable = unreachable
         self._where = where
+        self._direct_addresses = direct_addresses
         self._stubs: dict[int, kvs_service_pb2_grpc.KvsServiceAsyncStub] = {}
 
     def _stub(self, channel: grpc.aio.Channel) -> kvs_service_pb2_grpc.KvsServiceAsyncStub:
@@ -198,5 +225,12 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         request: kvs_service_pb2.GetLimitsRequest,
         context: Context[kvs_service_pb2.GetLimitsRequest, kvs_service_pb2.GetLimitsResponse],
     ) -> kvs_service_pb2.GetLimitsResponse:
-        """Forward GetLimits."""
-        return await self._unary("GetLimits", request, context)  # type: ignore[no-any-return]
+        """Forward GetLimits, adding the KVS addresses clients may call directly."""
+        response: kvs_service_pb2.GetLimitsResponse = await self._unary(
+            "GetLimits", request, context
+        )
+        if self._direct_addresses is not None:
+            response.kvs_addresses.extend(
+                addresses_for(context.peer() or "", await self._direct_addresses())
+            )
+        return response

@@ -648,7 +648,12 @@ async def start_scheduler_node(
             SchedulerServicer(scheduler), server
         )
         kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(
-            KvsProxyServicer(endpoint.channel, endpoint.unreachable, lambda: endpoint.address),
+            KvsProxyServicer(
+                endpoint.channel,
+                endpoint.unreachable,
+                lambda: endpoint.address,
+                _direct_kvs(config, endpoint),
+            ),
             server,
         )
         await _serve(node, [SCHEDULER_SERVICE_NAME, KVS_SERVICE_NAME])
@@ -665,6 +670,23 @@ async def start_scheduler_node(
             security.client_cert_port,
         )
     return node
+
+
+def _direct_kvs(config: Config, endpoint: KvsEndpoint) -> Callable[[], Awaitable[list[str]]] | None:
+    """What tells clients where to call the KVS directly; None sends them through the scheduler.
+
+    With TLS the KVS's port demands a client certificate (docs/security.md):
+    clients that show one call it directly, with their role checked there as
+    here; clients with a token fail its handshake and stay with the scheduler.
+    """
+    if not config.scheduler.direct_kvs:
+        return None
+    fixed = config.scheduler.direct_kvs_address
+
+    async def addresses() -> list[str]:
+        return [fixed or await endpoint.resolved_address()]
+
+    return addresses
 
 
 async def _executor_status(

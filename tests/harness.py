@@ -223,11 +223,13 @@ class ProcessCluster:
 
 @contextlib.contextmanager
 def running_process_cluster(
-    *executor_args: str, scheduler_args: tuple[str, ...] = ()
+    *executor_args: str,
+    scheduler_args: tuple[str, ...] = (),
+    scheduler_env: dict[str, str] | None = None,
 ) -> Iterator[ProcessCluster]:
     """Start a :class:`ProcessCluster` (memory storage), its executors given ``executor_args``.
 
-    The scheduler is given ``scheduler_args``.
+    The scheduler is given ``scheduler_args`` and, in its environment, ``scheduler_env``.
 
     Each function of a DAG is pinned on one executor, so the functions of a
     DAG spread over both executor processes. Every process is killed on exit.
@@ -246,7 +248,12 @@ def running_process_cluster(
             executors.append(executor)
         flags = [arg for e in executors for arg in ("--executor", e.address)]
         scheduler = CbgrpcProcess(
-            "scheduler", "--kvs", kvs.address, *flags, *scheduler_args, env=env
+            "scheduler",
+            "--kvs",
+            kvs.address,
+            *flags,
+            *scheduler_args,
+            env={**env, **(scheduler_env or {})},
         )
         started.append(scheduler)
         yield ProcessCluster(kvs, executors, scheduler)

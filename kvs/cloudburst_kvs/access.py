@@ -194,6 +194,12 @@ class KvsEndpoint:
         """The address of the KVS instance in use ("the KVS tier" before one is chosen)."""
         return self._address or self._fixed or "the KVS tier"
 
+    async def resolved_address(self) -> str:
+        """The address of the KVS instance in use (waits for one to be known)."""
+        await self.channel()
+        assert self._address is not None
+        return self._address
+
     async def client(self) -> KvsClient:
         """A KVS client on the current channel."""
         await self.channel()

@@ -9,6 +9,12 @@ UnavailableError and the next call reopens it.
 Results released by their futures (see :meth:`Core.release_when_done`) ride
 on the next call frame, or on a frame of their own after ``RELEASE_DELAY``
 when no call comes.
+
+Objects are read and written through ``KvsService``: at the scheduler, which
+forwards to the KVS tier, or, when the scheduler names KVS addresses that
+answer (:meth:`Core.use_direct_kvs`), at the KVS itself, one hop fewer. A
+direct call that finds the KVS unreachable is made again through the
+scheduler, which then serves every KVS call until the KVS answers again.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import collections
 import concurrent.futures
 import functools
 import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -52,6 +60,19 @@ RELEASES_PER_FRAME = 1000
 
 #: The most keys one BatchGetValues names (the service's limit); more take several.
 BATCH_KEYS = 1000
+
+#: Seconds after losing the KVS's direct address before it is tried again (then doubling).
+DIRECT_RETRY_SECONDS = 5.0
+
+#: The longest pause between tries of a lost direct address.
+DIRECT_RETRY_MAX_SECONDS = 120.0
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    KvsStub = kvs_service_pb2_grpc.KvsServiceAsyncStub
 
 
 @dataclass
@@ -106,6 +127,8 @@ class Core:
         security = security or ClientSecurity()
         self._security = security
         self._tls = security.tls
+        self._security = security
+        self._max_payload_bytes = max_payload_bytes
         self.channel = open_channel(
             target,
             max_payload_bytes,
@@ -114,7 +137,14 @@ class Core:
             tracing.client_interceptors(),
         )
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
-        self.kvs = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
+        self.proxy_kvs: KvsStub = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
+        """KvsService at the scheduler, which forwards to the KVS tier."""
+        self.kvs: KvsStub = self.proxy_kvs
+        """KvsService where KVS calls go now: the KVS itself, or the scheduler."""
+        self.kvs_address: str | None = None
+        """The address of the KVS that KVS calls go to directly; None: through the scheduler."""
+        self._direct: tuple[str, grpc.aio.Channel, KvsStub] | None = None
+        self._retry_direct: asyncio.Task[None] | None = None
         self._stream: OutboxStream[
             scheduler_service_pb2.StreamCallsRequest, scheduler_service_pb2.StreamCallsResponse
         ] = OutboxStream(
@@ -291,10 +321,88 @@ class Core:
 
     # -- KVS -----------------------------------------------------------------------
 
+    async def use_direct_kvs(self, addresses: Sequence[str], timeout: float) -> bool:
+        """Call the KVS directly at the first of ``addresses`` that answers within ``timeout``.
+
+        Returns whether one did; if none does, KVS calls keep going through the
+        scheduler. A refused connection fails at once; ``timeout`` bounds an
+        address that does not answer at all.
+        """
+        for address in addresses:
+            channel = open_channel(
+                address,
+                self._max_payload_bytes,
+                self._security.channel_credentials(),
+                self._security.server_name,
+                tracing.client_interceptors(),
+            )
+            stub: KvsStub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+            try:
+                await stub.GetLimits(kvs_service_pb2.GetLimitsRequest(), timeout=timeout)
+            except grpc.RpcError as exc:
+                rpc: Any = exc
+                logger.info(
+                    "the KVS at %s does not answer (%s); objects go through the scheduler",
+                    address,
+                    rpc.details(),
+                )
+                await channel.close()
+                continue
+            self._direct = (address, channel, stub)
+            self.kvs, self.kvs_address = stub, address
+            return True
+        return False
+
+    async def _on_kvs(self, operation: Callable[[KvsStub], Awaitable[T]]) -> T:
+        """Run an idempotent KVS operation at the KVS; if that is unreachable, via the scheduler."""
+        stub = self.kvs
+        if stub is self.proxy_kvs:
+            return await operation(stub)
+        try:
+            return await operation(stub)
+        except UnavailableError as exc:
+            if type(exc) is not UnavailableError:
+                raise
+            self._leave_direct(exc)
+        return await operation(self.proxy_kvs)
+
+    def _leave_direct(self, error: CloudburstError) -> None:
+        """Send KVS calls through the scheduler until the KVS answers directly again."""
+        if self._direct is None or self.kvs is self.proxy_kvs:
+            return
+        logger.warning(
+            "the KVS at %s is unreachable (%s); objects go through the scheduler until it answers",
+            self._direct[0],
+            error,
+        )
+        self.kvs, self.kvs_address = self.proxy_kvs, None
+        self._retry_direct = self.loop.create_task(self._return_to_direct())
+
+    async def _return_to_direct(self) -> None:
+        """Try the KVS's direct address now and then; use it again once it answers."""
+        assert self._direct is not None
+        address, _, stub = self._direct
+        delay = DIRECT_RETRY_SECONDS
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await stub.GetLimits(kvs_service_pb2.GetLimitsRequest(), timeout=delay)
+            except grpc.RpcError:
+                delay = min(delay * 2, DIRECT_RETRY_MAX_SECONDS)
+                continue
+            logger.info("the KVS at %s answers again; objects go there directly", address)
+            self.kvs, self.kvs_address = stub, address
+            return
+
     async def get(
         self, key: str, wait: bool = False, timeout: float = 30.0
     ) -> lattice_pb2.Lattice | None:
         """Read a user key; with ``wait``, wait up to ``timeout`` seconds for it to exist."""
+        return await self._on_kvs(functools.partial(self._get, key=key, wait=wait, timeout=timeout))
+
+    async def _get(
+        self, stub: KvsStub, key: str, wait: bool, timeout: float
+    ) -> lattice_pb2.Lattice | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         request = kvs_service_pb2.GetValueRequest(
@@ -305,14 +413,14 @@ class Core:
             if remaining <= 0:
                 return None
             try:
-                response = await self.kvs.GetValue(request, timeout=remaining)
+                response = await stub.GetValue(request, timeout=remaining)
             except grpc.RpcError as exc:
                 if wait and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return None
                 raise error_from_rpc(exc, what=f"reading key {key!r}") from None
             if response.chunked:  # too large for one message
                 return await chunks.read_chunks(
-                    self.kvs, key, lattice_pb2.KEYSPACE_USER, max(deadline - loop.time(), 1.0)
+                    stub, key, lattice_pb2.KEYSPACE_USER, max(deadline - loop.time(), 1.0)
                 )
             if response.found:
                 return response.lattice
@@ -324,6 +432,11 @@ class Core:
         self, keys: list[str], timeout: float
     ) -> dict[str, lattice_pb2.Lattice | None]:
         """Read user keys in one BatchGetValues per :data:`BATCH_KEYS` keys."""
+        return await self._on_kvs(functools.partial(self._get_many, keys=keys, timeout=timeout))
+
+    async def _get_many(
+        self, stub: KvsStub, keys: list[str], timeout: float
+    ) -> dict[str, lattice_pb2.Lattice | None]:
         result: dict[str, lattice_pb2.Lattice | None] = {}
         for start in range(0, len(keys), BATCH_KEYS):
             request = kvs_service_pb2.BatchGetValuesRequest(
@@ -331,7 +444,7 @@ class Core:
             )
             response = await call(
                 f"reading {len(request.keys)} keys",
-                functools.partial(self.kvs.BatchGetValues, request, timeout=timeout),
+                functools.partial(stub.BatchGetValues, request, timeout=timeout),
             )
             for entry in response.entries:
                 result[entry.key] = entry.lattice if entry.found else None
@@ -340,24 +453,38 @@ class Core:
     async def put(self, key: str, lattice: lattice_pb2.Lattice, timeout: float) -> None:
         """Merge a lattice into a user key (a large value in chunks)."""
         if chunks.needs_chunks(lattice):
-            await chunks.write_chunks(self.kvs, key, lattice, lattice_pb2.KEYSPACE_USER, timeout)
+            await self._on_kvs(
+                lambda stub: chunks.write_chunks(
+                    stub, key, lattice, lattice_pb2.KEYSPACE_USER, timeout
+                )
+            )
             return
         request = kvs_service_pb2.PutValueRequest(
             key=key, keyspace=lattice_pb2.KEYSPACE_USER, omit_lattice=True
         )
         request.lattice.CopyFrom(lattice)
-        await call(f"writing key {key!r}", lambda: self.kvs.PutValue(request, timeout=timeout))
+        await self._on_kvs(
+            lambda stub: call(
+                f"writing key {key!r}", lambda: stub.PutValue(request, timeout=timeout)
+            )
+        )
 
     async def delete(self, key: str, timeout: float) -> bool:
         """Delete a user key."""
         request = kvs_service_pb2.DeleteValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER)
-        response = await call(
-            f"deleting key {key!r}", lambda: self.kvs.DeleteValue(request, timeout=timeout)
+        response = await self._on_kvs(
+            lambda stub: call(
+                f"deleting key {key!r}", lambda: stub.DeleteValue(request, timeout=timeout)
+            )
         )
-        return response.existed
+        return bool(response.existed)
 
     async def close(self) -> None:
         """Send the queued releases, end the stream and close the channel."""
         self._flush()
+        if self._retry_direct is not None:
+            self._retry_direct.cancel()
         await self._stream.close(grace=5.0)
+        if self._direct is not None:
+            await self._direct[1].close()
         await self.channel.close()

@@ -71,6 +71,10 @@ FAILOVER_CONNECT_TIMEOUT = 3.0
 _WRITES_REMEMBERED = 4096
 #: Longest ``get_object`` waits for a result answered directly to be stored.
 RESULT_STORE_SECONDS = 10.0
+#: Seconds a KVS address the scheduler names may take to answer before objects go through it.
+DIRECT_KVS_TIMEOUT = 2.0
+#: Values of ``CLOUDBURST_DIRECT_KVS`` that turn direct KVS access off.
+_OFF = frozenset({"0", "false", "no", "off"})
 
 
 CONSUL_DEFAULT_PORTS = {"http": 8500, "https": 8501}
@@ -267,6 +271,12 @@ class CloudburstConnection:
         tls_key: PEM key of ``tls_cert``.
         tls_server_name: Verify the server's certificate against this name
             instead of the host dialled.
+        direct_kvs: Read and write objects at the KVS itself when the scheduler
+            names its address (a plaintext cluster does), one network hop
+            instead of two; when that address does not answer, within two
+            seconds of connecting or later, objects go through the scheduler.
+            False always goes through the scheduler. When not given,
+            ``CLOUDBURST_DIRECT_KVS=0`` turns it off.
 
     The connection is thread-safe. Close it with :meth:`close` or use it in a
     ``with`` block.
@@ -290,6 +300,7 @@ class CloudburstConnection:
         tls_cert: str = "",
         tls_key: str = "",
         tls_server_name: str = "",
+        direct_kvs: bool | None = None,
     ) -> None:
         self._consul: str | None = None
         self._targets: list[str] = []
@@ -321,6 +332,9 @@ class CloudburstConnection:
             key_file=tls_key,
             server_name=tls_server_name,
         )
+        if direct_kvs is None:
+            direct_kvs = os.environ.get("CLOUDBURST_DIRECT_KVS", "").strip().lower() not in _OFF
+        self._direct_kvs = direct_kvs
         self._clock = LwwClock()
         self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
         """When this connection last wrote each key (the newest ones), for read-your-writes."""
@@ -349,7 +363,17 @@ class CloudburstConnection:
             logger.debug(
                 "the server did not report its limits (%s); values stay in one message", exc
             )
+            return core
+        if self._direct_kvs and limits.kvs_addresses:
+            await core.use_direct_kvs(
+                list(limits.kvs_addresses), min(connect_timeout, DIRECT_KVS_TIMEOUT)
+            )
         return core
+
+    @property
+    def kvs_address(self) -> str | None:
+        """The KVS that objects are read and written at directly; None: through the scheduler."""
+        return self._core.kvs_address
 
     def _connect(self, candidates: Sequence[str], connect_timeout: float) -> Core:
         """Connect to the first of ``candidates`` that answers (each gets its share of time)."""

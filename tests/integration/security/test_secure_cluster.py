@@ -360,6 +360,60 @@ def test_a_client_cert_port_needs_tokens(certs: Path) -> None:
         make_config(security={**security_for(certs, "scheduler"), "client_cert_port": 0})
 
 
+def test_a_client_certificate_reaches_the_kvs_directly_with_its_role_checked_there(
+    start_node: Callable[..., Node], certs: Path, secure: SecureCluster
+) -> None:
+    config = make_config(security=security_for(certs, "scheduler"))  # no tokens: certificates
+    scheduler = start_node(
+        start_scheduler_node(config, secure.kvs.address, [e.address for e in secure.executors])
+    )
+
+    def connect(name: str) -> CloudburstConnection:
+        return CloudburstConnection(
+            scheduler.address,
+            tls_ca=str(certs / "ca.pem"),
+            tls_cert=str(certs / f"{name}.pem"),
+            tls_key=str(certs / f"{name}-key.pem"),
+            connect_timeout=10,
+            timeout=20,
+        )
+
+    with connect("client-invoker") as cloud:
+        assert cloud.kvs_address == secure.kvs.address
+        cloud.put_object("direct/key", {"n": 1})
+        assert cloud.get_object("direct/key") == {"n": 1}
+    with connect("client-invoker-restricted") as cloud:
+        assert cloud.kvs_address == secure.kvs.address
+        cloud.put_object("direct/json", b"bytes are allowed")
+        with pytest.raises(PermissionDeniedError, match="cloudpickle values need role invoker"):
+            cloud.put_object("direct/pickle", {1, 2})
+    # At the KVS, as at the scheduler, a client may not touch the system keyspace.
+    with secure.channel(secure.kvs.address, role="admin") as channel:
+        stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            _put_system(stub)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.GetValue(
+                kvs_service_pb2.GetValueRequest(key="x", keyspace=lattice_pb2.KEYSPACE_SYSTEM),
+                timeout=10,
+            )
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_token_client_uses_the_kvs_through_the_scheduler(secure: SecureCluster) -> None:
+    with secure.connect(token=TOKENS["invoker"]) as cloud:
+        # The KVS's port demands a client certificate, which a token client lacks.
+        assert cloud.kvs_address is None
+        cloud.put_object("proxied/key", [1, 2])
+        assert cloud.get_object("proxied/key") == [1, 2]
+    with secure.channel(secure.kvs.address, token=TOKENS["admin"]) as channel:
+        stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.GetValue(kvs_service_pb2.GetValueRequest(key="proxied/key"), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def test_tokens_are_rotated_without_a_restart(secure: SecureCluster) -> None:
     fresh = "cbt_fresh-rotated-token-0123456789"
     with secure.connect(token=TOKENS["admin"]) as cloud:

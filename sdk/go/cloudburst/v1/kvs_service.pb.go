@@ -1247,8 +1247,11 @@ type GetLimitsResponse struct {
 	MaxValueBytes uint64 `protobuf:"varint,1,opt,name=max_value_bytes,json=maxValueBytes,proto3" json:"max_value_bytes,omitempty"`
 	// The largest message a call may carry (values above it move in chunks).
 	MaxMessageBytes uint64 `protobuf:"varint,2,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Addresses (host:port) of KVS instances that clients may call KvsService at directly, the
+	// one in use first. A cluster's scheduler fills them; empty: call the address used for this.
+	KvsAddresses  []string `protobuf:"bytes,3,rep,name=kvs_addresses,json=kvsAddresses,proto3" json:"kvs_addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetLimitsResponse) Reset() {
@@ -1293,6 +1296,13 @@ func (x *GetLimitsResponse) GetMaxMessageBytes() uint64 {
 		return x.MaxMessageBytes
 	}
 	return 0
+}
+
+func (x *GetLimitsResponse) GetKvsAddresses() []string {
+	if x != nil {
+		return x.KvsAddresses
+	}
+	return nil
 }
 
 var File_cloudburst_v1_kvs_service_proto protoreflect.FileDescriptor
@@ -1377,10 +1387,11 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x05frame\",\n" +
 	"\x16PutValueChunksResponse\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x04R\x04size\"\x12\n" +
-	"\x10GetLimitsRequest\"g\n" +
+	"\x10GetLimitsRequest\"\x8c\x01\n" +
 	"\x11GetLimitsResponse\x12&\n" +
 	"\x0fmax_value_bytes\x18\x01 \x01(\x04R\rmaxValueBytes\x12*\n" +
-	"\x11max_message_bytes\x18\x02 \x01(\x04R\x0fmaxMessageBytes2\xfa\x06\n" +
+	"\x11max_message_bytes\x18\x02 \x01(\x04R\x0fmaxMessageBytes\x12#\n" +
+	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses2\xfa\x06\n" +
 	"\n" +
 	"KvsService\x12K\n" +
 	"\bGetValue\x12\x1e.cloudburst.v1.GetValueRequest\x1a\x1f.cloudburst.v1.GetValueResponse\x12K\n" +

@@ -644,19 +644,27 @@ class GetLimitsResponse(_message.Message):
 
     MAX_VALUE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    KVS_ADDRESSES_FIELD_NUMBER: _builtins.int
     max_value_bytes: _builtins.int
     """The largest value one key may hold (chunked reads and writes carry values up to this)."""
     max_message_bytes: _builtins.int
     """The largest message a call may carry (values above it move in chunks)."""
+    @_builtins.property
+    def kvs_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses (host:port) of KVS instances that clients may call KvsService at directly, the
+        one in use first. A cluster's scheduler fills them; empty: call the address used for this.
+        """
+
     def __init__(
         self,
         *,
         max_value_bytes: _builtins.int = ...,
         max_message_bytes: _builtins.int = ...,
+        kvs_addresses: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_message_bytes", b"max_message_bytes", "max_value_bytes", b"max_value_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kvs_addresses", b"kvs_addresses", "max_message_bytes", b"max_message_bytes", "max_value_bytes", b"max_value_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

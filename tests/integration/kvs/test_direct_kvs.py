@@ -1,0 +1,124 @@
+"""Clients of a cluster read and write objects at the KVS itself, one hop instead of two.
+
+The scheduler names the KVS in its ``GetLimits`` answer; the SDK calls it
+there, and goes through the scheduler's proxy when that address does not
+answer. The clusters are real: `cbgrpc` processes, or nodes started by the
+code `cbgrpc` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from cloudburst import CloudburstConnection
+from cloudburst.errors import UnavailableError
+from cloudburst.reference import CloudburstReference
+from cloudburst.serialization import lattice_value
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
+from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
+from harness import LoopThread, free_ports, make_config, running_process_cluster
+
+#: Larger than one message's inline limit: written and read in chunks.
+LARGE = 5 << 20
+
+
+def read_ref(_: Any, value: Any) -> Any:
+    return value
+
+
+def incr(_: Any, x: int) -> int:
+    return x + 1
+
+
+def test_objects_go_to_the_kvs_and_not_through_the_scheduler() -> None:
+    with running_process_cluster() as cluster:
+        direct = CloudburstConnection(cluster.address, connect_timeout=30, timeout=60)
+        proxied = CloudburstConnection(
+            cluster.address, connect_timeout=30, timeout=60, direct_kvs=False
+        )
+        try:
+            assert direct.kvs_address == cluster.kvs.address
+            assert proxied.kvs_address is None
+            # Both paths reach the one KVS: each reads what the other wrote.
+            direct.put_object("direct/small", "from the direct path")
+            proxied.put_object("direct/large", b"x" * LARGE)
+            assert proxied.get_object("direct/small") == "from the direct path"
+            assert direct.get_object("direct/large") == b"x" * LARGE
+            # Read-your-writes across the paths: a function reads the client's write, and
+            # the client reads the result an executor stored.
+            reader = direct.register(read_ref, "read_ref")
+            for value in range(3):
+                direct.put_object("direct/counter", value)
+                assert reader(CloudburstReference("direct/counter")).get(timeout=60) == value
+            future = direct.register(incr, "incr")(41)
+            assert future.get(timeout=60) == 42
+            assert direct.get_object(future) == 42
+            cluster.scheduler.stop()
+            # With the scheduler gone, only the direct path still reaches the KVS.
+            direct.put_object("direct/after", b"still here")
+            assert direct.get_object("direct/after") == b"still here"
+            assert direct.get_object(["direct/small", "direct/none"]) == {
+                "direct/small": "from the direct path",
+                "direct/none": None,
+            }
+            assert direct.delete_object("direct/after") is True
+            with pytest.raises(UnavailableError):
+                proxied.put_object("direct/refused", 1)
+        finally:
+            direct.close()
+            proxied.close()
+
+
+def test_an_unreachable_kvs_address_falls_back_to_the_scheduler() -> None:
+    (closed_port,) = free_ports(1)
+    nowhere = f"127.0.0.1:{closed_port}"
+    env = {"CBGRPC_SCHEDULER_DIRECT_KVS_ADDRESS": nowhere}
+    with (
+        running_process_cluster(scheduler_env=env) as cluster,
+        CloudburstConnection(cluster.address, connect_timeout=30, timeout=60) as cloud,
+    ):
+        assert cloud.kvs_address is None
+        cloud.put_object("fallback/key", b"v" * LARGE)
+        assert cloud.get_object("fallback/key") == b"v" * LARGE
+        reader = cloud.register(read_ref, "read_ref")
+        cloud.put_object("fallback/small", 7)
+        assert reader(CloudburstReference("fallback/small")).get(timeout=60) == 7
+
+
+def test_direct_access_turned_off_names_no_kvs() -> None:
+    env = {"CBGRPC_SCHEDULER_DIRECT_KVS": "false"}
+    with (
+        running_process_cluster(scheduler_env=env) as cluster,
+        CloudburstConnection(cluster.address, connect_timeout=30, timeout=60) as cloud,
+    ):
+        assert cloud.kvs_address is None
+        cloud.put_object("off/key", 1)
+        assert cloud.get_object("off/key") == 1
+
+
+def test_a_kvs_that_stops_answering_sends_objects_through_the_scheduler(
+    start_node: Callable[..., Node], server_loop: LoopThread
+) -> None:
+    config = make_config()
+    kvs = start_node(start_kvs_node(config))
+    # The scheduler names another KVS to its clients, which the test then stops.
+    decoy = start_node(start_kvs_node(config))
+    executor = start_node(start_executor_node(config, kvs.address, "executor-0"))
+    scheduler_config = make_config(scheduler={"direct_kvs_address": decoy.address})
+    scheduler = start_node(start_scheduler_node(scheduler_config, kvs.address, [executor.address]))
+    with CloudburstConnection(scheduler.address, connect_timeout=30, timeout=60) as cloud:
+        assert cloud.kvs_address == decoy.address
+        cloud.put_object("moved/before", 1)
+        server_loop.run(decoy.stop(0.5))
+        cloud.put_object("moved/after", 2)
+        assert cloud.kvs_address is None
+        assert cloud.get_object("moved/after") == 2
+    # The write went to the scheduler's KVS, not to the stopped one.
+    with grpc.insecure_channel(kvs.address) as channel:
+        stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        response = stub.GetValue(kvs_service_pb2.GetValueRequest(key="moved/after"), timeout=10)
+    assert response.found and lattice_value(response.lattice) == 2
