@@ -16,9 +16,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cloudburst import malloc
 from cloudburst.errors import CloudburstError
 from cloudburst.transport import DEFAULT_PORT
-from cloudburst_grpc import affinity, malloc, telemetry
+from cloudburst_grpc import affinity, telemetry
 from cloudburst_grpc.config import ISOLATIONS, Config, ConfigError, load_config
 
 logger = logging.getLogger("cbgrpc")

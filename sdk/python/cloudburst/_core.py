@@ -450,9 +450,11 @@ class Core:
                 result[entry.key] = entry.lattice if entry.found else None
         return result
 
-    async def put(self, key: str, lattice: lattice_pb2.Lattice, timeout: float) -> None:
-        """Merge a lattice into a user key (a large value in chunks)."""
-        if chunks.needs_chunks(lattice):
+    async def put(
+        self, key: str, lattice: lattice_pb2.Lattice, timeout: float, size: int | None = None
+    ) -> None:
+        """Merge a lattice into a user key (a large value in chunks); ``size``: its value's."""
+        if chunks.needs_chunks(lattice, size):
             await self._on_kvs(
                 lambda stub: chunks.write_chunks(
                     stub, key, lattice, lattice_pb2.KEYSPACE_USER, timeout

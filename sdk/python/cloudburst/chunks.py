@@ -23,9 +23,15 @@ INLINE_VALUE_BYTES = 4 << 20
 """A last-writer-wins value larger than this is written in chunks."""
 
 
-def needs_chunks(lattice: lattice_pb2.Lattice) -> bool:
-    """Whether a write of ``lattice`` goes in chunks."""
-    return lattice.WhichOneof("kind") == "lww" and len(lattice.lww.value.data) > INLINE_VALUE_BYTES
+def needs_chunks(lattice: lattice_pb2.Lattice, size: int | None = None) -> bool:
+    """Whether a write of ``lattice`` goes in chunks.
+
+    ``size``, the length of its value when the caller knows it, saves reading
+    (copying) the bytes out of the message.
+    """
+    if lattice.WhichOneof("kind") != "lww":
+        return False
+    return (len(lattice.lww.value.data) if size is None else size) > INLINE_VALUE_BYTES
 
 
 async def write_chunks(

@@ -23,7 +23,7 @@ from typing import Any
 
 import cloudpickle
 
-from cloudburst import _original, chunks, sources, tracing
+from cloudburst import _original, chunks, malloc, sources, tracing
 from cloudburst._core import Core, PendingCall
 from cloudburst._loop import new_driver
 from cloudburst.errors import (
@@ -41,11 +41,12 @@ from cloudburst.rpc import call, error_from_call_error
 from cloudburst.serialization import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     LwwClock,
+    check_length,
     deserialize,
+    encode,
     failure_to_error,
     lattice_bytes,
     lattice_value,
-    lww,
     serialize,
 )
 from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE, ClientSecurity
@@ -230,6 +231,13 @@ def _serialize(obj: Any, what: str, limit: int) -> value_pb2.Value:
         return serialize(obj, what=what, limit=limit)
 
 
+def _encode(obj: Any, what: str) -> tuple[bytes, value_pb2.Serializer.ValueType]:
+    if type(obj) in _PLAIN_TYPES:
+        return encode(obj, what=what)
+    with _pickle_lock, _by_value([obj, type(obj)]):
+        return encode(obj, what=what)
+
+
 class CloudburstConnection:
     """A connection to a cloudburst scheduler (``cbgrpc serve``, or a cluster's load balancer).
 
@@ -341,6 +349,8 @@ class CloudburstConnection:
         self._answered: collections.OrderedDict[str, None] = collections.OrderedDict()
         """Result keys of calls answered directly, which executors store just after answering."""
         self._answered_lock = threading.Lock()
+        # Large values reuse memory instead of faulting in fresh pages (see malloc.py).
+        malloc.tune_once()
         self._loop = new_driver(loop_driver)
         self._closed = False
         try:
@@ -914,9 +924,18 @@ class CloudburstConnection:
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
         key = self._key(key)
-        data = _serialize(value, f"value for key {key!r}", self.max_value_bytes)
-        lattice = lww(data, self._clock)  # one timestamp: a retry merges as the same write
-        self._retrying(lambda: self._core.put(key, lattice, self.timeout), f"put_object({key!r})")
+        what = f"value for key {key!r}"
+        data, serializer = _encode(value, what)
+        check_length(len(data), what=what, limit=self.max_value_bytes)
+        # Built in place, the bytes copied once; one timestamp: a retry merges as the same write.
+        lattice = lattice_pb2.Lattice()
+        lattice.lww.timestamp.CopyFrom(self._clock.now())
+        lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
+        size = len(data)
+        del data
+        self._retrying(
+            lambda: self._core.put(key, lattice, self.timeout, size), f"put_object({key!r})"
+        )
         self._wrote(key, lattice.lww.timestamp.time_ns)
         return True
 

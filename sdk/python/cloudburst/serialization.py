@@ -54,27 +54,36 @@ def serialize(obj: Any, *, what: str = "value", limit: int | None = None) -> val
         SerializationError: The value cannot be pickled.
         PayloadTooLargeError: The serialized value is larger than ``limit``.
     """
+    data, serializer = encode(obj, what=what)
+    # Measured before it goes in: reading the bytes back out of the message would copy them.
+    check_length(len(data), what=what, limit=limit)
+    return value_pb2.Value(data=data, serializer=serializer)
+
+
+def encode(obj: Any, *, what: str = "value") -> tuple[bytes, value_pb2.Serializer.ValueType]:
+    """The bytes and serializer of a Python value (what :func:`serialize` wraps).
+
+    Raises:
+        SerializationError: The value cannot be pickled.
+    """
     if isinstance(obj, bytes):
-        value = value_pb2.Value(data=obj, serializer=value_pb2.SERIALIZER_BYTES)
-    elif isinstance(obj, str):
-        value = value_pb2.Value(data=obj.encode(), serializer=value_pb2.SERIALIZER_STRING)
-    elif type(obj) in _SCALARS:
+        return obj, value_pb2.SERIALIZER_BYTES
+    if isinstance(obj, str):
+        return obj.encode(), value_pb2.SERIALIZER_STRING
+    if type(obj) in _SCALARS:
         # The same bytes cloudpickle writes, without its pickler's set-up (~1.3 us).
         data = pickle.dumps(obj, protocol=cloudpickle.DEFAULT_PROTOCOL)
-        value = value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE)
-    else:
-        try:
-            data = cloudpickle.dumps(obj)
-        except Exception as exc:
-            raise SerializationError(
-                f"cannot serialize {what} of type {type(obj).__qualname__}: "
-                f"{type(exc).__name__}: {exc}. Pass a value cloudpickle can pickle "
-                "(no open sockets, locks, generators or similar).",
-                {"what": what, "type": type(obj).__qualname__},
-            ) from exc
-        value = value_pb2.Value(data=data, serializer=value_pb2.SERIALIZER_CLOUDPICKLE)
-    check_size(value, what=what, limit=limit)
-    return value
+        return data, value_pb2.SERIALIZER_CLOUDPICKLE
+    try:
+        data = cloudpickle.dumps(obj)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot serialize {what} of type {type(obj).__qualname__}: "
+            f"{type(exc).__name__}: {exc}. Pass a value cloudpickle can pickle "
+            "(no open sockets, locks, generators or similar).",
+            {"what": what, "type": type(obj).__qualname__},
+        ) from exc
+    return data, value_pb2.SERIALIZER_CLOUDPICKLE
 
 
 #: Serializers a caller may list as accepted for results.
@@ -217,11 +226,17 @@ def json_problem(obj: Any, path: str, depth: int = 0) -> str | None:
 
 def check_size(value: value_pb2.Value, *, what: str, limit: int | None) -> None:
     """Raise PayloadTooLargeError when ``value`` is larger than ``limit`` bytes."""
-    if limit is not None and len(value.data) > limit:
+    if limit is not None:
+        check_length(len(value.data), what=what, limit=limit)
+
+
+def check_length(size: int, *, what: str, limit: int | None) -> None:
+    """Raise PayloadTooLargeError when ``size`` serialized bytes are over ``limit``."""
+    if limit is not None and size > limit:
         raise PayloadTooLargeError(
-            f"{what} is {len(value.data)} bytes serialized, over the limit of {limit} bytes; "
+            f"{what} is {size} bytes serialized, over the limit of {limit} bytes; "
             "store large data in smaller pieces or raise the limit (max_payload_bytes).",
-            {"what": what, "size": str(len(value.data)), "limit": str(limit)},
+            {"what": what, "size": str(size), "limit": str(limit)},
         )
 
 

@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from cloudburst_grpc import malloc
+from cloudburst import malloc
 
 
 @pytest.mark.parametrize(
