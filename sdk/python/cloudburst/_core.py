@@ -451,9 +451,14 @@ class Core:
         return result
 
     async def put(
-        self, key: str, lattice: lattice_pb2.Lattice, timeout: float, size: int | None = None
+        self, request: kvs_service_pb2.PutValueRequest, timeout: float, size: int | None = None
     ) -> None:
-        """Merge a lattice into a user key (a large value in chunks); ``size``: its value's."""
+        """Send a write of a user key (a large value in chunks); ``size``: its value's length.
+
+        The caller builds the request with its lattice in place, so that a large
+        value is not copied once more into it.
+        """
+        key, lattice = request.key, request.lattice
         if chunks.needs_chunks(lattice, size):
             await self._on_kvs(
                 lambda stub: chunks.write_chunks(
@@ -461,10 +466,7 @@ class Core:
                 )
             )
             return
-        request = kvs_service_pb2.PutValueRequest(
-            key=key, keyspace=lattice_pb2.KEYSPACE_USER, omit_lattice=True
-        )
-        request.lattice.CopyFrom(lattice)
+        request.keyspace, request.omit_lattice = lattice_pb2.KEYSPACE_USER, True
         await self._on_kvs(
             lambda stub: call(
                 f"writing key {key!r}", lambda: stub.PutValue(request, timeout=timeout)

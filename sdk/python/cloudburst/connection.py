@@ -53,6 +53,7 @@ from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE, ClientSecurity
 from cloudburst.v1 import (
     execution_pb2,
     function_pb2,
+    kvs_service_pb2,
     lattice_pb2,
     scheduler_service_pb2,
     value_pb2,
@@ -928,14 +929,13 @@ class CloudburstConnection:
         data, serializer = _encode(value, what)
         check_length(len(data), what=what, limit=self.max_value_bytes)
         # Built in place, the bytes copied once; one timestamp: a retry merges as the same write.
-        lattice = lattice_pb2.Lattice()
+        request = kvs_service_pb2.PutValueRequest(key=key)
+        lattice = request.lattice
         lattice.lww.timestamp.CopyFrom(self._clock.now())
         lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
         size = len(data)
         del data
-        self._retrying(
-            lambda: self._core.put(key, lattice, self.timeout, size), f"put_object({key!r})"
-        )
+        self._retrying(lambda: self._core.put(request, self.timeout, size), f"put_object({key!r})")
         self._wrote(key, lattice.lww.timestamp.time_ns)
         return True
 
