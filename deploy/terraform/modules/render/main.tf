@@ -81,7 +81,9 @@ locals {
     check_interval_seconds = 2.0
   }
   role_sections = {
-    scheduler     = { scheduler = { call_timeout_seconds = var.call_timeout_seconds } }
+    # Clients come through the load balancer and cannot reach the KVS's private port: the
+    # schedulers name no KVS address to them (clients would try it for two seconds each).
+    scheduler     = { scheduler = { call_timeout_seconds = var.call_timeout_seconds, direct_kvs = false } }
     executor      = { executor = { threads = var.executor_threads } }
     kvs           = {}
     consul_server = {}

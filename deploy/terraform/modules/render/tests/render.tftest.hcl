@@ -80,7 +80,7 @@ run "scheduler" {
     error_message = "command: ${jsonencode(output.command)}"
   }
   assert {
-    condition     = output.cbgrpc_config == "[consul]\naddress = \"127.0.0.1:8500\"\ncheck_interval_seconds = 2\n\n[scheduler]\ncall_timeout_seconds = 300\n\n[server]\ngrace_seconds = 10\nhost = \"0.0.0.0\"\nmetrics_port = 9464\nport = 7600\n"
+    condition     = output.cbgrpc_config == "[consul]\naddress = \"127.0.0.1:8500\"\ncheck_interval_seconds = 2\n\n[scheduler]\ncall_timeout_seconds = 300\ndirect_kvs = false\n\n[server]\ngrace_seconds = 10\nhost = \"0.0.0.0\"\nmetrics_port = 9464\nport = 7600\n"
     error_message = "config: ${output.cbgrpc_config}"
   }
   assert {
