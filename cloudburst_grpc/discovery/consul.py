@@ -205,6 +205,19 @@ class ConsulClient:
             "token (consul.token / CONSUL_HTTP_TOKEN) needs node:read"
         )
 
+    async def server_peers(self) -> list[str]:
+        """The Consul servers' RPC addresses (``ip:8300``) the local agent knows of.
+
+        ``/v1/status/peers`` needs no ACL token; a client agent answers it from
+        the servers it has joined.
+        """
+        from consul.callback import CB
+
+        peers = await self._consul.http.get(
+            CB.json(), "/v1/status/peers", headers=self._consul.prepare_headers(None)
+        )
+        return [str(peer) for peer in peers or []]
+
     async def authorize(self, target: str, client_uri: str, client_serial: str) -> tuple[bool, str]:
         """Ask the agent whether intentions let ``client_uri`` reach service ``target``."""
         import json

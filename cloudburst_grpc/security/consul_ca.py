@@ -49,6 +49,8 @@ SIGN_SECONDS = 15.0
 #: Longest blocking query on the roots, and longest pause between retries.
 WATCH_SECONDS = 30.0
 RETRY_MAX_SECONDS = 10.0
+#: Sign failures after which a ``servers`` address asks the agent for the servers again.
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 #: The leaf is renewed once this fraction of its lifetime has passed.
 RENEW_FRACTION = 0.5
 
@@ -62,6 +64,74 @@ def default_grpc_address(consul: ConsulConfig) -> str:
     if parsed.scheme == "https" or (not parsed.scheme and consul.ssl):
         return f"https://{host}:{GRPC_TLS_PORT}"
     return f"{host}:{GRPC_PORT}"
+
+
+#: ``security.consul_grpc_address`` naming every Consul server the local agent knows.
+SERVERS = "servers"
+
+
+@dataclass(frozen=True)
+class ServersAddress:
+    """``servers[:port]`` or ``https://servers[:port]``: each Consul server's gRPC API."""
+
+    port: int
+    tls: bool
+
+
+def parse_servers_address(address: str) -> ServersAddress | None:
+    """The port and TLS of a ``servers`` address; None for an address naming a host.
+
+    ``servers`` dials port 8502 in plaintext, ``https://servers`` port 8503 with
+    TLS; ``servers:PORT`` and ``https://servers:PORT`` pick the port.
+
+    Raises:
+        TlsError: ``servers:`` followed by something other than a port.
+    """
+    tls = address.startswith("https://")
+    rest = address.removeprefix("https://").removeprefix("http://")
+    host, sep, port = rest.partition(":")
+    if host != SERVERS:
+        return None
+    if not sep:
+        return ServersAddress(GRPC_TLS_PORT if tls else GRPC_PORT, tls)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise TlsError(
+            f"security.consul_grpc_address {address!r}: after 'servers:' comes the Consul "
+            "servers' gRPC port, e.g. servers:8502"
+        )
+    return ServersAddress(int(port), tls)
+
+
+def servers_target(peers: Sequence[str], port: int) -> str:
+    """A gRPC target naming ``port`` on every server in ``peers`` (``/v1/status/peers``).
+
+    ``peers`` are the servers' RPC addresses, ``10.0.0.1:8300`` or ``[fd00::1]:8300``;
+    the result, e.g. ``ipv4:10.0.0.1:8502,10.0.0.2:8502``, lets gRPC try the servers
+    in turn until one answers. IPv4 addresses are used when there are any.
+
+    Raises:
+        TlsError: No server address in ``peers``.
+    """
+    v4: list[str] = []
+    v6: list[str] = []
+    for peer in peers:
+        host = peer.rpartition(":")[0].strip("[]") if ":" in peer else peer
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if ip.version == 4:
+            v4.append(f"{ip}:{port}")
+        else:
+            v6.append(f"[{ip}]:{port}")
+    if v4:
+        return "ipv4:" + ",".join(dict.fromkeys(v4))
+    if v6:
+        return "ipv6:" + ",".join(dict.fromkeys(v6))
+    raise TlsError(
+        "the Consul agent knows no servers (/v1/status/peers answered "
+        f"{list(peers)!r}): has it joined the cluster?"
+    )
 
 
 @dataclass(frozen=True)
@@ -182,6 +252,8 @@ class ConsulCaSource(CertificateSource):
         self._renew_at = 0.0
         self._datacenter = ""
         self._channel: grpc.aio.Channel | None = None
+        self._dialled = grpc_address
+        """What the channel dials, for messages (the servers' addresses in servers mode)."""
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self.generation = 0
@@ -197,8 +269,27 @@ class ConsulCaSource(CertificateSource):
             raise TlsError("no certificate from Consul's CA yet")
         return material
 
-    def _open_channel(self) -> grpc.aio.Channel:
+    async def _open_channel(self) -> grpc.aio.Channel:
+        """A channel to the configured address, or to every server the agent knows."""
         address = self.grpc_address
+        options: list[tuple[str, str]] = []
+        servers = parse_servers_address(address)
+        if servers is not None:
+            peers = await asyncio.wait_for(self.consul.server_peers(), SIGN_SECONDS)
+            target = servers_target(peers, servers.port)
+            self._dialled = f"{address} ({target})"
+            if servers.tls:
+                # Dialled by IP: Consul's server certificates name server.<dc>.consul.
+                options.append(
+                    ("grpc.ssl_target_name_override", f"server.{self._datacenter}.consul")
+                )
+                address = "https://" + target
+            else:
+                address = target
+        return self._channel_to(address, options)
+
+    def _channel_to(self, address: str, options: list[tuple[str, str]]) -> grpc.aio.Channel:
+        """A channel to ``address``: TLS trusting consul.ca_file for ``https://``."""
         if address.startswith("https://"):
             ca = self.consul.config.ca_file
             roots = None
@@ -206,7 +297,7 @@ class ConsulCaSource(CertificateSource):
                 with open(ca, "rb") as handle:
                     roots = handle.read()
             return grpc.aio.secure_channel(
-                address.removeprefix("https://"), grpc.ssl_channel_credentials(roots)
+                address.removeprefix("https://"), grpc.ssl_channel_credentials(roots), options
             )
         return grpc.aio.insecure_channel(address.removeprefix("http://"))
 
@@ -217,15 +308,22 @@ class ConsulCaSource(CertificateSource):
         uri = service_uri(roots.trust_domain, self._datacenter, self.service)
         key_pem, csr_pem = make_csr(uri, self.hosts)
         if self._channel is None:
-            self._channel = self._open_channel()
+            self._channel = await self._open_channel()
         stub = consul_connectca_pb2_grpc.ConnectCAServiceStub(self._channel)
         token = self.consul.config.token
         metadata = (("x-consul-token", token),) if token else None
-        response = await stub.Sign(
-            consul_connectca_pb2.SignRequest(csr=csr_pem.decode()),
-            timeout=SIGN_SECONDS,
-            metadata=metadata,
-        )
+        try:
+            response = await stub.Sign(
+                consul_connectca_pb2.SignRequest(csr=csr_pem.decode()),
+                timeout=SIGN_SECONDS,
+                metadata=metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _UNREACHABLE and parse_servers_address(self.grpc_address):
+                # The servers may have been replaced: ask the agent again next time.
+                channel, self._channel = self._channel, None
+                await channel.close()
+            raise
         cert_pem = response.cert_pem.encode()
         material = TlsMaterial(cert_pem, key_pem, roots.ca_pem)
         check_material(material, f"the certificate Consul signed for {self.service}")
@@ -283,7 +381,7 @@ class ConsulCaSource(CertificateSource):
                     await self._sign(parse_roots(body))
                 break
             except Exception as exc:  # anything Consul or the network does: retry
-                reason = _explain(exc, self.grpc_address, self.service)
+                reason = _explain(exc, self._dialled, self.service)
                 delay = min(RETRY_MAX_SECONDS, 0.25 * 2.0**attempt)
                 if time.monotonic() + delay > deadline:
                     raise TlsError(
@@ -326,7 +424,7 @@ class ConsulCaSource(CertificateSource):
                 logger.warning(
                     "cannot renew the certificate from Consul's CA (%s); keeping the current "
                     "one, retrying in %.1fs",
-                    _explain(exc, self.grpc_address, self.service),
+                    _explain(exc, self._dialled, self.service),
                     delay,
                 )
                 await asyncio.sleep(delay)

@@ -25,9 +25,9 @@ from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstError
 from cloudburst_grpc.config import ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient
-from cloudburst_grpc.security.consul_ca import SIGN_SECONDS, ConsulCaSource
+from cloudburst_grpc.security.consul_ca import SIGN_SECONDS, ConsulCaSource, servers_target
 from cloudburst_grpc.security.tls import TlsError
-from harness import CbgrpcProcess, ConsulAgent, consul_binary
+from harness import CbgrpcProcess, ConsulAgent, consul_binary, free_ports
 
 FLAGS = ["--tls-source", "consul", "--consul-intentions", "--consul-check-interval", "1"]
 
@@ -214,6 +214,29 @@ def start_source(consul_address: str, grpc_address: str, token: str = "") -> str
     return asyncio.run(start())
 
 
+def test_a_service_finds_a_consul_servers_grpc_api_through_its_agent(
+    consul: ConsulAgent,
+) -> None:
+    # A dev agent is a server: /v1/status/peers names it, and Sign is served on its gRPC port.
+    port = consul.grpc_address.rpartition(":")[2]
+    assert start_source(consul.address, f"servers:{port}").endswith("/svc/cloudburst-kvs")
+
+
+def test_a_service_tries_the_next_consul_server_when_one_is_down(consul: ConsulAgent) -> None:
+    # The agent listens on 127.0.0.1 only: nothing answers on 127.0.0.2, the first server.
+    port = int(consul.grpc_address.rpartition(":")[2])
+    target = servers_target(["127.0.0.2:8300", "127.0.0.1:8300"], port)
+    assert start_source(consul.address, target).endswith("/svc/cloudburst-kvs")
+
+
+def test_without_a_servers_grpc_api_the_message_names_the_servers_dialled(
+    consul: ConsulAgent,
+) -> None:
+    message = start_source(consul.address, f"servers:{free_ports(1)[0]}")
+    assert "cannot reach Consul's gRPC API at servers:" in message
+    assert "(ipv4:127.0.0.1:" in message
+
+
 def test_without_consuls_grpc_api_a_service_says_where_it_looked(tmp_path: Path) -> None:
     agent = ConsulAgent(consul_binary())  # no gRPC port
     try:
@@ -295,8 +318,12 @@ def test_with_acls_a_token_must_be_allowed_to_write_the_service() -> None:
         )
         signed = start_source(agent.address, agent.grpc_address, allowed)
         refused = start_source(agent.address, agent.grpc_address, other)
+        # Finding the servers needs nothing more of the token.
+        port = agent.grpc_address.rpartition(":")[2]
+        via_servers = start_source(agent.address, f"servers:{port}", allowed)
     finally:
         agent.stop()
     assert signed.endswith("/svc/cloudburst-kvs")
+    assert via_servers.endswith("/svc/cloudburst-kvs")
     assert "Consul refused to sign a certificate for cloudburst-kvs" in refused
     assert "needs service:write on cloudburst-kvs" in refused

@@ -12,13 +12,17 @@ from cryptography.hazmat.primitives import serialization
 from cloudburst_grpc.config import ConfigError, ConsulConfig, SecurityConfig, load_config
 from cloudburst_grpc.security.certs import create_bundle
 from cloudburst_grpc.security.consul_ca import (
+    ServersAddress,
     default_grpc_address,
     make_csr,
     parse_roots,
+    parse_servers_address,
+    servers_target,
     service_uri,
 )
 from cloudburst_grpc.security.identity import role_from_uri
 from cloudburst_grpc.security.node import NodeSecurity
+from cloudburst_grpc.security.tls import TlsError
 
 
 @pytest.mark.parametrize(
@@ -34,6 +38,55 @@ from cloudburst_grpc.security.node import NodeSecurity
 )
 def test_consuls_grpc_api_defaults_to_the_http_host(address: str, ssl: bool, expected: str) -> None:
     assert default_grpc_address(ConsulConfig(address=address, ssl=ssl)) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("servers", ServersAddress(8502, tls=False)),
+        ("servers:9502", ServersAddress(9502, tls=False)),
+        ("https://servers", ServersAddress(8503, tls=True)),
+        ("https://servers:9503", ServersAddress(9503, tls=True)),
+        ("127.0.0.1:8502", None),
+        ("https://consul.internal:8503", None),
+        ("servers.internal:8502", None),
+    ],
+)
+def test_a_servers_address_names_the_port_and_tls(
+    address: str, expected: ServersAddress | None
+) -> None:
+    assert parse_servers_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["servers:", "servers:grpc", "https://servers:70000"])
+def test_a_servers_address_with_a_bad_port_is_refused(address: str) -> None:
+    with pytest.raises(TlsError, match="after 'servers:' comes the Consul servers' gRPC port"):
+        parse_servers_address(address)
+
+
+@pytest.mark.parametrize(
+    ("peers", "expected"),
+    [
+        (["10.0.1.5:8300"], "ipv4:10.0.1.5:8502"),
+        (
+            ["10.0.1.5:8300", "10.0.2.7:8300", "10.0.3.9:8300"],
+            "ipv4:10.0.1.5:8502,10.0.2.7:8502,10.0.3.9:8502",
+        ),
+        (["[fd00::1]:8300", "[fd00::2]:8300"], "ipv6:[fd00::1]:8502,[fd00::2]:8502"),
+        (["[fd00::1]:8300", "10.0.1.5:8300"], "ipv4:10.0.1.5:8502"),
+        (["10.0.1.5:8300", "10.0.1.5:8300", "not-an-ip:8300"], "ipv4:10.0.1.5:8502"),
+        (["10.0.1.5"], "ipv4:10.0.1.5:8502"),
+    ],
+)
+def test_the_servers_target_names_every_server_on_the_grpc_port(
+    peers: list[str], expected: str
+) -> None:
+    assert servers_target(peers, 8502) == expected
+
+
+def test_an_agent_that_knows_no_server_is_explained() -> None:
+    with pytest.raises(TlsError, match=r"knows no servers .* has it joined the cluster"):
+        servers_target([], 8502)
 
 
 def test_the_csr_names_the_service_uri_and_every_host_once() -> None:
