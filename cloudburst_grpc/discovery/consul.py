@@ -206,10 +206,9 @@ class ConsulClient:
         )
 
     async def server_peers(self) -> list[str]:
-        """The Consul servers' RPC addresses (``ip:8300``) the local agent knows of.
+        """The Consul servers' RPC addresses (``ip:8300``): ``/v1/status/peers`` of the local agent.
 
-        ``/v1/status/peers`` needs no ACL token; a client agent answers it from
-        the servers it has joined.
+        The agent, client or server, forwards the question to the servers (their Raft peers).
         """
         from consul.callback import CB
 
