@@ -49,7 +49,8 @@ SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
 ROLES = ("consul_server", "scheduler", "executor", "kvs")
 CBGRPC_ROLES = ("scheduler", "executor", "kvs")
 
-#: The scratch root that renders every role as on AWS (and the cbgrpc roles with TLS files).
+#: The scratch root that renders every role as on AWS, the cbgrpc roles again with TLS files,
+#: and every role with certificates from Consul's CA.
 RENDER_ROOT = """
 locals {
   roles = toset(["consul_server", "scheduler", "executor", "kvs"])
@@ -86,8 +87,27 @@ module "aws_tls" {
   tls_mode = "files"
 }
 
+module "aws_consul" {
+  source           = "MODULE"
+  for_each         = local.roles
+  role             = each.key
+  cluster_name     = "demo"
+  region           = "eu-west-1"
+  parameter_prefix = "/cloudburst/demo"
+  consul = {
+    join_tag = { key = "cloudburst:consul-join", value = "demo" }
+  }
+  ports    = { scheduler = 7600, executor = 7601, kvs = 7602, metrics = 9464 }
+  valkey   = { enabled = each.key == "kvs", endpoint = "clustercfg.demo.euw1.cache.amazonaws.com" }
+  tls_mode = "consul"
+}
+
 output "aws" {
   value = module.aws
+}
+
+output "aws_consul" {
+  value = module.aws_consul
 }
 
 output "aws_tls" {
@@ -127,6 +147,7 @@ module "loopback" {
   valkey    = { enabled = each.key == "kvs", endpoint = "127.0.0.1" }
   metrics   = { autoscaling_group = "loopback-executor" }
   paths     = var.loopback.paths
+  tls_mode  = var.loopback.tls_mode
 }
 
 output "loopback" {
@@ -137,10 +158,12 @@ output "loopback" {
 
 @dataclass
 class Rendered:
-    """The render module's outputs for every role as on AWS (plain, and with TLS files)."""
+    """The render module's outputs for every role as on AWS (plain, with TLS files, and with
+    certificates from Consul's CA)."""
 
     aws: dict[str, dict[str, Any]]
     aws_tls: dict[str, dict[str, Any]]
+    aws_consul: dict[str, dict[str, Any]]
     scratch: Path
     consul: str
 
@@ -157,22 +180,28 @@ def rendered(tofu: Tofu, tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     root.mkdir()
     (root / "main.tf").write_text(RENDER_ROOT.replace("MODULE", str(MODULES / "render")))
     outputs = tofu.apply_outputs(root)
-    return Rendered(outputs["aws"], outputs["aws_tls"], scratch, consul_binary())
+    return Rendered(
+        outputs["aws"], outputs["aws_tls"], outputs["aws_consul"], scratch, consul_binary()
+    )
 
 
-def render_loopback(scratch: Path, consul: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def render_loopback(
+    scratch: Path, consul: str, tls_mode: str = "none"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Render every role for this machine, on ports free right now; (outputs, inputs)."""
     root = scratch / "root"
     root.mkdir(parents=True)
     (root / "main.tf").write_text(LOOPBACK_ROOT.replace("MODULE", str(MODULES / "render")))
-    ports = free_ports(10)
+    ports = free_ports(11)
     inputs = {
+        "tls_mode": tls_mode,
         "consul_ports": {
             "server_rpc": ports[0],
             "serf_lan": ports[1],
             "serf_wan": ports[2],
             "http": ports[3],
             "dns": -1,
+            "grpc": ports[10],
         },
         "ports": {"scheduler": ports[4], "executor": ports[5], "kvs": ports[6]},
         "metrics": {
@@ -300,11 +329,17 @@ def test_every_rendered_script_is_valid_bash(rendered: Rendered, role: str) -> N
             ["bash", "-n"], input=content, capture_output=True, text=True, timeout=30, check=False
         )
         assert result.returncode == 0, f"{path}: {result.stderr}"
-    for path, content in rendered.aws_tls.get(role, {}).get("scripts", {}).items():
-        result = subprocess.run(
-            ["bash", "-n"], input=content, capture_output=True, text=True, timeout=30, check=False
-        )
-        assert result.returncode == 0, f"{path} (tls files): {result.stderr}"
+    for variant, outputs in (("tls files", rendered.aws_tls), ("consul", rendered.aws_consul)):
+        for path, content in outputs.get(role, {}).get("scripts", {}).items():
+            result = subprocess.run(
+                ["bash", "-n"],
+                input=content,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert result.returncode == 0, f"{path} ({variant}): {result.stderr}"
 
 
 def test_cloud_init_schema_catches_a_broken_user_data(rendered: Rendered) -> None:
@@ -335,11 +370,14 @@ def write_secrets(directory: Path, consul: str, management: str, agent: str) -> 
     (directory / "secrets.json").write_text(json.dumps({"encrypt": key, "acl": {"tokens": tokens}}))
 
 
+@pytest.mark.parametrize("variant", ["aws", "aws_consul"])
 @pytest.mark.parametrize("role", ROLES)
-def test_consul_validate_accepts_the_agent_configuration(rendered: Rendered, role: str) -> None:
-    directory = rendered.scratch / f"validate-{role}"
+def test_consul_validate_accepts_the_agent_configuration(
+    rendered: Rendered, role: str, variant: str
+) -> None:
+    directory = rendered.scratch / f"validate-{variant}-{role}"
     directory.mkdir()
-    (directory / "consul.json").write_text(rendered.aws[role]["consul_config"])
+    (directory / "consul.json").write_text(getattr(rendered, variant)[role]["consul_config"])
     management = str(uuid.uuid4()) if role == "consul_server" else ""
     write_secrets(directory, rendered.consul, management, str(uuid.uuid4()))
     result = subprocess.run(
@@ -453,7 +491,7 @@ def exec_start(unit: str) -> list[str]:
 
 @pytest.mark.parametrize("role", CBGRPC_ROLES)
 def test_rendered_commands_use_only_flags_the_cli_accepts(rendered: Rendered, role: str) -> None:
-    for variant in (rendered.aws, rendered.aws_tls):
+    for variant in (rendered.aws, rendered.aws_tls, rendered.aws_consul):
         command = variant[role]["command"]
         assert exec_start(variant[role]["units"][f"cloudburst-{role}.service"]) == command
         assert command[1] == role
@@ -481,6 +519,13 @@ def test_the_rendered_toml_files_load_with_the_projects_config_loader(rendered: 
         assert config.server.port == {"scheduler": 7600, "executor": 7601, "kvs": 7602}[role]
         assert config.server.host == "0.0.0.0"
         assert config.server.metrics_port == 9464
+        assert config.consul.address == "127.0.0.1:8500"
+        assert config.security.tls_source == "files"
+        # With certificates from Consul's CA, signed by a server the local agent names.
+        path.write_text(rendered.aws_consul[role]["cbgrpc_config"])
+        config = load_config(path, environ={})
+        assert config.security.tls_source == "consul"
+        assert config.security.consul_grpc_address == "servers:8502"
         assert config.consul.address == "127.0.0.1:8500"
 
 
@@ -543,6 +588,8 @@ class LoopbackCluster:
     scratch: Path
     params: dict[str, str]
     management: str
+    client_token: str = ""
+    """With tls_mode = "consul": an admin token the schedulers' tokens file lists."""
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -614,11 +661,15 @@ PREFIX = "/cloudburst/loopback"
 
 
 def start_loopback(
-    rendered: Rendered, scratch: Path, valkey_url: str, started: list[LoopbackCluster]
+    rendered: Rendered,
+    scratch: Path,
+    valkey_url: str,
+    started: list[LoopbackCluster],
+    tls_mode: str = "none",
 ) -> LoopbackCluster:
     """Render for this machine and start Consul, its ACLs and the three roles, as the
     instances' units and boot scripts would (the `aws` CLI answered by a stand-in)."""
-    loopback, inputs = render_loopback(scratch, rendered.consul)
+    loopback, inputs = render_loopback(scratch, rendered.consul, tls_mode)
     management = str(uuid.uuid4())
     params = {
         f"{PREFIX}/consul/management-token": management,
@@ -650,14 +701,29 @@ def start_loopback(
         (policy_dir / f"{name}.hcl").write_text(rules)
     acl_script = acl_script.replace("/etc/consul-acl", str(policy_dir))
     output = run_script(acl_script, scratch / "consul-acl-init", env, timeout=120)
-    assert "policies and tokens in place" in output
+    assert "policies, tokens and intentions in place" in output
     # It is idempotent: a second server running it changes nothing and succeeds.
     run_script(acl_script, scratch / "consul-acl-init", env, timeout=120)
     policies = {p["Name"] for p in cluster.consul_get("/v1/acl/policies", management)}
     assert set(server["acl_policies"]) <= policies
+    # The calls between roles are allowed (--consul-intentions; ACLs deny by default).
+    intentions = cluster.consul_get("/v1/connect/intentions", management)
+    assert {(i["SourceName"], i["DestinationName"], i["Action"]) for i in intentions} == {
+        ("cloudburst-scheduler", "cloudburst-executor", "allow"),
+        ("cloudburst-scheduler", "cloudburst-kvs", "allow"),
+        ("cloudburst-executor", "cloudburst-executor", "allow"),
+        ("cloudburst-executor", "cloudburst-kvs", "allow"),
+    }
 
     # The cbgrpc roles: config file where --config points, the env file the boot script writes.
     Path(inputs["paths"]["config_dir"]).mkdir(parents=True)
+    if tls_mode == "consul":  # the tokens file the boot script fetches for the schedulers
+        from cloudburst_grpc.security.tokens import hash_token, new_token
+
+        cluster.client_token = new_token()
+        tls_dir = Path(inputs["paths"]["config_dir"]) / "tls"
+        tls_dir.mkdir()
+        (tls_dir / "tokens").write_text(f"admin {hash_token(cluster.client_token)}\n")
     for role in ("kvs", "executor", "scheduler"):
         out = loopback[role]
         Path(out["config_path"]).write_text(out["cbgrpc_config"])
@@ -675,18 +741,17 @@ def start_loopback(
     return cluster
 
 
-@pytest.fixture
-def loopback_cluster(
-    rendered: Rendered, valkey_cluster: ValkeyCluster, tmp_path: Path
+def started_loopback(
+    rendered: Rendered, valkey_url: str, tmp_path: Path, tls_mode: str
 ) -> Iterator[LoopbackCluster]:
     """The rendered cluster, started on ports free just before; again on others if one
-    was taken in between."""
+    was taken in between. Every process is stopped afterwards."""
     started: list[LoopbackCluster] = []
     try:
         for attempt in range(3):
             try:
                 cluster = start_loopback(
-                    rendered, tmp_path / f"attempt-{attempt}", valkey_cluster.url, started
+                    rendered, tmp_path / f"attempt-{attempt}", valkey_url, started, tls_mode
                 )
                 break
             except PortTaken:
@@ -697,6 +762,40 @@ def loopback_cluster(
     finally:
         for each in started:
             each.stop()
+
+
+@pytest.fixture
+def loopback_cluster(
+    rendered: Rendered, valkey_cluster: ValkeyCluster, tmp_path: Path
+) -> Iterator[LoopbackCluster]:
+    """The rendered cluster without TLS (tls_mode = "none")."""
+    yield from started_loopback(rendered, valkey_cluster.url, tmp_path, "none")
+
+
+@pytest.fixture
+def loopback_consul_cluster(
+    rendered: Rendered, valkey_cluster: ValkeyCluster, tmp_path: Path
+) -> Iterator[LoopbackCluster]:
+    """The rendered cluster with certificates from Consul's CA (tls_mode = "consul")."""
+    yield from started_loopback(rendered, valkey_cluster.url, tmp_path, "consul")
+
+
+def wait_until_passing(cluster: LoopbackCluster, service: str, count: int = 1) -> None:
+    """Wait (Consul blocking queries, anonymous token) until ``count`` instances pass."""
+    deadline = time.monotonic() + 60
+    index = "0"
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{service} never passed its health check in Consul"
+        wait = max(1, int(min(remaining, 20)))
+        with urllib.request.urlopen(
+            f"http://{cluster.http}/v1/health/service/{service}"
+            f"?passing=true&index={index}&wait={wait}s",
+            timeout=wait + 10,
+        ) as response:
+            index = response.headers.get("X-Consul-Index", "0")
+            if len(json.load(response)) >= count:
+                return
 
 
 @pytest.mark.timeout(300)
@@ -712,21 +811,8 @@ def test_rendered_roles_form_a_working_cluster(loopback_cluster: LoopbackCluster
     metric_calls = scratch / "metric-calls.jsonl"
 
     scheduler_address = f"127.0.0.1:{inputs['ports']['scheduler']}"
-    # Wait (Consul blocking queries, anonymous token) until the scheduler passes its check...
-    deadline = time.monotonic() + 60
-    index = "0"
-    while True:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, "the scheduler never passed its health check in Consul"
-        wait = max(1, int(min(remaining, 20)))
-        with urllib.request.urlopen(
-            f"http://{cluster.http}/v1/health/service/cloudburst-scheduler"
-            f"?passing=true&index={index}&wait={wait}s",
-            timeout=wait + 10,
-        ) as response:
-            index = response.headers.get("X-Consul-Index", "0")
-            if json.load(response):
-                break
+    # Wait until the scheduler passes its check...
+    wait_until_passing(cluster, "cloudburst-scheduler")
     # ...then what the load balancer's health check asks, without a token, answers 200.
     with urllib.request.urlopen(
         f"http://{cluster.http}/v1/agent/health/service/name/cloudburst-scheduler", timeout=10
@@ -761,3 +847,37 @@ def test_rendered_roles_form_a_working_cluster(loopback_cluster: LoopbackCluster
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 403
+
+
+@pytest.mark.timeout(300)
+def test_rendered_roles_form_a_working_cluster_on_consuls_ca(
+    loopback_consul_cluster: LoopbackCluster,
+) -> None:
+    """tls_mode = "consul": each role has its certificate signed by the rendered Consul
+    server's CA, found through its local agent (``servers:PORT``), with the token the ACL
+    script made for it; a client that trusts Consul's roots and shows a token runs a
+    function and stores a value through the scheduler."""
+    cluster = loopback_consul_cluster
+    server_config = json.loads(cluster.loopback["consul_server"]["consul_config"])
+    assert server_config["ports"]["grpc"] == cluster.inputs["consul_ports"]["grpc"]
+    for role in CBGRPC_ROLES:
+        assert "--insecure" not in cluster.loopback[role]["command"]
+    wait_until_passing(cluster, "cloudburst-executor")
+    wait_until_passing(cluster, "cloudburst-kvs")
+    wait_until_passing(cluster, "cloudburst-scheduler")
+
+    roots = cluster.consul_get("/v1/connect/ca/roots")
+    ca = cluster.scratch / "consul-ca.pem"
+    ca.write_text("".join(root["RootCert"].strip() + "\n" for root in roots["Roots"]))
+    scheduler_address = f"127.0.0.1:{cluster.inputs['ports']['scheduler']}"
+    with CloudburstConnection(
+        scheduler_address,
+        tls_ca=str(ca),
+        tls_server_name="scheduler.cloudburst.local",
+        token=cluster.client_token,
+        timeout=30,
+    ) as cloud:
+        square = cloud.register(lambda _, x: x * x, "square")
+        assert square(7).get(timeout=60) == 49
+        cloud.put_object("deploy-key", "stored")
+        assert cloud.get_object("deploy-key") == "stored"

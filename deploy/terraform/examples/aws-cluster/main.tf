@@ -34,12 +34,13 @@ locals {
     { for r in local.cbgrpc_roles : r => uuidv5("url", "cloudburst-grpc:${var.consul_management_token}:${r}") },
   )
 
-  # TLS files per role (tls_mode = "files"): the CA, the role's certificate and key, and the
-  # schedulers' client tokens.
-  tls = var.tls_mode == "files"
+  # TLS files per role: the CA, the role's certificate and key (tls_mode = "files"; with
+  # "consul", Consul's CA signs them), and the schedulers' client tokens.
+  tls = var.tls_mode != "none"
   tls_files = {
     for r in local.cbgrpc_roles : r => concat(
-      ["ca.pem", "${r}.pem", "${r}-key.pem"], r == "scheduler" ? ["tokens"] : []
+      var.tls_mode == "files" ? ["ca.pem", "${r}.pem", "${r}-key.pem"] : [],
+      r == "scheduler" ? ["tokens"] : [],
     )
   }
   tls_secrets = {
@@ -85,6 +86,7 @@ module "plan" {
   vpc_cidr           = var.vpc_cidr
   availability_zones = local.zones
   ports              = var.ports
+  tls_mode           = var.tls_mode
   client_cidrs       = var.client_cidrs
   metrics_cidrs      = var.metrics_cidrs
   tags               = var.tags

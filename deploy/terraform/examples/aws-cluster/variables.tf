@@ -203,13 +203,13 @@ variable "valkey_auth_token" {
 }
 
 variable "tls_mode" {
-  description = "\"files\": mutual TLS with the certificates in tls_certs_dir and client tokens; \"none\": plain gRPC inside the VPC (--insecure)."
+  description = "\"files\": mutual TLS with the certificates in tls_certs_dir and client tokens; \"consul\": mutual TLS with certificates from Consul's service-mesh CA and client tokens; \"none\": plain gRPC inside the VPC (--insecure)."
   type        = string
   default     = "none"
 
   validation {
-    condition     = contains(["none", "files"], var.tls_mode)
-    error_message = "tls_mode must be \"none\" or \"files\"."
+    condition     = contains(["none", "files", "consul"], var.tls_mode)
+    error_message = "tls_mode must be \"none\", \"files\" or \"consul\"."
   }
 }
 
@@ -225,13 +225,13 @@ variable "tls_certs_dir" {
 }
 
 variable "client_tokens_file" {
-  description = "With tls_mode = \"files\": the schedulers' tokens file (lines from `cbgrpc token`)."
+  description = "With tls_mode = \"files\" or \"consul\": the schedulers' tokens file (lines from `cbgrpc token`)."
   type        = string
   default     = ""
 
   validation {
-    condition     = var.tls_mode != "files" || var.client_tokens_file != ""
-    error_message = "tls_mode = \"files\" needs client_tokens_file: the schedulers' tokens file."
+    condition     = var.tls_mode == "none" || var.client_tokens_file != ""
+    error_message = "tls_mode = \"files\" or \"consul\" needs client_tokens_file: the schedulers' tokens file."
   }
 }
 

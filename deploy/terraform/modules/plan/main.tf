@@ -9,12 +9,14 @@ locals {
   public_subnet_cidrs  = [for i, _ in var.availability_zones : cidrsubnet(var.vpc_cidr, 8, 240 + i)]
 
   # Consul's ports (https://developer.hashicorp.com/consul/docs/install/ports): server RPC,
-  # LAN gossip (TCP and UDP), WAN gossip between servers, and the agent's HTTP API.
+  # LAN gossip (TCP and UDP), WAN gossip between servers, the agent's HTTP API, and the
+  # servers' gRPC API (tls_mode = "consul" only).
   consul_ports = {
     server_rpc = 8300
     serf_lan   = 8301
     serf_wan   = 8302
     http       = 8500
+    grpc       = 8502
   }
 
   # Every instance runs a Consul agent: these roles are the gossip pool.
@@ -37,6 +39,10 @@ locals {
         a == "consul_server" ? [
           { to = "consul_server", port = local.consul_ports.serf_wan, protocol = "tcp", why = "Consul WAN gossip" },
           { to = "consul_server", port = local.consul_ports.serf_wan, protocol = "udp", why = "Consul WAN gossip" },
+        ] : [],
+        # tls_mode = "consul": the servers' Connect CA signs each service's certificate.
+        var.tls_mode == "consul" && a != "consul_server" ? [
+          { to = "consul_server", port = local.consul_ports.grpc, protocol = "tcp", why = "Consul CA signs service certificates (gRPC)" },
         ] : [],
         a == "scheduler" ? [
           { to = "executor", port = var.ports.executor, protocol = "tcp", why = "scheduler places calls on executors" },

@@ -83,3 +83,14 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "tls_mode" {
+  description = "Security of the cbgrpc services (the render module's tls_mode): \"consul\" lets the service roles reach the Consul servers' gRPC API."
+  type        = string
+  default     = "none"
+
+  validation {
+    condition     = contains(["none", "files", "consul"], var.tls_mode)
+    error_message = "tls_mode must be \"none\", \"files\" or \"consul\"."
+  }
+}

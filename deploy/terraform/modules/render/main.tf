@@ -20,6 +20,7 @@ locals {
     serf_wan   = var.consul.ports.serf_wan
     http       = var.consul.ports.http
     dns        = var.consul.ports.dns
+    grpc       = var.consul.ports.grpc
   }
   retry_join = var.consul.retry_join != null ? var.consul.retry_join : [
     "provider=aws region=${var.region} tag_key=${var.consul.join_tag.key} tag_value=${var.consul.join_tag.value}"
@@ -42,7 +43,8 @@ locals {
         serf_wan = local.consul_ports.serf_wan
         http     = local.consul_ports.http
         dns      = local.consul_ports.dns
-        grpc     = -1
+        # Consul servers serve the CA's Sign on gRPC (plaintext) with tls_mode = "consul".
+        grpc = local.is_server && var.tls_mode == "consul" ? local.consul_ports.grpc : -1
       }
       encrypt_verify_incoming = true
       encrypt_verify_outgoing = true
@@ -88,10 +90,18 @@ locals {
     kvs           = {}
     consul_server = {}
   }
+  # tls_mode = "consul": certificates from Consul's CA, signed by whichever Consul server the
+  # local agent names (the servers join by cloud auto-join: no fixed address).
+  consul_tls = var.tls_mode == "consul" && !local.is_server
+  security_section = {
+    tls_source          = "consul"
+    consul_grpc_address = "servers:${local.consul_ports.grpc}"
+  }
   # No conditional here: it would unify the tables' types and quote every number.
   toml_tables = merge(
     { server = local.server_section, consul = local.consul_section },
     local.role_sections[var.role],
+    { for k, v in { security = local.security_section } : k => v if local.consul_tls },
   )
   # TOML by hand (no tomlencode): tables of numbers and strings, strings JSON-quoted (valid TOML).
   cbgrpc_config = local.is_server ? "" : join("\n", [
@@ -108,19 +118,19 @@ locals {
   engine_args = var.role == "kvs" && var.valkey.enabled ? ["--engine", "valkey"] : []
   # Security flags: certificate files written by the boot script, or an explicit --insecure.
   tls_dir = "${var.paths.config_dir}/tls"
-  tls_files = local.is_server || var.tls_mode != "files" ? [] : concat(
-    ["ca.pem", "${var.role}.pem", "${var.role}-key.pem"],
+  tls_files = local.is_server || var.tls_mode == "none" ? [] : concat(
+    var.tls_mode == "files" ? ["ca.pem", "${var.role}.pem", "${var.role}-key.pem"] : [],
     var.role == "scheduler" ? ["tokens"] : [],
   )
-  tls_args = local.is_server ? [] : var.tls_mode == "files" ? concat(
-    [
+  tls_args = local.is_server ? [] : var.tls_mode == "none" ? ["--insecure"] : concat(
+    var.tls_mode == "files" ? [
       "--tls-cert", "${local.tls_dir}/${var.role}.pem",
       "--tls-key", "${local.tls_dir}/${var.role}-key.pem",
       "--tls-ca", "${local.tls_dir}/ca.pem",
-      "--consul-intentions",
-    ],
+    ] : [],
+    ["--consul-intentions"],
     var.role == "scheduler" ? ["--tokens-file", "${local.tls_dir}/tokens"] : [],
-  ) : ["--insecure"]
+  )
   command = local.is_server ? [] : concat(
     [local.cbgrpc_bin, var.role, "--config", local.config_path],
     local.engine_args,
@@ -182,7 +192,7 @@ locals {
     local.is_server ? {
       "consul-acl-init.service" = <<-EOT
         [Unit]
-        Description=Create the cluster's Consul ACL policies and tokens (idempotent)
+        Description=Create the cluster's Consul ACL policies, tokens and intentions (idempotent)
         Requires=consul.service
         After=consul.service
 
@@ -260,6 +270,15 @@ locals {
       for r, name in local.service_names : "cloudburst-${r}" => "service \"${name}\" {\n  policy = \"write\"\n}\nservice_prefix \"\" {\n  policy = \"read\"\n}\nnode_prefix \"\" {\n  policy = \"read\"\n}\n"
     },
   )
+  # Intentions the servers create for the calls between roles (the plan module's security-group
+  # rules): with ACLs denying by default, --consul-intentions refuses every other call. Each is
+  # created once; an operator's later change to it stays.
+  intentions = [
+    ["scheduler", "executor"],
+    ["scheduler", "kvs"],
+    ["executor", "executor"],
+    ["executor", "kvs"],
+  ]
   # Token accessor ids are not secret: derive them so every server agrees without talking.
   token_accessors = {
     for r in concat(["agent"], keys(local.service_names)) : r => uuidv5("url", "cloudburst-grpc:${var.cluster_name}:${r}")
@@ -296,6 +315,7 @@ locals {
         roles      = keys(local.service_names)
         accessors  = local.token_accessors
         policy_dir = "/etc/consul-acl"
+        intentions = [for pair in local.intentions : [local.service_names[pair[0]], local.service_names[pair[1]]]]
       })
     } : {},
     var.role == "executor" ? {

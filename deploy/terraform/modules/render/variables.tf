@@ -43,6 +43,7 @@ variable "consul" {
       serf_wan   = optional(number, 8302)
       http       = optional(number, 8500)
       dns        = optional(number, 8600)
+      grpc       = optional(number, 8502)
     }), {})
   })
 
@@ -115,15 +116,17 @@ variable "tls_mode" {
   description = <<-EOT
     Security of the cbgrpc services: "files" (mutual TLS with the certificates `cbgrpc certs`
     makes, fetched from Parameter Store at boot; client tokens on the schedulers; Consul
-    intentions decide which roles may call which) or "none" (plain gRPC inside the VPC, which
-    a non-loopback bind must acknowledge with --insecure).
+    intentions decide which roles may call which), "consul" (the same, with each service's
+    certificate signed by Consul's service-mesh CA through a Consul server's gRPC API; only the
+    schedulers' client tokens come from Parameter Store) or "none" (plain gRPC inside the VPC,
+    which a non-loopback bind must acknowledge with --insecure).
   EOT
   type        = string
   default     = "none"
 
   validation {
-    condition     = contains(["none", "files"], var.tls_mode)
-    error_message = "tls_mode must be \"none\" or \"files\"."
+    condition     = contains(["none", "files", "consul"], var.tls_mode)
+    error_message = "tls_mode must be \"none\", \"files\" or \"consul\"."
   }
 }
 

@@ -175,3 +175,35 @@ run "tls_from_files_needs_the_files" {
 
   expect_failures = [var.tls_certs_dir, var.client_tokens_file]
 }
+
+run "tls_from_consul" {
+  command = plan
+
+  variables {
+    tls_mode           = "consul"
+    client_tokens_file = "tests/certs/tokens"
+  }
+
+  assert {
+    condition     = length(aws_ssm_parameter.secret) == 7 + 1
+    error_message = "only the tokens file is stored besides the cluster's secrets"
+  }
+  assert {
+    condition     = jsondecode(module.render["consul_server"].consul_config).ports.grpc == 8502
+    error_message = "the servers serve the Connect CA on gRPC"
+  }
+  assert {
+    condition     = strcontains(module.render["executor"].cbgrpc_config, "tls_source = \"consul\"") && strcontains(module.render["scheduler"].units["cloudburst-scheduler.service"], "--tokens-file /etc/cloudburst-grpc/tls/tokens")
+    error_message = "the services take certificates from Consul; the schedulers read the client tokens"
+  }
+}
+
+run "tls_from_consul_needs_the_client_tokens" {
+  command = plan
+
+  variables {
+    tls_mode = "consul"
+  }
+
+  expect_failures = [var.client_tokens_file]
+}

@@ -78,6 +78,32 @@ run "only_the_load_balancer_reaches_the_schedulers_port" {
   }
 }
 
+run "no_consul_grpc_rules_by_default" {
+  command = apply
+
+  assert {
+    condition     = length([for r in output.group_rules : r if r.port == 8502]) == 0
+    error_message = "Consul's gRPC port is open only for tls_mode = \"consul\""
+  }
+}
+
+run "service_roles_reach_the_servers_grpc_with_tls_from_consul" {
+  command = apply
+
+  variables {
+    tls_mode = "consul"
+  }
+
+  assert {
+    condition     = toset([for r in output.group_rules : r.from if r.to == "consul_server" && r.port == 8502 && r.protocol == "tcp"]) == toset(["scheduler", "executor", "kvs"])
+    error_message = "the service roles reach the servers' gRPC port"
+  }
+  assert {
+    condition     = length([for r in output.group_rules : r if r.port == 8502]) == 3
+    error_message = "nothing else reaches Consul's gRPC port"
+  }
+}
+
 run "no_metrics_rules_by_default" {
   command = apply
 

@@ -50,6 +50,10 @@ run "consul_server" {
     error_message = "the servers create the KVS role's token"
   }
   assert {
+    condition     = strcontains(output.scripts["/usr/local/sbin/consul-acl-init"], "ensure_intention 'cloudburst-scheduler' 'cloudburst-executor'\nensure_intention 'cloudburst-scheduler' 'cloudburst-kvs'\nensure_intention 'cloudburst-executor' 'cloudburst-executor'\nensure_intention 'cloudburst-executor' 'cloudburst-kvs'\n")
+    error_message = "the servers allow the calls between roles (ACLs deny by default): ${output.scripts["/usr/local/sbin/consul-acl-init"]}"
+  }
+  assert {
     condition     = strcontains(output.acl_policies["cloudburst-scheduler"], "service \"cloudburst-scheduler\" {\n  policy = \"write\"")
     error_message = "the scheduler's token may register the scheduler service"
   }
@@ -194,6 +198,115 @@ run "scheduler_with_tls_files_and_client_tokens" {
     condition     = strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "for name in ca.pem scheduler.pem scheduler-key.pem tokens; do")
     error_message = "the boot script fetches the scheduler's certificate, key, CA and tokens"
   }
+}
+
+run "consul_server_serves_the_ca_on_grpc_with_tls_from_consul" {
+  command = apply
+
+  variables {
+    role     = "consul_server"
+    tls_mode = "consul"
+  }
+
+  assert {
+    condition     = jsondecode(output.consul_config).ports.grpc == 8502 && jsondecode(output.consul_config).connect.enabled
+    error_message = "the servers serve the Connect CA's Sign on gRPC port 8502: ${output.consul_config}"
+  }
+  assert {
+    condition     = strcontains(output.acl_policies["cloudburst-executor"], "service \"cloudburst-executor\" {\n  policy = \"write\"") && strcontains(output.acl_policies["cloudburst-executor"], "node_prefix \"\" {\n  policy = \"read\"")
+    error_message = "each role's token may have its own service signed (service:write) and read the datacenter"
+  }
+}
+
+run "consul_server_has_no_grpc_otherwise" {
+  command = apply
+
+  variables {
+    role     = "consul_server"
+    tls_mode = "files"
+  }
+
+  assert {
+    condition     = jsondecode(output.consul_config).ports.grpc == -1
+    error_message = "gRPC is off unless the services take certificates from Consul"
+  }
+}
+
+run "executor_with_tls_from_consul" {
+  command = apply
+
+  variables {
+    role     = "executor"
+    tls_mode = "consul"
+  }
+
+  assert {
+    condition     = jsonencode(slice(output.command, 4, length(output.command))) == jsonencode(["--consul-intentions"])
+    error_message = "command: ${jsonencode(output.command)}"
+  }
+  assert {
+    condition     = strcontains(output.cbgrpc_config, "[security]\nconsul_grpc_address = \"servers:8502\"\ntls_source = \"consul\"\n")
+    error_message = "certificates from Consul's CA, signed by a server the agent names: ${output.cbgrpc_config}"
+  }
+  assert {
+    condition     = jsondecode(output.consul_config).ports.grpc == -1
+    error_message = "a client agent serves no gRPC"
+  }
+  assert {
+    condition     = !strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "tls/")
+    error_message = "no TLS files are fetched"
+  }
+}
+
+run "scheduler_with_tls_from_consul_and_client_tokens" {
+  command = apply
+
+  variables {
+    role     = "scheduler"
+    tls_mode = "consul"
+    consul = {
+      join_tag = { key = "cloudburst:consul-join", value = "demo" }
+      ports    = { grpc = 9502 }
+    }
+  }
+
+  assert {
+    condition     = jsonencode(slice(output.command, 4, length(output.command))) == jsonencode(["--consul-intentions", "--tokens-file", "/etc/cloudburst-grpc/tls/tokens"])
+    error_message = "command: ${jsonencode(output.command)}"
+  }
+  assert {
+    condition     = strcontains(output.scripts["/usr/local/sbin/cloudburst-bootstrap"], "for name in tokens; do")
+    error_message = "the boot script fetches only the client tokens"
+  }
+  assert {
+    condition     = strcontains(output.cbgrpc_config, "consul_grpc_address = \"servers:9502\"")
+    error_message = "the servers' gRPC port follows consul.ports.grpc: ${output.cbgrpc_config}"
+  }
+}
+
+run "no_security_table_without_consul_tls" {
+  command = apply
+
+  variables {
+    role     = "kvs"
+    tls_mode = "files"
+  }
+
+  assert {
+    condition     = !strcontains(output.cbgrpc_config, "[security]")
+    error_message = "file certificates are named on the command line"
+  }
+}
+
+run "unknown_tls_mode_is_refused" {
+  command = plan
+
+  variables {
+    role     = "kvs"
+    tls_mode = "spiffe"
+  }
+
+  expect_failures = [var.tls_mode]
 }
 
 run "even_server_count_is_refused" {
