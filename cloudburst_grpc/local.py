@@ -228,15 +228,15 @@ async def _consul_certificates(
     if host not in ("0.0.0.0", "::", ""):
         hosts.append(host)
     hosts += ["127.0.0.1", "localhost"]
-    source = ConsulCaSource(
-        client,
-        service,
-        hosts,
-        security.consul_grpc_address or default_grpc_address(config.consul),
-        security.trust_domain,
-    )
-    stack.push_async_callback(source.close)  # also when the start fails: its channel
     try:
+        source = ConsulCaSource(
+            client,
+            service,
+            hosts,
+            security.consul_grpc_address or default_grpc_address(config.consul),
+            security.trust_domain,
+        )
+        stack.push_async_callback(source.close)  # also when the start fails: its channel
         await source.start()
     except TlsError as exc:
         raise ConfigError(f"security: {exc}") from None

@@ -239,7 +239,11 @@ class ConsulCaSource(CertificateSource):
             grpc_address: Consul's gRPC API, ``host:port`` or ``https://host:port``.
             trust_domain: The domain of the role DNS names peers verify (not Consul's).
             renew_fraction: Part of a leaf's lifetime after which it is renewed.
+
+        Raises:
+            TlsError: ``grpc_address`` is ``servers:`` with something other than a port.
         """
+        parse_servers_address(grpc_address)  # a typo fails now, not after the start's deadline
         self.consul = consul
         self.service = service
         self.hosts = list(hosts)

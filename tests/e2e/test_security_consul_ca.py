@@ -190,8 +190,12 @@ def test_a_certificate_is_renewed_before_it_expires(consul: ConsulAgent) -> None
     )
 
 
-def start_source(consul_address: str, grpc_address: str, token: str = "") -> str:
-    """Start a Consul CA source for cloudburst-kvs (3 s deadline).
+def start_source(
+    consul_address: str, grpc_address: str, token: str = "", deadline: float = 3
+) -> str:
+    """Start a Consul CA source for cloudburst-kvs (3 s deadline unless told).
+
+    A start expected to succeed is given a generous deadline: it returns once signed.
 
     Returns:
         The certificate's URI SAN, or the start error's message.
@@ -201,7 +205,7 @@ def start_source(consul_address: str, grpc_address: str, token: str = "") -> str
         client = ConsulClient(ConsulConfig(address=consul_address, token=token))
         source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], grpc_address)
         try:
-            await source.start(deadline_seconds=3)
+            await source.start(deadline_seconds=deadline)
             leaf = x509.load_pem_x509_certificate(source.current().cert_pem)
             names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
             return str(names.value.get_values_for_type(x509.UniformResourceIdentifier)[0])
@@ -219,14 +223,16 @@ def test_a_service_finds_a_consul_servers_grpc_api_through_its_agent(
 ) -> None:
     # A dev agent is a server: /v1/status/peers names it, and Sign is served on its gRPC port.
     port = consul.grpc_address.rpartition(":")[2]
-    assert start_source(consul.address, f"servers:{port}").endswith("/svc/cloudburst-kvs")
+    assert start_source(consul.address, f"servers:{port}", deadline=60).endswith(
+        "/svc/cloudburst-kvs"
+    )
 
 
 def test_a_service_tries_the_next_consul_server_when_one_is_down(consul: ConsulAgent) -> None:
     # The agent listens on 127.0.0.1 only: nothing answers on 127.0.0.2, the first server.
     port = int(consul.grpc_address.rpartition(":")[2])
     target = servers_target(["127.0.0.2:8300", "127.0.0.1:8300"], port)
-    assert start_source(consul.address, target).endswith("/svc/cloudburst-kvs")
+    assert start_source(consul.address, target, deadline=60).endswith("/svc/cloudburst-kvs")
 
 
 def test_without_a_servers_grpc_api_the_message_names_the_servers_dialled(
@@ -235,6 +241,26 @@ def test_without_a_servers_grpc_api_the_message_names_the_servers_dialled(
     message = start_source(consul.address, f"servers:{free_ports(1)[0]}")
     assert "cannot reach Consul's gRPC API at servers:" in message
     assert "(ipv4:127.0.0.1:" in message
+
+
+def test_a_servers_address_with_a_bad_port_stops_the_start_at_once(consul: ConsulAgent) -> None:
+    from cloudburst_grpc.config import ConfigError, load_config
+    from cloudburst_grpc.local import start_kvs_node
+
+    config = load_config(
+        overrides={
+            "consul": {"address": consul.address},
+            "security": {"tls_source": "consul", "consul_grpc_address": "servers:grpc"},
+        },
+        environ={},
+    )
+
+    async def start() -> None:
+        # Well within the 60 s a start would otherwise retry an unreachable Consul.
+        await asyncio.wait_for(start_kvs_node(config), 30)
+
+    with pytest.raises(ConfigError, match=r"security: .* after 'servers:' comes"):
+        asyncio.run(start())
 
 
 def test_without_consuls_grpc_api_a_service_says_where_it_looked(tmp_path: Path) -> None:
@@ -316,11 +342,11 @@ def test_with_acls_a_token_must_be_allowed_to_write_the_service() -> None:
             agent,
             'service "something-else" { policy = "write" } node_prefix "" { policy = "read" }',
         )
-        signed = start_source(agent.address, agent.grpc_address, allowed)
+        signed = start_source(agent.address, agent.grpc_address, allowed, deadline=60)
         refused = start_source(agent.address, agent.grpc_address, other)
         # Finding the servers needs nothing more of the token.
         port = agent.grpc_address.rpartition(":")[2]
-        via_servers = start_source(agent.address, f"servers:{port}", allowed)
+        via_servers = start_source(agent.address, f"servers:{port}", allowed, deadline=60)
     finally:
         agent.stop()
     assert signed.endswith("/svc/cloudburst-kvs")
