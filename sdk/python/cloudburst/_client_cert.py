@@ -7,7 +7,9 @@ when a handshake it presented a certificate in is closed, says what is wrong
 with the certificate as far as the client can tell.
 
 The checks read the certificate with ``cryptography`` when it is installed (it
-is with ``cbgrpc``); without it they are skipped and the message is general.
+is with ``cbgrpc``, and with the SDK's ``tls`` extra:
+``pip install 'cloudburst-grpc-sdk[tls]'``); without it they are skipped and
+the message is general.
 """
 
 from __future__ import annotations
