@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry.trace import StatusCode
@@ -12,7 +12,11 @@ from opentelemetry.trace import StatusCode
 from cloudburst.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cloudburst.v1 import diagnostics_service_pb2, diagnostics_service_pb2_grpc
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.server import insecure_channel
+from cloudburst_grpc.security.identity import EXECUTOR
+from cloudburst_grpc.server import peer_channel
+
+if TYPE_CHECKING:
+    from cloudburst_grpc.security.tls import CertificateSource
 
 #: Span attributes worth showing in a breakdown.
 SHOWN = ("cloudburst.executor", "cloudburst.outcome", "cloudburst.key", "cloudburst.messages")
@@ -86,15 +90,22 @@ class DiagnosticsServicer(diagnostics_service_pb2_grpc.DiagnosticsServiceService
         self,
         executor_addresses: Callable[[], list[str]] | None = None,
         max_payload_bytes: int = 0,
+        tls: CertificateSource | None = None,
     ) -> None:
-        """Serve the spans of this process, and of the executors at ``executor_addresses()``."""
+        """Serve the spans of this process, and of the executors at ``executor_addresses()``.
+
+        With ``tls`` (the material the executors trust) the executors are asked over TLS.
+        """
         self._executor_addresses = executor_addresses
         self._max_payload_bytes = max_payload_bytes
+        self._tls = tls
 
     async def _from_executor(
         self, address: str, call_id: str
     ) -> list[tuple[int, diagnostics_service_pb2.SpanTiming]]:
-        channel = insecure_channel(address, self._max_payload_bytes or 4 * 1024 * 1024)
+        channel = peer_channel(
+            address, self._max_payload_bytes or 4 * 1024 * 1024, self._tls, EXECUTOR
+        )
         async with channel:
             stub = diagnostics_service_pb2_grpc.DiagnosticsServiceStub(channel)
             call = stub.GetCallTiming(

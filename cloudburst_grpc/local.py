@@ -14,7 +14,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -58,6 +58,7 @@ from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from cloudburst_grpc.security.consul_ca import ConsulCaSource, default_grpc_address
 from cloudburst_grpc.security.identity import EXECUTOR, KVS, SCHEDULER, role_dns_name
 from cloudburst_grpc.security.intentions import IntentionCheck
+from cloudburst_grpc.security.internal import InternalCa
 from cloudburst_grpc.security.node import NodeSecurity
 from cloudburst_grpc.security.tls import CertificateSource, TlsError
 from cloudburst_grpc.server import (
@@ -294,21 +295,36 @@ def _remote_factory(
     return PeerDirectory(factory)
 
 
-def _messaging(node: Node, peer_id: str) -> MailboxRouter:
-    """Serve MessagingService on the node and return its mailbox router."""
+def _messaging(
+    node: Node,
+    peer_id: str,
+    address: str | None = None,
+    tls: CertificateSource | None = None,
+) -> MailboxRouter:
+    """Serve MessagingService on the node and return its mailbox router.
+
+    Args:
+        node: The node to serve it on.
+        peer_id: The node's name towards its peers.
+        address: Where the node's peers reach its mailboxes; the node's address if None.
+        tls: The material of its channels to peers; the node's own if None.
+    """
     config = node.config
+    address = address or node.address
+    if tls is None and node.security is not None:
+        tls = node.security.tls
     # Answers to messages from a process ride on messages going back to it.
     outbox = node.answers = AnswerOutbox()
     peers = MessagingPeers(
         peer_id,
         config.server.max_payload_bytes,
-        node.address,
+        address,
         outbox,
-        tls=node.security.tls if node.security else None,
+        tls=tls,
     )
     node.stack.push_async_callback(peers.close)
     router = MailboxRouter(
-        node.address,
+        address,
         peers.forward,
         config.executor.mailbox_capacity,
         config.executor.send_timeout_seconds,
@@ -328,13 +344,6 @@ async def start_local(config: Config) -> Node:
     (see :mod:`cloudburst_grpc.supervisor`); with ``"none"`` they run here.
     """
     isolated = config.executor.isolation == "process"
-    if isolated and config.security.tls:
-        # Executor processes would need certificates of their own role; not supported yet.
-        logger.warning(
-            "executor.isolation 'process' is not available with TLS yet: executors run in "
-            "this process, where user code that blocks or crashes stops the whole server"
-        )
-        isolated = False
     stack = contextlib.AsyncExitStack()
     try:
         store = await _open_store(config, stack)
@@ -344,6 +353,23 @@ async def start_local(config: Config) -> Node:
             "serve", server, health_servicer, port, config.server.host, config, stack, store=store
         )
         node.security = security
+        internal_address = node.address
+        internal_ca: InternalCa | None = None
+        # Whom the node's own channels (to executors, to mailboxes) trust and show.
+        peer_security = security
+        if isolated and security.tls is not None:
+            # The children get certificates from a CA of this process, not the user's: they
+            # reach this node on a loopback port of its own that takes only those.
+            internal_ca = InternalCa(config.security.trust_domain)
+            stack.callback(internal_ca.close)
+            internal_port = bind(
+                server,
+                "127.0.0.1",
+                0,
+                internal_ca.source.server_credentials(require_client_cert=True),
+            )
+            internal_address = f"127.0.0.1:{internal_port}"
+            peer_security = replace(security, tls=internal_ca.source)
         pool_ref: list[ExecutorPool] = []
 
         def broken(executor_id: str, reason: str) -> None:
@@ -354,9 +380,9 @@ async def start_local(config: Config) -> Node:
             if pool_ref:
                 pool_ref[0].note_cached(executor_id, report.added, report.removed, report.full)
 
-        peers = _remote_factory("scheduler-local", config, security, broken, cached)
+        peers = _remote_factory("scheduler-local", config, peer_security, broken, cached)
         stack.push_async_callback(peers.close)
-        router = _messaging(node, "serve")
+        router = _messaging(node, "serve", internal_address, peer_security.tls)
         pool = ExecutorPool(peers)
         pool_ref.append(pool)
         for index in range(0 if isolated else config.executor.count):
@@ -386,7 +412,10 @@ async def start_local(config: Config) -> Node:
             SchedulerServicer(scheduler), server
         )
         diagnostics_service_pb2_grpc.add_DiagnosticsServiceServicer_to_server(
-            DiagnosticsServicer(node.executor_addresses, config.server.max_payload_bytes), server
+            DiagnosticsServicer(
+                node.executor_addresses, config.server.max_payload_bytes, peer_security.tls
+            ),
+            server,
         )
         services = [
             SCHEDULER_SERVICE_NAME,
@@ -400,7 +429,11 @@ async def start_local(config: Config) -> Node:
             enable_reflection(server, services)
             await server.start()
             supervisor = node.supervisor = Supervisor(
-                config, node.address, pool, scheduler.restore_pins
+                config,
+                internal_address,
+                pool,
+                scheduler.restore_pins,
+                child_tls=internal_ca.child_files if internal_ca is not None else None,
             )
             stack.push_async_callback(supervisor.stop, 0.0)
             try:

@@ -145,6 +145,7 @@ class Supervisor:
         pool: ExecutorPool,
         on_added: Callable[[], Awaitable[None]],
         environ: Mapping[str, str] | None = None,
+        child_tls: Callable[[str], tuple[Path, Path, Path]] | None = None,
     ) -> None:
         """Prepare the children (started by :meth:`start`).
 
@@ -154,12 +155,15 @@ class Supervisor:
             pool: The scheduler's pool, where children are added once they listen.
             on_added: Called after a restarted child rejoined the pool (to pin functions).
             environ: The environment to derive the children's from; ``os.environ`` if None.
+            child_tls: With TLS: gives a child (by executor id) its certificate, key and
+                CA files, which replace the server's own in its settings.
         """
         self._config = config
         self._kvs_address = kvs_address
         self._pool = pool
         self._on_added = on_added
         self._env = child_environment(config, os.environ if environ is None else environ)
+        self._child_tls = child_tls
         self.children = [Child(f"executor-{i}") for i in range(config.executor.count)]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -187,6 +191,15 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        env = self._env
+        if self._child_tls is not None:
+            cert, key, ca = self._child_tls(child.executor_id)
+            env = {
+                **env,
+                "CBGRPC_SECURITY_TLS_CERT": str(cert),
+                "CBGRPC_SECURITY_TLS_KEY": str(key),
+                "CBGRPC_SECURITY_TLS_CA": str(ca),
+            }
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -204,7 +217,7 @@ class Supervisor:
             level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=self._env,
+            env=env,
             # Its own process group: a terminal's Ctrl-C reaches the parent, which stops it.
             start_new_session=True,
         )

@@ -103,7 +103,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
             "GetLimits",
         )
     },
-    "/cloudburst.v1.DiagnosticsService/GetCallTiming": _ADMIN,
+    # cbgrpc serve asks its executor processes for their parts of a breakdown.
+    "/cloudburst.v1.DiagnosticsService/GetCallTiming": _ADMIN | {SERVE},
 }
 
 #: Methods anyone may call, authenticated or not: health checks (Consul, load balancers).
