@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -260,3 +261,73 @@ def test_isolation_none_runs_the_executors_in_the_server(
         assert cloud.call_dag("dag", {"incr": 2}).get(timeout=60) == 9
     assert not children_of(server)
     server.wait_for_log("2 executors in this process")
+
+
+def _cbgrpc(*args: str) -> str:
+    """Run a `cbgrpc` command that must succeed; its standard error (where tokens' lines go)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("credential", ["token", "certificate"])
+def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_own(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path, credential: str
+) -> None:
+    certs = tmp_path / "certs"
+    _cbgrpc("certs", str(certs), "--client", "admin")
+    user_files = {p.name: p.read_bytes() for p in certs.iterdir()}
+    tls = ["--tls-cert", str(certs / "serve.pem"), "--tls-key", str(certs / "serve-key.pem"),
+           "--tls-ca", str(certs / "ca.pem")]  # fmt: skip
+    login: dict[str, Any] = {"tls_ca": str(certs / "ca.pem")}
+    if credential == "token":
+        made = _cbgrpc("token", "admin").splitlines()
+        token = next(line for line in made if line.startswith("cbt_"))
+        entry = next(line for line in made if line.startswith("add to the tokens file: "))
+        tokens_file = tmp_path / "tokens"
+        tokens_file.write_text(entry.removeprefix("add to the tokens file: ") + "\n")
+        tls += ["--tokens-file", str(tokens_file)]
+        login["token"] = token
+    else:
+        login["tls_cert"] = str(certs / "client-admin.pem")
+        login["tls_key"] = str(certs / "client-admin-key.pem")
+    # The server's private files go to a temporary directory of the test's own.
+    private = tmp_path / "tmp"
+    private.mkdir()
+    server = serve_process(
+        "--storage", "memory", "--executors", "2", *tls, env={"TMPDIR": str(private)}
+    )
+    server.wait_for_log("2 executors in child processes")
+    pids = children_of(server, 2)
+    assert len(pids) == 2 and server.proc.pid not in pids.values()
+    assert "not available with TLS" not in server.stderr()
+    (internal,) = list(private.glob("cbgrpc-internal-ca-*"))
+    assert internal.stat().st_mode & 0o777 == 0o700
+    assert {p.name for p in internal.iterdir()} >= {"ca.pem", "executor-0-key.pem"}
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in internal.iterdir())
+    assert not any(p.name == "ca-key.pem" for p in internal.iterdir())
+    with CloudburstConnection(server.address, **login) as cloud:
+        cloud.register(identity, "identity")
+        cloud.register(die, "die")
+        cloud.register(lambda _, a: a + 1, "incr")
+        cloud.register(lambda _, a: a * a, "square")
+        assert cloud.register_dag("dag", ["incr", "square"], [("incr", "square")])
+        assert cloud.exec_func("identity", [5]).get(timeout=60) == 5
+        assert cloud.call_dag("dag", {"incr": 2}).get(timeout=60) == 9
+        # User code that ends its process leaves the server answering.
+        with pytest.raises(CloudburstError, match=r"lost the connection to executor|was lost"):
+            cloud.exec_func("die", [9]).get(timeout=60)
+        assert server.proc.poll() is None, "the server itself must survive"
+        call_until_it_succeeds(cloud, RECOVERY)
+        server.wait_for_log("exited with exit code 9; restarting it")
+        server.wait_for_log("is back at")
+        assert cloud.call_dag("dag", {"incr": 3}).get(timeout=60) == 16
+    assert server.stop(signal.SIGTERM) == 0
+    assert all(gone(pid) for pid in pids.values()), "an executor process outlived its server"
+    assert not internal.exists(), "the server left files of its private CA behind"
+    assert not list(private.glob("cbgrpc-internal-ca-*"))
+    # Nothing the user gave changed.
+    assert {p.name: p.read_bytes() for p in certs.iterdir()} == user_files

@@ -59,6 +59,10 @@ def test_every_rpc_of_every_service_has_an_entry() -> None:
         ("/cloudburst.v1.MessagingService/StreamMessages", "scheduler", False),
         ("/cloudburst.v1.MessagingService/StreamMessages", "invoker", False),
         (K + "GetValue", "kvs", False),
+        ("/cloudburst.v1.DiagnosticsService/GetCallTiming", "admin", True),
+        ("/cloudburst.v1.DiagnosticsService/GetCallTiming", "serve", True),
+        ("/cloudburst.v1.DiagnosticsService/GetCallTiming", "invoker", False),
+        ("/cloudburst.v1.DiagnosticsService/GetCallTiming", "executor", False),
         ("/cloudburst.v1.Unknown/Thing", "admin", False),
     ],
 )
