@@ -219,23 +219,28 @@ def test_functions_on_different_executor_processes_exchange_messages(
 ) -> None:
     server = serve_process("--storage", "memory", "--executors", "2")
     with CloudburstConnection(server.address) as cloud:
-        cloud.register(pong, "pong")
-        cloud.register(ping, "ping")
-        answering = cloud.exec_func("pong", [])
-        _, pong_pid = stored(cloud, "pong")
-        assert pong_pid in children_of(server, 2).values()
-        pids = set()
-        for value in range(1, 7):
-            reply, pid = cloud.exec_func("ping", [value]).get(timeout=60)
-            assert reply == value * 10
-            pids.add(pid)
-            if pid != pong_pid:
-                break
-        assert pids - {pong_pid}, "no ping ran on the other executor process"
-        peer, _ = cloud.get_object("pong")
-        cloud.register(lambda cb, to: cb.send(to, "stop"), "stop")
-        cloud.exec_func("stop", [peer]).get(timeout=60)
-        assert answering.get(timeout=60) == len(pids)
+        exchange_messages(server, cloud)
+
+
+def exchange_messages(server: ServeProcess, cloud: CloudburstConnection) -> None:
+    """Ping on one executor process, pong on another: each ping gets its answer."""
+    cloud.register(pong, "pong")
+    cloud.register(ping, "ping")
+    answering = cloud.exec_func("pong", [])
+    _, pong_pid = stored(cloud, "pong")
+    assert pong_pid in children_of(server, 2).values()
+    pids = set()
+    for value in range(1, 7):
+        reply, pid = cloud.exec_func("ping", [value]).get(timeout=60)
+        assert reply == value * 10
+        pids.add(pid)
+        if pid != pong_pid:
+            break
+    assert pids - {pong_pid}, "no ping ran on the other executor process"
+    peer, _ = cloud.get_object("pong")
+    cloud.register(lambda cb, to: cb.send(to, "stop"), "stop")
+    cloud.exec_func("stop", [peer]).get(timeout=60)
+    assert answering.get(timeout=60) == len(pids)
 
 
 def test_an_executor_process_that_cannot_start_is_reported() -> None:
@@ -264,7 +269,7 @@ def test_isolation_none_runs_the_executors_in_the_server(
 
 
 def _cbgrpc(*args: str) -> str:
-    """Run a `cbgrpc` command that must succeed; its standard error (where tokens' lines go)."""
+    """Run a `cbgrpc` command that must succeed; its standard output, then its standard error."""
     result = subprocess.run(
         [sys.executable, "-m", "cloudburst_grpc", *args],
         capture_output=True, text=True, timeout=60,
@@ -273,13 +278,16 @@ def _cbgrpc(*args: str) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("credential", ["token", "certificate"])
-def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_own(
+def secured_serve(
     serve_process: Callable[..., ServeProcess], tmp_path: Path, credential: str
-) -> None:
+) -> tuple[ServeProcess, dict[str, Any], Path]:
+    """A `cbgrpc serve` with TLS from `cbgrpc certs` (in ``tmp_path/certs``), two executors.
+
+    Returns the server, the keyword arguments of a connection as an admin with a
+    ``credential`` (``token`` or ``certificate``), and the server's ``TMPDIR``.
+    """
     certs = tmp_path / "certs"
     _cbgrpc("certs", str(certs), "--client", "admin")
-    user_files = {p.name: p.read_bytes() for p in certs.iterdir()}
     tls = ["--tls-cert", str(certs / "serve.pem"), "--tls-key", str(certs / "serve-key.pem"),
            "--tls-ca", str(certs / "ca.pem")]  # fmt: skip
     login: dict[str, Any] = {"tls_ca": str(certs / "ca.pem")}
@@ -300,6 +308,16 @@ def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_o
     server = serve_process(
         "--storage", "memory", "--executors", "2", *tls, env={"TMPDIR": str(private)}
     )
+    return server, login, private
+
+
+@pytest.mark.parametrize("credential", ["token", "certificate"])
+def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_own(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path, credential: str
+) -> None:
+    certs = tmp_path / "certs"
+    server, login, private = secured_serve(serve_process, tmp_path, credential)
+    user_files = {p.name: p.read_bytes() for p in certs.iterdir()}
     server.wait_for_log("2 executors in child processes")
     pids = children_of(server, 2)
     assert len(pids) == 2 and server.proc.pid not in pids.values()
@@ -331,3 +349,11 @@ def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_o
     assert not list(private.glob("cbgrpc-internal-ca-*"))
     # Nothing the user gave changed.
     assert {p.name: p.read_bytes() for p in certs.iterdir()} == user_files
+
+
+def test_with_tls_functions_on_different_executor_processes_exchange_messages(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    server, login, _ = secured_serve(serve_process, tmp_path, "certificate")
+    with CloudburstConnection(server.address, **login) as cloud:
+        exchange_messages(server, cloud)
