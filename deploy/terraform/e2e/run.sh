@@ -65,7 +65,9 @@ if ! "$moto_venv/bin/moto_server" --help > /dev/null 2>&1; then
     "$moto_venv/bin/python" -m pip install --quiet -r "$repo/tools/moto/requirements.txt"
 fi
 port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-"$moto_venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$scratch/moto.log" 2>&1 &
+# AWS-managed policies (AmazonSSMManagedInstanceCore, attached to every role) exist in moto
+# only when it is told to load them.
+MOTO_IAM_LOAD_MANAGED_POLICIES=true "$moto_venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$scratch/moto.log" 2>&1 &
 moto_pid=$!
 endpoint="http://127.0.0.1:$port"
 deadline=$((SECONDS + 60))

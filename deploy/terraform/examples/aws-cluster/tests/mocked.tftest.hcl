@@ -55,7 +55,7 @@ mock_provider "aws" {
     defaults = { arn = "arn:aws:logs:eu-west-1:123456789012:log-group:/cloudburst/test" }
   }
   mock_resource "aws_iam_role" {
-    defaults = { arn = "arn:aws:iam::123456789012:role/cloudburst-test", name = "cloudburst-test", id = "cloudburst-test" }
+    defaults = { arn = "arn:aws:iam::123456789012:role/cloudburst-test", id = "cloudburst-test" }
   }
   mock_resource "aws_iam_instance_profile" {
     defaults = { arn = "arn:aws:iam::123456789012:instance-profile/cloudburst-test" }
