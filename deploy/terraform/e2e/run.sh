@@ -114,6 +114,7 @@ valkey_enabled          = false
 consul_gossip_key       = "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="
 consul_management_token = "0b7e4c2a-1d3f-4a5b-8c6d-7e8f9a0b1c2d"
 valkey_auth_token       = "0123456789abcdef0123456789abcdef"
+client_tokens_file      = "tests/certs/tokens"
 TF
 
 step "plan against moto"

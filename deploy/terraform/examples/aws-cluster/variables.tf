@@ -203,9 +203,9 @@ variable "valkey_auth_token" {
 }
 
 variable "tls_mode" {
-  description = "\"files\": mutual TLS with the certificates in tls_certs_dir and client tokens; \"consul\": mutual TLS with certificates from Consul's service-mesh CA and client tokens; \"none\": plain gRPC inside the VPC (--insecure)."
+  description = "\"consul\" (the default): mutual TLS with certificates from Consul's service-mesh CA and client tokens; \"files\": mutual TLS with the certificates in tls_certs_dir and client tokens; \"none\": plain gRPC inside the VPC (--insecure)."
   type        = string
-  default     = "none"
+  default     = "consul"
 
   validation {
     condition     = contains(["none", "files", "consul"], var.tls_mode)

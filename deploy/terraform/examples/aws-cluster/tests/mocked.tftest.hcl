@@ -89,6 +89,7 @@ variables {
   consul_gossip_key       = "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="
   consul_management_token = "0b7e4c2a-1d3f-4a5b-8c6d-7e8f9a0b1c2d"
   valkey_auth_token       = "0123456789abcdef0123456789abcdef"
+  client_tokens_file      = "tests/certs/tokens"
 }
 
 run "the_whole_cluster" {
@@ -111,8 +112,12 @@ run "the_whole_cluster" {
     error_message = "four groups: ${jsonencode(output.autoscaling_groups)}"
   }
   assert {
-    condition     = length(aws_ssm_parameter.secret) == 7 && aws_ssm_parameter.secret["consul/management-token"].type == "SecureString"
-    error_message = "seven secrets in Parameter Store"
+    condition     = length(aws_ssm_parameter.secret) == 7 + 1 && aws_ssm_parameter.secret["consul/management-token"].type == "SecureString"
+    error_message = "seven secrets and the client tokens in Parameter Store"
+  }
+  assert {
+    condition     = strcontains(module.render["executor"].cbgrpc_config, "tls_source = \"consul\"") && !strcontains(module.render["scheduler"].units["cloudburst-scheduler.service"], "--insecure")
+    error_message = "by default the services take certificates from Consul's CA, and none runs --insecure"
   }
   assert {
     condition     = length(module.network.security_group_ids) == 6
@@ -132,7 +137,7 @@ run "without_valkey" {
     error_message = "no Valkey cluster"
   }
   assert {
-    condition     = length(aws_ssm_parameter.secret) == 6
+    condition     = length(aws_ssm_parameter.secret) == 6 + 1
     error_message = "no Valkey secret"
   }
 }
@@ -170,7 +175,8 @@ run "tls_from_files_needs_the_files" {
   command = plan
 
   variables {
-    tls_mode = "files"
+    tls_mode           = "files"
+    client_tokens_file = ""
   }
 
   expect_failures = [var.tls_certs_dir, var.client_tokens_file]
@@ -202,8 +208,26 @@ run "tls_from_consul_needs_the_client_tokens" {
   command = plan
 
   variables {
-    tls_mode = "consul"
+    client_tokens_file = ""
   }
 
   expect_failures = [var.client_tokens_file]
+}
+
+run "plain_grpc_inside_the_vpc" {
+  command = plan
+
+  variables {
+    tls_mode           = "none"
+    client_tokens_file = ""
+  }
+
+  assert {
+    condition     = length(aws_ssm_parameter.secret) == 7
+    error_message = "no certificate or token stored"
+  }
+  assert {
+    condition     = strcontains(module.render["scheduler"].units["cloudburst-scheduler.service"], "--insecure")
+    error_message = "a non-loopback bind without TLS says so"
+  }
 }
