@@ -102,7 +102,8 @@ def test_a_consul_client_moves_to_the_other_scheduler(
     schedulers, _ = processes.cluster(schedulers=2)
     passing_schedulers(consul, 2)
     # A request that waited on a stopped scheduler would run into this deadline and fail.
-    with CloudburstConnection(f"consul://{consul.address}", timeout=30) as conn:
+    # Objects through the scheduler, so that object operations exercise its failover too.
+    with CloudburstConnection(f"consul://{consul.address}", timeout=30, direct_kvs=False) as conn:
         register_workload(conn)
         written = {f"acked-{i}": i for i in range(20)}
         for key, value in written.items():

@@ -49,7 +49,9 @@ def test_a_client_moves_to_the_surviving_scheduler(
     cluster, second = two_schedulers
     first = cluster.scheduler
     pool_of(second.address, lambda pool: len(pool) == 2)
-    with CloudburstConnection(f"{first.address},{second.address}") as conn:
+    # Objects through the scheduler (as token clients of a TLS cluster reach them), so that
+    # object operations exercise its failover too; direct KVS access never touches it.
+    with CloudburstConnection(f"{first.address},{second.address}", direct_kvs=False) as conn:
         assert conn.address == first.address
         register_workload(conn)
         written = {f"acked-{i}": i for i in range(20)}
@@ -81,11 +83,19 @@ def test_a_client_with_one_scheduler_reports_it_lost(
     two_schedulers: tuple[ProcessCluster, CbgrpcProcess],
 ) -> None:
     cluster, _ = two_schedulers
-    with CloudburstConnection(cluster.scheduler.address, timeout=BOUND) as conn:
+    with (
+        CloudburstConnection(cluster.scheduler.address, timeout=BOUND) as direct,
+        CloudburstConnection(cluster.scheduler.address, timeout=BOUND, direct_kvs=False) as conn,
+    ):
+        assert direct.kvs_address == cluster.kvs.address
         assert conn.put_object("k", 1)
         cluster.scheduler.kill()
         with pytest.raises(UnavailableError):
             conn.get_object("k")
+        with pytest.raises(UnavailableError):
+            direct.exec_func("stage", ["lost"]).get(timeout=BOUND)
+        # Objects at the KVS itself do not need the scheduler.
+        assert direct.get_object("k") == 1
 
 
 #: Each request's own deadline in the SIGSTOP test: an operation that waited on the stopped
@@ -100,7 +110,9 @@ def test_a_client_moves_away_from_a_hung_scheduler(
     first = cluster.scheduler
     pool_of(second.address, lambda pool: len(pool) == 2)
     with (
-        CloudburstConnection(f"{first.address},{second.address}", timeout=HUNG_TIMEOUT) as conn,
+        CloudburstConnection(
+            f"{first.address},{second.address}", timeout=HUNG_TIMEOUT, direct_kvs=False
+        ) as conn,
         concurrent.futures.ThreadPoolExecutor(1) as background,
     ):
         register_workload(conn)
