@@ -74,6 +74,10 @@ def child_environment(config: Config, environ: Mapping[str, str]) -> dict[str, s
                 continue
             name = f"CBGRPC_{section.upper()}_{item.name.upper()}"
             env[name] = _text(getattr(values, item.name))
+    # An isolated executor keeps user code and user data off its event loop: a function
+    # or argument that blocks then delays only its own call, never the child's streams
+    # and health checks (which would set the whole child aside).
+    env["CBGRPC_EXECUTOR_INLINE_MAX_SECONDS"] = "0"
     disabled = environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
     if config.server.metrics_port >= 0 and not disabled:
         env[METRICS_ENV] = "0"  # the server's endpoint includes the children's

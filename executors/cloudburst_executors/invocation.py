@@ -126,10 +126,11 @@ class Invoker:
             references: dict[tuple[str, bool, bool, int], Any] = {}
             for argument in arguments:
                 kind = argument.WhichOneof("kind")
-                # A small value (most arguments) needs no turn of the loop.
+                # A small value (most arguments) needs no turn of the loop, unless
+                # user data must stay off it (inline runs off).
                 if kind == "value":
                     value = argument.value
-                    if len(value.data) <= LARGE_VALUE_BYTES:
+                    if len(value.data) <= LARGE_VALUE_BYTES and self._on_loop:
                         resolved.append(runner.unpickle(value))
                         continue
                 elif kind == "reference":
@@ -197,9 +198,9 @@ class Invoker:
         cache = self._kvs if isinstance(self._kvs, ValueCache) else None
         if cache is not None and (kept := cache.kept(key, lattice)) is not None:
             return await asyncio.get_running_loop().run_in_executor(self._pool, kept)
-        if not _large(lattice):
+        if not _large(lattice) and self._on_loop:
             return lattice_value(lattice)
-        if cache is None:
+        if cache is None or not _large(lattice):
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, lattice_value, lattice
             )
@@ -210,9 +211,19 @@ class Invoker:
             cache.keep(key, lattice, *kept_value)
         return value
 
+    @property
+    def _on_loop(self) -> bool:
+        """Whether small user values may be unpickled on the event loop.
+
+        Only when functions may run there too (``executor.inline_max_seconds`` > 0):
+        with inline runs off, nothing from a user runs on the loop, so a value
+        whose unpickling blocks holds up only its own call.
+        """
+        return self._gate.max_seconds > 0
+
     async def deserialize(self, value: value_pb2.Value) -> Any:
-        """Deserialize a value: a large one on a worker thread."""
-        if len(value.data) > LARGE_VALUE_BYTES:
+        """Deserialize a value: a large one (any, with inline runs off) on a worker thread."""
+        if len(value.data) > LARGE_VALUE_BYTES or not self._on_loop:
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, runner.unpickle, value
             )

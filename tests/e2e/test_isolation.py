@@ -1,6 +1,6 @@
 """User code and user data cannot stop `cbgrpc serve`: its executors are child processes.
 
-An argument whose unpickling blocks holds up only its executor process; one
+An argument whose unpickling blocks holds up only its own call; one
 that ends its process (``os._exit``) costs only the call in flight there, and
 the supervisor starts the executor again. Each test starts a real `cbgrpc
 serve` and drives it with the SDK.
@@ -42,6 +42,18 @@ class Runs:
 
 def identity(_: Any, value: Any) -> Any:
     return value
+
+
+#: How long ``nap`` blocks in the blocking-function test: beyond the health timeout.
+NAP_SECONDS = 5
+
+
+def nap(_: Any, seconds: int) -> int:
+    """Block ``seconds`` (announcing it when it does), then return them."""
+    if seconds:
+        print("nap-started", flush=True)
+        time.sleep(seconds)
+    return seconds
 
 
 def die(_: Any, code: int) -> None:
@@ -120,10 +132,10 @@ def call_until_it_succeeds(cloud: CloudburstConnection, timeout: float) -> float
                 raise
 
 
-def test_an_argument_that_blocks_while_unpickled_holds_up_only_its_executor(
+def test_an_argument_that_blocks_while_unpickled_holds_up_only_its_own_call(
     serve_process: Callable[..., ServeProcess],
 ) -> None:
-    server = serve_process("--storage", "memory", "--executors", "2")
+    server = serve_process("--storage", "memory", "--executors", "1")
     with CloudburstConnection(server.address) as cloud:
         cloud.register(identity, "identity")
         code = (
@@ -132,15 +144,36 @@ def test_an_argument_that_blocks_while_unpickled_holds_up_only_its_executor(
         )
         slow = cloud.exec_func("identity", [Runs(code)])
         server.wait_for_log("unpickling-started", stdout=True)
-        # The KVS and the scheduler answer while the argument still blocks its executor.
+        # The KVS and the scheduler answer while the argument still blocks.
         assert cloud.put_object("during", "yes")
         assert cloud.get_object("during") == "yes"
-        # Its executor stops answering health checks and is set aside; the other one serves.
-        wait_for_pool(server.address, lambda pool: len(pool.executors) == 1)
+        # The argument is unpickled on a worker thread of the executor process, not on
+        # its event loop: the executor keeps answering health checks and serves other
+        # calls (here, the only executor there is).
         assert cloud.exec_func("identity", [1]).get(timeout=60) == 1
+        assert len(wait_for_pool(server.address, lambda pool: True).executors) == 1
         # All of that happened while the argument was still being unpickled.
         assert not any("unpickling-ended" in line for line in server.stdout_lines)
         del slow
+    assert server.proc.poll() is None
+
+
+def test_a_function_that_blocks_holds_up_only_its_own_call(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    server = serve_process("--storage", "memory", "--executors", "1")
+    with CloudburstConnection(server.address) as cloud:
+        cloud.register(nap, "nap")
+        # Quick at first (a function that earned a place on an event loop before)...
+        for _ in range(50):
+            assert cloud.exec_func("nap", [0]).get(timeout=60) == 0
+        # ...then it blocks for longer than the scheduler's health timeout (2 s).
+        napping = cloud.exec_func("nap", [NAP_SECONDS])
+        server.wait_for_log("nap-started", stdout=True)
+        assert cloud.exec_func("nap", [0]).get(timeout=60) == 0
+        # The blocked call finishes normally: its executor was never set aside.
+        assert napping.get(timeout=60) == NAP_SECONDS
+        assert not any("is down" in line for line in server.stderr_lines)
     assert server.proc.poll() is None
 
 
