@@ -24,7 +24,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstError
 from harness import ServeProcess, wait_for_pool
 
-#: What issue 18 promises: the service answers again this soon after a child died.
+#: The service answers again this soon after an executor process died (docs/faults.md).
 RECOVERY = 5.0
 #: How long the slow argument blocks its executor (well beyond what the other checks take).
 BLOCK_SECONDS = 30
