@@ -213,7 +213,8 @@ def _executors(parser: argparse.ArgumentParser, count: bool) -> None:
         metavar="SECONDS",
         help="functions whose runs (or, when they use the user library, whose stretches of "
         "code between library calls) take at most this long run on the executor's event "
-        "loop, not a thread (default 0.0002; 0: never)",
+        "loop, not a thread (default 0.0002; 0: never; always 0 in the executor processes "
+        "of `serve --isolation process`)",
     )
     parser.add_argument(
         "--cache-max-bytes",

@@ -92,6 +92,9 @@ def test_a_function_that_holds_up_the_event_loop_is_counted(
         "0.05",
         "--executors",
         "1",  # each executor keeps its own record of a function's runs
+        # Isolated executor processes never run functions on their event loop.
+        "--isolation",
+        "none",
     )
     url = server.wait_for_log("metrics on http://", stdout=True).rsplit(" ", 1)[1].strip()
     with CloudburstConnection(server.address) as cloud:
