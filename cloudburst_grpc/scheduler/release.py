@@ -4,8 +4,11 @@ A caller that holds a call's future owns the result stored under the key the
 scheduler chose for it. When the future is gone, the SDK names the key in a
 later frame of its call stream; the scheduler deletes those keys here, one
 ``delete_many`` at a time, collecting the keys released meanwhile into the
-next batch. A failed batch is logged and dropped: its results stay stored,
-which loses nothing.
+next batch. A batch waits :data:`LINGER_SECONDS` before it goes, so that a
+steady stream of calls costs one request to the KVS per linger instead of one
+per call: a released result is of use to nobody, and deleting it a moment later
+costs nothing but that moment's memory. A failed batch is logged and dropped:
+its results stay stored, which loses nothing.
 
 A result under a key the scheduler chose that nobody releases expires: once
 the call's longest life and then the result time-to-live have passed, it is
@@ -30,6 +33,9 @@ logger = logging.getLogger(__name__)
 #: The most keys deleted in one request.
 BATCH_LIMIT = 1000
 
+#: Seconds the first released key waits for others to join its batch.
+LINGER_SECONDS = 0.1
+
 
 class ResultReleaser:
     """Deletes released result keys from the KVS in the background."""
@@ -40,9 +46,15 @@ class ResultReleaser:
         ttl: float = 0.0,
         hold: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        linger: float = LINGER_SECONDS,
     ) -> None:
-        """Delete from ``kvs``; expire tracked keys ``hold + ttl`` seconds on (``ttl`` 0: never)."""
+        """Delete from ``kvs``; expire tracked keys ``hold + ttl`` seconds on (``ttl`` 0: never).
+
+        A batch waits ``linger`` seconds for more keys before it is sent.
+        """
         self._kvs = kvs
+        self._linger = linger
+        self._closing = asyncio.Event()
         self._queued: list[str] = []
         self._in_flight = 0
         self._task: asyncio.Task[None] | None = None
@@ -130,6 +142,13 @@ class ResultReleaser:
 
     async def _drain(self) -> None:
         try:
+            if self._linger > 0 and not self._closing.is_set():
+                # Not a synchronisation: a batching window, cut short by close().
+                try:
+                    async with asyncio.timeout(self._linger):
+                        await self._closing.wait()
+                except TimeoutError:
+                    pass
             while self._queued:
                 batch = self._queued[:BATCH_LIMIT]
                 del self._queued[:BATCH_LIMIT]
@@ -150,8 +169,10 @@ class ResultReleaser:
     async def close(self, timeout: float = 5.0) -> None:
         """Finish deleting what was released, waiting at most ``timeout`` seconds.
 
-        Results not yet expired stay stored.
+        Results not yet expired stay stored. Keys released after this are
+        deleted without waiting for others to join them.
         """
+        self._closing.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -29,9 +29,33 @@ class RecordingKvs:
         return len(keys)
 
 
+async def test_keys_released_within_the_linger_go_in_one_batch() -> None:
+    kvs = RecordingKvs()
+    kvs.go.set()
+    releaser = ResultReleaser(kvs, linger=60.0)  # type: ignore[arg-type]
+    for key in ("a", "b", "c"):
+        releaser.release([key])
+        await asyncio.sleep(0)  # let the batch start lingering
+    assert kvs.batches == [], "a batch waits for others to join it"
+    assert releaser.backlog == 3
+    async with asyncio.timeout(5):  # close() cuts the 60 s linger short
+        await releaser.close(timeout=5)
+    assert kvs.batches == [["a", "b", "c"]]
+
+
+async def test_a_linger_ends_by_itself() -> None:
+    kvs = RecordingKvs()
+    kvs.go.set()
+    releaser = ResultReleaser(kvs, linger=0.01)  # type: ignore[arg-type]
+    releaser.release(["a"])
+    async with asyncio.timeout(5):
+        await kvs.started.wait()
+    assert kvs.batches == [["a"]]
+
+
 async def test_keys_released_during_a_batch_form_the_next_batch() -> None:
     kvs = RecordingKvs()
-    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser = ResultReleaser(kvs, linger=0)  # type: ignore[arg-type]
     releaser.release(["a", "b"])
     async with asyncio.timeout(5):
         await kvs.started.wait()
@@ -47,7 +71,7 @@ async def test_keys_released_during_a_batch_form_the_next_batch() -> None:
 async def test_a_large_release_is_split_into_bounded_batches() -> None:
     kvs = RecordingKvs()
     kvs.go.set()
-    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser = ResultReleaser(kvs, linger=0)  # type: ignore[arg-type]
     releaser.release(f"k{i}" for i in range(BATCH_LIMIT * 2 + 5))
     await releaser.close(timeout=5)
     assert [len(b) for b in kvs.batches] == [BATCH_LIMIT, BATCH_LIMIT, 5]
@@ -58,7 +82,7 @@ async def test_a_failed_batch_is_logged_and_the_next_still_runs(
 ) -> None:
     kvs = RecordingKvs(fail=True)
     kvs.go.set()
-    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser = ResultReleaser(kvs, linger=0)  # type: ignore[arg-type]
     releaser.release(["a"])
     await releaser.close(timeout=5)
     releaser.release(["b"])
@@ -69,7 +93,7 @@ async def test_a_failed_batch_is_logged_and_the_next_still_runs(
 
 async def test_close_gives_up_after_its_timeout(caplog: pytest.LogCaptureFixture) -> None:
     kvs = RecordingKvs()
-    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser = ResultReleaser(kvs, linger=0)  # type: ignore[arg-type]
     releaser.release(["a"])
     releaser.release(["b"])
     await releaser.close(timeout=0.05)
@@ -79,7 +103,7 @@ async def test_close_gives_up_after_its_timeout(caplog: pytest.LogCaptureFixture
 async def test_a_tracked_result_expires_after_hold_and_ttl() -> None:
     kvs = RecordingKvs()
     kvs.go.set()
-    releaser = ResultReleaser(kvs, ttl=0.02, hold=0.01)  # type: ignore[arg-type]
+    releaser = ResultReleaser(kvs, ttl=0.02, hold=0.01, linger=0)  # type: ignore[arg-type]
     releaser.expire_later("a")
     releaser.expire_later("b")
     assert releaser.expiring == 2
@@ -93,7 +117,7 @@ async def test_a_tracked_result_expires_after_hold_and_ttl() -> None:
 async def test_a_released_result_does_not_expire_again() -> None:
     kvs = RecordingKvs()
     kvs.go.set()
-    releaser = ResultReleaser(kvs, ttl=0.02)  # type: ignore[arg-type]
+    releaser = ResultReleaser(kvs, ttl=0.02, linger=0)  # type: ignore[arg-type]
     releaser.expire_later("a")
     releaser.release(["a"])
     assert releaser.expiring == 0
@@ -118,7 +142,7 @@ async def test_a_zero_ttl_keeps_results() -> None:
 async def test_a_release_waits_for_the_results_store() -> None:
     kvs = RecordingKvs()
     kvs.go.set()
-    releaser = ResultReleaser(kvs)  # type: ignore[arg-type]
+    releaser = ResultReleaser(kvs, linger=0)  # type: ignore[arg-type]
     stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     releaser.storing("result", stored)
     releaser.release(["result", "other"])
