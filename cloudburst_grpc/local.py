@@ -274,12 +274,30 @@ async def _open_backend(config: Config, stack: contextlib.AsyncExitStack) -> Lat
     return store
 
 
+class _PoolReports:
+    """Hands what remote executors report to a scheduler's pool, once the pool exists.
+
+    The pool is built from the peer directory, and the directory's peers report
+    to the pool: this breaks the cycle. Reports before the pool exists are dropped.
+    """
+
+    def __init__(self) -> None:
+        self.pool: ExecutorPool | None = None
+
+    def broken(self, executor_id: str, reason: str) -> None:
+        if self.pool is not None:
+            self.pool.set_aside(executor_id, reason)
+
+    def cached(self, executor_id: str, report: executor_service_pb2.CacheReport) -> None:
+        if self.pool is not None:
+            self.pool.note_cached(executor_id, report.added, report.removed, report.full)
+
+
 def _remote_factory(
     peer_id: str,
     config: Config,
     security: NodeSecurity,
-    on_broken: Callable[[str, str], None] | None = None,
-    on_cache_report: Callable[[str, executor_service_pb2.CacheReport], None] | None = None,
+    reports: _PoolReports | None = None,
 ) -> PeerDirectory:
     def factory(executor_id: str, address: str) -> ExecutorPeer:
         return RemoteExecutorPeer(
@@ -287,9 +305,9 @@ def _remote_factory(
             address,
             peer_id,
             config.server.max_payload_bytes,
-            on_broken,
+            reports.broken if reports is not None else None,
             tls=security.tls,
-            on_cache_report=on_cache_report,
+            on_cache_report=reports.cached if reports is not None else None,
         )
 
     return PeerDirectory(factory)
@@ -370,21 +388,11 @@ async def start_local(config: Config) -> Node:
             )
             internal_address = f"127.0.0.1:{internal_port}"
             peer_security = replace(security, tls=internal_ca.source)
-        pool_ref: list[ExecutorPool] = []
-
-        def broken(executor_id: str, reason: str) -> None:
-            if pool_ref:
-                pool_ref[0].set_aside(executor_id, reason)
-
-        def cached(executor_id: str, report: executor_service_pb2.CacheReport) -> None:
-            if pool_ref:
-                pool_ref[0].note_cached(executor_id, report.added, report.removed, report.full)
-
-        peers = _remote_factory("scheduler-local", config, peer_security, broken, cached)
+        reports = _PoolReports()
+        peers = _remote_factory("scheduler-local", config, peer_security, reports)
         stack.push_async_callback(peers.close)
         router = _messaging(node, "serve", internal_address, peer_security.tls)
-        pool = ExecutorPool(peers)
-        pool_ref.append(pool)
+        pool = reports.pool = ExecutorPool(peers)
         for index in range(0 if isolated else config.executor.count):
             executor = Executor(
                 f"executor-{index}",
@@ -635,20 +643,10 @@ async def start_scheduler_node(
         consul = await _consul(node)
         endpoint = await _kvs_endpoint(node, consul, kvs_address)
         scheduler_id = scheduler_id or f"scheduler-{uuid.uuid4().hex[:8]}"
-        pool_ref: list[ExecutorPool] = []
-
-        def broken(executor_id: str, reason: str) -> None:
-            if pool_ref:
-                pool_ref[0].set_aside(executor_id, reason)
-
-        def cached(executor_id: str, report: executor_service_pb2.CacheReport) -> None:
-            if pool_ref:
-                pool_ref[0].note_cached(executor_id, report.added, report.removed, report.full)
-
-        peers = _remote_factory(scheduler_id, config, security, broken, cached)
+        reports = _PoolReports()
+        peers = _remote_factory(scheduler_id, config, security, reports)
         stack.push_async_callback(peers.close)
-        pool = ExecutorPool(peers)
-        pool_ref.append(pool)
+        pool = reports.pool = ExecutorPool(peers)
         scheduler = Scheduler(
             scheduler_id,
             EndpointKvs(endpoint),
