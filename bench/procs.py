@@ -107,6 +107,33 @@ class Cores:
         )
 
 
+def cpu_seconds(pids: Collection[int]) -> float:
+    """CPU time (user + system) used so far by ``pids`` and all their descendants.
+
+    A process that is gone counts as 0 (its time is lost, not guessed). Not for
+    the bench's own PID: every server descends from it.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    seen: set[int] = set()
+    todo = list(pids)
+    total = 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    todo.extend(int(child) for child in children.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / ticks
+
+
 def pin_from_environment() -> None:
     """Pin this process as the bench asked (``BENCH_CPUS``), if it did; for bench children."""
     cpus = os.environ.get(CPUS_VARIABLE)

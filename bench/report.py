@@ -158,6 +158,7 @@ def build(
                     "calls": record.tp_calls,
                     "seconds": record.tp_seconds,
                     "latency_under_load": summarize(record.tp_latencies),
+                    "cpu_seconds": record.tp_cpu_seconds,
                 }
                 if record.measure_throughput
                 else None,

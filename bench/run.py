@@ -47,7 +47,7 @@ from bench.floor import (
     F_UNARY,
 )
 from bench.measure import AioLoop, AioWorkload, SyncWorkload, Workload, summarize
-from bench.procs import ROOT, Cores, Processes, interrupt_on_sigterm, log
+from bench.procs import ROOT, Cores, Processes, cpu_seconds, interrupt_on_sigterm, log
 from cloudburst_grpc.affinity import pin
 
 #: Which floor and which Ray workload each cloudburst workload is compared with.
@@ -144,6 +144,9 @@ class Record:
     tp_calls: int = 0
     tp_seconds: float = 0.0
     tp_latencies: list[float] = field(default_factory=list)
+    tp_cpu_seconds: float | None = None
+    """CPU time of every process of the workload's system and of the bench process,
+    summed over its throughput runs (None when its processes are not known)."""
     measure_throughput: bool = True
     error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -529,8 +532,21 @@ class _Measured(Workload):
         raise NotImplementedError(f"{self.key} is measured by its own procedure")
 
 
+#: The server processes of each system: a throughput run of one of the system's workloads
+#: is charged with their CPU time (their children's included) and the bench process's.
+SYSTEM_PIDS: dict[str, list[int]] = {}
+
+
+def _cpu_with_bench(pids: list[int]) -> float:
+    """CPU seconds of ``pids`` (with their descendants) and of the bench process itself."""
+    own = os.times()
+    return cpu_seconds(pids) + own.user + own.system
+
+
 def _time_throughput(record: Record, settings: Settings, seconds: float) -> None:
     if record.error is None and record.measure_throughput:
+        pids = SYSTEM_PIDS.get(record.workload.system)
+        before = _cpu_with_bench(pids) if pids else 0.0
         got = _guard(
             record, lambda: record.workload.throughput(settings.callers, seconds), "throughput"
         )
@@ -538,6 +554,9 @@ def _time_throughput(record: Record, settings: Settings, seconds: float) -> None
             record.tp_calls += got.calls
             record.tp_seconds += got.seconds
             record.tp_latencies.extend(got.latencies)
+            if pids:
+                used = _cpu_with_bench(pids) - before
+                record.tp_cpu_seconds = (record.tp_cpu_seconds or 0.0) + used
 
 
 def _guard(record: Record, action: Any, what: str) -> Any:
@@ -682,7 +701,8 @@ def evaluate_targets(
         0.6,
         at_most=False,
         unit="x floor",
-        detail=f"{_rate(dag_tp)} vs floor {_rate(hop3_tp)}",
+        detail=f"{_rate(dag_tp)} vs floor {_rate(hop3_tp)}"
+        + _cpu_detail(records, f"serve/{systems.DAG_DIRECT}", f"floor/{F_HOP3_STREAM}"),
     )
     call = _median(records, f"serve/{systems.CALL}")
     unary = _median(records, f"floor/{F_UNARY}")
@@ -832,7 +852,8 @@ def _cluster_targets(records: dict[str, Record], system: str, add: Any) -> None:
         0.6,
         at_most=False,
         unit="x floor",
-        detail=f"{_rate(dag_tp)} vs floor {_rate(hop3_tp)}",
+        detail=f"{_rate(dag_tp)} vs floor {_rate(hop3_tp)}"
+        + _cpu_detail(records, f"{system}/{systems.DAG_DIRECT}", f"floor/{F_HOP3_STREAM}"),
         system=system,
     )
     cold = _median(records, f"{system}/{systems.LOCALITY_COLD}")
@@ -903,6 +924,25 @@ def _ms(value: float | None) -> str:
 
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}/s"
+
+
+def _cpu_per_call(records: dict[str, Record], key: str) -> float | None:
+    """Milliseconds of CPU per call in the workload's throughput runs, all its processes."""
+    record = records.get(key)
+    if record is None or record.tp_cpu_seconds is None or record.tp_calls <= 0:
+        return None
+    return record.tp_cpu_seconds / record.tp_calls * 1e3
+
+
+def _cpu_detail(records: dict[str, Record], key: str, floor_key: str) -> str:
+    """What a throughput target's calls cost in CPU, against the floor's, for its detail."""
+    mine, base = _cpu_per_call(records, key), _cpu_per_call(records, floor_key)
+    if mine is None or base is None:
+        return ""
+    return (
+        f"; CPU per call {mine:.2f} ms vs the floor's {base:.2f} ms (every process of each, "
+        f"the bench's included; {os.cpu_count()} CPUs bound a rate at CPUs / CPU per call)"
+    )
 
 
 # -- profiling -----------------------------------------------------------------------
@@ -1100,6 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             client = floor.FloorClient(echo.address, hop_a.address, hop_b.address)
             aio.run(client.start(), 60)
+            SYSTEM_PIDS["floor"] = [echo.pid, hop_a.pid, hop_b.pid]
             if settings.storage == "valkey":
                 # One Valkey Cluster per cloudburst cluster: they must not share state.
                 log("starting a Valkey Cluster (3 primaries, 1 replica each) per cluster")
@@ -1133,6 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{CONSUL}: not measured ({missing[CONSUL]})")
             else:
                 missing[CONSUL] = "skipped (--no-consul)"
+            for name, deployment in deployments.items():
+                SYSTEM_PIDS[name] = list(deployment.pids().values())
             for deployment in deployments.values():
                 systems.describe_start(deployment)
                 systems.register_all(systems.connect(deployment))

@@ -52,8 +52,12 @@ def test_every_cluster_workload_runs_once_against_a_real_cluster(
             for workload in workloads.values():
                 latencies = workload.block(1)  # each checks its call's result
                 assert len(latencies) == 1 and latencies[0] > 0, workload.key
-            got = workloads[systems.DAG_DIRECT].throughput(2, 0.2)
-            assert got.calls >= 2 and got.seconds > 0
+            record = run.Record(workloads[systems.DAG_DIRECT])
+            run.SYSTEM_PIDS[system.name] = list(system.pids().values())
+            settings = run.parse_args(["--quick", "--callers", "2"])
+            run._time_throughput(record, settings, 0.2)
+            assert record.error is None and record.tp_calls >= 2 and record.tp_seconds > 0
+            assert record.tp_cpu_seconds is not None and record.tp_cpu_seconds > 0
 
             probe = systems.LocalityProbe(system)
             cold, repeat = probe.sample()  # checks the function saw ten 8 MiB arrays
@@ -83,10 +87,13 @@ def test_the_storage_engine_floor_reads_and_writes_100_bytes(
         engine.close()
 
 
-def _record(system: str, name: str, latencies: list[float], rate: float = 0.0) -> run.Record:
+def _record(
+    system: str, name: str, latencies: list[float], rate: float = 0.0, cpu: float | None = None
+) -> run.Record:
     record = run.Record(SyncWorkload(system, name, lambda: None), latencies=latencies)
     record.rounds = [latencies]
     record.tp_calls, record.tp_seconds = int(rate), 1.0
+    record.tp_cpu_seconds = cpu
     return record
 
 
@@ -94,12 +101,12 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
     ms = 0.001
     static = systems.CLUSTER_STATIC
     records = [
-        _record("floor", floor.F_HOP3_STREAM, [1 * ms], rate=1000),
+        _record("floor", floor.F_HOP3_STREAM, [1 * ms], rate=1000, cpu=1.0),
         _record("floor", floor.F_UNARY, [0.5 * ms]),
         _record(run.ENGINE, floor.F_ENGINE_READ, [0.1 * ms]),
         _record(run.ENGINE, floor.F_ENGINE_WRITE, [0.5 * ms]),
         _record("floor", floor.F_PUT_LARGE, [2 * ms]),
-        _record(static, systems.DAG_DIRECT, [1.3 * ms], rate=500),
+        _record(static, systems.DAG_DIRECT, [1.3 * ms], rate=500, cpu=2.0),
         _record(static, systems.CALL, [1.5 * ms]),
         _record(static, systems.GET_SMALL, [0.8 * ms]),  # 0.8 / (0.5 + 0.1) = 1.33
         _record(static, systems.PUT_SMALL, [1.6 * ms]),  # 1.6 / (0.5 + 0.5) = 1.6
@@ -123,6 +130,7 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
     check(f"C4-put {static}", 1.6, False)
     check(f"C5-put {static}", 1.5, True)
     check(f"C6 {static}", 0.5, False)
+    assert "CPU per call 4.00 ms vs the floor's 1.00 ms" in found[f"C6 {static}"]["detail"]
     check(f"C7 {static}", 4.0, False)
     check(f"C8 {static}", 2.5, False)
     assert f"C8 {systems.CLUSTER_CONSUL}" not in found  # the static cluster only
