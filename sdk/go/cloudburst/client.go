@@ -10,6 +10,7 @@ package cloudburst
 import (
 	"context"
 	"fmt"
+	"os"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -29,32 +30,79 @@ var Accepted = []cloudburstv1.Serializer{
 // concurrent use.
 type Client struct {
 	conn *grpc.ClientConn
+	kvs  *directKvs
 	// Scheduler is the generated SchedulerService stub, for calls this layer does not wrap.
 	Scheduler cloudburstv1.SchedulerServiceClient
-	// Kvs is the generated KvsService stub.
+	// Kvs is the generated KvsService stub at the scheduler, which forwards to the KVS tier.
 	Kvs cloudburstv1.KvsServiceClient
+}
+
+// Options configure a Client made with DialWithOptions.
+type Options struct {
+	// DialOptions are passed to grpc.NewClient for the scheduler's connection and for the KVS's,
+	// after the client's own (keepalive, connection timeout), which they may override. Without
+	// any the connections are plaintext, which suits loopback and trusted networks; pass
+	// grpc.WithTransportCredentials for TLS.
+	DialOptions []grpc.DialOption
+	// DirectKvs says whether Put and Get go to the KVS itself when the scheduler names its
+	// address (a cluster's scheduler does): one network hop instead of two. When that address
+	// does not answer, within DirectKvsProbeTimeout of the first KVS call or later, objects go
+	// through the scheduler, and the KVS is tried again now and then. With TLS only a client
+	// that shows a certificate goes direct. The default is on unless CLOUDBURST_DIRECT_KVS=0.
+	DirectKvs DirectKvs
 }
 
 // Dial connects to a scheduler at address ("host:port"). Without options the connection is
 // plaintext, which suits loopback and trusted networks; pass grpc.WithTransportCredentials for TLS.
+// It is DialWithOptions with only DialOptions set.
 func Dial(address string, opts ...grpc.DialOption) (*Client, error) {
-	if len(opts) == 0 {
-		opts = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	return DialWithOptions(address, Options{DialOptions: opts})
+}
+
+// DialWithOptions connects to a scheduler at address ("host:port"). The connection pings the
+// scheduler when it has read nothing for KeepaliveTime and gives it up (its calls end with
+// UNAVAILABLE) when a ping goes unanswered for PingTimeout: a hung scheduler fails calls within
+// seconds instead of at their deadlines. An invalid CLOUDBURST_PING_TIMEOUT_SECONDS is an error.
+func DialWithOptions(address string, options Options) (*Client, error) {
+	opts, err := transportOptions(os.Getenv)
+	if err != nil {
+		return nil, err
 	}
+	if len(options.DialOptions) == 0 {
+		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	}
+	opts = append(opts, options.DialOptions...)
 	conn, err := grpc.NewClient(address, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("cloudburst: cannot connect to %q: %w", address, err)
 	}
+	proxy := cloudburstv1.NewKvsServiceClient(conn)
 	return &Client{
-		conn:      conn,
+		conn: conn,
+		kvs: &directKvs{
+			wanted:      directKvsWanted(options.DirectKvs, os.Getenv),
+			dialOptions: opts,
+			proxy:       proxy,
+			closed:      make(chan struct{}),
+		},
 		Scheduler: cloudburstv1.NewSchedulerServiceClient(conn),
-		Kvs:       cloudburstv1.NewKvsServiceClient(conn),
+		Kvs:       proxy,
 	}, nil
 }
 
-// Close closes the connection.
+// KvsAddress is the address of the KVS that Put and Get go to directly; "" while they go
+// through the scheduler (before the first of them, too).
+func (c *Client) KvsAddress() string {
+	return c.kvs.current()
+}
+
+// Close closes the connections.
 func (c *Client) Close() error {
-	return c.conn.Close()
+	kvsErr := c.kvs.close()
+	if err := c.conn.Close(); err != nil {
+		return err
+	}
+	return kvsErr
 }
 
 // CallFunction calls a registered function with args and waits for its result. A function that
@@ -124,21 +172,26 @@ func (c *Client) Put(ctx context.Context, key string, value any) error {
 	if err != nil {
 		return err
 	}
-	_, err = c.Kvs.PutValue(ctx, &cloudburstv1.PutValueRequest{
+	request := &cloudburstv1.PutValueRequest{
 		Key:         key,
 		Keyspace:    cloudburstv1.Keyspace_KEYSPACE_USER,
 		Lattice:     &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{Value: encoded}}},
 		OmitLattice: true,
-	})
-	return errorFromRPC(err)
+	}
+	return errorFromRPC(c.kvs.call(ctx, func(stub cloudburstv1.KvsServiceClient) error {
+		_, err := stub.PutValue(ctx, request)
+		return err
+	}))
 }
 
 // Get reads the value stored under a user key; found is false when there is none. A value
 // written by Python must be JSON, a string or bytes to be read here (see docs/protocol.md).
 func (c *Client) Get(ctx context.Context, key string) (result *Result, found bool, err error) {
-	response, err := c.Kvs.GetValue(ctx, &cloudburstv1.GetValueRequest{
-		Key:      key,
-		Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER,
+	request := &cloudburstv1.GetValueRequest{Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER}
+	var response *cloudburstv1.GetValueResponse
+	err = c.kvs.call(ctx, func(stub cloudburstv1.KvsServiceClient) error {
+		response, err = stub.GetValue(ctx, request)
+		return err
 	})
 	if err != nil {
 		return nil, false, errorFromRPC(err)
