@@ -2,6 +2,7 @@
 // the KVS, wait for stored results. The generated stubs stay available for anything else.
 import { Code, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
+import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { Outcome } from "./gen/cloudburst/v1/execution_pb.js";
 import { KvsService } from "./gen/cloudburst/v1/kvs_service_pb.js";
@@ -11,6 +12,7 @@ import {
   type CallDagRequestSchema,
 } from "./gen/cloudburst/v1/scheduler_service_pb.js";
 import type { ArgumentSchema } from "./gen/cloudburst/v1/value_pb.js";
+import { transportOptions } from "./transport.js";
 import { CloudburstError, fromCallError, fromFailure, fromRpcError } from "./errors.js";
 import { ACCEPTED, decode, encode, failureOf, isFailure, type NativeValue } from "./values.js";
 
@@ -25,22 +27,66 @@ export interface Options {
 /** Arguments of a DAG call: each function's arguments, passed before its upstream results. */
 export type DagArguments = Record<string, NativeValue[]>;
 
-/** Connects to a scheduler at "host:port" (plaintext, for loopback and trusted networks). */
-export function connect(address: string): CloudburstClient {
+/** Options of a connection. */
+export interface ConnectOptions {
+  /**
+   * Read and write objects at the KVS itself when the scheduler names its address (a cluster's
+   * scheduler does): one network hop instead of two. When that address does not answer, within
+   * two seconds of the first KVS call or later, objects go through the scheduler, and the KVS is
+   * tried again now and then. With TLS only a client that shows a certificate goes direct.
+   * false always goes through the scheduler; when not given, `CLOUDBURST_DIRECT_KVS=0` turns it
+   * off.
+   */
+  directKvs?: boolean;
+}
+
+/**
+ * Connects to a scheduler at "host:port" (plaintext, for loopback and trusted networks), or at
+ * a URL. The connection pings the scheduler every second and gives it up (its calls reject with
+ * UNAVAILABLE) when a ping goes unanswered for two seconds (`CLOUDBURST_PING_TIMEOUT_SECONDS`):
+ * a hung scheduler fails calls within seconds instead of at their deadlines.
+ */
+export function connect(address: string, options: ConnectOptions = {}): CloudburstClient {
   const baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
-  return new CloudburstClient(createGrpcTransport({ baseUrl }));
+  const scheme = baseUrl.startsWith("https:") ? "https" : "http";
+  const shared = transportOptions(scheme);
+  return new CloudburstClient(createGrpcTransport({ baseUrl, ...shared }), {
+    directKvs: options.directKvs ?? directKvsFromEnvironment(process.env),
+    kvsTransport: (kvsAddress) => createGrpcTransport({ baseUrl: `${scheme}://${kvsAddress}`, ...shared }),
+  });
+}
+
+/** How a CloudburstClient reaches the KVS itself; without kvsTransport, always through the scheduler. */
+export interface ClientOptions {
+  /** Whether to read and write objects at the KVS that the scheduler names (default true). */
+  directKvs?: boolean;
+  /** Makes the transport to a KVS at "host:port". */
+  kvsTransport?: (address: string) => Transport;
 }
 
 /** A client of one scheduler (or a load balancer in front of several). */
 export class CloudburstClient {
   /** The generated SchedulerService stub. */
   readonly scheduler: Client<typeof SchedulerService>;
-  /** The generated KvsService stub. */
+  /** The generated KvsService stub at the scheduler, which forwards to the KVS tier. */
   readonly kvs: Client<typeof KvsService>;
+  readonly #direct: DirectKvs;
 
-  constructor(transport: Transport) {
+  constructor(transport: Transport, options: ClientOptions = {}) {
     this.scheduler = createClient(SchedulerService, transport);
     this.kvs = createClient(KvsService, transport);
+    this.#direct = new DirectKvs(
+      this.kvs,
+      options.kvsTransport !== undefined && (options.directKvs ?? true) ? options.kvsTransport : undefined,
+    );
+  }
+
+  /**
+   * The address of the KVS that put and get go to directly; undefined while they go through the
+   * scheduler (before the first of them, too).
+   */
+  get kvsAddress(): string | undefined {
+    return this.#direct.current();
   }
 
   /** Calls a function and waits for its result; a raise rejects with a FunctionError. */
@@ -86,15 +132,18 @@ export class CloudburstClient {
 
   /** Stores a value under a user key (last writer wins). */
   async put(key: string, value: NativeValue, options: Options = {}): Promise<void> {
+    const encoded = encode(value);
     await rpc(() =>
-      this.kvs.putValue(
-        {
-          key,
-          keyspace: Keyspace.USER,
-          lattice: { kind: { case: "lww", value: { value: encode(value) } } },
-          omitLattice: true,
-        },
-        callOptions(options),
+      this.#direct.call(callOptions(options), (kvs) =>
+        kvs.putValue(
+          {
+            key,
+            keyspace: Keyspace.USER,
+            lattice: { kind: { case: "lww", value: { value: encoded } } },
+            omitLattice: true,
+          },
+          callOptions(options),
+        ),
       ),
     );
   }
@@ -102,7 +151,7 @@ export class CloudburstClient {
   /** Reads the value under a user key; undefined when there is none. */
   async get(key: string, options: Options = {}): Promise<NativeValue | undefined> {
     const response = await rpc(() =>
-      this.kvs.getValue({ key, keyspace: Keyspace.USER }, callOptions(options)),
+      this.#direct.call(callOptions(options), (kvs) => kvs.getValue({ key, keyspace: Keyspace.USER }, callOptions(options))),
     );
     if (!response.found) {
       return undefined;

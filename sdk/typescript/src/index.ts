@@ -1,6 +1,15 @@
 // The TypeScript client of cloudburst-grpc. Functions and DAGs are registered in Python; from
 // TypeScript you call them with native values, use the KVS, and wait for stored results.
-export { connect, CloudburstClient, type DagArguments, type Options } from "./client.js";
+export {
+  connect,
+  CloudburstClient,
+  type ClientOptions,
+  type ConnectOptions,
+  type DagArguments,
+  type Options,
+} from "./client.js";
+export { DIRECT_KVS_ENV } from "./direct.js";
+export { KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS, PING_TIMEOUT_ENV, pingTimeoutMs } from "./transport.js";
 export { CloudburstError, FunctionError, DOMAIN, type Reason } from "./errors.js";
 export { ACCEPTED, decode, encode, toValue, type Json, type NativeValue } from "./values.js";
 export * as v1 from "./v1.js";

@@ -7,7 +7,8 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { ErrorReason, CallErrorSchema } from "../src/gen/cloudburst/v1/error_pb.js";
 import { FailureSchema, Serializer, ValueSchema } from "../src/gen/cloudburst/v1/value_pb.js";
 import { ErrorInfoSchema } from "../src/gen/google/rpc/error_details_pb.js";
-import { CloudburstError, FunctionError } from "../src/index.js";
+import { CloudburstError, DIRECT_KVS_ENV, FunctionError, KEEPALIVE_TIMEOUT_MS, PING_TIMEOUT_ENV, pingTimeoutMs } from "../src/index.js";
+import { directKvsFromEnvironment, lostTransport } from "../src/direct.js";
 import { fromCallError, fromFailure, fromRpcError } from "../src/errors.js";
 import { decode, encode, failureOf, toValue } from "../src/values.js";
 
@@ -60,4 +61,38 @@ test("outcome errors and failures become typed errors", () => {
   const runtime = fromFailure(failureOf(stored));
   ok(runtime instanceof CloudburstError);
   strictEqual(runtime.reason, "FUNCTION_NOT_FOUND");
+});
+
+test("the ping timeout is the default unless the environment sets it", () => {
+  strictEqual(pingTimeoutMs({}), KEEPALIVE_TIMEOUT_MS);
+  strictEqual(pingTimeoutMs({ [PING_TIMEOUT_ENV]: " " }), KEEPALIVE_TIMEOUT_MS);
+  strictEqual(pingTimeoutMs({ [PING_TIMEOUT_ENV]: "30" }), 30_000);
+  strictEqual(pingTimeoutMs({ [PING_TIMEOUT_ENV]: "0.5" }), 500);
+  for (const raw of ["soon", "0", "-1", "86400", "NaN", "Infinity", "0x10"]) {
+    throws(() => pingTimeoutMs({ [PING_TIMEOUT_ENV]: raw }), (err: unknown) => {
+      ok(err instanceof CloudburstError);
+      strictEqual(err.code, Code.InvalidArgument);
+      ok(err.message.includes(PING_TIMEOUT_ENV), err.message);
+      return true;
+    });
+  }
+});
+
+test("direct KVS access is on unless the environment turns it off", () => {
+  for (const off of ["0", "false", " No ", "OFF"]) {
+    strictEqual(directKvsFromEnvironment({ [DIRECT_KVS_ENV]: off }), false, off);
+  }
+  for (const on of [undefined, "", "1", "true", "yes"]) {
+    strictEqual(directKvsFromEnvironment({ [DIRECT_KVS_ENV]: on }), true, String(on));
+  }
+});
+
+test("only an unreachable service sends objects through the scheduler", () => {
+  strictEqual(lostTransport(new ConnectError("connection refused", Code.Unavailable)), true);
+  const answered = new ConnectError("no executor", Code.Unavailable, undefined, [
+    { desc: ErrorInfoSchema, value: { reason: "NO_EXECUTOR", domain: "cloudburst.v1" } },
+  ]);
+  strictEqual(lostTransport(answered), false);
+  strictEqual(lostTransport(new ConnectError("no such key", Code.NotFound)), false);
+  strictEqual(lostTransport(new Error("not an RPC error")), false);
 });

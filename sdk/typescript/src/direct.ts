@@ -1,0 +1,145 @@
+// Objects at the KVS itself: the scheduler's GetLimits answer names the KVS (kvs_addresses), and
+// KVS calls go there, one network hop instead of two through the scheduler's KvsService, which
+// forwards to the KVS tier. A direct call that finds the KVS unreachable is made again through
+// the scheduler, which then serves every KVS call until the KVS answers again.
+import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
+import { KvsService } from "./gen/cloudburst/v1/kvs_service_pb.js";
+import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
+import { DOMAIN } from "./errors.js";
+import type { Environment } from "./transport.js";
+
+/** The environment variable that turns direct KVS access off (0, false, no, off). */
+export const DIRECT_KVS_ENV = "CLOUDBURST_DIRECT_KVS";
+
+/** Milliseconds a KVS address the scheduler names may take to answer before objects go through it. */
+export const DIRECT_KVS_PROBE_MS = 2_000;
+
+/** Milliseconds after losing the KVS's address before it is tried again (then doubling). */
+export const DIRECT_RETRY_MS = 5_000;
+
+/** The longest pause between tries of a lost KVS address. */
+export const DIRECT_RETRY_MAX_MS = 120_000;
+
+const OFF = new Set(["0", "false", "no", "off"]);
+
+/** Whether the environment leaves direct KVS access on (the default). */
+export function directKvsFromEnvironment(env: Environment): boolean {
+  return !OFF.has((env[DIRECT_KVS_ENV] ?? "").trim().toLowerCase());
+}
+
+/**
+ * Whether err is UNAVAILABLE from the transport (the service could not be reached), not an error
+ * a service answered with a reason of its own.
+ */
+export function lostTransport(err: unknown): boolean {
+  return (
+    err instanceof ConnectError &&
+    err.code === Code.Unavailable &&
+    !err.findDetails(ErrorInfoSchema).some((info) => info.domain === DOMAIN)
+  );
+}
+
+type Kvs = Client<typeof KvsService>;
+
+/** Where KVS calls go: the KVS the scheduler names while it answers, else the scheduler. */
+export class DirectKvs {
+  #resolving: Promise<void> | undefined;
+  #resolved = false;
+  #address: string | undefined;
+  #stub: Kvs | undefined;
+  #inUse = false;
+
+  /** proxy: KvsService at the scheduler; transport: how to reach a KVS (undefined: never directly). */
+  constructor(
+    private readonly proxy: Kvs,
+    private readonly transport: ((address: string) => Transport) | undefined,
+  ) {}
+
+  /** The KVS that calls go to directly; undefined while they go through the scheduler. */
+  current(): string | undefined {
+    return this.#inUse ? this.#address : undefined;
+  }
+
+  /** Runs an idempotent KVS operation at the KVS; if that is unreachable, through the scheduler. */
+  async call<T>(options: CallOptions, operation: (kvs: Kvs) => Promise<T>): Promise<T> {
+    const stub = await this.#stubFor(options);
+    if (stub === this.proxy) {
+      return operation(stub);
+    }
+    try {
+      return await operation(stub);
+    } catch (err) {
+      if (!lostTransport(err)) {
+        throw err;
+      }
+      this.#leave();
+    }
+    return operation(this.proxy);
+  }
+
+  async #stubFor(options: CallOptions): Promise<Kvs> {
+    if (this.transport === undefined) {
+      return this.proxy;
+    }
+    if (!this.#resolved) {
+      this.#resolving ??= this.#resolve(this.transport, options).finally(() => {
+        this.#resolving = undefined;
+      });
+      await this.#resolving;
+    }
+    return this.#inUse && this.#stub !== undefined ? this.#stub : this.proxy;
+  }
+
+  /** Asks the scheduler where the KVS is and uses the first address that answers. */
+  async #resolve(transport: (address: string) => Transport, options: CallOptions): Promise<void> {
+    let addresses: string[];
+    try {
+      addresses = (await this.proxy.getLimits({}, options)).kvsAddresses;
+    } catch (err) {
+      // A scheduler that cannot be reached is asked again by the next call; one that answered
+      // with an error names no KVS.
+      this.#resolved = !lostTransport(err);
+      return;
+    }
+    this.#resolved = true;
+    for (const address of addresses) {
+      const stub = createClient(KvsService, transport(address));
+      try {
+        await stub.getLimits({}, { timeoutMs: DIRECT_KVS_PROBE_MS });
+      } catch {
+        // Unreachable, or (with TLS) it refused this client: the KVS's port asks for a client
+        // certificate, so a client without one stays with the scheduler.
+        continue;
+      }
+      this.#address = address;
+      this.#stub = stub;
+      this.#inUse = true;
+      return;
+    }
+  }
+
+  /** Sends KVS calls through the scheduler until the KVS answers directly again. */
+  #leave(): void {
+    if (!this.#inUse) {
+      return;
+    }
+    this.#inUse = false;
+    this.#comeBack(DIRECT_RETRY_MS);
+  }
+
+  #comeBack(delay: number): void {
+    const stub = this.#stub;
+    if (stub === undefined) {
+      return;
+    }
+    const timer = setTimeout(() => {
+      stub.getLimits({}, { timeoutMs: delay }).then(
+        () => {
+          this.#inUse = true;
+        },
+        () => this.#comeBack(Math.min(delay * 2, DIRECT_RETRY_MAX_MS)),
+      );
+    }, delay);
+    timer.unref(); // a client waiting to try again does not keep the process alive
+  }
+}
