@@ -1,0 +1,275 @@
+"""The Go and TypeScript clients on a cluster of `cbgrpc` processes: direct KVS access, keepalive.
+
+Like the Python SDK, each client reads and writes objects at the KVS the
+scheduler names (``kvs_addresses``), goes through the scheduler when that
+address does not answer, and notices a hung scheduler from its keepalive pings
+within seconds. Each client's driver (sdk/go/internal/clientdriver,
+sdk/typescript/test/driver.ts) takes one JSON command per line and answers
+each, so a test can stop or kill processes between the steps. `make clients`
+builds the TypeScript driver; the Go driver is built here (Go caches it).
+Without Go or Node the tests skip, except under CI, where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cloudburst import CloudburstConnection
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
+from faults import resume_and_kill
+from harness import CbgrpcProcess, free_ports, running_process_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Seconds a hung scheduler may take to fail a waiting call: the Go client pings after 10 s
+#: without reading (grpc-go's minimum) and gives up 2 s later, the TypeScript client pings every
+#: second. The call's own deadline is far longer, so only keepalive can end it in time.
+HUNG_BOUND = 30.0
+
+#: The variables the clients read, removed from the drivers' environment unless a test sets them.
+CLIENT_VARIABLES = ("CLOUDBURST_DIRECT_KVS", "CLOUDBURST_PING_TIMEOUT_SECONDS")
+
+Launcher = Callable[..., "Driver"]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI for the client tests")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+class Driver:
+    """A client driver subprocess: :meth:`ask` sends a command and waits for its answer."""
+
+    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
+        base = {k: v for k, v in os.environ.items() if k not in CLIENT_VARIABLES}
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**base, **(env or {})},
+        )
+        self._answers: queue.Queue[str | None] = queue.Queue()
+        self.stderr_lines: list[str] = []
+
+        def read_stdout() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._answers.put(line)
+            self._answers.put(None)
+
+        def read_stderr() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.stderr_lines.append(line)
+
+        self._readers = [
+            threading.Thread(target=reader, daemon=True) for reader in (read_stdout, read_stderr)
+        ]
+        for thread in self._readers:
+            thread.start()
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait until the driver exits and its output is read; returns its exit code."""
+        code = self.proc.wait(timeout)
+        for thread in self._readers:
+            thread.join(timeout)
+        return code
+
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def send(self, **command: Any) -> None:
+        """Send one command without waiting for its answer."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self, timeout: float) -> dict[str, Any]:
+        """The next answer, within ``timeout`` seconds."""
+        try:
+            line = self._answers.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"no answer within {timeout:.0f}s:\n{''.join(self.stderr_lines[-20:])}"
+            ) from None
+        if line is None:
+            raise AssertionError(
+                f"the driver exited ({self.proc.wait(10)}):\n{''.join(self.stderr_lines[-20:])}"
+            )
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def ask(self, timeout: float = 90.0, **command: Any) -> dict[str, Any]:
+        """Send a command and return its answer."""
+        self.send(**command)
+        return self.receive(timeout)
+
+    def ok(self, **command: Any) -> dict[str, Any]:
+        """Send a command that must succeed; return its answer."""
+        answer = self.ask(**command)
+        assert answer["ok"], f"{command} failed: {answer}"
+        return answer
+
+    def close(self) -> None:
+        """End the driver (its stdin closes; killed if it does not exit)."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def go_driver(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    go = _tool("go")
+    binary = tmp_path_factory.mktemp("go") / "clientdriver"
+    subprocess.run(
+        [go, "build", "-o", str(binary), "./internal/clientdriver"],
+        cwd=ROOT / "sdk" / "go",
+        check=True,
+        timeout=600,
+    )
+    return [str(binary)]
+
+
+@pytest.fixture(params=["go", "ts"])
+def launch(request: pytest.FixtureRequest) -> Iterator[Launcher]:
+    """Starts drivers of one client: ``launch(address, mode="default", env=None)``."""
+    if request.param == "go":
+        command: list[str] = request.getfixturevalue("go_driver")
+    else:
+        program = ROOT / "sdk" / "typescript" / "dist" / "test" / "driver.js"
+        if not program.exists():
+            pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")
+        command = [_tool("node"), str(program)]
+    started: list[Driver] = []
+
+    def start(address: str, mode: str = "default", env: dict[str, str] | None = None) -> Driver:
+        driver = Driver([*command, address, mode], env)
+        started.append(driver)
+        return driver
+
+    try:
+        yield start
+    finally:
+        for driver in started:
+            driver.close()
+
+
+def _stored(kvs_address: str, key: str) -> bytes | None:
+    """The value under a user key, read at the KVS itself; None when there is none."""
+    with grpc.insecure_channel(kvs_address) as channel:
+        stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        response = stub.GetValue(
+            kvs_service_pb2.GetValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER),
+            timeout=30,
+        )
+    return bytes(response.lattice.lww.value.data) if response.found else None
+
+
+def test_objects_go_to_the_kvs_and_not_through_the_scheduler(launch: Launcher) -> None:
+    with running_process_cluster() as cluster:
+        direct = launch(cluster.address)
+        by_option = launch(cluster.address, "off")
+        by_environment = launch(cluster.address, env={"CLOUDBURST_DIRECT_KVS": "0"})
+        direct.ok(op="put", key="direct/small", value={"from": "direct", "n": [1, 2]})
+        assert direct.ok(op="kvs_address")["address"] == cluster.kvs.address
+        for proxied in (by_option, by_environment):
+            proxied.ok(op="put", key="direct/proxied", value="through the scheduler")
+            assert proxied.ok(op="kvs_address")["address"] == ""
+        # Both paths reach the one KVS: each reads what the other wrote, and so does Python.
+        got = by_option.ok(op="get", key="direct/small")
+        assert got == {"ok": True, "found": True, "value": {"from": "direct", "n": [1, 2]}}
+        assert direct.ok(op="get", key="direct/proxied")["value"] == "through the scheduler"
+        with CloudburstConnection(cluster.address, connect_timeout=30, timeout=60) as cloud:
+            assert cloud.get_object("direct/small") == {"from": "direct", "n": [1, 2]}
+
+        cluster.scheduler.kill()
+
+        # With the scheduler gone, only the direct path still reaches the KVS.
+        direct.ok(op="put", key="direct/after", value=[True, None])
+        assert direct.ok(op="get", key="direct/after")["value"] == [True, None]
+        assert direct.ok(op="get", key="direct/none") == {"ok": True, "found": False}
+        for proxied in (by_option, by_environment):
+            answer = proxied.ask(op="put", key="direct/refused", value=1)
+            assert not answer["ok"] and answer["code"] == "Unavailable", answer
+        assert json.loads(_stored(cluster.kvs.address, "direct/after") or b"null") == [True, None]
+
+
+def test_an_unreachable_kvs_address_falls_back_to_the_scheduler(launch: Launcher) -> None:
+    (closed_port,) = free_ports(1)
+    env = {"CBGRPC_SCHEDULER_DIRECT_KVS_ADDRESS": f"127.0.0.1:{closed_port}"}
+    with running_process_cluster(scheduler_env=env) as cluster:
+        client = launch(cluster.address)
+        client.ok(op="put", key="fallback/key", value={"kept": True})
+        assert client.ok(op="kvs_address")["address"] == ""
+        assert client.ok(op="get", key="fallback/key")["value"] == {"kept": True}
+        assert json.loads(_stored(cluster.kvs.address, "fallback/key") or b"null") == {"kept": True}
+
+
+def test_a_kvs_that_stops_answering_sends_objects_through_the_scheduler(
+    launch: Launcher,
+) -> None:
+    # The scheduler names another KVS to its clients, which the test then kills.
+    decoy = CbgrpcProcess("kvs", "--storage", "memory")
+    try:
+        env = {"CBGRPC_SCHEDULER_DIRECT_KVS_ADDRESS": decoy.address}
+        with running_process_cluster(scheduler_env=env) as cluster:
+            client = launch(cluster.address)
+            client.ok(op="put", key="moved/before", value=1)
+            assert client.ok(op="kvs_address")["address"] == decoy.address
+            assert json.loads(_stored(decoy.address, "moved/before") or b"null") == 1
+
+            decoy.kill()
+
+            client.ok(op="put", key="moved/after", value=2)
+            assert client.ok(op="kvs_address")["address"] == ""
+            assert client.ok(op="get", key="moved/after")["value"] == 2
+            # The write went to the scheduler's KVS, not to the killed one.
+            assert json.loads(_stored(cluster.kvs.address, "moved/after") or b"null") == 2
+    finally:
+        decoy.kill()
+
+
+def test_a_hung_scheduler_fails_a_waiting_call_with_unavailable(launch: Launcher) -> None:
+    with running_process_cluster() as cluster:
+        try:
+            client = launch(cluster.address, "off")
+            client.ok(op="put", key="hung/warm", value="the connection is up")
+            # A result nobody stores: the call waits at the scheduler until its deadline.
+            client.send(op="wait_result", key="hung/never", timeout=600)
+            os.kill(cluster.scheduler.proc.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            answer = client.receive(timeout=HUNG_BOUND)
+            assert not answer["ok"] and answer["code"] == "Unavailable", answer
+            assert time.monotonic() - stopped < HUNG_BOUND
+        finally:
+            resume_and_kill(cluster.scheduler)
+
+
+def test_a_malformed_ping_timeout_is_refused_with_its_name(launch: Launcher) -> None:
+    client = launch("127.0.0.1:1", env={"CLOUDBURST_PING_TIMEOUT_SECONDS": "soon"})
+    assert client.wait_exit(60) == 1
+    assert "CLOUDBURST_PING_TIMEOUT_SECONDS must be a positive number" in client.stderr()
