@@ -39,6 +39,10 @@ ROOT = Path(__file__).resolve().parents[2]
 #: second. The call's own deadline is far longer, so only keepalive can end it in time.
 HUNG_BOUND = 30.0
 
+#: Seconds a new connection to a hung scheduler may take to fail a call: each client gives a
+#: connection 3 s to be made and answered (without that, the Go client's takes about 13 s).
+NEW_CONNECTION_BOUND = 10.0
+
 #: The variables the clients read, removed from the drivers' environment unless a test sets them.
 CLIENT_VARIABLES = ("CLOUDBURST_DIRECT_KVS", "CLOUDBURST_PING_TIMEOUT_SECONDS")
 
@@ -273,3 +277,18 @@ def test_a_malformed_ping_timeout_is_refused_with_its_name(launch: Launcher) -> 
     client = launch("127.0.0.1:1", env={"CLOUDBURST_PING_TIMEOUT_SECONDS": "soon"})
     assert client.wait_exit(60) == 1
     assert "CLOUDBURST_PING_TIMEOUT_SECONDS must be a positive number" in client.stderr()
+
+
+def test_a_new_connection_to_a_hung_scheduler_fails_with_unavailable(launch: Launcher) -> None:
+    with running_process_cluster() as cluster:
+        try:
+            # The kernel accepts the connection for the stopped process, which never answers.
+            os.kill(cluster.scheduler.proc.pid, signal.SIGSTOP)
+            client = launch(cluster.address, "off")
+            assert client.ok(op="kvs_address")["address"] == ""  # the driver runs, unconnected
+            started = time.monotonic()
+            answer = client.ask(timeout=NEW_CONNECTION_BOUND, op="put", key="hung/new", value=1)
+            assert not answer["ok"] and answer["code"] == "Unavailable", answer
+            assert time.monotonic() - started < NEW_CONNECTION_BOUND
+        finally:
+            resume_and_kill(cluster.scheduler)

@@ -82,9 +82,9 @@ func (d *directKvs) resolve(ctx context.Context) {
 	}
 	limits, err := d.proxy.GetLimits(ctx, &cloudburstv1.GetLimitsRequest{})
 	if err != nil {
-		// A scheduler that cannot be reached is asked again by the next call; one that
-		// answered with an error names no KVS.
-		d.resolved = !lostTransport(err)
+		// A scheduler that cannot be reached (or not before the call's deadline) is asked
+		// again by the next call; one that answered with an error names no KVS.
+		d.resolved = !askAgain(err)
 		return
 	}
 	d.resolved = true
@@ -101,6 +101,10 @@ func (d *directKvs) resolve(ctx context.Context) {
 			// Unreachable, or (with TLS) it refused this client: the KVS's port asks for a
 			// client certificate, so a client with a token stays with the scheduler.
 			conn.Close()
+			if ctx.Err() != nil {
+				d.resolved = false // the caller's deadline, not the KVS, ended the probe
+				return
+			}
 			continue
 		}
 		d.mu.Lock()
@@ -176,6 +180,13 @@ func (d *directKvs) close() error {
 		return d.conn.Close()
 	}
 	return nil
+}
+
+// askAgain says whether err leaves the question open: the call did not reach the service, or
+// ran out of time or was cancelled before it answered.
+func askAgain(err error) bool {
+	code := status.Code(err)
+	return lostTransport(err) || code == codes.DeadlineExceeded || code == codes.Canceled
 }
 
 // lostTransport says whether err is UNAVAILABLE from the transport (the service could not be

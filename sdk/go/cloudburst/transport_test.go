@@ -90,4 +90,13 @@ func TestOnlyAnUnreachableServiceSendsObjectsThroughTheScheduler(t *testing.T) {
 			t.Errorf("lostTransport(%v) = %v, want %v", c.err, got, c.lost)
 		}
 	}
+	// Where the KVS is stays an open question when the scheduler's answer never came.
+	for _, code := range []codes.Code{codes.Unavailable, codes.DeadlineExceeded, codes.Canceled} {
+		if !askAgain(status.Error(code, "no answer")) {
+			t.Errorf("askAgain(%s) = false, want true", code)
+		}
+	}
+	if askAgain(status.Error(codes.Unimplemented, "no GetLimits")) {
+		t.Error("askAgain(Unimplemented) = true, want false")
+	}
 }

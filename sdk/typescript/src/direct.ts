@@ -39,6 +39,14 @@ export function lostTransport(err: unknown): boolean {
   );
 }
 
+/** Whether err leaves a question open: the call did not reach the service, or ran out of time. */
+function askAgain(err: unknown): boolean {
+  return (
+    lostTransport(err) ||
+    (err instanceof ConnectError && (err.code === Code.DeadlineExceeded || err.code === Code.Canceled))
+  );
+}
+
 type Kvs = Client<typeof KvsService>;
 
 /** Where KVS calls go: the KVS the scheduler names while it answers, else the scheduler. */
@@ -96,9 +104,9 @@ export class DirectKvs {
     try {
       addresses = (await this.proxy.getLimits({}, options)).kvsAddresses;
     } catch (err) {
-      // A scheduler that cannot be reached is asked again by the next call; one that answered
-      // with an error names no KVS.
-      this.#resolved = !lostTransport(err);
+      // A scheduler that cannot be reached (or not before the call's deadline) is asked again
+      // by the next call; one that answered with an error names no KVS.
+      this.#resolved = !askAgain(err);
       return;
     }
     this.#resolved = true;
