@@ -31,6 +31,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from faults import resume_and_kill
 from harness import CbgrpcProcess, free_ports, running_process_cluster
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -255,6 +256,34 @@ def test_a_kvs_that_stops_answering_sends_objects_through_the_scheduler(
             assert json.loads(_stored(cluster.kvs.address, "moved/after") or b"null") == 2
     finally:
         decoy.kill()
+
+
+def test_a_kvs_that_answers_again_is_used_directly_again(launch: Launcher) -> None:
+    (port,) = free_ports(1)
+    first = CbgrpcProcess("kvs", "--storage", "memory", "--port", str(port))
+    started = [first]
+    try:
+        env = {"CBGRPC_SCHEDULER_DIRECT_KVS_ADDRESS": first.address}
+        with running_process_cluster(scheduler_env=env) as cluster:
+            client = launch(cluster.address)
+            client.ok(op="put", key="again/before", value=1)
+            assert client.ok(op="kvs_address")["address"] == first.address
+            first.kill()
+            client.ok(op="put", key="again/lost", value=2)
+            assert client.ok(op="kvs_address")["address"] == ""
+            # Another KVS on the same address: the client tries it again after 5 s.
+            second = CbgrpcProcess("kvs", "--storage", "memory", "--port", str(port))
+            started.append(second)
+            wait_until(
+                lambda: client.ok(op="kvs_address")["address"] == second.address,
+                "the client goes to the KVS directly again",
+            )
+            client.ok(op="put", key="again/back", value=3)
+            assert json.loads(_stored(second.address, "again/back") or b"null") == 3
+            assert _stored(cluster.kvs.address, "again/back") is None
+    finally:
+        for kvs in started:
+            kvs.kill()
 
 
 def test_a_hung_scheduler_fails_a_waiting_call_with_unavailable(launch: Launcher) -> None:

@@ -2,7 +2,6 @@
 // the KVS, wait for stored results. The generated stubs stay available for anything else.
 import { Code, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { Outcome } from "./gen/cloudburst/v1/execution_pb.js";
 import { KvsService } from "./gen/cloudburst/v1/kvs_service_pb.js";
@@ -12,6 +11,7 @@ import {
   type CallDagRequestSchema,
 } from "./gen/cloudburst/v1/scheduler_service_pb.js";
 import type { ArgumentSchema } from "./gen/cloudburst/v1/value_pb.js";
+import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
 import { transportOptions } from "./transport.js";
 import { CloudburstError, fromCallError, fromFailure, fromRpcError } from "./errors.js";
 import { ACCEPTED, decode, encode, failureOf, isFailure, type NativeValue } from "./values.js";
