@@ -21,6 +21,7 @@ import pytest
 
 from cloudburst import CloudburstConnection
 from harness import ServeProcess
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG = "poly_pipeline"
@@ -80,8 +81,12 @@ def _check(summary: dict[str, Any], label: str, address: str) -> None:
     assert summary["unknown_dag_reason"] == "DAG_NOT_FOUND"
     assert summary["unencodable_reason"] == "SERIALIZATION_FAILED"
     with CloudburstConnection(address) as cloud:
-        # The stored result was released by the client once read.
-        assert cloud.get_object(summary["stored_key"]) is None
+        # The stored result was released by the client once read (the scheduler deletes
+        # released results in batches, a moment later).
+        wait_until(
+            lambda: cloud.get_object(summary["stored_key"]) is None,
+            "the stored result is deleted once released",
+        )
         # What the client wrote as JSON reads as the natural Python value.
         assert cloud.get_object(summary["kvs_key"]) == summary["kvs_value"]
         assert cloud.get_object(summary["kvs_key"])["list"] == [1, "two", None, True]
