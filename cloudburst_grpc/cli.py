@@ -691,11 +691,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"cbgrpc: configuration error: server.cpus: {exc}\n")
     # Large values reuse memory instead of faulting in fresh pages (see malloc.py).
     malloc.tune()
+    # An executor process of `cbgrpc serve` with TLS: its certificates come from its parent.
+    certificates = None
     if args.command == "executor":
         from cloudburst_grpc import supervisor
+        from cloudburst_grpc.security.internal import MemorySource
 
         if os.environ.get(supervisor.PARENT_ENV, "").isdigit():  # a child of `cbgrpc serve`
-            supervisor.follow_parent(int(os.environ[supervisor.PARENT_ENV]))
+            if os.environ.get(supervisor.TLS_ENV) == "stdin":
+                certificates = MemorySource(config.security.trust_domain)
+            supervisor.follow_parent(int(os.environ[supervisor.PARENT_ENV]), certificates)
+            wait = config.executor.start_timeout_seconds
+            if certificates is not None and not certificates.wait(wait):
+                print(
+                    f"cbgrpc executor: no TLS certificate from the supervising server within "
+                    f"{wait:.0f}s (executor.start_timeout_seconds)",
+                    file=sys.stderr,
+                )
+                return 1
         try:
             supervisor.limit_memory(config.executor.memory_limit_bytes)
         except (OSError, ValueError) as exc:
@@ -705,7 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     starters: dict[str, Callable[[], Awaitable[Any]]] = {
         "serve": lambda: local.start_local(config),
         "kvs": lambda: local.start_kvs_node(config, args.service_id),
-        "executor": lambda: local.start_executor_node(config, args.kvs, args.service_id),
+        "executor": lambda: local.start_executor_node(
+            config, args.kvs, args.service_id, certificates
+        ),
         "scheduler": lambda: local.start_scheduler_node(
             config, args.kvs, args.executor_addresses, args.service_id
         ),

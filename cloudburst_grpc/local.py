@@ -379,7 +379,6 @@ async def start_local(config: Config) -> Node:
             # The children get certificates from a CA of this process, not the user's: they
             # reach this node on a loopback port of its own that takes only those.
             internal_ca = InternalCa(config.security.trust_domain)
-            stack.callback(internal_ca.close)
             internal_port = bind(
                 server,
                 "127.0.0.1",
@@ -441,7 +440,7 @@ async def start_local(config: Config) -> Node:
                 internal_address,
                 pool,
                 scheduler.restore_pins,
-                child_tls=internal_ca.child_files if internal_ca is not None else None,
+                child_tls=internal_ca.child_material if internal_ca is not None else None,
             )
             stack.push_async_callback(supervisor.stop, 0.0)
             try:
@@ -556,16 +555,22 @@ async def start_kvs_node(config: Config, kvs_id: str | None = None) -> Node:
 
 
 async def start_executor_node(
-    config: Config, kvs_address: str | None = None, executor_id: str | None = None
+    config: Config,
+    kvs_address: str | None = None,
+    executor_id: str | None = None,
+    certificates: CertificateSource | None = None,
 ) -> Node:
     """Start a server that runs one executor.
 
     It uses the KVS at ``kvs_address``, or the passing KVS instances in Consul
     when no address is given; with discovery on it registers itself.
+    ``certificates``, when given, is its TLS material (a child of ``cbgrpc
+    serve`` gets it from its parent) instead of the configured one.
     """
     stack = contextlib.AsyncExitStack()
     try:
-        certificates = await _consul_certificates(config, EXECUTOR, EXECUTOR_SERVICE, stack)
+        if certificates is None:
+            certificates = await _consul_certificates(config, EXECUTOR, EXECUTOR_SERVICE, stack)
         server, health_servicer, port, security = _new_server(config, EXECUTOR, certificates)
         node = Node("executor", server, health_servicer, port, config.server.host, config, stack)
         node.security = security

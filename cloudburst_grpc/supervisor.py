@@ -8,7 +8,9 @@ argument that blocks, crashes its process or exhausts its memory costs the
 calls in flight on that child, never the service. :class:`Supervisor` starts
 the children, adds them to the scheduler's pool, restarts one that exits (with
 backoff), and stops them on shutdown. A child ends itself when its parent dies
-(:func:`follow_parent`), so none outlives the server.
+(:func:`follow_parent`), so none outlives the server. With TLS, each child gets
+its certificate and key from the parent's private CA over its standard input
+(see :mod:`cloudburst_grpc.security.internal`): they never touch a disk.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ from pathlib import Path
 from cloudburst.errors import UnavailableError
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.scheduler.pool import ExecutorPool
+from cloudburst_grpc.security.internal import MemorySource, decode_material, encode_material
+from cloudburst_grpc.security.tls import TlsError, TlsMaterial
 
 logger = logging.getLogger(__name__)
 
 #: Set in a child's environment to the supervising process's pid.
 PARENT_ENV = "CBGRPC_SUPERVISOR_PID"
+#: Set in a child's environment to ``stdin`` when its TLS material comes over its standard input.
+TLS_ENV = "CBGRPC_SUPERVISOR_TLS"
 #: The variable that asks a child to serve metrics (on a port of its choosing).
 METRICS_ENV = "CBGRPC_SERVER_METRICS_PORT"
 #: Linux prctl option: the signal a process gets when its parent dies.
@@ -47,8 +53,9 @@ FORCE_SECONDS = 1.5
 STABLE_SECONDS = 10.0
 #: Settings the children do not take from the parent (their own address, ports, pinning).
 _OWN = {"host", "port", "advertise_host", "metrics_port", "cpus"}
-#: Security settings a child does not need: it serves only the parent, never clients.
-_CLIENT_FACING = {"tokens_file", "consul_intentions"}
+#: Security settings a child does not need: it serves only the parent, never clients. The
+#: user's certificate files are among them: a child gets its own from the parent.
+_CLIENT_FACING = {"tokens_file", "consul_intentions", "tls_cert", "tls_key", "tls_ca"}
 
 
 def _text(value: object) -> str:
@@ -95,23 +102,35 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def follow_parent(parent_pid: int) -> None:
-    """In a child: end this process when the supervising parent dies.
+def follow_parent(parent_pid: int, certificates: MemorySource | None = None) -> None:
+    """In a child: end this process when the supervising parent dies; take its TLS material.
 
     Linux delivers SIGKILL on the parent's death (``PR_SET_PDEATHSIG``);
     elsewhere, and as a backstop, a thread exits when the parent's end of
-    stdin closes, which happens when the parent exits however it ends.
+    stdin closes, which happens when the parent exits however it ends. That
+    thread also reads what the parent sends: with ``certificates``, each line
+    is new TLS material for it. Standard input itself is then ``/dev/null``,
+    so user code that reads it can neither block on nor take the parent's pipe.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+    pipe = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
 
     def watch() -> None:
-        with contextlib.suppress(OSError):
-            while os.read(0, 4096):
-                pass
+        with contextlib.suppress(OSError, ValueError), os.fdopen(pipe, "rb") as stream:
+            for line in stream:
+                if certificates is None or not line.strip():
+                    continue
+                try:
+                    certificates.update(decode_material(line))
+                except TlsError as exc:
+                    logger.error("keeping the current TLS certificate: %s", exc)
         os._exit(1)
 
     threading.Thread(target=watch, name="cbgrpc-parent-watch", daemon=True).start()
@@ -149,7 +168,7 @@ class Supervisor:
         pool: ExecutorPool,
         on_added: Callable[[], Awaitable[None]],
         environ: Mapping[str, str] | None = None,
-        child_tls: Callable[[str], tuple[Path, Path, Path]] | None = None,
+        child_tls: Callable[[], TlsMaterial] | None = None,
     ) -> None:
         """Prepare the children (started by :meth:`start`).
 
@@ -159,8 +178,8 @@ class Supervisor:
             pool: The scheduler's pool, where children are added once they listen.
             on_added: Called after a restarted child rejoined the pool (to pin functions).
             environ: The environment to derive the children's from; ``os.environ`` if None.
-            child_tls: With TLS: gives a child (by executor id) its certificate, key and
-                CA files, which replace the server's own in its settings.
+            child_tls: With TLS: gives a new child its certificate, key and CA (sent
+                over its standard input; the children never see the server's own).
         """
         self._config = config
         self._kvs_address = kvs_address
@@ -168,6 +187,8 @@ class Supervisor:
         self._on_added = on_added
         self._env = child_environment(config, os.environ if environ is None else environ)
         self._child_tls = child_tls
+        if child_tls is not None:
+            self._env[TLS_ENV] = "stdin"
         self.children = [Child(f"executor-{i}") for i in range(config.executor.count)]
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -195,15 +216,6 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        env = self._env
-        if self._child_tls is not None:
-            cert, key, ca = self._child_tls(child.executor_id)
-            env = {
-                **env,
-                "CBGRPC_SECURITY_TLS_CERT": str(cert),
-                "CBGRPC_SECURITY_TLS_KEY": str(key),
-                "CBGRPC_SECURITY_TLS_CA": str(ca),
-            }
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -221,7 +233,7 @@ class Supervisor:
             level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=env,
+            env=self._env,
             # Its own process group: a terminal's Ctrl-C reaches the parent, which stops it.
             start_new_session=True,
         )
@@ -230,6 +242,8 @@ class Supervisor:
         timeout = self._config.executor.start_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
+                if self._child_tls is not None:
+                    await _send(process, self._child_tls())
                 while True:
                     line = (await process.stdout.readline()).decode(errors="replace")
                     if not line:
@@ -339,6 +353,14 @@ class Supervisor:
 def _kill(process: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError):
         process.kill()
+
+
+async def _send(process: asyncio.subprocess.Process, material: TlsMaterial) -> None:
+    """Send TLS material to a child; one that has ended already is left to its supervisor."""
+    assert process.stdin is not None
+    with contextlib.suppress(ConnectionError):
+        process.stdin.write(encode_material(material))
+        await process.stdin.drain()
 
 
 def _forward(line: str) -> None:

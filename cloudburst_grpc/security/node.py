@@ -55,12 +55,13 @@ class NodeSecurity:
         """Read the TLS and token files named in ``config``.
 
         ``certificates`` is the source of TLS material when it does not come
-        from files (``security.tls_source = "consul"``).
+        from files (``security.tls_source = "consul"``, or the parent of an
+        executor process of ``cbgrpc serve``); given, it turns TLS on.
 
         Raises:
             ConfigError: A file is missing or malformed; the message names it.
         """
-        if not config.tls:
+        if not config.tls and certificates is None:
             return cls(config)
         if config.tls_source == "consul" and certificates is None:
             raise ConfigError(

@@ -8,6 +8,7 @@ serve` and drives it with the SDK.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -58,6 +59,11 @@ def nap(_: Any, seconds: int) -> int:
 
 def die(_: Any, code: int) -> None:
     os._exit(code)
+
+
+def read_stdin(_: Any) -> bytes:
+    """What user code finds on its process's standard input."""
+    return sys.stdin.buffer.read()
 
 
 def pong(cloudburst: Any) -> int:
@@ -317,7 +323,8 @@ def secured_serve(
     """A `cbgrpc serve` with TLS from `cbgrpc certs` (in ``tmp_path/certs``), two executors.
 
     Returns the server, the keyword arguments of a connection as an admin with a
-    ``credential`` (``token`` or ``certificate``), and the server's ``TMPDIR``.
+    ``credential`` (``token`` or ``certificate``), and the server's ``TMPDIR`` (its own
+    and its children's: an empty directory of the test's).
     """
     certs = tmp_path / "certs"
     _cbgrpc("certs", str(certs), "--client", "admin")
@@ -335,7 +342,7 @@ def secured_serve(
     else:
         login["tls_cert"] = str(certs / "client-admin.pem")
         login["tls_key"] = str(certs / "client-admin-key.pem")
-    # The server's private files go to a temporary directory of the test's own.
+    # Any temporary file of the server's would go to a directory of the test's own.
     private = tmp_path / "tmp"
     private.mkdir()
     server = serve_process(
@@ -355,11 +362,8 @@ def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_o
     pids = children_of(server, 2)
     assert len(pids) == 2 and server.proc.pid not in pids.values()
     assert "not available with TLS" not in server.stderr()
-    (internal,) = list(private.glob("cbgrpc-internal-ca-*"))
-    assert internal.stat().st_mode & 0o777 == 0o700
-    assert {p.name for p in internal.iterdir()} >= {"ca.pem", "executor-0-key.pem"}
-    assert all(p.stat().st_mode & 0o777 == 0o600 for p in internal.iterdir())
-    assert not any(p.name == "ca-key.pem" for p in internal.iterdir())
+    # The children's certificates and keys reached them without touching the disk.
+    assert list(private.iterdir()) == []
     with CloudburstConnection(server.address, **login) as cloud:
         cloud.register(identity, "identity")
         cloud.register(die, "die")
@@ -368,6 +372,9 @@ def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_o
         assert cloud.register_dag("dag", ["incr", "square"], [("incr", "square")])
         assert cloud.exec_func("identity", [5]).get(timeout=60) == 5
         assert cloud.call_dag("dag", {"incr": 2}).get(timeout=60) == 9
+        # The pipe that carries the certificates is not user code's standard input.
+        cloud.register(read_stdin, "read_stdin")
+        assert cloud.exec_func("read_stdin", []).get(timeout=60) == b""
         # User code that ends its process leaves the server answering.
         with pytest.raises(CloudburstError, match=r"lost the connection to executor|was lost"):
             cloud.exec_func("die", [9]).get(timeout=60)
@@ -378,8 +385,7 @@ def test_with_tls_the_executors_are_child_processes_with_certificates_of_their_o
         assert cloud.call_dag("dag", {"incr": 3}).get(timeout=60) == 16
     assert server.stop(signal.SIGTERM) == 0
     assert all(gone(pid) for pid in pids.values()), "an executor process outlived its server"
-    assert not internal.exists(), "the server left files of its private CA behind"
-    assert not list(private.glob("cbgrpc-internal-ca-*"))
+    assert list(private.iterdir()) == [], "the server left files behind"
     # Nothing the user gave changed.
     assert {p.name: p.read_bytes() for p in certs.iterdir()} == user_files
 
@@ -390,3 +396,21 @@ def test_with_tls_functions_on_different_executor_processes_exchange_messages(
     server, login, _ = secured_serve(serve_process, tmp_path, "certificate")
     with CloudburstConnection(server.address, **login) as cloud:
         exchange_messages(server, cloud)
+
+
+def test_a_killed_tls_server_leaves_no_file_behind(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    server, login, private = secured_serve(serve_process, tmp_path, "certificate")
+    pids = children_of(server, 2)
+    with CloudburstConnection(server.address, **login) as cloud:
+        cloud.register(identity, "identity")
+        assert cloud.exec_func("identity", [5]).get(timeout=60) == 5
+    # SIGKILL: the server cleans nothing up; its children die with it (and are killed here
+    # too, so that none outlives the test whatever happens).
+    server.stop(signal.SIGKILL)
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert all(gone(pid) for pid in pids.values()), "an executor process outlived its server"
+    assert list(private.iterdir()) == [], "a killed server left files behind"

@@ -6,7 +6,13 @@ import dataclasses
 import os
 import signal
 
-from cloudburst_grpc.config import Config, ExecutorConfig, ServerConfig, load_config
+from cloudburst_grpc.config import (
+    Config,
+    ExecutorConfig,
+    SecurityConfig,
+    ServerConfig,
+    load_config,
+)
 from cloudburst_grpc.supervisor import PARENT_ENV, child_environment, describe_exit
 
 
@@ -34,6 +40,16 @@ def test_a_child_gets_the_resolved_settings_and_none_of_the_parents_sources() ->
     assert child.executor == config.executor
     assert child.scheduler == config.scheduler
     assert not child.consul.enabled
+
+
+def test_a_child_never_sees_the_servers_certificate_files_or_tokens() -> None:
+    security = SecurityConfig(
+        tls_cert="serve.pem", tls_key="serve-key.pem", tls_ca="ca.pem", tokens_file="tokens"
+    )
+    env = child_environment(dataclasses.replace(Config(), security=security), {})
+    assert not {k for k, v in env.items() if v in ("serve.pem", "serve-key.pem", "ca.pem")}
+    assert "CBGRPC_SECURITY_TOKENS_FILE" not in env
+    assert not load_config(environ=env).security.tls  # its own material comes over stdin
 
 
 def test_a_child_serves_metrics_when_the_server_does() -> None:

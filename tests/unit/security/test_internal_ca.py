@@ -1,16 +1,22 @@
-"""The private CA of a `cbgrpc serve` with TLS: what it issues and where its files go."""
+"""The private CA of a `cbgrpc serve` with TLS: what it issues, and that it writes nothing."""
 
 from __future__ import annotations
 
 import ipaddress
-import stat
-from collections.abc import Iterator
+import tempfile
+import threading
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from cloudburst_grpc.security.internal import InternalCa
-from cloudburst_grpc.security.tls import TlsSource
+from cloudburst_grpc.security.internal import (
+    InternalCa,
+    MemorySource,
+    decode_material,
+    encode_material,
+)
+from cloudburst_grpc.security.tls import TlsError, TlsMaterial, check_material
 
 
 def names(pem: bytes) -> tuple[list[str], set[str], list[ipaddress.IPv4Address]]:
@@ -21,18 +27,19 @@ def names(pem: bytes) -> tuple[list[str], set[str], list[ipaddress.IPv4Address]]
     return uris, set(san.get_values_for_type(x509.DNSName)), ips  # type: ignore[return-value]
 
 
+def issuer_of(pem: bytes) -> x509.Name:
+    return x509.load_pem_x509_certificate(pem).issuer
+
+
 @pytest.fixture
-def internal() -> Iterator[InternalCa]:
-    ca = InternalCa("example.test")
-    try:
-        yield ca
-    finally:
-        ca.close()
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary directory of this test's own, where :mod:`tempfile` would write."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
 
 
-def test_the_parent_certificate_names_role_serve_and_what_the_children_verify(
-    internal: InternalCa,
-) -> None:
+def test_the_parent_certificate_names_role_serve_and_what_the_children_verify() -> None:
+    internal = InternalCa("example.test")
     uris, dns, ips = names(internal.source.current().cert_pem)
     assert uris == ["spiffe://example.test/role/serve"]
     assert {"kvs.example.test", "executor.example.test", "scheduler.example.test"} <= dns
@@ -40,29 +47,50 @@ def test_the_parent_certificate_names_role_serve_and_what_the_children_verify(
     assert ips == [ipaddress.ip_address("127.0.0.1")]
 
 
-def test_a_child_gets_an_executor_certificate_in_private_files(internal: InternalCa) -> None:
-    cert, key, ca = internal.child_files("executor-0")
-    assert stat.S_IMODE(internal.directory.stat().st_mode) == 0o700
-    for path in (cert, key, ca):
-        assert path.parent == internal.directory
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    uris, dns, _ = names(cert.read_bytes())
-    assert uris == ["spiffe://example.test/role/executor"]
-    assert "executor.example.test" in dns
-    # The files belong together (as a child reads them), and chain to the parent's CA.
-    source = TlsSource(cert, key, ca, "example.test")
-    assert source.current().ca_pem == internal.source.current().ca_pem
-    # The CA's key is never written.
-    assert {p.name for p in internal.directory.iterdir()} == {
-        "ca.pem",
-        "executor-0.pem",
-        "executor-0-key.pem",
-    }
+def test_a_child_gets_an_executor_certificate_of_its_own_in_memory(private_tmp: Path) -> None:
+    internal = InternalCa("example.test")
+    first, second = internal.child_material(), internal.child_material()
+    assert first.key_pem != second.key_pem
+    for material in (first, second):
+        check_material(material, "child")  # the key fits the certificate
+        uris, dns, _ = names(material.cert_pem)
+        assert uris == ["spiffe://example.test/role/executor"]
+        assert "executor.example.test" in dns
+        # It chains to the parent's CA, which the parent also trusts.
+        assert material.ca_pem == internal.source.current().ca_pem
+        assert (
+            issuer_of(material.cert_pem) == x509.load_pem_x509_certificate(material.ca_pem).subject
+        )
+        assert b"PRIVATE KEY" not in material.ca_pem
+    # Nothing of it touched the disk.
+    assert list(private_tmp.iterdir()) == []
 
 
-def test_close_removes_every_file(internal: InternalCa) -> None:
-    internal.child_files("executor-0")
-    internal.child_files("executor-1")
-    internal.close()
-    assert not internal.directory.exists()
-    internal.close()  # idempotent
+def test_material_crosses_the_pipe_as_one_line_and_is_checked() -> None:
+    material = InternalCa("example.test").child_material()
+    line = encode_material(material)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode_material(line) == material
+    other = InternalCa("example.test").child_material()
+    mismatched = encode_material(TlsMaterial(material.cert_pem, other.key_pem, material.ca_pem))
+    with pytest.raises(TlsError, match="does not belong"):
+        decode_material(mismatched)
+    for garbage in (b"not json\n", b'{"cert": "x"}\n', b"[1, 2]\n", b'{"cert": 1}\n'):
+        with pytest.raises(TlsError, match="supervising server"):
+            decode_material(garbage)
+
+
+def test_a_memory_source_waits_for_material_and_counts_each_update() -> None:
+    source = MemorySource("example.test")
+    assert source.generation == 0
+    with pytest.raises(TlsError):
+        source.current()
+    assert not source.wait(0.0)
+    material = InternalCa("example.test").child_material()
+    threading.Thread(target=source.update, args=(material,)).start()
+    assert source.wait(30.0)
+    assert source.current() == material and source.generation == 1
+    newer = InternalCa("example.test").child_material()
+    source.update(newer)
+    assert source.current() == newer and source.generation == 2
+    assert source.poll(0.0) == 2
