@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from cloudburst.errors import CloudburstError, UnavailableError
-from cloudburst.transport import SCHEDULER_SERVICE
+from cloudburst.transport import CLIENT_CERT_PORT_META, SCHEDULER_SERVICE
 from cloudburst.v1 import (
     diagnostics_service_pb2,
     diagnostics_service_pb2_grpc,
@@ -492,6 +492,9 @@ def _register(node: Node, client: ConsulClient | None, name: str, service_id: st
     meta = {"role": node.role}
     if node.security is not None and node.security.insecure_warning:
         meta["security"] = node.security.insecure_warning
+    if node.security is not None and node.security.client_cert_port is not None:
+        # Clients with certificates dial this port (the SDK's consul:// reads it).
+        meta[CLIENT_CERT_PORT_META] = str(node.security.client_cert_port)
     node.registration = Registration(
         client,
         name,

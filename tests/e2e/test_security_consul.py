@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst.errors import CloudburstError
+from cloudburst.errors import CloudburstError, PermissionDeniedError
 from harness import CbgrpcProcess, ConsulAgent, consul_binary
 
 CHECK = ["--consul-check-interval", "1"]
@@ -171,3 +171,72 @@ def test_consul_health_checks_reach_tls_ports(
         body = consul.wait(f"/v1/health/service/{name}?passing=true", lambda b: len(b) == 1)
         checks = [c for c in body[0]["Checks"] if c["ServiceName"] == name]
         assert [c["Type"] for c in checks] == [kind]
+
+
+def test_consul_clients_reach_the_port_their_credential_needs(
+    consul: ConsulAgent, procs: list[CbgrpcProcess], tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    made = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", "certs", str(certs), "--client", "invoker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    made = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", "token", "admin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    lines = (made.stdout + made.stderr).splitlines()
+    token = next(line for line in lines if line.startswith("cbt_"))
+    entry = next(line for line in lines if line.startswith("add to the tokens file: "))
+    tokens = tmp_path / "tokens"
+    tokens.write_text(entry.removeprefix("add to the tokens file: ") + "\n")
+    env = {"CONSUL_HTTP_ADDR": consul.address}
+    procs.append(CbgrpcProcess("kvs", "--storage", "memory", *tls_flags(certs, "kvs"), env=env))
+    procs.append(
+        CbgrpcProcess("executor", "--id", "executor-0", *tls_flags(certs, "executor"), env=env)
+    )
+    scheduler = CbgrpcProcess(
+        "scheduler",
+        *tls_flags(certs, "scheduler"),
+        "--tokens-file",
+        str(tokens),
+        "--client-cert-port",
+        "0",
+        env=env,
+    )
+    procs.append(scheduler)
+    # The scheduler advertises its port for clients with certificates beside its own.
+    body = consul.wait(
+        "/v1/health/service/cloudburst-scheduler?passing=true", lambda b: len(b) == 1
+    )
+    service = body[0]["Service"]
+    cert_port = int(service["Meta"]["client_cert_port"])
+    assert scheduler.address == f"127.0.0.1:{service['Port']}" != f"127.0.0.1:{cert_port}"
+    consul.wait("/v1/health/service/cloudburst-executor?passing=true", lambda b: len(b) == 1)
+    ca = str(certs / "ca.pem")
+    address = f"consul://{consul.address}"
+    # The token client lands on the token port: an admin by its token, it may register.
+    with CloudburstConnection(address, tls_ca=ca, token=token, timeout=30) as admin:
+        assert admin.address == scheduler.address
+        admin.register(lambda _, a: a + 1, "incr")
+        assert admin.exec_func("incr", [1]).get(timeout=30) == 2
+    # The certificate client lands on the certificate port, whose handshake takes its
+    # certificate (the token port never asks for one and would find no token): it is
+    # an invoker there, by its certificate, and may call but not register.
+    with CloudburstConnection(
+        address,
+        tls_ca=ca,
+        tls_cert=str(certs / "client-invoker.pem"),
+        tls_key=str(certs / "client-invoker-key.pem"),
+        timeout=30,
+    ) as invoker:
+        assert invoker.address == f"127.0.0.1:{cert_port}"
+        assert invoker.exec_func("incr", [2]).get(timeout=30) == 3
+        with pytest.raises(PermissionDeniedError, match="invoker"):
+            invoker.register(lambda _, a: a, "same")

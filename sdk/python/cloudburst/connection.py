@@ -49,7 +49,12 @@ from cloudburst.serialization import (
     lattice_value,
     serialize,
 )
-from cloudburst.transport import DEFAULT_PORT, SCHEDULER_SERVICE, ClientSecurity
+from cloudburst.transport import (
+    CLIENT_CERT_PORT_META,
+    DEFAULT_PORT,
+    SCHEDULER_SERVICE,
+    ClientSecurity,
+)
 from cloudburst.v1 import (
     execution_pb2,
     function_pb2,
@@ -107,11 +112,16 @@ def consul_base_url(consul_address: str) -> str:
     return f"{parsed.scheme}://{host}:{port or CONSUL_DEFAULT_PORTS[parsed.scheme]}"
 
 
-def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
+def discover_schedulers(
+    consul_address: str, timeout: float, client_cert: bool = False
+) -> list[str]:
     """Return the addresses of the passing schedulers registered in Consul, in random order.
 
     ``consul_address`` is ``host:port`` or ``http(s)://host:port`` of a Consul
-    agent; ``CONSUL_HTTP_TOKEN`` is sent when set.
+    agent; ``CONSUL_HTTP_TOKEN`` is sent when set. With ``client_cert`` (a
+    client that shows a certificate), a scheduler that also listens for such
+    clients on a port of its own (``--client-cert-port``, in its service meta)
+    is given at that port; every other at its registered port.
 
     Raises:
         UnavailableError: Consul cannot be reached or knows no passing scheduler.
@@ -133,9 +143,11 @@ def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
     for node in nodes:
         service = node["Service"]
         host = service.get("Address") or node["Node"]["Address"]
-        addresses.append(
-            f"[{host}]:{service['Port']}" if ":" in host else f"{host}:{service['Port']}"
-        )
+        port = service["Port"]
+        cert_port = (service.get("Meta") or {}).get(CLIENT_CERT_PORT_META, "")
+        if client_cert and cert_port.isdigit():
+            port = int(cert_port)
+        addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if not addresses:
         raise UnavailableError(
             f"Consul at {base} knows no passing {SCHEDULER_SERVICE}; is a scheduler running?"
@@ -144,9 +156,9 @@ def discover_schedulers(consul_address: str, timeout: float) -> list[str]:
     return addresses
 
 
-def discover_scheduler(consul_address: str, timeout: float) -> str:
+def discover_scheduler(consul_address: str, timeout: float, client_cert: bool = False) -> str:
     """Return the address of a passing scheduler registered in Consul (see above)."""
-    return discover_schedulers(consul_address, timeout)[0]
+    return discover_schedulers(consul_address, timeout, client_cert)[0]
 
 
 def parse_address(address: str) -> str:
@@ -246,7 +258,8 @@ class CloudburstConnection:
         func_addr: ``host`` or ``host:port`` of the scheduler or its load balancer
             (default port 7600), several of them separated by commas, or
             ``consul://host:port`` to use a passing scheduler registered in that
-            Consul agent; stray spaces are ignored. With several schedulers (a
+            Consul agent (with ``tls_cert``, at the port it has for clients with
+            certificates, if any); stray spaces are ignored. With several schedulers (a
             list, or Consul), losing the one in use moves the connection to
             another: idempotent operations (reads and writes of objects,
             registering and listing functions, ``future.get()``) retry there
@@ -311,14 +324,20 @@ class CloudburstConnection:
         tls_server_name: str = "",
         direct_kvs: bool | None = None,
     ) -> None:
+        self._security = ClientSecurity.resolve(
+            tls,
+            ca_file=tls_ca,
+            token=token,
+            cert_file=tls_cert,
+            key_file=tls_key,
+            server_name=tls_server_name,
+        )
         self._consul: str | None = None
         self._targets: list[str] = []
         """The schedulers given (empty with Consul, which is asked again at each failover)."""
         if isinstance(func_addr, str) and func_addr.strip().startswith("consul://"):
             self._consul = func_addr.strip().removeprefix("consul://")
-            candidates = [
-                parse_address(a) for a in discover_schedulers(self._consul, connect_timeout)
-            ]
+            candidates = [parse_address(a) for a in self._discover(connect_timeout)]
         elif isinstance(func_addr, str) and "," in func_addr:
             self._targets = [parse_address(a) for a in func_addr.split(",") if a.strip()]
             candidates = list(self._targets)
@@ -333,14 +352,6 @@ class CloudburstConnection:
         self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
-        self._security = ClientSecurity.resolve(
-            tls,
-            ca_file=tls_ca,
-            token=token,
-            cert_file=tls_cert,
-            key_file=tls_key,
-            server_name=tls_server_name,
-        )
         if direct_kvs is None:
             direct_kvs = os.environ.get("CLOUDBURST_DIRECT_KVS", "").strip().lower() not in _OFF
         self._direct_kvs = direct_kvs
@@ -359,6 +370,11 @@ class CloudburstConnection:
         except BaseException:
             self._loop.stop()
             raise
+
+    def _discover(self, timeout: float) -> list[str]:
+        """The passing schedulers in Consul, at the port for this client's credentials."""
+        assert self._consul is not None
+        return discover_schedulers(self._consul, timeout, bool(self._security.cert_file))
 
     async def _make_core(self, target: str, connect_timeout: float) -> Core:
         core = Core(target, self.max_payload_bytes, self._loop, self._security)
@@ -417,7 +433,7 @@ class CloudburstConnection:
                 return True
             try:
                 found = (
-                    discover_schedulers(self._consul, FAILOVER_CONNECT_TIMEOUT)
+                    self._discover(FAILOVER_CONNECT_TIMEOUT)
                     if self._consul is not None
                     else self._targets
                 )

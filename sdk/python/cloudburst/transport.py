@@ -33,6 +33,9 @@ DEFAULT_PORT = 7600
 
 #: The Consul service name schedulers register under (and the SDK discovers).
 SCHEDULER_SERVICE = "cloudburst-scheduler"
+#: The key of a scheduler's Consul service meta that names its port for clients with
+#: certificates (``--client-cert-port``), when it has one beside its token port.
+CLIENT_CERT_PORT_META = "client_cert_port"
 
 #: Bytes of protocol overhead allowed on top of the payload limit in one message.
 MESSAGE_OVERHEAD_BYTES = 1024 * 1024
