@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -58,7 +59,7 @@ from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from cloudburst_grpc.security.consul_ca import ConsulCaSource, default_grpc_address
 from cloudburst_grpc.security.identity import EXECUTOR, KVS, SCHEDULER, role_dns_name
 from cloudburst_grpc.security.intentions import IntentionCheck
-from cloudburst_grpc.security.internal import InternalCa
+from cloudburst_grpc.security.internal import InternalCa, leaf_seconds
 from cloudburst_grpc.security.node import NodeSecurity
 from cloudburst_grpc.security.tls import CertificateSource, TlsError
 from cloudburst_grpc.server import (
@@ -378,7 +379,7 @@ async def start_local(config: Config) -> Node:
         if isolated and security.tls is not None:
             # The children get certificates from a CA of this process, not the user's: they
             # reach this node on a loopback port of its own that takes only those.
-            internal_ca = InternalCa(config.security.trust_domain)
+            internal_ca = InternalCa(config.security.trust_domain, leaf_seconds(os.environ))
             internal_port = bind(
                 server,
                 "127.0.0.1",
@@ -440,7 +441,7 @@ async def start_local(config: Config) -> Node:
                 internal_address,
                 pool,
                 scheduler.restore_pins,
-                child_tls=internal_ca.child_material if internal_ca is not None else None,
+                internal_ca=internal_ca,
             )
             stack.push_async_callback(supervisor.stop, 0.0)
             try:

@@ -10,7 +10,8 @@ the children, adds them to the scheduler's pool, restarts one that exits (with
 backoff), and stops them on shutdown. A child ends itself when its parent dies
 (:func:`follow_parent`), so none outlives the server. With TLS, each child gets
 its certificate and key from the parent's private CA over its standard input
-(see :mod:`cloudburst_grpc.security.internal`): they never touch a disk.
+(see :mod:`cloudburst_grpc.security.internal`): they never touch a disk. The
+supervisor renews them, and the parent's own, after a third of their lifetime.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from pathlib import Path
 from cloudburst.errors import UnavailableError
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.scheduler.pool import ExecutorPool
-from cloudburst_grpc.security.internal import MemorySource, decode_material, encode_material
+from cloudburst_grpc.security.internal import (
+    InternalCa,
+    MemorySource,
+    decode_material,
+    encode_material,
+)
 from cloudburst_grpc.security.tls import TlsError, TlsMaterial
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,8 @@ PR_SET_PDEATHSIG = 1
 MAX_BACKOFF = 10.0
 #: How long a child told to stop a second time may take to exit before it is killed.
 FORCE_SECONDS = 1.5
+#: How long sending a child its renewed certificate may take before it is given up.
+SEND_SECONDS = 10.0
 #: A child that ran at least this long restarts at once when it exits.
 STABLE_SECONDS = 10.0
 #: Settings the children do not take from the parent (their own address, ports, pinning).
@@ -168,7 +176,7 @@ class Supervisor:
         pool: ExecutorPool,
         on_added: Callable[[], Awaitable[None]],
         environ: Mapping[str, str] | None = None,
-        child_tls: Callable[[], TlsMaterial] | None = None,
+        internal_ca: InternalCa | None = None,
     ) -> None:
         """Prepare the children (started by :meth:`start`).
 
@@ -178,16 +186,17 @@ class Supervisor:
             pool: The scheduler's pool, where children are added once they listen.
             on_added: Called after a restarted child rejoined the pool (to pin functions).
             environ: The environment to derive the children's from; ``os.environ`` if None.
-            child_tls: With TLS: gives a new child its certificate, key and CA (sent
-                over its standard input; the children never see the server's own).
+            internal_ca: With TLS: the CA that gives each child its certificate, key
+                and CA (sent over its standard input; the children never see the
+                server's own) and renews them and the server's internal one.
         """
         self._config = config
         self._kvs_address = kvs_address
         self._pool = pool
         self._on_added = on_added
         self._env = child_environment(config, os.environ if environ is None else environ)
-        self._child_tls = child_tls
-        if child_tls is not None:
+        self._ca = internal_ca
+        if internal_ca is not None:
             self._env[TLS_ENV] = "stdin"
         self.children = [Child(f"executor-{i}") for i in range(config.executor.count)]
         self._tasks: list[asyncio.Task[None]] = []
@@ -205,6 +214,8 @@ class Supervisor:
         Raises:
             UnavailableError: A child did not start; the message says why.
         """
+        if self._ca is not None:  # counted from now: the first certificates are just issued
+            self._tasks.append(asyncio.create_task(self._renew(self._ca)))
         try:
             await asyncio.gather(*(self._spawn(child) for child in self.children))
         except BaseException:
@@ -213,6 +224,37 @@ class Supervisor:
         for child in self.children:
             self._pool.add(child.executor_id, child.address)
             self._tasks.append(asyncio.create_task(self._supervise(child)))
+
+    async def _renew(self, ca: InternalCa) -> None:
+        """Renew the server's internal certificate and every child's, every third of their life.
+
+        New connections use the new ones; connections already open keep theirs.
+        A child that is starting again meanwhile gets a new one as it starts.
+        """
+        while True:
+            await asyncio.sleep(ca.renew_seconds)
+            try:
+                ca.renew()
+                for child in self.children:
+                    if child.process is not None and child.process.returncode is None:
+                        await self._send_renewed(ca, child)
+            except Exception:  # the next round tries again, before anything expires
+                logger.exception("renewing the internal TLS certificates failed")
+                continue
+            logger.info(
+                "renewed the internal TLS certificates (they last %.0fs)", ca.lifetime_seconds
+            )
+
+    async def _send_renewed(self, ca: InternalCa, child: Child) -> None:
+        assert child.process is not None
+        try:
+            async with asyncio.timeout(SEND_SECONDS):
+                await _send(child.process, ca.child_material())
+        except TimeoutError:  # its pipe is full: the whole process is stuck
+            logger.warning(
+                "executor %s takes no new TLS certificate; it keeps its current one",
+                child.executor_id,
+            )
 
     async def _spawn(self, child: Child) -> None:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
@@ -242,8 +284,8 @@ class Supervisor:
         timeout = self._config.executor.start_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                if self._child_tls is not None:
-                    await _send(process, self._child_tls())
+                if self._ca is not None:
+                    await _send(process, self._ca.child_material())
                 while True:
                     line = (await process.stdout.readline()).decode(errors="replace")
                     if not line:

@@ -109,7 +109,7 @@ def issue(
     role: str,
     hosts: Sequence[str] = (),
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
-    days: int = DEFAULT_DAYS,
+    days: float = DEFAULT_DAYS,
     now: datetime.datetime | None = None,
 ) -> Issued:
     """A leaf certificate for ``role`` signed by ``ca``.
@@ -120,7 +120,8 @@ def issue(
             client role (``admin``, ``invoker``, ``invoker-restricted``).
         hosts: Host names and IP addresses the certificate is valid for (services).
         trust_domain: The SPIFFE trust domain of the URI SAN.
-        days: Validity in days; negative days give an expired certificate (for tests).
+        days: Validity in days (fractions allowed); negative days give an expired
+            certificate (for tests).
         now: The issue time (default: now).
 
     Raises:

@@ -7,13 +7,22 @@ it ever touches a disk: the CA's key never leaves the parent's memory, and
 each child gets its certificate, key and the CA's certificate over its
 standard input (:func:`encode_material`), which nobody else can read and which
 a process killed with SIGKILL leaves nothing of.
+
+The CA lives as long as the process that holds it, and is made valid for far
+longer. The certificates it issues (the children hold theirs beside user code)
+last :data:`LEAF_SECONDS`: the supervisor renews the parent's and sends each
+child a new one after a third of that (:meth:`InternalCa.renew`), and new
+connections use the new ones. :data:`LIFETIME_ENV` shortens the lifetime, for
+tests only.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
 
+from cloudburst_grpc.config import ConfigError
 from cloudburst_grpc.security.certs import create_ca, issue
 from cloudburst_grpc.security.identity import EXECUTOR, KVS, SCHEDULER, SERVE, role_dns_name
 from cloudburst_grpc.security.tls import CertificateSource, TlsError, TlsMaterial, check_material
@@ -21,6 +30,30 @@ from cloudburst_grpc.security.tls import CertificateSource, TlsError, TlsMateria
 #: The hosts the internal certificates are valid for: the children and the internal port
 #: listen on loopback only.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+#: How long the certificates of the parent and its children last (renewed after a third).
+LEAF_SECONDS = 24 * 3600.0
+#: The CA's validity: beyond the life of any process, the only place its key exists.
+CA_DAYS = 100 * 365
+#: For tests only: the certificates' lifetime in seconds instead of :data:`LEAF_SECONDS`.
+LIFETIME_ENV = "CBGRPC_TEST_INTERNAL_CERT_SECONDS"
+
+
+def leaf_seconds(environ: Mapping[str, str]) -> float:
+    """The lifetime of the internal certificates: :data:`LEAF_SECONDS` unless a test shortens it.
+
+    Raises:
+        ConfigError: :data:`LIFETIME_ENV` is set but not a positive number.
+    """
+    raw = environ.get(LIFETIME_ENV, "").strip()
+    if not raw:
+        return LEAF_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ConfigError(f"{LIFETIME_ENV} must be a positive number of seconds, not {raw!r}")
+    return seconds
 
 
 def encode_material(material: TlsMaterial) -> bytes:
@@ -89,23 +122,41 @@ class MemorySource(CertificateSource):
 class InternalCa:
     """An ephemeral CA in memory, the parent's certificate from it, its children's."""
 
-    def __init__(self, trust_domain: str) -> None:
+    def __init__(self, trust_domain: str, lifetime_seconds: float = LEAF_SECONDS) -> None:
         """Make the CA and the parent's certificate.
 
         The parent's certificate names role ``serve`` (which may call the
         executors) and the DNS names the children verify when they call the
-        parent's KVS, messaging and scheduler.
+        parent's KVS, messaging and scheduler. Certificates last
+        ``lifetime_seconds``.
         """
         self.trust_domain = trust_domain
-        self._ca = create_ca(trust_domain)
-        hosts = [role_dns_name(r, trust_domain) for r in (KVS, EXECUTOR, SCHEDULER)]
-        parent = issue(self._ca, SERVE, [*hosts, *LOOPBACK_HOSTS], trust_domain)
-        self.source = MemorySource(
-            trust_domain, TlsMaterial(parent.cert_pem, parent.key_pem, self._ca.cert_pem)
-        )
+        self.lifetime_seconds = lifetime_seconds
+        self._ca = create_ca(trust_domain, CA_DAYS)
+        self.source = MemorySource(trust_domain, self._parent_material())
         """The parent's material: its internal port and its channels to the children."""
+
+    @property
+    def renew_seconds(self) -> float:
+        """How often certificates are renewed: after a third of their lifetime.
+
+        A renewal that fails thus leaves a certificate time to be renewed at the next.
+        """
+        return self.lifetime_seconds / 3
+
+    def _issue(self, role: str, hosts: list[str]) -> TlsMaterial:
+        days = self.lifetime_seconds / 86400
+        issued = issue(self._ca, role, hosts, self.trust_domain, days)
+        return TlsMaterial(issued.cert_pem, issued.key_pem, self._ca.cert_pem)
+
+    def _parent_material(self) -> TlsMaterial:
+        hosts = [role_dns_name(r, self.trust_domain) for r in (KVS, EXECUTOR, SCHEDULER)]
+        return self._issue(SERVE, [*hosts, *LOOPBACK_HOSTS])
 
     def child_material(self) -> TlsMaterial:
         """A new executor certificate for a child, its key and the CA's certificate."""
-        issued = issue(self._ca, EXECUTOR, LOOPBACK_HOSTS, self.trust_domain)
-        return TlsMaterial(issued.cert_pem, issued.key_pem, self._ca.cert_pem)
+        return self._issue(EXECUTOR, list(LOOPBACK_HOSTS))
+
+    def renew(self) -> None:
+        """Give the parent a new certificate (its children get theirs from the supervisor)."""
+        self.source.update(self._parent_material())

@@ -9,9 +9,12 @@ serve` and drives it with the SDK.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstError
+from cloudburst_grpc.security.internal import LIFETIME_ENV
 from harness import ServeProcess, wait_for_pool
+from waiting import wait_until
 
 #: The service answers again this soon after an executor process died (docs/faults.md).
 RECOVERY = 5.0
@@ -318,13 +324,17 @@ def _cbgrpc(*args: str) -> str:
 
 
 def secured_serve(
-    serve_process: Callable[..., ServeProcess], tmp_path: Path, credential: str
+    serve_process: Callable[..., ServeProcess],
+    tmp_path: Path,
+    credential: str,
+    env: dict[str, str] | None = None,
 ) -> tuple[ServeProcess, dict[str, Any], Path]:
     """A `cbgrpc serve` with TLS from `cbgrpc certs` (in ``tmp_path/certs``), two executors.
 
     Returns the server, the keyword arguments of a connection as an admin with a
     ``credential`` (``token`` or ``certificate``), and the server's ``TMPDIR`` (its own
-    and its children's: an empty directory of the test's).
+    and its children's: an empty directory of the test's). ``env`` adds to the server's
+    environment.
     """
     certs = tmp_path / "certs"
     _cbgrpc("certs", str(certs), "--client", "admin")
@@ -346,7 +356,7 @@ def secured_serve(
     private = tmp_path / "tmp"
     private.mkdir()
     server = serve_process(
-        "--storage", "memory", "--executors", "2", *tls, env={"TMPDIR": str(private)}
+        "--storage", "memory", "--executors", "2", *tls, env={**(env or {}), "TMPDIR": str(private)}
     )
     return server, login, private
 
@@ -414,3 +424,76 @@ def test_a_killed_tls_server_leaves_no_file_behind(
             os.kill(pid, signal.SIGKILL)
     assert all(gone(pid) for pid in pids.values()), "an executor process outlived its server"
     assert list(private.iterdir()) == [], "a killed server left files behind"
+
+
+def served_certificate(address: str) -> x509.Certificate:
+    """The certificate the TLS server at ``address`` shows in a handshake (not verified)."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def child_addresses(server: ServeProcess) -> dict[str, str]:
+    """Executor id -> address of the executor processes the server started (latest)."""
+    return {
+        match.group(1): match.group(2)
+        for line in server.stderr_lines
+        if (match := re.search(r"executor (\S+) runs in process \d+ at (\S+)", line))
+    }
+
+
+def store_and_read(cloudburst: Any, key: str, value: int) -> int:
+    """Store ``value`` under ``key`` in the KVS and read it back (the executor's channel to it)."""
+    cloudburst.put_object(key, value)
+    return int(cloudburst.get_object(key))
+
+
+#: The lifetime of the internal certificates in the renewal test (renewed after a third).
+SHORT_LIFETIME = 8.0
+
+
+def test_executor_processes_keep_serving_after_their_first_certificate_expired(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    server, login, _ = secured_serve(
+        serve_process, tmp_path, "certificate", env={LIFETIME_ENV: str(SHORT_LIFETIME)}
+    )
+    pids = children_of(server, 2)
+    address = child_addresses(server)["executor-0"]
+    first = served_certificate(address)
+    lifetime = first.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    assert lifetime < datetime.timedelta(seconds=SHORT_LIFETIME)  # the test's lifetime applies
+    with CloudburstConnection(server.address, **login) as cloud:
+        cloud.register(store_and_read, "store_and_read")
+        assert cloud.exec_func("store_and_read", ["before", 1]).get(timeout=60) == 1
+
+        def renewed_after_expiry() -> bool:
+            now = datetime.datetime.now(datetime.UTC)
+            served = served_certificate(address)
+            return now > first.not_valid_after_utc and served.not_valid_after_utc > now
+
+        # The first certificate expires; the child shows a renewed one.
+        wait_until(renewed_after_expiry, "executor-0 serves a renewed certificate", 120.0)
+        server.wait_for_log("renewed the internal TLS certificates")
+        # New connections in both directions now need the renewed certificates: a new DAG
+        # pins its functions over a new channel to each child, and each child reaches the
+        # server's KVS over a new channel, both made after the certificates changed.
+        cloud.register(lambda _, a: a + 1, "incr")
+        cloud.register(lambda cb, a: store_and_read(cb, "after-dag", a), "store")
+        assert cloud.register_dag("after", ["incr", "store"], [("incr", "store")])
+        assert cloud.exec_func("store_and_read", ["after", 2]).get(timeout=60) == 2
+        assert cloud.call_dag("after", {"incr": 3}).get(timeout=60) == 4
+        exchange_messages(server, cloud)
+    # The same processes served throughout: none was restarted with a new certificate.
+    assert children_of(server) == pids
+    assert not any("exited with" in line for line in server.stderr_lines)
+    assert server.proc.poll() is None

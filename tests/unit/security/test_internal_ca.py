@@ -1,7 +1,8 @@
-"""The private CA of a `cbgrpc serve` with TLS: what it issues, and that it writes nothing."""
+"""The private CA of a `cbgrpc serve` with TLS: what it issues and renews; it writes nothing."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import tempfile
 import threading
@@ -10,11 +11,15 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from cloudburst_grpc.config import ConfigError
 from cloudburst_grpc.security.internal import (
+    LEAF_SECONDS,
+    LIFETIME_ENV,
     InternalCa,
     MemorySource,
     decode_material,
     encode_material,
+    leaf_seconds,
 )
 from cloudburst_grpc.security.tls import TlsError, TlsMaterial, check_material
 
@@ -94,3 +99,31 @@ def test_a_memory_source_waits_for_material_and_counts_each_update() -> None:
     source.update(newer)
     assert source.current() == newer and source.generation == 2
     assert source.poll(0.0) == 2
+
+
+def test_certificates_last_the_lifetime_given_and_the_parent_renews_its_own() -> None:
+    internal = InternalCa("example.test", lifetime_seconds=600.0)
+    assert internal.renew_seconds == 200.0
+    first = internal.source.current()
+    for material in (first, internal.child_material()):
+        cert = x509.load_pem_x509_certificate(material.cert_pem)
+        left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+        assert datetime.timedelta(seconds=590) < left <= datetime.timedelta(seconds=600)
+    # The CA outlives any process that holds it.
+    ca = x509.load_pem_x509_certificate(first.ca_pem)
+    assert ca.not_valid_after_utc - ca.not_valid_before_utc > datetime.timedelta(days=365 * 99)
+    generation = internal.source.generation
+    internal.renew()
+    renewed = internal.source.current()
+    assert internal.source.generation == generation + 1
+    assert renewed.key_pem != first.key_pem and renewed.ca_pem == first.ca_pem
+    assert names(renewed.cert_pem) == names(first.cert_pem)
+    check_material(renewed, "renewed")
+
+
+def test_only_tests_shorten_the_lifetime_and_only_to_a_positive_one() -> None:
+    assert leaf_seconds({}) == LEAF_SECONDS == 24 * 3600
+    assert leaf_seconds({LIFETIME_ENV: " 2.5 "}) == 2.5
+    for bad in ("0", "-1", "soon", "nan"):
+        with pytest.raises(ConfigError, match=LIFETIME_ENV):
+            leaf_seconds({LIFETIME_ENV: bad})
