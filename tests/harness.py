@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cloudburst.transport import ClientSecurity
 from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst_grpc.local import Node
@@ -419,15 +420,23 @@ def wait_for_pool(
     scheduler: str,
     predicate: Callable[[scheduler_service_pb2.ListExecutorsResponse], bool],
     timeout: float = 60.0,
+    security: ClientSecurity | None = None,
 ) -> scheduler_service_pb2.ListExecutorsResponse:
     """Block on the scheduler's ListExecutors until its answer satisfies ``predicate``.
 
     Each call waits for the pool's next version, so nothing polls; only
     executors that work may be placed on are listed (not those set aside).
+    ``security`` is a client's TLS settings (and token) for a secured scheduler.
     """
     deadline = time.monotonic() + timeout
     version = 0
-    with grpc.insecure_channel(scheduler) as channel:
+    if security is None or not security.tls:
+        opened = grpc.insecure_channel(scheduler)
+    else:
+        name = security.server_name
+        options = [("grpc.ssl_target_name_override", name)] if name else []
+        opened = grpc.secure_channel(scheduler, security.credentials(), options=options)
+    with opened as channel:
         stub = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
         while True:
             remaining = deadline - time.monotonic()

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst.errors import NoExecutorError
+from cloudburst.transport import ClientSecurity
 from cloudburst_grpc.cli import build_parser
 from harness import consul_binary, free_ports, wait_for_pool
 from terraform_harness import (
@@ -781,22 +781,6 @@ def loopback_consul_cluster(
     yield from started_loopback(rendered, valkey_cluster.url, tmp_path, "consul")
 
 
-def first_placed(call: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """``call()``, again while the scheduler's pool has not yet seen an executor.
-
-    A scheduler passes its Consul check before its watch of the executors has
-    necessarily caught up with an executor that passed just before it.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return call()
-        except NoExecutorError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def wait_until_passing(cluster: LoopbackCluster, service: str, count: int = 1) -> None:
     """Wait (Consul blocking queries, anonymous token) until ``count`` instances pass."""
     deadline = time.monotonic() + 60
@@ -889,14 +873,19 @@ def test_rendered_roles_form_a_working_cluster_on_consuls_ca(
     ca = cluster.scratch / "consul-ca.pem"
     ca.write_text("".join(root["RootCert"].strip() + "\n" for root in roots["Roots"]))
     scheduler_address = f"127.0.0.1:{cluster.inputs['ports']['scheduler']}"
+    login = ClientSecurity(
+        ca_file=str(ca), token=cluster.client_token, server_name="scheduler.cloudburst.local"
+    )
+    # The scheduler passes its own check before its watch has necessarily seen the executor.
+    wait_for_pool(scheduler_address, lambda pool: len(pool.executors) > 0, security=login)
     with CloudburstConnection(
         scheduler_address,
-        tls_ca=str(ca),
-        tls_server_name="scheduler.cloudburst.local",
-        token=cluster.client_token,
+        tls_ca=login.ca_file,
+        tls_server_name=login.server_name,
+        token=login.token,
         timeout=30,
     ) as cloud:
         square = cloud.register(lambda _, x: x * x, "square")
-        assert first_placed(lambda: square(7).get(timeout=60)) == 49
+        assert square(7).get(timeout=60) == 49
         cloud.put_object("deploy-key", "stored")
         assert cloud.get_object("deploy-key") == "stored"
