@@ -18,7 +18,7 @@ import grpc
 
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
-from cloudburst.streams import OutboxStream
+from cloudburst.streams import OutboxStream, batches_enabled
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
 from cloudburst_grpc.schedules import SentSchedules
 from cloudburst_grpc.security.identity import EXECUTOR
@@ -134,6 +134,7 @@ class RemoteExecutorPeer:
         """The schedules the current stream carried (triggers after the first refer to them)."""
         self._schedules_stream = 0
         """The number of the stream ``schedules`` is about."""
+        batches = batches_enabled()
         self._stream: OutboxStream[
             executor_service_pb2.StreamTriggersRequest, executor_service_pb2.StreamTriggersResponse
         ] = OutboxStream(
@@ -142,8 +143,9 @@ class RemoteExecutorPeer:
             self._answered,
             self._ended,
             lambda: executor_service_pb2.StreamTriggersRequest(
-                hello=executor_service_pb2.TriggerHello(peer_id=peer_id)
+                hello=executor_service_pb2.TriggerHello(peer_id=peer_id, reads_batches=batches)
             ),
+            batches=batches,
         )
 
     def _answered(self, frame: executor_service_pb2.StreamTriggersResponse) -> None:

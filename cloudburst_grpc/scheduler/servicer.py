@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from cloudburst.errors import CloudburstError, InvalidArgumentError
+from cloudburst.streams import batches_enabled, take_batch
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.failures import error_to_call_error
@@ -47,6 +48,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
+        self._batches = batches_enabled()
+        """Whether call streams offer to read batched calls and batch answers to callers."""
         if not telemetry.tracing():
             # Each call's task writes its answers itself (gRPC's reader-writer API): a
             # loop turn and a queue sooner than through a response generator. The
@@ -252,10 +255,12 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     ) -> None:
         """:meth:`StreamCalls` with each answer written by the task of the call it answers."""
         room = asyncio.Event()
-        writer = _AnswerWriter(context, room)
+        writer = _AnswerWriter(context, room, self._batches)
         calls: set[asyncio.Task[None]] = set()
         try:
-            await self._read_calls(request_iterator, writer.write, calls, writer.backlog, room)
+            await self._read_calls(
+                request_iterator, writer.write, calls, writer.backlog, room, writer.reads_batches
+            )
         finally:
             for task in list(calls):
                 task.cancel()
@@ -268,8 +273,12 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         calls: set[asyncio.Task[None]],
         backlog: Callable[[], int],
         room: asyncio.Event,
+        reads_batches: Callable[[], None] | None = None,
     ) -> None:
         """Serve every frame of a stream in a task of its own; return once all are answered.
+
+        A message that carries a batch is served frame by frame. ``reads_batches``
+        is called once, on the first frame whose caller says it reads batched answers.
 
         Flow control: while the stream has ``max_unanswered_calls`` calls running
         or answers not yet written (``backlog``), no further frame is read, so a
@@ -286,17 +295,22 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         # Result keys this stream's caller may release: chosen here, answered, marked releasable.
         releasable: set[str] = set()
         try:
-            async for frame in request_iterator:
-                if frame.release_keys:
-                    self._release(frame.release_keys, releasable)
-                if frame.WhichOneof("call") is None and frame.release_keys:
-                    continue
-                task = asyncio.create_task(self._serve(frame, emit, releasable))
-                calls.add(task)
-                task.add_done_callback(ended)
-                while len(calls) + backlog() >= limit:
-                    room.clear()
-                    await room.wait()
+            async for message in request_iterator:
+                # A batch carries frames to serve in order as if each came alone.
+                for frame in message.batch or (message,):
+                    if reads_batches is not None and frame.reads_batches:
+                        reads_batches()
+                        reads_batches = None
+                    if frame.release_keys:
+                        self._release(frame.release_keys, releasable)
+                    if frame.WhichOneof("call") is None and frame.release_keys:
+                        continue
+                    task = asyncio.create_task(self._serve(frame, emit, releasable))
+                    calls.add(task)
+                    task.add_done_callback(ended)
+                    while len(calls) + backlog() >= limit:
+                        room.clear()
+                        await room.wait()
         finally:
             if calls:
                 await asyncio.gather(*calls, return_exceptions=True)
@@ -384,22 +398,33 @@ class _AnswerWriter:
     """Writes a stream's answers in the order they come, one write at a time.
 
     Whichever call's task has an answer while no write is in progress writes
-    it, and then the answers that came meanwhile. Once the stream is gone
-    (the caller left), answers are dropped: nobody could read them.
+    it, and then the answers that came meanwhile: in one batch message, once
+    the caller said it reads batches (and ``batches`` is on). The first message
+    written says whether this stream reads batched calls. Once the stream is
+    gone (the caller left), answers are dropped: nobody could read them.
     """
 
-    def __init__(self, context: Context[Any, Answer], room: asyncio.Event) -> None:
+    def __init__(self, context: Context[Any, Answer], room: asyncio.Event, batches: bool) -> None:
         self._context = context
         self._room = room
         self._backlog: collections.deque[Answer] = collections.deque()
         self._busy = False
         self._gone = False
+        self._offer = batches
+        """Whether batches are on here and not yet announced to the caller."""
+        self._enabled = batches
+        self._batching = False
+
+    def reads_batches(self) -> None:
+        """The caller reads batched answers: batch those that queue up from now on."""
+        self._batching = self._enabled
 
     def backlog(self) -> int:
         """Answers waiting to be written, counting the one being written."""
         return len(self._backlog) + self._busy
 
     async def write(self, answer: Answer) -> None:
+        """Write ``answer`` now, or after the write in progress (by whoever is writing)."""
         if self._gone:
             return
         self._backlog.append(answer)
@@ -407,8 +432,13 @@ class _AnswerWriter:
             return
         self._busy = True
         try:
-            while self._backlog:
-                await self._context.write(self._backlog.popleft())
+            backlog = self._backlog
+            while backlog:
+                message = take_batch(backlog) if self._batching else backlog.popleft()
+                if self._offer:
+                    self._offer = False
+                    message.reads_batches = True
+                await self._context.write(message)
                 self._room.set()
         except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
             logger.debug("a call stream ended before its answers: %r", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from cloudburst.errors import CloudburstError, InvalidArgumentError
+from cloudburst.streams import batches_enabled, take_batch
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
 from cloudburst_executors.executor import Executor
 from cloudburst_grpc.failures import error_to_call_error
@@ -32,6 +34,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         )
         """The answer queues of the open StreamTriggers streams."""
         self._closing = False
+        self._batches = batches_enabled()
+        """Whether trigger streams offer to read batched frames and batch their responses."""
 
     async def end_streams(self, timeout: float) -> None:
         """At shutdown: let calls started from streams answer (up to ``timeout``), then end them.
@@ -69,6 +73,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         answers: asyncio.Queue[executor_service_pb2.StreamTriggersResponse | None] = asyncio.Queue()
         pending: set[asyncio.Future[object]] = set()
         executor = self._executor
+        opener_reads_batches = False
+        """Whether the opener said it reads batched responses (and batches are on here)."""
         schedules = ReceivedSchedules()
         """The schedules this stream carried, for the triggers that refer to them."""
         self._streams.add(answers)
@@ -134,38 +140,48 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             )
 
         async def read() -> None:
+            nonlocal opener_reads_batches
             try:
                 first = True
                 async for frame in request_iterator:
                     kind = frame.WhichOneof("frame")
-                    if first and kind != "hello":
-                        raise InvalidArgumentError("the first StreamTriggers frame must be hello")
-                    first = False
-                    if kind == "trigger":
-                        schedule = schedules.resolve(frame.trigger)
-                        if schedule is None:
-                            logger.warning(
-                                "call %s: a trigger for %s came after the call's deadline; dropped",
-                                frame.trigger.call_id,
-                                frame.trigger.target_function,
+                    if first:
+                        if kind != "hello":
+                            raise InvalidArgumentError(
+                                "the first StreamTriggers frame must be hello"
                             )
-                        else:
-                            executor.trigger(frame.trigger, schedule)
-                    elif kind == "execute_function":
-                        # Not tracked: a call outlives its caller's stream (the caller, e.g.
-                        # a scheduler that died, may wait on the stored result instead).
-                        call = asyncio.ensure_future(
-                            run_call(frame.sequence, frame.execute_function)
-                        )
-                        self._detached.add(call)
-                        call.add_done_callback(self._detached.discard)
-                    elif kind == "expect_result":
-                        call_id = frame.expect_result.call_id
-                        future = executor.results.expect(call_id, executor._call_timeout)
-                        future.add_done_callback(functools.partial(route, call_id))
-                        track(future)  # type: ignore[arg-type]
+                        first = False
+                        opener_reads_batches = self._batches and frame.hello.reads_batches
+                        continue
+                    # A batch carries frames to serve in order as if each came alone.
+                    for inner in frame.batch or (frame,):
+                        serve(inner)
             finally:
                 answers.put_nowait(None)
+
+        def serve(frame: executor_service_pb2.StreamTriggersRequest) -> None:
+            kind = frame.WhichOneof("frame")
+            if kind == "trigger":
+                schedule = schedules.resolve(frame.trigger)
+                if schedule is None:
+                    logger.warning(
+                        "call %s: a trigger for %s came after the call's deadline; dropped",
+                        frame.trigger.call_id,
+                        frame.trigger.target_function,
+                    )
+                else:
+                    executor.trigger(frame.trigger, schedule)
+            elif kind == "execute_function":
+                # Not tracked: a call outlives its caller's stream (the caller, e.g.
+                # a scheduler that died, may wait on the stored result instead).
+                call = asyncio.ensure_future(run_call(frame.sequence, frame.execute_function))
+                self._detached.add(call)
+                call.add_done_callback(self._detached.discard)
+            elif kind == "expect_result":
+                call_id = frame.expect_result.call_id
+                future = executor.results.expect(call_id, executor._call_timeout)
+                future.add_done_callback(functools.partial(route, call_id))
+                track(future)  # type: ignore[arg-type]
 
         def report(cache_report: executor_service_pb2.CacheReport) -> None:
             answers.put_nowait(
@@ -176,8 +192,22 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         stop_reports = executor.cache.listen(report) if executor.cache is not None else None
         reader = asyncio.create_task(read())
         try:
+            if self._batches:
+                # Said first, in a response of its own: the opener may batch from now on.
+                yield executor_service_pb2.StreamTriggersResponse(reads_batches=True)
             while (answer := await answers.get()) is not None:
-                yield answer
+                if not opener_reads_batches or answers.empty():
+                    yield answer
+                    continue
+                # Answers queued while the last one was written: in one batch (or a few).
+                backlog: collections.deque[executor_service_pb2.StreamTriggersResponse | None]
+                backlog = collections.deque([answer])
+                while not answers.empty():
+                    backlog.append(answers.get_nowait())
+                while backlog and backlog[0] is not None:
+                    yield take_batch(backlog)
+                if backlog:  # the end of the stream was queued too
+                    break
             if not self._closing:
                 await reader  # re-raise a protocol error from the reader
         finally:

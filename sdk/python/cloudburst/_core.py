@@ -41,7 +41,7 @@ from cloudburst.errors import (
     UnavailableError,
 )
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
-from cloudburst.streams import OutboxStream, settle
+from cloudburst.streams import OutboxStream, batches_enabled, settle
 from cloudburst.transport import ClientSecurity, open_channel
 from cloudburst.v1 import (
     execution_pb2,
@@ -145,10 +145,16 @@ class Core:
         """The address of the KVS that KVS calls go to directly; None: through the scheduler."""
         self._direct: tuple[str, grpc.aio.Channel, KvsStub] | None = None
         self._retry_direct: asyncio.Task[None] | None = None
+        self._batches = batches_enabled()
+        """Whether this connection reads batched answers and batches calls."""
         self._stream: OutboxStream[
             scheduler_service_pb2.StreamCallsRequest, scheduler_service_pb2.StreamCallsResponse
         ] = OutboxStream(
-            f"the scheduler at {target}", self.scheduler.StreamCalls, self._dispatch, self._ended
+            f"the scheduler at {target}",
+            self.scheduler.StreamCalls,
+            self._dispatch,
+            self._ended,
+            batches=self._batches,
         )
         self._pending: dict[int, PendingCall] = {}
         self._sequence = itertools.count(1)
@@ -270,6 +276,7 @@ class Core:
     ) -> None:
         frame.sequence = next(self._sequence)
         self._pending[frame.sequence] = pending
+        frame.reads_batches = self._batches
         if self._released:
             if self._stream.is_open:
                 frame.release_keys.extend(self._take_releases())

@@ -19,7 +19,8 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -30,6 +31,56 @@ logger = logging.getLogger(__name__)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+
+#: Set to 0, false, no or off, this environment variable keeps a process from batching frames.
+BATCHES_ENV = "CLOUDBURST_STREAM_BATCHES"
+#: At most this many frames go in one batch.
+MAX_BATCH_FRAMES = 64
+#: At most this many bytes of frames go in one batch, far below the 16 MiB message limit; a
+#: frame that would pass it goes in the next message.
+MAX_BATCH_BYTES = 1 << 20
+_OFF = frozenset({"0", "false", "no", "off"})
+
+
+def batches_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process offers to read batched frames and batches to peers that read them.
+
+    On unless ``CLOUDBURST_STREAM_BATCHES`` is 0, false, no or off.
+    """
+    return environ.get(BATCHES_ENV, "").strip().lower() not in _OFF
+
+
+def take_batch(
+    backlog: collections.deque[Any],
+    max_frames: int = MAX_BATCH_FRAMES,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> Any:
+    """Pop the next message to write from ``backlog``: one frame, or several in one batch.
+
+    The frames are protobuf messages with a repeated ``batch`` field of their own
+    type. Frames are taken in order, stopping before a None (which half-closes)
+    and at ``max_frames`` frames or ``max_bytes`` serialized bytes; a lone frame
+    is returned as it is, several as a new message whose ``batch`` holds them.
+    The first frame is always taken, whatever its size.
+    """
+    first = backlog.popleft()
+    if not backlog or backlog[0] is None:
+        return first
+    frames = [first]
+    size = first.ByteSize()
+    while backlog and len(frames) < max_frames:
+        following = backlog[0]
+        if following is None:
+            break
+        size += following.ByteSize()
+        if size > max_bytes:
+            break
+        frames.append(backlog.popleft())
+    if len(frames) == 1:
+        return first
+    message = type(first)()
+    message.batch.extend(frames)
+    return message
 
 
 def settle(
@@ -57,7 +108,7 @@ def settle(
 class _Outgoing(Generic[Request]):
     """One open stream's call and the frames waiting to be written on it."""
 
-    __slots__ = ("backlog", "busy", "call")
+    __slots__ = ("backlog", "batches", "busy", "call")
 
     def __init__(self, call: Any) -> None:
         self.call = call
@@ -65,6 +116,8 @@ class _Outgoing(Generic[Request]):
         """Frames to write once the write in progress is done; None half-closes."""
         self.busy = False
         """Whether a write is in progress (whoever started it writes the backlog too)."""
+        self.batches = False
+        """Whether the peer said it reads batches on this stream (it then gets them)."""
 
 
 class OutboxStream(Generic[Request, Response]):
@@ -74,7 +127,8 @@ class OutboxStream(Generic[Request, Response]):
     coroutine) starts the write at once when none is in progress, sparing a
     turn of the event loop; :meth:`send` (from a callback) hands the write to a
     task. Either way, a frame sent while a write is in progress is written
-    right after it, by whoever is writing.
+    right after it, by whoever is writing: with ``batches``, together with the
+    others that queued meanwhile, in one message, when the peer reads batches.
 
     Args:
         name: What the stream connects to, for messages (e.g. "executor ex-1 at host:port").
@@ -83,6 +137,13 @@ class OutboxStream(Generic[Request, Response]):
         on_end: Called on the loop when the stream ends, with the gRPC error that
             ended it (None when it ended cleanly or was closed).
         first_frame: Makes the frame each new stream starts with, if any.
+        batches: Batch frames where the peer reads batches. The request and response
+            types then have a repeated ``batch`` field of their own type (frames, in
+            order) and the response type a ``reads_batches`` flag. A response that
+            carries a batch is handed to ``on_answer`` frame by frame; once a response
+            sets ``reads_batches``, the frames queued behind a write in progress on
+            that stream go out in one message (see :func:`take_batch`). Without it,
+            or before the peer said so, every frame is a message of its own.
     """
 
     def __init__(
@@ -92,8 +153,10 @@ class OutboxStream(Generic[Request, Response]):
         on_answer: Callable[[Response], None],
         on_end: Callable[[grpc.RpcError | None], None],
         first_frame: Callable[[], Request] | None = None,
+        batches: bool = False,
     ) -> None:
         self.name = name
+        self._batches = batches
         self._open_call = open_call
         self._on_answer = on_answer
         self._on_end = on_end
@@ -172,8 +235,12 @@ class OutboxStream(Generic[Request, Response]):
         breaks, and its senders send again what was not answered.
         """
         try:
-            while outgoing.backlog:
-                frame = outgoing.backlog.popleft()
+            backlog = outgoing.backlog
+            while backlog:
+                if outgoing.batches and backlog[0] is not None:
+                    await outgoing.call.write(take_batch(backlog))
+                    continue
+                frame = backlog.popleft()
                 if frame is None:
                     await outgoing.call.done_writing()
                     outgoing.backlog.clear()
@@ -190,8 +257,18 @@ class OutboxStream(Generic[Request, Response]):
         call = outgoing.call
         error: grpc.RpcError | None = None
         try:
+            batches = self._batches
+            on_answer = self._on_answer
             async for answer in call:
-                self._on_answer(answer)
+                if batches:
+                    if answer.reads_batches:
+                        outgoing.batches = True
+                    inner = answer.batch
+                    if inner:
+                        for frame in inner:
+                            on_answer(frame)
+                        continue
+                on_answer(answer)
         except grpc.RpcError as exc:
             error = exc
             if not self.closed:

@@ -140,6 +140,7 @@ class StreamTriggersRequest(_message.Message):
     TRIGGER_FIELD_NUMBER: _builtins.int
     EXPECT_RESULT_FIELD_NUMBER: _builtins.int
     EXECUTE_FUNCTION_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the sender; answers echo it."""
     @_builtins.property
@@ -158,6 +159,13 @@ class StreamTriggersRequest(_message.Message):
     def execute_function(self) -> Global___ExecuteFunctionRequest:
         """Runs a function call."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamTriggersRequest]:
+        """Several frames in one message, to be read as if sent one by one in this order; a frame that
+        carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+        to an executor that set `reads_batches` in a response on this stream.
+        """
+
     def __init__(
         self,
         *,
@@ -166,10 +174,11 @@ class StreamTriggersRequest(_message.Message):
         trigger: _execution_pb2.Trigger | None = ...,
         expect_result: Global___ExpectResult | None = ...,
         execute_function: Global___ExecuteFunctionRequest | None = ...,
+        batch: _abc.Iterable[Global___StreamTriggersRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "expect_result", "execute_function"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
@@ -188,8 +197,14 @@ class StreamTriggersResponse(_message.Message):
     EXECUTE_FUNCTION_FIELD_NUMBER: _builtins.int
     CACHE_REPORT_FIELD_NUMBER: _builtins.int
     RESULT_STORED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    READS_BATCHES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request frame answered."""
+    reads_batches: _builtins.bool
+    """The executor reads frames batched in `StreamTriggersRequest.batch` on this stream (sent in a
+    frame of its own right after the hello, by executors that do).
+    """
     @_builtins.property
     def dag_result(self) -> Global___DagResult:
         """The result of a direct-response DAG call."""
@@ -206,6 +221,13 @@ class StreamTriggersResponse(_message.Message):
     def result_stored(self) -> Global___ResultStored:
         """A direct call answered earlier on this stream has its result stored now (or never will)."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamTriggersResponse]:
+        """Several frames in one message, to be read as if sent one by one in this order; a frame that
+        carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+        to an opener that set `TriggerHello.reads_batches`.
+        """
+
     def __init__(
         self,
         *,
@@ -214,10 +236,12 @@ class StreamTriggersResponse(_message.Message):
         execute_function: Global___ExecuteFunctionResponse | None = ...,
         cache_report: Global___CacheReport | None = ...,
         result_stored: Global___ResultStored | None = ...,
+        batch: _abc.Iterable[Global___StreamTriggersResponse] | None = ...,
+        reads_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "result_stored", b"result_stored"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "result_stored", b"result_stored", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cache_report", b"cache_report", "dag_result", b"dag_result", "execute_function", b"execute_function", "frame", b"frame", "reads_batches", b"reads_batches", "result_stored", b"result_stored", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["dag_result", "execute_function", "cache_report", "result_stored"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
@@ -256,16 +280,20 @@ class TriggerHello(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PEER_ID_FIELD_NUMBER: _builtins.int
+    READS_BATCHES_FIELD_NUMBER: _builtins.int
     peer_id: _builtins.str
     """The scheduler or executor id of the opener."""
+    reads_batches: _builtins.bool
+    """The opener reads responses batched in `StreamTriggersResponse.batch`."""
     def __init__(
         self,
         *,
         peer_id: _builtins.str = ...,
+        reads_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer_id", b"peer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer_id", b"peer_id", "reads_batches", b"reads_batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -750,6 +750,8 @@ class StreamCallsRequest(_message.Message):
     STREAM_OUTCOME_FIELD_NUMBER: _builtins.int
     RELEASE_KEYS_FIELD_NUMBER: _builtins.int
     RELEASABLE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    READS_BATCHES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
     stream_outcome: _builtins.bool
@@ -760,6 +762,8 @@ class StreamCallsRequest(_message.Message):
     """The caller will name this call's result in `release_keys` once it no longer needs it. Only
     applies when the scheduler chooses the response key and the outcome is streamed.
     """
+    reads_batches: _builtins.bool
+    """The caller reads answers batched in `StreamCallsResponse.batch`."""
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The W3C trace context of the call."""
@@ -779,6 +783,13 @@ class StreamCallsRequest(_message.Message):
         other keys are ignored. A frame may carry only releases (no call); it is not answered.
         """
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamCallsRequest]:
+        """Several frames in one message, to be read as if sent one by one in this order; a frame that
+        carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+        to a scheduler that set `reads_batches` in an answer on this stream.
+        """
+
     def __init__(
         self,
         *,
@@ -789,10 +800,12 @@ class StreamCallsRequest(_message.Message):
         stream_outcome: _builtins.bool = ...,
         release_keys: _abc.Iterable[_builtins.str] | None = ...,
         releasable: _builtins.bool = ...,
+        batch: _abc.Iterable[Global___StreamCallsRequest] | None = ...,
+        reads_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["call_function", "call_dag"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
@@ -812,8 +825,12 @@ class StreamCallsResponse(_message.Message):
     CALL_FUNCTION_FIELD_NUMBER: _builtins.int
     CALL_DAG_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    READS_BATCHES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request answered."""
+    reads_batches: _builtins.bool
+    """The scheduler reads calls batched in `StreamCallsRequest.batch` on this stream."""
     @_builtins.property
     def call_function(self) -> Global___CallFunctionResponse:
         """The answer to a function call."""
@@ -826,6 +843,13 @@ class StreamCallsResponse(_message.Message):
     def error(self) -> _error_pb2.CallError:
         """The error that kept the call from being accepted."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamCallsResponse]:
+        """Several answers in one message, to be read as if sent one by one in this order; an answer that
+        carries a batch carries nothing else, and an answer inside a batch carries no batch. Sent only
+        to a caller that set `reads_batches` on this stream.
+        """
+
     def __init__(
         self,
         *,
@@ -833,10 +857,12 @@ class StreamCallsResponse(_message.Message):
         call_function: Global___CallFunctionResponse | None = ...,
         call_dag: Global___CallDagResponse | None = ...,
         error: _error_pb2.CallError | None = ...,
+        batch: _abc.Iterable[Global___StreamCallsResponse] | None = ...,
+        reads_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch", b"batch", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error", "reads_batches", b"reads_batches", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["call_function", "call_dag", "error"]  # noqa: Y015
     _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
