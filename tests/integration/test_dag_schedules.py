@@ -206,3 +206,41 @@ def test_a_dag_of_four_thousand_functions_registers_and_runs(local_node: Node) -
         names = register_chain(cloud, "registered", 4000)
         assert cloud.call_dag("registered", {names[0]: 0}, direct_response=True) == 4000
         assert cloud.delete_dag("registered"), cloud.last_error
+
+
+def test_triggers_sent_in_one_batch_run_as_if_sent_one_by_one(cluster: Cluster) -> None:
+    executor = cluster.executors[0]
+    schedule = join_by_hand(cluster, "by-hand-batch")
+
+    frames: queue.Queue[executor_service_pb2.StreamTriggersRequest | None] = queue.Queue()
+
+    def outgoing() -> Iterator[executor_service_pb2.StreamTriggersRequest]:
+        while (frame := frames.get(timeout=DEADLINE)) is not None:
+            yield frame
+
+    batch = executor_service_pb2.StreamTriggersRequest()
+    batch.batch.add(expect_result=executor_service_pb2.ExpectResult(call_id="by-hand-batch"))
+    batch.batch.add(trigger=execution_pb2.Trigger(schedule=schedule, target_function="left"))
+    batch.batch.add(trigger=execution_pb2.Trigger(call_id="by-hand-batch", target_function="right"))
+    with grpc.insecure_channel(executor.address) as channel:
+        stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
+        answers = stub.StreamTriggers(outgoing(), timeout=DEADLINE)
+        try:
+            # An opener that does not read batches (this one) gets frames one by one.
+            frames.put(
+                executor_service_pb2.StreamTriggersRequest(
+                    hello=executor_service_pb2.TriggerHello(peer_id="test")
+                )
+            )
+            offer = next(answers)
+            assert offer.reads_batches and offer.WhichOneof("frame") is None
+            frames.put(batch)
+            for answer in answers:
+                assert not answer.batch
+                if answer.WhichOneof("frame") == "dag_result":
+                    break
+        finally:
+            frames.put(None)
+            answers.cancel()
+    assert answer.dag_result.call_id == "by-hand-batch"
+    assert deserialize(answer.dag_result.outcome.value) == [2, 11]
