@@ -200,7 +200,11 @@ type StreamTriggersRequest struct {
 	//	*StreamTriggersRequest_Trigger
 	//	*StreamTriggersRequest_ExpectResult
 	//	*StreamTriggersRequest_ExecuteFunction
-	Frame         isStreamTriggersRequest_Frame `protobuf_oneof:"frame"`
+	Frame isStreamTriggersRequest_Frame `protobuf_oneof:"frame"`
+	// Several frames in one message, to be read as if sent one by one in this order; a frame that
+	// carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+	// to an executor that set `reads_batches` in a response on this stream.
+	Batch         []*StreamTriggersRequest `protobuf:"bytes,7,rep,name=batch,proto3" json:"batch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -285,6 +289,13 @@ func (x *StreamTriggersRequest) GetExecuteFunction() *ExecuteFunctionRequest {
 	return nil
 }
 
+func (x *StreamTriggersRequest) GetBatch() []*StreamTriggersRequest {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
 type isStreamTriggersRequest_Frame interface {
 	isStreamTriggersRequest_Frame()
 }
@@ -330,7 +341,14 @@ type StreamTriggersResponse struct {
 	//	*StreamTriggersResponse_ExecuteFunction
 	//	*StreamTriggersResponse_CacheReport
 	//	*StreamTriggersResponse_ResultStored
-	Frame         isStreamTriggersResponse_Frame `protobuf_oneof:"frame"`
+	Frame isStreamTriggersResponse_Frame `protobuf_oneof:"frame"`
+	// Several frames in one message, to be read as if sent one by one in this order; a frame that
+	// carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+	// to an opener that set `TriggerHello.reads_batches`.
+	Batch []*StreamTriggersResponse `protobuf:"bytes,6,rep,name=batch,proto3" json:"batch,omitempty"`
+	// The executor reads frames batched in `StreamTriggersRequest.batch` on this stream (sent in a
+	// frame of its own right after the hello, by executors that do).
+	ReadsBatches  bool `protobuf:"varint,7,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -413,6 +431,20 @@ func (x *StreamTriggersResponse) GetResultStored() *ResultStored {
 		}
 	}
 	return nil
+}
+
+func (x *StreamTriggersResponse) GetBatch() []*StreamTriggersResponse {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
+func (x *StreamTriggersResponse) GetReadsBatches() bool {
+	if x != nil {
+		return x.ReadsBatches
+	}
+	return false
 }
 
 type isStreamTriggersResponse_Frame interface {
@@ -498,7 +530,9 @@ func (x *ResultStored) GetResponseKey() string {
 type TriggerHello struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The scheduler or executor id of the opener.
-	PeerId        string `protobuf:"bytes,1,opt,name=peer_id,json=peerId,proto3" json:"peer_id,omitempty"`
+	PeerId string `protobuf:"bytes,1,opt,name=peer_id,json=peerId,proto3" json:"peer_id,omitempty"`
+	// The opener reads responses batched in `StreamTriggersResponse.batch`.
+	ReadsBatches  bool `protobuf:"varint,2,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -538,6 +572,13 @@ func (x *TriggerHello) GetPeerId() string {
 		return x.PeerId
 	}
 	return ""
+}
+
+func (x *TriggerHello) GetReadsBatches() bool {
+	if x != nil {
+		return x.ReadsBatches
+	}
+	return false
 }
 
 // ExpectResult routes a direct-response result to the stream it arrives on.
@@ -1118,26 +1159,30 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"K\n" +
 	"\x17ExecuteFunctionResponse\x120\n" +
-	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\"\xd2\x02\n" +
+	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\"\x8e\x03\n" +
 	"\x15StreamTriggersRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
 	"\x05hello\x18\x03 \x01(\v2\x1b.cloudburst.v1.TriggerHelloH\x00R\x05hello\x122\n" +
 	"\atrigger\x18\x04 \x01(\v2\x16.cloudburst.v1.TriggerH\x00R\atrigger\x12B\n" +
 	"\rexpect_result\x18\x05 \x01(\v2\x1b.cloudburst.v1.ExpectResultH\x00R\fexpectResult\x12R\n" +
-	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunctionB\a\n" +
-	"\x05frameJ\x04\b\x02\x10\x03R\rtrace_context\"\xd2\x02\n" +
+	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunction\x12:\n" +
+	"\x05batch\x18\a \x03(\v2$.cloudburst.v1.StreamTriggersRequestR\x05batchB\a\n" +
+	"\x05frameJ\x04\b\x02\x10\x03R\rtrace_context\"\xb4\x03\n" +
 	"\x16StreamTriggersResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x129\n" +
 	"\n" +
 	"dag_result\x18\x02 \x01(\v2\x18.cloudburst.v1.DagResultH\x00R\tdagResult\x12S\n" +
 	"\x10execute_function\x18\x03 \x01(\v2&.cloudburst.v1.ExecuteFunctionResponseH\x00R\x0fexecuteFunction\x12?\n" +
 	"\fcache_report\x18\x04 \x01(\v2\x1a.cloudburst.v1.CacheReportH\x00R\vcacheReport\x12B\n" +
-	"\rresult_stored\x18\x05 \x01(\v2\x1b.cloudburst.v1.ResultStoredH\x00R\fresultStoredB\a\n" +
+	"\rresult_stored\x18\x05 \x01(\v2\x1b.cloudburst.v1.ResultStoredH\x00R\fresultStored\x12;\n" +
+	"\x05batch\x18\x06 \x03(\v2%.cloudburst.v1.StreamTriggersResponseR\x05batch\x12#\n" +
+	"\rreads_batches\x18\a \x01(\bR\freadsBatchesB\a\n" +
 	"\x05frame\"1\n" +
 	"\fResultStored\x12!\n" +
-	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\"'\n" +
+	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\"L\n" +
 	"\fTriggerHello\x12\x17\n" +
-	"\apeer_id\x18\x01 \x01(\tR\x06peerId\"'\n" +
+	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12#\n" +
+	"\rreads_batches\x18\x02 \x01(\bR\freadsBatches\"'\n" +
 	"\fExpectResult\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\"V\n" +
 	"\tDagResult\x12\x17\n" +
@@ -1227,27 +1272,29 @@ var file_cloudburst_v1_executor_service_proto_depIdxs = []int32{
 	21, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
 	6,  // 7: cloudburst.v1.StreamTriggersRequest.expect_result:type_name -> cloudburst.v1.ExpectResult
 	0,  // 8: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
-	7,  // 9: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
-	1,  // 10: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
-	14, // 11: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
-	4,  // 12: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
-	20, // 13: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
-	15, // 14: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
-	0,  // 15: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
-	2,  // 16: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
-	8,  // 17: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
-	10, // 18: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
-	12, // 19: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
-	1,  // 20: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
-	3,  // 21: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
-	9,  // 22: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
-	11, // 23: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
-	13, // 24: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
-	20, // [20:25] is the sub-list for method output_type
-	15, // [15:20] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	2,  // 9: cloudburst.v1.StreamTriggersRequest.batch:type_name -> cloudburst.v1.StreamTriggersRequest
+	7,  // 10: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
+	1,  // 11: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
+	14, // 12: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
+	4,  // 13: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
+	3,  // 14: cloudburst.v1.StreamTriggersResponse.batch:type_name -> cloudburst.v1.StreamTriggersResponse
+	20, // 15: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
+	15, // 16: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
+	0,  // 17: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
+	2,  // 18: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
+	8,  // 19: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
+	10, // 20: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
+	12, // 21: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
+	1,  // 22: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
+	3,  // 23: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
+	9,  // 24: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
+	11, // 25: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
+	13, // 26: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
+	22, // [22:27] is the sub-list for method output_type
+	17, // [17:22] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_executor_service_proto_init() }

@@ -1387,7 +1387,13 @@ type StreamCallsRequest struct {
 	ReleaseKeys []string `protobuf:"bytes,6,rep,name=release_keys,json=releaseKeys,proto3" json:"release_keys,omitempty"`
 	// The caller will name this call's result in `release_keys` once it no longer needs it. Only
 	// applies when the scheduler chooses the response key and the outcome is streamed.
-	Releasable    bool `protobuf:"varint,7,opt,name=releasable,proto3" json:"releasable,omitempty"`
+	Releasable bool `protobuf:"varint,7,opt,name=releasable,proto3" json:"releasable,omitempty"`
+	// Several frames in one message, to be read as if sent one by one in this order; a frame that
+	// carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+	// to a scheduler that set `reads_batches` in an answer on this stream.
+	Batch []*StreamCallsRequest `protobuf:"bytes,8,rep,name=batch,proto3" json:"batch,omitempty"`
+	// The caller reads answers batched in `StreamCallsResponse.batch`.
+	ReadsBatches  bool `protobuf:"varint,9,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1482,6 +1488,20 @@ func (x *StreamCallsRequest) GetReleasable() bool {
 	return false
 }
 
+func (x *StreamCallsRequest) GetBatch() []*StreamCallsRequest {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
+func (x *StreamCallsRequest) GetReadsBatches() bool {
+	if x != nil {
+		return x.ReadsBatches
+	}
+	return false
+}
+
 type isStreamCallsRequest_Call interface {
 	isStreamCallsRequest_Call()
 }
@@ -1513,7 +1533,13 @@ type StreamCallsResponse struct {
 	//	*StreamCallsResponse_CallFunction
 	//	*StreamCallsResponse_CallDag
 	//	*StreamCallsResponse_Error
-	Answer        isStreamCallsResponse_Answer `protobuf_oneof:"answer"`
+	Answer isStreamCallsResponse_Answer `protobuf_oneof:"answer"`
+	// Several answers in one message, to be read as if sent one by one in this order; an answer that
+	// carries a batch carries nothing else, and an answer inside a batch carries no batch. Sent only
+	// to a caller that set `reads_batches` on this stream.
+	Batch []*StreamCallsResponse `protobuf:"bytes,5,rep,name=batch,proto3" json:"batch,omitempty"`
+	// The scheduler reads calls batched in `StreamCallsRequest.batch` on this stream.
+	ReadsBatches  bool `protobuf:"varint,6,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1587,6 +1613,20 @@ func (x *StreamCallsResponse) GetError() *CallError {
 		}
 	}
 	return nil
+}
+
+func (x *StreamCallsResponse) GetBatch() []*StreamCallsResponse {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
+func (x *StreamCallsResponse) GetReadsBatches() bool {
+	if x != nil {
+		return x.ReadsBatches
+	}
+	return false
 }
 
 type isStreamCallsResponse_Answer interface {
@@ -1697,7 +1737,7 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x10pinned_functions\x18\x03 \x03(\tR\x0fpinnedFunctions\x12\x12\n" +
 	"\x04load\x18\x04 \x01(\rR\x04load\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
-	"cachedKeys\"\xc4\x03\n" +
+	"cachedKeys\"\xa2\x04\n" +
 	"\x12StreamCallsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12X\n" +
 	"\rtrace_context\x18\x02 \x03(\v23.cloudburst.v1.StreamCallsRequest.TraceContextEntryR\ftraceContext\x12I\n" +
@@ -1707,16 +1747,20 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\frelease_keys\x18\x06 \x03(\tR\vreleaseKeys\x12\x1e\n" +
 	"\n" +
 	"releasable\x18\a \x01(\bR\n" +
-	"releasable\x1a?\n" +
+	"releasable\x127\n" +
+	"\x05batch\x18\b \x03(\v2!.cloudburst.v1.StreamCallsRequestR\x05batch\x12#\n" +
+	"\rreads_batches\x18\t \x01(\bR\freadsBatches\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x06\n" +
-	"\x04call\"\xf6\x01\n" +
+	"\x04call\"\xd5\x02\n" +
 	"\x13StreamCallsResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12J\n" +
 	"\rcall_function\x18\x02 \x01(\v2#.cloudburst.v1.CallFunctionResponseH\x00R\fcallFunction\x12;\n" +
 	"\bcall_dag\x18\x03 \x01(\v2\x1e.cloudburst.v1.CallDagResponseH\x00R\acallDag\x120\n" +
-	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05errorB\b\n" +
+	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05error\x128\n" +
+	"\x05batch\x18\x05 \x03(\v2\".cloudburst.v1.StreamCallsResponseR\x05batch\x12#\n" +
+	"\rreads_batches\x18\x06 \x01(\bR\freadsBatchesB\b\n" +
 	"\x06answer2\xdf\b\n" +
 	"\x10SchedulerService\x12]\n" +
 	"\x0eCreateFunction\x12$.cloudburst.v1.CreateFunctionRequest\x1a%.cloudburst.v1.CreateFunctionResponse\x12T\n" +
@@ -1803,41 +1847,43 @@ var file_cloudburst_v1_scheduler_service_proto_depIdxs = []int32{
 	28, // 14: cloudburst.v1.StreamCallsRequest.trace_context:type_name -> cloudburst.v1.StreamCallsRequest.TraceContextEntry
 	16, // 15: cloudburst.v1.StreamCallsRequest.call_function:type_name -> cloudburst.v1.CallFunctionRequest
 	18, // 16: cloudburst.v1.StreamCallsRequest.call_dag:type_name -> cloudburst.v1.CallDagRequest
-	17, // 17: cloudburst.v1.StreamCallsResponse.call_function:type_name -> cloudburst.v1.CallFunctionResponse
-	19, // 18: cloudburst.v1.StreamCallsResponse.call_dag:type_name -> cloudburst.v1.CallDagResponse
-	34, // 19: cloudburst.v1.StreamCallsResponse.error:type_name -> cloudburst.v1.CallError
-	35, // 20: cloudburst.v1.CallDagRequest.FunctionArgumentsEntry.value:type_name -> cloudburst.v1.ArgumentList
-	0,  // 21: cloudburst.v1.SchedulerService.CreateFunction:input_type -> cloudburst.v1.CreateFunctionRequest
-	2,  // 22: cloudburst.v1.SchedulerService.GetFunction:input_type -> cloudburst.v1.GetFunctionRequest
-	4,  // 23: cloudburst.v1.SchedulerService.ListFunctions:input_type -> cloudburst.v1.ListFunctionsRequest
-	6,  // 24: cloudburst.v1.SchedulerService.DeleteFunction:input_type -> cloudburst.v1.DeleteFunctionRequest
-	8,  // 25: cloudburst.v1.SchedulerService.CreateDag:input_type -> cloudburst.v1.CreateDagRequest
-	10, // 26: cloudburst.v1.SchedulerService.GetDag:input_type -> cloudburst.v1.GetDagRequest
-	12, // 27: cloudburst.v1.SchedulerService.ListDags:input_type -> cloudburst.v1.ListDagsRequest
-	14, // 28: cloudburst.v1.SchedulerService.DeleteDag:input_type -> cloudburst.v1.DeleteDagRequest
-	16, // 29: cloudburst.v1.SchedulerService.CallFunction:input_type -> cloudburst.v1.CallFunctionRequest
-	18, // 30: cloudburst.v1.SchedulerService.CallDag:input_type -> cloudburst.v1.CallDagRequest
-	25, // 31: cloudburst.v1.SchedulerService.StreamCalls:input_type -> cloudburst.v1.StreamCallsRequest
-	22, // 32: cloudburst.v1.SchedulerService.ListExecutors:input_type -> cloudburst.v1.ListExecutorsRequest
-	20, // 33: cloudburst.v1.SchedulerService.GetResult:input_type -> cloudburst.v1.GetResultRequest
-	1,  // 34: cloudburst.v1.SchedulerService.CreateFunction:output_type -> cloudburst.v1.CreateFunctionResponse
-	3,  // 35: cloudburst.v1.SchedulerService.GetFunction:output_type -> cloudburst.v1.GetFunctionResponse
-	5,  // 36: cloudburst.v1.SchedulerService.ListFunctions:output_type -> cloudburst.v1.ListFunctionsResponse
-	7,  // 37: cloudburst.v1.SchedulerService.DeleteFunction:output_type -> cloudburst.v1.DeleteFunctionResponse
-	9,  // 38: cloudburst.v1.SchedulerService.CreateDag:output_type -> cloudburst.v1.CreateDagResponse
-	11, // 39: cloudburst.v1.SchedulerService.GetDag:output_type -> cloudburst.v1.GetDagResponse
-	13, // 40: cloudburst.v1.SchedulerService.ListDags:output_type -> cloudburst.v1.ListDagsResponse
-	15, // 41: cloudburst.v1.SchedulerService.DeleteDag:output_type -> cloudburst.v1.DeleteDagResponse
-	17, // 42: cloudburst.v1.SchedulerService.CallFunction:output_type -> cloudburst.v1.CallFunctionResponse
-	19, // 43: cloudburst.v1.SchedulerService.CallDag:output_type -> cloudburst.v1.CallDagResponse
-	26, // 44: cloudburst.v1.SchedulerService.StreamCalls:output_type -> cloudburst.v1.StreamCallsResponse
-	23, // 45: cloudburst.v1.SchedulerService.ListExecutors:output_type -> cloudburst.v1.ListExecutorsResponse
-	21, // 46: cloudburst.v1.SchedulerService.GetResult:output_type -> cloudburst.v1.GetResultResponse
-	34, // [34:47] is the sub-list for method output_type
-	21, // [21:34] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	25, // 17: cloudburst.v1.StreamCallsRequest.batch:type_name -> cloudburst.v1.StreamCallsRequest
+	17, // 18: cloudburst.v1.StreamCallsResponse.call_function:type_name -> cloudburst.v1.CallFunctionResponse
+	19, // 19: cloudburst.v1.StreamCallsResponse.call_dag:type_name -> cloudburst.v1.CallDagResponse
+	34, // 20: cloudburst.v1.StreamCallsResponse.error:type_name -> cloudburst.v1.CallError
+	26, // 21: cloudburst.v1.StreamCallsResponse.batch:type_name -> cloudburst.v1.StreamCallsResponse
+	35, // 22: cloudburst.v1.CallDagRequest.FunctionArgumentsEntry.value:type_name -> cloudburst.v1.ArgumentList
+	0,  // 23: cloudburst.v1.SchedulerService.CreateFunction:input_type -> cloudburst.v1.CreateFunctionRequest
+	2,  // 24: cloudburst.v1.SchedulerService.GetFunction:input_type -> cloudburst.v1.GetFunctionRequest
+	4,  // 25: cloudburst.v1.SchedulerService.ListFunctions:input_type -> cloudburst.v1.ListFunctionsRequest
+	6,  // 26: cloudburst.v1.SchedulerService.DeleteFunction:input_type -> cloudburst.v1.DeleteFunctionRequest
+	8,  // 27: cloudburst.v1.SchedulerService.CreateDag:input_type -> cloudburst.v1.CreateDagRequest
+	10, // 28: cloudburst.v1.SchedulerService.GetDag:input_type -> cloudburst.v1.GetDagRequest
+	12, // 29: cloudburst.v1.SchedulerService.ListDags:input_type -> cloudburst.v1.ListDagsRequest
+	14, // 30: cloudburst.v1.SchedulerService.DeleteDag:input_type -> cloudburst.v1.DeleteDagRequest
+	16, // 31: cloudburst.v1.SchedulerService.CallFunction:input_type -> cloudburst.v1.CallFunctionRequest
+	18, // 32: cloudburst.v1.SchedulerService.CallDag:input_type -> cloudburst.v1.CallDagRequest
+	25, // 33: cloudburst.v1.SchedulerService.StreamCalls:input_type -> cloudburst.v1.StreamCallsRequest
+	22, // 34: cloudburst.v1.SchedulerService.ListExecutors:input_type -> cloudburst.v1.ListExecutorsRequest
+	20, // 35: cloudburst.v1.SchedulerService.GetResult:input_type -> cloudburst.v1.GetResultRequest
+	1,  // 36: cloudburst.v1.SchedulerService.CreateFunction:output_type -> cloudburst.v1.CreateFunctionResponse
+	3,  // 37: cloudburst.v1.SchedulerService.GetFunction:output_type -> cloudburst.v1.GetFunctionResponse
+	5,  // 38: cloudburst.v1.SchedulerService.ListFunctions:output_type -> cloudburst.v1.ListFunctionsResponse
+	7,  // 39: cloudburst.v1.SchedulerService.DeleteFunction:output_type -> cloudburst.v1.DeleteFunctionResponse
+	9,  // 40: cloudburst.v1.SchedulerService.CreateDag:output_type -> cloudburst.v1.CreateDagResponse
+	11, // 41: cloudburst.v1.SchedulerService.GetDag:output_type -> cloudburst.v1.GetDagResponse
+	13, // 42: cloudburst.v1.SchedulerService.ListDags:output_type -> cloudburst.v1.ListDagsResponse
+	15, // 43: cloudburst.v1.SchedulerService.DeleteDag:output_type -> cloudburst.v1.DeleteDagResponse
+	17, // 44: cloudburst.v1.SchedulerService.CallFunction:output_type -> cloudburst.v1.CallFunctionResponse
+	19, // 45: cloudburst.v1.SchedulerService.CallDag:output_type -> cloudburst.v1.CallDagResponse
+	26, // 46: cloudburst.v1.SchedulerService.StreamCalls:output_type -> cloudburst.v1.StreamCallsResponse
+	23, // 47: cloudburst.v1.SchedulerService.ListExecutors:output_type -> cloudburst.v1.ListExecutorsResponse
+	21, // 48: cloudburst.v1.SchedulerService.GetResult:output_type -> cloudburst.v1.GetResultResponse
+	36, // [36:49] is the sub-list for method output_type
+	23, // [23:36] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_scheduler_service_proto_init() }
