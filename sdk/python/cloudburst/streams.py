@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from cloudburst.errors import UnavailableError
+from cloudburst.transport import MESSAGE_OVERHEAD_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ Response = TypeVar("Response")
 BATCHES_ENV = "CLOUDBURST_STREAM_BATCHES"
 #: At most this many frames go in one batch.
 MAX_BATCH_FRAMES = 64
-#: At most this many bytes of frames go in one batch, far below the 16 MiB message limit; a
-#: frame that would pass it goes in the next message.
-MAX_BATCH_BYTES = 1 << 20
+#: At most this many bytes of frames go in one batch; a frame that would pass it goes in the
+#: next message. Every process accepts messages of MESSAGE_OVERHEAD_BYTES and more, whatever
+#: its payload limit, so a batch never exceeds a peer's limit where single frames would not.
+MAX_BATCH_BYTES = MESSAGE_OVERHEAD_BYTES // 4
 _OFF = frozenset({"0", "false", "no", "off"})
 
 
