@@ -169,11 +169,12 @@ def _values_of_request(method: str, request: Any) -> Iterable[value_pb2.Value]:
         for argument_list in request.function_arguments.values():
             yield from _values_of_arguments(argument_list.arguments)
     elif name == "StreamCalls":
-        if request.HasField("call_function"):
-            yield from _values_of_arguments(request.call_function.arguments)
-        elif request.HasField("call_dag"):
-            for argument_list in request.call_dag.function_arguments.values():
-                yield from _values_of_arguments(argument_list.arguments)
+        for frame in request.batch or (request,):  # a batch carries the frames to check
+            if frame.HasField("call_function"):
+                yield from _values_of_arguments(frame.call_function.arguments)
+            elif frame.HasField("call_dag"):
+                for argument_list in frame.call_dag.function_arguments.values():
+                    yield from _values_of_arguments(argument_list.arguments)
     elif name == "PutValueChunks" and request.HasField("put"):  # the first frame
         yield request.put.lattice.lww.value
     elif name == "PutValue":

@@ -159,6 +159,17 @@ def test_a_restricted_invoker_sends_no_pickles_in_any_call_shape() -> None:
         (S + "CallDag", dag),
         (S + "StreamCalls", scheduler_service_pb2.StreamCallsRequest(call_dag=dag)),
         (S + "StreamCalls", scheduler_service_pb2.StreamCallsRequest(call_function=bad_function)),
+        (
+            S + "StreamCalls",
+            scheduler_service_pb2.StreamCallsRequest(
+                batch=[
+                    scheduler_service_pb2.StreamCallsRequest(
+                        call_function=scheduler_service_pb2.CallFunctionRequest(name="f")
+                    ),
+                    scheduler_service_pb2.StreamCallsRequest(call_function=bad_function),
+                ]
+            ),
+        ),
     ]:
         with pytest.raises(Denied, match="not SERIALIZER_CLOUDPICKLE"):
             check_request(method, restricted, request)
