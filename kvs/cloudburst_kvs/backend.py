@@ -92,8 +92,13 @@ class LatticeBackend(Protocol):
         lattice: lattice_pb2.Lattice,
         *,
         request_id: str = "",
+        size: int | None = None,
     ) -> lattice_pb2.Lattice:
-        """Merge ``lattice`` into the key atomically; return the merged lattice."""
+        """Merge ``lattice`` into the key atomically; return the merged lattice.
+
+        ``size``: the bytes of a last-writer-wins value, when the caller knows
+        them, so that the size limit is checked without reading (copying) them.
+        """
         ...
 
     async def delete(self, keyspace: int, key: str, *, request_id: str = "") -> bool:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cloudburst import chunks
 from cloudburst.errors import InvalidArgumentError, PayloadTooLargeError
 from cloudburst.serialization import LwwClock
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
@@ -103,7 +104,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             lattice = await self._store.read(keyspace, request.key)
         if lattice is None:
             return kvs_service_pb2.GetValueResponse(found=False)
-        if lattices.lattice_size(lattice) > self._max_inline_bytes:
+        if _message_size(lattice) > self._max_inline_bytes:
             return kvs_service_pb2.GetValueResponse(found=True, chunked=True)
         response = kvs_service_pb2.GetValueResponse(found=True)
         response.lattice.CopyFrom(lattice)
@@ -116,18 +117,24 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             kvs_service_pb2.GetValueChunksRequest, kvs_service_pb2.GetValueChunksResponse
         ],
     ) -> AsyncIterator[kvs_service_pb2.GetValueChunksResponse]:
-        """Read one key: its lattice without the value's bytes, then the bytes in chunks."""
+        """Read one key: its lattice without the value's bytes, then the bytes in chunks.
+
+        A last-writer-wins value's chunks are its bytes; a set's first frame is an
+        empty set, and its chunks joined are the encoded ``SetLattice``.
+        """
         check_key(request.key)
         lattice = await self._store.read(normalize_keyspace(request.keyspace), request.key)
         if lattice is None:
             return
-        if lattice.WhichOneof("kind") != "lww":
-            yield kvs_service_pb2.GetValueChunksResponse(lattice=lattice)
-            return
-        data = lattice.lww.value.data
         header = kvs_service_pb2.GetValueChunksResponse()
-        header.lattice.lww.timestamp.CopyFrom(lattice.lww.timestamp)
-        header.lattice.lww.value.serializer = lattice.lww.value.serializer
+        if lattice.WhichOneof("kind") == "lww":
+            header.lattice.lww.timestamp.CopyFrom(lattice.lww.timestamp)
+            header.lattice.lww.value.serializer = lattice.lww.value.serializer
+            data = lattice.lww.value.data
+        else:
+            header.lattice.set.SetInParent()
+            data = lattice.set.SerializeToString()
+        del lattice
         yield header
         view = memoryview(data)
         for start in range(0, len(data), CHUNK_BYTES):
@@ -143,9 +150,13 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             kvs_service_pb2.PutValueChunksRequest, kvs_service_pb2.PutValueChunksResponse
         ],
     ) -> kvs_service_pb2.PutValueChunksResponse:
-        """Merge a last-writer-wins value sent as a header frame and then chunks of its bytes."""
+        """Merge a last-writer-wins value sent as a header frame and then chunks of its bytes.
+
+        The chunks are appended to one buffer, which is copied into the lattice
+        once and freed: with the store's copy, at most two copies at a time.
+        """
         put: kvs_service_pb2.PutValueRequest | None = None
-        data = bytearray()
+        received: chunks.LargeValue | None = None
         async for frame in request_iterator:
             kind = frame.WhichOneof("frame")
             if put is None:
@@ -158,29 +169,35 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
                         "PutValueChunks carries last-writer-wins values only",
                         {"field": "put.lattice"},
                     )
+                header = lattice_pb2.Lattice()
+                header.lww.timestamp.CopyFrom(put.lattice.lww.timestamp)
+                header.lww.value.serializer = put.lattice.lww.value.serializer
+                lattices.validate(header)
+                received = chunks.LargeValue(header)
                 continue
             if kind != "chunk":
                 raise InvalidArgumentError("after the put, PutValueChunks frames are chunks")
-            data += frame.chunk
-            if len(data) > self._max_value_bytes:
+            assert received is not None
+            received.add(frame.chunk)
+            if len(received) > self._max_value_bytes:
                 raise PayloadTooLargeError(
                     f"the value for key {put.key!r} is over the limit of "
                     f"{self._max_value_bytes} bytes (kvs.max_value_bytes)",
                     {"key": put.key, "limit": str(self._max_value_bytes)},
                 )
-        if put is None:
+        if put is None or received is None:
             raise InvalidArgumentError("PutValueChunks received no put")
-        lattice = put.lattice
-        payload = bytes(data)
-        data.clear()  # at most two copies at a time: this one and the message's
-        lattice.lww.value.data = payload
-        del payload
-        lattices.validate(lattice)
-        lattices.check_not_ahead(lattice, time.time_ns(), self._max_skew_ns)
-        stamped = lattices.stamp(lattice, self._clock)
-        size = len(stamped.lww.value.data)
+        lattices.check_not_ahead(received.lattice, time.time_ns(), self._max_skew_ns)
+        # Stamped before the bytes go in, so that stamping copies no value.
+        received.lattice = lattices.stamp(received.lattice, self._clock)
+        size = len(received)
+        lattice = received.to_lattice()
         await self._store.put(
-            normalize_keyspace(put.keyspace), put.key, stamped, request_id=put.request_id
+            normalize_keyspace(put.keyspace),
+            put.key,
+            lattice,
+            request_id=put.request_id,
+            size=size,
         )
         return kvs_service_pb2.PutValueChunksResponse(size=size)
 
@@ -312,6 +329,17 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
                 yield _watch_response(event, self._max_inline_bytes)
 
 
+def _message_size(lattice: lattice_pb2.Lattice) -> int:
+    """About the bytes ``lattice`` takes in a message.
+
+    A last-writer-wins value's bytes (the rest is small); a set's encoding,
+    whose many small values can take much more than their bytes.
+    """
+    if lattice.WhichOneof("kind") == "set":
+        return lattice.ByteSize()
+    return lattices.lattice_size(lattice)
+
+
 def _key_value(key: str, lattice: lattice_pb2.Lattice | None) -> kvs_service_pb2.KeyValue:
     if lattice is None:
         return kvs_service_pb2.KeyValue(key=key, found=False)
@@ -322,7 +350,7 @@ def _watch_response(
     event: WatchEvent, max_inline_bytes: int
 ) -> kvs_service_pb2.WatchValuesResponse:
     lattice = event.lattice
-    if lattice is not None and lattices.lattice_size(lattice) > max_inline_bytes:
+    if lattice is not None and _message_size(lattice) > max_inline_bytes:
         return kvs_service_pb2.WatchValuesResponse(
             entry=kvs_service_pb2.KeyValue(key=event.key, found=True), value_omitted=True
         )

@@ -540,6 +540,7 @@ class LatticeStore:
         lattice: lattice_pb2.Lattice,
         *,
         request_id: str = "",
+        size: int | None = None,
     ) -> lattice_pb2.Lattice:
         """Merge ``lattice`` into the key and return the merged lattice once it is durable.
 
@@ -549,6 +550,8 @@ class LatticeStore:
             lattice: The lattice to merge; it is not changed.
             request_id: When not empty, a retry with the same id (and key) returns the
                 first call's result instead of merging again.
+            size: The bytes of a last-writer-wins value, when the caller knows them: the
+                size limit is then checked without reading (copying) them.
 
         Raises:
             InvalidArgumentError: The key is empty or the lattice malformed.
@@ -568,7 +571,7 @@ class LatticeStore:
         # is atomic with respect to every other coroutine on the loop.
         stored = self._data.get(store_key)
         merged = lattices.normalize(lattice) if stored is None else lattices.merge(stored, lattice)
-        self._check_size(key, merged)
+        self._check_size(key, merged, size)
         if stored is not None and merged == stored:
             await self._wait_unflushed(store_key, key)
             merged = stored
@@ -622,11 +625,17 @@ class LatticeStore:
             check_key(key)
         return sum(await asyncio.gather(*(self.delete(ks, key) for key in keys)))
 
-    def _check_size(self, key: str, merged: lattice_pb2.Lattice) -> None:
+    def _check_size(self, key: str, merged: lattice_pb2.Lattice, size: int | None) -> None:
+        """Refuse a merge whose result is over the limit.
+
+        A last-writer-wins result is the write or the value stored before, which
+        passed this check: the write's ``size``, when given, is what to check.
+        """
         limit = self._max_lattice_bytes
         if limit is None:
             return
-        size = lattices.lattice_size(merged)
+        if size is None or merged.WhichOneof("kind") != "lww":
+            size = lattices.lattice_size(merged)
         if size > limit:
             raise PayloadTooLargeError(
                 f"key {key!r} would hold {size} bytes after this merge, over the limit of "

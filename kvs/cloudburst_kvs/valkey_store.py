@@ -491,11 +491,14 @@ class ValkeyStore:
         lattice: lattice_pb2.Lattice,
         *,
         request_id: str = "",
+        size: int | None = None,
     ) -> lattice_pb2.Lattice:
         """Merge ``lattice`` into the key on the engine and return the merged lattice.
 
         ``request_id`` is accepted for the interface's sake: a retried merge is
-        idempotent, so no memory of ids is needed.
+        idempotent, so no memory of ids is needed. ``size``, the bytes of a
+        last-writer-wins value when the caller knows them, spares reading them
+        for the size check.
 
         Raises:
             InvalidArgumentError: The key is empty or the lattice malformed.
@@ -509,7 +512,7 @@ class ValkeyStore:
         check_key(key)
         lattices.validate(lattice)
         normalized = lattices.normalize(lattice)
-        self._check_size(key, normalized)
+        self._check_size(key, normalized, size)
         data = codec.data_key(ks, key)
         chan = codec.channel(ks, key)
         kid = codec.key_id(key)
@@ -564,11 +567,12 @@ class ValkeyStore:
             raise _kind_mismatch(key, "lww", "set")
         return codec.decode_members(members)
 
-    def _check_size(self, key: str, lattice: lattice_pb2.Lattice) -> None:
+    def _check_size(self, key: str, lattice: lattice_pb2.Lattice, size: int | None) -> None:
         limit = self._max_lattice_bytes
         if limit is None:
             return
-        size = lattices.lattice_size(lattice)
+        if size is None or lattice.WhichOneof("kind") != "lww":
+            size = lattices.lattice_size(lattice)
         if size > limit:
             raise PayloadTooLargeError(
                 f"key {key!r} would hold {size} bytes, over the limit of {limit} bytes; store "

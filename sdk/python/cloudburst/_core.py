@@ -50,6 +50,7 @@ from cloudburst.v1 import (
     lattice_pb2,
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
+    value_pb2,
 )
 
 #: Seconds a released result waits for a call frame to ride on before it gets its own.
@@ -403,13 +404,17 @@ class Core:
 
     async def get(
         self, key: str, wait: bool = False, timeout: float = 30.0
-    ) -> lattice_pb2.Lattice | None:
-        """Read a user key; with ``wait``, wait up to ``timeout`` seconds for it to exist."""
+    ) -> lattice_pb2.Lattice | chunks.LargeValue | None:
+        """Read a user key; with ``wait``, wait up to ``timeout`` seconds for it to exist.
+
+        A value too large for one message comes as a :class:`~cloudburst.chunks.LargeValue`,
+        its bytes not yet copied into a lattice.
+        """
         return await self._on_kvs(functools.partial(self._get, key=key, wait=wait, timeout=timeout))
 
     async def _get(
         self, stub: KvsStub, key: str, wait: bool, timeout: float
-    ) -> lattice_pb2.Lattice | None:
+    ) -> lattice_pb2.Lattice | chunks.LargeValue | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         request = kvs_service_pb2.GetValueRequest(
@@ -426,7 +431,7 @@ class Core:
                     return None
                 raise error_from_rpc(exc, what=f"reading key {key!r}") from None
             if response.chunked:  # too large for one message
-                return await chunks.read_chunks(
+                return await chunks.receive(
                     stub, key, lattice_pb2.KEYSPACE_USER, max(deadline - loop.time(), 1.0)
                 )
             if response.found:
@@ -457,26 +462,32 @@ class Core:
                 result[entry.key] = entry.lattice if entry.found else None
         return result
 
-    async def put(
-        self, request: kvs_service_pb2.PutValueRequest, timeout: float, size: int | None = None
-    ) -> None:
-        """Send a write of a user key (a large value in chunks); ``size``: its value's length.
+    async def put(self, request: kvs_service_pb2.PutValueRequest, timeout: float) -> None:
+        """Send a write of a user key that fits in one message.
 
-        The caller builds the request with its lattice in place, so that a large
+        The caller builds the request with its lattice in place, so that the
         value is not copied once more into it.
         """
-        key, lattice = request.key, request.lattice
-        if chunks.needs_chunks(lattice, size):
-            await self._on_kvs(
-                lambda stub: chunks.write_chunks(
-                    stub, key, lattice, lattice_pb2.KEYSPACE_USER, timeout
-                )
-            )
-            return
+        key = request.key
         request.keyspace, request.omit_lattice = lattice_pb2.KEYSPACE_USER, True
         await self._on_kvs(
             lambda stub: call(
                 f"writing key {key!r}", lambda: stub.PutValue(request, timeout=timeout)
+            )
+        )
+
+    async def put_large(
+        self,
+        key: str,
+        timestamp: lattice_pb2.LwwTimestamp,
+        serializer: value_pb2.Serializer.ValueType,
+        data: chunks.Buffer,
+        timeout: float,
+    ) -> None:
+        """Send a write of a user key in chunks, straight from ``data`` (never copied whole)."""
+        await self._on_kvs(
+            lambda stub: chunks.write_value(
+                stub, key, timestamp, serializer, data, lattice_pb2.KEYSPACE_USER, timeout
             )
         )
 

@@ -42,6 +42,7 @@ from cloudburst.serialization import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     LwwClock,
     check_length,
+    decode,
     deserialize,
     encode,
     failure_to_error,
@@ -242,6 +243,15 @@ def _serialize(obj: Any, what: str, limit: int) -> value_pb2.Value:
         return serialize(obj, what=what, limit=limit)
     with _pickle_lock, _by_value([obj, type(obj)]):
         return serialize(obj, what=what, limit=limit)
+
+
+def _stored_bytes(lattice: lattice_pb2.Lattice | chunks.LargeValue) -> Any:
+    """The stored bytes of a value (``get_object(deserialize=False)``)."""
+    if isinstance(lattice, chunks.LargeValue):
+        if lattice.kind == "lww":
+            return bytes(lattice.take())
+        lattice = lattice.to_lattice()
+    return lattice_bytes(lattice)
 
 
 def _encode(obj: Any, what: str) -> tuple[bytes, value_pb2.Serializer.ValueType]:
@@ -904,7 +914,7 @@ class CloudburstConnection:
                 dict maps each key to its value or None, read in one batch.
             deserialize: False returns the stored bytes as they are.
         """
-        decode = self._decode_lattice if deserialize else lattice_bytes
+        decode = self._decode_lattice if deserialize else _stored_bytes
         if isinstance(key, builtins.list):
             keys = [self._key(k) for k in key]
             found = self._retrying(
@@ -929,7 +939,7 @@ class CloudburstConnection:
 
     get = get_object
 
-    async def _stored_result(self, key: str) -> lattice_pb2.Lattice | None:
+    async def _stored_result(self, key: str) -> lattice_pb2.Lattice | chunks.LargeValue | None:
         """Read a result answered directly, waiting (briefly) for the store that follows."""
         lattice = await self._core.get(
             key, wait=True, timeout=min(self.timeout, RESULT_STORE_SECONDS)
@@ -943,16 +953,24 @@ class CloudburstConnection:
         key = self._key(key)
         what = f"value for key {key!r}"
         data, serializer = _encode(value, what)
-        check_length(len(data), what=what, limit=self.max_value_bytes)
-        # Built in place, the bytes copied once; one timestamp: a retry merges as the same write.
-        request = kvs_service_pb2.PutValueRequest(key=key)
-        lattice = request.lattice
-        lattice.lww.timestamp.CopyFrom(self._clock.now())
-        lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
         size = len(data)
-        del data
-        self._retrying(lambda: self._core.put(request, self.timeout, size), f"put_object({key!r})")
-        self._wrote(key, lattice.lww.timestamp.time_ns)
+        check_length(size, what=what, limit=self.max_value_bytes)
+        timestamp = self._clock.now()  # one timestamp: a retry merges as the same write
+        if size > chunks.INLINE_VALUE_BYTES:
+            # Sent in slices of the serialized value: no copy of the whole.
+            self._retrying(
+                lambda: self._core.put_large(key, timestamp, serializer, data, self.timeout),
+                f"put_object({key!r})",
+            )
+        else:
+            # Built in place, the bytes copied once.
+            request = kvs_service_pb2.PutValueRequest(key=key)
+            lattice = request.lattice
+            lattice.lww.timestamp.CopyFrom(timestamp)
+            lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
+            del data
+            self._retrying(lambda: self._core.put(request, self.timeout), f"put_object({key!r})")
+        self._wrote(key, timestamp.time_ns)
         return True
 
     def _wrote(self, key: str, time_ns: int) -> None:
@@ -1004,5 +1022,9 @@ class CloudburstConnection:
         return None
 
     @staticmethod
-    def _decode_lattice(lattice: lattice_pb2.Lattice) -> Any:
+    def _decode_lattice(lattice: lattice_pb2.Lattice | chunks.LargeValue) -> Any:
+        if isinstance(lattice, chunks.LargeValue):
+            if lattice.kind == "lww":  # decoded from the assembled bytes: no copy into a message
+                return decode(lattice.take(), lattice.serializer)
+            lattice = lattice.to_lattice()
         return lattice_value(lattice)

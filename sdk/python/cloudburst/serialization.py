@@ -247,16 +247,28 @@ def deserialize(value: value_pb2.Value) -> Any:
         RemoteFunctionError: The value is a failure of a user function.
         SerializationError: The bytes cannot be read.
     """
-    kind = value.serializer
+    return decode(value.data, value.serializer)
+
+
+def decode(data: bytes | bytearray, kind: value_pb2.Serializer.ValueType) -> Any:
+    """Return the Python value of bytes encoded with serializer ``kind`` (see :func:`encode`).
+
+    ``data`` may be a ``bytearray`` (a value assembled from chunks): it is read
+    in place, and only ``SERIALIZER_BYTES`` copies it (into the ``bytes`` returned).
+
+    Raises:
+        RemoteFunctionError: The value is a failure of a user function.
+        SerializationError: The bytes cannot be read.
+    """
     try:
         if kind == value_pb2.SERIALIZER_CLOUDPICKLE:
-            return cloudpickle.loads(value.data)
+            return cloudpickle.loads(data)
         if kind == value_pb2.SERIALIZER_BYTES:
-            return bytes(value.data)
+            return bytes(data)
         if kind == value_pb2.SERIALIZER_STRING:
-            return value.data.decode()
+            return data.decode()
         if kind == value_pb2.SERIALIZER_JSON:
-            return json.loads(value.data)
+            return json.loads(data)
     except Exception as exc:
         raise SerializationError(
             f"cannot deserialize a {value_pb2.Serializer.Name(kind)} value: "
@@ -265,7 +277,7 @@ def deserialize(value: value_pb2.Value) -> Any:
         ) from exc
     if kind == value_pb2.SERIALIZER_FAILURE:
         try:
-            failure = value_pb2.Failure.FromString(value.data)
+            failure = value_pb2.Failure.FromString(bytes(data))
         except Exception as exc:  # protobuf's DecodeError
             raise SerializationError(
                 f"a SERIALIZER_FAILURE value does not hold a Failure message ({exc})"
