@@ -227,15 +227,17 @@ def running_process_cluster(
     *executor_args: str,
     scheduler_args: tuple[str, ...] = (),
     scheduler_env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ProcessCluster]:
     """Start a :class:`ProcessCluster` (memory storage), its executors given ``executor_args``.
 
-    The scheduler is given ``scheduler_args`` and, in its environment, ``scheduler_env``.
+    The scheduler is given ``scheduler_args`` and, in its environment, ``scheduler_env``;
+    every process gets ``env`` in its environment.
 
     Each function of a DAG is pinned on one executor, so the functions of a
     DAG spread over both executor processes. Every process is killed on exit.
     """
-    env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1"}
+    env = {"CBGRPC_SCHEDULER_PIN_REPLICAS": "1", **(env or {})}
     started: list[CbgrpcProcess] = []
     try:
         kvs = CbgrpcProcess("kvs", "--storage", "memory", env=env)

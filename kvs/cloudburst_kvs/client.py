@@ -170,7 +170,12 @@ class KvsClient:
                 functools.partial(self._stub.BatchGetValues, request, timeout=timeout),
             )
             for entry in response.entries:
-                result[entry.key] = entry.lattice if entry.found else None
+                if entry.chunked:  # too large for the batch's message
+                    result[entry.key] = await chunks.read_chunks(
+                        self._stub, entry.key, keyspace, timeout
+                    )
+                else:
+                    result[entry.key] = entry.lattice if entry.found else None
         return result
 
     async def batch_delete(

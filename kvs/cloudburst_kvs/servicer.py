@@ -270,15 +270,24 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             kvs_service_pb2.BatchGetValuesRequest, kvs_service_pb2.BatchGetValuesResponse
         ],
     ) -> kvs_service_pb2.BatchGetValuesResponse:
-        """Read up to 1000 keys, answering in request order."""
+        """Read up to 1000 keys, answering in request order.
+
+        Lattices that do not fit in the response (each alone, or after those
+        before it) are marked ``chunked``, for the caller to read with GetValueChunks.
+        """
         _check_batch("BatchGetValues", request.keys)
         keyspace = normalize_keyspace(request.keyspace)
         found = await self._store.read_many(keyspace, list(request.keys))
-        return kvs_service_pb2.BatchGetValuesResponse(
-            entries=[
-                _key_value(key, lattice) for key, lattice in zip(request.keys, found, strict=True)
-            ]
-        )
+        room = self._max_inline_bytes
+        entries = []
+        for key, lattice in zip(request.keys, found, strict=True):
+            size = 0 if lattice is None else _message_size(lattice)
+            if size > room:
+                entries.append(kvs_service_pb2.KeyValue(key=key, found=True, chunked=True))
+                continue
+            room -= size
+            entries.append(_key_value(key, lattice))
+        return kvs_service_pb2.BatchGetValuesResponse(entries=entries)
 
     @_timed("batch_delete")
     async def BatchDeleteValues(

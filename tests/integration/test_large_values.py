@@ -6,12 +6,14 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import PayloadTooLargeError
 from cloudburst.reference import CloudburstReference
-from harness import ProcessCluster, ServeProcess
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
+from harness import ProcessCluster, ServeProcess, running_process_cluster
 
 MIB = 1 << 20
 
@@ -63,3 +65,48 @@ def test_the_kvs_limit_is_the_one_clients_use(
         assert cloud.get_object("large/fits") == value
         with pytest.raises(PayloadTooLargeError):
             cloud.put_object("large/over", big(30 * MIB))
+
+
+def summarize_listed(cloudburst: Any, values: list[bytes]) -> tuple[list[str], list[str], str]:
+    listed = cloudburst.get_object(["large/set", "large/lww"])
+    return (
+        sorted(hashlib.sha256(v).hexdigest() for v in values),
+        sorted(hashlib.sha256(v).hexdigest() for v in listed["large/set"]),
+        hashlib.sha256(listed["large/lww"]).hexdigest(),
+    )
+
+
+def test_values_over_a_message_are_read_in_chunks_alone_and_in_lists() -> None:
+    """A set grows by merges of values that each fit in a message, past what one message holds.
+
+    Read alone or with other keys (a list read), by the client and in a function, it
+    comes in chunks, as a last-writer-wins value over a message does.
+    """
+    limit = MIB  # every process's message limit, so the values need not be large
+    members = [bytes([n]) * (512 << 10) for n in range(10)]  # 5 MiB: over 3 MiB, a message
+    one = big(6 * MIB)
+    with (
+        running_process_cluster(env={"CBGRPC_SERVER_MAX_PAYLOAD_BYTES": str(limit)}) as cluster,
+        grpc.insecure_channel(cluster.kvs.address) as channel,
+    ):
+        kvs = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        for member in members:
+            value = value_pb2.Value(data=member, serializer=value_pb2.SERIALIZER_BYTES)
+            request = kvs_service_pb2.PutValueRequest(
+                key="large/set",
+                lattice=lattice_pb2.Lattice(set=lattice_pb2.SetLattice(values=[value])),
+                omit_lattice=True,
+            )
+            kvs.PutValue(request, timeout=60)
+        with CloudburstConnection(cluster.address, max_payload_bytes=limit) as cloud:
+            assert cloud.put_object("large/lww", one)
+            assert sorted(cloud.get_object("large/set")) == members
+            assert sorted(cloud.get_object("large/set", deserialize=False)) == members
+            listed = cloud.get_object(["large/set", "large/lww", "large/missing"])
+            assert sorted(listed["large/set"]) == members
+            assert listed["large/lww"] == one
+            assert listed["large/missing"] is None
+            summarize = cloud.register(summarize_listed, "summarize_listed")
+            digests = sorted(hashlib.sha256(v).hexdigest() for v in members)
+            expected = (digests, digests, hashlib.sha256(one).hexdigest())
+            assert summarize(CloudburstReference("large/set")).get(timeout=120) == expected

@@ -442,14 +442,17 @@ class Core:
 
     async def get_many(
         self, keys: list[str], timeout: float
-    ) -> dict[str, lattice_pb2.Lattice | None]:
-        """Read user keys in one BatchGetValues per :data:`BATCH_KEYS` keys."""
+    ) -> dict[str, lattice_pb2.Lattice | chunks.LargeValue | None]:
+        """Read user keys in one BatchGetValues per :data:`BATCH_KEYS` keys.
+
+        A value too large for the batch's answer is read on its own, in chunks.
+        """
         return await self._on_kvs(functools.partial(self._get_many, keys=keys, timeout=timeout))
 
     async def _get_many(
         self, stub: KvsStub, keys: list[str], timeout: float
-    ) -> dict[str, lattice_pb2.Lattice | None]:
-        result: dict[str, lattice_pb2.Lattice | None] = {}
+    ) -> dict[str, lattice_pb2.Lattice | chunks.LargeValue | None]:
+        result: dict[str, lattice_pb2.Lattice | chunks.LargeValue | None] = {}
         for start in range(0, len(keys), BATCH_KEYS):
             request = kvs_service_pb2.BatchGetValuesRequest(
                 keys=keys[start : start + BATCH_KEYS], keyspace=lattice_pb2.KEYSPACE_USER
@@ -459,7 +462,12 @@ class Core:
                 functools.partial(stub.BatchGetValues, request, timeout=timeout),
             )
             for entry in response.entries:
-                result[entry.key] = entry.lattice if entry.found else None
+                if entry.chunked:
+                    result[entry.key] = await chunks.receive(
+                        stub, entry.key, lattice_pb2.KEYSPACE_USER, timeout
+                    )
+                else:
+                    result[entry.key] = entry.lattice if entry.found else None
         return result
 
     async def put(self, request: kvs_service_pb2.PutValueRequest, timeout: float) -> None:

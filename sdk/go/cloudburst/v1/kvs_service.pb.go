@@ -853,8 +853,11 @@ type KeyValue struct {
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// Whether the key exists.
 	Found bool `protobuf:"varint,2,opt,name=found,proto3" json:"found,omitempty"`
-	// The lattice when found.
-	Lattice       *Lattice `protobuf:"bytes,3,opt,name=lattice,proto3" json:"lattice,omitempty"`
+	// The lattice when found (unset when `chunked`).
+	Lattice *Lattice `protobuf:"bytes,3,opt,name=lattice,proto3" json:"lattice,omitempty"`
+	// The lattice is too large for this response (alone, or with the entries before it): read it
+	// with GetValueChunks.
+	Chunked       bool `protobuf:"varint,4,opt,name=chunked,proto3" json:"chunked,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -908,6 +911,13 @@ func (x *KeyValue) GetLattice() *Lattice {
 		return x.Lattice
 	}
 	return nil
+}
+
+func (x *KeyValue) GetChunked() bool {
+	if x != nil {
+		return x.Chunked
+	}
+	return false
 }
 
 // GetValueChunksRequest names the key to read in chunks.
@@ -966,6 +976,8 @@ func (x *GetValueChunksRequest) GetKeyspace() Keyspace {
 }
 
 // GetValueChunksResponse is one frame of a chunked read: the lattice first, then its value's bytes.
+// A last-writer-wins lattice's chunks joined are its value's bytes; a set lattice's chunks joined
+// are its encoded SetLattice (all of its values).
 type GetValueChunksResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The W3C trace context of the frame.
@@ -1048,12 +1060,13 @@ type isGetValueChunksResponse_Frame interface {
 }
 
 type GetValueChunksResponse_Lattice struct {
-	// The stored lattice with its value's bytes left out (the first frame); absent when not found.
+	// The stored lattice with its bytes left out (the first frame): a last-writer-wins lattice
+	// without its value's data, or a set without values; absent when not found.
 	Lattice *Lattice `protobuf:"bytes,2,opt,name=lattice,proto3,oneof"`
 }
 
 type GetValueChunksResponse_Chunk struct {
-	// The next piece of the value's bytes, in order.
+	// The next piece of the bytes, in order.
 	Chunk []byte `protobuf:"bytes,3,opt,name=chunk,proto3,oneof"`
 }
 
@@ -1361,11 +1374,12 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x13WatchValuesResponse\x12-\n" +
 	"\x05entry\x18\x01 \x01(\v2\x17.cloudburst.v1.KeyValueR\x05entry\x12\x18\n" +
 	"\adeleted\x18\x02 \x01(\bR\adeleted\x12#\n" +
-	"\rvalue_omitted\x18\x03 \x01(\bR\fvalueOmitted\"d\n" +
+	"\rvalue_omitted\x18\x03 \x01(\bR\fvalueOmitted\"~\n" +
 	"\bKeyValue\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05found\x18\x02 \x01(\bR\x05found\x120\n" +
-	"\alattice\x18\x03 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice\"^\n" +
+	"\alattice\x18\x03 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice\x12\x18\n" +
+	"\achunked\x18\x04 \x01(\bR\achunked\"^\n" +
 	"\x15GetValueChunksRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x123\n" +
 	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\"\x8c\x02\n" +

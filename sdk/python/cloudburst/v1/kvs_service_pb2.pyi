@@ -436,13 +436,18 @@ class KeyValue(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     FOUND_FIELD_NUMBER: _builtins.int
     LATTICE_FIELD_NUMBER: _builtins.int
+    CHUNKED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key."""
     found: _builtins.bool
     """Whether the key exists."""
+    chunked: _builtins.bool
+    """The lattice is too large for this response (alone, or with the entries before it): read it
+    with GetValueChunks.
+    """
     @_builtins.property
     def lattice(self) -> _lattice_pb2.Lattice:
-        """The lattice when found."""
+        """The lattice when found (unset when `chunked`)."""
 
     def __init__(
         self,
@@ -450,10 +455,11 @@ class KeyValue(_message.Message):
         key: _builtins.str = ...,
         found: _builtins.bool = ...,
         lattice: _lattice_pb2.Lattice | None = ...,
+        chunked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lattice", b"lattice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "key", b"key", "lattice", b"lattice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked", b"chunked", "found", b"found", "key", b"key", "lattice", b"lattice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -487,7 +493,10 @@ Global___GetValueChunksRequest: _TypeAlias = GetValueChunksRequest  # noqa: Y015
 
 @_typing.final
 class GetValueChunksResponse(_message.Message):
-    """GetValueChunksResponse is one frame of a chunked read: the lattice first, then its value's bytes."""
+    """GetValueChunksResponse is one frame of a chunked read: the lattice first, then its value's bytes.
+    A last-writer-wins lattice's chunks joined are its value's bytes; a set lattice's chunks joined
+    are its encoded SetLattice (all of its values).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -515,14 +524,16 @@ class GetValueChunksResponse(_message.Message):
     LATTICE_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
-    """The next piece of the value's bytes, in order."""
+    """The next piece of the bytes, in order."""
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The W3C trace context of the frame."""
 
     @_builtins.property
     def lattice(self) -> _lattice_pb2.Lattice:
-        """The stored lattice with its value's bytes left out (the first frame); absent when not found."""
+        """The stored lattice with its bytes left out (the first frame): a last-writer-wins lattice
+        without its value's data, or a set without values; absent when not found.
+        """
 
     def __init__(
         self,
