@@ -136,11 +136,16 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             data = lattice.set.SerializeToString()
         del lattice
         yield header
+        size = len(data)
         view = memoryview(data)
-        for start in range(0, len(data), CHUNK_BYTES):
-            yield kvs_service_pb2.GetValueChunksResponse(
-                chunk=bytes(view[start : start + CHUNK_BYTES])
-            )
+        for start in range(0, size, CHUNK_BYTES):
+            chunk = bytes(view[start : start + CHUNK_BYTES])
+            if start + CHUNK_BYTES >= size:
+                # The copy goes before the last chunk does: the stream may be left
+                # suspended (not closed) for a while after the caller has read everything.
+                view.release()
+                del data
+            yield kvs_service_pb2.GetValueChunksResponse(chunk=chunk)
 
     @_timed("put")
     async def PutValueChunks(
