@@ -198,9 +198,10 @@ class Invoker:
         cache = self._kvs if isinstance(self._kvs, ValueCache) else None
         if cache is not None and (kept := cache.kept(key, lattice)) is not None:
             return await asyncio.get_running_loop().run_in_executor(self._pool, kept)
-        if not _large(lattice) and self._on_loop:
+        large = _large(lattice)  # reads (copies) a last-writer-wins value's bytes: once
+        if not large and self._on_loop:
             return lattice_value(lattice)
-        if cache is None or not _large(lattice):
+        if cache is None or not large:
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, lattice_value, lattice
             )
