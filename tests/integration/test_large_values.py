@@ -100,6 +100,9 @@ def test_values_over_a_message_are_read_in_chunks_alone_and_in_lists() -> None:
             kvs.PutValue(request, timeout=60)
         with CloudburstConnection(cluster.address, max_payload_bytes=limit) as cloud:
             assert cloud.put_object("large/lww", one)
+            # Over the KVS's message limit, under the SDK's own threshold for chunks: chunked too.
+            assert cloud.put_object("large/two", big(2 * MIB))
+            assert cloud.get_object("large/two") == big(2 * MIB)
             assert sorted(cloud.get_object("large/set")) == members
             assert sorted(cloud.get_object("large/set", deserialize=False)) == members
             listed = cloud.get_object(["large/set", "large/lww", "large/missing"])

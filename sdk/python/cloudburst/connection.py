@@ -359,6 +359,8 @@ class CloudburstConnection:
         self.max_payload_bytes = max_payload_bytes
         self.max_value_bytes = max_payload_bytes
         """The largest value ``put_object`` stores: the KVS tier's limit, learned on connecting."""
+        self._inline_value_bytes = chunks.INLINE_VALUE_BYTES
+        """Larger values are written in chunks (less when the KVS tier's messages are smaller)."""
         self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
@@ -396,6 +398,10 @@ class CloudburstConnection:
         try:  # the KVS tier's limit on a value (larger than a message: values move in chunks)
             limits = await chunks.get_limits(core.kvs, connect_timeout)
             self.max_value_bytes = max(int(limits.max_value_bytes), self.max_payload_bytes)
+            if limits.max_message_bytes:
+                self._inline_value_bytes = min(
+                    chunks.INLINE_VALUE_BYTES, int(limits.max_message_bytes)
+                )
         except CloudburstError as exc:
             logger.debug(
                 "the server did not report its limits (%s); values stay in one message", exc
@@ -956,7 +962,7 @@ class CloudburstConnection:
         size = len(data)
         check_length(size, what=what, limit=self.max_value_bytes)
         timestamp = self._clock.now()  # one timestamp: a retry merges as the same write
-        if size > chunks.INLINE_VALUE_BYTES:
+        if size > self._inline_value_bytes:
             # Sent in slices of the serialized value: no copy of the whole.
             self._retrying(
                 lambda: self._core.put_large(key, timestamp, serializer, data, self.timeout),
