@@ -38,7 +38,7 @@ from cloudburst.serialization import (
     deserialize,
     lattice_bytes,
     lattice_value,
-    lww,
+    lww_of,
     serialize,
 )
 from cloudburst.v1 import messaging_service_pb2
@@ -312,10 +312,12 @@ class UserLibrary:
     def put_object(self, key: str, value: Any) -> bool:
         """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
         _check_key(key)
-        data = serialize(value, what=f"value for key {key!r}", limit=self._max_value_bytes)
+        lattice = lww_of(
+            value, self._clock, what=f"value for key {key!r}", limit=self._max_value_bytes
+        )
         with telemetry.span("kvs put", attributes={"cloudburst.key": key}):
             started = time.monotonic()
-            self._bridge.run(self._kvs.put(key, lww(data, self._clock)), f"put_object({key!r})")
+            self._bridge.run(self._kvs.put(key, lattice), f"put_object({key!r})")
             telemetry.KVS_DURATION.record(time.monotonic() - started, {"operation": "put"})
         return True
 

@@ -109,9 +109,22 @@ class KvsClient:
         The server then answers without the stored lattice, which for a large
         value halves what travels. A large value goes in chunks.
         """
-        if chunks.needs_chunks(lattice):
-            await chunks.write_chunks(self._stub, key, lattice, keyspace, timeout, request_id)
-            return
+        if lattice.WhichOneof("kind") == "lww":
+            value = lattice.lww.value
+            data = value.data  # read (copied) out of the message once, to size and to send
+            if len(data) > chunks.INLINE_VALUE_BYTES:
+                await chunks.write_value(
+                    self._stub,
+                    key,
+                    lattice.lww.timestamp,
+                    value.serializer,
+                    data,
+                    keyspace,
+                    timeout,
+                    request_id,
+                )
+                return
+            del data
         await self._put(key, lattice, keyspace, request_id, timeout, omit=True)
 
     async def _put(

@@ -1,6 +1,7 @@
 """Moving a KVS value too large for one message: in chunks over a stream.
 
-A value of more than :data:`INLINE_VALUE_BYTES` is written with
+A value of more than :data:`INLINE_VALUE_BYTES` (or than the KVS tier's
+message limit, when that is smaller) is written with
 ``PutValueChunks`` (the write without its bytes, then the bytes in
 :data:`CHUNK_BYTES` pieces) and read with ``GetValueChunks`` when ``GetValue``
 answers ``chunked``. A set lattice too large for one message is read the same
@@ -39,17 +40,6 @@ _DATA_TAG = 0x0A
 
 #: What a value's bytes may be given as.
 Buffer = bytes | bytearray | memoryview
-
-
-def needs_chunks(lattice: lattice_pb2.Lattice, size: int | None = None) -> bool:
-    """Whether a write of ``lattice`` goes in chunks.
-
-    ``size``, the length of its value when the caller knows it, saves reading
-    (copying) the bytes out of the message.
-    """
-    if lattice.WhichOneof("kind") != "lww":
-        return False
-    return (len(lattice.lww.value.data) if size is None else size) > INLINE_VALUE_BYTES
 
 
 def _varint(number: int) -> bytes:
@@ -148,32 +138,6 @@ async def write_value(
     await call(
         f"PutValueChunks of key {key!r}",
         lambda: stub.PutValueChunks(frames(), timeout=timeout),
-    )
-
-
-async def write_chunks(
-    stub: kvs_service_pb2_grpc.KvsServiceAsyncStub,
-    key: str,
-    lattice: lattice_pb2.Lattice,
-    keyspace: lattice_pb2.Keyspace.ValueType,
-    timeout: float | None,
-    request_id: str = "",
-) -> None:
-    """Merge a last-writer-wins ``lattice`` into ``key`` through ``PutValueChunks``.
-
-    Its bytes are read out of the message once; a caller that has them
-    outside a message calls :func:`write_value` and saves that copy.
-    """
-    value = lattice.lww.value
-    await write_value(
-        stub,
-        key,
-        lattice.lww.timestamp,
-        value.serializer,
-        value.data,
-        keyspace,
-        timeout,
-        request_id,
     )
 
 

@@ -329,6 +329,26 @@ def lww(value: value_pb2.Value, clock: LwwClock) -> lattice_pb2.Lattice:
     return lattice
 
 
+def lww_of(
+    obj: Any, clock: LwwClock, *, what: str = "value", limit: int | None = None
+) -> lattice_pb2.Lattice:
+    """Serialize ``obj`` into a last-writer-wins lattice stamped by ``clock``.
+
+    The serialized bytes are copied once, into the lattice (:func:`serialize`
+    and then :func:`lww` would copy them twice).
+
+    Raises:
+        SerializationError: The value cannot be pickled.
+        PayloadTooLargeError: The serialized value is larger than ``limit``.
+    """
+    data, serializer = encode(obj, what=what)
+    check_length(len(data), what=what, limit=limit)
+    lattice = lattice_pb2.Lattice()
+    lattice.lww.timestamp.CopyFrom(clock.now())
+    lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
+    return lattice
+
+
 def lattice_value(lattice: lattice_pb2.Lattice) -> Any:
     """Return the Python value a user sees for a stored lattice.
 
