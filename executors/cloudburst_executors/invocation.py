@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import time
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, RemoteFunctionError
-from cloudburst.serialization import LwwClock, lattice_bytes, lattice_value, serialize
+from cloudburst.serialization import LwwClock, decode, lattice_bytes, lattice_value, serialize
 from cloudburst.v1 import execution_pb2, lattice_pb2, value_pb2
 from cloudburst_executors import runner, stages
 from cloudburst_executors.cache import ValueCache, handout, read_reference
@@ -198,15 +199,22 @@ class Invoker:
         cache = self._kvs if isinstance(self._kvs, ValueCache) else None
         if cache is not None and (kept := cache.kept(key, lattice)) is not None:
             return await asyncio.get_running_loop().run_in_executor(self._pool, kept)
-        large = _large(lattice)  # reads (copies) a last-writer-wins value's bytes: once
+        # A last-writer-wins value's bytes are read out of the message once, to size and
+        # to decode them (bytes decode to themselves): each read is a copy of the whole.
+        if lattice.WhichOneof("kind") == "lww":
+            data = lattice.lww.value.data
+            large = len(data) > LARGE_VALUE_BYTES
+            value_of = functools.partial(decode, data, lattice.lww.value.serializer)
+            del data
+        else:
+            large = lattice.ByteSize() > LARGE_VALUE_BYTES
+            value_of = functools.partial(lattice_value, lattice)
         if not large and self._on_loop:
-            return lattice_value(lattice)
+            return value_of()
         if cache is None or not large:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, lattice_value, lattice
-            )
+            return await asyncio.get_running_loop().run_in_executor(self._pool, value_of)
         value, kept_value = await asyncio.get_running_loop().run_in_executor(
-            self._pool, _decode_and_keep, lattice
+            self._pool, _decode_and_keep, value_of
         )
         if kept_value is not None:
             cache.keep(key, lattice, *kept_value)
@@ -340,18 +348,11 @@ class Invoker:
         )
 
 
-def _large(lattice: lattice_pb2.Lattice) -> bool:
-    """Whether a stored value is large enough to be decoded off the event loop."""
-    if lattice.WhichOneof("kind") == "lww":
-        return len(lattice.lww.value.data) > LARGE_VALUE_BYTES
-    return lattice.ByteSize() > LARGE_VALUE_BYTES
-
-
 def _decode_and_keep(
-    lattice: lattice_pb2.Lattice,
+    value_of: Callable[[], Any],
 ) -> tuple[Any, tuple[Callable[[], Any], int] | None]:
     """Decode a stored value, and say how to hand it out again (on a worker thread)."""
-    value = lattice_value(lattice)
+    value = value_of()
     return value, handout(value)
 
 
