@@ -10,7 +10,8 @@ It starts a cluster of separate processes (`cbgrpc kvs --storage memory`, two
 `cbgrpc executor`, `cbgrpc scheduler`, as `bench.systems.start_cluster` does)
 and a fresh client process, which
 
-1. builds the value (``bytes``, the user's object) and stores it with
+1. builds the value (``bytes``, the user's object, stored as they are; with
+   ``--pickled`` a ``bytearray``, which is pickled) and stores it with
    ``put_object``;
 2. drops its own copy (keeping a SHA-256 of it; ``--keep-value`` keeps it, as
    a user comparing the two would) and reads the value back with
@@ -60,14 +61,16 @@ def _status_kib(pid: int | str, field: str) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
-def client(address: str, size: int, keep: bool) -> dict[str, Any]:
+def client(address: str, size: int, keep: bool, pickled: bool) -> dict[str, Any]:
     """The client's part, in a process of its own; returns its figures."""
     from cloudburst import CloudburstConnection, CloudburstReference
 
     with CloudburstConnection(address, timeout=600) as cloud:
         fn = cloud.register(digest, "bigvalue_digest")
         fn(b"warm-up").get(timeout=120)  # the function's code loaded before the timed part
-        value = bytes(range(256)) * (size // 256)
+        value: bytes | bytearray = bytes(range(256)) * (size // 256)
+        if pickled:
+            value = bytearray(value)
         expected = hashlib.sha256(value).hexdigest()
         baseline = _status_kib("self", "VmRSS") * 1024 - size
         started = time.monotonic()
@@ -100,7 +103,9 @@ def client(address: str, size: int, keep: bool) -> dict[str, Any]:
     }
 
 
-def measure(size: int, keep: bool = False, health_timeout: float = 60.0) -> dict[str, Any]:
+def measure(
+    size: int, keep: bool = False, health_timeout: float = 60.0, pickled: bool = False
+) -> dict[str, Any]:
     """Start a cluster, run the client, read every process's peak RSS; returns the figures."""
     from bench import systems
     from bench.procs import Processes, log
@@ -116,6 +121,7 @@ def measure(size: int, keep: bool = False, health_timeout: float = 60.0) -> dict
             [
                 *(sys.executable, "-m", "bench.bigvalue", "--client", cluster.address, str(size)),
                 *(["--keep-value"] if keep else []),
+                *(["--pickled"] if pickled else []),
             ],
             capture_output=True,
             text=True,
@@ -134,11 +140,12 @@ def measure(size: int, keep: bool = False, health_timeout: float = 60.0) -> dict
     return figures
 
 
-def report(size: int, figures: dict[str, Any], keep: bool = False) -> str:
+def report(size: int, figures: dict[str, Any], keep: bool = False, pickled: bool = False) -> str:
     """A table of the figures."""
     held = "kept" if keep else "dropped"
+    kind = "a bytearray, pickled" if pickled else "bytes"
     lines = [
-        f"One {size / MIB:.0f} MiB value (bytes, memory engine): put_object, get_object "
+        f"One {size / MIB:.0f} MiB value ({kind}, memory engine): put_object, get_object "
         f"(the client's own copy {held}), a function reading it by reference",
         f"{'process':<12} {'baseline MiB':>12} {'peak MiB':>9} {'copies':>7}",
     ]
@@ -166,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-value", action="store_true", help="the client keeps its value during the get"
     )
     parser.add_argument(
+        "--pickled", action="store_true", help="the value is a bytearray (pickled), not bytes"
+    )
+    parser.add_argument(
         "--health-timeout",
         type=float,
         default=60.0,
@@ -174,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", nargs=2, metavar=("ADDRESS", "BYTES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
-        print(json.dumps(client(args.client[0], int(args.client[1]), args.keep_value)))
+        print(
+            json.dumps(client(args.client[0], int(args.client[1]), args.keep_value, args.pickled))
+        )
         return 0
     size = args.mib * MIB
-    figures = measure(size, args.keep_value, args.health_timeout)
-    print(report(size, figures, args.keep_value))
+    figures = measure(size, args.keep_value, args.health_timeout, args.pickled)
+    print(report(size, figures, args.keep_value, args.pickled))
     if args.json:
         print(json.dumps(figures))
     return 0 if figures["client"]["get_ok"] and figures["client"]["call_ok"] else 1

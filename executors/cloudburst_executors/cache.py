@@ -182,6 +182,11 @@ class ValueCache:
             found.update(await self._inner.get_many(missing, keyspace))
         return {key: found[key] for key in keys}
 
+    def holds(self, key: str, lattice: lattice_pb2.Lattice) -> bool:
+        """Whether ``lattice`` is the key's cached value (a value decoded from it may be kept)."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.lattice is lattice
+
     def kept(self, key: str, lattice: lattice_pb2.Lattice) -> Callable[[], Any] | None:
         """What hands out the decoded value kept for ``lattice``, the key's cached value.
 

@@ -187,7 +187,10 @@ class Invoker:
                 return None
             if ref.raw:
                 return lattice_bytes(lattice)
-            return await self._value_of(ref.key, lattice)
+            # The lattice goes with the decoding, which lets it go as soon as it can.
+            decoding = self._value_of(ref.key, lattice)
+            del lattice
+            return await decoding
         return None
 
     async def _value_of(self, key: str, lattice: lattice_pb2.Lattice) -> Any:
@@ -211,7 +214,10 @@ class Invoker:
             value_of = functools.partial(lattice_value, lattice)
         if not large and self._on_loop:
             return value_of()
-        if cache is None or not large:
+        if cache is None or not large or not cache.holds(key, lattice):
+            # Not cached (a large value over the cache's budget, say): its lattice goes
+            # before the value is decoded, and no copy is made to hand out later.
+            del lattice
             return await asyncio.get_running_loop().run_in_executor(self._pool, value_of)
         value, kept_value = await asyncio.get_running_loop().run_in_executor(
             self._pool, _decode_and_keep, value_of
