@@ -68,9 +68,12 @@ def client(address: str, size: int, keep: bool, pickled: bool) -> dict[str, Any]
     with CloudburstConnection(address, timeout=600) as cloud:
         fn = cloud.register(digest, "bigvalue_digest")
         fn(b"warm-up").get(timeout=120)  # the function's code loaded before the timed part
-        value: bytes | bytearray = bytes(range(256)) * (size // 256)
-        if pickled:
-            value = bytearray(value)
+        # A pickled value is a few bytes longer than its data: 4 KiB less keeps it in the limit.
+        value: bytes | bytearray = (
+            bytearray(range(256)) * ((size - 4096) // 256)
+            if pickled
+            else bytes(range(256)) * (size // 256)
+        )
         expected = hashlib.sha256(value).hexdigest()
         baseline = _status_kib("self", "VmRSS") * 1024 - size
         started = time.monotonic()
@@ -81,7 +84,7 @@ def client(address: str, size: int, keep: bool, pickled: bool) -> dict[str, Any]
         started = time.monotonic()
         got = cloud.get_object(KEY)
         get_seconds = time.monotonic() - started
-        ok = len(got) == size and hashlib.sha256(got).hexdigest() == expected
+        ok = hashlib.sha256(got).hexdigest() == expected
         del got
         started = time.monotonic()
         try:
@@ -93,7 +96,7 @@ def client(address: str, size: int, keep: bool, pickled: bool) -> dict[str, Any]
         cloud.delete_object(KEY)
     return {
         "get_ok": ok,
-        "call_ok": read == (size, expected),
+        "call_ok": read is not None and read[1] == expected,
         "call_error": call_error,
         "baseline_bytes": baseline,
         "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
