@@ -299,3 +299,31 @@ async def test_watch_refusals_surface_from_watch(kvs: Kvs) -> None:
         stream = await kvs.client.watch([])
         async with asyncio.timeout(WAIT):
             await anext(stream)
+
+
+async def test_a_batch_answer_leaves_out_what_does_not_fit_for_chunked_reads(kvs: Kvs) -> None:
+    # Each value fits in a message; two do not fit in one answer.
+    for key, fill in (("b1", b"1"), ("b2", b"2"), ("b3", b"3")):
+        await kvs.client.merge(key, lww(fill * (LIMIT // 2)))
+    await kvs.client.merge("bs", set_of(b"x" * (LIMIT // 2)))
+    await kvs.client.merge("bs", set_of(b"y" * (LIMIT // 2)))  # the set outgrows a message
+    keys = ["b1", "missing", "b2", "bs", "b3"]
+    request = kvs_service_pb2.BatchGetValuesRequest(keys=keys)
+    response = await kvs.stub.BatchGetValues(request)
+    answered = {e.key: (e.found, e.chunked, e.HasField("lattice")) for e in response.entries}
+    assert answered == {
+        "b1": (True, False, True),
+        "missing": (False, False, False),
+        "b2": (True, True, False),
+        "bs": (True, True, False),
+        "b3": (True, True, False),
+    }
+    found = await kvs.client.batch_get(keys)
+    assert found["missing"] is None
+    for key, fill in (("b1", b"1"), ("b2", b"2"), ("b3", b"3")):
+        lattice = found[key]
+        assert lattice is not None and lattice.lww.value.data == fill * (LIMIT // 2)
+    stored_set = found["bs"]
+    assert stored_set is not None
+    assert [v.data for v in stored_set.set.values] == [b"x" * (LIMIT // 2), b"y" * (LIMIT // 2)]
+    assert await kvs.client.get("bs") == stored_set  # alone: GetValue says chunked too
