@@ -13,6 +13,7 @@ import {
 import type { ArgumentSchema } from "./gen/cloudburst/v1/value_pb.js";
 import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
 import { transportOptions } from "./transport.js";
+import { tlsSettings, type TlsSettings } from "./tls.js";
 import { CloudburstError, fromCallError, fromFailure, fromRpcError } from "./errors.js";
 import { ACCEPTED, decode, encode, failureOf, isFailure, type NativeValue } from "./values.js";
 
@@ -27,8 +28,12 @@ export interface Options {
 /** Arguments of a DAG call: each function's arguments, passed before its upstream results. */
 export type DagArguments = Record<string, NativeValue[]>;
 
-/** Options of a connection. */
-export interface ConnectOptions {
+/**
+ * Options of a connection. TLS: the tls* settings not given come from `CLOUDBURST_TLS_CA`,
+ * `CLOUDBURST_TLS_CERT`, `CLOUDBURST_TLS_KEY` and `CLOUDBURST_TLS_SERVER_NAME`; any of them
+ * makes a "host:port" address use TLS (an https:// address always does, an http:// one never).
+ */
+export interface ConnectOptions extends TlsSettings {
   /**
    * Read and write objects at the KVS itself when the scheduler names its address (a cluster's
    * scheduler does): one network hop instead of two. When that address does not answer, within
@@ -41,15 +46,30 @@ export interface ConnectOptions {
 }
 
 /**
- * Connects to a scheduler at "host:port" (plaintext, for loopback and trusted networks), or at
- * a URL. The connection pings the scheduler every second and gives it up (its calls reject with
+ * Connects to a scheduler at "host:port" (plaintext, for loopback and trusted networks, unless a
+ * TLS setting is given), or at a URL. With TLS and a client certificate, the servers that ask
+ * for one (a scheduler without tokens, or its client certificate port, and the KVS) authenticate
+ * the client by it; a server that refuses it fails calls with UNAUTHENTICATED, saying why. The
+ * connection pings the scheduler every second and gives it up (its calls reject with
  * UNAVAILABLE) when a ping goes unanswered for two seconds (`CLOUDBURST_PING_TIMEOUT_SECONDS`):
- * a hung scheduler fails calls within seconds instead of at their deadlines.
+ * a hung scheduler fails calls within seconds instead of at their deadlines. Throws a
+ * CloudburstError (INVALID_ARGUMENT) for a TLS file that cannot be read, a certificate without
+ * its key or with a key that does not match it, or a malformed environment variable.
  */
 export function connect(address: string, options: ConnectOptions = {}): CloudburstClient {
-  const baseUrl = /^https?:\/\//.test(address) ? address : `http://${address}`;
-  const scheme = baseUrl.startsWith("https:") ? "https" : "http";
-  const shared = transportOptions(scheme);
+  const plaintext = address.startsWith("http://");
+  const given = [options.tlsCa, options.tlsCert, options.tlsKey, options.tlsServerName];
+  if (plaintext && given.some((setting) => setting !== undefined)) {
+    throw new CloudburstError(
+      Code.InvalidArgument,
+      "",
+      `TLS settings were given for the plaintext address ${address}: use host:port or https://`,
+    );
+  }
+  const tls = plaintext ? undefined : tlsSettings(options, process.env);
+  const scheme = address.startsWith("https://") || tls !== undefined ? "https" : "http";
+  const baseUrl = /^https?:\/\//.test(address) ? address : `${scheme}://${address}`;
+  const shared = transportOptions(scheme, process.env, tls);
   return new CloudburstClient(createGrpcTransport({ baseUrl, ...shared }), {
     directKvs: options.directKvs ?? directKvsFromEnvironment(process.env),
     kvsTransport: (kvsAddress) => createGrpcTransport({ baseUrl: `${scheme}://${kvsAddress}`, ...shared }),

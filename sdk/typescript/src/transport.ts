@@ -1,10 +1,12 @@
 // What every connection of the client agrees on with the servers: keepalive pings and bounded
 // connection attempts, the same values the Python SDK and cbgrpc use.
 import * as net from "node:net";
+import * as tlsSockets from "node:tls";
 import type { Duplex } from "node:stream";
-import { Code } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import type { Http2SessionOptions } from "@connectrpc/connect-node";
 import { CloudburstError } from "./errors.js";
+import { certificateRefusal, refusedCertificate, type Tls } from "./tls.js";
 
 /** Milliseconds between keepalive pings on every connection, idle or not (servers permit them). */
 export const KEEPALIVE_MS = 1_000;
@@ -50,19 +52,145 @@ export function pingTimeoutMs(env: Environment = process.env): number {
   return Math.max(Math.floor(seconds * 1000), 1);
 }
 
-/** The options of a gRPC transport (HTTP/2) to a peer at a URL of this scheme. */
+/** The options of a gRPC transport (HTTP/2) to a peer at a URL of this scheme, with tls for https. */
 export function transportOptions(
   scheme: "http" | "https",
   env: Environment = process.env,
-): Http2SessionOptions & { nodeOptions?: { createConnection: (authority: URL) => Duplex } } {
+  tls?: Tls,
+): Http2SessionOptions & {
+  nodeOptions: { createConnection: (authority: URL) => Duplex };
+  interceptors: Interceptor[];
+} {
   const keepalive: Http2SessionOptions = {
     pingIntervalMs: KEEPALIVE_MS,
     pingTimeoutMs: pingTimeoutMs(env),
     pingIdleConnection: true,
   };
-  // Node's own TLS connection is kept for https; its connection attempts are bounded by the
-  // operating system only.
-  return scheme === "http" ? { ...keepalive, nodeOptions: { createConnection: connectWithin } } : keepalive;
+  if (scheme === "http") {
+    return { ...keepalive, interceptors: [transportErrors()], nodeOptions: { createConnection: connectWithin } };
+  }
+  const refusals = new Refusals();
+  return {
+    ...keepalive,
+    interceptors: [transportErrors(tls, refusals)],
+    nodeOptions: { createConnection: (authority) => connectTlsWithin(authority, tls, refusals) },
+  };
+}
+
+/**
+ * The last TLS alert with which a server refused this client's certificate, on any connection
+ * of a transport: the alert ends the connection, while its calls only see their streams
+ * cancelled.
+ */
+export class Refusals {
+  /** The alert, and when it came (performance.now()). */
+  last: { error: Error; at: number } | undefined;
+
+  /** The refusal that came since `since` (performance.now()), if any. */
+  since(since: number): Error | undefined {
+    return this.last !== undefined && this.last.at >= since ? this.last.error : undefined;
+  }
+}
+
+/** A TLS connection (HTTP/2 by ALPN) that fails as ETIMEDOUT if not made in time. */
+function connectTlsWithin(authority: URL, tls: Tls | undefined, refusals: Refusals): Duplex {
+  const host = authority.hostname.replace(/^\[(.*)\]$/, "$1");
+  const options: tlsSockets.ConnectionOptions = {
+    host,
+    port: Number(authority.port || 443),
+    ALPNProtocols: ["h2"],
+  };
+  if (tls?.ca !== undefined) options.ca = tls.ca;
+  if (tls?.cert !== undefined) options.cert = tls.cert;
+  if (tls?.key !== undefined) options.key = tls.key;
+  const servername = tls?.servername ?? (net.isIP(host) === 0 ? host : undefined);
+  if (servername !== undefined) options.servername = servername;
+  const socket = tlsSockets.connect(options);
+  if (tls?.cert !== undefined) {
+    // A TLS 1.3 server that refuses the client's certificate closes the connection right after
+    // the handshake, without an alert Node reports: a gRPC server that accepts it sends its
+    // HTTP/2 settings first, so a close before any byte came means a refusal.
+    let handshaken = false;
+    socket.once("secureConnect", () => {
+      handshaken = true;
+    });
+    socket.once("close", () => {
+      if (handshaken && socket.bytesRead === 0) {
+        const error = new Error(`the server closed the connection right after the TLS handshake`);
+        refusals.last = { error, at: performance.now() };
+      }
+    });
+  }
+  socket.on("error", (error) => {
+    if (refusedCertificate(error)) {
+      refusals.last = { error, at: performance.now() };
+    }
+  });
+  socket.setTimeout(CONNECT_TIMEOUT_MS, () => {
+    const error = new Error(`no TLS connection to ${authority.host} within ${CONNECT_TIMEOUT_MS} ms`);
+    socket.destroy(Object.assign(error, { code: "ETIMEDOUT" }));
+  });
+  socket.once("secureConnect", () => socket.setTimeout(0));
+  return socket;
+}
+
+/**
+ * An interceptor that gives transport failures the codes the client's callers act on: a
+ * connection the peer reset (ECONNRESET, EPIPE: the peer died mid-call), which connect-node
+ * reports as ABORTED, becomes UNAVAILABLE, so that a call falls back as for a refused
+ * connection; a TLS handshake in which the server refused the client's certificate becomes
+ * UNAUTHENTICATED, saying why. A server's own ABORTED status, and every other error, is kept.
+ */
+export function transportErrors(tls?: Tls, refusals?: Refusals): Interceptor {
+  return (next) => async (request) => {
+    const where = new URL(request.url).host;
+    const started = performance.now();
+    const convert = (err: unknown): unknown =>
+      certificateRefusal(resetAsUnavailable(err), tls, where, refusals?.since(started));
+    let response;
+    try {
+      response = await next(request);
+    } catch (err) {
+      throw convert(err);
+    }
+    if (!response.stream) {
+      return response;
+    }
+    const messages = response.message;
+    return {
+      ...response,
+      message: (async function* () {
+        try {
+          yield* messages;
+        } catch (err) {
+          throw convert(err);
+        }
+      })(),
+    };
+  };
+}
+
+/** Node's codes of a connection that its peer reset. */
+const RESETS = new Set(["ECONNRESET", "EPIPE"]);
+
+/** err as UNAVAILABLE when it is connect-node's ABORTED for a connection reset; else err. */
+export function resetAsUnavailable(err: unknown): unknown {
+  if (!(err instanceof ConnectError) || err.code !== Code.Aborted) {
+    return err;
+  }
+  for (let e: unknown = err.cause, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && RESETS.has(code)) {
+      return new ConnectError(
+        `the connection was reset (the server went away mid-call): ${err.rawMessage}`,
+        Code.Unavailable,
+        err.metadata,
+        undefined,
+        err.cause,
+      );
+    }
+  }
+  return err;
 }
 
 /** A TCP connection to authority that fails (as ETIMEDOUT: UNAVAILABLE) if not made in time. */

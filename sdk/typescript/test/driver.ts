@@ -4,7 +4,10 @@
 //
 //   node dist/test/driver.js ADDRESS [default|on|off]   (the directKvs option; default: unset)
 //
+// TLS settings come from the environment (CLOUDBURST_TLS_*), as the client reads them.
+//
 // Commands: {"op": "put", "key": K, "value": V}, {"op": "get", "key": K},
+// {"op": "call", "name": FUNCTION, "args": [...], "timeout": SECONDS},
 // {"op": "kvs_address"} and {"op": "wait_result", "key": K, "timeout": SECONDS}. An answer is
 // {"ok": true, ...} or {"ok": false, "code": "Unavailable", "reason": "...", "message": "..."}.
 import { createInterface } from "node:readline";
@@ -15,6 +18,8 @@ interface Command {
   op: string;
   key?: string;
   value?: Json;
+  name?: string;
+  args?: Json[];
   timeout?: number;
 }
 
@@ -32,6 +37,8 @@ async function run(client: CloudburstClient, command: Command): Promise<Answer> 
         const value = await client.get(key, options);
         return value === undefined ? { ok: true, found: false } : { ok: true, found: true, value: value as Json };
       }
+      case "call":
+        return { ok: true, value: (await client.callFunction(command.name ?? "", command.args ?? [], options)) as Json };
       case "kvs_address":
         return { ok: true, address: client.kvsAddress ?? "" };
       case "wait_result":
