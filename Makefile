@@ -83,7 +83,7 @@ clients-lint: $(TS_DEPS)
 clients: $(TS_DEPS)
 	cd sdk/go && go build ./... && go test ./...
 	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript
-	node --test sdk/typescript/dist/test/unit.test.js
+	node --test sdk/typescript/dist/test/unit.test.js sdk/typescript/dist/test/transport.test.js
 
 lint: setup
 	$(VENV)/bin/ruff check .
