@@ -136,17 +136,18 @@ function connectTlsWithin(authority: URL, tls: Tls | undefined, refusals: Refusa
 
 /**
  * An interceptor that gives transport failures the codes the client's callers act on: a
- * connection the peer reset (ECONNRESET, EPIPE: the peer died mid-call), which connect-node
- * reports as ABORTED, becomes UNAVAILABLE, so that a call falls back as for a refused
- * connection; a TLS handshake in which the server refused the client's certificate becomes
- * UNAUTHENTICATED, saying why. A server's own ABORTED status, and every other error, is kept.
+ * connection lost mid-call (the peer died: reset, which connect-node reports as ABORTED, or
+ * closed, which it reports as CANCELED) becomes UNAVAILABLE, so that a call falls back as for a
+ * refused connection; a TLS handshake in which the server refused the client's certificate becomes
+ * UNAUTHENTICATED, saying why. A server's own ABORTED or CANCELLED status, a call its caller
+ * cancelled, and every other error, are kept.
  */
 export function transportErrors(tls?: Tls, refusals?: Refusals): Interceptor {
   return (next) => async (request) => {
     const where = new URL(request.url).host;
     const started = performance.now();
     const convert = (err: unknown): unknown =>
-      certificateRefusal(resetAsUnavailable(err), tls, where, refusals?.since(started));
+      certificateRefusal(resetAsUnavailable(err, request.signal.aborted), tls, where, refusals?.since(started));
     let response;
     try {
       response = await next(request);
@@ -173,24 +174,34 @@ export function transportErrors(tls?: Tls, refusals?: Refusals): Interceptor {
 /** Node's codes of a connection that its peer reset. */
 const RESETS = new Set(["ECONNRESET", "EPIPE"]);
 
-/** err as UNAVAILABLE when it is connect-node's ABORTED for a connection reset; else err. */
-export function resetAsUnavailable(err: unknown): unknown {
-  if (!(err instanceof ConnectError) || err.code !== Code.Aborted) {
+/** What connect-node reports for a stream that ended with its connection: an HTTP/2 CANCEL. */
+const STREAM_CANCELLED = "http/2 stream closed with error code CANCEL";
+
+/**
+ * err as UNAVAILABLE when the call's connection was lost under it: connect-node's ABORTED for a
+ * connection the peer reset (ECONNRESET, EPIPE), or its CANCELED for a stream that ended with
+ * its connection while the caller had not cancelled it (callerCancelled: the call's signal
+ * aborted). Anything a server answered (an ABORTED or CANCELLED status of its own) stays as it is.
+ */
+export function resetAsUnavailable(err: unknown, callerCancelled = false): unknown {
+  if (!(err instanceof ConnectError)) {
     return err;
   }
-  for (let e: unknown = err.cause, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+  let lost = err.code === Code.Canceled && !callerCancelled && err.rawMessage.startsWith(STREAM_CANCELLED);
+  for (let e: unknown = err.cause, depth = 0; !lost && e instanceof Error && depth < 8; e = e.cause, depth++) {
     const code = (e as { code?: unknown }).code;
-    if (typeof code === "string" && RESETS.has(code)) {
-      return new ConnectError(
-        `the connection was reset (the server went away mid-call): ${err.rawMessage}`,
-        Code.Unavailable,
-        err.metadata,
-        undefined,
-        err.cause,
-      );
-    }
+    lost = err.code === Code.Aborted && typeof code === "string" && RESETS.has(code);
   }
-  return err;
+  if (!lost) {
+    return err;
+  }
+  return new ConnectError(
+    `the connection to the server was lost mid-call (reset or closed: the server went away): ${err.rawMessage}`,
+    Code.Unavailable,
+    err.metadata,
+    undefined,
+    err.cause ?? err,
+  );
 }
 
 /** A TCP connection to authority that fails (as ETIMEDOUT: UNAVAILABLE) if not made in time. */

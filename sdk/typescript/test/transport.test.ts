@@ -18,10 +18,11 @@ import { Serializer } from "../src/gen/cloudburst/v1/value_pb.js";
 import { CloudburstClient, CloudburstError, TLS_ENV, connect, tlsSettings } from "../src/index.js";
 import { transportOptions } from "../src/transport.js";
 
-/** A real gRPC server on 127.0.0.1:0; resetAll() resets every connection it accepted. */
+/** A real gRPC server on 127.0.0.1:0; resetAll() resets every connection it accepted, closeAll() closes them. */
 async function serve(routes: (router: ConnectRouter) => void): Promise<{
   address: string;
   resetAll: () => void;
+  closeAll: () => void;
   close: () => Promise<void>;
 }> {
   const sockets: Socket[] = [];
@@ -33,6 +34,9 @@ async function serve(routes: (router: ConnectRouter) => void): Promise<{
     address: `127.0.0.1:${port}`,
     resetAll: () => {
       for (const socket of sockets) socket.resetAndDestroy();
+    },
+    closeAll: () => {
+      for (const socket of sockets) socket.destroy();
     },
     close: () =>
       new Promise<void>((resolve) => {
@@ -99,6 +103,42 @@ test("a connection reset mid-call is UNAVAILABLE and a direct KVS read falls bac
       ok(err instanceof ConnectError, String(err));
       strictEqual(err.code, Code.Unavailable, err.message);
       ok(err.message.includes("reset"), err.message);
+    },
+  );
+});
+
+test("a connection closed mid-call is UNAVAILABLE unless the caller cancelled the call", async () => {
+  let closeAll = (): void => undefined;
+  const server = await serve((router) =>
+    router.service(KvsService, {
+      getLimits: () => ({}),
+      getValue: (request, context) => {
+        if (request.key === "close") closeAll();
+        return new Promise((_resolve, reject) => {
+          context.signal.addEventListener("abort", () => reject(new ConnectError("gone", Code.Canceled)));
+        });
+      },
+    }),
+  );
+  servers.push(server);
+  closeAll = server.closeAll;
+  const transport = createGrpcTransport({ baseUrl: `http://${server.address}`, ...transportOptions("http", {}) });
+  const stub = new CloudburstClient(transport, { directKvs: false }).kvs;
+  await stub.getValue({ key: "close" }, { timeoutMs: 30_000 }).then(
+    () => ok(false, "the read answered"),
+    (err: unknown) => {
+      ok(err instanceof ConnectError, String(err));
+      strictEqual(err.code, Code.Unavailable, err.message);
+    },
+  );
+  const caller = new AbortController();
+  const cancelled = stub.getValue({ key: "wait" }, { timeoutMs: 30_000, signal: caller.signal });
+  caller.abort();
+  await cancelled.then(
+    () => ok(false, "the read answered"),
+    (err: unknown) => {
+      ok(err instanceof ConnectError, String(err));
+      strictEqual(err.code, Code.Canceled, err.message);
     },
   );
 });
