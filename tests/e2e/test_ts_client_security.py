@@ -22,10 +22,10 @@ from typing import Any
 
 import grpc
 import pytest
-from test_clients_cluster import Driver
 
 from cloudburst import CloudburstConnection
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
+from e2e.test_clients_cluster import Driver
 from harness import CbgrpcProcess, running_process_cluster
 from waiting import wait_until
 
