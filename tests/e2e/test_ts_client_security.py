@@ -156,6 +156,25 @@ def test_a_client_certificate_calls_functions_and_uses_the_kvs_directly(
     assert client.ok(op="kvs_address")["address"] == cert_cluster.kvs.address
     assert cert_cluster.stored("tls/before") == {"n": [1, 2]}
 
+    # The servers' certificates are checked against the name given, not the address dialled.
+    named = launch(
+        cert_cluster.scheduler.address,
+        "off",
+        env={
+            **client_env(certs, certs),
+            "CLOUDBURST_TLS_SERVER_NAME": "scheduler.cloudburst.local",
+        },
+    )
+    assert named.ok(op="call", name="double", args=[1])["value"] == 2
+    misnamed = launch(
+        cert_cluster.scheduler.address,
+        "off",
+        env={**client_env(certs, certs), "CLOUDBURST_TLS_SERVER_NAME": "elsewhere.example"},
+    )
+    answer = misnamed.ask(op="call", name="double", args=[1])
+    assert not answer["ok"] and answer["code"] == "Unavailable", answer
+    assert "is not trusted" in answer["message"] and "elsewhere.example" in answer["message"]
+
     cert_cluster.scheduler.kill()
 
     # With the scheduler gone, only the direct path over TLS still reaches the KVS.
@@ -178,6 +197,11 @@ def test_a_certificate_from_another_ca_is_refused_as_unauthenticated(
         assert str(other / "client-admin.pem") in message, message
         assert f"not signed by the CA in {cert_cluster.certs / 'ca.pem'}" in message, message
     assert cert_cluster.stored("k") is None
+    # A client that trusts another CA does not trust the servers' certificates.
+    distrustful = launch(cert_cluster.scheduler.address, env=client_env(other, other))
+    answer = distrustful.ask(op="call", name="double", args=[1])
+    assert not answer["ok"] and answer["code"] == "Unavailable", answer
+    assert "is not trusted" in answer["message"], answer
 
 
 def test_a_key_that_does_not_match_its_certificate_is_refused_at_connect(

@@ -138,7 +138,8 @@ function connectTlsWithin(authority: URL, tls: Tls | undefined, refusals: Refusa
  * An interceptor that gives transport failures the codes the client's callers act on: a
  * connection lost mid-call (the peer died: reset, which connect-node reports as ABORTED, or
  * closed, which it reports as CANCELED) becomes UNAVAILABLE, so that a call falls back as for a
- * refused connection; a TLS handshake in which the server refused the client's certificate becomes
+ * refused connection; a server certificate the client does not trust becomes UNAVAILABLE too,
+ * saying so (connect-node: INTERNAL); a TLS handshake in which the server refused the client's certificate becomes
  * UNAUTHENTICATED, saying why. A server's own ABORTED or CANCELLED status, a call its caller
  * cancelled, and every other error, are kept.
  */
@@ -147,7 +148,12 @@ export function transportErrors(tls?: Tls, refusals?: Refusals): Interceptor {
     const where = new URL(request.url).host;
     const started = performance.now();
     const convert = (err: unknown): unknown =>
-      certificateRefusal(resetAsUnavailable(err, request.signal.aborted), tls, where, refusals?.since(started));
+      certificateRefusal(
+        untrustedServer(resetAsUnavailable(err, request.signal.aborted), where),
+        tls,
+        where,
+        refusals?.since(started),
+      );
     let response;
     try {
       response = await next(request);
@@ -169,6 +175,43 @@ export function transportErrors(tls?: Tls, refusals?: Refusals): Interceptor {
       })(),
     };
   };
+}
+
+/** Node's codes of a server certificate that this client does not trust (for the name dialled). */
+const UNTRUSTED = new Set([
+  "ERR_TLS_CERT_ALTNAME_INVALID",
+  "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+  "UNABLE_TO_GET_ISSUER_CERT",
+  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+  "SELF_SIGNED_CERT_IN_CHAIN",
+  "DEPTH_ZERO_SELF_SIGNED_CERT",
+  "CERT_HAS_EXPIRED",
+  "CERT_NOT_YET_VALID",
+  "CERT_SIGNATURE_FAILURE",
+]);
+
+/**
+ * err as UNAVAILABLE, saying so, when the client did not trust the server's certificate (which
+ * connect-node reports as INTERNAL): the server cannot be used, as gRPC's other clients say.
+ */
+export function untrustedServer(err: unknown, where: string): unknown {
+  if (!(err instanceof ConnectError) || err.code !== Code.Internal) {
+    return err;
+  }
+  for (let e: unknown = err.cause, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && UNTRUSTED.has(code)) {
+      return new ConnectError(
+        `the certificate of the server at ${where} is not trusted (${code}): ${err.rawMessage}; ` +
+          "check tlsCa (CLOUDBURST_TLS_CA) and tlsServerName (CLOUDBURST_TLS_SERVER_NAME)",
+        Code.Unavailable,
+        err.metadata,
+        undefined,
+        err.cause,
+      );
+    }
+  }
+  return err;
 }
 
 /** Node's codes of a connection that its peer reset. */
