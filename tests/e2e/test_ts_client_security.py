@@ -89,18 +89,28 @@ def client_env(ca: Path, certs: Path) -> dict[str, str]:
 
 
 class CertCluster:
-    """A KVS, an executor and a scheduler with TLS; clients authenticate by certificate."""
+    """A KVS, an executor and a scheduler with TLS; clients authenticate by certificate.
 
-    def __init__(self, certs: Path) -> None:
+    The scheduler is given ``scheduler_args`` too.
+    """
+
+    def __init__(self, certs: Path, *scheduler_args: str) -> None:
         self.certs = certs
         self.procs: list[CbgrpcProcess] = []
-        self.kvs = self.start("kvs", "--storage", "memory", *tls_flags(certs, "kvs"))
-        executor = self.start("executor", "--kvs", self.kvs.address, *tls_flags(certs, "executor"))
-        self.scheduler = self.start(
-            "scheduler",
-            *("--kvs", self.kvs.address, "--executor", executor.address),
-            *tls_flags(certs, "scheduler"),
-        )
+        try:
+            self.kvs = self.start("kvs", "--storage", "memory", *tls_flags(certs, "kvs"))
+            executor = self.start(
+                "executor", "--kvs", self.kvs.address, *tls_flags(certs, "executor")
+            )
+            self.scheduler = self.start(
+                "scheduler",
+                *("--kvs", self.kvs.address, "--executor", executor.address),
+                *tls_flags(certs, "scheduler"),
+                *scheduler_args,
+            )
+        except BaseException:
+            self.close()  # what did start, when a later process does not
+            raise
 
     def start(self, command: str, *args: str) -> CbgrpcProcess:
         proc = CbgrpcProcess(command, *args)
@@ -182,6 +192,41 @@ def test_a_client_certificate_calls_functions_and_uses_the_kvs_directly(
     assert client.ok(op="get", key="tls/after")["value"] == ["direct", None]
     assert client.ok(op="get", key="tls/before")["value"] == {"n": [1, 2]}
     assert cert_cluster.stored("tls/after") == ["direct", None]
+
+
+def test_a_client_certificate_dials_the_certificate_port_of_a_scheduler_with_tokens(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    certs = make_certs(tmp_path / "certs")
+    made = subprocess.run(
+        [sys.executable, "-m", "cloudburst_grpc", "token", "admin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    tokens = tmp_path / "tokens"
+    tokens.write_text(made.stderr.strip().removeprefix("add to the tokens file: ") + "\n")
+    cluster = CertCluster(certs, "--tokens-file", str(tokens), "--client-cert-port", "0")
+    try:
+        line = cluster.scheduler.wait_for_log("takes clients with certificates on")
+        cert_address = line.rsplit(" ", 1)[1].strip()
+        assert cert_address != cluster.scheduler.address
+        with CloudburstConnection(
+            cluster.scheduler.address,
+            tls_ca=str(certs / "ca.pem"),
+            token=made.stdout.strip(),
+            connect_timeout=30,
+            timeout=60,
+        ) as cloud:
+            cloud.register(lambda _, x: x + 1, "incr")
+        client = launch(cert_address, env=client_env(certs, certs))
+        assert client.ok(op="call", name="incr", args=[1])["value"] == 2
+        client.ok(op="put", key="port/k", value=[1])
+        assert client.ok(op="kvs_address")["address"] == cluster.kvs.address
+        assert cluster.stored("port/k") == [1]
+    finally:
+        cluster.close()
 
 
 def test_a_certificate_from_another_ca_is_refused_as_unauthenticated(
