@@ -31,7 +31,7 @@ export type DagArguments = Record<string, NativeValue[]>;
 /**
  * Options of a connection. TLS: the tls* settings not given come from `CLOUDBURST_TLS_CA`,
  * `CLOUDBURST_TLS_CERT`, `CLOUDBURST_TLS_KEY` and `CLOUDBURST_TLS_SERVER_NAME`; any of them
- * makes a "host:port" address use TLS (an https:// address always does, an http:// one never).
+ * but the server name makes a "host:port" address use TLS (an https:// address always does, an http:// one never).
  */
 export interface ConnectOptions extends TlsSettings {
   /**

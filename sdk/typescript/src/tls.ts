@@ -45,23 +45,25 @@ export interface Tls {
 }
 
 /**
- * The TLS settings from options, else from the environment; undefined when none is set (then
- * only an https:// address asks for TLS, trusting Node's roots). Throws a CloudburstError
+ * The TLS settings from options, else (for options not given or empty) from the environment;
+ * undefined when no CA, certificate or key is set (then only an https:// address asks for TLS,
+ * trusting Node's roots). Throws a CloudburstError
  * (INVALID_ARGUMENT) when a file cannot be read or is not PEM, when a certificate comes without
  * its key (or a key without its certificate), or when the key does not match the certificate.
  */
 export function tlsSettings(options: TlsSettings, env: Environment = process.env): Tls | undefined {
   const pick = (given: string | undefined, variable: string): Setting | undefined => {
-    const value = given ?? env[variable] ?? "";
-    const origin = given !== undefined ? optionName(variable) : variable;
+    const fromOption = (given ?? "").trim() !== "";
+    const value = (fromOption ? given : env[variable]) ?? "";
+    const origin = fromOption ? optionName(variable) : variable;
     return value.trim() === "" ? undefined : { value: value.trim(), origin };
   };
   const ca = pick(options.tlsCa, TLS_ENV.ca);
   const cert = pick(options.tlsCert, TLS_ENV.cert);
   const key = pick(options.tlsKey, TLS_ENV.key);
   const serverName = pick(options.tlsServerName, TLS_ENV.serverName);
-  if (ca === undefined && cert === undefined && key === undefined && serverName === undefined) {
-    return undefined;
+  if (ca === undefined && cert === undefined && key === undefined) {
+    return undefined; // a server name alone does not ask for TLS, as with the Python SDK
   }
   if ((cert === undefined) !== (key === undefined)) {
     const [given, missing] = cert === undefined ? [key, "tlsCert"] : [cert, "tlsKey"];

@@ -207,6 +207,10 @@ test("TLS settings come from options, else from the environment, and unusable fi
   const files = pemFiles();
   try {
     strictEqual(tlsSettings({}, {}), undefined);
+    strictEqual(tlsSettings({ tlsServerName: "scheduler.example" }, {}), undefined, "a name alone is plaintext");
+    strictEqual(tlsSettings({ tlsCa: files.ca, tlsServerName: "scheduler.example" }, {})?.servername, "scheduler.example");
+    // An empty option leaves the variable in force.
+    strictEqual(tlsSettings({ tlsCa: "" }, { [TLS_ENV.ca]: files.ca })?.caFile, files.ca);
     const fromEnv = tlsSettings({}, { [TLS_ENV.ca]: files.ca, [TLS_ENV.cert]: files.cert, [TLS_ENV.key]: files.key });
     ok(fromEnv?.ca !== undefined && fromEnv.cert !== undefined && fromEnv.key !== undefined);
     strictEqual(fromEnv.certFile, files.cert);
