@@ -114,12 +114,15 @@ function connectTlsWithin(authority: URL, tls: Tls | undefined, refusals: Refusa
     socket.once("secureConnect", () => {
       handshaken = true;
     });
-    socket.once("close", () => {
+    const closed = (): void => {
       if (handshaken && socket.bytesRead === 0) {
-        const error = new Error(`the server closed the connection right after the TLS handshake`);
+        const error = new Error("the server closed the connection right after the TLS handshake");
         refusals.last = { error, at: performance.now() };
       }
-    });
+    };
+    // At the server's end of the stream already, before the calls on the connection fail.
+    socket.once("end", closed);
+    socket.once("close", closed);
   }
   socket.on("error", (error) => {
     if (refusedCertificate(error)) {
