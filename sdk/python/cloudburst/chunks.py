@@ -10,20 +10,24 @@ way: the first frame names its kind, the chunks joined are its encoded
 
 Copies are what limits the size of a value a process can move, so they are
 counted here. A write sends slices of the caller's bytes (no copy of the
-whole). A read appends the chunks to one buffer (:class:`LargeValue`), which
-is either decoded directly (the SDK's ``get_object``: the buffer and the
-decoded value, then the value alone) or parsed into a lattice message (one
-copy, and the buffer is freed at once). The SDK and the executors use the same
-functions; the limit on a value's size comes from the KVS (``GetLimits``).
+whole). A read keeps the chunks (:class:`LargeValue`) and joins them once, off
+any event loop where it matters and with the GIL released: the joined bytes are
+decoded directly (the SDK's ``get_object``, an executor's reference argument:
+``bytes`` decode to themselves, a pickle into the object) or parsed into a
+lattice message (one copy more, the joined bytes freed at once). The SDK and
+the executors use the same functions; the limit on a value's size comes from
+the KVS (``GetLimits``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from cloudburst.rpc import call, error_from_rpc
+from cloudburst.serialization import decode, lattice_bytes, lattice_value
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
 
 CHUNK_BYTES = 1 << 20
@@ -31,15 +35,8 @@ CHUNK_BYTES = 1 << 20
 INLINE_VALUE_BYTES = 4 << 20
 """A last-writer-wins value larger than this is written in chunks."""
 
-#: Bytes reserved before the received bytes for the tag and length of ``Value.data`` (a
-#: tag byte and a varint of at most 10 bytes), so that the buffer parses as an encoded
-#: ``Value`` without the bytes being copied out first.
-_PREFIX_BYTES = 11
 #: The tag of ``Value.data`` (field 1, length-delimited).
 _DATA_TAG = 0x0A
-
-#: What a value's bytes may be given as.
-Buffer = bytes | bytearray | memoryview
 
 
 def _varint(number: int) -> bytes:
@@ -51,18 +48,31 @@ def _varint(number: int) -> bytes:
     return bytes(out)
 
 
+#: What a value's bytes may be given as.
+Buffer = bytes | bytearray | memoryview
+
+
 class LargeValue:
-    """A value received in chunks: its lattice without the bytes, and the bytes in one buffer.
+    """A value received in chunks: its lattice without the bytes, and the chunks received.
+
+    The chunks are kept as they arrived and joined only when the bytes are
+    needed: joining releases the GIL (``bytes.join`` of ``bytes`` does, for
+    anything over 1 MiB), so a thread joining 1 GiB holds up no other thread
+    for the length of the copy, where copying an assembled buffer would. The
+    joined bytes replace the chunks, so at most two copies are held, and only
+    while joining.
 
     Take the bytes out once, with :meth:`take` (to decode them directly) or
-    :meth:`to_lattice` (to have the whole lattice); the buffer is empty after.
+    :meth:`to_lattice` (to have the whole lattice), after which the value is
+    empty; or read them, as often as needed, with :attr:`data`.
     """
 
     def __init__(self, lattice: lattice_pb2.Lattice) -> None:
         """Start assembling the value of ``lattice`` (its first frame)."""
         self.lattice = lattice
         """The lattice without its bytes: an lww's timestamp and serializer, or an empty set."""
-        self._buffer = bytearray(_PREFIX_BYTES)
+        self._chunks: list[bytes] = []
+        self._size = 0
 
     @property
     def kind(self) -> str | None:
@@ -75,36 +85,91 @@ class LargeValue:
         return self.lattice.lww.value.serializer
 
     def __len__(self) -> int:
-        """The bytes received so far."""
-        return len(self._buffer) - _PREFIX_BYTES
+        """The bytes received so far (known without reading them)."""
+        return self._size
 
     def add(self, chunk: bytes) -> None:
-        """Append the next chunk."""
-        self._buffer += chunk
+        """Append the next chunk (kept as it is, not copied)."""
+        self._chunks.append(chunk)
+        self._size += len(chunk)
 
-    def take(self) -> bytearray:
-        """The bytes received, as they are (no copy); the buffer is empty after."""
-        buffer, self._buffer = self._buffer, bytearray(_PREFIX_BYTES)
-        del buffer[:_PREFIX_BYTES]  # CPython moves the start of the buffer: no copy
-        return buffer
+    @property
+    def data(self) -> bytes:
+        """The bytes received, joined into one ``bytes`` the first time (the chunks go).
+
+        For a large value, read it on a worker thread: the join is a copy of the
+        whole, which releases the GIL but not the thread.
+        """
+        chunks = self._chunks
+        if len(chunks) == 1:
+            return chunks[0]
+        joined = b"".join(chunks)
+        self._chunks = [joined]
+        return joined
+
+    def take(self) -> bytes:
+        """The bytes received (see :attr:`data`); the value is empty after."""
+        data = self.data
+        self._chunks, self._size = [], 0
+        return data
 
     def to_lattice(self) -> lattice_pb2.Lattice:
-        """The whole lattice, its bytes copied into it once; the buffer is freed."""
-        buffer, self._buffer = self._buffer, bytearray(_PREFIX_BYTES)
-        size = len(buffer) - _PREFIX_BYTES
+        """The whole lattice, the bytes parsed into it; the value is empty after.
+
+        The chunks are joined behind the encoded field's tag and length (the GIL
+        released) and freed, then parsed, which copies the bytes into the message.
+        """
+        chunks, size = self._chunks, self._size
+        self._chunks, self._size = [], 0
         if self.kind == "lww":
-            # The buffer becomes an encoded Value holding only `data`: parsing it copies
-            # the bytes once, where bytes(buffer) and then the field's setter would copy twice.
-            header = bytes([_DATA_TAG]) + _varint(size)
-            start = _PREFIX_BYTES - len(header)
-            buffer[start:_PREFIX_BYTES] = header
-            # protobuf parses any buffer (its stubs say bytes); the message copies what it keeps.
-            with memoryview(buffer) as view, view[start:] as encoded:
-                self.lattice.lww.value.MergeFromString(encoded)  # type: ignore[arg-type]
+            # An encoded Value holding only `data`: parsing it copies the bytes once.
+            encoded = b"".join([bytes([_DATA_TAG]), _varint(size), *chunks])
+            del chunks
+            self.lattice.lww.value.MergeFromString(encoded)
         elif size:
-            with memoryview(buffer) as view, view[_PREFIX_BYTES:] as encoded:
-                self.lattice.set.MergeFromString(encoded)  # type: ignore[arg-type]
+            encoded = b"".join(chunks)
+            del chunks
+            self.lattice.set.MergeFromString(encoded)
         return self.lattice
+
+
+Stored = lattice_pb2.Lattice | LargeValue
+"""A value as read from the KVS: a lattice, or a last-writer-wins value that came in chunks."""
+
+
+def stored_value(stored: Stored) -> Any:
+    """The Python value a user sees for a stored value (as ``serialization.lattice_value``).
+
+    A :class:`LargeValue` is decoded from its joined bytes and kept (it may be
+    read again); call this on a worker thread for a large one.
+    """
+    if isinstance(stored, LargeValue):
+        if stored.kind == "lww":
+            return decode(stored.data, stored.serializer)
+        return lattice_value(as_lattice(stored))
+    return lattice_value(stored)
+
+
+def stored_bytes(stored: Stored) -> Any:
+    """The stored bytes of a value as they are (as ``serialization.lattice_bytes``)."""
+    if isinstance(stored, LargeValue):
+        if stored.kind == "lww":
+            return stored.data
+        return lattice_bytes(as_lattice(stored))
+    return lattice_bytes(stored)
+
+
+def as_lattice(stored: Stored) -> lattice_pb2.Lattice:
+    """A stored value as a whole lattice; a :class:`LargeValue` is copied into a new one."""
+    if not isinstance(stored, LargeValue):
+        return stored
+    lattice = lattice_pb2.Lattice()
+    lattice.CopyFrom(stored.lattice)
+    if stored.kind == "lww":
+        lattice.lww.value.data = stored.data
+    elif len(stored):
+        lattice.set.MergeFromString(stored.data)
+    return lattice
 
 
 async def write_value(
