@@ -7,8 +7,9 @@ processes over gRPC. ``cloudburst_kvs.access`` holds both adapters.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from cloudburst.chunks import Stored
 from cloudburst.v1 import lattice_pb2
 
 USER = lattice_pb2.KEYSPACE_USER
@@ -67,3 +68,32 @@ class KvsAccess(Protocol):
     ) -> list[str]:
         """Return every key of the keyspace that starts with ``prefix``, sorted."""
         ...
+
+
+@runtime_checkable
+class StoredKvs(Protocol):
+    """A :class:`KvsAccess` that can leave a large value in the chunks it came in."""
+
+    async def get_stored(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Stored | None:
+        """As :meth:`KvsAccess.get`; a large last-writer-wins value may come as a ``LargeValue``."""
+        ...
+
+
+async def get_stored(
+    kvs: KvsAccess,
+    key: str,
+    *,
+    wait: bool = False,
+    timeout: float | None = None,
+) -> Stored | None:
+    """Read a user key; a large value stays in its chunks when ``kvs`` can leave it there."""
+    if isinstance(kvs, StoredKvs):
+        return await kvs.get_stored(key, wait=wait, timeout=timeout)
+    return await kvs.get(key, wait=wait, timeout=timeout)

@@ -47,9 +47,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cloudburst.chunks import LargeValue, Stored, as_lattice
 from cloudburst.v1 import executor_service_pb2, lattice_pb2, value_pb2
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.kvs_access import USER, KvsAccess
+from cloudburst_grpc.kvs_access import USER, KvsAccess, get_stored
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class _Entry:
     key: str
     watching: asyncio.Future[None]
     """Settles once the key's watch has started (or failed to)."""
-    lattice: lattice_pb2.Lattice | None = None
+    lattice: Stored | None = None
+    """The cached value: a lattice, or a large value left in the chunks it came in."""
     size: int = 0
     """Bytes counted for the entry: its key, value and kept decoded value, and overhead."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -131,12 +133,34 @@ class ValueCache:
 
         ``not_before_ns``: serve a cached value only if it was written at or after
         this time (Unix nanoseconds); the caller's own last write of the key.
+        A large value is copied into a lattice: :meth:`get_stored` reads it without.
         """
         if keyspace != USER or self.max_bytes <= 0 or self._closed:
             return await self._inner.get(key, keyspace, wait=wait, timeout=timeout)
+        stored = await self.get_stored(key, wait=wait, timeout=timeout, not_before_ns=not_before_ns)
+        return None if stored is None else as_lattice(stored)
+
+    async def get_stored(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        not_before_ns: int = 0,
+    ) -> Stored | None:
+        """As :meth:`get`, but a large value comes as the chunks it was read in.
+
+        Its size comes from the chunks' lengths and its bytes are joined only when
+        decoded (on a worker thread): the event loop never copies it whole.
+        """
+        if keyspace != USER:
+            return await self._inner.get(key, keyspace, wait=wait, timeout=timeout)
+        if self.max_bytes <= 0 or self._closed:
+            return await get_stored(self._inner, key, wait=wait, timeout=timeout)
         entry = self._entries.get(key)
         if entry is not None and entry.lattice is not None and entry.watching.done():
-            if entry.lattice.lww.timestamp.time_ns >= not_before_ns:
+            if _header(entry.lattice).lww.timestamp.time_ns >= not_before_ns:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 telemetry.CACHE_READS.add(1, {"result": "hit"})
@@ -146,12 +170,12 @@ class ValueCache:
         if entry is None:
             entry = self._watch(key)
         if not await self._watching(entry):
-            return await self._inner.get(key, wait=wait, timeout=timeout)
+            return await get_stored(self._inner, key, wait=wait, timeout=timeout)
         # Watching now: whatever changes after this read is merged in by the watch.
-        lattice = await self._inner.get(key, wait=wait, timeout=timeout)
+        lattice = await get_stored(self._inner, key, wait=wait, timeout=timeout)
         if self._entries.get(key) is not entry:  # evicted or its watch ended meanwhile
             return lattice
-        if lattice is None or lattice.WhichOneof("kind") != "lww":
+        if lattice is None or _header(lattice).WhichOneof("kind") != "lww":
             if entry.lattice is None:
                 self._drop(entry)  # nothing worth keeping a watch open for
             return lattice
@@ -170,7 +194,7 @@ class ValueCache:
             entry = self._entries.get(key)
             if entry is not None and entry.lattice is not None and entry.watching.done():
                 self._entries.move_to_end(key)
-                found[key] = entry.lattice
+                found[key] = as_lattice(entry.lattice)
             else:
                 missing.append(key)
         self.hits += len(found)
@@ -182,12 +206,12 @@ class ValueCache:
             found.update(await self._inner.get_many(missing, keyspace))
         return {key: found[key] for key in keys}
 
-    def holds(self, key: str, lattice: lattice_pb2.Lattice) -> bool:
+    def holds(self, key: str, lattice: Stored) -> bool:
         """Whether ``lattice`` is the key's cached value (a value decoded from it may be kept)."""
         entry = self._entries.get(key)
         return entry is not None and entry.lattice is lattice
 
-    def kept(self, key: str, lattice: lattice_pb2.Lattice) -> Callable[[], Any] | None:
+    def kept(self, key: str, lattice: Stored) -> Callable[[], Any] | None:
         """What hands out the decoded value kept for ``lattice``, the key's cached value.
 
         None when no decoded value is kept for it (``lattice`` is not, or no longer,
@@ -198,9 +222,7 @@ class ValueCache:
             return None
         return entry.kept
 
-    def keep(
-        self, key: str, lattice: lattice_pb2.Lattice, kept: Callable[[], Any], size: int
-    ) -> None:
+    def keep(self, key: str, lattice: Stored, kept: Callable[[], Any], size: int) -> None:
         """Keep what hands out the value decoded from ``lattice``, while it is the cached value.
 
         ``size`` (bytes of the kept value) counts against the budget; a value that
@@ -317,12 +339,12 @@ class ValueCache:
 
     # -- entries ---------------------------------------------------------------------
 
-    def _merge(self, entry: _Entry, lattice: lattice_pb2.Lattice) -> None:
-        """Merge a last-writer-wins lattice into the entry: the later write wins."""
-        if entry.lattice is None or _later(lattice.lww, entry.lattice.lww):
+    def _merge(self, entry: _Entry, lattice: Stored) -> None:
+        """Merge a last-writer-wins value into the entry: the later write wins."""
+        if entry.lattice is None or _later(lattice, entry.lattice):
             self._set(entry, lattice)
 
-    def _set(self, entry: _Entry, lattice: lattice_pb2.Lattice | None) -> None:
+    def _set(self, entry: _Entry, lattice: Stored | None) -> None:
         """Hold ``lattice`` (or nothing) in the entry, then keep within the budget."""
         had = entry.lattice is not None
         size = 0 if lattice is None else _size(entry.key, lattice)
@@ -422,16 +444,19 @@ class ValueCache:
 
 async def read_reference(
     kvs: KvsAccess, reference: value_pb2.Reference, timeout: float
-) -> lattice_pb2.Lattice | None:
-    """Read a reference argument's key, through the cache when there is one."""
+) -> Stored | None:
+    """Read a reference argument's key, through the cache when there is one.
+
+    A large value comes as the chunks it was read in (see :meth:`ValueCache.get_stored`).
+    """
     if isinstance(kvs, ValueCache):
-        return await kvs.get(
+        return await kvs.get_stored(
             reference.key,
             wait=reference.wait,
             timeout=timeout,
             not_before_ns=reference.not_before_ns,
         )
-    return await kvs.get(reference.key, wait=reference.wait, timeout=timeout)
+    return await get_stored(kvs, reference.key, wait=reference.wait, timeout=timeout)
 
 
 def handout(value: Any) -> tuple[Callable[[], Any], int] | None:
@@ -462,17 +487,33 @@ def _same(value: Any) -> Any:
     return value
 
 
-def _later(a: lattice_pb2.LwwLattice, b: lattice_pb2.LwwLattice) -> bool:
-    """Whether write ``a`` wins over write ``b`` (the KVS's last-writer-wins order)."""
-    ta, tb = a.timestamp, b.timestamp
+def _header(stored: Stored) -> lattice_pb2.Lattice:
+    """The lattice of a stored value (without its bytes, for a large one)."""
+    return stored.lattice if isinstance(stored, LargeValue) else stored
+
+
+def _later(a: Stored, b: Stored) -> bool:
+    """Whether write ``a`` wins over write ``b`` (the KVS's last-writer-wins order).
+
+    Two writes with the same timestamp and serializer are ordered by their bytes;
+    where one of them is a large value, that is the same write read twice (a
+    timestamp names one write), and the one held is kept without comparing
+    (copying) the bytes.
+    """
+    la, lb = _header(a).lww, _header(b).lww
+    ta, tb = la.timestamp, lb.timestamp
     if ta.time_ns != tb.time_ns:
         return ta.time_ns > tb.time_ns
     if ta.writer_id != tb.writer_id:
         return ta.writer_id > tb.writer_id
-    if a.value.serializer != b.value.serializer:
-        return a.value.serializer > b.value.serializer
-    return a.value.data > b.value.data
+    if la.value.serializer != lb.value.serializer:
+        return la.value.serializer > lb.value.serializer
+    if isinstance(a, LargeValue) or isinstance(b, LargeValue):
+        return False
+    return la.value.data > lb.value.data
 
 
-def _size(key: str, lattice: lattice_pb2.Lattice) -> int:
-    return len(key) + len(lattice.lww.value.data) + ENTRY_OVERHEAD_BYTES
+def _size(key: str, stored: Stored) -> int:
+    """Bytes counted for a cached value; a large one's from its chunks' lengths, no copy."""
+    data = len(stored) if isinstance(stored, LargeValue) else len(stored.lww.value.data)
+    return len(key) + data + ENTRY_OVERHEAD_BYTES

@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from cloudburst.chunks import LargeValue, Stored, stored_bytes, stored_value
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError, RemoteFunctionError
 from cloudburst.serialization import LwwClock, decode, lattice_bytes, lattice_value, serialize
-from cloudburst.v1 import execution_pb2, lattice_pb2, value_pb2
+from cloudburst.v1 import execution_pb2, value_pb2
 from cloudburst_executors import runner, stages
 from cloudburst_executors.cache import ValueCache, handout, read_reference
 from cloudburst_executors.inline import InlineGate, Placement
@@ -186,6 +187,10 @@ class Invoker:
                     )
                 return None
             if ref.raw:
+                if isinstance(lattice, LargeValue):  # its bytes joined off the event loop
+                    return await asyncio.get_running_loop().run_in_executor(
+                        self._pool, stored_bytes, lattice
+                    )
                 return lattice_bytes(lattice)
             # The lattice goes with the decoding, which lets it go as soon as it can.
             decoding = self._value_of(ref.key, lattice)
@@ -193,7 +198,7 @@ class Invoker:
             return await decoding
         return None
 
-    async def _value_of(self, key: str, lattice: lattice_pb2.Lattice) -> Any:
+    async def _value_of(self, key: str, lattice: Stored) -> Any:
         """The value of a reference argument: a large one decoded on a worker thread.
 
         Through a cache, a large value decoded once is handed out again to later
@@ -202,9 +207,14 @@ class Invoker:
         cache = self._kvs if isinstance(self._kvs, ValueCache) else None
         if cache is not None and (kept := cache.kept(key, lattice)) is not None:
             return await asyncio.get_running_loop().run_in_executor(self._pool, kept)
+        if isinstance(lattice, LargeValue):
+            # Read in chunks: its size is theirs, and its bytes are joined (the GIL
+            # released) and decoded on the worker thread, never on the event loop.
+            large = True
+            value_of: Callable[[], Any] = functools.partial(stored_value, lattice)
         # A last-writer-wins value's bytes are read out of the message once, to size and
         # to decode them (bytes decode to themselves): each read is a copy of the whole.
-        if lattice.WhichOneof("kind") == "lww":
+        elif lattice.WhichOneof("kind") == "lww":
             data = lattice.lww.value.data
             large = len(data) > LARGE_VALUE_BYTES
             value_of = functools.partial(decode, data, lattice.lww.value.serializer)

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cloudburst.chunks import stored_bytes, stored_value
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError, UnavailableError
 from cloudburst.serialization import (
     LwwClock,
@@ -43,7 +44,7 @@ from cloudburst.serialization import (
 )
 from cloudburst.v1 import messaging_service_pb2
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.kvs_access import KvsAccess
+from cloudburst_grpc.kvs_access import KvsAccess, get_stored
 from cloudburst_grpc.messaging.mailbox import Mailbox, MailboxRouter, Message
 
 if TYPE_CHECKING:
@@ -283,15 +284,17 @@ class UserLibrary:
                 (a rendezvous with another function), then return None.
             deserialize: False returns the stored bytes as they are.
         """
-        decode = lattice_value if deserialize else lattice_bytes
         if isinstance(key, list):
-            return self._get_many(key, decode)
+            return self._get_many(key, lattice_value if deserialize else lattice_bytes)
+        # A large value comes in its chunks, joined and decoded here, on the function's
+        # thread, not on the event loop.
+        decode = stored_value if deserialize else stored_bytes
         _check_key(key)
         wait = timeout is not None and timeout > 0
         with telemetry.span("kvs get", attributes={"cloudburst.key": key}) as current:
             started = time.monotonic()
             lattice = self._bridge.run(
-                self._kvs.get(key, wait=wait, timeout=timeout if wait else None),
+                get_stored(self._kvs, key, wait=wait, timeout=timeout if wait else None),
                 f"get_object({key!r})",
                 None if timeout is None else timeout + 10,
             )

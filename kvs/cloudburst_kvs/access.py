@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import grpc
 
+from cloudburst.chunks import Stored
 from cloudburst.errors import UnavailableError
 from cloudburst.rpc import UNAVAILABLE_HINT
 from cloudburst.v1 import lattice_pb2
@@ -65,6 +66,17 @@ class InProcessKvs:
                 keyspace, key, self._max_wait if timeout is None else timeout
             )
         return await self._store.read(keyspace, key)
+
+    async def get_stored(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Stored | None:
+        """Read a key as :meth:`get` does (the store's lattice: no copy in one process)."""
+        return await self.get(key, keyspace, wait=wait, timeout=timeout)
 
     async def get_many(
         self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
@@ -272,6 +284,19 @@ class EndpointKvs:
         """Read a key."""
         return await self._once_more_elsewhere(
             lambda client: client.get(key, keyspace, wait=wait, timeout=timeout)
+        )
+
+    async def get_stored(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Stored | None:
+        """Read a key; a large last-writer-wins value stays in its chunks (see KvsClient)."""
+        return await self._once_more_elsewhere(
+            lambda client: client.get_stored(key, keyspace, wait=wait, timeout=timeout)
         )
 
     async def get_many(

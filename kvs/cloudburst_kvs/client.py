@@ -74,6 +74,36 @@ class KvsClient:
             return await chunks.read_chunks(self._stub, key, keyspace, timeout)
         return response.lattice if response.found else None
 
+    async def get_stored(
+        self,
+        key: str,
+        keyspace: Keyspace = _USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> chunks.Stored | None:
+        """As :meth:`get`, but a last-writer-wins value too large for one message stays in chunks.
+
+        It comes as a :class:`~cloudburst.chunks.LargeValue`: its size is known
+        without a copy and its bytes are joined only when read (on a worker
+        thread, the GIL released), so no whole copy is made on the event loop.
+        """
+        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=keyspace, wait=wait)
+        try:
+            response = await call(
+                f"GetValue of key {key!r}", lambda: self._stub.GetValue(request, timeout=timeout)
+            )
+        except CloudburstTimeoutError:
+            if wait:
+                return None
+            raise
+        if response.chunked:
+            received = await chunks.receive(self._stub, key, keyspace, timeout)
+            if received is None or received.kind == "lww":
+                return received
+            return received.to_lattice()
+        return response.lattice if response.found else None
+
     async def limits(self, timeout: float | None = 10.0) -> kvs_service_pb2.GetLimitsResponse:
         """The KVS tier's limits: the largest value, the largest message."""
         return await chunks.get_limits(self._stub, timeout)

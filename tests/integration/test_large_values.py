@@ -113,3 +113,39 @@ def test_values_over_a_message_are_read_in_chunks_alone_and_in_lists() -> None:
             digests = sorted(hashlib.sha256(v).hexdigest() for v in members)
             expected = (digests, digests, hashlib.sha256(one).hexdigest())
             assert summarize(CloudburstReference("large/set")).get(timeout=120) == expected
+
+
+def read_twice(cloudburst: Any, data: bytes, key: str) -> tuple[tuple[int, str], tuple[int, str]]:
+    return digest(cloudburst, data), digest(cloudburst, cloudburst.get_object(key))
+
+
+def test_an_executor_reading_a_large_value_keeps_answering_health_checks() -> None:
+    """A function reading 256 MiB, by reference and with get_object, while health checks are tight.
+
+    The scheduler asks every executor for its status every 0.2 s and sets aside one
+    that does not answer within 0.5 s, failing the calls running there. Copying the
+    value whole on the executor's event loop (or on a thread holding the GIL) for
+    longer than that would lose the call.
+    """
+    size = 256 * MIB
+    value = big(size)
+    expected = (size, hashlib.sha256(value).hexdigest())
+    health = {
+        "CBGRPC_SCHEDULER_HEALTH_INTERVAL_SECONDS": "0.2",
+        "CBGRPC_SCHEDULER_HEALTH_TIMEOUT_SECONDS": "0.5",
+    }
+    with (
+        running_process_cluster(scheduler_env=health) as cluster,
+        CloudburstConnection(cluster.address, timeout=300) as cloud,
+    ):
+        reader = cloud.register(read_twice, "read_twice")
+        assert cloud.put_object("large/small", b"x")
+        small = (1, hashlib.sha256(b"x").hexdigest())
+        # The function is loaded on the executors before the large read.
+        assert reader(b"x", "large/small").get(timeout=120) == (small, small)
+        assert cloud.put_object("large/big", value)
+        del value
+        got = reader(CloudburstReference("large/big"), "large/big").get(timeout=300)
+        assert got == (expected, expected)
+        down = [line for line in cluster.scheduler.stderr_lines if " is down (" in line]
+        assert not down, down

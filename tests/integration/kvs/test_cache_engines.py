@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from cloudburst.chunks import stored_value
 from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
 from cloudburst.v1 import lattice_pb2
 from cloudburst_executors.cache import ValueCache
@@ -44,7 +45,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[LatticeBacken
 
 async def cached_value(cache: ValueCache, key: str) -> object:
     entry = cache._entries.get(key)
-    return None if entry is None or entry.lattice is None else lattice_value(entry.lattice)
+    return None if entry is None or entry.lattice is None else stored_value(entry.lattice)
 
 
 async def until_cached(cache: ValueCache, key: str, expected: object) -> None:

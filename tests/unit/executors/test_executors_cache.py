@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from cloudburst.chunks import LargeValue, Stored, stored_value
 from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
 from cloudburst.v1 import executor_service_pb2, lattice_pb2, value_pb2
-from cloudburst_executors.cache import ValueCache, handout, read_reference
+from cloudburst_executors.cache import ENTRY_OVERHEAD_BYTES, ValueCache, handout, read_reference
 from cloudburst_grpc.kvs_access import SYSTEM, USER
 from cloudburst_kvs.access import InProcessKvs
 from cloudburst_kvs.storage import MemoryEngine
@@ -132,7 +133,7 @@ async def test_a_cached_write_older_than_the_reader_asks_for_is_not_served(
     # The reader wrote the key after the cached write (as far as it knows): go to the KVS.
     newer = value_pb2.Reference(key="k", not_before_ns=written + 1)
     lattice = await read_reference(cache, newer, 5)
-    assert lattice is not None and lattice_value(lattice) == "v"
+    assert lattice is not None and stored_value(lattice) == "v"
     assert kvs.reads == 2
     # A reader whose last write is the cached one (or older) is served from memory.
     same = value_pb2.Reference(key="k", not_before_ns=written)
@@ -314,5 +315,61 @@ async def test_the_number_of_keys_is_bounded_too(kvs: CountingKvs, store: Lattic
         assert cache.keys() == ["b", "c"]
         assert cache.stats().evictions == 1
         assert len(cache._entries) == 2, "an evicted key is no longer watched"
+    finally:
+        await cache.close()
+
+
+class ChunkedKvs(CountingKvs):
+    """Gives every last-writer-wins value as a KVS client gives one too large for a message."""
+
+    async def get_stored(
+        self,
+        key: str,
+        keyspace: lattice_pb2.Keyspace.ValueType = USER,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> Stored | None:
+        lattice = await self.get(key, keyspace, wait=wait, timeout=timeout)
+        if lattice is None or lattice.WhichOneof("kind") != "lww":
+            return lattice
+        header = lattice_pb2.Lattice()
+        header.CopyFrom(lattice)
+        header.lww.value.ClearField("data")
+        large = LargeValue(header)
+        data = lattice.lww.value.data
+        for start in range(0, len(data), 1000):
+            large.add(data[start : start + 1000])
+        return large
+
+
+async def test_a_value_read_in_chunks_is_cached_in_them_and_sized_by_them(
+    store: LatticeStore,
+) -> None:
+    kvs = ChunkedKvs(store, max_wait_seconds=5)
+    cache = ValueCache(kvs, max_bytes=1 << 20, name="test")
+    try:
+        data = bytes(range(256)) * 100
+        await store.put(USER, "k", value_of(data))
+        first = await read_reference(cache, value_pb2.Reference(key="k"), 5)
+        assert isinstance(first, LargeValue) and cache.holds("k", first)
+        assert cache.bytes == len("k") + len(first) + ENTRY_OVERHEAD_BYTES
+        again = await read_reference(cache, value_pb2.Reference(key="k"), 5)
+        assert again is first and kvs.reads == 1, "served from memory"
+        assert stored_value(first) == data
+        lattice = await cache.get("k")  # a whole lattice for those that want one
+        assert lattice is not None and lattice_value(lattice) == data
+        await store.put(USER, "k", value_of(b"newer"))
+        await until(lambda: not cache.holds("k", first))  # the watch saw the write
+        newer = await read_reference(cache, value_pb2.Reference(key="k"), 5)
+        assert newer is not None and stored_value(newer) == b"newer"
+        small = ValueCache(kvs, max_bytes=1000, name="small")
+        try:
+            await store.put(USER, "big", value_of(data))
+            too_large = await read_reference(small, value_pb2.Reference(key="big"), 5)
+            assert isinstance(too_large, LargeValue) and stored_value(too_large) == data
+            assert small.keys() == [] and small.bytes == 0, "over the budget: not cached"
+        finally:
+            await small.close()
     finally:
         await cache.close()
