@@ -81,6 +81,13 @@ class LatticeBackend(Protocol):
         """The lattices of several keys, in the order asked (None where missing)."""
         ...
 
+    def known_size(self, keyspace: int, key: str, lattice: lattice_pb2.Lattice) -> int | None:
+        """The bytes of a last-writer-wins value a read of the key returned, if known cheaply.
+
+        None when finding them would mean reading (copying) them out of the message.
+        """
+        ...
+
     async def wait_for(self, keyspace: int, key: str, timeout: float) -> lattice_pb2.Lattice | None:
         """The key's lattice, waiting up to ``timeout`` seconds for it to be written."""
         ...

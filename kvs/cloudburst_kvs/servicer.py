@@ -7,6 +7,7 @@ catches them.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -104,7 +105,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             lattice = await self._store.read(keyspace, request.key)
         if lattice is None:
             return kvs_service_pb2.GetValueResponse(found=False)
-        if _message_size(lattice) > self._max_inline_bytes:
+        if self._message_size(keyspace, request.key, lattice) > self._max_inline_bytes:
             return kvs_service_pb2.GetValueResponse(found=True, chunked=True)
         response = kvs_service_pb2.GetValueResponse(found=True)
         response.lattice.CopyFrom(lattice)
@@ -157,8 +158,9 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     ) -> kvs_service_pb2.PutValueChunksResponse:
         """Merge a last-writer-wins value sent as a header frame and then chunks of its bytes.
 
-        The chunks are appended to one buffer, which is copied into the lattice
-        once and freed: with the store's copy, at most two copies at a time.
+        The chunks are joined and parsed into the lattice on a worker thread, and
+        freed: with the store's copy, at most two copies at a time. The store is
+        given the value's size, so that no read copies the bytes to measure them.
         """
         put: kvs_service_pb2.PutValueRequest | None = None
         received: chunks.LargeValue | None = None
@@ -196,7 +198,8 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         # Stamped before the bytes go in, so that stamping copies no value.
         received.lattice = lattices.stamp(received.lattice, self._clock)
         size = len(received)
-        lattice = received.to_lattice()
+        # Joining the chunks and parsing them take a while for a large value: not on the loop.
+        lattice = await asyncio.to_thread(received.to_lattice)
         await self._store.put(
             normalize_keyspace(put.keyspace),
             put.key,
@@ -286,7 +289,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         room = self._max_inline_bytes
         entries = []
         for key, lattice in zip(request.keys, found, strict=True):
-            size = 0 if lattice is None else _message_size(lattice)
+            size = 0 if lattice is None else self._message_size(keyspace, key, lattice)
             if size > room:
                 entries.append(kvs_service_pb2.KeyValue(key=key, found=True, chunked=True))
                 continue
@@ -332,45 +335,48 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> AsyncIterator[kvs_service_pb2.WatchValuesResponse]:
         """Stream every change to the watched keys until the client cancels."""
-        subscription = await self._store.subscribe(
-            normalize_keyspace(request.keyspace), request.keys, request.key_prefix
-        )
+        keyspace = normalize_keyspace(request.keyspace)
+        subscription = await self._store.subscribe(keyspace, request.keys, request.key_prefix)
         async with subscription:
             # Headers go out only now that the subscription exists: a client that
             # waits for them knows that no later change can be missed.
             await context.send_initial_metadata(())
             async for event in subscription:
-                yield _watch_response(event, self._max_inline_bytes)
+                yield self._watch_response(keyspace, event)
 
+    def _message_size(self, keyspace: int, key: str, lattice: lattice_pb2.Lattice) -> int:
+        """About the bytes ``lattice`` (just read from the key) takes in a message.
 
-def _message_size(lattice: lattice_pb2.Lattice) -> int:
-    """About the bytes ``lattice`` takes in a message.
+        A last-writer-wins value's bytes (the rest is small), from the store when
+        it knows them: reading them from the message would copy them, for every
+        read; a set's encoding, whose many small values can take much more than
+        their bytes.
+        """
+        if lattice.WhichOneof("kind") == "set":
+            return lattice.ByteSize()
+        known = self._store.known_size(keyspace, key, lattice)
+        return lattices.lattice_size(lattice) if known is None else known
 
-    A last-writer-wins value's bytes (the rest is small); a set's encoding,
-    whose many small values can take much more than their bytes.
-    """
-    if lattice.WhichOneof("kind") == "set":
-        return lattice.ByteSize()
-    return lattices.lattice_size(lattice)
+    def _watch_response(
+        self, keyspace: int, event: WatchEvent
+    ) -> kvs_service_pb2.WatchValuesResponse:
+        lattice = event.lattice
+        if (
+            lattice is not None
+            and self._message_size(keyspace, event.key, lattice) > self._max_inline_bytes
+        ):
+            return kvs_service_pb2.WatchValuesResponse(
+                entry=kvs_service_pb2.KeyValue(key=event.key, found=True), value_omitted=True
+            )
+        return kvs_service_pb2.WatchValuesResponse(
+            entry=_key_value(event.key, lattice), deleted=event.deleted
+        )
 
 
 def _key_value(key: str, lattice: lattice_pb2.Lattice | None) -> kvs_service_pb2.KeyValue:
     if lattice is None:
         return kvs_service_pb2.KeyValue(key=key, found=False)
     return kvs_service_pb2.KeyValue(key=key, found=True, lattice=lattice)
-
-
-def _watch_response(
-    event: WatchEvent, max_inline_bytes: int
-) -> kvs_service_pb2.WatchValuesResponse:
-    lattice = event.lattice
-    if lattice is not None and _message_size(lattice) > max_inline_bytes:
-        return kvs_service_pb2.WatchValuesResponse(
-            entry=kvs_service_pb2.KeyValue(key=event.key, found=True), value_omitted=True
-        )
-    return kvs_service_pb2.WatchValuesResponse(
-        entry=_key_value(event.key, lattice), deleted=event.deleted
-    )
 
 
 def _check_batch(method: str, keys: Sequence[str]) -> None:

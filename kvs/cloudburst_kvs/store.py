@@ -301,6 +301,9 @@ class LatticeStore:
         self._max_lattice_bytes = max_lattice_bytes
         self._watch_queue_limit = watch_queue_limit
         self._data: dict[StoreKey, lattice_pb2.Lattice] = {}
+        # The bytes of a last-writer-wins value, where a put gave or measured them:
+        # reading them from the message again would copy them.
+        self._sizes: dict[StoreKey, int] = {}
         self._keys: dict[int, set[str]] = collections.defaultdict(set)
         # Sorted keys per keyspace for ListKeys, rebuilt only after keys were
         # added or removed (values changing does not invalidate it).
@@ -519,6 +522,17 @@ class LatticeStore:
         """Return the lattices of several keys, in the order asked (None where missing)."""
         return [self.get(keyspace, key) for key in keys]
 
+    def known_size(self, keyspace: int, key: str, lattice: lattice_pb2.Lattice) -> int | None:
+        """The bytes of ``lattice``'s last-writer-wins value, when known without reading them.
+
+        ``lattice`` is what a read of the key returned; None when it is no longer
+        the key's lattice, or its size was not recorded (a value loaded at start).
+        """
+        store_key = (normalize_keyspace(keyspace), key)
+        if self._data.get(store_key) is not lattice:
+            return None
+        return self._sizes.get(store_key)
+
     async def list_page(
         self, keyspace: int, prefix: str = "", page_size: int = 0, page_token: str = ""
     ) -> tuple[list[str], str]:
@@ -571,12 +585,16 @@ class LatticeStore:
         # is atomic with respect to every other coroutine on the loop.
         stored = self._data.get(store_key)
         merged = lattices.normalize(lattice) if stored is None else lattices.merge(stored, lattice)
-        self._check_size(key, merged, size)
+        measured = self._check_size(key, merged, size)
         if stored is not None and merged == stored:
             await self._wait_unflushed(store_key, key)
             merged = stored
         else:
             self._data[store_key] = merged
+            if measured is not None and merged.WhichOneof("kind") == "lww":
+                self._sizes[store_key] = measured
+            else:
+                self._sizes.pop(store_key, None)
             if stored is None:
                 self._add_key(ks, key)
             await self._submit(_Write(ks, key, merged, changed=True, done=None))
@@ -602,6 +620,7 @@ class LatticeStore:
             return bool(self._recent[request])
         store_key = (ks, key)
         existed = self._data.pop(store_key, None) is not None
+        self._sizes.pop(store_key, None)
         if existed:
             self._remove_key(ks, key)
             await self._submit(_Write(ks, key, None, changed=True, done=None))
@@ -625,15 +644,15 @@ class LatticeStore:
             check_key(key)
         return sum(await asyncio.gather(*(self.delete(ks, key) for key in keys)))
 
-    def _check_size(self, key: str, merged: lattice_pb2.Lattice, size: int | None) -> None:
-        """Refuse a merge whose result is over the limit.
+    def _check_size(self, key: str, merged: lattice_pb2.Lattice, size: int | None) -> int | None:
+        """Refuse a merge whose result is over the limit; return its size, when known.
 
         A last-writer-wins result is the write or the value stored before, which
         passed this check: the write's ``size``, when given, is what to check.
         """
         limit = self._max_lattice_bytes
         if limit is None:
-            return
+            return size
         if size is None or merged.WhichOneof("kind") != "lww":
             size = lattices.lattice_size(merged)
         if size > limit:
@@ -643,6 +662,7 @@ class LatticeStore:
                 "(max_payload_bytes)",
                 {"key": key, "size": str(size), "limit": str(limit)},
             )
+        return size
 
     def _add_key(self, keyspace: int, key: str) -> None:
         self._keys[keyspace].add(key)

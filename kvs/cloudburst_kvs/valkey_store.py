@@ -384,6 +384,10 @@ class ValkeyStore:
             return codec.decode_members(members)
         return None
 
+    def known_size(self, keyspace: int, key: str, lattice: lattice_pb2.Lattice) -> int | None:
+        """None: every read decodes a lattice of its own, and no size is kept beside it."""
+        return None
+
     async def read_many(
         self, keyspace: int, keys: Sequence[str]
     ) -> list[lattice_pb2.Lattice | None]:

@@ -555,3 +555,20 @@ def test_open_engine(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sync"):
         SqliteEngine(tmp_path / "x.sqlite3", sync="sometimes")
     assert list(MemoryEngine().load()) == []
+
+
+async def test_the_size_a_put_gives_is_known_for_what_reads_return(store: LatticeStore) -> None:
+    await store.put(USER, "k", lww(b"x" * 50, time_ns=1), size=50)
+    first = await store.read(USER, "k")
+    assert first is not None and store.known_size(USER, "k", first) == 50
+    await store.put(USER, "k", lww(b"y" * 7, time_ns=2), size=7)
+    second = await store.read(USER, "k")
+    assert second is not None and store.known_size(USER, "k", second) == 7
+    assert store.known_size(USER, "k", first) is None, "no longer the key's lattice"
+    await store.put(USER, "k", lww(b"z" * 9, time_ns=1), size=9)  # an older write: loses
+    assert store.known_size(USER, "k", second) == 7
+    await store.delete(USER, "k")
+    assert store.known_size(USER, "k", second) is None
+    await store.put(USER, "s", set_of(b"a"))
+    members = await store.read(USER, "s")
+    assert members is not None and store.known_size(USER, "s", members) is None
