@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from cloudburst import malloc
 from cloudburst.rpc import call, error_from_rpc
 from cloudburst.serialization import decode, lattice_bytes, lattice_value
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
@@ -105,6 +106,8 @@ class LargeValue:
             return chunks[0]
         joined = b"".join(chunks)
         self._chunks = [joined]
+        del chunks
+        _freed(len(joined))
         return joined
 
     def take(self) -> bytes:
@@ -125,12 +128,24 @@ class LargeValue:
             # An encoded Value holding only `data`: parsing it copies the bytes once.
             encoded = b"".join([bytes([_DATA_TAG]), _varint(size), *chunks])
             del chunks
+            _freed(size)
             self.lattice.lww.value.MergeFromString(encoded)
         elif size:
             encoded = b"".join(chunks)
             del chunks
+            _freed(size)
             self.lattice.set.MergeFromString(encoded)
         return self.lattice
+
+
+def _freed(size: int) -> None:
+    """After ``size`` bytes of chunks were freed: give a large amount back to the system at once.
+
+    The chunks came from malloc's heaps, which may keep freed memory (see
+    :func:`cloudburst.malloc.trim`); the next whole copy would then come on top of it.
+    """
+    if size >= malloc.TRIM_AFTER_BYTES:
+        malloc.trim()
 
 
 Stored = lattice_pb2.Lattice | LargeValue

@@ -24,7 +24,7 @@ import ctypes.util
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +67,37 @@ def tune(environ: Mapping[str, str] = os.environ) -> bool:
 def tune_once() -> bool:
     """:func:`tune` the first time a process calls it; later calls return the first answer."""
     return tune()
+
+
+#: Freed memory worth handing back at once with :func:`trim`.
+TRIM_AFTER_BYTES = TRIM_THRESHOLD
+
+
+def trim() -> bool:
+    """Return the free memory of malloc's heaps to the system now; returns whether any went.
+
+    A value received in 1 MiB chunks leaves them in malloc's heaps (they are
+    under :data:`MMAP_THRESHOLD`) once they are joined and freed, and glibc
+    gives them back only when the heap's top is free, which a block still in
+    use above them prevents. Call this after freeing that much, before the next
+    whole copy, so that the process does not hold the chunks' memory as well.
+    Without glibc it does nothing (False). The call releases the GIL.
+    """
+    malloc_trim = _malloc_trim()
+    if malloc_trim is None:
+        return False
+    return bool(malloc_trim(0))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
