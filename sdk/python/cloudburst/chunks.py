@@ -21,6 +21,7 @@ the KVS (``GetLimits``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,6 +75,8 @@ class LargeValue:
         """The lattice without its bytes: an lww's timestamp and serializer, or an empty set."""
         self._chunks: list[bytes] = []
         self._size = 0
+        # Two threads reading a cached value at once join it once.
+        self._joining = threading.Lock()
 
     @property
     def kind(self) -> str | None:
@@ -101,14 +104,15 @@ class LargeValue:
         For a large value, read it on a worker thread: the join is a copy of the
         whole, which releases the GIL but not the thread.
         """
-        chunks = self._chunks
-        if len(chunks) == 1:
-            return chunks[0]
-        joined = b"".join(chunks)
-        self._chunks = [joined]
-        del chunks
-        _freed(len(joined))
-        return joined
+        with self._joining:
+            chunks = self._chunks
+            if len(chunks) == 1:
+                return chunks[0]
+            joined = b"".join(chunks)
+            self._chunks = [joined]
+            del chunks
+            _freed(len(joined))
+            return joined
 
     def take(self) -> bytes:
         """The bytes received (see :attr:`data`); the value is empty after."""
