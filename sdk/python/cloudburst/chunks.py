@@ -231,7 +231,7 @@ async def receive(
     keyspace: lattice_pb2.Keyspace.ValueType,
     timeout: float | None,
 ) -> LargeValue | None:
-    """Read ``key`` through ``GetValueChunks``, its bytes left in one buffer; None when missing."""
+    """Read ``key`` through ``GetValueChunks``, its chunks kept as they came; None when missing."""
     request = kvs_service_pb2.GetValueChunksRequest(key=key, keyspace=keyspace)
     stream = stub.GetValueChunks(request, timeout=timeout)
     received: LargeValue | None = None
