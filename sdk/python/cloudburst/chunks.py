@@ -21,6 +21,7 @@ the KVS (``GetLimits``).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -254,9 +255,12 @@ async def read_chunks(
     keyspace: lattice_pb2.Keyspace.ValueType,
     timeout: float | None,
 ) -> lattice_pb2.Lattice | None:
-    """Read ``key`` through ``GetValueChunks`` into a whole lattice; None when it does not exist."""
+    """Read ``key`` through ``GetValueChunks`` into a whole lattice; None when it does not exist.
+
+    The chunks are joined and parsed on a worker thread: not on the caller's event loop.
+    """
     received = await receive(stub, key, keyspace, timeout)
-    return None if received is None else received.to_lattice()
+    return None if received is None else await asyncio.to_thread(received.to_lattice)
 
 
 async def get_limits(
