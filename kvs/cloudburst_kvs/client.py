@@ -59,9 +59,20 @@ class KvsClient:
         Raises:
             CloudburstTimeoutError: The deadline passed for a call that did not wait.
         """
+        response = await self._get_value(key, keyspace, wait, timeout)
+        if response is None:
+            return None
+        if response.chunked:  # too large for one message
+            return await chunks.read_chunks(self._stub, key, keyspace, timeout)
+        return response.lattice if response.found else None
+
+    async def _get_value(
+        self, key: str, keyspace: Keyspace, wait: bool, timeout: float | None
+    ) -> kvs_service_pb2.GetValueResponse | None:
+        """One GetValue call; None when a wait ended at the deadline."""
         request = kvs_service_pb2.GetValueRequest(key=key, keyspace=keyspace, wait=wait)
         try:
-            response = await call(
+            return await call(
                 f"GetValue of key {key!r}", lambda: self._stub.GetValue(request, timeout=timeout)
             )
         except CloudburstTimeoutError:
@@ -70,9 +81,6 @@ class KvsClient:
             if wait:
                 return None
             raise
-        if response.chunked:  # too large for one message
-            return await chunks.read_chunks(self._stub, key, keyspace, timeout)
-        return response.lattice if response.found else None
 
     async def get_stored(
         self,
@@ -88,15 +96,9 @@ class KvsClient:
         without a copy and its bytes are joined only when read (on a worker
         thread, the GIL released), so no whole copy is made on the event loop.
         """
-        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=keyspace, wait=wait)
-        try:
-            response = await call(
-                f"GetValue of key {key!r}", lambda: self._stub.GetValue(request, timeout=timeout)
-            )
-        except CloudburstTimeoutError:
-            if wait:
-                return None
-            raise
+        response = await self._get_value(key, keyspace, wait, timeout)
+        if response is None:
+            return None
         if response.chunked:
             received = await chunks.receive(self._stub, key, keyspace, timeout)
             if received is None or received.kind == "lww":
