@@ -44,6 +44,10 @@ HUNG_BOUND = 30.0
 #: connection 3 s to be made and answered (without that, the Go client's takes about 13 s).
 NEW_CONNECTION_BOUND = 10.0
 
+#: Seconds a killed scheduler may take to fail a call: its connection is reset at once, so
+#: neither keepalive nor the call's deadline (far longer) should be what ends it.
+KILLED_BOUND = 10.0
+
 #: The variables the clients read, removed from the drivers' environment unless a test sets them.
 CLIENT_VARIABLES = ("CLOUDBURST_DIRECT_KVS", "CLOUDBURST_PING_TIMEOUT_SECONDS")
 
@@ -300,6 +304,26 @@ def test_a_hung_scheduler_fails_a_waiting_call_with_unavailable(launch: Launcher
             assert time.monotonic() - stopped < HUNG_BOUND
         finally:
             resume_and_kill(cluster.scheduler)
+
+
+def test_a_killed_scheduler_fails_the_waiting_call_and_the_next_with_unavailable(
+    launch: Launcher,
+) -> None:
+    with running_process_cluster() as cluster:
+        client = launch(cluster.address, "off")
+        client.ok(op="put", key="killed/warm", value="the connection is up")
+        client.send(op="wait_result", key="killed/never", timeout=600)
+        cluster.scheduler.proc.kill()
+        cluster.scheduler.proc.wait(timeout=30)
+        killed = time.monotonic()
+        answer = client.receive(timeout=KILLED_BOUND)
+        assert not answer["ok"] and answer["code"] == "Unavailable", answer
+        assert time.monotonic() - killed < KILLED_BOUND
+        # The next call finds nobody there and says so, rather than waiting for its deadline.
+        started = time.monotonic()
+        answer = client.ask(timeout=KILLED_BOUND, op="put", key="killed/after", value=1)
+        assert not answer["ok"] and answer["code"] == "Unavailable", answer
+        assert time.monotonic() - started < KILLED_BOUND
 
 
 def test_a_malformed_ping_timeout_is_refused_with_its_name(launch: Launcher) -> None:
