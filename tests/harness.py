@@ -307,25 +307,31 @@ class ConsulAgent:
         http_port: int | None = None,
         grpc: bool = False,
         hcl: str = "",
+        grpc_tls: bool = False,
     ) -> None:
         """Start the agent; with ``grpc``, also its plaintext gRPC API (Connect CA, ...).
 
-        ``hcl`` is extra configuration, e.g. ACLs.
+        ``hcl`` is extra configuration, e.g. ACLs. With ``grpc_tls``, the gRPC API is
+        also served over TLS (``grpc_tls_address``); ``hcl`` must then give the agent
+        its certificate (``tls { defaults { ... } }``).
         """
         for attempt in range(self.ATTEMPTS):
             try:
-                self._start(binary, http_port, grpc, hcl)
+                self._start(binary, http_port, grpc, hcl, grpc_tls)
                 return
             except RuntimeError as exc:
                 in_use = "address already in use" in str(exc)
                 if not in_use or http_port is not None or attempt == self.ATTEMPTS - 1:
                     raise
 
-    def _start(self, binary: str, http_port: int | None, grpc: bool, hcl: str) -> None:
-        ports = free_ports(5)
+    def _start(
+        self, binary: str, http_port: int | None, grpc: bool, hcl: str, grpc_tls: bool
+    ) -> None:
+        ports = free_ports(6)
         self.http_port = http_port or ports[0]
         self.address = f"127.0.0.1:{self.http_port}"
         self.grpc_address = f"127.0.0.1:{ports[4]}" if grpc else ""
+        self.grpc_tls_address = f"127.0.0.1:{ports[5]}" if grpc_tls else ""
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -340,7 +346,7 @@ class ConsulAgent:
                 "-grpc-port",
                 str(ports[4]) if grpc else "-1",
                 "-grpc-tls-port",
-                "-1",
+                str(ports[5]) if grpc_tls else "-1",
                 "-dns-port",
                 "-1",
                 "-serf-lan-port",

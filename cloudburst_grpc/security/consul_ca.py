@@ -185,7 +185,43 @@ def make_csr(uri: str, hosts: Sequence[str]) -> tuple[bytes, bytes]:
     return key_pem, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def _explain(exc: BaseException, grpc_address: str, service: str) -> str:
+def _tls_problem(details: str, consul: ConsulConfig) -> str | None:
+    """What a failed TLS connection to Consul's gRPC API says to check; None if TLS was fine.
+
+    ``details`` is gRPC's description of the failed connection, e.g. ``... Tls handshake
+    failed (TSI_PROTOCOL_FAILURE): ... CERTIFICATE_VERIFY_FAILED ...``.
+    """
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        if consul.ca_file:
+            trusted = f"consul.ca_file / CONSUL_CACERT ({consul.ca_file})"
+        else:
+            trusted = "the system's CAs (set consul.ca_file / CONSUL_CACERT to Consul's CA)"
+        return f"its certificate is not signed by a CA in {trusted}"
+    if "Hostname Verification" in details:
+        return (
+            "its certificate does not name the host dialled (with https://servers: "
+            "server.<datacenter>.consul)"
+        )
+    if "WRONG_VERSION_NUMBER" in details:
+        return (
+            "it does not speak TLS: that is the plaintext gRPC port (ports.grpc, 8502; "
+            "dial it without https://); Consul's TLS port is ports.grpc_tls (8503)"
+        )
+    if "TSI_" in details or "SSL" in details or "Tls" in details:
+        if consul.cert_file:
+            return (
+                "Consul refused the connection: does it trust the CA of consul.cert_file / "
+                f"CONSUL_CLIENT_CERT ({consul.cert_file})?"
+            )
+        return (
+            "Consul refused the connection: when its gRPC port requires client certificates "
+            "(tls.grpc.verify_incoming), set consul.cert_file and key_file "
+            "(CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY)"
+        )
+    return None
+
+
+def _explain(exc: BaseException, grpc_address: str, service: str, consul: ConsulConfig) -> str:
     """A sentence for a failed request to Consul that says what to check."""
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
@@ -196,10 +232,19 @@ def _explain(exc: BaseException, grpc_address: str, service: str) -> str:
                 f"({exc.details()})"
             )
         if code == grpc.StatusCode.UNAVAILABLE:
+            details = exc.details() or ""
+            problem = None
+            if grpc_address.startswith("https://"):
+                problem = _tls_problem(details, consul)
+            if problem is not None:
+                return (
+                    f"the TLS connection to Consul's gRPC API at {grpc_address} failed: "
+                    f"{problem} ({details})"
+                )
             return (
-                f"cannot reach Consul's gRPC API at {grpc_address} (a Consul server's "
-                "-grpc-port, 8502 by default; set security.consul_grpc_address / "
-                f"--consul-grpc): {exc.details()}"
+                f"cannot reach Consul's gRPC API at {grpc_address} (a Consul server's gRPC "
+                "port: 8502 in plaintext, 8503 over TLS as https://HOST:8503; set "
+                f"security.consul_grpc_address / --consul-grpc): {details}"
             )
         return f"Consul's CA at {grpc_address} answered {code.name}: {exc.details()}"
     if isinstance(exc, TimeoutError):
@@ -210,6 +255,21 @@ def _explain(exc: BaseException, grpc_address: str, service: str) -> str:
             "(connect { enabled = true })"
         )
     return f"{type(exc).__name__}: {exc}"
+
+
+def _read(path: str, setting: str) -> bytes | None:
+    """The bytes of the file ``path`` names (None for no path).
+
+    Raises:
+        TlsError: The file cannot be read; names ``setting``.
+    """
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise TlsError(f"cannot read {setting} {path!r}: {exc.strerror}") from None
 
 
 class ConsulCaSource(CertificateSource):
@@ -293,17 +353,24 @@ class ConsulCaSource(CertificateSource):
         return self._channel_to(address, options)
 
     def _channel_to(self, address: str, options: list[tuple[str, str]]) -> grpc.aio.Channel:
-        """A channel to ``address``: TLS trusting consul.ca_file for ``https://``."""
-        if address.startswith("https://"):
-            ca = self.consul.config.ca_file
-            roots = None
-            if ca:
-                with open(ca, "rb") as handle:
-                    roots = handle.read()
-            return grpc.aio.secure_channel(
-                address.removeprefix("https://"), grpc.ssl_channel_credentials(roots), options
+        """A channel to ``address``: for ``https://``, TLS trusting consul.ca_file.
+
+        consul.cert_file and key_file, when set, are shown as the client certificate
+        (Consul asks for one when ``tls.grpc.verify_incoming`` is on).
+        """
+        if not address.startswith("https://"):
+            return grpc.aio.insecure_channel(address.removeprefix("http://"))
+        config = self.consul.config
+        roots = _read(config.ca_file, "consul.ca_file / CONSUL_CACERT")
+        key = _read(config.key_file, "consul.key_file / CONSUL_CLIENT_KEY")
+        chain = _read(config.cert_file, "consul.cert_file / CONSUL_CLIENT_CERT")
+        if (key is None) != (chain is None):
+            raise TlsError(
+                "a client certificate for Consul needs both consul.cert_file and key_file "
+                "(CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY)"
             )
-        return grpc.aio.insecure_channel(address.removeprefix("http://"))
+        credentials = grpc.ssl_channel_credentials(roots, key, chain)
+        return grpc.aio.secure_channel(address.removeprefix("https://"), credentials, options)
 
     async def _sign(self, roots: Roots) -> None:
         """Have Consul sign a new key's CSR; install it with ``roots``."""
@@ -385,7 +452,7 @@ class ConsulCaSource(CertificateSource):
                     await self._sign(parse_roots(body))
                 break
             except Exception as exc:  # anything Consul or the network does: retry
-                reason = _explain(exc, self._dialled, self.service)
+                reason = _explain(exc, self._dialled, self.service, self.consul.config)
                 delay = min(RETRY_MAX_SECONDS, 0.25 * 2.0**attempt)
                 if time.monotonic() + delay > deadline:
                     raise TlsError(
@@ -428,7 +495,7 @@ class ConsulCaSource(CertificateSource):
                 logger.warning(
                     "cannot renew the certificate from Consul's CA (%s); keeping the current "
                     "one, retrying in %.1fs",
-                    _explain(exc, self._dialled, self.service),
+                    _explain(exc, self._dialled, self.service, self.consul.config),
                     delay,
                 )
                 await asyncio.sleep(delay)

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstError
 from cloudburst_grpc.config import ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient
+from cloudburst_grpc.security.certs import create_ca, issue, write_issued
 from cloudburst_grpc.security.consul_ca import SIGN_SECONDS, ConsulCaSource, servers_target
 from cloudburst_grpc.security.tls import TlsError
 from harness import CbgrpcProcess, ConsulAgent, consul_binary, free_ports
@@ -83,9 +85,8 @@ def served_issuer(address: str) -> str:
     return x509.load_der_x509_certificate(der).issuer.rfc4514_string()
 
 
-def test_a_cluster_runs_on_consul_certificates_through_a_ca_rotation(
-    consul: ConsulAgent, procs: list[CbgrpcProcess], tmp_path: Path
-) -> None:
+def admin_token(tmp_path: Path) -> tuple[str, Path]:
+    """A new admin token and a tokens file (for a scheduler) that accepts it."""
     token = subprocess.run(
         [sys.executable, "-m", "cloudburst_grpc", "token", "admin"],
         capture_output=True,
@@ -95,6 +96,13 @@ def test_a_cluster_runs_on_consul_certificates_through_a_ca_rotation(
     assert token.returncode == 0, token.stderr
     tokens = tmp_path / "tokens"
     tokens.write_text(token.stderr.strip().removeprefix("add to the tokens file: ") + "\n")
+    return token.stdout.strip(), tokens
+
+
+def test_a_cluster_runs_on_consul_certificates_through_a_ca_rotation(
+    consul: ConsulAgent, procs: list[CbgrpcProcess], tmp_path: Path
+) -> None:
+    token, tokens = admin_token(tmp_path)
     env = {
         "CONSUL_HTTP_ADDR": consul.address,
         "CBGRPC_SECURITY_CONSUL_GRPC_ADDRESS": consul.grpc_address,
@@ -112,9 +120,7 @@ def test_a_cluster_runs_on_consul_certificates_through_a_ca_rotation(
     first_issuer = served_issuer(scheduler.address)
 
     def connect() -> CloudburstConnection:
-        return CloudburstConnection(
-            scheduler.address, tls_ca=str(roots), token=token.stdout.strip(), timeout=20
-        )
+        return CloudburstConnection(scheduler.address, tls_ca=str(roots), token=token, timeout=20)
 
     # The user guide's basic calls: a function, a DAG, the KVS.
     with connect() as cloud:
@@ -191,18 +197,33 @@ def test_a_certificate_is_renewed_before_it_expires(consul: ConsulAgent) -> None
 
 
 def start_source(
-    consul_address: str, grpc_address: str, token: str = "", deadline: float = 3
+    consul_address: str,
+    grpc_address: str,
+    token: str = "",
+    deadline: float = 3,
+    ca_file: str = "",
+    cert_file: str = "",
+    key_file: str = "",
 ) -> str:
     """Start a Consul CA source for cloudburst-kvs (3 s deadline unless told).
 
     A start expected to succeed is given a generous deadline: it returns once signed.
+    ``ca_file``, ``cert_file`` and ``key_file`` are the Consul TLS files.
 
     Returns:
         The certificate's URI SAN, or the start error's message.
     """
 
     async def start() -> str:
-        client = ConsulClient(ConsulConfig(address=consul_address, token=token))
+        client = ConsulClient(
+            ConsulConfig(
+                address=consul_address,
+                token=token,
+                ca_file=ca_file,
+                cert_file=cert_file,
+                key_file=key_file,
+            )
+        )
         source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], grpc_address)
         try:
             await source.start(deadline_seconds=deadline)
@@ -353,3 +374,135 @@ def test_with_acls_a_token_must_be_allowed_to_write_the_service() -> None:
     assert via_servers.endswith("/svc/cloudburst-kvs")
     assert "Consul refused to sign a certificate for cloudburst-kvs" in refused
     assert "needs service:write on cloudburst-kvs" in refused
+
+
+@dataclass(frozen=True)
+class TlsConsul:
+    """A Consul agent whose gRPC API is served over TLS only, requiring client certificates."""
+
+    agent: ConsulAgent
+    ca_file: str
+    """The CA that signed the agent's certificate and the client certificate."""
+    cert_file: str
+    """A client certificate Consul accepts."""
+    key_file: str
+    other_ca_file: str
+    """A CA that did not sign the agent's certificate."""
+
+    @property
+    def port(self) -> str:
+        return self.agent.grpc_tls_address.rpartition(":")[2]
+
+
+@pytest.fixture(scope="module")
+def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsConsul]:
+    # As production clusters do: gRPC on ports.grpc_tls only, with client certificates
+    # required, and the server certificate naming server.<dc>.consul and its address.
+    certs = tmp_path_factory.mktemp("consul-tls")
+    ca = create_ca()
+    ca_file, _ = write_issued(certs, "ca", ca)
+    # certs.issue needs a role; Consul reads only the names.
+    server_cert, server_key = write_issued(
+        certs, "server", issue(ca, "kvs", ["server.dc1.consul", "localhost", "127.0.0.1"])
+    )
+    client_cert, client_key = write_issued(certs, "client", issue(ca, "admin"))
+    other_ca_file, _ = write_issued(certs, "other-ca", create_ca())
+    hcl = (
+        f'tls {{ defaults {{ ca_file = "{ca_file}", cert_file = "{server_cert}", '
+        f'key_file = "{server_key}" }} grpc {{ verify_incoming = true }} }}'
+    )
+    agent = ConsulAgent(consul_binary(), grpc_tls=True, hcl=hcl)
+    try:
+        yield TlsConsul(agent, str(ca_file), str(client_cert), str(client_key), str(other_ca_file))
+    finally:
+        agent.stop()
+
+
+def test_services_get_certificates_through_consuls_grpc_api_over_tls(
+    tls_consul: TlsConsul, procs: list[CbgrpcProcess], tmp_path: Path
+) -> None:
+    consul = tls_consul.agent
+    token, tokens = admin_token(tmp_path)
+    env = {
+        "CONSUL_HTTP_ADDR": consul.address,
+        "CONSUL_CACERT": tls_consul.ca_file,
+        "CONSUL_CLIENT_CERT": tls_consul.cert_file,
+        "CONSUL_CLIENT_KEY": tls_consul.key_file,
+    }
+    # The KVS dials the server's address, the scheduler every server the agent knows.
+    kvs = CbgrpcProcess(
+        "kvs",
+        "--storage",
+        "memory",
+        *FLAGS,
+        "--consul-grpc",
+        f"https://{consul.grpc_tls_address}",
+        env=env,
+    )
+    procs.append(kvs)
+    scheduler = CbgrpcProcess(
+        "scheduler",
+        *FLAGS,
+        "--tokens-file",
+        str(tokens),
+        "--consul-grpc",
+        f"https://servers:{tls_consul.port}",
+        env=env,
+    )
+    procs.append(scheduler)
+    consul.wait("/v1/health/service/cloudburst-kvs?passing=true", lambda body: len(body) == 1)
+    consul.wait("/v1/health/service/cloudburst-scheduler?passing=true", lambda body: len(body) == 1)
+    roots = tmp_path / "consul-ca.pem"
+    write_roots(consul, roots)
+    # Both serve certificates of Consul's CA (not of the CA of Consul's own TLS).
+    _, body = consul.get("/v1/connect/ca/roots")
+    root = x509.load_pem_x509_certificate(body["Roots"][0]["RootCert"].encode())
+    assert served_issuer(kvs.address) == root.subject.rfc4514_string()
+    assert served_issuer(scheduler.address) == root.subject.rfc4514_string()
+    # Registering a function and storing a value are calls from the scheduler to the KVS,
+    # over mutual TLS on those certificates.
+    with CloudburstConnection(
+        scheduler.address, tls_ca=str(roots), token=token, timeout=20
+    ) as cloud:
+        cloud.register(lambda _, a: a + 1, "incr")
+        assert "incr" in cloud.list()
+        assert cloud.put_object("greeting", "hello")
+        assert cloud.get_object("greeting") == "hello"
+
+
+def test_a_consul_grpc_certificate_from_another_ca_is_explained(tls_consul: TlsConsul) -> None:
+    def start(address: str) -> str:
+        return start_source(
+            tls_consul.agent.address,
+            address,
+            ca_file=tls_consul.other_ca_file,
+            cert_file=tls_consul.cert_file,
+            key_file=tls_consul.key_file,
+        )
+
+    address = f"https://{tls_consul.agent.grpc_tls_address}"
+    message = start(address)
+    assert f"the TLS connection to Consul's gRPC API at {address} failed" in message
+    assert (
+        "its certificate is not signed by a CA in consul.ca_file / CONSUL_CACERT "
+        f"({tls_consul.other_ca_file})" in message
+    )
+    assert "CERTIFICATE_VERIFY_FAILED" in message
+    # The same through the servers the agent knows: the message names them too.
+    message = start(f"https://servers:{tls_consul.port}")
+    assert f"at https://servers:{tls_consul.port} (ipv4:127.0.0.1:{tls_consul.port}) failed" in (
+        message
+    )
+    assert "its certificate is not signed by a CA in consul.ca_file" in message
+
+
+def test_a_consul_that_requires_a_client_certificate_says_so(tls_consul: TlsConsul) -> None:
+    address = f"https://{tls_consul.agent.grpc_tls_address}"
+    message = start_source(tls_consul.agent.address, address, ca_file=tls_consul.ca_file)
+    assert f"the TLS connection to Consul's gRPC API at {address} failed" in message
+    assert "set consul.cert_file and key_file (CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY)" in message
+
+
+def test_a_plaintext_consul_grpc_port_dialled_over_tls_is_explained(consul: ConsulAgent) -> None:
+    message = start_source(consul.address, f"https://{consul.grpc_address}")
+    assert "it does not speak TLS: that is the plaintext gRPC port" in message
