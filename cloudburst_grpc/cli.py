@@ -142,7 +142,9 @@ def _security(
         "--consul-grpc",
         metavar="ADDRESS",
         help="Consul's gRPC API for --tls-source consul: HOST:PORT, or https://HOST:PORT for "
-        "TLS (default: the Consul host, port 8502)",
+        "TLS (trusting CONSUL_CACERT, showing CONSUL_CLIENT_CERT if set); servers[:PORT] or "
+        "https://servers[:PORT] for every server the local agent knows (default: the Consul "
+        "host, port 8502)",
     )
 
 

@@ -229,7 +229,8 @@ class SecurityConfig:
     (Consul's service-mesh CA signs this service's certificate; needs consul.address)."""
     consul_grpc_address: str = ""
     """Consul's gRPC API for ``tls_source = "consul"``: ``host:port`` (plaintext) or
-    ``https://host:port`` (TLS, trusting consul.ca_file), or ``servers`` (``https://servers``)
+    ``https://host:port`` (TLS, trusting consul.ca_file and showing consul.cert_file and
+    key_file when set), or ``servers`` (``https://servers``)
     for every Consul server the local agent knows, port 8502 (8503 with TLS; ``servers:PORT``
     picks another). Default: consul.address's host and port 8502, or 8503 over TLS when
     consul.address is https."""
