@@ -49,7 +49,8 @@ SIGN_SECONDS = 15.0
 #: Longest blocking query on the roots, and longest pause between retries.
 WATCH_SECONDS = 30.0
 RETRY_MAX_SECONDS = 10.0
-#: Sign failures after which a ``servers`` address asks the agent for the servers again.
+#: Sign failures after which the channel is made anew: a ``servers`` address asks the agent
+#: for the servers again, and TLS files (consul.ca_file, cert_file, key_file) are read again.
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 #: The leaf is renewed once this fraction of its lifetime has passed.
 RENEW_FRACTION = 0.5
@@ -390,8 +391,9 @@ class ConsulCaSource(CertificateSource):
                 metadata=metadata,
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _UNREACHABLE and parse_servers_address(self.grpc_address):
-                # The servers may have been replaced: ask the agent again next time.
+            if exc.code() in _UNREACHABLE:
+                # The servers may have been replaced, or Consul's TLS files renewed (a wrong
+                # CA fixed, a client certificate that expired): start afresh next time.
                 channel, self._channel = self._channel, None
                 await channel.close()
             raise

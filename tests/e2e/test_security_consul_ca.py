@@ -8,7 +8,9 @@ Consul's roots and show a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import socket
 import ssl
 import subprocess
@@ -388,6 +390,9 @@ class TlsConsul:
     key_file: str
     other_ca_file: str
     """A CA that did not sign the agent's certificate."""
+    other_cert_file: str
+    """A client certificate of the other CA, which Consul refuses."""
+    other_key_file: str
 
     @property
     def port(self) -> str:
@@ -406,14 +411,24 @@ def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsConsul]:
         certs, "server", issue(ca, "kvs", ["server.dc1.consul", "localhost", "127.0.0.1"])
     )
     client_cert, client_key = write_issued(certs, "client", issue(ca, "admin"))
-    other_ca_file, _ = write_issued(certs, "other-ca", create_ca())
+    other_ca = create_ca()
+    other_ca_file, _ = write_issued(certs, "other-ca", other_ca)
+    other_cert, other_key = write_issued(certs, "other-client", issue(other_ca, "admin"))
     hcl = (
         f'tls {{ defaults {{ ca_file = "{ca_file}", cert_file = "{server_cert}", '
         f'key_file = "{server_key}" }} grpc {{ verify_incoming = true }} }}'
     )
     agent = ConsulAgent(consul_binary(), grpc_tls=True, hcl=hcl)
     try:
-        yield TlsConsul(agent, str(ca_file), str(client_cert), str(client_key), str(other_ca_file))
+        yield TlsConsul(
+            agent,
+            str(ca_file),
+            str(client_cert),
+            str(client_key),
+            str(other_ca_file),
+            str(other_cert),
+            str(other_key),
+        )
     finally:
         agent.stop()
 
@@ -503,6 +518,73 @@ def test_a_consul_that_requires_a_client_certificate_says_so(tls_consul: TlsCons
     assert "set consul.cert_file and key_file (CONSUL_CLIENT_CERT / CONSUL_CLIENT_KEY)" in message
 
 
+def test_a_client_certificate_consul_does_not_trust_is_explained(tls_consul: TlsConsul) -> None:
+    address = f"https://{tls_consul.agent.grpc_tls_address}"
+    message = start_source(
+        tls_consul.agent.address,
+        address,
+        ca_file=tls_consul.ca_file,
+        cert_file=tls_consul.other_cert_file,
+        key_file=tls_consul.other_key_file,
+    )
+    assert f"the TLS connection to Consul's gRPC API at {address} failed" in message
+    assert (
+        "does it trust the CA of consul.cert_file / CONSUL_CLIENT_CERT "
+        f"({tls_consul.other_cert_file})?" in message
+    )
+
+
 def test_a_plaintext_consul_grpc_port_dialled_over_tls_is_explained(consul: ConsulAgent) -> None:
     message = start_source(consul.address, f"https://{consul.grpc_address}")
     assert "it does not speak TLS: that is the plaintext gRPC port" in message
+
+
+def test_a_corrected_consul_ca_file_is_read_again_without_a_restart(
+    tls_consul: TlsConsul, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "consul-ca.pem"
+    ca_file.write_bytes(Path(tls_consul.other_ca_file).read_bytes())
+    right_ca = Path(tls_consul.ca_file).read_bytes()
+
+    async def start() -> bytes:
+        refused = asyncio.Event()
+
+        class Refusals(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "is not signed by a CA in consul.ca_file" in record.getMessage():
+                    refused.set()
+
+        handler = Refusals()
+        logger = logging.getLogger("cloudburst_grpc.security.consul_ca")
+        logger.addHandler(handler)
+        client = ConsulClient(
+            ConsulConfig(
+                address=tls_consul.agent.address,
+                ca_file=str(ca_file),
+                cert_file=tls_consul.cert_file,
+                key_file=tls_consul.key_file,
+            )
+        )
+        source = ConsulCaSource(
+            client, "cloudburst-kvs", ["127.0.0.1"], f"https://{tls_consul.agent.grpc_tls_address}"
+        )
+        started = asyncio.create_task(source.start(deadline_seconds=60))
+        try:
+            await asyncio.wait_for(refused.wait(), 60)
+            # Fixed while the start retries: the next attempt trusts the agent.
+            ca_file.write_bytes(right_ca)
+            await started
+            return source.current().cert_pem
+        finally:
+            logger.removeHandler(handler)
+            started.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TlsError):
+                await started
+            await source.close()
+            await client.close()
+
+    leaf = x509.load_pem_x509_certificate(asyncio.run(start()))
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert str(names.get_values_for_type(x509.UniformResourceIdentifier)[0]).endswith(
+        "/svc/cloudburst-kvs"
+    )

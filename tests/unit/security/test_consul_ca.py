@@ -13,6 +13,7 @@ from cloudburst_grpc.config import ConfigError, ConsulConfig, SecurityConfig, lo
 from cloudburst_grpc.security.certs import create_bundle
 from cloudburst_grpc.security.consul_ca import (
     ServersAddress,
+    _tls_problem,
     default_grpc_address,
     make_csr,
     parse_roots,
@@ -199,3 +200,50 @@ def test_file_certificates_are_unchanged(tmp_path: Path) -> None:
     )
     assert security.tls is not None
     assert security.tls.peer_name("executor") == "executor.cloudburst.local"
+
+
+# gRPC's words for failed TLS connections to Consul, as seen against a real agent.
+VERIFY_FAILED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:8503: Tls handshake "
+    "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:"
+    "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK"
+)
+WRONG_NAME = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:8503: Custom "
+    "verification check failed with error: UNAUTHENTICATED: Hostname Verification Check failed."
+)
+PLAINTEXT = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:8502: Tls handshake "
+    "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:"
+    "OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification context: OK"
+)
+REFUSED = (
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:8503: "
+    "Unwrap failed (TSI_DATA_CORRUPTED)"
+)
+
+
+@pytest.mark.parametrize(
+    ("details", "consul", "problem"),
+    [
+        (VERIFY_FAILED, ConsulConfig(ca_file="ca.pem"), "not signed by a CA in consul.ca_file"),
+        (
+            VERIFY_FAILED,
+            ConsulConfig(),
+            "not signed by a CA in the system's CAs (set consul.ca_file",
+        ),
+        (WRONG_NAME, ConsulConfig(), "does not name the host dialled"),
+        (PLAINTEXT, ConsulConfig(), "does not speak TLS: that is the plaintext gRPC port"),
+        (REFUSED, ConsulConfig(), "set consul.cert_file and key_file"),
+        (REFUSED, ConsulConfig(cert_file="c.pem", key_file="k.pem"), "trust the CA of consul.cert"),
+    ],
+)
+def test_a_failed_tls_connection_to_consul_says_what_to_check(
+    details: str, consul: ConsulConfig, problem: str
+) -> None:
+    assert problem in (_tls_problem(details, consul) or "")
+
+
+def test_a_connection_failure_without_tls_words_is_not_a_tls_problem() -> None:
+    details = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+    assert _tls_problem(details + "Connection refused", ConsulConfig()) is None
