@@ -79,11 +79,15 @@ clients-lint: $(TS_DEPS)
 	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript --noEmit --strict
 
 # Build what the client tests run (the Go programs, the compiled TypeScript) and run each
-# client's own unit tests.
-clients: $(TS_DEPS)
+# client's own unit tests. The TypeScript client's TLS tests read certificates that `cbgrpc certs`
+# makes in a temporary directory (no openssl needed).
+clients: setup $(TS_DEPS)
 	cd sdk/go && go build ./... && go test ./...
 	sdk/typescript/node_modules/.bin/tsc -p sdk/typescript
-	node --test sdk/typescript/dist/test/unit.test.js sdk/typescript/dist/test/transport.test.js
+	certs=$$(mktemp -d) && trap 'rm -rf "$$certs"' EXIT && \
+	  $(PY) -m cloudburst_grpc certs "$$certs/certs" --client admin >/dev/null && \
+	  CLOUDBURST_TEST_CERTS="$$certs/certs" node --test \
+	    sdk/typescript/dist/test/unit.test.js sdk/typescript/dist/test/transport.test.js
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -29,9 +29,10 @@ export interface Options {
 export type DagArguments = Record<string, NativeValue[]>;
 
 /**
- * Options of a connection. TLS: the tls* settings not given come from `CLOUDBURST_TLS_CA`,
- * `CLOUDBURST_TLS_CERT`, `CLOUDBURST_TLS_KEY` and `CLOUDBURST_TLS_SERVER_NAME`; any of them
- * but the server name makes a "host:port" address use TLS (an https:// address always does, an http:// one never).
+ * Options of a connection. TLS: the tls* settings and the token not given come from
+ * `CLOUDBURST_TLS_CA`, `CLOUDBURST_TLS_CERT`, `CLOUDBURST_TLS_KEY`, `CLOUDBURST_TLS_SERVER_NAME`
+ * and `CLOUDBURST_TOKEN`; any of them but the server name makes a "host:port" address use TLS (an
+ * https:// address always does, an http:// one never).
  */
 export interface ConnectOptions extends TlsSettings {
   /**
@@ -47,9 +48,14 @@ export interface ConnectOptions extends TlsSettings {
 
 /**
  * Connects to a scheduler at "host:port" (plaintext, for loopback and trusted networks, unless a
- * TLS setting is given), or at a URL. With TLS and a client certificate, the servers that ask
- * for one (a scheduler without tokens, or its client certificate port, and the KVS) authenticate
- * the client by it; a server that refuses it fails calls with UNAUTHENTICATED, saying why. The
+ * TLS setting or a token is given), or at a URL. With a token, every call carries it
+ * (`authorization: Bearer <token>`) and a scheduler with a tokens file authenticates the client
+ * by it: a token it does not know fails calls with UNAUTHENTICATED, a role that may not do
+ * something with PERMISSION_DENIED, each with the server's reason; objects then go through the
+ * scheduler (the KVS takes client certificates only). With TLS and a client certificate, the
+ * servers that ask for one (a scheduler without tokens, or its client certificate port, and the
+ * KVS) authenticate the client by it; a server that refuses it fails calls with UNAUTHENTICATED,
+ * saying why, and a certificate expired or not valid yet is refused here (UNAUTHENTICATED). The
  * connection pings the scheduler every second and gives it up (its calls reject with
  * UNAVAILABLE) when a ping goes unanswered for two seconds (`CLOUDBURST_PING_TIMEOUT_SECONDS`):
  * a hung scheduler fails calls within seconds instead of at their deadlines. Throws a
@@ -64,6 +70,13 @@ export function connect(address: string, options: ConnectOptions = {}): Cloudbur
       Code.InvalidArgument,
       "",
       `TLS settings were given for the plaintext address ${address}: use host:port or https://`,
+    );
+  }
+  if (plaintext && options.token !== undefined) {
+    throw new CloudburstError(
+      Code.InvalidArgument,
+      "",
+      `a token is sent only over TLS, and ${address} is a plaintext address: use host:port or https://`,
     );
   }
   const tls = plaintext ? undefined : tlsSettings(options, process.env);

@@ -10,6 +10,7 @@ export {
 } from "./client.js";
 export { DIRECT_KVS_ENV } from "./direct.js";
 export {
+  bearerToken,
   KEEPALIVE_MS,
   KEEPALIVE_TIMEOUT_MS,
   PING_TIMEOUT_ENV,
@@ -17,7 +18,7 @@ export {
   resetAsUnavailable,
   transportErrors,
 } from "./transport.js";
-export { TLS_ENV, tlsSettings, type Tls, type TlsSettings } from "./tls.js";
+export { TLS_ENV, TOKEN_ENV, tlsSettings, type Tls, type TlsSettings } from "./tls.js";
 export { CloudburstError, FunctionError, DOMAIN, type Reason } from "./errors.js";
 export { ACCEPTED, decode, encode, toValue, type Json, type NativeValue } from "./values.js";
 export * as v1 from "./v1.js";

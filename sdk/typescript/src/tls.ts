@@ -1,7 +1,7 @@
-// TLS settings of a connection, as the Python SDK takes them: a CA to trust, a client certificate
-// and its key, the name the servers' certificates must carry. Settings not given as options come
-// from the same environment variables (CLOUDBURST_TLS_*), so a program written for an open server
-// runs unchanged against a secured one.
+// TLS settings of a connection, as the Python SDK takes them: a CA to trust, a bearer token or a
+// client certificate and its key, the name the servers' certificates must carry. Settings not
+// given as options come from the same environment variables (CLOUDBURST_TLS_*, CLOUDBURST_TOKEN),
+// so a program written for an open server runs unchanged against a secured one.
 import { readFileSync } from "node:fs";
 import { X509Certificate, createPrivateKey } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
@@ -16,6 +16,9 @@ export const TLS_ENV = {
   serverName: "CLOUDBURST_TLS_SERVER_NAME",
 } as const;
 
+/** The environment variable that gives the bearer token when the token option does not. */
+export const TOKEN_ENV = "CLOUDBURST_TOKEN";
+
 /** The TLS options of connect() (files are PEM paths). */
 export interface TlsSettings {
   /** The CA bundle the servers' certificates must chain to; Node's roots when not given. */
@@ -26,6 +29,11 @@ export interface TlsSettings {
   tlsKey?: string;
   /** Verify the servers' certificates against this name instead of the host dialled. */
   tlsServerName?: string;
+  /**
+   * A bearer token (from `cbgrpc token ROLE`), sent as `authorization: Bearer <token>` with every
+   * call; its role decides what the client may do. It is sent only over TLS.
+   */
+  token?: string;
 }
 
 /** The settings read and checked: what Node's TLS takes, and where each came from. */
@@ -42,16 +50,24 @@ export interface Tls {
   certFile?: string;
   /** The CA bundle's file, for messages. */
   caFile?: string;
+  /** The bearer token sent with every call. */
+  token?: string;
 }
 
 /**
  * The TLS settings from options, else (for options not given or empty) from the environment;
- * undefined when no CA, certificate or key is set (then only an https:// address asks for TLS,
- * trusting Node's roots). Throws a CloudburstError
- * (INVALID_ARGUMENT) when a file cannot be read or is not PEM, when a certificate comes without
- * its key (or a key without its certificate), or when the key does not match the certificate.
+ * undefined when no CA, certificate, key or token is set (then only an https:// address asks for
+ * TLS, trusting Node's roots). A token alone asks for TLS too, as with the Python SDK. Throws a
+ * CloudburstError (INVALID_ARGUMENT) when a file cannot be read or is not PEM, when a certificate
+ * comes without its key (or a key without its certificate), or when the key does not match the
+ * certificate; and one (UNAUTHENTICATED) when the certificate has expired or is not valid yet at
+ * `now`, which servers would refuse in the TLS handshake.
  */
-export function tlsSettings(options: TlsSettings, env: Environment = process.env): Tls | undefined {
+export function tlsSettings(
+  options: TlsSettings,
+  env: Environment = process.env,
+  now: Date = new Date(),
+): Tls | undefined {
   const pick = (given: string | undefined, variable: string): Setting | undefined => {
     const fromOption = (given ?? "").trim() !== "";
     const value = (fromOption ? given : env[variable]) ?? "";
@@ -62,7 +78,8 @@ export function tlsSettings(options: TlsSettings, env: Environment = process.env
   const cert = pick(options.tlsCert, TLS_ENV.cert);
   const key = pick(options.tlsKey, TLS_ENV.key);
   const serverName = pick(options.tlsServerName, TLS_ENV.serverName);
-  if (ca === undefined && cert === undefined && key === undefined) {
+  const token = pick(options.token, TOKEN_ENV);
+  if (ca === undefined && cert === undefined && key === undefined && token === undefined) {
     return undefined; // a server name alone does not ask for TLS, as with the Python SDK
   }
   if ((cert === undefined) !== (key === undefined)) {
@@ -95,11 +112,48 @@ export function tlsSettings(options: TlsSettings, env: Environment = process.env
       );
     }
     tls.certFile = cert.value;
+    const expired = validityProblem(x509, cert.value, now);
+    if (expired !== "") {
+      throw new CloudburstError(
+        Code.Unauthenticated,
+        "",
+        `${expired}; servers refuse it in the TLS handshake: ${ADVICE}`,
+      );
+    }
   }
   if (serverName !== undefined) {
     tls.servername = serverName.value;
   }
+  if (token !== undefined) {
+    tls.token = token.value;
+  }
   return tls;
+}
+
+/** What to do about a client certificate the servers refuse (as the Python SDK says it). */
+const ADVICE =
+  "use a client certificate issued by the cluster's CA and still valid " +
+  "(`cbgrpc certs DIR --client ROLE` issues one), or a token";
+
+/**
+ * Why the certificate read from file is not valid at now (expired, or not valid yet), in the
+ * Python SDK's words; "" when it is valid.
+ */
+export function validityProblem(cert: X509Certificate, file: string, now: Date = new Date()): string {
+  const notAfter = new Date(cert.validTo);
+  const notBefore = new Date(cert.validFrom);
+  if (notAfter < now) {
+    return `the client certificate ${file} expired on ${utcMinute(notAfter)} UTC`;
+  }
+  if (notBefore > now) {
+    return `the client certificate ${file} is not valid before ${utcMinute(notBefore)} UTC`;
+  }
+  return "";
+}
+
+/** A time as "YYYY-MM-DD HH:MM" in UTC. */
+function utcMinute(time: Date): string {
+  return time.toISOString().slice(0, 16).replace("T", " ");
 }
 
 /** A setting's value and where it came from (an option or an environment variable). */
@@ -109,6 +163,9 @@ interface Setting {
 }
 
 function optionName(variable: string): string {
+  if (variable === TOKEN_ENV) {
+    return "token";
+  }
   const entry = Object.entries(TLS_ENV).find(([, name]) => name === variable);
   const key = entry?.[0] ?? "";
   return `tls${key.charAt(0).toUpperCase()}${key.slice(1)}`;

@@ -52,7 +52,10 @@ export function pingTimeoutMs(env: Environment = process.env): number {
   return Math.max(Math.floor(seconds * 1000), 1);
 }
 
-/** The options of a gRPC transport (HTTP/2) to a peer at a URL of this scheme, with tls for https. */
+/**
+ * The options of a gRPC transport (HTTP/2) to a peer at a URL of this scheme, with tls for https
+ * (whose token, if any, goes with every call).
+ */
 export function transportOptions(
   scheme: "http" | "https",
   env: Environment = process.env,
@@ -70,10 +73,25 @@ export function transportOptions(
     return { ...keepalive, interceptors: [transportErrors()], nodeOptions: { createConnection: connectWithin } };
   }
   const refusals = new Refusals();
+  const interceptors = [transportErrors(tls, refusals)];
+  if (tls?.token !== undefined) {
+    interceptors.unshift(bearerToken(tls.token));
+  }
   return {
     ...keepalive,
-    interceptors: [transportErrors(tls, refusals)],
+    interceptors,
     nodeOptions: { createConnection: (authority) => connectTlsWithin(authority, tls, refusals) },
+  };
+}
+
+/**
+ * An interceptor that sends token with every call as `authorization: Bearer <token>`, the header
+ * the Python SDK sends and the servers read. The client adds it only to TLS transports.
+ */
+export function bearerToken(token: string): Interceptor {
+  return (next) => (request) => {
+    request.header.set("authorization", `Bearer ${token}`);
+    return next(request);
   };
 }
 

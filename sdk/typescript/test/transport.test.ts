@@ -1,12 +1,18 @@
 // Tests of the client's transport against real HTTP/2 gRPC servers on 127.0.0.1 port 0 (made with
 // connect-node's own server adapter) and of its TLS settings on real files: a connection reset
 // mid-call is UNAVAILABLE and sends a direct KVS call through the scheduler, a server's ABORTED
-// stays ABORTED, and TLS files that cannot be used are refused with messages that name them.
-// Run with `node --test dist/test/transport.test.js` after `tsc -p .` (make clients does both).
-import { execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+// stays ABORTED, TLS files that cannot be used are refused with messages that name them, a
+// certificate out of its validity dates is refused before connecting, and a token goes with every
+// call over TLS.
+//
+// The certificates come from `cbgrpc certs DIR --client admin` (Python's `cryptography`, no
+// openssl): CLOUDBURST_TEST_CERTS names DIR. Run with
+// `CLOUDBURST_TEST_CERTS=DIR node --test dist/test/transport.test.js` after `tsc -p .`;
+// `make clients` does all three.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import * as http2 from "node:http2";
 import type { AddressInfo, Socket } from "node:net";
+import { X509Certificate } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ok, strictEqual, throws } from "node:assert/strict";
@@ -15,7 +21,7 @@ import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
 import { connectNodeAdapter, createGrpcTransport } from "@connectrpc/connect-node";
 import { KvsService } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
 import { Serializer } from "../src/gen/cloudburst/v1/value_pb.js";
-import { CloudburstClient, CloudburstError, TLS_ENV, connect, tlsSettings } from "../src/index.js";
+import { CloudburstClient, CloudburstError, TLS_ENV, TOKEN_ENV, connect, tlsSettings } from "../src/index.js";
 import { transportOptions } from "../src/transport.js";
 
 /** A real gRPC server on 127.0.0.1:0; resetAll() resets every connection it accepted, closeAll() closes them. */
@@ -172,25 +178,26 @@ test("a server's own ABORTED stays ABORTED and does not fall back", async () => 
   strictEqual(client.kvsAddress, kvs.address, "the KVS is still used directly");
 });
 
-/** PEM files made with openssl: a CA, a client certificate it signed, and an unrelated key. */
-function pemFiles(): Record<"dir" | "ca" | "cert" | "key" | "otherKey", string> {
-  const dir = mkdtempSync(join(tmpdir(), "cloudburst-tls-"));
-  const run = (...args: string[]): void => {
-    execFileSync("openssl", args, { cwd: dir, stdio: "ignore" });
-  };
-  const key = (name: string): void => run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name);
-  key("ca-key.pem");
-  run("req", "-x509", "-new", "-key", "ca-key.pem", "-subj", "/CN=test CA", "-days", "2", "-out", "ca.pem");
-  key("client-key.pem");
-  run("req", "-new", "-key", "client-key.pem", "-subj", "/CN=client", "-out", "client.csr");
-  run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-days", "2", "-out", "client.pem");
-  key("other-key.pem");
+/** The environment variable naming the directory of `cbgrpc certs DIR --client admin`. */
+const CERTS_ENV = "CLOUDBURST_TEST_CERTS";
+
+/**
+ * PEM files of `cbgrpc certs`: a CA, a client certificate it signed, an unrelated key, and the
+ * certificate of `cbgrpc serve` (valid for 127.0.0.1); dir is a fresh directory for other files.
+ */
+function pemFiles(): Record<"dir" | "ca" | "cert" | "key" | "otherKey" | "serverCert" | "serverKey", string> {
+  const certs = process.env[CERTS_ENV] ?? "";
+  if (certs === "") {
+    throw new Error(`${CERTS_ENV} must name a directory made by \`cbgrpc certs DIR --client admin\` (make clients does it)`);
+  }
   return {
-    dir,
-    ca: join(dir, "ca.pem"),
-    cert: join(dir, "client.pem"),
-    key: join(dir, "client-key.pem"),
-    otherKey: join(dir, "other-key.pem"),
+    dir: mkdtempSync(join(tmpdir(), "cloudburst-tls-")),
+    ca: join(certs, "ca.pem"),
+    cert: join(certs, "client-admin.pem"),
+    key: join(certs, "client-admin-key.pem"),
+    otherKey: join(certs, "kvs-key.pem"),
+    serverCert: join(certs, "serve.pem"),
+    serverKey: join(certs, "serve-key.pem"),
   };
 }
 
@@ -227,9 +234,9 @@ test("TLS settings come from options, else from the environment, and unusable fi
     throws(() => tlsSettings({}, { [TLS_ENV.key]: files.key }), refused(/needs its key: CLOUDBURST_TLS_KEY is set/));
     throws(
       () => tlsSettings({ tlsCert: files.cert, tlsKey: files.otherKey }, {}),
-      refused(/the key in .*other-key\.pem \(tlsKey\) does not match the certificate in .*client\.pem/),
+      refused(/the key in .*kvs-key\.pem \(tlsKey\) does not match the certificate in .*client-admin\.pem/),
     );
-    throws(() => tlsSettings({ tlsCa: files.key }, {}), refused(/client-key\.pem \(tlsCa\) is not a PEM certificate/));
+    throws(() => tlsSettings({ tlsCa: files.key }, {}), refused(/client-admin-key\.pem \(tlsCa\) is not a PEM certificate/));
     writeFileSync(join(files.dir, "empty.pem"), "");
     throws(() => tlsSettings({ tlsCa: join(files.dir, "empty.pem") }, {}), refused(/empty\.pem \(tlsCa\) is not a PEM certificate/));
     throws(() => tlsSettings({ tlsCert: files.cert, tlsKey: files.ca }, {}), refused(/ca\.pem \(tlsKey\) is not a PEM private key/));
@@ -237,6 +244,104 @@ test("TLS settings come from options, else from the environment, and unusable fi
     throws(() => connect("127.0.0.1:1", { tlsCert: files.cert, tlsKey: files.otherKey }), refused(/does not match/));
     throws(() => connect("http://127.0.0.1:1", { tlsCa: files.ca }), refused(/plaintext address/));
   } finally {
+    rmSync(files.dir, { recursive: true, force: true });
+  }
+});
+
+test("a client certificate out of its validity dates is refused before connecting, saying when", () => {
+  const files = pemFiles();
+  try {
+    const validTo = new Date(new X509Certificate(readFileSync(files.cert)).validTo);
+    const later = new Date(validTo.getTime() + 60_000);
+    const expired = (pattern: RegExp) => (err: unknown) => {
+      ok(err instanceof CloudburstError, String(err));
+      strictEqual(err.code, Code.Unauthenticated);
+      ok(pattern.test(err.message), err.message);
+      ok(err.message.includes("servers refuse it in the TLS handshake"), err.message);
+      return true;
+    };
+    const day = validTo.toISOString().slice(0, 10);
+    throws(
+      () => tlsSettings({ tlsCert: files.cert, tlsKey: files.key }, {}, later),
+      expired(new RegExp(`the client certificate .*client-admin\\.pem expired on ${day} \\d\\d:\\d\\d UTC`)),
+    );
+    throws(
+      () => tlsSettings({}, { [TLS_ENV.cert]: files.cert, [TLS_ENV.key]: files.key }, new Date(0)),
+      expired(/the client certificate .*client-admin\.pem is not valid before \d{4}-\d\d-\d\d \d\d:\d\d UTC/),
+    );
+    ok(tlsSettings({ tlsCert: files.cert, tlsKey: files.key }, {})?.cert !== undefined, "valid now");
+  } finally {
+    rmSync(files.dir, { recursive: true, force: true });
+  }
+});
+
+test("a token comes from the option, else CLOUDBURST_TOKEN, asks for TLS, and goes with every call", async () => {
+  const files = pemFiles();
+  const seen: string[] = [];
+  const server = http2.createSecureServer(
+    {
+      cert: readFileSync(files.serverCert),
+      key: readFileSync(files.serverKey),
+      allowHTTP1: false,
+    },
+    connectNodeAdapter({
+      routes: (router) =>
+        router.service(KvsService, {
+          getLimits: (_request, context) => {
+            seen.push(context.requestHeader.get("authorization") ?? "");
+            return {};
+          },
+          getValue: (_request, context) => {
+            seen.push(context.requestHeader.get("authorization") ?? "");
+            return { found: false };
+          },
+        }),
+    }),
+  );
+  const sockets: Socket[] = [];
+  server.on("secureConnection", (socket: Socket) => sockets.push(socket));
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const address = `127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const saved = process.env[TOKEN_ENV];
+  try {
+    strictEqual(tlsSettings({}, {}), undefined);
+    const alone = tlsSettings({}, { [TOKEN_ENV]: " cbt_env " });
+    strictEqual(alone?.token, "cbt_env", "a token alone asks for TLS (Node's roots)");
+    strictEqual(alone.ca, undefined);
+    strictEqual(tlsSettings({ token: "cbt_option" }, { [TOKEN_ENV]: "cbt_env" })?.token, "cbt_option");
+    throws(
+      () => connect("http://127.0.0.1:1", { token: "cbt_secret" }),
+      (err: unknown) => {
+        ok(err instanceof CloudburstError, String(err));
+        strictEqual(err.code, Code.InvalidArgument);
+        ok(err.message.includes("a token is sent only over TLS"), err.message);
+        ok(!err.message.includes("cbt_secret"), "the message does not show the token");
+        return true;
+      },
+    );
+
+    const byOption = connect(address, { tlsCa: files.ca, token: "cbt_option", directKvs: false });
+    strictEqual(await byOption.get("k", { timeoutMs: 30_000 }), undefined);
+    await byOption.kvs.getLimits({}, { timeoutMs: 30_000 });
+    process.env[TOKEN_ENV] = "cbt_env";
+    const byEnvironment = connect(address, { tlsCa: files.ca });
+    strictEqual(await byEnvironment.get("k", { timeoutMs: 30_000 }), undefined);
+    delete process.env[TOKEN_ENV];
+    const without = connect(address, { tlsCa: files.ca, directKvs: false });
+    strictEqual(await without.get("k", { timeoutMs: 30_000 }), undefined);
+    // byEnvironment asked the server for its KVS first (GetLimits), with the token too.
+    strictEqual(JSON.stringify(seen), JSON.stringify([
+      "Bearer cbt_option",
+      "Bearer cbt_option",
+      "Bearer cbt_env",
+      "Bearer cbt_env",
+      "",
+    ]));
+  } finally {
+    if (saved === undefined) delete process.env[TOKEN_ENV];
+    else process.env[TOKEN_ENV] = saved;
+    for (const socket of sockets) socket.destroy();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
     rmSync(files.dir, { recursive: true, force: true });
   }
 });
