@@ -49,7 +49,15 @@ NEW_CONNECTION_BOUND = 10.0
 KILLED_BOUND = 10.0
 
 #: The variables the clients read, removed from the drivers' environment unless a test sets them.
-CLIENT_VARIABLES = ("CLOUDBURST_DIRECT_KVS", "CLOUDBURST_PING_TIMEOUT_SECONDS")
+CLIENT_VARIABLES = (
+    "CLOUDBURST_DIRECT_KVS",
+    "CLOUDBURST_PING_TIMEOUT_SECONDS",
+    "CLOUDBURST_TOKEN",
+    "CLOUDBURST_TLS_CA",
+    "CLOUDBURST_TLS_CERT",
+    "CLOUDBURST_TLS_KEY",
+    "CLOUDBURST_TLS_SERVER_NAME",
+)
 
 Launcher = Callable[..., "Driver"]
 

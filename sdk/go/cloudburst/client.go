@@ -11,6 +11,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -38,23 +40,49 @@ type Client struct {
 }
 
 // Options configure a Client made with DialWithOptions.
+//
+// The security settings (Token and the TLS ones) that are empty come from CLOUDBURST_TOKEN,
+// CLOUDBURST_TLS_CA, CLOUDBURST_TLS_CERT, CLOUDBURST_TLS_KEY and CLOUDBURST_TLS_SERVER_NAME, as
+// for the Python SDK; any of them but the server name makes the connections use TLS. Without any
+// (and without DialOptions) the connections are plaintext, which suits loopback and trusted
+// networks.
 type Options struct {
+	// Token is a bearer token (from `cbgrpc token ROLE`) sent with every call as
+	// "authorization: Bearer <token>"; its role decides what the client may do. It asks for TLS
+	// (trusting the system's roots unless TLSCA is given): a token is never sent in plaintext.
+	// A scheduler refuses a token it does not know with codes.Unauthenticated, and a call its
+	// role may not make with codes.PermissionDenied, each as an *Error with the server's reason.
+	Token string
+	// TLSCA is a PEM CA bundle the servers' certificates must chain to; the system's roots
+	// when empty.
+	TLSCA string
+	// TLSCert is a PEM client certificate signed by the cluster's CA, to authenticate with
+	// instead of a token (with TLSKey). One that has expired or is not valid yet makes Dial fail
+	// with an *Error (codes.Unauthenticated) that names the file and the date.
+	TLSCert string
+	// TLSKey is the PEM key of TLSCert.
+	TLSKey string
+	// TLSServerName is the name the servers' certificates must carry, when not the host dialled.
+	TLSServerName string
 	// DialOptions are passed to grpc.NewClient for the scheduler's connection and for the KVS's,
-	// after the client's own (keepalive, connection timeout), which they may override. Without
-	// any the connections are plaintext, which suits loopback and trusted networks; pass
-	// grpc.WithTransportCredentials for TLS.
+	// after the client's own (keepalive, connection timeout, the TLS and token of the settings
+	// above), which they may override: grpc.WithTransportCredentials gives TLS configured
+	// otherwise.
 	DialOptions []grpc.DialOption
 	// DirectKvs says whether Put and Get go to the KVS itself when the scheduler names its
 	// address (a cluster's scheduler does): one network hop instead of two. When that address
 	// does not answer, within DirectKvsProbeTimeout of the first KVS call or later, objects go
 	// through the scheduler, and the KVS is tried again now and then. With TLS only a client
-	// that shows a certificate goes direct. The default is on unless CLOUDBURST_DIRECT_KVS=0.
+	// that shows a certificate goes direct (the KVS takes no tokens): a client with only a token
+	// stays with the scheduler, as with the Python SDK. The default is on unless
+	// CLOUDBURST_DIRECT_KVS=0.
 	DirectKvs DirectKvs
 }
 
-// Dial connects to a scheduler at address ("host:port"). Without options the connection is
-// plaintext, which suits loopback and trusted networks; pass grpc.WithTransportCredentials for TLS.
-// It is DialWithOptions with only DialOptions set.
+// Dial connects to a scheduler at address ("host:port"). Without options, and without the
+// environment variables of Options (CLOUDBURST_TOKEN, CLOUDBURST_TLS_*), the connection is
+// plaintext, which suits loopback and trusted networks. It is DialWithOptions with only
+// DialOptions set.
 func Dial(address string, opts ...grpc.DialOption) (*Client, error) {
 	return DialWithOptions(address, Options{DialOptions: opts})
 }
@@ -62,18 +90,28 @@ func Dial(address string, opts ...grpc.DialOption) (*Client, error) {
 // DialWithOptions connects to a scheduler at address ("host:port"). The connection pings the
 // scheduler when it has read nothing for KeepaliveTime and gives it up (its calls end with
 // UNAVAILABLE) when a ping goes unanswered for PingTimeout: a hung scheduler fails calls within
-// seconds instead of at their deadlines. An invalid CLOUDBURST_PING_TIMEOUT_SECONDS is an error.
+// seconds instead of at their deadlines. An invalid CLOUDBURST_PING_TIMEOUT_SECONDS is an error,
+// as are TLS files that cannot be used and a client certificate out of its validity dates.
 func DialWithOptions(address string, options Options) (*Client, error) {
 	opts, err := transportOptions(os.Getenv)
 	if err != nil {
 		return nil, err
 	}
-	if len(options.DialOptions) == 0 {
+	settings := resolveSecurity(options, os.Getenv)
+	secure, err := settings.dialOptions(time.Now())
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, secure...)
+	if len(secure) == 0 && len(options.DialOptions) == 0 {
 		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	}
 	opts = append(opts, options.DialOptions...)
 	conn, err := grpc.NewClient(address, opts...)
 	if err != nil {
+		if settings.token != "" && strings.Contains(err.Error(), "transport level security") {
+			return nil, fmt.Errorf("cloudburst: a token (Options.Token or %s) is sent only over TLS, and the dial options given make the connection to %q plaintext", TokenEnv, address)
+		}
 		return nil, fmt.Errorf("cloudburst: cannot connect to %q: %w", address, err)
 	}
 	proxy := cloudburstv1.NewKvsServiceClient(conn)

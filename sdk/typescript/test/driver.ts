@@ -4,15 +4,18 @@
 //
 //   node dist/test/driver.js ADDRESS [default|on|off]   (the directKvs option; default: unset)
 //
-// TLS settings come from the environment (CLOUDBURST_TLS_*), as the client reads them.
+// TLS settings and the token come from the environment (CLOUDBURST_TLS_*, CLOUDBURST_TOKEN), as
+// the client reads them.
 //
 // Commands: {"op": "put", "key": K, "value": V}, {"op": "get", "key": K},
 // {"op": "call", "name": FUNCTION, "args": [...], "timeout": SECONDS},
+// {"op": "delete_function", "name": FUNCTION},
 // {"op": "kvs_address"} and {"op": "wait_result", "key": K, "timeout": SECONDS}. An answer is
 // {"ok": true, ...} or {"ok": false, "code": "Unavailable", "reason": "...", "message": "..."}.
 import { createInterface } from "node:readline";
 import { Code } from "@connectrpc/connect";
 import { CloudburstError, connect, type CloudburstClient, type Json } from "../src/index.js";
+import { fromRpcError } from "../src/errors.js";
 
 interface Command {
   op: string;
@@ -39,6 +42,13 @@ async function run(client: CloudburstClient, command: Command): Promise<Answer> 
       }
       case "call":
         return { ok: true, value: (await client.callFunction(command.name ?? "", command.args ?? [], options)) as Json };
+      case "delete_function":
+        try {
+          await client.scheduler.deleteFunction({ name: command.name ?? "" }, options);
+        } catch (err) {
+          throw fromRpcError(err);
+        }
+        return { ok: true };
       case "kvs_address":
         return { ok: true, address: client.kvsAddress ?? "" };
       case "wait_result":

@@ -4,7 +4,11 @@
 //
 //	clientdriver ADDRESS [default|on|off]   (the client's DirectKvs option)
 //
+// Security settings come from the environment (CLOUDBURST_TOKEN, CLOUDBURST_TLS_*), as the client
+// reads them.
+//
 // Commands: {"op": "put", "key": K, "value": V}, {"op": "get", "key": K},
+// {"op": "call", "name": FUNCTION, "args": [...]}, {"op": "delete_function", "name": FUNCTION},
 // {"op": "kvs_address"} and {"op": "wait_result", "key": K, "timeout": SECONDS}. An answer is
 // {"ok": true, ...} or {"ok": false, "code": "Unavailable", "reason": "...", "message": "..."}.
 package main
@@ -18,13 +22,18 @@ import (
 	"os"
 	"time"
 
+	"google.golang.org/grpc/status"
+
 	"cloudburst-grpc/sdk/go/cloudburst"
+	cloudburstv1 "cloudburst-grpc/sdk/go/cloudburst/v1"
 )
 
 type command struct {
 	Op      string  `json:"op"`
 	Key     string  `json:"key"`
 	Value   any     `json:"value"`
+	Name    string  `json:"name"`
+	Args    []any   `json:"args"`
 	Timeout float64 `json:"timeout"`
 }
 
@@ -93,6 +102,22 @@ func run(client *cloudburst.Client, cmd command) map[string]any {
 			answer["value"] = value
 		}
 		return answer
+	case "call":
+		result, err := client.CallFunction(ctx, cmd.Name, cmd.Args...)
+		if err != nil {
+			return failed(err)
+		}
+		value, err := result.Any()
+		if err != nil {
+			return failed(err)
+		}
+		return map[string]any{"ok": true, "value": value}
+	case "delete_function":
+		_, err := client.Scheduler.DeleteFunction(ctx, &cloudburstv1.DeleteFunctionRequest{Name: cmd.Name})
+		if err != nil {
+			return failed(err)
+		}
+		return map[string]any{"ok": true}
 	case "kvs_address":
 		return map[string]any{"ok": true, "address": client.KvsAddress()}
 	case "wait_result":
@@ -113,6 +138,9 @@ func failed(err error) map[string]any {
 	var typed *cloudburst.Error
 	if errors.As(err, &typed) {
 		return map[string]any{"ok": false, "code": typed.Code.String(), "reason": typed.Reason, "message": typed.Message}
+	}
+	if st, ok := status.FromError(err); ok { // an error of a generated stub
+		return map[string]any{"ok": false, "code": st.Code().String(), "reason": "", "message": st.Message()}
 	}
 	return map[string]any{"ok": false, "code": "", "message": err.Error()}
 }
