@@ -6,9 +6,11 @@ the cluster's CA from ``CLOUDBURST_TLS_CA``), sends it as the Python SDK does,
 calls functions and reads and writes objects through the scheduler (the KVS
 takes client certificates only); a token the scheduler does not know is
 refused with UNAUTHENTICATED and a role that may not do something with
-PERMISSION_DENIED, each with the server's reason. A client certificate out of
-its validity dates is refused before connecting, in the Python SDK's words.
-The drivers are those of test_clients_cluster.py.
+PERMISSION_DENIED, each with the server's reason. A client certificate from
+the environment (``CLOUDBURST_TLS_*``) authenticates a client to a scheduler
+without tokens and to the KVS, which it then uses directly; one out of its
+validity dates is refused before connecting, in the Python SDK's words. The
+drivers are those of test_clients_cluster.py.
 """
 
 from __future__ import annotations
@@ -146,3 +148,32 @@ def test_an_expired_client_certificate_is_refused_before_connecting(
     client = launch("127.0.0.1:1", env=env)
     assert client.wait_exit(60) == 1
     assert expected in client.stderr(), client.stderr()
+
+
+def test_a_client_certificate_from_the_environment_calls_and_uses_the_kvs_directly(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    cluster = CertCluster(make_certs(tmp_path / "certs"))
+    try:
+        certs = cluster.certs
+        with CloudburstConnection(
+            cluster.scheduler.address,
+            tls_ca=str(certs / "ca.pem"),
+            tls_cert=str(certs / "client-admin.pem"),
+            tls_key=str(certs / "client-admin-key.pem"),
+            connect_timeout=30,
+            timeout=60,
+        ) as cloud:
+            cloud.register(lambda _, x: x + 1, "incr")
+        env = {
+            "CLOUDBURST_TLS_CA": str(certs / "ca.pem"),
+            "CLOUDBURST_TLS_CERT": str(certs / "client-admin.pem"),
+            "CLOUDBURST_TLS_KEY": str(certs / "client-admin-key.pem"),
+        }
+        client = launch(cluster.scheduler.address, env=env)
+        assert client.ok(op="call", name="incr", args=[1])["value"] == 2
+        client.ok(op="put", key="cert/k", value=[1])
+        assert client.ok(op="kvs_address")["address"] == cluster.kvs.address
+        assert cluster.stored("cert/k") == [1]
+    finally:
+        cluster.close()
