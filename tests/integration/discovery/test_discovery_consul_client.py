@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from cloudburst_grpc.config import ConfigError, ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient
+from cloudburst_grpc.security.certs import create_ca, write_issued
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "client.pem", directory / "client-key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=cloudburst-test",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
+    """A self-signed certificate and its key, as files."""
+    return write_issued(directory, "client", create_ca())
 
 
 async def test_the_client_uses_the_token_and_tls_settings(tmp_path: Path) -> None:
