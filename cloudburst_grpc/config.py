@@ -344,6 +344,11 @@ class Config:
             ),
             (self.consul.retry_max_seconds > 0, "consul.retry_max_seconds must be positive"),
             (
+                bool(self.consul.cert_file) == bool(self.consul.key_file),
+                "consul.cert_file and consul.key_file (CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY) go "
+                "together: give both or neither",
+            ),
+            (
                 bool(self.security.tls_cert)
                 == bool(self.security.tls_key)
                 == bool(self.security.tls_ca),

@@ -49,6 +49,12 @@ def test_bad_consul_settings_are_refused_with_the_setting_named() -> None:
         load_config(environ={"CONSUL_HTTP_SSL_VERIFY": "maybe"})
 
 
+@pytest.mark.parametrize("given", ["CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY"])
+def test_a_consul_client_certificate_without_its_key_is_refused_at_once(given: str) -> None:
+    with pytest.raises(ConfigError, match=r"consul\.cert_file and consul\.key_file"):
+        load_config(environ={"CONSUL_HTTP_ADDR": "https://c:8501", given: "/etc/consul/x.pem"})
+
+
 @pytest.mark.parametrize(
     ("address", "ssl", "expected"),
     [
