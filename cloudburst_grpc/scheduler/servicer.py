@@ -54,7 +54,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             # Each call's task writes its answers itself (gRPC's reader-writer API): a
             # loop turn and a queue sooner than through a response generator. The
             # tracing interceptor only wraps generators, so with tracing on the
-            # generator stays.
+            # generator stays; both batch answers alike (_Batcher).
             self.StreamCalls = self._stream_calls_written  # type: ignore[method-assign,assignment]
 
     async def CreateFunction(
@@ -223,24 +223,40 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         request_iterator: AsyncIterator[scheduler_service_pb2.StreamCallsRequest],
         context: Context[scheduler_service_pb2.StreamCallsRequest, Answer],
     ) -> AsyncIterator[Answer]:
-        """Serve many calls over one stream; each is answered when accepted (and finished)."""
-        answers: asyncio.Queue[Answer | None] = asyncio.Queue()
+        """Serve many calls over one stream; each is answered when accepted (and finished).
+
+        Answers that queue up while one is being sent go out together, batched
+        as by :class:`_AnswerWriter`.
+        """
+        backlog: collections.deque[Answer | None] = collections.deque()
+        queued = asyncio.Event()
+        batcher = _Batcher(self._batches)
         calls: set[asyncio.Task[None]] = set()
         room = asyncio.Event()
 
         async def emit(answer: Answer) -> None:
-            answers.put_nowait(answer)
+            backlog.append(answer)
+            queued.set()
 
         async def read() -> None:
             try:
-                await self._read_calls(request_iterator, emit, calls, answers.qsize, room)
+                await self._read_calls(
+                    request_iterator, emit, calls, backlog.__len__, room, batcher.reads_batches
+                )
             finally:
-                answers.put_nowait(None)
+                backlog.append(None)
+                queued.set()
 
         reader = asyncio.create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
+            while True:
+                if not backlog:
+                    queued.clear()
+                    await queued.wait()
+                    continue
+                if backlog[0] is None:
+                    break
+                yield batcher.next_message(backlog)
                 room.set()
         finally:
             reader.cancel()
@@ -394,22 +410,14 @@ async def _await_outcome(accepted: Accepted) -> execution_pb2.Outcome:
         return execution_pb2.Outcome(error=error_to_call_error(exc))
 
 
-class _AnswerWriter:
-    """Writes a stream's answers in the order they come, one write at a time.
+class _Batcher:
+    """Chooses the next message of a call stream's answers: one answer, or a batch.
 
-    Whichever call's task has an answer while no write is in progress writes
-    it, and then the answers that came meanwhile: in one batch message, once
-    the caller said it reads batches (and ``batches`` is on). The first message
-    written says whether this stream reads batched calls. Once the stream is
-    gone (the caller left), answers are dropped: nobody could read them.
+    Answers are batched once the caller said it reads batches (and ``batches``
+    is on); the first message says whether this stream reads batched calls.
     """
 
-    def __init__(self, context: Context[Any, Answer], room: asyncio.Event, batches: bool) -> None:
-        self._context = context
-        self._room = room
-        self._backlog: collections.deque[Answer] = collections.deque()
-        self._busy = False
-        self._gone = False
+    def __init__(self, batches: bool) -> None:
         self._offer = batches
         """Whether batches are on here and not yet announced to the caller."""
         self._enabled = batches
@@ -418,6 +426,33 @@ class _AnswerWriter:
     def reads_batches(self) -> None:
         """The caller reads batched answers: batch those that queue up from now on."""
         self._batching = self._enabled
+
+    def next_message(self, backlog: collections.deque[Any]) -> Answer:
+        """Take the next message to send from ``backlog`` (not empty; None never first)."""
+        message: Answer = take_batch(backlog) if self._batching else backlog.popleft()
+        if self._offer:
+            self._offer = False
+            message.reads_batches = True
+        return message
+
+
+class _AnswerWriter:
+    """Writes a stream's answers in the order they come, one write at a time.
+
+    Whichever call's task has an answer while no write is in progress writes
+    it, and then the answers that came meanwhile, batched by a :class:`_Batcher`.
+    Once the stream is gone (the caller left), answers are dropped: nobody
+    could read them.
+    """
+
+    def __init__(self, context: Context[Any, Answer], room: asyncio.Event, batches: bool) -> None:
+        self._context = context
+        self._room = room
+        self._backlog: collections.deque[Answer] = collections.deque()
+        self._busy = False
+        self._gone = False
+        self._batcher = _Batcher(batches)
+        self.reads_batches = self._batcher.reads_batches
 
     def backlog(self) -> int:
         """Answers waiting to be written, counting the one being written."""
@@ -434,11 +469,7 @@ class _AnswerWriter:
         try:
             backlog = self._backlog
             while backlog:
-                message = take_batch(backlog) if self._batching else backlog.popleft()
-                if self._offer:
-                    self._offer = False
-                    message.reads_batches = True
-                await self._context.write(message)
+                await self._context.write(self._batcher.next_message(backlog))
                 self._room.set()
         except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
             logger.debug("a call stream ended before its answers: %r", exc)

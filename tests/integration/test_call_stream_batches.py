@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.util._once import Once
 
 from cloudburst import CloudburstConnection
 from cloudburst.serialization import deserialize
 from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc, value_pb2
-from cloudburst_grpc.local import Node
+from cloudburst_grpc import telemetry
+from cloudburst_grpc.local import Node, start_local
+from harness import make_config
 
 DEADLINE = 120.0
 CALLS = 200
@@ -84,20 +90,45 @@ def check_answers(received: list[Response]) -> None:
     assert done == set(range(1, CALLS + 1))
 
 
-def test_a_caller_that_does_not_read_batches_gets_every_answer_alone(local_node: Node) -> None:
-    received = exchange(local_node, [call(n, reads_batches=False) for n in range(1, CALLS + 1)])
+def _reset_global_provider() -> None:
+    # The API lets a process set its tracer provider once; a test needs a fresh one.
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+
+
+@pytest.fixture(params=["untraced", "traced"])
+def node(request: pytest.FixtureRequest, start_node: Callable[..., Node]) -> Iterator[Node]:
+    """A `cbgrpc serve` node, with tracing off or on (each serves the stream its own way)."""
+    if request.param == "untraced":
+        yield start_node(start_local(make_config()))
+        return
+    provider = TracerProvider()
+    _reset_global_provider()
+    telemetry.use_tracer_provider(provider)
+    try:
+        # Tracing is on before the servers are built, as `cbgrpc serve` does it.
+        yield start_node(start_local(make_config()))
+        assert telemetry.tracing()
+    finally:
+        telemetry.stop_tracing()
+        provider.shutdown()
+        _reset_global_provider()
+
+
+def test_a_caller_that_does_not_read_batches_gets_every_answer_alone(node: Node) -> None:
+    received = exchange(node, [call(n, reads_batches=False) for n in range(1, CALLS + 1)])
     assert received[0].reads_batches  # the scheduler offers to read batched calls
     assert not any(message.batch for message in received)
     check_answers(received)
 
 
-def test_calls_sent_in_batches_are_served_and_answered_in_batches(local_node: Node) -> None:
+def test_calls_sent_in_batches_are_served_and_answered_in_batches(node: Node) -> None:
     messages = []
     for start in range(1, CALLS + 1, 50):
         batch = Request()
         batch.batch.extend(call(n, reads_batches=True) for n in range(start, start + 50))
         messages.append(batch)
-    received = exchange(local_node, messages)
+    received = exchange(node, messages)
     assert received[0].reads_batches
     # Fifty calls placed at once answer faster than one write at a time.
     assert any(message.batch for message in received)
