@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -26,13 +27,26 @@ def insecure_channel(address: str, max_payload_bytes: int) -> grpc.aio.Channel:
     return open_channel(address, max_payload_bytes, interceptors=telemetry.client_interceptors())
 
 
+#: Seconds without calls after which gRPC lets a peer channel's connection go (gRPC's
+#: default, stated because a replaced channel is closed once it is that idle).
+IDLE_SECONDS = 30 * 60.0
+
+#: Seconds a call that started on a replaced channel as it went idle may take to finish.
+CLOSE_GRACE_SECONDS = 60.0
+
+
 def peer_channel(
-    address: str, max_payload_bytes: int, tls: CertificateSource | None, role: str
+    address: str,
+    max_payload_bytes: int,
+    tls: CertificateSource | None,
+    role: str,
+    idle_seconds: float = IDLE_SECONDS,
 ) -> grpc.aio.Channel:
     """A channel to a peer service of ``role``: mutual TLS when ``tls`` is given.
 
     With TLS the peer must prove ``role`` with its certificate, and this
-    service shows its own.
+    service shows its own. The channel goes idle (drops its connection) after
+    ``idle_seconds`` without calls.
     """
     if tls is None:
         return insecure_channel(address, max_payload_bytes)
@@ -42,6 +56,7 @@ def peer_channel(
         tls.channel_credentials(),
         tls.peer_name(role),
         telemetry.client_interceptors(),
+        [("grpc.client_idle_timeout_ms", round(idle_seconds * 1000))],
     )
 
 
@@ -51,8 +66,10 @@ class PeerChannel(Generic[Stub]):
     gRPC fixes a channel's credentials when it is made, so a channel would show
     its first certificate on every reconnection, even after that one expired.
     :meth:`stub` (called whenever a call or stream starts) makes a new channel
-    after the TLS files changed; calls in flight finish on the old one, which
-    is closed with this object.
+    after the TLS files changed. The old channel gets no new calls; the calls
+    and streams on it go on (none is cut), and it closes once gRPC finds it
+    idle: ``idle_seconds`` after the last of them ended. Closing this object
+    closes every channel at once.
     """
 
     def __init__(
@@ -62,15 +79,27 @@ class PeerChannel(Generic[Stub]):
         tls: CertificateSource | None,
         role: str,
         stub_type: Callable[[grpc.aio.Channel], Stub],
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         """Open the first channel to the peer of ``role`` at ``address``."""
-        self._args = (address, max_payload_bytes, tls, role)
+        self._args = (address, max_payload_bytes, tls, role, idle_seconds)
         self._tls = tls
         self._stub_type = stub_type
         self._generation = tls.generation if tls is not None else 0
-        self.channel = peer_channel(address, max_payload_bytes, tls, role)
+        self.channel = peer_channel(*self._args)
         self._stub = stub_type(self.channel)
-        self._retired: list[grpc.aio.Channel] = []
+        self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+        """Channels replaced by newer ones, each with the task that closes it once idle."""
+
+    @property
+    def retired(self) -> int:
+        """How many replaced channels are still open."""
+        return len(self._retired)
+
+    async def retired_closed(self) -> None:
+        """Wait until the replaced channels open now have closed."""
+        if self._retired:
+            await asyncio.wait(list(self._retired.values()))
 
     def stub(self) -> Stub:
         """The stub of the current channel (a new one after a certificate change)."""
@@ -78,17 +107,40 @@ class PeerChannel(Generic[Stub]):
             self._tls.current()  # notices changed files
             if self._tls.generation != self._generation:
                 self._generation = self._tls.generation
-                self._retired.append(self.channel)
+                self._retire(self.channel)
                 self.channel = peer_channel(*self._args)
                 self._stub = self._stub_type(self.channel)
                 logger.info("new channel to %s with the new certificate", self._args[0])
         return self._stub
 
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        """Close ``channel`` once no call has used it for the idle time."""
+
+        async def close_when_idle() -> None:
+            # gRPC puts a channel in IDLE once it has had no call in progress for its idle
+            # timeout, and a long stream keeps it from that.
+            idle = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.SHUTDOWN)
+            while (state := channel.get_state()) not in idle:
+                await channel.wait_for_state_change(state)
+            # A call made just before the channel was replaced may not have reached gRPC's
+            # state yet: it has the grace period to finish (shielded: cancelling the
+            # close half-way would leave the channel neither open nor closed).
+            await asyncio.shield(channel.close(grace=CLOSE_GRACE_SECONDS))
+            logger.debug("closed an idle channel to %s of an earlier certificate", self._args[0])
+
+        task = asyncio.get_running_loop().create_task(close_when_idle())
+        self._retired[channel] = task
+        task.add_done_callback(lambda _: self._retired.pop(channel, None))
+
     async def close(self) -> None:
-        """Close the current channel and the retired ones."""
-        for channel in [*self._retired, self.channel]:
-            await channel.close()
+        """Close the current channel and the replaced ones (ending the calls on them)."""
+        retired = list(self._retired.items())
         self._retired.clear()
+        for _, task in retired:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in retired), return_exceptions=True)
+        for channel in [*(channel for channel, _ in retired), self.channel]:
+            await channel.close()
 
 
 def create_server(

@@ -140,13 +140,15 @@ def open_channel(
     credentials: grpc.ChannelCredentials | None = None,
     server_name: str = "",
     interceptors: Sequence[Any] | None = None,
+    extra_options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """An asyncio channel with the agreed options: plaintext, or TLS with ``credentials``.
 
     ``server_name``, with TLS, is the name the server's certificate must carry
     instead of the dialled host (the runtime's peers check a role this way).
+    ``extra_options`` are further gRPC channel options.
     """
-    options: list[tuple[str, Any]] = list(channel_options(max_payload_bytes))
+    options: list[tuple[str, Any]] = [*channel_options(max_payload_bytes), *extra_options]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     if server_name:
