@@ -163,6 +163,16 @@ def decode_lww(stored: bytes) -> lattice_pb2.Lattice:
     return lattice
 
 
+def lww_value_size(stored: bytes) -> int:
+    """The bytes of the value in a stored last-writer-wins string (no copy of them is made).
+
+    Exactly ``len(decode_lww(stored).lww.value.data)``; ``stored`` must be valid
+    for :func:`decode_lww`.
+    """
+    writer_len: int = LWW_HEADER.unpack_from(stored)[3]
+    return len(stored) - LWW_HEADER.size - writer_len
+
+
 def encode_members(lattice: lattice_pb2.Lattice) -> list[bytes]:
     """The set members of a set lattice, with the marker that keeps an empty set."""
     members = [SET_MARKER]

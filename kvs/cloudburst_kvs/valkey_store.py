@@ -191,6 +191,9 @@ class ValkeyStore:
         self._cluster: RedisCluster | None = None
         self._notifier: _Notifier | None = None
         self._watches: set[ValkeyWatch] = set()
+        self._fresh: dict[tuple[int, str], tuple[lattice_pb2.Lattice, int]] = {}
+        """Last-writer-wins lattices reads returned in this turn of the loop, with the sizes
+        of their values (see :meth:`known_size`)."""
         self._started = False
         self._closing = False
         self._start_lock = asyncio.Lock()
@@ -369,6 +372,12 @@ class ValkeyStore:
             UnavailableError: The cluster did not answer in time.
         """
         ks = normalize_keyspace(keyspace)
+        lattice, size = await self._read(ks, key)
+        self._remember(ks, key, lattice, size)
+        return lattice
+
+    async def _read(self, ks: int, key: str) -> tuple[lattice_pb2.Lattice | None, int | None]:
+        """The key's lattice and, for a last-writer-wins one, the bytes of its value."""
         check_key(key)
         data = codec.data_key(ks, key)
         replies = await self._run(
@@ -379,20 +388,50 @@ class ValkeyStore:
             raise UnavailableError(f"the Valkey cluster refused a read of key {key!r}: {result}")
         value, members = result
         if isinstance(value, bytes):
-            return codec.decode_lww(value)
+            return codec.decode_lww(value), codec.lww_value_size(value)
         if isinstance(members, set | list) and members:
-            return codec.decode_members(members)
-        return None
+            return codec.decode_members(members), None
+        return None, None
+
+    def _remember(
+        self, ks: int, key: str, lattice: lattice_pb2.Lattice | None, size: int | None
+    ) -> None:
+        """Keep the size of a value a read returns until the loop's next turn."""
+        if lattice is None or size is None:
+            return
+        self._fresh[(ks, key)] = (lattice, size)
+        asyncio.get_running_loop().call_soon(self._forget_size, (ks, key), lattice)
+
+    def _forget_size(self, store_key: tuple[int, str], lattice: lattice_pb2.Lattice) -> None:
+        fresh = self._fresh.get(store_key)
+        if fresh is not None and fresh[0] is lattice:
+            del self._fresh[store_key]
 
     def known_size(self, keyspace: int, key: str, lattice: lattice_pb2.Lattice) -> int | None:
-        """None: every read decodes a lattice of its own, and no size is kept beside it."""
-        return None
+        """The bytes of ``lattice``'s last-writer-wins value, when a read just returned it.
+
+        A read measures the stored string (which it has anyway) and keeps the size
+        beside the lattice it returns, by identity, until the loop's next turn: the
+        caller that asks right after the read, in the same turn (as the servicer
+        does), gets the exact size without copying the value out of the message.
+        None otherwise, and for lattices not returned by a read (a value that came
+        in a change message).
+        """
+        fresh = self._fresh.get((normalize_keyspace(keyspace), key))
+        if fresh is None or fresh[0] is not lattice:
+            return None
+        return fresh[1]
 
     async def read_many(
         self, keyspace: int, keys: Sequence[str]
     ) -> list[lattice_pb2.Lattice | None]:
         """Return the lattices of several keys, in the order asked (None where missing)."""
-        return list(await asyncio.gather(*(self.read(keyspace, key) for key in keys)))
+        ks = normalize_keyspace(keyspace)
+        found = await asyncio.gather(*(self._read(ks, key) for key in keys))
+        # Remembered now, not as each read ends: the caller asks in this turn of the loop.
+        for key, (lattice, size) in zip(keys, found, strict=True):
+            self._remember(ks, key, lattice, size)
+        return [lattice for lattice, _ in found]
 
     async def list_page(
         self, keyspace: int, prefix: str = "", page_size: int = 0, page_token: str = ""

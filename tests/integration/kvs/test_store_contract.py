@@ -124,6 +124,41 @@ async def test_large_values_round_trip(backend: LatticeBackend) -> None:
     assert (await backend.put(USER, "big", lww(big + b"!", 2))).lww.value.data == big + b"!"
 
 
+async def test_a_known_size_is_the_exact_size_of_the_value_read(backend: LatticeBackend) -> None:
+    # Every engine may not know a size; one it gives is what the servicer measures instead.
+    sizes = {"big": 300 * 1024, "small": 5, "empty": 0}
+    for key, size in sizes.items():
+        await backend.put(USER, key, lww(b"v" * size, writer="a-writer"), size=size)
+    await backend.put(USER, "set", set_of(b"m"))
+
+    def check(key: str, lattice: lattice_pb2.Lattice | None) -> None:
+        assert lattice is not None
+        known = backend.known_size(USER, key, lattice)
+        if known is not None:
+            assert known == lattices.lattice_size(lattice) == sizes[key]
+        if isinstance(backend, ValkeyStore):  # asked at once: every read's size is known
+            assert known == sizes[key]
+
+    for key in sizes:
+        check(key, await backend.read(USER, key))
+        async with asyncio.timeout(WAIT):
+            check(key, await backend.wait_for(USER, key, 60.0))
+    found = await backend.read_many(USER, [*sizes, "missing", "set"])
+    for key, lattice in zip(sizes, found, strict=False):
+        check(key, lattice)
+    members = found[-1]
+    assert members is not None and backend.known_size(USER, "set", members) is None
+    # Not a lattice the store returned: unknown, whatever it holds.
+    assert backend.known_size(USER, "big", lww(b"v" * sizes["big"])) is None
+    if isinstance(backend, ValkeyStore):
+        # The store lets go of what it read once the loop has turned (it keeps no values).
+        kept = await backend.read(USER, "big")
+        turned = asyncio.Event()
+        asyncio.get_running_loop().call_soon(turned.set)
+        await turned.wait()
+        assert kept is not None and backend.known_size(USER, "big", kept) is None
+
+
 async def test_keys_with_braces_percent_and_unicode(backend: LatticeBackend) -> None:
     keys = ["{a}", "a}b{", "%7B", "%", "ünï/cødé", "}", "{}"]
     for index, key in enumerate(keys):

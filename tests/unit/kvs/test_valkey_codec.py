@@ -81,6 +81,13 @@ def test_lww_values_round_trip(lattice: lattice_pb2.Lattice) -> None:
     assert stored.startswith(codec.lww_header(lattice.lww))
 
 
+@given(lwws)
+def test_the_value_size_of_a_stored_lww_is_its_values_length(lattice: lattice_pb2.Lattice) -> None:
+    stored = codec.encode_lww(lattice.lww)
+    assert codec.lww_value_size(stored) == len(codec.decode_lww(stored).lww.value.data)
+    assert codec.lww_value_size(stored) == len(lattice.lww.value.data)
+
+
 @given(lwws, lwws)
 def test_fixed_header_fields_order_like_the_lattice_code(
     a: lattice_pb2.Lattice, b: lattice_pb2.Lattice
