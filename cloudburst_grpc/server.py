@@ -128,9 +128,14 @@ class PeerChannel(Generic[Stub]):
             await asyncio.shield(channel.close(grace=CLOSE_GRACE_SECONDS))
             logger.debug("closed an idle channel to %s of an earlier certificate", self._args[0])
 
+        def closed(task: asyncio.Task[None]) -> None:
+            self._retired.pop(channel, None)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                logger.warning("closing a channel to %s failed: %r", self._args[0], error)
+
         task = asyncio.get_running_loop().create_task(close_when_idle())
         self._retired[channel] = task
-        task.add_done_callback(lambda _: self._retired.pop(channel, None))
+        task.add_done_callback(closed)
 
     async def close(self) -> None:
         """Close the current channel and the replaced ones (ending the calls on them)."""
