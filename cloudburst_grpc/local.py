@@ -410,7 +410,14 @@ async def start_local(config: Config) -> Node:
             peers.add_local(LocalExecutorPeer(executor))
             pool.add(executor.executor_id, executor.address)
         scheduler = Scheduler(
-            "scheduler-local", kvs, pool, config.scheduler, config.server.max_payload_bytes
+            "scheduler-local",
+            kvs,
+            pool,
+            config.scheduler,
+            config.server.max_payload_bytes,
+            # The KVS is here and isolated executors are not: storing a result here is a call
+            # in this process, where an executor's store is a request and a report back.
+            stores_results=isolated,
         )
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler

@@ -38,6 +38,7 @@ from cloudburst.serialization import (
     check_accept,
     check_size,
     failure_to_error,
+    lww,
 )
 from cloudburst.v1 import (
     execution_pb2,
@@ -52,7 +53,12 @@ from cloudburst_grpc import telemetry
 from cloudburst_grpc.call_ids import new_call_id
 from cloudburst_grpc.config import SchedulerConfig
 from cloudburst_grpc.executor_client import NotDeliveredError
-from cloudburst_grpc.failures import error_to_call_error, failure_value, runtime_failure
+from cloudburst_grpc.failures import (
+    error_to_call_error,
+    failure_value,
+    outcome_value,
+    runtime_failure,
+)
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.scheduler import policy
 from cloudburst_grpc.scheduler.pool import ExecutorPool
@@ -101,8 +107,19 @@ class Scheduler:
         pool: ExecutorPool,
         config: SchedulerConfig,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        *,
+        stores_results: bool = False,
     ) -> None:
         self.scheduler_id = scheduler_id
+        self.stores_results = stores_results
+        """Whether the results of calls whose caller awaits the outcome are stored here.
+
+        The executor that ran the call (the DAG's sink) then only answers, and
+        this scheduler stores the outcome it forwards. Right where ``kvs`` is in
+        this process and the executors are not (``cbgrpc serve`` with isolated
+        executors): the store is then a call in this process instead of a KVS
+        request from the executor and its report that the store is done.
+        """
         self.pool = pool
         self.config = config
         self.max_payload_bytes = max_payload_bytes
@@ -375,13 +392,20 @@ class Scheduler:
         if want_outcome and response_key:
             stored = asyncio.get_running_loop().create_future()
             self.releaser.storing(response_key, stored)
+        if stored is not None and self.stores_results:
+            execute.response_key = ""  # the executor only answers; the outcome is stored below
 
         async def run() -> execution_pb2.Outcome:
             executor_id, retries, redelivered = view.executor_id, function.retries, False
             try:
                 while True:
                     try:
-                        return await self._execute(executor_id, execute, limit, stored)
+                        if execute.response_key:
+                            return await self._execute(executor_id, execute, limit, stored)
+                        outcome = await self._execute(executor_id, execute, limit)
+                        if stored is not None:
+                            self._store_answered(response_key, outcome, stored)
+                        return outcome
                     except NotDeliveredError as exc:
                         # It never reached the executor: placing it elsewhere is always safe.
                         if redelivered:
@@ -470,6 +494,27 @@ class Scheduler:
             self.pool.untrack(watch)
             self.pool.finished(executor_id)
 
+    def _store_answered(
+        self, response_key: str, outcome: execution_pb2.Outcome, stored: asyncio.Future[None]
+    ) -> None:
+        """Store an outcome answered to its caller (see :attr:`stores_results`).
+
+        The caller is answered without waiting for the store; ``stored``
+        settles once it is done (or failed), so a release of the result waits
+        for it.
+        """
+        lattice = lww(outcome_value(outcome), self._clock)
+
+        async def store() -> None:
+            try:
+                await self._kvs.put(response_key, lattice)
+            except CloudburstError as exc:
+                logger.warning("cannot store the result at %r: %s", response_key, exc)
+            finally:
+                _settle(stored, None)
+
+        self._background_task(store())
+
     def _store_failure(self, response_key: str, message: str) -> None:
         """Store an UNAVAILABLE failure as a call's result, unless its real result is stored.
 
@@ -508,6 +553,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         result: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
         call = _DagCall(request, response_key, self._timeout(timeout), trace_context)
+        call.stored_here = bool(want_outcome and response_key and self.stores_results)
         if want_outcome and response_key:
             # The sink answers before it stores; a release of the result waits for the store,
             # at most until a while after the call's deadline (a sink that never delivered).
@@ -576,7 +622,9 @@ class Scheduler:
         )
         with telemetry.span(f"schedule {request.name}", call.trace_context, attributes):
             schedule = execution_pb2.DagSchedule()
-            sink = await self._place_dag(request, call_id, call.response_key, call.limit, schedule)
+            # A sink whose result is stored here answers without storing it.
+            key = "" if call.stored_here else call.response_key
+            sink = await self._place_dag(request, call_id, key, call.limit, schedule)
             self._follow_dag(
                 call, schedule, sink, result, schedule.dag.retries if retries is None else retries
             )
@@ -637,11 +685,14 @@ class Scheduler:
             elif (error := future.exception()) is not None:
                 fail(error if isinstance(error, CloudburstError) else CloudburstError(str(error)))
             elif not result.done():
-                result.set_result(future.result())
+                outcome = future.result()
+                if call.stored_here and call.stored is not None:
+                    self._store_answered(call.response_key, outcome, call.stored)
+                result.set_result(outcome)
 
         watch = self.pool.track(schedule.placements.values(), on_lost)
         peer = self.pool.peer(schedule.placements[sink])
-        if call.stored is not None:
+        if call.stored is not None and not call.stored_here:
             attempt = call.attempt = peer.expect_stored(call.response_key)
 
             def on_stored(_: object) -> None:
@@ -795,6 +846,8 @@ class _DagCall:
     """Set when the caller may release the result: settles once it is stored (or cannot be)."""
     attempt: asyncio.Future[None] | None = None
     """The current run's sink's report of the store."""
+    stored_here: bool = False
+    """Whether the scheduler stores the result, not the sink (see ``Scheduler.stores_results``)."""
 
     def settle_stored(self) -> None:
         """The result is stored, or will not be: releases of it need not wait any more."""

@@ -22,11 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstError
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc.security.internal import LIFETIME_ENV
 from harness import ServeProcess, wait_for_pool
 from waiting import wait_until
@@ -286,6 +288,51 @@ def exchange_messages(server: ServeProcess, cloud: CloudburstConnection) -> None
     cloud.register(lambda cb, to: cb.send(to, "stop"), "stop")
     cloud.exec_func("stop", [peer]).get(timeout=60)
     assert answering.get(timeout=60) == len(pids)
+
+
+def writer_of(address: str, key: str) -> str | None:
+    """Who wrote the value under a user key (its LWW writer id); None when there is none."""
+    with grpc.insecure_channel(address) as channel:
+        response = kvs_service_pb2_grpc.KvsServiceStub(channel).GetValue(
+            kvs_service_pb2.GetValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER),
+            timeout=30,
+        )
+    return response.lattice.lww.timestamp.writer_id if response.found else None
+
+
+def test_the_server_stores_the_results_its_callers_await(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    # The KVS is in the server's process and the executors are not: a result answered to its
+    # caller is stored by the server (a call in its process), not by the executor process (a
+    # KVS request and a report back). Read-your-writes and releases work as ever.
+    server = serve_process("--storage", "memory", "--executors", "2")
+    with CloudburstConnection(server.address, keep_results=True) as cloud:
+        incr = cloud.register(lambda _, x: x + 1, "incr")
+        cloud.register(lambda _, x: x * x, "square")
+        cloud.register_dag("chain", ["incr", "square"], [("incr", "square")])
+        call = incr(1)
+        assert call.get(timeout=60) == 2
+        assert cloud.get_object(call.obj_id) == 2
+        assert writer_of(server.address, call.obj_id) == "scheduler-scheduler-local"
+        dag = cloud.call_dag("chain", {"incr": 2})
+        assert dag.get(timeout=60) == 9
+        assert cloud.get_object(dag.obj_id) == 9
+        assert writer_of(server.address, dag.obj_id) == "scheduler-scheduler-local"
+        # A function that raises: its error is what is stored.
+        fails = cloud.register(lambda _: 1 / 0, "fails")
+        failed = fails()
+        with pytest.raises(CloudburstError, match="ZeroDivisionError"):
+            failed.get(timeout=60)
+        with pytest.raises(CloudburstError, match="ZeroDivisionError"):
+            cloud.get_object(failed.obj_id)
+    with CloudburstConnection(server.address) as cloud:
+        # Released once read: deleted after its store, never brought back by it.
+        released = cloud.exec_func("incr", [41])
+        key = released.obj_id
+        assert released.get(timeout=60) == 42
+        del released
+        wait_until(lambda: writer_of(server.address, key) is None, f"{key} deleted", 30)
 
 
 def test_an_executor_process_that_cannot_start_is_reported() -> None:
