@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cloudburst.v1 import error_pb2 as cloudburst_dot_v1_dot_error__pb2
 from cloudburst.v1 import lattice_pb2 as cloudburst_dot_v1_dot_lattice__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x1b\x63loudburst/v1/lattice.proto\"W\n\x0fGetValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"[\n\x10GetValueResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\'\n\x07lattice\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x0f\n\x07\x63hunked\x18\x03 \x01(\x08\"\x9c\x01\n\x0fPutValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0comit_lattice\x18\x05 \x01(\x08\";\n\x10PutValueResponse\x12\'\n\x07lattice\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\"`\n\x12\x44\x65leteValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x13\x44\x65leteValueResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"P\n\x15\x42\x61tchGetValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\"B\n\x16\x42\x61tchGetValuesResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.cloudburst.v1.KeyValue\"S\n\x18\x42\x61tchDeleteValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\",\n\x19\x42\x61tchDeleteValuesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"s\n\x0fListKeysRequest\x12)\n\x08keyspace\x18\x01 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"9\n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x12WatchValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"e\n\x13WatchValuesResponse\x12&\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x17.cloudburst.v1.KeyValue\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x15\n\rvalue_omitted\x18\x03 \x01(\x08\"`\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x0f\n\x07\x63hunked\x18\x04 \x01(\x08\"O\n\x15GetValueChunksRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\"\xe2\x01\n\x16GetValueChunksResponse\x12N\n\rtrace_context\x18\x01 \x03(\x0b\x32\x37.cloudburst.v1.GetValueChunksResponse.TraceContextEntry\x12)\n\x07lattice\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.LatticeH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05\x66rame\"\xe4\x01\n\x15PutValueChunksRequest\x12M\n\rtrace_context\x18\x01 \x03(\x0b\x32\x36.cloudburst.v1.PutValueChunksRequest.TraceContextEntry\x12-\n\x03put\x18\x02 \x01(\x0b\x32\x1e.cloudburst.v1.PutValueRequestH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05\x66rame\"&\n\x16PutValueChunksResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\"\x12\n\x10GetLimitsRequest\"^\n\x11GetLimitsResponse\x12\x17\n\x0fmax_value_bytes\x18\x01 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x15\n\rkvs_addresses\x18\x03 \x03(\t2\xfa\x06\n\nKvsService\x12K\n\x08GetValue\x12\x1e.cloudburst.v1.GetValueRequest\x1a\x1f.cloudburst.v1.GetValueResponse\x12K\n\x08PutValue\x12\x1e.cloudburst.v1.PutValueRequest\x1a\x1f.cloudburst.v1.PutValueResponse\x12T\n\x0b\x44\x65leteValue\x12!.cloudburst.v1.DeleteValueRequest\x1a\".cloudburst.v1.DeleteValueResponse\x12]\n\x0e\x42\x61tchGetValues\x12$.cloudburst.v1.BatchGetValuesRequest\x1a%.cloudburst.v1.BatchGetValuesResponse\x12\x66\n\x11\x42\x61tchDeleteValues\x12\'.cloudburst.v1.BatchDeleteValuesRequest\x1a(.cloudburst.v1.BatchDeleteValuesResponse\x12K\n\x08ListKeys\x12\x1e.cloudburst.v1.ListKeysRequest\x1a\x1f.cloudburst.v1.ListKeysResponse\x12V\n\x0bWatchValues\x12!.cloudburst.v1.WatchValuesRequest\x1a\".cloudburst.v1.WatchValuesResponse0\x01\x12_\n\x0eGetValueChunks\x12$.cloudburst.v1.GetValueChunksRequest\x1a%.cloudburst.v1.GetValueChunksResponse0\x01\x12_\n\x0ePutValueChunks\x12$.cloudburst.v1.PutValueChunksRequest\x1a%.cloudburst.v1.PutValueChunksResponse(\x01\x12N\n\tGetLimits\x12\x1f.cloudburst.v1.GetLimitsRequest\x1a .cloudburst.v1.GetLimitsResponseB\x90\x01\n\x11\x63om.cloudburst.v1B\x0fKvsServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/error.proto\x1a\x1b\x63loudburst/v1/lattice.proto\x1a\x1egoogle/protobuf/duration.proto\"W\n\x0fGetValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"[\n\x10GetValueResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\'\n\x07lattice\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x0f\n\x07\x63hunked\x18\x03 \x01(\x08\"\x9c\x01\n\x0fPutValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0comit_lattice\x18\x05 \x01(\x08\";\n\x10PutValueResponse\x12\'\n\x07lattice\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\"`\n\x12\x44\x65leteValueRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x13\x44\x65leteValueResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"P\n\x15\x42\x61tchGetValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\"B\n\x16\x42\x61tchGetValuesResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.cloudburst.v1.KeyValue\"S\n\x18\x42\x61tchDeleteValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\",\n\x19\x42\x61tchDeleteValuesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"s\n\x0fListKeysRequest\x12)\n\x08keyspace\x18\x01 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"9\n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x12WatchValuesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"e\n\x13WatchValuesResponse\x12&\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x17.cloudburst.v1.KeyValue\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x15\n\rvalue_omitted\x18\x03 \x01(\x08\"`\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\'\n\x07lattice\x18\x03 \x01(\x0b\x32\x16.cloudburst.v1.Lattice\x12\x0f\n\x07\x63hunked\x18\x04 \x01(\x08\"O\n\x15GetValueChunksRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x08keyspace\x18\x02 \x01(\x0e\x32\x17.cloudburst.v1.Keyspace\"\xe2\x01\n\x16GetValueChunksResponse\x12N\n\rtrace_context\x18\x01 \x03(\x0b\x32\x37.cloudburst.v1.GetValueChunksResponse.TraceContextEntry\x12)\n\x07lattice\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.LatticeH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05\x66rame\"\xe4\x01\n\x15PutValueChunksRequest\x12M\n\rtrace_context\x18\x01 \x03(\x0b\x32\x36.cloudburst.v1.PutValueChunksRequest.TraceContextEntry\x12-\n\x03put\x18\x02 \x01(\x0b\x32\x1e.cloudburst.v1.PutValueRequestH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05\x66rame\"&\n\x16PutValueChunksResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\"\x12\n\x10GetLimitsRequest\"^\n\x11GetLimitsResponse\x12\x17\n\x0fmax_value_bytes\x18\x01 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x15\n\rkvs_addresses\x18\x03 \x03(\t\"\xb3\x02\n\x10StreamOpsRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12H\n\rtrace_context\x18\x02 \x03(\x0b\x32\x31.cloudburst.v1.StreamOpsRequest.TraceContextEntry\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x03get\x18\x04 \x01(\x0b\x32\x1e.cloudburst.v1.GetValueRequestH\x00\x12-\n\x03put\x18\x05 \x01(\x0b\x32\x1e.cloudburst.v1.PutValueRequestH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x04\n\x02op\"\xba\x01\n\x11StreamOpsResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\x03get\x18\x02 \x01(\x0b\x32\x1f.cloudburst.v1.GetValueResponseH\x00\x12.\n\x03put\x18\x03 \x01(\x0b\x32\x1f.cloudburst.v1.PutValueResponseH\x00\x12)\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x18.cloudburst.v1.CallErrorH\x00\x42\x08\n\x06result2\xce\x07\n\nKvsService\x12K\n\x08GetValue\x12\x1e.cloudburst.v1.GetValueRequest\x1a\x1f.cloudburst.v1.GetValueResponse\x12K\n\x08PutValue\x12\x1e.cloudburst.v1.PutValueRequest\x1a\x1f.cloudburst.v1.PutValueResponse\x12T\n\x0b\x44\x65leteValue\x12!.cloudburst.v1.DeleteValueRequest\x1a\".cloudburst.v1.DeleteValueResponse\x12]\n\x0e\x42\x61tchGetValues\x12$.cloudburst.v1.BatchGetValuesRequest\x1a%.cloudburst.v1.BatchGetValuesResponse\x12\x66\n\x11\x42\x61tchDeleteValues\x12\'.cloudburst.v1.BatchDeleteValuesRequest\x1a(.cloudburst.v1.BatchDeleteValuesResponse\x12K\n\x08ListKeys\x12\x1e.cloudburst.v1.ListKeysRequest\x1a\x1f.cloudburst.v1.ListKeysResponse\x12V\n\x0bWatchValues\x12!.cloudburst.v1.WatchValuesRequest\x1a\".cloudburst.v1.WatchValuesResponse0\x01\x12_\n\x0eGetValueChunks\x12$.cloudburst.v1.GetValueChunksRequest\x1a%.cloudburst.v1.GetValueChunksResponse0\x01\x12_\n\x0ePutValueChunks\x12$.cloudburst.v1.PutValueChunksRequest\x1a%.cloudburst.v1.PutValueChunksResponse(\x01\x12N\n\tGetLimits\x12\x1f.cloudburst.v1.GetLimitsRequest\x1a .cloudburst.v1.GetLimitsResponse\x12R\n\tStreamOps\x12\x1f.cloudburst.v1.StreamOpsRequest\x1a .cloudburst.v1.StreamOpsResponse(\x01\x30\x01\x42\x90\x01\n\x11\x63om.cloudburst.v1B\x0fKvsServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,52 +39,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVALUECHUNKSRESPONSE_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_PUTVALUECHUNKSREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_PUTVALUECHUNKSREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_GETVALUEREQUEST']._serialized_start=79
-  _globals['_GETVALUEREQUEST']._serialized_end=166
-  _globals['_GETVALUERESPONSE']._serialized_start=168
-  _globals['_GETVALUERESPONSE']._serialized_end=259
-  _globals['_PUTVALUEREQUEST']._serialized_start=262
-  _globals['_PUTVALUEREQUEST']._serialized_end=418
-  _globals['_PUTVALUERESPONSE']._serialized_start=420
-  _globals['_PUTVALUERESPONSE']._serialized_end=479
-  _globals['_DELETEVALUEREQUEST']._serialized_start=481
-  _globals['_DELETEVALUEREQUEST']._serialized_end=577
-  _globals['_DELETEVALUERESPONSE']._serialized_start=579
-  _globals['_DELETEVALUERESPONSE']._serialized_end=617
-  _globals['_BATCHGETVALUESREQUEST']._serialized_start=619
-  _globals['_BATCHGETVALUESREQUEST']._serialized_end=699
-  _globals['_BATCHGETVALUESRESPONSE']._serialized_start=701
-  _globals['_BATCHGETVALUESRESPONSE']._serialized_end=767
-  _globals['_BATCHDELETEVALUESREQUEST']._serialized_start=769
-  _globals['_BATCHDELETEVALUESREQUEST']._serialized_end=852
-  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_start=854
-  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_end=898
-  _globals['_LISTKEYSREQUEST']._serialized_start=900
-  _globals['_LISTKEYSREQUEST']._serialized_end=1015
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1017
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1074
-  _globals['_WATCHVALUESREQUEST']._serialized_start=1076
-  _globals['_WATCHVALUESREQUEST']._serialized_end=1173
-  _globals['_WATCHVALUESRESPONSE']._serialized_start=1175
-  _globals['_WATCHVALUESRESPONSE']._serialized_end=1276
-  _globals['_KEYVALUE']._serialized_start=1278
-  _globals['_KEYVALUE']._serialized_end=1374
-  _globals['_GETVALUECHUNKSREQUEST']._serialized_start=1376
-  _globals['_GETVALUECHUNKSREQUEST']._serialized_end=1455
-  _globals['_GETVALUECHUNKSRESPONSE']._serialized_start=1458
-  _globals['_GETVALUECHUNKSRESPONSE']._serialized_end=1684
-  _globals['_GETVALUECHUNKSRESPONSE_TRACECONTEXTENTRY']._serialized_start=1624
-  _globals['_GETVALUECHUNKSRESPONSE_TRACECONTEXTENTRY']._serialized_end=1675
-  _globals['_PUTVALUECHUNKSREQUEST']._serialized_start=1687
-  _globals['_PUTVALUECHUNKSREQUEST']._serialized_end=1915
-  _globals['_PUTVALUECHUNKSREQUEST_TRACECONTEXTENTRY']._serialized_start=1624
-  _globals['_PUTVALUECHUNKSREQUEST_TRACECONTEXTENTRY']._serialized_end=1675
-  _globals['_PUTVALUECHUNKSRESPONSE']._serialized_start=1917
-  _globals['_PUTVALUECHUNKSRESPONSE']._serialized_end=1955
-  _globals['_GETLIMITSREQUEST']._serialized_start=1957
-  _globals['_GETLIMITSREQUEST']._serialized_end=1975
-  _globals['_GETLIMITSRESPONSE']._serialized_start=1977
-  _globals['_GETLIMITSRESPONSE']._serialized_end=2071
-  _globals['_KVSSERVICE']._serialized_start=2074
-  _globals['_KVSSERVICE']._serialized_end=2964
+  _globals['_STREAMOPSREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_STREAMOPSREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_GETVALUEREQUEST']._serialized_start=138
+  _globals['_GETVALUEREQUEST']._serialized_end=225
+  _globals['_GETVALUERESPONSE']._serialized_start=227
+  _globals['_GETVALUERESPONSE']._serialized_end=318
+  _globals['_PUTVALUEREQUEST']._serialized_start=321
+  _globals['_PUTVALUEREQUEST']._serialized_end=477
+  _globals['_PUTVALUERESPONSE']._serialized_start=479
+  _globals['_PUTVALUERESPONSE']._serialized_end=538
+  _globals['_DELETEVALUEREQUEST']._serialized_start=540
+  _globals['_DELETEVALUEREQUEST']._serialized_end=636
+  _globals['_DELETEVALUERESPONSE']._serialized_start=638
+  _globals['_DELETEVALUERESPONSE']._serialized_end=676
+  _globals['_BATCHGETVALUESREQUEST']._serialized_start=678
+  _globals['_BATCHGETVALUESREQUEST']._serialized_end=758
+  _globals['_BATCHGETVALUESRESPONSE']._serialized_start=760
+  _globals['_BATCHGETVALUESRESPONSE']._serialized_end=826
+  _globals['_BATCHDELETEVALUESREQUEST']._serialized_start=828
+  _globals['_BATCHDELETEVALUESREQUEST']._serialized_end=911
+  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_start=913
+  _globals['_BATCHDELETEVALUESRESPONSE']._serialized_end=957
+  _globals['_LISTKEYSREQUEST']._serialized_start=959
+  _globals['_LISTKEYSREQUEST']._serialized_end=1074
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1076
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1133
+  _globals['_WATCHVALUESREQUEST']._serialized_start=1135
+  _globals['_WATCHVALUESREQUEST']._serialized_end=1232
+  _globals['_WATCHVALUESRESPONSE']._serialized_start=1234
+  _globals['_WATCHVALUESRESPONSE']._serialized_end=1335
+  _globals['_KEYVALUE']._serialized_start=1337
+  _globals['_KEYVALUE']._serialized_end=1433
+  _globals['_GETVALUECHUNKSREQUEST']._serialized_start=1435
+  _globals['_GETVALUECHUNKSREQUEST']._serialized_end=1514
+  _globals['_GETVALUECHUNKSRESPONSE']._serialized_start=1517
+  _globals['_GETVALUECHUNKSRESPONSE']._serialized_end=1743
+  _globals['_GETVALUECHUNKSRESPONSE_TRACECONTEXTENTRY']._serialized_start=1683
+  _globals['_GETVALUECHUNKSRESPONSE_TRACECONTEXTENTRY']._serialized_end=1734
+  _globals['_PUTVALUECHUNKSREQUEST']._serialized_start=1746
+  _globals['_PUTVALUECHUNKSREQUEST']._serialized_end=1974
+  _globals['_PUTVALUECHUNKSREQUEST_TRACECONTEXTENTRY']._serialized_start=1683
+  _globals['_PUTVALUECHUNKSREQUEST_TRACECONTEXTENTRY']._serialized_end=1734
+  _globals['_PUTVALUECHUNKSRESPONSE']._serialized_start=1976
+  _globals['_PUTVALUECHUNKSRESPONSE']._serialized_end=2014
+  _globals['_GETLIMITSREQUEST']._serialized_start=2016
+  _globals['_GETLIMITSREQUEST']._serialized_end=2034
+  _globals['_GETLIMITSRESPONSE']._serialized_start=2036
+  _globals['_GETLIMITSRESPONSE']._serialized_end=2130
+  _globals['_STREAMOPSREQUEST']._serialized_start=2133
+  _globals['_STREAMOPSREQUEST']._serialized_end=2440
+  _globals['_STREAMOPSREQUEST_TRACECONTEXTENTRY']._serialized_start=1683
+  _globals['_STREAMOPSREQUEST_TRACECONTEXTENTRY']._serialized_end=1734
+  _globals['_STREAMOPSRESPONSE']._serialized_start=2443
+  _globals['_STREAMOPSRESPONSE']._serialized_end=2629
+  _globals['_KVSSERVICE']._serialized_start=2632
+  _globals['_KVSSERVICE']._serialized_end=3606
 # @@protoc_insertion_point(module_scope)

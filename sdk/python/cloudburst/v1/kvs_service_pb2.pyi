@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from cloudburst.v1 import error_pb2 as _error_pb2
 from cloudburst.v1 import lattice_pb2 as _lattice_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
@@ -680,3 +682,115 @@ class GetLimitsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLimitsResponse: _TypeAlias = GetLimitsResponse  # noqa: Y015
+
+@_typing.final
+class StreamOpsRequest(_message.Message):
+    """StreamOpsRequest is one read or write on a StreamOps stream, served as the unary call would be."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Chosen by the caller and echoed in the answer; unique among the stream's unanswered ops."""
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The W3C trace context of the op."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """The op's deadline, from when the server reads the frame (a waiting read ends before it);
+        unset for none.
+        """
+
+    @_builtins.property
+    def get(self) -> Global___GetValueRequest:
+        """A read, as GetValue."""
+
+    @_builtins.property
+    def put(self) -> Global___PutValueRequest:
+        """A merge, as PutValue."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        get: Global___GetValueRequest | None = ...,
+        put: Global___PutValueRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "op", b"op", "put", b"put", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "op", b"op", "put", b"put", "sequence", b"sequence", "timeout", b"timeout", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["get", "put"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___StreamOpsRequest: _TypeAlias = StreamOpsRequest  # noqa: Y015
+
+@_typing.final
+class StreamOpsResponse(_message.Message):
+    """StreamOpsResponse answers one StreamOpsRequest; answers come in the order the ops end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The sequence of the request answered."""
+    @_builtins.property
+    def get(self) -> Global___GetValueResponse:
+        """The answer to a read, as GetValue's."""
+
+    @_builtins.property
+    def put(self) -> Global___PutValueResponse:
+        """The answer to a merge, as PutValue's."""
+
+    @_builtins.property
+    def error(self) -> _error_pb2.CallError:
+        """The error the unary call would have ended with."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        get: Global___GetValueResponse | None = ...,
+        put: Global___PutValueResponse | None = ...,
+        error: _error_pb2.CallError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "get", b"get", "put", b"put", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "get", b"get", "put", b"put", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["get", "put", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___StreamOpsResponse: _TypeAlias = StreamOpsResponse  # noqa: Y015

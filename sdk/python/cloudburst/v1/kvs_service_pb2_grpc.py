@@ -85,6 +85,11 @@ class KvsServiceStub:
                 request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsRequest.SerializeToString,
                 response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsResponse.FromString,
                 _registered_method=True)
+        self.StreamOps = channel.stream_stream(
+                '/cloudburst.v1.KvsService/StreamOps',
+                request_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.StreamOpsRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.StreamOpsResponse.FromString,
+                _registered_method=True)
 
 
 class KvsServiceServicer:
@@ -161,6 +166,13 @@ class KvsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamOps(self, request_iterator, context):
+        """StreamOps carries small reads and writes over one long-lived stream, each answered as it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +225,11 @@ def add_KvsServiceServicer_to_server(servicer, server):
                     servicer.GetLimits,
                     request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsRequest.FromString,
                     response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsResponse.SerializeToString,
+            ),
+            'StreamOps': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamOps,
+                    request_deserializer=cloudburst_dot_v1_dot_kvs__service__pb2.StreamOpsRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_kvs__service__pb2.StreamOpsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +503,33 @@ class KvsService:
             '/cloudburst.v1.KvsService/GetLimits',
             cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsRequest.SerializeToString,
             cloudburst_dot_v1_dot_kvs__service__pb2.GetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOps(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cloudburst.v1.KvsService/StreamOps',
+            cloudburst_dot_v1_dot_kvs__service__pb2.StreamOpsRequest.SerializeToString,
+            cloudburst_dot_v1_dot_kvs__service__pb2.StreamOpsResponse.FromString,
             options,
             channel_credentials,
             insecure,
