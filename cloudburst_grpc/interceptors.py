@@ -83,6 +83,22 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     )
 
 
+class RefusedFrame:
+    """Stands for a frame of a request stream that authorization refused on its own.
+
+    On a stream that answers frame by frame (``KvsService.StreamOps``), one
+    refused frame is answered with its error, and the stream goes on serving
+    the others: the servicer receives this in the frame's place.
+    """
+
+    __slots__ = ("error", "frame")
+
+    def __init__(self, frame: Any, error: CloudburstError) -> None:
+        """Record the refused frame and the error to answer it with."""
+        self.frame = frame
+        self.error = error
+
+
 class _Malformed:
     """Stands for a request that could not be parsed, so the servicer side can refuse it."""
 
@@ -221,4 +237,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-__all__ = ["ErrorMappingInterceptor", "error_to_status"]
+__all__ = ["ErrorMappingInterceptor", "RefusedFrame", "error_to_status"]

@@ -220,6 +220,21 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             await _pass_on(exc, context, self._where())
             raise
 
+    async def StreamOps(
+        self,
+        request_iterator: AsyncIterator[kvs_service_pb2.StreamOpsRequest],
+        context: Context[kvs_service_pb2.StreamOpsRequest, kvs_service_pb2.StreamOpsResponse],
+    ) -> AsyncIterator[kvs_service_pb2.StreamOpsResponse]:
+        """Not forwarded: a caller of this stream falls back to the unary calls, which are.
+
+        Callers that stream ops (executors, schedulers) reach the KVS tier directly.
+        """
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "StreamOps is served by the KVS, not through a scheduler; use GetValue and PutValue",
+        )
+        yield kvs_service_pb2.StreamOpsResponse()  # not reached: abort raises
+
     async def GetLimits(
         self,
         request: kvs_service_pb2.GetLimitsRequest,

@@ -121,6 +121,8 @@ class Node:
     """TLS material and authorization of this node (off without TLS)."""
     end_streams: Callable[[float], Awaitable[None]] | None = None
     """Ends the streams peers keep open to the node's executor, once its calls answered."""
+    end_kvs_streams: Callable[[float], Awaitable[None]] | None = None
+    """Ends the op streams clients keep open to the node's KVS, once their ops answered."""
     supervisor: Supervisor | None = None
     """The executor processes of a ``cbgrpc serve`` that isolates user code."""
     _stopped: bool = False
@@ -169,6 +171,8 @@ class Node:
         if self.store is not None:
             # Watches never end by themselves; end them so stop() need not wait out its grace.
             self.store.end_watches()
+        if self.end_kvs_streams is not None:
+            await self.end_kvs_streams(deadline - asyncio.get_running_loop().time())
         await self.server.stop(max(deadline - asyncio.get_running_loop().time(), 0.0))
         await self.stack.aclose()
         logger.info("%s on port %d stopped", self.role, self.port)
@@ -422,7 +426,9 @@ async def start_local(config: Config) -> Node:
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler
         await scheduler.start()
-        add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
+        node.end_kvs_streams = add_kvs_to_server(
+            server, store, config.kvs, config.server.max_payload_bytes
+        ).end_streams
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(scheduler), server
         )
@@ -555,7 +561,9 @@ async def start_kvs_node(config: Config, kvs_id: str | None = None) -> Node:
         )
         node.security = security
         consul = await _consul(node)
-        add_kvs_to_server(server, store, config.kvs, config.server.max_payload_bytes)
+        node.end_kvs_streams = add_kvs_to_server(
+            server, store, config.kvs, config.server.max_payload_bytes
+        ).end_streams
         await _serve(node, [KVS_SERVICE_NAME])
         _register(node, consul, KVS_SERVICE, kvs_id or f"kvs-{node.advertise_host}-{port}")
     except BaseException:

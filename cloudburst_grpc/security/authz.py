@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from cloudburst.v1 import lattice_pb2, value_pb2
+from cloudburst.errors import error_class
+from cloudburst.v1 import kvs_service_pb2, lattice_pb2, value_pb2
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.interceptors import RefusedFrame
 from cloudburst_grpc.security.identity import (
     ADMIN,
     CLIENT_ROLES,
@@ -101,6 +103,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
             "GetValueChunks",
             "PutValueChunks",
             "GetLimits",
+            "StreamOps",
         )
     },
     # cbgrpc serve asks its executor processes for their parts of a breakdown.
@@ -115,6 +118,10 @@ ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
 _KVS_WRITES = frozenset(
     {_K + "PutValue", _K + "PutValueChunks", _K + "DeleteValue", _K + "BatchDeleteValues"}
 )
+#: Streams whose frames are each a call of a unary method, answered one by one: every frame is
+#: authorized as that call would be, and a refused frame is answered with its error (the stream
+#: goes on).
+PER_FRAME_METHODS = frozenset({_K + "StreamOps"})
 #: Serializers a restricted invoker may send: none of them runs code when read.
 SAFE_SERIALIZERS = frozenset(
     {value_pb2.SERIALIZER_BYTES, value_pb2.SERIALIZER_STRING, value_pb2.SERIALIZER_JSON}
@@ -185,13 +192,32 @@ def _values_of_request(method: str, request: Any) -> Iterable[value_pb2.Value]:
             yield from lattice.set.values
 
 
+def unary_equivalent(method: str, request: Any) -> tuple[str, Any]:
+    """The unary method and request that a frame of a per-frame stream stands for.
+
+    Any other method and request come back unchanged.
+    """
+    if method == _K + "StreamOps" and isinstance(request, kvs_service_pb2.StreamOpsRequest):
+        kind = request.WhichOneof("op")
+        if kind == "get":
+            return _K + "GetValue", request.get
+        if kind == "put":
+            return _K + "PutValue", request.put
+    return method, request
+
+
 def check_request(method: str, identity: Identity, request: Any) -> None:
     """Raise Denied unless ``identity`` may send this particular request.
 
     Only schedulers write the system keyspace and only the cluster's services
     read it; a restricted invoker's values must use a serializer that runs no
-    code when read.
+    code when read. A frame of a per-frame stream is checked as the unary call
+    it stands for, the method's roles included.
     """
+    unary, request = unary_equivalent(method, request)
+    if unary != method:
+        check_method(unary, identity)
+        method = unary
     if method == _K + "PutValueChunks" and request.HasField("put"):
         keyspace = request.put.keyspace  # the first frame names the key; chunks name nothing
     else:
@@ -343,6 +369,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def _deny(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, denied: Denied
     ) -> None:
+        self._note(context, method, denied)
+        await context.abort(denied.code, denied.message)
+
+    def _note(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, denied: Denied
+    ) -> None:
+        """Count and log a refusal; a failed authentication counts towards blocking its peer."""
         peer = peer_host(context.peer() or "")
         AUTH_FAILURES.add(1, {"reason": denied.reason, "rpc.method": method})
         # Every refusal is logged, up to the limit per peer and minute (no flooding).
@@ -360,7 +393,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     peer,
                     self.limiter.window,
                 )
-        await context.abort(denied.code, denied.message)
 
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Identity:
         peer = peer_host(context.peer() or "")
@@ -425,11 +457,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         identity: Identity,
         frames: AsyncIterator[Any],
     ) -> AsyncIterator[Any]:
+        per_frame = method in PER_FRAME_METHODS
+
         async def checked() -> AsyncIterator[Any]:
             async for frame in frames:
-                denial = self._check(context, method, identity, frame)
-                if denial is not None:
-                    await denial
+                if per_frame:
+                    try:
+                        check_request(method, identity, frame)
+                    except Denied as refusal:
+                        self._note(context, method, refusal)
+                        error = error_class(None, refusal.code)(refusal.message)
+                        yield RefusedFrame(frame, error)
+                        continue
+                else:
+                    denial = self._check(context, method, identity, frame)
+                    if denial is not None:
+                        await denial
                 # An intention changed while the stream is open applies to it too.
                 denied = await self._intention_denial(identity)
                 if denied is not None:

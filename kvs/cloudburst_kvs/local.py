@@ -62,11 +62,14 @@ def add_kvs_to_server(
     store: LatticeBackend,
     kvs_config: KvsConfig,
     max_payload_bytes: int,
-) -> None:
-    """Register the KvsService, serving ``store``, on a (not yet started) server."""
-    kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(
-        KvsServicer(store, kvs_config, max_payload_bytes), server
-    )
+) -> KvsServicer:
+    """Register the KvsService, serving ``store``, on a (not yet started) server; return it.
+
+    Call its ``end_streams`` at shutdown, before the server stops.
+    """
+    servicer = KvsServicer(store, kvs_config, max_payload_bytes)
+    kvs_service_pb2_grpc.add_KvsServiceServicer_to_server(servicer, server)
+    return servicer
 
 
 __all__ = ["SERVICE_NAME", "add_kvs_to_server", "open_backend", "open_store"]

@@ -2,12 +2,13 @@
 
 Errors are raised as cloudburst exceptions and turned into gRPC statuses by
 :class:`~cloudburst_grpc.interceptors.ErrorMappingInterceptor`; nothing here
-catches them.
+catches them, except on ``StreamOps``, where each op's error is its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import math
@@ -18,11 +19,20 @@ from typing import Any, TypeVar
 import grpc
 
 from cloudburst import chunks
-from cloudburst.errors import InvalidArgumentError, PayloadTooLargeError
+from cloudburst.errors import (
+    CloudburstError,
+    CloudburstTimeoutError,
+    InternalError,
+    InvalidArgumentError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
 from cloudburst.serialization import LwwClock
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import KvsConfig
+from cloudburst_grpc.failures import error_to_call_error
+from cloudburst_grpc.interceptors import RefusedFrame
 from cloudburst_kvs import lattices
 from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.store import MAX_BATCH_KEYS, WatchEvent, check_key, normalize_keyspace
@@ -33,6 +43,15 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 #: Room left in a message for everything besides a value (at most an eighth of it).
 MESSAGE_MARGIN_BYTES = 64 << 10
+#: Ops one StreamOps stream may have running or answered and not yet sent; it reads no more
+#: frames until some are sent, so a caller that does not read holds itself back.
+MAX_UNANSWERED_OPS = 1024
+
+OpAnswer = kvs_service_pb2.StreamOpsResponse
+OpFrame = kvs_service_pb2.StreamOpsRequest | RefusedFrame
+Emit = Callable[[OpAnswer], Awaitable[None]]
+#: The name of the span of a StreamOps op (with tracing on), by the kind of op.
+_OP_SPANS = {"get": "StreamOps get", "put": "StreamOps put"}
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
@@ -82,8 +101,16 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         # One clock per servicer: timestamps it assigns strictly increase, so two
         # unstamped puts from one client are ordered as they arrived.
         self._clock = LwwClock()
+        self._streams: dict[asyncio.Task[Any], set[asyncio.Task[None]]] = {}
+        """The tasks reading StreamOps streams, each with the ops it runs."""
+        self._ending = False
+        """Set at shutdown: streams end once their ops are answered, and no new one starts."""
+        if not telemetry.tracing():
+            # Each op's task writes its answer itself (gRPC's reader-writer API): a loop
+            # turn and a queue sooner than through a response generator. The tracing
+            # interceptor only wraps generators, so with tracing on the generator stays.
+            self.StreamOps = self._stream_ops_written  # type: ignore[method-assign,assignment]
 
-    @_timed("get")
     async def GetValue(
         self,
         request: kvs_service_pb2.GetValueRequest,
@@ -92,10 +119,21 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> kvs_service_pb2.GetValueResponse:
         """Read one key, waiting for it when asked (within the deadline and the wait limit)."""
+        response = kvs_service_pb2.GetValueResponse()
+        await self._get_value(request, context.time_remaining(), response)
+        return response
+
+    @_timed("get")
+    async def _get_value(
+        self,
+        request: kvs_service_pb2.GetValueRequest,
+        remaining: float | None,
+        response: kvs_service_pb2.GetValueResponse,
+    ) -> None:
+        """Answer a GetValue in ``response``; ``remaining`` is the seconds left to its deadline."""
         check_key(request.key)
         keyspace = normalize_keyspace(request.keyspace)
         if request.wait:
-            remaining = context.time_remaining()
             # End the wait a little before the caller's deadline, so the caller gets a
             # "not found" answer (after the waiter is gone) rather than DEADLINE_EXCEEDED.
             deadline = math.inf if remaining is None else remaining - min(remaining * 0.1, 0.05)
@@ -104,12 +142,13 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         else:
             lattice = await self._store.read(keyspace, request.key)
         if lattice is None:
-            return kvs_service_pb2.GetValueResponse(found=False)
+            response.found = False
+            return
+        response.found = True
         if self._message_size(keyspace, request.key, lattice) > self._max_inline_bytes:
-            return kvs_service_pb2.GetValueResponse(found=True, chunked=True)
-        response = kvs_service_pb2.GetValueResponse(found=True)
+            response.chunked = True
+            return
         response.lattice.CopyFrom(lattice)
-        return response
 
     async def GetValueChunks(
         self,
@@ -221,7 +260,6 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             max_value_bytes=self._max_value_bytes, max_message_bytes=self._max_payload_bytes
         )
 
-    @_timed("put")
     async def PutValue(
         self,
         request: kvs_service_pb2.PutValueRequest,
@@ -230,6 +268,15 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> kvs_service_pb2.PutValueResponse:
         """Merge a lattice into a key, stamping an unstamped last-writer-wins write."""
+        response = kvs_service_pb2.PutValueResponse()
+        await self._put_value(request, response)
+        return response
+
+    @_timed("put")
+    async def _put_value(
+        self, request: kvs_service_pb2.PutValueRequest, response: kvs_service_pb2.PutValueResponse
+    ) -> None:
+        """Answer a PutValue in ``response``."""
         check_key(request.key)
         keyspace = normalize_keyspace(request.keyspace)
         lattices.validate(request.lattice)
@@ -250,10 +297,159 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         merged = await self._store.put(
             keyspace, request.key, lattice, request_id=request.request_id
         )
-        response = kvs_service_pb2.PutValueResponse()
         if not request.omit_lattice:
             response.lattice.CopyFrom(merged)
-        return response
+
+    async def StreamOps(
+        self,
+        request_iterator: AsyncIterator[kvs_service_pb2.StreamOpsRequest],
+        context: grpc.aio.ServicerContext[kvs_service_pb2.StreamOpsRequest, OpAnswer],
+    ) -> AsyncIterator[OpAnswer]:
+        """Serve small reads and writes over one stream, each answered as it ends.
+
+        Every frame is served as its unary call would be (GetValue, PutValue),
+        concurrently: a waiting read holds up no later frame. An op's error is
+        its answer, not the stream's end. This form yields the answers (with
+        tracing on); :meth:`_stream_ops_written` writes them from the ops' tasks.
+        """
+        answers: collections.deque[OpAnswer | None] = collections.deque()
+        queued = asyncio.Event()
+        room = asyncio.Event()
+
+        async def emit(answer: OpAnswer) -> None:
+            answers.append(answer)
+            queued.set()
+
+        async def read() -> None:
+            try:
+                await self._serve_ops(request_iterator, emit, answers.__len__, room)
+            finally:
+                answers.append(None)
+                queued.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                if not answers:
+                    queued.clear()
+                    await queued.wait()
+                    continue
+                answer = answers.popleft()
+                if answer is None:
+                    break
+                yield answer
+                room.set()
+            if not reader.cancelled():  # cancelled: ended by end_streams
+                await reader  # raises what ended the reading, if anything did
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _stream_ops_written(
+        self,
+        request_iterator: AsyncIterator[kvs_service_pb2.StreamOpsRequest],
+        context: grpc.aio.ServicerContext[kvs_service_pb2.StreamOpsRequest, OpAnswer],
+    ) -> None:
+        """:meth:`StreamOps` with each answer written by the task of the op it answers."""
+        room = asyncio.Event()
+        writer = _AnswerWriter(context, room)
+        await self._serve_ops(request_iterator, writer.write, writer.unwritten, room)
+
+    async def _serve_ops(
+        self,
+        frames: AsyncIterator[OpFrame],
+        emit: Emit,
+        unwritten: Callable[[], int],
+        room: asyncio.Event,
+    ) -> None:
+        """Serve every frame in a task of its own; return once all are answered.
+
+        Flow control: while the stream has :data:`MAX_UNANSWERED_OPS` ops running
+        or answers not yet sent (``unwritten``), no further frame is read, so a
+        caller that sends faster than it reads is held back by gRPC's own flow
+        control instead of growing this process. ``room`` is set whenever an op
+        ends or an answer is sent.
+        """
+        ops: set[asyncio.Task[None]] = set()
+
+        def ended(task: asyncio.Task[None]) -> None:
+            ops.discard(task)
+            room.set()
+
+        if self._ending:
+            raise UnavailableError("the KVS is shutting down; send the ops to another instance")
+        reader = asyncio.current_task()
+        assert reader is not None
+        self._streams[reader] = ops
+        try:
+            async for frame in frames:
+                task = asyncio.create_task(self._serve_op(frame, emit))
+                ops.add(task)
+                task.add_done_callback(ended)
+                while len(ops) + unwritten() >= MAX_UNANSWERED_OPS:
+                    room.clear()
+                    await room.wait()
+            if ops:
+                await asyncio.gather(*ops)
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise
+            # Ended by end_streams: the stream ends with OK rather than as cancelled, which
+            # gRPC would not answer (the caller would wait for the server to stop).
+            reader.uncancel()
+        finally:
+            self._streams.pop(reader, None)
+            for task in list(ops):
+                task.cancel()
+            await asyncio.gather(*ops, return_exceptions=True)
+
+    async def end_streams(self, timeout: float) -> None:
+        """At shutdown: let the ops in flight answer (up to ``timeout``), then end the streams.
+
+        Callers keep their streams open for as long as they live, so the server
+        would otherwise wait out its whole grace period for them. A caller's
+        ops in flight on an ended stream fail as calls to a KVS going away do.
+        """
+        self._ending = True
+        running = [op for ops in self._streams.values() for op in ops]
+        if running:
+            await asyncio.wait(running, timeout=max(timeout, 0.0))
+        for reader in list(self._streams):
+            reader.cancel()
+
+    async def _serve_op(self, frame: OpFrame, emit: Emit) -> None:
+        """Answer one frame: with the unary call's response, or with its error."""
+        if isinstance(frame, RefusedFrame):
+            error = error_to_call_error(frame.error)
+            await emit(OpAnswer(sequence=frame.frame.sequence, error=error))
+            return
+        answer = OpAnswer(sequence=frame.sequence)
+        remaining = frame.timeout.ToNanoseconds() / 1e9 if frame.HasField("timeout") else None
+        kind = frame.WhichOneof("op")
+        try:
+            with telemetry.span(_OP_SPANS.get(kind or "", "StreamOps"), frame.trace_context):
+                # As gRPC ends a unary call at its deadline.
+                async with asyncio.timeout(remaining):
+                    if kind == "get":
+                        answer.get.SetInParent()
+                        await self._get_value(frame.get, remaining, answer.get)
+                    elif kind == "put":
+                        answer.put.SetInParent()
+                        await self._put_value(frame.put, answer.put)
+                    else:
+                        raise InvalidArgumentError(
+                            "a StreamOpsRequest must carry get or put", {"field": "op"}
+                        )
+        except CloudburstError as exc:
+            answer = OpAnswer(sequence=frame.sequence, error=error_to_call_error(exc))
+        except TimeoutError:
+            late = CloudburstTimeoutError(f"the {kind} did not finish before its deadline")
+            answer = OpAnswer(sequence=frame.sequence, error=error_to_call_error(late))
+        except Exception:
+            logger.exception("internal error in a StreamOps %s", kind)
+            bug = InternalError("internal error; the details are in the service's log")
+            answer = OpAnswer(sequence=frame.sequence, error=error_to_call_error(bug))
+        await emit(answer)
 
     @_timed("delete")
     async def DeleteValue(
@@ -371,6 +567,51 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         return kvs_service_pb2.WatchValuesResponse(
             entry=_key_value(event.key, lattice), deleted=event.deleted
         )
+
+
+class _AnswerWriter:
+    """Writes a StreamOps stream's answers in the order they come, one write at a time.
+
+    Whichever op's task has an answer while no write is in progress writes it,
+    and then the answers that came meanwhile. Once the stream is gone (the
+    caller left), answers are dropped: nobody could read them.
+    """
+
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext[kvs_service_pb2.StreamOpsRequest, OpAnswer],
+        room: asyncio.Event,
+    ) -> None:
+        self._context = context
+        self._room = room
+        self._backlog: collections.deque[OpAnswer] = collections.deque()
+        self._busy = False
+        self._gone = False
+
+    def unwritten(self) -> int:
+        """Answers waiting to be written, counting the one being written."""
+        return len(self._backlog) + self._busy
+
+    async def write(self, answer: OpAnswer) -> None:
+        """Write ``answer`` now, or after the write in progress (by whoever is writing)."""
+        if self._gone:
+            return
+        self._backlog.append(answer)
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            backlog = self._backlog
+            while backlog:
+                await self._context.write(backlog.popleft())
+                self._room.set()
+        except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
+            logger.debug("an op stream ended before its answers: %r", exc)
+            self._gone = True
+            self._backlog.clear()
+        finally:
+            self._busy = False
+            self._room.set()
 
 
 def _key_value(key: str, lattice: lattice_pb2.Lattice | None) -> kvs_service_pb2.KeyValue:

@@ -92,6 +92,18 @@ def put(
     )
 
 
+def get(keyspace: lattice_pb2.Keyspace.ValueType) -> kvs_service_pb2.GetValueRequest:
+    return kvs_service_pb2.GetValueRequest(key="k", keyspace=keyspace)
+
+
+def op(
+    request: kvs_service_pb2.GetValueRequest | kvs_service_pb2.PutValueRequest,
+) -> kvs_service_pb2.StreamOpsRequest:
+    if isinstance(request, kvs_service_pb2.GetValueRequest):
+        return kvs_service_pb2.StreamOpsRequest(sequence=1, get=request)
+    return kvs_service_pb2.StreamOpsRequest(sequence=1, put=request)
+
+
 @pytest.mark.parametrize(
     ("role", "method", "request_", "allowed"),
     [
@@ -127,6 +139,25 @@ def put(
             "invoker",
             K + "PutValue",
             put(lattice_pb2.KEYSPACE_USER, value_pb2.SERIALIZER_CLOUDPICKLE),
+            True,
+        ),
+        # A StreamOps frame is checked as the unary call it carries.
+        ("scheduler", K + "StreamOps", op(put(lattice_pb2.KEYSPACE_SYSTEM)), True),
+        ("executor", K + "StreamOps", op(put(lattice_pb2.KEYSPACE_SYSTEM)), False),
+        ("executor", K + "StreamOps", op(get(lattice_pb2.KEYSPACE_SYSTEM)), True),
+        ("admin", K + "StreamOps", op(get(lattice_pb2.KEYSPACE_SYSTEM)), False),
+        ("admin", K + "StreamOps", op(put(lattice_pb2.KEYSPACE_USER)), True),
+        ("kvs", K + "StreamOps", op(get(lattice_pb2.KEYSPACE_USER)), False),
+        (
+            "invoker-restricted",
+            K + "StreamOps",
+            op(put(lattice_pb2.KEYSPACE_USER, value_pb2.SERIALIZER_CLOUDPICKLE)),
+            False,
+        ),
+        (
+            "invoker-restricted",
+            K + "StreamOps",
+            op(put(lattice_pb2.KEYSPACE_USER, value_pb2.SERIALIZER_JSON)),
             True,
         ),
     ],
