@@ -171,6 +171,7 @@ class KvsEndpoint:
         self._channel: grpc.aio.Channel | None = None
         self._client: KvsClient | None = None
         self._retired: list[grpc.aio.Channel] = []
+        self._retired_clients: list[KvsClient] = []
         self._set_aside: dict[str, float] = {}
         self._generation = 0
 
@@ -191,6 +192,8 @@ class KvsEndpoint:
         if address != self._address or self._channel is None or generation != self._generation:
             if self._channel is not None:
                 self._retired.append(self._channel)
+                if self._client is not None:
+                    self._retired_clients.append(self._client)
                 if address != self._address:
                     logger.info("KVS moved from %s to %s", self._address, address)
             self._address = address
@@ -198,7 +201,7 @@ class KvsEndpoint:
             self._channel = peer_channel(
                 address, self._config.server.max_payload_bytes, self._tls, KVS
             )
-            self._client = KvsClient(self._channel)
+            self._client = KvsClient(self._channel, name=f"the KVS at {address}")
         return self._channel
 
     @property
@@ -234,7 +237,10 @@ class KvsEndpoint:
         return True
 
     async def close(self) -> None:
-        """Close every channel opened."""
+        """Close every client's op stream, then every channel opened."""
+        clients = [*self._retired_clients, *([self._client] if self._client else [])]
+        self._client = None
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         channels = [*self._retired, *([self._channel] if self._channel else [])]
         self._channel = None
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

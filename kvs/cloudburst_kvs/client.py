@@ -2,26 +2,166 @@
 
 Every call raises cloudburst exceptions (through :func:`cloudburst.rpc.call`),
 never raw gRPC errors, and a ``timeout`` becomes the call's gRPC deadline.
+
+Small reads and merges go over one long-lived ``StreamOps`` stream per client
+(a message on an open stream costs the KVS about half a unary call), answered
+and failing exactly as their unary calls would; everything else, and every
+op when the stream is off or the KVS lacks it, is a unary call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import itertools
 import logging
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
 import grpc
 
 from cloudburst import chunks
-from cloudburst.errors import CloudburstTimeoutError
-from cloudburst.rpc import call, error_from_rpc
+from cloudburst.errors import CloudburstTimeoutError, UnavailableError
+from cloudburst.rpc import UNAVAILABLE_HINT, call, error_from_call_error, error_from_rpc
+from cloudburst.streams import OutboxStream, settle
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
+from cloudburst_grpc import telemetry
 from cloudburst_kvs.store import MAX_BATCH_KEYS, Keyspace, WatchEvent
 
 logger = logging.getLogger(__name__)
 
 _USER = lattice_pb2.KEYSPACE_USER
+
+#: Set to 0, false, no or off, this environment variable keeps a process's KVS reads and merges
+#: on unary calls rather than on one stream per KVS channel.
+STREAM_ENV = "CLOUDBURST_KVS_STREAM"
+#: A merge whose lattice encodes to more bytes than this goes in a unary call (or in chunks),
+#: so that no large value holds up the small ops that share the stream.
+MAX_STREAMED_PUT_BYTES = 64 << 10
+_OFF = frozenset({"0", "false", "no", "off"})
+#: What gRPC's client reports for a stream whose write failed after the call had ended, in place
+#: of the status that ended it (which is lost).
+_LOST_STATUS = "Internal error from Core"
+
+OpRequest = kvs_service_pb2.StreamOpsRequest
+OpAnswer = kvs_service_pb2.StreamOpsResponse
+
+
+def stream_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether KVS clients of this process send small ops over a stream.
+
+    On unless ``CLOUDBURST_KVS_STREAM`` is 0, false, no or off. With tracing on,
+    ops stay unary calls, each with its own client span.
+    """
+    return environ.get(STREAM_ENV, "").strip().lower() not in _OFF and not telemetry.tracing()
+
+
+class _Fallback(Exception):
+    """The op goes in a unary call (the KVS may have no StreamOps)."""
+
+
+class OpStream:
+    """Small KVS ops over one ``StreamOps`` stream, matched to their answers by sequence.
+
+    The stream opens with the first op and again with the first op after it
+    broke. An op that the stream does not answer fails as its unary call
+    would have: a broken stream with the same error (UnavailableError for a
+    KVS that went away), a passed deadline with CloudburstTimeoutError.
+    """
+
+    def __init__(self, stub: kvs_service_pb2_grpc.KvsServiceAsyncStub, name: str) -> None:
+        """Send ops with ``stub``; ``name`` says where to, for the log."""
+        self._stream: OutboxStream[OpRequest, OpAnswer] = OutboxStream(
+            name, stub.StreamOps, self._dispatch, self._ended
+        )
+        self._pending: dict[int, tuple[asyncio.Future[OpAnswer], str]] = {}
+        self._sequence = itertools.count(1)
+        self._answered = False
+        """Whether the KVS ever answered an op on a stream (so it has StreamOps)."""
+        self.available = True
+        """False once the KVS answered that it has no StreamOps (ops are unary calls then)."""
+
+    async def request(self, frame: OpRequest, what: str, timeout: float | None) -> OpAnswer | None:
+        """Send ``frame`` (given a sequence and the deadline) and return its answer.
+
+        Returns:
+            The answer; None when the KVS has no StreamOps (send the op as a unary call).
+
+        Raises:
+            CloudburstError: The op's error, as its unary call would raise it.
+        """
+        sequence = next(self._sequence)
+        frame.sequence = sequence
+        if timeout is not None:
+            timeout = max(timeout, 0.0)
+            frame.timeout.FromNanoseconds(int(timeout * 1e9))
+        future: asyncio.Future[OpAnswer] = asyncio.get_running_loop().create_future()
+        self._pending[sequence] = (future, what)
+        scope = asyncio.timeout(timeout)
+        try:
+            # Sent by a task of the stream's (not written by this one), so that a caller
+            # cancelled mid-write cannot break the stream that other ops share.
+            self._stream.send(frame)
+            async with scope:
+                return await future
+        except _Fallback:
+            return None
+        except TimeoutError:
+            if scope.expired():
+                raise CloudburstTimeoutError(f"{what} did not finish before its deadline") from None
+            raise
+        finally:
+            self._pending.pop(sequence, None)
+
+    def _dispatch(self, answer: OpAnswer) -> None:
+        entry = self._pending.get(answer.sequence)
+        if entry is None:
+            return  # its op gave up (deadline, cancelled)
+        self._answered = True
+        if answer.WhichOneof("result") == "error":
+            settle(entry[0], error=error_from_call_error(answer.error))
+        else:
+            settle(entry[0], answer)
+
+    def _ended(self, error: grpc.RpcError | None) -> None:
+        """Fail the ops the ended stream did not answer, as their unary calls would have.
+
+        A KVS without StreamOps ends the stream with UNIMPLEMENTED: its ops, and
+        all later ones, go in unary calls. When gRPC lost the status that ended
+        the stream (a write raced its end) and the KVS never answered on one,
+        it may be such a KVS: the ops go in unary calls, which tell.
+        """
+        code = None if error is None else error.code()
+        lost = (
+            code == grpc.StatusCode.INTERNAL
+            and error is not None
+            and error.details() == _LOST_STATUS
+        )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            if self.available:
+                logger.info("%s has no StreamOps: using unary calls", self._stream.name)
+            self.available = False
+        for sequence, (future, what) in list(self._pending.items()):
+            del self._pending[sequence]
+            failure: Exception
+            if code == grpc.StatusCode.UNIMPLEMENTED or (lost and not self._answered):
+                failure = _Fallback()
+            elif error is None or lost or code == grpc.StatusCode.CANCELLED:
+                # The KVS (or this client, closing) ended the stream: as for a call to a
+                # KVS that is going away.
+                failure = UnavailableError(
+                    f"{what} failed: the service is unavailable (the stream to "
+                    f"{self._stream.name} ended before it answered); {UNAVAILABLE_HINT}"
+                )
+            else:
+                assert error is not None
+                failure = error_from_rpc(error, what=what)
+            settle(future, error=failure)
+
+    async def close(self) -> None:
+        """End the stream (ops in flight fail with UnavailableError); idempotent."""
+        await self._stream.close()
 
 
 class KvsClient:
@@ -30,11 +170,32 @@ class KvsClient:
     The channel belongs to the caller, who closes it.
     """
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        """Create a client; no call is made until a method is awaited."""
+    def __init__(
+        self, channel: grpc.aio.Channel, *, stream: bool | None = None, name: str = "the KVS"
+    ) -> None:
+        """Create a client; no call is made until a method is awaited.
+
+        Args:
+            channel: The channel to the KVS.
+            stream: Send small reads and merges over one stream; None: unless
+                turned off (see :func:`stream_enabled`).
+            name: What the channel connects to, for the log (e.g. "the KVS at host:port").
+        """
         self._stub: kvs_service_pb2_grpc.KvsServiceAsyncStub = kvs_service_pb2_grpc.KvsServiceStub(
             channel
         )
+        if stream is None:
+            stream = stream_enabled()
+        self._ops: OpStream | None = OpStream(self._stub, name) if stream else None
+
+    async def close(self) -> None:
+        """End the op stream, if one is open (the channel stays open); idempotent."""
+        if self._ops is not None:
+            await self._ops.close()
+
+    def _streamed(self) -> OpStream | None:
+        ops = self._ops
+        return ops if ops is not None and ops.available else None
 
     async def get(
         self,
@@ -70,11 +231,19 @@ class KvsClient:
         self, key: str, keyspace: Keyspace, wait: bool, timeout: float | None
     ) -> kvs_service_pb2.GetValueResponse | None:
         """One GetValue call; None when a wait ended at the deadline."""
-        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=keyspace, wait=wait)
+        what = f"GetValue of key {key!r}"
         try:
-            return await call(
-                f"GetValue of key {key!r}", lambda: self._stub.GetValue(request, timeout=timeout)
-            )
+            ops = self._streamed()
+            if ops is not None:
+                frame = OpRequest()
+                frame.get.key = key
+                frame.get.keyspace = keyspace
+                frame.get.wait = wait
+                answer = await ops.request(frame, what, timeout)
+                if answer is not None:
+                    return answer.get
+            request = kvs_service_pb2.GetValueRequest(key=key, keyspace=keyspace, wait=wait)
+            return await call(what, lambda: self._stub.GetValue(request, timeout=timeout))
         except CloudburstTimeoutError:
             # The deadline racing the server's own "not found yet" answer is the
             # expected end of a wait, so both read the same to the caller.
@@ -168,12 +337,25 @@ class KvsClient:
         timeout: float | None,
         omit: bool,
     ) -> kvs_service_pb2.PutValueResponse:
+        what = f"PutValue of key {key!r}"
+        ops = self._streamed()
+        if ops is not None and lattice.ByteSize() <= MAX_STREAMED_PUT_BYTES:
+            frame = OpRequest()
+            put = frame.put
+            put.key = key
+            put.keyspace = keyspace
+            put.request_id = request_id
+            put.omit_lattice = omit
+            put.lattice.CopyFrom(lattice)
+            answer = await ops.request(frame, what, timeout)
+            if answer is not None:
+                return answer.put
         request = kvs_service_pb2.PutValueRequest(
             key=key, keyspace=keyspace, request_id=request_id, omit_lattice=omit
         )
         request.lattice.CopyFrom(lattice)  # one copy; a nested constructor copies at each level
         response: kvs_service_pb2.PutValueResponse = await call(
-            f"PutValue of key {key!r}", lambda: self._stub.PutValue(request, timeout=timeout)
+            what, lambda: self._stub.PutValue(request, timeout=timeout)
         )
         return response
 
@@ -379,4 +561,4 @@ class WatchStream:
         self.close()
 
 
-__all__ = ["KvsClient", "WatchStream"]
+__all__ = ["STREAM_ENV", "KvsClient", "OpStream", "WatchStream", "stream_enabled"]

@@ -118,7 +118,9 @@ async def start_kvs(tmp_path: Path) -> AsyncIterator[StartKvs]:
             stack.push_async_callback(server.stop, None)
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options(LIMIT))
             stack.push_async_callback(channel.close)
-            return Kvs(KvsClient(channel), kvs_service_pb2_grpc.KvsServiceStub(channel), store)
+            client = KvsClient(channel)
+            stack.push_async_callback(client.close)  # its op stream, before the channel
+            return Kvs(client, kvs_service_pb2_grpc.KvsServiceStub(channel), store)
 
         yield start
 

@@ -1,0 +1,406 @@
+"""Small KVS ops over one StreamOps stream, against real servers on 127.0.0.1:0.
+
+A client that streams its reads and merges gets the same results and the same
+errors as one that makes unary calls; ops on one stream do not wait for each
+other; a KVS that dies fails the ops in flight at once, and the client
+recovers once a KVS is back; a KVS without the method gets unary calls; every
+frame is authorized as its unary call would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from cloudburst.errors import CloudburstError, UnavailableError
+from cloudburst.transport import channel_options
+from cloudburst.v1 import kvs_service_pb2, lattice_pb2, value_pb2
+from cloudburst_grpc.config import KvsConfig
+from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor
+from cloudburst_grpc.security.identity import EXECUTOR, INVOKER_RESTRICTED, Identity
+from cloudburst_grpc.server import bind, create_server
+from cloudburst_kvs.client import STREAM_ENV, KvsClient, stream_enabled
+from cloudburst_kvs.local import add_kvs_to_server, open_store
+from cloudburst_kvs.servicer import KvsServicer
+from harness import CbgrpcProcess
+
+USER = lattice_pb2.KEYSPACE_USER
+SYSTEM = lattice_pb2.KEYSPACE_SYSTEM
+LIMIT = 4096  # max_payload_bytes of the test servers
+WAIT = 30.0  # seconds: the bound on every wait that should end at once
+KVS = "/cloudburst.v1.KvsService/"
+
+
+def value(data: bytes, serializer: int = value_pb2.SERIALIZER_BYTES) -> value_pb2.Value:
+    return value_pb2.Value(serializer=serializer, data=data)  # type: ignore[arg-type]
+
+
+def lww(data: bytes, serializer: int = value_pb2.SERIALIZER_BYTES) -> lattice_pb2.Lattice:
+    return lattice_pb2.Lattice(lww=lattice_pb2.LwwLattice(value=value(data, serializer)))
+
+
+def set_of(*items: bytes) -> lattice_pb2.Lattice:
+    return lattice_pb2.Lattice(set=lattice_pb2.SetLattice(values=[value(i) for i in items]))
+
+
+class Recorder(grpc.aio.ServerInterceptor):
+    """Records the method of every call the server receives."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        self.methods.append(handler_call_details.method)
+        return await continuation(handler_call_details)
+
+    def calls(self, name: str) -> int:
+        return self.methods.count(KVS + name)
+
+
+@dataclass
+class FixedRole(Authenticator):
+    """Every caller has ``role`` (the tests here are about what a role may do, not who it is)."""
+
+    role: str = EXECUTOR
+
+    async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        return Identity(self.role, "token", "test")
+
+
+class Chain(grpc.aio.ServerInterceptor):
+    """Runs several interceptors in order (create_server takes one besides its own)."""
+
+    def __init__(self, *interceptors: grpc.aio.ServerInterceptor) -> None:
+        self.interceptors = interceptors
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        for interceptor in reversed(self.interceptors):
+            continuation = _bound(interceptor, continuation)
+        return await continuation(handler_call_details)
+
+
+def _bound(
+    interceptor: grpc.aio.ServerInterceptor,
+    continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+) -> Callable[[grpc.HandlerCallDetails], Awaitable[Any]]:
+    async def next_step(details: grpc.HandlerCallDetails) -> Any:
+        return await interceptor.intercept_service(continuation, details)
+
+    return next_step
+
+
+@dataclass
+class Kvs:
+    address: str
+    recorder: Recorder
+    clients: list[KvsClient] = field(default_factory=list)
+
+
+StartKvs = Callable[..., Awaitable[Kvs]]
+Connect = Callable[..., Awaitable[KvsClient]]
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
+    async with contextlib.AsyncExitStack() as exit_stack:
+        yield exit_stack
+
+
+@pytest.fixture
+def start_kvs(stack: contextlib.AsyncExitStack) -> StartKvs:
+    """Start in-memory KVS servers on demand (optionally authorizing by role)."""
+
+    async def start(role: str | None = None) -> Kvs:
+        config = KvsConfig(engine="memory", max_wait_seconds=WAIT)
+        store = open_store(config, LIMIT)
+        await store.start()
+        stack.push_async_callback(store.close)
+        recorder = Recorder()
+        interceptor: grpc.aio.ServerInterceptor = recorder
+        if role is not None:
+            interceptor = Chain(recorder, AuthInterceptor(FixedRole(None, role=role)))
+        server, _health = create_server(LIMIT, interceptor)
+        add_kvs_to_server(server, store, config, LIMIT)
+        port = bind(server, "127.0.0.1", 0)
+        await server.start()
+        stack.push_async_callback(server.stop, None)
+        return Kvs(f"127.0.0.1:{port}", recorder)
+
+    return start
+
+
+@pytest.fixture
+def connect(stack: contextlib.AsyncExitStack) -> Connect:
+    """Open a channel and a client on it; both are closed at teardown."""
+
+    async def open_client(address: str, stream: bool | None = True) -> KvsClient:
+        channel = grpc.aio.insecure_channel(address, options=channel_options(LIMIT))
+        stack.push_async_callback(channel.close)
+        client = KvsClient(channel, stream=stream, name=f"the KVS at {address}")
+        stack.push_async_callback(client.close)
+        return client
+
+    return open_client
+
+
+async def outcome(operation: Awaitable[Any]) -> Any:
+    """The result of an operation, or its error as (class, message) for comparing."""
+    try:
+        return await asyncio.wait_for(operation, WAIT)
+    except CloudburstError as exc:
+        return (type(exc), str(exc), dict(exc.metadata))
+
+
+async def test_streamed_ops_give_the_unary_results_and_errors(
+    start_kvs: StartKvs, connect: Connect
+) -> None:
+    kvs = await start_kvs()
+    streamed = await connect(kvs.address, stream=True)
+    unary = await connect(kvs.address, stream=False)
+
+    unary_ops = 0
+
+    async def both(make: Callable[[KvsClient], Awaitable[Any]]) -> Any:
+        nonlocal unary_ops
+        via_stream = await outcome(make(streamed))
+        via_unary = await outcome(make(unary))
+        unary_ops += 1
+        assert via_stream == via_unary
+        return via_stream
+
+    # Results: a missing key, a value written one way and read the other, a merge.
+    assert await both(lambda c: c.get("missing")) is None
+    stored = await streamed.put("k", lww(b"one"))
+    assert stored.lww.value == value(b"one") and stored.lww.timestamp.time_ns > 0
+    assert await unary.get("k") == stored
+    await unary.put("s", set_of(b"a"))
+    unary_ops += 2
+    merged = await streamed.put("s", set_of(b"b"))
+    assert sorted(v.data for v in merged.set.values) == [b"a", b"b"]
+    assert await both(lambda c: c.get("s")) == merged
+    await streamed.merge("m", lww(b"merged"))
+    assert (await both(lambda c: c.get("m"))).lww.value == value(b"merged")
+    assert await both(lambda c: c.get("m", SYSTEM)) is None
+
+    # Errors, with the same class, message and metadata.
+    errors = [
+        await both(lambda c: c.put("big", lww(b"x" * (LIMIT + 1)))),  # payload too large
+        await both(lambda c: c.put("", lww(b"x"))),  # no key
+        await both(lambda c: c.get("")),
+        await both(lambda c: c.put("k", lww(b"x"), 77)),  # type: ignore[arg-type]  # keyspace
+        await both(lambda c: c.get("k", 77)),  # type: ignore[arg-type]
+        await both(lambda c: c.put("k", set_of(b"x"))),  # lattice type mismatch
+    ]
+    for error in errors:
+        assert isinstance(error, tuple) and issubclass(error[0], CloudburstError), error
+    assert "over the limit" in errors[0][1]
+
+    # A waiting read that ends at its deadline reads "not found" both ways.
+    assert await both(lambda c: c.get("never", wait=True, timeout=1.0)) is None
+
+    # Everything the streaming client did went over one stream; the other made unary calls.
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.recorder.calls("GetValue") + kvs.recorder.calls("PutValue") == unary_ops
+    assert len(kvs.recorder.methods) == unary_ops + 1
+
+
+async def test_a_waiting_read_holds_up_no_later_op_on_the_stream(
+    start_kvs: StartKvs, connect: Connect
+) -> None:
+    kvs = await start_kvs()
+    client = await connect(kvs.address)
+    waiting = asyncio.create_task(client.get("later", wait=True, timeout=WAIT * 2))
+    try:
+        # Ops sent after the waiting read are answered while it waits.
+        for index in range(5):
+            await asyncio.wait_for(client.merge(f"other-{index}", lww(b"v")), WAIT)
+            assert await asyncio.wait_for(client.get(f"other-{index}"), WAIT) is not None
+        assert not waiting.done()
+        await asyncio.wait_for(client.merge("later", lww(b"here")), WAIT)
+        found = await asyncio.wait_for(waiting, WAIT)
+        assert found is not None and found.lww.value == value(b"here")
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.recorder.calls("GetValue") == kvs.recorder.calls("PutValue") == 0
+
+
+async def test_many_concurrent_ops_are_each_answered(start_kvs: StartKvs, connect: Connect) -> None:
+    kvs = await start_kvs()
+    client = await connect(kvs.address)
+    count = 300
+    await asyncio.wait_for(
+        asyncio.gather(*(client.merge(f"key-{i}", lww(str(i).encode())) for i in range(count))),
+        WAIT,
+    )
+    found = await asyncio.wait_for(
+        asyncio.gather(*(client.get(f"key-{i}") for i in range(count))), WAIT
+    )
+    assert [f.lww.value.data if f else None for f in found] == [
+        str(i).encode() for i in range(count)
+    ]
+    assert kvs.recorder.calls("StreamOps") == 1
+
+
+async def test_a_killed_kvs_fails_the_ops_in_flight_and_the_client_recovers(
+    connect: Connect,
+) -> None:
+    process = CbgrpcProcess("kvs", "--storage", "memory")
+    try:
+        client = await connect(process.address)
+        await asyncio.wait_for(client.merge("k", lww(b"before")), WAIT)
+        # In flight: a read that would wait far longer than the test allows.
+        waiting = asyncio.create_task(client.get("never", wait=True, timeout=WAIT * 4))
+        await asyncio.wait_for(client.get("k"), WAIT)  # the read above was sent before this
+        process.kill()
+        with pytest.raises(UnavailableError) as failed:
+            await asyncio.wait_for(waiting, WAIT)
+        assert "GetValue of key 'never' failed: the service is unavailable" in str(failed.value)
+
+        # A KVS is back at the address: the next ops open a new stream there.
+        port = process.address.rsplit(":", 1)[1]
+        process = CbgrpcProcess("kvs", "--storage", "memory", "--port", port)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while True:
+            try:
+                await asyncio.wait_for(client.merge("k", lww(b"after")), WAIT)
+                break
+            except UnavailableError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)  # the channel reconnects with backoff
+        found = await asyncio.wait_for(client.get("k"), WAIT)
+        assert found is not None and found.lww.value == value(b"after")
+    finally:
+        process.kill()
+
+
+async def test_a_kvs_without_stream_ops_gets_unary_calls(
+    stack: contextlib.AsyncExitStack, connect: Connect
+) -> None:
+    # A KVS of an older version: GetValue and PutValue only.
+    config = KvsConfig(engine="memory")
+    store = open_store(config, LIMIT)
+    await store.start()
+    stack.push_async_callback(store.close)
+    servicer = KvsServicer(store, config, LIMIT)
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "GetValue": grpc.unary_unary_rpc_method_handler(
+            servicer.GetValue,
+            request_deserializer=kvs_service_pb2.GetValueRequest.FromString,
+            response_serializer=kvs_service_pb2.GetValueResponse.SerializeToString,
+        ),
+        "PutValue": grpc.unary_unary_rpc_method_handler(
+            servicer.PutValue,
+            request_deserializer=kvs_service_pb2.PutValueRequest.FromString,
+            response_serializer=kvs_service_pb2.PutValueResponse.SerializeToString,
+        ),
+    }
+    recorder = Recorder()
+    server = grpc.aio.server(interceptors=[recorder])
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("cloudburst.v1.KvsService", handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stack.push_async_callback(server.stop, None)
+
+    client = await connect(f"127.0.0.1:{port}")
+    # The first op finds out (and is made again as a unary call); later ones are unary calls.
+    await asyncio.wait_for(client.merge("a", lww(b"1")), WAIT)
+    assert recorder.calls("StreamOps") == 1
+    assert recorder.calls("PutValue") == 1
+    found = await asyncio.wait_for(
+        asyncio.gather(client.get("a"), client.get("b"), client.merge("b", lww(b"2"))), WAIT
+    )
+    assert found[0] is not None and found[0].lww.value == value(b"1")
+    found_b = await asyncio.wait_for(client.get("b"), WAIT)
+    assert found_b is not None and found_b.lww.value == value(b"2")
+    assert recorder.calls("StreamOps") == 1  # tried once, never again
+    assert recorder.calls("GetValue") == 3 and recorder.calls("PutValue") == 2
+
+
+async def test_every_frame_is_authorized_as_its_unary_call(
+    start_kvs: StartKvs, connect: Connect
+) -> None:
+    executor_kvs = await start_kvs(role=EXECUTOR)
+    streamed = await connect(executor_kvs.address, stream=True)
+    unary = await connect(executor_kvs.address, stream=False)
+    # An executor reads the system keyspace but may not write it.
+    refused = [await outcome(c.put("fn", lww(b"x"), SYSTEM)) for c in (streamed, unary)]
+    assert refused[0] == refused[1]
+    assert refused[0][0].__name__ == "PermissionDeniedError"
+    assert "writing the system keyspace needs role" in refused[0][1]
+    # The stream goes on: the same client's next ops are served on it.
+    assert await asyncio.wait_for(streamed.get("fn", SYSTEM), WAIT) is None
+    await asyncio.wait_for(streamed.merge("k", lww(b"x")), WAIT)
+    assert executor_kvs.recorder.calls("StreamOps") == 1
+
+    restricted_kvs = await start_kvs(role=INVOKER_RESTRICTED)
+    streamed = await connect(restricted_kvs.address, stream=True)
+    unary = await connect(restricted_kvs.address, stream=False)
+    pickled = lww(b"\x80\x04K\x01.", value_pb2.SERIALIZER_CLOUDPICKLE)
+    refused = [await outcome(c.put("p", pickled)) for c in (streamed, unary)]
+    assert refused[0] == refused[1]
+    assert "may send only JSON, string or bytes values" in refused[0][1]
+    refused = [await outcome(c.get("fn", SYSTEM)) for c in (streamed, unary)]
+    assert refused[0] == refused[1] and "reading the system keyspace" in refused[0][1]
+    await asyncio.wait_for(streamed.merge("p", lww(b"1", value_pb2.SERIALIZER_JSON)), WAIT)
+    assert restricted_kvs.recorder.calls("StreamOps") == 1
+
+
+async def test_the_switch_keeps_ops_unary(
+    start_kvs: StartKvs, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert stream_enabled({})
+    assert stream_enabled({STREAM_ENV: "1"})
+    for off in ("0", "false", "No", " off "):
+        assert not stream_enabled({STREAM_ENV: off})
+    kvs = await start_kvs()
+    monkeypatch.setenv(STREAM_ENV, "0")
+    client = await connect(kvs.address, stream=None)
+    await asyncio.wait_for(client.merge("k", lww(b"x")), WAIT)
+    assert await asyncio.wait_for(client.get("k"), WAIT) is not None
+    assert kvs.recorder.calls("StreamOps") == 0
+    assert kvs.recorder.calls("GetValue") == kvs.recorder.calls("PutValue") == 1
+
+
+async def test_a_large_merge_keeps_its_unary_call(start_kvs: StartKvs, connect: Connect) -> None:
+    kvs = await start_kvs()
+    client = await connect(kvs.address)
+    await asyncio.wait_for(client.merge("small", lww(b"x")), WAIT)
+    assert kvs.recorder.calls("PutValue") == 0
+    big = set_of(*(bytes([i % 256]) * 300 + str(i).encode() for i in range(300)))
+    error = await outcome(client.merge("big", big))  # over the test's payload limit
+    assert kvs.recorder.calls("PutValue") == 1
+    assert isinstance(error, tuple) and "over the limit" in error[1]
+
+
+async def test_a_kvs_shutting_down_ends_its_streams(connect: Connect) -> None:
+    # A grace period far beyond the wait below: waiting it out would fail the test.
+    grace = {"CBGRPC_SERVER_GRACE_SECONDS": str(WAIT * 10)}
+    process = CbgrpcProcess("kvs", "--storage", "memory", env=grace)
+    try:
+        client = await connect(process.address)
+        await asyncio.wait_for(client.merge("k", lww(b"x")), WAIT)
+        # The client keeps its stream open; the KVS ends it once its ops are answered.
+        assert await asyncio.to_thread(process.stop, signal.SIGTERM, WAIT) == 0
+    finally:
+        process.kill()
