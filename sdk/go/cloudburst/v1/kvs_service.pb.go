@@ -9,6 +9,7 @@ package cloudburstv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -1318,11 +1319,239 @@ func (x *GetLimitsResponse) GetKvsAddresses() []string {
 	return nil
 }
 
+// StreamOpsRequest is one read or write on a StreamOps stream, served as the unary call would be.
+type StreamOpsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the caller and echoed in the answer; unique among the stream's unanswered ops.
+	Sequence uint64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// The W3C trace context of the op.
+	TraceContext map[string]string `protobuf:"bytes,2,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The op's deadline, from when the server reads the frame (a waiting read ends before it);
+	// unset for none.
+	Timeout *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// The op.
+	//
+	// Types that are valid to be assigned to Op:
+	//
+	//	*StreamOpsRequest_Get
+	//	*StreamOpsRequest_Put
+	Op            isStreamOpsRequest_Op `protobuf_oneof:"op"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamOpsRequest) Reset() {
+	*x = StreamOpsRequest{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamOpsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamOpsRequest) ProtoMessage() {}
+
+func (x *StreamOpsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamOpsRequest.ProtoReflect.Descriptor instead.
+func (*StreamOpsRequest) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *StreamOpsRequest) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *StreamOpsRequest) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
+}
+
+func (x *StreamOpsRequest) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+func (x *StreamOpsRequest) GetOp() isStreamOpsRequest_Op {
+	if x != nil {
+		return x.Op
+	}
+	return nil
+}
+
+func (x *StreamOpsRequest) GetGet() *GetValueRequest {
+	if x != nil {
+		if x, ok := x.Op.(*StreamOpsRequest_Get); ok {
+			return x.Get
+		}
+	}
+	return nil
+}
+
+func (x *StreamOpsRequest) GetPut() *PutValueRequest {
+	if x != nil {
+		if x, ok := x.Op.(*StreamOpsRequest_Put); ok {
+			return x.Put
+		}
+	}
+	return nil
+}
+
+type isStreamOpsRequest_Op interface {
+	isStreamOpsRequest_Op()
+}
+
+type StreamOpsRequest_Get struct {
+	// A read, as GetValue.
+	Get *GetValueRequest `protobuf:"bytes,4,opt,name=get,proto3,oneof"`
+}
+
+type StreamOpsRequest_Put struct {
+	// A merge, as PutValue.
+	Put *PutValueRequest `protobuf:"bytes,5,opt,name=put,proto3,oneof"`
+}
+
+func (*StreamOpsRequest_Get) isStreamOpsRequest_Op() {}
+
+func (*StreamOpsRequest_Put) isStreamOpsRequest_Op() {}
+
+// StreamOpsResponse answers one StreamOpsRequest; answers come in the order the ops end.
+type StreamOpsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The sequence of the request answered.
+	Sequence uint64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// The answer.
+	//
+	// Types that are valid to be assigned to Result:
+	//
+	//	*StreamOpsResponse_Get
+	//	*StreamOpsResponse_Put
+	//	*StreamOpsResponse_Error
+	Result        isStreamOpsResponse_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamOpsResponse) Reset() {
+	*x = StreamOpsResponse{}
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamOpsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamOpsResponse) ProtoMessage() {}
+
+func (x *StreamOpsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_kvs_service_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamOpsResponse.ProtoReflect.Descriptor instead.
+func (*StreamOpsResponse) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_kvs_service_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *StreamOpsResponse) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *StreamOpsResponse) GetResult() isStreamOpsResponse_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *StreamOpsResponse) GetGet() *GetValueResponse {
+	if x != nil {
+		if x, ok := x.Result.(*StreamOpsResponse_Get); ok {
+			return x.Get
+		}
+	}
+	return nil
+}
+
+func (x *StreamOpsResponse) GetPut() *PutValueResponse {
+	if x != nil {
+		if x, ok := x.Result.(*StreamOpsResponse_Put); ok {
+			return x.Put
+		}
+	}
+	return nil
+}
+
+func (x *StreamOpsResponse) GetError() *CallError {
+	if x != nil {
+		if x, ok := x.Result.(*StreamOpsResponse_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isStreamOpsResponse_Result interface {
+	isStreamOpsResponse_Result()
+}
+
+type StreamOpsResponse_Get struct {
+	// The answer to a read, as GetValue's.
+	Get *GetValueResponse `protobuf:"bytes,2,opt,name=get,proto3,oneof"`
+}
+
+type StreamOpsResponse_Put struct {
+	// The answer to a merge, as PutValue's.
+	Put *PutValueResponse `protobuf:"bytes,3,opt,name=put,proto3,oneof"`
+}
+
+type StreamOpsResponse_Error struct {
+	// The error the unary call would have ended with.
+	Error *CallError `protobuf:"bytes,4,opt,name=error,proto3,oneof"`
+}
+
+func (*StreamOpsResponse_Get) isStreamOpsResponse_Result() {}
+
+func (*StreamOpsResponse_Put) isStreamOpsResponse_Result() {}
+
+func (*StreamOpsResponse_Error) isStreamOpsResponse_Result() {}
+
 var File_cloudburst_v1_kvs_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1fcloudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x1bcloudburst/v1/lattice.proto\"l\n" +
+	"\x1fcloudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x19cloudburst/v1/error.proto\x1a\x1bcloudburst/v1/lattice.proto\x1a\x1egoogle/protobuf/duration.proto\"l\n" +
 	"\x0fGetValueRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x123\n" +
 	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\x12\x12\n" +
@@ -1405,7 +1634,23 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x11GetLimitsResponse\x12&\n" +
 	"\x0fmax_value_bytes\x18\x01 \x01(\x04R\rmaxValueBytes\x12*\n" +
 	"\x11max_message_bytes\x18\x02 \x01(\x04R\x0fmaxMessageBytes\x12#\n" +
-	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses2\xfa\x06\n" +
+	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses\"\xea\x02\n" +
+	"\x10StreamOpsRequest\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12V\n" +
+	"\rtrace_context\x18\x02 \x03(\v21.cloudburst.v1.StreamOpsRequest.TraceContextEntryR\ftraceContext\x123\n" +
+	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x122\n" +
+	"\x03get\x18\x04 \x01(\v2\x1e.cloudburst.v1.GetValueRequestH\x00R\x03get\x122\n" +
+	"\x03put\x18\x05 \x01(\v2\x1e.cloudburst.v1.PutValueRequestH\x00R\x03put\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x04\n" +
+	"\x02op\"\xd5\x01\n" +
+	"\x11StreamOpsResponse\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
+	"\x03get\x18\x02 \x01(\v2\x1f.cloudburst.v1.GetValueResponseH\x00R\x03get\x123\n" +
+	"\x03put\x18\x03 \x01(\v2\x1f.cloudburst.v1.PutValueResponseH\x00R\x03put\x120\n" +
+	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05errorB\b\n" +
+	"\x06result2\xce\a\n" +
 	"\n" +
 	"KvsService\x12K\n" +
 	"\bGetValue\x12\x1e.cloudburst.v1.GetValueRequest\x1a\x1f.cloudburst.v1.GetValueResponse\x12K\n" +
@@ -1417,7 +1662,8 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\vWatchValues\x12!.cloudburst.v1.WatchValuesRequest\x1a\".cloudburst.v1.WatchValuesResponse0\x01\x12_\n" +
 	"\x0eGetValueChunks\x12$.cloudburst.v1.GetValueChunksRequest\x1a%.cloudburst.v1.GetValueChunksResponse0\x01\x12_\n" +
 	"\x0ePutValueChunks\x12$.cloudburst.v1.PutValueChunksRequest\x1a%.cloudburst.v1.PutValueChunksResponse(\x01\x12N\n" +
-	"\tGetLimits\x12\x1f.cloudburst.v1.GetLimitsRequest\x1a .cloudburst.v1.GetLimitsResponseB\x90\x01\n" +
+	"\tGetLimits\x12\x1f.cloudburst.v1.GetLimitsRequest\x1a .cloudburst.v1.GetLimitsResponse\x12R\n" +
+	"\tStreamOps\x12\x1f.cloudburst.v1.StreamOpsRequest\x1a .cloudburst.v1.StreamOpsResponse(\x010\x01B\x90\x01\n" +
 	"\x11com.cloudburst.v1B\x0fKvsServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03CXX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0eCloudburst::V1b\x06proto3"
 
 var (
@@ -1432,7 +1678,7 @@ func file_cloudburst_v1_kvs_service_proto_rawDescGZIP() []byte {
 	return file_cloudburst_v1_kvs_service_proto_rawDescData
 }
 
-var file_cloudburst_v1_kvs_service_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_cloudburst_v1_kvs_service_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_cloudburst_v1_kvs_service_proto_goTypes = []any{
 	(*GetValueRequest)(nil),           // 0: cloudburst.v1.GetValueRequest
 	(*GetValueResponse)(nil),          // 1: cloudburst.v1.GetValueResponse
@@ -1455,55 +1701,69 @@ var file_cloudburst_v1_kvs_service_proto_goTypes = []any{
 	(*PutValueChunksResponse)(nil),    // 18: cloudburst.v1.PutValueChunksResponse
 	(*GetLimitsRequest)(nil),          // 19: cloudburst.v1.GetLimitsRequest
 	(*GetLimitsResponse)(nil),         // 20: cloudburst.v1.GetLimitsResponse
-	nil,                               // 21: cloudburst.v1.GetValueChunksResponse.TraceContextEntry
-	nil,                               // 22: cloudburst.v1.PutValueChunksRequest.TraceContextEntry
-	(Keyspace)(0),                     // 23: cloudburst.v1.Keyspace
-	(*Lattice)(nil),                   // 24: cloudburst.v1.Lattice
+	(*StreamOpsRequest)(nil),          // 21: cloudburst.v1.StreamOpsRequest
+	(*StreamOpsResponse)(nil),         // 22: cloudburst.v1.StreamOpsResponse
+	nil,                               // 23: cloudburst.v1.GetValueChunksResponse.TraceContextEntry
+	nil,                               // 24: cloudburst.v1.PutValueChunksRequest.TraceContextEntry
+	nil,                               // 25: cloudburst.v1.StreamOpsRequest.TraceContextEntry
+	(Keyspace)(0),                     // 26: cloudburst.v1.Keyspace
+	(*Lattice)(nil),                   // 27: cloudburst.v1.Lattice
+	(*durationpb.Duration)(nil),       // 28: google.protobuf.Duration
+	(*CallError)(nil),                 // 29: cloudburst.v1.CallError
 }
 var file_cloudburst_v1_kvs_service_proto_depIdxs = []int32{
-	23, // 0: cloudburst.v1.GetValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	24, // 1: cloudburst.v1.GetValueResponse.lattice:type_name -> cloudburst.v1.Lattice
-	23, // 2: cloudburst.v1.PutValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	24, // 3: cloudburst.v1.PutValueRequest.lattice:type_name -> cloudburst.v1.Lattice
-	24, // 4: cloudburst.v1.PutValueResponse.lattice:type_name -> cloudburst.v1.Lattice
-	23, // 5: cloudburst.v1.DeleteValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	23, // 6: cloudburst.v1.BatchGetValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	26, // 0: cloudburst.v1.GetValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	27, // 1: cloudburst.v1.GetValueResponse.lattice:type_name -> cloudburst.v1.Lattice
+	26, // 2: cloudburst.v1.PutValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	27, // 3: cloudburst.v1.PutValueRequest.lattice:type_name -> cloudburst.v1.Lattice
+	27, // 4: cloudburst.v1.PutValueResponse.lattice:type_name -> cloudburst.v1.Lattice
+	26, // 5: cloudburst.v1.DeleteValueRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	26, // 6: cloudburst.v1.BatchGetValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
 	14, // 7: cloudburst.v1.BatchGetValuesResponse.entries:type_name -> cloudburst.v1.KeyValue
-	23, // 8: cloudburst.v1.BatchDeleteValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	23, // 9: cloudburst.v1.ListKeysRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	23, // 10: cloudburst.v1.WatchValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	26, // 8: cloudburst.v1.BatchDeleteValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	26, // 9: cloudburst.v1.ListKeysRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	26, // 10: cloudburst.v1.WatchValuesRequest.keyspace:type_name -> cloudburst.v1.Keyspace
 	14, // 11: cloudburst.v1.WatchValuesResponse.entry:type_name -> cloudburst.v1.KeyValue
-	24, // 12: cloudburst.v1.KeyValue.lattice:type_name -> cloudburst.v1.Lattice
-	23, // 13: cloudburst.v1.GetValueChunksRequest.keyspace:type_name -> cloudburst.v1.Keyspace
-	21, // 14: cloudburst.v1.GetValueChunksResponse.trace_context:type_name -> cloudburst.v1.GetValueChunksResponse.TraceContextEntry
-	24, // 15: cloudburst.v1.GetValueChunksResponse.lattice:type_name -> cloudburst.v1.Lattice
-	22, // 16: cloudburst.v1.PutValueChunksRequest.trace_context:type_name -> cloudburst.v1.PutValueChunksRequest.TraceContextEntry
+	27, // 12: cloudburst.v1.KeyValue.lattice:type_name -> cloudburst.v1.Lattice
+	26, // 13: cloudburst.v1.GetValueChunksRequest.keyspace:type_name -> cloudburst.v1.Keyspace
+	23, // 14: cloudburst.v1.GetValueChunksResponse.trace_context:type_name -> cloudburst.v1.GetValueChunksResponse.TraceContextEntry
+	27, // 15: cloudburst.v1.GetValueChunksResponse.lattice:type_name -> cloudburst.v1.Lattice
+	24, // 16: cloudburst.v1.PutValueChunksRequest.trace_context:type_name -> cloudburst.v1.PutValueChunksRequest.TraceContextEntry
 	2,  // 17: cloudburst.v1.PutValueChunksRequest.put:type_name -> cloudburst.v1.PutValueRequest
-	0,  // 18: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
-	2,  // 19: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
-	4,  // 20: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
-	6,  // 21: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
-	8,  // 22: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
-	10, // 23: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
-	12, // 24: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
-	15, // 25: cloudburst.v1.KvsService.GetValueChunks:input_type -> cloudburst.v1.GetValueChunksRequest
-	17, // 26: cloudburst.v1.KvsService.PutValueChunks:input_type -> cloudburst.v1.PutValueChunksRequest
-	19, // 27: cloudburst.v1.KvsService.GetLimits:input_type -> cloudburst.v1.GetLimitsRequest
-	1,  // 28: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
-	3,  // 29: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
-	5,  // 30: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
-	7,  // 31: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
-	9,  // 32: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
-	11, // 33: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
-	13, // 34: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
-	16, // 35: cloudburst.v1.KvsService.GetValueChunks:output_type -> cloudburst.v1.GetValueChunksResponse
-	18, // 36: cloudburst.v1.KvsService.PutValueChunks:output_type -> cloudburst.v1.PutValueChunksResponse
-	20, // 37: cloudburst.v1.KvsService.GetLimits:output_type -> cloudburst.v1.GetLimitsResponse
-	28, // [28:38] is the sub-list for method output_type
-	18, // [18:28] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	25, // 18: cloudburst.v1.StreamOpsRequest.trace_context:type_name -> cloudburst.v1.StreamOpsRequest.TraceContextEntry
+	28, // 19: cloudburst.v1.StreamOpsRequest.timeout:type_name -> google.protobuf.Duration
+	0,  // 20: cloudburst.v1.StreamOpsRequest.get:type_name -> cloudburst.v1.GetValueRequest
+	2,  // 21: cloudburst.v1.StreamOpsRequest.put:type_name -> cloudburst.v1.PutValueRequest
+	1,  // 22: cloudburst.v1.StreamOpsResponse.get:type_name -> cloudburst.v1.GetValueResponse
+	3,  // 23: cloudburst.v1.StreamOpsResponse.put:type_name -> cloudburst.v1.PutValueResponse
+	29, // 24: cloudburst.v1.StreamOpsResponse.error:type_name -> cloudburst.v1.CallError
+	0,  // 25: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
+	2,  // 26: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
+	4,  // 27: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
+	6,  // 28: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
+	8,  // 29: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
+	10, // 30: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
+	12, // 31: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
+	15, // 32: cloudburst.v1.KvsService.GetValueChunks:input_type -> cloudburst.v1.GetValueChunksRequest
+	17, // 33: cloudburst.v1.KvsService.PutValueChunks:input_type -> cloudburst.v1.PutValueChunksRequest
+	19, // 34: cloudburst.v1.KvsService.GetLimits:input_type -> cloudburst.v1.GetLimitsRequest
+	21, // 35: cloudburst.v1.KvsService.StreamOps:input_type -> cloudburst.v1.StreamOpsRequest
+	1,  // 36: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
+	3,  // 37: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
+	5,  // 38: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
+	7,  // 39: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
+	9,  // 40: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
+	11, // 41: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
+	13, // 42: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
+	16, // 43: cloudburst.v1.KvsService.GetValueChunks:output_type -> cloudburst.v1.GetValueChunksResponse
+	18, // 44: cloudburst.v1.KvsService.PutValueChunks:output_type -> cloudburst.v1.PutValueChunksResponse
+	20, // 45: cloudburst.v1.KvsService.GetLimits:output_type -> cloudburst.v1.GetLimitsResponse
+	22, // 46: cloudburst.v1.KvsService.StreamOps:output_type -> cloudburst.v1.StreamOpsResponse
+	36, // [36:47] is the sub-list for method output_type
+	25, // [25:36] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_kvs_service_proto_init() }
@@ -1511,6 +1771,7 @@ func file_cloudburst_v1_kvs_service_proto_init() {
 	if File_cloudburst_v1_kvs_service_proto != nil {
 		return
 	}
+	file_cloudburst_v1_error_proto_init()
 	file_cloudburst_v1_lattice_proto_init()
 	file_cloudburst_v1_kvs_service_proto_msgTypes[16].OneofWrappers = []any{
 		(*GetValueChunksResponse_Lattice)(nil),
@@ -1520,13 +1781,22 @@ func file_cloudburst_v1_kvs_service_proto_init() {
 		(*PutValueChunksRequest_Put)(nil),
 		(*PutValueChunksRequest_Chunk)(nil),
 	}
+	file_cloudburst_v1_kvs_service_proto_msgTypes[21].OneofWrappers = []any{
+		(*StreamOpsRequest_Get)(nil),
+		(*StreamOpsRequest_Put)(nil),
+	}
+	file_cloudburst_v1_kvs_service_proto_msgTypes[22].OneofWrappers = []any{
+		(*StreamOpsResponse_Get)(nil),
+		(*StreamOpsResponse_Put)(nil),
+		(*StreamOpsResponse_Error)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cloudburst_v1_kvs_service_proto_rawDesc), len(file_cloudburst_v1_kvs_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   23,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

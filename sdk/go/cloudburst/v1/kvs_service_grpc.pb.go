@@ -29,6 +29,7 @@ const (
 	KvsService_GetValueChunks_FullMethodName    = "/cloudburst.v1.KvsService/GetValueChunks"
 	KvsService_PutValueChunks_FullMethodName    = "/cloudburst.v1.KvsService/PutValueChunks"
 	KvsService_GetLimits_FullMethodName         = "/cloudburst.v1.KvsService/GetLimits"
+	KvsService_StreamOps_FullMethodName         = "/cloudburst.v1.KvsService/StreamOps"
 )
 
 // KvsServiceClient is the client API for KvsService service.
@@ -57,6 +58,8 @@ type KvsServiceClient interface {
 	PutValueChunks(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutValueChunksRequest, PutValueChunksResponse], error)
 	// GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
 	GetLimits(ctx context.Context, in *GetLimitsRequest, opts ...grpc.CallOption) (*GetLimitsResponse, error)
+	// StreamOps carries small reads and writes over one long-lived stream, each answered as it ends.
+	StreamOps(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamOpsRequest, StreamOpsResponse], error)
 }
 
 type kvsServiceClient struct {
@@ -188,6 +191,19 @@ func (c *kvsServiceClient) GetLimits(ctx context.Context, in *GetLimitsRequest, 
 	return out, nil
 }
 
+func (c *kvsServiceClient) StreamOps(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamOpsRequest, StreamOpsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KvsService_ServiceDesc.Streams[3], KvsService_StreamOps_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamOpsRequest, StreamOpsResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KvsService_StreamOpsClient = grpc.BidiStreamingClient[StreamOpsRequest, StreamOpsResponse]
+
 // KvsServiceServer is the server API for KvsService service.
 // All implementations must embed UnimplementedKvsServiceServer
 // for forward compatibility.
@@ -214,6 +230,8 @@ type KvsServiceServer interface {
 	PutValueChunks(grpc.ClientStreamingServer[PutValueChunksRequest, PutValueChunksResponse]) error
 	// GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
 	GetLimits(context.Context, *GetLimitsRequest) (*GetLimitsResponse, error)
+	// StreamOps carries small reads and writes over one long-lived stream, each answered as it ends.
+	StreamOps(grpc.BidiStreamingServer[StreamOpsRequest, StreamOpsResponse]) error
 	mustEmbedUnimplementedKvsServiceServer()
 }
 
@@ -253,6 +271,9 @@ func (UnimplementedKvsServiceServer) PutValueChunks(grpc.ClientStreamingServer[P
 }
 func (UnimplementedKvsServiceServer) GetLimits(context.Context, *GetLimitsRequest) (*GetLimitsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetLimits not implemented")
+}
+func (UnimplementedKvsServiceServer) StreamOps(grpc.BidiStreamingServer[StreamOpsRequest, StreamOpsResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamOps not implemented")
 }
 func (UnimplementedKvsServiceServer) mustEmbedUnimplementedKvsServiceServer() {}
 func (UnimplementedKvsServiceServer) testEmbeddedByValue()                    {}
@@ -430,6 +451,13 @@ func _KvsService_GetLimits_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KvsService_StreamOps_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(KvsServiceServer).StreamOps(&grpc.GenericServerStream[StreamOpsRequest, StreamOpsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KvsService_StreamOpsServer = grpc.BidiStreamingServer[StreamOpsRequest, StreamOpsResponse]
+
 // KvsService_ServiceDesc is the grpc.ServiceDesc for KvsService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -480,6 +508,12 @@ var KvsService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "PutValueChunks",
 			Handler:       _KvsService_PutValueChunks_Handler,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "StreamOps",
+			Handler:       _KvsService_StreamOps_Handler,
+			ServerStreams: true,
 			ClientStreams: true,
 		},
 	},

@@ -4,15 +4,19 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { CallError } from "./error_pb.js";
+import { file_cloudburst_v1_error } from "./error_pb.js";
 import type { Keyspace, Lattice } from "./lattice_pb.js";
 import { file_cloudburst_v1_lattice } from "./lattice_pb.js";
+import type { Duration } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file cloudburst/v1/kvs_service.proto.
  */
 export const file_cloudburst_v1_kvs_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9jbG91ZGJ1cnN0L3YxL2t2c19zZXJ2aWNlLnByb3RvEg1jbG91ZGJ1cnN0LnYxIlcKD0dldFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEgwKBHdhaXQYAyABKAgiWwoQR2V0VmFsdWVSZXNwb25zZRINCgVmb3VuZBgBIAEoCBInCgdsYXR0aWNlGAIgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlEg8KB2NodW5rZWQYAyABKAginAEKD1B1dFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEicKB2xhdHRpY2UYAyABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2USEgoKcmVxdWVzdF9pZBgEIAEoCRIUCgxvbWl0X2xhdHRpY2UYBSABKAgiOwoQUHV0VmFsdWVSZXNwb25zZRInCgdsYXR0aWNlGAEgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlImAKEkRlbGV0ZVZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEhIKCnJlcXVlc3RfaWQYAyABKAkiJgoTRGVsZXRlVmFsdWVSZXNwb25zZRIPCgdleGlzdGVkGAEgASgIIlAKFUJhdGNoR2V0VmFsdWVzUmVxdWVzdBIMCgRrZXlzGAEgAygJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSJCChZCYXRjaEdldFZhbHVlc1Jlc3BvbnNlEigKB2VudHJpZXMYASADKAsyFy5jbG91ZGJ1cnN0LnYxLktleVZhbHVlIlMKGEJhdGNoRGVsZXRlVmFsdWVzUmVxdWVzdBIMCgRrZXlzGAEgAygJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSIsChlCYXRjaERlbGV0ZVZhbHVlc1Jlc3BvbnNlEg8KB2RlbGV0ZWQYASABKA0icwoPTGlzdEtleXNSZXF1ZXN0EikKCGtleXNwYWNlGAEgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZRIOCgZwcmVmaXgYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiOQoQTGlzdEtleXNSZXNwb25zZRIMCgRrZXlzGAEgAygJEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJhChJXYXRjaFZhbHVlc1JlcXVlc3QSDAoEa2V5cxgBIAMoCRIpCghrZXlzcGFjZRgCIAEoDjIXLmNsb3VkYnVyc3QudjEuS2V5c3BhY2USEgoKa2V5X3ByZWZpeBgDIAEoCSJlChNXYXRjaFZhbHVlc1Jlc3BvbnNlEiYKBWVudHJ5GAEgASgLMhcuY2xvdWRidXJzdC52MS5LZXlWYWx1ZRIPCgdkZWxldGVkGAIgASgIEhUKDXZhbHVlX29taXR0ZWQYAyABKAgiYAoIS2V5VmFsdWUSCwoDa2V5GAEgASgJEg0KBWZvdW5kGAIgASgIEicKB2xhdHRpY2UYAyABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2USDwoHY2h1bmtlZBgEIAEoCCJPChVHZXRWYWx1ZUNodW5rc1JlcXVlc3QSCwoDa2V5GAEgASgJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSLiAQoWR2V0VmFsdWVDaHVua3NSZXNwb25zZRJOCg10cmFjZV9jb250ZXh0GAEgAygLMjcuY2xvdWRidXJzdC52MS5HZXRWYWx1ZUNodW5rc1Jlc3BvbnNlLlRyYWNlQ29udGV4dEVudHJ5EikKB2xhdHRpY2UYAiABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2VIABIPCgVjaHVuaxgDIAEoDEgAGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCBwoFZnJhbWUi5AEKFVB1dFZhbHVlQ2h1bmtzUmVxdWVzdBJNCg10cmFjZV9jb250ZXh0GAEgAygLMjYuY2xvdWRidXJzdC52MS5QdXRWYWx1ZUNodW5rc1JlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSLQoDcHV0GAIgASgLMh4uY2xvdWRidXJzdC52MS5QdXRWYWx1ZVJlcXVlc3RIABIPCgVjaHVuaxgDIAEoDEgAGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCBwoFZnJhbWUiJgoWUHV0VmFsdWVDaHVua3NSZXNwb25zZRIMCgRzaXplGAEgASgEIhIKEEdldExpbWl0c1JlcXVlc3QiXgoRR2V0TGltaXRzUmVzcG9uc2USFwoPbWF4X3ZhbHVlX2J5dGVzGAEgASgEEhkKEW1heF9tZXNzYWdlX2J5dGVzGAIgASgEEhUKDWt2c19hZGRyZXNzZXMYAyADKAky+gYKCkt2c1NlcnZpY2USSwoIR2V0VmFsdWUSHi5jbG91ZGJ1cnN0LnYxLkdldFZhbHVlUmVxdWVzdBofLmNsb3VkYnVyc3QudjEuR2V0VmFsdWVSZXNwb25zZRJLCghQdXRWYWx1ZRIeLmNsb3VkYnVyc3QudjEuUHV0VmFsdWVSZXF1ZXN0Gh8uY2xvdWRidXJzdC52MS5QdXRWYWx1ZVJlc3BvbnNlElQKC0RlbGV0ZVZhbHVlEiEuY2xvdWRidXJzdC52MS5EZWxldGVWYWx1ZVJlcXVlc3QaIi5jbG91ZGJ1cnN0LnYxLkRlbGV0ZVZhbHVlUmVzcG9uc2USXQoOQmF0Y2hHZXRWYWx1ZXMSJC5jbG91ZGJ1cnN0LnYxLkJhdGNoR2V0VmFsdWVzUmVxdWVzdBolLmNsb3VkYnVyc3QudjEuQmF0Y2hHZXRWYWx1ZXNSZXNwb25zZRJmChFCYXRjaERlbGV0ZVZhbHVlcxInLmNsb3VkYnVyc3QudjEuQmF0Y2hEZWxldGVWYWx1ZXNSZXF1ZXN0GiguY2xvdWRidXJzdC52MS5CYXRjaERlbGV0ZVZhbHVlc1Jlc3BvbnNlEksKCExpc3RLZXlzEh4uY2xvdWRidXJzdC52MS5MaXN0S2V5c1JlcXVlc3QaHy5jbG91ZGJ1cnN0LnYxLkxpc3RLZXlzUmVzcG9uc2USVgoLV2F0Y2hWYWx1ZXMSIS5jbG91ZGJ1cnN0LnYxLldhdGNoVmFsdWVzUmVxdWVzdBoiLmNsb3VkYnVyc3QudjEuV2F0Y2hWYWx1ZXNSZXNwb25zZTABEl8KDkdldFZhbHVlQ2h1bmtzEiQuY2xvdWRidXJzdC52MS5HZXRWYWx1ZUNodW5rc1JlcXVlc3QaJS5jbG91ZGJ1cnN0LnYxLkdldFZhbHVlQ2h1bmtzUmVzcG9uc2UwARJfCg5QdXRWYWx1ZUNodW5rcxIkLmNsb3VkYnVyc3QudjEuUHV0VmFsdWVDaHVua3NSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5QdXRWYWx1ZUNodW5rc1Jlc3BvbnNlKAESTgoJR2V0TGltaXRzEh8uY2xvdWRidXJzdC52MS5HZXRMaW1pdHNSZXF1ZXN0GiAuY2xvdWRidXJzdC52MS5HZXRMaW1pdHNSZXNwb25zZUKQAQoRY29tLmNsb3VkYnVyc3QudjFCD0t2c1NlcnZpY2VQcm90b1ABWjFjbG91ZGJ1cnN0LWdycGMvc2RrL2dvL2Nsb3VkYnVyc3QvdjE7Y2xvdWRidXJzdHYxogIDQ1hYqgINQ2xvdWRidXJzdC5WMcoCDUNsb3VkYnVyc3RcVjHqAg5DbG91ZGJ1cnN0OjpWMWIGcHJvdG8z", [file_cloudburst_v1_lattice]);
+  fileDesc("Ch9jbG91ZGJ1cnN0L3YxL2t2c19zZXJ2aWNlLnByb3RvEg1jbG91ZGJ1cnN0LnYxIlcKD0dldFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEgwKBHdhaXQYAyABKAgiWwoQR2V0VmFsdWVSZXNwb25zZRINCgVmb3VuZBgBIAEoCBInCgdsYXR0aWNlGAIgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlEg8KB2NodW5rZWQYAyABKAginAEKD1B1dFZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEicKB2xhdHRpY2UYAyABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2USEgoKcmVxdWVzdF9pZBgEIAEoCRIUCgxvbWl0X2xhdHRpY2UYBSABKAgiOwoQUHV0VmFsdWVSZXNwb25zZRInCgdsYXR0aWNlGAEgASgLMhYuY2xvdWRidXJzdC52MS5MYXR0aWNlImAKEkRlbGV0ZVZhbHVlUmVxdWVzdBILCgNrZXkYASABKAkSKQoIa2V5c3BhY2UYAiABKA4yFy5jbG91ZGJ1cnN0LnYxLktleXNwYWNlEhIKCnJlcXVlc3RfaWQYAyABKAkiJgoTRGVsZXRlVmFsdWVSZXNwb25zZRIPCgdleGlzdGVkGAEgASgIIlAKFUJhdGNoR2V0VmFsdWVzUmVxdWVzdBIMCgRrZXlzGAEgAygJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSJCChZCYXRjaEdldFZhbHVlc1Jlc3BvbnNlEigKB2VudHJpZXMYASADKAsyFy5jbG91ZGJ1cnN0LnYxLktleVZhbHVlIlMKGEJhdGNoRGVsZXRlVmFsdWVzUmVxdWVzdBIMCgRrZXlzGAEgAygJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSIsChlCYXRjaERlbGV0ZVZhbHVlc1Jlc3BvbnNlEg8KB2RlbGV0ZWQYASABKA0icwoPTGlzdEtleXNSZXF1ZXN0EikKCGtleXNwYWNlGAEgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZRIOCgZwcmVmaXgYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiOQoQTGlzdEtleXNSZXNwb25zZRIMCgRrZXlzGAEgAygJEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJhChJXYXRjaFZhbHVlc1JlcXVlc3QSDAoEa2V5cxgBIAMoCRIpCghrZXlzcGFjZRgCIAEoDjIXLmNsb3VkYnVyc3QudjEuS2V5c3BhY2USEgoKa2V5X3ByZWZpeBgDIAEoCSJlChNXYXRjaFZhbHVlc1Jlc3BvbnNlEiYKBWVudHJ5GAEgASgLMhcuY2xvdWRidXJzdC52MS5LZXlWYWx1ZRIPCgdkZWxldGVkGAIgASgIEhUKDXZhbHVlX29taXR0ZWQYAyABKAgiYAoIS2V5VmFsdWUSCwoDa2V5GAEgASgJEg0KBWZvdW5kGAIgASgIEicKB2xhdHRpY2UYAyABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2USDwoHY2h1bmtlZBgEIAEoCCJPChVHZXRWYWx1ZUNodW5rc1JlcXVlc3QSCwoDa2V5GAEgASgJEikKCGtleXNwYWNlGAIgASgOMhcuY2xvdWRidXJzdC52MS5LZXlzcGFjZSLiAQoWR2V0VmFsdWVDaHVua3NSZXNwb25zZRJOCg10cmFjZV9jb250ZXh0GAEgAygLMjcuY2xvdWRidXJzdC52MS5HZXRWYWx1ZUNodW5rc1Jlc3BvbnNlLlRyYWNlQ29udGV4dEVudHJ5EikKB2xhdHRpY2UYAiABKAsyFi5jbG91ZGJ1cnN0LnYxLkxhdHRpY2VIABIPCgVjaHVuaxgDIAEoDEgAGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCBwoFZnJhbWUi5AEKFVB1dFZhbHVlQ2h1bmtzUmVxdWVzdBJNCg10cmFjZV9jb250ZXh0GAEgAygLMjYuY2xvdWRidXJzdC52MS5QdXRWYWx1ZUNodW5rc1JlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSLQoDcHV0GAIgASgLMh4uY2xvdWRidXJzdC52MS5QdXRWYWx1ZVJlcXVlc3RIABIPCgVjaHVuaxgDIAEoDEgAGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCBwoFZnJhbWUiJgoWUHV0VmFsdWVDaHVua3NSZXNwb25zZRIMCgRzaXplGAEgASgEIhIKEEdldExpbWl0c1JlcXVlc3QiXgoRR2V0TGltaXRzUmVzcG9uc2USFwoPbWF4X3ZhbHVlX2J5dGVzGAEgASgEEhkKEW1heF9tZXNzYWdlX2J5dGVzGAIgASgEEhUKDWt2c19hZGRyZXNzZXMYAyADKAkiswIKEFN0cmVhbU9wc1JlcXVlc3QSEAoIc2VxdWVuY2UYASABKAQSSAoNdHJhY2VfY29udGV4dBgCIAMoCzIxLmNsb3VkYnVyc3QudjEuU3RyZWFtT3BzUmVxdWVzdC5UcmFjZUNvbnRleHRFbnRyeRIqCgd0aW1lb3V0GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi0KA2dldBgEIAEoCzIeLmNsb3VkYnVyc3QudjEuR2V0VmFsdWVSZXF1ZXN0SAASLQoDcHV0GAUgASgLMh4uY2xvdWRidXJzdC52MS5QdXRWYWx1ZVJlcXVlc3RIABozChFUcmFjZUNvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgQKAm9wIroBChFTdHJlYW1PcHNSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoBBIuCgNnZXQYAiABKAsyHy5jbG91ZGJ1cnN0LnYxLkdldFZhbHVlUmVzcG9uc2VIABIuCgNwdXQYAyABKAsyHy5jbG91ZGJ1cnN0LnYxLlB1dFZhbHVlUmVzcG9uc2VIABIpCgVlcnJvchgEIAEoCzIYLmNsb3VkYnVyc3QudjEuQ2FsbEVycm9ySABCCAoGcmVzdWx0Ms4HCgpLdnNTZXJ2aWNlEksKCEdldFZhbHVlEh4uY2xvdWRidXJzdC52MS5HZXRWYWx1ZVJlcXVlc3QaHy5jbG91ZGJ1cnN0LnYxLkdldFZhbHVlUmVzcG9uc2USSwoIUHV0VmFsdWUSHi5jbG91ZGJ1cnN0LnYxLlB1dFZhbHVlUmVxdWVzdBofLmNsb3VkYnVyc3QudjEuUHV0VmFsdWVSZXNwb25zZRJUCgtEZWxldGVWYWx1ZRIhLmNsb3VkYnVyc3QudjEuRGVsZXRlVmFsdWVSZXF1ZXN0GiIuY2xvdWRidXJzdC52MS5EZWxldGVWYWx1ZVJlc3BvbnNlEl0KDkJhdGNoR2V0VmFsdWVzEiQuY2xvdWRidXJzdC52MS5CYXRjaEdldFZhbHVlc1JlcXVlc3QaJS5jbG91ZGJ1cnN0LnYxLkJhdGNoR2V0VmFsdWVzUmVzcG9uc2USZgoRQmF0Y2hEZWxldGVWYWx1ZXMSJy5jbG91ZGJ1cnN0LnYxLkJhdGNoRGVsZXRlVmFsdWVzUmVxdWVzdBooLmNsb3VkYnVyc3QudjEuQmF0Y2hEZWxldGVWYWx1ZXNSZXNwb25zZRJLCghMaXN0S2V5cxIeLmNsb3VkYnVyc3QudjEuTGlzdEtleXNSZXF1ZXN0Gh8uY2xvdWRidXJzdC52MS5MaXN0S2V5c1Jlc3BvbnNlElYKC1dhdGNoVmFsdWVzEiEuY2xvdWRidXJzdC52MS5XYXRjaFZhbHVlc1JlcXVlc3QaIi5jbG91ZGJ1cnN0LnYxLldhdGNoVmFsdWVzUmVzcG9uc2UwARJfCg5HZXRWYWx1ZUNodW5rcxIkLmNsb3VkYnVyc3QudjEuR2V0VmFsdWVDaHVua3NSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5HZXRWYWx1ZUNodW5rc1Jlc3BvbnNlMAESXwoOUHV0VmFsdWVDaHVua3MSJC5jbG91ZGJ1cnN0LnYxLlB1dFZhbHVlQ2h1bmtzUmVxdWVzdBolLmNsb3VkYnVyc3QudjEuUHV0VmFsdWVDaHVua3NSZXNwb25zZSgBEk4KCUdldExpbWl0cxIfLmNsb3VkYnVyc3QudjEuR2V0TGltaXRzUmVxdWVzdBogLmNsb3VkYnVyc3QudjEuR2V0TGltaXRzUmVzcG9uc2USUgoJU3RyZWFtT3BzEh8uY2xvdWRidXJzdC52MS5TdHJlYW1PcHNSZXF1ZXN0GiAuY2xvdWRidXJzdC52MS5TdHJlYW1PcHNSZXNwb25zZSgBMAFCkAEKEWNvbS5jbG91ZGJ1cnN0LnYxQg9LdnNTZXJ2aWNlUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_error, file_cloudburst_v1_lattice, file_google_protobuf_duration]);
 
 /**
  * GetValueRequest names the key to read.
@@ -684,6 +688,117 @@ export const GetLimitsResponseSchema: GenMessage<GetLimitsResponse> = /*@__PURE_
   messageDesc(file_cloudburst_v1_kvs_service, 20);
 
 /**
+ * StreamOpsRequest is one read or write on a StreamOps stream, served as the unary call would be.
+ *
+ * @generated from message cloudburst.v1.StreamOpsRequest
+ */
+export type StreamOpsRequest = Message<"cloudburst.v1.StreamOpsRequest"> & {
+  /**
+   * Chosen by the caller and echoed in the answer; unique among the stream's unanswered ops.
+   *
+   * @generated from field: uint64 sequence = 1;
+   */
+  sequence: bigint;
+
+  /**
+   * The W3C trace context of the op.
+   *
+   * @generated from field: map<string, string> trace_context = 2;
+   */
+  traceContext: { [key: string]: string };
+
+  /**
+   * The op's deadline, from when the server reads the frame (a waiting read ends before it);
+   * unset for none.
+   *
+   * @generated from field: google.protobuf.Duration timeout = 3;
+   */
+  timeout?: Duration | undefined;
+
+  /**
+   * The op.
+   *
+   * @generated from oneof cloudburst.v1.StreamOpsRequest.op
+   */
+  op: {
+    /**
+     * A read, as GetValue.
+     *
+     * @generated from field: cloudburst.v1.GetValueRequest get = 4;
+     */
+    value: GetValueRequest;
+    case: "get";
+  } | {
+    /**
+     * A merge, as PutValue.
+     *
+     * @generated from field: cloudburst.v1.PutValueRequest put = 5;
+     */
+    value: PutValueRequest;
+    case: "put";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message cloudburst.v1.StreamOpsRequest.
+ * Use `create(StreamOpsRequestSchema)` to create a new message.
+ */
+export const StreamOpsRequestSchema: GenMessage<StreamOpsRequest> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 21);
+
+/**
+ * StreamOpsResponse answers one StreamOpsRequest; answers come in the order the ops end.
+ *
+ * @generated from message cloudburst.v1.StreamOpsResponse
+ */
+export type StreamOpsResponse = Message<"cloudburst.v1.StreamOpsResponse"> & {
+  /**
+   * The sequence of the request answered.
+   *
+   * @generated from field: uint64 sequence = 1;
+   */
+  sequence: bigint;
+
+  /**
+   * The answer.
+   *
+   * @generated from oneof cloudburst.v1.StreamOpsResponse.result
+   */
+  result: {
+    /**
+     * The answer to a read, as GetValue's.
+     *
+     * @generated from field: cloudburst.v1.GetValueResponse get = 2;
+     */
+    value: GetValueResponse;
+    case: "get";
+  } | {
+    /**
+     * The answer to a merge, as PutValue's.
+     *
+     * @generated from field: cloudburst.v1.PutValueResponse put = 3;
+     */
+    value: PutValueResponse;
+    case: "put";
+  } | {
+    /**
+     * The error the unary call would have ended with.
+     *
+     * @generated from field: cloudburst.v1.CallError error = 4;
+     */
+    value: CallError;
+    case: "error";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message cloudburst.v1.StreamOpsResponse.
+ * Use `create(StreamOpsResponseSchema)` to create a new message.
+ */
+export const StreamOpsResponseSchema: GenMessage<StreamOpsResponse> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_kvs_service, 22);
+
+/**
  * KvsService stores lattices by key and merges concurrent writes.
  *
  * @generated from service cloudburst.v1.KvsService
@@ -788,6 +903,16 @@ export const KvsService: GenService<{
     methodKind: "unary";
     input: typeof GetLimitsRequestSchema;
     output: typeof GetLimitsResponseSchema;
+  },
+  /**
+   * StreamOps carries small reads and writes over one long-lived stream, each answered as it ends.
+   *
+   * @generated from rpc cloudburst.v1.KvsService.StreamOps
+   */
+  streamOps: {
+    methodKind: "bidi_streaming";
+    input: typeof StreamOpsRequestSchema;
+    output: typeof StreamOpsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cloudburst_v1_kvs_service, 0);
