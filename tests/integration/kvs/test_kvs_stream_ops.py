@@ -14,6 +14,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +30,8 @@ from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.client import STREAM_ENV, KvsClient, stream_enabled
 from cloudburst_kvs.local import add_kvs_to_server, open_store
 from cloudburst_kvs.servicer import KvsServicer
+from cloudburst_kvs.storage import open_engine
+from cloudburst_kvs.store import LatticeStore
 from harness import CbgrpcProcess
 
 USER = lattice_pb2.KEYSPACE_USER
@@ -256,6 +259,46 @@ async def test_many_concurrent_ops_are_each_answered(start_kvs: StartKvs, connec
         str(i).encode() for i in range(count)
     ]
     assert kvs.recorder.calls("StreamOps") == 1
+
+
+class HeldStore(LatticeStore):
+    """A store whose merges into the key "held" wait until the test lets them go."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(open_engine("memory", data_dir), max_lattice_bytes=LIMIT)
+        self.release = asyncio.Event()
+
+    async def put(
+        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
+    ) -> lattice_pb2.Lattice:
+        if key == "held":
+            await self.release.wait()
+        return await super().put(keyspace, key, lattice, **kwargs)
+
+
+async def test_an_op_past_its_deadline_fails_as_its_unary_call(
+    stack: contextlib.AsyncExitStack, connect: Connect, tmp_path: Path
+) -> None:
+    store = HeldStore(tmp_path)
+    await store.start()
+    stack.push_async_callback(store.close)
+    stack.callback(store.release.set)
+    server, _health = create_server(LIMIT)
+    add_kvs_to_server(server, store, KvsConfig(engine="memory"), LIMIT)
+    port = bind(server, "127.0.0.1", 0)
+    await server.start()
+    stack.push_async_callback(server.stop, None)
+    address = f"127.0.0.1:{port}"
+    streamed = await connect(address, stream=True)
+    unary = await connect(address, stream=False)
+
+    late = [await outcome(c.merge("held", lww(b"x"), timeout=1.0)) for c in (streamed, unary)]
+    assert late[0][:2] == late[1][:2]
+    assert late[0][0].__name__ == "CloudburstTimeoutError"
+    assert "PutValue of key 'held' did not finish before its deadline" in late[0][1]
+    # The stream serves the next ops as before.
+    await asyncio.wait_for(streamed.merge("free", lww(b"y")), WAIT)
+    assert await asyncio.wait_for(streamed.get("free"), WAIT) is not None
 
 
 async def test_a_killed_kvs_fails_the_ops_in_flight_and_the_client_recovers(
