@@ -44,7 +44,8 @@ CHUNK_BYTES = 1 << 20
 #: Room left in a message for everything besides a value (at most an eighth of it).
 MESSAGE_MARGIN_BYTES = 64 << 10
 #: Ops one StreamOps stream may have running or answered and not yet sent; it reads no more
-#: frames until some are sent, so a caller that does not read holds itself back.
+#: frames until some are sent, so a caller that does not read holds itself back. Waiting reads
+#: do not count: they may wait for a merge sent behind them on the same stream.
 MAX_UNANSWERED_OPS = 1024
 
 OpAnswer = kvs_service_pb2.StreamOpsResponse
@@ -365,15 +366,17 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         """Serve every frame in a task of its own; return once all are answered.
 
         Flow control: while the stream has :data:`MAX_UNANSWERED_OPS` ops running
-        or answers not yet sent (``unwritten``), no further frame is read, so a
-        caller that sends faster than it reads is held back by gRPC's own flow
-        control instead of growing this process. ``room`` is set whenever an op
-        ends or an answer is sent.
+        (waiting reads aside) or answers not yet sent (``unwritten``), no further
+        frame is read, so a caller that sends faster than it reads is held back
+        by gRPC's own flow control instead of growing this process. ``room`` is
+        set whenever an op ends or an answer is sent.
         """
         ops: set[asyncio.Task[None]] = set()
+        waits: set[asyncio.Task[None]] = set()
 
         def ended(task: asyncio.Task[None]) -> None:
             ops.discard(task)
+            waits.discard(task)
             room.set()
 
         if self._ending:
@@ -385,8 +388,10 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             async for frame in frames:
                 task = asyncio.create_task(self._serve_op(frame, emit))
                 ops.add(task)
+                if _waits(frame):
+                    waits.add(task)
                 task.add_done_callback(ended)
-                while len(ops) + unwritten() >= MAX_UNANSWERED_OPS:
+                while len(ops) - len(waits) + unwritten() >= MAX_UNANSWERED_OPS:
                     room.clear()
                     await room.wait()
             if ops:
@@ -567,6 +572,15 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         return kvs_service_pb2.WatchValuesResponse(
             entry=_key_value(event.key, lattice), deleted=event.deleted
         )
+
+
+def _waits(frame: OpFrame) -> bool:
+    """Whether the frame is a waiting read."""
+    return (
+        isinstance(frame, kvs_service_pb2.StreamOpsRequest)
+        and frame.WhichOneof("op") == "get"
+        and frame.get.wait
+    )
 
 
 class _AnswerWriter:

@@ -27,6 +27,7 @@ from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor
 from cloudburst_grpc.security.identity import EXECUTOR, INVOKER_RESTRICTED, Identity
 from cloudburst_grpc.server import bind, create_server
+from cloudburst_kvs import servicer as servicer_module
 from cloudburst_kvs.client import STREAM_ENV, KvsClient, stream_enabled
 from cloudburst_kvs.local import add_kvs_to_server, open_store
 from cloudburst_kvs.servicer import KvsServicer
@@ -111,6 +112,7 @@ def _bound(
 class Kvs:
     address: str
     recorder: Recorder
+    store: LatticeStore
     clients: list[KvsClient] = field(default_factory=list)
 
 
@@ -142,7 +144,7 @@ def start_kvs(stack: contextlib.AsyncExitStack) -> StartKvs:
         port = bind(server, "127.0.0.1", 0)
         await server.start()
         stack.push_async_callback(server.stop, None)
-        return Kvs(f"127.0.0.1:{port}", recorder)
+        return Kvs(f"127.0.0.1:{port}", recorder, store)
 
     return start
 
@@ -258,6 +260,41 @@ async def test_many_concurrent_ops_are_each_answered(start_kvs: StartKvs, connec
     assert [f.lww.value.data if f else None for f in found] == [
         str(i).encode() for i in range(count)
     ]
+    assert kvs.recorder.calls("StreamOps") == 1
+
+
+async def test_flow_control_holds_back_ops_but_not_behind_waiting_reads(
+    start_kvs: StartKvs, connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servicer_module, "MAX_UNANSWERED_OPS", 4)
+    kvs = await start_kvs()
+    client = await connect(kvs.address)
+    # More ops at once than the stream may have unanswered: all are answered.
+    count = 100
+    await asyncio.wait_for(
+        asyncio.gather(*(client.merge(f"key-{i}", lww(b"v")) for i in range(count))), WAIT
+    )
+    found = await asyncio.wait_for(
+        asyncio.gather(*(client.get(f"key-{i}") for i in range(count))), WAIT
+    )
+    assert all(f is not None for f in found)
+    # More waiting reads than that: the merge they wait for, sent behind them, is still read.
+    waiting = [
+        asyncio.create_task(client.get("awaited", wait=True, timeout=WAIT * 2)) for _ in range(8)
+    ]
+    try:
+        # Every read waits at the KVS before the merge is sent.
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while kvs.store.waiter_count() < len(waiting):
+            assert asyncio.get_running_loop().time() < deadline, kvs.store.waiter_count()
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(client.merge("awaited", lww(b"here")), WAIT)
+        results = await asyncio.wait_for(asyncio.gather(*waiting), WAIT)
+        assert all(r is not None and r.lww.value == value(b"here") for r in results)
+    finally:
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
     assert kvs.recorder.calls("StreamOps") == 1
 
 
