@@ -193,6 +193,7 @@ class KvsEndpoint:
             if self._channel is not None:
                 self._retired.append(self._channel)
                 if self._client is not None:
+                    self._client.retire()  # its stream ends once its ops are answered
                     self._retired_clients.append(self._client)
                 if address != self._address:
                     logger.info("KVS moved from %s to %s", self._address, address)

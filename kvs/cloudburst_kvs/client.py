@@ -79,6 +79,8 @@ class OpStream:
         self._sequence = itertools.count(1)
         self._answered = False
         """Whether the KVS ever answered an op on a stream (so it has StreamOps)."""
+        self._retiring = False
+        self._closing: asyncio.Task[None] | None = None
         self.available = True
         """False once the KVS answered that it has no StreamOps (ops are unary calls then)."""
 
@@ -113,6 +115,26 @@ class OpStream:
             raise
         finally:
             self._pending.pop(sequence, None)
+            if self._retiring:
+                self._close_if_idle()
+
+    @property
+    def retiring(self) -> bool:
+        """Whether the stream ends once its ops are answered (later ops are unary calls)."""
+        return self._retiring
+
+    def retire(self) -> None:
+        """End the stream once no op is in flight (call on the loop).
+
+        For a client replaced by a new one: as with unary calls, the ops in
+        flight go on to their answers.
+        """
+        self._retiring = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if not self._pending and self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._stream.close())
 
     def _dispatch(self, answer: OpAnswer) -> None:
         entry = self._pending.get(answer.sequence)
@@ -162,6 +184,8 @@ class OpStream:
     async def close(self) -> None:
         """End the stream (ops in flight fail with UnavailableError); idempotent."""
         await self._stream.close()
+        if self._closing is not None:
+            await self._closing
 
 
 class KvsClient:
@@ -193,9 +217,18 @@ class KvsClient:
         if self._ops is not None:
             await self._ops.close()
 
+    def retire(self) -> None:
+        """End the op stream once the ops in flight are answered (call on the loop).
+
+        For a client replaced by one on a new channel, which takes the later
+        ops; any that still come here are unary calls.
+        """
+        if self._ops is not None:
+            self._ops.retire()
+
     def _streamed(self) -> OpStream | None:
         ops = self._ops
-        return ops if ops is not None and ops.available else None
+        return ops if ops is not None and ops.available and not ops.retiring else None
 
     async def get(
         self,

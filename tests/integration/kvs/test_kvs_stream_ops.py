@@ -113,6 +113,7 @@ class Kvs:
     address: str
     recorder: Recorder
     store: LatticeStore
+    servicer: KvsServicer
     clients: list[KvsClient] = field(default_factory=list)
 
 
@@ -140,11 +141,11 @@ def start_kvs(stack: contextlib.AsyncExitStack) -> StartKvs:
         if role is not None:
             interceptor = Chain(recorder, AuthInterceptor(FixedRole(None, role=role)))
         server, _health = create_server(LIMIT, interceptor)
-        add_kvs_to_server(server, store, config, LIMIT)
+        servicer = add_kvs_to_server(server, store, config, LIMIT)
         port = bind(server, "127.0.0.1", 0)
         await server.start()
         stack.push_async_callback(server.stop, None)
-        return Kvs(f"127.0.0.1:{port}", recorder, store)
+        return Kvs(f"127.0.0.1:{port}", recorder, store, servicer)
 
     return start
 
@@ -296,6 +297,36 @@ async def test_flow_control_holds_back_ops_but_not_behind_waiting_reads(
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
     assert kvs.recorder.calls("StreamOps") == 1
+
+
+async def test_a_retired_client_ends_its_stream_once_its_ops_are_answered(
+    start_kvs: StartKvs, connect: Connect
+) -> None:
+    kvs = await start_kvs()
+    retired = await connect(kvs.address)
+    other = await connect(kvs.address, stream=False)
+    waiting = asyncio.create_task(retired.get("awaited", wait=True, timeout=WAIT * 2))
+    try:
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while kvs.store.waiter_count() < 1:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        retired.retire()
+        # The op in flight goes on to its answer; later ones are unary calls.
+        await asyncio.wait_for(retired.merge("awaited", lww(b"here")), WAIT)
+        found = await asyncio.wait_for(waiting, WAIT)
+        assert found is not None and found.lww.value == value(b"here")
+        assert await asyncio.wait_for(other.get("awaited"), WAIT) is not None
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.recorder.calls("PutValue") == 1
+    # The stream ended by itself: the server's side of it is gone.
+    assert retired._ops is not None and retired._ops._closing is not None
+    await asyncio.wait_for(retired._ops._closing, WAIT)
+    servicer = kvs.servicer
+    assert not servicer._streams
 
 
 class HeldStore(LatticeStore):
