@@ -9,8 +9,9 @@ refused with UNAUTHENTICATED and a role that may not do something with
 PERMISSION_DENIED, each with the server's reason. A client certificate from
 the environment (``CLOUDBURST_TLS_*``) authenticates a client to a scheduler
 without tokens and to the KVS, which it then uses directly; one out of its
-validity dates is refused before connecting, in the Python SDK's words. The
-drivers are those of test_clients_cluster.py.
+validity dates is refused before connecting, in the Python SDK's words, and
+one from another CA, which the servers refuse in the TLS handshake, with
+UNAUTHENTICATED saying why. The drivers are those of test_clients_cluster.py.
 """
 
 from __future__ import annotations
@@ -175,5 +176,31 @@ def test_a_client_certificate_from_the_environment_calls_and_uses_the_kvs_direct
         client.ok(op="put", key="cert/k", value=[1])
         assert client.ok(op="kvs_address")["address"] == cluster.kvs.address
         assert cluster.stored("cert/k") == [1]
+    finally:
+        cluster.close()
+
+
+def test_a_client_certificate_from_another_ca_is_refused_as_unauthenticated(
+    launch: Launcher, tmp_path: Path
+) -> None:
+    cluster = CertCluster(make_certs(tmp_path / "certs"))
+    try:
+        other = make_certs(tmp_path / "other")
+        env = {
+            "CLOUDBURST_TLS_CA": str(cluster.certs / "ca.pem"),
+            "CLOUDBURST_TLS_CERT": str(other / "client-admin.pem"),
+            "CLOUDBURST_TLS_KEY": str(other / "client-admin-key.pem"),
+        }
+        client = launch(cluster.scheduler.address, env=env)
+        for command in ({"op": "call", "name": "double", "args": [1]}, {"op": "put", "key": "k"}):
+            answer = client.ask(**command)
+            assert not answer["ok"] and answer["code"] == "Unauthenticated", answer
+            message = answer["message"]
+            assert (
+                f"the server at {cluster.scheduler.address} refused this client's certificate "
+                f"{other / 'client-admin.pem'} in the TLS handshake: " in message
+            ), message
+            assert f"not signed by the CA in {cluster.certs / 'ca.pem'}" in message, message
+        assert cluster.stored("k") is None
     finally:
         cluster.close()

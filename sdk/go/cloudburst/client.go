@@ -31,8 +31,10 @@ var Accepted = []cloudburstv1.Serializer{
 // Client talks to one scheduler (or a load balancer in front of several). It is safe for
 // concurrent use.
 type Client struct {
-	conn *grpc.ClientConn
-	kvs  *directKvs
+	conn     *grpc.ClientConn
+	kvs      *directKvs
+	security security
+	refusals *refusals
 	// Scheduler is the generated SchedulerService stub, for calls this layer does not wrap.
 	Scheduler cloudburstv1.SchedulerServiceClient
 	// Kvs is the generated KvsService stub at the scheduler, which forwards to the KVS tier.
@@ -98,7 +100,8 @@ func DialWithOptions(address string, options Options) (*Client, error) {
 		return nil, err
 	}
 	settings := resolveSecurity(options, os.Getenv)
-	secure, err := settings.dialOptions(time.Now())
+	refusals := newRefusals()
+	secure, err := settings.dialOptions(time.Now(), refusals)
 	if err != nil {
 		return nil, err
 	}
@@ -116,7 +119,9 @@ func DialWithOptions(address string, options Options) (*Client, error) {
 	}
 	proxy := cloudburstv1.NewKvsServiceClient(conn)
 	return &Client{
-		conn: conn,
+		conn:     conn,
+		security: settings,
+		refusals: refusals,
 		kvs: &directKvs{
 			wanted:      directKvsWanted(options.DirectKvs, os.Getenv),
 			dialOptions: opts,
@@ -126,6 +131,12 @@ func DialWithOptions(address string, options Options) (*Client, error) {
 		Scheduler: cloudburstv1.NewSchedulerServiceClient(conn),
 		Kvs:       proxy,
 	}, nil
+}
+
+// rpcError is errorFromRPC(err), but codes.Unauthenticated, saying why, when a server refused
+// the client certificate in the TLS handshake.
+func (c *Client) rpcError(err error) error {
+	return c.security.certificateRefused(errorFromRPC(err), c.refusals, time.Now())
 }
 
 // KvsAddress is the address of the KVS that Put and Get go to directly; "" while they go
@@ -157,7 +168,7 @@ func (c *Client) CallFunction(ctx context.Context, name string, args ...any) (*R
 		AcceptSerializers: Accepted,
 	})
 	if err != nil {
-		return nil, errorFromRPC(err)
+		return nil, c.rpcError(err)
 	}
 	return resultOf(response.GetOutcome())
 }
@@ -172,7 +183,7 @@ func (c *Client) CallDag(ctx context.Context, name string, args map[string][]any
 	request.DirectResponse = true
 	response, err := c.Scheduler.CallDag(ctx, request)
 	if err != nil {
-		return nil, errorFromRPC(err)
+		return nil, c.rpcError(err)
 	}
 	return resultOf(response.GetOutcome())
 }
@@ -186,7 +197,7 @@ func (c *Client) StartDag(ctx context.Context, name string, args map[string][]an
 	}
 	response, err := c.Scheduler.CallDag(ctx, request)
 	if err != nil {
-		return "", errorFromRPC(err)
+		return "", c.rpcError(err)
 	}
 	return response.GetResponseKey(), nil
 }
@@ -199,7 +210,7 @@ func (c *Client) WaitResult(ctx context.Context, responseKey string, release boo
 		Release:     release,
 	})
 	if err != nil {
-		return nil, errorFromRPC(err)
+		return nil, c.rpcError(err)
 	}
 	return resultOf(response.GetOutcome())
 }
@@ -216,7 +227,7 @@ func (c *Client) Put(ctx context.Context, key string, value any) error {
 		Lattice:     &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{Value: encoded}}},
 		OmitLattice: true,
 	}
-	return errorFromRPC(c.kvs.call(ctx, func(stub cloudburstv1.KvsServiceClient) error {
+	return c.rpcError(c.kvs.call(ctx, func(stub cloudburstv1.KvsServiceClient) error {
 		_, err := stub.PutValue(ctx, request)
 		return err
 	}))
@@ -232,7 +243,7 @@ func (c *Client) Get(ctx context.Context, key string) (result *Result, found boo
 		return err
 	})
 	if err != nil {
-		return nil, false, errorFromRPC(err)
+		return nil, false, c.rpcError(err)
 	}
 	if !response.GetFound() {
 		return nil, false, nil

@@ -67,7 +67,8 @@ func (s security) tls() bool {
 // dialOptions are the transport credentials (TLS) and, with a token, the per-call credentials
 // that send it; none for plaintext. A client certificate out of its validity dates at now is an
 // *Error with codes.Unauthenticated, as the servers would refuse it in the handshake.
-func (s security) dialOptions(now time.Time) ([]grpc.DialOption, error) {
+// A handshake in which a server refuses the client certificate is recorded in refusals.
+func (s security) dialOptions(now time.Time, refusals *refusals) ([]grpc.DialOption, error) {
 	if !s.tls() {
 		return nil, nil
 	}
@@ -112,7 +113,11 @@ func (s security) dialOptions(now time.Time) ([]grpc.DialOption, error) {
 		}
 		config.Certificates = []tls.Certificate{pair}
 	}
-	options := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(config))}
+	var transport credentials.TransportCredentials = credentials.NewTLS(config)
+	if s.cert != "" {
+		transport = &refusalWatch{TransportCredentials: transport, refusals: refusals}
+	}
+	options := []grpc.DialOption{grpc.WithTransportCredentials(transport)}
 	if s.token != "" {
 		options = append(options, grpc.WithPerRPCCredentials(bearerToken(s.token)))
 	}

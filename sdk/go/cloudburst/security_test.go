@@ -275,3 +275,171 @@ func TestUnusableTLSFilesAreRefusedWithTheirNames(t *testing.T) {
 		}
 	}
 }
+
+// serveTLSForClients starts a real gRPC server with TLS on 127.0.0.1 port 0 that requires client
+// certificates signed by ca, with TLS versions up to maxVersion (0: the newest); it stops when
+// the test ends.
+func serveTLSForClients(t *testing.T, ca *testCA, kvs *recordingKvs, maxVersion uint16) string {
+	certFile, keyFile := ca.issue("server", true, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clients := x509.NewCertPool()
+	clients.AddCert(ca.cert)
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
+		Certificates: []tls.Certificate{pair},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    clients,
+		MaxVersion:   maxVersion,
+	})))
+	cloudburstv1.RegisterKvsServiceServer(server, kvs)
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	return listener.Addr().String()
+}
+
+// serveClosingTLS accepts TLS 1.3 connections on 127.0.0.1 port 0 and closes each right after
+// the handshake without a word, as gRPC's C core does when it refuses a client certificate; it
+// stops when the test ends.
+func serveClosingTLS(t *testing.T, ca *testCA) string {
+	certFile, keyFile := ca.issue("server", true, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listener, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		Certificates: []tls.Certificate{pair},
+		ClientAuth:   tls.RequireAnyClientCert,
+		MinVersion:   tls.VersionTLS13,
+		NextProtos:   []string{"h2"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			_ = conn.(*tls.Conn).Handshake()
+			_ = conn.Close()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = listener.Close()
+		<-done
+	})
+	return listener.Addr().String()
+}
+
+// getWith dials address with options and returns the error of a Get.
+func getWith(t *testing.T, address string, options Options) error {
+	t.Helper()
+	options.DirectKvs = DirectKvsOff
+	client, err := DialWithOptions(address, options)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, _, err = client.Get(ctx, "k")
+	return err
+}
+
+func TestAClientCertificateTheServerRefusesIsUnauthenticatedSayingWhy(t *testing.T) {
+	clearSecurityEnvironment(t)
+	ca := newTestCA(t)
+	caFile := filepath.Join(ca.dir, "ca.pem")
+	other := newTestCA(t)
+	otherCert, otherKey := other.issue("client-other", false, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	goodCert, goodKey := ca.issue("client", false, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	serverCert, serverKey := ca.issue("not-a-client", true, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	kvs := &recordingKvs{}
+	cases := []struct {
+		name, address, cert, key, want string
+	}{
+		// TLS 1.3: the server refuses after the handshake, with an alert on the first read.
+		{"another CA", serveTLSForClients(t, ca, kvs, 0), otherCert, otherKey,
+			"the client certificate " + otherCert + " is not signed by the CA in " + caFile + " (it names issuer CN=test CA), so a server of that CA refuses it; " + certificateAdvice},
+		// TLS 1.2: the server refuses in the handshake itself.
+		{"another CA over TLS 1.2", serveTLSForClients(t, ca, kvs, tls.VersionTLS12), otherCert, otherKey,
+			"is not signed by the CA in " + caFile},
+		// gRPC's C core closes the connection after the handshake without an alert.
+		{"a closed connection", serveClosingTLS(t, ca), otherCert, otherKey,
+			"is not signed by the CA in " + caFile},
+		{"a certificate not for clients", serveTLSForClients(t, ca, kvs, 0), serverCert, serverKey,
+			"the client certificate " + serverCert + " is not for client authentication"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			for attempt := 1; attempt <= 2; attempt++ { // the first call dials; the second finds the refusal
+				err := getWith(t, c.address, Options{TLSCA: caFile, TLSCert: c.cert, TLSKey: c.key})
+				var refused *Error
+				if !errors.As(err, &refused) || refused.Code != codes.Unauthenticated {
+					t.Fatalf("call %d gave %v; want an Unauthenticated *Error", attempt, err)
+				}
+				prefix := "the server at " + c.address + " refused this client's certificate " + c.cert + " in the TLS handshake: "
+				if !strings.HasPrefix(refused.Message, prefix) || !strings.Contains(refused.Message, c.want) {
+					t.Fatalf("message %q; want %q ... %q", refused.Message, prefix, c.want)
+				}
+			}
+		})
+	}
+	if calls := kvs.calls(); len(calls) != 0 {
+		t.Fatalf("refused clients reached the server: %q", calls)
+	}
+
+	// A certificate of the server's CA still works, on both TLS versions.
+	for _, maxVersion := range []uint16{0, tls.VersionTLS12} {
+		if err := getWith(t, serveTLSForClients(t, ca, kvs, maxVersion), Options{TLSCA: caFile, TLSCert: goodCert, TLSKey: goodKey}); err != nil {
+			t.Fatalf("a certificate of the server's CA gave %v", err)
+		}
+	}
+}
+
+func TestWithoutARefusalTheErrorsStayAsTheyWere(t *testing.T) {
+	clearSecurityEnvironment(t)
+	ca := newTestCA(t)
+	caFile := filepath.Join(ca.dir, "ca.pem")
+	certFile, keyFile := ca.issue("client", false, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	// Nothing listens at a port of a closed listener.
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unreachable := listener.Addr().String()
+	_ = listener.Close()
+	var failed *Error
+	err = getWith(t, unreachable, Options{TLSCA: caFile, TLSCert: certFile, TLSKey: keyFile})
+	if !errors.As(err, &failed) || failed.Code != codes.Unavailable || strings.Contains(failed.Message, "refused this client's certificate") {
+		t.Fatalf("an unreachable server gave %v; want Unavailable", err)
+	}
+	// Without a client certificate, a server that demands one fails the call as grpc-go does
+	// ("certificate required", or a broken pipe when the client writes first).
+	err = getWith(t, serveTLSForClients(t, ca, &recordingKvs{}, 0), Options{TLSCA: caFile})
+	if !errors.As(err, &failed) || failed.Code != codes.Unavailable || strings.Contains(failed.Message, "refused this client's certificate") {
+		t.Fatalf("a server demanding a certificate the client has not gave %v; want grpc-go's Unavailable", err)
+	}
+}
+
+func TestACertificateExpiredSinceDialingIsNamedSo(t *testing.T) {
+	ca := newTestCA(t)
+	certFile, keyFile := ca.issue("client", false, time.Now().Add(-time.Hour), time.Date(2030, 5, 6, 7, 8, 0, 0, time.UTC))
+	settings := security{ca: filepath.Join(ca.dir, "ca.pem"), cert: certFile, key: keyFile}
+	want := "the client certificate " + certFile + " expired on 2030-05-06 07:08 UTC"
+	if got := settings.certificateProblem(time.Date(2031, 1, 1, 0, 0, 0, 0, time.UTC)); got != want {
+		t.Fatalf("problem %q; want %q", got, want)
+	}
+	if got := settings.certificateProblem(time.Now()); got != "it is not signed by a CA the server trusts for clients" {
+		t.Fatalf("a valid certificate of the CA gave %q", got)
+	}
+}
