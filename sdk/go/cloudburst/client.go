@@ -60,7 +60,9 @@ type Options struct {
 	TLSCA string
 	// TLSCert is a PEM client certificate signed by the cluster's CA, to authenticate with
 	// instead of a token (with TLSKey). One that has expired or is not valid yet makes Dial fail
-	// with an *Error (codes.Unauthenticated) that names the file and the date.
+	// with an *Error (codes.Unauthenticated) that names the file and the date; one a server
+	// refuses in the TLS handshake fails calls with an *Error (codes.Unauthenticated) that names
+	// the server and the file and says why, as far as the client can tell.
 	TLSCert string
 	// TLSKey is the PEM key of TLSCert.
 	TLSKey string
