@@ -14,6 +14,7 @@ from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.streams import batches_enabled, take_batch
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.answers import AnswerWriter
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.scheduler.core import Accepted, Scheduler
 
@@ -226,7 +227,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         """Serve many calls over one stream; each is answered when accepted (and finished).
 
         Answers that queue up while one is being sent go out together, batched
-        as by :class:`_AnswerWriter`.
+        as by :class:`~cloudburst_grpc.answers.AnswerWriter`.
         """
         backlog: collections.deque[Answer | None] = collections.deque()
         queued = asyncio.Event()
@@ -271,11 +272,12 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     ) -> None:
         """:meth:`StreamCalls` with each answer written by the task of the call it answers."""
         room = asyncio.Event()
-        writer = _AnswerWriter(context, room, self._batches)
+        batcher = _Batcher(self._batches)
+        writer = AnswerWriter[Answer](context, room, "a call stream", batcher.next_message)
         calls: set[asyncio.Task[None]] = set()
         try:
             await self._read_calls(
-                request_iterator, writer.write, calls, writer.backlog, room, writer.reads_batches
+                request_iterator, writer.write, calls, writer.backlog, room, batcher.reads_batches
             )
         finally:
             for task in list(calls):
@@ -434,47 +436,3 @@ class _Batcher:
             self._offer = False
             message.reads_batches = True
         return message
-
-
-class _AnswerWriter:
-    """Writes a stream's answers in the order they come, one write at a time.
-
-    Whichever call's task has an answer while no write is in progress writes
-    it, and then the answers that came meanwhile, batched by a :class:`_Batcher`.
-    Once the stream is gone (the caller left), answers are dropped: nobody
-    could read them.
-    """
-
-    def __init__(self, context: Context[Any, Answer], room: asyncio.Event, batches: bool) -> None:
-        self._context = context
-        self._room = room
-        self._backlog: collections.deque[Answer] = collections.deque()
-        self._busy = False
-        self._gone = False
-        self._batcher = _Batcher(batches)
-        self.reads_batches = self._batcher.reads_batches
-
-    def backlog(self) -> int:
-        """Answers waiting to be written, counting the one being written."""
-        return len(self._backlog) + self._busy
-
-    async def write(self, answer: Answer) -> None:
-        """Write ``answer`` now, or after the write in progress (by whoever is writing)."""
-        if self._gone:
-            return
-        self._backlog.append(answer)
-        if self._busy:
-            return
-        self._busy = True
-        try:
-            backlog = self._backlog
-            while backlog:
-                await self._context.write(self._batcher.next_message(backlog))
-                self._room.set()
-        except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
-            logger.debug("a call stream ended before its answers: %r", exc)
-            self._gone = True
-            self._backlog.clear()
-        finally:
-            self._busy = False
-            self._room.set()

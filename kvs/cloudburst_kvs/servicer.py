@@ -30,6 +30,7 @@ from cloudburst.errors import (
 from cloudburst.serialization import LwwClock
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.answers import AnswerWriter
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.interceptors import RefusedFrame
@@ -353,8 +354,8 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     ) -> None:
         """:meth:`StreamOps` with each answer written by the task of the op it answers."""
         room = asyncio.Event()
-        writer = _AnswerWriter(context, room)
-        await self._serve_ops(request_iterator, writer.write, writer.unwritten, room)
+        writer = AnswerWriter[OpAnswer](context, room, "an op stream")
+        await self._serve_ops(request_iterator, writer.write, writer.backlog, room)
 
     async def _serve_ops(
         self,
@@ -581,51 +582,6 @@ def _waits(frame: OpFrame) -> bool:
         and frame.WhichOneof("op") == "get"
         and frame.get.wait
     )
-
-
-class _AnswerWriter:
-    """Writes a StreamOps stream's answers in the order they come, one write at a time.
-
-    Whichever op's task has an answer while no write is in progress writes it,
-    and then the answers that came meanwhile. Once the stream is gone (the
-    caller left), answers are dropped: nobody could read them.
-    """
-
-    def __init__(
-        self,
-        context: grpc.aio.ServicerContext[kvs_service_pb2.StreamOpsRequest, OpAnswer],
-        room: asyncio.Event,
-    ) -> None:
-        self._context = context
-        self._room = room
-        self._backlog: collections.deque[OpAnswer] = collections.deque()
-        self._busy = False
-        self._gone = False
-
-    def unwritten(self) -> int:
-        """Answers waiting to be written, counting the one being written."""
-        return len(self._backlog) + self._busy
-
-    async def write(self, answer: OpAnswer) -> None:
-        """Write ``answer`` now, or after the write in progress (by whoever is writing)."""
-        if self._gone:
-            return
-        self._backlog.append(answer)
-        if self._busy:
-            return
-        self._busy = True
-        try:
-            backlog = self._backlog
-            while backlog:
-                await self._context.write(backlog.popleft())
-                self._room.set()
-        except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
-            logger.debug("an op stream ended before its answers: %r", exc)
-            self._gone = True
-            self._backlog.clear()
-        finally:
-            self._busy = False
-            self._room.set()
 
 
 def _key_value(key: str, lattice: lattice_pb2.Lattice | None) -> kvs_service_pb2.KeyValue:

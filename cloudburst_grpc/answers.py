@@ -1,0 +1,75 @@
+"""Writing a server stream's answers one write at a time, from the tasks that produce them."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+Message = TypeVar("Message")
+
+
+def _one(backlog: collections.deque[Message]) -> Message:
+    return backlog.popleft()
+
+
+class AnswerWriter(Generic[Message]):
+    """Writes a stream's answers in the order they come, one write at a time.
+
+    Whichever task has an answer while no write is in progress writes it, and
+    then the answers that came meanwhile: ``next_message`` takes each message
+    from that backlog (one answer by default; a batch of them, say). ``room``
+    is set after every write, for a reader that holds back while answers wait.
+    Once the stream is gone (the caller left), answers are dropped: nobody
+    could read them.
+
+    Args:
+        context: The servicer context of the stream.
+        room: Set whenever an answer is written or dropped.
+        what: The stream in log lines (``"a call stream"``).
+        next_message: Takes the next message to write from a non-empty backlog.
+    """
+
+    def __init__(
+        self,
+        context: Any,
+        room: asyncio.Event,
+        what: str,
+        next_message: Callable[[collections.deque[Message]], Message] = _one,
+    ) -> None:
+        self._context = context
+        self._room = room
+        self._what = what
+        self._next_message = next_message
+        self._backlog: collections.deque[Message] = collections.deque()
+        self._busy = False
+        self._gone = False
+
+    def backlog(self) -> int:
+        """Answers waiting to be written, counting the one being written."""
+        return len(self._backlog) + self._busy
+
+    async def write(self, answer: Message) -> None:
+        """Write ``answer`` now, or after the write in progress (by whoever is writing)."""
+        if self._gone:
+            return
+        self._backlog.append(answer)
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            backlog = self._backlog
+            while backlog:
+                await self._context.write(self._next_message(backlog))
+                self._room.set()
+        except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered
+            logger.debug("%s ended before its answers: %r", self._what, exc)
+            self._gone = True
+            self._backlog.clear()
+        finally:
+            self._busy = False
+            self._room.set()
