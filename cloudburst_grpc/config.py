@@ -167,7 +167,8 @@ class ConsulConfig:
 
     Consul's standard variables fill these: ``CONSUL_HTTP_ADDR``,
     ``CONSUL_HTTP_TOKEN``, ``CONSUL_HTTP_SSL``, ``CONSUL_HTTP_SSL_VERIFY``,
-    ``CONSUL_CACERT``, ``CONSUL_CLIENT_CERT``, ``CONSUL_CLIENT_KEY``.
+    ``CONSUL_CACERT``, ``CONSUL_CLIENT_CERT``, ``CONSUL_CLIENT_KEY``,
+    ``CONSUL_TLS_SERVER_NAME``.
     """
 
     address: str = ""
@@ -184,6 +185,12 @@ class ConsulConfig:
     """Client certificate for mutual TLS."""
     key_file: str = ""
     """Client key for mutual TLS."""
+    tls_server_name: str = ""
+    """The name Consul's gRPC certificate must carry, when not the host dialled.
+
+    Empty: the host of ``https://HOST:PORT``, or ``server.<datacenter>.consul``
+    for ``https://servers`` (Consul's default domain).
+    """
     check_interval_seconds: float = 2.0
     """How often Consul runs the gRPC health check of each service."""
     deregister_after_seconds: float = 60.0
@@ -473,6 +480,7 @@ CONSUL_ENV = {
     "CONSUL_CACERT": "ca_file",
     "CONSUL_CLIENT_CERT": "cert_file",
     "CONSUL_CLIENT_KEY": "key_file",
+    "CONSUL_TLS_SERVER_NAME": "tls_server_name",
 }
 
 

@@ -199,9 +199,15 @@ def _tls_problem(details: str, consul: ConsulConfig) -> str | None:
             trusted = "the system's CAs (set consul.ca_file / CONSUL_CACERT to Consul's CA)"
         return f"its certificate is not signed by a CA in {trusted}"
     if "Hostname Verification" in details:
+        if consul.tls_server_name:
+            return (
+                "its certificate does not name consul.tls_server_name / "
+                f"CONSUL_TLS_SERVER_NAME ({consul.tls_server_name})"
+            )
         return (
             "its certificate does not name the host dialled (with https://servers: "
-            "server.<datacenter>.consul)"
+            "server.<datacenter>.consul; for another name, e.g. a Consul domain other "
+            "than consul, set consul.tls_server_name / CONSUL_TLS_SERVER_NAME)"
         )
     if "WRONG_VERSION_NUMBER" in details:
         return (
@@ -343,14 +349,14 @@ class ConsulCaSource(CertificateSource):
             peers = await asyncio.wait_for(self.consul.server_peers(), SIGN_SECONDS)
             target = servers_target(peers, servers.port)
             self._dialled = f"{address} ({target})"
-            if servers.tls:
-                # Dialled by IP: Consul's server certificates name server.<dc>.consul.
-                options.append(
-                    ("grpc.ssl_target_name_override", f"server.{self._datacenter}.consul")
-                )
-                address = "https://" + target
-            else:
-                address = target
+            address = ("https://" if servers.tls else "") + target
+        if address.startswith("https://"):
+            name = self.consul.config.tls_server_name
+            if not name and servers is not None:
+                # Dialled by IP: Consul's server certificates name server.<dc>.<domain>.
+                name = f"server.{self._datacenter}.consul"
+            if name:
+                options.append(("grpc.ssl_target_name_override", name))
         return self._channel_to(address, options)
 
     def _channel_to(self, address: str, options: list[tuple[str, str]]) -> grpc.aio.Channel:

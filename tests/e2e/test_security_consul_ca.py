@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -206,6 +207,7 @@ def start_source(
     ca_file: str = "",
     cert_file: str = "",
     key_file: str = "",
+    tls_server_name: str = "",
 ) -> str:
     """Start a Consul CA source for cloudburst-kvs (3 s deadline unless told).
 
@@ -224,6 +226,7 @@ def start_source(
                 ca_file=ca_file,
                 cert_file=cert_file,
                 key_file=key_file,
+                tls_server_name=tls_server_name,
             )
         )
         source = ConsulCaSource(client, "cloudburst-kvs", ["127.0.0.1"], grpc_address)
@@ -349,6 +352,20 @@ def acl_token(consul: ConsulAgent, rules: str) -> str:
             answer: dict[str, str] = json.load(response)
             return answer
 
+    # A new leader creates the management token just after it is elected: until then
+    # the token is "not found". Wait for it, as a user would.
+    deadline = time.monotonic() + 60
+    while True:
+        request = urllib.request.Request(
+            f"http://{consul.address}/v1/acl/token/self", headers={"X-Consul-Token": "root"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                break
+        except urllib.error.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     name = f"policy-{len(rules)}-{time.monotonic_ns()}"
     put("/v1/acl/policy", {"Name": name, "Rules": rules})
     return put("/v1/acl/token", {"Policies": [{"Name": name}]})["SecretID"]
@@ -399,17 +416,15 @@ class TlsConsul:
         return self.agent.grpc_tls_address.rpartition(":")[2]
 
 
-@pytest.fixture(scope="module")
-def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsConsul]:
-    # As production clusters do: gRPC on ports.grpc_tls only, with client certificates
-    # required, and the server certificate naming server.<dc>.consul and its address.
-    certs = tmp_path_factory.mktemp("consul-tls")
+def start_tls_consul(certs: Path, server_names: list[str]) -> TlsConsul:
+    """A Consul serving gRPC on ports.grpc_tls only, requiring client certificates.
+
+    Its server certificate names ``server_names``.
+    """
     ca = create_ca()
     ca_file, _ = write_issued(certs, "ca", ca)
     # certs.issue needs a role; Consul reads only the names.
-    server_cert, server_key = write_issued(
-        certs, "server", issue(ca, "kvs", ["server.dc1.consul", "localhost", "127.0.0.1"])
-    )
+    server_cert, server_key = write_issued(certs, "server", issue(ca, "kvs", server_names))
     client_cert, client_key = write_issued(certs, "client", issue(ca, "admin"))
     other_ca = create_ca()
     other_ca_file, _ = write_issued(certs, "other-ca", other_ca)
@@ -418,19 +433,28 @@ def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsConsul]:
         f'tls {{ defaults {{ ca_file = "{ca_file}", cert_file = "{server_cert}", '
         f'key_file = "{server_key}" }} grpc {{ verify_incoming = true }} }}'
     )
-    agent = ConsulAgent(consul_binary(), grpc_tls=True, hcl=hcl)
+    return TlsConsul(
+        ConsulAgent(consul_binary(), grpc_tls=True, hcl=hcl),
+        str(ca_file),
+        str(client_cert),
+        str(client_key),
+        str(other_ca_file),
+        str(other_cert),
+        str(other_key),
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsConsul]:
+    # As production clusters do: the server certificate names server.<dc>.consul and
+    # its address.
+    consul = start_tls_consul(
+        tmp_path_factory.mktemp("consul-tls"), ["server.dc1.consul", "localhost", "127.0.0.1"]
+    )
     try:
-        yield TlsConsul(
-            agent,
-            str(ca_file),
-            str(client_cert),
-            str(client_key),
-            str(other_ca_file),
-            str(other_cert),
-            str(other_key),
-        )
+        yield consul
     finally:
-        agent.stop()
+        consul.agent.stop()
 
 
 def test_services_get_certificates_through_consuls_grpc_api_over_tls(
@@ -483,6 +507,48 @@ def test_services_get_certificates_through_consuls_grpc_api_over_tls(
         assert "incr" in cloud.list()
         assert cloud.put_object("greeting", "hello")
         assert cloud.get_object("greeting") == "hello"
+
+
+@pytest.fixture(scope="module")
+def custom_name_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsConsul]:
+    # Its gRPC certificate names only server.dc1.example (a domain other than consul):
+    # not server.dc1.consul, not its address.
+    consul = start_tls_consul(tmp_path_factory.mktemp("consul-tls-name"), ["server.dc1.example"])
+    try:
+        yield consul
+    finally:
+        consul.agent.stop()
+
+
+def test_consuls_grpc_certificate_may_name_another_server_name(
+    custom_name_consul: TlsConsul,
+) -> None:
+    consul = custom_name_consul
+
+    def start(address: str, name: str = "") -> str:
+        return start_source(
+            consul.agent.address,
+            address,
+            deadline=30 if name == "server.dc1.example" else 3,
+            ca_file=consul.ca_file,
+            cert_file=consul.cert_file,
+            key_file=consul.key_file,
+            tls_server_name=name,
+        )
+
+    servers = f"https://servers:{consul.port}"
+    message = start(servers)
+    assert "its certificate does not name the host dialled (with https://servers: " in message
+    assert "set consul.tls_server_name / CONSUL_TLS_SERVER_NAME" in message
+    # consul.tls_server_name (CONSUL_TLS_SERVER_NAME) names it, for servers and a named host.
+    assert start(servers, "server.dc1.example").startswith("spiffe://")
+    address = f"https://{consul.agent.grpc_tls_address}"
+    assert start(address, "server.dc1.example").startswith("spiffe://")
+    message = start(servers, "server.dc2.example")
+    assert (
+        "its certificate does not name consul.tls_server_name / CONSUL_TLS_SERVER_NAME "
+        "(server.dc2.example)" in message
+    )
 
 
 def test_a_consul_grpc_certificate_from_another_ca_is_explained(tls_consul: TlsConsul) -> None:

@@ -21,6 +21,7 @@ def test_consul_standard_variables_fill_the_consul_section() -> None:
             "CONSUL_CACERT": "/etc/consul/ca.pem",
             "CONSUL_CLIENT_CERT": "/etc/consul/client.pem",
             "CONSUL_CLIENT_KEY": "/etc/consul/client-key.pem",
+            "CONSUL_TLS_SERVER_NAME": "server.dc1.example",
         }
     ).consul
     assert config.enabled
@@ -32,6 +33,7 @@ def test_consul_standard_variables_fill_the_consul_section() -> None:
         "/etc/consul/client.pem",
         "/etc/consul/client-key.pem",
     )
+    assert config.tls_server_name == "server.dc1.example"
 
 
 def test_cbgrpc_variables_and_flags_override_consul_variables() -> None:
