@@ -218,11 +218,13 @@ export function certificateProblem(tls: Tls, now: Date = new Date()): string {
     return "";
   }
   const cert = new X509Certificate(tls.cert);
-  if (new Date(cert.validTo) < now) {
-    return `it expired on ${cert.validTo}`;
+  const notAfter = new Date(cert.validTo);
+  const notBefore = new Date(cert.validFrom);
+  if (notAfter < now) {
+    return `it expired on ${utcMinute(notAfter)} UTC`;
   }
-  if (new Date(cert.validFrom) > now) {
-    return `it is not valid before ${cert.validFrom}`;
+  if (notBefore > now) {
+    return `it is not valid before ${utcMinute(notBefore)} UTC`;
   }
   if (tls.ca !== undefined) {
     const cas = splitPem(tls.ca).map((pem) => new X509Certificate(pem));
@@ -262,8 +264,7 @@ export function certificateRefusal(
   const cause = alert instanceof Error ? alert.message : String(alert);
   return new ConnectError(
     `the server at ${where} refused this client's certificate ${tls.certFile} in the TLS handshake: ` +
-      `${certificateProblem(tls)}; use a client certificate issued by the cluster's CA and still ` +
-      `valid (\`cbgrpc certs DIR --client ROLE\` issues one) (${cause})`,
+      `${certificateProblem(tls)}; ${ADVICE} (${cause})`,
     Code.Unauthenticated,
     undefined,
     undefined,

@@ -22,6 +22,7 @@ import { connectNodeAdapter, createGrpcTransport } from "@connectrpc/connect-nod
 import { KvsService } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
 import { Serializer } from "../src/gen/cloudburst/v1/value_pb.js";
 import { CloudburstClient, CloudburstError, TLS_ENV, TOKEN_ENV, connect, tlsSettings } from "../src/index.js";
+import { certificateProblem } from "../src/tls.js";
 import { transportOptions } from "../src/transport.js";
 
 /** A real gRPC server on 127.0.0.1:0; resetAll() resets every connection it accepted, closeAll() closes them. */
@@ -270,6 +271,14 @@ test("a client certificate out of its validity dates is refused before connectin
       expired(/the client certificate .*client-admin\.pem is not valid before \d{4}-\d\d-\d\d \d\d:\d\d UTC/),
     );
     ok(tlsSettings({ tlsCert: files.cert, tlsKey: files.key }, {})?.cert !== undefined, "valid now");
+    // A certificate that expires while the client runs is refused in the handshake: the
+    // explanation gives its dates as above.
+    const tls = tlsSettings({ tlsCert: files.cert, tlsKey: files.key }, {});
+    ok(tls !== undefined);
+    const problem = certificateProblem(tls, later);
+    ok(new RegExp(`^it expired on ${day} \\d\\d:\\d\\d UTC$`).test(problem), problem);
+    const early = certificateProblem(tls, new Date(0));
+    ok(/^it is not valid before \d{4}-\d\d-\d\d \d\d:\d\d UTC$/.test(early), early);
   } finally {
     rmSync(files.dir, { recursive: true, force: true });
   }
