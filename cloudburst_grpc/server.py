@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
@@ -48,16 +48,82 @@ def peer_channel(
     service shows its own. The channel goes idle (drops its connection) after
     ``idle_seconds`` without calls.
     """
+    idle = [("grpc.client_idle_timeout_ms", round(idle_seconds * 1000))]
     if tls is None:
-        return insecure_channel(address, max_payload_bytes)
+        return open_channel(
+            address,
+            max_payload_bytes,
+            interceptors=telemetry.client_interceptors(),
+            extra_options=idle,
+        )
     return open_channel(
         address,
         max_payload_bytes,
         tls.channel_credentials(),
         tls.peer_name(role),
         telemetry.client_interceptors(),
-        [("grpc.client_idle_timeout_ms", round(idle_seconds * 1000))],
+        idle,
     )
+
+
+class RetiredChannels:
+    """Channels replaced by newer ones, each closed once gRPC finds it idle.
+
+    A replaced channel gets no new calls, but the calls and streams already on
+    it go on (none is cut). gRPC puts a channel in IDLE once it has had no call
+    in progress for its idle timeout (a long stream keeps it from that); then it
+    is closed, and forgotten.
+    """
+
+    def __init__(self, peer: str) -> None:
+        """Retire channels to ``peer`` (an address, for log lines)."""
+        self._peer = peer
+        self._tasks: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+
+    def __len__(self) -> int:
+        """How many replaced channels are still open."""
+        return len(self._tasks)
+
+    async def closed(self) -> None:
+        """Wait until the replaced channels open now have closed."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+    def retire(
+        self, channel: grpc.aio.Channel, then: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Close ``channel`` once no call has used it for its idle time; then await ``then()``."""
+
+        async def close_when_idle() -> None:
+            idle = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.SHUTDOWN)
+            while (state := channel.get_state()) not in idle:
+                await channel.wait_for_state_change(state)
+            # A call made just before the channel was replaced may not have reached gRPC's
+            # state yet: it has the grace period to finish (shielded: cancelling the
+            # close half-way would leave the channel neither open nor closed).
+            await asyncio.shield(channel.close(grace=CLOSE_GRACE_SECONDS))
+            logger.debug("closed an idle replaced channel to %s", self._peer)
+            if then is not None:
+                await then()
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.pop(channel, None)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                logger.warning("closing a channel to %s failed: %r", self._peer, error)
+
+        task = asyncio.get_running_loop().create_task(close_when_idle())
+        self._tasks[channel] = task
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        """Close every replaced channel now (ending the calls on them)."""
+        retired = list(self._tasks.items())
+        self._tasks.clear()
+        for _, task in retired:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in retired), return_exceptions=True)
+        for channel, _ in retired:
+            await channel.close()
 
 
 class PeerChannel(Generic[Stub]):
@@ -88,8 +154,7 @@ class PeerChannel(Generic[Stub]):
         self._generation = tls.generation if tls is not None else 0
         self.channel = peer_channel(*self._args)
         self._stub = stub_type(self.channel)
-        self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
-        """Channels replaced by newer ones, each with the task that closes it once idle."""
+        self._retired = RetiredChannels(address)
 
     @property
     def retired(self) -> int:
@@ -98,8 +163,7 @@ class PeerChannel(Generic[Stub]):
 
     async def retired_closed(self) -> None:
         """Wait until the replaced channels open now have closed."""
-        if self._retired:
-            await asyncio.wait(list(self._retired.values()))
+        await self._retired.closed()
 
     def stub(self) -> Stub:
         """The stub of the current channel (a new one after a certificate change)."""
@@ -107,45 +171,16 @@ class PeerChannel(Generic[Stub]):
             self._tls.current()  # notices changed files
             if self._tls.generation != self._generation:
                 self._generation = self._tls.generation
-                self._retire(self.channel)
+                self._retired.retire(self.channel)
                 self.channel = peer_channel(*self._args)
                 self._stub = self._stub_type(self.channel)
                 logger.info("new channel to %s with the new certificate", self._args[0])
         return self._stub
 
-    def _retire(self, channel: grpc.aio.Channel) -> None:
-        """Close ``channel`` once no call has used it for the idle time."""
-
-        async def close_when_idle() -> None:
-            # gRPC puts a channel in IDLE once it has had no call in progress for its idle
-            # timeout, and a long stream keeps it from that.
-            idle = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.SHUTDOWN)
-            while (state := channel.get_state()) not in idle:
-                await channel.wait_for_state_change(state)
-            # A call made just before the channel was replaced may not have reached gRPC's
-            # state yet: it has the grace period to finish (shielded: cancelling the
-            # close half-way would leave the channel neither open nor closed).
-            await asyncio.shield(channel.close(grace=CLOSE_GRACE_SECONDS))
-            logger.debug("closed an idle channel to %s of an earlier certificate", self._args[0])
-
-        def closed(task: asyncio.Task[None]) -> None:
-            self._retired.pop(channel, None)
-            if not task.cancelled() and (error := task.exception()) is not None:
-                logger.warning("closing a channel to %s failed: %r", self._args[0], error)
-
-        task = asyncio.get_running_loop().create_task(close_when_idle())
-        self._retired[channel] = task
-        task.add_done_callback(closed)
-
     async def close(self) -> None:
         """Close the current channel and the replaced ones (ending the calls on them)."""
-        retired = list(self._retired.items())
-        self._retired.clear()
-        for _, task in retired:
-            task.cancel()
-        await asyncio.gather(*(task for _, task in retired), return_exceptions=True)
-        for channel in [*(channel for channel, _ in retired), self.channel]:
-            await channel.close()
+        await self._retired.close()
+        await self.channel.close()
 
 
 def create_server(

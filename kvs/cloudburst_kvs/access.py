@@ -29,7 +29,7 @@ from cloudburst_grpc.discovery.consul import ServiceWatch
 from cloudburst_grpc.kvs_access import USER
 from cloudburst_grpc.security.identity import KVS
 from cloudburst_grpc.security.tls import CertificateSource
-from cloudburst_grpc.server import peer_channel
+from cloudburst_grpc.server import IDLE_SECONDS, RetiredChannels, peer_channel
 from cloudburst_kvs.backend import LatticeBackend
 from cloudburst_kvs.client import KvsClient
 
@@ -160,6 +160,7 @@ class KvsEndpoint:
         watch: ServiceWatch | None,
         *,
         tls: CertificateSource | None = None,
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         if address is None and watch is None:
             raise ValueError("a KVS endpoint needs an address or a Consul watch")
@@ -167,13 +168,25 @@ class KvsEndpoint:
         self._tls = tls
         self._fixed = address
         self._watch = watch
+        self._idle_seconds = idle_seconds
         self._address: str | None = None
         self._channel: grpc.aio.Channel | None = None
         self._client: KvsClient | None = None
-        self._retired: list[grpc.aio.Channel] = []
-        self._retired_clients: list[KvsClient] = []
+        self._retired = RetiredChannels("the KVS tier")
+        """Channels to earlier instances or of earlier certificates, closed once idle."""
+        self._retired_clients: set[KvsClient] = set()
+        """The clients of those channels, until their channel closes."""
         self._set_aside: dict[str, float] = {}
         self._generation = 0
+
+    @property
+    def retired(self) -> int:
+        """How many replaced channels are still open."""
+        return len(self._retired)
+
+    async def retired_closed(self) -> None:
+        """Wait until the replaced channels open now have closed."""
+        await self._retired.closed()
 
     async def channel(self) -> grpc.aio.Channel:
         """The channel to a current KVS instance (waits for one to be known)."""
@@ -191,16 +204,24 @@ class KvsEndpoint:
         generation = self._tls.poll() if self._tls is not None else 0
         if address != self._address or self._channel is None or generation != self._generation:
             if self._channel is not None:
-                self._retired.append(self._channel)
-                if self._client is not None:
-                    self._client.retire()  # its stream ends once its ops are answered
-                    self._retired_clients.append(self._client)
+                # The client's stream ends once its ops are answered; the channel, and
+                # the client with it, go once no call has used it for the idle time.
+                then = None
+                if (retired := self._client) is not None:
+                    retired.retire()
+                    self._retired_clients.add(retired)
+
+                    async def then() -> None:
+                        self._retired_clients.discard(retired)
+                        await retired.close()
+
+                self._retired.retire(self._channel, then)
                 if address != self._address:
                     logger.info("KVS moved from %s to %s", self._address, address)
             self._address = address
             self._generation = generation
             self._channel = peer_channel(
-                address, self._config.server.max_payload_bytes, self._tls, KVS
+                address, self._config.server.max_payload_bytes, self._tls, KVS, self._idle_seconds
             )
             self._client = KvsClient(self._channel, name=f"the KVS at {address}")
         return self._channel
@@ -238,13 +259,15 @@ class KvsEndpoint:
         return True
 
     async def close(self) -> None:
-        """Close every client's op stream, then every channel opened."""
+        """Close the current client's op stream and every channel opened."""
         clients = [*self._retired_clients, *([self._client] if self._client else [])]
         self._client = None
+        self._retired_clients.clear()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-        channels = [*self._retired, *([self._channel] if self._channel else [])]
-        self._channel = None
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await self._retired.close()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
 
 
 class EndpointKvs:

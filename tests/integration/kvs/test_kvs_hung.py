@@ -18,7 +18,7 @@ from cloudburst.errors import UnavailableError
 from cloudburst.serialization import LwwClock, lww, serialize
 from cloudburst_grpc.config import ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient, Instance, ServiceWatch
-from cloudburst_grpc.local import Node, start_kvs_node
+from cloudburst_grpc.local import Node
 from cloudburst_kvs.access import EndpointKvs, KvsEndpoint
 from freezing_proxy import FreezingProxy
 from harness import make_config
@@ -28,16 +28,6 @@ BOUND = 30.0
 
 CONFIG = make_config()
 CLOCK = LwwClock()
-
-
-@pytest.fixture
-async def kvs_nodes() -> AsyncIterator[list[Node]]:
-    nodes = [await start_kvs_node(CONFIG) for _ in range(2)]
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            await node.stop(0)
 
 
 @pytest.fixture
