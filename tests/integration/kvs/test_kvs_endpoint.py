@@ -18,6 +18,7 @@ from cloudburst_grpc.config import ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient, Instance, ServiceWatch
 from cloudburst_grpc.local import Node
 from cloudburst_kvs.access import EndpointKvs, KvsEndpoint
+from cloudburst_kvs.store import LatticeStore
 from harness import make_config
 
 DEADLINE = 30.0
@@ -52,7 +53,7 @@ async def test_a_replaced_channel_closes_once_its_calls_have_ended(
         waiting = asyncio.create_task(old_client.get("awaited", wait=True, timeout=DEADLINE))
         deadline = asyncio.get_running_loop().time() + DEADLINE
         store = kvs_nodes[0].store
-        assert store is not None
+        assert isinstance(store, LatticeStore)
         while store.waiter_count() < 1:
             assert asyncio.get_running_loop().time() < deadline, "the read never waited"
             await asyncio.sleep(0.01)
