@@ -71,10 +71,11 @@ class Executor:
         self._functions: dict[str, runner.LoadedFunction] = {}
         self._loading: dict[str, asyncio.Future[runner.LoadedFunction]] = {}
         self.pinned: set[str] = set()
+        self._gate = InlineGate(config.inline_max_seconds, self.slots)
         self._invoker = Invoker(
             executor_id,
             self._pool,
-            InlineGate(config.inline_max_seconds, self.slots),
+            self._gate,
             self._function,
             self._functions,
             self.pinned,
@@ -174,6 +175,8 @@ class Executor:
             loaded = await asyncio.get_running_loop().run_in_executor(
                 self._pool, runner.load, proto
             )
+            # Copies of one function (the same stored bytes) share what the gate learns.
+            loaded.runs = self._gate.record(loaded.identity)
             self._functions[name] = loaded
             pending.set_result(loaded)
         except BaseException as exc:

@@ -26,7 +26,17 @@ be held up for long, so the gate is earned and lost:
   stall it did not cause (a garbage collection, say) soon earns its place
   back. A greenlet run struck mid-way finishes on the loop.
 
-A new version of a function starts afresh.
+What a function earns or loses it earns or loses for every copy of it:
+functions registered under other names with the very same stored bytes (the
+same code, captured values and serializer) behave the same, so they share one
+:class:`RunRecord` (see :meth:`InlineGate.record`). A chain of thousands of
+copies of one function so runs on the loop after a few runs of any of them,
+and a strike or a hog verdict on one sends them all back to threads. What is
+kept per name stays per name: pins, class instances, metrics and log lines.
+A new version of a function starts afresh, unless its stored bytes are those
+of the version it replaces: the same code, which keeps what was learnt about
+it (a client that registers its functions again each time it starts does not
+send them back to threads).
 
 Short stretches are not enough: a function polling the KVS in a loop
 (``while get_object(key) is None``) has only short ones, yet holds the loop
@@ -143,7 +153,11 @@ def library_unused(target: Any) -> bool:
 
 @dataclass
 class RunRecord:
-    """What the gate knows about one loaded function."""
+    """What the gate knows about one loaded function, and about its copies.
+
+    Shared by every loaded function with the same stored bytes (see
+    :meth:`InlineGate.record`).
+    """
 
     on_loop: bool = False
     """Whether its calls run on the loop now."""
@@ -179,7 +193,7 @@ class Runnable(Protocol):
 
 
 class InlineGate:
-    """Decides, per loaded function, whether its calls run on the event loop.
+    """Decides, per loaded function and its copies, whether its calls run on the event loop.
 
     Args:
         max_seconds: The longest a run may take to count as quick; 0 turns running
@@ -198,6 +212,26 @@ class InlineGate:
         self._slot_loop: asyncio.AbstractEventLoop | None = None
         self._slot = cooperative.Slot()
         """Whether a greenlet run is in progress on ``_slot_loop``."""
+        self._records: weakref.WeakValueDictionary[bytes, RunRecord] = weakref.WeakValueDictionary()
+        """The record of each distinct stored function, while a loaded function holds it."""
+
+    def record(self, identity: bytes) -> RunRecord:
+        """The record of the loaded functions whose stored bytes have this ``identity``.
+
+        Functions with the same identity (a digest of their stored bytes: see
+        :func:`cloudburst_executors.runner.identity`) are copies of one
+        another, and share a record. The gate keeps a record only while a
+        loaded function holds it, so unloading a function frees its record.
+        """
+        record = self._records.get(identity)
+        if record is None:
+            record = self._records[identity] = RunRecord()
+        return record
+
+    @property
+    def records(self) -> int:
+        """How many records the gate holds now: one per distinct loaded function."""
+        return len(self._records)
 
     def started(self, name: str, began: float) -> None:
         """A run on the loop began (on the loop); the watchdog keeps an eye on it."""

@@ -14,6 +14,7 @@ class attribute ``cloudburst_user_library = True`` (or ``False``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import threading
 from collections.abc import Iterator
@@ -41,7 +42,10 @@ class LoadedFunction:
     instance: Any = None
     """The live class instance while the function is pinned."""
     runs: RunRecord = field(default_factory=RunRecord)
-    """How its runs went, for running it on the event loop (see cloudburst_executors.inline)."""
+    """How its runs went, for running it on the event loop (see cloudburst_executors.inline);
+    shared with its copies, functions of the same :attr:`identity`."""
+    identity: bytes = b""
+    """A digest of what it is made of (see :func:`identity`)."""
 
 
 def unpickle(value: value_pb2.Value) -> Any:
@@ -64,6 +68,21 @@ def unpickle(value: value_pb2.Value) -> Any:
         ) from exc
 
 
+def identity(function: function_pb2.Function) -> bytes:
+    """A digest of all a registered function is made of, but its name, version and retries.
+
+    Two functions with the same identity were stored with the same bytes (code,
+    captured values, serializer, kind, init arguments and sources): copies of
+    one function under different names, which behave the same.
+    """
+    same = function_pb2.Function()
+    same.CopyFrom(function)
+    same.ClearField("name")
+    same.ClearField("version")
+    same.ClearField("retries")
+    return hashlib.blake2b(same.SerializeToString(deterministic=True), digest_size=16).digest()
+
+
 def load(function: function_pb2.Function) -> LoadedFunction:
     """Unpickle a registered function (blocking; call it off the event loop)."""
     target = unpickle(function.body)
@@ -76,7 +95,14 @@ def load(function: function_pb2.Function) -> LoadedFunction:
             )
     elif not callable(target):
         raise InvalidArgumentError(f"{function.name!r} is not callable")
-    return LoadedFunction(function.name, function.version, function.kind, target, init_args)
+    return LoadedFunction(
+        function.name,
+        function.version,
+        function.kind,
+        target,
+        init_args,
+        identity=identity(function),
+    )
 
 
 def passes_library(cls: type, method: str, args: tuple[Any, ...]) -> bool:

@@ -9,6 +9,7 @@ Each function reports the thread it ran on: executor worker threads are named
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -34,6 +35,16 @@ def where(_: Any, delay: float = 0.0) -> str:
     if delay:
         time.sleep(delay)
     return threading.current_thread().name
+
+
+def where_slowly(_: Any, delay: float) -> str:
+    """Like ``where``, but other code: it does not share what ``where`` earned."""
+    time.sleep(delay)
+    return threading.current_thread().name
+
+
+def hop(_: Any, trail: list[str]) -> list[str]:
+    return [*trail, threading.current_thread().name]
 
 
 def runs_its_own_loop(_: Any, a: int) -> tuple[str, int]:
@@ -90,6 +101,37 @@ def test_a_chain_runs_on_the_loop_only_as_far_as_its_functions_may(node: Node) -
     assert on_a_worker(results[0][2]) and not on_a_worker(results[-1][2])
 
 
+def test_copies_of_a_function_earn_and_lose_the_loop_together(node: Node) -> None:
+    """The same function under two names shares what the executor learned about it."""
+    with CloudburstConnection(node.address) as cloud:
+        first = cloud.register(where, "where_1")
+        second = cloud.register(where, "where_2")
+        other = cloud.register(where_slowly, "where_slowly")
+        assert all(on_a_worker(first().get()) for _ in range(QUICK_RUNS))
+        assert not on_a_worker(second().get()), "its copy earned the loop for it"
+        assert on_a_worker(other(0.0).get()), "other code earned nothing"
+        # A run of one copy far over the limit (on the loop) sends both back to threads.
+        assert not on_a_worker(second(0.3).get())
+        assert on_a_worker(first().get())
+        assert on_a_worker(second().get())
+
+
+def test_a_chain_of_copies_runs_on_the_loop_from_its_second_call(node: Node) -> None:
+    """Each copy runs once per call, yet together they earn the loop in the first call."""
+    names = [f"hop_{i}" for i in range(QUICK_RUNS)]
+    with CloudburstConnection(node.address) as cloud:
+        for name in names:
+            cloud.register(hop, name)
+        assert cloud.register_dag("hops", names, list(itertools.pairwise(names)))
+        first, second = (
+            cloud.call_dag("hops", {names[0]: [[]]}, direct_response=True, timeout=20)
+            for _ in range(2)
+        )
+    assert len(first) == len(second) == len(names)
+    assert all(map(on_a_worker, first)), first
+    assert not any(map(on_a_worker, second)), second
+
+
 def test_code_on_the_loop_may_run_an_event_loop_of_its_own(node: Node) -> None:
     """asyncio.run() works on a worker thread; it must on the executor's loop too."""
     with CloudburstConnection(node.address) as cloud:
@@ -114,7 +156,7 @@ def test_a_call_that_finishes_at_once_is_answered_once_on_the_call_stream(node: 
     on the loop, the one answer carries both."""
     with CloudburstConnection(node.address) as cloud:
         quick = cloud.register(where, "quick")
-        cloud.register(where, "slow")
+        cloud.register(where_slowly, "slow")
         for _ in range(QUICK_RUNS):
             quick().get()
 
