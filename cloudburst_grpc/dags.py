@@ -253,10 +253,16 @@ class TopologyCache:
             self._topologies.move_to_end(key)
             return topo
         topo = topology(list(dag.functions), [(c.upstream, c.downstream) for c in dag.connections])
+        self.put(dag, topo)
+        return topo
+
+    def put(self, dag: function_pb2.Dag, topo: Topology) -> None:
+        """Keep ``topo``, already computed, as the topology of ``dag``'s version."""
+        key = (dag.name, dag.version)
         self._topologies[key] = topo
+        self._topologies.move_to_end(key)
         if len(self._topologies) > self.size:
             self._topologies.popitem(last=False)
-        return topo
 
     def __len__(self) -> int:
         return len(self._topologies)

@@ -231,7 +231,7 @@ class Scheduler:
                 {"dag": dag.name, "limit": str(MAX_DAG_FUNCTIONS)},
             )
         registered = {f for f in functions if await self.registry.get_function(f) is not None}
-        dag_rules.validate(
+        topo = dag_rules.validate(
             functions, [(c.upstream, c.downstream) for c in dag.connections], registered
         )
         stored = function_pb2.Dag()
@@ -246,6 +246,8 @@ class Scheduler:
                 {"dag": dag.name, "limit": str(self.max_payload_bytes)},
             )
         await self.registry.put_dag(stored)
+        # Its first call need not compute it again (a DAG of thousands of functions: ~30 ms).
+        self._topologies.put(stored, topo)
         # Chosen one after another (each choice counts the ones before it, so pins spread),
         # then pinned a few at a time: a DAG of thousands of functions registers in seconds.
         pins: list[tuple[str, str, int]] = []

@@ -346,3 +346,13 @@ def test_the_topology_cache_keeps_one_topology_per_dag_version_up_to_its_size() 
 def test_a_topology_cache_needs_room() -> None:
     with pytest.raises(ValueError, match="at least one"):
         dag.TopologyCache(size=0)
+
+
+def test_a_topology_put_in_the_cache_is_not_computed_again() -> None:
+    cache = dag.TopologyCache(size=2)
+    validated = dag.validate(["a", "b"], [("a", "b")], {"a", "b"})
+    cache.put(_dag("d", 1), validated)
+    assert cache.get(_dag("d", 1)) is validated
+    cache.get(_dag("e", 1))
+    cache.put(_dag("f", 1), validated)  # evicts ("d", 1), the least recently used
+    assert len(cache) == 2 and cache.get(_dag("d", 1)) is not validated
