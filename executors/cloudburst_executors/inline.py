@@ -34,9 +34,10 @@ copies of one function so runs on the loop after a few runs of any of them,
 and a strike or a hog verdict on one sends them all back to threads. What is
 kept per name stays per name: pins, class instances, metrics and log lines.
 A new version of a function starts afresh, unless its stored bytes are those
-of the version it replaces: the same code, which keeps what was learnt about
-it (a client that registers its functions again each time it starts does not
-send them back to threads).
+of a function loaded on the executor (the version it replaces, or a copy):
+the same code keeps what was learnt about it, so a client that registers its
+functions again each time it starts does not send them back to threads. The
+gate holds a record only while a loaded function does.
 
 Short stretches are not enough: a function polling the KVS in a loop
 (``while get_object(key) is None``) has only short ones, yet holds the loop

@@ -45,7 +45,7 @@ class LoadedFunction:
     """How its runs went, for running it on the event loop (see cloudburst_executors.inline);
     shared with its copies, functions of the same :attr:`identity`."""
     identity: bytes = b""
-    """A digest of what it is made of (see :func:`identity`)."""
+    """A digest of what it is made of, shared by its copies (see :func:`runner.identity`)."""
 
 
 def unpickle(value: value_pb2.Value) -> Any:
