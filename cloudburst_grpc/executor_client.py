@@ -20,6 +20,7 @@ from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.streams import OutboxStream, batches_enabled
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
+from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY
 from cloudburst_grpc.schedules import SentSchedules
 from cloudburst_grpc.security.identity import EXECUTOR
 from cloudburst_grpc.security.tls import CertificateSource
@@ -68,10 +69,15 @@ class ExecutorPeer(Protocol):
         """
         ...
 
-    def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
+    def expect_result(
+        self, call_id: str, timeout: float, answer_to: tuple[str, int] | None = None
+    ) -> asyncio.Future[execution_pb2.Outcome]:
         """Ask for the direct-response result of ``call_id``, whose sink runs on this peer.
 
-        Must be called before the call's sources are triggered.
+        Must be called before the call's sources are triggered. With ``answer_to``
+        (an answer stream id and a StreamCalls sequence), the sink answers the
+        caller on that stream if the caller holds it there; the future then
+        settles with :data:`~cloudburst_grpc.answer_streams.DELIVERED_DIRECTLY`.
         """
         ...
 
@@ -157,7 +163,10 @@ class RemoteExecutorPeer:
         elif kind == "dag_result":
             result = self._results.pop(frame.dag_result.call_id, None)
             if result is not None and not result.done():
-                result.set_result(frame.dag_result.outcome)
+                if frame.dag_result.delivered_directly:
+                    result.set_result(DELIVERED_DIRECTLY)
+                else:
+                    result.set_result(frame.dag_result.outcome)
         elif kind == "result_stored":
             stored = self._stored.pop(frame.result_stored.response_key, None)
             if stored is not None and not stored.done():
@@ -234,15 +243,19 @@ class RemoteExecutorPeer:
         self.schedules.fill(frame.trigger, schedule)
         self._stream.send(frame)
 
-    def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
-        """Register for the sink's result and tell the executor to route it here."""
+    def expect_result(
+        self, call_id: str, timeout: float, answer_to: tuple[str, int] | None = None
+    ) -> asyncio.Future[execution_pb2.Outcome]:
+        """Register for the sink's result and tell the executor to route it here.
+
+        With ``answer_to``, to the caller's answer stream instead, if it is open there.
+        """
         result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
         self._results[call_id] = result
-        self._stream.send(
-            executor_service_pb2.StreamTriggersRequest(
-                expect_result=executor_service_pb2.ExpectResult(call_id=call_id)
-            )
-        )
+        expect = executor_service_pb2.ExpectResult(call_id=call_id)
+        if answer_to is not None:
+            expect.answer_stream_id, expect.answer_sequence = answer_to
+        self._stream.send(executor_service_pb2.StreamTriggersRequest(expect_result=expect))
         return result
 
     def expect_stored(self, response_key: str) -> asyncio.Future[None]:

@@ -422,6 +422,8 @@ async def start_local(config: Config) -> Node:
             # The KVS is here and isolated executors are not: storing a result here is a call
             # in this process, where an executor's store is a request and a report back.
             stores_results=isolated,
+            # Clients reach only the server's one port, not its executors: no answer streams.
+            direct_answers=False,
         )
         stack.push_async_callback(scheduler.close)
         node.scheduler = scheduler

@@ -14,7 +14,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from cloudburst.v1 import (
 )
 from cloudburst_grpc import dags as dag_rules
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY
 from cloudburst_grpc.call_ids import new_call_id
 from cloudburst_grpc.config import SchedulerConfig
 from cloudburst_grpc.executor_client import NotDeliveredError
@@ -109,8 +110,14 @@ class Scheduler:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         *,
         stores_results: bool = False,
+        direct_answers: bool | None = None,
     ) -> None:
         self.scheduler_id = scheduler_id
+        self.direct_answers = config.direct_answers if direct_answers is None else direct_answers
+        """Whether a sink answers callers on the answer streams they hold at its executor.
+
+        Off where callers cannot reach executors (``cbgrpc serve``'s one port).
+        """
         self.stores_results = stores_results
         """Whether the results of calls whose caller awaits the outcome are stored here.
 
@@ -136,6 +143,10 @@ class Scheduler:
         self._stores: set[asyncio.Task[None]] = set()
         self._topologies = dag_rules.TopologyCache()
         self._plans: dict[str, _Plan] = {}
+        self.sink_outcomes = 0
+        """DAG call outcomes sinks sent here to be forwarded (or stored)."""
+        self.answered_directly = 0
+        """DAG call outcomes sinks sent straight to their callers' answer streams instead."""
 
     def _next_version(self) -> int:
         self._last_version = max(time.time_ns(), self._last_version + 1)
@@ -544,10 +555,16 @@ class Scheduler:
         timeout: float | None,
         trace_context: Mapping[str, str] | None = None,
         expire: bool = True,
+        *,
+        answer_to: Callable[[str], tuple[str, int] | None] | None = None,
     ) -> Accepted:
         """Place every function of a DAG call and trigger its sources.
 
         A result stored under a key chosen here expires unless ``expire`` is False.
+        ``answer_to``, given the sink's executor id, says on which of the caller's
+        answer streams the sink answers it (an answer stream id and the call's
+        sequence), or None; the outcome is then
+        :data:`~cloudburst_grpc.answer_streams.DELIVERED_DIRECTLY` when it did.
         """
         call_id = new_call_id()
         _check_delivery(request)
@@ -555,6 +572,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         result: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
         call = _DagCall(request, response_key, self._timeout(timeout), trace_context)
+        call.answer_to = answer_to
         call.stored_here = bool(want_outcome and response_key and self.stores_results)
         if want_outcome and response_key:
             # The sink answers before it stores; a release of the result waits for the store,
@@ -688,6 +706,10 @@ class Scheduler:
                 fail(error if isinstance(error, CloudburstError) else CloudburstError(str(error)))
             elif not result.done():
                 outcome = future.result()
+                if outcome is DELIVERED_DIRECTLY:
+                    self.answered_directly += 1
+                else:
+                    self.sink_outcomes += 1
                 if call.stored_here and call.stored is not None:
                     self._store_answered(call.response_key, outcome, call.stored)
                 result.set_result(outcome)
@@ -702,7 +724,8 @@ class Scheduler:
                     call.settle_stored()
 
             attempt.add_done_callback(on_stored)
-        peer.expect_result(call_id, call.limit).add_done_callback(on_sink)
+        answer_to = call.answer_to(peer.executor_id) if call.answer_to is not None else None
+        peer.expect_result(call_id, call.limit, answer_to).add_done_callback(on_sink)
 
     async def _retry_dag(
         self, call: _DagCall, result: asyncio.Future[execution_pb2.Outcome], retries: int
@@ -850,6 +873,8 @@ class _DagCall:
     """The current run's sink's report of the store."""
     stored_here: bool = False
     """Whether the scheduler stores the result, not the sink (see ``Scheduler.stores_results``)."""
+    answer_to: Callable[[str], tuple[str, int] | None] | None = None
+    """Where the sink on an executor answers the caller directly (see ``Scheduler.call_dag``)."""
 
     def settle_stored(self) -> None:
         """The result is stored, or will not be: releases of it need not wait any more."""

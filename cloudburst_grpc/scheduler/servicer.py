@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -14,6 +15,7 @@ from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.streams import batches_enabled, take_batch
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY, AnswerRoutes
 from cloudburst_grpc.answers import AnswerWriter
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.scheduler.core import Accepted, Scheduler
@@ -206,7 +208,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             remaining = _remaining(context)
             limit = 30.0 if remaining is None else max(remaining - 0.5, 0.0)
             await pool.wait_newer(request.min_version, limit)
-        response = scheduler_service_pb2.ListExecutorsResponse(version=pool.version)
+        response = scheduler_service_pb2.ListExecutorsResponse(
+            version=pool.version, direct_answers=self._scheduler.direct_answers
+        )
         for view in pool.views():
             if view.overloaded:
                 continue
@@ -312,6 +316,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
 
         # Result keys this stream's caller may release: chosen here, answered, marked releasable.
         releasable: set[str] = set()
+        # The caller's answer streams at executors, if it holds any (and this scheduler uses them).
+        routes = AnswerRoutes() if self._scheduler.direct_answers else None
         try:
             async for message in request_iterator:
                 # A batch carries frames to serve in order as if each came alone.
@@ -321,9 +327,18 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                         reads_batches = None
                     if frame.release_keys:
                         self._release(frame.release_keys, releasable)
-                    if frame.WhichOneof("call") is None and frame.release_keys:
-                        continue
-                    task = asyncio.create_task(self._serve(frame, emit, releasable))
+                    if frame.WhichOneof("call") is None:
+                        if routes is not None:
+                            self._route_frame(frame, routes, emit, calls, ended)
+                        if (
+                            frame.release_keys
+                            or frame.HasField("answer_streams")
+                            or frame.HasField("answer_stream_lost")
+                        ):
+                            continue
+                    if routes is not None:
+                        routes.started(frame.sequence)
+                    task = asyncio.create_task(self._serve(frame, emit, releasable, routes))
                     calls.add(task)
                     task.add_done_callback(ended)
                     while len(calls) + backlog() >= limit:
@@ -333,12 +348,38 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             if calls:
                 await asyncio.gather(*calls, return_exceptions=True)
 
+    def _route_frame(
+        self,
+        frame: scheduler_service_pb2.StreamCallsRequest,
+        routes: AnswerRoutes,
+        emit: Emit,
+        calls: set[asyncio.Task[None]],
+        ended: Callable[[asyncio.Task[None]], None],
+    ) -> None:
+        """Take in a frame about the caller's answer streams (it carries no call)."""
+        if frame.HasField("answer_streams"):
+            routes.update(frame.answer_streams)
+        if frame.HasField("answer_stream_lost"):
+            errors = routes.lost(frame.answer_stream_lost)
+            if errors:
+                answers = [
+                    Answer(sequence=sequence, error=error_to_call_error(error))
+                    for sequence, error in errors.items()
+                ]
+                task = asyncio.create_task(_emit_all(emit, answers))
+                calls.add(task)
+                task.add_done_callback(ended)
+
     async def _serve(
-        self, frame: scheduler_service_pb2.StreamCallsRequest, emit: Emit, releasable: set[str]
+        self,
+        frame: scheduler_service_pb2.StreamCallsRequest,
+        emit: Emit,
+        releasable: set[str],
+        routes: AnswerRoutes | None = None,
     ) -> None:
         """Answer one frame, with an error answer when the call fails."""
         try:
-            await self._serve_frame(frame, emit, releasable)
+            await self._serve_frame(frame, emit, releasable, routes)
         except CloudburstError as exc:
             await emit(Answer(sequence=frame.sequence, error=error_to_call_error(exc)))
         except Exception:
@@ -351,6 +392,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                     ),
                 )
             )
+        finally:
+            if routes is not None:
+                routes.discard(frame.sequence)
 
     def _release(self, keys: Iterable[str], releasable: set[str]) -> None:
         """Delete the results a caller released, if they are its to release."""
@@ -359,7 +403,11 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         self._scheduler.releaser.release(owned)
 
     async def _serve_frame(
-        self, frame: scheduler_service_pb2.StreamCallsRequest, emit: Emit, releasable: set[str]
+        self,
+        frame: scheduler_service_pb2.StreamCallsRequest,
+        emit: Emit,
+        releasable: set[str],
+        routes: AnswerRoutes | None,
     ) -> None:
         kind = frame.WhichOneof("call")
         body: scheduler_service_pb2.CallFunctionResponse | scheduler_service_pb2.CallDagResponse
@@ -375,8 +423,19 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         elif kind == "call_dag":
             dag_request = frame.call_dag
             direct, named = dag_request.direct_response, bool(dag_request.response_key)
+            # Only a direct response goes to an answer stream: nothing else comes after it.
+            answer_to = (
+                functools.partial(routes.route, frame.sequence)
+                if routes is not None and direct
+                else None
+            )
             accepted = await self._scheduler.call_dag(
-                dag_request, direct or frame.stream_outcome, None, frame.trace_context, expire
+                dag_request,
+                direct or frame.stream_outcome,
+                None,
+                frame.trace_context,
+                expire,
+                answer_to=answer_to,
             )
             body = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
         else:
@@ -398,10 +457,22 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         if not once:
             await emit(answer())
         if accepted.outcome is not None:
-            body.outcome.CopyFrom(await _await_outcome(accepted))
+            outcome = await _await_outcome(accepted)
+            if outcome is DELIVERED_DIRECTLY:
+                assert routes is not None
+                lost = routes.finished(frame.sequence, True)
+                if lost is not None:
+                    await emit(Answer(sequence=frame.sequence, error=error_to_call_error(lost)))
+                return
+            body.outcome.CopyFrom(outcome)
             if frame.releasable and not direct and not named:
                 releasable.add(accepted.response_key)
             await emit(answer())
+
+
+async def _emit_all(emit: Emit, answers: list[Answer]) -> None:
+    for answer in answers:
+        await emit(answer)
 
 
 async def _await_outcome(accepted: Accepted) -> execution_pb2.Outcome:

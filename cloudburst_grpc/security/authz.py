@@ -89,6 +89,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
             "GetExecutorStatus",
         )
     },
+    # A caller's answer stream (the sink answers it directly): the one executor RPC for clients.
+    _E + "StreamAnswers": _CLIENTS,
     "/cloudburst.v1.MessagingService/StreamMessages": _STREAMS,
     **{
         _K + m: _KVS_USERS

@@ -6,13 +6,19 @@ import asyncio
 import collections
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from cloudburst.errors import CloudburstError, InvalidArgumentError
+from cloudburst.errors import CloudburstError, InvalidArgumentError, UnavailableError
 from cloudburst.streams import batches_enabled, take_batch
-from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
+from cloudburst.v1 import (
+    execution_pb2,
+    executor_service_pb2,
+    executor_service_pb2_grpc,
+    scheduler_service_pb2,
+)
 from cloudburst_executors.executor import Executor
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.schedules import ReceivedSchedules
@@ -20,6 +26,13 @@ from cloudburst_grpc.schedules import ReceivedSchedules
 logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext
+
+#: Seconds a note that an answer went directly to its caller waits for others to travel with.
+#: Notes are off the caller's path; together they cost the scheduler one message, not many.
+NOTE_DELAY_SECONDS = 0.005
+#: The most answers one StreamAnswers message carries.
+ANSWERS_PER_MESSAGE = 64
+_STREAM_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
@@ -36,6 +49,10 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self._closing = False
         self._batches = batches_enabled()
         """Whether trigger streams offer to read batched frames and batch their responses."""
+        self._answer_streams: dict[
+            str, asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None]
+        ] = {}
+        """The callers' open answer streams (StreamAnswers), by answer stream id."""
 
     async def end_streams(self, timeout: float) -> None:
         """At shutdown: let calls started from streams answer (up to ``timeout``), then end them.
@@ -48,6 +65,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             await asyncio.wait(list(self._detached), timeout=max(timeout, 0))
         for answers in list(self._streams):
             answers.put_nowait(None)
+        for queue in list(self._answer_streams.values()):
+            queue.put_nowait(None)
 
     async def ExecuteFunction(
         self,
@@ -110,7 +129,19 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     )
                 )
 
-        def route(call_id: str, future: asyncio.Future[execution_pb2.Outcome]) -> None:
+        notes: list[executor_service_pb2.StreamTriggersResponse] = []
+        """Notes of answers sent directly to callers, waiting to travel together."""
+
+        def send_notes() -> None:
+            for note in notes:
+                answers.put_nowait(note)
+            notes.clear()
+
+        def route(
+            call_id: str,
+            expect: executor_service_pb2.ExpectResult,
+            future: asyncio.Future[execution_pb2.Outcome],
+        ) -> None:
             if future.cancelled():
                 return
             error = future.exception()
@@ -122,11 +153,30 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 )
             else:
                 outcome = future.result()
-            answers.put_nowait(
-                executor_service_pb2.StreamTriggersResponse(
-                    dag_result=executor_service_pb2.DagResult(call_id=call_id, outcome=outcome)
+            direct = self._answer_streams.get(expect.answer_stream_id)
+            if direct is not None and expect.answer_stream_id:
+                # The caller's own stream is here: answer it, and tell the scheduler in a note.
+                direct.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=expect.answer_sequence,
+                        call_dag=scheduler_service_pb2.CallDagResponse(outcome=outcome),
+                    )
                 )
-            )
+                if not notes:
+                    asyncio.get_running_loop().call_later(NOTE_DELAY_SECONDS, send_notes)
+                notes.append(
+                    executor_service_pb2.StreamTriggersResponse(
+                        dag_result=executor_service_pb2.DagResult(
+                            call_id=call_id, delivered_directly=True
+                        )
+                    )
+                )
+            else:
+                answers.put_nowait(
+                    executor_service_pb2.StreamTriggersResponse(
+                        dag_result=executor_service_pb2.DagResult(call_id=call_id, outcome=outcome)
+                    )
+                )
             key = executor.results.stored_key(call_id)
             if key:
                 # Answered first, stored after: the opener holds deletes of the key until now.
@@ -180,7 +230,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             elif kind == "expect_result":
                 call_id = frame.expect_result.call_id
                 future = executor.results.expect(call_id, executor._call_timeout)
-                future.add_done_callback(functools.partial(route, call_id))
+                future.add_done_callback(functools.partial(route, call_id, frame.expect_result))
                 track(future)  # type: ignore[arg-type]
 
         def report(cache_report: executor_service_pb2.CacheReport) -> None:
@@ -218,6 +268,45 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             for future in list(pending):
                 future.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+
+    async def StreamAnswers(
+        self,
+        request: executor_service_pb2.StreamAnswersRequest,
+        context: Context[
+            executor_service_pb2.StreamAnswersRequest, executor_service_pb2.StreamAnswersResponse
+        ],
+    ) -> AsyncIterator[executor_service_pb2.StreamAnswersResponse]:
+        """Register a caller's answer stream, and send it the answers routed to it until it ends.
+
+        A second stream with the same id replaces the first, which ends.
+        """
+        stream_id = request.answer_stream_id
+        if not _STREAM_ID.fullmatch(stream_id):
+            raise InvalidArgumentError(
+                "answer_stream_id must be 32 lowercase hexadecimal digits (128 random bits)"
+            )
+        if self._closing:
+            raise UnavailableError("this executor is shutting down")
+        queue: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] = asyncio.Queue()
+        replaced = self._answer_streams.get(stream_id)
+        if replaced is not None:
+            replaced.put_nowait(None)
+        self._answer_streams[stream_id] = queue
+        try:
+            yield executor_service_pb2.StreamAnswersResponse(registered=True)
+            while (answer := await queue.get()) is not None:
+                message = executor_service_pb2.StreamAnswersResponse()
+                message.answers.append(answer)
+                while not queue.empty() and len(message.answers) < ANSWERS_PER_MESSAGE:
+                    following = queue.get_nowait()
+                    if following is None:
+                        queue.put_nowait(None)  # after this message
+                        break
+                    message.answers.append(following)
+                yield message
+        finally:
+            if self._answer_streams.get(stream_id) is queue:
+                del self._answer_streams[stream_id]
 
     async def PinFunction(
         self,
@@ -303,8 +392,10 @@ class LocalExecutorPeer:
         """Hand a trigger and its call's schedule to the executor (neither is copied)."""
         self._executor.trigger(trigger, schedule)
 
-    def expect_result(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
-        """Register for a direct-response result."""
+    def expect_result(
+        self, call_id: str, timeout: float, answer_to: tuple[str, int] | None = None
+    ) -> asyncio.Future[execution_pb2.Outcome]:
+        """Register for a direct-response result (callers hold no answer streams in-process)."""
         future = self._executor.results.expect(call_id, timeout)
         future.add_done_callback(functools.partial(self._routed, call_id))
         return future

@@ -33,6 +33,7 @@ import grpc
 
 from cloudburst import _client_cert as client_cert
 from cloudburst import chunks, tracing
+from cloudburst._answers import AnswerStreams
 from cloudburst._loop import LoopDriver
 from cloudburst.errors import (
     CloudburstError,
@@ -155,8 +156,11 @@ class Core:
             self.scheduler.StreamCalls,
             self._dispatch,
             self._ended,
+            first_frame=self._answer_streams_frame,
             batches=self._batches,
         )
+        self.answers: AnswerStreams | None = None
+        """The answer streams at executors, once :meth:`use_answer_streams` opened them."""
         self._pending: dict[int, PendingCall] = {}
         self._sequence = itertools.count(1)
         self._released: collections.deque[str] = collections.deque()
@@ -289,6 +293,53 @@ class Core:
             self._pending.pop(frame.sequence, None)
             settle(pending.accepted, error=exc)
             settle(pending.outcome, error=exc)
+
+    # -- answer streams ------------------------------------------------------------
+
+    async def use_answer_streams(self, timeout: float) -> bool:
+        """Hold answer streams at the scheduler's executors, if it answers through them.
+
+        Waits up to ``timeout`` for them to register; returns whether the
+        scheduler uses them.
+        """
+        answers = AnswerStreams(
+            self.scheduler,
+            self._security,
+            self._max_payload_bytes,
+            self._dispatch,
+            self._answer_streams_changed,
+            self._answer_stream_lost,
+        )
+        self.answers = answers
+        if await answers.start(timeout):
+            return True
+        self.answers = None
+        return False
+
+    def _answer_streams_frame(self) -> scheduler_service_pb2.StreamCallsRequest | None:
+        """The frame naming the answer streams held now (None: none is)."""
+        answers = self.answers
+        if answers is None or not answers.registered:
+            return None
+        frame = scheduler_service_pb2.StreamCallsRequest()
+        frame.answer_streams.answer_stream_id = answers.stream_id
+        frame.answer_streams.executor_ids.extend(sorted(answers.registered))
+        return frame
+
+    def _answer_streams_changed(self) -> None:
+        # A stream opened later starts with the frame (OutboxStream's first frame).
+        if self._stream.is_open and (frame := self._answer_streams_frame()) is not None:
+            self._stream.send(frame)
+
+    def _answer_stream_lost(self, executor_id: str) -> None:
+        if not self._stream.is_open:
+            return  # the calls that stream waited for failed with it
+        frame = scheduler_service_pb2.StreamCallsRequest()
+        frame.answer_stream_lost.executor_id = executor_id
+        frame.answer_stream_lost.sequences.extend(
+            sequence for sequence, pending in self._pending.items() if pending.outcome is not None
+        )
+        self._stream.send(frame)
 
     # -- releasing results ---------------------------------------------------------
 
@@ -515,6 +566,8 @@ class Core:
         if self._retry_direct is not None:
             self._retry_direct.cancel()
         await self._stream.close(grace=5.0)
+        if self.answers is not None:
+            await self.answers.close()
         if self._direct is not None:
             await self._direct[1].close()
         await self.channel.close()

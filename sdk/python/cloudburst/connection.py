@@ -309,6 +309,12 @@ class CloudburstConnection:
             seconds of connecting or later, objects go through the scheduler.
             False always goes through the scheduler. When not given,
             ``CLOUDBURST_DIRECT_KVS=0`` turns it off.
+        direct_answers: Hold an answer stream at each executor of a cluster
+            whose scheduler offers it, so that the executor that finishes a
+            ``direct_response`` DAG call answers it directly, one hop instead
+            of two through the scheduler (needs a client certificate with
+            TLS; a token client is answered by the scheduler). When not
+            given, ``CLOUDBURST_DIRECT_ANSWERS=0`` turns it off.
 
     The connection is thread-safe. Close it with :meth:`close` or use it in a
     ``with`` block.
@@ -333,6 +339,7 @@ class CloudburstConnection:
         tls_key: str = "",
         tls_server_name: str = "",
         direct_kvs: bool | None = None,
+        direct_answers: bool | None = None,
     ) -> None:
         self._security = ClientSecurity.resolve(
             tls,
@@ -367,6 +374,14 @@ class CloudburstConnection:
         if direct_kvs is None:
             direct_kvs = os.environ.get("CLOUDBURST_DIRECT_KVS", "").strip().lower() not in _OFF
         self._direct_kvs = direct_kvs
+        if direct_answers is None:
+            direct_answers = (
+                os.environ.get("CLOUDBURST_DIRECT_ANSWERS", "").strip().lower() not in _OFF
+            )
+        # Executors take client certificates, not tokens: a token client stays with the scheduler.
+        self._direct_answers = direct_answers and (
+            not self._security.tls or bool(self._security.cert_file)
+        )
         self._clock = LwwClock()
         self._written: collections.OrderedDict[str, int] = collections.OrderedDict()
         """When this connection last wrote each key (the newest ones), for read-your-writes."""
@@ -395,6 +410,8 @@ class CloudburstConnection:
         except BaseException:
             await core.close()
             raise
+        if self._direct_answers:
+            await core.use_answer_streams(min(connect_timeout, DIRECT_KVS_TIMEOUT))
         try:  # the KVS tier's limit on a value (larger than a message: values move in chunks)
             limits = await chunks.get_limits(core.kvs, connect_timeout)
             self.max_value_bytes = max(int(limits.max_value_bytes), self.max_payload_bytes)
@@ -412,6 +429,12 @@ class CloudburstConnection:
                 list(limits.kvs_addresses), min(connect_timeout, DIRECT_KVS_TIMEOUT)
             )
         return core
+
+    @property
+    def answer_executors(self) -> frozenset[str]:
+        """The executors that answer this connection's calls directly (see ``direct_answers``)."""
+        answers = self._core.answers
+        return frozenset(answers.registered) if answers is not None else frozenset()
 
     @property
     def kvs_address(self) -> str | None:

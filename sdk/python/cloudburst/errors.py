@@ -160,6 +160,15 @@ class NoExecutorError(UnavailableError):
     reason = "NO_EXECUTOR"
 
 
+class AnswerLostError(UnavailableError):
+    """The call ran, but its answer was lost with the connection to the executor that sent it.
+
+    Not retried on its own: running the call again may not be safe.
+    """
+
+    reason = "ANSWER_LOST"
+
+
 class UnauthenticatedError(CloudburstError):
     """The caller showed no valid credentials (token or client certificate)."""
 

@@ -138,7 +138,8 @@ class OutboxStream(Generic[Request, Response]):
         on_answer: Called on the loop with every response.
         on_end: Called on the loop when the stream ends, with the gRPC error that
             ended it (None when it ended cleanly or was closed).
-        first_frame: Makes the frame each new stream starts with, if any.
+        first_frame: Makes the frame each new stream starts with, if any (it may return
+            None: no first frame on this stream).
         batches: Batch frames where the peer reads batches. The request and response
             types then have a repeated ``batch`` field of their own type (frames, in
             order) and the response type a ``reads_batches`` flag. A response that
@@ -154,7 +155,7 @@ class OutboxStream(Generic[Request, Response]):
         open_call: Callable[[], Any],
         on_answer: Callable[[Response], None],
         on_end: Callable[[grpc.RpcError | None], None],
-        first_frame: Callable[[], Request] | None = None,
+        first_frame: Callable[[], Request | None] | None = None,
         batches: bool = False,
     ) -> None:
         self.name = name
@@ -183,8 +184,9 @@ class OutboxStream(Generic[Request, Response]):
             outgoing = self._outgoing = _Outgoing(self._open_call())
             self.opened += 1
             self._reader = asyncio.create_task(self._read(outgoing))
-            if self._first_frame is not None:
-                self._hand_off(outgoing, self._first_frame())
+            first = self._first_frame() if self._first_frame is not None else None
+            if first is not None:
+                self._hand_off(outgoing, first)
         return outgoing
 
     def open(self) -> int:

@@ -59,6 +59,8 @@ const (
 	ErrorReason_ERROR_REASON_MAILBOX_NOT_FOUND ErrorReason = 15
 	// A value cannot be encoded with any serializer the caller accepts, or cannot be read.
 	ErrorReason_ERROR_REASON_SERIALIZATION_FAILED ErrorReason = 16
+	// The call ran, but its answer was lost with the connection to the executor that sent it.
+	ErrorReason_ERROR_REASON_ANSWER_LOST ErrorReason = 17
 )
 
 // Enum value maps for ErrorReason.
@@ -81,6 +83,7 @@ var (
 		14: "ERROR_REASON_INTERNAL",
 		15: "ERROR_REASON_MAILBOX_NOT_FOUND",
 		16: "ERROR_REASON_SERIALIZATION_FAILED",
+		17: "ERROR_REASON_ANSWER_LOST",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -100,6 +103,7 @@ var (
 		"ERROR_REASON_INTERNAL":              14,
 		"ERROR_REASON_MAILBOX_NOT_FOUND":     15,
 		"ERROR_REASON_SERIALIZATION_FAILED":  16,
+		"ERROR_REASON_ANSWER_LOST":           17,
 	}
 )
 
@@ -215,7 +219,7 @@ const file_cloudburst_v1_error_proto_rawDesc = "" +
 	"\bmetadata\x18\x04 \x03(\v2&.cloudburst.v1.CallError.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xcc\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xea\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12#\n" +
 	"\x1fERROR_REASON_FUNCTION_NOT_FOUND\x10\x01\x12\x1e\n" +
@@ -234,7 +238,8 @@ const file_cloudburst_v1_error_proto_rawDesc = "" +
 	"\x1dERROR_REASON_PEER_UNAVAILABLE\x10\r\x12\x19\n" +
 	"\x15ERROR_REASON_INTERNAL\x10\x0e\x12\"\n" +
 	"\x1eERROR_REASON_MAILBOX_NOT_FOUND\x10\x0f\x12%\n" +
-	"!ERROR_REASON_SERIALIZATION_FAILED\x10\x10B\x8b\x01\n" +
+	"!ERROR_REASON_SERIALIZATION_FAILED\x10\x10\x12\x1c\n" +
+	"\x18ERROR_REASON_ANSWER_LOST\x10\x11B\x8b\x01\n" +
 	"\x11com.cloudburst.v1B\n" +
 	"ErrorProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03CXX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0eCloudburst::V1b\x06proto3"
 

@@ -585,9 +585,14 @@ func (x *TriggerHello) GetReadsBatches() bool {
 type ExpectResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The call whose sink result is expected.
-	CallId        string `protobuf:"bytes,1,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CallId string `protobuf:"bytes,1,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	// When set, the caller's answer stream (StreamAnswers) to write the result to if it is open
+	// here; the DagResult on this stream then says only `delivered_directly`.
+	AnswerStreamId string `protobuf:"bytes,2,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
+	// The StreamCalls sequence of the call, which the answer on the answer stream carries.
+	AnswerSequence uint64 `protobuf:"varint,3,opt,name=answer_sequence,json=answerSequence,proto3" json:"answer_sequence,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ExpectResult) Reset() {
@@ -627,15 +632,31 @@ func (x *ExpectResult) GetCallId() string {
 	return ""
 }
 
+func (x *ExpectResult) GetAnswerStreamId() string {
+	if x != nil {
+		return x.AnswerStreamId
+	}
+	return ""
+}
+
+func (x *ExpectResult) GetAnswerSequence() uint64 {
+	if x != nil {
+		return x.AnswerSequence
+	}
+	return 0
+}
+
 // DagResult is the sink's outcome of a direct-response DAG call.
 type DagResult struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The call the result belongs to.
 	CallId string `protobuf:"bytes,1,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
-	// The sink's outcome.
-	Outcome       *Outcome `protobuf:"bytes,2,opt,name=outcome,proto3" json:"outcome,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The sink's outcome; unset when `delivered_directly`.
+	Outcome *Outcome `protobuf:"bytes,2,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// The outcome went to the caller's answer stream named in ExpectResult.
+	DeliveredDirectly bool `protobuf:"varint,3,opt,name=delivered_directly,json=deliveredDirectly,proto3" json:"delivered_directly,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *DagResult) Reset() {
@@ -680,6 +701,13 @@ func (x *DagResult) GetOutcome() *Outcome {
 		return x.Outcome
 	}
 	return nil
+}
+
+func (x *DagResult) GetDeliveredDirectly() bool {
+	if x != nil {
+		return x.DeliveredDirectly
+	}
+	return false
 }
 
 // PinFunctionRequest names the function to pin.
@@ -985,6 +1013,109 @@ func (x *GetExecutorStatusResponse) GetCache() *CacheStats {
 	return nil
 }
 
+// StreamAnswersRequest opens a caller's answer stream at an executor.
+type StreamAnswersRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The stream's id, chosen by the caller: 128 random bits in 32 hexadecimal digits. It is a
+	// capability: whoever knows it receives the answers sent to it.
+	AnswerStreamId string `protobuf:"bytes,1,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *StreamAnswersRequest) Reset() {
+	*x = StreamAnswersRequest{}
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamAnswersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamAnswersRequest) ProtoMessage() {}
+
+func (x *StreamAnswersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamAnswersRequest.ProtoReflect.Descriptor instead.
+func (*StreamAnswersRequest) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *StreamAnswersRequest) GetAnswerStreamId() string {
+	if x != nil {
+		return x.AnswerStreamId
+	}
+	return ""
+}
+
+// StreamAnswersResponse is one message of an answer stream.
+type StreamAnswersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Set in the first message only: the stream is registered, and answers may be sent to it.
+	Registered bool `protobuf:"varint,1,opt,name=registered,proto3" json:"registered,omitempty"`
+	// Answers to calls of the caller's StreamCalls stream, in order, exactly as the scheduler
+	// would have sent them there.
+	Answers       []*StreamCallsResponse `protobuf:"bytes,2,rep,name=answers,proto3" json:"answers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamAnswersResponse) Reset() {
+	*x = StreamAnswersResponse{}
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamAnswersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamAnswersResponse) ProtoMessage() {}
+
+func (x *StreamAnswersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamAnswersResponse.ProtoReflect.Descriptor instead.
+func (*StreamAnswersResponse) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *StreamAnswersResponse) GetRegistered() bool {
+	if x != nil {
+		return x.Registered
+	}
+	return false
+}
+
+func (x *StreamAnswersResponse) GetAnswers() []*StreamCallsResponse {
+	if x != nil {
+		return x.Answers
+	}
+	return nil
+}
+
 // CacheReport tells a stream's opener which user keys the executor's value cache holds.
 type CacheReport struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1000,7 +1131,7 @@ type CacheReport struct {
 
 func (x *CacheReport) Reset() {
 	*x = CacheReport{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1012,7 +1143,7 @@ func (x *CacheReport) String() string {
 func (*CacheReport) ProtoMessage() {}
 
 func (x *CacheReport) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1025,7 +1156,7 @@ func (x *CacheReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheReport.ProtoReflect.Descriptor instead.
 func (*CacheReport) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{14}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CacheReport) GetFull() bool {
@@ -1070,7 +1201,7 @@ type CacheStats struct {
 
 func (x *CacheStats) Reset() {
 	*x = CacheStats{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1082,7 +1213,7 @@ func (x *CacheStats) String() string {
 func (*CacheStats) ProtoMessage() {}
 
 func (x *CacheStats) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1095,7 +1226,7 @@ func (x *CacheStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheStats.ProtoReflect.Descriptor instead.
 func (*CacheStats) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{15}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CacheStats) GetHits() uint64 {
@@ -1144,7 +1275,7 @@ var File_cloudburst_v1_executor_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\n" +
-	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x04\n" +
+	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x04\n" +
 	"\x16ExecuteFunctionRequest\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12#\n" +
 	"\rfunction_name\x18\x02 \x01(\tR\ffunctionName\x12)\n" +
@@ -1182,12 +1313,15 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\"L\n" +
 	"\fTriggerHello\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12#\n" +
-	"\rreads_batches\x18\x02 \x01(\bR\freadsBatches\"'\n" +
+	"\rreads_batches\x18\x02 \x01(\bR\freadsBatches\"z\n" +
 	"\fExpectResult\x12\x17\n" +
-	"\acall_id\x18\x01 \x01(\tR\x06callId\"V\n" +
+	"\acall_id\x18\x01 \x01(\tR\x06callId\x12(\n" +
+	"\x10answer_stream_id\x18\x02 \x01(\tR\x0eanswerStreamId\x12'\n" +
+	"\x0fanswer_sequence\x18\x03 \x01(\x04R\x0eanswerSequence\"\x85\x01\n" +
 	"\tDagResult\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x120\n" +
-	"\aoutcome\x18\x02 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\"d\n" +
+	"\aoutcome\x18\x02 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\x12-\n" +
+	"\x12delivered_directly\x18\x03 \x01(\bR\x11deliveredDirectly\"d\n" +
 	"\x12PinFunctionRequest\x12#\n" +
 	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\x12)\n" +
 	"\x10function_version\x18\x02 \x01(\x04R\x0ffunctionVersion\"\x15\n" +
@@ -1204,7 +1338,14 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\athreads\x18\x04 \x01(\rR\athreads\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
 	"cachedKeys\x12/\n" +
-	"\x05cache\x18\x06 \x01(\v2\x19.cloudburst.v1.CacheStatsR\x05cache\"Q\n" +
+	"\x05cache\x18\x06 \x01(\v2\x19.cloudburst.v1.CacheStatsR\x05cache\"@\n" +
+	"\x14StreamAnswersRequest\x12(\n" +
+	"\x10answer_stream_id\x18\x01 \x01(\tR\x0eanswerStreamId\"u\n" +
+	"\x15StreamAnswersResponse\x12\x1e\n" +
+	"\n" +
+	"registered\x18\x01 \x01(\bR\n" +
+	"registered\x12<\n" +
+	"\aanswers\x18\x02 \x03(\v2\".cloudburst.v1.StreamCallsResponseR\aanswers\"Q\n" +
 	"\vCacheReport\x12\x12\n" +
 	"\x04full\x18\x01 \x01(\bR\x04full\x12\x14\n" +
 	"\x05added\x18\x02 \x03(\tR\x05added\x12\x18\n" +
@@ -1216,13 +1357,14 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\tevictions\x18\x03 \x01(\x04R\tevictions\x12\x14\n" +
 	"\x05bytes\x18\x04 \x01(\x04R\x05bytes\x12\x18\n" +
 	"\aentries\x18\x05 \x01(\rR\aentries\x12\x1b\n" +
-	"\tmax_bytes\x18\x06 \x01(\x04R\bmaxBytes2\xf0\x03\n" +
+	"\tmax_bytes\x18\x06 \x01(\x04R\bmaxBytes2\xce\x04\n" +
 	"\x0fExecutorService\x12`\n" +
 	"\x0fExecuteFunction\x12%.cloudburst.v1.ExecuteFunctionRequest\x1a&.cloudburst.v1.ExecuteFunctionResponse\x12a\n" +
 	"\x0eStreamTriggers\x12$.cloudburst.v1.StreamTriggersRequest\x1a%.cloudburst.v1.StreamTriggersResponse(\x010\x01\x12T\n" +
 	"\vPinFunction\x12!.cloudburst.v1.PinFunctionRequest\x1a\".cloudburst.v1.PinFunctionResponse\x12Z\n" +
 	"\rUnpinFunction\x12#.cloudburst.v1.UnpinFunctionRequest\x1a$.cloudburst.v1.UnpinFunctionResponse\x12f\n" +
-	"\x11GetExecutorStatus\x12'.cloudburst.v1.GetExecutorStatusRequest\x1a(.cloudburst.v1.GetExecutorStatusResponseB\x95\x01\n" +
+	"\x11GetExecutorStatus\x12'.cloudburst.v1.GetExecutorStatusRequest\x1a(.cloudburst.v1.GetExecutorStatusResponse\x12\\\n" +
+	"\rStreamAnswers\x12#.cloudburst.v1.StreamAnswersRequest\x1a$.cloudburst.v1.StreamAnswersResponse0\x01B\x95\x01\n" +
 	"\x11com.cloudburst.v1B\x14ExecutorServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03CXX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0eCloudburst::V1b\x06proto3"
 
 var (
@@ -1237,7 +1379,7 @@ func file_cloudburst_v1_executor_service_proto_rawDescGZIP() []byte {
 	return file_cloudburst_v1_executor_service_proto_rawDescData
 }
 
-var file_cloudburst_v1_executor_service_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_cloudburst_v1_executor_service_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_cloudburst_v1_executor_service_proto_goTypes = []any{
 	(*ExecuteFunctionRequest)(nil),    // 0: cloudburst.v1.ExecuteFunctionRequest
 	(*ExecuteFunctionResponse)(nil),   // 1: cloudburst.v1.ExecuteFunctionResponse
@@ -1253,48 +1395,54 @@ var file_cloudburst_v1_executor_service_proto_goTypes = []any{
 	(*UnpinFunctionResponse)(nil),     // 11: cloudburst.v1.UnpinFunctionResponse
 	(*GetExecutorStatusRequest)(nil),  // 12: cloudburst.v1.GetExecutorStatusRequest
 	(*GetExecutorStatusResponse)(nil), // 13: cloudburst.v1.GetExecutorStatusResponse
-	(*CacheReport)(nil),               // 14: cloudburst.v1.CacheReport
-	(*CacheStats)(nil),                // 15: cloudburst.v1.CacheStats
-	nil,                               // 16: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
-	(*Argument)(nil),                  // 17: cloudburst.v1.Argument
-	(Serializer)(0),                   // 18: cloudburst.v1.Serializer
-	(*timestamppb.Timestamp)(nil),     // 19: google.protobuf.Timestamp
-	(*Outcome)(nil),                   // 20: cloudburst.v1.Outcome
-	(*Trigger)(nil),                   // 21: cloudburst.v1.Trigger
+	(*StreamAnswersRequest)(nil),      // 14: cloudburst.v1.StreamAnswersRequest
+	(*StreamAnswersResponse)(nil),     // 15: cloudburst.v1.StreamAnswersResponse
+	(*CacheReport)(nil),               // 16: cloudburst.v1.CacheReport
+	(*CacheStats)(nil),                // 17: cloudburst.v1.CacheStats
+	nil,                               // 18: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
+	(*Argument)(nil),                  // 19: cloudburst.v1.Argument
+	(Serializer)(0),                   // 20: cloudburst.v1.Serializer
+	(*timestamppb.Timestamp)(nil),     // 21: google.protobuf.Timestamp
+	(*Outcome)(nil),                   // 22: cloudburst.v1.Outcome
+	(*Trigger)(nil),                   // 23: cloudburst.v1.Trigger
+	(*StreamCallsResponse)(nil),       // 24: cloudburst.v1.StreamCallsResponse
 }
 var file_cloudburst_v1_executor_service_proto_depIdxs = []int32{
-	17, // 0: cloudburst.v1.ExecuteFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
-	16, // 1: cloudburst.v1.ExecuteFunctionRequest.trace_context:type_name -> cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
-	18, // 2: cloudburst.v1.ExecuteFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
-	19, // 3: cloudburst.v1.ExecuteFunctionRequest.deadline_time:type_name -> google.protobuf.Timestamp
-	20, // 4: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
+	19, // 0: cloudburst.v1.ExecuteFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
+	18, // 1: cloudburst.v1.ExecuteFunctionRequest.trace_context:type_name -> cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
+	20, // 2: cloudburst.v1.ExecuteFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
+	21, // 3: cloudburst.v1.ExecuteFunctionRequest.deadline_time:type_name -> google.protobuf.Timestamp
+	22, // 4: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
 	5,  // 5: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
-	21, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
+	23, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
 	6,  // 7: cloudburst.v1.StreamTriggersRequest.expect_result:type_name -> cloudburst.v1.ExpectResult
 	0,  // 8: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
 	2,  // 9: cloudburst.v1.StreamTriggersRequest.batch:type_name -> cloudburst.v1.StreamTriggersRequest
 	7,  // 10: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
 	1,  // 11: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
-	14, // 12: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
+	16, // 12: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
 	4,  // 13: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
 	3,  // 14: cloudburst.v1.StreamTriggersResponse.batch:type_name -> cloudburst.v1.StreamTriggersResponse
-	20, // 15: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
-	15, // 16: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
-	0,  // 17: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
-	2,  // 18: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
-	8,  // 19: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
-	10, // 20: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
-	12, // 21: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
-	1,  // 22: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
-	3,  // 23: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
-	9,  // 24: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
-	11, // 25: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
-	13, // 26: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
-	22, // [22:27] is the sub-list for method output_type
-	17, // [17:22] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	22, // 15: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
+	17, // 16: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
+	24, // 17: cloudburst.v1.StreamAnswersResponse.answers:type_name -> cloudburst.v1.StreamCallsResponse
+	0,  // 18: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
+	2,  // 19: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
+	8,  // 20: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
+	10, // 21: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
+	12, // 22: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
+	14, // 23: cloudburst.v1.ExecutorService.StreamAnswers:input_type -> cloudburst.v1.StreamAnswersRequest
+	1,  // 24: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
+	3,  // 25: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
+	9,  // 26: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
+	11, // 27: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
+	13, // 28: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
+	15, // 29: cloudburst.v1.ExecutorService.StreamAnswers:output_type -> cloudburst.v1.StreamAnswersResponse
+	24, // [24:30] is the sub-list for method output_type
+	18, // [18:24] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_executor_service_proto_init() }
@@ -1303,6 +1451,7 @@ func file_cloudburst_v1_executor_service_proto_init() {
 		return
 	}
 	file_cloudburst_v1_execution_proto_init()
+	file_cloudburst_v1_scheduler_service_proto_init()
 	file_cloudburst_v1_value_proto_init()
 	file_cloudburst_v1_executor_service_proto_msgTypes[2].OneofWrappers = []any{
 		(*StreamTriggersRequest_Hello)(nil),
@@ -1322,7 +1471,7 @@ func file_cloudburst_v1_executor_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cloudburst_v1_executor_service_proto_rawDesc), len(file_cloudburst_v1_executor_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,6 +24,7 @@ const (
 	ExecutorService_PinFunction_FullMethodName       = "/cloudburst.v1.ExecutorService/PinFunction"
 	ExecutorService_UnpinFunction_FullMethodName     = "/cloudburst.v1.ExecutorService/UnpinFunction"
 	ExecutorService_GetExecutorStatus_FullMethodName = "/cloudburst.v1.ExecutorService/GetExecutorStatus"
+	ExecutorService_StreamAnswers_FullMethodName     = "/cloudburst.v1.ExecutorService/StreamAnswers"
 )
 
 // ExecutorServiceClient is the client API for ExecutorService service.
@@ -42,6 +43,9 @@ type ExecutorServiceClient interface {
 	UnpinFunction(ctx context.Context, in *UnpinFunctionRequest, opts ...grpc.CallOption) (*UnpinFunctionResponse, error)
 	// GetExecutorStatus reports pinned functions and load.
 	GetExecutorStatus(ctx context.Context, in *GetExecutorStatusRequest, opts ...grpc.CallOption) (*GetExecutorStatusResponse, error)
+	// StreamAnswers carries to a caller the answers of its calls whose sink runs here, sent directly
+	// instead of through its scheduler (docs/protocol.md, "Answers from the sink").
+	StreamAnswers(ctx context.Context, in *StreamAnswersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamAnswersResponse], error)
 }
 
 type executorServiceClient struct {
@@ -105,6 +109,25 @@ func (c *executorServiceClient) GetExecutorStatus(ctx context.Context, in *GetEx
 	return out, nil
 }
 
+func (c *executorServiceClient) StreamAnswers(ctx context.Context, in *StreamAnswersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamAnswersResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ExecutorService_ServiceDesc.Streams[1], ExecutorService_StreamAnswers_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamAnswersRequest, StreamAnswersResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ExecutorService_StreamAnswersClient = grpc.ServerStreamingClient[StreamAnswersResponse]
+
 // ExecutorServiceServer is the server API for ExecutorService service.
 // All implementations must embed UnimplementedExecutorServiceServer
 // for forward compatibility.
@@ -121,6 +144,9 @@ type ExecutorServiceServer interface {
 	UnpinFunction(context.Context, *UnpinFunctionRequest) (*UnpinFunctionResponse, error)
 	// GetExecutorStatus reports pinned functions and load.
 	GetExecutorStatus(context.Context, *GetExecutorStatusRequest) (*GetExecutorStatusResponse, error)
+	// StreamAnswers carries to a caller the answers of its calls whose sink runs here, sent directly
+	// instead of through its scheduler (docs/protocol.md, "Answers from the sink").
+	StreamAnswers(*StreamAnswersRequest, grpc.ServerStreamingServer[StreamAnswersResponse]) error
 	mustEmbedUnimplementedExecutorServiceServer()
 }
 
@@ -145,6 +171,9 @@ func (UnimplementedExecutorServiceServer) UnpinFunction(context.Context, *UnpinF
 }
 func (UnimplementedExecutorServiceServer) GetExecutorStatus(context.Context, *GetExecutorStatusRequest) (*GetExecutorStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetExecutorStatus not implemented")
+}
+func (UnimplementedExecutorServiceServer) StreamAnswers(*StreamAnswersRequest, grpc.ServerStreamingServer[StreamAnswersResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamAnswers not implemented")
 }
 func (UnimplementedExecutorServiceServer) mustEmbedUnimplementedExecutorServiceServer() {}
 func (UnimplementedExecutorServiceServer) testEmbeddedByValue()                         {}
@@ -246,6 +275,17 @@ func _ExecutorService_GetExecutorStatus_Handler(srv interface{}, ctx context.Con
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ExecutorService_StreamAnswers_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(StreamAnswersRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ExecutorServiceServer).StreamAnswers(m, &grpc.GenericServerStream[StreamAnswersRequest, StreamAnswersResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ExecutorService_StreamAnswersServer = grpc.ServerStreamingServer[StreamAnswersResponse]
+
 // ExecutorService_ServiceDesc is the grpc.ServiceDesc for ExecutorService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -276,6 +316,11 @@ var ExecutorService_ServiceDesc = grpc.ServiceDesc{
 			Handler:       _ExecutorService_StreamTriggers_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
+		},
+		{
+			StreamName:    "StreamAnswers",
+			Handler:       _ExecutorService_StreamAnswers_Handler,
+			ServerStreams: true,
 		},
 	},
 	Metadata: "cloudburst/v1/executor_service.proto",

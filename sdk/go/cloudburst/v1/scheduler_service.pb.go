@@ -1233,7 +1233,10 @@ type ListExecutorsResponse struct {
 	// Increases whenever an executor joins, leaves or is set aside.
 	Version uint64 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
 	// The executors work may be placed on.
-	Executors     []*ExecutorInfo `protobuf:"bytes,2,rep,name=executors,proto3" json:"executors,omitempty"`
+	Executors []*ExecutorInfo `protobuf:"bytes,2,rep,name=executors,proto3" json:"executors,omitempty"`
+	// This scheduler has the sink answer a caller directly on an answer stream the caller holds
+	// at the sink's executor (StreamCallsRequest.answer_streams).
+	DirectAnswers bool `protobuf:"varint,3,opt,name=direct_answers,json=directAnswers,proto3" json:"direct_answers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1280,6 +1283,13 @@ func (x *ListExecutorsResponse) GetExecutors() []*ExecutorInfo {
 		return x.Executors
 	}
 	return nil
+}
+
+func (x *ListExecutorsResponse) GetDirectAnswers() bool {
+	if x != nil {
+		return x.DirectAnswers
+	}
+	return false
 }
 
 // ExecutorInfo describes one executor of a scheduler's pool.
@@ -1393,9 +1403,15 @@ type StreamCallsRequest struct {
 	// to a scheduler that set `reads_batches` in an answer on this stream.
 	Batch []*StreamCallsRequest `protobuf:"bytes,8,rep,name=batch,proto3" json:"batch,omitempty"`
 	// The caller reads answers batched in `StreamCallsResponse.batch`.
-	ReadsBatches  bool `protobuf:"varint,9,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ReadsBatches bool `protobuf:"varint,9,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
+	// The executors at which the caller holds open answer streams, replacing the set sent before
+	// on this stream. A frame that carries this carries no call and is not answered.
+	AnswerStreams *AnswerStreams `protobuf:"bytes,10,opt,name=answer_streams,json=answerStreams,proto3" json:"answer_streams,omitempty"`
+	// An answer stream the caller lost. A frame that carries this carries no call; the scheduler
+	// answers the sequences it lists that were answered on that stream.
+	AnswerStreamLost *AnswerStreamLost `protobuf:"bytes,11,opt,name=answer_stream_lost,json=answerStreamLost,proto3" json:"answer_stream_lost,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *StreamCallsRequest) Reset() {
@@ -1502,6 +1518,20 @@ func (x *StreamCallsRequest) GetReadsBatches() bool {
 	return false
 }
 
+func (x *StreamCallsRequest) GetAnswerStreams() *AnswerStreams {
+	if x != nil {
+		return x.AnswerStreams
+	}
+	return nil
+}
+
+func (x *StreamCallsRequest) GetAnswerStreamLost() *AnswerStreamLost {
+	if x != nil {
+		return x.AnswerStreamLost
+	}
+	return nil
+}
+
 type isStreamCallsRequest_Call interface {
 	isStreamCallsRequest_Call()
 }
@@ -1519,6 +1549,116 @@ type StreamCallsRequest_CallDag struct {
 func (*StreamCallsRequest_CallFunction) isStreamCallsRequest_Call() {}
 
 func (*StreamCallsRequest_CallDag) isStreamCallsRequest_Call() {}
+
+// AnswerStreams names the caller's answer streams (ExecutorService.StreamAnswers).
+type AnswerStreams struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The id the caller opened its answer streams with.
+	AnswerStreamId string `protobuf:"bytes,1,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
+	// The executors, by executor_id as ListExecutors names them, where the stream is registered.
+	ExecutorIds   []string `protobuf:"bytes,2,rep,name=executor_ids,json=executorIds,proto3" json:"executor_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AnswerStreams) Reset() {
+	*x = AnswerStreams{}
+	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AnswerStreams) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AnswerStreams) ProtoMessage() {}
+
+func (x *AnswerStreams) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AnswerStreams.ProtoReflect.Descriptor instead.
+func (*AnswerStreams) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_scheduler_service_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *AnswerStreams) GetAnswerStreamId() string {
+	if x != nil {
+		return x.AnswerStreamId
+	}
+	return ""
+}
+
+func (x *AnswerStreams) GetExecutorIds() []string {
+	if x != nil {
+		return x.ExecutorIds
+	}
+	return nil
+}
+
+// AnswerStreamLost reports an answer stream that broke, and what the caller still waits for.
+type AnswerStreamLost struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The executor whose answer stream broke; no more answers go there until named again.
+	ExecutorId string `protobuf:"bytes,1,opt,name=executor_id,json=executorId,proto3" json:"executor_id,omitempty"`
+	// The sequences of this StreamCalls stream whose outcome the caller has not received.
+	Sequences     []uint64 `protobuf:"varint,2,rep,packed,name=sequences,proto3" json:"sequences,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AnswerStreamLost) Reset() {
+	*x = AnswerStreamLost{}
+	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AnswerStreamLost) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AnswerStreamLost) ProtoMessage() {}
+
+func (x *AnswerStreamLost) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AnswerStreamLost.ProtoReflect.Descriptor instead.
+func (*AnswerStreamLost) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_scheduler_service_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *AnswerStreamLost) GetExecutorId() string {
+	if x != nil {
+		return x.ExecutorId
+	}
+	return ""
+}
+
+func (x *AnswerStreamLost) GetSequences() []uint64 {
+	if x != nil {
+		return x.Sequences
+	}
+	return nil
+}
 
 // StreamCallsResponse answers one StreamCallsRequest: once when accepted, again with the outcome if
 // asked; or once with both, when the call finished by the time it was accepted.
@@ -1546,7 +1686,7 @@ type StreamCallsResponse struct {
 
 func (x *StreamCallsResponse) Reset() {
 	*x = StreamCallsResponse{}
-	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[26]
+	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1558,7 +1698,7 @@ func (x *StreamCallsResponse) String() string {
 func (*StreamCallsResponse) ProtoMessage() {}
 
 func (x *StreamCallsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[26]
+	mi := &file_cloudburst_v1_scheduler_service_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1571,7 +1711,7 @@ func (x *StreamCallsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamCallsResponse.ProtoReflect.Descriptor instead.
 func (*StreamCallsResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_scheduler_service_proto_rawDescGZIP(), []int{26}
+	return file_cloudburst_v1_scheduler_service_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StreamCallsResponse) GetSequence() uint64 {
@@ -1726,10 +1866,11 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\"7\n" +
 	"\x14ListExecutorsRequest\x12\x1f\n" +
 	"\vmin_version\x18\x01 \x01(\x04R\n" +
-	"minVersion\"l\n" +
+	"minVersion\"\x93\x01\n" +
 	"\x15ListExecutorsResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x129\n" +
-	"\texecutors\x18\x02 \x03(\v2\x1b.cloudburst.v1.ExecutorInfoR\texecutors\"\xa9\x01\n" +
+	"\texecutors\x18\x02 \x03(\v2\x1b.cloudburst.v1.ExecutorInfoR\texecutors\x12%\n" +
+	"\x0edirect_answers\x18\x03 \x01(\bR\rdirectAnswers\"\xa9\x01\n" +
 	"\fExecutorInfo\x12\x1f\n" +
 	"\vexecutor_id\x18\x01 \x01(\tR\n" +
 	"executorId\x12\x18\n" +
@@ -1737,7 +1878,7 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x10pinned_functions\x18\x03 \x03(\tR\x0fpinnedFunctions\x12\x12\n" +
 	"\x04load\x18\x04 \x01(\rR\x04load\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
-	"cachedKeys\"\xa2\x04\n" +
+	"cachedKeys\"\xb6\x05\n" +
 	"\x12StreamCallsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12X\n" +
 	"\rtrace_context\x18\x02 \x03(\v23.cloudburst.v1.StreamCallsRequest.TraceContextEntryR\ftraceContext\x12I\n" +
@@ -1749,11 +1890,21 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"releasable\x18\a \x01(\bR\n" +
 	"releasable\x127\n" +
 	"\x05batch\x18\b \x03(\v2!.cloudburst.v1.StreamCallsRequestR\x05batch\x12#\n" +
-	"\rreads_batches\x18\t \x01(\bR\freadsBatches\x1a?\n" +
+	"\rreads_batches\x18\t \x01(\bR\freadsBatches\x12C\n" +
+	"\x0eanswer_streams\x18\n" +
+	" \x01(\v2\x1c.cloudburst.v1.AnswerStreamsR\ranswerStreams\x12M\n" +
+	"\x12answer_stream_lost\x18\v \x01(\v2\x1f.cloudburst.v1.AnswerStreamLostR\x10answerStreamLost\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x06\n" +
-	"\x04call\"\xd5\x02\n" +
+	"\x04call\"\\\n" +
+	"\rAnswerStreams\x12(\n" +
+	"\x10answer_stream_id\x18\x01 \x01(\tR\x0eanswerStreamId\x12!\n" +
+	"\fexecutor_ids\x18\x02 \x03(\tR\vexecutorIds\"Q\n" +
+	"\x10AnswerStreamLost\x12\x1f\n" +
+	"\vexecutor_id\x18\x01 \x01(\tR\n" +
+	"executorId\x12\x1c\n" +
+	"\tsequences\x18\x02 \x03(\x04R\tsequences\"\xd5\x02\n" +
 	"\x13StreamCallsResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12J\n" +
 	"\rcall_function\x18\x02 \x01(\v2#.cloudburst.v1.CallFunctionResponseH\x00R\fcallFunction\x12;\n" +
@@ -1790,7 +1941,7 @@ func file_cloudburst_v1_scheduler_service_proto_rawDescGZIP() []byte {
 	return file_cloudburst_v1_scheduler_service_proto_rawDescData
 }
 
-var file_cloudburst_v1_scheduler_service_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_cloudburst_v1_scheduler_service_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_cloudburst_v1_scheduler_service_proto_goTypes = []any{
 	(*CreateFunctionRequest)(nil),  // 0: cloudburst.v1.CreateFunctionRequest
 	(*CreateFunctionResponse)(nil), // 1: cloudburst.v1.CreateFunctionResponse
@@ -1818,72 +1969,76 @@ var file_cloudburst_v1_scheduler_service_proto_goTypes = []any{
 	(*ListExecutorsResponse)(nil),  // 23: cloudburst.v1.ListExecutorsResponse
 	(*ExecutorInfo)(nil),           // 24: cloudburst.v1.ExecutorInfo
 	(*StreamCallsRequest)(nil),     // 25: cloudburst.v1.StreamCallsRequest
-	(*StreamCallsResponse)(nil),    // 26: cloudburst.v1.StreamCallsResponse
-	nil,                            // 27: cloudburst.v1.CallDagRequest.FunctionArgumentsEntry
-	nil,                            // 28: cloudburst.v1.StreamCallsRequest.TraceContextEntry
-	(*Function)(nil),               // 29: cloudburst.v1.Function
-	(*Dag)(nil),                    // 30: cloudburst.v1.Dag
-	(*Argument)(nil),               // 31: cloudburst.v1.Argument
-	(Serializer)(0),                // 32: cloudburst.v1.Serializer
-	(*Outcome)(nil),                // 33: cloudburst.v1.Outcome
-	(*CallError)(nil),              // 34: cloudburst.v1.CallError
-	(*ArgumentList)(nil),           // 35: cloudburst.v1.ArgumentList
+	(*AnswerStreams)(nil),          // 26: cloudburst.v1.AnswerStreams
+	(*AnswerStreamLost)(nil),       // 27: cloudburst.v1.AnswerStreamLost
+	(*StreamCallsResponse)(nil),    // 28: cloudburst.v1.StreamCallsResponse
+	nil,                            // 29: cloudburst.v1.CallDagRequest.FunctionArgumentsEntry
+	nil,                            // 30: cloudburst.v1.StreamCallsRequest.TraceContextEntry
+	(*Function)(nil),               // 31: cloudburst.v1.Function
+	(*Dag)(nil),                    // 32: cloudburst.v1.Dag
+	(*Argument)(nil),               // 33: cloudburst.v1.Argument
+	(Serializer)(0),                // 34: cloudburst.v1.Serializer
+	(*Outcome)(nil),                // 35: cloudburst.v1.Outcome
+	(*CallError)(nil),              // 36: cloudburst.v1.CallError
+	(*ArgumentList)(nil),           // 37: cloudburst.v1.ArgumentList
 }
 var file_cloudburst_v1_scheduler_service_proto_depIdxs = []int32{
-	29, // 0: cloudburst.v1.CreateFunctionRequest.function:type_name -> cloudburst.v1.Function
-	29, // 1: cloudburst.v1.CreateFunctionResponse.function:type_name -> cloudburst.v1.Function
-	29, // 2: cloudburst.v1.GetFunctionResponse.function:type_name -> cloudburst.v1.Function
-	30, // 3: cloudburst.v1.CreateDagRequest.dag:type_name -> cloudburst.v1.Dag
-	30, // 4: cloudburst.v1.CreateDagResponse.dag:type_name -> cloudburst.v1.Dag
-	30, // 5: cloudburst.v1.GetDagResponse.dag:type_name -> cloudburst.v1.Dag
-	31, // 6: cloudburst.v1.CallFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
-	32, // 7: cloudburst.v1.CallFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
-	33, // 8: cloudburst.v1.CallFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
-	27, // 9: cloudburst.v1.CallDagRequest.function_arguments:type_name -> cloudburst.v1.CallDagRequest.FunctionArgumentsEntry
-	32, // 10: cloudburst.v1.CallDagRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
-	33, // 11: cloudburst.v1.CallDagResponse.outcome:type_name -> cloudburst.v1.Outcome
-	33, // 12: cloudburst.v1.GetResultResponse.outcome:type_name -> cloudburst.v1.Outcome
+	31, // 0: cloudburst.v1.CreateFunctionRequest.function:type_name -> cloudburst.v1.Function
+	31, // 1: cloudburst.v1.CreateFunctionResponse.function:type_name -> cloudburst.v1.Function
+	31, // 2: cloudburst.v1.GetFunctionResponse.function:type_name -> cloudburst.v1.Function
+	32, // 3: cloudburst.v1.CreateDagRequest.dag:type_name -> cloudburst.v1.Dag
+	32, // 4: cloudburst.v1.CreateDagResponse.dag:type_name -> cloudburst.v1.Dag
+	32, // 5: cloudburst.v1.GetDagResponse.dag:type_name -> cloudburst.v1.Dag
+	33, // 6: cloudburst.v1.CallFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
+	34, // 7: cloudburst.v1.CallFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
+	35, // 8: cloudburst.v1.CallFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
+	29, // 9: cloudburst.v1.CallDagRequest.function_arguments:type_name -> cloudburst.v1.CallDagRequest.FunctionArgumentsEntry
+	34, // 10: cloudburst.v1.CallDagRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
+	35, // 11: cloudburst.v1.CallDagResponse.outcome:type_name -> cloudburst.v1.Outcome
+	35, // 12: cloudburst.v1.GetResultResponse.outcome:type_name -> cloudburst.v1.Outcome
 	24, // 13: cloudburst.v1.ListExecutorsResponse.executors:type_name -> cloudburst.v1.ExecutorInfo
-	28, // 14: cloudburst.v1.StreamCallsRequest.trace_context:type_name -> cloudburst.v1.StreamCallsRequest.TraceContextEntry
+	30, // 14: cloudburst.v1.StreamCallsRequest.trace_context:type_name -> cloudburst.v1.StreamCallsRequest.TraceContextEntry
 	16, // 15: cloudburst.v1.StreamCallsRequest.call_function:type_name -> cloudburst.v1.CallFunctionRequest
 	18, // 16: cloudburst.v1.StreamCallsRequest.call_dag:type_name -> cloudburst.v1.CallDagRequest
 	25, // 17: cloudburst.v1.StreamCallsRequest.batch:type_name -> cloudburst.v1.StreamCallsRequest
-	17, // 18: cloudburst.v1.StreamCallsResponse.call_function:type_name -> cloudburst.v1.CallFunctionResponse
-	19, // 19: cloudburst.v1.StreamCallsResponse.call_dag:type_name -> cloudburst.v1.CallDagResponse
-	34, // 20: cloudburst.v1.StreamCallsResponse.error:type_name -> cloudburst.v1.CallError
-	26, // 21: cloudburst.v1.StreamCallsResponse.batch:type_name -> cloudburst.v1.StreamCallsResponse
-	35, // 22: cloudburst.v1.CallDagRequest.FunctionArgumentsEntry.value:type_name -> cloudburst.v1.ArgumentList
-	0,  // 23: cloudburst.v1.SchedulerService.CreateFunction:input_type -> cloudburst.v1.CreateFunctionRequest
-	2,  // 24: cloudburst.v1.SchedulerService.GetFunction:input_type -> cloudburst.v1.GetFunctionRequest
-	4,  // 25: cloudburst.v1.SchedulerService.ListFunctions:input_type -> cloudburst.v1.ListFunctionsRequest
-	6,  // 26: cloudburst.v1.SchedulerService.DeleteFunction:input_type -> cloudburst.v1.DeleteFunctionRequest
-	8,  // 27: cloudburst.v1.SchedulerService.CreateDag:input_type -> cloudburst.v1.CreateDagRequest
-	10, // 28: cloudburst.v1.SchedulerService.GetDag:input_type -> cloudburst.v1.GetDagRequest
-	12, // 29: cloudburst.v1.SchedulerService.ListDags:input_type -> cloudburst.v1.ListDagsRequest
-	14, // 30: cloudburst.v1.SchedulerService.DeleteDag:input_type -> cloudburst.v1.DeleteDagRequest
-	16, // 31: cloudburst.v1.SchedulerService.CallFunction:input_type -> cloudburst.v1.CallFunctionRequest
-	18, // 32: cloudburst.v1.SchedulerService.CallDag:input_type -> cloudburst.v1.CallDagRequest
-	25, // 33: cloudburst.v1.SchedulerService.StreamCalls:input_type -> cloudburst.v1.StreamCallsRequest
-	22, // 34: cloudburst.v1.SchedulerService.ListExecutors:input_type -> cloudburst.v1.ListExecutorsRequest
-	20, // 35: cloudburst.v1.SchedulerService.GetResult:input_type -> cloudburst.v1.GetResultRequest
-	1,  // 36: cloudburst.v1.SchedulerService.CreateFunction:output_type -> cloudburst.v1.CreateFunctionResponse
-	3,  // 37: cloudburst.v1.SchedulerService.GetFunction:output_type -> cloudburst.v1.GetFunctionResponse
-	5,  // 38: cloudburst.v1.SchedulerService.ListFunctions:output_type -> cloudburst.v1.ListFunctionsResponse
-	7,  // 39: cloudburst.v1.SchedulerService.DeleteFunction:output_type -> cloudburst.v1.DeleteFunctionResponse
-	9,  // 40: cloudburst.v1.SchedulerService.CreateDag:output_type -> cloudburst.v1.CreateDagResponse
-	11, // 41: cloudburst.v1.SchedulerService.GetDag:output_type -> cloudburst.v1.GetDagResponse
-	13, // 42: cloudburst.v1.SchedulerService.ListDags:output_type -> cloudburst.v1.ListDagsResponse
-	15, // 43: cloudburst.v1.SchedulerService.DeleteDag:output_type -> cloudburst.v1.DeleteDagResponse
-	17, // 44: cloudburst.v1.SchedulerService.CallFunction:output_type -> cloudburst.v1.CallFunctionResponse
-	19, // 45: cloudburst.v1.SchedulerService.CallDag:output_type -> cloudburst.v1.CallDagResponse
-	26, // 46: cloudburst.v1.SchedulerService.StreamCalls:output_type -> cloudburst.v1.StreamCallsResponse
-	23, // 47: cloudburst.v1.SchedulerService.ListExecutors:output_type -> cloudburst.v1.ListExecutorsResponse
-	21, // 48: cloudburst.v1.SchedulerService.GetResult:output_type -> cloudburst.v1.GetResultResponse
-	36, // [36:49] is the sub-list for method output_type
-	23, // [23:36] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	26, // 18: cloudburst.v1.StreamCallsRequest.answer_streams:type_name -> cloudburst.v1.AnswerStreams
+	27, // 19: cloudburst.v1.StreamCallsRequest.answer_stream_lost:type_name -> cloudburst.v1.AnswerStreamLost
+	17, // 20: cloudburst.v1.StreamCallsResponse.call_function:type_name -> cloudburst.v1.CallFunctionResponse
+	19, // 21: cloudburst.v1.StreamCallsResponse.call_dag:type_name -> cloudburst.v1.CallDagResponse
+	36, // 22: cloudburst.v1.StreamCallsResponse.error:type_name -> cloudburst.v1.CallError
+	28, // 23: cloudburst.v1.StreamCallsResponse.batch:type_name -> cloudburst.v1.StreamCallsResponse
+	37, // 24: cloudburst.v1.CallDagRequest.FunctionArgumentsEntry.value:type_name -> cloudburst.v1.ArgumentList
+	0,  // 25: cloudburst.v1.SchedulerService.CreateFunction:input_type -> cloudburst.v1.CreateFunctionRequest
+	2,  // 26: cloudburst.v1.SchedulerService.GetFunction:input_type -> cloudburst.v1.GetFunctionRequest
+	4,  // 27: cloudburst.v1.SchedulerService.ListFunctions:input_type -> cloudburst.v1.ListFunctionsRequest
+	6,  // 28: cloudburst.v1.SchedulerService.DeleteFunction:input_type -> cloudburst.v1.DeleteFunctionRequest
+	8,  // 29: cloudburst.v1.SchedulerService.CreateDag:input_type -> cloudburst.v1.CreateDagRequest
+	10, // 30: cloudburst.v1.SchedulerService.GetDag:input_type -> cloudburst.v1.GetDagRequest
+	12, // 31: cloudburst.v1.SchedulerService.ListDags:input_type -> cloudburst.v1.ListDagsRequest
+	14, // 32: cloudburst.v1.SchedulerService.DeleteDag:input_type -> cloudburst.v1.DeleteDagRequest
+	16, // 33: cloudburst.v1.SchedulerService.CallFunction:input_type -> cloudburst.v1.CallFunctionRequest
+	18, // 34: cloudburst.v1.SchedulerService.CallDag:input_type -> cloudburst.v1.CallDagRequest
+	25, // 35: cloudburst.v1.SchedulerService.StreamCalls:input_type -> cloudburst.v1.StreamCallsRequest
+	22, // 36: cloudburst.v1.SchedulerService.ListExecutors:input_type -> cloudburst.v1.ListExecutorsRequest
+	20, // 37: cloudburst.v1.SchedulerService.GetResult:input_type -> cloudburst.v1.GetResultRequest
+	1,  // 38: cloudburst.v1.SchedulerService.CreateFunction:output_type -> cloudburst.v1.CreateFunctionResponse
+	3,  // 39: cloudburst.v1.SchedulerService.GetFunction:output_type -> cloudburst.v1.GetFunctionResponse
+	5,  // 40: cloudburst.v1.SchedulerService.ListFunctions:output_type -> cloudburst.v1.ListFunctionsResponse
+	7,  // 41: cloudburst.v1.SchedulerService.DeleteFunction:output_type -> cloudburst.v1.DeleteFunctionResponse
+	9,  // 42: cloudburst.v1.SchedulerService.CreateDag:output_type -> cloudburst.v1.CreateDagResponse
+	11, // 43: cloudburst.v1.SchedulerService.GetDag:output_type -> cloudburst.v1.GetDagResponse
+	13, // 44: cloudburst.v1.SchedulerService.ListDags:output_type -> cloudburst.v1.ListDagsResponse
+	15, // 45: cloudburst.v1.SchedulerService.DeleteDag:output_type -> cloudburst.v1.DeleteDagResponse
+	17, // 46: cloudburst.v1.SchedulerService.CallFunction:output_type -> cloudburst.v1.CallFunctionResponse
+	19, // 47: cloudburst.v1.SchedulerService.CallDag:output_type -> cloudburst.v1.CallDagResponse
+	28, // 48: cloudburst.v1.SchedulerService.StreamCalls:output_type -> cloudburst.v1.StreamCallsResponse
+	23, // 49: cloudburst.v1.SchedulerService.ListExecutors:output_type -> cloudburst.v1.ListExecutorsResponse
+	21, // 50: cloudburst.v1.SchedulerService.GetResult:output_type -> cloudburst.v1.GetResultResponse
+	38, // [38:51] is the sub-list for method output_type
+	25, // [25:38] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_scheduler_service_proto_init() }
@@ -1899,7 +2054,7 @@ func file_cloudburst_v1_scheduler_service_proto_init() {
 		(*StreamCallsRequest_CallFunction)(nil),
 		(*StreamCallsRequest_CallDag)(nil),
 	}
-	file_cloudburst_v1_scheduler_service_proto_msgTypes[26].OneofWrappers = []any{
+	file_cloudburst_v1_scheduler_service_proto_msgTypes[28].OneofWrappers = []any{
 		(*StreamCallsResponse_CallFunction)(nil),
 		(*StreamCallsResponse_CallDag)(nil),
 		(*StreamCallsResponse_Error)(nil),
@@ -1910,7 +2065,7 @@ func file_cloudburst_v1_scheduler_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cloudburst_v1_scheduler_service_proto_rawDesc), len(file_cloudburst_v1_scheduler_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   29,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -59,6 +59,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead)."""
     ERROR_REASON_SERIALIZATION_FAILED: _ErrorReason.ValueType  # 16
     """A value cannot be encoded with any serializer the caller accepts, or cannot be read."""
+    ERROR_REASON_ANSWER_LOST: _ErrorReason.ValueType  # 17
+    """The call ran, but its answer was lost with the connection to the executor that sent it."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the reason carried in google.rpc.ErrorInfo (without the ERROR_REASON_ prefix)."""
@@ -97,6 +99,8 @@ ERROR_REASON_MAILBOX_NOT_FOUND: ErrorReason.ValueType  # 15
 """No mailbox has the id (a closed one answers StreamMessagesResponse.dropped instead)."""
 ERROR_REASON_SERIALIZATION_FAILED: ErrorReason.ValueType  # 16
 """A value cannot be encoded with any serializer the caller accepts, or cannot be read."""
+ERROR_REASON_ANSWER_LOST: ErrorReason.ValueType  # 17
+"""The call ran, but its answer was lost with the connection to the executor that sent it."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from cloudburst.v1 import execution_pb2 as cloudburst_dot_v1_dot_execution__pb2
+from cloudburst.v1 import scheduler_service_pb2 as cloudburst_dot_v1_dot_scheduler__service__pb2
 from cloudburst.v1 import value_pb2 as cloudburst_dot_v1_dot_value__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1d\x63loudburst/v1/execution.proto\x1a\x19\x63loudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x03\n\x16\x45xecuteFunctionRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rfunction_name\x18\x02 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x03 \x01(\x04\x12*\n\targuments\x18\x04 \x03(\x0b\x32\x17.cloudburst.v1.Argument\x12\x14\n\x0cresponse_key\x18\x05 \x01(\t\x12\x17\n\x0f\x64irect_response\x18\x06 \x01(\x08\x12N\n\rtrace_context\x18\x07 \x03(\x0b\x32\x37.cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry\x12\x35\n\x12\x61\x63\x63\x65pt_serializers\x18\x08 \x03(\x0e\x32\x19.cloudburst.v1.Serializer\x12\x31\n\rdeadline_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x17\x45xecuteFunctionResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\"\xce\x02\n\x15StreamTriggersRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x05hello\x18\x03 \x01(\x0b\x32\x1b.cloudburst.v1.TriggerHelloH\x00\x12)\n\x07trigger\x18\x04 \x01(\x0b\x32\x16.cloudburst.v1.TriggerH\x00\x12\x34\n\rexpect_result\x18\x05 \x01(\x0b\x32\x1b.cloudburst.v1.ExpectResultH\x00\x12\x41\n\x10\x65xecute_function\x18\x06 \x01(\x0b\x32%.cloudburst.v1.ExecuteFunctionRequestH\x00\x12\x33\n\x05\x62\x61tch\x18\x07 \x03(\x0b\x32$.cloudburst.v1.StreamTriggersRequestB\x07\n\x05\x66rameJ\x04\x08\x02\x10\x03R\rtrace_context\"\xde\x02\n\x16StreamTriggersResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\ndag_result\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.DagResultH\x00\x12\x42\n\x10\x65xecute_function\x18\x03 \x01(\x0b\x32&.cloudburst.v1.ExecuteFunctionResponseH\x00\x12\x32\n\x0c\x63\x61\x63he_report\x18\x04 \x01(\x0b\x32\x1a.cloudburst.v1.CacheReportH\x00\x12\x34\n\rresult_stored\x18\x05 \x01(\x0b\x32\x1b.cloudburst.v1.ResultStoredH\x00\x12\x34\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32%.cloudburst.v1.StreamTriggersResponse\x12\x15\n\rreads_batches\x18\x07 \x01(\x08\x42\x07\n\x05\x66rame\"$\n\x0cResultStored\x12\x14\n\x0cresponse_key\x18\x01 \x01(\t\"6\n\x0cTriggerHello\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rreads_batches\x18\x02 \x01(\x08\"\x1f\n\x0c\x45xpectResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"E\n\tDagResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\"E\n\x12PinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x02 \x01(\x04\"\x15\n\x13PinFunctionResponse\"-\n\x14UnpinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\"\x17\n\x15UnpinFunctionResponse\"\x1a\n\x18GetExecutorStatusRequest\"\xb0\x01\n\x19GetExecutorStatusResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x18\n\x10pinned_functions\x18\x02 \x03(\t\x12\x14\n\x0c\x61\x63tive_calls\x18\x03 \x01(\r\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x13\n\x0b\x63\x61\x63hed_keys\x18\x05 \x03(\t\x12(\n\x05\x63\x61\x63he\x18\x06 \x01(\x0b\x32\x19.cloudburst.v1.CacheStats\";\n\x0b\x43\x61\x63heReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\"p\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x11\n\tmax_bytes\x18\x06 \x01(\x04\x32\xf0\x03\n\x0f\x45xecutorService\x12`\n\x0f\x45xecuteFunction\x12%.cloudburst.v1.ExecuteFunctionRequest\x1a&.cloudburst.v1.ExecuteFunctionResponse\x12\x61\n\x0eStreamTriggers\x12$.cloudburst.v1.StreamTriggersRequest\x1a%.cloudburst.v1.StreamTriggersResponse(\x01\x30\x01\x12T\n\x0bPinFunction\x12!.cloudburst.v1.PinFunctionRequest\x1a\".cloudburst.v1.PinFunctionResponse\x12Z\n\rUnpinFunction\x12#.cloudburst.v1.UnpinFunctionRequest\x1a$.cloudburst.v1.UnpinFunctionResponse\x12\x66\n\x11GetExecutorStatus\x12\'.cloudburst.v1.GetExecutorStatusRequest\x1a(.cloudburst.v1.GetExecutorStatusResponseB\x95\x01\n\x11\x63om.cloudburst.v1B\x14\x45xecutorServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1d\x63loudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19\x63loudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x03\n\x16\x45xecuteFunctionRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rfunction_name\x18\x02 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x03 \x01(\x04\x12*\n\targuments\x18\x04 \x03(\x0b\x32\x17.cloudburst.v1.Argument\x12\x14\n\x0cresponse_key\x18\x05 \x01(\t\x12\x17\n\x0f\x64irect_response\x18\x06 \x01(\x08\x12N\n\rtrace_context\x18\x07 \x03(\x0b\x32\x37.cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry\x12\x35\n\x12\x61\x63\x63\x65pt_serializers\x18\x08 \x03(\x0e\x32\x19.cloudburst.v1.Serializer\x12\x31\n\rdeadline_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x17\x45xecuteFunctionResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\"\xce\x02\n\x15StreamTriggersRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x05hello\x18\x03 \x01(\x0b\x32\x1b.cloudburst.v1.TriggerHelloH\x00\x12)\n\x07trigger\x18\x04 \x01(\x0b\x32\x16.cloudburst.v1.TriggerH\x00\x12\x34\n\rexpect_result\x18\x05 \x01(\x0b\x32\x1b.cloudburst.v1.ExpectResultH\x00\x12\x41\n\x10\x65xecute_function\x18\x06 \x01(\x0b\x32%.cloudburst.v1.ExecuteFunctionRequestH\x00\x12\x33\n\x05\x62\x61tch\x18\x07 \x03(\x0b\x32$.cloudburst.v1.StreamTriggersRequestB\x07\n\x05\x66rameJ\x04\x08\x02\x10\x03R\rtrace_context\"\xde\x02\n\x16StreamTriggersResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\ndag_result\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.DagResultH\x00\x12\x42\n\x10\x65xecute_function\x18\x03 \x01(\x0b\x32&.cloudburst.v1.ExecuteFunctionResponseH\x00\x12\x32\n\x0c\x63\x61\x63he_report\x18\x04 \x01(\x0b\x32\x1a.cloudburst.v1.CacheReportH\x00\x12\x34\n\rresult_stored\x18\x05 \x01(\x0b\x32\x1b.cloudburst.v1.ResultStoredH\x00\x12\x34\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32%.cloudburst.v1.StreamTriggersResponse\x12\x15\n\rreads_batches\x18\x07 \x01(\x08\x42\x07\n\x05\x66rame\"$\n\x0cResultStored\x12\x14\n\x0cresponse_key\x18\x01 \x01(\t\"6\n\x0cTriggerHello\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rreads_batches\x18\x02 \x01(\x08\"R\n\x0c\x45xpectResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x18\n\x10\x61nswer_stream_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61nswer_sequence\x18\x03 \x01(\x04\"a\n\tDagResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\x12\x1a\n\x12\x64\x65livered_directly\x18\x03 \x01(\x08\"E\n\x12PinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x02 \x01(\x04\"\x15\n\x13PinFunctionResponse\"-\n\x14UnpinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\"\x17\n\x15UnpinFunctionResponse\"\x1a\n\x18GetExecutorStatusRequest\"\xb0\x01\n\x19GetExecutorStatusResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x18\n\x10pinned_functions\x18\x02 \x03(\t\x12\x14\n\x0c\x61\x63tive_calls\x18\x03 \x01(\r\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x13\n\x0b\x63\x61\x63hed_keys\x18\x05 \x03(\t\x12(\n\x05\x63\x61\x63he\x18\x06 \x01(\x0b\x32\x19.cloudburst.v1.CacheStats\"0\n\x14StreamAnswersRequest\x12\x18\n\x10\x61nswer_stream_id\x18\x01 \x01(\t\"`\n\x15StreamAnswersResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x33\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\".cloudburst.v1.StreamCallsResponse\";\n\x0b\x43\x61\x63heReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\"p\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x11\n\tmax_bytes\x18\x06 \x01(\x04\x32\xce\x04\n\x0f\x45xecutorService\x12`\n\x0f\x45xecuteFunction\x12%.cloudburst.v1.ExecuteFunctionRequest\x1a&.cloudburst.v1.ExecuteFunctionResponse\x12\x61\n\x0eStreamTriggers\x12$.cloudburst.v1.StreamTriggersRequest\x1a%.cloudburst.v1.StreamTriggersResponse(\x01\x30\x01\x12T\n\x0bPinFunction\x12!.cloudburst.v1.PinFunctionRequest\x1a\".cloudburst.v1.PinFunctionResponse\x12Z\n\rUnpinFunction\x12#.cloudburst.v1.UnpinFunctionRequest\x1a$.cloudburst.v1.UnpinFunctionResponse\x12\x66\n\x11GetExecutorStatus\x12\'.cloudburst.v1.GetExecutorStatusRequest\x1a(.cloudburst.v1.GetExecutorStatusResponse\x12\\\n\rStreamAnswers\x12#.cloudburst.v1.StreamAnswersRequest\x1a$.cloudburst.v1.StreamAnswersResponse0\x01\x42\x95\x01\n\x11\x63om.cloudburst.v1B\x14\x45xecutorServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +38,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\021com.cloudburst.v1B\024ExecutorServiceProtoP\001Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\242\002\003CXX\252\002\rCloudburst.V1\312\002\rCloudburst\\V1\352\002\016Cloudburst::V1'
   _globals['_EXECUTEFUNCTIONREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_EXECUTEFUNCTIONREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_EXECUTEFUNCTIONREQUEST']._serialized_start=147
-  _globals['_EXECUTEFUNCTIONREQUEST']._serialized_end=567
-  _globals['_EXECUTEFUNCTIONREQUEST_TRACECONTEXTENTRY']._serialized_start=516
-  _globals['_EXECUTEFUNCTIONREQUEST_TRACECONTEXTENTRY']._serialized_end=567
-  _globals['_EXECUTEFUNCTIONRESPONSE']._serialized_start=569
-  _globals['_EXECUTEFUNCTIONRESPONSE']._serialized_end=635
-  _globals['_STREAMTRIGGERSREQUEST']._serialized_start=638
-  _globals['_STREAMTRIGGERSREQUEST']._serialized_end=972
-  _globals['_STREAMTRIGGERSRESPONSE']._serialized_start=975
-  _globals['_STREAMTRIGGERSRESPONSE']._serialized_end=1325
-  _globals['_RESULTSTORED']._serialized_start=1327
-  _globals['_RESULTSTORED']._serialized_end=1363
-  _globals['_TRIGGERHELLO']._serialized_start=1365
-  _globals['_TRIGGERHELLO']._serialized_end=1419
-  _globals['_EXPECTRESULT']._serialized_start=1421
-  _globals['_EXPECTRESULT']._serialized_end=1452
-  _globals['_DAGRESULT']._serialized_start=1454
-  _globals['_DAGRESULT']._serialized_end=1523
-  _globals['_PINFUNCTIONREQUEST']._serialized_start=1525
-  _globals['_PINFUNCTIONREQUEST']._serialized_end=1594
-  _globals['_PINFUNCTIONRESPONSE']._serialized_start=1596
-  _globals['_PINFUNCTIONRESPONSE']._serialized_end=1617
-  _globals['_UNPINFUNCTIONREQUEST']._serialized_start=1619
-  _globals['_UNPINFUNCTIONREQUEST']._serialized_end=1664
-  _globals['_UNPINFUNCTIONRESPONSE']._serialized_start=1666
-  _globals['_UNPINFUNCTIONRESPONSE']._serialized_end=1689
-  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_start=1691
-  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_end=1717
-  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_start=1720
-  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_end=1896
-  _globals['_CACHEREPORT']._serialized_start=1898
-  _globals['_CACHEREPORT']._serialized_end=1957
-  _globals['_CACHESTATS']._serialized_start=1959
-  _globals['_CACHESTATS']._serialized_end=2071
-  _globals['_EXECUTORSERVICE']._serialized_start=2074
-  _globals['_EXECUTORSERVICE']._serialized_end=2570
+  _globals['_EXECUTEFUNCTIONREQUEST']._serialized_start=186
+  _globals['_EXECUTEFUNCTIONREQUEST']._serialized_end=606
+  _globals['_EXECUTEFUNCTIONREQUEST_TRACECONTEXTENTRY']._serialized_start=555
+  _globals['_EXECUTEFUNCTIONREQUEST_TRACECONTEXTENTRY']._serialized_end=606
+  _globals['_EXECUTEFUNCTIONRESPONSE']._serialized_start=608
+  _globals['_EXECUTEFUNCTIONRESPONSE']._serialized_end=674
+  _globals['_STREAMTRIGGERSREQUEST']._serialized_start=677
+  _globals['_STREAMTRIGGERSREQUEST']._serialized_end=1011
+  _globals['_STREAMTRIGGERSRESPONSE']._serialized_start=1014
+  _globals['_STREAMTRIGGERSRESPONSE']._serialized_end=1364
+  _globals['_RESULTSTORED']._serialized_start=1366
+  _globals['_RESULTSTORED']._serialized_end=1402
+  _globals['_TRIGGERHELLO']._serialized_start=1404
+  _globals['_TRIGGERHELLO']._serialized_end=1458
+  _globals['_EXPECTRESULT']._serialized_start=1460
+  _globals['_EXPECTRESULT']._serialized_end=1542
+  _globals['_DAGRESULT']._serialized_start=1544
+  _globals['_DAGRESULT']._serialized_end=1641
+  _globals['_PINFUNCTIONREQUEST']._serialized_start=1643
+  _globals['_PINFUNCTIONREQUEST']._serialized_end=1712
+  _globals['_PINFUNCTIONRESPONSE']._serialized_start=1714
+  _globals['_PINFUNCTIONRESPONSE']._serialized_end=1735
+  _globals['_UNPINFUNCTIONREQUEST']._serialized_start=1737
+  _globals['_UNPINFUNCTIONREQUEST']._serialized_end=1782
+  _globals['_UNPINFUNCTIONRESPONSE']._serialized_start=1784
+  _globals['_UNPINFUNCTIONRESPONSE']._serialized_end=1807
+  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_start=1809
+  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_end=1835
+  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_start=1838
+  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_end=2014
+  _globals['_STREAMANSWERSREQUEST']._serialized_start=2016
+  _globals['_STREAMANSWERSREQUEST']._serialized_end=2064
+  _globals['_STREAMANSWERSRESPONSE']._serialized_start=2066
+  _globals['_STREAMANSWERSRESPONSE']._serialized_end=2162
+  _globals['_CACHEREPORT']._serialized_start=2164
+  _globals['_CACHEREPORT']._serialized_end=2223
+  _globals['_CACHESTATS']._serialized_start=2225
+  _globals['_CACHESTATS']._serialized_end=2337
+  _globals['_EXECUTORSERVICE']._serialized_start=2340
+  _globals['_EXECUTORSERVICE']._serialized_end=2930
 # @@protoc_insertion_point(module_scope)

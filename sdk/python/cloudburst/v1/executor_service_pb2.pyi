@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from cloudburst.v1 import execution_pb2 as _execution_pb2
+from cloudburst.v1 import scheduler_service_pb2 as _scheduler_service_pb2
 from cloudburst.v1 import value_pb2 as _value_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -306,16 +307,26 @@ class ExpectResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CALL_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_SEQUENCE_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call whose sink result is expected."""
+    answer_stream_id: _builtins.str
+    """When set, the caller's answer stream (StreamAnswers) to write the result to if it is open
+    here; the DagResult on this stream then says only `delivered_directly`.
+    """
+    answer_sequence: _builtins.int
+    """The StreamCalls sequence of the call, which the answer on the answer stream carries."""
     def __init__(
         self,
         *,
         call_id: _builtins.str = ...,
+        answer_stream_id: _builtins.str = ...,
+        answer_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "call_id", b"call_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,21 +340,25 @@ class DagResult(_message.Message):
 
     CALL_ID_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    DELIVERED_DIRECTLY_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The call the result belongs to."""
+    delivered_directly: _builtins.bool
+    """The outcome went to the caller's answer stream named in ExpectResult."""
     @_builtins.property
     def outcome(self) -> _execution_pb2.Outcome:
-        """The sink's outcome."""
+        """The sink's outcome; unset when `delivered_directly`."""
 
     def __init__(
         self,
         *,
         call_id: _builtins.str = ...,
         outcome: _execution_pb2.Outcome | None = ...,
+        delivered_directly: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "delivered_directly", b"delivered_directly", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +510,60 @@ class GetExecutorStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExecutorStatusResponse: _TypeAlias = GetExecutorStatusResponse  # noqa: Y015
+
+@_typing.final
+class StreamAnswersRequest(_message.Message):
+    """StreamAnswersRequest opens a caller's answer stream at an executor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
+    answer_stream_id: _builtins.str
+    """The stream's id, chosen by the caller: 128 random bits in 32 hexadecimal digits. It is a
+    capability: whoever knows it receives the answers sent to it.
+    """
+    def __init__(
+        self,
+        *,
+        answer_stream_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_id", b"answer_stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAnswersRequest: _TypeAlias = StreamAnswersRequest  # noqa: Y015
+
+@_typing.final
+class StreamAnswersResponse(_message.Message):
+    """StreamAnswersResponse is one message of an answer stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    registered: _builtins.bool
+    """Set in the first message only: the stream is registered, and answers may be sent to it."""
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[_scheduler_service_pb2.StreamCallsResponse]:
+        """Answers to calls of the caller's StreamCalls stream, in order, exactly as the scheduler
+        would have sent them there.
+        """
+
+    def __init__(
+        self,
+        *,
+        registered: _builtins.bool = ...,
+        answers: _abc.Iterable[_scheduler_service_pb2.StreamCallsResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "registered", b"registered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAnswersResponse: _TypeAlias = StreamAnswersResponse  # noqa: Y015
 
 @_typing.final
 class CacheReport(_message.Message):

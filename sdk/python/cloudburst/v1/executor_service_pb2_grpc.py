@@ -60,6 +60,11 @@ class ExecutorServiceStub:
                 request_serializer=cloudburst_dot_v1_dot_executor__service__pb2.GetExecutorStatusRequest.SerializeToString,
                 response_deserializer=cloudburst_dot_v1_dot_executor__service__pb2.GetExecutorStatusResponse.FromString,
                 _registered_method=True)
+        self.StreamAnswers = channel.unary_stream(
+                '/cloudburst.v1.ExecutorService/StreamAnswers',
+                request_serializer=cloudburst_dot_v1_dot_executor__service__pb2.StreamAnswersRequest.SerializeToString,
+                response_deserializer=cloudburst_dot_v1_dot_executor__service__pb2.StreamAnswersResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -101,6 +106,14 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamAnswers(self, request, context):
+        """StreamAnswers carries to a caller the answers of its calls whose sink runs here, sent directly
+        instead of through its scheduler (docs/protocol.md, "Answers from the sink").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.GetExecutorStatus,
                     request_deserializer=cloudburst_dot_v1_dot_executor__service__pb2.GetExecutorStatusRequest.FromString,
                     response_serializer=cloudburst_dot_v1_dot_executor__service__pb2.GetExecutorStatusResponse.SerializeToString,
+            ),
+            'StreamAnswers': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamAnswers,
+                    request_deserializer=cloudburst_dot_v1_dot_executor__service__pb2.StreamAnswersRequest.FromString,
+                    response_serializer=cloudburst_dot_v1_dot_executor__service__pb2.StreamAnswersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class ExecutorService:
             '/cloudburst.v1.ExecutorService/GetExecutorStatus',
             cloudburst_dot_v1_dot_executor__service__pb2.GetExecutorStatusRequest.SerializeToString,
             cloudburst_dot_v1_dot_executor__service__pb2.GetExecutorStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAnswers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cloudburst.v1.ExecutorService/StreamAnswers',
+            cloudburst_dot_v1_dot_executor__service__pb2.StreamAnswersRequest.SerializeToString,
+            cloudburst_dot_v1_dot_executor__service__pb2.StreamAnswersResponse.FromString,
             options,
             channel_credentials,
             insecure,

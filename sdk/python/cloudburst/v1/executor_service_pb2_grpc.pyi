@@ -43,6 +43,10 @@ class ExecutorServiceStub:
     """UnpinFunction releases a pinned function and its class instance."""
     GetExecutorStatus: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.GetExecutorStatusRequest, _executor_service_pb2.GetExecutorStatusResponse]
     """GetExecutorStatus reports pinned functions and load."""
+    StreamAnswers: _grpc.UnaryStreamMultiCallable[_executor_service_pb2.StreamAnswersRequest, _executor_service_pb2.StreamAnswersResponse]
+    """StreamAnswers carries to a caller the answers of its calls whose sink runs here, sent directly
+    instead of through its scheduler (docs/protocol.md, "Answers from the sink").
+    """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -59,6 +63,10 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     """UnpinFunction releases a pinned function and its class instance."""
     GetExecutorStatus: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.GetExecutorStatusRequest, _executor_service_pb2.GetExecutorStatusResponse]  # type: ignore[assignment]
     """GetExecutorStatus reports pinned functions and load."""
+    StreamAnswers: _aio.UnaryStreamMultiCallable[_executor_service_pb2.StreamAnswersRequest, _executor_service_pb2.StreamAnswersResponse]  # type: ignore[assignment]
+    """StreamAnswers carries to a caller the answers of its calls whose sink runs here, sent directly
+    instead of through its scheduler (docs/protocol.md, "Answers from the sink").
+    """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """ExecutorService runs user functions and DAG stages."""
@@ -102,5 +110,15 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_service_pb2.GetExecutorStatusResponse, _abc.Awaitable[_executor_service_pb2.GetExecutorStatusResponse]]:
         """GetExecutorStatus reports pinned functions and load."""
+
+    @_abc_1.abstractmethod
+    def StreamAnswers(
+        self,
+        request: _executor_service_pb2.StreamAnswersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_service_pb2.StreamAnswersResponse], _abc.AsyncIterator[_executor_service_pb2.StreamAnswersResponse]]:
+        """StreamAnswers carries to a caller the answers of its calls whose sink runs here, sent directly
+        instead of through its scheduler (docs/protocol.md, "Answers from the sink").
+        """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -655,8 +655,13 @@ class ListExecutorsResponse(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     EXECUTORS_FIELD_NUMBER: _builtins.int
+    DIRECT_ANSWERS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Increases whenever an executor joins, leaves or is set aside."""
+    direct_answers: _builtins.bool
+    """This scheduler has the sink answer a caller directly on an answer stream the caller holds
+    at the sink's executor (StreamCallsRequest.answer_streams).
+    """
     @_builtins.property
     def executors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutorInfo]:
         """The executors work may be placed on."""
@@ -666,10 +671,11 @@ class ListExecutorsResponse(_message.Message):
         *,
         version: _builtins.int = ...,
         executors: _abc.Iterable[Global___ExecutorInfo] | None = ...,
+        direct_answers: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct_answers", b"direct_answers", "executors", b"executors", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -752,6 +758,8 @@ class StreamCallsRequest(_message.Message):
     RELEASABLE_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     READS_BATCHES_FIELD_NUMBER: _builtins.int
+    ANSWER_STREAMS_FIELD_NUMBER: _builtins.int
+    ANSWER_STREAM_LOST_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
     stream_outcome: _builtins.bool
@@ -790,6 +798,18 @@ class StreamCallsRequest(_message.Message):
         to a scheduler that set `reads_batches` in an answer on this stream.
         """
 
+    @_builtins.property
+    def answer_streams(self) -> Global___AnswerStreams:
+        """The executors at which the caller holds open answer streams, replacing the set sent before
+        on this stream. A frame that carries this carries no call and is not answered.
+        """
+
+    @_builtins.property
+    def answer_stream_lost(self) -> Global___AnswerStreamLost:
+        """An answer stream the caller lost. A frame that carries this carries no call; the scheduler
+        answers the sequences it lists that were answered on that stream.
+        """
+
     def __init__(
         self,
         *,
@@ -802,16 +822,74 @@ class StreamCallsRequest(_message.Message):
         releasable: _builtins.bool = ...,
         batch: _abc.Iterable[Global___StreamCallsRequest] | None = ...,
         reads_batches: _builtins.bool = ...,
+        answer_streams: Global___AnswerStreams | None = ...,
+        answer_stream_lost: Global___AnswerStreamLost | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["call_function", "call_dag"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
 
 Global___StreamCallsRequest: _TypeAlias = StreamCallsRequest  # noqa: Y015
+
+@_typing.final
+class AnswerStreams(_message.Message):
+    """AnswerStreams names the caller's answer streams (ExecutorService.StreamAnswers)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
+    EXECUTOR_IDS_FIELD_NUMBER: _builtins.int
+    answer_stream_id: _builtins.str
+    """The id the caller opened its answer streams with."""
+    @_builtins.property
+    def executor_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The executors, by executor_id as ListExecutors names them, where the stream is registered."""
+
+    def __init__(
+        self,
+        *,
+        answer_stream_id: _builtins.str = ...,
+        executor_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_id", b"answer_stream_id", "executor_ids", b"executor_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerStreams: _TypeAlias = AnswerStreams  # noqa: Y015
+
+@_typing.final
+class AnswerStreamLost(_message.Message):
+    """AnswerStreamLost reports an answer stream that broke, and what the caller still waits for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTOR_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCES_FIELD_NUMBER: _builtins.int
+    executor_id: _builtins.str
+    """The executor whose answer stream broke; no more answers go there until named again."""
+    @_builtins.property
+    def sequences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The sequences of this StreamCalls stream whose outcome the caller has not received."""
+
+    def __init__(
+        self,
+        *,
+        executor_id: _builtins.str = ...,
+        sequences: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executor_id", b"executor_id", "sequences", b"sequences"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerStreamLost: _TypeAlias = AnswerStreamLost  # noqa: Y015
 
 @_typing.final
 class StreamCallsResponse(_message.Message):

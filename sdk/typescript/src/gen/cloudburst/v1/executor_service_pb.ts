@@ -6,6 +6,8 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Outcome, Trigger } from "./execution_pb.js";
 import { file_cloudburst_v1_execution } from "./execution_pb.js";
+import type { StreamCallsResponse } from "./scheduler_service_pb.js";
+import { file_cloudburst_v1_scheduler_service } from "./scheduler_service_pb.js";
 import type { Argument, Serializer } from "./value_pb.js";
 import { file_cloudburst_v1_value } from "./value_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
@@ -16,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cloudburst/v1/executor_service.proto.
  */
 export const file_cloudburst_v1_executor_service: GenFile = /*@__PURE__*/
-  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEipAMKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEjEKDWRlYWRsaW5lX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiQgoXRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USJwoHb3V0Y29tZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZSLOAgoVU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0EhAKCHNlcXVlbmNlGAEgASgEEiwKBWhlbGxvGAMgASgLMhsuY2xvdWRidXJzdC52MS5UcmlnZ2VySGVsbG9IABIpCgd0cmlnZ2VyGAQgASgLMhYuY2xvdWRidXJzdC52MS5UcmlnZ2VySAASNAoNZXhwZWN0X3Jlc3VsdBgFIAEoCzIbLmNsb3VkYnVyc3QudjEuRXhwZWN0UmVzdWx0SAASQQoQZXhlY3V0ZV9mdW5jdGlvbhgGIAEoCzIlLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVxdWVzdEgAEjMKBWJhdGNoGAcgAygLMiQuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1JlcXVlc3RCBwoFZnJhbWVKBAgCEANSDXRyYWNlX2NvbnRleHQi3gIKFlN0cmVhbVRyaWdnZXJzUmVzcG9uc2USEAoIc2VxdWVuY2UYASABKAQSLgoKZGFnX3Jlc3VsdBgCIAEoCzIYLmNsb3VkYnVyc3QudjEuRGFnUmVzdWx0SAASQgoQZXhlY3V0ZV9mdW5jdGlvbhgDIAEoCzImLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2VIABIyCgxjYWNoZV9yZXBvcnQYBCABKAsyGi5jbG91ZGJ1cnN0LnYxLkNhY2hlUmVwb3J0SAASNAoNcmVzdWx0X3N0b3JlZBgFIAEoCzIbLmNsb3VkYnVyc3QudjEuUmVzdWx0U3RvcmVkSAASNAoFYmF0Y2gYBiADKAsyJS5jbG91ZGJ1cnN0LnYxLlN0cmVhbVRyaWdnZXJzUmVzcG9uc2USFQoNcmVhZHNfYmF0Y2hlcxgHIAEoCEIHCgVmcmFtZSIkCgxSZXN1bHRTdG9yZWQSFAoMcmVzcG9uc2Vfa2V5GAEgASgJIjYKDFRyaWdnZXJIZWxsbxIPCgdwZWVyX2lkGAEgASgJEhUKDXJlYWRzX2JhdGNoZXMYAiABKAgiHwoMRXhwZWN0UmVzdWx0Eg8KB2NhbGxfaWQYASABKAkiRQoJRGFnUmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSJwoHb3V0Y29tZRgCIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZSJFChJQaW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCRIYChBmdW5jdGlvbl92ZXJzaW9uGAIgASgEIhUKE1BpbkZ1bmN0aW9uUmVzcG9uc2UiLQoUVW5waW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCSIXChVVbnBpbkZ1bmN0aW9uUmVzcG9uc2UiGgoYR2V0RXhlY3V0b3JTdGF0dXNSZXF1ZXN0IrABChlHZXRFeGVjdXRvclN0YXR1c1Jlc3BvbnNlEhMKC2V4ZWN1dG9yX2lkGAEgASgJEhgKEHBpbm5lZF9mdW5jdGlvbnMYAiADKAkSFAoMYWN0aXZlX2NhbGxzGAMgASgNEg8KB3RocmVhZHMYBCABKA0SEwoLY2FjaGVkX2tleXMYBSADKAkSKAoFY2FjaGUYBiABKAsyGS5jbG91ZGJ1cnN0LnYxLkNhY2hlU3RhdHMiOwoLQ2FjaGVSZXBvcnQSDAoEZnVsbBgBIAEoCBINCgVhZGRlZBgCIAMoCRIPCgdyZW1vdmVkGAMgAygJInAKCkNhY2hlU3RhdHMSDAoEaGl0cxgBIAEoBBIOCgZtaXNzZXMYAiABKAQSEQoJZXZpY3Rpb25zGAMgASgEEg0KBWJ5dGVzGAQgASgEEg8KB2VudHJpZXMYBSABKA0SEQoJbWF4X2J5dGVzGAYgASgEMvADCg9FeGVjdXRvclNlcnZpY2USYAoPRXhlY3V0ZUZ1bmN0aW9uEiUuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXF1ZXN0GiYuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXNwb25zZRJhCg5TdHJlYW1UcmlnZ2VycxIkLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlKAEwARJUCgtQaW5GdW5jdGlvbhIhLmNsb3VkYnVyc3QudjEuUGluRnVuY3Rpb25SZXF1ZXN0GiIuY2xvdWRidXJzdC52MS5QaW5GdW5jdGlvblJlc3BvbnNlEloKDVVucGluRnVuY3Rpb24SIy5jbG91ZGJ1cnN0LnYxLlVucGluRnVuY3Rpb25SZXF1ZXN0GiQuY2xvdWRidXJzdC52MS5VbnBpbkZ1bmN0aW9uUmVzcG9uc2USZgoRR2V0RXhlY3V0b3JTdGF0dXMSJy5jbG91ZGJ1cnN0LnYxLkdldEV4ZWN1dG9yU3RhdHVzUmVxdWVzdBooLmNsb3VkYnVyc3QudjEuR2V0RXhlY3V0b3JTdGF0dXNSZXNwb25zZUKVAQoRY29tLmNsb3VkYnVyc3QudjFCFEV4ZWN1dG9yU2VydmljZVByb3RvUAFaMWNsb3VkYnVyc3QtZ3JwYy9zZGsvZ28vY2xvdWRidXJzdC92MTtjbG91ZGJ1cnN0djGiAgNDWFiqAg1DbG91ZGJ1cnN0LlYxygINQ2xvdWRidXJzdFxWMeoCDkNsb3VkYnVyc3Q6OlYxYgZwcm90bzM", [file_cloudburst_v1_execution, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
+  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEipAMKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEjEKDWRlYWRsaW5lX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiQgoXRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USJwoHb3V0Y29tZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZSLOAgoVU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0EhAKCHNlcXVlbmNlGAEgASgEEiwKBWhlbGxvGAMgASgLMhsuY2xvdWRidXJzdC52MS5UcmlnZ2VySGVsbG9IABIpCgd0cmlnZ2VyGAQgASgLMhYuY2xvdWRidXJzdC52MS5UcmlnZ2VySAASNAoNZXhwZWN0X3Jlc3VsdBgFIAEoCzIbLmNsb3VkYnVyc3QudjEuRXhwZWN0UmVzdWx0SAASQQoQZXhlY3V0ZV9mdW5jdGlvbhgGIAEoCzIlLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVxdWVzdEgAEjMKBWJhdGNoGAcgAygLMiQuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1JlcXVlc3RCBwoFZnJhbWVKBAgCEANSDXRyYWNlX2NvbnRleHQi3gIKFlN0cmVhbVRyaWdnZXJzUmVzcG9uc2USEAoIc2VxdWVuY2UYASABKAQSLgoKZGFnX3Jlc3VsdBgCIAEoCzIYLmNsb3VkYnVyc3QudjEuRGFnUmVzdWx0SAASQgoQZXhlY3V0ZV9mdW5jdGlvbhgDIAEoCzImLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2VIABIyCgxjYWNoZV9yZXBvcnQYBCABKAsyGi5jbG91ZGJ1cnN0LnYxLkNhY2hlUmVwb3J0SAASNAoNcmVzdWx0X3N0b3JlZBgFIAEoCzIbLmNsb3VkYnVyc3QudjEuUmVzdWx0U3RvcmVkSAASNAoFYmF0Y2gYBiADKAsyJS5jbG91ZGJ1cnN0LnYxLlN0cmVhbVRyaWdnZXJzUmVzcG9uc2USFQoNcmVhZHNfYmF0Y2hlcxgHIAEoCEIHCgVmcmFtZSIkCgxSZXN1bHRTdG9yZWQSFAoMcmVzcG9uc2Vfa2V5GAEgASgJIjYKDFRyaWdnZXJIZWxsbxIPCgdwZWVyX2lkGAEgASgJEhUKDXJlYWRzX2JhdGNoZXMYAiABKAgiUgoMRXhwZWN0UmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSGAoQYW5zd2VyX3N0cmVhbV9pZBgCIAEoCRIXCg9hbnN3ZXJfc2VxdWVuY2UYAyABKAQiYQoJRGFnUmVzdWx0Eg8KB2NhbGxfaWQYASABKAkSJwoHb3V0Y29tZRgCIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZRIaChJkZWxpdmVyZWRfZGlyZWN0bHkYAyABKAgiRQoSUGluRnVuY3Rpb25SZXF1ZXN0EhUKDWZ1bmN0aW9uX25hbWUYASABKAkSGAoQZnVuY3Rpb25fdmVyc2lvbhgCIAEoBCIVChNQaW5GdW5jdGlvblJlc3BvbnNlIi0KFFVucGluRnVuY3Rpb25SZXF1ZXN0EhUKDWZ1bmN0aW9uX25hbWUYASABKAkiFwoVVW5waW5GdW5jdGlvblJlc3BvbnNlIhoKGEdldEV4ZWN1dG9yU3RhdHVzUmVxdWVzdCKwAQoZR2V0RXhlY3V0b3JTdGF0dXNSZXNwb25zZRITCgtleGVjdXRvcl9pZBgBIAEoCRIYChBwaW5uZWRfZnVuY3Rpb25zGAIgAygJEhQKDGFjdGl2ZV9jYWxscxgDIAEoDRIPCgd0aHJlYWRzGAQgASgNEhMKC2NhY2hlZF9rZXlzGAUgAygJEigKBWNhY2hlGAYgASgLMhkuY2xvdWRidXJzdC52MS5DYWNoZVN0YXRzIjAKFFN0cmVhbUFuc3dlcnNSZXF1ZXN0EhgKEGFuc3dlcl9zdHJlYW1faWQYASABKAkiYAoVU3RyZWFtQW5zd2Vyc1Jlc3BvbnNlEhIKCnJlZ2lzdGVyZWQYASABKAgSMwoHYW5zd2VycxgCIAMoCzIiLmNsb3VkYnVyc3QudjEuU3RyZWFtQ2FsbHNSZXNwb25zZSI7CgtDYWNoZVJlcG9ydBIMCgRmdWxsGAEgASgIEg0KBWFkZGVkGAIgAygJEg8KB3JlbW92ZWQYAyADKAkicAoKQ2FjaGVTdGF0cxIMCgRoaXRzGAEgASgEEg4KBm1pc3NlcxgCIAEoBBIRCglldmljdGlvbnMYAyABKAQSDQoFYnl0ZXMYBCABKAQSDwoHZW50cmllcxgFIAEoDRIRCgltYXhfYnl0ZXMYBiABKAQyzgQKD0V4ZWN1dG9yU2VydmljZRJgCg9FeGVjdXRlRnVuY3Rpb24SJS5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QaJi5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlc3BvbnNlEmEKDlN0cmVhbVRyaWdnZXJzEiQuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1JlcXVlc3QaJS5jbG91ZGJ1cnN0LnYxLlN0cmVhbVRyaWdnZXJzUmVzcG9uc2UoATABElQKC1BpbkZ1bmN0aW9uEiEuY2xvdWRidXJzdC52MS5QaW5GdW5jdGlvblJlcXVlc3QaIi5jbG91ZGJ1cnN0LnYxLlBpbkZ1bmN0aW9uUmVzcG9uc2USWgoNVW5waW5GdW5jdGlvbhIjLmNsb3VkYnVyc3QudjEuVW5waW5GdW5jdGlvblJlcXVlc3QaJC5jbG91ZGJ1cnN0LnYxLlVucGluRnVuY3Rpb25SZXNwb25zZRJmChFHZXRFeGVjdXRvclN0YXR1cxInLmNsb3VkYnVyc3QudjEuR2V0RXhlY3V0b3JTdGF0dXNSZXF1ZXN0GiguY2xvdWRidXJzdC52MS5HZXRFeGVjdXRvclN0YXR1c1Jlc3BvbnNlElwKDVN0cmVhbUFuc3dlcnMSIy5jbG91ZGJ1cnN0LnYxLlN0cmVhbUFuc3dlcnNSZXF1ZXN0GiQuY2xvdWRidXJzdC52MS5TdHJlYW1BbnN3ZXJzUmVzcG9uc2UwAUKVAQoRY29tLmNsb3VkYnVyc3QudjFCFEV4ZWN1dG9yU2VydmljZVByb3RvUAFaMWNsb3VkYnVyc3QtZ3JwYy9zZGsvZ28vY2xvdWRidXJzdC92MTtjbG91ZGJ1cnN0djGiAgNDWFiqAg1DbG91ZGJ1cnN0LlYxygINQ2xvdWRidXJzdFxWMeoCDkNsb3VkYnVyc3Q6OlYxYgZwcm90bzM", [file_cloudburst_v1_execution, file_cloudburst_v1_scheduler_service, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
 
 /**
  * ExecuteFunctionRequest is one function call.
@@ -325,6 +327,21 @@ export type ExpectResult = Message<"cloudburst.v1.ExpectResult"> & {
    * @generated from field: string call_id = 1;
    */
   callId: string;
+
+  /**
+   * When set, the caller's answer stream (StreamAnswers) to write the result to if it is open
+   * here; the DagResult on this stream then says only `delivered_directly`.
+   *
+   * @generated from field: string answer_stream_id = 2;
+   */
+  answerStreamId: string;
+
+  /**
+   * The StreamCalls sequence of the call, which the answer on the answer stream carries.
+   *
+   * @generated from field: uint64 answer_sequence = 3;
+   */
+  answerSequence: bigint;
 };
 
 /**
@@ -348,11 +365,18 @@ export type DagResult = Message<"cloudburst.v1.DagResult"> & {
   callId: string;
 
   /**
-   * The sink's outcome.
+   * The sink's outcome; unset when `delivered_directly`.
    *
    * @generated from field: cloudburst.v1.Outcome outcome = 2;
    */
   outcome?: Outcome | undefined;
+
+  /**
+   * The outcome went to the caller's answer stream named in ExpectResult.
+   *
+   * @generated from field: bool delivered_directly = 3;
+   */
+  deliveredDirectly: boolean;
 };
 
 /**
@@ -513,6 +537,57 @@ export const GetExecutorStatusResponseSchema: GenMessage<GetExecutorStatusRespon
   messageDesc(file_cloudburst_v1_executor_service, 13);
 
 /**
+ * StreamAnswersRequest opens a caller's answer stream at an executor.
+ *
+ * @generated from message cloudburst.v1.StreamAnswersRequest
+ */
+export type StreamAnswersRequest = Message<"cloudburst.v1.StreamAnswersRequest"> & {
+  /**
+   * The stream's id, chosen by the caller: 128 random bits in 32 hexadecimal digits. It is a
+   * capability: whoever knows it receives the answers sent to it.
+   *
+   * @generated from field: string answer_stream_id = 1;
+   */
+  answerStreamId: string;
+};
+
+/**
+ * Describes the message cloudburst.v1.StreamAnswersRequest.
+ * Use `create(StreamAnswersRequestSchema)` to create a new message.
+ */
+export const StreamAnswersRequestSchema: GenMessage<StreamAnswersRequest> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_executor_service, 14);
+
+/**
+ * StreamAnswersResponse is one message of an answer stream.
+ *
+ * @generated from message cloudburst.v1.StreamAnswersResponse
+ */
+export type StreamAnswersResponse = Message<"cloudburst.v1.StreamAnswersResponse"> & {
+  /**
+   * Set in the first message only: the stream is registered, and answers may be sent to it.
+   *
+   * @generated from field: bool registered = 1;
+   */
+  registered: boolean;
+
+  /**
+   * Answers to calls of the caller's StreamCalls stream, in order, exactly as the scheduler
+   * would have sent them there.
+   *
+   * @generated from field: repeated cloudburst.v1.StreamCallsResponse answers = 2;
+   */
+  answers: StreamCallsResponse[];
+};
+
+/**
+ * Describes the message cloudburst.v1.StreamAnswersResponse.
+ * Use `create(StreamAnswersResponseSchema)` to create a new message.
+ */
+export const StreamAnswersResponseSchema: GenMessage<StreamAnswersResponse> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_executor_service, 15);
+
+/**
  * CacheReport tells a stream's opener which user keys the executor's value cache holds.
  *
  * @generated from message cloudburst.v1.CacheReport
@@ -545,7 +620,7 @@ export type CacheReport = Message<"cloudburst.v1.CacheReport"> & {
  * Use `create(CacheReportSchema)` to create a new message.
  */
 export const CacheReportSchema: GenMessage<CacheReport> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 14);
+  messageDesc(file_cloudburst_v1_executor_service, 16);
 
 /**
  * CacheStats counts what an executor's value cache did.
@@ -601,7 +676,7 @@ export type CacheStats = Message<"cloudburst.v1.CacheStats"> & {
  * Use `create(CacheStatsSchema)` to create a new message.
  */
 export const CacheStatsSchema: GenMessage<CacheStats> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 15);
+  messageDesc(file_cloudburst_v1_executor_service, 17);
 
 /**
  * ExecutorService runs user functions and DAG stages.
@@ -658,6 +733,17 @@ export const ExecutorService: GenService<{
     methodKind: "unary";
     input: typeof GetExecutorStatusRequestSchema;
     output: typeof GetExecutorStatusResponseSchema;
+  },
+  /**
+   * StreamAnswers carries to a caller the answers of its calls whose sink runs here, sent directly
+   * instead of through its scheduler (docs/protocol.md, "Answers from the sink").
+   *
+   * @generated from rpc cloudburst.v1.ExecutorService.StreamAnswers
+   */
+  streamAnswers: {
+    methodKind: "server_streaming";
+    input: typeof StreamAnswersRequestSchema;
+    output: typeof StreamAnswersResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cloudburst_v1_executor_service, 0);
