@@ -502,3 +502,52 @@ def test_peer_channels_take_a_rewritten_certificate(
     changed, before, after = server_loop.run(scenario())
     assert changed
     assert before == after == "executor-0"
+
+
+def test_a_client_certificate_holds_answer_streams_and_nothing_else_at_executors(
+    start_node: Callable[..., Node], certs: Path, secure: SecureCluster
+) -> None:
+    config = make_config(scheduler={"pin_replicas": 1}, security=security_for(certs, "scheduler"))
+    scheduler = start_node(
+        start_scheduler_node(config, secure.kvs.address, [e.address for e in secure.executors])
+    )
+    assert scheduler.scheduler is not None
+    executor_ids = {e.executors[0].executor_id for e in secure.executors}
+    with CloudburstConnection(
+        scheduler.address,
+        tls_ca=str(certs / "ca.pem"),
+        tls_cert=str(certs / "client-admin.pem"),
+        tls_key=str(certs / "client-admin-key.pem"),
+        connect_timeout=10,
+        timeout=20,
+    ) as cloud:
+        assert cloud.answer_executors == executor_ids
+        cloud.register(double, "double")
+        assert cloud.register_dag("doubled", ["double"], [])
+        assert cloud.call_dag("doubled", {"double": 21}, direct_response=True) == 42
+    assert scheduler.scheduler.answered_directly == 1
+    assert scheduler.scheduler.sink_outcomes == 0
+    # The certificate opens answer streams, not the runtime's own streams.
+    with secure.channel(secure.executors[0].address, role="admin") as channel:
+        stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
+        triggers = stub.StreamTriggers(iter([executor_service_pb2.StreamTriggersRequest()]))
+        with pytest.raises(grpc.RpcError) as raised:
+            next(triggers)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        answers = stub.StreamAnswers(
+            executor_service_pb2.StreamAnswersRequest(answer_stream_id="0" * 32), timeout=10
+        )
+        assert next(answers).registered
+        answers.cancel()
+
+
+def test_a_token_client_is_answered_by_the_scheduler(secure: SecureCluster) -> None:
+    assert secure.scheduler.scheduler is not None
+    with secure.connect(token=TOKENS["admin"]) as cloud:
+        # Executors' ports demand a client certificate, which a token client lacks.
+        assert cloud.answer_executors == frozenset()
+        cloud.register(double, "double")
+        assert cloud.register_dag("doubled", ["double"], [])
+        assert cloud.call_dag("doubled", {"double": 4}, direct_response=True) == 8
+    assert secure.scheduler.scheduler.answered_directly == 0
+    assert secure.scheduler.scheduler.sink_outcomes == 1
