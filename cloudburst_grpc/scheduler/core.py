@@ -113,7 +113,9 @@ class Scheduler:
         direct_answers: bool | None = None,
     ) -> None:
         self.scheduler_id = scheduler_id
-        self.direct_answers = config.direct_answers if direct_answers is None else direct_answers
+        self.direct_answers = (
+            config.direct_answers if direct_answers is None else direct_answers
+        ) and not stores_results
         """Whether a sink answers callers on the answer streams they hold at its executor.
 
         Off where callers cannot reach executors (``cbgrpc serve``'s one port).
@@ -143,10 +145,10 @@ class Scheduler:
         self._stores: set[asyncio.Task[None]] = set()
         self._topologies = dag_rules.TopologyCache()
         self._plans: dict[str, _Plan] = {}
-        self.sink_outcomes = 0
-        """DAG call outcomes sinks sent here to be forwarded (or stored)."""
+        self.relayed_outcomes = 0
+        """Outcomes of calls (one-shot or a DAG's sink) executors sent here to be answered."""
         self.answered_directly = 0
-        """DAG call outcomes sinks sent straight to their callers' answer streams instead."""
+        """Outcomes executors sent straight to their callers' answer streams instead."""
 
     def _next_version(self) -> int:
         self._last_version = max(time.time_ns(), self._last_version + 1)
@@ -365,10 +367,13 @@ class Scheduler:
         timeout: float | None,
         trace_context: Mapping[str, str] | None = None,
         expire: bool = True,
+        *,
+        answer_to: Callable[[str], tuple[str, int] | None] | None = None,
     ) -> Accepted:
         """Place a one-shot call; its outcome is awaitable when ``want_outcome``.
 
         A result stored under a key chosen here expires unless ``expire`` is False.
+        ``answer_to`` is as for :meth:`call_dag`, given the executor the call runs on.
         """
         call_id = new_call_id()
         _check_delivery(request)
@@ -412,6 +417,8 @@ class Scheduler:
             executor_id, retries, redelivered = view.executor_id, function.retries, False
             try:
                 while True:
+                    route = answer_to(executor_id) if answer_to is not None else None
+                    execute.answer_stream_id, execute.answer_sequence = route or ("", 0)
                     try:
                         if execute.response_key:
                             return await self._execute(executor_id, execute, limit, stored)
@@ -489,6 +496,10 @@ class Scheduler:
             if attempt is not None and stored is not None:
                 attempt.add_done_callback(functools.partial(_settle, stored))
                 attempt = None
+            if response.delivered_directly:
+                self.answered_directly += 1
+                return DELIVERED_DIRECTLY
+            self.relayed_outcomes += 1
             return response.outcome
         except asyncio.CancelledError:
             if not lost or task.uncancel() > 0:
@@ -709,7 +720,7 @@ class Scheduler:
                 if outcome is DELIVERED_DIRECTLY:
                     self.answered_directly += 1
                 else:
-                    self.sink_outcomes += 1
+                    self.relayed_outcomes += 1
                 if call.stored_here and call.stored is not None:
                     self._store_answered(call.response_key, outcome, call.stored)
                 result.set_result(outcome)

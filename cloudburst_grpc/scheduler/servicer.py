@@ -417,16 +417,24 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             request = frame.call_function
             direct, named = request.direct_response, bool(request.response_key)
             accepted = await self._scheduler.call_function(
-                request, direct or frame.stream_outcome, None, frame.trace_context, expire
+                request,
+                direct or frame.stream_outcome,
+                None,
+                frame.trace_context,
+                expire,
+                answer_to=(
+                    functools.partial(routes.route, frame.sequence)
+                    if routes is not None and (direct or frame.stream_outcome)
+                    else None
+                ),
             )
             body = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
         elif kind == "call_dag":
             dag_request = frame.call_dag
             direct, named = dag_request.direct_response, bool(dag_request.response_key)
-            # Only a direct response goes to an answer stream: nothing else comes after it.
             answer_to = (
                 functools.partial(routes.route, frame.sequence)
-                if routes is not None and direct
+                if routes is not None and (direct or frame.stream_outcome)
                 else None
             )
             accepted = await self._scheduler.call_dag(
@@ -448,6 +456,11 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 )
             return scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_dag=body)
 
+        if accepted.outcome is not None and frame.releasable and not direct and not named:
+            # Releasable from now: an outcome answered directly reaches the caller (and its
+            # release may come back) before the sink's note reaches this scheduler. A release
+            # of a result not stored yet waits for the store (ResultReleaser).
+            releasable.add(accepted.response_key)
         once = direct
         if not once and accepted.outcome is not None:
             # A call that finishes at once (its functions ran on the executor's loop) is
@@ -465,8 +478,6 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                     await emit(Answer(sequence=frame.sequence, error=error_to_call_error(lost)))
                 return
             body.outcome.CopyFrom(outcome)
-            if frame.releasable and not direct and not named:
-                releasable.add(accepted.response_key)
             await emit(answer())
 
 

@@ -102,6 +102,19 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             pending.add(future)
             future.add_done_callback(pending.discard)
 
+        notes: list[executor_service_pb2.StreamTriggersResponse] = []
+        """Notes of answers sent directly to callers, waiting to travel together."""
+
+        def send_notes() -> None:
+            for waiting in notes:
+                answers.put_nowait(waiting)
+            notes.clear()
+
+        def note(frame: executor_service_pb2.StreamTriggersResponse) -> None:
+            if not notes:
+                asyncio.get_running_loop().call_later(NOTE_DELAY_SECONDS, send_notes)
+            notes.append(frame)
+
         async def run_call(
             sequence: int, request: executor_service_pb2.ExecuteFunctionRequest
         ) -> None:
@@ -111,11 +124,31 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 response = executor_service_pb2.ExecuteFunctionResponse(
                     outcome=execution_pb2.Outcome(error=error_to_call_error(exc))
                 )
-            answers.put_nowait(
-                executor_service_pb2.StreamTriggersResponse(
-                    sequence=sequence, execute_function=response
+            direct = self._answer_streams.get(request.answer_stream_id)
+            if direct is not None and request.answer_stream_id:
+                # The caller's own stream is here: answer it, and tell the scheduler in a note.
+                direct.put_nowait(
+                    scheduler_service_pb2.StreamCallsResponse(
+                        sequence=request.answer_sequence,
+                        call_function=scheduler_service_pb2.CallFunctionResponse(
+                            response_key=request.response_key, outcome=response.outcome
+                        ),
+                    )
                 )
-            )
+                note(
+                    executor_service_pb2.StreamTriggersResponse(
+                        sequence=sequence,
+                        execute_function=executor_service_pb2.ExecuteFunctionResponse(
+                            delivered_directly=True
+                        ),
+                    )
+                )
+            else:
+                answers.put_nowait(
+                    executor_service_pb2.StreamTriggersResponse(
+                        sequence=sequence, execute_function=response
+                    )
+                )
             key = request.response_key
             if request.direct_response and key:
                 # Answered first, stored after: the opener holds deletes of the key until now.
@@ -128,14 +161,6 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                         result_stored=executor_service_pb2.ResultStored(response_key=key),
                     )
                 )
-
-        notes: list[executor_service_pb2.StreamTriggersResponse] = []
-        """Notes of answers sent directly to callers, waiting to travel together."""
-
-        def send_notes() -> None:
-            for note in notes:
-                answers.put_nowait(note)
-            notes.clear()
 
         def route(
             call_id: str,
@@ -153,18 +178,19 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 )
             else:
                 outcome = future.result()
+            key = executor.results.stored_key(call_id)
             direct = self._answer_streams.get(expect.answer_stream_id)
             if direct is not None and expect.answer_stream_id:
                 # The caller's own stream is here: answer it, and tell the scheduler in a note.
                 direct.put_nowait(
                     scheduler_service_pb2.StreamCallsResponse(
                         sequence=expect.answer_sequence,
-                        call_dag=scheduler_service_pb2.CallDagResponse(outcome=outcome),
+                        call_dag=scheduler_service_pb2.CallDagResponse(
+                            response_key=key, outcome=outcome
+                        ),
                     )
                 )
-                if not notes:
-                    asyncio.get_running_loop().call_later(NOTE_DELAY_SECONDS, send_notes)
-                notes.append(
+                note(
                     executor_service_pb2.StreamTriggersResponse(
                         dag_result=executor_service_pb2.DagResult(
                             call_id=call_id, delivered_directly=True
@@ -177,7 +203,6 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                         dag_result=executor_service_pb2.DagResult(call_id=call_id, outcome=outcome)
                     )
                 )
-            key = executor.results.stored_key(call_id)
             if key:
                 # Answered first, stored after: the opener holds deletes of the key until now.
                 when_stored(executor, key, functools.partial(report_stored, key))

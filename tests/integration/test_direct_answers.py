@@ -76,7 +76,7 @@ def register(conn: CloudburstConnection) -> None:
     assert conn.register_dag("held", ["hold"], [])
 
 
-def test_the_sink_answers_directly_and_the_scheduler_forwards_nothing(cluster: Cluster) -> None:
+def test_calls_are_answered_directly_and_the_scheduler_forwards_nothing(cluster: Cluster) -> None:
     scheduler = scheduler_of(cluster)
     with CloudburstConnection(cluster.address, timeout=DEADLINE) as conn:
         assert conn.answer_executors == executor_ids(cluster)
@@ -85,12 +85,20 @@ def test_the_sink_answers_directly_and_the_scheduler_forwards_nothing(cluster: C
             assert conn.call_dag("chain", {"incr": i}, direct_response=True) == (i + 1) ** 2
     # Closing waits for every call to end at the scheduler: the sinks' notes have come.
     assert scheduler.answered_directly == 20
-    assert scheduler.sink_outcomes == 0
+    assert scheduler.relayed_outcomes == 0
     with CloudburstConnection(cluster.address, timeout=DEADLINE) as conn:
-        # A DAG call whose result is stored still goes through the scheduler.
-        assert conn.call_dag("chain", {"incr": 2}).get(timeout=DEADLINE) == 9
-    assert scheduler.answered_directly == 20
-    assert scheduler.sink_outcomes == 1
+        # One-shot calls too, their results stored as well.
+        incr = conn.get_function("incr")
+        assert incr is not None
+        futures = [incr(i) for i in range(10)]
+        assert [f.get(timeout=DEADLINE) for f in futures] == list(range(1, 11))
+        assert conn.get_object(futures[3].obj_id) == 4
+        # And DAG calls read with get(), their results stored as well.
+        dag_future = conn.call_dag("chain", {"incr": 2})
+        assert dag_future.get(timeout=DEADLINE) == 9
+        assert conn.get_object(dag_future.obj_id) == 9
+    assert scheduler.answered_directly == 31
+    assert scheduler.relayed_outcomes == 0
 
 
 def errors(conn: CloudburstConnection) -> list[tuple[type[BaseException], str]]:
@@ -98,6 +106,10 @@ def errors(conn: CloudburstConnection) -> list[tuple[type[BaseException], str]]:
     for dag, argument in (("failing", {"incr": 1}), ("unpicklable", {"unpicklable": 1})):
         with pytest.raises(Exception) as raised:
             conn.call_dag(dag, argument, direct_response=True)
+        caught.append((type(raised.value), str(raised.value)))
+    for function in ("fail", "unpicklable"):
+        with pytest.raises(Exception) as raised:
+            conn.exec_func(function, [2]).get(timeout=DEADLINE)
         caught.append((type(raised.value), str(raised.value)))
     return caught
 
@@ -109,18 +121,19 @@ def test_results_and_errors_are_the_same_either_way(cluster: Cluster) -> None:
         assert direct.call_dag("chain", {"incr": [3]}, direct_response=True) == 16
         direct_errors = errors(direct)
     # Closing waits for every call to end at the scheduler: the sinks' notes have come.
-    assert scheduler.answered_directly == 3
-    assert scheduler.sink_outcomes == 0
+    assert scheduler.answered_directly == 5
+    assert scheduler.relayed_outcomes == 0
     with CloudburstConnection(cluster.address, timeout=DEADLINE, direct_answers=False) as relayed:
         assert relayed.answer_executors == frozenset()
         assert relayed.call_dag("chain", {"incr": [3]}, direct_response=True) == 16
         relayed_errors = errors(relayed)
-    assert scheduler.answered_directly == 3
-    assert scheduler.sink_outcomes == 3
+    assert scheduler.answered_directly == 5
+    assert scheduler.relayed_outcomes == 5
     assert direct_errors == relayed_errors
-    assert direct_errors[0][0] is RemoteFunctionError
-    assert "ValueError: no 2" in direct_errors[0][1]
-    assert direct_errors[1][0] is not RemoteFunctionError  # a runtime error, not the user's
+    for user, runtime in (direct_errors[0:2], direct_errors[2:4]):
+        assert user[0] is RemoteFunctionError
+        assert "ValueError: no 2" in user[1]
+        assert runtime[0] is not RemoteFunctionError  # a runtime error, not the user's
 
 
 def test_the_environment_turns_answer_streams_off(
@@ -133,7 +146,7 @@ def test_the_environment_turns_answer_streams_off(
         register(conn)
         assert conn.call_dag("chain", {"incr": 1}, direct_response=True) == 4
     assert scheduler.answered_directly == 0
-    assert scheduler.sink_outcomes == 1
+    assert scheduler.relayed_outcomes == 1
 
 
 def test_serve_offers_no_answer_streams(local_node: Node) -> None:
@@ -255,7 +268,7 @@ def test_an_answer_goes_to_the_stream_named_or_else_to_the_scheduler(
     assert relayed.sequence == 3 and value_of(relayed) == 60
     raw.half_close()
     assert list(raw.answers) == []  # once every call ended: the sink's note has come
-    assert (scheduler.answered_directly, scheduler.sink_outcomes) == (1, 2)
+    assert (scheduler.answered_directly, scheduler.relayed_outcomes) == (1, 2)
 
 
 def test_a_lost_answer_stream_gets_each_call_its_answer_or_a_clear_error(

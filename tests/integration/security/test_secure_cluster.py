@@ -526,7 +526,7 @@ def test_a_client_certificate_holds_answer_streams_and_nothing_else_at_executors
         assert cloud.register_dag("doubled", ["double"], [])
         assert cloud.call_dag("doubled", {"double": 21}, direct_response=True) == 42
     assert scheduler.scheduler.answered_directly == 1
-    assert scheduler.scheduler.sink_outcomes == 0
+    assert scheduler.scheduler.relayed_outcomes == 0
     # The certificate opens answer streams, not the runtime's own streams.
     with secure.channel(secure.executors[0].address, role="admin") as channel:
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
@@ -550,4 +550,4 @@ def test_a_token_client_is_answered_by_the_scheduler(secure: SecureCluster) -> N
         assert cloud.register_dag("doubled", ["double"], [])
         assert cloud.call_dag("doubled", {"double": 4}, direct_response=True) == 8
     assert secure.scheduler.scheduler.answered_directly == 0
-    assert secure.scheduler.scheduler.sink_outcomes == 1
+    assert secure.scheduler.scheduler.relayed_outcomes == 1

@@ -43,9 +43,14 @@ type ExecuteFunctionRequest struct {
 	AcceptSerializers []Serializer `protobuf:"varint,8,rep,packed,name=accept_serializers,json=acceptSerializers,proto3,enum=cloudburst.v1.Serializer" json:"accept_serializers,omitempty"`
 	// When the caller stops waiting; once it has passed, the function's next user-library call
 	// raises. Unset: the executor's own call timeout from when the call arrived.
-	DeadlineTime  *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=deadline_time,json=deadlineTime,proto3" json:"deadline_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DeadlineTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=deadline_time,json=deadlineTime,proto3" json:"deadline_time,omitempty"`
+	// When set (with direct_response), the caller's answer stream (StreamAnswers) to write the
+	// outcome to if it is open here; the response then says only `delivered_directly`.
+	AnswerStreamId string `protobuf:"bytes,10,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
+	// The StreamCalls sequence of the call, which the answer on the answer stream carries.
+	AnswerSequence uint64 `protobuf:"varint,11,opt,name=answer_sequence,json=answerSequence,proto3" json:"answer_sequence,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ExecuteFunctionRequest) Reset() {
@@ -141,13 +146,29 @@ func (x *ExecuteFunctionRequest) GetDeadlineTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ExecuteFunctionRequest) GetAnswerStreamId() string {
+	if x != nil {
+		return x.AnswerStreamId
+	}
+	return ""
+}
+
+func (x *ExecuteFunctionRequest) GetAnswerSequence() uint64 {
+	if x != nil {
+		return x.AnswerSequence
+	}
+	return 0
+}
+
 // ExecuteFunctionResponse carries the outcome of a direct call.
 type ExecuteFunctionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The outcome when direct_response was set; otherwise unset.
-	Outcome       *Outcome `protobuf:"bytes,1,opt,name=outcome,proto3" json:"outcome,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The outcome when direct_response was set (and not `delivered_directly`); otherwise unset.
+	Outcome *Outcome `protobuf:"bytes,1,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// The outcome went to the caller's answer stream named in the request.
+	DeliveredDirectly bool `protobuf:"varint,2,opt,name=delivered_directly,json=deliveredDirectly,proto3" json:"delivered_directly,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *ExecuteFunctionResponse) Reset() {
@@ -185,6 +206,13 @@ func (x *ExecuteFunctionResponse) GetOutcome() *Outcome {
 		return x.Outcome
 	}
 	return nil
+}
+
+func (x *ExecuteFunctionResponse) GetDeliveredDirectly() bool {
+	if x != nil {
+		return x.DeliveredDirectly
+	}
+	return false
 }
 
 // StreamTriggersRequest is one frame from a scheduler or executor to an executor.
@@ -1275,7 +1303,7 @@ var File_cloudburst_v1_executor_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\n" +
-	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x04\n" +
+	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x05\n" +
 	"\x16ExecuteFunctionRequest\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12#\n" +
 	"\rfunction_name\x18\x02 \x01(\tR\ffunctionName\x12)\n" +
@@ -1285,12 +1313,16 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\x0fdirect_response\x18\x06 \x01(\bR\x0edirectResponse\x12\\\n" +
 	"\rtrace_context\x18\a \x03(\v27.cloudburst.v1.ExecuteFunctionRequest.TraceContextEntryR\ftraceContext\x12H\n" +
 	"\x12accept_serializers\x18\b \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x12?\n" +
-	"\rdeadline_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\fdeadlineTime\x1a?\n" +
+	"\rdeadline_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\fdeadlineTime\x12(\n" +
+	"\x10answer_stream_id\x18\n" +
+	" \x01(\tR\x0eanswerStreamId\x12'\n" +
+	"\x0fanswer_sequence\x18\v \x01(\x04R\x0eanswerSequence\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"K\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"z\n" +
 	"\x17ExecuteFunctionResponse\x120\n" +
-	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\"\x8e\x03\n" +
+	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\x12-\n" +
+	"\x12delivered_directly\x18\x02 \x01(\bR\x11deliveredDirectly\"\x8e\x03\n" +
 	"\x15StreamTriggersRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
 	"\x05hello\x18\x03 \x01(\v2\x1b.cloudburst.v1.TriggerHelloH\x00R\x05hello\x122\n" +

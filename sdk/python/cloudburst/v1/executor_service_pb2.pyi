@@ -57,6 +57,8 @@ class ExecuteFunctionRequest(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     ACCEPT_SERIALIZERS_FIELD_NUMBER: _builtins.int
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_SEQUENCE_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     function_name: _builtins.str
@@ -67,6 +69,12 @@ class ExecuteFunctionRequest(_message.Message):
     """The user key to store the result under, unless direct_response is set."""
     direct_response: _builtins.bool
     """Whether to return the outcome instead of storing it."""
+    answer_stream_id: _builtins.str
+    """When set (with direct_response), the caller's answer stream (StreamAnswers) to write the
+    outcome to if it is open here; the response then says only `delivered_directly`.
+    """
+    answer_sequence: _builtins.int
+    """The StreamCalls sequence of the call, which the answer on the answer stream carries."""
     @_builtins.property
     def arguments(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Argument]:
         """The positional arguments after the user library."""
@@ -97,10 +105,12 @@ class ExecuteFunctionRequest(_message.Message):
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         accept_serializers: _abc.Iterable[_value_pb2.Serializer.ValueType] | None = ...,
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        answer_stream_id: _builtins.str = ...,
+        answer_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline_time", b"deadline_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "arguments", b"arguments", "call_id", b"call_id", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "arguments", b"arguments", "call_id", b"call_id", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -113,18 +123,22 @@ class ExecuteFunctionResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTCOME_FIELD_NUMBER: _builtins.int
+    DELIVERED_DIRECTLY_FIELD_NUMBER: _builtins.int
+    delivered_directly: _builtins.bool
+    """The outcome went to the caller's answer stream named in the request."""
     @_builtins.property
     def outcome(self) -> _execution_pb2.Outcome:
-        """The outcome when direct_response was set; otherwise unset."""
+        """The outcome when direct_response was set (and not `delivered_directly`); otherwise unset."""
 
     def __init__(
         self,
         *,
         outcome: _execution_pb2.Outcome | None = ...,
+        delivered_directly: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_directly", b"delivered_directly", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
