@@ -67,6 +67,7 @@ REASONED: list[type[CloudburstError]] = [
     errors.QueueFullError,
     errors.UnavailableError,
     errors.NoExecutorError,
+    errors.AnswerLostError,
     errors.CloudburstTimeoutError,
     errors.InternalError,
 ]
