@@ -101,6 +101,8 @@ def test_user_guide_and_a_dag_across_both_executors(cluster: Cluster) -> None:
         assert cloud.register_dag("test_dag", ["incr", "square"], [("incr", "square")])
         assert cloud.call_dag("test_dag", {"incr": 1}).get(timeout=30) == 4
         assert cloud.call_dag("test_dag", {"incr": 2}, direct_response=True) == 9
+        # Executors as Consul names them, answering this client directly.
+        assert cloud.answer_executors == {"executor-0", "executor-1"}
     pool = executors_of(scheduler.address, lambda pool: len(pool) == 2)
     pinned = {e.address: set(e.pinned_functions) for e in pool.executors}
     # One replica per function: incr and square are pinned on different executors.
@@ -170,6 +172,12 @@ def test_a_new_executor_joins_and_receives_work(cluster: Cluster) -> None:
     with CloudburstConnection(scheduler.address) as cloud:
         here = cloud.register(where, "where")
         ran_on = [here(i).get(timeout=30) for i in range(40)]
+        cluster.start("executor", "--id", "executor-later")
+        # The client follows the membership and opens an answer stream at the latest too.
+        deadline = time.monotonic() + 60
+        while "executor-later" not in cloud.answer_executors:
+            assert time.monotonic() < deadline, cloud.answer_executors
+            time.sleep(0.05)
     assert newcomer.address in ran_on
 
 

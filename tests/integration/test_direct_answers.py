@@ -7,10 +7,12 @@ protocol tests speak the wire directly, as a client in another language would.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +20,7 @@ import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst.errors import RemoteFunctionError
+from cloudburst.errors import AnswerLostError, RemoteFunctionError
 from cloudburst.serialization import deserialize, serialize
 from cloudburst.v1 import (
     error_pb2,
@@ -324,3 +326,47 @@ def test_half_close_answers_every_call_before_the_stream_ends(
             received[answer.sequence] = value_of(answer)
     assert received == {s: s * 10 for s in range(1, 11)}
     assert scheduler.answered_directly == 10
+
+
+def test_an_answer_lost_with_its_stream_is_a_clear_error_or_the_stored_result(
+    cluster: Cluster,
+) -> None:
+    with (
+        CloudburstConnection(cluster.address, timeout=DEADLINE) as conn,
+        concurrent.futures.ThreadPoolExecutor(1) as background,
+    ):
+        register(conn)
+        sink, _ = sink_of(cluster, "hold")
+        sink_id = sink.executors[0].executor_id
+        assert sink_id in conn.answer_executors
+        _release.clear()
+        try:
+            direct = background.submit(conn.call_dag, "held", {"hold": 1}, direct_response=True)
+            stored = conn.call_dag("held", {"hold": 2})
+            for _ in range(2):
+                assert _started.acquire(timeout=DEADLINE)
+            # Another stream under the connection's id takes the place of its stream at the
+            # sink: the connection sees its stream end, and the answers go elsewhere.
+            assert conn._core.answers is not None
+            request = executor_service_pb2.StreamAnswersRequest(
+                answer_stream_id=conn._core.answers.stream_id
+            )
+            with grpc.insecure_channel(sink.address) as channel:
+                stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
+                taken = stub.StreamAnswers(request, timeout=DEADLINE)
+                assert next(taken).registered
+                deadline = time.monotonic() + DEADLINE
+                while sink_id in conn.answer_executors:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                _release.set()
+                elsewhere: set[int] = set()
+                while len(elsewhere) < 2:
+                    elsewhere.update(a.sequence for a in next(taken).answers)
+                taken.cancel()
+            with pytest.raises(AnswerLostError, match="the call ran, but its answer was lost"):
+                direct.result(timeout=DEADLINE)
+            # A result that is also stored is read from the KVS instead.
+            assert stored.get(timeout=DEADLINE) == 2
+        finally:
+            _release.set()

@@ -67,8 +67,9 @@ class AnswerStreams:
     ) -> None:
         self.stream_id = secrets.token_hex(16)
         """The id every stream is opened with (a capability: keep it to this connection)."""
-        self.registered: set[str] = set()
-        """The executors where the stream is registered now."""
+        self.registered: frozenset[str] = frozenset()
+        """The executors where the stream is registered now (replaced, never changed in place,
+        so that other threads may read it)."""
         self._scheduler = scheduler
         self._security = security
         self._max_payload_bytes = max_payload_bytes
@@ -180,7 +181,7 @@ class AnswerStreams:
         on_answer = self._on_answer
         async for message in call:
             if message.registered:
-                self.registered.add(executor_id)
+                self.registered = self.registered | {executor_id}
                 self._changed.set()
                 self._on_change()
             for answer in message.answers:
@@ -188,7 +189,7 @@ class AnswerStreams:
 
     def _unregister(self, executor_id: str) -> None:
         if executor_id in self.registered:
-            self.registered.discard(executor_id)
+            self.registered = self.registered - {executor_id}
             self._changed.set()
             self._on_lost(executor_id)
 

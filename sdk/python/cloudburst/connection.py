@@ -434,7 +434,7 @@ class CloudburstConnection:
     def answer_executors(self) -> frozenset[str]:
         """The executors that answer this connection's calls directly (see ``direct_answers``)."""
         answers = self._core.answers
-        return frozenset(answers.registered) if answers is not None else frozenset()
+        return answers.registered if answers is not None else frozenset()
 
     @property
     def kvs_address(self) -> str | None:
