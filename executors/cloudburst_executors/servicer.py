@@ -27,9 +27,6 @@ logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext
 
-#: Seconds a note that an answer went directly to its caller waits for others to travel with.
-#: Notes are off the caller's path; together they cost the scheduler one message, not many.
-NOTE_DELAY_SECONDS = 0.005
 #: The most answers one StreamAnswers message carries.
 ANSWERS_PER_MESSAGE = 64
 _STREAM_ID = re.compile(r"[0-9a-f]{32}")
@@ -102,19 +99,6 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             pending.add(future)
             future.add_done_callback(pending.discard)
 
-        notes: list[executor_service_pb2.StreamTriggersResponse] = []
-        """Notes of answers sent directly to callers, waiting to travel together."""
-
-        def send_notes() -> None:
-            for waiting in notes:
-                answers.put_nowait(waiting)
-            notes.clear()
-
-        def note(frame: executor_service_pb2.StreamTriggersResponse) -> None:
-            if not notes:
-                asyncio.get_running_loop().call_later(NOTE_DELAY_SECONDS, send_notes)
-            notes.append(frame)
-
         async def run_call(
             sequence: int, request: executor_service_pb2.ExecuteFunctionRequest
         ) -> None:
@@ -126,20 +110,22 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 )
             direct = self._answer_streams.get(request.answer_stream_id)
             if direct is not None and request.answer_stream_id:
-                # The caller's own stream is here: answer it, and tell the scheduler in a note.
+                # The caller's own stream is here: tell the scheduler in a note, and answer
+                # there. The note goes first, so that the scheduler counts the call ended
+                # (for placing the caller's next call) before the caller hears of it.
+                answers.put_nowait(
+                    executor_service_pb2.StreamTriggersResponse(
+                        sequence=sequence,
+                        execute_function=executor_service_pb2.ExecuteFunctionResponse(
+                            delivered_directly=True
+                        ),
+                    )
+                )
                 direct.put_nowait(
                     scheduler_service_pb2.StreamCallsResponse(
                         sequence=request.answer_sequence,
                         call_function=scheduler_service_pb2.CallFunctionResponse(
                             response_key=request.response_key, outcome=response.outcome
-                        ),
-                    )
-                )
-                note(
-                    executor_service_pb2.StreamTriggersResponse(
-                        sequence=sequence,
-                        execute_function=executor_service_pb2.ExecuteFunctionResponse(
-                            delivered_directly=True
                         ),
                     )
                 )
@@ -181,20 +167,21 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             key = executor.results.stored_key(call_id)
             direct = self._answer_streams.get(expect.answer_stream_id)
             if direct is not None and expect.answer_stream_id:
-                # The caller's own stream is here: answer it, and tell the scheduler in a note.
+                # The caller's own stream is here: a note to the scheduler first (see
+                # run_call), then the answer there.
+                answers.put_nowait(
+                    executor_service_pb2.StreamTriggersResponse(
+                        dag_result=executor_service_pb2.DagResult(
+                            call_id=call_id, delivered_directly=True
+                        )
+                    )
+                )
                 direct.put_nowait(
                     scheduler_service_pb2.StreamCallsResponse(
                         sequence=expect.answer_sequence,
                         call_dag=scheduler_service_pb2.CallDagResponse(
                             response_key=key, outcome=outcome
                         ),
-                    )
-                )
-                note(
-                    executor_service_pb2.StreamTriggersResponse(
-                        dag_result=executor_service_pb2.DagResult(
-                            call_id=call_id, delivered_directly=True
-                        )
                     )
                 )
             else:
