@@ -20,6 +20,8 @@ order, so a real answer sent there before such an error wins.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from cloudburst.errors import AnswerLostError
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2
@@ -49,6 +51,8 @@ class AnswerRoutes:
         """Running calls whose answer the caller may have lost: sequence -> the lost executor."""
         self._delivered: collections.OrderedDict[int, str] = collections.OrderedDict()
         """Recent calls answered directly: sequence -> the executor that answered."""
+        self._on_answered: dict[int, Callable[[], None]] = {}
+        """What to do once the caller says it has a running call's answer (see :meth:`answered`)."""
 
     def update(self, streams: scheduler_service_pb2.AnswerStreams) -> None:
         """The caller named its answer streams (replacing those it named before)."""
@@ -69,8 +73,26 @@ class AnswerRoutes:
         self._running[sequence] = ""
         return None
 
+    def when_answered(self, sequence: int, then: Callable[[], None]) -> None:
+        """Run ``then`` when the caller says it received the call's answer on an answer stream."""
+        if sequence in self._running:
+            self._on_answered[sequence] = then
+
+    def answered(self, sequences: Iterable[int]) -> None:
+        """The caller received these calls' answers on answer streams (before their notes came).
+
+        Placing its next calls counts them ended: a caller that waits for each
+        answer before its next call would otherwise see its last call still
+        running on the executor that ran it (which may cache its keys).
+        """
+        for sequence in sequences:
+            then = self._on_answered.pop(sequence, None)
+            if then is not None:
+                then()
+
     def finished(self, sequence: int, delivered: bool) -> AnswerLostError | None:
         """The call ended; the error to answer it with, if its direct answer was lost."""
+        self._on_answered.pop(sequence, None)
         executor = self._running.pop(sequence, "")
         lost = self._lost.pop(sequence, None)
         if not delivered:
@@ -86,6 +108,7 @@ class AnswerRoutes:
         """Forget a call that ended without :meth:`finished` (it failed or was cancelled)."""
         self._running.pop(sequence, None)
         self._lost.pop(sequence, None)
+        self._on_answered.pop(sequence, None)
 
     def lost(self, report: scheduler_service_pb2.AnswerStreamLost) -> dict[int, AnswerLostError]:
         """The caller lost its answer stream at an executor: the errors to answer with now.
@@ -106,6 +129,22 @@ class AnswerRoutes:
                 # Answered there (or answered here already: that answer came first and wins).
                 errors[sequence] = _lost_error(executor)
         return errors
+
+
+@dataclass(frozen=True)
+class AnswerTo:
+    """Where one call may be answered directly: its stream's routes and its sequence."""
+
+    routes: AnswerRoutes
+    sequence: int
+
+    def route(self, executor_id: str) -> tuple[str, int] | None:
+        """The answer stream id and sequence the executor should answer on (None: here)."""
+        return self.routes.route(self.sequence, executor_id)
+
+    def when_answered(self, then: Callable[[], None]) -> None:
+        """Run ``then`` if the caller says it received the answer before the executor's note."""
+        self.routes.when_answered(self.sequence, then)
 
 
 def _lost_error(executor_id: str) -> AnswerLostError:

@@ -14,7 +14,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,7 @@ from cloudburst.v1 import (
 )
 from cloudburst_grpc import dags as dag_rules
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY
+from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY, AnswerTo
 from cloudburst_grpc.call_ids import new_call_id
 from cloudburst_grpc.config import SchedulerConfig
 from cloudburst_grpc.executor_client import NotDeliveredError
@@ -368,7 +368,7 @@ class Scheduler:
         trace_context: Mapping[str, str] | None = None,
         expire: bool = True,
         *,
-        answer_to: Callable[[str], tuple[str, int] | None] | None = None,
+        answer_to: AnswerTo | None = None,
     ) -> Accepted:
         """Place a one-shot call; its outcome is awaitable when ``want_outcome``.
 
@@ -417,12 +417,15 @@ class Scheduler:
             executor_id, retries, redelivered = view.executor_id, function.retries, False
             try:
                 while True:
-                    route = answer_to(executor_id) if answer_to is not None else None
+                    route = answer_to.route(executor_id) if answer_to is not None else None
                     execute.answer_stream_id, execute.answer_sequence = route or ("", 0)
+                    answered = answer_to if route is not None else None
                     try:
                         if execute.response_key:
-                            return await self._execute(executor_id, execute, limit, stored)
-                        outcome = await self._execute(executor_id, execute, limit)
+                            return await self._execute(
+                                executor_id, execute, limit, stored, answered
+                            )
+                        outcome = await self._execute(executor_id, execute, limit, None, answered)
                         if stored is not None:
                             self._store_answered(response_key, outcome, stored)
                         return outcome
@@ -464,10 +467,14 @@ class Scheduler:
         execute: executor_service_pb2.ExecuteFunctionRequest,
         limit: float,
         stored: asyncio.Future[None] | None = None,
+        answer_to: AnswerTo | None = None,
     ) -> execution_pb2.Outcome:
         """Run a one-shot call on an executor; losing the executor fails the call at once.
 
         ``stored`` settles once the executor that answered reports the result stored.
+        ``answer_to``: the call is answered on the caller's answer stream, and the
+        caller may say it has the answer before the executor does (the call then
+        stops counting towards the executor's load).
 
         Raises:
             UnavailableError: The executor was lost before the call finished
@@ -488,7 +495,17 @@ class Scheduler:
             lost.append(reason)
             asyncio.get_running_loop().call_soon(cancel)
 
+        counted = True
+
+        def uncount() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.pool.finished(executor_id)
+
         self.pool.started(executor_id)
+        if answer_to is not None:
+            answer_to.when_answered(uncount)
         watch = self.pool.track((executor_id,), on_lost)
         attempt = peer.expect_stored(execute.response_key) if stored is not None else None
         try:
@@ -516,7 +533,7 @@ class Scheduler:
             if attempt is not None:
                 attempt.cancel()  # this attempt failed: nothing to wait for from it
             self.pool.untrack(watch)
-            self.pool.finished(executor_id)
+            uncount()
 
     def _store_answered(
         self, response_key: str, outcome: execution_pb2.Outcome, stored: asyncio.Future[None]
@@ -567,14 +584,13 @@ class Scheduler:
         trace_context: Mapping[str, str] | None = None,
         expire: bool = True,
         *,
-        answer_to: Callable[[str], tuple[str, int] | None] | None = None,
+        answer_to: AnswerTo | None = None,
     ) -> Accepted:
         """Place every function of a DAG call and trigger its sources.
 
         A result stored under a key chosen here expires unless ``expire`` is False.
-        ``answer_to``, given the sink's executor id, says on which of the caller's
-        answer streams the sink answers it (an answer stream id and the call's
-        sequence), or None; the outcome is then
+        ``answer_to`` says, given the sink's executor id, on which of the caller's
+        answer streams the sink answers it, if any; the outcome is then
         :data:`~cloudburst_grpc.answer_streams.DELIVERED_DIRECTLY` when it did.
         """
         call_id = new_call_id()
@@ -735,7 +751,7 @@ class Scheduler:
                     call.settle_stored()
 
             attempt.add_done_callback(on_stored)
-        answer_to = call.answer_to(peer.executor_id) if call.answer_to is not None else None
+        answer_to = call.answer_to.route(peer.executor_id) if call.answer_to is not None else None
         peer.expect_result(call_id, call.limit, answer_to).add_done_callback(on_sink)
 
     async def _retry_dag(
@@ -884,7 +900,7 @@ class _DagCall:
     """The current run's sink's report of the store."""
     stored_here: bool = False
     """Whether the scheduler stores the result, not the sink (see ``Scheduler.stores_results``)."""
-    answer_to: Callable[[str], tuple[str, int] | None] | None = None
+    answer_to: AnswerTo | None = None
     """Where the sink on an executor answers the caller directly (see ``Scheduler.call_dag``)."""
 
     def settle_stored(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -15,7 +14,7 @@ from cloudburst.errors import CloudburstError, InvalidArgumentError
 from cloudburst.streams import batches_enabled, take_batch
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY, AnswerRoutes
+from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY, AnswerRoutes, AnswerTo
 from cloudburst_grpc.answers import AnswerWriter
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.scheduler.core import Accepted, Scheduler
@@ -327,11 +326,14 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                         reads_batches = None
                     if frame.release_keys:
                         self._release(frame.release_keys, releasable)
+                    if frame.answered_sequences and routes is not None:
+                        routes.answered(frame.answered_sequences)
                     if frame.WhichOneof("call") is None:
                         if routes is not None:
                             self._route_frame(frame, routes, emit, calls, ended)
                         if (
                             frame.release_keys
+                            or frame.answered_sequences
                             or frame.HasField("answer_streams")
                             or frame.HasField("answer_stream_lost")
                         ):
@@ -423,7 +425,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 frame.trace_context,
                 expire,
                 answer_to=(
-                    functools.partial(routes.route, frame.sequence)
+                    AnswerTo(routes, frame.sequence)
                     if routes is not None and (direct or frame.stream_outcome)
                     else None
                 ),
@@ -433,7 +435,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             dag_request = frame.call_dag
             direct, named = dag_request.direct_response, bool(dag_request.response_key)
             answer_to = (
-                functools.partial(routes.route, frame.sequence)
+                AnswerTo(routes, frame.sequence)
                 if routes is not None and (direct or frame.stream_outcome)
                 else None
             )

@@ -162,6 +162,8 @@ class Core:
         self.answers: AnswerStreams | None = None
         """The answer streams at executors, once :meth:`use_answer_streams` opened them."""
         self._pending: dict[int, PendingCall] = {}
+        self._answered_directly: list[int] = []
+        """Sequences answered on answer streams, for the scheduler (see ``answered_sequences``)."""
         self._sequence = itertools.count(1)
         self._released: collections.deque[str] = collections.deque()
         self._release_scheduled = False
@@ -230,6 +232,7 @@ class Core:
         self._pending.clear()
         # Releases queued for this stream mean nothing to the next one.
         self._released.clear()
+        self._answered_directly.clear()
         for pending in pending_calls:
             settle(pending.accepted, error=failure)
             settle(pending.outcome, error=failure)
@@ -282,6 +285,10 @@ class Core:
         frame.sequence = next(self._sequence)
         self._pending[frame.sequence] = pending
         frame.reads_batches = self._batches
+        if self._answered_directly:
+            if self._stream.is_open:
+                frame.answered_sequences.extend(self._answered_directly)
+            self._answered_directly.clear()
         if self._released:
             if self._stream.is_open:
                 frame.release_keys.extend(self._take_releases())
@@ -306,7 +313,7 @@ class Core:
             self.scheduler,
             self._security,
             self._max_payload_bytes,
-            self._dispatch,
+            self._dispatch_direct,
             self._answer_streams_changed,
             self._answer_stream_lost,
         )
@@ -315,6 +322,14 @@ class Core:
             return True
         self.answers = None
         return False
+
+    def _dispatch_direct(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
+        """An answer from an answer stream: as one from the scheduler, and noted for it."""
+        known = answer.sequence in self._pending
+        self._dispatch(answer)
+        if known and answer.sequence not in self._pending:
+            # The next frame tells the scheduler, which may not have heard yet.
+            self._answered_directly.append(answer.sequence)
 
     def _answer_streams_frame(self) -> scheduler_service_pb2.StreamCallsRequest | None:
         """The frame naming the answer streams held now (None: none is)."""

@@ -62,3 +62,19 @@ def test_an_outcome_that_came_the_usual_way_is_answered_the_usual_way() -> None:
     assert routes.finished(1, False) is None  # the sink found the stream gone
     routes.discard(1)
     assert routes.lost(lost("a", 1)) != {}  # not running, not known: answered already
+
+
+def test_a_call_the_caller_says_it_has_stops_counting_at_once_and_only_once() -> None:
+    routes = AnswerRoutes()
+    routes.update(named("a"))
+    ended: list[int] = []
+    for sequence in (1, 2):
+        routes.started(sequence)
+        routes.route(sequence, "a")
+        routes.when_answered(sequence, lambda s=sequence: ended.append(s))  # type: ignore[misc]
+    routes.answered([2, 7])
+    routes.answered([2])
+    assert ended == [2]
+    routes.finished(1, True)
+    routes.answered([1])  # its note came first: nothing left to do
+    assert ended == [2]

@@ -1410,8 +1410,12 @@ type StreamCallsRequest struct {
 	// An answer stream the caller lost. A frame that carries this carries no call; the scheduler
 	// answers the sequences it lists that were answered on that stream.
 	AnswerStreamLost *AnswerStreamLost `protobuf:"bytes,11,opt,name=answer_stream_lost,json=answerStreamLost,proto3" json:"answer_stream_lost,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Sequences of this stream whose outcome came on an answer stream since the caller's previous
+	// frame. The scheduler counts those calls ended on their executors at once when it places the
+	// next calls (it learns of their end from the executors too, a little later). Optional.
+	AnsweredSequences []uint64 `protobuf:"varint,12,rep,packed,name=answered_sequences,json=answeredSequences,proto3" json:"answered_sequences,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *StreamCallsRequest) Reset() {
@@ -1528,6 +1532,13 @@ func (x *StreamCallsRequest) GetAnswerStreams() *AnswerStreams {
 func (x *StreamCallsRequest) GetAnswerStreamLost() *AnswerStreamLost {
 	if x != nil {
 		return x.AnswerStreamLost
+	}
+	return nil
+}
+
+func (x *StreamCallsRequest) GetAnsweredSequences() []uint64 {
+	if x != nil {
+		return x.AnsweredSequences
 	}
 	return nil
 }
@@ -1878,7 +1889,7 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x10pinned_functions\x18\x03 \x03(\tR\x0fpinnedFunctions\x12\x12\n" +
 	"\x04load\x18\x04 \x01(\rR\x04load\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
-	"cachedKeys\"\xb6\x05\n" +
+	"cachedKeys\"\xe5\x05\n" +
 	"\x12StreamCallsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12X\n" +
 	"\rtrace_context\x18\x02 \x03(\v23.cloudburst.v1.StreamCallsRequest.TraceContextEntryR\ftraceContext\x12I\n" +
@@ -1893,7 +1904,8 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\rreads_batches\x18\t \x01(\bR\freadsBatches\x12C\n" +
 	"\x0eanswer_streams\x18\n" +
 	" \x01(\v2\x1c.cloudburst.v1.AnswerStreamsR\ranswerStreams\x12M\n" +
-	"\x12answer_stream_lost\x18\v \x01(\v2\x1f.cloudburst.v1.AnswerStreamLostR\x10answerStreamLost\x1a?\n" +
+	"\x12answer_stream_lost\x18\v \x01(\v2\x1f.cloudburst.v1.AnswerStreamLostR\x10answerStreamLost\x12-\n" +
+	"\x12answered_sequences\x18\f \x03(\x04R\x11answeredSequences\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x06\n" +

@@ -760,6 +760,7 @@ class StreamCallsRequest(_message.Message):
     READS_BATCHES_FIELD_NUMBER: _builtins.int
     ANSWER_STREAMS_FIELD_NUMBER: _builtins.int
     ANSWER_STREAM_LOST_FIELD_NUMBER: _builtins.int
+    ANSWERED_SEQUENCES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
     stream_outcome: _builtins.bool
@@ -810,6 +811,13 @@ class StreamCallsRequest(_message.Message):
         answers the sequences it lists that were answered on that stream.
         """
 
+    @_builtins.property
+    def answered_sequences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sequences of this stream whose outcome came on an answer stream since the caller's previous
+        frame. The scheduler counts those calls ended on their executors at once when it places the
+        next calls (it learns of their end from the executors too, a little later). Optional.
+        """
+
     def __init__(
         self,
         *,
@@ -824,10 +832,11 @@ class StreamCallsRequest(_message.Message):
         reads_batches: _builtins.bool = ...,
         answer_streams: Global___AnswerStreams | None = ...,
         answer_stream_lost: Global___AnswerStreamLost | None = ...,
+        answered_sequences: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "answered_sequences", b"answered_sequences", "batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["call_function", "call_dag"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
