@@ -13,7 +13,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -29,9 +29,9 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
-from cloudburst_grpc.local import Node
+from cloudburst_grpc.local import Node, start_scheduler_node
 from cloudburst_grpc.scheduler.core import Scheduler
-from harness import Cluster
+from harness import Cluster, make_config
 
 DEADLINE = 60.0
 
@@ -370,3 +370,19 @@ def test_an_answer_lost_with_its_stream_is_a_clear_error_or_the_stored_result(
             assert stored.get(timeout=DEADLINE) == 2
         finally:
             _release.set()
+
+
+def test_a_scheduler_told_not_to_answers_every_call_itself(
+    start_node: Callable[..., Node], cluster: Cluster
+) -> None:
+    config = make_config(scheduler={"pin_replicas": 1, "direct_answers": False})
+    node = start_node(
+        start_scheduler_node(config, cluster.kvs.address, [e.address for e in cluster.executors])
+    )
+    assert node.scheduler is not None
+    with CloudburstConnection(node.address, timeout=DEADLINE) as conn:
+        assert conn.answer_executors == frozenset()
+        register(conn)
+        assert conn.call_dag("chain", {"incr": 1}, direct_response=True) == 4
+        assert conn.exec_func("incr", [1]).get(timeout=DEADLINE) == 2
+    assert (node.scheduler.answered_directly, node.scheduler.relayed_outcomes) == (0, 2)
