@@ -2,12 +2,16 @@
 
 A caller may hold an answer stream (``ExecutorService.StreamAnswers``) at each
 executor it can reach, all opened with one random id, and names those
-executors on its ``StreamCalls`` stream (``answer_streams``). For a
-``direct_response`` DAG call whose sink runs on one of them, the scheduler
-asks the sink to answer on that stream (:meth:`AnswerRoutes.route`); the sink
-then sends the scheduler only a note, and the outcome future settles with
-:data:`DELIVERED_DIRECTLY`. The scheduler keeps the call in its books until
-then, so executor loss, half-close and the stream's limits work as before.
+executors on its ``StreamCalls`` stream (``answer_streams``). For a call
+whose outcome the caller awaits (``direct_response`` or ``stream_outcome``,
+one-shot or DAG) that runs (a DAG: whose sink runs) on one of them, the
+scheduler asks that executor to answer on that stream
+(:meth:`AnswerRoutes.route`); the executor then sends the scheduler only a
+note, and the outcome future settles with :data:`DELIVERED_DIRECTLY`. The
+scheduler keeps the call in its books until then, so executor loss,
+half-close, result storage and the stream's limits work as before. The
+caller may say sooner that it has an answer (``answered_sequences``), so that
+the call stops counting against its executor's load (:meth:`AnswerRoutes.answered`).
 
 An answer written into a connection that then breaks can be lost. The caller
 reports the broken stream with the sequences it still waits for
