@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import collections
 import contextlib
@@ -410,8 +411,22 @@ class CloudburstConnection:
         except BaseException:
             await core.close()
             raise
-        if self._direct_answers:
-            await core.use_answer_streams(min(connect_timeout, DIRECT_KVS_TIMEOUT))
+        # Answer streams register while the KVS is asked: a client that reaches neither the
+        # executors nor the KVS waits for both at once, not one after the other.
+        answers = (
+            asyncio.ensure_future(core.use_answer_streams(min(connect_timeout, DIRECT_KVS_TIMEOUT)))
+            if self._direct_answers
+            else None
+        )
+        try:
+            await self._use_kvs(core, connect_timeout)
+        finally:
+            if answers is not None:
+                await answers
+        return core
+
+    async def _use_kvs(self, core: Core, connect_timeout: float) -> None:
+        """Learn the KVS tier's limits and, where allowed, call the KVS directly."""
         try:  # the KVS tier's limit on a value (larger than a message: values move in chunks)
             limits = await chunks.get_limits(core.kvs, connect_timeout)
             self.max_value_bytes = max(int(limits.max_value_bytes), self.max_payload_bytes)
@@ -423,12 +438,11 @@ class CloudburstConnection:
             logger.debug(
                 "the server did not report its limits (%s); values stay in one message", exc
             )
-            return core
+            return
         if self._direct_kvs and limits.kvs_addresses:
             await core.use_direct_kvs(
                 list(limits.kvs_addresses), min(connect_timeout, DIRECT_KVS_TIMEOUT)
             )
-        return core
 
     @property
     def answer_executors(self) -> frozenset[str]:
