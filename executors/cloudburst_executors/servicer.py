@@ -29,6 +29,10 @@ Context = grpc.aio.ServicerContext
 
 #: The most answers one StreamAnswers message carries.
 ANSWERS_PER_MESSAGE = 64
+#: Answers queued for a caller that does not read its answer stream: past this many, further
+#: answers go through the scheduler (whose call stream has flow control of its own), so that a
+#: stuck caller cannot fill the executor's memory.
+MAX_QUEUED_ANSWERS = 4096
 _STREAM_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds a note that a call was answered directly waits for others to travel with. Notes are
 #: off the caller's path: together they cost the scheduler one message instead of several.
@@ -53,6 +57,17 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             str, asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None]
         ] = {}
         """The callers' open answer streams (StreamAnswers), by answer stream id."""
+
+    def _answer_stream(
+        self, stream_id: str
+    ) -> asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] | None:
+        """The queue of the caller's answer stream here, if it has one that keeps up."""
+        if not stream_id:
+            return None
+        queue = self._answer_streams.get(stream_id)
+        if queue is None or queue.qsize() >= MAX_QUEUED_ANSWERS:
+            return None
+        return queue
 
     async def end_streams(self, timeout: float) -> None:
         """At shutdown: let calls started from streams answer (up to ``timeout``), then end them.
@@ -124,8 +139,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 response = executor_service_pb2.ExecuteFunctionResponse(
                     outcome=execution_pb2.Outcome(error=error_to_call_error(exc))
                 )
-            direct = self._answer_streams.get(request.answer_stream_id)
-            if direct is not None and request.answer_stream_id:
+            direct = self._answer_stream(request.answer_stream_id)
+            if direct is not None:
                 # The caller's own stream is here: answer there, and tell the scheduler in a
                 # note (the caller tells it too, in its next frame: answered_sequences).
                 note(
@@ -180,8 +195,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             else:
                 outcome = future.result()
             key = executor.results.stored_key(call_id)
-            direct = self._answer_streams.get(expect.answer_stream_id)
-            if direct is not None and expect.answer_stream_id:
+            direct = self._answer_stream(expect.answer_stream_id)
+            if direct is not None:
                 # The caller's own stream is here: answer there, and tell the scheduler in a
                 # note (see run_call).
                 note(
