@@ -160,8 +160,9 @@ class SchedulerConfig:
     direct_kvs_address: str = ""
     """``host:port`` clients dial for the KVS, when not the address this scheduler uses."""
     direct_answers: bool = True
-    """Have a DAG's sink answer a ``direct_response`` call on the answer stream its caller holds
-    at the sink's executor, when it holds one (docs/protocol.md); false answers every call here."""
+    """Have the executor that finishes a call whose outcome its caller awaits (``direct_response``,
+    a streamed outcome) answer on the answer stream the caller holds there, when it holds one
+    (docs/protocol.md); false answers every call here."""
 
 
 @dataclass(frozen=True)
