@@ -80,9 +80,15 @@ class AnswerStreams:
         """Executor id -> (address, the task that holds its stream)."""
         self._watcher: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._tried: set[str] = set()
+        """Executors whose stream registered, or whose first attempt ended without (unreachable,
+        refused): :meth:`start` waits for no more than these."""
 
     async def start(self, timeout: float) -> bool:
         """Open streams at the scheduler's executors; wait up to ``timeout`` for them to register.
+
+        An executor that refuses the stream or cannot be reached is not waited for
+        (its stream is tried again in the background).
 
         Returns whether the scheduler answers through such streams at all; if
         it does not (an older one, or ``cbgrpc serve``), nothing is opened.
@@ -101,7 +107,7 @@ class AnswerStreams:
         self._watcher = asyncio.create_task(self._watch(listed.version))
         try:
             async with asyncio.timeout(timeout):
-                while len(self.registered) < len(self._holders):
+                while not self._holders.keys() <= self._tried:
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
@@ -172,6 +178,8 @@ class AnswerStreams:
                 finally:
                     call.cancel()
                     self._unregister(executor_id)
+                    self._tried.add(executor_id)
+                    self._changed.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
         finally:
@@ -182,6 +190,7 @@ class AnswerStreams:
         async for message in call:
             if message.registered:
                 self.registered = self.registered | {executor_id}
+                self._tried.add(executor_id)
                 self._changed.set()
                 self._on_change()
             for answer in message.answers:

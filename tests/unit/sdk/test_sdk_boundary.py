@@ -53,6 +53,7 @@ def test_the_runtime_imports_no_private_sdk_module() -> None:
 SDK_TESTS = [
     ROOT / "tests" / "unit" / "sdk",
     ROOT / "tests" / "integration" / "test_loop_drivers.py",
+    ROOT / "tests" / "integration" / "test_answer_streams_sdk.py",
 ]
 
 
