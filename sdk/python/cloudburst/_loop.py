@@ -46,6 +46,7 @@ import abc
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -247,8 +248,11 @@ class DrivenLoop(LoopDriver):
                 f"{type(self.loop).__name__} lacks; use the loop driver 'thread'"
             )
         self._lock = threading.Lock()
-        self._freed = threading.Condition(self._lock)
-        """Notified when a waiter's result is in, and when the loop is left free."""
+        self._sleeping: set[threading.Condition] = set()
+        """One condition per thread waiting while another runs the loop (on ``_lock``).
+
+        A result wakes only the thread waiting for it; the loop left free wakes them all.
+        """
         self._runner = 0
         """The ident of the thread running the loop (``_HELPER`` for the helper), 0 when none."""
         self._waiters = 0
@@ -349,9 +353,11 @@ class DrivenLoop(LoopDriver):
 
         (Registered as a waiter by :meth:`wait`, this unregisters.)
         """
-        future.add_done_callback(self._result_in)
+        woken = threading.Condition(self._lock)
+        future.add_done_callback(functools.partial(self._result_in, woken))
         deadline = time.monotonic() + seconds
         with self._lock:
+            self._sleeping.add(woken)
             try:
                 while not future.done() and not (
                     may_run and self._runner == 0 and self._waiters == 1
@@ -359,19 +365,26 @@ class DrivenLoop(LoopDriver):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
-                    self._freed.wait(left)
+                    woken.wait(left)
             finally:
+                self._sleeping.discard(woken)
                 self._waiters -= 1
                 if not may_run:
                     self._passive -= 1
                 if self._runner == 0 and self._waiters:
                     # This waiter gave up while the loop was free: whoever waits on takes it.
-                    self._freed.notify_all()
+                    self._wake_sleepers()
                     self._wake.set()
 
-    def _result_in(self, _future: object) -> None:
+    def _result_in(self, woken: threading.Condition, _future: object) -> None:
+        """A waiter's result is in: wake that waiter only."""
         with self._lock:
-            self._freed.notify_all()
+            woken.notify()
+
+    def _wake_sleepers(self) -> None:
+        """Wake every thread waiting while another runs the loop (lock held)."""
+        for woken in self._sleeping:
+            woken.notify()
 
     def stop(self) -> None:
         """Cancel what is left on the loop, stop the helper and close the loop; idempotent."""
@@ -455,7 +468,7 @@ class DrivenLoop(LoopDriver):
             self._runner = 0
             self._last_run = time.monotonic()
             if self._waiters == 1 and not self._passive:
-                self._freed.notify_all()
+                self._wake_sleepers()
                 return
             waiting = self._waiters
         if waiting:
@@ -480,7 +493,7 @@ class DrivenLoop(LoopDriver):
                 if take:
                     self._runner = _HELPER
                 elif free and lone:
-                    self._freed.notify_all()  # in case it was waiting for the helper meanwhile
+                    self._wake_sleepers()  # in case it was waiting for the helper meanwhile
             if not take:
                 # A caller that stops running the loop wakes the helper only when
                 # others wait; otherwise the helper looks again once it may be idle.
@@ -493,7 +506,7 @@ class DrivenLoop(LoopDriver):
                     self._runner = 0
                     self._yield_asked = False
                     self._last_run = time.monotonic()
-                    self._freed.notify_all()
+                    self._wake_sleepers()
 
     def _helper_leaves(self) -> None:
         """On the loop: the helper leaves it to the caller that asked for it."""
