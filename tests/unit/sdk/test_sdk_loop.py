@@ -145,6 +145,54 @@ def test_a_waiter_takes_the_loop_over_when_the_runner_leaves(driven: DrivenLoop)
     assert b_ran_on == b_thread.ident
 
 
+def test_a_result_wakes_only_the_caller_waiting_for_it(
+    driven: DrivenLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three callers wait while another runs the loop; the first's result wakes it alone."""
+    wakes: dict[int, int] = {}
+
+    class CountingCondition(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            woken = super().wait(timeout)
+            if self._lock is driven._lock:  # type: ignore[attr-defined]
+                me = threading.get_ident()
+                wakes[me] = wakes.get(me, 0) + 1
+            return woken
+
+    monkeypatch.setattr(threading, "Condition", CountingCondition)
+    futures: list[concurrent.futures.Future[int]] = [concurrent.futures.Future() for _ in range(3)]
+    results: dict[int, int] = {}
+
+    def waiter(index: int) -> None:
+        results[index] = driven.wait(futures[index], 20)
+
+    waiters = [threading.Thread(target=waiter, args=(i,)) for i in range(3)]
+
+    async def hold_the_loop() -> None:
+        for thread in waiters:
+            thread.start()
+        await _until(lambda: len(driven._sleeping) == 3)
+        futures[0].set_result(10)
+        await _until(lambda: not waiters[0].is_alive())
+        others = [t.ident or 0 for t in waiters[1:]]
+        assert all(wakes.get(ident, 0) == 0 for ident in others), wakes
+        futures[1].set_result(11)
+        futures[2].set_result(12)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(driven.run, hold_the_loop(), 20, "hold").result(30)
+    finally:
+        for future in futures:
+            if not future.done():
+                future.set_result(-1)
+        for thread in waiters:
+            if thread.ident is not None:
+                thread.join(10)
+    assert results == {0: 10, 1: 11, 2: 12}
+    assert wakes.get(waiters[0].ident or 0) == 1
+
+
 def test_back_to_back_calls_take_the_loop_back_from_the_idle_helper(driven: DrivenLoop) -> None:
     deadline = time.monotonic() + _loop.IDLE_AFTER + 10
     while driven._runner != _loop._HELPER:  # the helper runs an idle loop
