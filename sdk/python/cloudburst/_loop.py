@@ -157,14 +157,19 @@ class LoopDriver(abc.ABC):
         if self._on_loop():
             coro.close()
             raise RuntimeError(_REENTERED)
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future: concurrent.futures.Future[T] | None = None
         try:
+            # Inside the try: a Ctrl-C that lands just after the coroutine was handed over
+            # (before the wait began) cancels it too.
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
             return self.wait(future, timeout)
         except concurrent.futures.TimeoutError:
+            assert future is not None
             future.cancel()
             raise CloudburstTimeoutError(f"{what} did not finish within {timeout:.1f}s") from None
         except KeyboardInterrupt:
-            future.cancel()
+            if future is not None:
+                future.cancel()
             raise
 
     def _create(self, coro: Coroutine[Any, Any, None]) -> None:
