@@ -25,8 +25,7 @@ from typing import Any
 
 import grpc
 
-from cloudburst import tracing
-from cloudburst.transport import ClientSecurity, open_channel
+from cloudburst.transport import ClientSecurity
 from cloudburst.v1 import (
     executor_service_pb2,
     executor_service_pb2_grpc,
@@ -149,13 +148,7 @@ class AnswerStreams:
 
     async def _hold(self, executor_id: str, address: str) -> None:
         """Keep a stream open at one executor: read its answers, open it again when it breaks."""
-        channel = open_channel(
-            address,
-            self._max_payload_bytes,
-            self._security.channel_credentials(),
-            self._security.server_name,
-            tracing.client_interceptors(),
-        )
+        channel = self._security.channel(address, self._max_payload_bytes)
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
         request = executor_service_pb2.StreamAnswersRequest(answer_stream_id=self.stream_id)
         delay = RETRY_SECONDS

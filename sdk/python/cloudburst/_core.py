@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from cloudburst import _client_cert as client_cert
-from cloudburst import chunks, tracing
+from cloudburst import chunks
 from cloudburst._answers import AnswerStreams
 from cloudburst._loop import LoopDriver
 from cloudburst.errors import (
@@ -43,7 +43,7 @@ from cloudburst.errors import (
 )
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, batches_enabled, settle
-from cloudburst.transport import ClientSecurity, open_channel
+from cloudburst.transport import ClientSecurity
 from cloudburst.v1 import (
     execution_pb2,
     kvs_service_pb2,
@@ -129,15 +129,8 @@ class Core:
         security = security or ClientSecurity()
         self._security = security
         self._tls = security.tls
-        self._security = security
         self._max_payload_bytes = max_payload_bytes
-        self.channel = open_channel(
-            target,
-            max_payload_bytes,
-            security.channel_credentials(),
-            security.server_name,
-            tracing.client_interceptors(),
-        )
+        self.channel = security.channel(target, max_payload_bytes)
         self.scheduler = scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel)
         self.proxy_kvs: KvsStub = kvs_service_pb2_grpc.KvsServiceStub(self.channel)
         """KvsService at the scheduler, which forwards to the KVS tier."""
@@ -403,13 +396,7 @@ class Core:
         address that does not answer at all.
         """
         for address in addresses:
-            channel = open_channel(
-                address,
-                self._max_payload_bytes,
-                self._security.channel_credentials(),
-                self._security.server_name,
-                tracing.client_interceptors(),
-            )
+            channel = self._security.channel(address, self._max_payload_bytes)
             stub: KvsStub = kvs_service_pb2_grpc.KvsServiceStub(channel)
             try:
                 await stub.GetLimits(kvs_service_pb2.GetLimitsRequest(), timeout=timeout)

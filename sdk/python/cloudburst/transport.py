@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from cloudburst import tracing
 from cloudburst.errors import CloudburstError, InvalidArgumentError
 
 #: The port ``cbgrpc serve`` listens on, and the SDK connects to, by default.
@@ -236,6 +237,16 @@ class ClientSecurity:
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """The credentials of :func:`open_channel`: None for plaintext."""
         return self.credentials() if self.tls else None
+
+    def channel(self, target: str, max_payload_bytes: int) -> grpc.aio.Channel:
+        """A client's channel to ``target`` with these settings, traced when tracing is on."""
+        return open_channel(
+            target,
+            max_payload_bytes,
+            self.channel_credentials(),
+            self.server_name,
+            tracing.client_interceptors(),
+        )
 
     def __repr__(self) -> str:
         """Never show the token."""
