@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,6 +29,9 @@ from cloudburst_grpc.server import PeerChannel
 
 logger = logging.getLogger(__name__)
 
+#: Ids for the hellos of trigger streams: distinct within a process, and from a random start so
+#: that a process that takes over a peer id (a restarted scheduler) does not reuse its ids.
+_STREAM_IDS = itertools.count(secrets.randbits(62) + 1)
 #: Stream endings whose details name a security refusal worth showing the caller.
 _REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 
@@ -70,14 +74,17 @@ class ExecutorPeer(Protocol):
         ...
 
     def expect_result(
-        self, call_id: str, timeout: float, answer_to: tuple[str, int] | None = None
+        self, schedule: execution_pb2.DagSchedule, timeout: float
     ) -> asyncio.Future[execution_pb2.Outcome]:
-        """Ask for the direct-response result of ``call_id``, whose sink runs on this peer.
+        """Wait for the sink's result of the call ``schedule`` places, its sink on this peer.
 
-        Must be called before the call's sources are triggered. With ``answer_to``
-        (an answer stream id and a StreamCalls sequence), the sink answers the
-        caller on that stream if the caller holds it there; the future then
-        settles with :data:`~cloudburst_grpc.answer_streams.DELIVERED_DIRECTLY`.
+        Call it before the call's sources are triggered: it names in ``schedule``
+        the way back (``reply_to``, ``reply_stream_id``), and nothing is sent for
+        it. The future fails after ``timeout`` seconds, or at once when the way
+        back breaks. When ``schedule`` names the caller's answer stream
+        (``answer_stream_id``), the sink answers the caller there if the caller
+        holds it at the peer; the future then settles with
+        :data:`~cloudburst_grpc.answer_streams.DELIVERED_DIRECTLY`.
         """
         ...
 
@@ -134,7 +141,13 @@ class RemoteExecutorPeer:
         )
         self._sequence = itertools.count(1)
         self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}
-        self._results: dict[str, asyncio.Future[execution_pb2.Outcome]] = {}
+        self._results: dict[
+            str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
+        ] = {}
+        """The DAG calls whose sink's result comes back on the current stream, by call id."""
+        self._peer_id = peer_id
+        self._stream_id = 0
+        """The stream_id of the current stream's hello (see :meth:`expect_result`)."""
         self._stored: dict[str, asyncio.Future[None]] = {}
         self.schedules = SentSchedules()
         """The schedules the current stream carried (triggers after the first refer to them)."""
@@ -148,10 +161,17 @@ class RemoteExecutorPeer:
             lambda: self._peer.stub().StreamTriggers(),
             self._answered,
             self._ended,
-            lambda: executor_service_pb2.StreamTriggersRequest(
-                hello=executor_service_pb2.TriggerHello(peer_id=peer_id, reads_batches=batches)
-            ),
+            lambda: self._hello(batches),
             batches=batches,
+        )
+
+    def _hello(self, batches: bool) -> executor_service_pb2.StreamTriggersRequest:
+        """The first frame of a new stream, under a stream id never used before."""
+        self._stream_id = next(_STREAM_IDS)
+        return executor_service_pb2.StreamTriggersRequest(
+            hello=executor_service_pb2.TriggerHello(
+                peer_id=self._peer_id, reads_batches=batches, stream_id=self._stream_id
+            )
         )
 
     def _answered(self, frame: executor_service_pb2.StreamTriggersResponse) -> None:
@@ -161,12 +181,15 @@ class RemoteExecutorPeer:
             if answer is not None and not answer.done():
                 answer.set_result(frame.execute_function)
         elif kind == "dag_result":
-            result = self._results.pop(frame.dag_result.call_id, None)
-            if result is not None and not result.done():
-                if frame.dag_result.delivered_directly:
-                    result.set_result(DELIVERED_DIRECTLY)
-                else:
-                    result.set_result(frame.dag_result.outcome)
+            waiting = self._results.pop(frame.dag_result.call_id, None)
+            if waiting is not None:
+                result, expiry = waiting
+                expiry.cancel()
+                if not result.done():
+                    if frame.dag_result.delivered_directly:
+                        result.set_result(DELIVERED_DIRECTLY)
+                    else:
+                        result.set_result(frame.dag_result.outcome)
         elif kind == "result_stored":
             stored = self._stored.pop(frame.result_stored.response_key, None)
             if stored is not None and not stored.done():
@@ -190,7 +213,8 @@ class RemoteExecutorPeer:
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(failure)
-        for result in self._results.values():
+        for result, expiry in self._results.values():
+            expiry.cancel()
             if not result.done():
                 result.set_exception(failure)
         for stored in self._stored.values():
@@ -244,19 +268,33 @@ class RemoteExecutorPeer:
         self._stream.send(frame)
 
     def expect_result(
-        self, call_id: str, timeout: float, answer_to: tuple[str, int] | None = None
+        self, schedule: execution_pb2.DagSchedule, timeout: float
     ) -> asyncio.Future[execution_pb2.Outcome]:
-        """Register for the sink's result and tell the executor to route it here.
+        """Wait for the sink's result on this peer's stream, which the schedule names.
 
-        With ``answer_to``, to the caller's answer stream instead, if it is open there.
+        Opens the stream if it is not open (usually it is), so that the sink
+        finds it; nothing is sent for the call.
         """
-        result: asyncio.Future[execution_pb2.Outcome] = asyncio.get_running_loop().create_future()
-        self._results[call_id] = result
-        expect = executor_service_pb2.ExpectResult(call_id=call_id)
-        if answer_to is not None:
-            expect.answer_stream_id, expect.answer_sequence = answer_to
-        self._stream.send(executor_service_pb2.StreamTriggersRequest(expect_result=expect))
+        self._stream.open()
+        schedule.reply_to = self._peer_id
+        schedule.reply_stream_id = self._stream_id
+        call_id = schedule.call_id
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
+        expiry = loop.call_later(timeout, self._expire_result, call_id, result, timeout)
+        self._results[call_id] = (result, expiry)
         return result
+
+    def _expire_result(
+        self, call_id: str, result: asyncio.Future[execution_pb2.Outcome], timeout: float
+    ) -> None:
+        waiting = self._results.get(call_id)
+        if waiting is not None and waiting[0] is result:
+            del self._results[call_id]
+        if not result.done():
+            result.set_exception(
+                CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
+            )
 
     def expect_stored(self, response_key: str) -> asyncio.Future[None]:
         """Settles when the executor reports the result stored, or the stream ends."""

@@ -1,10 +1,9 @@
 """The scheduler's orchestration: registration, pinning, and placing calls.
 
 It owns no durable state: definitions live in the KVS (see ``registry``). For
-a DAG call it places every function, then sends start triggers to the sources;
-the executors take it from there. For a direct response it asks the sink's
-executor for the result before triggering anything, so the result cannot
-arrive unexpected.
+a DAG call it places every function, names in the schedule the way the sink's
+result comes back (its own stream to the sink's executor), then sends start
+triggers to the sources; the executors take it from there.
 """
 
 from __future__ import annotations
@@ -693,7 +692,8 @@ class Scheduler:
         """Settle ``result`` with the DAG call's outcome, at once if one of its executors is lost.
 
         The sink reports every call's end here (``direct_response`` is always
-        set), so the scheduler knows which calls are still running where. A
+        set), by the route the schedule names, so the scheduler knows which
+        calls are still running where. A
         call that loses an executor runs again from the start while ``retries``
         last (the DAG opted into at-least-once runs); otherwise it ends with an
         UNAVAILABLE error, also stored under its response key for a caller
@@ -751,8 +751,11 @@ class Scheduler:
                     call.settle_stored()
 
             attempt.add_done_callback(on_stored)
-        answer_to = call.answer_to.route(peer.executor_id) if call.answer_to is not None else None
-        peer.expect_result(call_id, call.limit, answer_to).add_done_callback(on_sink)
+        route = call.answer_to.route(peer.executor_id) if call.answer_to is not None else None
+        if route is not None:
+            schedule.answer_stream_id, schedule.answer_sequence = route
+        # The schedule names the way back; nothing is sent to the sink's executor for it.
+        peer.expect_result(schedule, call.limit).add_done_callback(on_sink)
 
     async def _retry_dag(
         self, call: _DagCall, result: asyncio.Future[execution_pb2.Outcome], retries: int

@@ -1,17 +1,28 @@
 """Delivering a DAG call's result: to the KVS and/or to the scheduler waiting for it.
 
+The sink's result goes back to the scheduler that placed the call by the route
+its schedule names (``reply_to`` and ``reply_stream_id``): the ``StreamTriggers``
+stream that scheduler opened to this executor, found by its hello. That stream
+and the call's triggers travel separately, so the result may come first: it is
+then parked until the stream opens or the call's deadline passes. A result for
+a stream that has ended is dropped (the scheduler failed the call when the
+stream broke). A scheduler in this process waits with :meth:`ResultRouter.expect`
+instead, before it triggers anything.
+
 A result both stored and awaited is answered first and stored right after, as a
 one-shot call's is: the scheduler learns of the store from a ``ResultStored``
-frame (see :meth:`ResultRouter.stored_key`) and holds deletes of the key until then.
+frame and holds deletes of the key until then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 from cloudburst.errors import CloudburstError, CloudburstTimeoutError
 from cloudburst.serialization import LwwClock, lww, serialize_as
@@ -24,30 +35,51 @@ from cloudburst_grpc.kvs_access import KvsAccess
 
 logger = logging.getLogger(__name__)
 
+#: A trigger stream as its opener named it in its hello: (peer_id, stream_id).
+StreamKey = tuple[str, int]
+#: How many ended streams are remembered, so that results for them are dropped, not parked.
+ENDED_STREAMS_KEPT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedResult:
+    """A sink's result on its way to the scheduler's stream, with the route its schedule gave."""
+
+    call_id: str
+    outcome: execution_pb2.Outcome
+    answer_stream_id: str
+    """The caller's answer stream here, to answer on if it is open ("" if none)."""
+    answer_sequence: int
+    stored_key: str
+    """Where the result is being stored after it is answered ("" if it is not)."""
+
 
 class ResultRouter:
-    """Meets a sink's direct-response result with the scheduler waiting for it.
+    """Sends each sink's result to the scheduler waiting for it.
 
-    The two can arrive in either order across streams: a result that comes
-    first is parked until its waiter registers or its call's deadline passes.
+    A scheduler in this process registers a waiter per call (:meth:`expect`);
+    otherwise the result goes to the trigger stream its schedule names, which
+    the servicer attaches with :meth:`attach` when the stream's hello comes.
     """
 
     def __init__(self) -> None:
         self._waiters: dict[
             str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
         ] = {}
-        self._parked: dict[str, execution_pb2.Outcome] = {}
         self._stored_keys: dict[str, str] = {}
-        """Response keys of results answered before being stored, by call id."""
+        """Response keys of results answered to a waiter before being stored, by call id."""
+        self._streams: dict[StreamKey, Callable[[RoutedResult], None]] = {}
+        self._parked: dict[StreamKey, dict[str, tuple[RoutedResult, asyncio.TimerHandle]]] = {}
+        """Results waiting for their stream to open, each until its call's deadline."""
+        self._ended: collections.OrderedDict[StreamKey, None] = collections.OrderedDict()
 
     def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
-        """Return a future for the call's result; it fails after ``timeout`` seconds."""
+        """Return a future for the call's result; it fails after ``timeout`` seconds.
+
+        For a scheduler in this process; call it before the call's sources are triggered.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
-        parked = self._parked.pop(call_id, None)
-        if parked is not None:
-            future.set_result(parked)
-            return future
 
         def expire() -> None:
             # Also forgets a waiter that was cancelled meanwhile.
@@ -64,15 +96,15 @@ class ResultRouter:
 
     def deliver(
         self,
-        call_id: str,
+        schedule: execution_pb2.DagSchedule,
         outcome: execution_pb2.Outcome,
-        keep_for: float,
         stored_key: str = "",
     ) -> None:
-        """Hand a result to its waiter, or park it for up to ``keep_for`` seconds.
+        """Hand a call's result to its waiter, or to the stream its schedule names.
 
         ``stored_key``: the result is being stored there (see :meth:`stored_key`).
         """
+        call_id = schedule.call_id
         waiting = self._waiters.pop(call_id, None)
         if waiting is not None:
             future, expiry = waiting
@@ -82,24 +114,62 @@ class ResultRouter:
                     self._stored_keys[call_id] = stored_key
                 future.set_result(outcome)
             return
-        if stored_key:
-            self._stored_keys[call_id] = stored_key
-        self._parked[call_id] = outcome
-        asyncio.get_running_loop().call_later(max(keep_for, 0.0), self._forget, call_id)
+        key = (schedule.reply_to, schedule.reply_stream_id)
+        result = RoutedResult(
+            call_id, outcome, schedule.answer_stream_id, schedule.answer_sequence, stored_key
+        )
+        send = self._streams.get(key)
+        if send is not None:
+            send(result)
+            return
+        if key in self._ended:
+            logger.debug("call %s: the stream %s to answer on has ended; dropped", call_id, key)
+            return
+        remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
+        if remaining <= 0:
+            logger.debug("call %s: past its deadline before its stream %s opened", call_id, key)
+            return
+        timer = asyncio.get_running_loop().call_later(remaining, self._expire, key, call_id)
+        self._parked.setdefault(key, {})[call_id] = (result, timer)
 
-    def _forget(self, call_id: str) -> None:
-        self._parked.pop(call_id, None)
-        self._stored_keys.pop(call_id, None)
+    def _expire(self, key: StreamKey, call_id: str) -> None:
+        parked = self._parked.get(key)
+        if parked is not None and parked.pop(call_id, None) is not None:
+            logger.debug("call %s: its stream %s did not open by its deadline", call_id, key)
+            if not parked:
+                del self._parked[key]
+
+    def attach(self, key: StreamKey, send: Callable[[RoutedResult], None]) -> None:
+        """A stream opened: results for ``key`` go to ``send`` (those parked for it at once)."""
+        self._streams[key] = send
+        self._ended.pop(key, None)
+        for result, timer in self._parked.pop(key, {}).values():
+            timer.cancel()
+            send(result)
+
+    def detach(self, key: StreamKey, send: Callable[[RoutedResult], None]) -> None:
+        """The stream attached with ``send`` ended: results for it are dropped from now on."""
+        if self._streams.get(key) != send:
+            return  # replaced by a newer stream with the same name
+        del self._streams[key]
+        self._ended[key] = None
+        if len(self._ended) > ENDED_STREAMS_KEPT:
+            self._ended.popitem(last=False)
+
+    @property
+    def parked(self) -> int:
+        """How many results wait for their stream to open."""
+        return sum(len(p) for p in self._parked.values())
 
     def stored_key(self, call_id: str) -> str:
-        """Once: where the result of ``call_id``, answered first, is being stored ("" if not).
+        """Once: where the result of ``call_id``, answered to a waiter, is being stored ("" if not).
 
         Whoever routed the result to its waiter reports the store to it.
         """
         return self._stored_keys.pop(call_id, "")
 
     def __len__(self) -> int:
-        return len(self._waiters) + len(self._parked)
+        return len(self._waiters) + self.parked
 
 
 async def for_caller(
@@ -159,9 +229,8 @@ async def deliver(
     )
     key = schedule.response_key
     if key and schedule.direct_response and store_after is not None:
-        remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
         store_after(key, outcome)  # registered as being stored before anyone hears of it
-        results.deliver(schedule.call_id, outcome, keep_for=remaining, stored_key=key)
+        results.deliver(schedule, outcome, stored_key=key)
         return
     if key:
         try:
@@ -169,8 +238,7 @@ async def deliver(
         except CloudburstError:
             logger.exception("call %s: cannot store the result", schedule.call_id)
     if schedule.direct_response:
-        remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
-        results.deliver(schedule.call_id, outcome, keep_for=remaining)
+        results.deliver(schedule, outcome)
 
 
-__all__ = ["ResultRouter", "deliver", "outcome_value", "store"]
+__all__ = ["ResultRouter", "RoutedResult", "deliver", "outcome_value", "store"]

@@ -20,6 +20,7 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
 )
 from cloudburst_executors.executor import Executor
+from cloudburst_executors.results import RoutedResult
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.schedules import ReceivedSchedules
 
@@ -46,10 +47,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self._executor = executor
         self._detached: set[asyncio.Task[None]] = set()
         """Calls whose stream ended before they did: they still run and store their results."""
-        self._streams: set[asyncio.Queue[executor_service_pb2.StreamTriggersResponse | None]] = (
-            set()
-        )
-        """The answer queues of the open StreamTriggers streams."""
+        self._streams: dict[
+            asyncio.Queue[executor_service_pb2.StreamTriggersResponse | None],
+            executor_service_pb2.TriggerStreamStatus,
+        ] = {}
+        """The answer queues of the open StreamTriggers streams, and what each carried."""
         self._closing = False
         self._batches = batches_enabled()
         """Whether trigger streams offer to read batched frames and batch their responses."""
@@ -103,19 +105,22 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             executor_service_pb2.StreamTriggersRequest, executor_service_pb2.StreamTriggersResponse
         ],
     ) -> AsyncIterator[executor_service_pb2.StreamTriggersResponse]:
-        """Accept triggers, calls and result routes from one peer; answer on the same stream."""
+        """Accept triggers and calls from one peer; answer on the same stream.
+
+        The results of DAG calls whose schedules name this stream (by the hello's
+        ``peer_id`` and ``stream_id``) come back on it too.
+        """
         answers: asyncio.Queue[executor_service_pb2.StreamTriggersResponse | None] = asyncio.Queue()
-        pending: set[asyncio.Future[object]] = set()
         executor = self._executor
         opener_reads_batches = False
         """Whether the opener said it reads batched responses (and batches are on here)."""
         schedules = ReceivedSchedules()
         """The schedules this stream carried, for the triggers that refer to them."""
-        self._streams.add(answers)
-
-        def track(future: asyncio.Future[object]) -> None:
-            pending.add(future)
-            future.add_done_callback(pending.discard)
+        stats = executor_service_pb2.TriggerStreamStatus()
+        """Who opened the stream (from its hello) and what it carried, for the status."""
+        attached: tuple[str, int] | None = None
+        """The name the stream's results are routed by, once its hello came."""
+        self._streams[answers] = stats
 
         notes: list[executor_service_pb2.StreamTriggersResponse] = []
         """Notes of calls answered directly, waiting to travel together."""
@@ -178,24 +183,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     )
                 )
 
-        def route(
-            call_id: str,
-            expect: executor_service_pb2.ExpectResult,
-            future: asyncio.Future[execution_pb2.Outcome],
-        ) -> None:
-            if future.cancelled():
-                return
-            error = future.exception()
-            if error is not None:
-                outcome = execution_pb2.Outcome(
-                    error=error_to_call_error(
-                        error if isinstance(error, CloudburstError) else CloudburstError(str(error))
-                    )
-                )
-            else:
-                outcome = future.result()
-            key = executor.results.stored_key(call_id)
-            direct = self._answer_stream(expect.answer_stream_id)
+        def send_result(result: RoutedResult) -> None:
+            # A DAG result whose schedule names this stream (see results.ResultRouter).
+            stats.dag_results += 1
+            call_id, key = result.call_id, result.stored_key
+            direct = self._answer_stream(result.answer_stream_id)
             if direct is not None:
                 # The caller's own stream is here: answer there, and tell the scheduler in a
                 # note (see run_call).
@@ -208,16 +200,18 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 )
                 direct.put_nowait(
                     scheduler_service_pb2.StreamCallsResponse(
-                        sequence=expect.answer_sequence,
+                        sequence=result.answer_sequence,
                         call_dag=scheduler_service_pb2.CallDagResponse(
-                            response_key=key, outcome=outcome
+                            response_key=key, outcome=result.outcome
                         ),
                     )
                 )
             else:
                 answers.put_nowait(
                     executor_service_pb2.StreamTriggersResponse(
-                        dag_result=executor_service_pb2.DagResult(call_id=call_id, outcome=outcome)
+                        dag_result=executor_service_pb2.DagResult(
+                            call_id=call_id, outcome=result.outcome
+                        )
                     )
                 )
             if key:
@@ -232,7 +226,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             )
 
         async def read() -> None:
-            nonlocal opener_reads_batches
+            nonlocal opener_reads_batches, attached
             try:
                 first = True
                 async for frame in request_iterator:
@@ -244,9 +238,14 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                             )
                         first = False
                         opener_reads_batches = self._batches and frame.hello.reads_batches
+                        stats.peer_id = frame.hello.peer_id
+                        stats.stream_id = frame.hello.stream_id
+                        attached = (stats.peer_id, stats.stream_id)
+                        executor.results.attach(attached, send_result)
                         continue
                     # A batch carries frames to serve in order as if each came alone.
                     for inner in frame.batch or (frame,):
+                        stats.frames_read += 1
                         serve(inner)
             finally:
                 answers.put_nowait(None)
@@ -269,11 +268,6 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 call = asyncio.ensure_future(run_call(frame.sequence, frame.execute_function))
                 self._detached.add(call)
                 call.add_done_callback(self._detached.discard)
-            elif kind == "expect_result":
-                call_id = frame.expect_result.call_id
-                future = executor.results.expect(call_id, executor._call_timeout)
-                future.add_done_callback(functools.partial(route, call_id, frame.expect_result))
-                track(future)  # type: ignore[arg-type]
 
         def report(cache_report: executor_service_pb2.CacheReport) -> None:
             answers.put_nowait(
@@ -303,12 +297,12 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             if not self._closing:
                 await reader  # re-raise a protocol error from the reader
         finally:
-            self._streams.discard(answers)
+            del self._streams[answers]
+            if attached is not None:
+                executor.results.detach(attached, send_result)
             if stop_reports is not None:
                 stop_reports()
             reader.cancel()
-            for future in list(pending):
-                future.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
     async def StreamAnswers(
@@ -380,8 +374,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             executor_service_pb2.GetExecutorStatusResponse,
         ],
     ) -> executor_service_pb2.GetExecutorStatusResponse:
-        """Report status."""
-        return self._executor.status()
+        """Report status, with the open trigger streams and the results waiting for one."""
+        status = self._executor.status()
+        status.trigger_streams.extend(self._streams.values())
+        status.parked_results = self._executor.results.parked
+        return status
 
 
 class LocalExecutorPeer:
@@ -435,9 +432,10 @@ class LocalExecutorPeer:
         self._executor.trigger(trigger, schedule)
 
     def expect_result(
-        self, call_id: str, timeout: float, answer_to: tuple[str, int] | None = None
+        self, schedule: execution_pb2.DagSchedule, timeout: float
     ) -> asyncio.Future[execution_pb2.Outcome]:
-        """Register for a direct-response result (callers hold no answer streams in-process)."""
+        """Wait for the sink's result in this process (callers hold no answer streams here)."""
+        call_id = schedule.call_id
         future = self._executor.results.expect(call_id, timeout)
         future.add_done_callback(functools.partial(self._routed, call_id))
         return future

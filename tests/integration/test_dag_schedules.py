@@ -101,7 +101,10 @@ def join_by_hand(cluster: Cluster, call_id: str) -> execution_pb2.DagSchedule:
     dag = function_pb2.Dag(name="by-hand", version=1, functions=["left", "right", "both"])
     dag.connections.add(upstream="left", downstream="both")
     dag.connections.add(upstream="right", downstream="both")
-    schedule = execution_pb2.DagSchedule(call_id=call_id, dag=dag, direct_response=True)
+    # The result comes back on the test's stream to the executor: hello(peer_id="test", stream_id=1).
+    schedule = execution_pb2.DagSchedule(
+        call_id=call_id, dag=dag, direct_response=True, reply_to="test", reply_stream_id=1
+    )
     for function, argument in (("left", 1), ("right", 10), ("both", None)):
         schedule.placements[function] = executor_id
         schedule.function_arguments[function].SetInParent()
@@ -131,8 +134,7 @@ def test_a_trigger_refers_to_the_schedule_its_stream_carried(cluster: Cluster) -
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
         answers = stub.StreamTriggers(outgoing(), timeout=DEADLINE)
         try:
-            send(hello=executor_service_pb2.TriggerHello(peer_id="test"))
-            send(expect_result=executor_service_pb2.ExpectResult(call_id="by-hand-1"))
+            send(hello=executor_service_pb2.TriggerHello(peer_id="test", stream_id=1))
             send(trigger=execution_pb2.Trigger(schedule=schedule, target_function="left"))
             send(trigger=execution_pb2.Trigger(call_id="by-hand-1", target_function="right"))
             result = next(a for a in answers if a.WhichOneof("frame") == "dag_result")
@@ -170,7 +172,7 @@ def test_a_new_stream_carries_the_schedule_again(cluster: Cluster) -> None:
     first, second = join_by_hand(cluster, "first"), join_by_hand(cluster, "second")
 
     async def run(peer: RemoteExecutorPeer, schedule: execution_pb2.DagSchedule) -> Any:
-        result = peer.expect_result(schedule.call_id, DEADLINE)
+        result = peer.expect_result(schedule, DEADLINE)
         for source in ("left", "right"):
             trigger = execution_pb2.Trigger(target_function=source, call_id=schedule.call_id)
             await peer.trigger(trigger, schedule)
@@ -184,7 +186,7 @@ def test_a_new_stream_carries_the_schedule_again(cluster: Cluster) -> None:
             assert await run(peer, first) == [2, 11]
             assert (peer.schedules.carried, peer.schedules.referred) == (1, 1)
             # A frame that breaks the protocol ends the stream (and fails what waits on it).
-            doomed = peer.expect_result("doomed", DEADLINE)
+            doomed = peer.expect_result(execution_pb2.DagSchedule(call_id="doomed"), DEADLINE)
             peer._stream.send(
                 executor_service_pb2.StreamTriggersRequest(
                     trigger=execution_pb2.Trigger(call_id="never-sent", target_function="left")
@@ -219,7 +221,6 @@ def test_triggers_sent_in_one_batch_run_as_if_sent_one_by_one(cluster: Cluster) 
             yield frame
 
     batch = executor_service_pb2.StreamTriggersRequest()
-    batch.batch.add(expect_result=executor_service_pb2.ExpectResult(call_id="by-hand-batch"))
     batch.batch.add(trigger=execution_pb2.Trigger(schedule=schedule, target_function="left"))
     batch.batch.add(trigger=execution_pb2.Trigger(call_id="by-hand-batch", target_function="right"))
     with grpc.insecure_channel(executor.address) as channel:
@@ -229,7 +230,7 @@ def test_triggers_sent_in_one_batch_run_as_if_sent_one_by_one(cluster: Cluster) 
             # An opener that does not read batches (this one) gets frames one by one.
             frames.put(
                 executor_service_pb2.StreamTriggersRequest(
-                    hello=executor_service_pb2.TriggerHello(peer_id="test")
+                    hello=executor_service_pb2.TriggerHello(peer_id="test", stream_id=1)
                 )
             )
             offer = next(answers)

@@ -145,9 +145,12 @@ type DagSchedule struct {
 	FunctionVersions map[string]uint64 `protobuf:"bytes,6,rep,name=function_versions,json=functionVersions,proto3" json:"function_versions,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// The user key the sink stores the result under, unless direct_response is set.
 	ResponseKey string `protobuf:"bytes,7,opt,name=response_key,json=responseKey,proto3" json:"response_key,omitempty"`
-	// Whether the sink returns the result to the scheduler that placed the call instead of storing it.
+	// Whether the sink returns the result to the scheduler that placed the call (and stores it too
+	// when response_key is set).
 	DirectResponse bool `protobuf:"varint,8,opt,name=direct_response,json=directResponse,proto3" json:"direct_response,omitempty"`
-	// The id of the scheduler waiting for a direct response.
+	// The peer_id of the scheduler waiting for the result (with direct_response): the sink's
+	// executor sends it, as a DagResult, on the StreamTriggers stream this scheduler opened to it
+	// whose hello has stream_id reply_stream_id (once that stream is open, until the deadline).
 	ReplyTo string `protobuf:"bytes,9,opt,name=reply_to,json=replyTo,proto3" json:"reply_to,omitempty"`
 	// When the call gives up; executors drop the call's pending stages after it.
 	DeadlineTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=deadline_time,json=deadlineTime,proto3" json:"deadline_time,omitempty"`
@@ -155,8 +158,15 @@ type DagSchedule struct {
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	// The serializers the caller accepts for the sink's result, in order of preference; empty accepts all.
 	AcceptSerializers []Serializer `protobuf:"varint,12,rep,packed,name=accept_serializers,json=acceptSerializers,proto3,enum=cloudburst.v1.Serializer" json:"accept_serializers,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The stream_id of the reply_to scheduler's StreamTriggers stream to the sink's executor.
+	ReplyStreamId uint64 `protobuf:"varint,13,opt,name=reply_stream_id,json=replyStreamId,proto3" json:"reply_stream_id,omitempty"`
+	// When set, the caller's answer stream (StreamAnswers) at the sink's executor: the sink answers
+	// the caller there if the stream is open, and the DagResult then says only `delivered_directly`.
+	AnswerStreamId string `protobuf:"bytes,14,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
+	// The StreamCalls sequence of the call, which the answer on the answer stream carries.
+	AnswerSequence uint64 `protobuf:"varint,15,opt,name=answer_sequence,json=answerSequence,proto3" json:"answer_sequence,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *DagSchedule) Reset() {
@@ -273,6 +283,27 @@ func (x *DagSchedule) GetAcceptSerializers() []Serializer {
 	return nil
 }
 
+func (x *DagSchedule) GetReplyStreamId() uint64 {
+	if x != nil {
+		return x.ReplyStreamId
+	}
+	return 0
+}
+
+func (x *DagSchedule) GetAnswerStreamId() string {
+	if x != nil {
+		return x.AnswerStreamId
+	}
+	return ""
+}
+
+func (x *DagSchedule) GetAnswerSequence() uint64 {
+	if x != nil {
+		return x.AnswerSequence
+	}
+	return 0
+}
+
 // Trigger starts or feeds one stage of a DAG call.
 type Trigger struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -376,7 +407,7 @@ const file_cloudburst_v1_execution_proto_rawDesc = "" +
 	"\x05value\x18\x01 \x01(\v2\x14.cloudburst.v1.ValueH\x00R\x05value\x122\n" +
 	"\afailure\x18\x02 \x01(\v2\x16.cloudburst.v1.FailureH\x00R\afailure\x120\n" +
 	"\x05error\x18\x03 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05errorB\b\n" +
-	"\x06result\"\x95\b\n" +
+	"\x06result\"\x90\t\n" +
 	"\vDagSchedule\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12$\n" +
 	"\x03dag\x18\x02 \x01(\v2\x12.cloudburst.v1.DagR\x03dag\x12J\n" +
@@ -393,7 +424,10 @@ const file_cloudburst_v1_execution_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\fdeadlineTime\x129\n" +
 	"\n" +
 	"start_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x12H\n" +
-	"\x12accept_serializers\x18\f \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x1a=\n" +
+	"\x12accept_serializers\x18\f \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x12&\n" +
+	"\x0freply_stream_id\x18\r \x01(\x04R\rreplyStreamId\x12(\n" +
+	"\x10answer_stream_id\x18\x0e \x01(\tR\x0eanswerStreamId\x12'\n" +
+	"\x0fanswer_sequence\x18\x0f \x01(\x04R\x0eanswerSequence\x1a=\n" +
 	"\x0fPlacementsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aD\n" +

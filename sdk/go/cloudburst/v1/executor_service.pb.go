@@ -226,7 +226,6 @@ type StreamTriggersRequest struct {
 	//
 	//	*StreamTriggersRequest_Hello
 	//	*StreamTriggersRequest_Trigger
-	//	*StreamTriggersRequest_ExpectResult
 	//	*StreamTriggersRequest_ExecuteFunction
 	Frame isStreamTriggersRequest_Frame `protobuf_oneof:"frame"`
 	// Several frames in one message, to be read as if sent one by one in this order; a frame that
@@ -299,15 +298,6 @@ func (x *StreamTriggersRequest) GetTrigger() *Trigger {
 	return nil
 }
 
-func (x *StreamTriggersRequest) GetExpectResult() *ExpectResult {
-	if x != nil {
-		if x, ok := x.Frame.(*StreamTriggersRequest_ExpectResult); ok {
-			return x.ExpectResult
-		}
-	}
-	return nil
-}
-
 func (x *StreamTriggersRequest) GetExecuteFunction() *ExecuteFunctionRequest {
 	if x != nil {
 		if x, ok := x.Frame.(*StreamTriggersRequest_ExecuteFunction); ok {
@@ -338,11 +328,6 @@ type StreamTriggersRequest_Trigger struct {
 	Trigger *Trigger `protobuf:"bytes,4,opt,name=trigger,proto3,oneof"`
 }
 
-type StreamTriggersRequest_ExpectResult struct {
-	// Asks for the sink's result of a direct-response call to come back on this stream.
-	ExpectResult *ExpectResult `protobuf:"bytes,5,opt,name=expect_result,json=expectResult,proto3,oneof"`
-}
-
 type StreamTriggersRequest_ExecuteFunction struct {
 	// Runs a function call.
 	ExecuteFunction *ExecuteFunctionRequest `protobuf:"bytes,6,opt,name=execute_function,json=executeFunction,proto3,oneof"`
@@ -351,8 +336,6 @@ type StreamTriggersRequest_ExecuteFunction struct {
 func (*StreamTriggersRequest_Hello) isStreamTriggersRequest_Frame() {}
 
 func (*StreamTriggersRequest_Trigger) isStreamTriggersRequest_Frame() {}
-
-func (*StreamTriggersRequest_ExpectResult) isStreamTriggersRequest_Frame() {}
 
 func (*StreamTriggersRequest_ExecuteFunction) isStreamTriggersRequest_Frame() {}
 
@@ -480,7 +463,7 @@ type isStreamTriggersResponse_Frame interface {
 }
 
 type StreamTriggersResponse_DagResult struct {
-	// The result of a direct-response DAG call.
+	// The result of a DAG call whose schedule names this stream (reply_to, reply_stream_id).
 	DagResult *DagResult `protobuf:"bytes,2,opt,name=dag_result,json=dagResult,proto3,oneof"`
 }
 
@@ -560,7 +543,10 @@ type TriggerHello struct {
 	// The scheduler or executor id of the opener.
 	PeerId string `protobuf:"bytes,1,opt,name=peer_id,json=peerId,proto3" json:"peer_id,omitempty"`
 	// The opener reads responses batched in `StreamTriggersResponse.batch`.
-	ReadsBatches  bool `protobuf:"varint,2,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
+	ReadsBatches bool `protobuf:"varint,2,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
+	// Tells this stream from the opener's other streams to this executor, earlier ones included:
+	// chosen by the opener, never reused; a DAG schedule names it in `reply_stream_id`.
+	StreamId      uint64 `protobuf:"varint,3,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -609,67 +595,9 @@ func (x *TriggerHello) GetReadsBatches() bool {
 	return false
 }
 
-// ExpectResult routes a direct-response result to the stream it arrives on.
-type ExpectResult struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// The call whose sink result is expected.
-	CallId string `protobuf:"bytes,1,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
-	// When set, the caller's answer stream (StreamAnswers) to write the result to if it is open
-	// here; the DagResult on this stream then says only `delivered_directly`.
-	AnswerStreamId string `protobuf:"bytes,2,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
-	// The StreamCalls sequence of the call, which the answer on the answer stream carries.
-	AnswerSequence uint64 `protobuf:"varint,3,opt,name=answer_sequence,json=answerSequence,proto3" json:"answer_sequence,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
-}
-
-func (x *ExpectResult) Reset() {
-	*x = ExpectResult{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ExpectResult) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ExpectResult) ProtoMessage() {}
-
-func (x *ExpectResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
+func (x *TriggerHello) GetStreamId() uint64 {
 	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ExpectResult.ProtoReflect.Descriptor instead.
-func (*ExpectResult) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{6}
-}
-
-func (x *ExpectResult) GetCallId() string {
-	if x != nil {
-		return x.CallId
-	}
-	return ""
-}
-
-func (x *ExpectResult) GetAnswerStreamId() string {
-	if x != nil {
-		return x.AnswerStreamId
-	}
-	return ""
-}
-
-func (x *ExpectResult) GetAnswerSequence() uint64 {
-	if x != nil {
-		return x.AnswerSequence
+		return x.StreamId
 	}
 	return 0
 }
@@ -681,7 +609,7 @@ type DagResult struct {
 	CallId string `protobuf:"bytes,1,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
 	// The sink's outcome; unset when `delivered_directly`.
 	Outcome *Outcome `protobuf:"bytes,2,opt,name=outcome,proto3" json:"outcome,omitempty"`
-	// The outcome went to the caller's answer stream named in ExpectResult.
+	// The outcome went to the caller's answer stream named in the call's schedule.
 	DeliveredDirectly bool `protobuf:"varint,3,opt,name=delivered_directly,json=deliveredDirectly,proto3" json:"delivered_directly,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
@@ -689,7 +617,7 @@ type DagResult struct {
 
 func (x *DagResult) Reset() {
 	*x = DagResult{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -701,7 +629,7 @@ func (x *DagResult) String() string {
 func (*DagResult) ProtoMessage() {}
 
 func (x *DagResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -714,7 +642,7 @@ func (x *DagResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DagResult.ProtoReflect.Descriptor instead.
 func (*DagResult) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{7}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DagResult) GetCallId() string {
@@ -751,7 +679,7 @@ type PinFunctionRequest struct {
 
 func (x *PinFunctionRequest) Reset() {
 	*x = PinFunctionRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +691,7 @@ func (x *PinFunctionRequest) String() string {
 func (*PinFunctionRequest) ProtoMessage() {}
 
 func (x *PinFunctionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +704,7 @@ func (x *PinFunctionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinFunctionRequest.ProtoReflect.Descriptor instead.
 func (*PinFunctionRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{8}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PinFunctionRequest) GetFunctionName() string {
@@ -802,7 +730,7 @@ type PinFunctionResponse struct {
 
 func (x *PinFunctionResponse) Reset() {
 	*x = PinFunctionResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -814,7 +742,7 @@ func (x *PinFunctionResponse) String() string {
 func (*PinFunctionResponse) ProtoMessage() {}
 
 func (x *PinFunctionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -827,7 +755,7 @@ func (x *PinFunctionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinFunctionResponse.ProtoReflect.Descriptor instead.
 func (*PinFunctionResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{9}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{8}
 }
 
 // UnpinFunctionRequest names the function to unpin.
@@ -841,7 +769,7 @@ type UnpinFunctionRequest struct {
 
 func (x *UnpinFunctionRequest) Reset() {
 	*x = UnpinFunctionRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +781,7 @@ func (x *UnpinFunctionRequest) String() string {
 func (*UnpinFunctionRequest) ProtoMessage() {}
 
 func (x *UnpinFunctionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +794,7 @@ func (x *UnpinFunctionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinFunctionRequest.ProtoReflect.Descriptor instead.
 func (*UnpinFunctionRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{10}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *UnpinFunctionRequest) GetFunctionName() string {
@@ -885,7 +813,7 @@ type UnpinFunctionResponse struct {
 
 func (x *UnpinFunctionResponse) Reset() {
 	*x = UnpinFunctionResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -897,7 +825,7 @@ func (x *UnpinFunctionResponse) String() string {
 func (*UnpinFunctionResponse) ProtoMessage() {}
 
 func (x *UnpinFunctionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -910,7 +838,7 @@ func (x *UnpinFunctionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinFunctionResponse.ProtoReflect.Descriptor instead.
 func (*UnpinFunctionResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{11}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{10}
 }
 
 // GetExecutorStatusRequest asks for an executor's status.
@@ -922,7 +850,7 @@ type GetExecutorStatusRequest struct {
 
 func (x *GetExecutorStatusRequest) Reset() {
 	*x = GetExecutorStatusRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -934,7 +862,7 @@ func (x *GetExecutorStatusRequest) String() string {
 func (*GetExecutorStatusRequest) ProtoMessage() {}
 
 func (x *GetExecutorStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -947,7 +875,7 @@ func (x *GetExecutorStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExecutorStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetExecutorStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{12}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{11}
 }
 
 // GetExecutorStatusResponse reports an executor's status.
@@ -964,14 +892,18 @@ type GetExecutorStatusResponse struct {
 	// User keys held in the local value cache.
 	CachedKeys []string `protobuf:"bytes,5,rep,name=cached_keys,json=cachedKeys,proto3" json:"cached_keys,omitempty"`
 	// The value cache's counters (all zero when the cache is off).
-	Cache         *CacheStats `protobuf:"bytes,6,opt,name=cache,proto3" json:"cache,omitempty"`
+	Cache *CacheStats `protobuf:"bytes,6,opt,name=cache,proto3" json:"cache,omitempty"`
+	// The open StreamTriggers streams, with what each carried.
+	TriggerStreams []*TriggerStreamStatus `protobuf:"bytes,7,rep,name=trigger_streams,json=triggerStreams,proto3" json:"trigger_streams,omitempty"`
+	// DAG results waiting for the stream their schedule names to open (see DagSchedule.reply_to).
+	ParkedResults uint32 `protobuf:"varint,8,opt,name=parked_results,json=parkedResults,proto3" json:"parked_results,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetExecutorStatusResponse) Reset() {
 	*x = GetExecutorStatusResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -983,7 +915,7 @@ func (x *GetExecutorStatusResponse) String() string {
 func (*GetExecutorStatusResponse) ProtoMessage() {}
 
 func (x *GetExecutorStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -996,7 +928,7 @@ func (x *GetExecutorStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExecutorStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetExecutorStatusResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{13}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetExecutorStatusResponse) GetExecutorId() string {
@@ -1041,6 +973,20 @@ func (x *GetExecutorStatusResponse) GetCache() *CacheStats {
 	return nil
 }
 
+func (x *GetExecutorStatusResponse) GetTriggerStreams() []*TriggerStreamStatus {
+	if x != nil {
+		return x.TriggerStreams
+	}
+	return nil
+}
+
+func (x *GetExecutorStatusResponse) GetParkedResults() uint32 {
+	if x != nil {
+		return x.ParkedResults
+	}
+	return 0
+}
+
 // StreamAnswersRequest opens a caller's answer stream at an executor.
 type StreamAnswersRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1053,7 +999,7 @@ type StreamAnswersRequest struct {
 
 func (x *StreamAnswersRequest) Reset() {
 	*x = StreamAnswersRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1011,7 @@ func (x *StreamAnswersRequest) String() string {
 func (*StreamAnswersRequest) ProtoMessage() {}
 
 func (x *StreamAnswersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1024,7 @@ func (x *StreamAnswersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAnswersRequest.ProtoReflect.Descriptor instead.
 func (*StreamAnswersRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{14}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *StreamAnswersRequest) GetAnswerStreamId() string {
@@ -1102,7 +1048,7 @@ type StreamAnswersResponse struct {
 
 func (x *StreamAnswersResponse) Reset() {
 	*x = StreamAnswersResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1114,7 +1060,7 @@ func (x *StreamAnswersResponse) String() string {
 func (*StreamAnswersResponse) ProtoMessage() {}
 
 func (x *StreamAnswersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1127,7 +1073,7 @@ func (x *StreamAnswersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAnswersResponse.ProtoReflect.Descriptor instead.
 func (*StreamAnswersResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{15}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StreamAnswersResponse) GetRegistered() bool {
@@ -1159,7 +1105,7 @@ type CacheReport struct {
 
 func (x *CacheReport) Reset() {
 	*x = CacheReport{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1171,7 +1117,7 @@ func (x *CacheReport) String() string {
 func (*CacheReport) ProtoMessage() {}
 
 func (x *CacheReport) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1184,7 +1130,7 @@ func (x *CacheReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheReport.ProtoReflect.Descriptor instead.
 func (*CacheReport) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{16}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CacheReport) GetFull() bool {
@@ -1206,6 +1152,79 @@ func (x *CacheReport) GetRemoved() []string {
 		return x.Removed
 	}
 	return nil
+}
+
+// TriggerStreamStatus describes one open StreamTriggers stream at an executor.
+type TriggerStreamStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The opener's peer_id, from its TriggerHello.
+	PeerId string `protobuf:"bytes,1,opt,name=peer_id,json=peerId,proto3" json:"peer_id,omitempty"`
+	// The opener's stream_id, from its TriggerHello.
+	StreamId uint64 `protobuf:"varint,2,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	// Frames read after the hello (each frame of a batch counts).
+	FramesRead uint64 `protobuf:"varint,3,opt,name=frames_read,json=framesRead,proto3" json:"frames_read,omitempty"`
+	// DAG results sent back on the stream (a note of a result answered directly counts too).
+	DagResults    uint64 `protobuf:"varint,4,opt,name=dag_results,json=dagResults,proto3" json:"dag_results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TriggerStreamStatus) Reset() {
+	*x = TriggerStreamStatus{}
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TriggerStreamStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TriggerStreamStatus) ProtoMessage() {}
+
+func (x *TriggerStreamStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TriggerStreamStatus.ProtoReflect.Descriptor instead.
+func (*TriggerStreamStatus) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *TriggerStreamStatus) GetPeerId() string {
+	if x != nil {
+		return x.PeerId
+	}
+	return ""
+}
+
+func (x *TriggerStreamStatus) GetStreamId() uint64 {
+	if x != nil {
+		return x.StreamId
+	}
+	return 0
+}
+
+func (x *TriggerStreamStatus) GetFramesRead() uint64 {
+	if x != nil {
+		return x.FramesRead
+	}
+	return 0
+}
+
+func (x *TriggerStreamStatus) GetDagResults() uint64 {
+	if x != nil {
+		return x.DagResults
+	}
+	return 0
 }
 
 // CacheStats counts what an executor's value cache did.
@@ -1322,15 +1341,14 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"z\n" +
 	"\x17ExecuteFunctionResponse\x120\n" +
 	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\x12-\n" +
-	"\x12delivered_directly\x18\x02 \x01(\bR\x11deliveredDirectly\"\x8e\x03\n" +
+	"\x12delivered_directly\x18\x02 \x01(\bR\x11deliveredDirectly\"\xdf\x02\n" +
 	"\x15StreamTriggersRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
 	"\x05hello\x18\x03 \x01(\v2\x1b.cloudburst.v1.TriggerHelloH\x00R\x05hello\x122\n" +
-	"\atrigger\x18\x04 \x01(\v2\x16.cloudburst.v1.TriggerH\x00R\atrigger\x12B\n" +
-	"\rexpect_result\x18\x05 \x01(\v2\x1b.cloudburst.v1.ExpectResultH\x00R\fexpectResult\x12R\n" +
+	"\atrigger\x18\x04 \x01(\v2\x16.cloudburst.v1.TriggerH\x00R\atrigger\x12R\n" +
 	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunction\x12:\n" +
 	"\x05batch\x18\a \x03(\v2$.cloudburst.v1.StreamTriggersRequestR\x05batchB\a\n" +
-	"\x05frameJ\x04\b\x02\x10\x03R\rtrace_context\"\xb4\x03\n" +
+	"\x05frameJ\x04\b\x02\x10\x03J\x04\b\x05\x10\x06R\rtrace_contextR\rexpect_result\"\xb4\x03\n" +
 	"\x16StreamTriggersResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x129\n" +
 	"\n" +
@@ -1342,14 +1360,11 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\rreads_batches\x18\a \x01(\bR\freadsBatchesB\a\n" +
 	"\x05frame\"1\n" +
 	"\fResultStored\x12!\n" +
-	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\"L\n" +
+	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\"i\n" +
 	"\fTriggerHello\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12#\n" +
-	"\rreads_batches\x18\x02 \x01(\bR\freadsBatches\"z\n" +
-	"\fExpectResult\x12\x17\n" +
-	"\acall_id\x18\x01 \x01(\tR\x06callId\x12(\n" +
-	"\x10answer_stream_id\x18\x02 \x01(\tR\x0eanswerStreamId\x12'\n" +
-	"\x0fanswer_sequence\x18\x03 \x01(\x04R\x0eanswerSequence\"\x85\x01\n" +
+	"\rreads_batches\x18\x02 \x01(\bR\freadsBatches\x12\x1b\n" +
+	"\tstream_id\x18\x03 \x01(\x04R\bstreamId\"\x85\x01\n" +
 	"\tDagResult\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x120\n" +
 	"\aoutcome\x18\x02 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\x12-\n" +
@@ -1361,7 +1376,7 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\x14UnpinFunctionRequest\x12#\n" +
 	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\"\x17\n" +
 	"\x15UnpinFunctionResponse\"\x1a\n" +
-	"\x18GetExecutorStatusRequest\"\xf6\x01\n" +
+	"\x18GetExecutorStatusRequest\"\xea\x02\n" +
 	"\x19GetExecutorStatusResponse\x12\x1f\n" +
 	"\vexecutor_id\x18\x01 \x01(\tR\n" +
 	"executorId\x12)\n" +
@@ -1370,7 +1385,9 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\athreads\x18\x04 \x01(\rR\athreads\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
 	"cachedKeys\x12/\n" +
-	"\x05cache\x18\x06 \x01(\v2\x19.cloudburst.v1.CacheStatsR\x05cache\"@\n" +
+	"\x05cache\x18\x06 \x01(\v2\x19.cloudburst.v1.CacheStatsR\x05cache\x12K\n" +
+	"\x0ftrigger_streams\x18\a \x03(\v2\".cloudburst.v1.TriggerStreamStatusR\x0etriggerStreams\x12%\n" +
+	"\x0eparked_results\x18\b \x01(\rR\rparkedResults\"@\n" +
 	"\x14StreamAnswersRequest\x12(\n" +
 	"\x10answer_stream_id\x18\x01 \x01(\tR\x0eanswerStreamId\"u\n" +
 	"\x15StreamAnswersResponse\x12\x1e\n" +
@@ -1381,7 +1398,14 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\vCacheReport\x12\x12\n" +
 	"\x04full\x18\x01 \x01(\bR\x04full\x12\x14\n" +
 	"\x05added\x18\x02 \x03(\tR\x05added\x12\x18\n" +
-	"\aremoved\x18\x03 \x03(\tR\aremoved\"\xa3\x01\n" +
+	"\aremoved\x18\x03 \x03(\tR\aremoved\"\x8d\x01\n" +
+	"\x13TriggerStreamStatus\x12\x17\n" +
+	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12\x1b\n" +
+	"\tstream_id\x18\x02 \x01(\x04R\bstreamId\x12\x1f\n" +
+	"\vframes_read\x18\x03 \x01(\x04R\n" +
+	"framesRead\x12\x1f\n" +
+	"\vdag_results\x18\x04 \x01(\x04R\n" +
+	"dagResults\"\xa3\x01\n" +
 	"\n" +
 	"CacheStats\x12\x12\n" +
 	"\x04hits\x18\x01 \x01(\x04R\x04hits\x12\x16\n" +
@@ -1419,17 +1443,17 @@ var file_cloudburst_v1_executor_service_proto_goTypes = []any{
 	(*StreamTriggersResponse)(nil),    // 3: cloudburst.v1.StreamTriggersResponse
 	(*ResultStored)(nil),              // 4: cloudburst.v1.ResultStored
 	(*TriggerHello)(nil),              // 5: cloudburst.v1.TriggerHello
-	(*ExpectResult)(nil),              // 6: cloudburst.v1.ExpectResult
-	(*DagResult)(nil),                 // 7: cloudburst.v1.DagResult
-	(*PinFunctionRequest)(nil),        // 8: cloudburst.v1.PinFunctionRequest
-	(*PinFunctionResponse)(nil),       // 9: cloudburst.v1.PinFunctionResponse
-	(*UnpinFunctionRequest)(nil),      // 10: cloudburst.v1.UnpinFunctionRequest
-	(*UnpinFunctionResponse)(nil),     // 11: cloudburst.v1.UnpinFunctionResponse
-	(*GetExecutorStatusRequest)(nil),  // 12: cloudburst.v1.GetExecutorStatusRequest
-	(*GetExecutorStatusResponse)(nil), // 13: cloudburst.v1.GetExecutorStatusResponse
-	(*StreamAnswersRequest)(nil),      // 14: cloudburst.v1.StreamAnswersRequest
-	(*StreamAnswersResponse)(nil),     // 15: cloudburst.v1.StreamAnswersResponse
-	(*CacheReport)(nil),               // 16: cloudburst.v1.CacheReport
+	(*DagResult)(nil),                 // 6: cloudburst.v1.DagResult
+	(*PinFunctionRequest)(nil),        // 7: cloudburst.v1.PinFunctionRequest
+	(*PinFunctionResponse)(nil),       // 8: cloudburst.v1.PinFunctionResponse
+	(*UnpinFunctionRequest)(nil),      // 9: cloudburst.v1.UnpinFunctionRequest
+	(*UnpinFunctionResponse)(nil),     // 10: cloudburst.v1.UnpinFunctionResponse
+	(*GetExecutorStatusRequest)(nil),  // 11: cloudburst.v1.GetExecutorStatusRequest
+	(*GetExecutorStatusResponse)(nil), // 12: cloudburst.v1.GetExecutorStatusResponse
+	(*StreamAnswersRequest)(nil),      // 13: cloudburst.v1.StreamAnswersRequest
+	(*StreamAnswersResponse)(nil),     // 14: cloudburst.v1.StreamAnswersResponse
+	(*CacheReport)(nil),               // 15: cloudburst.v1.CacheReport
+	(*TriggerStreamStatus)(nil),       // 16: cloudburst.v1.TriggerStreamStatus
 	(*CacheStats)(nil),                // 17: cloudburst.v1.CacheStats
 	nil,                               // 18: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
 	(*Argument)(nil),                  // 19: cloudburst.v1.Argument
@@ -1447,29 +1471,29 @@ var file_cloudburst_v1_executor_service_proto_depIdxs = []int32{
 	22, // 4: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
 	5,  // 5: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
 	23, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
-	6,  // 7: cloudburst.v1.StreamTriggersRequest.expect_result:type_name -> cloudburst.v1.ExpectResult
-	0,  // 8: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
-	2,  // 9: cloudburst.v1.StreamTriggersRequest.batch:type_name -> cloudburst.v1.StreamTriggersRequest
-	7,  // 10: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
-	1,  // 11: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
-	16, // 12: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
-	4,  // 13: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
-	3,  // 14: cloudburst.v1.StreamTriggersResponse.batch:type_name -> cloudburst.v1.StreamTriggersResponse
-	22, // 15: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
-	17, // 16: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
+	0,  // 7: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
+	2,  // 8: cloudburst.v1.StreamTriggersRequest.batch:type_name -> cloudburst.v1.StreamTriggersRequest
+	6,  // 9: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
+	1,  // 10: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
+	15, // 11: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
+	4,  // 12: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
+	3,  // 13: cloudburst.v1.StreamTriggersResponse.batch:type_name -> cloudburst.v1.StreamTriggersResponse
+	22, // 14: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
+	17, // 15: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
+	16, // 16: cloudburst.v1.GetExecutorStatusResponse.trigger_streams:type_name -> cloudburst.v1.TriggerStreamStatus
 	24, // 17: cloudburst.v1.StreamAnswersResponse.answers:type_name -> cloudburst.v1.StreamCallsResponse
 	0,  // 18: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
 	2,  // 19: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
-	8,  // 20: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
-	10, // 21: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
-	12, // 22: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
-	14, // 23: cloudburst.v1.ExecutorService.StreamAnswers:input_type -> cloudburst.v1.StreamAnswersRequest
+	7,  // 20: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
+	9,  // 21: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
+	11, // 22: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
+	13, // 23: cloudburst.v1.ExecutorService.StreamAnswers:input_type -> cloudburst.v1.StreamAnswersRequest
 	1,  // 24: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
 	3,  // 25: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
-	9,  // 26: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
-	11, // 27: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
-	13, // 28: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
-	15, // 29: cloudburst.v1.ExecutorService.StreamAnswers:output_type -> cloudburst.v1.StreamAnswersResponse
+	8,  // 26: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
+	10, // 27: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
+	12, // 28: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
+	14, // 29: cloudburst.v1.ExecutorService.StreamAnswers:output_type -> cloudburst.v1.StreamAnswersResponse
 	24, // [24:30] is the sub-list for method output_type
 	18, // [18:24] is the sub-list for method input_type
 	18, // [18:18] is the sub-list for extension type_name
@@ -1488,7 +1512,6 @@ func file_cloudburst_v1_executor_service_proto_init() {
 	file_cloudburst_v1_executor_service_proto_msgTypes[2].OneofWrappers = []any{
 		(*StreamTriggersRequest_Hello)(nil),
 		(*StreamTriggersRequest_Trigger)(nil),
-		(*StreamTriggersRequest_ExpectResult)(nil),
 		(*StreamTriggersRequest_ExecuteFunction)(nil),
 	}
 	file_cloudburst_v1_executor_service_proto_msgTypes[3].OneofWrappers = []any{

@@ -162,14 +162,30 @@ class DagSchedule(_message.Message):
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     ACCEPT_SERIALIZERS_FIELD_NUMBER: _builtins.int
+    REPLY_STREAM_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_SEQUENCE_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     response_key: _builtins.str
     """The user key the sink stores the result under, unless direct_response is set."""
     direct_response: _builtins.bool
-    """Whether the sink returns the result to the scheduler that placed the call instead of storing it."""
+    """Whether the sink returns the result to the scheduler that placed the call (and stores it too
+    when response_key is set).
+    """
     reply_to: _builtins.str
-    """The id of the scheduler waiting for a direct response."""
+    """The peer_id of the scheduler waiting for the result (with direct_response): the sink's
+    executor sends it, as a DagResult, on the StreamTriggers stream this scheduler opened to it
+    whose hello has stream_id reply_stream_id (once that stream is open, until the deadline).
+    """
+    reply_stream_id: _builtins.int
+    """The stream_id of the reply_to scheduler's StreamTriggers stream to the sink's executor."""
+    answer_stream_id: _builtins.str
+    """When set, the caller's answer stream (StreamAnswers) at the sink's executor: the sink answers
+    the caller there if the stream is open, and the DagResult then says only `delivered_directly`.
+    """
+    answer_sequence: _builtins.int
+    """The StreamCalls sequence of the call, which the answer on the answer stream carries."""
     @_builtins.property
     def dag(self) -> _function_pb2.Dag:
         """The DAG being called."""
@@ -217,10 +233,13 @@ class DagSchedule(_message.Message):
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         accept_serializers: _abc.Iterable[_value_pb2.Serializer.ValueType] | None = ...,
+        reply_stream_id: _builtins.int = ...,
+        answer_stream_id: _builtins.str = ...,
+        answer_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dag", b"dag", "deadline_time", b"deadline_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_to", b"reply_to", "response_key", b"response_key", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_stream_id", b"reply_stream_id", "reply_to", b"reply_to", "response_key", b"response_key", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

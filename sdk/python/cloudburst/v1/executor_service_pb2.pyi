@@ -153,7 +153,6 @@ class StreamTriggersRequest(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     HELLO_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
-    EXPECT_RESULT_FIELD_NUMBER: _builtins.int
     EXECUTE_FUNCTION_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
@@ -165,10 +164,6 @@ class StreamTriggersRequest(_message.Message):
     @_builtins.property
     def trigger(self) -> _execution_pb2.Trigger:
         """Starts or feeds a DAG stage."""
-
-    @_builtins.property
-    def expect_result(self) -> Global___ExpectResult:
-        """Asks for the sink's result of a direct-response call to come back on this stream."""
 
     @_builtins.property
     def execute_function(self) -> Global___ExecuteFunctionRequest:
@@ -187,15 +182,14 @@ class StreamTriggersRequest(_message.Message):
         sequence: _builtins.int = ...,
         hello: Global___TriggerHello | None = ...,
         trigger: _execution_pb2.Trigger | None = ...,
-        expect_result: Global___ExpectResult | None = ...,
         execute_function: Global___ExecuteFunctionRequest | None = ...,
         batch: _abc.Iterable[Global___StreamTriggersRequest] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "trigger", b"trigger"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "frame", b"frame", "hello", b"hello", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "execute_function", b"execute_function", "expect_result", b"expect_result", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "execute_function", b"execute_function", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "expect_result", "execute_function"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "execute_function"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -222,7 +216,7 @@ class StreamTriggersResponse(_message.Message):
     """
     @_builtins.property
     def dag_result(self) -> Global___DagResult:
-        """The result of a direct-response DAG call."""
+        """The result of a DAG call whose schedule names this stream (reply_to, reply_stream_id)."""
 
     @_builtins.property
     def execute_function(self) -> Global___ExecuteFunctionResponse:
@@ -296,55 +290,29 @@ class TriggerHello(_message.Message):
 
     PEER_ID_FIELD_NUMBER: _builtins.int
     READS_BATCHES_FIELD_NUMBER: _builtins.int
+    STREAM_ID_FIELD_NUMBER: _builtins.int
     peer_id: _builtins.str
     """The scheduler or executor id of the opener."""
     reads_batches: _builtins.bool
     """The opener reads responses batched in `StreamTriggersResponse.batch`."""
+    stream_id: _builtins.int
+    """Tells this stream from the opener's other streams to this executor, earlier ones included:
+    chosen by the opener, never reused; a DAG schedule names it in `reply_stream_id`.
+    """
     def __init__(
         self,
         *,
         peer_id: _builtins.str = ...,
         reads_batches: _builtins.bool = ...,
+        stream_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer_id", b"peer_id", "reads_batches", b"reads_batches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peer_id", b"peer_id", "reads_batches", b"reads_batches", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TriggerHello: _TypeAlias = TriggerHello  # noqa: Y015
-
-@_typing.final
-class ExpectResult(_message.Message):
-    """ExpectResult routes a direct-response result to the stream it arrives on."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CALL_ID_FIELD_NUMBER: _builtins.int
-    ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
-    ANSWER_SEQUENCE_FIELD_NUMBER: _builtins.int
-    call_id: _builtins.str
-    """The call whose sink result is expected."""
-    answer_stream_id: _builtins.str
-    """When set, the caller's answer stream (StreamAnswers) to write the result to if it is open
-    here; the DagResult on this stream then says only `delivered_directly`.
-    """
-    answer_sequence: _builtins.int
-    """The StreamCalls sequence of the call, which the answer on the answer stream carries."""
-    def __init__(
-        self,
-        *,
-        call_id: _builtins.str = ...,
-        answer_stream_id: _builtins.str = ...,
-        answer_sequence: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "call_id", b"call_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ExpectResult: _TypeAlias = ExpectResult  # noqa: Y015
 
 @_typing.final
 class DagResult(_message.Message):
@@ -358,7 +326,7 @@ class DagResult(_message.Message):
     call_id: _builtins.str
     """The call the result belongs to."""
     delivered_directly: _builtins.bool
-    """The outcome went to the caller's answer stream named in ExpectResult."""
+    """The outcome went to the caller's answer stream named in the call's schedule."""
     @_builtins.property
     def outcome(self) -> _execution_pb2.Outcome:
         """The sink's outcome; unset when `delivered_directly`."""
@@ -489,12 +457,16 @@ class GetExecutorStatusResponse(_message.Message):
     THREADS_FIELD_NUMBER: _builtins.int
     CACHED_KEYS_FIELD_NUMBER: _builtins.int
     CACHE_FIELD_NUMBER: _builtins.int
+    TRIGGER_STREAMS_FIELD_NUMBER: _builtins.int
+    PARKED_RESULTS_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
     """The executor's id."""
     active_calls: _builtins.int
     """Calls running or waiting for a thread."""
     threads: _builtins.int
     """The size of the thread pool that runs user code."""
+    parked_results: _builtins.int
+    """DAG results waiting for the stream their schedule names to open (see DagSchedule.reply_to)."""
     @_builtins.property
     def pinned_functions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The functions pinned here."""
@@ -507,6 +479,10 @@ class GetExecutorStatusResponse(_message.Message):
     def cache(self) -> Global___CacheStats:
         """The value cache's counters (all zero when the cache is off)."""
 
+    @_builtins.property
+    def trigger_streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___TriggerStreamStatus]:
+        """The open StreamTriggers streams, with what each carried."""
+
     def __init__(
         self,
         *,
@@ -516,10 +492,12 @@ class GetExecutorStatusResponse(_message.Message):
         threads: _builtins.int = ...,
         cached_keys: _abc.Iterable[_builtins.str] | None = ...,
         cache: Global___CacheStats | None = ...,
+        trigger_streams: _abc.Iterable[Global___TriggerStreamStatus] | None = ...,
+        parked_results: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_calls", b"active_calls", "cache", b"cache", "cached_keys", b"cached_keys", "executor_id", b"executor_id", "pinned_functions", b"pinned_functions", "threads", b"threads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_calls", b"active_calls", "cache", b"cache", "cached_keys", b"cached_keys", "executor_id", b"executor_id", "parked_results", b"parked_results", "pinned_functions", b"pinned_functions", "threads", b"threads", "trigger_streams", b"trigger_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -612,6 +590,40 @@ class CacheReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CacheReport: _TypeAlias = CacheReport  # noqa: Y015
+
+@_typing.final
+class TriggerStreamStatus(_message.Message):
+    """TriggerStreamStatus describes one open StreamTriggers stream at an executor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    FRAMES_READ_FIELD_NUMBER: _builtins.int
+    DAG_RESULTS_FIELD_NUMBER: _builtins.int
+    peer_id: _builtins.str
+    """The opener's peer_id, from its TriggerHello."""
+    stream_id: _builtins.int
+    """The opener's stream_id, from its TriggerHello."""
+    frames_read: _builtins.int
+    """Frames read after the hello (each frame of a batch counts)."""
+    dag_results: _builtins.int
+    """DAG results sent back on the stream (a note of a result answered directly counts too)."""
+    def __init__(
+        self,
+        *,
+        peer_id: _builtins.str = ...,
+        stream_id: _builtins.int = ...,
+        frames_read: _builtins.int = ...,
+        dag_results: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dag_results", b"dag_results", "frames_read", b"frames_read", "peer_id", b"peer_id", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerStreamStatus: _TypeAlias = TriggerStreamStatus  # noqa: Y015
 
 @_typing.final
 class CacheStats(_message.Message):

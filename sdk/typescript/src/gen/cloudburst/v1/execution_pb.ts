@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cloudburst/v1/execution.proto.
  */
 export const file_cloudburst_v1_execution: GenFile = /*@__PURE__*/
-  fileDesc("Ch1jbG91ZGJ1cnN0L3YxL2V4ZWN1dGlvbi5wcm90bxINY2xvdWRidXJzdC52MSKQAQoHT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIULmNsb3VkYnVyc3QudjEuVmFsdWVIABIpCgdmYWlsdXJlGAIgASgLMhYuY2xvdWRidXJzdC52MS5GYWlsdXJlSAASKQoFZXJyb3IYAyABKAsyGC5jbG91ZGJ1cnN0LnYxLkNhbGxFcnJvckgAQggKBnJlc3VsdCLCBgoLRGFnU2NoZWR1bGUSDwoHY2FsbF9pZBgBIAEoCRIfCgNkYWcYAiABKAsyEi5jbG91ZGJ1cnN0LnYxLkRhZxI+CgpwbGFjZW1lbnRzGAMgAygLMiouY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5QbGFjZW1lbnRzRW50cnkSTQoSZXhlY3V0b3JfYWRkcmVzc2VzGAQgAygLMjEuY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5FeGVjdXRvckFkZHJlc3Nlc0VudHJ5Ek0KEmZ1bmN0aW9uX2FyZ3VtZW50cxgFIAMoCzIxLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25Bcmd1bWVudHNFbnRyeRJLChFmdW5jdGlvbl92ZXJzaW9ucxgGIAMoCzIwLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25WZXJzaW9uc0VudHJ5EhQKDHJlc3BvbnNlX2tleRgHIAEoCRIXCg9kaXJlY3RfcmVzcG9uc2UYCCABKAgSEAoIcmVwbHlfdG8YCSABKAkSMQoNZGVhZGxpbmVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAwgAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyGjEKD1BsYWNlbWVudHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBGjgKFkV4ZWN1dG9yQWRkcmVzc2VzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARpVChZGdW5jdGlvbkFyZ3VtZW50c0VudHJ5EgsKA2tleRgBIAEoCRIqCgV2YWx1ZRgCIAEoCzIbLmNsb3VkYnVyc3QudjEuQXJndW1lbnRMaXN0OgI4ARo3ChVGdW5jdGlvblZlcnNpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgEOgI4ASKbAgoHVHJpZ2dlchIsCghzY2hlZHVsZRgBIAEoCzIaLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUSFwoPdGFyZ2V0X2Z1bmN0aW9uGAIgASgJEhkKEXVwc3RyZWFtX2Z1bmN0aW9uGAMgASgJEicKB291dGNvbWUYBCABKAsyFi5jbG91ZGJ1cnN0LnYxLk91dGNvbWUSPwoNdHJhY2VfY29udGV4dBgFIAMoCzIoLmNsb3VkYnVyc3QudjEuVHJpZ2dlci5UcmFjZUNvbnRleHRFbnRyeRIPCgdjYWxsX2lkGAYgASgJGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCjwEKEWNvbS5jbG91ZGJ1cnN0LnYxQg5FeGVjdXRpb25Qcm90b1ABWjFjbG91ZGJ1cnN0LWdycGMvc2RrL2dvL2Nsb3VkYnVyc3QvdjE7Y2xvdWRidXJzdHYxogIDQ1hYqgINQ2xvdWRidXJzdC5WMcoCDUNsb3VkYnVyc3RcVjHqAg5DbG91ZGJ1cnN0OjpWMWIGcHJvdG8z", [file_cloudburst_v1_error, file_cloudburst_v1_function, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
+  fileDesc("Ch1jbG91ZGJ1cnN0L3YxL2V4ZWN1dGlvbi5wcm90bxINY2xvdWRidXJzdC52MSKQAQoHT3V0Y29tZRIlCgV2YWx1ZRgBIAEoCzIULmNsb3VkYnVyc3QudjEuVmFsdWVIABIpCgdmYWlsdXJlGAIgASgLMhYuY2xvdWRidXJzdC52MS5GYWlsdXJlSAASKQoFZXJyb3IYAyABKAsyGC5jbG91ZGJ1cnN0LnYxLkNhbGxFcnJvckgAQggKBnJlc3VsdCKOBwoLRGFnU2NoZWR1bGUSDwoHY2FsbF9pZBgBIAEoCRIfCgNkYWcYAiABKAsyEi5jbG91ZGJ1cnN0LnYxLkRhZxI+CgpwbGFjZW1lbnRzGAMgAygLMiouY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5QbGFjZW1lbnRzRW50cnkSTQoSZXhlY3V0b3JfYWRkcmVzc2VzGAQgAygLMjEuY2xvdWRidXJzdC52MS5EYWdTY2hlZHVsZS5FeGVjdXRvckFkZHJlc3Nlc0VudHJ5Ek0KEmZ1bmN0aW9uX2FyZ3VtZW50cxgFIAMoCzIxLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25Bcmd1bWVudHNFbnRyeRJLChFmdW5jdGlvbl92ZXJzaW9ucxgGIAMoCzIwLmNsb3VkYnVyc3QudjEuRGFnU2NoZWR1bGUuRnVuY3Rpb25WZXJzaW9uc0VudHJ5EhQKDHJlc3BvbnNlX2tleRgHIAEoCRIXCg9kaXJlY3RfcmVzcG9uc2UYCCABKAgSEAoIcmVwbHlfdG8YCSABKAkSMQoNZGVhZGxpbmVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAwgAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEhcKD3JlcGx5X3N0cmVhbV9pZBgNIAEoBBIYChBhbnN3ZXJfc3RyZWFtX2lkGA4gASgJEhcKD2Fuc3dlcl9zZXF1ZW5jZRgPIAEoBBoxCg9QbGFjZW1lbnRzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARo4ChZFeGVjdXRvckFkZHJlc3Nlc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaVQoWRnVuY3Rpb25Bcmd1bWVudHNFbnRyeRILCgNrZXkYASABKAkSKgoFdmFsdWUYAiABKAsyGy5jbG91ZGJ1cnN0LnYxLkFyZ3VtZW50TGlzdDoCOAEaNwoVRnVuY3Rpb25WZXJzaW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoBDoCOAEimwIKB1RyaWdnZXISLAoIc2NoZWR1bGUYASABKAsyGi5jbG91ZGJ1cnN0LnYxLkRhZ1NjaGVkdWxlEhcKD3RhcmdldF9mdW5jdGlvbhgCIAEoCRIZChF1cHN0cmVhbV9mdW5jdGlvbhgDIAEoCRInCgdvdXRjb21lGAQgASgLMhYuY2xvdWRidXJzdC52MS5PdXRjb21lEj8KDXRyYWNlX2NvbnRleHQYBSADKAsyKC5jbG91ZGJ1cnN0LnYxLlRyaWdnZXIuVHJhY2VDb250ZXh0RW50cnkSDwoHY2FsbF9pZBgGIAEoCRozChFUcmFjZUNvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQo8BChFjb20uY2xvdWRidXJzdC52MUIORXhlY3V0aW9uUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_error, file_cloudburst_v1_function, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
 
 /**
  * Outcome is what a call produced: a value, or the failure user code raised.
@@ -123,14 +123,17 @@ export type DagSchedule = Message<"cloudburst.v1.DagSchedule"> & {
   responseKey: string;
 
   /**
-   * Whether the sink returns the result to the scheduler that placed the call instead of storing it.
+   * Whether the sink returns the result to the scheduler that placed the call (and stores it too
+   * when response_key is set).
    *
    * @generated from field: bool direct_response = 8;
    */
   directResponse: boolean;
 
   /**
-   * The id of the scheduler waiting for a direct response.
+   * The peer_id of the scheduler waiting for the result (with direct_response): the sink's
+   * executor sends it, as a DagResult, on the StreamTriggers stream this scheduler opened to it
+   * whose hello has stream_id reply_stream_id (once that stream is open, until the deadline).
    *
    * @generated from field: string reply_to = 9;
    */
@@ -156,6 +159,28 @@ export type DagSchedule = Message<"cloudburst.v1.DagSchedule"> & {
    * @generated from field: repeated cloudburst.v1.Serializer accept_serializers = 12;
    */
   acceptSerializers: Serializer[];
+
+  /**
+   * The stream_id of the reply_to scheduler's StreamTriggers stream to the sink's executor.
+   *
+   * @generated from field: uint64 reply_stream_id = 13;
+   */
+  replyStreamId: bigint;
+
+  /**
+   * When set, the caller's answer stream (StreamAnswers) at the sink's executor: the sink answers
+   * the caller there if the stream is open, and the DagResult then says only `delivered_directly`.
+   *
+   * @generated from field: string answer_stream_id = 14;
+   */
+  answerStreamId: string;
+
+  /**
+   * The StreamCalls sequence of the call, which the answer on the answer stream carries.
+   *
+   * @generated from field: uint64 answer_sequence = 15;
+   */
+  answerSequence: bigint;
 };
 
 /**

@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cloudburst/v1/executor_service.proto.
  */
 export const file_cloudburst_v1_executor_service: GenFile = /*@__PURE__*/
-  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEi1wMKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEjEKDWRlYWRsaW5lX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGFuc3dlcl9zdHJlYW1faWQYCiABKAkSFwoPYW5zd2VyX3NlcXVlbmNlGAsgASgEGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiXgoXRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USJwoHb3V0Y29tZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZRIaChJkZWxpdmVyZWRfZGlyZWN0bHkYAiABKAgizgIKFVN0cmVhbVRyaWdnZXJzUmVxdWVzdBIQCghzZXF1ZW5jZRgBIAEoBBIsCgVoZWxsbxgDIAEoCzIbLmNsb3VkYnVyc3QudjEuVHJpZ2dlckhlbGxvSAASKQoHdHJpZ2dlchgEIAEoCzIWLmNsb3VkYnVyc3QudjEuVHJpZ2dlckgAEjQKDWV4cGVjdF9yZXN1bHQYBSABKAsyGy5jbG91ZGJ1cnN0LnYxLkV4cGVjdFJlc3VsdEgAEkEKEGV4ZWN1dGVfZnVuY3Rpb24YBiABKAsyJS5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3RIABIzCgViYXRjaBgHIAMoCzIkLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0QgcKBWZyYW1lSgQIAhADUg10cmFjZV9jb250ZXh0It4CChZTdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEi4KCmRhZ19yZXN1bHQYAiABKAsyGC5jbG91ZGJ1cnN0LnYxLkRhZ1Jlc3VsdEgAEkIKEGV4ZWN1dGVfZnVuY3Rpb24YAyABKAsyJi5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlc3BvbnNlSAASMgoMY2FjaGVfcmVwb3J0GAQgASgLMhouY2xvdWRidXJzdC52MS5DYWNoZVJlcG9ydEgAEjQKDXJlc3VsdF9zdG9yZWQYBSABKAsyGy5jbG91ZGJ1cnN0LnYxLlJlc3VsdFN0b3JlZEgAEjQKBWJhdGNoGAYgAygLMiUuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhUKDXJlYWRzX2JhdGNoZXMYByABKAhCBwoFZnJhbWUiJAoMUmVzdWx0U3RvcmVkEhQKDHJlc3BvbnNlX2tleRgBIAEoCSI2CgxUcmlnZ2VySGVsbG8SDwoHcGVlcl9pZBgBIAEoCRIVCg1yZWFkc19iYXRjaGVzGAIgASgIIlIKDEV4cGVjdFJlc3VsdBIPCgdjYWxsX2lkGAEgASgJEhgKEGFuc3dlcl9zdHJlYW1faWQYAiABKAkSFwoPYW5zd2VyX3NlcXVlbmNlGAMgASgEImEKCURhZ1Jlc3VsdBIPCgdjYWxsX2lkGAEgASgJEicKB291dGNvbWUYAiABKAsyFi5jbG91ZGJ1cnN0LnYxLk91dGNvbWUSGgoSZGVsaXZlcmVkX2RpcmVjdGx5GAMgASgIIkUKElBpbkZ1bmN0aW9uUmVxdWVzdBIVCg1mdW5jdGlvbl9uYW1lGAEgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAiABKAQiFQoTUGluRnVuY3Rpb25SZXNwb25zZSItChRVbnBpbkZ1bmN0aW9uUmVxdWVzdBIVCg1mdW5jdGlvbl9uYW1lGAEgASgJIhcKFVVucGluRnVuY3Rpb25SZXNwb25zZSIaChhHZXRFeGVjdXRvclN0YXR1c1JlcXVlc3QisAEKGUdldEV4ZWN1dG9yU3RhdHVzUmVzcG9uc2USEwoLZXhlY3V0b3JfaWQYASABKAkSGAoQcGlubmVkX2Z1bmN0aW9ucxgCIAMoCRIUCgxhY3RpdmVfY2FsbHMYAyABKA0SDwoHdGhyZWFkcxgEIAEoDRITCgtjYWNoZWRfa2V5cxgFIAMoCRIoCgVjYWNoZRgGIAEoCzIZLmNsb3VkYnVyc3QudjEuQ2FjaGVTdGF0cyIwChRTdHJlYW1BbnN3ZXJzUmVxdWVzdBIYChBhbnN3ZXJfc3RyZWFtX2lkGAEgASgJImAKFVN0cmVhbUFuc3dlcnNSZXNwb25zZRISCgpyZWdpc3RlcmVkGAEgASgIEjMKB2Fuc3dlcnMYAiADKAsyIi5jbG91ZGJ1cnN0LnYxLlN0cmVhbUNhbGxzUmVzcG9uc2UiOwoLQ2FjaGVSZXBvcnQSDAoEZnVsbBgBIAEoCBINCgVhZGRlZBgCIAMoCRIPCgdyZW1vdmVkGAMgAygJInAKCkNhY2hlU3RhdHMSDAoEaGl0cxgBIAEoBBIOCgZtaXNzZXMYAiABKAQSEQoJZXZpY3Rpb25zGAMgASgEEg0KBWJ5dGVzGAQgASgEEg8KB2VudHJpZXMYBSABKA0SEQoJbWF4X2J5dGVzGAYgASgEMs4ECg9FeGVjdXRvclNlcnZpY2USYAoPRXhlY3V0ZUZ1bmN0aW9uEiUuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXF1ZXN0GiYuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXNwb25zZRJhCg5TdHJlYW1UcmlnZ2VycxIkLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlKAEwARJUCgtQaW5GdW5jdGlvbhIhLmNsb3VkYnVyc3QudjEuUGluRnVuY3Rpb25SZXF1ZXN0GiIuY2xvdWRidXJzdC52MS5QaW5GdW5jdGlvblJlc3BvbnNlEloKDVVucGluRnVuY3Rpb24SIy5jbG91ZGJ1cnN0LnYxLlVucGluRnVuY3Rpb25SZXF1ZXN0GiQuY2xvdWRidXJzdC52MS5VbnBpbkZ1bmN0aW9uUmVzcG9uc2USZgoRR2V0RXhlY3V0b3JTdGF0dXMSJy5jbG91ZGJ1cnN0LnYxLkdldEV4ZWN1dG9yU3RhdHVzUmVxdWVzdBooLmNsb3VkYnVyc3QudjEuR2V0RXhlY3V0b3JTdGF0dXNSZXNwb25zZRJcCg1TdHJlYW1BbnN3ZXJzEiMuY2xvdWRidXJzdC52MS5TdHJlYW1BbnN3ZXJzUmVxdWVzdBokLmNsb3VkYnVyc3QudjEuU3RyZWFtQW5zd2Vyc1Jlc3BvbnNlMAFClQEKEWNvbS5jbG91ZGJ1cnN0LnYxQhRFeGVjdXRvclNlcnZpY2VQcm90b1ABWjFjbG91ZGJ1cnN0LWdycGMvc2RrL2dvL2Nsb3VkYnVyc3QvdjE7Y2xvdWRidXJzdHYxogIDQ1hYqgINQ2xvdWRidXJzdC5WMcoCDUNsb3VkYnVyc3RcVjHqAg5DbG91ZGJ1cnN0OjpWMWIGcHJvdG8z", [file_cloudburst_v1_execution, file_cloudburst_v1_scheduler_service, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
+  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEi1wMKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEjEKDWRlYWRsaW5lX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGFuc3dlcl9zdHJlYW1faWQYCiABKAkSFwoPYW5zd2VyX3NlcXVlbmNlGAsgASgEGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiXgoXRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USJwoHb3V0Y29tZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZRIaChJkZWxpdmVyZWRfZGlyZWN0bHkYAiABKAgirQIKFVN0cmVhbVRyaWdnZXJzUmVxdWVzdBIQCghzZXF1ZW5jZRgBIAEoBBIsCgVoZWxsbxgDIAEoCzIbLmNsb3VkYnVyc3QudjEuVHJpZ2dlckhlbGxvSAASKQoHdHJpZ2dlchgEIAEoCzIWLmNsb3VkYnVyc3QudjEuVHJpZ2dlckgAEkEKEGV4ZWN1dGVfZnVuY3Rpb24YBiABKAsyJS5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3RIABIzCgViYXRjaBgHIAMoCzIkLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0QgcKBWZyYW1lSgQIAhADSgQIBRAGUg10cmFjZV9jb250ZXh0Ug1leHBlY3RfcmVzdWx0It4CChZTdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEi4KCmRhZ19yZXN1bHQYAiABKAsyGC5jbG91ZGJ1cnN0LnYxLkRhZ1Jlc3VsdEgAEkIKEGV4ZWN1dGVfZnVuY3Rpb24YAyABKAsyJi5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlc3BvbnNlSAASMgoMY2FjaGVfcmVwb3J0GAQgASgLMhouY2xvdWRidXJzdC52MS5DYWNoZVJlcG9ydEgAEjQKDXJlc3VsdF9zdG9yZWQYBSABKAsyGy5jbG91ZGJ1cnN0LnYxLlJlc3VsdFN0b3JlZEgAEjQKBWJhdGNoGAYgAygLMiUuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhUKDXJlYWRzX2JhdGNoZXMYByABKAhCBwoFZnJhbWUiJAoMUmVzdWx0U3RvcmVkEhQKDHJlc3BvbnNlX2tleRgBIAEoCSJJCgxUcmlnZ2VySGVsbG8SDwoHcGVlcl9pZBgBIAEoCRIVCg1yZWFkc19iYXRjaGVzGAIgASgIEhEKCXN0cmVhbV9pZBgDIAEoBCJhCglEYWdSZXN1bHQSDwoHY2FsbF9pZBgBIAEoCRInCgdvdXRjb21lGAIgASgLMhYuY2xvdWRidXJzdC52MS5PdXRjb21lEhoKEmRlbGl2ZXJlZF9kaXJlY3RseRgDIAEoCCJFChJQaW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCRIYChBmdW5jdGlvbl92ZXJzaW9uGAIgASgEIhUKE1BpbkZ1bmN0aW9uUmVzcG9uc2UiLQoUVW5waW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCSIXChVVbnBpbkZ1bmN0aW9uUmVzcG9uc2UiGgoYR2V0RXhlY3V0b3JTdGF0dXNSZXF1ZXN0IoUCChlHZXRFeGVjdXRvclN0YXR1c1Jlc3BvbnNlEhMKC2V4ZWN1dG9yX2lkGAEgASgJEhgKEHBpbm5lZF9mdW5jdGlvbnMYAiADKAkSFAoMYWN0aXZlX2NhbGxzGAMgASgNEg8KB3RocmVhZHMYBCABKA0SEwoLY2FjaGVkX2tleXMYBSADKAkSKAoFY2FjaGUYBiABKAsyGS5jbG91ZGJ1cnN0LnYxLkNhY2hlU3RhdHMSOwoPdHJpZ2dlcl9zdHJlYW1zGAcgAygLMiIuY2xvdWRidXJzdC52MS5UcmlnZ2VyU3RyZWFtU3RhdHVzEhYKDnBhcmtlZF9yZXN1bHRzGAggASgNIjAKFFN0cmVhbUFuc3dlcnNSZXF1ZXN0EhgKEGFuc3dlcl9zdHJlYW1faWQYASABKAkiYAoVU3RyZWFtQW5zd2Vyc1Jlc3BvbnNlEhIKCnJlZ2lzdGVyZWQYASABKAgSMwoHYW5zd2VycxgCIAMoCzIiLmNsb3VkYnVyc3QudjEuU3RyZWFtQ2FsbHNSZXNwb25zZSI7CgtDYWNoZVJlcG9ydBIMCgRmdWxsGAEgASgIEg0KBWFkZGVkGAIgAygJEg8KB3JlbW92ZWQYAyADKAkiYwoTVHJpZ2dlclN0cmVhbVN0YXR1cxIPCgdwZWVyX2lkGAEgASgJEhEKCXN0cmVhbV9pZBgCIAEoBBITCgtmcmFtZXNfcmVhZBgDIAEoBBITCgtkYWdfcmVzdWx0cxgEIAEoBCJwCgpDYWNoZVN0YXRzEgwKBGhpdHMYASABKAQSDgoGbWlzc2VzGAIgASgEEhEKCWV2aWN0aW9ucxgDIAEoBBINCgVieXRlcxgEIAEoBBIPCgdlbnRyaWVzGAUgASgNEhEKCW1heF9ieXRlcxgGIAEoBDLOBAoPRXhlY3V0b3JTZXJ2aWNlEmAKD0V4ZWN1dGVGdW5jdGlvbhIlLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVxdWVzdBomLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USYQoOU3RyZWFtVHJpZ2dlcnMSJC5jbG91ZGJ1cnN0LnYxLlN0cmVhbVRyaWdnZXJzUmVxdWVzdBolLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXNwb25zZSgBMAESVAoLUGluRnVuY3Rpb24SIS5jbG91ZGJ1cnN0LnYxLlBpbkZ1bmN0aW9uUmVxdWVzdBoiLmNsb3VkYnVyc3QudjEuUGluRnVuY3Rpb25SZXNwb25zZRJaCg1VbnBpbkZ1bmN0aW9uEiMuY2xvdWRidXJzdC52MS5VbnBpbkZ1bmN0aW9uUmVxdWVzdBokLmNsb3VkYnVyc3QudjEuVW5waW5GdW5jdGlvblJlc3BvbnNlEmYKEUdldEV4ZWN1dG9yU3RhdHVzEicuY2xvdWRidXJzdC52MS5HZXRFeGVjdXRvclN0YXR1c1JlcXVlc3QaKC5jbG91ZGJ1cnN0LnYxLkdldEV4ZWN1dG9yU3RhdHVzUmVzcG9uc2USXAoNU3RyZWFtQW5zd2VycxIjLmNsb3VkYnVyc3QudjEuU3RyZWFtQW5zd2Vyc1JlcXVlc3QaJC5jbG91ZGJ1cnN0LnYxLlN0cmVhbUFuc3dlcnNSZXNwb25zZTABQpUBChFjb20uY2xvdWRidXJzdC52MUIURXhlY3V0b3JTZXJ2aWNlUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_execution, file_cloudburst_v1_scheduler_service, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
 
 /**
  * ExecuteFunctionRequest is one function call.
@@ -177,14 +177,6 @@ export type StreamTriggersRequest = Message<"cloudburst.v1.StreamTriggersRequest
     case: "trigger";
   } | {
     /**
-     * Asks for the sink's result of a direct-response call to come back on this stream.
-     *
-     * @generated from field: cloudburst.v1.ExpectResult expect_result = 5;
-     */
-    value: ExpectResult;
-    case: "expectResult";
-  } | {
-    /**
      * Runs a function call.
      *
      * @generated from field: cloudburst.v1.ExecuteFunctionRequest execute_function = 6;
@@ -230,7 +222,7 @@ export type StreamTriggersResponse = Message<"cloudburst.v1.StreamTriggersRespon
    */
   frame: {
     /**
-     * The result of a direct-response DAG call.
+     * The result of a DAG call whose schedule names this stream (reply_to, reply_stream_id).
      *
      * @generated from field: cloudburst.v1.DagResult dag_result = 2;
      */
@@ -328,6 +320,14 @@ export type TriggerHello = Message<"cloudburst.v1.TriggerHello"> & {
    * @generated from field: bool reads_batches = 2;
    */
   readsBatches: boolean;
+
+  /**
+   * Tells this stream from the opener's other streams to this executor, earlier ones included:
+   * chosen by the opener, never reused; a DAG schedule names it in `reply_stream_id`.
+   *
+   * @generated from field: uint64 stream_id = 3;
+   */
+  streamId: bigint;
 };
 
 /**
@@ -336,42 +336,6 @@ export type TriggerHello = Message<"cloudburst.v1.TriggerHello"> & {
  */
 export const TriggerHelloSchema: GenMessage<TriggerHello> = /*@__PURE__*/
   messageDesc(file_cloudburst_v1_executor_service, 5);
-
-/**
- * ExpectResult routes a direct-response result to the stream it arrives on.
- *
- * @generated from message cloudburst.v1.ExpectResult
- */
-export type ExpectResult = Message<"cloudburst.v1.ExpectResult"> & {
-  /**
-   * The call whose sink result is expected.
-   *
-   * @generated from field: string call_id = 1;
-   */
-  callId: string;
-
-  /**
-   * When set, the caller's answer stream (StreamAnswers) to write the result to if it is open
-   * here; the DagResult on this stream then says only `delivered_directly`.
-   *
-   * @generated from field: string answer_stream_id = 2;
-   */
-  answerStreamId: string;
-
-  /**
-   * The StreamCalls sequence of the call, which the answer on the answer stream carries.
-   *
-   * @generated from field: uint64 answer_sequence = 3;
-   */
-  answerSequence: bigint;
-};
-
-/**
- * Describes the message cloudburst.v1.ExpectResult.
- * Use `create(ExpectResultSchema)` to create a new message.
- */
-export const ExpectResultSchema: GenMessage<ExpectResult> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 6);
 
 /**
  * DagResult is the sink's outcome of a direct-response DAG call.
@@ -394,7 +358,7 @@ export type DagResult = Message<"cloudburst.v1.DagResult"> & {
   outcome?: Outcome | undefined;
 
   /**
-   * The outcome went to the caller's answer stream named in ExpectResult.
+   * The outcome went to the caller's answer stream named in the call's schedule.
    *
    * @generated from field: bool delivered_directly = 3;
    */
@@ -406,7 +370,7 @@ export type DagResult = Message<"cloudburst.v1.DagResult"> & {
  * Use `create(DagResultSchema)` to create a new message.
  */
 export const DagResultSchema: GenMessage<DagResult> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 7);
+  messageDesc(file_cloudburst_v1_executor_service, 6);
 
 /**
  * PinFunctionRequest names the function to pin.
@@ -434,7 +398,7 @@ export type PinFunctionRequest = Message<"cloudburst.v1.PinFunctionRequest"> & {
  * Use `create(PinFunctionRequestSchema)` to create a new message.
  */
 export const PinFunctionRequestSchema: GenMessage<PinFunctionRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 8);
+  messageDesc(file_cloudburst_v1_executor_service, 7);
 
 /**
  * PinFunctionResponse acknowledges the pin.
@@ -449,7 +413,7 @@ export type PinFunctionResponse = Message<"cloudburst.v1.PinFunctionResponse"> &
  * Use `create(PinFunctionResponseSchema)` to create a new message.
  */
 export const PinFunctionResponseSchema: GenMessage<PinFunctionResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 9);
+  messageDesc(file_cloudburst_v1_executor_service, 8);
 
 /**
  * UnpinFunctionRequest names the function to unpin.
@@ -470,7 +434,7 @@ export type UnpinFunctionRequest = Message<"cloudburst.v1.UnpinFunctionRequest">
  * Use `create(UnpinFunctionRequestSchema)` to create a new message.
  */
 export const UnpinFunctionRequestSchema: GenMessage<UnpinFunctionRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 10);
+  messageDesc(file_cloudburst_v1_executor_service, 9);
 
 /**
  * UnpinFunctionResponse acknowledges the unpin.
@@ -485,7 +449,7 @@ export type UnpinFunctionResponse = Message<"cloudburst.v1.UnpinFunctionResponse
  * Use `create(UnpinFunctionResponseSchema)` to create a new message.
  */
 export const UnpinFunctionResponseSchema: GenMessage<UnpinFunctionResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 11);
+  messageDesc(file_cloudburst_v1_executor_service, 10);
 
 /**
  * GetExecutorStatusRequest asks for an executor's status.
@@ -500,7 +464,7 @@ export type GetExecutorStatusRequest = Message<"cloudburst.v1.GetExecutorStatusR
  * Use `create(GetExecutorStatusRequestSchema)` to create a new message.
  */
 export const GetExecutorStatusRequestSchema: GenMessage<GetExecutorStatusRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 12);
+  messageDesc(file_cloudburst_v1_executor_service, 11);
 
 /**
  * GetExecutorStatusResponse reports an executor's status.
@@ -549,6 +513,20 @@ export type GetExecutorStatusResponse = Message<"cloudburst.v1.GetExecutorStatus
    * @generated from field: cloudburst.v1.CacheStats cache = 6;
    */
   cache?: CacheStats | undefined;
+
+  /**
+   * The open StreamTriggers streams, with what each carried.
+   *
+   * @generated from field: repeated cloudburst.v1.TriggerStreamStatus trigger_streams = 7;
+   */
+  triggerStreams: TriggerStreamStatus[];
+
+  /**
+   * DAG results waiting for the stream their schedule names to open (see DagSchedule.reply_to).
+   *
+   * @generated from field: uint32 parked_results = 8;
+   */
+  parkedResults: number;
 };
 
 /**
@@ -556,7 +534,7 @@ export type GetExecutorStatusResponse = Message<"cloudburst.v1.GetExecutorStatus
  * Use `create(GetExecutorStatusResponseSchema)` to create a new message.
  */
 export const GetExecutorStatusResponseSchema: GenMessage<GetExecutorStatusResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 13);
+  messageDesc(file_cloudburst_v1_executor_service, 12);
 
 /**
  * StreamAnswersRequest opens a caller's answer stream at an executor.
@@ -578,7 +556,7 @@ export type StreamAnswersRequest = Message<"cloudburst.v1.StreamAnswersRequest">
  * Use `create(StreamAnswersRequestSchema)` to create a new message.
  */
 export const StreamAnswersRequestSchema: GenMessage<StreamAnswersRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 14);
+  messageDesc(file_cloudburst_v1_executor_service, 13);
 
 /**
  * StreamAnswersResponse is one message of an answer stream.
@@ -607,7 +585,7 @@ export type StreamAnswersResponse = Message<"cloudburst.v1.StreamAnswersResponse
  * Use `create(StreamAnswersResponseSchema)` to create a new message.
  */
 export const StreamAnswersResponseSchema: GenMessage<StreamAnswersResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 15);
+  messageDesc(file_cloudburst_v1_executor_service, 14);
 
 /**
  * CacheReport tells a stream's opener which user keys the executor's value cache holds.
@@ -642,6 +620,48 @@ export type CacheReport = Message<"cloudburst.v1.CacheReport"> & {
  * Use `create(CacheReportSchema)` to create a new message.
  */
 export const CacheReportSchema: GenMessage<CacheReport> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_executor_service, 15);
+
+/**
+ * TriggerStreamStatus describes one open StreamTriggers stream at an executor.
+ *
+ * @generated from message cloudburst.v1.TriggerStreamStatus
+ */
+export type TriggerStreamStatus = Message<"cloudburst.v1.TriggerStreamStatus"> & {
+  /**
+   * The opener's peer_id, from its TriggerHello.
+   *
+   * @generated from field: string peer_id = 1;
+   */
+  peerId: string;
+
+  /**
+   * The opener's stream_id, from its TriggerHello.
+   *
+   * @generated from field: uint64 stream_id = 2;
+   */
+  streamId: bigint;
+
+  /**
+   * Frames read after the hello (each frame of a batch counts).
+   *
+   * @generated from field: uint64 frames_read = 3;
+   */
+  framesRead: bigint;
+
+  /**
+   * DAG results sent back on the stream (a note of a result answered directly counts too).
+   *
+   * @generated from field: uint64 dag_results = 4;
+   */
+  dagResults: bigint;
+};
+
+/**
+ * Describes the message cloudburst.v1.TriggerStreamStatus.
+ * Use `create(TriggerStreamStatusSchema)` to create a new message.
+ */
+export const TriggerStreamStatusSchema: GenMessage<TriggerStreamStatus> = /*@__PURE__*/
   messageDesc(file_cloudburst_v1_executor_service, 16);
 
 /**
