@@ -1,4 +1,4 @@
-"""A TCP proxy that can stop passing bytes on: a peer that hangs, for tests on loopback."""
+"""A TCP proxy that can stop passing bytes on (a peer that hangs) or cut its connections."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ class FreezingProxy:
 
     def thaw(self) -> None:
         self._thawed.set()
+
+    def sever(self) -> None:
+        """Close every connection passed on so far, as a network fault would; new ones pass."""
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            writer.close()
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)

@@ -101,7 +101,7 @@ def join_by_hand(cluster: Cluster, call_id: str) -> execution_pb2.DagSchedule:
     dag = function_pb2.Dag(name="by-hand", version=1, functions=["left", "right", "both"])
     dag.connections.add(upstream="left", downstream="both")
     dag.connections.add(upstream="right", downstream="both")
-    # The result comes back on the test's stream to the executor: hello(peer_id="test", stream_id=1).
+    # The result comes back on the test's stream: hello(peer_id="test", stream_id=1).
     schedule = execution_pb2.DagSchedule(
         call_id=call_id, dag=dag, direct_response=True, reply_to="test", reply_stream_id=1
     )
