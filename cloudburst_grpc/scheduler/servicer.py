@@ -412,44 +412,26 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         routes: AnswerRoutes | None,
     ) -> None:
         kind = frame.WhichOneof("call")
-        body: scheduler_service_pb2.CallFunctionResponse | scheduler_service_pb2.CallDagResponse
+        if kind is None:
+            raise InvalidArgumentError("a StreamCallsRequest must carry call_function or call_dag")
+        call = frame.call_function if kind == "call_function" else frame.call_dag
+        direct, named = call.direct_response, bool(call.response_key)
+        awaited = direct or frame.stream_outcome
+        # A call whose outcome its caller awaits may be answered on the caller's answer stream.
+        answer_to = AnswerTo(routes, frame.sequence) if routes is not None and awaited else None
         # A caller that had the outcome streamed and will not release the result keeps it.
         expire = frame.releasable or not frame.stream_outcome
+        body: scheduler_service_pb2.CallFunctionResponse | scheduler_service_pb2.CallDagResponse
         if kind == "call_function":
-            request = frame.call_function
-            direct, named = request.direct_response, bool(request.response_key)
             accepted = await self._scheduler.call_function(
-                request,
-                direct or frame.stream_outcome,
-                None,
-                frame.trace_context,
-                expire,
-                answer_to=(
-                    AnswerTo(routes, frame.sequence)
-                    if routes is not None and (direct or frame.stream_outcome)
-                    else None
-                ),
+                frame.call_function, awaited, None, frame.trace_context, expire, answer_to=answer_to
             )
             body = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
-        elif kind == "call_dag":
-            dag_request = frame.call_dag
-            direct, named = dag_request.direct_response, bool(dag_request.response_key)
-            answer_to = (
-                AnswerTo(routes, frame.sequence)
-                if routes is not None and (direct or frame.stream_outcome)
-                else None
-            )
+        else:
             accepted = await self._scheduler.call_dag(
-                dag_request,
-                direct or frame.stream_outcome,
-                None,
-                frame.trace_context,
-                expire,
-                answer_to=answer_to,
+                frame.call_dag, awaited, None, frame.trace_context, expire, answer_to=answer_to
             )
             body = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
-        else:
-            raise InvalidArgumentError("a StreamCallsRequest must carry call_function or call_dag")
 
         def answer() -> scheduler_service_pb2.StreamCallsResponse:
             if isinstance(body, scheduler_service_pb2.CallFunctionResponse):
