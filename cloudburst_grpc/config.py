@@ -134,6 +134,9 @@ class ExecutorConfig:
     KVS over the network cache (``cbgrpc executor``); ``cbgrpc serve`` reads its store directly."""
     cache_max_entries: int = 4096
     """Most keys an executor's cache holds (each is one watch stream on the KVS)."""
+    max_answer_streams: int = 4096
+    """Callers' answer streams (``StreamAnswers``) an executor holds at once, each a stream and
+    a queue of up to 4,096 answers; a caller refused past it is answered through the scheduler."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,10 @@ class Config:
             (
                 self.executor.max_threads >= self.executor.threads,
                 "executor.max_threads must be at least executor.threads",
+            ),
+            (
+                self.executor.max_answer_streams >= 1,
+                "executor.max_answer_streams must be at least 1",
             ),
             (self.executor.mailbox_capacity >= 1, "executor.mailbox_capacity must be at least 1"),
             (

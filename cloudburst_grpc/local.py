@@ -628,7 +628,7 @@ async def start_executor_node(
             logger.warning(
                 "the KVS did not report its limits (%s): values stay in one message", exc
             )
-        servicer = ExecutorServicer(executor)
+        servicer = ExecutorServicer(executor, config.executor.max_answer_streams)
         node.end_streams = servicer.end_streams
         executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server)
         services = [EXECUTOR_SERVICE_NAME, MESSAGING_SERVICE_NAME]

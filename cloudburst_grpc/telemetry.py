@@ -228,6 +228,27 @@ def observe_executor(executor: Any) -> None:
     _executors.add(executor)
 
 
+_answer_stream_holders: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _open_answer_streams(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    for holder in list(_answer_stream_holders):
+        yield metrics.Observation(holder.open_answer_streams, {"executor": holder.executor_id})
+
+
+METER.create_observable_gauge(
+    "cloudburst.executor.answer_streams",
+    [_open_answer_streams],
+    unit="{stream}",
+    description="Callers' answer streams (StreamAnswers) an executor holds open",
+)
+
+
+def observe_answer_streams(holder: Any) -> None:
+    """Report ``holder.open_answer_streams``, labelled with ``holder.executor_id``."""
+    _answer_stream_holders.add(holder)
+
+
 CACHE_READS = METER.create_counter(
     "cloudburst.executor.cache.reads",
     unit="{read}",

@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from cloudburst.errors import CloudburstError, InvalidArgumentError, UnavailableError
+from cloudburst.errors import (
+    CloudburstError,
+    InvalidArgumentError,
+    QueueFullError,
+    UnavailableError,
+)
 from cloudburst.streams import batches_enabled, take_batch
 from cloudburst.v1 import (
     execution_pb2,
@@ -21,6 +26,8 @@ from cloudburst.v1 import (
 )
 from cloudburst_executors.executor import Executor
 from cloudburst_executors.results import RoutedResult
+from cloudburst_grpc import telemetry
+from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.schedules import ReceivedSchedules
 
@@ -41,10 +48,20 @@ NOTE_DELAY_SECONDS = 0.005
 
 
 class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
-    """Serves ExecutorService over one :class:`Executor`."""
+    """Serves ExecutorService over one :class:`Executor`.
 
-    def __init__(self, executor: Executor) -> None:
+    Args:
+        executor: The executor served.
+        max_answer_streams: The most answer streams (StreamAnswers) held at once.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        max_answer_streams: int = ExecutorConfig.max_answer_streams,
+    ) -> None:
         self._executor = executor
+        self._max_answer_streams = max_answer_streams
         self._detached: set[asyncio.Task[None]] = set()
         """Calls whose stream ended before they did: they still run and store their results."""
         self._streams: dict[
@@ -59,6 +76,14 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             str, asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None]
         ] = {}
         """The callers' open answer streams (StreamAnswers), by answer stream id."""
+        if executor is not None:
+            self.executor_id = executor.executor_id
+            telemetry.observe_answer_streams(self)
+
+    @property
+    def open_answer_streams(self) -> int:
+        """The callers' answer streams registered here now."""
+        return len(self._answer_streams)
 
     def _answer_stream(
         self, stream_id: str
@@ -314,7 +339,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     ) -> AsyncIterator[executor_service_pb2.StreamAnswersResponse]:
         """Register a caller's answer stream, and send it the answers routed to it until it ends.
 
-        A second stream with the same id replaces the first, which ends.
+        A second stream with the same id replaces the first, which ends. Past
+        ``max_answer_streams`` streams, a new one is refused (a replacement is not).
         """
         stream_id = request.answer_stream_id
         if not _STREAM_ID.fullmatch(stream_id):
@@ -323,6 +349,17 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             )
         if self._closing:
             raise UnavailableError("this executor is shutting down")
+        if (
+            stream_id not in self._answer_streams
+            and len(self._answer_streams) >= self._max_answer_streams
+        ):
+            limit = self._max_answer_streams
+            raise QueueFullError(
+                f"this executor holds {limit} answer streams, its limit "
+                "(executor.max_answer_streams): the calls it runs for this caller are answered "
+                "through the scheduler instead; open the stream again later, or raise the limit",
+                {"limit": str(limit)},
+            )
         queue: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] = asyncio.Queue()
         replaced = self._answer_streams.get(stream_id)
         if replaced is not None:
