@@ -42,6 +42,9 @@ MAX_BATCH_FRAMES = 64
 #: its payload limit, so a batch never exceeds a peer's limit where single frames would not.
 MAX_BATCH_BYTES = MESSAGE_OVERHEAD_BYTES // 4
 _OFF = frozenset({"0", "false", "no", "off"})
+#: What gRPC's asyncio client reports (as INTERNAL) for a stream that its peer ended while a
+#: frame was being written to it: the peer's own status is lost (grpc/grpc#36066).
+_STATUS_LOST_IN_WRITE = "Internal error from Core"
 
 
 def batches_enabled(environ: Mapping[str, str] = os.environ) -> bool:
@@ -105,6 +108,25 @@ def settle(
             future.set_result(value)
     except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
         pass  # cancelled by a caller that timed out
+
+
+def _status_of(error: grpc.RpcError) -> grpc.RpcError:
+    """The error a stream ended with, with one of gRPC's own INTERNAL errors taken for what it is.
+
+    A stream its peer ends (with any status) while a frame is being written to
+    it ends, in gRPC's asyncio client, with INTERNAL "Internal error from Core"
+    more often than not. That is no bug of the peer: the stream ended, and its
+    status is lost; say so, as UNAVAILABLE.
+    """
+    rpc: Any = error
+    if rpc.code() != grpc.StatusCode.INTERNAL or rpc.details() != _STATUS_LOST_IN_WRITE:
+        return error
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        "the peer ended the stream while a frame was being written to it (its status was lost)",
+    )
 
 
 class _Outgoing(Generic[Request]):
@@ -274,9 +296,9 @@ class OutboxStream(Generic[Request, Response]):
                         continue
                 on_answer(answer)
         except grpc.RpcError as exc:
-            error = exc
+            error = _status_of(exc)
             if not self.closed:
-                logger.warning("stream to %s broke: %s", self.name, exc.code())
+                logger.warning("stream to %s broke: %s", self.name, error.code())
         finally:
             call.cancel()
             if self._outgoing is outgoing:
