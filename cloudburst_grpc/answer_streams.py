@@ -101,11 +101,12 @@ class AnswerRoutes:
         lost = self._lost.pop(sequence, None)
         if not delivered:
             return None
-        if lost is not None and lost == executor:
-            return _lost_error(executor)
+        # Remembered either way: a later report of another lost stream must not answer it again.
         self._delivered[sequence] = executor
         while len(self._delivered) > REMEMBERED:
             self._delivered.popitem(last=False)
+        if lost is not None and lost == executor:
+            return _lost_error(executor)
         return None
 
     def discard(self, sequence: int) -> None:

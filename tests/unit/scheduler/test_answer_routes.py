@@ -78,3 +78,15 @@ def test_a_call_the_caller_says_it_has_stops_counting_at_once_and_only_once() ->
     routes.finished(1, True)
     routes.answered([1])  # its note came first: nothing left to do
     assert ended == [2]
+
+
+def test_a_call_answered_with_a_lost_error_is_not_answered_again_by_another_report() -> None:
+    routes = AnswerRoutes()
+    routes.update(named("a", "b"))
+    routes.started(1)
+    routes.route(1, "a")
+    assert routes.lost(lost("a", 1)) == {}  # still running on a
+    assert isinstance(routes.finished(1, True), AnswerLostError)  # its note: answered there
+    # The caller then loses b's stream too, and still lists 1 (it has no answer for it yet):
+    # 1 was answered (with the error) already, and b never had it.
+    assert routes.lost(lost("b", 1)) == {}
