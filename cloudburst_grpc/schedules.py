@@ -22,6 +22,8 @@ import heapq
 import time
 from collections import OrderedDict
 
+from google.protobuf import timestamp_pb2
+
 from cloudburst.errors import InvalidArgumentError
 from cloudburst.v1 import execution_pb2
 
@@ -29,6 +31,15 @@ from cloudburst.v1 import execution_pb2
 MAX_SCHEDULES = 1024
 #: The most bytes of schedules (as serialized) one stream remembers.
 MAX_SCHEDULE_BYTES = 16 * 1024 * 1024
+
+
+def epoch_seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    """A timestamp (a schedule's deadline, say) as seconds since the epoch.
+
+    The value of ``stamp.ToNanoseconds() / 1e9`` at a third of the cost: hot
+    paths convert a deadline or two per trigger.
+    """
+    return stamp.seconds + stamp.nanos / 1e9
 
 
 class ScheduleAccount:
@@ -140,7 +151,7 @@ class ReceivedSchedules:
             for gone in self._account.add(call_id, schedule.ByteSize()):
                 self._schedules.pop(gone, None)
             if self._account.touch(call_id):  # counted (not larger than the byte bound)
-                deadline = schedule.deadline_time.ToNanoseconds() / 1e9
+                deadline = epoch_seconds(schedule.deadline_time)
                 if deadline > now:
                     # A copy: the trigger's own would keep its whole frame (its outcome) alive.
                     kept = execution_pb2.DagSchedule()
@@ -167,7 +178,7 @@ class ReceivedSchedules:
         heapq.heappush(heap, (deadline, call_id))
         if len(heap) > 2 * len(self._schedules) + 64:  # mostly calls no longer counted
             self._deadlines = [
-                (s.deadline_time.ToNanoseconds() / 1e9, c) for c, s in self._schedules.items()
+                (epoch_seconds(s.deadline_time), c) for c, s in self._schedules.items()
             ]
             heapq.heapify(self._deadlines)
 
@@ -177,7 +188,7 @@ class ReceivedSchedules:
         while heap and heap[0][0] <= now:
             _, call_id = heapq.heappop(heap)
             schedule = self._schedules.get(call_id)
-            if schedule is not None and schedule.deadline_time.ToNanoseconds() / 1e9 <= now:
+            if schedule is not None and epoch_seconds(schedule.deadline_time) <= now:
                 del self._schedules[call_id]
 
     def __len__(self) -> int:

@@ -36,6 +36,7 @@ from cloudburst_grpc.executor_client import PeerDirectory
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
+from cloudburst_grpc.schedules import epoch_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -234,11 +235,8 @@ class Executor:
         """Run a one-shot call; store its outcome under the response key and/or return it."""
         self._admit()
         self.active_calls += 1
-        attributes = _attributes(self.executor_id, request.function_name, request.call_id)
         try:
-            with telemetry.span(
-                f"run {request.function_name}", request.trace_context, attributes
-            ) as current:
+            with _call_span(self.executor_id, request) as current:
                 outcome = await self._invoker.call(
                     request.call_id,
                     request.function_name,
@@ -246,7 +244,7 @@ class Executor:
                     request.arguments,
                     (),
                     deadline_time=(
-                        request.deadline_time.seconds + request.deadline_time.nanos / 1e9
+                        epoch_seconds(request.deadline_time)
                         if request.HasField("deadline_time")
                         else None
                     ),
@@ -383,7 +381,7 @@ class Executor:
             arguments = schedule.function_arguments[function].arguments
             version = schedule.function_versions[function]
             deadline_time = (
-                schedule.deadline_time.seconds + schedule.deadline_time.nanos / 1e9
+                epoch_seconds(schedule.deadline_time)
                 if schedule.HasField("deadline_time")
                 else None
             )
@@ -405,7 +403,8 @@ class Executor:
         """Trigger a downstream stage, here or on its executor."""
         schedule = forward.schedule
         trigger = forward.trigger()
-        telemetry.inject(trigger.trace_context)
+        if telemetry.tracing():
+            telemetry.inject(trigger.trace_context)
         if forward.local:
             self.trigger(trigger, schedule)
             return
@@ -417,6 +416,17 @@ class Executor:
             logger.warning("call %s: cannot reach %s: %s", schedule.call_id, executor_id, exc)
             outcome = execution_pb2.Outcome(error=error_to_call_error(exc))
             await self._deliver(schedule, outcome)
+
+
+def _call_span(
+    executor_id: str, request: executor_service_pb2.ExecuteFunctionRequest
+) -> contextlib.AbstractContextManager[Any]:
+    """A one-shot call's ``run`` span (built only while tracing is on)."""
+    if not telemetry.tracing():
+        return telemetry.span("")  # no span, and nothing built for one
+    name = request.function_name
+    attributes = _attributes(executor_id, name, request.call_id)
+    return telemetry.span(f"run {name}", request.trace_context, attributes)
 
 
 def _stage_span(executor_id: str, ready: RunStage) -> contextlib.AbstractContextManager[Any]:

@@ -121,7 +121,9 @@ class Invoker:
         if deadline_time is not None:
             deadline = started + (deadline_time - time.time())
         try:
-            loaded = await self._load(name, version)
+            loaded = self._functions.get(name)  # loaded already, most calls: no load to await
+            if loaded is None or loaded.version < version:
+                loaded = await self._load(name, version)
             resolved = []
             # References repeated in one call read and deserialize their key once and
             # pass the same object, as the original runtime does.

@@ -32,6 +32,7 @@ from cloudburst_executors.stages import LARGE_VALUE_BYTES
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.failures import error_to_call_error, outcome_value
 from cloudburst_grpc.kvs_access import KvsAccess
+from cloudburst_grpc.schedules import epoch_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ async def deliver(
     ``store_after`` to be stored (and reported stored) after.
     """
     if schedule.HasField("start_time"):
-        elapsed = time.time() - schedule.start_time.ToNanoseconds() / 1e9
+        elapsed = time.time() - epoch_seconds(schedule.start_time)
         telemetry.DAG_DURATION.record(max(elapsed, 0.0), {"dag": schedule.dag.name})
     telemetry.DAG_CALLS.add(
         1, {"dag": schedule.dag.name, "outcome": outcome.WhichOneof("result") or ""}

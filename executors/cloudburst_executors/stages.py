@@ -28,6 +28,7 @@ from typing import Protocol
 
 from cloudburst.v1 import execution_pb2
 from cloudburst_grpc.dags import Topology, TopologyCache
+from cloudburst_grpc.schedules import epoch_seconds
 
 #: Values larger than this are (de)serialized on a worker thread, not the event loop,
 #: and never passed along a chain.
@@ -168,7 +169,7 @@ class StageState:
         join = self._joins.get(key)
         if join is None:
             join = self._joins[key] = _Join(upstreams, next(self._serials), frozenset(upstreams))
-            deadline = schedule.deadline_time.ToNanoseconds() / 1e9
+            deadline = epoch_seconds(schedule.deadline_time)
             heapq.heappush(self._deadlines, (deadline, join.serial, key))
         if upstream not in join.expected:
             return None  # not an upstream of the target: nothing it waits for

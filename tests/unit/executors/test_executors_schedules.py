@@ -14,12 +14,18 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from google.protobuf import timestamp_pb2
 
 from cloudburst.errors import InvalidArgumentError
 from cloudburst.serialization import serialize
 from cloudburst.v1 import execution_pb2, executor_service_pb2, function_pb2
 from cloudburst_executors.stages import Deliver, RunStage, StageState
-from cloudburst_grpc.schedules import ReceivedSchedules, ScheduleAccount, SentSchedules
+from cloudburst_grpc.schedules import (
+    ReceivedSchedules,
+    ScheduleAccount,
+    SentSchedules,
+    epoch_seconds,
+)
 
 A, B = "executor-a", "executor-b"
 
@@ -212,3 +218,27 @@ def test_a_kept_schedule_does_not_keep_its_first_trigger_alive() -> None:
     kept = received.resolve(first)
     assert kept == schedule and kept is not first.schedule  # a copy, apart from the frame
     assert received.resolve(execution_pb2.Trigger(call_id="call-1")) is kept
+
+
+@pytest.mark.parametrize(
+    "nanoseconds",
+    [0, 1, 999_999_999, 1_000_000_000, 1_765_000_000_123_456_789, 4_102_444_800_999_999_999],
+)
+def test_epoch_seconds_is_the_timestamps_value_in_seconds(nanoseconds: int) -> None:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(nanoseconds)
+    assert epoch_seconds(stamp) == pytest.approx(stamp.ToNanoseconds() / 1e9, rel=1e-15, abs=1e-9)
+
+
+def test_a_schedule_is_let_go_at_its_deadline_read_in_seconds() -> None:
+    received = ReceivedSchedules()
+    now = time.time()
+    soon = chain_schedule(2, "soon", now + 0.5)
+    later = chain_schedule(2, "later", now + 60)
+    for schedule in (soon, later):
+        assert received.resolve(execution_pb2.Trigger(schedule=schedule)) == schedule
+    assert len(received) == 2
+    received._let_go(now + 1)
+    assert len(received) == 1
+    assert received.resolve(execution_pb2.Trigger(call_id="later")) == later
+    assert received.resolve(execution_pb2.Trigger(call_id="soon")) is None, "past its deadline"
