@@ -144,11 +144,6 @@ class Executor:
         """Let functions store values up to ``max_value_bytes`` (the KVS tier's limit)."""
         self._invoker.max_value_bytes = max(max_value_bytes, self._max_payload_bytes)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -306,7 +301,8 @@ class Executor:
             return
         ready = self._stages.trigger(trigger, schedule)
         if ready is not None:
-            self._spawn(self._run_stage(ready))
+            # The stage's task leaves _tasks itself (see _run_stage).
+            self._tasks.add(asyncio.create_task(self._run_stage(ready)))
             return
         self._arm_expiry()
 
@@ -332,16 +328,29 @@ class Executor:
         self._arm_expiry()
 
     async def _run_stage(self, ready: RunStage) -> None:
+        """Run a stage and pass its outcome on; the body of the stage's task.
+
+        The task removes itself from ``_tasks`` and logs its own failure as it
+        ends: a done callback would do the same a turn of the event loop later,
+        which costs every stage a further turn (an ``epoll`` call, most often).
+        """
         schedule = ready.schedule
-        with _stage_span(self.executor_id, ready) as current:
-            last, outcome = await self._stage_outcome(ready)
-            _annotate(current, outcome)
-            after = self._stages.ran(ready, last, outcome)
-            if isinstance(after, list):
-                for forward in after:
-                    await self._forward(forward)
-            else:
-                await self._deliver(schedule, outcome)
+        try:
+            with _stage_span(self.executor_id, ready) as current:
+                last, outcome = await self._stage_outcome(ready)
+                _annotate(current, outcome)
+                after = self._stages.ran(ready, last, outcome)
+                if isinstance(after, list):
+                    for forward in after:
+                        await self._forward(forward)
+                else:
+                    await self._deliver(schedule, outcome)
+        except Exception:
+            logger.exception("executor %s task failed", self.executor_id)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
 
     async def _deliver(
         self, schedule: execution_pb2.DagSchedule, outcome: execution_pb2.Outcome

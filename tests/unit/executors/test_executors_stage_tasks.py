@@ -1,0 +1,113 @@
+"""A stage's task ends on its own: it leaves the executor's books, and a failure is logged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from cloudburst.serialization import serialize
+from cloudburst.v1 import execution_pb2, function_pb2
+from cloudburst_executors import runner
+from cloudburst_executors.executor import Executor
+from cloudburst_grpc.config import ExecutorConfig
+from cloudburst_grpc.executor_client import PeerDirectory
+
+HERE, OTHER = "executor-here", "executor-other"
+
+
+def incr(cloudburst: Any, n: int) -> int:
+    return n + 1
+
+
+class BrokenPeer:
+    """A peer whose triggers fail with an error the runtime does not expect."""
+
+    address = "127.0.0.1:1"
+
+    async def trigger(self, trigger: execution_pb2.Trigger, schedule: Any) -> None:
+        raise RuntimeError("the peer broke")
+
+
+class Recorder(logging.Handler):
+    """Sets an event once a record with ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = asyncio.Event()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def executor(peers: PeerDirectory | None = None) -> Executor:
+    made = Executor(HERE, "local:here", ExecutorConfig(threads=1), None, peers, 1 << 20, 30.0)  # type: ignore[arg-type]
+    made._functions["incr"] = runner.LoadedFunction(
+        "incr", 1, function_pb2.FUNCTION_KIND_FUNCTION, incr
+    )
+    return made
+
+
+def source_trigger(call_id: str, sink_on: str) -> tuple[execution_pb2.Trigger, Any]:
+    """The start trigger of ``incr -> square``, ``square`` placed on ``sink_on``."""
+    dag = function_pb2.Dag(name="d", version=1, functions=["incr", "square"])
+    dag.connections.add(upstream="incr", downstream="square")
+    schedule = execution_pb2.DagSchedule(call_id=call_id, dag=dag, direct_response=True)
+    schedule.placements["incr"], schedule.placements["square"] = HERE, sink_on
+    schedule.executor_addresses[OTHER] = BrokenPeer.address
+    for name in ("incr", "square"):
+        schedule.function_versions[name] = 1
+        schedule.function_arguments[name].SetInParent()
+    schedule.function_arguments["incr"].arguments.add(value=serialize(1))
+    schedule.deadline_time.FromNanoseconds(int((time.time() + 30) * 1e9))
+    return execution_pb2.Trigger(target_function="incr", call_id=call_id), schedule
+
+
+def sink_trigger(call_id: str) -> tuple[execution_pb2.Trigger, Any]:
+    """The trigger of a one-function DAG's only stage (``incr``, the sink), direct response."""
+    dag = function_pb2.Dag(name="one", version=1, functions=["incr"])
+    schedule = execution_pb2.DagSchedule(call_id=call_id, dag=dag, direct_response=True)
+    schedule.placements["incr"] = HERE
+    schedule.function_versions["incr"] = 1
+    schedule.function_arguments["incr"].arguments.add(value=serialize(41))
+    schedule.deadline_time.FromNanoseconds(int((time.time() + 30) * 1e9))
+    return execution_pb2.Trigger(target_function="incr", call_id=call_id), schedule
+
+
+async def test_finished_stages_leave_no_task_behind() -> None:
+    ex = executor()
+    try:
+        for index in range(20):
+            call_id = f"call-{index}"
+            result = ex.results.expect(call_id, 30.0)
+            ex.trigger(*sink_trigger(call_id))
+            outcome = await asyncio.wait_for(result, 10)
+            assert runner.unpickle(outcome.value) == 42
+        await asyncio.wait_for(asyncio.gather(*list(ex._tasks)), 10)  # their last steps
+        assert not ex._tasks, "every stage's task removed itself when it ended"
+    finally:
+        await ex.close()
+
+
+async def test_a_stage_that_fails_in_the_runtime_is_logged_and_leaves() -> None:
+    peers = PeerDirectory(lambda executor_id, address: BrokenPeer())  # type: ignore[arg-type,return-value]
+    ex = executor(peers)
+    logger = logging.getLogger("cloudburst_executors.executor")
+    recorder = Recorder(f"executor {HERE} task failed")
+    logger.addHandler(recorder)
+    try:
+        ex.trigger(*source_trigger("call-broken", OTHER))
+        await asyncio.wait_for(recorder.seen.wait(), 10)
+        failed = [r for r in recorder.records if "task failed" in r.getMessage()]
+        assert failed[0].exc_info is not None
+        assert "the peer broke" in str(failed[0].exc_info[1])
+        await asyncio.wait_for(asyncio.gather(*list(ex._tasks)), 10)
+        assert not ex._tasks
+    finally:
+        logger.removeHandler(recorder)
+        await ex.close()
