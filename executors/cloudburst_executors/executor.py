@@ -144,11 +144,6 @@ class Executor:
         """Let functions store values up to ``max_value_bytes`` (the KVS tier's limit)."""
         self._invoker.max_value_bytes = max(max_value_bytes, self._max_payload_bytes)
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("executor %s task failed", self.executor_id, exc_info=task.exception())
-
     # -- functions -----------------------------------------------------------------
 
     async def _function(self, name: str, version: int) -> runner.LoadedFunction:
@@ -270,20 +265,22 @@ class Executor:
         self.storing[key] = task
         self._tasks.add(task)
 
-        def done(finished: asyncio.Future[None]) -> None:
-            if self.storing.get(key) is finished:
-                del self.storing[key]
-            self._task_done(task)
-
-        task.add_done_callback(done)
-
     async def _store(self, key: str, outcome: execution_pb2.Outcome) -> None:
+        """Store an outcome: the body of a task that leaves the books itself (see _run_stage)."""
         try:
             await results.store(self._kvs, self._clock, key, outcome)
         except CloudburstError as exc:
             logger.warning(
                 "executor %s cannot store the result at %r: %s", self.executor_id, key, exc
             )
+        except Exception:
+            logger.exception("executor %s task failed", self.executor_id)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                if self.storing.get(key) is task:
+                    del self.storing[key]
+                self._tasks.discard(task)
 
     # -- DAG stages ----------------------------------------------------------------
 

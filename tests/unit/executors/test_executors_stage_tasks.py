@@ -1,4 +1,4 @@
-"""A stage's task ends on its own: it leaves the executor's books, and a failure is logged."""
+"""Tasks of stages and of stores end on their own: they leave the books, and failures are logged."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import logging
 import time
 from typing import Any
 
+from cloudburst.errors import UnavailableError
 from cloudburst.serialization import serialize
-from cloudburst.v1 import execution_pb2, function_pb2
+from cloudburst.v1 import execution_pb2, executor_service_pb2, function_pb2
 from cloudburst_executors import runner
 from cloudburst_executors.executor import Executor
 from cloudburst_grpc.config import ExecutorConfig
@@ -107,6 +108,69 @@ async def test_a_stage_that_fails_in_the_runtime_is_logged_and_leaves() -> None:
         assert failed[0].exc_info is not None
         assert "the peer broke" in str(failed[0].exc_info[1])
         await asyncio.wait_for(asyncio.gather(*list(ex._tasks)), 10)
+        assert not ex._tasks
+    finally:
+        logger.removeHandler(recorder)
+        await ex.close()
+
+
+class Kvs:
+    """Records what is stored; fails every store with ``error``, if given."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.stored: dict[str, Any] = {}
+
+    async def put(self, key: str, value: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.stored[key] = value
+
+
+def one_shot(key: str) -> executor_service_pb2.ExecuteFunctionRequest:
+    request = executor_service_pb2.ExecuteFunctionRequest(
+        function_name="incr",
+        function_version=1,
+        call_id=f"call-{key}",
+        response_key=key,
+        direct_response=True,
+    )
+    request.arguments.add(value=serialize(1))
+    return request
+
+
+async def test_a_result_answered_first_is_stored_after_and_leaves_the_books() -> None:
+    kvs = Kvs()
+    ex = Executor(HERE, "local:here", ExecutorConfig(threads=1), kvs, None, 1 << 20, 30.0)  # type: ignore[arg-type]
+    ex._functions["incr"] = runner.LoadedFunction(
+        "incr", 1, function_pb2.FUNCTION_KIND_FUNCTION, incr
+    )
+    try:
+        response = await ex.execute(one_shot("k1"))
+        assert runner.unpickle(response.outcome.value) == 2, "answered first"
+        storing = ex.storing["k1"]
+        await asyncio.wait_for(storing, 10)
+        assert "k1" in kvs.stored
+        assert "k1" not in ex.storing
+        assert not ex._tasks
+    finally:
+        await ex.close()
+
+
+async def test_a_store_that_fails_is_logged_and_leaves_the_books() -> None:
+    kvs = Kvs(UnavailableError("the KVS is away"))
+    ex = Executor(HERE, "local:here", ExecutorConfig(threads=1), kvs, None, 1 << 20, 30.0)  # type: ignore[arg-type]
+    ex._functions["incr"] = runner.LoadedFunction(
+        "incr", 1, function_pb2.FUNCTION_KIND_FUNCTION, incr
+    )
+    logger = logging.getLogger("cloudburst_executors.executor")
+    recorder = Recorder("cannot store the result at 'k2'")
+    logger.addHandler(recorder)
+    try:
+        await ex.execute(one_shot("k2"))
+        await asyncio.wait_for(ex.storing["k2"], 10)
+        assert recorder.seen.is_set()
+        assert "k2" not in ex.storing
         assert not ex._tasks
     finally:
         logger.removeHandler(recorder)
