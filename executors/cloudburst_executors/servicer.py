@@ -163,6 +163,18 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         async def run_call(
             sequence: int, request: executor_service_pb2.ExecuteFunctionRequest
         ) -> None:
+            # The call's task leaves _detached as it ends: a done callback would do it a
+            # turn of the event loop later, which costs every call a further turn.
+            try:
+                await answer_call(sequence, request)
+            finally:
+                task = asyncio.current_task()
+                if task is not None:
+                    self._detached.discard(task)
+
+        async def answer_call(
+            sequence: int, request: executor_service_pb2.ExecuteFunctionRequest
+        ) -> None:
             try:
                 response = await executor.execute(request)
             except CloudburstError as exc:
@@ -290,9 +302,10 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             elif kind == "execute_function":
                 # Not tracked: a call outlives its caller's stream (the caller, e.g.
                 # a scheduler that died, may wait on the stored result instead).
-                call = asyncio.ensure_future(run_call(frame.sequence, frame.execute_function))
-                self._detached.add(call)
-                call.add_done_callback(self._detached.discard)
+                # It leaves _detached itself as it ends (see run_call).
+                self._detached.add(
+                    asyncio.ensure_future(run_call(frame.sequence, frame.execute_function))
+                )
 
         def report(cache_report: executor_service_pb2.CacheReport) -> None:
             answers.put_nowait(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 from cloudburst.errors import UnavailableError
 from cloudburst.serialization import serialize
 from cloudburst.v1 import execution_pb2, executor_service_pb2, function_pb2
 from cloudburst_executors import runner
 from cloudburst_executors.executor import Executor
+from cloudburst_executors.servicer import ExecutorServicer
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.executor_client import PeerDirectory
 
@@ -174,4 +176,46 @@ async def test_a_store_that_fails_is_logged_and_leaves_the_books() -> None:
         assert not ex._tasks
     finally:
         logger.removeHandler(recorder)
+        await ex.close()
+
+
+async def test_a_call_from_a_trigger_stream_leaves_the_detached_calls_once_answered() -> None:
+    kvs = Kvs()
+    ex = Executor(HERE, "local:here", ExecutorConfig(threads=1), kvs, None, 1 << 20, 30.0)  # type: ignore[arg-type]
+    ex._functions["incr"] = runner.LoadedFunction(
+        "incr", 1, function_pb2.FUNCTION_KIND_FUNCTION, incr
+    )
+    served = ExecutorServicer(ex)
+    frames: asyncio.Queue[executor_service_pb2.StreamTriggersRequest | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[executor_service_pb2.StreamTriggersRequest]:
+        while (frame := await frames.get()) is not None:
+            yield frame
+
+    frames.put_nowait(
+        executor_service_pb2.StreamTriggersRequest(hello=executor_service_pb2.TriggerHello())
+    )
+    frames.put_nowait(
+        executor_service_pb2.StreamTriggersRequest(sequence=7, execute_function=one_shot("k3"))
+    )
+    answers = cast(
+        AsyncGenerator[executor_service_pb2.StreamTriggersResponse, None],
+        served.StreamTriggers(requests(), None),  # type: ignore[arg-type]
+    )
+    try:
+        seen: list[executor_service_pb2.StreamTriggersResponse] = []
+        async with asyncio.timeout(10):
+            async for answer in answers:
+                seen.extend(answer.batch or (answer,))
+                if any(a.HasField("result_stored") for a in seen):
+                    break
+        answered = [a for a in seen if a.HasField("execute_function")]
+        assert answered[0].sequence == 7
+        assert runner.unpickle(answered[0].execute_function.outcome.value) == 2
+        assert "k3" in kvs.stored
+        await asyncio.wait_for(asyncio.gather(*list(served._detached)), 10)
+        assert not served._detached, "the call's task left as it ended"
+    finally:
+        frames.put_nowait(None)
+        await answers.aclose()
         await ex.close()
