@@ -250,9 +250,18 @@ class OutboxStream(Generic[Request, Response]):
         outgoing.backlog.append(frame)
         if not outgoing.busy:
             outgoing.busy = True
-            writer = asyncio.create_task(self._write(outgoing))
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
+            # The writer leaves _writers itself as it ends: a done callback would do it a
+            # turn of the event loop later, which costs every hand-off a further turn.
+            self._writers.add(asyncio.create_task(self._write_handed_off(outgoing)))
+
+    async def _write_handed_off(self, outgoing: _Outgoing[Request]) -> None:
+        """:meth:`_write`, in a writer task of :attr:`_writers` that it leaves as it ends."""
+        try:
+            await self._write(outgoing)
+        finally:
+            writer = asyncio.current_task()
+            if writer is not None:
+                self._writers.discard(writer)
 
     async def _write(self, outgoing: _Outgoing[Request]) -> None:
         """Write the backlog, in order (``outgoing.busy`` is set).

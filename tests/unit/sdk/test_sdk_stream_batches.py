@@ -244,3 +244,19 @@ async def test_without_batches_a_stream_writes_frame_by_frame_and_passes_answers
         stream.send(frame)
     assert await written(call, 4) == [[1], [2], [3], [4]]
     await stream.close(grace=DEADLINE)
+
+
+async def test_a_writer_task_leaves_the_stream_once_its_backlog_is_written() -> None:
+    peer = Peer()
+    stream = peer.stream(batches=False)
+    stream.send(Request(sequence=1))
+    writers = list(stream._writers)
+    assert len(writers) == 1, "a frame handed off while no write is in progress gets a writer"
+    call = peer.calls[0]
+    assert await written(call, 1) == [[1]]
+    await asyncio.wait_for(asyncio.gather(*writers), DEADLINE)
+    assert not stream._writers, "the writer left as it ended"
+    stream.send(Request(sequence=2))  # a new writer for the next frame
+    assert await written(call, 1) == [[2]]
+    await stream.close(grace=DEADLINE)
+    assert call.half_closed
