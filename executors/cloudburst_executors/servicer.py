@@ -42,8 +42,8 @@ ANSWERS_PER_MESSAGE = 64
 #: stuck caller cannot fill the executor's memory.
 MAX_QUEUED_ANSWERS = 4096
 _STREAM_ID = re.compile(r"[0-9a-f]{32}")
-#: Seconds a note that a call was answered directly waits for others to travel with. Notes are
-#: off the caller's path: together they cost the scheduler one message instead of several.
+#: Seconds a note (a call answered directly, a result stored) waits for others to travel with.
+#: Notes are off the caller's path: together they cost the scheduler one message, not several.
 NOTE_DELAY_SECONDS = 0.005
 
 
@@ -148,7 +148,13 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self._streams[answers] = stats
 
         notes: list[executor_service_pb2.StreamTriggersResponse] = []
-        """Notes of calls answered directly, waiting to travel together."""
+        """Notes (calls answered directly, results stored), waiting to travel together.
+
+        Nothing on a call's critical path waits for a note: the scheduler learns
+        from them when to stop counting a call and when a release of its result
+        may proceed, so they wait up to NOTE_DELAY_SECONDS for each other and
+        share one message.
+        """
 
         def send_notes() -> None:
             for waiting in notes:
@@ -213,7 +219,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 storing = executor.storing.get(key)
                 if storing is not None:
                     await asyncio.wait([storing])
-                answers.put_nowait(
+                # Only releases wait for it: a note, in the same message as others.
+                note(
                     executor_service_pb2.StreamTriggersResponse(
                         sequence=sequence,
                         result_stored=executor_service_pb2.ResultStored(response_key=key),
@@ -256,7 +263,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 when_stored(executor, key, functools.partial(report_stored, key))
 
         def report_stored(key: str) -> None:
-            answers.put_nowait(
+            # Only releases wait for it: a note, in the same message as others.
+            note(
                 executor_service_pb2.StreamTriggersResponse(
                     result_stored=executor_service_pb2.ResultStored(response_key=key)
                 )
