@@ -218,7 +218,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 # Answered first, stored after: the opener holds deletes of the key until now.
                 storing = executor.storing.get(key)
                 if storing is not None:
-                    await asyncio.wait([storing])
+                    await stored(storing)
                 # Only releases wait for it: a note, in the same message as others.
                 note(
                     executor_service_pb2.StreamTriggersResponse(
@@ -518,6 +518,22 @@ class LocalExecutorPeer:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+async def stored(storing: asyncio.Future[None]) -> None:
+    """Wait for a result's store to end, however it ends (it reports its own failures).
+
+    Awaited directly rather than through ``asyncio.wait``, which adds a future and a turn
+    of the event loop to every call. The store ends cancelled only as the executor
+    closes; that ends the wait like any other end, while cancelling the waiting task
+    itself still cancels it (and the store with it).
+    """
+    try:
+        await storing
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 def _settle(future: asyncio.Future[None], _: object) -> None:
