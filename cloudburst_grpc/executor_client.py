@@ -113,6 +113,55 @@ class ExecutorPeer(Protocol):
         ...
 
 
+class OutcomeWaiters:
+    """Futures for the sink results of DAG calls, by call id, each failing after its timeout."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[
+            str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
+        ] = {}
+
+    def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
+        """Return a future for the call's result; it fails after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
+        expiry = loop.call_later(timeout, self._expire, call_id, future, timeout)
+        self._waiting[call_id] = (future, expiry)
+        return future
+
+    def _expire(
+        self, call_id: str, future: asyncio.Future[execution_pb2.Outcome], timeout: float
+    ) -> None:
+        # Also forgets a waiter that was cancelled meanwhile.
+        waiting = self._waiting.get(call_id)
+        if waiting is not None and waiting[0] is future:
+            del self._waiting[call_id]
+        if not future.done():
+            future.set_exception(
+                CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
+            )
+
+    def pop(self, call_id: str) -> asyncio.Future[execution_pb2.Outcome] | None:
+        """The call's waiter (its timeout stopped), if one waits; it is forgotten here."""
+        waiting = self._waiting.pop(call_id, None)
+        if waiting is None:
+            return None
+        future, expiry = waiting
+        expiry.cancel()
+        return future
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every waiter with ``error`` and forget them all."""
+        for future, expiry in self._waiting.values():
+            expiry.cancel()
+            if not future.done():
+                future.set_exception(error)
+        self._waiting.clear()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+
 class RemoteExecutorPeer:
     """An executor in another process, reached over one long-lived bidirectional stream.
 
@@ -141,9 +190,7 @@ class RemoteExecutorPeer:
         )
         self._sequence = itertools.count(1)
         self._answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]] = {}
-        self._results: dict[
-            str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
-        ] = {}
+        self._results = OutcomeWaiters()
         """The DAG calls whose sink's result comes back on the current stream, by call id."""
         self._peer_id = peer_id
         self._stream_id = 0
@@ -181,15 +228,12 @@ class RemoteExecutorPeer:
             if answer is not None and not answer.done():
                 answer.set_result(frame.execute_function)
         elif kind == "dag_result":
-            waiting = self._results.pop(frame.dag_result.call_id, None)
-            if waiting is not None:
-                result, expiry = waiting
-                expiry.cancel()
-                if not result.done():
-                    if frame.dag_result.delivered_directly:
-                        result.set_result(DELIVERED_DIRECTLY)
-                    else:
-                        result.set_result(frame.dag_result.outcome)
+            result = self._results.pop(frame.dag_result.call_id)
+            if result is not None and not result.done():
+                if frame.dag_result.delivered_directly:
+                    result.set_result(DELIVERED_DIRECTLY)
+                else:
+                    result.set_result(frame.dag_result.outcome)
         elif kind == "result_stored":
             stored = self._stored.pop(frame.result_stored.response_key, None)
             if stored is not None and not stored.done():
@@ -213,15 +257,11 @@ class RemoteExecutorPeer:
         for answer in self._answers.values():
             if not answer.done():
                 answer.set_exception(failure)
-        for result, expiry in self._results.values():
-            expiry.cancel()
-            if not result.done():
-                result.set_exception(failure)
+        self._results.fail_all(failure)
         for stored in self._stored.values():
             if not stored.done():
                 stored.set_result(None)  # nothing more will be reported
         self._answers.clear()
-        self._results.clear()
         if code is not None and self._on_broken is not None:
             self._on_broken(self.executor_id, f"its stream broke ({code})")
         self._stored.clear()
@@ -278,23 +318,7 @@ class RemoteExecutorPeer:
         self._stream.open()
         schedule.reply_to = self._peer_id
         schedule.reply_stream_id = self._stream_id
-        call_id = schedule.call_id
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
-        expiry = loop.call_later(timeout, self._expire_result, call_id, result, timeout)
-        self._results[call_id] = (result, expiry)
-        return result
-
-    def _expire_result(
-        self, call_id: str, result: asyncio.Future[execution_pb2.Outcome], timeout: float
-    ) -> None:
-        waiting = self._results.get(call_id)
-        if waiting is not None and waiting[0] is result:
-            del self._results[call_id]
-        if not result.done():
-            result.set_exception(
-                CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
-            )
+        return self._results.expect(schedule.call_id, timeout)
 
     def expect_stored(self, response_key: str) -> asyncio.Future[None]:
         """Settles when the executor reports the result stored, or the stream ends."""

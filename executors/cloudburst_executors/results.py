@@ -24,12 +24,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from cloudburst.errors import CloudburstError, CloudburstTimeoutError
+from cloudburst.errors import CloudburstError
 from cloudburst.serialization import LwwClock, lww, serialize_as
 from cloudburst.v1 import execution_pb2, value_pb2
 from cloudburst_executors import runner
 from cloudburst_executors.stages import LARGE_VALUE_BYTES
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.executor_client import OutcomeWaiters
 from cloudburst_grpc.failures import error_to_call_error, outcome_value
 from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.schedules import epoch_seconds
@@ -64,9 +65,7 @@ class ResultRouter:
     """
 
     def __init__(self) -> None:
-        self._waiters: dict[
-            str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
-        ] = {}
+        self._waiters = OutcomeWaiters()
         self._stored_keys: dict[str, str] = {}
         """Response keys of results answered to a waiter before being stored, by call id."""
         self._streams: dict[StreamKey, Callable[[RoutedResult], None]] = {}
@@ -79,21 +78,7 @@ class ResultRouter:
 
         For a scheduler in this process; call it before the call's sources are triggered.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
-
-        def expire() -> None:
-            # Also forgets a waiter that was cancelled meanwhile.
-            waiting = self._waiters.get(call_id)
-            if waiting is not None and waiting[0] is future:
-                del self._waiters[call_id]
-            if not future.done():
-                future.set_exception(
-                    CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
-                )
-
-        self._waiters[call_id] = (future, loop.call_later(timeout, expire))
-        return future
+        return self._waiters.expect(call_id, timeout)
 
     def deliver(
         self,
@@ -106,10 +91,8 @@ class ResultRouter:
         ``stored_key``: the result is being stored there (see :meth:`stored_key`).
         """
         call_id = schedule.call_id
-        waiting = self._waiters.pop(call_id, None)
-        if waiting is not None:
-            future, expiry = waiting
-            expiry.cancel()
+        future = self._waiters.pop(call_id)
+        if future is not None:
             if not future.done():
                 if stored_key:
                     self._stored_keys[call_id] = stored_key

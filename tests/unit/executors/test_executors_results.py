@@ -34,7 +34,7 @@ def schedule(call_id: str, stream_id: int = 7, seconds: float = 30.0) -> executi
 async def test_a_result_reaches_its_waiter_and_its_deadline_is_dropped() -> None:
     router = ResultRouter()
     waiting = router.expect("call-1", timeout=30)
-    (_, deadline) = router._waiters["call-1"]
+    (_, deadline) = router._waiters._waiting["call-1"]
     router.deliver(schedule("call-1"), outcome("done"), stored_key="key-1")
     assert (await waiting).error.message == "done"
     assert router.stored_key("call-1") == "key-1"
