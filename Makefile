@@ -17,11 +17,11 @@ setup: $(VENV)/.installed
 # Both distributions editable: the root (server) and the SDK in sdk/python, which the root
 # depends on by path. pip installs that dependency as a copy, so the SDK is installed
 # editable again afterwards (one command cannot ask for both forms of one package).
-$(VENV)/.installed: pyproject.toml sdk/python/pyproject.toml
+$(VENV)/.installed: pyproject.toml sdk/python/pyproject.toml tools/constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
-	$(PY) -m pip install --quiet -e . --group dev
+	$(PY) -m pip install --quiet -c tools/constraints.txt -e . --group dev
 	$(PY) -m pip install --quiet --no-deps -e ./sdk/python
 	touch $@
 
