@@ -17,6 +17,7 @@ from typing import Protocol
 
 import grpc
 
+from cloudburst import protocol
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
 from cloudburst.streams import OutboxStream, batches_enabled
@@ -248,6 +249,13 @@ class RemoteExecutorPeer:
         if error is not None and code in _REFUSALS:
             # A refusal says what is missing (a role, an intention); pass it on.
             why = f": {error.details()}"
+        mismatch = protocol.refusal(error)
+        if mismatch is not None:
+            # Refused when the stream opened: nothing sent on it ran there.
+            kind = NotDeliveredError
+            peer = f"executor {self.executor_id} at {self.address}"
+            why = f": {protocol.refused_by(peer, mismatch)}"
+            protocol.log_once(logger, peer, mismatch)
         failure = kind(
             f"lost the connection to executor {self.executor_id} at {self.address}"
             + (f" ({code}){why}" if code is not None else ""),
@@ -263,7 +271,13 @@ class RemoteExecutorPeer:
                 stored.set_result(None)  # nothing more will be reported
         self._answers.clear()
         if code is not None and self._on_broken is not None:
-            self._on_broken(self.executor_id, f"its stream broke ({code})")
+            broke = (
+                f"it speaks wire protocol {mismatch.metadata.get(protocol.SERVER_KEY)}, "
+                f"another release than this process"
+                if mismatch is not None
+                else f"its stream broke ({code})"
+            )
+            self._on_broken(self.executor_id, broke)
         self._stored.clear()
 
     async def execute(

@@ -6,6 +6,9 @@ message and a ``google.rpc.ErrorInfo`` detail; anything else is a bug, logged
 with its traceback and sent as a generic ``INTERNAL``. A request (or a frame of
 a request stream) that is not a valid message is ``INVALID_ARGUMENT``: gRPC
 itself would report a failed deserialization as ``INTERNAL``.
+
+:class:`ProtocolInterceptor` refuses a caller that speaks another version of
+the wire protocol (see :mod:`cloudburst.protocol`) before anything else runs.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from cloudburst import protocol
 from cloudburst.errors import (
     DOMAIN,
     CloudburstError,
     InvalidArgumentError,
     NoExecutorError,
+    ProtocolMismatchError,
     UnavailableError,
 )
 
@@ -237,4 +242,72 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-__all__ = ["ErrorMappingInterceptor", "RefusedFrame", "error_to_status"]
+class ProtocolInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses callers that speak another version of the wire protocol (another release).
+
+    The caller's version travels in its ``user-agent`` (see :mod:`cloudburst.protocol`);
+    it is read once per call or stream, when it opens, never per message. A
+    caller that names no version is served. A refusal is ``FAILED_PRECONDITION``
+    with reason ``PROTOCOL_MISMATCH`` and both versions in its ``ErrorInfo``,
+    logged once per peer address and version.
+    """
+
+    def __init__(self, role: str, version: int | None = None) -> None:
+        """Speak ``version`` (this process's, by default) as ``role`` (e.g. "scheduler")."""
+        self.role = role
+        self.version = protocol.protocol_version() if version is None else version
+        self._logged: set[tuple[str, int]] = set()
+
+    def _caller_version(self, details: grpc.HandlerCallDetails) -> int | None:
+        for key, value in details.invocation_metadata or ():
+            if key == "user-agent":
+                return protocol.version_in(value if isinstance(value, str) else value.decode())
+        return None
+
+    def _refusal(self, method: str, caller: int) -> Callable[..., Awaitable[None]]:
+        async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            peer = context.peer() or "an unknown address"
+            error = ProtocolMismatchError(
+                protocol.mismatch_message(
+                    f"this {self.role}", self.version, f"the caller at {peer}", caller
+                ),
+                {
+                    protocol.SERVER_KEY: str(self.version),
+                    protocol.CLIENT_KEY: str(caller),
+                    protocol.ROLE_KEY: self.role,
+                },
+            )
+            host = peer.rsplit(":", 1)[0]
+            if (host, caller) not in self._logged and len(self._logged) < 1024:
+                self._logged.add((host, caller))
+                logger.error("refused %s: %s", method, error)
+            status = rpc_status.to_status(error_to_status(error))
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+        return refuse
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        """Pass the call on unchanged, unless its caller speaks another version."""
+        caller = self._caller_version(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None or caller is None or caller == self.version:
+            return handler
+        refuse = self._refusal(handler_call_details.method, caller)
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(refuse, **serializers)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(refuse, **serializers)
+        return grpc.stream_stream_rpc_method_handler(refuse, **serializers)
+
+
+__all__ = ["ErrorMappingInterceptor", "ProtocolInterceptor", "RefusedFrame", "error_to_status"]

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from cloudburst.errors import CloudburstError, UnavailableError
+from cloudburst import protocol
+from cloudburst.errors import CloudburstError, ProtocolMismatchError, UnavailableError
+from cloudburst.rpc import error_from_rpc
 from cloudburst.transport import CLIENT_CERT_PORT_META, SCHEDULER_SERVICE
 from cloudburst.v1 import (
     diagnostics_service_pb2,
@@ -254,7 +256,11 @@ def _new_server(
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int, NodeSecurity]:
     security = NodeSecurity.from_config(config.security, certificates)
     security.check_bind(config.server.host)
-    server, health_servicer = create_server(config.server.max_payload_bytes, security.interceptor())
+    server, health_servicer = create_server(
+        config.server.max_payload_bytes,
+        security.interceptor(),
+        {KVS: "KVS", "serve": "cbgrpc serve"}.get(role, role),
+    )
     port = bind(server, config.server.host, config.server.port, security.server_credentials(role))
     wanted = config.security.client_cert_port
     if role == SCHEDULER and wanted >= 0 and security.tls is not None:
@@ -505,7 +511,8 @@ def _register(node: Node, client: ConsulClient | None, name: str, service_id: st
     """Register the (serving) node in Consul in the background, retrying until it answers."""
     if client is None:
         return
-    meta = {"role": node.role}
+    # Which release's wire protocol it speaks: schedulers leave executors of another one out.
+    meta = {"role": node.role, PROTOCOL_META: str(protocol.protocol_version())}
     if node.security is not None and node.security.insecure_warning:
         meta["security"] = node.security.insecure_warning
     if node.security is not None and node.security.client_cert_port is not None:
@@ -624,6 +631,10 @@ async def start_executor_node(
         try:  # functions may store values as large as the KVS tier takes (in chunks)
             limits = await (await endpoint.client()).limits(timeout=10.0)
             executor.allow_values(int(limits.max_value_bytes))
+        except ProtocolMismatchError as exc:
+            # A KVS of another release: this executor could not run anything.
+            kvs_peer = f"the KVS at {endpoint.address}"
+            raise ProtocolMismatchError(protocol.refused_by(kvs_peer, exc), exc.metadata) from None
         except CloudburstError as exc:
             logger.warning(
                 "the KVS did not report its limits (%s): values stay in one message", exc
@@ -685,14 +696,24 @@ async def start_scheduler_node(
         await scheduler.start()
         if executor_addresses:
             for address in executor_addresses:
-                status = await _executor_status(config, security, address, connect_timeout)
+                try:
+                    status = await _executor_status(config, security, address, connect_timeout)
+                except ProtocolMismatchError as exc:
+                    # Another release: it stays out of the pool (the error says what to do).
+                    protocol.log_once(logger, f"the executor at {address}", exc)
+                    continue
                 pool.add(status.executor_id, address)
             await scheduler.restore_pins()
         elif consul is not None:
 
             async def membership(instances: list[Instance]) -> None:
-                added = await pool.sync((i.service_id, i.address) for i in instances)
+                added = await pool.sync(
+                    (i.service_id, i.address) for i in instances if _same_protocol(i)
+                )
                 if added:
+                    # New executors answer a status request before they get pins: one of
+                    # another release refuses it, and is set aside with the reason.
+                    await pool.check_health(config.scheduler.health_timeout_seconds, added)
                     await scheduler.restore_pins()
 
             await _watch(node, consul, EXECUTOR_SERVICE, membership)
@@ -729,6 +750,38 @@ async def start_scheduler_node(
     return node
 
 
+#: The Consul service meta key that holds the wire protocol version a node speaks.
+PROTOCOL_META = "protocol"
+
+
+def _same_protocol(instance: Instance) -> bool:
+    """Whether a discovered node speaks this process's wire protocol (or does not say).
+
+    One that speaks another is logged, once, and left out.
+    """
+    theirs = instance.meta.get(PROTOCOL_META)
+    ours = str(protocol.protocol_version())
+    if theirs is None or theirs == ours:
+        return True
+    key = (instance.service_id, theirs)
+    if key not in _OTHER_PROTOCOLS:
+        _OTHER_PROTOCOLS.add(key)
+        logger.error(
+            "executor %s at %s speaks cloudburst-grpc wire protocol %s (its Consul meta), this "
+            "scheduler speaks %s: it stays out of the pool; %s",
+            instance.service_id,
+            instance.address,
+            theirs,
+            ours,
+            protocol.ADVICE,
+        )
+    return False
+
+
+#: The discovered nodes of another protocol already logged (service id, version).
+_OTHER_PROTOCOLS: set[tuple[str, str]] = set()
+
+
 def _direct_kvs(config: Config, endpoint: KvsEndpoint) -> Callable[[], Awaitable[list[str]]] | None:
     """What tells clients where to call the KVS directly; None sends them through the scheduler.
 
@@ -759,6 +812,9 @@ async def _executor_status(
                 wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
+            refusal = error_from_rpc(exc)
+            if isinstance(refusal, ProtocolMismatchError):
+                raise refusal from None
             raise UnavailableError(
                 f"cannot reach the executor at {address} within {timeout:.0f}s: {exc.details()}"
             ) from None

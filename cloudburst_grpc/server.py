@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cloudburst.transport import open_channel, server_options
 from cloudburst_grpc import reflection, telemetry
-from cloudburst_grpc.interceptors import ErrorMappingInterceptor
+from cloudburst_grpc.interceptors import ErrorMappingInterceptor, ProtocolInterceptor
 
 if TYPE_CHECKING:
     from cloudburst_grpc.security.tls import CertificateSource
@@ -184,13 +184,21 @@ class PeerChannel(Generic[Stub]):
 
 
 def create_server(
-    max_payload_bytes: int, auth: grpc.aio.ServerInterceptor | None = None
+    max_payload_bytes: int,
+    auth: grpc.aio.ServerInterceptor | None = None,
+    role: str = "server",
+    protocol_version: int | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Create an aio server with error mapping and a health service (NOT yet started).
 
     ``auth``, when given, authorizes every call before the servicer sees it.
+    Callers that speak another wire protocol than ``protocol_version`` (this
+    process's, by default) are refused first, in the name of ``role``.
     """
-    interceptors: list[Any] = [*telemetry.server_interceptors()]
+    interceptors: list[Any] = [
+        *telemetry.server_interceptors(),
+        ProtocolInterceptor(role, protocol_version),
+    ]
     if auth is not None:
         interceptors.append(auth)
     server = grpc.aio.server(

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from cloudburst import protocol
 from cloudburst.errors import (
     CloudburstError,
     CloudburstTimeoutError,
     InvalidArgumentError,
+    ProtocolMismatchError,
     UnavailableError,
 )
 from cloudburst.rpc import error_from_call_error
@@ -321,13 +323,19 @@ class MessagingPeer:
 
     def _ended(self, error: grpc.RpcError | None) -> None:
         reason = str(error.code()) if error is not None else "closed"
+        mismatch = protocol.refusal(error)
+        if mismatch is not None:
+            # Another release: sending again would be refused again.
+            peer = f"the messaging service at {self.address}"
+            protocol.log_once(logger, peer, mismatch)
+            reason = protocol.refused_by(peer, mismatch)
         waiting = sorted(self._waiting.items())
         self._waiting.clear()
         for _, unanswered in waiting:
             if unanswered.delivered.done():
                 self._lost(unanswered.riding)  # its sender gave up
                 continue
-            if unanswered.resends > 0 and not self._stream.closed:
+            if unanswered.resends > 0 and not self._stream.closed and mismatch is None:
                 self.post(
                     unanswered.envelope,
                     unanswered.delivered,
@@ -336,10 +344,12 @@ class MessagingPeer:
                 )
             else:
                 self._lost(unanswered.riding)
-                failure = UnavailableError(
+                failure: CloudburstError = UnavailableError(
                     f"the messaging stream to {self.address} broke ({reason})",
                     {"address": self.address},
                 )
+                if mismatch is not None:
+                    failure = ProtocolMismatchError(reason, mismatch.metadata)
                 settle(unanswered.delivered, error=failure)
 
     async def close(self) -> None:

@@ -7,7 +7,8 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from cloudburst.errors import CloudburstError
+from cloudburst.errors import CloudburstError, ProtocolMismatchError
+from cloudburst.protocol import ADVICE, CLIENT_KEY, SERVER_KEY
 from cloudburst_grpc.executor_client import ExecutorPeer, PeerDirectory
 from cloudburst_grpc.scheduler.policy import ExecutorView
 
@@ -172,13 +173,17 @@ class ExecutorPool:
             if member is not None:
                 member.watches.discard(watch)
 
-    async def check_health(self, timeout: float) -> None:
-        """Ask every executor for its status once, at most ``timeout`` seconds each.
+    async def check_health(self, timeout: float, executor_ids: Iterable[str] | None = None) -> None:
+        """Ask every executor (or those of ``executor_ids``) for its status once.
 
-        One that does not answer in time is set aside; one that was down and
-        answers comes back.
+        Each has at most ``timeout`` seconds. One that does not answer in time,
+        or refuses (it speaks another wire protocol), is set aside; one that was
+        down and answers comes back.
         """
         members = list(self._members.values())
+        if executor_ids is not None:
+            wanted = set(executor_ids)
+            members = [m for m in members if m.executor_id in wanted]
         results = await asyncio.gather(
             *(self._probe(self.peer(m.executor_id), timeout) for m in members)
         )
@@ -200,6 +205,12 @@ class ExecutorPool:
                 await peer.status()
         except TimeoutError:
             return f"it did not answer a health check within {timeout:.1f}s"
+        except ProtocolMismatchError as exc:
+            theirs, ours = exc.metadata.get(SERVER_KEY), exc.metadata.get(CLIENT_KEY)
+            return (
+                f"it speaks cloudburst-grpc wire protocol {theirs}, this scheduler speaks "
+                f"{ours}; {ADVICE}"
+            )
         except CloudburstError as exc:
             return f"its health check failed: {exc}"
         return ""

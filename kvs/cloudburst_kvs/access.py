@@ -20,8 +20,9 @@ from typing import TypeVar
 
 import grpc
 
+from cloudburst import protocol
 from cloudburst.chunks import Stored
-from cloudburst.errors import UnavailableError
+from cloudburst.errors import ProtocolMismatchError, UnavailableError
 from cloudburst.rpc import UNAVAILABLE_HINT
 from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc.config import Config
@@ -288,6 +289,9 @@ class EndpointKvs:
         except UnavailableError as exc:
             if not self._endpoint.unreachable(channel):
                 raise self._naming_the_kvs(exc) from None
+        except ProtocolMismatchError as exc:
+            protocol.log_once(logger, f"the KVS at {self._endpoint.address}", exc)
+            raise
         try:
             return await operation(await self._endpoint.client())
         except UnavailableError as exc:
@@ -375,6 +379,9 @@ class EndpointKvs:
         except UnavailableError:
             self._endpoint.unreachable(channel)
             raise
+        except ProtocolMismatchError as exc:
+            protocol.log_once(logger, f"the KVS at {self._endpoint.address}", exc)
+            raise
 
     async def watch_values(
         self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER
@@ -396,6 +403,9 @@ class EndpointKvs:
                 await stream.aclose()
         except UnavailableError:
             self._endpoint.unreachable(channel)
+            raise
+        except ProtocolMismatchError as exc:
+            protocol.log_once(logger, f"the KVS at {self._endpoint.address}", exc)
             raise
 
     async def list_keys(

@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from cloudburst import _original, chunks, malloc, sources, tracing
+from cloudburst import _original, chunks, malloc, protocol, sources, tracing
 from cloudburst._core import Core, PendingCall
 from cloudburst._loop import new_driver
 from cloudburst.errors import (
@@ -32,6 +32,7 @@ from cloudburst.errors import (
     DagAlreadyExistsError,
     InvalidArgumentError,
     NotFoundError,
+    ProtocolMismatchError,
     SerializationError,
     UnavailableError,
 )
@@ -419,10 +420,14 @@ class CloudburstConnection:
             else None
         )
         try:
-            await self._use_kvs(core, connect_timeout)
-        finally:
-            if answers is not None:
-                await answers
+            try:
+                await self._use_kvs(core, connect_timeout)
+            finally:
+                if answers is not None:
+                    await answers
+        except BaseException:
+            await core.close()
+            raise
         return core
 
     async def _use_kvs(self, core: Core, connect_timeout: float) -> None:
@@ -434,6 +439,22 @@ class CloudburstConnection:
                 self._inline_value_bytes = min(
                     chunks.INLINE_VALUE_BYTES, int(limits.max_message_bytes)
                 )
+        except ProtocolMismatchError as exc:
+            if exc.metadata.get(protocol.ROLE_KEY) not in ("scheduler", "cbgrpc serve"):
+                # The scheduler passes on the KVS's refusal of it: the cluster is mixed.
+                raise ProtocolMismatchError(
+                    f"the cluster behind the scheduler at {core.target} runs two releases: "
+                    f"{exc.message}",
+                    exc.metadata,
+                ) from None
+            theirs = exc.metadata.get(protocol.SERVER_KEY)
+            ours = exc.metadata.get(protocol.CLIENT_KEY)
+            raise ProtocolMismatchError(
+                f"the cloudburst scheduler at {core.target} speaks cloudburst-grpc wire protocol "
+                f"{theirs}, this SDK speaks {ours}: use the SDK of the cluster's release "
+                "(see docs/operations.md#upgrades)",
+                exc.metadata,
+            ) from None
         except CloudburstError as exc:
             logger.debug(
                 "the server did not report its limits (%s); values stay in one message", exc

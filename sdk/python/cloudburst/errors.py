@@ -129,6 +129,16 @@ class FunctionInUseError(FailedPreconditionError):
     reason = "FUNCTION_IN_USE"
 
 
+class ProtocolMismatchError(FailedPreconditionError):
+    """The peer speaks another version of the wire protocol (another release).
+
+    The metadata holds both versions (``server_protocol``, ``client_protocol``);
+    the message says what to do: run one release across the deployment.
+    """
+
+    reason = "PROTOCOL_MISMATCH"
+
+
 class ResourceExhaustedError(CloudburstError):
     """A limit was reached."""
 

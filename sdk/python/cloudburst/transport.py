@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from cloudburst import tracing
+from cloudburst import protocol, tracing
 from cloudburst.errors import CloudburstError, InvalidArgumentError
 
 #: The port ``cbgrpc serve`` listens on, and the SDK connects to, by default.
@@ -147,9 +147,15 @@ def open_channel(
 
     ``server_name``, with TLS, is the name the server's certificate must carry
     instead of the dialled host (the runtime's peers check a role this way).
-    ``extra_options`` are further gRPC channel options.
+    ``extra_options`` are further gRPC channel options. Every call on the
+    channel tells the server which wire protocol this process speaks, in its
+    user agent (see :mod:`cloudburst.protocol`).
     """
-    options: list[tuple[str, Any]] = [*channel_options(max_payload_bytes), *extra_options]
+    options: list[tuple[str, Any]] = [
+        *channel_options(max_payload_bytes),
+        ("grpc.primary_user_agent", protocol.user_agent()),
+        *extra_options,
+    ]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     if server_name:

@@ -61,6 +61,8 @@ const (
 	ErrorReason_ERROR_REASON_SERIALIZATION_FAILED ErrorReason = 16
 	// The call ran, but its answer was lost with the connection to the executor that sent it.
 	ErrorReason_ERROR_REASON_ANSWER_LOST ErrorReason = 17
+	// The caller and the server speak different versions of the wire protocol (two releases).
+	ErrorReason_ERROR_REASON_PROTOCOL_MISMATCH ErrorReason = 18
 )
 
 // Enum value maps for ErrorReason.
@@ -84,6 +86,7 @@ var (
 		15: "ERROR_REASON_MAILBOX_NOT_FOUND",
 		16: "ERROR_REASON_SERIALIZATION_FAILED",
 		17: "ERROR_REASON_ANSWER_LOST",
+		18: "ERROR_REASON_PROTOCOL_MISMATCH",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":           0,
@@ -104,6 +107,7 @@ var (
 		"ERROR_REASON_MAILBOX_NOT_FOUND":     15,
 		"ERROR_REASON_SERIALIZATION_FAILED":  16,
 		"ERROR_REASON_ANSWER_LOST":           17,
+		"ERROR_REASON_PROTOCOL_MISMATCH":     18,
 	}
 )
 
@@ -219,7 +223,7 @@ const file_cloudburst_v1_error_proto_rawDesc = "" +
 	"\bmetadata\x18\x04 \x03(\v2&.cloudburst.v1.CallError.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xea\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\x8e\x05\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12#\n" +
 	"\x1fERROR_REASON_FUNCTION_NOT_FOUND\x10\x01\x12\x1e\n" +
@@ -239,7 +243,8 @@ const file_cloudburst_v1_error_proto_rawDesc = "" +
 	"\x15ERROR_REASON_INTERNAL\x10\x0e\x12\"\n" +
 	"\x1eERROR_REASON_MAILBOX_NOT_FOUND\x10\x0f\x12%\n" +
 	"!ERROR_REASON_SERIALIZATION_FAILED\x10\x10\x12\x1c\n" +
-	"\x18ERROR_REASON_ANSWER_LOST\x10\x11B\x8b\x01\n" +
+	"\x18ERROR_REASON_ANSWER_LOST\x10\x11\x12\"\n" +
+	"\x1eERROR_REASON_PROTOCOL_MISMATCH\x10\x12B\x8b\x01\n" +
 	"\x11com.cloudburst.v1B\n" +
 	"ErrorProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03CXX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0eCloudburst::V1b\x06proto3"
 

@@ -61,6 +61,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A value cannot be encoded with any serializer the caller accepts, or cannot be read."""
     ERROR_REASON_ANSWER_LOST: _ErrorReason.ValueType  # 17
     """The call ran, but its answer was lost with the connection to the executor that sent it."""
+    ERROR_REASON_PROTOCOL_MISMATCH: _ErrorReason.ValueType  # 18
+    """The caller and the server speak different versions of the wire protocol (two releases)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the reason carried in google.rpc.ErrorInfo (without the ERROR_REASON_ prefix)."""
@@ -101,6 +103,8 @@ ERROR_REASON_SERIALIZATION_FAILED: ErrorReason.ValueType  # 16
 """A value cannot be encoded with any serializer the caller accepts, or cannot be read."""
 ERROR_REASON_ANSWER_LOST: ErrorReason.ValueType  # 17
 """The call ran, but its answer was lost with the connection to the executor that sent it."""
+ERROR_REASON_PROTOCOL_MISMATCH: ErrorReason.ValueType  # 18
+"""The caller and the server speak different versions of the wire protocol (two releases)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
