@@ -711,9 +711,6 @@ async def start_scheduler_node(
                     (i.service_id, i.address) for i in instances if _same_protocol(i)
                 )
                 if added:
-                    # New executors answer a status request before they get pins: one of
-                    # another release refuses it, and is set aside with the reason.
-                    await pool.check_health(config.scheduler.health_timeout_seconds, added)
                     await scheduler.restore_pins()
 
             await _watch(node, consul, EXECUTOR_SERVICE, membership)

@@ -173,17 +173,13 @@ class ExecutorPool:
             if member is not None:
                 member.watches.discard(watch)
 
-    async def check_health(self, timeout: float, executor_ids: Iterable[str] | None = None) -> None:
-        """Ask every executor (or those of ``executor_ids``) for its status once.
+    async def check_health(self, timeout: float) -> None:
+        """Ask every executor for its status once, at most ``timeout`` seconds each.
 
-        Each has at most ``timeout`` seconds. One that does not answer in time,
-        or refuses (it speaks another wire protocol), is set aside; one that was
-        down and answers comes back.
+        One that does not answer in time, or refuses (it speaks another wire
+        protocol), is set aside; one that was down and answers comes back.
         """
         members = list(self._members.values())
-        if executor_ids is not None:
-            wanted = set(executor_ids)
-            members = [m for m in members if m.executor_id in wanted]
         results = await asyncio.gather(
             *(self._probe(self.peer(m.executor_id), timeout) for m in members)
         )
