@@ -1,0 +1,130 @@
+"""A deployment that mixes releases: `cbgrpc` processes of another wire protocol version.
+
+A process of "another release" is a `cbgrpc` process started with
+``CLOUDBURST_PROTOCOL_VERSION`` set (the documented hook, read at start-up).
+Every process is stopped by PID at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cloudburst import CloudburstConnection
+from cloudburst.protocol import PROTOCOL_ENV, protocol_version
+from harness import CbgrpcProcess, ConsulAgent, consul_binary, executors_of
+
+OURS = protocol_version()
+OTHER = OURS + 1
+OTHER_ENV = {PROTOCOL_ENV: str(OTHER)}
+ADVICE = "run one release across the deployment (see docs/operations.md#upgrades)"
+
+
+class Processes:
+    """The processes of one test."""
+
+    def __init__(self) -> None:
+        self.procs: list[CbgrpcProcess] = []
+
+    def start(self, command: str, *args: str, env: dict[str, str] | None = None) -> CbgrpcProcess:
+        proc = CbgrpcProcess(command, *args, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def _plus_one(_: object, x: int) -> int:
+    return x + 1
+
+
+def test_a_scheduler_leaves_a_listed_executor_of_another_release_out(
+    processes: Processes,
+) -> None:
+    kvs = processes.start("kvs", "--storage", "memory")
+    current = processes.start("executor", "--kvs", kvs.address, "--id", "executor-current")
+    # The other release's executor has a KVS of its own release (it would not start otherwise).
+    old_kvs = processes.start("kvs", "--storage", "memory", env=OTHER_ENV)
+    old = processes.start(
+        "executor", "--kvs", old_kvs.address, "--id", "executor-old", env=OTHER_ENV
+    )
+    scheduler = processes.start(
+        "scheduler", "--kvs", kvs.address, "--executor", current.address, "--executor", old.address
+    )
+    # The scheduler says, once, which executor speaks what and what to do ...
+    line = scheduler.wait_for_log(f"the executor at {old.address} speaks")
+    assert f"wire protocol {OTHER} and refused this process, which speaks {OURS}" in line
+    assert ADVICE in line
+    # ... and the executor says whom it refused.
+    refused = old.wait_for_log("refused /cloudburst.v1.ExecutorService/GetExecutorStatus")
+    assert f"this executor speaks cloudburst-grpc wire protocol {OTHER}" in refused
+    assert f"speaks {OURS}; {ADVICE}" in refused
+
+    pool = executors_of(scheduler.address, lambda _: True)
+    assert [e.executor_id for e in pool.executors] == ["executor-current"]
+    with CloudburstConnection(scheduler.address) as cloud:
+        plus_one = cloud.register(_plus_one, "plus_one")
+        assert [plus_one(i).get(timeout=60) for i in range(6)] == [1, 2, 3, 4, 5, 6]
+    assert scheduler.stderr().count(f"the executor at {old.address} speaks") == 1
+
+
+def test_an_executor_of_another_release_than_its_kvs_does_not_start(
+    processes: Processes,
+) -> None:
+    kvs = processes.start("kvs", "--storage", "memory")
+    with pytest.raises(RuntimeError) as caught:
+        processes.start("executor", "--kvs", kvs.address, "--id", "executor-old", env=OTHER_ENV)
+    message = str(caught.value)
+    assert (
+        f"the KVS at {kvs.address} speaks cloudburst-grpc wire protocol {OURS} and refused "
+        f"this process, which speaks {OTHER}; {ADVICE}"
+    ) in message
+    refused = kvs.wait_for_log("refused /cloudburst.v1.KvsService/")
+    assert f"this KVS speaks cloudburst-grpc wire protocol {OURS}" in refused
+
+
+def test_a_scheduler_leaves_a_discovered_executor_of_another_release_out(
+    processes: Processes,
+) -> None:
+    agent = ConsulAgent(consul_binary())
+    try:
+        consul = {"CONSUL_HTTP_ADDR": agent.address}
+        check = ("--consul-check-interval", "1")
+        processes.start("kvs", "--storage", "memory", *check, env=consul)
+        current = processes.start("executor", "--id", "executor-current", *check, env=consul)
+        # Of another release, with its own KVS (not registered, so the others never see it).
+        old_kvs = processes.start("kvs", "--storage", "memory", env=OTHER_ENV)
+        processes.start(
+            "executor",
+            "--kvs",
+            old_kvs.address,
+            "--id",
+            "executor-old",
+            *check,
+            env={**consul, **OTHER_ENV},
+        )
+        scheduler = processes.start("scheduler", *check, env=consul)
+        line = scheduler.wait_for_log("executor executor-old at ")
+        assert f"speaks cloudburst-grpc wire protocol {OTHER} (its Consul meta)" in line
+        assert f"this scheduler speaks {OURS}: it stays out of the pool; {ADVICE}" in line
+        executors_of(scheduler.address, lambda pool: pool == {current.address})
+        with CloudburstConnection(scheduler.address) as cloud:
+            plus_one = cloud.register(_plus_one, "plus_one")
+            assert [plus_one(i).get(timeout=60) for i in range(4)] == [1, 2, 3, 4]
+        assert scheduler.stderr().count("executor executor-old at ") == 1
+    finally:
+        for proc in reversed(processes.procs):
+            proc.kill()
+        agent.stop()
