@@ -7,7 +7,11 @@ Every process is stopped by PID at teardown.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.protocol import PROTOCOL_ENV, protocol_version
 from harness import CbgrpcProcess, ConsulAgent, consul_binary, executors_of
 
+ROOT = Path(__file__).resolve().parents[2]
 OURS = protocol_version()
 OTHER = OURS + 1
 OTHER_ENV = {PROTOCOL_ENV: str(OTHER)}
@@ -128,3 +133,36 @@ def test_a_scheduler_leaves_a_discovered_executor_of_another_release_out(
         for proc in reversed(processes.procs):
             proc.kill()
         agent.stop()
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI for the client tests")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def test_the_go_and_typescript_clients_of_another_release_are_refused(
+    processes: Processes, tmp_path: Path
+) -> None:
+    serve = processes.start("serve", "--storage", "memory", env=OTHER_ENV)
+    binary = tmp_path / "polyglot"
+    subprocess.run(
+        [_tool("go"), "build", "-o", str(binary), "./examples/polyglot"],
+        cwd=ROOT / "sdk" / "go",
+        check=True,
+        timeout=600,
+    )
+    program = ROOT / "sdk" / "typescript" / "dist" / "test" / "polyglot.js"
+    if not program.exists():
+        pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")
+    for command in ([str(binary)], [_tool("node"), str(program)]):
+        done = subprocess.run(
+            [*command, serve.address, "some_dag"], capture_output=True, text=True, timeout=240
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode != 0, output
+        assert "PROTOCOL_MISMATCH" in output, output
+        assert f"this cbgrpc serve speaks cloudburst-grpc wire protocol {OTHER}" in output

@@ -27,6 +27,7 @@ const (
 	ReasonSerializationFailed = "SERIALIZATION_FAILED"
 	ReasonDeadlineExceeded    = "DEADLINE_EXCEEDED"
 	ReasonNoExecutor          = "NO_EXECUTOR"
+	ReasonProtocolMismatch    = "PROTOCOL_MISMATCH"
 )
 
 // Error is an error of the runtime (not of user code): a gRPC status code with the reason from

@@ -50,9 +50,19 @@ func PingTimeout(getenv func(string) string) (time.Duration, error) {
 	return max(time.Duration(seconds*float64(time.Second)), time.Millisecond), nil
 }
 
+// ProtocolVersion is the version of cloudburst-grpc's wire protocol this client speaks: the
+// PROTOCOL_VERSION of sdk/python/cloudburst/protocol.py, of the same release (a test checks that
+// they agree). Every call names it in the user agent, as ProtocolToken; a server of a release that
+// speaks another version refuses the call with FAILED_PRECONDITION, reason
+// ReasonProtocolMismatch, instead of misreading it (docs/protocol.md#versions).
+const ProtocolVersion = 1
+
+// ProtocolToken is the user agent product token that carries ProtocolVersion.
+var ProtocolToken = fmt.Sprintf("cloudburst-protocol/%d", ProtocolVersion)
+
 // transportOptions are the dial options every connection of a client starts with: keepalive
-// pings, also without calls (the scheduler permits them every 0.5 s), and bounded connection
-// attempts.
+// pings, also without calls (the scheduler permits them every 0.5 s), bounded connection
+// attempts, and the protocol version in the user agent.
 func transportOptions(getenv func(string) string) ([]grpc.DialOption, error) {
 	timeout, err := PingTimeout(getenv)
 	if err != nil {
@@ -67,6 +77,7 @@ func transportOptions(getenv func(string) string) ([]grpc.DialOption, error) {
 			PermitWithoutStream: true,
 		}),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: connect, MinConnectTimeout: ConnectTimeout}),
+		grpc.WithUserAgent(ProtocolToken),
 	}, nil
 }
 

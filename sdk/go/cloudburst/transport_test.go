@@ -1,13 +1,20 @@
 package cloudburst
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -98,5 +105,49 @@ func TestOnlyAnUnreachableServiceSendsObjectsThroughTheScheduler(t *testing.T) {
 	}
 	if askAgain(status.Error(codes.Unimplemented, "no GetLimits")) {
 		t.Error("askAgain(Unimplemented) = true, want false")
+	}
+}
+
+// userAgentRecorder is a health server that records the user agent of each call it answers.
+type userAgentRecorder struct {
+	grpc_health_v1.UnimplementedHealthServer
+	agents chan string
+}
+
+func (r *userAgentRecorder) Check(ctx context.Context, _ *grpc_health_v1.HealthCheckRequest) (*grpc_health_v1.HealthCheckResponse, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	r.agents <- strings.Join(md.Get("user-agent"), " ")
+	return &grpc_health_v1.HealthCheckResponse{Status: grpc_health_v1.HealthCheckResponse_SERVING}, nil
+}
+
+func TestEveryCallNamesTheProtocolVersionInItsUserAgent(t *testing.T) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	recorder := &userAgentRecorder{agents: make(chan string, 1)}
+	grpc_health_v1.RegisterHealthServer(server, recorder)
+	go func() { _ = server.Serve(listener) }()
+	defer server.Stop()
+
+	opts, err := transportOptions(env(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(listener.Addr().String(), opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := grpc_health_v1.NewHealthClient(conn).Check(ctx, &grpc_health_v1.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	agent := <-recorder.agents
+	if !strings.HasPrefix(agent, fmt.Sprintf("cloudburst-protocol/%d ", ProtocolVersion)) {
+		t.Fatalf("user agent %q does not start with the protocol token", agent)
 	}
 }

@@ -15,6 +15,9 @@ export {
   KEEPALIVE_TIMEOUT_MS,
   PING_TIMEOUT_ENV,
   pingTimeoutMs,
+  PROTOCOL_TOKEN,
+  PROTOCOL_VERSION,
+  protocolVersion,
   resetAsUnavailable,
   transportErrors,
 } from "./transport.js";

@@ -25,6 +25,18 @@ export const KEEPALIVE_TIMEOUT_MS = 2_000;
  */
 export const PING_TIMEOUT_ENV = "CLOUDBURST_PING_TIMEOUT_SECONDS";
 
+/**
+ * The version of cloudburst-grpc's wire protocol this client speaks: the PROTOCOL_VERSION of
+ * sdk/python/cloudburst/protocol.py, of the same release (a test checks that they agree). Every
+ * call names it in its user agent; a server of a release that speaks another version refuses the
+ * call with FAILED_PRECONDITION, reason PROTOCOL_MISMATCH, instead of misreading it
+ * (docs/protocol.md#versions).
+ */
+export const PROTOCOL_VERSION = 1;
+
+/** The user agent product token that carries PROTOCOL_VERSION. */
+export const PROTOCOL_TOKEN = `cloudburst-protocol/${PROTOCOL_VERSION}`;
+
 /** Milliseconds a new plaintext connection may take to be established. */
 export const CONNECT_TIMEOUT_MS = 3_000;
 
@@ -70,10 +82,14 @@ export function transportOptions(
     pingIdleConnection: true,
   };
   if (scheme === "http") {
-    return { ...keepalive, interceptors: [transportErrors()], nodeOptions: { createConnection: connectWithin } };
+    return {
+      ...keepalive,
+      interceptors: [protocolVersion(), transportErrors()],
+      nodeOptions: { createConnection: connectWithin },
+    };
   }
   const refusals = new Refusals();
-  const interceptors = [transportErrors(tls, refusals)];
+  const interceptors = [protocolVersion(), transportErrors(tls, refusals)];
   if (tls?.token !== undefined) {
     interceptors.unshift(bearerToken(tls.token));
   }
@@ -81,6 +97,18 @@ export function transportOptions(
     ...keepalive,
     interceptors,
     nodeOptions: { createConnection: (authority) => connectTlsWithin(authority, tls, refusals) },
+  };
+}
+
+/**
+ * An interceptor that names PROTOCOL_VERSION in the user agent of every call, before the agent
+ * connect-node sets (a header, set when the call starts; nothing per message).
+ */
+export function protocolVersion(): Interceptor {
+  return (next) => (request) => {
+    const agent = request.header.get("user-agent");
+    request.header.set("user-agent", agent ? `${PROTOCOL_TOKEN} ${agent}` : PROTOCOL_TOKEN);
+    return next(request);
   };
 }
 

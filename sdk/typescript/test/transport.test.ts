@@ -23,7 +23,7 @@ import { KvsService } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
 import { Serializer } from "../src/gen/cloudburst/v1/value_pb.js";
 import { CloudburstClient, CloudburstError, TLS_ENV, TOKEN_ENV, connect, tlsSettings } from "../src/index.js";
 import { certificateProblem } from "../src/tls.js";
-import { transportOptions } from "../src/transport.js";
+import { PROTOCOL_VERSION, transportOptions } from "../src/transport.js";
 
 /** A real gRPC server on 127.0.0.1:0; resetAll() resets every connection it accepted, closeAll() closes them. */
 async function serve(routes: (router: ConnectRouter) => void): Promise<{
@@ -353,4 +353,21 @@ test("a token comes from the option, else CLOUDBURST_TOKEN, asks for TLS, and go
     await new Promise<void>((resolve) => server.close(() => resolve()));
     rmSync(files.dir, { recursive: true, force: true });
   }
+});
+
+test("every call names the protocol version in its user agent", async () => {
+  const agents: string[] = [];
+  const server = await serve((router) =>
+    router.service(KvsService, {
+      getLimits: (_request, context) => {
+        agents.push(context.requestHeader.get("user-agent") ?? "");
+        return {};
+      },
+    }),
+  );
+  servers.push(server);
+  await clientOf(server.address).kvs.getLimits({}, { timeoutMs: 30_000 });
+  strictEqual(agents.length, 1);
+  const agent = agents[0] ?? "";
+  ok(agent.startsWith(`cloudburst-protocol/${PROTOCOL_VERSION} connect-es/`), agent);
 });

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from cloudburst.errors import InvalidArgumentError, ProtocolMismatchError
@@ -57,3 +60,18 @@ def test_the_refused_side_names_the_peer_both_versions_and_what_to_do() -> None:
     assert text.startswith("the KVS at 10.0.0.5:7700 speaks cloudburst-grpc wire protocol 2")
     assert "this process, which speaks 1" in text
     assert "docs/operations.md#upgrades" in text
+
+
+@pytest.mark.parametrize(
+    ("path", "pattern"),
+    [
+        ("sdk/go/cloudburst/transport.go", r"^const ProtocolVersion = (\d+)$"),
+        ("sdk/typescript/src/transport.ts", r"^export const PROTOCOL_VERSION = (\d+);$"),
+    ],
+)
+def test_the_go_and_typescript_clients_speak_this_release_s_version(
+    path: str, pattern: str
+) -> None:
+    source = (Path(__file__).resolve().parents[3] / path).read_text()
+    found = re.findall(pattern, source, re.MULTILINE)
+    assert found == [str(PROTOCOL_VERSION)], f"{path} must speak version {PROTOCOL_VERSION}"
