@@ -100,6 +100,20 @@ def test_an_executor_of_another_release_than_its_kvs_does_not_start(
     assert f"this KVS speaks cloudburst-grpc wire protocol {OURS}" in refused
 
 
+def test_a_scheduler_of_another_release_than_its_kvs_says_so(processes: Processes) -> None:
+    kvs = processes.start("kvs", "--storage", "memory")
+    old_kvs = processes.start("kvs", "--storage", "memory", env=OTHER_ENV)
+    executor = processes.start("executor", "--kvs", kvs.address, "--id", "executor-a")
+    with pytest.raises(RuntimeError) as caught:
+        processes.start("scheduler", "--kvs", old_kvs.address, "--executor", executor.address)
+    message = str(caught.value)
+    assert (
+        f"the KVS at {old_kvs.address} speaks cloudburst-grpc wire protocol {OTHER} and "
+        f"refused this process, which speaks {OURS}; {ADVICE}"
+    ) in message
+    assert f"this KVS speaks cloudburst-grpc wire protocol {OTHER}" in message
+
+
 def test_a_scheduler_leaves_a_discovered_executor_of_another_release_out(
     processes: Processes,
 ) -> None:
