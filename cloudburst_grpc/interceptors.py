@@ -13,6 +13,8 @@ the wire protocol (see :mod:`cloudburst.protocol`) before anything else runs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a client should wait before retrying an UNAVAILABLE error.
 RETRY_DELAY_SECONDS = 1
+
+#: How long a refused stream waits for its caller's first frame before it ends.
+_FIRST_FRAME_SECONDS = 1.0
 
 
 #: Bounds on what an error sends, so its status always fits in gRPC's trailing metadata.
@@ -264,8 +269,14 @@ class ProtocolInterceptor(grpc.aio.ServerInterceptor):
                 return protocol.version_in(value if isinstance(value, str) else value.decode())
         return None
 
-    def _refusal(self, method: str, caller: int) -> Callable[..., Awaitable[None]]:
-        async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _refusal(self, method: str, caller: int, streaming: bool) -> Callable[..., Awaitable[None]]:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            if streaming:
+                # Ending a stream while its caller writes a frame loses the status at the
+                # caller (grpc/grpc#36066: it reads INTERNAL): take its first frame first.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(_FIRST_FRAME_SECONDS):
+                        await anext(aiter(request), None)
             peer = context.peer() or "an unknown address"
             error = ProtocolMismatchError(
                 protocol.mismatch_message(
@@ -296,7 +307,8 @@ class ProtocolInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or caller is None or caller == self.version:
             return handler
-        refuse = self._refusal(handler_call_details.method, caller)
+        streaming = bool(handler.stream_unary or handler.stream_stream)
+        refuse = self._refusal(handler_call_details.method, caller, streaming)
         serializers = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
