@@ -1335,7 +1335,13 @@ type StreamOpsRequest struct {
 	//
 	//	*StreamOpsRequest_Get
 	//	*StreamOpsRequest_Put
-	Op            isStreamOpsRequest_Op `protobuf_oneof:"op"`
+	Op isStreamOpsRequest_Op `protobuf_oneof:"op"`
+	// Several frames in one message, to be served as if sent one by one in this order; a frame that
+	// carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+	// to a KVS that set `reads_batches` in an answer on this stream.
+	Batch []*StreamOpsRequest `protobuf:"bytes,6,rep,name=batch,proto3" json:"batch,omitempty"`
+	// The caller reads answers batched in `StreamOpsResponse.batch`.
+	ReadsBatches  bool `protobuf:"varint,7,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1416,6 +1422,20 @@ func (x *StreamOpsRequest) GetPut() *PutValueRequest {
 	return nil
 }
 
+func (x *StreamOpsRequest) GetBatch() []*StreamOpsRequest {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
+func (x *StreamOpsRequest) GetReadsBatches() bool {
+	if x != nil {
+		return x.ReadsBatches
+	}
+	return false
+}
+
 type isStreamOpsRequest_Op interface {
 	isStreamOpsRequest_Op()
 }
@@ -1446,7 +1466,13 @@ type StreamOpsResponse struct {
 	//	*StreamOpsResponse_Get
 	//	*StreamOpsResponse_Put
 	//	*StreamOpsResponse_Error
-	Result        isStreamOpsResponse_Result `protobuf_oneof:"result"`
+	Result isStreamOpsResponse_Result `protobuf_oneof:"result"`
+	// Several answers in one message, to be read as if sent one by one in this order; an answer that
+	// carries a batch carries nothing else, and an answer inside a batch carries no batch. Sent only
+	// to a caller that set `reads_batches` on this stream.
+	Batch []*StreamOpsResponse `protobuf:"bytes,5,rep,name=batch,proto3" json:"batch,omitempty"`
+	// The KVS reads ops batched in `StreamOpsRequest.batch` on this stream.
+	ReadsBatches  bool `protobuf:"varint,6,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1520,6 +1546,20 @@ func (x *StreamOpsResponse) GetError() *CallError {
 		}
 	}
 	return nil
+}
+
+func (x *StreamOpsResponse) GetBatch() []*StreamOpsResponse {
+	if x != nil {
+		return x.Batch
+	}
+	return nil
+}
+
+func (x *StreamOpsResponse) GetReadsBatches() bool {
+	if x != nil {
+		return x.ReadsBatches
+	}
+	return false
 }
 
 type isStreamOpsResponse_Result interface {
@@ -1634,22 +1674,26 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x11GetLimitsResponse\x12&\n" +
 	"\x0fmax_value_bytes\x18\x01 \x01(\x04R\rmaxValueBytes\x12*\n" +
 	"\x11max_message_bytes\x18\x02 \x01(\x04R\x0fmaxMessageBytes\x12#\n" +
-	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses\"\xea\x02\n" +
+	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses\"\xc6\x03\n" +
 	"\x10StreamOpsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12V\n" +
 	"\rtrace_context\x18\x02 \x03(\v21.cloudburst.v1.StreamOpsRequest.TraceContextEntryR\ftraceContext\x123\n" +
 	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x122\n" +
 	"\x03get\x18\x04 \x01(\v2\x1e.cloudburst.v1.GetValueRequestH\x00R\x03get\x122\n" +
-	"\x03put\x18\x05 \x01(\v2\x1e.cloudburst.v1.PutValueRequestH\x00R\x03put\x1a?\n" +
+	"\x03put\x18\x05 \x01(\v2\x1e.cloudburst.v1.PutValueRequestH\x00R\x03put\x125\n" +
+	"\x05batch\x18\x06 \x03(\v2\x1f.cloudburst.v1.StreamOpsRequestR\x05batch\x12#\n" +
+	"\rreads_batches\x18\a \x01(\bR\freadsBatches\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x04\n" +
-	"\x02op\"\xd5\x01\n" +
+	"\x02op\"\xb2\x02\n" +
 	"\x11StreamOpsResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
 	"\x03get\x18\x02 \x01(\v2\x1f.cloudburst.v1.GetValueResponseH\x00R\x03get\x123\n" +
 	"\x03put\x18\x03 \x01(\v2\x1f.cloudburst.v1.PutValueResponseH\x00R\x03put\x120\n" +
-	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05errorB\b\n" +
+	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05error\x126\n" +
+	"\x05batch\x18\x05 \x03(\v2 .cloudburst.v1.StreamOpsResponseR\x05batch\x12#\n" +
+	"\rreads_batches\x18\x06 \x01(\bR\freadsBatchesB\b\n" +
 	"\x06result2\xce\a\n" +
 	"\n" +
 	"KvsService\x12K\n" +
@@ -1734,36 +1778,38 @@ var file_cloudburst_v1_kvs_service_proto_depIdxs = []int32{
 	28, // 19: cloudburst.v1.StreamOpsRequest.timeout:type_name -> google.protobuf.Duration
 	0,  // 20: cloudburst.v1.StreamOpsRequest.get:type_name -> cloudburst.v1.GetValueRequest
 	2,  // 21: cloudburst.v1.StreamOpsRequest.put:type_name -> cloudburst.v1.PutValueRequest
-	1,  // 22: cloudburst.v1.StreamOpsResponse.get:type_name -> cloudburst.v1.GetValueResponse
-	3,  // 23: cloudburst.v1.StreamOpsResponse.put:type_name -> cloudburst.v1.PutValueResponse
-	29, // 24: cloudburst.v1.StreamOpsResponse.error:type_name -> cloudburst.v1.CallError
-	0,  // 25: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
-	2,  // 26: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
-	4,  // 27: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
-	6,  // 28: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
-	8,  // 29: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
-	10, // 30: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
-	12, // 31: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
-	15, // 32: cloudburst.v1.KvsService.GetValueChunks:input_type -> cloudburst.v1.GetValueChunksRequest
-	17, // 33: cloudburst.v1.KvsService.PutValueChunks:input_type -> cloudburst.v1.PutValueChunksRequest
-	19, // 34: cloudburst.v1.KvsService.GetLimits:input_type -> cloudburst.v1.GetLimitsRequest
-	21, // 35: cloudburst.v1.KvsService.StreamOps:input_type -> cloudburst.v1.StreamOpsRequest
-	1,  // 36: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
-	3,  // 37: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
-	5,  // 38: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
-	7,  // 39: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
-	9,  // 40: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
-	11, // 41: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
-	13, // 42: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
-	16, // 43: cloudburst.v1.KvsService.GetValueChunks:output_type -> cloudburst.v1.GetValueChunksResponse
-	18, // 44: cloudburst.v1.KvsService.PutValueChunks:output_type -> cloudburst.v1.PutValueChunksResponse
-	20, // 45: cloudburst.v1.KvsService.GetLimits:output_type -> cloudburst.v1.GetLimitsResponse
-	22, // 46: cloudburst.v1.KvsService.StreamOps:output_type -> cloudburst.v1.StreamOpsResponse
-	36, // [36:47] is the sub-list for method output_type
-	25, // [25:36] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	21, // 22: cloudburst.v1.StreamOpsRequest.batch:type_name -> cloudburst.v1.StreamOpsRequest
+	1,  // 23: cloudburst.v1.StreamOpsResponse.get:type_name -> cloudburst.v1.GetValueResponse
+	3,  // 24: cloudburst.v1.StreamOpsResponse.put:type_name -> cloudburst.v1.PutValueResponse
+	29, // 25: cloudburst.v1.StreamOpsResponse.error:type_name -> cloudburst.v1.CallError
+	22, // 26: cloudburst.v1.StreamOpsResponse.batch:type_name -> cloudburst.v1.StreamOpsResponse
+	0,  // 27: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
+	2,  // 28: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
+	4,  // 29: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
+	6,  // 30: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
+	8,  // 31: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
+	10, // 32: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
+	12, // 33: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
+	15, // 34: cloudburst.v1.KvsService.GetValueChunks:input_type -> cloudburst.v1.GetValueChunksRequest
+	17, // 35: cloudburst.v1.KvsService.PutValueChunks:input_type -> cloudburst.v1.PutValueChunksRequest
+	19, // 36: cloudburst.v1.KvsService.GetLimits:input_type -> cloudburst.v1.GetLimitsRequest
+	21, // 37: cloudburst.v1.KvsService.StreamOps:input_type -> cloudburst.v1.StreamOpsRequest
+	1,  // 38: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
+	3,  // 39: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
+	5,  // 40: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
+	7,  // 41: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
+	9,  // 42: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
+	11, // 43: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
+	13, // 44: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
+	16, // 45: cloudburst.v1.KvsService.GetValueChunks:output_type -> cloudburst.v1.GetValueChunksResponse
+	18, // 46: cloudburst.v1.KvsService.PutValueChunks:output_type -> cloudburst.v1.PutValueChunksResponse
+	20, // 47: cloudburst.v1.KvsService.GetLimits:output_type -> cloudburst.v1.GetLimitsResponse
+	22, // 48: cloudburst.v1.KvsService.StreamOps:output_type -> cloudburst.v1.StreamOpsResponse
+	38, // [38:49] is the sub-list for method output_type
+	27, // [27:38] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_kvs_service_proto_init() }

@@ -714,8 +714,12 @@ class StreamOpsRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     GET_FIELD_NUMBER: _builtins.int
     PUT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    READS_BATCHES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique among the stream's unanswered ops."""
+    reads_batches: _builtins.bool
+    """The caller reads answers batched in `StreamOpsResponse.batch`."""
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The W3C trace context of the op."""
@@ -734,6 +738,13 @@ class StreamOpsRequest(_message.Message):
     def put(self) -> Global___PutValueRequest:
         """A merge, as PutValue."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamOpsRequest]:
+        """Several frames in one message, to be served as if sent one by one in this order; a frame that
+        carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
+        to a KVS that set `reads_batches` in an answer on this stream.
+        """
+
     def __init__(
         self,
         *,
@@ -742,10 +753,12 @@ class StreamOpsRequest(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         get: Global___GetValueRequest | None = ...,
         put: Global___PutValueRequest | None = ...,
+        batch: _abc.Iterable[Global___StreamOpsRequest] | None = ...,
+        reads_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "op", b"op", "put", b"put", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "op", b"op", "put", b"put", "sequence", b"sequence", "timeout", b"timeout", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "get", b"get", "op", b"op", "put", b"put", "reads_batches", b"reads_batches", "sequence", b"sequence", "timeout", b"timeout", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["get", "put"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
@@ -763,8 +776,12 @@ class StreamOpsResponse(_message.Message):
     GET_FIELD_NUMBER: _builtins.int
     PUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    READS_BATCHES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request answered."""
+    reads_batches: _builtins.bool
+    """The KVS reads ops batched in `StreamOpsRequest.batch` on this stream."""
     @_builtins.property
     def get(self) -> Global___GetValueResponse:
         """The answer to a read, as GetValue's."""
@@ -777,6 +794,13 @@ class StreamOpsResponse(_message.Message):
     def error(self) -> _error_pb2.CallError:
         """The error the unary call would have ended with."""
 
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamOpsResponse]:
+        """Several answers in one message, to be read as if sent one by one in this order; an answer that
+        carries a batch carries nothing else, and an answer inside a batch carries no batch. Sent only
+        to a caller that set `reads_batches` on this stream.
+        """
+
     def __init__(
         self,
         *,
@@ -784,10 +808,12 @@ class StreamOpsResponse(_message.Message):
         get: Global___GetValueResponse | None = ...,
         put: Global___PutValueResponse | None = ...,
         error: _error_pb2.CallError | None = ...,
+        batch: _abc.Iterable[Global___StreamOpsResponse] | None = ...,
+        reads_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "get", b"get", "put", b"put", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "get", b"get", "put", b"put", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "error", b"error", "get", b"get", "put", b"put", "reads_batches", b"reads_batches", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["get", "put", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
