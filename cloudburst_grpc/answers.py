@@ -8,6 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from cloudburst.streams import take_batch
+
 logger = logging.getLogger(__name__)
 
 Message = TypeVar("Message")
@@ -15,6 +17,37 @@ Message = TypeVar("Message")
 
 def _one(backlog: collections.deque[Message]) -> Message:
     return backlog.popleft()
+
+
+class AnswerBatcher:
+    """Chooses the next message of a server stream's answers: one answer, or a batch.
+
+    For streams whose answers have a repeated ``batch`` field of their own type
+    and a ``reads_batches`` flag (see :func:`cloudburst.streams.take_batch`).
+    Answers are batched once the caller said it reads batches (and ``batches``
+    is on); the first message says whether this stream reads batched frames.
+    """
+
+    __slots__ = ("_batching", "_enabled", "_offer")
+
+    def __init__(self, batches: bool) -> None:
+        """Batch answers, and offer to read batches, only when ``batches`` is on."""
+        self._offer = batches
+        """Whether batches are on here and not yet announced to the caller."""
+        self._enabled = batches
+        self._batching = False
+
+    def reads_batches(self) -> None:
+        """The caller reads batched answers: batch those that queue up from now on."""
+        self._batching = self._enabled
+
+    def next_message(self, backlog: collections.deque[Any]) -> Any:
+        """Take the next message to send from ``backlog`` (not empty; None never first)."""
+        message = take_batch(backlog) if self._batching else backlog.popleft()
+        if self._offer:
+            self._offer = False
+            message.reads_batches = True
+        return message
 
 
 class AnswerWriter(Generic[Message]):

@@ -11,11 +11,11 @@ from typing import Any
 import grpc
 
 from cloudburst.errors import CloudburstError, InvalidArgumentError
-from cloudburst.streams import batches_enabled, take_batch
+from cloudburst.streams import batches_enabled
 from cloudburst.v1 import execution_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY, AnswerRoutes, AnswerTo
-from cloudburst_grpc.answers import AnswerWriter
+from cloudburst_grpc.answers import AnswerBatcher, AnswerWriter
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.scheduler.core import Accepted, Scheduler
 
@@ -56,7 +56,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             # Each call's task writes its answers itself (gRPC's reader-writer API): a
             # loop turn and a queue sooner than through a response generator. The
             # tracing interceptor only wraps generators, so with tracing on the
-            # generator stays; both batch answers alike (_Batcher).
+            # generator stays; both batch answers alike (AnswerBatcher).
             self.StreamCalls = self._stream_calls_written  # type: ignore[method-assign,assignment]
 
     async def CreateFunction(
@@ -234,7 +234,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         """
         backlog: collections.deque[Answer | None] = collections.deque()
         queued = asyncio.Event()
-        batcher = _Batcher(self._batches)
+        batcher = AnswerBatcher(self._batches)
         calls: set[asyncio.Task[None]] = set()
         room = asyncio.Event()
 
@@ -275,7 +275,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     ) -> None:
         """:meth:`StreamCalls` with each answer written by the task of the call it answers."""
         room = asyncio.Event()
-        batcher = _Batcher(self._batches)
+        batcher = AnswerBatcher(self._batches)
         writer = AnswerWriter[Answer](context, room, "a call stream", batcher.next_message)
         calls: set[asyncio.Task[None]] = set()
         try:
@@ -476,29 +476,3 @@ async def _await_outcome(accepted: Accepted) -> execution_pb2.Outcome:
         return await accepted.outcome
     except CloudburstError as exc:
         return execution_pb2.Outcome(error=error_to_call_error(exc))
-
-
-class _Batcher:
-    """Chooses the next message of a call stream's answers: one answer, or a batch.
-
-    Answers are batched once the caller said it reads batches (and ``batches``
-    is on); the first message says whether this stream reads batched calls.
-    """
-
-    def __init__(self, batches: bool) -> None:
-        self._offer = batches
-        """Whether batches are on here and not yet announced to the caller."""
-        self._enabled = batches
-        self._batching = False
-
-    def reads_batches(self) -> None:
-        """The caller reads batched answers: batch those that queue up from now on."""
-        self._batching = self._enabled
-
-    def next_message(self, backlog: collections.deque[Any]) -> Answer:
-        """Take the next message to send from ``backlog`` (not empty; None never first)."""
-        message: Answer = take_batch(backlog) if self._batching else backlog.popleft()
-        if self._offer:
-            self._offer = False
-            message.reads_batches = True
-        return message
