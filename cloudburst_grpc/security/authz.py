@@ -120,9 +120,9 @@ ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
 _KVS_WRITES = frozenset(
     {_K + "PutValue", _K + "PutValueChunks", _K + "DeleteValue", _K + "BatchDeleteValues"}
 )
-#: Streams whose frames are each a call of a unary method, answered one by one: every frame is
-#: authorized as that call would be, and a refused frame is answered with its error (the stream
-#: goes on).
+#: Streams whose frames are each a call of a unary method, answered one by one: every frame (each
+#: frame of a batch too) is authorized as that call would be, and a refused frame is answered with
+#: its error (the stream goes on).
 PER_FRAME_METHODS = frozenset({_K + "StreamOps"})
 #: Serializers a restricted invoker may send: none of them runs code when read.
 SAFE_SERIALIZERS = frozenset(
@@ -462,24 +462,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         per_frame = method in PER_FRAME_METHODS
 
         async def checked() -> AsyncIterator[Any]:
-            async for frame in frames:
-                if per_frame:
-                    try:
-                        check_request(method, identity, frame)
-                    except Denied as refusal:
-                        self._note(context, method, refusal)
-                        error = error_class(None, refusal.code)(refusal.message)
-                        yield RefusedFrame(frame, error)
-                        continue
-                else:
-                    denial = self._check(context, method, identity, frame)
-                    if denial is not None:
-                        await denial
-                # An intention changed while the stream is open applies to it too.
-                denied = await self._intention_denial(identity)
-                if denied is not None:
-                    await self._deny(context, method, denied)
-                yield frame
+            async for message in frames:
+                # Each frame of a per-frame stream's batch is authorized (and refused) on its
+                # own: the servicer gets such a batch's frames one by one.
+                for frame in (message.batch or (message,)) if per_frame else (message,):
+                    if per_frame:
+                        try:
+                            check_request(method, identity, frame)
+                        except Denied as refusal:
+                            self._note(context, method, refusal)
+                            error = error_class(None, refusal.code)(refusal.message)
+                            yield RefusedFrame(frame, error)
+                            continue
+                    else:
+                        denial = self._check(context, method, identity, frame)
+                        if denial is not None:
+                            await denial
+                    # An intention changed while the stream is open applies to it too.
+                    denied = await self._intention_denial(identity)
+                    if denied is not None:
+                        await self._deny(context, method, denied)
+                    yield frame
 
         return checked()
 

@@ -5,8 +5,9 @@ never raw gRPC errors, and a ``timeout`` becomes the call's gRPC deadline.
 
 Small reads and merges go over one long-lived ``StreamOps`` stream per client
 (a message on an open stream costs the KVS about half a unary call), answered
-and failing exactly as their unary calls would; everything else, and every
-op when the stream is off or the KVS lacks it, is a unary call.
+and failing exactly as their unary calls would; ops that queue up while one is
+being written go out in one message, when the KVS reads batches. Everything
+else, and every op when the stream is off or the KVS lacks it, is a unary call.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import grpc
 from cloudburst import chunks
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import UNAVAILABLE_HINT, call, error_from_call_error, error_from_rpc
-from cloudburst.streams import OutboxStream, settle
+from cloudburst.streams import OutboxStream, batches_enabled, settle
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_kvs.store import MAX_BATCH_KEYS, Keyspace, WatchEvent
@@ -68,12 +69,27 @@ class OpStream:
     broke. An op that the stream does not answer fails as its unary call
     would have: a broken stream with the same error (UnavailableError for a
     KVS that went away), a passed deadline with CloudburstTimeoutError.
+    Ops sent while a write is in progress go out together, in one message,
+    once the KVS said it reads batches (see :class:`~cloudburst.streams.OutboxStream`).
     """
 
-    def __init__(self, stub: kvs_service_pb2_grpc.KvsServiceAsyncStub, name: str) -> None:
-        """Send ops with ``stub``; ``name`` says where to, for the log."""
+    def __init__(
+        self,
+        stub: kvs_service_pb2_grpc.KvsServiceAsyncStub,
+        name: str,
+        batches: bool | None = None,
+    ) -> None:
+        """Send ops with ``stub``; ``name`` says where to, for the log.
+
+        ``batches`` offers to read batched answers and batches ops to a KVS
+        that reads them; None: unless turned off (see
+        :func:`~cloudburst.streams.batches_enabled`).
+        """
+        if batches is None:
+            batches = batches_enabled()
+        self._batches = batches
         self._stream: OutboxStream[OpRequest, OpAnswer] = OutboxStream(
-            name, stub.StreamOps, self._dispatch, self._ended
+            name, stub.StreamOps, self._dispatch, self._ended, batches=batches
         )
         self._pending: dict[int, tuple[asyncio.Future[OpAnswer], str]] = {}
         self._sequence = itertools.count(1)
@@ -95,6 +111,7 @@ class OpStream:
         """
         sequence = next(self._sequence)
         frame.sequence = sequence
+        frame.reads_batches = self._batches
         if timeout is not None:
             timeout = max(timeout, 0.0)
             frame.timeout.FromNanoseconds(int(timeout * 1e9))

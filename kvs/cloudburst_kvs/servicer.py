@@ -28,9 +28,10 @@ from cloudburst.errors import (
     UnavailableError,
 )
 from cloudburst.serialization import LwwClock
+from cloudburst.streams import batches_enabled
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
-from cloudburst_grpc.answers import AnswerWriter
+from cloudburst_grpc.answers import AnswerBatcher, AnswerWriter
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.interceptors import RefusedFrame
@@ -49,8 +50,9 @@ MESSAGE_MARGIN_BYTES = 64 << 10
 #: do not count: they may wait for a merge sent behind them on the same stream.
 MAX_UNANSWERED_OPS = 1024
 
+OpRequest = kvs_service_pb2.StreamOpsRequest
 OpAnswer = kvs_service_pb2.StreamOpsResponse
-OpFrame = kvs_service_pb2.StreamOpsRequest | RefusedFrame
+OpFrame = OpRequest | RefusedFrame
 Emit = Callable[[OpAnswer], Awaitable[None]]
 #: The name of the span of a StreamOps op (with tracing on), by the kind of op.
 _OP_SPANS = {"get": "StreamOps get", "put": "StreamOps put"}
@@ -107,6 +109,8 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         """The tasks reading StreamOps streams, each with the ops it runs."""
         self._ending = False
         """Set at shutdown: streams end once their ops are answered, and no new one starts."""
+        self._batches = batches_enabled()
+        """Whether op streams offer to read batched ops and batch answers to callers."""
         if not telemetry.tracing():
             # Each op's task writes its answer itself (gRPC's reader-writer API): a loop
             # turn and a queue sooner than through a response generator. The tracing
@@ -311,12 +315,16 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
 
         Every frame is served as its unary call would be (GetValue, PutValue),
         concurrently: a waiting read holds up no later frame. An op's error is
-        its answer, not the stream's end. This form yields the answers (with
-        tracing on); :meth:`_stream_ops_written` writes them from the ops' tasks.
+        its answer, not the stream's end. Answers that queue up while one is
+        being sent go out together to a caller that reads batches (see
+        :class:`~cloudburst_grpc.answers.AnswerBatcher`). This form yields the
+        answers (with tracing on); :meth:`_stream_ops_written` writes them from
+        the ops' tasks.
         """
         answers: collections.deque[OpAnswer | None] = collections.deque()
         queued = asyncio.Event()
         room = asyncio.Event()
+        batcher = AnswerBatcher(self._batches)
 
         async def emit(answer: OpAnswer) -> None:
             answers.append(answer)
@@ -324,7 +332,9 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
 
         async def read() -> None:
             try:
-                await self._serve_ops(request_iterator, emit, answers.__len__, room)
+                await self._serve_ops(
+                    request_iterator, emit, answers.__len__, room, batcher.reads_batches
+                )
             finally:
                 answers.append(None)
                 queued.set()
@@ -336,10 +346,9 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
                     queued.clear()
                     await queued.wait()
                     continue
-                answer = answers.popleft()
-                if answer is None:
+                if answers[0] is None:
                     break
-                yield answer
+                yield batcher.next_message(answers)
                 room.set()
             if not reader.cancelled():  # cancelled: ended by end_streams
                 await reader  # raises what ended the reading, if anything did
@@ -354,8 +363,11 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     ) -> None:
         """:meth:`StreamOps` with each answer written by the task of the op it answers."""
         room = asyncio.Event()
-        writer = AnswerWriter[OpAnswer](context, room, "an op stream")
-        await self._serve_ops(request_iterator, writer.write, writer.backlog, room)
+        batcher = AnswerBatcher(self._batches)
+        writer = AnswerWriter[OpAnswer](context, room, "an op stream", batcher.next_message)
+        await self._serve_ops(
+            request_iterator, writer.write, writer.backlog, room, batcher.reads_batches
+        )
 
     async def _serve_ops(
         self,
@@ -363,8 +375,13 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         emit: Emit,
         unwritten: Callable[[], int],
         room: asyncio.Event,
+        reads_batches: Callable[[], None] | None = None,
     ) -> None:
         """Serve every frame in a task of its own; return once all are answered.
+
+        A message that carries a batch is served frame by frame, in order.
+        ``reads_batches`` is called once, on the first frame whose caller says
+        it reads batched answers.
 
         Flow control: while the stream has :data:`MAX_UNANSWERED_OPS` ops running
         (waiting reads aside) or answers not yet sent (``unwritten``), no further
@@ -386,15 +403,26 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         assert reader is not None
         self._streams[reader] = ops
         try:
-            async for frame in frames:
-                task = asyncio.create_task(self._serve_op(frame, emit))
-                ops.add(task)
-                if _waits(frame):
-                    waits.add(task)
-                task.add_done_callback(ended)
-                while len(ops) - len(waits) + unwritten() >= MAX_UNANSWERED_OPS:
-                    room.clear()
-                    await room.wait()
+            async for message in frames:
+                # A batch carries frames to serve in order as if each came alone (a refused
+                # frame comes alone: authorization takes batches apart).
+                batch = message.batch if type(message) is OpRequest else None
+                for frame in batch or (message,):
+                    if (
+                        reads_batches is not None
+                        and type(frame) is OpRequest
+                        and frame.reads_batches
+                    ):
+                        reads_batches()
+                        reads_batches = None
+                    task = asyncio.create_task(self._serve_op(frame, emit))
+                    ops.add(task)
+                    if _waits(frame):
+                        waits.add(task)
+                    task.add_done_callback(ended)
+                    while len(ops) - len(waits) + unwritten() >= MAX_UNANSWERED_OPS:
+                        room.clear()
+                        await room.wait()
             if ops:
                 await asyncio.gather(*ops)
         except asyncio.CancelledError:

@@ -4,25 +4,33 @@ A client that streams its reads and merges gets the same results and the same
 errors as one that makes unary calls; ops on one stream do not wait for each
 other; a KVS that dies fails the ops in flight at once, and the client
 recovers once a KVS is back; a KVS without the method gets unary calls; every
-frame is authorized as its unary call would be.
+frame is authorized as its unary call would be. Ops that queue up travel in
+batches, in both directions, between peers that both read them, and one at a
+time otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.util._once import Once
 
 from cloudburst.errors import CloudburstError, UnavailableError
+from cloudburst.streams import BATCHES_ENV
 from cloudburst.transport import channel_options
-from cloudburst.v1 import kvs_service_pb2, lattice_pb2, value_pb2
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
+from cloudburst_grpc import telemetry
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor
 from cloudburst_grpc.security.identity import EXECUTOR, INVOKER_RESTRICTED, Identity
@@ -52,6 +60,75 @@ def lww(data: bytes, serializer: int = value_pb2.SERIALIZER_BYTES) -> lattice_pb
 
 def set_of(*items: bytes) -> lattice_pb2.Lattice:
     return lattice_pb2.Lattice(set=lattice_pb2.SetLattice(values=[value(i) for i in items]))
+
+
+class MessageCounter(grpc.aio.ServerInterceptor):
+    """Counts the messages of StreamOps streams as they travel, and the frames they carry."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        """Messages read from callers."""
+        self.ops = 0
+        """Frames those messages carried (a batch counts each of its frames)."""
+        self.written = 0
+        """Messages written to callers."""
+        self.answers = 0
+        """Answers those messages carried."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method != KVS + "StreamOps":
+            return handler
+        behavior = handler.stream_stream
+
+        async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for message in requests:
+                self.read += 1
+                self.ops += len(message.batch) or 1
+                yield message
+
+        def written(message: Any) -> None:
+            self.written += 1
+            self.answers += len(message.batch) or 1
+
+        if inspect.isasyncgenfunction(behavior):  # the servicer yields its answers
+
+            async def answered(requests: Any, context: Any) -> AsyncIterator[Any]:
+                async for message in behavior(counted(requests), context):
+                    written(message)
+                    yield message
+
+            wrapped: Any = answered
+        else:  # the servicer writes its answers
+
+            async def writes(requests: Any, context: Any) -> Any:
+                return await behavior(counted(requests), CountingContext(context, written))
+
+            wrapped = writes
+        return grpc.stream_stream_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class CountingContext:
+    """A servicer context whose writes are counted."""
+
+    def __init__(self, context: Any, written: Callable[[Any], None]) -> None:
+        self._context = context
+        self._written = written
+
+    async def write(self, message: Any) -> None:
+        self._written(message)
+        await self._context.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class Recorder(grpc.aio.ServerInterceptor):
@@ -114,6 +191,7 @@ class Kvs:
     recorder: Recorder
     store: LatticeStore
     servicer: KvsServicer
+    counter: MessageCounter
     clients: list[KvsClient] = field(default_factory=list)
 
 
@@ -137,15 +215,16 @@ def start_kvs(stack: contextlib.AsyncExitStack) -> StartKvs:
         await store.start()
         stack.push_async_callback(store.close)
         recorder = Recorder()
-        interceptor: grpc.aio.ServerInterceptor = recorder
+        counter = MessageCounter()  # the first: it sees the messages as they travel
+        interceptors: list[grpc.aio.ServerInterceptor] = [counter, recorder]
         if role is not None:
-            interceptor = Chain(recorder, AuthInterceptor(FixedRole(None, role=role)))
-        server, _health = create_server(LIMIT, interceptor)
+            interceptors.append(AuthInterceptor(FixedRole(None, role=role)))
+        server, _health = create_server(LIMIT, Chain(*interceptors))
         servicer = add_kvs_to_server(server, store, config, LIMIT)
         port = bind(server, "127.0.0.1", 0)
         await server.start()
         stack.push_async_callback(server.stop, None)
-        return Kvs(f"127.0.0.1:{port}", recorder, store, servicer)
+        return Kvs(f"127.0.0.1:{port}", recorder, store, servicer, counter)
 
     return start
 
@@ -515,3 +594,207 @@ async def test_a_kvs_shutting_down_ends_its_streams(connect: Connect) -> None:
         assert await asyncio.to_thread(process.stop, signal.SIGTERM, WAIT) == 0
     finally:
         process.kill()
+
+
+Op = kvs_service_pb2.StreamOpsRequest
+OpAnswer = kvs_service_pb2.StreamOpsResponse
+
+
+async def exchange(address: str, messages: list[Op], answers: int) -> list[OpAnswer]:
+    """Send ``messages`` on a StreamOps stream of a plain stub; return the messages that answer.
+
+    Reads until ``answers`` answers came (a batch counts each of its answers).
+    """
+    async with grpc.aio.insecure_channel(address, options=channel_options(LIMIT)) as channel:
+        stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        call = stub.StreamOps(timeout=WAIT)
+        for message in messages:
+            await call.write(message)
+        received: list[OpAnswer] = []
+        count = 0
+        while count < answers:
+            answer = await call.read()
+            assert isinstance(answer, OpAnswer), answer
+            received.append(answer)
+            count += len(answer.batch) or 1
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF  # every op is answered: the KVS ends the stream
+        assert await call.code() == grpc.StatusCode.OK
+    return received
+
+
+def by_sequence(received: list[OpAnswer]) -> dict[int, OpAnswer]:
+    """Every answer by its sequence; each sequence is answered once, by a frame with no batch."""
+    answers: dict[int, OpAnswer] = {}
+    for message in received:
+        for answer in message.batch or (message,):
+            assert not answer.batch and answer.WhichOneof("result") is not None, answer
+            assert answer.sequence not in answers, f"op {answer.sequence} answered twice"
+            answers[answer.sequence] = answer
+    return answers
+
+
+def merge_op(sequence: int, key: str, data: bytes, reads_batches: bool) -> Op:
+    op = Op(sequence=sequence, reads_batches=reads_batches)
+    op.put.key = key
+    op.put.lattice.CopyFrom(lww(data))
+    return op
+
+
+async def test_ops_that_queue_up_travel_in_batches_both_ways(
+    start_kvs: StartKvs, connect: Connect
+) -> None:
+    kvs = await start_kvs()
+    client = await connect(kvs.address)
+    count = 300
+    await asyncio.wait_for(
+        asyncio.gather(*(client.merge(f"key-{i}", lww(str(i).encode())) for i in range(count))),
+        WAIT,
+    )
+    read_before = kvs.counter.read
+    # Every read is sent before the first is written: the KVS said it reads batches by now,
+    # so they go in a few messages of at most 64 frames each.
+    found = await asyncio.wait_for(
+        asyncio.gather(*(client.get(f"key-{i}") for i in range(count))), WAIT
+    )
+    assert [f.lww.value.data if f else None for f in found] == [
+        str(i).encode() for i in range(count)
+    ]
+    assert kvs.counter.ops == 2 * count
+    assert kvs.counter.read - read_before <= count // 32
+    # Each op is answered once; answers that came while one was written went together.
+    assert kvs.counter.answers == 2 * count
+    assert kvs.counter.written < kvs.counter.answers
+    assert kvs.recorder.calls("StreamOps") == 1
+
+
+async def test_a_caller_that_does_not_read_batches_gets_every_answer_alone(
+    start_kvs: StartKvs,
+) -> None:
+    kvs = await start_kvs()
+    count = 100
+    # A caller of an older version: one op per message, and no word of batches.
+    ops = [merge_op(n, f"key-{n}", b"v", reads_batches=False) for n in range(1, count + 1)]
+    received = await exchange(kvs.address, ops, count)
+    assert received[0].reads_batches  # the KVS offers to read batched ops
+    assert not any(message.batch for message in received)
+    answers = by_sequence(received)
+    assert sorted(answers) == list(range(1, count + 1))
+    assert all(answer.WhichOneof("result") == "put" for answer in answers.values())
+    assert kvs.counter.written == kvs.counter.answers == count
+
+
+@pytest.mark.parametrize("switched_off", ["client", "kvs"])
+async def test_without_batches_at_either_end_every_op_travels_alone(
+    start_kvs: StartKvs, connect: Connect, monkeypatch: pytest.MonkeyPatch, switched_off: str
+) -> None:
+    if switched_off == "kvs":
+        monkeypatch.setenv(BATCHES_ENV, "0")
+    kvs = await start_kvs()
+    if switched_off == "client":
+        monkeypatch.setenv(BATCHES_ENV, "0")
+    else:
+        monkeypatch.delenv(BATCHES_ENV)
+    client = await connect(kvs.address)
+    count = 200
+    await asyncio.wait_for(
+        asyncio.gather(*(client.merge(f"key-{i}", lww(str(i).encode())) for i in range(count))),
+        WAIT,
+    )
+    found = await asyncio.wait_for(
+        asyncio.gather(*(client.get(f"key-{i}") for i in range(count))), WAIT
+    )
+    assert [f.lww.value.data if f else None for f in found] == [
+        str(i).encode() for i in range(count)
+    ]
+    assert kvs.counter.read == kvs.counter.ops == 2 * count
+    assert kvs.counter.written == kvs.counter.answers == 2 * count
+
+
+def _reset_global_provider() -> None:
+    # The API lets a process set its tracer provider once; a test needs a fresh one.
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+
+
+@pytest.fixture(params=["untraced", "traced"])
+def tracing(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Tracing off or on while servers are built (the KVS then serves streams its own way)."""
+    if request.param == "untraced":
+        yield False
+        return
+    provider = TracerProvider()
+    _reset_global_provider()
+    telemetry.use_tracer_provider(provider)
+    try:
+        yield True
+    finally:
+        telemetry.stop_tracing()
+        provider.shutdown()
+        _reset_global_provider()
+
+
+async def test_each_op_of_a_batch_gets_its_own_answer_or_error(
+    tracing: bool, start_kvs: StartKvs, connect: Connect
+) -> None:
+    kvs = await start_kvs()
+    assert telemetry.tracing() == tracing
+    client = await connect(kvs.address, stream=False)
+    await client.merge("present", lww(b"here"))
+    await client.merge("a-set", set_of(b"x"))
+
+    frames = [
+        Op(get=kvs_service_pb2.GetValueRequest(key="present")),
+        Op(put=kvs_service_pb2.PutValueRequest(key="", lattice=lww(b"x"))),
+        Op(put=kvs_service_pb2.PutValueRequest(key="big", lattice=lww(b"x" * (LIMIT + 1)))),
+        Op(put=kvs_service_pb2.PutValueRequest(key="a-set", lattice=lww(b"x"))),
+        Op(get=kvs_service_pb2.GetValueRequest(key="absent")),
+        Op(get=kvs_service_pb2.GetValueRequest(key="never", wait=True)),
+        Op(),  # neither a read nor a merge
+        Op(put=kvs_service_pb2.PutValueRequest(key="fresh", lattice=lww(b"new"))),
+    ]
+    for sequence, frame in enumerate(frames, 1):
+        frame.sequence = sequence
+        frame.reads_batches = True
+    frames[5].timeout.FromMilliseconds(500)  # the waiting read ends before its own deadline
+    batch = Op()
+    batch.batch.extend(frames)
+    received = await exchange(kvs.address, [batch], len(frames))
+    assert kvs.counter.read == 1 and kvs.counter.ops == len(frames)
+    answers = by_sequence(received)
+    assert sorted(answers) == list(range(1, len(frames) + 1))
+
+    assert answers[1].get.found and answers[1].get.lattice.lww.value == value(b"here")
+    codes = {n: answers[n].error.code for n in answers if answers[n].HasField("error")}
+    assert codes == {
+        2: grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        3: grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        4: grpc.StatusCode.FAILED_PRECONDITION.value[0],
+        7: grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    }
+    assert "over the limit" in answers[3].error.message
+    assert "must carry get or put" in answers[7].error.message
+    assert answers[5].WhichOneof("result") == "get" and not answers[5].get.found
+    assert answers[6].WhichOneof("result") == "get" and not answers[6].get.found
+    assert answers[8].put.lattice.lww.value == value(b"new")
+    assert await client.get("fresh") == answers[8].put.lattice
+
+
+async def test_each_frame_of_a_batch_is_authorized_on_its_own(start_kvs: StartKvs) -> None:
+    kvs = await start_kvs(role=EXECUTOR)
+    # An executor reads the system keyspace but may not write it.
+    frames = [
+        Op(put=kvs_service_pb2.PutValueRequest(key="fn", keyspace=SYSTEM, lattice=lww(b"x"))),
+        Op(get=kvs_service_pb2.GetValueRequest(key="fn", keyspace=SYSTEM)),
+        Op(put=kvs_service_pb2.PutValueRequest(key="k", lattice=lww(b"x"))),
+    ]
+    for sequence, frame in enumerate(frames, 1):
+        frame.sequence = sequence
+        frame.reads_batches = True
+    batch = Op()
+    batch.batch.extend(frames)
+    answers = by_sequence(await exchange(kvs.address, [batch], len(frames)))
+    assert answers[1].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "writing the system keyspace needs role" in answers[1].error.message
+    assert answers[2].WhichOneof("result") == "get" and not answers[2].get.found
+    assert answers[3].put.lattice.lww.value == value(b"x")
