@@ -6,6 +6,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from cloudburst_grpc.local import (
     Node,
@@ -23,6 +24,11 @@ from harness import (
     running_process_cluster,
 )
 from valkey_cluster import ValkeyCluster, start_cluster
+
+# Property tests judge behaviour, not speed: no per-example time limit (Hypothesis's
+# default of 200 ms fails examples on a loaded machine).
+settings.register_profile("cloudburst", deadline=None)
+settings.load_profile("cloudburst")
 
 
 @pytest.fixture
