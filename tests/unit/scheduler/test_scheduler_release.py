@@ -19,14 +19,24 @@ class RecordingKvs:
         self.started = asyncio.Event()
         self.go = asyncio.Event()
         self.fail = fail
+        self._changed = asyncio.Condition()
 
     async def delete_many(self, keys: Sequence[str], keyspace: int = 0) -> int:
         self.batches.append(list(keys))
         self.started.set()
+        async with self._changed:
+            self._changed.notify_all()
         await self.go.wait()
         if self.fail:
             raise UnavailableError("the KVS is down")
         return len(keys)
+
+    async def wait_for(self, keys: set[str]) -> None:
+        """Wait until batches have named every key of ``keys``."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: keys <= {key for batch in self.batches for key in batch}
+            )
 
 
 async def test_keys_released_within_the_linger_go_in_one_batch() -> None:
@@ -107,8 +117,8 @@ async def test_a_tracked_result_expires_after_hold_and_ttl() -> None:
     releaser.expire_later("a")
     releaser.expire_later("b")
     assert releaser.expiring == 2
-    async with asyncio.timeout(5):
-        await kvs.started.wait()
+    async with asyncio.timeout(5):  # due a moment apart, they may expire in two batches
+        await kvs.wait_for({"a", "b"})
     await releaser.close(timeout=5)
     assert sorted(key for batch in kvs.batches for key in batch) == ["a", "b"]
     assert releaser.expiring == 0
