@@ -25,6 +25,7 @@ import concurrent.futures
 import functools
 import itertools
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -158,6 +159,13 @@ class Core:
         self._answered_directly: list[int] = []
         """Sequences answered on answer streams, for the scheduler (see ``answered_sequences``)."""
         self._sequence = itertools.count(1)
+        self._outbox: collections.deque[
+            tuple[scheduler_service_pb2.StreamCallsRequest, PendingCall]
+        ] = collections.deque()
+        """Calls sent from any thread, not yet taken by a sender on the loop."""
+        self._outbox_lock = threading.Lock()
+        self._sender_started = False
+        """Whether a sender task was started that has not yet looked at the outbox."""
         self._released: collections.deque[str] = collections.deque()
         self._release_scheduled = False
 
@@ -261,6 +269,9 @@ class Core:
         """Send a call from any thread; wait on the returned futures for its answers.
 
         ``holds`` (the futures among the arguments) stay alive until the outcome arrives.
+
+        Calls sent from several threads before the loop gets to them are sent
+        together, by one task, in one message where the scheduler reads batches.
         """
         pending = PendingCall(
             driver=self.driver,
@@ -268,16 +279,31 @@ class Core:
             outcome=concurrent.futures.Future() if want_outcome else None,
             holds=holds,
         )
+        self._outbox.append((frame, pending))
+        with self._outbox_lock:
+            if self._sender_started:
+                return pending  # the sender started for calls before takes this one too
+            self._sender_started = True
         # A task, not a callback that starts a writer task: its first step writes.
-        self.driver.start(self._send(frame, pending))
+        self.driver.start(self._send_outbox())
         return pending
 
-    async def _send(
-        self, frame: scheduler_service_pb2.StreamCallsRequest, pending: PendingCall
-    ) -> None:
-        frame.sequence = next(self._sequence)
-        self._pending[frame.sequence] = pending
-        frame.reads_batches = self._batches
+    async def _send_outbox(self) -> None:
+        """Send every call in the outbox (on the loop, started by :meth:`send_call`)."""
+        with self._outbox_lock:
+            # From now on, a call that comes starts another sender: none is left behind.
+            self._sender_started = False
+        outbox = self._outbox
+        if not outbox:
+            return  # an earlier sender took them
+        sent: list[tuple[scheduler_service_pb2.StreamCallsRequest, PendingCall]] = []
+        while outbox:
+            frame, pending = outbox.popleft()
+            frame.sequence = next(self._sequence)
+            self._pending[frame.sequence] = pending
+            frame.reads_batches = self._batches
+            sent.append((frame, pending))
+        frame = sent[0][0]
         if self._answered_directly:
             if self._stream.is_open:
                 frame.answered_sequences.extend(self._answered_directly)
@@ -288,11 +314,15 @@ class Core:
             else:
                 self._released.clear()  # they were the last stream's to release
         try:
-            await self._stream.write(frame)
+            if len(sent) == 1:
+                await self._stream.write(frame)
+            else:
+                await self._stream.write_all([frame for frame, _ in sent])
         except UnavailableError as exc:
-            self._pending.pop(frame.sequence, None)
-            settle(pending.accepted, error=exc)
-            settle(pending.outcome, error=exc)
+            for frame, pending in sent:
+                self._pending.pop(frame.sequence, None)
+                settle(pending.accepted, error=exc)
+                settle(pending.outcome, error=exc)
 
     # -- answer streams ------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import collections
 import concurrent.futures
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -242,6 +242,21 @@ class OutboxStream(Generic[Request, Response]):
         """
         outgoing = self._open()
         outgoing.backlog.append(frame)
+        if not outgoing.busy:
+            outgoing.busy = True
+            await self._write(outgoing)
+
+    async def write_all(self, frames: Iterable[Request]) -> None:
+        """Send several frames in order, as :meth:`write` sends one.
+
+        With ``batches``, where the peer reads batches, they go out in one message
+        (or as few as :func:`take_batch` allows).
+
+        Raises:
+            UnavailableError: The stream was closed for good.
+        """
+        outgoing = self._open()
+        outgoing.backlog.extend(frames)
         if not outgoing.busy:
             outgoing.busy = True
             await self._write(outgoing)

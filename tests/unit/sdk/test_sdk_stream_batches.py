@@ -260,3 +260,21 @@ async def test_a_writer_task_leaves_the_stream_once_its_backlog_is_written() -> 
     assert await written(call, 1) == [[2]]
     await stream.close(grace=DEADLINE)
     assert call.half_closed
+
+
+async def test_frames_written_together_go_in_one_message_once_the_peer_reads_batches() -> None:
+    peer = Peer()
+    stream = peer.stream(batches=True)
+    stream.open()
+    call = peer.calls[0]
+    writes = asyncio.create_task(stream.write_all(frames(1, 2)))
+    # The peer has not said it reads batches: one frame per message.
+    assert await written(call, 2) == [[1], [2]]
+    await writes
+
+    call.answers.put_nowait(Response(sequence=1, reads_batches=True))
+    assert await dispatched(peer, 1) == [1]
+    writes = asyncio.create_task(stream.write_all(frames(3, 4, 5)))
+    assert await written(call, 1) == [[3, 4, 5]]
+    await writes
+    await stream.close(grace=DEADLINE)
