@@ -8,11 +8,12 @@ batches); these tests check that every call still gets its own answer.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst.errors import DagNotFoundError
+from cloudburst.errors import CloudburstTimeoutError, DagNotFoundError
 from cloudburst.serialization import serialize
 from cloudburst.v1 import scheduler_service_pb2
 from harness import Cluster
@@ -69,3 +70,12 @@ def test_calls_from_many_threads_each_get_their_own_answer(cluster: Cluster) -> 
             thread.join(DEADLINE)
         assert not any(thread.is_alive() for thread in threads)
         assert wrong == []
+
+
+def test_a_direct_response_that_does_not_come_in_time_raises_a_timeout(cluster: Cluster) -> None:
+    with CloudburstConnection(cluster.scheduler.address, timeout=DEADLINE) as conn:
+        conn.register(lambda _, seconds: time.sleep(seconds) or seconds, "pause")
+        assert conn.register_dag("paused", ["pause"], [])
+        with pytest.raises(CloudburstTimeoutError, match=r"not accepted within 0\.5s"):
+            conn.call_dag("paused", {"pause": 5.0}, direct_response=True, timeout=0.5)
+        assert conn.call_dag("paused", {"pause": 0.0}, direct_response=True) == 0.0

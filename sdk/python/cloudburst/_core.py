@@ -84,23 +84,39 @@ class PendingCall:
 
     They are thread-safe futures that the stream reader settles directly; the
     caller waiting on them runs the loop meanwhile when no other thread does.
+    A call whose caller waits for nothing but its outcome (a direct response)
+    has no ``accepted`` future: it is accepted with its outcome.
     """
 
     driver: LoopDriver
-    accepted: concurrent.futures.Future[str]
+    accepted: concurrent.futures.Future[str] | None
     outcome: concurrent.futures.Future[execution_pb2.Outcome] | None
     response_key: str = field(default="")
+    """The key the scheduler answered with, once it accepted the call."""
     #: Futures passed as arguments, kept alive (so not released) until the outcome arrives.
     holds: tuple[Any, ...] = ()
 
     def wait_accepted(self, timeout: float) -> str:
-        """Wait until the scheduler accepted the call; returns the response key."""
+        """Wait until the scheduler accepted the call; returns the response key.
+
+        Without an ``accepted`` future, this waits for the outcome instead:
+        what it raises the call raised before it was accepted; an error of a
+        call accepted already is left to :meth:`wait_outcome`.
+        """
+        future: concurrent.futures.Future[Any] | None = (
+            self.accepted if self.accepted is not None else self.outcome
+        )
+        assert future is not None
         try:
-            self.response_key = self.driver.wait(self.accepted, timeout)
+            self.driver.wait(future, timeout)
         except concurrent.futures.TimeoutError:
-            raise CloudburstTimeoutError(
-                f"the call was not accepted within {timeout:.1f}s"
-            ) from None
+            if self.accepted is not None or not self.response_key:
+                raise CloudburstTimeoutError(
+                    f"the call was not accepted within {timeout:.1f}s"
+                ) from None
+        except CloudburstError:
+            if self.accepted is not None or not self.response_key:
+                raise
         return self.response_key
 
     def wait_outcome(self, timeout: float) -> execution_pb2.Outcome:
@@ -252,6 +268,7 @@ class Core:
             pending.holds = ()
             return
         body = answer.call_function if kind == "call_function" else answer.call_dag
+        pending.response_key = body.response_key
         settle(pending.accepted, body.response_key)
         if body.HasField("outcome"):
             del self._pending[answer.sequence]
@@ -265,17 +282,21 @@ class Core:
         frame: scheduler_service_pb2.StreamCallsRequest,
         want_outcome: bool,
         holds: tuple[Any, ...] = (),
+        *,
+        outcome_only: bool = False,
     ) -> PendingCall:
         """Send a call from any thread; wait on the returned futures for its answers.
 
         ``holds`` (the futures among the arguments) stay alive until the outcome arrives.
+        With ``outcome_only`` (and ``want_outcome``), the call has no ``accepted``
+        future: its caller waits for the outcome alone.
 
         Calls sent from several threads before the loop gets to them are sent
         together, by one task, in one message where the scheduler reads batches.
         """
         pending = PendingCall(
             driver=self.driver,
-            accepted=concurrent.futures.Future(),
+            accepted=None if outcome_only and want_outcome else concurrent.futures.Future(),
             outcome=concurrent.futures.Future() if want_outcome else None,
             holds=holds,
         )

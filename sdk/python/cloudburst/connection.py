@@ -757,14 +757,19 @@ class CloudburstConnection:
         attributes: dict[str, str],
         timeout: float | None = None,
         holds: tuple[CloudburstFuture, ...] = (),
+        outcome_only: bool = False,
     ) -> PendingCall:
-        """Send a call frame under a call span that ends when the outcome arrives."""
+        """Send a call frame under a call span that ends when the outcome arrives.
+
+        Returns once the call is accepted; with ``outcome_only`` (a direct
+        response), once its outcome is in.
+        """
         span = tracing.start(span_name, attributes, frame.trace_context)
         try:
             if self._closed:
                 raise CloudburstError("the connection is closed; create a new CloudburstConnection")
             core = self._core
-            pending = core.send_call(frame, True, holds)
+            pending = core.send_call(frame, True, holds, outcome_only=outcome_only)
             try:
                 pending.wait_accepted(self.timeout if timeout is None else timeout)
             except UnavailableError as exc:
@@ -930,20 +935,20 @@ class CloudburstConnection:
         """
         _original.check_consistency("call_dag", consistency)
         _original.reject_unsupported("call_dag", dry_run=dry_run, continuation=continuation)
-        request = scheduler_service_pb2.CallDagRequest(
-            name=dname, direct_response=direct_response, response_key=output_key or ""
+        frame = scheduler_service_pb2.StreamCallsRequest(
+            stream_outcome=not direct_response,
+            releasable=not (direct_response or output_key or self.keep_results),
         )
+        request = frame.call_dag  # built in place: the frame does not copy it
+        request.SetInParent()
+        request.name, request.direct_response = dname, direct_response
+        request.response_key = output_key or ""
         for function, args in (arg_map or {}).items():
             values = args if isinstance(args, list) else [args]
             entry = request.function_arguments[function]
             entry.SetInParent()
             for index, arg in enumerate(values):
                 entry.arguments.append(self._argument(arg, f"argument {index + 1} of {function!r}"))
-        frame = scheduler_service_pb2.StreamCallsRequest(
-            call_dag=request,
-            stream_outcome=not direct_response,
-            releasable=not (direct_response or output_key or self.keep_results),
-        )
         limit = self.timeout if timeout is None else timeout
         holds = tuple(
             future
@@ -957,6 +962,7 @@ class CloudburstConnection:
             {"cloudburst.dag": dname},
             limit,
             holds,
+            outcome_only=direct_response,
         )
         if direct_response:
             return self._decode(pending.wait_outcome(limit))
