@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,11 @@ from cloudburst.v1 import scheduler_service_pb2
 from harness import Cluster
 
 DEADLINE = 60.0
+
+
+def pause(_: Any, seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
 
 
 def dag_call(name: str, argument: int) -> scheduler_service_pb2.StreamCallsRequest:
@@ -74,7 +80,7 @@ def test_calls_from_many_threads_each_get_their_own_answer(cluster: Cluster) -> 
 
 def test_a_direct_response_that_does_not_come_in_time_raises_a_timeout(cluster: Cluster) -> None:
     with CloudburstConnection(cluster.scheduler.address, timeout=DEADLINE) as conn:
-        conn.register(lambda _, seconds: time.sleep(seconds) or seconds, "pause")
+        conn.register(pause, "pause")
         assert conn.register_dag("paused", ["pause"], [])
         with pytest.raises(CloudburstTimeoutError, match=r"not accepted within 0\.5s"):
             conn.call_dag("paused", {"pause": 5.0}, direct_response=True, timeout=0.5)

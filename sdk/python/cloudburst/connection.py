@@ -720,10 +720,12 @@ class CloudburstConnection:
             args = (args,)
         arguments = [self._argument(a, f"argument {i + 1} of {name!r}") for i, a in enumerate(args)]
         frame = scheduler_service_pb2.StreamCallsRequest(
-            call_function=scheduler_service_pb2.CallFunctionRequest(name=name, arguments=arguments),
-            stream_outcome=True,
-            releasable=not self.keep_results,
+            stream_outcome=True, releasable=not self.keep_results
         )
+        request = frame.call_function  # built in place: the frame does not copy it
+        request.name = name
+        request.arguments.extend(arguments)
+        request.SetInParent()
         pending = self._traced_call(
             frame,
             f"calling {name!r}",
