@@ -3,8 +3,10 @@
 Calls travel over one ``StreamCalls`` stream (a message on an open stream costs
 a fraction of a unary call). Each call is answered once it is accepted, and
 again with its outcome when that was asked for (once, with both, when it
-finished at once). If the stream breaks, outstanding calls fail with
-UnavailableError and the next call reopens it.
+finished at once; a direct response only with its outcome). If the stream
+breaks, outstanding calls fail with UnavailableError and the next call
+reopens it. Calls sent from several threads before the loop gets to them are
+sent by one task, in one message where the scheduler reads batches.
 
 Results released by their futures (see :meth:`Core.release_when_done`) ride
 on the next call frame, or on a frame of their own after ``RELEASE_DELAY``
