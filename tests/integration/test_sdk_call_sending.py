@@ -85,3 +85,12 @@ def test_a_direct_response_that_does_not_come_in_time_raises_a_timeout(cluster: 
         with pytest.raises(CloudburstTimeoutError, match=r"not accepted within 0\.5s"):
             conn.call_dag("paused", {"pause": 5.0}, direct_response=True, timeout=0.5)
         assert conn.call_dag("paused", {"pause": 0.0}, direct_response=True) == 0.0
+
+
+def test_every_call_sent_after_the_loop_is_gone_raises(cluster: Cluster) -> None:
+    conn = CloudburstConnection(cluster.scheduler.address, timeout=DEADLINE)
+    core = conn._core
+    conn.close()
+    for _ in range(2):  # the second too: a failed sender start leaves none pending
+        with pytest.raises(RuntimeError):
+            core.send_call(dag_call("chain", 1), True)

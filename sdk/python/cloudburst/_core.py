@@ -308,7 +308,14 @@ class Core:
                 return pending  # the sender started for calls before takes this one too
             self._sender_started = True
         # A task, not a callback that starts a writer task: its first step writes.
-        self.driver.start(self._send_outbox())
+        sender = self._send_outbox()
+        try:
+            self.driver.start(sender)
+        except BaseException:  # the loop is gone: the next call must try (and fail) too
+            sender.close()
+            with self._outbox_lock:
+                self._sender_started = False
+            raise
         return pending
 
     async def _send_outbox(self) -> None:
