@@ -14,6 +14,11 @@ order, so the receiver remembers every schedule the sender refers to. At most
 call stops counting on both ends, and its next trigger carries its schedule
 again. The receiver also lets go of a schedule at its call's deadline (the
 call is over by then) but keeps counting it, so the two accounts stay alike.
+
+A call of a DAG of at most two functions never sends two triggers on one
+stream (its one source is triggered once, and triggers its one downstream
+once), so its schedule is never counted (:func:`referable`): neither end
+measures, copies or keeps it for references that cannot come.
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ def epoch_seconds(stamp: timestamp_pb2.Timestamp) -> float:
     paths convert a deadline or two per trigger.
     """
     return stamp.seconds + stamp.nanos / 1e9
+
+
+def referable(schedule: execution_pb2.DagSchedule) -> bool:
+    """Whether a stream counts ``schedule`` as carried, for later triggers to refer to.
+
+    Only a DAG of more than two functions may send a stream two triggers of one
+    call (two sources placed on one executor, two edges between the same two
+    executors); a smaller DAG sends each stream at most one. A retried call runs
+    under a new call id, so it never refers to its first run's schedule either.
+    """
+    return len(schedule.dag.functions) > 2
 
 
 class ScheduleAccount:
@@ -109,6 +125,10 @@ class SentSchedules:
     def fill(self, trigger: execution_pb2.Trigger, schedule: execution_pb2.DagSchedule) -> None:
         """Make ``trigger`` (without a schedule) carry ``schedule`` or refer to it by call id."""
         trigger.call_id = schedule.call_id
+        if not referable(schedule):
+            self.carried += 1
+            trigger.schedule.CopyFrom(schedule)
+            return
         if self._account.touch(schedule.call_id):
             self.referred += 1
             return
@@ -147,6 +167,8 @@ class ReceivedSchedules:
         self._let_go(now)
         if trigger.HasField("schedule"):
             schedule = trigger.schedule
+            if not referable(schedule):
+                return schedule  # never referred to: nothing to count or keep
             call_id = schedule.call_id
             for gone in self._account.add(call_id, schedule.ByteSize()):
                 self._schedules.pop(gone, None)

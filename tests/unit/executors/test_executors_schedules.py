@@ -25,6 +25,7 @@ from cloudburst_grpc.schedules import (
     ScheduleAccount,
     SentSchedules,
     epoch_seconds,
+    referable,
 )
 
 A, B = "executor-a", "executor-b"
@@ -220,6 +221,27 @@ def test_a_kept_schedule_does_not_keep_its_first_trigger_alive() -> None:
     assert received.resolve(execution_pb2.Trigger(call_id="call-1")) is kept
 
 
+@pytest.mark.parametrize("length", [1, 2])
+def test_a_dag_of_two_functions_or_fewer_is_never_counted(length: int) -> None:
+    """Such a call sends a stream one trigger at most: no reference to its schedule can come."""
+    schedule = chain_schedule(length, "small", time.time() + 60)
+    sent, received = SentSchedules(), ReceivedSchedules()
+    for _ in range(2):  # even a second trigger (which no sender makes) carries it again
+        trigger = execution_pb2.Trigger(target_function="c00000", outcome=value(1))
+        sent.fill(trigger, schedule)
+        assert trigger.HasField("schedule") and trigger.call_id == "small"
+        # The receiver hands on the trigger's own schedule: nothing measured, copied or kept.
+        assert received.resolve(trigger) == schedule
+    assert (sent.carried, sent.referred, len(sent), len(received)) == (2, 0, 0, 0)
+    with pytest.raises(InvalidArgumentError, match="did not carry"):
+        received.resolve(execution_pb2.Trigger(target_function="c00000", call_id="small"))
+
+
+def test_a_dag_of_three_functions_is_counted() -> None:
+    assert not referable(chain_schedule(2, "two", time.time() + 60))
+    assert referable(chain_schedule(3, "three", time.time() + 60))
+
+
 @pytest.mark.parametrize(
     "nanoseconds",
     [0, 1, 999_999_999, 1_000_000_000, 1_765_000_000_123_456_789, 4_102_444_800_999_999_999],
@@ -233,8 +255,8 @@ def test_epoch_seconds_is_the_timestamps_value_in_seconds(nanoseconds: int) -> N
 def test_a_schedule_is_let_go_at_its_deadline_read_in_seconds() -> None:
     received = ReceivedSchedules()
     now = time.time()
-    soon = chain_schedule(2, "soon", now + 0.5)
-    later = chain_schedule(2, "later", now + 60)
+    soon = chain_schedule(3, "soon", now + 0.5)
+    later = chain_schedule(3, "later", now + 60)
     for schedule in (soon, later):
         assert received.resolve(execution_pb2.Trigger(schedule=schedule)) == schedule
     assert len(received) == 2
