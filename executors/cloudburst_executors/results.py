@@ -20,7 +20,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 StreamKey = tuple[str, int]
 #: How many ended streams are remembered, so that results for them are dropped, not parked.
 ENDED_STREAMS_KEPT = 1024
+#: Sends a result to its stream; may return a write for the result's deliverer to await (an
+#: answer written on the caller's answer stream by the task that has it).
+Send = Callable[["RoutedResult"], Awaitable[None] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +71,12 @@ class ResultRouter:
         self._waiters = OutcomeWaiters()
         self._stored_keys: dict[str, str] = {}
         """Response keys of results answered to a waiter before being stored, by call id."""
-        self._streams: dict[StreamKey, Callable[[RoutedResult], None]] = {}
+        self._streams: dict[StreamKey, Send] = {}
         self._parked: dict[StreamKey, dict[str, tuple[RoutedResult, asyncio.TimerHandle]]] = {}
         """Results waiting for their stream to open, each until its call's deadline."""
         self._ended: collections.OrderedDict[StreamKey, None] = collections.OrderedDict()
+        self._writes: set[asyncio.Future[None]] = set()
+        """Writes of results that were parked, sent as their stream opened."""
 
     def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Return a future for the call's result; it fails after ``timeout`` seconds.
@@ -85,10 +90,12 @@ class ResultRouter:
         schedule: execution_pb2.DagSchedule,
         outcome: execution_pb2.Outcome,
         stored_key: str = "",
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Hand a call's result to its waiter, or to the stream its schedule names.
 
         ``stored_key``: the result is being stored there (see :meth:`stored_key`).
+        Returns the write of the result, if the stream leaves it to the caller to
+        await (see :data:`Send`).
         """
         call_id = schedule.call_id
         future = self._waiters.pop(call_id)
@@ -97,24 +104,24 @@ class ResultRouter:
                 if stored_key:
                     self._stored_keys[call_id] = stored_key
                 future.set_result(outcome)
-            return
+            return None
         key = (schedule.reply_to, schedule.reply_stream_id)
         result = RoutedResult(
             call_id, outcome, schedule.answer_stream_id, schedule.answer_sequence, stored_key
         )
         send = self._streams.get(key)
         if send is not None:
-            send(result)
-            return
+            return send(result)
         if key in self._ended:
             logger.debug("call %s: the stream %s to answer on has ended; dropped", call_id, key)
-            return
+            return None
         remaining = schedule.deadline_time.ToNanoseconds() / 1e9 - time.time()
         if remaining <= 0:
             logger.debug("call %s: past its deadline before its stream %s opened", call_id, key)
-            return
+            return None
         timer = asyncio.get_running_loop().call_later(remaining, self._expire, key, call_id)
         self._parked.setdefault(key, {})[call_id] = (result, timer)
+        return None
 
     def _expire(self, key: StreamKey, call_id: str) -> None:
         parked = self._parked.get(key)
@@ -123,15 +130,19 @@ class ResultRouter:
             if not parked:
                 del self._parked[key]
 
-    def attach(self, key: StreamKey, send: Callable[[RoutedResult], None]) -> None:
+    def attach(self, key: StreamKey, send: Send) -> None:
         """A stream opened: results for ``key`` go to ``send`` (those parked for it at once)."""
         self._streams[key] = send
         self._ended.pop(key, None)
         for result, timer in self._parked.pop(key, {}).values():
             timer.cancel()
-            send(result)
+            written = send(result)
+            if written is not None:
+                task = asyncio.ensure_future(written)
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
 
-    def detach(self, key: StreamKey, send: Callable[[RoutedResult], None]) -> None:
+    def detach(self, key: StreamKey, send: Send) -> None:
         """The stream attached with ``send`` ended: results for it are dropped from now on."""
         if self._streams.get(key) != send:
             return  # replaced by a newer stream with the same name
@@ -214,7 +225,9 @@ async def deliver(
     key = schedule.response_key
     if key and schedule.direct_response and store_after is not None:
         store_after(key, outcome)  # registered as being stored before anyone hears of it
-        results.deliver(schedule, outcome, stored_key=key)
+        written = results.deliver(schedule, outcome, stored_key=key)
+        if written is not None:
+            await written
         return
     if key:
         try:
@@ -222,7 +235,9 @@ async def deliver(
         except CloudburstError:
             logger.exception("call %s: cannot store the result", schedule.call_id)
     if schedule.direct_response:
-        results.deliver(schedule, outcome)
+        written = results.deliver(schedule, outcome)
+        if written is not None:
+            await written
 
 
 __all__ = ["ResultRouter", "RoutedResult", "deliver", "outcome_value", "store"]

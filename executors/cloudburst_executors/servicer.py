@@ -7,7 +7,7 @@ import collections
 import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -27,6 +27,7 @@ from cloudburst.v1 import (
 from cloudburst_executors.executor import Executor
 from cloudburst_executors.results import RoutedResult
 from cloudburst_grpc import telemetry
+from cloudburst_grpc.answers import AnswerWriter
 from cloudburst_grpc.config import ExecutorConfig
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.schedules import ReceivedSchedules
@@ -45,6 +46,93 @@ _STREAM_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds a note (a call answered directly, a result stored) waits for others to travel with.
 #: Notes are off the caller's path: together they cost the scheduler one message, not several.
 NOTE_DELAY_SECONDS = 0.005
+
+AnswersMessage = executor_service_pb2.StreamAnswersResponse
+
+
+class _WrittenAnswers:
+    """A caller's answer stream, written by the tasks whose calls it answers (the default).
+
+    An answer goes out from the task that produced it when no write is in
+    progress; answers that come during a write go out after it, several in one
+    message (:func:`_merge_answers`). A queue and a turn of the event loop fewer
+    per answer than a response generator.
+    """
+
+    def __init__(
+        self, context: Context[executor_service_pb2.StreamAnswersRequest, AnswersMessage]
+    ) -> None:
+        self._room = asyncio.Event()
+        self._writer = AnswerWriter[AnswersMessage](
+            context, self._room, "an answer stream", _merge_answers
+        )
+        self.ended = asyncio.Event()
+        """Set when the stream is to end (replaced, or the executor shuts down)."""
+
+    def pending(self) -> int:
+        """Answers not yet written."""
+        return self._writer.backlog()
+
+    def write(self, message: AnswersMessage) -> Awaitable[None]:
+        """Write ``message`` now, or after the write in progress."""
+        return self._writer.write(message)
+
+    def end(self) -> None:
+        """End the stream once what is pending is written."""
+        self.ended.set()
+
+    async def flush(self) -> None:
+        """Wait until every answer is written (or the stream is gone)."""
+        while self._writer.backlog():
+            self._room.clear()
+            await self._room.wait()
+
+
+class _QueuedAnswers:
+    """A caller's answer stream sent by a response generator (while tracing is on).
+
+    The tracing interceptor wraps only generators, so with tracing on the
+    answers go through a queue to the stream's generator.
+    """
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[AnswersMessage | None] = asyncio.Queue()
+
+    def pending(self) -> int:
+        """Answers not yet taken by the generator."""
+        return self.queue.qsize()
+
+    async def write(self, message: AnswersMessage) -> None:
+        """Queue ``message`` for the generator."""
+        self.queue.put_nowait(message)
+
+    def end(self) -> None:
+        """End the stream once what is queued is sent."""
+        self.queue.put_nowait(None)
+
+
+AnswerStream = _WrittenAnswers | _QueuedAnswers
+
+
+def _merge_answers(backlog: collections.deque[AnswersMessage]) -> AnswersMessage:
+    """The next message of an answer stream: the first waiting, with the answers after it.
+
+    The first message (``registered``) goes alone; at most ANSWERS_PER_MESSAGE
+    answers share one.
+    """
+    message = backlog.popleft()
+    if message.registered:
+        return message
+    answers = message.answers
+    while backlog and len(answers) < ANSWERS_PER_MESSAGE:
+        answers.extend(backlog.popleft().answers)
+    return message
+
+
+def _answer(sequence: int) -> tuple[AnswersMessage, scheduler_service_pb2.StreamCallsResponse]:
+    """A message of an answer stream with one answer, to fill in, and that answer."""
+    message = AnswersMessage()
+    return message, message.answers.add(sequence=sequence)
 
 
 class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
@@ -72,10 +160,12 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         self._closing = False
         self._batches = batches_enabled()
         """Whether trigger streams offer to read batched frames and batch their responses."""
-        self._answer_streams: dict[
-            str, asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None]
-        ] = {}
+        self._answer_streams: dict[str, AnswerStream] = {}
         """The callers' open answer streams (StreamAnswers), by answer stream id."""
+        if not telemetry.tracing():
+            # Each call's task writes its answer itself (see _WrittenAnswers). The tracing
+            # interceptor only wraps generators, so with tracing on the generator stays.
+            self.StreamAnswers = self._stream_answers_written  # type: ignore[method-assign,assignment]
         if executor is not None:
             self.executor_id = executor.executor_id
             telemetry.observe_answer_streams(self)
@@ -85,16 +175,14 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         """The callers' answer streams registered here now."""
         return len(self._answer_streams)
 
-    def _answer_stream(
-        self, stream_id: str
-    ) -> asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] | None:
-        """The queue of the caller's answer stream here, if it has one that keeps up."""
+    def _answer_stream(self, stream_id: str) -> AnswerStream | None:
+        """The caller's answer stream here, if it has one that keeps up."""
         if not stream_id:
             return None
-        queue = self._answer_streams.get(stream_id)
-        if queue is None or queue.qsize() >= MAX_QUEUED_ANSWERS:
+        stream = self._answer_streams.get(stream_id)
+        if stream is None or stream.pending() >= MAX_QUEUED_ANSWERS:
             return None
-        return queue
+        return stream
 
     async def end_streams(self, timeout: float) -> None:
         """At shutdown: let calls started from streams answer (up to ``timeout``), then end them.
@@ -107,8 +195,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             await asyncio.wait(list(self._detached), timeout=max(timeout, 0))
         for answers in list(self._streams):
             answers.put_nowait(None)
-        for queue in list(self._answer_streams.values()):
-            queue.put_nowait(None)
+        for stream in list(self._answer_streams.values()):
+            stream.end()
 
     async def ExecuteFunction(
         self,
@@ -199,14 +287,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                         ),
                     )
                 )
-                direct.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=request.answer_sequence,
-                        call_function=scheduler_service_pb2.CallFunctionResponse(
-                            response_key=request.response_key, outcome=response.outcome
-                        ),
-                    )
-                )
+                message, answer = _answer(request.answer_sequence)
+                answered = answer.call_function
+                answered.response_key = request.response_key
+                answered.outcome.CopyFrom(response.outcome)
+                await direct.write(message)
             else:
                 answers.put_nowait(
                     executor_service_pb2.StreamTriggersResponse(
@@ -227,10 +312,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     )
                 )
 
-        def send_result(result: RoutedResult) -> None:
+        def send_result(result: RoutedResult) -> Awaitable[None] | None:
             # A DAG result whose schedule names this stream (see results.ResultRouter).
             stats.dag_results += 1
             call_id, key = result.call_id, result.stored_key
+            written = None
             direct = self._answer_stream(result.answer_stream_id)
             if direct is not None:
                 # The caller's own stream is here: answer there, and tell the scheduler in a
@@ -242,14 +328,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                         )
                     )
                 )
-                direct.put_nowait(
-                    scheduler_service_pb2.StreamCallsResponse(
-                        sequence=result.answer_sequence,
-                        call_dag=scheduler_service_pb2.CallDagResponse(
-                            response_key=key, outcome=result.outcome
-                        ),
-                    )
-                )
+                message, answer = _answer(result.answer_sequence)
+                answered = answer.call_dag
+                answered.response_key = key
+                answered.outcome.CopyFrom(result.outcome)
+                written = direct.write(message)  # for the task that delivers it to await
             else:
                 answers.put_nowait(
                     executor_service_pb2.StreamTriggersResponse(
@@ -261,6 +344,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             if key:
                 # Answered first, stored after: the opener holds deletes of the key until now.
                 when_stored(executor, key, functools.partial(report_stored, key))
+            return written
 
         def report_stored(key: str) -> None:
             # Only releases wait for it: a note, in the same message as others.
@@ -354,15 +438,51 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     async def StreamAnswers(
         self,
         request: executor_service_pb2.StreamAnswersRequest,
-        context: Context[
-            executor_service_pb2.StreamAnswersRequest, executor_service_pb2.StreamAnswersResponse
-        ],
-    ) -> AsyncIterator[executor_service_pb2.StreamAnswersResponse]:
+        context: Context[executor_service_pb2.StreamAnswersRequest, AnswersMessage],
+    ) -> AsyncIterator[AnswersMessage]:
         """Register a caller's answer stream, and send it the answers routed to it until it ends.
 
         A second stream with the same id replaces the first, which ends. Past
         ``max_answer_streams`` streams, a new one is refused (a replacement is not).
+        This is the handler while tracing is on; otherwise :meth:`_stream_answers_written`
+        serves the stream the same way.
         """
+        stream = _QueuedAnswers()
+        stream_id = self._register_answers(request, stream)
+        try:
+            yield AnswersMessage(registered=True)
+            queue = stream.queue
+            while (message := await queue.get()) is not None:
+                backlog: collections.deque[AnswersMessage] = collections.deque([message])
+                while not queue.empty() and len(backlog) < ANSWERS_PER_MESSAGE:
+                    following = queue.get_nowait()
+                    if following is None:
+                        queue.put_nowait(None)  # after this message
+                        break
+                    backlog.append(following)
+                yield _merge_answers(backlog)
+        finally:
+            self._unregister_answers(stream_id, stream)
+
+    async def _stream_answers_written(
+        self,
+        request: executor_service_pb2.StreamAnswersRequest,
+        context: Context[executor_service_pb2.StreamAnswersRequest, AnswersMessage],
+    ) -> None:
+        """:meth:`StreamAnswers` with each answer written by the task of the call it answers."""
+        stream = _WrittenAnswers(context)
+        stream_id = self._register_answers(request, stream)
+        try:
+            await stream.write(AnswersMessage(registered=True))
+            await stream.ended.wait()
+            await stream.flush()
+        finally:
+            self._unregister_answers(stream_id, stream)
+
+    def _register_answers(
+        self, request: executor_service_pb2.StreamAnswersRequest, stream: AnswerStream
+    ) -> str:
+        """Register ``stream`` under the request's id (ending a stream it replaces); the id."""
         stream_id = request.answer_stream_id
         if not _STREAM_ID.fullmatch(stream_id):
             raise InvalidArgumentError(
@@ -381,26 +501,15 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 "through the scheduler instead; open the stream again later, or raise the limit",
                 {"limit": str(limit)},
             )
-        queue: asyncio.Queue[scheduler_service_pb2.StreamCallsResponse | None] = asyncio.Queue()
         replaced = self._answer_streams.get(stream_id)
         if replaced is not None:
-            replaced.put_nowait(None)
-        self._answer_streams[stream_id] = queue
-        try:
-            yield executor_service_pb2.StreamAnswersResponse(registered=True)
-            while (answer := await queue.get()) is not None:
-                message = executor_service_pb2.StreamAnswersResponse()
-                message.answers.append(answer)
-                while not queue.empty() and len(message.answers) < ANSWERS_PER_MESSAGE:
-                    following = queue.get_nowait()
-                    if following is None:
-                        queue.put_nowait(None)  # after this message
-                        break
-                    message.answers.append(following)
-                yield message
-        finally:
-            if self._answer_streams.get(stream_id) is queue:
-                del self._answer_streams[stream_id]
+            replaced.end()
+        self._answer_streams[stream_id] = stream
+        return stream_id
+
+    def _unregister_answers(self, stream_id: str, stream: AnswerStream) -> None:
+        if self._answer_streams.get(stream_id) is stream:
+            del self._answer_streams[stream_id]
 
     async def PinFunction(
         self,

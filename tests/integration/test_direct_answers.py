@@ -29,6 +29,7 @@ from cloudburst.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
+from cloudburst_executors.servicer import ExecutorServicer
 from cloudburst_grpc.local import Node, start_scheduler_node
 from cloudburst_grpc.scheduler.core import Scheduler
 from harness import Cluster, make_config
@@ -57,6 +58,16 @@ def unpicklable(_: Any, x: int) -> Any:
     return threading.Lock()
 
 
+@pytest.fixture(params=["written", "generator"])
+def handler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which StreamAnswers handler the executors use (request it before ``cluster``): each
+    call's task writes its answer (the default), or a response generator (with tracing on)."""
+    if request.param == "generator":
+        monkeypatch.setattr(
+            ExecutorServicer, "_stream_answers_written", ExecutorServicer.StreamAnswers
+        )
+
+
 def scheduler_of(cluster: Cluster) -> Scheduler:
     assert cluster.scheduler.scheduler is not None
     return cluster.scheduler.scheduler
@@ -78,7 +89,9 @@ def register(conn: CloudburstConnection) -> None:
     assert conn.register_dag("held", ["hold"], [])
 
 
-def test_calls_are_answered_directly_and_the_scheduler_forwards_nothing(cluster: Cluster) -> None:
+def test_calls_are_answered_directly_and_the_scheduler_forwards_nothing(
+    handler: None, cluster: Cluster
+) -> None:
     scheduler = scheduler_of(cluster)
     with CloudburstConnection(cluster.address, timeout=DEADLINE) as conn:
         assert conn.answer_executors == executor_ids(cluster)
@@ -274,7 +287,7 @@ def test_an_answer_goes_to_the_stream_named_or_else_to_the_scheduler(
 
 
 def test_a_lost_answer_stream_gets_each_call_its_answer_or_a_clear_error(
-    cluster: Cluster, raw: RawCaller
+    handler: None, cluster: Cluster, raw: RawCaller
 ) -> None:
     sink, _ = sink_of(cluster, "tenfold")
     held_sink, _ = sink_of(cluster, "hold")
@@ -309,7 +322,7 @@ def test_a_lost_answer_stream_gets_each_call_its_answer_or_a_clear_error(
 
 
 def test_half_close_answers_every_call_before_the_stream_ends(
-    cluster: Cluster, raw: RawCaller
+    handler: None, cluster: Cluster, raw: RawCaller
 ) -> None:
     scheduler = scheduler_of(cluster)
     sink, _ = sink_of(cluster, "tenfold")
