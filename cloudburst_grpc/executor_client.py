@@ -65,12 +65,20 @@ class ExecutorPeer(Protocol):
         ...
 
     async def trigger(
-        self, trigger: execution_pb2.Trigger, schedule: execution_pb2.DagSchedule
+        self,
+        trigger: execution_pb2.Trigger,
+        schedule: execution_pb2.DagSchedule,
+        *,
+        written: bool = False,
     ) -> None:
         """Send a DAG trigger (without a schedule) of the call ``schedule`` places.
 
         Triggers to one peer arrive in the order sent. Across processes the
         schedule crosses each stream once per call (see :mod:`cloudburst_grpc.schedules`).
+        With ``written``, the caller's task writes the trigger itself (or queues it
+        behind the write in progress) and returns once that is done: a task and a
+        turn of the event loop fewer, for a caller with nothing else to do until
+        then; it then waits while the peer does not read. Without, it never waits.
         """
         ...
 
@@ -305,12 +313,17 @@ class RemoteExecutorPeer:
             self._answers.pop(sequence, None)
 
     async def trigger(
-        self, trigger: execution_pb2.Trigger, schedule: execution_pb2.DagSchedule
+        self,
+        trigger: execution_pb2.Trigger,
+        schedule: execution_pb2.DagSchedule,
+        *,
+        written: bool = False,
     ) -> None:
         """Queue a trigger on the stream (never waits on a peer that stopped reading).
 
         It carries ``schedule`` the first time the call goes on the current stream
-        and refers to it by call id after that.
+        and refers to it by call id after that. With ``written``, it is written
+        from the caller's task instead (see :meth:`ExecutorPeer.trigger`).
         """
         stream = self._stream.open()
         if stream != self._schedules_stream:
@@ -319,7 +332,10 @@ class RemoteExecutorPeer:
         frame = executor_service_pb2.StreamTriggersRequest()
         frame.trigger.CopyFrom(trigger)
         self.schedules.fill(frame.trigger, schedule)
-        self._stream.send(frame)
+        if written:
+            await self._stream.write(frame)
+        else:
+            self._stream.send(frame)
 
     def expect_result(
         self, schedule: execution_pb2.DagSchedule, timeout: float

@@ -338,8 +338,11 @@ class Executor:
                 _annotate(current, outcome)
                 after = self._stages.ran(ready, last, outcome)
                 if isinstance(after, list):
+                    # The stage's task writes its last trigger itself (it has nothing else
+                    # to do); the others are handed to the streams' writers, so that no
+                    # downstream waits for a write to another executor.
                     for forward in after:
-                        await self._forward(forward)
+                        await self._forward(forward, written=forward is after[-1])
                 else:
                     await self._deliver(schedule, outcome)
         except Exception:
@@ -405,8 +408,8 @@ class Executor:
             self.active_calls -= 1
         return chain.last, outcome
 
-    async def _forward(self, forward: Forward) -> None:
-        """Trigger a downstream stage, here or on its executor."""
+    async def _forward(self, forward: Forward, written: bool = False) -> None:
+        """Trigger a downstream stage, here or on its executor (``written``: see the peer's)."""
         schedule = forward.schedule
         trigger = forward.trigger()
         if telemetry.tracing():
@@ -417,7 +420,7 @@ class Executor:
         executor_id = forward.executor_id
         try:
             peer = self._peers.get(executor_id, schedule.executor_addresses[executor_id])
-            await peer.trigger(trigger, schedule)
+            await peer.trigger(trigger, schedule, written=written)
         except CloudburstError as exc:
             logger.warning("call %s: cannot reach %s: %s", schedule.call_id, executor_id, exc)
             outcome = execution_pb2.Outcome(error=error_to_call_error(exc))

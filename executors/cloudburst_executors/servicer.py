@@ -593,7 +593,11 @@ class LocalExecutorPeer:
             del self._stored[response_key]
 
     async def trigger(
-        self, trigger: execution_pb2.Trigger, schedule: execution_pb2.DagSchedule
+        self,
+        trigger: execution_pb2.Trigger,
+        schedule: execution_pb2.DagSchedule,
+        *,
+        written: bool = False,
     ) -> None:
         """Hand a trigger and its call's schedule to the executor (neither is copied)."""
         self._executor.trigger(trigger, schedule)

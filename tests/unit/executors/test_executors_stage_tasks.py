@@ -29,7 +29,9 @@ class BrokenPeer:
 
     address = "127.0.0.1:1"
 
-    async def trigger(self, trigger: execution_pb2.Trigger, schedule: Any) -> None:
+    async def trigger(
+        self, trigger: execution_pb2.Trigger, schedule: Any, *, written: bool = False
+    ) -> None:
         raise RuntimeError("the peer broke")
 
 
