@@ -41,6 +41,11 @@ class AnswerBatcher:
         """The caller reads batched answers: batch those that queue up from now on."""
         self._batching = self._enabled
 
+    @property
+    def offering(self) -> bool:
+        """Whether the next message is yet to tell the caller that this stream reads batches."""
+        return self._offer
+
     def next_message(self, backlog: collections.deque[Any]) -> Any:
         """Take the next message to send from ``backlog`` (not empty; None never first)."""
         message = take_batch(backlog) if self._batching else backlog.popleft()

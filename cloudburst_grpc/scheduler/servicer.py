@@ -245,7 +245,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         async def read() -> None:
             try:
                 await self._read_calls(
-                    request_iterator, emit, calls, backlog.__len__, room, batcher.reads_batches
+                    request_iterator, emit, calls, backlog.__len__, room, batcher
                 )
             finally:
                 backlog.append(None)
@@ -280,7 +280,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         calls: set[asyncio.Task[None]] = set()
         try:
             await self._read_calls(
-                request_iterator, writer.write, calls, writer.backlog, room, batcher.reads_batches
+                request_iterator, writer.write, calls, writer.backlog, room, batcher
             )
         finally:
             for task in list(calls):
@@ -294,12 +294,14 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         calls: set[asyncio.Task[None]],
         backlog: Callable[[], int],
         room: asyncio.Event,
-        reads_batches: Callable[[], None] | None = None,
+        batcher: AnswerBatcher | None = None,
     ) -> None:
         """Serve every frame of a stream in a task of its own; return once all are answered.
 
-        A message that carries a batch is served frame by frame. ``reads_batches``
-        is called once, on the first frame whose caller says it reads batched answers.
+        A message that carries a batch is served frame by frame. ``batcher`` hears
+        of the first frame whose caller says it reads batched answers; if the caller
+        is yet to be told that this stream reads batched calls, an answer of no call
+        (sequence 0) tells it at once.
 
         Flow control: while the stream has ``max_unanswered_calls`` calls running
         or answers not yet written (``backlog``), no further frame is read, so a
@@ -321,9 +323,14 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             async for message in request_iterator:
                 # A batch carries frames to serve in order as if each came alone.
                 for frame in message.batch or (message,):
-                    if reads_batches is not None and frame.reads_batches:
-                        reads_batches()
-                        reads_batches = None
+                    if batcher is not None and frame.reads_batches:
+                        batcher.reads_batches()
+                        if batcher.offering:
+                            # Told now, not with a first answer that may never come (a
+                            # sink answers the caller on its answer stream), so that the
+                            # caller batches its calls from the next ones on.
+                            await emit(Answer())
+                        batcher = None
                     if frame.release_keys:
                         self._release(frame.release_keys, releasable)
                     if frame.answered_sequences and routes is not None:

@@ -67,6 +67,10 @@ def exchange(node: Node, messages: list[Request]) -> list[Response]:
         try:
             for message in answers:
                 received.append(message)
+                if message.sequence == 0 and not message.batch:
+                    # An answer of no call: it only tells the caller that batches are read.
+                    assert message.reads_batches and message.WhichOneof("answer") is None
+                    continue
                 for answer in message.batch or [message]:
                     assert answer.WhichOneof("answer") == "call_function", answer
                     outcomes += answer.call_function.HasField("outcome")
@@ -117,7 +121,8 @@ def node(request: pytest.FixtureRequest, start_node: Callable[..., Node]) -> Ite
 
 def test_a_caller_that_does_not_read_batches_gets_every_answer_alone(node: Node) -> None:
     received = exchange(node, [call(n, reads_batches=False) for n in range(1, CALLS + 1)])
-    assert received[0].reads_batches  # the scheduler offers to read batched calls
+    # The scheduler offers to read batched calls on its first answer, of a call.
+    assert received[0].reads_batches and received[0].sequence == 1
     assert not any(message.batch for message in received)
     check_answers(received)
 
@@ -129,7 +134,11 @@ def test_calls_sent_in_batches_are_served_and_answered_in_batches(node: Node) ->
         batch.batch.extend(call(n, reads_batches=True) for n in range(start, start + 50))
         messages.append(batch)
     received = exchange(node, messages)
-    assert received[0].reads_batches
+    # A caller that reads batches is told at once, in an answer of no call: the first
+    # answer of a call may be long in coming (or never come, when an executor answers).
+    assert received[0].reads_batches and received[0].sequence == 0
+    assert received[0].WhichOneof("answer") is None and not received[0].batch
+    assert not any(message.reads_batches for message in received[1:])
     # Fifty calls placed at once answer faster than one write at a time.
     assert any(message.batch for message in received)
     for message in received:
