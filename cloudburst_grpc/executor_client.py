@@ -123,49 +123,69 @@ class ExecutorPeer(Protocol):
 
 
 class OutcomeWaiters:
-    """Futures for the sink results of DAG calls, by call id, each failing after its timeout."""
+    """Futures for the sink results of DAG calls, by call id, each failing after its timeout.
+
+    One timer serves them all, rather than one per call: it fires at the earliest
+    deadline it knows of, fails every waiter past its deadline and sets itself for
+    the next one. A result that comes in time costs no timer at all. Call ids are
+    unique (a call run again gets a new one).
+    """
 
     def __init__(self) -> None:
-        self._waiting: dict[
-            str, tuple[asyncio.Future[execution_pb2.Outcome], asyncio.TimerHandle]
-        ] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[execution_pb2.Outcome], float, float]] = {}
+        """Each waiter's future, deadline (the loop's clock) and timeout, by call id."""
+        self._sweep: asyncio.TimerHandle | None = None
+        """Fires at (or before) the earliest deadline of ``_waiting``; None while none waits."""
 
     def expect(self, call_id: str, timeout: float) -> asyncio.Future[execution_pb2.Outcome]:
         """Return a future for the call's result; it fails after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
-        expiry = loop.call_later(timeout, self._expire, call_id, future, timeout)
-        self._waiting[call_id] = (future, expiry)
+        deadline = loop.time() + timeout
+        self._waiting[call_id] = (future, deadline, timeout)
+        sweep = self._sweep
+        if sweep is None or deadline < sweep.when():
+            if sweep is not None:
+                sweep.cancel()
+            self._sweep = loop.call_at(deadline, self._expire)
         return future
 
-    def _expire(
-        self, call_id: str, future: asyncio.Future[execution_pb2.Outcome], timeout: float
-    ) -> None:
-        # Also forgets a waiter that was cancelled meanwhile.
-        waiting = self._waiting.get(call_id)
-        if waiting is not None and waiting[0] is future:
-            del self._waiting[call_id]
-        if not future.done():
-            future.set_exception(
-                CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
-            )
+    def _expire(self) -> None:
+        """Fail the waiters past their deadline (forgetting cancelled ones); set the next sweep."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired: list[str] = []
+        earliest: float | None = None
+        for call_id, (_, deadline, _) in self._waiting.items():
+            if deadline <= now:
+                expired.append(call_id)
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        for call_id in expired:
+            future, _, timeout = self._waiting.pop(call_id)
+            if not future.done():
+                future.set_exception(
+                    CloudburstTimeoutError(f"call {call_id} did not finish within {timeout:.1f}s")
+                )
+        if earliest is not None and self._sweep is None:
+            self._sweep = loop.call_at(earliest, self._expire)
 
     def pop(self, call_id: str) -> asyncio.Future[execution_pb2.Outcome] | None:
-        """The call's waiter (its timeout stopped), if one waits; it is forgotten here."""
+        """The call's waiter, if one waits; it is forgotten here (its deadline no longer counts)."""
         waiting = self._waiting.pop(call_id, None)
-        if waiting is None:
-            return None
-        future, expiry = waiting
-        expiry.cancel()
-        return future
+        return None if waiting is None else waiting[0]
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every waiter with ``error`` and forget them all."""
-        for future, expiry in self._waiting.values():
-            expiry.cancel()
+        waiting = list(self._waiting.values())
+        self._waiting.clear()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for future, _, _ in waiting:
             if not future.done():
                 future.set_exception(error)
-        self._waiting.clear()
 
     def __len__(self) -> int:
         return len(self._waiting)
