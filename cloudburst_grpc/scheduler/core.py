@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import re
 import time
 from collections.abc import Coroutine, Iterable, Mapping
@@ -670,26 +671,34 @@ class Scheduler:
             schedule = execution_pb2.DagSchedule()
             # A sink whose result is stored here answers without storing it.
             key = "" if call.stored_here else call.response_key
-            sink = await self._place_dag(request, call_id, key, call.limit, schedule)
+            plan, placed = await self._place_dag(request, call_id, key, call.limit, schedule)
             self._follow_dag(
-                call, schedule, sink, result, schedule.dag.retries if retries is None else retries
+                call,
+                schedule,
+                placed,
+                plan.topology.sink,
+                result,
+                plan.dag.retries if retries is None else retries,
             )
             # Each peer sends the schedule once per stream (a source's trigger refers to it
             # after that), so many sources on one executor do not each carry the whole DAG.
-            for source in self._sources(schedule):
+            for source in plan.topology.sources:
                 trigger = execution_pb2.Trigger(target_function=source, call_id=call_id)
                 telemetry.inject(trigger.trace_context)
-                await self.pool.peer(schedule.placements[source]).trigger(trigger, schedule)
+                await self.pool.peer(placed[source]).trigger(trigger, schedule)
 
     def _follow_dag(
         self,
         call: _DagCall,
         schedule: execution_pb2.DagSchedule,
+        placed: Mapping[str, str],
         sink: str,
         result: asyncio.Future[execution_pb2.Outcome],
         retries: int,
     ) -> None:
         """Settle ``result`` with the DAG call's outcome, at once if one of its executors is lost.
+
+        ``placed`` is the schedule's placements (executor ids by function).
 
         The sink reports every call's end here (``direct_response`` is always
         set), by the route the schedule names, so the scheduler knows which
@@ -741,8 +750,8 @@ class Scheduler:
                     self._store_answered(call.response_key, outcome, call.stored)
                 result.set_result(outcome)
 
-        watch = self.pool.track(schedule.placements.values(), on_lost)
-        peer = self.pool.peer(schedule.placements[sink])
+        watch = self.pool.track(placed.values(), on_lost)
+        peer = self.pool.peer(placed[sink])
         if call.stored is not None and not call.stored_here:
             attempt = call.attempt = peer.expect_stored(call.response_key)
 
@@ -783,9 +792,6 @@ class Scheduler:
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
 
-    def _sources(self, schedule: execution_pb2.DagSchedule) -> tuple[str, ...]:
-        return self._topology(schedule.dag).sources
-
     def _topology(self, dag: function_pb2.Dag) -> dag_rules.Topology:
         """The topology of a DAG version, computed once (DAGs are immutable per version)."""
         return self._topologies.get(dag)
@@ -797,11 +803,13 @@ class Scheduler:
         response_key: str,
         limit: float,
         schedule: execution_pb2.DagSchedule,
-    ) -> str:
-        """Fill ``schedule`` with a DAG call's placement; return the DAG's sink."""
+    ) -> tuple[_Plan, dict[str, str]]:
+        """Fill ``schedule`` with a DAG call's placement; return its plan and placements."""
         dag = await self.get_dag(request.name)
         topo = self._topology(dag)
-        functions = tuple([await self.get_function(name) for name in topo.upstream_first])
+        functions = self.registry.cached_functions(topo.upstream_first)
+        if functions is None:
+            functions = tuple([await self.get_function(name) for name in topo.upstream_first])
         unknown = [f for f in request.function_arguments if f not in topo.upstreams]
         if unknown:
             raise InvalidArgumentError(
@@ -809,7 +817,8 @@ class Scheduler:
                 f"{request.name!r} does not contain; its functions are {', '.join(dag.functions)}",
                 {"dag": request.name},
             )
-        schedule.CopyFrom(self._plan(dag, topo, functions).template)
+        plan = self._plan(dag, topo, functions)
+        schedule.CopyFrom(plan.template)
         schedule.call_id = call_id
         schedule.response_key = response_key
         # The sink always reports the end of the call, so the scheduler knows what still runs.
@@ -834,11 +843,9 @@ class Scheduler:
             upstreams = topo.upstreams[name]
             near = placed[upstreams[0]] if upstreams else None
             view = policy.place(name, keys, pinned or views, near=near)
-            placed[name] = view.executor_id
-            if view.executor_id not in schedule.executor_addresses:
-                schedule.executor_addresses[view.executor_id] = view.address
-        schedule.placements.update(placed)
-        return topo.sink
+            placed[name] = schedule.placements[name] = view.executor_id
+            schedule.executor_addresses[view.executor_id] = view.address
+        return plan, placed
 
     def _plan(
         self,
@@ -852,7 +859,7 @@ class Scheduler:
             plan is not None
             and plan.dag is dag
             and len(plan.functions) == len(functions)
-            and all(a is b for a, b in zip(plan.functions, functions, strict=True))
+            and all(map(operator.is_, plan.functions, functions))
         ):
             return plan
         template = execution_pb2.DagSchedule()
@@ -862,7 +869,7 @@ class Scheduler:
             template.function_versions[name] = function.version
         if len(self._plans) > 4096:
             self._plans.clear()
-        plan = self._plans[dag.name] = _Plan(dag, functions, template)
+        plan = self._plans[dag.name] = _Plan(dag, topo, functions, template)
         return plan
 
     def _timeout(self, timeout: float | None) -> float:
@@ -921,6 +928,7 @@ class _Plan:
     """
 
     dag: function_pb2.Dag
+    topology: dag_rules.Topology
     functions: tuple[function_pb2.Function, ...]
     """The DAG's functions, upstream first."""
     template: execution_pb2.DagSchedule
