@@ -428,24 +428,23 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         answer_to = AnswerTo(routes, frame.sequence) if routes is not None and awaited else None
         # A caller that had the outcome streamed and will not release the result keeps it.
         expire = frame.releasable or not frame.stream_outcome
-        body: scheduler_service_pb2.CallFunctionResponse | scheduler_service_pb2.CallDagResponse
         if kind == "call_function":
             accepted = await self._scheduler.call_function(
                 frame.call_function, awaited, None, frame.trace_context, expire, answer_to=answer_to
             )
-            body = scheduler_service_pb2.CallFunctionResponse(response_key=accepted.response_key)
         else:
             accepted = await self._scheduler.call_dag(
                 frame.call_dag, awaited, None, frame.trace_context, expire, answer_to=answer_to
             )
-            body = scheduler_service_pb2.CallDagResponse(response_key=accepted.response_key)
 
-        def answer() -> scheduler_service_pb2.StreamCallsResponse:
-            if isinstance(body, scheduler_service_pb2.CallFunctionResponse):
-                return scheduler_service_pb2.StreamCallsResponse(
-                    sequence=frame.sequence, call_function=body
-                )
-            return scheduler_service_pb2.StreamCallsResponse(sequence=frame.sequence, call_dag=body)
+        def answer(outcome: execution_pb2.Outcome | None = None) -> Answer:
+            """The call's answer, built in place (an outcome is copied once, into it)."""
+            message = Answer(sequence=frame.sequence)
+            body = message.call_function if kind == "call_function" else message.call_dag
+            body.response_key = accepted.response_key
+            if outcome is not None:
+                body.outcome.CopyFrom(outcome)
+            return message
 
         if accepted.outcome is not None and frame.releasable and not direct and not named:
             # Releasable from now: an outcome answered directly reaches the caller (and its
@@ -468,8 +467,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 if lost is not None:
                     await emit(Answer(sequence=frame.sequence, error=error_to_call_error(lost)))
                 return
-            body.outcome.CopyFrom(outcome)
-            await emit(answer())
+            await emit(answer(outcome))
 
 
 async def _emit_all(emit: Emit, answers: list[Answer]) -> None:
