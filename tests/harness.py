@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 
 from cloudburst.transport import ClientSecurity
 from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
@@ -276,6 +278,16 @@ def consul_binary() -> str:
     if result.returncode != 0:
         raise RuntimeError(f"building consul failed:\n{result.stderr[-4000:]}")
     return result.stdout.strip().splitlines()[-1]
+
+
+def required_tool(name: str) -> str:
+    """The path of the program ``name`` on PATH; a test without it fails in CI, else skips."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI for the client tests")
+        pytest.skip(f"{name} is not installed")
+    return path
 
 
 def free_ports(count: int) -> list[int]:

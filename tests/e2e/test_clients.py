@@ -10,8 +10,6 @@ Without Go or Node the tests skip, except under CI, where they fail.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import pytest
 
 from cloudburst import CloudburstConnection
-from harness import ServeProcess
+from harness import ServeProcess, required_tool
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,15 +37,6 @@ def poly_describe(_: object, summary: dict[str, Any]) -> dict[str, Any]:
 
 def poly_set(_: object) -> set[int]:
     return {1, 2}
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI for the client tests")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +84,7 @@ def _check(summary: dict[str, Any], label: str, address: str) -> None:
 def test_go_client_calls_a_python_dag_and_uses_the_kvs(
     server: ServeProcess, tmp_path: Path
 ) -> None:
-    go = _tool("go")
+    go = required_tool("go")
     binary = tmp_path / "polyglot"
     subprocess.run(
         [go, "build", "-o", str(binary), "./examples/polyglot"],
@@ -108,7 +97,7 @@ def test_go_client_calls_a_python_dag_and_uses_the_kvs(
 
 
 def test_typescript_client_calls_a_python_dag_and_uses_the_kvs(server: ServeProcess) -> None:
-    node = _tool("node")
+    node = required_tool("node")
     program = ROOT / "sdk" / "typescript" / "dist" / "test" / "polyglot.js"
     if not program.exists():
         pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")

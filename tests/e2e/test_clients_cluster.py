@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import threading
@@ -30,7 +29,7 @@ import pytest
 from cloudburst import CloudburstConnection
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from faults import resume_and_kill
-from harness import CbgrpcProcess, free_ports, running_process_cluster
+from harness import CbgrpcProcess, free_ports, required_tool, running_process_cluster
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,15 +59,6 @@ CLIENT_VARIABLES = (
 )
 
 Launcher = Callable[..., "Driver"]
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI for the client tests")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 class Driver:
@@ -160,7 +150,7 @@ class Driver:
 
 @pytest.fixture(scope="module")
 def go_driver(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    go = _tool("go")
+    go = required_tool("go")
     binary = tmp_path_factory.mktemp("go") / "clientdriver"
     subprocess.run(
         [go, "build", "-o", str(binary), "./internal/clientdriver"],
@@ -180,7 +170,7 @@ def launch(request: pytest.FixtureRequest) -> Iterator[Launcher]:
         program = ROOT / "sdk" / "typescript" / "dist" / "test" / "driver.js"
         if not program.exists():
             pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")
-        command = [_tool("node"), str(program)]
+        command = [required_tool("node"), str(program)]
     started: list[Driver] = []
 
     def start(address: str, mode: str = "default", env: dict[str, str] | None = None) -> Driver:

@@ -7,8 +7,6 @@ Every process is stopped by PID at teardown.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.protocol import PROTOCOL_ENV, protocol_version
-from harness import CbgrpcProcess, ConsulAgent, consul_binary, executors_of
+from harness import CbgrpcProcess, ConsulAgent, consul_binary, executors_of, required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = protocol_version()
@@ -149,22 +147,13 @@ def test_a_scheduler_leaves_a_discovered_executor_of_another_release_out(
         agent.stop()
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is required in CI for the client tests")
-        pytest.skip(f"{name} is not installed")
-    return path
-
-
 def test_the_go_and_typescript_clients_of_another_release_are_refused(
     processes: Processes, tmp_path: Path
 ) -> None:
     serve = processes.start("serve", "--storage", "memory", env=OTHER_ENV)
     binary = tmp_path / "polyglot"
     subprocess.run(
-        [_tool("go"), "build", "-o", str(binary), "./examples/polyglot"],
+        [required_tool("go"), "build", "-o", str(binary), "./examples/polyglot"],
         cwd=ROOT / "sdk" / "go",
         check=True,
         timeout=600,
@@ -172,7 +161,7 @@ def test_the_go_and_typescript_clients_of_another_release_are_refused(
     program = ROOT / "sdk" / "typescript" / "dist" / "test" / "polyglot.js"
     if not program.exists():
         pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")
-    for command in ([str(binary)], [_tool("node"), str(program)]):
+    for command in ([str(binary)], [required_tool("node"), str(program)]):
         done = subprocess.run(
             [*command, serve.address, "some_dag"], capture_output=True, text=True, timeout=240
         )
