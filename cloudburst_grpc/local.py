@@ -633,6 +633,8 @@ async def start_executor_node(
             executor.allow_values(int(limits.max_value_bytes))
         except ProtocolMismatchError as exc:
             # A KVS of another release: this executor could not run anything.
+            if protocol.ROLE_KEY not in exc.metadata:
+                raise  # not a KVS's refusal: Consul knows only KVS of other releases
             kvs_peer = f"the KVS at {endpoint.address}"
             raise ProtocolMismatchError(protocol.refused_by(kvs_peer, exc), exc.metadata) from None
         except CloudburstError as exc:
@@ -748,7 +750,7 @@ async def start_scheduler_node(
 
 
 #: The Consul service meta key that holds the wire protocol version a node speaks.
-PROTOCOL_META = "protocol"
+PROTOCOL_META = protocol.META_KEY
 
 
 def _same_protocol(instance: Instance) -> bool:
@@ -756,10 +758,10 @@ def _same_protocol(instance: Instance) -> bool:
 
     One that speaks another is logged, once, and left out.
     """
-    theirs = instance.meta.get(PROTOCOL_META)
-    ours = str(protocol.protocol_version())
-    if theirs is None or theirs == ours:
+    if protocol.same_release(instance.meta):
         return True
+    theirs = instance.meta[PROTOCOL_META]
+    ours = str(protocol.protocol_version())
     key = (instance.service_id, theirs)
     if key not in _OTHER_PROTOCOLS:
         _OTHER_PROTOCOLS.add(key)

@@ -26,7 +26,7 @@ from cloudburst.errors import ProtocolMismatchError, UnavailableError
 from cloudburst.rpc import UNAVAILABLE_HINT
 from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc.config import Config
-from cloudburst_grpc.discovery.consul import ServiceWatch
+from cloudburst_grpc.discovery.consul import Instance, ServiceWatch
 from cloudburst_grpc.kvs_access import USER
 from cloudburst_grpc.security.identity import KVS
 from cloudburst_grpc.security.tls import CertificateSource
@@ -151,7 +151,9 @@ class KvsEndpoint:
     leaves, the next call goes to another. An instance that a call found
     unreachable is set aside for :data:`SET_ASIDE_SECONDS` while others pass,
     so callers move on at once instead of waiting for Consul's health check to
-    fail it.
+    fail it. Only instances of this process's release are used (their Consul
+    meta names its wire protocol version, or none); when only instances of
+    other releases pass, calls fail with ProtocolMismatchError naming them.
     """
 
     def __init__(
@@ -179,6 +181,8 @@ class KvsEndpoint:
         """The clients of those channels, until their channel closes."""
         self._set_aside: dict[str, float] = {}
         self._generation = 0
+        self._logged_releases: set[str] = set()
+        """The accounts of instances of other releases already logged."""
 
     @property
     def retired(self) -> int:
@@ -195,7 +199,9 @@ class KvsEndpoint:
             address = self._fixed
         else:
             assert self._watch is not None
-            instances = self._watch.instances or await self._watch.wait_for(bool, 30.0)
+            instances = self._of_this_release(
+                self._watch.instances or await self._watch.wait_for(bool, 30.0)
+            )
             now = time.monotonic()
             addresses = [
                 i.address for i in instances if self._set_aside.get(i.address, 0.0) <= now
@@ -227,6 +233,33 @@ class KvsEndpoint:
             self._client = KvsClient(self._channel, name=f"the KVS at {address}")
         return self._channel
 
+    def _of_this_release(self, instances: list[Instance]) -> list[Instance]:
+        """The instances of this process's release among ``instances`` (which are not empty).
+
+        Raises:
+            ProtocolMismatchError: All of them are of other releases; the error names them.
+        """
+        ours = [i for i in instances if protocol.same_release(i.meta)]
+        if ours:
+            return ours
+        version = protocol.protocol_version()
+        found = ", ".join(
+            f"{i.service_id} at {i.address} speaks {i.meta[protocol.META_KEY]}"
+            for i in sorted(instances, key=lambda i: i.service_id)
+        )
+        message = (
+            f"Consul knows no passing KVS of this process's cloudburst-grpc wire protocol "
+            f"{version}, only of other releases ({found}); {protocol.ADVICE}"
+        )
+        if message not in self._logged_releases and len(self._logged_releases) < 64:
+            self._logged_releases.add(message)
+            logger.error("%s", message)
+        versions = sorted({i.meta[protocol.META_KEY] for i in instances})
+        raise ProtocolMismatchError(
+            message,
+            {protocol.SERVER_KEY: ",".join(versions), protocol.CLIENT_KEY: str(version)},
+        )
+
     @property
     def address(self) -> str:
         """The address of the KVS instance in use ("the KVS tier" before one is chosen)."""
@@ -252,7 +285,11 @@ class KvsEndpoint:
         """
         if self._watch is None or channel is not self._channel or self._address is None:
             return False
-        others = [i for i in self._watch.instances if i.address != self._address]
+        others = [
+            i
+            for i in self._watch.instances
+            if i.address != self._address and protocol.same_release(i.meta)
+        ]
         if not others:
             return False
         self._set_aside[self._address] = time.monotonic() + SET_ASIDE_SECONDS

@@ -11,16 +11,21 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
+from cloudburst.errors import ProtocolMismatchError, UnavailableError
 from cloudburst.protocol import PROTOCOL_ENV, protocol_version
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from harness import CbgrpcProcess, ConsulAgent, consul_binary, executors_of, required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = protocol_version()
 OTHER = OURS + 1
 OTHER_ENV = {PROTOCOL_ENV: str(OTHER)}
+#: Fast Consul health checks, so Consul notices a lost process within seconds.
+CHECK = ("--consul-check-interval", "1")
 ADVICE = "run one release across the deployment (see docs/operations.md#upgrades)"
 
 
@@ -141,6 +146,124 @@ def test_a_scheduler_leaves_a_discovered_executor_of_another_release_out(
             plus_one = cloud.register(_plus_one, "plus_one")
             assert [plus_one(i).get(timeout=60) for i in range(4)] == [1, 2, 3, 4]
         assert scheduler.stderr().count("executor executor-old at ") == 1
+    finally:
+        for proc in reversed(processes.procs):
+            proc.kill()
+        agent.stop()
+
+
+def _stored_at(address: str, key: str) -> bool:
+    """Whether the KVS at ``address`` holds a user key (asked without a protocol version)."""
+    with grpc.insecure_channel(address) as channel:
+        response = kvs_service_pb2_grpc.KvsServiceStub(channel).GetValue(
+            kvs_service_pb2.GetValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER),
+            timeout=30,
+        )
+    return response.found
+
+
+def _passing(agent: ConsulAgent, service: str, addresses: set[str]) -> None:
+    """Wait until exactly ``addresses`` pass as ``service`` in Consul."""
+    agent.wait(
+        f"/v1/health/service/{service}?passing=true",
+        lambda body: (
+            {f"{e['Service']['Address']}:{e['Service']['Port']}" for e in body} == addresses
+        ),
+    )
+
+
+def test_a_consul_client_uses_only_schedulers_of_its_release(processes: Processes) -> None:
+    agent = ConsulAgent(consul_binary())
+    try:
+        consul = {"CONSUL_HTTP_ADDR": agent.address}
+        kvs = processes.start("kvs", "--storage", "memory")
+        executor = processes.start("executor", "--kvs", kvs.address, "--id", "executor-current")
+        current = processes.start(
+            "scheduler", "--kvs", kvs.address, "--executor", executor.address, *CHECK, env=consul
+        )
+        # A scheduler of the other release, with a KVS and an executor of its own release.
+        old_kvs = processes.start("kvs", "--storage", "memory", env=OTHER_ENV)
+        old_executor = processes.start(
+            "executor", "--kvs", old_kvs.address, "--id", "executor-old", env=OTHER_ENV
+        )
+        old = processes.start(
+            "scheduler",
+            "--kvs",
+            old_kvs.address,
+            "--executor",
+            old_executor.address,
+            *CHECK,
+            env={**consul, **OTHER_ENV},
+        )
+        _passing(agent, "cloudburst-scheduler", {current.address, old.address})
+        # Each connection picks a passing scheduler at random among those of its release.
+        for _ in range(8):
+            with CloudburstConnection(f"consul://{agent.address}") as cloud:
+                assert cloud.address == current.address
+        # Objects through the scheduler, so that losing it is noticed by put_object.
+        with CloudburstConnection(
+            f"consul://{agent.address}", timeout=30, direct_kvs=False
+        ) as cloud:
+            plus_one = cloud.register(_plus_one, "plus_one")
+            assert plus_one(1).get(timeout=60) == 2
+            current.kill()
+            _passing(agent, "cloudburst-scheduler", {old.address})
+            # Failover finds only a scheduler of another release: it stays where it was, and
+            # the operation fails as the scheduler's loss, not as the other release's refusal.
+            with pytest.raises(UnavailableError) as lost:
+                cloud.put_object("after", 1)
+            assert type(lost.value) is UnavailableError, lost.value
+            assert cloud.address == current.address
+        with pytest.raises(ProtocolMismatchError) as caught:
+            CloudburstConnection(f"consul://{agent.address}")
+        message = str(caught.value)
+        assert (
+            f"Consul at http://{agent.address} knows only cloudburst-schedulers of another "
+            f"release (wire protocol {OTHER} at {old.address}); this SDK speaks "
+            f"cloudburst-grpc wire protocol {OURS}: use the SDK of the cluster's release"
+        ) in message
+        assert "docs/operations.md#upgrades" in message
+    finally:
+        for proc in reversed(processes.procs):
+            proc.kill()
+        agent.stop()
+
+
+def test_processes_use_a_discovered_kvs_of_their_release(processes: Processes) -> None:
+    agent = ConsulAgent(consul_binary())
+    try:
+        consul = {"CONSUL_HTTP_ADDR": agent.address}
+        # Consul lists instances by service id: the other release's KVS comes first.
+        old_kvs = processes.start(
+            "kvs", "--storage", "memory", "--id", "kvs-a-old", *CHECK, env={**consul, **OTHER_ENV}
+        )
+        kvs = processes.start(
+            "kvs", "--storage", "memory", "--id", "kvs-b-current", *CHECK, env=consul
+        )
+        _passing(agent, "cloudburst-kvs", {old_kvs.address, kvs.address})
+        executor = processes.start("executor", "--id", "executor-current", *CHECK, env=consul)
+        scheduler = processes.start("scheduler", *CHECK, env=consul)
+        executors_of(scheduler.address, lambda pool: pool == {executor.address})
+        with CloudburstConnection(scheduler.address, direct_kvs=False) as cloud:
+            plus_one = cloud.register(_plus_one, "plus_one")
+            assert [plus_one(i).get(timeout=60) for i in range(3)] == [1, 2, 3]
+            assert cloud.put_object("stored", 7)
+        # The object is in the KVS of this release, not in the other.
+        assert [_stored_at(address, "stored") for address in (kvs.address, old_kvs.address)] == [
+            True,
+            False,
+        ]
+
+        # A process of a third release finds no KVS of its own and says which it found.
+        third = str(OTHER + 1)
+        with pytest.raises(RuntimeError) as caught:
+            processes.start("executor", *CHECK, env={**consul, PROTOCOL_ENV: third})
+        message = str(caught.value)
+        assert (
+            f"Consul knows no passing KVS of this process's cloudburst-grpc wire protocol "
+            f"{third}, only of other releases (kvs-a-old at {old_kvs.address} speaks {OTHER}, "
+            f"kvs-b-current at {kvs.address} speaks {OURS}); {ADVICE}"
+        ) in message
     finally:
         for proc in reversed(processes.procs):
             proc.kill()

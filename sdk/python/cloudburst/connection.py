@@ -126,8 +126,13 @@ def discover_schedulers(
     clients on a port of its own (``--client-cert-port``, in its service meta)
     is given at that port; every other at its registered port.
 
+    Only schedulers of this SDK's release are returned: those whose service
+    meta names this SDK's wire protocol version, or none (older releases). A
+    rolling upgrade thus keeps the client on schedulers it can talk to.
+
     Raises:
         UnavailableError: Consul cannot be reached or knows no passing scheduler.
+        ProtocolMismatchError: Every passing scheduler is of another release.
     """
     base = consul_base_url(consul_address)
     url = f"{base.rstrip('/')}/v1/health/service/{SCHEDULER_SERVICE}?passing=true"
@@ -143,14 +148,37 @@ def discover_schedulers(
             f"cannot ask Consul at {base} for schedulers: {exc}; check the address and token"
         ) from None
     addresses = []
+    other_releases: dict[str, list[str]] = {}
+    """The addresses of schedulers of other releases, by the version they speak."""
     for node in nodes:
         service = node["Service"]
+        meta = service.get("Meta") or {}
         host = service.get("Address") or node["Node"]["Address"]
         port = service["Port"]
-        cert_port = (service.get("Meta") or {}).get(CLIENT_CERT_PORT_META, "")
+        cert_port = meta.get(CLIENT_CERT_PORT_META, "")
         if client_cert and cert_port.isdigit():
             port = int(cert_port)
-        addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if protocol.same_release(meta):
+            addresses.append(address)
+        else:
+            other_releases.setdefault(meta[protocol.META_KEY], []).append(address)
+    if not addresses and other_releases:
+        ours = protocol.protocol_version()
+        found = "; ".join(
+            f"wire protocol {version} at {', '.join(sorted(where))}"
+            for version, where in sorted(other_releases.items())
+        )
+        raise ProtocolMismatchError(
+            f"Consul at {base} knows only {SCHEDULER_SERVICE}s of another release ({found}); "
+            f"this SDK speaks cloudburst-grpc wire protocol {ours}: use the SDK of the "
+            "cluster's release, or wait until schedulers of this SDK's release pass "
+            "(see docs/operations.md#upgrades)",
+            {
+                protocol.SERVER_KEY: ",".join(sorted(other_releases)),
+                protocol.CLIENT_KEY: str(ours),
+            },
+        )
     if not addresses:
         raise UnavailableError(
             f"Consul at {base} knows no passing {SCHEDULER_SERVICE}; is a scheduler running?"
@@ -269,11 +297,11 @@ class CloudburstConnection:
     Args:
         func_addr: ``host`` or ``host:port`` of the scheduler or its load balancer
             (default port 7600), several of them separated by commas, or
-            ``consul://host:port`` to use a passing scheduler registered in that
-            Consul agent (with ``tls_cert``, at the port it has for clients with
-            certificates, if any); stray spaces are ignored. With several schedulers (a
-            list, or Consul), losing the one in use moves the connection to
-            another: idempotent operations (reads and writes of objects,
+            ``consul://host:port`` to use a passing scheduler of this SDK's release
+            registered in that Consul agent (with ``tls_cert``, at the port it has
+            for clients with certificates, if any); stray spaces are ignored. With
+            several schedulers (a list, or Consul), losing the one in use moves the
+            connection to another: idempotent operations (reads and writes of objects,
             registering and listing functions, ``future.get()``) retry there
             once by themselves; a call that was in flight raises
             UnavailableError and the next call goes to the new scheduler.
@@ -512,6 +540,10 @@ class CloudburstConnection:
                     else self._targets
                 )
             except UnavailableError:
+                return False
+            except ProtocolMismatchError as exc:
+                # Only schedulers of another release are left: this client cannot use them.
+                logger.warning("the scheduler at %s is unavailable; %s", lost.target, exc)
                 return False
             others = [t for t in map(parse_address, found) if t != lost.target]
             if self._consul is None and others:

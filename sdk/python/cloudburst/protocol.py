@@ -52,6 +52,10 @@ CLIENT_KEY = "client_protocol"
 #: ("scheduler", "executor", "KVS", "cbgrpc serve"): a scheduler passes on the KVS's errors.
 ROLE_KEY = "server_role"
 
+#: The Consul service meta key under which every process registers the version it speaks,
+#: so that peers and clients pick processes of their own release before calling them.
+META_KEY = "protocol"
+
 _TOKEN = re.compile(rf"(?:^|\s){re.escape(PRODUCT)}/(\d{{1,9}})(?:\s|$)")
 
 
@@ -78,6 +82,17 @@ def version_in(agent: str) -> int | None:
     """The protocol version a user agent carries; None when it carries none."""
     match = _TOKEN.search(agent)
     return int(match.group(1)) if match else None
+
+
+def same_release(meta: Mapping[str, str]) -> bool:
+    """Whether a process's Consul service meta names this process's version, or none.
+
+    A process that names none comes from a release before versions were
+    registered; it is taken as it always was (a call to it is refused if it
+    speaks another version).
+    """
+    theirs = meta.get(META_KEY)
+    return theirs is None or theirs == str(protocol_version())
 
 
 def mismatch_message(server: str, server_version: int, caller: str, caller_version: int) -> str:
@@ -122,6 +137,7 @@ def log_once(logger: logging.Logger, peer: str, error: ProtocolMismatchError) ->
 
 __all__ = [
     "ADVICE",
+    "META_KEY",
     "PRODUCT",
     "PROTOCOL_ENV",
     "PROTOCOL_VERSION",
@@ -130,6 +146,7 @@ __all__ = [
     "protocol_version",
     "refusal",
     "refused_by",
+    "same_release",
     "user_agent",
     "version_in",
 ]
