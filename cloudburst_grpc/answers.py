@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -86,10 +87,20 @@ class AnswerWriter(Generic[Message]):
         self._backlog: collections.deque[Message] = collections.deque()
         self._busy = False
         self._gone = False
+        self._writing_since = 0.0
+        """When the write in progress began (``time.monotonic()``), if one is."""
 
     def backlog(self) -> int:
         """Answers waiting to be written, counting the one being written."""
         return len(self._backlog) + self._busy
+
+    def stalled(self, seconds: float) -> bool:
+        """Whether the write in progress has waited longer than ``seconds`` for the caller.
+
+        gRPC flow control holds a write while the caller does not read: its
+        window is full.
+        """
+        return self._busy and time.monotonic() - self._writing_since > seconds
 
     async def write(self, answer: Message) -> None:
         """Write ``answer`` now, or after the write in progress (by whoever is writing)."""
@@ -102,6 +113,7 @@ class AnswerWriter(Generic[Message]):
         try:
             backlog = self._backlog
             while backlog:
+                self._writing_since = time.monotonic()
                 await self._context.write(self._next_message(backlog))
                 self._room.set()
         except Exception as exc:  # whatever gRPC raises, the answer cannot be delivered

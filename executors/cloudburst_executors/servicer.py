@@ -7,6 +7,7 @@ import collections
 import functools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -42,6 +43,10 @@ ANSWERS_PER_MESSAGE = 64
 #: answers go through the scheduler (whose call stream has flow control of its own), so that a
 #: stuck caller cannot fill the executor's memory.
 MAX_QUEUED_ANSWERS = 4096
+#: Seconds a write to a caller's answer stream may wait for the caller (gRPC flow control holds
+#: it while the caller does not read) before further answers go through the scheduler instead.
+#: Those already queued stay queued, for a caller that reads again.
+STALLED_ANSWER_SECONDS = 2.0
 _STREAM_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds a note (a call answered directly, a result stored) waits for others to travel with.
 #: Notes are off the caller's path: together they cost the scheduler one message, not several.
@@ -73,6 +78,10 @@ class _WrittenAnswers:
         """Answers not yet written."""
         return self._writer.backlog()
 
+    def stalled(self, seconds: float) -> bool:
+        """Whether the caller has taken no answer for longer than ``seconds`` while some wait."""
+        return self._writer.stalled(seconds)
+
     def write(self, message: AnswersMessage) -> Awaitable[None]:
         """Write ``message`` now, or after the write in progress."""
         return self._writer.write(message)
@@ -97,10 +106,17 @@ class _QueuedAnswers:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[AnswersMessage | None] = asyncio.Queue()
+        self.sending_since = 0.0
+        """When the generator began sending its message in progress (0: none is)."""
 
     def pending(self) -> int:
         """Answers not yet taken by the generator."""
         return self.queue.qsize()
+
+    def stalled(self, seconds: float) -> bool:
+        """Whether the caller has taken no answer for longer than ``seconds`` while some wait."""
+        since = self.sending_since
+        return since > 0 and time.monotonic() - since > seconds
 
     async def write(self, message: AnswersMessage) -> None:
         """Queue ``message`` for the generator."""
@@ -180,7 +196,11 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         if not stream_id:
             return None
         stream = self._answer_streams.get(stream_id)
-        if stream is None or stream.pending() >= MAX_QUEUED_ANSWERS:
+        if (
+            stream is None
+            or stream.pending() >= MAX_QUEUED_ANSWERS
+            or stream.stalled(STALLED_ANSWER_SECONDS)
+        ):
             return None
         return stream
 
@@ -291,26 +311,22 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 answered = answer.call_function
                 answered.response_key = request.response_key
                 answered.outcome.CopyFrom(response.outcome)
-                await direct.write(message)
+                written: Awaitable[None] | None = direct.write(message)
             else:
                 answers.put_nowait(
                     executor_service_pb2.StreamTriggersResponse(
                         sequence=sequence, execute_function=response
                     )
                 )
+                written = None
             key = request.response_key
             if request.direct_response and key:
-                # Answered first, stored after: the opener holds deletes of the key until now.
-                storing = executor.storing.get(key)
-                if storing is not None:
-                    await stored(storing)
-                # Only releases wait for it: a note, in the same message as others.
-                note(
-                    executor_service_pb2.StreamTriggersResponse(
-                        sequence=sequence,
-                        result_stored=executor_service_pb2.ResultStored(response_key=key),
-                    )
-                )
+                # Answered first, stored after: the opener holds deletes of the key until its
+                # store is reported. Reported once stored, not once the answer is written: a
+                # caller that does not read its answer stream holds up neither.
+                when_stored(executor, key, functools.partial(report_stored, key))
+            if written is not None:
+                await written
 
         def send_result(result: RoutedResult) -> Awaitable[None] | None:
             # A DAG result whose schedule names this stream (see results.ResultRouter).
@@ -460,7 +476,9 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                         queue.put_nowait(None)  # after this message
                         break
                     backlog.append(following)
+                stream.sending_since = time.monotonic()
                 yield _merge_answers(backlog)
+                stream.sending_since = 0.0
         finally:
             self._unregister_answers(stream_id, stream)
 
@@ -631,22 +649,6 @@ class LocalExecutorPeer:
 
     async def close(self) -> None:
         """Nothing to release."""
-
-
-async def stored(storing: asyncio.Future[None]) -> None:
-    """Wait for a result's store to end, however it ends (it reports its own failures).
-
-    Awaited directly rather than through ``asyncio.wait``, which adds a future and a turn
-    of the event loop to every call. The store ends cancelled only as the executor
-    closes; that ends the wait like any other end, while cancelling the waiting task
-    itself still cancels it (and the store with it).
-    """
-    try:
-        await storing
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
 
 
 def _settle(future: asyncio.Future[None], _: object) -> None:

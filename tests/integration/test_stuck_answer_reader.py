@@ -1,0 +1,265 @@
+"""A caller that stops reading its answer streams holds up no executor work.
+
+gRPC flow control stops an executor's writes on an answer stream whose caller
+does not read it once the stream's window is full (a few large results). The
+results are stored and reported stored all the same, so that releases of them
+proceed; once such a stream has taken no answer for a while, the executor
+answers that caller through the scheduler instead; other callers are answered
+as ever; and a caller that reads again gets every answer exactly once, one way
+or the other.
+
+A cluster of separate gRPC servers (KVS, two executors, scheduler) in this
+process; the stuck caller speaks the wire itself and reads only its call stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from cloudburst import CloudburstConnection
+from cloudburst.serialization import deserialize, serialize
+from cloudburst.v1 import (
+    executor_service_pb2,
+    executor_service_pb2_grpc,
+    lattice_pb2,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
+from cloudburst_executors import servicer
+from cloudburst_executors.servicer import ExecutorServicer
+from cloudburst_kvs.store import LatticeStore
+from harness import Cluster
+
+DEADLINE = 60.0
+#: Results this large fill a stream's flow-control window after a few of them.
+RESULT_BYTES = 1 << 20
+#: Large results called at first, spread over both executors.
+LARGE_CALLS = 24
+USER = lattice_pb2.KEYSPACE_USER
+#: Seconds an answer stream may take no answer before the next ones go through the scheduler.
+STALL_SECONDS = 0.5
+#: Small calls made at most until one is answered through the scheduler: far fewer than the
+#: answers an executor queues for a caller before it stops using that caller's stream.
+MAX_PROBES = servicer.MAX_QUEUED_ANSWERS // 4
+#: The stuck caller takes messages of any size (answers may share one).
+UNLIMITED = [("grpc.max_receive_message_length", -1)]
+
+
+def sized(_: Any, n: int) -> bytes:
+    return b"x" * n
+
+
+class StuckCaller:
+    """Holds answer streams at every executor and never reads them; reads its call stream."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.stream_id = secrets.token_hex(16)
+        self._frames: queue.Queue[scheduler_service_pb2.StreamCallsRequest | None] = queue.Queue()
+        self._channels: list[grpc.Channel] = []
+        self.answer_streams = [self._open_answers(node.address) for node in cluster.executors]
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(self._channel(cluster.address))
+        self._calls = stub.StreamCalls(self._iterate(), timeout=4 * DEADLINE)
+        self.keys: dict[int, str] = {}
+        """Response keys by sequence, as the scheduler accepted each call."""
+        self.relayed: dict[int, bytes] = {}
+        """Outcomes that came through the scheduler, by sequence."""
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        frame = scheduler_service_pb2.StreamCallsRequest()
+        frame.answer_streams.answer_stream_id = self.stream_id
+        frame.answer_streams.executor_ids.extend(
+            node.executors[0].executor_id for node in cluster.executors
+        )
+        self._frames.put(frame)
+
+    def _channel(self, address: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(address, options=UNLIMITED)
+        self._channels.append(channel)
+        return channel
+
+    def _open_answers(self, address: str) -> Any:
+        stub = executor_service_pb2_grpc.ExecutorServiceStub(self._channel(address))
+        request = executor_service_pb2.StreamAnswersRequest(answer_stream_id=self.stream_id)
+        stream = stub.StreamAnswers(request, timeout=4 * DEADLINE)
+        assert next(stream).registered
+        return stream
+
+    def _iterate(self) -> Iterator[scheduler_service_pb2.StreamCallsRequest]:
+        while (frame := self._frames.get()) is not None:
+            yield frame
+
+    def _read(self) -> None:
+        try:
+            for answer in self._calls:
+                assert answer.WhichOneof("answer") == "call_function", answer
+                body = answer.call_function
+                with self._changed:
+                    self.keys[answer.sequence] = body.response_key
+                    if body.HasField("outcome"):
+                        self.relayed[answer.sequence] = deserialize(body.outcome.value)
+                    self._changed.notify_all()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:  # the test's end cancels it
+                raise
+
+    def call(self, sequence: int, size: int) -> None:
+        frame = scheduler_service_pb2.StreamCallsRequest(
+            sequence=sequence, stream_outcome=True, releasable=True
+        )
+        frame.call_function.name = "sized"
+        frame.call_function.arguments.add(value=serialize(size))
+        self._frames.put(frame)
+
+    def release(self, keys: list[str]) -> None:
+        self._frames.put(scheduler_service_pb2.StreamCallsRequest(release_keys=keys))
+
+    def wait(self, condition: Any, what: str) -> None:
+        deadline = time.monotonic() + DEADLINE
+        with self._changed:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"{what} within {DEADLINE}s"
+                self._changed.wait(remaining)
+
+    def read_answer_streams(self, calls: int) -> dict[int, bytes]:
+        """Read the answer streams at last, until calls 1 to ``calls`` were answered one way.
+
+        Returns the answers read there; each must come once.
+        """
+        got: queue.Queue[tuple[int, bytes]] = queue.Queue()
+
+        def drain(stream: Any) -> None:
+            try:
+                for message in stream:
+                    for answer in message.answers:
+                        value = deserialize(answer.call_function.outcome.value)
+                        got.put((answer.sequence, value))
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:  # the test's end cancels it
+                    raise
+
+        for stream in self.answer_streams:
+            threading.Thread(target=drain, args=(stream,), daemon=True).start()
+        direct: dict[int, bytes] = {}
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            with self._changed:
+                if len(direct.keys() | self.relayed.keys()) == calls:
+                    return direct
+            assert time.monotonic() < deadline, f"answers missing: {calls} calls, {len(direct)}"
+            try:
+                sequence, value = got.get(timeout=0.05)  # or a relayed answer came meanwhile
+            except queue.Empty:
+                continue
+            assert sequence not in direct, f"call {sequence} was answered twice"
+            direct[sequence] = value
+
+    def close(self) -> None:
+        self._frames.put(None)
+        for stream in self.answer_streams:
+            stream.cancel()
+        self._calls.cancel()
+        for channel in self._channels:
+            channel.close()
+
+
+@pytest.fixture(params=["written", "generator"])
+def stall(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shorter stall than the default, so that the test needs fewer calls to see one; and
+    which StreamAnswers handler the executors use (request it before ``cluster``): each call's
+    task writes its answer (the default), or a response generator (with tracing on)."""
+    monkeypatch.setattr(servicer, "STALLED_ANSWER_SECONDS", STALL_SECONDS)
+    if request.param == "generator":
+        monkeypatch.setattr(
+            ExecutorServicer, "_stream_answers_written", ExecutorServicer.StreamAnswers
+        )
+
+
+@pytest.fixture
+def stuck(cluster: Cluster) -> Iterator[StuckCaller]:
+    with CloudburstConnection(cluster.address, timeout=DEADLINE, direct_answers=False) as conn:
+        conn.register(sized, "sized")
+    caller = StuckCaller(cluster)
+    try:
+        yield caller
+    finally:
+        caller.close()
+
+
+def stored_everywhere(cluster: Cluster, keys: list[str]) -> None:
+    """Wait until every key is stored in the KVS."""
+    store = cluster.kvs.store
+    assert isinstance(store, LatticeStore)
+
+    async def wait() -> None:
+        for key in keys:
+            assert await store.wait_for(USER, key, DEADLINE) is not None, key
+
+    cluster.loop.run(wait())
+
+
+def deleted_everywhere(cluster: Cluster, keys: list[str]) -> None:
+    """Wait until every key is gone from the KVS."""
+    store = cluster.kvs.store
+    assert isinstance(store, LatticeStore)
+
+    async def wait() -> None:
+        async with store.watch(USER, keys=set(keys)) as changes:
+            left = {key for key in keys if store.get(USER, key) is not None}
+            if not left:
+                return
+            async with asyncio.timeout(DEADLINE):
+                async for change in changes:
+                    if change.deleted:
+                        left.discard(change.key)
+                    if not left:
+                        return
+
+    cluster.loop.run(wait())
+
+
+def test_a_caller_that_stops_reading_its_answers_holds_up_nothing(
+    stall: None, cluster: Cluster, stuck: StuckCaller
+) -> None:
+    for sequence in range(1, LARGE_CALLS + 1):
+        stuck.call(sequence, RESULT_BYTES)
+    stuck.wait(lambda: len(stuck.keys) == LARGE_CALLS, "every call accepted")
+    # Every result is stored, and reported stored: released, each is deleted.
+    keys = list(stuck.keys.values())
+    stored_everywhere(cluster, keys)
+    stuck.release(keys)
+    deleted_everywhere(cluster, keys)
+
+    # Other callers are answered as ever, on their own answer streams.
+    with CloudburstConnection(cluster.address, timeout=DEADLINE) as other:
+        assert len(other.answer_executors) == 2
+        for n in range(8):
+            assert other.exec_func("sized", [n]).get(timeout=DEADLINE) == b"x" * n
+
+    # The stuck caller's answers come through the scheduler once its stream has taken none for
+    # a while (not once thousands wait): call until one does (small results: cheap to wait).
+    sequence = LARGE_CALLS
+    while not stuck.relayed:
+        sequence += 1
+        assert sequence - LARGE_CALLS <= MAX_PROBES, "no answer came through the scheduler"
+        stuck.call(sequence, 1)
+        stuck.wait(lambda s=sequence: s in stuck.keys, f"call {sequence} accepted")
+    calls = sequence
+
+    # Read at last, the answer streams hold every other answer, each once.
+    direct = stuck.read_answer_streams(calls)
+    assert set(direct).isdisjoint(stuck.relayed)
+    answers = {**direct, **stuck.relayed}
+    assert sorted(answers) == list(range(1, calls + 1))
+    for sequence, value in answers.items():
+        assert value == b"x" * (RESULT_BYTES if sequence <= LARGE_CALLS else 1), sequence
