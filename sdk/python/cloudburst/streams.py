@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -246,7 +247,7 @@ class OutboxStream(Generic[Request, Response]):
             outgoing.busy = True
             await self._write(outgoing)
 
-    async def write_all(self, frames: Iterable[Request]) -> None:
+    async def write_all(self, frames: Sequence[Request]) -> None:
         """Send several frames in order, as :meth:`write` sends one.
 
         With ``batches``, where the peer reads batches, they go out in one message
@@ -256,10 +257,12 @@ class OutboxStream(Generic[Request, Response]):
             UnavailableError: The stream was closed for good.
         """
         outgoing = self._open()
-        outgoing.backlog.extend(frames)
-        if not outgoing.busy:
-            outgoing.busy = True
-            await self._write(outgoing)
+        if not frames:
+            return
+        # All but the last wait in the backlog; writing the last writes them first.
+        last = len(frames) - 1
+        outgoing.backlog.extend(itertools.islice(frames, last))
+        await self.write(frames[last])
 
     def _hand_off(self, outgoing: _Outgoing[Request], frame: Request | None) -> None:
         outgoing.backlog.append(frame)
