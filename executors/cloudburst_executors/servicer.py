@@ -18,7 +18,7 @@ from cloudburst.errors import (
     QueueFullError,
     UnavailableError,
 )
-from cloudburst.streams import batches_enabled, take_batch
+from cloudburst.streams import MAX_BATCH_BYTES, batches_enabled, take_batch
 from cloudburst.v1 import (
     execution_pb2,
     executor_service_pb2,
@@ -134,13 +134,19 @@ def _merge_answers(backlog: collections.deque[AnswersMessage]) -> AnswersMessage
     """The next message of an answer stream: the first waiting, with the answers after it.
 
     The first message (``registered``) goes alone; at most ANSWERS_PER_MESSAGE
-    answers share one.
+    answers, and no more than MAX_BATCH_BYTES of them after the first, share one:
+    a caller takes messages of one answer and of that many bytes whatever its
+    limit, so a merged message never exceeds it where single answers would not.
     """
     message = backlog.popleft()
-    if message.registered:
+    if message.registered or not backlog:
         return message
     answers = message.answers
+    size = message.ByteSize()
     while backlog and len(answers) < ANSWERS_PER_MESSAGE:
+        size += backlog[0].ByteSize()
+        if size > MAX_BATCH_BYTES:
+            break
         answers.extend(backlog.popleft().answers)
     return message
 
@@ -476,9 +482,10 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                         queue.put_nowait(None)  # after this message
                         break
                     backlog.append(following)
-                stream.sending_since = time.monotonic()
-                yield _merge_answers(backlog)
-                stream.sending_since = 0.0
+                while backlog:  # one message, or a few when the answers are large
+                    stream.sending_since = time.monotonic()
+                    yield _merge_answers(backlog)
+                    stream.sending_since = 0.0
         finally:
             self._unregister_answers(stream_id, stream)
 

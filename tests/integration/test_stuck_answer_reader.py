@@ -6,7 +6,7 @@ results are stored and reported stored all the same, so that releases of them
 proceed; once such a stream has taken no answer for a while, the executor
 answers that caller through the scheduler instead; other callers are answered
 as ever; and a caller that reads again gets every answer exactly once, one way
-or the other.
+or the other, in messages its limit takes however many answers waited.
 
 A cluster of separate gRPC servers (KVS, two executors, scheduler) in this
 process; the stuck caller speaks the wire itself and reads only its call stream.
@@ -26,7 +26,8 @@ import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst.serialization import deserialize, serialize
+from cloudburst.serialization import DEFAULT_MAX_PAYLOAD_BYTES, deserialize, serialize
+from cloudburst.transport import channel_options
 from cloudburst.v1 import (
     executor_service_pb2,
     executor_service_pb2_grpc,
@@ -50,6 +51,9 @@ STALL_SECONDS = 0.5
 #: Small calls made at most until one is answered through the scheduler: far fewer than the
 #: answers an executor queues for a caller before it stops using that caller's stream.
 MAX_PROBES = servicer.MAX_QUEUED_ANSWERS // 4
+#: Results whose answers, queued together on one stream, pass the SDK's message limit.
+QUEUED_RESULT_BYTES = 4 << 20
+QUEUED_CALLS = 24
 #: The stuck caller takes messages of any size (answers may share one).
 UNLIMITED = [("grpc.max_receive_message_length", -1)]
 
@@ -61,7 +65,8 @@ def sized(_: Any, n: int) -> bytes:
 class StuckCaller:
     """Holds answer streams at every executor and never reads them; reads its call stream."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, options: list[tuple[str, int]] = UNLIMITED) -> None:
+        self._options = options
         self.stream_id = secrets.token_hex(16)
         self._frames: queue.Queue[scheduler_service_pb2.StreamCallsRequest | None] = queue.Queue()
         self._channels: list[grpc.Channel] = []
@@ -83,7 +88,7 @@ class StuckCaller:
         self._frames.put(frame)
 
     def _channel(self, address: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(address, options=UNLIMITED)
+        channel = grpc.insecure_channel(address, options=self._options)
         self._channels.append(channel)
         return channel
 
@@ -136,7 +141,7 @@ class StuckCaller:
 
         Returns the answers read there; each must come once.
         """
-        got: queue.Queue[tuple[int, bytes]] = queue.Queue()
+        got: queue.Queue[tuple[int, bytes] | grpc.RpcError] = queue.Queue()
 
         def drain(stream: Any) -> None:
             try:
@@ -146,7 +151,7 @@ class StuckCaller:
                         got.put((answer.sequence, value))
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.CANCELLED:  # the test's end cancels it
-                    raise
+                    got.put(exc)
 
         for stream in self.answer_streams:
             threading.Thread(target=drain, args=(stream,), daemon=True).start()
@@ -158,9 +163,12 @@ class StuckCaller:
                     return direct
             assert time.monotonic() < deadline, f"answers missing: {calls} calls, {len(direct)}"
             try:
-                sequence, value = got.get(timeout=0.05)  # or a relayed answer came meanwhile
+                item = got.get(timeout=0.05)  # or a relayed answer came meanwhile
             except queue.Empty:
                 continue
+            if isinstance(item, grpc.RpcError):
+                raise AssertionError(f"an answer stream broke: {item.code()} {item.details()}")
+            sequence, value = item
             assert sequence not in direct, f"call {sequence} was answered twice"
             direct[sequence] = value
 
@@ -174,15 +182,19 @@ class StuckCaller:
 
 
 @pytest.fixture(params=["written", "generator"])
-def stall(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A shorter stall than the default, so that the test needs fewer calls to see one; and
-    which StreamAnswers handler the executors use (request it before ``cluster``): each call's
-    task writes its answer (the default), or a response generator (with tracing on)."""
-    monkeypatch.setattr(servicer, "STALLED_ANSWER_SECONDS", STALL_SECONDS)
+def handler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which StreamAnswers handler the executors use (request it before ``cluster``): each
+    call's task writes its answer (the default), or a response generator (with tracing on)."""
     if request.param == "generator":
         monkeypatch.setattr(
             ExecutorServicer, "_stream_answers_written", ExecutorServicer.StreamAnswers
         )
+
+
+@pytest.fixture
+def stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shorter stall than the default, so that the test needs fewer calls to see one."""
+    monkeypatch.setattr(servicer, "STALLED_ANSWER_SECONDS", STALL_SECONDS)
 
 
 @pytest.fixture
@@ -229,7 +241,7 @@ def deleted_everywhere(cluster: Cluster, keys: list[str]) -> None:
 
 
 def test_a_caller_that_stops_reading_its_answers_holds_up_nothing(
-    stall: None, cluster: Cluster, stuck: StuckCaller
+    handler: None, stall: None, cluster: Cluster, stuck: StuckCaller
 ) -> None:
     for sequence in range(1, LARGE_CALLS + 1):
         stuck.call(sequence, RESULT_BYTES)
@@ -263,3 +275,26 @@ def test_a_caller_that_stops_reading_its_answers_holds_up_nothing(
     assert sorted(answers) == list(range(1, calls + 1))
     for sequence, value in answers.items():
         assert value == b"x" * (RESULT_BYTES if sequence <= LARGE_CALLS else 1), sequence
+
+
+def test_answers_queued_for_a_slow_reader_come_within_its_message_limit(
+    handler: None, monkeypatch: pytest.MonkeyPatch, cluster: Cluster
+) -> None:
+    # Answers that waited for the reader go out merged, but never in a message larger than
+    # the SDK's own limit takes (twice the payload limit): it would break the stream.
+    monkeypatch.setattr(servicer, "STALLED_ANSWER_SECONDS", DEADLINE)  # all stay queued
+    with CloudburstConnection(cluster.address, timeout=DEADLINE, direct_answers=False) as conn:
+        conn.register(sized, "sized")
+    caller = StuckCaller(cluster, channel_options(DEFAULT_MAX_PAYLOAD_BYTES))
+    try:
+        for sequence in range(1, QUEUED_CALLS + 1):
+            caller.call(sequence, QUEUED_RESULT_BYTES)
+        caller.wait(lambda: len(caller.keys) == QUEUED_CALLS, "every call accepted")
+        # Stored once answered: every answer waits on its stream by now.
+        stored_everywhere(cluster, list(caller.keys.values()))
+        direct = caller.read_answer_streams(QUEUED_CALLS)
+        answers = {**direct, **caller.relayed}
+        assert sorted(answers) == list(range(1, QUEUED_CALLS + 1))
+        assert all(value == b"x" * QUEUED_RESULT_BYTES for value in answers.values())
+    finally:
+        caller.close()

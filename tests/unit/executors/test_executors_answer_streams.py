@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from cloudburst.streams import MAX_BATCH_BYTES
 from cloudburst.v1 import executor_service_pb2
 from cloudburst_executors import servicer as servicer_module
 from cloudburst_executors.servicer import ExecutorServicer, _merge_answers, _QueuedAnswers
@@ -47,3 +48,17 @@ def test_answers_waiting_together_share_a_message_in_order(monkeypatch: Any) -> 
         taken.append(_merge_answers(backlog))
     assert taken[0] == registered  # the first message goes alone
     assert [[a.sequence for a in m.answers] for m in taken[1:]] == [[1, 2, 3], [4, 5]]
+
+
+def test_large_answers_share_a_message_only_up_to_the_batch_size() -> None:
+    # A caller takes a message of one answer, or of MAX_BATCH_BYTES, whatever its limit: answers
+    # that waited together are merged only that far, however many waited.
+    large = b"x" * (MAX_BATCH_BYTES // 3)
+    backlog = collections.deque(message(n) for n in range(1, 8))
+    for waiting in backlog:
+        waiting.answers[0].call_function.outcome.value.data = large
+    taken = []
+    while backlog:
+        taken.append(_merge_answers(backlog))
+    assert [[a.sequence for a in m.answers] for m in taken] == [[1, 2], [3, 4], [5, 6], [7]]
+    assert all(m.ByteSize() <= MAX_BATCH_BYTES for m in taken)
