@@ -205,6 +205,8 @@ def unary_equivalent(method: str, request: Any) -> tuple[str, Any]:
             return _K + "GetValue", request.get
         if kind == "put":
             return _K + "PutValue", request.put
+        if kind == "delete":
+            return _K + "DeleteValue", request.delete
     return method, request
 
 

@@ -55,7 +55,7 @@ OpAnswer = kvs_service_pb2.StreamOpsResponse
 OpFrame = OpRequest | RefusedFrame
 Emit = Callable[[OpAnswer], Awaitable[None]]
 #: The name of the span of a StreamOps op (with tracing on), by the kind of op.
-_OP_SPANS = {"get": "StreamOps get", "put": "StreamOps put"}
+_OP_SPANS = {"get": "StreamOps get", "put": "StreamOps put", "delete": "StreamOps delete"}
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
@@ -313,7 +313,8 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     ) -> AsyncIterator[OpAnswer]:
         """Serve small reads and writes over one stream, each answered as it ends.
 
-        Every frame is served as its unary call would be (GetValue, PutValue),
+        Every frame is served as its unary call would be (GetValue, PutValue,
+        DeleteValue),
         concurrently: a waiting read holds up no later frame. An op's error is
         its answer, not the stream's end. Answers that queue up while one is
         being sent go out together to a caller that reads batches (see
@@ -470,9 +471,12 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
                     elif kind == "put":
                         answer.put.SetInParent()
                         await self._put_value(frame.put, answer.put)
+                    elif kind == "delete":
+                        answer.delete.SetInParent()
+                        await self._delete_value(frame.delete, answer.delete)
                     else:
                         raise InvalidArgumentError(
-                            "a StreamOpsRequest must carry get or put", {"field": "op"}
+                            "a StreamOpsRequest must carry get, put or delete", {"field": "op"}
                         )
         except CloudburstError as exc:
             answer = OpAnswer(sequence=frame.sequence, error=error_to_call_error(exc))
@@ -485,7 +489,6 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             answer = OpAnswer(sequence=frame.sequence, error=error_to_call_error(bug))
         await emit(answer)
 
-    @_timed("delete")
     async def DeleteValue(
         self,
         request: kvs_service_pb2.DeleteValueRequest,
@@ -494,11 +497,21 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> kvs_service_pb2.DeleteValueResponse:
         """Delete a key; deleting a missing key succeeds with ``existed=False``."""
+        response = kvs_service_pb2.DeleteValueResponse()
+        await self._delete_value(request, response)
+        return response
+
+    @_timed("delete")
+    async def _delete_value(
+        self,
+        request: kvs_service_pb2.DeleteValueRequest,
+        response: kvs_service_pb2.DeleteValueResponse,
+    ) -> None:
+        """Answer a DeleteValue in ``response``."""
         check_key(request.key)
-        existed = await self._store.delete(
+        response.existed = await self._store.delete(
             normalize_keyspace(request.keyspace), request.key, request_id=request.request_id
         )
-        return kvs_service_pb2.DeleteValueResponse(existed=existed)
 
     @_timed("batch_get")
     async def BatchGetValues(

@@ -1319,7 +1319,8 @@ func (x *GetLimitsResponse) GetKvsAddresses() []string {
 	return nil
 }
 
-// StreamOpsRequest is one read or write on a StreamOps stream, served as the unary call would be.
+// StreamOpsRequest is one read, write or delete on a StreamOps stream, served as the unary call
+// would be.
 type StreamOpsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Chosen by the caller and echoed in the answer; unique among the stream's unanswered ops.
@@ -1335,6 +1336,7 @@ type StreamOpsRequest struct {
 	//
 	//	*StreamOpsRequest_Get
 	//	*StreamOpsRequest_Put
+	//	*StreamOpsRequest_Delete
 	Op isStreamOpsRequest_Op `protobuf_oneof:"op"`
 	// Several frames in one message, to be served as if sent one by one in this order; a frame that
 	// carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
@@ -1422,6 +1424,15 @@ func (x *StreamOpsRequest) GetPut() *PutValueRequest {
 	return nil
 }
 
+func (x *StreamOpsRequest) GetDelete() *DeleteValueRequest {
+	if x != nil {
+		if x, ok := x.Op.(*StreamOpsRequest_Delete); ok {
+			return x.Delete
+		}
+	}
+	return nil
+}
+
 func (x *StreamOpsRequest) GetBatch() []*StreamOpsRequest {
 	if x != nil {
 		return x.Batch
@@ -1450,9 +1461,16 @@ type StreamOpsRequest_Put struct {
 	Put *PutValueRequest `protobuf:"bytes,5,opt,name=put,proto3,oneof"`
 }
 
+type StreamOpsRequest_Delete struct {
+	// A delete, as DeleteValue.
+	Delete *DeleteValueRequest `protobuf:"bytes,8,opt,name=delete,proto3,oneof"`
+}
+
 func (*StreamOpsRequest_Get) isStreamOpsRequest_Op() {}
 
 func (*StreamOpsRequest_Put) isStreamOpsRequest_Op() {}
+
+func (*StreamOpsRequest_Delete) isStreamOpsRequest_Op() {}
 
 // StreamOpsResponse answers one StreamOpsRequest; answers come in the order the ops end.
 type StreamOpsResponse struct {
@@ -1465,6 +1483,7 @@ type StreamOpsResponse struct {
 	//
 	//	*StreamOpsResponse_Get
 	//	*StreamOpsResponse_Put
+	//	*StreamOpsResponse_Delete
 	//	*StreamOpsResponse_Error
 	Result isStreamOpsResponse_Result `protobuf_oneof:"result"`
 	// Several answers in one message, to be read as if sent one by one in this order; an answer that
@@ -1539,6 +1558,15 @@ func (x *StreamOpsResponse) GetPut() *PutValueResponse {
 	return nil
 }
 
+func (x *StreamOpsResponse) GetDelete() *DeleteValueResponse {
+	if x != nil {
+		if x, ok := x.Result.(*StreamOpsResponse_Delete); ok {
+			return x.Delete
+		}
+	}
+	return nil
+}
+
 func (x *StreamOpsResponse) GetError() *CallError {
 	if x != nil {
 		if x, ok := x.Result.(*StreamOpsResponse_Error); ok {
@@ -1576,6 +1604,11 @@ type StreamOpsResponse_Put struct {
 	Put *PutValueResponse `protobuf:"bytes,3,opt,name=put,proto3,oneof"`
 }
 
+type StreamOpsResponse_Delete struct {
+	// The answer to a delete, as DeleteValue's.
+	Delete *DeleteValueResponse `protobuf:"bytes,7,opt,name=delete,proto3,oneof"`
+}
+
 type StreamOpsResponse_Error struct {
 	// The error the unary call would have ended with.
 	Error *CallError `protobuf:"bytes,4,opt,name=error,proto3,oneof"`
@@ -1584,6 +1617,8 @@ type StreamOpsResponse_Error struct {
 func (*StreamOpsResponse_Get) isStreamOpsResponse_Result() {}
 
 func (*StreamOpsResponse_Put) isStreamOpsResponse_Result() {}
+
+func (*StreamOpsResponse_Delete) isStreamOpsResponse_Result() {}
 
 func (*StreamOpsResponse_Error) isStreamOpsResponse_Result() {}
 
@@ -1674,23 +1709,25 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x11GetLimitsResponse\x12&\n" +
 	"\x0fmax_value_bytes\x18\x01 \x01(\x04R\rmaxValueBytes\x12*\n" +
 	"\x11max_message_bytes\x18\x02 \x01(\x04R\x0fmaxMessageBytes\x12#\n" +
-	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses\"\xc6\x03\n" +
+	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses\"\x83\x04\n" +
 	"\x10StreamOpsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12V\n" +
 	"\rtrace_context\x18\x02 \x03(\v21.cloudburst.v1.StreamOpsRequest.TraceContextEntryR\ftraceContext\x123\n" +
 	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x122\n" +
 	"\x03get\x18\x04 \x01(\v2\x1e.cloudburst.v1.GetValueRequestH\x00R\x03get\x122\n" +
-	"\x03put\x18\x05 \x01(\v2\x1e.cloudburst.v1.PutValueRequestH\x00R\x03put\x125\n" +
+	"\x03put\x18\x05 \x01(\v2\x1e.cloudburst.v1.PutValueRequestH\x00R\x03put\x12;\n" +
+	"\x06delete\x18\b \x01(\v2!.cloudburst.v1.DeleteValueRequestH\x00R\x06delete\x125\n" +
 	"\x05batch\x18\x06 \x03(\v2\x1f.cloudburst.v1.StreamOpsRequestR\x05batch\x12#\n" +
 	"\rreads_batches\x18\a \x01(\bR\freadsBatches\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x04\n" +
-	"\x02op\"\xb2\x02\n" +
+	"\x02op\"\xf0\x02\n" +
 	"\x11StreamOpsResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
 	"\x03get\x18\x02 \x01(\v2\x1f.cloudburst.v1.GetValueResponseH\x00R\x03get\x123\n" +
-	"\x03put\x18\x03 \x01(\v2\x1f.cloudburst.v1.PutValueResponseH\x00R\x03put\x120\n" +
+	"\x03put\x18\x03 \x01(\v2\x1f.cloudburst.v1.PutValueResponseH\x00R\x03put\x12<\n" +
+	"\x06delete\x18\a \x01(\v2\".cloudburst.v1.DeleteValueResponseH\x00R\x06delete\x120\n" +
 	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05error\x126\n" +
 	"\x05batch\x18\x05 \x03(\v2 .cloudburst.v1.StreamOpsResponseR\x05batch\x12#\n" +
 	"\rreads_batches\x18\x06 \x01(\bR\freadsBatchesB\b\n" +
@@ -1778,38 +1815,40 @@ var file_cloudburst_v1_kvs_service_proto_depIdxs = []int32{
 	28, // 19: cloudburst.v1.StreamOpsRequest.timeout:type_name -> google.protobuf.Duration
 	0,  // 20: cloudburst.v1.StreamOpsRequest.get:type_name -> cloudburst.v1.GetValueRequest
 	2,  // 21: cloudburst.v1.StreamOpsRequest.put:type_name -> cloudburst.v1.PutValueRequest
-	21, // 22: cloudburst.v1.StreamOpsRequest.batch:type_name -> cloudburst.v1.StreamOpsRequest
-	1,  // 23: cloudburst.v1.StreamOpsResponse.get:type_name -> cloudburst.v1.GetValueResponse
-	3,  // 24: cloudburst.v1.StreamOpsResponse.put:type_name -> cloudburst.v1.PutValueResponse
-	29, // 25: cloudburst.v1.StreamOpsResponse.error:type_name -> cloudburst.v1.CallError
-	22, // 26: cloudburst.v1.StreamOpsResponse.batch:type_name -> cloudburst.v1.StreamOpsResponse
-	0,  // 27: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
-	2,  // 28: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
-	4,  // 29: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
-	6,  // 30: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
-	8,  // 31: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
-	10, // 32: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
-	12, // 33: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
-	15, // 34: cloudburst.v1.KvsService.GetValueChunks:input_type -> cloudburst.v1.GetValueChunksRequest
-	17, // 35: cloudburst.v1.KvsService.PutValueChunks:input_type -> cloudburst.v1.PutValueChunksRequest
-	19, // 36: cloudburst.v1.KvsService.GetLimits:input_type -> cloudburst.v1.GetLimitsRequest
-	21, // 37: cloudburst.v1.KvsService.StreamOps:input_type -> cloudburst.v1.StreamOpsRequest
-	1,  // 38: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
-	3,  // 39: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
-	5,  // 40: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
-	7,  // 41: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
-	9,  // 42: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
-	11, // 43: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
-	13, // 44: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
-	16, // 45: cloudburst.v1.KvsService.GetValueChunks:output_type -> cloudburst.v1.GetValueChunksResponse
-	18, // 46: cloudburst.v1.KvsService.PutValueChunks:output_type -> cloudburst.v1.PutValueChunksResponse
-	20, // 47: cloudburst.v1.KvsService.GetLimits:output_type -> cloudburst.v1.GetLimitsResponse
-	22, // 48: cloudburst.v1.KvsService.StreamOps:output_type -> cloudburst.v1.StreamOpsResponse
-	38, // [38:49] is the sub-list for method output_type
-	27, // [27:38] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	4,  // 22: cloudburst.v1.StreamOpsRequest.delete:type_name -> cloudburst.v1.DeleteValueRequest
+	21, // 23: cloudburst.v1.StreamOpsRequest.batch:type_name -> cloudburst.v1.StreamOpsRequest
+	1,  // 24: cloudburst.v1.StreamOpsResponse.get:type_name -> cloudburst.v1.GetValueResponse
+	3,  // 25: cloudburst.v1.StreamOpsResponse.put:type_name -> cloudburst.v1.PutValueResponse
+	5,  // 26: cloudburst.v1.StreamOpsResponse.delete:type_name -> cloudburst.v1.DeleteValueResponse
+	29, // 27: cloudburst.v1.StreamOpsResponse.error:type_name -> cloudburst.v1.CallError
+	22, // 28: cloudburst.v1.StreamOpsResponse.batch:type_name -> cloudburst.v1.StreamOpsResponse
+	0,  // 29: cloudburst.v1.KvsService.GetValue:input_type -> cloudburst.v1.GetValueRequest
+	2,  // 30: cloudburst.v1.KvsService.PutValue:input_type -> cloudburst.v1.PutValueRequest
+	4,  // 31: cloudburst.v1.KvsService.DeleteValue:input_type -> cloudburst.v1.DeleteValueRequest
+	6,  // 32: cloudburst.v1.KvsService.BatchGetValues:input_type -> cloudburst.v1.BatchGetValuesRequest
+	8,  // 33: cloudburst.v1.KvsService.BatchDeleteValues:input_type -> cloudburst.v1.BatchDeleteValuesRequest
+	10, // 34: cloudburst.v1.KvsService.ListKeys:input_type -> cloudburst.v1.ListKeysRequest
+	12, // 35: cloudburst.v1.KvsService.WatchValues:input_type -> cloudburst.v1.WatchValuesRequest
+	15, // 36: cloudburst.v1.KvsService.GetValueChunks:input_type -> cloudburst.v1.GetValueChunksRequest
+	17, // 37: cloudburst.v1.KvsService.PutValueChunks:input_type -> cloudburst.v1.PutValueChunksRequest
+	19, // 38: cloudburst.v1.KvsService.GetLimits:input_type -> cloudburst.v1.GetLimitsRequest
+	21, // 39: cloudburst.v1.KvsService.StreamOps:input_type -> cloudburst.v1.StreamOpsRequest
+	1,  // 40: cloudburst.v1.KvsService.GetValue:output_type -> cloudburst.v1.GetValueResponse
+	3,  // 41: cloudburst.v1.KvsService.PutValue:output_type -> cloudburst.v1.PutValueResponse
+	5,  // 42: cloudburst.v1.KvsService.DeleteValue:output_type -> cloudburst.v1.DeleteValueResponse
+	7,  // 43: cloudburst.v1.KvsService.BatchGetValues:output_type -> cloudburst.v1.BatchGetValuesResponse
+	9,  // 44: cloudburst.v1.KvsService.BatchDeleteValues:output_type -> cloudburst.v1.BatchDeleteValuesResponse
+	11, // 45: cloudburst.v1.KvsService.ListKeys:output_type -> cloudburst.v1.ListKeysResponse
+	13, // 46: cloudburst.v1.KvsService.WatchValues:output_type -> cloudburst.v1.WatchValuesResponse
+	16, // 47: cloudburst.v1.KvsService.GetValueChunks:output_type -> cloudburst.v1.GetValueChunksResponse
+	18, // 48: cloudburst.v1.KvsService.PutValueChunks:output_type -> cloudburst.v1.PutValueChunksResponse
+	20, // 49: cloudburst.v1.KvsService.GetLimits:output_type -> cloudburst.v1.GetLimitsResponse
+	22, // 50: cloudburst.v1.KvsService.StreamOps:output_type -> cloudburst.v1.StreamOpsResponse
+	40, // [40:51] is the sub-list for method output_type
+	29, // [29:40] is the sub-list for method input_type
+	29, // [29:29] is the sub-list for extension type_name
+	29, // [29:29] is the sub-list for extension extendee
+	0,  // [0:29] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_kvs_service_proto_init() }
@@ -1830,10 +1869,12 @@ func file_cloudburst_v1_kvs_service_proto_init() {
 	file_cloudburst_v1_kvs_service_proto_msgTypes[21].OneofWrappers = []any{
 		(*StreamOpsRequest_Get)(nil),
 		(*StreamOpsRequest_Put)(nil),
+		(*StreamOpsRequest_Delete)(nil),
 	}
 	file_cloudburst_v1_kvs_service_proto_msgTypes[22].OneofWrappers = []any{
 		(*StreamOpsResponse_Get)(nil),
 		(*StreamOpsResponse_Put)(nil),
+		(*StreamOpsResponse_Delete)(nil),
 		(*StreamOpsResponse_Error)(nil),
 	}
 	type x struct{}

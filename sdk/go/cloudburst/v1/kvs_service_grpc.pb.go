@@ -58,7 +58,8 @@ type KvsServiceClient interface {
 	PutValueChunks(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutValueChunksRequest, PutValueChunksResponse], error)
 	// GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
 	GetLimits(ctx context.Context, in *GetLimitsRequest, opts ...grpc.CallOption) (*GetLimitsResponse, error)
-	// StreamOps carries small reads and writes over one long-lived stream, each answered as it ends.
+	// StreamOps carries small reads, writes and deletes over one long-lived stream, each answered as
+	// it ends.
 	StreamOps(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamOpsRequest, StreamOpsResponse], error)
 }
 
@@ -230,7 +231,8 @@ type KvsServiceServer interface {
 	PutValueChunks(grpc.ClientStreamingServer[PutValueChunksRequest, PutValueChunksResponse]) error
 	// GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits.
 	GetLimits(context.Context, *GetLimitsRequest) (*GetLimitsResponse, error)
-	// StreamOps carries small reads and writes over one long-lived stream, each answered as it ends.
+	// StreamOps carries small reads, writes and deletes over one long-lived stream, each answered as
+	// it ends.
 	StreamOps(grpc.BidiStreamingServer[StreamOpsRequest, StreamOpsResponse]) error
 	mustEmbedUnimplementedKvsServiceServer()
 }

@@ -685,7 +685,9 @@ Global___GetLimitsResponse: _TypeAlias = GetLimitsResponse  # noqa: Y015
 
 @_typing.final
 class StreamOpsRequest(_message.Message):
-    """StreamOpsRequest is one read or write on a StreamOps stream, served as the unary call would be."""
+    """StreamOpsRequest is one read, write or delete on a StreamOps stream, served as the unary call
+    would be.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -714,6 +716,7 @@ class StreamOpsRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     GET_FIELD_NUMBER: _builtins.int
     PUT_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     READS_BATCHES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
@@ -739,6 +742,10 @@ class StreamOpsRequest(_message.Message):
         """A merge, as PutValue."""
 
     @_builtins.property
+    def delete(self) -> Global___DeleteValueRequest:
+        """A delete, as DeleteValue."""
+
+    @_builtins.property
     def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamOpsRequest]:
         """Several frames in one message, to be served as if sent one by one in this order; a frame that
         carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
@@ -753,14 +760,15 @@ class StreamOpsRequest(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         get: Global___GetValueRequest | None = ...,
         put: Global___PutValueRequest | None = ...,
+        delete: Global___DeleteValueRequest | None = ...,
         batch: _abc.Iterable[Global___StreamOpsRequest] | None = ...,
         reads_batches: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "op", b"op", "put", b"put", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "get", b"get", "op", b"op", "put", b"put", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "get", b"get", "op", b"op", "put", b"put", "reads_batches", b"reads_batches", "sequence", b"sequence", "timeout", b"timeout", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "delete", b"delete", "get", b"get", "op", b"op", "put", b"put", "reads_batches", b"reads_batches", "sequence", b"sequence", "timeout", b"timeout", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["get", "put"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["get", "put", "delete"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -775,6 +783,7 @@ class StreamOpsResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     GET_FIELD_NUMBER: _builtins.int
     PUT_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     READS_BATCHES_FIELD_NUMBER: _builtins.int
@@ -789,6 +798,10 @@ class StreamOpsResponse(_message.Message):
     @_builtins.property
     def put(self) -> Global___PutValueResponse:
         """The answer to a merge, as PutValue's."""
+
+    @_builtins.property
+    def delete(self) -> Global___DeleteValueResponse:
+        """The answer to a delete, as DeleteValue's."""
 
     @_builtins.property
     def error(self) -> _error_pb2.CallError:
@@ -807,15 +820,16 @@ class StreamOpsResponse(_message.Message):
         sequence: _builtins.int = ...,
         get: Global___GetValueResponse | None = ...,
         put: Global___PutValueResponse | None = ...,
+        delete: Global___DeleteValueResponse | None = ...,
         error: _error_pb2.CallError | None = ...,
         batch: _abc.Iterable[Global___StreamOpsResponse] | None = ...,
         reads_batches: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "get", b"get", "put", b"put", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "error", b"error", "get", b"get", "put", b"put", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "error", b"error", "get", b"get", "put", b"put", "reads_batches", b"reads_batches", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "delete", b"delete", "error", b"error", "get", b"get", "put", b"put", "reads_batches", b"reads_batches", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["get", "put", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["get", "put", "delete", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -167,7 +167,8 @@ class KvsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamOps(self, request_iterator, context):
-        """StreamOps carries small reads and writes over one long-lived stream, each answered as it ends.
+        """StreamOps carries small reads, writes and deletes over one long-lived stream, each answered as
+        it ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,7 +54,9 @@ class KvsServiceStub:
     GetLimits: _grpc.UnaryUnaryMultiCallable[_kvs_service_pb2.GetLimitsRequest, _kvs_service_pb2.GetLimitsResponse]
     """GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits."""
     StreamOps: _grpc.StreamStreamMultiCallable[_kvs_service_pb2.StreamOpsRequest, _kvs_service_pb2.StreamOpsResponse]
-    """StreamOps carries small reads and writes over one long-lived stream, each answered as it ends."""
+    """StreamOps carries small reads, writes and deletes over one long-lived stream, each answered as
+    it ends.
+    """
 
 @_typing.type_check_only
 class KvsServiceAsyncStub(KvsServiceStub):
@@ -82,7 +84,9 @@ class KvsServiceAsyncStub(KvsServiceStub):
     GetLimits: _aio.UnaryUnaryMultiCallable[_kvs_service_pb2.GetLimitsRequest, _kvs_service_pb2.GetLimitsResponse]  # type: ignore[assignment]
     """GetLimits reports the sizes this KVS tier accepts, so that clients use the same limits."""
     StreamOps: _aio.StreamStreamMultiCallable[_kvs_service_pb2.StreamOpsRequest, _kvs_service_pb2.StreamOpsResponse]  # type: ignore[assignment]
-    """StreamOps carries small reads and writes over one long-lived stream, each answered as it ends."""
+    """StreamOps carries small reads, writes and deletes over one long-lived stream, each answered as
+    it ends.
+    """
 
 class KvsServiceServicer(metaclass=_abc_1.ABCMeta):
     """KvsService stores lattices by key and merges concurrent writes."""
@@ -173,6 +177,8 @@ class KvsServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_kvs_service_pb2.StreamOpsRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_kvs_service_pb2.StreamOpsResponse], _abc.AsyncIterator[_kvs_service_pb2.StreamOpsResponse]]:
-        """StreamOps carries small reads and writes over one long-lived stream, each answered as it ends."""
+        """StreamOps carries small reads, writes and deletes over one long-lived stream, each answered as
+        it ends.
+        """
 
 def add_KvsServiceServicer_to_server(servicer: KvsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
