@@ -3,18 +3,17 @@
 Every call raises cloudburst exceptions (through :func:`cloudburst.rpc.call`),
 never raw gRPC errors, and a ``timeout`` becomes the call's gRPC deadline.
 
-Small reads and merges go over one long-lived ``StreamOps`` stream per client
-(a message on an open stream costs the KVS about half a unary call), answered
-and failing exactly as their unary calls would; ops that queue up while one is
-being written go out in one message, when the KVS reads batches. Everything
-else, and every op when the stream is off or the KVS lacks it, is a unary call.
+Small reads and merges, and deletes, go over one long-lived ``StreamOps`` stream
+per client (a :class:`~cloudburst.opstream.OpStream`; a message on an open
+stream costs the KVS about half a unary call), answered and failing exactly as
+their unary calls would; ops that queue up while one is being written go out in
+one message, when the KVS reads batches. Everything else, and every op when the
+stream is off or the KVS lacks it, is a unary call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import itertools
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,9 +22,15 @@ from types import TracebackType
 import grpc
 
 from cloudburst import chunks
-from cloudburst.errors import CloudburstTimeoutError, UnavailableError
-from cloudburst.rpc import UNAVAILABLE_HINT, call, error_from_call_error, error_from_rpc
-from cloudburst.streams import OutboxStream, batches_enabled, settle
+from cloudburst.errors import CloudburstTimeoutError
+from cloudburst.opstream import (
+    MAX_STREAMED_PUT_BYTES,
+    STREAM_ENV,
+    OpRequest,
+    OpStream,
+    stream_allowed,
+)
+from cloudburst.rpc import call, error_from_rpc
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_kvs.store import MAX_BATCH_KEYS, Keyspace, WatchEvent
@@ -34,175 +39,15 @@ logger = logging.getLogger(__name__)
 
 _USER = lattice_pb2.KEYSPACE_USER
 
-#: Set to 0, false, no or off, this environment variable keeps a process's KVS reads and merges
-#: on unary calls rather than on one stream per KVS channel.
-STREAM_ENV = "CLOUDBURST_KVS_STREAM"
-#: A merge whose lattice encodes to more bytes than this goes in a unary call (or in chunks),
-#: so that no large value holds up the small ops that share the stream.
-MAX_STREAMED_PUT_BYTES = 64 << 10
-_OFF = frozenset({"0", "false", "no", "off"})
-#: What gRPC's client reports for a stream whose write failed after the call had ended, in place
-#: of the status that ended it (which is lost).
-_LOST_STATUS = "Internal error from Core"
-
-OpRequest = kvs_service_pb2.StreamOpsRequest
-OpAnswer = kvs_service_pb2.StreamOpsResponse
-
 
 def stream_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether KVS clients of this process send small ops over a stream.
 
-    On unless ``CLOUDBURST_KVS_STREAM`` is 0, false, no or off. With tracing on,
-    ops stay unary calls, each with its own client span.
+    On unless ``CLOUDBURST_KVS_STREAM`` is 0, false, no or off (see
+    :func:`cloudburst.opstream.stream_allowed`). With tracing on, ops stay
+    unary calls, each with its own client span.
     """
-    return environ.get(STREAM_ENV, "").strip().lower() not in _OFF and not telemetry.tracing()
-
-
-class _Fallback(Exception):
-    """The op goes in a unary call (the KVS may have no StreamOps)."""
-
-
-class OpStream:
-    """Small KVS ops over one ``StreamOps`` stream, matched to their answers by sequence.
-
-    The stream opens with the first op and again with the first op after it
-    broke. An op that the stream does not answer fails as its unary call
-    would have: a broken stream with the same error (UnavailableError for a
-    KVS that went away), a passed deadline with CloudburstTimeoutError.
-    Ops sent while a write is in progress go out together, in one message,
-    once the KVS said it reads batches (see :class:`~cloudburst.streams.OutboxStream`).
-    """
-
-    def __init__(
-        self,
-        stub: kvs_service_pb2_grpc.KvsServiceAsyncStub,
-        name: str,
-        batches: bool | None = None,
-    ) -> None:
-        """Send ops with ``stub``; ``name`` says where to, for the log.
-
-        ``batches`` offers to read batched answers and batches ops to a KVS
-        that reads them; None: unless turned off (see
-        :func:`~cloudburst.streams.batches_enabled`).
-        """
-        if batches is None:
-            batches = batches_enabled()
-        self._batches = batches
-        self._stream: OutboxStream[OpRequest, OpAnswer] = OutboxStream(
-            name, stub.StreamOps, self._dispatch, self._ended, batches=batches
-        )
-        self._pending: dict[int, tuple[asyncio.Future[OpAnswer], str]] = {}
-        self._sequence = itertools.count(1)
-        self._answered = False
-        """Whether the KVS ever answered an op on a stream (so it has StreamOps)."""
-        self._retiring = False
-        self._closing: asyncio.Task[None] | None = None
-        self.available = True
-        """False once the KVS answered that it has no StreamOps (ops are unary calls then)."""
-
-    async def request(self, frame: OpRequest, what: str, timeout: float | None) -> OpAnswer | None:
-        """Send ``frame`` (given a sequence and the deadline) and return its answer.
-
-        Returns:
-            The answer; None when the KVS has no StreamOps (send the op as a unary call).
-
-        Raises:
-            CloudburstError: The op's error, as its unary call would raise it.
-        """
-        sequence = next(self._sequence)
-        frame.sequence = sequence
-        frame.reads_batches = self._batches
-        if timeout is not None:
-            timeout = max(timeout, 0.0)
-            frame.timeout.FromNanoseconds(int(timeout * 1e9))
-        future: asyncio.Future[OpAnswer] = asyncio.get_running_loop().create_future()
-        self._pending[sequence] = (future, what)
-        scope = asyncio.timeout(timeout)
-        try:
-            # Sent by a task of the stream's (not written by this one), so that a caller
-            # cancelled mid-write cannot break the stream that other ops share.
-            self._stream.send(frame)
-            async with scope:
-                return await future
-        except _Fallback:
-            return None
-        except TimeoutError:
-            if scope.expired():
-                raise CloudburstTimeoutError(f"{what} did not finish before its deadline") from None
-            raise
-        finally:
-            self._pending.pop(sequence, None)
-            if self._retiring:
-                self._close_if_idle()
-
-    @property
-    def retiring(self) -> bool:
-        """Whether the stream ends once its ops are answered (later ops are unary calls)."""
-        return self._retiring
-
-    def retire(self) -> None:
-        """End the stream once no op is in flight (call on the loop).
-
-        For a client replaced by a new one: as with unary calls, the ops in
-        flight go on to their answers.
-        """
-        self._retiring = True
-        self._close_if_idle()
-
-    def _close_if_idle(self) -> None:
-        if not self._pending and self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._stream.close())
-
-    def _dispatch(self, answer: OpAnswer) -> None:
-        entry = self._pending.get(answer.sequence)
-        if entry is None:
-            return  # its op gave up (deadline, cancelled)
-        self._answered = True
-        if answer.WhichOneof("result") == "error":
-            settle(entry[0], error=error_from_call_error(answer.error))
-        else:
-            settle(entry[0], answer)
-
-    def _ended(self, error: grpc.RpcError | None) -> None:
-        """Fail the ops the ended stream did not answer, as their unary calls would have.
-
-        A KVS without StreamOps ends the stream with UNIMPLEMENTED: its ops, and
-        all later ones, go in unary calls. When gRPC lost the status that ended
-        the stream (a write raced its end) and the KVS never answered on one,
-        it may be such a KVS: the ops go in unary calls, which tell.
-        """
-        code = None if error is None else error.code()
-        lost = (
-            code == grpc.StatusCode.INTERNAL
-            and error is not None
-            and error.details() == _LOST_STATUS
-        )
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            if self.available:
-                logger.info("%s has no StreamOps: using unary calls", self._stream.name)
-            self.available = False
-        for sequence, (future, what) in list(self._pending.items()):
-            del self._pending[sequence]
-            failure: Exception
-            if code == grpc.StatusCode.UNIMPLEMENTED or (lost and not self._answered):
-                failure = _Fallback()
-            elif error is None or lost or code == grpc.StatusCode.CANCELLED:
-                # The KVS (or this client, closing) ended the stream: as for a call to a
-                # KVS that is going away.
-                failure = UnavailableError(
-                    f"{what} failed: the service is unavailable (the stream to "
-                    f"{self._stream.name} ended before it answered); {UNAVAILABLE_HINT}"
-                )
-            else:
-                assert error is not None
-                failure = error_from_rpc(error, what=what)
-            settle(future, error=failure)
-
-    async def close(self) -> None:
-        """End the stream (ops in flight fail with UnavailableError); idempotent."""
-        await self._stream.close()
-        if self._closing is not None:
-            await self._closing
+    return stream_allowed(environ) and not telemetry.tracing()
 
 
 class KvsClient:
@@ -218,7 +63,7 @@ class KvsClient:
 
         Args:
             channel: The channel to the KVS.
-            stream: Send small reads and merges over one stream; None: unless
+            stream: Send small reads and merges, and deletes, over one stream; None: unless
                 turned off (see :func:`stream_enabled`).
             name: What the channel connects to, for the log (e.g. "the KVS at host:port").
         """
@@ -418,12 +263,21 @@ class KvsClient:
         timeout: float | None = None,
     ) -> bool:
         """Delete the key and return whether it existed."""
+        what = f"DeleteValue of key {key!r}"
+        ops = self._streamed()
+        if ops is not None:
+            frame = OpRequest()
+            delete = frame.delete
+            delete.key = key
+            delete.keyspace = keyspace
+            delete.request_id = request_id
+            answer = await ops.request(frame, what, timeout)
+            if answer is not None:
+                return answer.delete.existed
         request = kvs_service_pb2.DeleteValueRequest(
             key=key, keyspace=keyspace, request_id=request_id
         )
-        response = await call(
-            f"DeleteValue of key {key!r}", lambda: self._stub.DeleteValue(request, timeout=timeout)
-        )
+        response = await call(what, lambda: self._stub.DeleteValue(request, timeout=timeout))
         return response.existed
 
     async def batch_get(

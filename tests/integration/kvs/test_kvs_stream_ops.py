@@ -281,6 +281,10 @@ async def test_streamed_ops_give_the_unary_results_and_errors(
     await streamed.merge("m", lww(b"merged"))
     assert (await both(lambda c: c.get("m"))).lww.value == value(b"merged")
     assert await both(lambda c: c.get("m", SYSTEM)) is None
+    # Deletes: one that found its key (read back as gone both ways), and one that did not.
+    assert await streamed.delete("m") is True
+    assert await both(lambda c: c.get("m")) is None
+    assert await both(lambda c: c.delete("m")) is False
 
     # Errors, with the same class, message and metadata.
     errors = [
@@ -290,6 +294,8 @@ async def test_streamed_ops_give_the_unary_results_and_errors(
         await both(lambda c: c.put("k", lww(b"x"), 77)),  # type: ignore[arg-type]  # keyspace
         await both(lambda c: c.get("k", 77)),  # type: ignore[arg-type]
         await both(lambda c: c.put("k", set_of(b"x"))),  # lattice type mismatch
+        await both(lambda c: c.delete("")),
+        await both(lambda c: c.delete("k", 77)),  # type: ignore[arg-type]
     ]
     for error in errors:
         assert isinstance(error, tuple) and issubclass(error[0], CloudburstError), error
@@ -300,7 +306,8 @@ async def test_streamed_ops_give_the_unary_results_and_errors(
 
     # Everything the streaming client did went over one stream; the other made unary calls.
     assert kvs.recorder.calls("StreamOps") == 1
-    assert kvs.recorder.calls("GetValue") + kvs.recorder.calls("PutValue") == unary_ops
+    unary_calls = sum(kvs.recorder.calls(m) for m in ("GetValue", "PutValue", "DeleteValue"))
+    assert unary_calls == unary_ops
     assert len(kvs.recorder.methods) == unary_ops + 1
 
 
@@ -538,6 +545,9 @@ async def test_every_frame_is_authorized_as_its_unary_call(
     assert refused[0] == refused[1]
     assert refused[0][0].__name__ == "PermissionDeniedError"
     assert "writing the system keyspace needs role" in refused[0][1]
+    refused = [await outcome(c.delete("fn", SYSTEM)) for c in (streamed, unary)]
+    assert refused[0] == refused[1]
+    assert refused[0][0].__name__ == "PermissionDeniedError"
     # The stream goes on: the same client's next ops are served on it.
     assert await asyncio.wait_for(streamed.get("fn", SYSTEM), WAIT) is None
     await asyncio.wait_for(streamed.merge("k", lww(b"x")), WAIT)
@@ -773,7 +783,7 @@ async def test_each_op_of_a_batch_gets_its_own_answer_or_error(
         7: grpc.StatusCode.INVALID_ARGUMENT.value[0],
     }
     assert "over the limit" in answers[3].error.message
-    assert "must carry get or put" in answers[7].error.message
+    assert "must carry get, put or delete" in answers[7].error.message
     assert answers[5].WhichOneof("result") == "get" and not answers[5].get.found
     assert answers[6].WhichOneof("result") == "get" and not answers[6].get.found
     assert answers[8].put.lattice.lww.value == value(b"new")
