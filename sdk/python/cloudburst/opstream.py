@@ -25,7 +25,7 @@ import grpc
 from cloudburst import tracing
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import UNAVAILABLE_HINT, error_from_call_error, error_from_rpc
-from cloudburst.streams import OutboxStream, batches_enabled, settle
+from cloudburst.streams import OutboxStream, batches_enabled, settle, status_lost
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,6 @@ STREAM_ENV = "CLOUDBURST_KVS_STREAM"
 #: so that no large value holds up the small ops that share the stream.
 MAX_STREAMED_PUT_BYTES = 64 << 10
 _OFF = frozenset({"0", "false", "no", "off"})
-#: What gRPC's client reports for a stream whose write failed after the call had ended, in place
-#: of the status that ended it (which is lost).
-_LOST_STATUS = "Internal error from Core"
 
 OpRequest = kvs_service_pb2.StreamOpsRequest
 OpAnswer = kvs_service_pb2.StreamOpsResponse
@@ -98,8 +95,8 @@ class OpStream:
         )
         self._pending: dict[int, tuple[asyncio.Future[OpAnswer], str]] = {}
         self._sequence = itertools.count(1)
-        self._answered = False
-        """Whether the KVS ever answered an op on a stream (so it has StreamOps)."""
+        self._answered = 0
+        """The number of the last stream the KVS answered an op on (see OutboxStream.opened)."""
         self._retiring = False
         self._closing: asyncio.Task[None] | None = None
         self.available = True
@@ -162,7 +159,7 @@ class OpStream:
         entry = self._pending.get(answer.sequence)
         if entry is None:
             return  # its op gave up (deadline, cancelled)
-        self._answered = True
+        self._answered = self._stream.opened
         if answer.WhichOneof("result") == "error":
             settle(entry[0], error=error_from_call_error(answer.error))
         else:
@@ -173,15 +170,14 @@ class OpStream:
 
         A KVS without StreamOps ends the stream with UNIMPLEMENTED: its ops, and
         all later ones, go in unary calls. When gRPC lost the status that ended
-        the stream (a write raced its end) and the KVS never answered on one,
-        it may be such a KVS: the ops go in unary calls, which tell.
+        the stream (a write raced its end) and the KVS answered nothing on it,
+        the KVS may lack StreamOps or have refused the caller (UNAUTHENTICATED):
+        the ops go in unary calls, which tell.
         """
         code = None if error is None else error.code()
-        lost = (
-            code == grpc.StatusCode.INTERNAL
-            and error is not None
-            and error.details() == _LOST_STATUS
-        )
+        lost = error is not None and status_lost(error)
+        # Still the ended stream's number: a new one opens only after this returns.
+        silent = self._answered != self._stream.opened
         if code == grpc.StatusCode.UNIMPLEMENTED:
             if self.available:
                 logger.info("%s has no StreamOps: using unary calls", self._stream.name)
@@ -189,7 +185,7 @@ class OpStream:
         for sequence, (future, what) in list(self._pending.items()):
             del self._pending[sequence]
             failure: Exception
-            if code == grpc.StatusCode.UNIMPLEMENTED or (lost and not self._answered):
+            if code == grpc.StatusCode.UNIMPLEMENTED or (lost and silent):
                 failure = _Fallback()
             elif error is None or lost or code == grpc.StatusCode.CANCELLED:
                 # The KVS (or this client, closing) ended the stream: as for a call to a

@@ -46,6 +46,10 @@ _OFF = frozenset({"0", "false", "no", "off"})
 #: What gRPC's asyncio client reports (as INTERNAL) for a stream that its peer ended while a
 #: frame was being written to it: the peer's own status is lost (grpc/grpc#36066).
 _STATUS_LOST_IN_WRITE = "Internal error from Core"
+#: The details of the UNAVAILABLE error that :class:`OutboxStream` reports in its place.
+_STATUS_LOST = (
+    "the peer ended the stream while a frame was being written to it (its status was lost)"
+)
 
 
 def batches_enabled(environ: Mapping[str, str] = os.environ) -> bool:
@@ -123,11 +127,20 @@ def _status_of(error: grpc.RpcError) -> grpc.RpcError:
     if rpc.code() != grpc.StatusCode.INTERNAL or rpc.details() != _STATUS_LOST_IN_WRITE:
         return error
     return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        "the peer ended the stream while a frame was being written to it (its status was lost)",
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), _STATUS_LOST
     )
+
+
+def status_lost(error: grpc.RpcError) -> bool:
+    """Whether a stream ended while a frame was being written to it, its own status lost.
+
+    The peer may have refused the stream (UNAUTHENTICATED, UNIMPLEMENTED) or
+    gone away: only a call of another kind can tell.
+    """
+    rpc: Any = error
+    return bool(
+        rpc.code() == grpc.StatusCode.UNAVAILABLE and rpc.details() == _STATUS_LOST
+    ) or bool(rpc.code() == grpc.StatusCode.INTERNAL and rpc.details() == _STATUS_LOST_IN_WRITE)
 
 
 class _Outgoing(Generic[Request]):
