@@ -17,6 +17,10 @@ forwards to the KVS tier, or, when the scheduler names KVS addresses that
 answer (:meth:`Core.use_direct_kvs`), at the KVS itself, one hop fewer. A
 direct call that finds the KVS unreachable is made again through the
 scheduler, which then serves every KVS call until the KVS answers again.
+At the KVS itself, single-key reads, writes that fit in one message and
+deletes go as frames of one ``StreamOps`` stream (see
+:class:`~cloudburst.opstream.OpStream`), unless ``CLOUDBURST_KVS_STREAM=0``;
+values too large for one message keep their chunked calls.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from cloudburst.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from cloudburst.opstream import MAX_STREAMED_PUT_BYTES, OpRequest, OpStream, stream_enabled
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, batches_enabled, settle
 from cloudburst.transport import ClientSecurity
@@ -78,6 +83,8 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     KvsStub = kvs_service_pb2_grpc.KvsServiceAsyncStub
+
+_USER = lattice_pb2.KEYSPACE_USER
 
 
 @dataclass
@@ -158,6 +165,10 @@ class Core:
         self.kvs_address: str | None = None
         """The address of the KVS that KVS calls go to directly; None: through the scheduler."""
         self._direct: tuple[str, grpc.aio.Channel, KvsStub] | None = None
+        self._ops: OpStream | None = None
+        """The op stream to the KVS called directly (None: unary calls only)."""
+        self._stream_ops = stream_enabled()
+        """Whether small KVS ops at the KVS itself go over an op stream."""
         self._retry_direct: asyncio.Task[None] | None = None
         self._batches = batches_enabled()
         """Whether this connection reads batched answers and batches calls."""
@@ -470,22 +481,28 @@ class Core:
                 await channel.close()
                 continue
             self._direct = (address, channel, stub)
+            if self._stream_ops:
+                self._ops = OpStream(stub, f"the KVS at {address}")
             self.kvs, self.kvs_address = stub, address
             return True
         return False
 
-    async def _on_kvs(self, operation: Callable[[KvsStub], Awaitable[T]]) -> T:
-        """Run an idempotent KVS operation at the KVS; if that is unreachable, via the scheduler."""
+    async def _on_kvs(self, operation: Callable[[KvsStub, OpStream | None], Awaitable[T]]) -> T:
+        """Run an idempotent KVS operation at the KVS; if that is unreachable, via the scheduler.
+
+        At the KVS the operation gets the op stream, if any, for its small ops;
+        through the scheduler (whose KVS proxy serves no op stream) it makes unary calls.
+        """
         stub = self.kvs
         if stub is self.proxy_kvs:
-            return await operation(stub)
+            return await operation(stub, None)
         try:
-            return await operation(stub)
+            return await operation(stub, self._ops)
         except UnavailableError as exc:
             if type(exc) is not UnavailableError:
                 raise
             self._leave_direct(exc)
-        return await operation(self.proxy_kvs)
+        return await operation(self.proxy_kvs, None)
 
     def _leave_direct(self, error: CloudburstError) -> None:
         """Send KVS calls through the scheduler until the KVS answers directly again."""
@@ -526,23 +543,19 @@ class Core:
         return await self._on_kvs(functools.partial(self._get, key=key, wait=wait, timeout=timeout))
 
     async def _get(
-        self, stub: KvsStub, key: str, wait: bool, timeout: float
+        self, stub: KvsStub, ops: OpStream | None, key: str, wait: bool, timeout: float
     ) -> lattice_pb2.Lattice | chunks.LargeValue | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        request = kvs_service_pb2.GetValueRequest(
-            key=key, keyspace=lattice_pb2.KEYSPACE_USER, wait=wait
-        )
+        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=_USER, wait=wait)
+        what = f"reading key {key!r}"
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
-            try:
-                response = await stub.GetValue(request, timeout=remaining)
-            except grpc.RpcError as exc:
-                if wait and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return None
-                raise error_from_rpc(exc, what=f"reading key {key!r}") from None
+            response = await self._get_value(stub, ops, request, remaining, what)
+            if response is None:  # a wait that reached the deadline
+                return None
             if response.chunked:  # too large for one message
                 return await chunks.receive(
                     stub, key, lattice_pb2.KEYSPACE_USER, max(deadline - loop.time(), 1.0)
@@ -552,6 +565,33 @@ class Core:
             if not wait:
                 return None
             # The server ends a wait at its own limit; keep waiting until ours.
+
+    @staticmethod
+    async def _get_value(
+        stub: KvsStub,
+        ops: OpStream | None,
+        request: kvs_service_pb2.GetValueRequest,
+        timeout: float,
+        what: str,
+    ) -> kvs_service_pb2.GetValueResponse | None:
+        """One GetValue, on the op stream if there is one; None: a wait reached the deadline."""
+        try:
+            if ops is not None and ops.available:
+                frame = OpRequest()
+                frame.get.CopyFrom(request)
+                answer = await ops.request(frame, what, timeout)
+                if answer is not None:
+                    return answer.get
+            return await stub.GetValue(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            if request.wait and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
+            raise error_from_rpc(exc, what=what) from None
+        except CloudburstTimeoutError:
+            if request.wait:
+                return None
+            # As the unary call's deadline says it (the KVS's own answer words it otherwise).
+            raise CloudburstTimeoutError(f"{what} did not finish before its deadline") from None
 
     async def get_many(
         self, keys: list[str], timeout: float
@@ -563,7 +603,7 @@ class Core:
         return await self._on_kvs(functools.partial(self._get_many, keys=keys, timeout=timeout))
 
     async def _get_many(
-        self, stub: KvsStub, keys: list[str], timeout: float
+        self, stub: KvsStub, _ops: OpStream | None, keys: list[str], timeout: float
     ) -> dict[str, lattice_pb2.Lattice | chunks.LargeValue | None]:
         result: dict[str, lattice_pb2.Lattice | chunks.LargeValue | None] = {}
         for start in range(0, len(keys), BATCH_KEYS):
@@ -589,13 +629,19 @@ class Core:
         The caller builds the request with its lattice in place, so that the
         value is not copied once more into it.
         """
-        key = request.key
-        request.keyspace, request.omit_lattice = lattice_pb2.KEYSPACE_USER, True
-        await self._on_kvs(
-            lambda stub: call(
-                f"writing key {key!r}", lambda: stub.PutValue(request, timeout=timeout)
-            )
-        )
+        request.keyspace, request.omit_lattice = _USER, True
+        what = f"writing key {request.key!r}"
+        streamed = request.lattice.ByteSize() <= MAX_STREAMED_PUT_BYTES
+
+        async def put(stub: KvsStub, ops: OpStream | None) -> None:
+            if streamed and ops is not None and ops.available:
+                frame = OpRequest()
+                frame.put.CopyFrom(request)  # small: the copy costs less than a unary call
+                if await _streamed(ops, frame, what, timeout) is not None:
+                    return
+            await call(what, lambda: stub.PutValue(request, timeout=timeout))
+
+        await self._on_kvs(put)
 
     async def put_large(
         self,
@@ -607,20 +653,27 @@ class Core:
     ) -> None:
         """Send a write of a user key in chunks, straight from ``data`` (never copied whole)."""
         await self._on_kvs(
-            lambda stub: chunks.write_value(
-                stub, key, timestamp, serializer, data, lattice_pb2.KEYSPACE_USER, timeout
+            lambda stub, _ops: chunks.write_value(
+                stub, key, timestamp, serializer, data, _USER, timeout
             )
         )
 
     async def delete(self, key: str, timeout: float) -> bool:
         """Delete a user key."""
-        request = kvs_service_pb2.DeleteValueRequest(key=key, keyspace=lattice_pb2.KEYSPACE_USER)
-        response = await self._on_kvs(
-            lambda stub: call(
-                f"deleting key {key!r}", lambda: stub.DeleteValue(request, timeout=timeout)
-            )
-        )
-        return bool(response.existed)
+        request = kvs_service_pb2.DeleteValueRequest(key=key, keyspace=_USER)
+        what = f"deleting key {key!r}"
+
+        async def delete(stub: KvsStub, ops: OpStream | None) -> bool:
+            if ops is not None and ops.available:
+                frame = OpRequest()
+                frame.delete.CopyFrom(request)
+                answer = await _streamed(ops, frame, what, timeout)
+                if answer is not None:
+                    return answer.delete.existed
+            response = await call(what, lambda: stub.DeleteValue(request, timeout=timeout))
+            return bool(response.existed)
+
+        return await self._on_kvs(delete)
 
     async def close(self) -> None:
         """Send the queued releases, end the stream and close the channel."""
@@ -630,6 +683,21 @@ class Core:
         await self._stream.close(grace=5.0)
         if self.answers is not None:
             await self.answers.close()
+        if self._ops is not None:
+            await self._ops.close()
         if self._direct is not None:
             await self._direct[1].close()
         await self.channel.close()
+
+
+async def _streamed(
+    ops: OpStream, frame: OpRequest, what: str, timeout: float
+) -> kvs_service_pb2.StreamOpsResponse | None:
+    """Send one op on the stream; None: the KVS has no op stream (make the unary call).
+
+    Raises what the unary call would, in its words for a deadline.
+    """
+    try:
+        return await ops.request(frame, what, timeout)
+    except CloudburstTimeoutError:
+        raise CloudburstTimeoutError(f"{what} did not finish before its deadline") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,12 +41,12 @@ from cloudburst_kvs.servicer import KvsServicer
 from cloudburst_kvs.storage import open_engine
 from cloudburst_kvs.store import LatticeStore
 from harness import CbgrpcProcess
+from kvs_interceptors import Chain, MessageCounter, Recorder
 
 USER = lattice_pb2.KEYSPACE_USER
 SYSTEM = lattice_pb2.KEYSPACE_SYSTEM
 LIMIT = 4096  # max_payload_bytes of the test servers
 WAIT = 30.0  # seconds: the bound on every wait that should end at once
-KVS = "/cloudburst.v1.KvsService/"
 
 
 def value(data: bytes, serializer: int = value_pb2.SERIALIZER_BYTES) -> value_pb2.Value:
@@ -62,93 +61,6 @@ def set_of(*items: bytes) -> lattice_pb2.Lattice:
     return lattice_pb2.Lattice(set=lattice_pb2.SetLattice(values=[value(i) for i in items]))
 
 
-class MessageCounter(grpc.aio.ServerInterceptor):
-    """Counts the messages of StreamOps streams as they travel, and the frames they carry."""
-
-    def __init__(self) -> None:
-        self.read = 0
-        """Messages read from callers."""
-        self.ops = 0
-        """Frames those messages carried (a batch counts each of its frames)."""
-        self.written = 0
-        """Messages written to callers."""
-        self.answers = 0
-        """Answers those messages carried."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method != KVS + "StreamOps":
-            return handler
-        behavior = handler.stream_stream
-
-        async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            async for message in requests:
-                self.read += 1
-                self.ops += len(message.batch) or 1
-                yield message
-
-        def written(message: Any) -> None:
-            self.written += 1
-            self.answers += len(message.batch) or 1
-
-        if inspect.isasyncgenfunction(behavior):  # the servicer yields its answers
-
-            async def answered(requests: Any, context: Any) -> AsyncIterator[Any]:
-                async for message in behavior(counted(requests), context):
-                    written(message)
-                    yield message
-
-            wrapped: Any = answered
-        else:  # the servicer writes its answers
-
-            async def writes(requests: Any, context: Any) -> Any:
-                return await behavior(counted(requests), CountingContext(context, written))
-
-            wrapped = writes
-        return grpc.stream_stream_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-class CountingContext:
-    """A servicer context whose writes are counted."""
-
-    def __init__(self, context: Any, written: Callable[[Any], None]) -> None:
-        self._context = context
-        self._written = written
-
-    async def write(self, message: Any) -> None:
-        self._written(message)
-        await self._context.write(message)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-
-class Recorder(grpc.aio.ServerInterceptor):
-    """Records the method of every call the server receives."""
-
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        self.methods.append(handler_call_details.method)
-        return await continuation(handler_call_details)
-
-    def calls(self, name: str) -> int:
-        return self.methods.count(KVS + name)
-
-
 @dataclass
 class FixedRole(Authenticator):
     """Every caller has ``role`` (the tests here are about what a role may do, not who it is)."""
@@ -157,32 +69,6 @@ class FixedRole(Authenticator):
 
     async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
         return Identity(self.role, "token", "test")
-
-
-class Chain(grpc.aio.ServerInterceptor):
-    """Runs several interceptors in order (create_server takes one besides its own)."""
-
-    def __init__(self, *interceptors: grpc.aio.ServerInterceptor) -> None:
-        self.interceptors = interceptors
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        for interceptor in reversed(self.interceptors):
-            continuation = _bound(interceptor, continuation)
-        return await continuation(handler_call_details)
-
-
-def _bound(
-    interceptor: grpc.aio.ServerInterceptor,
-    continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-) -> Callable[[grpc.HandlerCallDetails], Awaitable[Any]]:
-    async def next_step(details: grpc.HandlerCallDetails) -> Any:
-        return await interceptor.intercept_service(continuation, details)
-
-    return next_step
 
 
 @dataclass

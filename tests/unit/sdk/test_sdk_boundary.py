@@ -54,6 +54,7 @@ SDK_TESTS = [
     ROOT / "tests" / "unit" / "sdk",
     ROOT / "tests" / "integration" / "test_loop_drivers.py",
     ROOT / "tests" / "integration" / "test_answer_streams_sdk.py",
+    ROOT / "tests" / "integration" / "kvs" / "test_sdk_kvs_stream.py",
 ]
 
 

@@ -1,0 +1,453 @@
+"""The SDK's objects at the KVS itself travel over one StreamOps stream.
+
+A cluster in this process (KVS, executor, scheduler, each its own gRPC server
+on 127.0.0.1:0) whose scheduler names to clients a KVS whose interceptors count
+what it receives: small reads, writes and deletes of a connection go as frames
+of one stream (large values keep their chunks), every error comes as the same
+exception as from the unary calls (``CLOUDBURST_KVS_STREAM=0``), and a KVS that
+goes away mid-op sends the op through the scheduler and is used again once it
+answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from cloudburst import CloudburstConnection, _core
+from cloudburst.errors import CloudburstError
+from cloudburst.opstream import STREAM_ENV
+from cloudburst.serialization import lattice_value
+from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
+from cloudburst_grpc.config import KvsConfig
+from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
+from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, Denied
+from cloudburst_grpc.security.identity import INVOKER, INVOKER_RESTRICTED, Identity
+from cloudburst_grpc.server import bind, create_server
+from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_kvs.storage import MemoryEngine
+from cloudburst_kvs.store import LatticeStore
+from harness import LoopThread, make_config
+from kvs_interceptors import Chain, MessageCounter, Recorder
+
+#: max_payload_bytes of the counted KVS: a value larger than this is refused in one message.
+LIMIT = 16 << 10
+WAIT = 30.0
+#: Larger than the scheduler's KVS's inline limit: written and read in chunks.
+LARGE = 5 << 20
+UNARY = ("GetValue", "PutValue", "DeleteValue")
+
+
+class Gate(Authenticator):
+    """Lets every caller in with ``role``, until ``refusing`` (a revoked credential)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(None)
+        self.role = role
+        self.refusing = False
+
+    async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        if self.refusing:
+            raise Denied(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate was revoked: ask for a new one",
+                "certificate",
+            )
+        return Identity(self.role, "token", "test")
+
+
+class HeldStore(LatticeStore):
+    """An in-memory store whose merges into the key "held" wait until the test lets them go."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryEngine(), max_lattice_bytes=2 * LARGE)
+        self.release = asyncio.Event()
+        self.holding = threading.Event()
+
+    async def put(
+        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
+    ) -> lattice_pb2.Lattice:
+        if key == "held":
+            self.holding.set()
+            await self.release.wait()
+        return await super().put(keyspace, key, lattice, **kwargs)
+
+
+@dataclass
+class CountedKvs:
+    """A KVS server whose calls and StreamOps messages are counted."""
+
+    loop: LoopThread
+    wait_limit: float = WAIT
+    limit: int = LIMIT
+    role: str | None = None
+    port: int = 0
+    recorder: Recorder = field(default_factory=Recorder)
+    counter: MessageCounter = field(default_factory=MessageCounter)
+    gate: Gate | None = None
+    store: HeldStore | None = None
+    server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> CountedKvs:
+        self.loop.run(self._start())
+        return self
+
+    async def _start(self) -> None:
+        config = KvsConfig(engine="memory", max_wait_seconds=self.wait_limit)
+        self.store = HeldStore()
+        await self.store.start()
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.counter, self.recorder]
+        if self.role is not None:
+            self.gate = Gate(self.role)
+            interceptors.append(AuthInterceptor(self.gate))
+        server, _health = create_server(self.limit, Chain(*interceptors))
+        add_kvs_to_server(server, self.store, config, self.limit)
+        self.port = bind(server, "127.0.0.1", self.port)
+        await server.start()
+        self.server = server
+
+    def stop(self) -> None:
+        """Stop the server at once (ops in flight end with it), then its store."""
+        self.loop.run(self._stop())
+
+    async def _stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+            self.server = None
+        if self.store is not None:
+            self.store.release.set()
+            await self.store.close()
+            self.store = None
+
+    def unary_calls(self) -> int:
+        return sum(self.recorder.calls(name) for name in UNARY)
+
+
+@dataclass
+class Setup:
+    scheduler: Node
+    kvs: CountedKvs
+    main_kvs: Node
+    """The scheduler's (and the executor's) own KVS."""
+
+
+@pytest.fixture
+def setup(
+    start_node: Callable[..., Node], server_loop: LoopThread, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Setup]]:
+    """Start a cluster whose scheduler names a counted KVS to its clients.
+
+    ``shared``: the scheduler and the executor use the counted KVS too (else
+    a KVS of their own, which clients reach through the scheduler's proxy).
+    """
+    started: list[CountedKvs] = []
+
+    def start(shared: bool = False, **kvs_options: Any) -> Setup:
+        kvs = CountedKvs(server_loop, **kvs_options).start()
+        started.append(kvs)
+        main_kvs = start_node(start_kvs_node(make_config()))
+        backing = kvs.address if shared else main_kvs.address
+        config = make_config(scheduler={"direct_kvs_address": kvs.address})
+        executor = start_node(start_executor_node(config, backing, "executor-0"))
+        scheduler = start_node(start_scheduler_node(config, backing, [executor.address]))
+        return Setup(scheduler, kvs, main_kvs)
+
+    try:
+        yield start
+    finally:
+        for kvs in started:
+            kvs.stop()
+
+
+def connect(address: str, **options: Any) -> CloudburstConnection:
+    return CloudburstConnection(address, connect_timeout=WAIT, timeout=WAIT, **options)
+
+
+@contextlib.contextmanager
+def unary_switch(monkeypatch: pytest.MonkeyPatch, off: bool) -> Iterator[None]:
+    """Connections made inside keep their KVS ops unary when ``off``."""
+    with monkeypatch.context() as patch:
+        if off:
+            patch.setenv(STREAM_ENV, "0")
+        yield
+
+
+def test_gets_puts_and_deletes_go_over_one_stream(setup: Callable[..., Setup]) -> None:
+    cluster = setup()
+    kvs = cluster.kvs
+    with connect(cluster.scheduler.address) as conn:
+        assert conn.kvs_address == kvs.address
+        for index in range(20):
+            conn.put_object(f"small/{index}", {"index": index})
+        assert [conn.get_object(f"small/{i}") for i in range(20)] == [
+            {"index": i} for i in range(20)
+        ]
+        assert conn.get_object("small/none") is None
+        assert conn.delete_object("small/3") is True
+        assert conn.delete_object("small/3") is False
+        assert conn.get_object("small/3") is None
+        assert kvs.recorder.calls("StreamOps") == 1
+        assert kvs.unary_calls() == 0
+        assert kvs.counter.ops == 20 + 21 + 3  # every op a frame of that stream
+        # A value too large for one message keeps its chunks, both ways.
+        conn.put_object("large", b"x" * LARGE)
+        assert conn.get_object("large") == b"x" * LARGE
+        assert kvs.recorder.calls("PutValueChunks") == 1
+        assert kvs.recorder.calls("GetValueChunks") >= 1
+        # get_object of several keys stays one BatchGetValues.
+        assert conn.get_object(["small/1", "small/2"]) == {
+            "small/1": {"index": 1},
+            "small/2": {"index": 2},
+        }
+        assert kvs.recorder.calls("BatchGetValues") == 1
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.unary_calls() == 0
+
+
+def test_the_switch_keeps_the_sdk_on_unary_calls(
+    setup: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = setup()
+    kvs = cluster.kvs
+    with unary_switch(monkeypatch, off=True), connect(cluster.scheduler.address) as conn:
+        assert conn.kvs_address == kvs.address
+        conn.put_object("k", 1)
+        assert conn.get_object("k") == 1
+        assert conn.delete_object("k") is True
+    assert kvs.recorder.calls("StreamOps") == 0
+    assert [kvs.recorder.calls(name) for name in UNARY] == [1, 1, 1]
+
+
+def test_eight_threads_share_the_stream_and_each_op_gets_its_answer(
+    setup: Callable[..., Setup],
+) -> None:
+    cluster = setup()
+    kvs = cluster.kvs
+    threads, rounds = 8, 100
+
+    def work(thread: int) -> list[Any]:
+        seen = []
+        for index in range(rounds):
+            key = f"t{thread}/{index}"
+            conn.put_object(key, [thread, index])
+            seen.append(conn.get_object(key))
+        return seen
+
+    with connect(cluster.scheduler.address) as conn:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            results = list(pool.map(work, range(threads)))
+    assert results == [[[t, i] for i in range(rounds)] for t in range(threads)]
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.unary_calls() == 0
+    assert kvs.counter.ops == threads * rounds * 2
+    assert kvs.counter.answers == kvs.counter.ops
+    # Ops that queued up while another was being written shared its message.
+    assert kvs.counter.read < kvs.counter.ops
+
+
+class Pickled:
+    """A value only cloudpickle serializes (so a restricted invoker may not store it)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pickled)
+
+    __hash__ = object.__hash__
+
+
+def _set_lattice(kvs: CountedKvs, key: str) -> None:
+    """Store a set lattice at ``key``: a last-writer-wins write there is a type mismatch."""
+    value = value_pb2.Value(serializer=value_pb2.SERIALIZER_BYTES, data=b"a")
+    lattice = lattice_pb2.Lattice(set=lattice_pb2.SetLattice(values=[value]))
+    with grpc.insecure_channel(kvs.address) as channel:
+        kvs_service_pb2_grpc.KvsServiceStub(channel).PutValue(
+            kvs_service_pb2.PutValueRequest(key=key, lattice=lattice), timeout=WAIT
+        )
+
+
+def _core_put(conn: CloudburstConnection, key: str, size: int) -> None:
+    """A write of one message, as put_object sends it, at the SDK's core (no client checks)."""
+    request = kvs_service_pb2.PutValueRequest(key=key)
+    request.lattice.lww.value.data = b"x" * size
+    request.lattice.lww.value.serializer = value_pb2.SERIALIZER_BYTES
+    request.lattice.lww.timestamp.time_ns = time.time_ns()
+    conn._run(conn._core.put(request, WAIT), "put")
+
+
+#: Each error a KVS op can answer: the role the KVS grants (None: no authorization), what
+#: to prepare, the op, and the exception class expected.
+ERRORS: dict[str, tuple[str | None, Callable[..., None], Callable[..., Any], str]] = {
+    "payload too large": (
+        None,
+        lambda kvs, conn: None,
+        lambda conn: _core_put(conn, "big", LIMIT + 1),
+        "PayloadTooLargeError",
+    ),
+    "empty key on get": (
+        None,
+        lambda kvs, conn: None,
+        lambda conn: conn._run(conn._core.get("", timeout=WAIT), "get"),
+        "InvalidArgumentError",
+    ),
+    "empty key on put": (
+        None,
+        lambda kvs, conn: None,
+        lambda conn: _core_put(conn, "", 1),
+        "InvalidArgumentError",
+    ),
+    "empty key on delete": (
+        None,
+        lambda kvs, conn: None,
+        lambda conn: conn._run(conn._core.delete("", WAIT), "delete"),
+        "InvalidArgumentError",
+    ),
+    "lattice type mismatch": (
+        None,
+        lambda kvs, conn: _set_lattice(kvs, "typed"),
+        lambda conn: conn.put_object("typed", 1),
+        "LatticeTypeMismatchError",
+    ),
+    "permission denied": (
+        INVOKER_RESTRICTED,
+        lambda kvs, conn: None,
+        lambda conn: conn.put_object("pickled", Pickled()),
+        "PermissionDeniedError",
+    ),
+    "unauthenticated": (
+        INVOKER,
+        lambda kvs, conn: setattr(kvs.gate, "refusing", True),
+        lambda conn: conn.get_object("anything"),
+        "UnauthenticatedError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_each_error_is_the_one_the_unary_call_raises(
+    case: str, setup: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role, prepare, operation, expected = ERRORS[case]
+    cluster = setup(role=role)
+    kvs = cluster.kvs
+    raised: list[tuple[str, str]] = []
+    for off in (False, True):
+        if kvs.gate is not None:
+            kvs.gate.refusing = False
+        with unary_switch(monkeypatch, off), connect(cluster.scheduler.address) as conn:
+            assert conn.kvs_address == kvs.address
+            prepare(kvs, conn)
+            streams, unary = kvs.recorder.calls("StreamOps"), kvs.unary_calls()
+            with pytest.raises(CloudburstError) as error:
+                operation(conn)
+            raised.append((type(error.value).__name__, str(error.value)))
+            # The stream carried the op (or the switch kept it unary); no failover.
+            if off:
+                assert kvs.recorder.calls("StreamOps") == streams
+                assert kvs.unary_calls() == unary + 1
+            else:
+                assert kvs.recorder.calls("StreamOps") == streams + 1
+                # A refused stream whose status gRPC lost (the refusal raced the frame's
+                # write) gets its op sent again as a unary call, which tells the refusal.
+                retried = (0, 1) if case == "unauthenticated" else (0,)
+                assert kvs.unary_calls() - unary in retried
+            assert conn.kvs_address == kvs.address
+    assert raised[0] == raised[1]
+    assert raised[0][0] == expected
+
+
+def test_a_waiting_read_keeps_both_wait_limits(
+    setup: Callable[..., Setup],
+) -> None:
+    # The KVS ends a wait after 0.3 s: the SDK keeps waiting, up to its own deadline.
+    cluster = setup(wait_limit=0.3)
+    kvs = cluster.kvs
+    with connect(cluster.scheduler.address) as conn:
+        started = time.monotonic()
+        assert conn._run(conn._core.get("never", wait=True, timeout=1.5), "wait") is None
+        waited = time.monotonic() - started
+        assert 1.4 <= waited < 10
+        frames = kvs.counter.ops
+        assert frames >= 3  # the KVS answered "not yet" at its limit, and the SDK asked again
+
+        # A read that waits for a key stored a moment later returns it.
+        def read() -> Any:
+            return conn._run(conn._core.get("later", wait=True, timeout=WAIT), "wait")
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(read)
+            deadline = time.monotonic() + WAIT
+            while kvs.counter.ops == frames and time.monotonic() < deadline:
+                time.sleep(0.01)  # polled: until the KVS holds the waiting read
+            assert kvs.counter.ops > frames
+            conn.put_object("later", "here")
+            lattice = waiting.result(WAIT)
+        assert lattice is not None and lattice_value(lattice) == "here"
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.unary_calls() == 0
+
+
+def incr(_: Any, x: int) -> int:
+    return x + 1
+
+
+def test_a_result_answered_directly_is_read_with_a_streamed_waiting_read(
+    setup: Callable[..., Setup],
+) -> None:
+    cluster = setup(shared=True, limit=1 << 20)  # room for the function's definition
+    kvs = cluster.kvs
+    with connect(cluster.scheduler.address) as conn:
+        function = conn.register(incr, "incr")
+        futures = [function(i) for i in range(5)]
+        assert [f.get(timeout=WAIT) for f in futures] == [1, 2, 3, 4, 5]
+        assert [conn.get_object(f) for f in futures] == [1, 2, 3, 4, 5]
+        streams = kvs.recorder.calls("StreamOps")
+    # The executor and the scheduler have streams of their own; the SDK read on its one.
+    assert streams >= 1
+    assert kvs.recorder.calls("GetValue") == 0
+
+
+def test_a_kvs_lost_mid_op_sends_it_through_the_scheduler_and_is_used_again(
+    setup: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_core, "DIRECT_RETRY_SECONDS", 0.2)
+    cluster = setup()
+    kvs = cluster.kvs
+    with connect(cluster.scheduler.address) as conn:
+        conn.put_object("before", 1)
+        assert kvs.store is not None
+        holding = kvs.store.holding
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            held = pool.submit(conn.put_object, "held", "through the scheduler")
+            assert holding.wait(WAIT)  # the KVS holds the write: it is mid-op
+            kvs.stop()
+            assert held.result(WAIT) is True
+        assert time.monotonic() - started < WAIT
+        assert conn.kvs_address is None
+        # It went to the scheduler's KVS, as does everything until the KVS answers again.
+        assert conn.get_object("held") == "through the scheduler"
+        assert conn.get_object("before") is None
+
+        kvs.recorder.methods.clear()
+        kvs.start()  # on the same port
+        deadline = time.monotonic() + WAIT
+        while conn.kvs_address is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polled: until the SDK found the KVS again
+        assert conn.kvs_address == kvs.address
+        conn.put_object("after", 2)
+        assert conn.get_object("after") == 2
+        assert conn.delete_object("after") is True
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.unary_calls() == 0

@@ -1,0 +1,124 @@
+"""Server interceptors that count what a test KVS receives and sends."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+KVS = "/cloudburst.v1.KvsService/"
+
+
+class MessageCounter(grpc.aio.ServerInterceptor):
+    """Counts the messages of StreamOps streams as they travel, and the frames they carry."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        """Messages read from callers."""
+        self.ops = 0
+        """Frames those messages carried (a batch counts each of its frames)."""
+        self.written = 0
+        """Messages written to callers."""
+        self.answers = 0
+        """Answers those messages carried."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method != KVS + "StreamOps":
+            return handler
+        behavior = handler.stream_stream
+
+        async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for message in requests:
+                self.read += 1
+                self.ops += len(message.batch) or 1
+                yield message
+
+        def written(message: Any) -> None:
+            self.written += 1
+            self.answers += len(message.batch) or 1
+
+        if inspect.isasyncgenfunction(behavior):  # the servicer yields its answers
+
+            async def answered(requests: Any, context: Any) -> AsyncIterator[Any]:
+                async for message in behavior(counted(requests), context):
+                    written(message)
+                    yield message
+
+            wrapped: Any = answered
+        else:  # the servicer writes its answers
+
+            async def writes(requests: Any, context: Any) -> Any:
+                return await behavior(counted(requests), CountingContext(context, written))
+
+            wrapped = writes
+        return grpc.stream_stream_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class CountingContext:
+    """A servicer context whose writes are counted."""
+
+    def __init__(self, context: Any, written: Callable[[Any], None]) -> None:
+        self._context = context
+        self._written = written
+
+    async def write(self, message: Any) -> None:
+        self._written(message)
+        await self._context.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class Recorder(grpc.aio.ServerInterceptor):
+    """Records the method of every call the server receives."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        self.methods.append(handler_call_details.method)
+        return await continuation(handler_call_details)
+
+    def calls(self, name: str) -> int:
+        return self.methods.count(KVS + name)
+
+
+class Chain(grpc.aio.ServerInterceptor):
+    """Runs several interceptors in order (create_server takes one besides its own)."""
+
+    def __init__(self, *interceptors: grpc.aio.ServerInterceptor) -> None:
+        self.interceptors = interceptors
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        for interceptor in reversed(self.interceptors):
+            continuation = _bound(interceptor, continuation)
+        return await continuation(handler_call_details)
+
+
+def _bound(
+    interceptor: grpc.aio.ServerInterceptor,
+    continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+) -> Callable[[grpc.HandlerCallDetails], Awaitable[Any]]:
+    async def next_step(details: grpc.HandlerCallDetails) -> Any:
+        return await interceptor.intercept_service(continuation, details)
+
+    return next_step
