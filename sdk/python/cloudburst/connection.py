@@ -338,7 +338,11 @@ class CloudburstConnection:
             instead of two; when that address does not answer, within two
             seconds of connecting or later, objects go through the scheduler.
             False always goes through the scheduler. When not given,
-            ``CLOUDBURST_DIRECT_KVS=0`` turns it off.
+            ``CLOUDBURST_DIRECT_KVS=0`` turns it off. At the KVS, reads, writes
+            and deletes of one key go as frames of one stream that the
+            connection's threads share (values too large for one message keep
+            their chunks); ``CLOUDBURST_KVS_STREAM=0`` makes each a unary call
+            (see :mod:`cloudburst.opstream`).
         direct_answers: Hold an answer stream at each executor of a cluster
             whose scheduler offers it, so that the executor that finishes a
             ``direct_response`` DAG call answers it directly, one hop instead
