@@ -277,13 +277,13 @@ def _set_lattice(kvs: CountedKvs, key: str) -> None:
         )
 
 
-def _core_put(conn: CloudburstConnection, key: str, size: int) -> None:
+def _core_put(conn: CloudburstConnection, key: str, size: int, timeout: float = WAIT) -> None:
     """A write of one message, as put_object sends it, at the SDK's core (no client checks)."""
     request = kvs_service_pb2.PutValueRequest(key=key)
     request.lattice.lww.value.data = b"x" * size
     request.lattice.lww.value.serializer = value_pb2.SERIALIZER_BYTES
     request.lattice.lww.timestamp.time_ns = time.time_ns()
-    conn._run(conn._core.put(request, WAIT), "put")
+    conn._run(conn._core.put(request, timeout), "put")
 
 
 #: Each error a KVS op can answer: the role the KVS grants (None: no authorization), what
@@ -312,6 +312,12 @@ ERRORS: dict[str, tuple[str | None, Callable[..., None], Callable[..., Any], str
         lambda kvs, conn: None,
         lambda conn: conn._run(conn._core.delete("", WAIT), "delete"),
         "InvalidArgumentError",
+    ),
+    "deadline": (  # the store holds the write past it
+        None,
+        lambda kvs, conn: None,
+        lambda conn: _core_put(conn, "held", 1, timeout=0.5),
+        "CloudburstTimeoutError",
     ),
     "lattice type mismatch": (
         None,
