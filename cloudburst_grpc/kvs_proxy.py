@@ -227,11 +227,12 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     ) -> AsyncIterator[kvs_service_pb2.StreamOpsResponse]:
         """Not forwarded: a caller of this stream falls back to the unary calls, which are.
 
-        Callers that stream ops (executors, schedulers) reach the KVS tier directly.
+        Callers that stream ops (executors, schedulers, the SDK) reach the KVS tier directly.
         """
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
-            "StreamOps is served by the KVS, not through a scheduler; use GetValue and PutValue",
+            "StreamOps is served by the KVS, not through a scheduler; use the unary calls "
+            "(GetValue, PutValue, DeleteValue)",
         )
         yield kvs_service_pb2.StreamOpsResponse()  # not reached: abort raises
 
