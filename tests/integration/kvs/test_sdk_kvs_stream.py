@@ -36,7 +36,7 @@ from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
 from cloudburst_kvs.storage import MemoryEngine
 from cloudburst_kvs.store import LatticeStore
-from harness import LoopThread, make_config
+from harness import CbgrpcProcess, LoopThread, make_config
 from kvs_interceptors import Chain, MessageCounter, Recorder
 
 #: max_payload_bytes of the counted KVS: a value larger than this is refused in one message.
@@ -457,3 +457,67 @@ def test_a_kvs_lost_mid_op_sends_it_through_the_scheduler_and_is_used_again(
         assert conn.delete_object("after") is True
     assert kvs.recorder.calls("StreamOps") == 1
     assert kvs.unary_calls() == 0
+
+
+def test_a_killed_kvs_process_fails_ops_over_mid_run_and_is_used_again(
+    start_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_core, "DIRECT_RETRY_SECONDS", 0.2)
+    kvs = CbgrpcProcess("kvs", "--storage", "memory")
+    port = kvs.address.rsplit(":", 1)[1]
+    try:
+        main_kvs = start_node(start_kvs_node(make_config()))
+        config = make_config(scheduler={"direct_kvs_address": kvs.address})
+        executor = start_node(start_executor_node(config, main_kvs.address, "executor-0"))
+        scheduler = start_node(start_scheduler_node(config, main_kvs.address, [executor.address]))
+        with connect(scheduler.address) as conn:
+            assert conn.kvs_address == kvs.address
+            done = 0
+            failures: list[BaseException] = []
+            stop = threading.Event()
+
+            def work() -> None:
+                # Ops, one after another, while the KVS is killed and comes back.
+                nonlocal done
+                while not stop.is_set():
+                    key = f"run/{done % 10}"
+                    started = time.monotonic()
+                    try:
+                        address = conn.kvs_address
+                        conn.put_object(key, done)
+                        got = conn.get_object(key)
+                        # Both at one KVS (the killed one, or the scheduler's meanwhile).
+                        if conn.kvs_address == address:
+                            assert got == done
+                        assert time.monotonic() - started < WAIT
+                    except BaseException as exc:  # reported by the test's thread
+                        failures.append(exc)
+                        return
+                    done += 1
+
+            worker = threading.Thread(target=work)
+            worker.start()
+            try:
+                deadline = time.monotonic() + WAIT
+
+                def ran(count: int) -> None:
+                    while done < count and not failures and time.monotonic() < deadline:
+                        time.sleep(0.01)  # polled: until the worker got that far
+                    assert not failures and done >= count
+
+                ran(50)
+                kvs.kill()  # SIGKILL: the stream breaks mid-run, perhaps mid-op
+                ran(done + 50)
+                assert conn.kvs_address is None  # through the scheduler meanwhile
+                kvs = CbgrpcProcess("kvs", "--storage", "memory", "--port", port)
+                while conn.kvs_address is None and time.monotonic() < deadline:
+                    time.sleep(0.05)  # polled: until the SDK found the KVS again
+                assert conn.kvs_address == kvs.address
+                ran(done + 50)
+            finally:
+                stop.set()
+                worker.join(WAIT)
+            assert not failures, failures
+            assert not worker.is_alive()
+    finally:
+        kvs.kill()
