@@ -55,7 +55,7 @@ func PingTimeout(getenv func(string) string) (time.Duration, error) {
 // they agree). Every call names it in the user agent, as ProtocolToken; a server of a release that
 // speaks another version refuses the call with FAILED_PRECONDITION, reason
 // ReasonProtocolMismatch, instead of misreading it (docs/protocol.md#versions).
-const ProtocolVersion = 1
+const ProtocolVersion = 2
 
 // ProtocolToken is the user agent product token that carries ProtocolVersion.
 var ProtocolToken = fmt.Sprintf("cloudburst-protocol/%d", ProtocolVersion)

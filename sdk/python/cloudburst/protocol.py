@@ -34,7 +34,7 @@ from cloudburst.rpc import error_from_rpc
 #: cannot work with the previous release's: a field reserved, renumbered or given another
 #: meaning, a frame an older peer would misread, a stream whose order of frames changed.
 #: Adding an optional field that older peers may ignore needs no bump.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: The environment variable that replaces :data:`PROTOCOL_VERSION` in a process (tests only).
 PROTOCOL_ENV = "CLOUDBURST_PROTOCOL_VERSION"

@@ -32,7 +32,7 @@ export const PING_TIMEOUT_ENV = "CLOUDBURST_PING_TIMEOUT_SECONDS";
  * call with FAILED_PRECONDITION, reason PROTOCOL_MISMATCH, instead of misreading it
  * (docs/protocol.md#versions).
  */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /** The user agent product token that carries PROTOCOL_VERSION. */
 export const PROTOCOL_TOKEN = `cloudburst-protocol/${PROTOCOL_VERSION}`;
