@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,9 +28,10 @@ import grpc
 import pytest
 
 from cloudburst.transport import ClientSecurity
-from cloudburst.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
+from cloudburst.v1 import lattice_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst_grpc.local import Node
+from cloudburst_kvs.store import LatticeStore
 
 T = TypeVar("T")
 
@@ -478,3 +479,31 @@ def executors_of(
     return wait_for_pool(
         scheduler, lambda response: predicate({e.address for e in response.executors}), timeout
     )
+
+
+def stored(node: Node, key: str) -> bool:
+    """Whether a user key is in the node's own store (a KVS node, or ``cbgrpc serve``'s)."""
+    assert isinstance(node.store, LatticeStore)
+    return node.store.get(lattice_pb2.KEYSPACE_USER, key) is not None
+
+
+def wait_deleted(node: Node, loop: LoopThread, keys: Iterable[str], timeout: float = 20) -> None:
+    """Wait until every key is gone from the node's store (watching it, not polling)."""
+    store = node.store
+    assert isinstance(store, LatticeStore)
+    wanted = set(keys)
+    user = lattice_pb2.KEYSPACE_USER
+
+    async def wait() -> None:
+        async with store.watch(user, keys=wanted) as changes:
+            left = {key for key in wanted if store.get(user, key) is not None}
+            if not left:
+                return
+            async with asyncio.timeout(timeout):
+                async for change in changes:
+                    if change.deleted:
+                        left.discard(change.key)
+                    if not left:
+                        return
+
+    loop.run(wait())

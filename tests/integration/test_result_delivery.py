@@ -6,9 +6,7 @@ another language does. Deletion is observed with a watch on the node's store, ne
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -25,40 +23,12 @@ from cloudburst.v1 import (
     value_pb2,
 )
 from cloudburst_grpc.local import Node
-from cloudburst_kvs.store import LatticeStore
-from harness import LoopThread, make_config
+from harness import LoopThread, make_config, stored, wait_deleted
 
-USER = lattice_pb2.KEYSPACE_USER
 JSON = value_pb2.SERIALIZER_JSON
 STRING = value_pb2.SERIALIZER_STRING
 BYTES = value_pb2.SERIALIZER_BYTES
 Stub = scheduler_service_pb2_grpc.SchedulerServiceStub
-
-
-def stored(node: Node, key: str) -> bool:
-    assert isinstance(node.store, LatticeStore)
-    return node.store.get(USER, key) is not None
-
-
-def wait_deleted(node: Node, loop: LoopThread, keys: Iterable[str], timeout: float = 20) -> None:
-    """Wait until every key is gone from the node's store (watching it, not polling)."""
-    store = node.store
-    assert isinstance(store, LatticeStore)
-    wanted = set(keys)
-
-    async def wait() -> None:
-        async with store.watch(USER, keys=wanted) as changes:
-            left = {key for key in wanted if store.get(USER, key) is not None}
-            if not left:
-                return
-            async with asyncio.timeout(timeout):
-                async for change in changes:
-                    if change.deleted:
-                        left.discard(change.key)
-                    if not left:
-                        return
-
-    loop.run(wait())
 
 
 def json_value(obj: Any) -> value_pb2.Argument:

@@ -11,17 +11,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from cloudburst import CloudburstConnection
-from cloudburst.v1 import lattice_pb2
 from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node
-from cloudburst_kvs.store import LatticeStore
-from harness import Cluster, LoopThread
-
-USER = lattice_pb2.KEYSPACE_USER
+from harness import Cluster, LoopThread, stored, wait_deleted
 
 
 def pause_then_pass(_: UserLibrary, seconds: float) -> float:
@@ -31,32 +26,6 @@ def pause_then_pass(_: UserLibrary, seconds: float) -> float:
 
 def add(_: UserLibrary, a: int, b: float) -> float:
     return a + b
-
-
-def stored(node: Node, key: str) -> bool:
-    assert isinstance(node.store, LatticeStore)
-    return node.store.get(USER, key) is not None
-
-
-def wait_deleted(node: Node, loop: LoopThread, keys: Iterable[str], timeout: float = 20) -> None:
-    """Wait until every key is gone from the node's store."""
-    store = node.store
-    assert isinstance(store, LatticeStore)
-    wanted = set(keys)
-
-    async def wait() -> None:
-        async with store.watch(USER, keys=wanted) as changes:
-            left = {key for key in wanted if store.get(USER, key) is not None}
-            if not left:
-                return
-            async with asyncio.timeout(timeout):
-                async for change in changes:
-                    if change.deleted:
-                        left.discard(change.key)
-                    if not left:
-                        return
-
-    loop.run(wait())
 
 
 def test_a_result_is_deleted_once_its_future_is_gone(
