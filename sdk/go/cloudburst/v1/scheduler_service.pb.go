@@ -1414,6 +1414,18 @@ type StreamCallsRequest struct {
 	// frame. The scheduler counts those calls ended on their executors at once when it places the
 	// next calls (it learns of their end from the executors too, a little later). Optional.
 	AnsweredSequences []uint64 `protobuf:"varint,12,rep,packed,name=answered_sequences,json=answeredSequences,proto3" json:"answered_sequences,omitempty"`
+	// The caller would choose the response keys of its calls (`chosen_response_key`). A scheduler
+	// that takes them says so at once, in an answer of no call (sequence 0) that sets
+	// `takes_chosen_keys`; one that says nothing does not, and the caller must not send them.
+	ChoosesKeys bool `protobuf:"varint,13,opt,name=chooses_keys,json=choosesKeys,proto3" json:"chooses_keys,omitempty"`
+	// The response key of this call, chosen by the caller in the form the scheduler chooses them
+	// (32 lowercase hexadecimal digits, 128 random bits); it is then not answered when accepted:
+	// only once, with its outcome (or with the error that kept it from being accepted). The key is
+	// treated as one the scheduler chose: the result expires, and with `releasable` the caller
+	// releases it. Requires `stream_outcome`, no `response_key` and no `direct_response` in the
+	// call; anything else is refused with INVALID_ARGUMENT. Sent only to a scheduler that set
+	// `takes_chosen_keys` on this stream.
+	ChosenResponseKey string `protobuf:"bytes,14,opt,name=chosen_response_key,json=chosenResponseKey,proto3" json:"chosen_response_key,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -1541,6 +1553,20 @@ func (x *StreamCallsRequest) GetAnsweredSequences() []uint64 {
 		return x.AnsweredSequences
 	}
 	return nil
+}
+
+func (x *StreamCallsRequest) GetChoosesKeys() bool {
+	if x != nil {
+		return x.ChoosesKeys
+	}
+	return false
+}
+
+func (x *StreamCallsRequest) GetChosenResponseKey() string {
+	if x != nil {
+		return x.ChosenResponseKey
+	}
+	return ""
 }
 
 type isStreamCallsRequest_Call interface {
@@ -1672,7 +1698,8 @@ func (x *AnswerStreamLost) GetSequences() []uint64 {
 }
 
 // StreamCallsResponse answers one StreamCallsRequest: once when accepted, again with the outcome if
-// asked; or once with both, when the call finished by the time it was accepted.
+// asked; or once with both, when the call finished by the time it was accepted or its caller chose
+// its response key.
 type StreamCallsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The sequence of the request answered.
@@ -1690,9 +1717,12 @@ type StreamCallsResponse struct {
 	// to a caller that set `reads_batches` on this stream.
 	Batch []*StreamCallsResponse `protobuf:"bytes,5,rep,name=batch,proto3" json:"batch,omitempty"`
 	// The scheduler reads calls batched in `StreamCallsRequest.batch` on this stream.
-	ReadsBatches  bool `protobuf:"varint,6,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ReadsBatches bool `protobuf:"varint,6,opt,name=reads_batches,json=readsBatches,proto3" json:"reads_batches,omitempty"`
+	// The scheduler takes `StreamCallsRequest.chosen_response_key` on this stream (the answer,
+	// of no call, to a frame that set `chooses_keys`).
+	TakesChosenKeys bool `protobuf:"varint,7,opt,name=takes_chosen_keys,json=takesChosenKeys,proto3" json:"takes_chosen_keys,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *StreamCallsResponse) Reset() {
@@ -1776,6 +1806,13 @@ func (x *StreamCallsResponse) GetBatch() []*StreamCallsResponse {
 func (x *StreamCallsResponse) GetReadsBatches() bool {
 	if x != nil {
 		return x.ReadsBatches
+	}
+	return false
+}
+
+func (x *StreamCallsResponse) GetTakesChosenKeys() bool {
+	if x != nil {
+		return x.TakesChosenKeys
 	}
 	return false
 }
@@ -1889,7 +1926,7 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x10pinned_functions\x18\x03 \x03(\tR\x0fpinnedFunctions\x12\x12\n" +
 	"\x04load\x18\x04 \x01(\rR\x04load\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
-	"cachedKeys\"\xe5\x05\n" +
+	"cachedKeys\"\xb8\x06\n" +
 	"\x12StreamCallsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12X\n" +
 	"\rtrace_context\x18\x02 \x03(\v23.cloudburst.v1.StreamCallsRequest.TraceContextEntryR\ftraceContext\x12I\n" +
@@ -1905,7 +1942,9 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x0eanswer_streams\x18\n" +
 	" \x01(\v2\x1c.cloudburst.v1.AnswerStreamsR\ranswerStreams\x12M\n" +
 	"\x12answer_stream_lost\x18\v \x01(\v2\x1f.cloudburst.v1.AnswerStreamLostR\x10answerStreamLost\x12-\n" +
-	"\x12answered_sequences\x18\f \x03(\x04R\x11answeredSequences\x1a?\n" +
+	"\x12answered_sequences\x18\f \x03(\x04R\x11answeredSequences\x12!\n" +
+	"\fchooses_keys\x18\r \x01(\bR\vchoosesKeys\x12.\n" +
+	"\x13chosen_response_key\x18\x0e \x01(\tR\x11chosenResponseKey\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x06\n" +
@@ -1916,14 +1955,15 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x10AnswerStreamLost\x12\x1f\n" +
 	"\vexecutor_id\x18\x01 \x01(\tR\n" +
 	"executorId\x12\x1c\n" +
-	"\tsequences\x18\x02 \x03(\x04R\tsequences\"\xd5\x02\n" +
+	"\tsequences\x18\x02 \x03(\x04R\tsequences\"\x81\x03\n" +
 	"\x13StreamCallsResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12J\n" +
 	"\rcall_function\x18\x02 \x01(\v2#.cloudburst.v1.CallFunctionResponseH\x00R\fcallFunction\x12;\n" +
 	"\bcall_dag\x18\x03 \x01(\v2\x1e.cloudburst.v1.CallDagResponseH\x00R\acallDag\x120\n" +
 	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05error\x128\n" +
 	"\x05batch\x18\x05 \x03(\v2\".cloudburst.v1.StreamCallsResponseR\x05batch\x12#\n" +
-	"\rreads_batches\x18\x06 \x01(\bR\freadsBatchesB\b\n" +
+	"\rreads_batches\x18\x06 \x01(\bR\freadsBatches\x12*\n" +
+	"\x11takes_chosen_keys\x18\a \x01(\bR\x0ftakesChosenKeysB\b\n" +
 	"\x06answer2\xdf\b\n" +
 	"\x10SchedulerService\x12]\n" +
 	"\x0eCreateFunction\x12$.cloudburst.v1.CreateFunctionRequest\x1a%.cloudburst.v1.CreateFunctionResponse\x12T\n" +

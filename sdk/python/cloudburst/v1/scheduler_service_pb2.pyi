@@ -761,6 +761,8 @@ class StreamCallsRequest(_message.Message):
     ANSWER_STREAMS_FIELD_NUMBER: _builtins.int
     ANSWER_STREAM_LOST_FIELD_NUMBER: _builtins.int
     ANSWERED_SEQUENCES_FIELD_NUMBER: _builtins.int
+    CHOOSES_KEYS_FIELD_NUMBER: _builtins.int
+    CHOSEN_RESPONSE_KEY_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
     stream_outcome: _builtins.bool
@@ -773,6 +775,20 @@ class StreamCallsRequest(_message.Message):
     """
     reads_batches: _builtins.bool
     """The caller reads answers batched in `StreamCallsResponse.batch`."""
+    chooses_keys: _builtins.bool
+    """The caller would choose the response keys of its calls (`chosen_response_key`). A scheduler
+    that takes them says so at once, in an answer of no call (sequence 0) that sets
+    `takes_chosen_keys`; one that says nothing does not, and the caller must not send them.
+    """
+    chosen_response_key: _builtins.str
+    """The response key of this call, chosen by the caller in the form the scheduler chooses them
+    (32 lowercase hexadecimal digits, 128 random bits); it is then not answered when accepted:
+    only once, with its outcome (or with the error that kept it from being accepted). The key is
+    treated as one the scheduler chose: the result expires, and with `releasable` the caller
+    releases it. Requires `stream_outcome`, no `response_key` and no `direct_response` in the
+    call; anything else is refused with INVALID_ARGUMENT. Sent only to a scheduler that set
+    `takes_chosen_keys` on this stream.
+    """
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The W3C trace context of the call."""
@@ -833,10 +849,12 @@ class StreamCallsRequest(_message.Message):
         answer_streams: Global___AnswerStreams | None = ...,
         answer_stream_lost: Global___AnswerStreamLost | None = ...,
         answered_sequences: _abc.Iterable[_builtins.int] | None = ...,
+        chooses_keys: _builtins.bool = ...,
+        chosen_response_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "answered_sequences", b"answered_sequences", "batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "answered_sequences", b"answered_sequences", "batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "chooses_keys", b"chooses_keys", "chosen_response_key", b"chosen_response_key", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["call_function", "call_dag"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
@@ -903,7 +921,8 @@ Global___AnswerStreamLost: _TypeAlias = AnswerStreamLost  # noqa: Y015
 @_typing.final
 class StreamCallsResponse(_message.Message):
     """StreamCallsResponse answers one StreamCallsRequest: once when accepted, again with the outcome if
-    asked; or once with both, when the call finished by the time it was accepted.
+    asked; or once with both, when the call finished by the time it was accepted or its caller chose
+    its response key.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -914,10 +933,15 @@ class StreamCallsResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     READS_BATCHES_FIELD_NUMBER: _builtins.int
+    TAKES_CHOSEN_KEYS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request answered."""
     reads_batches: _builtins.bool
     """The scheduler reads calls batched in `StreamCallsRequest.batch` on this stream."""
+    takes_chosen_keys: _builtins.bool
+    """The scheduler takes `StreamCallsRequest.chosen_response_key` on this stream (the answer,
+    of no call, to a frame that set `chooses_keys`).
+    """
     @_builtins.property
     def call_function(self) -> Global___CallFunctionResponse:
         """The answer to a function call."""
@@ -946,10 +970,11 @@ class StreamCallsResponse(_message.Message):
         error: _error_pb2.CallError | None = ...,
         batch: _abc.Iterable[Global___StreamCallsResponse] | None = ...,
         reads_batches: _builtins.bool = ...,
+        takes_chosen_keys: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch", b"batch", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error", "reads_batches", b"reads_batches", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch", b"batch", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error", "reads_batches", b"reads_batches", "sequence", b"sequence", "takes_chosen_keys", b"takes_chosen_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["call_function", "call_dag", "error"]  # noqa: Y015
     _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
