@@ -78,6 +78,8 @@ MAX_RETRIES = 10
 #: Seconds past a DAG call's deadline after which its result will not be stored any more.
 STORE_GRACE_SECONDS = 10.0
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
+#: A response key a caller may choose: the form of :func:`new_call_id` (128 random bits).
+_CHOSEN_KEY = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -96,6 +98,35 @@ def check_name(kind: str, name: str) -> None:
         raise InvalidArgumentError(
             f"{kind} name {name[:40]!r} must be at most {MAX_NAME_LENGTH} printable characters"
         )
+
+
+def check_chosen_key(frame: scheduler_service_pb2.StreamCallsRequest) -> str:
+    """The response key a call stream's caller chose for the call in ``frame``, checked.
+
+    A chosen key stands for a key the scheduler would have chosen, so it must
+    look like one (32 lowercase hex digits) and its call must have its outcome
+    streamed, name no key of its own and not return its result directly.
+
+    Raises:
+        InvalidArgumentError: The key or its call does not qualify (the message says why).
+    """
+    key = frame.chosen_response_key
+    if not _CHOSEN_KEY.fullmatch(key):
+        raise InvalidArgumentError(
+            f"chosen_response_key {key[:40]!r} must be 32 lowercase hexadecimal digits "
+            "(128 random bits, as the scheduler chooses keys); send none to have the "
+            "scheduler choose the key",
+            {"response_key": key[:64]},
+        )
+    call = frame.call_function if frame.WhichOneof("call") == "call_function" else frame.call_dag
+    if not frame.stream_outcome or call.direct_response or call.response_key:
+        raise InvalidArgumentError(
+            "chosen_response_key is only for a call whose outcome is streamed "
+            "(stream_outcome) and that names no response_key and sets no direct_response; "
+            "drop chosen_response_key or those settings",
+            {"response_key": key},
+        )
+    return key
 
 
 class Scheduler:
@@ -369,16 +400,21 @@ class Scheduler:
         expire: bool = True,
         *,
         answer_to: AnswerTo | None = None,
+        chosen_key: str = "",
     ) -> Accepted:
         """Place a one-shot call; its outcome is awaitable when ``want_outcome``.
 
-        A result stored under a key chosen here expires unless ``expire`` is False.
-        ``answer_to`` is as for :meth:`call_dag`, given the executor the call runs on.
+        A result stored under a key chosen here (or ``chosen_key``, one the
+        caller chose in its place, see :func:`check_chosen_key`) expires unless
+        ``expire`` is False. ``answer_to`` is as for :meth:`call_dag`, given the
+        executor the call runs on.
         """
         call_id = new_call_id()
         _check_delivery(request)
         # direct_response returns the result and stores nothing.
-        response_key = "" if request.direct_response else (request.response_key or call_id)
+        response_key = (
+            "" if request.direct_response else (request.response_key or chosen_key or call_id)
+        )
         attributes = {
             "cloudburst.function": request.name,
             "cloudburst.call_id": call_id,
@@ -556,25 +592,47 @@ class Scheduler:
 
         self._background_task(store())
 
-    def _store_failure(self, response_key: str, message: str) -> None:
-        """Store an UNAVAILABLE failure as a call's result, unless its real result is stored.
+    def _store_failure(
+        self,
+        response_key: str,
+        message: str,
+        reason: str = UnavailableError.reason,
+        stored: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Store a runtime failure as a call's result, unless its real result is stored.
 
         The failure carries the lowest possible timestamp, so it never replaces
         a result and any result stored later replaces it: a caller waiting on
-        the key learns at once that its call cannot finish.
+        the key learns at once that its call cannot finish. ``stored`` settles
+        once the store is done (or failed).
         """
         lattice = lattice_pb2.Lattice()
         lattice.lww.timestamp.time_ns = 1
         lattice.lww.timestamp.writer_id = self._clock.writer_id
-        lattice.lww.value.CopyFrom(failure_value(runtime_failure(UnavailableError.reason, message)))
+        lattice.lww.value.CopyFrom(failure_value(runtime_failure(reason, message)))
 
         async def store() -> None:
             try:
                 await self._kvs.put(response_key, lattice)
             except CloudburstError as exc:
                 logger.warning("cannot store the failure of %s: %s", response_key, exc)
+            finally:
+                if stored is not None:
+                    _settle(stored, None)
 
         self._background_task(store())
+
+    def refused_chosen_key(self, response_key: str, error: CloudburstError) -> None:
+        """Store why a call whose caller chose ``response_key`` was not accepted, there.
+
+        Its caller learns it from the call's answer; whoever else waits on the
+        key (a later call given this one's future) learns it from the store.
+        The key then expires, or is released, like that of an accepted call.
+        """
+        stored = asyncio.get_running_loop().create_future()
+        self.releaser.storing(response_key, stored)
+        self._store_failure(response_key, error.message, error.reason, stored)
+        self.releaser.expire_later(response_key)
 
     async def call_dag(
         self,
@@ -585,17 +643,21 @@ class Scheduler:
         expire: bool = True,
         *,
         answer_to: AnswerTo | None = None,
+        chosen_key: str = "",
     ) -> Accepted:
         """Place every function of a DAG call and trigger its sources.
 
-        A result stored under a key chosen here expires unless ``expire`` is False.
+        A result stored under a key chosen here (or ``chosen_key``, as for
+        :meth:`call_function`) expires unless ``expire`` is False.
         ``answer_to`` says, given the sink's executor id, on which of the caller's
         answer streams the sink answers it, if any; the outcome is then
         :data:`~cloudburst_grpc.answer_streams.DELIVERED_DIRECTLY` when it did.
         """
         call_id = new_call_id()
         _check_delivery(request)
-        response_key = "" if request.direct_response else (request.response_key or call_id)
+        response_key = (
+            "" if request.direct_response else (request.response_key or chosen_key or call_id)
+        )
         loop = asyncio.get_running_loop()
         result: asyncio.Future[execution_pb2.Outcome] = loop.create_future()
         call = _DagCall(request, response_key, self._timeout(timeout), trace_context)

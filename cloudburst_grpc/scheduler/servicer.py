@@ -17,7 +17,7 @@ from cloudburst_grpc import telemetry
 from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY, AnswerRoutes, AnswerTo
 from cloudburst_grpc.answers import AnswerBatcher, AnswerWriter
 from cloudburst_grpc.failures import error_to_call_error
-from cloudburst_grpc.scheduler.core import Accepted, Scheduler
+from cloudburst_grpc.scheduler.core import Accepted, Scheduler, check_chosen_key
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ def _remaining(context: Context[Any, Any]) -> float | None:
 
 class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     """Serves SchedulerService over a :class:`Scheduler`."""
+
+    takes_chosen_keys = True
+    """Whether call streams tell callers that ask (``chooses_keys``) that they take chosen keys."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
@@ -301,7 +304,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         A message that carries a batch is served frame by frame. ``batcher`` hears
         of the first frame whose caller says it reads batched answers; if the caller
         is yet to be told that this stream reads batched calls, an answer of no call
-        (sequence 0) tells it at once.
+        (sequence 0) tells it at once. So does one for the first frame whose caller
+        asks whether it may choose response keys (``chooses_keys``), with the
+        answer (``takes_chosen_keys``).
 
         Flow control: while the stream has ``max_unanswered_calls`` calls running
         or answers not yet written (``backlog``), no further frame is read, so a
@@ -319,18 +324,27 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         releasable: set[str] = set()
         # The caller's answer streams at executors, if it holds any (and this scheduler uses them).
         routes = AnswerRoutes() if self._scheduler.direct_answers else None
+        asked_keys = False
         try:
             async for message in request_iterator:
                 # A batch carries frames to serve in order as if each came alone.
                 for frame in message.batch or (message,):
+                    hello: Answer | None = None
                     if batcher is not None and frame.reads_batches:
                         batcher.reads_batches()
                         if batcher.offering:
                             # Told now, not with a first answer that may never come (a
                             # sink answers the caller on its answer stream), so that the
                             # caller batches its calls from the next ones on.
-                            await emit(Answer())
+                            hello = Answer()
                         batcher = None
+                    if frame.chooses_keys and not asked_keys:
+                        asked_keys = True
+                        if self.takes_chosen_keys:
+                            hello = hello or Answer()
+                            hello.takes_chosen_keys = True
+                    if hello is not None:
+                        await emit(hello)
                     if frame.release_keys:
                         self._release(frame.release_keys, releasable)
                     if frame.answered_sequences and routes is not None:
@@ -386,21 +400,28 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         releasable: set[str],
         routes: AnswerRoutes | None = None,
     ) -> None:
-        """Answer one frame, with an error answer when the call fails."""
+        """Answer one frame, with an error answer when the call fails.
+
+        A call whose caller chose its response key and that fails before it is
+        accepted also has its error stored under that key (see
+        :meth:`Scheduler.refused_chosen_key`), for whoever waits on it.
+        """
+        chosen = ""
         try:
-            await self._serve_frame(frame, emit, releasable, routes)
-        except CloudburstError as exc:
-            await emit(Answer(sequence=frame.sequence, error=error_to_call_error(exc)))
-        except Exception:
-            logger.exception("stream call %d failed", frame.sequence)
-            await emit(
-                Answer(
-                    sequence=frame.sequence,
-                    error=error_to_call_error(
-                        CloudburstError("internal error; the details are in the scheduler's log")
-                    ),
-                )
-            )
+            if frame.chosen_response_key and frame.WhichOneof("call") is not None:
+                chosen = check_chosen_key(frame)
+            await self._serve_frame(frame, emit, releasable, routes, chosen)
+        except Exception as exc:
+            if isinstance(exc, CloudburstError):
+                error = exc
+            else:
+                logger.exception("stream call %d failed", frame.sequence)
+                error = CloudburstError("internal error; the details are in the scheduler's log")
+            if chosen:
+                self._scheduler.refused_chosen_key(chosen, error)
+                if frame.releasable:
+                    releasable.add(chosen)
+            await emit(Answer(sequence=frame.sequence, error=error_to_call_error(error)))
         finally:
             if routes is not None:
                 routes.discard(frame.sequence)
@@ -417,7 +438,13 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         emit: Emit,
         releasable: set[str],
         routes: AnswerRoutes | None,
+        chosen: str = "",
     ) -> None:
+        """Place one call and answer it, when accepted and with its outcome if asked.
+
+        A call whose caller chose its key (``chosen``, checked) or awaits only
+        its outcome is answered once, with the outcome.
+        """
         kind = frame.WhichOneof("call")
         if kind is None:
             raise InvalidArgumentError("a StreamCallsRequest must carry call_function or call_dag")
@@ -430,11 +457,23 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         expire = frame.releasable or not frame.stream_outcome
         if kind == "call_function":
             accepted = await self._scheduler.call_function(
-                frame.call_function, awaited, None, frame.trace_context, expire, answer_to=answer_to
+                frame.call_function,
+                awaited,
+                None,
+                frame.trace_context,
+                expire,
+                answer_to=answer_to,
+                chosen_key=chosen,
             )
         else:
             accepted = await self._scheduler.call_dag(
-                frame.call_dag, awaited, None, frame.trace_context, expire, answer_to=answer_to
+                frame.call_dag,
+                awaited,
+                None,
+                frame.trace_context,
+                expire,
+                answer_to=answer_to,
+                chosen_key=chosen,
             )
 
         def answer(outcome: execution_pb2.Outcome | None = None) -> Answer:
@@ -451,7 +490,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             # release may come back) before the sink's note reaches this scheduler. A release
             # of a result not stored yet waits for the store (ResultReleaser).
             releasable.add(accepted.response_key)
-        once = direct
+        # A caller that chose the key has it already: only the outcome is answered.
+        once = direct or bool(chosen)
         if not once and accepted.outcome is not None:
             # A call that finishes at once (its functions ran on the executor's loop) is
             # answered once, with its outcome, rather than accepted now and answered again.
