@@ -3,8 +3,12 @@
 Calls travel over one ``StreamCalls`` stream (a message on an open stream costs
 a fraction of a unary call). Each call is answered once it is accepted, and
 again with its outcome when that was asked for (once, with both, when it
-finished at once; a direct response only with its outcome). If the stream
-breaks, outstanding calls fail with UnavailableError and the next call
+finished at once; a direct response only with its outcome). Where the
+scheduler takes response keys its callers choose (it says so at once on each
+stream, asked with ``chooses_keys``), a call may carry a key chosen here
+(:meth:`Core.send_call` with ``chosen_key``): it is answered only with its
+outcome, and its caller need not wait for the scheduler to accept it. If the
+stream breaks, outstanding calls fail with UnavailableError and the next call
 reopens it. Calls sent from several threads before the loop gets to them are
 sent by one task, in one message where the scheduler reads batches.
 
@@ -94,7 +98,9 @@ class PendingCall:
     They are thread-safe futures that the stream reader settles directly; the
     caller waiting on them runs the loop meanwhile when no other thread does.
     A call whose caller waits for nothing but its outcome (a direct response)
-    has no ``accepted`` future: it is accepted with its outcome.
+    has no ``accepted`` future: it is accepted with its outcome; nor has a
+    call whose key was chosen here (``chosen``), whose ``response_key`` is known
+    from the start.
     """
 
     driver: LoopDriver
@@ -104,6 +110,10 @@ class PendingCall:
     """The key the scheduler answered with, once it accepted the call."""
     #: Futures passed as arguments, kept alive (so not released) until the outcome arrives.
     holds: tuple[Any, ...] = ()
+    chosen: bool = False
+    """Whether ``response_key`` was chosen here, so the call is not answered when accepted."""
+    unsent: bool = False
+    """Set when a call with a chosen key failed before it was sent: it never ran."""
 
     def wait_accepted(self, timeout: float) -> str:
         """Wait until the scheduler accepted the call; returns the response key.
@@ -197,6 +207,14 @@ class Core:
         """Whether a sender task was started that has not yet looked at the outbox."""
         self._released: collections.deque[str] = collections.deque()
         self._release_scheduled = False
+        self._keys_stream = 0
+        """The number of the stream (``OutboxStream.opened``) whose scheduler takes chosen keys."""
+
+    @property
+    def takes_chosen_keys(self) -> bool:
+        """Whether a call sent now may carry a chosen key (its stream's scheduler said so)."""
+        stream = self._stream
+        return self._keys_stream == stream.opened and stream.is_open
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the channel connects, or raise saying why it did not.
@@ -263,6 +281,7 @@ class Core:
         # Releases queued for this stream mean nothing to the next one.
         self._released.clear()
         self._answered_directly.clear()
+        self._keys_stream = 0  # the next stream may reach another scheduler: ask it again
         for pending in pending_calls:
             settle(pending.accepted, error=failure)
             settle(pending.outcome, error=failure)
@@ -271,6 +290,8 @@ class Core:
     def _dispatch(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
         pending = self._pending.get(answer.sequence)
         if pending is None:
+            if answer.takes_chosen_keys and answer.sequence == 0:
+                self._keys_stream = self._stream.opened
             return
         kind = answer.WhichOneof("answer")
         if kind == "error":
@@ -297,22 +318,35 @@ class Core:
         holds: tuple[Any, ...] = (),
         *,
         outcome_only: bool = False,
+        chosen_key: str = "",
     ) -> PendingCall:
         """Send a call from any thread; wait on the returned futures for its answers.
 
         ``holds`` (the futures among the arguments) stay alive until the outcome arrives.
         With ``outcome_only`` (and ``want_outcome``), the call has no ``accepted``
-        future: its caller waits for the outcome alone.
+        future: its caller waits for the outcome alone. So it has with
+        ``chosen_key`` (and ``want_outcome``; only when :attr:`takes_chosen_keys`),
+        the response key chosen for it, sent in the frame: if the stream it was
+        allowed on is gone by the time the call is written, the call fails with
+        UnavailableError (``unsent``) instead of going to a scheduler that may
+        not take it.
 
         Calls sent from several threads before the loop gets to them are sent
         together, by one task, in one message where the scheduler reads batches.
         """
+        chosen = bool(chosen_key) and want_outcome
         pending = PendingCall(
             driver=self.driver,
-            accepted=None if outcome_only and want_outcome else concurrent.futures.Future(),
+            accepted=None
+            if (outcome_only or chosen) and want_outcome
+            else concurrent.futures.Future(),
             outcome=concurrent.futures.Future() if want_outcome else None,
+            response_key=chosen_key if chosen else "",
             holds=holds,
+            chosen=chosen,
         )
+        if chosen:
+            frame.chosen_response_key = chosen_key
         self._outbox.append((frame, pending))
         with self._outbox_lock:
             if self._sender_started:
@@ -338,12 +372,29 @@ class Core:
         if not outbox:
             return  # an earlier sender took them
         sent: list[tuple[scheduler_service_pb2.StreamCallsRequest, PendingCall]] = []
+        takes_keys = self.takes_chosen_keys
         while outbox:
             frame, pending = outbox.popleft()
+            if pending.chosen and not takes_keys:
+                # The stream whose scheduler took chosen keys broke since: the next may not.
+                pending.unsent = True
+                settle(
+                    pending.outcome,
+                    error=UnavailableError(
+                        f"the call stream to the scheduler at {self.target} broke before the "
+                        "call was sent; it did not run: call it again"
+                    ),
+                )
+                pending.holds = ()
+                continue
             frame.sequence = next(self._sequence)
             self._pending[frame.sequence] = pending
             frame.reads_batches = self._batches
+            if not takes_keys:
+                frame.chooses_keys = True
             sent.append((frame, pending))
+        if not sent:
+            return
         frame = sent[0][0]
         if self._answered_directly:
             if self._stream.is_open:

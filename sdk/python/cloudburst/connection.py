@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import sys
 import sysconfig
 import threading
@@ -30,6 +32,8 @@ from cloudburst._loop import new_driver
 from cloudburst.errors import (
     CloudburstError,
     DagAlreadyExistsError,
+    DagNotFoundError,
+    FunctionNotFoundError,
     InvalidArgumentError,
     NotFoundError,
     ProtocolMismatchError,
@@ -59,6 +63,7 @@ from cloudburst.transport import (
     ClientSecurity,
 )
 from cloudburst.v1 import (
+    error_pb2,
     execution_pb2,
     function_pb2,
     kvs_service_pb2,
@@ -79,6 +84,12 @@ MAX_RETRIES = 10
 FAILOVER_CONNECT_TIMEOUT = 3.0
 #: How many of its latest writes a connection remembers, for read-your-writes through caches.
 _WRITES_REMEMBERED = 4096
+#: How many function and DAG names a connection remembers as called (see ``_choose_key``).
+_NAMES_REMEMBERED = 1024
+#: The error reasons that say a name a call named is not registered (any more).
+_NOT_FOUND = frozenset(
+    {error_pb2.ERROR_REASON_FUNCTION_NOT_FOUND, error_pb2.ERROR_REASON_DAG_NOT_FOUND}
+)
 #: Longest ``get_object`` waits for a result answered directly to be stored.
 RESULT_STORE_SECONDS = 10.0
 #: Seconds a KVS address the scheduler names may take to answer before objects go through it.
@@ -422,6 +433,9 @@ class CloudburstConnection:
         self._answered: collections.OrderedDict[str, None] = collections.OrderedDict()
         """Result keys of calls answered directly, which executors store just after answering."""
         self._answered_lock = threading.Lock()
+        self._called: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        """Functions and DAGs (kind, name) whose calls the scheduler accepted, the latest last."""
+        self._called_lock = threading.Lock()
         # Large values reuse memory instead of faulting in fresh pages (see malloc.py).
         malloc.tune_once()
         self._loop = new_driver(loop_driver)
@@ -736,6 +750,7 @@ class CloudburstConnection:
             FunctionInUseError: A DAG uses it; delete the DAG first.
         """
         request = scheduler_service_pb2.DeleteFunctionRequest(name=name)
+        self._forget(("function", name))
         self._run(
             call(
                 f"deleting {name!r}",
@@ -747,8 +762,17 @@ class CloudburstConnection:
     def exec_func(self, name: str, args: Sequence[Any] = ()) -> CloudburstFuture:
         """Call a registered function with ``args``; returns a future of its result.
 
+        The first call of a name on a connection returns once the scheduler
+        accepted it. Later calls of it return at once, where the scheduler
+        supports it: the call's response key is chosen here, so nothing is
+        waited for. If the function was deleted meanwhile, ``get()`` on the
+        future raises FunctionNotFoundError (as does ``get_object`` of its
+        ``obj_id``, and a call that was given the future), and the next call of
+        the name waits for the scheduler again.
+
         Raises:
-            FunctionNotFoundError: No function has that name.
+            FunctionNotFoundError: No function has that name (see above for a name
+                called before).
             SerializationError: An argument cannot be pickled (the message names it).
             PayloadTooLargeError: An argument is larger than ``max_payload_bytes``.
         """
@@ -762,23 +786,71 @@ class CloudburstConnection:
         request.name = name
         request.arguments.extend(arguments)
         request.SetInParent()
+        called = ("function", name)
         pending = self._traced_call(
             frame,
             f"calling {name!r}",
             f"call {name}",
             {"cloudburst.function": name},
             holds=_futures(args),
+            called=called,
         )
         if pending.outcome is not None:
-            pending.outcome.add_done_callback(functools.partial(self._was_answered, pending))
+            pending.outcome.add_done_callback(
+                functools.partial(self._was_answered, pending, called)
+            )
         return CloudburstFuture(pending.response_key, self, pending, owned=frame.releasable)
 
-    def _was_answered(self, pending: PendingCall, _: object) -> None:
-        """Remember a result key answered directly: reads of it wait until it is stored."""
+    def _was_answered(
+        self,
+        pending: PendingCall,
+        called: tuple[str, str] | None,
+        outcome: concurrent.futures.Future[execution_pb2.Outcome],
+    ) -> None:
+        """Remember a result key answered directly: reads of it wait until it is stored.
+
+        A call answered that its function or DAG (``called``) is not registered
+        makes the next call of that name wait for the scheduler's acceptance.
+        """
         with self._answered_lock:
             self._answered[pending.response_key] = None
             if len(self._answered) > _WRITES_REMEMBERED:
                 self._answered.popitem(last=False)
+        if called is None:
+            return
+        error = outcome.exception()
+        if isinstance(error, (FunctionNotFoundError, DagNotFoundError)) or (
+            error is None
+            and (result := outcome.result()).WhichOneof("result") == "error"
+            and result.error.reason in _NOT_FOUND
+        ):
+            self._forget(called)
+
+    def _forget(self, called: tuple[str, str]) -> None:
+        """Make the next call of a function or DAG wait to be accepted again."""
+        with self._called_lock:
+            self._called.pop(called, None)
+
+    def _choose_key(self, core: Core, called: tuple[str, str] | None) -> str:
+        """A response key for a call of ``called`` that need not wait to be accepted, or "".
+
+        Only for a function or DAG this connection saw accepted before (so that
+        a wrong name still raises from the call), on a stream whose scheduler
+        takes keys its callers choose. The key has the scheduler's own form.
+        """
+        if called is None or not core.takes_chosen_keys:
+            return ""
+        with self._called_lock:
+            if called not in self._called:
+                return ""
+            self._called.move_to_end(called)
+        return secrets.token_hex(16)
+
+    def _was_accepted(self, called: tuple[str, str]) -> None:
+        with self._called_lock:
+            self._called[called] = None
+            if len(self._called) > _NAMES_REMEMBERED:
+                self._called.popitem(last=False)
 
     def _stored_soon(self, key: str, forget: bool = False) -> bool:
         """Whether ``key`` holds a result answered directly (``forget``: stop waiting for it)."""
@@ -796,25 +868,34 @@ class CloudburstConnection:
         timeout: float | None = None,
         holds: tuple[CloudburstFuture, ...] = (),
         outcome_only: bool = False,
+        called: tuple[str, str] | None = None,
     ) -> PendingCall:
         """Send a call frame under a call span that ends when the outcome arrives.
 
         Returns once the call is accepted; with ``outcome_only`` (a direct
-        response), once its outcome is in.
+        response), once its outcome is in. A call of a function or DAG
+        (``called``: kind and name) this connection saw accepted before returns
+        at once, with a response key chosen here, where the scheduler takes one
+        (see :meth:`_choose_key`).
         """
         span = tracing.start(span_name, attributes, frame.trace_context)
         try:
             if self._closed:
                 raise CloudburstError("the connection is closed; create a new CloudburstConnection")
             core = self._core
-            pending = core.send_call(frame, True, holds, outcome_only=outcome_only)
-            try:
-                pending.wait_accepted(self.timeout if timeout is None else timeout)
-            except UnavailableError as exc:
-                # The call may have reached the scheduler: not retried, but the next goes elsewhere.
-                if type(exc) is UnavailableError:
-                    self._fail_over(core)
-                raise
+            key = "" if outcome_only else self._choose_key(core, called)
+            pending = core.send_call(frame, True, holds, outcome_only=outcome_only, chosen_key=key)
+            if not key:
+                try:
+                    pending.wait_accepted(self.timeout if timeout is None else timeout)
+                except UnavailableError as exc:
+                    # The call may have reached the scheduler: not retried, but the next goes
+                    # elsewhere.
+                    if type(exc) is UnavailableError:
+                        self._fail_over(core)
+                    raise
+                if called is not None:
+                    self._was_accepted(called)
         except BaseException as exc:
             tracing.finish(span, exc)
             raise
@@ -908,6 +989,7 @@ class CloudburstConnection:
     def delete_dag(self, name: str, *, strict: bool = False) -> bool:
         """Delete a DAG; returns False (reason in :attr:`last_error`) when there is none."""
         request = scheduler_service_pb2.DeleteDagRequest(name=name)
+        self._forget(("dag", name))
         try:
             self._run(
                 call(
@@ -961,12 +1043,17 @@ class CloudburstConnection:
         ``consistency``, ``client_id``, ``dry_run`` and ``continuation`` are the
         original's: the default consistency (None or NORMAL) is the only one.
 
+        Like :meth:`exec_func`, a later call of a DAG this connection called
+        before returns its future at once (not with ``direct_response`` or
+        ``output_key``); if the DAG was deleted meanwhile, ``get()`` raises
+        DagNotFoundError.
+
         Returns:
             A :class:`CloudburstFuture` of the sink's result; with
             ``direct_response=True``, the result itself.
 
         Raises:
-            DagNotFoundError: No DAG has that name.
+            DagNotFoundError: No DAG has that name (see above for one called before).
             RemoteFunctionError: With ``direct_response``, a function raised.
             CloudburstTimeoutError: With ``direct_response``, no result within the timeout.
             NotSupportedError: Another consistency mode, ``dry_run`` or a ``continuation``.
@@ -993,6 +1080,8 @@ class CloudburstConnection:
             for args in (arg_map or {}).values()
             for future in _futures(args if isinstance(args, list) else [args])
         )
+        # A user-named key is the user's: only a key the runtime would choose may be chosen here.
+        called = None if direct_response or output_key else ("dag", dname)
         pending = self._traced_call(
             frame,
             f"calling DAG {dname!r}",
@@ -1001,11 +1090,14 @@ class CloudburstConnection:
             limit,
             holds,
             outcome_only=direct_response,
+            called=called,
         )
         if direct_response:
             return self._decode(pending.wait_outcome(limit))
         if pending.outcome is not None:
-            pending.outcome.add_done_callback(functools.partial(self._was_answered, pending))
+            pending.outcome.add_done_callback(
+                functools.partial(self._was_answered, pending, called)
+            )
         return CloudburstFuture(pending.response_key, self, pending, owned=frame.releasable)
 
     # -- KVS -----------------------------------------------------------------------

@@ -60,6 +60,11 @@ class CloudburstFuture:
         Raises:
             CloudburstTimeoutError: The result was not ready in time.
             RemoteFunctionError: The function raised; carries its type, message and traceback.
+            FunctionNotFoundError: The function is not registered (any more): a
+                call of a function called before on the connection is not
+                waited for, so its error comes here (DagNotFoundError for a DAG).
+            UnavailableError: The call stream broke before such a call was sent
+                (it did not run).
         """
         if self._value is not _UNSET:
             return self._value
@@ -69,8 +74,10 @@ class CloudburstFuture:
             try:
                 outcome = self._pending.wait_outcome(limit)
             except UnavailableError:
+                pending, self._pending = self._pending, None
+                if pending.unsent:
+                    raise  # it never ran: nothing will be stored
                 # The stream broke; the result is still stored under obj_id.
-                self._pending = None
             else:
                 self._value = conn._decode(outcome)
                 return self._value
