@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cloudburst import CloudburstConnection
-from cloudburst.errors import DagNotFoundError, FunctionNotFoundError
+from cloudburst import CloudburstConnection, CloudburstFuture
+from cloudburst.errors import DagNotFoundError, FunctionNotFoundError, UnavailableError
 from cloudburst.serialization import deserialize, serialize
 from cloudburst.v1 import error_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import answers
@@ -185,6 +185,25 @@ def test_a_name_this_connection_deleted_raises_from_the_call(cluster: Cluster) -
             conn.exec_func("alone", [1])
         with pytest.raises(DagNotFoundError):
             conn.call_dag("chain", {"incr": 1})
+
+
+def test_a_chosen_key_call_after_its_stream_broke_fails_unsent(cluster: Cluster) -> None:
+    with CloudburstConnection(cluster.address, timeout=DEADLINE) as conn:
+        register(conn)
+        assert conn.exec_func("incr", [1]).get() == 2
+        core = conn._core
+        assert core.takes_chosen_keys
+        frame = scheduler_service_pb2.StreamCallsRequest(stream_outcome=True, releasable=True)
+        frame.call_function.name = "incr"
+        frame.call_function.arguments.add().value.CopyFrom(serialize(1))
+        # What a broken stream leaves behind: the next one has not said it takes chosen keys.
+        core._keys_stream = 0
+        pending = core.send_call(frame, True, chosen_key=secrets.token_hex(16))
+        future = CloudburstFuture(pending.response_key, conn, pending)
+        with pytest.raises(UnavailableError, match="did not run"):
+            future.get(timeout=DEADLINE)
+        assert pending.unsent
+        assert conn.get_object(future.obj_id) is None
 
 
 def test_without_the_announcement_every_call_is_accepted_first(
