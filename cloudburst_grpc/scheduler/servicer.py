@@ -341,7 +341,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                     if frame.chooses_keys and not asked_keys:
                         asked_keys = True
                         if self.takes_chosen_keys:
-                            hello = hello or Answer()
+                            if hello is None:
+                                hello = Answer()
                             hello.takes_chosen_keys = True
                     if hello is not None:
                         await emit(hello)

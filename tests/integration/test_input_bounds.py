@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
+from cloudburst._core import CHOSEN_KEYS_IN_FLIGHT
 from cloudburst.errors import InvalidDagError
 from cloudburst.v1 import (
     scheduler_service_pb2,
@@ -57,11 +58,11 @@ def test_a_stream_reads_no_more_calls_while_its_bound_is_unanswered(
         concurrent.futures.ThreadPoolExecutor(1) as caller,
     ):
         conn.register(hold, "hold")
+        # Beyond the calls the SDK sends without waiting to be accepted (a chosen key).
+        calls = 3 * UNANSWERED + CHOSEN_KEYS_IN_FLIGHT
         try:
             # A caller placing more calls than the bound is held back until some end.
-            placed = caller.submit(
-                lambda: [conn.exec_func("hold", [n]) for n in range(3 * UNANSWERED)]
-            )
+            placed = caller.submit(lambda: [conn.exec_func("hold", [n]) for n in range(calls)])
             for _ in range(UNANSWERED):
                 assert _started.acquire(timeout=30)
             assert not _started.acquire(timeout=0.5)
@@ -69,7 +70,7 @@ def test_a_stream_reads_no_more_calls_while_its_bound_is_unanswered(
         finally:
             _release.set()
         futures = placed.result(timeout=30)
-        assert [f.get(timeout=30) for f in futures] == list(range(3 * UNANSWERED))
+        assert [f.get(timeout=30) for f in futures] == list(range(calls))
     while _started.acquire(blocking=False):
         pass
 

@@ -75,6 +75,11 @@ RELEASES_PER_FRAME = 1000
 #: The most keys one BatchGetValues names (the service's limit); more take several.
 BATCH_KEYS = 1000
 
+#: The most calls a connection has sent or queued, unanswered, for a call to skip waiting to be
+#: accepted (a chosen key): past it, calls wait to be accepted again, so that a caller that
+#: sends faster than the scheduler reads is held back, not buffered here without bound.
+CHOSEN_KEYS_IN_FLIGHT = 64
+
 #: Seconds after losing the KVS's direct address before it is tried again (then doubling).
 DIRECT_RETRY_SECONDS = 5.0
 
@@ -215,6 +220,20 @@ class Core:
         """Whether a call sent now may carry a chosen key (its stream's scheduler said so)."""
         stream = self._stream
         return self._keys_stream == stream.opened and stream.is_open
+
+    @property
+    def may_skip_accept(self) -> bool:
+        """Whether a call sent now may carry a chosen key and not wait to be accepted.
+
+        Only while fewer than :data:`CHOSEN_KEYS_IN_FLIGHT` calls are unanswered
+        or unsent: beyond that, waiting for the accept answer is the caller's
+        back-pressure (a scheduler reads no more calls while too many of its
+        stream's are unanswered).
+        """
+        return (
+            self.takes_chosen_keys
+            and len(self._pending) + len(self._outbox) < CHOSEN_KEYS_IN_FLIGHT
+        )
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the channel connects, or raise saying why it did not.

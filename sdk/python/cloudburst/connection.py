@@ -816,7 +816,7 @@ class CloudburstConnection:
             self._answered[pending.response_key] = None
             if len(self._answered) > _WRITES_REMEMBERED:
                 self._answered.popitem(last=False)
-        if called is None:
+        if called is None or outcome.cancelled():
             return
         error = outcome.exception()
         if isinstance(error, (FunctionNotFoundError, DagNotFoundError)) or (
@@ -836,9 +836,10 @@ class CloudburstConnection:
 
         Only for a function or DAG this connection saw accepted before (so that
         a wrong name still raises from the call), on a stream whose scheduler
-        takes keys its callers choose. The key has the scheduler's own form.
+        takes keys its callers choose, while few calls are unanswered (see
+        :attr:`Core.may_skip_accept`). The key has the scheduler's own form.
         """
-        if called is None or not core.takes_chosen_keys:
+        if called is None or not core.may_skip_accept:
             return ""
         with self._called_lock:
             if called not in self._called:
