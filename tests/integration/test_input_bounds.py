@@ -13,7 +13,6 @@ import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst._core import CHOSEN_KEYS_IN_FLIGHT
 from cloudburst.errors import InvalidDagError
 from cloudburst.v1 import (
     scheduler_service_pb2,
@@ -26,6 +25,9 @@ from harness import make_config
 
 #: The stream bound the flow-control test configures.
 UNANSWERED = 4
+#: Unanswered calls the SDK sends without waiting to be accepted (its CHOSEN_KEYS_IN_FLIGHT);
+#: were it more, the flow-control test would see its caller never held back, and fail.
+SENT_UNACCEPTED = 64
 
 _started = threading.Semaphore(0)
 _release = threading.Event()
@@ -59,7 +61,7 @@ def test_a_stream_reads_no_more_calls_while_its_bound_is_unanswered(
     ):
         conn.register(hold, "hold")
         # Beyond the calls the SDK sends without waiting to be accepted (a chosen key).
-        calls = 3 * UNANSWERED + CHOSEN_KEYS_IN_FLIGHT
+        calls = 3 * UNANSWERED + SENT_UNACCEPTED
         try:
             # A caller placing more calls than the bound is held back until some end.
             placed = caller.submit(lambda: [conn.exec_func("hold", [n]) for n in range(calls)])
