@@ -9,6 +9,7 @@ writer), never inferred from timing.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import gc
 import re
@@ -25,6 +26,7 @@ from cloudburst.serialization import deserialize, serialize
 from cloudburst.v1 import error_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
 from cloudburst_grpc import answers
 from cloudburst_grpc.local import Node, start_local
+from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from harness import Cluster, LoopThread, make_config, stored, wait_deleted
 
@@ -204,6 +206,34 @@ def test_a_chosen_key_call_after_its_stream_broke_fails_unsent(cluster: Cluster)
             future.get(timeout=DEADLINE)
         assert pending.unsent
         assert conn.get_object(future.obj_id) is None
+
+
+def test_a_chosen_key_call_lost_with_its_scheduler_fails_at_once(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call the scheduler never answered cannot be known to run: get() says so, not waits."""
+    release = asyncio.Event()  # of the server loop: lets the held call go at teardown
+    original = Scheduler.call_function
+
+    async def hold(self: Scheduler, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if deserialize(request.arguments[0].value) == 99:
+            await release.wait()  # the scheduler is lost before it places this call
+        return await original(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "call_function", hold)
+    try:
+        with CloudburstConnection(cluster.address, timeout=DEADLINE) as conn:
+            register(conn)
+            assert conn.exec_func("incr", [1]).get() == 2
+            future = conn.exec_func("incr", [99])  # a chosen key: returned before any answer
+            assert future._pending is not None and future._pending.chosen
+            cluster.loop.run(cluster.scheduler.server.stop(0))
+            # Without the rule, get() waits on the key for its whole timeout (nothing is ever
+            # stored) and then raises CloudburstTimeoutError.
+            with pytest.raises(UnavailableError, match="may or may not have run"):
+                future.get(timeout=DEADLINE)
+    finally:
+        cluster.loop.loop.call_soon_threadsafe(release.set)
 
 
 def test_without_the_announcement_every_call_is_accepted_first(

@@ -64,7 +64,8 @@ class CloudburstFuture:
                 call of a function called before on the connection is not
                 waited for, so its error comes here (DagNotFoundError for a DAG).
             UnavailableError: The call stream broke before such a call was sent
-                (it did not run).
+                (it did not run), or before it was answered (it may have run; its
+                result, if any, is stored under ``obj_id``).
         """
         if self._value is not _UNSET:
             return self._value
@@ -73,11 +74,21 @@ class CloudburstFuture:
         if self._pending is not None:
             try:
                 outcome = self._pending.wait_outcome(limit)
-            except UnavailableError:
+            except UnavailableError as exc:
                 pending, self._pending = self._pending, None
                 if pending.unsent:
                     raise  # it never ran: nothing will be stored
-                # The stream broke; the result is still stored under obj_id.
+                if pending.chosen:
+                    # Never accepted: the scheduler may have been lost before it placed the
+                    # call, and then nothing will ever be stored. Say so now rather than wait
+                    # out the timeout, as a call lost before its accept answer always has.
+                    raise UnavailableError(
+                        f"{exc}; call {self.obj_id} was sent but not answered, so it may or "
+                        "may not have run (it is not retried): if it ran, its result is "
+                        f"stored under {self.obj_id!r} (read it with get_object)",
+                        {"key": self.obj_id},
+                    ) from None
+                # Accepted before the stream broke: the result is still stored under obj_id.
             else:
                 self._value = conn._decode(outcome)
                 return self._value
