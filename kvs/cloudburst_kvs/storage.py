@@ -22,9 +22,35 @@ Row = tuple[int, str, bytes]
 #: The file name of the SQLite database inside the KVS data directory.
 SQLITE_FILE_NAME = "kvs.sqlite3"
 
+#: The format of the data the durable engines store, recorded in the store itself (SQLite's
+#: ``PRAGMA user_version``, the Valkey key :data:`cloudburst_kvs.valkey_codec.FORMAT_KEY`).
+#: A KVS refuses to start on data of a higher format than this. Bump it when a release changes
+#: how stored bytes are laid out or read (the table, the Valkey keys or value headers, the
+#: encoding of a lattice) so that an older release would misread them; a release that reads
+#: the older format as well says so and upgrades the marker. It is not the wire protocol's
+#: ``PROTOCOL_VERSION``: that one covers what processes send each other and changes with the
+#: messages on the wire, this one covers what stays on disk or in Valkey across restarts and
+#: releases. Either may change without the other.
+STORAGE_FORMAT = 1
+
 
 class StorageError(OSError):
     """The storage engine cannot be opened or written; the message says what to check."""
+
+
+class StorageFormatError(StorageError):
+    """The stored data is of a newer format than this release reads; nothing was changed."""
+
+
+def newer_format_message(where: str, found: int) -> str:
+    """What to tell an operator whose store (``where``) holds data of storage format ``found``."""
+    return (
+        f"{where} holds data of storage format {found}, written by a newer release of "
+        f"cloudburst-grpc; this release reads storage format {STORAGE_FORMAT} and would misread "
+        "it, so it does not start and leaves the data as it is. Run the release that wrote it "
+        "(or a newer one), or restore the backup taken before the upgrade "
+        "(see docs/operations.md#stored-data-across-releases)"
+    )
 
 
 class StorageEngine(Protocol):
@@ -117,25 +143,73 @@ class SqliteEngine:
                 f"cannot create the KVS data directory {self.path.parent}: {exc.strerror or exc}; "
                 f"{hint}"
             ) from exc
+        self._conn: sqlite3.Connection | None = None
         try:
             # The store's writer thread uses the connection after start-up, and the
             # store guarantees one thread at a time, so the same-thread check is moot.
             # Autocommit mode: write() issues BEGIN/COMMIT itself.
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None
-            )
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the KVS database {self.path}: {exc}; {hint}") from exc
+        try:
+            # Checked before anything is changed: a newer release's file is left as it is.
+            self._check_format(conn)
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 logger.warning(
                     "SQLite at %s runs in journal mode %s, not WAL; writes will be slower",
                     self.path,
                     mode,
                 )
-            self._conn.execute(f"PRAGMA synchronous={sync.upper()}")
-            self._conn.execute(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the KVS database {self.path}: {exc}; {hint}") from exc
-        logger.info("KVS database opened at %s (synchronous=%s)", self.path, sync)
+            conn.execute(f"PRAGMA synchronous={sync.upper()}")
+            self._mark_format(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(
+                    f"cannot open the KVS database {self.path}: {exc}; {hint}"
+                ) from exc
+            raise
+        self._conn = conn
+        logger.info(
+            "KVS database opened at %s (storage format %d, synchronous=%s)",
+            self.path,
+            STORAGE_FORMAT,
+            sync,
+        )
+
+    def _check_format(self, conn: sqlite3.Connection) -> int:
+        """Return the database's storage format; raise StorageFormatError when it is too new."""
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > STORAGE_FORMAT:
+            raise StorageFormatError(newer_format_message(f"the KVS database {self.path}", found))
+        return found
+
+    def _mark_format(self, conn: sqlite3.Connection) -> None:
+        """Create the table if needed and record this release's storage format, in one transaction.
+
+        A database without a marker (``user_version`` 0) is either new or was written by a
+        release before the marker, whose layout is format 1: both get the marker.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = self._check_format(conn)  # again, now that no other writer can change it
+            existed = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+            conn.execute(_SCHEMA)
+            if found < STORAGE_FORMAT:
+                conn.execute(f"PRAGMA user_version={STORAGE_FORMAT}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if existed and found == 0:
+            logger.info(
+                "KVS database %s had no storage format marker (a release before the marker "
+                "wrote it): marked as format %d",
+                self.path,
+                STORAGE_FORMAT,
+            )
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -206,10 +280,13 @@ def open_engine(engine: str, data_dir: Path, sync: str = "normal") -> StorageEng
 
 __all__ = [
     "SQLITE_FILE_NAME",
+    "STORAGE_FORMAT",
     "MemoryEngine",
     "Row",
     "SqliteEngine",
     "StorageEngine",
     "StorageError",
+    "StorageFormatError",
+    "newer_format_message",
     "open_engine",
 ]

@@ -17,6 +17,11 @@ as :func:`cloudburst_kvs.lattices.lww_order_key` does. A set lattice is a Valkey
 set whose members are serializer + 2**31 (4 bytes) then the value's bytes, plus
 the empty member, which keeps an empty set in existence.
 
+The storage format (:data:`cloudburst_kvs.storage.STORAGE_FORMAT`) is the decimal
+string under :data:`FORMAT_KEY`, in the system keyspace's slot but outside the
+prefixes of data, staging and channel keys, so no key a client names is it and no
+listing returns it.
+
 Change messages, published on the key's channel: ``V`` + key id + the stored
 string (a small last-writer-wins value, delivered as is), ``R`` + key id (read
 the key again: a large value or a set), ``D`` + key id (deleted); the key id is
@@ -35,6 +40,8 @@ SYSTEM_PREFIX = b"cb:s:{sys}"
 STAGE_PREFIX = b"cb:t:"
 CHANNEL_PREFIX = b"cb:n:"
 SYSTEM_TAG = b"{sys}"
+#: The key holding the storage format of the data in the cluster.
+FORMAT_KEY = b"cb:format:" + SYSTEM_TAG
 
 #: The fixed part of a stored last-writer-wins value.
 LWW_HEADER = struct.Struct(">cQII")

@@ -76,6 +76,7 @@ from cloudburst_kvs import lattices
 from cloudburst_kvs import valkey_codec as codec
 from cloudburst_kvs import valkey_functions as functions
 from cloudburst_kvs.backlog import Backlog
+from cloudburst_kvs.storage import STORAGE_FORMAT, StorageFormatError, newer_format_message
 from cloudburst_kvs.store import (
     WATCH_QUEUE_LIMIT,
     WatchEvent,
@@ -201,10 +202,13 @@ class ValkeyStore:
     # Lifecycle
 
     async def start(self) -> None:
-        """Connect to the cluster and load the merge functions on every primary; idempotent.
+        """Connect, check the storage format and load the merge functions; idempotent.
+
+        The cluster's storage format is recorded (only where none is) at the first start.
 
         Raises:
             UnavailableError: No seed node answers, or the cluster is not usable.
+            StorageFormatError: The cluster holds data of a newer storage format.
         """
         async with self._start_lock:
             if self._closing:
@@ -220,8 +224,26 @@ class ValkeyStore:
             )
             try:
                 await cluster.initialize()
+                # Before anything else is written. Set only where absent (a new cluster, or
+                # one written before the marker, whose layout is format 1), in one command
+                # with the read: KVS processes starting at once agree, and a newer release's
+                # marker is never replaced.
+                found = await cluster.set(
+                    codec.FORMAT_KEY, str(STORAGE_FORMAT).encode(), nx=True, get=True
+                )
+                if found is None:
+                    logger.info(
+                        "marked the Valkey cluster at %s as storage format %d",
+                        self._url,
+                        STORAGE_FORMAT,
+                    )
+                else:
+                    self._check_format(found)
                 for node in cluster.get_primaries():
                     await _load_functions(node)
+            except StorageFormatError:
+                await cluster.aclose()
+                raise
             except (RedisError, RedisClusterException, OSError) as exc:
                 await cluster.aclose()
                 raise UnavailableError(
@@ -237,6 +259,20 @@ class ValkeyStore:
                 len(cluster.get_primaries()),
                 "on" if self._durable else "off",
             )
+
+    def _check_format(self, found: bool | str | bytes) -> None:
+        """Refuse a storage format marker of a newer release (or one this release cannot read)."""
+        where = f"the Valkey cluster at {self._url} (key {codec.FORMAT_KEY.decode()})"
+        try:
+            number = int(found)
+        except ValueError:
+            raise StorageFormatError(
+                f"{where} holds {found!r}, not a storage format number; this release does "
+                "not start on data it cannot identify. Restore the cluster from a backup, or "
+                "check that kvs.valkey_url names the cluster of this deployment"
+            ) from None
+        if number > STORAGE_FORMAT:
+            raise StorageFormatError(newer_format_message(where, number))
 
     async def close(self) -> None:
         """End waiters and watches and disconnect; idempotent."""
