@@ -40,7 +40,8 @@ CBGRPC_<SECTION>_<FIELD> environment variables < flags.
 SERVE_HELP = """\
 Run everything (KVS, scheduler, executors) on one port. The executors, which run
 user code, are child processes this one supervises (--isolation none: threads here).
-Data is stored durably in --data-dir (SQLite) unless --storage memory is given.
+Data is stored durably in --data-dir (SQLite) unless --storage memory is given;
+it does not start on a --data-dir of a newer release's storage format.
 The server prints 'listening on HOST:PORT' once it accepts calls, and shuts
 down gracefully on SIGINT or SIGTERM.
 """
@@ -283,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     kvs = commands.add_parser(
         "kvs",
         help="run the KVS service alone",
-        description="Run the lattice KVS service alone; with Consul, register it there.",
+        description="Run the lattice KVS service alone; with Consul, register it there. "
+        "The stored data (--data-dir, or the Valkey cluster) names its storage format; a KVS "
+        "does not start on data of a newer release's format (see docs/operations.md, "
+        "'Stored data across releases').",
     )
     _common(kvs)
     _security(kvs)
