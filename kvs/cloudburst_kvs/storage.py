@@ -26,8 +26,9 @@ SQLITE_FILE_NAME = "kvs.sqlite3"
 #: ``PRAGMA user_version``, the Valkey key :data:`cloudburst_kvs.valkey_codec.FORMAT_KEY`).
 #: A KVS refuses to start on data of a higher format than this. Bump it when a release changes
 #: how stored bytes are laid out or read (the table, the Valkey keys or value headers, the
-#: encoding of a lattice) so that an older release would misread them; a release that reads
-#: the older format as well says so and upgrades the marker. It is not the wire protocol's
+#: encoding of a lattice) so that an older release would misread them, and make that release
+#: convert or refuse stores of the older format: the engines only check for a newer one, and
+#: mark a store that has no marker (written before it, in format 1). It is not the wire protocol's
 #: ``PROTOCOL_VERSION``: that one covers what processes send each other and changes with the
 #: messages on the wire, this one covers what stays on disk or in Valkey across restarts and
 #: releases. Either may change without the other.
@@ -196,7 +197,7 @@ class SqliteEngine:
             found = self._check_format(conn)  # again, now that no other writer can change it
             existed = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
             conn.execute(_SCHEMA)
-            if found < STORAGE_FORMAT:
+            if found == 0:
                 conn.execute(f"PRAGMA user_version={STORAGE_FORMAT}")
             conn.execute("COMMIT")
         except BaseException:
