@@ -124,9 +124,24 @@ class LoopDriver(abc.ABC):
         self.loop = asyncio.new_event_loop() if loop is None else loop
         self._started: set[asyncio.Task[None]] = set()
 
-    @abc.abstractmethod
     def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in a task on the loop; from any thread."""
+        """Run ``coro`` in a task on the loop; from any thread.
+
+        The loop owns ``coro`` from the call on: the caller must not close it,
+        even when this raises (a Ctrl-C can land after the loop took it).
+
+        Raises:
+            RuntimeError: The loop is closed (``coro`` is closed, never started).
+        """
+        try:
+            self._start(coro)
+        except RuntimeError:  # raised before the loop took it
+            coro.close()
+            raise
+
+    @abc.abstractmethod
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Hand ``coro`` to the loop, which runs it in a task; from any thread."""
 
     @abc.abstractmethod
     def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
@@ -157,19 +172,23 @@ class LoopDriver(abc.ABC):
         if self._on_loop():
             coro.close()
             raise RuntimeError(_REENTERED)
-        future: concurrent.futures.Future[T] | None = None
+        # The future exists before the coroutine is handed over: the loop may start the
+        # coroutine before the handover returns here, and a Ctrl-C that lands in between
+        # must find something to cancel (asyncio.run_coroutine_threadsafe returns its
+        # future only after the handover).
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
         try:
-            # Inside the try: a Ctrl-C that lands just after the coroutine was handed over
-            # (before the wait began) cancels it too.
-            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            try:
+                self.loop.call_soon_threadsafe(_run_for, self.loop, coro, future)
+            except RuntimeError:  # the loop is closed: nothing was handed over
+                coro.close()
+                raise
             return self.wait(future, timeout)
         except concurrent.futures.TimeoutError:
-            assert future is not None
             future.cancel()
             raise CloudburstTimeoutError(f"{what} did not finish within {timeout:.1f}s") from None
         except KeyboardInterrupt:
-            if future is not None:
-                future.cancel()
+            future.cancel()
             raise
 
     def _create(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -196,8 +215,7 @@ class ThreadedLoop(LoopDriver):
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in a task on the loop; from any thread."""
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         self.loop.call_soon_threadsafe(self._create, coro)
 
     def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
@@ -276,8 +294,8 @@ class DrivenLoop(LoopDriver):
 
     # -- the API -------------------------------------------------------------------
 
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in a task on the loop; from any thread.
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Hand ``coro`` to the loop, which runs it in a task; from any thread.
 
         The task's first step is the loop's first callback for it, with no
         callback before it that creates the task.
@@ -526,6 +544,53 @@ class DrivenLoop(LoopDriver):
 
 def _nothing() -> None:
     pass
+
+
+def _run_for(
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, T],
+    future: concurrent.futures.Future[T],
+) -> None:
+    """On the loop: run ``coro`` in a task that settles ``future``, which cancels it.
+
+    A ``future`` cancelled already (the caller gave up before the loop got
+    here) closes ``coro`` without starting it.
+    """
+    if future.cancelled():
+        coro.close()
+        return
+    try:
+        task = loop.create_task(coro)
+    except BaseException as exc:
+        coro.close()
+        if future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+        raise
+    task.add_done_callback(functools.partial(_settle, future))
+    # Holds the task too (the loop holds tasks only weakly) until the caller drops ``future``.
+    future.add_done_callback(functools.partial(_cancel_on, loop, task))
+
+
+def _settle(future: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
+    """On the loop: pass the ended ``task``'s result, error or cancellation to ``future``."""
+    if task.cancelled():
+        future.cancel()
+    if not future.set_running_or_notify_cancel():
+        return  # cancelled
+    error = task.exception()
+    if error is None:
+        future.set_result(task.result())
+    else:
+        future.set_exception(error)
+
+
+def _cancel_on(
+    loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], future: concurrent.futures.Future[Any]
+) -> None:
+    """From any thread: ``future`` is done; cancel ``task`` if that was a cancellation."""
+    if future.cancelled():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the task is gone
+            loop.call_soon_threadsafe(task.cancel)
 
 
 async def _drain(loop: asyncio.AbstractEventLoop) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import os
 import signal
@@ -388,6 +389,83 @@ def test_ctrl_c_while_the_main_thread_waits(choice: str) -> None:
         "then 42",
         "cancelled True",
     ], err
+
+
+def _interrupt_the_handover(
+    monkeypatch: pytest.MonkeyPatch, driver: LoopDriver, before_raising: Any
+) -> None:
+    """Make the next handover to ``driver``'s loop end in a Ctrl-C, once it was handed over.
+
+    A SIGINT handled in the main thread raises KeyboardInterrupt wherever that
+    thread is; this puts it in the window where the loop already has the
+    coroutine but the caller has not yet begun to wait for it. The handover's
+    callback runs after ``before_raising(run)``, where ``run`` runs it on the loop.
+    """
+    handover = driver.loop.call_soon_threadsafe
+
+    def handed_over_then_interrupted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(driver.loop, "call_soon_threadsafe", handover)  # this once only
+        before_raising(lambda run: handover(run, callback, *args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver.loop, "call_soon_threadsafe", handed_over_then_interrupted)
+
+
+def test_ctrl_c_after_the_loop_started_the_coroutine_but_before_the_wait_cancels_it(
+    driver: LoopDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    async def long_call() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def hand_over_and_let_it_start(hand_over: Any) -> None:
+        hand_over(lambda callback, *args, **kwargs: callback(*args, **kwargs))
+        assert started.wait(10), "the loop did not start the coroutine"
+
+    _interrupt_the_handover(monkeypatch, driver, hand_over_and_let_it_start)
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(long_call(), 60, "long call")
+    assert cancelled.wait(10), "the coroutine the loop was running was not cancelled"
+    assert driver.run(_answer(), 10, "next call") == 42
+
+
+def test_a_coroutine_given_up_before_the_loop_took_it_is_closed_without_starting(
+    driver: LoopDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    taken = threading.Event()
+    started = threading.Event()
+
+    async def never() -> None:
+        started.set()
+
+    def take_after_the_gate(callback: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            assert gate.wait(10)
+            callback(*args, **kwargs)
+        finally:
+            taken.set()
+
+    _interrupt_the_handover(monkeypatch, driver, lambda hand_over: hand_over(take_after_the_gate))
+    coro = never()
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(coro, 60, "call")
+    gate.set()  # the caller gave up: now the loop takes the coroutine over
+    assert taken.wait(10), "the loop did not take the coroutine"
+    assert driver.run(_answer(), 10, "next call") == 42  # a loop turn after the take
+    assert not started.is_set()
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
+async def _answer() -> int:
+    return 42
 
 
 # -- choosing a driver -------------------------------------------------------------------------
