@@ -375,8 +375,10 @@ class Core:
         sender = self._send_outbox()
         try:
             self.driver.start(sender)
-        except BaseException:  # the loop is gone: the next call must try (and fail) too
-            sender.close()
+        except BaseException:
+            # The loop is gone (start closed the sender): the next call must try (and
+            # fail) too. Or a Ctrl-C landed, maybe after the loop took the sender, which
+            # is then the loop's to run: a second sender started meanwhile finds nothing.
             with self._outbox_lock:
                 self._sender_started = False
             raise
