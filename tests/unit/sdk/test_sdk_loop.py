@@ -326,6 +326,20 @@ def test_stop_closes_the_loop_and_ends_its_threads(choice: str) -> None:
 
 
 @pytest.mark.parametrize("choice", _loop.DRIVERS)
+def test_a_coroutine_for_a_closed_loop_is_closed_with_the_error(choice: str) -> None:
+    """The caller of start or run never closes the coroutine (the loop may have taken it)."""
+    driver = new_driver(choice, f"test-closed-{choice}")
+    driver.stop()
+    started, ran = _ident(), _ident()
+    with pytest.raises(RuntimeError, match="closed"):
+        driver.start(started)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="closed"):
+        driver.run(ran, 10, "test")
+    assert inspect.getcoroutinestate(started) == inspect.CORO_CLOSED
+    assert inspect.getcoroutinestate(ran) == inspect.CORO_CLOSED
+
+
+@pytest.mark.parametrize("choice", _loop.DRIVERS)
 def test_ctrl_c_while_the_main_thread_waits(choice: str) -> None:
     """SIGINT: KeyboardInterrupt in the caller, the coroutine is cancelled, the loop still works.
 
