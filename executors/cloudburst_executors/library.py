@@ -211,18 +211,21 @@ class LoopBridge:
     def wait(self, future: concurrent.futures.Future[T], what: str, limit: float) -> T:
         """Wait on this thread for ``future``, which the loop settles.
 
+        An error ``future`` carries is raised as it is, a ``TimeoutError`` too.
+
         Raises:
             CloudburstTimeoutError: It did not settle within ``limit`` seconds.
         """
         slots = self._pause()
         try:
-            return future.result(limit)
-        except TimeoutError:
-            future.cancel()
-            self.left(what, math.inf)  # the deadline passed: say so
-            raise CloudburstTimeoutError(f"{what} did not finish within {limit:.1f}s") from None
+            done, _ = concurrent.futures.wait([future], limit)
         finally:
             self._resume(slots)
+        if done:
+            return future.result()
+        future.cancel()
+        self.left(what, math.inf)  # the deadline passed: say so
+        raise CloudburstTimeoutError(f"{what} did not finish within {limit:.1f}s")
 
     def blocking(self) -> contextlib.AbstractContextManager[None]:
         """Marks a wait on this thread that is not user code (see :meth:`begin`)."""

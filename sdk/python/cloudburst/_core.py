@@ -131,27 +131,25 @@ class PendingCall:
             self.accepted if self.accepted is not None else self.outcome
         )
         assert future is not None
-        try:
-            self.driver.wait(future, timeout)
-        except concurrent.futures.TimeoutError:
+        if not self.driver.settled(future, timeout):
             if self.accepted is not None or not self.response_key:
-                raise CloudburstTimeoutError(
-                    f"the call was not accepted within {timeout:.1f}s"
-                ) from None
+                raise CloudburstTimeoutError(f"the call was not accepted within {timeout:.1f}s")
+            return self.response_key
+        try:
+            future.result()
         except CloudburstError:
             if self.accepted is not None or not self.response_key:
                 raise
         return self.response_key
 
     def wait_outcome(self, timeout: float) -> execution_pb2.Outcome:
-        """Wait for the call's outcome."""
+        """Wait for the call's outcome; an error it was settled with is raised as it is."""
         assert self.outcome is not None
-        try:
-            return self.driver.wait(self.outcome, timeout)
-        except concurrent.futures.TimeoutError:
+        if not self.driver.settled(self.outcome, timeout):
             raise CloudburstTimeoutError(
                 f"the result at {self.response_key!r} was not ready within {timeout:.1f}s"
-            ) from None
+            )
+        return self.outcome.result()
 
 
 class Core:

@@ -144,14 +144,28 @@ class LoopDriver(abc.ABC):
         """Hand ``coro`` to the loop, which runs it in a task; from any thread."""
 
     @abc.abstractmethod
+    def settled(self, future: concurrent.futures.Future[Any], timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for a future the loop settles; whether it is settled.
+
+        This tells the wait running out from a future settled with an error of
+        its own: a ``TimeoutError`` it carries (an ``asyncio.timeout`` or a
+        socket's, or a ``CloudburstTimeoutError``) is no reason to say that
+        the wait ran out.
+        """
+
     def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
         """Wait up to ``timeout`` seconds for a future the loop settles.
 
-        Returns the future's result (or raises its exception).
+        Returns the future's result (or raises its exception). Callers that
+        must tell a ``TimeoutError`` of the future's from this wait running
+        out use :meth:`settled`.
 
         Raises:
             concurrent.futures.TimeoutError: It was not settled in time.
         """
+        if not self.settled(future, timeout):
+            raise concurrent.futures.TimeoutError()
+        return future.result()
 
     @abc.abstractmethod
     def stop(self) -> None:
@@ -165,6 +179,9 @@ class LoopDriver(abc.ABC):
         """Run ``coro`` on the loop and wait for it, at most ``timeout`` seconds.
 
         Ctrl-C while waiting cancels ``coro`` and raises KeyboardInterrupt.
+
+        What ``coro`` raises reaches the caller as it is, a ``TimeoutError``
+        of its own too.
 
         Raises:
             CloudburstTimeoutError: It did not finish in time (it is cancelled).
@@ -183,13 +200,14 @@ class LoopDriver(abc.ABC):
             except RuntimeError:  # the loop is closed: nothing was handed over
                 coro.close()
                 raise
-            return self.wait(future, timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise CloudburstTimeoutError(f"{what} did not finish within {timeout:.1f}s") from None
+            done = self.settled(future, timeout)
         except KeyboardInterrupt:
             future.cancel()
             raise
+        if done:
+            return future.result()
+        future.cancel()
+        raise CloudburstTimeoutError(f"{what} did not finish within {timeout:.1f}s")
 
     def _create(self, coro: Coroutine[Any, Any, None]) -> None:
         self._keep(self.loop.create_task(coro))
@@ -218,17 +236,14 @@ class ThreadedLoop(LoopDriver):
     def _start(self, coro: Coroutine[Any, Any, None]) -> None:
         self.loop.call_soon_threadsafe(self._create, coro)
 
-    def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
-        """Wait up to ``timeout`` seconds for a future the loop settles.
-
-        Returns the future's result (or raises its exception).
-
-        Raises:
-            concurrent.futures.TimeoutError: It was not settled in time.
-        """
-        if not future.done() and self._on_loop():
+    def settled(self, future: concurrent.futures.Future[Any], timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds for a future the loop settles; whether it is settled."""
+        if future.done():
+            return True
+        if self._on_loop():
             raise RuntimeError(_REENTERED)
-        return future.result(timeout)
+        done, _ = concurrent.futures.wait([future], timeout)
+        return bool(done)
 
     def _on_loop(self) -> bool:
         return threading.get_ident() == self._thread.ident
@@ -312,13 +327,10 @@ class DrivenLoop(LoopDriver):
     def _on_loop(self) -> bool:
         return self._runner == threading.get_ident()
 
-    def wait(self, future: concurrent.futures.Future[T], timeout: float | None) -> T:
+    def settled(self, future: concurrent.futures.Future[Any], timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds for a future the loop settles, running it meanwhile.
 
-        Returns the future's result (or raises its exception).
-
-        Raises:
-            concurrent.futures.TimeoutError: It was not settled in time.
+        Returns whether it is settled.
         """
         if future.done():
             if self._runner == _HELPER and self._may_run():
@@ -326,7 +338,7 @@ class DrivenLoop(LoopDriver):
                 # a caller back so soon does better running the loop itself next time.
                 with self._lock:
                     self._ask_helper_to_leave()
-            return future.result()
+            return True
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         me = threading.get_ident()
         if self._runner == me:
@@ -334,7 +346,7 @@ class DrivenLoop(LoopDriver):
         while not future.done():
             remaining = min(deadline - time.monotonic(), _LONGEST_WAIT)
             if remaining <= 0:
-                raise concurrent.futures.TimeoutError()
+                return False
             may_run = self._may_run()
             with self._lock:
                 runner = self._runner
@@ -355,7 +367,7 @@ class DrivenLoop(LoopDriver):
                     self._leave()
                 continue
             self._wait_while_others_run(future, remaining, may_run)
-        return future.result()
+        return True
 
     def _ask_helper_to_leave(self) -> None:
         """Ask the helper to leave the loop to this caller, if it waits alone (lock held)."""

@@ -97,3 +97,28 @@ def test_library_calls_past_the_deadline_raise() -> None:
     overdue = LoopBridge(loop, WAIT, deadline=time.monotonic() - 1)
     with pytest.raises(CloudburstTimeoutError, match=r"get_object\('k'\): the call's deadline"):
         overdue.left("get_object('k')", 5.0)
+
+
+def test_a_library_call_raises_a_timeout_error_of_its_own_as_it_is() -> None:
+    """TimeoutError is concurrent.futures.TimeoutError: only the bridge's own wait may say so."""
+    loop = asyncio.new_event_loop()
+    thread = started(loop.run_forever)
+    try:
+        bridge = LoopBridge(loop, WAIT)
+
+        async def own_timeout() -> None:
+            await asyncio.wait_for(asyncio.sleep(WAIT * 3), 0.01)
+
+        with pytest.raises(TimeoutError) as raised:
+            bridge.run(own_timeout(), "get_object('k')")
+        assert not isinstance(raised.value, CloudburstTimeoutError), raised.value
+
+        async def slow() -> None:
+            await asyncio.sleep(WAIT * 3)
+
+        with pytest.raises(CloudburstTimeoutError, match=r"did not finish within 0\.1s"):
+            bridge.run(slow(), "get_object('k')", timeout=0.1)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from cloudburst import _loop, _loop_internals
+from cloudburst._core import PendingCall
 from cloudburst._loop import DrivenLoop, LoopDriver, ThreadedLoop, new_driver
 from cloudburst.errors import CloudburstTimeoutError, InvalidArgumentError
 
@@ -300,6 +301,63 @@ def test_errors_of_the_coroutine_reach_the_caller(driver: LoopDriver) -> None:
     with pytest.raises(KeyError, match="settled"):
         driver.wait(failed, 1)
     assert driver.run(_ident(), 10, "next") > 0, "the loop still answers"
+
+
+def test_a_timeout_error_of_the_coroutine_is_not_taken_for_the_wait_running_out(
+    driver: LoopDriver,
+) -> None:
+    """TimeoutError is concurrent.futures.TimeoutError: only the driver's own wait may say so."""
+
+    async def own_timeout() -> None:
+        await asyncio.wait_for(asyncio.sleep(30), 0.01)
+
+    with pytest.raises(TimeoutError) as raised:
+        driver.run(own_timeout(), 30, "timing out call")
+    assert not isinstance(raised.value, CloudburstTimeoutError), raised.value
+
+    async def deadline() -> None:
+        await asyncio.sleep(0)
+        raise CloudburstTimeoutError("get('k') did not finish before its deadline")
+
+    with pytest.raises(CloudburstTimeoutError, match=r"^get\('k'\) did not finish before its"):
+        driver.run(deadline(), 30, "reading")
+
+    failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+    failed.set_exception(CloudburstTimeoutError("its own"))
+    assert driver.settled(failed, 1)
+    with pytest.raises(CloudburstTimeoutError, match=r"^its own$"):
+        driver.wait(failed, 1)
+    never: concurrent.futures.Future[int] = concurrent.futures.Future()
+    assert not driver.settled(never, 0.05)
+    assert driver.run(_ident(), 10, "next") > 0, "the loop still answers"
+
+
+def test_a_pending_call_settled_with_a_timeout_error_raises_it_as_it_is(
+    driver: LoopDriver,
+) -> None:
+    error = CloudburstTimeoutError("the call's deadline passed at the scheduler")
+    outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    outcome.set_exception(error)
+    direct = PendingCall(driver, None, outcome)
+    with pytest.raises(CloudburstTimeoutError) as raised:
+        direct.wait_accepted(10)
+    assert raised.value is error
+    with pytest.raises(CloudburstTimeoutError) as raised:
+        direct.wait_outcome(10)
+    assert raised.value is error
+
+    accepted: concurrent.futures.Future[str] = concurrent.futures.Future()
+    accepted.set_exception(error)
+    with pytest.raises(CloudburstTimeoutError) as raised:
+        PendingCall(driver, accepted, None).wait_accepted(10)
+    assert raised.value is error
+
+    unanswered = PendingCall(driver, concurrent.futures.Future(), concurrent.futures.Future())
+    with pytest.raises(CloudburstTimeoutError, match=r"not accepted within 0\.1s"):
+        unanswered.wait_accepted(0.1)
+    unanswered.response_key = "k"
+    with pytest.raises(CloudburstTimeoutError, match=r"the result at 'k' was not ready within"):
+        unanswered.wait_outcome(0.05)
 
 
 def test_a_wait_returns_once_another_thread_settles_the_future(driver: LoopDriver) -> None:
