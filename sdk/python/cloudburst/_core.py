@@ -72,6 +72,10 @@ RELEASE_DELAY = 0.05
 #: The most released keys one frame carries.
 RELEASES_PER_FRAME = 1000
 
+#: Seconds close() gives the scheduler to read what the connection sent last (calls, released
+#: results) and end the call stream; then the stream is cancelled. Calls it accepted run on.
+CLOSE_GRACE_SECONDS = 1.0
+
 #: The most keys one BatchGetValues names (the service's limit); more take several.
 BATCH_KEYS = 1000
 
@@ -746,15 +750,21 @@ class Core:
         return await self._on_kvs(delete)
 
     async def close(self) -> None:
-        """Send the queued releases, end the stream and close the channel."""
+        """Send the queued releases, end the streams and close the channels.
+
+        Waits for no server but the scheduler, and for it at most
+        :data:`CLOSE_GRACE_SECONDS`.
+        """
         self._flush()
         if self._retry_direct is not None:
             self._retry_direct.cancel()
-        await self._stream.close(grace=5.0)
+        await self._stream.close(grace=CLOSE_GRACE_SECONDS)
         if self.answers is not None:
             await self.answers.close()
         if self._ops is not None:
-            await self._ops.close()
+            # The op stream carries nothing that outlives its callers: a KVS that does
+            # not answer is not waited for.
+            await self._ops.close(grace=0)
         if self._direct is not None:
             await self._direct[1].close()
         await self.channel.close()

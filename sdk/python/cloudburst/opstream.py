@@ -199,9 +199,12 @@ class OpStream:
                 failure = error_from_rpc(error, what=what)
             settle(future, error=failure)
 
-    async def close(self) -> None:
-        """End the stream (ops in flight fail with UnavailableError); idempotent."""
-        await self._stream.close()
+    async def close(self, grace: float = 2.0) -> None:
+        """End the stream (ops in flight fail with UnavailableError); idempotent.
+
+        The KVS gets ``grace`` seconds to end its side; 0 cancels the stream at once.
+        """
+        await self._stream.close(grace)
         if self._closing is not None:
             await self._closing
 

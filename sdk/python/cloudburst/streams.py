@@ -346,19 +346,26 @@ class OutboxStream(Generic[Request, Response]):
             self._on_end(None if self.closed else error)
 
     async def close(self, grace: float = 2.0) -> None:
-        """Half-close, give the peer ``grace`` seconds to end its side, then cancel; idempotent."""
+        """Half-close, give the peer ``grace`` seconds to end its side, then cancel; idempotent.
+
+        With ``grace`` 0 the stream is cancelled at once, without a half-close:
+        for a stream that carries nothing the peer must still read.
+        """
         if self.closed:
             return
         self.closed = True
-        if self._outgoing is not None:
+        if self._outgoing is not None and grace > 0:
             self._hand_off(self._outgoing, None)
-        if self._reader is not None:
-            try:
-                async with asyncio.timeout(grace):
-                    await asyncio.shield(self._reader)
-            except (TimeoutError, asyncio.CancelledError):
-                self._reader.cancel()
-                await asyncio.gather(self._reader, return_exceptions=True)
+        reader = self._reader
+        if reader is not None:
+            if grace > 0:
+                try:
+                    async with asyncio.timeout(grace):
+                        await asyncio.shield(reader)
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         for writer in list(self._writers):
             writer.cancel()
         await asyncio.gather(*self._writers, return_exceptions=True)

@@ -2,13 +2,15 @@
 
 The scheduler names the KVS in its ``GetLimits`` answer; the SDK calls it
 there, and goes through the scheduler's proxy when that address does not
-answer. The clusters are real: `cbgrpc` processes, or nodes started by the
-code `cbgrpc` runs.
+answer. Closing the connection waits for neither a hung KVS nor, beyond a
+short grace, a hung scheduler. The clusters are real: `cbgrpc` processes, or
+nodes started by the code `cbgrpc` runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -18,8 +20,10 @@ from cloudburst import CloudburstConnection
 from cloudburst.errors import UnavailableError
 from cloudburst.reference import CloudburstReference
 from cloudburst.serialization import lattice_value
+from cloudburst.transport import PING_TIMEOUT_ENV
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
+from freezing_proxy import FreezingProxy
 from harness import LoopThread, free_ports, make_config, running_process_cluster
 
 #: Larger than one message's inline limit: written and read in chunks.
@@ -122,3 +126,76 @@ def test_a_kvs_that_stops_answering_sends_objects_through_the_scheduler(
         stub = kvs_service_pb2_grpc.KvsServiceStub(channel)
         response = stub.GetValue(kvs_service_pb2.GetValueRequest(key="moved/after"), timeout=10)
     assert response.found and lattice_value(response.lattice) == 2
+
+
+@pytest.fixture
+def freezable(
+    server_loop: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[str], FreezingProxy]]:
+    """Starts proxies to addresses, to freeze; closes them at the end.
+
+    Keepalive would cut a hung peer off within seconds: not what these tests
+    look at, so connections made meanwhile wait a minute for a ping's answer.
+    """
+    monkeypatch.setenv(PING_TIMEOUT_ENV, "60")
+    proxies: list[FreezingProxy] = []
+
+    def start(address: str) -> FreezingProxy:
+        proxy = FreezingProxy(int(address.rsplit(":", 1)[1]))
+        server_loop.run(proxy.start())
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        for proxy in proxies:
+            server_loop.run(proxy.close())
+
+
+def closed_while_frozen(cloud: CloudburstConnection, proxy: FreezingProxy) -> float:
+    """Freeze ``proxy``, then close ``cloud``; returns the seconds close() took."""
+    proxy.freeze()
+    began = time.monotonic()
+    cloud.close()
+    return time.monotonic() - began
+
+
+def test_close_returns_promptly_while_the_kvs_does_not_answer(
+    start_node: Callable[..., Node], freezable: Callable[[str], FreezingProxy]
+) -> None:
+    """Closing cancels the op stream to a hung KVS rather than waiting for it to end its side."""
+    config = make_config()
+    kvs = start_node(start_kvs_node(config))
+    proxy = freezable(kvs.address)
+    executor = start_node(start_executor_node(config, kvs.address, "executor-0"))
+    scheduler_config = make_config(scheduler={"direct_kvs_address": proxy.address})
+    scheduler = start_node(start_scheduler_node(scheduler_config, kvs.address, [executor.address]))
+    cloud = CloudburstConnection(scheduler.address, connect_timeout=30, timeout=60)
+    try:
+        assert cloud.kvs_address == proxy.address
+        cloud.put_object("hung/before", 1)  # opens the op stream, through the proxy
+    finally:
+        took = closed_while_frozen(cloud, proxy)
+    # Waiting for the hung KVS to end the op stream took 2 s before.
+    assert took < 1.0, f"close() took {took:.2f}s"
+
+
+def test_close_waits_for_a_scheduler_that_does_not_answer_at_most_its_grace(
+    start_node: Callable[..., Node], freezable: Callable[[str], FreezingProxy]
+) -> None:
+    """The scheduler gets CLOSE_GRACE_SECONDS to read the last frames and end the call stream."""
+    config = make_config()
+    kvs = start_node(start_kvs_node(config))
+    executor = start_node(start_executor_node(config, kvs.address, "executor-0"))
+    scheduler = start_node(start_scheduler_node(config, kvs.address, [executor.address]))
+    proxy = freezable(scheduler.address)
+    cloud = CloudburstConnection(proxy.address, connect_timeout=30, timeout=60)
+    try:
+        # Opens the call stream, through the proxy.
+        assert cloud.register(incr, "incr")(1).get() == 2
+    finally:
+        took = closed_while_frozen(cloud, proxy)
+    # The SDK's CLOSE_GRACE_SECONDS (1 s) and a margin; waiting for the hung scheduler to end
+    # the call stream took 5 s before.
+    assert took < 3.0, f"close() took {took:.2f}s"
