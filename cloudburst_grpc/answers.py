@@ -89,6 +89,8 @@ class AnswerWriter(Generic[Message]):
         self._gone = False
         self._writing_since = 0.0
         """When the write in progress began (``time.monotonic()``), if one is."""
+        self.writer: asyncio.Task[Any] | None = None
+        """The task writing now, if one is (it waits while the caller does not read)."""
 
     def backlog(self) -> int:
         """Answers waiting to be written, counting the one being written."""
@@ -102,6 +104,21 @@ class AnswerWriter(Generic[Message]):
         """
         return self._busy and time.monotonic() - self._writing_since > seconds
 
+    def stalled_in(self, seconds: float) -> float:
+        """Seconds until the write in progress counts as stalled (``seconds`` when none is)."""
+        if not self._busy:
+            return seconds
+        return max(seconds - (time.monotonic() - self._writing_since), 0.0)
+
+    def drop(self) -> None:
+        """Write nothing more: answers waiting and to come are dropped, as for a stream gone.
+
+        A write in progress stays in gRPC until the call ends.
+        """
+        self._gone = True
+        self._backlog.clear()
+        self._room.set()
+
     async def write(self, answer: Message) -> None:
         """Write ``answer`` now, or after the write in progress (by whoever is writing)."""
         if self._gone:
@@ -110,6 +127,7 @@ class AnswerWriter(Generic[Message]):
         if self._busy:
             return
         self._busy = True
+        self.writer = asyncio.current_task()
         try:
             backlog = self._backlog
             while backlog:
@@ -122,4 +140,5 @@ class AnswerWriter(Generic[Message]):
             self._backlog.clear()
         finally:
             self._busy = False
+            self.writer = None
             self._room.set()

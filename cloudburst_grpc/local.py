@@ -121,8 +121,9 @@ class Node:
     without them."""
     security: NodeSecurity | None = None
     """TLS material and authorization of this node (off without TLS)."""
-    end_streams: Callable[[float], Awaitable[None]] | None = None
-    """Ends the streams peers keep open to the node's executor, once its calls answered."""
+    end_streams: Callable[[float], Awaitable[bool]] | None = None
+    """Ends the streams peers keep open to the node's executor, once its calls answered;
+    whether streams are left that wait on callers that do not read them."""
     end_kvs_streams: Callable[[float], Awaitable[None]] | None = None
     """Ends the op streams clients keep open to the node's KVS, once their ops answered."""
     supervisor: Supervisor | None = None
@@ -162,8 +163,9 @@ class Node:
         if self.executors:
             await asyncio.gather(*(e.drain(limit) for e in self.executors))
             self.abandoned = self.running_calls()
+        stalled = False
         if self.end_streams is not None:
-            await self.end_streams(deadline - asyncio.get_running_loop().time())
+            stalled = await self.end_streams(deadline - asyncio.get_running_loop().time())
         if self.supervisor is not None:
             # Each child drains its own calls for the grace period (naming those it abandons).
             await self.supervisor.stop(limit)
@@ -175,7 +177,10 @@ class Node:
             self.store.end_watches()
         if self.end_kvs_streams is not None:
             await self.end_kvs_streams(deadline - asyncio.get_running_loop().time())
-        await self.server.stop(max(deadline - asyncio.get_running_loop().time(), 0.0))
+        # Streams whose callers do not read would hold the server for its whole grace period;
+        # gRPC cancels calls only all at once, and every other call has ended by now.
+        grace = 0.0 if stalled else max(deadline - asyncio.get_running_loop().time(), 0.0)
+        await self.server.stop(grace)
         await self.stack.aclose()
         logger.info("%s on port %d stopped", self.role, self.port)
 

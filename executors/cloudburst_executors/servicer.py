@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -73,6 +75,13 @@ class _WrittenAnswers:
         )
         self.ended = asyncio.Event()
         """Set when the stream is to end (replaced, or the executor shuts down)."""
+        self.at_shutdown = False
+        """Whether the executor shuts down: the stream ends without waiting on a stalled write."""
+
+    @property
+    def writer(self) -> asyncio.Task[Any] | None:
+        """The task writing to the stream now, if one is."""
+        return self._writer.writer
 
     def pending(self) -> int:
         """Answers not yet written."""
@@ -86,15 +95,35 @@ class _WrittenAnswers:
         """Write ``message`` now, or after the write in progress."""
         return self._writer.write(message)
 
-    def end(self) -> None:
-        """End the stream once what is pending is written."""
-        self.ended.set()
+    def end(self, at_shutdown: bool = False) -> None:
+        """End the stream once what is pending is written.
 
-    async def flush(self) -> None:
-        """Wait until every answer is written (or the stream is gone)."""
-        while self._writer.backlog():
+        ``at_shutdown``: not once a write has waited :data:`STALLED_ANSWER_SECONDS`
+        for the caller; what is pending then is dropped (see :meth:`flush`).
+        """
+        self.at_shutdown = self.at_shutdown or at_shutdown
+        self.ended.set()
+        self._room.set()  # a flush under way looks again
+
+    async def flush(self) -> bool:
+        """Wait until every answer is written (or the stream is gone); whether they were.
+
+        At shutdown, a write that waits :data:`STALLED_ANSWER_SECONDS` for the
+        caller ends the wait: the answers are dropped, as for a caller gone.
+        """
+        writer = self._writer
+        while writer.backlog():
+            if self.at_shutdown and writer.stalled(STALLED_ANSWER_SECONDS):
+                writer.drop()
+                return False
             self._room.clear()
-            await self._room.wait()
+            if not self.at_shutdown:
+                await self._room.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(writer.stalled_in(STALLED_ANSWER_SECONDS)):
+                    await self._room.wait()
+        return True
 
 
 class _QueuedAnswers:
@@ -109,6 +138,9 @@ class _QueuedAnswers:
         self.sending_since = 0.0
         """When the generator began sending its message in progress (0: none is)."""
 
+    #: The generator writes: no call's task waits for a write.
+    writer: asyncio.Task[Any] | None = None
+
     def pending(self) -> int:
         """Answers not yet taken by the generator."""
         return self.queue.qsize()
@@ -122,8 +154,8 @@ class _QueuedAnswers:
         """Queue ``message`` for the generator."""
         self.queue.put_nowait(message)
 
-    def end(self) -> None:
-        """End the stream once what is queued is sent."""
+    def end(self, at_shutdown: bool = False) -> None:
+        """End the stream once what is queued is sent (a generator cannot leave a stalled write)."""
         self.queue.put_nowait(None)
 
 
@@ -184,6 +216,12 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         """Whether trigger streams offer to read batched frames and batch their responses."""
         self._answer_streams: dict[str, AnswerStream] = {}
         """The callers' open answer streams (StreamAnswers), by answer stream id."""
+        self._live_answers: set[AnswerStream] = set()
+        """Every answer stream whose handler runs, the replaced ones that still flush too."""
+        self._stream_ended = asyncio.Event()
+        """Set as the handler of a stream (answers or triggers) ends."""
+        self._dropped_streams = 0
+        """Answer streams given up at shutdown, their write stalled: gRPC still holds them."""
         if not telemetry.tracing():
             # Each call's task writes its answer itself (see _WrittenAnswers). The tracing
             # interceptor only wraps generators, so with tracing on the generator stays.
@@ -199,8 +237,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
 
     def _answer_stream(self, stream_id: str) -> AnswerStream | None:
         """The caller's answer stream here, if it has one that keeps up."""
-        if not stream_id:
-            return None
+        if not stream_id or self._closing:
+            return None  # shutting down: answers go through the scheduler
         stream = self._answer_streams.get(stream_id)
         if (
             stream is None
@@ -210,19 +248,51 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
             return None
         return stream
 
-    async def end_streams(self, timeout: float) -> None:
+    async def end_streams(self, timeout: float) -> bool:
         """At shutdown: let calls started from streams answer (up to ``timeout``), then end them.
 
         Peers keep their streams open for as long as the executor lives, so the
-        server would otherwise wait out its whole grace period for them.
+        server would otherwise wait out its whole grace period for them. From
+        now on, answers go through the scheduler. An answer stream whose write
+        waits :data:`STALLED_ANSWER_SECONDS` for a caller that does not read is
+        not waited for: its answers are dropped, as for a caller gone (results
+        the calls store are stored all the same).
+
+        Returns whether such streams are left: gRPC ends them only with every
+        call of the server, so stop it without a grace period.
         """
         self._closing = True
-        if self._detached:
-            await asyncio.wait(list(self._detached), timeout=max(timeout, 0))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0)
+        # A call whose task writes its answer has ended but for the write: the stream's
+        # end below waits for that write, or gives it up if the caller does not read.
+        writing = {stream.writer for stream in self._live_answers}
+        running = [task for task in self._detached if task not in writing]
+        if running:
+            await asyncio.wait(running, timeout=max(deadline - loop.time(), 0))
         for answers in list(self._streams):
             answers.put_nowait(None)
-        for stream in list(self._answer_streams.values()):
-            stream.end()
+        for stream in list(self._live_answers):
+            stream.end(at_shutdown=True)
+        while self._streams or self._flushing():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self._stream_ended.clear()
+            # Timed too: a generator's stream does not end when its write stalls.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, STALLED_ANSWER_SECONDS / 4)):
+                    await self._stream_ended.wait()
+        stalled = len(self._live_answers) + self._dropped_streams
+        if stalled:
+            logger.info(
+                "%d answer streams end with the server: their callers do not read them", stalled
+            )
+        return stalled > 0
+
+    def _flushing(self) -> bool:
+        """Whether an answer stream still flushes to a caller that reads."""
+        return any(not s.stalled(STALLED_ANSWER_SECONDS) for s in self._live_answers)
 
     async def ExecuteFunction(
         self,
@@ -450,6 +520,7 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 await reader  # re-raise a protocol error from the reader
         finally:
             del self._streams[answers]
+            self._stream_ended.set()
             if attached is not None:
                 executor.results.detach(attached, send_result)
             if stop_reports is not None:
@@ -500,7 +571,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         try:
             await stream.write(AnswersMessage(registered=True))
             await stream.ended.wait()
-            await stream.flush()
+            if not await stream.flush():
+                self._dropped_streams += 1
         finally:
             self._unregister_answers(stream_id, stream)
 
@@ -530,11 +602,14 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
         if replaced is not None:
             replaced.end()
         self._answer_streams[stream_id] = stream
+        self._live_answers.add(stream)
         return stream_id
 
     def _unregister_answers(self, stream_id: str, stream: AnswerStream) -> None:
         if self._answer_streams.get(stream_id) is stream:
             del self._answer_streams[stream_id]
+        self._live_answers.discard(stream)
+        self._stream_ended.set()
 
     async def PinFunction(
         self,

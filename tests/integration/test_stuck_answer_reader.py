@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
+from cloudburst.future import CloudburstFuture
 from cloudburst.serialization import DEFAULT_MAX_PAYLOAD_BYTES, deserialize, serialize
 from cloudburst.transport import channel_options
 from cloudburst.v1 import (
@@ -38,7 +40,8 @@ from cloudburst.v1 import (
 from cloudburst_executors import servicer
 from cloudburst_executors.servicer import ExecutorServicer
 from cloudburst_kvs.store import LatticeStore
-from harness import Cluster
+from faults import register_workload, wait_started
+from harness import CbgrpcProcess, Cluster
 
 DEADLINE = 60.0
 #: Results this large fill a stream's flow-control window after a few of them.
@@ -65,13 +68,19 @@ def sized(_: Any, n: int) -> bytes:
 class StuckCaller:
     """Holds answer streams at every executor and never reads them; reads its call stream."""
 
-    def __init__(self, cluster: Cluster, options: list[tuple[str, int]] = UNLIMITED) -> None:
+    def __init__(
+        self,
+        scheduler: str,
+        executors: dict[str, str],
+        options: list[tuple[str, int]] = UNLIMITED,
+    ) -> None:
+        """Call at ``scheduler``; hold answer streams at ``executors`` (address by id)."""
         self._options = options
         self.stream_id = secrets.token_hex(16)
         self._frames: queue.Queue[scheduler_service_pb2.StreamCallsRequest | None] = queue.Queue()
         self._channels: list[grpc.Channel] = []
-        self.answer_streams = [self._open_answers(node.address) for node in cluster.executors]
-        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(self._channel(cluster.address))
+        self.answer_streams = [self._open_answers(address) for address in executors.values()]
+        stub = scheduler_service_pb2_grpc.SchedulerServiceStub(self._channel(scheduler))
         self._calls = stub.StreamCalls(self._iterate(), timeout=4 * DEADLINE)
         self.keys: dict[int, str] = {}
         """Response keys by sequence, as the scheduler accepted each call."""
@@ -82,10 +91,14 @@ class StuckCaller:
         self._reader.start()
         frame = scheduler_service_pb2.StreamCallsRequest()
         frame.answer_streams.answer_stream_id = self.stream_id
-        frame.answer_streams.executor_ids.extend(
-            node.executors[0].executor_id for node in cluster.executors
-        )
+        frame.answer_streams.executor_ids.extend(executors)
         self._frames.put(frame)
+
+    @classmethod
+    def at(cls, cluster: Cluster, options: list[tuple[str, int]] = UNLIMITED) -> StuckCaller:
+        """A stuck caller of ``cluster``, with answer streams at all its executors."""
+        executors = {node.executors[0].executor_id: node.address for node in cluster.executors}
+        return cls(cluster.address, executors, options)
 
     def _channel(self, address: str) -> grpc.Channel:
         channel = grpc.insecure_channel(address, options=self._options)
@@ -201,7 +214,7 @@ def stall(monkeypatch: pytest.MonkeyPatch) -> None:
 def stuck(cluster: Cluster) -> Iterator[StuckCaller]:
     with CloudburstConnection(cluster.address, timeout=DEADLINE, direct_answers=False) as conn:
         conn.register(sized, "sized")
-    caller = StuckCaller(cluster)
+    caller = StuckCaller.at(cluster)
     try:
         yield caller
     finally:
@@ -240,6 +253,19 @@ def deleted_everywhere(cluster: Cluster, keys: list[str]) -> None:
     cluster.loop.run(wait())
 
 
+def probe_until_relayed(stuck: StuckCaller, calls: int, limit: int = MAX_PROBES) -> int:
+    """Make small calls after the first ``calls`` until one is answered through the scheduler
+    (an answer stream took none for a while), at most ``limit``; returns the calls made in all.
+    """
+    sequence = calls
+    while not stuck.relayed:
+        sequence += 1
+        assert sequence - calls <= limit, "no answer came through the scheduler"
+        stuck.call(sequence, 1)  # small results: cheap to wait for
+        stuck.wait(lambda s=sequence: s in stuck.keys, f"call {sequence} accepted")
+    return sequence
+
+
 def test_a_caller_that_stops_reading_its_answers_holds_up_nothing(
     handler: None, stall: None, cluster: Cluster, stuck: StuckCaller
 ) -> None:
@@ -259,14 +285,8 @@ def test_a_caller_that_stops_reading_its_answers_holds_up_nothing(
             assert other.exec_func("sized", [n]).get(timeout=DEADLINE) == b"x" * n
 
     # The stuck caller's answers come through the scheduler once its stream has taken none for
-    # a while (not once thousands wait): call until one does (small results: cheap to wait).
-    sequence = LARGE_CALLS
-    while not stuck.relayed:
-        sequence += 1
-        assert sequence - LARGE_CALLS <= MAX_PROBES, "no answer came through the scheduler"
-        stuck.call(sequence, 1)
-        stuck.wait(lambda s=sequence: s in stuck.keys, f"call {sequence} accepted")
-    calls = sequence
+    # a while (not once thousands wait).
+    calls = probe_until_relayed(stuck, LARGE_CALLS)
 
     # Read at last, the answer streams hold every other answer, each once.
     direct = stuck.read_answer_streams(calls)
@@ -285,7 +305,7 @@ def test_answers_queued_for_a_slow_reader_come_within_its_message_limit(
     monkeypatch.setattr(servicer, "STALLED_ANSWER_SECONDS", DEADLINE)  # all stay queued
     with CloudburstConnection(cluster.address, timeout=DEADLINE, direct_answers=False) as conn:
         conn.register(sized, "sized")
-    caller = StuckCaller(cluster, channel_options(DEFAULT_MAX_PAYLOAD_BYTES))
+    caller = StuckCaller.at(cluster, channel_options(DEFAULT_MAX_PAYLOAD_BYTES))
     try:
         for sequence in range(1, QUEUED_CALLS + 1):
             caller.call(sequence, QUEUED_RESULT_BYTES)
@@ -298,3 +318,46 @@ def test_answers_queued_for_a_slow_reader_come_within_its_message_limit(
         assert all(value == b"x" * QUEUED_RESULT_BYTES for value in answers.values())
     finally:
         caller.close()
+
+
+def test_an_executor_shuts_down_without_waiting_for_a_caller_that_does_not_read() -> None:
+    """On SIGTERM a running call gets the grace period and its result is stored; answer
+    streams whose writes wait on a caller that does not read are cancelled, not waited for."""
+    processes = [CbgrpcProcess("kvs", "--storage", "memory")]
+    try:
+        kvs = processes[0].address
+        executor = CbgrpcProcess("executor", "--kvs", kvs, "--id", "executor-a", "--grace", "20")
+        processes.append(executor)
+        scheduler = CbgrpcProcess("scheduler", "--kvs", kvs, "--executor", executor.address)
+        processes.append(scheduler)
+        with CloudburstConnection(
+            scheduler.address, timeout=DEADLINE, direct_answers=False
+        ) as conn:
+            conn.register(sized, "sized")
+            register_workload(conn)
+            stuck = StuckCaller(scheduler.address, {"executor-a": executor.address})
+            try:
+                for sequence in range(1, LARGE_CALLS + 1):
+                    stuck.call(sequence, RESULT_BYTES)
+                stuck.wait(lambda: len(stuck.keys) == LARGE_CALLS, "every call accepted")
+                # The stream's writes are stalled once this returns. The executor's stall time
+                # is its default (2 s), longer than MAX_PROBES calls take: allow more.
+                probe_until_relayed(stuck, LARGE_CALLS, servicer.MAX_QUEUED_ANSWERS - 100)
+                running = conn.exec_func("gated", ["last"])
+                wait_started(conn, "last")
+                began = time.monotonic()
+                executor.proc.send_signal(signal.SIGTERM)
+                executor.wait_for_log("signal received; shutting down")
+                conn.put_object("go-last", True)  # the running call ends in the grace period
+                assert executor.proc.wait(DEADLINE) == 0, executor.stderr()
+                took = time.monotonic() - began
+            finally:
+                stuck.close()
+            # Waiting for the stalled stream held the executor for its whole grace period (20 s).
+            assert took < 10, f"the executor took {took:.1f}s to shut down"
+            assert running.get(timeout=DEADLINE) == "gated-last"
+            stored = CloudburstFuture(running.obj_id, conn)
+            assert stored.get(timeout=DEADLINE) == "gated-last"
+    finally:
+        for process in reversed(processes):
+            process.kill()
