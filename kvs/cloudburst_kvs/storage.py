@@ -27,8 +27,8 @@ SQLITE_FILE_NAME = "kvs.sqlite3"
 #: A KVS refuses to start on data of a higher format than this. Bump it when a release changes
 #: how stored bytes are laid out or read (the table, the Valkey keys or value headers, the
 #: encoding of a lattice) so that an older release would misread them, and make that release
-#: convert or refuse stores of the older format: the engines only check for a newer one, and
-#: mark a store that has no marker (written before it, in format 1). It is not the wire protocol's
+#: convert or refuse stores of the older format (see :func:`check_format`); the engines mark a
+#: store that has no marker (written before it, in format 1). It is not the wire protocol's
 #: ``PROTOCOL_VERSION``: that one covers what processes send each other and changes with the
 #: messages on the wire, this one covers what stays on disk or in Valkey across restarts and
 #: releases. Either may change without the other.
@@ -40,7 +40,28 @@ class StorageError(OSError):
 
 
 class StorageFormatError(StorageError):
-    """The stored data is of a newer format than this release reads; nothing was changed."""
+    """The stored data is of a format this release does not read; nothing was changed."""
+
+
+def check_format(where: str, found: int) -> None:
+    """Refuse a store (``where``) marked with storage format ``found`` unless it is this one's.
+
+    The rule for every engine: a newer format is refused (this release would
+    misread it), and so is an older one, which this release has no step to
+    convert. Format 1 is the first there is, so an older marker is one that
+    no release wrote. A release that bumps :data:`STORAGE_FORMAT` and reads
+    the previous format converts such a store, by a named step the engines run
+    before this check, and marks it with the new format; without that step
+    the older format is refused here. (A store without a marker is format 1:
+    the engines mark it rather than check it.)
+
+    Raises:
+        StorageFormatError: ``found`` is not :data:`STORAGE_FORMAT`.
+    """
+    if found > STORAGE_FORMAT:
+        raise StorageFormatError(newer_format_message(where, found))
+    if found < STORAGE_FORMAT:
+        raise StorageFormatError(older_format_message(where, found))
 
 
 def newer_format_message(where: str, found: int) -> str:
@@ -51,6 +72,17 @@ def newer_format_message(where: str, found: int) -> str:
         "it, so it does not start and leaves the data as it is. Run the release that wrote it "
         "(or a newer one), or restore the backup taken before the upgrade "
         "(see docs/operations.md#stored-data-across-releases)"
+    )
+
+
+def older_format_message(where: str, found: int) -> str:
+    """What to tell an operator whose store (``where``) holds an older storage format ``found``."""
+    return (
+        f"{where} holds data of storage format {found}, older than storage format "
+        f"{STORAGE_FORMAT}, which this release reads; it converts no older format (and no "
+        "release of cloudburst-grpc writes a format below 1), so it does not start and leaves "
+        "the data as it is. Run a release that reads that format, or restore the backup taken "
+        "before the data was changed (see docs/operations.md#stored-data-across-releases)"
     )
 
 
@@ -180,10 +212,10 @@ class SqliteEngine:
         )
 
     def _check_format(self, conn: sqlite3.Connection) -> int:
-        """Return the database's storage format; raise StorageFormatError when it is too new."""
+        """Return the database's storage format marker, 0 for none (see :func:`check_format`)."""
         found = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if found > STORAGE_FORMAT:
-            raise StorageFormatError(newer_format_message(f"the KVS database {self.path}", found))
+        if found != 0:
+            check_format(f"the KVS database {self.path}", found)
         return found
 
     def _mark_format(self, conn: sqlite3.Connection) -> None:
@@ -288,6 +320,8 @@ __all__ = [
     "StorageEngine",
     "StorageError",
     "StorageFormatError",
+    "check_format",
     "newer_format_message",
+    "older_format_message",
     "open_engine",
 ]

@@ -76,7 +76,7 @@ from cloudburst_kvs import lattices
 from cloudburst_kvs import valkey_codec as codec
 from cloudburst_kvs import valkey_functions as functions
 from cloudburst_kvs.backlog import Backlog
-from cloudburst_kvs.storage import STORAGE_FORMAT, StorageFormatError, newer_format_message
+from cloudburst_kvs.storage import STORAGE_FORMAT, StorageFormatError, check_format
 from cloudburst_kvs.store import (
     WATCH_QUEUE_LIMIT,
     WatchEvent,
@@ -261,7 +261,7 @@ class ValkeyStore:
             )
 
     def _check_format(self, found: bool | str | bytes) -> None:
-        """Refuse a storage format marker of a newer release (or one this release cannot read)."""
+        """Refuse a storage format marker other than this release's (see ``check_format``)."""
         where = f"the Valkey cluster at {self._url} (key {codec.FORMAT_KEY.decode()})"
         try:
             number = int(found)
@@ -271,8 +271,7 @@ class ValkeyStore:
                 "not start on data it cannot identify. Restore the cluster from a backup, or "
                 "check that kvs.valkey_url names the cluster of this deployment"
             ) from None
-        if number > STORAGE_FORMAT:
-            raise StorageFormatError(newer_format_message(where, number))
+        check_format(where, number)
 
     async def close(self) -> None:
         """End waiters and watches and disconnect; idempotent."""

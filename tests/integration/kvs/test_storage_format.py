@@ -1,4 +1,4 @@
-"""The durable engines record their storage format and refuse data of a newer one.
+"""The durable engines record their storage format and refuse data of another one.
 
 Real SQLite files in temporary directories, the test run's real Valkey cluster,
 and ``cbgrpc kvs`` as a real subprocess for what an operator sees.
@@ -29,6 +29,8 @@ from valkey_cluster import ValkeyCluster
 USER = lattice_pb2.KEYSPACE_USER
 SYSTEM = lattice_pb2.KEYSPACE_SYSTEM
 NEWER = STORAGE_FORMAT + 1
+#: A storage format older than this release's (and than format 1, the first: none is between).
+OLDER = -1
 FORMAT_KEY = codec.FORMAT_KEY.decode()
 #: How long a refused ``cbgrpc kvs`` may take to exit.
 EXIT_TIMEOUT = 60.0
@@ -109,22 +111,34 @@ async def test_a_sqlite_store_from_before_the_marker_is_adopted(tmp_path: Path) 
     assert stored_rows(path) == {"old": b"from before the marker", "new": b"after"}
 
 
-def test_a_sqlite_store_of_a_newer_format_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("found", "says"),
+    [
+        (NEWER, f"storage format {NEWER}, written by a newer release"),
+        # No release converts an older format (format 1 is the first): a marker below the
+        # current format is one no release wrote (0 means no marker, so this one is below it).
+        (OLDER, f"storage format {OLDER}, older than storage format {STORAGE_FORMAT}"),
+    ],
+)
+def test_a_sqlite_store_of_another_format_is_refused_and_left_as_it_is(
+    tmp_path: Path, found: int, says: str
+) -> None:
     path = tmp_path / SQLITE_FILE_NAME
-    write_database(path, NEWER, {"theirs": b"newer layout"})
+    write_database(path, found, {"theirs": b"another layout"})
     before = path.read_bytes()
 
     with pytest.raises(StorageFormatError) as refused:
         SqliteEngine(path)
     message = str(refused.value)
     assert str(path) in message
-    assert f"storage format {NEWER}" in message and f"storage format {STORAGE_FORMAT}" in message
-    assert "Run the release that wrote it" in message and "restore the backup" in message
+    assert says in message and f"storage format {STORAGE_FORMAT}" in message
+    assert "Run the release that wrote it" in message or "Run a release that reads" in message
+    assert "restore the backup" in message
 
     assert path.read_bytes() == before
     assert not path.with_name(path.name + "-wal").exists()
-    assert user_version(path) == NEWER
-    assert stored_rows(path) == {"theirs": b"newer layout"}
+    assert user_version(path) == found
+    assert stored_rows(path) == {"theirs": b"another layout"}
 
 
 def test_cbgrpc_kvs_refuses_a_sqlite_store_of_a_newer_format(tmp_path: Path) -> None:
@@ -199,27 +213,37 @@ async def test_a_valkey_store_from_before_the_marker_is_adopted(valkey: ValkeyCl
     assert valkey_get(valkey, FORMAT_KEY) == str(STORAGE_FORMAT)
 
 
-async def test_a_valkey_store_of_a_newer_format_is_refused_and_left_as_it_is(
-    valkey: ValkeyCluster,
+@pytest.mark.parametrize(
+    ("found", "says"),
+    [
+        (NEWER, f"storage format {NEWER}, written by a newer release"),
+        # A cluster without a marker is format 1 and gets it; any older marker is refused.
+        (0, f"storage format 0, older than storage format {STORAGE_FORMAT}"),
+        (OLDER, f"storage format {OLDER}, older than storage format {STORAGE_FORMAT}"),
+    ],
+)
+async def test_a_valkey_store_of_another_format_is_refused_and_left_as_it_is(
+    valkey: ValkeyCluster, found: int, says: str
 ) -> None:
     async with ValkeyStore(valkey.url, operation_timeout=5.0) as store:
-        await store.put(USER, "theirs", lww(b"newer layout"))
-    valkey_set(valkey, FORMAT_KEY, str(NEWER))
+        await store.put(USER, "theirs", lww(b"another layout"))
+    valkey_set(valkey, FORMAT_KEY, str(found))
     refused_store = ValkeyStore(valkey.url, operation_timeout=5.0)
     with pytest.raises(StorageFormatError) as refused:
         await refused_store.start()
     await refused_store.close()
     message = str(refused.value)
     assert valkey.url in message and FORMAT_KEY in message
-    assert f"storage format {NEWER}" in message and f"storage format {STORAGE_FORMAT}" in message
-    assert "Run the release that wrote it" in message and "restore the backup" in message
+    assert says in message and f"storage format {STORAGE_FORMAT}" in message
+    assert "Run the release that wrote it" in message or "Run a release that reads" in message
+    assert "restore the backup" in message
 
-    assert valkey_get(valkey, FORMAT_KEY) == str(NEWER)
+    assert valkey_get(valkey, FORMAT_KEY) == str(found)
     # The data is as it was for the release that reads it (here: this one, marker put back).
     valkey_set(valkey, FORMAT_KEY, str(STORAGE_FORMAT))
     async with ValkeyStore(valkey.url, operation_timeout=5.0) as store:
-        found = await store.read(USER, "theirs")
-    assert found is not None and found.lww.value.data == b"newer layout"
+        read = await store.read(USER, "theirs")
+    assert read is not None and read.lww.value.data == b"another layout"
 
 
 async def test_a_valkey_marker_that_is_no_number_is_refused(valkey: ValkeyCluster) -> None:
