@@ -14,7 +14,6 @@ process; the stuck caller speaks the wire itself and reads only its call stream.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import secrets
 import signal
@@ -41,7 +40,7 @@ from cloudburst_executors import servicer
 from cloudburst_executors.servicer import ExecutorServicer
 from cloudburst_kvs.store import LatticeStore
 from faults import register_workload, wait_started
-from harness import CbgrpcProcess, Cluster
+from harness import CbgrpcProcess, Cluster, wait_deleted
 
 DEADLINE = 60.0
 #: Results this large fill a stream's flow-control window after a few of them.
@@ -233,26 +232,6 @@ def stored_everywhere(cluster: Cluster, keys: list[str]) -> None:
     cluster.loop.run(wait())
 
 
-def deleted_everywhere(cluster: Cluster, keys: list[str]) -> None:
-    """Wait until every key is gone from the KVS."""
-    store = cluster.kvs.store
-    assert isinstance(store, LatticeStore)
-
-    async def wait() -> None:
-        async with store.watch(USER, keys=set(keys)) as changes:
-            left = {key for key in keys if store.get(USER, key) is not None}
-            if not left:
-                return
-            async with asyncio.timeout(DEADLINE):
-                async for change in changes:
-                    if change.deleted:
-                        left.discard(change.key)
-                    if not left:
-                        return
-
-    cluster.loop.run(wait())
-
-
 def probe_until_relayed(stuck: StuckCaller, calls: int, limit: int = MAX_PROBES) -> int:
     """Make small calls after the first ``calls`` until one is answered through the scheduler
     (an answer stream took none for a while), at most ``limit``; returns the calls made in all.
@@ -276,7 +255,7 @@ def test_a_caller_that_stops_reading_its_answers_holds_up_nothing(
     keys = list(stuck.keys.values())
     stored_everywhere(cluster, keys)
     stuck.release(keys)
-    deleted_everywhere(cluster, keys)
+    wait_deleted(cluster.kvs, cluster.loop, keys, DEADLINE)
 
     # Other callers are answered as ever, on their own answer streams.
     with CloudburstConnection(cluster.address, timeout=DEADLINE) as other:

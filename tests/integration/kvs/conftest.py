@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from cloudburst_grpc.config import ConsulConfig
+from cloudburst_grpc.discovery.consul import ConsulClient
 from cloudburst_grpc.local import Node, start_kvs_node
 from harness import make_config
 
@@ -19,3 +21,13 @@ async def kvs_nodes() -> AsyncIterator[list[Node]]:
     finally:
         for node in nodes:
             await node.stop(0)
+
+
+@pytest.fixture
+async def consul() -> AsyncIterator[ConsulClient]:
+    """A Consul client that is never asked: the tests set a watch's instances themselves."""
+    client = ConsulClient(ConsulConfig())
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -8,13 +8,10 @@ channel closes within the test's deadline instead of after half an hour.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
-import pytest
 
 from cloudburst.serialization import LwwClock, lww, serialize
-from cloudburst_grpc.config import ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient, Instance, ServiceWatch
 from cloudburst_grpc.local import Node
 from cloudburst_kvs.access import EndpointKvs, KvsEndpoint
@@ -25,15 +22,6 @@ DEADLINE = 30.0
 IDLE_SECONDS = 1.0
 CONFIG = make_config()
 CLOCK = LwwClock()
-
-
-@pytest.fixture
-async def consul() -> AsyncIterator[ConsulClient]:
-    client = ConsulClient(ConsulConfig())  # never asked: the tests set the instances
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def test_a_replaced_channel_closes_once_its_calls_have_ended(

@@ -7,7 +7,6 @@ meta names the wire protocol version each speaks (as ``cbgrpc kvs`` registers it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,7 +14,6 @@ from cloudburst.errors import ProtocolMismatchError
 from cloudburst.protocol import ADVICE, META_KEY, protocol_version
 from cloudburst.serialization import LwwClock, lww, serialize
 from cloudburst.v1 import lattice_pb2
-from cloudburst_grpc.config import ConsulConfig
 from cloudburst_grpc.discovery.consul import ConsulClient, Instance, ServiceWatch
 from cloudburst_grpc.local import Node
 from cloudburst_kvs.access import EndpointKvs, KvsEndpoint
@@ -27,15 +25,6 @@ CLOCK = LwwClock()
 OURS = str(protocol_version())
 OTHER = str(protocol_version() + 1)
 USER = lattice_pb2.KEYSPACE_USER
-
-
-@pytest.fixture
-async def consul() -> AsyncIterator[ConsulClient]:
-    client = ConsulClient(ConsulConfig())  # never asked: the tests set the instances
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def test_the_endpoint_uses_only_instances_of_its_release(
