@@ -162,10 +162,12 @@ class Node:
             await self.registration.stop()
         if self.executors:
             await asyncio.gather(*(e.drain(limit) for e in self.executors))
-            self.abandoned = self.running_calls()
         stalled = False
         if self.end_streams is not None:
+            # Calls that came on streams (most of them) are waited for here.
             stalled = await self.end_streams(deadline - asyncio.get_running_loop().time())
+        if self.executors:
+            self.abandoned = self.running_calls()
         if self.supervisor is not None:
             # Each child drains its own calls for the grace period (naming those it abandons).
             await self.supervisor.stop(limit)
