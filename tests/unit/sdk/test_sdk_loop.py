@@ -410,6 +410,9 @@ def test_ctrl_c_while_the_main_thread_waits(choice: str) -> None:
         import asyncio, signal, sys, threading
         from cloudburst._loop import new_driver
 
+        # As in an interactive process, whatever this one inherited: a shell that starts
+        # jobs in the background without job control has them ignore SIGINT.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         driver = new_driver()
         print(type(driver).__name__, flush=True)
         cancelled = threading.Event()
