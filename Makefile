@@ -36,9 +36,23 @@ $(TS_DEPS): sdk/typescript/package.json sdk/typescript/package-lock.json
 serve: setup
 	$(VENV)/bin/cbgrpc serve $(ARGS)
 
-# Lint the contract, check the generated code is current, lint and type-check, then test.
-test: check consul valkey clients
+# Lint the contract, check the generated code is current, lint and type-check, build the clients
+# and the tools the tests run, then test. Valkey comes first (apt-get, which cloud-init's install
+# may also run). Then the rest runs side by side (make -j): on a fresh machine building the tools
+# takes most of the time, and each build is independent of the others and of the checks, which
+# stay in their order (they regenerate code the others read). --output-sync prints each job's
+# output as one block when it ends; a failed job fails `make test` before the suite starts.
+PREPARE_JOBS ?= 6
+test: valkey
+	@$(MAKE) --no-print-directory -j$(PREPARE_JOBS) --output-sync=target test-prerequisites
 	$(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: test-prerequisites checks-and-clients
+test-prerequisites: checks-and-clients consul terraform-tools
+
+# These run one after the other: a make of its own, given this make's flags but not its jobs.
+checks-and-clients:
+	+@MAKEFLAGS="$(filter-out -j% --jobserver%,$(MAKEFLAGS))" $(MAKE) --no-print-directory check clients
 
 # A real Consul for the cluster tests, built from the Go module proxy and cached outside the
 # repository by version (a cold build takes a few minutes; later runs reuse it).
@@ -120,12 +134,15 @@ bench: setup
 # deploy/terraform's checks (tests/deploy): OpenTofu, tflint and its AWS ruleset from the Go
 # module proxy, checkov from PyPI, and cloud-init's schema from Debian's package (unpacked,
 # not installed), each cached outside the repository by version: only a fresh machine pays.
-.PHONY: terraform-tools terraform-e2e
-test: terraform-tools
-terraform-tools:
+.PHONY: terraform-tools terraform-e2e tofu tflint checkov cloud-init
+terraform-tools: tofu tflint checkov cloud-init
+tofu:
 	bash tools/tofu/build.sh >/dev/null
+tflint:
 	bash tools/tflint/build.sh >/dev/null
+checkov:
 	bash tools/checkov/install.sh >/dev/null
+cloud-init:
 	bash tools/cloud-init/install.sh >/dev/null
 
 # Optional, never in CI (deploy/terraform/README.md): builds the AWS provider from the Go
