@@ -46,7 +46,11 @@ trap 'rm -rf -- "$tmp_dir"' EXIT
 
 log "building Consul $version into $dest_dir (a cold build can take 10-25 minutes)"
 start=$SECONDS
-CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' \
+# -s -w: no symbol table and no debug information (DWARF) in the binary. The compiler still
+# writes DWARF for every package unless told not to, and the linker then drops it:
+# -gcflags=all=-dwarf=false skips that work (a cold build compiles hundreds of packages);
+# the code is compiled and optimised exactly as without it.
+CGO_ENABLED=0 go build -trimpath -gcflags=all=-dwarf=false -ldflags '-s -w' \
     -o "$tmp_dir/consul" github.com/hashicorp/consul >&2
 "$tmp_dir/consul" version >/dev/null 2>&1 || die "built binary does not run"
 mv -f -- "$tmp_dir/consul" "$dest"
