@@ -59,12 +59,12 @@ def check_format(where: str, found: int) -> None:
         StorageFormatError: ``found`` is not :data:`STORAGE_FORMAT`.
     """
     if found > STORAGE_FORMAT:
-        raise StorageFormatError(newer_format_message(where, found))
+        raise StorageFormatError(_newer_format_message(where, found))
     if found < STORAGE_FORMAT:
-        raise StorageFormatError(older_format_message(where, found))
+        raise StorageFormatError(_older_format_message(where, found))
 
 
-def newer_format_message(where: str, found: int) -> str:
+def _newer_format_message(where: str, found: int) -> str:
     """What to tell an operator whose store (``where``) holds data of storage format ``found``."""
     return (
         f"{where} holds data of storage format {found}, written by a newer release of "
@@ -75,7 +75,7 @@ def newer_format_message(where: str, found: int) -> str:
     )
 
 
-def older_format_message(where: str, found: int) -> str:
+def _older_format_message(where: str, found: int) -> str:
     """What to tell an operator whose store (``where``) holds an older storage format ``found``."""
     return (
         f"{where} holds data of storage format {found}, older than storage format "
@@ -321,7 +321,5 @@ __all__ = [
     "StorageError",
     "StorageFormatError",
     "check_format",
-    "newer_format_message",
-    "older_format_message",
     "open_engine",
 ]

@@ -208,7 +208,7 @@ class ValkeyStore:
 
         Raises:
             UnavailableError: No seed node answers, or the cluster is not usable.
-            StorageFormatError: The cluster holds data of a newer storage format.
+            StorageFormatError: The cluster holds data of another storage format.
         """
         async with self._start_lock:
             if self._closing:
