@@ -271,7 +271,8 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
         f"clusters' KVS storage: {meta.get('storage', 'memory')}, "
         f"{meta.get('seconds', 0):.0f} s. Machine: {meta.get('cpus')} CPUs "
         f"({meta.get('cpu_model')}), {meta.get('memory_gib', '?')} GiB, "
-        f"{meta.get('platform')}; Python {meta.get('python')}, grpcio {meta.get('grpcio')}, "
+        f"{meta.get('platform')}; Python {meta.get('python')}, grpcio {meta.get('grpcio')} "
+        f"({meta.get('grpc_io', 'I/O layer not recorded')}), "
         f"protobuf {meta.get('protobuf')}, Ray "
         + (ray.get("version", "?") if ray.get("available") else "not available")
         + ". Load average (1/5/15 min) at start "

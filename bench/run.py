@@ -1014,12 +1014,15 @@ def machine_info() -> dict[str, Any]:
     import google.protobuf
     import grpc
 
+    from cloudburst import grpc_io
+
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "grpcio": grpc.__version__,
+        "grpc_io": grpc_io.CHOICE,
         "protobuf": google.protobuf.__version__,
         "platform": platform.platform(),
         "load_average_at_start": list(os.getloadavg()),

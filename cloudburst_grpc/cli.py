@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cloudburst import malloc
+from cloudburst import grpc_io, malloc
 from cloudburst.errors import CloudburstError
 from cloudburst.transport import DEFAULT_PORT
 from cloudburst_grpc import affinity, telemetry
@@ -697,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"cbgrpc: configuration error: server.cpus: {exc}\n")
     # Large values reuse memory instead of faulting in fresh pages (see malloc.py).
     malloc.tune()
+    logger.info("gRPC I/O: %s", grpc_io.CHOICE)  # chosen as cloudburst was imported
     # An executor process of `cbgrpc serve` with TLS: its certificates come from its parent.
     certificates = None
     if args.command == "executor":

@@ -7,6 +7,8 @@
 2
 """
 
+# First: it chooses gRPC's I/O layer, which gRPC reads once, as it is imported.
+from cloudburst import grpc_io  # noqa: F401
 from cloudburst.connection import CloudburstConnection
 from cloudburst.errors import (
     CloudburstError,
