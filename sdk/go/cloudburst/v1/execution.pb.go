@@ -165,8 +165,11 @@ type DagSchedule struct {
 	AnswerStreamId string `protobuf:"bytes,14,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
 	// The StreamCalls sequence of the call, which the answer on the answer stream carries.
 	AnswerSequence uint64 `protobuf:"varint,15,opt,name=answer_sequence,json=answerSequence,proto3" json:"answer_sequence,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Whether the caller may release the result: the sink may hold its store, as for
+	// ExecuteFunctionRequest.hold_store.
+	HoldStore     bool `protobuf:"varint,16,opt,name=hold_store,json=holdStore,proto3" json:"hold_store,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DagSchedule) Reset() {
@@ -304,6 +307,13 @@ func (x *DagSchedule) GetAnswerSequence() uint64 {
 	return 0
 }
 
+func (x *DagSchedule) GetHoldStore() bool {
+	if x != nil {
+		return x.HoldStore
+	}
+	return false
+}
+
 // Trigger starts or feeds one stage of a DAG call.
 type Trigger struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -407,7 +417,7 @@ const file_cloudburst_v1_execution_proto_rawDesc = "" +
 	"\x05value\x18\x01 \x01(\v2\x14.cloudburst.v1.ValueH\x00R\x05value\x122\n" +
 	"\afailure\x18\x02 \x01(\v2\x16.cloudburst.v1.FailureH\x00R\afailure\x120\n" +
 	"\x05error\x18\x03 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05errorB\b\n" +
-	"\x06result\"\x90\t\n" +
+	"\x06result\"\xaf\t\n" +
 	"\vDagSchedule\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12$\n" +
 	"\x03dag\x18\x02 \x01(\v2\x12.cloudburst.v1.DagR\x03dag\x12J\n" +
@@ -427,7 +437,9 @@ const file_cloudburst_v1_execution_proto_rawDesc = "" +
 	"\x12accept_serializers\x18\f \x03(\x0e2\x19.cloudburst.v1.SerializerR\x11acceptSerializers\x12&\n" +
 	"\x0freply_stream_id\x18\r \x01(\x04R\rreplyStreamId\x12(\n" +
 	"\x10answer_stream_id\x18\x0e \x01(\tR\x0eanswerStreamId\x12'\n" +
-	"\x0fanswer_sequence\x18\x0f \x01(\x04R\x0eanswerSequence\x1a=\n" +
+	"\x0fanswer_sequence\x18\x0f \x01(\x04R\x0eanswerSequence\x12\x1d\n" +
+	"\n" +
+	"hold_store\x18\x10 \x01(\bR\tholdStore\x1a=\n" +
 	"\x0fPlacementsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aD\n" +

@@ -49,8 +49,12 @@ type ExecuteFunctionRequest struct {
 	AnswerStreamId string `protobuf:"bytes,10,opt,name=answer_stream_id,json=answerStreamId,proto3" json:"answer_stream_id,omitempty"`
 	// The StreamCalls sequence of the call, which the answer on the answer stream carries.
 	AnswerSequence uint64 `protobuf:"varint,11,opt,name=answer_sequence,json=answerSequence,proto3" json:"answer_sequence,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Whether the caller may release the result (with direct_response and response_key): the
+	// executor may then wait a moment before storing it, and drops the store if an EndHold frame
+	// says the result was released meanwhile (docs/protocol.md, "Held stores").
+	HoldStore     bool `protobuf:"varint,12,opt,name=hold_store,json=holdStore,proto3" json:"hold_store,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecuteFunctionRequest) Reset() {
@@ -160,6 +164,13 @@ func (x *ExecuteFunctionRequest) GetAnswerSequence() uint64 {
 	return 0
 }
 
+func (x *ExecuteFunctionRequest) GetHoldStore() bool {
+	if x != nil {
+		return x.HoldStore
+	}
+	return false
+}
+
 // ExecuteFunctionResponse carries the outcome of a direct call.
 type ExecuteFunctionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -227,6 +238,7 @@ type StreamTriggersRequest struct {
 	//	*StreamTriggersRequest_Hello
 	//	*StreamTriggersRequest_Trigger
 	//	*StreamTriggersRequest_ExecuteFunction
+	//	*StreamTriggersRequest_EndHold
 	Frame isStreamTriggersRequest_Frame `protobuf_oneof:"frame"`
 	// Several frames in one message, to be read as if sent one by one in this order; a frame that
 	// carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
@@ -307,6 +319,15 @@ func (x *StreamTriggersRequest) GetExecuteFunction() *ExecuteFunctionRequest {
 	return nil
 }
 
+func (x *StreamTriggersRequest) GetEndHold() *EndHold {
+	if x != nil {
+		if x, ok := x.Frame.(*StreamTriggersRequest_EndHold); ok {
+			return x.EndHold
+		}
+	}
+	return nil
+}
+
 func (x *StreamTriggersRequest) GetBatch() []*StreamTriggersRequest {
 	if x != nil {
 		return x.Batch
@@ -333,11 +354,18 @@ type StreamTriggersRequest_ExecuteFunction struct {
 	ExecuteFunction *ExecuteFunctionRequest `protobuf:"bytes,6,opt,name=execute_function,json=executeFunction,proto3,oneof"`
 }
 
+type StreamTriggersRequest_EndHold struct {
+	// Ends the hold of results answered earlier on this executor and not stored yet.
+	EndHold *EndHold `protobuf:"bytes,8,opt,name=end_hold,json=endHold,proto3,oneof"`
+}
+
 func (*StreamTriggersRequest_Hello) isStreamTriggersRequest_Frame() {}
 
 func (*StreamTriggersRequest_Trigger) isStreamTriggersRequest_Frame() {}
 
 func (*StreamTriggersRequest_ExecuteFunction) isStreamTriggersRequest_Frame() {}
+
+func (*StreamTriggersRequest_EndHold) isStreamTriggersRequest_Frame() {}
 
 // StreamTriggersResponse is one frame from an executor back to the stream's opener.
 type StreamTriggersResponse struct {
@@ -495,7 +523,9 @@ func (*StreamTriggersResponse_ResultStored) isStreamTriggersResponse_Frame() {}
 type ResultStored struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The response key of the call.
-	ResponseKey   string `protobuf:"bytes,1,opt,name=response_key,json=responseKey,proto3" json:"response_key,omitempty"`
+	ResponseKey string `protobuf:"bytes,1,opt,name=response_key,json=responseKey,proto3" json:"response_key,omitempty"`
+	// Whether the result was never stored: an EndHold frame dropped it (its caller released it).
+	Dropped       bool `protobuf:"varint,2,opt,name=dropped,proto3" json:"dropped,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -537,6 +567,68 @@ func (x *ResultStored) GetResponseKey() string {
 	return ""
 }
 
+func (x *ResultStored) GetDropped() bool {
+	if x != nil {
+		return x.Dropped
+	}
+	return false
+}
+
+// EndHold ends the hold of results an executor answered and has not stored yet (hold_store).
+type EndHold struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Response keys whose results their callers released: they are not stored.
+	DropKeys []string `protobuf:"bytes,1,rep,name=drop_keys,json=dropKeys,proto3" json:"drop_keys,omitempty"`
+	// Response keys whose results are wanted now (a call refers to them): they are stored at once.
+	StoreKeys     []string `protobuf:"bytes,2,rep,name=store_keys,json=storeKeys,proto3" json:"store_keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndHold) Reset() {
+	*x = EndHold{}
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndHold) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndHold) ProtoMessage() {}
+
+func (x *EndHold) ProtoReflect() protoreflect.Message {
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndHold.ProtoReflect.Descriptor instead.
+func (*EndHold) Descriptor() ([]byte, []int) {
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *EndHold) GetDropKeys() []string {
+	if x != nil {
+		return x.DropKeys
+	}
+	return nil
+}
+
+func (x *EndHold) GetStoreKeys() []string {
+	if x != nil {
+		return x.StoreKeys
+	}
+	return nil
+}
+
 // TriggerHello identifies the opener of a trigger stream.
 type TriggerHello struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -553,7 +645,7 @@ type TriggerHello struct {
 
 func (x *TriggerHello) Reset() {
 	*x = TriggerHello{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -565,7 +657,7 @@ func (x *TriggerHello) String() string {
 func (*TriggerHello) ProtoMessage() {}
 
 func (x *TriggerHello) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[5]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -578,7 +670,7 @@ func (x *TriggerHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TriggerHello.ProtoReflect.Descriptor instead.
 func (*TriggerHello) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{5}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *TriggerHello) GetPeerId() string {
@@ -617,7 +709,7 @@ type DagResult struct {
 
 func (x *DagResult) Reset() {
 	*x = DagResult{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -629,7 +721,7 @@ func (x *DagResult) String() string {
 func (*DagResult) ProtoMessage() {}
 
 func (x *DagResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[6]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -642,7 +734,7 @@ func (x *DagResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DagResult.ProtoReflect.Descriptor instead.
 func (*DagResult) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{6}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DagResult) GetCallId() string {
@@ -679,7 +771,7 @@ type PinFunctionRequest struct {
 
 func (x *PinFunctionRequest) Reset() {
 	*x = PinFunctionRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +783,7 @@ func (x *PinFunctionRequest) String() string {
 func (*PinFunctionRequest) ProtoMessage() {}
 
 func (x *PinFunctionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[7]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +796,7 @@ func (x *PinFunctionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinFunctionRequest.ProtoReflect.Descriptor instead.
 func (*PinFunctionRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{7}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PinFunctionRequest) GetFunctionName() string {
@@ -730,7 +822,7 @@ type PinFunctionResponse struct {
 
 func (x *PinFunctionResponse) Reset() {
 	*x = PinFunctionResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +834,7 @@ func (x *PinFunctionResponse) String() string {
 func (*PinFunctionResponse) ProtoMessage() {}
 
 func (x *PinFunctionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[8]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +847,7 @@ func (x *PinFunctionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinFunctionResponse.ProtoReflect.Descriptor instead.
 func (*PinFunctionResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{8}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{9}
 }
 
 // UnpinFunctionRequest names the function to unpin.
@@ -769,7 +861,7 @@ type UnpinFunctionRequest struct {
 
 func (x *UnpinFunctionRequest) Reset() {
 	*x = UnpinFunctionRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -781,7 +873,7 @@ func (x *UnpinFunctionRequest) String() string {
 func (*UnpinFunctionRequest) ProtoMessage() {}
 
 func (x *UnpinFunctionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[9]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -794,7 +886,7 @@ func (x *UnpinFunctionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinFunctionRequest.ProtoReflect.Descriptor instead.
 func (*UnpinFunctionRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{9}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UnpinFunctionRequest) GetFunctionName() string {
@@ -813,7 +905,7 @@ type UnpinFunctionResponse struct {
 
 func (x *UnpinFunctionResponse) Reset() {
 	*x = UnpinFunctionResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -825,7 +917,7 @@ func (x *UnpinFunctionResponse) String() string {
 func (*UnpinFunctionResponse) ProtoMessage() {}
 
 func (x *UnpinFunctionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[10]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -838,7 +930,7 @@ func (x *UnpinFunctionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinFunctionResponse.ProtoReflect.Descriptor instead.
 func (*UnpinFunctionResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{10}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{11}
 }
 
 // GetExecutorStatusRequest asks for an executor's status.
@@ -850,7 +942,7 @@ type GetExecutorStatusRequest struct {
 
 func (x *GetExecutorStatusRequest) Reset() {
 	*x = GetExecutorStatusRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +954,7 @@ func (x *GetExecutorStatusRequest) String() string {
 func (*GetExecutorStatusRequest) ProtoMessage() {}
 
 func (x *GetExecutorStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[11]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +967,7 @@ func (x *GetExecutorStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExecutorStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetExecutorStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{11}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{12}
 }
 
 // GetExecutorStatusResponse reports an executor's status.
@@ -903,7 +995,7 @@ type GetExecutorStatusResponse struct {
 
 func (x *GetExecutorStatusResponse) Reset() {
 	*x = GetExecutorStatusResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -915,7 +1007,7 @@ func (x *GetExecutorStatusResponse) String() string {
 func (*GetExecutorStatusResponse) ProtoMessage() {}
 
 func (x *GetExecutorStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[12]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -928,7 +1020,7 @@ func (x *GetExecutorStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExecutorStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetExecutorStatusResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{12}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetExecutorStatusResponse) GetExecutorId() string {
@@ -999,7 +1091,7 @@ type StreamAnswersRequest struct {
 
 func (x *StreamAnswersRequest) Reset() {
 	*x = StreamAnswersRequest{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1011,7 +1103,7 @@ func (x *StreamAnswersRequest) String() string {
 func (*StreamAnswersRequest) ProtoMessage() {}
 
 func (x *StreamAnswersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[13]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1024,7 +1116,7 @@ func (x *StreamAnswersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAnswersRequest.ProtoReflect.Descriptor instead.
 func (*StreamAnswersRequest) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{13}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StreamAnswersRequest) GetAnswerStreamId() string {
@@ -1048,7 +1140,7 @@ type StreamAnswersResponse struct {
 
 func (x *StreamAnswersResponse) Reset() {
 	*x = StreamAnswersResponse{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1060,7 +1152,7 @@ func (x *StreamAnswersResponse) String() string {
 func (*StreamAnswersResponse) ProtoMessage() {}
 
 func (x *StreamAnswersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[14]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1073,7 +1165,7 @@ func (x *StreamAnswersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAnswersResponse.ProtoReflect.Descriptor instead.
 func (*StreamAnswersResponse) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{14}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StreamAnswersResponse) GetRegistered() bool {
@@ -1105,7 +1197,7 @@ type CacheReport struct {
 
 func (x *CacheReport) Reset() {
 	*x = CacheReport{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1117,7 +1209,7 @@ func (x *CacheReport) String() string {
 func (*CacheReport) ProtoMessage() {}
 
 func (x *CacheReport) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[15]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1130,7 +1222,7 @@ func (x *CacheReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheReport.ProtoReflect.Descriptor instead.
 func (*CacheReport) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{15}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CacheReport) GetFull() bool {
@@ -1171,7 +1263,7 @@ type TriggerStreamStatus struct {
 
 func (x *TriggerStreamStatus) Reset() {
 	*x = TriggerStreamStatus{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1183,7 +1275,7 @@ func (x *TriggerStreamStatus) String() string {
 func (*TriggerStreamStatus) ProtoMessage() {}
 
 func (x *TriggerStreamStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[16]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1196,7 +1288,7 @@ func (x *TriggerStreamStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TriggerStreamStatus.ProtoReflect.Descriptor instead.
 func (*TriggerStreamStatus) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{16}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *TriggerStreamStatus) GetPeerId() string {
@@ -1248,7 +1340,7 @@ type CacheStats struct {
 
 func (x *CacheStats) Reset() {
 	*x = CacheStats{}
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[17]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1260,7 +1352,7 @@ func (x *CacheStats) String() string {
 func (*CacheStats) ProtoMessage() {}
 
 func (x *CacheStats) ProtoReflect() protoreflect.Message {
-	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[17]
+	mi := &file_cloudburst_v1_executor_service_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1273,7 +1365,7 @@ func (x *CacheStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheStats.ProtoReflect.Descriptor instead.
 func (*CacheStats) Descriptor() ([]byte, []int) {
-	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{17}
+	return file_cloudburst_v1_executor_service_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CacheStats) GetHits() uint64 {
@@ -1322,7 +1414,7 @@ var File_cloudburst_v1_executor_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\n" +
-	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x05\n" +
+	"$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1dcloudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19cloudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x05\n" +
 	"\x16ExecuteFunctionRequest\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12#\n" +
 	"\rfunction_name\x18\x02 \x01(\tR\ffunctionName\x12)\n" +
@@ -1335,18 +1427,21 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\rdeadline_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\fdeadlineTime\x12(\n" +
 	"\x10answer_stream_id\x18\n" +
 	" \x01(\tR\x0eanswerStreamId\x12'\n" +
-	"\x0fanswer_sequence\x18\v \x01(\x04R\x0eanswerSequence\x1a?\n" +
+	"\x0fanswer_sequence\x18\v \x01(\x04R\x0eanswerSequence\x12\x1d\n" +
+	"\n" +
+	"hold_store\x18\f \x01(\bR\tholdStore\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"z\n" +
 	"\x17ExecuteFunctionResponse\x120\n" +
 	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\x12-\n" +
-	"\x12delivered_directly\x18\x02 \x01(\bR\x11deliveredDirectly\"\xdf\x02\n" +
+	"\x12delivered_directly\x18\x02 \x01(\bR\x11deliveredDirectly\"\x94\x03\n" +
 	"\x15StreamTriggersRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
 	"\x05hello\x18\x03 \x01(\v2\x1b.cloudburst.v1.TriggerHelloH\x00R\x05hello\x122\n" +
 	"\atrigger\x18\x04 \x01(\v2\x16.cloudburst.v1.TriggerH\x00R\atrigger\x12R\n" +
-	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunction\x12:\n" +
+	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunction\x123\n" +
+	"\bend_hold\x18\b \x01(\v2\x16.cloudburst.v1.EndHoldH\x00R\aendHold\x12:\n" +
 	"\x05batch\x18\a \x03(\v2$.cloudburst.v1.StreamTriggersRequestR\x05batchB\a\n" +
 	"\x05frameJ\x04\b\x02\x10\x03J\x04\b\x05\x10\x06R\rtrace_contextR\rexpect_result\"\xb4\x03\n" +
 	"\x16StreamTriggersResponse\x12\x1a\n" +
@@ -1358,9 +1453,14 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\rresult_stored\x18\x05 \x01(\v2\x1b.cloudburst.v1.ResultStoredH\x00R\fresultStored\x12;\n" +
 	"\x05batch\x18\x06 \x03(\v2%.cloudburst.v1.StreamTriggersResponseR\x05batch\x12#\n" +
 	"\rreads_batches\x18\a \x01(\bR\freadsBatchesB\a\n" +
-	"\x05frame\"1\n" +
+	"\x05frame\"K\n" +
 	"\fResultStored\x12!\n" +
-	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\"i\n" +
+	"\fresponse_key\x18\x01 \x01(\tR\vresponseKey\x12\x18\n" +
+	"\adropped\x18\x02 \x01(\bR\adropped\"E\n" +
+	"\aEndHold\x12\x1b\n" +
+	"\tdrop_keys\x18\x01 \x03(\tR\bdropKeys\x12\x1d\n" +
+	"\n" +
+	"store_keys\x18\x02 \x03(\tR\tstoreKeys\"i\n" +
 	"\fTriggerHello\x12\x17\n" +
 	"\apeer_id\x18\x01 \x01(\tR\x06peerId\x12#\n" +
 	"\rreads_batches\x18\x02 \x01(\bR\freadsBatches\x12\x1b\n" +
@@ -1435,70 +1535,72 @@ func file_cloudburst_v1_executor_service_proto_rawDescGZIP() []byte {
 	return file_cloudburst_v1_executor_service_proto_rawDescData
 }
 
-var file_cloudburst_v1_executor_service_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_cloudburst_v1_executor_service_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_cloudburst_v1_executor_service_proto_goTypes = []any{
 	(*ExecuteFunctionRequest)(nil),    // 0: cloudburst.v1.ExecuteFunctionRequest
 	(*ExecuteFunctionResponse)(nil),   // 1: cloudburst.v1.ExecuteFunctionResponse
 	(*StreamTriggersRequest)(nil),     // 2: cloudburst.v1.StreamTriggersRequest
 	(*StreamTriggersResponse)(nil),    // 3: cloudburst.v1.StreamTriggersResponse
 	(*ResultStored)(nil),              // 4: cloudburst.v1.ResultStored
-	(*TriggerHello)(nil),              // 5: cloudburst.v1.TriggerHello
-	(*DagResult)(nil),                 // 6: cloudburst.v1.DagResult
-	(*PinFunctionRequest)(nil),        // 7: cloudburst.v1.PinFunctionRequest
-	(*PinFunctionResponse)(nil),       // 8: cloudburst.v1.PinFunctionResponse
-	(*UnpinFunctionRequest)(nil),      // 9: cloudburst.v1.UnpinFunctionRequest
-	(*UnpinFunctionResponse)(nil),     // 10: cloudburst.v1.UnpinFunctionResponse
-	(*GetExecutorStatusRequest)(nil),  // 11: cloudburst.v1.GetExecutorStatusRequest
-	(*GetExecutorStatusResponse)(nil), // 12: cloudburst.v1.GetExecutorStatusResponse
-	(*StreamAnswersRequest)(nil),      // 13: cloudburst.v1.StreamAnswersRequest
-	(*StreamAnswersResponse)(nil),     // 14: cloudburst.v1.StreamAnswersResponse
-	(*CacheReport)(nil),               // 15: cloudburst.v1.CacheReport
-	(*TriggerStreamStatus)(nil),       // 16: cloudburst.v1.TriggerStreamStatus
-	(*CacheStats)(nil),                // 17: cloudburst.v1.CacheStats
-	nil,                               // 18: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
-	(*Argument)(nil),                  // 19: cloudburst.v1.Argument
-	(Serializer)(0),                   // 20: cloudburst.v1.Serializer
-	(*timestamppb.Timestamp)(nil),     // 21: google.protobuf.Timestamp
-	(*Outcome)(nil),                   // 22: cloudburst.v1.Outcome
-	(*Trigger)(nil),                   // 23: cloudburst.v1.Trigger
-	(*StreamCallsResponse)(nil),       // 24: cloudburst.v1.StreamCallsResponse
+	(*EndHold)(nil),                   // 5: cloudburst.v1.EndHold
+	(*TriggerHello)(nil),              // 6: cloudburst.v1.TriggerHello
+	(*DagResult)(nil),                 // 7: cloudburst.v1.DagResult
+	(*PinFunctionRequest)(nil),        // 8: cloudburst.v1.PinFunctionRequest
+	(*PinFunctionResponse)(nil),       // 9: cloudburst.v1.PinFunctionResponse
+	(*UnpinFunctionRequest)(nil),      // 10: cloudburst.v1.UnpinFunctionRequest
+	(*UnpinFunctionResponse)(nil),     // 11: cloudburst.v1.UnpinFunctionResponse
+	(*GetExecutorStatusRequest)(nil),  // 12: cloudburst.v1.GetExecutorStatusRequest
+	(*GetExecutorStatusResponse)(nil), // 13: cloudburst.v1.GetExecutorStatusResponse
+	(*StreamAnswersRequest)(nil),      // 14: cloudburst.v1.StreamAnswersRequest
+	(*StreamAnswersResponse)(nil),     // 15: cloudburst.v1.StreamAnswersResponse
+	(*CacheReport)(nil),               // 16: cloudburst.v1.CacheReport
+	(*TriggerStreamStatus)(nil),       // 17: cloudburst.v1.TriggerStreamStatus
+	(*CacheStats)(nil),                // 18: cloudburst.v1.CacheStats
+	nil,                               // 19: cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
+	(*Argument)(nil),                  // 20: cloudburst.v1.Argument
+	(Serializer)(0),                   // 21: cloudburst.v1.Serializer
+	(*timestamppb.Timestamp)(nil),     // 22: google.protobuf.Timestamp
+	(*Outcome)(nil),                   // 23: cloudburst.v1.Outcome
+	(*Trigger)(nil),                   // 24: cloudburst.v1.Trigger
+	(*StreamCallsResponse)(nil),       // 25: cloudburst.v1.StreamCallsResponse
 }
 var file_cloudburst_v1_executor_service_proto_depIdxs = []int32{
-	19, // 0: cloudburst.v1.ExecuteFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
-	18, // 1: cloudburst.v1.ExecuteFunctionRequest.trace_context:type_name -> cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
-	20, // 2: cloudburst.v1.ExecuteFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
-	21, // 3: cloudburst.v1.ExecuteFunctionRequest.deadline_time:type_name -> google.protobuf.Timestamp
-	22, // 4: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
-	5,  // 5: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
-	23, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
+	20, // 0: cloudburst.v1.ExecuteFunctionRequest.arguments:type_name -> cloudburst.v1.Argument
+	19, // 1: cloudburst.v1.ExecuteFunctionRequest.trace_context:type_name -> cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry
+	21, // 2: cloudburst.v1.ExecuteFunctionRequest.accept_serializers:type_name -> cloudburst.v1.Serializer
+	22, // 3: cloudburst.v1.ExecuteFunctionRequest.deadline_time:type_name -> google.protobuf.Timestamp
+	23, // 4: cloudburst.v1.ExecuteFunctionResponse.outcome:type_name -> cloudburst.v1.Outcome
+	6,  // 5: cloudburst.v1.StreamTriggersRequest.hello:type_name -> cloudburst.v1.TriggerHello
+	24, // 6: cloudburst.v1.StreamTriggersRequest.trigger:type_name -> cloudburst.v1.Trigger
 	0,  // 7: cloudburst.v1.StreamTriggersRequest.execute_function:type_name -> cloudburst.v1.ExecuteFunctionRequest
-	2,  // 8: cloudburst.v1.StreamTriggersRequest.batch:type_name -> cloudburst.v1.StreamTriggersRequest
-	6,  // 9: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
-	1,  // 10: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
-	15, // 11: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
-	4,  // 12: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
-	3,  // 13: cloudburst.v1.StreamTriggersResponse.batch:type_name -> cloudburst.v1.StreamTriggersResponse
-	22, // 14: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
-	17, // 15: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
-	16, // 16: cloudburst.v1.GetExecutorStatusResponse.trigger_streams:type_name -> cloudburst.v1.TriggerStreamStatus
-	24, // 17: cloudburst.v1.StreamAnswersResponse.answers:type_name -> cloudburst.v1.StreamCallsResponse
-	0,  // 18: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
-	2,  // 19: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
-	7,  // 20: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
-	9,  // 21: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
-	11, // 22: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
-	13, // 23: cloudburst.v1.ExecutorService.StreamAnswers:input_type -> cloudburst.v1.StreamAnswersRequest
-	1,  // 24: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
-	3,  // 25: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
-	8,  // 26: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
-	10, // 27: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
-	12, // 28: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
-	14, // 29: cloudburst.v1.ExecutorService.StreamAnswers:output_type -> cloudburst.v1.StreamAnswersResponse
-	24, // [24:30] is the sub-list for method output_type
-	18, // [18:24] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	5,  // 8: cloudburst.v1.StreamTriggersRequest.end_hold:type_name -> cloudburst.v1.EndHold
+	2,  // 9: cloudburst.v1.StreamTriggersRequest.batch:type_name -> cloudburst.v1.StreamTriggersRequest
+	7,  // 10: cloudburst.v1.StreamTriggersResponse.dag_result:type_name -> cloudburst.v1.DagResult
+	1,  // 11: cloudburst.v1.StreamTriggersResponse.execute_function:type_name -> cloudburst.v1.ExecuteFunctionResponse
+	16, // 12: cloudburst.v1.StreamTriggersResponse.cache_report:type_name -> cloudburst.v1.CacheReport
+	4,  // 13: cloudburst.v1.StreamTriggersResponse.result_stored:type_name -> cloudburst.v1.ResultStored
+	3,  // 14: cloudburst.v1.StreamTriggersResponse.batch:type_name -> cloudburst.v1.StreamTriggersResponse
+	23, // 15: cloudburst.v1.DagResult.outcome:type_name -> cloudburst.v1.Outcome
+	18, // 16: cloudburst.v1.GetExecutorStatusResponse.cache:type_name -> cloudburst.v1.CacheStats
+	17, // 17: cloudburst.v1.GetExecutorStatusResponse.trigger_streams:type_name -> cloudburst.v1.TriggerStreamStatus
+	25, // 18: cloudburst.v1.StreamAnswersResponse.answers:type_name -> cloudburst.v1.StreamCallsResponse
+	0,  // 19: cloudburst.v1.ExecutorService.ExecuteFunction:input_type -> cloudburst.v1.ExecuteFunctionRequest
+	2,  // 20: cloudburst.v1.ExecutorService.StreamTriggers:input_type -> cloudburst.v1.StreamTriggersRequest
+	8,  // 21: cloudburst.v1.ExecutorService.PinFunction:input_type -> cloudburst.v1.PinFunctionRequest
+	10, // 22: cloudburst.v1.ExecutorService.UnpinFunction:input_type -> cloudburst.v1.UnpinFunctionRequest
+	12, // 23: cloudburst.v1.ExecutorService.GetExecutorStatus:input_type -> cloudburst.v1.GetExecutorStatusRequest
+	14, // 24: cloudburst.v1.ExecutorService.StreamAnswers:input_type -> cloudburst.v1.StreamAnswersRequest
+	1,  // 25: cloudburst.v1.ExecutorService.ExecuteFunction:output_type -> cloudburst.v1.ExecuteFunctionResponse
+	3,  // 26: cloudburst.v1.ExecutorService.StreamTriggers:output_type -> cloudburst.v1.StreamTriggersResponse
+	9,  // 27: cloudburst.v1.ExecutorService.PinFunction:output_type -> cloudburst.v1.PinFunctionResponse
+	11, // 28: cloudburst.v1.ExecutorService.UnpinFunction:output_type -> cloudburst.v1.UnpinFunctionResponse
+	13, // 29: cloudburst.v1.ExecutorService.GetExecutorStatus:output_type -> cloudburst.v1.GetExecutorStatusResponse
+	15, // 30: cloudburst.v1.ExecutorService.StreamAnswers:output_type -> cloudburst.v1.StreamAnswersResponse
+	25, // [25:31] is the sub-list for method output_type
+	19, // [19:25] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_cloudburst_v1_executor_service_proto_init() }
@@ -1513,6 +1615,7 @@ func file_cloudburst_v1_executor_service_proto_init() {
 		(*StreamTriggersRequest_Hello)(nil),
 		(*StreamTriggersRequest_Trigger)(nil),
 		(*StreamTriggersRequest_ExecuteFunction)(nil),
+		(*StreamTriggersRequest_EndHold)(nil),
 	}
 	file_cloudburst_v1_executor_service_proto_msgTypes[3].OneofWrappers = []any{
 		(*StreamTriggersResponse_DagResult)(nil),
@@ -1526,7 +1629,7 @@ func file_cloudburst_v1_executor_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cloudburst_v1_executor_service_proto_rawDesc), len(file_cloudburst_v1_executor_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

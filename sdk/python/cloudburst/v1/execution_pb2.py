@@ -28,7 +28,7 @@ from cloudburst.v1 import value_pb2 as cloudburst_dot_v1_dot_value__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63loudburst/v1/execution.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/error.proto\x1a\x1c\x63loudburst/v1/function.proto\x1a\x19\x63loudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x07Outcome\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x14.cloudburst.v1.ValueH\x00\x12)\n\x07\x66\x61ilure\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.FailureH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.cloudburst.v1.CallErrorH\x00\x42\x08\n\x06result\"\x8e\x07\n\x0b\x44\x61gSchedule\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x1f\n\x03\x64\x61g\x18\x02 \x01(\x0b\x32\x12.cloudburst.v1.Dag\x12>\n\nplacements\x18\x03 \x03(\x0b\x32*.cloudburst.v1.DagSchedule.PlacementsEntry\x12M\n\x12\x65xecutor_addresses\x18\x04 \x03(\x0b\x32\x31.cloudburst.v1.DagSchedule.ExecutorAddressesEntry\x12M\n\x12\x66unction_arguments\x18\x05 \x03(\x0b\x32\x31.cloudburst.v1.DagSchedule.FunctionArgumentsEntry\x12K\n\x11\x66unction_versions\x18\x06 \x03(\x0b\x32\x30.cloudburst.v1.DagSchedule.FunctionVersionsEntry\x12\x14\n\x0cresponse_key\x18\x07 \x01(\t\x12\x17\n\x0f\x64irect_response\x18\x08 \x01(\x08\x12\x10\n\x08reply_to\x18\t \x01(\t\x12\x31\n\rdeadline_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12\x61\x63\x63\x65pt_serializers\x18\x0c \x03(\x0e\x32\x19.cloudburst.v1.Serializer\x12\x17\n\x0freply_stream_id\x18\r \x01(\x04\x12\x18\n\x10\x61nswer_stream_id\x18\x0e \x01(\t\x12\x17\n\x0f\x61nswer_sequence\x18\x0f \x01(\x04\x1a\x31\n\x0fPlacementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16\x45xecutorAddressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aU\n\x16\x46unctionArgumentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.cloudburst.v1.ArgumentList:\x02\x38\x01\x1a\x37\n\x15\x46unctionVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9b\x02\n\x07Trigger\x12,\n\x08schedule\x18\x01 \x01(\x0b\x32\x1a.cloudburst.v1.DagSchedule\x12\x17\n\x0ftarget_function\x18\x02 \x01(\t\x12\x19\n\x11upstream_function\x18\x03 \x01(\t\x12\'\n\x07outcome\x18\x04 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\x12?\n\rtrace_context\x18\x05 \x03(\x0b\x32(.cloudburst.v1.Trigger.TraceContextEntry\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x8f\x01\n\x11\x63om.cloudburst.v1B\x0e\x45xecutionProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63loudburst/v1/execution.proto\x12\rcloudburst.v1\x1a\x19\x63loudburst/v1/error.proto\x1a\x1c\x63loudburst/v1/function.proto\x1a\x19\x63loudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\x07Outcome\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x14.cloudburst.v1.ValueH\x00\x12)\n\x07\x66\x61ilure\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.FailureH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.cloudburst.v1.CallErrorH\x00\x42\x08\n\x06result\"\xa2\x07\n\x0b\x44\x61gSchedule\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x1f\n\x03\x64\x61g\x18\x02 \x01(\x0b\x32\x12.cloudburst.v1.Dag\x12>\n\nplacements\x18\x03 \x03(\x0b\x32*.cloudburst.v1.DagSchedule.PlacementsEntry\x12M\n\x12\x65xecutor_addresses\x18\x04 \x03(\x0b\x32\x31.cloudburst.v1.DagSchedule.ExecutorAddressesEntry\x12M\n\x12\x66unction_arguments\x18\x05 \x03(\x0b\x32\x31.cloudburst.v1.DagSchedule.FunctionArgumentsEntry\x12K\n\x11\x66unction_versions\x18\x06 \x03(\x0b\x32\x30.cloudburst.v1.DagSchedule.FunctionVersionsEntry\x12\x14\n\x0cresponse_key\x18\x07 \x01(\t\x12\x17\n\x0f\x64irect_response\x18\x08 \x01(\x08\x12\x10\n\x08reply_to\x18\t \x01(\t\x12\x31\n\rdeadline_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12\x61\x63\x63\x65pt_serializers\x18\x0c \x03(\x0e\x32\x19.cloudburst.v1.Serializer\x12\x17\n\x0freply_stream_id\x18\r \x01(\x04\x12\x18\n\x10\x61nswer_stream_id\x18\x0e \x01(\t\x12\x17\n\x0f\x61nswer_sequence\x18\x0f \x01(\x04\x12\x12\n\nhold_store\x18\x10 \x01(\x08\x1a\x31\n\x0fPlacementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x38\n\x16\x45xecutorAddressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aU\n\x16\x46unctionArgumentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.cloudburst.v1.ArgumentList:\x02\x38\x01\x1a\x37\n\x15\x46unctionVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9b\x02\n\x07Trigger\x12,\n\x08schedule\x18\x01 \x01(\x0b\x32\x1a.cloudburst.v1.DagSchedule\x12\x17\n\x0ftarget_function\x18\x02 \x01(\t\x12\x19\n\x11upstream_function\x18\x03 \x01(\t\x12\'\n\x07outcome\x18\x04 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\x12?\n\rtrace_context\x18\x05 \x03(\x0b\x32(.cloudburst.v1.Trigger.TraceContextEntry\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x8f\x01\n\x11\x63om.cloudburst.v1B\x0e\x45xecutionProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,17 +49,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OUTCOME']._serialized_start=166
   _globals['_OUTCOME']._serialized_end=310
   _globals['_DAGSCHEDULE']._serialized_start=313
-  _globals['_DAGSCHEDULE']._serialized_end=1223
-  _globals['_DAGSCHEDULE_PLACEMENTSENTRY']._serialized_start=972
-  _globals['_DAGSCHEDULE_PLACEMENTSENTRY']._serialized_end=1021
-  _globals['_DAGSCHEDULE_EXECUTORADDRESSESENTRY']._serialized_start=1023
-  _globals['_DAGSCHEDULE_EXECUTORADDRESSESENTRY']._serialized_end=1079
-  _globals['_DAGSCHEDULE_FUNCTIONARGUMENTSENTRY']._serialized_start=1081
-  _globals['_DAGSCHEDULE_FUNCTIONARGUMENTSENTRY']._serialized_end=1166
-  _globals['_DAGSCHEDULE_FUNCTIONVERSIONSENTRY']._serialized_start=1168
-  _globals['_DAGSCHEDULE_FUNCTIONVERSIONSENTRY']._serialized_end=1223
-  _globals['_TRIGGER']._serialized_start=1226
-  _globals['_TRIGGER']._serialized_end=1509
-  _globals['_TRIGGER_TRACECONTEXTENTRY']._serialized_start=1458
-  _globals['_TRIGGER_TRACECONTEXTENTRY']._serialized_end=1509
+  _globals['_DAGSCHEDULE']._serialized_end=1243
+  _globals['_DAGSCHEDULE_PLACEMENTSENTRY']._serialized_start=992
+  _globals['_DAGSCHEDULE_PLACEMENTSENTRY']._serialized_end=1041
+  _globals['_DAGSCHEDULE_EXECUTORADDRESSESENTRY']._serialized_start=1043
+  _globals['_DAGSCHEDULE_EXECUTORADDRESSESENTRY']._serialized_end=1099
+  _globals['_DAGSCHEDULE_FUNCTIONARGUMENTSENTRY']._serialized_start=1101
+  _globals['_DAGSCHEDULE_FUNCTIONARGUMENTSENTRY']._serialized_end=1186
+  _globals['_DAGSCHEDULE_FUNCTIONVERSIONSENTRY']._serialized_start=1188
+  _globals['_DAGSCHEDULE_FUNCTIONVERSIONSENTRY']._serialized_end=1243
+  _globals['_TRIGGER']._serialized_start=1246
+  _globals['_TRIGGER']._serialized_end=1529
+  _globals['_TRIGGER_TRACECONTEXTENTRY']._serialized_start=1478
+  _globals['_TRIGGER_TRACECONTEXTENTRY']._serialized_end=1529
 # @@protoc_insertion_point(module_scope)

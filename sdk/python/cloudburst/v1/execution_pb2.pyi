@@ -165,6 +165,7 @@ class DagSchedule(_message.Message):
     REPLY_STREAM_ID_FIELD_NUMBER: _builtins.int
     ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
     ANSWER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HOLD_STORE_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     response_key: _builtins.str
@@ -186,6 +187,10 @@ class DagSchedule(_message.Message):
     """
     answer_sequence: _builtins.int
     """The StreamCalls sequence of the call, which the answer on the answer stream carries."""
+    hold_store: _builtins.bool
+    """Whether the caller may release the result: the sink may hold its store, as for
+    ExecuteFunctionRequest.hold_store.
+    """
     @_builtins.property
     def dag(self) -> _function_pb2.Dag:
         """The DAG being called."""
@@ -236,10 +241,11 @@ class DagSchedule(_message.Message):
         reply_stream_id: _builtins.int = ...,
         answer_stream_id: _builtins.str = ...,
         answer_sequence: _builtins.int = ...,
+        hold_store: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dag", b"dag", "deadline_time", b"deadline_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "placements", b"placements", "reply_stream_id", b"reply_stream_id", "reply_to", b"reply_to", "response_key", b"response_key", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "call_id", b"call_id", "dag", b"dag", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "executor_addresses", b"executor_addresses", "function_arguments", b"function_arguments", "function_versions", b"function_versions", "hold_store", b"hold_store", "placements", b"placements", "reply_stream_id", b"reply_stream_id", "reply_to", b"reply_to", "response_key", b"response_key", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,7 @@ class ExecuteFunctionRequest(_message.Message):
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     ANSWER_STREAM_ID_FIELD_NUMBER: _builtins.int
     ANSWER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HOLD_STORE_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """The unique id of the call."""
     function_name: _builtins.str
@@ -75,6 +76,11 @@ class ExecuteFunctionRequest(_message.Message):
     """
     answer_sequence: _builtins.int
     """The StreamCalls sequence of the call, which the answer on the answer stream carries."""
+    hold_store: _builtins.bool
+    """Whether the caller may release the result (with direct_response and response_key): the
+    executor may then wait a moment before storing it, and drops the store if an EndHold frame
+    says the result was released meanwhile (docs/protocol.md, "Held stores").
+    """
     @_builtins.property
     def arguments(self) -> _containers.RepeatedCompositeFieldContainer[_value_pb2.Argument]:
         """The positional arguments after the user library."""
@@ -107,10 +113,11 @@ class ExecuteFunctionRequest(_message.Message):
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         answer_stream_id: _builtins.str = ...,
         answer_sequence: _builtins.int = ...,
+        hold_store: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline_time", b"deadline_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "arguments", b"arguments", "call_id", b"call_id", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_serializers", b"accept_serializers", "answer_sequence", b"answer_sequence", "answer_stream_id", b"answer_stream_id", "arguments", b"arguments", "call_id", b"call_id", "deadline_time", b"deadline_time", "direct_response", b"direct_response", "function_name", b"function_name", "function_version", b"function_version", "hold_store", b"hold_store", "response_key", b"response_key", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,6 +161,7 @@ class StreamTriggersRequest(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
     EXECUTE_FUNCTION_FIELD_NUMBER: _builtins.int
+    END_HOLD_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the sender; answers echo it."""
@@ -170,6 +178,10 @@ class StreamTriggersRequest(_message.Message):
         """Runs a function call."""
 
     @_builtins.property
+    def end_hold(self) -> Global___EndHold:
+        """Ends the hold of results answered earlier on this executor and not stored yet."""
+
+    @_builtins.property
     def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamTriggersRequest]:
         """Several frames in one message, to be read as if sent one by one in this order; a frame that
         carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
@@ -183,13 +195,14 @@ class StreamTriggersRequest(_message.Message):
         hello: Global___TriggerHello | None = ...,
         trigger: _execution_pb2.Trigger | None = ...,
         execute_function: Global___ExecuteFunctionRequest | None = ...,
+        end_hold: Global___EndHold | None = ...,
         batch: _abc.Iterable[Global___StreamTriggersRequest] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["execute_function", b"execute_function", "frame", b"frame", "hello", b"hello", "trigger", b"trigger"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_hold", b"end_hold", "execute_function", b"execute_function", "frame", b"frame", "hello", b"hello", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "execute_function", b"execute_function", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "end_hold", b"end_hold", "execute_function", b"execute_function", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "execute_function"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "execute_function", "end_hold"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -267,20 +280,54 @@ class ResultStored(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESPONSE_KEY_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
     response_key: _builtins.str
     """The response key of the call."""
+    dropped: _builtins.bool
+    """Whether the result was never stored: an EndHold frame dropped it (its caller released it)."""
     def __init__(
         self,
         *,
         response_key: _builtins.str = ...,
+        dropped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["response_key", b"response_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "response_key", b"response_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResultStored: _TypeAlias = ResultStored  # noqa: Y015
+
+@_typing.final
+class EndHold(_message.Message):
+    """EndHold ends the hold of results an executor answered and has not stored yet (hold_store)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DROP_KEYS_FIELD_NUMBER: _builtins.int
+    STORE_KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def drop_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Response keys whose results their callers released: they are not stored."""
+
+    @_builtins.property
+    def store_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Response keys whose results are wanted now (a call refers to them): they are stored at once."""
+
+    def __init__(
+        self,
+        *,
+        drop_keys: _abc.Iterable[_builtins.str] | None = ...,
+        store_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drop_keys", b"drop_keys", "store_keys", b"store_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndHold: _TypeAlias = EndHold  # noqa: Y015
 
 @_typing.final
 class TriggerHello(_message.Message):

@@ -18,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cloudburst/v1/executor_service.proto.
  */
 export const file_cloudburst_v1_executor_service: GenFile = /*@__PURE__*/
-  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEi1wMKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEjEKDWRlYWRsaW5lX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGFuc3dlcl9zdHJlYW1faWQYCiABKAkSFwoPYW5zd2VyX3NlcXVlbmNlGAsgASgEGjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiXgoXRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USJwoHb3V0Y29tZRgBIAEoCzIWLmNsb3VkYnVyc3QudjEuT3V0Y29tZRIaChJkZWxpdmVyZWRfZGlyZWN0bHkYAiABKAgirQIKFVN0cmVhbVRyaWdnZXJzUmVxdWVzdBIQCghzZXF1ZW5jZRgBIAEoBBIsCgVoZWxsbxgDIAEoCzIbLmNsb3VkYnVyc3QudjEuVHJpZ2dlckhlbGxvSAASKQoHdHJpZ2dlchgEIAEoCzIWLmNsb3VkYnVyc3QudjEuVHJpZ2dlckgAEkEKEGV4ZWN1dGVfZnVuY3Rpb24YBiABKAsyJS5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3RIABIzCgViYXRjaBgHIAMoCzIkLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0QgcKBWZyYW1lSgQIAhADSgQIBRAGUg10cmFjZV9jb250ZXh0Ug1leHBlY3RfcmVzdWx0It4CChZTdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhAKCHNlcXVlbmNlGAEgASgEEi4KCmRhZ19yZXN1bHQYAiABKAsyGC5jbG91ZGJ1cnN0LnYxLkRhZ1Jlc3VsdEgAEkIKEGV4ZWN1dGVfZnVuY3Rpb24YAyABKAsyJi5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlc3BvbnNlSAASMgoMY2FjaGVfcmVwb3J0GAQgASgLMhouY2xvdWRidXJzdC52MS5DYWNoZVJlcG9ydEgAEjQKDXJlc3VsdF9zdG9yZWQYBSABKAsyGy5jbG91ZGJ1cnN0LnYxLlJlc3VsdFN0b3JlZEgAEjQKBWJhdGNoGAYgAygLMiUuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlEhUKDXJlYWRzX2JhdGNoZXMYByABKAhCBwoFZnJhbWUiJAoMUmVzdWx0U3RvcmVkEhQKDHJlc3BvbnNlX2tleRgBIAEoCSJJCgxUcmlnZ2VySGVsbG8SDwoHcGVlcl9pZBgBIAEoCRIVCg1yZWFkc19iYXRjaGVzGAIgASgIEhEKCXN0cmVhbV9pZBgDIAEoBCJhCglEYWdSZXN1bHQSDwoHY2FsbF9pZBgBIAEoCRInCgdvdXRjb21lGAIgASgLMhYuY2xvdWRidXJzdC52MS5PdXRjb21lEhoKEmRlbGl2ZXJlZF9kaXJlY3RseRgDIAEoCCJFChJQaW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCRIYChBmdW5jdGlvbl92ZXJzaW9uGAIgASgEIhUKE1BpbkZ1bmN0aW9uUmVzcG9uc2UiLQoUVW5waW5GdW5jdGlvblJlcXVlc3QSFQoNZnVuY3Rpb25fbmFtZRgBIAEoCSIXChVVbnBpbkZ1bmN0aW9uUmVzcG9uc2UiGgoYR2V0RXhlY3V0b3JTdGF0dXNSZXF1ZXN0IoUCChlHZXRFeGVjdXRvclN0YXR1c1Jlc3BvbnNlEhMKC2V4ZWN1dG9yX2lkGAEgASgJEhgKEHBpbm5lZF9mdW5jdGlvbnMYAiADKAkSFAoMYWN0aXZlX2NhbGxzGAMgASgNEg8KB3RocmVhZHMYBCABKA0SEwoLY2FjaGVkX2tleXMYBSADKAkSKAoFY2FjaGUYBiABKAsyGS5jbG91ZGJ1cnN0LnYxLkNhY2hlU3RhdHMSOwoPdHJpZ2dlcl9zdHJlYW1zGAcgAygLMiIuY2xvdWRidXJzdC52MS5UcmlnZ2VyU3RyZWFtU3RhdHVzEhYKDnBhcmtlZF9yZXN1bHRzGAggASgNIjAKFFN0cmVhbUFuc3dlcnNSZXF1ZXN0EhgKEGFuc3dlcl9zdHJlYW1faWQYASABKAkiYAoVU3RyZWFtQW5zd2Vyc1Jlc3BvbnNlEhIKCnJlZ2lzdGVyZWQYASABKAgSMwoHYW5zd2VycxgCIAMoCzIiLmNsb3VkYnVyc3QudjEuU3RyZWFtQ2FsbHNSZXNwb25zZSI7CgtDYWNoZVJlcG9ydBIMCgRmdWxsGAEgASgIEg0KBWFkZGVkGAIgAygJEg8KB3JlbW92ZWQYAyADKAkiYwoTVHJpZ2dlclN0cmVhbVN0YXR1cxIPCgdwZWVyX2lkGAEgASgJEhEKCXN0cmVhbV9pZBgCIAEoBBITCgtmcmFtZXNfcmVhZBgDIAEoBBITCgtkYWdfcmVzdWx0cxgEIAEoBCJwCgpDYWNoZVN0YXRzEgwKBGhpdHMYASABKAQSDgoGbWlzc2VzGAIgASgEEhEKCWV2aWN0aW9ucxgDIAEoBBINCgVieXRlcxgEIAEoBBIPCgdlbnRyaWVzGAUgASgNEhEKCW1heF9ieXRlcxgGIAEoBDLOBAoPRXhlY3V0b3JTZXJ2aWNlEmAKD0V4ZWN1dGVGdW5jdGlvbhIlLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVxdWVzdBomLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVzcG9uc2USYQoOU3RyZWFtVHJpZ2dlcnMSJC5jbG91ZGJ1cnN0LnYxLlN0cmVhbVRyaWdnZXJzUmVxdWVzdBolLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXNwb25zZSgBMAESVAoLUGluRnVuY3Rpb24SIS5jbG91ZGJ1cnN0LnYxLlBpbkZ1bmN0aW9uUmVxdWVzdBoiLmNsb3VkYnVyc3QudjEuUGluRnVuY3Rpb25SZXNwb25zZRJaCg1VbnBpbkZ1bmN0aW9uEiMuY2xvdWRidXJzdC52MS5VbnBpbkZ1bmN0aW9uUmVxdWVzdBokLmNsb3VkYnVyc3QudjEuVW5waW5GdW5jdGlvblJlc3BvbnNlEmYKEUdldEV4ZWN1dG9yU3RhdHVzEicuY2xvdWRidXJzdC52MS5HZXRFeGVjdXRvclN0YXR1c1JlcXVlc3QaKC5jbG91ZGJ1cnN0LnYxLkdldEV4ZWN1dG9yU3RhdHVzUmVzcG9uc2USXAoNU3RyZWFtQW5zd2VycxIjLmNsb3VkYnVyc3QudjEuU3RyZWFtQW5zd2Vyc1JlcXVlc3QaJC5jbG91ZGJ1cnN0LnYxLlN0cmVhbUFuc3dlcnNSZXNwb25zZTABQpUBChFjb20uY2xvdWRidXJzdC52MUIURXhlY3V0b3JTZXJ2aWNlUHJvdG9QAVoxY2xvdWRidXJzdC1ncnBjL3Nkay9nby9jbG91ZGJ1cnN0L3YxO2Nsb3VkYnVyc3R2MaICA0NYWKoCDUNsb3VkYnVyc3QuVjHKAg1DbG91ZGJ1cnN0XFYx6gIOQ2xvdWRidXJzdDo6VjFiBnByb3RvMw", [file_cloudburst_v1_execution, file_cloudburst_v1_scheduler_service, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
+  fileDesc("CiRjbG91ZGJ1cnN0L3YxL2V4ZWN1dG9yX3NlcnZpY2UucHJvdG8SDWNsb3VkYnVyc3QudjEi6wMKFkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QSDwoHY2FsbF9pZBgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAyABKAQSKgoJYXJndW1lbnRzGAQgAygLMhcuY2xvdWRidXJzdC52MS5Bcmd1bWVudBIUCgxyZXNwb25zZV9rZXkYBSABKAkSFwoPZGlyZWN0X3Jlc3BvbnNlGAYgASgIEk4KDXRyYWNlX2NvbnRleHQYByADKAsyNy5jbG91ZGJ1cnN0LnYxLkV4ZWN1dGVGdW5jdGlvblJlcXVlc3QuVHJhY2VDb250ZXh0RW50cnkSNQoSYWNjZXB0X3NlcmlhbGl6ZXJzGAggAygOMhkuY2xvdWRidXJzdC52MS5TZXJpYWxpemVyEjEKDWRlYWRsaW5lX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGFuc3dlcl9zdHJlYW1faWQYCiABKAkSFwoPYW5zd2VyX3NlcXVlbmNlGAsgASgEEhIKCmhvbGRfc3RvcmUYDCABKAgaMwoRVHJhY2VDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJeChdFeGVjdXRlRnVuY3Rpb25SZXNwb25zZRInCgdvdXRjb21lGAEgASgLMhYuY2xvdWRidXJzdC52MS5PdXRjb21lEhoKEmRlbGl2ZXJlZF9kaXJlY3RseRgCIAEoCCLZAgoVU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0EhAKCHNlcXVlbmNlGAEgASgEEiwKBWhlbGxvGAMgASgLMhsuY2xvdWRidXJzdC52MS5UcmlnZ2VySGVsbG9IABIpCgd0cmlnZ2VyGAQgASgLMhYuY2xvdWRidXJzdC52MS5UcmlnZ2VySAASQQoQZXhlY3V0ZV9mdW5jdGlvbhgGIAEoCzIlLmNsb3VkYnVyc3QudjEuRXhlY3V0ZUZ1bmN0aW9uUmVxdWVzdEgAEioKCGVuZF9ob2xkGAggASgLMhYuY2xvdWRidXJzdC52MS5FbmRIb2xkSAASMwoFYmF0Y2gYByADKAsyJC5jbG91ZGJ1cnN0LnYxLlN0cmVhbVRyaWdnZXJzUmVxdWVzdEIHCgVmcmFtZUoECAIQA0oECAUQBlINdHJhY2VfY29udGV4dFINZXhwZWN0X3Jlc3VsdCLeAgoWU3RyZWFtVHJpZ2dlcnNSZXNwb25zZRIQCghzZXF1ZW5jZRgBIAEoBBIuCgpkYWdfcmVzdWx0GAIgASgLMhguY2xvdWRidXJzdC52MS5EYWdSZXN1bHRIABJCChBleGVjdXRlX2Z1bmN0aW9uGAMgASgLMiYuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXNwb25zZUgAEjIKDGNhY2hlX3JlcG9ydBgEIAEoCzIaLmNsb3VkYnVyc3QudjEuQ2FjaGVSZXBvcnRIABI0Cg1yZXN1bHRfc3RvcmVkGAUgASgLMhsuY2xvdWRidXJzdC52MS5SZXN1bHRTdG9yZWRIABI0CgViYXRjaBgGIAMoCzIlLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXNwb25zZRIVCg1yZWFkc19iYXRjaGVzGAcgASgIQgcKBWZyYW1lIjUKDFJlc3VsdFN0b3JlZBIUCgxyZXNwb25zZV9rZXkYASABKAkSDwoHZHJvcHBlZBgCIAEoCCIwCgdFbmRIb2xkEhEKCWRyb3Bfa2V5cxgBIAMoCRISCgpzdG9yZV9rZXlzGAIgAygJIkkKDFRyaWdnZXJIZWxsbxIPCgdwZWVyX2lkGAEgASgJEhUKDXJlYWRzX2JhdGNoZXMYAiABKAgSEQoJc3RyZWFtX2lkGAMgASgEImEKCURhZ1Jlc3VsdBIPCgdjYWxsX2lkGAEgASgJEicKB291dGNvbWUYAiABKAsyFi5jbG91ZGJ1cnN0LnYxLk91dGNvbWUSGgoSZGVsaXZlcmVkX2RpcmVjdGx5GAMgASgIIkUKElBpbkZ1bmN0aW9uUmVxdWVzdBIVCg1mdW5jdGlvbl9uYW1lGAEgASgJEhgKEGZ1bmN0aW9uX3ZlcnNpb24YAiABKAQiFQoTUGluRnVuY3Rpb25SZXNwb25zZSItChRVbnBpbkZ1bmN0aW9uUmVxdWVzdBIVCg1mdW5jdGlvbl9uYW1lGAEgASgJIhcKFVVucGluRnVuY3Rpb25SZXNwb25zZSIaChhHZXRFeGVjdXRvclN0YXR1c1JlcXVlc3QihQIKGUdldEV4ZWN1dG9yU3RhdHVzUmVzcG9uc2USEwoLZXhlY3V0b3JfaWQYASABKAkSGAoQcGlubmVkX2Z1bmN0aW9ucxgCIAMoCRIUCgxhY3RpdmVfY2FsbHMYAyABKA0SDwoHdGhyZWFkcxgEIAEoDRITCgtjYWNoZWRfa2V5cxgFIAMoCRIoCgVjYWNoZRgGIAEoCzIZLmNsb3VkYnVyc3QudjEuQ2FjaGVTdGF0cxI7Cg90cmlnZ2VyX3N0cmVhbXMYByADKAsyIi5jbG91ZGJ1cnN0LnYxLlRyaWdnZXJTdHJlYW1TdGF0dXMSFgoOcGFya2VkX3Jlc3VsdHMYCCABKA0iMAoUU3RyZWFtQW5zd2Vyc1JlcXVlc3QSGAoQYW5zd2VyX3N0cmVhbV9pZBgBIAEoCSJgChVTdHJlYW1BbnN3ZXJzUmVzcG9uc2USEgoKcmVnaXN0ZXJlZBgBIAEoCBIzCgdhbnN3ZXJzGAIgAygLMiIuY2xvdWRidXJzdC52MS5TdHJlYW1DYWxsc1Jlc3BvbnNlIjsKC0NhY2hlUmVwb3J0EgwKBGZ1bGwYASABKAgSDQoFYWRkZWQYAiADKAkSDwoHcmVtb3ZlZBgDIAMoCSJjChNUcmlnZ2VyU3RyZWFtU3RhdHVzEg8KB3BlZXJfaWQYASABKAkSEQoJc3RyZWFtX2lkGAIgASgEEhMKC2ZyYW1lc19yZWFkGAMgASgEEhMKC2RhZ19yZXN1bHRzGAQgASgEInAKCkNhY2hlU3RhdHMSDAoEaGl0cxgBIAEoBBIOCgZtaXNzZXMYAiABKAQSEQoJZXZpY3Rpb25zGAMgASgEEg0KBWJ5dGVzGAQgASgEEg8KB2VudHJpZXMYBSABKA0SEQoJbWF4X2J5dGVzGAYgASgEMs4ECg9FeGVjdXRvclNlcnZpY2USYAoPRXhlY3V0ZUZ1bmN0aW9uEiUuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXF1ZXN0GiYuY2xvdWRidXJzdC52MS5FeGVjdXRlRnVuY3Rpb25SZXNwb25zZRJhCg5TdHJlYW1UcmlnZ2VycxIkLmNsb3VkYnVyc3QudjEuU3RyZWFtVHJpZ2dlcnNSZXF1ZXN0GiUuY2xvdWRidXJzdC52MS5TdHJlYW1UcmlnZ2Vyc1Jlc3BvbnNlKAEwARJUCgtQaW5GdW5jdGlvbhIhLmNsb3VkYnVyc3QudjEuUGluRnVuY3Rpb25SZXF1ZXN0GiIuY2xvdWRidXJzdC52MS5QaW5GdW5jdGlvblJlc3BvbnNlEloKDVVucGluRnVuY3Rpb24SIy5jbG91ZGJ1cnN0LnYxLlVucGluRnVuY3Rpb25SZXF1ZXN0GiQuY2xvdWRidXJzdC52MS5VbnBpbkZ1bmN0aW9uUmVzcG9uc2USZgoRR2V0RXhlY3V0b3JTdGF0dXMSJy5jbG91ZGJ1cnN0LnYxLkdldEV4ZWN1dG9yU3RhdHVzUmVxdWVzdBooLmNsb3VkYnVyc3QudjEuR2V0RXhlY3V0b3JTdGF0dXNSZXNwb25zZRJcCg1TdHJlYW1BbnN3ZXJzEiMuY2xvdWRidXJzdC52MS5TdHJlYW1BbnN3ZXJzUmVxdWVzdBokLmNsb3VkYnVyc3QudjEuU3RyZWFtQW5zd2Vyc1Jlc3BvbnNlMAFClQEKEWNvbS5jbG91ZGJ1cnN0LnYxQhRFeGVjdXRvclNlcnZpY2VQcm90b1ABWjFjbG91ZGJ1cnN0LWdycGMvc2RrL2dvL2Nsb3VkYnVyc3QvdjE7Y2xvdWRidXJzdHYxogIDQ1hYqgINQ2xvdWRidXJzdC5WMcoCDUNsb3VkYnVyc3RcVjHqAg5DbG91ZGJ1cnN0OjpWMWIGcHJvdG8z", [file_cloudburst_v1_execution, file_cloudburst_v1_scheduler_service, file_cloudburst_v1_value, file_google_protobuf_timestamp]);
 
 /**
  * ExecuteFunctionRequest is one function call.
@@ -104,6 +104,15 @@ export type ExecuteFunctionRequest = Message<"cloudburst.v1.ExecuteFunctionReque
    * @generated from field: uint64 answer_sequence = 11;
    */
   answerSequence: bigint;
+
+  /**
+   * Whether the caller may release the result (with direct_response and response_key): the
+   * executor may then wait a moment before storing it, and drops the store if an EndHold frame
+   * says the result was released meanwhile (docs/protocol.md, "Held stores").
+   *
+   * @generated from field: bool hold_store = 12;
+   */
+  holdStore: boolean;
 };
 
 /**
@@ -183,6 +192,14 @@ export type StreamTriggersRequest = Message<"cloudburst.v1.StreamTriggersRequest
      */
     value: ExecuteFunctionRequest;
     case: "executeFunction";
+  } | {
+    /**
+     * Ends the hold of results answered earlier on this executor and not stored yet.
+     *
+     * @generated from field: cloudburst.v1.EndHold end_hold = 8;
+     */
+    value: EndHold;
+    case: "endHold";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -292,6 +309,13 @@ export type ResultStored = Message<"cloudburst.v1.ResultStored"> & {
    * @generated from field: string response_key = 1;
    */
   responseKey: string;
+
+  /**
+   * Whether the result was never stored: an EndHold frame dropped it (its caller released it).
+   *
+   * @generated from field: bool dropped = 2;
+   */
+  dropped: boolean;
 };
 
 /**
@@ -300,6 +324,34 @@ export type ResultStored = Message<"cloudburst.v1.ResultStored"> & {
  */
 export const ResultStoredSchema: GenMessage<ResultStored> = /*@__PURE__*/
   messageDesc(file_cloudburst_v1_executor_service, 4);
+
+/**
+ * EndHold ends the hold of results an executor answered and has not stored yet (hold_store).
+ *
+ * @generated from message cloudburst.v1.EndHold
+ */
+export type EndHold = Message<"cloudburst.v1.EndHold"> & {
+  /**
+   * Response keys whose results their callers released: they are not stored.
+   *
+   * @generated from field: repeated string drop_keys = 1;
+   */
+  dropKeys: string[];
+
+  /**
+   * Response keys whose results are wanted now (a call refers to them): they are stored at once.
+   *
+   * @generated from field: repeated string store_keys = 2;
+   */
+  storeKeys: string[];
+};
+
+/**
+ * Describes the message cloudburst.v1.EndHold.
+ * Use `create(EndHoldSchema)` to create a new message.
+ */
+export const EndHoldSchema: GenMessage<EndHold> = /*@__PURE__*/
+  messageDesc(file_cloudburst_v1_executor_service, 5);
 
 /**
  * TriggerHello identifies the opener of a trigger stream.
@@ -335,7 +387,7 @@ export type TriggerHello = Message<"cloudburst.v1.TriggerHello"> & {
  * Use `create(TriggerHelloSchema)` to create a new message.
  */
 export const TriggerHelloSchema: GenMessage<TriggerHello> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 5);
+  messageDesc(file_cloudburst_v1_executor_service, 6);
 
 /**
  * DagResult is the sink's outcome of a direct-response DAG call.
@@ -370,7 +422,7 @@ export type DagResult = Message<"cloudburst.v1.DagResult"> & {
  * Use `create(DagResultSchema)` to create a new message.
  */
 export const DagResultSchema: GenMessage<DagResult> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 6);
+  messageDesc(file_cloudburst_v1_executor_service, 7);
 
 /**
  * PinFunctionRequest names the function to pin.
@@ -398,7 +450,7 @@ export type PinFunctionRequest = Message<"cloudburst.v1.PinFunctionRequest"> & {
  * Use `create(PinFunctionRequestSchema)` to create a new message.
  */
 export const PinFunctionRequestSchema: GenMessage<PinFunctionRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 7);
+  messageDesc(file_cloudburst_v1_executor_service, 8);
 
 /**
  * PinFunctionResponse acknowledges the pin.
@@ -413,7 +465,7 @@ export type PinFunctionResponse = Message<"cloudburst.v1.PinFunctionResponse"> &
  * Use `create(PinFunctionResponseSchema)` to create a new message.
  */
 export const PinFunctionResponseSchema: GenMessage<PinFunctionResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 8);
+  messageDesc(file_cloudburst_v1_executor_service, 9);
 
 /**
  * UnpinFunctionRequest names the function to unpin.
@@ -434,7 +486,7 @@ export type UnpinFunctionRequest = Message<"cloudburst.v1.UnpinFunctionRequest">
  * Use `create(UnpinFunctionRequestSchema)` to create a new message.
  */
 export const UnpinFunctionRequestSchema: GenMessage<UnpinFunctionRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 9);
+  messageDesc(file_cloudburst_v1_executor_service, 10);
 
 /**
  * UnpinFunctionResponse acknowledges the unpin.
@@ -449,7 +501,7 @@ export type UnpinFunctionResponse = Message<"cloudburst.v1.UnpinFunctionResponse
  * Use `create(UnpinFunctionResponseSchema)` to create a new message.
  */
 export const UnpinFunctionResponseSchema: GenMessage<UnpinFunctionResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 10);
+  messageDesc(file_cloudburst_v1_executor_service, 11);
 
 /**
  * GetExecutorStatusRequest asks for an executor's status.
@@ -464,7 +516,7 @@ export type GetExecutorStatusRequest = Message<"cloudburst.v1.GetExecutorStatusR
  * Use `create(GetExecutorStatusRequestSchema)` to create a new message.
  */
 export const GetExecutorStatusRequestSchema: GenMessage<GetExecutorStatusRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 11);
+  messageDesc(file_cloudburst_v1_executor_service, 12);
 
 /**
  * GetExecutorStatusResponse reports an executor's status.
@@ -534,7 +586,7 @@ export type GetExecutorStatusResponse = Message<"cloudburst.v1.GetExecutorStatus
  * Use `create(GetExecutorStatusResponseSchema)` to create a new message.
  */
 export const GetExecutorStatusResponseSchema: GenMessage<GetExecutorStatusResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 12);
+  messageDesc(file_cloudburst_v1_executor_service, 13);
 
 /**
  * StreamAnswersRequest opens a caller's answer stream at an executor.
@@ -556,7 +608,7 @@ export type StreamAnswersRequest = Message<"cloudburst.v1.StreamAnswersRequest">
  * Use `create(StreamAnswersRequestSchema)` to create a new message.
  */
 export const StreamAnswersRequestSchema: GenMessage<StreamAnswersRequest> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 13);
+  messageDesc(file_cloudburst_v1_executor_service, 14);
 
 /**
  * StreamAnswersResponse is one message of an answer stream.
@@ -585,7 +637,7 @@ export type StreamAnswersResponse = Message<"cloudburst.v1.StreamAnswersResponse
  * Use `create(StreamAnswersResponseSchema)` to create a new message.
  */
 export const StreamAnswersResponseSchema: GenMessage<StreamAnswersResponse> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 14);
+  messageDesc(file_cloudburst_v1_executor_service, 15);
 
 /**
  * CacheReport tells a stream's opener which user keys the executor's value cache holds.
@@ -620,7 +672,7 @@ export type CacheReport = Message<"cloudburst.v1.CacheReport"> & {
  * Use `create(CacheReportSchema)` to create a new message.
  */
 export const CacheReportSchema: GenMessage<CacheReport> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 15);
+  messageDesc(file_cloudburst_v1_executor_service, 16);
 
 /**
  * TriggerStreamStatus describes one open StreamTriggers stream at an executor.
@@ -662,7 +714,7 @@ export type TriggerStreamStatus = Message<"cloudburst.v1.TriggerStreamStatus"> &
  * Use `create(TriggerStreamStatusSchema)` to create a new message.
  */
 export const TriggerStreamStatusSchema: GenMessage<TriggerStreamStatus> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 16);
+  messageDesc(file_cloudburst_v1_executor_service, 17);
 
 /**
  * CacheStats counts what an executor's value cache did.
@@ -718,7 +770,7 @@ export type CacheStats = Message<"cloudburst.v1.CacheStats"> & {
  * Use `create(CacheStatsSchema)` to create a new message.
  */
 export const CacheStatsSchema: GenMessage<CacheStats> = /*@__PURE__*/
-  messageDesc(file_cloudburst_v1_executor_service, 17);
+  messageDesc(file_cloudburst_v1_executor_service, 18);
 
 /**
  * ExecutorService runs user functions and DAG stages.
