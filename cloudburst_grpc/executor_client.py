@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -97,11 +97,20 @@ class ExecutorPeer(Protocol):
         """
         ...
 
-    def expect_stored(self, response_key: str) -> asyncio.Future[None]:
+    def expect_stored(self, response_key: str) -> asyncio.Future[bool]:
         """A future that settles once a direct call's result is stored at ``response_key``.
 
-        Call before the call is sent. It also settles when the stored result can no
-        longer be reported (the connection ended).
+        Call before the call is sent. It settles with True when the executor
+        dropped the store instead (:meth:`end_hold`), and with False also when
+        the stored result can no longer be reported (the connection ended).
+        """
+        ...
+
+    def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
+        """End the executor's held stores of results (``hold_store``); never waits.
+
+        Those in ``drop`` (their callers released them) are not stored; those
+        in ``store`` (a call refers to them) are stored at once.
         """
         ...
 
@@ -224,7 +233,7 @@ class RemoteExecutorPeer:
         self._peer_id = peer_id
         self._stream_id = 0
         """The stream_id of the current stream's hello (see :meth:`expect_result`)."""
-        self._stored: dict[str, asyncio.Future[None]] = {}
+        self._stored: dict[str, asyncio.Future[bool]] = {}
         self.schedules = SentSchedules()
         """The schedules the current stream carried (triggers after the first refer to them)."""
         self._schedules_stream = 0
@@ -266,7 +275,7 @@ class RemoteExecutorPeer:
         elif kind == "result_stored":
             stored = self._stored.pop(frame.result_stored.response_key, None)
             if stored is not None and not stored.done():
-                stored.set_result(None)
+                stored.set_result(frame.result_stored.dropped)
         elif kind == "cache_report" and self._on_cache_report is not None:
             self._on_cache_report(self.executor_id, frame.cache_report)
 
@@ -296,7 +305,7 @@ class RemoteExecutorPeer:
         self._results.fail_all(failure)
         for stored in self._stored.values():
             if not stored.done():
-                stored.set_result(None)  # nothing more will be reported
+                stored.set_result(False)  # nothing more will be reported
         self._answers.clear()
         if code is not None and self._on_broken is not None:
             broke = (
@@ -370,14 +379,28 @@ class RemoteExecutorPeer:
         schedule.reply_stream_id = self._stream_id
         return self._results.expect(schedule.call_id, timeout)
 
-    def expect_stored(self, response_key: str) -> asyncio.Future[None]:
-        """Settles when the executor reports the result stored, or the stream ends."""
-        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def expect_stored(self, response_key: str) -> asyncio.Future[bool]:
+        """Settles when the executor reports the result stored (True: dropped), or the stream ends.
+
+        A store the executor holds is dropped if asked (:meth:`end_hold`) in time.
+        """
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._stored[response_key] = stored
         stored.add_done_callback(lambda _: self._forget_stored(response_key, stored))
         return stored
 
-    def _forget_stored(self, response_key: str, stored: asyncio.Future[None]) -> None:
+    def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
+        """Send an EndHold frame (queued; never waits)."""
+        try:
+            self._stream.send(
+                executor_service_pb2.StreamTriggersRequest(
+                    end_hold=executor_service_pb2.EndHold(drop_keys=drop, store_keys=store)
+                )
+            )
+        except UnavailableError:
+            pass  # closed for good: the held stores end by themselves
+
+    def _forget_stored(self, response_key: str, stored: asyncio.Future[bool]) -> None:
         if self._stored.get(response_key) is stored:
             del self._stored[response_key]
 

@@ -169,6 +169,11 @@ RESULTS_RELEASED = METER.create_counter(
     unit="{result}",
     description="Call results deleted because their caller released them",
 )
+RESULTS_DROPPED = METER.create_counter(
+    "cloudburst.results.dropped",
+    unit="{result}",
+    description="Call results never stored because their caller released them while held",
+)
 MESSAGES_DROPPED = METER.create_counter(
     "cloudburst.messaging.dropped",
     unit="{message}",

@@ -401,13 +401,15 @@ class Scheduler:
         *,
         answer_to: AnswerTo | None = None,
         chosen_key: str = "",
+        releasable: bool = False,
     ) -> Accepted:
         """Place a one-shot call; its outcome is awaitable when ``want_outcome``.
 
         A result stored under a key chosen here (or ``chosen_key``, one the
         caller chose in its place, see :func:`check_chosen_key`) expires unless
         ``expire`` is False. ``answer_to`` is as for :meth:`call_dag`, given the
-        executor the call runs on.
+        executor the call runs on. ``releasable``: the caller may release the
+        result, so the executor may hold its store (see :mod:`.release`).
         """
         call_id = new_call_id()
         _check_delivery(request)
@@ -424,6 +426,7 @@ class Scheduler:
             function = await self.get_function(request.name)
             _check_arguments(request.arguments, f"call of {request.name!r}", self.max_payload_bytes)
             keys = [a.reference.key for a in request.arguments if a.HasField("reference")]
+            self.releaser.want(keys)
             view = policy.place(request.name, keys, self.pool.views())
             if current is not None:
                 current.set_attribute("cloudburst.executor", view.executor_id)
@@ -448,6 +451,10 @@ class Scheduler:
             self.releaser.storing(response_key, stored)
         if stored is not None and self.stores_results:
             execute.response_key = ""  # the executor only answers; the outcome is stored below
+        elif stored is not None and releasable:
+            execute.hold_store = True  # a release that comes soon spares the store
+            # Known from now: a call that refers to the result may come before this one is sent.
+            self.releaser.held_by(response_key, self.pool.peer(view.executor_id))
 
         async def run() -> execution_pb2.Outcome:
             executor_id, retries, redelivered = view.executor_id, function.retries, False
@@ -544,10 +551,14 @@ class Scheduler:
             answer_to.when_answered(uncount)
         watch = self.pool.track((executor_id,), on_lost)
         attempt = peer.expect_stored(execute.response_key) if stored is not None else None
+        if attempt is not None and execute.hold_store:
+            self.releaser.held_by(execute.response_key, peer)
         try:
             response = await peer.execute(execute, limit)
             if attempt is not None and stored is not None:
-                attempt.add_done_callback(functools.partial(_settle, stored))
+                attempt.add_done_callback(
+                    functools.partial(self._reported_stored, execute.response_key, stored)
+                )
                 attempt = None
             if response.delivered_directly:
                 self.answered_directly += 1
@@ -570,6 +581,14 @@ class Scheduler:
                 attempt.cancel()  # this attempt failed: nothing to wait for from it
             self.pool.untrack(watch)
             uncount()
+
+    def _reported_stored(
+        self, response_key: str, stored: asyncio.Future[None], attempt: asyncio.Future[bool]
+    ) -> None:
+        """Settle ``stored`` as the executor reported its store; a dropped one needs no delete."""
+        if not attempt.cancelled() and attempt.result():
+            self.releaser.dropped(response_key)
+        _settle(stored, None)
 
     def _store_answered(
         self, response_key: str, outcome: execution_pb2.Outcome, stored: asyncio.Future[None]
@@ -644,11 +663,13 @@ class Scheduler:
         *,
         answer_to: AnswerTo | None = None,
         chosen_key: str = "",
+        releasable: bool = False,
     ) -> Accepted:
         """Place every function of a DAG call and trigger its sources.
 
         A result stored under a key chosen here (or ``chosen_key``, as for
         :meth:`call_function`) expires unless ``expire`` is False.
+        ``releasable`` is as for :meth:`call_function`.
         ``answer_to`` says, given the sink's executor id, on which of the caller's
         answer streams the sink answers it, if any; the outcome is then
         :data:`~cloudburst_grpc.answer_streams.DELIVERED_DIRECTLY` when it did.
@@ -663,6 +684,7 @@ class Scheduler:
         call = _DagCall(request, response_key, self._timeout(timeout), trace_context)
         call.answer_to = answer_to
         call.stored_here = bool(want_outcome and response_key and self.stores_results)
+        call.releasable = releasable
         if want_outcome and response_key:
             # The sink answers before it stores; a release of the result waits for the store,
             # at most until a while after the call's deadline (a sink that never delivered).
@@ -734,6 +756,8 @@ class Scheduler:
             # A sink whose result is stored here answers without storing it.
             key = "" if call.stored_here else call.response_key
             plan, placed = await self._place_dag(request, call_id, key, call.limit, schedule)
+            # A release that comes soon spares the sink's store.
+            schedule.hold_store = call.releasable and call.stored is not None and bool(key)
             self._follow_dag(
                 call,
                 schedule,
@@ -816,9 +840,13 @@ class Scheduler:
         peer = self.pool.peer(placed[sink])
         if call.stored is not None and not call.stored_here:
             attempt = call.attempt = peer.expect_stored(call.response_key)
+            if schedule.hold_store:
+                self.releaser.held_by(call.response_key, peer)
 
             def on_stored(_: object) -> None:
                 if call.attempt is attempt:  # not a run that failed meanwhile
+                    if not attempt.cancelled() and attempt.result():
+                        self.releaser.dropped(call.response_key)
                     call.settle_stored()
 
             attempt.add_done_callback(on_stored)
@@ -901,6 +929,7 @@ class Scheduler:
                 )
                 schedule.function_arguments[name].CopyFrom(arguments)
                 keys = [a.reference.key for a in arguments.arguments if a.HasField("reference")]
+                self.releaser.want(keys)
             pinned = [v for v in views if name in v.pinned and not v.overloaded]
             upstreams = topo.upstreams[name]
             near = placed[upstreams[0]] if upstreams else None
@@ -968,8 +997,10 @@ class _DagCall:
     trace_context: Mapping[str, str] | None
     stored: asyncio.Future[None] | None = None
     """Set when the caller may release the result: settles once it is stored (or cannot be)."""
-    attempt: asyncio.Future[None] | None = None
-    """The current run's sink's report of the store."""
+    attempt: asyncio.Future[bool] | None = None
+    """The current run's sink's report of the store (True: dropped)."""
+    releasable: bool = False
+    """Whether the caller may release the result (the sink may then hold its store)."""
     stored_here: bool = False
     """Whether the scheduler stores the result, not the sink (see ``Scheduler.stores_results``)."""
     answer_to: AnswerTo | None = None

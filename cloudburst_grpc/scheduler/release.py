@@ -14,6 +14,12 @@ A result under a key the scheduler chose that nobody releases expires: once
 the call's longest life and then the result time-to-live have passed, it is
 deleted the same way, so a caller that never reads cannot fill the store.
 Expiry is kept in this scheduler's memory; a restart forgets what was due.
+
+An executor may hold the store of a result its caller may release (see
+``hold_store`` in docs/protocol.md, "Held stores"): a release that comes while
+it holds the store is sent to it instead (:meth:`ResultReleaser.held_by`), it
+drops the store, and nothing is deleted; a call that refers to such a key
+(:meth:`ResultReleaser.want`) has the store start at once.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from cloudburst.errors import CloudburstError
 from cloudburst_grpc import telemetry
@@ -35,6 +42,14 @@ BATCH_LIMIT = 1000
 
 #: Seconds the first released key waits for others to join its batch.
 LINGER_SECONDS = 0.1
+
+
+class Holder(Protocol):
+    """An executor that may hold the store of a result (see :meth:`ResultReleaser.held_by`)."""
+
+    def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
+        """Drop the stores of ``drop``, start those of ``store`` now; never waits."""
+        ...
 
 
 class ResultReleaser:
@@ -68,6 +83,8 @@ class ResultReleaser:
         """Result keys still being stored: a release of one waits for its store."""
         self._held: set[str] = set()
         """Keys released while being stored."""
+        self._holders: dict[str, Holder] = {}
+        """Keys being stored whose executor may hold the store, by that executor."""
 
     @property
     def expiring(self) -> int:
@@ -114,9 +131,28 @@ class ResultReleaser:
         self._storing[key] = stored
         stored.add_done_callback(lambda _: self._stored(key, stored))
 
+    def held_by(self, key: str, holder: Holder) -> None:
+        """``holder`` may hold the store of ``key`` (being stored, see :meth:`storing`)."""
+        if key in self._storing:
+            self._holders[key] = holder
+
+    def dropped(self, key: str) -> None:
+        """The store of ``key`` was dropped: nothing to delete (call before it settles)."""
+        self._held.discard(key)
+
+    def want(self, keys: Iterable[str]) -> None:
+        """Have held stores of ``keys`` start now: a call refers to them."""
+        if not self._holders:
+            return
+        for key in keys:
+            holder = self._holders.pop(key, None)
+            if holder is not None:
+                holder.end_hold(store=[key])
+
     def _stored(self, key: str, stored: asyncio.Future[None]) -> None:
         if self._storing.get(key) is stored:
             del self._storing[key]
+            self._holders.pop(key, None)
         if key in self._held:
             self._held.discard(key)
             self.release([key])
@@ -128,11 +164,17 @@ class ResultReleaser:
             for key in keys:
                 self._due.pop(key, None)
         ready = []
+        drops: dict[int, tuple[Holder, list[str]]] = {}
         for key in keys:
             if key in self._storing:
-                self._held.add(key)  # deleted once stored
+                self._held.add(key)  # deleted once stored, unless the store is dropped
+                holder = self._holders.pop(key, None)
+                if holder is not None:
+                    drops.setdefault(id(holder), (holder, []))[1].append(key)
             else:
                 ready.append(key)
+        for holder, dropped in drops.values():
+            holder.end_hold(drop=dropped)
         self._queue(ready)
 
     def _queue(self, keys: list[str]) -> None:

@@ -456,6 +456,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         answer_to = AnswerTo(routes, frame.sequence) if routes is not None and awaited else None
         # A caller that had the outcome streamed and will not release the result keeps it.
         expire = frame.releasable or not frame.stream_outcome
+        # Results whose caller may release them (added to ``releasable`` once accepted, below).
+        may_release = awaited and frame.releasable and not direct and not named
         if kind == "call_function":
             accepted = await self._scheduler.call_function(
                 frame.call_function,
@@ -465,6 +467,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 expire,
                 answer_to=answer_to,
                 chosen_key=chosen,
+                releasable=may_release,
             )
         else:
             accepted = await self._scheduler.call_dag(
@@ -475,6 +478,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 expire,
                 answer_to=answer_to,
                 chosen_key=chosen,
+                releasable=may_release,
             )
 
         def answer(outcome: execution_pb2.Outcome | None = None) -> Answer:

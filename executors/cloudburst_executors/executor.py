@@ -13,9 +13,11 @@ out of the data path), and has the sink deliver the result (see
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,6 +41,14 @@ from cloudburst_grpc.messaging.mailbox import MailboxRouter
 from cloudburst_grpc.schedules import epoch_seconds
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a result its caller may release (``hold_store``) waits before it is stored: in
+#: ``f(x).get()`` the caller releases it within about a call's time, and a release that comes
+#: meanwhile drops the store (see :meth:`Executor.end_hold`), which then costs the KVS nothing.
+HOLD_SECONDS = 0.01
+
+#: The most keys remembered as wanted before their results came (see :meth:`Executor.end_hold`).
+WANTED_REMEMBERED = 1024
 
 
 class Executor:
@@ -92,9 +102,19 @@ class Executor:
         self.results = ResultRouter()
         self.active_calls = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.storing: dict[str, asyncio.Future[None]] = {}
-        """Results answered already and being stored (direct calls, DAG sinks), by response key."""
+        self.storing: dict[str, asyncio.Future[bool]] = {}
+        """Results answered already and being stored (direct calls, DAG sinks), by response key.
+
+        Each settles once its result is stored (or its store failed), with True
+        when the store was dropped instead (see :meth:`end_hold`).
+        """
+        self._holds: dict[str, asyncio.Future[bool]] = {}
+        """Stores held for :data:`HOLD_SECONDS`, by key: True ends a hold with the store."""
+        self._wanted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Keys asked to be stored at once before their results came: those are not held."""
         self._closed = False
+        self._closing_holds = False
+        """Set as the executor drains: nothing is held from then on."""
         telemetry.observe_executor(self)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -117,7 +137,12 @@ class Executor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for running calls to finish (shutdown's grace)."""
+        """Wait up to ``timeout`` seconds for running calls to finish (shutdown's grace).
+
+        Held stores start at once (and are waited for like calls).
+        """
+        self._closing_holds = True
+        self.end_hold(store=list(self._holds))
         busy = [t for t in self._tasks if not t.done()]
         if busy:
             await asyncio.wait(busy, timeout=max(timeout, 0))
@@ -249,7 +274,7 @@ class Executor:
                     self._max_payload_bytes,
                 )
             if request.response_key and request.direct_response:
-                self._store_after(request.response_key, outcome)
+                self._store_after(request.response_key, outcome, request.hold_store)
             elif request.response_key:
                 await results.store(self._kvs, self._clock, request.response_key, outcome)
         finally:
@@ -259,14 +284,69 @@ class Executor:
             response.outcome.CopyFrom(outcome)
         return response
 
-    def _store_after(self, key: str, outcome: execution_pb2.Outcome) -> None:
-        """Store an outcome answered first (see :attr:`storing`)."""
-        task = asyncio.ensure_future(self._store(key, outcome))
+    def _store_after(self, key: str, outcome: execution_pb2.Outcome, hold: bool = False) -> None:
+        """Store an outcome answered first (see :attr:`storing`).
+
+        With ``hold`` (its caller may release it), the store waits
+        :data:`HOLD_SECONDS` first, unless :meth:`end_hold` ends the wait.
+        """
+        wanted = self._wanted.pop(key, False) is None  # a call refers to it already
+        if hold and not wanted and not self._closing_holds:
+            loop = asyncio.get_running_loop()
+            gate: asyncio.Future[bool] = loop.create_future()
+            self._holds[key] = gate
+            loop.call_later(HOLD_SECONDS, _open, gate)
+            task = asyncio.ensure_future(self._held_store(key, outcome, gate))
+        else:
+            task = asyncio.ensure_future(self._store(key, outcome))
         self.storing[key] = task
         self._tasks.add(task)
 
-    async def _store(self, key: str, outcome: execution_pb2.Outcome) -> None:
-        """Store an outcome: the body of a task that leaves the books itself (see _run_stage)."""
+    def end_hold(self, drop: Iterable[str] = (), store: Iterable[str] = ()) -> None:
+        """End held stores: ``drop`` (released) are not stored, ``store`` are stored now.
+
+        A key in ``store`` whose result has not come yet is not held when it
+        comes (remembered for the last :data:`WANTED_REMEMBERED` such keys); a
+        key that is not held (any more) is otherwise left alone.
+        """
+        for key in drop:
+            gate = self._holds.get(key)
+            if gate is not None and not gate.done():
+                gate.set_result(False)
+        for key in store:
+            gate = self._holds.get(key)
+            if gate is not None:
+                if not gate.done():
+                    gate.set_result(True)
+            elif key not in self.storing:
+                self._wanted[key] = None
+                if len(self._wanted) > WANTED_REMEMBERED:
+                    self._wanted.popitem(last=False)
+
+    async def _held_store(
+        self, key: str, outcome: execution_pb2.Outcome, gate: asyncio.Future[bool]
+    ) -> bool:
+        """Store an outcome once its hold ends; True when it was dropped instead."""
+        try:
+            keep = await gate
+        finally:
+            if self._holds.get(key) is gate:
+                del self._holds[key]
+        if keep:
+            return await self._store(key, outcome)
+        telemetry.RESULTS_DROPPED.add(1)
+        task = asyncio.current_task()
+        if task is not None:
+            if self.storing.get(key) is task:
+                del self.storing[key]
+            self._tasks.discard(task)
+        return True
+
+    async def _store(self, key: str, outcome: execution_pb2.Outcome) -> bool:
+        """Store an outcome: the body of a task that leaves the books itself (see _run_stage).
+
+        Returns False: the store was not dropped (see :attr:`storing`).
+        """
         try:
             await results.store(self._kvs, self._clock, key, outcome)
         except CloudburstError as exc:
@@ -281,6 +361,7 @@ class Executor:
                 if self.storing.get(key) is task:
                     del self.storing[key]
                 self._tasks.discard(task)
+        return False
 
     # -- DAG stages ----------------------------------------------------------------
 
@@ -364,9 +445,12 @@ class Executor:
                 self._pool,
                 self._max_payload_bytes,
             )
-        await results.deliver(
-            schedule, outcome, self._kvs, self._clock, self.results, self._store_after
-        )
+        hold = schedule.hold_store
+
+        def store_after(key: str, outcome: execution_pb2.Outcome) -> None:
+            self._store_after(key, outcome, hold)
+
+        await results.deliver(schedule, outcome, self._kvs, self._clock, self.results, store_after)
 
     async def _stage_outcome(self, ready: RunStage) -> tuple[str, execution_pb2.Outcome]:
         """Run a stage and the chain after it; return the function that ran last, its outcome."""
@@ -470,3 +554,9 @@ def _annotate(current: Any, outcome: execution_pb2.Outcome) -> None:
         telemetry.record_failure(current, failure.type, failure.message, failure.traceback)
     elif kind == "error":
         telemetry.fail(current, None, outcome.error.message)
+
+
+def _open(gate: asyncio.Future[bool]) -> None:
+    """End a hold with the store (its time is up)."""
+    if not gate.done():
+        gate.set_result(True)

@@ -9,7 +9,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -438,11 +438,13 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 when_stored(executor, key, functools.partial(report_stored, key))
             return written
 
-        def report_stored(key: str) -> None:
+        def report_stored(key: str, dropped: bool) -> None:
             # Only releases wait for it: a note, in the same message as others.
             note(
                 executor_service_pb2.StreamTriggersResponse(
-                    result_stored=executor_service_pb2.ResultStored(response_key=key)
+                    result_stored=executor_service_pb2.ResultStored(
+                        response_key=key, dropped=dropped
+                    )
                 )
             )
 
@@ -483,6 +485,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     )
                 else:
                     executor.trigger(frame.trigger, schedule)
+            elif kind == "end_hold":
+                executor.end_hold(frame.end_hold.drop_keys, frame.end_hold.store_keys)
             elif kind == "execute_function":
                 # Not tracked: a call outlives its caller's stream (the caller, e.g.
                 # a scheduler that died, may wait on the stored result instead).
@@ -655,7 +659,7 @@ class LocalExecutorPeer:
         self._executor = executor
         self._detached: set[asyncio.Task[None]] = set()
         """Calls whose stream ended before they did: they still run and store their results."""
-        self._stored: dict[str, asyncio.Future[None]] = {}
+        self._stored: dict[str, asyncio.Future[bool]] = {}
         self.executor_id = executor.executor_id
         self.address = executor.address
 
@@ -673,22 +677,19 @@ class LocalExecutorPeer:
                 f"call of {request.function_name!r} did not finish within {timeout:.1f}s"
             ) from None
         finally:
-            stored = self._stored.pop(request.response_key, None)
+            key = request.response_key
+            stored = self._stored.pop(key, None)
             if stored is not None:
-                storing = self._executor.storing.get(request.response_key)
-                if storing is None:
-                    _settle(stored, None)
-                else:
-                    storing.add_done_callback(functools.partial(_settle, stored))
+                when_stored(self._executor, key, functools.partial(_settle, stored))
 
-    def expect_stored(self, response_key: str) -> asyncio.Future[None]:
-        """Settles once the call's result is stored (after its answer)."""
-        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def expect_stored(self, response_key: str) -> asyncio.Future[bool]:
+        """Settles once the call's result is stored (after its answer); True: dropped."""
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._stored[response_key] = stored
         stored.add_done_callback(functools.partial(self._forget_stored, response_key))
         return stored
 
-    def _forget_stored(self, response_key: str, stored: asyncio.Future[None]) -> None:
+    def _forget_stored(self, response_key: str, stored: asyncio.Future[bool]) -> None:
         if self._stored.get(response_key) is stored:
             del self._stored[response_key]
 
@@ -715,7 +716,11 @@ class LocalExecutorPeer:
         key = self._executor.results.stored_key(call_id)
         stored = self._stored.pop(key, None) if key else None
         if stored is not None:
-            when_stored(self._executor, key, lambda: _settle(stored, None))
+            when_stored(self._executor, key, functools.partial(_settle, stored))
+
+    def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
+        """End held stores of results (see :meth:`Executor.end_hold`)."""
+        self._executor.end_hold(drop, store)
 
     async def pin(self, function_name: str, version: int) -> None:
         """Pin a function."""
@@ -733,15 +738,25 @@ class LocalExecutorPeer:
         """Nothing to release."""
 
 
-def _settle(future: asyncio.Future[None], _: object) -> None:
+def _settle(future: asyncio.Future[bool], dropped: bool) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(dropped)
 
 
-def when_stored(executor: Executor, key: str, then: Callable[[], None]) -> None:
-    """Run ``then`` once the result being stored at ``key`` is stored (at once if it is)."""
+def when_stored(executor: Executor, key: str, then: Callable[[bool], None]) -> None:
+    """Run ``then`` once the result being stored at ``key`` is stored (at once if it is).
+
+    ``then`` is told whether the store was dropped instead (see :meth:`Executor.end_hold`).
+    """
     storing = executor.storing.get(key)
-    if storing is None or storing.done():
-        then()
+    if storing is None:
+        then(False)
+    elif storing.done():
+        then(_dropped(storing))
     else:
-        storing.add_done_callback(lambda _: then())
+        storing.add_done_callback(lambda done: then(_dropped(done)))
+
+
+def _dropped(storing: asyncio.Future[bool]) -> bool:
+    """Whether a settled store was dropped (a failed or cancelled one was not)."""
+    return not storing.cancelled() and storing.exception() is None and storing.result()

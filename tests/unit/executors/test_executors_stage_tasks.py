@@ -226,12 +226,60 @@ async def test_a_call_from_a_trigger_stream_leaves_the_detached_calls_once_answe
 async def test_a_store_cancelled_as_the_executor_closes_is_reported_like_any_other_end() -> None:
     ex = Executor(HERE, "local:here", ExecutorConfig(threads=1), Kvs(), None, 1 << 20, 30.0)  # type: ignore[arg-type]
     try:
-        store: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        store: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         ex.storing["k4"] = store
         reported = asyncio.Event()
-        when_stored(ex, "k4", reported.set)
+        when_stored(ex, "k4", lambda _dropped: reported.set())
         assert not reported.is_set()
         store.cancel()
         await asyncio.wait_for(reported.wait(), 10)
+    finally:
+        await ex.close()
+
+
+def held(key: str) -> executor_service_pb2.ExecuteFunctionRequest:
+    request = one_shot(key)
+    request.hold_store = True
+    return request
+
+
+async def test_held_stores_end_as_they_are_told(monkeypatch: Any) -> None:
+    """Dropped: never stored, settles True; stored now; wanted first: never held."""
+    monkeypatch.setattr("cloudburst_executors.executor.HOLD_SECONDS", 60.0)
+    kvs = Kvs()
+    ex = Executor(HERE, "local:here", ExecutorConfig(threads=1), kvs, None, 1 << 20, 30.0)  # type: ignore[arg-type]
+    ex._functions["incr"] = runner.LoadedFunction(
+        "incr", 1, function_pb2.FUNCTION_KIND_FUNCTION, incr
+    )
+    try:
+        await ex.execute(held("dropped"))
+        await ex.execute(held("wanted-later"))
+        ex.end_hold(store=["wanted-first"])
+        await ex.execute(held("wanted-first"))
+        assert set(ex._holds) == {"dropped", "wanted-later"}
+        dropped, later = ex.storing["dropped"], ex.storing["wanted-later"]
+        ex.end_hold(drop=["dropped", "unknown"], store=["wanted-later"])
+        async with asyncio.timeout(10):
+            assert await dropped is True
+            assert await later is False
+        await asyncio.sleep(0)
+        assert set(kvs.stored) == {"wanted-first", "wanted-later"}
+        assert not ex.storing and not ex._holds and not ex._tasks
+    finally:
+        await ex.close()
+
+
+async def test_draining_stores_what_is_held(monkeypatch: Any) -> None:
+    monkeypatch.setattr("cloudburst_executors.executor.HOLD_SECONDS", 60.0)
+    kvs = Kvs()
+    ex = Executor(HERE, "local:here", ExecutorConfig(threads=1), kvs, None, 1 << 20, 30.0)  # type: ignore[arg-type]
+    ex._functions["incr"] = runner.LoadedFunction(
+        "incr", 1, function_pb2.FUNCTION_KIND_FUNCTION, incr
+    )
+    try:
+        await ex.execute(held("k"))
+        assert "k" in ex._holds
+        await ex.drain(10)
+        assert "k" in kvs.stored
     finally:
         await ex.close()

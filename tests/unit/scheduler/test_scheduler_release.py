@@ -162,3 +162,50 @@ async def test_a_release_waits_for_the_results_store() -> None:
     await asyncio.sleep(0)  # the store's callback releases the key
     await releaser.close(timeout=5)
     assert kvs.batches == [["other"], ["result"]]
+
+
+class RecordingHolder:
+    """Records the EndHold requests a releaser makes of an executor."""
+
+    def __init__(self) -> None:
+        self.drops: list[list[str]] = []
+        self.stores: list[list[str]] = []
+
+    def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
+        if drop:
+            self.drops.append(list(drop))
+        if store:
+            self.stores.append(list(store))
+
+
+async def test_a_release_of_a_held_store_drops_it_and_deletes_nothing() -> None:
+    kvs = RecordingKvs()
+    kvs.go.set()
+    releaser = ResultReleaser(kvs, linger=0)  # type: ignore[arg-type]
+    holder = RecordingHolder()
+    loop = asyncio.get_running_loop()
+    stored = {key: loop.create_future() for key in ("a", "b")}
+    for key, future in stored.items():
+        releaser.storing(key, future)
+        releaser.held_by(key, holder)
+    releaser.release(["a", "b"])
+    assert holder.drops == [["a", "b"]], "one request per executor"
+    releaser.dropped("a")  # the executor dropped a's store; b's had started already
+    for future in stored.values():
+        future.set_result(None)
+    await asyncio.sleep(0)  # the stores' callbacks release the keys
+    await releaser.close(timeout=5)
+    assert kvs.batches == [["b"]], "only the store that was made is deleted"
+
+
+async def test_a_call_that_wants_a_held_store_has_it_start_once() -> None:
+    releaser = ResultReleaser(RecordingKvs(), linger=0)  # type: ignore[arg-type]
+    holder = RecordingHolder()
+    releaser.storing("a", asyncio.get_running_loop().create_future())
+    releaser.held_by("a", holder)
+    releaser.held_by("not-being-stored", holder)  # no store: nothing to hold
+    releaser.want(["a", "not-being-stored"])
+    releaser.want(["a"])
+    assert holder.stores == [["a"]]
+    releaser.release(["a"])
+    assert holder.drops == [], "a store asked for is not dropped"
