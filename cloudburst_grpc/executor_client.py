@@ -200,6 +200,10 @@ class OutcomeWaiters:
         return len(self._waiting)
 
 
+#: Seconds stores to drop wait for a frame to the executor to ride on before they get their own.
+DROP_WAIT_SECONDS = 0.005
+
+
 class RemoteExecutorPeer:
     """An executor in another process, reached over one long-lived bidirectional stream.
 
@@ -234,6 +238,9 @@ class RemoteExecutorPeer:
         self._stream_id = 0
         """The stream_id of the current stream's hello (see :meth:`expect_result`)."""
         self._stored: dict[str, asyncio.Future[bool]] = {}
+        self._drops: list[str] = []
+        """Keys whose held stores to drop, waiting for the next frame (see :meth:`end_hold`)."""
+        self._drop_timer: asyncio.TimerHandle | None = None
         self.schedules = SentSchedules()
         """The schedules the current stream carried (triggers after the first refer to them)."""
         self._schedules_stream = 0
@@ -328,11 +335,12 @@ class RemoteExecutorPeer:
         self._answers[sequence] = answer
         try:
             async with asyncio.timeout(timeout):  # the write too: the peer may not read
-                await self._stream.write(
-                    executor_service_pb2.StreamTriggersRequest(
-                        sequence=sequence, execute_function=request
-                    )
+                frame = executor_service_pb2.StreamTriggersRequest(
+                    sequence=sequence, execute_function=request
                 )
+                if self._drops:
+                    self._take_drops(frame)
+                await self._stream.write(frame)
                 return await answer
         except TimeoutError:
             raise CloudburstTimeoutError(
@@ -361,6 +369,8 @@ class RemoteExecutorPeer:
         frame = executor_service_pb2.StreamTriggersRequest()
         frame.trigger.CopyFrom(trigger)
         self.schedules.fill(frame.trigger, schedule)
+        if self._drops:
+            self._take_drops(frame)
         if written:
             await self._stream.write(frame)
         else:
@@ -390,15 +400,37 @@ class RemoteExecutorPeer:
         return stored
 
     def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
-        """Send an EndHold frame (queued; never waits)."""
-        try:
-            self._stream.send(
-                executor_service_pb2.StreamTriggersRequest(
-                    end_hold=executor_service_pb2.EndHold(drop_keys=drop, store_keys=store)
-                )
+        """Send an EndHold (never waits).
+
+        Stores to drop ride on the next frame to the executor (a release rides
+        on its caller's next call, often to this executor), or go in a frame of
+        their own after :data:`DROP_WAIT_SECONDS`; stores wanted go at once.
+        """
+        self._drops.extend(drop)
+        if store:
+            self._send_end_hold(store)
+        elif self._drops and self._drop_timer is None:
+            self._drop_timer = asyncio.get_running_loop().call_later(
+                DROP_WAIT_SECONDS, self._send_end_hold
             )
+
+    def _send_end_hold(self, store: Sequence[str] = ()) -> None:
+        frame = executor_service_pb2.StreamTriggersRequest()
+        frame.end_hold.store_keys.extend(store)
+        self._take_drops(frame)
+        try:
+            self._stream.send(frame)
         except UnavailableError:
             pass  # closed for good: the held stores end by themselves
+
+    def _take_drops(self, frame: executor_service_pb2.StreamTriggersRequest) -> None:
+        """Put the stores waiting to be dropped into ``frame``."""
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        if self._drops:
+            frame.end_hold.drop_keys.extend(self._drops)
+            self._drops.clear()
 
     def _forget_stored(self, response_key: str, stored: asyncio.Future[bool]) -> None:
         if self._stored.get(response_key) is stored:

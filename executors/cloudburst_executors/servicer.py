@@ -474,6 +474,8 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                 answers.put_nowait(None)
 
         def serve(frame: executor_service_pb2.StreamTriggersRequest) -> None:
+            if frame.HasField("end_hold"):
+                executor.end_hold(frame.end_hold.drop_keys, frame.end_hold.store_keys)
             kind = frame.WhichOneof("frame")
             if kind == "trigger":
                 schedule = schedules.resolve(frame.trigger)
@@ -485,8 +487,6 @@ class ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
                     )
                 else:
                     executor.trigger(frame.trigger, schedule)
-            elif kind == "end_hold":
-                executor.end_hold(frame.end_hold.drop_keys, frame.end_hold.store_keys)
             elif kind == "execute_function":
                 # Not tracked: a call outlives its caller's stream (the caller, e.g.
                 # a scheduler that died, may wait on the stored result instead).

@@ -238,8 +238,10 @@ type StreamTriggersRequest struct {
 	//	*StreamTriggersRequest_Hello
 	//	*StreamTriggersRequest_Trigger
 	//	*StreamTriggersRequest_ExecuteFunction
-	//	*StreamTriggersRequest_EndHold
 	Frame isStreamTriggersRequest_Frame `protobuf_oneof:"frame"`
+	// Ends the hold of results answered earlier on this executor and not stored yet; served before
+	// the frame's own `frame`. It may ride on any frame but the hello, or come in a frame of its own.
+	EndHold *EndHold `protobuf:"bytes,8,opt,name=end_hold,json=endHold,proto3" json:"end_hold,omitempty"`
 	// Several frames in one message, to be read as if sent one by one in this order; a frame that
 	// carries a batch carries nothing else, and a frame inside a batch carries no batch. Sent only
 	// to an executor that set `reads_batches` in a response on this stream.
@@ -321,9 +323,7 @@ func (x *StreamTriggersRequest) GetExecuteFunction() *ExecuteFunctionRequest {
 
 func (x *StreamTriggersRequest) GetEndHold() *EndHold {
 	if x != nil {
-		if x, ok := x.Frame.(*StreamTriggersRequest_EndHold); ok {
-			return x.EndHold
-		}
+		return x.EndHold
 	}
 	return nil
 }
@@ -354,18 +354,11 @@ type StreamTriggersRequest_ExecuteFunction struct {
 	ExecuteFunction *ExecuteFunctionRequest `protobuf:"bytes,6,opt,name=execute_function,json=executeFunction,proto3,oneof"`
 }
 
-type StreamTriggersRequest_EndHold struct {
-	// Ends the hold of results answered earlier on this executor and not stored yet.
-	EndHold *EndHold `protobuf:"bytes,8,opt,name=end_hold,json=endHold,proto3,oneof"`
-}
-
 func (*StreamTriggersRequest_Hello) isStreamTriggersRequest_Frame() {}
 
 func (*StreamTriggersRequest_Trigger) isStreamTriggersRequest_Frame() {}
 
 func (*StreamTriggersRequest_ExecuteFunction) isStreamTriggersRequest_Frame() {}
-
-func (*StreamTriggersRequest_EndHold) isStreamTriggersRequest_Frame() {}
 
 // StreamTriggersResponse is one frame from an executor back to the stream's opener.
 type StreamTriggersResponse struct {
@@ -1435,13 +1428,13 @@ const file_cloudburst_v1_executor_service_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"z\n" +
 	"\x17ExecuteFunctionResponse\x120\n" +
 	"\aoutcome\x18\x01 \x01(\v2\x16.cloudburst.v1.OutcomeR\aoutcome\x12-\n" +
-	"\x12delivered_directly\x18\x02 \x01(\bR\x11deliveredDirectly\"\x94\x03\n" +
+	"\x12delivered_directly\x18\x02 \x01(\bR\x11deliveredDirectly\"\x92\x03\n" +
 	"\x15StreamTriggersRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x123\n" +
 	"\x05hello\x18\x03 \x01(\v2\x1b.cloudburst.v1.TriggerHelloH\x00R\x05hello\x122\n" +
 	"\atrigger\x18\x04 \x01(\v2\x16.cloudburst.v1.TriggerH\x00R\atrigger\x12R\n" +
-	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunction\x123\n" +
-	"\bend_hold\x18\b \x01(\v2\x16.cloudburst.v1.EndHoldH\x00R\aendHold\x12:\n" +
+	"\x10execute_function\x18\x06 \x01(\v2%.cloudburst.v1.ExecuteFunctionRequestH\x00R\x0fexecuteFunction\x121\n" +
+	"\bend_hold\x18\b \x01(\v2\x16.cloudburst.v1.EndHoldR\aendHold\x12:\n" +
 	"\x05batch\x18\a \x03(\v2$.cloudburst.v1.StreamTriggersRequestR\x05batchB\a\n" +
 	"\x05frameJ\x04\b\x02\x10\x03J\x04\b\x05\x10\x06R\rtrace_contextR\rexpect_result\"\xb4\x03\n" +
 	"\x16StreamTriggersResponse\x12\x1a\n" +
@@ -1615,7 +1608,6 @@ func file_cloudburst_v1_executor_service_proto_init() {
 		(*StreamTriggersRequest_Hello)(nil),
 		(*StreamTriggersRequest_Trigger)(nil),
 		(*StreamTriggersRequest_ExecuteFunction)(nil),
-		(*StreamTriggersRequest_EndHold)(nil),
 	}
 	file_cloudburst_v1_executor_service_proto_msgTypes[3].OneofWrappers = []any{
 		(*StreamTriggersResponse_DagResult)(nil),

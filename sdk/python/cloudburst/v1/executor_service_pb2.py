@@ -28,7 +28,7 @@ from cloudburst.v1 import value_pb2 as cloudburst_dot_v1_dot_value__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1d\x63loudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19\x63loudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x03\n\x16\x45xecuteFunctionRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rfunction_name\x18\x02 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x03 \x01(\x04\x12*\n\targuments\x18\x04 \x03(\x0b\x32\x17.cloudburst.v1.Argument\x12\x14\n\x0cresponse_key\x18\x05 \x01(\t\x12\x17\n\x0f\x64irect_response\x18\x06 \x01(\x08\x12N\n\rtrace_context\x18\x07 \x03(\x0b\x32\x37.cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry\x12\x35\n\x12\x61\x63\x63\x65pt_serializers\x18\x08 \x03(\x0e\x32\x19.cloudburst.v1.Serializer\x12\x31\n\rdeadline_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x61nswer_stream_id\x18\n \x01(\t\x12\x17\n\x0f\x61nswer_sequence\x18\x0b \x01(\x04\x12\x12\n\nhold_store\x18\x0c \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x17\x45xecuteFunctionResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\x12\x1a\n\x12\x64\x65livered_directly\x18\x02 \x01(\x08\"\xd9\x02\n\x15StreamTriggersRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x05hello\x18\x03 \x01(\x0b\x32\x1b.cloudburst.v1.TriggerHelloH\x00\x12)\n\x07trigger\x18\x04 \x01(\x0b\x32\x16.cloudburst.v1.TriggerH\x00\x12\x41\n\x10\x65xecute_function\x18\x06 \x01(\x0b\x32%.cloudburst.v1.ExecuteFunctionRequestH\x00\x12*\n\x08\x65nd_hold\x18\x08 \x01(\x0b\x32\x16.cloudburst.v1.EndHoldH\x00\x12\x33\n\x05\x62\x61tch\x18\x07 \x03(\x0b\x32$.cloudburst.v1.StreamTriggersRequestB\x07\n\x05\x66rameJ\x04\x08\x02\x10\x03J\x04\x08\x05\x10\x06R\rtrace_contextR\rexpect_result\"\xde\x02\n\x16StreamTriggersResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\ndag_result\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.DagResultH\x00\x12\x42\n\x10\x65xecute_function\x18\x03 \x01(\x0b\x32&.cloudburst.v1.ExecuteFunctionResponseH\x00\x12\x32\n\x0c\x63\x61\x63he_report\x18\x04 \x01(\x0b\x32\x1a.cloudburst.v1.CacheReportH\x00\x12\x34\n\rresult_stored\x18\x05 \x01(\x0b\x32\x1b.cloudburst.v1.ResultStoredH\x00\x12\x34\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32%.cloudburst.v1.StreamTriggersResponse\x12\x15\n\rreads_batches\x18\x07 \x01(\x08\x42\x07\n\x05\x66rame\"5\n\x0cResultStored\x12\x14\n\x0cresponse_key\x18\x01 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x08\"0\n\x07\x45ndHold\x12\x11\n\tdrop_keys\x18\x01 \x03(\t\x12\x12\n\nstore_keys\x18\x02 \x03(\t\"I\n\x0cTriggerHello\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rreads_batches\x18\x02 \x01(\x08\x12\x11\n\tstream_id\x18\x03 \x01(\x04\"a\n\tDagResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\x12\x1a\n\x12\x64\x65livered_directly\x18\x03 \x01(\x08\"E\n\x12PinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x02 \x01(\x04\"\x15\n\x13PinFunctionResponse\"-\n\x14UnpinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\"\x17\n\x15UnpinFunctionResponse\"\x1a\n\x18GetExecutorStatusRequest\"\x85\x02\n\x19GetExecutorStatusResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x18\n\x10pinned_functions\x18\x02 \x03(\t\x12\x14\n\x0c\x61\x63tive_calls\x18\x03 \x01(\r\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x13\n\x0b\x63\x61\x63hed_keys\x18\x05 \x03(\t\x12(\n\x05\x63\x61\x63he\x18\x06 \x01(\x0b\x32\x19.cloudburst.v1.CacheStats\x12;\n\x0ftrigger_streams\x18\x07 \x03(\x0b\x32\".cloudburst.v1.TriggerStreamStatus\x12\x16\n\x0eparked_results\x18\x08 \x01(\r\"0\n\x14StreamAnswersRequest\x12\x18\n\x10\x61nswer_stream_id\x18\x01 \x01(\t\"`\n\x15StreamAnswersResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x33\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\".cloudburst.v1.StreamCallsResponse\";\n\x0b\x43\x61\x63heReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\"c\n\x13TriggerStreamStatus\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\x04\x12\x13\n\x0b\x66rames_read\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x61g_results\x18\x04 \x01(\x04\"p\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x11\n\tmax_bytes\x18\x06 \x01(\x04\x32\xce\x04\n\x0f\x45xecutorService\x12`\n\x0f\x45xecuteFunction\x12%.cloudburst.v1.ExecuteFunctionRequest\x1a&.cloudburst.v1.ExecuteFunctionResponse\x12\x61\n\x0eStreamTriggers\x12$.cloudburst.v1.StreamTriggersRequest\x1a%.cloudburst.v1.StreamTriggersResponse(\x01\x30\x01\x12T\n\x0bPinFunction\x12!.cloudburst.v1.PinFunctionRequest\x1a\".cloudburst.v1.PinFunctionResponse\x12Z\n\rUnpinFunction\x12#.cloudburst.v1.UnpinFunctionRequest\x1a$.cloudburst.v1.UnpinFunctionResponse\x12\x66\n\x11GetExecutorStatus\x12\'.cloudburst.v1.GetExecutorStatusRequest\x1a(.cloudburst.v1.GetExecutorStatusResponse\x12\\\n\rStreamAnswers\x12#.cloudburst.v1.StreamAnswersRequest\x1a$.cloudburst.v1.StreamAnswersResponse0\x01\x42\x95\x01\n\x11\x63om.cloudburst.v1B\x14\x45xecutorServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$cloudburst/v1/executor_service.proto\x12\rcloudburst.v1\x1a\x1d\x63loudburst/v1/execution.proto\x1a%cloudburst/v1/scheduler_service.proto\x1a\x19\x63loudburst/v1/value.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x03\n\x16\x45xecuteFunctionRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\rfunction_name\x18\x02 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x03 \x01(\x04\x12*\n\targuments\x18\x04 \x03(\x0b\x32\x17.cloudburst.v1.Argument\x12\x14\n\x0cresponse_key\x18\x05 \x01(\t\x12\x17\n\x0f\x64irect_response\x18\x06 \x01(\x08\x12N\n\rtrace_context\x18\x07 \x03(\x0b\x32\x37.cloudburst.v1.ExecuteFunctionRequest.TraceContextEntry\x12\x35\n\x12\x61\x63\x63\x65pt_serializers\x18\x08 \x03(\x0e\x32\x19.cloudburst.v1.Serializer\x12\x31\n\rdeadline_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x61nswer_stream_id\x18\n \x01(\t\x12\x17\n\x0f\x61nswer_sequence\x18\x0b \x01(\x04\x12\x12\n\nhold_store\x18\x0c \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x17\x45xecuteFunctionResponse\x12\'\n\x07outcome\x18\x01 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\x12\x1a\n\x12\x64\x65livered_directly\x18\x02 \x01(\x08\"\xd7\x02\n\x15StreamTriggersRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x05hello\x18\x03 \x01(\x0b\x32\x1b.cloudburst.v1.TriggerHelloH\x00\x12)\n\x07trigger\x18\x04 \x01(\x0b\x32\x16.cloudburst.v1.TriggerH\x00\x12\x41\n\x10\x65xecute_function\x18\x06 \x01(\x0b\x32%.cloudburst.v1.ExecuteFunctionRequestH\x00\x12(\n\x08\x65nd_hold\x18\x08 \x01(\x0b\x32\x16.cloudburst.v1.EndHold\x12\x33\n\x05\x62\x61tch\x18\x07 \x03(\x0b\x32$.cloudburst.v1.StreamTriggersRequestB\x07\n\x05\x66rameJ\x04\x08\x02\x10\x03J\x04\x08\x05\x10\x06R\rtrace_contextR\rexpect_result\"\xde\x02\n\x16StreamTriggersResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\ndag_result\x18\x02 \x01(\x0b\x32\x18.cloudburst.v1.DagResultH\x00\x12\x42\n\x10\x65xecute_function\x18\x03 \x01(\x0b\x32&.cloudburst.v1.ExecuteFunctionResponseH\x00\x12\x32\n\x0c\x63\x61\x63he_report\x18\x04 \x01(\x0b\x32\x1a.cloudburst.v1.CacheReportH\x00\x12\x34\n\rresult_stored\x18\x05 \x01(\x0b\x32\x1b.cloudburst.v1.ResultStoredH\x00\x12\x34\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32%.cloudburst.v1.StreamTriggersResponse\x12\x15\n\rreads_batches\x18\x07 \x01(\x08\x42\x07\n\x05\x66rame\"5\n\x0cResultStored\x12\x14\n\x0cresponse_key\x18\x01 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x08\"0\n\x07\x45ndHold\x12\x11\n\tdrop_keys\x18\x01 \x03(\t\x12\x12\n\nstore_keys\x18\x02 \x03(\t\"I\n\x0cTriggerHello\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rreads_batches\x18\x02 \x01(\x08\x12\x11\n\tstream_id\x18\x03 \x01(\x04\"a\n\tDagResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0b\x32\x16.cloudburst.v1.Outcome\x12\x1a\n\x12\x64\x65livered_directly\x18\x03 \x01(\x08\"E\n\x12PinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\x12\x18\n\x10\x66unction_version\x18\x02 \x01(\x04\"\x15\n\x13PinFunctionResponse\"-\n\x14UnpinFunctionRequest\x12\x15\n\rfunction_name\x18\x01 \x01(\t\"\x17\n\x15UnpinFunctionResponse\"\x1a\n\x18GetExecutorStatusRequest\"\x85\x02\n\x19GetExecutorStatusResponse\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x18\n\x10pinned_functions\x18\x02 \x03(\t\x12\x14\n\x0c\x61\x63tive_calls\x18\x03 \x01(\r\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x13\n\x0b\x63\x61\x63hed_keys\x18\x05 \x03(\t\x12(\n\x05\x63\x61\x63he\x18\x06 \x01(\x0b\x32\x19.cloudburst.v1.CacheStats\x12;\n\x0ftrigger_streams\x18\x07 \x03(\x0b\x32\".cloudburst.v1.TriggerStreamStatus\x12\x16\n\x0eparked_results\x18\x08 \x01(\r\"0\n\x14StreamAnswersRequest\x12\x18\n\x10\x61nswer_stream_id\x18\x01 \x01(\t\"`\n\x15StreamAnswersResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x33\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\".cloudburst.v1.StreamCallsResponse\";\n\x0b\x43\x61\x63heReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\"c\n\x13TriggerStreamStatus\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\x04\x12\x13\n\x0b\x66rames_read\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x61g_results\x18\x04 \x01(\x04\"p\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\r\x12\x11\n\tmax_bytes\x18\x06 \x01(\x04\x32\xce\x04\n\x0f\x45xecutorService\x12`\n\x0f\x45xecuteFunction\x12%.cloudburst.v1.ExecuteFunctionRequest\x1a&.cloudburst.v1.ExecuteFunctionResponse\x12\x61\n\x0eStreamTriggers\x12$.cloudburst.v1.StreamTriggersRequest\x1a%.cloudburst.v1.StreamTriggersResponse(\x01\x30\x01\x12T\n\x0bPinFunction\x12!.cloudburst.v1.PinFunctionRequest\x1a\".cloudburst.v1.PinFunctionResponse\x12Z\n\rUnpinFunction\x12#.cloudburst.v1.UnpinFunctionRequest\x1a$.cloudburst.v1.UnpinFunctionResponse\x12\x66\n\x11GetExecutorStatus\x12\'.cloudburst.v1.GetExecutorStatusRequest\x1a(.cloudburst.v1.GetExecutorStatusResponse\x12\\\n\rStreamAnswers\x12#.cloudburst.v1.StreamAnswersRequest\x1a$.cloudburst.v1.StreamAnswersResponse0\x01\x42\x95\x01\n\x11\x63om.cloudburst.v1B\x14\x45xecutorServiceProtoP\x01Z1cloudburst-grpc/sdk/go/cloudburst/v1;cloudburstv1\xa2\x02\x03\x43XX\xaa\x02\rCloudburst.V1\xca\x02\rCloudburst\\V1\xea\x02\x0e\x43loudburst::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,39 +45,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTEFUNCTIONRESPONSE']._serialized_start=679
   _globals['_EXECUTEFUNCTIONRESPONSE']._serialized_end=773
   _globals['_STREAMTRIGGERSREQUEST']._serialized_start=776
-  _globals['_STREAMTRIGGERSREQUEST']._serialized_end=1121
-  _globals['_STREAMTRIGGERSRESPONSE']._serialized_start=1124
-  _globals['_STREAMTRIGGERSRESPONSE']._serialized_end=1474
-  _globals['_RESULTSTORED']._serialized_start=1476
-  _globals['_RESULTSTORED']._serialized_end=1529
-  _globals['_ENDHOLD']._serialized_start=1531
-  _globals['_ENDHOLD']._serialized_end=1579
-  _globals['_TRIGGERHELLO']._serialized_start=1581
-  _globals['_TRIGGERHELLO']._serialized_end=1654
-  _globals['_DAGRESULT']._serialized_start=1656
-  _globals['_DAGRESULT']._serialized_end=1753
-  _globals['_PINFUNCTIONREQUEST']._serialized_start=1755
-  _globals['_PINFUNCTIONREQUEST']._serialized_end=1824
-  _globals['_PINFUNCTIONRESPONSE']._serialized_start=1826
-  _globals['_PINFUNCTIONRESPONSE']._serialized_end=1847
-  _globals['_UNPINFUNCTIONREQUEST']._serialized_start=1849
-  _globals['_UNPINFUNCTIONREQUEST']._serialized_end=1894
-  _globals['_UNPINFUNCTIONRESPONSE']._serialized_start=1896
-  _globals['_UNPINFUNCTIONRESPONSE']._serialized_end=1919
-  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_start=1921
-  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_end=1947
-  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_start=1950
-  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_end=2211
-  _globals['_STREAMANSWERSREQUEST']._serialized_start=2213
-  _globals['_STREAMANSWERSREQUEST']._serialized_end=2261
-  _globals['_STREAMANSWERSRESPONSE']._serialized_start=2263
-  _globals['_STREAMANSWERSRESPONSE']._serialized_end=2359
-  _globals['_CACHEREPORT']._serialized_start=2361
-  _globals['_CACHEREPORT']._serialized_end=2420
-  _globals['_TRIGGERSTREAMSTATUS']._serialized_start=2422
-  _globals['_TRIGGERSTREAMSTATUS']._serialized_end=2521
-  _globals['_CACHESTATS']._serialized_start=2523
-  _globals['_CACHESTATS']._serialized_end=2635
-  _globals['_EXECUTORSERVICE']._serialized_start=2638
-  _globals['_EXECUTORSERVICE']._serialized_end=3228
+  _globals['_STREAMTRIGGERSREQUEST']._serialized_end=1119
+  _globals['_STREAMTRIGGERSRESPONSE']._serialized_start=1122
+  _globals['_STREAMTRIGGERSRESPONSE']._serialized_end=1472
+  _globals['_RESULTSTORED']._serialized_start=1474
+  _globals['_RESULTSTORED']._serialized_end=1527
+  _globals['_ENDHOLD']._serialized_start=1529
+  _globals['_ENDHOLD']._serialized_end=1577
+  _globals['_TRIGGERHELLO']._serialized_start=1579
+  _globals['_TRIGGERHELLO']._serialized_end=1652
+  _globals['_DAGRESULT']._serialized_start=1654
+  _globals['_DAGRESULT']._serialized_end=1751
+  _globals['_PINFUNCTIONREQUEST']._serialized_start=1753
+  _globals['_PINFUNCTIONREQUEST']._serialized_end=1822
+  _globals['_PINFUNCTIONRESPONSE']._serialized_start=1824
+  _globals['_PINFUNCTIONRESPONSE']._serialized_end=1845
+  _globals['_UNPINFUNCTIONREQUEST']._serialized_start=1847
+  _globals['_UNPINFUNCTIONREQUEST']._serialized_end=1892
+  _globals['_UNPINFUNCTIONRESPONSE']._serialized_start=1894
+  _globals['_UNPINFUNCTIONRESPONSE']._serialized_end=1917
+  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_start=1919
+  _globals['_GETEXECUTORSTATUSREQUEST']._serialized_end=1945
+  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_start=1948
+  _globals['_GETEXECUTORSTATUSRESPONSE']._serialized_end=2209
+  _globals['_STREAMANSWERSREQUEST']._serialized_start=2211
+  _globals['_STREAMANSWERSREQUEST']._serialized_end=2259
+  _globals['_STREAMANSWERSRESPONSE']._serialized_start=2261
+  _globals['_STREAMANSWERSRESPONSE']._serialized_end=2357
+  _globals['_CACHEREPORT']._serialized_start=2359
+  _globals['_CACHEREPORT']._serialized_end=2418
+  _globals['_TRIGGERSTREAMSTATUS']._serialized_start=2420
+  _globals['_TRIGGERSTREAMSTATUS']._serialized_end=2519
+  _globals['_CACHESTATS']._serialized_start=2521
+  _globals['_CACHESTATS']._serialized_end=2633
+  _globals['_EXECUTORSERVICE']._serialized_start=2636
+  _globals['_EXECUTORSERVICE']._serialized_end=3226
 # @@protoc_insertion_point(module_scope)

@@ -179,7 +179,9 @@ class StreamTriggersRequest(_message.Message):
 
     @_builtins.property
     def end_hold(self) -> Global___EndHold:
-        """Ends the hold of results answered earlier on this executor and not stored yet."""
+        """Ends the hold of results answered earlier on this executor and not stored yet; served before
+        the frame's own `frame`. It may ride on any frame but the hello, or come in a frame of its own.
+        """
 
     @_builtins.property
     def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamTriggersRequest]:
@@ -202,7 +204,7 @@ class StreamTriggersRequest(_message.Message):
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "end_hold", b"end_hold", "execute_function", b"execute_function", "frame", b"frame", "hello", b"hello", "sequence", b"sequence", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "execute_function", "end_hold"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["hello", "trigger", "execute_function"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
