@@ -131,17 +131,23 @@ def test_the_scheduler_sends_the_sinks_executor_nothing_per_dag_call(
         (sink_id,) = [e for e, pinned in pins.items() if "hop-square" in pinned]
         (source_id,) = [e for e, pinned in pins.items() if "hop-incr" in pinned]
         assert sink_id != source_id, pins
+        sink = next(e for e in process_cluster.executors if executor_id(e) == sink_id)
         for i in range(20):
             assert cloud.call_dag("hops", {"hop-incr": i}, direct_response=True) == (i + 1) ** 2
+        streams = status(sink.address).trigger_streams
+        from_scheduler = [s for s in streams if s.peer_id.startswith("scheduler-")]
+        # The scheduler opened its stream to the sink's executor and sent nothing on it after
+        # the hello; every result came back on it.
+        assert [(s.frames_read, s.dag_results) for s in from_scheduler] == [(0, 20)], streams
         for i in range(5):
             assert cloud.call_dag("hops", {"hop-incr": i}).get(timeout=DEADLINE) == (i + 1) ** 2
-    sink = next(e for e in process_cluster.executors if executor_id(e) == sink_id)
     streams = status(sink.address).trigger_streams
     from_scheduler = [s for s in streams if s.peer_id.startswith("scheduler-")]
     from_source = [s for s in streams if s.peer_id == source_id]
-    # The scheduler opened its stream to the sink's executor and sent nothing on it after the
-    # hello; every result came back on it. The triggers came from the source's executor.
-    assert [(s.frames_read, s.dag_results) for s in from_scheduler] == [(0, 25)], streams
+    # Results whose callers released them (each future above) may have their held stores
+    # dropped: at most one frame each, nothing else. The triggers came from the source's executor.
+    assert [s.dag_results for s in from_scheduler] == [25], streams
+    assert [s.frames_read <= 5 for s in from_scheduler] == [True], streams
     assert [s.frames_read for s in from_source] == [25], streams
 
 
