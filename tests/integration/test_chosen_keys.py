@@ -23,7 +23,14 @@ import pytest
 from cloudburst import CloudburstConnection, CloudburstFuture
 from cloudburst.errors import DagNotFoundError, FunctionNotFoundError, UnavailableError
 from cloudburst.serialization import deserialize, serialize
-from cloudburst.v1 import error_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
+from cloudburst.v1 import (
+    error_pb2,
+    kvs_service_pb2,
+    kvs_service_pb2_grpc,
+    lattice_pb2,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
 from cloudburst_grpc import answers
 from cloudburst_grpc.local import Node, start_local
 from cloudburst_grpc.scheduler.core import Scheduler
@@ -310,7 +317,15 @@ def test_the_scheduler_announces_chosen_keys_and_answers_them_once(
     (only,) = [a for a in answers_ if a.sequence == 2]
     assert only.call_function.response_key == key
     assert deserialize(only.call_function.outcome.value) == 2
-    # Stored under the key (and, never released by this caller, expiring like any other).
+    # Stored under the key (and, never released by this caller, expiring like any other). The
+    # store follows the answer (held a moment, as the result is releasable): another client
+    # waits for it, as the protocol says.
+    with grpc.insecure_channel(local_node.address) as channel:
+        kvs = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        request = kvs_service_pb2.GetValueRequest(
+            key=key, keyspace=lattice_pb2.KEYSPACE_USER, wait=True
+        )
+        assert kvs.GetValue(request, timeout=DEADLINE).found
     with CloudburstConnection(local_node.address) as conn:
         assert conn.get_object(key) == 2
 
