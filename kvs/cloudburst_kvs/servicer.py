@@ -300,8 +300,9 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             )
         lattices.check_not_ahead(request.lattice, time.time_ns(), self._max_skew_ns)
         lattice = lattices.stamp(request.lattice, self._clock)
+        # The size goes along: measuring a last-writer-wins value copies its bytes.
         merged = await self._store.put(
-            keyspace, request.key, lattice, request_id=request.request_id
+            keyspace, request.key, lattice, request_id=request.request_id, size=size
         )
         if not request.omit_lattice:
             response.lattice.CopyFrom(merged)

@@ -697,15 +697,18 @@ class Core:
                     result[entry.key] = entry.lattice if entry.found else None
         return result
 
-    async def put(self, request: kvs_service_pb2.PutValueRequest, timeout: float) -> None:
+    async def put(
+        self, request: kvs_service_pb2.PutValueRequest, value_bytes: int, timeout: float
+    ) -> None:
         """Send a write of a user key that fits in one message.
 
         The caller builds the request with its lattice in place, so that the
-        value is not copied once more into it.
+        value is not copied once more into it, and gives the value's size:
+        measuring the request would encode it once more.
         """
         request.keyspace, request.omit_lattice = _USER, True
         what = f"writing key {request.key!r}"
-        streamed = request.lattice.ByteSize() <= MAX_STREAMED_PUT_BYTES
+        streamed = value_bytes <= MAX_STREAMED_PUT_BYTES
 
         async def put(stub: KvsStub, ops: OpStream | None) -> None:
             if streamed and ops is not None and ops.available:

@@ -1170,7 +1170,9 @@ class CloudburstConnection:
             lattice.lww.timestamp.CopyFrom(timestamp)
             lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
             del data
-            self._retrying(lambda: self._core.put(request, self.timeout), f"put_object({key!r})")
+            self._retrying(
+                lambda: self._core.put(request, size, self.timeout), f"put_object({key!r})"
+            )
         self._wrote(key, timestamp.time_ns)
         return True
 

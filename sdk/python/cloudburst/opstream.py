@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 #: Set to 0, false, no or off, this environment variable keeps a process's KVS ops on unary
 #: calls rather than on one stream per KVS channel.
 STREAM_ENV = "CLOUDBURST_KVS_STREAM"
-#: A merge whose lattice encodes to more bytes than this goes in a unary call (or in chunks),
+#: A merge whose value holds more bytes than this goes in a unary call (or in chunks),
 #: so that no large value holds up the small ops that share the stream.
 MAX_STREAMED_PUT_BYTES = 64 << 10
 _OFF = frozenset({"0", "false", "no", "off"})

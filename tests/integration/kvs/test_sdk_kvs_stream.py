@@ -283,7 +283,7 @@ def _core_put(conn: CloudburstConnection, key: str, size: int, timeout: float = 
     request.lattice.lww.value.data = b"x" * size
     request.lattice.lww.value.serializer = value_pb2.SERIALIZER_BYTES
     request.lattice.lww.timestamp.time_ns = time.time_ns()
-    conn._run(conn._core.put(request, timeout), "put")
+    conn._run(conn._core.put(request, size, timeout), "put")
 
 
 #: Each error a KVS op can answer: the role the KVS grants (None: no authorization), what
