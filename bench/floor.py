@@ -44,6 +44,7 @@ from typing import Any
 import grpc
 
 from bench.procs import pin_from_environment
+from cloudburst import malloc
 from cloudburst_kvs.storage import SQLITE_FILE_NAME, open_engine
 
 SERVICE = "bench.Floor"
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--next", dest="next_address", help="B's address (role a)")
     args = parser.parse_args(argv)
     pin_from_environment()
+    malloc.tune()  # as every cbgrpc process and every SDK client does
     asyncio.run(serve(args.role, args.next_address))
     return 0
 

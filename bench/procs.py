@@ -173,12 +173,15 @@ class Processes:
         unset: Collection[str] = (),
         wait_for_address: bool = True,
         cpu: int | None = None,
+        interactive: bool = False,
     ) -> Child:
         """Start ``argv``; unless told otherwise, wait for its "listening on ADDR" line.
 
         The child inherits this process's environment without the variables in
         ``unset``, plus ``env``. With pinning on, ``BENCH_CPUS`` tells it its core
         (``cpu``), or, without one, every CPU the bench had before it pinned itself.
+        ``interactive``: its stdin and stdout are pipes for the caller to use (no
+        address is read), its stderr goes to the log.
         """
         if self.cores.enabled:
             cpus = str(cpu) if cpu is not None else ",".join(map(str, self.cores.available))
@@ -189,8 +192,8 @@ class Processes:
         proc = subprocess.Popen(
             argv,
             cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if wait_for_address else log_file,
+            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if wait_for_address or interactive else log_file,
             stderr=log_file,
             text=True,
             env={**{k: v for k, v in os.environ.items() if k not in unset}, **(env or {})},
@@ -201,7 +204,7 @@ class Processes:
         child = Child(name, proc, log_path, _log_file=log_file)
         with self._lock:
             self.children.append(child)
-        if wait_for_address:
+        if wait_for_address and not interactive:
             child.address = self._read_address(child)
         return child
 

@@ -50,7 +50,9 @@ FLOOR_DEFINITIONS = """\
 Every floor server is a bare `grpc.aio` server in its own process (no interceptors, no
 protobuf: generic method handlers with raw bytes); each message is an 8-byte id plus the
 payload (100 B unless said otherwise). All run on this machine at the same time as
-`cbgrpc serve` and the cluster, and are measured in the same interleaved rounds.
+`cbgrpc serve` and the cluster, and are measured in the same interleaved rounds. Their
+client, like each system's SDK client, is a process of its own with one event loop (gRPC's
+asyncio layer makes every loop of a process pay for the others).
 
 - **unary round trip, 100 B**: the client awaits one unary call to the echo server
   (100 B each way).

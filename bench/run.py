@@ -34,7 +34,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 if not __package__:  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import diagnose, floor, memory, profiling, report, systems, tracing
+from bench import clients, diagnose, floor, memory, profiling, report, systems, tracing
 from bench.diagnose import U_TO_LOOP, U_TO_POOL
 from bench.floor import (
     F_BIDI,
@@ -42,7 +42,6 @@ from bench.floor import (
     F_ENGINE_WRITE,
     F_GET_LARGE,
     F_HOP3_STREAM,
-    F_HOP3_UNARY,
     F_PUT_LARGE,
     F_UNARY,
 )
@@ -236,25 +235,17 @@ def parse_args(argv: list[str] | None) -> Settings:
 # -- workloads -----------------------------------------------------------------------
 
 
-def floor_workloads(
-    client: floor.FloorClient, aio: AioLoop, engine: floor.EngineFloor
-) -> list[Record]:
-    """The floor, from an asyncio client and from a thread driving that loop (as the SDK does).
+def floor_workloads(floor_client: clients.ClientProcess, engine: floor.EngineFloor) -> list[Record]:
+    """The gRPC floor, timed in its client's own process; the storage engine's, in this one.
 
-    And the storage engine's own read and write, called in this process.
+    The engine's read and write are called here: no gRPC, no event loop.
     """
 
     def check(size: int) -> Any:
         return lambda n: n == size
 
-    small, large = floor.SMALL_PAYLOAD, 1024 * 1024
-    records = [
-        Record(AioWorkload("floor", F_UNARY, client.unary_rtt, aio, check=check(small))),
-        Record(AioWorkload("floor", F_BIDI, client.bidi_rtt, aio, check=check(small))),
-        Record(AioWorkload("floor", F_HOP3_STREAM, client.hop3_stream, aio, check=check(small))),
-        Record(AioWorkload("floor", F_HOP3_UNARY, client.hop3_unary, aio, check=check(small))),
-        Record(AioWorkload("floor", F_PUT_LARGE, client.unary_put_1mb, aio, check=check(2))),
-        Record(AioWorkload("floor", F_GET_LARGE, client.unary_get_1mb, aio, check=check(large))),
+    small = floor.SMALL_PAYLOAD
+    return [Record(w) for w in floor_client.workloads] + [
         Record(
             SyncWorkload(ENGINE, F_ENGINE_READ, engine.read, check=check(small)),
             measure_throughput=False,
@@ -264,20 +255,34 @@ def floor_workloads(
             measure_throughput=False,
         ),
     ]
-    for name, op in (
-        (F_UNARY, client.unary_rtt),
-        (F_BIDI, client.bidi_rtt),
-        (F_HOP3_STREAM, client.hop3_stream),
-        (F_HOP3_UNARY, client.hop3_unary),
-    ):
-        records.append(
-            Record(
-                SyncWorkload(
-                    "floor-sync", name, lambda op=op: aio.run(op(), 60), check=check(small)
-                )
-            )
-        )
-    return records
+
+
+def system_workloads(
+    procs: Processes, deployment: systems.System, cpu: int | None
+) -> tuple[clients.ClientProcess, list[Record]]:
+    """A system's workloads: timed in an SDK client process of its own, but for send/recv.
+
+    The send/recv round trip is timed inside the functions, so this process
+    only starts its DAG calls.
+    """
+    only = {
+        systems.MTLS: systems.MTLS_WORKLOADS,
+        INPROCESS: systems.INPROCESS_WORKLOADS,
+    }.get(deployment.name, ())
+    client = clients.ClientProcess(
+        procs,
+        f"client-{deployment.name}",
+        [
+            "sdk", "--system", deployment.name, "--address", deployment.address,
+            "--options", json.dumps(deployment.client_options),
+            *(arg for name in only for arg in ("--only", name)),
+        ],
+        cpu=cpu,
+    )  # fmt: skip
+    found = [Record(w) for w in client.workloads]
+    if not only:
+        found.append(Record(systems.MessagingWorkload(deployment)))
+    return client, found
 
 
 def unit_workloads(aio: AioLoop, pool: concurrent.futures.ThreadPoolExecutor) -> list[Record]:
@@ -533,12 +538,17 @@ class _Measured(Workload):
 
 
 #: The server processes of each system: a throughput run of one of the system's workloads
-#: is charged with their CPU time (their children's included) and the bench process's.
+#: is charged with their CPU time (their children's included) and its client's.
 SYSTEM_PIDS: dict[str, list[int]] = {}
 
 
-def _cpu_with_bench(pids: list[int]) -> float:
-    """CPU seconds of ``pids`` (with their descendants) and of the bench process itself."""
+def _client_cpu(workload: Workload, pids: list[int]) -> float:
+    """CPU seconds of ``pids`` (with their descendants) and of the process timing ``workload``.
+
+    That is the workload's client process, or, for one timed here, this one.
+    """
+    if isinstance(workload, clients.RemoteWorkload):
+        return cpu_seconds([*pids, workload.client.pid])
     own = os.times()
     return cpu_seconds(pids) + own.user + own.system
 
@@ -546,7 +556,7 @@ def _cpu_with_bench(pids: list[int]) -> float:
 def _time_throughput(record: Record, settings: Settings, seconds: float) -> None:
     if record.error is None and record.measure_throughput:
         pids = SYSTEM_PIDS.get(record.workload.system)
-        before = _cpu_with_bench(pids) if pids else 0.0
+        before = _client_cpu(record.workload, pids) if pids else 0.0
         got = _guard(
             record, lambda: record.workload.throughput(settings.callers, seconds), "throughput"
         )
@@ -555,7 +565,7 @@ def _time_throughput(record: Record, settings: Settings, seconds: float) -> None
             record.tp_seconds += got.seconds
             record.tp_latencies.extend(got.latencies)
             if pids:
-                used = _cpu_with_bench(pids) - before
+                used = _client_cpu(record.workload, pids) - before
                 record.tp_cpu_seconds = (record.tp_cpu_seconds or 0.0) + used
 
 
@@ -941,7 +951,7 @@ def _cpu_detail(records: dict[str, Record], key: str, floor_key: str) -> str:
         return ""
     return (
         f"; CPU per call {mine:.2f} ms vs the floor's {base:.2f} ms (every process of each, "
-        f"the bench's included; {os.cpu_count()} CPUs bound a rate at CPUs / CPU per call)"
+        f"its client's included; {os.cpu_count()} CPUs bound a rate at CPUs / CPU per call)"
     )
 
 
@@ -979,11 +989,15 @@ def profile_misses(
     for label, key in wanted[:5]:
         record = records[key]
         deployment = deployments[record.workload.system]
-        targets_pids = {**deployment.pids(), "bench client (this process)": os.getpid()}
+        workload = record.workload
+        if isinstance(workload, clients.RemoteWorkload):
+            client = {"client (its own process)": workload.client.pid}
+        else:
+            client = {"bench client (this process)": os.getpid()}
+        targets_pids = {**deployment.pids(), **client}
         if record.workload.system in systems.CLUSTERS:
             targets_pids.pop(f"{record.workload.system}-kvs", None)
         log(f"profiling: {label}")
-        workload = record.workload
         block = 1 if isinstance(workload, systems.MessagingWorkload) else 20
         rounds = 200 if isinstance(workload, systems.MessagingWorkload) else block
 
@@ -1120,7 +1134,8 @@ def main(argv: list[str] | None = None) -> int:
     aio = AioLoop()
     pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="bench-unit")
     deployments: dict[str, systems.System] = {}
-    client: floor.FloorClient | None = None
+    floor_client: clients.ClientProcess | None = None
+    system_clients: list[clients.ClientProcess] = []
     inproc: diagnose.InProcessServer | None = None
     engine: floor.EngineFloor | None = None
     valkeys: dict[str, Any] = {}
@@ -1141,8 +1156,13 @@ def main(argv: list[str] | None = None) -> int:
             hop_a = procs.start(
                 "floor-a", [*floor_argv, "a", "--next", hop_b.address], cpu=cores.server()
             )
-            client = floor.FloorClient(echo.address, hop_a.address, hop_b.address)
-            aio.run(client.start(), 60)
+            floor_client = clients.ClientProcess(
+                procs,
+                "client-floor",
+                ["floor", "--echo", echo.address, "--hop-a", hop_a.address,
+                 "--hop-b", hop_b.address],
+                cpu=cores.client(),
+            )  # fmt: skip
             SYSTEM_PIDS["floor"] = [echo.pid, hop_a.pid, hop_b.pid]
             if settings.storage == "valkey":
                 # One Valkey Cluster per cloudburst cluster: they must not share state.
@@ -1182,13 +1202,11 @@ def main(argv: list[str] | None = None) -> int:
             for deployment in deployments.values():
                 systems.describe_start(deployment)
                 systems.register_all(systems.connect(deployment))
-            records = floor_workloads(client, aio, engine) + unit_workloads(aio, pool)
-            for name, deployment in deployments.items():
-                chosen = {
-                    systems.MTLS: systems.mtls_workloads,
-                    INPROCESS: systems.inprocess_workloads,
-                }.get(name, systems.workloads)(deployment)
-                records += [Record(w) for w in chosen]
+            records = floor_workloads(floor_client, engine) + unit_workloads(aio, pool)
+            for deployment in deployments.values():
+                client, found = system_workloads(procs, deployment, cores.client())
+                system_clients.append(client)
+                records += found
             traced, traced_records, traced_error = start_tracing_variants(procs, deployments)
             records += traced_records
             records += diagnosis_workloads(
@@ -1211,10 +1229,11 @@ def main(argv: list[str] | None = None) -> int:
             targets = evaluate_targets(by_key, ray, None, missing)
             if settings.profile != "never":
                 profiles = profile_misses(targets, by_key, deployments, settings)
+            for client in [*system_clients, floor_client]:
+                client.close()
+            system_clients, floor_client = [], None
             for deployment in deployments.values():
                 deployment.close()
-            aio.run(client.close(), 30)
-            client = None
             inproc.stop()
             inproc = None
             procs.stop_all()
@@ -1236,13 +1255,13 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: stopping everything this run started")
         return 130
     finally:
-        for deployment in deployments.values():
-            deployment.close()
-        if client is not None:
+        for client in [*system_clients, *([floor_client] if floor_client else [])]:
             try:
-                aio.run(client.close(), 10)
+                client.close(10)
             except Exception:
                 traceback.print_exc()
+        for deployment in deployments.values():
+            deployment.close()
         if inproc is not None:
             try:
                 inproc.stop()

@@ -88,11 +88,6 @@ def start_serve_inprocess(procs: Processes) -> System:
     return start_serve(procs, SERVE_INPROCESS, "--isolation", "none")
 
 
-def inprocess_workloads(system: System) -> list[Workload]:
-    """The workloads of serve's latency targets (T1-T4), for ``serve-inprocess``."""
-    return [w for w in workloads(system) if w.name in (CALL, DAG_DIRECT)]
-
-
 def storage_args(storage: str, data_dir: Path, valkey_url: str | None = None) -> list[str]:
     """The `cbgrpc kvs` flags for ``storage``.
 
@@ -377,6 +372,10 @@ GET_SMALL = "KVS get_object 100 B"
 PUT_LARGE = "KVS put_object 1 MiB"
 GET_LARGE = "KVS get_object 1 MiB"
 MESSAGE = "send/recv round trip between two functions"
+#: The workloads ``serve-inprocess`` is measured on (those of serve's T1 and T4).
+INPROCESS_WORKLOADS = (CALL, DAG_DIRECT)
+#: The workloads the mutual-TLS cluster is compared on: a call and the chain DAG.
+MTLS_WORKLOADS = (CALL, DAG_DIRECT, DAG_GET)
 
 
 def workloads(system: System) -> list[Workload]:
@@ -569,12 +568,6 @@ class LongChainProbe:
         if result != 1 + self.length:
             raise AssertionError(f"the chain returned {result!r:.80}")
         return seconds
-
-
-def mtls_workloads(system: System) -> list[Workload]:
-    """The workloads the mutual-TLS cluster is compared on: a call and the chain DAG."""
-    names = {CALL, DAG_DIRECT, DAG_GET}
-    return [w for w in workloads(system) if w.name in names]
 
 
 def describe_start(system: System) -> None:

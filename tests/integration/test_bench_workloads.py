@@ -8,13 +8,15 @@ targets are computed from what was measured.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench import floor, report, run, systems
+from bench import clients, floor, report, run, systems
 from bench.measure import SyncWorkload
-from bench.procs import Processes
+from bench.procs import Processes, cpu_seconds
 
 
 def _valkey_url(request: pytest.FixtureRequest, storage: str) -> str | None:
@@ -38,8 +40,10 @@ def test_every_cluster_workload_runs_once_against_a_real_cluster(
             kvs_data = tmp_path / f"{systems.CLUSTER_STATIC}-kvs-data"
             assert kvs_data.is_dir() == (storage == "sqlite")
             systems.register_all(systems.connect(system))
-            workloads = {w.name: w for w in systems.workloads(system)}
-            assert set(workloads) >= {
+            client, records = run.system_workloads(procs, system, None)
+            assert client.pid != os.getpid() and client.child.alive()
+            workloads = {r.workload.name: r.workload for r in records}
+            assert set(workloads) == {
                 systems.CALL,
                 systems.DAG_DIRECT,
                 systems.DAG_GET,
@@ -48,7 +52,11 @@ def test_every_cluster_workload_runs_once_against_a_real_cluster(
                 systems.GET_LARGE,
                 systems.PUT_LARGE,
                 systems.MESSAGE,
+                systems.FAN,
             }
+            # Timed in the client process, but send/recv (timed inside the functions).
+            remote = {n for n, w in workloads.items() if isinstance(w, clients.RemoteWorkload)}
+            assert remote == set(workloads) - {systems.MESSAGE}
             for workload in workloads.values():
                 latencies = workload.block(1)  # each checks its call's result
                 assert len(latencies) == 1 and latencies[0] > 0, workload.key
@@ -57,7 +65,12 @@ def test_every_cluster_workload_runs_once_against_a_real_cluster(
             settings = run.parse_args(["--quick", "--callers", "2"])
             run._time_throughput(record, settings, 0.2)
             assert record.error is None and record.tp_calls >= 2 and record.tp_seconds > 0
+            # Charged with the client process's CPU, not with this process's.
             assert record.tp_cpu_seconds is not None and record.tp_cpu_seconds > 0
+            servers_only = cpu_seconds(run.SYSTEM_PIDS[system.name])
+            assert run._client_cpu(record.workload, run.SYSTEM_PIDS[system.name]) > servers_only
+            client.close()
+            assert not client.child.alive()
 
             probe = systems.LocalityProbe(system)
             cold, repeat = probe.sample()  # checks the function saw ten 8 MiB arrays
@@ -72,6 +85,43 @@ def test_every_cluster_workload_runs_once_against_a_real_cluster(
             system.close()
     assert not procs.children  # every process was stopped, by its PID
     assert all(not c.alive() for c in system.children)
+
+
+def test_the_floor_is_timed_in_a_client_process_of_its_own(tmp_path: Path) -> None:
+    with Processes(tmp_path / "logs") as procs:
+        argv = [sys.executable, "-m", "bench.floor", "--role"]
+        echo = procs.start("floor-echo", [*argv, "echo"])
+        hop_b = procs.start("floor-b", [*argv, "b"])
+        hop_a = procs.start("floor-a", [*argv, "a", "--next", hop_b.address])
+        client = clients.ClientProcess(
+            procs,
+            "client-floor",
+            ["floor", "--echo", echo.address, "--hop-a", hop_a.address, "--hop-b", hop_b.address],
+        )
+        try:
+            by_key = {w.key: w for w in client.workloads}
+            assert {w.name for w in client.workloads if w.system == "floor"} == {
+                floor.F_UNARY,
+                floor.F_BIDI,
+                floor.F_HOP3_STREAM,
+                floor.F_HOP3_UNARY,
+                floor.F_PUT_LARGE,
+                floor.F_GET_LARGE,
+            }
+            for workload in client.workloads:
+                latencies = workload.block(2)  # each checks the size it got back
+                assert len(latencies) == 2 and min(latencies) > 0, workload.key
+            got = by_key[f"floor/{floor.F_HOP3_STREAM}"].throughput(2, 0.1)
+            assert got.calls >= 2 and got.seconds > 0 and len(got.latencies) == got.calls
+            with pytest.raises(RuntimeError, match="no/such"):
+                client.request({"op": "block", "key": "no/such", "n": 1}, 30)
+            assert by_key[f"floor/{floor.F_UNARY}"].block(1)  # still answering
+        finally:
+            client.close()
+        assert not client.child.alive() and client.child not in procs.children
+        with pytest.raises(RuntimeError, match="client-floor"):
+            client.request({"op": "block", "key": f"floor/{floor.F_UNARY}", "n": 1}, 30)
+    assert not procs.children
 
 
 @pytest.mark.parametrize("storage", systems.STORAGE_ENGINES)
