@@ -991,7 +991,7 @@ def profile_misses(
         deployment = deployments[record.workload.system]
         workload = record.workload
         if isinstance(workload, clients.RemoteWorkload):
-            client = {"client (its own process)": workload.client.pid}
+            client = {"client": workload.client.pid}
         else:
             client = {"bench client (this process)": os.getpid()}
         targets_pids = {**deployment.pids(), **client}
