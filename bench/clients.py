@@ -36,6 +36,7 @@ from bench.floor import (
     F_GET_LARGE,
     F_HOP3_STREAM,
     F_HOP3_UNARY,
+    F_HOP4_STREAM,
     F_PUT_LARGE,
     F_UNARY,
 )
@@ -160,8 +161,13 @@ class RemoteWorkload(Workload):
 # -- the client process's side -------------------------------------------------------
 
 
-def floor_workloads(client: floor.FloorClient, aio: AioLoop) -> list[Workload]:
-    """The gRPC floor, from an asyncio client and from a thread driving its loop (as the SDK)."""
+def floor_workloads(
+    client: floor.FloorClient, aio: AioLoop, four_hops: bool = False
+) -> list[Workload]:
+    """The gRPC floor, from an asyncio client and from a thread driving its loop (as the SDK).
+
+    ``four_hops``: the client was given a first hop of the four-hop path too.
+    """
 
     def check(size: int) -> Callable[[Any], bool]:
         return lambda n: n == size
@@ -175,6 +181,10 @@ def floor_workloads(client: floor.FloorClient, aio: AioLoop) -> list[Workload]:
         AioWorkload("floor", F_PUT_LARGE, client.unary_put_1mb, aio, check=check(2)),
         AioWorkload("floor", F_GET_LARGE, client.unary_get_1mb, aio, check=check(large)),
     ]
+    if four_hops:
+        found.append(
+            AioWorkload("floor", F_HOP4_STREAM, client.hop4_stream, aio, check=check(small))
+        )
     for name, op in (
         (F_UNARY, client.unary_rtt),
         (F_BIDI, client.bidi_rtt),
@@ -226,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     floor_args.add_argument("--echo", required=True, help="the echo server's address")
     floor_args.add_argument("--hop-a", required=True, help="hop A's address")
     floor_args.add_argument("--hop-b", required=True, help="hop B's address")
+    floor_args.add_argument(
+        "--hop-a4", help="the first hop of client->A->A2->B->client (A2 forwards to B)"
+    )
     sdk_args = kinds.add_parser("sdk", help="one system's SDK client")
     sdk_args.add_argument("--system", required=True, help="the system's name in the report")
     sdk_args.add_argument("--address", required=True, help="what the SDK connects to")
@@ -247,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     malloc.tune()  # as every cbgrpc process and every SDK client does
     if args.kind == "floor":
         aio = AioLoop()
-        client = floor.FloorClient(args.echo, args.hop_a, args.hop_b)
+        client = floor.FloorClient(args.echo, args.hop_a, args.hop_b, args.hop_a4)
         aio.run(client.start(), 60)
         try:
-            serve_requests(floor_workloads(client, aio), sys.stdin, answers)
+            found = floor_workloads(client, aio, four_hops=args.hop_a4 is not None)
+            serve_requests(found, sys.stdin, answers)
         finally:
             aio.run(client.close(), 30)
             aio.stop()

@@ -60,6 +60,7 @@ F_UNARY = "unary round trip, 100 B"
 F_BIDI = "bidi stream round trip, 100 B"
 F_HOP3_STREAM = "3 hops over open streams (client->A->B->client)"
 F_HOP3_UNARY = "3 hops over unary calls (client->A->B->client)"
+F_HOP4_STREAM = "4 hops over open streams (client->A->A2->B->client)"
 F_PUT_LARGE = "unary call, 1 MiB request"
 F_GET_LARGE = "unary call, 1 MiB response"
 F_ENGINE_READ = "storage engine read, 100 B (in-process)"
@@ -221,8 +222,10 @@ async def serve(role: str, next_address: str | None) -> None:
 class FloorClient:
     """The client side of every floor workload; lives on one asyncio loop."""
 
-    def __init__(self, echo: str, hop_a: str, hop_b: str) -> None:
+    def __init__(self, echo: str, hop_a: str, hop_b: str, hop_a4: str | None = None) -> None:
+        """``hop_a4``: the first of two A servers in a row before B, for :meth:`hop4_stream`."""
         self._addresses = (echo, hop_a, hop_b)
+        self._hop_a4 = hop_a4
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -258,6 +261,12 @@ class FloorClient:
         self._hop_stream = self._a_ch.stream_stream(_method("HopStream"))()
         self._hop_lock = asyncio.Lock()
         self._results = self._b_ch.stream_stream(_method("Results"))()
+        self._hop4_stream: Any = None
+        if self._hop_a4 is not None:
+            self._a4_ch = grpc.aio.insecure_channel(self._hop_a4, options=OPTIONS)
+            await asyncio.wait_for(self._a4_ch.channel_ready(), 30)
+            self._hop4_stream = self._a4_ch.stream_stream(_method("HopStream"))()
+            self._hop4_lock = asyncio.Lock()
         self._tasks.append(asyncio.create_task(self._read(self._bidi)))
         self._tasks.append(asyncio.create_task(self._read(self._results)))
         # One of each, so every stream is open before anything is timed.
@@ -316,6 +325,13 @@ class FloorClient:
             await self._hop_stream.write(message)
         return len(await future) - _ID.size
 
+    async def hop4_stream(self) -> int:
+        """client -> A -> A2 -> B -> client: :meth:`hop3_stream` with one more hop."""
+        message, future = self._expect()
+        async with self._hop4_lock:
+            await self._hop4_stream.write(message)
+        return len(await future) - _ID.size
+
     async def hop3_unary(self) -> int:
         """client -> A -> B -> client, one unary call per hop."""
         message, future = self._expect()
@@ -323,13 +339,15 @@ class FloorClient:
         return len(await future) - _ID.size
 
     async def close(self) -> None:
-        for call in (self._bidi, self._hop_stream):
-            await call.done_writing()
+        for call in (self._bidi, self._hop_stream, self._hop4_stream):
+            if call is not None:
+                await call.done_writing()
         self._results.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in (self._echo_ch, self._a_ch, self._b_ch):
+        four = [self._a4_ch] if self._hop4_stream is not None else []
+        for channel in (self._echo_ch, self._a_ch, self._b_ch, *four):
             await channel.close()
         await self._sink.stop(0)
 

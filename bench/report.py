@@ -64,6 +64,11 @@ asyncio layer makes every loop of a process pay for the others).
   result stream. Timed until the client reads it: three one-way transfers, three processes,
   no new call per hop. This is the hop structure of a DAG call (client -> scheduler /
   executors -> client).
+- **4 hops over open streams (client->A->A2->B->client)**: the same with one more forwarding
+  server, the hop count of the DAG `incr -> square` with a direct response (client ->
+  scheduler -> executor -> executor -> client). Informational, timed in the three-hop
+  floor's sub-blocks: C1 is held to the three-hop floor, and its detail gives this one's
+  ratio to it.
 - **3 hops over unary calls**: the same path with one unary call per hop (A and B start the
   next hop's call at once and answer their caller without waiting for it; B's call goes to a
   server in the client process). Timed until the client has received both the delivery and

@@ -93,11 +93,14 @@ def test_the_floor_is_timed_in_a_client_process_of_its_own(tmp_path: Path) -> No
         echo = procs.start("floor-echo", [*argv, "echo"])
         hop_b = procs.start("floor-b", [*argv, "b"])
         hop_a = procs.start("floor-a", [*argv, "a", "--next", hop_b.address])
+        hop_a2 = procs.start("floor-a2", [*argv, "a", "--next", hop_b.address])
+        hop_a4 = procs.start("floor-a4", [*argv, "a", "--next", hop_a2.address])
         client = clients.ClientProcess(
             procs,
             "client-floor",
-            ["floor", "--echo", echo.address, "--hop-a", hop_a.address, "--hop-b", hop_b.address],
-        )
+            ["floor", "--echo", echo.address, "--hop-a", hop_a.address, "--hop-b", hop_b.address,
+             "--hop-a4", hop_a4.address],
+        )  # fmt: skip
         try:
             by_key = {w.key: w for w in client.workloads}
             assert {w.name for w in client.workloads if w.system == "floor"} == {
@@ -105,6 +108,7 @@ def test_the_floor_is_timed_in_a_client_process_of_its_own(tmp_path: Path) -> No
                 floor.F_BIDI,
                 floor.F_HOP3_STREAM,
                 floor.F_HOP3_UNARY,
+                floor.F_HOP4_STREAM,
                 floor.F_PUT_LARGE,
                 floor.F_GET_LARGE,
             }
@@ -152,6 +156,7 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
     static = systems.CLUSTER_STATIC
     records = [
         _record("floor", floor.F_HOP3_STREAM, [1 * ms], rate=1000, cpu=1.0),
+        _record("floor", floor.F_HOP4_STREAM, [1.35 * ms]),
         _record("floor", floor.F_UNARY, [0.5 * ms]),
         _record(run.ENGINE, floor.F_ENGINE_READ, [0.1 * ms]),
         _record(run.ENGINE, floor.F_ENGINE_WRITE, [0.5 * ms]),
@@ -175,6 +180,8 @@ def test_cluster_targets_are_ratios_to_their_floors_and_say_pass_or_miss() -> No
         assert found[ident]["system"] == static
 
     check(f"C1 {static}", 1.3, True)
+    assert "a bare 4-hop stream takes 1.35x the 3-hop floor" in found[f"C1 {static}"]["detail"]
+    assert "4-hop" not in found[f"C2 {static}"]["detail"]
     check(f"C2 {static}", 1.5, False)
     check(f"C4-get {static}", 0.8 / 0.6, True)
     check(f"C4-put {static}", 1.6, False)
