@@ -169,8 +169,12 @@ class Segments:
     def end(self) -> None:
         """The stretch ended (user code called the library, returned or raised)."""
 
-    def waited(self, seconds: float) -> None:
-        """A library call's await took ``seconds``, the loop's turn after it not counted."""
+    def waited(self, seconds: float, cpu_seconds: float) -> None:
+        """A library call's await took ``seconds``, the loop's turn after it not counted.
+
+        ``cpu_seconds``: the CPU time the loop's thread spent meanwhile, running
+        (the rest of ``seconds`` it slept, waiting for I/O).
+        """
 
 
 async def drive(
@@ -208,9 +212,9 @@ async def drive(
             if error is None:
                 turns: list[bool] = []
                 loop.call_soon(turns.append, True)
-                began = time.perf_counter()
+                began, cpu_began = time.perf_counter(), time.thread_time()
                 result, error = await _await(request)
-                segments.waited(time.perf_counter() - began)
+                segments.waited(time.perf_counter() - began, time.thread_time() - cpu_began)
                 turned = bool(turns)
                 if isinstance(error, asyncio.CancelledError):
                     cancelled = cancelled or error

@@ -44,8 +44,10 @@ Short stretches are not enough: a function polling the KVS in a loop
 nearly all the time, its quick library calls included (the in-process KVS
 of ``cbgrpc serve`` answers them on the loop). So a greenlet run also counts
 the share of each :data:`HOG_WINDOW` during which it held the loop (its
-stretches and its library calls that answered within ``max_seconds`` times
-:data:`SLOW_FACTOR`); over :data:`HOG_SHARE` of a window loses the function
+stretches, and the loop's CPU time during its library calls that answered
+within ``max_seconds`` times :data:`SLOW_FACTOR`: the time the loop spent
+asleep, waiting for another process to answer, was free for other calls);
+over :data:`HOG_SHARE` of a window loses the function
 its place on the loop for good: it runs on threads from then on, and the
 rest of the run lets the loop run for :data:`HOG_PAUSE` seconds between its
 library calls.
@@ -585,10 +587,15 @@ class InGreenlet(Placement, cooperative.Segments):
         self._held += took
         self._weigh(now)
 
-    def waited(self, seconds: float) -> None:
-        """A library call answered: a quick answer counts as holding the loop."""
+    def waited(self, seconds: float, cpu_seconds: float) -> None:
+        """A library call answered: a quick answer counts as holding the loop while it ran.
+
+        That is for the CPU time its thread spent meanwhile: an answer the loop
+        worked out itself (the in-process KVS) holds it throughout; one it
+        slept waiting for (a message from another process) does not.
+        """
         if seconds <= self._gate.max_seconds * SLOW_FACTOR:
-            self._held += seconds
+            self._held += min(cpu_seconds, seconds)
 
     def _weigh(self, now: float) -> None:
         """Judge the run's share of the loop once its window is over (or already too much)."""
