@@ -335,11 +335,7 @@ class Executor:
         if keep:
             return await self._store(key, outcome)
         telemetry.RESULTS_DROPPED.add(1)
-        task = asyncio.current_task()
-        if task is not None:
-            if self.storing.get(key) is task:
-                del self.storing[key]
-            self._tasks.discard(task)
+        self._leave_books(key)
         return True
 
     async def _store(self, key: str, outcome: execution_pb2.Outcome) -> bool:
@@ -356,12 +352,16 @@ class Executor:
         except Exception:
             logger.exception("executor %s task failed", self.executor_id)
         finally:
-            task = asyncio.current_task()
-            if task is not None:
-                if self.storing.get(key) is task:
-                    del self.storing[key]
-                self._tasks.discard(task)
+            self._leave_books(key)
         return False
+
+    def _leave_books(self, key: str) -> None:
+        """Take the running store task of ``key`` off :attr:`storing` and the tracked tasks."""
+        task = asyncio.current_task()
+        if task is not None:
+            if self.storing.get(key) is task:
+                del self.storing[key]
+            self._tasks.discard(task)
 
     # -- DAG stages ----------------------------------------------------------------
 
