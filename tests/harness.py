@@ -28,7 +28,13 @@ import grpc
 import pytest
 
 from cloudburst.transport import ClientSecurity
-from cloudburst.v1 import lattice_pb2, scheduler_service_pb2, scheduler_service_pb2_grpc
+from cloudburst.v1 import (
+    kvs_service_pb2,
+    kvs_service_pb2_grpc,
+    lattice_pb2,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
 from cloudburst_grpc.config import Config, ExecutorConfig, KvsConfig, SchedulerConfig, ServerConfig
 from cloudburst_grpc.local import Node
 from cloudburst_kvs.store import LatticeStore
@@ -485,6 +491,21 @@ def stored(node: Node, key: str) -> bool:
     """Whether a user key is in the node's own store (a KVS node, or ``cbgrpc serve``'s)."""
     assert isinstance(node.store, LatticeStore)
     return node.store.get(lattice_pb2.KEYSPACE_USER, key) is not None
+
+
+def wait_stored(address: str, key: str, timeout: float = 30.0) -> bool:
+    """Whether a user key is stored at ``address``, read with a waiting ``GetValue``.
+
+    For a result answered before it is stored (see "Held stores" in docs/protocol.md):
+    a client that did not make the call waits for it, as the protocol says. The read
+    waits at most ``timeout`` seconds (past it, the RPC fails with DEADLINE_EXCEEDED).
+    """
+    with grpc.insecure_channel(address) as channel:
+        kvs = kvs_service_pb2_grpc.KvsServiceStub(channel)
+        request = kvs_service_pb2.GetValueRequest(
+            key=key, keyspace=lattice_pb2.KEYSPACE_USER, wait=True
+        )
+        return kvs.GetValue(request, timeout=timeout).found
 
 
 def wait_deleted(node: Node, loop: LoopThread, keys: Iterable[str], timeout: float = 20) -> None:

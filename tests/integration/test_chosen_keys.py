@@ -25,9 +25,6 @@ from cloudburst.errors import DagNotFoundError, FunctionNotFoundError, Unavailab
 from cloudburst.serialization import deserialize, serialize
 from cloudburst.v1 import (
     error_pb2,
-    kvs_service_pb2,
-    kvs_service_pb2_grpc,
-    lattice_pb2,
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
 )
@@ -35,7 +32,7 @@ from cloudburst_grpc import answers
 from cloudburst_grpc.local import Node, start_local
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
-from harness import Cluster, LoopThread, make_config, stored, wait_deleted
+from harness import Cluster, LoopThread, make_config, stored, wait_deleted, wait_stored
 
 DEADLINE = 30.0
 KEY = re.compile(r"[0-9a-f]{32}")
@@ -320,12 +317,7 @@ def test_the_scheduler_announces_chosen_keys_and_answers_them_once(
     # Stored under the key (and, never released by this caller, expiring like any other). The
     # store follows the answer (held a moment, as the result is releasable): another client
     # waits for it, as the protocol says.
-    with grpc.insecure_channel(local_node.address) as channel:
-        kvs = kvs_service_pb2_grpc.KvsServiceStub(channel)
-        request = kvs_service_pb2.GetValueRequest(
-            key=key, keyspace=lattice_pb2.KEYSPACE_USER, wait=True
-        )
-        assert kvs.GetValue(request, timeout=DEADLINE).found
+    assert wait_stored(local_node.address, key, timeout=DEADLINE)
     with CloudburstConnection(local_node.address) as conn:
         assert conn.get_object(key) == 2
 

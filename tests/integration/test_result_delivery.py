@@ -23,7 +23,7 @@ from cloudburst.v1 import (
     value_pb2,
 )
 from cloudburst_grpc.local import Node
-from harness import LoopThread, make_config, stored, wait_deleted
+from harness import LoopThread, make_config, stored, wait_deleted, wait_stored
 
 JSON = value_pb2.SERIALIZER_JSON
 STRING = value_pb2.SERIALIZER_STRING
@@ -294,10 +294,5 @@ def test_stream_frames_negotiate_serializers_and_half_close_answers_every_call(
     assert final.outcome.error.reason == error_pb2.ERROR_REASON_SERIALIZATION_FAILED
     # Only the stored call left a key behind (the direct one stored nothing); it is stored
     # after its answer (held a moment, as it is releasable): wait for it first.
-    with grpc.insecure_channel(local_node.address) as channel:
-        kvs = kvs_service_pb2_grpc.KvsServiceStub(channel)
-        request = kvs_service_pb2.GetValueRequest(
-            key=final.response_key, keyspace=lattice_pb2.KEYSPACE_USER, wait=True
-        )
-        assert kvs.GetValue(request, timeout=30).found
+    assert wait_stored(local_node.address, final.response_key, timeout=30)
     assert user_keys(local_node.address) == sorted([*before, final.response_key])
