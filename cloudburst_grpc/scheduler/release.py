@@ -18,8 +18,9 @@ Expiry is kept in this scheduler's memory; a restart forgets what was due.
 An executor may hold the store of a result its caller may release (see
 ``hold_store`` in docs/protocol.md, "Held stores"): a release that comes while
 it holds the store is sent to it instead (:meth:`ResultReleaser.held_by`), it
-drops the store, and nothing is deleted; a call that refers to such a key
-(:meth:`ResultReleaser.want`) has the store start at once.
+drops the store, and nothing is deleted; a call that refers to such a key, or
+a caller about to read it (``store_keys``), has the store start at once
+(:meth:`ResultReleaser.want`).
 """
 
 from __future__ import annotations
@@ -141,13 +142,19 @@ class ResultReleaser:
         self._held.discard(key)
 
     def want(self, keys: Iterable[str]) -> None:
-        """Have held stores of ``keys`` start now: a call refers to them."""
+        """Have held stores of ``keys`` start now: a call refers to them, or a read follows.
+
+        One request per executor.
+        """
         if not self._holders:
             return
+        stores: dict[int, tuple[Holder, list[str]]] = {}
         for key in keys:
             holder = self._holders.pop(key, None)
             if holder is not None:
-                holder.end_hold(store=[key])
+                stores.setdefault(id(holder), (holder, []))[1].append(key)
+        for holder, wanted in stores.values():
+            holder.end_hold(store=wanted)
 
     def _stored(self, key: str, stored: asyncio.Future[None]) -> None:
         if self._storing.get(key) is stored:

@@ -348,6 +348,8 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                         await emit(hello)
                     if frame.release_keys:
                         self._release(frame.release_keys, releasable)
+                    if frame.store_keys:
+                        self._store_now(frame.store_keys, releasable)
                     if frame.answered_sequences and routes is not None:
                         routes.answered(frame.answered_sequences)
                     if frame.WhichOneof("call") is None:
@@ -355,6 +357,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                             self._route_frame(frame, routes, emit, calls, ended)
                         if (
                             frame.release_keys
+                            or frame.store_keys
                             or frame.answered_sequences
                             or frame.HasField("answer_streams")
                             or frame.HasField("answer_stream_lost")
@@ -432,6 +435,10 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         owned = [key for key in keys if key in releasable]
         releasable.difference_update(owned)
         self._scheduler.releaser.release(owned)
+
+    def _store_now(self, keys: Iterable[str], releasable: set[str]) -> None:
+        """Have held stores of results the caller is about to read start now, if they are its."""
+        self._scheduler.releaser.want(key for key in keys if key in releasable)
 
     async def _serve_frame(
         self,

@@ -209,3 +209,15 @@ async def test_a_call_that_wants_a_held_store_has_it_start_once() -> None:
     assert holder.stores == [["a"]]
     releaser.release(["a"])
     assert holder.drops == [], "a store asked for is not dropped"
+
+
+async def test_held_stores_wanted_together_start_with_one_request_per_executor() -> None:
+    releaser = ResultReleaser(RecordingKvs(), linger=0)  # type: ignore[arg-type]
+    first, second = RecordingHolder(), RecordingHolder()
+    loop = asyncio.get_running_loop()
+    for key, holder in (("a", first), ("b", second), ("c", first)):
+        releaser.storing(key, loop.create_future())
+        releaser.held_by(key, holder)
+    releaser.want(["a", "b", "c", "unknown"])
+    assert first.stores == [["a", "c"]]
+    assert second.stores == [["b"]]

@@ -1426,8 +1426,13 @@ type StreamCallsRequest struct {
 	// call; anything else is refused with INVALID_ARGUMENT. Sent only to a scheduler that set
 	// `takes_chosen_keys` on this stream.
 	ChosenResponseKey string `protobuf:"bytes,14,opt,name=chosen_response_key,json=chosenResponseKey,proto3" json:"chosen_response_key,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Results the caller is about to read: response keys of earlier calls on this stream that were
+	// sent with `releasable` and whose outcome was answered. If an executor holds the store of one
+	// (see "Held stores" in docs/protocol.md), it starts the store now instead of when the hold
+	// ends; other keys are ignored. A frame may carry only these keys (no call); it is not answered.
+	StoreKeys     []string `protobuf:"bytes,15,rep,name=store_keys,json=storeKeys,proto3" json:"store_keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamCallsRequest) Reset() {
@@ -1567,6 +1572,13 @@ func (x *StreamCallsRequest) GetChosenResponseKey() string {
 		return x.ChosenResponseKey
 	}
 	return ""
+}
+
+func (x *StreamCallsRequest) GetStoreKeys() []string {
+	if x != nil {
+		return x.StoreKeys
+	}
+	return nil
 }
 
 type isStreamCallsRequest_Call interface {
@@ -1926,7 +1938,7 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x10pinned_functions\x18\x03 \x03(\tR\x0fpinnedFunctions\x12\x12\n" +
 	"\x04load\x18\x04 \x01(\rR\x04load\x12\x1f\n" +
 	"\vcached_keys\x18\x05 \x03(\tR\n" +
-	"cachedKeys\"\xb8\x06\n" +
+	"cachedKeys\"\xd7\x06\n" +
 	"\x12StreamCallsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12X\n" +
 	"\rtrace_context\x18\x02 \x03(\v23.cloudburst.v1.StreamCallsRequest.TraceContextEntryR\ftraceContext\x12I\n" +
@@ -1944,7 +1956,9 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x12answer_stream_lost\x18\v \x01(\v2\x1f.cloudburst.v1.AnswerStreamLostR\x10answerStreamLost\x12-\n" +
 	"\x12answered_sequences\x18\f \x03(\x04R\x11answeredSequences\x12!\n" +
 	"\fchooses_keys\x18\r \x01(\bR\vchoosesKeys\x12.\n" +
-	"\x13chosen_response_key\x18\x0e \x01(\tR\x11chosenResponseKey\x1a?\n" +
+	"\x13chosen_response_key\x18\x0e \x01(\tR\x11chosenResponseKey\x12\x1d\n" +
+	"\n" +
+	"store_keys\x18\x0f \x03(\tR\tstoreKeys\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x06\n" +

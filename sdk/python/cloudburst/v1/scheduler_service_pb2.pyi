@@ -763,6 +763,7 @@ class StreamCallsRequest(_message.Message):
     ANSWERED_SEQUENCES_FIELD_NUMBER: _builtins.int
     CHOOSES_KEYS_FIELD_NUMBER: _builtins.int
     CHOSEN_RESPONSE_KEY_FIELD_NUMBER: _builtins.int
+    STORE_KEYS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Chosen by the caller and echoed in the answer; unique per stream."""
     stream_outcome: _builtins.bool
@@ -834,6 +835,14 @@ class StreamCallsRequest(_message.Message):
         next calls (it learns of their end from the executors too, a little later). Optional.
         """
 
+    @_builtins.property
+    def store_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Results the caller is about to read: response keys of earlier calls on this stream that were
+        sent with `releasable` and whose outcome was answered. If an executor holds the store of one
+        (see "Held stores" in docs/protocol.md), it starts the store now instead of when the hold
+        ends; other keys are ignored. A frame may carry only these keys (no call); it is not answered.
+        """
+
     def __init__(
         self,
         *,
@@ -851,10 +860,11 @@ class StreamCallsRequest(_message.Message):
         answered_sequences: _abc.Iterable[_builtins.int] | None = ...,
         chooses_keys: _builtins.bool = ...,
         chosen_response_key: _builtins.str = ...,
+        store_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "answered_sequences", b"answered_sequences", "batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "chooses_keys", b"chooses_keys", "chosen_response_key", b"chosen_response_key", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_stream_lost", b"answer_stream_lost", "answer_streams", b"answer_streams", "answered_sequences", b"answered_sequences", "batch", b"batch", "call", b"call", "call_dag", b"call_dag", "call_function", b"call_function", "chooses_keys", b"chooses_keys", "chosen_response_key", b"chosen_response_key", "reads_batches", b"reads_batches", "releasable", b"releasable", "release_keys", b"release_keys", "sequence", b"sequence", "store_keys", b"store_keys", "stream_outcome", b"stream_outcome", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["call_function", "call_dag"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
