@@ -20,6 +20,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.v1 import lattice_pb2
 from cloudburst_executors import executor as executor_module
 from cloudburst_grpc.scheduler.core import Scheduler
+from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from harness import Cluster, stored
 
 DEADLINE = 20.0
@@ -131,6 +132,84 @@ def test_a_result_whose_future_lives_is_readable_after_get(cluster: Cluster) -> 
         assert dag.get(timeout=DEADLINE) == 9
         assert cloud.get_object(dag.obj_id) == 9
         assert cloud.get_object([future.obj_id, dag.obj_id]) == {future.obj_id: 2, dag.obj_id: 9}
+
+
+def test_a_read_after_get_has_the_held_store_start_at_once(
+    cluster: Cluster, writes: Writes, long_hold: None
+) -> None:
+    with CloudburstConnection(cluster.address) as cloud:
+        incr = register(cloud)
+        future = incr(1)
+        assert future.get(timeout=DEADLINE) == 2
+        # Not the hold's end (LONG_HOLD is longer than the SDK's wait for a store to follow
+        # an answer, which would give up and return None): the SDK asks for the store now.
+        assert cloud.get_object(future.obj_id) == 2
+        dag = cloud.call_dag("chain", {"incr": 2})
+        assert dag.get(timeout=DEADLINE) == 9
+        assert cloud.get_object(dag.obj_id) == 9
+        several = [incr(3), cloud.call_dag("chain", {"incr": 3})]
+        assert [f.get(timeout=DEADLINE) for f in several] == [4, 16]
+        keys = [f.obj_id for f in several]
+        assert cloud.get_object(keys) == dict(zip(keys, [4, 16], strict=True))
+        # A result released meanwhile is still dropped, not stored.
+        released = incr(4)
+        assert released.get(timeout=DEADLINE) == 5
+        dropped = released.obj_id
+        del released
+        gc.collect()
+        read = [future.obj_id, dag.obj_id, *keys]
+        wait_settled(cluster)
+        assert set(read) <= set(writes.put)
+        assert not set(read) & set(writes.deleted), "a result whose future lives was deleted"
+    assert dropped not in writes.put, "a released result was stored"
+    assert dropped not in writes.deleted
+
+
+def test_only_the_caller_can_have_a_held_store_start_at_once(
+    cluster: Cluster, long_hold: None
+) -> None:
+    with (
+        CloudburstConnection(cluster.address) as cloud,
+        CloudburstConnection(cluster.address) as other,
+    ):
+        incr = register(cloud)
+        mine = incr(1)
+        assert mine.get(timeout=DEADLINE) == 2
+        theirs = other.exec_func("incr", [5])
+        assert theirs.get(timeout=DEADLINE) == 6
+        # Another stream names this stream's held result, then its own: read in that order, the
+        # first is ignored (the scheduler still knows who holds it), the second is stored now.
+        other._core.store_now([mine.obj_id])
+        assert other.get_object(theirs.obj_id) == 6
+        assert mine.obj_id in scheduler_of(cluster).releaser._holders
+        assert any(mine.obj_id in e._holds for node in cluster.executors for e in node.executors)
+        assert cloud.get_object(mine.obj_id) == 2
+
+
+def test_a_scheduler_that_does_not_know_store_keys_still_serves_the_read(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier release reads a frame of only ``store_keys`` as a frame of nothing."""
+    read_calls = SchedulerServicer._read_calls
+
+    async def earlier(self: SchedulerServicer, request_iterator: Any, *args: Any) -> None:
+        async def without_store_keys() -> Any:
+            async for message in request_iterator:
+                for frame in message.batch or (message,):
+                    frame.ClearField("store_keys")
+                yield message
+
+        await read_calls(self, without_store_keys(), *args)
+
+    monkeypatch.setattr(SchedulerServicer, "_read_calls", earlier)
+    with CloudburstConnection(cluster.address) as cloud:
+        incr = register(cloud)
+        first, second = incr(1), incr(2)
+        assert [first.get(timeout=DEADLINE), second.get(timeout=DEADLINE)] == [2, 3]
+        # Read once the hold ends; the scheduler's answers to the empty frames are ignored.
+        assert cloud.get_object(first.obj_id) == 2
+        assert cloud.get_object([second.obj_id]) == {second.obj_id: 3}
+        assert incr(first).get(timeout=DEADLINE) == 3
 
 
 def test_a_result_kept_past_its_hold_is_stored(cluster: Cluster, writes: Writes) -> None:

@@ -14,7 +14,8 @@ sent by one task, in one message where the scheduler reads batches.
 
 Results released by their futures (see :meth:`Core.release_when_done`) ride
 on the next call frame, or on a frame of their own after ``RELEASE_DELAY``
-when no call comes.
+when no call comes. Results about to be read are named in a frame of their own
+(:meth:`Core.store_now`), so that an executor holding their store starts it.
 
 Objects are read and written through ``KvsService``: at the scheduler, which
 forwards to the KVS tier, or, when the scheduler names KVS addresses that
@@ -69,7 +70,7 @@ from cloudburst.v1 import (
 #: Seconds a released result waits for a call frame to ride on before it gets its own.
 RELEASE_DELAY = 0.05
 
-#: The most released keys one frame carries.
+#: The most released keys (or keys to store now) one frame carries.
 RELEASES_PER_FRAME = 1000
 
 #: Seconds close() gives the scheduler to read what the connection sent last (calls, released
@@ -529,6 +530,30 @@ class Core:
                 return
             frame = scheduler_service_pb2.StreamCallsRequest()
             frame.release_keys.extend(self._take_releases())
+            self._stream.send(frame)
+
+    # -- reading results soon ------------------------------------------------------
+
+    def store_now(self, keys: Sequence[str]) -> None:
+        """Ask that results about to be read be stored at once; from any thread, never waits.
+
+        For keys of results of this stream's calls, answered (``store_keys``): an
+        executor that holds the store of one (see "Held stores" in docs/protocol.md)
+        starts it now instead of when the hold ends. The scheduler ignores other keys;
+        one of an earlier release answers the frame with an error of sequence 0, which
+        :meth:`_dispatch` ignores (the read then waits for the hold to end).
+        """
+        try:
+            self.loop.call_soon_threadsafe(self._send_store_keys, list(keys))
+        except RuntimeError:
+            pass  # the loop is closed: the connection is gone
+
+    def _send_store_keys(self, keys: list[str]) -> None:
+        if not self._stream.is_open:
+            return  # the stream whose calls made them is gone: a new one would ignore them
+        for start in range(0, len(keys), RELEASES_PER_FRAME):
+            frame = scheduler_service_pb2.StreamCallsRequest()
+            frame.store_keys.extend(keys[start : start + RELEASES_PER_FRAME])
             self._stream.send(frame)
 
     # -- KVS -----------------------------------------------------------------------

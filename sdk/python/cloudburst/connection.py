@@ -1118,6 +1118,9 @@ class CloudburstConnection:
         decode = self._decode_lattice if deserialize else _stored_bytes
         if isinstance(key, builtins.list):
             keys = [self._key(k) for k in key]
+            soon = [k for k in keys if self._stored_soon(k)]
+            if soon:
+                self._core.store_now(soon)  # held stores of them start now, not after the hold
             found = self._retrying(
                 lambda: self._core.get_many(keys, timeout=self.timeout),
                 f"get_object of {len(keys)} keys",
@@ -1130,7 +1133,9 @@ class CloudburstConnection:
             return {k: None if found[k] is None else decode(found[k]) for k in keys}
         key = self._key(key)
         if self._stored_soon(key):
-            # The executor stores a result just after answering it: wait (briefly) for that.
+            # The executor stores a result just after answering it, or holds the store a
+            # moment (asked here to start it at once): wait (briefly) for the store.
+            self._core.store_now([key])
             lattice = self._retrying(lambda: self._stored_result(key), f"get_object({key!r})")
         else:
             lattice = self._retrying(
