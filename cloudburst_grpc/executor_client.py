@@ -20,7 +20,7 @@ import grpc
 from cloudburst import protocol
 from cloudburst.errors import CloudburstTimeoutError, UnavailableError
 from cloudburst.rpc import call
-from cloudburst.streams import OutboxStream, batches_enabled
+from cloudburst.streams import OutboxStream, batches_enabled, status_lost
 from cloudburst.v1 import execution_pb2, executor_service_pb2, executor_service_pb2_grpc
 from cloudburst_grpc.answer_streams import DELIVERED_DIRECTLY
 from cloudburst_grpc.schedules import SentSchedules
@@ -202,6 +202,8 @@ class OutcomeWaiters:
 
 #: Seconds stores to drop wait for a frame to the executor to ride on before they get their own.
 DROP_WAIT_SECONDS = 0.005
+#: Seconds a unary call may take to tell why a silent stream ended when gRPC lost its status.
+PROBE_SECONDS = 5.0
 
 
 class RemoteExecutorPeer:
@@ -238,6 +240,9 @@ class RemoteExecutorPeer:
         self._stream_id = 0
         """The stream_id of the current stream's hello (see :meth:`expect_result`)."""
         self._stored: dict[str, asyncio.Future[bool]] = {}
+        self._heard = False
+        """Whether the executor sent anything on the current stream."""
+        self._probes: set[asyncio.Task[None]] = set()
         self._drops: list[str] = []
         """Keys whose held stores to drop, waiting for the next frame (see :meth:`end_hold`)."""
         self._drop_timer: asyncio.TimerHandle | None = None
@@ -260,6 +265,7 @@ class RemoteExecutorPeer:
     def _hello(self, batches: bool) -> executor_service_pb2.StreamTriggersRequest:
         """The first frame of a new stream, under a stream id never used before."""
         self._stream_id = next(_STREAM_IDS)
+        self._heard = False
         return executor_service_pb2.StreamTriggersRequest(
             hello=executor_service_pb2.TriggerHello(
                 peer_id=self._peer_id, reads_batches=batches, stream_id=self._stream_id
@@ -267,6 +273,7 @@ class RemoteExecutorPeer:
         )
 
     def _answered(self, frame: executor_service_pb2.StreamTriggersResponse) -> None:
+        self._heard = True
         kind = frame.WhichOneof("frame")
         if kind == "execute_function":
             answer = self._answers.pop(frame.sequence, None)
@@ -287,6 +294,51 @@ class RemoteExecutorPeer:
             self._on_cache_report(self.executor_id, frame.cache_report)
 
     def _ended(self, error: grpc.RpcError | None) -> None:
+        """Fail what waited on the ended stream; a new stream opens only after this returns.
+
+        When gRPC lost the status that ended the stream (a write raced its end)
+        and the executor sent nothing on it, the executor may have refused the
+        stream (another release: nothing on it ran) or be gone: a unary call
+        tells, and what waited on the stream fails once it has.
+        """
+        answers, results, stored = self._answers, self._results, self._stored
+        self._answers, self._results, self._stored = {}, OutcomeWaiters(), {}
+        if error is not None and status_lost(error) and not self._heard:
+            probe = asyncio.get_running_loop().create_task(
+                self._probe_then_fail(error, answers, results, stored)
+            )
+            self._probes.add(probe)
+            probe.add_done_callback(self._probes.discard)
+            return
+        self._fail(error, answers, results, stored)
+
+    async def _probe_then_fail(
+        self,
+        error: grpc.RpcError,
+        answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]],
+        results: OutcomeWaiters,
+        stored: dict[str, asyncio.Future[bool]],
+    ) -> None:
+        """Ask the executor for its status: a refusal of this release is why the stream ended."""
+        try:
+            await self._peer.stub().GetExecutorStatus(
+                executor_service_pb2.GetExecutorStatusRequest(), timeout=PROBE_SECONDS
+            )
+        except grpc.RpcError as probed:
+            if protocol.refusal(probed) is not None:
+                error = probed
+        except Exception:
+            pass  # the channel is closing: the stream's own error stands
+        self._fail(error, answers, results, stored)
+
+    def _fail(
+        self,
+        error: grpc.RpcError | None,
+        answers: dict[int, asyncio.Future[executor_service_pb2.ExecuteFunctionResponse]],
+        results: OutcomeWaiters,
+        stored: dict[str, asyncio.Future[bool]],
+    ) -> None:
+        """Fail the answers, results and stores of an ended stream with ``error``."""
         code = error.code() if error is not None else None
         kind = NotDeliveredError if _never_connected(error) else UnavailableError
         why = ""
@@ -306,14 +358,13 @@ class RemoteExecutorPeer:
             {"executor": self.executor_id},
         )
         # Answers first: a caller told of the broken stream below still sees its answer's error.
-        for answer in self._answers.values():
+        for answer in answers.values():
             if not answer.done():
                 answer.set_exception(failure)
-        self._results.fail_all(failure)
-        for stored in self._stored.values():
-            if not stored.done():
-                stored.set_result(False)  # nothing more will be reported
-        self._answers.clear()
+        results.fail_all(failure)
+        for waiting in stored.values():
+            if not waiting.done():
+                waiting.set_result(False)  # nothing more will be reported
         if code is not None and self._on_broken is not None:
             broke = (
                 f"it speaks wire protocol {mismatch.metadata.get(protocol.SERVER_KEY)}, "
@@ -322,7 +373,6 @@ class RemoteExecutorPeer:
                 else f"its stream broke ({code})"
             )
             self._on_broken(self.executor_id, broke)
-        self._stored.clear()
 
     async def execute(
         self, request: executor_service_pb2.ExecuteFunctionRequest, timeout: float
@@ -465,6 +515,8 @@ class RemoteExecutorPeer:
             return
         await self._stream.close()
         await self._peer.close()
+        for probe in list(self._probes):  # the channel is closed: each ends at once
+            await asyncio.wait([probe], timeout=PROBE_SECONDS)
 
 
 class PeerDirectory:

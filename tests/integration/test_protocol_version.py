@@ -8,8 +8,10 @@ channel whose user agent names another version, or the SDK with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from cloudburst import CloudburstConnection
-from cloudburst.errors import DOMAIN, NoExecutorError, ProtocolMismatchError
+from cloudburst.errors import DOMAIN, NoExecutorError, ProtocolMismatchError, UnavailableError
 from cloudburst.protocol import PROTOCOL_ENV, protocol_version, user_agent
 from cloudburst.transport import channel_options
 from cloudburst.v1 import (
@@ -190,6 +192,49 @@ async def other_release() -> AsyncIterator[OtherRelease]:
 
 def _refusals(caplog: pytest.LogCaptureFixture, logger: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == logger]
+
+
+#: What gRPC's asyncio client reports for a stream that ended while a frame was being written
+#: to it, the peer's own status lost (see cloudburst/streams.py).
+_LOST = ("Internal error from Core", grpc.StatusCode.INTERNAL)
+
+
+def _lost_status() -> grpc.aio.AioRpcError:
+    details, code = _LOST
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+async def test_a_silent_stream_whose_status_was_lost_is_explained_by_a_unary_call(
+    other_release: OtherRelease,
+) -> None:
+    # gRPC loses the refusal of a stream that ends while a frame is being written to it; the
+    # peer asks the executor with a unary call, whose refusal it does get, before failing
+    # what waited on the stream.
+    peer = RemoteExecutorPeer("old", other_release.address, "scheduler-test", LIMIT)
+    try:
+        answer = asyncio.get_running_loop().create_future()
+        peer._answers[1] = answer
+        peer._ended(_lost_status())
+        with pytest.raises(NotDeliveredError, match=f"wire protocol {OTHER}"):
+            await asyncio.wait_for(answer, 30)
+    finally:
+        await peer.close()
+
+
+async def test_a_silent_stream_to_a_gone_executor_whose_status_was_lost_is_unavailable() -> None:
+    with socket.socket() as unused:  # bound, never listening: connections are refused
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+        peer = RemoteExecutorPeer("gone", address, "scheduler-test", LIMIT)
+        try:
+            answer = asyncio.get_running_loop().create_future()
+            peer._answers[1] = answer
+            peer._ended(_lost_status())
+            with pytest.raises(UnavailableError) as caught:
+                await asyncio.wait_for(answer, 30)
+            assert not isinstance(caught.value, NotDeliveredError)  # it may have run there
+        finally:
+            await peer.close()
 
 
 async def test_the_scheduler_keeps_an_executor_of_another_release_out_of_placement(
