@@ -33,6 +33,7 @@ from cloudburst_grpc.local import Node, start_local
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from harness import Cluster, LoopThread, make_config, stored, wait_deleted, wait_stored
+from waiting import wait_until
 
 DEADLINE = 30.0
 KEY = re.compile(r"[0-9a-f]{32}")
@@ -80,6 +81,20 @@ def incr(_: Any, x: int) -> int:
     return x + 1
 
 
+def told_keys(conn: CloudburstConnection) -> None:
+    """Wait for the scheduler's answer that it takes chosen keys.
+
+    It comes on the call stream, and the first call's outcome may come before it on an
+    executor's answer stream: until it is in, a call still waits to be accepted (correct,
+    only slower), which the tests below count.
+    """
+    wait_until(
+        lambda: conn._core.takes_chosen_keys,
+        "the scheduler's answer that it takes chosen keys",
+        DEADLINE,
+    )
+
+
 def register(conn: CloudburstConnection) -> None:
     conn.register(incr, "incr")
     conn.register(lambda _, x: x * 2, "double")
@@ -94,6 +109,7 @@ def test_a_repeat_call_is_answered_only_with_its_outcome(
         first = conn.exec_func("incr", [1])
         assert first.get() == 2
         assert written.accepts == 1  # the first call of a name waits to be accepted
+        told_keys(conn)
         repeats = [conn.exec_func("incr", [n]) for n in range(10)]
         assert [f.get() for f in repeats] == [n + 1 for n in range(10)]
         assert all(KEY.fullmatch(f.obj_id) for f in repeats)
@@ -118,6 +134,7 @@ def test_a_future_with_a_chosen_key_reads_back_and_feeds_a_later_call(
     with CloudburstConnection(cluster.address, timeout=DEADLINE) as conn:
         register(conn)
         assert conn.exec_func("incr", [0]).get() == 1
+        told_keys(conn)
         future = conn.exec_func("incr", [41])
         assert written.accepts == 1
         # Given to a later call before it finished: that call waits for it there.
@@ -153,6 +170,7 @@ def test_a_name_deleted_after_it_was_called_raises_from_get(
         conn.register(incr, "alone")
         assert conn.exec_func("alone", [1]).get() == 2
         assert conn.call_dag("chain", {"incr": 1}).get() == 4
+        told_keys(conn)
         accepts = written.accepts
 
         # Deleted by another connection (one that deletes a name itself forgets it at once).
