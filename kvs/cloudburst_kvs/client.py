@@ -220,8 +220,11 @@ class KvsClient:
                     request_id,
                 )
                 return
+            size = len(data)
             del data
-        await self._put(key, lattice, keyspace, request_id, timeout, omit=True)
+        else:
+            size = None
+        await self._put(key, lattice, keyspace, request_id, timeout, omit=True, size=size)
 
     async def _put(
         self,
@@ -231,10 +234,18 @@ class KvsClient:
         request_id: str,
         timeout: float | None,
         omit: bool,
+        size: int | None = None,
     ) -> kvs_service_pb2.PutValueResponse:
+        """Send one PutValue, on the op stream when it is small.
+
+        ``size`` is the bytes of a last-writer-wins value when the caller measured
+        them: measuring the lattice would encode (copy) it once more.
+        """
         what = f"PutValue of key {key!r}"
         ops = self._streamed()
-        if ops is not None and lattice.ByteSize() <= MAX_STREAMED_PUT_BYTES:
+        if size is None and ops is not None:
+            size = lattice.ByteSize()
+        if ops is not None and size is not None and size <= MAX_STREAMED_PUT_BYTES:
             frame = OpRequest()
             put = frame.put
             put.key = key

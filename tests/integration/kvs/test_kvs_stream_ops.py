@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.util._once import Once
 
 from cloudburst.errors import CloudburstError, UnavailableError
+from cloudburst.opstream import MAX_STREAMED_PUT_BYTES
 from cloudburst.streams import BATCHES_ENV
 from cloudburst.transport import channel_options
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
@@ -476,6 +477,10 @@ async def test_a_large_merge_keeps_its_unary_call(start_kvs: StartKvs, connect: 
     big = set_of(*(bytes([i % 256]) * 300 + str(i).encode() for i in range(300)))
     error = await outcome(client.merge("big", big))  # over the test's payload limit
     assert kvs.recorder.calls("PutValue") == 1
+    assert isinstance(error, tuple) and "over the limit" in error[1]
+    # A last-writer-wins value is judged by its own bytes, measured once.
+    error = await outcome(client.merge("big", lww(b"x" * (MAX_STREAMED_PUT_BYTES + 1))))
+    assert kvs.recorder.calls("PutValue") == 2
     assert isinstance(error, tuple) and "over the limit" in error[1]
 
 
