@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None) -> Settings:
 # -- workloads -----------------------------------------------------------------------
 
 
-def floor_workloads(floor_client: clients.ClientProcess, engine: floor.EngineFloor) -> list[Record]:
+def floor_records(floor_client: clients.ClientProcess, engine: floor.EngineFloor) -> list[Record]:
     """The gRPC floor, timed in its client's own process; the storage engine's, in this one.
 
     The engine's read and write are called here: no gRPC, no event loop.
@@ -1232,7 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
             for deployment in deployments.values():
                 systems.describe_start(deployment)
                 systems.register_all(systems.connect(deployment))
-            records = floor_workloads(floor_client, engine) + unit_workloads(aio, pool)
+            records = floor_records(floor_client, engine) + unit_workloads(aio, pool)
             for deployment in deployments.values():
                 client, found = system_workloads(procs, deployment, cores.client())
                 system_clients.append(client)
