@@ -51,6 +51,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
     takes_chosen_keys = True
     """Whether call streams tell callers that ask (``chooses_keys``) that they take chosen keys."""
 
+    takes_store_keys = True
+    """Whether they tell them, in the same answer, that they read ``store_keys``."""
+
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
         self._batches = batches_enabled()
@@ -306,7 +309,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         is yet to be told that this stream reads batched calls, an answer of no call
         (sequence 0) tells it at once. So does one for the first frame whose caller
         asks whether it may choose response keys (``chooses_keys``), with the
-        answer (``takes_chosen_keys``).
+        answer (``takes_chosen_keys``), and says that it reads ``store_keys``.
 
         Flow control: while the stream has ``max_unanswered_calls`` calls running
         or answers not yet written (``backlog``), no further frame is read, so a
@@ -340,10 +343,11 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                         batcher = None
                     if frame.chooses_keys and not asked_keys:
                         asked_keys = True
-                        if self.takes_chosen_keys:
+                        if self.takes_chosen_keys or self.takes_store_keys:
                             if hello is None:
                                 hello = Answer()
-                            hello.takes_chosen_keys = True
+                            hello.takes_chosen_keys = self.takes_chosen_keys
+                            hello.takes_store_keys = self.takes_store_keys
                     if hello is not None:
                         await emit(hello)
                     if frame.release_keys:

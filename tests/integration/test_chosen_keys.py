@@ -328,7 +328,7 @@ def test_the_scheduler_announces_chosen_keys_and_answers_them_once(
     ask.call_function.arguments.add().value.CopyFrom(serialize(0))
     answers_ = stream(local_node.address, [ask, chosen_call(key, sequence=2)])
     hello = [a for a in answers_ if a.sequence == 0]
-    assert len(hello) == 1 and hello[0].takes_chosen_keys
+    assert len(hello) == 1 and hello[0].takes_chosen_keys and hello[0].takes_store_keys
     (only,) = [a for a in answers_ if a.sequence == 2]
     assert only.call_function.response_key == key
     assert deserialize(only.call_function.outcome.value) == 2

@@ -189,27 +189,52 @@ def test_only_the_caller_can_have_a_held_store_start_at_once(
 def test_a_scheduler_that_does_not_know_store_keys_still_serves_the_read(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An earlier release reads a frame of only ``store_keys`` as a frame of nothing."""
+    """An earlier release does not say it reads ``store_keys``: it is sent none."""
     read_calls = SchedulerServicer._read_calls
+    named: list[str] = []
 
     async def earlier(self: SchedulerServicer, request_iterator: Any, *args: Any) -> None:
         async def without_store_keys() -> Any:
             async for message in request_iterator:
                 for frame in message.batch or (message,):
+                    named.extend(frame.store_keys)
                     frame.ClearField("store_keys")
                 yield message
 
         await read_calls(self, without_store_keys(), *args)
 
     monkeypatch.setattr(SchedulerServicer, "_read_calls", earlier)
+    monkeypatch.setattr(SchedulerServicer, "takes_store_keys", False)
     with CloudburstConnection(cluster.address) as cloud:
         incr = register(cloud)
         first, second = incr(1), incr(2)
         assert [first.get(timeout=DEADLINE), second.get(timeout=DEADLINE)] == [2, 3]
-        # Read once the hold ends; the scheduler's answers to the empty frames are ignored.
+        # Read once the hold ends.
         assert cloud.get_object(first.obj_id) == 2
         assert cloud.get_object([second.obj_id]) == {second.obj_id: 3}
         assert incr(first).get(timeout=DEADLINE) == 3
+        assert cloud._core.takes_chosen_keys
+    assert named == []
+
+
+def test_keys_named_before_the_scheduler_says_it_reads_them_wait_for_its_word(
+    cluster: Cluster, long_hold: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outcome on an answer stream may come before the scheduler's first answer."""
+    with CloudburstConnection(cluster.address) as cloud:
+        core = type(cloud._core)
+        told = core._told
+
+        def later(self: Any, answer: Any) -> None:
+            # The scheduler's word on the call stream comes after the read has started.
+            self.loop.call_later(1.0, told, self, answer)
+
+        monkeypatch.setattr(core, "_told", later)
+        incr = register(cloud)
+        future = incr(1)
+        assert future.get(timeout=DEADLINE) == 2
+        assert not cloud._core._store_keys_stream, "the word came before the read"
+        assert cloud.get_object(future.obj_id) == 2  # neither the 60 s hold nor None
 
 
 def test_a_result_kept_past_its_hold_is_stored(cluster: Cluster, writes: Writes) -> None:

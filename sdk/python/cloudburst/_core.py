@@ -217,6 +217,12 @@ class Core:
         self._release_scheduled = False
         self._keys_stream = 0
         """The number of the stream (``OutboxStream.opened``) whose scheduler takes chosen keys."""
+        self._store_keys_stream = 0
+        """The number of the stream whose scheduler reads ``store_keys``."""
+        self._told_stream = 0
+        """The number of the stream whose scheduler said what it takes (an answer of no call)."""
+        self._store_keys_waiting: list[str] = []
+        """Keys to store now, named before the stream's scheduler said whether it reads them."""
 
     @property
     def takes_chosen_keys(self) -> bool:
@@ -303,7 +309,9 @@ class Core:
         # Releases queued for this stream mean nothing to the next one.
         self._released.clear()
         self._answered_directly.clear()
-        self._keys_stream = 0  # the next stream may reach another scheduler: ask it again
+        # The next stream may reach another scheduler: ask it again.
+        self._keys_stream = self._store_keys_stream = self._told_stream = 0
+        self._store_keys_waiting.clear()
         for pending in pending_calls:
             settle(pending.accepted, error=failure)
             settle(pending.outcome, error=failure)
@@ -312,8 +320,8 @@ class Core:
     def _dispatch(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
         pending = self._pending.get(answer.sequence)
         if pending is None:
-            if answer.takes_chosen_keys and answer.sequence == 0:
-                self._keys_stream = self._stream.opened
+            if answer.sequence == 0:
+                self._told(answer)
             return
         kind = answer.WhichOneof("answer")
         if kind == "error":
@@ -539,22 +547,43 @@ class Core:
 
         For keys of results of this stream's calls, answered (``store_keys``): an
         executor that holds the store of one (see "Held stores" in docs/protocol.md)
-        starts it now instead of when the hold ends. The scheduler ignores other keys;
-        one of an earlier release answers the frame with an error of sequence 0, which
-        :meth:`_dispatch` ignores (the read then waits for the hold to end).
+        starts it now instead of when the hold ends. The scheduler ignores other keys.
+        Nothing is sent to a scheduler that did not say it reads them (an earlier
+        release): the read then waits for the hold to end.
         """
         try:
             self.loop.call_soon_threadsafe(self._send_store_keys, list(keys))
         except RuntimeError:
             pass  # the loop is closed: the connection is gone
 
+    def _told(self, answer: scheduler_service_pb2.StreamCallsResponse) -> None:
+        """Learn what the stream's scheduler takes from its answer of no call."""
+        opened = self._stream.opened
+        self._told_stream = opened
+        if answer.takes_chosen_keys:
+            self._keys_stream = opened
+        if answer.takes_store_keys:
+            self._store_keys_stream = opened
+        waiting, self._store_keys_waiting = self._store_keys_waiting, []
+        if waiting:
+            self._send_store_keys(waiting)
+
     def _send_store_keys(self, keys: list[str]) -> None:
-        if not self._stream.is_open:
+        stream = self._stream
+        if not stream.is_open:
             return  # the stream whose calls made them is gone: a new one would ignore them
+        if self._store_keys_stream != stream.opened:
+            if self._told_stream != stream.opened:
+                # The outcome came on an answer stream before the scheduler's word on this
+                # one: wait for it (a scheduler that never says anything gets nothing).
+                waiting = self._store_keys_waiting
+                waiting.extend(keys)
+                del waiting[:-RELEASES_PER_FRAME]
+            return  # an earlier release, which would answer with an error
         for start in range(0, len(keys), RELEASES_PER_FRAME):
             frame = scheduler_service_pb2.StreamCallsRequest()
             frame.store_keys.extend(keys[start : start + RELEASES_PER_FRAME])
-            self._stream.send(frame)
+            stream.send(frame)
 
     # -- KVS -----------------------------------------------------------------------
 

@@ -1430,6 +1430,7 @@ type StreamCallsRequest struct {
 	// sent with `releasable` and whose outcome was answered. If an executor holds the store of one
 	// (see "Held stores" in docs/protocol.md), it starts the store now instead of when the hold
 	// ends; other keys are ignored. A frame may carry only these keys (no call); it is not answered.
+	// Sent only to a scheduler that set `takes_store_keys` on this stream.
 	StoreKeys     []string `protobuf:"bytes,15,rep,name=store_keys,json=storeKeys,proto3" json:"store_keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1733,8 +1734,12 @@ type StreamCallsResponse struct {
 	// The scheduler takes `StreamCallsRequest.chosen_response_key` on this stream (the answer,
 	// of no call, to a frame that set `chooses_keys`).
 	TakesChosenKeys bool `protobuf:"varint,7,opt,name=takes_chosen_keys,json=takesChosenKeys,proto3" json:"takes_chosen_keys,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The scheduler reads `StreamCallsRequest.store_keys` on this stream. Said in the same answer of
+	// no call as `takes_chosen_keys` (to a frame that set `chooses_keys`), even by a scheduler that
+	// does not take chosen keys.
+	TakesStoreKeys bool `protobuf:"varint,8,opt,name=takes_store_keys,json=takesStoreKeys,proto3" json:"takes_store_keys,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StreamCallsResponse) Reset() {
@@ -1825,6 +1830,13 @@ func (x *StreamCallsResponse) GetReadsBatches() bool {
 func (x *StreamCallsResponse) GetTakesChosenKeys() bool {
 	if x != nil {
 		return x.TakesChosenKeys
+	}
+	return false
+}
+
+func (x *StreamCallsResponse) GetTakesStoreKeys() bool {
+	if x != nil {
+		return x.TakesStoreKeys
 	}
 	return false
 }
@@ -1969,7 +1981,7 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x10AnswerStreamLost\x12\x1f\n" +
 	"\vexecutor_id\x18\x01 \x01(\tR\n" +
 	"executorId\x12\x1c\n" +
-	"\tsequences\x18\x02 \x03(\x04R\tsequences\"\x81\x03\n" +
+	"\tsequences\x18\x02 \x03(\x04R\tsequences\"\xab\x03\n" +
 	"\x13StreamCallsResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12J\n" +
 	"\rcall_function\x18\x02 \x01(\v2#.cloudburst.v1.CallFunctionResponseH\x00R\fcallFunction\x12;\n" +
@@ -1977,7 +1989,8 @@ const file_cloudburst_v1_scheduler_service_proto_rawDesc = "" +
 	"\x05error\x18\x04 \x01(\v2\x18.cloudburst.v1.CallErrorH\x00R\x05error\x128\n" +
 	"\x05batch\x18\x05 \x03(\v2\".cloudburst.v1.StreamCallsResponseR\x05batch\x12#\n" +
 	"\rreads_batches\x18\x06 \x01(\bR\freadsBatches\x12*\n" +
-	"\x11takes_chosen_keys\x18\a \x01(\bR\x0ftakesChosenKeysB\b\n" +
+	"\x11takes_chosen_keys\x18\a \x01(\bR\x0ftakesChosenKeys\x12(\n" +
+	"\x10takes_store_keys\x18\b \x01(\bR\x0etakesStoreKeysB\b\n" +
 	"\x06answer2\xdf\b\n" +
 	"\x10SchedulerService\x12]\n" +
 	"\x0eCreateFunction\x12$.cloudburst.v1.CreateFunctionRequest\x1a%.cloudburst.v1.CreateFunctionResponse\x12T\n" +

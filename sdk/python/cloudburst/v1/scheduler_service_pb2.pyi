@@ -841,6 +841,7 @@ class StreamCallsRequest(_message.Message):
         sent with `releasable` and whose outcome was answered. If an executor holds the store of one
         (see "Held stores" in docs/protocol.md), it starts the store now instead of when the hold
         ends; other keys are ignored. A frame may carry only these keys (no call); it is not answered.
+        Sent only to a scheduler that set `takes_store_keys` on this stream.
         """
 
     def __init__(
@@ -944,6 +945,7 @@ class StreamCallsResponse(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     READS_BATCHES_FIELD_NUMBER: _builtins.int
     TAKES_CHOSEN_KEYS_FIELD_NUMBER: _builtins.int
+    TAKES_STORE_KEYS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the request answered."""
     reads_batches: _builtins.bool
@@ -951,6 +953,11 @@ class StreamCallsResponse(_message.Message):
     takes_chosen_keys: _builtins.bool
     """The scheduler takes `StreamCallsRequest.chosen_response_key` on this stream (the answer,
     of no call, to a frame that set `chooses_keys`).
+    """
+    takes_store_keys: _builtins.bool
+    """The scheduler reads `StreamCallsRequest.store_keys` on this stream. Said in the same answer of
+    no call as `takes_chosen_keys` (to a frame that set `chooses_keys`), even by a scheduler that
+    does not take chosen keys.
     """
     @_builtins.property
     def call_function(self) -> Global___CallFunctionResponse:
@@ -981,10 +988,11 @@ class StreamCallsResponse(_message.Message):
         batch: _abc.Iterable[Global___StreamCallsResponse] | None = ...,
         reads_batches: _builtins.bool = ...,
         takes_chosen_keys: _builtins.bool = ...,
+        takes_store_keys: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch", b"batch", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error", "reads_batches", b"reads_batches", "sequence", b"sequence", "takes_chosen_keys", b"takes_chosen_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch", b"batch", "call_dag", b"call_dag", "call_function", b"call_function", "error", b"error", "reads_batches", b"reads_batches", "sequence", b"sequence", "takes_chosen_keys", b"takes_chosen_keys", "takes_store_keys", b"takes_store_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["call_function", "call_dag", "error"]  # noqa: Y015
     _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
