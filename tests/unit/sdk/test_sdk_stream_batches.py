@@ -6,6 +6,7 @@ import asyncio
 import collections
 
 import grpc
+import pytest
 
 from cloudburst.streams import MAX_BATCH_FRAMES, OutboxStream, batches_enabled, take_batch
 from cloudburst.v1 import scheduler_service_pb2
@@ -277,4 +278,45 @@ async def test_frames_written_together_go_in_one_message_once_the_peer_reads_bat
     writes = asyncio.create_task(stream.write_all(frames(3, 4, 5)))
     assert await written(call, 1) == [[3, 4, 5]]
     await writes
+    await stream.close(grace=DEADLINE)
+
+
+async def batching(peer: Peer) -> tuple[OutboxStream[Request, Response], FakeCall]:
+    """A stream whose peer said it reads batches."""
+    stream = peer.stream(batches=True)
+    stream.open()
+    call = peer.calls[0]
+    call.answers.put_nowait(Response(sequence=1, reads_batches=True))
+    assert await dispatched(peer, 1) == [1]
+    return stream, call
+
+
+async def test_a_lone_frame_waits_a_turn_for_others_only_once_frames_queued_behind_writes() -> None:
+    stream, call = await batching(Peer())
+    # No frame has waited yet: the first goes at once, alone; the second waits behind it.
+    writes = [asyncio.create_task(stream.write(Request(sequence=n))) for n in (2, 3)]
+    assert await written(call, 2) == [[2], [3]]
+    await asyncio.gather(*writes)
+    # One did wait: now a lone frame gives the loop a turn, and the frame sent in it joins.
+    writes = [asyncio.create_task(stream.write(Request(sequence=n))) for n in (4, 5)]
+    assert await written(call, 1) == [[4, 5]]
+    await asyncio.gather(*writes)
+    await stream.close(grace=DEADLINE)
+
+
+async def test_a_writer_cancelled_in_its_turn_hands_the_frames_on() -> None:
+    stream, call = await batching(Peer())
+    writes = [asyncio.create_task(stream.write(Request(sequence=n))) for n in (2, 3)]
+    assert await written(call, 2) == [[2], [3]]
+    await asyncio.gather(*writes)
+    cancelled = asyncio.create_task(stream.write(Request(sequence=4)))
+    await asyncio.sleep(0)  # one step of the task: to its turn, before it writes
+    assert call.written.empty()
+    stream.send(Request(sequence=5))  # joins the frame in the backlog
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert await written(call, 1) == [[4, 5]]
+    stream.send(Request(sequence=6))  # the stream writes on as before
+    assert await written(call, 1) == [[6]]
     await stream.close(grace=DEADLINE)
