@@ -100,11 +100,14 @@ class LatticeBackend(Protocol):
         *,
         request_id: str = "",
         size: int | None = None,
+        adopt: bool = False,
     ) -> lattice_pb2.Lattice:
         """Merge ``lattice`` into the key atomically; return the merged lattice.
 
         ``size``: the bytes of a last-writer-wins value, when the caller knows
         them, so that the size limit is checked without reading (copying) them.
+        ``adopt``: the caller gives ``lattice`` up; the store may normalize it in
+        place and keep it instead of a copy.
         """
         ...
 

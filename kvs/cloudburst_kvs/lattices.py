@@ -3,7 +3,10 @@
 Merges are associative, commutative and idempotent on normalized lattices, so
 replicas and retries converge whatever order writes arrive in. Every function
 returns a new message and never changes its arguments, so a stored lattice can
-be shared with readers without copying.
+be shared with readers without copying. The one exception is asked for:
+:func:`normalize` and :func:`merge` with ``adopt`` may return the incoming
+last-writer-wins lattice itself, normalized in place, from a caller that gives
+it up (a large value is then not copied once more).
 
 Normalized form (what :func:`merge` and :func:`normalize` return):
 
@@ -110,31 +113,46 @@ def _clean_lww(lww: lattice_pb2.LwwLattice) -> lattice_pb2.Lattice:
     return clean
 
 
+def _adopt_lww(lattice: lattice_pb2.Lattice) -> lattice_pb2.Lattice:
+    # _clean_lww without the copy: the lattice holds nothing but its lww kind.
+    lattice.DiscardUnknownFields()
+    lattice.lww.timestamp.SetInParent()
+    lattice.lww.value.SetInParent()
+    return lattice
+
+
 def _set_of(values: dict[tuple[int, bytes], value_pb2.Value]) -> lattice_pb2.Lattice:
     ordered = [values[key] for key in sorted(values)]
     return lattice_pb2.Lattice(set=lattice_pb2.SetLattice(values=ordered))
 
 
-def normalize(lattice: lattice_pb2.Lattice) -> lattice_pb2.Lattice:
+def normalize(lattice: lattice_pb2.Lattice, *, adopt: bool = False) -> lattice_pb2.Lattice:
     """Return the normalized form of a lattice (see the module docstring).
+
+    With ``adopt``, the caller gives ``lattice`` up: a last-writer-wins lattice
+    is normalized in place and returned itself.
 
     Raises:
         InvalidArgumentError: The lattice has no kind.
     """
     if kind_of(lattice) == "lww":
-        return _clean_lww(lattice.lww)
+        return _adopt_lww(lattice) if adopt else _clean_lww(lattice.lww)
     distinct: dict[tuple[int, bytes], value_pb2.Value] = {}
     for value in lattice.set.values:
         distinct.setdefault(_value_key(value), _clean_value(value))
     return _set_of(distinct)
 
 
-def merge(stored: lattice_pb2.Lattice, incoming: lattice_pb2.Lattice) -> lattice_pb2.Lattice:
+def merge(
+    stored: lattice_pb2.Lattice, incoming: lattice_pb2.Lattice, *, adopt: bool = False
+) -> lattice_pb2.Lattice:
     """Return the least upper bound of two lattices of the same kind, normalized.
 
     Args:
         stored: The lattice already stored under the key.
         incoming: The lattice being written.
+        adopt: The caller gives ``incoming`` up: a last-writer-wins write that
+            wins is normalized in place and returned itself.
 
     Raises:
         InvalidArgumentError: Either lattice has no kind.
@@ -150,7 +168,9 @@ def merge(stored: lattice_pb2.Lattice, incoming: lattice_pb2.Lattice) -> lattice
             {"stored_kind": stored_kind, "incoming_kind": incoming_kind},
         )
     if stored_kind == "lww":
-        return _clean_lww(incoming.lww if _lww_wins(incoming.lww, stored.lww) else stored.lww)
+        if not _lww_wins(incoming.lww, stored.lww):
+            return _clean_lww(stored.lww)
+        return _adopt_lww(incoming) if adopt else _clean_lww(incoming.lww)
     union: dict[tuple[int, bytes], value_pb2.Value] = {}
     for value in (*stored.set.values, *incoming.set.values):
         union.setdefault(_value_key(value), _clean_value(value))

@@ -275,14 +275,23 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
     ) -> kvs_service_pb2.PutValueResponse:
         """Merge a lattice into a key, stamping an unstamped last-writer-wins write."""
         response = kvs_service_pb2.PutValueResponse()
-        await self._put_value(request, response)
+        # The request is this call's alone: its lattice may be stored as it is.
+        await self._put_value(request, response, adopt=True)
         return response
 
     @_timed("put")
     async def _put_value(
-        self, request: kvs_service_pb2.PutValueRequest, response: kvs_service_pb2.PutValueResponse
+        self,
+        request: kvs_service_pb2.PutValueRequest,
+        response: kvs_service_pb2.PutValueResponse,
+        *,
+        adopt: bool = False,
     ) -> None:
-        """Answer a PutValue in ``response``."""
+        """Answer a PutValue in ``response``.
+
+        With ``adopt``, the request is not part of a larger message (a batch of
+        frames), so its lattice may be kept by the store instead of a copy.
+        """
         check_key(request.key)
         keyspace = normalize_keyspace(request.keyspace)
         lattices.validate(request.lattice)
@@ -302,7 +311,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         lattice = lattices.stamp(request.lattice, self._clock)
         # The size goes along: measuring a last-writer-wins value copies its bytes.
         merged = await self._store.put(
-            keyspace, request.key, lattice, request_id=request.request_id, size=size
+            keyspace, request.key, lattice, request_id=request.request_id, size=size, adopt=adopt
         )
         if not request.omit_lattice:
             response.lattice.CopyFrom(merged)

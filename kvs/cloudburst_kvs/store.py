@@ -555,17 +555,22 @@ class LatticeStore:
         *,
         request_id: str = "",
         size: int | None = None,
+        adopt: bool = False,
     ) -> lattice_pb2.Lattice:
         """Merge ``lattice`` into the key and return the merged lattice once it is durable.
 
         Args:
             keyspace: The key's keyspace.
             key: The key; must not be empty.
-            lattice: The lattice to merge; it is not changed.
+            lattice: The lattice to merge; it is not changed, unless ``adopt``.
             request_id: When not empty, a retry with the same id (and key) returns the
                 first call's result instead of merging again.
             size: The bytes of a last-writer-wins value, when the caller knows them: the
                 size limit is then checked without reading (copying) them.
+            adopt: The caller gives ``lattice`` up: a last-writer-wins write may be
+                normalized in place and stored itself, its value not copied (see
+                :func:`~cloudburst_kvs.lattices.merge`). It must not be part of a
+                larger message that would then stay in memory with it.
 
         Raises:
             InvalidArgumentError: The key is empty or the lattice malformed.
@@ -584,7 +589,11 @@ class LatticeStore:
         # From here to _submit nothing awaits: the read-merge-replace of the key
         # is atomic with respect to every other coroutine on the loop.
         stored = self._data.get(store_key)
-        merged = lattices.normalize(lattice) if stored is None else lattices.merge(stored, lattice)
+        merged = (
+            lattices.normalize(lattice, adopt=adopt)
+            if stored is None
+            else lattices.merge(stored, lattice, adopt=adopt)
+        )
         measured = self._check_size(key, merged, size)
         if stored is not None and merged == stored:
             await self._wait_unflushed(store_key, key)

@@ -570,13 +570,15 @@ class ValkeyStore:
         *,
         request_id: str = "",
         size: int | None = None,
+        adopt: bool = False,
     ) -> lattice_pb2.Lattice:
         """Merge ``lattice`` into the key on the engine and return the merged lattice.
 
         ``request_id`` is accepted for the interface's sake: a retried merge is
         idempotent, so no memory of ids is needed. ``size``, the bytes of a
         last-writer-wins value when the caller knows them, spares reading them
-        for the size check.
+        for the size check; with ``adopt`` (the caller gives ``lattice`` up) it
+        is normalized in place instead of copied.
 
         Raises:
             InvalidArgumentError: The key is empty or the lattice malformed.
@@ -589,7 +591,7 @@ class ValkeyStore:
         ks = normalize_keyspace(keyspace)
         check_key(key)
         lattices.validate(lattice)
-        normalized = lattices.normalize(lattice)
+        normalized = lattices.normalize(lattice, adopt=adopt)
         self._check_size(key, normalized, size)
         data = codec.data_key(ks, key)
         chan = codec.channel(ks, key)

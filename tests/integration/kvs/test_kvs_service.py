@@ -165,6 +165,25 @@ async def test_a_put_that_omits_the_lattice_is_answered_without_it(kvs: Kvs) -> 
     assert echoed.lattice.lww.value.data == b"last"
 
 
+async def test_what_a_newer_client_adds_to_a_write_is_not_stored(kvs: Kvs) -> None:
+    # The unary put's own lattice is normalized in place and kept; a streamed one is copied.
+    unknown = b"\xf8\x07\x01"  # field 127 of Value, varint 1: unknown to this server
+    for key, stub in (("unary", kvs.stub.PutValue), ("streamed", None)):
+        written = lww(b"x", time_ns=time.time_ns(), writer="newer")
+        written.lww.value.MergeFromString(unknown)
+        request = kvs_service_pb2.PutValueRequest(key=key, lattice=written, omit_lattice=True)
+        assert unknown in request.SerializeToString()
+        if stub is not None:
+            await stub(request, timeout=WAIT)
+        else:
+            await asyncio.wait_for(kvs.client.merge(key, written), WAIT)
+        stored = kvs.store.get(USER, key)
+        assert stored is not None and unknown not in stored.SerializeToString()
+        assert stored.lww.value == value(b"x") and stored.lww.timestamp.writer_id == "newer"
+        read = await kvs.stub.GetValue(kvs_service_pb2.GetValueRequest(key=key), timeout=WAIT)
+        assert unknown not in read.SerializeToString()
+
+
 async def test_delete_and_batch_get(kvs: Kvs) -> None:
     await kvs.client.put("a", lww(b"1"))
     await kvs.client.put("b", lww(b"2"))

@@ -105,6 +105,35 @@ def test_merge_does_not_change_its_arguments(
     assert (_bytes(a), _bytes(b)) == before
 
 
+def _with_unknown_field(lattice: lattice_pb2.Lattice) -> lattice_pb2.Lattice:
+    """The lattice as a newer client could send it: with a field this server does not know."""
+    value = lattice.lww.value.SerializeToString() + b"\xf8\x07\x01"  # field 127, varint 1
+    raw = lattice.SerializeToString()
+    grown = lattice_pb2.Lattice()
+    grown.MergeFromString(raw)
+    grown.lww.value.Clear()
+    grown.lww.value.MergeFromString(value)
+    return grown
+
+
+@given(stored=LWWS, incoming=LWWS)
+def test_an_adopted_write_merges_to_the_bytes_of_a_copied_one(
+    stored: lattice_pb2.Lattice, incoming: lattice_pb2.Lattice
+) -> None:
+    incoming = _with_unknown_field(incoming)
+    copied = lattices.merge(stored, incoming)
+    before = _bytes(stored)
+    adopted = lattices.merge(stored, incoming, adopt=True)
+    assert _bytes(adopted) == _bytes(copied)
+    assert _bytes(stored) == before
+    # A write that wins is kept itself, cleaned of what this server does not know;
+    # one that loses leaves a copy of the stored lattice.
+    assert (adopted is incoming) == (_bytes(copied) != before)
+    fresh = _with_unknown_field(incoming)
+    normalized = lattices.normalize(fresh, adopt=True)
+    assert normalized is fresh and _bytes(normalized) == _bytes(lattices.normalize(incoming))
+
+
 def test_lww_ties_break_on_writer_then_value() -> None:
     low = value_pb2.Value(serializer=value_pb2.SERIALIZER_BYTES, data=b"a")
     high = value_pb2.Value(serializer=value_pb2.SERIALIZER_BYTES, data=b"b")
