@@ -22,6 +22,7 @@ from cloudburst_executors import executor as executor_module
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
 from harness import Cluster, stored
+from waiting import wait_until
 
 DEADLINE = 20.0
 
@@ -213,7 +214,8 @@ def test_a_scheduler_that_does_not_know_store_keys_still_serves_the_read(
         assert cloud.get_object(first.obj_id) == 2
         assert cloud.get_object([second.obj_id]) == {second.obj_id: 3}
         assert incr(first).get(timeout=DEADLINE) == 3
-        assert cloud._core.takes_chosen_keys
+        # The word comes on the call stream, maybe after an outcome on an answer stream.
+        wait_until(lambda: cloud._core.takes_chosen_keys, "the scheduler's word", DEADLINE)
     assert named == []
 
 
