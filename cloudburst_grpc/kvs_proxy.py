@@ -241,10 +241,14 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         request: kvs_service_pb2.GetLimitsRequest,
         context: Context[kvs_service_pb2.GetLimitsRequest, kvs_service_pb2.GetLimitsResponse],
     ) -> kvs_service_pb2.GetLimitsResponse:
-        """Forward GetLimits, adding the KVS addresses clients may call directly."""
+        """Forward GetLimits, adding the KVS addresses clients may call directly.
+
+        The KVS's ``serves_op_streams`` is cleared: this service forwards no StreamOps.
+        """
         response: kvs_service_pb2.GetLimitsResponse = await self._unary(
             "GetLimits", request, context
         )
+        response.serves_op_streams = False
         if self._direct_addresses is not None:
             response.kvs_addresses.extend(
                 addresses_for(context.peer() or "", await self._direct_addresses())

@@ -261,9 +261,11 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             kvs_service_pb2.GetLimitsRequest, kvs_service_pb2.GetLimitsResponse
         ],
     ) -> kvs_service_pb2.GetLimitsResponse:
-        """Report the largest value and the largest message."""
+        """Report the largest value and the largest message, and that StreamOps is served here."""
         return kvs_service_pb2.GetLimitsResponse(
-            max_value_bytes=self._max_value_bytes, max_message_bytes=self._max_payload_bytes
+            max_value_bytes=self._max_value_bytes,
+            max_message_bytes=self._max_payload_bytes,
+            serves_op_streams=True,
         )
 
     async def PutValue(

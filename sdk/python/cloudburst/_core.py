@@ -22,7 +22,8 @@ forwards to the KVS tier, or, when the scheduler names KVS addresses that
 answer (:meth:`Core.use_direct_kvs`), at the KVS itself, one hop fewer. A
 direct call that finds the KVS unreachable is made again through the
 scheduler, which then serves every KVS call until the KVS answers again.
-At the KVS itself, single-key reads, writes that fit in one message and
+At the KVS itself (also at ``cbgrpc serve``, which says it serves the KVS at
+its own address), single-key reads, writes that fit in one message and
 deletes go as frames of one ``StreamOps`` stream (see
 :class:`~cloudburst.opstream.OpStream`), unless ``CLOUDBURST_KVS_STREAM=0``;
 values too large for one message keep their chunked calls.
@@ -185,6 +186,9 @@ class Core:
         self._direct: tuple[str, grpc.aio.Channel, KvsStub] | None = None
         self._ops: OpStream | None = None
         """The op stream to the KVS called directly (None: unary calls only)."""
+        self._proxy_ops: OpStream | None = None
+        """The op stream at the scheduler's address, where a KVS itself serves (``cbgrpc
+        serve``; :meth:`stream_ops_here`). None: unary calls there, as a proxy takes."""
         self._stream_ops = stream_enabled()
         """Whether small KVS ops at the KVS itself go over an op stream."""
         self._retry_direct: asyncio.Task[None] | None = None
@@ -619,18 +623,29 @@ class Core:
         """Run an idempotent KVS operation at the KVS; if that is unreachable, via the scheduler.
 
         At the KVS the operation gets the op stream, if any, for its small ops;
-        through the scheduler (whose KVS proxy serves no op stream) it makes unary calls.
+        through the scheduler (whose KVS proxy serves no op stream) it makes unary
+        calls, unless a KVS itself serves there (:meth:`stream_ops_here`).
         """
         stub = self.kvs
         if stub is self.proxy_kvs:
-            return await operation(stub, None)
+            return await operation(stub, self._proxy_ops)
         try:
             return await operation(stub, self._ops)
         except UnavailableError as exc:
             if type(exc) is not UnavailableError:
                 raise
             self._leave_direct(exc)
-        return await operation(self.proxy_kvs, None)
+        return await operation(self.proxy_kvs, self._proxy_ops)
+
+    def stream_ops_here(self) -> None:
+        """Send small KVS ops at the scheduler's address over an op stream.
+
+        For a server that said it serves ``StreamOps`` there itself
+        (``GetLimitsResponse.serves_op_streams``: ``cbgrpc serve``); a scheduler's
+        proxy does not. Nothing changes when op streams are off for this process.
+        """
+        if self._stream_ops and self._proxy_ops is None:
+            self._proxy_ops = OpStream(self.proxy_kvs, f"the KVS at {self.target}")
 
     def _leave_direct(self, error: CloudburstError) -> None:
         """Send KVS calls through the scheduler until the KVS answers directly again."""
@@ -818,10 +833,11 @@ class Core:
         await self._stream.close(grace=CLOSE_GRACE_SECONDS)
         if self.answers is not None:
             await self.answers.close()
-        if self._ops is not None:
-            # The op stream carries nothing that outlives its callers: a KVS that does
-            # not answer is not waited for.
-            await self._ops.close(grace=0)
+        for ops in (self._ops, self._proxy_ops):
+            if ops is not None:
+                # The op stream carries nothing that outlives its callers: a KVS that does
+                # not answer is not waited for.
+                await ops.close(grace=0)
         if self._direct is not None:
             await self._direct[1].close()
         await self.channel.close()

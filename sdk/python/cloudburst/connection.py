@@ -506,6 +506,8 @@ class CloudburstConnection:
                 "the server did not report its limits (%s); values stay in one message", exc
             )
             return
+        if limits.serves_op_streams:  # a KVS itself at the scheduler's address: cbgrpc serve
+            core.stream_ops_here()
         if self._direct_kvs and limits.kvs_addresses:
             await core.use_direct_kvs(
                 list(limits.kvs_addresses), min(connect_timeout, DIRECT_KVS_TIMEOUT)

@@ -12,6 +12,7 @@ answers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import threading
@@ -29,11 +30,18 @@ from cloudburst.opstream import STREAM_ENV
 from cloudburst.serialization import lattice_value
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
 from cloudburst_grpc.config import KvsConfig
-from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
+from cloudburst_grpc.local import (
+    Node,
+    start_executor_node,
+    start_kvs_node,
+    start_local,
+    start_scheduler_node,
+)
 from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, Denied
 from cloudburst_grpc.security.identity import INVOKER, INVOKER_RESTRICTED, Identity
 from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_kvs.servicer import KvsServicer
 from cloudburst_kvs.storage import MemoryEngine
 from cloudburst_kvs.store import LatticeStore
 from harness import CbgrpcProcess, LoopThread, make_config
@@ -229,6 +237,56 @@ def test_the_switch_keeps_the_sdk_on_unary_calls(
         assert conn.delete_object("k") is True
     assert kvs.recorder.calls("StreamOps") == 0
     assert [kvs.recorder.calls(name) for name in UNARY] == [1, 1, 1]
+
+
+def test_only_a_kvs_itself_says_that_it_serves_op_streams(setup: Callable[..., Setup]) -> None:
+    """The scheduler passes on its KVS's limits, but not that word: its proxy has no StreamOps."""
+    cluster = setup()
+    request = kvs_service_pb2.GetLimitsRequest()
+    with grpc.insecure_channel(cluster.kvs.address) as at_kvs:
+        kvs_limits = kvs_service_pb2_grpc.KvsServiceStub(at_kvs).GetLimits(request, timeout=WAIT)
+    with grpc.insecure_channel(cluster.scheduler.address) as at_scheduler:
+        stub = kvs_service_pb2_grpc.KvsServiceStub(at_scheduler)
+        scheduler_limits = stub.GetLimits(request, timeout=WAIT)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.StreamOps(iter([kvs_service_pb2.StreamOpsRequest()]), timeout=WAIT))
+    assert kvs_limits.serves_op_streams and not kvs_limits.kvs_addresses
+    assert not scheduler_limits.serves_op_streams
+    assert list(scheduler_limits.kvs_addresses) == [cluster.kvs.address]
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "switched-off"])
+def test_cbgrpc_serve_takes_small_ops_on_a_stream_at_its_own_address(
+    start_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch, streamed: bool
+) -> None:
+    """`cbgrpc serve` names no KVS address (the KVS is at its own), but serves StreamOps there."""
+    unary: collections.Counter[str] = collections.Counter()
+    for name in UNARY:  # before the server starts: it serves the methods it finds then
+        original = getattr(KvsServicer, name)
+
+        async def counted(
+            self: KvsServicer, request: Any, context: Any, _name: str = name, _f: Any = original
+        ) -> Any:
+            if request.key.startswith("serve/"):  # not the runtime's own keys
+                unary[_name] += 1
+            return await _f(self, request, context)
+
+        monkeypatch.setattr(KvsServicer, name, counted)
+    node = start_node(start_local(make_config()))
+    with unary_switch(monkeypatch, off=not streamed), connect(node.address) as conn:
+        assert conn.kvs_address is None  # no other address to go to
+        conn.put_object("serve/small", {"a": 1})
+        assert conn.get_object("serve/small") == {"a": 1}
+        assert conn.delete_object("serve/small") is True
+        assert conn.get_object("serve/small") is None
+        # A value too large for the stream's writes still goes in one unary call.
+        conn.put_object("serve/medium", b"m" * (128 << 10))
+        assert conn.get_object("serve/medium") == b"m" * (128 << 10)
+    if streamed:
+        assert unary == {"PutValue": 1}
+    else:
+        assert unary == {"PutValue": 2, "GetValue": 3, "DeleteValue": 1}
 
 
 def test_eight_threads_share_the_stream_and_each_op_gets_its_answer(

@@ -1263,9 +1263,12 @@ type GetLimitsResponse struct {
 	MaxMessageBytes uint64 `protobuf:"varint,2,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
 	// Addresses (host:port) of KVS instances that clients may call KvsService at directly, the
 	// one in use first. A cluster's scheduler fills them; empty: call the address used for this.
-	KvsAddresses  []string `protobuf:"bytes,3,rep,name=kvs_addresses,json=kvsAddresses,proto3" json:"kvs_addresses,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	KvsAddresses []string `protobuf:"bytes,3,rep,name=kvs_addresses,json=kvsAddresses,proto3" json:"kvs_addresses,omitempty"`
+	// The address used for this serves StreamOps: it is a KVS itself (a KVS instance, or
+	// `cbgrpc serve`), not a scheduler's proxy, which answers StreamOps with UNIMPLEMENTED.
+	ServesOpStreams bool `protobuf:"varint,4,opt,name=serves_op_streams,json=servesOpStreams,proto3" json:"serves_op_streams,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GetLimitsResponse) Reset() {
@@ -1317,6 +1320,13 @@ func (x *GetLimitsResponse) GetKvsAddresses() []string {
 		return x.KvsAddresses
 	}
 	return nil
+}
+
+func (x *GetLimitsResponse) GetServesOpStreams() bool {
+	if x != nil {
+		return x.ServesOpStreams
+	}
+	return false
 }
 
 // StreamOpsRequest is one read, write or delete on a StreamOps stream, served as the unary call
@@ -1705,11 +1715,12 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x05frame\",\n" +
 	"\x16PutValueChunksResponse\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x04R\x04size\"\x12\n" +
-	"\x10GetLimitsRequest\"\x8c\x01\n" +
+	"\x10GetLimitsRequest\"\xb8\x01\n" +
 	"\x11GetLimitsResponse\x12&\n" +
 	"\x0fmax_value_bytes\x18\x01 \x01(\x04R\rmaxValueBytes\x12*\n" +
 	"\x11max_message_bytes\x18\x02 \x01(\x04R\x0fmaxMessageBytes\x12#\n" +
-	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses\"\x83\x04\n" +
+	"\rkvs_addresses\x18\x03 \x03(\tR\fkvsAddresses\x12*\n" +
+	"\x11serves_op_streams\x18\x04 \x01(\bR\x0fservesOpStreams\"\x83\x04\n" +
 	"\x10StreamOpsRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12V\n" +
 	"\rtrace_context\x18\x02 \x03(\v21.cloudburst.v1.StreamOpsRequest.TraceContextEntryR\ftraceContext\x123\n" +

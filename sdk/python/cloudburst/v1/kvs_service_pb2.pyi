@@ -658,10 +658,15 @@ class GetLimitsResponse(_message.Message):
     MAX_VALUE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     KVS_ADDRESSES_FIELD_NUMBER: _builtins.int
+    SERVES_OP_STREAMS_FIELD_NUMBER: _builtins.int
     max_value_bytes: _builtins.int
     """The largest value one key may hold (chunked reads and writes carry values up to this)."""
     max_message_bytes: _builtins.int
     """The largest message a call may carry (values above it move in chunks)."""
+    serves_op_streams: _builtins.bool
+    """The address used for this serves StreamOps: it is a KVS itself (a KVS instance, or
+    `cbgrpc serve`), not a scheduler's proxy, which answers StreamOps with UNIMPLEMENTED.
+    """
     @_builtins.property
     def kvs_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Addresses (host:port) of KVS instances that clients may call KvsService at directly, the
@@ -674,10 +679,11 @@ class GetLimitsResponse(_message.Message):
         max_value_bytes: _builtins.int = ...,
         max_message_bytes: _builtins.int = ...,
         kvs_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        serves_op_streams: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kvs_addresses", b"kvs_addresses", "max_message_bytes", b"max_message_bytes", "max_value_bytes", b"max_value_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kvs_addresses", b"kvs_addresses", "max_message_bytes", b"max_message_bytes", "max_value_bytes", b"max_value_bytes", "serves_op_streams", b"serves_op_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
