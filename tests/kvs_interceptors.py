@@ -23,6 +23,8 @@ class MessageCounter(grpc.aio.ServerInterceptor):
         """Messages written to callers."""
         self.answers = 0
         """Answers those messages carried."""
+        self.streams: list[list[tuple[str, int]]] = []
+        """Per stream opened, its frames: the op and, for a write, its value's bytes."""
 
     async def intercept_service(
         self,
@@ -35,9 +37,15 @@ class MessageCounter(grpc.aio.ServerInterceptor):
         behavior = handler.stream_stream
 
         async def counted(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            frames: list[tuple[str, int]] = []
+            self.streams.append(frames)
             async for message in requests:
                 self.read += 1
                 self.ops += len(message.batch) or 1
+                for frame in message.batch or (message,):
+                    op = frame.WhichOneof("op")
+                    value = frame.put.lattice.lww.value.data if op == "put" else b""
+                    frames.append((op, len(value)))
                 yield message
 
         def written(message: Any) -> None:

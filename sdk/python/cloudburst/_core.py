@@ -54,7 +54,7 @@ from cloudburst.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from cloudburst.opstream import MAX_STREAMED_PUT_BYTES, OpRequest, OpStream, stream_enabled
+from cloudburst.opstream import OpRequest, OpStream, OpStreams, stream_enabled
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, batches_enabled, settle
 from cloudburst.transport import ClientSecurity
@@ -184,10 +184,10 @@ class Core:
         self.kvs_address: str | None = None
         """The address of the KVS that KVS calls go to directly; None: through the scheduler."""
         self._direct: tuple[str, grpc.aio.Channel, KvsStub] | None = None
-        self._ops: OpStream | None = None
-        """The op stream to the KVS called directly (None: unary calls only)."""
-        self._proxy_ops: OpStream | None = None
-        """The op stream at the scheduler's address, where a KVS itself serves (``cbgrpc
+        self._ops: OpStreams | None = None
+        """The op streams to the KVS called directly (None: unary calls only)."""
+        self._proxy_ops: OpStreams | None = None
+        """The op streams at the scheduler's address, where a KVS itself serves (``cbgrpc
         serve``; :meth:`stream_ops_here`). None: unary calls there, as a proxy takes."""
         self._stream_ops = stream_enabled()
         """Whether small KVS ops at the KVS itself go over an op stream."""
@@ -614,12 +614,12 @@ class Core:
                 continue
             self._direct = (address, channel, stub)
             if self._stream_ops:
-                self._ops = OpStream(stub, f"the KVS at {address}")
+                self._ops = OpStreams(stub, f"the KVS at {address}")
             self.kvs, self.kvs_address = stub, address
             return True
         return False
 
-    async def _on_kvs(self, operation: Callable[[KvsStub, OpStream | None], Awaitable[T]]) -> T:
+    async def _on_kvs(self, operation: Callable[[KvsStub, OpStreams | None], Awaitable[T]]) -> T:
         """Run an idempotent KVS operation at the KVS; if that is unreachable, via the scheduler.
 
         At the KVS the operation gets the op stream, if any, for its small ops;
@@ -645,7 +645,7 @@ class Core:
         proxy does not. Nothing changes when op streams are off for this process.
         """
         if self._stream_ops and self._proxy_ops is None:
-            self._proxy_ops = OpStream(self.proxy_kvs, f"the KVS at {self.target}")
+            self._proxy_ops = OpStreams(self.proxy_kvs, f"the KVS at {self.target}")
 
     def _leave_direct(self, error: CloudburstError) -> None:
         """Send KVS calls through the scheduler until the KVS answers directly again."""
@@ -686,7 +686,7 @@ class Core:
         return await self._on_kvs(functools.partial(self._get, key=key, wait=wait, timeout=timeout))
 
     async def _get(
-        self, stub: KvsStub, ops: OpStream | None, key: str, wait: bool, timeout: float
+        self, stub: KvsStub, ops: OpStreams | None, key: str, wait: bool, timeout: float
     ) -> lattice_pb2.Lattice | chunks.LargeValue | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -712,17 +712,17 @@ class Core:
     @staticmethod
     async def _get_value(
         stub: KvsStub,
-        ops: OpStream | None,
+        ops: OpStreams | None,
         request: kvs_service_pb2.GetValueRequest,
         timeout: float,
         what: str,
     ) -> kvs_service_pb2.GetValueResponse | None:
         """One GetValue, on the op stream if there is one; None: a wait reached the deadline."""
         try:
-            if ops is not None and ops.available:
+            if ops is not None and ops.small.available:
                 frame = OpRequest()
                 frame.get.CopyFrom(request)
-                answer = await ops.request(frame, what, timeout)
+                answer = await ops.small.request(frame, what, timeout)
                 if answer is not None:
                     return answer.get
             return await stub.GetValue(request, timeout=timeout)
@@ -746,7 +746,7 @@ class Core:
         return await self._on_kvs(functools.partial(self._get_many, keys=keys, timeout=timeout))
 
     async def _get_many(
-        self, stub: KvsStub, _ops: OpStream | None, keys: list[str], timeout: float
+        self, stub: KvsStub, _ops: OpStreams | None, keys: list[str], timeout: float
     ) -> dict[str, lattice_pb2.Lattice | chunks.LargeValue | None]:
         result: dict[str, lattice_pb2.Lattice | chunks.LargeValue | None] = {}
         for start in range(0, len(keys), BATCH_KEYS):
@@ -766,24 +766,29 @@ class Core:
                     result[entry.key] = entry.lattice if entry.found else None
         return result
 
-    async def put(
-        self, request: kvs_service_pb2.PutValueRequest, value_bytes: int, timeout: float
-    ) -> None:
+    @staticmethod
+    def put_frame(key: str) -> OpRequest:
+        """A write of ``key`` for :meth:`put`, to fill in ``put`` of (its request)."""
+        frame = OpRequest()
+        frame.put.key = key
+        return frame
+
+    async def put(self, frame: OpRequest, value_bytes: int, timeout: float) -> None:
         """Send a write of a user key that fits in one message.
 
-        The caller builds the request with its lattice in place, so that the
-        value is not copied once more into it, and gives the value's size:
-        measuring the request would encode it once more.
+        The caller builds the request with its lattice in place in ``frame``
+        (from :meth:`put_frame`), so that the value is copied into it once,
+        whether it goes as that frame on an op stream or alone in a unary call,
+        and gives the value's size: measuring the request would encode it once more.
         """
+        request = frame.put
         request.keyspace, request.omit_lattice = _USER, True
         what = f"writing key {request.key!r}"
-        streamed = value_bytes <= MAX_STREAMED_PUT_BYTES
 
-        async def put(stub: KvsStub, ops: OpStream | None) -> None:
-            if streamed and ops is not None and ops.available:
-                frame = OpRequest()
-                frame.put.CopyFrom(request)  # small: the copy costs less than a unary call
-                if await _streamed(ops, frame, what, timeout) is not None:
+        async def put(stub: KvsStub, ops: OpStreams | None) -> None:
+            stream = ops.for_write(value_bytes) if ops is not None else None
+            if stream is not None and stream.available:
+                if await _streamed(stream, frame, what, timeout) is not None:
                     return
             await call(what, lambda: stub.PutValue(request, timeout=timeout))
 
@@ -809,11 +814,11 @@ class Core:
         request = kvs_service_pb2.DeleteValueRequest(key=key, keyspace=_USER)
         what = f"deleting key {key!r}"
 
-        async def delete(stub: KvsStub, ops: OpStream | None) -> bool:
-            if ops is not None and ops.available:
+        async def delete(stub: KvsStub, ops: OpStreams | None) -> bool:
+            if ops is not None and ops.small.available:
                 frame = OpRequest()
                 frame.delete.CopyFrom(request)
-                answer = await _streamed(ops, frame, what, timeout)
+                answer = await _streamed(ops.small, frame, what, timeout)
                 if answer is not None:
                     return answer.delete.existed
             response = await call(what, lambda: stub.DeleteValue(request, timeout=timeout))

@@ -66,7 +66,6 @@ from cloudburst.v1 import (
     error_pb2,
     execution_pb2,
     function_pb2,
-    kvs_service_pb2,
     lattice_pb2,
     scheduler_service_pb2,
     value_pb2,
@@ -1172,13 +1171,13 @@ class CloudburstConnection:
             )
         else:
             # Built in place, the bytes copied once.
-            request = kvs_service_pb2.PutValueRequest(key=key)
-            lattice = request.lattice
+            frame = self._core.put_frame(key)
+            lattice = frame.put.lattice
             lattice.lww.timestamp.CopyFrom(timestamp)
             lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
             del data
             self._retrying(
-                lambda: self._core.put(request, size, self.timeout), f"put_object({key!r})"
+                lambda: self._core.put(frame, size, self.timeout), f"put_object({key!r})"
             )
         self._wrote(key, timestamp.time_ns)
         return True

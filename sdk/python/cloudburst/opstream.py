@@ -8,8 +8,11 @@ write is in progress go out together, in one message, when the KVS reads
 batches (see :class:`~cloudburst.streams.OutboxStream`).
 
 The SDK's direct KVS path and the runtime's KVS client both use
-:class:`OpStream`. ``CLOUDBURST_KVS_STREAM=0`` turns it off for a process
-(see :func:`stream_enabled`): every op is then a unary call.
+:class:`OpStream`. A write of a value over :data:`MAX_STREAMED_PUT_BYTES` does
+not share that stream: the SDK sends it on a second one (:class:`OpStreams`),
+the runtime's KVS client in a unary call. ``CLOUDBURST_KVS_STREAM=0`` turns
+streams off for a process (see :func:`stream_enabled`): every op is then a
+unary call.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ logger = logging.getLogger(__name__)
 #: Set to 0, false, no or off, this environment variable keeps a process's KVS ops on unary
 #: calls rather than on one stream per KVS channel.
 STREAM_ENV = "CLOUDBURST_KVS_STREAM"
-#: A merge whose value holds more bytes than this goes in a unary call (or in chunks),
-#: so that no large value holds up the small ops that share the stream.
+#: A merge whose value holds more bytes than this does not share the stream of small ops,
+#: so that no large value holds them up: the SDK sends it on a stream of its own
+#: (:class:`OpStreams`), the runtime's KVS client in a unary call.
 MAX_STREAMED_PUT_BYTES = 64 << 10
 _OFF = frozenset({"0", "false", "no", "off"})
 
@@ -209,12 +213,40 @@ class OpStream:
             await self._closing
 
 
+class OpStreams:
+    """The op streams to one KVS: one for small ops, one for writes of larger values.
+
+    A write whose value holds more than :data:`MAX_STREAMED_PUT_BYTES` goes on
+    the second stream, so that it holds up no small op: HTTP/2 interleaves the
+    frames of two streams, but sends the messages of one in order. It still
+    costs a message on an open stream rather than a unary call. Each stream
+    opens with its first op.
+    """
+
+    def __init__(self, stub: kvs_service_pb2_grpc.KvsServiceAsyncStub, name: str) -> None:
+        """Send ops with ``stub``; ``name`` says where to, for the log."""
+        self.small = OpStream(stub, name)
+        """Reads, deletes and small writes."""
+        self.large = OpStream(stub, f"{name} (large writes)")
+        """Writes of values over :data:`MAX_STREAMED_PUT_BYTES`."""
+
+    def for_write(self, value_bytes: int) -> OpStream:
+        """The stream for a write of a value of ``value_bytes``."""
+        return self.small if value_bytes <= MAX_STREAMED_PUT_BYTES else self.large
+
+    async def close(self, grace: float = 2.0) -> None:
+        """End both streams (ops in flight fail with UnavailableError); idempotent."""
+        await self.small.close(grace)
+        await self.large.close(grace)
+
+
 __all__ = [
     "MAX_STREAMED_PUT_BYTES",
     "STREAM_ENV",
     "OpAnswer",
     "OpRequest",
     "OpStream",
+    "OpStreams",
     "stream_allowed",
     "stream_enabled",
 ]

@@ -26,7 +26,7 @@ import pytest
 
 from cloudburst import CloudburstConnection, _core
 from cloudburst.errors import CloudburstError
-from cloudburst.opstream import STREAM_ENV
+from cloudburst.opstream import MAX_STREAMED_PUT_BYTES, STREAM_ENV
 from cloudburst.serialization import lattice_value
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
 from cloudburst_grpc.config import KvsConfig
@@ -225,6 +225,27 @@ def test_gets_puts_and_deletes_go_over_one_stream(setup: Callable[..., Setup]) -
     assert kvs.unary_calls() == 0
 
 
+def test_larger_writes_go_on_a_stream_of_their_own(setup: Callable[..., Setup]) -> None:
+    """Writes over MAX_STREAMED_PUT_BYTES hold up no small op: their stream is another."""
+    cluster = setup(limit=1 << 20)
+    kvs = cluster.kvs
+    larger = MAX_STREAMED_PUT_BYTES + 1
+    with connect(cluster.scheduler.address) as conn:
+        conn.put_object("small", b"s")
+        conn.put_object("larger", b"l" * larger)
+        conn.put_object("largest", b"x" * (512 << 10))  # still within one message
+        assert conn.get_object("larger") == b"l" * larger
+        assert conn.get_object("largest") == b"x" * (512 << 10)
+        assert conn.delete_object("larger") is True
+    assert kvs.unary_calls() == 0
+    assert kvs.recorder.calls("PutValueChunks") == 0
+    small, large = kvs.counter.streams
+    assert [op for op, _ in small] == ["put", "get", "get", "delete"]
+    assert small[0][1] <= MAX_STREAMED_PUT_BYTES
+    assert [op for op, _ in large] == ["put", "put"]
+    assert all(size > MAX_STREAMED_PUT_BYTES for _, size in large)
+
+
 def test_the_switch_keeps_the_sdk_on_unary_calls(
     setup: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,11 +301,11 @@ def test_cbgrpc_serve_takes_small_ops_on_a_stream_at_its_own_address(
         assert conn.get_object("serve/small") == {"a": 1}
         assert conn.delete_object("serve/small") is True
         assert conn.get_object("serve/small") is None
-        # A value too large for the stream's writes still goes in one unary call.
-        conn.put_object("serve/medium", b"m" * (128 << 10))
-        assert conn.get_object("serve/medium") == b"m" * (128 << 10)
+        # A larger value goes on the stream for large writes.
+        conn.put_object("serve/medium", b"m" * (MAX_STREAMED_PUT_BYTES + 1))
+        assert conn.get_object("serve/medium") == b"m" * (MAX_STREAMED_PUT_BYTES + 1)
     if streamed:
-        assert unary == {"PutValue": 1}
+        assert unary == {}
     else:
         assert unary == {"PutValue": 2, "GetValue": 3, "DeleteValue": 1}
 
@@ -337,11 +358,12 @@ def _set_lattice(kvs: CountedKvs, key: str) -> None:
 
 def _core_put(conn: CloudburstConnection, key: str, size: int, timeout: float = WAIT) -> None:
     """A write of one message, as put_object sends it, at the SDK's core (no client checks)."""
-    request = kvs_service_pb2.PutValueRequest(key=key)
+    frame = conn._core.put_frame(key)
+    request = frame.put
     request.lattice.lww.value.data = b"x" * size
     request.lattice.lww.value.serializer = value_pb2.SERIALIZER_BYTES
     request.lattice.lww.timestamp.time_ns = time.time_ns()
-    conn._run(conn._core.put(request, size, timeout), "put")
+    conn._run(conn._core.put(frame, size, timeout), "put")
 
 
 #: Each error a KVS op can answer: the role the KVS grants (None: no authorization), what
