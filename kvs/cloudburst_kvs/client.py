@@ -4,11 +4,12 @@ Every call raises cloudburst exceptions (through :func:`cloudburst.rpc.call`),
 never raw gRPC errors, and a ``timeout`` becomes the call's gRPC deadline.
 
 Small reads and merges, and deletes, go over one long-lived ``StreamOps`` stream
-per client (a :class:`~cloudburst.opstream.OpStream`; a message on an open
-stream costs the KVS about half a unary call), answered and failing exactly as
-their unary calls would; ops that queue up while one is being written go out in
-one message, when the KVS reads batches. Everything else, and every op when the
-stream is off or the KVS lacks it, is a unary call.
+per client, and merges of larger values that fit in one message over a second
+(see :class:`~cloudburst.opstream.OpStreams`; a message on an open stream costs
+the KVS about half a unary call), answered and failing exactly as their unary
+calls would; ops that queue up while one is being written go out in one message,
+when the KVS reads batches. Everything else, and every op when the streams are
+off or the KVS lacks them, is a unary call.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import grpc
 from cloudburst import chunks
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.opstream import (
-    MAX_STREAMED_PUT_BYTES,
     STREAM_ENV,
     OpRequest,
     OpStream,
+    OpStreams,
     stream_allowed,
 )
 from cloudburst.rpc import call, error_from_rpc
@@ -72,15 +73,15 @@ class KvsClient:
         )
         if stream is None:
             stream = stream_enabled()
-        self._ops: OpStream | None = OpStream(self._stub, name) if stream else None
+        self._ops: OpStreams | None = OpStreams(self._stub, name) if stream else None
 
     async def close(self) -> None:
-        """End the op stream, if one is open (the channel stays open); idempotent."""
+        """End the op streams, if open (the channel stays open); idempotent."""
         if self._ops is not None:
             await self._ops.close()
 
     def retire(self) -> None:
-        """End the op stream once the ops in flight are answered (call on the loop).
+        """End the op streams once the ops in flight are answered (call on the loop).
 
         For a client replaced by one on a new channel, which takes the later
         ops; any that still come here are unary calls.
@@ -88,9 +89,12 @@ class KvsClient:
         if self._ops is not None:
             self._ops.retire()
 
-    def _streamed(self) -> OpStream | None:
-        ops = self._ops
-        return ops if ops is not None and ops.available and not ops.retiring else None
+    def _streamed(self, write_bytes: int = 0) -> OpStream | None:
+        """The op stream for an op (``write_bytes``: a merge's value), if one is in use."""
+        if self._ops is None:
+            return None
+        ops = self._ops.for_write(write_bytes)
+        return ops if ops.available and not ops.retiring else None
 
     async def get(
         self,
@@ -236,16 +240,16 @@ class KvsClient:
         omit: bool,
         size: int | None = None,
     ) -> kvs_service_pb2.PutValueResponse:
-        """Send one PutValue, on the op stream when it is small.
+        """Send one PutValue, on an op stream when streams are in use.
 
         ``size`` is the bytes of a last-writer-wins value when the caller measured
         them: measuring the lattice would encode (copy) it once more.
         """
         what = f"PutValue of key {key!r}"
-        ops = self._streamed()
-        if size is None and ops is not None:
+        if size is None and self._ops is not None:
             size = lattice.ByteSize()
-        if ops is not None and size is not None and size <= MAX_STREAMED_PUT_BYTES:
+        ops = self._streamed(size) if size is not None else None
+        if ops is not None:
             frame = OpRequest()
             put = frame.put
             put.key = key

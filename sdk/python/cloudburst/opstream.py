@@ -9,10 +9,9 @@ batches (see :class:`~cloudburst.streams.OutboxStream`).
 
 The SDK's direct KVS path and the runtime's KVS client both use
 :class:`OpStream`. A write of a value over :data:`MAX_STREAMED_PUT_BYTES` does
-not share that stream: the SDK sends it on a second one (:class:`OpStreams`),
-the runtime's KVS client in a unary call. ``CLOUDBURST_KVS_STREAM=0`` turns
-streams off for a process (see :func:`stream_enabled`): every op is then a
-unary call.
+not share that stream: it goes on a second one (:class:`OpStreams`).
+``CLOUDBURST_KVS_STREAM=0`` turns streams off for a process (see
+:func:`stream_enabled`): every op is then a unary call.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ logger = logging.getLogger(__name__)
 #: calls rather than on one stream per KVS channel.
 STREAM_ENV = "CLOUDBURST_KVS_STREAM"
 #: A merge whose value holds more bytes than this does not share the stream of small ops,
-#: so that no large value holds them up: the SDK sends it on a stream of its own
-#: (:class:`OpStreams`), the runtime's KVS client in a unary call.
+#: so that no large value holds them up: it goes on a stream of its own (:class:`OpStreams`).
 MAX_STREAMED_PUT_BYTES = 64 << 10
 _OFF = frozenset({"0", "false", "no", "off"})
 
@@ -233,6 +231,11 @@ class OpStreams:
     def for_write(self, value_bytes: int) -> OpStream:
         """The stream for a write of a value of ``value_bytes``."""
         return self.small if value_bytes <= MAX_STREAMED_PUT_BYTES else self.large
+
+    def retire(self) -> None:
+        """End both streams once no op is in flight on each (see :meth:`OpStream.retire`)."""
+        self.small.retire()
+        self.large.retire()
 
     async def close(self, grace: float = 2.0) -> None:
         """End both streams (ops in flight fail with UnavailableError); idempotent."""

@@ -96,9 +96,9 @@ async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
 def start_kvs(stack: contextlib.AsyncExitStack) -> StartKvs:
     """Start in-memory KVS servers on demand (optionally authorizing by role)."""
 
-    async def start(role: str | None = None) -> Kvs:
+    async def start(role: str | None = None, limit: int = LIMIT) -> Kvs:
         config = KvsConfig(engine="memory", max_wait_seconds=WAIT)
-        store = open_store(config, LIMIT)
+        store = open_store(config, limit)
         await store.start()
         stack.push_async_callback(store.close)
         recorder = Recorder()
@@ -106,8 +106,8 @@ def start_kvs(stack: contextlib.AsyncExitStack) -> StartKvs:
         interceptors: list[grpc.aio.ServerInterceptor] = [counter, recorder]
         if role is not None:
             interceptors.append(AuthInterceptor(FixedRole(None, role=role)))
-        server, _health = create_server(LIMIT, Chain(*interceptors))
-        servicer = add_kvs_to_server(server, store, config, LIMIT)
+        server, _health = create_server(limit, Chain(*interceptors))
+        servicer = add_kvs_to_server(server, store, config, limit)
         port = bind(server, "127.0.0.1", 0)
         await server.start()
         stack.push_async_callback(server.stop, None)
@@ -296,8 +296,8 @@ async def test_a_retired_client_ends_its_stream_once_its_ops_are_answered(
     assert kvs.recorder.calls("StreamOps") == 1
     assert kvs.recorder.calls("PutValue") == 1
     # The stream ended by itself: the server's side of it is gone.
-    assert retired._ops is not None and retired._ops._closing is not None
-    await asyncio.wait_for(retired._ops._closing, WAIT)
+    assert retired._ops is not None and retired._ops.small._closing is not None
+    await asyncio.wait_for(retired._ops.small._closing, WAIT)
     servicer = kvs.servicer
     assert not servicer._streams
 
@@ -469,19 +469,37 @@ async def test_the_switch_keeps_ops_unary(
     assert kvs.recorder.calls("GetValue") == kvs.recorder.calls("PutValue") == 1
 
 
-async def test_a_large_merge_keeps_its_unary_call(start_kvs: StartKvs, connect: Connect) -> None:
-    kvs = await start_kvs()
+async def test_a_large_merge_goes_on_a_stream_of_its_own(
+    start_kvs: StartKvs, connect: Connect
+) -> None:
+    """A merge over MAX_STREAMED_PUT_BYTES holds up no small op: it takes a second stream."""
+    kvs = await start_kvs(limit=1 << 20)
     client = await connect(kvs.address)
+    large = lww(b"y" * (MAX_STREAMED_PUT_BYTES + 1))
     await asyncio.wait_for(client.merge("small", lww(b"x")), WAIT)
+    await asyncio.wait_for(client.merge("large", large), WAIT)
+    stored = await asyncio.wait_for(client.get("large"), WAIT)
+    assert stored is not None and stored.lww.value == large.lww.value
     assert kvs.recorder.calls("PutValue") == 0
-    big = set_of(*(bytes([i % 256]) * 300 + str(i).encode() for i in range(300)))
-    error = await outcome(client.merge("big", big))  # over the test's payload limit
-    assert kvs.recorder.calls("PutValue") == 1
-    assert isinstance(error, tuple) and "over the limit" in error[1]
+    assert kvs.recorder.calls("StreamOps") == 2
+    small, big = kvs.counter.streams
+    assert [op for op, _ in small] == ["put", "get"]
+    assert big == [("put", MAX_STREAMED_PUT_BYTES + 1)]
+
+
+async def test_a_large_merge_over_the_limit_fails_as_its_unary_call(
+    start_kvs: StartKvs, connect: Connect
+) -> None:
+    kvs = await start_kvs()
+    streamed, unary = await connect(kvs.address), await connect(kvs.address, stream=False)
+    big_set = set_of(*(bytes([i % 256]) * 300 + str(i).encode() for i in range(300)))
     # A last-writer-wins value is judged by its own bytes, measured once.
-    error = await outcome(client.merge("big", lww(b"x" * (MAX_STREAMED_PUT_BYTES + 1))))
-    assert kvs.recorder.calls("PutValue") == 2
-    assert isinstance(error, tuple) and "over the limit" in error[1]
+    big_lww = lww(b"x" * (MAX_STREAMED_PUT_BYTES + 1))
+    for big in (big_set, big_lww):  # each over the test's payload limit
+        errors = [await outcome(client.merge("big", big)) for client in (streamed, unary)]
+        assert errors[0] == errors[1]
+        assert isinstance(errors[0], tuple) and "over the limit" in errors[0][1]
+    assert kvs.recorder.calls("PutValue") == 2  # the unary client's
 
 
 async def test_a_kvs_shutting_down_ends_its_streams(connect: Connect) -> None:
