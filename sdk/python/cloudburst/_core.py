@@ -24,9 +24,10 @@ direct call that finds the KVS unreachable is made again through the
 scheduler, which then serves every KVS call until the KVS answers again.
 At the KVS itself (also at ``cbgrpc serve``, which says it serves the KVS at
 its own address), single-key reads, writes that fit in one message and
-deletes go as frames of one ``StreamOps`` stream (see
-:class:`~cloudburst.opstream.OpStream`), unless ``CLOUDBURST_KVS_STREAM=0``;
-values too large for one message keep their chunked calls.
+deletes go as frames of one ``StreamOps`` stream, writes of values over 64 KiB
+on a second (see :class:`~cloudburst.opstream.OpStreams`), unless
+``CLOUDBURST_KVS_STREAM=0``; values too large for one message keep their
+chunked calls.
 """
 
 from __future__ import annotations
@@ -768,7 +769,7 @@ class Core:
 
     @staticmethod
     def put_frame(key: str) -> OpRequest:
-        """A write of ``key`` for :meth:`put`, to fill in ``put`` of (its request)."""
+        """A write of ``key`` for :meth:`put`; the caller fills in its request (``put``)."""
         frame = OpRequest()
         frame.put.key = key
         return frame

@@ -229,8 +229,13 @@ class OpStreams:
         """Writes of values over :data:`MAX_STREAMED_PUT_BYTES`."""
 
     def for_write(self, value_bytes: int) -> OpStream:
-        """The stream for a write of a value of ``value_bytes``."""
-        return self.small if value_bytes <= MAX_STREAMED_PUT_BYTES else self.large
+        """The stream for a write of a value of ``value_bytes``.
+
+        A KVS found to have no StreamOps (on the small ops' stream) is not asked again.
+        """
+        if value_bytes <= MAX_STREAMED_PUT_BYTES or not self.small.available:
+            return self.small
+        return self.large
 
     def retire(self) -> None:
         """End both streams once no op is in flight on each (see :meth:`OpStream.retire`)."""

@@ -419,6 +419,10 @@ async def test_a_kvs_without_stream_ops_gets_unary_calls(
     assert found_b is not None and found_b.lww.value == value(b"2")
     assert recorder.calls("StreamOps") == 1  # tried once, never again
     assert recorder.calls("GetValue") == 3 and recorder.calls("PutValue") == 2
+    # Nor for a larger write, which would have a stream of its own (over LIMIT: refused).
+    error = await outcome(client.merge("c", lww(b"x" * (MAX_STREAMED_PUT_BYTES + 1))))
+    assert isinstance(error, tuple) and "over the limit" in error[1]
+    assert recorder.calls("StreamOps") == 1 and recorder.calls("PutValue") == 3
 
 
 async def test_every_frame_is_authorized_as_its_unary_call(
