@@ -246,7 +246,7 @@ class KvsClient:
         them: measuring the lattice would encode (copy) it once more.
         """
         what = f"PutValue of key {key!r}"
-        if size is None and self._ops is not None:
+        if size is None and self._streamed() is not None:  # not for unary calls only
             size = lattice.ByteSize()
         ops = self._streamed(size) if size is not None else None
         if ops is not None:
