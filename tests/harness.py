@@ -487,6 +487,45 @@ def executors_of(
     )
 
 
+class Writes:
+    """The user keys a node's store wrote and deleted (see :func:`recorded_writes`)."""
+
+    def __init__(self) -> None:
+        self.put: list[str] = []
+        self.deleted: list[str] = []
+
+
+@contextlib.contextmanager
+def recorded_writes(node: Node) -> Iterator[Writes]:
+    """Record the user keys written to and deleted from the node's own store while open."""
+    store: Any = node.store
+    seen = Writes()
+    put, delete, delete_many = store.put, store.delete, store.delete_many
+    user = lattice_pb2.KEYSPACE_USER
+
+    async def recorded_put(keyspace: int, key: str, *args: Any, **kwargs: Any) -> Any:
+        if keyspace == user:
+            seen.put.append(key)
+        return await put(keyspace, key, *args, **kwargs)
+
+    async def recorded_delete(keyspace: int, key: str, *args: Any, **kwargs: Any) -> Any:
+        if keyspace == user:
+            seen.deleted.append(key)
+        return await delete(keyspace, key, *args, **kwargs)
+
+    async def recorded_delete_many(keyspace: int, keys: Any) -> Any:
+        keys = list(keys)
+        if keyspace == user:
+            seen.deleted.extend(keys)
+        return await delete_many(keyspace, keys)
+
+    store.put, store.delete, store.delete_many = recorded_put, recorded_delete, recorded_delete_many
+    try:
+        yield seen
+    finally:
+        store.put, store.delete, store.delete_many = put, delete, delete_many
+
+
 def stored(node: Node, key: str) -> bool:
     """Whether a user key is in the node's own store (a KVS node, or ``cbgrpc serve``'s)."""
     assert isinstance(node.store, LatticeStore)

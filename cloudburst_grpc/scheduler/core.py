@@ -64,7 +64,7 @@ from cloudburst_grpc.kvs_access import KvsAccess
 from cloudburst_grpc.scheduler import policy
 from cloudburst_grpc.scheduler.pool import ExecutorPool
 from cloudburst_grpc.scheduler.registry import Registry
-from cloudburst_grpc.scheduler.release import ResultReleaser
+from cloudburst_grpc.scheduler.release import HeldStores, ResultReleaser
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ PINS_AT_ONCE = 16
 MAX_RETRIES = 10
 #: Seconds past a DAG call's deadline after which its result will not be stored any more.
 STORE_GRACE_SECONDS = 10.0
+#: Seconds :meth:`Scheduler.close` waits for the results it stores itself to be stored.
+CLOSE_STORE_SECONDS = 5.0
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f]")
 #: A response key a caller may choose: the form of :func:`new_call_id` (128 random bits).
 _CHOSEN_KEY = re.compile(r"[0-9a-f]{32}")
@@ -169,6 +171,8 @@ class Scheduler:
         # An uncollected result under a key chosen here goes once its call's longest life
         # (call_timeout_seconds) and then result_ttl_seconds have passed.
         self.releaser = ResultReleaser(kvs, config.result_ttl_seconds, config.call_timeout_seconds)
+        self._holds = HeldStores(self._store_now, self.releaser)
+        """The held stores of results stored here (``stores_results``) that callers may release."""
         self._last_version = 0
         self._tasks: set[asyncio.Task[execution_pb2.Outcome]] = set()
         self._background: asyncio.Task[None] | None = None
@@ -451,6 +455,8 @@ class Scheduler:
             self.releaser.storing(response_key, stored)
         if stored is not None and self.stores_results:
             execute.response_key = ""  # the executor only answers; the outcome is stored below
+            if releasable:
+                self.releaser.held_by(response_key, self._holds)
         elif stored is not None and releasable:
             execute.hold_store = True  # a release that comes soon spares the store
             # Known from now: a call that refers to the result may come before this one is sent.
@@ -470,7 +476,7 @@ class Scheduler:
                             )
                         outcome = await self._execute(executor_id, execute, limit, None, answered)
                         if stored is not None:
-                            self._store_answered(response_key, outcome, stored)
+                            self._store_answered(response_key, outcome, stored, releasable)
                         return outcome
                     except NotDeliveredError as exc:
                         # It never reached the executor: placing it elsewhere is always safe.
@@ -591,15 +597,29 @@ class Scheduler:
         _settle(stored, None)
 
     def _store_answered(
-        self, response_key: str, outcome: execution_pb2.Outcome, stored: asyncio.Future[None]
+        self,
+        response_key: str,
+        outcome: execution_pb2.Outcome,
+        stored: asyncio.Future[None],
+        hold: bool = False,
     ) -> None:
         """Store an outcome answered to its caller (see :attr:`stores_results`).
 
         The caller is answered without waiting for the store; ``stored``
         settles once it is done (or failed), so a release of the result waits
-        for it.
+        for it. With ``hold`` (the caller may release it), the store is held
+        as an executor holds one (see :class:`~.release.HeldStores`).
         """
         lattice = lww(outcome_value(outcome), self._clock)
+        if hold:
+            self._holds.hold(response_key, lattice, stored)
+        else:
+            self._store_now(response_key, lattice, stored)
+
+    def _store_now(
+        self, response_key: str, lattice: lattice_pb2.Lattice, stored: asyncio.Future[None]
+    ) -> None:
+        """Store a result in the background; ``stored`` settles once it is done (or failed)."""
 
         async def store() -> None:
             try:
@@ -692,6 +712,8 @@ class Scheduler:
             self.releaser.storing(response_key, call.stored)
             timer = loop.call_later(call.limit + STORE_GRACE_SECONDS, call.settle_stored)
             call.stored.add_done_callback(lambda _: timer.cancel())
+            if call.stored_here and releasable:
+                self.releaser.held_by(response_key, self._holds)
         try:
             await self._start_dag(call, call_id, result, None)
         except BaseException:
@@ -833,7 +855,7 @@ class Scheduler:
                 else:
                     self.relayed_outcomes += 1
                 if call.stored_here and call.stored is not None:
-                    self._store_answered(call.response_key, outcome, call.stored)
+                    self._store_answered(call.response_key, outcome, call.stored, call.releasable)
                 result.set_result(outcome)
 
         watch = self.pool.track(placed.values(), on_lost)
@@ -975,8 +997,14 @@ class Scheduler:
             await asyncio.gather(task, return_exceptions=True)
 
     async def close(self) -> None:
-        """Cancel calls still being placed or awaited; idempotent."""
+        """Cancel calls still being placed or awaited; idempotent.
+
+        Results held here are stored first (within :data:`CLOSE_STORE_SECONDS`).
+        """
         await self.stop_following()
+        self._holds.store_all()
+        if self._stores:
+            await asyncio.wait(self._stores, timeout=CLOSE_STORE_SECONDS)
         monitor, self._monitor = self._monitor, None
         tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._stores]
         if monitor is not None:

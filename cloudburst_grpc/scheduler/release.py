@@ -20,7 +20,9 @@ An executor may hold the store of a result its caller may release (see
 it holds the store is sent to it instead (:meth:`ResultReleaser.held_by`), it
 drops the store, and nothing is deleted; a call that refers to such a key, or
 a caller about to read it (``store_keys``), has the store start at once
-(:meth:`ResultReleaser.want`).
+(:meth:`ResultReleaser.want`). A scheduler that stores the results itself
+(``cbgrpc serve`` with executor processes) holds its own stores the same way
+(:class:`HeldStores`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from cloudburst.errors import CloudburstError
+from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc import telemetry
 from cloudburst_grpc.kvs_access import KvsAccess
 
@@ -44,13 +47,94 @@ BATCH_LIMIT = 1000
 #: Seconds the first released key waits for others to join its batch.
 LINGER_SECONDS = 0.1
 
+#: Seconds a result its caller may release waits before it is stored (``hold_store``): in
+#: ``f(x).get()`` the caller releases it within about a call's time, and a release that comes
+#: meanwhile drops the store, which then costs the KVS nothing (neither a write nor a delete).
+HOLD_SECONDS = 0.01
+
+#: The most keys a holder remembers as wanted before their results came.
+WANTED_REMEMBERED = 1024
+
 
 class Holder(Protocol):
-    """An executor that may hold the store of a result (see :meth:`ResultReleaser.held_by`)."""
+    """What may hold the store of a result (see :meth:`ResultReleaser.held_by`).
+
+    An executor (through its peer), or a scheduler's own :class:`HeldStores`.
+    """
 
     def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
         """Drop the stores of ``drop``, start those of ``store`` now; never waits."""
         ...
+
+
+class HeldStores:
+    """The held stores of results a scheduler stores itself (``Scheduler.stores_results``).
+
+    As an executor holds the store of a result its caller may release (see
+    the module's docstring), so does a scheduler that stores results itself:
+    :meth:`hold` starts the store only after :data:`HOLD_SECONDS`, unless the
+    releaser ends the hold first (:meth:`end_hold`, this class being a
+    :class:`Holder`): a release drops the store, and a call that refers to the
+    result, or a caller about to read it, has it start at once. A key wanted
+    before its result came is stored as soon as it comes (the last
+    :data:`WANTED_REMEMBERED` such keys are remembered). :meth:`store_all`
+    ends every hold with its store, for shutdown.
+    """
+
+    def __init__(
+        self,
+        store: Callable[[str, lattice_pb2.Lattice, asyncio.Future[None]], None],
+        releaser: ResultReleaser,
+    ) -> None:
+        """Store with ``store(key, lattice, stored)``, which settles ``stored`` when done."""
+        self._store = store
+        self._releaser = releaser
+        self._held: dict[
+            str, tuple[lattice_pb2.Lattice, asyncio.Future[None], asyncio.TimerHandle]
+        ] = {}
+        self._wanted: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, key: str, lattice: lattice_pb2.Lattice, stored: asyncio.Future[None]) -> None:
+        """Store ``lattice`` under ``key`` once the hold ends; ``stored`` settles after."""
+        if self._wanted.pop(key, False) is None:  # a call or a read waits for it already
+            self._store(key, lattice, stored)
+            return
+        timer = asyncio.get_running_loop().call_later(HOLD_SECONDS, self._end, key, True)
+        self._held[key] = (lattice, stored, timer)
+
+    def end_hold(self, drop: Sequence[str] = (), store: Sequence[str] = ()) -> None:
+        """Drop the held stores of ``drop``, start those of ``store`` now; never waits."""
+        for key in drop:
+            self._end(key, False)
+        for key in store:
+            if key in self._held:
+                self._end(key, True)
+            else:
+                self._wanted[key] = None
+                if len(self._wanted) > WANTED_REMEMBERED:
+                    self._wanted.popitem(last=False)
+
+    def store_all(self) -> None:
+        """End every hold with its store."""
+        for key in list(self._held):
+            self._end(key, True)
+
+    def _end(self, key: str, keep: bool) -> None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        lattice, stored, timer = held
+        timer.cancel()
+        if keep:
+            self._store(key, lattice, stored)
+            return
+        telemetry.RESULTS_DROPPED.add(1)
+        self._releaser.dropped(key)  # before it settles: nothing to delete
+        if not stored.done():
+            stored.set_result(None)
 
 
 class ResultReleaser:

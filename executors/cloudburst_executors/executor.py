@@ -38,17 +38,10 @@ from cloudburst_grpc.executor_client import PeerDirectory
 from cloudburst_grpc.failures import error_to_call_error
 from cloudburst_grpc.kvs_access import SYSTEM, KvsAccess
 from cloudburst_grpc.messaging.mailbox import MailboxRouter
+from cloudburst_grpc.scheduler.release import HOLD_SECONDS, WANTED_REMEMBERED
 from cloudburst_grpc.schedules import epoch_seconds
 
 logger = logging.getLogger(__name__)
-
-#: Seconds a result its caller may release (``hold_store``) waits before it is stored: in
-#: ``f(x).get()`` the caller releases it within about a call's time, and a release that comes
-#: meanwhile drops the store (see :meth:`Executor.end_hold`), which then costs the KVS nothing.
-HOLD_SECONDS = 0.01
-
-#: The most keys remembered as wanted before their results came (see :meth:`Executor.end_hold`).
-WANTED_REMEMBERED = 1024
 
 
 class Executor:

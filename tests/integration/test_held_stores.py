@@ -1,27 +1,42 @@
-"""An executor holds the store of a result its caller may release, and drops it on release.
+"""Whoever stores a result its caller may release holds the store, and drops it on release.
 
-A cluster of separate gRPC servers (KVS, two executors, scheduler) in this
-process. The KVS's store records every user key written or deleted, so a test
-sees that a released result cost the KVS nothing. Most tests make the hold
-long (``HOLD_SECONDS``), so that only the runtime's own signals can end it: a
-release, a call that refers to the result, or the executor's shutdown.
+In a cluster (separate gRPC servers in this process: KVS, two executors,
+scheduler) the executor that ran the call holds it. In `cbgrpc serve` with an
+executor process, the scheduler stores the results itself (its KVS is in its
+process, the executors are not), and holds them the same way. The tests of
+what both promise run on both (``system``). The store records every user key
+written or deleted, so a test sees that a released result cost it nothing.
+Most tests make the hold long (``HOLD_SECONDS``), so that only the runtime's
+own signals can end it: a release, a call that refers to the result, a read
+of it, or a shutdown.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst.v1 import lattice_pb2
 from cloudburst_executors import executor as executor_module
+from cloudburst_grpc.local import Node, start_local
+from cloudburst_grpc.scheduler import release
 from cloudburst_grpc.scheduler.core import Scheduler
 from cloudburst_grpc.scheduler.servicer import SchedulerServicer
-from harness import Cluster, stored
+from harness import (
+    Cluster,
+    LoopThread,
+    Writes,
+    make_config,
+    recorded_writes,
+    stored,
+    wait_for_pool,
+)
 from waiting import wait_until
 
 DEADLINE = 20.0
@@ -30,69 +45,69 @@ DEADLINE = 20.0
 LONG_HOLD = 60.0
 
 
-class Writes:
-    """The user keys the KVS stored and deleted."""
+@dataclass
+class System:
+    """Where the tests call (``address``) and where results are stored (``store``)."""
 
-    def __init__(self) -> None:
-        self.put: list[str] = []
-        self.deleted: list[str] = []
+    address: str
+    store: Node
+    scheduler: Scheduler
+    executors: list[Any]
+    """The executors that hold stores (none in `cbgrpc serve`, whose scheduler does)."""
+
+    def settled(self) -> None:
+        """Wait until nothing holds, stores or deletes a result."""
+        releaser = self.scheduler.releaser
+        deadline = time.monotonic() + DEADLINE
+        while (
+            any(e.storing for e in self.executors)
+            or len(self.scheduler._holds)
+            or self.scheduler._stores
+            or releaser._storing
+            or releaser._held
+            or releaser.backlog
+            or releaser._task is not None
+        ):
+            assert time.monotonic() < deadline, "results were still held or stored"
+            time.sleep(0.01)
+
+
+def start_serve(start_node: Callable[..., Node], tmp_path: Path | None = None) -> Node:
+    """`cbgrpc serve` with one executor process, its pool ready."""
+    node = start_node(
+        start_local(make_config(tmp_path, executor={"isolation": "process", "count": 1}))
+    )
+    wait_for_pool(node.address, lambda response: len(response.executors) == 1)
+    return node
+
+
+@pytest.fixture(params=["cluster", "serve"])
+def system(request: pytest.FixtureRequest, start_node: Callable[..., Node]) -> System:
+    if request.param == "cluster":
+        cluster: Cluster = request.getfixturevalue("cluster")
+        executors = [e for node in cluster.executors for e in node.executors]
+        return System(cluster.address, cluster.kvs, scheduler_of(cluster), executors)
+    node = start_serve(start_node)
+    assert node.scheduler is not None and node.scheduler.stores_results
+    return System(node.address, node, node.scheduler, [])
 
 
 @pytest.fixture
-def writes(cluster: Cluster) -> Iterator[Writes]:
-    """Record the user keys written to and deleted from the cluster's KVS."""
-    store: Any = cluster.kvs.store
-    seen = Writes()
-    put, delete, delete_many = store.put, store.delete, store.delete_many
-    user = lattice_pb2.KEYSPACE_USER
-
-    async def recorded_put(keyspace: int, key: str, *args: Any, **kwargs: Any) -> Any:
-        if keyspace == user:
-            seen.put.append(key)
-        return await put(keyspace, key, *args, **kwargs)
-
-    async def recorded_delete(keyspace: int, key: str, *args: Any, **kwargs: Any) -> Any:
-        if keyspace == user:
-            seen.deleted.append(key)
-        return await delete(keyspace, key, *args, **kwargs)
-
-    async def recorded_delete_many(keyspace: int, keys: Any) -> Any:
-        keys = list(keys)
-        if keyspace == user:
-            seen.deleted.extend(keys)
-        return await delete_many(keyspace, keys)
-
-    store.put, store.delete, store.delete_many = recorded_put, recorded_delete, recorded_delete_many
-    try:
+def writes(system: System) -> Iterator[Writes]:
+    """Record the user keys written to and deleted from the system's store."""
+    with recorded_writes(system.store) as seen:
         yield seen
-    finally:
-        store.put, store.delete, store.delete_many = put, delete, delete_many
 
 
 @pytest.fixture
 def long_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(executor_module, "HOLD_SECONDS", LONG_HOLD)
+    monkeypatch.setattr(release, "HOLD_SECONDS", LONG_HOLD)
 
 
 def scheduler_of(cluster: Cluster) -> Scheduler:
     assert cluster.scheduler.scheduler is not None
     return cluster.scheduler.scheduler
-
-
-def wait_settled(cluster: Cluster) -> None:
-    """Wait until no executor stores or holds a result and the scheduler deletes nothing."""
-    releaser = scheduler_of(cluster).releaser
-    executors = [e for node in cluster.executors for e in node.executors]
-    deadline = time.monotonic() + DEADLINE
-    while (
-        any(e.storing for e in executors)
-        or releaser._storing
-        or releaser._held
-        or releaser.backlog
-        or releaser._task is not None
-    ):
-        assert time.monotonic() < deadline, "results were still held or stored"
-        time.sleep(0.01)
 
 
 def register(cloud: CloudburstConnection) -> Any:
@@ -104,10 +119,10 @@ def register(cloud: CloudburstConnection) -> Any:
 
 
 def test_released_results_are_never_stored_nor_deleted(
-    cluster: Cluster, writes: Writes, long_hold: None
+    system: System, writes: Writes, long_hold: None
 ) -> None:
     keys = []
-    with CloudburstConnection(cluster.address) as cloud:
+    with CloudburstConnection(system.address) as cloud:
         incr = register(cloud)
         for n in range(20):
             future = incr(n)
@@ -118,13 +133,13 @@ def test_released_results_are_never_stored_nor_deleted(
             assert future.get(timeout=DEADLINE) == (n + 1) ** 2
         del future
         gc.collect()
-        wait_settled(cluster)
+        system.settled()
     assert not set(keys) & set(writes.put), "a released result was stored"
     assert not set(keys) & set(writes.deleted), "a delete was sent for a dropped store"
 
 
-def test_a_result_whose_future_lives_is_readable_after_get(cluster: Cluster) -> None:
-    with CloudburstConnection(cluster.address) as cloud:
+def test_a_result_whose_future_lives_is_readable_after_get(system: System) -> None:
+    with CloudburstConnection(system.address) as cloud:
         incr = register(cloud)
         future = incr(1)
         assert future.get(timeout=DEADLINE) == 2
@@ -136,9 +151,9 @@ def test_a_result_whose_future_lives_is_readable_after_get(cluster: Cluster) -> 
 
 
 def test_a_read_after_get_has_the_held_store_start_at_once(
-    cluster: Cluster, writes: Writes, long_hold: None
+    system: System, writes: Writes, long_hold: None
 ) -> None:
-    with CloudburstConnection(cluster.address) as cloud:
+    with CloudburstConnection(system.address) as cloud:
         incr = register(cloud)
         future = incr(1)
         assert future.get(timeout=DEADLINE) == 2
@@ -159,7 +174,7 @@ def test_a_read_after_get_has_the_held_store_start_at_once(
         del released
         gc.collect()
         read = [future.obj_id, dag.obj_id, *keys]
-        wait_settled(cluster)
+        system.settled()
         assert set(read) <= set(writes.put)
         assert not set(read) & set(writes.deleted), "a result whose future lives was deleted"
     assert dropped not in writes.put, "a released result was stored"
@@ -239,27 +254,27 @@ def test_keys_named_before_the_scheduler_says_it_reads_them_wait_for_its_word(
         assert cloud.get_object(future.obj_id) == 2  # neither the 60 s hold nor None
 
 
-def test_a_result_kept_past_its_hold_is_stored(cluster: Cluster, writes: Writes) -> None:
-    with CloudburstConnection(cluster.address) as cloud:
+def test_a_result_kept_past_its_hold_is_stored(system: System, writes: Writes) -> None:
+    with CloudburstConnection(system.address) as cloud:
         incr = register(cloud)
         future = incr(1)
         assert future.get(timeout=DEADLINE) == 2
-        wait_settled(cluster)
-        assert stored(cluster.kvs, future.obj_id)
+        system.settled()
+        assert stored(system.store, future.obj_id)
         assert future.obj_id in writes.put
 
 
 def test_a_call_that_refers_to_a_held_result_has_it_stored_at_once(
-    cluster: Cluster, long_hold: None
+    system: System, long_hold: None
 ) -> None:
-    with CloudburstConnection(cluster.address) as cloud:
+    with CloudburstConnection(system.address) as cloud:
         incr = register(cloud)
         first = incr(1)
         assert first.get(timeout=DEADLINE) == 2
         # Not the hold's end: the scheduler has the held store start when the call refers to it.
         assert incr(first).get(timeout=DEADLINE) == 3
         assert cloud.call_dag("chain", {"incr": first}).get(timeout=DEADLINE) == 9
-        assert stored(cluster.kvs, first.obj_id)
+        assert stored(system.store, first.obj_id)
 
 
 def pause_then_pass(_: Any, value: int) -> int:
@@ -268,9 +283,9 @@ def pause_then_pass(_: Any, value: int) -> int:
 
 
 def test_a_call_that_refers_to_a_result_still_running_has_it_stored_at_once(
-    cluster: Cluster, long_hold: None
+    system: System, long_hold: None
 ) -> None:
-    with CloudburstConnection(cluster.address) as cloud:
+    with CloudburstConnection(system.address) as cloud:
         incr = register(cloud)
         pause = cloud.register(pause_then_pass, "pause")
         assert pause(0).get(timeout=DEADLINE) == 0  # called once: the next call is not waited for
@@ -292,3 +307,20 @@ def test_an_executor_that_shuts_down_stores_the_results_it_holds(
         for node in cluster.executors:
             cluster.loop.run(node.stop(5.0))
         assert all(stored(cluster.kvs, f.obj_id) for f in futures)
+
+
+def test_a_serve_that_stops_stores_the_results_it_holds(
+    start_node: Callable[..., Node], server_loop: LoopThread, tmp_path: Path, long_hold: None
+) -> None:
+    node = start_serve(start_node, tmp_path)
+    assert node.scheduler is not None
+    with CloudburstConnection(node.address) as cloud:
+        incr = register(cloud)
+        futures = [incr(n) for n in range(4)]
+        assert [f.get(timeout=DEADLINE) for f in futures] == [1, 2, 3, 4]
+        keys = [f.obj_id for f in futures]
+        assert len(node.scheduler._holds) == 4, "the results were not held"
+        server_loop.run(node.stop(5.0))
+    # The results outlive the server: a new one on its data directory has them.
+    again = start_serve(start_node, tmp_path)
+    assert all(stored(again, key) for key in keys)
