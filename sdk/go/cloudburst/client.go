@@ -126,6 +126,8 @@ func DialWithOptions(address string, options Options) (*Client, error) {
 		refusals: refusals,
 		kvs: &directKvs{
 			wanted:      directKvsWanted(options.DirectKvs, os.Getenv),
+			streams:     streamWanted(os.Getenv),
+			target:      address,
 			dialOptions: opts,
 			proxy:       proxy,
 			closed:      make(chan struct{}),
@@ -229,24 +231,19 @@ func (c *Client) Put(ctx context.Context, key string, value any) error {
 		Lattice:     &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{Value: encoded}}},
 		OmitLattice: true,
 	}
-	return c.rpcError(c.kvs.call(ctx, func(stub cloudburstv1.KvsServiceClient) error {
-		_, err := stub.PutValue(ctx, request)
-		return err
-	}))
+	_, err = c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Put{Put: request}})
+	return c.rpcError(err)
 }
 
 // Get reads the value stored under a user key; found is false when there is none. A value
 // written by Python must be JSON, a string or bytes to be read here (see docs/protocol.md).
 func (c *Client) Get(ctx context.Context, key string) (result *Result, found bool, err error) {
 	request := &cloudburstv1.GetValueRequest{Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER}
-	var response *cloudburstv1.GetValueResponse
-	err = c.kvs.call(ctx, func(stub cloudburstv1.KvsServiceClient) error {
-		response, err = stub.GetValue(ctx, request)
-		return err
-	})
+	answer, err := c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Get{Get: request}})
 	if err != nil {
 		return nil, false, c.rpcError(err)
 	}
+	response := answer.GetGet()
 	if !response.GetFound() {
 		return nil, false, nil
 	}
@@ -255,6 +252,16 @@ func (c *Client) Get(ctx context.Context, key string) (result *Result, found boo
 		return nil, true, fmt.Errorf("cloudburst: key %q holds a set lattice; read it with the Kvs stub", key)
 	}
 	return &Result{Value: lww.GetValue()}, true, nil
+}
+
+// Delete deletes the value stored under a user key; existed says whether there was one.
+func (c *Client) Delete(ctx context.Context, key string) (existed bool, err error) {
+	request := &cloudburstv1.DeleteValueRequest{Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER}
+	answer, err := c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Delete{Delete: request}})
+	if err != nil {
+		return false, c.rpcError(err)
+	}
+	return answer.GetDelete().GetExisted(), nil
 }
 
 func dagRequest(name string, args map[string][]any) (*cloudburstv1.CallDagRequest, error) {

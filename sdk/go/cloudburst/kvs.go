@@ -2,6 +2,7 @@ package cloudburst
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -41,8 +42,15 @@ var (
 // scheduler, whose KvsService forwards to the KVS tier (two hops instead of one). A direct call
 // that finds the KVS unreachable is made again through the scheduler, which then serves every
 // KVS call until the KVS answers again.
+//
+// Small ops (GetValue, PutValue, DeleteValue) go as frames of one StreamOps stream per connection
+// (see opStream) where the service streams them: at the KVS itself, and at the address the client
+// connected to when its GetLimits answer sets serves_op_streams (`cbgrpc serve`); a scheduler's
+// proxy clears it and gets unary calls.
 type directKvs struct {
 	wanted      bool
+	streams     bool   // CLOUDBURST_KVS_STREAM lets ops go on streams
+	target      string // the address the client connected to
 	dialOptions []grpc.DialOption
 	proxy       cloudburstv1.KvsServiceClient
 	closed      chan struct{}
@@ -56,22 +64,25 @@ type directKvs struct {
 	address string                        // the KVS dialled directly; "" before one answered
 	conn    *grpc.ClientConn              // its connection
 	stub    cloudburstv1.KvsServiceClient // its stub
+	ops     *opStream                     // its stream of ops; nil without streams
 	inUse   bool                          // whether calls go there now
+
+	proxyOps *opStream // the stream of ops at target, when it serves them; else nil
 }
 
 // stubFor returns the stub KVS calls go to now, and whether it is the KVS itself. The first call
 // asks the scheduler (GetLimits) where the KVS is, and tries that address.
-func (d *directKvs) stubFor(ctx context.Context) (cloudburstv1.KvsServiceClient, bool) {
-	if !d.wanted {
-		return d.proxy, false
+// The stream of ops there is nil when ops go there as unary calls.
+func (d *directKvs) stubFor(ctx context.Context) (cloudburstv1.KvsServiceClient, *opStream, bool) {
+	if d.wanted || d.streams {
+		d.resolve(ctx)
 	}
-	d.resolve(ctx)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.inUse {
-		return d.stub, true
+		return d.stub, d.ops, true
 	}
-	return d.proxy, false
+	return d.proxy, d.proxyOps, false
 }
 
 func (d *directKvs) resolve(ctx context.Context) {
@@ -88,6 +99,14 @@ func (d *directKvs) resolve(ctx context.Context) {
 		return
 	}
 	d.resolved = true
+	if d.streams && limits.GetServesOpStreams() {
+		d.mu.Lock()
+		d.proxyOps = newOpStream(d.proxy, streamName(d.target))
+		d.mu.Unlock()
+	}
+	if !d.wanted {
+		return
+	}
 	for _, address := range limits.GetKvsAddresses() {
 		conn, err := grpc.NewClient(address, d.dialOptions...)
 		if err != nil {
@@ -109,21 +128,54 @@ func (d *directKvs) resolve(ctx context.Context) {
 		}
 		d.mu.Lock()
 		d.address, d.conn, d.stub, d.inUse = address, conn, stub, true
+		if d.streams {
+			d.ops = newOpStream(stub, streamName(address))
+		}
 		d.mu.Unlock()
 		return
 	}
 }
 
-// call runs an idempotent KVS operation at the KVS; if that is unreachable, through the
-// scheduler.
-func (d *directKvs) call(ctx context.Context, operation func(cloudburstv1.KvsServiceClient) error) error {
-	stub, direct := d.stubFor(ctx)
-	err := operation(stub)
+// op runs an idempotent KVS op (a read, write or delete) at the KVS; if that is unreachable,
+// through the scheduler. Its answer is the unary call's, in a StreamOpsResponse.
+func (d *directKvs) op(ctx context.Context, op *cloudburstv1.StreamOpsRequest) (*cloudburstv1.StreamOpsResponse, error) {
+	stub, ops, direct := d.stubFor(ctx)
+	answer, err := send(ctx, stub, ops, op)
 	if !direct || !lostTransport(err) {
-		return err
+		return answer, err
 	}
 	d.leave()
-	return operation(d.proxy)
+	d.mu.Lock()
+	proxyOps := d.proxyOps
+	d.mu.Unlock()
+	return send(ctx, d.proxy, proxyOps, op)
+}
+
+// send runs op on the stream ops when there is one and the op fits it, else in a unary call.
+func send(ctx context.Context, stub cloudburstv1.KvsServiceClient, ops *opStream, op *cloudburstv1.StreamOpsRequest) (*cloudburstv1.StreamOpsResponse, error) {
+	if ops != nil && len(op.GetPut().GetLattice().GetLww().GetValue().GetData()) <= MaxStreamedPutBytes {
+		answer, err := ops.request(ctx, op)
+		if err != errFallback {
+			return answer, err
+		}
+	}
+	return unary(ctx, stub, op)
+}
+
+// unary runs op in its unary call.
+func unary(ctx context.Context, stub cloudburstv1.KvsServiceClient, op *cloudburstv1.StreamOpsRequest) (*cloudburstv1.StreamOpsResponse, error) {
+	switch kind := op.GetOp().(type) {
+	case *cloudburstv1.StreamOpsRequest_Get:
+		response, err := stub.GetValue(ctx, kind.Get)
+		return &cloudburstv1.StreamOpsResponse{Result: &cloudburstv1.StreamOpsResponse_Get{Get: response}}, err
+	case *cloudburstv1.StreamOpsRequest_Put:
+		response, err := stub.PutValue(ctx, kind.Put)
+		return &cloudburstv1.StreamOpsResponse{Result: &cloudburstv1.StreamOpsResponse_Put{Put: response}}, err
+	case *cloudburstv1.StreamOpsRequest_Delete:
+		response, err := stub.DeleteValue(ctx, kind.Delete)
+		return &cloudburstv1.StreamOpsResponse{Result: &cloudburstv1.StreamOpsResponse_Delete{Delete: response}}, err
+	}
+	return nil, fmt.Errorf("cloudburst: a KVS op must be a get, put or delete, not %T", op.GetOp())
 }
 
 // leave sends KVS calls through the scheduler until the KVS answers directly again.
@@ -175,9 +227,15 @@ func (d *directKvs) current() string {
 func (d *directKvs) close() error {
 	d.closeOnce.Do(func() { close(d.closed) })
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.conn != nil {
-		return d.conn.Close()
+	ops, proxyOps, conn := d.ops, d.proxyOps, d.conn
+	d.mu.Unlock()
+	for _, stream := range []*opStream{ops, proxyOps} {
+		if stream != nil {
+			stream.close()
+		}
+	}
+	if conn != nil {
+		return conn.Close()
 	}
 	return nil
 }

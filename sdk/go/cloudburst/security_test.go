@@ -201,8 +201,9 @@ func TestATokenGoesWithEveryCallOverTLS(t *testing.T) {
 	if _, _, err := without.Get(ctx, "k"); err != nil {
 		t.Fatal(err)
 	}
-	// byEnvironment asked the server for its KVS first (GetLimits), with the token too.
-	want := []string{"Bearer cbt_option", "Bearer cbt_option", "Bearer cbt_env", "Bearer cbt_env", ""}
+	// Each client asked the server for its limits first (GetLimits: where the KVS is, whether
+	// it serves op streams), with its token too.
+	want := []string{"Bearer cbt_option", "Bearer cbt_option", "Bearer cbt_option", "Bearer cbt_env", "Bearer cbt_env", "", ""}
 	if got := kvs.calls(); strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Fatalf("the server saw authorization %q; want %q", got, want)
 	}

@@ -7,7 +7,7 @@
 // Security settings come from the environment (CLOUDBURST_TOKEN, CLOUDBURST_TLS_*), as the client
 // reads them.
 //
-// Commands: {"op": "put", "key": K, "value": V}, {"op": "get", "key": K},
+// Commands: {"op": "put", "key": K, "value": V}, {"op": "get", "key": K}, {"op": "delete", "key": K},
 // {"op": "call", "name": FUNCTION, "args": [...]}, {"op": "delete_function", "name": FUNCTION},
 // {"op": "kvs_address"} and {"op": "wait_result", "key": K, "timeout": SECONDS}. An answer is
 // {"ok": true, ...} or {"ok": false, "code": "Unavailable", "reason": "...", "message": "..."}.
@@ -102,6 +102,12 @@ func run(client *cloudburst.Client, cmd command) map[string]any {
 			answer["value"] = value
 		}
 		return answer
+	case "delete":
+		existed, err := client.Delete(ctx, cmd.Key)
+		if err != nil {
+			return failed(err)
+		}
+		return map[string]any{"ok": true, "existed": existed}
 	case "call":
 		result, err := client.CallFunction(ctx, cmd.Name, cmd.Args...)
 		if err != nil {
