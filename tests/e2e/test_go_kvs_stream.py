@@ -1,0 +1,177 @@
+"""The Go client's objects at the KVS itself travel over one StreamOps stream.
+
+A cluster in this process (a KVS whose interceptors count what it receives, and
+a scheduler that names it to clients) and the Go client's driver
+(sdk/go/internal/clientdriver, built here): its puts, gets and deletes go as
+frames of one stream, every error comes back as from the unary calls
+(``CLOUDBURST_KVS_STREAM=0``), and a deadline shorter than a waiting op ends
+it while the stream goes on. Without Go the tests skip, except under CI, where
+they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from cloudburst.v1 import lattice_pb2
+from cloudburst_grpc.config import KvsConfig
+from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
+from cloudburst_grpc.server import bind, create_server
+from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_kvs.storage import MemoryEngine
+from cloudburst_kvs.store import LatticeStore
+from e2e import test_clients_cluster
+from e2e.test_clients_cluster import Driver
+from harness import LoopThread, make_config
+from kvs_interceptors import Chain, MessageCounter, Recorder
+
+# The fixture that builds the Go driver.
+go_driver = test_clients_cluster.go_driver
+
+#: max_payload_bytes of the counted KVS: a larger value is refused.
+LIMIT = 16 << 10
+UNARY = ("GetValue", "PutValue", "DeleteValue")
+
+
+class HeldStore(LatticeStore):
+    """An in-memory store whose merges into the key "held" wait until the store closes."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryEngine())
+        self.release = asyncio.Event()
+        self.holding = threading.Event()
+
+    async def put(
+        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
+    ) -> lattice_pb2.Lattice:
+        if key == "held":
+            self.holding.set()
+            await self.release.wait()
+        return await super().put(keyspace, key, lattice, **kwargs)
+
+
+class CountedKvs:
+    """A KVS server on 127.0.0.1 whose calls and StreamOps frames are counted."""
+
+    def __init__(self, loop: LoopThread) -> None:
+        self.loop = loop
+        self.recorder = Recorder()
+        self.counter = MessageCounter()
+        self.store = HeldStore()
+        self.server: grpc.aio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> None:
+        await self.store.start()
+        server, _health = create_server(LIMIT, Chain(self.counter, self.recorder))
+        add_kvs_to_server(server, self.store, KvsConfig(engine="memory"), LIMIT)
+        self.address = f"127.0.0.1:{bind(server, '127.0.0.1', 0)}"
+        await server.start()
+        self.server = server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+        self.store.release.set()
+        await self.store.close()
+
+    def unary_calls(self) -> int:
+        return sum(self.recorder.calls(name) for name in UNARY)
+
+
+@pytest.fixture
+def cluster(
+    start_node: Callable[..., Node], server_loop: LoopThread
+) -> Iterator[tuple[Node, CountedKvs]]:
+    """A scheduler that names the counted KVS to its clients (its own KVS is another)."""
+    kvs = CountedKvs(server_loop)
+    server_loop.run(kvs.start())
+    try:
+        main_kvs = start_node(start_kvs_node(make_config()))
+        config = make_config(scheduler={"direct_kvs_address": kvs.address})
+        executor = start_node(start_executor_node(config, main_kvs.address, "executor-0"))
+        scheduler = start_node(start_scheduler_node(config, main_kvs.address, [executor.address]))
+        yield scheduler, kvs
+    finally:
+        server_loop.run(kvs.stop())
+
+
+@pytest.fixture
+def launch(go_driver: list[str]) -> Iterator[Callable[..., Driver]]:
+    started: list[Driver] = []
+
+    def start(address: str, env: dict[str, str] | None = None) -> Driver:
+        driver = Driver([*go_driver, address, "default"], env)
+        started.append(driver)
+        return driver
+
+    try:
+        yield start
+    finally:
+        for driver in started:
+            driver.close()
+
+
+#: Ops and the errors the KVS answers some of with (an empty key, a value over its limit).
+SCRIPT: list[dict[str, Any]] = [
+    *({"op": "put", "key": f"k{index}", "value": {"index": index}} for index in range(3)),
+    {"op": "get", "key": "k1"},
+    {"op": "get", "key": "none"},
+    {"op": "delete", "key": "k0"},
+    {"op": "delete", "key": "k0"},
+    {"op": "get", "key": "k0"},
+    {"op": "put", "key": "", "value": 1},
+    {"op": "get", "key": ""},
+    {"op": "put", "key": "over", "value": "x" * (LIMIT + 1)},
+]
+
+
+def test_go_ops_at_the_kvs_go_on_one_stream_and_fail_as_unary_calls(
+    cluster: tuple[Node, CountedKvs], launch: Callable[..., Driver]
+) -> None:
+    scheduler, kvs = cluster
+    streamed = launch(scheduler.address)
+    answers = [streamed.ask(**command) for command in SCRIPT]
+    assert streamed.ok(op="kvs_address")["address"] == kvs.address
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.counter.ops == len(SCRIPT)
+    assert kvs.unary_calls() == 0
+    streamed.close()
+
+    unary = launch(scheduler.address, {"CLOUDBURST_KVS_STREAM": "0"})
+    assert [unary.ask(**command) for command in SCRIPT] == answers
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.unary_calls() == len(SCRIPT)
+
+    assert answers[3] == {"ok": True, "found": True, "value": {"index": 1}}
+    assert answers[4:8] == [
+        {"ok": True, "found": False},
+        {"ok": True, "existed": True},
+        {"ok": True, "existed": False},
+        {"ok": True, "found": False},
+    ]
+    for refused in answers[8:]:
+        assert not refused["ok"] and refused["reason"], refused
+    assert answers[8]["code"] == answers[9]["code"] == "InvalidArgument"
+    assert "over the limit" in answers[10]["message"], answers[10]
+
+
+def test_a_deadline_shorter_than_a_waiting_op_ends_it_and_the_stream_goes_on(
+    cluster: tuple[Node, CountedKvs], launch: Callable[..., Driver]
+) -> None:
+    scheduler, kvs = cluster
+    driver = launch(scheduler.address)
+    driver.ok(op="put", key="before", value=1)
+    driver.send(op="put", key="held", value=1, timeout=0.5)  # the op's deadline
+    answer = driver.receive(30)
+    assert answer["code"] == "DeadlineExceeded", answer
+    assert kvs.store.holding.is_set()
+    assert driver.ok(op="get", key="before")["value"] == 1
+    assert kvs.recorder.calls("StreamOps") == 1
+    assert kvs.unary_calls() == 0
