@@ -56,7 +56,7 @@ type opStream struct {
 	stub cloudburstv1.KvsServiceClient
 	name string // where the ops go, for errors
 
-	opening sync.Mutex // held while a stream opens
+	opening chan struct{} // holds a token while a stream opens
 
 	mu        sync.Mutex
 	live      *liveStream // nil before the first op, after a break and once closed
@@ -79,7 +79,7 @@ type liveStream struct {
 }
 
 func newOpStream(stub cloudburstv1.KvsServiceClient, name string) *opStream {
-	return &opStream{stub: stub, name: name, available: true}
+	return &opStream{stub: stub, name: name, available: true, opening: make(chan struct{}, 1)}
 }
 
 // usable says whether ops still go on the stream (else as unary calls).
@@ -142,8 +142,12 @@ func (s *opStream) request(ctx context.Context, op *cloudburstv1.StreamOpsReques
 // stream is the open stream, opened now if there is none. An error is the op's: errFallback
 // when ops go as unary calls, or the status of a stream that could not be opened.
 func (s *opStream) stream(ctx context.Context) (*liveStream, error) {
-	s.opening.Lock()
-	defer s.opening.Unlock()
+	select { // an op that waits for another to open the stream still ends with its context
+	case s.opening <- struct{}{}:
+		defer func() { <-s.opening }()
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
 	s.mu.Lock()
 	live, available, closed := s.live, s.available, s.closed
 	s.mu.Unlock()

@@ -102,11 +102,13 @@ func (ca *testCA) issue(name string, server bool, notBefore, notAfter time.Time)
 	return ca.write(name+".pem", "CERTIFICATE", der), ca.write(name+"-key.pem", "PRIVATE KEY", keyDER)
 }
 
-// recordingKvs answers GetLimits and GetValue and records the authorization metadata of each call.
+// recordingKvs answers GetLimits and GetValue (and, when it says it serves them, the gets of
+// StreamOps streams) and records the authorization metadata of each call.
 type recordingKvs struct {
 	cloudburstv1.UnimplementedKvsServiceServer
-	mu   sync.Mutex
-	seen []string
+	streams bool
+	mu      sync.Mutex
+	seen    []string
 }
 
 func (k *recordingKvs) record(ctx context.Context) {
@@ -118,7 +120,26 @@ func (k *recordingKvs) record(ctx context.Context) {
 
 func (k *recordingKvs) GetLimits(ctx context.Context, _ *cloudburstv1.GetLimitsRequest) (*cloudburstv1.GetLimitsResponse, error) {
 	k.record(ctx)
-	return &cloudburstv1.GetLimitsResponse{}, nil
+	return &cloudburstv1.GetLimitsResponse{ServesOpStreams: k.streams}, nil
+}
+
+func (k *recordingKvs) StreamOps(stream grpc.BidiStreamingServer[cloudburstv1.StreamOpsRequest, cloudburstv1.StreamOpsResponse]) error {
+	k.record(stream.Context())
+	for {
+		frame, err := stream.Recv()
+		if err != nil {
+			return nil
+		}
+		answer := &cloudburstv1.StreamOpsResponse{Sequence: frame.GetSequence()}
+		if frame.GetGet().GetKey() == "refuse" {
+			answer.Result = &cloudburstv1.StreamOpsResponse_Error{Error: &cloudburstv1.CallError{Code: int32(codes.Unauthenticated), Message: "the bearer token is not valid"}}
+		} else {
+			answer.Result = &cloudburstv1.StreamOpsResponse_Get{Get: &cloudburstv1.GetValueResponse{}}
+		}
+		if err := stream.Send(answer); err != nil {
+			return nil
+		}
+	}
 }
 
 func (k *recordingKvs) GetValue(ctx context.Context, request *cloudburstv1.GetValueRequest) (*cloudburstv1.GetValueResponse, error) {
@@ -204,6 +225,35 @@ func TestATokenGoesWithEveryCallOverTLS(t *testing.T) {
 	// Each client asked the server for its limits first (GetLimits: where the KVS is, whether
 	// it serves op streams), with its token too.
 	want := []string{"Bearer cbt_option", "Bearer cbt_option", "Bearer cbt_option", "Bearer cbt_env", "Bearer cbt_env", "", ""}
+	if got := kvs.calls(); strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Fatalf("the server saw authorization %q; want %q", got, want)
+	}
+}
+
+func TestTheStreamOfOpsGoesOverTLSWithTheToken(t *testing.T) {
+	clearSecurityEnvironment(t)
+	ca := newTestCA(t)
+	kvs := &recordingKvs{streams: true}
+	address := serveTLS(t, ca, kvs)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	client, err := DialWithOptions(address, Options{TLSCA: filepath.Join(ca.dir, "ca.pem"), Token: "cbt_stream", DirectKvs: DirectKvsOff})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	for range 2 {
+		if _, found, err := client.Get(ctx, "k"); err != nil || found {
+			t.Fatalf("Get = %v, %v", found, err)
+		}
+	}
+	_, _, err = client.Get(ctx, "refuse")
+	var refused *Error
+	if !errors.As(err, &refused) || refused.Code != codes.Unauthenticated || refused.Message != "the bearer token is not valid" {
+		t.Fatalf("a refused op gave %v", err)
+	}
+	// GetLimits, then one stream for the three gets, with the token.
+	want := []string{"Bearer cbt_stream", "Bearer cbt_stream"}
 	if got := kvs.calls(); strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Fatalf("the server saw authorization %q; want %q", got, want)
 	}
