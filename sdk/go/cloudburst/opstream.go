@@ -69,13 +69,12 @@ type opStream struct {
 // liveStream is one opened StreamOps stream: a goroutine writes its frames, another reads its
 // answers.
 type liveStream struct {
-	client   grpc.BidiStreamingClient[cloudburstv1.StreamOpsRequest, cloudburstv1.StreamOpsResponse]
-	cancel   context.CancelFunc
-	done     <-chan struct{}
-	pending  map[uint64]chan opResult // the ops sent and not answered
-	outbox   []*cloudburstv1.StreamOpsRequest
-	wake     chan struct{}
-	answered bool // the service answered an op on it
+	client  grpc.BidiStreamingClient[cloudburstv1.StreamOpsRequest, cloudburstv1.StreamOpsResponse]
+	cancel  context.CancelFunc
+	done    <-chan struct{}
+	pending map[uint64]chan opResult // the ops sent and not answered
+	outbox  []*cloudburstv1.StreamOpsRequest
+	wake    chan struct{}
 }
 
 func newOpStream(stub cloudburstv1.KvsServiceClient, name string) *opStream {
@@ -236,7 +235,6 @@ func (s *opStream) read(live *liveStream) {
 			return
 		}
 		s.mu.Lock()
-		live.answered = true
 		waiting, ok := live.pending[answer.GetSequence()]
 		delete(live.pending, answer.GetSequence())
 		s.mu.Unlock()
