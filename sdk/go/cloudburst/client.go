@@ -220,6 +220,10 @@ func (c *Client) WaitResult(ctx context.Context, responseKey string, release boo
 }
 
 // Put stores value under a user key (last writer wins).
+//
+// Put, Get and Delete go as frames of one KvsService.StreamOps stream of the connection where
+// the service serves it (the KVS itself; not a scheduler's proxy), and end as their unary calls
+// would; a value over MaxStreamedPutBytes, and every op when StreamEnv is 0, goes in a unary call.
 func (c *Client) Put(ctx context.Context, key string, value any) error {
 	encoded, err := Encode(value)
 	if err != nil {
