@@ -12,6 +12,13 @@ import {
 } from "./gen/cloudburst/v1/scheduler_service_pb.js";
 import type { ArgumentSchema } from "./gen/cloudburst/v1/value_pb.js";
 import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
+import {
+  kvsStreamFromEnvironment,
+  MAX_STREAMED_PUT_BYTES,
+  type Op,
+  type OpStream,
+  type Result,
+} from "./opstream.js";
 import { transportOptions } from "./transport.js";
 import { tlsSettings, type TlsSettings } from "./tls.js";
 import { CloudburstError, fromCallError, fromFailure, fromRpcError } from "./errors.js";
@@ -44,6 +51,12 @@ export interface ConnectOptions extends TlsSettings {
    * off.
    */
   directKvs?: boolean;
+  /**
+   * Send put, get and delete as frames of one long-lived stream per connection (to the KVS, or
+   * to a `cbgrpc serve` address) rather than one call each: cheaper for the KVS. When not given,
+   * `CLOUDBURST_KVS_STREAM=0` turns it off.
+   */
+  kvsStream?: boolean;
 }
 
 /**
@@ -85,6 +98,8 @@ export function connect(address: string, options: ConnectOptions = {}): Cloudbur
   const shared = transportOptions(scheme, process.env, tls);
   return new CloudburstClient(createGrpcTransport({ baseUrl, ...shared }), {
     directKvs: options.directKvs ?? directKvsFromEnvironment(process.env),
+    kvsStream: options.kvsStream ?? kvsStreamFromEnvironment(process.env),
+    address,
     kvsTransport: (kvsAddress) => createGrpcTransport({ baseUrl: `${scheme}://${kvsAddress}`, ...shared }),
   });
 }
@@ -95,6 +110,14 @@ export interface ClientOptions {
   directKvs?: boolean;
   /** Makes the transport to a KVS at "host:port". */
   kvsTransport?: (address: string) => Transport;
+  /**
+   * Whether put, get and delete go as frames of a StreamOps stream where a KVS serves one
+   * (default true): at the KVS the scheduler names, and at the transport's address when its
+   * GetLimits answer sets serves_op_streams.
+   */
+  kvsStream?: boolean;
+  /** The transport's address, for messages. */
+  address?: string;
 }
 
 /** A client of one scheduler (or a load balancer in front of several). */
@@ -111,7 +134,18 @@ export class CloudburstClient {
     this.#direct = new DirectKvs(
       this.kvs,
       options.kvsTransport !== undefined && (options.directKvs ?? true) ? options.kvsTransport : undefined,
+      options.kvsStream ?? true,
+      options.address ?? "the scheduler",
     );
+  }
+
+  /**
+   * Ends the client's KVS op streams, so that nothing of it keeps the process running (an idle
+   * stream also ends by itself after a second). Ops still waiting on a stream reject with
+   * CANCELED; later ops are unary calls.
+   */
+  close(): void {
+    this.#direct.close();
   }
 
   /**
@@ -166,25 +200,31 @@ export class CloudburstClient {
   /** Stores a value under a user key (last writer wins). */
   async put(key: string, value: NativeValue, options: Options = {}): Promise<void> {
     const encoded = encode(value);
+    const request = {
+      key,
+      keyspace: Keyspace.USER,
+      lattice: { kind: { case: "lww", value: { value: encoded } } },
+      omitLattice: true,
+    } as const;
     await rpc(() =>
-      this.#direct.call(callOptions(options), (kvs) =>
-        kvs.putValue(
-          {
-            key,
-            keyspace: Keyspace.USER,
-            lattice: { kind: { case: "lww", value: { value: encoded } } },
-            omitLattice: true,
-          },
-          callOptions(options),
-        ),
-      ),
+      this.#direct.call(callOptions(options), async (kvs, ops) => {
+        if ((encoded.data?.length ?? 0) <= MAX_STREAMED_PUT_BYTES) {
+          const answer = await streamed(ops, { case: "put", value: request }, options);
+          if (answer !== undefined) return;
+        }
+        await kvs.putValue(request, callOptions(options));
+      }),
     );
   }
 
   /** Reads the value under a user key; undefined when there is none. */
   async get(key: string, options: Options = {}): Promise<NativeValue | undefined> {
+    const request = { key, keyspace: Keyspace.USER };
     const response = await rpc(() =>
-      this.#direct.call(callOptions(options), (kvs) => kvs.getValue({ key, keyspace: Keyspace.USER }, callOptions(options))),
+      this.#direct.call(callOptions(options), async (kvs, ops) => {
+        const answer = await streamed(ops, { case: "get", value: request }, options);
+        return answer?.case === "get" ? answer.value : kvs.getValue(request, callOptions(options));
+      }),
     );
     if (!response.found) {
       return undefined;
@@ -195,6 +235,26 @@ export class CloudburstClient {
     }
     return decode(kind.value.value);
   }
+
+  /** Deletes the value under a user key; resolves to whether there was one. */
+  async delete(key: string, options: Options = {}): Promise<boolean> {
+    const request = { key, keyspace: Keyspace.USER };
+    const response = await rpc(() =>
+      this.#direct.call(callOptions(options), async (kvs, ops) => {
+        const answer = await streamed(ops, { case: "delete", value: request }, options);
+        return answer?.case === "delete" ? answer.value : kvs.deleteValue(request, callOptions(options));
+      }),
+    );
+    return response.existed;
+  }
+}
+
+/**
+ * Sends an op on the stream, if one serves here; resolves to its answer, or to undefined when it
+ * is to go in a unary call. Rejects as the unary call would.
+ */
+async function streamed(ops: OpStream | undefined, op: Op, options: Options): Promise<Result | undefined> {
+  return ops === undefined ? undefined : ops.request(op, callOptions(options));
 }
 
 function argument(value: NativeValue): MessageInitShape<typeof ArgumentSchema> {

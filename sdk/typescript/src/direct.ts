@@ -1,11 +1,14 @@
 // Objects at the KVS itself: the scheduler's GetLimits answer names the KVS (kvs_addresses), and
 // KVS calls go there, one network hop instead of two through the scheduler's KvsService, which
 // forwards to the KVS tier. A direct call that finds the KVS unreachable is made again through
-// the scheduler, which then serves every KVS call until the KVS answers again.
+// the scheduler, which then serves every KVS call until the KVS answers again. Small ops go as
+// frames of one StreamOps stream (opstream.ts) to the KVS, and to the scheduler's address when
+// what answers there is a KVS itself (`cbgrpc serve`: GetLimits sets serves_op_streams).
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
 import { KvsService } from "./gen/cloudburst/v1/kvs_service_pb.js";
 import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
 import { DOMAIN } from "./errors.js";
+import { OpStream } from "./opstream.js";
 import type { Environment } from "./transport.js";
 
 /** The environment variable that turns direct KVS access off (0, false, no, off). */
@@ -49,18 +52,29 @@ function askAgain(err: unknown): boolean {
 
 type Kvs = Client<typeof KvsService>;
 
+/** An idempotent KVS operation: given the stub to call and the op stream there, if any. */
+export type KvsOperation<T> = (kvs: Kvs, ops: OpStream | undefined) => Promise<T>;
+
 /** Where KVS calls go: the KVS the scheduler names while it answers, else the scheduler. */
 export class DirectKvs {
   #resolving: Promise<void> | undefined;
   #resolved = false;
   #address: string | undefined;
   #stub: Kvs | undefined;
+  #ops: OpStream | undefined;
+  #proxyOps: OpStream | undefined;
   #inUse = false;
+  #closed = false;
 
-  /** proxy: KvsService at the scheduler; transport: how to reach a KVS (undefined: never directly). */
+  /**
+   * proxy: KvsService at the scheduler (at `where`); transport: how to reach a KVS (undefined:
+   * never directly); streams: whether small ops may go on op streams.
+   */
   constructor(
     private readonly proxy: Kvs,
     private readonly transport: ((address: string) => Transport) | undefined,
+    private readonly streams = false,
+    private readonly where = "the scheduler",
   ) {}
 
   /** The KVS that calls go to directly; undefined while they go through the scheduler. */
@@ -69,24 +83,31 @@ export class DirectKvs {
   }
 
   /** Runs an idempotent KVS operation at the KVS; if that is unreachable, through the scheduler. */
-  async call<T>(options: CallOptions, operation: (kvs: Kvs) => Promise<T>): Promise<T> {
+  async call<T>(options: CallOptions, operation: KvsOperation<T>): Promise<T> {
     const stub = await this.#stubFor(options);
     if (stub === this.proxy) {
-      return operation(stub);
+      return operation(stub, this.#proxyOps);
     }
     try {
-      return await operation(stub);
+      return await operation(stub, this.#ops);
     } catch (err) {
       if (!lostTransport(err)) {
         throw err;
       }
       this.#leave();
     }
-    return operation(this.proxy);
+    return operation(this.proxy, this.#proxyOps);
+  }
+
+  /** Ends the op streams (ops in flight on them reject with CANCELED); later ops are unary calls. */
+  close(): void {
+    this.#closed = true;
+    this.#ops?.close();
+    this.#proxyOps?.close();
   }
 
   async #stubFor(options: CallOptions): Promise<Kvs> {
-    if (this.transport === undefined) {
+    if (this.transport === undefined && !this.streams) {
       return this.proxy;
     }
     if (!this.#resolved) {
@@ -98,11 +119,18 @@ export class DirectKvs {
     return this.#inUse && this.#stub !== undefined ? this.#stub : this.proxy;
   }
 
-  /** Asks the scheduler where the KVS is and uses the first address that answers. */
-  async #resolve(transport: (address: string) => Transport, options: CallOptions): Promise<void> {
+  /**
+   * Asks the scheduler where the KVS is (and whether a KVS itself answers at its address) and uses
+   * the first address that answers.
+   */
+  async #resolve(transport: ((address: string) => Transport) | undefined, options: CallOptions): Promise<void> {
     let addresses: string[];
     try {
-      addresses = (await this.proxy.getLimits({}, options)).kvsAddresses;
+      const limits = await this.proxy.getLimits({}, options);
+      addresses = limits.kvsAddresses;
+      if (limits.servesOpStreams && this.streams && !this.#closed) {
+        this.#proxyOps = new OpStream(this.proxy, this.where);
+      }
     } catch (err) {
       // A scheduler that cannot be reached (or not before the call's deadline) is asked again
       // by the next call; one that answered with an error names no KVS.
@@ -110,6 +138,9 @@ export class DirectKvs {
       return;
     }
     this.#resolved = true;
+    if (transport === undefined) {
+      return; // direct access is off: objects go through the scheduler
+    }
     for (const address of addresses) {
       const stub = createClient(KvsService, transport(address));
       try {
@@ -121,6 +152,9 @@ export class DirectKvs {
       }
       this.#address = address;
       this.#stub = stub;
+      if (this.streams && !this.#closed) {
+        this.#ops = new OpStream(stub, address);
+      }
       this.#inUse = true;
       return;
     }

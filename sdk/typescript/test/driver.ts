@@ -7,11 +7,12 @@
 // TLS settings and the token come from the environment (CLOUDBURST_TLS_*, CLOUDBURST_TOKEN), as
 // the client reads them.
 //
-// Commands: {"op": "put", "key": K, "value": V}, {"op": "get", "key": K},
+// Commands: {"op": "put", "key": K, "value": V}, {"op": "get", "key": K}, {"op": "delete", "key": K},
 // {"op": "call", "name": FUNCTION, "args": [...], "timeout": SECONDS},
 // {"op": "delete_function", "name": FUNCTION},
 // {"op": "kvs_address"} and {"op": "wait_result", "key": K, "timeout": SECONDS}. An answer is
 // {"ok": true, ...} or {"ok": false, "code": "Unavailable", "reason": "...", "message": "..."}.
+// At the end of stdin the driver closes its client and exits.
 import { createInterface } from "node:readline";
 import { Code } from "@connectrpc/connect";
 import { CloudburstError, connect, type CloudburstClient, type Json } from "../src/index.js";
@@ -40,6 +41,8 @@ async function run(client: CloudburstClient, command: Command): Promise<Answer> 
         const value = await client.get(key, options);
         return value === undefined ? { ok: true, found: false } : { ok: true, found: true, value: value as Json };
       }
+      case "delete":
+        return { ok: true, existed: await client.delete(key, options) };
       case "call":
         return { ok: true, value: (await client.callFunction(command.name ?? "", command.args ?? [], options)) as Json };
       case "delete_function":
@@ -75,6 +78,7 @@ async function main(address: string, mode: string): Promise<void> {
     const answer = await run(client, JSON.parse(line) as Command);
     process.stdout.write(`${JSON.stringify(answer)}\n`);
   }
+  client.close();
 }
 
 const [address, mode = "default"] = process.argv.slice(2);
