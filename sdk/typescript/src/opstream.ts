@@ -225,6 +225,7 @@ export class OpStream {
     let error: unknown;
     try {
       for await (const answer of answers) {
+        stream.answered = true;
         if (answer.batch.length > 0) {
           // This client never sets reads_batches: a batch is a KVS that does not keep the protocol.
           throw new ConnectError(
@@ -232,7 +233,6 @@ export class OpStream {
             Code.Internal,
           );
         }
-        stream.answered = true;
         const op = stream.pending.get(answer.sequence);
         if (op === undefined) {
           continue; // its op gave up (deadline, abort)
