@@ -53,8 +53,8 @@ export interface ConnectOptions extends TlsSettings {
   directKvs?: boolean;
   /**
    * Send put, get and delete as frames of one long-lived stream per connection (to the KVS, or
-   * to a `cbgrpc serve` address) rather than one call each: cheaper for the KVS. When not given,
-   * `CLOUDBURST_KVS_STREAM=0` turns it off.
+   * to a `cbgrpc serve` address while directKvs is on) rather than one call each: cheaper for the
+   * KVS. When not given, `CLOUDBURST_KVS_STREAM=0` turns it off.
    */
   kvsStream?: boolean;
 }
@@ -113,7 +113,8 @@ export interface ClientOptions {
   /**
    * Whether put, get and delete go as frames of a StreamOps stream where a KVS serves one
    * (default true): at the KVS the scheduler names, and at the transport's address when its
-   * GetLimits answer sets serves_op_streams.
+   * GetLimits answer sets serves_op_streams (asked only with direct access on: without it, ops
+   * there stay unary calls).
    */
   kvsStream?: boolean;
   /** The transport's address, for messages. */

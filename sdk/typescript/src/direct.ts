@@ -107,8 +107,8 @@ export class DirectKvs {
   }
 
   async #stubFor(options: CallOptions): Promise<Kvs> {
-    if (this.transport === undefined && !this.streams) {
-      return this.proxy;
+    if (this.transport === undefined) {
+      return this.proxy; // no GetLimits: ops at the scheduler's address stay unary calls
     }
     if (!this.#resolved) {
       this.#resolving ??= this.#resolve(this.transport, options).finally(() => {
@@ -123,7 +123,7 @@ export class DirectKvs {
    * Asks the scheduler where the KVS is (and whether a KVS itself answers at its address) and uses
    * the first address that answers.
    */
-  async #resolve(transport: ((address: string) => Transport) | undefined, options: CallOptions): Promise<void> {
+  async #resolve(transport: (address: string) => Transport, options: CallOptions): Promise<void> {
     let addresses: string[];
     try {
       const limits = await this.proxy.getLimits({}, options);
@@ -138,9 +138,6 @@ export class DirectKvs {
       return;
     }
     this.#resolved = true;
-    if (transport === undefined) {
-      return; // direct access is off: objects go through the scheduler
-    }
     for (const address of addresses) {
       const stub = createClient(KvsService, transport(address));
       try {

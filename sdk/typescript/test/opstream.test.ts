@@ -155,13 +155,16 @@ async function kvsServer(
   return { address: server.address, counts, resetAll: server.resetAll };
 }
 
-/** A client of address (taken for a scheduler), its KVS ops streamed unless kvsStream is false. */
-function clientOf(address: string, kvsStream?: boolean, direct = false): CloudburstClient {
+/**
+ * A client of address (taken for a scheduler) as connect() makes it, direct KVS access on, its
+ * KVS ops streamed unless kvsStream is false.
+ */
+function clientOf(address: string, kvsStream?: boolean): CloudburstClient {
   const shared = transportOptions("http", {});
   return new CloudburstClient(createGrpcTransport({ baseUrl: `http://${address}`, ...shared }), {
     address,
     ...(kvsStream === undefined ? {} : { kvsStream }),
-    ...(direct ? { kvsTransport: (kvs: string) => createGrpcTransport({ baseUrl: `http://${kvs}`, ...shared }) } : {}),
+    kvsTransport: (kvs: string) => createGrpcTransport({ baseUrl: `http://${kvs}`, ...shared }),
   });
 }
 
@@ -323,7 +326,7 @@ test("the direct KVS gets the stream; a stream lost mid-op sends the op through 
   });
   reset = kvs.resetAll;
   const scheduler = await kvsServer({ servesOpStreams: false, kvsAddresses: [kvs.address] });
-  const client = clientOf(scheduler.address, undefined, true);
+  const client = clientOf(scheduler.address);
   await client.put("direct", 1);
   strictEqual(client.kvsAddress, kvs.address);
   await client.put("break", 1, { timeoutMs: 30_000 });
