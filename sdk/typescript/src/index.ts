@@ -9,6 +9,7 @@ export {
   type Options,
 } from "./client.js";
 export { DIRECT_KVS_ENV } from "./direct.js";
+export { KVS_STREAM_ENV, MAX_STREAMED_PUT_BYTES } from "./opstream.js";
 export {
   bearerToken,
   KEEPALIVE_MS,
