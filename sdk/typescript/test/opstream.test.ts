@@ -346,3 +346,16 @@ test("batched answers the client did not ask for fail the op", async () => {
   ok(refused.message.includes("did not ask for"), refused.message);
   client.close();
 });
+
+test("a stream without an op in flight ends by itself, and the next op opens another", async () => {
+  const kvs = await kvsServer();
+  const client = clientOf(kvs.address);
+  await client.put("a", 1);
+  // Nothing ends it but the client's idle timer (about a second): a process that never closes
+  // its client is not kept alive by the stream.
+  await until(() => kvs.counts.ended === 1, "the idle stream ended");
+  strictEqual(await client.get("a"), "stored");
+  strictEqual(kvs.counts.streams, 2);
+  deepStrictEqual(kvs.counts.unary, []);
+  client.close();
+});
