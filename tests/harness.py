@@ -532,6 +532,35 @@ def stored(node: Node, key: str) -> bool:
     return node.store.get(lattice_pb2.KEYSPACE_USER, key) is not None
 
 
+def wait_unstored(node: Node, keys: Iterable[str], timeout: float = 20.0) -> None:
+    """Wait until none of ``keys`` is stored in ``node``, nor will be.
+
+    For ``cbgrpc serve``'s composition in this process (its scheduler and
+    executors here): a released result may still be held, or being stored,
+    and deleted only after that, so its absence from the store alone says
+    nothing. Every store is in the scheduler's books from the call's placement
+    until it is done or dropped; a key is settled once it is in none of them.
+    """
+    assert node.scheduler is not None
+    releaser = node.scheduler.releaser
+    wanted = set(keys)
+
+    def settled() -> bool:
+        pending = (
+            wanted & releaser._storing.keys()
+            or wanted & releaser._held
+            or any(wanted & (e.storing.keys() | e._holds.keys()) for e in node.executors)
+        )
+        return not (pending or releaser.backlog or releaser._task is not None) and not any(
+            stored(node, key) for key in wanted
+        )
+
+    deadline = time.monotonic() + timeout
+    while not settled():
+        assert time.monotonic() < deadline, "released results were still stored or pending"
+        time.sleep(0.01)
+
+
 def wait_stored(address: str, key: str, timeout: float = 30.0) -> bool:
     """Whether a user key is stored at ``address``, read with a waiting ``GetValue``.
 

@@ -16,7 +16,7 @@ from typing import Any
 from cloudburst import CloudburstConnection
 from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node
-from harness import Cluster, LoopThread, stored, wait_deleted
+from harness import Cluster, LoopThread, stored, wait_deleted, wait_unstored
 
 
 def pause_then_pass(_: UserLibrary, seconds: float) -> float:
@@ -55,9 +55,9 @@ def test_many_dropped_futures_leave_no_results(local_node: Node, server_loop: Lo
             keys.append(future.obj_id)
             assert future.get(timeout=30) == n + 1
         del future
-        wait_deleted(local_node, server_loop, keys)
-        assert local_node.store is not None
-        assert not [k for k in keys if stored(local_node, k)]
+        # Under load a hold may end before its release comes: that result is stored, then
+        # deleted. Wait for every store and delete to settle, not just for the stored keys.
+        wait_unstored(local_node, keys)
 
 
 def test_a_live_future_keeps_its_result(local_node: Node, server_loop: LoopThread) -> None:
