@@ -224,6 +224,11 @@ func (c *Client) WaitResult(ctx context.Context, responseKey string, release boo
 // Put, Get and Delete go as frames of one KvsService.StreamOps stream of the connection where
 // the service serves it (the KVS itself; not a scheduler's proxy), and end as their unary calls
 // would; a value over MaxStreamedPutBytes, and every op when StreamEnv is 0, goes in a unary call.
+//
+// A value over InlineValueBytes (or over the KVS tier's message limit, when that is smaller) goes
+// in ChunkBytes chunks with KvsService.PutValueChunks; one over the tier's limit on a value
+// (GetLimits.max_value_bytes) is refused before it is sent, with an *Error whose Reason is
+// ReasonPayloadTooLarge.
 func (c *Client) Put(ctx context.Context, key string, value any) error {
 	encoded, err := Encode(value)
 	if err != nil {
@@ -235,12 +240,23 @@ func (c *Client) Put(ctx context.Context, key string, value any) error {
 		Lattice:     &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{Value: encoded}}},
 		OmitLattice: true,
 	}
+	data := encoded.GetData()
+	if maxValue, inline := c.kvs.limits(ctx); maxValue > 0 && len(data) > maxValue {
+		return tooLarge(key, len(data), maxValue)
+	} else if len(data) > inline {
+		// The first frame is the write without the bytes; the chunks are slices of them.
+		encoded.Data = nil
+		return c.rpcError(c.kvs.putChunks(ctx, request, data))
+	}
 	_, err = c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Put{Put: request}})
 	return c.rpcError(err)
 }
 
 // Get reads the value stored under a user key; found is false when there is none. A value
 // written by Python must be JSON, a string or bytes to be read here (see docs/protocol.md).
+//
+// A value too large for one message (the KVS answers it as chunked) is read in chunks with
+// KvsService.GetValueChunks.
 func (c *Client) Get(ctx context.Context, key string) (result *Result, found bool, err error) {
 	request := &cloudburstv1.GetValueRequest{Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER}
 	answer, err := c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Get{Get: request}})
@@ -251,11 +267,41 @@ func (c *Client) Get(ctx context.Context, key string) (result *Result, found boo
 	if !response.GetFound() {
 		return nil, false, nil
 	}
-	lww := response.GetLattice().GetLww()
-	if lww == nil {
-		return nil, true, fmt.Errorf("cloudburst: key %q holds a set lattice; read it with the Kvs stub", key)
+	if !response.GetChunked() {
+		lww := response.GetLattice().GetLww()
+		if lww == nil {
+			return nil, true, notLww(key, response.GetLattice(), false)
+		}
+		return &Result{Value: lww.GetValue()}, true, nil
 	}
-	return &Result{Value: lww.GetValue()}, true, nil
+	lattice, data, found, err := c.kvs.getChunks(ctx, request)
+	if err != nil {
+		return nil, false, c.rpcError(err)
+	}
+	if !found { // deleted since it was read
+		return nil, false, nil
+	}
+	lww := lattice.GetLww()
+	if lww == nil {
+		return nil, true, notLww(key, lattice, true)
+	}
+	value := lww.GetValue()
+	if value == nil {
+		value = &cloudburstv1.Value{}
+	}
+	value.Data = data
+	return &Result{Value: value}, true, nil
+}
+
+// notLww is the error of Get for a key whose lattice is not a last-writer-wins value.
+func notLww(key string, lattice *cloudburstv1.Lattice, chunked bool) error {
+	if lattice.GetSet() == nil {
+		return fmt.Errorf("cloudburst: the KVS answered key %q as found without a lattice this client reads; it may be newer than this client: update the client", key)
+	}
+	if chunked {
+		return fmt.Errorf("cloudburst: key %q holds a set lattice, too large for one message; read it with the Kvs stub's GetValueChunks (its chunks joined are the encoded SetLattice)", key)
+	}
+	return fmt.Errorf("cloudburst: key %q holds a set lattice; read it with the Kvs stub", key)
 }
 
 // Delete deletes the value stored under a user key; existed says whether there was one.

@@ -68,15 +68,16 @@ type directKvs struct {
 	inUse   bool                          // whether calls go there now
 
 	proxyOps *opStream // the stream of ops at target, when it serves them; else nil
+
+	maxValue int // the KVS tier's limit on a value (GetLimits.max_value_bytes); 0 before it answered
+	inline   int // the largest value a Put sends in one message; larger ones go in chunks
 }
 
 // stubFor returns the stub KVS calls go to now, and whether it is the KVS itself. The first call
 // asks the scheduler (GetLimits) where the KVS is, and tries that address.
 // The stream of ops there is nil when ops go there as unary calls.
 func (d *directKvs) stubFor(ctx context.Context) (cloudburstv1.KvsServiceClient, *opStream, bool) {
-	if d.wanted || d.streams {
-		d.resolve(ctx)
-	}
+	d.resolve(ctx)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.inUse {
@@ -99,6 +100,9 @@ func (d *directKvs) resolve(ctx context.Context) {
 		return
 	}
 	d.resolved = true
+	d.mu.Lock()
+	d.maxValue, d.inline = valueLimits(limits)
+	d.mu.Unlock()
 	if d.streams && limits.GetServesOpStreams() {
 		d.mu.Lock()
 		d.proxyOps = newOpStream(d.proxy, streamName(d.target))

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	cloudburstv1 "cloudburst-grpc/sdk/go/cloudburst/v1"
 )
@@ -34,6 +35,11 @@ type testKvs struct {
 	unary, opened, frames atomic.Int64
 	holding               chan struct{}
 
+	maxValue                  uint64       // GetLimits.max_value_bytes; 1 MiB when 0
+	chunkPuts, chunkGets      atomic.Int64 // PutValueChunks and GetValueChunks calls
+	largestChunk, putsChunked atomic.Int64 // the largest chunk received, and the chunks of all puts
+	server                    *grpc.Server
+
 	mu     sync.Mutex
 	values map[string]*cloudburstv1.Lattice
 }
@@ -47,7 +53,8 @@ func startTestKvs(t *testing.T, kvs *testKvs) *testKvs {
 	kvs.address = listener.Addr().String()
 	kvs.values = map[string]*cloudburstv1.Lattice{}
 	kvs.holding = make(chan struct{}, 16)
-	server := grpc.NewServer()
+	server := grpc.NewServer(grpc.MaxRecvMsgSize(testMessageBytes + MessageHeadroomBytes))
+	kvs.server = server
 	cloudburstv1.RegisterKvsServiceServer(server, kvs)
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
@@ -55,7 +62,11 @@ func startTestKvs(t *testing.T, kvs *testKvs) *testKvs {
 }
 
 func (k *testKvs) GetLimits(context.Context, *cloudburstv1.GetLimitsRequest) (*cloudburstv1.GetLimitsResponse, error) {
-	return &cloudburstv1.GetLimitsResponse{MaxValueBytes: 1 << 20, MaxMessageBytes: 1 << 20, KvsAddresses: k.kvsAddress, ServesOpStreams: k.streams}, nil
+	maxValue := k.maxValue
+	if maxValue == 0 {
+		maxValue = testMessageBytes
+	}
+	return &cloudburstv1.GetLimitsResponse{MaxValueBytes: maxValue, MaxMessageBytes: testMessageBytes, KvsAddresses: k.kvsAddress, ServesOpStreams: k.streams}, nil
 }
 
 func refusedKey() error {
@@ -71,6 +82,9 @@ func (k *testKvs) get(request *cloudburstv1.GetValueRequest) (*cloudburstv1.GetV
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	lattice, found := k.values[request.GetKey()]
+	if proto.Size(lattice) > testMessageBytes {
+		return &cloudburstv1.GetValueResponse{Found: true, Chunked: true}, nil
+	}
 	return &cloudburstv1.GetValueResponse{Found: found, Lattice: lattice}, nil
 }
 
