@@ -10,7 +10,8 @@ import {
   SchedulerService,
   type CallDagRequestSchema,
 } from "./gen/cloudburst/v1/scheduler_service_pb.js";
-import type { ArgumentSchema } from "./gen/cloudburst/v1/value_pb.js";
+import type { ArgumentSchema, Value } from "./gen/cloudburst/v1/value_pb.js";
+import { checkValueSize, inlineValueBytes, notLww, readValue, writeValue } from "./chunks.js";
 import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
 import {
   kvsStreamFromEnvironment,
@@ -22,6 +23,7 @@ import {
 import { transportOptions } from "./transport.js";
 import { tlsSettings, type TlsSettings } from "./tls.js";
 import { CloudburstError, fromCallError, fromFailure, fromRpcError } from "./errors.js";
+import { Serializer } from "./gen/cloudburst/v1/value_pb.js";
 import { ACCEPTED, decode, encode, failureOf, isFailure, type NativeValue } from "./values.js";
 
 /** Options of every call: a deadline and an abort signal. */
@@ -198,9 +200,15 @@ export class CloudburstClient {
     return resultOf(response.outcome);
   }
 
-  /** Stores a value under a user key (last writer wins). */
+  /**
+   * Stores a value under a user key (last writer wins). A value of more than 4 MiB (or than the
+   * KVS tier's message limit, when that is smaller) goes in 1 MiB chunks (PutValueChunks); one
+   * over the tier's max_value_bytes is refused before sending (RESOURCE_EXHAUSTED,
+   * PAYLOAD_TOO_LARGE).
+   */
   async put(key: string, value: NativeValue, options: Options = {}): Promise<void> {
     const encoded = encode(value);
+    const data = encoded.data instanceof Uint8Array ? encoded.data : new Uint8Array();
     const request = {
       key,
       keyspace: Keyspace.USER,
@@ -209,32 +217,47 @@ export class CloudburstClient {
     } as const;
     await rpc(() =>
       this.#direct.call(callOptions(options), async (kvs, ops) => {
-        if ((encoded.data?.length ?? 0) <= MAX_STREAMED_PUT_BYTES) {
+        if (data.length <= MAX_STREAMED_PUT_BYTES) {
           const answer = await streamed(ops, { case: "put", value: request }, options);
           if (answer !== undefined) return;
+        } else {
+          const limits = await this.#direct.limits(callOptions(options));
+          checkValueSize(key, data.length, limits);
+          if (data.length > inlineValueBytes(limits)) {
+            const serializer = encoded.serializer ?? Serializer.UNSPECIFIED;
+            await writeValue(kvs, key, Keyspace.USER, serializer, data, callOptions(options));
+            return;
+          }
         }
         await kvs.putValue(request, callOptions(options));
       }),
     );
   }
 
-  /** Reads the value under a user key; undefined when there is none. */
+  /**
+   * Reads the value under a user key; undefined when there is none. A value too large for one
+   * message (GetValue answers `chunked`) is read in chunks (GetValueChunks).
+   */
   async get(key: string, options: Options = {}): Promise<NativeValue | undefined> {
     const request = { key, keyspace: Keyspace.USER };
-    const response = await rpc(() =>
+    const value: Value | undefined = await rpc(() =>
       this.#direct.call(callOptions(options), async (kvs, ops) => {
         const answer = await streamed(ops, { case: "get", value: request }, options);
-        return answer?.case === "get" ? answer.value : kvs.getValue(request, callOptions(options));
+        const response = answer?.case === "get" ? answer.value : await kvs.getValue(request, callOptions(options));
+        if (!response.found) {
+          return undefined;
+        }
+        if (response.chunked) {
+          return readValue(kvs, key, Keyspace.USER, callOptions(options));
+        }
+        const kind = response.lattice?.kind;
+        if (kind?.case !== "lww" || kind.value.value === undefined) {
+          throw notLww(key);
+        }
+        return kind.value.value;
       }),
     );
-    if (!response.found) {
-      return undefined;
-    }
-    const kind = response.lattice?.kind;
-    if (kind?.case !== "lww" || kind.value.value === undefined) {
-      throw new CloudburstError(Code.FailedPrecondition, "", `key ${JSON.stringify(key)} holds a set; read it with the kvs stub`);
-    }
-    return decode(kind.value.value);
+    return value === undefined ? undefined : decode(value);
   }
 
   /** Deletes the value under a user key; resolves to whether there was one. */

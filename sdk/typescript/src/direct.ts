@@ -5,7 +5,7 @@
 // frames of one StreamOps stream (opstream.ts) to the KVS, and to the scheduler's address when
 // what answers there is a KVS itself (`cbgrpc serve`: GetLimits sets serves_op_streams).
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
-import { KvsService } from "./gen/cloudburst/v1/kvs_service_pb.js";
+import { KvsService, type GetLimitsResponse } from "./gen/cloudburst/v1/kvs_service_pb.js";
 import { ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
 import { DOMAIN } from "./errors.js";
 import { OpStream } from "./opstream.js";
@@ -65,6 +65,8 @@ export class DirectKvs {
   #proxyOps: OpStream | undefined;
   #inUse = false;
   #closed = false;
+  #limits: GetLimitsResponse | undefined;
+  #asking: Promise<GetLimitsResponse> | undefined;
 
   /**
    * proxy: KvsService at the scheduler (at `where`); transport: how to reach a KVS (undefined:
@@ -99,6 +101,21 @@ export class DirectKvs {
     return operation(this.proxy, this.#proxyOps);
   }
 
+  /**
+   * The KVS tier's limits (max_value_bytes, max_message_bytes): from the scheduler's GetLimits
+   * answer, asked once (again after a failure).
+   */
+  async limits(options: CallOptions): Promise<GetLimitsResponse> {
+    if (this.#limits !== undefined) {
+      return this.#limits;
+    }
+    this.#asking ??= this.proxy.getLimits({}, options).finally(() => {
+      this.#asking = undefined;
+    });
+    this.#limits = await this.#asking;
+    return this.#limits;
+  }
+
   /** Ends the op streams (ops in flight on them reject with CANCELED); later ops are unary calls. */
   close(): void {
     this.#closed = true;
@@ -127,6 +144,7 @@ export class DirectKvs {
     let addresses: string[];
     try {
       const limits = await this.proxy.getLimits({}, options);
+      this.#limits = limits;
       addresses = limits.kvsAddresses;
       if (limits.servesOpStreams && this.streams && !this.#closed) {
         this.#proxyOps = new OpStream(this.proxy, this.where);
