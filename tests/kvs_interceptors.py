@@ -1,12 +1,18 @@
-"""Server interceptors that count what a test KVS receives and sends."""
+"""Server interceptors that count what a test KVS receives and sends, and a store that holds."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from cloudburst.v1 import lattice_pb2
+from cloudburst_kvs.storage import MemoryEngine
+from cloudburst_kvs.store import LatticeStore
 
 KVS = "/cloudburst.v1.KvsService/"
 
@@ -130,3 +136,25 @@ def _bound(
         return await interceptor.intercept_service(continuation, details)
 
     return next_step
+
+
+class HeldStore(LatticeStore):
+    """An in-memory store whose merges into one key wait until the test lets them go.
+
+    A merge into ``held_key`` sets ``holding`` (a thread's event, for the test) and
+    then waits until ``release`` is set (on the store's loop).
+    """
+
+    def __init__(self, held_key: str = "held", max_lattice_bytes: int | None = None) -> None:
+        super().__init__(MemoryEngine(), max_lattice_bytes=max_lattice_bytes)
+        self.held_key = held_key
+        self.release = asyncio.Event()
+        self.holding = threading.Event()
+
+    async def put(
+        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
+    ) -> lattice_pb2.Lattice:
+        if key == self.held_key:
+            self.holding.set()
+            await self.release.wait()
+        return await super().put(keyspace, key, lattice, **kwargs)

@@ -11,25 +11,20 @@ they fail.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
 
-from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
 from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
-from cloudburst_kvs.storage import MemoryEngine
-from cloudburst_kvs.store import LatticeStore
 from e2e import test_clients_cluster
 from e2e.test_clients_cluster import Driver
 from harness import LoopThread, make_config
-from kvs_interceptors import Chain, MessageCounter, Recorder
+from kvs_interceptors import Chain, HeldStore, MessageCounter, Recorder
 
 # The fixture that builds the Go driver.
 go_driver = test_clients_cluster.go_driver
@@ -37,23 +32,6 @@ go_driver = test_clients_cluster.go_driver
 #: max_payload_bytes of the counted KVS: a larger value is refused.
 LIMIT = 16 << 10
 UNARY = ("GetValue", "PutValue", "DeleteValue")
-
-
-class HeldStore(LatticeStore):
-    """An in-memory store whose merges into the key "held" wait until the store closes."""
-
-    def __init__(self) -> None:
-        super().__init__(MemoryEngine())
-        self.release = asyncio.Event()
-        self.holding = threading.Event()
-
-    async def put(
-        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
-    ) -> lattice_pb2.Lattice:
-        if key == "held":
-            self.holding.set()
-            await self.release.wait()
-        return await super().put(keyspace, key, lattice, **kwargs)
 
 
 class CountedKvs:

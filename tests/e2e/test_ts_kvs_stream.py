@@ -40,10 +40,8 @@ from cloudburst_grpc.security.identity import INVOKER, Identity
 from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
 from cloudburst_kvs.servicer import KvsServicer
-from cloudburst_kvs.storage import MemoryEngine
-from cloudburst_kvs.store import LatticeStore
 from harness import LoopThread, make_config, required_tool
-from kvs_interceptors import Chain
+from kvs_interceptors import Chain, HeldStore
 
 ROOT = Path(__file__).resolve().parents[2]
 KVS = "/cloudburst.v1.KvsService/"
@@ -147,21 +145,6 @@ class Gate(Authenticator):
         return Identity(INVOKER, "token", "test")
 
 
-class HeldStore(LatticeStore):
-    """An in-memory store whose writes of "ts/held" wait until the store closes."""
-
-    def __init__(self) -> None:
-        super().__init__(MemoryEngine())
-        self.release = asyncio.Event()
-
-    async def put(
-        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
-    ) -> lattice_pb2.Lattice:
-        if key == "ts/held":
-            await self.release.wait()
-        return await super().put(keyspace, key, lattice, **kwargs)
-
-
 class CountedKvs:
     """A KVS server on 127.0.0.1:0 whose ops are counted, behind a gate that may refuse callers."""
 
@@ -169,7 +152,7 @@ class CountedKvs:
         self.loop = loop
         self.counter = OpCounter()
         self.gate = Gate()
-        self.store = HeldStore()
+        self.store = HeldStore("ts/held")
         self.server: grpc.aio.Server | None = None
         self.address = ""
         loop.run(self._start())

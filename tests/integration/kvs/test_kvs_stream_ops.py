@@ -39,10 +39,9 @@ from cloudburst_kvs import servicer as servicer_module
 from cloudburst_kvs.client import STREAM_ENV, KvsClient, stream_enabled
 from cloudburst_kvs.local import add_kvs_to_server, open_store
 from cloudburst_kvs.servicer import KvsServicer
-from cloudburst_kvs.storage import open_engine
 from cloudburst_kvs.store import LatticeStore
 from harness import CbgrpcProcess
-from kvs_interceptors import Chain, MessageCounter, Recorder
+from kvs_interceptors import Chain, HeldStore, MessageCounter, Recorder
 
 USER = lattice_pb2.KEYSPACE_USER
 SYSTEM = lattice_pb2.KEYSPACE_SYSTEM
@@ -302,25 +301,10 @@ async def test_a_retired_client_ends_its_stream_once_its_ops_are_answered(
     assert not servicer._streams
 
 
-class HeldStore(LatticeStore):
-    """A store whose merges into the key "held" wait until the test lets them go."""
-
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(open_engine("memory", data_dir), max_lattice_bytes=LIMIT)
-        self.release = asyncio.Event()
-
-    async def put(
-        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
-    ) -> lattice_pb2.Lattice:
-        if key == "held":
-            await self.release.wait()
-        return await super().put(keyspace, key, lattice, **kwargs)
-
-
 async def test_an_op_past_its_deadline_fails_as_its_unary_call(
     stack: contextlib.AsyncExitStack, connect: Connect, tmp_path: Path
 ) -> None:
-    store = HeldStore(tmp_path)
+    store = HeldStore(max_lattice_bytes=LIMIT)
     await store.start()
     stack.push_async_callback(store.close)
     stack.callback(store.release.set)

@@ -11,7 +11,6 @@ answers.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -42,10 +41,8 @@ from cloudburst_grpc.security.identity import INVOKER, INVOKER_RESTRICTED, Ident
 from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
 from cloudburst_kvs.servicer import KvsServicer
-from cloudburst_kvs.storage import MemoryEngine
-from cloudburst_kvs.store import LatticeStore
 from harness import CbgrpcProcess, LoopThread, make_config
-from kvs_interceptors import Chain, MessageCounter, Recorder
+from kvs_interceptors import Chain, HeldStore, MessageCounter, Recorder
 
 #: max_payload_bytes of the counted KVS: a value larger than this is refused in one message.
 LIMIT = 16 << 10
@@ -73,23 +70,6 @@ class Gate(Authenticator):
         return Identity(self.role, "token", "test")
 
 
-class HeldStore(LatticeStore):
-    """An in-memory store whose merges into the key "held" wait until the test lets them go."""
-
-    def __init__(self) -> None:
-        super().__init__(MemoryEngine(), max_lattice_bytes=2 * LARGE)
-        self.release = asyncio.Event()
-        self.holding = threading.Event()
-
-    async def put(
-        self, keyspace: int, key: str, lattice: lattice_pb2.Lattice, **kwargs: Any
-    ) -> lattice_pb2.Lattice:
-        if key == "held":
-            self.holding.set()
-            await self.release.wait()
-        return await super().put(keyspace, key, lattice, **kwargs)
-
-
 @dataclass
 class CountedKvs:
     """A KVS server whose calls and StreamOps messages are counted."""
@@ -115,7 +95,7 @@ class CountedKvs:
 
     async def _start(self) -> None:
         config = KvsConfig(engine="memory", max_wait_seconds=self.wait_limit)
-        self.store = HeldStore()
+        self.store = HeldStore(max_lattice_bytes=2 * LARGE)
         await self.store.start()
         interceptors: list[grpc.aio.ServerInterceptor] = [self.counter, self.recorder]
         if self.role is not None:
