@@ -16,9 +16,9 @@ import (
 // the inline limit with KvsService.PutValueChunks, and Get reads a value the KVS answers as
 // chunked with KvsService.GetValueChunks. The limits are the Python SDK's.
 const (
-	// InlineValueBytes is the largest value Put sends in one message (less when the KVS tier's
-	// GetLimits.max_message_bytes, less MessageHeadroomBytes, is smaller); a larger one goes in
-	// chunks.
+	// InlineValueBytes is the largest value Put sends in one message (less when the
+	// GetLimits.max_message_bytes of the service it is sent to, less MessageHeadroomBytes, is
+	// smaller); a larger one goes in chunks.
 	InlineValueBytes = 4 << 20
 	// ChunkBytes is the size of the chunks of a value Put sends in chunks.
 	ChunkBytes = 1 << 20
@@ -30,26 +30,19 @@ const (
 // ReasonPayloadTooLarge is the reason of an *Error for a value over the KVS tier's limit.
 const ReasonPayloadTooLarge = "PAYLOAD_TOO_LARGE"
 
-// valueLimits is the largest value a key may hold (0: not said) and the largest value a Put
-// sends in one message, from the KVS tier's limits.
-func valueLimits(limits *cloudburstv1.GetLimitsResponse) (maxValue, inline int) {
-	inline = InlineValueBytes
-	if message := int(limits.GetMaxMessageBytes()); message > 0 {
-		inline = min(inline, max(message-MessageHeadroomBytes, message/2))
-	}
-	return int(limits.GetMaxValueBytes()), inline
+// limits are a service's limits on the values written to it.
+type limits struct {
+	maxValue int // the largest value a key may hold (GetLimits.max_value_bytes); 0: not said
+	inline   int // the largest value a Put sends in one message; larger ones go in chunks
 }
 
-// limits is the largest value a key may hold (0 while unknown) and the largest value a Put
-// sends in one message.
-func (d *directKvs) limits(ctx context.Context) (maxValue, inline int) {
-	d.resolve(ctx)
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.inline == 0 {
-		return d.maxValue, InlineValueBytes
+// limitsOf are the limits of a service from its GetLimits answer (nil: it gave none).
+func limitsOf(answer *cloudburstv1.GetLimitsResponse) limits {
+	inline := InlineValueBytes
+	if message := int(answer.GetMaxMessageBytes()); message > 0 {
+		inline = min(inline, max(message-MessageHeadroomBytes, message/2))
 	}
-	return d.maxValue, d.inline
+	return limits{maxValue: int(answer.GetMaxValueBytes()), inline: inline}
 }
 
 // tooLarge is the error of a value of size bytes over the limit of a key's value.
@@ -63,16 +56,45 @@ func tooLarge(key string, size, limit int) error {
 	}
 }
 
-// putChunks merges put's last-writer-wins value, whose bytes are data, at the KVS; if that is
-// unreachable, through the scheduler (whose KvsService forwards PutValueChunks).
-func (d *directKvs) putChunks(ctx context.Context, put *cloudburstv1.PutValueRequest, data []byte) error {
-	stub, _, direct := d.stubFor(ctx)
-	err := putChunks(ctx, stub, put, data)
-	if !direct || !lostTransport(err) {
+// put merges put's last-writer-wins lattice at the KVS; if that is unreachable, through the
+// scheduler. The same request goes each time, so a write the KVS applied before its answer was
+// lost merges again as the same write (see Client.Put). Each attempt sizes the write for the
+// service it goes to: one message, or chunks (PutValueChunks) when the value is over that
+// service's inline limit.
+func (d *directKvs) put(ctx context.Context, put *cloudburstv1.PutValueRequest) error {
+	to := d.routeFor(ctx)
+	err := to.put(ctx, put)
+	if !to.direct || !lostTransport(err) {
 		return err
 	}
 	d.leave()
-	return putChunks(ctx, d.proxy, put, data)
+	return d.viaProxy().put(ctx, put)
+}
+
+// put sends put to the route's service: refused before it is sent when its value is over the
+// service's limit, in chunks when it is over the inline limit, else as one op.
+func (r route) put(ctx context.Context, put *cloudburstv1.PutValueRequest) error {
+	value := put.GetLattice().GetLww().GetValue()
+	data := value.GetData()
+	if r.limits.maxValue > 0 && len(data) > r.limits.maxValue {
+		return tooLarge(put.GetKey(), len(data), r.limits.maxValue)
+	}
+	if len(data) > r.limits.inline {
+		// The first frame is the write without the bytes (a copy: put keeps them for another
+		// attempt); the chunks are slices of them.
+		header := &cloudburstv1.PutValueRequest{
+			Key:       put.GetKey(),
+			Keyspace:  put.GetKeyspace(),
+			RequestId: put.GetRequestId(),
+			Lattice: &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{
+				Timestamp: put.GetLattice().GetLww().GetTimestamp(),
+				Value:     &cloudburstv1.Value{Serializer: value.GetSerializer()},
+			}}},
+		}
+		return putChunks(ctx, r.stub, header, data)
+	}
+	_, err := send(ctx, r.stub, r.ops, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Put{Put: put}})
+	return err
 }
 
 // putChunks sends put (its value without bytes) and then data in ChunkBytes slices (not copies)
@@ -105,9 +127,9 @@ func putChunks(ctx context.Context, stub cloudburstv1.KvsServiceClient, put *clo
 // through the scheduler. data is the joined chunks (a last-writer-wins value's bytes, or a set's
 // encoded SetLattice); found is false when the key does not exist (any more).
 func (d *directKvs) getChunks(ctx context.Context, get *cloudburstv1.GetValueRequest) (lattice *cloudburstv1.Lattice, data []byte, found bool, err error) {
-	stub, _, direct := d.stubFor(ctx)
-	lattice, data, err = getChunks(ctx, stub, get)
-	if direct && lostTransport(err) {
+	to := d.routeFor(ctx)
+	lattice, data, err = getChunks(ctx, to.stub, get)
+	if to.direct && lostTransport(err) {
 		d.leave()
 		lattice, data, err = getChunks(ctx, d.proxy, get)
 	}

@@ -65,7 +65,11 @@ func (k *testKvs) PutValueChunks(stream grpc.ClientStreamingServer[cloudburstv1.
 	lattice.GetLww().GetValue().Data = data
 	k.mu.Lock()
 	k.values[put.GetKey()] = lattice
+	k.puts = append(k.puts, put)
 	k.mu.Unlock()
+	if err := k.lost(); err != nil {
+		return err
+	}
 	return stream.SendAndClose(&cloudburstv1.PutValueChunksResponse{Size: uint64(len(data))})
 }
 

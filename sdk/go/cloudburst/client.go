@@ -33,6 +33,7 @@ var Accepted = []cloudburstv1.Serializer{
 type Client struct {
 	conn     *grpc.ClientConn
 	kvs      *directKvs
+	clock    *lwwClock
 	security security
 	refusals *refusals
 	// Scheduler is the generated SchedulerService stub, for calls this layer does not wrap.
@@ -131,7 +132,11 @@ func DialWithOptions(address string, options Options) (*Client, error) {
 			dialOptions: opts,
 			proxy:       proxy,
 			closed:      make(chan struct{}),
+			// Until a service answers GetLimits: InlineValueBytes, and no limit on a value.
+			directLimits: limitsOf(nil),
+			proxyLimits:  limitsOf(nil),
 		},
+		clock:     newLwwClock(),
 		Scheduler: cloudburstv1.NewSchedulerServiceClient(conn),
 		Kvs:       proxy,
 	}, nil
@@ -221,12 +226,25 @@ func (c *Client) WaitResult(ctx context.Context, responseKey string, release boo
 
 // Put stores value under a user key (last writer wins).
 //
+// The write is stamped once, here, with this client's last-writer-wins timestamp (wall-clock
+// nanoseconds, strictly increasing per Client, and a random writer id), and given a random
+// request id (PutValueRequest.request_id). A direct write that finds the KVS unreachable is sent
+// again through the scheduler as the same request: the same lattice and the same request id.
+// Merging the same lattice again changes nothing, so a first attempt that the KVS applied before
+// its answer was lost and the retry together store the value once, with one timestamp: the retry
+// cannot overwrite a newer write made in between. A KVS with a memory or SQLite store also
+// remembers the ids of its last 4096 puts and deletes (per key; in memory, so not across a
+// restart) and answers a retry with the first attempt's result without merging again; one with a
+// Valkey store keeps no ids and relies on the merge alone. A KVS refuses a write stamped more
+// than kvs.max_clock_skew_seconds ahead of its own clock: keep the client's clock in sync (NTP).
+//
 // Put, Get and Delete go as frames of one KvsService.StreamOps stream of the connection where
 // the service serves it (the KVS itself; not a scheduler's proxy), and end as their unary calls
 // would; a value over MaxStreamedPutBytes, and every op when StreamEnv is 0, goes in a unary call.
 //
-// A value over InlineValueBytes (or over the KVS tier's message limit, when that is smaller) goes
-// in ChunkBytes chunks with KvsService.PutValueChunks; one over the tier's limit on a value
+// A value over InlineValueBytes (or over the message limit of the service the write goes to, the
+// KVS or the scheduler, from its own GetLimits answer, when that is smaller) goes in ChunkBytes
+// chunks with KvsService.PutValueChunks; one over that service's limit on a value
 // (GetLimits.max_value_bytes) is refused before it is sent, with an *Error whose Reason is
 // ReasonPayloadTooLarge.
 func (c *Client) Put(ctx context.Context, key string, value any) error {
@@ -235,21 +253,16 @@ func (c *Client) Put(ctx context.Context, key string, value any) error {
 		return err
 	}
 	request := &cloudburstv1.PutValueRequest{
-		Key:         key,
-		Keyspace:    cloudburstv1.Keyspace_KEYSPACE_USER,
-		Lattice:     &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{Value: encoded}}},
+		Key:      key,
+		Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER,
+		Lattice: &cloudburstv1.Lattice{Kind: &cloudburstv1.Lattice_Lww{Lww: &cloudburstv1.LwwLattice{
+			Timestamp: c.clock.now(),
+			Value:     encoded,
+		}}},
+		RequestId:   newRequestID(),
 		OmitLattice: true,
 	}
-	data := encoded.GetData()
-	if maxValue, inline := c.kvs.limits(ctx); maxValue > 0 && len(data) > maxValue {
-		return tooLarge(key, len(data), maxValue)
-	} else if len(data) > inline {
-		// The first frame is the write without the bytes; the chunks are slices of them.
-		encoded.Data = nil
-		return c.rpcError(c.kvs.putChunks(ctx, request, data))
-	}
-	_, err = c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Put{Put: request}})
-	return c.rpcError(err)
+	return c.rpcError(c.kvs.put(ctx, request))
 }
 
 // Get reads the value stored under a user key; found is false when there is none. A value
@@ -305,8 +318,15 @@ func notLww(key string, lattice *cloudburstv1.Lattice, chunked bool) error {
 }
 
 // Delete deletes the value stored under a user key; existed says whether there was one.
+//
+// The delete carries a random request id (DeleteValueRequest.request_id), sent again with it when
+// a direct delete finds the KVS unreachable and goes through the scheduler. A KVS with a memory
+// or SQLite store that applied the first attempt answers the retry with its answer instead of
+// deleting again, so the retry cannot delete a value written in between (see Put for how long
+// ids are remembered); one with a Valkey store deletes again, and then answers existed false
+// unless the key was written in between.
 func (c *Client) Delete(ctx context.Context, key string) (existed bool, err error) {
-	request := &cloudburstv1.DeleteValueRequest{Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER}
+	request := &cloudburstv1.DeleteValueRequest{Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER, RequestId: newRequestID()}
 	answer, err := c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Delete{Delete: request}})
 	if err != nil {
 		return false, c.rpcError(err)

@@ -69,21 +69,44 @@ type directKvs struct {
 
 	proxyOps *opStream // the stream of ops at target, when it serves them; else nil
 
-	maxValue int // the KVS tier's limit on a value (GetLimits.max_value_bytes); 0 before it answered
-	inline   int // the largest value a Put sends in one message; larger ones go in chunks
+	// The limits of each service, from its own GetLimits answer: a write is sized for the
+	// service that receives it.
+	directLimits limits // the KVS dialled directly
+	proxyLimits  limits // the address the client connected to (a scheduler's proxy)
 }
 
-// stubFor returns the stub KVS calls go to now, and whether it is the KVS itself. The first call
-// asks the scheduler (GetLimits) where the KVS is, and tries that address.
-// The stream of ops there is nil when ops go there as unary calls.
-func (d *directKvs) stubFor(ctx context.Context) (cloudburstv1.KvsServiceClient, *opStream, bool) {
+// route is where a KVS call goes: a stub, its stream of ops (nil: ops go as unary calls), whether
+// it is the KVS itself, and that service's limits.
+type route struct {
+	stub   cloudburstv1.KvsServiceClient
+	ops    *opStream
+	direct bool
+	limits limits
+}
+
+// routeFor returns where KVS calls go now. The first call asks the scheduler (GetLimits) where
+// the KVS is, and tries that address.
+func (d *directKvs) routeFor(ctx context.Context) route {
 	d.resolve(ctx)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.inUse {
-		return d.stub, d.ops, true
+		return route{stub: d.stub, ops: d.ops, direct: true, limits: d.directLimits}
 	}
-	return d.proxy, d.proxyOps, false
+	return d.proxyRoute()
+}
+
+// proxyRoute is the route through the address the client connected to; d.mu is held.
+func (d *directKvs) proxyRoute() route {
+	return route{stub: d.proxy, ops: d.proxyOps, limits: d.proxyLimits}
+}
+
+// viaProxy is the route through the address the client connected to, for a call made again
+// there after the KVS was found unreachable.
+func (d *directKvs) viaProxy() route {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.proxyRoute()
 }
 
 func (d *directKvs) resolve(ctx context.Context) {
@@ -101,13 +124,11 @@ func (d *directKvs) resolve(ctx context.Context) {
 	}
 	d.resolved = true
 	d.mu.Lock()
-	d.maxValue, d.inline = valueLimits(limits)
-	d.mu.Unlock()
+	d.proxyLimits = limitsOf(limits)
 	if d.streams && limits.GetServesOpStreams() {
-		d.mu.Lock()
 		d.proxyOps = newOpStream(d.proxy, streamName(d.target))
-		d.mu.Unlock()
 	}
+	d.mu.Unlock()
 	if !d.wanted {
 		return
 	}
@@ -118,7 +139,7 @@ func (d *directKvs) resolve(ctx context.Context) {
 		}
 		stub := cloudburstv1.NewKvsServiceClient(conn)
 		probe, cancel := context.WithTimeout(ctx, DirectKvsProbeTimeout)
-		_, err = stub.GetLimits(probe, &cloudburstv1.GetLimitsRequest{})
+		own, err := stub.GetLimits(probe, &cloudburstv1.GetLimitsRequest{})
 		cancel()
 		if err != nil {
 			// Unreachable, or (with TLS) it refused this client: the KVS's port asks for a
@@ -132,6 +153,7 @@ func (d *directKvs) resolve(ctx context.Context) {
 		}
 		d.mu.Lock()
 		d.address, d.conn, d.stub, d.inUse = address, conn, stub, true
+		d.directLimits = limitsOf(own)
 		if d.streams {
 			d.ops = newOpStream(stub, streamName(address))
 		}
@@ -143,16 +165,14 @@ func (d *directKvs) resolve(ctx context.Context) {
 // op runs an idempotent KVS op (a read, write or delete) at the KVS; if that is unreachable,
 // through the scheduler. Its answer is the unary call's, in a StreamOpsResponse.
 func (d *directKvs) op(ctx context.Context, op *cloudburstv1.StreamOpsRequest) (*cloudburstv1.StreamOpsResponse, error) {
-	stub, ops, direct := d.stubFor(ctx)
-	answer, err := send(ctx, stub, ops, op)
-	if !direct || !lostTransport(err) {
+	to := d.routeFor(ctx)
+	answer, err := send(ctx, to.stub, to.ops, op)
+	if !to.direct || !lostTransport(err) {
 		return answer, err
 	}
 	d.leave()
-	d.mu.Lock()
-	proxyOps := d.proxyOps
-	d.mu.Unlock()
-	return send(ctx, d.proxy, proxyOps, op)
+	to = d.viaProxy()
+	return send(ctx, to.stub, to.ops, op)
 }
 
 // send runs op on the stream ops when there is one and the op fits it, else in a unary call.

@@ -24,7 +24,9 @@ import (
 // testKvs is a KvsService on 127.0.0.1 that counts the unary calls and StreamOps streams and
 // frames it receives. A write to "held" waits until its call or stream ends; a frame for "break"
 // ends its stream with codes.Unavailable and one for "ends" ends it without a status; one for
-// "batch" is answered in a batch; an empty key is refused as the KVS refuses it.
+// "batch" is answered in a batch; an empty key is refused as the KVS refuses it. With lostAnswers
+// every write and delete is applied and then answered with codes.Unavailable, as when the
+// connection is lost after the KVS applied it.
 type testKvs struct {
 	cloudburstv1.UnimplementedKvsServiceServer
 	address    string
@@ -36,12 +38,32 @@ type testKvs struct {
 	holding               chan struct{}
 
 	maxValue                  uint64       // GetLimits.max_value_bytes; 1 MiB when 0
+	maxMessage                uint64       // GetLimits.max_message_bytes and the largest message received; 1 MiB when 0
+	lostAnswers               bool         // writes and deletes are applied, then answered codes.Unavailable
 	chunkPuts, chunkGets      atomic.Int64 // PutValueChunks and GetValueChunks calls
 	largestChunk, putsChunked atomic.Int64 // the largest chunk received, and the chunks of all puts
 	server                    *grpc.Server
 
-	mu     sync.Mutex
-	values map[string]*cloudburstv1.Lattice
+	mu      sync.Mutex
+	values  map[string]*cloudburstv1.Lattice
+	puts    []*cloudburstv1.PutValueRequest // every write received, a chunked one with its bytes joined
+	deletes []*cloudburstv1.DeleteValueRequest
+}
+
+// messageBytes is the test KVS's limit on a message.
+func (k *testKvs) messageBytes() uint64 {
+	if k.maxMessage == 0 {
+		return testMessageBytes
+	}
+	return k.maxMessage
+}
+
+// lost is the answer to a write or delete that was applied: codes.Unavailable with lostAnswers.
+func (k *testKvs) lost() error {
+	if k.lostAnswers {
+		return status.Error(codes.Unavailable, "the connection was lost before the answer")
+	}
+	return nil
 }
 
 func startTestKvs(t *testing.T, kvs *testKvs) *testKvs {
@@ -53,7 +75,7 @@ func startTestKvs(t *testing.T, kvs *testKvs) *testKvs {
 	kvs.address = listener.Addr().String()
 	kvs.values = map[string]*cloudburstv1.Lattice{}
 	kvs.holding = make(chan struct{}, 16)
-	server := grpc.NewServer(grpc.MaxRecvMsgSize(testMessageBytes + MessageHeadroomBytes))
+	server := grpc.NewServer(grpc.MaxRecvMsgSize(int(kvs.messageBytes()) + MessageHeadroomBytes))
 	kvs.server = server
 	cloudburstv1.RegisterKvsServiceServer(server, kvs)
 	go func() { _ = server.Serve(listener) }()
@@ -66,7 +88,7 @@ func (k *testKvs) GetLimits(context.Context, *cloudburstv1.GetLimitsRequest) (*c
 	if maxValue == 0 {
 		maxValue = testMessageBytes
 	}
-	return &cloudburstv1.GetLimitsResponse{MaxValueBytes: maxValue, MaxMessageBytes: testMessageBytes, KvsAddresses: k.kvsAddress, ServesOpStreams: k.streams}, nil
+	return &cloudburstv1.GetLimitsResponse{MaxValueBytes: maxValue, MaxMessageBytes: k.messageBytes(), KvsAddresses: k.kvsAddress, ServesOpStreams: k.streams}, nil
 }
 
 func refusedKey() error {
@@ -82,7 +104,7 @@ func (k *testKvs) get(request *cloudburstv1.GetValueRequest) (*cloudburstv1.GetV
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	lattice, found := k.values[request.GetKey()]
-	if proto.Size(lattice) > testMessageBytes {
+	if uint64(proto.Size(lattice)) > k.messageBytes() {
 		return &cloudburstv1.GetValueResponse{Found: true, Chunked: true}, nil
 	}
 	return &cloudburstv1.GetValueResponse{Found: found, Lattice: lattice}, nil
@@ -100,6 +122,10 @@ func (k *testKvs) put(ctx context.Context, request *cloudburstv1.PutValueRequest
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.values[request.GetKey()] = request.GetLattice()
+	k.puts = append(k.puts, request)
+	if err := k.lost(); err != nil {
+		return nil, err
+	}
 	return &cloudburstv1.PutValueResponse{}, nil
 }
 
@@ -108,6 +134,10 @@ func (k *testKvs) delete(request *cloudburstv1.DeleteValueRequest) (*cloudburstv
 	defer k.mu.Unlock()
 	_, existed := k.values[request.GetKey()]
 	delete(k.values, request.GetKey())
+	k.deletes = append(k.deletes, request)
+	if err := k.lost(); err != nil {
+		return nil, err
+	}
 	return &cloudburstv1.DeleteValueResponse{Existed: existed}, nil
 }
 
