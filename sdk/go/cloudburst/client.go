@@ -233,10 +233,11 @@ func (c *Client) WaitResult(ctx context.Context, responseKey string, release boo
 // Merging the same lattice again changes nothing, so a first attempt that the KVS applied before
 // its answer was lost and the retry together store the value once, with one timestamp: the retry
 // cannot overwrite a newer write made in between. A KVS with a memory or SQLite store also
-// remembers the ids of its last 4096 puts and deletes (per key; in memory, so not across a
-// restart) and answers a retry with the first attempt's result without merging again; one with a
-// Valkey store keeps no ids and relies on the merge alone. A KVS refuses a write stamped more
-// than kvs.max_clock_skew_seconds ahead of its own clock: keep the client's clock in sync (NTP).
+// remembers the last 4096 request ids of puts and deletes (with their key; in memory, so not
+// across a restart) and answers a retry with the first attempt's result without merging again;
+// one with a Valkey store keeps no ids and relies on the merge alone. A KVS refuses a write
+// stamped more than kvs.max_clock_skew_seconds ahead of its own clock: keep the client's clock
+// in sync (NTP).
 //
 // Put, Get and Delete go as frames of one KvsService.StreamOps stream of the connection where
 // the service serves it (the KVS itself; not a scheduler's proxy), and end as their unary calls
