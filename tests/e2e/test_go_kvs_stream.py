@@ -4,9 +4,10 @@ A cluster in this process (a KVS whose interceptors count what it receives, and
 a scheduler that names it to clients) and the Go client's driver
 (sdk/go/internal/clientdriver, built here): its puts, gets and deletes go as
 frames of one stream, every error comes back as from the unary calls
-(``CLOUDBURST_KVS_STREAM=0``), and a deadline shorter than a waiting op ends
-it while the stream goes on. Without Go the tests skip, except under CI, where
-they fail.
+(``CLOUDBURST_KVS_STREAM=0``), a value over the counted KVS's message limit
+(smaller than the scheduler's) goes to it in chunks and Python reads it intact,
+and a deadline shorter than a waiting op ends it while the stream goes on.
+Without Go the tests skip, except under CI, where they fail.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
+from cloudburst import CloudburstConnection
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
 from cloudburst_grpc.server import bind, create_server
@@ -29,7 +31,8 @@ from kvs_interceptors import Chain, HeldStore, MessageCounter, Recorder
 # The fixture that builds the Go driver.
 go_driver = test_clients_cluster.go_driver
 
-#: max_payload_bytes of the counted KVS: a larger value is refused.
+#: max_payload_bytes of the counted KVS (its GetLimits.max_message_bytes): a larger value goes
+#: to it in chunks, though the scheduler's own KVS takes it in one message.
 LIMIT = 16 << 10
 UNARY = ("GetValue", "PutValue", "DeleteValue")
 
@@ -96,7 +99,8 @@ def launch(go_driver: list[str]) -> Iterator[Callable[..., Driver]]:
             driver.close()
 
 
-#: Ops and the errors the KVS answers some of with (an empty key, a value over its limit).
+#: Ops, the errors the KVS answers some of with (an empty key), and a value over the counted
+#: KVS's message limit, which goes in chunks (PutValueChunks), not as a frame.
 SCRIPT: list[dict[str, Any]] = [
     *({"op": "put", "key": f"k{index}", "value": {"index": index}} for index in range(3)),
     {"op": "get", "key": "k1"},
@@ -106,7 +110,7 @@ SCRIPT: list[dict[str, Any]] = [
     {"op": "get", "key": "k0"},
     {"op": "put", "key": "", "value": 1},
     {"op": "get", "key": ""},
-    {"op": "put", "key": "over", "value": "x" * (LIMIT + 1)},
+    {"op": "put", "key": "chunked", "value": "x" * (LIMIT + 1)},
 ]
 
 
@@ -118,14 +122,16 @@ def test_go_ops_at_the_kvs_go_on_one_stream_and_fail_as_unary_calls(
     answers = [streamed.ask(**command) for command in SCRIPT]
     assert streamed.ok(op="kvs_address")["address"] == kvs.address
     assert kvs.recorder.calls("StreamOps") == 1
-    assert kvs.counter.ops == len(SCRIPT)
+    assert kvs.counter.ops == len(SCRIPT) - 1
     assert kvs.unary_calls() == 0
+    assert kvs.recorder.calls("PutValueChunks") == 1
     streamed.close()
 
     unary = launch(scheduler.address, {"CLOUDBURST_KVS_STREAM": "0"})
     assert [unary.ask(**command) for command in SCRIPT] == answers
     assert kvs.recorder.calls("StreamOps") == 1
-    assert kvs.unary_calls() == len(SCRIPT)
+    assert kvs.unary_calls() == len(SCRIPT) - 1
+    assert kvs.recorder.calls("PutValueChunks") == 2
 
     assert answers[3] == {"ok": True, "found": True, "value": {"index": 1}}
     assert answers[4:8] == [
@@ -134,10 +140,14 @@ def test_go_ops_at_the_kvs_go_on_one_stream_and_fail_as_unary_calls(
         {"ok": True, "existed": False},
         {"ok": True, "found": False},
     ]
-    for refused in answers[8:]:
+    for refused in answers[8:10]:
         assert not refused["ok"] and refused["reason"], refused
     assert answers[8]["code"] == answers[9]["code"] == "InvalidArgument"
-    assert "over the limit" in answers[10]["message"], answers[10]
+    # Sized by the counted KVS's own limits, not by the scheduler's (its own KVS's), and intact.
+    assert answers[10] == {"ok": True}, answers[10]
+    with CloudburstConnection(scheduler.address, connect_timeout=30, timeout=30) as cloud:
+        assert cloud.kvs_address == kvs.address
+        assert cloud.get_object("chunked") == "x" * (LIMIT + 1)
 
 
 def test_a_deadline_shorter_than_a_waiting_op_ends_it_and_the_stream_goes_on(
