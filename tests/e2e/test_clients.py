@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from cloudburst import CloudburstConnection
-from harness import ServeProcess, required_tool
+from e2e.drivers import ROOT, go_build, ts_program
+from harness import ServeProcess
 from waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 DAG = "poly_pipeline"
 
 
@@ -84,24 +84,13 @@ def _check(summary: dict[str, Any], label: str, address: str) -> None:
 def test_go_client_calls_a_python_dag_and_uses_the_kvs(
     server: ServeProcess, tmp_path: Path
 ) -> None:
-    go = required_tool("go")
-    binary = tmp_path / "polyglot"
-    subprocess.run(
-        [go, "build", "-o", str(binary), "./examples/polyglot"],
-        cwd=ROOT / "sdk" / "go",
-        check=True,
-        timeout=600,
-    )
-    summary = _run([str(binary), server.address, DAG], ROOT)
+    polyglot = go_build("./examples/polyglot", tmp_path)
+    summary = _run([*polyglot, server.address, DAG], ROOT)
     _check(summary, "go", server.address)
 
 
 def test_typescript_client_calls_a_python_dag_and_uses_the_kvs(server: ServeProcess) -> None:
-    node = required_tool("node")
-    program = ROOT / "sdk" / "typescript" / "dist" / "test" / "polyglot.js"
-    if not program.exists():
-        pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")
-    summary = _run([node, str(program), server.address, DAG], ROOT)
+    summary = _run([*ts_program("polyglot"), server.address, DAG], ROOT)
     _check(summary, "ts", server.address)
 
 

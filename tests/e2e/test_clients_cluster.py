@@ -4,9 +4,8 @@ Like the Python SDK, each client reads and writes objects at the KVS the
 scheduler names (``kvs_addresses``), goes through the scheduler when that
 address does not answer, and notices a hung scheduler from its keepalive pings
 within seconds. Each client's driver (sdk/go/internal/clientdriver,
-sdk/typescript/test/driver.ts) takes one JSON command per line and answers
-each, so a test can stop or kill processes between the steps. `make clients`
-builds the TypeScript driver; the Go driver is built here (Go caches it).
+sdk/typescript/test/driver.ts; e2e/drivers.py) takes one JSON command per
+line and answers each, so a test can stop or kill processes between the steps.
 Without Go or Node the tests skip, except under CI, where they fail.
 """
 
@@ -14,25 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import grpc
-import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
+from e2e.drivers import Launcher
 from faults import resume_and_kill
-from harness import CbgrpcProcess, free_ports, required_tool, running_process_cluster
+from harness import CbgrpcProcess, free_ports, running_process_cluster
 from waiting import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
 
 #: Seconds a hung scheduler may take to fail a waiting call: the Go client pings after 10 s
 #: without reading (grpc-go's minimum) and gives up 2 s later, the TypeScript client pings every
@@ -46,143 +37,6 @@ NEW_CONNECTION_BOUND = 10.0
 #: Seconds a killed scheduler may take to fail a call: its connection is reset at once, so
 #: neither keepalive nor the call's deadline (far longer) should be what ends it.
 KILLED_BOUND = 10.0
-
-#: The variables the clients read, removed from the drivers' environment unless a test sets them.
-CLIENT_VARIABLES = (
-    "CLOUDBURST_DIRECT_KVS",
-    "CLOUDBURST_PING_TIMEOUT_SECONDS",
-    "CLOUDBURST_TOKEN",
-    "CLOUDBURST_TLS_CA",
-    "CLOUDBURST_TLS_CERT",
-    "CLOUDBURST_TLS_KEY",
-    "CLOUDBURST_TLS_SERVER_NAME",
-)
-
-Launcher = Callable[..., "Driver"]
-
-
-class Driver:
-    """A client driver subprocess: :meth:`ask` sends a command and waits for its answer."""
-
-    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
-        base = {k: v for k, v in os.environ.items() if k not in CLIENT_VARIABLES}
-        self.proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**base, **(env or {})},
-        )
-        self._answers: queue.Queue[str | None] = queue.Queue()
-        self.stderr_lines: list[str] = []
-
-        def read_stdout() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self._answers.put(line)
-            self._answers.put(None)
-
-        def read_stderr() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.stderr_lines.append(line)
-
-        self._readers = [
-            threading.Thread(target=reader, daemon=True) for reader in (read_stdout, read_stderr)
-        ]
-        for thread in self._readers:
-            thread.start()
-
-    def wait_exit(self, timeout: float) -> int:
-        """Wait until the driver exits and its output is read; returns its exit code."""
-        code = self.proc.wait(timeout)
-        for thread in self._readers:
-            thread.join(timeout)
-        return code
-
-    def stderr(self) -> str:
-        return "".join(self.stderr_lines)
-
-    def send(self, **command: Any) -> None:
-        """Send one command without waiting for its answer."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-
-    def receive(self, timeout: float) -> dict[str, Any]:
-        """The next answer, within ``timeout`` seconds."""
-        try:
-            line = self._answers.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(
-                f"no answer within {timeout:.0f}s:\n{''.join(self.stderr_lines[-20:])}"
-            ) from None
-        if line is None:
-            raise AssertionError(
-                f"the driver exited ({self.proc.wait(10)}):\n{''.join(self.stderr_lines[-20:])}"
-            )
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def ask(self, timeout: float = 90.0, **command: Any) -> dict[str, Any]:
-        """Send a command and return its answer."""
-        self.send(**command)
-        return self.receive(timeout)
-
-    def ok(self, **command: Any) -> dict[str, Any]:
-        """Send a command that must succeed; return its answer."""
-        answer = self.ask(**command)
-        assert answer["ok"], f"{command} failed: {answer}"
-        return answer
-
-    def close(self) -> None:
-        """End the driver (its stdin closes; killed if it does not exit)."""
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def go_driver(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    go = required_tool("go")
-    binary = tmp_path_factory.mktemp("go") / "clientdriver"
-    subprocess.run(
-        [go, "build", "-o", str(binary), "./internal/clientdriver"],
-        cwd=ROOT / "sdk" / "go",
-        check=True,
-        timeout=600,
-    )
-    return [str(binary)]
-
-
-@pytest.fixture(params=["go", "ts"])
-def launch(request: pytest.FixtureRequest) -> Iterator[Launcher]:
-    """Starts drivers of one client: ``launch(address, mode="default", env=None)``."""
-    if request.param == "go":
-        command: list[str] = request.getfixturevalue("go_driver")
-    else:
-        program = ROOT / "sdk" / "typescript" / "dist" / "test" / "driver.js"
-        if not program.exists():
-            pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")
-        command = [required_tool("node"), str(program)]
-    started: list[Driver] = []
-
-    def start(address: str, mode: str = "default", env: dict[str, str] | None = None) -> Driver:
-        driver = Driver([*command, address, mode], env)
-        started.append(driver)
-        return driver
-
-    try:
-        yield start
-    finally:
-        for driver in started:
-            driver.close()
 
 
 def _stored(kvs_address: str, key: str) -> bytes | None:

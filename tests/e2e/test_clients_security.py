@@ -11,7 +11,8 @@ the environment (``CLOUDBURST_TLS_*``) authenticates a client to a scheduler
 without tokens and to the KVS, which it then uses directly; one out of its
 validity dates is refused before connecting, in the Python SDK's words, and
 one from another CA, which the servers refuse in the TLS handshake, with
-UNAUTHENTICATED saying why. The drivers are those of test_clients_cluster.py.
+UNAUTHENTICATED saying why. Each test runs once per client (``launch``, in
+e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -27,13 +28,8 @@ from cryptography import x509
 from cloudburst import CloudburstConnection
 from cloudburst.errors import UnauthenticatedError
 from cloudburst_grpc.security.certs import Issued, issue, write_issued
-from e2e import test_clients_cluster
-from e2e.test_clients_cluster import Launcher
+from e2e.drivers import Launcher
 from e2e.test_ts_client_security import CertCluster, make_certs
-
-# The fixtures that start each client's driver (the test runs once per client).
-go_driver = test_clients_cluster.go_driver
-launch = test_clients_cluster.launch
 
 
 def cbgrpc_token(role: str) -> tuple[str, str]:

@@ -23,13 +23,9 @@ from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
 from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
-from e2e import test_clients_cluster
-from e2e.test_clients_cluster import Driver
+from e2e.drivers import Launcher
 from harness import LoopThread, make_config
 from kvs_interceptors import Chain, HeldStore, MessageCounter, Recorder
-
-# The fixture that builds the Go driver.
-go_driver = test_clients_cluster.go_driver
 
 #: max_payload_bytes of the counted KVS (its GetLimits.max_message_bytes): a larger value goes
 #: to it in chunks, though the scheduler's own KVS takes it in one message.
@@ -83,22 +79,6 @@ def cluster(
         server_loop.run(kvs.stop())
 
 
-@pytest.fixture
-def launch(go_driver: list[str]) -> Iterator[Callable[..., Driver]]:
-    started: list[Driver] = []
-
-    def start(address: str, env: dict[str, str] | None = None) -> Driver:
-        driver = Driver([*go_driver, address, "default"], env)
-        started.append(driver)
-        return driver
-
-    try:
-        yield start
-    finally:
-        for driver in started:
-            driver.close()
-
-
 #: Ops, the errors the KVS answers some of with (an empty key), and a value over the counted
 #: KVS's message limit, which goes in chunks (PutValueChunks), not as a frame.
 SCRIPT: list[dict[str, Any]] = [
@@ -115,10 +95,10 @@ SCRIPT: list[dict[str, Any]] = [
 
 
 def test_go_ops_at_the_kvs_go_on_one_stream_and_fail_as_unary_calls(
-    cluster: tuple[Node, CountedKvs], launch: Callable[..., Driver]
+    cluster: tuple[Node, CountedKvs], launch_go: Launcher
 ) -> None:
     scheduler, kvs = cluster
-    streamed = launch(scheduler.address)
+    streamed = launch_go(scheduler.address)
     answers = [streamed.ask(**command) for command in SCRIPT]
     assert streamed.ok(op="kvs_address")["address"] == kvs.address
     assert kvs.recorder.calls("StreamOps") == 1
@@ -127,7 +107,7 @@ def test_go_ops_at_the_kvs_go_on_one_stream_and_fail_as_unary_calls(
     assert kvs.recorder.calls("PutValueChunks") == 1
     streamed.close()
 
-    unary = launch(scheduler.address, {"CLOUDBURST_KVS_STREAM": "0"})
+    unary = launch_go(scheduler.address, env={"CLOUDBURST_KVS_STREAM": "0"})
     assert [unary.ask(**command) for command in SCRIPT] == answers
     assert kvs.recorder.calls("StreamOps") == 1
     assert kvs.unary_calls() == len(SCRIPT) - 1
@@ -151,10 +131,10 @@ def test_go_ops_at_the_kvs_go_on_one_stream_and_fail_as_unary_calls(
 
 
 def test_a_deadline_shorter_than_a_waiting_op_ends_it_and_the_stream_goes_on(
-    cluster: tuple[Node, CountedKvs], launch: Callable[..., Driver]
+    cluster: tuple[Node, CountedKvs], launch_go: Launcher
 ) -> None:
     scheduler, kvs = cluster
-    driver = launch(scheduler.address)
+    driver = launch_go(scheduler.address)
     driver.ok(op="put", key="before", value=1)
     driver.send(op="put", key="held", value=1, timeout=0.5)  # the op's deadline
     answer = driver.receive(30)

@@ -14,12 +14,8 @@ import hashlib
 import os
 
 from cloudburst import CloudburstConnection
-from e2e import test_clients_cluster
-from e2e.test_clients_cluster import Driver
+from e2e.drivers import Launcher
 from harness import running_process_cluster
-
-# The fixture that builds the Go driver.
-go_driver = test_clients_cluster.go_driver
 
 #: The KVS's limit on a value (kvs.max_value_bytes).
 LIMIT = 24 << 20
@@ -27,45 +23,43 @@ LIMIT = 24 << 20
 SIZE = 20 << 20
 
 
-def test_go_and_python_exchange_values_too_large_for_one_message(go_driver: list[str]) -> None:
+def test_go_and_python_exchange_values_too_large_for_one_message(launch_go: Launcher) -> None:
     with running_process_cluster(env={"CBGRPC_KVS_MAX_VALUE_BYTES": str(LIMIT)}) as cluster:
         data = os.urandom(SIZE)
         with CloudburstConnection(cluster.address, connect_timeout=30, timeout=120) as cloud:
             cloud.put_object("large/from-python", data)
             for mode, kvs_address in (("on", cluster.kvs.address), ("off", "")):
-                driver = Driver([*go_driver, cluster.address, mode])
-                try:
-                    read = driver.ok(op="get_digest", key="large/from-python")
-                    assert read == {
-                        "ok": True,
-                        "found": True,
-                        "size": SIZE,
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                        "serializer": "SERIALIZER_BYTES",
-                    }
+                driver = launch_go(cluster.address, mode)
+                read = driver.ok(op="get_digest", key="large/from-python")
+                assert read == {
+                    "ok": True,
+                    "found": True,
+                    "size": SIZE,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "serializer": "SERIALIZER_BYTES",
+                }
 
-                    key = f"large/from-go-{mode}"
-                    written = driver.ok(op="put_bytes", key=key, size=SIZE)
-                    assert written["size"] == SIZE
-                    value = cloud.get_object(key)
-                    assert isinstance(value, bytes) and len(value) == SIZE
-                    assert hashlib.sha256(value).hexdigest() == written["sha256"]
-                    # Go reads back what it wrote.
-                    assert driver.ok(op="get_digest", key=key)["sha256"] == written["sha256"]
+                key = f"large/from-go-{mode}"
+                written = driver.ok(op="put_bytes", key=key, size=SIZE)
+                assert written["size"] == SIZE
+                value = cloud.get_object(key)
+                assert isinstance(value, bytes) and len(value) == SIZE
+                assert hashlib.sha256(value).hexdigest() == written["sha256"]
+                # Go reads back what it wrote.
+                assert driver.ok(op="get_digest", key=key)["sha256"] == written["sha256"]
 
-                    # Over the KVS's limit: refused by the client, before sending, saying so.
-                    refused = driver.ask(op="put_bytes", key="large/over", size=LIMIT + 1)
-                    assert not refused["ok"], refused
-                    assert refused["reason"] == "PAYLOAD_TOO_LARGE", refused
-                    for said in (f"{LIMIT + 1} bytes", f"limit of {LIMIT} bytes", "smaller pieces"):
-                        assert said in refused["message"], refused
-                    assert driver.ok(op="get", key="large/over") == {"ok": True, "found": False}
+                # Over the KVS's limit: refused by the client, before sending, saying so.
+                refused = driver.ask(op="put_bytes", key="large/over", size=LIMIT + 1)
+                assert not refused["ok"], refused
+                assert refused["reason"] == "PAYLOAD_TOO_LARGE", refused
+                for said in (f"{LIMIT + 1} bytes", f"limit of {LIMIT} bytes", "smaller pieces"):
+                    assert said in refused["message"], refused
+                assert driver.ok(op="get", key="large/over") == {"ok": True, "found": False}
 
-                    # A small value goes as before.
-                    driver.ok(op="put", key=f"small/{mode}", value={"n": [1, 2]})
-                    assert cloud.get_object(f"small/{mode}") == {"n": [1, 2]}
-                    assert driver.ok(op="get", key=f"small/{mode}")["value"] == {"n": [1, 2]}
+                # A small value goes as before.
+                driver.ok(op="put", key=f"small/{mode}", value={"n": [1, 2]})
+                assert cloud.get_object(f"small/{mode}") == {"n": [1, 2]}
+                assert driver.ok(op="get", key=f"small/{mode}")["value"] == {"n": [1, 2]}
 
-                    assert driver.ok(op="kvs_address")["address"] == kvs_address
-                finally:
-                    driver.close()
+                assert driver.ok(op="kvs_address")["address"] == kvs_address
+                driver.close()

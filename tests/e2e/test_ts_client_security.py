@@ -12,11 +12,9 @@ ABORTED. The driver is sdk/typescript/test/driver.ts (`make clients` builds it).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +23,9 @@ import pytest
 
 from cloudburst import CloudburstConnection
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
-from e2e.test_clients_cluster import Driver
+from e2e.drivers import Launcher
 from harness import CbgrpcProcess, running_process_cluster
 from waiting import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
-DRIVER = ROOT / "sdk" / "typescript" / "dist" / "test" / "driver.js"
-
-Launcher = Callable[..., Driver]
-
-
-@pytest.fixture
-def launch() -> Iterator[Launcher]:
-    """Starts TypeScript drivers: ``launch(address, mode="default", env=None)``."""
-    node = shutil.which("node")
-    if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is required in CI for the client tests")
-        pytest.skip("node is not installed")
-    if not DRIVER.exists():
-        pytest.fail(f"{DRIVER.relative_to(ROOT)} is missing: run `make clients` first")
-    started: list[Driver] = []
-
-    def start(address: str, mode: str = "default", env: dict[str, str] | None = None) -> Driver:
-        driver = Driver([node, str(DRIVER), address, mode], env)
-        started.append(driver)
-        return driver
-
-    try:
-        yield start
-    finally:
-        for driver in started:
-            driver.close()
 
 
 def make_certs(directory: Path) -> Path:
@@ -148,7 +117,7 @@ def cert_cluster(tmp_path: Path) -> Iterator[CertCluster]:
 
 
 def test_a_client_certificate_calls_functions_and_uses_the_kvs_directly(
-    cert_cluster: CertCluster, launch: Launcher
+    cert_cluster: CertCluster, launch_ts: Launcher
 ) -> None:
     certs = cert_cluster.certs
     with CloudburstConnection(
@@ -160,14 +129,14 @@ def test_a_client_certificate_calls_functions_and_uses_the_kvs_directly(
         timeout=60,
     ) as cloud:
         cloud.register(lambda _, x: x * 2, "double")
-    client = launch(cert_cluster.scheduler.address, env=client_env(certs, certs))
+    client = launch_ts(cert_cluster.scheduler.address, env=client_env(certs, certs))
     assert client.ok(op="call", name="double", args=[21])["value"] == 42
     client.ok(op="put", key="tls/before", value={"n": [1, 2]})
     assert client.ok(op="kvs_address")["address"] == cert_cluster.kvs.address
     assert cert_cluster.stored("tls/before") == {"n": [1, 2]}
 
     # The servers' certificates are checked against the name given, not the address dialled.
-    named = launch(
+    named = launch_ts(
         cert_cluster.scheduler.address,
         "off",
         env={
@@ -176,7 +145,7 @@ def test_a_client_certificate_calls_functions_and_uses_the_kvs_directly(
         },
     )
     assert named.ok(op="call", name="double", args=[1])["value"] == 2
-    misnamed = launch(
+    misnamed = launch_ts(
         cert_cluster.scheduler.address,
         "off",
         env={**client_env(certs, certs), "CLOUDBURST_TLS_SERVER_NAME": "elsewhere.example"},
@@ -195,7 +164,7 @@ def test_a_client_certificate_calls_functions_and_uses_the_kvs_directly(
 
 
 def test_a_client_certificate_dials_the_certificate_port_of_a_scheduler_with_tokens(
-    launch: Launcher, tmp_path: Path
+    launch_ts: Launcher, tmp_path: Path
 ) -> None:
     certs = make_certs(tmp_path / "certs")
     made = subprocess.run(
@@ -220,7 +189,7 @@ def test_a_client_certificate_dials_the_certificate_port_of_a_scheduler_with_tok
             timeout=60,
         ) as cloud:
             cloud.register(lambda _, x: x + 1, "incr")
-        client = launch(cert_address, env=client_env(certs, certs))
+        client = launch_ts(cert_address, env=client_env(certs, certs))
         assert client.ok(op="call", name="incr", args=[1])["value"] == 2
         client.ok(op="put", key="port/k", value=[1])
         assert client.ok(op="kvs_address")["address"] == cluster.kvs.address
@@ -230,10 +199,10 @@ def test_a_client_certificate_dials_the_certificate_port_of_a_scheduler_with_tok
 
 
 def test_a_certificate_from_another_ca_is_refused_as_unauthenticated(
-    cert_cluster: CertCluster, launch: Launcher, tmp_path: Path
+    cert_cluster: CertCluster, launch_ts: Launcher, tmp_path: Path
 ) -> None:
     other = make_certs(tmp_path / "other")
-    client = launch(cert_cluster.scheduler.address, env=client_env(cert_cluster.certs, other))
+    client = launch_ts(cert_cluster.scheduler.address, env=client_env(cert_cluster.certs, other))
     for command in ({"op": "call", "name": "double", "args": [1]}, {"op": "put", "key": "k"}):
         answer = client.ask(**command)
         assert not answer["ok"] and answer["code"] == "Unauthenticated", answer
@@ -243,22 +212,22 @@ def test_a_certificate_from_another_ca_is_refused_as_unauthenticated(
         assert f"not signed by the CA in {cert_cluster.certs / 'ca.pem'}" in message, message
     assert cert_cluster.stored("k") is None
     # A client that trusts another CA does not trust the servers' certificates.
-    distrustful = launch(cert_cluster.scheduler.address, env=client_env(other, other))
+    distrustful = launch_ts(cert_cluster.scheduler.address, env=client_env(other, other))
     answer = distrustful.ask(op="call", name="double", args=[1])
     assert not answer["ok"] and answer["code"] == "Unavailable", answer
     assert "is not trusted" in answer["message"], answer
 
 
 def test_a_key_that_does_not_match_its_certificate_is_refused_at_connect(
-    launch: Launcher, tmp_path: Path
+    launch_ts: Launcher, tmp_path: Path
 ) -> None:
     certs = make_certs(tmp_path / "certs")
     env = {**client_env(certs, certs), "CLOUDBURST_TLS_KEY": str(certs / "kvs-key.pem")}
-    client = launch("127.0.0.1:1", env=env)
+    client = launch_ts("127.0.0.1:1", env=env)
     assert client.wait_exit(60) == 1
     assert "does not match the certificate" in client.stderr()
     assert "CLOUDBURST_TLS_KEY" in client.stderr()
-    unreadable = launch("127.0.0.1:1", env={"CLOUDBURST_TLS_CA": str(tmp_path / "none.pem")})
+    unreadable = launch_ts("127.0.0.1:1", env={"CLOUDBURST_TLS_CA": str(tmp_path / "none.pem")})
     assert unreadable.wait_exit(60) == 1
     assert "cannot read TLS file" in unreadable.stderr()
 
@@ -271,12 +240,14 @@ def block(cloudburst: Any, marker: str) -> None:
     time.sleep(600)
 
 
-def test_a_call_cut_off_by_its_schedulers_death_is_unavailable(launch: Launcher) -> None:
+def test_a_call_cut_off_by_its_schedulers_death_is_unavailable(launch_ts: Launcher) -> None:
     with running_process_cluster() as cluster:
         with CloudburstConnection(cluster.address, connect_timeout=30, timeout=60) as cloud:
             cloud.register(block, "block")
             # A long ping timeout: only the reset, not keepalive, can end the call.
-            client = launch(cluster.address, "off", env={"CLOUDBURST_PING_TIMEOUT_SECONDS": "600"})
+            client = launch_ts(
+                cluster.address, "off", env={"CLOUDBURST_PING_TIMEOUT_SECONDS": "600"}
+            )
             client.send(op="call", name="block", args=["reset/started"], timeout=600)
             wait_until(lambda: cloud.get_object("reset/started") is True, "the function runs", 120)
         cluster.scheduler.kill()

@@ -14,12 +14,8 @@ under CI, where they fail.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,10 +36,10 @@ from cloudburst_grpc.security.identity import INVOKER, Identity
 from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
 from cloudburst_kvs.servicer import KvsServicer
-from harness import LoopThread, make_config, required_tool
+from e2e.drivers import Launcher
+from harness import LoopThread, make_config
 from kvs_interceptors import Chain, HeldStore
 
-ROOT = Path(__file__).resolve().parents[2]
 KVS = "/cloudburst.v1.KvsService/"
 UNARY = ("GetValue", "PutValue", "DeleteValue")
 #: The counted KVS's largest message: a value over it is refused (under the 64 KiB a stream takes).
@@ -175,48 +171,6 @@ class CountedKvs:
         await self.store.close()
 
 
-class Driver:
-    """The TypeScript client's driver: :meth:`ask` sends one command and reads its answer."""
-
-    def __init__(self, address: str, mode: str = "default", env: dict[str, str] | None = None):
-        program = ROOT / "sdk" / "typescript" / "dist" / "test" / "driver.js"
-        if not program.exists():
-            pytest.fail(f"{program.relative_to(ROOT)} is missing: run `make clients` first")
-        base = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDBURST_")}
-        self.proc = subprocess.Popen(
-            [required_tool("node"), str(program), address, mode],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**base, **(env or {})},
-        )
-
-    def ask(self, **command: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"timeout": WAIT, **command}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()  # the driver answers within the op's timeout
-        assert line, f"the driver exited ({self.proc.wait(10)})"
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def ok(self, **command: Any) -> dict[str, Any]:
-        answer = self.ask(**command)
-        assert answer["ok"], f"{command} failed: {answer}"
-        return answer
-
-    def close(self) -> int:
-        """Close stdin: the driver closes its client and must exit of itself."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            return self.proc.wait(10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 @pytest.fixture
 def proxy_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The test's ops the scheduler's KVS proxy receives (patched before any scheduler starts)."""
@@ -258,9 +212,11 @@ def cluster(
         kvs.stop()
 
 
-def test_put_get_and_delete_go_on_one_stream_to_the_kvs(cluster: tuple[Node, CountedKvs]) -> None:
+def test_put_get_and_delete_go_on_one_stream_to_the_kvs(
+    cluster: tuple[Node, CountedKvs], launch_ts: Launcher
+) -> None:
     scheduler, kvs = cluster
-    driver = Driver(scheduler.address)
+    driver = launch_ts(scheduler.address)
     driver.ok(op="put", key="ts/a", value={"n": [1, 2]})
     assert driver.ok(op="kvs_address")["address"] == kvs.address
     assert driver.ok(op="get", key="ts/a")["value"] == {"n": [1, 2]}
@@ -275,11 +231,11 @@ def test_put_get_and_delete_go_on_one_stream_to_the_kvs(cluster: tuple[Node, Cou
 
 
 def test_the_proxy_and_the_switch_get_unary_calls(
-    cluster: tuple[Node, CountedKvs], proxy_calls: list[str]
+    cluster: tuple[Node, CountedKvs], proxy_calls: list[str], launch_ts: Launcher
 ) -> None:
     scheduler, kvs = cluster
-    switched = Driver(scheduler.address, env={"CLOUDBURST_KVS_STREAM": "0"})
-    proxied = Driver(scheduler.address, "off")
+    switched = launch_ts(scheduler.address, env={"CLOUDBURST_KVS_STREAM": "0"})
+    proxied = launch_ts(scheduler.address, "off")
     for driver in (switched, proxied):
         driver.ok(op="put", key="ts/k", value=1)
         assert driver.ok(op="get", key="ts/k")["value"] == 1
@@ -328,12 +284,14 @@ ERRORS: dict[str, tuple[dict[str, Any], str, str]] = {
 }
 
 
-def test_each_error_is_the_one_the_unary_call_gives(cluster: tuple[Node, CountedKvs]) -> None:
+def test_each_error_is_the_one_the_unary_call_gives(
+    cluster: tuple[Node, CountedKvs], launch_ts: Launcher
+) -> None:
     scheduler, kvs = cluster
     _set_lattice(kvs.address, "ts/typed")
     answers: dict[str, list[dict[str, Any]]] = {}
     for env in ({}, {"CLOUDBURST_KVS_STREAM": "0"}):
-        driver = Driver(scheduler.address, env=env)
+        driver = launch_ts(scheduler.address, env=env)
         assert driver.ok(op="kvs_address")["address"] == ""  # resolved with the first op
         driver.ok(op="get", key="ts/first")
         assert driver.ok(op="kvs_address")["address"] == kvs.address
@@ -357,12 +315,14 @@ def test_each_error_is_the_one_the_unary_call_gives(cluster: tuple[Node, Counted
     ]
 
 
-def test_a_refused_stream_sends_its_op_as_a_unary_call(cluster: tuple[Node, CountedKvs]) -> None:
+def test_a_refused_stream_sends_its_op_as_a_unary_call(
+    cluster: tuple[Node, CountedKvs], launch_ts: Launcher
+) -> None:
     """A KVS that refuses the caller when the stream opens: the unary call tells why."""
     scheduler, kvs = cluster
     answers = []
     for env in ({}, {"CLOUDBURST_KVS_STREAM": "0"}):
-        driver = Driver(scheduler.address, env=env)
+        driver = launch_ts(scheduler.address, env=env)
         # A value over 64 KiB goes in a unary call (refused: over the KVS's limit), so the
         # client is at the KVS before any stream opens.
         assert not driver.ask(op="put", key="ts/huge", value="x" * (65 << 10))["ok"]
@@ -384,12 +344,15 @@ def test_a_refused_stream_sends_its_op_as_a_unary_call(cluster: tuple[Node, Coun
     ]
 
 
-def test_a_deadline_shorter_than_a_held_write_ends_it(cluster: tuple[Node, CountedKvs]) -> None:
+def test_a_deadline_shorter_than_a_held_write_ends_it(
+    cluster: tuple[Node, CountedKvs], launch_ts: Launcher
+) -> None:
     scheduler, kvs = cluster
-    driver = Driver(scheduler.address)
+    driver = launch_ts(scheduler.address)
     driver.ok(op="put", key="ts/first", value=1)
     started = time.monotonic()
-    answer = driver.ask(op="put", key="ts/held", value=1, timeout=0.5)
+    driver.send(op="put", key="ts/held", value=1, timeout=0.5)  # the op's deadline
+    answer = driver.receive(WAIT)
     assert time.monotonic() - started < 10.0
     assert not answer["ok"] and answer["code"] == "DeadlineExceeded", answer
     assert driver.ok(op="get", key="ts/first")["value"] == 1  # the stream goes on
@@ -400,7 +363,10 @@ def test_a_deadline_shorter_than_a_held_write_ends_it(cluster: tuple[Node, Count
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "switched-off"])
 def test_cbgrpc_serve_takes_ops_on_a_stream_at_its_own_address(
-    start_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch, streamed: bool
+    start_node: Callable[..., Node],
+    monkeypatch: pytest.MonkeyPatch,
+    launch_ts: Launcher,
+    streamed: bool,
 ) -> None:
     """`cbgrpc serve` names no KVS address, but says it serves StreamOps (serves_op_streams)."""
     unary: list[str] = []
@@ -416,7 +382,7 @@ def test_cbgrpc_serve_takes_ops_on_a_stream_at_its_own_address(
 
         monkeypatch.setattr(KvsServicer, name, recorded)
     node = start_node(start_local(make_config()))
-    driver = Driver(node.address, env={} if streamed else {"CLOUDBURST_KVS_STREAM": "0"})
+    driver = launch_ts(node.address, env={} if streamed else {"CLOUDBURST_KVS_STREAM": "0"})
     driver.ok(op="put", key="ts/serve", value="v")
     assert driver.ok(op="get", key="ts/serve")["value"] == "v"
     assert driver.ok(op="delete", key="ts/serve")["existed"] is True

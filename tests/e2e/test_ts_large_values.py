@@ -14,18 +14,15 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cloudburst import CloudburstConnection
-from e2e.test_clients_cluster import Driver
-from harness import ProcessCluster, required_tool, running_process_cluster
+from e2e.drivers import Driver, Launcher
+from harness import ProcessCluster, running_process_cluster
 
-ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 LIMIT = 24 * MIB
-DRIVER = ROOT / "sdk" / "typescript" / "dist" / "test" / "driver.js"
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +33,9 @@ def cluster() -> Iterator[ProcessCluster]:
 
 
 @pytest.fixture(params=["on", "off"])
-def driver(request: pytest.FixtureRequest, cluster: ProcessCluster) -> Iterator[Driver]:
+def driver(request: pytest.FixtureRequest, cluster: ProcessCluster, launch_ts: Launcher) -> Driver:
     """The TypeScript driver, objects at the KVS directly ("on") or through the scheduler."""
-    if not DRIVER.exists():
-        pytest.fail(f"{DRIVER.relative_to(ROOT)} is missing: run `make clients` first")
-    started = Driver([required_tool("node"), str(DRIVER), cluster.address, request.param])
-    try:
-        yield started
-    finally:
-        started.close()
+    return launch_ts(cluster.address, request.param)
 
 
 def test_a_20_mib_value_crosses_between_python_and_typescript_intact(
