@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import settings
@@ -23,12 +23,15 @@ from harness import (
     make_config,
     running_process_cluster,
 )
+from kvs_interceptors import KvsServer
 from valkey_cluster import ValkeyCluster, start_cluster
 
 # Property tests judge behaviour, not speed: no per-example time limit (Hypothesis's
 # default of 200 ms fails examples on a loaded machine).
 settings.register_profile("cloudburst", deadline=None)
 settings.load_profile("cloudburst")
+
+K = TypeVar("K", bound=KvsServer)
 
 
 @pytest.fixture
@@ -55,6 +58,43 @@ def start_node(server_loop: LoopThread) -> Iterator[Callable[..., Node]]:
     finally:
         for node in reversed(started):
             server_loop.run(node.stop(0.5))
+
+
+@pytest.fixture
+def start_kvs_server(start_node: Callable[..., Node]) -> Iterator[Callable[[K], K]]:
+    """Start test KVS servers (kvs_interceptors) by calling this; each is stopped at teardown.
+
+    They stop before the nodes of ``start_node`` (set up first, so torn down after).
+    """
+    started: list[KvsServer] = []
+
+    def start(kvs: K) -> K:
+        started.append(kvs)
+        return kvs.start()
+
+    try:
+        yield start
+    finally:
+        for kvs in reversed(started):
+            kvs.stop()
+
+
+@pytest.fixture
+def naming_scheduler(start_node: Callable[..., Node]) -> Callable[..., Node]:
+    """Start a scheduler that names the KVS at ``kvs_address`` to its clients, and its executor.
+
+    Call it as ``naming_scheduler(kvs_address, shared=False)``. The scheduler and the
+    executor use a KVS of their own, which clients reach through the scheduler's proxy;
+    ``shared``: they use that KVS too.
+    """
+
+    def start(kvs_address: str, shared: bool = False) -> Node:
+        backing = kvs_address if shared else start_node(start_kvs_node(make_config())).address
+        config = make_config(scheduler={"direct_kvs_address": kvs_address})
+        executor = start_node(start_executor_node(config, backing, "executor-0"))
+        return start_node(start_scheduler_node(config, backing, [executor.address]))
+
+    return start
 
 
 @pytest.fixture

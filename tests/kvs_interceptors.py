@@ -1,4 +1,10 @@
-"""Server interceptors that count what a test KVS receives and sends, and a store that holds."""
+"""A KVS server for tests: interceptors that count what it receives and sends, a store that holds.
+
+:class:`KvsServer` runs a real KVS servicer on 127.0.0.1 over a :class:`HeldStore`,
+behind the interceptors a test gives; :class:`CountedKvs` is one whose calls and
+StreamOps frames are counted. The ``start_kvs_server`` fixture (tests/conftest.py)
+stops each one a test starts.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,27 @@ import asyncio
 import inspect
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
 from cloudburst.v1 import lattice_pb2
+from cloudburst_grpc.config import KvsConfig
+from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, Denied
+from cloudburst_grpc.security.identity import INVOKER, Identity
+from cloudburst_grpc.server import bind, create_server
+from cloudburst_kvs.local import add_kvs_to_server
 from cloudburst_kvs.storage import MemoryEngine
 from cloudburst_kvs.store import LatticeStore
+from harness import LoopThread
 
 KVS = "/cloudburst.v1.KvsService/"
+#: The unary calls of one key's op, which a StreamOps stream carries as frames instead.
+UNARY = ("GetValue", "PutValue", "DeleteValue")
+#: A test KVS's largest message (its max_payload_bytes, GetLimits.max_message_bytes): a larger
+#: value is refused in one message, so a client that knows the limit sends it in chunks; under
+#: the 64 KiB a stream takes.
+LIMIT = 16 << 10
 
 
 class MessageCounter(grpc.aio.ServerInterceptor):
@@ -158,3 +176,105 @@ class HeldStore(LatticeStore):
             self.holding.set()
             await self.release.wait()
         return await super().put(keyspace, key, lattice, **kwargs)
+
+
+class Gate(Authenticator):
+    """Lets every caller in with ``role``, until ``refusing`` (a revoked credential)."""
+
+    def __init__(self, role: str = INVOKER) -> None:
+        super().__init__(None)
+        self.role = role
+        self.refusing = False
+
+    async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        if self.refusing:
+            raise Denied(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate was revoked: ask for a new one",
+                "certificate",
+            )
+        return Identity(self.role, "token", "test")
+
+
+class KvsServer:
+    """A KVS server on 127.0.0.1, run on ``loop``, behind ``interceptors`` (the first outermost).
+
+    Its store (in memory) holds writes into ``held_key`` until released or stopped;
+    ``wait_limit`` is its max_wait_seconds (None: the default). :meth:`start` binds a
+    free port, and the same port again after :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        loop: LoopThread,
+        *interceptors: grpc.aio.ServerInterceptor,
+        limit: int = LIMIT,
+        held_key: str = "held",
+        wait_limit: float | None = None,
+        max_lattice_bytes: int | None = None,
+    ) -> None:
+        self.loop = loop
+        self.interceptors = interceptors
+        self.limit = limit
+        self.held_key = held_key
+        self.max_lattice_bytes = max_lattice_bytes
+        self.config = KvsConfig(engine="memory")
+        if wait_limit is not None:
+            self.config = KvsConfig(engine="memory", max_wait_seconds=wait_limit)
+        self.store = HeldStore(held_key, max_lattice_bytes)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        self.loop.run(self._start())
+        return self
+
+    async def _start(self) -> None:
+        await self.store.start()
+        try:
+            server, _health = create_server(self.limit, Chain(*self.interceptors))
+            add_kvs_to_server(server, self.store, self.config, self.limit)
+            self.port = bind(server, "127.0.0.1", self.port)
+            await server.start()
+        except BaseException:
+            await self.store.close()
+            raise
+        self.server = server
+
+    def stop(self) -> None:
+        """Stop the server at once (ops in flight end with it), then its store; again: nothing."""
+        self.loop.run(self._stop())
+
+    async def _stop(self) -> None:
+        server, self.server = self.server, None
+        if server is None:
+            return
+        await server.stop(0)
+        self.store.release.set()
+        await self.store.close()
+        self.store = HeldStore(self.held_key, self.max_lattice_bytes)  # for a start again
+
+
+class CountedKvs(KvsServer):
+    """A test KVS whose calls (``recorder``) and StreamOps messages (``counter``) are counted.
+
+    With ``role``, a :class:`Gate` (``gate``) lets callers in with that role (last,
+    after the counting); the other options are :class:`KvsServer`'s.
+    """
+
+    def __init__(self, loop: LoopThread, role: str | None = None, **options: Any) -> None:
+        self.recorder = Recorder()
+        self.counter = MessageCounter()
+        self.gate = None if role is None else Gate(role)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.counter, self.recorder]
+        if self.gate is not None:
+            interceptors.append(AuthInterceptor(self.gate))
+        super().__init__(loop, *interceptors, **options)
+
+    def unary_calls(self) -> int:
+        """The unary calls of single ops the server received (:data:`UNARY`)."""
+        return sum(self.recorder.calls(name) for name in UNARY)

@@ -12,75 +12,32 @@ Without Go the tests skip, except under CI, where they fail.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 import pytest
 
 from cloudburst import CloudburstConnection
-from cloudburst_grpc.config import KvsConfig
-from cloudburst_grpc.local import Node, start_executor_node, start_kvs_node, start_scheduler_node
-from cloudburst_grpc.server import bind, create_server
-from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_grpc.local import Node
 from e2e.drivers import Launcher
-from harness import LoopThread, make_config
-from kvs_interceptors import Chain, HeldStore, MessageCounter, Recorder
-
-#: max_payload_bytes of the counted KVS (its GetLimits.max_message_bytes): a larger value goes
-#: to it in chunks, though the scheduler's own KVS takes it in one message.
-LIMIT = 16 << 10
-UNARY = ("GetValue", "PutValue", "DeleteValue")
-
-
-class CountedKvs:
-    """A KVS server on 127.0.0.1 whose calls and StreamOps frames are counted."""
-
-    def __init__(self, loop: LoopThread) -> None:
-        self.loop = loop
-        self.recorder = Recorder()
-        self.counter = MessageCounter()
-        self.store = HeldStore()
-        self.server: grpc.aio.Server | None = None
-        self.address = ""
-
-    async def start(self) -> None:
-        await self.store.start()
-        server, _health = create_server(LIMIT, Chain(self.counter, self.recorder))
-        add_kvs_to_server(server, self.store, KvsConfig(engine="memory"), LIMIT)
-        self.address = f"127.0.0.1:{bind(server, '127.0.0.1', 0)}"
-        await server.start()
-        self.server = server
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(0)
-        self.store.release.set()
-        await self.store.close()
-
-    def unary_calls(self) -> int:
-        return sum(self.recorder.calls(name) for name in UNARY)
+from harness import LoopThread
+from kvs_interceptors import LIMIT, CountedKvs
 
 
 @pytest.fixture
 def cluster(
-    start_node: Callable[..., Node], server_loop: LoopThread
-) -> Iterator[tuple[Node, CountedKvs]]:
+    start_kvs_server: Callable[[CountedKvs], CountedKvs],
+    naming_scheduler: Callable[..., Node],
+    server_loop: LoopThread,
+) -> tuple[Node, CountedKvs]:
     """A scheduler that names the counted KVS to its clients (its own KVS is another)."""
-    kvs = CountedKvs(server_loop)
-    server_loop.run(kvs.start())
-    try:
-        main_kvs = start_node(start_kvs_node(make_config()))
-        config = make_config(scheduler={"direct_kvs_address": kvs.address})
-        executor = start_node(start_executor_node(config, main_kvs.address, "executor-0"))
-        scheduler = start_node(start_scheduler_node(config, main_kvs.address, [executor.address]))
-        yield scheduler, kvs
-    finally:
-        server_loop.run(kvs.stop())
+    kvs = start_kvs_server(CountedKvs(server_loop))
+    return naming_scheduler(kvs.address), kvs
 
 
 #: Ops, the errors the KVS answers some of with (an empty key), and a value over the counted
-#: KVS's message limit, which goes in chunks (PutValueChunks), not as a frame.
+#: KVS's message limit (LIMIT), which goes in chunks (PutValueChunks), not as a frame, though
+#: the scheduler's own KVS takes it in one message.
 SCRIPT: list[dict[str, Any]] = [
     *({"op": "put", "key": f"k{index}", "value": {"index": index}} for index in range(3)),
     {"op": "get", "key": "k1"},

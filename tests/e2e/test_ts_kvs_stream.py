@@ -15,35 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
 
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
-from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.kvs_proxy import KvsProxyServicer
-from cloudburst_grpc.local import (
-    Node,
-    start_executor_node,
-    start_kvs_node,
-    start_local,
-    start_scheduler_node,
-)
-from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, Denied
-from cloudburst_grpc.security.identity import INVOKER, Identity
-from cloudburst_grpc.server import bind, create_server
-from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_grpc.local import Node, start_local
+from cloudburst_grpc.security.authz import AuthInterceptor
 from cloudburst_kvs.servicer import KvsServicer
 from e2e.drivers import Launcher
 from harness import LoopThread, make_config
-from kvs_interceptors import Chain, HeldStore
+from kvs_interceptors import KVS, LIMIT, UNARY, Gate, KvsServer
 
-KVS = "/cloudburst.v1.KvsService/"
-UNARY = ("GetValue", "PutValue", "DeleteValue")
-#: The counted KVS's largest message: a value over it is refused (under the 64 KiB a stream takes).
-LIMIT = 16 << 10
 WAIT = 60.0
 
 
@@ -124,51 +110,13 @@ class OpCounter(grpc.aio.ServerInterceptor):
         )
 
 
-class Gate(Authenticator):
-    """Lets every caller in, until ``refusing`` (a revoked credential)."""
-
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.refusing = False
-
-    async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
-        if self.refusing:
-            raise Denied(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "the client certificate was revoked: ask for a new one",
-                "certificate",
-            )
-        return Identity(INVOKER, "token", "test")
-
-
-class CountedKvs:
-    """A KVS server on 127.0.0.1:0 whose ops are counted, behind a gate that may refuse callers."""
+class CountedKvs(KvsServer):
+    """The test KVS: its test ops counted (``counter``), behind a gate that may refuse callers."""
 
     def __init__(self, loop: LoopThread) -> None:
-        self.loop = loop
         self.counter = OpCounter()
         self.gate = Gate()
-        self.store = HeldStore("ts/held")
-        self.server: grpc.aio.Server | None = None
-        self.address = ""
-        loop.run(self._start())
-
-    async def _start(self) -> None:
-        await self.store.start()
-        server, _health = create_server(LIMIT, Chain(self.counter, AuthInterceptor(self.gate)))
-        add_kvs_to_server(server, self.store, KvsConfig(engine="memory"), LIMIT)
-        self.address = f"127.0.0.1:{bind(server, '127.0.0.1', 0)}"
-        await server.start()
-        self.server = server
-
-    def stop(self) -> None:
-        self.loop.run(self._stop())
-
-    async def _stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(0)
-        self.store.release.set()
-        await self.store.close()
+        super().__init__(loop, self.counter, AuthInterceptor(self.gate), held_key="ts/held")
 
 
 @pytest.fixture
@@ -199,17 +147,14 @@ def proxy_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.fixture
 def cluster(
-    start_node: Callable[..., Node], server_loop: LoopThread, proxy_calls: list[str]
-) -> Iterator[tuple[Node, CountedKvs]]:
+    start_kvs_server: Callable[[CountedKvs], CountedKvs],
+    naming_scheduler: Callable[..., Node],
+    server_loop: LoopThread,
+    proxy_calls: list[str],
+) -> tuple[Node, CountedKvs]:
     """A scheduler that names a counted KVS to its clients (its proxy serves another KVS)."""
-    kvs = CountedKvs(server_loop)
-    try:
-        backing = start_node(start_kvs_node(make_config())).address
-        config = make_config(scheduler={"direct_kvs_address": kvs.address})
-        executor = start_node(start_executor_node(config, backing, "executor-0"))
-        yield start_node(start_scheduler_node(config, backing, [executor.address])), kvs
-    finally:
-        kvs.stop()
+    kvs = start_kvs_server(CountedKvs(server_loop))
+    return naming_scheduler(kvs.address), kvs
 
 
 def test_put_get_and_delete_go_on_one_stream_to_the_kvs(

@@ -17,7 +17,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,136 +28,42 @@ from cloudburst.errors import CloudburstError
 from cloudburst.opstream import MAX_STREAMED_PUT_BYTES, STREAM_ENV
 from cloudburst.serialization import lattice_value
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
-from cloudburst_grpc.config import KvsConfig
-from cloudburst_grpc.local import (
-    Node,
-    start_executor_node,
-    start_kvs_node,
-    start_local,
-    start_scheduler_node,
-)
-from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, Denied
-from cloudburst_grpc.security.identity import INVOKER, INVOKER_RESTRICTED, Identity
-from cloudburst_grpc.server import bind, create_server
-from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_grpc.local import Node, start_local
+from cloudburst_grpc.security.identity import INVOKER, INVOKER_RESTRICTED
 from cloudburst_kvs.servicer import KvsServicer
 from harness import CbgrpcProcess, LoopThread, make_config
-from kvs_interceptors import Chain, HeldStore, MessageCounter, Recorder
+from kvs_interceptors import LIMIT, UNARY, CountedKvs
 
-#: max_payload_bytes of the counted KVS: a value larger than this is refused in one message.
-LIMIT = 16 << 10
 WAIT = 30.0
 #: Larger than the scheduler's KVS's inline limit: written and read in chunks.
 LARGE = 5 << 20
-UNARY = ("GetValue", "PutValue", "DeleteValue")
-
-
-class Gate(Authenticator):
-    """Lets every caller in with ``role``, until ``refusing`` (a revoked credential)."""
-
-    def __init__(self, role: str) -> None:
-        super().__init__(None)
-        self.role = role
-        self.refusing = False
-
-    async def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
-        if self.refusing:
-            raise Denied(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "the client certificate was revoked: ask for a new one",
-                "certificate",
-            )
-        return Identity(self.role, "token", "test")
-
-
-@dataclass
-class CountedKvs:
-    """A KVS server whose calls and StreamOps messages are counted."""
-
-    loop: LoopThread
-    wait_limit: float = WAIT
-    limit: int = LIMIT
-    role: str | None = None
-    port: int = 0
-    recorder: Recorder = field(default_factory=Recorder)
-    counter: MessageCounter = field(default_factory=MessageCounter)
-    gate: Gate | None = None
-    store: HeldStore | None = None
-    server: grpc.aio.Server | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> CountedKvs:
-        self.loop.run(self._start())
-        return self
-
-    async def _start(self) -> None:
-        config = KvsConfig(engine="memory", max_wait_seconds=self.wait_limit)
-        self.store = HeldStore(max_lattice_bytes=2 * LARGE)
-        await self.store.start()
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.counter, self.recorder]
-        if self.role is not None:
-            self.gate = Gate(self.role)
-            interceptors.append(AuthInterceptor(self.gate))
-        server, _health = create_server(self.limit, Chain(*interceptors))
-        add_kvs_to_server(server, self.store, config, self.limit)
-        self.port = bind(server, "127.0.0.1", self.port)
-        await server.start()
-        self.server = server
-
-    def stop(self) -> None:
-        """Stop the server at once (ops in flight end with it), then its store."""
-        self.loop.run(self._stop())
-
-    async def _stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop(0)
-            self.server = None
-        if self.store is not None:
-            self.store.release.set()
-            await self.store.close()
-            self.store = None
-
-    def unary_calls(self) -> int:
-        return sum(self.recorder.calls(name) for name in UNARY)
 
 
 @dataclass
 class Setup:
     scheduler: Node
     kvs: CountedKvs
-    main_kvs: Node
-    """The scheduler's (and the executor's) own KVS."""
 
 
 @pytest.fixture
 def setup(
-    start_node: Callable[..., Node], server_loop: LoopThread, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., Setup]]:
+    start_kvs_server: Callable[[CountedKvs], CountedKvs],
+    naming_scheduler: Callable[..., Node],
+    server_loop: LoopThread,
+) -> Callable[..., Setup]:
     """Start a cluster whose scheduler names a counted KVS to its clients.
 
     ``shared``: the scheduler and the executor use the counted KVS too (else
-    a KVS of their own, which clients reach through the scheduler's proxy).
+    a KVS of their own, which clients reach through the scheduler's proxy); the
+    other options are the counted KVS's.
     """
-    started: list[CountedKvs] = []
 
     def start(shared: bool = False, **kvs_options: Any) -> Setup:
-        kvs = CountedKvs(server_loop, **kvs_options).start()
-        started.append(kvs)
-        main_kvs = start_node(start_kvs_node(make_config()))
-        backing = kvs.address if shared else main_kvs.address
-        config = make_config(scheduler={"direct_kvs_address": kvs.address})
-        executor = start_node(start_executor_node(config, backing, "executor-0"))
-        scheduler = start_node(start_scheduler_node(config, backing, [executor.address]))
-        return Setup(scheduler, kvs, main_kvs)
+        options = {"wait_limit": WAIT, "max_lattice_bytes": 2 * LARGE, **kvs_options}
+        kvs = start_kvs_server(CountedKvs(server_loop, **options))
+        return Setup(naming_scheduler(kvs.address, shared), kvs)
 
-    try:
-        yield start
-    finally:
-        for kvs in started:
-            kvs.stop()
+    return start
 
 
 def connect(address: str, **options: Any) -> CloudburstConnection:
@@ -520,16 +426,13 @@ def test_a_kvs_lost_mid_op_sends_it_through_the_scheduler_and_is_used_again(
 
 
 def test_a_killed_kvs_process_fails_ops_over_mid_run_and_is_used_again(
-    start_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
+    naming_scheduler: Callable[..., Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_core, "DIRECT_RETRY_SECONDS", 0.2)
     kvs = CbgrpcProcess("kvs", "--storage", "memory")
     port = kvs.address.rsplit(":", 1)[1]
     try:
-        main_kvs = start_node(start_kvs_node(make_config()))
-        config = make_config(scheduler={"direct_kvs_address": kvs.address})
-        executor = start_node(start_executor_node(config, main_kvs.address, "executor-0"))
-        scheduler = start_node(start_scheduler_node(config, main_kvs.address, [executor.address]))
+        scheduler = naming_scheduler(kvs.address)
         with connect(scheduler.address) as conn:
             assert conn.kvs_address == kvs.address
             done = 0
