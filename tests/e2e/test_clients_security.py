@@ -29,7 +29,7 @@ from cloudburst import CloudburstConnection
 from cloudburst.errors import UnauthenticatedError
 from cloudburst_grpc.security.certs import Issued, issue, write_issued
 from e2e.drivers import Launcher
-from e2e.test_ts_client_security import CertCluster, make_certs
+from e2e.test_ts_client_security import CertCluster, client_env, make_certs
 
 
 def cbgrpc_token(role: str) -> tuple[str, str]:
@@ -162,12 +162,7 @@ def test_a_client_certificate_from_the_environment_calls_and_uses_the_kvs_direct
             timeout=60,
         ) as cloud:
             cloud.register(lambda _, x: x + 1, "incr")
-        env = {
-            "CLOUDBURST_TLS_CA": str(certs / "ca.pem"),
-            "CLOUDBURST_TLS_CERT": str(certs / "client-admin.pem"),
-            "CLOUDBURST_TLS_KEY": str(certs / "client-admin-key.pem"),
-        }
-        client = launch(cluster.scheduler.address, env=env)
+        client = launch(cluster.scheduler.address, env=client_env(certs, certs))
         assert client.ok(op="call", name="incr", args=[1])["value"] == 2
         client.ok(op="put", key="cert/k", value=[1])
         assert client.ok(op="kvs_address")["address"] == cluster.kvs.address
@@ -182,12 +177,7 @@ def test_a_client_certificate_from_another_ca_is_refused_as_unauthenticated(
     cluster = CertCluster(make_certs(tmp_path / "certs"))
     try:
         other = make_certs(tmp_path / "other")
-        env = {
-            "CLOUDBURST_TLS_CA": str(cluster.certs / "ca.pem"),
-            "CLOUDBURST_TLS_CERT": str(other / "client-admin.pem"),
-            "CLOUDBURST_TLS_KEY": str(other / "client-admin-key.pem"),
-        }
-        client = launch(cluster.scheduler.address, env=env)
+        client = launch(cluster.scheduler.address, env=client_env(cluster.certs, other))
         for command in ({"op": "call", "name": "double", "args": [1]}, {"op": "put", "key": "k"}):
             answer = client.ask(**command)
             assert not answer["ok"] and answer["code"] == "Unauthenticated", answer
