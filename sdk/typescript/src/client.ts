@@ -1,7 +1,6 @@
 // A thin, idiomatic client: call Python functions and DAGs with native values, read and write
 // the KVS, wait for stored results. The generated stubs stay available for anything else.
 import { Code, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { Outcome } from "./gen/cloudburst/v1/execution_pb.js";
 import { KvsService } from "./gen/cloudburst/v1/kvs_service_pb.js";
@@ -20,7 +19,7 @@ import {
   type OpStream,
   type Result,
 } from "./opstream.js";
-import { transportOptions } from "./transport.js";
+import { grpcTransport, transportOptions } from "./transport.js";
 import { tlsSettings, type TlsSettings } from "./tls.js";
 import { CloudburstError, fromCallError, fromFailure, fromRpcError } from "./errors.js";
 import { Serializer } from "./gen/cloudburst/v1/value_pb.js";
@@ -98,11 +97,11 @@ export function connect(address: string, options: ConnectOptions = {}): Cloudbur
   const scheme = address.startsWith("https://") || tls !== undefined ? "https" : "http";
   const baseUrl = /^https?:\/\//.test(address) ? address : `${scheme}://${address}`;
   const shared = transportOptions(scheme, process.env, tls);
-  return new CloudburstClient(createGrpcTransport({ baseUrl, ...shared }), {
+  return new CloudburstClient(grpcTransport(baseUrl, shared), {
     directKvs: options.directKvs ?? directKvsFromEnvironment(process.env),
     kvsStream: options.kvsStream ?? kvsStreamFromEnvironment(process.env),
     address,
-    kvsTransport: (kvsAddress) => createGrpcTransport({ baseUrl: `${scheme}://${kvsAddress}`, ...shared }),
+    kvsTransport: (kvsAddress) => grpcTransport(`${scheme}://${kvsAddress}`, shared),
   });
 }
 

@@ -12,6 +12,7 @@ export { DIRECT_KVS_ENV } from "./direct.js";
 export { KVS_STREAM_ENV, MAX_STREAMED_PUT_BYTES } from "./opstream.js";
 export {
   bearerToken,
+  grpcTransport,
   KEEPALIVE_MS,
   KEEPALIVE_TIMEOUT_MS,
   PING_TIMEOUT_ENV,
@@ -21,6 +22,7 @@ export {
   protocolVersion,
   resetAsUnavailable,
   transportErrors,
+  transportOptions,
 } from "./transport.js";
 export { TLS_ENV, TOKEN_ENV, tlsSettings, type Tls, type TlsSettings } from "./tls.js";
 export { CloudburstError, FunctionError, DOMAIN, type Reason } from "./errors.js";

@@ -3,8 +3,9 @@
 import * as net from "node:net";
 import * as tlsSockets from "node:tls";
 import type { Duplex } from "node:stream";
-import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
-import type { Http2SessionOptions } from "@connectrpc/connect-node";
+import { Code, ConnectError, type Interceptor, type Transport } from "@connectrpc/connect";
+import * as http2 from "node:http2";
+import { createGrpcTransport, Http2SessionManager, type Http2SessionOptions } from "@connectrpc/connect-node";
 import { CloudburstError } from "./errors.js";
 import { certificateRefusal, refusedCertificate, type Tls } from "./tls.js";
 
@@ -307,3 +308,41 @@ function connectWithin(authority: URL): Duplex {
   socket.once("connect", () => socket.setTimeout(0));
   return socket;
 }
+
+/**
+ * A gRPC transport (HTTP/2) to baseUrl with options of transportOptions(): every transport of the
+ * client is made here. Its connections are connect-node's, each kept listening for its 'error'
+ * event for as long as it lives: a connection given up (an unanswered ping, a reset) fails its
+ * calls with that error (UNAVAILABLE), and must not also throw it out of the process. connect-node
+ * stops listening once it replaces a connection, which it may do before the connection reports
+ * its end: the next call after a ping timeout (say, an op after its GetLimits failed) would then
+ * leave the error unhandled, and Node would exit.
+ */
+export function grpcTransport(baseUrl: string, options: ReturnType<typeof transportOptions>): Transport {
+  const manager = new Http2SessionManager(
+    baseUrl,
+    {
+      pingIntervalMs: options.pingIntervalMs,
+      pingTimeoutMs: options.pingTimeoutMs,
+      pingIdleConnection: options.pingIdleConnection,
+    },
+    options.nodeOptions,
+  );
+  // Every connection carries a call (request) before it can be given up: that is where it is seen.
+  const sessionManager = {
+    authority: manager.authority,
+    async request(...args: Parameters<Http2SessionManager["request"]>): Promise<http2.ClientHttp2Stream> {
+      const stream = await manager.request(...args);
+      const session = stream.session;
+      if (session !== undefined && !session.listeners("error").includes(endedConnection)) {
+        session.on("error", endedConnection);
+      }
+      return stream;
+    },
+    notifyResponseByteRead: (stream: http2.ClientHttp2Stream) => manager.notifyResponseByteRead(stream),
+  };
+  return createGrpcTransport({ ...options, baseUrl, sessionManager });
+}
+
+/** The error of a connection given up: its calls fail with it; nothing else is to be done. */
+function endedConnection(): void {}

@@ -9,12 +9,12 @@ import type { AddressInfo, Socket } from "node:net";
 import { deepStrictEqual, ok, strictEqual } from "node:assert/strict";
 import { after, test } from "node:test";
 import { Code } from "@connectrpc/connect";
-import { connectNodeAdapter, createGrpcTransport } from "@connectrpc/connect-node";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { KvsService } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
 import type { Value } from "../src/gen/cloudburst/v1/value_pb.js";
 import { CloudburstClient, CloudburstError } from "../src/index.js";
 import { CHUNK_BYTES } from "../src/chunks.js";
-import { transportOptions } from "../src/transport.js";
+import { grpcTransport, transportOptions } from "../src/transport.js";
 
 const MIB = 1 << 20;
 
@@ -138,9 +138,9 @@ after(async () => {
 /** A client of the KVS at address; direct: it also names itself as a KVS (ops on streams). */
 function clientOf(address: string, direct = false): CloudburstClient {
   const shared = transportOptions("http", {});
-  return new CloudburstClient(createGrpcTransport({ baseUrl: `http://${address}`, ...shared }), {
+  return new CloudburstClient(grpcTransport(`http://${address}`, shared), {
     address,
-    ...(direct ? { kvsTransport: (kvs: string) => createGrpcTransport({ baseUrl: `http://${kvs}`, ...shared }) } : {}),
+    ...(direct ? { kvsTransport: (kvs: string) => grpcTransport(`http://${kvs}`, shared) } : {}),
   });
 }
 

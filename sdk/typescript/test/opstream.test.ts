@@ -8,7 +8,7 @@ import type { AddressInfo, Socket } from "node:net";
 import { deepStrictEqual, ok, rejects, strictEqual } from "node:assert/strict";
 import { after, test } from "node:test";
 import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
-import { connectNodeAdapter, createGrpcTransport } from "@connectrpc/connect-node";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { ErrorReason } from "../src/gen/cloudburst/v1/error_pb.js";
 import {
@@ -19,7 +19,7 @@ import {
 import { Serializer } from "../src/gen/cloudburst/v1/value_pb.js";
 import { CloudburstClient, CloudburstError } from "../src/index.js";
 import { kvsStreamFromEnvironment } from "../src/opstream.js";
-import { transportOptions } from "../src/transport.js";
+import { grpcTransport, transportOptions } from "../src/transport.js";
 
 type Answer = MessageInitShape<typeof StreamOpsResponseSchema>;
 
@@ -161,10 +161,10 @@ async function kvsServer(
  */
 function clientOf(address: string, kvsStream?: boolean): CloudburstClient {
   const shared = transportOptions("http", {});
-  return new CloudburstClient(createGrpcTransport({ baseUrl: `http://${address}`, ...shared }), {
+  return new CloudburstClient(grpcTransport(`http://${address}`, shared), {
     address,
     ...(kvsStream === undefined ? {} : { kvsStream }),
-    kvsTransport: (kvs: string) => createGrpcTransport({ baseUrl: `http://${kvs}`, ...shared }),
+    kvsTransport: (kvs: string) => grpcTransport(`http://${kvs}`, shared),
   });
 }
 
