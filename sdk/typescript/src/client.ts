@@ -15,9 +15,10 @@ import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
 import {
   kvsStreamFromEnvironment,
   MAX_STREAMED_PUT_BYTES,
+  type Answers,
   type Op,
+  type OpKind,
   type OpStream,
-  type Result,
 } from "./opstream.js";
 import { grpcTransport, transportOptions } from "./transport.js";
 import { tlsSettings, type TlsSettings } from "./tls.js";
@@ -242,7 +243,7 @@ export class CloudburstClient {
     const value: Value | undefined = await rpc(() =>
       this.#direct.call(callOptions(options), async (kvs, ops) => {
         const answer = await streamed(ops, { case: "get", value: request }, options);
-        const response = answer?.case === "get" ? answer.value : await kvs.getValue(request, callOptions(options));
+        const response = answer ?? (await kvs.getValue(request, callOptions(options)));
         if (!response.found) {
           return undefined;
         }
@@ -265,7 +266,7 @@ export class CloudburstClient {
     const response = await rpc(() =>
       this.#direct.call(callOptions(options), async (kvs, ops) => {
         const answer = await streamed(ops, { case: "delete", value: request }, options);
-        return answer?.case === "delete" ? answer.value : kvs.deleteValue(request, callOptions(options));
+        return answer ?? kvs.deleteValue(request, callOptions(options));
       }),
     );
     return response.existed;
@@ -276,8 +277,12 @@ export class CloudburstClient {
  * Sends an op on the stream, if one serves here; resolves to its answer, or to undefined when it
  * is to go in a unary call. Rejects as the unary call would.
  */
-async function streamed(ops: OpStream | undefined, op: Op, options: Options): Promise<Result | undefined> {
-  return ops === undefined ? undefined : ops.request(op, callOptions(options));
+async function streamed<K extends OpKind>(
+  ops: OpStream | undefined,
+  op: Op & { case: K },
+  options: Options,
+): Promise<Answers[K] | undefined> {
+  return ops === undefined ? undefined : ops.request<K>(op, callOptions(options));
 }
 
 function argument(value: NativeValue): MessageInitShape<typeof ArgumentSchema> {

@@ -2,13 +2,19 @@
 // SDK sends them, docs/protocol.md "Small ops on one stream"): a message on an open stream costs
 // the KVS a fraction of a unary call. Each op ends exactly as its unary call would: with its
 // answer, with the error the KVS answered (the same ConnectError the call would have thrown), at
-// its deadline or abort, or with UNAVAILABLE when the stream breaks.
+// its deadline or abort, or with UNAVAILABLE when the stream breaks. An answer that breaks the
+// protocol (batches this client did not ask for, a result of another kind than its op's) ends the
+// stream, and it and every op the stream had not answered fail with INTERNAL: a KVS that answers
+// wrongly is reported, not worked around.
 import { Code, ConnectError, type CallOptions, type Client } from "@connectrpc/connect";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import type { CallError } from "./gen/cloudburst/v1/error_pb.js";
 import { ErrorReason } from "./gen/cloudburst/v1/error_pb.js";
 import {
   KvsService,
+  type DeleteValueResponse,
+  type GetValueResponse,
+  type PutValueResponse,
   type StreamOpsRequestSchema,
   type StreamOpsResponse,
 } from "./gen/cloudburst/v1/kvs_service_pb.js";
@@ -47,11 +53,21 @@ type Frame = MessageInitShape<typeof StreamOpsRequestSchema>;
 export type Op = NonNullable<Frame["op"]>;
 /** An answer's result: the op's response (never an error: that is thrown). */
 export type Result = StreamOpsResponse["result"];
+/** The response to each kind of op: what its unary call answers. */
+export interface Answers {
+  get: GetValueResponse;
+  put: PutValueResponse;
+  delete: DeleteValueResponse;
+}
+/** The kinds of op: "get", "put" and "delete". */
+export type OpKind = keyof Answers;
 
 /** The answer that sends an op in a unary call instead (the stream was refused). */
 const FALLBACK = Symbol("fallback");
 
 interface Pending {
+  /** The kind of the op: its answer must be a result of this kind, or an error. */
+  kind: OpKind;
   settle: (result: Result | typeof FALLBACK | ConnectError) => void;
 }
 
@@ -144,11 +160,12 @@ export class OpStream {
   }
 
   /**
-   * Sends op as a frame and resolves to its answer, or to undefined: send it as a unary call
-   * (the address has no StreamOps, or refused the stream before answering anything on it).
-   * Rejects with the ConnectError its unary call would have thrown.
+   * Sends op as a frame and resolves to its answer (the response of its unary call), or to
+   * undefined: send it as a unary call (the address has no StreamOps, or refused the stream
+   * before answering anything on it). Rejects with the ConnectError its unary call would have
+   * thrown, or with INTERNAL when the KVS answered on the stream in breach of the protocol.
    */
-  async request(op: Op, options: CallOptions): Promise<Result | undefined> {
+  async request<K extends OpKind>(op: Op & { case: K }, options: CallOptions): Promise<Answers[K] | undefined> {
     if (!this.usable) {
       return undefined;
     }
@@ -162,7 +179,7 @@ export class OpStream {
     let timer: NodeJS.Timeout | undefined;
     let onAbort: (() => void) | undefined;
     const answer = new Promise<Result | typeof FALLBACK | ConnectError>((resolve) => {
-      stream.pending.set(sequence, { settle: resolve });
+      stream.pending.set(sequence, { kind: op.case, settle: resolve });
       if (options.timeoutMs !== undefined) {
         timer = setTimeout(
           () => resolve(new ConnectError("the operation timed out", Code.DeadlineExceeded)),
@@ -195,7 +212,7 @@ export class OpStream {
     if (result instanceof ConnectError) {
       throw result;
     }
-    return result;
+    return result.value as Answers[K]; // #read checked its kind
   }
 
   /** Ends the stream; ops still in flight reject with CANCELED, later ops are unary calls. */
@@ -229,7 +246,8 @@ export class OpStream {
         if (answer.batch.length > 0) {
           // This client never sets reads_batches: a batch is a KVS that does not keep the protocol.
           throw new ConnectError(
-            `the KVS at ${this.where} sent batched answers, which this client did not ask for`,
+            `the KVS at ${this.where} answered with a batch of ${answer.batch.length} answers on a StreamOps stream ` +
+              "that did not ask for batches (reads_batches unset); the service breaks the protocol: report it",
             Code.Internal,
           );
         }
@@ -237,7 +255,20 @@ export class OpStream {
         if (op === undefined) {
           continue; // its op gave up (deadline, abort)
         }
-        op.settle(answer.result.case === "error" ? callErrorAsConnectError(answer.result.value) : answer.result);
+        const result = answer.result;
+        if (result.case === "error") {
+          op.settle(callErrorAsConnectError(result.value));
+        } else if (result.case === op.kind) {
+          op.settle(result);
+        } else {
+          // Taking it for a miss, or asking again elsewhere, would hide a KVS that answers wrongly.
+          const came = result.case === undefined ? "no result" : `a ${result.case} result`;
+          throw new ConnectError(
+            `the KVS at ${this.where} answered the ${op.kind} of sequence ${answer.sequence} on a StreamOps stream ` +
+              `with ${came}, not a ${op.kind} result or an error; the service breaks the protocol: report it`,
+            Code.Internal,
+          );
+        }
       }
     } catch (err) {
       error = err;

@@ -347,6 +347,54 @@ test("batched answers the client did not ask for fail the op", async () => {
   client.close();
 });
 
+test("an answer of another kind than its op fails it and the stream's unanswered ops with INTERNAL", async () => {
+  const held: (() => void)[] = [];
+  const kvs = await kvsServer({
+    answer: (frame) =>
+      new Promise((resolve) => {
+        const key = frame.op.value?.key;
+        if (key === "held") {
+          held.push(() => resolve({ sequence: frame.sequence, result: { case: "put", value: {} } }));
+        } else if (key === "wrong") {
+          resolve({ sequence: frame.sequence, result: { case: "put", value: {} } }); // a put's answer for a get
+        } else if (key === "empty") {
+          resolve({ sequence: frame.sequence });
+        } else {
+          resolve({ sequence: frame.sequence, result: { case: "get", value: STORED } });
+        }
+      }),
+  });
+  const scheduler = await kvsServer({ servesOpStreams: false, kvsAddresses: [kvs.address] });
+  const client = clientOf(scheduler.address);
+  strictEqual(await client.get("before"), "stored");
+  strictEqual(client.kvsAddress, kvs.address);
+  const waiting = failure(client.put("held", 1, { timeoutMs: 30_000 }));
+  await until(() => held.length === 1, "the held write reached the KVS");
+  const wrong = await failure(client.get("wrong", { timeoutMs: 30_000 }));
+  strictEqual(wrong.code, Code.Internal, wrong.message);
+  ok(wrong.message.includes(`the KVS at ${kvs.address} answered the get`), wrong.message);
+  ok(wrong.message.includes("with a put result, not a get result or an error"), wrong.message);
+  ok(wrong.message.includes("breaks the protocol: report it"), wrong.message);
+  // The op the stream had not answered ends with it, as in a broken stream, with the same error.
+  const other = await waiting;
+  strictEqual(other.code, Code.Internal, other.message);
+  strictEqual(other.message, wrong.message);
+  for (const answer of held) answer(); // too late: the stream has ended
+  await until(() => kvs.counts.ended === 1, "the stream ended");
+
+  const empty = await failure(client.delete("empty", { timeoutMs: 30_000 }));
+  strictEqual(empty.code, Code.Internal, empty.message);
+  ok(empty.message.includes("answered the delete"), empty.message);
+  ok(empty.message.includes("with no result"), empty.message);
+
+  strictEqual(await client.get("after"), "stored", "the next op opens another stream");
+  strictEqual(kvs.counts.streams, 3);
+  deepStrictEqual(kvs.counts.unary, [], "no op was sent again as a unary call");
+  deepStrictEqual(scheduler.counts.unary, [], "nor through the scheduler");
+  strictEqual(client.kvsAddress, kvs.address, "the KVS is still used directly");
+  client.close();
+});
+
 test("a stream without an op in flight ends by itself, and the next op opens another", async () => {
   const kvs = await kvsServer();
   const client = clientOf(kvs.address);
