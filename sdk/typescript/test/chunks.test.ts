@@ -3,18 +3,15 @@
 // message limit is answered `chunked` by GetValue (and by a StreamOps get) and served by
 // GetValueChunks; PutValueChunks joins its chunks. Run with `node --test dist/test/chunks.test.js`
 // after `tsc -p .`.
-import * as http2 from "node:http2";
 import { createHash } from "node:crypto";
-import type { AddressInfo, Socket } from "node:net";
 import { deepStrictEqual, ok, strictEqual } from "node:assert/strict";
-import { after, test } from "node:test";
+import { test } from "node:test";
 import { Code } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { KvsService } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
 import type { Value } from "../src/gen/cloudburst/v1/value_pb.js";
-import { CloudburstClient, CloudburstError } from "../src/index.js";
+import { CloudburstError } from "../src/index.js";
 import { CHUNK_BYTES } from "../src/chunks.js";
-import { grpcTransport, transportOptions } from "../src/transport.js";
+import { clientOf, serve } from "./servers.js";
 
 const MIB = 1 << 20;
 
@@ -24,7 +21,6 @@ interface Kvs {
   /** The chunk sizes of each PutValueChunks call. */
   putChunks: number[][];
   stored: Map<string, Value>;
-  close: () => Promise<void>;
 }
 
 /**
@@ -44,104 +40,71 @@ async function kvsServer(
     if (value.data.length > maxMessage) return { found: true, chunked: true };
     return { found: true, lattice: { kind: { case: "lww" as const, value: { value } } } };
   };
-  const sockets: Socket[] = [];
-  const server = http2.createServer(
-    connectNodeAdapter({
-      routes: (router) =>
-        router.service(KvsService, {
-          getLimits: () => ({
-            maxValueBytes: BigInt(options.maxValueBytes ?? 64 * MIB),
-            maxMessageBytes: BigInt(maxMessage),
-            servesOpStreams: options.opStreams ?? false,
-          }),
-          getValue: (request) => {
-            calls.push(`GetValue ${request.key}`);
-            return answer(request.key);
-          },
-          putValue: (request) => {
-            calls.push(`PutValue ${request.key}`);
-            const kind = request.lattice?.kind;
-            if (kind?.case === "lww" && kind.value.value !== undefined) stored.set(request.key, kind.value.value);
-            return {};
-          },
-          async *getValueChunks(request) {
-            calls.push(`GetValueChunks ${request.key}`);
-            const value = stored.get(request.key);
-            if (value === undefined) return;
-            yield { frame: { case: "lattice", value: { kind: { case: "lww", value: { value: { serializer: value.serializer } } } } } };
-            if (options.hangChunks) {
-              await new Promise(() => undefined);
-            }
-            for (let start = 0; start < value.data.length; start += CHUNK_BYTES) {
-              yield { frame: { case: "chunk", value: value.data.subarray(start, start + CHUNK_BYTES) } };
-            }
-          },
-          async putValueChunks(requests) {
-            const sizes: number[] = [];
-            putChunks.push(sizes);
-            let key = "";
-            let serializer = 0;
-            const parts: Uint8Array[] = [];
-            for await (const frame of requests) {
-              if (frame.frame.case === "put") {
-                key = frame.frame.value.key;
-                const kind = frame.frame.value.lattice?.kind;
-                serializer = kind?.case === "lww" ? (kind.value.value?.serializer ?? 0) : 0;
-                calls.push(`PutValueChunks ${key}`);
-              } else if (frame.frame.case === "chunk") {
-                sizes.push(frame.frame.value.length);
-                parts.push(frame.frame.value);
-              }
-            }
-            const data = Buffer.concat(parts);
-            stored.set(key, { serializer, data: new Uint8Array(data) } as Value);
-            return { size: BigInt(data.length) };
-          },
-          async *streamOps(requests) {
-            for await (const frame of requests) {
-              calls.push(`frame ${frame.op.case ?? ""} ${frame.op.value?.key ?? ""}`);
-              if (frame.op.case === "get") {
-                yield { sequence: frame.sequence, result: { case: "get", value: answer(frame.op.value.key) } };
-              } else if (frame.op.case === "put") {
-                const kind = frame.op.value.lattice?.kind;
-                if (kind?.case === "lww" && kind.value.value !== undefined) stored.set(frame.op.value.key, kind.value.value);
-                yield { sequence: frame.sequence, result: { case: "put", value: {} } };
-              }
-            }
-          },
-        }),
+  const server = await serve((router) =>
+    router.service(KvsService, {
+      getLimits: () => ({
+        maxValueBytes: BigInt(options.maxValueBytes ?? 64 * MIB),
+        maxMessageBytes: BigInt(maxMessage),
+        servesOpStreams: options.opStreams ?? false,
+      }),
+      getValue: (request) => {
+        calls.push(`GetValue ${request.key}`);
+        return answer(request.key);
+      },
+      putValue: (request) => {
+        calls.push(`PutValue ${request.key}`);
+        const kind = request.lattice?.kind;
+        if (kind?.case === "lww" && kind.value.value !== undefined) stored.set(request.key, kind.value.value);
+        return {};
+      },
+      async *getValueChunks(request) {
+        calls.push(`GetValueChunks ${request.key}`);
+        const value = stored.get(request.key);
+        if (value === undefined) return;
+        yield { frame: { case: "lattice", value: { kind: { case: "lww", value: { value: { serializer: value.serializer } } } } } };
+        if (options.hangChunks) {
+          await new Promise(() => undefined);
+        }
+        for (let start = 0; start < value.data.length; start += CHUNK_BYTES) {
+          yield { frame: { case: "chunk", value: value.data.subarray(start, start + CHUNK_BYTES) } };
+        }
+      },
+      async putValueChunks(requests) {
+        const sizes: number[] = [];
+        putChunks.push(sizes);
+        let key = "";
+        let serializer = 0;
+        const parts: Uint8Array[] = [];
+        for await (const frame of requests) {
+          if (frame.frame.case === "put") {
+            key = frame.frame.value.key;
+            const kind = frame.frame.value.lattice?.kind;
+            serializer = kind?.case === "lww" ? (kind.value.value?.serializer ?? 0) : 0;
+            calls.push(`PutValueChunks ${key}`);
+          } else if (frame.frame.case === "chunk") {
+            sizes.push(frame.frame.value.length);
+            parts.push(frame.frame.value);
+          }
+        }
+        const data = Buffer.concat(parts);
+        stored.set(key, { serializer, data: new Uint8Array(data) } as Value);
+        return { size: BigInt(data.length) };
+      },
+      async *streamOps(requests) {
+        for await (const frame of requests) {
+          calls.push(`frame ${frame.op.case ?? ""} ${frame.op.value?.key ?? ""}`);
+          if (frame.op.case === "get") {
+            yield { sequence: frame.sequence, result: { case: "get", value: answer(frame.op.value.key) } };
+          } else if (frame.op.case === "put") {
+            const kind = frame.op.value.lattice?.kind;
+            if (kind?.case === "lww" && kind.value.value !== undefined) stored.set(frame.op.value.key, kind.value.value);
+            yield { sequence: frame.sequence, result: { case: "put", value: {} } };
+          }
+        }
+      },
     }),
   );
-  server.on("connection", (socket: Socket) => sockets.push(socket));
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  const kvs: Kvs = {
-    address: `127.0.0.1:${port}`,
-    calls,
-    putChunks,
-    stored,
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const socket of sockets) socket.destroy();
-        server.close(() => resolve());
-      }),
-  };
-  servers.push(kvs);
-  return kvs;
-}
-
-const servers: Kvs[] = [];
-after(async () => {
-  await Promise.all(servers.map((s) => s.close()));
-});
-
-/** A client of the KVS at address; direct: it also names itself as a KVS (ops on streams). */
-function clientOf(address: string, direct = false): CloudburstClient {
-  const shared = transportOptions("http", {});
-  return new CloudburstClient(grpcTransport(`http://${address}`, shared), {
-    address,
-    ...(direct ? { kvsTransport: (kvs: string) => grpcTransport(`http://${kvs}`, shared) } : {}),
-  });
+  return { address: server.address, calls, putChunks, stored };
 }
 
 function generated(size: number): Uint8Array {
@@ -154,7 +117,7 @@ const digest = (data: Uint8Array): string => createHash("sha256").update(data).d
 
 test("a 20 MiB value is written in 1 MiB chunks and read back from its chunks intact", async () => {
   const kvs = await kvsServer();
-  const client = clientOf(kvs.address);
+  const client = clientOf(kvs.address, { direct: false });
   const data = generated(20 * MIB + 5);
   await client.put("big", data);
   deepStrictEqual(kvs.putChunks, [[...Array(20).fill(MIB), 5]]);
@@ -169,7 +132,7 @@ test("a 20 MiB value is written in 1 MiB chunks and read back from its chunks in
 
 test("a chunked answer on an op stream is read with GetValueChunks", async () => {
   const kvs = await kvsServer({ opStreams: true, maxMessageBytes: 64 << 10 });
-  const client = clientOf(kvs.address, true);
+  const client = clientOf(kvs.address);
   const text = "x".repeat(300 << 10);
   kvs.stored.set("text", { serializer: 3, data: new TextEncoder().encode(text) } as Value);
   strictEqual(await client.get("text"), text);
@@ -179,7 +142,7 @@ test("a chunked answer on an op stream is read with GetValueChunks", async () =>
 
 test("a value over the tier's message limit (under 4 MiB) goes in chunks", async () => {
   const kvs = await kvsServer({ maxMessageBytes: 256 << 10 });
-  const client = clientOf(kvs.address);
+  const client = clientOf(kvs.address, { direct: false });
   await client.put("mid", generated(300 << 10));
   deepStrictEqual(kvs.calls, ["PutValueChunks mid"]);
   client.close();
@@ -187,7 +150,7 @@ test("a value over the tier's message limit (under 4 MiB) goes in chunks", async
 
 test("a small value still goes in one message", async () => {
   const kvs = await kvsServer();
-  const client = clientOf(kvs.address);
+  const client = clientOf(kvs.address, { direct: false });
   await client.put("small", { a: 1 });
   deepStrictEqual(await client.get("small"), { a: 1 });
   await client.put("medium", generated(MIB));
@@ -197,7 +160,7 @@ test("a small value still goes in one message", async () => {
 
 test("a value over max_value_bytes is refused before sending, naming its size and the limit", async () => {
   const kvs = await kvsServer({ maxValueBytes: 5 * MIB });
-  const client = clientOf(kvs.address);
+  const client = clientOf(kvs.address, { direct: false });
   let caught: unknown;
   try {
     await client.put("huge", generated(6 * MIB));
@@ -216,7 +179,7 @@ test("a value over max_value_bytes is refused before sending, naming its size an
 
 test("a deadline ends a chunked read that stalls", async () => {
   const kvs = await kvsServer({ hangChunks: true, maxMessageBytes: 64 << 10 });
-  const client = clientOf(kvs.address);
+  const client = clientOf(kvs.address, { direct: false });
   kvs.stored.set("slow", { serializer: 1, data: generated(MIB) } as Value);
   const started = performance.now();
   let caught: unknown;

@@ -3,12 +3,9 @@
 // calls it serves: where put, get and delete go on a stream and where they stay unary calls, and
 // that each op ends as its unary call would when it errs, times out, is aborted, is refused or
 // loses its stream. Run with `node --test dist/test/opstream.test.js` after `tsc -p .`.
-import * as http2 from "node:http2";
-import type { AddressInfo, Socket } from "node:net";
 import { deepStrictEqual, ok, rejects, strictEqual } from "node:assert/strict";
-import { after, test } from "node:test";
-import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
+import { test } from "node:test";
+import { Code, ConnectError } from "@connectrpc/connect";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { ErrorReason } from "../src/gen/cloudburst/v1/error_pb.js";
 import {
@@ -16,10 +13,9 @@ import {
   type StreamOpsRequest,
   type StreamOpsResponseSchema,
 } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
-import { Serializer } from "../src/gen/cloudburst/v1/value_pb.js";
-import { CloudburstClient, CloudburstError } from "../src/index.js";
+import { CloudburstError } from "../src/index.js";
 import { kvsStreamFromEnvironment } from "../src/opstream.js";
-import { grpcTransport, transportOptions } from "../src/transport.js";
+import { clientOf, jsonValue, serve, until } from "./servers.js";
 
 type Answer = MessageInitShape<typeof StreamOpsResponseSchema>;
 
@@ -29,39 +25,6 @@ interface Counts {
   ended: number;
   frames: string[];
   unary: string[];
-}
-
-/** A real gRPC server on 127.0.0.1:0; resetAll() resets every connection it accepted. */
-async function serve(routes: (router: ConnectRouter) => void): Promise<{
-  address: string;
-  resetAll: () => void;
-  close: () => Promise<void>;
-}> {
-  const sockets: Socket[] = [];
-  const server = http2.createServer(connectNodeAdapter({ routes }));
-  server.on("connection", (socket: Socket) => sockets.push(socket));
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  return {
-    address: `127.0.0.1:${port}`,
-    resetAll: () => {
-      for (const socket of sockets) socket.resetAndDestroy();
-    },
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const socket of sockets) socket.destroy();
-        server.close(() => resolve());
-      }),
-  };
-}
-
-const servers: { close: () => Promise<void> }[] = [];
-after(async () => {
-  await Promise.all(servers.map((s) => s.close()));
-});
-
-function jsonValue(value: unknown): { serializer: Serializer; data: Uint8Array } {
-  return { serializer: Serializer.JSON, data: new TextEncoder().encode(JSON.stringify(value)) };
 }
 
 const STORED = { found: true, lattice: { kind: { case: "lww" as const, value: { value: jsonValue("stored") } } } };
@@ -151,21 +114,7 @@ async function kvsServer(
       },
     }),
   );
-  servers.push(server);
   return { address: server.address, counts, resetAll: server.resetAll };
-}
-
-/**
- * A client of address (taken for a scheduler) as connect() makes it, direct KVS access on, its
- * KVS ops streamed unless kvsStream is false.
- */
-function clientOf(address: string, kvsStream?: boolean): CloudburstClient {
-  const shared = transportOptions("http", {});
-  return new CloudburstClient(grpcTransport(`http://${address}`, shared), {
-    address,
-    ...(kvsStream === undefined ? {} : { kvsStream }),
-    kvsTransport: (kvs: string) => grpcTransport(`http://${kvs}`, shared),
-  });
 }
 
 /** The error a promise rejects with. */
@@ -177,15 +126,6 @@ async function failure(promise: Promise<unknown>): Promise<CloudburstError> {
     return err;
   }
   throw new Error("the op did not fail");
-}
-
-/** Resolves once check() holds; fails after a deadline. */
-async function until(check: () => boolean, what: string): Promise<void> {
-  const deadline = performance.now() + 10_000;
-  while (!check()) {
-    ok(performance.now() < deadline, `not within 10 s: ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
 }
 
 test("CLOUDBURST_KVS_STREAM=0 turns op streams off; anything else leaves them on", () => {
@@ -225,7 +165,7 @@ test("a value over 64 KiB, a proxy's address and the switch get unary calls", as
   await proxied.put("a", 1);
   await proxied.get("a");
   await proxied.delete("a");
-  const switchedOff = clientOf(kvs.address, false);
+  const switchedOff = clientOf(kvs.address, { kvsStream: false });
   await switchedOff.get("off");
   strictEqual(proxy.counts.streams, 0, "no stream is tried at an address that serves none");
   deepStrictEqual(proxy.counts.unary, ["put a", "get a", "delete a"]);

@@ -11,74 +11,19 @@
 // `make clients` does all three.
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import * as http2 from "node:http2";
-import * as net from "node:net";
 import type { AddressInfo, Socket } from "node:net";
 import { X509Certificate } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ok, strictEqual, throws } from "node:assert/strict";
-import { after, test } from "node:test";
-import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
+import { test } from "node:test";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { KvsService } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
-import { Serializer } from "../src/gen/cloudburst/v1/value_pb.js";
 import { CloudburstClient, CloudburstError, TLS_ENV, TOKEN_ENV, connect, tlsSettings } from "../src/index.js";
 import { certificateProblem } from "../src/tls.js";
 import { PING_TIMEOUT_ENV, PROTOCOL_VERSION, grpcTransport, transportOptions } from "../src/transport.js";
-
-/** A real gRPC server on 127.0.0.1:0; resetAll() resets every connection it accepted, closeAll() closes them. */
-async function serve(routes: (router: ConnectRouter) => void): Promise<{
-  address: string;
-  resetAll: () => void;
-  closeAll: () => void;
-  close: () => Promise<void>;
-}> {
-  const sockets: Socket[] = [];
-  const server = http2.createServer(connectNodeAdapter({ routes }));
-  server.on("connection", (socket: Socket) => sockets.push(socket));
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  return {
-    address: `127.0.0.1:${port}`,
-    resetAll: () => {
-      for (const socket of sockets) socket.resetAndDestroy();
-    },
-    closeAll: () => {
-      for (const socket of sockets) socket.destroy();
-    },
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const socket of sockets) socket.destroy();
-        server.close(() => resolve());
-      }),
-  };
-}
-
-const servers: { close: () => Promise<void> }[] = [];
-after(async () => {
-  await Promise.all(servers.map((s) => s.close()));
-});
-
-/** Resolves once check() holds; fails after a deadline. */
-async function until(check: () => boolean, what: string): Promise<void> {
-  const deadline = performance.now() + 10_000;
-  while (!check()) {
-    ok(performance.now() < deadline, `not within 10 s: ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
-
-function jsonValue(value: unknown): { serializer: Serializer; data: Uint8Array } {
-  return { serializer: Serializer.JSON, data: new TextEncoder().encode(JSON.stringify(value)) };
-}
-
-/** A client of a scheduler at address whose KVS calls may go to the KVS it names, as connect() makes. */
-function clientOf(address: string): CloudburstClient {
-  const shared = transportOptions("http", {});
-  return new CloudburstClient(grpcTransport(`http://${address}`, shared), {
-    kvsTransport: (kvs) => grpcTransport(`http://${kvs}`, shared),
-  });
-}
+import { clientOf, hungPeer, jsonValue, serve } from "./servers.js";
 
 test("a connection reset mid-call is UNAVAILABLE and a direct KVS read falls back", async () => {
   let resetKvs = (): void => undefined;
@@ -96,7 +41,6 @@ test("a connection reset mid-call is UNAVAILABLE and a direct KVS read falls bac
       },
     }),
   );
-  servers.push(kvs);
   resetKvs = kvs.resetAll;
   const scheduler = await serve((router) =>
     router.service(KvsService, {
@@ -104,7 +48,6 @@ test("a connection reset mid-call is UNAVAILABLE and a direct KVS read falls bac
       getValue: () => ({ found: true, lattice: { kind: { case: "lww", value: { value: jsonValue("from the scheduler") } } } }),
     }),
   );
-  servers.push(scheduler);
 
   const client = clientOf(scheduler.address);
   strictEqual(await client.get("k", { timeoutMs: 30_000 }), "from the scheduler");
@@ -137,7 +80,6 @@ test("a connection closed mid-call is UNAVAILABLE unless the caller cancelled th
       },
     }),
   );
-  servers.push(server);
   closeAll = server.closeAll;
   const transport = grpcTransport(`http://${server.address}`, transportOptions("http", {}));
   const stub = new CloudburstClient(transport, { directKvs: false }).kvs;
@@ -169,14 +111,12 @@ test("a server's own ABORTED stays ABORTED and does not fall back", async () => 
       },
     }),
   );
-  servers.push(kvs);
   const scheduler = await serve((router) =>
     router.service(KvsService, {
       getLimits: () => ({ kvsAddresses: [kvs.address] }),
       getValue: () => ({ found: false }),
     }),
   );
-  servers.push(scheduler);
   const client = clientOf(scheduler.address);
   await client.get("k", { timeoutMs: 30_000 }).then(
     () => ok(false, "the read answered"),
@@ -189,39 +129,9 @@ test("a server's own ABORTED stays ABORTED and does not fall back", async () => 
   strictEqual(client.kvsAddress, kvs.address, "the KVS is still used directly");
 });
 
-/**
- * A peer that accepts connections and never answers, as the kernel does for a stopped process
- * (SIGSTOP); closed() resolves once every connection it accepted has ended.
- */
-async function hungPeer(): Promise<{ address: string; accepted: () => number; closed: () => Promise<void> }> {
-  const sockets: Socket[] = [];
-  const server = net.createServer((socket) => {
-    sockets.push(socket);
-    socket.resume(); // reads what comes (and sees the client's end), answers nothing
-    socket.on("error", () => undefined); // the client gave it up
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  servers.push({
-    close: () =>
-      new Promise<void>((resolve) => {
-        for (const socket of sockets) socket.destroy();
-        server.close(() => resolve());
-      }),
-  });
-  return {
-    address: `127.0.0.1:${port}`,
-    accepted: () => sockets.length,
-    closed: () => until(() => sockets.every((s) => s.closed), "the client ended its connections"),
-  };
-}
-
 test("calls to a hung peer fail with UNAVAILABLE when pings go unanswered, and nothing else throws", async () => {
   const peer = await hungPeer();
-  const shared = transportOptions("http", { [PING_TIMEOUT_ENV]: "0.3" });
-  const client = new CloudburstClient(grpcTransport(`http://${peer.address}`, shared), {
-    kvsTransport: (kvs) => grpcTransport(`http://${kvs}`, shared),
-  });
+  const client = clientOf(peer.address, { env: { [PING_TIMEOUT_ENV]: "0.3" } });
   // Direct access on: each op asks where the KVS is (GetLimits), fails, and is sent through the
   // peer again: two calls in a row on connections whose pings go unanswered.
   for (const op of [() => client.put("k", 1, { timeoutMs: 60_000 }), () => client.get("k", { timeoutMs: 60_000 })]) {
@@ -427,7 +337,6 @@ test("every call names the protocol version in its user agent", async () => {
       },
     }),
   );
-  servers.push(server);
   await clientOf(server.address).kvs.getLimits({}, { timeoutMs: 30_000 });
   strictEqual(agents.length, 1);
   const agent = agents[0] ?? "";
