@@ -16,7 +16,7 @@ import signal
 import time
 from typing import Any
 
-from e2e.test_ts_client_security import Launcher, launch  # noqa: F401 (a fixture)
+from e2e.drivers import Launcher
 from faults import resume_and_kill
 from harness import running_process_cluster
 
@@ -26,12 +26,12 @@ from harness import running_process_cluster
 BOUND = 20.0
 
 
-def test_calls_to_a_hung_scheduler_fail_and_the_process_lives_on(launch: Launcher) -> None:  # noqa: F811
+def test_calls_to_a_hung_scheduler_fail_and_the_process_lives_on(launch_ts: Launcher) -> None:
     with running_process_cluster() as cluster:
         try:
             # The kernel accepts connections for the stopped process, which never answers.
             os.kill(cluster.scheduler.proc.pid, signal.SIGSTOP)
-            client = launch(cluster.address)
+            client = launch_ts(cluster.address)
             commands: list[dict[str, Any]] = [
                 {"op": "put", "key": "hung/first", "value": 1},
                 {"op": "get", "key": "hung/second"},
