@@ -45,6 +45,40 @@ type opResult struct {
 	err    error
 }
 
+// pendingOp is an op sent on a stream and not answered yet.
+type pendingOp struct {
+	answer chan opResult
+	kind   string // "get", "put" or "delete": the result its answer must carry, unless an error
+}
+
+// opKind names the op a frame carries, as its answer's result names it.
+func opKind(frame *cloudburstv1.StreamOpsRequest) string {
+	switch frame.GetOp().(type) {
+	case *cloudburstv1.StreamOpsRequest_Get:
+		return "get"
+	case *cloudburstv1.StreamOpsRequest_Put:
+		return "put"
+	case *cloudburstv1.StreamOpsRequest_Delete:
+		return "delete"
+	}
+	return "unknown op"
+}
+
+// resultKind names the result an answer carries ("" for none).
+func resultKind(answer *cloudburstv1.StreamOpsResponse) string {
+	switch answer.GetResult().(type) {
+	case *cloudburstv1.StreamOpsResponse_Get:
+		return "get"
+	case *cloudburstv1.StreamOpsResponse_Put:
+		return "put"
+	case *cloudburstv1.StreamOpsResponse_Delete:
+		return "delete"
+	case *cloudburstv1.StreamOpsResponse_Error:
+		return "error"
+	}
+	return ""
+}
+
 // opStream sends small KVS ops (reads, writes, deletes) as frames of one StreamOps stream of a
 // connection, each with its own sequence and deadline, and matches the answers to them by
 // sequence. The stream opens with the first op, and again with the first op after it broke. An
@@ -72,7 +106,7 @@ type liveStream struct {
 	client  grpc.BidiStreamingClient[cloudburstv1.StreamOpsRequest, cloudburstv1.StreamOpsResponse]
 	cancel  context.CancelFunc
 	done    <-chan struct{}
-	pending map[uint64]chan opResult // the ops sent and not answered
+	pending map[uint64]pendingOp // the ops sent and not answered
 	outbox  []*cloudburstv1.StreamOpsRequest
 	wake    chan struct{}
 }
@@ -115,7 +149,7 @@ func (s *opStream) request(ctx context.Context, op *cloudburstv1.StreamOpsReques
 	if deadline, ok := ctx.Deadline(); ok {
 		frame.Timeout = durationpb.New(max(time.Until(deadline), 0))
 	}
-	live.pending[sequence] = answer
+	live.pending[sequence] = pendingOp{answer: answer, kind: opKind(frame)}
 	live.outbox = append(live.outbox, frame)
 	s.mu.Unlock()
 	select {
@@ -173,7 +207,7 @@ func (s *opStream) stream(ctx context.Context) (*liveStream, error) {
 		client:  client,
 		cancel:  cancel,
 		done:    streamCtx.Done(),
-		pending: map[uint64]chan opResult{},
+		pending: map[uint64]pendingOp{},
 		wake:    make(chan struct{}, 1),
 	}
 	s.mu.Lock()
@@ -236,15 +270,31 @@ func (s *opStream) read(live *liveStream) {
 		}
 		s.mu.Lock()
 		waiting, ok := live.pending[answer.GetSequence()]
+		came := resultKind(answer)
+		if ok && came != "error" && came != waiting.kind {
+			// Taking it for a miss, or asking again elsewhere, would hide a KVS that answers
+			// wrongly: the op fails, with every other op of the stream.
+			s.mu.Unlock()
+			if came == "" {
+				came = "no result"
+			} else {
+				came = "a " + came + " result"
+			}
+			live.cancel()
+			s.ended(live, status.Errorf(codes.Internal,
+				"%s answered the %s of sequence %d on a StreamOps stream with %s, not a %s result or an error; the service breaks the protocol: report it",
+				s.name, waiting.kind, answer.GetSequence(), came, waiting.kind))
+			return
+		}
 		delete(live.pending, answer.GetSequence())
 		s.mu.Unlock()
 		if !ok {
 			continue // its op gave up (deadline, cancelled)
 		}
 		if callError := answer.GetError(); callError != nil {
-			waiting <- opResult{err: statusFromCallError(callError)}
+			waiting.answer <- opResult{err: statusFromCallError(callError)}
 		} else {
-			waiting <- opResult{answer: answer}
+			waiting.answer <- opResult{answer: answer}
 		}
 	}
 }
@@ -261,7 +311,7 @@ func (s *opStream) ended(live *liveStream, err error) {
 	}
 	closing := s.closed
 	pending := live.pending
-	live.pending = map[uint64]chan opResult{}
+	live.pending = map[uint64]pendingOp{}
 	live.outbox = nil
 	s.mu.Unlock()
 	live.cancel()
@@ -277,7 +327,7 @@ func (s *opStream) ended(live *liveStream, err error) {
 		failure = err
 	}
 	for _, waiting := range pending {
-		waiting <- opResult{err: failure}
+		waiting.answer <- opResult{err: failure}
 	}
 }
 

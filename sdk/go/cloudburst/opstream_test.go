@@ -201,8 +201,13 @@ func (k *testKvs) StreamOps(stream grpc.BidiStreamingServer[cloudburstv1.StreamO
 			if err != nil {
 				answer.Result = &cloudburstv1.StreamOpsResponse_Error{Error: callErrorOf(err)}
 			}
-			if key == "batch" {
+			switch key {
+			case "batch":
 				answer = &cloudburstv1.StreamOpsResponse{Batch: []*cloudburstv1.StreamOpsResponse{answer}}
+			case "wrongkind": // a KVS that breaks the protocol: a put's result, whatever the op
+				answer.Result = &cloudburstv1.StreamOpsResponse_Put{Put: &cloudburstv1.PutValueResponse{}}
+			case "noresult":
+				answer.Result = nil
 			}
 			if ctx.Err() != nil {
 				return // the stream ended: no answer
@@ -477,5 +482,31 @@ func TestBatchedAnswersThatWereNotAskedForAreRefused(t *testing.T) {
 	}
 	if err := client.Put(ctx, "k", 1); err != nil || kvs.opened.Load() != 2 {
 		t.Fatalf("the next op: %v, on stream %d; want it on a new stream", err, kvs.opened.Load())
+	}
+}
+
+func TestAnAnswerOfTheWrongKindIsAProtocolError(t *testing.T) {
+	kvs := startTestKvs(t, &testKvs{streams: true})
+	client := dialTest(t, kvs.address, DirectKvsOff)
+	defer client.Close()
+	ctx := testContext(t)
+	if err := client.Put(ctx, "wrongkind", 1); err != nil {
+		t.Fatalf("a put answered with a put result: %v", err)
+	}
+	_, _, err := client.Get(ctx, "wrongkind")
+	var typed *Error
+	want := "answered the get of sequence 2 on a StreamOps stream with a put result, not a get result or an error"
+	if !errors.As(err, &typed) || typed.Code != codes.Internal || !strings.Contains(typed.Message, want) {
+		t.Fatalf("a get answered with a put result gave %v; want Internal saying %q", err, want)
+	}
+	_, err = client.Delete(ctx, "noresult")
+	if !errors.As(err, &typed) || typed.Code != codes.Internal || !strings.Contains(typed.Message, "delete of sequence 3 on a StreamOps stream with no result") {
+		t.Fatalf("a delete answered with no result gave %v; want Internal naming no result", err)
+	}
+	if kvs.unary.Load() != 0 || kvs.opened.Load() != 2 {
+		t.Fatalf("%d unary calls, %d streams; want no op asked again, and a new stream after the first failure", kvs.unary.Load(), kvs.opened.Load())
+	}
+	if err := client.Put(ctx, "k", 1); err != nil || kvs.opened.Load() != 3 {
+		t.Fatalf("the next op: %v, on stream %d; want it on the third stream", err, kvs.opened.Load())
 	}
 }
