@@ -185,6 +185,10 @@ class Core:
         self.kvs_address: str | None = None
         """The address of the KVS that KVS calls go to directly; None: through the scheduler."""
         self._direct: tuple[str, grpc.aio.Channel, KvsStub] | None = None
+        self._direct_inline = chunks.INLINE_VALUE_BYTES
+        """Larger values written to the KVS itself go in chunks (from its own GetLimits)."""
+        self._proxy_inline = chunks.INLINE_VALUE_BYTES
+        """Larger values written at the scheduler's address go in chunks (from its GetLimits)."""
         self._ops: OpStreams | None = None
         """The op streams to the KVS called directly (None: unary calls only)."""
         self._proxy_ops: OpStreams | None = None
@@ -603,7 +607,7 @@ class Core:
             channel = self._security.channel(address, self._max_payload_bytes)
             stub: KvsStub = kvs_service_pb2_grpc.KvsServiceStub(channel)
             try:
-                await stub.GetLimits(kvs_service_pb2.GetLimitsRequest(), timeout=timeout)
+                limits = await stub.GetLimits(kvs_service_pb2.GetLimitsRequest(), timeout=timeout)
             except grpc.RpcError as exc:
                 rpc: Any = exc
                 logger.info(
@@ -614,11 +618,24 @@ class Core:
                 await channel.close()
                 continue
             self._direct = (address, channel, stub)
+            self._direct_inline = chunks.inline_bytes(limits)
             if self._stream_ops:
                 self._ops = OpStreams(stub, f"the KVS at {address}")
             self.kvs, self.kvs_address = stub, address
             return True
         return False
+
+    def learn_limits(self, limits: kvs_service_pb2.GetLimitsResponse) -> None:
+        """Size the writes sent to the scheduler's address by its ``GetLimits`` answer."""
+        self._proxy_inline = chunks.inline_bytes(limits)
+
+    @property
+    def inline_value_bytes(self) -> int:
+        """The largest value a write sent now goes in one message with; larger: chunks."""
+        return self._inline_at(self.kvs)
+
+    def _inline_at(self, stub: KvsStub) -> int:
+        return self._proxy_inline if stub is self.proxy_kvs else self._direct_inline
 
     async def _on_kvs(self, operation: Callable[[KvsStub, OpStreams | None], Awaitable[T]]) -> T:
         """Run an idempotent KVS operation at the KVS; if that is unreachable, via the scheduler.
@@ -768,51 +785,61 @@ class Core:
         return result
 
     @staticmethod
-    def put_frame(key: str) -> OpRequest:
-        """A write of ``key`` for :meth:`put`; the caller fills in its request (``put``)."""
+    def put_frame(write: Write) -> OpRequest:
+        """``write`` as the frame of one message: its lattice built in place, the bytes copied once.
+
+        Built by the caller (off the loop) when the value fits in one message where
+        writes go now, and kept for every attempt; :meth:`put` builds it when a
+        retry sends in one message a value it did not expect to.
+        """
         frame = OpRequest()
-        frame.put.key = key
+        request = frame.put
+        request.key, request.keyspace = write.key, _USER
+        request.request_id, request.omit_lattice = write.request_id, True
+        lww = request.lattice.lww
+        lww.timestamp.CopyFrom(write.timestamp)
+        lww.value.data, lww.value.serializer = write.data, write.serializer
         return frame
 
-    async def put(self, frame: OpRequest, value_bytes: int, timeout: float) -> None:
-        """Send a write of a user key that fits in one message.
+    async def put(self, write: Write, timeout: float) -> None:
+        """Send a write of a user key, sized for the service each attempt goes to.
 
-        The caller builds the request with its lattice in place in ``frame``
-        (from :meth:`put_frame`), so that the value is copied into it once,
-        whether it goes as that frame on an op stream or alone in a unary call,
-        and gives the value's size: measuring the request would encode it once more.
+        A value over that service's inline limit (its own ``GetLimits``) goes in
+        chunks, straight from ``write.data`` (never copied whole); a smaller one in
+        one message: the frame ``write`` carries (see :meth:`put_frame`), as a frame
+        of an op stream or alone in a unary call. Every attempt sends the same
+        lattice and request id: a retry merges as the same write.
         """
-        request = frame.put
-        request.keyspace, request.omit_lattice = _USER, True
-        what = f"writing key {request.key!r}"
+        what = f"writing key {write.key!r}"
+        size = len(write.data)
 
         async def put(stub: KvsStub, ops: OpStreams | None) -> None:
-            stream = ops.for_write(value_bytes) if ops is not None else None
+            if size > self._inline_at(stub):
+                await chunks.write_value(
+                    stub,
+                    write.key,
+                    write.timestamp,
+                    write.serializer,
+                    write.data,
+                    _USER,
+                    timeout,
+                    write.request_id,
+                )
+                return
+            if write.frame is None:
+                write.frame = self.put_frame(write)
+            frame = write.frame
+            stream = ops.for_write(size) if ops is not None else None
             if stream is not None and stream.available:
                 if await _streamed(stream, frame, what, timeout) is not None:
                     return
-            await call(what, lambda: stub.PutValue(request, timeout=timeout))
+            await call(what, lambda: stub.PutValue(frame.put, timeout=timeout))
 
         await self._on_kvs(put)
 
-    async def put_large(
-        self,
-        key: str,
-        timestamp: lattice_pb2.LwwTimestamp,
-        serializer: value_pb2.Serializer.ValueType,
-        data: chunks.Buffer,
-        timeout: float,
-    ) -> None:
-        """Send a write of a user key in chunks, straight from ``data`` (never copied whole)."""
-        await self._on_kvs(
-            lambda stub, _ops: chunks.write_value(
-                stub, key, timestamp, serializer, data, _USER, timeout
-            )
-        )
-
-    async def delete(self, key: str, timeout: float) -> bool:
-        """Delete a user key."""
-        request = kvs_service_pb2.DeleteValueRequest(key=key, keyspace=_USER)
+    async def delete(self, key: str, request_id: str, timeout: float) -> bool:
+        """Delete a user key; every attempt sends ``request_id``."""
+        request = kvs_service_pb2.DeleteValueRequest(key=key, keyspace=_USER, request_id=request_id)
         what = f"deleting key {key!r}"
 
         async def delete(stub: KvsStub, ops: OpStreams | None) -> bool:
@@ -847,6 +874,19 @@ class Core:
         if self._direct is not None:
             await self._direct[1].close()
         await self.channel.close()
+
+
+@dataclass(slots=True)
+class Write:
+    """One write of a user key's last-writer-wins value, the same in each of its attempts."""
+
+    key: str
+    timestamp: lattice_pb2.LwwTimestamp
+    serializer: value_pb2.Serializer.ValueType
+    data: bytes
+    request_id: str
+    frame: OpRequest | None = None
+    """The write as one message, once built (:meth:`Core.put_frame`)."""
 
 
 async def _streamed(

@@ -1,7 +1,8 @@
 """Moving a KVS value too large for one message: in chunks over a stream.
 
-A value of more than :data:`INLINE_VALUE_BYTES` (or than the KVS tier's
-message limit, when that is smaller) is written with
+A value of more than :data:`INLINE_VALUE_BYTES` (or than the message limit
+of the service it is written to, when that is smaller: :func:`inline_bytes`)
+is written with
 ``PutValueChunks`` (the write without its bytes, then the bytes in
 :data:`CHUNK_BYTES` pieces) and read with ``GetValueChunks`` when ``GetValue``
 answers ``chunked``. A set lattice too large for one message is read the same
@@ -261,6 +262,16 @@ async def read_chunks(
     """
     received = await receive(stub, key, keyspace, timeout)
     return None if received is None else await asyncio.to_thread(received.to_lattice)
+
+
+def inline_bytes(limits: kvs_service_pb2.GetLimitsResponse | None) -> int:
+    """The largest value written in one message to a service with ``limits``; larger: chunks.
+
+    ``limits`` is that service's own ``GetLimits`` answer (None: it gave none).
+    """
+    if limits is None or not limits.max_message_bytes:
+        return INLINE_VALUE_BYTES
+    return min(INLINE_VALUE_BYTES, int(limits.max_message_bytes))
 
 
 async def get_limits(

@@ -27,7 +27,7 @@ from typing import Any
 import cloudpickle
 
 from cloudburst import _original, chunks, malloc, protocol, sources, tracing
-from cloudburst._core import Core, PendingCall
+from cloudburst._core import Core, PendingCall, Write
 from cloudburst._loop import new_driver
 from cloudburst.errors import (
     CloudburstError,
@@ -43,7 +43,7 @@ from cloudburst.errors import (
 from cloudburst.function import CloudburstFunction
 from cloudburst.future import CloudburstFuture
 from cloudburst.reference import CloudburstReference
-from cloudburst.rpc import call, error_from_call_error
+from cloudburst.rpc import call, error_from_call_error, new_request_id
 from cloudburst.serialization import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     LwwClock,
@@ -410,8 +410,6 @@ class CloudburstConnection:
         self.max_payload_bytes = max_payload_bytes
         self.max_value_bytes = max_payload_bytes
         """The largest value ``put_object`` stores: the KVS tier's limit, learned on connecting."""
-        self._inline_value_bytes = chunks.INLINE_VALUE_BYTES
-        """Larger values are written in chunks (less when the KVS tier's messages are smaller)."""
         self.keep_results = keep_results
         self.last_error: CloudburstError | None = None
         """The error of the last ``register_dag``/``delete_dag`` that returned False."""
@@ -480,10 +478,7 @@ class CloudburstConnection:
         try:  # the KVS tier's limit on a value (larger than a message: values move in chunks)
             limits = await chunks.get_limits(core.kvs, connect_timeout)
             self.max_value_bytes = max(int(limits.max_value_bytes), self.max_payload_bytes)
-            if limits.max_message_bytes:
-                self._inline_value_bytes = min(
-                    chunks.INLINE_VALUE_BYTES, int(limits.max_message_bytes)
-                )
+            core.learn_limits(limits)
         except ProtocolMismatchError as exc:
             if exc.metadata.get(protocol.ROLE_KEY) not in ("scheduler", "cbgrpc serve"):
                 # The scheduler passes on the KVS's refusal of it: the cluster is mixed.
@@ -1162,24 +1157,14 @@ class CloudburstConnection:
         data, serializer = _encode(value, what)
         size = len(data)
         check_length(size, what=what, limit=self.max_value_bytes)
-        timestamp = self._clock.now()  # one timestamp: a retry merges as the same write
-        if size > self._inline_value_bytes:
-            # Sent in slices of the serialized value: no copy of the whole.
-            self._retrying(
-                lambda: self._core.put_large(key, timestamp, serializer, data, self.timeout),
-                f"put_object({key!r})",
-            )
-        else:
-            # Built in place, the bytes copied once.
-            frame = self._core.put_frame(key)
-            lattice = frame.put.lattice
-            lattice.lww.timestamp.CopyFrom(timestamp)
-            lattice.lww.value.data, lattice.lww.value.serializer = data, serializer
-            del data
-            self._retrying(
-                lambda: self._core.put(frame, size, self.timeout), f"put_object({key!r})"
-            )
-        self._wrote(key, timestamp.time_ns)
+        # One timestamp and one request id: a retry merges as the same write.
+        write = Write(key, self._clock.now(), serializer, data, new_request_id())
+        if size <= self._core.inline_value_bytes:
+            # In one message: built here, off the loop, the bytes copied once. A larger
+            # value goes in chunks, slices of the serialized value: no copy of the whole.
+            write.frame = Core.put_frame(write)
+        self._retrying(lambda: self._core.put(write, self.timeout), f"put_object({key!r})")
+        self._wrote(key, write.timestamp.time_ns)
         return True
 
     def _wrote(self, key: str, time_ns: int) -> None:
@@ -1193,7 +1178,10 @@ class CloudburstConnection:
         """Delete ``key``; returns whether it existed."""
         key = self._key(key)
         self._stored_soon(key, forget=True)
-        existed = self._run(self._core.delete(key, self.timeout), f"delete_object({key!r})")
+        request_id = new_request_id()  # sent by each attempt: a retry deletes once
+        existed = self._run(
+            self._core.delete(key, request_id, self.timeout), f"delete_object({key!r})"
+        )
         self._wrote(key, self._clock.now().time_ns)  # a cached value from before is stale
         return bool(existed)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -24,6 +25,15 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 #: What an UNAVAILABLE error without details of its own asks the user to check.
 UNAVAILABLE_HINT = "check that `cbgrpc serve` (or the scheduler) is running at the address given"
+
+
+def new_request_id() -> str:
+    """A random id for one write or delete (``request_id``), sent with each of its attempts.
+
+    A KVS that remembers request ids answers a retry of a write it already
+    applied with the first attempt's answer instead of applying it again.
+    """
+    return os.urandom(8).hex()
 
 
 def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstError:

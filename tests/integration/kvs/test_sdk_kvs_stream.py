@@ -132,6 +132,23 @@ def test_larger_writes_go_on_a_stream_of_their_own(setup: Callable[..., Setup]) 
     assert all(size > MAX_STREAMED_PUT_BYTES for _, size in large)
 
 
+def test_a_value_over_the_kvs_message_limit_goes_to_it_in_chunks(
+    setup: Callable[..., Setup],
+) -> None:
+    """The KVS takes smaller messages than the scheduler: its own limit sizes direct writes."""
+    cluster = setup()
+    kvs = cluster.kvs
+    value = b"v" * (4 * LIMIT)  # over the KVS's message limit, within the scheduler's
+    with connect(cluster.scheduler.address) as conn:
+        assert conn.kvs_address == kvs.address
+        assert conn.put_object("between", value) is True
+        assert conn.get_object("between") == value
+        assert conn.kvs_address == kvs.address
+    assert kvs.recorder.calls("PutValueChunks") == 1
+    assert kvs.recorder.calls("PutValue") == 0
+    assert kvs.recorder.calls("GetValueChunks") == 1
+
+
 def test_the_switch_keeps_the_sdk_on_unary_calls(
     setup: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -243,13 +260,21 @@ def _set_lattice(kvs: CountedKvs, key: str) -> None:
 
 
 def _core_put(conn: CloudburstConnection, key: str, size: int, timeout: float = WAIT) -> None:
-    """A write of one message, as put_object sends it, at the SDK's core (no client checks)."""
-    frame = conn._core.put_frame(key)
-    request = frame.put
-    request.lattice.lww.value.data = b"x" * size
-    request.lattice.lww.value.serializer = value_pb2.SERIALIZER_BYTES
-    request.lattice.lww.timestamp.time_ns = time.time_ns()
-    conn._run(conn._core.put(frame, size, timeout), "put")
+    """A write of one message, as put_object sends it, at the SDK's core (no client checks).
+
+    Sent in one message whatever the KVS's message limit: as a client that sized it by
+    a larger limit would.
+    """
+    write = _core.Write(
+        key,
+        lattice_pb2.LwwTimestamp(time_ns=time.time_ns(), writer_id="test"),
+        value_pb2.SERIALIZER_BYTES,
+        b"x" * size,
+        "",
+    )
+    write.frame = _core.Core.put_frame(write)
+    conn._core._direct_inline = size
+    conn._run(conn._core.put(write, timeout), "put")
 
 
 #: Each error a KVS op can answer: the role the KVS grants (None: no authorization), what
@@ -276,7 +301,7 @@ ERRORS: dict[str, tuple[str | None, Callable[..., None], Callable[..., Any], str
     "empty key on delete": (
         None,
         lambda kvs, conn: None,
-        lambda conn: conn._run(conn._core.delete("", WAIT), "delete"),
+        lambda conn: conn._run(conn._core.delete("", "", WAIT), "delete"),
         "InvalidArgumentError",
     ),
     "deadline": (  # the store holds the write past it
