@@ -3,7 +3,9 @@
 :class:`KvsServer` runs a real KVS servicer on 127.0.0.1 over a :class:`HeldStore`,
 behind the interceptors a test gives; :class:`CountedKvs` is one whose calls and
 StreamOps frames are counted. The ``start_kvs_server`` fixture (tests/conftest.py)
-stops each one a test starts.
+stops each one a test starts. :class:`Writes` records the writes and deletes a KVS
+receives and may lose their answers; :class:`SharedStoreKvs` is a KVS over a store
+that other servers serve too.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ import asyncio
 import inspect
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Self
 
 import grpc
 
-from cloudburst.v1 import lattice_pb2
+from cloudburst.v1 import kvs_service_pb2, lattice_pb2
 from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.security.authz import Authenticator, AuthInterceptor, Denied
 from cloudburst_grpc.security.identity import INVOKER, Identity
 from cloudburst_grpc.server import bind, create_server
 from cloudburst_kvs.local import add_kvs_to_server
+from cloudburst_kvs.servicer import KvsServicer
 from cloudburst_kvs.storage import MemoryEngine
 from cloudburst_kvs.store import LatticeStore
 from harness import LoopThread
 
 KVS = "/cloudburst.v1.KvsService/"
+USER = lattice_pb2.KEYSPACE_USER
 #: The unary calls of one key's op, which a StreamOps stream carries as frames instead.
 UNARY = ("GetValue", "PutValue", "DeleteValue")
 #: A test KVS's largest message (its max_payload_bytes, GetLimits.max_message_bytes): a larger
@@ -278,3 +283,168 @@ class CountedKvs(KvsServer):
     def unary_calls(self) -> int:
         """The unary calls of single ops the server received (:data:`UNARY`)."""
         return sum(self.recorder.calls(name) for name in UNARY)
+
+
+#: What a KVS received of one write or delete: the method, and the request (for
+#: PutValueChunks its first frame's put, without the value's bytes).
+Received = tuple[str, Any]
+
+
+class Writes(grpc.aio.ServerInterceptor):
+    """Records the writes and deletes of user keys a KVS receives.
+
+    With ``lose_answers``, each is applied (by the KVS's servicer) and then answered
+    ``UNAVAILABLE``, as by a KVS whose answer was lost: over an op stream, the
+    stream ends so. ``between`` runs after a delete is applied, before its answer.
+    """
+
+    def __init__(self, lose_answers: bool = False) -> None:
+        self.lose_answers = lose_answers
+        self.received: list[Received] = []
+        self.servicer: KvsServicer | None = None
+        self.between: Callable[[str], Awaitable[None]] | None = None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method.removeprefix(KVS)
+        if handler is None:
+            return handler
+        if method in ("PutValue", "DeleteValue"):
+            return self._unary(method, handler)
+        if method == "PutValueChunks":
+            return self._chunks(handler)
+        if method == "StreamOps":
+            return self._stream(handler) if self.lose_answers else self._recorded_stream(handler)
+        return handler
+
+    async def _applied(self, method: str, request: Any, context: Any) -> None:
+        """Record the op; when answers are lost, run ``between`` and answer UNAVAILABLE."""
+        if request.keyspace != USER:
+            return
+        self.received.append((method, request))
+        if not self.lose_answers:
+            return
+        if isinstance(request, kvs_service_pb2.DeleteValueRequest) and self.between is not None:
+            await self.between(request.key)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the answer was lost")
+
+    def _unary(self, method: str, handler: Any) -> Any:
+        behavior = handler.unary_unary
+
+        async def recorded(request: Any, context: Any) -> Any:
+            response = await behavior(request, context)
+            await self._applied(method, request, context)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            recorded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _chunks(self, handler: Any) -> Any:
+        behavior = handler.stream_unary
+
+        async def recorded(requests: AsyncIterator[Any], context: Any) -> Any:
+            first: list[Any] = []
+
+            async def frames() -> AsyncIterator[Any]:
+                async for frame in requests:
+                    if frame.WhichOneof("frame") == "put":
+                        first.append(frame.put)
+                    yield frame
+
+            response = await behavior(frames(), context)
+            await self._applied("PutValueChunks", first[0], context)
+            return response
+
+        return grpc.stream_unary_rpc_method_handler(
+            recorded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _recorded_stream(self, handler: Any) -> Any:
+        """A stream served as it is, its writes and deletes recorded as they are read."""
+        behavior = handler.stream_stream
+
+        async def frames(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for message in requests:
+                for frame in message.batch or (message,):
+                    op = frame.WhichOneof("op")
+                    request = getattr(frame, op) if op in ("put", "delete") else None
+                    if request is not None and request.keyspace == USER:
+                        self.received.append((f"StreamOps/{op}", request))
+                yield message
+
+        if inspect.isasyncgenfunction(behavior):  # the servicer yields its answers
+
+            async def answered(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+                async for message in behavior(frames(requests), context):
+                    yield message
+
+            recorded: Any = answered
+        else:  # the servicer writes its answers
+
+            async def writes(requests: AsyncIterator[Any], context: Any) -> Any:
+                return await behavior(frames(requests), context)
+
+            recorded = writes
+        return grpc.stream_stream_rpc_method_handler(
+            recorded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _stream(self, handler: Any) -> Any:
+        """Each op of a stream applied as its unary call, then the stream lost."""
+
+        async def lost(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            assert self.servicer is not None
+            async for message in requests:
+                for frame in message.batch or (message,):
+                    op = frame.WhichOneof("op")
+                    if op == "put":
+                        await self.servicer.PutValue(frame.put, context)
+                        await self._applied("StreamOps/put", frame.put, context)
+                    elif op == "delete":
+                        await self.servicer.DeleteValue(frame.delete, context)
+                        await self._applied("StreamOps/delete", frame.delete, context)
+                    else:
+                        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"no {op} here")
+            yield kvs_service_pb2.StreamOpsResponse()  # not reached: every op aborts
+
+        return grpc.stream_stream_rpc_method_handler(
+            lost,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass
+class SharedStoreKvs:
+    """A KVS server over ``store`` (which other servers may serve too), its writes recorded."""
+
+    store: LatticeStore
+    writes: Writes
+    limit: int
+    server: grpc.aio.Server | None = None
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> SharedStoreKvs:
+        server, _health = create_server(self.limit, self.writes)
+        self.writes.servicer = add_kvs_to_server(
+            server, self.store, KvsConfig(engine="memory"), self.limit
+        )
+        self.port = bind(server, "127.0.0.1", 0)
+        await server.start()
+        self.server = server
+        return self

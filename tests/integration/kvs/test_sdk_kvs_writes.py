@@ -10,8 +10,8 @@ retry of a delete applied already does not delete a value written in between.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,161 +21,24 @@ from cloudburst import CloudburstConnection
 from cloudburst.opstream import MAX_STREAMED_PUT_BYTES, STREAM_ENV
 from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
-from cloudburst_grpc.config import KvsConfig
 from cloudburst_grpc.local import Node, start_executor_node, start_scheduler_node
-from cloudburst_grpc.server import bind, create_server
-from cloudburst_kvs.local import add_kvs_to_server
-from cloudburst_kvs.servicer import KvsServicer
 from cloudburst_kvs.storage import MemoryEngine
 from cloudburst_kvs.store import LatticeStore
 from harness import LoopThread, make_config
-from kvs_interceptors import KVS, Chain, Recorder
+from kvs_interceptors import SharedStoreKvs, Writes
 
 WAIT = 30.0
 USER = lattice_pb2.KEYSPACE_USER
 #: max_payload_bytes of the KVS the SDK calls directly; the scheduler's is the default (64 MiB).
 DIRECT_LIMIT = 1 << 20
 
-#: What a KVS received of one write or delete: the method, and the request (for
-#: PutValueChunks its first frame's put, without the value's bytes).
-Received = tuple[str, Any]
-
-
-class Writes(grpc.aio.ServerInterceptor):
-    """Records the writes and deletes of user keys a KVS receives.
-
-    With ``lose_answers``, each is applied (by the KVS's servicer) and then answered
-    ``UNAVAILABLE``, as by a KVS whose answer was lost: over an op stream, the
-    stream ends so. ``between`` runs after a delete is applied, before its answer.
-    """
-
-    def __init__(self, lose_answers: bool = False) -> None:
-        self.lose_answers = lose_answers
-        self.received: list[Received] = []
-        self.servicer: KvsServicer | None = None
-        self.between: Callable[[str], Awaitable[None]] | None = None
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method.removeprefix(KVS)
-        if handler is None:
-            return handler
-        if method in ("PutValue", "DeleteValue"):
-            return self._unary(method, handler)
-        if method == "PutValueChunks":
-            return self._chunks(handler)
-        if method == "StreamOps" and self.lose_answers:
-            return self._stream(handler)
-        return handler
-
-    async def _applied(self, method: str, request: Any, context: Any) -> None:
-        """Record the op; when answers are lost, run ``between`` and answer UNAVAILABLE."""
-        if request.keyspace != USER:
-            return
-        self.received.append((method, request))
-        if not self.lose_answers:
-            return
-        if isinstance(request, kvs_service_pb2.DeleteValueRequest) and self.between is not None:
-            await self.between(request.key)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "the answer was lost")
-
-    def _unary(self, method: str, handler: Any) -> Any:
-        behavior = handler.unary_unary
-
-        async def recorded(request: Any, context: Any) -> Any:
-            response = await behavior(request, context)
-            await self._applied(method, request, context)
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(
-            recorded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _chunks(self, handler: Any) -> Any:
-        behavior = handler.stream_unary
-
-        async def recorded(requests: AsyncIterator[Any], context: Any) -> Any:
-            first: list[Any] = []
-
-            async def frames() -> AsyncIterator[Any]:
-                async for frame in requests:
-                    if frame.WhichOneof("frame") == "put":
-                        first.append(frame.put)
-                    yield frame
-
-            response = await behavior(frames(), context)
-            await self._applied("PutValueChunks", first[0], context)
-            return response
-
-        return grpc.stream_unary_rpc_method_handler(
-            recorded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _stream(self, handler: Any) -> Any:
-        """Each op of a stream applied as its unary call, then the stream lost."""
-
-        async def lost(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-            assert self.servicer is not None
-            async for message in requests:
-                for frame in message.batch or (message,):
-                    op = frame.WhichOneof("op")
-                    if op == "put":
-                        await self.servicer.PutValue(frame.put, context)
-                        await self._applied("StreamOps/put", frame.put, context)
-                    elif op == "delete":
-                        await self.servicer.DeleteValue(frame.delete, context)
-                        await self._applied("StreamOps/delete", frame.delete, context)
-                    else:
-                        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"no {op} here")
-            yield kvs_service_pb2.StreamOpsResponse()  # not reached: every op aborts
-
-        return grpc.stream_stream_rpc_method_handler(
-            lost,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-@dataclass
-class KvsServer:
-    """A KVS server over ``store`` whose user writes and deletes are recorded."""
-
-    store: LatticeStore
-    writes: Writes
-    limit: int
-    server: grpc.aio.Server | None = None
-    port: int = 0
-    recorder: Recorder = field(default_factory=Recorder)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> KvsServer:
-        server, _health = create_server(self.limit, Chain(self.recorder, self.writes))
-        self.writes.servicer = add_kvs_to_server(
-            server, self.store, KvsConfig(engine="memory"), self.limit
-        )
-        self.port = bind(server, "127.0.0.1", 0)
-        await server.start()
-        self.server = server
-        return self
-
 
 @dataclass
 class Setup:
     scheduler: Node
-    direct: KvsServer
+    direct: SharedStoreKvs
     """The KVS clients call directly: it loses every answer to a write or delete."""
-    backing: KvsServer
+    backing: SharedStoreKvs
     """The scheduler's KVS, over the same store."""
 
 
@@ -183,9 +46,11 @@ class Setup:
 def setup(start_node: Callable[..., Node], server_loop: LoopThread) -> Iterator[Setup]:
     store = LatticeStore(MemoryEngine())
     server_loop.run(store.start())
-    direct = server_loop.run(KvsServer(store, Writes(lose_answers=True), DIRECT_LIMIT).start())
+    direct = server_loop.run(SharedStoreKvs(store, Writes(lose_answers=True), DIRECT_LIMIT).start())
     config = make_config()
-    backing = server_loop.run(KvsServer(store, Writes(), config.server.max_payload_bytes).start())
+    backing = server_loop.run(
+        SharedStoreKvs(store, Writes(), config.server.max_payload_bytes).start()
+    )
     config = make_config(scheduler={"direct_kvs_address": direct.address})
     executor = start_node(start_executor_node(config, backing.address, "executor-0"))
     scheduler = start_node(start_scheduler_node(config, backing.address, [executor.address]))
