@@ -23,7 +23,7 @@ import grpc
 from cloudburst import protocol
 from cloudburst.chunks import Stored
 from cloudburst.errors import ProtocolMismatchError, UnavailableError
-from cloudburst.rpc import UNAVAILABLE_HINT
+from cloudburst.rpc import UNAVAILABLE_HINT, new_request_id
 from cloudburst.v1 import lattice_pb2
 from cloudburst_grpc.config import Config
 from cloudburst_grpc.discovery.consul import Instance, ServiceWatch
@@ -382,12 +382,22 @@ class EndpointKvs:
         lattice: lattice_pb2.Lattice,
         keyspace: lattice_pb2.Keyspace.ValueType = USER,
     ) -> None:
-        """Merge a lattice (the KVS does not send it back)."""
-        await self._once_more_elsewhere(lambda client: client.merge(key, lattice, keyspace))
+        """Merge a lattice (the KVS does not send it back).
+
+        Both attempts send one request id, which marks the second as a retry of
+        the first to a store that remembers ids (see docs/protocol.md).
+        """
+        request_id = new_request_id()
+        await self._once_more_elsewhere(
+            lambda client: client.merge(key, lattice, keyspace, request_id=request_id)
+        )
 
     async def delete(self, key: str, keyspace: lattice_pb2.Keyspace.ValueType = USER) -> bool:
-        """Delete a key."""
-        return await self._once_more_elsewhere(lambda client: client.delete(key, keyspace))
+        """Delete a key; both attempts send one request id (see :meth:`put`)."""
+        request_id = new_request_id()
+        return await self._once_more_elsewhere(
+            lambda client: client.delete(key, keyspace, request_id=request_id)
+        )
 
     async def delete_many(
         self, keys: Sequence[str], keyspace: lattice_pb2.Keyspace.ValueType = USER

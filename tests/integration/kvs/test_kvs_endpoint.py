@@ -8,15 +8,18 @@ channel closes within the test's deadline instead of after half an hour.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from cloudburst.serialization import LwwClock, lww, serialize
+from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
 from cloudburst_grpc.discovery.consul import ConsulClient, Instance, ServiceWatch
 from cloudburst_grpc.local import Node
 from cloudburst_kvs.access import EndpointKvs, KvsEndpoint
+from cloudburst_kvs.storage import MemoryEngine
 from cloudburst_kvs.store import LatticeStore
 from harness import make_config
+from kvs_interceptors import USER, SharedStoreKvs, Writes
 
 DEADLINE = 30.0
 IDLE_SECONDS = 1.0
@@ -64,3 +67,52 @@ async def test_a_replaced_channel_closes_once_its_calls_have_ended(
             waiting.cancel()
             await asyncio.gather(waiting, return_exceptions=True)
         await endpoint.close()
+
+
+async def test_a_write_or_delete_tried_again_on_another_instance_is_the_same_one(
+    consul: ConsulClient,
+) -> None:
+    """The first instance applies each write and delete, and its answer is lost.
+
+    Both instances serve one store, as instances over one Valkey do; this one
+    remembers request ids, so the retry of the delete does not delete the value
+    written between the two attempts.
+    """
+    store = LatticeStore(MemoryEngine())
+    await store.start()
+    limit = CONFIG.server.max_payload_bytes
+    lost = await SharedStoreKvs(store, Writes(lose_answers=True), limit).start()
+    other = await SharedStoreKvs(store, Writes(), limit).start()
+
+    async def write_between(key: str) -> None:
+        await store.put(USER, key, lww(serialize("written in between"), CLOCK))
+
+    lost.writes.between = write_between
+    try:
+        operations: list[tuple[str, Callable[[EndpointKvs], Awaitable[object]]]] = [
+            ("put", lambda kvs: kvs.put("key", lww(serialize("first"), CLOCK))),
+            ("delete", lambda kvs: kvs.delete("key")),
+        ]
+        for name, operation in operations:
+            # An endpoint of its own: after a lost answer it sets the first instance aside.
+            watch = ServiceWatch(consul, "cloudburst-kvs")
+            watch.instances = [Instance("kvs-a", lost.address), Instance("kvs-b", other.address)]
+            endpoint = KvsEndpoint(CONFIG, None, watch)
+            try:
+                await asyncio.wait_for(operation(EndpointKvs(endpoint)), DEADLINE)
+                assert endpoint.address == other.address, name
+            finally:
+                await endpoint.close()
+            attempts = lost.writes.received + other.writes.received
+            assert lost.writes.received and other.writes.received, (name, attempts)
+            request_ids = {request.request_id for _, request in attempts}
+            assert len(request_ids) == 1 and "" not in request_ids, (name, attempts)
+            lost.writes.received.clear()
+            other.writes.received.clear()
+        stored = await store.read(USER, "key")
+        assert stored is not None and lattice_value(stored) == "written in between"
+    finally:
+        for kvs in (lost, other):
+            if kvs.server is not None:
+                await kvs.server.stop(0)
+        await store.close()
