@@ -76,6 +76,10 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
 
     ``direct_addresses``, when given, returns the KVS addresses that
     ``GetLimits`` tells clients to call directly (see :func:`addresses_for`).
+    ``max_message_bytes``, when given, is this server's own limit on a value in
+    one message (``server.max_payload_bytes``): ``GetLimits`` reports it when
+    it is smaller than the KVS's, so that clients size the writes they send
+    here for it.
     """
 
     def __init__(
@@ -84,8 +88,10 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         unreachable: Callable[[grpc.aio.Channel], bool] = lambda _: False,
         where: Callable[[], str] = lambda: "the KVS tier",
         direct_addresses: Callable[[], Awaitable[list[str]]] | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self._channel = channel
+        self._max_message_bytes = max_message_bytes
         self._unreachable = unreachable
         self._where = where
         self._direct_addresses = direct_addresses
@@ -244,11 +250,16 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         """Forward GetLimits, adding the KVS addresses clients may call directly.
 
         The KVS's ``serves_op_streams`` is cleared: this service forwards no StreamOps.
+        Its ``max_message_bytes`` becomes this server's own limit when that is smaller:
+        a write sent here must pass both.
         """
         response: kvs_service_pb2.GetLimitsResponse = await self._unary(
             "GetLimits", request, context
         )
         response.serves_op_streams = False
+        ours = self._max_message_bytes
+        if ours and (not response.max_message_bytes or ours < response.max_message_bytes):
+            response.max_message_bytes = ours
         if self._direct_addresses is not None:
             response.kvs_addresses.extend(
                 addresses_for(context.peer() or "", await self._direct_addresses())

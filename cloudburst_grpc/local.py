@@ -737,6 +737,7 @@ async def start_scheduler_node(
                 endpoint.unreachable,
                 lambda: endpoint.address,
                 _direct_kvs(config, endpoint),
+                config.server.max_payload_bytes,
             ),
             server,
         )

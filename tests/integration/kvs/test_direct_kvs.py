@@ -199,3 +199,25 @@ def test_close_waits_for_a_scheduler_that_does_not_answer_at_most_its_grace(
     # The SDK's CLOSE_GRACE_SECONDS (1 s) and a margin; waiting for the hung scheduler to end
     # the call stream took 5 s before.
     assert took < 3.0, f"close() took {took:.2f}s"
+
+
+def test_a_scheduler_with_a_smaller_message_limit_gets_writes_sized_for_it() -> None:
+    """The scheduler reports its own message limit, not the KVS's larger one."""
+    limit = 1 << 20
+    env = {"CBGRPC_SERVER_MAX_PAYLOAD_BYTES": str(limit)}
+    with running_process_cluster(scheduler_env=env) as cluster:
+        request = kvs_service_pb2.GetLimitsRequest()
+        with grpc.insecure_channel(cluster.address) as channel:
+            limits = kvs_service_pb2_grpc.KvsServiceStub(channel).GetLimits(request, timeout=30)
+        assert limits.max_message_bytes == limit
+        # Over twice the scheduler's limit: more than one message to it may carry.
+        value = b"p" * (3 * limit)
+        with (
+            CloudburstConnection(
+                cluster.address, connect_timeout=30, timeout=60, direct_kvs=False
+            ) as proxied,
+            CloudburstConnection(cluster.address, connect_timeout=30, timeout=60) as direct,
+        ):
+            assert proxied.put_object("proxied/large", value) is True
+            assert direct.kvs_address == cluster.kvs.address
+            assert direct.get_object("proxied/large") == value
