@@ -685,11 +685,12 @@ class Core:
         while True:
             await asyncio.sleep(delay)
             try:
-                await stub.GetLimits(kvs_service_pb2.GetLimitsRequest(), timeout=delay)
+                limits = await stub.GetLimits(kvs_service_pb2.GetLimitsRequest(), timeout=delay)
             except grpc.RpcError:
                 delay = min(delay * 2, DIRECT_RETRY_MAX_SECONDS)
                 continue
             logger.info("the KVS at %s answers again; objects go there directly", address)
+            self._direct_inline = chunks.inline_bytes(limits)  # a restart may have changed them
             self.kvs, self.kvs_address = stub, address
             return
 

@@ -149,6 +149,30 @@ def test_a_value_over_the_kvs_message_limit_goes_to_it_in_chunks(
     assert kvs.recorder.calls("GetValueChunks") == 1
 
 
+def test_a_kvs_back_with_a_smaller_message_limit_gets_writes_sized_for_it(
+    setup: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_core, "DIRECT_RETRY_SECONDS", 0.2)
+    cluster = setup(limit=1 << 20)
+    kvs = cluster.kvs
+    value = b"v" * (4 * LIMIT)
+    with connect(cluster.scheduler.address) as conn:
+        conn.put_object("before", value)  # in one message
+        assert kvs.recorder.calls("PutValueChunks") == 0
+        kvs.stop()
+        conn.put_object("meanwhile", 1)  # through the scheduler
+        kvs.limit = LIMIT
+        kvs.recorder.methods.clear()
+        kvs.start()  # on the same port, taking smaller messages
+        deadline = time.monotonic() + WAIT
+        while conn.kvs_address is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polled: until the SDK found the KVS again
+        assert conn.kvs_address == kvs.address
+        conn.put_object("after", value)
+        assert conn.get_object("after") == value
+    assert kvs.recorder.calls("PutValueChunks") == 1
+
+
 def test_the_switch_keeps_the_sdk_on_unary_calls(
     setup: Callable[..., Setup], monkeypatch: pytest.MonkeyPatch
 ) -> None:
