@@ -1151,7 +1151,12 @@ class CloudburstConnection:
         return lattice
 
     def put_object(self, key: str, value: Any) -> bool:
-        """Store ``value`` at ``key`` (last writer wins); returns True once durable."""
+        """Store ``value`` at ``key`` (last writer wins); returns True once durable.
+
+        Every attempt (again through the scheduler when the KVS is unreachable)
+        sends the same timestamp and request id: see docs/protocol.md, "Objects
+        at the KVS itself".
+        """
         key = self._key(key)
         what = f"value for key {key!r}"
         data, serializer = _encode(value, what)
@@ -1175,7 +1180,10 @@ class CloudburstConnection:
             self._written.popitem(last=False)
 
     def delete_object(self, key: str) -> bool:
-        """Delete ``key``; returns whether it existed."""
+        """Delete ``key``; returns whether it existed.
+
+        Every attempt sends the same request id (see :meth:`put_object`).
+        """
         key = self._key(key)
         self._stored_soon(key, forget=True)
         request_id = new_request_id()  # sent by each attempt: a retry deletes once
