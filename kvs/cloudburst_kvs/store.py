@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import NamedTuple, TypeAlias, cast
+from typing import NamedTuple, TypeAlias
 
 from cloudburst.errors import (
     CloudburstError,
@@ -314,9 +314,10 @@ class LatticeStore:
         # The newest not yet committed write of each key, so that a put that
         # changes nothing still returns only once the state it saw is durable.
         self._unflushed: dict[StoreKey, asyncio.Future[None]] = {}
-        self._recent: collections.OrderedDict[
-            tuple[str, int, str, str], lattice_pb2.Lattice | bool
-        ] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[tuple[str, int, str, str], bool] = (
+            collections.OrderedDict()
+        )
+        """Recent request ids: a put's (True) or a delete's, with whether the key existed."""
         self._writer: _Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
@@ -563,8 +564,11 @@ class LatticeStore:
             keyspace: The key's keyspace.
             key: The key; must not be empty.
             lattice: The lattice to merge; it is not changed, unless ``adopt``.
-            request_id: When not empty, a retry with the same id (and key) returns the
-                first call's result instead of merging again.
+            request_id: When not empty, a retry with the same id (and key) is not
+                merged again: it returns the key's lattice now, as merging the same
+                write again would (the write's own lattice when the key was deleted
+                since). No lattice is kept per id: the ids of the last
+                :data:`REQUEST_ID_MEMORY` writes would otherwise hold their values.
             size: The bytes of a last-writer-wins value, when the caller knows them: the
                 size limit is then checked without reading (copying) them.
             adopt: The caller gives ``lattice`` up: a last-writer-wins write may be
@@ -583,9 +587,11 @@ class LatticeStore:
         check_key(key)
         lattices.validate(lattice)
         request = ("put", ks, key, request_id)
-        if request_id and request in self._recent:
-            return cast(lattice_pb2.Lattice, self._recent[request])
         store_key = (ks, key)
+        if request_id and request in self._recent:
+            await self._wait_unflushed(store_key, key)
+            stored = self._data.get(store_key)
+            return stored if stored is not None else lattices.normalize(lattice)
         # From here to _submit nothing awaits: the read-merge-replace of the key
         # is atomic with respect to every other coroutine on the loop.
         stored = self._data.get(store_key)
@@ -608,7 +614,7 @@ class LatticeStore:
                 self._add_key(ks, key)
             await self._submit(_Write(ks, key, merged, changed=True, done=None))
         if request_id:
-            self._remember(request, merged)
+            self._remember(request, True)
         return merged
 
     async def delete(self, keyspace: int, key: str, *, request_id: str = "") -> bool:
@@ -681,9 +687,7 @@ class LatticeStore:
         self._keys[keyspace].discard(key)
         self._sorted.pop(keyspace, None)
 
-    def _remember(
-        self, request: tuple[str, int, str, str], result: lattice_pb2.Lattice | bool
-    ) -> None:
+    def _remember(self, request: tuple[str, int, str, str], result: bool) -> None:
         self._recent[request] = result
         if len(self._recent) > REQUEST_ID_MEMORY:
             self._recent.popitem(last=False)

@@ -161,6 +161,20 @@ async def test_retried_request_ids_are_answered_once(store: LatticeStore) -> Non
     assert await store.delete(USER, "k", request_id="d2") is False
 
 
+async def test_a_retried_write_is_answered_with_the_key_now_and_not_merged_again(
+    store: LatticeStore,
+) -> None:
+    """The store keeps no lattice per request id: it answers from what the key holds."""
+    await store.put(USER, "k", lww(b"first", time_ns=1), request_id="r1")
+    newer = await store.put(USER, "k", lww(b"newer", time_ns=5))
+    assert await store.put(USER, "k", lww(b"first", time_ns=1), request_id="r1") == newer
+    assert await store.delete(USER, "k") is True
+    # Deleted since: answered with the write itself, and the key stays deleted.
+    again = await store.put(USER, "k", lww(b"first", time_ns=1), request_id="r1")
+    assert again == lww(b"first", time_ns=1)
+    assert store.get(USER, "k") is None
+
+
 # Waiting for keys
 
 
