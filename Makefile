@@ -102,7 +102,8 @@ clients: setup $(TS_DEPS)
 	  $(PY) -m cloudburst_grpc certs "$$certs/certs" --client admin >/dev/null && \
 	  CLOUDBURST_TEST_CERTS="$$certs/certs" node --test \
 	    sdk/typescript/dist/test/unit.test.js sdk/typescript/dist/test/transport.test.js \
-	    sdk/typescript/dist/test/opstream.test.js sdk/typescript/dist/test/chunks.test.js
+	    sdk/typescript/dist/test/opstream.test.js sdk/typescript/dist/test/chunks.test.js \
+	    sdk/typescript/dist/test/writes.test.js
 
 lint: setup
 	$(VENV)/bin/ruff check .

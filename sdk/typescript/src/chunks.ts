@@ -6,7 +6,7 @@
 import { Code, type CallOptions, type Client } from "@connectrpc/connect";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { GetLimitsResponse, KvsService, PutValueChunksRequestSchema } from "./gen/cloudburst/v1/kvs_service_pb.js";
-import type { Keyspace } from "./gen/cloudburst/v1/lattice_pb.js";
+import type { Keyspace, LwwTimestampSchema } from "./gen/cloudburst/v1/lattice_pb.js";
 import { Serializer, type Value } from "./gen/cloudburst/v1/value_pb.js";
 import { CloudburstError } from "./errors.js";
 
@@ -41,20 +41,35 @@ export function checkValueSize(key: string, size: number, limits: GetLimitsRespo
   }
 }
 
-/** Writes a last-writer-wins value with PutValueChunks: slices of data, never a copy of the whole. */
+/** Which write a chunked write is: its timestamp and request id, the same in each attempt. */
+export interface WriteIdentity {
+  timestamp: MessageInitShape<typeof LwwTimestampSchema>;
+  requestId: string;
+}
+
+/**
+ * Writes a last-writer-wins value with PutValueChunks: slices of data, never a copy of the whole.
+ * The first frame carries the write's timestamp and request id.
+ */
 export async function writeValue(
   kvs: Kvs,
   key: string,
   keyspace: Keyspace,
   serializer: Serializer,
   data: Uint8Array,
+  write: WriteIdentity,
   options: CallOptions,
 ): Promise<void> {
   async function* frames(): AsyncGenerator<MessageInitShape<typeof PutValueChunksRequestSchema>> {
     yield {
       frame: {
         case: "put",
-        value: { key, keyspace, lattice: { kind: { case: "lww", value: { value: { serializer } } } } },
+        value: {
+          key,
+          keyspace,
+          requestId: write.requestId,
+          lattice: { kind: { case: "lww", value: { timestamp: write.timestamp, value: { serializer } } } },
+        },
       },
     };
     for (let start = 0; start < data.length; start += CHUNK_BYTES) {

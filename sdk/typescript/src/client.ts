@@ -21,6 +21,7 @@ import {
   type OpStream,
 } from "./opstream.js";
 import { grpcTransport, transportOptions } from "./transport.js";
+import { LwwClock, newRequestId } from "./writes.js";
 import { tlsSettings, type TlsSettings } from "./tls.js";
 import { CloudburstError, fromCallError, fromFailure, fromRpcError } from "./errors.js";
 import { Serializer } from "./gen/cloudburst/v1/value_pb.js";
@@ -130,6 +131,7 @@ export class CloudburstClient {
   /** The generated KvsService stub at the scheduler, which forwards to the KVS tier. */
   readonly kvs: Client<typeof KvsService>;
   readonly #direct: DirectKvs;
+  readonly #clock = new LwwClock();
 
   constructor(transport: Transport, options: ClientOptions = {}) {
     this.scheduler = createClient(SchedulerService, transport);
@@ -204,15 +206,22 @@ export class CloudburstClient {
    * Stores a value under a user key (last writer wins). A value of more than 4 MiB (or than the
    * KVS tier's message limit, when that is smaller) goes in 1 MiB chunks (PutValueChunks); one
    * over the tier's max_value_bytes is refused before sending (RESOURCE_EXHAUSTED,
-   * PAYLOAD_TOO_LARGE).
+   * PAYLOAD_TOO_LARGE). The write is stamped once, here, with this client's last-writer-wins
+   * timestamp and given a random request id; a retry through the scheduler after the KVS was
+   * found unreachable sends the same lattice and id, so it stores the value once (see the
+   * README, "Retried writes"). A KVS refuses a write stamped more than its
+   * kvs.max_clock_skew_seconds ahead of its own clock (INVALID_ARGUMENT).
    */
   async put(key: string, value: NativeValue, options: Options = {}): Promise<void> {
     const encoded = encode(value);
     const data = encoded.data instanceof Uint8Array ? encoded.data : new Uint8Array();
+    // Stamped once, here: every attempt sends the same write.
+    const write = { timestamp: this.#clock.now(), requestId: newRequestId() };
     const request = {
       key,
       keyspace: Keyspace.USER,
-      lattice: { kind: { case: "lww", value: { value: encoded } } },
+      lattice: { kind: { case: "lww", value: { timestamp: write.timestamp, value: encoded } } },
+      requestId: write.requestId,
       omitLattice: true,
     } as const;
     await rpc(() =>
@@ -225,7 +234,7 @@ export class CloudburstClient {
           checkValueSize(key, data.length, limits);
           if (data.length > inlineValueBytes(limits)) {
             const serializer = encoded.serializer ?? Serializer.UNSPECIFIED;
-            await writeValue(kvs, key, Keyspace.USER, serializer, data, callOptions(options));
+            await writeValue(kvs, key, Keyspace.USER, serializer, data, write, callOptions(options));
             return;
           }
         }
@@ -260,9 +269,13 @@ export class CloudburstClient {
     return value === undefined ? undefined : decode(value);
   }
 
-  /** Deletes the value under a user key; resolves to whether there was one. */
+  /**
+   * Deletes the value under a user key; resolves to whether there was one. The delete carries a
+   * random request id, sent again with it when it is retried through the scheduler (see the
+   * README, "Retried writes").
+   */
   async delete(key: string, options: Options = {}): Promise<boolean> {
-    const request = { key, keyspace: Keyspace.USER };
+    const request = { key, keyspace: Keyspace.USER, requestId: newRequestId() };
     const response = await rpc(() =>
       this.#direct.call(callOptions(options), async (kvs, ops) => {
         const answer = await streamed(ops, { case: "delete", value: request }, options);
