@@ -12,7 +12,7 @@ import {
   type PutValueChunksRequest,
   type PutValueRequest,
 } from "../src/gen/cloudburst/v1/kvs_service_pb.js";
-import { LatticeSchema, type Lattice } from "../src/gen/cloudburst/v1/lattice_pb.js";
+import { LatticeSchema } from "../src/gen/cloudburst/v1/lattice_pb.js";
 import { LwwClock } from "../src/writes.js";
 import { clientOf, serve } from "./servers.js";
 
@@ -32,11 +32,8 @@ interface Received {
 /** The scheduler's message limit: a value over it less 4 KiB of headroom goes in chunks. */
 const MESSAGE_BYTES = 256 << 10;
 
-function put(at: Received["at"], how: Received["how"], request: {
-  key: string;
-  requestId: string;
-  lattice?: Lattice;
-}, data?: Uint8Array): Received {
+/** What a server received in a put (request), with a chunked put's joined chunks (data). */
+function put(at: Received["at"], how: Received["how"], request: PutValueRequest, data?: Uint8Array): Received {
   const lattice = request.lattice;
   const timestamp = lattice?.kind.case === "lww" ? lattice.kind.value.timestamp : undefined;
   const bytes = lattice === undefined ? "" : Buffer.from(toBinary(LatticeSchema, lattice)).toString("hex");
