@@ -230,7 +230,7 @@ export class CloudburstClient {
           const answer = await streamed(ops, { case: "put", value: request }, options);
           if (answer !== undefined) return;
         } else {
-          const limits = await this.#direct.limits(callOptions(options));
+          const limits = await this.#direct.limitsOf(kvs, callOptions(options));
           checkValueSize(key, data.length, limits);
           if (data.length > inlineValueBytes(limits)) {
             const serializer = encoded.serializer ?? Serializer.UNSPECIFIED;

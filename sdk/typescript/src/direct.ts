@@ -67,6 +67,8 @@ export class DirectKvs {
   #closed = false;
   #limits: GetLimitsResponse | undefined;
   #asking: Promise<GetLimitsResponse> | undefined;
+  /** The direct KVS's own limits, from its last GetLimits answer (its probe, or its return). */
+  #directLimits: GetLimitsResponse | undefined;
 
   /**
    * proxy: KvsService at the scheduler (at `where`); transport: how to reach a KVS (undefined:
@@ -102,8 +104,19 @@ export class DirectKvs {
   }
 
   /**
-   * The KVS tier's limits (max_value_bytes, max_message_bytes): from the scheduler's GetLimits
-   * answer, asked once (again after a failure).
+   * The limits (max_value_bytes, max_message_bytes) of the service behind kvs, which sizes a write
+   * sent there: the direct KVS's own, from its GetLimits answer; otherwise the scheduler's.
+   */
+  async limitsOf(kvs: Kvs, options: CallOptions): Promise<GetLimitsResponse> {
+    if (kvs !== this.proxy && kvs === this.#stub && this.#directLimits !== undefined) {
+      return this.#directLimits;
+    }
+    return this.limits(options);
+  }
+
+  /**
+   * The scheduler's limits (max_value_bytes, max_message_bytes): from its GetLimits answer, asked
+   * once (again after a failure).
    */
   async limits(options: CallOptions): Promise<GetLimitsResponse> {
     if (this.#limits !== undefined) {
@@ -159,7 +172,7 @@ export class DirectKvs {
     for (const address of addresses) {
       const stub = createClient(KvsService, transport(address));
       try {
-        await stub.getLimits({}, { timeoutMs: DIRECT_KVS_PROBE_MS });
+        this.#directLimits = await stub.getLimits({}, { timeoutMs: DIRECT_KVS_PROBE_MS });
       } catch {
         // Unreachable, or (with TLS) it refused this client: the KVS's port asks for a client
         // certificate, so a client without one stays with the scheduler.
@@ -191,7 +204,8 @@ export class DirectKvs {
     }
     const timer = setTimeout(() => {
       stub.getLimits({}, { timeoutMs: delay }).then(
-        () => {
+        (limits) => {
+          this.#directLimits = limits; // a KVS restarted meanwhile may have other limits
           this.#inUse = true;
         },
         () => this.#comeBack(Math.min(delay * 2, DIRECT_RETRY_MAX_MS)),

@@ -28,7 +28,13 @@ interface Kvs {
  * GetValueChunks sends the lattice and then nothing.
  */
 async function kvsServer(
-  options: { maxValueBytes?: number; maxMessageBytes?: number; opStreams?: boolean; hangChunks?: boolean } = {},
+  options: {
+    maxValueBytes?: number;
+    maxMessageBytes?: number;
+    opStreams?: boolean;
+    hangChunks?: boolean;
+    kvsAddresses?: string[];
+  } = {},
 ): Promise<Kvs> {
   const maxMessage = options.maxMessageBytes ?? 4 * MIB;
   const calls: string[] = [];
@@ -46,6 +52,7 @@ async function kvsServer(
         maxValueBytes: BigInt(options.maxValueBytes ?? 64 * MIB),
         maxMessageBytes: BigInt(maxMessage),
         servesOpStreams: options.opStreams ?? false,
+        kvsAddresses: options.kvsAddresses ?? [],
       }),
       getValue: (request) => {
         calls.push(`GetValue ${request.key}`);
@@ -145,6 +152,18 @@ test("a value over the tier's message limit (under 4 MiB) goes in chunks", async
   const client = clientOf(kvs.address, { direct: false });
   await client.put("mid", generated(300 << 10));
   deepStrictEqual(kvs.calls, ["PutValueChunks mid"]);
+  client.close();
+});
+
+test("a write to the KVS directly is sized by that KVS's own limits, not the scheduler's", async () => {
+  const kvs = await kvsServer({ maxMessageBytes: 256 << 10 });
+  const scheduler = await kvsServer({ maxMessageBytes: 8 * MIB, kvsAddresses: [kvs.address] });
+  const client = clientOf(scheduler.address);
+  await client.put("mid", generated(300 << 10));
+  deepStrictEqual(kvs.calls, ["PutValueChunks mid"]);
+  deepStrictEqual(scheduler.calls, []);
+  await client.put("small", generated(200 << 10));
+  deepStrictEqual(kvs.calls, ["PutValueChunks mid", "PutValue small"]);
   client.close();
 });
 
