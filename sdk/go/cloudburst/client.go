@@ -234,7 +234,7 @@ func (c *Client) WaitResult(ctx context.Context, responseKey string, release boo
 // its answer was lost and the retry together store the value once, with one timestamp: the retry
 // cannot overwrite a newer write made in between. A KVS with a memory or SQLite store also
 // remembers the last 4096 request ids of puts and deletes (with their key; in memory, so not
-// across a restart) and answers a retry with the first attempt's result without merging again;
+// across a restart) and applies no retry again (a retried Delete answers as its first attempt did);
 // one with a Valkey store keeps no ids and relies on the merge alone. A KVS refuses a write
 // stamped more than kvs.max_clock_skew_seconds ahead of its own clock: keep the client's clock
 // in sync (NTP).

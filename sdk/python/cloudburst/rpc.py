@@ -30,8 +30,8 @@ UNAVAILABLE_HINT = "check that `cbgrpc serve` (or the scheduler) is running at t
 def new_request_id() -> str:
     """A random id for one write or delete (``request_id``), sent with each of its attempts.
 
-    A KVS that remembers request ids answers a retry of a write it already
-    applied with the first attempt's answer instead of applying it again.
+    A KVS that remembers request ids does not apply again a retry of a write or
+    delete it already applied (see docs/protocol.md, "Objects at the KVS itself").
     """
     return os.urandom(8).hex()
 
