@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 #: Room left in a message for everything besides a value (at most an eighth of it).
 MESSAGE_MARGIN_BYTES = 64 << 10
+#: The smallest chunk a reader's message limit makes GetValueChunks send.
+MIN_CHUNK_BYTES = 16 << 10
 #: Ops one StreamOps stream may have running or answered and not yet sent; it reads no more
 #: frames until some are sent, so a caller that does not read holds itself back. Waiting reads
 #: do not count: they may wait for a merge sent behind them on the same stream.
@@ -59,6 +61,11 @@ _OP_SPANS = {"get": "StreamOps get", "put": "StreamOps put", "delete": "StreamOp
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _inline_bytes(message_limit: int) -> int:
+    """The largest lattice that fits in a message of ``message_limit`` bytes, with the rest."""
+    return message_limit - min(MESSAGE_MARGIN_BYTES, message_limit // 8)
 
 
 def _timed(operation: str) -> Callable[[_Method], _Method]:
@@ -99,8 +106,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         self._max_payload_bytes = max_payload_bytes
         self._max_value_bytes = max(kvs_config.max_value_bytes, max_payload_bytes)
         # A lattice larger than this does not fit in one message (with room for the rest).
-        margin = min(MESSAGE_MARGIN_BYTES, max_payload_bytes // 8)
-        self._max_inline_bytes = max_payload_bytes - margin
+        self._max_inline_bytes = _inline_bytes(max_payload_bytes)
         self._max_skew_ns = int(kvs_config.max_clock_skew_seconds * 1e9)
         # One clock per servicer: timestamps it assigns strictly increase, so two
         # unstamped puts from one client are ordered as they arrived.
@@ -151,7 +157,9 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             response.found = False
             return
         response.found = True
-        if self._message_size(keyspace, request.key, lattice) > self._max_inline_bytes:
+        if self._message_size(keyspace, request.key, lattice) > self._inline_for(
+            request.max_message_bytes
+        ):
             response.chunked = True
             return
         response.lattice.CopyFrom(lattice)
@@ -184,9 +192,10 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         yield header
         size = len(data)
         view = memoryview(data)
-        for start in range(0, size, CHUNK_BYTES):
-            chunk = bytes(view[start : start + CHUNK_BYTES])
-            if start + CHUNK_BYTES >= size:
+        step = max(min(CHUNK_BYTES, self._inline_for(request.max_message_bytes)), MIN_CHUNK_BYTES)
+        for start in range(0, size, step):
+            chunk = bytes(view[start : start + step])
+            if start + step >= size:
                 # The copy goes before the last chunk does: the stream may be left
                 # suspended (not closed) for a while after the caller has read everything.
                 view.release()
@@ -541,7 +550,7 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         _check_batch("BatchGetValues", request.keys)
         keyspace = normalize_keyspace(request.keyspace)
         found = await self._store.read_many(keyspace, list(request.keys))
-        room = self._max_inline_bytes
+        room = self._inline_for(request.max_message_bytes)
         entries = []
         for key, lattice in zip(request.keys, found, strict=True):
             size = 0 if lattice is None else self._message_size(keyspace, key, lattice)
@@ -598,6 +607,16 @@ class KvsServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             await context.send_initial_metadata(())
             async for event in subscription:
                 yield self._watch_response(keyspace, event)
+
+    def _inline_for(self, reader_limit: int) -> int:
+        """The largest lattice to answer in one message to a reader that takes ``reader_limit``.
+
+        ``reader_limit`` is a request's ``max_message_bytes``: 0 when the reader takes what this
+        server sends.
+        """
+        if not reader_limit:
+            return self._max_inline_bytes
+        return min(self._max_inline_bytes, _inline_bytes(reader_limit))
 
     def _message_size(self, keyspace: int, key: str, lattice: lattice_pb2.Lattice) -> int:
         """About the bytes ``lattice`` (just read from the key) takes in a message.

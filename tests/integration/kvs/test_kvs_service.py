@@ -374,3 +374,35 @@ async def test_a_batch_answer_leaves_out_what_does_not_fit_for_chunked_reads(kvs
     assert stored_set is not None
     assert [v.data for v in stored_set.set.values] == [b"x" * (LIMIT // 2), b"y" * (LIMIT // 2)]
     assert await kvs.client.get("bs") == stored_set  # alone: GetValue says chunked too
+
+
+async def test_a_reader_with_a_smaller_message_limit_is_answered_in_chunks(kvs: Kvs) -> None:
+    data = b"r" * (LIMIT // 2)  # fits in one of the server's messages, not in the reader's
+    await kvs.client.merge("r", lww(data))
+    reader_limit = LIMIT // 4
+    whole = await kvs.stub.GetValue(kvs_service_pb2.GetValueRequest(key="r"))
+    assert whole.found and not whole.chunked
+    assert (
+        await kvs.stub.GetValue(kvs_service_pb2.GetValueRequest(key="r", max_message_bytes=LIMIT))
+    ) == whole
+    asked = kvs_service_pb2.GetValueRequest(key="r", max_message_bytes=reader_limit)
+    answer = await kvs.stub.GetValue(asked)
+    assert answer.found and answer.chunked and not answer.HasField("lattice")
+    batch = await kvs.stub.BatchGetValues(
+        kvs_service_pb2.BatchGetValuesRequest(keys=["r"], max_message_bytes=reader_limit)
+    )
+    assert [(e.key, e.found, e.chunked) for e in batch.entries] == [("r", True, True)]
+    # On an op stream, as in a unary call.
+    frame = kvs_service_pb2.StreamOpsRequest(sequence=1, get=asked)
+    async with asyncio.timeout(WAIT):
+        stream = kvs.stub.StreamOps(iter([frame]))
+        streamed = await anext(aiter(stream))
+        stream.cancel()
+    assert streamed.sequence == 1 and streamed.get == answer
+    frames = [
+        f
+        async for f in kvs.stub.GetValueChunks(
+            kvs_service_pb2.GetValueChunksRequest(key="r", max_message_bytes=reader_limit)
+        )
+    ]
+    assert b"".join(f.chunk for f in frames) == data

@@ -30,9 +30,13 @@ type GetValueRequest struct {
 	// The keyspace of the key.
 	Keyspace Keyspace `protobuf:"varint,2,opt,name=keyspace,proto3,enum=cloudburst.v1.Keyspace" json:"keyspace,omitempty"`
 	// Whether to wait until the key exists; the wait ends at the RPC deadline or the server's wait limit.
-	Wait          bool `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Wait bool `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`
+	// The largest message the caller takes, when smaller than the server's own limit (as GetLimits
+	// reports it): a lattice that does not fit in one is answered `chunked`. Unset: the server's own
+	// limit. A proxy in between sends the smaller of its caller's limit and its own.
+	MaxMessageBytes uint64 `protobuf:"varint,4,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GetValueRequest) Reset() {
@@ -84,6 +88,13 @@ func (x *GetValueRequest) GetWait() bool {
 		return x.Wait
 	}
 	return false
+}
+
+func (x *GetValueRequest) GetMaxMessageBytes() uint64 {
+	if x != nil {
+		return x.MaxMessageBytes
+	}
+	return 0
 }
 
 // GetValueResponse carries the stored lattice, if any.
@@ -395,9 +406,13 @@ type BatchGetValuesRequest struct {
 	// The keys, at most 1000.
 	Keys []string `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
 	// The keyspace of every key.
-	Keyspace      Keyspace `protobuf:"varint,2,opt,name=keyspace,proto3,enum=cloudburst.v1.Keyspace" json:"keyspace,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Keyspace Keyspace `protobuf:"varint,2,opt,name=keyspace,proto3,enum=cloudburst.v1.Keyspace" json:"keyspace,omitempty"`
+	// The largest message the caller takes, when smaller than the server's own limit: lattices that
+	// do not fit in the answer are marked `chunked`. Unset: the server's own limit. A proxy in
+	// between sends the smaller of its caller's limit and its own.
+	MaxMessageBytes uint64 `protobuf:"varint,3,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *BatchGetValuesRequest) Reset() {
@@ -442,6 +457,13 @@ func (x *BatchGetValuesRequest) GetKeyspace() Keyspace {
 		return x.Keyspace
 	}
 	return Keyspace_KEYSPACE_UNSPECIFIED
+}
+
+func (x *BatchGetValuesRequest) GetMaxMessageBytes() uint64 {
+	if x != nil {
+		return x.MaxMessageBytes
+	}
+	return 0
 }
 
 // BatchGetValuesResponse carries one entry per requested key, in request order.
@@ -927,9 +949,13 @@ type GetValueChunksRequest struct {
 	// The key; must not be empty.
 	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
 	// The keyspace of the key.
-	Keyspace      Keyspace `protobuf:"varint,2,opt,name=keyspace,proto3,enum=cloudburst.v1.Keyspace" json:"keyspace,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Keyspace Keyspace `protobuf:"varint,2,opt,name=keyspace,proto3,enum=cloudburst.v1.Keyspace" json:"keyspace,omitempty"`
+	// The largest message the caller takes, when smaller than the server's own limit: every frame
+	// fits in it. Unset: the server's own limit. A proxy in between sends the smaller of its
+	// caller's limit and its own.
+	MaxMessageBytes uint64 `protobuf:"varint,3,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GetValueChunksRequest) Reset() {
@@ -974,6 +1000,13 @@ func (x *GetValueChunksRequest) GetKeyspace() Keyspace {
 		return x.Keyspace
 	}
 	return Keyspace_KEYSPACE_UNSPECIFIED
+}
+
+func (x *GetValueChunksRequest) GetMaxMessageBytes() uint64 {
+	if x != nil {
+		return x.MaxMessageBytes
+	}
+	return 0
 }
 
 // GetValueChunksResponse is one frame of a chunked read: the lattice first, then its value's bytes.
@@ -1636,11 +1669,12 @@ var File_cloudburst_v1_kvs_service_proto protoreflect.FileDescriptor
 
 const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1fcloudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x19cloudburst/v1/error.proto\x1a\x1bcloudburst/v1/lattice.proto\x1a\x1egoogle/protobuf/duration.proto\"l\n" +
+	"\x1fcloudburst/v1/kvs_service.proto\x12\rcloudburst.v1\x1a\x19cloudburst/v1/error.proto\x1a\x1bcloudburst/v1/lattice.proto\x1a\x1egoogle/protobuf/duration.proto\"\x98\x01\n" +
 	"\x0fGetValueRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x123\n" +
 	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\x12\x12\n" +
-	"\x04wait\x18\x03 \x01(\bR\x04wait\"t\n" +
+	"\x04wait\x18\x03 \x01(\bR\x04wait\x12*\n" +
+	"\x11max_message_bytes\x18\x04 \x01(\x04R\x0fmaxMessageBytes\"t\n" +
 	"\x10GetValueResponse\x12\x14\n" +
 	"\x05found\x18\x01 \x01(\bR\x05found\x120\n" +
 	"\alattice\x18\x02 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice\x12\x18\n" +
@@ -1660,10 +1694,11 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x03 \x01(\tR\trequestId\"/\n" +
 	"\x13DeleteValueResponse\x12\x18\n" +
-	"\aexisted\x18\x01 \x01(\bR\aexisted\"`\n" +
+	"\aexisted\x18\x01 \x01(\bR\aexisted\"\x8c\x01\n" +
 	"\x15BatchGetValuesRequest\x12\x12\n" +
 	"\x04keys\x18\x01 \x03(\tR\x04keys\x123\n" +
-	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\"K\n" +
+	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\x12*\n" +
+	"\x11max_message_bytes\x18\x03 \x01(\x04R\x0fmaxMessageBytes\"K\n" +
 	"\x16BatchGetValuesResponse\x121\n" +
 	"\aentries\x18\x01 \x03(\v2\x17.cloudburst.v1.KeyValueR\aentries\"c\n" +
 	"\x18BatchDeleteValuesRequest\x12\x12\n" +
@@ -1693,10 +1728,11 @@ const file_cloudburst_v1_kvs_service_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05found\x18\x02 \x01(\bR\x05found\x120\n" +
 	"\alattice\x18\x03 \x01(\v2\x16.cloudburst.v1.LatticeR\alattice\x12\x18\n" +
-	"\achunked\x18\x04 \x01(\bR\achunked\"^\n" +
+	"\achunked\x18\x04 \x01(\bR\achunked\"\x8a\x01\n" +
 	"\x15GetValueChunksRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x123\n" +
-	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\"\x8c\x02\n" +
+	"\bkeyspace\x18\x02 \x01(\x0e2\x17.cloudburst.v1.KeyspaceR\bkeyspace\x12*\n" +
+	"\x11max_message_bytes\x18\x03 \x01(\x04R\x0fmaxMessageBytes\"\x8c\x02\n" +
 	"\x16GetValueChunksResponse\x12\\\n" +
 	"\rtrace_context\x18\x01 \x03(\v27.cloudburst.v1.GetValueChunksResponse.TraceContextEntryR\ftraceContext\x122\n" +
 	"\alattice\x18\x02 \x01(\v2\x16.cloudburst.v1.LatticeH\x00R\alattice\x12\x16\n" +

@@ -30,22 +30,29 @@ class GetValueRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     KEYSPACE_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key; must not be empty."""
     keyspace: _lattice_pb2.Keyspace.ValueType
     """The keyspace of the key."""
     wait: _builtins.bool
     """Whether to wait until the key exists; the wait ends at the RPC deadline or the server's wait limit."""
+    max_message_bytes: _builtins.int
+    """The largest message the caller takes, when smaller than the server's own limit (as GetLimits
+    reports it): a lattice that does not fit in one is answered `chunked`. Unset: the server's own
+    limit. A proxy in between sends the smaller of its caller's limit and its own.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         keyspace: _lattice_pb2.Keyspace.ValueType = ...,
         wait: _builtins.bool = ...,
+        max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "keyspace", b"keyspace", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "keyspace", b"keyspace", "max_message_bytes", b"max_message_bytes", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -209,8 +216,14 @@ class BatchGetValuesRequest(_message.Message):
 
     KEYS_FIELD_NUMBER: _builtins.int
     KEYSPACE_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     keyspace: _lattice_pb2.Keyspace.ValueType
     """The keyspace of every key."""
+    max_message_bytes: _builtins.int
+    """The largest message the caller takes, when smaller than the server's own limit: lattices that
+    do not fit in the answer are marked `chunked`. Unset: the server's own limit. A proxy in
+    between sends the smaller of its caller's limit and its own.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The keys, at most 1000."""
@@ -220,10 +233,11 @@ class BatchGetValuesRequest(_message.Message):
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
         keyspace: _lattice_pb2.Keyspace.ValueType = ...,
+        max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "keyspace", b"keyspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "keyspace", b"keyspace", "max_message_bytes", b"max_message_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,19 +489,26 @@ class GetValueChunksRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     KEYSPACE_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key; must not be empty."""
     keyspace: _lattice_pb2.Keyspace.ValueType
     """The keyspace of the key."""
+    max_message_bytes: _builtins.int
+    """The largest message the caller takes, when smaller than the server's own limit: every frame
+    fits in it. Unset: the server's own limit. A proxy in between sends the smaller of its
+    caller's limit and its own.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         keyspace: _lattice_pb2.Keyspace.ValueType = ...,
+        max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "keyspace", b"keyspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "keyspace", b"keyspace", "max_message_bytes", b"max_message_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
