@@ -44,6 +44,11 @@ def addresses_for(peer: str, addresses: Iterable[str]) -> list[str]:
     return [a for a in addresses if local_client or not is_loopback(_host(a))]
 
 
+def _smaller(limit: int, ours: int | None) -> int:
+    """The smaller of two message limits, where 0 (or None) is no limit."""
+    return ours if ours and (not limit or ours < limit) else limit
+
+
 def _transport_unavailable(exc: grpc.aio.AioRpcError) -> bool:
     """Whether the KVS could not be reached at all (not an error the KVS answered)."""
     return exc.code() == grpc.StatusCode.UNAVAILABLE and not any(
@@ -104,6 +109,20 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             stub = self._stubs[id(channel)]
         return stub
 
+    def _cap(
+        self,
+        request: (
+            kvs_service_pb2.GetValueRequest
+            | kvs_service_pb2.BatchGetValuesRequest
+            | kvs_service_pb2.GetValueChunksRequest
+        ),
+    ) -> None:
+        """Ask the KVS for messages that fit this server's limit as well as the caller's.
+
+        The KVS would otherwise answer in one message what this server cannot take.
+        """
+        request.max_message_bytes = _smaller(request.max_message_bytes, self._max_message_bytes)
+
     async def _unary(self, method: str, request: Any, context: AnyContext) -> Any:
         for attempt in (1, 2):
             channel = await self._channel()
@@ -123,7 +142,8 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         request: kvs_service_pb2.GetValueRequest,
         context: Context[kvs_service_pb2.GetValueRequest, kvs_service_pb2.GetValueResponse],
     ) -> kvs_service_pb2.GetValueResponse:
-        """Forward GetValue."""
+        """Forward GetValue, asking for a value this server can pass on in one message."""
+        self._cap(request)
         return await self._unary("GetValue", request, context)  # type: ignore[no-any-return]
 
     async def PutValue(
@@ -149,7 +169,8 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             kvs_service_pb2.BatchGetValuesRequest, kvs_service_pb2.BatchGetValuesResponse
         ],
     ) -> kvs_service_pb2.BatchGetValuesResponse:
-        """Forward BatchGetValues."""
+        """Forward BatchGetValues, asking for values this server can pass on in one message."""
+        self._cap(request)
         return await self._unary("BatchGetValues", request, context)  # type: ignore[no-any-return]
 
     async def BatchDeleteValues(
@@ -196,6 +217,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
         ],
     ) -> AsyncIterator[kvs_service_pb2.GetValueChunksResponse]:
         """Forward GetValueChunks, a chunk at a time (never the whole value at once)."""
+        self._cap(request)
         channel = await self._channel()
         call = self._stub(channel).GetValueChunks(request, timeout=_timeout(context))
         try:
@@ -257,9 +279,7 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             "GetLimits", request, context
         )
         response.serves_op_streams = False
-        ours = self._max_message_bytes
-        if ours and (not response.max_message_bytes or ours < response.max_message_bytes):
-            response.max_message_bytes = ours
+        response.max_message_bytes = _smaller(response.max_message_bytes, self._max_message_bytes)
         if self._direct_addresses is not None:
             response.kvs_addresses.extend(
                 addresses_for(context.peer() or "", await self._direct_addresses())

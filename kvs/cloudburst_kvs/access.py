@@ -230,7 +230,11 @@ class KvsEndpoint:
             self._channel = peer_channel(
                 address, self._config.server.max_payload_bytes, self._tls, KVS, self._idle_seconds
             )
-            self._client = KvsClient(self._channel, name=f"the KVS at {address}")
+            self._client = KvsClient(
+                self._channel,
+                name=f"the KVS at {address}",
+                max_message_bytes=self._config.server.max_payload_bytes,
+            )
         return self._channel
 
     def _of_this_release(self, instances: list[Instance]) -> list[Instance]:

@@ -58,7 +58,12 @@ class KvsClient:
     """
 
     def __init__(
-        self, channel: grpc.aio.Channel, *, stream: bool | None = None, name: str = "the KVS"
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        stream: bool | None = None,
+        name: str = "the KVS",
+        max_message_bytes: int = 0,
     ) -> None:
         """Create a client; no call is made until a method is awaited.
 
@@ -67,7 +72,10 @@ class KvsClient:
             stream: Send small reads and merges, and deletes, over one stream; None: unless
                 turned off (see :func:`stream_enabled`).
             name: What the channel connects to, for the log (e.g. "the KVS at host:port").
+            max_message_bytes: The largest value the channel takes in one message (its
+                ``max_payload_bytes``), asked of the KVS in reads; 0: whatever it sends.
         """
+        self._max_message_bytes = max_message_bytes
         self._stub: kvs_service_pb2_grpc.KvsServiceAsyncStub = kvs_service_pb2_grpc.KvsServiceStub(
             channel
         )
@@ -123,7 +131,9 @@ class KvsClient:
         if response is None:
             return None
         if response.chunked:  # too large for one message
-            return await chunks.read_chunks(self._stub, key, keyspace, timeout)
+            return await chunks.read_chunks(
+                self._stub, key, keyspace, timeout, self._max_message_bytes
+            )
         return response.lattice if response.found else None
 
     async def _get_value(
@@ -138,10 +148,13 @@ class KvsClient:
                 frame.get.key = key
                 frame.get.keyspace = keyspace
                 frame.get.wait = wait
+                frame.get.max_message_bytes = self._max_message_bytes
                 answer = await ops.request(frame, what, timeout)
                 if answer is not None:
                     return answer.get
-            request = kvs_service_pb2.GetValueRequest(key=key, keyspace=keyspace, wait=wait)
+            request = kvs_service_pb2.GetValueRequest(
+                key=key, keyspace=keyspace, wait=wait, max_message_bytes=self._max_message_bytes
+            )
             return await call(what, lambda: self._stub.GetValue(request, timeout=timeout))
         except CloudburstTimeoutError:
             # The deadline racing the server's own "not found yet" answer is the
@@ -168,7 +181,9 @@ class KvsClient:
         if response is None:
             return None
         if response.chunked:
-            received = await chunks.receive(self._stub, key, keyspace, timeout)
+            received = await chunks.receive(
+                self._stub, key, keyspace, timeout, self._max_message_bytes
+            )
             if received is None or received.kind == "lww":
                 return received
             return received.to_lattice()
@@ -309,7 +324,9 @@ class KvsClient:
         result: dict[str, lattice_pb2.Lattice | None] = {}
         for start in range(0, len(keys), MAX_BATCH_KEYS):
             request = kvs_service_pb2.BatchGetValuesRequest(
-                keys=keys[start : start + MAX_BATCH_KEYS], keyspace=keyspace
+                keys=keys[start : start + MAX_BATCH_KEYS],
+                keyspace=keyspace,
+                max_message_bytes=self._max_message_bytes,
             )
             response = await call(
                 f"BatchGetValues of {len(request.keys)} keys",
@@ -318,7 +335,7 @@ class KvsClient:
             for entry in response.entries:
                 if entry.chunked:  # too large for the batch's message
                     result[entry.key] = await chunks.read_chunks(
-                        self._stub, entry.key, keyspace, timeout
+                        self._stub, entry.key, keyspace, timeout, self._max_message_bytes
                     )
                 else:
                     result[entry.key] = entry.lattice if entry.found else None

@@ -709,7 +709,11 @@ class Core:
     ) -> lattice_pb2.Lattice | chunks.LargeValue | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        request = kvs_service_pb2.GetValueRequest(key=key, keyspace=_USER, wait=wait)
+        # Asks for no larger a message than this client's channels take: a KVS (or scheduler)
+        # with a higher limit would otherwise send one that is refused here.
+        request = kvs_service_pb2.GetValueRequest(
+            key=key, keyspace=_USER, wait=wait, max_message_bytes=self._max_payload_bytes
+        )
         what = f"reading key {key!r}"
         while True:
             remaining = deadline - loop.time()
@@ -720,7 +724,11 @@ class Core:
                 return None
             if response.chunked:  # too large for one message
                 return await chunks.receive(
-                    stub, key, lattice_pb2.KEYSPACE_USER, max(deadline - loop.time(), 1.0)
+                    stub,
+                    key,
+                    lattice_pb2.KEYSPACE_USER,
+                    max(deadline - loop.time(), 1.0),
+                    self._max_payload_bytes,
                 )
             if response.found:
                 return response.lattice
@@ -770,7 +778,9 @@ class Core:
         result: dict[str, lattice_pb2.Lattice | chunks.LargeValue | None] = {}
         for start in range(0, len(keys), BATCH_KEYS):
             request = kvs_service_pb2.BatchGetValuesRequest(
-                keys=keys[start : start + BATCH_KEYS], keyspace=lattice_pb2.KEYSPACE_USER
+                keys=keys[start : start + BATCH_KEYS],
+                keyspace=lattice_pb2.KEYSPACE_USER,
+                max_message_bytes=self._max_payload_bytes,
             )
             response = await call(
                 f"reading {len(request.keys)} keys",
@@ -779,7 +789,7 @@ class Core:
             for entry in response.entries:
                 if entry.chunked:
                     result[entry.key] = await chunks.receive(
-                        stub, entry.key, lattice_pb2.KEYSPACE_USER, timeout
+                        stub, entry.key, lattice_pb2.KEYSPACE_USER, timeout, self._max_payload_bytes
                     )
                 else:
                     result[entry.key] = entry.lattice if entry.found else None

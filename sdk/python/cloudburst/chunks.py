@@ -232,9 +232,16 @@ async def receive(
     key: str,
     keyspace: lattice_pb2.Keyspace.ValueType,
     timeout: float | None,
+    max_message_bytes: int = 0,
 ) -> LargeValue | None:
-    """Read ``key`` through ``GetValueChunks``, its chunks kept as they came; None when missing."""
-    request = kvs_service_pb2.GetValueChunksRequest(key=key, keyspace=keyspace)
+    """Read ``key`` through ``GetValueChunks``, its chunks kept as they came; None when missing.
+
+    ``max_message_bytes`` is the largest message the caller's channel takes (0: any the
+    server sends).
+    """
+    request = kvs_service_pb2.GetValueChunksRequest(
+        key=key, keyspace=keyspace, max_message_bytes=max_message_bytes
+    )
     stream = stub.GetValueChunks(request, timeout=timeout)
     received: LargeValue | None = None
     try:
@@ -255,12 +262,14 @@ async def read_chunks(
     key: str,
     keyspace: lattice_pb2.Keyspace.ValueType,
     timeout: float | None,
+    max_message_bytes: int = 0,
 ) -> lattice_pb2.Lattice | None:
     """Read ``key`` through ``GetValueChunks`` into a whole lattice; None when it does not exist.
 
     The chunks are joined and parsed on a worker thread: not on the caller's event loop.
+    ``max_message_bytes`` is as :func:`receive` takes it.
     """
-    received = await receive(stub, key, keyspace, timeout)
+    received = await receive(stub, key, keyspace, timeout, max_message_bytes)
     return None if received is None else await asyncio.to_thread(received.to_lattice)
 
 

@@ -38,6 +38,10 @@ def incr(_: Any, x: int) -> int:
     return x + 1
 
 
+def size_of(_: Any, value: bytes) -> int:
+    return len(value)
+
+
 def test_objects_go_to_the_kvs_and_not_through_the_scheduler() -> None:
     with running_process_cluster() as cluster:
         direct = CloudburstConnection(cluster.address, connect_timeout=30, timeout=60)
@@ -201,8 +205,9 @@ def test_close_waits_for_a_scheduler_that_does_not_answer_at_most_its_grace(
     assert took < 3.0, f"close() took {took:.2f}s"
 
 
-def test_a_scheduler_with_a_smaller_message_limit_gets_writes_sized_for_it() -> None:
-    """The scheduler reports its own message limit, not the KVS's larger one."""
+def test_a_scheduler_with_a_smaller_message_limit_gets_writes_and_reads_sized_for_it() -> None:
+    """The scheduler reports its own message limit, not the KVS's larger one, and reads through
+    it come in messages it can pass on, as do reads by a client with a smaller limit."""
     limit = 1 << 20
     env = {"CBGRPC_SERVER_MAX_PAYLOAD_BYTES": str(limit)}
     with running_process_cluster(scheduler_env=env) as cluster:
@@ -221,3 +226,39 @@ def test_a_scheduler_with_a_smaller_message_limit_gets_writes_sized_for_it() -> 
             assert proxied.put_object("proxied/large", value) is True
             assert direct.kvs_address == cluster.kvs.address
             assert direct.get_object("proxied/large") == value
+            # The KVS would answer it in one message, which the scheduler could not take.
+            assert proxied.get_object("proxied/large") == value
+            assert proxied.get_object(["proxied/large"]) == {"proxied/large": value}
+
+        with grpc.insecure_channel(cluster.address) as channel:
+            read = kvs_service_pb2.GetValueRequest(key="proxied/large")
+            answer = kvs_service_pb2_grpc.KvsServiceStub(channel).GetValue(read, timeout=30)
+            assert answer.found and answer.chunked
+            frames = list(
+                kvs_service_pb2_grpc.KvsServiceStub(channel).GetValueChunks(
+                    kvs_service_pb2.GetValueChunksRequest(key="proxied/large"), timeout=30
+                )
+            )
+        assert all(len(frame.chunk) < limit for frame in frames)
+        assert b"".join(frame.chunk for frame in frames) == value
+
+        # A client whose own limit is smaller than the KVS's says so in its reads.
+        with CloudburstConnection(
+            cluster.address, connect_timeout=30, timeout=60, max_payload_bytes=limit
+        ) as small:
+            assert small.kvs_address == cluster.kvs.address
+            assert small.get_object("proxied/large") == value
+            assert small.get_object(["proxied/large"]) == {"proxied/large": value}
+
+
+def test_an_executor_with_a_smaller_message_limit_reads_a_large_reference() -> None:
+    """The executor asks the KVS for messages its own limit takes: the value comes in chunks."""
+    limit = 1 << 20
+    value = b"e" * (3 * limit)  # the KVS would send it in one message, over twice the limit
+    with (
+        running_process_cluster("--max-payload-bytes", str(limit)) as cluster,
+        CloudburstConnection(cluster.address, connect_timeout=30, timeout=60) as cloud,
+    ):
+        assert cloud.put_object("executor/large", value) is True
+        sizer = cloud.register(size_of, "size_of")
+        assert sizer(CloudburstReference("executor/large")).get(timeout=60) == len(value)
