@@ -21,13 +21,18 @@ from harness import running_process_cluster
 LIMIT = 24 << 20
 #: The size of the values exchanged: far over a message, under the limit.
 SIZE = 20 << 20
+#: Over gRPC-Go's default limit on a message received, under the KVS's: the KVS would send it
+#: in one message, which the Go client asks it not to.
+MIDDLE = 6 << 20
 
 
 def test_go_and_python_exchange_values_too_large_for_one_message(launch_go: Launcher) -> None:
     with running_process_cluster(env={"CBGRPC_KVS_MAX_VALUE_BYTES": str(LIMIT)}) as cluster:
         data = os.urandom(SIZE)
+        middle = os.urandom(MIDDLE)
         with CloudburstConnection(cluster.address, connect_timeout=30, timeout=120) as cloud:
             cloud.put_object("large/from-python", data)
+            cloud.put_object("middle/from-python", middle)
             for mode, kvs_address in (("on", cluster.kvs.address), ("off", "")):
                 driver = launch_go(cluster.address, mode)
                 read = driver.ok(op="get_digest", key="large/from-python")
@@ -38,6 +43,11 @@ def test_go_and_python_exchange_values_too_large_for_one_message(launch_go: Laun
                     "sha256": hashlib.sha256(data).hexdigest(),
                     "serializer": "SERIALIZER_BYTES",
                 }
+                read = driver.ok(op="get_digest", key="middle/from-python")
+                assert (read["size"], read["sha256"]) == (
+                    MIDDLE,
+                    hashlib.sha256(middle).hexdigest(),
+                )
 
                 key = f"large/from-go-{mode}"
                 written = driver.ok(op="put_bytes", key=key, size=SIZE)

@@ -25,6 +25,9 @@ const (
 	// MessageHeadroomBytes is what a message carries besides a value (key, timestamp, framing):
 	// a value sent in one message is at most GetLimits.max_message_bytes less this.
 	MessageHeadroomBytes = 64 << 10
+	// ReceiveMessageBytes is the largest message Get asks the KVS to send (gRPC-Go's default
+	// limit on a message received): a value that does not fit comes in chunks.
+	ReceiveMessageBytes = 4 << 20
 )
 
 // ReasonPayloadTooLarge is the reason of an *Error for a value over the KVS tier's limit.
@@ -142,7 +145,9 @@ func (d *directKvs) getChunks(ctx context.Context, get *cloudburstv1.GetValueReq
 func getChunks(ctx context.Context, stub cloudburstv1.KvsServiceClient, get *cloudburstv1.GetValueRequest) (*cloudburstv1.Lattice, []byte, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel() // a call that ends early is given up
-	stream, err := stub.GetValueChunks(ctx, &cloudburstv1.GetValueChunksRequest{Key: get.GetKey(), Keyspace: get.GetKeyspace()})
+	stream, err := stub.GetValueChunks(ctx, &cloudburstv1.GetValueChunksRequest{
+		Key: get.GetKey(), Keyspace: get.GetKeyspace(), MaxMessageBytes: get.GetMaxMessageBytes(),
+	})
 	if err != nil {
 		return nil, nil, err
 	}

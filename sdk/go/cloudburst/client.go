@@ -269,10 +269,12 @@ func (c *Client) Put(ctx context.Context, key string, value any) error {
 // Get reads the value stored under a user key; found is false when there is none. A value
 // written by Python must be JSON, a string or bytes to be read here (see docs/protocol.md).
 //
-// A value too large for one message (the KVS answers it as chunked) is read in chunks with
-// KvsService.GetValueChunks.
+// A value too large for one message of ReceiveMessageBytes (the KVS answers it as chunked) is
+// read in chunks with KvsService.GetValueChunks.
 func (c *Client) Get(ctx context.Context, key string) (result *Result, found bool, err error) {
-	request := &cloudburstv1.GetValueRequest{Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER}
+	request := &cloudburstv1.GetValueRequest{
+		Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER, MaxMessageBytes: ReceiveMessageBytes,
+	}
 	answer, err := c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Get{Get: request}})
 	if err != nil {
 		return nil, false, c.rpcError(err)
