@@ -21,9 +21,13 @@ from harness import running_process_cluster
 LIMIT = 24 << 20
 #: The size of the values exchanged: far over a message, under the limit.
 SIZE = 20 << 20
-#: Over gRPC-Go's default limit on a message received, under the KVS's: the KVS would send it
-#: in one message, which the Go client asks it not to.
+#: Over gRPC-Go's default limit on a message received (4 MiB), under the cluster's message
+#: limit (16 MiB): the KVS sends it, and the executor the result of that size, in one message.
 MIDDLE = 6 << 20
+
+
+def repeat(_: object, size: int) -> str:
+    return "r" * size
 
 
 def test_go_and_python_exchange_values_too_large_for_one_message(launch_go: Launcher) -> None:
@@ -33,6 +37,7 @@ def test_go_and_python_exchange_values_too_large_for_one_message(launch_go: Laun
         with CloudburstConnection(cluster.address, connect_timeout=30, timeout=120) as cloud:
             cloud.put_object("large/from-python", data)
             cloud.put_object("middle/from-python", middle)
+            cloud.register(repeat, "repeat")
             for mode, kvs_address in (("on", cluster.kvs.address), ("off", "")):
                 driver = launch_go(cluster.address, mode)
                 read = driver.ok(op="get_digest", key="large/from-python")
@@ -47,6 +52,12 @@ def test_go_and_python_exchange_values_too_large_for_one_message(launch_go: Laun
                 assert (read["size"], read["sha256"]) == (
                     MIDDLE,
                     hashlib.sha256(middle).hexdigest(),
+                )
+                # A result over gRPC-Go's default receive limit, under the cluster's.
+                result = driver.ok(op="call_digest", name="repeat", args=[MIDDLE])
+                assert (result["size"], result["sha256"]) == (
+                    MIDDLE,
+                    hashlib.sha256(b"r" * MIDDLE).hexdigest(),
                 )
 
                 key = f"large/from-go-{mode}"

@@ -25,9 +25,15 @@ const (
 	// MessageHeadroomBytes is what a message carries besides a value (key, timestamp, framing):
 	// a value sent in one message is at most GetLimits.max_message_bytes less this.
 	MessageHeadroomBytes = 64 << 10
-	// ReceiveMessageBytes is the largest message Get asks the KVS to send (gRPC-Go's default
-	// limit on a message received): a value that does not fit comes in chunks.
-	ReceiveMessageBytes = 4 << 20
+	// MaxPayloadBytes is the largest value Get asks the KVS to send in one message (the
+	// runtime's default server.max_payload_bytes, as the Python SDK's default): a larger one
+	// comes in chunks.
+	MaxPayloadBytes = 16 << 20
+	// MaxReceiveBytes is the largest message the client's connections take
+	// (grpc.MaxCallRecvMsgSize; gRPC-Go's own default is 4 MiB), as the Python SDK's channels:
+	// twice MaxPayloadBytes and 1 MiB, so that a result or value up to the cluster's default
+	// limit comes through.
+	MaxReceiveBytes = 2*MaxPayloadBytes + 1<<20
 )
 
 // ReasonPayloadTooLarge is the reason of an *Error for a value over the KVS tier's limit.

@@ -70,9 +70,10 @@ type Options struct {
 	// TLSServerName is the name the servers' certificates must carry, when not the host dialled.
 	TLSServerName string
 	// DialOptions are passed to grpc.NewClient for the scheduler's connection and for the KVS's,
-	// after the client's own (keepalive, connection timeout, the TLS and token of the settings
-	// above), which they may override: grpc.WithTransportCredentials gives TLS configured
-	// otherwise.
+	// after the client's own (keepalive, connection timeout, MaxReceiveBytes, the TLS and token
+	// of the settings above), which they may override: grpc.WithTransportCredentials gives TLS
+	// configured otherwise. A smaller grpc.MaxCallRecvMsgSize than MaxReceiveBytes fails reads
+	// of the values and results that do not fit it.
 	DialOptions []grpc.DialOption
 	// DirectKvs says whether Put and Get go to the KVS itself when the scheduler names its
 	// address (a cluster's scheduler does): one network hop instead of two. When that address
@@ -269,11 +270,11 @@ func (c *Client) Put(ctx context.Context, key string, value any) error {
 // Get reads the value stored under a user key; found is false when there is none. A value
 // written by Python must be JSON, a string or bytes to be read here (see docs/protocol.md).
 //
-// A value too large for one message of ReceiveMessageBytes (the KVS answers it as chunked) is
-// read in chunks with KvsService.GetValueChunks.
+// A value too large for one message (over MaxPayloadBytes or the KVS's own limit: the KVS
+// answers it as chunked) is read in chunks with KvsService.GetValueChunks.
 func (c *Client) Get(ctx context.Context, key string) (result *Result, found bool, err error) {
 	request := &cloudburstv1.GetValueRequest{
-		Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER, MaxMessageBytes: ReceiveMessageBytes,
+		Key: key, Keyspace: cloudburstv1.Keyspace_KEYSPACE_USER, MaxMessageBytes: MaxPayloadBytes,
 	}
 	answer, err := c.kvs.op(ctx, &cloudburstv1.StreamOpsRequest{Op: &cloudburstv1.StreamOpsRequest_Get{Get: request}})
 	if err != nil {

@@ -78,6 +78,7 @@ func transportOptions(getenv func(string) string) ([]grpc.DialOption, error) {
 		}),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: connect, MinConnectTimeout: ConnectTimeout}),
 		grpc.WithUserAgent(ProtocolToken),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxReceiveBytes)),
 	}, nil
 }
 
