@@ -30,6 +30,7 @@ from cloudburst.opstream import (
     OpStream,
     OpStreams,
     stream_allowed,
+    streamed_read_limit,
 )
 from cloudburst.rpc import call, error_from_rpc
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
@@ -148,7 +149,7 @@ class KvsClient:
                 frame.get.key = key
                 frame.get.keyspace = keyspace
                 frame.get.wait = wait
-                frame.get.max_message_bytes = self._max_message_bytes
+                frame.get.max_message_bytes = streamed_read_limit(self._max_message_bytes)
                 answer = await ops.request(frame, what, timeout)
                 if answer is not None:
                     return answer.get

@@ -55,7 +55,7 @@ from cloudburst.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from cloudburst.opstream import OpRequest, OpStream, OpStreams, stream_enabled
+from cloudburst.opstream import OpRequest, OpStream, OpStreams, stream_enabled, streamed_read_limit
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, batches_enabled, settle
 from cloudburst.transport import ClientSecurity
@@ -749,6 +749,7 @@ class Core:
             if ops is not None and ops.small.available:
                 frame = OpRequest()
                 frame.get.CopyFrom(request)
+                frame.get.max_message_bytes = streamed_read_limit(request.max_message_bytes)
                 answer = await ops.small.request(frame, what, timeout)
                 if answer is not None:
                     return answer.get

@@ -38,6 +38,22 @@ STREAM_ENV = "CLOUDBURST_KVS_STREAM"
 #: A merge whose value holds more bytes than this does not share the stream of small ops,
 #: so that no large value holds them up: it goes on a stream of its own (:class:`OpStreams`).
 MAX_STREAMED_PUT_BYTES = 64 << 10
+#: The largest message a read on the stream of small ops asks for (its ``max_message_bytes``):
+#: a larger value is answered ``chunked`` and read with ``GetValueChunks``, on an HTTP/2 stream
+#: of its own, so that it holds up no small op behind it.
+MAX_STREAMED_GET_BYTES = 4 << 20
+
+
+def streamed_read_limit(max_message_bytes: int) -> int:
+    """The ``max_message_bytes`` of a read sent on an op stream by a reader that takes that many.
+
+    0 (the reader takes what the KVS sends) counts as no limit.
+    """
+    if not max_message_bytes:
+        return MAX_STREAMED_GET_BYTES
+    return min(max_message_bytes, MAX_STREAMED_GET_BYTES)
+
+
 _OFF = frozenset({"0", "false", "no", "off"})
 
 OpRequest = kvs_service_pb2.StreamOpsRequest
@@ -249,6 +265,7 @@ class OpStreams:
 
 
 __all__ = [
+    "MAX_STREAMED_GET_BYTES",
     "MAX_STREAMED_PUT_BYTES",
     "STREAM_ENV",
     "OpAnswer",
@@ -257,4 +274,5 @@ __all__ = [
     "OpStreams",
     "stream_allowed",
     "stream_enabled",
+    "streamed_read_limit",
 ]

@@ -25,7 +25,7 @@ import pytest
 
 from cloudburst import CloudburstConnection, _core
 from cloudburst.errors import CloudburstError
-from cloudburst.opstream import MAX_STREAMED_PUT_BYTES, STREAM_ENV
+from cloudburst.opstream import MAX_STREAMED_GET_BYTES, MAX_STREAMED_PUT_BYTES, STREAM_ENV
 from cloudburst.serialization import lattice_value
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2, value_pb2
 from cloudburst_grpc.local import Node, start_local
@@ -130,6 +130,25 @@ def test_larger_writes_go_on_a_stream_of_their_own(setup: Callable[..., Setup]) 
     assert small[0][1] <= MAX_STREAMED_PUT_BYTES
     assert [op for op, _ in large] == ["put", "put"]
     assert all(size > MAX_STREAMED_PUT_BYTES for _, size in large)
+
+
+def test_a_read_of_a_larger_value_leaves_the_stream_of_small_ops(
+    setup: Callable[..., Setup],
+) -> None:
+    """A value over MAX_STREAMED_GET_BYTES comes in chunks, on a stream of its own."""
+    cluster = setup(limit=16 << 20)  # the KVS would send either value in one message
+    kvs = cluster.kvs
+    under = b"u" * (MAX_STREAMED_GET_BYTES - (64 << 10))
+    over = b"o" * (MAX_STREAMED_GET_BYTES + 1)
+    with connect(cluster.scheduler.address) as conn:
+        assert conn.kvs_address == kvs.address
+        conn.put_object("under", under)
+        conn.put_object("over", over)
+        assert conn.get_object("under") == under
+        assert kvs.recorder.calls("GetValueChunks") == 0
+        assert conn.get_object("over") == over
+        assert kvs.recorder.calls("GetValueChunks") == 1
+    assert kvs.recorder.calls("GetValue") == 0  # both asked on the stream first
 
 
 def test_a_value_over_the_kvs_message_limit_goes_to_it_in_chunks(
