@@ -103,7 +103,7 @@ clients: setup $(TS_DEPS)
 	  CLOUDBURST_TEST_CERTS="$$certs/certs" node --test \
 	    sdk/typescript/dist/test/unit.test.js sdk/typescript/dist/test/transport.test.js \
 	    sdk/typescript/dist/test/opstream.test.js sdk/typescript/dist/test/chunks.test.js \
-	    sdk/typescript/dist/test/writes.test.js
+	    sdk/typescript/dist/test/writes.test.js sdk/typescript/dist/test/deadlines.test.js
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,7 @@ import {
 } from "./gen/cloudburst/v1/scheduler_service_pb.js";
 import type { ArgumentSchema, Value } from "./gen/cloudburst/v1/value_pb.js";
 import { checkValueSize, inlineValueBytes, notLww, readValue, writeValue } from "./chunks.js";
-import { DirectKvs, directKvsFromEnvironment } from "./direct.js";
+import { DirectKvs, directKvsFromEnvironment, type RequestOptions } from "./direct.js";
 import {
   kvsStreamFromEnvironment,
   MAX_STREAMED_PUT_BYTES,
@@ -29,7 +29,10 @@ import { ACCEPTED, decode, encode, failureOf, isFailure, type NativeValue } from
 
 /** Options of every call: a deadline and an abort signal. */
 export interface Options {
-  /** How long the call may take, in milliseconds. */
+  /**
+   * How long the call may take, in milliseconds: all of it, so a KVS op made again through the
+   * scheduler after the KVS was found unreachable gets only what is left.
+   */
   timeoutMs?: number;
   /** Aborts the call. */
   signal?: AbortSignal;
@@ -225,20 +228,20 @@ export class CloudburstClient {
       omitLattice: true,
     } as const;
     await rpc(() =>
-      this.#direct.call(callOptions(options), async (kvs, ops) => {
+      this.#direct.call(callOptions(options), async (kvs, ops, requestOptions) => {
         if (data.length <= MAX_STREAMED_PUT_BYTES) {
-          const answer = await streamed(ops, { case: "put", value: request }, options);
+          const answer = await streamed(ops, { case: "put", value: request }, requestOptions);
           if (answer !== undefined) return;
         } else {
-          const limits = await this.#direct.limitsOf(kvs, callOptions(options));
+          const limits = await this.#direct.limitsOf(kvs, requestOptions());
           checkValueSize(key, data.length, limits);
           if (data.length > inlineValueBytes(limits)) {
             const serializer = encoded.serializer ?? Serializer.UNSPECIFIED;
-            await writeValue(kvs, key, Keyspace.USER, serializer, data, write, callOptions(options));
+            await writeValue(kvs, key, Keyspace.USER, serializer, data, write, requestOptions());
             return;
           }
         }
-        await kvs.putValue(request, callOptions(options));
+        await kvs.putValue(request, requestOptions());
       }),
     );
   }
@@ -250,14 +253,14 @@ export class CloudburstClient {
   async get(key: string, options: Options = {}): Promise<NativeValue | undefined> {
     const request = { key, keyspace: Keyspace.USER };
     const value: Value | undefined = await rpc(() =>
-      this.#direct.call(callOptions(options), async (kvs, ops) => {
-        const answer = await streamed(ops, { case: "get", value: request }, options);
-        const response = answer ?? (await kvs.getValue(request, callOptions(options)));
+      this.#direct.call(callOptions(options), async (kvs, ops, requestOptions) => {
+        const answer = await streamed(ops, { case: "get", value: request }, requestOptions);
+        const response = answer ?? (await kvs.getValue(request, requestOptions()));
         if (!response.found) {
           return undefined;
         }
         if (response.chunked) {
-          return readValue(kvs, key, Keyspace.USER, callOptions(options));
+          return readValue(kvs, key, Keyspace.USER, requestOptions());
         }
         const kind = response.lattice?.kind;
         if (kind?.case !== "lww" || kind.value.value === undefined) {
@@ -277,9 +280,9 @@ export class CloudburstClient {
   async delete(key: string, options: Options = {}): Promise<boolean> {
     const request = { key, keyspace: Keyspace.USER, requestId: newRequestId() };
     const response = await rpc(() =>
-      this.#direct.call(callOptions(options), async (kvs, ops) => {
-        const answer = await streamed(ops, { case: "delete", value: request }, options);
-        return answer ?? kvs.deleteValue(request, callOptions(options));
+      this.#direct.call(callOptions(options), async (kvs, ops, requestOptions) => {
+        const answer = await streamed(ops, { case: "delete", value: request }, requestOptions);
+        return answer ?? kvs.deleteValue(request, requestOptions());
       }),
     );
     return response.existed;
@@ -293,9 +296,9 @@ export class CloudburstClient {
 async function streamed<K extends OpKind>(
   ops: OpStream | undefined,
   op: Op & { case: K },
-  options: Options,
+  options: RequestOptions,
 ): Promise<Answers[K] | undefined> {
-  return ops === undefined ? undefined : ops.request<K>(op, callOptions(options));
+  return ops === undefined ? undefined : ops.request<K>(op, options());
 }
 
 function argument(value: NativeValue): MessageInitShape<typeof ArgumentSchema> {

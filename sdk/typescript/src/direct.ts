@@ -52,8 +52,36 @@ function askAgain(err: unknown): boolean {
 
 type Kvs = Client<typeof KvsService>;
 
-/** An idempotent KVS operation: given the stub to call and the op stream there, if any. */
-export type KvsOperation<T> = (kvs: Kvs, ops: OpStream | undefined) => Promise<T>;
+/**
+ * The options of a request made now for a call: what is left of the call's deadline, and its
+ * signal. Throws DEADLINE_EXCEEDED once nothing is left.
+ */
+export type RequestOptions = () => CallOptions;
+
+/**
+ * The options of each request of a call that starts now: every attempt, and every request of an
+ * attempt, gets what is left of one deadline (options.timeoutMs from now).
+ */
+export function deadlineOf(options: CallOptions): RequestOptions {
+  const timeoutMs = options.timeoutMs;
+  if (timeoutMs === undefined) {
+    return () => options;
+  }
+  const deadline = performance.now() + timeoutMs;
+  return () => {
+    const left = Math.floor(deadline - performance.now()); // gRPC takes whole milliseconds
+    if (left <= 0) {
+      throw new ConnectError(`the call's deadline (${timeoutMs} ms) passed before the KVS answered`, Code.DeadlineExceeded);
+    }
+    return { ...options, timeoutMs: left };
+  };
+}
+
+/**
+ * An idempotent KVS operation: given the stub to call, the op stream there, if any, and the
+ * options of each request it makes (what is left of the call's deadline when it makes it).
+ */
+export type KvsOperation<T> = (kvs: Kvs, ops: OpStream | undefined, options: RequestOptions) => Promise<T>;
 
 /** Where KVS calls go: the KVS the scheduler names while it answers, else the scheduler. */
 export class DirectKvs {
@@ -86,21 +114,26 @@ export class DirectKvs {
     return this.#inUse ? this.#address : undefined;
   }
 
-  /** Runs an idempotent KVS operation at the KVS; if that is unreachable, through the scheduler. */
+  /**
+   * Runs an idempotent KVS operation at the KVS; if that is unreachable, through the scheduler.
+   * The whole call keeps options.timeoutMs, taken when it starts: the attempt through the
+   * scheduler gets what the first one left (and fails with DEADLINE_EXCEEDED when nothing is).
+   */
   async call<T>(options: CallOptions, operation: KvsOperation<T>): Promise<T> {
-    const stub = await this.#stubFor(options);
+    const requestOptions = deadlineOf(options);
+    const stub = await this.#stubFor(requestOptions);
     if (stub === this.proxy) {
-      return operation(stub, this.#proxyOps);
+      return operation(stub, this.#proxyOps, requestOptions);
     }
     try {
-      return await operation(stub, this.#ops);
+      return await operation(stub, this.#ops, requestOptions);
     } catch (err) {
       if (!lostTransport(err)) {
         throw err;
       }
       this.#leave();
     }
-    return operation(this.proxy, this.#proxyOps);
+    return operation(this.proxy, this.#proxyOps, requestOptions);
   }
 
   /**
@@ -136,7 +169,7 @@ export class DirectKvs {
     this.#proxyOps?.close();
   }
 
-  async #stubFor(options: CallOptions): Promise<Kvs> {
+  async #stubFor(options: RequestOptions): Promise<Kvs> {
     if (this.transport === undefined) {
       return this.proxy; // no GetLimits: ops at the scheduler's address stay unary calls
     }
@@ -144,7 +177,8 @@ export class DirectKvs {
       this.#resolving ??= this.#resolve(this.transport, options).finally(() => {
         this.#resolving = undefined;
       });
-      await this.#resolving;
+      // A call whose deadline passes while an address is probed ends then; the probe goes on.
+      await settledBefore(this.#resolving, options);
     }
     return this.#inUse && this.#stub !== undefined ? this.#stub : this.proxy;
   }
@@ -153,10 +187,10 @@ export class DirectKvs {
    * Asks the scheduler where the KVS is (and whether a KVS itself answers at its address) and uses
    * the first address that answers.
    */
-  async #resolve(transport: (address: string) => Transport, options: CallOptions): Promise<void> {
+  async #resolve(transport: (address: string) => Transport, options: RequestOptions): Promise<void> {
     let addresses: string[];
     try {
-      const limits = await this.proxy.getLimits({}, options);
+      const limits = await this.proxy.getLimits({}, options());
       this.#limits = limits;
       addresses = limits.kvsAddresses;
       if (limits.servesOpStreams && this.streams && !this.#closed) {
@@ -212,5 +246,31 @@ export class DirectKvs {
       );
     }, delay);
     timer.unref(); // a client waiting to try again does not keep the process alive
+  }
+}
+
+/**
+ * Resolves once promise does, or rejects as a request made now with options would be ended: at
+ * what is left of its deadline (DEADLINE_EXCEEDED), or when its signal aborts (CANCELED).
+ */
+async function settledBefore(promise: Promise<void>, options: RequestOptions): Promise<void> {
+  const { timeoutMs, signal } = options();
+  let timer: NodeJS.Timeout | undefined;
+  let onAbort: (() => void) | undefined;
+  const ended = new Promise<never>((_resolve, reject) => {
+    if (timeoutMs !== undefined) {
+      timer = setTimeout(() => reject(new ConnectError("the operation timed out", Code.DeadlineExceeded)), timeoutMs);
+    }
+    if (signal !== undefined) {
+      onAbort = () => reject(ConnectError.from(signal.reason, Code.Canceled));
+      if (signal.aborted) onAbort();
+      else signal.addEventListener("abort", onAbort, { once: true });
+    }
+  });
+  try {
+    await Promise.race([promise, ended]);
+  } finally {
+    clearTimeout(timer);
+    if (onAbort !== undefined) signal?.removeEventListener("abort", onAbort);
   }
 }
