@@ -119,8 +119,8 @@ export interface ClientOptions {
   /**
    * Whether put, get and delete go as frames of a StreamOps stream where a KVS serves one
    * (default true): at the KVS the scheduler names, and at the transport's address when its
-   * GetLimits answer sets serves_op_streams (asked only with direct access on: without it, ops
-   * there stay unary calls).
+   * GetLimits answer sets serves_op_streams (only with direct access on: without it, ops there
+   * stay unary calls).
    */
   kvsStream?: boolean;
   /** The transport's address, for messages. */
@@ -207,12 +207,14 @@ export class CloudburstClient {
 
   /**
    * Stores a value under a user key (last writer wins). A value of more than 4 MiB (or than the
-   * KVS tier's message limit, when that is smaller) goes in 1 MiB chunks (PutValueChunks); one
-   * over the tier's max_value_bytes is refused before sending (RESOURCE_EXHAUSTED,
-   * PAYLOAD_TOO_LARGE). The write is stamped once, here, with this client's last-writer-wins
-   * timestamp and given a random request id; a retry through the scheduler after the KVS was
-   * found unreachable sends the same lattice and id, so it stores the value once (see the
-   * README, "Retried writes"). A KVS refuses a write stamped more than its
+   * message limit of the service the write goes to, when that is smaller, however small the
+   * value) goes in 1 MiB chunks (PutValueChunks); one over that service's max_value_bytes is
+   * refused before sending (RESOURCE_EXHAUSTED, PAYLOAD_TOO_LARGE). The limits come from each
+   * service's GetLimits answer, asked once: when the client first asks where the KVS is, or
+   * (with direct access off) by the first put. The write is stamped once, here, with this
+   * client's last-writer-wins timestamp and given a random request id; a retry through the
+   * scheduler after the KVS was found unreachable sends the same lattice and id, so it stores the
+   * value once (see the README, "Retried writes"). A KVS refuses a write stamped more than its
    * kvs.max_clock_skew_seconds ahead of its own clock (INVALID_ARGUMENT).
    */
   async put(key: string, value: NativeValue, options: Options = {}): Promise<void> {
@@ -229,17 +231,18 @@ export class CloudburstClient {
     } as const;
     await rpc(() =>
       this.#direct.call(callOptions(options), async (kvs, ops, requestOptions) => {
+        // Known since the client asked where the KVS is; asked here by a first put without direct
+        // access (or after that question found no answer), and then kept.
+        const limits = await this.#direct.limitsOf(kvs, requestOptions());
+        checkValueSize(key, data.length, limits);
+        if (data.length > inlineValueBytes(limits)) {
+          const serializer = encoded.serializer ?? Serializer.UNSPECIFIED;
+          await writeValue(kvs, key, Keyspace.USER, serializer, data, write, requestOptions());
+          return;
+        }
         if (data.length <= MAX_STREAMED_PUT_BYTES) {
           const answer = await streamed(ops, { case: "put", value: request }, requestOptions);
           if (answer !== undefined) return;
-        } else {
-          const limits = await this.#direct.limitsOf(kvs, requestOptions());
-          checkValueSize(key, data.length, limits);
-          if (data.length > inlineValueBytes(limits)) {
-            const serializer = encoded.serializer ?? Serializer.UNSPECIFIED;
-            await writeValue(kvs, key, Keyspace.USER, serializer, data, write, requestOptions());
-            return;
-          }
         }
         await kvs.putValue(request, requestOptions());
       }),

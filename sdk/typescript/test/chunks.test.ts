@@ -21,6 +21,8 @@ interface Kvs {
   /** The chunk sizes of each PutValueChunks call. */
   putChunks: number[][];
   stored: Map<string, Value>;
+  /** How many GetLimits calls it answered. */
+  limitsAsked: () => number;
 }
 
 /**
@@ -40,6 +42,7 @@ async function kvsServer(
   const calls: string[] = [];
   const putChunks: number[][] = [];
   const stored = new Map<string, Value>();
+  let limitsAsked = 0;
   const answer = (key: string) => {
     const value = stored.get(key);
     if (value === undefined) return { found: false };
@@ -48,12 +51,15 @@ async function kvsServer(
   };
   const server = await serve((router) =>
     router.service(KvsService, {
-      getLimits: () => ({
-        maxValueBytes: BigInt(options.maxValueBytes ?? 64 * MIB),
-        maxMessageBytes: BigInt(maxMessage),
-        servesOpStreams: options.opStreams ?? false,
-        kvsAddresses: options.kvsAddresses ?? [],
-      }),
+      getLimits: () => {
+        limitsAsked += 1;
+        return {
+          maxValueBytes: BigInt(options.maxValueBytes ?? 64 * MIB),
+          maxMessageBytes: BigInt(maxMessage),
+          servesOpStreams: options.opStreams ?? false,
+          kvsAddresses: options.kvsAddresses ?? [],
+        };
+      },
       getValue: (request) => {
         calls.push(`GetValue ${request.key}`);
         return answer(request.key);
@@ -111,7 +117,7 @@ async function kvsServer(
       },
     }),
   );
-  return { address: server.address, calls, putChunks, stored };
+  return { address: server.address, calls, putChunks, stored, limitsAsked: () => limitsAsked };
 }
 
 function generated(size: number): Uint8Array {
@@ -164,6 +170,40 @@ test("a write to the KVS directly is sized by that KVS's own limits, not the sch
   deepStrictEqual(scheduler.calls, []);
   await client.put("small", generated(200 << 10));
   deepStrictEqual(kvs.calls, ["PutValueChunks mid", "PutValue small"]);
+  client.close();
+});
+
+test("a value under 64 KiB over a tiny message limit goes in chunks; the limits are asked once", async () => {
+  const tiny = { maxMessageBytes: 16 << 10, opStreams: true };
+  const data = generated(60 << 10);
+  // At the address connected to (a KVS answers there, as for `cbgrpc serve`), with direct access
+  // on (its GetLimits answer, asked first, sizes the writes) and off (the first put asks it).
+  for (const direct of [true, false]) {
+    const kvs = await kvsServer(tiny);
+    const client = clientOf(kvs.address, { direct });
+    await client.put("over", data);
+    await client.put("under", generated(8 << 10));
+    await client.put("under", generated(8 << 10));
+    const read = await client.get("over");
+    ok(read instanceof Uint8Array);
+    strictEqual(digest(read), digest(data));
+    deepStrictEqual(kvs.putChunks, [[60 << 10]]);
+    const how = direct ? "frame put" : "PutValue";
+    const get = direct ? "frame get over" : "GetValue over";
+    deepStrictEqual(kvs.calls, ["PutValueChunks over", `${how} under`, `${how} under`, get, "GetValueChunks over"]);
+    strictEqual(kvs.limitsAsked(), 1, "GetLimits was asked once");
+    client.close();
+  }
+  // At the KVS directly: sized by its own limits, not by the scheduler's.
+  const kvs = await kvsServer(tiny);
+  const scheduler = await kvsServer({ kvsAddresses: [kvs.address] });
+  const client = clientOf(scheduler.address);
+  await client.put("over", data);
+  await client.put("under", generated(8 << 10));
+  strictEqual(digest((await client.get("over")) as Uint8Array), digest(data));
+  deepStrictEqual(kvs.calls, ["PutValueChunks over", "frame put under", "frame get over", "GetValueChunks over"]);
+  deepStrictEqual(scheduler.calls, []);
+  strictEqual(kvs.limitsAsked() + scheduler.limitsAsked(), 2, "each was asked its limits once");
   client.close();
 });
 
