@@ -74,9 +74,13 @@ class KvsClient:
                 turned off (see :func:`stream_enabled`).
             name: What the channel connects to, for the log (e.g. "the KVS at host:port").
             max_message_bytes: The largest value the channel takes in one message (its
-                ``max_payload_bytes``), asked of the KVS in reads; 0: whatever it sends.
+                ``max_payload_bytes``): reads ask the KVS for no larger, and a merge of a
+                larger value goes in chunks. 0: whatever the KVS sends.
         """
         self._max_message_bytes = max_message_bytes
+        self._inline_bytes = min(
+            chunks.INLINE_VALUE_BYTES, max_message_bytes or chunks.INLINE_VALUE_BYTES
+        )
         self._stub: kvs_service_pb2_grpc.KvsServiceAsyncStub = kvs_service_pb2_grpc.KvsServiceStub(
             channel
         )
@@ -228,7 +232,7 @@ class KvsClient:
         if lattice.WhichOneof("kind") == "lww":
             value = lattice.lww.value
             data = value.data  # read (copied) out of the message once, to size and to send
-            if len(data) > chunks.INLINE_VALUE_BYTES:
+            if len(data) > self._inline_bytes:
                 await chunks.write_value(
                     self._stub,
                     key,

@@ -635,7 +635,9 @@ class Core:
         return self._inline_at(self.kvs)
 
     def _inline_at(self, stub: KvsStub) -> int:
-        return self._proxy_inline if stub is self.proxy_kvs else self._direct_inline
+        # The service's limit, and this client's own: its channels send no more.
+        inline = self._proxy_inline if stub is self.proxy_kvs else self._direct_inline
+        return min(inline, self._max_payload_bytes)
 
     async def _on_kvs(self, operation: Callable[[KvsStub, OpStreams | None], Awaitable[T]]) -> T:
         """Run an idempotent KVS operation at the KVS; if that is unreachable, via the scheduler.

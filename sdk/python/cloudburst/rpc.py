@@ -66,9 +66,11 @@ def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstEr
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return CloudburstTimeoutError(f"{what} did not finish before its deadline")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # gRPC names the side whose limit refused the message ("CLIENT: ..." for this one).
+            whose = "this process" if "CLIENT:" in (details or "") else "the server"
             return PayloadTooLargeError(
                 f"{what} was refused by the transport: {details}; the message is larger "
-                "than the server accepts (see max_payload_bytes)"
+                f"than {whose} accepts (see max_payload_bytes)"
             )
     cls = error_class(reason, code)
     error = cls(details or f"{what} failed with {code.name}", metadata)

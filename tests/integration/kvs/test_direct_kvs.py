@@ -42,6 +42,11 @@ def size_of(_: Any, value: bytes) -> int:
     return len(value)
 
 
+def write_copy(cloudburst: Any, key: str, value: bytes) -> int:
+    cloudburst.put(key, value + b"!")
+    return len(cloudburst.get(key))
+
+
 def test_objects_go_to_the_kvs_and_not_through_the_scheduler() -> None:
     with running_process_cluster() as cluster:
         direct = CloudburstConnection(cluster.address, connect_timeout=30, timeout=60)
@@ -242,17 +247,26 @@ def test_a_scheduler_with_a_smaller_message_limit_gets_writes_and_reads_sized_fo
         assert all(len(frame.chunk) < limit for frame in frames)
         assert b"".join(frame.chunk for frame in frames) == value
 
-        # A client whose own limit is smaller than the KVS's says so in its reads.
-        with CloudburstConnection(
-            cluster.address, connect_timeout=30, timeout=60, max_payload_bytes=limit
-        ) as small:
-            assert small.kvs_address == cluster.kvs.address
-            assert small.get_object("proxied/large") == value
-            assert small.get_object(["proxied/large"]) == {"proxied/large": value}
+        # A client whose own limit is smaller than the KVS's says so in its reads, and sizes
+        # its writes by it.
+        for goes_direct in (True, False):
+            with CloudburstConnection(
+                cluster.address,
+                connect_timeout=30,
+                timeout=60,
+                max_payload_bytes=limit,
+                direct_kvs=goes_direct,
+            ) as small:
+                assert small.kvs_address == (cluster.kvs.address if goes_direct else None)
+                assert small.get_object("proxied/large") == value
+                assert small.get_object(["proxied/large"]) == {"proxied/large": value}
+                assert small.put_object(f"small/{goes_direct}", value) is True
+                assert small.get_object(f"small/{goes_direct}") == value
 
 
-def test_an_executor_with_a_smaller_message_limit_reads_a_large_reference() -> None:
-    """The executor asks the KVS for messages its own limit takes: the value comes in chunks."""
+def test_an_executor_with_a_smaller_message_limit_reads_and_writes_large_values() -> None:
+    """The executor asks the KVS for messages its own limit takes, and writes in chunks what
+    does not fit in one."""
     limit = 1 << 20
     value = b"e" * (3 * limit)  # the KVS would send it in one message, over twice the limit
     with (
@@ -262,3 +276,7 @@ def test_an_executor_with_a_smaller_message_limit_reads_a_large_reference() -> N
         assert cloud.put_object("executor/large", value) is True
         sizer = cloud.register(size_of, "size_of")
         assert sizer(CloudburstReference("executor/large")).get(timeout=60) == len(value)
+        copier = cloud.register(write_copy, "write_copy")
+        reference = CloudburstReference("executor/large")
+        assert copier("executor/copy", reference).get(timeout=60) == len(value) + 1
+        assert cloud.get_object("executor/copy") == value + b"!"

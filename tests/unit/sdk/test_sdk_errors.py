@@ -269,6 +269,16 @@ def test_error_from_rpc_transport_resource_exhausted_is_payload_too_large() -> N
     assert type(error) is errors.PayloadTooLargeError
     assert "max_payload_bytes" in error.message
     assert "Received message larger than max" in error.message
+    assert "than the server accepts" in error.message
+
+
+def test_error_from_rpc_names_this_process_when_its_own_limit_refused() -> None:
+    details = "CLIENT: Sent message larger than max (3145825 vs. 3145728)"
+    exc = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details, ())
+    error = rpc.error_from_rpc(exc, what="put")
+    assert type(error) is errors.PayloadTooLargeError
+    assert details in error.message
+    assert "than this process accepts (see max_payload_bytes)" in error.message
 
 
 def test_error_from_rpc_other_code_without_details_uses_code_class() -> None:
