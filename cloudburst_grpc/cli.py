@@ -643,6 +643,30 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+async def _started(start: Callable[[], Awaitable[Any]], stop: asyncio.Event) -> Any:
+    """What ``start()`` returns; None when ``stop`` is set first.
+
+    A start waits for its peers (an executor to answer, a Consul agent), up to
+    its own deadlines: a signal meanwhile cancels it, and what it had started
+    closes as it unwinds.
+    """
+    starting = asyncio.ensure_future(start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        starting.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if starting.done():
+        return starting.result()
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return None
+
+
 async def _run_until_signal(
     start: Callable[[], Awaitable[Any]],
     label: str,
@@ -654,7 +678,10 @@ async def _run_until_signal(
     stopper = Stopper(loop, stop, grace)
     stopper.install()
     try:
-        node = stopper.node = await start()
+        node = stopper.node = await _started(start, stop)
+        if node is None:
+            logger.info("signal received while starting; stopped")
+            return stopper
         print(f"{label}: listening on {node.address}", flush=True)
         if tracing.metrics_port is not None:
             host = node.advertise_host

@@ -120,7 +120,14 @@ class CbgrpcProcess:
     ``stderr_lines``.
     """
 
-    def __init__(self, command: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, command: str, *args: str, env: dict[str, str] | None = None, ready: bool = True
+    ) -> None:
+        """Start ``cbgrpc COMMAND ARGS``; wait until it listens, unless not ``ready``.
+
+        A process started with ``ready`` False (one that is not to get as far as
+        listening) has no ``address``.
+        """
         self.command = command
         self.args = args
         self.stdout_lines: list[str] = []
@@ -161,6 +168,8 @@ class CbgrpcProcess:
         ]
         for reader in self._readers:
             reader.start()
+        if not ready:
+            return
         first_line.wait(STARTUP_TIMEOUT)
         line = self.stdout_lines[0] if self.stdout_lines else ""
         if "listening on" not in line:

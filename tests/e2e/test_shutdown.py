@@ -17,7 +17,7 @@ from typing import Any
 
 from cloudburst import CloudburstConnection
 from cloudburst.errors import CloudburstTimeoutError
-from harness import CbgrpcProcess, ServeProcess, running_process_cluster
+from harness import CbgrpcProcess, ServeProcess, free_ports, running_process_cluster
 
 #: The default grace period (server.grace_seconds).
 GRACE = 5.0
@@ -54,6 +54,31 @@ def stop_and_time(process: CbgrpcProcess) -> tuple[int, float]:
     started = time.monotonic()
     code = process.stop(signal.SIGTERM, timeout=GRACE + SLACK + 10)
     return code, time.monotonic() - started
+
+
+def test_sigterm_stops_a_scheduler_still_waiting_for_its_peers() -> None:
+    """A start that waits for an executor (up to 30 s) is given up at once, not forced."""
+    kvs_port, executor_port = free_ports(2)  # nothing listens there
+    process = CbgrpcProcess(
+        "scheduler",
+        "--kvs",
+        f"127.0.0.1:{kvs_port}",
+        "--executor",
+        f"127.0.0.1:{executor_port}",
+        "--log-level",
+        "INFO",
+        ready=False,
+    )
+    try:
+        # Its registry found no KVS: it has begun to start, with its signal handlers set.
+        process.wait_for_log("definitions ended", timeout=30)
+        code = process.stop(signal.SIGTERM, timeout=GRACE + SLACK + 10)
+    finally:
+        process.kill()
+    assert code == 0, process.stderr()
+    assert "shutdown did not finish" not in process.stderr()
+    assert "signal received while starting" in process.stderr()
+    assert not process.stdout_lines  # it never listened
 
 
 def test_sigterm_stops_an_executor_whose_function_spins_in_recv() -> None:
