@@ -54,6 +54,16 @@ EXIT_SLACK = 3.0
 STORE_CLOSE_TIMEOUT = 2.0
 
 
+def host_port(text: str) -> str:
+    """``text`` when it is ``HOST:PORT`` (``[V6]:PORT`` for an IPv6 address), for argparse."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (as 10.0.0.5:7601, kvs.internal:7601 or [::1]:7601), got {text!r}"
+        )
+    return text
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, help="a TOML config file ([server], [kvs], [executor], [scheduler])"
@@ -306,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     _executors(executor, count=False)
     _consul(executor)
     executor.add_argument(
-        "--kvs", metavar="HOST:PORT", help="address of the KVS service (default: from Consul)"
+        "--kvs",
+        metavar="HOST:PORT",
+        type=host_port,
+        help="address of the KVS service (default: from Consul)",
     )
     executor.add_argument(
         "--id", dest="service_id", help="executor id, unique in the cluster (default: random)"
@@ -323,13 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     _security(scheduler, client_cert_port=True)
     _consul(scheduler)
     scheduler.add_argument(
-        "--kvs", metavar="HOST:PORT", help="address of the KVS service (default: from Consul)"
+        "--kvs",
+        metavar="HOST:PORT",
+        type=host_port,
+        help="address of the KVS service (default: from Consul)",
     )
     scheduler.add_argument(
         "--executor",
         action="append",
         default=[],
         metavar="HOST:PORT",
+        type=host_port,
         dest="executor_addresses",
         help="address of an executor (repeat for each; default: from Consul)",
     )
