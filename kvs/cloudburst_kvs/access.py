@@ -427,9 +427,10 @@ class EndpointKvs:
                     yield event.key
             finally:
                 await stream.aclose()
-        except UnavailableError:
+        except UnavailableError as exc:
+            error = self._naming_the_kvs(exc)
             self._endpoint.unreachable(channel)
-            raise
+            raise error from None
         except ProtocolMismatchError as exc:
             protocol.log_once(logger, f"the KVS at {self._endpoint.address}", exc)
             raise
@@ -452,9 +453,10 @@ class EndpointKvs:
                     yield event.key, None if event.deleted else event.lattice
             finally:
                 await stream.aclose()
-        except UnavailableError:
+        except UnavailableError as exc:
+            error = self._naming_the_kvs(exc)
             self._endpoint.unreachable(channel)
-            raise
+            raise error from None
         except ProtocolMismatchError as exc:
             protocol.log_once(logger, f"the KVS at {self._endpoint.address}", exc)
             raise

@@ -11,14 +11,16 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import grpc
+import pytest
 
+from cloudburst.errors import UnavailableError
 from cloudburst.serialization import LwwClock, lattice_value, lww, serialize
 from cloudburst_grpc.discovery.consul import ConsulClient, Instance, ServiceWatch
 from cloudburst_grpc.local import Node
 from cloudburst_kvs.access import EndpointKvs, KvsEndpoint
 from cloudburst_kvs.storage import MemoryEngine
 from cloudburst_kvs.store import LatticeStore
-from harness import make_config
+from harness import free_ports, make_config
 from kvs_interceptors import USER, SharedStoreKvs, Writes
 
 DEADLINE = 30.0
@@ -116,3 +118,22 @@ async def test_a_write_or_delete_tried_again_on_another_instance_is_the_same_one
             if kvs.server is not None:
                 await kvs.server.stop(0)
         await store.close()
+
+
+async def test_a_watch_of_a_kvs_that_does_not_answer_names_it() -> None:
+    """As every other op does: which KVS, and what to check (not a client's hint)."""
+    (port,) = free_ports(1)  # nothing listens there
+    address = f"127.0.0.1:{port}"
+    endpoint = KvsEndpoint(CONFIG, address, None)
+    kvs = EndpointKvs(endpoint)
+    try:
+        for watch in (kvs.watch_keys("function/"), kvs.watch_values(["key"])):
+            with pytest.raises(UnavailableError) as raised:
+                async with asyncio.timeout(DEADLINE):
+                    await anext(aiter(watch))
+            message = str(raised.value)
+            assert f"the KVS at {address} is unavailable" in message
+            assert "check that `cbgrpc kvs` is running and answering there" in message
+            assert "cbgrpc serve" not in message
+    finally:
+        await endpoint.close()
