@@ -18,10 +18,10 @@ from cloudburst import (
     RemoteFunctionError,
     SerializationError,
 )
-from cloudburst.errors import InvalidArgumentError
+from cloudburst.errors import InvalidArgumentError, NotSupportedError
 from cloudburst_executors.library import UserLibrary
 from cloudburst_grpc.local import Node, start_local
-from harness import make_config
+from harness import make_config, running_process_cluster
 
 #: A small payload limit for the limit tests (smaller than this file, whose text the SDK
 #: would ship with registered functions if it fit).
@@ -307,3 +307,23 @@ def test_an_argument_that_exits_when_read_fails_only_its_call(local_node: Node) 
         with pytest.raises(InvalidArgumentError, match="SystemExit"):
             cloud.call_dag("ident_dag", {"ident": ExitsWhenRead()}, direct_response=True)
         assert ident(7).get() == 7, "the server still serves"
+
+
+def test_a_kvs_or_executor_address_given_for_the_scheduler_says_where_to_connect() -> None:
+    with running_process_cluster() as cluster:
+        # (A call, on the call stream, may instead fail as unavailable: gRPC can lose the
+        # status of a stream the server ends as it is written to; see docs/protocol.md.)
+        kvs, executor = cluster.kvs.address, cluster.executors[0].address
+        with (
+            CloudburstConnection(kvs, connect_timeout=30, timeout=30) as at_kvs,
+            CloudburstConnection(executor, connect_timeout=30, timeout=30) as at_executor,
+        ):
+            for attempt in (
+                lambda: at_kvs.register(explode, "explode"),
+                lambda: at_executor.register(explode, "explode"),
+                lambda: at_executor.put_object("key", 1),
+            ):
+                with pytest.raises(NotSupportedError) as raised:
+                    attempt()
+                assert "the server does not serve it" in raised.value.message
+                assert "a cloudburst scheduler or `cbgrpc serve`" in raised.value.message

@@ -65,6 +65,13 @@ def error_from_rpc(exc: grpc.RpcError, *, what: str = "request") -> CloudburstEr
             return UnavailableError(details)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return CloudburstTimeoutError(f"{what} did not finish before its deadline")
+        if code == grpc.StatusCode.UNIMPLEMENTED and details == "Method not found!":
+            # gRPC's own answer for a method the server does not serve.
+            return error_class(None, code)(
+                f"{what} failed: the server does not serve it ({details}); check that the "
+                "address is a cloudburst scheduler or `cbgrpc serve` of this SDK's release, "
+                "not a KVS or an executor"
+            )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             # gRPC names the side whose limit refused the message ("CLIENT: ..." for this one).
             whose = "this process" if "CLIENT:" in (details or "") else "the server"

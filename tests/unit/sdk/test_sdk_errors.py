@@ -281,6 +281,17 @@ def test_error_from_rpc_names_this_process_when_its_own_limit_refused() -> None:
     assert "than this process accepts (see max_payload_bytes)" in error.message
 
 
+def test_error_from_rpc_says_where_to_connect_for_a_method_the_server_lacks() -> None:
+    exc = FakeRpcError(grpc.StatusCode.UNIMPLEMENTED, "Method not found!", ())
+    error = rpc.error_from_rpc(exc, what="registering 'incr'")
+    assert type(error) is errors.NotSupportedError
+    assert error.message.startswith("registering 'incr' failed: the server does not serve it")
+    assert "a cloudburst scheduler or `cbgrpc serve`" in error.message
+    # A service's own UNIMPLEMENTED keeps its words.
+    exc = FakeRpcError(grpc.StatusCode.UNIMPLEMENTED, "StreamOps is served by the KVS", ())
+    assert rpc.error_from_rpc(exc).message == "StreamOps is served by the KVS"
+
+
 def test_error_from_rpc_other_code_without_details_uses_code_class() -> None:
     error = rpc.error_from_rpc(FakeRpcError(grpc.StatusCode.NOT_FOUND, None, None), what="get")
     assert type(error) is errors.NotFoundError
