@@ -137,6 +137,35 @@ def test_unreachable_server_gives_a_clear_error() -> None:
         CloudburstConnection(f"127.0.0.1:{port}", connect_timeout=1)
 
 
+#: A client that tries twice to connect to a port where nothing listens, then exits.
+_TWO_FAILED_CONNECTS = """
+import sys
+from cloudburst import CloudburstConnection
+from cloudburst.errors import UnavailableError
+for _ in range(2):
+    try:
+        CloudburstConnection(sys.argv[1], connect_timeout=0.5)
+    except UnavailableError:
+        print("unavailable", flush=True)
+"""
+
+
+def test_a_connection_tried_again_after_failing_leaves_no_traceback() -> None:
+    """A script that waits for its server by trying again prints nothing from gRPC's loops."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-c", _TWO_FAILED_CONNECTS, f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["unavailable", "unavailable"]
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def _allowed_cpus(pid: int, tid: str) -> str:
     with open(f"/proc/{pid}/task/{tid}/status") as status:
         for line in status:

@@ -185,6 +185,8 @@ class Core:
         self.kvs_address: str | None = None
         """The address of the KVS that KVS calls go to directly; None: through the scheduler."""
         self._direct: tuple[str, grpc.aio.Channel, KvsStub] | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        """The wait for the channel to connect, while it goes on (see :meth:`wait_ready`)."""
         self._direct_inline = chunks.INLINE_VALUE_BYTES
         """Larger values written to the KVS itself go in chunks (from its own GetLimits)."""
         self._proxy_inline = chunks.INLINE_VALUE_BYTES
@@ -267,9 +269,14 @@ class Core:
             raise UnauthenticatedError(
                 f"{problem}; servers refuse it in the TLS handshake: {client_cert.ADVICE}"
             )
+        # The wait is not cancelled when it times out: gRPC ends a cancelled wait only once
+        # the channel goes, and would then hand its end to this loop, closed by then (an
+        # "Event loop is closed" traceback in the next connection's loop). It ends, and is
+        # awaited, in close().
+        self._connecting = asyncio.ensure_future(self.channel.channel_ready())
         try:
-            async with asyncio.timeout(timeout):
-                await self.channel.channel_ready()
+            await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
+            self._connecting = None
         except TimeoutError:
             hint = "check the address and that `cbgrpc serve` (or the cluster) is running"
             if self._tls:
@@ -888,6 +895,11 @@ class Core:
         if self._direct is not None:
             await self._direct[1].close()
         await self.channel.close()
+        if self._connecting is not None:  # a wait for the channel that did not end: it does now
+            await asyncio.wait({self._connecting}, timeout=CLOSE_GRACE_SECONDS)
+            if self._connecting.done() and not self._connecting.cancelled():
+                self._connecting.exception()  # "Channel is closed": expected, and retrieved
+            self._connecting = None
 
 
 @dataclass(slots=True)
