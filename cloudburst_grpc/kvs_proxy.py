@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from cloudburst.chunks import smaller_limit
 from cloudburst.errors import UnavailableError
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc
 from cloudburst_grpc.security.authz import peer_host
@@ -42,11 +43,6 @@ def addresses_for(peer: str, addresses: Iterable[str]) -> list[str]:
     """
     local_client = is_loopback(peer_host(peer))
     return [a for a in addresses if local_client or not is_loopback(_host(a))]
-
-
-def _smaller(limit: int, ours: int | None) -> int:
-    """The smaller of two message limits, where 0 (or None) is no limit."""
-    return ours if ours and (not limit or ours < limit) else limit
 
 
 def _transport_unavailable(exc: grpc.aio.AioRpcError) -> bool:
@@ -121,7 +117,9 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
 
         The KVS would otherwise answer in one message what this server cannot take.
         """
-        request.max_message_bytes = _smaller(request.max_message_bytes, self._max_message_bytes)
+        request.max_message_bytes = smaller_limit(
+            request.max_message_bytes, self._max_message_bytes
+        )
 
     async def _unary(self, method: str, request: Any, context: AnyContext) -> Any:
         for attempt in (1, 2):
@@ -279,7 +277,9 @@ class KvsProxyServicer(kvs_service_pb2_grpc.KvsServiceServicer):
             "GetLimits", request, context
         )
         response.serves_op_streams = False
-        response.max_message_bytes = _smaller(response.max_message_bytes, self._max_message_bytes)
+        response.max_message_bytes = smaller_limit(
+            response.max_message_bytes, self._max_message_bytes
+        )
         if self._direct_addresses is not None:
             response.kvs_addresses.extend(
                 addresses_for(context.peer() or "", await self._direct_addresses())

@@ -25,12 +25,12 @@ import grpc
 from cloudburst import chunks
 from cloudburst.errors import CloudburstTimeoutError
 from cloudburst.opstream import (
+    MAX_STREAMED_GET_BYTES,
     STREAM_ENV,
     OpRequest,
     OpStream,
     OpStreams,
     stream_allowed,
-    streamed_read_limit,
 )
 from cloudburst.rpc import call, error_from_rpc
 from cloudburst.v1 import kvs_service_pb2, kvs_service_pb2_grpc, lattice_pb2
@@ -78,9 +78,9 @@ class KvsClient:
                 larger value goes in chunks. 0: whatever the KVS sends.
         """
         self._max_message_bytes = max_message_bytes
-        self._inline_bytes = min(
-            chunks.INLINE_VALUE_BYTES, max_message_bytes or chunks.INLINE_VALUE_BYTES
-        )
+        self._inline_bytes = chunks.smaller_limit(chunks.INLINE_VALUE_BYTES, max_message_bytes)
+        # What a read on the op stream asks for (see MAX_STREAMED_GET_BYTES).
+        self._streamed_read_bytes = chunks.smaller_limit(MAX_STREAMED_GET_BYTES, max_message_bytes)
         self._stub: kvs_service_pb2_grpc.KvsServiceAsyncStub = kvs_service_pb2_grpc.KvsServiceStub(
             channel
         )
@@ -153,7 +153,7 @@ class KvsClient:
                 frame.get.key = key
                 frame.get.keyspace = keyspace
                 frame.get.wait = wait
-                frame.get.max_message_bytes = streamed_read_limit(self._max_message_bytes)
+                frame.get.max_message_bytes = self._streamed_read_bytes
                 answer = await ops.request(frame, what, timeout)
                 if answer is not None:
                     return answer.get

@@ -55,7 +55,13 @@ from cloudburst.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from cloudburst.opstream import OpRequest, OpStream, OpStreams, stream_enabled, streamed_read_limit
+from cloudburst.opstream import (
+    MAX_STREAMED_GET_BYTES,
+    OpRequest,
+    OpStream,
+    OpStreams,
+    stream_enabled,
+)
 from cloudburst.rpc import call, error_from_call_error, error_from_rpc
 from cloudburst.streams import OutboxStream, batches_enabled, settle
 from cloudburst.transport import ClientSecurity
@@ -758,7 +764,9 @@ class Core:
             if ops is not None and ops.small.available:
                 frame = OpRequest()
                 frame.get.CopyFrom(request)
-                frame.get.max_message_bytes = streamed_read_limit(request.max_message_bytes)
+                frame.get.max_message_bytes = chunks.smaller_limit(
+                    MAX_STREAMED_GET_BYTES, request.max_message_bytes
+                )
                 answer = await ops.small.request(frame, what, timeout)
                 if answer is not None:
                     return answer.get

@@ -273,6 +273,11 @@ async def read_chunks(
     return None if received is None else await asyncio.to_thread(received.to_lattice)
 
 
+def smaller_limit(limit: int, other: int | None) -> int:
+    """The smaller of two byte limits, where 0 (or None) is no limit."""
+    return other if other and (not limit or other < limit) else limit
+
+
 def inline_bytes(limits: kvs_service_pb2.GetLimitsResponse | None) -> int:
     """The largest value written in one message to a service with ``limits``; larger: chunks.
 

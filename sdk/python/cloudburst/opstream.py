@@ -44,16 +44,6 @@ MAX_STREAMED_PUT_BYTES = 64 << 10
 MAX_STREAMED_GET_BYTES = 4 << 20
 
 
-def streamed_read_limit(max_message_bytes: int) -> int:
-    """The ``max_message_bytes`` of a read sent on an op stream by a reader that takes that many.
-
-    0 (the reader takes what the KVS sends) counts as no limit.
-    """
-    if not max_message_bytes:
-        return MAX_STREAMED_GET_BYTES
-    return min(max_message_bytes, MAX_STREAMED_GET_BYTES)
-
-
 _OFF = frozenset({"0", "false", "no", "off"})
 
 OpRequest = kvs_service_pb2.StreamOpsRequest
@@ -274,5 +264,4 @@ __all__ = [
     "OpStreams",
     "stream_allowed",
     "stream_enabled",
-    "streamed_read_limit",
 ]
